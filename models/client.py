@@ -1,0 +1,69 @@
+"""One client's rows in memory, as the client itself sees them (users renumbered locally)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from models.data.schema import ITEM, RATING, USER
+from models.mf.als import RatingRows
+
+SPLIT = "split"
+TRAIN, VALID, TEST = 0, 1, 2
+SPLIT_NAMES = {"train": TRAIN, "valid": VALID, "test": TEST}
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A client's train / validation / test rows.
+
+    Attributes
+    ----------
+    client_id : int
+    user_ids : ndarray
+        The caller's id of each local user (local index -> id); never sent to the server.
+    n_items : int
+        Size of the global item catalogue (item indices are global).
+    frame : DataFrame
+        Columns ``user`` (local index), ``item``, ``rating`` and ``split`` (0/1/2).
+    """
+
+    client_id: int
+    user_ids: np.ndarray
+    n_items: int
+    frame: pd.DataFrame
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def rows(self, split: str) -> RatingRows:
+        """The rows of one split (``train``, ``valid`` or ``test``), layouts cached across rounds."""
+        return self._rows[SPLIT_NAMES[split]]
+
+    @cached_property
+    def _rows(self) -> dict[int, RatingRows]:
+        out = {}
+        for code in (TRAIN, VALID, TEST):
+            part = self.frame[self.frame[SPLIT].to_numpy() == code]
+            out[code] = RatingRows(
+                part[USER].to_numpy(),
+                part[ITEM].to_numpy(),
+                part[RATING].to_numpy(),
+                n_users=self.n_users,
+                n_items=self.n_items,
+            )
+        return out
+
+    def matrix(self, split: str, min_rating: float | None = None) -> sparse.csr_matrix:
+        """Users x items indicator of one split's rows (optionally only ratings >= ``min_rating``)."""
+        rows = self.rows(split)
+        keep = np.ones(len(rows), bool) if min_rating is None else rows.ratings >= min_rating
+        return sparse.csr_matrix(
+            (np.ones(int(keep.sum())), (rows.users[keep], rows.items[keep])),
+            shape=(self.n_users, self.n_items),
+        )

@@ -1,0 +1,1 @@
+"""Interaction data: schema, readers, validation, the synthetic generator, sharding and partitions."""

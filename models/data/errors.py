@@ -1,0 +1,38 @@
+"""The one exception type for bad input, with a message that names where and what is allowed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DataValidationError(ValueError):
+    """Raised once, at the boundary, for the first problem found in an input.
+
+    The message is a single line: ``<file>: row <n>, column '<col>': <value> <problem>; allowed: ...``.
+    Rows are 1-based data rows (a header line is not counted). Parts that do not apply are left out.
+    """
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        file: str | None = None,
+        row: int | None = None,
+        column: str | None = None,
+        value: Any = None,
+        allowed: str | None = None,
+    ) -> None:
+        self.problem = problem
+        self.file = file
+        self.row = row
+        self.column = column
+        self.value = value
+        self.allowed = allowed
+        where = [part for part in (file, None if row is None else f"row {row}") if part]
+        if column is not None:
+            where.append(f"column {column!r}")
+        what = problem if value is None else f"value {value!r} {problem}"
+        message = f"{', '.join(where)}: {what}" if where else what
+        if allowed:
+            message += f"; allowed: {allowed}"
+        super().__init__(message)

@@ -1,0 +1,158 @@
+"""Client partitions: one Parquet file per client in a run workspace, plus a manifest.
+
+Only the client's own code reads ``clients/client-XXXX.parquet``; the server reads the manifest
+(sizes, item catalogue, dataset fingerprint), never a partition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
+from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions
+
+USER_ID = "user_id"
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ClientEntry:
+    client_id: int
+    path: str  # relative to the workspace
+    n_users: int
+    n_train: int
+    n_valid: int
+    n_test: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the server may know about the partitions."""
+
+    fingerprint: str
+    source: str
+    n_items: int
+    n_users: int
+    rating_scale: tuple[float, float] | None
+    clients: list[ClientEntry]
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.clients)
+
+
+def build_clients(
+    data: Interactions, client_of_user: np.ndarray, split: np.ndarray
+) -> list[ClientData]:
+    """In-memory client datasets: each client's users renumbered locally from 0."""
+    frame = data.frame
+    client_of_row = client_of_user[frame[USER].to_numpy()]
+    n_clients = int(client_of_user.max()) + 1 if client_of_user.size else 0
+    order = np.argsort(client_of_row, kind="stable")
+    bounds = np.searchsorted(client_of_row[order], np.arange(n_clients + 1))
+    clients = []
+    for c in range(n_clients):
+        rows = order[bounds[c] : bounds[c + 1]]
+        part = frame.iloc[rows]
+        members = np.flatnonzero(
+            client_of_user == c
+        )  # includes users whose rows are all elsewhere: none
+        local = np.searchsorted(members, part[USER].to_numpy())
+        client_frame = pd.DataFrame(
+            {
+                USER: local.astype(np.int32),
+                ITEM: part[ITEM].to_numpy(np.int32),
+                RATING: part[RATING].to_numpy(np.float64),
+                SPLIT: split[rows].astype(np.int8),
+            }
+        )
+        if TIMESTAMP in part:
+            client_frame[TIMESTAMP] = part[TIMESTAMP].to_numpy(np.int64)
+        clients.append(ClientData(c, data.user_ids[members], data.n_items, client_frame))
+    return clients
+
+
+def write_partitions(
+    data: Interactions, clients: list[ClientData], workspace: str | Path
+) -> Manifest:
+    """Write every client's partition and the manifest, atomically (a temp folder, then rename).
+
+    An existing workspace is replaced only after the new one is complete.
+    """
+    workspace = Path(workspace)
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partitions-", dir=workspace.parent))
+    try:
+        (staging / "clients").mkdir()
+        entries = []
+        for client in clients:
+            relative = f"clients/client-{client.client_id:04d}.parquet"
+            table = client.frame.copy()
+            table[USER_ID] = client.user_ids[table[USER].to_numpy()]
+            table.to_parquet(staging / relative, index=False)
+            counts = np.bincount(client.frame[SPLIT].to_numpy(), minlength=3)
+            entries.append(
+                ClientEntry(
+                    client.client_id,
+                    relative,
+                    client.n_users,
+                    int(counts[TRAIN]),
+                    int(counts[VALID]),
+                    int(counts[TEST]),
+                )
+            )
+        pd.DataFrame({"item_id": data.item_ids}).to_parquet(staging / "items.parquet", index=False)
+        manifest = Manifest(
+            fingerprint=data.fingerprint(),
+            source=data.source,
+            n_items=data.n_items,
+            n_users=data.n_users,
+            rating_scale=data.rating_scale,
+            clients=entries,
+        )
+        (staging / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, default=str))
+        if workspace.exists():
+            old = workspace.with_name(workspace.name + ".old")
+            os.replace(workspace, old)
+            os.replace(staging, workspace)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, workspace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(workspace: str | Path) -> Manifest:
+    raw = json.loads((Path(workspace) / MANIFEST).read_text())
+    scale = raw["rating_scale"]
+    return Manifest(
+        fingerprint=raw["fingerprint"],
+        source=raw["source"],
+        n_items=raw["n_items"],
+        n_users=raw["n_users"],
+        rating_scale=None if scale is None else (float(scale[0]), float(scale[1])),
+        clients=[ClientEntry(**entry) for entry in raw["clients"]],
+    )
+
+
+def read_partition(workspace: str | Path, entry: ClientEntry, n_items: int) -> ClientData:
+    """Load one client's partition (called by that client's task only)."""
+    table = pd.read_parquet(Path(workspace) / entry.path)
+    users = table[[USER, USER_ID]].drop_duplicates(USER).sort_values(USER)
+    user_ids = np.empty(entry.n_users, dtype=users[USER_ID].to_numpy().dtype)
+    user_ids[users[USER].to_numpy()] = users[USER_ID].to_numpy()
+    return ClientData(entry.client_id, user_ids, n_items, table.drop(columns=[USER_ID]))
+
+
+def read_item_ids(workspace: str | Path) -> np.ndarray:
+    return pd.read_parquet(Path(workspace) / "items.parquet")["item_id"].to_numpy()

@@ -1,0 +1,276 @@
+"""Read interaction files (CSV, Parquet) into validated, encoded ``Interactions``; load datasets.
+
+MovieLens folders are read by ``movielens.py``; ``load_dataset`` dispatches to it.
+
+Every problem with an input surfaces as one ``DataValidationError`` line naming the file; the
+checks on the rows themselves live in ``validate.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from models.data.errors import DataValidationError
+from models.data.movielens import NAMED_DATASETS, read_movielens_1m, read_movielens_100k
+from models.data.schema import ITEM, RATING, USER, Interactions, encode_interactions
+from models.data.synthetic import generate_synthetic
+from models.data.tables import parse_error
+from models.data.validate import validate_interactions
+
+DATASETS_ENV = "FEDREC_DATASETS"
+CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+DEFAULT_RATING_COL = "rating"
+DEFAULT_TIMESTAMP_COL = "timestamp"
+
+_DELIMITERS = (",", "\t", ";", "|")
+# Ids written as canonical integers ("42", not "007" or "4.0") become int64; 18 digits always fit.
+_CANONICAL_INT = r"-?(?:0|[1-9][0-9]{0,17})"
+
+
+def datasets_dir() -> Path:
+    """The folder holding shared datasets such as ``ml-100k/`` and ``ml-1m/``.
+
+    Returns
+    -------
+    Path
+        ``$FEDREC_DATASETS`` when set, else ``<repo root>/../shared/datasets``, where the repo
+        root is the folder that contains ``models/``.
+    """
+    configured = os.environ.get(DATASETS_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    repo_root = Path(__file__).resolve().parents[2]
+    return repo_root.parent / "shared" / "datasets"
+
+
+def read_interactions(
+    path: str | os.PathLike[str],
+    *,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    rating_col: str | None = DEFAULT_RATING_COL,
+    timestamp_col: str | None = DEFAULT_TIMESTAMP_COL,
+    rating_scale: tuple[float, float] | None = (1.0, 5.0),
+) -> Interactions:
+    """Read a CSV or Parquet file of interactions, validate it and encode its ids.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        A ``.csv``, ``.tsv`` or ``.txt`` file with a header row (UTF-8; the delimiter is sniffed
+        among ``,``, tab, ``;`` and ``|``), or a ``.parquet``/``.pq`` file.
+    user_col, item_col : str
+        Columns holding user and item ids. CSV ids are read as text, so ``"007"`` stays
+        ``"007"``; a column whose ids are all canonical integers becomes int64.
+    rating_col : str or None
+        Column of explicit ratings. ``None``, or the default name when the file has no such
+        column, means implicit feedback: every rating is 1.0 and ``rating_scale`` is ``None``.
+    timestamp_col : str or None
+        Column of Unix seconds or ISO-8601 strings; the default name may be absent.
+    rating_scale : tuple of float or None
+        Inclusive (min, max) of ratings. ``None`` with explicit ratings takes the scale from
+        the data (noted in ``Interactions.notes``).
+
+    Returns
+    -------
+    Interactions
+
+    Raises
+    ------
+    DataValidationError
+        When the file is missing, a directory, empty, of an unsupported type, not UTF-8, not
+        readable as Parquet, lacks a column asked for, or holds a bad row (see
+        ``validate_interactions``).
+    """
+    path = Path(path)
+    file = str(path)
+    _check_is_file(path, suffixes=CSV_SUFFIXES + PARQUET_SUFFIXES)
+    is_parquet = path.suffix.lower() in PARQUET_SUFFIXES
+    raw = _read_parquet(path) if is_parquet else _read_delimited(path, (user_col, item_col))
+
+    notes: list[str] = []
+    if rating_col is None:
+        rating_scale = None
+    elif rating_col == DEFAULT_RATING_COL and rating_col not in raw.columns:
+        rating_col, rating_scale = None, None
+        notes.append(f"no {DEFAULT_RATING_COL!r} column: implicit feedback, every rating is 1.0")
+    if timestamp_col == DEFAULT_TIMESTAMP_COL and timestamp_col not in raw.columns:
+        timestamp_col = None
+        notes.append(f"no {DEFAULT_TIMESTAMP_COL!r} column: the rows carry no time")
+
+    frame, validation_notes = validate_interactions(
+        raw,
+        file=file,
+        user_col=user_col,
+        item_col=item_col,
+        rating_col=rating_col,
+        timestamp_col=timestamp_col,
+        rating_scale=rating_scale,
+    )
+    notes.extend(validation_notes)
+    if not is_parquet:
+        frame[USER] = _integer_ids(frame[USER])
+        frame[ITEM] = _integer_ids(frame[ITEM])
+    if rating_col is not None and rating_scale is None:
+        ratings = frame[RATING].to_numpy()
+        rating_scale = (float(ratings.min()), float(ratings.max()))
+        notes.append(f"no rating_scale given: took {rating_scale} from the data")
+    return encode_interactions(frame, rating_scale=rating_scale, source=file, notes=tuple(notes))
+
+
+def load_dataset(spec: str, **kw: object) -> Interactions:
+    """Load a dataset named by a short spec.
+
+    Parameters
+    ----------
+    spec : str
+        ``"synthetic"`` (``generate_synthetic`` with ``kw``); ``"ml-100k"`` or ``"ml-1m"``
+        (looked up under ``datasets_dir()`` unless such a path exists); a MovieLens folder
+        (recognised by ``u.data`` or ``ratings.dat``); or an interaction file.
+    **kw
+        For a file, the options of ``read_interactions``; for ``"synthetic"``, those of
+        ``generate_synthetic``. MovieLens folders take none.
+
+    Returns
+    -------
+    Interactions
+
+    Raises
+    ------
+    DataValidationError
+        When the spec names nothing loadable, or the data itself is bad.
+    """
+    if spec == "synthetic":
+        return generate_synthetic(**kw)  # type: ignore[arg-type]
+    path = Path(spec).expanduser()
+    if not path.exists() and spec in NAMED_DATASETS:
+        path = datasets_dir() / spec
+        if not path.is_dir():
+            raise DataValidationError(
+                f"dataset {spec!r} not found",
+                file=str(path),
+                allowed=f"a folder {spec}/ under ${DATASETS_ENV} (default ../shared/datasets)",
+            )
+    if path.is_dir():
+        if kw:
+            raise DataValidationError(
+                f"options {sorted(kw)} do not apply to a MovieLens folder", file=str(path)
+            )
+        if (path / "u.data").is_file():
+            return read_movielens_100k(path)
+        if (path / "ratings.dat").is_file():
+            return read_movielens_1m(path)
+        raise DataValidationError(
+            "folder holds neither u.data nor ratings.dat",
+            file=str(path),
+            allowed="a MovieLens 100K (u.data) or 1M (ratings.dat) folder",
+        )
+    if path.is_file():
+        return read_interactions(path, **kw)  # type: ignore[arg-type]
+    raise DataValidationError(
+        f"unknown dataset {spec!r}: no such file or folder",
+        allowed="'synthetic', 'ml-100k', 'ml-1m', a MovieLens folder, or a "
+        + "/".join(CSV_SUFFIXES + PARQUET_SUFFIXES)
+        + " file",
+    )
+
+
+def _check_is_file(path: Path, *, suffixes: tuple[str, ...]) -> None:
+    file = str(path)
+    if not path.exists():
+        raise DataValidationError("no such file", file=file, allowed="an existing file")
+    if path.is_dir():
+        raise DataValidationError(
+            "is a directory", file=file, allowed=f"a file ({', '.join(suffixes)})"
+        )
+    if path.suffix.lower() not in suffixes:
+        raise DataValidationError(
+            f"unsupported file type {path.suffix or '(no extension)'!r}",
+            file=file,
+            allowed=", ".join(suffixes),
+        )
+    if path.stat().st_size == 0:
+        raise DataValidationError("is empty (0 bytes)", file=file, allowed="a header and data rows")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise DataValidationError(
+            f"is not a readable Parquet file ({reason})",
+            file=str(path),
+            allowed="a Parquet file, e.g. written by DataFrame.to_parquet",
+        ) from err
+
+
+def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
+    data = path.read_bytes()
+    file = str(path)
+    if not data.strip():
+        raise DataValidationError(
+            "is empty (only blank lines)", file=file, allowed="a header and data rows"
+        )
+    # The header is sniffed before the file is known to be UTF-8; latin-1 decodes any byte.
+    header = data.split(b"\n", 1)[0].removeprefix(b"\xef\xbb\xbf").decode("latin-1")
+    delimiter = _sniff_delimiter(header, default="\t" if path.suffix.lower() == ".tsv" else ",")
+    try:
+        # Decoding the whole file once is cheap and, unlike the parser, gives the true offset.
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _encoding_error(file, data, err, header.split(delimiter), delimiter) from err
+    try:
+        raw = pd.read_csv(
+            io.BytesIO(data),
+            sep=delimiter,
+            dtype=dict.fromkeys(id_cols, str),
+            encoding="utf-8-sig",
+        )
+    except pd.errors.EmptyDataError as err:
+        raise DataValidationError("is empty", file=file, allowed="a header and data rows") from err
+    except (pd.errors.ParserError, ValueError) as err:
+        raise parse_error(file, err, header_lines=1) from err
+    # "user_id, item_id" headers are common; a stray space should not make a column vanish.
+    raw.columns = [str(name).strip() for name in raw.columns]
+    return raw
+
+
+def _sniff_delimiter(header: str, *, default: str) -> str:
+    counts = {delimiter: header.count(delimiter) for delimiter in _DELIMITERS}
+    best = max(_DELIMITERS, key=lambda delimiter: counts[delimiter])
+    return best if counts[best] > 0 else default
+
+
+def _encoding_error(
+    file: str, data: bytes, err: UnicodeDecodeError, header: list[str], delimiter: str
+) -> DataValidationError:
+    offset = err.start
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    line = data.count(b"\n", 0, offset) + 1
+    field = data[line_start:offset].count(delimiter.encode())
+    column = header[field].strip() if line > 1 and field < len(header) else None
+    return DataValidationError(
+        f"byte 0x{data[offset]:02x} at byte offset {offset} (line {line}) is not valid UTF-8",
+        file=file,
+        row=line - 1 if line > 1 else None,
+        column=column,
+        allowed="UTF-8 text; if the file is latin-1, re-encode it "
+        "(iconv -f latin-1 -t utf-8 IN > OUT)",
+    )
+
+
+def _integer_ids(ids: pd.Series) -> pd.Series:
+    """CSV ids were read as text; give canonical integer ids back their int64 type."""
+    if not pd.api.types.is_string_dtype(ids.dtype):
+        return ids
+    if ids.str.fullmatch(_CANONICAL_INT).all():
+        return ids.astype(np.int64)
+    return ids

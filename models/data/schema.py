@@ -1,0 +1,122 @@
+"""The validated, id-encoded form of an interaction dataset that the rest of the core consumes."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+# Column names of the internal interaction frame.
+USER = "user"
+ITEM = "item"
+RATING = "rating"
+TIMESTAMP = "timestamp"
+
+
+@dataclass(frozen=True)
+class Interactions:
+    """Interactions with contiguous integer ids, and the mapping back to the caller's ids.
+
+    Attributes
+    ----------
+    frame : DataFrame
+        Columns ``user`` and ``item`` (int32, contiguous from 0), ``rating`` (float64) and,
+        when the source has one, ``timestamp`` (int64, Unix seconds).
+    user_ids, item_ids : ndarray
+        ``user_ids[k]`` is the caller's id of internal user ``k`` (likewise for items).
+    rating_scale : tuple of float or None
+        The declared (min, max) of explicit ratings; ``None`` for implicit feedback.
+    user_features, item_features : DataFrame or None
+        Side features indexed by internal id, when the source has them.
+    source : str
+        Where the rows came from (a path, or ``synthetic(...)``), for messages.
+    """
+
+    frame: pd.DataFrame
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    rating_scale: tuple[float, float] | None = None
+    user_features: pd.DataFrame | None = None
+    item_features: pd.DataFrame | None = None
+    source: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def fingerprint(self) -> str:
+        """A SHA-256 over the rows in the caller's ids, independent of row order."""
+        frame = self.frame
+        users = pd.Series(self.user_ids[frame[USER].to_numpy()]).astype(str)
+        items = pd.Series(self.item_ids[frame[ITEM].to_numpy()]).astype(str)
+        parts = [users, items, frame[RATING].reset_index(drop=True).astype(str)]
+        if TIMESTAMP in frame:
+            parts.append(frame[TIMESTAMP].reset_index(drop=True).astype(str))
+        keys = parts[0].str.cat(parts[1:], sep="\x1f").sort_values(kind="stable")
+        digest = hashlib.sha256()
+        digest.update("\n".join(keys.tolist()).encode())
+        return digest.hexdigest()
+
+
+def encode_interactions(
+    frame: pd.DataFrame,
+    *,
+    rating_scale: tuple[float, float] | None,
+    source: str,
+    user_features: pd.DataFrame | None = None,
+    item_features: pd.DataFrame | None = None,
+    notes: tuple[str, ...] = (),
+) -> Interactions:
+    """Map the caller's user and item ids (any hashable dtype) to contiguous integers.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        Validated rows with columns ``user``, ``item``, ``rating`` and optionally ``timestamp``,
+        holding the caller's ids.
+    rating_scale, source, notes
+        Stored on the result.
+    user_features, item_features : DataFrame, optional
+        Indexed by the caller's ids; rows for ids absent from ``frame`` are dropped.
+
+    Returns
+    -------
+    Interactions
+    """
+    user_codes, user_ids = pd.factorize(frame[USER], sort=True)
+    item_codes, item_ids = pd.factorize(frame[ITEM], sort=True)
+    encoded = pd.DataFrame(
+        {
+            USER: user_codes.astype(np.int32),
+            ITEM: item_codes.astype(np.int32),
+            RATING: frame[RATING].to_numpy(dtype=np.float64),
+        }
+    )
+    if TIMESTAMP in frame:
+        encoded[TIMESTAMP] = frame[TIMESTAMP].to_numpy(dtype=np.int64)
+    user_ids = np.asarray(user_ids)
+    item_ids = np.asarray(item_ids)
+    if user_features is not None:
+        user_features = user_features.reindex(user_ids).reset_index(drop=True)
+    if item_features is not None:
+        item_features = item_features.reindex(item_ids).reset_index(drop=True)
+    return Interactions(
+        frame=encoded,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        rating_scale=rating_scale,
+        user_features=user_features,
+        item_features=item_features,
+        source=source,
+        notes=tuple(notes),
+    )

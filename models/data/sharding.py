@@ -1,0 +1,226 @@
+"""Assign users to clients and split each client's rows into train / validation / test.
+
+A user belongs to exactly one client, so every row of a user stays with that client. All
+randomness comes from the generator passed in.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+from sklearn.cluster import KMeans
+from sklearn.decomposition import TruncatedSVD
+
+from models.data.errors import DataValidationError
+from models.data.schema import ITEM, TIMESTAMP, USER, Interactions
+
+Strategy = Literal["iid", "dirichlet", "by-key"]
+SplitMethod = Literal["random", "temporal"]
+
+
+def assign_clients(
+    data: Interactions,
+    *,
+    n_clients: int | None,
+    strategy: Strategy,
+    rng: np.random.Generator,
+    alpha: float = 0.3,
+    key: str | None = None,
+    key_prefix: int | None = None,
+) -> np.ndarray:
+    """Client index of every user.
+
+    Parameters
+    ----------
+    data : Interactions
+    n_clients : int or None
+        Number of clients. For ``by-key`` it may be ``None``: one client per distinct key value.
+    strategy : {"iid", "dirichlet", "by-key"}
+        ``iid``: a random permutation of users cut into equal parts. ``dirichlet``: users are
+        clustered by taste (k-means on a truncated SVD of their item profile), and each taste group
+        is spread over clients with proportions drawn from Dirichlet(alpha): small alpha gives
+        clients dominated by few tastes. ``by-key``: a user-feature column (for example ``region``,
+        ``occupation``, or ``zip`` with ``key_prefix=1``) decides; values are packed whole into
+        clients, largest first.
+    rng : numpy.random.Generator
+    alpha : float
+        Dirichlet concentration (``dirichlet`` only).
+    key, key_prefix
+        Column of ``data.user_features`` and how many leading characters of it to use (``by-key``).
+
+    Returns
+    -------
+    ndarray of int32, shape (n_users,)
+
+    Raises
+    ------
+    DataValidationError
+        If the request cannot be met (more clients than users, no such key column, ...).
+    """
+    n_users = data.n_users
+    if strategy == "by-key":
+        return _assign_by_key(data, n_clients, key, key_prefix)
+    if n_clients is None or n_clients < 1:
+        raise DataValidationError(
+            "is not a valid number of clients",
+            column="n_clients",
+            value=n_clients,
+            allowed="an integer >= 1",
+        )
+    if n_clients > n_users:
+        raise DataValidationError(
+            f"clients requested but the data has only {n_users} users",
+            column="n_clients",
+            value=n_clients,
+            allowed=f"1..{n_users}",
+        )
+    if strategy == "iid":
+        client = np.empty(n_users, dtype=np.int32)
+        for c, members in enumerate(np.array_split(rng.permutation(n_users), n_clients)):
+            client[members] = c
+        return client
+    if strategy == "dirichlet":
+        if not alpha > 0:
+            raise DataValidationError(
+                "is not a valid Dirichlet concentration",
+                column="alpha",
+                value=alpha,
+                allowed="a number > 0",
+            )
+        return _assign_dirichlet(data, n_clients, alpha, rng)
+    raise DataValidationError(
+        "is not a sharding strategy",
+        column="partition",
+        value=strategy,
+        allowed="iid, dirichlet, by-key",
+    )
+
+
+def _taste_groups(data: Interactions, n_groups: int, rng: np.random.Generator) -> np.ndarray:
+    frame = data.frame
+    profile = sparse.csr_matrix(
+        (np.ones(len(frame)), (frame[USER].to_numpy(), frame[ITEM].to_numpy())),
+        shape=(data.n_users, data.n_items),
+    )
+    n_components = max(1, min(16, data.n_items - 1, data.n_users - 1))
+    seed = int(rng.integers(2**31 - 1))
+    embedding = TruncatedSVD(n_components=n_components, random_state=seed).fit_transform(profile)
+    embedding /= np.linalg.norm(embedding, axis=1, keepdims=True) + 1e-12
+    n_groups = min(n_groups, data.n_users)
+    return KMeans(n_clusters=n_groups, n_init=3, random_state=seed).fit_predict(embedding)
+
+
+def _assign_dirichlet(
+    data: Interactions, n_clients: int, alpha: float, rng: np.random.Generator
+) -> np.ndarray:
+    groups = _taste_groups(data, max(2, n_clients), rng)
+    client = np.empty(data.n_users, dtype=np.int32)
+    for g in np.unique(groups):
+        members = rng.permutation(np.flatnonzero(groups == g))
+        shares = rng.dirichlet(np.full(n_clients, alpha))
+        cuts = np.round(np.cumsum(shares)[:-1] * members.size).astype(int)
+        for c, part in enumerate(np.split(members, cuts)):
+            client[part] = c
+    # A client that drew nothing gets one user from the largest client, so none is empty.
+    for c in range(n_clients):
+        if not np.any(client == c):
+            largest = np.bincount(client, minlength=n_clients).argmax()
+            client[rng.choice(np.flatnonzero(client == largest))] = c
+    return client
+
+
+def _assign_by_key(
+    data: Interactions, n_clients: int | None, key: str | None, key_prefix: int | None
+) -> np.ndarray:
+    features = data.user_features
+    available = [] if features is None else list(features.columns)
+    if key is None or features is None or key not in features:
+        raise DataValidationError(
+            "is not a user-feature column of this dataset",
+            file=data.source or None,
+            column="partition key",
+            value=key,
+            allowed=", ".join(map(str, available)) or "none (this dataset has no user features)",
+        )
+    values = features[key].astype("string").fillna("<missing>")
+    if key_prefix is not None:
+        values = values.str.slice(0, key_prefix)
+    codes, uniques = pd.factorize(values, sort=True)
+    if n_clients is None:
+        return codes.astype(np.int32)
+    if not 1 <= n_clients <= len(uniques):
+        raise DataValidationError(
+            f"clients requested but column {key!r} has {len(uniques)} distinct values",
+            column="n_clients",
+            value=n_clients,
+            allowed=f"1..{len(uniques)}",
+        )
+    sizes = np.bincount(codes, minlength=len(uniques))
+    load = np.zeros(n_clients, dtype=np.int64)
+    value_to_client = np.empty(len(uniques), dtype=np.int32)
+    for v in np.argsort(-sizes, kind="stable"):  # largest value first onto the lightest client
+        target = int(load.argmin())
+        value_to_client[v] = target
+        load[target] += sizes[v]
+    return value_to_client[codes]
+
+
+def split_rows(
+    data: Interactions,
+    client_of_user: np.ndarray,
+    *,
+    method: SplitMethod,
+    valid_fraction: float,
+    test_fraction: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Split code per row: 0 train, 1 validation, 2 test.
+
+    ``random`` cuts each client's rows at random into the given fractions. ``temporal`` holds out
+    the latest rows of each user (by timestamp). Either way each user with at least one row keeps
+    at least one training row, so it can be folded in.
+    """
+    if not (
+        0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1
+    ):
+        raise DataValidationError(
+            "are not valid held-out fractions",
+            column="valid_fraction, test_fraction",
+            value=(valid_fraction, test_fraction),
+            allowed="each in [0, 1) and summing to < 1",
+        )
+    frame = data.frame
+    users = frame[USER].to_numpy()
+    if method == "random":
+        group = client_of_user[users]
+        key = rng.random(len(frame))
+    elif method == "temporal":
+        if TIMESTAMP not in frame:
+            raise DataValidationError(
+                "a temporal split needs timestamps",
+                file=data.source or None,
+                column=TIMESTAMP,
+                allowed="data with a timestamp column, or split=random",
+            )
+        group = users
+        key = frame[TIMESTAMP].to_numpy() + rng.random(len(frame)) * 1e-3  # random tie-break
+    else:
+        raise DataValidationError(
+            "is not a split method", column="split", value=method, allowed="random, temporal"
+        )
+    ranked = pd.DataFrame({"g": group, "k": key})
+    position = ranked.groupby("g")["k"].rank(method="first").to_numpy() - 1
+    size = ranked.groupby("g")["k"].transform("size").to_numpy()
+    n_test = np.floor(size * test_fraction)
+    n_valid = np.floor(size * valid_fraction)
+    from_end = size - 1 - position
+    split = np.zeros(len(frame), dtype=np.int8)
+    split[from_end < n_test + n_valid] = 1
+    split[from_end < n_test] = 2
+    # Never hold out a user's only training row.
+    first_of_user = pd.DataFrame({"u": users, "p": from_end}).groupby("u")["p"].idxmax().to_numpy()
+    split[first_of_user] = 0
+    return split

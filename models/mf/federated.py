@@ -1,0 +1,290 @@
+"""Federated MF: what a client computes, what the server does with it, and a plain round loop.
+
+The round loop here (:func:`run_federated`) is the reference without orchestration; the Prefect
+flow calls the same :func:`client_update`, :func:`server_update` and :func:`evaluate_client`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from models.aggregation import aggregate_item_average, aggregate_item_sums
+from models.client import ClientData
+from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
+from models.mf.als import ItemStatistics, item_statistics, predict_ratings, solve_items, solve_users
+from models.mf.linalg import pack_symmetric, unpack_symmetric
+from models.mf.params import ItemParams, init_item_params
+from models.mf.sgd import train_local_sgd
+from models.protocol import ClientUpdate
+from models.server_optimizers import ServerOptimizerState, apply_server_update
+
+Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
+_SERVER_RULE = {"fedavg": "sgd", "fedprox": "sgd", "fedadam": "adam", "fedyogi": "yogi"}
+
+
+@dataclass(frozen=True)
+class MFConfig:
+    """Hyperparameters of federated MF. The flow's configuration embeds these defaults.
+
+    ``als`` is the exact federated ALS; the others train locally with SGD and differ in the
+    server step (``fedavg``/``fedprox``: plain averaging, ``fedadam``/``fedyogi``: adaptive).
+    ``server_lr`` of ``None`` means 1.0 for averaging (plain FedAvg) and 0.03 for the adaptive rules
+    (Reddi et al.'s range).
+    """
+
+    algorithm: Algorithm = "als"
+    n_factors: int = 32
+    reg: float = 0.1
+    init_std: float = 0.1
+    local_epochs: int = 5
+    local_lr: float = 0.03
+    batch_size: int = 64
+    prox_mu: float = 0.01
+    server_lr: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    top_k: int = 10
+    relevance_threshold: float | None = 4.0
+    clip_to: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("als", *_SERVER_RULE):
+            raise ValueError(
+                f"algorithm {self.algorithm!r} is unknown; allowed: als, {', '.join(_SERVER_RULE)}"
+            )
+        for name in ("n_factors", "local_epochs", "batch_size", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("reg", "local_lr", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise ValueError(f"server_lr={self.server_lr} must be > 0")
+
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return 1.0 if _SERVER_RULE.get(self.algorithm) == "sgd" else 0.03
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """Everything the server carries from round to round (checkpointed as arrays)."""
+
+    params: ItemParams
+    optimizer: ServerOptimizerState | None = None
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round produced, for logging: metric values only, no client data."""
+
+    round: int
+    n_clients: int
+    upload_bytes: int
+    train_rmse: float
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def client_rating_sums(client: ClientData) -> dict[str, float]:
+    """The two numbers a client gives for the global mean: its training rating sum and count."""
+    rows = client.rows("train")
+    return {"rating_sum": float(rows.ratings.sum()), "n": float(len(rows))}
+
+
+def init_global_state(
+    n_items: int, config: MFConfig, rating_sums: Sequence[dict[str, float]], seed: int
+) -> GlobalState:
+    """Global mean from the clients' sums; item factors from the run's seed (as centralized ALS)."""
+    total = add_sums(rating_sums)
+    mean = total["rating_sum"] / total["n"] if total.get("n", 0) > 0 else 0.0
+    params = init_item_params(
+        n_items, config.n_factors, mean, np.random.default_rng(seed), config.init_std
+    )
+    optimizer = None
+    if _SERVER_RULE.get(config.algorithm) in ("adam", "yogi"):
+        optimizer = ServerOptimizerState.zeros_like(params.stacked(), config.tau)
+    return GlobalState(params, optimizer, 0)
+
+
+def client_update(
+    client: ClientData, params: ItemParams, config: MFConfig, rng: np.random.Generator
+) -> ClientUpdate:
+    """One client's round: fold in its users, then ALS statistics or local SGD for touched items."""
+    rows = client.rows("train")
+    user_params = solve_users(rows, params, reg=config.reg)
+    err = rows.ratings - predict_ratings(user_params, params, rows.users, rows.items)
+    metrics = {"train_sse": float(err @ err), "train_n": float(err.size)}
+    if config.algorithm == "als":
+        stats = item_statistics(rows, user_params, params.global_mean)
+        arrays = {"gram": pack_symmetric(stats.grams), "rhs": stats.rhs}
+        return ClientUpdate(client.client_id, stats.items, stats.counts, arrays, metrics)
+    items, counts = np.unique(rows.items, return_counts=True)
+    delta = train_local_sgd(
+        rows,
+        params.stacked()[items],
+        params.global_mean,
+        user_params,
+        items,
+        epochs=config.local_epochs,
+        lr=config.local_lr,
+        reg=config.reg,
+        batch_size=config.batch_size,
+        prox_mu=config.prox_mu if config.algorithm == "fedprox" else 0.0,
+        rng=rng,
+    )
+    return ClientUpdate(client.client_id, items.astype(np.int64), counts, {"delta": delta}, metrics)
+
+
+def server_update(
+    state: GlobalState, updates: Sequence[ClientUpdate], config: MFConfig
+) -> GlobalState:
+    """Combine the round's client updates into the next global state.
+
+    With no updates (every client failed or was empty) the state is returned unchanged apart from
+    the round counter; the caller decides whether that is acceptable (quorum).
+    """
+    params = state.params
+    updates = [u for u in updates if u.items.size > 0]
+    if not updates:
+        return GlobalState(params, state.optimizer, state.round + 1)
+    n_items, d = params.n_items, params.n_factors + 1
+    if config.algorithm == "als":
+        counts = aggregate_item_sums([(u.items, u.counts) for u in updates], n_items)
+        packed = aggregate_item_sums([(u.items, u.arrays["gram"]) for u in updates], n_items)
+        rhs = aggregate_item_sums([(u.items, u.arrays["rhs"]) for u in updates], n_items)
+        touched = np.flatnonzero(counts > 0)
+        # The sum of packed triangles is the packed sum: unpack once, after summing.
+        grams = unpack_symmetric(packed[touched], d)
+        stats = ItemStatistics(touched, counts[touched].astype(np.int64), grams, rhs[touched])
+        return GlobalState(
+            solve_items(params, stats, reg=config.reg), state.optimizer, state.round + 1
+        )
+    delta, weight = aggregate_item_average(
+        [(u.items, u.arrays["delta"], u.counts) for u in updates], n_items
+    )
+    stacked, optimizer = apply_server_update(
+        params.stacked(),
+        delta,
+        weight > 0,
+        state.optimizer,
+        rule=_SERVER_RULE[config.algorithm],
+        lr=config.effective_server_lr,
+        beta1=config.beta1,
+        beta2=config.beta2,
+        tau=config.tau,
+    )
+    return GlobalState(
+        ItemParams.from_stacked(stacked, params.global_mean), optimizer, state.round + 1
+    )
+
+
+def evaluate_client(
+    client: ClientData, params: ItemParams, config: MFConfig, split: str = "test"
+) -> tuple[dict[str, float], np.ndarray]:
+    """Metric sums over the client's held-out rows of ``split``, users folded in from training rows.
+
+    Returns the sums and how often each item was recommended (for catalogue coverage).
+    """
+    train = client.rows("train")
+    held_out = client.rows(split)
+    user_params = solve_users(train, params, reg=config.reg)
+    predicted = predict_ratings(user_params, params, held_out.users, held_out.items)
+    if config.clip_to is not None:
+        predicted = np.clip(predicted, *config.clip_to)
+    sums = rating_error_sums(predicted, held_out.ratings)
+    users = np.unique(held_out.users)
+    scores = (
+        user_params.factors[users] @ params.factors.T
+        + params.bias[None, :]
+        + user_params.bias[users, None]
+    )
+    exclude = client.matrix("train")
+    if split == "test":
+        exclude = exclude + client.matrix("valid")
+    relevant = client.matrix(split, config.relevance_threshold)
+    rank, recommended = ranking_sums(scores, exclude[users], relevant[users], config.top_k)
+    return sums | rank, recommended
+
+
+def summarize_evaluation(
+    parts: Sequence[tuple[dict[str, float], np.ndarray]],
+    config: MFConfig,
+    n_items: int,
+    prefix: str,
+) -> dict[str, float]:
+    """Combine clients' evaluation sums into global metrics plus the per-client RMSE spread."""
+    sums = add_sums(p for p, _ in parts)
+    sums["covered"] = float((np.sum([r for _, r in parts], axis=0) > 0).sum()) if parts else 0.0
+    out = {
+        f"{prefix}_{k}": v
+        for k, v in finalize_metrics(sums, k=config.top_k, n_items=n_items).items()
+    }
+    per_client = [np.sqrt(p["sse"] / p["n"]) for p, _ in parts if p.get("n", 0) > 0]
+    out |= {f"{prefix}_rmse_client_{k}": v for k, v in distribution(per_client).items()}
+    return out
+
+
+def client_rng(seed: int, round_: int, client_id: int) -> np.random.Generator:
+    """The generator of one client in one round, derived from the run seed alone (order-free)."""
+    return np.random.default_rng([seed, round_, client_id])
+
+
+def sample_clients(n_clients: int, fraction: float, seed: int, round_: int) -> np.ndarray:
+    """Client indices taking part in a round: a seeded sample of ``ceil(fraction * n)``, at least 1."""
+    if fraction >= 1.0:
+        return np.arange(n_clients)
+    size = max(1, int(np.ceil(fraction * n_clients)))
+    rng = np.random.default_rng([seed, round_, 2**31 - 1])
+    return np.sort(rng.choice(n_clients, size=size, replace=False))
+
+
+def run_federated(
+    clients: Sequence[ClientData],
+    n_items: int,
+    config: MFConfig,
+    *,
+    rounds: int,
+    seed: int = 0,
+    client_fraction: float = 1.0,
+    eval_split: str | None = "valid",
+    on_round: Callable[[RoundResult], None] | None = None,
+) -> tuple[GlobalState, list[RoundResult]]:
+    """Train for ``rounds`` rounds in this process, without orchestration (the reference loop)."""
+    state = init_global_state(n_items, config, [client_rating_sums(c) for c in clients], seed)
+    history = []
+    for r in range(1, rounds + 1):
+        started = time.perf_counter()
+        chosen = [clients[i] for i in sample_clients(len(clients), client_fraction, seed, r)]
+        updates = [
+            client_update(c, state.params, config, client_rng(seed, r, c.client_id)) for c in chosen
+        ]
+        state = server_update(state, updates, config)
+        train = add_sums(u.metrics for u in updates)
+        metrics = {}
+        if eval_split is not None:
+            parts = [evaluate_client(c, state.params, config, eval_split) for c in clients]
+            metrics = summarize_evaluation(parts, config, n_items, eval_split)
+        result = RoundResult(
+            round=r,
+            n_clients=len(updates),
+            upload_bytes=sum(u.nbytes() for u in updates),
+            train_rmse=float(np.sqrt(train["train_sse"] / train["train_n"]))
+            if train.get("train_n")
+            else float("nan"),
+            seconds=time.perf_counter() - started,
+            metrics=metrics,
+        )
+        history.append(result)
+        if on_round is not None:
+            on_round(result)
+    return state, history

@@ -1,0 +1,49 @@
+"""What crosses from a client to the server, and nothing more.
+
+A :class:`ClientUpdate` holds per-item aggregates over the client's rows for the items it touched,
+the number of rows behind them, and metric sums. It never holds user ids, user factors, raw ratings
+or timestamps. Every field is a plain number or a numpy array, so it can be moved as ``.npz``
+without pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's contribution to a round.
+
+    Attributes
+    ----------
+    client_id : int
+    items : ndarray of int64, shape (m,)
+        The items the client trained on this round, sorted and unique.
+    counts : ndarray of int64, shape (m,)
+        The client's training rows per item: the weights of per-item averaging.
+    arrays : dict of str to ndarray
+        Per-item statistics aligned with ``items`` on the first axis: ``gram`` (packed upper
+        triangles) and ``rhs`` for ALS, ``delta`` (change of ``[q_i, b_i]``) for FedAvg-style rules.
+    metrics : dict of str to float
+        Sums (never means), so the server can combine clients exactly: e.g. ``train_sse``, ``train_n``.
+    """
+
+    client_id: int
+    items: np.ndarray
+    counts: np.ndarray
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.counts.sum())
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays and numbers this update puts on the wire."""
+        arrays = (
+            self.items.nbytes + self.counts.nbytes + sum(a.nbytes for a in self.arrays.values())
+        )
+        return int(arrays + 8 * len(self.metrics))

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from models.aggregation import (
+    aggregate_item_average,
+    aggregate_item_sums,
+    aggregate_weighted_average,
+)
+
+
+def test_weighted_average_matches_numpy_average():
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(4, 3)) for _ in range(3)]
+    weights = [5.0, 1.0, 2.0]
+
+    result = aggregate_weighted_average(list(zip(arrays, weights, strict=True)))
+
+    np.testing.assert_allclose(result, np.average(np.stack(arrays), axis=0, weights=weights))
+
+
+@pytest.mark.parametrize(
+    ("contributions", "message"),
+    [
+        ([], "zero client"),
+        ([(np.ones(2), 0.0), (np.ones(2), 0.0)], "sum to 0"),
+        ([(np.ones(2), -1.0)], ">= 0"),
+    ],
+)
+def test_weighted_average_rejects_degenerate_weights(contributions, message):
+    with pytest.raises(ValueError, match=message):
+        aggregate_weighted_average(contributions)
+
+
+def test_item_sums_match_dense_sum_with_untouched_item():
+    a = (np.array([0, 2]), np.array([[1.0, 2.0], [3.0, 4.0]]))
+    b = (np.array([2, 3]), np.array([[10.0, 20.0], [30.0, 40.0]]))
+
+    total = aggregate_item_sums([a, b], n_items=5)
+
+    dense = np.zeros((5, 2))
+    for items, values in (a, b):
+        dense[items] += values
+    np.testing.assert_array_equal(total, dense)
+    assert np.all(total[[1, 4]] == 0)  # items 1 and 4 were touched by nobody
+
+
+def test_item_average_matches_numpy_average_per_item():
+    rng = np.random.default_rng(1)
+    n_items = 6
+    contributions = []
+    for _ in range(4):
+        items = np.sort(rng.choice(n_items - 1, size=3, replace=False))  # item 5 never touched
+        contributions.append((items, rng.normal(size=(3, 2)), rng.integers(1, 9, 3).astype(float)))
+
+    average, weight = aggregate_item_average(contributions, n_items)
+
+    for item in range(n_items):
+        values = [v[list(i).index(item)] for i, v, _ in contributions if item in i]
+        weights = [w[list(i).index(item)] for i, _, w in contributions if item in i]
+        if weights:
+            np.testing.assert_allclose(average[item], np.average(values, axis=0, weights=weights))
+            assert weight[item] == pytest.approx(sum(weights))
+        else:
+            assert np.all(average[item] == 0) and weight[item] == 0
+    assert weight[5] == 0

@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+
+from models.data.partitions import build_clients
+from models.data.sharding import assign_clients
+from models.mf.als import CentralizedALS, RatingRows
+from models.mf.federated import (
+    MFConfig,
+    client_rating_sums,
+    client_update,
+    init_global_state,
+    server_update,
+)
+from tests.unit.helpers import low_rank_interactions
+
+
+def _federated_als(clients, n_items, config, rounds, seed):
+    state = init_global_state(n_items, config, [client_rating_sums(c) for c in clients], seed)
+    for r in range(rounds):
+        updates = [
+            client_update(c, state.params, config, np.random.default_rng(r)) for c in clients
+        ]
+        state = server_update(state, updates, config)
+    return state
+
+
+@pytest.mark.parametrize("strategy", ["iid", "dirichlet"])
+def test_federated_als_equals_centralized_als(strategy):
+    data = low_rank_interactions(n_users=80, n_items=50, density=0.3, noise=0.3)
+    frame = data.frame
+    split = np.zeros(len(frame), dtype=np.int8)
+    clients = build_clients(
+        data,
+        assign_clients(data, n_clients=4, strategy=strategy, rng=np.random.default_rng(0)),
+        split,
+    )
+    config = MFConfig(algorithm="als", n_factors=4, reg=0.05)
+
+    state = _federated_als(clients, data.n_items, config, rounds=6, seed=7)
+    central = CentralizedALS(n_factors=4, reg=0.05, n_iter=6, seed=7).fit(
+        RatingRows(
+            frame["user"],
+            frame["item"],
+            frame["rating"],
+            n_users=data.n_users,
+            n_items=data.n_items,
+        )
+    )
+
+    np.testing.assert_allclose(
+        state.params.factors, central.item_params_.factors, atol=1e-8, rtol=0
+    )
+    np.testing.assert_allclose(state.params.bias, central.item_params_.bias, atol=1e-8, rtol=0)
+    assert state.params.global_mean == pytest.approx(central.item_params_.global_mean, abs=1e-12)
+
+
+def test_als_recovers_withheld_cells_of_low_rank_data():
+    data = low_rank_interactions(n_users=120, n_items=60, density=0.6, rank=2)
+    frame = data.frame
+    rng = np.random.default_rng(0)
+    held = rng.random(len(frame)) < 0.1
+    train = frame[~held]
+    rows = RatingRows(
+        train["user"], train["item"], train["rating"], n_users=data.n_users, n_items=data.n_items
+    )
+
+    model = CentralizedALS(n_factors=2, reg=1e-3, n_iter=30, seed=0).fit(rows)
+    predicted = model.predict(frame["user"].to_numpy()[held], frame["item"].to_numpy()[held])
+
+    rmse = np.sqrt(np.mean((predicted - frame["rating"].to_numpy()[held]) ** 2))
+    spread = frame["rating"].to_numpy()[held].std()
+    assert rmse < 0.05 * spread
+
+
+def test_empty_client_and_untouched_item_are_handled():
+    data = low_rank_interactions(n_users=30, n_items=20, density=0.4)
+    split = np.zeros(len(data.frame), dtype=np.int8)
+    client_of_user = assign_clients(data, n_clients=3, strategy="iid", rng=np.random.default_rng(0))
+    clients = build_clients(data, client_of_user, split)
+    # client 2 has no training rows at all; item 0 has no training rows anywhere
+    for c, client in enumerate(clients):
+        frame = client.frame.copy()
+        frame.loc[(frame["item"] == 0) | (c == 2), "split"] = 2
+        clients[c] = type(client)(client.client_id, client.user_ids, client.n_items, frame)
+    config = MFConfig(algorithm="als", n_factors=3)
+    state = init_global_state(
+        data.n_items, config, [client_rating_sums(c) for c in clients], seed=0
+    )
+
+    updates = [client_update(c, state.params, config, np.random.default_rng(0)) for c in clients]
+    new = server_update(state, updates, config)
+
+    assert updates[2].items.size == 0 and updates[2].metrics["train_n"] == 0
+    touched = np.unique(np.concatenate([u.items for u in updates]))
+    untouched = np.setdiff1d(np.arange(data.n_items), touched)
+    assert 0 in untouched
+    np.testing.assert_array_equal(new.params.factors[untouched], state.params.factors[untouched])
+    assert not np.allclose(new.params.factors[touched], state.params.factors[touched])
+
+
+def test_round_with_no_updates_keeps_parameters():
+    data = low_rank_interactions(n_users=10, n_items=8)
+    config = MFConfig(algorithm="fedavg", n_factors=2)
+    state = init_global_state(data.n_items, config, [{"rating_sum": 30.0, "n": 10.0}], seed=0)
+    new = server_update(state, [], config)
+    assert new.round == 1
+    np.testing.assert_array_equal(new.params.factors, state.params.factors)
+
+
+def test_centralized_als_rejects_bad_hyperparameters():
+    rows = RatingRows(np.zeros(1, int), np.zeros(1, int), np.ones(1), n_users=1, n_items=1)
+    with pytest.raises(ValueError, match="reg > 0"):
+        CentralizedALS(reg=0).fit(rows)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CentralizedALS().predict(np.zeros(1, int), np.zeros(1, int))

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+from scipy import sparse
+
+from models.data.partitions import build_clients
+from models.data.sharding import assign_clients
+from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
+from models.mf.federated import MFConfig, evaluate_client, init_global_state, summarize_evaluation
+from tests.unit.helpers import low_rank_interactions
+
+
+def test_rating_errors_by_hand():
+    sums = rating_error_sums(np.array([3.0, 4.0, 5.0]), np.array([4.0, 4.0, 2.0]))
+    metrics = finalize_metrics(sums, k=10)
+    assert metrics["rmse"] == pytest.approx(np.sqrt((1 + 0 + 9) / 3))
+    assert metrics["mae"] == pytest.approx(4 / 3)
+
+
+def test_ranking_metrics_by_hand():
+    # user 0: item 0 seen; ranking of the rest by score: 4, 3, 2, 1; relevant {3, 1}; k = 2
+    scores = np.array([[9.0, 1.0, 2.0, 3.0, 4.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    exclude = sparse.csr_matrix(np.array([[1, 0, 0, 0, 0], [0, 0, 0, 0, 0]]))
+    relevant = sparse.csr_matrix(
+        np.array([[0, 1, 0, 1, 0], [0, 0, 0, 0, 0]])
+    )  # user 1: nothing relevant
+
+    sums, recommended = ranking_sums(scores, exclude, relevant, k=2)
+
+    assert sums["users"] == 1
+    assert sums["precision"] == pytest.approx(0.5)  # top-2 = [4, 3]: one hit
+    assert sums["recall"] == pytest.approx(0.5)
+    assert sums["hit"] == 1
+    assert sums["ndcg"] == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
+    assert sums["map"] == pytest.approx((1 / 2) / 2)
+    np.testing.assert_array_equal(recommended, [1, 1, 0, 1, 1])  # user 1 gets [0, 1]
+
+
+def test_seen_items_are_never_recommended():
+    scores = np.array([[10.0, 9.0, 1.0]])
+    exclude = sparse.csr_matrix(np.array([[1, 1, 0]]))
+    relevant = sparse.csr_matrix(np.array([[0, 0, 1]]))
+    sums, recommended = ranking_sums(scores, exclude, relevant, k=3)
+    assert sums["hit"] == 1 and sums["precision"] == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(recommended, [0, 0, 1])
+
+
+def test_finalize_leaves_out_metrics_without_denominator():
+    assert finalize_metrics({"sse": 0.0, "n": 0.0, "users": 0.0}, k=10) == {}
+
+
+def test_distribution_by_hand():
+    d = distribution([4.0, 1.0, 3.0, 2.0])
+    assert d == {"min": 1.0, "p10": pytest.approx(1.3), "median": 2.5, "max": 4.0}
+
+
+def test_federated_evaluation_equals_centralized_evaluation():
+    data = low_rank_interactions(n_users=90, n_items=40, density=0.4, noise=0.5)
+    rng = np.random.default_rng(3)
+    split = rng.choice([0, 1, 2], size=len(data.frame), p=[0.7, 0.1, 0.2]).astype(np.int8)
+    config = MFConfig(n_factors=3, relevance_threshold=3.0, top_k=5)
+    state = init_global_state(data.n_items, config, [{"rating_sum": 3.0 * 10, "n": 10.0}], seed=1)
+    one_client = np.zeros(data.n_users, dtype=np.int32)
+    many = assign_clients(data, n_clients=5, strategy="iid", rng=np.random.default_rng(0))
+
+    central = summarize_evaluation(
+        [
+            evaluate_client(c, state.params, config, "test")
+            for c in build_clients(data, one_client, split)
+        ],
+        config,
+        data.n_items,
+        "test",
+    )
+    federated = summarize_evaluation(
+        [
+            evaluate_client(c, state.params, config, "test")
+            for c in build_clients(data, many, split)
+        ],
+        config,
+        data.n_items,
+        "test",
+    )
+
+    for key in (
+        "test_rmse",
+        "test_mae",
+        "test_ndcg@5",
+        "test_recall@5",
+        "test_precision@5",
+        "test_map@5",
+        "test_hit@5",
+        "test_coverage@5",
+    ):
+        assert federated[key] == pytest.approx(central[key], abs=1e-12), key
+    assert (
+        federated["test_rmse_client_min"]
+        <= federated["test_rmse"]
+        <= federated["test_rmse_client_max"]
+    )
+
+
+def test_add_sums_adds_key_wise():
+    assert add_sums([{"a": 1.0}, {"a": 2.0, "b": 3.0}]) == {"a": 3.0, "b": 3.0}

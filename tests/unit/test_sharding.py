@@ -1,0 +1,184 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.client import TEST, TRAIN, VALID
+from models.data.errors import DataValidationError
+from models.data.partitions import (
+    build_clients,
+    read_item_ids,
+    read_manifest,
+    read_partition,
+    write_partitions,
+)
+from models.data.schema import Interactions
+from models.data.sharding import assign_clients, split_rows
+from tests.unit.helpers import low_rank_interactions
+
+
+def _with_user_features(data: Interactions, column: str, values) -> Interactions:
+    features = pd.DataFrame({column: values})
+    return Interactions(
+        data.frame, data.user_ids, data.item_ids, data.rating_scale, features, None, data.source
+    )
+
+
+def test_iid_is_balanced_and_deterministic():
+    data = low_rank_interactions(n_users=103)
+    a = assign_clients(data, n_clients=10, strategy="iid", rng=np.random.default_rng(5))
+    b = assign_clients(data, n_clients=10, strategy="iid", rng=np.random.default_rng(5))
+    c = assign_clients(data, n_clients=10, strategy="iid", rng=np.random.default_rng(6))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert set(np.bincount(a)) == {10, 11}
+
+
+def test_dirichlet_is_more_skewed_than_iid_and_leaves_no_client_empty():
+    data = low_rank_interactions(n_users=300, n_items=60, density=0.2, rank=3, seed=1)
+    frame = data.frame
+
+    def item_skew(client_of_user):
+        # mean total-variation distance between each client's item distribution and the global one
+        global_dist = np.bincount(frame["item"], minlength=data.n_items) / len(frame)
+        distances = []
+        for c in np.unique(client_of_user):
+            rows = frame[client_of_user[frame["user"]] == c]
+            dist = np.bincount(rows["item"], minlength=data.n_items) / len(rows)
+            distances.append(0.5 * np.abs(dist - global_dist).sum())
+        return np.mean(distances)
+
+    iid = assign_clients(data, n_clients=5, strategy="iid", rng=np.random.default_rng(0))
+    skewed = assign_clients(
+        data, n_clients=5, strategy="dirichlet", alpha=0.1, rng=np.random.default_rng(0)
+    )
+
+    assert np.bincount(skewed, minlength=5).min() >= 1
+    assert item_skew(skewed) > 1.2 * item_skew(iid)
+
+
+def test_by_key_keeps_each_value_on_one_client():
+    data = low_rank_interactions(n_users=40)
+    zips = [f"{d}{n:04d}" for d, n in zip(np.arange(40) % 4, range(40), strict=True)]
+    data = _with_user_features(data, "zip", zips)
+
+    per_value = assign_clients(
+        data,
+        n_clients=None,
+        strategy="by-key",
+        key="zip",
+        key_prefix=1,
+        rng=np.random.default_rng(0),
+    )
+    packed = assign_clients(
+        data, n_clients=2, strategy="by-key", key="zip", key_prefix=1, rng=np.random.default_rng(0)
+    )
+
+    prefixes = np.array([z[0] for z in zips])
+    assert len(np.unique(per_value)) == 4
+    for p in np.unique(prefixes):
+        assert len(np.unique(per_value[prefixes == p])) == 1
+        assert len(np.unique(packed[prefixes == p])) == 1
+    assert sorted(np.bincount(packed)) == [20, 20]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"strategy": "iid", "n_clients": 500},
+            "value 500 clients requested but the data has only 60 users; allowed: 1..60",
+        ),
+        (
+            {"strategy": "by-key", "n_clients": 2, "key": "region"},
+            "column 'partition key': value 'region' is not a user-feature column",
+        ),
+        ({"strategy": "dirichlet", "n_clients": 2, "alpha": 0.0}, "allowed: a number > 0"),
+        ({"strategy": "round-robin", "n_clients": 2}, "allowed: iid, dirichlet, by-key"),
+    ],
+)
+def test_impossible_sharding_requests_say_why(kwargs, message):
+    with pytest.raises(DataValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        assign_clients(low_rank_interactions(n_users=60), rng=np.random.default_rng(0), **kwargs)
+
+
+def test_random_split_fractions_and_every_user_keeps_a_training_row():
+    data = low_rank_interactions(n_users=50, n_items=40, density=0.5)
+    clients = assign_clients(data, n_clients=3, strategy="iid", rng=np.random.default_rng(0))
+
+    split = split_rows(
+        data,
+        clients,
+        method="random",
+        valid_fraction=0.1,
+        test_fraction=0.2,
+        rng=np.random.default_rng(0),
+    )
+
+    shares = np.bincount(split, minlength=3) / split.size
+    assert shares[VALID] == pytest.approx(0.1, abs=0.02) and shares[TEST] == pytest.approx(
+        0.2, abs=0.02
+    )
+    users_with_train = np.unique(data.frame["user"].to_numpy()[split == TRAIN])
+    np.testing.assert_array_equal(users_with_train, np.arange(data.n_users))
+
+
+def test_temporal_split_holds_out_each_users_latest_rows():
+    data = low_rank_interactions(n_users=30, n_items=40, density=0.5)
+    clients = np.zeros(data.n_users, dtype=np.int32)
+
+    split = split_rows(
+        data,
+        clients,
+        method="temporal",
+        valid_fraction=0.0,
+        test_fraction=0.25,
+        rng=np.random.default_rng(0),
+    )
+
+    frame = data.frame.assign(split=split)
+    for _, rows in frame.groupby("user"):
+        if (rows["split"] == TEST).any():
+            assert (
+                rows.loc[rows["split"] == TEST, "timestamp"].min()
+                > rows.loc[rows["split"] == TRAIN, "timestamp"].max()
+            )
+
+
+def test_partitions_round_trip_and_are_deterministic(tmp_path):
+    data = low_rank_interactions(n_users=40, n_items=30)
+    client_of_user = assign_clients(data, n_clients=3, strategy="iid", rng=np.random.default_rng(0))
+    split = split_rows(
+        data,
+        client_of_user,
+        method="random",
+        valid_fraction=0.1,
+        test_fraction=0.1,
+        rng=np.random.default_rng(0),
+    )
+    clients = build_clients(data, client_of_user, split)
+
+    manifest = write_partitions(data, clients, tmp_path / "ws")
+    again = write_partitions(data, clients, tmp_path / "ws")  # replaces atomically
+
+    assert manifest == again == read_manifest(tmp_path / "ws")
+    assert manifest.fingerprint == data.fingerprint() and manifest.n_clients == 3
+    assert sum(e.n_train + e.n_valid + e.n_test for e in manifest.clients) == len(data)
+    np.testing.assert_array_equal(read_item_ids(tmp_path / "ws"), data.item_ids)
+    for entry, client in zip(manifest.clients, clients, strict=True):
+        loaded = read_partition(tmp_path / "ws", entry, manifest.n_items)
+        np.testing.assert_array_equal(loaded.user_ids, client.user_ids)
+        pd.testing.assert_frame_equal(
+            loaded.frame.reset_index(drop=True), client.frame.reset_index(drop=True)
+        )
+    assert not any(p.name.startswith(".partitions-") for p in tmp_path.iterdir())
+
+
+def test_fingerprint_ignores_row_order_but_sees_a_changed_rating():
+    data = low_rank_interactions(n_users=20, n_items=10)
+    shuffled = Interactions(
+        data.frame.sample(frac=1.0, random_state=0), data.user_ids, data.item_ids
+    )
+    changed_frame = data.frame.copy()
+    changed_frame.loc[0, "rating"] += 1.0
+    changed = Interactions(changed_frame, data.user_ids, data.item_ids)
+    assert shuffled.fingerprint() == data.fingerprint() != changed.fingerprint()

@@ -1,0 +1,215 @@
+"""The synthetic generator: deterministic, distinct pairs, MovieLens-like shape, side features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.data.errors import DataValidationError
+from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions
+from models.data.synthetic import MIN_PER_USER, N_GENRES, N_REGIONS, generate_synthetic
+
+
+@pytest.fixture(scope="module")
+def default_data() -> Interactions:
+    return generate_synthetic()
+
+
+def test_same_seed_gives_identical_data() -> None:
+    # Prepare
+    options = {"n_users": 300, "n_items": 200, "n_interactions": 6000, "seed": 7}
+
+    # Execute
+    first = generate_synthetic(**options)
+    second = generate_synthetic(**options)
+
+    # Assert
+    pd.testing.assert_frame_equal(first.frame, second.frame)
+    pd.testing.assert_frame_equal(first.item_features, second.item_features)
+    pd.testing.assert_frame_equal(first.user_features, second.user_features)
+    assert first.fingerprint() == second.fingerprint()
+
+
+def test_different_seed_gives_different_data() -> None:
+    # Prepare
+    options = {"n_users": 300, "n_items": 200, "n_interactions": 6000}
+
+    # Execute
+    first = generate_synthetic(**options, seed=0)
+    second = generate_synthetic(**options, seed=1)
+
+    # Assert
+    assert first.fingerprint() != second.fingerprint()
+    assert not np.array_equal(first.frame[RATING].to_numpy(), second.frame[RATING].to_numpy())
+
+
+def test_no_duplicate_pairs(default_data: Interactions) -> None:
+    # Execute
+    duplicated = default_data.frame.duplicated([USER, ITEM])
+
+    # Assert
+    assert int(duplicated.sum()) == 0
+
+
+def test_sizes_and_per_user_counts(default_data: Interactions) -> None:
+    # Execute
+    per_user = np.bincount(default_data.frame[USER], minlength=default_data.n_users)
+
+    # Assert
+    assert len(default_data) == 100_000
+    assert default_data.n_users == 2000
+    assert default_data.user_ids.tolist() == list(range(2000))
+    # Tail items may go undrawn, but nearly all of the 1000 should appear.
+    assert 900 <= default_data.n_items <= 1000
+    assert per_user.min() >= MIN_PER_USER
+    assert per_user.max() <= 1000 // 2
+    assert default_data.rating_scale == (1.0, 5.0)
+    assert default_data.source.startswith("synthetic(seed=0, n_users=2000, n_items=1000,")
+
+
+def test_ratings_are_whole_steps_within_scale_with_mean_near_3_5(
+    default_data: Interactions,
+) -> None:
+    # Execute
+    ratings = default_data.frame[RATING].to_numpy()
+
+    # Assert
+    assert ratings.min() == 1.0
+    assert ratings.max() == 5.0
+    assert np.array_equal(ratings, np.round(ratings))
+    assert sorted(np.unique(ratings).tolist()) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert 3.3 < ratings.mean() < 3.7
+    assert 0.8 < ratings.std() < 1.3
+
+
+def test_half_step_scale_gives_half_step_ratings() -> None:
+    # Execute
+    data = generate_synthetic(
+        n_users=200, n_items=100, n_interactions=4000, rating_scale=(0.5, 5.0), seed=3
+    )
+
+    # Assert
+    ratings = data.frame[RATING].to_numpy()
+    assert ratings.min() >= 0.5
+    assert ratings.max() <= 5.0
+    assert np.array_equal(ratings * 2, np.round(ratings * 2))
+    assert data.rating_scale == (0.5, 5.0)
+
+
+def test_item_popularity_is_long_tailed(default_data: Interactions) -> None:
+    # Execute
+    counts = np.sort(np.bincount(default_data.frame[ITEM]))[::-1]
+    top_share = counts[: len(counts) // 10].sum() / counts.sum()
+
+    # Assert
+    assert top_share > 0.40
+
+
+def test_user_activity_is_skewed(default_data: Interactions) -> None:
+    # Execute
+    per_user = np.bincount(default_data.frame[USER])
+
+    # Assert
+    assert per_user.max() > 5 * np.median(per_user)
+
+
+def test_ratings_carry_item_and_user_signal(default_data: Interactions) -> None:
+    # Prepare: with pure noise, means over 30+ ratings would spread by about 1 / sqrt(30) = 0.18.
+    frame = default_data.frame
+
+    # Execute
+    item_stats = frame.groupby(ITEM)[RATING].agg(["mean", "size"])
+    user_stats = frame.groupby(USER)[RATING].agg(["mean", "size"])
+
+    # Assert
+    assert item_stats.loc[item_stats["size"] >= 30, "mean"].std() > 0.3
+    assert user_stats.loc[user_stats["size"] >= 30, "mean"].std() > 0.3
+
+
+def test_timestamps_increase_within_each_user(default_data: Interactions) -> None:
+    # Prepare
+    frame = default_data.frame
+
+    # Execute
+    same_user = np.diff(frame[USER].to_numpy()) == 0
+    steps = np.diff(frame[TIMESTAMP].to_numpy())
+
+    # Assert
+    assert frame[TIMESTAMP].dtype == np.int64
+    assert (steps[same_user] > 0).all()
+
+
+def test_side_features_are_present_and_plausible(default_data: Interactions) -> None:
+    # Prepare
+    items, users = default_data.item_features, default_data.user_features
+    genres = [f"genre_{g}" for g in range(N_GENRES)]
+
+    # Assert
+    assert list(items.columns) == [*genres, "year"]
+    assert len(items) == default_data.n_items
+    prevalence = items[genres].mean()
+    assert ((prevalence > 0.05) & (prevalence < 0.35)).all()
+    assert items["year"].between(1920, 2024).all()
+    assert list(users.columns) == ["age", "occupation", "region"]
+    assert len(users) == default_data.n_users
+    assert set(users["region"]) <= {f"r{r}" for r in range(N_REGIONS)}
+    assert users["region"].nunique() >= 5
+    assert users["age"].between(13, 80).all()
+    assert users.notna().all().all()
+
+
+def test_regions_differ_in_taste(default_data: Interactions) -> None:
+    # Prepare: users of one region share half their factors, so their genre means differ.
+    frame = default_data.frame.join(default_data.user_features["region"], on=USER)
+    frame = frame.join(default_data.item_features["genre_0"], on=ITEM)
+    liked = frame[frame["genre_0"] == 1]
+
+    # Execute
+    by_region = liked.groupby("region")[RATING].agg(["mean", "size"])
+    big = by_region[by_region["size"] >= 300]
+
+    # Assert
+    assert len(big) >= 3
+    assert big["mean"].max() - big["mean"].min() > 0.1
+
+
+def test_side_features_can_be_left_out() -> None:
+    # Execute
+    data = generate_synthetic(n_users=50, n_items=20, n_interactions=300, side_features=False)
+
+    # Assert
+    assert data.item_features is None
+    assert data.user_features is None
+    assert len(data) == 300
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"n_users": 10, "n_interactions": 20}, "n_interactions=20 is out of range"),
+        ({"n_users": 10, "n_items": 20, "n_interactions": 101}, "allowed: 50 (5 per user) to 100"),
+        ({"n_items": 5}, "n_items=5 is too small; allowed: >= 10"),
+        ({"n_factors": 0}, "n_factors=0 is too small"),
+        ({"rating_scale": (5.0, 5.0)}, "rating_scale=(5.0, 5.0) is not a valid range"),
+    ],
+)
+def test_bad_arguments_raise(options: dict[str, object], expected: str) -> None:
+    # Execute
+    with pytest.raises(DataValidationError) as caught:
+        generate_synthetic(**options)  # type: ignore[arg-type]
+
+    # Assert
+    assert expected in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_million_interactions_are_distinct_and_complete() -> None:
+    # Execute
+    data = generate_synthetic(n_users=20_000, n_items=5_000, n_interactions=1_000_000, seed=11)
+
+    # Assert
+    assert len(data) == 1_000_000
+    assert data.n_users == 20_000
+    assert int(data.frame.duplicated([USER, ITEM]).sum()) == 0
+    assert np.bincount(data.frame[USER]).min() >= MIN_PER_USER

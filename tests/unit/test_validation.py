@@ -1,0 +1,536 @@
+"""Bad input gets one clear line naming file, row, column, value and what is allowed; good input reads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.data.errors import DataValidationError
+from models.data.movielens import read_movielens_1m, read_movielens_100k
+from models.data.readers import load_dataset, read_interactions
+from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions
+from models.data.validate import validate_interactions
+
+HEADER = "user_id,item_id,rating\n"
+HEADER_TS = "user_id,item_id,rating,timestamp\n"
+LATIN1 = (HEADER + "1,Heat,4\n2,Mis\xe9rables,3\n").encode("latin-1")
+LATIN1_OFFSET = LATIN1.index(b"\xe9")
+
+
+def _load_spec(path: Path, **kw: Any) -> Interactions:
+    return load_dataset(str(path), **kw)
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """Files to write under tmp_path (None makes a folder), the path to read, the message parts."""
+
+    files: dict[str, str | bytes | pd.DataFrame | None]
+    target: str
+    expected: tuple[str, ...]
+    reader: Callable[..., Interactions] = read_interactions
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # The message starts with this file's path (relative to tmp_path); None when no file applies.
+    named: str | None = ""
+
+
+BAD_INPUTS = [
+    pytest.param(
+        BadInput({}, "nope.csv", ("no such file", "allowed: an existing file")), id="missing-file"
+    ),
+    pytest.param(
+        BadInput({"ratings.csv": None}, "ratings.csv", ("is a directory", "allowed: a file (.csv")),
+        id="directory",
+    ),
+    pytest.param(
+        BadInput({"ratings.csv": b""}, "ratings.csv", ("is empty (0 bytes)",)), id="empty-file"
+    ),
+    pytest.param(
+        BadInput({"ratings.csv": "\n \n\n"}, "ratings.csv", ("is empty",)), id="blank-lines-only"
+    ),
+    pytest.param(
+        BadInput({"ratings.csv": HEADER}, "ratings.csv", ("has no data rows",)), id="header-only"
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.xlsx": HEADER + "1,2,3\n"},
+            "ratings.xlsx",
+            ("unsupported file type '.xlsx'", "allowed: .csv, .tsv, .txt, .parquet, .pq"),
+        ),
+        id="unsupported-extension",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": LATIN1},
+            "ratings.csv",
+            (
+                "row 2",
+                "column 'item_id'",
+                f"byte 0xe9 at byte offset {LATIN1_OFFSET} (line 3) is not valid UTF-8",
+                "latin-1",
+            ),
+        ),
+        id="latin1-bytes",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": "usr_id,item_id,rating\n1,2,3\n"},
+            "ratings.csv",
+            (
+                "column 'user_id'",
+                "column not found (did you mean 'usr_id'?)",
+                "allowed: one of the columns present: 'usr_id', 'item_id', 'rating'",
+            ),
+        ),
+        id="user-column-typo",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,4\n2,11,good\n"},
+            "ratings.csv",
+            ("row 2", "column 'rating'", "value 'good' is not a number", "[1.0, 5.0]"),
+        ),
+        id="non-numeric-rating",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,\n2,11,3\n"},
+            "ratings.csv",
+            ("row 1", "column 'rating'", "missing rating", "allowed: a number in [1.0, 5.0]"),
+        ),
+        id="nan-rating",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,4\n2,11,3\n3,12,6\n"},
+            "ratings.csv",
+            ("row 3", "column 'rating'", "value 6.0 is outside the rating scale", "[1.0, 5.0]"),
+        ),
+        id="rating-above-scale",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,0.5\n"},
+            "ratings.csv",
+            ("row 1", "value 0.5 is outside the rating scale", "allowed: a number in [1.0, 5.0]"),
+        ),
+        id="rating-below-scale",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,4\n2,11,inf\n"},
+            "ratings.csv",
+            ("row 2", "value inf is outside the rating scale"),
+        ),
+        id="infinite-rating",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,4\n   ,11,3\n"},
+            "ratings.csv",
+            (
+                "row 2",
+                "column 'user_id'",
+                "value '   ' is an empty or whitespace-only id",
+                "allowed: a non-empty string or integer id",
+            ),
+        ),
+        id="empty-user-id",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,4\n2,11,3\n3,NaN,5\n"},
+            "ratings.csv",
+            ("row 3", "column 'item_id'", "missing id"),
+        ),
+        id="nan-item-id",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER_TS + "1,10,4,978300760\n2,11,3,yesterday\n"},
+            "ratings.csv",
+            ("row 2", "column 'timestamp'", "value 'yesterday' is not a timestamp", "ISO-8601"),
+        ),
+        id="unparseable-timestamp",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER_TS + "1,10,4,978300760\n2,11,3,-5\n"},
+            "ratings.csv",
+            ("row 2", "column 'timestamp'", "value -5 is out of range", "Unix seconds >= 0"),
+        ),
+        id="negative-timestamp",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER_TS + "1,10,4,1969-12-31T23:59:59Z\n"},
+            "ratings.csv",
+            ("row 1", "value '1969-12-31T23:59:59Z' is out of range"),
+        ),
+        id="iso-timestamp-before-1970",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER_TS + "1,10,4,978300760.5\n"},
+            "ratings.csv",
+            ("row 1", "value 978300760.5 is not a whole number of seconds"),
+        ),
+        id="fractional-timestamp",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,4\n2,11,3,99\n"},
+            "ratings.csv",
+            ("row 2", "has 4 fields (line 3 of the file)", "allowed: 3 fields"),
+        ),
+        id="ragged-row",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.parquet": b"PAR1 this is not parquet PAR1"},
+            "ratings.parquet",
+            ("is not a readable Parquet file",),
+        ),
+        id="corrupt-parquet",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.parquet": pd.DataFrame({"user_id": [1], "item": [2], "rating": [3.0]})},
+            "ratings.parquet",
+            ("column 'item_id'", "(did you mean 'item'?)"),
+        ),
+        id="parquet-missing-item-column",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.parquet": pd.DataFrame({"user_id": ["a", None], "item_id": [1, 2]})},
+            "ratings.parquet",
+            ("row 2", "column 'user_id'", "missing id"),
+        ),
+        id="parquet-null-user-id",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,4\n"},
+            "ratings.csv",
+            ("column 'stars'", "column not found", "'user_id', 'item_id', 'rating'"),
+            kwargs={"rating_col": "stars"},
+        ),
+        id="custom-rating-column-absent",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER + "1,10,4\n"},
+            "ratings.csv",
+            ("rating_scale (5.0, 1.0) is not a valid range",),
+            kwargs={"rating_scale": (5.0, 1.0)},
+        ),
+        id="inverted-rating-scale",
+    ),
+    pytest.param(
+        BadInput(
+            {"ml/u.item": "1|Heat (1995)|01-Jan-1995||x\n"},
+            "ml",
+            ("file not found in the MovieLens 100K folder", "u.data, u.item, u.user, u.genre"),
+            reader=read_movielens_100k,
+            named="ml/u.data",
+        ),
+        id="movielens-100k-without-u.data",
+    ),
+    pytest.param(
+        BadInput(
+            {"ml/ratings.dat": "1::1::5::978300760\n"},
+            "ml",
+            ("file not found in the MovieLens 1M folder",),
+            reader=read_movielens_1m,
+            named="ml/movies.dat",
+        ),
+        id="movielens-1m-without-movies.dat",
+    ),
+    pytest.param(
+        BadInput(
+            {},
+            "no-such-dataset",
+            ("unknown dataset", "allowed: 'synthetic', 'ml-100k', 'ml-1m', a MovieLens folder"),
+            reader=_load_spec,
+            named=None,
+        ),
+        id="unknown-dataset-spec",
+    ),
+    pytest.param(
+        BadInput(
+            {"empty": None},
+            "empty",
+            ("holds neither u.data nor ratings.dat",),
+            reader=_load_spec,
+        ),
+        id="folder-without-movielens-files",
+    ),
+]
+
+
+def _write(root: Path, files: dict[str, str | bytes | pd.DataFrame | None]) -> None:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            path.mkdir()
+        elif isinstance(content, pd.DataFrame):
+            content.to_parquet(path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_raises_one_line_naming_the_problem(tmp_path: Path, case: BadInput) -> None:
+    # Prepare
+    _write(tmp_path, case.files)
+    target = tmp_path / case.target
+
+    # Execute
+    with pytest.raises(DataValidationError) as caught:
+        case.reader(target, **case.kwargs)
+
+    # Assert
+    message = str(caught.value)
+    assert "\n" not in message
+    if case.named is not None:
+        assert message.startswith(str(tmp_path / (case.named or case.target)))
+    for part in case.expected:
+        assert part in message
+
+
+def _read_csv_text(tmp_path: Path, text: str, **kw: Any) -> Interactions:
+    path = tmp_path / "ratings.csv"
+    path.write_text(text, encoding="utf-8")
+    return read_interactions(path, **kw)
+
+
+def _rows(data: Interactions) -> dict[tuple[Any, Any], float]:
+    """(caller user id, caller item id) -> rating, to compare without internal ids."""
+    users = data.user_ids[data.frame[USER].to_numpy()]
+    items = data.item_ids[data.frame[ITEM].to_numpy()]
+    return dict(
+        zip(zip(users.tolist(), items.tolist(), strict=True), data.frame[RATING], strict=True)
+    )
+
+
+def test_duplicates_keep_the_latest_by_timestamp_with_a_note(tmp_path: Path) -> None:
+    # Prepare
+    text = HEADER_TS + "a,x,2,100\na,x,5,300\na,x,3,200\nb,x,4,50\nb,x,1,10\nb,y,3,20\n"
+
+    # Execute
+    data = _read_csv_text(tmp_path, text)
+
+    # Assert
+    assert _rows(data) == {("a", "x"): 5.0, ("b", "x"): 4.0, ("b", "y"): 3.0}
+    assert len(data) == 3
+    assert any(
+        "dropped 3 duplicate (user, item) rows, kept the latest of each" in note
+        for note in data.notes
+    )
+
+
+def test_duplicates_without_timestamps_keep_the_last_row(tmp_path: Path) -> None:
+    # Prepare
+    text = HEADER + "a,x,2\nb,x,1\na,x,4\n"
+
+    # Execute
+    data = _read_csv_text(tmp_path, text)
+
+    # Assert
+    assert _rows(data) == {("a", "x"): 4.0, ("b", "x"): 1.0}
+    assert TIMESTAMP not in data.frame
+    assert any("dropped 1 duplicate" in note and "file order" in note for note in data.notes)
+
+
+def test_string_ids_round_trip_stripped_and_leading_zeros_kept(tmp_path: Path) -> None:
+    # Prepare
+    text = HEADER + "007,x1,4\n  alice ,x2,3\nbob,x1,5\n"
+
+    # Execute
+    data = _read_csv_text(tmp_path, text)
+
+    # Assert
+    assert data.user_ids.tolist() == ["007", "alice", "bob"]
+    assert data.item_ids.tolist() == ["x1", "x2"]
+    assert _rows(data) == {("007", "x1"): 4.0, ("alice", "x2"): 3.0, ("bob", "x1"): 5.0}
+
+
+def test_integer_ids_in_csv_become_int64(tmp_path: Path) -> None:
+    # Prepare
+    text = HEADER + "12,7,4\n3,7,3\n"
+
+    # Execute
+    data = _read_csv_text(tmp_path, text)
+
+    # Assert
+    assert data.user_ids.dtype == np.int64
+    assert data.user_ids.tolist() == [3, 12]
+    assert data.item_ids.tolist() == [7]
+
+
+def test_iso_timestamps_are_parsed_to_unix_seconds(tmp_path: Path) -> None:
+    # Prepare
+    text = (
+        HEADER_TS
+        + "1,10,4,2000-01-01T00:00:00Z\n1,11,3,1970-01-02\n1,12,5,2000-01-01T01:00:00+01:00\n"
+        + "1,13,2,978300760\n"
+    )
+
+    # Execute
+    data = _read_csv_text(tmp_path, text)
+
+    # Assert
+    assert data.frame[TIMESTAMP].dtype == np.int64
+    assert data.frame[TIMESTAMP].tolist() == [946684800, 86400, 946684800, 978300760]
+
+
+def test_missing_rating_column_means_implicit_feedback(tmp_path: Path) -> None:
+    # Prepare
+    text = "user_id,item_id\n1,10\n2,11\n2,12\n"
+
+    # Execute
+    data = _read_csv_text(tmp_path, text)
+
+    # Assert
+    assert data.frame[RATING].tolist() == [1.0, 1.0, 1.0]
+    assert data.rating_scale is None
+    assert any("implicit feedback" in note for note in data.notes)
+
+
+def test_rating_col_none_ignores_a_rating_column(tmp_path: Path) -> None:
+    # Prepare
+    text = HEADER + "1,10,4\n2,11,2\n"
+
+    # Execute
+    data = _read_csv_text(tmp_path, text, rating_col=None)
+
+    # Assert
+    assert data.frame[RATING].tolist() == [1.0, 1.0]
+    assert data.rating_scale is None
+
+
+def test_rating_scale_none_is_taken_from_the_data(tmp_path: Path) -> None:
+    # Prepare
+    text = HEADER + "1,10,0.5\n2,11,10\n"
+
+    # Execute
+    data = _read_csv_text(tmp_path, text, rating_scale=None)
+
+    # Assert
+    assert data.rating_scale == (0.5, 10.0)
+    assert data.frame[RATING].tolist() == [0.5, 10.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "delimiter"),
+    [("r.csv", ","), ("r.tsv", "\t"), ("r.txt", ";"), ("r.csv", "|")],
+)
+def test_delimiter_is_sniffed(tmp_path: Path, name: str, delimiter: str) -> None:
+    # Prepare
+    rows = [["user_id", "item_id", "rating"], ["1", "10", "4"], ["2", "11", "2.5"]]
+    path = tmp_path / name
+    path.write_text("".join(delimiter.join(row) + "\n" for row in rows), encoding="utf-8")
+
+    # Execute
+    data = read_interactions(path)
+
+    # Assert
+    assert _rows(data) == {(1, 10): 4.0, (2, 11): 2.5}
+
+
+def test_parquet_keeps_ids_as_given_and_reads_datetimes(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "ratings.parquet"
+    pd.DataFrame(
+        {
+            "user_id": ["007", "b"],
+            "item_id": [5, 6],
+            "rating": [4.0, 2.0],
+            "timestamp": pd.to_datetime(["2000-01-01 00:00:00", "1970-01-01 00:01:00"]),
+        }
+    ).to_parquet(path)
+
+    # Execute
+    data = read_interactions(path)
+
+    # Assert
+    assert data.user_ids.tolist() == ["007", "b"]
+    assert data.item_ids.tolist() == [5, 6]
+    assert data.frame[TIMESTAMP].tolist() == [946684800, 60]
+
+
+def test_validate_interactions_returns_the_internal_columns() -> None:
+    # Prepare
+    raw = pd.DataFrame({"u": [3, 1], "i": ["a ", "b"], "r": ["4", "2.5"], "t": [10, 20]})
+
+    # Execute
+    frame, notes = validate_interactions(
+        raw,
+        file="mem",
+        user_col="u",
+        item_col="i",
+        rating_col="r",
+        timestamp_col="t",
+        rating_scale=(1.0, 5.0),
+    )
+
+    # Assert
+    assert list(frame.columns) == [USER, ITEM, RATING, TIMESTAMP]
+    assert frame[USER].tolist() == [3, 1]
+    assert frame[ITEM].tolist() == ["a", "b"]
+    assert frame[RATING].dtype == np.float64
+    assert frame[RATING].tolist() == [4.0, 2.5]
+    assert frame[TIMESTAMP].dtype == np.int64
+    assert notes == ()
+
+
+def test_the_earliest_bad_row_is_reported_across_kinds_of_problem() -> None:
+    # Prepare: row 3 is not a number, but row 2 is out of range and comes first.
+    raw = pd.DataFrame({"u": [1, 2, 3], "i": [1, 2, 3], "r": ["4", "9", "bad"]})
+
+    # Execute
+    with pytest.raises(DataValidationError) as caught:
+        validate_interactions(
+            raw,
+            file="mem",
+            user_col="u",
+            item_col="i",
+            rating_col="r",
+            timestamp_col=None,
+            rating_scale=(1.0, 5.0),
+        )
+
+    # Assert
+    assert caught.value.row == 2
+    assert caught.value.value == 9.0
+    assert caught.value.column == "r"
+
+
+def test_empty_frame_is_rejected_before_columns_are_checked() -> None:
+    # Prepare
+    raw = pd.DataFrame({"u": [], "i": []})
+
+    # Execute
+    with pytest.raises(DataValidationError) as caught:
+        validate_interactions(
+            raw,
+            file="mem",
+            user_col="u",
+            item_col="i",
+            rating_col=None,
+            timestamp_col=None,
+            rating_scale=None,
+        )
+
+    # Assert
+    assert str(caught.value) == "mem: has no data rows; allowed: at least one interaction row"
