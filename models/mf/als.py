@@ -16,8 +16,10 @@ from functools import cached_property
 
 import numpy as np
 
-from models.mf.linalg import SegmentLayout, ridge_solve
+from models.mf.linalg import SegmentLayout, ridge_solve, unpack_symmetric
 from models.mf.params import ItemParams, init_item_params
+
+_PREDICT_BLOCK = 8192
 
 
 class RatingRows:
@@ -69,20 +71,17 @@ class UserParams:
 
 @dataclass(frozen=True)
 class ItemStatistics:
-    """Per-item sufficient statistics over some set of ratings.
+    """Per-item sufficient statistics over some set of ratings: the ALS upload.
 
-    ``grams[j] = sum_u x_u x_u^T`` and ``rhs[j] = sum_u (r_ui - mu - b_u) x_u`` with
-    ``x_u = [p_u, 1]``, for item ``items[j]`` rated ``counts[j]`` times.
+    ``grams[j]`` packs (see :func:`~models.mf.linalg.pack_symmetric`) ``sum_u x_u x_u^T`` and
+    ``rhs[j] = sum_u (r_ui - mu - b_u) x_u`` with ``x_u = [p_u, 1]``, for item ``items[j]``
+    rated ``counts[j]`` times.
     """
 
     items: np.ndarray  # (m,) sorted item indices
     counts: np.ndarray  # (m,)
-    grams: np.ndarray  # (m, k + 1, k + 1)
+    grams: np.ndarray  # (m, (k + 1)(k + 2) / 2), packed upper triangles
     rhs: np.ndarray  # (m, k + 1)
-
-
-def _weighted_ridge(counts: np.ndarray, dim: int, reg: float) -> np.ndarray:
-    return np.repeat((reg * counts.astype(np.float64))[:, None], dim, axis=1)
 
 
 def _with_ones(factors: np.ndarray) -> np.ndarray:
@@ -111,8 +110,7 @@ def solve_users(rows: RatingRows, params: ItemParams, *, reg: float) -> UserPara
     if layout.keys.size == 0:
         return UserParams(factors, bias)
     target = rows.ratings - params.global_mean - params.bias[rows.items]
-    grams, rhs = layout.grams_and_rhs(_with_ones(params.factors), target)
-    solution = ridge_solve(grams, rhs, _weighted_ridge(layout.counts, k + 1, reg), overwrite=True)
+    solution = layout.solve(_with_ones(params.factors), target, reg * layout.counts)
     factors[layout.keys] = solution[:, :k]
     bias[layout.keys] = solution[:, k]
     return UserParams(factors, bias)
@@ -124,7 +122,7 @@ def item_statistics(
     """Sufficient statistics for the item half-step over the given rows (one client's, or all)."""
     layout = rows.by_item
     target = rows.ratings - global_mean - user_params.bias[rows.users]
-    grams, rhs = layout.grams_and_rhs(_with_ones(user_params.factors), target)
+    grams, rhs = layout.packed_statistics(_with_ones(user_params.factors), target)
     return ItemStatistics(layout.keys.astype(np.int64), layout.counts, grams, rhs)
 
 
@@ -135,11 +133,9 @@ def solve_items(params: ItemParams, stats: ItemStatistics, *, reg: float) -> Ite
     bias = params.bias.copy()
     touched = stats.counts > 0
     if np.any(touched):
-        every = bool(np.all(touched))
-        grams = stats.grams if every else stats.grams[touched]
-        rhs = stats.rhs if every else stats.rhs[touched]
-        ridge = _weighted_ridge(stats.counts[touched], k + 1, reg)
-        solution = ridge_solve(grams, rhs, ridge, overwrite=not every)
+        grams = unpack_symmetric(stats.grams[touched], k + 1)
+        ridge = np.repeat((reg * stats.counts[touched].astype(np.float64))[:, None], k + 1, axis=1)
+        solution = ridge_solve(grams, stats.rhs[touched], ridge, overwrite=True)
         idx = stats.items[touched]
         factors[idx] = solution[:, :k]
         bias[idx] = solution[:, k]
@@ -150,12 +146,15 @@ def predict_ratings(
     user_params: UserParams, params: ItemParams, users: np.ndarray, items: np.ndarray
 ) -> np.ndarray:
     """``mu + b_u + b_i + p_u . q_i`` for each (user, item) row."""
-    return (
-        params.global_mean
-        + user_params.bias[users]
-        + params.bias[items]
-        + np.einsum("ij,ij->i", user_params.factors[users], params.factors[items])
-    )
+    out = params.global_mean + user_params.bias[users] + params.bias[items]
+    # In blocks: whole-size (rows, k) gathers are fresh mmaps whose page faults cost more than the
+    # arithmetic; blocks of a few MB are recycled by the allocator.
+    for lo in range(0, users.size, _PREDICT_BLOCK):
+        block = slice(lo, lo + _PREDICT_BLOCK)
+        out[block] += np.einsum(
+            "ij,ij->i", user_params.factors[users[block]], params.factors[items[block]]
+        )
+    return out
 
 
 class CentralizedALS:

@@ -17,7 +17,6 @@ from models.aggregation import aggregate_item_average, aggregate_item_sums
 from models.client import ClientData
 from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
 from models.mf.als import ItemStatistics, item_statistics, predict_ratings, solve_items, solve_users
-from models.mf.linalg import pack_symmetric, unpack_symmetric
 from models.mf.params import ItemParams, init_item_params
 from models.mf.sgd import train_local_sgd
 from models.protocol import ClientUpdate
@@ -43,7 +42,7 @@ class MFConfig:
     init_std: float = 0.1
     local_epochs: int = 5
     local_lr: float = 0.03
-    batch_size: int = 64
+    batch_size: int = 256
     prox_mu: float = 0.01
     server_lr: float | None = None
     beta1: float = 0.9
@@ -91,7 +90,7 @@ class RoundResult:
     n_clients: int
     upload_bytes: int
     train_rmse: float
-    seconds: float
+    seconds: float  # clients' updates + server step; evaluation excluded
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -126,7 +125,7 @@ def client_update(
     metrics = {"train_sse": float(err @ err), "train_n": float(err.size)}
     if config.algorithm == "als":
         stats = item_statistics(rows, user_params, params.global_mean)
-        arrays = {"gram": pack_symmetric(stats.grams), "rhs": stats.rhs}
+        arrays = {"gram": stats.grams, "rhs": stats.rhs}
         return ClientUpdate(client.client_id, stats.items, stats.counts, arrays, metrics)
     items, counts = np.unique(rows.items, return_counts=True)
     delta = train_local_sgd(
@@ -157,15 +156,15 @@ def server_update(
     updates = [u for u in updates if u.items.size > 0]
     if not updates:
         return GlobalState(params, state.optimizer, state.round + 1)
-    n_items, d = params.n_items, params.n_factors + 1
+    n_items = params.n_items
     if config.algorithm == "als":
         counts = aggregate_item_sums([(u.items, u.counts) for u in updates], n_items)
-        packed = aggregate_item_sums([(u.items, u.arrays["gram"]) for u in updates], n_items)
+        grams = aggregate_item_sums([(u.items, u.arrays["gram"]) for u in updates], n_items)
         rhs = aggregate_item_sums([(u.items, u.arrays["rhs"]) for u in updates], n_items)
         touched = np.flatnonzero(counts > 0)
-        # The sum of packed triangles is the packed sum: unpack once, after summing.
-        grams = unpack_symmetric(packed[touched], d)
-        stats = ItemStatistics(touched, counts[touched].astype(np.int64), grams, rhs[touched])
+        stats = ItemStatistics(
+            touched, counts[touched].astype(np.int64), grams[touched], rhs[touched]
+        )
         return GlobalState(
             solve_items(params, stats, reg=config.reg), state.optimizer, state.round + 1
         )
@@ -189,11 +188,17 @@ def server_update(
 
 
 def evaluate_client(
-    client: ClientData, params: ItemParams, config: MFConfig, split: str = "test"
-) -> tuple[dict[str, float], np.ndarray]:
+    client: ClientData,
+    params: ItemParams,
+    config: MFConfig,
+    split: str = "test",
+    *,
+    ranking: bool = True,
+) -> tuple[dict[str, float], np.ndarray | None]:
     """Metric sums over the client's held-out rows of ``split``, users folded in from training rows.
 
-    Returns the sums and how often each item was recommended (for catalogue coverage).
+    Returns the sums and how often each item was recommended (for catalogue coverage); with
+    ``ranking=False`` only the rating errors are computed and the second value is ``None``.
     """
     train = client.rows("train")
     held_out = client.rows(split)
@@ -202,6 +207,8 @@ def evaluate_client(
     if config.clip_to is not None:
         predicted = np.clip(predicted, *config.clip_to)
     sums = rating_error_sums(predicted, held_out.ratings)
+    if not ranking:
+        return sums, None
     users = np.unique(held_out.users)
     scores = (
         user_params.factors[users] @ params.factors.T
@@ -224,7 +231,9 @@ def summarize_evaluation(
 ) -> dict[str, float]:
     """Combine clients' evaluation sums into global metrics plus the per-client RMSE spread."""
     sums = add_sums(p for p, _ in parts)
-    sums["covered"] = float((np.sum([r for _, r in parts], axis=0) > 0).sum()) if parts else 0.0
+    recommended = [r for _, r in parts if r is not None]
+    if recommended:
+        sums["covered"] = float((np.sum(recommended, axis=0) > 0).sum())
     out = {
         f"{prefix}_{k}": v
         for k, v in finalize_metrics(sums, k=config.top_k, n_items=n_items).items()
@@ -257,9 +266,13 @@ def run_federated(
     seed: int = 0,
     client_fraction: float = 1.0,
     eval_split: str | None = "valid",
+    eval_ranking: bool = True,
     on_round: Callable[[RoundResult], None] | None = None,
 ) -> tuple[GlobalState, list[RoundResult]]:
-    """Train for ``rounds`` rounds in this process, without orchestration (the reference loop)."""
+    """Train for ``rounds`` rounds in this process, without orchestration (the reference loop).
+
+    ``RoundResult.seconds`` covers the clients' updates and the server step, not the evaluation.
+    """
     state = init_global_state(n_items, config, [client_rating_sums(c) for c in clients], seed)
     history = []
     for r in range(1, rounds + 1):
@@ -269,19 +282,22 @@ def run_federated(
             client_update(c, state.params, config, client_rng(seed, r, c.client_id)) for c in chosen
         ]
         state = server_update(state, updates, config)
+        seconds = time.perf_counter() - started
         train = add_sums(u.metrics for u in updates)
         metrics = {}
         if eval_split is not None:
-            parts = [evaluate_client(c, state.params, config, eval_split) for c in clients]
+            parts = [
+                evaluate_client(c, state.params, config, eval_split, ranking=eval_ranking)
+                for c in clients
+            ]
             metrics = summarize_evaluation(parts, config, n_items, eval_split)
+        train_n = train.get("train_n", 0.0)
         result = RoundResult(
             round=r,
             n_clients=len(updates),
             upload_bytes=sum(u.nbytes() for u in updates),
-            train_rmse=float(np.sqrt(train["train_sse"] / train["train_n"]))
-            if train.get("train_n")
-            else float("nan"),
-            seconds=time.perf_counter() - started,
+            train_rmse=float(np.sqrt(train["train_sse"] / train_n)) if train_n else float("nan"),
+            seconds=seconds,
             metrics=metrics,
         )
         history.append(result)

@@ -11,6 +11,14 @@ import numpy as np
 from models.mf.als import RatingRows, UserParams
 
 
+def _scatter_add_rows(target: np.ndarray, rows: np.ndarray, values: np.ndarray) -> None:
+    """``target[rows] += values`` with repeated rows accumulated (``np.add.at`` on a flat view:
+    about 4x faster than ``np.add.at`` on the 2-D array)."""
+    width = target.shape[1]
+    flat = (rows[:, None] * width + np.arange(width)).ravel()
+    np.add.at(target.reshape(-1), flat, values.ravel())
+
+
 def train_local_sgd(
     rows: RatingRows,
     item_stack: np.ndarray,
@@ -68,8 +76,8 @@ def train_local_sgd(
             grad_q = err[:, None] * pu - reg * qi
             if prox_mu:
                 grad_q -= prox_mu * (qi - q0[i])
-            np.add.at(p, u, lr * (err[:, None] * qi - reg * pu))
-            np.add.at(q, i, lr * grad_q)
+            _scatter_add_rows(p, u, lr * (err[:, None] * qi - reg * pu))
+            _scatter_add_rows(q, i, lr * grad_q)
             np.add.at(b_user, u, lr * (err - reg * b_user[u]))
             np.add.at(b_item, i, lr * (err - reg * b_item[i]))
     return np.column_stack([q - q0, b_item - item_stack[:, k]])

@@ -5,7 +5,7 @@ from models.mf.linalg import SegmentLayout, pack_symmetric, ridge_solve, unpack_
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_segment_grams_equal_per_segment_loop(seed):
+def test_segment_statistics_and_solves_equal_per_segment_loop(seed):
     rng = np.random.default_rng(seed)
     n_rows, n_keys, n_table, d = 700, 37, 25, 5
     keys = rng.integers(0, n_keys, n_rows) ** 2 % n_keys  # skewed lengths, some keys absent
@@ -14,20 +14,40 @@ def test_segment_grams_equal_per_segment_loop(seed):
     target = rng.normal(size=n_rows)
 
     layout = SegmentLayout.build(keys, others, n_table)
-    grams, rhs = layout.grams_and_rhs(table, target)
+    packed, rhs = layout.packed_statistics(table, target)
+    ridge = rng.uniform(0.5, 2.0, size=layout.keys.size)
+    solution = layout.solve(table, target, ridge)
 
     assert np.array_equal(layout.keys, np.unique(keys))
+    grams = unpack_symmetric(packed, d)
     for s, key in enumerate(layout.keys):
         x = table[others[keys == key]]
+        t = target[keys == key]
         assert layout.counts[s] == np.sum(keys == key)
         np.testing.assert_allclose(grams[s], x.T @ x, atol=1e-12)
-        np.testing.assert_allclose(rhs[s], x.T @ target[keys == key], atol=1e-12)
+        np.testing.assert_allclose(rhs[s], x.T @ t, atol=1e-12)
+        np.testing.assert_allclose(solution[s], np.linalg.solve(x.T @ x + ridge[s] * np.eye(d), x.T @ t))
+
+
+def test_large_layouts_split_into_threaded_chunks_with_the_same_result(monkeypatch):
+    import models.mf.linalg as linalg
+
+    rng = np.random.default_rng(0)
+    keys, others = rng.integers(0, 300, 20_000), rng.integers(0, 50, 20_000)
+    table, target = rng.normal(size=(50, 8)), rng.normal(size=20_000)
+    whole = SegmentLayout.build(keys, others, 50).packed_statistics(table, target)
+    monkeypatch.setattr(linalg, "_CHUNK_ROWS", 256)  # forces many chunks, run in the pool
+
+    chunked = SegmentLayout.build(keys, others, 50).packed_statistics(table, target)
+
+    np.testing.assert_allclose(chunked[0], whole[0], atol=1e-10)
+    np.testing.assert_allclose(chunked[1], whole[1], atol=1e-10)
 
 
 def test_empty_layout_gives_empty_results():
     layout = SegmentLayout.build(np.zeros(0, int), np.zeros(0, int), 4)
-    grams, rhs = layout.grams_and_rhs(np.ones((4, 3)), np.zeros(0))
-    assert grams.shape == (0, 3, 3) and rhs.shape == (0, 3)
+    packed, rhs = layout.packed_statistics(np.ones((4, 3)), np.zeros(0))
+    assert packed.shape == (0, 6) and rhs.shape == (0, 3)
 
 
 def test_ridge_solve_matches_individual_solves():

@@ -1,0 +1,1 @@
+"""fedrec: the command line and process-level setup around the core (``models``) and the flows."""
