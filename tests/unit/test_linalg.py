@@ -26,7 +26,9 @@ def test_segment_statistics_and_solves_equal_per_segment_loop(seed):
         assert layout.counts[s] == np.sum(keys == key)
         np.testing.assert_allclose(grams[s], x.T @ x, atol=1e-12)
         np.testing.assert_allclose(rhs[s], x.T @ t, atol=1e-12)
-        np.testing.assert_allclose(solution[s], np.linalg.solve(x.T @ x + ridge[s] * np.eye(d), x.T @ t))
+        np.testing.assert_allclose(
+            solution[s], np.linalg.solve(x.T @ x + ridge[s] * np.eye(d), x.T @ t)
+        )
 
 
 def test_large_layouts_split_into_threaded_chunks_with_the_same_result(monkeypatch):
