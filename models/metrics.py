@@ -87,7 +87,7 @@ def add_sums(parts: Iterable[Mapping[str, float]]) -> dict[str, float]:
 def finalize_metrics(
     sums: Mapping[str, float], *, k: int, n_items: int | None = None
 ) -> dict[str, float]:
-    """Turn sums into metrics: ``rmse``, ``mae``, ``precision@k`` ... and ``coverage@k``.
+    """Turn sums into metrics: ``rmse``, ``mae``, ``precision_at_k`` ... and ``coverage_at_k`` (MLflow metric names allow no "@").
 
     Metrics whose denominator is zero are left out rather than reported as 0 or NaN.
     """
@@ -97,9 +97,9 @@ def finalize_metrics(
         out["mae"] = float(sums["sae"] / sums["n"])
     if sums.get("users", 0) > 0:
         for key in RANKING_KEYS:
-            out[f"{key}@{k}"] = float(sums[key] / sums["users"])
+            out[f"{key}_at_{k}"] = float(sums[key] / sums["users"])
     if n_items and "covered" in sums:
-        out[f"coverage@{k}"] = float(sums["covered"] / n_items)
+        out[f"coverage_at_{k}"] = float(sums["covered"] / n_items)
     return out
 
 

@@ -183,3 +183,24 @@ def _genre_column(name: str) -> str:
     """``"Children's"`` -> ``genre_childrens``, ``"Film-Noir"`` -> ``genre_film_noir``."""
     slug = re.sub(r"[^0-9a-z]+", "_", name.lower().replace("'", "")).strip("_")
     return f"genre_{slug}"
+
+
+RATING_FILE_SUFFIXES = (".data", ".base", ".test", ".dat")
+
+
+def read_movielens_ratings(path: str | os.PathLike[str]) -> Interactions:
+    """Read one headerless MovieLens ratings file, such as ML-100K's ``u1.base``/``u1.test``
+    (tab-separated) or ML-1M's ``ratings.dat`` (``::``-separated), without side features.
+
+    This is what explicit train/test files of the standard splits look like.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataValidationError("no such file", file=str(path), allowed="an existing file")
+    if path.suffix == ".dat":
+        raw = read_table(path, sep=":", header=None, usecols=[0, 2, 4, 6])
+        raw.columns = list(_ML_COLUMNS)
+    else:
+        raw = read_table(path, sep="\t", header=None, names=list(_ML_COLUMNS))
+    frame, notes = _validate_movielens(raw, path)
+    return encode_interactions(frame, rating_scale=MOVIELENS_SCALE, source=str(path), notes=notes)

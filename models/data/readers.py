@@ -17,7 +17,13 @@ import pandas as pd
 import pyarrow as pa
 
 from models.data.errors import DataValidationError
-from models.data.movielens import NAMED_DATASETS, read_movielens_1m, read_movielens_100k
+from models.data.movielens import (
+    NAMED_DATASETS,
+    RATING_FILE_SUFFIXES,
+    read_movielens_1m,
+    read_movielens_100k,
+    read_movielens_ratings,
+)
 from models.data.schema import ITEM, RATING, USER, Interactions, encode_interactions
 from models.data.synthetic import generate_synthetic
 from models.data.tables import parse_error
@@ -172,6 +178,8 @@ def load_dataset(spec: str, **kw: object) -> Interactions:
             file=str(path),
             allowed="a MovieLens 100K (u.data) or 1M (ratings.dat) folder",
         )
+    if path.is_file() and path.suffix in RATING_FILE_SUFFIXES and not kw:
+        return read_movielens_ratings(path)
     if path.is_file():
         return read_interactions(path, **kw)  # type: ignore[arg-type]
     raise DataValidationError(

@@ -15,7 +15,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import TruncatedSVD
 
 from models.data.errors import DataValidationError
-from models.data.schema import ITEM, TIMESTAMP, USER, Interactions
+from models.data.schema import ITEM, TIMESTAMP, USER, Interactions, encode_interactions
 
 Strategy = Literal["iid", "dirichlet", "by-key"]
 SplitMethod = Literal["random", "temporal"]
@@ -224,3 +224,38 @@ def split_rows(
     first_of_user = pd.DataFrame({"u": users, "p": from_end}).groupby("u")["p"].idxmax().to_numpy()
     split[first_of_user] = 0
     return split
+
+
+def combine_splits(
+    train: Interactions, test: Interactions, valid: Interactions | None = None
+) -> tuple[Interactions, np.ndarray]:
+    """Join explicit train / test (/ validation) files into one id space, with each row's split.
+
+    Users then go to clients as usual and take their rows of every split along, so standard splits
+    (ML-100K's ``u1.base``/``u1.test``, say) can be compared with other systems.
+    """
+    parts = [(train, 0), (test, 2)] + ([(valid, 1)] if valid is not None else [])
+    frames, labels = [], []
+    for data, label in parts:
+        frame = data.frame.copy()
+        frame[USER] = data.user_ids[frame[USER].to_numpy()]
+        frame[ITEM] = data.item_ids[frame[ITEM].to_numpy()]
+        frames.append(frame)
+        labels.append(np.full(len(frame), label, dtype=np.int8))
+    joined = pd.concat(frames, ignore_index=True)
+    if any(TIMESTAMP not in f for f in frames):
+        joined = joined.drop(columns=[TIMESTAMP], errors="ignore")
+    scales = [d.rating_scale for d, _ in parts if d.rating_scale is not None]
+    scale = (min(s[0] for s in scales), max(s[1] for s in scales)) if scales else None
+
+    def by_id(features: pd.DataFrame | None, ids: np.ndarray) -> pd.DataFrame | None:
+        return None if features is None else features.set_axis(ids)
+
+    combined = encode_interactions(
+        joined,
+        rating_scale=scale,
+        source=" + ".join(d.source for d, _ in parts),
+        user_features=by_id(train.user_features, train.user_ids),
+        item_features=by_id(train.item_features, train.item_ids),
+    )
+    return combined, np.concatenate(labels)

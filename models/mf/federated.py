@@ -229,7 +229,8 @@ def summarize_evaluation(
     n_items: int,
     prefix: str,
 ) -> dict[str, float]:
-    """Combine clients' evaluation sums into global metrics plus the per-client RMSE spread."""
+    """Combine clients' evaluation sums into global metrics plus the per-client spread of RMSE
+    and NDCG (``<prefix>_rmse_client_max`` is the worst client's RMSE, and so on)."""
     sums = add_sums(p for p, _ in parts)
     recommended = [r for _, r in parts if r is not None]
     if recommended:
@@ -238,8 +239,10 @@ def summarize_evaluation(
         f"{prefix}_{k}": v
         for k, v in finalize_metrics(sums, k=config.top_k, n_items=n_items).items()
     }
-    per_client = [np.sqrt(p["sse"] / p["n"]) for p, _ in parts if p.get("n", 0) > 0]
-    out |= {f"{prefix}_rmse_client_{k}": v for k, v in distribution(per_client).items()}
+    per_client = [finalize_metrics(p, k=config.top_k) for p, _ in parts]
+    for metric in ("rmse", f"ndcg_at_{config.top_k}"):
+        values = [m[metric] for m in per_client if metric in m]
+        out |= {f"{prefix}_{metric}_client_{k}": v for k, v in distribution(values).items()}
     return out
 
 

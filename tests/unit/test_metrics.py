@@ -84,12 +84,12 @@ def test_federated_evaluation_equals_centralized_evaluation():
     for key in (
         "test_rmse",
         "test_mae",
-        "test_ndcg@5",
-        "test_recall@5",
-        "test_precision@5",
-        "test_map@5",
-        "test_hit@5",
-        "test_coverage@5",
+        "test_ndcg_at_5",
+        "test_recall_at_5",
+        "test_precision_at_5",
+        "test_map_at_5",
+        "test_hit_at_5",
+        "test_coverage_at_5",
     ):
         assert federated[key] == pytest.approx(central[key], abs=1e-12), key
     assert (

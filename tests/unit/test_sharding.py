@@ -182,3 +182,26 @@ def test_fingerprint_ignores_row_order_but_sees_a_changed_rating():
     changed_frame.loc[0, "rating"] += 1.0
     changed = Interactions(changed_frame, data.user_ids, data.item_ids)
     assert shuffled.fingerprint() == data.fingerprint() != changed.fingerprint()
+
+
+def test_explicit_splits_share_one_id_space_and_keep_their_labels():
+    from models.data.schema import encode_interactions
+    from models.data.sharding import combine_splits
+
+    train = encode_interactions(
+        pd.DataFrame({"user": ["a", "b", "b"], "item": [1, 2, 3], "rating": [4.0, 3.0, 5.0]}),
+        rating_scale=(1.0, 5.0),
+        source="train.csv",
+    )
+    test = encode_interactions(
+        pd.DataFrame({"user": ["b", "c"], "item": [1, 9], "rating": [2.0, 1.0]}),
+        rating_scale=(1.0, 5.0),
+        source="test.csv",
+    )
+
+    combined, split = combine_splits(train, test)
+
+    frame = combined.frame
+    decoded = list(zip(combined.user_ids[frame["user"]], combined.item_ids[frame["item"]], split, strict=True))
+    assert decoded == [("a", 1, 0), ("b", 2, 0), ("b", 3, 0), ("b", 1, 2), ("c", 9, 2)]
+    assert combined.n_items == 4 and combined.source == "train.csv + test.csv"
