@@ -8,8 +8,14 @@ UV := python3 -m uv
 endif
 RUN := $(UV) run --frozen
 export FEDREC_DATASETS ?= $(abspath ../shared/datasets)
+# Local state (MLflow SQLite store and artifacts, client partitions, Prefect's database) lives here.
+export FEDREC_HOME ?= $(CURDIR)/.fedrec
+export PREFECT_HOME ?= $(FEDREC_HOME)/prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
 
-.PHONY: help setup test test-fast lint format bench-quality clean
+.PHONY: help setup demo test test-fast lint format mlflow-ui prefect-ui bench-quality bench-overhead clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -20,6 +26,21 @@ setup: .venv/.synced ## install uv if missing, then the locked environment
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 	@touch $@
+
+demo: setup ## train on built-in synthetic data (local Prefect + SQLite MLflow), register, promote
+	@mkdir -p "$(PREFECT_HOME)"
+	$(RUN) fedrec train --data synthetic --rounds 10
+	@echo
+	@echo "Inspect it:  make mlflow-ui   -> http://127.0.0.1:$(MLFLOW_PORT)  (runs, metrics per round, model registry)"
+	@echo "             make prefect-ui  -> http://127.0.0.1:$(PREFECT_PORT)  (flow runs, task runs, artifacts)"
+	@echo "Use it:      uv run fedrec recommend --model models:/fedrec-mf@champion --history FILE --k 10"
+
+mlflow-ui: setup ## MLflow UI on 127.0.0.1 for the local store
+	$(RUN) mlflow ui --backend-store-uri sqlite:///$(FEDREC_HOME)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+prefect-ui: setup ## a Prefect server + UI on 127.0.0.1 (shows the demo's flow runs)
+	@mkdir -p "$(PREFECT_HOME)"
+	$(RUN) prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 lint: setup ## ruff lint and format check
 	$(RUN) ruff check .
@@ -38,5 +59,8 @@ test-fast: setup ## unit tests without the slow and real-data ones
 bench-quality: setup ## RMSE/MAE and timings on ML-100K and ML-1M (Surprise's 5-fold protocol)
 	$(RUN) python -m benchmarks.quality
 
-clean: ## remove the environment and caches
-	rm -rf .venv .pytest_cache .ruff_cache
+bench-overhead: setup ## orchestration overhead: the Prefect flow with MLflow vs the same core calls in a loop
+	$(RUN) python -m benchmarks.overhead
+
+clean: ## remove the environment, caches and local runs (.fedrec)
+	rm -rf .venv .pytest_cache .ruff_cache .fedrec

@@ -13,14 +13,20 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from models.data.movielens import NAMED_DATASETS
+from models.data.readers import datasets_dir
 from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
 
-_SYNTHETIC = {name: p.default for name, p in inspect.signature(generate_synthetic).parameters.items()}
+_SYNTHETIC = {
+    name: p.default for name, p in inspect.signature(generate_synthetic).parameters.items()
+}
 _MF = MFConfig()
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
-PromotionMetric = Literal["valid_rmse", "valid_mae", "valid_ndcg_at_10", "valid_recall_at_10", "valid_map_at_10"]
+PromotionMetric = Literal[
+    "valid_rmse", "valid_mae", "valid_ndcg_at_10", "valid_recall_at_10", "valid_map_at_10"
+]
 
 
 def fedrec_home() -> Path:
@@ -43,49 +49,99 @@ class TrainingConfig(BaseModel):
     test: str | None = Field(None, description="explicit test file (with --train)")
     user_col: str = Field("user_id", description="user column of CSV/Parquet input")
     item_col: str = Field("item_id", description="item column of CSV/Parquet input")
-    rating_col: str | None = Field("rating", description="rating column; absent means implicit feedback")
+    rating_col: str | None = Field(
+        "rating", description="rating column; absent means implicit feedback"
+    )
     timestamp_col: str | None = Field("timestamp", description="timestamp column (optional)")
-    rating_scale: tuple[float, float] | None = Field((1.0, 5.0), description="allowed (min, max) of ratings")
-    synthetic_users: int = Field(_SYNTHETIC["n_users"], ge=2, description="users of the synthetic data")
-    synthetic_items: int = Field(_SYNTHETIC["n_items"], ge=2, description="items of the synthetic data")
-    synthetic_interactions: int = Field(_SYNTHETIC["n_interactions"], ge=10, description="rows of the synthetic data")
+    rating_scale: tuple[float, float] | None = Field(
+        (1.0, 5.0), description="allowed (min, max) of ratings"
+    )
+    synthetic_users: int = Field(
+        _SYNTHETIC["n_users"], ge=2, description="users of the synthetic data"
+    )
+    synthetic_items: int = Field(
+        _SYNTHETIC["n_items"], ge=2, description="items of the synthetic data"
+    )
+    synthetic_interactions: int = Field(
+        _SYNTHETIC["n_interactions"], ge=10, description="rows of the synthetic data"
+    )
 
     # sharding and splits
-    clients: int | None = Field(10, ge=1, description="number of clients (by-key: None gives one per key value)")
-    partition: Literal["iid", "dirichlet", "by-key"] = Field("iid", description="how users are assigned to clients")
-    dirichlet_alpha: float = Field(0.3, gt=0, description="non-IID concentration for --partition dirichlet")
-    partition_key: str | None = Field(None, description="user-feature column for --partition by-key")
-    key_prefix: int | None = Field(None, ge=1, description="leading characters of the key to use (e.g. 1 for zip)")
-    split: Literal["random", "temporal"] = Field("random", description="how each client holds out rows")
-    valid_fraction: float = Field(0.1, ge=0, lt=1, description="share of each client's rows for validation")
-    test_fraction: float = Field(0.1, ge=0, lt=1, description="share of each client's rows for test")
+    clients: int | None = Field(
+        10, ge=1, description="number of clients (by-key: None gives one per key value)"
+    )
+    partition: Literal["iid", "dirichlet", "by-key"] = Field(
+        "iid", description="how users are assigned to clients"
+    )
+    dirichlet_alpha: float = Field(
+        0.3, gt=0, description="non-IID concentration for --partition dirichlet"
+    )
+    partition_key: str | None = Field(
+        None, description="user-feature column for --partition by-key"
+    )
+    key_prefix: int | None = Field(
+        None, ge=1, description="leading characters of the key to use (e.g. 1 for zip)"
+    )
+    split: Literal["random", "temporal"] = Field(
+        "random", description="how each client holds out rows"
+    )
+    valid_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of each client's rows for validation"
+    )
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of each client's rows for test"
+    )
 
     # training
-    algorithm: Algorithm = Field(_MF.algorithm, description="als (exact), fedavg, fedprox, fedadam, fedyogi")
+    algorithm: Algorithm = Field(
+        _MF.algorithm, description="als (exact), fedavg, fedprox, fedadam, fedyogi"
+    )
     factors: int = Field(_MF.n_factors, ge=1, description="latent factors k")
     reg: float = Field(_MF.reg, gt=0, description="weighted-lambda L2 regularisation")
     rounds: int = Field(10, ge=1, description="federated rounds")
-    client_fraction: float = Field(1.0, gt=0, le=1, description="share of clients sampled per round")
-    min_clients: int = Field(1, ge=1, description="quorum: fewest clients whose updates a round needs")
-    local_epochs: int = Field(_MF.local_epochs, ge=1, description="local SGD epochs (SGD algorithms)")
+    client_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of clients sampled per round"
+    )
+    min_clients: int = Field(
+        1, ge=1, description="quorum: fewest clients whose updates a round needs"
+    )
+    local_epochs: int = Field(
+        _MF.local_epochs, ge=1, description="local SGD epochs (SGD algorithms)"
+    )
     local_lr: float = Field(_MF.local_lr, gt=0, description="local SGD learning rate")
     batch_size: int = Field(_MF.batch_size, ge=1, description="local SGD minibatch size")
     prox_mu: float = Field(_MF.prox_mu, ge=0, description="FedProx proximal coefficient")
-    server_lr: float | None = Field(_MF.server_lr, gt=0, description="server step (default: 1 for averaging, adaptive rules lower)")
+    server_lr: float | None = Field(
+        _MF.server_lr,
+        gt=0,
+        description="server step (default: 1 for averaging, adaptive rules lower)",
+    )
     top_k: int = Field(_MF.top_k, ge=1, description="K of the top-K metrics")
-    relevance_threshold: float | None = Field(_MF.relevance_threshold, description="held-out ratings >= this are relevant")
+    relevance_threshold: float | None = Field(
+        _MF.relevance_threshold, description="held-out ratings >= this are relevant"
+    )
     seed: int = Field(0, description="one seed for sharding, initialisation and sampling")
-    max_workers: int = Field(2, ge=1, description="client tasks run at once (Prefect thread pool)")
     task_retries: int = Field(2, ge=0, description="retries of a failed client task")
 
     # tracking, registry, promotion
     experiment: str = Field("fedrec", description="MLflow experiment")
     model_name: str = Field("fedrec-mf", description="registered model name")
-    tracking_uri: str | None = Field(None, description="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite under FEDREC_HOME)")
-    promotion_metric: PromotionMetric = Field("valid_rmse", description="metric that decides promotion")
-    min_delta: float = Field(0.0, ge=0, description="least improvement over the champion to promote")
-    max_client_regression: float = Field(0.05, ge=0, description="how much worse the worst client may get")
-    workspace: str | None = Field(None, description="folder for client partitions (default: FEDREC_HOME/workspaces/<fingerprint>)")
+    tracking_uri: str | None = Field(
+        None, description="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite under FEDREC_HOME)"
+    )
+    promotion_metric: PromotionMetric = Field(
+        "valid_rmse", description="metric that decides promotion"
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="least improvement over the champion to promote"
+    )
+    max_client_regression: float = Field(
+        0.05, ge=0, description="how much worse the worst client may get"
+    )
+    workspace: str | None = Field(
+        None,
+        description="folder for client partitions (default: FEDREC_HOME/workspaces/<fingerprint>)",
+    )
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainingConfig:
@@ -103,6 +159,20 @@ class TrainingConfig(BaseModel):
             raise ValueError(f"--partition {self.partition} needs --clients")
         if self.clients is not None and self.min_clients > self.clients:
             raise ValueError(f"min_clients={self.min_clients} exceeds clients={self.clients}")
+        # A mistyped path fails here, before any server, run or task starts.
+        sources = {"train": self.train, "valid": self.valid, "test": self.test}
+        if self.train is None:
+            sources["data"] = self.data
+        for name, spec in sources.items():
+            if spec is None or spec == "synthetic":
+                continue
+            path = (
+                datasets_dir() / spec
+                if spec in NAMED_DATASETS and not Path(spec).exists()
+                else Path(spec)
+            )
+            if not path.exists():
+                raise ValueError(f"{name}={spec!r}: no such file or folder ({path.resolve()})")
         return self
 
     def mf_config(self) -> MFConfig:
@@ -124,9 +194,20 @@ class TrainingConfig(BaseModel):
     def config_hash(self) -> str:
         """Hash of everything that shapes the model (tracking and promotion settings excluded)."""
         shaping = self.model_dump(
-            exclude={"experiment", "model_name", "tracking_uri", "promotion_metric", "min_delta", "max_client_regression", "workspace", "max_workers", "task_retries"}
+            exclude={
+                "experiment",
+                "model_name",
+                "tracking_uri",
+                "promotion_metric",
+                "min_delta",
+                "max_client_regression",
+                "workspace",
+                "task_retries",
+            }
         )
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(
+            json.dumps(shaping, sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
 
     def flat_params(self) -> dict[str, str]:
         """The configuration as MLflow params (strings, None as empty)."""

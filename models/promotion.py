@@ -46,17 +46,26 @@ def decide_promotion(
     PromotionDecision
     """
     if metric not in candidate:
-        return PromotionDecision(False, f"candidate has no {metric}: evaluation failed or was empty")
+        return PromotionDecision(
+            False, f"candidate has no {metric}: evaluation failed or was empty"
+        )
     if champion is None:
-        return PromotionDecision(True, f"no champion yet; candidate {metric}={candidate[metric]:.4f}")
+        return PromotionDecision(
+            True, f"no champion yet; candidate {metric}={candidate[metric]:.4f}"
+        )
     if metric not in champion:
-        return PromotionDecision(True, f"champion could not be evaluated on {metric}; candidate replaces it")
+        return PromotionDecision(
+            True, f"champion could not be evaluated on {metric}; candidate replaces it"
+        )
     new, old = candidate[metric], champion[metric]
     sign = -1.0 if lower_is_better(metric) else 1.0
     gain = sign * (new - old)
+    if gain <= 0:  # a tie is no improvement (retraining on unchanged data gives one)
+        return PromotionDecision(False, f"{metric} {new:.4f} vs champion {old:.4f}: no improvement")
     if gain < min_delta:
         return PromotionDecision(
-            False, f"{metric} {new:.4f} vs champion {old:.4f}: improvement {gain:+.4f} < min_delta {min_delta}"
+            False,
+            f"{metric} {new:.4f} vs champion {old:.4f}: improvement {gain:+.4f} < min_delta {min_delta}",
         )
     worst_new = candidate.get(worst_client_metric)
     worst_old = champion.get(worst_client_metric)

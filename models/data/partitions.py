@@ -48,6 +48,13 @@ class Manifest:
     def n_clients(self) -> int:
         return len(self.clients)
 
+    def profile(self) -> pd.DataFrame:
+        """Users and rows per client and split: what the server may show about the data."""
+        return pd.DataFrame(
+            [(e.client_id, e.n_users, e.n_train, e.n_valid, e.n_test) for e in self.clients],
+            columns=["client", "users", "train_rows", "valid_rows", "test_rows"],
+        )
+
 
 def build_clients(
     data: Interactions, client_of_user: np.ndarray, split: np.ndarray

@@ -229,20 +229,21 @@ def summarize_evaluation(
     n_items: int,
     prefix: str,
 ) -> dict[str, float]:
-    """Combine clients' evaluation sums into global metrics plus the per-client spread of RMSE
-    and NDCG (``<prefix>_rmse_client_max`` is the worst client's RMSE, and so on)."""
+    """Combine clients' evaluation sums into global metrics plus the per-client spread (min, p10,
+    median, max) of RMSE, MAE, NDCG, recall and MAP: ``<prefix>_rmse_client_max`` is the worst
+    client's RMSE, ``<prefix>_ndcg_at_10_client_min`` the worst client's NDCG."""
     sums = add_sums(p for p, _ in parts)
     recommended = [r for _, r in parts if r is not None]
     if recommended:
         sums["covered"] = float((np.sum(recommended, axis=0) > 0).sum())
+    k = config.top_k
     out = {
-        f"{prefix}_{k}": v
-        for k, v in finalize_metrics(sums, k=config.top_k, n_items=n_items).items()
+        f"{prefix}_{name}": v for name, v in finalize_metrics(sums, k=k, n_items=n_items).items()
     }
-    per_client = [finalize_metrics(p, k=config.top_k) for p, _ in parts]
-    for metric in ("rmse", f"ndcg_at_{config.top_k}"):
+    per_client = [finalize_metrics(p, k=k) for p, _ in parts]
+    for metric in ("rmse", "mae", f"ndcg_at_{k}", f"recall_at_{k}", f"map_at_{k}"):
         values = [m[metric] for m in per_client if metric in m]
-        out |= {f"{prefix}_{metric}_client_{k}": v for k, v in distribution(values).items()}
+        out |= {f"{prefix}_{metric}_client_{stat}": v for stat, v in distribution(values).items()}
     return out
 
 

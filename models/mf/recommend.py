@@ -21,11 +21,17 @@ def fold_in(
 
     An empty history gives zero factors and bias: the user is scored by ``mu + b_i``.
     """
-    users = np.concatenate([np.full(len(items), u) for u, (items, _) in enumerate(histories)] or [[]])
+    users = np.concatenate(
+        [np.full(len(items), u) for u, (items, _) in enumerate(histories)] or [[]]
+    )
     items = np.concatenate([np.asarray(i) for i, _ in histories] or [[]])
     ratings = np.concatenate([np.asarray(r, dtype=np.float64) for _, r in histories] or [[]])
     rows = RatingRows(
-        users.astype(np.int64), items.astype(np.int64), ratings, n_users=len(histories), n_items=params.n_items
+        users.astype(np.int64),
+        items.astype(np.int64),
+        ratings,
+        n_users=len(histories),
+        n_items=params.n_items,
     )
     return solve_users(rows, params, reg=reg)
 

@@ -202,6 +202,8 @@ def test_explicit_splits_share_one_id_space_and_keep_their_labels():
     combined, split = combine_splits(train, test)
 
     frame = combined.frame
-    decoded = list(zip(combined.user_ids[frame["user"]], combined.item_ids[frame["item"]], split, strict=True))
+    decoded = list(
+        zip(combined.user_ids[frame["user"]], combined.item_ids[frame["item"]], split, strict=True)
+    )
     assert decoded == [("a", 1, 0), ("b", 2, 0), ("b", 3, 0), ("b", 1, 2), ("c", 9, 2)]
     assert combined.n_items == 4 and combined.source == "train.csv + test.csv"

@@ -1,0 +1,194 @@
+"""The federated training flow: shard, then rounds of train / aggregate / evaluate / log, then
+evaluate the champion the same way, register, and promote only if the candidate is better."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import PrefectFuture, wait
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fedrec.config import TrainingConfig, fedrec_home
+from models.data.partitions import read_item_ids
+from models.mf.federated import sample_clients
+from tasks.clients import evaluate, rating_sums, train_client
+from tasks.data import load_interactions, shard_clients
+from tasks.reporting import publish_summary
+from tasks.server import (
+    aggregate,
+    build_recommender,
+    champion_params,
+    checkpoint,
+    client_table,
+    decide,
+    initialize,
+    item_popularity,
+    summarize_round,
+)
+from tasks.tracking import (
+    finish_run,
+    load_champion,
+    log_artifacts,
+    log_round,
+    record_promotion,
+    register_model,
+    start_run,
+    version_tags,
+)
+
+
+class QuorumError(RuntimeError):
+    """Fewer clients answered a round than ``min_clients``: the round commits nothing."""
+
+
+def _answered(futures: Sequence[PrefectFuture], what: str) -> list[Any]:
+    """Results of the futures that completed; failures are logged and left out."""
+    wait(futures)
+    results = []
+    for future in futures:
+        if future.state.is_completed():
+            results.append(future.result())
+        else:
+            get_run_logger().warning("%s: a client task failed: %s", what, future.state.message)
+    return results
+
+
+@flow(
+    name="federated-training",
+    task_runner=ThreadPoolTaskRunner(max_workers=min(8, os.cpu_count() or 1)),
+    log_prints=True,
+)
+def federated_training(config: TrainingConfig = TrainingConfig()) -> dict[str, Any]:  # noqa: B008
+    """Train a federated MF recommender, track it in MLflow, register it, and promote it if better."""
+    logger = get_run_logger()
+    data, explicit_split = load_interactions(config)
+    uri, run_id = start_run(config, data.fingerprint(), flow_run.get_id())
+    succeeded = False
+    try:
+        workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
+        manifest = shard_clients(data, explicit_split, config, workspace)
+        del data  # from here on, only client tasks read rows, each its own partition
+        entries, n_items, mf = manifest.clients, manifest.n_items, config.mf_config()
+        logger.info("%d clients, %d items, MLflow run %s", manifest.n_clients, n_items, run_id)
+
+        sums = _answered(
+            [rating_sums.submit(workspace, e, n_items) for e in entries], "global mean"
+        )
+        state = initialize(n_items, mf, sums, config.seed)
+        history: list[dict[str, float]] = []
+        updates: list = []
+        for r in range(1, config.rounds + 1):
+            started = time.perf_counter()
+            chosen = [
+                entries[i]
+                for i in sample_clients(len(entries), config.client_fraction, config.seed, r)
+            ]
+            trainer = train_client.with_options(retries=config.task_retries, retry_delay_seconds=1)
+            updates = _answered(
+                [
+                    trainer.with_options(
+                        task_run_name=f"train client-{e.client_id} round-{r}"
+                    ).submit(workspace, e, n_items, state.params, mf, config.seed, r)
+                    for e in chosen
+                ],
+                f"round {r}",
+            )
+            if len(updates) < config.min_clients:
+                raise QuorumError(
+                    f"round {r}: {len(updates)} of {len(chosen)} clients answered, min_clients={config.min_clients}"
+                )
+            state = aggregate(state, updates, mf)
+            evaluations = _answered(
+                [
+                    evaluate.with_options(
+                        task_run_name=f"evaluate client-{e.client_id} round-{r}"
+                    ).submit(workspace, e, n_items, state.params, mf, "valid")
+                    for e in entries
+                ],
+                f"round {r} evaluation",
+            )
+            metrics = summarize_round(
+                updates, evaluations, mf, n_items, "valid", time.perf_counter() - started
+            )
+            log_round(uri, run_id, r, metrics)
+            checkpoint(state, f"{workspace}/checkpoints")
+            history.append(metrics)
+            logger.info(
+                "round %d/%d: train RMSE %.4f, valid RMSE %.4f, %.1f MB up, %.2f s",
+                r, config.rounds, metrics.get("train_rmse", float("nan")), metrics.get("valid_rmse", float("nan")),
+                metrics["bytes_uploaded"] / 1e6, metrics["round_seconds"],
+            )  # fmt: skip
+
+        test_parts = _answered(
+            [evaluate.submit(workspace, e, n_items, state.params, mf, "test") for e in entries],
+            "test",
+        )
+        test_metrics = summarize_round(updates, test_parts, mf, n_items, "test", 0.0)
+        final = history[-1] | {k: v for k, v in test_metrics.items() if k.startswith("test_")}
+        item_ids = read_item_ids(workspace)
+        candidate = build_recommender(state, item_ids, item_popularity(updates, n_items), mf)
+
+        champion = load_champion(uri, config.model_name)
+        champion_metrics = None
+        if champion is not None:
+            params, champion_mf = champion_params(champion.recommender, item_ids, mf)
+            parts = _answered(
+                [evaluate.with_options(task_run_name=f"evaluate champion client-{e.client_id}").submit(
+                    workspace, e, n_items, params, champion_mf, "valid") for e in entries],
+                "champion evaluation",
+            )  # fmt: skip
+            champion_metrics = summarize_round([], parts, champion_mf, n_items, "valid", 0.0)
+        decision = decide(
+            final,
+            champion_metrics,
+            config.promotion_metric,
+            config.min_delta,
+            config.max_client_regression,
+        )
+
+        identity = {
+            "fedrec.dataset_fingerprint": manifest.fingerprint,
+            "fedrec.config_hash": config.config_hash(),
+            "fedrec.algorithm": config.algorithm,
+            "fedrec.run_id": run_id,
+        }
+        version = register_model(
+            uri, run_id, candidate, config.model_name, version_tags(final, identity)
+        )
+        record_promotion(
+            uri, config.model_name, version, decision, champion.version if champion else None
+        )
+        logger.info("model %s version %s: %s (%s)", config.model_name, version,
+                    "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip
+
+        per_client = client_table(test_parts, [e.client_id for e in entries], mf.top_k)
+        log_artifacts(uri, run_id, config, manifest.profile(), history, per_client)
+        summary = {
+            "run_id": run_id,
+            "tracking_uri": uri,
+            "model_name": config.model_name,
+            "model_version": version,
+            "promoted": decision.promote,
+            "reason": decision.reason,
+            "champion_version": version
+            if decision.promote
+            else (champion.version if champion else None),
+            "metrics": {k: v for k, v in final.items() if not k.endswith(("_p10", "_median"))},
+            "champion_metrics": champion_metrics,
+            "workspace": workspace,
+        }
+        publish_summary(history, summary, decision.reason)
+        succeeded = True
+        return summary
+    finally:
+        finish_run(
+            uri,
+            run_id,
+            succeeded,
+            {"fedrec.workspace": config.workspace or ""} if not succeeded else None,
+        )

@@ -1,0 +1,154 @@
+"""The servable MF recommender: global item parameters plus the item catalogue, no user data.
+
+It answers for a user given only that user's history (folded in on the fly), so the registered
+model holds nothing personal. Saved as ``.npz`` + JSON + Parquet: nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.mf.params import ItemParams
+from models.mf.recommend import fold_in, score_all, top_k
+
+# Request columns (one row per user) and response columns.
+USER_ID = "user_id"
+HISTORY_ITEMS = "history_items"
+HISTORY_RATINGS = "history_ratings"
+ITEMS = "items"
+RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
+
+
+@dataclass(frozen=True)
+class MFRecommender:
+    """Everything needed to serve: item parameters, the caller's item ids, popularity, ``reg``.
+
+    Attributes
+    ----------
+    params : ItemParams
+    item_ids : ndarray of str
+        The caller's id of each item index, as text (requests carry ids as text).
+    popularity : ndarray of float
+        Training interactions per item (summed client counts): the cold-start ranking.
+    reg : float
+        The ridge used to fold users in (the one the model was trained with).
+    rating_scale : tuple of float or None
+        Predicted scores are clipped to it.
+    """
+
+    params: ItemParams
+    item_ids: np.ndarray
+    popularity: np.ndarray
+    reg: float
+    rating_scale: tuple[float, float] | None = None
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.params.save(folder / "item_params.npz")
+        pd.DataFrame(
+            {"item_id": self.item_ids.astype(str), "popularity": self.popularity}
+        ).to_parquet(folder / "items.parquet", index=False)
+        (folder / "recommender.json").write_text(
+            json.dumps({"reg": self.reg, "rating_scale": self.rating_scale, "format": 1})
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path) -> MFRecommender:
+        folder = Path(folder)
+        meta = json.loads((folder / "recommender.json").read_text())
+        items = pd.read_parquet(folder / "items.parquet")
+        scale = meta["rating_scale"]
+        return cls(
+            ItemParams.load(folder / "item_params.npz"),
+            items["item_id"].to_numpy(dtype=str),
+            items["popularity"].to_numpy(dtype=np.float64),
+            float(meta["reg"]),
+            None if scale is None else (float(scale[0]), float(scale[1])),
+        )
+
+    def _index(self) -> dict[str, int]:
+        return {item: i for i, item in enumerate(self.item_ids)}
+
+    def _histories(
+        self, requests: pd.DataFrame
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
+        """Known (item index, rating) histories per request row, and why anything was dropped."""
+        index = self._index()
+        histories, reasons = [], []
+        has_ratings = HISTORY_RATINGS in requests
+        for _, row in requests.iterrows():
+            items = [str(i) for i in _as_list(row[HISTORY_ITEMS])]
+            ratings = _as_list(row[HISTORY_RATINGS]) if has_ratings else []
+            if len(ratings) != len(items):
+                ratings = [1.0] * len(items)  # implicit feedback, or ratings not given
+            known = [
+                (index[i], float(r)) for i, r in zip(items, ratings, strict=True) if i in index
+            ]
+            unknown = [i for i in items if i not in index]
+            reason = []
+            if unknown:
+                shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+                reason.append(f"ignored {len(unknown)} unknown item(s): {shown}")
+            if not known:
+                reason.append("no known items in history: popularity fallback")
+            histories.append(
+                (np.array([k for k, _ in known], dtype=np.int64), np.array([r for _, r in known]))
+            )
+            reasons.append("; ".join(reason))
+        return histories, reasons
+
+    def recommend(self, requests: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+        """Top-``k`` unseen items per request row, best first, with scores and a reason.
+
+        Rows with an ``items`` list get those items scored instead (in the given order, ``rank``
+        counting from 1), unknown ones left out with a reason.
+        """
+        histories, reasons = self._histories(requests)
+        users = fold_in(histories, self.params, reg=self.reg)
+        scores = score_all(users, self.params)
+        # Rank on raw scores (clipping would tie every item above the scale's top); report
+        # clipped predictions only where a rating is asked for (the ``items`` path).
+        clipped = np.clip(scores, *self.rating_scale) if self.rating_scale is not None else scores
+        index = self._index()
+        out: list[tuple[str, int, str, float, str]] = []
+        for u, (_, row) in enumerate(requests.iterrows()):
+            user = str(row[USER_ID])
+            seen, _ = histories[u]
+            candidates = _as_list(row[ITEMS]) if ITEMS in requests else []
+            if len(candidates):
+                known = [str(i) for i in candidates if str(i) in index]
+                missing = [str(i) for i in candidates if str(i) not in index]
+                reason = reasons[u]
+                if missing:
+                    reason = "; ".join(
+                        filter(
+                            None, [reason, f"unknown item(s) not scored: {', '.join(missing[:5])}"]
+                        )
+                    )
+                for rank, item in enumerate(known, start=1):
+                    out.append((user, rank, item, float(clipped[u, index[item]]), reason))
+                continue
+            exclude = np.zeros(self.params.n_items, dtype=bool)
+            exclude[seen] = True
+            if seen.size == 0:  # cold start: most popular, with the reason
+                best, best_scores = top_k(self.popularity, exclude, k)
+            else:
+                best, best_scores = top_k(scores[u], exclude, k)
+            for rank, (i, s) in enumerate(zip(best, best_scores, strict=True), start=1):
+                out.append((user, rank, str(self.item_ids[i]), float(s), reasons[u]))
+        return pd.DataFrame(out, columns=list(RESPONSE_COLUMNS))
+
+
+def _as_list(value: object) -> list:
+    """Request cells may hold a list, a numpy array, or nothing (NaN/None)."""
+    if value is None:
+        return []
+    if isinstance(value, float) and np.isnan(value):
+        return []
+    return list(value)  # type: ignore[call-overload]

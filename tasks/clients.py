@@ -1,0 +1,64 @@
+"""Client-side tasks: each reads only its own partition and returns aggregates, never rows."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NONE
+
+from models.client import ClientData
+from models.data.partitions import ClientEntry, read_partition
+from models.mf.federated import (
+    MFConfig,
+    client_rating_sums,
+    client_rng,
+    client_update,
+    evaluate_client,
+)
+from models.mf.params import ItemParams
+from models.protocol import ClientUpdate
+
+
+@lru_cache(maxsize=256)
+def _client(workspace: str, entry: ClientEntry, n_items: int, mtime_ns: int) -> ClientData:
+    # The client's own memory between rounds: its partition is read once (and its row layouts
+    # built once) per run; a rewritten partition has a new mtime and is read again.
+    return read_partition(workspace, entry, n_items)
+
+
+def open_client(workspace: str, entry: ClientEntry, n_items: int) -> ClientData:
+    """The client's data, read from its partition on first use."""
+    mtime = (Path(workspace) / entry.path).stat().st_mtime_ns
+    return _client(workspace, entry, n_items, mtime)
+
+
+@task(name="client-rating-sums", cache_policy=NONE)
+def rating_sums(workspace: str, entry: ClientEntry, n_items: int) -> dict[str, float]:
+    """A client's training rating sum and count (for the global mean)."""
+    return client_rating_sums(open_client(workspace, entry, n_items))
+
+
+@task(name="train-client", cache_policy=NONE)
+def train_client(
+    workspace: str,
+    entry: ClientEntry,
+    n_items: int,
+    params: ItemParams,
+    mf: MFConfig,
+    seed: int,
+    round_: int,
+) -> ClientUpdate:
+    """One client's round of local training against the current global item parameters."""
+    client = open_client(workspace, entry, n_items)
+    return client_update(client, params, mf, client_rng(seed, round_, entry.client_id))
+
+
+@task(name="evaluate-client", cache_policy=NONE)
+def evaluate(
+    workspace: str, entry: ClientEntry, n_items: int, params: ItemParams, mf: MFConfig, split: str
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Metric sums over the client's own held-out rows of ``split``."""
+    return evaluate_client(open_client(workspace, entry, n_items), params, mf, split)

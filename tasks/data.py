@@ -1,0 +1,76 @@
+"""Tasks that bring data in: load + validate, then shard into per-client partitions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NONE
+
+from fedrec.config import TrainingConfig
+from models.data.partitions import Manifest, build_clients, write_partitions
+from models.data.readers import load_dataset
+from models.data.schema import Interactions
+from models.data.sharding import assign_clients, combine_splits, split_rows
+
+
+def _file_options(config: TrainingConfig) -> dict[str, object]:
+    return {
+        "user_col": config.user_col,
+        "item_col": config.item_col,
+        "rating_col": config.rating_col,
+        "timestamp_col": config.timestamp_col,
+        "rating_scale": config.rating_scale,
+    }
+
+
+def _load(spec: str, config: TrainingConfig) -> Interactions:
+    if spec == "synthetic":
+        return load_dataset(
+            spec,
+            n_users=config.synthetic_users,
+            n_items=config.synthetic_items,
+            n_interactions=config.synthetic_interactions,
+            seed=config.seed,
+        )
+    path = Path(spec)
+    is_table = path.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet", ".pq")
+    return load_dataset(spec, **(_file_options(config) if is_table else {}))
+
+
+@task(name="load-and-validate", cache_policy=NONE)
+def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray | None]:
+    """Read and validate the configured data; with explicit split files also each row's split."""
+    if config.train is None:
+        return _load(config.data, config), None
+    assert config.test is not None  # the config validator guarantees the pair
+    valid = _load(config.valid, config) if config.valid else None
+    return combine_splits(_load(config.train, config), _load(config.test, config), valid)
+
+
+@task(name="shard-clients", cache_policy=NONE)
+def shard_clients(
+    data: Interactions, split: np.ndarray | None, config: TrainingConfig, workspace: str
+) -> Manifest:
+    """Assign users to clients, split each client's rows, write one partition per client."""
+    rng = np.random.default_rng([config.seed, 1])
+    client_of_user = assign_clients(
+        data,
+        n_clients=config.clients,
+        strategy=config.partition,
+        rng=rng,
+        alpha=config.dirichlet_alpha,
+        key=config.partition_key,
+        key_prefix=config.key_prefix,
+    )
+    if split is None:
+        split = split_rows(
+            data,
+            client_of_user,
+            method=config.split,
+            valid_fraction=config.valid_fraction,
+            test_fraction=config.test_fraction,
+            rng=rng,
+        )
+    return write_partitions(data, build_clients(data, client_of_user, split), workspace)

@@ -1,0 +1,308 @@
+"""Every MLflow call of fedrec: runs, per-round metrics, artifacts, the registered model, aliases.
+
+The default store is ``sqlite:///$FEDREC_HOME/mlflow.db`` with artifacts in
+``$FEDREC_HOME/mlartifacts``; ``MLFLOW_TRACKING_URI`` or the config's ``tracking_uri`` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+from prefect import task
+from prefect.cache_policies import NONE
+
+from fedrec.config import TrainingConfig, fedrec_home
+from models.mf.recommender import MFRecommender
+from models.promotion import PromotionDecision
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt
+
+CHAMPION = "champion"
+_PYFUNC_FILE = Path(__file__).resolve().parents[1] / "fedrec" / "serving" / "mf_pyfunc.py"
+_MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
+_REQUIREMENTS = ("mlflow", "numpy", "pandas", "scipy", "pyarrow")
+_RETRY = {"retries": 2, "retry_delay_seconds": [1, 5], "cache_policy": NONE}
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI in force: the argument, else ``MLFLOW_TRACKING_URI``, else fedrec's SQLite."""
+    if uri:
+        return uri
+    env = mlflow.environment_variables.MLFLOW_TRACKING_URI.get()
+    if env:
+        return env
+    home = fedrec_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def _client(uri: str) -> MlflowClient:
+    mlflow.set_tracking_uri(uri)  # the fluent log_model/load_model calls read the global URI
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def code_version() -> str:
+    """The git commit of the code that trained, with ``-dirty`` when the tree has changes."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import version
+
+        return f"fedrec-{version('fedrec')}"
+    return sha + ("-dirty" if dirty else "")
+
+
+@task(name="start-tracking", **_RETRY)
+def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None) -> tuple[str, str]:
+    """Create the MLflow run of this training (params = the flattened config); returns (uri, run id)."""
+    uri = resolve_tracking_uri(config.tracking_uri)
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            # Keep artifacts beside a local SQLite store, not in ./mlruns of whatever folder runs us.
+            location = (
+                Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+            ).as_uri()
+        experiment_id = client.create_experiment(config.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    tags = {
+        "prefect.flow_run_id": flow_run_id or "",
+        "fedrec.dataset_fingerprint": fingerprint,
+        "fedrec.config_hash": config.config_hash(),
+        "fedrec.code_version": code_version(),
+        "mlflow.runName": f"{config.algorithm}-k{config.factors}-{config.clients}c-{config.rounds}r",
+    }
+    run = client.create_run(experiment_id, tags=tags)
+    params = [Param(k, v[:6000]) for k, v in config.flat_params().items()]
+    for lo in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[lo : lo + 100])
+    return uri, run.info.run_id
+
+
+@task(name="log-round", **_RETRY)
+def log_round(uri: str, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+    """All of one round's metrics in a single batch, at ``step = round``."""
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(key, float(value), now, step) for key, value in metrics.items() if np.isfinite(value)
+    ]
+    _client(uri).log_batch(run_id, metrics=batch)
+
+
+def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = list(range(1, len(history) + 1))
+    for key in ("train_rmse", "valid_rmse"):
+        values = [h.get(key, np.nan) for h in history]
+        if np.isfinite(values).any():
+            ax.plot(rounds, values, marker="o", label=key)
+    ax.set_xlabel("round")
+    ax.set_ylabel("RMSE")
+    ax.set_title("Learning curve")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_clients(per_client: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("rmse", "ndcg_at_10"), strict=True):
+        if metric in per_client:
+            ax.bar(per_client["client"].astype(str), per_client[metric])
+            ax.set_xlabel("client")
+            ax.set_title(f"test {metric} per client")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@task(name="log-artifacts", **_RETRY)
+def log_artifacts(
+    uri: str,
+    run_id: str,
+    config: TrainingConfig,
+    profile: pd.DataFrame,
+    history: Sequence[Mapping[str, float]],
+    per_client: pd.DataFrame,
+) -> None:
+    """The config, the data profile, the learning curve and the per-client metric plots."""
+    client = _client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "config.json").write_text(config.model_dump_json(indent=2))
+        profile.to_csv(folder / "data_profile.csv", index=False)
+        per_client.to_csv(folder / "client_metrics.csv", index=False)
+        _plot_learning_curve(history, folder / "learning_curve.png")
+        _plot_clients(per_client, folder / "client_metrics.png")
+        client.log_artifacts(run_id, str(folder))
+
+
+def _signature() -> ModelSignature:
+    inputs = Schema(
+        [
+            ColSpec("string", "user_id"),
+            ColSpec(Array("string"), "history_items"),
+            ColSpec(Array("double"), "history_ratings", required=False),
+            ColSpec(Array("string"), "items", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("string", "user_id"),
+            ColSpec("long", "rank"),
+            ColSpec("string", "item_id"),
+            ColSpec("double", "score"),
+            ColSpec("string", "reason"),
+        ]
+    )
+    return ModelSignature(
+        inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("k", "long", 10)])
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in _REQUIREMENTS]
+
+
+@task(name="register-model", **_RETRY)
+def register_model(
+    uri: str, run_id: str, recommender: MFRecommender, model_name: str, tags: Mapping[str, str]
+) -> str:
+    """Log the recommender as a models-from-code pyfunc and register it; returns the version."""
+    _client(uri)
+    example = pd.DataFrame(
+        {
+            "user_id": ["example-user"],
+            "history_items": [list(recommender.item_ids[:3])],
+            "history_ratings": [[5.0, 4.0, 3.0][: min(3, len(recommender.item_ids))]],
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        recommender.save(Path(tmp) / "recommender")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(_PYFUNC_FILE),
+            artifacts={"recommender": str(Path(tmp) / "recommender")},
+            code_paths=[str(_MODELS_PACKAGE)],
+            pip_requirements=_requirements(),
+            signature=_signature(),
+            input_example=example,
+            registered_model_name=model_name,
+        )
+    version = str(info.registered_model_version)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return version
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    recommender: MFRecommender
+
+
+def _is_missing(err: MlflowException) -> bool:
+    return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def load_recommender(uri: str, model_uri: str) -> MFRecommender:
+    """Load a registered or logged recommender (``models:/NAME@champion``, ``runs:/...``)."""
+    _client(uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    return model.unwrap_python_model().recommender
+
+
+@task(name="load-champion", **_RETRY)
+def load_champion(uri: str, model_name: str) -> Champion | None:
+    """The current champion of ``model_name``, or None if there is none yet."""
+    client = _client(uri)
+    try:
+        version = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException as err:
+        if _is_missing(err):
+            return None
+        raise
+    return Champion(str(version.version), load_recommender(uri, f"models:/{model_name}@{CHAMPION}"))
+
+
+@task(name="record-promotion", **_RETRY)
+def record_promotion(
+    uri: str,
+    model_name: str,
+    version: str,
+    decision: PromotionDecision,
+    champion_version: str | None,
+) -> None:
+    """Tag the version with the decision and, if promoted, move the champion alias to it."""
+    client = _client(uri)
+    client.set_model_version_tag(
+        model_name, version, "fedrec.promoted", str(decision.promote).lower()
+    )
+    client.set_model_version_tag(model_name, version, "fedrec.promotion_reason", decision.reason)
+    if champion_version is not None:
+        client.set_model_version_tag(
+            model_name, version, "fedrec.compared_with_version", champion_version
+        )
+    if decision.promote:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+
+
+@task(name="finish-tracking", **_RETRY)
+def finish_run(
+    uri: str, run_id: str, succeeded: bool, tags: Mapping[str, str] | None = None
+) -> None:
+    client = _client(uri)
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
+    client.set_terminated(run_id, RunStatus.to_string(status))
+
+
+def version_tags(metrics: Mapping[str, float], extra: Mapping[str, str]) -> dict[str, str]:
+    """Model-version tags: the final metrics (rounded) plus identifying tags."""
+    tags = {
+        f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if not k.endswith(("p10", "median"))
+    }
+    return (
+        tags
+        | dict(extra)
+        | {"fedrec.metrics_json": json.dumps({k: round(v, 6) for k, v in metrics.items()})[:5000]}
+    )

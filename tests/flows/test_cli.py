@@ -1,0 +1,178 @@
+"""The fedrec command line: help, one-line errors, and train/recommend/predict end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from fedrec.cli import main
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_explains_every_command():
+    top = _run("--help")
+    train = _run("train", "--help")
+    assert top.exit_code == 0 and all(c in top.output for c in ("train", "recommend", "predict"))
+    for flag in (
+        "--data",
+        "--train",
+        "--test",
+        "--clients",
+        "--partition",
+        "--rounds",
+        "--algorithm",
+        "--factors",
+        "--seed",
+        "--config",
+        "--model-name",
+        "--json",
+        "--tracking-uri",
+    ):
+        assert flag in train.output, flag
+    assert "[default: 10]" in train.output  # defaults come from the config model
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["train", "--rounds", "-1"],
+            "rounds: Input should be greater than or equal to 1 (got -1)",
+        ),
+        (
+            ["train", "--data", "no/such/file.csv"],
+            "data='no/such/file.csv': no such file or folder",
+        ),
+        (["train", "--partition", "by-key"], "--partition by-key needs --partition-key"),
+        (["train", "--train", "x.csv"], "--train and --test go together"),
+        (["train", "--clients", "2", "--min-clients", "3"], "min_clients=3 exceeds clients=2"),
+        (["train", "--valid-fraction", "0.6", "--test-fraction", "0.5"], "must be < 1"),
+    ],
+)
+def test_bad_train_arguments_give_one_line_and_exit_2(args, expected):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedrec: error: ") and expected in lines[0], (
+        result.stderr
+    )
+    assert "Traceback" not in result.output
+
+
+def test_config_file_keys_are_checked(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("rounds: 3\nfactorz: 8\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "factorz: Extra inputs are not permitted" in result.stderr
+
+
+def test_missing_store_and_unknown_model_are_one_line(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    history = tmp_path / "h.csv"
+    history.write_text("user_id,item_id,rating\nu,1,4\n")
+    missing = CliRunner().invoke(
+        main,
+        [
+            "recommend",
+            "--history",
+            str(history),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'none.db'}",
+        ],
+    )
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates an empty store
+    unknown = CliRunner().invoke(
+        main,
+        [
+            "recommend",
+            "--model",
+            "models:/nothing@champion",
+            "--history",
+            str(history),
+            "--tracking-uri",
+            uri,
+        ],
+    )
+
+    assert missing.exit_code == 2 and missing.stderr.startswith("fedrec: error: no MLflow store at")
+    assert not (tmp_path / "none.db").exists()
+    assert unknown.exit_code == 2
+    assert (
+        unknown.stderr.strip()
+        == "fedrec: error: MLflow: Registered Model with name=nothing not found"
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prefect_server):
+    home = tmp_path_factory.mktemp("cli-home")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDREC_HOME", str(home))
+        result = CliRunner().invoke(
+            main,
+            [
+                "train",
+                "--rounds",
+                "2",
+                "--clients",
+                "3",
+                "--factors",
+                "4",
+                "--tracking-uri",
+                uri,
+                "--model-name",
+                "cli",
+                "--json",
+            ],
+            catch_exceptions=False,
+        )
+    return result, uri, home
+
+
+def test_train_json_summary(trained):
+    result, uri, _ = trained
+    assert result.exit_code == 0, result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1  # only the summary goes to stdout
+    summary = json.loads(result.stdout)
+    assert summary["model_version"] == "1" and summary["promoted"] is True
+    assert summary["tracking_uri"] == uri and len(summary["run_id"]) == 32
+    assert 0.3 < summary["metrics"]["test_rmse"] < 1.5 and summary["seconds"] > 0
+
+
+def test_recommend_and_predict_write_csv(trained, tmp_path):
+    _, uri, home = trained
+    from models.data.partitions import read_item_ids  # the catalogue the model was trained on
+
+    workspace = next((home / "workspaces").iterdir())
+    items = [str(i) for i in read_item_ids(workspace)[:4]]
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,item_id,rating\n" + "".join(f"alice,{i},5\n" for i in items[:3]))
+    users = tmp_path / "users.csv"
+    users.write_text("user_id\nalice\nbob\n")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(f"user_id,item_id\nalice,{items[3]}\nalice,{items[0]}\n")
+    model = ["--model", "models:/cli@champion", "--tracking-uri", uri]
+
+    rec = _run("recommend", *model, "--history", str(history), "--users", str(users), "--k", "5")
+    pred = _run("predict", *model, "--history", str(history), "--pairs", str(pairs))
+
+    table = pd.read_csv(io.StringIO(rec.stdout), dtype={"user_id": str, "item_id": str})
+    assert list(table.columns) == ["user_id", "rank", "item_id", "score"]
+    alice = table[table["user_id"] == "alice"]
+    assert list(alice["rank"]) == [1, 2, 3, 4, 5] and not set(alice["item_id"]) & set(items[:3])
+    assert len(table[table["user_id"] == "bob"]) == 5
+    assert "user bob: no known items in history: popularity fallback" in rec.stderr
+    scores = pd.read_csv(io.StringIO(pred.stdout), dtype={"user_id": str, "item_id": str})
+    assert list(scores.columns) == ["user_id", "item_id", "score"]
+    assert list(scores["item_id"]) == [items[3], items[0]] and scores["score"].between(1, 5).all()

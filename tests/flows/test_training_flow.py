@@ -1,0 +1,147 @@
+"""The training flow against a real Prefect test server and a real MLflow SQLite store/registry."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fedrec.config import TrainingConfig
+from models.data.errors import DataValidationError
+
+ROUNDS = 3
+SMALL = {
+    "synthetic_users": 400,
+    "synthetic_items": 250,
+    "synthetic_interactions": 16_000,
+    "clients": 3,
+}
+PER_ROUND = ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "valid_rmse_client_min", "valid_rmse_client_max",
+             "bytes_uploaded", "round_seconds", "clients")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    """One registry for the module: the runs below build on each other (champion, challenger)."""
+    home = tmp_path_factory.mktemp("fedrec-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDREC_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+        yield {"uri": uri, "client": MlflowClient(tracking_uri=uri, registry_uri=uri), "home": home}
+
+
+@pytest.fixture(scope="module")
+def first_run(store):
+    from flows.training import federated_training
+
+    config = TrainingConfig(
+        rounds=ROUNDS, factors=8, tracking_uri=store["uri"], model_name="flowtest", **SMALL
+    )
+    return federated_training(config)
+
+
+def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_run):
+    client = store["client"]
+    run = client.get_run(first_run["run_id"])
+
+    for key in PER_ROUND:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == list(range(1, ROUNDS + 1)), key
+    assert run.data.params["rounds"] == str(ROUNDS) and run.data.params["factors"] == "8"
+    assert run.data.tags["prefect.flow_run_id"]
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "config.json",
+        "data_profile.csv",
+        "learning_curve.png",
+        "client_metrics.png",
+        "client_metrics.csv",
+    } <= artifacts
+
+    assert first_run["model_version"] == "1" and first_run["promoted"] is True
+    champion = client.get_model_version_by_alias("flowtest", "champion")
+    assert str(champion.version) == "1"
+    assert champion.tags["fedrec.promoted"] == "true"
+    assert (
+        champion.tags["fedrec.dataset_fingerprint"] == run.data.tags["fedrec.dataset_fingerprint"]
+    )
+    assert {"fedrec.config_hash", "fedrec.algorithm", "metric.valid_rmse"} <= set(champion.tags)
+    assert run.data.tags["fedrec.code_version"]
+    # learning happened: the last round beats the first on validation RMSE
+    curve = [m.value for m in client.get_metric_history(run.info.run_id, "valid_rmse")]
+    assert curve[-1] < curve[0]
+
+
+def test_worse_second_run_is_registered_but_not_promoted(store, first_run):
+    from flows.training import federated_training
+
+    worse = TrainingConfig(
+        rounds=1, factors=2, tracking_uri=store["uri"], model_name="flowtest", **SMALL
+    )
+    summary = federated_training(worse)
+
+    client = store["client"]
+    assert summary["model_version"] == "2" and summary["promoted"] is False
+    assert str(client.get_model_version_by_alias("flowtest", "champion").version) == "1"
+    tags = client.get_model_version("flowtest", "2").tags
+    assert tags["fedrec.promoted"] == "false"
+    reason = tags["fedrec.promotion_reason"]
+    assert reason.startswith("valid_rmse ") and reason.endswith("no improvement")
+    assert summary["reason"] == reason
+    assert tags["fedrec.compared_with_version"] == "1"
+    # both were measured by the same federated evaluation: the champion's numbers are the first run's
+    assert summary["champion_metrics"]["valid_rmse"] == pytest.approx(
+        first_run["metrics"]["valid_rmse"], rel=1e-9
+    )
+
+
+def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(store["uri"])
+    model = mlflow.pyfunc.load_model("models:/flowtest@champion")
+    catalogue = model.unwrap_python_model().recommender.item_ids
+    history = list(catalogue[:5])
+    requests = pd.DataFrame(
+        {
+            "user_id": ["u1", "cold"],
+            "history_items": [[*history, "not-an-item"], []],
+            "history_ratings": [[5.0, 4.0, 1.0, 2.0, 5.0, 3.0], []],
+        }
+    )
+
+    out = model.predict(requests, params={"k": 7})
+
+    warm = out[out["user_id"] == "u1"]
+    assert list(warm["rank"]) == list(range(1, 8))
+    assert warm["item_id"].nunique() == 7 and not set(warm["item_id"]) & set(history)
+    assert set(warm["item_id"]) <= set(catalogue)
+    assert np.all(np.diff(warm["score"].to_numpy()) <= 0)
+    assert "ignored 1 unknown item(s): not-an-item" in warm["reason"].iloc[0]
+    cold = out[out["user_id"] == "cold"]
+    assert len(cold) == 7 and "popularity fallback" in cold["reason"].iloc[0]
+
+
+def test_bad_input_writes_no_model_version_and_keeps_the_champion(store, first_run, tmp_path):
+    from flows.training import federated_training
+
+    bad = tmp_path / "ratings.csv"
+    bad.write_text("user_id,item_id,rating\n1,10,4\n2,11,7\n")
+    client = store["client"]
+    before = {v.version for v in client.search_model_versions("name='flowtest'")}
+    champion = client.get_model_version_by_alias("flowtest", "champion").version
+
+    with pytest.raises(
+        DataValidationError, match=r"ratings.csv, row 2, column 'rating': value 7.0"
+    ):
+        federated_training(
+            TrainingConfig(
+                data=str(bad), tracking_uri=store["uri"], model_name="flowtest", clients=2
+            )
+        )
+
+    assert {v.version for v in client.search_model_versions("name='flowtest'")} == before
+    assert client.get_model_version_by_alias("flowtest", "champion").version == champion

@@ -1,0 +1,79 @@
+import pytest
+
+from models.promotion import decide_promotion, lower_is_better
+
+RULE = {
+    "metric": "valid_rmse",
+    "worst_client_metric": "valid_rmse_client_max",
+    "min_delta": 0.01,
+    "max_client_regression": 0.02,
+}
+
+
+def test_first_model_is_promoted():
+    assert decide_promotion({"valid_rmse": 0.9}, None, **RULE).promote
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "promote", "reason"),
+    [
+        (
+            {"valid_rmse": 0.88, "valid_rmse_client_max": 0.95},
+            {"valid_rmse": 0.90, "valid_rmse_client_max": 0.95},
+            True,
+            "beats champion",
+        ),
+        (
+            {"valid_rmse": 0.895, "valid_rmse_client_max": 0.95},
+            {"valid_rmse": 0.90, "valid_rmse_client_max": 0.95},
+            False,
+            "< min_delta 0.01",
+        ),
+        (
+            {"valid_rmse": 0.95, "valid_rmse_client_max": 0.95},
+            {"valid_rmse": 0.90, "valid_rmse_client_max": 0.95},
+            False,
+            "no improvement",
+        ),
+        (
+            {"valid_rmse": 0.85, "valid_rmse_client_max": 1.00},
+            {"valid_rmse": 0.90, "valid_rmse_client_max": 0.95},
+            False,
+            "worst client",
+        ),
+    ],
+)
+def test_rmse_rule(candidate, champion, promote, reason):
+    decision = decide_promotion(candidate, champion, **RULE)
+    assert decision.promote is promote and reason in decision.reason
+
+
+def test_higher_is_better_for_ranking_metrics():
+    rule = {
+        "metric": "valid_ndcg_at_10",
+        "worst_client_metric": "valid_ndcg_at_10_client_min",
+        "min_delta": 0.0,
+        "max_client_regression": 0.01,
+    }
+    better = decide_promotion(
+        {"valid_ndcg_at_10": 0.3, "valid_ndcg_at_10_client_min": 0.2},
+        {"valid_ndcg_at_10": 0.25, "valid_ndcg_at_10_client_min": 0.2},
+        **rule,
+    )
+    worse_client = decide_promotion(
+        {"valid_ndcg_at_10": 0.3, "valid_ndcg_at_10_client_min": 0.1},
+        {"valid_ndcg_at_10": 0.25, "valid_ndcg_at_10_client_min": 0.2},
+        **rule,
+    )
+    assert better.promote and not worse_client.promote
+    assert lower_is_better("valid_mae") and not lower_is_better("valid_ndcg_at_10")
+
+
+def test_failed_evaluation_is_never_promoted():
+    assert not decide_promotion({}, {"valid_rmse": 1.0}, **RULE).promote
+
+
+def test_a_tie_is_not_an_improvement_even_with_zero_min_delta():
+    rule = RULE | {"min_delta": 0.0}
+    decision = decide_promotion({"valid_rmse": 0.9}, {"valid_rmse": 0.9}, **rule)
+    assert not decision.promote and decision.reason.endswith("no improvement")
