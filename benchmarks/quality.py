@@ -107,7 +107,7 @@ def run_one(dataset: str, method: str, fold: int, args: dict) -> dict:
             config,
             rounds=rounds,
             seed=fold,
-            eval_split="test",
+            eval_splits=("test",),
             eval_ranking=False,
         )
         record |= {
@@ -208,6 +208,8 @@ def main() -> None:
         if load_movielens(dataset) is None:
             continue
         jobs += [(dataset, m, f) for m in ns.methods.split(",") for f in range(ns.folds)]
+    if not jobs:
+        raise SystemExit("nothing to run: no requested dataset was found (see the messages above)")
     records = []
     started = time.perf_counter()
     for dataset, method, fold in jobs:

@@ -107,13 +107,13 @@ def federated_training(config: TrainingConfig = TrainingConfig()) -> dict[str, A
                 [
                     evaluate.with_options(
                         task_run_name=f"evaluate client-{e.client_id} round-{r}"
-                    ).submit(workspace, e, n_items, state.params, mf, "valid")
+                    ).submit(workspace, e, n_items, state.params, mf, ("valid", "test"))
                     for e in entries
                 ],
                 f"round {r} evaluation",
             )
             metrics = summarize_round(
-                updates, evaluations, mf, n_items, "valid", time.perf_counter() - started
+                updates, evaluations, mf, n_items, time.perf_counter() - started
             )
             log_round(uri, run_id, r, metrics)
             checkpoint(state, f"{workspace}/checkpoints")
@@ -124,12 +124,7 @@ def federated_training(config: TrainingConfig = TrainingConfig()) -> dict[str, A
                 metrics["bytes_uploaded"] / 1e6, metrics["round_seconds"],
             )  # fmt: skip
 
-        test_parts = _answered(
-            [evaluate.submit(workspace, e, n_items, state.params, mf, "test") for e in entries],
-            "test",
-        )
-        test_metrics = summarize_round(updates, test_parts, mf, n_items, "test", 0.0)
-        final = history[-1] | {k: v for k, v in test_metrics.items() if k.startswith("test_")}
+        final = history[-1]
         item_ids = read_item_ids(workspace)
         candidate = build_recommender(state, item_ids, item_popularity(updates, n_items), mf)
 
@@ -139,10 +134,10 @@ def federated_training(config: TrainingConfig = TrainingConfig()) -> dict[str, A
             params, champion_mf = champion_params(champion.recommender, item_ids, mf)
             parts = _answered(
                 [evaluate.with_options(task_run_name=f"evaluate champion client-{e.client_id}").submit(
-                    workspace, e, n_items, params, champion_mf, "valid") for e in entries],
+                    workspace, e, n_items, params, champion_mf, ("valid",)) for e in entries],
                 "champion evaluation",
             )  # fmt: skip
-            champion_metrics = summarize_round([], parts, champion_mf, n_items, "valid", 0.0)
+            champion_metrics = summarize_round([], parts, champion_mf, n_items, 0.0)
         decision = decide(
             final,
             champion_metrics,
@@ -166,7 +161,7 @@ def federated_training(config: TrainingConfig = TrainingConfig()) -> dict[str, A
         logger.info("model %s version %s: %s (%s)", config.model_name, version,
                     "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip
 
-        per_client = client_table(test_parts, [e.client_id for e in entries], mf.top_k)
+        per_client = client_table(evaluations, [e.client_id for e in entries], mf.top_k, "test")
         log_artifacts(uri, run_id, config, manifest.profile(), history, per_client)
         summary = {
             "run_id": run_id,

@@ -5,18 +5,18 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
 from models.client import ClientData
 from models.data.partitions import ClientEntry, read_partition
 from models.mf.federated import (
+    Evaluation,
     MFConfig,
     client_rating_sums,
     client_rng,
     client_update,
-    evaluate_client,
+    evaluate_client_splits,
 )
 from models.mf.params import ItemParams
 from models.protocol import ClientUpdate
@@ -58,7 +58,12 @@ def train_client(
 
 @task(name="evaluate-client", cache_policy=NONE)
 def evaluate(
-    workspace: str, entry: ClientEntry, n_items: int, params: ItemParams, mf: MFConfig, split: str
-) -> tuple[dict[str, float], np.ndarray | None]:
-    """Metric sums over the client's own held-out rows of ``split``."""
-    return evaluate_client(open_client(workspace, entry, n_items), params, mf, split)
+    workspace: str,
+    entry: ClientEntry,
+    n_items: int,
+    params: ItemParams,
+    mf: MFConfig,
+    splits: tuple[str, ...],
+) -> dict[str, Evaluation]:
+    """Metric sums over the client's own held-out rows of each split."""
+    return evaluate_client_splits(open_client(workspace, entry, n_items), params, mf, splits)

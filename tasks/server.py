@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from prefect.cache_policies import NONE
 from models.aggregation import aggregate_item_sums
 from models.metrics import add_sums, finalize_metrics
 from models.mf.federated import (
+    Evaluation,
     GlobalState,
     MFConfig,
     init_global_state,
@@ -54,20 +55,24 @@ def item_popularity(updates: Sequence[ClientUpdate], n_items: int) -> np.ndarray
 @task(name="summarize-round", cache_policy=NONE)
 def summarize_round(
     updates: Sequence[ClientUpdate],
-    evaluations: Sequence[tuple[dict[str, float], np.ndarray | None]],
+    evaluations: Sequence[Mapping[str, Evaluation]],
     mf: MFConfig,
     n_items: int,
-    split: str,
     seconds: float,
 ) -> dict[str, float]:
-    """The round's metrics as MLflow will log them."""
+    """The round's metrics as MLflow will log them: training error, every evaluated split
+    (``valid_*``, ``test_*``), upload size and wall time."""
+    metrics: dict[str, float] = {}
+    for split in dict.fromkeys(s for e in evaluations for s in e):
+        parts = [e[split] for e in evaluations if split in e]
+        metrics |= summarize_evaluation(parts, mf, n_items, split)
     train = add_sums(u.metrics for u in updates)
-    metrics = summarize_evaluation(evaluations, mf, n_items, split)
     if train.get("train_n"):
         metrics["train_rmse"] = float(np.sqrt(train["train_sse"] / train["train_n"]))
-    metrics["clients"] = float(len(updates))
-    metrics["bytes_uploaded"] = float(sum(u.nbytes() for u in updates))
-    metrics["round_seconds"] = seconds
+    if updates:
+        metrics["clients"] = float(len(updates))
+        metrics["bytes_uploaded"] = float(sum(u.nbytes() for u in updates))
+        metrics["round_seconds"] = seconds
     return metrics
 
 
@@ -114,14 +119,12 @@ def decide(
 
 @task(name="client-metrics-table", cache_policy=NONE)
 def client_table(
-    evaluations: Sequence[tuple[dict[str, float], np.ndarray | None]],
-    client_ids: Sequence[int],
-    k: int,
+    evaluations: Sequence[Mapping[str, Evaluation]], client_ids: Sequence[int], k: int, split: str
 ) -> pd.DataFrame:
-    """One row of final metrics per client (for the per-client plot and CSV)."""
+    """One row of final metrics of ``split`` per client (for the per-client plot and CSV)."""
     rows = [
-        {"client": c} | finalize_metrics(sums, k=k)
-        for c, (sums, _) in zip(client_ids, evaluations, strict=True)
+        {"client": c} | finalize_metrics(e[split][0], k=k)
+        for c, e in zip(client_ids, evaluations, strict=True)
     ]
     return pd.DataFrame(rows)
 

@@ -126,7 +126,7 @@ def log_round(uri: str, run_id: str, step: int, metrics: Mapping[str, float]) ->
 def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = list(range(1, len(history) + 1))
-    for key in ("train_rmse", "valid_rmse"):
+    for key in ("train_rmse", "valid_rmse", "test_rmse"):
         values = [h.get(key, np.nan) for h in history]
         if np.isfinite(values).any():
             ax.plot(rounds, values, marker="o", label=key)
@@ -228,7 +228,7 @@ def register_model(
         )
     version = str(info.registered_model_version)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    for key, value in tags.items():
+    for key, value in (dict(tags) | {"fedrec.code_version": code_version()}).items():
         client.set_model_version_tag(model_name, version, key, value)
     return version
 

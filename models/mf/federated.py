@@ -16,7 +16,14 @@ import numpy as np
 from models.aggregation import aggregate_item_average, aggregate_item_sums
 from models.client import ClientData
 from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
-from models.mf.als import ItemStatistics, item_statistics, predict_ratings, solve_items, solve_users
+from models.mf.als import (
+    ItemStatistics,
+    UserParams,
+    item_statistics,
+    predict_ratings,
+    solve_items,
+    solve_users,
+)
 from models.mf.params import ItemParams, init_item_params
 from models.mf.sgd import train_local_sgd
 from models.protocol import ClientUpdate
@@ -187,6 +194,9 @@ def server_update(
     )
 
 
+Evaluation = tuple[dict[str, float], np.ndarray | None]
+
+
 def evaluate_client(
     client: ClientData,
     params: ItemParams,
@@ -194,15 +204,37 @@ def evaluate_client(
     split: str = "test",
     *,
     ranking: bool = True,
-) -> tuple[dict[str, float], np.ndarray | None]:
+) -> Evaluation:
     """Metric sums over the client's held-out rows of ``split``, users folded in from training rows.
 
     Returns the sums and how often each item was recommended (for catalogue coverage); with
     ``ranking=False`` only the rating errors are computed and the second value is ``None``.
     """
-    train = client.rows("train")
+    return evaluate_client_splits(client, params, config, (split,), ranking=ranking)[split]
+
+
+def evaluate_client_splits(
+    client: ClientData,
+    params: ItemParams,
+    config: MFConfig,
+    splits: Sequence[str],
+    *,
+    ranking: bool = True,
+) -> dict[str, Evaluation]:
+    """:func:`evaluate_client` for several held-out splits, folding the users in once."""
+    user_params = solve_users(client.rows("train"), params, reg=config.reg)
+    return {s: _evaluate_split(client, params, user_params, config, s, ranking) for s in splits}
+
+
+def _evaluate_split(
+    client: ClientData,
+    params: ItemParams,
+    user_params: UserParams,
+    config: MFConfig,
+    split: str,
+    ranking: bool,
+) -> Evaluation:
     held_out = client.rows(split)
-    user_params = solve_users(train, params, reg=config.reg)
     predicted = predict_ratings(user_params, params, held_out.users, held_out.items)
     if config.clip_to is not None:
         predicted = np.clip(predicted, *config.clip_to)
@@ -224,7 +256,7 @@ def evaluate_client(
 
 
 def summarize_evaluation(
-    parts: Sequence[tuple[dict[str, float], np.ndarray]],
+    parts: Sequence[Evaluation],
     config: MFConfig,
     n_items: int,
     prefix: str,
@@ -269,7 +301,7 @@ def run_federated(
     rounds: int,
     seed: int = 0,
     client_fraction: float = 1.0,
-    eval_split: str | None = "valid",
+    eval_splits: Sequence[str] = ("valid",),
     eval_ranking: bool = True,
     on_round: Callable[[RoundResult], None] | None = None,
 ) -> tuple[GlobalState, list[RoundResult]]:
@@ -289,12 +321,13 @@ def run_federated(
         seconds = time.perf_counter() - started
         train = add_sums(u.metrics for u in updates)
         metrics = {}
-        if eval_split is not None:
+        if eval_splits:
             parts = [
-                evaluate_client(c, state.params, config, eval_split, ranking=eval_ranking)
+                evaluate_client_splits(c, state.params, config, eval_splits, ranking=eval_ranking)
                 for c in clients
             ]
-            metrics = summarize_evaluation(parts, config, n_items, eval_split)
+            for split in eval_splits:
+                metrics |= summarize_evaluation([p[split] for p in parts], config, n_items, split)
         train_n = train.get("train_n", 0.0)
         result = RoundResult(
             round=r,

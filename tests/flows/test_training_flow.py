@@ -17,7 +17,7 @@ SMALL = {
     "synthetic_interactions": 16_000,
     "clients": 3,
 }
-PER_ROUND = ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "valid_rmse_client_min", "valid_rmse_client_max",
+PER_ROUND = ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "test_rmse", "test_ndcg_at_10", "valid_rmse_client_min", "valid_rmse_client_max",
              "bytes_uploaded", "round_seconds", "clients")  # fmt: skip
 
 
@@ -68,7 +68,13 @@ def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_
     assert (
         champion.tags["fedrec.dataset_fingerprint"] == run.data.tags["fedrec.dataset_fingerprint"]
     )
-    assert {"fedrec.config_hash", "fedrec.algorithm", "metric.valid_rmse"} <= set(champion.tags)
+    assert {
+        "fedrec.config_hash",
+        "fedrec.algorithm",
+        "fedrec.code_version",
+        "metric.valid_rmse",
+        "metric.test_rmse",
+    } <= set(champion.tags)
     assert run.data.tags["fedrec.code_version"]
     # learning happened: the last round beats the first on validation RMSE
     curve = [m.value for m in client.get_metric_history(run.info.run_id, "valid_rmse")]

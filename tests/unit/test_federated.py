@@ -49,7 +49,13 @@ def test_contract_updates_are_item_level_and_training_converges(algorithm, feder
     seen = []
 
     state, history = run_federated(
-        clients, data.n_items, config, rounds=50, seed=1, eval_split="test", on_round=seen.append
+        clients,
+        data.n_items,
+        config,
+        rounds=50,
+        seed=1,
+        eval_splits=("test",),
+        on_round=seen.append,
     )
 
     assert [r.round for r in history] == list(range(1, 51)) and seen == history
@@ -65,8 +71,8 @@ def test_contract_updates_are_item_level_and_training_converges(algorithm, feder
 def test_contract_same_seed_same_model(algorithm, federation):
     data, clients = federation
     config = MFConfig(algorithm=algorithm, n_factors=2)
-    a, _ = run_federated(clients, data.n_items, config, rounds=2, seed=3, eval_split=None)
-    b, _ = run_federated(clients[::-1], data.n_items, config, rounds=2, seed=3, eval_split=None)
+    a, _ = run_federated(clients, data.n_items, config, rounds=2, seed=3, eval_splits=())
+    b, _ = run_federated(clients[::-1], data.n_items, config, rounds=2, seed=3, eval_splits=())
     np.testing.assert_allclose(a.params.factors, b.params.factors, atol=1e-12)
 
 
@@ -100,7 +106,7 @@ def test_contract_update_shapes_carry_no_user_dimension(algorithm, federation):
 def test_als_upload_is_packed_statistics_of_touched_items_only(federation):
     data, clients = federation
     config = MFConfig(algorithm="als", n_factors=4)
-    _, history = run_federated(clients, data.n_items, config, rounds=1, eval_split=None)
+    _, history = run_federated(clients, data.n_items, config, rounds=1, eval_splits=())
     d = config.n_factors + 1
     touched = sum(np.unique(c.rows("train").items).size for c in clients)
     per_item = (
