@@ -21,8 +21,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import machine, median, print_table, write_json
 
 
@@ -71,26 +69,12 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str, float]:
 
 def plain_loop(config) -> float:
     """The flow's core work without Prefect or MLflow: load, shard, rounds with evaluation, test."""
-    from models.data.partitions import build_clients
-    from models.data.readers import load_dataset
-    from models.data.sharding import assign_clients, split_rows
     from models.mf.federated import run_federated
+    from tasks.data import load_interactions, plan_clients
 
     started = time.perf_counter()
-    data = load_dataset(config.data)
-    rng = np.random.default_rng([config.seed, 1])
-    client_of_user = assign_clients(
-        data, n_clients=config.clients, strategy=config.partition, rng=rng
-    )
-    split = split_rows(
-        data,
-        client_of_user,
-        method=config.split,
-        valid_fraction=config.valid_fraction,
-        test_fraction=config.test_fraction,
-        rng=rng,
-    )
-    clients = build_clients(data, client_of_user, split)
+    data, split = load_interactions.fn(config)
+    clients = plan_clients(data, split, config)
     mf = config.mf_config()
     # the flow evaluates valid and test on every client each round; so does this loop
     run_federated(
@@ -141,7 +125,7 @@ def main() -> None:
         flow_s, loop_s = [], []
         for i in range(ns.repeats):
             started = time.perf_counter()
-            federated_training(config)
+            federated_training(**config.model_dump())
             flow_s.append(time.perf_counter() - started)
             loop_s.append(plain_loop(config))
             print(

@@ -217,7 +217,7 @@ def train(
     started = time.perf_counter()
     # MLflow prints registry notices on stdout; with --json, stdout carries the summary only.
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        summary = flow(config)
+        summary = flow(**config.model_dump())
     summary["seconds"] = round(time.perf_counter() - started, 2)
     if as_json:
         click.echo(json.dumps(summary, default=str))

@@ -9,7 +9,7 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -208,6 +208,25 @@ class TrainingConfig(BaseModel):
         return hashlib.sha256(
             json.dumps(shaping, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
+
+    @classmethod
+    def signature(cls) -> inspect.Signature:
+        """Keyword-only parameters, one per field, annotated with the field (type, bounds, default).
+
+        The training flow takes this signature, so Prefect shows every field in its form and a
+        deployment run can override one of them (``-p rounds=5``) on top of the defaults.
+        """
+        return inspect.Signature(
+            [
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=field.default,
+                    annotation=Annotated[field.annotation, field],
+                )
+                for name, field in cls.model_fields.items()
+            ]
+        )
 
     def flat_params(self) -> dict[str, str]:
         """The configuration as MLflow params (strings, None as empty)."""

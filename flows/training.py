@@ -58,13 +58,26 @@ def _answered(futures: Sequence[PrefectFuture], what: str) -> list[Any]:
     return results
 
 
-@flow(
+def federated_training_fn(**params: Any) -> dict[str, Any]:
+    """Train a federated recommender, track it in MLflow, register it, and promote it if better.
+
+    Parameters are the fields of ``fedrec.config.TrainingConfig``; pass a config as
+    ``federated_training(**config.model_dump())``.
+    """
+    return _train(TrainingConfig(**params))
+
+
+federated_training_fn.__signature__ = TrainingConfig.signature()  # type: ignore[attr-defined]
+federated_training = flow(
+    federated_training_fn,
     name="federated-training",
     task_runner=ThreadPoolTaskRunner(max_workers=min(8, os.cpu_count() or 1)),
     log_prints=True,
 )
-def federated_training(config: TrainingConfig = TrainingConfig()) -> dict[str, Any]:  # noqa: B008
-    """Train a federated MF recommender, track it in MLflow, register it, and promote it if better."""
+
+
+def _train(config: TrainingConfig) -> dict[str, Any]:
+    """The flow's body: shard, rounds, champion evaluation, registration, promotion."""
     logger = get_run_logger()
     data, explicit_split = load_interactions(config)
     uri, run_id = start_run(config, data.fingerprint(), flow_run.get_id())

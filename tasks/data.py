@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig
+from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
 from models.data.readers import load_dataset
 from models.data.schema import Interactions
@@ -49,11 +50,10 @@ def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray 
     return combine_splits(_load(config.train, config), _load(config.test, config), valid)
 
 
-@task(name="shard-clients", cache_policy=NONE)
-def shard_clients(
-    data: Interactions, split: np.ndarray | None, config: TrainingConfig, workspace: str
-) -> Manifest:
-    """Assign users to clients, split each client's rows, write one partition per client."""
+def plan_clients(
+    data: Interactions, split: np.ndarray | None, config: TrainingConfig
+) -> list[ClientData]:
+    """Each client's rows with their split, as the configuration asks (seeded, deterministic)."""
     rng = np.random.default_rng([config.seed, 1])
     client_of_user = assign_clients(
         data,
@@ -73,4 +73,12 @@ def shard_clients(
             test_fraction=config.test_fraction,
             rng=rng,
         )
-    return write_partitions(data, build_clients(data, client_of_user, split), workspace)
+    return build_clients(data, client_of_user, split)
+
+
+@task(name="shard-clients", cache_policy=NONE)
+def shard_clients(
+    data: Interactions, split: np.ndarray | None, config: TrainingConfig, workspace: str
+) -> Manifest:
+    """Assign users to clients, split each client's rows, write one partition per client."""
+    return write_partitions(data, plan_clients(data, split, config), workspace)

@@ -39,7 +39,7 @@ def first_run(store):
     config = TrainingConfig(
         rounds=ROUNDS, factors=8, tracking_uri=store["uri"], model_name="flowtest", **SMALL
     )
-    return federated_training(config)
+    return federated_training(**config.model_dump())
 
 
 def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_run):
@@ -87,7 +87,7 @@ def test_worse_second_run_is_registered_but_not_promoted(store, first_run):
     worse = TrainingConfig(
         rounds=1, factors=2, tracking_uri=store["uri"], model_name="flowtest", **SMALL
     )
-    summary = federated_training(worse)
+    summary = federated_training(**worse.model_dump())
 
     client = store["client"]
     assert summary["model_version"] == "2" and summary["promoted"] is False
@@ -144,10 +144,31 @@ def test_bad_input_writes_no_model_version_and_keeps_the_champion(store, first_r
         DataValidationError, match=r"ratings.csv, row 2, column 'rating': value 7.0"
     ):
         federated_training(
-            TrainingConfig(
-                data=str(bad), tracking_uri=store["uri"], model_name="flowtest", clients=2
-            )
+            data=str(bad), tracking_uri=store["uri"], model_name="flowtest", clients=2
         )
 
     assert {v.version for v in client.search_model_versions("name='flowtest'")} == before
     assert client.get_model_version_by_alias("flowtest", "champion").version == champion
+
+
+def test_invalid_parameters_fail_before_any_run_or_version(store, first_run):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.training import federated_training
+
+    client = store["client"]
+    runs_before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    versions_before = len(client.search_model_versions("name='flowtest'"))
+
+    with pytest.raises(ParameterTypeError, match="rounds"):
+        federated_training(rounds=-1, tracking_uri=store["uri"], model_name="flowtest")
+    with pytest.raises(ParameterTypeError, match="algorithm"):
+        federated_training(algorithm="svd", tracking_uri=store["uri"], model_name="flowtest")
+    with pytest.raises(ValueError, match="no such file or folder"):
+        federated_training(data="missing.csv", tracking_uri=store["uri"], model_name="flowtest")
+
+    assert (
+        len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+        == runs_before
+    )
+    assert len(client.search_model_versions("name='flowtest'")) == versions_before
