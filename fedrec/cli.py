@@ -222,6 +222,9 @@ def train(
     if as_json:
         click.echo(json.dumps(summary, default=str))
         return
+    if summary.get("skipped"):
+        click.echo(f"\n{summary['reason']} (model {summary['model_name']})")
+        return
     metrics = summary["metrics"]
     click.echo(
         f"\nmodel {summary['model_name']} version {summary['model_version']}: "

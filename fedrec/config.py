@@ -122,6 +122,12 @@ class TrainingConfig(BaseModel):
     )
     seed: int = Field(0, description="one seed for sharding, initialisation and sampling")
     task_retries: int = Field(2, ge=0, description="retries of a failed client task")
+    warm_start: bool = Field(
+        False, description="start from the champion's item parameters (new items start fresh)"
+    )
+    skip_if_unchanged: bool = Field(
+        True, description="register nothing when data and config equal the champion's"
+    )
 
     # tracking, registry, promotion
     experiment: str = Field("fedrec", description="MLflow experiment")
@@ -203,6 +209,7 @@ class TrainingConfig(BaseModel):
                 "max_client_regression",
                 "workspace",
                 "task_retries",
+                "skip_if_unchanged",
             }
         )
         return hashlib.sha256(

@@ -29,6 +29,7 @@ from tasks.server import (
     initialize,
     item_popularity,
     summarize_round,
+    warm_start,
 )
 from tasks.tracking import (
     finish_run,
@@ -37,7 +38,9 @@ from tasks.tracking import (
     log_round,
     record_promotion,
     register_model,
+    resolve_tracking_uri,
     start_run,
+    unchanged_since_champion,
     version_tags,
 )
 
@@ -80,19 +83,37 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     """The flow's body: shard, rounds, champion evaluation, registration, promotion."""
     logger = get_run_logger()
     data, explicit_split = load_interactions(config)
-    uri, run_id = start_run(config, data.fingerprint(), flow_run.get_id())
+    fingerprint, uri = data.fingerprint(), resolve_tracking_uri(config.tracking_uri)
+    if config.skip_if_unchanged:
+        same = unchanged_since_champion(uri, config.model_name, fingerprint, config.config_hash())
+        if same is not None:
+            reason = f"data and config unchanged since champion version {same}: nothing to train"
+            logger.info(reason)
+            return {"skipped": True, "reason": reason, "model_name": config.model_name,
+                    "champion_version": same, "tracking_uri": uri, "promoted": False}  # fmt: skip
+    uri, run_id = start_run(config, fingerprint, flow_run.get_id())
     succeeded = False
     try:
         workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
         manifest = shard_clients(data, explicit_split, config, workspace)
         del data  # from here on, only client tasks read rows, each its own partition
         entries, n_items, mf = manifest.clients, manifest.n_items, config.mf_config()
+        item_ids = read_item_ids(workspace)
         logger.info("%d clients, %d items, MLflow run %s", manifest.n_clients, n_items, run_id)
 
         sums = _answered(
             [rating_sums.submit(workspace, e, n_items) for e in entries], "global mean"
         )
         state = initialize(n_items, mf, sums, config.seed)
+        champion = load_champion(uri, config.model_name)
+        if config.warm_start and champion is not None:
+            if champion.recommender.params.n_factors == mf.n_factors:
+                state, carried = warm_start(state, champion.recommender, item_ids)
+                logger.info("warm start from champion version %s: %d of %d items carried over",
+                            champion.version, carried, n_items)  # fmt: skip
+            else:
+                logger.warning("no warm start: champion has %d factors, this run %d",
+                               champion.recommender.params.n_factors, mf.n_factors)  # fmt: skip
         history: list[dict[str, float]] = []
         updates: list = []
         for r in range(1, config.rounds + 1):
@@ -138,10 +159,8 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             )  # fmt: skip
 
         final = history[-1]
-        item_ids = read_item_ids(workspace)
         candidate = build_recommender(state, item_ids, item_popularity(updates, n_items), mf)
 
-        champion = load_champion(uri, config.model_name)
         champion_metrics = None
         if champion is not None:
             params, champion_mf = champion_params(champion.recommender, item_ids, mf)

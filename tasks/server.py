@@ -24,7 +24,7 @@ from models.mf.federated import (
     summarize_evaluation,
 )
 from models.mf.params import ItemParams
-from models.mf.recommend import align_item_params
+from models.mf.recommend import align_item_params, warm_start_params
 from models.mf.recommender import MFRecommender
 from models.promotion import PromotionDecision, decide_promotion
 from models.protocol import ClientUpdate
@@ -136,6 +136,15 @@ def champion_params(
     """The champion's item parameters on today's catalogue, and its fold-in ridge."""
     aligned = align_item_params(recommender.params, recommender.item_ids, item_ids)
     return aligned, replace(mf, reg=recommender.reg, n_factors=aligned.n_factors)
+
+
+@task(name="warm-start", cache_policy=NONE)
+def warm_start(
+    state: GlobalState, champion: MFRecommender, item_ids: np.ndarray
+) -> tuple[GlobalState, int]:
+    """Carry the champion's item parameters into the initial state; returns how many items."""
+    params, carried = warm_start_params(state.params, champion.params, champion.item_ids, item_ids)
+    return replace(state, params=params), carried
 
 
 @task(name="build-recommender", cache_policy=NONE)

@@ -263,6 +263,27 @@ def load_champion(uri: str, model_name: str) -> Champion | None:
     return Champion(str(version.version), load_recommender(uri, f"models:/{model_name}@{CHAMPION}"))
 
 
+@task(name="check-unchanged", **_RETRY)
+def unchanged_since_champion(
+    uri: str, model_name: str, fingerprint: str, config_hash: str
+) -> str | None:
+    """The champion's version if it was trained on these very data with this very config."""
+    client = _client(uri)
+    try:
+        version = client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException as err:
+        if _is_missing(err):
+            return None
+        raise
+    tags = version.tags
+    if (
+        tags.get("fedrec.dataset_fingerprint") == fingerprint
+        and tags.get("fedrec.config_hash") == config_hash
+    ):
+        return str(version.version)
+    return None
+
+
 @task(name="record-promotion", **_RETRY)
 def record_promotion(
     uri: str,

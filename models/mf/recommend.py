@@ -61,17 +61,48 @@ def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, 
     return best, masked[best]
 
 
+def _source_rows(from_ids: np.ndarray, to_ids: np.ndarray) -> np.ndarray:
+    """For each id of ``to_ids``, its row in ``from_ids`` or -1 (ids compared as text)."""
+    lookup = {str(item): i for i, item in enumerate(from_ids)}
+    return np.array([lookup.get(str(item), -1) for item in to_ids], dtype=np.int64)
+
+
 def align_item_params(params: ItemParams, from_ids: np.ndarray, to_ids: np.ndarray) -> ItemParams:
     """Re-index item parameters from one catalogue to another by the caller's item ids.
 
     Items of ``to_ids`` unknown to ``params`` get zero factors and bias (scored by the mean), so a
     model trained on yesterday's catalogue can be evaluated on today's.
     """
-    lookup = {str(item): i for i, item in enumerate(from_ids)}
-    source = np.array([lookup.get(str(item), -1) for item in to_ids], dtype=np.int64)
+    source = _source_rows(from_ids, to_ids)
     known = source >= 0
     factors = np.zeros((len(to_ids), params.n_factors))
     bias = np.zeros(len(to_ids))
     factors[known] = params.factors[source[known]]
     bias[known] = params.bias[source[known]]
     return ItemParams(factors, bias, params.global_mean)
+
+
+def warm_start_params(
+    fresh: ItemParams, previous: ItemParams, previous_ids: np.ndarray, ids: np.ndarray
+) -> tuple[ItemParams, int]:
+    """Start from a previous model: items it knows take its factors and biases, new items keep
+    their fresh initialisation, and the global mean is today's.
+
+    Returns the parameters and how many items were carried over.
+
+    Raises
+    ------
+    ValueError
+        If the previous model has a different number of factors.
+    """
+    if previous.n_factors != fresh.n_factors:
+        raise ValueError(
+            f"cannot warm-start {fresh.n_factors} factors from a model with {previous.n_factors}"
+        )
+    source = _source_rows(previous_ids, ids)
+    known = source >= 0
+    factors = fresh.factors.copy()
+    bias = fresh.bias.copy()
+    factors[known] = previous.factors[source[known]]
+    bias[known] = previous.bias[source[known]]
+    return ItemParams(factors, bias, fresh.global_mean), int(known.sum())

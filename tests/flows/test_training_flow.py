@@ -172,3 +172,40 @@ def test_invalid_parameters_fail_before_any_run_or_version(store, first_run):
         == runs_before
     )
     assert len(client.search_model_versions("name='flowtest'")) == versions_before
+
+
+def test_unchanged_data_and_config_register_nothing(store, first_run):
+    from flows.training import federated_training
+
+    client = store["client"]
+    versions = len(client.search_model_versions("name='flowtest'"))
+    config = TrainingConfig(
+        rounds=ROUNDS, factors=8, tracking_uri=store["uri"], model_name="flowtest", **SMALL
+    )
+
+    summary = federated_training(**config.model_dump())
+
+    assert summary["skipped"] is True and summary["champion_version"] == "1"
+    assert "unchanged since champion version 1" in summary["reason"]
+    assert len(client.search_model_versions("name='flowtest'")) == versions
+
+
+def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run):
+    from flows.training import federated_training
+
+    # one round from the champion's items lands near the champion; one round from scratch does not
+    warm = TrainingConfig(
+        rounds=1,
+        factors=8,
+        warm_start=True,
+        tracking_uri=store["uri"],
+        model_name="flowtest",
+        **SMALL,
+    )
+    cold = warm.model_copy(update={"warm_start": False, "model_name": "flowtest-cold"})
+
+    warm_summary = federated_training(**warm.model_dump())
+    cold_summary = federated_training(**cold.model_dump())
+
+    assert warm_summary["metrics"]["valid_rmse"] < cold_summary["metrics"]["valid_rmse"] - 0.02
+    assert warm_summary["metrics"]["valid_rmse"] < first_run["metrics"]["valid_rmse"] + 0.01

@@ -103,3 +103,24 @@ def test_save_load_round_trip_without_pickle(recommender, tmp_path):
         tmp_path / "m" / "item_params.npz", allow_pickle=False
     ) as data:  # loads with pickle off
         assert set(data.files) == {"factors", "bias", "global_mean"}
+
+
+def test_warm_start_carries_known_items_and_keeps_new_ones_fresh():
+    from models.mf.recommend import warm_start_params
+
+    previous = _params(n_items=3, k=2, seed=1)
+    fresh = ItemParams(np.full((4, 2), 9.0), np.full(4, 9.0), 3.9)
+
+    warm, carried = warm_start_params(
+        fresh, previous, np.array(["a", "b", "c"]), np.array(["b", "new", "a", "c"])
+    )
+
+    assert carried == 3 and warm.global_mean == 3.9
+    np.testing.assert_array_equal(warm.factors[[0, 2, 3]], previous.factors[[1, 0, 2]])
+    np.testing.assert_array_equal(
+        warm.factors[1], [9.0, 9.0]
+    )  # a new item keeps its initialisation
+    with pytest.raises(ValueError, match="cannot warm-start 2 factors from a model with 5"):
+        warm_start_params(
+            fresh, _params(n_items=3, k=5), np.array(["a", "b", "c"]), np.array(["a"])
+        )
