@@ -15,7 +15,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 
-.PHONY: help setup demo test test-fast lint format mlflow-ui prefect-ui bench-quality bench-overhead clean
+PREFECT_POOL ?= fedrec-local
+SERVER_API := http://127.0.0.1:$(PREFECT_PORT)/api
+server deploy worker serve: export PREFECT_API_URL ?= $(SERVER_API)
+
+.PHONY: help setup demo test test-fast lint format mlflow-ui prefect-ui server deploy worker serve \
+	bench-quality bench-overhead bench-speed clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -38,9 +43,21 @@ demo: setup ## train on built-in synthetic data (local Prefect + SQLite MLflow),
 mlflow-ui: setup ## MLflow UI on 127.0.0.1 for the local store
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(FEDREC_HOME)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
-prefect-ui: setup ## a Prefect server + UI on 127.0.0.1 (shows the demo's flow runs)
+prefect-ui: server ## alias of `make server`: its UI shows the demo's flow runs too
+
+server: setup ## a Prefect server + UI on 127.0.0.1:4200 (PREFECT_PORT; SQLite under FEDREC_HOME)
 	@mkdir -p "$(PREFECT_HOME)"
 	$(RUN) prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: setup ## create the process work pool if missing, then deploy deployments/prefect.yaml
+	$(RUN) prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || $(RUN) prefect work-pool create $(PREFECT_POOL) --type process
+	$(RUN) prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --all
+
+worker: setup ## a process worker on the pool: runs scheduled and triggered flow runs
+	$(RUN) prefect worker start --pool $(PREFECT_POOL)
+
+serve: setup ## single-process alternative to deploy + worker: the same schedule via flow.serve
+	$(RUN) fedrec serve
 
 lint: setup ## ruff lint and format check
 	$(RUN) ruff check .
@@ -58,6 +75,9 @@ test-fast: setup ## unit tests without the slow and real-data ones
 
 bench-quality: setup ## RMSE/MAE and timings on ML-100K and ML-1M (Surprise's 5-fold protocol)
 	$(RUN) python -m benchmarks.quality
+
+bench-speed: setup ## seconds per ML-1M ALS round (k=64, 10 clients), default vs tuned allocator
+	$(RUN) python -m benchmarks.round_speed
 
 bench-overhead: setup ## orchestration overhead: the Prefect flow with MLflow vs the same core calls in a loop
 	$(RUN) python -m benchmarks.overhead

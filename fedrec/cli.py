@@ -237,6 +237,60 @@ def train(
     click.echo(f"MLflow run {summary['run_id']} in {summary['tracking_uri']}")
 
 
+_DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
+
+
+def nightly_deployment(path: Path = _DEPLOYMENTS) -> dict[str, Any]:
+    """The `nightly` entry of deployments/prefect.yaml: the one place its schedule is written."""
+    spec = yaml.safe_load(path.read_text())
+    for deployment in spec.get("deployments", []):
+        if deployment.get("name") == "nightly":
+            return deployment
+    raise UserError(f"{path}: no deployment named 'nightly'")
+
+
+@main.command()
+@click.option(
+    "--cron", default=None, help="cron schedule [default: the one in deployments/prefect.yaml]"
+)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="override a default parameter (repeatable), e.g. --param rounds=5",
+)
+@_debug_option
+@friendly_errors
+def serve(cron: str | None, params: tuple[str, ...]) -> None:
+    """Run the nightly retraining schedule in this one process (no worker or work pool needed).
+
+    Uses the schedule, default parameters and concurrency limit of the `nightly` deployment in
+    deployments/prefect.yaml; needs a Prefect server (PREFECT_API_URL, e.g. `make server`).
+    Runs can be triggered like the worker-based deployment's, by the name 'federated-training/nightly'.
+    """
+    spec = nightly_deployment()
+    parameters = dict(spec.get("parameters", {}))
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--param {item!r}: expected KEY=VALUE")
+        parameters[key] = yaml.safe_load(value)
+    TrainingConfig(**parameters)  # fail here, not at 2 a.m.
+    schedule = spec["schedules"][0]
+    _quiet_prefect(debug=False)
+    from flows.training import federated_training
+
+    federated_training.serve(
+        name="nightly",
+        cron=cron or schedule["cron"],
+        parameters=parameters,
+        limit=spec.get("concurrency_limit", {}).get("limit", 1),
+        description=spec.get("description"),
+        tags=spec.get("tags"),
+    )
+
+
 def _requests(history: str, users: str | None) -> pd.DataFrame:
     """One request row per user from a history file (user_id,item_id[,rating])."""
     from models.data.readers import read_interactions

@@ -1,0 +1,283 @@
+"""End to end against a real Prefect server and process worker: deploy deployments/prefect.yaml,
+trigger runs over HTTP, with the Prefect CLI and with run_deployment, and check what lands in
+MLflow. Every process the test starts is stopped at the end, also when a test fails."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOYMENT = "federated-training/nightly"
+SMALL = {
+    "synthetic_users": 300,
+    "synthetic_items": 200,
+    "synthetic_interactions": 9_000,
+    "clients": 3,
+    "rounds": 2,
+    "factors": 4,
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | list]:
+    """A raw HTTP call; retries the 503s a busy SQLite-backed server may answer."""
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in range(10):
+        request = urllib.request.Request(
+            url, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            if err.code == 503 and attempt < 9:
+                time.sleep(1)
+                continue
+            return err.code, json.loads(err.read() or b"null")
+    raise AssertionError("unreachable")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGINT, then SIGKILL, to the whole process group."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGINT, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("e2e")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = os.environ | {
+        "PREFECT_HOME": str(home / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "FEDREC_HOME": str(home / "fedrec"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+    }
+    prefect = [sys.executable, "-m", "prefect"]
+    started: list[subprocess.Popen] = []
+    logs = home / "logs"
+    logs.mkdir()
+    files = contextlib.ExitStack()
+    try:
+        server = subprocess.Popen(
+            [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=files.enter_context(open(logs / "server.log", "w")),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(server)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if _http("GET", f"{api}/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            raise AssertionError("prefect server did not become healthy in 120 s")
+        for command in (
+            [*prefect, "work-pool", "create", "fedrec-local", "--type", "process", "--overwrite"],
+            [
+                *prefect,
+                "--no-prompt",
+                "deploy",
+                "--prefect-file",
+                "deployments/prefect.yaml",
+                "--all",
+            ],
+        ):
+            done = subprocess.run(
+                command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+        worker = subprocess.Popen(
+            [*prefect, "worker", "start", "--pool", "fedrec-local"],
+            env=env,
+            cwd=home,
+            stdout=files.enter_context(open(logs / "worker.log", "w")),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        started.append(worker)
+        status, deployment = _http("GET", f"{api}/deployments/name/{DEPLOYMENT}")
+        assert status == 200, deployment
+        yield {
+            "api": api,
+            "env": env,
+            "deployment": deployment,
+            "logs": logs,
+            "mlflow": MlflowClient(env["MLFLOW_TRACKING_URI"]),
+        }
+    finally:
+        for proc in reversed(started):
+            _stop(proc)
+        files.close()
+
+
+def _create_run(stack, parameters: dict) -> tuple[int, dict]:
+    return _http(
+        "POST",
+        f"{stack['api']}/deployments/{stack['deployment']['id']}/create_flow_run",
+        {"parameters": parameters},
+    )
+
+
+def _wait(stack, run_id: str, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status, run = _http("GET", f"{stack['api']}/flow_runs/{run_id}")
+        assert status == 200, run
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(1)
+    worker_log = (stack["logs"] / "worker.log").read_text()[-4000:]
+    raise AssertionError(
+        f"flow run {run_id} did not finish in {timeout} s; worker log:\n{worker_log}"
+    )
+
+
+def _versions(stack) -> int:
+    return len(stack["mlflow"].search_model_versions("name='fedrec-mf'"))
+
+
+def test_deployment_has_the_schedule_limit_and_defaults(stack):
+    deployment = stack["deployment"]
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert (
+        deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
+    )
+    assert deployment["work_pool_name"] == "fedrec-local"
+    assert deployment["parameters"] == {"data": "synthetic", "rounds": 10, "warm_start": True}
+
+
+def test_http_trigger_trains_registers_and_sets_the_champion(stack):
+    status, run = _create_run(stack, SMALL)
+    assert status == 201, run
+
+    finished = _wait(stack, run["id"])
+
+    assert finished["state"]["type"] == "COMPLETED", finished["state"]
+    assert finished["parameters"]["warm_start"] is True and finished["parameters"]["rounds"] == 2
+    version = stack["mlflow"].get_model_version_by_alias("fedrec-mf", "champion")
+    assert str(version.version) == "1"
+    assert version.tags["fedrec.promoted"] == "true"
+
+
+def test_two_runs_at_once_run_one_after_the_other(stack):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    before = _versions(stack)
+    status, by_http = _create_run(stack, SMALL | {"seed": 11})
+    assert status == 201, by_http
+    with temporary_settings({PREFECT_API_URL: stack["api"]}):
+        by_python = run_deployment(DEPLOYMENT, parameters=SMALL | {"seed": 12}, timeout=0)
+
+    first = _wait(stack, by_http["id"])
+    second = _wait(stack, str(by_python.id))
+
+    assert first["state"]["type"] == second["state"]["type"] == "COMPLETED"
+    spans = sorted(
+        (datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"]))
+        for r in (first, second)
+    )
+    assert spans[0][1] <= spans[1][0], f"runs overlapped: {spans}"
+    assert _versions(stack) == before + 2
+
+
+def test_prefect_cli_trigger_with_p_overrides(stack):
+    before = _versions(stack)
+    args = [sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT]
+    for key, value in (SMALL | {"seed": 13, "rounds": 1}).items():
+        args += ["-p", f"{key}={value}"]
+    done = subprocess.run(args, env=stack["env"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = next(line.split()[-1] for line in done.stdout.splitlines() if "UUID" in line)
+
+    finished = _wait(stack, run_id)
+
+    assert finished["state"]["type"] == "COMPLETED", finished["state"]
+    assert finished["parameters"]["rounds"] == 1
+    assert _versions(stack) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"), [({"rounds": -1}, "rounds"), ({"algorithm": "svd"}, "algorithm")]
+)
+def test_invalid_parameters_are_refused_by_the_server(stack, parameters, expected):
+    before = _versions(stack)
+    status, body = _create_run(stack, parameters)
+    assert status in (409, 422), body
+    assert expected in json.dumps(body)
+    assert _versions(stack) == before
+
+
+def test_missing_data_path_fails_before_training_and_leaves_the_registry(stack):
+    before = _versions(stack)
+    champion = stack["mlflow"].get_model_version_by_alias("fedrec-mf", "champion").version
+    status, run = _create_run(stack, {"data": "/nowhere/ratings.csv"})
+    assert status == 201, run
+
+    finished = _wait(stack, run["id"])
+
+    assert finished["state"]["type"] == "FAILED"
+    assert "no such file or folder" in finished["state"]["message"]
+    assert _versions(stack) == before
+    assert stack["mlflow"].get_model_version_by_alias("fedrec-mf", "champion").version == champion
+
+
+def test_the_schedule_produced_scheduled_runs(stack):
+    deployment_id = stack["deployment"]["id"]
+    query = {
+        "flow_runs": {
+            "deployment_id": {"any_": [deployment_id]},
+            "state": {"type": {"any_": ["SCHEDULED"]}},
+        }
+    }
+    deadline = time.time() + 60
+    scheduled: list = []
+    while time.time() < deadline and not scheduled:
+        status, scheduled = _http("POST", f"{stack['api']}/flow_runs/filter", query)
+        assert status == 200, scheduled
+        scheduled = [r for r in scheduled if r.get("auto_scheduled")]
+        time.sleep(1)
+    assert scheduled, "the scheduler created no runs from the cron schedule"
+    starts = [datetime.fromisoformat(r["expected_start_time"]) for r in scheduled]
+    assert all((t.hour, t.minute) == (2, 0) for t in starts)
