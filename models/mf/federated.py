@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -303,6 +303,7 @@ def run_federated(
     client_fraction: float = 1.0,
     eval_splits: Sequence[str] = ("valid",),
     eval_ranking: bool = True,
+    start_from: Callable[[ItemParams], ItemParams] | None = None,
     on_round: Callable[[RoundResult], None] | None = None,
 ) -> tuple[GlobalState, list[RoundResult]]:
     """Train for ``rounds`` rounds in this process, without orchestration (the reference loop).
@@ -310,6 +311,8 @@ def run_federated(
     ``RoundResult.seconds`` covers the clients' updates and the server step, not the evaluation.
     """
     state = init_global_state(n_items, config, [client_rating_sums(c) for c in clients], seed)
+    if start_from is not None:  # e.g. a warm start: fresh parameters in, the starting point out
+        state = replace(state, params=start_from(state.params))
     history = []
     for r in range(1, rounds + 1):
         started = time.perf_counter()
