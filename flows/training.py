@@ -202,9 +202,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             "model_version": version,
             "promoted": decision.promote,
             "reason": decision.reason,
-            "champion_version": version
-            if decision.promote
-            else (champion.version if champion else None),
+            "champion_version": version if decision.promote else getattr(champion, "version", None),
             "metrics": {k: v for k, v in final.items() if not k.endswith(("_p10", "_median"))},
             "champion_metrics": champion_metrics,
             "workspace": workspace,
@@ -213,9 +211,4 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         succeeded = True
         return summary
     finally:
-        finish_run(
-            uri,
-            run_id,
-            succeeded,
-            {"fedrec.workspace": config.workspace or ""} if not succeeded else None,
-        )
+        finish_run(uri, run_id, succeeded)

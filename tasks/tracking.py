@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
@@ -30,9 +31,6 @@ from prefect.cache_policies import NONE
 from fedrec.config import TrainingConfig, fedrec_home
 from models.mf.recommender import MFRecommender
 from models.promotion import PromotionDecision
-
-matplotlib.use("Agg")  # files only; no display on servers
-import matplotlib.pyplot as plt
 
 CHAMPION = "champion"
 _PYFUNC_FILE = Path(__file__).resolve().parents[1] / "fedrec" / "serving" / "mf_pyfunc.py"
@@ -124,23 +122,25 @@ def log_round(uri: str, run_id: str, step: int, metrics: Mapping[str, float]) ->
 
 
 def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))  # no pyplot: no global state, no display backend
+    ax = fig.subplots()
     rounds = list(range(1, len(history) + 1))
     for key in ("train_rmse", "valid_rmse", "test_rmse"):
         values = [h.get(key, np.nan) for h in history]
         if np.isfinite(values).any():
             ax.plot(rounds, values, marker="o", label=key)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("RMSE")
     ax.set_title("Learning curve")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _plot_clients(per_client: pd.DataFrame, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("rmse", "ndcg_at_10"), strict=True):
         if metric in per_client:
             ax.bar(per_client["client"].astype(str), per_client[metric])
@@ -148,7 +148,6 @@ def _plot_clients(per_client: pd.DataFrame, path: Path) -> None:
             ax.set_title(f"test {metric} per client")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 @task(name="log-artifacts", **_RETRY)
@@ -307,12 +306,9 @@ def record_promotion(
 
 
 @task(name="finish-tracking", **_RETRY)
-def finish_run(
-    uri: str, run_id: str, succeeded: bool, tags: Mapping[str, str] | None = None
-) -> None:
+def finish_run(uri: str, run_id: str, succeeded: bool) -> None:
+    """Mark the MLflow run FINISHED, or FAILED when the flow raised."""
     client = _client(uri)
-    if tags:
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
     client.set_terminated(run_id, RunStatus.to_string(status))
 
