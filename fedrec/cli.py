@@ -279,13 +279,17 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     TrainingConfig(**parameters)  # fail here, not at 2 a.m.
     schedule = spec["schedules"][0]
     _quiet_prefect(debug=False)
+    from prefect.schedules import Cron
+
     from flows.training import federated_training
 
+    limit = spec.get("concurrency_limit", {}).get("limit", 1)
     federated_training.serve(
         name="nightly",
-        cron=cron or schedule["cron"],
+        schedules=[Cron(cron or schedule["cron"], timezone=schedule.get("timezone", "UTC"))],
         parameters=parameters,
-        limit=spec.get("concurrency_limit", {}).get("limit", 1),
+        limit=limit,
+        global_limit=limit,
         description=spec.get("description"),
         tags=spec.get("tags"),
     )
