@@ -120,6 +120,7 @@ def main() -> None:
             rounds=ns.rounds,
             clients=ns.clients,
             tracking_uri=f"sqlite:///{scratch / 'mlflow.db'}",
+            skip_if_unchanged=False,  # every repeat trains; otherwise repeats 2+ would be no-ops
         )
         plain_loop(config)  # warm-up: imports, page cache, allocator
         flow_s, loop_s = [], []
@@ -153,7 +154,7 @@ def main() -> None:
     print()
     print_table([row], list(row))
     path = write_json(
-        "overhead",
+        f"overhead_{ns.data}",
         {
             "machine": machine(),
             "args": vars(ns),
