@@ -124,7 +124,9 @@ class MFRecommender:
             if len(candidates):
                 known = [str(i) for i in candidates if str(i) in index]
                 missing = [str(i) for i in candidates if str(i) not in index]
-                reason = reasons[u]
+                reason = reasons[u].replace(
+                    "popularity fallback", "scored by global mean and item bias"
+                )
                 if missing:
                     reason = "; ".join(
                         filter(

@@ -124,3 +124,18 @@ def test_warm_start_carries_known_items_and_keeps_new_ones_fresh():
         warm_start_params(
             fresh, _params(n_items=3, k=5), np.array(["a", "b", "c"]), np.array(["a"])
         )
+
+
+def test_scoring_items_for_a_user_without_history_says_how(recommender):
+    requests = pd.DataFrame(
+        {
+            "user_id": ["new"],
+            "history_items": [[]],
+            "history_ratings": [[]],
+            "items": [["i1", "i2"]],
+        }
+    )
+    out = recommender.recommend(requests)
+    expected = np.clip(recommender.params.global_mean + recommender.params.bias[[1, 2]], 1, 5)
+    np.testing.assert_allclose(out["score"], expected)
+    assert out["reason"].iloc[0] == "no known items in history: scored by global mean and item bias"

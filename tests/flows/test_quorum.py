@@ -1,0 +1,23 @@
+"""A round keeps the clients that answered and leaves out the ones whose task failed."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+
+
+@task(retries=0)
+def _client(i: int) -> int:
+    if i == 2:
+        raise RuntimeError("client 2 is down")
+    return i * 10
+
+
+def test_failed_client_tasks_are_left_out_and_logged(prefect_server, caplog):
+    from flows.training import _answered
+
+    @flow
+    def one_round() -> list[int]:
+        return _answered([_client.submit(i) for i in range(4)], "round 1")
+
+    assert one_round() == [0, 10, 30]
+    assert any("round 1: a client task failed" in r.getMessage() for r in caplog.records)
