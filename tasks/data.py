@@ -13,7 +13,7 @@ from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
 from models.data.readers import load_dataset
 from models.data.schema import Interactions
-from models.data.sharding import assign_clients, combine_splits, split_rows
+from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
 
 
 def _file_options(config: TrainingConfig) -> dict[str, object]:
@@ -64,6 +64,10 @@ def plan_clients(
         key=config.partition_key,
         key_prefix=config.key_prefix,
     )
+    if split is not None and not np.any(split == 1):  # explicit files without a validation file
+        split = hold_out_validation(
+            data, split, client_of_user, fraction=config.valid_fraction, rng=rng
+        )
     if split is None:
         split = split_rows(
             data,

@@ -259,3 +259,30 @@ def combine_splits(
         item_features=by_id(train.item_features, train.item_ids),
     )
     return combined, np.concatenate(labels)
+
+
+def hold_out_validation(
+    data: Interactions,
+    split: np.ndarray,
+    client_of_user: np.ndarray,
+    *,
+    fraction: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Turn a random ``fraction`` of each client's training rows into validation rows.
+
+    For explicit train/test files without a validation file: promotion and the per-round
+    validation metrics need validation rows. Each user keeps at least one training row.
+    """
+    train = np.flatnonzero(split == 0)
+    if fraction <= 0 or train.size == 0:
+        return split
+    subset = Interactions(
+        data.frame.iloc[train], data.user_ids, data.item_ids, data.rating_scale, source=data.source
+    )
+    inner = split_rows(
+        subset, client_of_user, method="random", valid_fraction=fraction, test_fraction=0.0, rng=rng
+    )
+    out = split.copy()
+    out[train] = inner
+    return out

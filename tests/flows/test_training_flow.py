@@ -209,3 +209,28 @@ def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run)
 
     assert warm_summary["metrics"]["valid_rmse"] < cold_summary["metrics"]["valid_rmse"] - 0.02
     assert warm_summary["metrics"]["valid_rmse"] < first_run["metrics"]["valid_rmse"] + 0.01
+
+
+def test_explicit_train_and_test_files_keep_their_split(store, tmp_path):
+    from flows.training import federated_training
+    from models.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(n_users=300, n_items=200, n_interactions=9_000, seed=5)
+    frame = data.frame.assign(
+        user_id=data.user_ids[data.frame["user"]], item_id=data.item_ids[data.frame["item"]]
+    )
+    rows = frame[["user_id", "item_id", "rating", "timestamp"]]
+    is_test = np.random.default_rng(0).random(len(rows)) < 0.2
+    rows[~is_test].to_csv(tmp_path / "train.csv", index=False)
+    rows[is_test].to_csv(tmp_path / "test.csv", index=False)
+
+    summary = federated_training(
+        train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv"), rounds=2, clients=3, factors=4,
+        tracking_uri=store["uri"], model_name="explicit",
+    )  # fmt: skip
+
+    profile = pd.read_csv(store["client"].download_artifacts(summary["run_id"], "data_profile.csv"))
+    assert profile["test_rows"].sum() == is_test.sum()  # the test file, exactly
+    assert profile["valid_rows"].sum() > 0  # validation carved from the training file
+    assert profile["train_rows"].sum() + profile["valid_rows"].sum() == (~is_test).sum()
+    assert {"valid_rmse", "test_rmse"} <= set(summary["metrics"]) and summary["promoted"] is True

@@ -207,3 +207,20 @@ def test_explicit_splits_share_one_id_space_and_keep_their_labels():
     )
     assert decoded == [("a", 1, 0), ("b", 2, 0), ("b", 3, 0), ("b", 1, 2), ("c", 9, 2)]
     assert combined.n_items == 4 and combined.source == "train.csv + test.csv"
+
+
+def test_validation_is_carved_from_explicit_training_rows_only():
+    from models.data.sharding import hold_out_validation
+
+    data = low_rank_interactions(n_users=40, n_items=30, density=0.5)
+    split = np.where(np.random.default_rng(0).random(len(data.frame)) < 0.2, TEST, TRAIN).astype(
+        np.int8
+    )
+    clients = assign_clients(data, n_clients=3, strategy="iid", rng=np.random.default_rng(0))
+
+    out = hold_out_validation(data, split, clients, fraction=0.1, rng=np.random.default_rng(0))
+
+    np.testing.assert_array_equal(out == TEST, split == TEST)  # test rows untouched
+    assert (out == VALID).sum() == pytest.approx(0.1 * (split == TRAIN).sum(), rel=0.25)
+    users_with_train = np.unique(data.frame["user"].to_numpy()[out == TRAIN])
+    assert users_with_train.size == np.unique(data.frame["user"].to_numpy()[split == TRAIN]).size
