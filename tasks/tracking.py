@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
@@ -242,16 +243,21 @@ def load_recommender(uri: str, model_uri: str) -> MFRecommender:
     return model.unwrap_python_model().recommender
 
 
+def _champion_version(uri: str, model_name: str) -> ModelVersion | None:
+    try:
+        return _client(uri).get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException as err:
+        if _is_missing(err):  # no such model, or no champion alias yet
+            return None
+        raise
+
+
 @task(name="load-champion", **_RETRY)
 def load_champion(uri: str, model_name: str) -> Champion | None:
     """The current champion of ``model_name``, or None if there is none yet."""
-    client = _client(uri)
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException as err:
-        if _is_missing(err):
-            return None
-        raise
+    version = _champion_version(uri, model_name)
+    if version is None:
+        return None
     return Champion(str(version.version), load_recommender(uri, f"models:/{model_name}@{CHAMPION}"))
 
 
@@ -260,13 +266,9 @@ def unchanged_since_champion(
     uri: str, model_name: str, fingerprint: str, config_hash: str
 ) -> str | None:
     """The champion's version if it was trained on these very data with this very config."""
-    client = _client(uri)
-    try:
-        version = client.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException as err:
-        if _is_missing(err):
-            return None
-        raise
+    version = _champion_version(uri, model_name)
+    if version is None:
+        return None
     tags = version.tags
     if (
         tags.get("fedrec.dataset_fingerprint") == fingerprint
