@@ -61,6 +61,28 @@ def _answered(futures: Sequence[PrefectFuture], what: str) -> list[Any]:
     return results
 
 
+def _log_step(
+    uri: str,
+    run_id: str,
+    step: int,
+    config: TrainingConfig,
+    round_: tuple[list, float],
+    evaluations: list,
+    mf: Any,
+    n_items: int,
+) -> dict[str, float]:
+    """Summarise round ``step`` (its uploads and time, its model's evaluation), log it, report it."""
+    updates, seconds = round_
+    metrics = summarize_round(updates, evaluations, mf, n_items, seconds)
+    log_round(uri, run_id, step, metrics)
+    get_run_logger().info(
+        "round %d/%d: train RMSE %.4f, valid RMSE %.4f, %.1f MB up, %.2f s",
+        step, config.rounds, metrics.get("train_rmse", float("nan")), metrics.get("valid_rmse", float("nan")),
+        metrics.get("bytes_uploaded", 0.0) / 1e6, metrics.get("round_seconds", float("nan")),
+    )  # fmt: skip
+    return metrics
+
+
 def federated_training_fn(**params: Any) -> dict[str, Any]:
     """Train a federated recommender, track it in MLflow, register it, and promote it if better.
 
@@ -114,50 +136,61 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             else:
                 logger.warning("no warm start: champion has %d factors, this run %d",
                                champion.recommender.params.n_factors, mf.n_factors)  # fmt: skip
+        # A client task evaluates the model it receives, then trains on it: the model of round r
+        # is evaluated by round r+1's tasks (and the last one by a final pass), so each step's
+        # metrics are logged one round late, in one batch, at step = r.
         history: list[dict[str, float]] = []
+        splits = ("train", "valid", "test")
+        pending: tuple[list, float] | None = None  # round r's updates and seconds, until evaluated
         updates: list = []
         for r in range(1, config.rounds + 1):
             started = time.perf_counter()
-            chosen = [
-                entries[i]
-                for i in sample_clients(len(entries), config.client_fraction, config.seed, r)
-            ]
+            chosen_ids = set(sample_clients(len(entries), config.client_fraction, config.seed, r))
+            chosen = [e for i, e in enumerate(entries) if i in chosen_ids]
+            asked = splits if pending else ()
             trainer = train_client.with_options(retries=config.task_retries, retry_delay_seconds=1)
-            updates = _answered(
+            answers = _answered(
                 [
-                    trainer.with_options(
-                        task_run_name=f"train client-{e.client_id} round-{r}"
-                    ).submit(workspace, e, n_items, state.params, mf, config.seed, r)
+                    trainer.with_options(task_run_name=f"train client-{e.client_id} round-{r}").submit(
+                        workspace, e, n_items, state.params, mf, config.seed, r, asked
+                    )
                     for e in chosen
+                ]
+                + [  # clients sitting this round out still evaluate the model (after round 1)
+                    evaluate.with_options(task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
+                        workspace, e, n_items, state.params, mf, splits
+                    )
+                    for i, e in enumerate(entries) if pending and i not in chosen_ids
                 ],
                 f"round {r}",
-            )
+            )  # fmt: skip
+            updates = [a[0] for a in answers if isinstance(a, tuple)]
+            evaluations = [a[1] if isinstance(a, tuple) else a for a in answers]
             if len(updates) < config.min_clients:
                 raise QuorumError(
                     f"round {r}: {len(updates)} of {len(chosen)} clients answered, min_clients={config.min_clients}"
                 )
+            if pending:
+                history.append(
+                    _log_step(uri, run_id, r - 1, config, pending, evaluations, mf, n_items)
+                )
             state = aggregate(state, updates, mf)
-            evaluations = _answered(
-                [
-                    evaluate.with_options(
-                        task_run_name=f"evaluate client-{e.client_id} round-{r}"
-                    ).submit(workspace, e, n_items, state.params, mf, ("valid", "test"))
-                    for e in entries
-                ],
-                f"round {r} evaluation",
-            )
-            metrics = summarize_round(
-                updates, evaluations, mf, n_items, time.perf_counter() - started
-            )
-            log_round(uri, run_id, r, metrics)
             checkpoint(state, f"{workspace}/checkpoints")
-            history.append(metrics)
-            logger.info(
-                "round %d/%d: train RMSE %.4f, valid RMSE %.4f, %.1f MB up, %.2f s",
-                r, config.rounds, metrics.get("train_rmse", float("nan")), metrics.get("valid_rmse", float("nan")),
-                metrics["bytes_uploaded"] / 1e6, metrics["round_seconds"],
-            )  # fmt: skip
+            pending = (updates, time.perf_counter() - started)
 
+        evaluations = _answered(
+            [
+                evaluate.with_options(task_run_name=f"evaluate client-{e.client_id} round-{config.rounds}").submit(
+                    workspace, e, n_items, state.params, mf, splits
+                )
+                for e in entries
+            ],
+            "final evaluation",
+        )  # fmt: skip
+        assert pending is not None  # rounds >= 1
+        history.append(
+            _log_step(uri, run_id, config.rounds, config, pending, evaluations, mf, n_items)
+        )
         final = history[-1]
         candidate = build_recommender(state, item_ids, item_popularity(updates, n_items), mf)
 

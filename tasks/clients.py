@@ -15,7 +15,7 @@ from models.mf.federated import (
     MFConfig,
     client_rating_sums,
     client_rng,
-    client_update,
+    client_round,
     evaluate_client_splits,
 )
 from models.mf.params import ItemParams
@@ -50,10 +50,11 @@ def train_client(
     mf: MFConfig,
     seed: int,
     round_: int,
-) -> ClientUpdate:
-    """One client's round of local training against the current global item parameters."""
+    eval_splits: tuple[str, ...] = (),
+) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+    """Evaluate the incoming global model on the client's own rows, then train one round on it."""
     client = open_client(workspace, entry, n_items)
-    return client_update(client, params, mf, client_rng(seed, round_, entry.client_id))
+    return client_round(client, params, mf, client_rng(seed, round_, entry.client_id), eval_splits)
 
 
 @task(name="evaluate-client", cache_policy=NONE)

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from models.aggregation import aggregate_item_sums
-from models.metrics import add_sums, finalize_metrics
+from models.metrics import finalize_metrics
 from models.mf.federated import (
     Evaluation,
     GlobalState,
@@ -60,15 +60,12 @@ def summarize_round(
     n_items: int,
     seconds: float,
 ) -> dict[str, float]:
-    """The round's metrics as MLflow will log them: training error, every evaluated split
-    (``valid_*``, ``test_*``), upload size and wall time."""
+    """One logged step: the round's uploads and wall time, and the model it produced, evaluated
+    on every split the clients reported (``train_*``, ``valid_*``, ``test_*``)."""
     metrics: dict[str, float] = {}
     for split in dict.fromkeys(s for e in evaluations for s in e):
         parts = [e[split] for e in evaluations if split in e]
         metrics |= summarize_evaluation(parts, mf, n_items, split)
-    train = add_sums(u.metrics for u in updates)
-    if train.get("train_n"):
-        metrics["train_rmse"] = float(np.sqrt(train["train_sse"] / train["train_n"]))
     if updates:
         metrics["clients"] = float(len(updates))
         metrics["bytes_uploaded"] = float(sum(u.nbytes() for u in updates))

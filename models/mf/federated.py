@@ -31,6 +31,8 @@ from models.server_optimizers import ServerOptimizerState, apply_server_update
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
 _SERVER_RULE = {"fedavg": "sgd", "fedprox": "sgd", "fedadam": "adam", "fedyogi": "yogi"}
+# What a client reports for one split: metric sums, and per-item top-K counts (None without ranking).
+Evaluation = tuple[dict[str, float], np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,21 @@ def init_global_state(
 
 
 def client_update(
-    client: ClientData, params: ItemParams, config: MFConfig, rng: np.random.Generator
+    client: ClientData,
+    params: ItemParams,
+    config: MFConfig,
+    rng: np.random.Generator,
+    *,
+    user_params: UserParams | None = None,
 ) -> ClientUpdate:
-    """One client's round: fold in its users, then ALS statistics or local SGD for touched items."""
+    """One client's round: fold in its users, then ALS statistics or local SGD for touched items.
+
+    ``user_params``, when given, is the fold-in against ``params`` already computed (see
+    :func:`client_round`).
+    """
     rows = client.rows("train")
-    user_params = solve_users(rows, params, reg=config.reg)
+    if user_params is None:
+        user_params = solve_users(rows, params, reg=config.reg)
     err = rows.ratings - predict_ratings(user_params, params, rows.users, rows.items)
     metrics = {"train_sse": float(err @ err), "train_n": float(err.size)}
     if config.algorithm == "als":
@@ -149,6 +161,22 @@ def client_update(
         rng=rng,
     )
     return ClientUpdate(client.client_id, items.astype(np.int64), counts, {"delta": delta}, metrics)
+
+
+def client_round(
+    client: ClientData,
+    params: ItemParams,
+    config: MFConfig,
+    rng: np.random.Generator,
+    eval_splits: Sequence[str],
+) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+    """Evaluate the incoming global model on ``eval_splits``, then train on it: one fold-in for
+    both, and one task per client and round for an orchestrator instead of two."""
+    user_params = solve_users(client.rows("train"), params, reg=config.reg)
+    evaluations = {
+        s: _evaluate_split(client, params, user_params, config, s, True) for s in eval_splits
+    }
+    return client_update(client, params, config, rng, user_params=user_params), evaluations
 
 
 def server_update(
@@ -194,9 +222,6 @@ def server_update(
     )
 
 
-Evaluation = tuple[dict[str, float], np.ndarray | None]
-
-
 def evaluate_client(
     client: ClientData,
     params: ItemParams,
@@ -221,7 +246,8 @@ def evaluate_client_splits(
     *,
     ranking: bool = True,
 ) -> dict[str, Evaluation]:
-    """:func:`evaluate_client` for several held-out splits, folding the users in once."""
+    """:func:`evaluate_client` for several splits, folding the users in once; ``"train"`` gives
+    the training error (rating errors only)."""
     user_params = solve_users(client.rows("train"), params, reg=config.reg)
     return {s: _evaluate_split(client, params, user_params, config, s, ranking) for s in splits}
 
@@ -239,7 +265,7 @@ def _evaluate_split(
     if config.clip_to is not None:
         predicted = np.clip(predicted, *config.clip_to)
     sums = rating_error_sums(predicted, held_out.ratings)
-    if not ranking:
+    if not ranking or split == "train":  # training error only: nothing is held out to rank
         return sums, None
     users = np.unique(held_out.users)
     scores = (

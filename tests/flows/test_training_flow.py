@@ -234,3 +234,21 @@ def test_explicit_train_and_test_files_keep_their_split(store, tmp_path):
     assert profile["valid_rows"].sum() > 0  # validation carved from the training file
     assert profile["train_rows"].sum() + profile["valid_rows"].sum() == (~is_test).sum()
     assert {"valid_rmse", "test_rmse"} <= set(summary["metrics"]) and summary["promoted"] is True
+
+
+def test_sampled_rounds_still_evaluate_every_client(store):
+    from flows.training import federated_training
+
+    config = TrainingConfig(rounds=3, factors=4, client_fraction=0.5, clients=4, tracking_uri=store["uri"], model_name="sampled",
+                            **{k: v for k, v in SMALL.items() if k != "clients"})  # fmt: skip
+    summary = federated_training(**config.model_dump())
+
+    client = store["client"]
+    for key in ("valid_rmse", "train_rmse", "clients"):
+        history = client.get_metric_history(summary["run_id"], key)
+        assert [m.step for m in history] == [1, 2, 3], key
+    assert {m.value for m in client.get_metric_history(summary["run_id"], "clients")} == {
+        2.0
+    }  # 50% of 4 train
+    profile = pd.read_csv(client.download_artifacts(summary["run_id"], "client_metrics.csv"))
+    assert len(profile) == 4  # but all 4 are evaluated

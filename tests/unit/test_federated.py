@@ -135,3 +135,34 @@ def test_client_sampling_is_seeded_and_sized():
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MFConfig(**kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ["als", "fedavg"])
+def test_client_round_is_evaluate_then_update_with_one_fold_in(algorithm, federation):
+    from models.mf.federated import (
+        client_rating_sums,
+        client_round,
+        client_update,
+        evaluate_client_splits,
+        init_global_state,
+    )
+
+    data, clients = federation
+    config = MFConfig(algorithm=algorithm, n_factors=3)
+    state = init_global_state(
+        data.n_items, config, [client_rating_sums(c) for c in clients], seed=0
+    )
+    client = clients[1]
+
+    update, evaluations = client_round(
+        client, state.params, config, client_rng(0, 2, 1), ("train", "valid", "test")
+    )
+
+    alone = client_update(client, state.params, config, client_rng(0, 2, 1))
+    expected = evaluate_client_splits(client, state.params, config, ("train", "valid", "test"))
+    np.testing.assert_array_equal(update.items, alone.items)
+    for name in update.arrays:
+        np.testing.assert_allclose(update.arrays[name], alone.arrays[name], atol=1e-12)
+    for split in expected:
+        assert evaluations[split][0] == pytest.approx(expected[split][0])
+    assert evaluations["train"][0]["sse"] == pytest.approx(update.metrics["train_sse"])
