@@ -176,3 +176,17 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     scores = pd.read_csv(io.StringIO(pred.stdout), dtype={"user_id": str, "item_id": str})
     assert list(scores.columns) == ["user_id", "item_id", "score"]
     assert list(scores["item_id"]) == [items[3], items[0]] and scores["score"].between(1, 5).all()
+
+
+def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving():
+    from fedrec.cli import nightly_deployment
+
+    spec = nightly_deployment()
+    assert spec["schedules"][0]["cron"] == "0 2 * * *" and spec["concurrency_limit"]["limit"] == 1
+    bad_value = CliRunner().invoke(main, ["serve", "--param", "rounds=-1"])
+    bad_form = CliRunner().invoke(main, ["serve", "--param", "rounds"])
+    assert (
+        bad_value.exit_code == 2
+        and "rounds: Input should be greater than or equal to 1" in bad_value.stderr
+    )
+    assert bad_form.exit_code == 2 and "expected KEY=VALUE" in bad_form.stderr
