@@ -8,7 +8,6 @@ line on stderr and exit with status 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -21,74 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import click
-import pandas as pd
 import yaml
-from pydantic import ValidationError
 
+from fedrec.cli_errors import UserError, debug_option, friendly_errors
+from fedrec.cli_models import predict, recommend
 from fedrec.config import TrainingConfig
-from models.data.errors import DataValidationError
 
-# Flags of `fedrec train` that are not config fields, and config fields left to --config files.
+# Config fields without a flag of their own: set them in the --config YAML file.
 _FILE_ONLY = {"synthetic_users", "synthetic_items", "synthetic_interactions", "local_epochs", "local_lr",
               "batch_size", "prox_mu", "server_lr", "relevance_threshold", "task_retries", "max_client_regression",
               "user_col", "item_col", "rating_col", "timestamp_col", "rating_scale"}  # fmt: skip
-
-
-class UserError(click.ClickException):
-    """A problem the user can fix; shown as one line."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"fedrec: error: {self.message}", err=True)
-
-
-def _one_line(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        value = e.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{shown}")
-    return "; ".join(parts)
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn known user errors into one line and exit status 2 (unless --debug)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        debug = kwargs.pop("debug", False)
-        try:
-            return (
-                fn(*args, debug=debug, **kwargs)
-                if "debug" in fn.__code__.co_varnames
-                else fn(*args, **kwargs)
-            )
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Exception as err:
-            if debug:
-                raise
-            from mlflow.exceptions import MlflowException
-
-            if isinstance(err, ValidationError):
-                raise UserError(f"invalid configuration: {_one_line(err)}") from err
-            if isinstance(err, DataValidationError | FileNotFoundError):
-                raise UserError(str(err)) from err
-            if isinstance(err, MlflowException):
-                raise UserError(f"MLflow: {err.message.splitlines()[0]}") from err
-            raise UserError(
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            ) from err
-
-    return wrapper
-
-
-def _debug_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--debug", is_flag=True, help="show full tracebacks instead of one-line errors"
-    )(fn)
 
 
 class _NoErrorRecords(logging.Filter):
@@ -187,7 +128,7 @@ def main() -> None:
     default=None,
     help="client tasks run at once [default: CPU count, at most 8]",
 )
-@_debug_option
+@debug_option
 @friendly_errors
 def train(
     config_file: str | None, as_json: bool, max_workers: int | None, debug: bool, **overrides: Any
@@ -260,7 +201,7 @@ def nightly_deployment(path: Path = _DEPLOYMENTS) -> dict[str, Any]:
     metavar="KEY=VALUE",
     help="override a default parameter (repeatable), e.g. --param rounds=5",
 )
-@_debug_option
+@debug_option
 @friendly_errors
 def serve(cron: str | None, params: tuple[str, ...]) -> None:
     """Run the nightly retraining schedule in this one process (no worker or work pool needed).
@@ -295,148 +236,8 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     )
 
 
-def _requests(history: str, users: str | None) -> pd.DataFrame:
-    """One request row per user from a history file (user_id,item_id[,rating])."""
-    from models.data.readers import read_interactions
-
-    data = read_interactions(history, rating_scale=None)
-    frame = data.frame
-    rows = pd.DataFrame(
-        {
-            "user_id": data.user_ids[frame["user"].to_numpy()].astype(str),
-            "item": data.item_ids[frame["item"].to_numpy()].astype(str),
-            "rating": frame["rating"].to_numpy(),
-        }
-    )
-    grouped = rows.groupby("user_id", sort=False).agg(
-        history_items=("item", list), history_ratings=("rating", list)
-    )
-    requests = grouped.reset_index()
-    if users:
-        wanted = pd.read_csv(users, dtype=str)
-        if "user_id" not in wanted:
-            raise UserError(f"{users}: needs a user_id column, has {', '.join(wanted.columns)}")
-        wanted = wanted[["user_id"]].drop_duplicates()
-        requests = wanted.merge(requests, on="user_id", how="left")
-        requests["history_items"] = requests["history_items"].apply(
-            lambda v: v if isinstance(v, list) else []
-        )
-        requests["history_ratings"] = requests["history_ratings"].apply(
-            lambda v: v if isinstance(v, list) else []
-        )
-    return requests
-
-
-def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
-    """The registered recommender; a missing local store is a user error, not a new empty store."""
-    from tasks.tracking import load_recommender, resolve_tracking_uri
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    uri = resolve_tracking_uri(tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise UserError(
-            f"no MLflow store at {uri.removeprefix('sqlite:///')}: train first (fedrec train) or pass --tracking-uri"
-        )
-    return load_recommender(uri, model_uri)
-
-
-def _report_reasons(result: pd.DataFrame) -> None:
-    """Fallbacks and ignored items go to stderr, one line per user, so stdout stays clean CSV."""
-    notes = result.loc[result["reason"] != "", ["user_id", "reason"]].drop_duplicates("user_id")
-    for user, reason in notes.itertuples(index=False):
-        click.echo(f"fedrec: note: user {user}: {reason}", err=True)
-
-
-def _write(frame: pd.DataFrame, out: str | None) -> None:
-    if out:
-        frame.to_csv(out, index=False)
-    else:
-        frame.to_csv(sys.stdout, index=False)
-
-
-def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option(
-        "--tracking-uri",
-        default=None,
-        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
-    )(fn)
-    fn = click.option(
-        "--model",
-        "model_uri",
-        default="models:/fedrec-mf@champion",
-        show_default=True,
-        help="model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model",
-    )(fn)
-    return fn
-
-
-@main.command()
-@_model_options
-@click.option(
-    "--history",
-    required=True,
-    help="CSV/Parquet of user_id,item_id[,rating]: what each user has rated",
-)
-@click.option(
-    "--users",
-    default=None,
-    help="CSV with a user_id column: recommend for these (default: every user in --history)",
-)
-@click.option(
-    "--k", default=10, show_default=True, type=click.IntRange(min=1), help="items per user"
-)
-@click.option("--out", default=None, help="output CSV (default: stdout)")
-@_debug_option
-@friendly_errors
-def recommend(
-    model_uri: str,
-    tracking_uri: str | None,
-    history: str,
-    users: str | None,
-    k: int,
-    out: str | None,
-) -> None:
-    """Top-K unseen items per user: CSV user_id,rank,item_id,score."""
-    requests = _requests(history, users)
-    recommender = _load_model(model_uri, tracking_uri)
-    result = recommender.recommend(requests, k=k)
-    _report_reasons(result)
-    _write(result[["user_id", "rank", "item_id", "score"]], out)
-
-
-@main.command()
-@_model_options
-@click.option(
-    "--history", required=True, help="CSV/Parquet of user_id,item_id[,rating] to fold users in from"
-)
-@click.option("--pairs", required=True, help="CSV of user_id,item_id pairs to score")
-@click.option("--out", default=None, help="output CSV (default: stdout)")
-@_debug_option
-@friendly_errors
-def predict(
-    model_uri: str, tracking_uri: str | None, history: str, pairs: str, out: str | None
-) -> None:
-    """Predicted scores for given (user, item) pairs: CSV user_id,item_id,score."""
-    wanted = pd.read_csv(pairs, dtype=str) if Path(pairs).is_file() else None
-    if wanted is None:
-        raise UserError(f"{pairs}: no such file")
-    missing = {"user_id", "item_id"} - set(wanted.columns)
-    if missing:
-        raise UserError(
-            f"{pairs}: missing column(s) {', '.join(sorted(missing))}; has {', '.join(wanted.columns)}"
-        )
-    requests = _requests(history, None)
-    candidates = (
-        wanted.groupby("user_id", sort=False)["item_id"].agg(list).rename("items").reset_index()
-    )
-    requests = candidates.merge(requests, on="user_id", how="left")
-    for column in ("history_items", "history_ratings"):
-        requests[column] = requests[column].apply(lambda v: v if isinstance(v, list) else [])
-    recommender = _load_model(model_uri, tracking_uri)
-    result = recommender.recommend(requests)
-    _report_reasons(result)
-    _write(result[["user_id", "item_id", "score"]], out)
-
+main.add_command(recommend)
+main.add_command(predict)
 
 if __name__ == "__main__":
     main()

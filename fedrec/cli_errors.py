@@ -1,0 +1,69 @@
+"""How the fedrec commands report user errors: one line on stderr, exit status 2."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from models.data.errors import DataValidationError
+
+
+class UserError(click.ClickException):
+    """A problem the user can fix; shown as one line."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"fedrec: error: {self.message}", err=True)
+
+
+def _one_line(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{shown}")
+    return "; ".join(parts)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn known user errors into one line and exit status 2 (unless --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.pop("debug", False)
+        try:
+            return (
+                fn(*args, debug=debug, **kwargs)
+                if "debug" in fn.__code__.co_varnames
+                else fn(*args, **kwargs)
+            )
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as err:
+            if debug:
+                raise
+            from mlflow.exceptions import MlflowException
+
+            if isinstance(err, ValidationError):
+                raise UserError(f"invalid configuration: {_one_line(err)}") from err
+            if isinstance(err, DataValidationError | FileNotFoundError):
+                raise UserError(str(err)) from err
+            if isinstance(err, MlflowException):
+                raise UserError(f"MLflow: {err.message.splitlines()[0]}") from err
+            raise UserError(
+                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ) from err
+
+    return wrapper
+
+
+def debug_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--debug", is_flag=True, help="show full tracebacks instead of one-line errors"
+    )(fn)

@@ -1,0 +1,157 @@
+"""`fedrec recommend` and `fedrec predict`: use a registered model on users' histories."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import pandas as pd
+
+from fedrec.cli_errors import UserError, debug_option, friendly_errors
+
+
+def _requests(history: str, users: str | None) -> pd.DataFrame:
+    """One request row per user from a history file (user_id,item_id[,rating])."""
+    from models.data.readers import read_interactions
+
+    data = read_interactions(history, rating_scale=None)
+    frame = data.frame
+    rows = pd.DataFrame(
+        {
+            "user_id": data.user_ids[frame["user"].to_numpy()].astype(str),
+            "item": data.item_ids[frame["item"].to_numpy()].astype(str),
+            "rating": frame["rating"].to_numpy(),
+        }
+    )
+    grouped = rows.groupby("user_id", sort=False).agg(
+        history_items=("item", list), history_ratings=("rating", list)
+    )
+    requests = grouped.reset_index()
+    if users:
+        wanted = pd.read_csv(users, dtype=str)
+        if "user_id" not in wanted:
+            raise UserError(f"{users}: needs a user_id column, has {', '.join(wanted.columns)}")
+        wanted = wanted[["user_id"]].drop_duplicates()
+        requests = wanted.merge(requests, on="user_id", how="left")
+        requests["history_items"] = requests["history_items"].apply(
+            lambda v: v if isinstance(v, list) else []
+        )
+        requests["history_ratings"] = requests["history_ratings"].apply(
+            lambda v: v if isinstance(v, list) else []
+        )
+    return requests
+
+
+def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
+    """The registered recommender; a missing local store is a user error, not a new empty store."""
+    from tasks.tracking import load_recommender, resolve_tracking_uri
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UserError(
+            f"no MLflow store at {uri.removeprefix('sqlite:///')}: train first (fedrec train) or pass --tracking-uri"
+        )
+    return load_recommender(uri, model_uri)
+
+
+def _report_reasons(result: pd.DataFrame) -> None:
+    """Fallbacks and ignored items go to stderr, one line per user, so stdout stays clean CSV."""
+    notes = result.loc[result["reason"] != "", ["user_id", "reason"]].drop_duplicates("user_id")
+    for user, reason in notes.itertuples(index=False):
+        click.echo(f"fedrec: note: user {user}: {reason}", err=True)
+
+
+def _write(frame: pd.DataFrame, out: str | None) -> None:
+    if out:
+        frame.to_csv(out, index=False)
+    else:
+        frame.to_csv(sys.stdout, index=False)
+
+
+def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
+    )(fn)
+    fn = click.option(
+        "--model",
+        "model_uri",
+        default="models:/fedrec-mf@champion",
+        show_default=True,
+        help="model URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model",
+    )(fn)
+    return fn
+
+
+@click.command()
+@_model_options
+@click.option(
+    "--history",
+    required=True,
+    help="CSV/Parquet of user_id,item_id[,rating]: what each user has rated",
+)
+@click.option(
+    "--users",
+    default=None,
+    help="CSV with a user_id column: recommend for these (default: every user in --history)",
+)
+@click.option(
+    "--k", default=10, show_default=True, type=click.IntRange(min=1), help="items per user"
+)
+@click.option("--out", default=None, help="output CSV (default: stdout)")
+@debug_option
+@friendly_errors
+def recommend(
+    model_uri: str,
+    tracking_uri: str | None,
+    history: str,
+    users: str | None,
+    k: int,
+    out: str | None,
+) -> None:
+    """Top-K unseen items per user: CSV user_id,rank,item_id,score."""
+    requests = _requests(history, users)
+    recommender = _load_model(model_uri, tracking_uri)
+    result = recommender.recommend(requests, k=k)
+    _report_reasons(result)
+    _write(result[["user_id", "rank", "item_id", "score"]], out)
+
+
+@click.command()
+@_model_options
+@click.option(
+    "--history", required=True, help="CSV/Parquet of user_id,item_id[,rating] to fold users in from"
+)
+@click.option("--pairs", required=True, help="CSV of user_id,item_id pairs to score")
+@click.option("--out", default=None, help="output CSV (default: stdout)")
+@debug_option
+@friendly_errors
+def predict(
+    model_uri: str, tracking_uri: str | None, history: str, pairs: str, out: str | None
+) -> None:
+    """Predicted scores for given (user, item) pairs: CSV user_id,item_id,score."""
+    wanted = pd.read_csv(pairs, dtype=str) if Path(pairs).is_file() else None
+    if wanted is None:
+        raise UserError(f"{pairs}: no such file")
+    missing = {"user_id", "item_id"} - set(wanted.columns)
+    if missing:
+        raise UserError(
+            f"{pairs}: missing column(s) {', '.join(sorted(missing))}; has {', '.join(wanted.columns)}"
+        )
+    requests = _requests(history, None)
+    candidates = (
+        wanted.groupby("user_id", sort=False)["item_id"].agg(list).rename("items").reset_index()
+    )
+    requests = candidates.merge(requests, on="user_id", how="left")
+    for column in ("history_items", "history_ratings"):
+        requests[column] = requests[column].apply(lambda v: v if isinstance(v, list) else [])
+    recommender = _load_model(model_uri, tracking_uri)
+    result = recommender.recommend(requests)
+    _report_reasons(result)
+    _write(result[["user_id", "item_id", "score"]], out)
