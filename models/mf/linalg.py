@@ -83,21 +83,26 @@ class SegmentLayout:
         table: np.ndarray,
         target: np.ndarray,
         consume: Callable[[np.ndarray, np.ndarray, np.ndarray], None],
+        gram_weights: np.ndarray | None = None,
     ) -> None:
         """Call ``consume(positions, grams, rhs)`` for chunks of segments, in threads when large.
 
-        Chunks are sized so that one chunk's padded rows and Gram matrices stay near
+        ``grams`` are ``sum w x x^T`` (``w = 1`` without ``gram_weights``) and ``rhs`` is
+        ``sum t x``. Chunks are sized so that one chunk's padded rows and Gram matrices stay near
         ``_CHUNK_ROWS * d`` floats: memory stays bounded however many segments there are.
         """
         d = table.shape[1]
         table_ext = np.vstack([table, np.zeros((1, d))])
         target_ext = np.append(target, 0.0)
+        root_w = None if gram_weights is None else np.append(np.sqrt(gram_weights), 0.0)
 
         def run(chunk: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
             positions, table_index, row_index = chunk
             block = table_ext[table_index]  # (segments, width, d)
-            grams = np.matmul(block.transpose(0, 2, 1), block)
             rhs = np.matmul(target_ext[row_index][:, None, :], block)[:, 0, :]
+            if root_w is not None:
+                block = block * root_w[row_index][..., None]
+            grams = np.matmul(block.transpose(0, 2, 1), block)
             consume(positions, grams, rhs)
 
         chunks = []
@@ -112,7 +117,15 @@ class SegmentLayout:
             for chunk in chunks:
                 run(chunk)
 
-    def solve(self, table: np.ndarray, target: np.ndarray, ridge: np.ndarray) -> np.ndarray:
+    def solve(
+        self,
+        table: np.ndarray,
+        target: np.ndarray,
+        ridge: np.ndarray,
+        *,
+        gram_weights: np.ndarray | None = None,
+        base: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Per key, the ridge regression of ``target`` on ``x = table[other]`` over its rows.
 
         Parameters
@@ -121,26 +134,33 @@ class SegmentLayout:
         target : ndarray of shape (n_rows,)
         ridge : ndarray of shape (s,)
             Positive ridge of each key, on every coordinate.
+        gram_weights : ndarray of shape (n_rows,), optional
+            Row weights of the Gram matrix (implicit ALS's ``c - 1``).
+        base : ndarray of shape (d, d), optional
+            Added to every key's Gram matrix (implicit ALS's ``Y^T Y``).
 
         Returns
         -------
         ndarray of shape (s, d)
-            ``(sum x x^T + ridge I)^-1 sum t x``; the Gram matrices are never held all at once.
+            ``(base + sum w x x^T + ridge I)^-1 sum t x``; the Gram matrices are never held all
+            at once.
         """
         solution = np.empty((self.keys.size, table.shape[1]))
 
         def consume(positions: np.ndarray, grams: np.ndarray, rhs: np.ndarray) -> None:
+            if base is not None:
+                grams += base
             solution[positions] = ridge_solve(
                 grams, rhs, np.repeat(ridge[positions, None], grams.shape[1], 1), overwrite=True
             )
 
-        self._for_each_chunk(table, target, consume)
+        self._for_each_chunk(table, target, consume, gram_weights)
         return solution
 
     def packed_statistics(
-        self, table: np.ndarray, target: np.ndarray
+        self, table: np.ndarray, target: np.ndarray, *, gram_weights: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per key: ``sum x x^T`` as a packed upper triangle, and ``sum t x``.
+        """Per key: ``sum w x x^T`` as a packed upper triangle, and ``sum t x``.
 
         Returns
         -------
@@ -156,7 +176,7 @@ class SegmentLayout:
             packed[positions] = pack_symmetric(grams)
             rhs_out[positions] = rhs
 
-        self._for_each_chunk(table, target, consume)
+        self._for_each_chunk(table, target, consume, gram_weights)
         return packed, rhs_out
 
 

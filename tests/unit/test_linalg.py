@@ -74,3 +74,26 @@ def test_pack_unpack_round_trip_and_size():
     packed = pack_symmetric(sym)
     assert packed.shape == (3, 15)
     np.testing.assert_array_equal(unpack_symmetric(packed, 5), sym)
+
+
+def test_weighted_statistics_and_base_equal_per_segment_loop():
+    rng = np.random.default_rng(2)
+    keys, others = rng.integers(0, 9, 200), rng.integers(0, 15, 200)
+    table, target, w = rng.normal(size=(15, 4)), rng.normal(size=200), rng.uniform(0.5, 3.0, 200)
+    base = np.eye(4) * 0.7
+
+    layout = SegmentLayout.build(keys, others, 15)
+    packed, rhs = layout.packed_statistics(table, target, gram_weights=w)
+    solution = layout.solve(
+        table, target, np.full(layout.keys.size, 0.2), gram_weights=w, base=base
+    )
+
+    grams = unpack_symmetric(packed, 4)
+    for s, key in enumerate(layout.keys):
+        x, t, ws = table[others[keys == key]], target[keys == key], w[keys == key]
+        gram = x.T @ (ws[:, None] * x)
+        np.testing.assert_allclose(grams[s], gram, atol=1e-12)
+        np.testing.assert_allclose(rhs[s], x.T @ t, atol=1e-12)
+        np.testing.assert_allclose(
+            solution[s], np.linalg.solve(gram + base + 0.2 * np.eye(4), x.T @ t), atol=1e-10
+        )
