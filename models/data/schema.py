@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -55,7 +56,14 @@ class Interactions:
         return len(self.frame)
 
     def fingerprint(self) -> str:
-        """A SHA-256 over the rows in the caller's ids, independent of row order."""
+        """A SHA-256 over the rows in the caller's ids, independent of row order.
+
+        Computed once per instance (about 1.7 s on ML-1M); the instance is immutable.
+        """
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> str:
         frame = self.frame
         users = pd.Series(self.user_ids[frame[USER].to_numpy()]).astype(str)
         items = pd.Series(self.item_ids[frame[ITEM].to_numpy()]).astype(str)
