@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -49,15 +48,15 @@ class QuorumError(RuntimeError):
     """Fewer clients answered a round than ``min_clients``: the round commits nothing."""
 
 
-def _answered(futures: Sequence[PrefectFuture], what: str) -> list[Any]:
-    """Results of the futures that completed; failures are logged and left out."""
-    wait(futures)
-    results = []
-    for future in futures:
+def _answered(futures: dict[Any, PrefectFuture], what: str) -> dict[Any, Any]:
+    """Results of the futures that completed, under their keys; failures are logged and left out."""
+    wait(list(futures.values()))
+    results = {}
+    for key, future in futures.items():
         if future.state.is_completed():
-            results.append(future.result())
+            results[key] = future.result()
         else:
-            get_run_logger().warning("%s: a client task failed: %s", what, future.state.message)
+            get_run_logger().warning("%s: %s failed: %s", what, key, future.state.message)
     return results
 
 
@@ -124,9 +123,9 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         logger.info("%d clients, %d items, MLflow run %s", manifest.n_clients, n_items, run_id)
 
         sums = _answered(
-            [rating_sums.submit(workspace, e, n_items) for e in entries], "global mean"
+            {e.client_id: rating_sums.submit(workspace, e, n_items) for e in entries}, "global mean"
         )
-        state = initialize(n_items, mf, sums, config.seed)
+        state = initialize(n_items, mf, list(sums.values()), config.seed)
         champion = load_champion(uri, config.model_name)
         if config.warm_start and champion is not None:
             if champion.recommender.params.n_factors == mf.n_factors:
@@ -150,22 +149,22 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             asked = splits if pending else ()
             trainer = train_client.with_options(retries=config.task_retries, retry_delay_seconds=1)
             answers = _answered(
-                [
-                    trainer.with_options(task_run_name=f"train client-{e.client_id} round-{r}").submit(
+                {
+                    ("train", e.client_id): trainer.with_options(task_run_name=f"train client-{e.client_id} round-{r}").submit(
                         workspace, e, n_items, state.params, mf, config.seed, r, asked
                     )
                     for e in chosen
-                ]
-                + [  # clients sitting this round out still evaluate the model (after round 1)
-                    evaluate.with_options(task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
+                }
+                | {  # clients sitting this round out still evaluate the model (after round 1)
+                    ("evaluate", e.client_id): evaluate.with_options(task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
                         workspace, e, n_items, state.params, mf, splits
                     )
                     for i, e in enumerate(entries) if pending and i not in chosen_ids
-                ],
+                },
                 f"round {r}",
             )  # fmt: skip
-            updates = [a[0] for a in answers if isinstance(a, tuple)]
-            evaluations = [a[1] if isinstance(a, tuple) else a for a in answers]
+            updates = [a[0] for (kind, _), a in answers.items() if kind == "train"]
+            evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
             if len(updates) < config.min_clients:
                 raise QuorumError(
                     f"round {r}: {len(updates)} of {len(chosen)} clients answered, min_clients={config.min_clients}"
@@ -178,15 +177,16 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             checkpoint(state, f"{workspace}/checkpoints")
             pending = (updates, time.perf_counter() - started)
 
-        evaluations = _answered(
-            [
-                evaluate.with_options(task_run_name=f"evaluate client-{e.client_id} round-{config.rounds}").submit(
+        final_evaluations = _answered(
+            {
+                e.client_id: evaluate.with_options(task_run_name=f"evaluate client-{e.client_id} round-{config.rounds}").submit(
                     workspace, e, n_items, state.params, mf, splits
                 )
                 for e in entries
-            ],
+            },
             "final evaluation",
         )  # fmt: skip
+        evaluations = list(final_evaluations.values())
         assert pending is not None  # rounds >= 1
         history.append(
             _log_step(uri, run_id, config.rounds, config, pending, evaluations, mf, n_items)
@@ -198,11 +198,11 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         if champion is not None:
             params, champion_mf = champion_params(champion.recommender, item_ids, mf)
             parts = _answered(
-                [evaluate.with_options(task_run_name=f"evaluate champion client-{e.client_id}").submit(
-                    workspace, e, n_items, params, champion_mf, ("valid",)) for e in entries],
+                {e.client_id: evaluate.with_options(task_run_name=f"evaluate champion client-{e.client_id}").submit(
+                    workspace, e, n_items, params, champion_mf, ("valid",)) for e in entries},
                 "champion evaluation",
             )  # fmt: skip
-            champion_metrics = summarize_round([], parts, champion_mf, n_items, 0.0)
+            champion_metrics = summarize_round([], list(parts.values()), champion_mf, n_items, 0.0)
         decision = decide(
             final,
             champion_metrics,
@@ -226,7 +226,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         logger.info("model %s version %s: %s (%s)", config.model_name, version,
                     "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip
 
-        per_client = client_table(evaluations, [e.client_id for e in entries], mf.top_k, "test")
+        per_client = client_table(evaluations, list(final_evaluations), mf.top_k, "test")
         log_artifacts(uri, run_id, config, manifest.profile(), history, per_client)
         summary = {
             "run_id": run_id,
