@@ -30,12 +30,16 @@ class ClientData:
         Size of the global item catalogue (item indices are global).
     frame : DataFrame
         Columns ``user`` (local index), ``item``, ``rating`` and ``split`` (0/1/2).
+    user_features : DataFrame or None
+        The client's own users' side features (row ``k`` = local user ``k``), when the data has
+        them; they stay on the client.
     """
 
     client_id: int
     user_ids: np.ndarray
     n_items: int
     frame: pd.DataFrame
+    user_features: pd.DataFrame | None = None
 
     @property
     def n_users(self) -> int:

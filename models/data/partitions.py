@@ -21,6 +21,7 @@ from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions
 
 USER_ID = "user_id"
 MANIFEST = "manifest.json"
+ITEMS = "items.parquet"
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,10 @@ def build_clients(
         )
         if TIMESTAMP in part:
             client_frame[TIMESTAMP] = part[TIMESTAMP].to_numpy(np.int64)
-        clients.append(ClientData(c, data.user_ids[members], data.n_items, client_frame))
+        features = None
+        if data.user_features is not None:
+            features = data.user_features.iloc[members].reset_index(drop=True)
+        clients.append(ClientData(c, data.user_ids[members], data.n_items, client_frame, features))
     return clients
 
 
@@ -105,6 +109,8 @@ def write_partitions(
             table = client.frame.copy()
             table[USER_ID] = client.user_ids[table[USER].to_numpy()]
             table.to_parquet(staging / relative, index=False)
+            if client.user_features is not None:
+                client.user_features.to_parquet(staging / _users_path(relative), index=False)
             counts = np.bincount(client.frame[SPLIT].to_numpy(), minlength=3)
             entries.append(
                 ClientEntry(
@@ -116,7 +122,10 @@ def write_partitions(
                     int(counts[TEST]),
                 )
             )
-        pd.DataFrame({"item_id": data.item_ids}).to_parquet(staging / "items.parquet", index=False)
+        items = pd.DataFrame({"item_id": data.item_ids})
+        if data.item_features is not None:  # the public catalogue: titles, years, genres
+            items = pd.concat([items, data.item_features.reset_index(drop=True)], axis=1)
+        items.to_parquet(staging / ITEMS, index=False)
         manifest = Manifest(
             fingerprint=data.fingerprint(),
             source=data.source,
@@ -158,8 +167,21 @@ def read_partition(workspace: str | Path, entry: ClientEntry, n_items: int) -> C
     users = table[[USER, USER_ID]].drop_duplicates(USER).sort_values(USER)
     user_ids = np.empty(entry.n_users, dtype=users[USER_ID].to_numpy().dtype)
     user_ids[users[USER].to_numpy()] = users[USER_ID].to_numpy()
-    return ClientData(entry.client_id, user_ids, n_items, table.drop(columns=[USER_ID]))
+    features_path = Path(workspace) / _users_path(entry.path)
+    features = pd.read_parquet(features_path) if features_path.exists() else None
+    return ClientData(entry.client_id, user_ids, n_items, table.drop(columns=[USER_ID]), features)
+
+
+def _users_path(relative: str) -> str:
+    return relative.removesuffix(".parquet") + ".users.parquet"
 
 
 def read_item_ids(workspace: str | Path) -> np.ndarray:
-    return pd.read_parquet(Path(workspace) / "items.parquet")["item_id"].to_numpy()
+    return pd.read_parquet(Path(workspace) / ITEMS, columns=["item_id"])["item_id"].to_numpy()
+
+
+def read_item_features(workspace: str | Path) -> pd.DataFrame | None:
+    """The catalogue's side features by item index (``title``, ``year``, ``genre_*``), if any."""
+    items = pd.read_parquet(Path(workspace) / ITEMS)
+    features = items.drop(columns=["item_id"])
+    return features if features.shape[1] else None

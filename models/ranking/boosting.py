@@ -1,0 +1,190 @@
+"""Federated LightGBM LambdaRank: clients boost trees on their own rows, the server averages them.
+
+The scheme (bagging-style federated boosting, as federated XGBoost variants do it):
+
+1. The global ensemble ``F`` starts empty (raw score 0).
+2. Each round, every client scores its candidate rows with ``F`` and boosts ``trees_per_round``
+   LambdaRank trees on its own (features, labels, query groups) starting from those scores
+   (``init_score``), so its trees fit what ``F`` still gets wrong on its rows.
+3. The client sends the new trees as a LightGBM model string (text, never a pickle).
+4. The server adds the round's boosters to ``F``, each weighted by its client's share of the
+   round's query groups: ``F <- F + sum_c w_c f_c``, the FedAvg of the clients' function steps.
+
+The trees carry split thresholds on feature values (retrieval scores, popularity, age ...): less
+than rows, but not nothing; secure aggregation does not hide them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+
+from models.ranking.features import CATEGORICAL, FEATURES
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Hyperparameters of the LambdaRank re-ranker."""
+
+    rounds: int = 10
+    trees_per_round: int = 10
+    learning_rate: float = 0.1
+    num_leaves: int = 31
+    min_data_in_leaf: int = 50
+    num_threads: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "trees_per_round", "num_leaves", "min_data_in_leaf", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ranker {name}={getattr(self, name)} must be >= 1")
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError(f"ranker learning_rate={self.learning_rate} must be in (0, 1]")
+
+    def lgb_params(self, seed: int) -> dict[str, object]:
+        return {
+            "objective": "lambdarank",
+            "metric": "none",
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "lambdarank_truncation_level": 20,
+            "num_threads": self.num_threads,
+            "deterministic": True,
+            "force_row_wise": True,
+            "seed": seed,
+            "verbosity": -1,
+        }
+
+
+def _matrix(features: pd.DataFrame) -> np.ndarray:
+    # A float matrix in FEATURES order: LightGBM re-inspects a DataFrame on every call.
+    return np.ascontiguousarray(features[list(FEATURES)].to_numpy(np.float64))
+
+
+def _dataset(
+    features: pd.DataFrame, labels: np.ndarray, groups: np.ndarray, init: np.ndarray | None
+) -> lgb.Dataset:
+    return lgb.Dataset(
+        _matrix(features),
+        label=labels,
+        feature_name=list(FEATURES),
+        group=groups,
+        init_score=init,
+        categorical_feature=list(CATEGORICAL),
+        free_raw_data=True,
+    )
+
+
+@dataclass(frozen=True)
+class TreeEnsemble:
+    """The global re-ranker: LightGBM boosters (as model strings) with weights.
+
+    Its raw score is ``sum_m weight_m * booster_m(x)``; it is empty (score 0) before round 1.
+    """
+
+    members: tuple[tuple[str, float], ...] = ()
+
+    @cached_property
+    def _boosters(self) -> list[tuple[lgb.Booster, float]]:
+        return [(_parse(text), w) for text, w in self.members]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def predict(self, features: pd.DataFrame, start: int = 0) -> np.ndarray:
+        """Raw ranking scores, higher is better; ``start > 0`` sums only the members from
+        ``start`` on (to extend scores already computed for the first ``start``)."""
+        out = np.zeros(len(features))
+        x = _matrix(features)
+        for booster, weight in self._boosters[start:]:
+            out += weight * booster.predict(x, raw_score=True, num_threads=1)
+        return out
+
+    def prefix_key(self, n: int) -> tuple[int, int]:
+        """Identifies the first ``n`` members (their count and the last one's hash)."""
+        return (n, hash(self.members[n - 1][0]) if n else 0)
+
+    def contributions(self, features: pd.DataFrame) -> np.ndarray:
+        """Per-feature contributions (SHAP values, ``pred_contrib``) to the raw score:
+        (n_rows, n_features + 1), the last column the expected value."""
+        out = np.zeros((len(features), len(FEATURES) + 1))
+        x = _matrix(features)
+        for booster, weight in self._boosters:
+            out += weight * booster.predict(x, pred_contrib=True, num_threads=1)
+        return out
+
+    def feature_importance(self) -> pd.Series:
+        """Total gain per feature, weighted like the scores."""
+        total = np.zeros(len(FEATURES))
+        for booster, weight in self._boosters:
+            total += weight * booster.feature_importance(importance_type="gain")
+        return pd.Series(total, index=list(FEATURES)).sort_values(ascending=False)
+
+    def extend(self, model_strings: Sequence[str], weights: Sequence[float]) -> TreeEnsemble:
+        """The ensemble with one round's client boosters added."""
+        added = tuple((s, float(w)) for s, w in zip(model_strings, weights, strict=True))
+        return TreeEnsemble(self.members + added)
+
+    def save(self, path: str | Path) -> None:
+        """JSON with the model strings and weights (text only, nothing to unpickle)."""
+        members = [{"weight": w, "model": s} for s, w in self.members]
+        Path(path).write_text(json.dumps({"features": list(FEATURES), "members": members}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TreeEnsemble:
+        raw = json.loads(Path(path).read_text())
+        if raw["features"] != list(FEATURES):
+            raise ValueError(
+                f"{path}: ranker features {raw['features']} differ from this version's {list(FEATURES)}"
+            )
+        return cls(tuple((m["model"], float(m["weight"])) for m in raw["members"]))
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str) -> lgb.Booster:
+    # A client sees the same members round after round: parse each model string once.
+    return lgb.Booster(model_str=text)
+
+
+def boost_client(
+    features: pd.DataFrame,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    init_scores: np.ndarray,
+    config: RankerConfig,
+    seed: int,
+) -> str:
+    """One client's round: ``trees_per_round`` trees fitted from the global ensemble's scores
+    (``init_scores``) on the client's rows."""
+    data = _dataset(features, labels, groups, init_scores)
+    booster = lgb.train(config.lgb_params(seed), data, num_boost_round=config.trees_per_round)
+    return booster.model_to_string()
+
+
+def round_weights(n_groups: Sequence[int]) -> np.ndarray:
+    """Each client's share of the round's query groups (the FedAvg weights)."""
+    groups = np.asarray(n_groups, dtype=np.float64)
+    if groups.sum() <= 0:
+        raise ValueError("no client had a query group with a positive label this round")
+    return groups / groups.sum()
+
+
+def train_centralized(
+    features: pd.DataFrame, labels: np.ndarray, groups: np.ndarray, config: RankerConfig
+) -> TreeEnsemble:
+    """The reference: one LightGBM ranker on all clients' rows pooled, with as many trees as one
+    client grows over the whole federated training."""
+    booster = lgb.train(
+        config.lgb_params(config.seed),
+        _dataset(features, labels, groups, None),
+        num_boost_round=config.rounds * config.trees_per_round,
+    )
+    return TreeEnsemble(((booster.model_to_string(), 1.0),))

@@ -1,0 +1,410 @@
+"""Federated two-stage training: what a client computes and what the server does with it, for
+implicit ALS, item-kNN and the LightGBM re-ranker, plus the plain loop without orchestration.
+
+Every client payload is a :class:`~models.protocol.ClientUpdate` of arrays and metric sums:
+
+- implicit ALS: per-item ``gram``/``rhs`` sums over its observed rows, and ``user_gram`` (one k x k
+  sum over its users);
+- item-kNN: the upper triangle of its item co-occurrence counts (``pair_*``);
+- re-ranker: its new trees as the UTF-8 bytes of a LightGBM model string (``trees``) and how many
+  query groups they were fitted on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from models.aggregation import aggregate_item_sums
+from models.client import ClientData
+from models.metrics import ranking_sums
+from models.mf.als import ItemStatistics, RatingRows
+from models.mf.federated import Evaluation, client_rng, sample_clients, summarize_evaluation
+from models.mf.implicit import implicit_statistics, solve_items_implicit, solve_users_implicit
+from models.mf.params import ItemParams, init_item_params
+from models.protocol import ClientUpdate
+from models.ranking.boosting import RankerConfig, TreeEnsemble, boost_client, round_weights
+from models.ranking.features import Candidates, Retrieval
+from models.ranking.knn import cooccurrence, cosine_neighbours, pack_cooccurrence, sum_cooccurrence
+from models.ranking.recommender import RankingRecommender
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """Hyperparameters of the two-stage recommender (implicit feedback)."""
+
+    n_factors: int = 64
+    reg: float = 10.0
+    alpha: float = 5.0
+    init_std: float = 0.01
+    neighbours: int = 100
+    shrink: float = 10.0
+    n_candidates: int = 100
+    top_k: int = 10
+    ranker: RankerConfig | None = field(default_factory=RankerConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("n_factors", "neighbours", "n_candidates", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("reg", "alpha", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.shrink < 0:
+            raise ValueError(f"shrink={self.shrink} must be >= 0")
+
+
+def _binary_rows(client: ClientData, split: str) -> RatingRows:
+    rows = client.rows(split)
+    return RatingRows(
+        rows.users, rows.items, np.ones(len(rows)), n_users=rows.n_users, n_items=rows.n_items
+    )
+
+
+def _item_params(factors: np.ndarray) -> ItemParams:
+    return ItemParams(factors, np.zeros(factors.shape[0]), 0.0)
+
+
+def init_item_factors(n_items: int, config: RankingConfig, seed: int) -> np.ndarray:
+    """The implicit-ALS starting item factors, drawn from the run's seed."""
+    return init_item_params(
+        n_items, config.n_factors, 0.0, np.random.default_rng(seed), config.init_std
+    ).factors
+
+
+# --- implicit ALS --------------------------------------------------------------------------
+def implicit_client_round(
+    client: ClientData,
+    item_factors: np.ndarray,
+    config: RankingConfig,
+    eval_splits: Sequence[str] = (),
+) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+    """Evaluate the incoming item factors on ``eval_splits`` (ranking), then the client's half of
+    the implicit item step; one fold-in for both."""
+    rows = _binary_rows(client, "train")
+    params = _item_params(item_factors)
+    users = solve_users_implicit(rows, params, reg=config.reg, alpha=config.alpha)
+    evaluations = {}
+    for split in eval_splits:
+        evaluations[split] = _evaluate_scores(
+            client, split, config.top_k, lambda u: users.factors[u] @ item_factors.T
+        )
+    stats = implicit_statistics(rows, users, alpha=config.alpha)
+    s = stats.items
+    update = ClientUpdate(
+        client.client_id,
+        s.items,
+        s.counts,
+        {"gram": s.grams, "rhs": s.rhs, "user_gram": stats.user_gram},
+        {"train_n": float(len(rows))},
+    )
+    return update, evaluations
+
+
+def implicit_server_update(
+    item_factors: np.ndarray, updates: Sequence[ClientUpdate], config: RankingConfig
+) -> np.ndarray:
+    """Sum the clients' statistics and solve every item: equal to a centralized sweep."""
+    n_items = item_factors.shape[0]
+    updates = [u for u in updates if u.items.size > 0]
+    if not updates:
+        return item_factors
+    counts = aggregate_item_sums([(u.items, u.counts) for u in updates], n_items)
+    grams = aggregate_item_sums([(u.items, u.arrays["gram"]) for u in updates], n_items)
+    rhs = aggregate_item_sums([(u.items, u.arrays["rhs"]) for u in updates], n_items)
+    user_gram = np.sum([u.arrays["user_gram"] for u in updates], axis=0)
+    touched = np.flatnonzero(counts > 0)
+    stats = ItemStatistics(touched, counts[touched].astype(np.int64), grams[touched], rhs[touched])
+    return solve_items_implicit(
+        _item_params(item_factors), stats, user_gram, reg=config.reg
+    ).factors
+
+
+# --- item-kNN ------------------------------------------------------------------------------
+def knn_client_update(client: ClientData) -> ClientUpdate:
+    """The client's item co-occurrence counts over its users' training rows (upper triangle)."""
+    counts = cooccurrence(client.matrix("train"))
+    diagonal = counts.diagonal()
+    items = np.flatnonzero(diagonal > 0)
+    return ClientUpdate(
+        client.client_id,
+        items.astype(np.int64),
+        diagonal[items].astype(np.int64),
+        pack_cooccurrence(counts),
+    )
+
+
+def knn_server_update(
+    updates: Sequence[ClientUpdate], n_items: int, config: RankingConfig
+) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """The kNN similarity from the summed co-occurrences, and item popularity (its diagonal)."""
+    counts = sum_cooccurrence([u.arrays for u in updates], n_items)
+    similarity = cosine_neighbours(counts, neighbours=config.neighbours, shrink=config.shrink)
+    return similarity, counts.diagonal().astype(np.float64)
+
+
+# --- the re-ranker -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankerData:
+    """A client's re-ranker rows, built once per training (retrieval does not change)."""
+
+    train: Candidates  # candidates of users with validation rows, history = train rows
+    labels: np.ndarray  # 1 where the candidate is among the user's validation rows
+    splits: dict[str, tuple[Candidates, np.ndarray]]  # candidates and users for evaluation
+    # Scores of the ensemble's members seen so far, per row set: members only get appended, so
+    # each round adds just the new members' scores.
+    _scores: dict[str, tuple[tuple[int, int], np.ndarray]] = field(
+        default_factory=dict, compare=False
+    )
+
+    def ensemble_scores(self, part: str, ensemble: TreeEnsemble) -> np.ndarray:
+        """The ensemble's raw scores of the ``train`` rows or a split's candidates."""
+        features = self.train.features if part == "train" else self.splits[part][0].features
+        done, partial = 0, np.zeros(len(features))
+        if part in self._scores:
+            key, cached = self._scores[part]
+            if key[0] <= len(ensemble) and ensemble.prefix_key(key[0]) == key:
+                done, partial = key[0], cached
+        scores = partial + ensemble.predict(features, start=done)
+        self._scores[part] = (ensemble.prefix_key(len(ensemble)), scores)
+        return scores
+
+    @property
+    def n_groups(self) -> int:
+        return int(np.unique(self.train.users).size)
+
+
+def _exclude(client: ClientData, split: str) -> sparse.csr_matrix:
+    exclude = client.matrix("train")
+    return exclude + client.matrix("valid") if split == "test" else exclude
+
+
+def ranker_client_data(
+    client: ClientData,
+    recommender: RankingRecommender,
+    eval_splits: Sequence[str] = ("valid", "test"),
+) -> RankerData:
+    """Candidates and labels from the client's own rows: history = training rows, label = the
+    candidate is in the user's validation rows. Users none of whose candidates is labelled 1 are
+    dropped from training (LambdaRank learns nothing from them)."""
+    history = client.matrix("train")
+    valid = client.matrix("valid")
+    users = np.flatnonzero(np.diff(valid.indptr) > 0)
+    users = users[np.diff(history.indptr)[users] > 0]
+    candidates = recommender.score_candidates(history, history, client.user_features, users)[0]
+    labels = np.asarray(valid[candidates.users, candidates.items]).ravel() > 0
+    positive_users = np.unique(candidates.users[labels])
+    keep = np.isin(candidates.users, positive_users)
+    train = Candidates(
+        candidates.users[keep],
+        candidates.items[keep],
+        candidates.features[keep].reset_index(drop=True),
+        candidates.neighbour[keep],
+    )
+    splits = {}
+    for split in eval_splits:
+        relevant = client.matrix(split)
+        held = np.flatnonzero(np.diff(relevant.indptr) > 0)
+        held = held[np.diff(history.indptr)[held] > 0]
+        split_candidates = recommender.score_candidates(
+            history, _exclude(client, split), client.user_features, held
+        )[0]
+        splits[split] = (split_candidates, held)
+    return RankerData(train, labels[keep].astype(np.float64), splits)
+
+
+def _candidate_matrix(
+    candidates: Candidates, users: np.ndarray, scores: np.ndarray, n_items: int
+) -> np.ndarray:
+    out = np.full((len(users), n_items), -np.inf)
+    out[np.searchsorted(users, candidates.users), candidates.items] = scores
+    return out
+
+
+def ranker_client_round(
+    client: ClientData,
+    data: RankerData,
+    ensemble: TreeEnsemble,
+    config: RankingConfig,
+    seed: int,
+) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+    """Evaluate the incoming ensemble (two-stage ranking of each split), then boost this round's
+    trees on the client's rows from the ensemble's scores."""
+    assert config.ranker is not None
+    evaluations = {}
+    for split, (candidates, users) in data.splits.items():
+        raw = (
+            data.ensemble_scores(split, ensemble)
+            if len(ensemble)
+            else candidates.features["als_score"].to_numpy()
+        )
+        scores = _candidate_matrix(candidates, users, raw, client.n_items)
+        evaluations[split] = _ranking_evaluation(client, split, users, scores, config.top_k)
+    if data.n_groups == 0:
+        return ClientUpdate(
+            client.client_id, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        ), evaluations
+    _, groups = np.unique(data.train.users, return_counts=True)
+    init = data.ensemble_scores("train", ensemble)
+    text = boost_client(data.train.features, data.labels, groups, init, config.ranker, seed)
+    update = ClientUpdate(
+        client.client_id,
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int64),
+        {"trees": np.frombuffer(text.encode(), dtype=np.uint8)},
+        {"groups": float(data.n_groups), "train_n": float(len(data.labels))},
+    )
+    return update, evaluations
+
+
+def ranker_server_update(ensemble: TreeEnsemble, updates: Sequence[ClientUpdate]) -> TreeEnsemble:
+    """Add the round's client boosters, weighted by their share of query groups."""
+    updates = [u for u in updates if "trees" in u.arrays]
+    if not updates:
+        return ensemble
+    weights = round_weights([int(u.metrics["groups"]) for u in updates])
+    texts = [u.arrays["trees"].tobytes().decode() for u in updates]
+    return ensemble.extend(texts, weights)
+
+
+# --- evaluation ----------------------------------------------------------------------------
+def _ranking_evaluation(
+    client: ClientData, split: str, users: np.ndarray, scores: np.ndarray, k: int
+) -> Evaluation:
+    relevant = client.matrix(split)[users]
+    return ranking_sums(scores, _exclude(client, split)[users], relevant, k)
+
+
+def _evaluate_scores(
+    client: ClientData, split: str, k: int, score: Callable[[np.ndarray], np.ndarray]
+) -> Evaluation:
+    relevant = client.matrix(split)
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    return _ranking_evaluation(client, split, users, score(users), k)
+
+
+def evaluate_ranking(
+    client: ClientData, recommender: RankingRecommender, splits: Sequence[str], k: int
+) -> dict[str, Evaluation]:
+    """Top-K ranking sums of ``recommender`` on the client's held-out rows of each split; users
+    are served from their training rows, as at inference."""
+    history = client.matrix("train")
+    out = {}
+    for split in splits:
+        relevant = client.matrix(split)
+        users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+        scores = recommender.score_matrix(
+            history, _exclude(client, split), users, client.user_features
+        )
+        out[split] = _ranking_evaluation(client, split, users, scores, k)
+    return out
+
+
+# --- the reference loop --------------------------------------------------------------------
+@dataclass
+class TwoStageResult:
+    recommender: RankingRecommender
+    history: list[dict[str, float]]  # one entry per round: stage, round, metrics, seconds, bytes
+
+
+def summarize(
+    parts: Sequence[Evaluation], config: RankingConfig, n_items: int, prefix: str
+) -> dict[str, float]:
+    return summarize_evaluation(parts, config, n_items, prefix)  # type: ignore[arg-type]
+
+
+def run_two_stage(
+    clients: Sequence[ClientData],
+    n_items: int,
+    config: RankingConfig,
+    *,
+    rounds: int,
+    seed: int = 0,
+    client_fraction: float = 1.0,
+    item_ids: np.ndarray | None = None,
+    item_features: pd.DataFrame | None = None,
+    titles: np.ndarray | None = None,
+    eval_splits: Sequence[str] = ("valid", "test"),
+    on_round: Callable[[dict[str, float]], None] | None = None,
+) -> TwoStageResult:
+    """Implicit ALS for ``rounds`` rounds, one kNN round, then ``config.ranker.rounds`` ranker
+    rounds, in this process (the flow runs the same client and server functions as tasks)."""
+    import time
+
+    history: list[dict[str, float]] = []
+
+    def record(
+        stage: str,
+        r: int,
+        started: float,
+        updates: Sequence[ClientUpdate],
+        parts: Sequence[dict[str, Evaluation]],
+    ) -> None:
+        entry: dict[str, float] = {
+            "stage": stage,
+            "round": r,
+            "seconds": time.perf_counter() - started,  # type: ignore[dict-item]
+            "bytes_uploaded": float(sum(u.nbytes() for u in updates)),
+        }
+        for split in eval_splits:
+            entry |= summarize([p[split] for p in parts if split in p], config, n_items, split)
+        history.append(entry)
+        if on_round is not None:
+            on_round(entry)
+
+    factors = init_item_factors(n_items, config, seed)
+    for r in range(1, rounds + 1):
+        started = time.perf_counter()
+        chosen = sample_clients(len(clients), client_fraction, seed, r)
+        answers = [implicit_client_round(clients[i], factors, config) for i in chosen]
+        updates = [u for u, _ in answers]
+        factors = implicit_server_update(factors, updates, config)
+        record("als", r, started, updates, [])
+    started = time.perf_counter()
+    knn_updates = [knn_client_update(c) for c in clients]
+    similarity, popularity = knn_server_update(knn_updates, n_items, config)
+    retrieval = Retrieval(
+        factors,
+        config.reg,
+        config.alpha,
+        similarity,
+        popularity,
+        item_features,
+        config.n_candidates,
+    )
+    ids = np.arange(n_items).astype(str) if item_ids is None else np.asarray(item_ids).astype(str)
+    recommender = RankingRecommender(retrieval, None, ids, titles)
+    record(
+        "knn",
+        1,
+        started,
+        knn_updates,
+        [evaluate_ranking(c, recommender, eval_splits, config.top_k) for c in clients],
+    )
+    if config.ranker is None:
+        return TwoStageResult(recommender, history)
+    data = [ranker_client_data(c, recommender, eval_splits) for c in clients]
+    ensemble = TreeEnsemble()
+    for r in range(1, config.ranker.rounds + 1):
+        started = time.perf_counter()
+        chosen = sample_clients(len(clients), client_fraction, seed, r)
+        answers = [
+            ranker_client_round(
+                clients[i],
+                data[i],
+                ensemble,
+                config,
+                int(client_rng(seed, r, clients[i].client_id).integers(2**31)),
+            )
+            for i in chosen
+        ]
+        ensemble = ranker_server_update(ensemble, [u for u, _ in answers])
+        record("ranker", r, started, [u for u, _ in answers], [])
+    recommender = RankingRecommender(retrieval, ensemble, ids, titles)
+    final = [evaluate_ranking(c, recommender, eval_splits, config.top_k) for c in clients]
+    record("final", config.ranker.rounds, time.perf_counter(), [], final)
+    return TwoStageResult(recommender, history)

@@ -1,0 +1,266 @@
+"""The servable ranking recommender: retrieval (implicit ALS + item-kNN), then the LightGBM
+re-ranker, top-K with a reason per item. Without a re-ranker it ranks by implicit ALS alone.
+
+It holds no user data: a user is served from the history in the request, as in training. Saved as
+``.npz`` + Parquet + JSON (LightGBM model strings inside JSON): nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from models.mf.recommend import top_k
+from models.ranking.boosting import TreeEnsemble
+from models.ranking.features import (
+    FEATURES,
+    GENRE_PREFIX,
+    Candidates,
+    Retrieval,
+    candidate_features,
+)
+from models.ranking.knn import strongest_neighbour
+
+KIND = "ranking"
+RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
+USER_FEATURE_COLUMNS = ("age", "gender", "occupation")
+# Features grouped by what they say about a recommendation; an explanation names the group whose
+# summed pred_contrib raised the item's score most.
+_REASONS = {
+    "knn": ("similar to items you liked", ("knn_score", "knn_rank", "knn_max_similarity")),
+    "als": ("matches your taste profile", ("als_score", "als_rank")),
+    "popularity": ("popular with everyone", ("item_popularity",)),
+    "genre": ("in genres you watch often", ("genre_affinity",)),
+    "year": ("from years you watch often", ("item_year",)),
+    "people": ("popular with people like you", ("user_age", "user_gender", "user_occupation")),
+    "activity": ("suits how much you watch", ("user_activity",)),
+}
+
+
+@dataclass(frozen=True)
+class RankingRecommender:
+    """Retrieval plus an optional re-ranker, with the caller's item ids and titles.
+
+    Attributes
+    ----------
+    retrieval : Retrieval
+    ranker : TreeEnsemble or None
+        None: rank by the implicit-ALS score alone.
+    item_ids : ndarray of str
+    titles : ndarray of str or None
+        For explanations ("similar to <title> you liked"); item ids are used without them.
+    """
+
+    retrieval: Retrieval
+    ranker: TreeEnsemble | None
+    item_ids: np.ndarray
+    titles: np.ndarray | None = None
+
+    @property
+    def n_items(self) -> int:
+        return self.retrieval.n_items
+
+    # --- scoring, shared by federated evaluation and serving -------------------------------
+    def score_candidates(
+        self,
+        history: sparse.csr_matrix,
+        exclude: sparse.csr_matrix,
+        user_features: pd.DataFrame | None = None,
+        users: np.ndarray | None = None,
+    ) -> tuple[Candidates, np.ndarray]:
+        """The candidates of each user (rows of ``history``) and their final scores."""
+        candidates = candidate_features(self.retrieval, history, exclude, user_features, users)
+        if self.ranker is None or len(self.ranker) == 0:
+            return candidates, candidates.features["als_score"].to_numpy()
+        return candidates, self.ranker.predict(candidates.features)
+
+    def score_matrix(
+        self,
+        history: sparse.csr_matrix,
+        exclude: sparse.csr_matrix,
+        users: np.ndarray,
+        user_features: pd.DataFrame | None = None,
+    ) -> np.ndarray:
+        """(len(users), n_items) scores: candidates scored, everything else ``-inf``."""
+        candidates, scores = self.score_candidates(history, exclude, user_features, users)
+        out = np.full((len(users), self.n_items), -np.inf)
+        row = np.searchsorted(users, candidates.users)
+        out[row, candidates.items] = scores
+        return out
+
+    # --- serving ---------------------------------------------------------------------------
+    def recommend(self, requests: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+        """Top-``k`` unseen items per request row (``user_id``, ``history_items``), with reasons.
+
+        Optional columns ``age``, ``gender``, ``occupation`` feed the re-ranker. A history with no
+        known item gets the most popular items, with that reason.
+        """
+        index = {item: i for i, item in enumerate(self.item_ids)}
+        rows, cols, notes = [], [], []
+        for u, items in enumerate(requests["history_items"]):
+            items = [str(i) for i in _as_list(items)]
+            unknown = [i for i in items if i not in index]
+            known = sorted({index[i] for i in items if i in index})
+            rows += [u] * len(known)
+            cols += known
+            note = ""
+            if unknown:
+                note = f"ignored {len(unknown)} unknown item(s): " + ", ".join(unknown[:5])
+            notes.append(note)
+        history = sparse.csr_matrix(
+            (np.ones(len(rows)), (rows, cols)), shape=(len(requests), self.n_items)
+        )
+        has_history = np.flatnonzero(np.diff(history.indptr) > 0)
+        user_features = _request_user_features(requests)
+        out: list[tuple[str, int, str, float, str]] = []
+        by_user: dict[int, list[tuple[int, float, str]]] = {}
+        if has_history.size:
+            by_user = self._ranked_with_reasons(history, user_features, has_history, k)
+        for u, user in enumerate(requests["user_id"].astype(str)):
+            if u in by_user:
+                ranked = by_user[u]
+            else:
+                seen = np.zeros(self.n_items, dtype=bool)
+                best, scores = top_k(self.retrieval.popularity, seen, k)
+                ranked = [
+                    (int(i), float(s), "no known history: most popular items")
+                    for i, s in zip(best, scores, strict=True)
+                ]
+            for rank, (item, score, reason) in enumerate(ranked, start=1):
+                reason = "; ".join(filter(None, [reason, notes[u]]))
+                out.append((user, rank, str(self.item_ids[item]), score, reason))
+        return pd.DataFrame(out, columns=list(RESPONSE_COLUMNS))
+
+    def _ranked_with_reasons(
+        self,
+        history: sparse.csr_matrix,
+        user_features: pd.DataFrame | None,
+        users: np.ndarray,
+        k: int,
+    ) -> dict[int, list[tuple[int, float, str]]]:
+        candidates, scores = self.score_candidates(history, history, user_features, users)
+        top_rows = []
+        bounds = np.searchsorted(candidates.users, users)
+        bounds = np.append(bounds, len(candidates))
+        for n in range(len(users)):
+            lo, hi = bounds[n], bounds[n + 1]
+            order = np.argsort(-scores[lo:hi], kind="stable")[:k]
+            top_rows.append(lo + order)
+        chosen = np.concatenate(top_rows) if top_rows else np.zeros(0, dtype=np.int64)
+        reasons = self._reasons(candidates, chosen, history)
+        out: dict[int, list[tuple[int, float, str]]] = {}
+        for row, reason in zip(chosen, reasons, strict=True):
+            out.setdefault(int(candidates.users[row]), []).append(
+                (int(candidates.items[row]), float(scores[row]), reason)
+            )
+        return out
+
+    def _title(self, item: int) -> str:
+        if self.titles is not None and isinstance(self.titles[item], str) and self.titles[item]:
+            return self.titles[item]
+        return str(self.item_ids[item])
+
+    def _reasons(
+        self, candidates: Candidates, rows: np.ndarray, history: sparse.csr_matrix
+    ) -> list[str]:
+        """One short reason per chosen pair: the feature that raised its score most (LightGBM's
+        ``pred_contrib``), in words; kNN features name the history item behind them."""
+        if rows.size == 0:
+            return []
+        neighbour = candidates.neighbour[rows]
+        if self.retrieval.similarity is not None and np.any(neighbour < 0):
+            missing = neighbour < 0
+            found, _ = strongest_neighbour(
+                history,
+                self.retrieval.similarity,
+                candidates.users[rows][missing],
+                candidates.items[rows][missing],
+            )
+            neighbour = neighbour.copy()
+            neighbour[missing] = found
+        groups = list(_REASONS)
+        if self.ranker is None or len(self.ranker) == 0:  # ranked by ALS; name a neighbour if any
+            top_group = ["knn" if n >= 0 else "als" for n in neighbour]
+        else:
+            contrib = self.ranker.contributions(candidates.features.iloc[rows])
+            position = {name: j for j, name in enumerate(FEATURES)}
+            by_group = np.column_stack(
+                [contrib[:, [position[f] for f in _REASONS[g][1]]].sum(axis=1) for g in groups]
+            )
+            top_group = [groups[j] for j in by_group.argmax(axis=1)]
+        reasons = []
+        for group, near in zip(top_group, neighbour, strict=True):
+            if group == "knn" and near >= 0:
+                reasons.append(f"similar to {self._title(int(near))}, which you liked")
+            else:
+                reasons.append(_REASONS[group][0])
+        return reasons
+
+    # --- persistence -----------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        r = self.retrieval
+        np.savez(folder / "retrieval.npz", item_factors=r.item_factors)
+        if r.similarity is not None:
+            sparse.save_npz(folder / "similarity.npz", r.similarity.tocsr())
+        items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": r.popularity})
+        if self.titles is not None:
+            items["title"] = self.titles
+        if r.item_features is not None:
+            items = pd.concat([items, r.item_features.reset_index(drop=True)], axis=1)
+        items.to_parquet(folder / "items.parquet", index=False)
+        if self.ranker is not None:
+            self.ranker.save(folder / "ranker.json")
+        meta = {
+            "kind": KIND,
+            "format": 1,
+            "reg": r.reg,
+            "alpha": r.alpha,
+            "n_candidates": r.n_candidates,
+        }
+        (folder / "recommender.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> RankingRecommender:
+        folder = Path(folder)
+        meta = json.loads((folder / "recommender.json").read_text())
+        if meta.get("kind") != KIND:
+            raise ValueError(f"{folder}: not a ranking recommender (kind={meta.get('kind')!r})")
+        with np.load(folder / "retrieval.npz", allow_pickle=False) as data:
+            factors = data["item_factors"]
+        similarity = None
+        if (folder / "similarity.npz").exists():
+            similarity = sparse.load_npz(folder / "similarity.npz").tocsr()
+        items = pd.read_parquet(folder / "items.parquet")
+        feature_cols = [c for c in items.columns if c == "year" or c.startswith(GENRE_PREFIX)]
+        retrieval = Retrieval(
+            factors,
+            float(meta["reg"]),
+            float(meta["alpha"]),
+            similarity,
+            items["popularity"].to_numpy(np.float64),
+            items[feature_cols] if feature_cols else None,
+            int(meta["n_candidates"]),
+        )
+        ranker = (
+            TreeEnsemble.load(folder / "ranker.json") if (folder / "ranker.json").exists() else None
+        )
+        titles = items["title"].to_numpy(dtype=object) if "title" in items else None
+        return cls(retrieval, ranker, items["item_id"].to_numpy(dtype=str), titles)
+
+
+def _request_user_features(requests: pd.DataFrame) -> pd.DataFrame | None:
+    present = [c for c in USER_FEATURE_COLUMNS if c in requests]
+    return requests[present].reset_index(drop=True) if present else None
+
+
+def _as_list(value: object) -> list:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return list(value)  # type: ignore[call-overload]

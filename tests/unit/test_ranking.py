@@ -1,0 +1,242 @@
+"""Item-kNN, the federated LightGBM re-ranker and the two-stage recommender, against
+centralized oracles."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from models.data.partitions import build_clients
+from models.data.sharding import assign_clients, split_rows
+from models.data.synthetic import generate_synthetic
+from models.mf.als import RatingRows
+from models.mf.implicit import CentralizedImplicitALS
+from models.ranking.boosting import (
+    RankerConfig,
+    TreeEnsemble,
+    boost_client,
+    round_weights,
+    train_centralized,
+)
+from models.ranking.features import FEATURES, Retrieval, candidate_features
+from models.ranking.federated import (
+    RankingConfig,
+    knn_client_update,
+    knn_server_update,
+    ranker_server_update,
+    run_two_stage,
+)
+from models.ranking.knn import cooccurrence, cosine_neighbours, knn_scores
+from models.ranking.recommender import RankingRecommender
+
+
+@pytest.fixture(scope="module")
+def implicit_clients():
+    data = generate_synthetic(
+        n_users=300, n_items=120, n_interactions=9000, seed=4, side_features=True
+    )
+    data = type(data)(
+        data.frame.assign(rating=1.0), data.user_ids, data.item_ids,
+        user_features=data.user_features, item_features=data.item_features,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    owner = assign_clients(data, n_clients=4, strategy="iid", rng=rng)
+    split = split_rows(
+        data, owner, method="random", valid_fraction=0.15, test_fraction=0.15, rng=rng
+    )
+    return data, build_clients(data, owner, split)
+
+
+def _train_matrix(data, clients):
+    """Everyone's training rows in one users x items matrix (the centralized view)."""
+    parts = []
+    for c in clients:
+        m = c.matrix("train").tocoo()
+        parts.append((np.searchsorted(data.user_ids, c.user_ids[m.row]), m.col))
+    rows = np.concatenate([p[0] for p in parts])
+    cols = np.concatenate([p[1] for p in parts])
+    return sparse.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(data.n_users, data.n_items))
+
+
+def test_summed_client_cooccurrences_equal_the_centralized_gram(implicit_clients):
+    data, clients = implicit_clients
+    x = _train_matrix(data, clients).toarray()
+    central = x.T @ x  # the oracle, in float64
+
+    similarity, popularity = knn_server_update(
+        [knn_client_update(c) for c in clients],
+        data.n_items,
+        RankingConfig(neighbours=500, shrink=0.0),
+    )
+
+    np.testing.assert_allclose(popularity, np.diag(central))
+    norms = np.sqrt(np.diag(central))
+    expected = central / np.outer(norms, norms)
+    np.fill_diagonal(expected, 0.0)
+    np.testing.assert_allclose(similarity.toarray(), expected, atol=1e-12)
+
+
+def test_neighbours_keep_the_most_similar_items_per_row():
+    counts = sparse.csr_matrix(
+        np.array([[4, 3, 1, 2], [3, 3, 0, 1], [1, 0, 1, 0], [2, 1, 0, 2]], dtype=float)
+    )
+    top1 = cosine_neighbours(counts, neighbours=1).toarray()
+    full = cosine_neighbours(counts, neighbours=3).toarray()
+
+    assert (top1 > 0).sum(axis=1).tolist() == [1, 1, 1, 1]
+    for j in range(4):
+        assert top1[j].argmax() == full[j].argmax()
+        assert full[j, j] == 0.0
+    np.testing.assert_allclose(full[0, 1], 3 / np.sqrt(4 * 3))
+
+
+def test_knn_recommends_the_withheld_diagonal_of_a_checkerboard():
+    # Two blocks of users and items; each user saw every item of its block but one.
+    n = 8
+    block = np.zeros((n, n))
+    block[: n // 2, : n // 2] = 1
+    block[n // 2 :, n // 2 :] = 1
+    history = block.copy()
+    np.fill_diagonal(history, 0)
+    matrix = sparse.csr_matrix(history)
+    similarity = cosine_neighbours(cooccurrence(matrix), neighbours=n)
+
+    scores = np.where(history > 0, -np.inf, knn_scores(matrix, similarity))
+
+    np.testing.assert_array_equal(scores.argmax(axis=1), np.arange(n))
+
+
+def test_federated_two_stage_retrieval_equals_centralized_implicit_als(implicit_clients):
+    data, clients = implicit_clients
+    config = RankingConfig(n_factors=6, reg=0.5, alpha=3.0, init_std=0.1, ranker=None)
+
+    result = run_two_stage(clients, data.n_items, config, rounds=4, seed=2)
+
+    train = _train_matrix(data, clients).tocoo()
+    central = CentralizedImplicitALS(6, reg=0.5, alpha=3.0, n_iter=4, init_std=0.1, seed=2).fit(
+        RatingRows(
+            train.row, train.col, np.ones(train.nnz), n_users=data.n_users, n_items=data.n_items
+        )
+    )
+    np.testing.assert_allclose(
+        result.recommender.retrieval.item_factors, central.item_params_.factors, atol=1e-8
+    )
+
+
+def test_server_adds_client_trees_weighted_by_their_query_groups():
+    rng = np.random.default_rng(0)
+    features = pd.DataFrame(rng.normal(size=(200, len(FEATURES))), columns=list(FEATURES))
+    features[["user_gender", "user_occupation"]] = rng.integers(0, 3, (200, 2))
+    labels = (features["als_score"] + 0.1 * rng.normal(size=200) > 0.5).astype(float).to_numpy()
+    groups = np.full(20, 10)
+    config = RankerConfig(trees_per_round=3, min_data_in_leaf=5)
+    texts = [boost_client(features, labels, groups, np.zeros(200), config, seed) for seed in (1, 2)]
+
+    def update(text, n_groups):
+        from models.protocol import ClientUpdate
+
+        return ClientUpdate(0, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                            {"trees": np.frombuffer(text.encode(), np.uint8)}, {"groups": n_groups})  # fmt: skip
+
+    ensemble = ranker_server_update(
+        TreeEnsemble(), [update(texts[0], 30.0), update(texts[1], 10.0)]
+    )
+
+    singles = [TreeEnsemble(((t, 1.0),)).predict(features) for t in texts]
+    np.testing.assert_allclose(
+        ensemble.predict(features), np.average(singles, axis=0, weights=[30, 10]) * 1.0, atol=1e-12
+    )
+    np.testing.assert_allclose(round_weights([30, 10]), [0.75, 0.25])
+    # pred_contrib sums to the raw score, member by member
+    np.testing.assert_allclose(
+        ensemble.contributions(features).sum(axis=1), ensemble.predict(features), atol=1e-9
+    )
+    with pytest.raises(ValueError, match="no client had a query group"):
+        round_weights([0, 0])
+
+
+def test_reranker_lifts_retrieval_and_is_close_to_a_centralized_ranker(implicit_clients):
+    data, clients = implicit_clients
+    config = RankingConfig(
+        n_factors=8, reg=1.0, alpha=5.0, n_candidates=30, neighbours=30,
+        ranker=RankerConfig(rounds=4, trees_per_round=5, min_data_in_leaf=10),
+    )  # fmt: skip
+    result = run_two_stage(
+        clients,
+        data.n_items,
+        config,
+        rounds=5,
+        item_features=data.item_features,
+        eval_splits=("test",),
+    )
+    retrieval_ndcg = next(h for h in result.history if h["stage"] == "knn")["test_ndcg_at_10"]
+    two_stage = result.history[-1]["test_ndcg_at_10"]
+    assert two_stage > retrieval_ndcg
+
+    # The same features and labels pooled in one place, one LightGBM ranker with as many trees.
+    from models.metrics import add_sums, finalize_metrics
+    from models.ranking.federated import evaluate_ranking, ranker_client_data
+
+    base = RankingRecommender(result.recommender.retrieval, None, result.recommender.item_ids)
+    parts = [ranker_client_data(c, base, ()) for c in clients]
+    offset = np.cumsum([0] + [c.n_users for c in clients])
+    users = np.concatenate([p.train.users + o for p, o in zip(parts, offset, strict=False)])
+    features = pd.concat([p.train.features for p in parts], ignore_index=True)
+    labels = np.concatenate([p.labels for p in parts])
+    _, groups = np.unique(users, return_counts=True)
+    central = RankingRecommender(
+        result.recommender.retrieval,
+        train_centralized(features, labels, groups, config.ranker),
+        base.item_ids,
+    )
+    sums = add_sums(evaluate_ranking(c, central, ("test",), 10)["test"][0] for c in clients)
+    central_ndcg = finalize_metrics(sums, k=10)["ndcg_at_10"]
+    assert central_ndcg > retrieval_ndcg
+    assert abs(two_stage - central_ndcg) < 0.05 * central_ndcg
+
+
+def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
+    data, clients = implicit_clients
+    config = RankingConfig(n_factors=4, n_candidates=20, neighbours=20,
+                           ranker=RankerConfig(rounds=2, trees_per_round=3, min_data_in_leaf=10))  # fmt: skip
+    titles = np.array([f"Title {i}" for i in range(data.n_items)], dtype=object)
+    model = run_two_stage(clients, data.n_items, config, rounds=2, item_ids=data.item_ids,
+                          item_features=data.item_features, titles=titles, eval_splits=()).recommender  # fmt: skip
+    model.save(tmp_path / "m")
+    loaded = RankingRecommender.load(tmp_path / "m")
+    history = [str(i) for i in data.item_ids[:15]]
+    requests = pd.DataFrame({"user_id": ["u1", "new", "odd"],
+                             "history_items": [history, [], ["no-such-item", history[0]]]})  # fmt: skip
+
+    first = model.recommend(requests, k=5)
+    second = loaded.recommend(requests, k=5)
+
+    pd.testing.assert_frame_equal(first, second)
+    assert list(first.columns) == ["user_id", "rank", "item_id", "score", "reason"]
+    u1 = first[first.user_id == "u1"]
+    assert u1["rank"].tolist() == [1, 2, 3, 4, 5]
+    assert not set(u1.item_id) & set(history)  # never what the user already has
+    assert u1["score"].is_monotonic_decreasing
+    assert (u1["reason"].str.len() > 0).all()
+    cold = first[first.user_id == "new"]
+    assert (cold["reason"] == "no known history: most popular items").all()
+    assert cold.item_id.tolist()[0] == str(data.item_ids[np.argmax(model.retrieval.popularity)])
+    assert first[first.user_id == "odd"]["reason"].str.contains("ignored 1 unknown item").all()
+
+
+def test_similar_item_reason_names_the_history_item():
+    # Items 0 and 1 always go together: item 1's reason names item 0's title.
+    history = sparse.csr_matrix(np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1], [1, 1, 1]], float))
+    similarity = cosine_neighbours(cooccurrence(history), neighbours=2)
+    retrieval = Retrieval(np.eye(3), 1.0, 1.0, similarity, np.array([3.0, 3.0, 2.0]), None, 2)
+    titles = np.array(["Alpha", "Beta", "Gamma"], dtype=object)
+    model = RankingRecommender(retrieval, None, np.array(["a", "b", "c"]), titles)
+    user = sparse.csr_matrix([[1.0, 0, 0]])
+
+    candidates = candidate_features(retrieval, user, user)
+    answer = model.recommend(pd.DataFrame({"user_id": ["u"], "history_items": [["a"]]}), k=2)
+
+    row = int(np.flatnonzero(candidates.items == 1)[0])
+    assert candidates.neighbour[row] == 0
+    assert candidates.features["knn_max_similarity"].iloc[row] == pytest.approx(1.0)
+    assert answer.set_index("item_id").loc["b", "reason"] == "similar to Alpha, which you liked"
