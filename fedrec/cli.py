@@ -171,10 +171,10 @@ def train(
         f"\nmodel {summary['model_name']} version {summary['model_version']}: "
         f"{'promoted to champion' if summary['promoted'] else 'not promoted'} ({summary['reason']})"
     )
-    click.echo(
-        f"valid RMSE {metrics.get('valid_rmse', float('nan')):.4f}, test RMSE {metrics.get('test_rmse', float('nan')):.4f}, "
-        f"test NDCG@10 {metrics.get('test_ndcg_at_10', float('nan')):.4f}  ({summary['seconds']} s)"
-    )
+    shown = {"valid RMSE": "valid_rmse", "test RMSE": "test_rmse", "test Recall@10": "test_recall_at_10",
+             "test NDCG@10": "test_ndcg_at_10"}  # fmt: skip
+    parts = [f"{label} {metrics[key]:.4f}" for label, key in shown.items() if key in metrics]
+    click.echo(f"{', '.join(parts)}  ({summary['seconds']} s)")
     click.echo(f"MLflow run {summary['run_id']} in {summary['tracking_uri']}")
 
 

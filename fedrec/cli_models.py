@@ -35,7 +35,11 @@ def _requests(history: str, users: str | None) -> pd.DataFrame:
         wanted = pd.read_csv(users, dtype=str)
         if "user_id" not in wanted:
             raise UserError(f"{users}: needs a user_id column, has {', '.join(wanted.columns)}")
-        wanted = wanted[["user_id"]].drop_duplicates()
+        # side features a ranking model's re-ranker uses (ignored by MF models)
+        kept = ["user_id", *(c for c in ("age", "gender", "occupation") if c in wanted)]
+        wanted = wanted[kept].drop_duplicates("user_id")
+        if "age" in wanted:
+            wanted["age"] = pd.to_numeric(wanted["age"], errors="coerce")
         requests = wanted.merge(requests, on="user_id", how="left")
         requests["history_items"] = requests["history_items"].apply(
             lambda v: v if isinstance(v, list) else []
@@ -99,7 +103,8 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--users",
     default=None,
-    help="CSV with a user_id column: recommend for these (default: every user in --history)",
+    help="CSV with a user_id column: recommend for these (default: every user in --history); "
+    "optional age, gender, occupation columns feed a ranking model's re-ranker",
 )
 @click.option(
     "--k", default=10, show_default=True, type=click.IntRange(min=1), help="items per user"
@@ -115,12 +120,16 @@ def recommend(
     k: int,
     out: str | None,
 ) -> None:
-    """Top-K unseen items per user: CSV user_id,rank,item_id,score."""
+    """Top-K unseen items per user: CSV user_id,rank,item_id,score,reason.
+
+    The reason says why an item is there (ranking models: "similar to <title>, which you liked",
+    "popular with everyone", ...) or which fallback was used (no known history: most popular).
+    Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit.
+    """
     requests = _requests(history, users)
     recommender = _load_model(model_uri, tracking_uri)
     result = recommender.recommend(requests, k=k)
-    _report_reasons(result)
-    _write(result[["user_id", "rank", "item_id", "score"]], out)
+    _write(result[["user_id", "rank", "item_id", "score", "reason"]], out)
 
 
 @click.command()

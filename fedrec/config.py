@@ -17,16 +17,21 @@ from models.data.movielens import NAMED_DATASETS
 from models.data.readers import datasets_dir
 from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
+from models.ranking.boosting import RankerConfig
+from models.ranking.federated import RankingConfig
 
 _SYNTHETIC = {
     name: p.default for name, p in inspect.signature(generate_synthetic).parameters.items()
 }
 _MF = MFConfig()
+_RANKING = RankingConfig()
+_RANKER = RankerConfig()
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
 PromotionMetric = Literal[
-    "valid_rmse", "valid_mae", "valid_ndcg_at_10", "valid_recall_at_10", "valid_map_at_10"
-]
+    "valid_rmse", "valid_mae", "valid_ndcg_at_10", "valid_recall_at_10", "valid_map_at_10",
+    "test_ndcg_at_10", "test_recall_at_10", "test_map_at_10",
+]  # fmt: skip
 
 
 def fedrec_home() -> Path:
@@ -93,11 +98,50 @@ class TrainingConfig(BaseModel):
     )
 
     # training
-    algorithm: Algorithm = Field(
-        _MF.algorithm, description="als (exact), fedavg, fedprox, fedadam, fedyogi"
+    feedback: Literal["explicit", "implicit"] = Field(
+        "explicit",
+        description="explicit: predict ratings (MF); implicit: rank items (implicit ALS, item-kNN, optional re-ranker)",
     )
-    factors: int = Field(_MF.n_factors, ge=1, description="latent factors k")
-    reg: float = Field(_MF.reg, gt=0, description="weighted-lambda L2 regularisation")
+    positive_threshold: float | None = Field(
+        None,
+        description="implicit: keep rows with rating >= this as positives (default: every row)",
+    )
+    algorithm: Algorithm = Field(
+        _MF.algorithm, description="als (exact), fedavg, fedprox, fedadam, fedyogi (explicit only)"
+    )
+    factors: int | None = Field(
+        None,
+        ge=1,
+        description=f"latent factors k (default: {_MF.n_factors} explicit, {_RANKING.n_factors} implicit)",
+    )
+    reg: float | None = Field(
+        None,
+        gt=0,
+        description=f"L2 regularisation (default: {_MF.reg} weighted-lambda explicit, {_RANKING.reg} implicit)",
+    )
+    alpha: float = Field(_RANKING.alpha, gt=0, description="implicit confidence c = 1 + alpha")
+    neighbours: int = Field(
+        _RANKING.neighbours, ge=1, description="implicit: item-kNN neighbours kept per item"
+    )
+    candidates: int = Field(
+        _RANKING.n_candidates,
+        ge=1,
+        description="implicit: top-N of each retrieval model to re-rank",
+    )
+    ranker: Literal["none", "lightgbm"] = Field(
+        "none",
+        description="implicit: re-rank retrieval candidates with federated LightGBM LambdaRank",
+    )
+    ranker_rounds: int = Field(
+        _RANKER.rounds, ge=1, description="federated rounds of the re-ranker"
+    )
+    ranker_trees: int = Field(
+        _RANKER.trees_per_round, ge=1, description="trees each client boosts per re-ranker round"
+    )
+    ranker_learning_rate: float = Field(
+        _RANKER.learning_rate, gt=0, le=1, description="re-ranker shrinkage"
+    )
+    ranker_leaves: int = Field(_RANKER.num_leaves, ge=2, description="leaves per re-ranker tree")
     rounds: int = Field(10, ge=1, description="federated rounds")
     client_fraction: float = Field(
         1.0, gt=0, le=1, description="share of clients sampled per round"
@@ -131,12 +175,17 @@ class TrainingConfig(BaseModel):
 
     # tracking, registry, promotion
     experiment: str = Field("fedrec", description="MLflow experiment")
-    model_name: str = Field("fedrec-mf", description="registered model name")
+    model_name: str | None = Field(
+        None,
+        description="registered model name (default: fedrec-mf explicit, fedrec-ranking implicit)",
+    )
     tracking_uri: str | None = Field(
         None, description="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite under FEDREC_HOME)"
     )
-    promotion_metric: PromotionMetric = Field(
-        "valid_rmse", description="metric that decides promotion"
+    promotion_metric: PromotionMetric | None = Field(
+        None,
+        description="metric that decides promotion (default: valid_rmse explicit, valid_ndcg_at_10 "
+        "implicit, test_ndcg_at_10 with a re-ranker, whose labels are the validation rows)",
     )
     min_delta: float = Field(
         0.0, ge=0, description="least improvement over the champion to promote"
@@ -165,6 +214,25 @@ class TrainingConfig(BaseModel):
             raise ValueError(f"--partition {self.partition} needs --clients")
         if self.clients is not None and self.min_clients > self.clients:
             raise ValueError(f"min_clients={self.min_clients} exceeds clients={self.clients}")
+        if self.feedback == "implicit" and self.algorithm != "als":
+            raise ValueError(
+                f"algorithm={self.algorithm!r} with feedback='implicit': implicit feedback trains with als"
+            )
+        if self.ranker != "none" and self.feedback != "implicit":
+            raise ValueError(f"ranker={self.ranker!r} needs feedback='implicit'")
+        if self.positive_threshold is not None and self.feedback != "implicit":
+            raise ValueError("positive_threshold needs feedback='implicit'")
+        metric = self.promotion_metric
+        if metric is not None:
+            if self.feedback == "implicit" and metric.endswith(("rmse", "mae")):
+                raise ValueError(
+                    f"promotion_metric={metric!r}: implicit feedback has no rating error; use a ranking metric"
+                )
+            if self.ranker != "none" and metric.startswith("valid_"):
+                raise ValueError(
+                    f"promotion_metric={metric!r}: the re-ranker learns from the validation rows, "
+                    "so compare on test_* metrics"
+                )
         # A mistyped path fails here, before any server, run or task starts.
         sources = {"train": self.train, "valid": self.valid, "test": self.test}
         if self.train is None:
@@ -181,12 +249,49 @@ class TrainingConfig(BaseModel):
                 raise ValueError(f"{name}={spec!r}: no such file or folder ({path.resolve()})")
         return self
 
+    @property
+    def registered_name(self) -> str:
+        """The registered model's name: ``model_name``, else one per model family."""
+        if self.model_name:
+            return self.model_name
+        return "fedrec-ranking" if self.feedback == "implicit" else "fedrec-mf"
+
+    @property
+    def promotion(self) -> str:
+        """The metric that decides promotion (``promotion_metric`` or the family's default)."""
+        if self.promotion_metric is not None:
+            return self.promotion_metric
+        if self.feedback == "explicit":
+            return "valid_rmse"
+        return "test_ndcg_at_10" if self.ranker != "none" else "valid_ndcg_at_10"
+
+    def ranking_config(self) -> RankingConfig:
+        """The core's hyperparameters of the implicit-feedback (ranking) family."""
+        ranker = None
+        if self.ranker == "lightgbm":
+            ranker = RankerConfig(
+                rounds=self.ranker_rounds,
+                trees_per_round=self.ranker_trees,
+                learning_rate=self.ranker_learning_rate,
+                num_leaves=self.ranker_leaves,
+                seed=self.seed,
+            )
+        return RankingConfig(
+            n_factors=self.factors or _RANKING.n_factors,
+            reg=self.reg or _RANKING.reg,
+            alpha=self.alpha,
+            neighbours=self.neighbours,
+            n_candidates=self.candidates,
+            top_k=self.top_k,
+            ranker=ranker,
+        )
+
     def mf_config(self) -> MFConfig:
-        """The core's hyperparameters."""
+        """The core's hyperparameters of the explicit-feedback (MF) family."""
         return MFConfig(
             algorithm=self.algorithm,
-            n_factors=self.factors,
-            reg=self.reg,
+            n_factors=self.factors or _MF.n_factors,
+            reg=self.reg or _MF.reg,
             local_epochs=self.local_epochs,
             local_lr=self.local_lr,
             batch_size=self.batch_size,

@@ -12,7 +12,7 @@ from fedrec.config import TrainingConfig
 from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
 from models.data.readers import load_dataset
-from models.data.schema import Interactions
+from models.data.schema import Interactions, keep_positives
 from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
 
 
@@ -42,12 +42,18 @@ def _load(spec: str, config: TrainingConfig) -> Interactions:
 
 @task(name="load-and-validate", cache_policy=NONE)
 def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray | None]:
-    """Read and validate the configured data; with explicit split files also each row's split."""
+    """Read and validate the configured data; with explicit split files also each row's split.
+    For implicit feedback with a ``positive_threshold``, only the positive rows remain."""
+    threshold = config.positive_threshold
+
+    def read(spec: str) -> Interactions:
+        return keep_positives(_load(spec, config), threshold)
+
     if config.train is None:
-        return _load(config.data, config), None
+        return read(config.data), None
     assert config.test is not None  # the config validator guarantees the pair
-    valid = _load(config.valid, config) if config.valid else None
-    return combine_splits(_load(config.train, config), _load(config.test, config), valid)
+    valid = read(config.valid) if config.valid else None
+    return combine_splits(read(config.train), read(config.test), valid)
 
 
 def plan_clients(

@@ -32,11 +32,14 @@ from prefect.cache_policies import NONE
 from fedrec.config import TrainingConfig, fedrec_home
 from models.mf.recommender import MFRecommender
 from models.promotion import PromotionDecision
+from models.ranking.recommender import RankingRecommender
 
 CHAMPION = "champion"
-_PYFUNC_FILE = Path(__file__).resolve().parents[1] / "fedrec" / "serving" / "mf_pyfunc.py"
+_SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
 _MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
 _REQUIREMENTS = ("mlflow", "numpy", "pandas", "scipy", "pyarrow")
+_RANKING_REQUIREMENTS = (*_REQUIREMENTS, "lightgbm")
+Recommender = MFRecommender | RankingRecommender
 _RETRY = {"retries": 2, "retry_delay_seconds": [1, 5], "cache_policy": NONE}
 
 
@@ -75,6 +78,13 @@ def code_version() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
+def _run_name(config: TrainingConfig) -> str:
+    if config.feedback == "implicit":
+        model = "ials+knn" + ("+lgbm" if config.ranker != "none" else "")
+        return f"{model}-k{config.ranking_config().n_factors}-{config.clients}c-{config.rounds}r"
+    return f"{config.algorithm}-k{config.mf_config().n_factors}-{config.clients}c-{config.rounds}r"
+
+
 @task(name="start-tracking", **_RETRY)
 def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None) -> tuple[str, str]:
     """Create the MLflow run of this training (params = the flattened config); returns (uri, run id)."""
@@ -96,7 +106,7 @@ def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None)
         "fedrec.dataset_fingerprint": fingerprint,
         "fedrec.config_hash": config.config_hash(),
         "fedrec.code_version": code_version(),
-        "mlflow.runName": f"{config.algorithm}-k{config.factors}-{config.clients}c-{config.rounds}r",
+        "mlflow.runName": _run_name(config),
     }
     run = client.create_run(experiment_id, tags=tags)
     params = [Param(k, v[:6000]) for k, v in config.flat_params().items()]
@@ -119,13 +129,19 @@ def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> 
     fig = Figure(figsize=(6, 4))  # no pyplot: no global state, no display backend
     ax = fig.subplots()
     rounds = list(range(1, len(history) + 1))
-    for key in ("train_rmse", "valid_rmse", "test_rmse"):
+    rating = any("valid_rmse" in h for h in history)
+    keys = (
+        ("train_rmse", "valid_rmse", "test_rmse")
+        if rating
+        else ("valid_ndcg_at_10", "test_ndcg_at_10")
+    )
+    for key in keys:
         values = [h.get(key, np.nan) for h in history]
         if np.isfinite(values).any():
             ax.plot(rounds, values, marker="o", label=key)
-    ax.set_xlabel("round")
+    ax.set_xlabel("step (round)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("RMSE")
+    ax.set_ylabel("RMSE" if rating else "NDCG@10")
     ax.set_title("Learning curve")
     ax.legend()
     fig.tight_layout()
@@ -144,6 +160,17 @@ def _plot_clients(per_client: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _plot_importance(importance: pd.Series, path: Path) -> None:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    ordered = importance.sort_values()
+    ax.barh(ordered.index, ordered.to_numpy())
+    ax.set_xlabel("total gain (weighted over the ensemble)")
+    ax.set_title("Re-ranker feature importance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 @task(name="log-artifacts", **_RETRY)
 def log_artifacts(
     uri: str,
@@ -152,8 +179,10 @@ def log_artifacts(
     profile: pd.DataFrame,
     history: Sequence[Mapping[str, float]],
     per_client: pd.DataFrame,
+    importance: pd.Series | None = None,
 ) -> None:
-    """The config, the data profile, the learning curve and the per-client metric plots."""
+    """The config, the data profile, the learning curve, the per-client metric plots and, with a
+    re-ranker, its feature importance (CSV and plot)."""
     client = _client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -162,18 +191,28 @@ def log_artifacts(
         per_client.to_csv(folder / "client_metrics.csv", index=False)
         _plot_learning_curve(history, folder / "learning_curve.png")
         _plot_clients(per_client, folder / "client_metrics.png")
+        if importance is not None:
+            importance.rename("gain").to_csv(
+                folder / "feature_importance.csv", index_label="feature"
+            )
+            _plot_importance(importance, folder / "feature_importance.png")
         client.log_artifacts(run_id, str(folder))
 
 
-def _signature() -> ModelSignature:
-    inputs = Schema(
-        [
-            ColSpec("string", "user_id"),
-            ColSpec(Array("string"), "history_items"),
+def _signature(ranking: bool) -> ModelSignature:
+    columns = [ColSpec("string", "user_id"), ColSpec(Array("string"), "history_items")]
+    if ranking:  # side features the re-ranker uses when a request has them
+        columns += [
+            ColSpec("double", "age", required=False),
+            ColSpec("string", "gender", required=False),
+            ColSpec("string", "occupation", required=False),
+        ]
+    else:
+        columns += [
             ColSpec(Array("double"), "history_ratings", required=False),
             ColSpec(Array("string"), "items", required=False),
         ]
-    )
+    inputs = Schema(columns)
     outputs = Schema(
         [
             ColSpec("string", "user_id"),
@@ -188,34 +227,33 @@ def _signature() -> ModelSignature:
     )
 
 
-def _requirements() -> list[str]:
+def _requirements(names: Sequence[str]) -> list[str]:
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in _REQUIREMENTS]
+    return [f"{name}=={version(name)}" for name in names]
 
 
 @task(name="register-model", **_RETRY)
 def register_model(
-    uri: str, run_id: str, recommender: MFRecommender, model_name: str, tags: Mapping[str, str]
+    uri: str, run_id: str, recommender: Recommender, model_name: str, tags: Mapping[str, str]
 ) -> str:
     """Log the recommender as a models-from-code pyfunc and register it; returns the version."""
     _client(uri)
+    ranking = isinstance(recommender, RankingRecommender)
     example = pd.DataFrame(
-        {
-            "user_id": ["example-user"],
-            "history_items": [list(recommender.item_ids[:3])],
-            "history_ratings": [[5.0, 4.0, 3.0][: min(3, len(recommender.item_ids))]],
-        }
+        {"user_id": ["example-user"], "history_items": [list(recommender.item_ids[:3])]}
     )
+    if not ranking:
+        example["history_ratings"] = [[5.0, 4.0, 3.0][: min(3, len(recommender.item_ids))]]
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         recommender.save(Path(tmp) / "recommender")
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(_PYFUNC_FILE),
+            python_model=str(_SERVING / ("ranking_pyfunc.py" if ranking else "mf_pyfunc.py")),
             artifacts={"recommender": str(Path(tmp) / "recommender")},
             code_paths=[str(_MODELS_PACKAGE)],
-            pip_requirements=_requirements(),
-            signature=_signature(),
+            pip_requirements=_requirements(_RANKING_REQUIREMENTS if ranking else _REQUIREMENTS),
+            signature=_signature(ranking),
             input_example=example,
             registered_model_name=model_name,
         )
@@ -229,14 +267,14 @@ def register_model(
 @dataclass(frozen=True)
 class Champion:
     version: str
-    recommender: MFRecommender
+    recommender: Recommender
 
 
 def _is_missing(err: MlflowException) -> bool:
     return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
 
 
-def load_recommender(uri: str, model_uri: str) -> MFRecommender:
+def load_recommender(uri: str, model_uri: str) -> Recommender:
     """Load a registered or logged recommender (``models:/NAME@champion``, ``runs:/...``)."""
     _client(uri)
     model = mlflow.pyfunc.load_model(model_uri)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -128,3 +128,13 @@ def encode_interactions(
         source=source,
         notes=tuple(notes),
     )
+
+
+def keep_positives(data: Interactions, threshold: float | None) -> Interactions:
+    """Implicit feedback from ratings: only rows rated ``>= threshold`` remain (all rows for
+    ``None``), each now meaning "interacted"; the user and item catalogues are unchanged."""
+    if threshold is None:
+        return data
+    keep = data.frame[RATING].to_numpy() >= threshold
+    note = f"kept {int(keep.sum())} of {keep.size} rows rated >= {threshold} as positives"
+    return replace(data, frame=data.frame[keep].reset_index(drop=True), notes=(*data.notes, note))

@@ -122,9 +122,10 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
 def _category_code(value: object) -> float:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return np.nan
-    if isinstance(value, (int, np.integer, float, np.floating)):
-        return float(value)
-    return float(zlib.crc32(str(value).encode()) % 1000)
+    try:  # numeric codes (ML-1M's occupation), whether sent as numbers or as text
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float(zlib.crc32(str(value).encode()) % 1000)
 
 
 def _user_columns(user_features: pd.DataFrame | None, n_users: int) -> dict[str, np.ndarray]:

@@ -255,6 +255,32 @@ class RankingRecommender:
         return cls(retrieval, ranker, items["item_id"].to_numpy(dtype=str), titles)
 
 
+def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> RankingRecommender:
+    """The same model re-indexed to another catalogue (ids compared as text): items it does not
+    know get zero factors, no neighbours and no popularity, so it can be evaluated on today's data."""
+    lookup = {str(item): i for i, item in enumerate(model.item_ids)}
+    source = np.array([lookup.get(str(item), -1) for item in item_ids], dtype=np.int64)
+    known = np.flatnonzero(source >= 0)
+    pick = sparse.csr_matrix(
+        (np.ones(known.size), (known, source[known])), shape=(len(item_ids), model.n_items)
+    )  # today's index x the model's index
+    r = model.retrieval
+    factors = np.zeros((len(item_ids), r.item_factors.shape[1]))
+    factors[known] = r.item_factors[source[known]]
+    popularity = np.zeros(len(item_ids))
+    popularity[known] = r.popularity[source[known]]
+    similarity = None if r.similarity is None else (pick @ r.similarity @ pick.T).tocsr()
+    features = None
+    if r.item_features is not None:
+        features = r.item_features.iloc[np.maximum(source, 0)].reset_index(drop=True)
+        features.loc[source < 0, :] = np.nan
+    titles = None
+    if model.titles is not None:
+        titles = np.where(source >= 0, model.titles[np.maximum(source, 0)], None)
+    retrieval = Retrieval(factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates)
+    return RankingRecommender(retrieval, model.ranker, np.asarray(item_ids).astype(str), titles)
+
+
 def _request_user_features(requests: pd.DataFrame) -> pd.DataFrame | None:
     present = [c for c in USER_FEATURE_COLUMNS if c in requests]
     return requests[present].reset_index(drop=True) if present else None

@@ -168,11 +168,12 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     pred = _run("predict", *model, "--history", str(history), "--pairs", str(pairs))
 
     table = pd.read_csv(io.StringIO(rec.stdout), dtype={"user_id": str, "item_id": str})
-    assert list(table.columns) == ["user_id", "rank", "item_id", "score"]
+    assert list(table.columns) == ["user_id", "rank", "item_id", "score", "reason"]
     alice = table[table["user_id"] == "alice"]
     assert list(alice["rank"]) == [1, 2, 3, 4, 5] and not set(alice["item_id"]) & set(items[:3])
     assert len(table[table["user_id"] == "bob"]) == 5
-    assert "user bob: no known items in history: popularity fallback" in rec.stderr
+    bob = table[table["user_id"] == "bob"]
+    assert (bob["reason"] == "no known items in history: popularity fallback").all()
     scores = pd.read_csv(io.StringIO(pred.stdout), dtype={"user_id": str, "item_id": str})
     assert list(scores.columns) == ["user_id", "item_id", "score"]
     assert list(scores["item_id"]) == [items[3], items[0]] and scores["score"].between(1, 5).all()

@@ -3,17 +3,44 @@ from pydantic import ValidationError
 
 from fedrec.config import TrainingConfig
 from models.mf.federated import MFConfig
+from models.ranking.federated import RankingConfig
 
 
 def test_defaults_come_from_the_core_and_map_back_to_it():
     config = TrainingConfig()
     mf = config.mf_config()
-    assert (config.factors, config.reg, config.algorithm) == (
+    assert (mf.n_factors, mf.reg, mf.algorithm) == (
         MFConfig.n_factors,
         MFConfig.reg,
         MFConfig.algorithm,
     )
-    assert mf.n_factors == config.factors and mf.clip_to == config.rating_scale
+    assert mf.clip_to == config.rating_scale
+    assert (config.registered_name, config.promotion) == ("fedrec-mf", "valid_rmse")
+    implicit = TrainingConfig(feedback="implicit").ranking_config()
+    core = RankingConfig()
+    assert (implicit.n_factors, implicit.reg, implicit.alpha, implicit.ranker) == (
+        core.n_factors, core.reg, core.alpha, None,
+    )  # fmt: skip
+    two_stage = TrainingConfig(feedback="implicit", ranker="lightgbm", factors=16, ranker_trees=3)
+    assert two_stage.ranking_config().n_factors == 16
+    assert two_stage.ranking_config().ranker.trees_per_round == 3
+    assert (two_stage.registered_name, two_stage.promotion) == ("fedrec-ranking", "test_ndcg_at_10")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ranker": "lightgbm"}, "ranker='lightgbm' needs feedback='implicit'"),
+        ({"feedback": "implicit", "algorithm": "fedavg"}, "implicit feedback trains with als"),
+        ({"positive_threshold": 3.0}, "positive_threshold needs feedback='implicit'"),
+        ({"feedback": "implicit", "promotion_metric": "valid_rmse"}, "has no rating error"),
+        ({"feedback": "implicit", "ranker": "lightgbm", "promotion_metric": "valid_ndcg_at_10"},
+         "learns from the validation rows"),
+    ],
+)  # fmt: skip
+def test_family_combinations_are_checked(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainingConfig(**fields)
 
 
 def test_unknown_keys_and_bad_values_are_rejected():

@@ -1,0 +1,150 @@
+"""The implicit-feedback stage (top-K ranking): rounds of federated implicit ALS, one round of
+federated item-kNN, then rounds of the federated LightGBM re-ranker; the champion is evaluated
+the same way.
+
+Steps in MLflow continue across stages: ALS rounds are steps 1..R, re-ranker rounds R+1..R+Q, and
+each step's ``valid_*``/``test_*`` describe the model after that step.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger
+
+from flows.rounds import RunContext, Trained, answered, log_step, require_quorum
+from models.data.partitions import read_item_features
+from models.mf.federated import sample_clients
+from models.ranking.boosting import TreeEnsemble
+from models.ranking.recommender import RankingRecommender
+from tasks.ranking import (
+    aggregate_implicit,
+    aggregate_ranker,
+    align_champion,
+    build_ranking_model,
+    build_similarity,
+    evaluate_implicit_client,
+    evaluate_ranking_client,
+    initialize_factors,
+    knn_client,
+    train_implicit_client,
+    train_ranker_client,
+    warm_start_factors,
+)
+from tasks.server import summarize_round
+
+SPLITS = ("valid", "test")
+
+
+def train_ranking(ctx: RunContext) -> Trained:
+    """Retrieval (implicit ALS, item-kNN) and, if configured, the re-ranker; all federated."""
+    config, workspace, entries, n_items = ctx.config, ctx.workspace, ctx.entries, ctx.n_items
+    logger, rc = get_run_logger(), config.ranking_config()
+    factors = initialize_factors(n_items, rc, config.seed)
+    champion = (
+        ctx.champion
+        if isinstance(getattr(ctx.champion, "recommender", None), RankingRecommender)
+        else None
+    )
+    if config.warm_start and champion is not None:
+        if champion.recommender.retrieval.item_factors.shape[1] == rc.n_factors:
+            factors, carried = warm_start_factors(factors, champion.recommender, ctx.item_ids)
+            logger.info("warm start from champion version %s: %d of %d items carried over",
+                        champion.version, carried, n_items)  # fmt: skip
+        else:
+            logger.warning("no warm start: the champion has another number of factors")
+
+    # kNN needs no model: its one round of co-occurrence counts runs beside the ALS rounds.
+    knn_futures = {e.client_id: knn_client.with_options(task_run_name=f"knn client-{e.client_id}").submit(
+        workspace, e, n_items) for e in entries}  # fmt: skip
+
+    history: list[dict[str, float]] = []
+    pending: tuple[list, float] | None = None
+    trainer = train_implicit_client.with_options(retries=config.task_retries, retry_delay_seconds=1)
+    for r in range(1, config.rounds + 1):
+        started = time.perf_counter()
+        chosen_ids = set(sample_clients(len(entries), config.client_fraction, config.seed, r))
+        chosen = [e for i, e in enumerate(entries) if i in chosen_ids]
+        asked = SPLITS if pending else ()
+        answers = answered(
+            {("train", e.client_id): trainer.with_options(task_run_name=f"train-implicit client-{e.client_id} round-{r}").submit(
+                workspace, e, n_items, factors, rc, asked) for e in chosen}
+            | {("evaluate", e.client_id): evaluate_implicit_client.with_options(task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
+                workspace, e, n_items, factors, rc, SPLITS)
+               for i, e in enumerate(entries) if pending and i not in chosen_ids},
+            f"round {r}",
+        )  # fmt: skip
+        updates = [a[0] for (kind, _), a in answers.items() if kind == "train"]
+        evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
+        require_quorum(len(updates), len(chosen), config, f"round {r}")
+        if pending:
+            history.append(
+                log_step(ctx, r - 1, pending, evaluations, rc, f"ALS round {r - 1}/{config.rounds}")
+            )
+        factors = aggregate_implicit(factors, updates, rc)
+        pending = (updates, time.perf_counter() - started)
+
+    started = time.perf_counter()
+    knn_updates = answered(knn_futures, "item-kNN")
+    require_quorum(len(knn_updates), len(entries), config, "item-kNN")
+    similarity, popularity = build_similarity(list(knn_updates.values()), n_items, rc)
+    catalogue = read_item_features(workspace)
+    retrieval = build_ranking_model(factors, similarity, popularity, rc, ctx.item_ids, catalogue)
+    knn_bytes = float(sum(u.nbytes() for u in knn_updates.values()))
+    logger.info("item-kNN: %d clients, %.1f MB up, %.2f s", len(knn_updates), knn_bytes / 1e6,
+                time.perf_counter() - started)  # fmt: skip
+
+    ensemble, step = TreeEnsemble(), config.rounds
+    if rc.ranker is not None:
+        ranker_task = train_ranker_client.with_options(
+            retries=config.task_retries, retry_delay_seconds=1
+        )
+        for q in range(1, rc.ranker.rounds + 1):
+            started = time.perf_counter()
+            chosen_ids = set(
+                sample_clients(len(entries), config.client_fraction, config.seed, config.rounds + q)
+            )
+            chosen = [e for i, e in enumerate(entries) if i in chosen_ids]
+            answers = answered(
+                {e.client_id: ranker_task.with_options(task_run_name=f"train-ranker client-{e.client_id} round-{q}").submit(
+                    workspace, e, n_items, retrieval, ensemble, rc, config.seed, q, ctx.run_id) for e in chosen},
+                f"ranker round {q}",
+            )  # fmt: skip
+            require_quorum(len(answers), len(chosen), config, f"ranker round {q}")
+            updates = [u for u, _ in answers.values()]
+            evaluations = [e for _, e in answers.values()]
+            # Round q's tasks evaluated the model after step config.rounds + q - 1.
+            history.append(log_step(ctx, step, pending, evaluations, rc, f"step {step}"))
+            ensemble = aggregate_ranker(ensemble, updates)
+            step, pending = config.rounds + q, (updates, time.perf_counter() - started)
+
+    candidate = retrieval
+    if rc.ranker is not None:
+        candidate = build_ranking_model(
+            factors, similarity, popularity, rc, ctx.item_ids, catalogue, ensemble
+        )
+    final_evaluations = answered(
+        {e.client_id: evaluate_ranking_client.with_options(task_run_name=f"evaluate client-{e.client_id} step-{step}").submit(
+            workspace, e, n_items, candidate, SPLITS, rc.top_k) for e in entries},
+        "final evaluation",
+    )  # fmt: skip
+    final = log_step(
+        ctx, step, pending, list(final_evaluations.values()), rc, f"step {step} (final)"
+    )
+    history.append(final | {"knn_bytes_uploaded": knn_bytes})
+
+    champion_metrics, comparable = None, ""
+    if ctx.champion is not None and champion is None:
+        comparable = f"champion version {ctx.champion.version} is not a ranking model"
+    elif champion is not None:
+        aligned = align_champion(champion.recommender, ctx.item_ids)
+        parts = answered(
+            {e.client_id: evaluate_ranking_client.with_options(task_run_name=f"evaluate champion client-{e.client_id}").submit(
+                workspace, e, n_items, aligned, SPLITS, rc.top_k) for e in entries},
+            "champion evaluation",
+        )  # fmt: skip
+        champion_metrics = summarize_round([], list(parts.values()), rc, n_items, 0.0)
+    importance = ensemble.feature_importance() if len(ensemble) else None
+    return Trained(
+        candidate, history[-1], history, final_evaluations, champion_metrics, comparable, importance
+    )

@@ -1,0 +1,178 @@
+"""The implicit-feedback flow (implicit ALS + item-kNN + federated LightGBM re-ranker) against a
+real Prefect test server, a real MLflow registry and `mlflow models serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fedrec.config import TrainingConfig
+
+ALS_ROUNDS, RANKER_ROUNDS = 3, 3
+SMALL = {"synthetic_users": 400, "synthetic_items": 200, "synthetic_interactions": 16_000,
+         "clients": 3, "factors": 8, "candidates": 40, "neighbours": 40}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    home = tmp_path_factory.mktemp("fedrec-ranking-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDREC_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+        yield {"uri": uri, "client": MlflowClient(tracking_uri=uri, registry_uri=uri), "home": home}
+
+
+def _config(store, **overrides) -> TrainingConfig:
+    base = {"feedback": "implicit", "ranker": "lightgbm", "rounds": ALS_ROUNDS, "ranker_rounds": RANKER_ROUNDS,
+            "tracking_uri": store["uri"], "model_name": "ranktest"}  # fmt: skip
+    return TrainingConfig(**(base | SMALL | overrides))
+
+
+@pytest.fixture(scope="module")
+def first_run(store):
+    from flows.training import federated_training
+
+    config = _config(store)
+    return config, federated_training(**config.model_dump())
+
+
+def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_run):
+    _, summary = first_run
+    client = store["client"]
+    run_id = summary["run_id"]
+
+    history = {
+        key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        for key in ("valid_ndcg_at_10", "test_ndcg_at_10", "test_recall_at_10", "bytes_uploaded")
+    }
+
+    steps = list(range(1, ALS_ROUNDS + RANKER_ROUNDS + 1))
+    for key, points in history.items():
+        assert [s for s, _ in points] == steps, key
+    test = dict(history["test_ndcg_at_10"])
+    assert test[ALS_ROUNDS + RANKER_ROUNDS] > test[ALS_ROUNDS]  # re-ranked beats retrieval
+    assert all(value > 0 for _, value in history["bytes_uploaded"])
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"feature_importance.png", "feature_importance.csv", "learning_curve.png"} <= artifacts
+    version = client.get_model_version_by_alias("ranktest", "champion")
+    assert summary["promoted"] and str(version.version) == summary["model_version"] == "1"
+    assert (
+        version.tags["fedrec.feedback"] == "implicit"
+        and version.tags["fedrec.ranker"] == "lightgbm"
+    )
+
+
+def test_flow_model_equals_the_plain_loop_on_the_same_clients(store, first_run):
+    """The flow runs the same client and server functions as the in-process reference loop:
+    the registered model must be that loop's model, item factors and trees alike."""
+    import mlflow
+
+    from models.data.partitions import read_item_features
+    from models.ranking.federated import run_two_stage
+    from tasks.data import load_interactions, plan_clients
+
+    config, summary = first_run
+    data, split = load_interactions.fn(config)
+    clients = plan_clients(data, split, config)
+    catalogue = read_item_features(summary["workspace"])
+    reference = run_two_stage(
+        clients, data.n_items, config.ranking_config(), rounds=config.rounds, seed=config.seed,
+        item_ids=data.item_ids, item_features=catalogue, eval_splits=(),
+    ).recommender  # fmt: skip
+
+    mlflow.set_tracking_uri(store["uri"])
+    served = mlflow.pyfunc.load_model("models:/ranktest@champion").unwrap_python_model().recommender
+    np.testing.assert_allclose(
+        served.retrieval.item_factors, reference.retrieval.item_factors, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        served.retrieval.similarity.toarray(), reference.retrieval.similarity.toarray()
+    )
+    requests = pd.DataFrame(
+        {
+            "user_id": ["a", "b"],
+            "history_items": [[str(i) for i in data.item_ids[:12]], [str(data.item_ids[50])]],
+        }
+    )
+    pd.testing.assert_frame_equal(
+        served.recommend(requests, k=5), reference.recommend(requests, k=5)
+    )
+
+
+def test_a_challenger_is_compared_with_the_champion_on_the_same_rows(store, first_run):
+    from flows.training import federated_training
+
+    config = _config(store, ranker_rounds=1, skip_if_unchanged=False)
+    summary = federated_training(**config.model_dump())
+
+    assert summary["model_version"] == "2"
+    assert summary["champion_metrics"]["test_ndcg_at_10"] > 0
+    assert ("promoted" if summary["promoted"] else "not promoted") and summary["reason"]
+    expected = (
+        summary["metrics"]["test_ndcg_at_10"] > summary["champion_metrics"]["test_ndcg_at_10"]
+    )
+    assert summary["promoted"] == expected
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_models_serve_answers_invocations(store, first_run):
+    port = _free_port()
+    env = os.environ | {"MLFLOW_TRACKING_URI": store["uri"],
+                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/ranktest@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"model server did not start: {server.stderr.read().decode()[-2000:]}"
+                    ) from None
+                time.sleep(0.5)
+        workspace = Path(first_run[1]["workspace"])
+        items = pd.read_parquet(workspace / "items.parquet")["item_id"].astype(str).tolist()
+        body = {"dataframe_records": [{"user_id": "fan", "history_items": items[:8], "age": 30, "gender": "F"},
+                                      {"user_id": "newcomer", "history_items": []}],
+                "params": {"k": 4}}  # fmt: skip
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        answer = pd.DataFrame(
+            json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    assert list(answer.columns) == ["user_id", "rank", "item_id", "score", "reason"]
+    fan = answer[answer.user_id == "fan"]
+    assert fan["rank"].tolist() == [1, 2, 3, 4] and not set(fan.item_id) & set(items[:8])
+    assert fan["score"].is_monotonic_decreasing and (fan["reason"].str.len() > 0).all()
+    newcomer = answer[answer.user_id == "newcomer"]
+    assert (newcomer["reason"] == "no known history: most popular items").all()
