@@ -226,6 +226,33 @@ def split_rows(
     return split
 
 
+def split_each_user(
+    data: Interactions, *, valid_fraction: float, test_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Split code per row (0 train, 1 validation, 2 test): each user's rows shuffled and cut by
+    ratio with RecBole's rounding (``_calcu_split_ids``: held-out counts are ``int(fraction * n)``,
+    and a share that rounds to 0 still gets one row while the user keeps two training rows)."""
+    users = data.frame[USER].to_numpy()
+    order = np.lexsort((rng.random(users.size), users))  # by user, random within a user
+    split = np.empty(users.size, dtype=np.int8)
+    bounds = np.flatnonzero(np.diff(users[order])) + 1
+    fractions = (valid_fraction, test_fraction)
+    for rows in np.split(order, bounds):
+        total = rows.size
+        held = [int(f * total) for f in fractions]
+        n_train = total - sum(held)
+        for i in (1, 0):  # RecBole walks the held-out parts from the last
+            if n_train <= 1:
+                break
+            if 0 < fractions[i] * total < 1:
+                held[i] += 1
+                n_train -= 1
+        split[rows[:n_train]] = 0
+        split[rows[n_train : n_train + held[0]]] = 1
+        split[rows[n_train + held[0] :]] = 2
+    return split
+
+
 def combine_splits(
     train: Interactions, test: Interactions, valid: Interactions | None = None
 ) -> tuple[Interactions, np.ndarray]:

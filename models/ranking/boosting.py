@@ -35,9 +35,10 @@ class RankerConfig:
 
     rounds: int = 10
     trees_per_round: int = 10
-    learning_rate: float = 0.1
+    learning_rate: float = 0.05
     num_leaves: int = 31
-    min_data_in_leaf: int = 50
+    min_data_in_leaf: int = 200
+    subsample: float = 0.8  # rows and features each tree sees (LightGBM's bagging/feature fraction)
     num_threads: int = 1
     seed: int = 0
 
@@ -45,8 +46,9 @@ class RankerConfig:
         for name in ("rounds", "trees_per_round", "num_leaves", "min_data_in_leaf", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ranker {name}={getattr(self, name)} must be >= 1")
-        if not 0 < self.learning_rate <= 1:
-            raise ValueError(f"ranker learning_rate={self.learning_rate} must be in (0, 1]")
+        for name in ("learning_rate", "subsample"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"ranker {name}={getattr(self, name)} must be in (0, 1]")
 
     def lgb_params(self, seed: int) -> dict[str, object]:
         return {
@@ -55,6 +57,9 @@ class RankerConfig:
             "learning_rate": self.learning_rate,
             "num_leaves": self.num_leaves,
             "min_data_in_leaf": self.min_data_in_leaf,
+            "bagging_fraction": self.subsample,
+            "bagging_freq": 1 if self.subsample < 1 else 0,
+            "feature_fraction": self.subsample,
             "lambdarank_truncation_level": 20,
             "num_threads": self.num_threads,
             "deterministic": True,

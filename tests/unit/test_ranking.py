@@ -76,12 +76,12 @@ def test_summed_client_cooccurrences_equal_the_centralized_gram(implicit_clients
     np.testing.assert_allclose(similarity.toarray(), expected, atol=1e-12)
 
 
-def test_neighbours_keep_the_most_similar_items_per_row():
+def test_neighbours_keep_the_most_similar_items_per_item():
     counts = sparse.csr_matrix(
         np.array([[4, 3, 1, 2], [3, 3, 0, 1], [1, 0, 1, 0], [2, 1, 0, 2]], dtype=float)
     )
-    top1 = cosine_neighbours(counts, neighbours=1).toarray()
-    full = cosine_neighbours(counts, neighbours=3).toarray()
+    top1 = cosine_neighbours(counts, neighbours=1).toarray().T  # row j: item j's neighbours
+    full = cosine_neighbours(counts, neighbours=3).toarray().T
 
     assert (top1 > 0).sum(axis=1).tolist() == [1, 1, 1, 1]
     for j in range(4):

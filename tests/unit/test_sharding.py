@@ -224,3 +224,28 @@ def test_validation_is_carved_from_explicit_training_rows_only():
     assert (out == VALID).sum() == pytest.approx(0.1 * (split == TRAIN).sum(), rel=0.25)
     users_with_train = np.unique(data.frame["user"].to_numpy()[out == TRAIN])
     assert users_with_train.size == np.unique(data.frame["user"].to_numpy()[split == TRAIN]).size
+
+
+def test_split_each_user_follows_recboles_ratio_rounding():
+    import pandas as pd
+
+    from models.data.schema import encode_interactions
+    from models.data.sharding import split_each_user
+
+    sizes = {"a": 25, "b": 9, "c": 2, "d": 1}  # int(0.1 * n) = 2, 0, 0, 0
+    frame = pd.DataFrame(
+        [(u, f"i{j}", 1.0) for u, n in sizes.items() for j in range(n)],
+        columns=["user", "item", "rating"],
+    )
+    data = encode_interactions(frame, rating_scale=None, source="t")
+
+    split = split_each_user(
+        data, valid_fraction=0.1, test_fraction=0.1, rng=np.random.default_rng(0)
+    )
+
+    counts = pd.crosstab(data.user_ids[data.frame["user"].to_numpy()], split)
+    counts = counts.reindex(columns=[0, 1, 2], fill_value=0)
+    assert counts.loc["a"].tolist() == [21, 2, 2]
+    assert counts.loc["b"].tolist() == [7, 1, 1]  # 0.9 rounds to 0: one row each, from train
+    assert counts.loc["c"].tolist() == [1, 0, 1]  # test first; train keeps its last row
+    assert counts.loc["d"].tolist() == [1, 0, 0]

@@ -1,0 +1,235 @@
+"""Top-K ranking on ML-1M with RecBole's protocol: retrieval models, then the federated re-ranker.
+
+Protocol (RecBole's ML-1M benchmark): ratings >= 3 are positives and the rest are dropped; each
+user's positives are shuffled and split 8:1:1 into train / validation / test (RecBole's ratio
+rounding); full ranking over every item the user has not seen in training (test also excludes the
+validation items); K = 10; Recall@10, NDCG@10 and Hit@10 averaged over users with a test item.
+Users are spread over ``--clients`` clients (iid) for the federated methods. "seconds" is training
+time only (evaluation excluded), in this process, on this machine.
+
+    uv run python -m benchmarks.ranking                 # ML-1M
+    uv run python -m benchmarks.ranking --data ml-100k  # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.common import load_movielens, machine, peak_rss_mb, print_table, write_json
+from fedrec.runtime import keep_freed_memory
+from models.client import ClientData
+from models.data.partitions import build_clients
+from models.data.schema import Interactions, keep_positives
+from models.data.sharding import assign_clients, split_each_user
+from models.metrics import add_sums, finalize_metrics
+from models.mf.als import RatingRows
+from models.mf.implicit import CentralizedImplicitALS
+from models.ranking.boosting import RankerConfig, TreeEnsemble, train_centralized
+from models.ranking.features import Retrieval
+from models.ranking.federated import (
+    RankingConfig,
+    evaluate_ranking,
+    evaluate_scores,
+    implicit_client_round,
+    implicit_evaluate,
+    implicit_server_update,
+    init_item_factors,
+    knn_client_update,
+    knn_server_update,
+    ranker_client_data,
+    ranker_client_round,
+    ranker_server_update,
+)
+from models.ranking.knn import knn_scores
+from models.ranking.recommender import RankingRecommender
+
+K = 10
+
+
+def recbole_split(data: Interactions, seed: int) -> np.ndarray:
+    """RecBole's split: each user's rows shuffled and cut 8:1:1."""
+    return split_each_user(
+        data, valid_fraction=0.1, test_fraction=0.1, rng=np.random.default_rng(seed)
+    )
+
+
+def _metrics(parts: list[dict], split: str = "test") -> dict[str, float]:
+    sums = add_sums(p[split][0] for p in parts)
+    out = finalize_metrics(sums, k=K)
+    return {"recall": out[f"recall_at_{K}"], "ndcg": out[f"ndcg_at_{K}"], "hit": out[f"hit_at_{K}"]}
+
+
+def _pooled_train(data: Interactions, clients: list[ClientData]) -> RatingRows:
+    users, items = [], []
+    for c in clients:
+        rows = c.rows("train")
+        users.append(np.searchsorted(data.user_ids, c.user_ids[rows.users]))
+        items.append(rows.items)
+    u, i = np.concatenate(users), np.concatenate(items)
+    return RatingRows(u, i, np.ones(u.size), n_users=data.n_users, n_items=data.n_items)
+
+
+def run(args: argparse.Namespace) -> dict:
+    keep_freed_memory()
+    raw = load_movielens(args.data)
+    if raw is None:
+        return {}
+    data = keep_positives(raw, 3.0)
+    split = recbole_split(data, args.seed)
+    owner = assign_clients(
+        data, n_clients=args.clients, strategy="iid", rng=np.random.default_rng(args.seed)
+    )
+    clients = build_clients(data, owner, split)
+    ranker = RankerConfig(rounds=args.ranker_rounds, trees_per_round=args.ranker_trees,
+                          learning_rate=args.ranker_lr, num_leaves=args.ranker_leaves, seed=args.seed)  # fmt: skip
+    config = RankingConfig(n_factors=args.factors, reg=args.reg, alpha=args.alpha,
+                           neighbours=args.neighbours, shrink=args.shrink,
+                           n_candidates=args.candidates, ranker=ranker)  # fmt: skip
+    catalogue = data.item_features
+    titles = catalogue["title"].to_numpy(object) if catalogue is not None else None
+    features = catalogue.drop(columns=["title"]) if catalogue is not None else None
+    rows: list[dict] = []
+
+    def add(method: str, parts: list[dict], seconds: float, **extra: object) -> None:
+        rows.append({"method": method, **_metrics(parts), "seconds": seconds, **extra})
+        print(f"  {method}: NDCG@10 {rows[-1]['ndcg']:.4f} ({seconds:.1f} s)", flush=True)
+
+    print(f"{args.data}: {len(data)} positives of {len(raw)} ratings, {data.n_users} users, "
+          f"{data.n_items} items, {len(clients)} clients", flush=True)  # fmt: skip
+
+    # Popularity: training interactions per item (what the federated kNN round also yields).
+    started = time.perf_counter()
+    popularity = np.bincount(_pooled_train(data, clients).items, minlength=data.n_items).astype(
+        float
+    )
+    seconds = time.perf_counter() - started
+    add(
+        "popularity",
+        [evaluate_scores_all(c, lambda u: np.tile(popularity, (len(u), 1))) for c in clients],
+        seconds,
+    )
+
+    started = time.perf_counter()
+    central = CentralizedImplicitALS(args.factors, reg=args.reg, alpha=args.alpha, n_iter=args.rounds,
+                                     init_std=config.init_std, seed=args.seed).fit(_pooled_train(data, clients))  # fmt: skip
+    seconds = time.perf_counter() - started
+    central_factors = central.item_params_.factors
+    add(
+        "central implicit ALS",
+        [implicit_evaluate(c, central_factors, config, ("test",)) for c in clients],
+        seconds,
+    )
+
+    started = time.perf_counter()
+    factors, upload = init_item_factors(data.n_items, config, args.seed), 0
+    for _ in range(args.rounds):
+        updates = [implicit_client_round(c, factors, config)[0] for c in clients]
+        upload = sum(u.nbytes() for u in updates)
+        factors = implicit_server_update(factors, updates, config)
+    seconds = time.perf_counter() - started
+    gap = float(np.abs(factors - central_factors).max())
+    add("fed implicit ALS", [implicit_evaluate(c, factors, config, ("test",)) for c in clients], seconds,
+        upload_mb_per_round=upload / 1e6, max_abs_diff_vs_central=gap)  # fmt: skip
+
+    started = time.perf_counter()
+    knn_updates = [knn_client_update(c) for c in clients]
+    similarity, item_counts = knn_server_update(knn_updates, data.n_items, config)
+    seconds = time.perf_counter() - started
+
+    def knn_order(c: ClientData):
+        history = c.matrix("train")
+        return lambda u: knn_scores(history[u], similarity)
+
+    add("fed item-kNN", [evaluate_scores_all(c, knn_order(c)) for c in clients], seconds,
+        upload_mb=sum(u.nbytes() for u in knn_updates) / 1e6)  # fmt: skip
+
+    retrieval = Retrieval(
+        factors, config.reg, config.alpha, similarity, item_counts, features, config.n_candidates
+    )
+    base = RankingRecommender(retrieval, None, data.item_ids.astype(str), titles)
+    started = time.perf_counter()
+    prepared = [ranker_client_data(c, base, ()) for c in clients]
+    candidate_seconds = time.perf_counter() - started
+    recall = _candidate_recall(prepared, clients)
+    started = time.perf_counter()
+    ensemble, upload = TreeEnsemble(), 0
+    for r in range(1, ranker.rounds + 1):
+        answers = [ranker_client_round(c, d, ensemble, config, args.seed * 1000 + r * 100 + c.client_id)
+                   for c, d in zip(clients, prepared, strict=True)]  # fmt: skip
+        upload = sum(u.nbytes() for u, _ in answers)
+        ensemble = ranker_server_update(ensemble, [u for u, _ in answers])
+        if args.verbose:
+            print(f"    ranker round {r}: {time.perf_counter() - started:.1f} s", flush=True)
+    seconds = time.perf_counter() - started
+    two_stage = RankingRecommender(retrieval, ensemble, base.item_ids, titles)
+    add("fed two-stage (ALS + kNN + LightGBM)", [evaluate_ranking(c, two_stage, ("test",), K) for c in clients],
+        seconds + candidate_seconds, candidate_seconds=candidate_seconds, ranker_upload_mb_per_round=upload / 1e6,
+        candidate_recall_valid=recall)  # fmt: skip
+
+    started = time.perf_counter()
+    offset = np.cumsum([0] + [c.n_users for c in clients])
+    users = np.concatenate([d.train.users + o for d, o in zip(prepared, offset, strict=False)])
+    pooled = pd.concat([d.train.features for d in prepared], ignore_index=True)
+    labels = np.concatenate([d.labels for d in prepared])
+    _, groups = np.unique(users, return_counts=True)
+    central_ranker = train_centralized(pooled, labels, groups, ranker)
+    seconds = time.perf_counter() - started
+    central_model = RankingRecommender(retrieval, central_ranker, base.item_ids, titles)
+    add("central two-stage (same features, pooled LightGBM)", [evaluate_ranking(c, central_model, ("test",), K) for c in clients],
+        seconds + candidate_seconds)  # fmt: skip
+
+    retrieval_best = max(r["ndcg"] for r in rows if "two-stage" not in r["method"])
+    lift = rows[-2]["ndcg"] / retrieval_best - 1
+    importance = ensemble.feature_importance()
+    return {"rows": rows, "lift_over_best_retrieval": lift, "importance": importance.round(1).to_dict(),
+            "peak_rss_mb": peak_rss_mb()}  # fmt: skip
+
+
+def evaluate_scores_all(client: ClientData, score):
+    return {"test": evaluate_scores(client, "test", K, score)}
+
+
+def _candidate_recall(prepared, clients) -> float:
+    """Share of users' validation items that made it into their candidates (the ranker's ceiling)."""
+    hits = sum(float(d.labels.sum()) for d in prepared)
+    total = sum(float(c.matrix("valid").sum()) for c in clients)
+    return hits / total if total else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="ml-1m", choices=["ml-100k", "ml-1m"])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10, help="implicit-ALS rounds")
+    parser.add_argument("--factors", type=int, default=RankingConfig.n_factors)
+    parser.add_argument("--reg", type=float, default=RankingConfig.reg)
+    parser.add_argument("--alpha", type=float, default=RankingConfig.alpha)
+    parser.add_argument("--neighbours", type=int, default=RankingConfig.neighbours)
+    parser.add_argument("--shrink", type=float, default=RankingConfig.shrink)
+    parser.add_argument("--candidates", type=int, default=RankingConfig.n_candidates)
+    parser.add_argument("--ranker-rounds", type=int, default=RankerConfig.rounds)
+    parser.add_argument("--ranker-trees", type=int, default=RankerConfig.trees_per_round)
+    parser.add_argument("--ranker-lr", type=float, default=RankerConfig.learning_rate)
+    parser.add_argument("--ranker-leaves", type=int, default=RankerConfig.num_leaves)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args()
+    result = run(args)
+    if not result:
+        return
+    print_table(result["rows"], ["method", "recall", "ndcg", "hit", "seconds"])
+    print(
+        f"re-ranker lift over the best retrieval model (NDCG@10): {100 * result['lift_over_best_retrieval']:+.1f}%"
+    )
+    path = write_json(f"ranking_{args.data}", {"args": vars(args), "machine": machine(), **result})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
