@@ -22,7 +22,7 @@ from typing import Any
 import click
 import yaml
 
-from fedrec.cli_errors import UserError, debug_option, friendly_errors
+from fedrec.cli_errors import OneLineGroup, UserError, debug_option, friendly_errors
 from fedrec.cli_models import predict, recommend
 from fedrec.config import TrainingConfig
 
@@ -99,7 +99,10 @@ def build_config(config_file: str | None, overrides: dict[str, Any]) -> Training
     return TrainingConfig(**values)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=OneLineGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+)
 def main() -> None:
     """fedrec: federated recommender training with Prefect and MLflow.
 

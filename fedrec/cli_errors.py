@@ -21,6 +21,31 @@ class UserError(click.ClickException):
         click.echo(f"fedrec: error: {self.message}", err=True)
 
 
+class OneLineGroup(click.Group):
+    """Click's own usage errors (a bad choice, a missing value) as one line, like ours, instead
+    of the usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as err:
+            command = (
+                f"fedrec {err.ctx.info_name} --help"
+                if err.ctx and err.ctx.parent
+                else "fedrec --help"
+            )
+            click.echo(f"fedrec: error: {err.format_message()} (see {command})", err=True)
+            raise SystemExit(2) from err
+        except click.ClickException as err:
+            err.show()
+            raise SystemExit(err.exit_code) from err
+        except click.exceptions.Exit as err:
+            raise SystemExit(err.exit_code) from err
+        except click.Abort as err:
+            click.echo("Aborted!", err=True)
+            raise SystemExit(1) from err
+
+
 def _one_line(err: ValidationError) -> str:
     parts = []
     for e in err.errors():

@@ -19,6 +19,7 @@ from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
 from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig
+from models.robust import choose_attackers
 
 _SYNTHETIC = {
     name: p.default for name, p in inspect.signature(generate_synthetic).parameters.items()
@@ -160,12 +161,55 @@ class TrainingConfig(BaseModel):
         gt=0,
         description="server step (default: 1 for averaging, adaptive rules lower)",
     )
+    aggregation: Literal["mean", "median", "trimmed_mean", "norm_clip"] = Field(
+        _MF.aggregation,
+        description="how the averaging algorithms combine client updates (robust rules resist poisoned ones)",
+    )
+    trim: float = Field(
+        _MF.trim, ge=0, lt=0.5, description="share trimmed at each end (trimmed_mean)"
+    )
+    clip_factor: float = Field(
+        _MF.clip_factor,
+        gt=0,
+        description="norm bound as a multiple of the round's median (norm_clip)",
+    )
+    attack: Literal["none", "sign_flip", "scale", "random"] = Field(
+        _MF.attack, description="simulation: what malicious clients send instead of their update"
+    )
+    attack_fraction: float = Field(
+        0.0, ge=0, le=1, description="simulation: share of clients that attack (a seeded choice)"
+    )
+    attack_scale: float = Field(_MF.attack_scale, gt=0, description="simulation: attack strength")
     top_k: int = Field(_MF.top_k, ge=1, description="K of the top-K metrics")
     relevance_threshold: float | None = Field(
         _MF.relevance_threshold, description="held-out ratings >= this are relevant"
     )
     seed: int = Field(0, description="one seed for sharding, initialisation and sampling")
     task_retries: int = Field(2, ge=0, description="retries of a failed client task")
+    retry_backoff: float = Field(
+        1.0, ge=0, description="first retry delay in seconds, doubling with each retry"
+    )
+    min_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="quorum: least share of a round's sampled clients that must answer",
+    )
+    round_timeout: float | None = Field(
+        None, gt=0, description="seconds a round waits for its clients; later answers are left out"
+    )
+    round_retries: int = Field(
+        1, ge=0, description="times a round short of its quorum asks the missing clients again"
+    )
+    fault_probability: float = Field(
+        0.0, ge=0, le=1, description="simulation: chance that a client task fails"
+    )
+    fault_delay: float = Field(
+        0.0, ge=0, description="simulation: mean extra seconds (exponential) a client task takes"
+    )
+    fault_clients: tuple[int, ...] = Field(
+        (), description="simulation: clients whose tasks always fail"
+    )
     warm_start: bool = Field(
         False, description="start from the champion's item parameters (new items start fresh)"
     )
@@ -193,6 +237,10 @@ class TrainingConfig(BaseModel):
     max_client_regression: float = Field(
         0.05, ge=0, description="how much worse the worst client may get"
     )
+    resume: str | None = Field(
+        None,
+        description="MLflow run id of an interrupted training: continue it from its last complete round",
+    )
     workspace: str | None = Field(
         None,
         description="folder for client partitions (default: FEDREC_HOME/workspaces/<fingerprint>)",
@@ -218,6 +266,13 @@ class TrainingConfig(BaseModel):
             raise ValueError(
                 f"algorithm={self.algorithm!r} with feedback='implicit': implicit feedback trains with als"
             )
+        if self.algorithm == "als" and (self.aggregation != "mean" or self.attack != "none"):
+            raise ValueError(
+                f"aggregation={self.aggregation!r}, attack={self.attack!r} with algorithm='als': "
+                "robust rules and attacks apply to fedavg, fedprox, fedadam, fedyogi"
+            )
+        if self.attack != "none" and self.clients is None:
+            raise ValueError("attack simulation needs --clients (a fixed number of clients)")
         if self.ranker != "none" and self.feedback != "implicit":
             raise ValueError(f"ranker={self.ranker!r} needs feedback='implicit'")
         if self.positive_threshold is not None and self.feedback != "implicit":
@@ -300,6 +355,12 @@ class TrainingConfig(BaseModel):
             top_k=self.top_k,
             relevance_threshold=self.relevance_threshold,
             clip_to=self.rating_scale,
+            aggregation=self.aggregation,
+            trim=self.trim,
+            clip_factor=self.clip_factor,
+            attack=self.attack,
+            attack_clients=choose_attackers(self.clients or 0, self.attack_fraction, self.seed),
+            attack_scale=self.attack_scale,
         )
 
     def config_hash(self) -> str:
@@ -313,7 +374,11 @@ class TrainingConfig(BaseModel):
                 "min_delta",
                 "max_client_regression",
                 "workspace",
+                "resume",
                 "task_retries",
+                "retry_backoff",
+                "round_timeout",
+                "round_retries",
                 "skip_if_unchanged",
             }
         )

@@ -4,10 +4,20 @@ evaluate / log, then the champion evaluated the same way."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prefect import get_run_logger
+from prefect.futures import PrefectFuture
 
-from flows.rounds import RunContext, Trained, answered, log_step, require_quorum
+from flows.rounds import (
+    RunContext,
+    Trained,
+    answered,
+    fault_plan,
+    gather_round,
+    log_step,
+    retry_options,
+)
 from models.mf.federated import sample_clients
 from models.mf.recommender import MFRecommender
 from tasks.clients import evaluate, rating_sums, train_client
@@ -26,7 +36,7 @@ from tasks.server import (
 def train_explicit(ctx: RunContext) -> Trained:
     """Federated MF (exact ALS or FedAvg-style rules), evaluated every round on every client."""
     config, workspace, entries, n_items = ctx.config, ctx.workspace, ctx.entries, ctx.n_items
-    logger, mf = get_run_logger(), config.mf_config()
+    logger, mf, faults = get_run_logger(), config.mf_config(), fault_plan(config)
     sums = answered(
         {e.client_id: rating_sums.submit(workspace, e, n_items) for e in entries}, "global mean"
     )
@@ -51,30 +61,49 @@ def train_explicit(ctx: RunContext) -> Trained:
     splits = ("train", "valid", "test")
     pending: tuple[list, float] | None = None  # round r's updates and seconds, until evaluated
     updates: list = []
-    for r in range(1, config.rounds + 1):
+    first = 1
+    if ctx.resume_state is not None:  # continue after the last checkpointed round
+        state, first = ctx.resume_state, ctx.resume_state.round + 1
+        pending = ([], 0.0) if state.round > 0 else None  # its uploads died with the process
+        logger.info("resuming MLflow run %s after round %d", ctx.run_id, state.round)
+    trainer = train_client.with_options(**retry_options(config))
+    for r in range(first, config.rounds + 1):
         started = time.perf_counter()
         chosen_ids = set(sample_clients(len(entries), config.client_fraction, config.seed, r))
-        chosen = [e for i, e in enumerate(entries) if i in chosen_ids]
         asked = splits if pending else ()
-        trainer = train_client.with_options(retries=config.task_retries, retry_delay_seconds=1)
-        answers = answered(
-            {
-                ("train", e.client_id): trainer.with_options(task_run_name=f"train client-{e.client_id} round-{r}").submit(
-                    workspace, e, n_items, state.params, mf, config.seed, r, asked
+
+        def submit(
+            key: tuple[str, int],
+            attempt: int,
+            r: int = r,
+            asked: tuple = asked,
+            params: Any = state.params,
+        ) -> PrefectFuture:
+            kind, client = key
+            entry = entries[client]
+            if kind == "train":
+                return trainer.with_options(
+                    task_run_name=f"train client-{entry.client_id} round-{r}"
+                ).submit(
+                    workspace,
+                    entry,
+                    n_items,
+                    params,
+                    mf,
+                    config.seed,
+                    r,
+                    asked,
+                    faults.for_attempt(attempt),
                 )
-                for e in chosen
-            }
-            | {  # clients sitting this round out still evaluate the model (after round 1)
-                ("evaluate", e.client_id): evaluate.with_options(task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
-                    workspace, e, n_items, state.params, mf, splits
-                )
-                for i, e in enumerate(entries) if pending and i not in chosen_ids
-            },
-            f"round {r}",
-        )  # fmt: skip
+            # clients sitting this round out still evaluate the model (after round 1)
+            return evaluate.with_options(task_run_name=f"evaluate client-{entry.client_id} round-{r - 1}").submit(
+                workspace, entry, n_items, params, mf, splits)  # fmt: skip
+
+        keys = [("train", i) for i in sorted(chosen_ids)]
+        keys += [("evaluate", i) for i in range(len(entries)) if pending and i not in chosen_ids]
+        answers = gather_round(submit, keys, lambda k: k[0] == "train", config, f"round {r}")
         updates = [a[0] for (kind, _), a in answers.items() if kind == "train"]
         evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
-        require_quorum(len(updates), len(chosen), config, f"round {r}")
         if pending:
             history.append(
                 log_step(ctx, r - 1, pending, evaluations, mf, f"round {r - 1}/{config.rounds}")

@@ -9,10 +9,21 @@ each step's ``valid_*``/``test_*`` describe the model after that step.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prefect import get_run_logger
+from prefect.futures import PrefectFuture
 
-from flows.rounds import RunContext, Trained, answered, log_step, require_quorum
+from flows.rounds import (
+    RunContext,
+    Trained,
+    answered,
+    fault_plan,
+    gather_round,
+    log_step,
+    require_quorum,
+    retry_options,
+)
 from models.data.partitions import read_item_features
 from models.mf.federated import sample_clients
 from models.ranking.boosting import TreeEnsemble
@@ -39,7 +50,7 @@ SPLITS = ("valid", "test")
 def train_ranking(ctx: RunContext) -> Trained:
     """Retrieval (implicit ALS, item-kNN) and, if configured, the re-ranker; all federated."""
     config, workspace, entries, n_items = ctx.config, ctx.workspace, ctx.entries, ctx.n_items
-    logger, rc = get_run_logger(), config.ranking_config()
+    logger, rc, faults = get_run_logger(), config.ranking_config(), fault_plan(config)
     factors = initialize_factors(n_items, rc, config.seed)
     champion = (
         ctx.champion
@@ -60,23 +71,35 @@ def train_ranking(ctx: RunContext) -> Trained:
 
     history: list[dict[str, float]] = []
     pending: tuple[list, float] | None = None
-    trainer = train_implicit_client.with_options(retries=config.task_retries, retry_delay_seconds=1)
+    trainer = train_implicit_client.with_options(**retry_options(config))
     for r in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen_ids = set(sample_clients(len(entries), config.client_fraction, config.seed, r))
-        chosen = [e for i, e in enumerate(entries) if i in chosen_ids]
         asked = SPLITS if pending else ()
-        answers = answered(
-            {("train", e.client_id): trainer.with_options(task_run_name=f"train-implicit client-{e.client_id} round-{r}").submit(
-                workspace, e, n_items, factors, rc, asked) for e in chosen}
-            | {("evaluate", e.client_id): evaluate_implicit_client.with_options(task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
-                workspace, e, n_items, factors, rc, SPLITS)
-               for i, e in enumerate(entries) if pending and i not in chosen_ids},
-            f"round {r}",
-        )  # fmt: skip
+
+        def submit(
+            key: tuple[str, int],
+            attempt: int,
+            r: int = r,
+            asked: tuple = asked,
+            factors: Any = factors,
+        ) -> PrefectFuture:
+            kind, client = key
+            entry = entries[client]
+            if kind == "train":
+                return trainer.with_options(
+                    task_run_name=f"train-implicit client-{entry.client_id} round-{r}"
+                ).submit(
+                    workspace, entry, n_items, factors, rc, asked, faults.for_attempt(attempt), r
+                )
+            return evaluate_implicit_client.with_options(task_run_name=f"evaluate client-{entry.client_id} round-{r - 1}").submit(
+                workspace, entry, n_items, factors, rc, SPLITS)  # fmt: skip
+
+        keys = [("train", i) for i in sorted(chosen_ids)]
+        keys += [("evaluate", i) for i in range(len(entries)) if pending and i not in chosen_ids]
+        answers = gather_round(submit, keys, lambda k: k[0] == "train", config, f"round {r}")
         updates = [a[0] for (kind, _), a in answers.items() if kind == "train"]
         evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
-        require_quorum(len(updates), len(chosen), config, f"round {r}")
         if pending:
             history.append(
                 log_step(ctx, r - 1, pending, evaluations, rc, f"ALS round {r - 1}/{config.rounds}")
@@ -96,21 +119,23 @@ def train_ranking(ctx: RunContext) -> Trained:
 
     ensemble, step = TreeEnsemble(), config.rounds
     if rc.ranker is not None:
-        ranker_task = train_ranker_client.with_options(
-            retries=config.task_retries, retry_delay_seconds=1
-        )
+        ranker_task = train_ranker_client.with_options(**retry_options(config))
         for q in range(1, rc.ranker.rounds + 1):
             started = time.perf_counter()
-            chosen_ids = set(
-                sample_clients(len(entries), config.client_fraction, config.seed, config.rounds + q)
+            chosen_ids = sample_clients(
+                len(entries), config.client_fraction, config.seed, config.rounds + q
             )
-            chosen = [e for i, e in enumerate(entries) if i in chosen_ids]
-            answers = answered(
-                {e.client_id: ranker_task.with_options(task_run_name=f"train-ranker client-{e.client_id} round-{q}").submit(
-                    workspace, e, n_items, retrieval, ensemble, rc, config.seed, q, ctx.run_id) for e in chosen},
-                f"ranker round {q}",
-            )  # fmt: skip
-            require_quorum(len(answers), len(chosen), config, f"ranker round {q}")
+
+            def submit_ranker(
+                client: int, attempt: int, q: int = q, ensemble: TreeEnsemble = ensemble
+            ) -> PrefectFuture:
+                entry = entries[client]
+                return ranker_task.with_options(task_run_name=f"train-ranker client-{entry.client_id} round-{q}").submit(
+                    workspace, entry, n_items, retrieval, ensemble, rc, config.seed, q, ctx.run_id, faults.for_attempt(attempt))  # fmt: skip
+
+            answers = gather_round(
+                submit_ranker, list(chosen_ids), lambda _: True, config, f"ranker round {q}"
+            )
             updates = [u for u, _ in answers.values()]
             evaluations = [e for _, e in answers.values()]
             # Round q's tasks evaluated the model after step config.rounds + q - 1.

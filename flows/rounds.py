@@ -3,7 +3,8 @@ logging one step, and what a stage hands back for registration and promotion."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from prefect.futures import PrefectFuture, wait
 
 from fedrec.config import TrainingConfig
 from models.data.partitions import ClientEntry, Manifest
+from tasks.faults import FaultPlan
 from tasks.server import summarize_round
 from tasks.tracking import Champion, log_round
 
@@ -33,6 +35,8 @@ class RunContext:
     manifest: Manifest
     item_ids: np.ndarray
     champion: Champion | None
+    resume_state: Any = None  # the GlobalState of the last checkpointed round, when resuming
+    logged_through: int = 0  # steps up to this one are in MLflow already (resuming)
 
     @property
     def entries(self) -> list[ClientEntry]:
@@ -56,23 +60,75 @@ class Trained:
     importance: pd.Series | None = None  # re-ranker feature importance (gain)
 
 
-def answered(futures: Mapping[Any, PrefectFuture], what: str) -> dict[Any, Any]:
-    """Results of the futures that completed, under their keys; failures are logged and left out."""
-    wait(list(futures.values()))
+def answered(
+    futures: Mapping[Any, PrefectFuture], what: str, timeout: float | None = None
+) -> dict[Any, Any]:
+    """Results of the futures that completed (within ``timeout`` seconds, if given), under their
+    keys; failures and stragglers are logged and left out (a late answer is never used)."""
+    done = wait(list(futures.values()), timeout=timeout).done
     results = {}
     for key, future in futures.items():
-        if future.state.is_completed():
+        if future not in done:
+            get_run_logger().warning(
+                "%s: %s did not answer within %s s: left out", what, key, timeout
+            )
+        elif future.state.is_completed():
             results[key] = future.result()
         else:
             get_run_logger().warning("%s: %s failed: %s", what, key, future.state.message)
     return results
 
 
+def quorum(config: TrainingConfig, asked: int) -> int:
+    """How many of ``asked`` clients must answer: ``min_clients`` and ``min_fraction`` both hold."""
+    return max(min(config.min_clients, asked), math.ceil(config.min_fraction * asked))
+
+
 def require_quorum(answers: int, asked: int, config: TrainingConfig, what: str) -> None:
-    if answers < config.min_clients:
+    if answers < quorum(config, asked):
         raise QuorumError(
-            f"{what}: {answers} of {asked} clients answered, min_clients={config.min_clients}"
+            f"{what}: {answers} of {asked} clients answered, the quorum is {quorum(config, asked)} "
+            f"(min_clients={config.min_clients}, min_fraction={config.min_fraction})"
         )
+
+
+def gather_round(
+    submit: Callable[[Any, int], PrefectFuture],
+    keys: Sequence[Any],
+    counts: Callable[[Any], bool],
+    config: TrainingConfig,
+    what: str,
+) -> dict[Any, Any]:
+    """Submit one task per key (``submit(key, attempt)``) and collect the answers. If fewer of the counted keys (the
+    trainers) answered than the quorum, ask the missing ones again, up to ``round_retries`` times;
+    then give up with :class:`QuorumError`. Nothing is aggregated before this returns, so an
+    aborted round commits nothing."""
+    asked = sum(1 for k in keys if counts(k))
+    results: dict[Any, Any] = {}
+    pending = list(keys)
+    for attempt in range(config.round_retries + 1):
+        results |= answered({k: submit(k, attempt) for k in pending}, what, config.round_timeout)
+        got = sum(1 for k in results if counts(k))
+        if got >= quorum(config, asked):
+            return results
+        pending = [k for k in keys if k not in results]
+        if attempt < config.round_retries:
+            get_run_logger().warning("%s: %d of %d clients answered, quorum %d: asking %d again",
+                                     what, got, asked, quorum(config, asked), len(pending))  # fmt: skip
+    require_quorum(sum(1 for k in results if counts(k)), asked, config, what)
+    return results
+
+
+def retry_options(config: TrainingConfig) -> dict[str, Any]:
+    """Task options of a client task: retries with exponential backoff."""
+    delays = [config.retry_backoff * 2**i for i in range(config.task_retries)]
+    return {"retries": config.task_retries, "retry_delay_seconds": delays or 0}
+
+
+def fault_plan(config: TrainingConfig) -> FaultPlan:
+    return FaultPlan(
+        config.fault_probability, config.fault_delay, tuple(config.fault_clients), config.seed
+    )
 
 
 def log_step(
@@ -83,10 +139,12 @@ def log_step(
     core_config: Any,
     label: str,
 ) -> dict[str, float]:
-    """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, report it."""
+    """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, report it.
+    A resumed run does not log again the steps the interrupted one logged."""
     updates, seconds = round_
     metrics = summarize_round(updates, evaluations, core_config, ctx.n_items, seconds)
-    log_round(ctx.uri, ctx.run_id, step, metrics)
+    if step > ctx.logged_through:
+        log_round(ctx.uri, ctx.run_id, step, metrics)
     shown = [
         f"{k} {metrics[k]:.4f}"
         for k in ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "test_ndcg_at_10")

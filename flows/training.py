@@ -6,6 +6,7 @@ better."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,19 +17,22 @@ from fedrec.config import TrainingConfig, fedrec_home
 from flows.explicit import train_explicit
 from flows.ranking import train_ranking
 from flows.rounds import RunContext
-from models.data.partitions import read_item_ids
+from models.data.partitions import read_item_ids, read_manifest
 from models.promotion import PromotionDecision
 from tasks.data import load_interactions, shard_clients
 from tasks.reporting import publish_summary
-from tasks.server import client_table, decide
+from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
     finish_run,
+    interrupted_run,
     load_champion,
     log_artifacts,
     record_promotion,
     register_model,
+    reopen_run,
     resolve_tracking_uri,
     start_run,
+    tag_run,
     unchanged_since_champion,
     version_tags,
 )
@@ -52,8 +56,29 @@ federated_training = flow(
 )
 
 
+def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
+    """The interrupted run's configuration and context: its run, partitions and last checkpoint."""
+    found = interrupted_run(resolve_tracking_uri(config.tracking_uri), config.resume)
+    original = TrainingConfig.model_validate_json(found.config_json)
+    if original.feedback != "explicit":
+        raise ValueError(f"--resume {found.run_id}: only explicit-feedback runs can be resumed")
+    workspace = original.workspace or str(fedrec_home() / "workspaces" / found.run_id)
+    if not (Path(workspace) / "manifest.json").is_file():
+        raise ValueError(f"--resume {found.run_id}: its client partitions are gone ({workspace})")
+    reopen_run(found.uri, found.run_id)
+    ctx = RunContext(
+        original, found.uri, found.run_id, workspace, read_manifest(workspace),
+        read_item_ids(workspace), load_champion(found.uri, original.registered_name),
+        latest_checkpoint(f"{workspace}/checkpoints"), found.logged_through,
+    )  # fmt: skip
+    return original, ctx
+
+
 def _train(config: TrainingConfig) -> dict[str, Any]:
     """The flow's body: load, shard, the family's training stage, registration, promotion."""
+    if config.resume:
+        config, ctx = _resume(config)
+        return _train_and_register(config, ctx)
     logger = get_run_logger()
     name = config.registered_name
     data, explicit_split = load_interactions(config)
@@ -66,21 +91,27 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             return {"skipped": True, "reason": reason, "model_name": name,
                     "champion_version": same, "tracking_uri": uri, "promoted": False}  # fmt: skip
     uri, run_id = start_run(config, fingerprint, flow_run.get_id())
-    succeeded = False
     try:
         workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
         manifest = shard_clients(data, explicit_split, config, workspace)
         del data  # from here on, only client tasks read rows, each its own partition
+        tag_run(uri, run_id, {"fedrec.workspace": workspace})
         ctx = RunContext(
-            config,
-            uri,
-            run_id,
-            workspace,
-            manifest,
-            read_item_ids(workspace),
-            load_champion(uri, name),
-        )
+            config, uri, run_id, workspace, manifest, read_item_ids(workspace), load_champion(uri, name)
+        )  # fmt: skip
         logger.info("%d clients, %d items, MLflow run %s", manifest.n_clients, ctx.n_items, run_id)
+    except BaseException:
+        finish_run(uri, run_id, False)
+        raise
+    return _train_and_register(config, ctx)
+
+
+def _train_and_register(config: TrainingConfig, ctx: RunContext) -> dict[str, Any]:
+    """Train the family's stage, register the candidate and promote it if it is better."""
+    logger, name = get_run_logger(), config.registered_name
+    uri, run_id, workspace, manifest = ctx.uri, ctx.run_id, ctx.workspace, ctx.manifest
+    succeeded = False
+    try:
         trained = (train_ranking if config.feedback == "implicit" else train_explicit)(ctx)
 
         champion = ctx.champion

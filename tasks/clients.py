@@ -20,6 +20,7 @@ from models.mf.federated import (
 )
 from models.mf.params import ItemParams
 from models.protocol import ClientUpdate
+from tasks.faults import FaultPlan
 
 
 @lru_cache(maxsize=256)
@@ -51,8 +52,11 @@ def train_client(
     seed: int,
     round_: int,
     eval_splits: tuple[str, ...] = (),
+    faults: FaultPlan | None = None,
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
     """Evaluate the incoming global model on the client's own rows, then train one round on it."""
+    if faults is not None:
+        faults.inject(entry.client_id, round_)
     client = open_client(workspace, entry, n_items)
     return client_round(client, params, mf, client_rng(seed, round_, entry.client_id), eval_splits)
 

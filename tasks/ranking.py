@@ -33,6 +33,7 @@ from models.ranking.federated import (
 )
 from models.ranking.recommender import RankingRecommender, align_recommender
 from tasks.clients import open_client
+from tasks.faults import FaultPlan
 
 
 @task(name="initialize-implicit", cache_policy=NONE)
@@ -59,9 +60,13 @@ def train_implicit_client(
     factors: np.ndarray,
     config: RankingConfig,
     eval_splits: tuple[str, ...] = (),
+    faults: FaultPlan | None = None,
+    round_: int = 0,
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
     """Rank with the incoming item factors on the client's held-out rows, then send its half of
     the implicit item step."""
+    if faults is not None:
+        faults.inject(entry.client_id, round_)
     client = open_client(workspace, entry, n_items)
     return implicit_client_round(client, factors, config, eval_splits)
 
@@ -150,8 +155,11 @@ def train_ranker_client(
     seed: int,
     round_: int,
     token: str,
+    faults: FaultPlan | None = None,
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
     """Evaluate the incoming two-stage model, then boost this round's trees on the client's rows."""
+    if faults is not None:
+        faults.inject(entry.client_id, 10_000 + round_)  # ranker rounds draw apart from ALS rounds
     client = open_client(workspace, entry, n_items)
     data = _ranker_data(workspace, entry, n_items, token, retrieval)
     tree_seed = int(client_rng(seed, round_, entry.client_id).integers(2**31))

@@ -28,6 +28,7 @@ from models.mf.recommend import align_item_params, warm_start_params
 from models.mf.recommender import MFRecommender
 from models.promotion import PromotionDecision, decide_promotion
 from models.protocol import ClientUpdate
+from models.server_optimizers import ServerOptimizerState
 
 
 @task(name="initialize-global", cache_policy=NONE)
@@ -92,6 +93,21 @@ def checkpoint(state: GlobalState, folder: str) -> str:
         np.savez(handle, **arrays)
     os.replace(tmp, target)
     return str(target)
+
+
+@task(name="load-checkpoint", cache_policy=NONE)
+def latest_checkpoint(folder: str) -> GlobalState | None:
+    """The global state of the last round whose checkpoint was written completely (files are
+    renamed into place, so a file there is whole), or None."""
+    files = sorted(Path(folder).glob("round-*.npz"))
+    if not files:
+        return None
+    with np.load(files[-1], allow_pickle=False) as data:
+        params = ItemParams(data["factors"], data["bias"], float(data["global_mean"]))
+        optimizer = None
+        if "opt_first" in data:
+            optimizer = ServerOptimizerState(data["opt_first"], data["opt_second"])
+        return GlobalState(params, optimizer, int(data["round"]))
 
 
 @task(name="decide-promotion", cache_policy=NONE)

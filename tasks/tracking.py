@@ -107,12 +107,54 @@ def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None)
         "fedrec.config_hash": config.config_hash(),
         "fedrec.code_version": code_version(),
         "mlflow.runName": _run_name(config),
+        "fedrec.config": config.model_dump_json(),  # what --resume restarts from
     }
     run = client.create_run(experiment_id, tags=tags)
     params = [Param(k, v[:6000]) for k, v in config.flat_params().items()]
     for lo in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[lo : lo + 100])
     return uri, run.info.run_id
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """What an interrupted run left in MLflow: its configuration and the last step it logged."""
+
+    uri: str
+    run_id: str
+    config_json: str
+    logged_through: int  # highest step with metrics (0 if none)
+
+
+@task(name="find-interrupted-run", **_RETRY)
+def interrupted_run(uri: str, run_id: str) -> Interrupted:
+    """The run to resume; refuses a run that finished (it has nothing left to do)."""
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"--resume {run_id}: no such MLflow run in {uri}") from err
+    if run.info.status == "FINISHED":
+        raise ValueError(f"--resume {run_id}: the run finished; there is nothing to resume")
+    config_json = run.data.tags.get("fedrec.config")
+    if config_json is None:
+        raise ValueError(f"--resume {run_id}: not a fedrec training run (no fedrec.config tag)")
+    steps = [m.step for key in run.data.metrics for m in client.get_metric_history(run_id, key)]
+    return Interrupted(uri, run_id, config_json, max(steps, default=0))
+
+
+@task(name="tag-run", **_RETRY)
+def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set tags on the training's run (e.g. where its client partitions and checkpoints are)."""
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+@task(name="reopen-tracking", **_RETRY)
+def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a resumed run RUNNING again (a killed run may still say RUNNING, a failed one FAILED)."""
+    _client(uri).update_run(run_id, status="RUNNING")
 
 
 @task(name="log-round", **_RETRY)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from models.aggregation import aggregate_item_average, aggregate_item_sums
+from models.aggregation import aggregate_item_sums
 from models.client import ClientData
 from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
 from models.mf.als import (
@@ -27,6 +27,7 @@ from models.mf.als import (
 from models.mf.params import ItemParams, init_item_params
 from models.mf.sgd import train_local_sgd
 from models.protocol import ClientUpdate
+from models.robust import AggregationRule, Attack, aggregate_robust, attack_update
 from models.server_optimizers import ServerOptimizerState, apply_server_update
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
@@ -60,12 +61,29 @@ class MFConfig:
     top_k: int = 10
     relevance_threshold: float | None = 4.0
     clip_to: tuple[float, float] | None = None
+    # robust aggregation of the averaging algorithms (models/robust.py)
+    aggregation: AggregationRule = "mean"
+    trim: float = 0.2
+    clip_factor: float = 2.0
+    min_item_clients: int = 3
+    # attack simulation: these clients send a poisoned update instead of their own
+    attack: Attack = "none"
+    attack_clients: tuple[int, ...] = ()
+    attack_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("als", *_SERVER_RULE):
             raise ValueError(
                 f"algorithm {self.algorithm!r} is unknown; allowed: als, {', '.join(_SERVER_RULE)}"
             )
+        if self.algorithm == "als" and self.aggregation != "mean":
+            raise ValueError(
+                f"aggregation={self.aggregation!r} with algorithm='als': ALS sums exact statistics; "
+                "robust rules apply to fedavg, fedprox, fedadam, fedyogi"
+            )
+        if self.algorithm == "als" and self.attack != "none":
+            raise ValueError("attack simulation applies to the averaging algorithms, not als")
+
         for name in ("n_factors", "local_epochs", "batch_size", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -160,6 +178,8 @@ def client_update(
         prox_mu=config.prox_mu if config.algorithm == "fedprox" else 0.0,
         rng=rng,
     )
+    if config.attack != "none" and client.client_id in config.attack_clients:
+        delta = attack_update(delta, config.attack, config.attack_scale, rng)
     return ClientUpdate(client.client_id, items.astype(np.int64), counts, {"delta": delta}, metrics)
 
 
@@ -203,8 +223,13 @@ def server_update(
         return GlobalState(
             solve_items(params, stats, reg=config.reg), state.optimizer, state.round + 1
         )
-    delta, weight = aggregate_item_average(
-        [(u.items, u.arrays["delta"], u.counts) for u in updates], n_items
+    delta, weight = aggregate_robust(
+        [(u.items, u.arrays["delta"], u.counts) for u in updates],
+        n_items,
+        config.aggregation,
+        trim=config.trim,
+        clip_factor=config.clip_factor,
+        min_clients=config.min_item_clients,
     )
     stacked, optimizer = apply_server_update(
         params.stacked(),

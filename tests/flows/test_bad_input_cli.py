@@ -1,0 +1,102 @@
+"""A corpus of malformed inputs through the `fedrec` command line. Each must exit with status 2
+and one line on stderr naming what is wrong and where (no traceback without --debug), and leave
+the registry as it was: no new model version, the champion unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from fedrec.cli import main
+
+GOOD = "user_id,item_id,rating\n" + "".join(
+    f"u{u},i{(u * 7 + j) % 40},{1 + (u + j) % 5}\n" for u in range(60) for j in range(12)
+)
+MODEL = "corpus"
+
+# (id, files to write {name: text or bytes}, command, text the error line must contain)
+CASES = [
+    ("missing-data-file", {}, ["train", "--data", "{tmp}/nope.csv"], "data='{tmp}/nope.csv': no such file or folder"),
+    ("empty-file", {"r.csv": b""}, ["train", "--data", "{tmp}/r.csv"], "is empty (0 bytes)"),
+    ("header-only", {"r.csv": "user_id,item_id,rating\n"}, ["train", "--data", "{tmp}/r.csv"], "has no data rows"),
+    ("unsupported-extension", {"r.xlsx": GOOD}, ["train", "--data", "{tmp}/r.xlsx"], "unsupported file type '.xlsx'"),
+    ("not-utf8", {"r.csv": ("user_id,item_id,rating\nu1,Mis\xe9rables,3\n").encode("latin-1")},
+     ["train", "--data", "{tmp}/r.csv"], "is not valid UTF-8"),
+    ("missing-item-column", {"r.csv": "user_id,movie,rating\nu1,m1,3\n"}, ["train", "--data", "{tmp}/r.csv"], "item_id"),
+    ("rating-out-of-scale", {"r.csv": GOOD + "u1,i1,9\n"}, ["train", "--data", "{tmp}/r.csv"], "outside the rating scale"),
+    ("rating-not-a-number", {"r.csv": GOOD + "u1,i1,great\n"}, ["train", "--data", "{tmp}/r.csv"], "'great'"),
+    ("empty-user-id", {"r.csv": GOOD + ",i1,3\n"}, ["train", "--data", "{tmp}/r.csv"], "user_id"),
+    ("garbage-parquet", {"r.parquet": b"PAR1 not really"}, ["train", "--data", "{tmp}/r.parquet"], "r.parquet"),
+    ("not-a-movielens-folder", {"ml/readme.txt": "hello"}, ["train", "--data", "{tmp}/ml"], "{tmp}/ml"),
+    ("bad-test-file", {"tr.csv": GOOD, "te.csv": "user_id,item_id,rating\nu1,i1,0\n"},
+     ["train", "--train", "{tmp}/tr.csv", "--test", "{tmp}/te.csv"], "te.csv"),
+    ("train-without-test", {"tr.csv": GOOD}, ["train", "--train", "{tmp}/tr.csv"], "--train and --test go together"),
+    ("yaml-unknown-key", {"c.yaml": "rounds: 2\nfactorz: 3\n"}, ["train", "--config", "{tmp}/c.yaml"], "factorz: Extra inputs are not permitted"),
+    ("yaml-syntax", {"c.yaml": "rounds: [2\n"}, ["train", "--config", "{tmp}/c.yaml"], "c.yaml"),
+    ("yaml-wrong-type", {"c.yaml": "rounds: many\n"}, ["train", "--config", "{tmp}/c.yaml"], "rounds"),
+    ("config-file-missing", {}, ["train", "--config", "{tmp}/none.yaml"], "none.yaml"),
+    ("rounds-negative", {}, ["train", "--rounds", "-1"], "rounds: Input should be greater than or equal to 1"),
+    ("clients-zero", {}, ["train", "--clients", "0"], "clients: Input should be greater than or equal to 1"),
+    ("fraction-above-one", {}, ["train", "--client-fraction", "2"], "client_fraction: Input should be less than or equal to 1"),
+    ("unknown-algorithm", {}, ["train", "--algorithm", "svd"], "'svd' is not one of"),
+    ("ranker-without-implicit", {}, ["train", "--ranker", "lightgbm"], "ranker='lightgbm' needs feedback='implicit'"),
+    ("by-key-without-key", {}, ["train", "--partition", "by-key"], "--partition by-key needs --partition-key"),
+    ("rmse-promotion-for-implicit", {}, ["train", "--feedback", "implicit", "--promotion-metric", "valid_rmse"], "has no rating error"),
+    ("attack-on-als", {}, ["train", "--attack", "sign_flip", "--attack-fraction", "0.2"], "robust rules and attacks apply to fedavg"),
+    ("quorum-above-clients", {}, ["train", "--clients", "2", "--min-clients", "3"], "min_clients=3 exceeds clients=2"),
+    ("unknown-model-name", {"h.csv": GOOD}, ["recommend", "--model", "models:/nope@champion", "--history", "{tmp}/h.csv"], "nope"),
+    ("unknown-model-version", {"h.csv": GOOD}, ["recommend", "--model", f"models:/{MODEL}/999", "--history", "{tmp}/h.csv"], "999"),
+    ("unknown-run", {"h.csv": GOOD}, ["recommend", "--model", "runs:/0123456789abcdef/model", "--history", "{tmp}/h.csv"], "0123456789abcdef"),
+    ("malformed-model-uri", {"h.csv": GOOD}, ["recommend", "--model", "champion-please", "--history", "{tmp}/h.csv"], "champion-please"),
+    ("history-missing", {}, ["recommend", "--model", f"models:/{MODEL}@champion", "--history", "{tmp}/h.csv"], "h.csv"),
+    ("pairs-without-item-column", {"h.csv": GOOD, "p.csv": "user_id,thing\nu1,i1\n"},
+     ["predict", "--model", f"models:/{MODEL}@champion", "--history", "{tmp}/h.csv", "--pairs", "{tmp}/p.csv"], "item_id"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, prefect_server):
+    """A store whose model already has a champion, so every case can check it is left alone."""
+    home = tmp_path_factory.mktemp("fedrec-corpus")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDREC_HOME", str(home))
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        trained = CliRunner().invoke(main, ["train", "--rounds", "1", "--clients", "2", "--factors", "2",
+                                            "--model-name", MODEL, "--json"], catch_exceptions=False)  # fmt: skip
+        assert trained.exit_code == 0, trained.stderr
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@pytest.mark.parametrize(
+    ("files", "command", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_gives_one_line_exit_2_and_leaves_the_registry_alone(
+    registry, tmp_path, files, command, expected
+):
+    for name, content in files.items():
+        path = Path(tmp_path, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in command]
+    if args[0] == "train":
+        args += (
+            ["--model-name", MODEL, "--rounds", "1"]
+            if "--rounds" not in args and "--config" not in args
+            else ["--model-name", MODEL]
+        )
+    versions_before = len(registry.search_model_versions(f"name='{MODEL}'"))
+    champion_before = registry.get_model_version_by_alias(MODEL, "champion").version
+
+    result = CliRunner().invoke(main, args)
+
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2, (result.exit_code, result.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("fedrec: error: "), result.stderr[-2000:]
+    assert expected.replace("{tmp}", str(tmp_path)) in lines[0], lines[0]
+    assert "Traceback" not in result.output + result.stderr
+    assert len(registry.search_model_versions(f"name='{MODEL}'")) == versions_before
+    assert registry.get_model_version_by_alias(MODEL, "champion").version == champion_before
