@@ -30,6 +30,7 @@ from tasks.tracking import (
     record_promotion,
     register_model,
     reopen_run,
+    repair_orphans,
     resolve_tracking_uri,
     start_run,
     tag_run,
@@ -91,6 +92,10 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             return {"skipped": True, "reason": reason, "model_name": name,
                     "champion_version": same, "tracking_uri": uri, "promoted": False}  # fmt: skip
     uri, run_id = start_run(config, fingerprint, flow_run.get_id())
+    repaired = repair_orphans(uri, name)
+    if repaired:
+        logger.warning("versions %s of %s were orphans (registered, never decided): tagged so",
+                       ", ".join(repaired), name)  # fmt: skip
     try:
         workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
         manifest = shard_clients(data, explicit_split, config, workspace)
@@ -136,7 +141,9 @@ def _train_and_register(config: TrainingConfig, ctx: RunContext) -> dict[str, An
         version = register_model(
             uri, run_id, trained.candidate, name, version_tags(trained.final, identity)
         )
-        record_promotion(uri, name, version, decision, champion.version if champion else None)
+        decision = record_promotion(
+            uri, name, version, decision, champion.version if champion else None
+        )
         logger.info("model %s version %s: %s (%s)", name, version,
                     "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip
 

@@ -6,11 +6,13 @@ The default store is ``sqlite:///$FEDREC_HOME/mlflow.db`` with artifacts in
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -313,7 +315,10 @@ class Champion:
 
 
 def _is_missing(err: MlflowException) -> bool:
-    return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+    # No such model, or (SQLite store) a model without that alias: INVALID_PARAMETER_VALUE there.
+    return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or (
+        "alias" in err.message and "not found" in err.message
+    )
 
 
 def load_recommender(uri: str, model_uri: str) -> Recommender:
@@ -358,6 +363,25 @@ def unchanged_since_champion(
     return None
 
 
+@contextlib.contextmanager
+def promotion_lock(uri: str) -> Iterator[None]:
+    """Serialise promotions of one store on this machine: an exclusive lock on a file beside the
+    SQLite store (else under FEDREC_HOME). Across machines the deployment's concurrency limit of
+    one run at a time plays this part."""
+    folder = (
+        Path(uri.removeprefix("sqlite:///")).resolve().parent
+        if uri.startswith("sqlite:///")
+        else fedrec_home()
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".fedrec-promotion.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @task(name="record-promotion", **_RETRY)
 def record_promotion(
     uri: str,
@@ -365,19 +389,69 @@ def record_promotion(
     version: str,
     decision: PromotionDecision,
     champion_version: str | None,
-) -> None:
-    """Tag the version with the decision and, if promoted, move the champion alias to it."""
+) -> PromotionDecision:
+    """Tag the version with the decision and, if promoted, move the champion alias to it.
+
+    Under :func:`promotion_lock`, the champion is read again first: if another run moved it
+    since this one compared against it, this candidate is not promoted (it was not compared with
+    the new champion). Returns the decision that was recorded.
+    """
     client = _client(uri)
-    client.set_model_version_tag(
-        model_name, version, "fedrec.promoted", str(decision.promote).lower()
-    )
-    client.set_model_version_tag(model_name, version, "fedrec.promotion_reason", decision.reason)
-    if champion_version is not None:
+    with promotion_lock(uri):
+        current = _champion_version(uri, model_name)
+        current_version = None if current is None else str(current.version)
+        compared = None if champion_version is None else str(champion_version)
+        if decision.promote and current_version != compared:
+            decision = PromotionDecision(
+                False,
+                f"the champion changed to version {current_version} while this run trained "
+                f"(it was compared with {champion_version}); not promoted",
+            )
         client.set_model_version_tag(
-            model_name, version, "fedrec.compared_with_version", champion_version
+            model_name, version, "fedrec.promoted", str(decision.promote).lower()
         )
-    if decision.promote:
-        client.set_registered_model_alias(model_name, CHAMPION, version)
+        client.set_model_version_tag(
+            model_name, version, "fedrec.promotion_reason", decision.reason
+        )
+        if compared is not None:
+            client.set_model_version_tag(
+                model_name, version, "fedrec.compared_with_version", compared
+            )
+        if decision.promote:
+            client.set_registered_model_alias(model_name, CHAMPION, version)
+    return decision
+
+
+@task(name="repair-orphan-versions", **_RETRY)
+def repair_orphans(uri: str, model_name: str) -> list[str]:
+    """Versions registered by a training that ended before its promotion decision (a crash
+    between registration and alias) get ``fedrec.promoted=false`` and a reason, so the registry
+    says what they are; they never became champion. Versions of runs still RUNNING are left
+    alone: they may be deciding right now. Returns the repaired versions."""
+    client = _client(uri)
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException as err:
+        if _is_missing(err):
+            return []
+        raise
+    repaired = []
+    for v in versions:
+        if "fedrec.promoted" in v.tags or not v.run_id:
+            continue
+        try:
+            status = client.get_run(v.run_id).info.status
+        except MlflowException:
+            status = "GONE"
+        if status == "RUNNING":
+            continue
+        client.set_model_version_tag(model_name, v.version, "fedrec.promoted", "false")
+        client.set_model_version_tag(
+            model_name, v.version, "fedrec.promotion_reason",
+            f"orphan: its training (run {v.run_id}, {status}) ended between registration and the promotion decision",
+        )  # fmt: skip
+        repaired.append(str(v.version))
+    return repaired
 
 
 @task(name="finish-tracking", **_RETRY)

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from fedrec.config import TrainingConfig
+from tests.flows.helpers import tracking_store
 
 ALS_ROUNDS, RANKER_ROUNDS = 3, 3
 SMALL = {"synthetic_users": 400, "synthetic_items": 200, "synthetic_interactions": 16_000,
@@ -27,12 +27,8 @@ SMALL = {"synthetic_users": 400, "synthetic_items": 200, "synthetic_interactions
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, prefect_server):
-    home = tmp_path_factory.mktemp("fedrec-ranking-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDREC_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri = f"sqlite:///{home / 'mlflow.db'}"
-        yield {"uri": uri, "client": MlflowClient(tracking_uri=uri, registry_uri=uri), "home": home}
+    with tracking_store(tmp_path_factory.mktemp("fedrec-ranking-home")) as store:
+        yield store
 
 
 def _config(store, **overrides) -> TrainingConfig:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from mlflow.tracking import MlflowClient
 from prefect import flow, task
 
 from fedrec.config import TrainingConfig
+from tests.flows.helpers import tracking_store
 
 SMALL = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions": 9_000,
          "clients": 3, "factors": 4, "rounds": 2, "retry_backoff": 0.0}  # fmt: skip
@@ -17,12 +17,8 @@ SMALL = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, prefect_server):
-    home = tmp_path_factory.mktemp("fedrec-reliability")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDREC_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri = f"sqlite:///{home / 'mlflow.db'}"
-        yield {"uri": uri, "client": MlflowClient(tracking_uri=uri, registry_uri=uri)}
+    with tracking_store(tmp_path_factory.mktemp("fedrec-reliability")) as store:
+        yield store
 
 
 def _train(store, **fields):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from fedrec.config import TrainingConfig
 from models.data.errors import DataValidationError
+from tests.flows.helpers import tracking_store
 
 ROUNDS = 3
 SMALL = {
@@ -24,12 +24,8 @@ PER_ROUND = ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "test_rmse", "test_
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, prefect_server):
     """One registry for the module: the runs below build on each other (champion, challenger)."""
-    home = tmp_path_factory.mktemp("fedrec-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FEDREC_HOME", str(home))
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        uri = f"sqlite:///{home / 'mlflow.db'}"
-        yield {"uri": uri, "client": MlflowClient(tracking_uri=uri, registry_uri=uri), "home": home}
+    with tracking_store(tmp_path_factory.mktemp("fedrec-home")) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,88 @@
+"""Safe promotion: two candidates deciding at once cannot both become champion, and a version
+left behind by a crash between registration and promotion is marked, never promoted."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fedrec.config import TrainingConfig
+from models.promotion import PromotionDecision
+
+SMALL = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions": 9_000,
+         "clients": 2, "factors": 2, "rounds": 1, "model_name": "safe"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    from flows.training import federated_training
+
+    home = tmp_path_factory.mktemp("fedrec-safe")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDREC_HOME", str(home))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        uri = f"sqlite:///{home / 'mlflow.db'}"
+        first = federated_training(**TrainingConfig(tracking_uri=uri, **SMALL).model_dump())
+        yield {
+            "uri": uri,
+            "client": MlflowClient(tracking_uri=uri, registry_uri=uri),
+            "first": first,
+        }
+
+
+def _register_copy_of_champion(store) -> str:
+    """A new version of the model (the champion's files again), as a run's registration does."""
+    from tasks.tracking import load_recommender, register_model
+
+    client = store["client"]
+    run = client.create_run(client.get_experiment_by_name("fedrec").experiment_id)
+    recommender = load_recommender(store["uri"], "models:/safe@champion")
+    version = register_model.fn(store["uri"], run.info.run_id, recommender, "safe", {})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return version
+
+
+def test_two_runs_deciding_together_cannot_both_become_champion(store):
+    from tasks.tracking import record_promotion
+
+    client = store["client"]
+    champion = client.get_model_version_by_alias("safe", "champion").version
+    a, b = _register_copy_of_champion(store), _register_copy_of_champion(store)
+    better = PromotionDecision(True, "beats the champion")
+    results: dict[str, PromotionDecision] = {}
+    start = threading.Barrier(2)
+
+    def decide(version: str) -> None:
+        start.wait()  # both compared with the same champion, both decide at once
+        results[version] = record_promotion.fn(store["uri"], "safe", version, better, champion)
+
+    threads = [threading.Thread(target=decide, args=(v,)) for v in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    promoted = [v for v, d in results.items() if d.promote]
+    assert len(promoted) == 1
+    loser = ({a, b} - set(promoted)).pop()
+    assert str(client.get_model_version_by_alias("safe", "champion").version) == promoted[0]
+    assert "the champion changed to version" in results[loser].reason
+    assert client.get_model_version("safe", loser).tags["fedrec.promoted"] == "false"
+
+
+def test_an_orphan_version_is_marked_by_the_next_run_and_never_promoted(store):
+    from flows.training import federated_training
+
+    client = store["client"]
+    orphan = _register_copy_of_champion(store)  # registered, then the "process died"
+    assert "fedrec.promoted" not in client.get_model_version("safe", orphan).tags
+
+    federated_training(**TrainingConfig(tracking_uri=store["uri"], seed=5, **SMALL).model_dump())
+
+    tags = client.get_model_version("safe", orphan).tags
+    assert tags["fedrec.promoted"] == "false" and tags["fedrec.promotion_reason"].startswith(
+        "orphan:"
+    )
+    assert str(client.get_model_version_by_alias("safe", "champion").version) != orphan
