@@ -199,6 +199,58 @@ def client_round(
     return client_update(client, params, config, rng, user_params=user_params), evaluations
 
 
+# --- secure aggregation: an update as one dense vector over the whole catalogue -----------------
+_SECURE_METRICS = ("train_sse", "train_n")
+
+
+def _dense_widths(config: MFConfig) -> dict[str, int]:
+    k1 = config.n_factors + 1
+    if config.algorithm == "als":
+        return {"count": 1, "gram": k1 * (k1 + 1) // 2, "rhs": k1}
+    return {"count": 1, "weighted_delta": k1}
+
+
+def to_dense(update: ClientUpdate, n_items: int, config: MFConfig) -> np.ndarray:
+    """The update as one vector covering every item (zeros for items the client did not touch),
+    plus its metric sums: what a client masks for secure aggregation, so the server learns
+    neither its values nor which items it touched. FedAvg's deltas are sent multiplied by their
+    counts, so the sum of vectors holds the numerator and denominator of the weighted average."""
+    widths = _dense_widths(config)
+    block = np.zeros((n_items, sum(widths.values())))
+    counts = update.counts.astype(np.float64)
+    columns = {"count": counts[:, None]}
+    if config.algorithm == "als":
+        columns |= {"gram": update.arrays["gram"], "rhs": update.arrays["rhs"]}
+    else:
+        columns["weighted_delta"] = update.arrays["delta"] * counts[:, None]
+    start = 0
+    for name, width in widths.items():
+        block[update.items, start : start + width] = columns[name]
+        start += width
+    metrics = [update.metrics.get(m, 0.0) for m in _SECURE_METRICS]
+    return np.concatenate([block.ravel(), metrics])
+
+
+def from_dense_sum(total: np.ndarray, n_items: int, config: MFConfig) -> ClientUpdate:
+    """The unmasked sum of every client's :func:`to_dense` vector, as one combined update that
+    :func:`server_update` treats exactly like the clients' updates together."""
+    widths = _dense_widths(config)
+    n_block = n_items * sum(widths.values())
+    block = total[:n_block].reshape(n_items, -1)
+    parts, start = {}, 0
+    for name, width in widths.items():
+        parts[name] = block[:, start : start + width]
+        start += width
+    counts = np.rint(parts["count"][:, 0]).astype(np.int64)  # integers, up to fixed-point noise
+    items = np.flatnonzero(counts > 0)
+    if config.algorithm == "als":
+        arrays = {"gram": parts["gram"][items], "rhs": parts["rhs"][items]}
+    else:
+        arrays = {"delta": parts["weighted_delta"][items] / counts[items, None]}
+    metrics = dict(zip(_SECURE_METRICS, map(float, total[n_block:]), strict=True))
+    return ClientUpdate(-1, items.astype(np.int64), counts[items], arrays, metrics)
+
+
 def server_update(
     state: GlobalState, updates: Sequence[ClientUpdate], config: MFConfig
 ) -> GlobalState:
@@ -356,10 +408,13 @@ def run_federated(
     eval_ranking: bool = True,
     start_from: Callable[[ItemParams], ItemParams] | None = None,
     on_round: Callable[[RoundResult], None] | None = None,
+    secure_sum: Callable[[dict[int, np.ndarray]], np.ndarray] | None = None,
 ) -> tuple[GlobalState, list[RoundResult]]:
     """Train for ``rounds`` rounds in this process, without orchestration (the reference loop).
 
     ``RoundResult.seconds`` covers the clients' updates and the server step, not the evaluation.
+    With ``secure_sum`` (e.g. :func:`models.privacy.secagg.secure_sum` bound to a context), the
+    server only sees the sum of the clients' dense update vectors.
     """
     state = init_global_state(n_items, config, [client_rating_sums(c) for c in clients], seed)
     if start_from is not None:  # e.g. a warm start: fresh parameters in, the starting point out
@@ -371,7 +426,13 @@ def run_federated(
         updates = [
             client_update(c, state.params, config, client_rng(seed, r, c.client_id)) for c in chosen
         ]
-        state = server_update(state, updates, config)
+        if secure_sum is not None:
+            dense = {u.client_id: to_dense(u, n_items, config) for u in updates}
+            state = server_update(
+                state, [from_dense_sum(secure_sum(dense), n_items, config)], config
+            )
+        else:
+            state = server_update(state, updates, config)
         seconds = time.perf_counter() - started
         train = add_sums(u.metrics for u in updates)
         metrics = {}

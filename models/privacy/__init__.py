@@ -1,0 +1,1 @@
+"""Privacy mechanisms: secure aggregation (pairwise masking) and, later, differential privacy."""
