@@ -210,6 +210,13 @@ class TrainingConfig(BaseModel):
     fault_clients: tuple[int, ...] = Field(
         (), description="simulation: clients whose tasks always fail"
     )
+    fault_dropout_clients: tuple[int, ...] = Field(
+        (), description="simulation: clients that vanish after agreeing keys (secure aggregation)"
+    )
+    secure_aggregation: bool = Field(
+        False,
+        description="clients send only pairwise-masked updates; the server learns only their sum",
+    )
     warm_start: bool = Field(
         False, description="start from the champion's item parameters (new items start fresh)"
     )
@@ -273,6 +280,11 @@ class TrainingConfig(BaseModel):
             )
         if self.attack != "none" and self.clients is None:
             raise ValueError("attack simulation needs --clients (a fixed number of clients)")
+        if self.secure_aggregation and (self.feedback != "explicit" or self.aggregation != "mean"):
+            raise ValueError(
+                "secure_aggregation covers the explicit-feedback algorithms with aggregation='mean' "
+                "(a robust rule needs the individual updates the server must not see)"
+            )
         if self.ranker != "none" and self.feedback != "implicit":
             raise ValueError(f"ranker={self.ranker!r} needs feedback='implicit'")
         if self.positive_threshold is not None and self.feedback != "implicit":

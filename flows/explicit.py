@@ -10,17 +10,20 @@ from prefect import get_run_logger
 from prefect.futures import PrefectFuture
 
 from flows.rounds import (
+    QuorumError,
     RunContext,
     Trained,
     answered,
     fault_plan,
     gather_round,
     log_step,
+    require_quorum,
     retry_options,
 )
 from models.mf.federated import sample_clients
 from models.mf.recommender import MFRecommender
 from tasks.clients import evaluate, rating_sums, train_client
+from tasks.secure import mask_client, rekey_client, round_context, secure_aggregate
 from tasks.server import (
     aggregate,
     build_recommender,
@@ -31,6 +34,38 @@ from tasks.server import (
     summarize_round,
     warm_start,
 )
+
+
+def _secure_step(
+    ctx: RunContext, state: Any, public: dict[int, bytes], r: int, mf: Any
+) -> tuple[Any, list]:
+    """The masking half of a securely aggregated round. If a client vanishes after the key
+    agreement, the round runs again among the survivors with fresh keys (up to round_retries
+    times), since its masks would not cancel; then the server adds the masked vectors."""
+    config, context = ctx.config, round_context(ctx.run_id, r)
+    for attempt in range(config.round_retries + 1):
+        masked = answered(
+            {c: mask_client.with_options(task_run_name=f"mask client-{c} round-{r}").submit(
+                c, public, context, c in config.fault_dropout_clients) for c in public},
+            f"round {r} masking", config.round_timeout,
+        )  # fmt: skip
+        if len(masked) == len(public):
+            return secure_aggregate(state, list(masked.values()), ctx.n_items, mf), list(
+                masked.values()
+            )
+        survivors = sorted(masked)
+        require_quorum(len(survivors), len(public), config, f"round {r} (secure aggregation)")
+        if attempt == config.round_retries:
+            break
+        fresh = round_context(ctx.run_id, r, attempt + 1)
+        get_run_logger().warning("round %d: %d client(s) vanished after the key agreement; "
+                                 "agreeing keys again among %d survivors", r,
+                                 len(public) - len(survivors), len(survivors))  # fmt: skip
+        public = answered(
+            {c: rekey_client.submit(c, context, fresh) for c in survivors}, f"round {r} re-keying"
+        )
+        context = fresh
+    raise QuorumError(f"round {r}: clients kept vanishing during secure aggregation")
 
 
 def train_explicit(ctx: RunContext) -> Trained:
@@ -94,6 +129,7 @@ def train_explicit(ctx: RunContext) -> Trained:
                     r,
                     asked,
                     faults.for_attempt(attempt),
+                    round_context(ctx.run_id, r) if config.secure_aggregation else None,
                 )
             # clients sitting this round out still evaluate the model (after round 1)
             return evaluate.with_options(task_run_name=f"evaluate client-{entry.client_id} round-{r - 1}").submit(
@@ -108,7 +144,11 @@ def train_explicit(ctx: RunContext) -> Trained:
             history.append(
                 log_step(ctx, r - 1, pending, evaluations, mf, f"round {r - 1}/{config.rounds}")
             )
-        state = aggregate(state, updates, mf)
+        if config.secure_aggregation:  # updates are public keys here; the sums come masked
+            state, updates = _secure_step(ctx, state, dict(zip(
+                [c for (kind, c) in answers if kind == "train"], updates, strict=True)), r, mf)  # fmt: skip
+        else:
+            state = aggregate(state, updates, mf)
         checkpoint(state, f"{workspace}/checkpoints")
         pending = (updates, time.perf_counter() - started)
 

@@ -12,6 +12,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The whole vocabulary of what a client may send (the contract a test enforces on real flows):
+ITEM_ARRAYS = frozenset({"gram", "rhs", "delta"})  # aligned with ``items`` on the first axis
+GLOBAL_ARRAYS = frozenset({
+    "user_gram",  # implicit ALS: one k x k sum over all the client's users
+    "pair_rows", "pair_cols", "pair_counts",  # item-kNN: co-occurrence counts of item pairs
+    "trees",  # re-ranker: UTF-8 bytes of a LightGBM model string
+    "masked",  # secure aggregation: the masked dense update over every item
+})  # fmt: skip
+UPDATE_METRICS = frozenset({"train_sse", "train_n", "groups"})
+EVALUATION_SUMS = frozenset(
+    {"sse", "sae", "n", "precision", "recall", "ndcg", "hit", "map", "users"}
+)
+
 
 @dataclass(frozen=True)
 class ClientUpdate:
@@ -25,8 +38,9 @@ class ClientUpdate:
     counts : ndarray of int64, shape (m,)
         The client's training rows per item: the weights of per-item averaging.
     arrays : dict of str to ndarray
-        Per-item statistics aligned with ``items`` on the first axis: ``gram`` (packed upper
-        triangles) and ``rhs`` for ALS, ``delta`` (change of ``[q_i, b_i]``) for FedAvg-style rules.
+        Per-item statistics aligned with ``items`` on the first axis (:data:`ITEM_ARRAYS`):
+        ``gram`` (packed upper triangles) and ``rhs`` for ALS, ``delta`` (change of
+        ``[q_i, b_i]``) for FedAvg-style rules; or one of :data:`GLOBAL_ARRAYS`.
     metrics : dict of str to float
         Sums (never means), so the server can combine clients exactly: e.g. ``train_sse``, ``train_n``.
     """

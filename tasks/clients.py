@@ -21,6 +21,7 @@ from models.mf.federated import (
 from models.mf.params import ItemParams
 from models.protocol import ClientUpdate
 from tasks.faults import FaultPlan
+from tasks.secure import hold_update
 
 
 @lru_cache(maxsize=256)
@@ -53,12 +54,22 @@ def train_client(
     round_: int,
     eval_splits: tuple[str, ...] = (),
     faults: FaultPlan | None = None,
-) -> tuple[ClientUpdate, dict[str, Evaluation]]:
-    """Evaluate the incoming global model on the client's own rows, then train one round on it."""
+    secure_context: bytes | None = None,
+) -> tuple[ClientUpdate | bytes, dict[str, Evaluation]]:
+    """Evaluate the incoming global model on the client's own rows, then train one round on it.
+
+    With ``secure_context`` (secure aggregation) the update stays on the client and the task
+    returns the client's public key for the round instead.
+    """
     if faults is not None:
         faults.inject(entry.client_id, round_)
     client = open_client(workspace, entry, n_items)
-    return client_round(client, params, mf, client_rng(seed, round_, entry.client_id), eval_splits)
+    update, evaluations = client_round(
+        client, params, mf, client_rng(seed, round_, entry.client_id), eval_splits
+    )
+    if secure_context is not None:
+        return hold_update(update, n_items, mf, secure_context), evaluations
+    return update, evaluations
 
 
 @task(name="evaluate-client", cache_policy=NONE)

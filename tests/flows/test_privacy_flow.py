@@ -1,0 +1,133 @@
+"""The privacy contract on real flows: every payload a client task hands the server is checked
+against the protocol's vocabulary and against the client's own rows; secure aggregation gives the
+plain model and survives a dropout."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+
+from fedrec.config import TrainingConfig
+from models.client import ClientData
+from models.protocol import (
+    EVALUATION_SUMS,
+    GLOBAL_ARRAYS,
+    ITEM_ARRAYS,
+    UPDATE_METRICS,
+    ClientUpdate,
+)
+from tests.flows.helpers import tracking_store
+
+SMALL = {"synthetic_users": 300, "synthetic_items": 120, "synthetic_interactions": 9_000,
+         "clients": 3, "factors": 3, "rounds": 2, "skip_if_unchanged": False}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    with tracking_store(tmp_path_factory.mktemp("fedrec-privacy")) as store:
+        yield store
+
+
+def _check_update(update: ClientUpdate, client: ClientData) -> None:
+    assert set(update.arrays) <= ITEM_ARRAYS | GLOBAL_ARRAYS, set(update.arrays)
+    assert set(update.metrics) <= UPDATE_METRICS, set(update.metrics)
+    m = update.items.size
+    assert np.all(np.diff(update.items) > 0) and update.counts.shape == (m,)
+    frame = client.frame
+    ratings, timestamps = frame["rating"].to_numpy(), frame.get("timestamp")
+    for name, array in update.arrays.items():
+        assert array.dtype.kind in "iuf", (name, array.dtype)  # numbers only: no ids, no text
+        if name in ITEM_ARRAYS:
+            assert array.shape[0] == m, name
+        flat = np.sort(array.ravel())
+        assert not (flat.size == ratings.size and np.allclose(flat, np.sort(ratings))), name
+        if timestamps is not None and array.dtype.kind == "f":
+            assert not np.isin(timestamps.to_numpy(), array).any(), name  # no raw timestamps
+    # no per-user vectors: nothing is shaped by the client's users
+    assert all(a.shape[0] != client.n_users or a.shape[0] == m for a in update.arrays.values())
+
+
+def _check_evaluations(evaluations: dict, n_items: int) -> None:
+    for sums, recommended in evaluations.values():
+        assert set(sums) <= EVALUATION_SUMS, set(sums)
+        assert recommended is None or recommended.shape == (n_items,)
+
+
+def _capture(monkeypatch, seen: list) -> None:
+    """Wrap every client task's function so its return value is kept for inspection."""
+    import tasks.clients as clients
+    import tasks.secure as secure
+
+    def wrap(task_obj: Any, kind: str) -> None:
+        original: Callable = task_obj.fn
+
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            seen.append((kind, args, result))
+            return result
+
+        monkeypatch.setattr(task_obj, "fn", spy)
+
+    for name in ("train_client", "evaluate", "rating_sums"):
+        wrap(getattr(clients, name), name)
+    wrap(secure.mask_client, "mask_client")
+
+
+def _run(store, **fields) -> dict:
+    from flows.training import federated_training
+
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | fields))
+    return federated_training(**config.model_dump())
+
+
+@pytest.mark.parametrize("fields", [{}, {"algorithm": "fedavg"}, {"secure_aggregation": True}],
+                         ids=["als", "fedavg", "secure-als"])  # fmt: skip
+def test_every_client_payload_keeps_the_contract(store, monkeypatch, fields):
+    from tasks.clients import open_client
+
+    seen: list = []
+    _capture(monkeypatch, seen)
+    _run(store, model_name=f"contract-{len(fields)}", **fields)
+
+    assert {kind for kind, _, _ in seen} >= {"train_client", "evaluate", "rating_sums"}
+    for kind, args, result in seen:
+        if kind == "rating_sums":
+            assert set(result) == {"rating_sum", "n"}
+            continue
+        if kind == "mask_client":
+            assert set(result.arrays) == {"masked"} and result.arrays["masked"].dtype == np.uint64
+            assert result.items.size == 0  # the server does not learn which items were touched
+            continue
+        workspace, entry, n_items = args[:3]
+        client = open_client(workspace, entry, n_items)
+        if kind == "train_client":
+            payload, evaluations = result
+            if fields.get("secure_aggregation"):
+                assert isinstance(payload, bytes) and len(payload) == 32  # an X25519 public key
+            else:
+                _check_update(payload, client)
+            _check_evaluations(evaluations, n_items)
+        else:
+            _check_evaluations(result, n_items)
+
+
+def test_secure_aggregation_gives_the_plain_model_and_survives_a_dropout(store):
+    plain = _run(store, model_name="plain")
+    secure = _run(store, model_name="secure", secure_aggregation=True)
+    dropout = _run(store, model_name="dropout", secure_aggregation=True,
+                   fault_dropout_clients=(1,), min_clients=2)  # fmt: skip
+
+    mlflow.set_tracking_uri(store["uri"])
+
+    def factors(name: str) -> np.ndarray:
+        model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+        return model.unwrap_python_model().recommender.params.factors
+
+    np.testing.assert_allclose(factors("secure"), factors("plain"), atol=1e-5)
+    assert secure["metrics"]["test_rmse"] == pytest.approx(plain["metrics"]["test_rmse"], abs=1e-5)
+    answered = [m.value for m in store["client"].get_metric_history(dropout["run_id"], "clients")]
+    assert answered == [2.0, 2.0]  # client 1 vanished after the keys; the survivors re-keyed
