@@ -72,6 +72,12 @@ def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             kind = annotation if annotation in (int, float, str) else str
         flag = "--" + name.replace("_", "-")
         default = field.default
+        if annotation is bool:  # --secure-aggregation / --no-secure-aggregation
+            fn = click.option(
+                f"{flag}/--no-{flag[2:]}", name, default=None,
+                help=f"{field.description} [default: {'on' if default else 'off'}]",
+            )(fn)  # fmt: skip
+            continue
         fn = click.option(
             flag, name, type=kind, default=None, help=f"{field.description} [default: {default}]"
         )(fn)

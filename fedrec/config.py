@@ -213,6 +213,20 @@ class TrainingConfig(BaseModel):
     fault_dropout_clients: tuple[int, ...] = Field(
         (), description="simulation: clients that vanish after agreeing keys (secure aggregation)"
     )
+    dp_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="user-level differential privacy: the whole training's epsilon (als)",
+    )
+    dp_delta: float | None = Field(
+        None, gt=0, lt=1, description="DP delta (default: 1 / number of users)"
+    )
+    dp_max_items: int = Field(
+        50, ge=1, description="DP: most training rows one user contributes per round"
+    )
+    dp_budget: float | None = Field(
+        None, gt=0, description="DP: total epsilon allowed per dataset across retrains (a ledger)"
+    )
     secure_aggregation: bool = Field(
         False,
         description="clients send only pairwise-masked updates; the server learns only their sum",
@@ -285,6 +299,10 @@ class TrainingConfig(BaseModel):
                 "secure_aggregation covers the explicit-feedback algorithms with aggregation='mean' "
                 "(a robust rule needs the individual updates the server must not see)"
             )
+        if self.dp_epsilon is not None and (self.feedback != "explicit" or self.algorithm != "als"):
+            raise ValueError("dp_epsilon: differential privacy is implemented for explicit als")
+        if self.dp_budget is not None and self.dp_epsilon is None:
+            raise ValueError("dp_budget needs dp_epsilon")
         if self.ranker != "none" and self.feedback != "implicit":
             raise ValueError(f"ranker={self.ranker!r} needs feedback='implicit'")
         if self.positive_threshold is not None and self.feedback != "implicit":
@@ -387,6 +405,7 @@ class TrainingConfig(BaseModel):
                 "max_client_regression",
                 "workspace",
                 "resume",
+                "dp_budget",
                 "task_retries",
                 "retry_backoff",
                 "round_timeout",

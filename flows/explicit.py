@@ -4,6 +4,8 @@ evaluate / log, then the champion evaluated the same way."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from prefect import get_run_logger
@@ -17,11 +19,13 @@ from flows.rounds import (
     fault_plan,
     gather_round,
     log_step,
+    quorum,
     require_quorum,
     retry_options,
 )
 from models.mf.federated import sample_clients
 from models.mf.recommender import MFRecommender
+from models.privacy.dp import UserLevelDP, calibrate, epsilon
 from tasks.clients import evaluate, rating_sums, train_client
 from tasks.secure import mask_client, rekey_client, round_context, secure_aggregate
 from tasks.server import (
@@ -68,10 +72,32 @@ def _secure_step(
     raise QuorumError(f"round {r}: clients kept vanishing during secure aggregation")
 
 
+def _with_privacy(ctx: RunContext, mf: Any) -> tuple[Any, Callable[[int], dict[str, float]]]:
+    """With ``dp_epsilon``: the noise multiplier calibrated to it (delta defaults to 1 / users;
+    client sampling counts toward amplification), the noise shared among the round's quorum, and
+    the epsilon spent after each round (the per-step ``epsilon`` metric)."""
+    config = ctx.config
+    if config.dp_epsilon is None:
+        return mf, lambda _: {}
+    delta = config.dp_delta or 1.0 / ctx.manifest.n_users
+    q = config.client_fraction
+    sigma = calibrate(config.dp_epsilon, q, config.rounds, delta)
+    sampled = len(sample_clients(len(ctx.entries), q, config.seed, 1))
+    dp = UserLevelDP(sigma, config.dp_max_items, shares=quorum(config, sampled))
+    get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, "
+                          "sensitivity %.2f", config.dp_epsilon, delta, sigma, dp.sensitivity)  # fmt: skip
+    return replace(mf, dp=dp), lambda step: {
+        "epsilon": epsilon(sigma, q, step, delta),
+        "noise_multiplier": sigma,
+        "delta": delta,
+    }
+
+
 def train_explicit(ctx: RunContext) -> Trained:
     """Federated MF (exact ALS or FedAvg-style rules), evaluated every round on every client."""
     config, workspace, entries, n_items = ctx.config, ctx.workspace, ctx.entries, ctx.n_items
     logger, mf, faults = get_run_logger(), config.mf_config(), fault_plan(config)
+    mf, privacy = _with_privacy(ctx, mf)
     sums = answered(
         {e.client_id: rating_sums.submit(workspace, e, n_items) for e in entries}, "global mean"
     )
@@ -142,7 +168,15 @@ def train_explicit(ctx: RunContext) -> Trained:
         evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
         if pending:
             history.append(
-                log_step(ctx, r - 1, pending, evaluations, mf, f"round {r - 1}/{config.rounds}")
+                log_step(
+                    ctx,
+                    r - 1,
+                    pending,
+                    evaluations,
+                    mf,
+                    f"round {r - 1}/{config.rounds}",
+                    privacy(r - 1),
+                )
             )
         if config.secure_aggregation:  # updates are public keys here; the sums come masked
             state, updates = _secure_step(ctx, state, dict(zip(
@@ -162,8 +196,9 @@ def train_explicit(ctx: RunContext) -> Trained:
         "final evaluation",
     )  # fmt: skip
     assert pending is not None  # rounds >= 1
-    history.append(log_step(ctx, config.rounds, pending, list(final_evaluations.values()), mf,
-                            f"round {config.rounds}/{config.rounds}"))  # fmt: skip
+    final_step = log_step(ctx, config.rounds, pending, list(final_evaluations.values()), mf,
+                          f"round {config.rounds}/{config.rounds}", privacy(config.rounds))  # fmt: skip
+    history.append(final_step)
     candidate = build_recommender(state, ctx.item_ids, item_popularity(updates, n_items), mf)
 
     champion_metrics, comparable = None, ""

@@ -138,11 +138,13 @@ def log_step(
     evaluations: Sequence,
     core_config: Any,
     label: str,
+    extra: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, report it.
     A resumed run does not log again the steps the interrupted one logged."""
     updates, seconds = round_
     metrics = summarize_round(updates, evaluations, core_config, ctx.n_items, seconds)
+    metrics |= dict(extra or {})
     if step > ctx.logged_through:
         log_round(ctx.uri, ctx.run_id, step, metrics)
     shown = [

@@ -31,6 +31,7 @@ from tasks.tracking import (
     register_model,
     reopen_run,
     repair_orphans,
+    reserve_epsilon,
     resolve_tracking_uri,
     start_run,
     tag_run,
@@ -91,6 +92,9 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             logger.info(reason)
             return {"skipped": True, "reason": reason, "model_name": name,
                     "champion_version": same, "tracking_uri": uri, "promoted": False}  # fmt: skip
+    if config.dp_epsilon is not None:  # before any run starts: refuse past the budget
+        spent = reserve_epsilon(uri, name, data.source, config.dp_epsilon, config.dp_budget)
+        logger.info("privacy ledger: %s has now spent epsilon %.3g", data.source, spent)
     uri, run_id = start_run(config, fingerprint, flow_run.get_id())
     repaired = repair_orphans(uri, name)
     if repaired:
@@ -136,6 +140,7 @@ def _train_and_register(config: TrainingConfig, ctx: RunContext) -> dict[str, An
             "fedrec.algorithm": config.algorithm,
             "fedrec.feedback": config.feedback,
             "fedrec.ranker": config.ranker,
+            "fedrec.epsilon": "" if config.dp_epsilon is None else str(config.dp_epsilon),
             "fedrec.run_id": run_id,
         }
         version = register_model(

@@ -454,6 +454,37 @@ def repair_orphans(uri: str, model_name: str) -> list[str]:
     return repaired
 
 
+LEDGER = "fedrec.epsilon_ledger"
+
+
+@task(name="reserve-privacy-budget", **_RETRY)
+def reserve_epsilon(
+    uri: str, model_name: str, dataset: str, epsilon: float, budget: float | None
+) -> float:
+    """Add this run's epsilon to the dataset's entry in the ledger on the registered model (a
+    JSON tag), before training: the same users are trained again every night, so their privacy
+    loss adds up (basic composition). Refuses, changing nothing, when the budget would be passed.
+    Returns the dataset's total after this run."""
+    client = _client(uri)
+    with promotion_lock(uri):  # one writer at a time on this machine
+        try:
+            model = client.get_registered_model(model_name)
+        except MlflowException as err:
+            if not _is_missing(err):
+                raise
+            model = client.create_registered_model(model_name)
+        ledger = json.loads(model.tags.get(LEDGER, "{}"))
+        spent = float(ledger.get(dataset, 0.0))
+        if budget is not None and spent + epsilon > budget + 1e-12:
+            raise ValueError(
+                f"privacy budget: {dataset!r} has spent epsilon {spent:.3g} of {budget:.3g}; "
+                f"this run needs {epsilon:.3g} more: not started"
+            )
+        ledger[dataset] = spent + epsilon
+        client.set_registered_model_tag(model_name, LEDGER, json.dumps(ledger))
+    return spent + epsilon
+
+
 @task(name="finish-tracking", **_RETRY)
 def finish_run(uri: str, run_id: str, succeeded: bool) -> None:
     """Mark the MLflow run FINISHED, or FAILED when the flow raised."""

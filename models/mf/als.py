@@ -126,15 +126,22 @@ def item_statistics(
     return ItemStatistics(layout.keys.astype(np.int64), layout.counts, grams, rhs)
 
 
-def solve_items(params: ItemParams, stats: ItemStatistics, *, reg: float) -> ItemParams:
-    """Item half-step from (summed) statistics; items absent from ``stats`` keep their parameters."""
+def solve_items(
+    params: ItemParams, stats: ItemStatistics, *, reg: float, extra_ridge: float = 0.0
+) -> ItemParams:
+    """Item half-step from (summed) statistics; items absent from ``stats`` keep their parameters.
+
+    ``extra_ridge`` is added to every diagonal on top of the weighted-lambda term (DP's noisy
+    Gram matrices need it to stay positive definite)."""
     k = params.n_factors
     factors = params.factors.copy()
     bias = params.bias.copy()
     touched = stats.counts > 0
     if np.any(touched):
         grams = unpack_symmetric(stats.grams[touched], k + 1)
-        ridge = np.repeat((reg * stats.counts[touched].astype(np.float64))[:, None], k + 1, axis=1)
+        ridge = np.repeat(
+            (reg * stats.counts[touched].astype(np.float64) + extra_ridge)[:, None], k + 1, axis=1
+        )
         solution = ridge_solve(grams, stats.rhs[touched], ridge, overwrite=True)
         idx = stats.items[touched]
         factors[idx] = solution[:, :k]

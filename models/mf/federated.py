@@ -6,6 +6,7 @@ flow calls the same :func:`client_update`, :func:`server_update` and :func:`eval
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,7 @@ from models.mf.als import (
 )
 from models.mf.params import ItemParams, init_item_params
 from models.mf.sgd import train_local_sgd
+from models.privacy.dp import UserLevelDP, clipped_statistics, limit_items, noisy_dense
 from models.protocol import ClientUpdate
 from models.robust import AggregationRule, Attack, aggregate_robust, attack_update
 from models.server_optimizers import ServerOptimizerState, apply_server_update
@@ -70,6 +72,8 @@ class MFConfig:
     attack: Attack = "none"
     attack_clients: tuple[int, ...] = ()
     attack_scale: float = 1.0
+    # user-level differential privacy of the ALS statistics (models/privacy/dp.py)
+    dp: UserLevelDP | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ("als", *_SERVER_RULE):
@@ -81,6 +85,8 @@ class MFConfig:
                 f"aggregation={self.aggregation!r} with algorithm='als': ALS sums exact statistics; "
                 "robust rules apply to fedavg, fedprox, fedadam, fedyogi"
             )
+        if self.dp is not None and self.algorithm != "als":
+            raise ValueError("differential privacy is implemented for als")
         if self.algorithm == "als" and self.attack != "none":
             raise ValueError("attack simulation applies to the averaging algorithms, not als")
 
@@ -133,6 +139,10 @@ def init_global_state(
     """Global mean from the clients' sums; item factors from the run's seed (as centralized ALS)."""
     total = add_sums(rating_sums)
     mean = total["rating_sum"] / total["n"] if total.get("n", 0) > 0 else 0.0
+    if (
+        config.dp is not None
+    ):  # under DP the exact mean would be a release; the scale's middle is not
+        mean = sum(config.clip_to) / 2 if config.clip_to is not None else 0.0
     params = init_item_params(
         n_items, config.n_factors, mean, np.random.default_rng(seed), config.init_std
     )
@@ -160,6 +170,12 @@ def client_update(
         user_params = solve_users(rows, params, reg=config.reg)
     err = rows.ratings - predict_ratings(user_params, params, rows.users, rows.items)
     metrics = {"train_sse": float(err @ err), "train_n": float(err.size)}
+    if config.algorithm == "als" and config.dp is not None:
+        limited = limit_items(rows, config.dp.max_items, rng)
+        stats = clipped_statistics(limited, user_params, params.global_mean, config.dp)
+        stats = noisy_dense(stats, params.n_items, config.dp, rng)
+        arrays = {"gram": stats.grams, "rhs": stats.rhs}
+        return ClientUpdate(client.client_id, stats.items, stats.counts, arrays, metrics)
     if config.algorithm == "als":
         stats = item_statistics(rows, user_params, params.global_mean)
         arrays = {"gram": stats.grams, "rhs": stats.rhs}
@@ -268,12 +284,22 @@ def server_update(
         counts = aggregate_item_sums([(u.items, u.counts) for u in updates], n_items)
         grams = aggregate_item_sums([(u.items, u.arrays["gram"]) for u in updates], n_items)
         rhs = aggregate_item_sums([(u.items, u.arrays["rhs"]) for u in updates], n_items)
-        touched = np.flatnonzero(counts > 0)
+        touched = np.flatnonzero(counts > 0.5)  # noisy (DP) counts: an item nobody touched stays
         stats = ItemStatistics(
-            touched, counts[touched].astype(np.int64), grams[touched], rhs[touched]
+            touched, np.rint(counts[touched]).astype(np.int64), grams[touched], rhs[touched]
         )
+        extra = 0.0
+        if config.dp is not None:  # keep noisy Grams positive definite: a few noise deviations
+            extra = (
+                3.0
+                * config.dp.noise_multiplier
+                * config.dp.sensitivity
+                * math.sqrt(config.n_factors + 1)
+            )
         return GlobalState(
-            solve_items(params, stats, reg=config.reg), state.optimizer, state.round + 1
+            solve_items(params, stats, reg=config.reg, extra_ridge=extra),
+            state.optimizer,
+            state.round + 1,
         )
     delta, weight = aggregate_robust(
         [(u.items, u.arrays["delta"], u.counts) for u in updates],

@@ -131,3 +131,24 @@ def test_secure_aggregation_gives_the_plain_model_and_survives_a_dropout(store):
     assert secure["metrics"]["test_rmse"] == pytest.approx(plain["metrics"]["test_rmse"], abs=1e-5)
     answered = [m.value for m in store["client"].get_metric_history(dropout["run_id"], "clients")]
     assert answered == [2.0, 2.0]  # client 1 vanished after the keys; the survivors re-keyed
+
+
+def test_dp_run_logs_epsilon_and_the_ledger_refuses_past_the_budget(store):
+    import json
+
+    summary = _run(store, model_name="private", dp_epsilon=8.0, dp_budget=10.0)
+
+    client = store["client"]
+    spent = [(m.step, m.value) for m in client.get_metric_history(summary["run_id"], "epsilon")]
+    assert [s for s, _ in spent] == [1, 2] and spent[0][1] < spent[1][1] <= 8.0 + 1e-9
+    assert spent[1][1] > 7.5  # the noise is calibrated to use the budget asked for
+    version = client.get_model_version("private", summary["model_version"])
+    assert version.tags["fedrec.epsilon"] == "8.0"
+    ledger = json.loads(client.get_registered_model("private").tags["fedrec.epsilon_ledger"])
+    assert list(ledger.values()) == [8.0]
+
+    with pytest.raises(
+        ValueError, match=r"privacy budget: .* has spent epsilon 8 of 10; this run needs 8 more"
+    ):
+        _run(store, model_name="private", dp_epsilon=8.0, dp_budget=10.0, rounds=3)
+    assert len(client.search_model_versions("name='private'")) == 1
