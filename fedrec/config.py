@@ -222,7 +222,7 @@ class TrainingConfig(BaseModel):
         None, gt=0, lt=1, description="DP delta (default: 1 / number of users)"
     )
     dp_max_items: int = Field(
-        50, ge=1, description="DP: most training rows one user contributes per round"
+        100, ge=1, description="DP: most training rows one user contributes per round"
     )
     dp_budget: float | None = Field(
         None, gt=0, description="DP: total epsilon allowed per dataset across retrains (a ledger)"

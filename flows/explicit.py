@@ -81,13 +81,13 @@ def _with_privacy(ctx: RunContext, mf: Any) -> tuple[Any, Callable[[int], dict[s
         return mf, lambda _: {}
     delta = config.dp_delta or 1.0 / ctx.manifest.n_users
     q = config.client_fraction
-    sigma = calibrate(config.dp_epsilon, q, config.rounds, delta)
+    sigma = calibrate(config.dp_epsilon, q, config.rounds + 1, delta)  # + the global mean
     sampled = len(sample_clients(len(ctx.entries), q, config.seed, 1))
     dp = UserLevelDP(sigma, config.dp_max_items, shares=quorum(config, sampled))
     get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, "
                           "sensitivity %.2f", config.dp_epsilon, delta, sigma, dp.sensitivity)  # fmt: skip
     return replace(mf, dp=dp), lambda step: {
-        "epsilon": epsilon(sigma, q, step, delta),
+        "epsilon": epsilon(sigma, q, step + 1, delta),
         "noise_multiplier": sigma,
         "delta": delta,
     }
@@ -99,7 +99,11 @@ def train_explicit(ctx: RunContext) -> Trained:
     logger, mf, faults = get_run_logger(), config.mf_config(), fault_plan(config)
     mf, privacy = _with_privacy(ctx, mf)
     sums = answered(
-        {e.client_id: rating_sums.submit(workspace, e, n_items) for e in entries}, "global mean"
+        {
+            e.client_id: rating_sums.submit(workspace, e, n_items, mf.dp, config.seed)
+            for e in entries
+        },
+        "global mean",
     )
     state = initialize(n_items, mf, list(sums.values()), config.seed)
     champion = (

@@ -19,6 +19,7 @@ from models.mf.federated import (
     evaluate_client_splits,
 )
 from models.mf.params import ItemParams
+from models.privacy.dp import UserLevelDP
 from models.protocol import ClientUpdate
 from tasks.faults import FaultPlan
 from tasks.secure import hold_update
@@ -38,9 +39,12 @@ def open_client(workspace: str, entry: ClientEntry, n_items: int) -> ClientData:
 
 
 @task(name="client-rating-sums", cache_policy=NONE)
-def rating_sums(workspace: str, entry: ClientEntry, n_items: int) -> dict[str, float]:
-    """A client's training rating sum and count (for the global mean)."""
-    return client_rating_sums(open_client(workspace, entry, n_items))
+def rating_sums(
+    workspace: str, entry: ClientEntry, n_items: int, dp: UserLevelDP | None = None, seed: int = 0
+) -> dict[str, float]:
+    """A client's training rating sum and count (for the global mean); noisy under DP."""
+    client = open_client(workspace, entry, n_items)
+    return client_rating_sums(client, dp, client_rng(seed, 0, entry.client_id))
 
 
 @task(name="train-client", cache_policy=NONE)

@@ -127,10 +127,26 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def client_rating_sums(client: ClientData) -> dict[str, float]:
-    """The two numbers a client gives for the global mean: its training rating sum and count."""
+def client_rating_sums(
+    client: ClientData, dp: UserLevelDP | None = None, rng: np.random.Generator | None = None
+) -> dict[str, float]:
+    """The two numbers a client gives for the global mean: its training rating sum and count.
+
+    Under DP each user counts with at most ``dp.max_items`` rows, with ratings clipped to
+    ``dp.rating_bound`` in absolute value, and the client adds its share of Gaussian noise: one more
+    release of the same mechanism, which the accountant counts as an extra round.
+    """
     rows = client.rows("train")
-    return {"rating_sum": float(rows.ratings.sum()), "n": float(len(rows))}
+    if dp is None:
+        return {"rating_sum": float(rows.ratings.sum()), "n": float(len(rows))}
+    rng = rng if rng is not None else np.random.default_rng()
+    limited = limit_items(rows, dp.max_items, rng)
+    ratings = np.clip(limited.ratings, -dp.rating_bound, dp.rating_bound)
+    std = dp.noise_multiplier * dp.mean_sensitivity / math.sqrt(dp.shares)
+    return {
+        "rating_sum": float(ratings.sum() + rng.normal(0.0, std)),
+        "n": float(len(limited) + rng.normal(0.0, std)),
+    }
 
 
 def init_global_state(
@@ -442,7 +458,12 @@ def run_federated(
     With ``secure_sum`` (e.g. :func:`models.privacy.secagg.secure_sum` bound to a context), the
     server only sees the sum of the clients' dense update vectors.
     """
-    state = init_global_state(n_items, config, [client_rating_sums(c) for c in clients], seed)
+    state = init_global_state(
+        n_items,
+        config,
+        [client_rating_sums(c, config.dp, client_rng(seed, 0, c.client_id)) for c in clients],
+        seed,
+    )
     if start_from is not None:  # e.g. a warm start: fresh parameters in, the starting point out
         state = replace(state, params=start_from(state.params))
     history = []

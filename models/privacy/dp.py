@@ -32,15 +32,22 @@ from models.mf.als import ItemStatistics, RatingRows, UserParams
 class UserLevelDP:
     noise_multiplier: float
     max_items: int = 100
-    factor_clip: float = 1.0
+    factor_clip: float = 0.5
     residual_clip: float = 2.0
     shares: int = 1  # clients that add a share of the noise (the round's quorum)
+    ridge_scale: float = 0.3  # extra ridge on the server: this many noise deviations x sqrt(k + 1)
+    rating_bound: float = 5.0  # |rating| clip for the global mean's (sum, count) release
 
     @property
     def sensitivity(self) -> float:
         x2 = self.factor_clip**2 + 1.0
         per_item = x2**2 + (self.residual_clip**2) * x2 + 1.0
         return math.sqrt(self.max_items * per_item)
+
+    @property
+    def mean_sensitivity(self) -> float:
+        """One user's largest change of (rating sum, row count)."""
+        return self.max_items * math.sqrt(self.rating_bound**2 + 1.0)
 
 
 def limit_items(rows: RatingRows, max_items: int, rng: np.random.Generator) -> RatingRows:
