@@ -42,10 +42,11 @@ from tasks.server import (
 
 def _secure_step(
     ctx: RunContext, state: Any, public: dict[int, bytes], r: int, mf: Any
-) -> tuple[Any, list]:
+) -> tuple[Any, list, list]:
     """The masking half of a securely aggregated round. If a client vanishes after the key
     agreement, the round runs again among the survivors with fresh keys (up to round_retries
-    times), since its masks would not cancel; then the server adds the masked vectors."""
+    times), since its masks would not cancel; then the server adds the masked vectors. Returns the new state, the masked updates and the
+    decoded sum (as one combined update)."""
     config, context = ctx.config, round_context(ctx.run_id, r)
     for attempt in range(config.round_retries + 1):
         masked = answered(
@@ -54,9 +55,8 @@ def _secure_step(
             f"round {r} masking", config.round_timeout,
         )  # fmt: skip
         if len(masked) == len(public):
-            return secure_aggregate(state, list(masked.values()), ctx.n_items, mf), list(
-                masked.values()
-            )
+            state, combined = secure_aggregate(state, list(masked.values()), ctx.n_items, mf)
+            return state, list(masked.values()), [combined]
         survivors = sorted(masked)
         require_quorum(len(survivors), len(public), config, f"round {r} (secure aggregation)")
         if attempt == config.round_retries:
@@ -125,7 +125,7 @@ def train_explicit(ctx: RunContext) -> Trained:
     history: list[dict[str, float]] = []
     splits = ("train", "valid", "test")
     pending: tuple[list, float] | None = None  # round r's updates and seconds, until evaluated
-    updates: list = []
+    counted: list = []  # the last round's updates whose counts give item popularity
     first = 1
     if ctx.resume_state is not None:  # continue after the last checkpointed round
         state, first = ctx.resume_state, ctx.resume_state.round + 1
@@ -183,10 +183,10 @@ def train_explicit(ctx: RunContext) -> Trained:
                 )
             )
         if config.secure_aggregation:  # updates are public keys here; the sums come masked
-            state, updates = _secure_step(ctx, state, dict(zip(
+            state, updates, counted = _secure_step(ctx, state, dict(zip(
                 [c for (kind, c) in answers if kind == "train"], updates, strict=True)), r, mf)  # fmt: skip
         else:
-            state = aggregate(state, updates, mf)
+            state, counted = aggregate(state, updates, mf), updates
         checkpoint(state, f"{workspace}/checkpoints")
         pending = (updates, time.perf_counter() - started)
 
@@ -203,7 +203,9 @@ def train_explicit(ctx: RunContext) -> Trained:
     final_step = log_step(ctx, config.rounds, pending, list(final_evaluations.values()), mf,
                           f"round {config.rounds}/{config.rounds}", privacy(config.rounds))  # fmt: skip
     history.append(final_step)
-    candidate = build_recommender(state, ctx.item_ids, item_popularity(updates, n_items), mf)
+    # popularity (the cold-start list) from the last round's counts; under secure aggregation
+    # only their sum exists
+    candidate = build_recommender(state, ctx.item_ids, item_popularity(counted, n_items), mf)
 
     champion_metrics, comparable = None, ""
     if ctx.champion is not None and champion is None:

@@ -61,7 +61,8 @@ def mask_client(
 @task(name="secure-aggregate", cache_policy=NONE)
 def secure_aggregate(
     state: GlobalState, masked: Sequence[ClientUpdate], n_items: int, mf: MFConfig
-) -> GlobalState:
-    """Add the masked vectors (the masks cancel), decode the sum, take the server step."""
-    total = decode(unmask_sum([u.arrays["masked"] for u in masked]))
-    return server_update(state, [from_dense_sum(total, n_items, mf)], mf)
+) -> tuple[GlobalState, ClientUpdate]:
+    """Add the masked vectors (the masks cancel), decode the sum, take the server step; returns
+    the new state and the decoded sum as one combined update."""
+    combined = from_dense_sum(decode(unmask_sum([u.arrays["masked"] for u in masked])), n_items, mf)
+    return server_update(state, [combined], mf), combined
