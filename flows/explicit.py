@@ -9,7 +9,6 @@ from dataclasses import replace
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.futures import PrefectFuture
 
 from flows.rounds import (
     QuorumError,
@@ -17,11 +16,11 @@ from flows.rounds import (
     Trained,
     answered,
     fault_plan,
-    gather_round,
     log_step,
     quorum,
     require_quorum,
     retry_options,
+    train_and_evaluate,
 )
 from models.mf.federated import sample_clients
 from models.mf.recommender import MFRecommender
@@ -137,39 +136,17 @@ def train_explicit(ctx: RunContext) -> Trained:
         chosen_ids = set(sample_clients(len(entries), config.client_fraction, config.seed, r))
         asked = splits if pending else ()
 
-        def submit(
-            key: tuple[str, int],
-            attempt: int,
-            r: int = r,
-            asked: tuple = asked,
-            params: Any = state.params,
-        ) -> PrefectFuture:
-            kind, client = key
-            entry = entries[client]
-            if kind == "train":
-                return trainer.with_options(
-                    task_run_name=f"train client-{entry.client_id} round-{r}"
-                ).submit(
-                    workspace,
-                    entry,
-                    n_items,
-                    params,
-                    mf,
-                    config.seed,
-                    r,
-                    asked,
-                    faults.for_attempt(attempt),
-                    round_context(ctx.run_id, r) if config.secure_aggregation else None,
-                )
-            # clients sitting this round out still evaluate the model (after round 1)
-            return evaluate.with_options(task_run_name=f"evaluate client-{entry.client_id} round-{r - 1}").submit(
-                workspace, entry, n_items, params, mf, splits)  # fmt: skip
-
-        keys = [("train", i) for i in sorted(chosen_ids)]
-        keys += [("evaluate", i) for i in range(len(entries)) if pending and i not in chosen_ids]
-        answers = gather_round(submit, keys, lambda k: k[0] == "train", config, f"round {r}")
-        updates = [a[0] for (kind, _), a in answers.items() if kind == "train"]
-        evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
+        secure = round_context(ctx.run_id, r) if config.secure_aggregation else None
+        sent, evaluations = train_and_evaluate(
+            ctx, r, chosen_ids, pending is not None,
+            train=lambda e, attempt, r=r, asked=asked, params=state.params, secure=secure: trainer.with_options(
+                task_run_name=f"train client-{e.client_id} round-{r}").submit(
+                workspace, e, n_items, params, mf, config.seed, r, asked, faults.for_attempt(attempt), secure),
+            evaluate=lambda e, r=r, params=state.params: evaluate.with_options(
+                task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
+                workspace, e, n_items, params, mf, splits),
+        )  # fmt: skip
+        updates = list(sent.values())
         if pending:
             history.append(
                 log_step(
@@ -183,8 +160,7 @@ def train_explicit(ctx: RunContext) -> Trained:
                 )
             )
         if config.secure_aggregation:  # updates are public keys here; the sums come masked
-            state, updates, counted = _secure_step(ctx, state, dict(zip(
-                [c for (kind, c) in answers if kind == "train"], updates, strict=True)), r, mf)  # fmt: skip
+            state, updates, counted = _secure_step(ctx, state, sent, r, mf)
         else:
             state, counted = aggregate(state, updates, mf), updates
         checkpoint(state, f"{workspace}/checkpoints")

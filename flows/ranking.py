@@ -9,7 +9,6 @@ each step's ``valid_*``/``test_*`` describe the model after that step.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
@@ -23,6 +22,7 @@ from flows.rounds import (
     log_step,
     require_quorum,
     retry_options,
+    train_and_evaluate,
 )
 from models.data.partitions import read_item_features
 from models.mf.federated import sample_clients
@@ -77,29 +77,16 @@ def train_ranking(ctx: RunContext) -> Trained:
         chosen_ids = set(sample_clients(len(entries), config.client_fraction, config.seed, r))
         asked = SPLITS if pending else ()
 
-        def submit(
-            key: tuple[str, int],
-            attempt: int,
-            r: int = r,
-            asked: tuple = asked,
-            factors: Any = factors,
-        ) -> PrefectFuture:
-            kind, client = key
-            entry = entries[client]
-            if kind == "train":
-                return trainer.with_options(
-                    task_run_name=f"train-implicit client-{entry.client_id} round-{r}"
-                ).submit(
-                    workspace, entry, n_items, factors, rc, asked, faults.for_attempt(attempt), r
-                )
-            return evaluate_implicit_client.with_options(task_run_name=f"evaluate client-{entry.client_id} round-{r - 1}").submit(
-                workspace, entry, n_items, factors, rc, SPLITS)  # fmt: skip
-
-        keys = [("train", i) for i in sorted(chosen_ids)]
-        keys += [("evaluate", i) for i in range(len(entries)) if pending and i not in chosen_ids]
-        answers = gather_round(submit, keys, lambda k: k[0] == "train", config, f"round {r}")
-        updates = [a[0] for (kind, _), a in answers.items() if kind == "train"]
-        evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
+        sent, evaluations = train_and_evaluate(
+            ctx, r, chosen_ids, pending is not None,
+            train=lambda e, attempt, r=r, asked=asked, factors=factors: trainer.with_options(
+                task_run_name=f"train-implicit client-{e.client_id} round-{r}").submit(
+                workspace, e, n_items, factors, rc, asked, faults.for_attempt(attempt), r),
+            evaluate=lambda e, r=r, factors=factors: evaluate_implicit_client.with_options(
+                task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
+                workspace, e, n_items, factors, rc, SPLITS),
+        )  # fmt: skip
+        updates = list(sent.values())
         if pending:
             history.append(
                 log_step(ctx, r - 1, pending, evaluations, rc, f"ALS round {r - 1}/{config.rounds}")

@@ -119,6 +119,33 @@ def gather_round(
     return results
 
 
+def train_and_evaluate(
+    ctx: RunContext,
+    r: int,
+    chosen: set[int],
+    evaluate_others: bool,
+    train: Callable[[ClientEntry, int], PrefectFuture],
+    evaluate: Callable[[ClientEntry], PrefectFuture],
+) -> tuple[dict[int, Any], list[Any]]:
+    """One round's client tasks: the sampled clients train (each evaluating the model it receives
+    first), and with ``evaluate_others`` the clients sitting the round out evaluate it too.
+    ``train(entry, attempt)`` and ``evaluate(entry)`` submit one task. Returns what each trainer
+    sent (by client) and every evaluation, with the quorum of :func:`gather_round`."""
+
+    def submit(key: tuple[str, int], attempt: int) -> PrefectFuture:
+        kind, i = key
+        return train(ctx.entries[i], attempt) if kind == "train" else evaluate(ctx.entries[i])
+
+    keys = [("train", i) for i in sorted(chosen)]
+    keys += [
+        ("evaluate", i) for i in range(len(ctx.entries)) if evaluate_others and i not in chosen
+    ]
+    answers = gather_round(submit, keys, lambda k: k[0] == "train", ctx.config, f"round {r}")
+    sent = {i: a[0] for (kind, i), a in answers.items() if kind == "train"}
+    evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
+    return sent, evaluations
+
+
 def retry_options(config: TrainingConfig) -> dict[str, Any]:
     """Task options of a client task: retries with exponential backoff."""
     delays = [config.retry_backoff * 2**i for i in range(config.task_retries)]
