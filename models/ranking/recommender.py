@@ -168,8 +168,9 @@ class RankingRecommender:
     def _reasons(
         self, candidates: Candidates, rows: np.ndarray, history: sparse.csr_matrix
     ) -> list[str]:
-        """One short reason per chosen pair: the feature that raised its score most (LightGBM's
-        ``pred_contrib``), in words; kNN features name the history item behind them."""
+        """One short reason per chosen pair: the feature group that raises it most above the
+        user's other recommendations (LightGBM's ``pred_contrib``), in words; kNN features name
+        the history item behind them."""
         if rows.size == 0:
             return []
         neighbour = candidates.neighbour[rows]
@@ -192,6 +193,13 @@ class RankingRecommender:
             by_group = np.column_stack(
                 [contrib[:, [position[f] for f in _REASONS[g][1]]].sum(axis=1) for g in groups]
             )
+            # What sets this item apart within the user's list: contributions relative to the
+            # list's mean (the ALS score lifts every item of a list, so on its own it would be
+            # the reason for nearly all of them).
+            users = candidates.users[rows]
+            for u in np.unique(users):
+                mine = users == u
+                by_group[mine] -= by_group[mine].mean(axis=0)
             top_group = [groups[j] for j in by_group.argmax(axis=1)]
         reasons = []
         for group, near in zip(top_group, neighbour, strict=True):
