@@ -12,6 +12,7 @@ Every client payload is a :class:`~models.protocol.ClientUpdate` of arrays and m
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -350,8 +351,6 @@ def run_two_stage(
 ) -> TwoStageResult:
     """Implicit ALS for ``rounds`` rounds, one kNN round, then ``config.ranker.rounds`` ranker
     rounds, in this process (the flow runs the same client and server functions as tasks)."""
-    import time
-
     history: list[dict[str, float]] = []
 
     def record(
