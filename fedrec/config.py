@@ -216,7 +216,7 @@ class TrainingConfig(BaseModel):
     dp_epsilon: float | None = Field(
         None,
         gt=0,
-        description="user-level differential privacy: the whole training's epsilon (als)",
+        description="user-level differential privacy: the whole training's epsilon (explicit als, or implicit als without a re-ranker)",
     )
     dp_delta: float | None = Field(
         None, gt=0, lt=1, description="DP delta (default: 1 / number of users)"
@@ -299,8 +299,13 @@ class TrainingConfig(BaseModel):
                 "secure_aggregation covers the explicit-feedback algorithms with aggregation='mean' "
                 "(a robust rule needs the individual updates the server must not see)"
             )
-        if self.dp_epsilon is not None and (self.feedback != "explicit" or self.algorithm != "als"):
-            raise ValueError("dp_epsilon: differential privacy is implemented for explicit als")
+        if self.dp_epsilon is not None and self.algorithm != "als":
+            raise ValueError("dp_epsilon: differential privacy is implemented for als")
+        if self.dp_epsilon is not None and self.ranker != "none":
+            raise ValueError(
+                "dp_epsilon with ranker='lightgbm': differential privacy covers implicit ALS only "
+                "(item-kNN and the re-ranker have no DP mechanism); use --ranker none"
+            )
         if self.dp_budget is not None and self.dp_epsilon is None:
             raise ValueError("dp_budget needs dp_epsilon")
         if self.ranker != "none" and self.feedback != "implicit":

@@ -17,14 +17,14 @@ from flows.rounds import (
     answered,
     fault_plan,
     log_step,
-    quorum,
+    privacy_plan,
     require_quorum,
     retry_options,
     train_and_evaluate,
 )
 from models.mf.federated import sample_clients
 from models.mf.recommender import MFRecommender
-from models.privacy.dp import UserLevelDP, calibrate, epsilon
+from models.privacy.dp import UserLevelDP
 from tasks.clients import evaluate, rating_sums, train_client
 from tasks.secure import mask_client, rekey_client, round_context, secure_aggregate
 from tasks.server import (
@@ -72,24 +72,14 @@ def _secure_step(
 
 
 def _with_privacy(ctx: RunContext, mf: Any) -> tuple[Any, Callable[[int], dict[str, float]]]:
-    """With ``dp_epsilon``: the noise multiplier calibrated to it (delta defaults to 1 / users;
-    client sampling counts toward amplification), the noise shared among the round's quorum, and
-    the epsilon spent after each round (the per-step ``epsilon`` metric)."""
-    config = ctx.config
-    if config.dp_epsilon is None:
+    """The MF config with DP's bounds and noise (if asked for), and the per-step ``epsilon``
+    metrics; the global mean's release from every client counts once more."""
+    plan = privacy_plan(ctx, full=1)
+    if plan is None:
         return mf, lambda _: {}
-    delta = config.dp_delta or 1.0 / ctx.manifest.n_users
-    q = config.client_fraction
-    sigma = calibrate(config.dp_epsilon, q, config.rounds + 1, delta)  # + the global mean
-    sampled = len(sample_clients(len(ctx.entries), q, config.seed, 1))
-    dp = UserLevelDP(sigma, config.dp_max_items, shares=quorum(config, sampled))
-    get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, "
-                          "sensitivity %.2f", config.dp_epsilon, delta, sigma, dp.sensitivity)  # fmt: skip
-    return replace(mf, dp=dp), lambda step: {
-        "epsilon": epsilon(sigma, q, step + 1, delta),
-        "noise_multiplier": sigma,
-        "delta": delta,
-    }
+    dp = UserLevelDP(plan.noise_multiplier, ctx.config.dp_max_items, shares=plan.shares)
+    get_run_logger().info("DP sensitivity of one user's ALS statistics: %.2f", dp.sensitivity)
+    return replace(mf, dp=dp), plan.spent
 
 
 def train_explicit(ctx: RunContext) -> Trained:

@@ -9,6 +9,7 @@ each step's ``valid_*``/``test_*`` describe the model after that step.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
@@ -20,13 +21,16 @@ from flows.rounds import (
     fault_plan,
     gather_round,
     log_step,
+    privacy_plan,
     require_quorum,
     retry_options,
     train_and_evaluate,
 )
 from models.data.partitions import read_item_features
 from models.mf.federated import sample_clients
+from models.privacy.dp import UserLevelDP
 from models.ranking.boosting import TreeEnsemble
+from models.ranking.federated import noisy_popularity
 from models.ranking.recommender import RankingRecommender
 from tasks.ranking import (
     aggregate_implicit,
@@ -51,6 +55,12 @@ def train_ranking(ctx: RunContext) -> Trained:
     """Retrieval (implicit ALS, item-kNN) and, if configured, the re-ranker; all federated."""
     config, workspace, entries, n_items = ctx.config, ctx.workspace, ctx.entries, ctx.n_items
     logger, rc, faults = get_run_logger(), config.ranking_config(), fault_plan(config)
+    plan = privacy_plan(ctx, full=0)
+    if plan is not None:  # implicit ALS alone: kNN and the re-ranker have no DP mechanism
+        dp = UserLevelDP.for_implicit(plan.noise_multiplier, config.dp_max_items, plan.shares)
+        rc = replace(rc, dp=dp)
+        logger.info("DP sensitivity of one user's implicit-ALS statistics: %.2f",
+                    dp.implicit_sensitivity(rc.alpha))  # fmt: skip
     factors = initialize_factors(n_items, rc, config.seed)
     champion = (
         ctx.champion
@@ -66,7 +76,7 @@ def train_ranking(ctx: RunContext) -> Trained:
             logger.warning("no warm start: the champion has another number of factors")
 
     # kNN needs no model: its one round of co-occurrence counts runs beside the ALS rounds.
-    knn_futures = {e.client_id: knn_client.with_options(task_run_name=f"knn client-{e.client_id}").submit(
+    knn_futures = {} if plan is not None else {e.client_id: knn_client.with_options(task_run_name=f"knn client-{e.client_id}").submit(
         workspace, e, n_items) for e in entries}  # fmt: skip
 
     history: list[dict[str, float]] = []
@@ -81,7 +91,7 @@ def train_ranking(ctx: RunContext) -> Trained:
             ctx, r, chosen_ids, pending is not None,
             train=lambda e, attempt, r=r, asked=asked, factors=factors: trainer.with_options(
                 task_run_name=f"train-implicit client-{e.client_id} round-{r}").submit(
-                workspace, e, n_items, factors, rc, asked, faults.for_attempt(attempt), r),
+                workspace, e, n_items, factors, rc, asked, faults.for_attempt(attempt), r, config.seed),
             evaluate=lambda e, r=r, factors=factors: evaluate_implicit_client.with_options(
                 task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
                 workspace, e, n_items, factors, rc, SPLITS),
@@ -89,15 +99,20 @@ def train_ranking(ctx: RunContext) -> Trained:
         updates = list(sent.values())
         if pending:
             history.append(
-                log_step(ctx, r - 1, pending, evaluations, rc, f"ALS round {r - 1}/{config.rounds}")
-            )
+                log_step(ctx, r - 1, pending, evaluations, rc, f"ALS round {r - 1}/{config.rounds}",
+                         plan.spent(r - 1) if plan else None)
+            )  # fmt: skip
         factors = aggregate_implicit(factors, updates, rc)
         pending = (updates, time.perf_counter() - started)
 
     started = time.perf_counter()
-    knn_updates = answered(knn_futures, "item-kNN")
-    require_quorum(len(knn_updates), len(entries), config, "item-kNN")
-    similarity, popularity = build_similarity(list(knn_updates.values()), n_items, rc)
+    if plan is None:
+        knn_updates = answered(knn_futures, "item-kNN")
+        require_quorum(len(knn_updates), len(entries), config, "item-kNN")
+        similarity, popularity = build_similarity(list(knn_updates.values()), n_items, rc)
+    else:  # the cold-start list from the last round's noisy counts
+        knn_updates, similarity = {}, None
+        popularity = noisy_popularity(pending[0] if pending else [], n_items)
     catalogue = read_item_features(workspace)
     retrieval = build_ranking_model(factors, similarity, popularity, rc, ctx.item_ids, catalogue)
     knn_bytes = float(sum(u.nbytes() for u in knn_updates.values()))
@@ -140,9 +155,8 @@ def train_ranking(ctx: RunContext) -> Trained:
             workspace, e, n_items, candidate, SPLITS, rc.top_k) for e in entries},
         "final evaluation",
     )  # fmt: skip
-    final = log_step(
-        ctx, step, pending, list(final_evaluations.values()), rc, f"step {step} (final)"
-    )
+    final = log_step(ctx, step, pending, list(final_evaluations.values()), rc,
+                     f"step {step} (final)", plan.spent(step) if plan else None)  # fmt: skip
     history.append(final | {"knn_bytes_uploaded": knn_bytes})
 
     champion_metrics, comparable = None, ""

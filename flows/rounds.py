@@ -15,9 +15,44 @@ from prefect.futures import PrefectFuture, wait
 
 from fedrec.config import TrainingConfig
 from models.data.partitions import ClientEntry, Manifest
+from models.mf.federated import sample_clients
+from models.privacy.dp import calibrate, epsilon
 from tasks.faults import FaultPlan
 from tasks.server import summarize_round
 from tasks.tracking import Champion, log_round
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """A run's differential privacy: the calibrated noise and how much of the budget each step has
+    spent. ``full`` counts releases from every client besides the sampled rounds (the explicit
+    family's global mean)."""
+
+    noise_multiplier: float
+    delta: float
+    sampling_rate: float
+    shares: int  # clients whose noise shares add up to the full noise: the round's quorum
+    full: int
+
+    def spent(self, step: int) -> dict[str, float]:
+        """The per-step MLflow metrics after ``step`` rounds."""
+        eps = epsilon(self.noise_multiplier, self.sampling_rate, step, self.delta, self.full)
+        return {"epsilon": eps, "noise_multiplier": self.noise_multiplier, "delta": self.delta}
+
+
+def privacy_plan(ctx: RunContext, full: int) -> Privacy | None:
+    """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
+    defaults to 1 / users; client sampling counts toward amplification)."""
+    config = ctx.config
+    if config.dp_epsilon is None:
+        return None
+    delta = config.dp_delta or 1.0 / ctx.manifest.n_users
+    q = config.client_fraction
+    sigma = calibrate(config.dp_epsilon, q, config.rounds, delta, full)
+    sampled = len(sample_clients(len(ctx.entries), q, config.seed, 1))
+    get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f",
+                          config.dp_epsilon, delta, sigma)  # fmt: skip
+    return Privacy(sigma, delta, q, quorum(config, sampled), full)
 
 
 class QuorumError(RuntimeError):

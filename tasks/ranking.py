@@ -62,13 +62,15 @@ def train_implicit_client(
     eval_splits: tuple[str, ...] = (),
     faults: FaultPlan | None = None,
     round_: int = 0,
+    seed: int = 0,
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
     """Rank with the incoming item factors on the client's held-out rows, then send its half of
-    the implicit item step."""
+    the implicit item step (bounded and noised under DP, from a (seed, round, client) stream)."""
     if faults is not None:
         faults.inject(entry.client_id, round_)
     client = open_client(workspace, entry, n_items)
-    return implicit_client_round(client, factors, config, eval_splits)
+    rng = client_rng(seed, round_, entry.client_id)
+    return implicit_client_round(client, factors, config, eval_splits, rng)
 
 
 @task(name="evaluate-implicit-client", cache_policy=NONE)

@@ -189,7 +189,7 @@ def client_update(
     if config.algorithm == "als" and config.dp is not None:
         limited = limit_items(rows, config.dp.max_items, rng)
         stats = clipped_statistics(limited, user_params, params.global_mean, config.dp)
-        stats = noisy_dense(stats, params.n_items, config.dp, rng)
+        stats = noisy_dense(stats, params.n_items, config.dp.noise_std(config.dp.sensitivity), rng)
         arrays = {"gram": stats.grams, "rhs": stats.rhs}
         return ClientUpdate(client.client_id, stats.items, stats.counts, arrays, metrics)
     if config.algorithm == "als":
@@ -307,7 +307,7 @@ def server_update(
         extra = 0.0
         if config.dp is not None:  # keep noisy Grams positive definite: a few noise deviations
             extra = (
-                3.0
+                config.dp.ridge_scale
                 * config.dp.noise_multiplier
                 * config.dp.sensitivity
                 * math.sqrt(config.n_factors + 1)

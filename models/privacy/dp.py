@@ -16,6 +16,11 @@ statistics of **every** item (so untouched items are hidden too); when ``shares`
 the sum carries the full noise, and secure aggregation keeps the server from seeing anything
 less noisy. The privacy unit is a user, each round is a (subsampled) Gaussian mechanism, and the
 RDP accountant composes the rounds.
+
+Implicit ALS (:func:`clipped_implicit_statistics`) is bounded the same way: a user's clipped factor
+``x`` (``||x|| <= factor_clip``) adds ``x x^T`` to the client's ``user_gram``, and over at most
+``max_items`` items ``alpha x x^T`` to the item's Gram, ``(1 + alpha) x`` to its right-hand side and
+1 to its count; :meth:`UserLevelDP.implicit_sensitivity` is the L2 norm of that.
 """
 
 from __future__ import annotations
@@ -35,14 +40,33 @@ class UserLevelDP:
     factor_clip: float = 0.5
     residual_clip: float = 2.0
     shares: int = 1  # clients that add a share of the noise (the round's quorum)
-    ridge_scale: float = 0.3  # extra ridge on the server: this many noise deviations x sqrt(k + 1)
+    ridge_scale: float = 3.0  # extra ridge on the server: this many noise deviations x sqrt(k)
     rating_bound: float = 5.0  # |rating| clip for the global mean's (sum, count) release
+    # implicit ALS: items whose noisy count is below this many noise deviations get zero factors
+    # (post-processing: their statistics are mostly noise)
+    count_floor: float = 4.0
+
+    @classmethod
+    def for_implicit(cls, noise_multiplier: float, max_items: int, shares: int) -> UserLevelDP:
+        """The bounds picked for implicit ALS on ML-1M's validation rows at epsilon 8 (README,
+        privacy): a deeper ridge than explicit ALS needs (3 deviations fall off a cliff)."""
+        return cls(noise_multiplier, max_items, shares=shares, ridge_scale=4.0)
 
     @property
     def sensitivity(self) -> float:
         x2 = self.factor_clip**2 + 1.0
         per_item = x2**2 + (self.residual_clip**2) * x2 + 1.0
         return math.sqrt(self.max_items * per_item)
+
+    def implicit_sensitivity(self, alpha: float) -> float:
+        """One user's largest L2 change of the implicit-ALS statistics (binary feedback)."""
+        c2 = self.factor_clip**2
+        per_item = (alpha * c2) ** 2 + (1.0 + alpha) ** 2 * c2 + 1.0
+        return math.sqrt(self.max_items * per_item + c2**2)
+
+    def noise_std(self, sensitivity: float) -> float:
+        """The standard deviation of one client's share of the noise."""
+        return self.noise_multiplier * sensitivity / math.sqrt(self.shares)
 
     @property
     def mean_sensitivity(self) -> float:
@@ -60,13 +84,17 @@ def limit_items(rows: RatingRows, max_items: int, rng: np.random.Generator) -> R
                       n_users=rows.n_users, n_items=rows.n_items)  # fmt: skip
 
 
+def clip_rows(factors: np.ndarray, bound: float) -> np.ndarray:
+    """Every row scaled down to L2 norm at most ``bound``."""
+    norms = np.linalg.norm(factors, axis=1, keepdims=True)
+    return factors * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
+
+
 def clipped_statistics(
     rows: RatingRows, users: UserParams, global_mean: float, dp: UserLevelDP
 ) -> ItemStatistics:
     """The client's ALS item statistics with every user's contribution bounded."""
-    factors = users.factors
-    norms = np.linalg.norm(factors, axis=1, keepdims=True)
-    factors = factors * np.minimum(1.0, dp.factor_clip / np.maximum(norms, 1e-12))
+    factors = clip_rows(users.factors, dp.factor_clip)
     x = np.column_stack([factors, np.ones(factors.shape[0])])
     target = rows.ratings - global_mean - users.bias[rows.users]
     target = np.clip(target, -dp.residual_clip, dp.residual_clip)
@@ -76,10 +104,9 @@ def clipped_statistics(
 
 
 def noisy_dense(
-    stats: ItemStatistics, n_items: int, dp: UserLevelDP, rng: np.random.Generator
+    stats: ItemStatistics, n_items: int, std: float, rng: np.random.Generator
 ) -> ItemStatistics:
-    """The statistics over every item, plus this client's share of the Gaussian noise."""
-    std = dp.noise_multiplier * dp.sensitivity / math.sqrt(dp.shares)
+    """The statistics over every item, plus Gaussian noise of deviation ``std`` on each value."""
     counts = rng.normal(0.0, std, n_items)
     grams = rng.normal(0.0, std, (n_items, stats.grams.shape[1]))
     rhs = rng.normal(0.0, std, (n_items, stats.rhs.shape[1]))
@@ -89,42 +116,74 @@ def noisy_dense(
     return ItemStatistics(np.arange(n_items, dtype=np.int64), counts, grams, rhs)
 
 
-def _event(noise_multiplier: float, sampling_rate: float, rounds: int) -> object:
+def _event(noise_multiplier: float, sampling_rate: float, rounds: int, full: int) -> object:
     # dp_accounting is imported only when privacy is asked for: it brings absl, whose logging
     # handler keeps the stderr of the moment of import (a closed stream under click's test runner).
     import dp_accounting
 
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    sampled = gaussian
     if sampling_rate < 1.0:
-        gaussian = dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
-    return dp_accounting.SelfComposedDpEvent(gaussian, rounds)
+        sampled = dp_accounting.PoissonSampledDpEvent(sampling_rate, gaussian)
+    events = [dp_accounting.SelfComposedDpEvent(sampled, rounds)]
+    if full:
+        events.append(dp_accounting.SelfComposedDpEvent(gaussian, full))
+    return dp_accounting.ComposedDpEvent(events)
 
 
-def epsilon(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float) -> float:
-    """The (epsilon, delta) guarantee of ``rounds`` rounds, by the RDP accountant. Client
-    sampling counts as Poisson sampling of users at ``sampling_rate``."""
-    if rounds <= 0:
+def epsilon(
+    noise_multiplier: float, sampling_rate: float, rounds: int, delta: float, full: int = 0
+) -> float:
+    """The (epsilon, delta) guarantee, by the RDP accountant, of ``rounds`` rounds whose clients
+    are sampled at ``sampling_rate`` (counted as Poisson sampling of users) plus ``full``
+    releases from every client (the explicit family's global mean)."""
+    if rounds + full <= 0:
         return 0.0
     from dp_accounting import rdp
 
     accountant = rdp.RdpAccountant()
-    accountant.compose(_event(noise_multiplier, sampling_rate, rounds))
+    accountant.compose(_event(noise_multiplier, sampling_rate, rounds, full))
     return float(accountant.get_epsilon(delta))
 
 
-def calibrate(target_epsilon: float, sampling_rate: float, rounds: int, delta: float) -> float:
+def calibrate(
+    target_epsilon: float, sampling_rate: float, rounds: int, delta: float, full: int = 0
+) -> float:
     """The smallest noise multiplier whose whole training stays within ``target_epsilon``."""
     if target_epsilon <= 0:
         raise ValueError(f"target epsilon={target_epsilon} must be > 0")
+
+    def spent(sigma: float) -> float:
+        return epsilon(sigma, sampling_rate, rounds, delta, full)
+
     low, high = 0.05, 1.0
-    while epsilon(high, sampling_rate, rounds, delta) > target_epsilon:
+    while spent(high) > target_epsilon:
         low, high = high, high * 2
         if high > 1e5:
             raise ValueError(f"epsilon={target_epsilon} is out of reach in {rounds} rounds")
     for _ in range(40):
         middle = (low + high) / 2
-        if epsilon(middle, sampling_rate, rounds, delta) > target_epsilon:
+        if spent(middle) > target_epsilon:
             low = middle
         else:
             high = middle
     return high
+
+
+def clipped_implicit_statistics(
+    rows: RatingRows, factors: np.ndarray, alpha: float, dp: UserLevelDP
+) -> tuple[ItemStatistics, np.ndarray]:
+    """The client's implicit-ALS statistics (binary rows, at most ``max_items`` per user already)
+    with every user's factor clipped: per-item ``sum alpha x x^T`` (packed), ``sum (1 + alpha) x``
+    and counts, and ``user_gram = sum x x^T`` over all its users."""
+    x = clip_rows(factors, dp.factor_clip)
+    layout = rows.by_item
+    extra = np.full(len(rows), alpha)
+    grams, rhs = layout.packed_statistics(x, 1.0 + extra, gram_weights=extra)
+    return ItemStatistics(layout.keys.astype(np.int64), layout.counts, grams, rhs), x.T @ x
+
+
+def noisy_gram(gram: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """A symmetric k x k sum with Gaussian noise on its upper triangle (mirrored below)."""
+    noise = np.triu(rng.normal(0.0, std, gram.shape))
+    return gram + noise + np.triu(noise, 1).T

@@ -12,6 +12,7 @@ Every client payload is a :class:`~models.protocol.ClientUpdate` of arrays and m
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,13 @@ from models.mf.als import ItemStatistics, RatingRows
 from models.mf.federated import Evaluation, client_rng, sample_clients, summarize_evaluation
 from models.mf.implicit import implicit_statistics, solve_items_implicit, solve_users_implicit
 from models.mf.params import ItemParams, init_item_params
+from models.privacy.dp import (
+    UserLevelDP,
+    clipped_implicit_statistics,
+    limit_items,
+    noisy_dense,
+    noisy_gram,
+)
 from models.protocol import ClientUpdate
 from models.ranking.boosting import RankerConfig, TreeEnsemble, boost_client, round_weights
 from models.ranking.features import Candidates, Retrieval
@@ -47,6 +55,9 @@ class RankingConfig:
     n_candidates: int = 100
     top_k: int = 10
     ranker: RankerConfig | None = field(default_factory=RankerConfig)
+    # user-level differential privacy of the implicit-ALS statistics (models/privacy/dp.py); the
+    # model is then implicit ALS alone: kNN and the re-ranker have no DP mechanism here
+    dp: UserLevelDP | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_factors", "neighbours", "n_candidates", "top_k"):
@@ -57,6 +68,8 @@ class RankingConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.shrink < 0:
             raise ValueError(f"shrink={self.shrink} must be >= 0")
+        if self.dp is not None and self.ranker is not None:
+            raise ValueError("differential privacy covers implicit ALS only: use no re-ranker")
 
 
 def _binary_rows(client: ClientData, split: str) -> RatingRows:
@@ -83,9 +96,11 @@ def implicit_client_round(
     item_factors: np.ndarray,
     config: RankingConfig,
     eval_splits: Sequence[str] = (),
+    rng: np.random.Generator | None = None,
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
     """Evaluate the incoming item factors on ``eval_splits`` (ranking), then the client's half of
-    the implicit item step; one fold-in for both."""
+    the implicit item step; one fold-in for both. Under DP (``config.dp``, drawing from ``rng``)
+    the statistics are bounded per user and carry the client's share of noise on every item."""
     rows = _binary_rows(client, "train")
     params = _item_params(item_factors)
     users = solve_users_implicit(rows, params, reg=config.reg, alpha=config.alpha)
@@ -94,13 +109,22 @@ def implicit_client_round(
         evaluations[split] = evaluate_scores(
             client, split, config.top_k, lambda u: users.factors[u] @ item_factors.T
         )
-    stats = implicit_statistics(rows, users, alpha=config.alpha)
-    s = stats.items
+    if config.dp is None:
+        stats = implicit_statistics(rows, users, alpha=config.alpha)
+        s, user_gram = stats.items, stats.user_gram
+    else:
+        rng = rng if rng is not None else np.random.default_rng()
+        dp = config.dp
+        limited = limit_items(rows, dp.max_items, rng)
+        s, user_gram = clipped_implicit_statistics(limited, users.factors, config.alpha, dp)
+        std = dp.noise_std(dp.implicit_sensitivity(config.alpha))
+        s = noisy_dense(s, client.n_items, std, rng)
+        user_gram = noisy_gram(user_gram, std, rng)
     update = ClientUpdate(
         client.client_id,
         s.items,
         s.counts,
-        {"gram": s.grams, "rhs": s.rhs, "user_gram": stats.user_gram},
+        {"gram": s.grams, "rhs": s.rhs, "user_gram": user_gram},
         {"train_n": float(len(rows))},
     )
     return update, evaluations
@@ -134,11 +158,30 @@ def implicit_server_update(
     grams = aggregate_item_sums([(u.items, u.arrays["gram"]) for u in updates], n_items)
     rhs = aggregate_item_sums([(u.items, u.arrays["rhs"]) for u in updates], n_items)
     user_gram = np.sum([u.arrays["user_gram"] for u in updates], axis=0)
-    touched = np.flatnonzero(counts > 0)
-    stats = ItemStatistics(touched, counts[touched].astype(np.int64), grams[touched], rhs[touched])
-    return solve_items_implicit(
-        _item_params(item_factors), stats, user_gram, reg=config.reg
-    ).factors
+    if config.dp is None:
+        touched = np.flatnonzero(counts > 0)
+        stats = ItemStatistics(
+            touched, counts[touched].astype(np.int64), grams[touched], rhs[touched]
+        )
+        return solve_items_implicit(
+            _item_params(item_factors), stats, user_gram, reg=config.reg
+        ).factors
+    # Noisy sums: solve every item with a ridge a few noise deviations deep, then zero the items
+    # whose count does not stand out of the noise (both are post-processing).
+    dp = config.dp
+    noise = dp.noise_multiplier * dp.implicit_sensitivity(config.alpha)
+    reg = config.reg + dp.ridge_scale * noise * math.sqrt(config.n_factors)
+    every = np.arange(n_items)
+    stats = ItemStatistics(every, np.ones(n_items, np.int64), grams, rhs)
+    factors = solve_items_implicit(_item_params(item_factors), stats, user_gram, reg=reg).factors
+    factors[counts < dp.count_floor * noise] = 0.0
+    return factors
+
+
+def noisy_popularity(updates: Sequence[ClientUpdate], n_items: int) -> np.ndarray:
+    """Item popularity from a round's (noisy, under DP) summed counts, floored at 0."""
+    counts = aggregate_item_sums([(u.items, u.counts) for u in updates], n_items)
+    return np.maximum(counts, 0.0)
 
 
 # --- item-kNN ------------------------------------------------------------------------------
@@ -376,13 +419,21 @@ def run_two_stage(
     for r in range(1, rounds + 1):
         started = time.perf_counter()
         chosen = sample_clients(len(clients), client_fraction, seed, r)
-        answers = [implicit_client_round(clients[i], factors, config) for i in chosen]
+        answers = [
+            implicit_client_round(
+                clients[i], factors, config, rng=client_rng(seed, r, clients[i].client_id)
+            )
+            for i in chosen
+        ]
         updates = [u for u, _ in answers]
         factors = implicit_server_update(factors, updates, config)
         record("als", r, started, updates, [])
     started = time.perf_counter()
-    knn_updates = [knn_client_update(c) for c in clients]
-    similarity, popularity = knn_server_update(knn_updates, n_items, config)
+    if config.dp is None:
+        knn_updates = [knn_client_update(c) for c in clients]
+        similarity, popularity = knn_server_update(knn_updates, n_items, config)
+    else:  # no kNN under DP; popularity (the cold-start list) from the last round's noisy counts
+        knn_updates, similarity, popularity = [], None, noisy_popularity(updates, n_items)
     retrieval = Retrieval(
         factors,
         config.reg,

@@ -60,6 +60,7 @@ def _check_evaluations(evaluations: dict, n_items: int) -> None:
 def _capture(monkeypatch, seen: list) -> None:
     """Wrap every client task's function so its return value is kept for inspection."""
     import tasks.clients as clients
+    import tasks.ranking as ranking
     import tasks.secure as secure
 
     def wrap(task_obj: Any, kind: str) -> None:
@@ -75,6 +76,11 @@ def _capture(monkeypatch, seen: list) -> None:
     for name in ("train_client", "evaluate", "rating_sums"):
         wrap(getattr(clients, name), name)
     wrap(secure.mask_client, "mask_client")
+    for name in ("train_implicit_client", "train_ranker_client"):
+        wrap(getattr(ranking, name), "train_client")
+    for name in ("evaluate_implicit_client", "evaluate_ranking_client"):
+        wrap(getattr(ranking, name), "evaluate")
+    wrap(ranking.knn_client, "knn_client")
 
 
 def _run(store, **fields) -> dict:
@@ -84,16 +90,29 @@ def _run(store, **fields) -> dict:
     return federated_training(**config.model_dump())
 
 
-@pytest.mark.parametrize("fields", [{}, {"algorithm": "fedavg"}, {"secure_aggregation": True}],
-                         ids=["als", "fedavg", "secure-als"])  # fmt: skip
-def test_every_client_payload_keeps_the_contract(store, monkeypatch, fields):
+IMPLICIT = {"feedback": "implicit", "factors": 4}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"algorithm": "fedavg"}, {"secure_aggregation": True},
+     IMPLICIT | {"ranker": "lightgbm", "ranker_rounds": 2}, IMPLICIT | {"dp_epsilon": 8.0}],
+    ids=["als", "fedavg", "secure-als", "two-stage", "dp-implicit"],
+)  # fmt: skip
+def test_every_client_payload_keeps_the_contract(store, monkeypatch, request, fields):
     from tasks.clients import open_client
 
     seen: list = []
     _capture(monkeypatch, seen)
-    _run(store, model_name=f"contract-{len(fields)}", **fields)
+    _run(store, model_name=f"contract-{request.node.callspec.id}", **fields)
 
-    assert {kind for kind, _, _ in seen} >= {"train_client", "evaluate", "rating_sums"}
+    kinds = {kind for kind, _, _ in seen}
+    assert kinds >= {"train_client", "evaluate"}
+    assert ("rating_sums" in kinds) == (fields.get("feedback") != "implicit")
+    # kNN has no DP mechanism: a private run never asks for co-occurrence counts
+    assert ("knn_client" in kinds) == (
+        fields.get("feedback") == "implicit" and "dp_epsilon" not in fields
+    )
     for kind, args, result in seen:
         if kind == "rating_sums":
             assert set(result) == {"rating_sum", "n"}
@@ -104,7 +123,9 @@ def test_every_client_payload_keeps_the_contract(store, monkeypatch, fields):
             continue
         workspace, entry, n_items = args[:3]
         client = open_client(workspace, entry, n_items)
-        if kind == "train_client":
+        if kind == "knn_client":
+            _check_update(result, client)
+        elif kind == "train_client":
             payload, evaluations = result
             if fields.get("secure_aggregation"):
                 assert isinstance(payload, bytes) and len(payload) == 32  # an X25519 public key
@@ -157,3 +178,20 @@ def test_dp_run_logs_epsilon_and_the_ledger_refuses_past_the_budget(store):
     ):
         _run(store, model_name="private", dp_epsilon=8.0, dp_budget=10.0, rounds=3)
     assert len(client.search_model_versions("name='private'")) == 1
+
+
+def test_dp_implicit_run_spends_its_epsilon_and_serves_implicit_als_alone(store):
+    summary = _run(store, model_name="private-ranking", dp_epsilon=4.0, rounds=3, **IMPLICIT)
+
+    client = store["client"]
+    spent = [m.value for m in client.get_metric_history(summary["run_id"], "epsilon")]
+    assert len(spent) == 3 and spent == sorted(spent) and 3.8 < spent[-1] <= 4.0 + 1e-9
+    mlflow.set_tracking_uri(store["uri"])
+    model = mlflow.pyfunc.load_model("models:/private-ranking@champion").unwrap_python_model()
+    retrieval = model.recommender.retrieval
+    assert retrieval.similarity is None and model.recommender.ranker is None
+    assert np.isfinite(retrieval.item_factors).all()
+    version = client.get_model_version("private-ranking", summary["model_version"])
+    assert version.tags["fedrec.epsilon"] == "4.0"
+    with pytest.raises(ValueError, match="differential privacy covers implicit ALS only"):
+        TrainingConfig(feedback="implicit", ranker="lightgbm", dp_epsilon=4.0)
