@@ -48,6 +48,8 @@ def _quiet_prefect(debug: bool) -> None:
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
+    # --task-runner dask: the local cluster's start and stop, worker by worker
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if debug:
         return
     # The temporary API server that `fedrec train` starts logs a cancelled event flush as an
@@ -136,7 +138,8 @@ def main() -> None:
     "--max-workers",
     type=click.IntRange(min=1),
     default=None,
-    help="client tasks run at once [default: CPU count, at most 8]",
+    help="client tasks run at once: threads, or worker processes of the local Dask cluster "
+    "[default: CPU count, at most 8; Dask: 2]",
 )
 @debug_option
 @friendly_errors
@@ -154,15 +157,9 @@ def train(
     config = build_config(config_file, overrides)
     _quiet_prefect(debug)
     keep_freed_memory()
-    from flows.training import federated_training
+    from flows.training import training_flow
 
-    flow = federated_training
-    if max_workers is not None:
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        flow = federated_training.with_options(
-            task_runner=ThreadPoolTaskRunner(max_workers=max_workers)
-        )
+    flow = training_flow(config.task_runner, config.dask_address, max_workers)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "no pip in a uv venv"
     started = time.perf_counter()

@@ -76,8 +76,15 @@ class TrainingConfig(BaseModel):
     clients: int | None = Field(
         10, ge=1, description="number of clients (by-key: None gives one per key value)"
     )
-    partition: Literal["iid", "dirichlet", "by-key"] = Field(
-        "iid", description="how users are assigned to clients"
+    partition: Literal["iid", "dirichlet", "by-key", "per-user"] = Field(
+        "iid",
+        description="how users are assigned to clients; per-user: every user is a client "
+        "(cross-device), simulated in cohorts of --cohort-size, --clients is ignored",
+    )
+    cohort_size: int = Field(
+        500,
+        ge=1,
+        description="per-user: clients simulated by one task, vectorised (the aggregate does not depend on it)",
     )
     dirichlet_alpha: float = Field(
         0.3, gt=0, description="non-IID concentration for --partition dirichlet"
@@ -145,7 +152,18 @@ class TrainingConfig(BaseModel):
     ranker_leaves: int = Field(_RANKER.num_leaves, ge=2, description="leaves per re-ranker tree")
     rounds: int = Field(10, ge=1, description="federated rounds")
     client_fraction: float = Field(
-        1.0, gt=0, le=1, description="share of clients sampled per round"
+        1.0,
+        gt=0,
+        le=1,
+        description="share of clients sampled per round (per-user: each user's own seeded coin)",
+    )
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread",
+        description="where client tasks run: threads of this process, or Dask workers (prefect-dask)",
+    )
+    dask_address: str | None = Field(
+        None,
+        description="a running Dask scheduler (tcp://host:8786); default: a local cluster of 2 worker processes",
     )
     min_clients: int = Field(
         1, ge=1, description="quorum: fewest clients whose updates a round needs"
@@ -279,9 +297,22 @@ class TrainingConfig(BaseModel):
             raise ValueError("--valid needs --train and --test")
         if self.partition == "by-key" and self.partition_key is None:
             raise ValueError("--partition by-key needs --partition-key (a user-feature column)")
-        if self.partition != "by-key" and self.clients is None:
+        if self.partition not in ("by-key", "per-user") and self.clients is None:
             raise ValueError(f"--partition {self.partition} needs --clients")
-        if self.clients is not None and self.min_clients > self.clients:
+        if self.partition == "per-user" and (
+            self.algorithm != "als" or self.ranker != "none" or self.secure_aggregation
+        ):
+            raise ValueError(
+                "--partition per-user trains ALS without a re-ranker or secure aggregation: "
+                "their per-client statistics are sums a cohort computes for all its users at once"
+            )
+        if self.dask_address is not None and self.task_runner != "dask":
+            raise ValueError("--dask-address needs --task-runner dask")
+        if (
+            self.partition != "per-user"
+            and self.clients is not None
+            and self.min_clients > self.clients
+        ):
             raise ValueError(f"min_clients={self.min_clients} exceeds clients={self.clients}")
         if self.feedback == "implicit" and self.algorithm != "als":
             raise ValueError(

@@ -20,9 +20,9 @@ from flows.rounds import (
     privacy_plan,
     require_quorum,
     retry_options,
+    round_clients,
     train_and_evaluate,
 )
-from models.mf.federated import sample_clients
 from models.mf.recommender import MFRecommender
 from models.privacy.dp import UserLevelDP
 from tasks.clients import evaluate, rating_sums, train_client
@@ -37,6 +37,10 @@ from tasks.server import (
     summarize_round,
     warm_start,
 )
+
+
+def _unit(devices: float | None) -> str:
+    return "client" if devices is None else "cohort"
 
 
 def _secure_step(
@@ -123,15 +127,15 @@ def train_explicit(ctx: RunContext) -> Trained:
     trainer = train_client.with_options(**retry_options(config))
     for r in range(first, config.rounds + 1):
         started = time.perf_counter()
-        chosen_ids = set(sample_clients(len(entries), config.client_fraction, config.seed, r))
+        chosen_ids, devices = round_clients(ctx, r)
         asked = splits if pending else ()
 
         secure = round_context(ctx.run_id, r) if config.secure_aggregation else None
         sent, evaluations = train_and_evaluate(
             ctx, r, chosen_ids, pending is not None,
-            train=lambda e, attempt, r=r, asked=asked, params=state.params, secure=secure: trainer.with_options(
-                task_run_name=f"train client-{e.client_id} round-{r}").submit(
-                workspace, e, n_items, params, mf, config.seed, r, asked, faults.for_attempt(attempt), secure),
+            train=lambda e, attempt, r=r, asked=asked, params=state.params, secure=secure, devices=devices: trainer.with_options(
+                task_run_name=f"train {_unit(devices)}-{e.client_id} round-{r}").submit(
+                workspace, e, n_items, params, mf, config.seed, r, asked, faults.for_attempt(attempt), secure, devices),
             evaluate=lambda e, r=r, params=state.params: evaluate.with_options(
                 task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
                 workspace, e, n_items, params, mf, splits),

@@ -24,6 +24,7 @@ from flows.rounds import (
     privacy_plan,
     require_quorum,
     retry_options,
+    round_clients,
     train_and_evaluate,
 )
 from models.data.partitions import read_item_features
@@ -84,14 +85,14 @@ def train_ranking(ctx: RunContext) -> Trained:
     trainer = train_implicit_client.with_options(**retry_options(config))
     for r in range(1, config.rounds + 1):
         started = time.perf_counter()
-        chosen_ids = set(sample_clients(len(entries), config.client_fraction, config.seed, r))
+        chosen_ids, devices = round_clients(ctx, r)
         asked = SPLITS if pending else ()
 
         sent, evaluations = train_and_evaluate(
             ctx, r, chosen_ids, pending is not None,
-            train=lambda e, attempt, r=r, asked=asked, factors=factors: trainer.with_options(
-                task_run_name=f"train-implicit client-{e.client_id} round-{r}").submit(
-                workspace, e, n_items, factors, rc, asked, faults.for_attempt(attempt), r, config.seed),
+            train=lambda e, attempt, r=r, asked=asked, factors=factors, devices=devices: trainer.with_options(
+                task_run_name=f"train-implicit {'client' if devices is None else 'cohort'}-{e.client_id} round-{r}").submit(
+                workspace, e, n_items, factors, rc, asked, faults.for_attempt(attempt), r, config.seed, devices),
             evaluate=lambda e, r=r, factors=factors: evaluate_implicit_client.with_options(
                 task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
                 workspace, e, n_items, factors, rc, SPLITS),

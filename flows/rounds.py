@@ -40,6 +40,15 @@ class Privacy:
         return {"epsilon": eps, "noise_multiplier": self.noise_multiplier, "delta": self.delta}
 
 
+def round_clients(ctx: RunContext, r: int) -> tuple[set[int], float | None]:
+    """The partitions asked to train in round ``r``, and the per-device sampling fraction when
+    they are cohorts of per-user clients (all cohorts train; each user flips its own coin)."""
+    config = ctx.config
+    if config.partition == "per-user":
+        return set(range(len(ctx.entries))), config.client_fraction
+    return set(sample_clients(len(ctx.entries), config.client_fraction, config.seed, r)), None
+
+
 def privacy_plan(ctx: RunContext, full: int) -> Privacy | None:
     """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
     defaults to 1 / users; client sampling counts toward amplification)."""
@@ -49,7 +58,7 @@ def privacy_plan(ctx: RunContext, full: int) -> Privacy | None:
     delta = config.dp_delta or 1.0 / ctx.manifest.n_users
     q = config.client_fraction
     sigma = calibrate(config.dp_epsilon, q, config.rounds, delta, full)
-    sampled = len(sample_clients(len(ctx.entries), q, config.seed, 1))
+    sampled = len(round_clients(ctx, 1)[0])
     get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f",
                           config.dp_epsilon, delta, sigma)  # fmt: skip
     return Privacy(sigma, delta, q, quorum(config, sampled), full)
@@ -215,7 +224,8 @@ def log_step(
         if k in metrics
     ]
     get_run_logger().info(
-        "%s: %s, %.1f MB up, %.2f s", label, ", ".join(shown) or "no evaluation",
-        metrics.get("bytes_uploaded", 0.0) / 1e6, metrics.get("round_seconds", float("nan")),
+        "%s: %s, %d clients, %.1f MB up, %.2f s", label, ", ".join(shown) or "no evaluation",
+        metrics.get("clients", 0), metrics.get("bytes_uploaded", 0.0) / 1e6,
+        metrics.get("round_seconds", float("nan")),
     )  # fmt: skip
     return metrics

@@ -58,6 +58,45 @@ federated_training = flow(
 )
 
 
+def _local_cluster(**kwargs: Any) -> Any:
+    """A Dask LocalCluster whose worker processes report their task runs to this flow's Prefect
+    API (else each worker would start its own temporary server and the runs would be lost)."""
+    import distributed
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is not None and context.client is not None:
+        os.environ.setdefault("PREFECT_API_URL", str(context.client.api_url).rstrip("/"))
+    return distributed.LocalCluster(**kwargs)
+
+
+def training_flow(
+    task_runner: str = "thread", dask_address: str | None = None, max_workers: int | None = None
+) -> Any:
+    """The training flow on the asked-for task runner.
+
+    ``dask``: prefect-dask's runner, on the scheduler at ``dask_address`` or else on a local
+    cluster of ``max_workers`` (default 2) single-threaded worker processes. Client tasks get the
+    workspace path and their partition's entry, so each partition is read on the worker that runs
+    it; only global state and aggregates cross the wire.
+    """
+    if task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            runner = DaskTaskRunner(address=dask_address)
+        else:
+            runner = DaskTaskRunner(cluster_class=_local_cluster,
+                                    cluster_kwargs={"n_workers": max_workers or 2, "threads_per_worker": 1,
+                                                    "processes": True, "dashboard_address": None})  # fmt: skip
+        return federated_training.with_options(task_runner=runner)
+    if max_workers is not None:
+        return federated_training.with_options(
+            task_runner=ThreadPoolTaskRunner(max_workers=max_workers)
+        )
+    return federated_training
+
+
 def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
     """The interrupted run's configuration and context: its run, partitions and last checkpoint."""
     found = interrupted_run(resolve_tracking_uri(config.tracking_uri), config.resume)
@@ -108,7 +147,10 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         ctx = RunContext(
             config, uri, run_id, workspace, manifest, read_item_ids(workspace), load_champion(uri, name)
         )  # fmt: skip
-        logger.info("%d clients, %d items, MLflow run %s", manifest.n_clients, ctx.n_items, run_id)
+        clients = f"{manifest.n_clients} clients"
+        if config.partition == "per-user":
+            clients = f"{manifest.n_users} per-user clients in {manifest.n_clients} cohorts"
+        logger.info("%s, %d items, MLflow run %s", clients, ctx.n_items, run_id)
     except BaseException:
         finish_run(uri, run_id, False)
         raise

@@ -20,7 +20,9 @@ GLOBAL_ARRAYS = frozenset({
     "trees",  # re-ranker: UTF-8 bytes of a LightGBM model string
     "masked",  # secure aggregation: the masked dense update over every item
 })  # fmt: skip
-UPDATE_METRICS = frozenset({"train_sse", "train_n", "groups"})
+UPDATE_METRICS = frozenset(
+    {"train_sse", "train_n", "groups", "clients"}
+)  # clients: a cohort's users
 EVALUATION_SUMS = frozenset(
     {"sse", "sae", "n", "precision", "recall", "ndcg", "hit", "map", "users"}
 )

@@ -16,6 +16,7 @@ from models.mf.federated import (
     client_rating_sums,
     client_rng,
     client_round,
+    cohort_round,
     evaluate_client_splits,
 )
 from models.mf.params import ItemParams
@@ -59,18 +60,22 @@ def train_client(
     eval_splits: tuple[str, ...] = (),
     faults: FaultPlan | None = None,
     secure_context: bytes | None = None,
+    devices: float | None = None,
 ) -> tuple[ClientUpdate | bytes, dict[str, Evaluation]]:
     """Evaluate the incoming global model on the client's own rows, then train one round on it.
 
     With ``secure_context`` (secure aggregation) the update stays on the client and the task
-    returns the client's public key for the round instead.
+    returns the client's public key for the round instead. With ``devices`` the partition is a
+    cohort of per-user clients, sampled at that fraction (:mod:`models.cohorts`).
     """
     if faults is not None:
         faults.inject(entry.client_id, round_)
     client = open_client(workspace, entry, n_items)
-    update, evaluations = client_round(
-        client, params, mf, client_rng(seed, round_, entry.client_id), eval_splits
-    )
+    if devices is not None:
+        update, evaluations = cohort_round(client, params, mf, seed, round_, devices, eval_splits)
+    else:
+        rng = client_rng(seed, round_, entry.client_id)
+        update, evaluations = client_round(client, params, mf, rng, eval_splits)
     if secure_context is not None:
         return hold_update(update, n_items, mf, secure_context), evaluations
     return update, evaluations

@@ -59,25 +59,33 @@ def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray 
 def plan_clients(
     data: Interactions, split: np.ndarray | None, config: TrainingConfig
 ) -> list[ClientData]:
-    """Each client's rows with their split, as the configuration asks (seeded, deterministic)."""
+    """Each client's rows with their split, as the configuration asks (seeded, deterministic).
+
+    With ``partition="per-user"`` every user is a client, and the partitions are cohorts of
+    ``cohort_size`` users (a seeded shuffle cut in order); each user holds out its own rows, so the
+    split does not depend on how users are grouped into cohorts."""
     rng = np.random.default_rng([config.seed, 1])
-    client_of_user = assign_clients(
-        data,
-        n_clients=config.clients,
-        strategy=config.partition,
-        rng=rng,
-        alpha=config.dirichlet_alpha,
-        key=config.partition_key,
-        key_prefix=config.key_prefix,
-    )
-    if split is not None and not np.any(split == 1):  # explicit files without a validation file
-        split = hold_out_validation(
-            data, split, client_of_user, fraction=config.valid_fraction, rng=rng
+    if config.partition == "per-user":
+        cohorts = -(-data.n_users // config.cohort_size)
+        client_of_user = assign_clients(data, n_clients=cohorts, strategy="iid", rng=rng)
+        holder = np.arange(data.n_users)  # who holds out rows: each user for itself
+    else:
+        client_of_user = assign_clients(
+            data,
+            n_clients=config.clients,
+            strategy=config.partition,
+            rng=rng,
+            alpha=config.dirichlet_alpha,
+            key=config.partition_key,
+            key_prefix=config.key_prefix,
         )
+        holder = client_of_user
+    if split is not None and not np.any(split == 1):  # explicit files without a validation file
+        split = hold_out_validation(data, split, holder, fraction=config.valid_fraction, rng=rng)
     if split is None:
         split = split_rows(
             data,
-            client_of_user,
+            holder,
             method=config.split,
             valid_fraction=config.valid_fraction,
             test_fraction=config.test_fraction,

@@ -22,6 +22,7 @@ from models.ranking.federated import (
     RankingConfig,
     evaluate_ranking,
     implicit_client_round,
+    implicit_cohort_round,
     implicit_evaluate,
     implicit_server_update,
     init_item_factors,
@@ -63,12 +64,16 @@ def train_implicit_client(
     faults: FaultPlan | None = None,
     round_: int = 0,
     seed: int = 0,
+    devices: float | None = None,
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
     """Rank with the incoming item factors on the client's held-out rows, then send its half of
-    the implicit item step (bounded and noised under DP, from a (seed, round, client) stream)."""
+    the implicit item step (bounded and noised under DP, from a (seed, round, client) stream).
+    With ``devices`` the partition is a cohort of per-user clients sampled at that fraction."""
     if faults is not None:
         faults.inject(entry.client_id, round_)
     client = open_client(workspace, entry, n_items)
+    if devices is not None:
+        return implicit_cohort_round(client, factors, config, seed, round_, devices, eval_splits)
     rng = client_rng(seed, round_, entry.client_id)
     return implicit_client_round(client, factors, config, eval_splits, rng)
 

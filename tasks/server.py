@@ -68,7 +68,9 @@ def summarize_round(
         parts = [e[split] for e in evaluations if split in e]
         metrics |= summarize_evaluation(parts, mf, n_items, split)
     if updates:
-        metrics["clients"] = float(len(updates))
+        metrics["clients"] = float(sum(u.metrics.get("clients", 1.0) for u in updates))
+        if any("clients" in u.metrics for u in updates):  # cohorts of per-user clients
+            metrics["client_tasks"] = float(len(updates))
         metrics["bytes_uploaded"] = float(sum(u.nbytes() for u in updates))
         metrics["round_seconds"] = seconds
     return metrics

@@ -16,6 +16,7 @@ import numpy as np
 
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
+from models.cohorts import counted, sampled_cohort
 from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
 from models.mf.als import (
     ItemStatistics,
@@ -229,6 +230,28 @@ def client_round(
         s: _evaluate_split(client, params, user_params, config, s, True) for s in eval_splits
     }
     return client_update(client, params, config, rng, user_params=user_params), evaluations
+
+
+def cohort_round(
+    cohort: ClientData,
+    params: ItemParams,
+    config: MFConfig,
+    seed: int,
+    round_: int,
+    fraction: float,
+    eval_splits: Sequence[str],
+) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+    """A cohort of per-user clients (:mod:`models.cohorts`): every user evaluates the incoming
+    model, the users sampled at ``fraction`` train on it, and the cohort answers with the sum of
+    their updates."""
+    rng = client_rng(seed, round_, cohort.client_id)
+    sampled, n_clients = sampled_cohort(cohort, fraction, seed, round_)
+    if sampled is cohort:
+        update, evaluations = client_round(cohort, params, config, rng, eval_splits)
+    else:
+        evaluations = evaluate_client_splits(cohort, params, config, eval_splits)
+        update = client_round(sampled, params, config, rng, ())[0]
+    return counted(update, n_clients), evaluations
 
 
 # --- secure aggregation: an update as one dense vector over the whole catalogue -----------------

@@ -23,6 +23,7 @@ from scipy import sparse
 
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
+from models.cohorts import counted, sampled_cohort
 from models.metrics import ranking_sums
 from models.mf.als import ItemStatistics, RatingRows
 from models.mf.federated import Evaluation, client_rng, sample_clients, summarize_evaluation
@@ -128,6 +129,27 @@ def implicit_client_round(
         {"train_n": float(len(rows))},
     )
     return update, evaluations
+
+
+def implicit_cohort_round(
+    cohort: ClientData,
+    item_factors: np.ndarray,
+    config: RankingConfig,
+    seed: int,
+    round_: int,
+    fraction: float,
+    eval_splits: Sequence[str] = (),
+) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+    """A cohort of per-user clients (:mod:`models.cohorts`): all evaluate, the sampled users
+    train, and the cohort answers with the sum of their updates."""
+    rng = client_rng(seed, round_, cohort.client_id)
+    sampled, n_clients = sampled_cohort(cohort, fraction, seed, round_)
+    if sampled is cohort:
+        update, evaluations = implicit_client_round(cohort, item_factors, config, eval_splits, rng)
+    else:
+        evaluations = implicit_evaluate(cohort, item_factors, config, eval_splits)
+        update = implicit_client_round(sampled, item_factors, config, (), rng)[0]
+    return counted(update, n_clients), evaluations
 
 
 def implicit_evaluate(

@@ -1,0 +1,71 @@
+"""Scale on real flows: every user a client (cohorts of 1 and of 500 give the same model), and the
+Dask task runner on a 2-process local cluster gives the thread runner's model."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+
+from fedrec.config import TrainingConfig
+from tests.flows.helpers import tracking_store
+
+TINY = {"synthetic_users": 80, "synthetic_items": 40, "synthetic_interactions": 1_200,
+        "factors": 3, "rounds": 2, "skip_if_unchanged": False}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    with tracking_store(tmp_path_factory.mktemp("fedrec-scale")) as store:
+        yield store
+
+
+def _run(store, task_runner: str = "thread", **fields) -> dict:
+    from flows.training import training_flow
+
+    config = TrainingConfig(tracking_uri=store["uri"], task_runner=task_runner, **(TINY | fields))
+    return training_flow(config.task_runner, config.dask_address)(**config.model_dump())
+
+
+def _served(store, name: str):
+    mlflow.set_tracking_uri(store["uri"])
+    return mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().recommender
+
+
+def _metric(store, run_id: str, key: str) -> list[float]:
+    return [m.value for m in store["client"].get_metric_history(run_id, key)]
+
+
+def test_per_user_clients_give_the_same_model_in_cohorts_of_1_and_500(store):
+    per_user = {"partition": "per-user", "client_fraction": 0.5}
+    runs = {size: _run(store, model_name=f"per-user-{size}", cohort_size=size, **per_user)
+            for size in (1, 500)}  # fmt: skip
+    one, five_hundred = (_served(store, f"per-user-{size}") for size in (1, 500))
+    np.testing.assert_allclose(one.params.factors, five_hundred.params.factors, atol=1e-9)
+    np.testing.assert_allclose(one.params.bias, five_hundred.params.bias, atol=1e-9)
+    clients = [_metric(store, runs[s]["run_id"], "clients") for s in (1, 500)]
+    assert clients[0] == clients[1] and all(20 < c < 60 for c in clients[0])  # ~half of 80 users
+    assert _metric(store, runs[1]["run_id"], "client_tasks") == [80.0, 80.0]
+    assert _metric(store, runs[500]["run_id"], "client_tasks") == [1.0, 1.0]
+
+
+def test_the_dask_runner_on_two_worker_processes_gives_the_thread_runners_model(store):
+    import os
+
+    before = os.environ.get("PREFECT_API_URL")
+    try:
+        dask = _run(store, "dask", model_name="on-dask", clients=3)
+    finally:  # the local cluster points its workers at this session's API
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+    _run(store, model_name="on-threads", clients=3)
+    np.testing.assert_allclose(
+        _served(store, "on-dask").params.factors, _served(store, "on-threads").params.factors,
+        atol=1e-10,
+    )  # fmt: skip
+    assert dask["metrics"]["clients"] == 3.0
+    from prefect_dask import DaskTaskRunner
+
+    from flows.training import training_flow
+
+    assert isinstance(training_flow("dask").task_runner, DaskTaskRunner)

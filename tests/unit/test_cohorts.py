@@ -1,0 +1,97 @@
+"""Cross-device simulation: per-user clients sampled by their own coins, and cohorts whose summed
+update does not depend on how users are grouped (cohort size 1 against 500)."""
+
+import numpy as np
+import pytest
+
+from models.cohorts import sample_devices, sampled_cohort
+from models.data.partitions import build_clients
+from models.data.sharding import assign_clients, split_rows
+from models.data.synthetic import generate_synthetic
+from models.mf.federated import (
+    MFConfig,
+    client_rating_sums,
+    cohort_round,
+    init_global_state,
+    server_update,
+)
+from models.ranking.federated import (
+    RankingConfig,
+    implicit_cohort_round,
+    implicit_server_update,
+    init_item_factors,
+)
+
+
+def test_each_device_flips_its_own_seeded_coin():
+    ids = np.array([f"user-{i}" for i in range(20_000)])
+    chosen = sample_devices(ids, 0.3, seed=7, round_=2)
+    assert abs(chosen.mean() - 0.3) < 4 * np.sqrt(0.3 * 0.7 / ids.size)
+    # the same coin whatever else is in the cohort, new coins in another round or seed
+    np.testing.assert_array_equal(sample_devices(ids[::-1], 0.3, 7, 2), chosen[::-1])
+    np.testing.assert_array_equal(sample_devices(ids[:5], 0.3, 7, 2), chosen[:5])
+    assert (sample_devices(ids, 0.3, 7, 3) != chosen).mean() > 0.3
+    assert (sample_devices(ids, 0.3, 8, 2) != chosen).mean() > 0.3
+    assert sample_devices(ids, 1.0, 7, 2).all()
+
+
+@pytest.fixture(scope="module")
+def population():
+    """600 users, each its own client, grouped in cohorts of 1, of 500 (500 + 100), and in two
+    random halves."""
+    data = generate_synthetic(n_users=600, n_items=80, n_interactions=15_000, seed=5)
+    rng = np.random.default_rng(0)
+    users = np.arange(data.n_users)
+    split = split_rows(data, users, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    halves = assign_clients(data, n_clients=2, strategy="iid", rng=rng)
+    groupings = {"1": users, "500": users // 500, "halves": halves}
+    return data, {name: build_clients(data, owner, split) for name, owner in groupings.items()}
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.4])
+def test_explicit_cohorts_of_any_size_give_the_same_aggregate(population, fraction):
+    data, groupings = population
+    config = MFConfig(n_factors=4, reg=0.1, clip_to=data.rating_scale)
+    results = {}
+    for name, cohorts in groupings.items():
+        state = init_global_state(
+            data.n_items, config, [client_rating_sums(c) for c in cohorts], seed=0
+        )
+        for r in (1, 2):
+            answers = [cohort_round(c, state.params, config, 0, r, fraction, ()) for c in cohorts]
+            state = server_update(state, [u for u, _ in answers], config)
+        clients = sum(u.metrics["clients"] for u, _ in answers)
+        results[name] = (state.params, clients)
+    reference, n = results["1"]
+    assert n == pytest.approx(fraction * 600, rel=0.2) and (fraction == 1.0) == (n == 600)
+    for params, clients in results.values():
+        assert clients == n
+        np.testing.assert_allclose(params.factors, reference.factors, atol=1e-9)
+        np.testing.assert_allclose(params.bias, reference.bias, atol=1e-9)
+
+
+def test_implicit_cohorts_of_any_size_give_the_same_aggregate(population):
+    data, groupings = population
+    config = RankingConfig(n_factors=4, reg=5.0, ranker=None)
+    results = {}
+    for name, cohorts in groupings.items():
+        factors = init_item_factors(data.n_items, config, 0)
+        for r in (1, 2):
+            updates = [implicit_cohort_round(c, factors, config, 0, r, 0.5)[0] for c in cohorts]
+            factors = implicit_server_update(factors, updates, config)
+        results[name] = factors
+    for factors in results.values():
+        np.testing.assert_allclose(factors, results["1"], atol=1e-9)
+
+
+def test_a_sampled_cohort_keeps_held_out_rows_and_only_its_sampled_users_training_rows(
+    population,
+):
+    _, groupings = population
+    cohort = groupings["500"][0]
+    sampled, n = sampled_cohort(cohort, 0.25, seed=3, round_=1)
+    chosen = sample_devices(cohort.user_ids, 0.25, 3, 1)
+    train = sampled.rows("train")
+    assert set(np.unique(train.users)) == set(np.flatnonzero(chosen)) and n == chosen.sum()
+    for split in ("valid", "test"):
+        assert len(sampled.rows(split)) == len(cohort.rows(split))
