@@ -20,7 +20,7 @@ SERVER_API := http://127.0.0.1:$(PREFECT_PORT)/api
 server deploy worker serve: export PREFECT_API_URL ?= $(SERVER_API)
 
 .PHONY: help setup demo test test-fast lint format mlflow-ui prefect-ui server deploy worker serve \
-	bench-quality bench-overhead bench-speed bench-ranking clean
+	bench-quality bench-overhead bench-speed bench-ranking bench-scale clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ bench-speed: setup ## seconds per ML-1M ALS round (k=64, 10 clients), default vs
 
 bench-ranking: setup ## Recall/NDCG/Hit@10 on ML-1M (RecBole's protocol): retrieval models, federated re-ranker
 	$(RUN) python -m benchmarks.ranking
+
+bench-scale: setup ## seconds/round and peak memory of the flow vs interactions (1M-10M) and clients per round
+	$(RUN) python -m benchmarks.scale
 
 bench-overhead: setup ## orchestration overhead: the Prefect flow with MLflow vs the same core calls in a loop
 	$(RUN) python -m benchmarks.overhead

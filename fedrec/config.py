@@ -157,6 +157,11 @@ class TrainingConfig(BaseModel):
         le=1,
         description="share of clients sampled per round (per-user: each user's own seeded coin)",
     )
+    eval_every: int = Field(
+        1,
+        ge=1,
+        description="evaluate the model on every client every N rounds (always after the last round)",
+    )
     task_runner: Literal["thread", "dask"] = Field(
         "thread",
         description="where client tasks run: threads of this process, or Dask workers (prefect-dask)",
@@ -447,6 +452,10 @@ class TrainingConfig(BaseModel):
                 "round_timeout",
                 "round_retries",
                 "skip_if_unchanged",
+                "eval_every",
+                "cohort_size",  # how per-user clients are grouped into tasks (tested: same model)
+                "task_runner",
+                "dask_address",
             }
         )
         return hashlib.sha256(

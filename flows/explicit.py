@@ -23,6 +23,7 @@ from flows.rounds import (
     round_clients,
     train_and_evaluate,
 )
+from models.cohorts import RunningSum
 from models.mf.recommender import MFRecommender
 from models.privacy.dp import UserLevelDP
 from tasks.clients import evaluate, rating_sums, train_client
@@ -128,17 +129,20 @@ def train_explicit(ctx: RunContext) -> Trained:
     for r in range(first, config.rounds + 1):
         started = time.perf_counter()
         chosen_ids, devices = round_clients(ctx, r)
-        asked = splits if pending else ()
+        evaluating = pending is not None and (r - 1) % config.eval_every == 0
+        asked = splits if evaluating else ()
 
         secure = round_context(ctx.run_id, r) if config.secure_aggregation else None
+        running = None if devices is None else RunningSum(n_items)  # cohorts: folded on arrival
         sent, evaluations = train_and_evaluate(
-            ctx, r, chosen_ids, pending is not None,
+            ctx, r, chosen_ids, evaluating,
             train=lambda e, attempt, r=r, asked=asked, params=state.params, secure=secure, devices=devices: trainer.with_options(
                 task_run_name=f"train {_unit(devices)}-{e.client_id} round-{r}").submit(
                 workspace, e, n_items, params, mf, config.seed, r, asked, faults.for_attempt(attempt), secure, devices),
             evaluate=lambda e, r=r, params=state.params: evaluate.with_options(
                 task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
                 workspace, e, n_items, params, mf, splits),
+            running=running,
         )  # fmt: skip
         updates = list(sent.values())
         if pending:
@@ -156,7 +160,8 @@ def train_explicit(ctx: RunContext) -> Trained:
         if config.secure_aggregation:  # updates are public keys here; the sums come masked
             state, updates, counted = _secure_step(ctx, state, sent, r, mf)
         else:
-            state, counted = aggregate(state, updates, mf), updates
+            summed = updates if running is None else [running.total()]
+            state, counted = aggregate(state, summed, mf), summed
         checkpoint(state, f"{workspace}/checkpoints")
         pending = (updates, time.perf_counter() - started)
 

@@ -27,6 +27,7 @@ from flows.rounds import (
     round_clients,
     train_and_evaluate,
 )
+from models.cohorts import RunningSum
 from models.data.partitions import read_item_features
 from models.mf.federated import sample_clients
 from models.privacy.dp import UserLevelDP
@@ -82,20 +83,23 @@ def train_ranking(ctx: RunContext) -> Trained:
 
     history: list[dict[str, float]] = []
     pending: tuple[list, float] | None = None
+    last_sums: list = []  # the last ALS round's updates (or their running sum)
     trainer = train_implicit_client.with_options(**retry_options(config))
     for r in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen_ids, devices = round_clients(ctx, r)
-        asked = SPLITS if pending else ()
-
+        evaluating = pending is not None and (r - 1) % config.eval_every == 0
+        asked = SPLITS if evaluating else ()
+        running = None if devices is None else RunningSum(n_items)  # cohorts: folded on arrival
         sent, evaluations = train_and_evaluate(
-            ctx, r, chosen_ids, pending is not None,
+            ctx, r, chosen_ids, evaluating,
             train=lambda e, attempt, r=r, asked=asked, factors=factors, devices=devices: trainer.with_options(
                 task_run_name=f"train-implicit {'client' if devices is None else 'cohort'}-{e.client_id} round-{r}").submit(
                 workspace, e, n_items, factors, rc, asked, faults.for_attempt(attempt), r, config.seed, devices),
             evaluate=lambda e, r=r, factors=factors: evaluate_implicit_client.with_options(
                 task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(
                 workspace, e, n_items, factors, rc, SPLITS),
+            running=running,
         )  # fmt: skip
         updates = list(sent.values())
         if pending:
@@ -103,8 +107,9 @@ def train_ranking(ctx: RunContext) -> Trained:
                 log_step(ctx, r - 1, pending, evaluations, rc, f"ALS round {r - 1}/{config.rounds}",
                          plan.spent(r - 1) if plan else None)
             )  # fmt: skip
-        factors = aggregate_implicit(factors, updates, rc)
-        pending = (updates, time.perf_counter() - started)
+        summed = updates if running is None else [running.total()]
+        factors = aggregate_implicit(factors, summed, rc)
+        pending, last_sums = (updates, time.perf_counter() - started), summed
 
     started = time.perf_counter()
     if plan is None:
@@ -113,7 +118,7 @@ def train_ranking(ctx: RunContext) -> Trained:
         similarity, popularity = build_similarity(list(knn_updates.values()), n_items, rc)
     else:  # the cold-start list from the last round's noisy counts
         knn_updates, similarity = {}, None
-        popularity = noisy_popularity(pending[0] if pending else [], n_items)
+        popularity = noisy_popularity(last_sums, n_items)
     catalogue = read_item_features(workspace)
     retrieval = build_ranking_model(factors, similarity, popularity, rc, ctx.item_ids, catalogue)
     knn_bytes = float(sum(u.nbytes() for u in knn_updates.values()))

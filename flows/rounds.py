@@ -3,7 +3,10 @@ logging one step, and what a stage hands back for registration and promotion."""
 
 from __future__ import annotations
 
+import gc
 import math
+import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +17,7 @@ from prefect import get_run_logger
 from prefect.futures import PrefectFuture, wait
 
 from fedrec.config import TrainingConfig
+from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry, Manifest
 from models.mf.federated import sample_clients
 from models.privacy.dp import calibrate, epsilon
@@ -62,6 +66,11 @@ def privacy_plan(ctx: RunContext, full: int) -> Privacy | None:
     get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f",
                           config.dp_epsilon, delta, sigma)  # fmt: skip
     return Privacy(sigma, delta, q, quorum(config, sampled), full)
+
+
+# Cohort tasks in flight at once when their answers are folded into a running sum: enough to keep
+# every worker busy, few enough that a round holds a handful of (dense) cohort answers.
+WAVE = max(8, 2 * (os.cpu_count() or 1))
 
 
 class QuorumError(RuntimeError):
@@ -142,16 +151,35 @@ def gather_round(
     counts: Callable[[Any], bool],
     config: TrainingConfig,
     what: str,
+    fold: Callable[[Any, Any], Any] | None = None,
 ) -> dict[Any, Any]:
     """Submit one task per key (``submit(key, attempt)``) and collect the answers. If fewer of the counted keys (the
     trainers) answered than the quorum, ask the missing ones again, up to ``round_retries`` times;
-    then give up with :class:`QuorumError`. Nothing is aggregated before this returns, so an
-    aborted round commits nothing."""
+    then give up with :class:`QuorumError`. Nothing is committed before this returns, so an
+    aborted round commits nothing.
+
+    With ``fold`` (cohorts of per-user clients), tasks go out in waves of :data:`WAVE` and each
+    answer is replaced by ``fold(key, answer)`` as its wave completes (the answer's arrays are
+    added into a running sum), so a round holds a few answers at a time, not every cohort's.
+    """
     asked = sum(1 for k in keys if counts(k))
     results: dict[Any, Any] = {}
     pending = list(keys)
     for attempt in range(config.round_retries + 1):
-        results |= answered({k: submit(k, attempt) for k in pending}, what, config.round_timeout)
+        deadline = None if config.round_timeout is None else time.monotonic() + config.round_timeout
+        size = WAVE if fold is not None else max(1, len(pending))
+        for start in range(0, len(pending), size):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wave = answered(
+                {k: submit(k, attempt) for k in pending[start : start + size]}, what, left
+            )
+            if fold is not None:
+                wave = {k: fold(k, a) for k, a in wave.items()}
+                # A finished future and its done-callbacks form reference cycles that hold the
+                # answer (tens of MB) until the cyclic collector runs, which large numpy arrays do
+                # not trigger: collect the young generations so a folded wave is freed now.
+                gc.collect(1)
+            results |= wave
         got = sum(1 for k in results if counts(k))
         if got >= quorum(config, asked):
             return results
@@ -170,11 +198,20 @@ def train_and_evaluate(
     evaluate_others: bool,
     train: Callable[[ClientEntry, int], PrefectFuture],
     evaluate: Callable[[ClientEntry], PrefectFuture],
+    running: RunningSum | None = None,
 ) -> tuple[dict[int, Any], list[Any]]:
     """One round's client tasks: the sampled clients train (each evaluating the model it receives
     first), and with ``evaluate_others`` the clients sitting the round out evaluate it too.
     ``train(entry, attempt)`` and ``evaluate(entry)`` submit one task. Returns what each trainer
-    sent (by client) and every evaluation, with the quorum of :func:`gather_round`."""
+    sent (by client) and every evaluation, with the quorum of :func:`gather_round`. With
+    ``running``, trainers' updates are added into it as they arrive and what each sent is only its
+    size and metrics (:class:`~models.cohorts.Uploaded`)."""
+
+    def fold(key: tuple[str, int], answer: Any) -> Any:
+        if key[0] != "train" or running is None:
+            return answer
+        update, evaluations = answer
+        return running.add(update), evaluations
 
     def submit(key: tuple[str, int], attempt: int) -> PrefectFuture:
         kind, i = key
@@ -184,7 +221,8 @@ def train_and_evaluate(
     keys += [
         ("evaluate", i) for i in range(len(ctx.entries)) if evaluate_others and i not in chosen
     ]
-    answers = gather_round(submit, keys, lambda k: k[0] == "train", ctx.config, f"round {r}")
+    answers = gather_round(submit, keys, lambda k: k[0] == "train", ctx.config, f"round {r}",
+                           None if running is None else fold)  # fmt: skip
     sent = {i: a[0] for (kind, i), a in answers.items() if kind == "train"}
     evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
     return sent, evaluations

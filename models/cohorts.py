@@ -14,14 +14,14 @@ cohorts, and the DP accountant's Poisson sampling assumption holds exactly.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 
 from models.client import SPLIT, TRAIN, ClientData
 from models.data.schema import USER
-from models.protocol import ClientUpdate
+from models.protocol import ITEM_ARRAYS, ClientUpdate
 
 
 def sample_devices(user_ids: np.ndarray, fraction: float, seed: int, round_: int) -> np.ndarray:
@@ -52,3 +52,65 @@ def sampled_cohort(
 def counted(update: ClientUpdate, n_clients: int) -> ClientUpdate:
     """The cohort's summed update, saying how many clients (users) it sums."""
     return replace(update, metrics=update.metrics | {"clients": float(n_clients)})
+
+
+class RunningSum:
+    """The sum of many cohorts' updates, added as they arrive, so that a round over thousands of
+    per-user clients holds one dense sum over the catalogue instead of every cohort's answer.
+
+    Item arrays (:data:`~models.protocol.ITEM_ARRAYS`) and counts are added by item, global arrays
+    and metrics as they are. Adding is exact (float64 sums), so the total equals summing all the
+    updates at once; the server's ALS step is then the same.
+    """
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = n_items
+        self.touched = np.zeros(n_items, dtype=bool)
+        self.counts = np.zeros(n_items)
+        self.integral = True  # all counts so far were integers (no DP noise)
+        self.item_arrays: dict[str, np.ndarray] = {}
+        self.global_arrays: dict[str, np.ndarray] = {}
+        self.metrics: dict[str, float] = {}
+        self.added = 0
+
+    def add(self, update: ClientUpdate) -> Uploaded:
+        """Add one cohort's update; what is kept of it is its size and metrics (for logging)."""
+        items = update.items
+        self.touched[items] = True
+        self.counts[items] += update.counts
+        self.integral &= update.counts.dtype.kind in "iu"
+        for name, array in update.arrays.items():
+            if name in ITEM_ARRAYS:
+                target = self.item_arrays.setdefault(
+                    name, np.zeros((self.n_items, *array.shape[1:]))
+                )
+                target[items] += array
+            else:
+                total = self.global_arrays.get(name)
+                self.global_arrays[name] = array.astype(np.float64) + (
+                    0 if total is None else total
+                )
+        for name, value in update.metrics.items():
+            self.metrics[name] = self.metrics.get(name, 0.0) + value
+        self.added += 1
+        return Uploaded(update.client_id, dict(update.metrics), update.nbytes())
+
+    def total(self) -> ClientUpdate:
+        """Everything added, as one update over the touched items."""
+        items = np.flatnonzero(self.touched)
+        counts = self.counts[items]
+        counts = np.rint(counts).astype(np.int64) if self.integral else counts
+        arrays = {name: a[items] for name, a in self.item_arrays.items()} | self.global_arrays
+        return ClientUpdate(-1, items.astype(np.int64), counts, arrays, dict(self.metrics))
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """What the server keeps of a folded cohort answer: who, its metrics and its size."""
+
+    client_id: int
+    metrics: dict[str, float]
+    size: int
+
+    def nbytes(self) -> int:
+        return self.size

@@ -69,3 +69,11 @@ def test_the_dask_runner_on_two_worker_processes_gives_the_thread_runners_model(
     from flows.training import training_flow
 
     assert isinstance(training_flow("dask").task_runner, DaskTaskRunner)
+
+
+def test_eval_every_skips_evaluation_between_rounds_but_not_after_the_last(store):
+    run = _run(store, model_name="sparse-eval", rounds=5, eval_every=2, clients=3)
+    history = store["client"].get_metric_history(run["run_id"], "valid_rmse")
+    assert sorted(m.step for m in history) == [2, 4, 5]
+    seconds = store["client"].get_metric_history(run["run_id"], "round_seconds")
+    assert sorted(m.step for m in seconds) == [1, 2, 3, 4, 5]  # every round is still logged

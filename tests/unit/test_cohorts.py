@@ -95,3 +95,34 @@ def test_a_sampled_cohort_keeps_held_out_rows_and_only_its_sampled_users_trainin
     assert set(np.unique(train.users)) == set(np.flatnonzero(chosen)) and n == chosen.sum()
     for split in ("valid", "test"):
         assert len(sampled.rows(split)) == len(cohort.rows(split))
+
+
+def test_a_running_sum_equals_adding_every_update_at_once(population):
+    from models.aggregation import aggregate_item_sums
+    from models.cohorts import RunningSum
+    from models.ranking.federated import implicit_client_round
+
+    data, groupings = population
+    cohorts = groupings["1"][:200]  # 200 single-user updates, touching different items
+    config = RankingConfig(n_factors=3, reg=5.0, ranker=None)
+    factors = init_item_factors(data.n_items, config, 0)
+    updates = [implicit_client_round(c, factors, config)[0] for c in cohorts]
+    running = RunningSum(data.n_items)
+    kept = [running.add(u) for u in updates]
+    total = running.total()
+
+    counts = aggregate_item_sums([(u.items, u.counts) for u in updates], data.n_items)
+    np.testing.assert_array_equal(total.items, np.flatnonzero(counts))
+    assert total.counts.dtype == np.int64
+    np.testing.assert_array_equal(total.counts, counts[total.items])
+    for name in ("gram", "rhs"):
+        summed = aggregate_item_sums([(u.items, u.arrays[name]) for u in updates], data.n_items)
+        np.testing.assert_allclose(total.arrays[name], summed[total.items], rtol=1e-12)
+    np.testing.assert_allclose(
+        total.arrays["user_gram"], np.sum([u.arrays["user_gram"] for u in updates], axis=0)
+    )
+    assert total.metrics["train_n"] == sum(u.metrics["train_n"] for u in updates)
+    assert [k.nbytes() for k in kept] == [u.nbytes() for u in updates]
+    assert implicit_server_update(factors, [total], config) == pytest.approx(
+        implicit_server_update(factors, updates, config), abs=1e-10
+    )
