@@ -14,7 +14,9 @@ cohorts, and the DP accountant's Poisson sampling assumption holds exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,9 +51,25 @@ def sampled_cohort(
     return replace(client, frame=kept.reset_index(drop=True)), n_clients
 
 
-def counted(update: ClientUpdate, n_clients: int) -> ClientUpdate:
-    """The cohort's summed update, saying how many clients (users) it sums."""
-    return replace(update, metrics=update.metrics | {"clients": float(n_clients)})
+def cohort_round(
+    cohort: ClientData,
+    fraction: float,
+    seed: int,
+    round_: int,
+    train: Callable[[ClientData, Sequence[str]], tuple[ClientUpdate, dict[str, Any]]],
+    evaluate: Callable[[ClientData, Sequence[str]], dict[str, Any]],
+    eval_splits: Sequence[str],
+) -> tuple[ClientUpdate, dict[str, Any]]:
+    """One round of a cohort with a family's client functions: every user evaluates the incoming
+    model on ``eval_splits``, the users sampled at ``fraction`` train on it, and the cohort answers
+    with the sum of their updates, saying how many clients (users) it sums."""
+    sampled, n_clients = sampled_cohort(cohort, fraction, seed, round_)
+    if sampled is cohort:  # everyone trains: one fold-in for evaluation and training
+        update, evaluations = train(cohort, eval_splits)
+    else:
+        evaluations = evaluate(cohort, eval_splits)
+        update = train(sampled, ())[0]
+    return replace(update, metrics=update.metrics | {"clients": float(n_clients)}), evaluations
 
 
 class RunningSum:

@@ -16,7 +16,7 @@ import numpy as np
 
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
-from models.cohorts import counted, sampled_cohort
+from models.cohorts import cohort_round as run_cohort
 from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
 from models.mf.als import (
     ItemStatistics,
@@ -245,13 +245,12 @@ def cohort_round(
     model, the users sampled at ``fraction`` train on it, and the cohort answers with the sum of
     their updates."""
     rng = client_rng(seed, round_, cohort.client_id)
-    sampled, n_clients = sampled_cohort(cohort, fraction, seed, round_)
-    if sampled is cohort:
-        update, evaluations = client_round(cohort, params, config, rng, eval_splits)
-    else:
-        evaluations = evaluate_client_splits(cohort, params, config, eval_splits)
-        update = client_round(sampled, params, config, rng, ())[0]
-    return counted(update, n_clients), evaluations
+    return run_cohort(
+        cohort, fraction, seed, round_,
+        lambda client, splits: client_round(client, params, config, rng, splits),
+        lambda client, splits: evaluate_client_splits(client, params, config, splits),
+        eval_splits,
+    )  # fmt: skip
 
 
 # --- secure aggregation: an update as one dense vector over the whole catalogue -----------------

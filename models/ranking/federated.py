@@ -23,7 +23,7 @@ from scipy import sparse
 
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
-from models.cohorts import counted, sampled_cohort
+from models.cohorts import cohort_round
 from models.metrics import ranking_sums
 from models.mf.als import ItemStatistics, RatingRows
 from models.mf.federated import Evaluation, client_rng, sample_clients, summarize_evaluation
@@ -143,13 +143,12 @@ def implicit_cohort_round(
     """A cohort of per-user clients (:mod:`models.cohorts`): all evaluate, the sampled users
     train, and the cohort answers with the sum of their updates."""
     rng = client_rng(seed, round_, cohort.client_id)
-    sampled, n_clients = sampled_cohort(cohort, fraction, seed, round_)
-    if sampled is cohort:
-        update, evaluations = implicit_client_round(cohort, item_factors, config, eval_splits, rng)
-    else:
-        evaluations = implicit_evaluate(cohort, item_factors, config, eval_splits)
-        update = implicit_client_round(sampled, item_factors, config, (), rng)[0]
-    return counted(update, n_clients), evaluations
+    return cohort_round(
+        cohort, fraction, seed, round_,
+        lambda client, splits: implicit_client_round(client, item_factors, config, splits, rng),
+        lambda client, splits: implicit_evaluate(client, item_factors, config, splits),
+        eval_splits,
+    )  # fmt: skip
 
 
 def implicit_evaluate(
