@@ -21,6 +21,7 @@ from flows.rounds import (
     require_quorum,
     retry_options,
     round_clients,
+    task_unit,
     train_and_evaluate,
 )
 from models.cohorts import RunningSum
@@ -38,10 +39,6 @@ from tasks.server import (
     summarize_round,
     warm_start,
 )
-
-
-def _unit(devices: float | None) -> str:
-    return "client" if devices is None else "cohort"
 
 
 def _secure_step(
@@ -137,7 +134,7 @@ def train_explicit(ctx: RunContext) -> Trained:
         sent, evaluations = train_and_evaluate(
             ctx, r, chosen_ids, evaluating,
             train=lambda e, attempt, r=r, asked=asked, params=state.params, secure=secure, devices=devices: trainer.with_options(
-                task_run_name=f"train {_unit(devices)}-{e.client_id} round-{r}").submit(
+                task_run_name=f"train {task_unit(devices)}-{e.client_id} round-{r}").submit(
                 workspace, e, n_items, params, mf, config.seed, r, asked, faults.for_attempt(attempt), secure, devices),
             evaluate=lambda e, r=r, params=state.params: evaluate.with_options(
                 task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(

@@ -25,6 +25,7 @@ from flows.rounds import (
     require_quorum,
     retry_options,
     round_clients,
+    task_unit,
     train_and_evaluate,
 )
 from models.cohorts import RunningSum
@@ -94,7 +95,7 @@ def train_ranking(ctx: RunContext) -> Trained:
         sent, evaluations = train_and_evaluate(
             ctx, r, chosen_ids, evaluating,
             train=lambda e, attempt, r=r, asked=asked, factors=factors, devices=devices: trainer.with_options(
-                task_run_name=f"train-implicit {'client' if devices is None else 'cohort'}-{e.client_id} round-{r}").submit(
+                task_run_name=f"train-implicit {task_unit(devices)}-{e.client_id} round-{r}").submit(
                 workspace, e, n_items, factors, rc, asked, faults.for_attempt(attempt), r, config.seed, devices),
             evaluate=lambda e, r=r, factors=factors: evaluate_implicit_client.with_options(
                 task_run_name=f"evaluate client-{e.client_id} round-{r - 1}").submit(

@@ -53,6 +53,11 @@ def round_clients(ctx: RunContext, r: int) -> tuple[set[int], float | None]:
     return set(sample_clients(len(ctx.entries), config.client_fraction, config.seed, r)), None
 
 
+def task_unit(devices: float | None) -> str:
+    """What one training task stands for, in task run names: a client, or a cohort of them."""
+    return "client" if devices is None else "cohort"
+
+
 def privacy_plan(ctx: RunContext, full: int) -> Privacy | None:
     """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
     defaults to 1 / users; client sampling counts toward amplification)."""
