@@ -89,7 +89,6 @@ class RunningSum:
         self.item_arrays: dict[str, np.ndarray] = {}
         self.global_arrays: dict[str, np.ndarray] = {}
         self.metrics: dict[str, float] = {}
-        self.added = 0
 
     def add(self, update: ClientUpdate) -> Uploaded:
         """Add one cohort's update; what is kept of it is its size and metrics (for logging)."""
@@ -110,7 +109,6 @@ class RunningSum:
                 )
         for name, value in update.metrics.items():
             self.metrics[name] = self.metrics.get(name, 0.0) + value
-        self.added += 1
         return Uploaded(update.client_id, dict(update.metrics), update.nbytes())
 
     def total(self) -> ClientUpdate:
