@@ -19,7 +19,7 @@ PREFECT_POOL ?= fedrec-local
 SERVER_API := http://127.0.0.1:$(PREFECT_PORT)/api
 server deploy worker serve: export PREFECT_API_URL ?= $(SERVER_API)
 
-.PHONY: help setup demo test test-fast lint format mlflow-ui prefect-ui server deploy worker serve \
+.PHONY: help setup demo test test-fast test-unit lint format mlflow-ui prefect-ui server deploy worker serve \
 	bench-quality bench-overhead bench-speed bench-ranking bench-scale clean
 
 help: ## list the targets
@@ -70,7 +70,10 @@ format: setup ## apply ruff fixes and formatting
 test: lint ## lint, then every test (MovieLens tests skip with a reason when FEDREC_DATASETS lacks the files)
 	$(RUN) pytest
 
-test-fast: setup ## unit tests without the slow and real-data ones
+test-unit: setup ## the unit tests of the core (tests/unit: no Prefect, no MLflow, no servers)
+	$(RUN) pytest tests/unit -m "not slow and not realdata"
+
+test-fast: setup ## every test not marked slow or realdata: unit, flow (one Prefect test server) and quick e2e
 	$(RUN) pytest -m "not slow and not realdata"
 
 bench-quality: setup ## RMSE/MAE and timings on ML-100K and ML-1M (Surprise's 5-fold protocol)

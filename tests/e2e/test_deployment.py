@@ -31,7 +31,8 @@ SMALL = {
     "factors": 4,
 }
 
-pytestmark = pytest.mark.slow
+# Starting the server, deploying and waiting for runs takes minutes on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _free_port() -> int:

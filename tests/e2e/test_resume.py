@@ -27,6 +27,7 @@ def _params(uri: str, model_uri: str):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterrupted_one_does(
     tmp_path, prefect_server
 ):

@@ -17,7 +17,7 @@ from models.data.sharding import assign_clients
 from models.mf.als import CentralizedALS, RatingRows
 from models.mf.federated import MFConfig, run_federated
 
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from models.data.sharding import assign_clients, split_each_user
 from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig, run_two_stage
 
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]
+pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def test_federated_two_stage_on_ml100k_lifts_ndcg_over_retrieval():
