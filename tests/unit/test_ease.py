@@ -1,0 +1,121 @@
+"""EASE: the closed form against column-wise ridge regressions, federated against centralized."""
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+from models.data.partitions import build_clients
+from models.data.sharding import assign_clients, split_rows
+from models.data.synthetic import generate_synthetic
+from models.ranking.ease import EASE, ease_weights, federated_ease_weights
+from models.ranking.federated import knn_client_update
+
+
+def _ridge_oracle(x: np.ndarray, reg: float) -> np.ndarray:
+    """EASE with diag(B) = 0 is, column by column, a ridge regression of item j on the others."""
+    n = x.shape[1]
+    b = np.zeros((n, n))
+    for j in range(n):
+        others = np.delete(np.arange(n), j)
+        a = x[:, others]
+        b[others, j] = np.linalg.solve(a.T @ a + reg * np.eye(n - 1), a.T @ x[:, j])
+    return b
+
+
+@pytest.fixture(scope="module")
+def clients():
+    data = generate_synthetic(n_users=200, n_items=60, n_interactions=3000, seed=7)
+    rng = np.random.default_rng(1)
+    owner = assign_clients(data, n_clients=5, strategy="iid", rng=rng)
+    split = split_rows(data, owner, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    return data, build_clients(data, owner, split)
+
+
+def _central_matrix(data, clients) -> sparse.csr_matrix:
+    rows, cols = [], []
+    for c in clients:
+        m = c.matrix("train").tocoo()
+        rows.append(np.searchsorted(data.user_ids, c.user_ids[m.row]))
+        cols.append(m.col)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return sparse.csr_matrix((np.ones(r.size), (r, c)), shape=(data.n_users, data.n_items))
+
+
+def test_closed_form_equals_columnwise_ridge_regressions():
+    rng = np.random.default_rng(0)
+    x = (rng.random((40, 12)) < 0.3).astype(float)
+
+    weights = ease_weights(x.T @ x, reg=3.0)
+
+    np.testing.assert_allclose(weights, _ridge_oracle(x, 3.0), atol=1e-10)
+    assert np.all(np.diag(weights) == 0.0)
+
+
+def test_federated_ease_from_client_cooccurrences_equals_centralized(clients):
+    data, parts = clients
+    central = EASE(reg=20.0).fit(_central_matrix(data, parts))
+
+    updates = [knn_client_update(c) for c in parts]  # the same statistic item-kNN sends
+    federated = federated_ease_weights([u.arrays for u in updates], data.n_items, reg=20.0)
+
+    np.testing.assert_allclose(federated, central.weights_, rtol=0, atol=1e-8)
+    x = _central_matrix(data, parts).toarray()
+    np.testing.assert_allclose(central.weights_, _ridge_oracle(x, 20.0), atol=1e-8)
+
+
+def test_ease_recommends_the_withheld_diagonal_of_a_checkerboard():
+    n = 8
+    block = np.zeros((n, n))
+    block[: n // 2, : n // 2] = 1
+    block[n // 2 :, n // 2 :] = 1
+    history = block.copy()
+    np.fill_diagonal(history, 0)
+
+    items, scores = EASE(reg=1.0).fit(sparse.csr_matrix(history)).recommend(history, k=1)
+
+    np.testing.assert_array_equal(items[:, 0], np.arange(n))
+    assert np.all(np.isfinite(scores))
+
+
+def test_an_item_nobody_touched_has_no_weights_and_is_never_recommended():
+    history = sparse.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0]], float))
+    model = EASE(reg=0.5).fit(history)
+
+    assert np.all(np.isfinite(model.weights_))
+    assert not model.weights_[3].any() and not model.weights_[:, 3].any()
+    np.testing.assert_array_equal(model.known_, [True, True, True, False])
+    # user 0 has items 0, 1: item 2 is the only eligible one, item 3 (untouched) never appears
+    items, scores = model.recommend(history[:1], k=3)
+    assert items[0].tolist() == [2, -1, -1]
+    assert np.isneginf(scores[0, 1:]).all()
+
+
+@pytest.mark.parametrize("reg", [0, -1.0, float("nan"), float("inf"), "lots", None])
+def test_reg_must_be_a_finite_positive_number(reg):
+    with pytest.raises(ValueError, match=r"^EASE reg=.* must be a finite number > 0$"):
+        EASE(reg=reg).fit(sparse.eye(3, format="csr"))
+
+
+def test_fit_is_needed_and_shapes_are_checked():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        EASE().score(sparse.eye(3, format="csr"))
+    with pytest.raises(ValueError, match="square"):
+        ease_weights(np.ones((2, 3)), reg=1.0)
+    model = EASE(reg=1.0).fit(sparse.eye(3, format="csr"))
+    with pytest.raises(ValueError, match="history has 2 items, the model 3"):
+        model.score(sparse.eye(2, format="csr"))
+
+
+def test_save_and_load_give_the_same_recommendations(tmp_path, clients):
+    data, parts = clients
+    history = _central_matrix(data, parts)
+    model = EASE(reg=10.0).fit(history)
+
+    model.save(tmp_path / "ease.npz")
+    loaded = EASE.load(tmp_path / "ease.npz")
+
+    assert loaded.reg == 10.0
+    np.testing.assert_array_equal(loaded.recommend(history, 5)[0], model.recommend(history, 5)[0])
+    np.savez(tmp_path / "other.npz", weights=np.eye(2))
+    with pytest.raises(ValueError, match="not an EASE model"):
+        EASE.load(tmp_path / "other.npz")
