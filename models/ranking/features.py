@@ -1,6 +1,7 @@
 """The retrieval stage and the re-ranker's features, computed on a client from its own rows.
 
-Candidates are the union of each retrieval model's top-N unseen items (implicit ALS and item-kNN).
+Candidates are the union of each retrieval model's top-N unseen items (implicit ALS, item-kNN and
+EASE where the retrieval state has it).
 Each (user, candidate) pair gets the features in :data:`FEATURES`; side features the data does not
 have are NaN, which LightGBM treats as missing, so one feature set serves every dataset.
 """
@@ -17,6 +18,7 @@ from scipy import sparse
 from models.mf.als import RatingRows
 from models.mf.implicit import solve_users_implicit
 from models.mf.params import ItemParams
+from models.ranking.ease import ease_scores
 from models.ranking.knn import knn_scores
 
 FEATURES = (
@@ -25,6 +27,8 @@ FEATURES = (
     "knn_score",
     "knn_rank",
     "knn_max_similarity",
+    "ease_score",
+    "ease_rank",
     "item_popularity",
     "user_activity",
     "genre_affinity",
@@ -55,6 +59,9 @@ class Retrieval:
         Public catalogue features by item index: ``year`` and ``genre_*`` flags where known.
     n_candidates : int
         N of each retrieval model's top-N.
+    ease : ndarray (n_items, n_items) or None
+        EASE's item-item weights ``B`` (:mod:`models.ranking.ease`), from the same summed
+        co-occurrences as the kNN similarity.
     """
 
     item_factors: np.ndarray
@@ -64,6 +71,7 @@ class Retrieval:
     popularity: np.ndarray
     item_features: pd.DataFrame | None = None
     n_candidates: int = 100
+    ease: np.ndarray | None = None
 
     @property
     def n_items(self) -> int:
@@ -81,6 +89,9 @@ class Retrieval:
 
     def knn_scores(self, history: sparse.csr_matrix) -> np.ndarray | None:
         return None if self.similarity is None else knn_scores(history, self.similarity)
+
+    def ease_scores(self, history: sparse.csr_matrix) -> np.ndarray | None:
+        return None if self.ease is None else ease_scores(history, self.ease)
 
 
 @dataclass(frozen=True)
@@ -176,11 +187,13 @@ def candidate_features(
     als = np.where(seen, -np.inf, retrieval.als_scores(hist))
     knn_raw = retrieval.knn_scores(hist)
     knn = None if knn_raw is None else np.where(seen, -np.inf, knn_raw)
+    ease_raw = retrieval.ease_scores(hist)
+    ease = None if ease_raw is None else np.where(seen, -np.inf, ease_raw)
     n = retrieval.n_candidates
     picked = np.zeros((len(users), n_items), dtype=bool)
-    np.put_along_axis(picked, _top(als, n), True, axis=1)
-    if knn is not None:
-        np.put_along_axis(picked, _top(knn, n), True, axis=1)
+    for source in (als, knn, ease):
+        if source is not None:
+            np.put_along_axis(picked, _top(source, n), True, axis=1)
     picked &= ~seen
     rows, items = np.nonzero(picked)  # row-major: each user's pairs are contiguous
     columns: dict[str, np.ndarray] = {
@@ -196,6 +209,11 @@ def candidate_features(
         neighbour = np.full(rows.size, -1, dtype=np.int64)
         for name in ("knn_score", "knn_rank", "knn_max_similarity"):
             columns[name] = np.full(rows.size, np.nan)
+    if ease is not None:
+        columns["ease_score"] = ease[rows, items]
+        columns["ease_rank"] = _ranks(ease)[rows, items].astype(float)
+    else:
+        columns["ease_score"] = columns["ease_rank"] = np.full(rows.size, np.nan)
     columns["item_popularity"] = np.log1p(retrieval.popularity[items])
     activity = np.diff(hist.indptr).astype(float)
     columns["user_activity"] = np.log1p(activity[rows])

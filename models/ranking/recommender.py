@@ -34,6 +34,7 @@ USER_FEATURE_COLUMNS = ("age", "gender", "occupation")
 _REASONS = {
     "knn": ("similar to items you liked", ("knn_score", "knn_rank", "knn_max_similarity")),
     "als": ("matches your taste profile", ("als_score", "als_rank")),
+    "ease": ("often chosen together with items you liked", ("ease_score", "ease_rank")),
     "popularity": ("popular with everyone", ("item_popularity",)),
     "genre": ("in genres you watch often", ("genre_affinity",)),
     "year": ("from years you watch often", ("item_year",)),
@@ -217,6 +218,8 @@ class RankingRecommender:
         np.savez(folder / "retrieval.npz", item_factors=r.item_factors)
         if r.similarity is not None:
             sparse.save_npz(folder / "similarity.npz", r.similarity.tocsr())
+        if r.ease is not None:
+            np.savez(folder / "ease.npz", weights=r.ease)
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": r.popularity})
         if self.titles is not None:
             items["title"] = self.titles
@@ -245,6 +248,10 @@ class RankingRecommender:
         similarity = None
         if (folder / "similarity.npz").exists():
             similarity = sparse.load_npz(folder / "similarity.npz").tocsr()
+        ease = None
+        if (folder / "ease.npz").exists():
+            with np.load(folder / "ease.npz", allow_pickle=False) as data:
+                ease = data["weights"]
         items = pd.read_parquet(folder / "items.parquet")
         feature_cols = [c for c in items.columns if c == "year" or c.startswith(GENRE_PREFIX)]
         retrieval = Retrieval(
@@ -255,6 +262,7 @@ class RankingRecommender:
             items["popularity"].to_numpy(np.float64),
             items[feature_cols] if feature_cols else None,
             int(meta["n_candidates"]),
+            ease,
         )
         ranker = (
             TreeEnsemble.load(folder / "ranker.json") if (folder / "ranker.json").exists() else None
@@ -278,6 +286,7 @@ def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> Rankin
     popularity = np.zeros(len(item_ids))
     popularity[known] = r.popularity[source[known]]
     similarity = None if r.similarity is None else (pick @ r.similarity @ pick.T).tocsr()
+    ease = None if r.ease is None else np.asarray(pick @ (pick @ r.ease).T).T
     features = None
     if r.item_features is not None:
         features = r.item_features.iloc[np.maximum(source, 0)].reset_index(drop=True)
@@ -285,7 +294,9 @@ def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> Rankin
     titles = None
     if model.titles is not None:
         titles = np.where(source >= 0, model.titles[np.maximum(source, 0)], None)
-    retrieval = Retrieval(factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates)
+    retrieval = Retrieval(
+        factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates, ease
+    )
     return RankingRecommender(retrieval, model.ranker, np.asarray(item_ids).astype(str), titles)
 
 

@@ -240,3 +240,43 @@ def test_similar_item_reason_names_the_history_item():
     assert candidates.neighbour[row] == 0
     assert candidates.features["knn_max_similarity"].iloc[row] == pytest.approx(1.0)
     assert answer.set_index("item_id").loc["b", "reason"] == "similar to Alpha, which you liked"
+
+
+def test_ease_is_a_candidate_source_a_feature_and_saved_with_the_model(tmp_path, implicit_clients):
+    import dataclasses
+
+    from models.ranking.ease import ease_scores, federated_ease_weights
+    from models.ranking.recommender import align_recommender
+
+    data, clients = implicit_clients
+    config = RankingConfig(n_factors=4, n_candidates=5, neighbours=20, ranker=None)
+    base = run_two_stage(clients, data.n_items, config, rounds=2, eval_splits=()).recommender
+    weights = federated_ease_weights(
+        [knn_client_update(c).arrays for c in clients], data.n_items, reg=10.0
+    )
+    retrieval = dataclasses.replace(base.retrieval, ease=weights)
+    model = RankingRecommender(retrieval, None, np.asarray(data.item_ids).astype(str))
+    history = clients[0].matrix("train")
+    users = np.flatnonzero(np.diff(history.indptr) > 0)
+
+    candidates = candidate_features(retrieval, history, history, users=users)
+
+    expected = np.where(history[users].toarray() > 0, -np.inf, ease_scores(history[users], weights))
+    for n, u in enumerate(users):
+        mine = candidates.items[candidates.users == u]
+        top5 = np.argsort(-expected[n], kind="stable")[:5]
+        assert set(top5) <= set(mine)  # EASE's top-N is among the candidates
+    row = np.searchsorted(users, candidates.users)
+    np.testing.assert_allclose(
+        candidates.features["ease_score"].to_numpy(), expected[row, candidates.items]
+    )
+    assert candidates.features["ease_rank"].min() == 1.0
+    without = candidate_features(base.retrieval, history, history, users=users)
+    assert without.features["ease_score"].isna().all()
+
+    model.save(tmp_path / "m")
+    loaded = RankingRecommender.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.retrieval.ease, weights)
+    reversed_ids = model.item_ids[::-1]
+    aligned = align_recommender(model, reversed_ids)
+    np.testing.assert_array_equal(aligned.retrieval.ease, weights[::-1, ::-1])
