@@ -52,7 +52,7 @@ def _secure_step(
     for attempt in range(config.round_retries + 1):
         masked = answered(
             {c: mask_client.with_options(task_run_name=f"mask client-{c} round-{r}").submit(
-                c, public, context, c in config.fault_dropout_clients) for c in public},
+                ctx.workspace, ctx.entries[c], public, context, c in config.fault_dropout_clients) for c in public},
             f"round {r} masking", config.round_timeout,
         )  # fmt: skip
         if len(masked) == len(public):
@@ -67,7 +67,11 @@ def _secure_step(
                                  "agreeing keys again among %d survivors", r,
                                  len(public) - len(survivors), len(survivors))  # fmt: skip
         public = answered(
-            {c: rekey_client.submit(c, context, fresh) for c in survivors}, f"round {r} re-keying"
+            {
+                c: rekey_client.submit(ctx.workspace, ctx.entries[c], context, fresh)
+                for c in survivors
+            },
+            f"round {r} re-keying",
         )
         context = fresh
     raise QuorumError(f"round {r}: clients kept vanishing during secure aggregation")

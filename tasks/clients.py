@@ -23,7 +23,7 @@ from models.mf.params import ItemParams
 from models.privacy.dp import UserLevelDP
 from models.protocol import ClientUpdate
 from tasks.faults import FaultPlan
-from tasks.secure import hold_update
+from tasks.secure import hold_update, pending_path
 
 
 @lru_cache(maxsize=256)
@@ -77,7 +77,8 @@ def train_client(
         rng = client_rng(seed, round_, entry.client_id)
         update, evaluations = client_round(client, params, mf, rng, eval_splits)
     if secure_context is not None:
-        return hold_update(update, n_items, mf, secure_context), evaluations
+        held = pending_path(workspace, entry)
+        return hold_update(update, n_items, mf, secure_context, held), evaluations
     return update, evaluations
 
 
