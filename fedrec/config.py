@@ -17,6 +17,7 @@ from models.data.movielens import NAMED_DATASETS
 from models.data.readers import datasets_dir
 from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
+from models.privacy.redaction import redact_uri
 from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig
 from models.robust import choose_attackers
@@ -481,6 +482,18 @@ class TrainingConfig(BaseModel):
             ]
         )
 
+    def redacted(self) -> TrainingConfig:
+        """This configuration as it may be logged: credentials masked in every URI field
+        (``postgresql://user:***@host/db``, ``?token=***``); everything else unchanged."""
+        fields = ("tracking_uri", "dask_address", "data", "train", "valid", "test")
+        changes = {
+            name: redact_uri(value)
+            for name in fields
+            if isinstance(value := getattr(self, name), str) and redact_uri(value) != value
+        }
+        # model_construct: the masked copy is for logging, not re-validated (paths need not exist)
+        return self.model_construct(**(self.model_dump() | changes)) if changes else self
+
     def flat_params(self) -> dict[str, str]:
-        """The configuration as MLflow params (strings, None as empty)."""
-        return {k: "" if v is None else str(v) for k, v in self.model_dump().items()}
+        """The configuration as MLflow params (strings, None as empty), credentials masked."""
+        return {k: "" if v is None else str(v) for k, v in self.redacted().model_dump().items()}

@@ -18,6 +18,7 @@ from flows.explicit import train_explicit
 from flows.ranking import train_ranking
 from flows.rounds import RunContext
 from models.data.partitions import read_item_ids, read_manifest
+from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
 from tasks.data import load_interactions, shard_clients
 from tasks.reporting import publish_summary
@@ -130,7 +131,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             reason = f"data and config unchanged since champion version {same}: nothing to train"
             logger.info(reason)
             return {"skipped": True, "reason": reason, "model_name": name,
-                    "champion_version": same, "tracking_uri": uri, "promoted": False}  # fmt: skip
+                    "champion_version": same, "tracking_uri": redact_uri(uri), "promoted": False}  # fmt: skip
     if config.dp_epsilon is not None:  # before any run starts: refuse past the budget
         spent = reserve_epsilon(uri, name, data.source, config.dp_epsilon, config.dp_budget)
         logger.info("privacy ledger: %s has now spent epsilon %.3g", data.source, spent)
@@ -206,7 +207,7 @@ def _train_and_register(config: TrainingConfig, ctx: RunContext) -> dict[str, An
         final = trained.final
         summary = {
             "run_id": run_id,
-            "tracking_uri": uri,
+            "tracking_uri": redact_uri(uri),  # the summary is printed and published
             "model_name": name,
             "model_version": version,
             "promoted": decision.promote,

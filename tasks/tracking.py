@@ -7,8 +7,10 @@ The default store is ``sqlite:///$FEDREC_HOME/mlflow.db`` with artifacts in
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import os
 import subprocess
 import tempfile
 import time
@@ -33,6 +35,7 @@ from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
 from models.mf.recommender import MFRecommender
+from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
 from models.ranking.recommender import RankingRecommender
 
@@ -109,7 +112,8 @@ def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None)
         "fedrec.config_hash": config.config_hash(),
         "fedrec.code_version": code_version(),
         "mlflow.runName": _run_name(config),
-        "fedrec.config": config.model_dump_json(),  # what --resume restarts from
+        # what --resume restarts from (credentials masked: resume is given the URI again)
+        "fedrec.config": config.redacted().model_dump_json(),
     }
     run = client.create_run(experiment_id, tags=tags)
     params = [Param(k, v[:6000]) for k, v in config.flat_params().items()]
@@ -135,7 +139,7 @@ def interrupted_run(uri: str, run_id: str) -> Interrupted:
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
-        raise ValueError(f"--resume {run_id}: no such MLflow run in {uri}") from err
+        raise ValueError(f"--resume {run_id}: no such MLflow run in {redact_uri(uri)}") from err
     if run.info.status == "FINISHED":
         raise ValueError(f"--resume {run_id}: the run finished; there is nothing to resume")
     config_json = run.data.tags.get("fedrec.config")
@@ -230,7 +234,7 @@ def log_artifacts(
     client = _client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "config.json").write_text(config.model_dump_json(indent=2))
+        (folder / "config.json").write_text(config.redacted().model_dump_json(indent=2))
         profile.to_csv(folder / "data_profile.csv", index=False)
         per_client.to_csv(folder / "client_metrics.csv", index=False)
         _plot_learning_curve(history, folder / "learning_curve.png")
@@ -374,12 +378,24 @@ def promotion_lock(uri: str) -> Iterator[None]:
         else fedrec_home()
     )
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".fedrec-promotion.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path = folder / ".fedrec-promotion.lock"
+    # No O_TRUNC, and O_NOFOLLOW: a symlink planted at the lock's path is refused, never followed
+    # (opening it for writing would truncate or create whatever file it points to).
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise RuntimeError(f"{path}: the promotion lock is a symbolic link; refused") from err
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @task(name="record-promotion", **_RETRY)
