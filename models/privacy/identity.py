@@ -1,0 +1,165 @@
+"""Long-term Ed25519 identity keys of clients, and signatures that bind round keys to them.
+
+Each client generates its identity key once and keeps the private half in a PEM file only it can
+read (mode 0600); the public half is registered with the coordinator out of band (a file per
+client in a registry directory, ``client-<id>.pub``). In secure aggregation a client signs its
+round public keys together with the run id, the round and its own id, and every peer verifies the
+signature against the registered key. A server relaying the keys can then neither substitute its
+own keys for a client's (the signature would not verify) nor replay keys from another run, round
+or client (they are part of the signed message).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+_DOMAIN = b"fedrec/secagg/v1"
+_PUBLIC_NAME = re.compile(r"client-(\d+)\.pub")
+
+
+class KeyAuthenticationError(Exception):
+    """A peer's round key is missing a valid signature by its registered identity key.
+
+    The verifying client aborts the round: it sends nothing more in it.
+    """
+
+    def __init__(self, client_id: int, peer_id: int, what: str, reason: str) -> None:
+        super().__init__(
+            f"client {client_id}: {what} of client {peer_id}: {reason}; aborting this round"
+        )
+        self.client_id = client_id
+        self.peer_id = peer_id
+
+
+def generate_identity() -> Ed25519PrivateKey:
+    """A fresh long-term identity key (from OS entropy)."""
+    return Ed25519PrivateKey.generate()
+
+
+def public_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of the public half."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def save_identity(key: Ed25519PrivateKey, folder: Path, client_id: int) -> tuple[Path, Path]:
+    """Write ``client-<id>.key`` (PKCS#8 PEM, mode 0600, never overwritten) and
+    ``client-<id>.pub`` (SubjectPublicKeyInfo PEM) into ``folder``; returns both paths.
+
+    Raises
+    ------
+    FileExistsError
+        If the private key file already exists (an identity is generated once).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    private_path = folder / f"client-{client_id}.key"
+    public_path = folder / f"client-{client_id}.pub"
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    # O_EXCL: never replace an identity; 0600 from creation, so it is never readable by others
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    public_path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return private_path, public_path
+
+
+def load_identity(path: Path) -> Ed25519PrivateKey:
+    """Read a private identity key written by :func:`save_identity`.
+
+    Raises
+    ------
+    PermissionError
+        If the file is readable or writable by group or others.
+    ValueError
+        If the file is not an unencrypted Ed25519 private key in PEM.
+    """
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise PermissionError(
+            f"{path} has mode {mode:04o}; an identity key must be 0600 (chmod 600)"
+        )
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} holds a {type(key).__name__}, expected an Ed25519 private key")
+    return key
+
+
+def load_registry(folder: Path) -> dict[int, Ed25519PublicKey]:
+    """The coordinator's registry: client id -> identity public key, from ``client-<id>.pub``
+    files in ``folder``.
+
+    Raises
+    ------
+    ValueError
+        If a file is not an Ed25519 public key in PEM.
+    """
+    registry: dict[int, Ed25519PublicKey] = {}
+    for path in sorted(Path(folder).iterdir()):
+        match = _PUBLIC_NAME.fullmatch(path.name)
+        if match is None:
+            continue
+        key = serialization.load_pem_public_key(path.read_bytes())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"{path} holds a {type(key).__name__}, expected an Ed25519 public key")
+        registry[int(match.group(1))] = key
+    return registry
+
+
+def signed_message(purpose: bytes, context: bytes, client_id: int, *parts: bytes) -> bytes:
+    """What a client signs: a domain tag with the ``purpose`` (e.g. ``b"round-keys"``), the
+    round's context (run and round), the client's id and ``parts``, each length-prefixed so no two
+    different inputs give the same message."""
+    fields = [_DOMAIN, purpose, context, struct.pack(">q", client_id), *parts]
+    return b"".join(struct.pack(">I", len(p)) + p for p in fields)
+
+
+def sign(key: Ed25519PrivateKey, message: bytes) -> bytes:
+    """An Ed25519 signature (64 bytes)."""
+    return key.sign(message)
+
+
+def verify(
+    registry: Mapping[int, Ed25519PublicKey],
+    *,
+    verifier: int,
+    signer: int,
+    message: bytes,
+    signature: bytes | None,
+    what: str = "round keys",
+) -> None:
+    """Check ``signature`` on ``message`` against ``signer``'s registered identity key;
+    ``what`` names the signed thing in the error.
+
+    Raises
+    ------
+    KeyAuthenticationError
+        If the signer has no registered key, the signature is missing, or it does not verify.
+    """
+    public = registry.get(signer)
+    if public is None:
+        raise KeyAuthenticationError(verifier, signer, what, "no identity key registered for it")
+    if not signature:
+        raise KeyAuthenticationError(verifier, signer, what, "no signature")
+    try:
+        public.verify(signature, message)
+    except InvalidSignature as err:
+        raise KeyAuthenticationError(
+            verifier, signer, what, "signature does not verify against its registered identity key"
+        ) from err
