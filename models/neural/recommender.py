@@ -1,0 +1,211 @@
+"""The servable neural recommender: the network, the item catalogue and popularity; no user data.
+
+A user is served from the history in the request: the history goes through the network (no
+dropout, ``z = mu``), every item gets its softmax probability, seen items are masked and the top
+``k`` are returned with a reason. The reason names the history item whose removal lowers the
+recommended item's probability most (occlusion: one extra forward pass per history item), so it
+says which part of the history the recommendation rests on. Saved as ``.npz`` + Parquet + JSON:
+nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from models.mf.recommend import top_k
+from models.neural.network import (
+    Architecture,
+    Params,
+    load_network,
+    log_softmax,
+    logits,
+    save_network,
+)
+
+KIND = "neural"
+USER_ID = "user_id"
+HISTORY_ITEMS = "history_items"
+ITEMS = "items"
+RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
+# Occlusion for the reasons costs one forward pass per history item; past this many items only
+# the first ones (by item index) are candidates for the reason.
+MAX_EXPLAINED_HISTORY = 500
+
+
+@dataclass(frozen=True)
+class NeuralRecommender:
+    """A trained Mult-DAE/Mult-VAE with the caller's item ids.
+
+    Attributes
+    ----------
+    params : dict of str -> ndarray
+    arch : Architecture
+    item_ids : ndarray of str
+        The caller's id of each item index, as text.
+    popularity : ndarray of float
+        Training interactions per item: the cold-start ranking.
+    titles : ndarray of str or None
+        For reasons ("because you liked <title>"); ids are used without them.
+    """
+
+    params: Params
+    arch: Architecture
+    item_ids: np.ndarray
+    popularity: np.ndarray
+    titles: np.ndarray | None = None
+
+    @property
+    def n_items(self) -> int:
+        return self.arch.n_items
+
+    # --- scoring ---------------------------------------------------------------------------
+    def score(self, history: sparse.spmatrix) -> np.ndarray:
+        """Softmax probability of every item for each row of ``history`` (n_users, n_items).
+
+        Rows with no interaction get the network's answer to an empty input (the same for all).
+        """
+        history = sparse.csr_matrix(history)
+        if history.shape[1] != self.n_items:
+            raise ValueError(f"history has {history.shape[1]} items, the model {self.n_items}")
+        out = np.empty(history.shape, dtype=np.float64)
+        for lo in range(0, history.shape[0], 1000):  # bounded memory for many users
+            block = logits(self.params, self.arch, history[lo : lo + 1000]).astype(np.float64)
+            out[lo : lo + 1000] = np.exp(log_softmax(block))
+        return out
+
+    # --- serving ---------------------------------------------------------------------------
+    def recommend(self, requests: pd.DataFrame, k: int = 10) -> pd.DataFrame:
+        """Top-``k`` unseen items per request row (``user_id``, ``history_items``), best first,
+        with the probability as score and a reason.
+
+        A row with an ``items`` list gets those items scored instead (in the given order, unknown
+        ones left out with a note). A history with no known item gets the most popular items
+        (score = training count), with that reason.
+        """
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        index = {item: i for i, item in enumerate(self.item_ids)}
+        histories, notes = [], []
+        for items in requests[HISTORY_ITEMS]:
+            items = [str(i) for i in _as_list(items)]
+            unknown = [i for i in items if i not in index]
+            histories.append(np.array(sorted({index[i] for i in items if i in index}), np.int64))
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            notes.append(f"ignored {len(unknown)} unknown item(s): {shown}" if unknown else "")
+        rows = np.repeat(np.arange(len(histories)), [h.size for h in histories])
+        cols = np.concatenate(histories) if histories else np.zeros(0, np.int64)
+        matrix = sparse.csr_matrix(
+            (np.ones(rows.size), (rows, cols)), shape=(len(histories), self.n_items)
+        )
+        scores = self.score(matrix)
+        out: list[tuple[str, int, str, float, str]] = []
+        for u, user in enumerate(requests[USER_ID].astype(str)):
+            seen = histories[u]
+            asked = _as_list(requests[ITEMS].iloc[u]) if ITEMS in requests else []
+            if len(asked):
+                known = [str(i) for i in asked if str(i) in index]
+                missing = [str(i) for i in asked if str(i) not in index]
+                reason = "; ".join(
+                    filter(
+                        None,
+                        [
+                            notes[u],
+                            "no known items in history: the network's answer to an empty history"
+                            if seen.size == 0
+                            else "",
+                            f"unknown item(s) not scored: {', '.join(missing[:5])}"
+                            if missing
+                            else "",
+                        ],
+                    )
+                )
+                for rank, item in enumerate(known, start=1):
+                    out.append((user, rank, item, float(scores[u, index[item]]), reason))
+                continue
+            exclude = np.zeros(self.n_items, dtype=bool)
+            exclude[seen] = True
+            if seen.size == 0:
+                best, best_scores = top_k(self.popularity, exclude, k)
+                reasons = ["no known items in history: most popular items"] * best.size
+            else:
+                best, best_scores = top_k(scores[u], exclude, k)
+                reasons = self._reasons(seen, best)
+            for rank, (i, s, why) in enumerate(
+                zip(best, best_scores, reasons, strict=True), start=1
+            ):
+                reason = "; ".join(filter(None, [why, notes[u]]))
+                out.append((user, rank, str(self.item_ids[i]), float(s), reason))
+        return pd.DataFrame(out, columns=list(RESPONSE_COLUMNS))
+
+    def _reasons(self, seen: np.ndarray, recommended: np.ndarray) -> list[str]:
+        """For each recommended item, the history item without which its log-probability drops
+        most ("because you liked X"); a one-item history is the reason by itself."""
+        if recommended.size == 0:
+            return []
+        explained = seen[:MAX_EXPLAINED_HISTORY]
+        full = sparse.csr_matrix(
+            (np.ones(seen.size), (np.zeros(seen.size, np.int64), seen)), shape=(1, self.n_items)
+        )
+        n = explained.size
+        # Row j: the history without its item j (leave-one-out), then the full history last.
+        rows = np.repeat(np.arange(n), seen.size)
+        cols = np.tile(seen, n)
+        keep = cols != np.repeat(explained, seen.size)
+        occluded = sparse.csr_matrix(
+            (np.ones(int(keep.sum())), (rows[keep], cols[keep])), shape=(n, self.n_items)
+        )
+        both = sparse.vstack([occluded, full]).tocsr()
+        log_probs = np.log(np.maximum(self.score(both)[:, recommended], 1e-300))
+        drop = log_probs[-1] - log_probs[:-1]  # (n, len(recommended)): larger = more needed
+        anchors = explained[np.argmax(drop, axis=0)]
+        return [f"because you liked {self._title(int(a))}" for a in anchors]
+
+    def _title(self, item: int) -> str:
+        if self.titles is not None and isinstance(self.titles[item], str) and self.titles[item]:
+            return str(self.titles[item])
+        return str(self.item_ids[item])
+
+    # --- persistence -----------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_network(folder / "network.npz", self.params, self.arch)
+        items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": self.popularity})
+        if self.titles is not None:
+            items["title"] = self.titles
+        items.to_parquet(folder / "items.parquet", index=False)
+        (folder / "recommender.json").write_text(json.dumps({"kind": KIND, "format": 1}))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> NeuralRecommender:
+        folder = Path(folder)
+        meta = json.loads((folder / "recommender.json").read_text())
+        if meta.get("kind") != KIND:
+            raise ValueError(f"{folder}: not a neural recommender (kind={meta.get('kind')!r})")
+        params, arch = load_network(folder / "network.npz")
+        items = pd.read_parquet(folder / "items.parquet")
+        if len(items) != arch.n_items:
+            raise ValueError(
+                f"{folder}: items.parquet lists {len(items)} items, the network {arch.n_items}"
+            )
+        titles = items["title"].to_numpy(dtype=object) if "title" in items else None
+        return cls(
+            params,
+            arch,
+            items["item_id"].to_numpy(dtype=str),
+            items["popularity"].to_numpy(dtype=np.float64),
+            titles,
+        )
+
+
+def _as_list(value: object) -> list:
+    """Request cells may hold a list, a numpy array, or nothing (NaN/None)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return list(value)  # type: ignore[call-overload]
