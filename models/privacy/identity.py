@@ -32,10 +32,9 @@ class KeyAuthenticationError(Exception):
     The verifying client aborts the round: it sends nothing more in it.
     """
 
-    def __init__(self, client_id: int, peer_id: int, what: str, reason: str) -> None:
-        super().__init__(
-            f"client {client_id}: {what} of client {peer_id}: {reason}; aborting this round"
-        )
+    def __init__(self, client_id: int | None, peer_id: int, what: str, reason: str) -> None:
+        who = "server" if client_id is None else f"client {client_id}"
+        super().__init__(f"{who}: {what} of client {peer_id}: {reason}; aborting this round")
         self.client_id = client_id
         self.peer_id = peer_id
 
@@ -138,14 +137,15 @@ def sign(key: Ed25519PrivateKey, message: bytes) -> bytes:
 def verify(
     registry: Mapping[int, Ed25519PublicKey],
     *,
-    verifier: int,
+    verifier: int | None,
     signer: int,
     message: bytes,
     signature: bytes | None,
     what: str = "round keys",
 ) -> None:
     """Check ``signature`` on ``message`` against ``signer``'s registered identity key;
-    ``what`` names the signed thing in the error.
+    ``verifier`` is the checking client's id (None for the server); ``what`` names the signed
+    thing in the error.
 
     Raises
     ------

@@ -243,6 +243,21 @@ def directory_digest(directory: KeyDirectory) -> bytes:
 M = TypeVar("M", bound="Message")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_CHECKS = {  # the field types messages use, as written in their annotations
+    "int": _is_int,
+    "bytes": lambda v: isinstance(v, bytes),
+    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_is_int(x) for x in v),
+    "dict[int, bytes]": lambda v: (
+        isinstance(v, dict) and all(_is_int(k) and isinstance(x, bytes) for k, x in v.items())
+    ),
+    "np.ndarray": lambda v: isinstance(v, np.ndarray) and v.dtype == np.uint64 and v.ndim == 1,
+}
+
+
 class Message:
     """Base of the protocol messages: ``to_bytes``/``from_bytes`` through :mod:`wire` (no pickle)."""
 
@@ -265,10 +280,18 @@ class Message:
         if kind != cls.kind:
             raise ProtocolViolationError(f"expected a {cls.kind} message, got {kind!r}")
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-        try:
-            return cls(**fields, **arrays)
-        except TypeError as err:
-            raise ProtocolViolationError(f"malformed {cls.kind} message: {err}") from err
+        values = fields | arrays
+        expected = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if set(values) != set(expected):
+            raise ProtocolViolationError(
+                f"malformed {cls.kind} message: fields {sorted(values)}, expected {sorted(expected)}"
+            )
+        for name, value in values.items():
+            if not _CHECKS[expected[name]](value):
+                raise ProtocolViolationError(
+                    f"malformed {cls.kind} message: {name} is not a valid {expected[name]}"
+                )
+        return cls(**values)
 
 
 @dataclass(frozen=True)

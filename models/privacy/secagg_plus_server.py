@@ -101,7 +101,7 @@ class SecAggServer:
                 try:
                     verify(
                         self.registry,
-                        verifier=-1,
+                        verifier=None,
                         signer=advert.client_id,
                         message=message,
                         signature=advert.signature,
@@ -201,7 +201,7 @@ class SecAggServer:
                 try:
                     verify(
                         self.registry,
-                        verifier=-1,
+                        verifier=None,
                         signer=item.client_id,
                         message=survivors_message(self.config, item.client_id, self._survivors),
                         signature=item.signature,

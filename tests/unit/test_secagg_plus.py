@@ -31,6 +31,7 @@ from models.privacy.identity import (
 )
 from models.privacy.secagg_plus import (
     KeyDirectory,
+    MaskedInput,
     ProtocolViolationError,
     RoundConfig,
     SurvivorList,
@@ -460,3 +461,18 @@ def test_attack_d_a_lone_survivor_is_refused_by_server_and_client():
         run_round(
             _updates(2), RoundConfig("r", 1, 2, SIZE, 2), identities, registry, drop={"mask": {1}}
         )
+
+
+def test_malformed_messages_are_refused_at_the_boundary():
+    config = RoundConfig("test-run", 1, 2, SIZE, 2)
+    good = MaskedInput(0, np.zeros(SIZE, dtype=np.uint64))
+    assert MaskedInput.from_bytes(good.to_bytes()).client_id == 0
+
+    with pytest.raises(ProtocolViolationError, match=r"vector is not a valid np\.ndarray"):
+        MaskedInput.from_bytes(MaskedInput(0, np.zeros(SIZE)).to_bytes())  # float64, not uint64
+    with pytest.raises(ProtocolViolationError, match="client_id is not a valid int"):
+        MaskedInput.from_bytes(MaskedInput("0", good.vector).to_bytes())
+    with pytest.raises(ProtocolViolationError, match="expected a masked-input message"):
+        MaskedInput.from_bytes(SurvivorList((0, 1)).to_bytes())
+    with pytest.raises(ProtocolViolationError, match="after the round committed"):
+        SecAggServer(config).late_input(good)
