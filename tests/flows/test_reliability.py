@@ -3,7 +3,7 @@ leave nothing behind."""
 
 from __future__ import annotations
 
-import time
+import threading
 
 import pytest
 from prefect import flow, task
@@ -64,23 +64,31 @@ def test_flaky_clients_succeed_on_retries_with_a_fresh_draw_per_attempt(store):
     assert answered == [3.0, 3.0]
 
 
+_RELEASE = threading.Event()  # the straggler answers only once the round has gone on
+
+
 @task(retries=0)
-def _slow(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
+def _client(i: int, straggle: bool) -> int:
+    if straggle and not _RELEASE.wait(timeout=120):
+        raise TimeoutError("never released")
+    return i
 
 
 def test_stragglers_past_the_round_deadline_are_left_out(prefect_server, caplog):
     from flows.rounds import answered
 
     @flow
-    def one_round() -> tuple[dict, float]:
-        started = time.perf_counter()
-        futures = {i: _slow.submit(s) for i, s in enumerate((0.0, 0.0, 3.0))}
-        return answered(futures, "round 1", timeout=1.0), time.perf_counter() - started
+    def one_round() -> tuple[dict, bool]:
+        _RELEASE.clear()
+        futures = {i: _client.submit(i, i == 2) for i in range(3)}
+        try:
+            result = answered(futures, "round 1", timeout=5.0)
+            # the straggler cannot have answered yet: it is held until after the round went on
+            return result, futures[2].wrapped_future.done()
+        finally:
+            _RELEASE.set()
 
-    result, waited = one_round()
+    result, straggler_done = one_round()
 
-    assert result == {0: 0.0, 1: 0.0}
-    assert waited < 2.5  # the round went on without waiting for the straggler's 3 s
-    assert any("round 1: 2 did not answer within 1.0 s" in r.getMessage() for r in caplog.records)
+    assert result == {0: 0, 1: 1} and not straggler_done
+    assert any("round 1: 2 did not answer within 5.0 s" in r.getMessage() for r in caplog.records)

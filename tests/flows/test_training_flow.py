@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -23,19 +25,28 @@ PER_ROUND = ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "test_rmse", "test_
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, prefect_server):
-    """One registry for the module: the runs below build on each other (champion, challenger)."""
+    """One registry for the module. Tests that add versions of "flowtest" compare with the
+    registry as they find it, so they pass in any order."""
     with tracking_store(tmp_path_factory.mktemp("fedrec-home")) as store:
         yield store
 
 
 @pytest.fixture(scope="module")
 def first_run(store):
+    """The first version of "flowtest" (every test that registers one depends on this), with the
+    champion alias as it stood right after the run."""
     from flows.training import federated_training
 
     config = TrainingConfig(
         rounds=ROUNDS, factors=8, tracking_uri=store["uri"], model_name="flowtest", **SMALL
     )
-    return federated_training(**config.model_dump())
+    summary = federated_training(**config.model_dump())
+    champion = store["client"].get_model_version_by_alias("flowtest", "champion")
+    return summary | {"champion_then": champion}
+
+
+def _versions(store, name: str) -> set[int]:
+    return {int(v.version) for v in store["client"].search_model_versions(f"name='{name}'")}
 
 
 def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_run):
@@ -58,7 +69,7 @@ def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_
     } <= artifacts
 
     assert first_run["model_version"] == "1" and first_run["promoted"] is True
-    champion = client.get_model_version_by_alias("flowtest", "champion")
+    champion = first_run["champion_then"]
     assert str(champion.version) == "1"
     assert champion.tags["fedrec.promoted"] == "true"
     assert (
@@ -80,23 +91,27 @@ def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_
 def test_worse_second_run_is_registered_but_not_promoted(store, first_run):
     from flows.training import federated_training
 
+    client = store["client"]
+    before = _versions(store, "flowtest")
+    champion = client.get_model_version_by_alias("flowtest", "champion")
     worse = TrainingConfig(
         rounds=1, factors=2, tracking_uri=store["uri"], model_name="flowtest", **SMALL
     )
     summary = federated_training(**worse.model_dump())
 
-    client = store["client"]
-    assert summary["model_version"] == "2" and summary["promoted"] is False
-    assert str(client.get_model_version_by_alias("flowtest", "champion").version) == "1"
-    tags = client.get_model_version("flowtest", "2").tags
+    assert summary["model_version"] == str(max(before) + 1) and summary["promoted"] is False
+    assert client.get_model_version_by_alias("flowtest", "champion").version == champion.version
+    tags = client.get_model_version("flowtest", summary["model_version"]).tags
     assert tags["fedrec.promoted"] == "false"
     reason = tags["fedrec.promotion_reason"]
     assert reason.startswith("valid_rmse ") and reason.endswith("no improvement")
     assert summary["reason"] == reason
-    assert tags["fedrec.compared_with_version"] == "1"
-    # both were measured by the same federated evaluation: the champion's numbers are the first run's
+    assert tags["fedrec.compared_with_version"] == str(champion.version)
+    # both were measured by the same federated evaluation on the same clients: the champion's
+    # numbers now are the ones its own run recorded (rounded to 6 decimals in the tag)
+    recorded = json.loads(champion.tags["fedrec.metrics_json"])
     assert summary["champion_metrics"]["valid_rmse"] == pytest.approx(
-        first_run["metrics"]["valid_rmse"], rel=1e-9
+        recorded["valid_rmse"], abs=1e-6
     )
 
 
@@ -170,20 +185,21 @@ def test_invalid_parameters_fail_before_any_run_or_version(store, first_run):
     assert len(client.search_model_versions("name='flowtest'")) == versions_before
 
 
-def test_unchanged_data_and_config_register_nothing(store, first_run):
+def test_unchanged_data_and_config_register_nothing(store):
     from flows.training import federated_training
 
-    client = store["client"]
-    versions = len(client.search_model_versions("name='flowtest'"))
     config = TrainingConfig(
-        rounds=ROUNDS, factors=8, tracking_uri=store["uri"], model_name="flowtest", **SMALL
+        rounds=1, factors=2, tracking_uri=store["uri"], model_name="unchanged", **SMALL
     )
+    first = federated_training(**config.model_dump())
+    versions = _versions(store, "unchanged")
 
     summary = federated_training(**config.model_dump())
 
-    assert summary["skipped"] is True and summary["champion_version"] == "1"
-    assert "unchanged since champion version 1" in summary["reason"]
-    assert len(client.search_model_versions("name='flowtest'")) == versions
+    assert first["promoted"] is True and versions == {int(first["model_version"])}
+    assert summary["skipped"] is True and summary["champion_version"] == first["model_version"]
+    assert f"unchanged since champion version {first['model_version']}" in summary["reason"]
+    assert _versions(store, "unchanged") == versions
 
 
 def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run):
