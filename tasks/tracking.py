@@ -44,6 +44,7 @@ _SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
 _MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
 _REQUIREMENTS = ("mlflow", "numpy", "pandas", "scipy", "pyarrow")
 _RANKING_REQUIREMENTS = (*_REQUIREMENTS, "lightgbm")
+_STATE = "recommender"  # the model's artifact folder holding the recommender's state files
 Recommender = MFRecommender | RankingRecommender
 _RETRY = {"retries": 2, "retry_delay_seconds": [1, 5], "cache_policy": NONE}
 
@@ -294,11 +295,11 @@ def register_model(
     if not ranking:
         example["history_ratings"] = [[5.0, 4.0, 3.0][: min(3, len(recommender.item_ids))]]
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
-        recommender.save(Path(tmp) / "recommender")
+        recommender.save(Path(tmp) / _STATE)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(_SERVING / ("ranking_pyfunc.py" if ranking else "mf_pyfunc.py")),
-            artifacts={"recommender": str(Path(tmp) / "recommender")},
+            artifacts={_STATE: str(Path(tmp) / _STATE)},
             code_paths=[str(_MODELS_PACKAGE)],
             pip_requirements=_requirements(_RANKING_REQUIREMENTS if ranking else _REQUIREMENTS),
             signature=_signature(ranking),
@@ -325,11 +326,34 @@ def _is_missing(err: MlflowException) -> bool:
     )
 
 
+def read_recommender(folder: Path) -> Recommender:
+    """A recommender from its saved state files, read by the installed fedrec classes."""
+    if (folder / "retrieval.npz").is_file():
+        return RankingRecommender.load(folder)
+    if (folder / "item_params.npz").is_file():
+        return MFRecommender.load(folder)
+    raise ValueError(f"{folder}: not a fedrec recommender (no item_params.npz or retrieval.npz)")
+
+
 def load_recommender(uri: str, model_uri: str) -> Recommender:
-    """Load a registered or logged recommender (``models:/NAME@champion``, ``runs:/...``)."""
+    """Load a registered or logged recommender (``models:/NAME@champion``, ``runs:/...``).
+
+    Only the model's state files (``artifacts/recommender``: npz, Parquet, JSON, LightGBM text)
+    are downloaded and read with the installed code; the Python file stored with the model (its
+    models-from-code entry, for ``mlflow models serve``) is never downloaded nor executed, so
+    whoever can write artifacts or move an alias cannot run code here.
+    """
     _client(uri)
-    model = mlflow.pyfunc.load_model(model_uri)
-    return model.unwrap_python_model().recommender
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{_STATE}",
+                dst_path=tmp,
+                tracking_uri=uri,
+            )
+        except MlflowException as err:
+            raise ValueError(f"{model_uri}: no fedrec model there ({err.message})") from err
+        return read_recommender(Path(folder))
 
 
 def _champion_version(uri: str, model_name: str) -> ModelVersion | None:

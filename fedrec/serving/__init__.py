@@ -1,1 +1,8 @@
-"""The registered model's code: MLflow loads ``mf_pyfunc.py`` as models-from-code (no pickle)."""
+"""The registered model's code for MLflow's own loaders (``mlflow models serve``,
+``mlflow.pyfunc.load_model``): models-from-code entry files that read the saved state (no pickle).
+
+fedrec itself never runs these files from the artifact store: ``fedrec recommend``/``predict`` and
+the training flow download only the state files and read them with the installed classes
+(``tasks.tracking.load_recommender``). Whoever serves with MLflow executes the stored file and so
+trusts whoever can write to the registry and its artifacts.
+"""
