@@ -32,10 +32,10 @@ from models.client import TEST, TRAIN
 from models.data.partitions import build_clients
 from models.data.schema import keep_positives
 from models.data.sharding import assign_clients
+from models.federation.sampling import client_rng
 from models.mf.federated import (
     MFConfig,
     client_rating_sums,
-    client_rng,
     client_update,
     from_dense_sum,
     init_global_state,

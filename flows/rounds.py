@@ -1,5 +1,6 @@
-"""What every training stage shares: the run's context, collecting answers from client tasks,
-logging one step, and what a stage hands back for registration and promotion."""
+"""What the round loop is made of: the run's context, who takes part in a round, the privacy
+plan, collecting answers from client tasks under a quorum, logging one step, and what training
+hands back for registration and promotion."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from prefect.futures import PrefectFuture, wait
 from fedrec.config import TrainingConfig
 from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry, Manifest
-from models.mf.federated import sample_clients
+from models.federation.sampling import sample_clients
 from models.privacy.dp import calibrate, epsilon
 from tasks.faults import FaultPlan
 from tasks.server import summarize_round
@@ -36,19 +37,21 @@ class Privacy:
     delta: float
     sampling_rate: float
     shares: int  # clients whose noise shares add up to the full noise: the round's quorum
-    full: int
 
     def spent(self, step: int) -> dict[str, float]:
         """The per-step MLflow metrics after ``step`` rounds."""
-        eps = epsilon(self.noise_multiplier, self.sampling_rate, step, self.delta, self.full)
+        eps = epsilon(self.noise_multiplier, self.sampling_rate, step, self.delta)
         return {"epsilon": eps, "noise_multiplier": self.noise_multiplier, "delta": self.delta}
 
 
-def round_clients(ctx: RunContext, r: int) -> tuple[set[int], float | None]:
+def round_clients(
+    ctx: RunContext, r: int, per_device: bool = True
+) -> tuple[set[int], float | None]:
     """The partitions asked to train in round ``r``, and the per-device sampling fraction when
-    they are cohorts of per-user clients (all cohorts train; each user flips its own coin)."""
+    they are cohorts of per-user clients sampled device by device (all cohorts train; each user
+    flips its own coin)."""
     config = ctx.config
-    if config.partition == "per-user":
+    if config.partition == "per-user" and per_device:
         return set(range(len(ctx.entries))), config.client_fraction
     return set(sample_clients(len(ctx.entries), config.client_fraction, config.seed, r)), None
 
@@ -58,7 +61,7 @@ def task_unit(devices: float | None) -> str:
     return "client" if devices is None else "cohort"
 
 
-def privacy_plan(ctx: RunContext, full: int) -> Privacy | None:
+def privacy_plan(ctx: RunContext) -> Privacy | None:
     """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
     defaults to 1 / users; client sampling counts toward amplification)."""
     config = ctx.config
@@ -66,11 +69,11 @@ def privacy_plan(ctx: RunContext, full: int) -> Privacy | None:
         return None
     delta = config.dp_delta or 1.0 / ctx.manifest.n_users
     q = config.client_fraction
-    sigma = calibrate(config.dp_epsilon, q, config.rounds, delta, full)
+    sigma = calibrate(config.dp_epsilon, q, config.rounds, delta)
     sampled = len(round_clients(ctx, 1)[0])
     get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f",
                           config.dp_epsilon, delta, sigma)  # fmt: skip
-    return Privacy(sigma, delta, q, quorum(config, sampled), full)
+    return Privacy(sigma, delta, q, quorum(config, sampled))
 
 
 # Cohort tasks in flight at once when their answers are folded into a running sum: enough to keep
@@ -93,7 +96,7 @@ class RunContext:
     manifest: Manifest
     item_ids: np.ndarray
     champion: Champion | None
-    resume_state: Any = None  # the GlobalState of the last checkpointed round, when resuming
+    resume_state: Any = None  # (state, Progress) of the last checkpointed step, when resuming
     logged_through: int = 0  # steps up to this one are in MLflow already (resuming)
 
     @property
@@ -109,13 +112,13 @@ class RunContext:
 class Trained:
     """What a training stage hands back: the candidate model and how it and the champion did."""
 
-    candidate: Any  # MFRecommender or RankingRecommender
+    candidate: Any  # the family's servable recommender
     final: dict[str, float]  # the last step's metrics
     history: list[dict[str, float]]  # one entry per logged step
     client_evaluations: Mapping[int, Mapping[str, Any]]  # client id -> its final evaluation
     champion_metrics: dict[str, float] | None
     comparable: str = ""  # why the champion could not be compared, if it could not
-    importance: pd.Series | None = None  # re-ranker feature importance (gain)
+    importance: pd.Series | None = None  # e.g. the re-ranker's feature importance (gain)
 
 
 def answered(
@@ -250,14 +253,16 @@ def log_step(
     step: int,
     round_: tuple[Sequence, float],
     evaluations: Sequence,
-    core_config: Any,
+    top_k: int,
     label: str,
     extra: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, report it.
     A resumed run does not log again the steps the interrupted one logged."""
     updates, seconds = round_
-    metrics = summarize_round(updates, evaluations, core_config, ctx.n_items, seconds)
+    metrics = summarize_round(
+        updates=updates, evaluations=evaluations, top_k=top_k, n_items=ctx.n_items, seconds=seconds
+    )
     metrics |= dict(extra or {})
     if step > ctx.logged_through:
         log_round(ctx.uri, ctx.run_id, step, metrics)

@@ -1,11 +1,12 @@
-"""The federated training flow: shard the data, run the training stage of the configured model
-family (explicit: federated MF; implicit: implicit ALS, item-kNN and an optional LightGBM
-re-ranker), evaluate the champion the same way, register, and promote only if the candidate is
+"""The federated training flow: shard the data, run the configured model family (explicit:
+federated MF; implicit: implicit ALS, item-kNN and an optional LightGBM re-ranker) through the
+round loop, evaluate the champion the same way, register, and promote only if the candidate is
 better."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +15,11 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedrec.config import TrainingConfig, fedrec_home
-from flows.explicit import train_explicit
-from flows.ranking import train_ranking
-from flows.rounds import RunContext
+from flows.families import build_family
+from flows.loop import train_family
+from flows.rounds import RunContext, privacy_plan
 from models.data.partitions import read_item_ids, read_manifest
+from models.privacy.ledger import users_fingerprint
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
 from tasks.data import load_interactions, shard_clients
@@ -26,13 +28,14 @@ from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
     finish_run,
     interrupted_run,
+    ledger_request,
     load_champion,
     log_artifacts,
     record_promotion,
     register_model,
     reopen_run,
     repair_orphans,
-    reserve_epsilon,
+    reserve_privacy_budget,
     resolve_tracking_uri,
     start_run,
     tag_run,
@@ -102,8 +105,6 @@ def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
     """The interrupted run's configuration and context: its run, partitions and last checkpoint."""
     found = interrupted_run(resolve_tracking_uri(config.tracking_uri), config.resume)
     original = TrainingConfig.model_validate_json(found.config_json)
-    if original.feedback != "explicit":
-        raise ValueError(f"--resume {found.run_id}: only explicit-feedback runs can be resumed")
     workspace = original.workspace or str(fedrec_home() / "workspaces" / found.run_id)
     if not (Path(workspace) / "manifest.json").is_file():
         raise ValueError(f"--resume {found.run_id}: its client partitions are gone ({workspace})")
@@ -111,7 +112,7 @@ def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
     ctx = RunContext(
         original, found.uri, found.run_id, workspace, read_manifest(workspace),
         read_item_ids(workspace), load_champion(found.uri, original.registered_name),
-        latest_checkpoint(f"{workspace}/checkpoints"), found.logged_through,
+        logged_through=found.logged_through,
     )  # fmt: skip
     return original, ctx
 
@@ -120,7 +121,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     """The flow's body: load, shard, the family's training stage, registration, promotion."""
     if config.resume:
         config, ctx = _resume(config)
-        return _train_and_register(config, ctx)
+        return _train_and_register(config, ctx, resuming=True)
     logger = get_run_logger()
     name = config.registered_name
     data, explicit_split = load_interactions(config)
@@ -132,9 +133,12 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             logger.info(reason)
             return {"skipped": True, "reason": reason, "model_name": name,
                     "champion_version": same, "tracking_uri": redact_uri(uri), "promoted": False}  # fmt: skip
-    if config.dp_epsilon is not None:  # before any run starts: refuse past the budget
-        spent = reserve_epsilon(uri, name, data.source, config.dp_epsilon, config.dp_budget)
-        logger.info("privacy ledger: %s has now spent epsilon %.3g", data.source, spent)
+    if config.dp_epsilon is not None:  # before any run starts: refuse past the users' cap
+        spent = reserve_privacy_budget(
+            uri, ledger_request(config, data.n_users), key=users_fingerprint(data),
+            model_name=name, about={"dataset_fingerprint": fingerprint, "source": redact_uri(data.source)},
+        )  # fmt: skip
+        logger.info("privacy ledger: these users have now spent %s", spent.describe())
     uri, run_id = start_run(config, fingerprint, flow_run.get_id())
     repaired = repair_orphans(uri, name)
     if repaired:
@@ -158,13 +162,20 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     return _train_and_register(config, ctx)
 
 
-def _train_and_register(config: TrainingConfig, ctx: RunContext) -> dict[str, Any]:
-    """Train the family's stage, register the candidate and promote it if it is better."""
+def _train_and_register(
+    config: TrainingConfig, ctx: RunContext, resuming: bool = False
+) -> dict[str, Any]:
+    """Train the family, register the candidate and promote it if it is better."""
     logger, name = get_run_logger(), config.registered_name
     uri, run_id, workspace, manifest = ctx.uri, ctx.run_id, ctx.workspace, ctx.manifest
     succeeded = False
     try:
-        trained = (train_ranking if config.feedback == "implicit" else train_explicit)(ctx)
+        plan = privacy_plan(ctx)
+        family = build_family(ctx, plan)
+        if resuming:
+            found = latest_checkpoint(family=family, folder=f"{workspace}/checkpoints")
+            ctx = replace(ctx, resume_state=found)
+        trained = train_family(ctx, family, plan.spent if plan is not None else lambda _: {})
 
         champion = ctx.champion
         if trained.comparable:  # e.g. the champion is of another model family: never replace it

@@ -23,6 +23,7 @@ import pandas as pd
 
 from models.client import SPLIT, TRAIN, ClientData
 from models.data.schema import USER
+from models.federation.sampling import client_rng
 from models.protocol import ITEM_ARRAYS, ClientUpdate
 
 
@@ -70,6 +71,27 @@ def cohort_round(
         evaluations = evaluate(cohort, eval_splits)
         update = train(sampled, ())[0]
     return replace(update, metrics=update.metrics | {"clients": float(n_clients)}), evaluations
+
+
+def family_cohort_round(
+    family: Any,
+    cohort: ClientData,
+    state: Any,
+    phase: str,
+    seed: int,
+    round_: int,
+    fraction: float,
+    eval_splits: Sequence[str],
+) -> tuple[ClientUpdate, dict[str, Any]]:
+    """:func:`cohort_round` with a model family's client functions (a
+    :class:`~models.federation.family.Family`) on ``state``."""
+    rng = client_rng(seed, round_, cohort.client_id)
+    return cohort_round(
+        cohort, fraction, seed, round_,
+        lambda client, splits: family.client_round(client, state, phase, rng, splits),
+        lambda client, splits: family.evaluate(client, state, splits),
+        eval_splits,
+    )  # fmt: skip
 
 
 class RunningSum:

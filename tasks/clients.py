@@ -1,26 +1,24 @@
-"""Client-side tasks: each reads only its own partition and returns aggregates, never rows."""
+"""Client-side tasks: each reads only its own partition and returns aggregates, never rows.
+
+The tasks are the same for every model family: the family (:mod:`models.federation.family`)
+says what a client computes.
+"""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
 
 from models.client import ClientData
+from models.cohorts import family_cohort_round
 from models.data.partitions import ClientEntry, read_partition
-from models.mf.federated import (
-    Evaluation,
-    MFConfig,
-    client_rating_sums,
-    client_rng,
-    client_round,
-    cohort_round,
-    evaluate_client_splits,
-)
-from models.mf.params import ItemParams
-from models.privacy.dp import UserLevelDP
+from models.federation.evaluation import Evaluation
+from models.federation.family import Family
+from models.federation.sampling import client_rng
 from models.protocol import ClientUpdate
 from tasks.faults import FaultPlan
 from tasks.secure import hold_update, pending_path
@@ -39,30 +37,24 @@ def open_client(workspace: str, entry: ClientEntry, n_items: int) -> ClientData:
     return _client(workspace, entry, n_items, mtime)
 
 
-@task(name="client-rating-sums", cache_policy=NONE)
-def rating_sums(
-    workspace: str, entry: ClientEntry, n_items: int, dp: UserLevelDP | None = None, seed: int = 0
-) -> dict[str, float]:
-    """A client's training rating sum and count (for the global mean); noisy under DP."""
-    client = open_client(workspace, entry, n_items)
-    return client_rating_sums(client, dp, client_rng(seed, 0, entry.client_id))
-
-
 @task(name="train-client", cache_policy=NONE)
 def train_client(
+    *,
     workspace: str,
     entry: ClientEntry,
     n_items: int,
-    params: ItemParams,
-    mf: MFConfig,
-    seed: int,
+    family: Family,
+    state: Any,
+    phase: str,
     round_: int,
+    seed: int,
     eval_splits: tuple[str, ...] = (),
     faults: FaultPlan | None = None,
     secure_context: bytes | None = None,
     devices: float | None = None,
 ) -> tuple[ClientUpdate | bytes, dict[str, Evaluation]]:
-    """Evaluate the incoming global model on the client's own rows, then train one round on it.
+    """Evaluate the incoming global state on the client's own rows, then compute its update for
+    ``phase`` of the family's training (its random stream drawn from seed, round and client).
 
     With ``secure_context`` (secure aggregation) the update stays on the client and the task
     returns the client's public key for the round instead. With ``devices`` the partition is a
@@ -72,24 +64,27 @@ def train_client(
         faults.inject(entry.client_id, round_)
     client = open_client(workspace, entry, n_items)
     if devices is not None:
-        update, evaluations = cohort_round(client, params, mf, seed, round_, devices, eval_splits)
+        update, evaluations = family_cohort_round(
+            family, client, state, phase, seed, round_, devices, eval_splits
+        )
     else:
         rng = client_rng(seed, round_, entry.client_id)
-        update, evaluations = client_round(client, params, mf, rng, eval_splits)
+        update, evaluations = family.client_round(client, state, phase, rng, eval_splits)
     if secure_context is not None:
         held = pending_path(workspace, entry)
-        return hold_update(update, n_items, mf, secure_context, held), evaluations
+        return hold_update(update, n_items, family, secure_context, held), evaluations
     return update, evaluations
 
 
 @task(name="evaluate-client", cache_policy=NONE)
-def evaluate(
+def evaluate_client(
+    *,
     workspace: str,
     entry: ClientEntry,
     n_items: int,
-    params: ItemParams,
-    mf: MFConfig,
+    family: Family,
+    state: Any,
     splits: tuple[str, ...],
 ) -> dict[str, Evaluation]:
-    """Metric sums over the client's own held-out rows of each split."""
-    return evaluate_client_splits(open_client(workspace, entry, n_items), params, mf, splits)
+    """Metric sums of the state's model over the client's own held-out rows of each split."""
+    return family.evaluate(open_client(workspace, entry, n_items), state, splits)

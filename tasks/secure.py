@@ -1,4 +1,4 @@
-"""Client and server tasks of secure aggregation (explicit-feedback family).
+"""Client and server tasks of secure aggregation (families with a dense update encoding).
 
 A client's update never leaves it in the clear: the training task keeps its dense, fixed-point
 encoded update and its X25519 key pair in the client's own storage (a file beside its partition,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from models.data.partitions import ClientEntry
-from models.mf.federated import GlobalState, MFConfig, from_dense_sum, server_update, to_dense
+from models.federation.family import SecureFamily
 from models.privacy.secagg import ClientKeys, decode, encode, mask, unmask_sum
 from models.protocol import ClientUpdate
 
@@ -74,12 +75,12 @@ def _held(path: Path, context: bytes) -> tuple[np.ndarray, ClientKeys]:
 
 
 def hold_update(
-    update: ClientUpdate, n_items: int, mf: MFConfig, context: bytes, where: Path
+    update: ClientUpdate, n_items: int, family: SecureFamily, context: bytes, where: Path
 ) -> bytes:
     """On the client: encode and keep the update at ``where``, make a key pair; returns the
     public key."""
     keys = ClientKeys.generate()
-    _keep(where, encode(to_dense(update, n_items, mf)), keys, context)
+    _keep(where, encode(family.to_dense(update, n_items)), keys, context)
     return keys.public
 
 
@@ -113,9 +114,10 @@ def mask_client(
 
 @task(name="secure-aggregate", cache_policy=NONE)
 def secure_aggregate(
-    state: GlobalState, masked: Sequence[ClientUpdate], n_items: int, mf: MFConfig
-) -> tuple[GlobalState, ClientUpdate]:
+    *, family: SecureFamily, state: Any, masked: Sequence[ClientUpdate], n_items: int, phase: str
+) -> tuple[Any, ClientUpdate]:
     """Add the masked vectors (the masks cancel), decode the sum, take the server step; returns
     the new state and the decoded sum as one combined update."""
-    combined = from_dense_sum(decode(unmask_sum([u.arrays["masked"] for u in masked])), n_items, mf)
-    return server_update(state, [combined], mf), combined
+    total = decode(unmask_sum([u.arrays["masked"] for u in masked]))
+    combined = family.from_dense_sum(total, n_items)
+    return family.server_update(state, [combined], phase), combined

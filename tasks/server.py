@@ -1,72 +1,57 @@
-"""Server-side tasks: initialise, aggregate, summarise and checkpoint the global state."""
+"""Server-side tasks: initialise, aggregate, summarise and checkpoint the global state of any
+model family, and decide promotion."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
-from models.aggregation import aggregate_item_sums
+from models.federation.evaluation import Evaluation, summarize_splits
+from models.federation.family import Family, Recommender
 from models.metrics import finalize_metrics
-from models.mf.federated import (
-    Evaluation,
-    GlobalState,
-    MFConfig,
-    init_global_state,
-    server_update,
-    summarize_evaluation,
-)
-from models.mf.params import ItemParams
-from models.mf.recommend import align_item_params, warm_start_params
-from models.mf.recommender import MFRecommender
 from models.promotion import PromotionDecision, decide_promotion
 from models.protocol import ClientUpdate
-from models.server_optimizers import ServerOptimizerState
 
 
 @task(name="initialize-global", cache_policy=NONE)
-def initialize(
-    n_items: int, mf: MFConfig, sums: Sequence[dict[str, float]], seed: int
-) -> GlobalState:
-    """Global mean from the clients' sums, item factors from the seed."""
-    return init_global_state(n_items, mf, sums, seed)
+def initialize(*, family: Family, n_items: int, seed: int) -> Any:
+    """The family's global state before any round, drawn from the seed."""
+    return family.initial_state(n_items, seed)
+
+
+@task(name="warm-start", cache_policy=NONE)
+def warm_start(*, family: Family, state: Any, champion: Recommender) -> tuple[Any, int] | None:
+    """Carry the champion's parameters into the initial state; None if it cannot seed it."""
+    return family.warm_start(state, champion)
 
 
 @task(name="aggregate", cache_policy=NONE)
-def aggregate(state: GlobalState, updates: Sequence[ClientUpdate], mf: MFConfig) -> GlobalState:
-    """Combine the round's client updates (exact ALS reduction or FedAvg-style averaging)."""
-    return server_update(state, updates, mf)
-
-
-@task(name="item-popularity", cache_policy=NONE)
-def item_popularity(updates: Sequence[ClientUpdate], n_items: int) -> np.ndarray:
-    """Training interactions per item, summed over the clients' counts."""
-    if not updates:
-        return np.zeros(n_items)
-    return aggregate_item_sums([(u.items, u.counts.astype(np.float64)) for u in updates], n_items)
+def aggregate(*, family: Family, state: Any, updates: Sequence[ClientUpdate], phase: str) -> Any:
+    """Combine the round's client updates into the next global state."""
+    return family.server_update(state, updates, phase)
 
 
 @task(name="summarize-round", cache_policy=NONE)
 def summarize_round(
+    *,
     updates: Sequence[ClientUpdate],
     evaluations: Sequence[Mapping[str, Evaluation]],
-    mf: MFConfig,
+    top_k: int,
     n_items: int,
     seconds: float,
 ) -> dict[str, float]:
     """One logged step: the round's uploads and wall time, and the model it produced, evaluated
     on every split the clients reported (``train_*``, ``valid_*``, ``test_*``)."""
-    metrics: dict[str, float] = {}
-    for split in dict.fromkeys(s for e in evaluations for s in e):
-        parts = [e[split] for e in evaluations if split in e]
-        metrics |= summarize_evaluation(parts, mf, n_items, split)
+    metrics = summarize_splits(evaluations, top_k, n_items)
     if updates:
         metrics["clients"] = float(sum(u.metrics.get("clients", 1.0) for u in updates))
         if any("clients" in u.metrics for u in updates):  # cohorts of per-user clients
@@ -76,19 +61,24 @@ def summarize_round(
     return metrics
 
 
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands after a checkpointed round: the step (sampled rounds so far), and the
+    phase and its round that produced it."""
+
+    step: int
+    phase: int
+    phase_round: int
+
+
 @task(name="checkpoint", cache_policy=NONE)
-def checkpoint(state: GlobalState, folder: str) -> str:
-    """Write the global state of the round atomically (temp file, then rename)."""
-    target = Path(folder) / f"round-{state.round:04d}.npz"
+def checkpoint(*, family: Family, state: Any, folder: str, progress: Progress) -> str:
+    """Write the global state after a step atomically (temp file, then rename)."""
+    target = Path(folder) / f"round-{progress.step:04d}.npz"
     target.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "factors": state.params.factors,
-        "bias": state.params.bias,
-        "global_mean": np.array(state.params.global_mean),
-        "round": np.array(state.round),
+    arrays = family.state_arrays(state) | {
+        "progress": np.array([progress.step, progress.phase, progress.phase_round], np.int64)
     }
-    if state.optimizer is not None:
-        arrays |= {"opt_first": state.optimizer.first, "opt_second": state.optimizer.second}
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".npz.tmp")
     os.close(fd)
     with open(tmp, "wb") as handle:
@@ -98,18 +88,29 @@ def checkpoint(state: GlobalState, folder: str) -> str:
 
 
 @task(name="load-checkpoint", cache_policy=NONE)
-def latest_checkpoint(folder: str) -> GlobalState | None:
-    """The global state of the last round whose checkpoint was written completely (files are
-    renamed into place, so a file there is whole), or None."""
+def latest_checkpoint(*, family: Family, folder: str) -> tuple[Any, Progress] | None:
+    """The state after the last step whose checkpoint was written completely (files are renamed
+    into place, so a file there is whole), and where it stands; None without one."""
     files = sorted(Path(folder).glob("round-*.npz"))
     if not files:
         return None
     with np.load(files[-1], allow_pickle=False) as data:
-        params = ItemParams(data["factors"], data["bias"], float(data["global_mean"]))
-        optimizer = None
-        if "opt_first" in data:
-            optimizer = ServerOptimizerState(data["opt_first"], data["opt_second"])
-        return GlobalState(params, optimizer, int(data["round"]))
+        arrays = {name: data[name] for name in data.files}
+    step, phase, phase_round = (int(v) for v in arrays.pop("progress"))
+    return family.load_state(arrays), Progress(step, phase, phase_round)
+
+
+@task(name="build-model", cache_policy=NONE)
+def build_model(*, family: Family, state: Any) -> Recommender:
+    """The servable model of the final state."""
+    return family.servable(state)
+
+
+@task(name="prepare-champion", cache_policy=NONE)
+def champion_for(*, family: Family, champion: Recommender) -> tuple[Family, Any] | str:
+    """A family and state that evaluate the champion as this run's model is evaluated, on
+    today's catalogue; or why they cannot be compared."""
+    return family.for_champion(champion)
 
 
 @task(name="decide-promotion", cache_policy=NONE)
@@ -142,31 +143,3 @@ def client_table(
         for c, e in zip(client_ids, evaluations, strict=True)
     ]
     return pd.DataFrame(rows)
-
-
-@task(name="prepare-champion", cache_policy=NONE)
-def champion_params(
-    recommender: MFRecommender, item_ids: np.ndarray, mf: MFConfig
-) -> tuple[ItemParams, MFConfig]:
-    """The champion's item parameters on today's catalogue, and its fold-in ridge."""
-    aligned = align_item_params(recommender.params, recommender.item_ids, item_ids)
-    return aligned, replace(mf, reg=recommender.reg, n_factors=aligned.n_factors)
-
-
-@task(name="warm-start", cache_policy=NONE)
-def warm_start(
-    state: GlobalState, champion: MFRecommender, item_ids: np.ndarray
-) -> tuple[GlobalState, int]:
-    """Carry the champion's item parameters into the initial state; returns how many items."""
-    params, carried = warm_start_params(state.params, champion.params, champion.item_ids, item_ids)
-    return replace(state, params=params), carried
-
-
-@task(name="build-recommender", cache_policy=NONE)
-def build_recommender(
-    state: GlobalState, item_ids: np.ndarray, popularity: np.ndarray, mf: MFConfig
-) -> MFRecommender:
-    """The servable model: final item parameters, catalogue, popularity, fold-in ridge."""
-    return MFRecommender(
-        state.params, np.asarray(item_ids).astype(str), popularity, mf.reg, mf.clip_to
-    )

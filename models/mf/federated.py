@@ -1,13 +1,12 @@
-"""Federated MF: what a client computes, what the server does with it, and a plain round loop.
+"""Federated MF: what a client computes and what the server does with it.
 
-The round loop here (:func:`run_federated`) is the reference without orchestration; the Prefect
-flow calls the same :func:`client_update`, :func:`server_update` and :func:`evaluate_client`.
+:class:`~models.mf.family.ExplicitMF` presents these to the round loops as a model family;
+:func:`run_federated` runs it through the reference loop (:mod:`models.federation.loop`).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -16,8 +15,9 @@ import numpy as np
 
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
-from models.cohorts import cohort_round as run_cohort
-from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
+from models.federation.evaluation import Evaluation
+from models.federation.loop import run_family
+from models.metrics import add_sums, ranking_sums, rating_error_sums
 from models.mf.als import (
     ItemStatistics,
     UserParams,
@@ -35,8 +35,6 @@ from models.server_optimizers import ServerOptimizerState, apply_server_update
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
 _SERVER_RULE = {"fedavg": "sgd", "fedprox": "sgd", "fedadam": "adam", "fedyogi": "yogi"}
-# What a client reports for one split: metric sums, and per-item top-K counts (None without ranking).
-Evaluation = tuple[dict[str, float], np.ndarray | None]
 
 
 @dataclass(frozen=True)
@@ -114,6 +112,7 @@ class GlobalState:
     params: ItemParams
     optimizer: ServerOptimizerState | None = None
     round: int = 0
+    popularity: np.ndarray | None = None  # the last round's summed item counts (cold start)
 
 
 @dataclass(frozen=True)
@@ -230,27 +229,6 @@ def client_round(
         s: _evaluate_split(client, params, user_params, config, s, True) for s in eval_splits
     }
     return client_update(client, params, config, rng, user_params=user_params), evaluations
-
-
-def cohort_round(
-    cohort: ClientData,
-    params: ItemParams,
-    config: MFConfig,
-    seed: int,
-    round_: int,
-    fraction: float,
-    eval_splits: Sequence[str],
-) -> tuple[ClientUpdate, dict[str, Evaluation]]:
-    """A cohort of per-user clients (:mod:`models.cohorts`): every user evaluates the incoming
-    model, the users sampled at ``fraction`` train on it, and the cohort answers with the sum of
-    their updates."""
-    rng = client_rng(seed, round_, cohort.client_id)
-    return run_cohort(
-        cohort, fraction, seed, round_,
-        lambda client, splits: client_round(client, params, config, rng, splits),
-        lambda client, splits: evaluate_client_splits(client, params, config, splits),
-        eval_splits,
-    )  # fmt: skip
 
 
 # --- secure aggregation: an update as one dense vector over the whole catalogue -----------------
@@ -422,44 +400,6 @@ def _evaluate_split(
     return sums | rank, recommended
 
 
-def summarize_evaluation(
-    parts: Sequence[Evaluation],
-    config: MFConfig,
-    n_items: int,
-    prefix: str,
-) -> dict[str, float]:
-    """Combine clients' evaluation sums into global metrics plus the per-client spread (min, p10,
-    median, max) of RMSE, MAE, NDCG, recall and MAP: ``<prefix>_rmse_client_max`` is the worst
-    client's RMSE, ``<prefix>_ndcg_at_10_client_min`` the worst client's NDCG."""
-    sums = add_sums(p for p, _ in parts)
-    recommended = [r for _, r in parts if r is not None]
-    if recommended:
-        sums["covered"] = float((np.sum(recommended, axis=0) > 0).sum())
-    k = config.top_k
-    out = {
-        f"{prefix}_{name}": v for name, v in finalize_metrics(sums, k=k, n_items=n_items).items()
-    }
-    per_client = [finalize_metrics(p, k=k) for p, _ in parts]
-    for metric in ("rmse", "mae", f"ndcg_at_{k}", f"recall_at_{k}", f"map_at_{k}"):
-        values = [m[metric] for m in per_client if metric in m]
-        out |= {f"{prefix}_{metric}_client_{stat}": v for stat, v in distribution(values).items()}
-    return out
-
-
-def client_rng(seed: int, round_: int, client_id: int) -> np.random.Generator:
-    """The generator of one client in one round, derived from the run seed alone (order-free)."""
-    return np.random.default_rng([seed, round_, client_id])
-
-
-def sample_clients(n_clients: int, fraction: float, seed: int, round_: int) -> np.ndarray:
-    """Client indices taking part in a round: a seeded sample of ``ceil(fraction * n)``, at least 1."""
-    if fraction >= 1.0:
-        return np.arange(n_clients)
-    size = max(1, int(np.ceil(fraction * n_clients)))
-    rng = np.random.default_rng([seed, round_, 2**31 - 1])
-    return np.sort(rng.choice(n_clients, size=size, replace=False))
-
-
 def run_federated(
     clients: Sequence[ClientData],
     n_items: int,
@@ -474,54 +414,39 @@ def run_federated(
     on_round: Callable[[RoundResult], None] | None = None,
     secure_sum: Callable[[dict[int, np.ndarray]], np.ndarray] | None = None,
 ) -> tuple[GlobalState, list[RoundResult]]:
-    """Train for ``rounds`` rounds in this process, without orchestration (the reference loop).
+    """Federated MF for ``rounds`` rounds through the reference loop, in this process.
 
     ``RoundResult.seconds`` covers the clients' updates and the server step, not the evaluation.
-    With ``secure_sum`` (e.g. :func:`models.privacy.secagg.secure_sum` bound to a context), the
-    server only sees the sum of the clients' dense update vectors.
+    ``start_from`` maps the fresh item parameters (e.g. a warm start). With ``secure_sum`` (e.g.
+    :func:`models.privacy.secagg.secure_sum` bound to a context), the server only sees the sum of
+    the clients' dense update vectors.
     """
-    state = init_global_state(
-        n_items,
-        config,
-        [client_rating_sums(c, config.dp, client_rng(seed, 0, c.client_id)) for c in clients],
-        seed,
-    )
-    if start_from is not None:  # e.g. a warm start: fresh parameters in, the starting point out
-        state = replace(state, params=start_from(state.params))
-    history = []
-    for r in range(1, rounds + 1):
-        started = time.perf_counter()
-        chosen = [clients[i] for i in sample_clients(len(clients), client_fraction, seed, r)]
-        updates = [
-            client_update(c, state.params, config, client_rng(seed, r, c.client_id)) for c in chosen
-        ]
-        if secure_sum is not None:
-            dense = {u.client_id: to_dense(u, n_items, config) for u in updates}
-            state = server_update(
-                state, [from_dense_sum(secure_sum(dense), n_items, config)], config
-            )
-        else:
-            state = server_update(state, updates, config)
-        seconds = time.perf_counter() - started
-        train = add_sums(u.metrics for u in updates)
-        metrics = {}
-        if eval_splits:
-            parts = [
-                evaluate_client_splits(c, state.params, config, eval_splits, ranking=eval_ranking)
-                for c in clients
-            ]
-            for split in eval_splits:
-                metrics |= summarize_evaluation([p[split] for p in parts], config, n_items, split)
-        train_n = train.get("train_n", 0.0)
-        result = RoundResult(
-            round=r,
-            n_clients=len(updates),
-            upload_bytes=sum(u.nbytes() for u in updates),
-            train_rmse=float(np.sqrt(train["train_sse"] / train_n)) if train_n else float("nan"),
-            seconds=seconds,
-            metrics=metrics,
-        )
-        history.append(result)
+    from models.mf.family import ExplicitMF
+
+    family = ExplicitMF(config, ranking=eval_ranking)
+
+    def report(step: dict[str, float]) -> None:
         if on_round is not None:
-            on_round(result)
-    return state, history
+            on_round(_round_result(step))
+
+    state, history = run_family(
+        family, clients, n_items, rounds=rounds, seed=seed, client_fraction=client_fraction,
+        eval_splits=eval_splits, secure_sum=secure_sum, on_step=report,
+        start_from=None if start_from is None else (
+            lambda s: replace(s, params=start_from(s.params))),
+    )  # fmt: skip
+    return state, [_round_result(step) for step in history]
+
+
+_ROUND_KEYS = ("step", "clients", "bytes_uploaded", "round_seconds", "train_rmse")
+
+
+def _round_result(step: dict[str, float]) -> RoundResult:
+    return RoundResult(
+        round=int(step["step"]),
+        n_clients=int(step["clients"]),
+        upload_bytes=int(step["bytes_uploaded"]),
+        train_rmse=step.get("train_rmse", float("nan")),
+        seconds=step["round_seconds"],
+        metrics={k: v for k, v in step.items() if k not in _ROUND_KEYS},
+    )

@@ -13,9 +13,8 @@ Every client payload is a :class:`~models.protocol.ClientUpdate` of arrays and m
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -23,10 +22,10 @@ from scipy import sparse
 
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
-from models.cohorts import cohort_round
+from models.federation.evaluation import Evaluation, summarize_splits
+from models.federation.loop import run_family
 from models.metrics import ranking_sums
 from models.mf.als import ItemStatistics, RatingRows
-from models.mf.federated import Evaluation, client_rng, sample_clients, summarize_evaluation
 from models.mf.implicit import implicit_statistics, solve_items_implicit, solve_users_implicit
 from models.mf.params import ItemParams, init_item_params
 from models.privacy.dp import (
@@ -38,7 +37,7 @@ from models.privacy.dp import (
 )
 from models.protocol import ClientUpdate
 from models.ranking.boosting import RankerConfig, TreeEnsemble, boost_client, round_weights
-from models.ranking.features import Candidates, Retrieval
+from models.ranking.features import Candidates
 from models.ranking.knn import cooccurrence, cosine_neighbours, pack_cooccurrence, sum_cooccurrence
 from models.ranking.recommender import RankingRecommender
 
@@ -54,6 +53,8 @@ class RankingConfig:
     neighbours: int = 200
     shrink: float = 10.0
     n_candidates: int = 100
+    # EASE's ridge (models/ranking/ease.py); None: no EASE source or features
+    ease_reg: float | None = None
     top_k: int = 10
     ranker: RankerConfig | None = field(default_factory=RankerConfig)
     # user-level differential privacy of the implicit-ALS statistics (models/privacy/dp.py); the
@@ -129,26 +130,6 @@ def implicit_client_round(
         {"train_n": float(len(rows))},
     )
     return update, evaluations
-
-
-def implicit_cohort_round(
-    cohort: ClientData,
-    item_factors: np.ndarray,
-    config: RankingConfig,
-    seed: int,
-    round_: int,
-    fraction: float,
-    eval_splits: Sequence[str] = (),
-) -> tuple[ClientUpdate, dict[str, Evaluation]]:
-    """A cohort of per-user clients (:mod:`models.cohorts`): all evaluate, the sampled users
-    train, and the cohort answers with the sum of their updates."""
-    rng = client_rng(seed, round_, cohort.client_id)
-    return cohort_round(
-        cohort, fraction, seed, round_,
-        lambda client, splits: implicit_client_round(client, item_factors, config, splits, rng),
-        lambda client, splits: implicit_evaluate(client, item_factors, config, splits),
-        eval_splits,
-    )  # fmt: skip
 
 
 def implicit_evaluate(
@@ -393,12 +374,6 @@ class TwoStageResult:
     history: list[dict[str, float]]  # one entry per round: stage, round, metrics, seconds, bytes
 
 
-def summarize(
-    parts: Sequence[Evaluation], config: RankingConfig, n_items: int, prefix: str
-) -> dict[str, float]:
-    return summarize_evaluation(parts, config, n_items, prefix)  # type: ignore[arg-type]
-
-
 def run_two_stage(
     clients: Sequence[ClientData],
     n_items: int,
@@ -413,86 +388,39 @@ def run_two_stage(
     eval_splits: Sequence[str] = ("valid", "test"),
     on_round: Callable[[dict[str, float]], None] | None = None,
 ) -> TwoStageResult:
-    """Implicit ALS for ``rounds`` rounds, one kNN round, then ``config.ranker.rounds`` ranker
-    rounds, in this process (the flow runs the same client and server functions as tasks)."""
+    """The two-stage family (implicit ALS for ``rounds`` rounds, one co-occurrence round, then
+    ``config.ranker.rounds`` re-ranker rounds) through the reference loop, in this process.
+
+    History: one entry per round (``stage`` "als" or "ranker"), one "retrieval" entry evaluating
+    the retrieval model on ``eval_splits`` once it is complete, and with a re-ranker a "final"
+    entry evaluating the two-stage model.
+    """
+    from models.ranking.family import ALS, TwoStage
+
+    family = TwoStage(config, item_ids, titles, item_features)
     history: list[dict[str, float]] = []
 
-    def record(
-        stage: str,
-        r: int,
-        started: float,
-        updates: Sequence[ClientUpdate],
-        parts: Sequence[dict[str, Evaluation]],
-    ) -> None:
-        entry: dict[str, float] = {
-            "stage": stage,
-            "round": r,
-            "seconds": time.perf_counter() - started,  # type: ignore[dict-item]
-            "bytes_uploaded": float(sum(u.nbytes() for u in updates)),
-        }
-        for split in eval_splits:
-            entry |= summarize([p[split] for p in parts if split in p], config, n_items, split)
+    def record(entry: dict) -> None:
         history.append(entry)
         if on_round is not None:
             on_round(entry)
 
-    factors = init_item_factors(n_items, config, seed)
-    for r in range(1, rounds + 1):
-        started = time.perf_counter()
-        chosen = sample_clients(len(clients), client_fraction, seed, r)
-        answers = [
-            implicit_client_round(
-                clients[i], factors, config, rng=client_rng(seed, r, clients[i].client_id)
-            )
-            for i in chosen
-        ]
-        updates = [u for u, _ in answers]
-        factors = implicit_server_update(factors, updates, config)
-        record("als", r, started, updates, [])
-    started = time.perf_counter()
-    if config.dp is None:
-        knn_updates = [knn_client_update(c) for c in clients]
-        similarity, popularity = knn_server_update(knn_updates, n_items, config)
-    else:  # no kNN under DP; popularity (the cold-start list) from the last round's noisy counts
-        knn_updates, similarity, popularity = [], None, noisy_popularity(updates, n_items)
-    retrieval = Retrieval(
-        factors,
-        config.reg,
-        config.alpha,
-        similarity,
-        popularity,
-        item_features,
-        config.n_candidates,
-    )
-    ids = np.arange(n_items).astype(str) if item_ids is None else np.asarray(item_ids).astype(str)
-    recommender = RankingRecommender(retrieval, None, ids, titles)
-    record(
-        "knn",
-        1,
-        started,
-        knn_updates,
-        [evaluate_ranking(c, recommender, eval_splits, config.top_k) for c in clients],
-    )
-    if config.ranker is None:
-        return TwoStageResult(recommender, history)
-    data = [ranker_client_data(c, recommender, eval_splits) for c in clients]
-    ensemble = TreeEnsemble()
-    for r in range(1, config.ranker.rounds + 1):
-        started = time.perf_counter()
-        chosen = sample_clients(len(clients), client_fraction, seed, r)
-        answers = [
-            ranker_client_round(
-                clients[i],
-                data[i],
-                ensemble,
-                config,
-                int(client_rng(seed, r, clients[i].client_id).integers(2**31)),
-            )
-            for i in chosen
-        ]
-        ensemble = ranker_server_update(ensemble, [u for u, _ in answers])
-        record("ranker", r, started, [u for u, _ in answers], [])
-    recommender = RankingRecommender(retrieval, ensemble, ids, titles)
-    final = [evaluate_ranking(c, recommender, eval_splits, config.top_k) for c in clients]
-    record("final", config.ranker.rounds, time.perf_counter(), [], final)
-    return TwoStageResult(recommender, history)
+    def evaluated(stage: str, state: object) -> dict:
+        parts = [family.evaluate(c, state, eval_splits) for c in clients]
+        return {"stage": stage} | summarize_splits(parts, config.top_k, n_items)
+
+    def on_step(metrics: dict[str, float]) -> None:
+        stage = ALS if metrics["step"] <= rounds else "ranker"
+        record({"stage": stage, "round": int(metrics["step"])} | metrics)
+
+    def on_phase(phase: object, state: object) -> None:
+        if phase.name == "knn" or (phase.name == ALS and config.dp is not None):
+            record(evaluated("retrieval", replace(state, stage="retrieval")))
+
+    state, _ = run_family(
+        family, clients, n_items, rounds=rounds, seed=seed, client_fraction=client_fraction,
+        eval_splits=(), on_step=on_step, on_phase=on_phase,
+    )  # fmt: skip
+    if config.ranker is not None:
+        record(evaluated("final", state))
+    return TwoStageResult(family.servable(state), history)

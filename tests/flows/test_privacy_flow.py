@@ -32,23 +32,79 @@ def store(tmp_path_factory, prefect_server):
         yield store
 
 
-def _check_update(update: ClientUpdate, client: ClientData) -> None:
+# The only arrays that may hold integers, and what their values must be: item indices of
+# co-occurring pairs. Any other integer array (user ids would be one) fails the contract.
+_ITEM_INDEX_ARRAYS = frozenset({"pair_rows", "pair_cols"})
+
+
+def _own_rating_vectors(client: ClientData) -> list[np.ndarray]:
+    """The client's ratings, sorted: all its rows, and each split's rows on their own."""
+    frame = client.frame
+    splits = [frame.loc[frame["split"].to_numpy() == code, "rating"] for code in (0, 1, 2)]
+    return [np.sort(part.to_numpy()) for part in (frame["rating"], *splits) if len(part)]
+
+
+def _check_trees(array: np.ndarray, client: ClientData, timestamps: np.ndarray | None) -> None:
+    """A re-ranker payload is a LightGBM model over the protocol's features and nothing else:
+    no other column, no category values beyond the side features', none of the client's times."""
+    import re
+
+    import lightgbm as lgb
+
+    from models.ranking.features import FEATURES
+
+    assert array.dtype == np.uint8 and array.ndim == 1
+    text = array.tobytes().decode("utf-8")
+    booster = lgb.Booster(model_str=text)
+    assert set(booster.feature_name()) <= set(FEATURES), booster.feature_name()
+    assert booster.num_trees() > 0
+    # pandas categories travel in the text: only the side features' values may be there
+    categories = re.search(r"^pandas_categorical:(.*)$", text, re.MULTILINE)
+    assert categories is not None
+    features = client.user_features
+    allowed: set[str] = set()
+    if features is not None:
+        for column in features.columns:
+            allowed |= {str(v) for v in features[column].dropna().unique()}
+    listed = set(re.findall(r'"([^"]*)"', categories.group(1)))
+    assert listed <= allowed, listed - allowed
+    if timestamps is not None:
+        tokens = set(re.split(r"[^0-9.eE+-]+", text))
+        assert not {str(t) for t in timestamps} & tokens  # no raw timestamps in the text
+
+
+def _check_update(update: ClientUpdate, client: ClientData, n_items: int) -> None:
     assert set(update.arrays) <= ITEM_ARRAYS | GLOBAL_ARRAYS, set(update.arrays)
     assert set(update.metrics) <= UPDATE_METRICS, set(update.metrics)
     m = update.items.size
     assert np.all(np.diff(update.items) > 0) and update.counts.shape == (m,)
+    assert np.all((update.items >= 0) & (update.items < n_items))
+    assert update.counts.dtype.kind in "iu" and np.all(update.counts > 0)
     frame = client.frame
-    ratings, timestamps = frame["rating"].to_numpy(), frame.get("timestamp")
+    timestamps = frame["timestamp"].to_numpy() if "timestamp" in frame else None
+    own_ratings = _own_rating_vectors(client)
     for name, array in update.arrays.items():
-        assert array.dtype.kind in "iuf", (name, array.dtype)  # numbers only: no ids, no text
+        if name == "trees":
+            _check_trees(array, client, timestamps)
+            continue
+        if name in _ITEM_INDEX_ARRAYS:
+            assert array.dtype.kind in "iu", (name, array.dtype)
+            assert array.size == 0 or (array.min() >= 0 and array.max() < n_items), name
+        elif name == "pair_counts":  # how many of the client's users saw both items
+            assert np.all(array == np.rint(array)) and np.all(
+                (array >= 1) & (array <= client.n_users)
+            )
+        else:  # statistics are floats: an integer array here could be anything, ids included
+            assert array.dtype.kind == "f", (name, array.dtype)
         if name in ITEM_ARRAYS:
             assert array.shape[0] == m, name
+        # no per-user vectors: nothing is shaped by the client's users
+        assert array.shape[0] != client.n_users or array.shape[0] == m, (name, array.shape)
         flat = np.sort(array.ravel())
-        assert not (flat.size == ratings.size and np.allclose(flat, np.sort(ratings))), name
-        if timestamps is not None and array.dtype.kind == "f":
-            assert not np.isin(timestamps.to_numpy(), array).any(), name  # no raw timestamps
-    # no per-user vectors: nothing is shaped by the client's users
-    assert all(a.shape[0] != client.n_users or a.shape[0] == m for a in update.arrays.values())
+        for ratings in own_ratings:  # not the client's ratings, nor one split's
+            assert not (flat.size == ratings.size and np.allclose(flat, ratings)), name
+        if timestamps is not None:  # no raw timestamps, whatever the array's type
+            assert not np.isin(timestamps, array).any(), name
 
 
 def _check_evaluations(evaluations: dict, n_items: int) -> None:
@@ -58,29 +114,27 @@ def _check_evaluations(evaluations: dict, n_items: int) -> None:
 
 
 def _capture(monkeypatch, seen: list) -> None:
-    """Wrap every client task's function so its return value is kept for inspection."""
+    """Wrap every client task's function so its return value is kept for inspection, under the
+    kind of answer it is: the global mean's sums, co-occurrence counts, a training update, an
+    evaluation, or a masked vector."""
     import tasks.clients as clients
-    import tasks.ranking as ranking
     import tasks.secure as secure
 
-    def wrap(task_obj: Any, kind: str) -> None:
+    kinds = {"mean": "rating_sums", "knn": "knn_client"}
+
+    def wrap(task_obj: Any, kind: str | None) -> None:
         original: Callable = task_obj.fn
 
         def spy(*args: Any, **kwargs: Any) -> Any:
             result = original(*args, **kwargs)
-            seen.append((kind, args, result))
+            seen.append((kind or kinds.get(kwargs["phase"], "train_client"), kwargs, result))
             return result
 
         monkeypatch.setattr(task_obj, "fn", spy)
 
-    for name in ("train_client", "evaluate", "rating_sums"):
-        wrap(getattr(clients, name), name)
+    wrap(clients.train_client, None)
+    wrap(clients.evaluate_client, "evaluate")
     wrap(secure.mask_client, "mask_client")
-    for name in ("train_implicit_client", "train_ranker_client"):
-        wrap(getattr(ranking, name), "train_client")
-    for name in ("evaluate_implicit_client", "evaluate_ranking_client"):
-        wrap(getattr(ranking, name), "evaluate")
-    wrap(ranking.knn_client, "knn_client")
 
 
 def _run(store, **fields) -> dict:
@@ -115,22 +169,24 @@ def test_every_client_payload_keeps_the_contract(store, monkeypatch, request, fi
     )
     for kind, args, result in seen:
         if kind == "rating_sums":
-            assert set(result) == {"rating_sum", "n"}
+            update, evaluations = result
+            assert set(update.metrics) == {"rating_sum", "n"} and not evaluations
+            assert update.items.size == 0 and not update.arrays
             continue
         if kind == "mask_client":
             assert set(result.arrays) == {"masked"} and result.arrays["masked"].dtype == np.uint64
             assert result.items.size == 0  # the server does not learn which items were touched
             continue
-        workspace, entry, n_items = args[:3]
-        client = open_client(workspace, entry, n_items)
+        n_items = args["n_items"]
+        client = open_client(args["workspace"], args["entry"], n_items)
         if kind == "knn_client":
-            _check_update(result, client)
+            _check_update(result[0], client, n_items)
         elif kind == "train_client":
             payload, evaluations = result
             if fields.get("secure_aggregation"):
                 assert isinstance(payload, bytes) and len(payload) == 32  # an X25519 public key
             else:
-                _check_update(payload, client)
+                _check_update(payload, client, n_items)
             _check_evaluations(evaluations, n_items)
         else:
             _check_evaluations(result, n_items)

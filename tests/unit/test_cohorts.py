@@ -4,23 +4,14 @@ update does not depend on how users are grouped (cohort size 1 against 500)."""
 import numpy as np
 import pytest
 
-from models.cohorts import sample_devices, sampled_cohort
+from models.cohorts import family_cohort_round, sample_devices, sampled_cohort
 from models.data.partitions import build_clients
 from models.data.sharding import assign_clients, split_rows
 from models.data.synthetic import generate_synthetic
-from models.mf.federated import (
-    MFConfig,
-    client_rating_sums,
-    cohort_round,
-    init_global_state,
-    server_update,
-)
-from models.ranking.federated import (
-    RankingConfig,
-    implicit_cohort_round,
-    implicit_server_update,
-    init_item_factors,
-)
+from models.mf.family import ExplicitMF
+from models.mf.federated import MFConfig, client_rating_sums, init_global_state, server_update
+from models.ranking.family import TwoStage
+from models.ranking.federated import RankingConfig, implicit_server_update, init_item_factors
 
 
 def test_each_device_flips_its_own_seeded_coin():
@@ -52,13 +43,16 @@ def population():
 def test_explicit_cohorts_of_any_size_give_the_same_aggregate(population, fraction):
     data, groupings = population
     config = MFConfig(n_factors=4, reg=0.1, clip_to=data.rating_scale)
+    family = ExplicitMF(config)
     results = {}
     for name, cohorts in groupings.items():
         state = init_global_state(
             data.n_items, config, [client_rating_sums(c) for c in cohorts], seed=0
         )
         for r in (1, 2):
-            answers = [cohort_round(c, state.params, config, 0, r, fraction, ()) for c in cohorts]
+            answers = [
+                family_cohort_round(family, c, state, "train", 0, r, fraction, ()) for c in cohorts
+            ]
             state = server_update(state, [u for u, _ in answers], config)
         clients = sum(u.metrics["clients"] for u, _ in answers)
         results[name] = (state.params, clients)
@@ -73,13 +67,17 @@ def test_explicit_cohorts_of_any_size_give_the_same_aggregate(population, fracti
 def test_implicit_cohorts_of_any_size_give_the_same_aggregate(population):
     data, groupings = population
     config = RankingConfig(n_factors=4, reg=5.0, ranker=None)
+    family = TwoStage(config)
     results = {}
     for name, cohorts in groupings.items():
-        factors = init_item_factors(data.n_items, config, 0)
+        state = family.initial_state(data.n_items, 0)
+        assert np.array_equal(state.factors, init_item_factors(data.n_items, config, 0))
         for r in (1, 2):
-            updates = [implicit_cohort_round(c, factors, config, 0, r, 0.5)[0] for c in cohorts]
-            factors = implicit_server_update(factors, updates, config)
-        results[name] = factors
+            updates = [
+                family_cohort_round(family, c, state, "als", 0, r, 0.5, ())[0] for c in cohorts
+            ]
+            state = family.server_update(state, updates, "als")
+        results[name] = state.factors
     for factors in results.values():
         np.testing.assert_allclose(factors, results["1"], atol=1e-9)
 

@@ -5,8 +5,9 @@ import pytest
 
 from models.data.partitions import build_clients
 from models.data.sharding import assign_clients, split_rows
+from models.federation.sampling import client_rng, sample_clients
 from models.mf.als import CentralizedALS, RatingRows
-from models.mf.federated import MFConfig, client_rng, run_federated, sample_clients
+from models.mf.federated import MFConfig, run_federated
 from tests.unit.helpers import low_rank_interactions
 
 ALGORITHMS = ["als", "fedavg", "fedprox", "fedadam", "fedyogi"]

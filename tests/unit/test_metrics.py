@@ -4,8 +4,9 @@ from scipy import sparse
 
 from models.data.partitions import build_clients
 from models.data.sharding import assign_clients
+from models.federation.evaluation import summarize_evaluation
 from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums, rating_error_sums
-from models.mf.federated import MFConfig, evaluate_client, init_global_state, summarize_evaluation
+from models.mf.federated import MFConfig, evaluate_client, init_global_state
 from tests.unit.helpers import low_rank_interactions
 
 
@@ -67,7 +68,7 @@ def test_federated_evaluation_equals_centralized_evaluation():
             evaluate_client(c, state.params, config, "test")
             for c in build_clients(data, one_client, split)
         ],
-        config,
+        config.top_k,
         data.n_items,
         "test",
     )
@@ -76,7 +77,7 @@ def test_federated_evaluation_equals_centralized_evaluation():
             evaluate_client(c, state.params, config, "test")
             for c in build_clients(data, many, split)
         ],
-        config,
+        config.top_k,
         data.n_items,
         "test",
     )

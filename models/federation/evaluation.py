@@ -1,0 +1,44 @@
+"""Federated evaluation: clients report metric sums, the server turns them into metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from models.metrics import add_sums, distribution, finalize_metrics
+
+# What a client reports for one split: metric sums, and per-item top-K counts (None without ranking).
+Evaluation = tuple[dict[str, float], np.ndarray | None]
+
+
+def summarize_evaluation(
+    parts: Sequence[Evaluation], top_k: int, n_items: int, prefix: str
+) -> dict[str, float]:
+    """Combine clients' evaluation sums into global metrics plus the per-client spread (min, p10,
+    median, max) of RMSE, MAE, NDCG, recall and MAP: ``<prefix>_rmse_client_max`` is the worst
+    client's RMSE, ``<prefix>_ndcg_at_10_client_min`` the worst client's NDCG."""
+    sums = add_sums(p for p, _ in parts)
+    recommended = [r for _, r in parts if r is not None]
+    if recommended:
+        sums["covered"] = float((np.sum(recommended, axis=0) > 0).sum())
+    k = top_k
+    out = {
+        f"{prefix}_{name}": v for name, v in finalize_metrics(sums, k=k, n_items=n_items).items()
+    }
+    per_client = [finalize_metrics(p, k=k) for p, _ in parts]
+    for metric in ("rmse", "mae", f"ndcg_at_{k}", f"recall_at_{k}", f"map_at_{k}"):
+        values = [m[metric] for m in per_client if metric in m]
+        out |= {f"{prefix}_{metric}_client_{stat}": v for stat, v in distribution(values).items()}
+    return out
+
+
+def summarize_splits(
+    evaluations: Sequence[Mapping[str, Evaluation]], top_k: int, n_items: int
+) -> dict[str, float]:
+    """:func:`summarize_evaluation` for every split the clients reported, prefixed by the split."""
+    metrics: dict[str, float] = {}
+    for split in dict.fromkeys(s for e in evaluations for s in e):
+        parts = [e[split] for e in evaluations if split in e]
+        metrics |= summarize_evaluation(parts, top_k, n_items, split)
+    return metrics

@@ -1,0 +1,239 @@
+"""The two-stage recommender as a model family: rounds of implicit ALS, one round of item
+co-occurrences (item-kNN, and EASE when configured), then rounds of the LightGBM re-ranker.
+
+Under DP only the implicit-ALS rounds run: kNN, EASE and the re-ranker have no DP mechanism here,
+and the cold-start popularity comes from the last round's noisy counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from models.client import ClientData
+from models.federation.evaluation import Evaluation
+from models.federation.family import Phase
+from models.protocol import ClientUpdate
+from models.ranking.boosting import TreeEnsemble
+from models.ranking.ease import federated_ease_weights
+from models.ranking.features import Retrieval
+from models.ranking.federated import (
+    RankerData,
+    RankingConfig,
+    evaluate_ranking,
+    implicit_client_round,
+    implicit_evaluate,
+    implicit_server_update,
+    init_item_factors,
+    knn_client_update,
+    knn_server_update,
+    noisy_popularity,
+    ranker_client_data,
+    ranker_client_round,
+    ranker_server_update,
+)
+from models.ranking.recommender import RankingRecommender, align_recommender
+
+# Stages of the state: what evaluates it and what it serves.
+ALS, RETRIEVAL, RANKER = "als", "retrieval", "ranker"
+_STAGES = (ALS, RETRIEVAL, RANKER)
+
+
+@dataclass(frozen=True)
+class TwoStageState:
+    """The server's state between rounds. ``served`` fixes the model to evaluate (a champion)."""
+
+    factors: np.ndarray
+    round: int = 0
+    stage: str = ALS
+    popularity: np.ndarray | None = None
+    similarity: sparse.csr_matrix | None = None
+    ease: np.ndarray | None = None
+    ensemble: TreeEnsemble = field(default_factory=TreeEnsemble)
+    retrieval_key: str = ""  # identifies the retrieval state (clients cache candidates by it)
+    served: RankingRecommender | None = None
+
+
+# A client's memory between re-ranker rounds: candidates and features are built once per
+# retrieval state (retrieval does not change while the re-ranker trains).
+_RANKER_DATA: dict[tuple[int, int, str], RankerData] = {}
+
+
+@dataclass(frozen=True)
+class TwoStage:
+    """:mod:`models.ranking.federated` behind the family interface.
+
+    ``item_ids``, ``titles`` and ``item_features`` describe the public catalogue by item index.
+    """
+
+    config: RankingConfig
+    item_ids: np.ndarray | None = field(default=None, compare=False)
+    titles: np.ndarray | None = field(default=None, compare=False)
+    item_features: pd.DataFrame | None = field(default=None, compare=False)
+
+    name: ClassVar[str] = "two-stage"
+    eval_splits: ClassVar[tuple[str, ...]] = ("valid", "test")
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
+
+    def phases(self, rounds: int) -> list[Phase]:
+        phases = [Phase(ALS, rounds)]
+        if self.config.dp is None:
+            phases.append(Phase("knn", 1, everyone=True))
+        if self.config.ranker is not None:
+            phases.append(Phase(RANKER, self.config.ranker.rounds, per_device=False))
+        return phases
+
+    def initial_state(self, n_items: int, seed: int) -> TwoStageState:
+        return TwoStageState(init_item_factors(n_items, self.config, seed))
+
+    # --- on a client -----------------------------------------------------------------------
+    def client_round(
+        self,
+        client: ClientData,
+        state: TwoStageState,
+        phase: str,
+        rng: np.random.Generator,
+        eval_splits: Sequence[str],
+    ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+        if phase == ALS:
+            return implicit_client_round(client, state.factors, self.config, eval_splits, rng)
+        if phase == "knn":
+            return knn_client_update(client), {}
+        data = self._ranker_data(client, state)
+        tree_seed = int(rng.integers(2**31))
+        return ranker_client_round(client, data, state.ensemble, self.config, tree_seed)
+
+    def _ranker_data(self, client: ClientData, state: TwoStageState) -> RankerData:
+        key = (client.client_id, client.n_items, state.retrieval_key)
+        if key not in _RANKER_DATA:
+            if len(_RANKER_DATA) >= 256:
+                _RANKER_DATA.clear()
+            retrieval = self.servable(replace(state, ensemble=TreeEnsemble()))
+            _RANKER_DATA[key] = ranker_client_data(client, retrieval, self.eval_splits)
+        return _RANKER_DATA[key]
+
+    def evaluate(
+        self, client: ClientData, state: TwoStageState, splits: Sequence[str]
+    ) -> dict[str, Evaluation]:
+        if state.served is None and state.stage == ALS:
+            return implicit_evaluate(client, state.factors, self.config, splits)
+        return evaluate_ranking(client, self.servable(state), splits, self.top_k)
+
+    # --- on the server ---------------------------------------------------------------------
+    def server_update(
+        self, state: TwoStageState, updates: Sequence[ClientUpdate], phase: str
+    ) -> TwoStageState:
+        n_items = state.factors.shape[0]
+        if phase == ALS:
+            factors = implicit_server_update(state.factors, updates, self.config)
+            popularity = noisy_popularity(updates, n_items)
+            return replace(state, factors=factors, popularity=popularity, round=state.round + 1)
+        if phase == "knn":
+            similarity, popularity = knn_server_update(updates, n_items, self.config)
+            ease = None
+            if self.config.ease_reg is not None:
+                parts = [u.arrays for u in updates]
+                ease = federated_ease_weights(parts, n_items, reg=self.config.ease_reg)
+            digest = hashlib.sha256(state.factors.tobytes())
+            digest.update(similarity.data.tobytes())
+            return replace(
+                state,
+                stage=RETRIEVAL,
+                similarity=similarity,
+                popularity=popularity,
+                ease=ease,
+                retrieval_key=digest.hexdigest()[:16],
+            )
+        ensemble = ranker_server_update(state.ensemble, updates)
+        return replace(state, ensemble=ensemble, stage=RANKER, round=state.round + 1)
+
+    def _ids(self, n_items: int) -> np.ndarray:
+        ids = np.arange(n_items) if self.item_ids is None else self.item_ids
+        return np.asarray(ids).astype(str)
+
+    def servable(self, state: TwoStageState) -> RankingRecommender:
+        if state.served is not None:
+            return state.served
+        n_items = state.factors.shape[0]
+        popularity = np.zeros(n_items) if state.popularity is None else state.popularity
+        c = self.config
+        retrieval = Retrieval(
+            state.factors, c.reg, c.alpha, state.similarity, popularity, self.item_features,
+            c.n_candidates, state.ease,
+        )  # fmt: skip
+        ranker = state.ensemble if len(state.ensemble) else None
+        return RankingRecommender(retrieval, ranker, self._ids(n_items), self.titles)
+
+    def warm_start(
+        self, state: TwoStageState, champion: object
+    ) -> tuple[TwoStageState, int] | None:
+        if not isinstance(champion, RankingRecommender):
+            return None
+        if champion.retrieval.item_factors.shape[1] != self.config.n_factors:
+            return None
+        n_items = state.factors.shape[0]
+        aligned = align_recommender(champion, self._ids(n_items)).retrieval.item_factors
+        known = np.abs(aligned).sum(axis=1) > 0
+        factors = np.where(known[:, None], aligned, state.factors)
+        return replace(state, factors=factors), int(known.sum())
+
+    def for_champion(self, champion: object) -> tuple[TwoStage, TwoStageState] | str:
+        if not isinstance(champion, RankingRecommender):
+            return "it is not a ranking model"
+        ids = champion.item_ids if self.item_ids is None else self._ids(0)
+        aligned = align_recommender(champion, ids)
+        state = TwoStageState(aligned.retrieval.item_factors, stage=RANKER, served=aligned)
+        return self, state
+
+    def state_arrays(self, state: TwoStageState) -> dict[str, np.ndarray]:
+        arrays = {
+            "factors": state.factors,
+            "round": np.array(state.round),
+            "stage": np.array(_STAGES.index(state.stage)),
+            "retrieval_key": np.frombuffer(state.retrieval_key.encode(), np.uint8),
+            "ensemble_weights": np.array([w for _, w in state.ensemble.members], np.float64),
+        }
+        for i, (text, _) in enumerate(state.ensemble.members):
+            arrays[f"ensemble_{i}"] = np.frombuffer(text.encode(), np.uint8)
+        if state.popularity is not None:
+            arrays["popularity"] = state.popularity
+        if state.similarity is not None:
+            s = state.similarity.tocsr()
+            arrays |= {"sim_data": s.data, "sim_indices": s.indices, "sim_indptr": s.indptr}
+        if state.ease is not None:
+            arrays["ease"] = state.ease
+        return arrays
+
+    def load_state(self, arrays: Mapping[str, np.ndarray]) -> TwoStageState:
+        factors = arrays["factors"]
+        n = factors.shape[0]
+        weights = arrays["ensemble_weights"]
+        members = tuple(
+            (arrays[f"ensemble_{i}"].tobytes().decode(), float(w)) for i, w in enumerate(weights)
+        )
+        similarity = None
+        if "sim_data" in arrays:
+            parts = (arrays["sim_data"], arrays["sim_indices"], arrays["sim_indptr"])
+            similarity = sparse.csr_matrix(parts, shape=(n, n))
+        return TwoStageState(
+            factors,
+            round=int(arrays["round"]),
+            stage=_STAGES[int(arrays["stage"])],
+            popularity=arrays.get("popularity", None),
+            similarity=similarity,
+            ease=arrays.get("ease", None),
+            ensemble=TreeEnsemble(members),
+            retrieval_key=arrays["retrieval_key"].tobytes().decode(),
+        )
+
+    def describe(self, state: TwoStageState) -> pd.Series | None:
+        return state.ensemble.feature_importance() if len(state.ensemble) else None
