@@ -249,7 +249,22 @@ class TrainingConfig(BaseModel):
         100, ge=1, description="DP: most training rows one user contributes per round"
     )
     dp_budget: float | None = Field(
-        None, gt=0, description="DP: total epsilon allowed per dataset across retrains (a ledger)"
+        None,
+        gt=0,
+        description="DP: cap on the total epsilon these users may spend across runs, stored in "
+        "the privacy ledger at their first private run (default then: this run's epsilon) and "
+        "enforced from then on",
+    )
+    dp_budget_delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="DP: cap on the total delta, stored like --dp-budget (default then: this run's delta)",
+    )
+    dp_ledger_set_cap: bool = Field(
+        False,
+        description="operator: store --dp-budget/--dp-budget-delta as these users' new cap (an "
+        "entry in the ledger; what was spent stays spent)",
     )
     secure_aggregation: bool = Field(
         False,
@@ -345,6 +360,10 @@ class TrainingConfig(BaseModel):
             )
         if self.dp_budget is not None and self.dp_epsilon is None:
             raise ValueError("dp_budget needs dp_epsilon")
+        if self.dp_budget_delta is not None and self.dp_epsilon is None:
+            raise ValueError("dp_budget_delta needs dp_epsilon")
+        if self.dp_ledger_set_cap and self.dp_budget is None:
+            raise ValueError("dp_ledger_set_cap needs dp_budget (and dp_epsilon): the cap to store")
         if self.ranker != "none" and self.feedback != "implicit":
             raise ValueError(f"ranker={self.ranker!r} needs feedback='implicit'")
         if self.positive_threshold is not None and self.feedback != "implicit":
@@ -448,6 +467,8 @@ class TrainingConfig(BaseModel):
                 "workspace",
                 "resume",
                 "dp_budget",
+                "dp_budget_delta",
+                "dp_ledger_set_cap",
                 "task_retries",
                 "retry_backoff",
                 "round_timeout",

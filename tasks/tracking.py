@@ -17,13 +17,14 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -35,6 +36,18 @@ from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
 from models.mf.recommender import MFRecommender
+from models.privacy.ledger import (
+    Balance,
+    BudgetError,
+    Cap,
+    Entry,
+    Request,
+    balance,
+    check_after_writing,
+    plan_reservation,
+    recovered_spend,
+    run_delta,
+)
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
 from models.ranking.recommender import RankingRecommender
@@ -91,6 +104,13 @@ def _run_name(config: TrainingConfig) -> str:
     return f"{config.algorithm}-k{config.mf_config().n_factors}-{config.clients}c-{config.rounds}r"
 
 
+def _artifact_home(uri: str) -> str | None:
+    """Artifacts beside a local SQLite store, not in ./mlruns of whatever folder runs us."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
 @task(name="start-tracking", **_RETRY)
 def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None) -> tuple[str, str]:
     """Create the MLflow run of this training (params = the flattened config); returns (uri, run id)."""
@@ -98,13 +118,9 @@ def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None)
     client = _client(uri)
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            # Keep artifacts beside a local SQLite store, not in ./mlruns of whatever folder runs us.
-            location = (
-                Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
-            ).as_uri()
-        experiment_id = client.create_experiment(config.experiment, artifact_location=location)
+        experiment_id = client.create_experiment(
+            config.experiment, artifact_location=_artifact_home(uri)
+        )
     else:
         experiment_id = experiment.experiment_id
     tags = {
@@ -494,35 +510,142 @@ def repair_orphans(uri: str, model_name: str) -> list[str]:
     return repaired
 
 
-LEDGER = "fedrec.epsilon_ledger"
+LEDGER_EXPERIMENT = "fedrec-privacy-ledger"
+_LEGACY_LEDGER_TAG = "fedrec.epsilon_ledger"  # the ledger's former home: a JSON tag on the model
 
 
-@task(name="reserve-privacy-budget", **_RETRY)
-def reserve_epsilon(
-    uri: str, model_name: str, dataset: str, epsilon: float, budget: float | None
-) -> float:
-    """Add this run's epsilon to the dataset's entry in the ledger on the registered model (a
-    JSON tag), before training: the same users are trained again every night, so their privacy
-    loss adds up (basic composition). Refuses, changing nothing, when the budget would be passed.
-    Returns the dataset's total after this run."""
+def _ledger_experiment(client: MlflowClient, uri: str) -> str:
+    """The ledger's experiment, created at first use; refuses when someone deleted it."""
+    experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+    if experiment is None:
+        return client.create_experiment(LEDGER_EXPERIMENT, artifact_location=_artifact_home(uri))
+    if experiment.lifecycle_stage != "active":
+        raise BudgetError(
+            f"privacy ledger: the MLflow experiment {LEDGER_EXPERIMENT!r} was deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id}): not started"
+        )
+    return experiment.experiment_id
+
+
+def _ledger_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:
+    """Every entry matching the filter, deleted runs included: deleting one does not erase it."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string, run_view_type=ViewType.ALL, max_results=1000,
+            order_by=["attributes.start_time ASC"], page_token=token,
+        )  # fmt: skip
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _as_entry(run: Any) -> Entry:
+    p = run.data.params
+    cap = None
+    if p["kind"] == "cap":
+        cap = Cap(float(p["cap_epsilon"]), float(p["cap_delta"]))
+    return Entry(
+        p["kind"], float(p.get("epsilon", 0)), float(p.get("delta", 0)), cap, run.info.start_time
+    )
+
+
+def _ledger_balance(client: MlflowClient, experiment_id: str, key: str) -> Balance:
+    runs = _ledger_runs(client, experiment_id, f"params.ledger_key = '{key}'")
+    return balance(_as_entry(run) for run in runs)
+
+
+def _write_entry(
+    client: MlflowClient, experiment_id: str, entry: Entry, about: Mapping[str, str]
+) -> str:
+    """Append one entry: a run whose params (immutable in MLflow) are the entry."""
+    values = {"kind": entry.kind, "epsilon": repr(entry.epsilon), "delta": repr(entry.delta)}
+    if entry.cap is not None:
+        values |= {"cap_epsilon": repr(entry.cap.epsilon), "cap_delta": repr(entry.cap.delta)}
+    name = f"{entry.kind} eps {entry.cap.epsilon if entry.cap else entry.epsilon:.3g}"
+    run = client.create_run(experiment_id, start_time=entry.at, run_name=name)
+    client.log_batch(
+        run.info.run_id, params=[Param(k, v[:6000]) for k, v in (dict(about) | values).items()]
+    )
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def _unledgered_private_spending(
+    client: MlflowClient, experiment_id: str, model_name: str
+) -> list[float]:
+    """The epsilons of ``model_name``'s private versions when the ledger has no entry for that
+    model at all (it was lost, or they predate it); else an empty list."""
+    try:
+        versions = client.search_model_versions(f"name='{model_name}'")
+    except MlflowException as err:
+        if _is_missing(err):
+            return []
+        raise
+    private = [float(v.tags["fedrec.epsilon"]) for v in versions if v.tags.get("fedrec.epsilon")]
+    if not private or _ledger_runs(client, experiment_id, f"params.model_name = '{model_name}'"):
+        return []
+    try:  # the former JSON tag may hold spending of runs that never registered a version
+        legacy = json.loads(
+            client.get_registered_model(model_name).tags.get(_LEGACY_LEDGER_TAG, "{}")
+        )
+    except (MlflowException, ValueError):
+        legacy = {}
+    total = sum(float(v) for v in legacy.values())
+    return private if sum(private) >= total else [*private, total - sum(private)]
+
+
+def ledger_request(config: TrainingConfig, n_users: int) -> Request:
+    """What a private run asks of the ledger: its epsilon and delta, and the cap it names."""
+    assert config.dp_epsilon is not None
+    return Request(
+        config.dp_epsilon,
+        run_delta(config.dp_delta, n_users),
+        config.dp_budget,
+        config.dp_budget_delta,
+        config.dp_ledger_set_cap,
+    )
+
+
+@task(name="reserve-privacy-budget", retries=0, cache_policy=NONE)
+def reserve_privacy_budget(
+    uri: str, request: Request, *, key: str, model_name: str, about: Mapping[str, str]
+) -> Balance:
+    """Append this run's (epsilon, delta) to the ledger of its users (``key``) before it trains.
+
+    The ledger is the MLflow experiment ``fedrec-privacy-ledger``: one run per entry, its params
+    the entry. Refuses, writing nothing, when the run would pass the users' cap, names another
+    cap than the stored one, or when ``model_name`` has private versions but the ledger has no
+    entry for it (unless an operator sets the cap, which records their epsilons as spent).
+    Under :func:`promotion_lock`, so processes on this machine reserve one at a time; the balance
+    is read again after writing, and a reservation that a concurrent one (another machine, same
+    remote store) pushed past the cap is refused and stays counted. Returns the balance after.
+    """
     client = _client(uri)
-    with promotion_lock(uri):  # one writer at a time on this machine
-        try:
-            model = client.get_registered_model(model_name)
-        except MlflowException as err:
-            if not _is_missing(err):
-                raise
-            model = client.create_registered_model(model_name)
-        ledger = json.loads(model.tags.get(LEDGER, "{}"))
-        spent = float(ledger.get(dataset, 0.0))
-        if budget is not None and spent + epsilon > budget + 1e-12:
-            raise ValueError(
-                f"privacy budget: {dataset!r} has spent epsilon {spent:.3g} of {budget:.3g}; "
-                f"this run needs {epsilon:.3g} more: not started"
+    about = {"ledger_key": key, "model_name": model_name, **about}
+    with promotion_lock(uri):
+        experiment_id = _ledger_experiment(client, uri)
+        now = int(time.time() * 1000)
+        unledgered = _unledgered_private_spending(client, experiment_id, model_name)
+        if unledgered and not request.set_cap:
+            raise BudgetError(
+                f"privacy ledger: {model_name!r} has {len(unledgered)} private version(s) but the "
+                f"ledger ({LEDGER_EXPERIMENT!r}) has no entry for it: their spending is unknown; "
+                "not started (an operator can record it as spent with --dp-ledger-set-cap)"
             )
-        ledger[dataset] = spent + epsilon
-        client.set_registered_model_tag(model_name, LEDGER, json.dumps(ledger))
-    return spent + epsilon
+        if unledgered:
+            recovered = recovered_spend(unledgered, request.delta, at=now - 1)
+            _write_entry(client, experiment_id, recovered, about | {"reason": "recovered"})
+        entries = plan_reservation(_ledger_balance(client, experiment_id, key), request, at=now)
+        written = [_write_entry(client, experiment_id, e, about) for e in entries]
+        after = _ledger_balance(client, experiment_id, key)
+        try:
+            check_after_writing(after)
+        except BudgetError:
+            client.set_tag(written[-1], "fedrec.ledger_outcome", "refused: concurrent reservation")
+            raise
+    return after
 
 
 @task(name="finish-tracking", **_RETRY)
