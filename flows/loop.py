@@ -13,28 +13,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.futures import PrefectFuture
 
 from flows.rounds import (
-    QuorumError,
     RunContext,
     Trained,
     answered,
     fault_plan,
     log_step,
     require_quorum,
-    retry_options,
     round_clients,
     task_unit,
     train_and_evaluate,
 )
+from flows.secure import secure_round
 from models.cohorts import RunningSum
+from models.data.partitions import ClientEntry
 from models.federation.family import Family, Phase
 from models.federation.loop import EVERYONE_ROUND
 from tasks.clients import evaluate_client, train_client
-from tasks.secure import mask_client, rekey_client, round_context, secure_aggregate
+from tasks.secure import round_context
 from tasks.server import (
     Progress,
     aggregate,
@@ -49,68 +51,68 @@ from tasks.server import (
 Spent = Callable[[int], dict[str, float]]
 
 
+@dataclass(frozen=True)
+class _Submit:
+    """Submits one client's task of a round: what every task of the round shares."""
+
+    ctx: RunContext
+    family: Family
+    state: Any
+
+    def evaluate(self, entry: ClientEntry, splits: tuple[str, ...], name: str) -> PrefectFuture:
+        return evaluate_client.with_options(task_run_name=name).submit(
+            workspace=self.ctx.workspace,
+            entry=entry,
+            n_items=self.ctx.n_items,
+            family=self.family,
+            state=self.state,
+            splits=splits,
+        )
+
+    def train(self, entry: ClientEntry, name: str, **options: Any) -> PrefectFuture:
+        return train_client.with_options(task_run_name=name, **self.ctx.retries).submit(
+            workspace=self.ctx.workspace,
+            entry=entry,
+            n_items=self.ctx.n_items,
+            family=self.family,
+            state=self.state,
+            seed=self.ctx.config.seed,
+            **options,
+        )
+
+
 def _evaluate_all(ctx: RunContext, family: Family, state: Any, splits: tuple, what: str) -> dict:
     """Every client's evaluation of ``state`` (by client id)."""
-    return answered(
-        {e.client_id: evaluate_client.with_options(task_run_name=f"evaluate {what} client-{e.client_id}").submit(
-            workspace=ctx.workspace, entry=e, n_items=ctx.n_items, family=family, state=state,
-            splits=splits) for e in ctx.entries},
-        f"{what} evaluation",
-    )  # fmt: skip
+    submit = _Submit(ctx, family, state)
+    futures = {
+        e.client_id: submit.evaluate(e, splits, f"evaluate {what} client-{e.client_id}")
+        for e in ctx.entries
+    }
+    return answered(futures, f"{what} evaluation")
 
 
 def _everyone_round(ctx: RunContext, family: Family, state: Any, phase: Phase) -> tuple[Any, float]:
     """A round in which every client answers once; returns the new state and the bytes sent."""
-    started = time.perf_counter()
-    answers = answered(
-        {e.client_id: train_client.with_options(task_run_name=f"{phase.name} client-{e.client_id}").submit(
-            workspace=ctx.workspace, entry=e, n_items=ctx.n_items, family=family, state=state,
-            phase=phase.name, round_=EVERYONE_ROUND, seed=ctx.config.seed) for e in ctx.entries},
-        phase.name,
-    )  # fmt: skip
+    started, submit = time.perf_counter(), _Submit(ctx, family, state)
+    futures = {
+        e.client_id: submit.train(
+            e, f"{phase.name} client-{e.client_id}", phase=phase.name, round_=EVERYONE_ROUND
+        )
+        for e in ctx.entries
+    }
+    answers = answered(futures, phase.name)
     require_quorum(len(answers), len(ctx.entries), ctx.config, phase.name)
     updates = [u for u, _ in answers.values()]
     state = aggregate(family=family, state=state, updates=updates, phase=phase.name)
     sent = float(sum(u.nbytes() for u in updates))
-    get_run_logger().info("%s: %d clients, %.1f MB up, %.2f s", phase.name, len(updates),
-                          sent / 1e6, time.perf_counter() - started)  # fmt: skip
+    get_run_logger().info(
+        "%s: %d clients, %.1f MB up, %.2f s",
+        phase.name,
+        len(updates),
+        sent / 1e6,
+        time.perf_counter() - started,
+    )
     return state, sent
-
-
-def _secure_step(
-    ctx: RunContext, family: Family, state: Any, public: dict[int, bytes], r: int, phase: str
-) -> tuple[Any, list, list]:
-    """The masking half of a securely aggregated round. If a client vanishes after the key
-    agreement, the round runs again among the survivors with fresh keys (up to round_retries
-    times), since its masks would not cancel; then the server adds the masked vectors. Returns
-    the new state, the masked updates and the decoded sum (as one combined update)."""
-    config, context = ctx.config, round_context(ctx.run_id, r)
-    for attempt in range(config.round_retries + 1):
-        masked = answered(
-            {c: mask_client.with_options(task_run_name=f"mask client-{c} round-{r}").submit(
-                ctx.workspace, ctx.entries[c], public, context, c in config.fault_dropout_clients)
-             for c in public},
-            f"round {r} masking", config.round_timeout,
-        )  # fmt: skip
-        if len(masked) == len(public):
-            state, combined = secure_aggregate(family=family, state=state,
-                                               masked=list(masked.values()), n_items=ctx.n_items,
-                                               phase=phase)  # fmt: skip
-            return state, list(masked.values()), [combined]
-        survivors = sorted(masked)
-        require_quorum(len(survivors), len(public), config, f"round {r} (secure aggregation)")
-        if attempt == config.round_retries:
-            break
-        fresh = round_context(ctx.run_id, r, attempt + 1)
-        get_run_logger().warning("round %d: %d client(s) vanished after the key agreement; "
-                                 "agreeing keys again among %d survivors", r,
-                                 len(public) - len(survivors), len(survivors))  # fmt: skip
-        public = answered(
-            {c: rekey_client.submit(ctx.workspace, ctx.entries[c], context, fresh)
-             for c in survivors}, f"round {r} re-keying",
-        )  # fmt: skip
-        context = fresh
-    raise QuorumError(f"round {r}: clients kept vanishing during secure aggregation")
 
 
 def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | None]:
@@ -123,27 +125,72 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
     state = initialize(family=family, n_items=ctx.n_items, seed=config.seed)
     if config.warm_start and ctx.champion is not None:
         started = warm_start(family=family, state=state, champion=ctx.champion.recommender)
+        version = ctx.champion.version
         if started is None:
-            logger.warning("no warm start: champion version %s is not a %s model of this shape",
-                           ctx.champion.version, family.name)  # fmt: skip
+            logger.warning(
+                "no warm start: champion version %s is not a %s model of this shape",
+                version,
+                family.name,
+            )
         else:
             state, carried = started
-            logger.info("warm start from champion version %s: %d of %d items carried over",
-                        ctx.champion.version, carried, ctx.n_items)  # fmt: skip
+            logger.info(
+                "warm start from champion version %s: %d of %d items carried over",
+                version,
+                carried,
+                ctx.n_items,
+            )
     return state, None
+
+
+def _sampled_round(
+    ctx: RunContext, family: Family, state: Any, phase: Phase, step: int, evaluating: bool
+) -> tuple[Any, list, list, float]:
+    """Step ``step``: the sampled clients train on ``state`` (each evaluating it first when
+    ``evaluating``), the others evaluate it, and the server folds the answers. Returns the new
+    state, what each trainer sent, the evaluations of ``state`` and when the round started."""
+    config, started = ctx.config, time.perf_counter()
+    chosen, devices = round_clients(ctx, step, phase.per_device)
+    asked = family.eval_splits if evaluating else ()
+    secure = round_context(ctx.run_id, step) if config.secure_aggregation else None
+    running = None if devices is None else RunningSum(ctx.n_items)  # cohorts: folded on arrival
+    faults, submit, unit = fault_plan(config), _Submit(ctx, family, state), task_unit(devices)
+
+    def train(entry: ClientEntry, attempt: int) -> PrefectFuture:
+        return submit.train(
+            entry,
+            f"{phase.name} {unit}-{entry.client_id} round-{step}",
+            phase=phase.name,
+            round_=step,
+            eval_splits=asked,
+            faults=faults.for_attempt(attempt),
+            secure_context=secure,
+            devices=devices,
+        )
+
+    def evaluate(entry: ClientEntry) -> PrefectFuture:
+        name = f"evaluate client-{entry.client_id} round-{step - 1}"
+        return submit.evaluate(entry, family.eval_splits, name)
+
+    sent, evaluations = train_and_evaluate(ctx, step, chosen, evaluating, train, evaluate, running)
+    updates = list(sent.values())
+    if secure is not None:  # updates are public keys here; the sums come masked
+        state, updates = secure_round(ctx, family, state, sent, step, phase.name)
+    else:
+        summed = updates if running is None else [running.total()]
+        state = aggregate(family=family, state=state, updates=summed, phase=phase.name)
+    return state, updates, evaluations, started
 
 
 def train_family(ctx: RunContext, family: Family, spent: Spent) -> Trained:
     """Train ``family`` through its phases, then evaluate the final model and the champion on
     every client. ``spent(step)`` gives the privacy metrics logged with each step."""
-    config, n_items, workspace = ctx.config, ctx.n_items, ctx.workspace
-    faults, logger = fault_plan(config), get_run_logger()
-    trainer = train_client.with_options(**retry_options(config))
+    config = ctx.config
     phases = family.phases(config.rounds)
     total = sum(p.rounds for p in phases if not p.everyone)
     state, resumed = _starting_state(ctx, family)
     step = 0 if resumed is None else resumed.step
-    # round r's updates and seconds, until evaluated (a resumed run's died with the process)
+    # step s's updates and seconds, until evaluated (a resumed run's died with the process)
     pending: tuple[list, float] | None = None if step == 0 else ([], 0.0)
     history: list[dict[str, float]] = []
     extra: dict[str, float] = {}
@@ -152,59 +199,70 @@ def train_family(ctx: RunContext, family: Family, spent: Spent) -> Trained:
             if resumed is not None and (index, phase_round) <= (resumed.phase, resumed.phase_round):
                 continue
             if phase.everyone:
-                state, sent = _everyone_round(ctx, family, state, phase)
-                extra[f"{phase.name}_bytes_uploaded"] = sent
+                state, extra[f"{phase.name}_bytes_uploaded"] = _everyone_round(
+                    ctx, family, state, phase
+                )
                 continue
             step += 1
-            started = time.perf_counter()
-            chosen, devices = round_clients(ctx, step, phase.per_device)
             evaluating = pending is not None and (step - 1) % config.eval_every == 0
-            asked = family.eval_splits if evaluating else ()
-            secure = round_context(ctx.run_id, step) if config.secure_aggregation else None
-            running = None if devices is None else RunningSum(n_items)  # cohorts: folded on arrival
-            sent, evaluations = train_and_evaluate(
-                ctx, step, chosen, evaluating,
-                train=lambda e, attempt, step=step, asked=asked, state=state, phase=phase, secure=secure, devices=devices: trainer.with_options(
-                    task_run_name=f"{phase.name} {task_unit(devices)}-{e.client_id} round-{step}").submit(
-                    workspace=workspace, entry=e, n_items=n_items, family=family, state=state,
-                    phase=phase.name, round_=step, seed=config.seed, eval_splits=asked,
-                    faults=faults.for_attempt(attempt), secure_context=secure, devices=devices),
-                evaluate=lambda e, step=step, state=state: evaluate_client.with_options(
-                    task_run_name=f"evaluate client-{e.client_id} round-{step - 1}").submit(
-                    workspace=workspace, entry=e, n_items=n_items, family=family, state=state,
-                    splits=family.eval_splits),
-                running=running,
-            )  # fmt: skip
-            updates = list(sent.values())
+            state, updates, evaluations, started = _sampled_round(
+                ctx, family, state, phase, step, evaluating
+            )
             if pending:
                 label = f"round {step - 1}/{total}"
-                history.append(log_step(ctx, step - 1, pending, evaluations, family.top_k, label,
-                                        spent(step - 1)))  # fmt: skip
-            if secure is not None:  # updates are public keys here; the sums come masked
-                state, updates, _ = _secure_step(ctx, family, state, sent, step, phase.name)
-            else:
-                summed = updates if running is None else [running.total()]
-                state = aggregate(family=family, state=state, updates=summed, phase=phase.name)
-            checkpoint(family=family, state=state, folder=f"{workspace}/checkpoints",
-                       progress=Progress(step, index, phase_round))  # fmt: skip
+                metrics = log_step(
+                    ctx, step - 1, pending, evaluations, family.top_k, label, spent(step - 1)
+                )
+                history.append(metrics)
+            progress = Progress(step, index, phase_round)
+            checkpoint(
+                family=family, state=state, folder=f"{ctx.workspace}/checkpoints", progress=progress
+            )
             pending = (updates, time.perf_counter() - started)
 
+    if pending is None:
+        raise ValueError(f"the {family.name} family trained no sampled round: rounds must be >= 1")
     final_evaluations = _evaluate_all(ctx, family, state, family.eval_splits, f"round-{step}")
-    assert pending is not None, "a family trains for at least one sampled round"
-    history.append(log_step(ctx, step, pending, list(final_evaluations.values()), family.top_k,
-                            f"round {step}/{total} (final)", spent(step) | extra))  # fmt: skip
+    label = f"round {step}/{total} (final)"
+    final = log_step(
+        ctx,
+        step,
+        pending,
+        list(final_evaluations.values()),
+        family.top_k,
+        label,
+        spent(step) | extra,
+    )
+    history.append(final)
     candidate = build_model(family=family, state=state)
+    champion_metrics, comparable = _champion_metrics(ctx, family)
+    get_run_logger().info("trained the %s family: %d steps", family.name, step)
+    return Trained(
+        candidate,
+        final,
+        history,
+        final_evaluations,
+        champion_metrics,
+        comparable,
+        family.describe(state),
+    )
 
-    champion_metrics, comparable = None, ""
-    if ctx.champion is not None:
-        target = champion_for(family=family, champion=ctx.champion.recommender)
-        if isinstance(target, str):
-            comparable = f"champion version {ctx.champion.version}: {target}"
-        else:
-            splits = tuple(s for s in family.eval_splits if s != "train")
-            parts = _evaluate_all(ctx, target[0], target[1], splits, "champion")
-            champion_metrics = summarize_round(updates=[], evaluations=list(parts.values()),
-                                               top_k=family.top_k, n_items=n_items, seconds=0.0)  # fmt: skip
-    logger.info("trained %s: %d steps", family.name, step)
-    return Trained(candidate, history[-1], history, final_evaluations, champion_metrics,
-                   comparable, family.describe(state))  # fmt: skip
+
+def _champion_metrics(ctx: RunContext, family: Family) -> tuple[dict[str, float] | None, str]:
+    """The champion evaluated on today's clients as the candidate was (None without one), or
+    why the two cannot be compared."""
+    if ctx.champion is None:
+        return None, ""
+    target = champion_for(family=family, champion=ctx.champion.recommender)
+    if isinstance(target, str):
+        return None, f"champion version {ctx.champion.version}: {target}"
+    splits = tuple(s for s in family.eval_splits if s != "train")
+    parts = _evaluate_all(ctx, target[0], target[1], splits, "champion")
+    metrics = summarize_round(
+        updates=[],
+        evaluations=list(parts.values()),
+        top_k=family.top_k,
+        n_items=ctx.n_items,
+        seconds=0.0,
+    )
+    return metrics, ""

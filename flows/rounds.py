@@ -107,6 +107,11 @@ class RunContext:
     def n_items(self) -> int:
         return self.manifest.n_items
 
+    @property
+    def retries(self) -> dict[str, Any]:
+        """Task options of a client training task: retries with exponential backoff."""
+        return retry_options(self.config)
+
 
 @dataclass(frozen=True)
 class Trained:

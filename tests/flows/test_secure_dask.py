@@ -26,6 +26,7 @@ def _mask_elsewhere(workspace, entry, public, context, out) -> None:
 
 def test_a_client_masks_in_another_process_what_it_held_in_this_one(tmp_path):
     from models.data.partitions import ClientEntry
+    from models.mf.family import ExplicitMF
     from models.mf.federated import MFConfig
     from models.privacy.secagg import ClientKeys, decode, mask, unmask_sum
     from models.protocol import ClientUpdate
@@ -37,7 +38,9 @@ def test_a_client_masks_in_another_process_what_it_held_in_this_one(tmp_path):
     update = ClientUpdate(0, np.array([1, 3]), np.array([2, 1]),
                           {"gram": np.arange(12.0).reshape(2, 6) / 7, "rhs": -np.ones((2, 3))},
                           {"train_sse": 1.5, "train_n": 3.0})  # fmt: skip
-    public = hold_update(update, n_items, mf, context, pending_path(str(tmp_path), entry))
+    public = hold_update(
+        update, n_items, ExplicitMF(mf), context, pending_path(str(tmp_path), entry)
+    )
     peer = ClientKeys.generate()
     keys = {0: public, 1: peer.public}
 
