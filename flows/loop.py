@@ -153,7 +153,8 @@ def _sampled_round(
     chosen, devices = round_clients(ctx, step, phase.per_device)
     asked = family.eval_splits if evaluating else ()
     secure = round_context(ctx.run_id, step) if config.secure_aggregation else None
-    running = None if devices is None else RunningSum(ctx.n_items)  # cohorts: folded on arrival
+    # cohorts: folded on arrival (under secure aggregation they answer with public keys)
+    running = None if devices is None or secure is not None else RunningSum(ctx.n_items)
     faults, submit, unit = fault_plan(config), _Submit(ctx, family, state), task_unit(devices)
 
     def train(entry: ClientEntry, attempt: int) -> PrefectFuture:

@@ -36,7 +36,9 @@ class Privacy:
     noise_multiplier: float
     delta: float
     sampling_rate: float
-    shares: int  # clients whose noise shares add up to the full noise: the round's quorum
+    shares: (
+        int  # clients whose noise shares add up to the full noise (1 without secure aggregation)
+    )
 
     def spent(self, step: int) -> dict[str, float]:
         """The per-step MLflow metrics after ``step`` rounds."""
@@ -48,10 +50,12 @@ def round_clients(
     ctx: RunContext, r: int, per_device: bool = True
 ) -> tuple[set[int], float | None]:
     """The partitions asked to train in round ``r``, and the per-device sampling fraction when
-    they are cohorts of per-user clients sampled device by device (all cohorts train; each user
-    flips its own coin)."""
+    they are cohorts of per-user clients sampled device by device, or under DP (all partitions
+    train; each user flips its own coin)."""
     config = ctx.config
-    if config.partition == "per-user" and per_device:
+    if per_device and (config.partition == "per-user" or config.dp_epsilon is not None):
+        # under DP, sampling is of users, by coins each client flips from OS entropy: the
+        # Poisson sampling the accountant counts, unknown to the server
         return set(range(len(ctx.entries))), config.client_fraction
     return set(sample_clients(len(ctx.entries), config.client_fraction, config.seed, r)), None
 
@@ -63,17 +67,22 @@ def task_unit(devices: float | None) -> str:
 
 def privacy_plan(ctx: RunContext) -> Privacy | None:
     """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
-    defaults to 1 / users; client sampling counts toward amplification)."""
+    defaults to 1 / users), with Poisson sampling of users at ``client_fraction`` (the sampling
+    that runs: :func:`round_clients`)."""
     config = ctx.config
     if config.dp_epsilon is None:
         return None
     delta = config.dp_delta or 1.0 / ctx.manifest.n_users
     q = config.client_fraction
     sigma = calibrate(config.dp_epsilon, q, config.rounds, delta)
-    sampled = len(round_clients(ctx, 1)[0])
-    get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f",
-                          config.dp_epsilon, delta, sigma)  # fmt: skip
-    return Privacy(sigma, delta, q, quorum(config, sampled))
+    # Against the server: without secure aggregation it sees each client's upload, which must
+    # carry the full noise on its own; with it, only sums of at least a quorum of clients, whose
+    # noise shares add up to the full noise.
+    shares = quorum(config, len(ctx.entries)) if config.secure_aggregation else 1
+    get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, "
+                          "noise in shares of %d client(s)", config.dp_epsilon, delta, sigma,
+                          shares)  # fmt: skip
+    return Privacy(sigma, delta, q, shares)
 
 
 # Cohort tasks in flight at once when their answers are folded into a running sum: enough to keep

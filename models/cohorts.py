@@ -23,7 +23,7 @@ import pandas as pd
 
 from models.client import SPLIT, TRAIN, ClientData
 from models.data.schema import USER
-from models.federation.sampling import client_rng
+from models.federation.sampling import round_rng
 from models.protocol import ITEM_ARRAYS, ClientUpdate
 
 
@@ -37,11 +37,20 @@ def sample_devices(user_ids: np.ndarray, fraction: float, seed: int, round_: int
 
 
 def sampled_cohort(
-    client: ClientData, fraction: float, seed: int, round_: int
+    client: ClientData,
+    fraction: float,
+    seed: int,
+    round_: int,
+    coins: np.random.Generator | None = None,
 ) -> tuple[ClientData, int]:
     """The cohort with only its sampled users' training rows (held-out rows stay, for
-    evaluation), and how many sampled users have training rows: the round's clients."""
-    chosen = sample_devices(client.user_ids, fraction, seed, round_)
+    evaluation), and how many sampled users have training rows: the round's clients. With
+    ``coins`` each user's coin is drawn from it (a private run's OS entropy) instead of being
+    derived from the seed."""
+    if coins is None:
+        chosen = sample_devices(client.user_ids, fraction, seed, round_)
+    else:
+        chosen = coins.random(client.n_users) < fraction
     frame = client.frame
     users = frame[USER].to_numpy()
     training = frame[SPLIT].to_numpy() == TRAIN
@@ -60,16 +69,21 @@ def cohort_round(
     train: Callable[[ClientData, Sequence[str]], tuple[ClientUpdate, dict[str, Any]]],
     evaluate: Callable[[ClientData, Sequence[str]], dict[str, Any]],
     eval_splits: Sequence[str],
+    coins: np.random.Generator | None = None,
 ) -> tuple[ClientUpdate, dict[str, Any]]:
     """One round of a cohort with a family's client functions: every user evaluates the incoming
     model on ``eval_splits``, the users sampled at ``fraction`` train on it, and the cohort answers
-    with the sum of their updates, saying how many clients (users) it sums."""
-    sampled, n_clients = sampled_cohort(cohort, fraction, seed, round_)
+    with the sum of their updates, saying how many clients (users) it sums. With ``coins`` (a
+    private run) the users' coins come from it and the count is not sent: it depends on the
+    users' rows and is not part of what DP accounts."""
+    sampled, n_clients = sampled_cohort(cohort, fraction, seed, round_, coins)
     if sampled is cohort:  # everyone trains: one fold-in for evaluation and training
         update, evaluations = train(cohort, eval_splits)
     else:
         evaluations = evaluate(cohort, eval_splits)
         update = train(sampled, ())[0]
+    if coins is not None:
+        return update, evaluations
     return replace(update, metrics=update.metrics | {"clients": float(n_clients)}), evaluations
 
 
@@ -84,14 +98,19 @@ def family_cohort_round(
     eval_splits: Sequence[str],
 ) -> tuple[ClientUpdate, dict[str, Any]]:
     """:func:`cohort_round` with a model family's client functions (a
-    :class:`~models.federation.family.Family`) on ``state``."""
-    rng = client_rng(seed, round_, cohort.client_id)
-    return cohort_round(
-        cohort, fraction, seed, round_,
-        lambda client, splits: family.client_round(client, state, phase, rng, splits),
-        lambda client, splits: family.evaluate(client, state, splits),
-        eval_splits,
-    )  # fmt: skip
+    :class:`~models.federation.family.Family`) on ``state``; a private family's coins and noise
+    come from OS entropy."""
+    private = family.private
+    rng = round_rng(seed, round_, cohort.client_id, private=private)
+
+    def train(client: ClientData, splits: Sequence[str]) -> tuple[ClientUpdate, dict[str, Any]]:
+        return family.client_round(client, state, phase, rng, splits)
+
+    def evaluate(client: ClientData, splits: Sequence[str]) -> dict[str, Any]:
+        return family.evaluate(client, state, splits)
+
+    coins = rng if private else None
+    return cohort_round(cohort, fraction, seed, round_, train, evaluate, eval_splits, coins)
 
 
 class RunningSum:

@@ -8,7 +8,10 @@ without pickle.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -63,3 +66,43 @@ class ClientUpdate:
             self.items.nbytes + self.counts.nbytes + sum(a.nbytes for a in self.arrays.values())
         )
         return int(arrays + 8 * len(self.metrics))
+
+
+def answer_arrays(update: ClientUpdate, evaluations: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A client's answer to a round (its update and its evaluation sums per split) as named
+    arrays, to be stored or sent as ``.npz`` (nothing to unpickle)."""
+    header = {
+        "client_id": int(update.client_id),
+        "metrics": {k: float(v) for k, v in update.metrics.items()},
+        "arrays": sorted(update.arrays),
+        "evaluations": {s: {k: float(v) for k, v in e[0].items()} for s, e in evaluations.items()},
+    }
+    out = {
+        "header": np.frombuffer(json.dumps(header).encode(), np.uint8),
+        "items": update.items,
+        "counts": update.counts,
+    }
+    out |= {f"array.{name}": value for name, value in update.arrays.items()}
+    for split, (_, recommended) in evaluations.items():
+        if recommended is not None:
+            out[f"recommended.{split}"] = recommended
+    return out
+
+
+def answer_from_arrays(
+    arrays: Mapping[str, np.ndarray],
+) -> tuple[ClientUpdate, dict[str, tuple[dict[str, float], np.ndarray | None]]]:
+    """The inverse of :func:`answer_arrays`."""
+    header = json.loads(arrays["header"].tobytes().decode())
+    update = ClientUpdate(
+        header["client_id"],
+        arrays["items"],
+        arrays["counts"],
+        {name: arrays[f"array.{name}"] for name in header["arrays"]},
+        header["metrics"],
+    )
+    evaluations = {
+        split: (sums, arrays.get(f"recommended.{split}"))
+        for split, sums in header["evaluations"].items()
+    }
+    return update, evaluations

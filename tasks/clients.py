@@ -6,10 +6,12 @@ says what a client computes.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -18,8 +20,8 @@ from models.cohorts import family_cohort_round
 from models.data.partitions import ClientEntry, read_partition
 from models.federation.evaluation import Evaluation
 from models.federation.family import Family
-from models.federation.sampling import client_rng
-from models.protocol import ClientUpdate
+from models.federation.sampling import round_rng
+from models.protocol import ClientUpdate, answer_arrays, answer_from_arrays
 from tasks.faults import FaultPlan
 from tasks.secure import hold_update, pending_path
 
@@ -35,6 +37,24 @@ def open_client(workspace: str, entry: ClientEntry, n_items: int) -> ClientData:
     """The client's data, read from its partition on first use."""
     mtime = (Path(workspace) / entry.path).stat().st_mtime_ns
     return _client(workspace, entry, n_items, mtime)
+
+
+def _answer_path(workspace: str, entry: ClientEntry, phase: str, round_: int) -> Path:
+    """Where a private client keeps what it answered in a round: beside its partition."""
+    return (Path(workspace) / entry.path).with_suffix(f".answer-{phase}-{round_:04d}.npz")
+
+
+def _keep_answer(path: Path, update: ClientUpdate, evaluations: dict[str, Evaluation]) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        np.savez(out, **answer_arrays(update, evaluations))
+    os.replace(temp, path)
+
+
+def _kept_answer(path: Path) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+    with np.load(path, allow_pickle=False) as stored:
+        return answer_from_arrays({name: stored[name] for name in stored.files})
 
 
 @task(name="train-client", cache_policy=NONE)
@@ -54,22 +74,31 @@ def train_client(
     devices: float | None = None,
 ) -> tuple[ClientUpdate | bytes, dict[str, Evaluation]]:
     """Evaluate the incoming global state on the client's own rows, then compute its update for
-    ``phase`` of the family's training (its random stream drawn from seed, round and client).
+    ``phase`` of the family's training (its random stream drawn from seed, round and client; a
+    private family's from OS entropy).
 
-    With ``secure_context`` (secure aggregation) the update stays on the client and the task
+    A private family's client answers a round once: asked again (a retry, a round repeated for
+    the quorum, a resumed run) it sends the noisy answer it already gave, so no extra release
+    happens. With ``secure_context`` (secure aggregation) the update stays on the client and the task
     returns the client's public key for the round instead. With ``devices`` the partition is a
     cohort of per-user clients, sampled at that fraction (:mod:`models.cohorts`).
     """
     if faults is not None:
         faults.inject(entry.client_id, round_)
-    client = open_client(workspace, entry, n_items)
-    if devices is not None:
-        update, evaluations = family_cohort_round(
-            family, client, state, phase, seed, round_, devices, eval_splits
-        )
+    kept = _answer_path(workspace, entry, phase, round_) if family.private else None
+    if kept is not None and kept.exists():
+        update, evaluations = _kept_answer(kept)
     else:
-        rng = client_rng(seed, round_, entry.client_id)
-        update, evaluations = family.client_round(client, state, phase, rng, eval_splits)
+        client = open_client(workspace, entry, n_items)
+        if devices is not None:
+            update, evaluations = family_cohort_round(
+                family, client, state, phase, seed, round_, devices, eval_splits
+            )
+        else:
+            rng = round_rng(seed, round_, entry.client_id, private=family.private)
+            update, evaluations = family.client_round(client, state, phase, rng, eval_splits)
+        if kept is not None:
+            _keep_answer(kept, update, evaluations)
     if secure_context is not None:
         held = pending_path(workspace, entry)
         return hold_update(update, n_items, family, secure_context, held), evaluations

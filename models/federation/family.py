@@ -63,6 +63,7 @@ class Family(Protocol):
     name: str
     top_k: int
     eval_splits: tuple[str, ...]  # what clients evaluate every step
+    private: bool  # under DP: the clients' streams come from OS entropy, not the seed
 
     def phases(self, rounds: int) -> list[Phase]:
         """The training's phases for ``rounds`` sampled rounds."""

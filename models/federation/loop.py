@@ -13,7 +13,7 @@ import numpy as np
 from models.client import ClientData
 from models.federation.evaluation import summarize_splits
 from models.federation.family import Family, Phase, SecureFamily
-from models.federation.sampling import client_rng, sample_clients
+from models.federation.sampling import round_rng, sample_clients
 from models.metrics import add_sums
 from models.protocol import ClientUpdate
 
@@ -61,6 +61,10 @@ def run_family(
     """
     if secure_sum is not None and not isinstance(family, SecureFamily):
         raise ValueError(f"the {family.name} family has no secure-aggregation encoding")
+
+    def rng(round_: int, client_id: int) -> np.random.Generator:
+        return round_rng(seed, round_, client_id, private=family.private)
+
     state = family.initial_state(n_items, seed)
     if start_from is not None:
         state = start_from(state)
@@ -78,9 +82,7 @@ def run_family(
                 ]
                 stream = step
             updates = [
-                family.client_round(
-                    c, state, phase.name, client_rng(seed, stream, c.client_id), ()
-                )[0]
+                family.client_round(c, state, phase.name, rng(stream, c.client_id), ())[0]
                 for c in chosen
             ]
             if secure_sum is not None and not phase.everyone:

@@ -53,6 +53,10 @@ class ExplicitMF:
     def top_k(self) -> int:
         return self.config.top_k
 
+    @property
+    def private(self) -> bool:
+        return self.config.dp is not None
+
     def phases(self, rounds: int) -> list[Phase]:
         # Under DP the mean would be one more release: the model starts from the scale's middle.
         mean = [] if self.config.dp is not None else [Phase("mean", 1, everyone=True)]

@@ -187,11 +187,13 @@ def client_update(
     err = rows.ratings - predict_ratings(user_params, params, rows.users, rows.items)
     metrics = {"train_sse": float(err @ err), "train_n": float(err.size)}
     if config.algorithm == "als" and config.dp is not None:
+        # only the noised statistics leave: the training error depends on the rows and is not
+        # part of what the accountant counts
         limited = limit_items(rows, config.dp.max_items, rng)
         stats = clipped_statistics(limited, user_params, params.global_mean, config.dp)
         stats = noisy_dense(stats, params.n_items, config.dp.noise_std(config.dp.sensitivity), rng)
         arrays = {"gram": stats.grams, "rhs": stats.rhs}
-        return ClientUpdate(client.client_id, stats.items, stats.counts, arrays, metrics)
+        return ClientUpdate(client.client_id, stats.items, stats.counts, arrays)
     if config.algorithm == "als":
         stats = item_statistics(rows, user_params, params.global_mean)
         arrays = {"gram": stats.grams, "rhs": stats.rhs}

@@ -84,6 +84,10 @@ class TwoStage:
     def top_k(self) -> int:
         return self.config.top_k
 
+    @property
+    def private(self) -> bool:
+        return self.config.dp is not None
+
     def phases(self, rounds: int) -> list[Phase]:
         phases = [Phase(ALS, rounds)]
         if self.config.dp is None:

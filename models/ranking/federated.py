@@ -122,13 +122,12 @@ def implicit_client_round(
         std = dp.noise_std(dp.implicit_sensitivity(config.alpha))
         s = noisy_dense(s, client.n_items, std, rng)
         user_gram = noisy_gram(user_gram, std, rng)
+    # under DP only the noised statistics leave: the row count is not part of what is counted
+    metrics = {"train_n": float(len(rows))} if config.dp is None else {}
     update = ClientUpdate(
-        client.client_id,
-        s.items,
-        s.counts,
-        {"gram": s.grams, "rhs": s.rhs, "user_gram": user_gram},
-        {"train_n": float(len(rows))},
-    )
+        client.client_id, s.items, s.counts,
+        {"gram": s.grams, "rhs": s.rhs, "user_gram": user_gram}, metrics,
+    )  # fmt: skip
     return update, evaluations
 
 
