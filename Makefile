@@ -17,10 +17,13 @@ PREFECT_PORT ?= 4200
 
 PREFECT_POOL ?= fedrec-local
 SERVER_API := http://127.0.0.1:$(PREFECT_PORT)/api
-server deploy worker serve: export PREFECT_API_URL ?= $(SERVER_API)
+deploy worker serve: export PREFECT_API_URL ?= $(SERVER_API)
+# `fedrec server start` (make demo, make server) listens here unless a local server already runs
+export FEDREC_PREFECT_PORT ?= $(PREFECT_PORT)
 
-.PHONY: help setup demo test test-fast test-unit lint format mlflow-ui prefect-ui server deploy worker serve \
-	bench-quality bench-overhead bench-speed bench-ranking bench-scale clean
+.PHONY: help setup demo test test-fast test-unit lint format mlflow-ui prefect-ui server server-status server-stop \
+	deploy worker serve \
+	bench-quality bench-overhead bench-speed bench-ranking bench-scale bench-cli clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -32,12 +35,12 @@ setup: .venv/.synced ## install uv if missing, then the locked environment
 	$(UV) sync --frozen
 	@touch $@
 
-demo: setup ## train on built-in synthetic data (local Prefect + SQLite MLflow), register, promote
-	@mkdir -p "$(PREFECT_HOME)"
+demo: setup ## train on built-in synthetic data (local Prefect server + SQLite MLflow), register, promote
+	$(RUN) fedrec server start
 	$(RUN) fedrec train --data synthetic --rounds 10
 	@echo
-	@echo "Inspect it:  make mlflow-ui   -> http://127.0.0.1:$(MLFLOW_PORT)  (runs, metrics per round, model registry)"
-	@echo "             make prefect-ui  -> http://127.0.0.1:$(PREFECT_PORT)  (flow runs, task runs, artifacts)"
+	@echo "Inspect it:  the Prefect UI above keeps running (make server-status; make server-stop ends it)"
+	@echo "             make mlflow-ui   -> http://127.0.0.1:$(MLFLOW_PORT)  (runs, metrics per round, model registry)"
 	@echo "Use it:      uv run fedrec recommend --model models:/fedrec-mf@champion --history FILE --k 10"
 
 mlflow-ui: setup ## MLflow UI on 127.0.0.1 for the local store
@@ -45,9 +48,14 @@ mlflow-ui: setup ## MLflow UI on 127.0.0.1 for the local store
 
 prefect-ui: server ## alias of `make server`: its UI shows the demo's flow runs too
 
-server: setup ## a Prefect server + UI on 127.0.0.1:4200 (PREFECT_PORT; SQLite under FEDREC_HOME)
-	@mkdir -p "$(PREFECT_HOME)"
-	$(RUN) prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+server: setup ## start the local Prefect server + UI in the background (127.0.0.1:PREFECT_PORT, SQLite under FEDREC_HOME)
+	$(RUN) fedrec server start
+
+server-status: setup ## URL, PID and health of the local Prefect server
+	$(RUN) fedrec server status
+
+server-stop: setup ## stop the local Prefect server (SIGTERM, then SIGKILL)
+	$(RUN) fedrec server stop
 
 deploy: setup ## create the process work pool if missing, then deploy deployments/prefect.yaml
 	$(RUN) prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || $(RUN) prefect work-pool create $(PREFECT_POOL) --type process
@@ -76,6 +84,10 @@ test-unit: setup ## the unit tests of the core (tests/unit: no Prefect, no MLflo
 test-fast: setup ## every test not marked slow or realdata: unit, flow (one Prefect test server) and quick e2e
 	$(RUN) pytest -m "not slow and not realdata"
 
+.PHONY: mutation
+mutation: setup ## mutation check of the core on its unit tests (25 min budget); survivors -> benchmarks/results/mutation.json
+	$(RUN) python -m benchmarks.mutation
+
 bench-quality: setup ## RMSE/MAE and timings on ML-100K and ML-1M (Surprise's 5-fold protocol)
 	$(RUN) python -m benchmarks.quality
 
@@ -90,6 +102,9 @@ bench-scale: setup ## seconds/round and peak memory of the flow vs interactions 
 
 bench-overhead: setup ## orchestration overhead: the Prefect flow with MLflow vs the same core calls in a loop
 	$(RUN) python -m benchmarks.overhead
+
+bench-cli: setup ## first-run reliability under CPU load (10 trainings) and cold CLI latencies (medians of 5)
+	$(RUN) python -m benchmarks.cli
 
 clean: ## remove the environment, caches and local runs (.fedrec)
 	rm -rf .venv .pytest_cache .ruff_cache .fedrec

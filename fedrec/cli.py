@@ -1,48 +1,51 @@
-"""The ``fedrec`` command line: train (the Prefect flow), predict and recommend (a registered model).
+"""The ``fedrec`` command line: train (the Prefect flow), predict and recommend (a registered
+model), serve (the nightly schedule) and server (the local Prefect server they report to).
 
 Every flag of ``fedrec train`` is a field of :class:`~fedrec.config.TrainingConfig`, generated from
 it, so the flags, the YAML keys and the flow's parameters cannot drift apart. User errors print one
 line on stderr and exit with status 2; ``--debug`` shows the traceback instead.
+
+Start-up is kept short: this module imports only click and the standard library; each command
+imports the libraries it needs (pandas, Prefect, MLflow, the models) when it runs, after its
+inputs have been checked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
 import sys
 import time
-import types
-import typing
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
+from fedrec import local_server
 from fedrec.cli_errors import OneLineGroup, UserError, debug_option, friendly_errors
-from fedrec.cli_models import predict, recommend
-from fedrec.config import TrainingConfig
+from fedrec.config_flags import ConfigCommand, config_defaults
 
-# Config fields without a flag of their own: set them in the --config YAML file.
-_FILE_ONLY = {"synthetic_users", "synthetic_items", "synthetic_interactions", "local_epochs", "local_lr",
-              "batch_size", "prox_mu", "server_lr", "relevance_threshold", "task_retries", "max_client_regression",
-              "user_col", "item_col", "rating_col", "timestamp_col", "rating_scale", "fault_clients",
-              "fault_dropout_clients"}  # fmt: skip
+MLFLOW_PORT_ENV = "MLFLOW_PORT"  # where `make mlflow-ui` serves the local store
+DEFAULT_MLFLOW_PORT = 5000
 
 
 class _NoErrorRecords(logging.Filter):
-    """Drop Prefect's error records (with their tracebacks): the CLI reports the error in one line."""
+    """Drop Prefect's error records (with their tracebacks) and its line about the failed state:
+    the CLI reports the error itself, in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
+        if record.levelno >= logging.ERROR:
+            return False
+        return not str(record.msg).startswith("Finished in state Failed")
 
 
 def _quiet_prefect(debug: bool) -> None:
     """Per-round progress is the flow's own log; hide Prefect's per-task chatter and, unless
-    debugging, the tracebacks of failed runs and of the temporary server's shutdown.
+    debugging, the tracebacks of failed runs.
 
     Call before Prefect is imported: its logging settings are read then.
     """
@@ -52,42 +55,90 @@ def _quiet_prefect(debug: bool) -> None:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if debug:
         return
-    # The temporary API server that `fedrec train` starts logs a cancelled event flush as an
-    # error when it is stopped at exit; the run itself is complete by then.
+    # A temporary API server (only when PREFECT_API_URL names none and fedrec's local server is
+    # not used) logs a cancelled event flush as an error when it is stopped at exit.
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL", "CRITICAL")
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoErrorRecords())
 
 
-def _config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """One option per TrainingConfig field (help and defaults come from the field)."""
-    for name, field in reversed(list(TrainingConfig.model_fields.items())):
-        if name in _FILE_ONLY:
-            continue
-        annotation = field.annotation
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-            annotation = args[0]
-        if typing.get_origin(annotation) is typing.Literal:
-            kind: Any = click.Choice([str(a) for a in typing.get_args(annotation)])
-        else:
-            kind = annotation if annotation in (int, float, str) else str
-        flag = "--" + name.replace("_", "-")
-        default = field.default
-        if annotation is bool:  # --secure-aggregation / --no-secure-aggregation
-            fn = click.option(
-                f"{flag}/--no-{flag[2:]}", name, default=None,
-                help=f"{field.description} [default: {'on' if default else 'off'}]",
-            )(fn)  # fmt: skip
-            continue
-        fn = click.option(
-            flag, name, type=kind, default=None, help=f"{field.description} [default: {default}]"
-        )(fn)
-    return fn
+def _note(message: str) -> None:
+    """A progress line on stderr (stdout carries results: CSV, the --json summary)."""
+    click.echo(f"fedrec: {message}", err=True)
 
 
-def build_config(config_file: str | None, overrides: dict[str, Any]) -> TrainingConfig:
-    """The YAML file's keys (if any), then the flags given on the command line."""
+@contextlib.contextmanager
+def _step(label: str) -> Iterator[None]:
+    """Name a start-up step as it begins and say how long it took when it ends."""
+    stream = sys.stderr
+    stream.write(f"fedrec: {label} ...")
+    stream.flush()
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        stream.write(" failed\n")
+        stream.flush()
+        raise
+    stream.write(f" {time.perf_counter() - started:.1f} s\n")
+    stream.flush()
+
+
+@contextlib.contextmanager
+def _status(label: str) -> Iterator[None]:
+    """A step whose outcome may still be a one-line error: shown while it lasts on a terminal
+    only, and erased after, so that an error stays the only line."""
+    stream = sys.stderr
+    shown = stream.isatty()
+    if shown:
+        stream.write(f"fedrec: {label} ...")
+        stream.flush()
+    try:
+        yield
+    finally:
+        if shown:
+            stream.write("\r\033[K")
+            stream.flush()
+
+
+# Commands defined in other modules: name -> (module, one-line help shown by `fedrec --help`)
+_LAZY_COMMANDS = {
+    "recommend": ("fedrec.cli_models", "Top-K unseen items per user from a registered model."),
+    "predict": ("fedrec.cli_models", "Predicted scores for given (user, item) pairs."),
+}
+
+
+class LazyGroup(OneLineGroup):
+    """Commands defined in other modules are imported only when run. Their one-line help is kept
+    here, so that listing the commands (``fedrec --help``) imports none of their libraries."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *_LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS and cmd_name not in self.commands:
+            module = importlib.import_module(_LAZY_COMMANDS[cmd_name][0])
+            self.add_command(getattr(module, cmd_name), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            command = self.commands.get(name)
+            if command is None:
+                rows.append((name, _LAZY_COMMANDS[name][1]))
+            elif not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def config_values(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The YAML file's keys (if any), then the flags given on the command line (not yet checked)."""
+    import yaml
+
     values: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
@@ -105,11 +156,117 @@ def build_config(config_file: str | None, overrides: dict[str, Any]) -> Training
             )
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainingConfig(**values)
+    return values
+
+
+def build_config(config_file: str | None, overrides: dict[str, Any]) -> Any:
+    """The TrainingConfig of the YAML file (if any) and the flags given on the command line."""
+    from fedrec.config import TrainingConfig
+
+    return TrainingConfig(**config_values(config_file, overrides))
+
+
+def check_inputs(values: dict[str, Any]) -> None:
+    """Check the run's data files with the core's readers before anything heavy starts.
+
+    Bad data and missing paths end the command here, in one line. Any other surprise (such as
+    an option of the wrong type) is left to the configuration's own checks, which follow.
+    """
+    from fedrec.inputs import InputError, data_sources
+    from fedrec.inputs import check_inputs as check_sources
+    from models.data.errors import DataValidationError
+
+    merged = config_defaults() | values
+    spec = {name: merged.get(name) for name in ("data", "train", "valid", "test")}
+    if not all(isinstance(v, str | None) for v in spec.values()):
+        return
+    if not data_sources(**spec) and spec["valid"] is None and spec["test"] is None:
+        return
+    try:
+        with _status("checking the data files"):
+            check_sources(merged)
+    except (InputError, DataValidationError) as err:
+        raise UserError(str(err)) from err
+    except Exception:  # reported by TrainingConfig next, in its own words
+        return
+
+
+def prefect_api() -> str:
+    """The Prefect API that runs report to: the one configured (``PREFECT_API_URL`` in the
+    environment or Prefect's profile, or a test harness), else fedrec's local server, started
+    here when none runs. Imports Prefect (call ``_quiet_prefect`` first)."""
+    from prefect.settings import get_current_settings
+
+    configured = get_current_settings().api.url
+    if configured:
+        url = str(configured).rstrip("/")
+        for _ in range(10):  # a busy SQLite-backed server answers 503 for a while
+            if local_server.is_healthy(url, timeout=5):
+                return url
+            time.sleep(1)
+        raise UserError(
+            f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start that server, "
+            "or unset PREFECT_API_URL to use fedrec's local server"
+        )
+    state = local_server.read_state()
+    if state is None:
+        _note(
+            "no local Prefect server is running: starting one; it stays up for the next "
+            "commands (`fedrec server stop` ends it)"
+        )
+    state, started = local_server.start()
+    if not started:
+        _note(f"reporting to the local Prefect server at {state.url} (pid {state.pid})")
+    return state.api_url
+
+
+@contextlib.contextmanager
+def using_api(url: str) -> Iterator[None]:
+    """Prefect calls in this process, and processes it starts (Dask workers), go to ``url``."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+
+
+def prefect_flow_run_url(flow_run_id: Any) -> str:
+    """The flow run's page in the Prefect UI of the current API."""
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    base = settings.ui_url or str(settings.api.url or "").removesuffix("/api")
+    return f"{str(base).rstrip('/')}/runs/flow-run/{flow_run_id}"
+
+
+def mlflow_run_url(tracking_uri: str, run_id: str) -> tuple[str, str]:
+    """The run's page in an MLflow UI, and how to open that UI (empty when it is a server)."""
+    from mlflow.tracking import MlflowClient
+
+    from fedrec.home import fedrec_home
+
+    experiment = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}", ""
+    port = os.environ.get(MLFLOW_PORT_ENV, str(DEFAULT_MLFLOW_PORT))
+    local = f"sqlite:///{fedrec_home() / 'mlflow.db'}"
+    how = (
+        "make mlflow-ui"
+        if tracking_uri == local
+        else f"mlflow ui --backend-store-uri {tracking_uri} --port {port}"
+    )
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{run_id}", how
 
 
 @click.group(
-    cls=OneLineGroup,
+    cls=LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
 def main() -> None:
@@ -119,11 +276,11 @@ def main() -> None:
     fedrec train --data synthetic --rounds 10          train, register, promote if better
     fedrec recommend --model models:/fedrec-mf@champion --history h.csv --k 10
     fedrec predict --model models:/fedrec-mf@champion --history h.csv --pairs p.csv
+    fedrec server status                               the local Prefect server and its UI
     """
 
 
-@main.command()
-@_config_options
+@main.command(cls=ConfigCommand)
 @click.option(
     "--config",
     "config_file",
@@ -151,27 +308,51 @@ def train(
 
     Data: --data synthetic (default), ml-100k / ml-1m (under $FEDREC_DATASETS), a MovieLens folder,
     or a CSV/Parquet file with user_id,item_id[,rating][,timestamp]; or --train/--test files.
+
+    Runs report to the Prefect server named by PREFECT_API_URL or, without one, to fedrec's local
+    server (`fedrec server start`), which this command starts when it is not running.
     """
+    started = time.perf_counter()
+    values = config_values(config_file, overrides)
+    check_inputs(values)  # a bad file ends here, before any library or server is loaded
+    with _status("checking the configuration (loads pandas, scikit-learn, LightGBM)"):
+        from fedrec.config import TrainingConfig
+
+        config = TrainingConfig(**values)
+    _note(f"data and configuration checked ({time.perf_counter() - started:.1f} s)")
+    _quiet_prefect(debug)
+    with _step("loading Prefect, MLflow and the training flow"):
+        from flows.training import training_flow
     from fedrec.runtime import keep_freed_memory
 
-    config = build_config(config_file, overrides)
-    _quiet_prefect(debug)
     keep_freed_memory()
-    from flows.training import training_flow
-
     flow = training_flow(config.task_runner, config.dask_address, max_workers)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "no pip in a uv venv"
+    api_url = prefect_api()
     started = time.perf_counter()
     # MLflow prints registry notices on stdout; with --json, stdout carries the summary only.
-    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        summary = flow(**config.model_dump())
+    with (
+        using_api(api_url),
+        contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
+    ):
+        state = flow(**config.model_dump(), return_state=True)
+        flow_run_url = prefect_flow_run_url(state.state_details.flow_run_id)
+        summary = state.result()
     summary["seconds"] = round(time.perf_counter() - started, 2)
+    summary["prefect_flow_run_url"] = flow_run_url
+    mlflow_url, open_mlflow = (
+        mlflow_run_url(summary["tracking_uri"], summary["run_id"])
+        if summary.get("run_id")
+        else ("", "")
+    )
+    summary["mlflow_run_url"] = mlflow_url
     if as_json:
         click.echo(json.dumps(summary, default=str))
         return
     if summary.get("skipped"):
         click.echo(f"\n{summary['reason']} (model {summary['model_name']})")
+        click.echo(f"Prefect flow run: {flow_run_url}")
         return
     metrics = summary["metrics"]
     click.echo(
@@ -182,7 +363,10 @@ def train(
              "test NDCG@10": "test_ndcg_at_10"}  # fmt: skip
     parts = [f"{label} {metrics[key]:.4f}" for label, key in shown.items() if key in metrics]
     click.echo(f"{', '.join(parts)}  ({summary['seconds']} s)")
-    click.echo(f"MLflow run {summary['run_id']} in {summary['tracking_uri']}")
+    click.echo(
+        f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
+    )
+    click.echo(f"Prefect flow run: {flow_run_url}")
 
 
 _DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
@@ -190,6 +374,8 @@ _DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments" / "prefect.ya
 
 def nightly_deployment(path: Path = _DEPLOYMENTS) -> dict[str, Any]:
     """The `nightly` entry of deployments/prefect.yaml: the one place its schedule is written."""
+    import yaml
+
     spec = yaml.safe_load(path.read_text())
     for deployment in spec.get("deployments", []):
         if deployment.get("name") == "nightly":
@@ -214,9 +400,14 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     """Run the nightly retraining schedule in this one process (no worker or work pool needed).
 
     Uses the schedule, default parameters and concurrency limit of the `nightly` deployment in
-    deployments/prefect.yaml; needs a Prefect server (PREFECT_API_URL, e.g. `make server`).
-    Runs can be triggered like the worker-based deployment's, by the name 'federated-training/nightly'.
+    deployments/prefect.yaml; reports to the Prefect server named by PREFECT_API_URL, else to
+    fedrec's local server (started if needed). Runs can be triggered like the worker-based
+    deployment's, by the name 'federated-training/nightly'.
     """
+    import yaml
+
+    from fedrec.config import TrainingConfig
+
     spec = nightly_deployment()
     parameters = dict(spec.get("parameters", {}))
     for item in params:
@@ -232,19 +423,98 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     from flows.training import federated_training
 
     limit = spec.get("concurrency_limit", {}).get("limit", 1)
-    federated_training.serve(
-        name="nightly",
-        schedules=[Cron(cron or schedule["cron"], timezone=schedule.get("timezone", "UTC"))],
-        parameters=parameters,
-        limit=limit,
-        global_limit=limit,
-        description=spec.get("description"),
-        tags=spec.get("tags"),
-    )
+    with using_api(prefect_api()):
+        federated_training.serve(
+            name="nightly",
+            schedules=[Cron(cron or schedule["cron"], timezone=schedule.get("timezone", "UTC"))],
+            parameters=parameters,
+            limit=limit,
+            global_limit=limit,
+            description=spec.get("description"),
+            tags=spec.get("tags"),
+        )
 
 
-main.add_command(recommend)
-main.add_command(predict)
+@main.group()
+def server() -> None:
+    """The local Prefect server (API and UI on 127.0.0.1) that fedrec's commands report to.
+
+    State, PID file and log live in FEDREC_HOME/server (FEDREC_HOME defaults to ./.fedrec); the
+    server's database in PREFECT_HOME (default FEDREC_HOME/prefect). A PREFECT_API_URL set in the
+    environment takes precedence: commands then report there and start nothing.
+    """
+
+
+@server.command("start")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help=f"port to listen on [default: ${local_server.PORT_ENV}, else {local_server.DEFAULT_PORT} "
+    "if free, else any free port]",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=None,
+    help=f"seconds to wait for the server to answer [default: ${local_server.STARTUP_TIMEOUT_ENV}, "
+    f"else {local_server.DEFAULT_STARTUP_TIMEOUT:.0f}]",
+)
+@debug_option
+@friendly_errors
+def server_start(port: int | None, timeout: float | None) -> None:
+    """Start the local Prefect server in the background (or find it running) and wait until it
+    answers."""
+    state, started = local_server.start(port=port, timeout=timeout)
+    if not started:
+        click.echo(f"a local Prefect server is already running at {state.url} (pid {state.pid})")
+    click.echo(f"Prefect UI:  {state.url}")
+    click.echo(f"API:         {state.api_url}  (used by fedrec train and fedrec serve)")
+    click.echo(f"log:         {local_server.log_path()}")
+    click.echo("stop it:     fedrec server stop")
+    if os.environ.get("PREFECT_API_URL", "").rstrip("/") not in ("", state.api_url):
+        _note(
+            f"PREFECT_API_URL is set to {os.environ['PREFECT_API_URL']}: commands report there, "
+            "not to this server"
+        )
+
+
+@server.command("stop")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=local_server.STOP_GRACE,
+    show_default=True,
+    help="seconds between SIGTERM and SIGKILL",
+)
+@debug_option
+@friendly_errors
+def server_stop(grace: float) -> None:
+    """Stop the local Prefect server (SIGTERM, then SIGKILL after a grace period)."""
+    state = local_server.stop(grace=grace)
+    if state is None:
+        click.echo(f"no local Prefect server is running (FEDREC_HOME={local_server.fedrec_home()})")
+    else:
+        click.echo(f"stopped the local Prefect server at {state.url} (pid {state.pid})")
+
+
+@server.command("status")
+def server_status() -> None:
+    """URL, PID and health of the local Prefect server; exit status 0 only when it answers."""
+    state = local_server.read_state()
+    if state is None:
+        click.echo(f"no local Prefect server is running (FEDREC_HOME={local_server.fedrec_home()})")
+        raise SystemExit(1)
+    healthy = local_server.is_healthy(state.api_url)
+    click.echo(f"url:     {state.url}")
+    click.echo(f"api:     {state.api_url}")
+    click.echo(f"pid:     {state.pid}")
+    click.echo(f"uptime:  {time.time() - state.started_at:.0f} s")
+    click.echo(f"health:  {'healthy' if healthy else 'not answering (starting, or busy)'}")
+    click.echo(f"log:     {local_server.log_path()}")
+    if not healthy:
+        raise SystemExit(1)
+
 
 if __name__ == "__main__":
     main()

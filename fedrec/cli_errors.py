@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
+from fedrec.local_server import STARTUP_TIMEOUT_ENV, LocalServerError
 from models.data.errors import DataValidationError
+
+# Prefect's words when its temporary (ephemeral) API server does not start in time
+_EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
 class UserError(click.ClickException):
@@ -46,7 +50,7 @@ class OneLineGroup(click.Group):
             raise SystemExit(1) from err
 
 
-def _one_line(err: ValidationError) -> str:
+def _one_line(err: Any) -> str:
     parts = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
@@ -73,19 +77,32 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:
             if debug:
                 raise
-            from mlflow.exceptions import MlflowException
-
-            if isinstance(err, ValidationError):
-                raise UserError(f"invalid configuration: {_one_line(err)}") from err
-            if isinstance(err, DataValidationError | FileNotFoundError):
-                raise UserError(str(err)) from err
-            if isinstance(err, MlflowException):
-                raise UserError(f"MLflow: {err.message.splitlines()[0]}") from err
-            raise UserError(
-                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            ) from err
+            raise UserError(_describe(err)) from err
 
     return wrapper
+
+
+def _describe(err: Exception) -> str:
+    """One line for an error; libraries that are not loaded cannot have raised it."""
+    if "pydantic" in sys.modules:
+        from pydantic import ValidationError
+
+        if isinstance(err, ValidationError):
+            return f"invalid configuration: {_one_line(err)}"
+    if isinstance(err, DataValidationError | FileNotFoundError | LocalServerError):
+        return str(err)
+    if "mlflow" in sys.modules:
+        from mlflow.exceptions import MlflowException
+
+        if isinstance(err, MlflowException):
+            return f"MLflow: {err.message.splitlines()[0]}"
+    if _EPHEMERAL_TIMEOUT in str(err):
+        return (
+            "Prefect's temporary API server did not start in time (a busy machine?): run "
+            "`fedrec server start` once and every command reuses it, or raise "
+            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (and {STARTUP_TIMEOUT_ENV})"
+        )
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def debug_option(fn: Callable[..., Any]) -> Callable[..., Any]:

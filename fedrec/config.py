@@ -7,14 +7,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.data.movielens import NAMED_DATASETS
-from models.data.readers import datasets_dir
+from fedrec.home import fedrec_home as fedrec_home
+from fedrec.inputs import check_sources_exist, check_split_files, data_sources
 from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
 from models.privacy.redaction import redact_uri
@@ -34,11 +32,6 @@ PromotionMetric = Literal[
     "valid_rmse", "valid_mae", "valid_ndcg_at_10", "valid_recall_at_10", "valid_map_at_10",
     "test_ndcg_at_10", "test_recall_at_10", "test_map_at_10",
 ]  # fmt: skip
-
-
-def fedrec_home() -> Path:
-    """Where runs keep their state by default: ``$FEDREC_HOME``, else ``./.fedrec``."""
-    return Path(os.environ.get("FEDREC_HOME", ".fedrec")).expanduser().resolve()
 
 
 class TrainingConfig(BaseModel):
@@ -312,10 +305,7 @@ class TrainingConfig(BaseModel):
             raise ValueError(
                 f"valid_fraction + test_fraction = {self.valid_fraction + self.test_fraction}, must be < 1"
             )
-        if (self.train is None) != (self.test is None):
-            raise ValueError("--train and --test go together: give both, or neither")
-        if self.valid is not None and self.train is None:
-            raise ValueError("--valid needs --train and --test")
+        check_split_files(train=self.train, valid=self.valid, test=self.test)
         if self.partition == "by-key" and self.partition_key is None:
             raise ValueError("--partition by-key needs --partition-key (a user-feature column)")
         if self.partition not in ("by-key", "per-user") and self.clients is None:
@@ -380,19 +370,9 @@ class TrainingConfig(BaseModel):
                     "so compare on test_* metrics"
                 )
         # A mistyped path fails here, before any server, run or task starts.
-        sources = {"train": self.train, "valid": self.valid, "test": self.test}
-        if self.train is None:
-            sources["data"] = self.data
-        for name, spec in sources.items():
-            if spec is None or spec == "synthetic":
-                continue
-            path = (
-                datasets_dir() / spec
-                if spec in NAMED_DATASETS and not Path(spec).exists()
-                else Path(spec)
-            )
-            if not path.exists():
-                raise ValueError(f"{name}={spec!r}: no such file or folder ({path.resolve()})")
+        check_sources_exist(
+            data_sources(data=self.data, train=self.train, valid=self.valid, test=self.test)
+        )
         return self
 
     @property

@@ -1,0 +1,136 @@
+"""The data a training run reads, and the checks on it that can run before anything starts.
+
+The flow reads and validates its data inside Prefect, after a server is up. ``check_inputs`` runs
+the same readers of the core first, in the command line, so that a mistyped path or a bad header
+costs a second, not a server start: files up to ``WHOLE_FILE_BYTES`` are read whole, larger CSV
+files up to their first ``HEAD_BYTES`` (every header problem and the first rows); large Parquet
+files and MovieLens folders are left to the flow. Only pandas is loaded, not the models.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+WHOLE_FILE_BYTES = 4 * 2**20
+HEAD_BYTES = 2**20
+# read_interactions' keyword arguments, which are TrainingConfig fields of the same name
+FILE_OPTIONS = ("user_col", "item_col", "rating_col", "timestamp_col", "rating_scale")
+
+
+class InputError(ValueError):
+    """Data sources that cannot make a run (a one-line message naming them)."""
+
+
+class MissingSourceError(InputError):
+    """A data source that does not exist (one line naming the config key, the spec and the path)."""
+
+
+def check_split_files(*, train: str | None, valid: str | None, test: str | None) -> None:
+    """Raise ``InputError`` unless explicit split files come as ``train`` + ``test`` (+ ``valid``)."""
+    if (train is None) != (test is None):
+        raise InputError("--train and --test go together: give both, or neither")
+    if valid is not None and train is None:
+        raise InputError("--valid needs --train and --test")
+
+
+def data_sources(
+    *, data: str | None, train: str | None, valid: str | None, test: str | None
+) -> dict[str, str]:
+    """The files or folders a run reads, by config key: ``train``/``valid``/``test`` when given,
+    else ``data`` (``"synthetic"`` reads nothing)."""
+    sources = {"train": train, "valid": valid, "test": test}
+    if train is None:
+        sources["data"] = data
+    return {name: spec for name, spec in sources.items() if spec not in (None, "synthetic")}
+
+
+def source_path(spec: str) -> Path:
+    """Where a data spec points: a named dataset (``ml-1m``) under ``$FEDREC_DATASETS`` unless
+    such a path exists here, else the path itself."""
+    from models.data.movielens import NAMED_DATASETS
+    from models.data.readers import datasets_dir
+
+    return (
+        datasets_dir() / spec if spec in NAMED_DATASETS and not Path(spec).exists() else Path(spec)
+    )
+
+
+def check_sources_exist(sources: Mapping[str, str]) -> None:
+    """Raise ``MissingSourceError`` naming the first source that does not exist."""
+    for name, spec in sources.items():
+        path = source_path(spec)
+        if not path.exists():
+            raise MissingSourceError(f"{name}={spec!r}: no such file or folder ({path.resolve()})")
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of the files directly inside a folder."""
+    if path.is_dir():
+        return sum(child.stat().st_size for child in path.iterdir() if child.is_file())
+    return path.stat().st_size
+
+
+def _read_head(path: Path, options: dict[str, Any]) -> None:
+    """Validate the file's first HEAD_BYTES (cut after a whole row) with the core's reader; its
+    errors name the real file."""
+    from models.data.errors import DataValidationError
+    from models.data.readers import read_interactions
+
+    with open(path, "rb") as handle:
+        head = handle.read(HEAD_BYTES)
+    head = head[: head.rfind(b"\n") + 1] or head
+    with tempfile.TemporaryDirectory(prefix="fedrec-check-") as folder:
+        copy = Path(folder) / path.name
+        copy.write_bytes(head)
+        try:
+            read_interactions(copy, **options)
+        except DataValidationError as err:
+            raise DataValidationError(
+                err.problem, file=str(path), row=err.row, column=err.column, value=err.value,
+                allowed=err.allowed,
+            ) from err  # fmt: skip
+
+
+def check_inputs(values: Mapping[str, Any]) -> list[str]:
+    """Check a run's data sources with the core's readers before any server or flow starts.
+
+    Parameters
+    ----------
+    values : mapping
+        TrainingConfig field values (the defaults, then the YAML file's keys, then the flags).
+
+    Returns
+    -------
+    list of str
+        The sources checked (paths), for a progress line.
+
+    Raises
+    ------
+    InputError
+        Split files that do not go together, or a source that does not exist
+        (``MissingSourceError``).
+    DataValidationError
+        The first problem the core's reader finds (file, row, column, value, what is allowed).
+    """
+    from models.data.readers import CSV_SUFFIXES, PARQUET_SUFFIXES, load_dataset
+
+    files = {name: values.get(name) for name in ("train", "valid", "test")}
+    check_split_files(**files)
+    sources = data_sources(data=values.get("data"), **files)
+    check_sources_exist(sources)
+    options = {name: values[name] for name in FILE_OPTIONS if name in values}
+    checked = []
+    for spec in sources.values():
+        path = source_path(spec).expanduser()
+        is_table = path.is_file() and path.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES
+        if _size(path) <= WHOLE_FILE_BYTES:
+            load_dataset(str(path), **(options if is_table else {}))  # what the flow will do
+        elif path.suffix.lower() in CSV_SUFFIXES:
+            _read_head(path, options)
+        else:
+            continue
+        checked.append(str(path))
+    return checked

@@ -1,0 +1,160 @@
+"""fedrec's local Prefect server: `fedrec server start|status|stop` on a free loopback port with a
+temporary FEDREC_HOME, checked from outside (the PID's process, the port, /api/health), and the
+stop path's escalation to SIGKILL on a process that ignores SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fedrec import local_server
+
+CLI = [sys.executable, "-m", "fedrec.cli"]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    return env | {"FEDREC_HOME": str(home), "PREFECT_HOME": str(home / "prefect")} | extra
+
+
+def _fedrec(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie entry is left (it has exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _health(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5) as r:
+            return r.status
+    except OSError:
+        return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, no listener
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_start_status_stop_lifecycle(tmp_path):
+    port = local_server.free_port()
+    env = _env(tmp_path, FEDREC_PREFECT_PORT=str(port))
+    pid_file = tmp_path / "server" / local_server.PID_FILE
+    try:
+        started = _fedrec("server", "start", "--timeout", "600", env=env, timeout=700)
+        assert started.returncode == 0, started.stderr
+        assert f"http://127.0.0.1:{port}" in started.stdout
+        assert "ready in" in started.stderr
+        pid = int(pid_file.read_text())
+        assert not _gone(pid) and _health(port) == 200
+        assert (tmp_path / "prefect").is_dir()  # the server's database lives under FEDREC_HOME
+        assert (tmp_path / "server" / local_server.LOG_FILE).stat().st_size > 0
+
+        status = _fedrec("server", "status", env=env)
+        again = _fedrec("server", "start", env=env)
+
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert f"pid:     {pid}" in status.stdout and "healthy" in status.stdout
+        assert again.returncode == 0 and "already running" in again.stdout
+        assert int(pid_file.read_text()) == pid  # reused, not a second server
+
+        stopped = _fedrec("server", "stop", env=env)
+
+        assert stopped.returncode == 0 and f"pid {pid}" in stopped.stdout, stopped.stderr
+        assert _gone(pid)
+        assert not pid_file.exists()
+        assert _health(port) is None and _port_free(port)
+        after = _fedrec("server", "status", env=env)
+        assert after.returncode == 1 and "no local Prefect server is running" in after.stdout
+    finally:
+        if pid_file.exists():
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_stop_without_a_server_says_so(tmp_path):
+    stopped = _fedrec("server", "stop", env=_env(tmp_path))
+
+    assert stopped.returncode == 0 and "no local Prefect server is running" in stopped.stdout
+
+
+def test_a_taken_port_is_one_line_and_starts_nothing(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = _fedrec("server", "start", "--port", str(port), env=_env(tmp_path))
+
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == (
+        f"fedrec: error: port {port} on 127.0.0.1 is in use: choose another with --port or "
+        "FEDREC_PREFECT_PORT"
+    )
+    assert not (tmp_path / "server" / local_server.PID_FILE).exists()
+
+
+def test_a_stale_record_of_a_dead_server_is_cleared(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "server"
+    folder.mkdir()
+    (folder / local_server.STATE_FILE).write_text(
+        json.dumps({"pid": dead.pid, "port": 1, "started_at": 0.0, "process_start": None})
+    )
+    (folder / local_server.PID_FILE).write_text(f"{dead.pid}\n")
+
+    status = _fedrec("server", "status", env=_env(tmp_path))
+
+    assert status.returncode == 1 and "no local Prefect server is running" in status.stdout
+    assert not (folder / local_server.PID_FILE).exists()
+
+
+def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"  # the handler is installed
+        folder = tmp_path / "server"
+        folder.mkdir()
+        record = {"pid": stubborn.pid, "port": 1, "started_at": time.time(),
+                  "process_start": local_server._process_start(stubborn.pid)}  # fmt: skip
+        (folder / local_server.STATE_FILE).write_text(json.dumps(record))
+
+        started = time.monotonic()
+        stopped = _fedrec("server", "stop", "--grace", "1", env=_env(tmp_path))
+        stubborn.wait(timeout=10)
+
+        assert stopped.returncode == 0, stopped.stderr
+        assert stubborn.returncode == -signal.SIGKILL
+        assert time.monotonic() - started >= 1  # SIGTERM was given its grace period first
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()

@@ -1,0 +1,153 @@
+"""The command line answers before it loads heavy libraries or starts a server: `fedrec --help`
+imports none of them, and a missing or malformed data file is refused in one line by the core's
+readers, before Prefect, MLflow or the models are imported. Each case runs in a fresh process,
+as a user's command would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HEAVY = ("prefect", "mlflow", "sklearn", "lightgbm", "pandas", "scipy", "pydantic")
+GOOD_ROWS = "".join(
+    f"u{u},i{(u * 7 + j) % 40},{1 + (u + j) % 5}\n" for u in range(30) for j in range(5)
+)
+
+# Runs the CLI in this interpreter and prints, at exit, which heavy modules it had imported.
+_PROBE = """
+import atexit, json, sys
+atexit.register(lambda: print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules))))
+from fedrec.cli import main
+main({args!r})
+"""
+
+
+def _cli(args: list[str], home: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"FEDREC_HOME": str(home)}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(heavy=HEAVY, args=args)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    imported = json.loads(done.stdout.strip().splitlines()[-1])
+    return done, imported
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess[str], *parts: str) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("fedrec: error: "), done.stderr
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
+
+
+def _assert_nothing_started(home: Path) -> None:
+    assert not (home / "server").exists(), list((home / "server").iterdir())
+    assert not (home / "mlflow.db").exists()
+
+
+def test_top_level_help_imports_no_heavy_library(tmp_path):
+    done, imported = _cli(["--help"], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    for command in ("train", "recommend", "predict", "serve", "server"):
+        assert f"\n  {command} " in done.stdout, command
+    assert imported == []
+
+
+def test_train_help_comes_from_the_flag_cache_without_the_config(tmp_path):
+    _cli(["train", "--help"], tmp_path)  # builds the cache if the sources changed
+
+    done, imported = _cli(["train", "--help"], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert "--rounds INTEGER" in done.stdout and "[default: 10]" in done.stdout
+    assert "--partition [iid|dirichlet|by-key|per-user]" in done.stdout
+    assert imported == []
+
+
+def test_the_flag_cache_describes_the_config_as_it_is():
+    from fedrec.config import TrainingConfig
+    from fedrec.config_flags import config_defaults, config_fields, describe_fields
+
+    assert config_fields() == describe_fields()
+    defaults = config_defaults()
+    assert set(defaults) == set(TrainingConfig.model_fields)
+    assert defaults["rounds"] == TrainingConfig().rounds
+    assert tuple(defaults["rating_scale"]) == TrainingConfig().rating_scale
+
+
+def test_a_missing_file_is_refused_before_any_library_or_server_loads(tmp_path):
+    missing = tmp_path / "missing.csv"
+
+    done, imported = _cli(["train", "--data", str(missing)], tmp_path / "home")
+
+    _assert_one_line_error(done, f"data={str(missing)!r}: no such file or folder")
+    assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
+def test_a_bad_header_names_file_column_and_what_is_allowed(tmp_path):
+    data = tmp_path / "ratings.csv"
+    data.write_text("user_id,itemid,rating\n" + GOOD_ROWS)
+
+    done, imported = _cli(["train", "--data", str(data)], tmp_path / "home")
+
+    _assert_one_line_error(
+        done, str(data), "column 'item_id'", "did you mean 'itemid'?",
+        "allowed: one of the columns present: 'user_id', 'itemid', 'rating'",
+    )  # fmt: skip
+    assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
+def test_a_bad_value_names_its_row(tmp_path):
+    data = tmp_path / "ratings.csv"
+    data.write_text("user_id,item_id,rating\n" + GOOD_ROWS + "u1,i3,9\n")
+    row = GOOD_ROWS.count("\n") + 1
+
+    done, _ = _cli(["train", "--data", str(data)], tmp_path / "home")
+
+    _assert_one_line_error(
+        done, str(data), f"row {row}", "column 'rating'", "9", "outside the rating scale"
+    )
+    _assert_nothing_started(tmp_path / "home")
+
+
+def test_a_large_file_is_checked_by_its_head_and_errors_name_the_real_file(tmp_path):
+    from fedrec.inputs import WHOLE_FILE_BYTES
+
+    data = tmp_path / "big.csv"
+    rows = GOOD_ROWS * (WHOLE_FILE_BYTES // len(GOOD_ROWS) + 1)
+    data.write_text("user,item_id,rating\n" + rows)
+    assert data.stat().st_size > WHOLE_FILE_BYTES
+
+    done, _ = _cli(["train", "--data", str(data)], tmp_path / "home")
+
+    line = _assert_one_line_error(done, f"fedrec: error: {data}, column 'user_id'")
+    assert "fedrec-check-" not in line  # not the temporary copy of the head
+    _assert_nothing_started(tmp_path / "home")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--train", "{good}"], "--train and --test go together"),
+        (["--rounds", "0"], "rounds: Input should be greater than or equal to 1"),
+    ],
+)
+def test_configuration_errors_still_come_from_the_config_in_one_line(tmp_path, args, expected):
+    good = tmp_path / "good.csv"
+    good.write_text("user_id,item_id,rating\n" + GOOD_ROWS)
+    args = [a.replace("{good}", str(good)) for a in args]
+
+    done, _ = _cli(["train", *args], tmp_path / "home")
+
+    _assert_one_line_error(done, expected)
+    _assert_nothing_started(tmp_path / "home")
