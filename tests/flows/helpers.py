@@ -19,3 +19,55 @@ def tracking_store(home: Path) -> Iterator[dict[str, Any]]:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         uri = f"sqlite:///{home / 'mlflow.db'}"
         yield {"uri": uri, "client": MlflowClient(tracking_uri=uri, registry_uri=uri), "home": home}
+
+
+def _is_pickle(data: bytes) -> bool:
+    """True if ``data`` parses, from first byte to last, as a pickle opcode stream."""
+    import pickletools
+
+    try:
+        ops = list(pickletools.genops(data))
+    except Exception:
+        return False
+    last_op, _, position = ops[-1]
+    return last_op.name == "STOP" and position == len(data) - 1
+
+
+def model_file_kinds(uri: str, model_name: str, version: str, folder: Path) -> dict[str, str]:
+    """Download a registered model version's files and name the kind of each: ``npz`` (a zip of
+    ``.npy`` arrays that load without pickle), ``parquet`` or ``text`` (UTF-8). Any other file,
+    and any file or zip member that is a pickle, fails the calling test."""
+    import zipfile
+
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(uri)
+    root = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{model_name}/{version}", dst_path=str(folder)
+        )
+    )
+    kinds = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name, data = str(path.relative_to(root)), path.read_bytes()
+        assert path.suffix.lower() not in {".pkl", ".pickle", ".joblib"}, name
+        assert not data.startswith(b"\x80") and not _is_pickle(data), f"{name} is a pickle"
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    inner = archive.read(member)
+                    assert member.endswith(".npy") and inner.startswith(b"\x93NUMPY"), (
+                        name,
+                        member,
+                    )
+            with np.load(path, allow_pickle=False) as arrays:  # object arrays would need pickle
+                for key in arrays.files:
+                    assert not arrays[key].dtype.hasobject, (name, key)
+            kinds[name] = "npz"
+        elif data.startswith(b"PAR1") and data.endswith(b"PAR1"):
+            kinds[name] = "parquet"
+        else:
+            data.decode("utf-8")  # raises on anything binary that is neither of the above
+            kinds[name] = "text"
+    return kinds

@@ -264,3 +264,11 @@ def test_sampled_rounds_still_evaluate_every_client(store):
     }  # 50% of 4 train
     profile = pd.read_csv(client.download_artifacts(summary["run_id"], "client_metrics.csv"))
     assert len(profile) == 4  # but all 4 are evaluated
+
+
+def test_no_file_of_the_registered_model_is_a_pickle(store, first_run, tmp_path):
+    from tests.flows.helpers import model_file_kinds
+
+    kinds = model_file_kinds(store["uri"], "flowtest", first_run["model_version"], tmp_path)
+
+    assert kinds["MLmodel"] == "text" and "npz" in kinds.values(), kinds  # state: arrays in .npz

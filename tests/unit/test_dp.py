@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from models.mf.als import RatingRows, UserParams
-from models.mf.linalg import pack_symmetric
 from models.privacy.dp import (
     UserLevelDP,
     calibrate,
@@ -44,7 +43,6 @@ def test_one_users_contribution_stays_within_the_sensitivity():
     assert np.bincount(both.users)[0] == 5  # user 0 was cut to max_items rows
     assert np.linalg.norm(change) <= dp.sensitivity + 1e-9
     assert np.linalg.norm(change) > 0.5 * dp.sensitivity  # the bound is not vacuous here
-    assert pack_symmetric(np.eye(2)[None]).shape == (1, 3)
 
 
 def test_noise_has_the_calibrated_scale_on_every_item():
