@@ -146,9 +146,10 @@ def balance(entries: Iterable[Entry]) -> Balance:
 class Request:
     """A private run asking to spend ``(epsilon, delta)``.
 
-    ``cap_epsilon``/``cap_delta`` are the cap the run names (None: the stored one, or at first
-    use this run's own epsilon/delta); ``set_cap`` is the operator's explicit request to store
-    them as the new cap.
+    ``cap_epsilon``/``cap_delta`` are the cap the run names (None: the stored one; at first
+    use, this run's epsilon, and ``delta * cap_epsilon / epsilon``, so the delta cap allows as
+    many runs like this one as the epsilon cap does); ``set_cap`` is the operator's explicit
+    request to store them as the new cap.
     """
 
     epsilon: float
@@ -183,11 +184,12 @@ def plan_reservation(current: Balance, request: Request, *, at: int) -> list[Ent
     if request.set_cap or stored is None:
         if request.set_cap and request.cap_epsilon is None:
             raise BudgetError("privacy ledger: setting the cap needs --dp-budget (an epsilon)")
-        keep_delta = stored.delta if stored is not None else request.delta
-        cap = Cap(
-            request.cap_epsilon if request.cap_epsilon is not None else request.epsilon,
-            request.cap_delta if request.cap_delta is not None else keep_delta,
-        )
+        cap_epsilon = request.cap_epsilon if request.cap_epsilon is not None else request.epsilon
+        # An omitted delta cap allows as many runs like this one as the epsilon cap does.
+        cap_delta = request.cap_delta
+        if cap_delta is None:
+            cap_delta = request.delta * cap_epsilon / request.epsilon
+        cap = Cap(cap_epsilon, cap_delta)
         writes.append(Entry("cap", cap=cap, at=at))
     else:
         cap = stored

@@ -218,9 +218,17 @@ def test_secure_aggregation_gives_the_plain_model_and_survives_a_dropout(store):
     assert answered == [2.0, 2.0]  # client 1 vanished after the keys; the survivors re-keyed
 
 
-def test_dp_run_logs_epsilon_and_the_ledger_refuses_past_the_budget(store):
-    import json
+@pytest.fixture
+def own_store(tmp_path, prefect_server):
+    """A store of its own: private runs on the module's users would share one ledger and cap."""
+    with tracking_store(tmp_path) as store:
+        yield store
 
+
+def test_dp_run_logs_epsilon_and_the_ledger_refuses_past_the_budget(own_store):
+    from mlflow.entities import ViewType
+
+    store = own_store
     summary = _run(store, model_name="private", dp_epsilon=8.0, dp_budget=10.0)
 
     client = store["client"]
@@ -229,17 +237,20 @@ def test_dp_run_logs_epsilon_and_the_ledger_refuses_past_the_budget(store):
     assert spent[1][1] > 7.5  # the noise is calibrated to use the budget asked for
     version = client.get_model_version("private", summary["model_version"])
     assert version.tags["fedrec.epsilon"] == "8.0"
-    ledger = json.loads(client.get_registered_model("private").tags["fedrec.epsilon_ledger"])
-    assert list(ledger.values()) == [8.0]
+    ledger = client.get_experiment_by_name("fedrec-privacy-ledger").experiment_id
+    entries = client.search_runs([ledger], run_view_type=ViewType.ALL)
+    spends = [e.data.params for e in entries if e.data.params["kind"] == "spend"]
+    assert [float(e["epsilon"]) for e in spends] == [8.0] and spends[0]["model_name"] == "private"
 
     with pytest.raises(
-        ValueError, match=r"privacy budget: .* has spent epsilon 8 of 10; this run needs 8 more"
+        ValueError, match=r"privacy budget: these users have spent epsilon 8 of 10 .* epsilon 8"
     ):
         _run(store, model_name="private", dp_epsilon=8.0, dp_budget=10.0, rounds=3)
     assert len(client.search_model_versions("name='private'")) == 1
 
 
-def test_dp_implicit_run_spends_its_epsilon_and_serves_implicit_als_alone(store):
+def test_dp_implicit_run_spends_its_epsilon_and_serves_implicit_als_alone(own_store):
+    store = own_store
     summary = _run(store, model_name="private-ranking", dp_epsilon=4.0, rounds=3, **IMPLICIT)
 
     client = store["client"]

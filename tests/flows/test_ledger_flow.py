@@ -1,0 +1,246 @@
+"""The privacy ledger on a real MLflow store: keyed by the users, its cap stored at first use,
+entries that survive deletion, reservations serialised across processes, and a model with private
+versions but no ledger refused."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrec.config import TrainingConfig
+from models.data.synthetic import generate_synthetic
+from models.privacy.ledger import BudgetError, Request
+from tests.flows.helpers import tracking_store
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = {"clients": 3, "factors": 3, "rounds": 1, "skip_if_unchanged": False}
+
+
+@pytest.fixture
+def store(tmp_path):
+    with tracking_store(tmp_path) as store:
+        yield store
+
+
+def _reserve(store, epsilon, *, cap=None, cap_delta=None, set_cap=False, key="users-a",
+             model="m", delta=1e-5):  # fmt: skip
+    from tasks.tracking import reserve_privacy_budget
+
+    request = Request(epsilon, delta, cap, cap_delta, set_cap)
+    return reserve_privacy_budget.fn(store["uri"], request, key=key, model_name=model, about={})
+
+
+def _ledger_runs(store):
+    from mlflow.entities import ViewType
+
+    from tasks.tracking import LEDGER_EXPERIMENT
+
+    client = store["client"]
+    experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)
+
+
+def test_the_cap_stored_at_first_use_is_enforced_when_later_runs_omit_it(store):
+    first = _reserve(store, 4.0, cap=10.0)
+    second = _reserve(store, 4.0)  # no cap given: the stored one applies
+
+    with pytest.raises(BudgetError, match=r"spent epsilon 8 of 10 .* needs epsilon 4"):
+        _reserve(store, 4.0)
+    with pytest.raises(BudgetError, match=r"cap is --dp-budget 10 .* asks for 100"):
+        _reserve(store, 1.0, cap=100.0)
+    assert (first.epsilon, second.epsilon, second.delta) == (4.0, 8.0, pytest.approx(2e-5))
+    other = _reserve(store, 4.0, key="users-b")  # another population has its own ledger
+    assert other.epsilon == 4.0 and other.cap.epsilon == 4.0  # its cap: its first run's epsilon
+    raised = _reserve(store, 2.0, cap=20.0, set_cap=True)  # the operator's explicit action
+    assert raised.epsilon == 10.0 and raised.cap.epsilon == 20.0
+    kinds = sorted(r.data.params["kind"] for r in _ledger_runs(store))
+    assert kinds == ["cap", "cap", "cap", "spend", "spend", "spend", "spend"]
+
+
+def test_deleting_ledger_entries_does_not_erase_the_spending(store):
+    from tasks.tracking import LEDGER_EXPERIMENT
+
+    _reserve(store, 8.0, cap=10.0)
+    client = store["client"]
+    for run in _ledger_runs(store):
+        client.delete_run(run.info.run_id)
+
+    with pytest.raises(BudgetError, match=r"spent epsilon 8 of 10"):
+        _reserve(store, 8.0)
+    client.delete_experiment(client.get_experiment_by_name(LEDGER_EXPERIMENT).experiment_id)
+    with pytest.raises(BudgetError, match=r"fedrec-privacy-ledger' was deleted; restore it"):
+        _reserve(store, 1.0)
+
+
+def test_private_versions_without_a_ledger_refuse_to_start(store, tmp_path):
+    from tasks.tracking import _client, register_model
+    from tests.flows.test_safe_loading import _recommender
+
+    client = _client(store["uri"])
+    run = client.create_run(client.create_experiment("fedrec")).info.run_id
+    register_model.fn(store["uri"], run, _recommender(), "m", {"fedrec.epsilon": "8.0"})
+
+    with pytest.raises(BudgetError, match=r"'m' has 1 private version\(s\) but the ledger"):
+        _reserve(store, 1.0, model="m")
+    assert _reserve(store, 1.0, model="other").epsilon == 1.0  # no private versions: fine
+    recovered = _reserve(store, 1.0, model="m", key="users-c", cap=20.0, set_cap=True)
+    assert recovered.epsilon == 9.0  # the version's 8 recorded as spent, then this run's 1
+    assert _reserve(store, 1.0, model="m", key="users-c").epsilon == 10.0
+
+
+def test_a_reservation_raced_past_the_cap_on_a_remote_store_is_refused(store, monkeypatch):
+    import tasks.tracking as tracking
+    from models.privacy.ledger import Entry, plan_reservation
+
+    monkeypatch.setattr(tracking, "promotion_lock", lambda uri: contextlib.nullcontext())
+    _reserve(store, 4.0, cap=10.0)
+
+    def plan_while_another_writes(current, request, *, at):
+        writes = plan_reservation(current, request, at=at)
+        # another machine's reservation lands between this one's read and its write
+        client = tracking._client(store["uri"])
+        experiment = client.get_experiment_by_name(tracking.LEDGER_EXPERIMENT).experiment_id
+        rival = Entry("spend", 4.0, 1e-5, at=at - 1)
+        tracking._write_entry(client, experiment, rival, {"ledger_key": "users-a"})
+        return writes
+
+    monkeypatch.setattr(tracking, "plan_reservation", plan_while_another_writes)
+
+    with pytest.raises(BudgetError, match=r"concurrent reservation .* epsilon 12 of 10"):
+        _reserve(store, 4.0)
+    monkeypatch.undo()
+    with pytest.raises(BudgetError, match="spent epsilon 12 of 10"):  # the loser stays counted
+        _reserve(store, 0.5)
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from models.privacy.ledger import BudgetError, Request
+    from tasks.tracking import reserve_privacy_budget
+
+    uri, folder, me, n = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    (folder / f"ready-{me}").touch()
+    while len(list(folder.glob("ready-*"))) < n:  # start together once every process imported
+        time.sleep(0.01)
+    try:
+        reserve_privacy_budget.fn(uri, Request(4.0, 1e-5, 10.0), key="shared", model_name=me,
+                                  about={})
+        print("reserved")
+    except BudgetError:
+        print("refused")
+    """
+)
+
+
+def test_concurrent_reservations_from_several_processes_stay_within_the_cap(store, tmp_path):
+    from mlflow.entities import ViewType
+
+    from tasks.tracking import _client, _ledger_balance, _ledger_experiment
+
+    _ledger_experiment(_client(store["uri"]), store["uri"])  # the store exists before the race
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    folder = tmp_path / "barrier"
+    folder.mkdir()
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    command = [sys.executable, str(script), store["uri"], str(folder)]
+
+    def start(i: int) -> subprocess.Popen:
+        return subprocess.Popen([*command, f"p{i}", "4"], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    workers = [start(i) for i in range(4)]
+    answers = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=240)
+        assert worker.returncode == 0, err[-2000:]
+        answers.append(out.strip().splitlines()[-1])
+
+    client = _client(store["uri"])
+    experiment = _ledger_experiment(client, store["uri"])
+    spent = _ledger_balance(client, experiment, "shared")
+    assert sorted(answers) == ["refused", "refused", "reserved", "reserved"]
+    assert (spent.epsilon, spent.spends) == (8.0, 2)  # refused before writing: nothing wasted
+    assert len(client.search_runs([experiment], run_view_type=ViewType.ALL)) == 3  # cap + 2
+
+
+# --- the flow path --------------------------------------------------------------------------
+
+
+def _write_ratings(path: Path) -> pd.DataFrame:
+    data = generate_synthetic(n_users=300, n_items=120, n_interactions=9_000, seed=3)
+    frame = pd.DataFrame(
+        {
+            "user_id": data.user_ids[data.frame["user"].to_numpy()],
+            "item_id": data.item_ids[data.frame["item"].to_numpy()],
+            "rating": data.frame["rating"].to_numpy(),
+        }
+    )
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def _train(store, **fields):
+    from flows.training import federated_training
+
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | fields))
+    return federated_training(**config.model_dump())
+
+
+def test_the_ledger_follows_the_users_not_the_path_spelling_or_model_name(
+    store, tmp_path, prefect_server
+):
+    frame = _write_ratings(tmp_path / "ratings.csv")
+    shutil.copy(tmp_path / "ratings.csv", tmp_path / "renamed.csv")
+    last = frame.groupby("user_id").tail(1).index  # every user keeps rows in the train file
+    frame.drop(index=last).to_csv(tmp_path / "train.csv", index=False)
+    frame.loc[last].to_csv(tmp_path / "test.csv", index=False)
+    refused = r"privacy budget: these users have spent epsilon 4 of 6"
+
+    first = _train(store, data=str(tmp_path / "ratings.csv"), model_name="private-a",
+                   dp_epsilon=4.0, dp_budget=6.0)  # fmt: skip
+    with pytest.raises(ValueError, match=refused):
+        _train(store, data=str(tmp_path / "renamed.csv"), model_name="private-a",
+               dp_epsilon=4.0, dp_budget=6.0)  # fmt: skip
+    with pytest.raises(ValueError, match=refused):
+        _train(store, data=str(tmp_path / "ratings.csv"), model_name="private-b",
+               dp_epsilon=4.0, dp_budget=6.0)  # fmt: skip
+    with pytest.raises(ValueError, match=refused):
+        _train(store, train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv"),
+               model_name="private-c", dp_epsilon=4.0)  # fmt: skip
+
+    client = store["client"]
+    assert client.get_model_version("private-a", first["model_version"]).tags["fedrec.epsilon"]
+    for name in ("private-b", "private-c"):  # refused before any run or version
+        assert client.search_model_versions(f"name='{name}'") == []
+    entries = _ledger_runs(store)
+    assert sorted(r.data.params["kind"] for r in entries) == ["cap", "spend"]
+    spend = next(r for r in entries if r.data.params["kind"] == "spend")
+    assert float(spend.data.params["delta"]) == pytest.approx(1 / 300)
+    assert spend.data.params["source"].endswith("ratings.csv")
+    assert np.isclose(float(spend.data.params["epsilon"]), 4.0)
+
+
+def test_a_flow_with_private_versions_but_no_ledger_refuses_in_one_line(store, prefect_server):
+    from tasks.tracking import _client, register_model
+    from tests.flows.test_safe_loading import _recommender
+
+    client = _client(store["uri"])
+    run = client.create_run(client.create_experiment("elsewhere")).info.run_id
+    register_model.fn(store["uri"], run, _recommender(), "old-private", {"fedrec.epsilon": "2.0"})
+
+    with pytest.raises(ValueError, match=r"^privacy ledger: 'old-private' has 1 private version"):
+        _train(store, synthetic_users=200, synthetic_items=80, synthetic_interactions=4_000,
+               model_name="old-private", dp_epsilon=1.0)  # fmt: skip
+    assert len(client.search_model_versions("name='old-private'")) == 1
