@@ -113,3 +113,54 @@ def test_centralized_als_rejects_bad_hyperparameters():
         CentralizedALS(reg=0).fit(rows)
     with pytest.raises(RuntimeError, match="not fitted"):
         CentralizedALS().predict(np.zeros(1, int), np.zeros(1, int))
+
+
+def test_item_statistics_are_the_sums_written_out():
+    from models.mf.als import UserParams, item_statistics
+    from models.mf.linalg import unpack_symmetric
+
+    rng = np.random.default_rng(5)
+    users, items = np.array([0, 0, 1, 2, 2, 2]), np.array([1, 3, 1, 0, 1, 3])
+    ratings = rng.uniform(1, 5, users.size)
+    people = UserParams(rng.normal(size=(3, 2)), rng.normal(size=3))
+    mean = 3.1
+
+    stats = item_statistics(RatingRows(users, items, ratings, n_users=3, n_items=4), people, mean)
+
+    assert stats.items.tolist() == [0, 1, 3] and stats.counts.tolist() == [1, 3, 2]
+    for j, item in enumerate(stats.items):
+        gram, rhs = np.zeros((3, 3)), np.zeros(3)
+        for u, i, r in zip(users, items, ratings, strict=True):
+            if i == item:
+                x = np.append(people.factors[u], 1.0)  # [p_u, 1]
+                gram += np.outer(x, x)
+                rhs += (r - mean - people.bias[u]) * x
+        np.testing.assert_allclose(unpack_symmetric(stats.grams[j : j + 1], 3)[0], gram)
+        np.testing.assert_allclose(stats.rhs[j], rhs)
+
+
+def test_solve_items_solves_the_weighted_ridge_and_keeps_untouched_items():
+    from models.mf.als import ItemStatistics, solve_items
+    from models.mf.linalg import pack_symmetric
+    from models.mf.params import ItemParams
+
+    rng = np.random.default_rng(6)
+    params = ItemParams(rng.normal(size=(4, 2)), rng.normal(size=4), 3.0)
+    a = rng.normal(size=(5, 3))
+    gram, rhs = a.T @ a, rng.normal(size=3)
+    # item 0 is listed with no rows (as noisy DP counts can round to), item 2 has 4 rows
+    stats = ItemStatistics(
+        np.array([0, 2]),
+        np.array([0, 4]),
+        pack_symmetric(np.stack([gram, gram])),
+        np.stack([rhs, rhs]),
+    )
+
+    out = solve_items(params, stats, reg=0.1)
+
+    want = np.linalg.solve(gram + 0.1 * 4 * np.eye(3), rhs)  # weighted lambda: reg x count
+    np.testing.assert_allclose(out.factors[2], want[:2])
+    assert out.bias[2] == pytest.approx(want[2])
+    for kept in (0, 1, 3):  # no rows, or not in the statistics: the parameters stay
+        np.testing.assert_array_equal(out.factors[kept], params.factors[kept])
+        assert out.bias[kept] == params.bias[kept]

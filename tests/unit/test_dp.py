@@ -158,3 +158,37 @@ def test_dp_als_trades_accuracy_for_privacy():
     )
     assert plain < loose < tight
     assert loose < 1.15 * plain
+
+
+def test_noisy_dense_adds_the_statistics_to_the_noise():
+    from models.mf.als import ItemStatistics
+
+    rng = np.random.default_rng(3)
+    stats = ItemStatistics(
+        np.array([1, 3]), np.array([2, 5]), rng.normal(size=(2, 6)), rng.normal(size=(2, 3))
+    )
+    empty = ItemStatistics(np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 6)), np.zeros((0, 3)))
+
+    exact = noisy_dense(stats, 4, 0.0, np.random.default_rng(0))
+    noisy, noise = (noisy_dense(s, 4, 1.5, np.random.default_rng(9)) for s in (stats, empty))
+
+    assert exact.items.tolist() == [0, 1, 2, 3] and exact.counts.tolist() == [0, 2, 0, 5]
+    np.testing.assert_array_equal(exact.grams[[1, 3]], stats.grams)
+    np.testing.assert_array_equal(exact.rhs[[1, 3]], stats.rhs)
+    assert not exact.grams[[0, 2]].any() and not exact.rhs[[0, 2]].any()
+    # the same noise draw with and without the statistics: the difference is the statistics
+    np.testing.assert_allclose(noisy.counts - noise.counts, exact.counts, atol=1e-12)
+    np.testing.assert_allclose(noisy.grams - noise.grams, exact.grams, atol=1e-12)
+    np.testing.assert_allclose(noisy.rhs - noise.rhs, exact.rhs, atol=1e-12)
+
+
+def test_the_documented_clipping_bounds_and_their_sensitivity():
+    import math
+
+    dp = UserLevelDP(noise_multiplier=1.0)
+
+    # README: at most 100 items per user, factor norm clipped to 0.5, residual to [-2, 2]
+    assert (dp.max_items, dp.factor_clip, dp.residual_clip) == (100, 0.5, 2.0)
+    x2 = 0.5**2 + 1.0  # |[x, 1]|^2 at the clip
+    per_item = x2**2 + 2.0**2 * x2 + 1.0  # |x x^T|_F^2 + |r x|^2 + count^2
+    assert dp.sensitivity == pytest.approx(math.sqrt(100 * per_item))

@@ -102,3 +102,13 @@ def test_federated_evaluation_equals_centralized_evaluation():
 
 def test_add_sums_adds_key_wise():
     assert add_sums([{"a": 1.0}, {"a": 2.0, "b": 3.0}]) == {"a": 3.0, "b": 3.0}
+
+
+@pytest.mark.parametrize(("n_users", "n_items"), [(0, 5), (3, 0), (0, 0)])
+def test_ranking_sums_of_no_users_or_no_items_are_zero(n_users, n_items):
+    empty = sparse.csr_matrix((n_users, n_items))
+
+    sums, recommended = ranking_sums(np.zeros((n_users, n_items)), empty, empty, k=10)
+
+    assert sums["users"] == 0.0 and all(v == 0.0 for v in sums.values())
+    assert recommended.shape == (n_items,) and not recommended.any()
