@@ -228,7 +228,7 @@ class TrainingConfig(BaseModel):
         (), description="simulation: clients whose tasks always fail"
     )
     fault_dropout_clients: tuple[int, ...] = Field(
-        (), description="simulation: clients that vanish after agreeing keys (secure aggregation)"
+        (), description="simulation: clients that vanish after sharing keys (secure aggregation)"
     )
     dp_epsilon: float | None = Field(
         None,
@@ -261,7 +261,8 @@ class TrainingConfig(BaseModel):
     )
     secure_aggregation: bool = Field(
         False,
-        description="clients send only pairwise-masked updates; the server learns only their sum",
+        description="clients send only masked updates (SecAgg: secret-shared masks, signed keys); "
+        "the server learns only the sum of at least t >= 2 clients",
     )
     warm_start: bool = Field(
         False, description="start from the champion's item parameters (new items start fresh)"
@@ -336,10 +337,20 @@ class TrainingConfig(BaseModel):
             )
         if self.attack != "none" and self.clients is None:
             raise ValueError("attack simulation needs --clients (a fixed number of clients)")
-        if self.secure_aggregation and (self.feedback != "explicit" or self.aggregation != "mean"):
+        if self.secure_aggregation and self.aggregation != "mean":
             raise ValueError(
-                "secure_aggregation covers the explicit-feedback algorithms with aggregation='mean' "
+                "secure_aggregation covers aggregation='mean' "
                 "(a robust rule needs the individual updates the server must not see)"
+            )
+        if self.secure_aggregation and self.ranker != "none":
+            raise ValueError(
+                "secure_aggregation with ranker='lightgbm': trees cannot be summed under masks, so "
+                "each client's trees would reach the server in the clear; use --ranker none"
+            )
+        if self.secure_aggregation and self.min_clients < 2:
+            raise ValueError(
+                f"min_clients={self.min_clients} with secure_aggregation: a round of one client "
+                "reveals its update; use --min-clients 2 or more"
             )
         if self.dp_epsilon is not None and self.algorithm != "als":
             raise ValueError("dp_epsilon: differential privacy is implemented for als")

@@ -175,8 +175,8 @@ def _sampled_round(
 
     sent, evaluations = train_and_evaluate(ctx, step, chosen, evaluating, train, evaluate, running)
     updates = list(sent.values())
-    if secure is not None:  # updates are public keys here; the sums come masked
-        state, updates = secure_round(ctx, family, state, sent, step, phase.name)
+    if secure is not None:  # updates stayed on the clients; the sum comes masked
+        state, updates = secure_round(ctx, family, state, sent, step, phase.name, len(chosen))
     else:
         summed = updates if running is None else [running.total()]
         state = aggregate(family=family, state=state, updates=summed, phase=phase.name)

@@ -1,54 +1,149 @@
-"""Secure aggregation in the round loop: the masking half of a round whose training tasks
-returned public keys instead of updates."""
+"""Secure aggregation in the round loop: the protocol half of a round whose training tasks kept
+their updates on the clients (:mod:`models.privacy.secagg_plus`, tasks in :mod:`tasks.secure`).
+
+A round goes: the server fixes the round (threshold t) -> clients advertise signed keys -> the
+server keeps the verified ones -> clients share their seeds -> the server routes the shares ->
+clients send masked inputs -> the server commits to the survivors -> survivors sign that list ->
+the server asks for shares -> survivors unmask -> the server removes the masks and steps.
+
+A client that fails, times out or is refused at any phase is left out, and the protocol removes
+its masks through the others' shares; no update is ever masked twice. Fewer than t clients at
+any step refuse the round (:class:`QuorumError`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import Task, get_run_logger
 
-from flows.rounds import QuorumError, RunContext, answered, require_quorum
+from flows.rounds import QuorumError, RunContext, answered, quorum
 from models.federation.family import Family
-from tasks.secure import mask_client, rekey_client, round_context, secure_aggregate
+from models.privacy.secagg_plus import TooFewClientsError
+from tasks.secure import (
+    ServerStep,
+    read_round_config,
+    secagg_advertise,
+    secagg_aggregate,
+    secagg_commit,
+    secagg_key_directory,
+    secagg_mask,
+    secagg_open,
+    secagg_route_shares,
+    secagg_share,
+    secagg_sign,
+    secagg_unmask,
+    secagg_unmask_request,
+)
 
 
 def secure_round(
-    ctx: RunContext, family: Family, state: Any, public: dict[int, bytes], r: int, phase: str
+    ctx: RunContext,
+    family: Family,
+    state: Any,
+    held: Mapping[int, bytes],
+    r: int,
+    phase: str,
+    asked: int,
 ) -> tuple[Any, list]:
-    """The masking half of a securely aggregated round. If a client vanishes after the key
-    agreement, the round runs again among the survivors with fresh keys (up to round_retries
-    times), since its masks would not cancel; then the server adds the masked vectors. Returns
-    the new state and the masked updates (what the server received)."""
-    config, context = ctx.config, round_context(ctx.run_id, r)
-    for attempt in range(config.round_retries + 1):
-        futures = {
-            c: mask_client.with_options(task_run_name=f"mask client-{c} round-{r}").submit(
-                ctx.workspace, ctx.entries[c], public, context, c in config.fault_dropout_clients
+    """The protocol half of securely aggregated round ``r``: ``held`` maps each client that
+    trained to its held-update receipt, ``asked`` is how many were sampled. Returns the new state
+    and the masked inputs the server committed to (what it received)."""
+    if r == 1:
+        _warn_clear_phases(family, ctx.config.rounds)
+    try:
+        return _protocol(ctx, family, state, held, r, phase, asked)
+    except TooFewClientsError as err:
+        raise QuorumError(f"round {r} (secure aggregation): {err}") from err
+
+
+def _protocol(
+    ctx: RunContext,
+    family: Family,
+    state: Any,
+    held: Mapping[int, bytes],
+    r: int,
+    phase: str,
+    asked: int,
+) -> tuple[Any, list]:
+    workspace = ctx.workspace
+    step = secagg_open(
+        run_id=ctx.run_id, round_=r, receipts=held, asked=asked, quorum=quorum(ctx.config, asked)
+    )
+    config = next(iter(step.to_clients.values()))
+    clients = _Clients(ctx, r, config)
+    adverts = clients.run(secagg_advertise, "advertise", step.to_clients, with_message=False)
+    step = _server(secagg_key_directory, step, adverts, r, workspace)
+    shares = clients.run(secagg_share, "share", step.to_clients)
+    step = _server(secagg_route_shares, step, shares, r, workspace)
+    vanishing = set(ctx.config.fault_dropout_clients)
+    masked = clients.run(secagg_mask, "mask", step.to_clients, vanish=lambda c: c in vanishing)
+    step = _server(secagg_commit, step, masked, r, workspace)
+    received = step.received
+    signatures = clients.run(secagg_sign, "sign", step.to_clients)
+    step = _server(secagg_unmask_request, step, signatures, r, workspace)
+    answers = clients.run(secagg_unmask, "unmask", step.to_clients)
+    state, _ = secagg_aggregate(server=step.server, workspace=workspace, answers=answers,
+                                family=family, state=state, n_items=ctx.n_items, phase=phase)  # fmt: skip
+    get_run_logger().info(
+        "round %d: securely aggregated the updates of %d of %d clients (threshold %d)",
+        r,
+        len(received),
+        len(held),
+        read_round_config(config).threshold,
+    )
+    return state, received
+
+
+class _Clients:
+    """Submits one protocol phase to each client that gets a message, and collects the answers
+    that arrive in time (failures and stragglers are logged and left out)."""
+
+    def __init__(self, ctx: RunContext, r: int, config: bytes) -> None:
+        self.ctx, self.r, self.config = ctx, r, config
+
+    def run(
+        self,
+        task: Task,
+        stage: str,
+        messages: Mapping[int, bytes],
+        with_message: bool = True,
+        vanish: Callable[[int], bool] | None = None,
+    ) -> dict[int, bytes]:
+        futures = {}
+        for c, message in sorted(messages.items()):
+            extra: dict[str, Any] = {"message": message} if with_message else {}
+            if vanish is not None:
+                extra["vanish"] = vanish(c)
+            named = task.with_options(task_run_name=f"secagg-{stage} client-{c} round-{self.r}")
+            futures[c] = named.submit(
+                workspace=self.ctx.workspace, entry=self.ctx.entries[c], config=self.config, **extra
             )
-            for c in public
-        }
-        masked = answered(futures, f"round {r} masking", config.round_timeout)
-        if len(masked) == len(public):
-            vectors = list(masked.values())
-            state, _ = secure_aggregate(
-                family=family, state=state, masked=vectors, n_items=ctx.n_items, phase=phase
-            )
-            return state, vectors
-        survivors = sorted(masked)
-        require_quorum(len(survivors), len(public), config, f"round {r} (secure aggregation)")
-        if attempt == config.round_retries:
-            break
-        fresh = round_context(ctx.run_id, r, attempt + 1)
-        get_run_logger().warning(
-            "round %d: %d client(s) vanished after the key agreement; "
-            "agreeing keys again among %d survivors",
-            r,
-            len(public) - len(survivors),
-            len(survivors),
+        what = f"round {self.r} secagg-{stage}"
+        return answered(futures, what, self.ctx.config.round_timeout)
+
+
+def _server(
+    task: Task, step: ServerStep, answers: dict[int, bytes], r: int, workspace: str
+) -> ServerStep:
+    """One server step over the clients' answers; logs every client it left out and why."""
+    following = task(server=step.server, workspace=workspace, answers=answers)
+    for client, why in sorted(following.left_out.items()):
+        get_run_logger().error(
+            "round %d: %s left client-%d out of secure aggregation: %s", r, task.name, client, why
         )
-        rekeyed = {
-            c: rekey_client.submit(ctx.workspace, ctx.entries[c], context, fresh) for c in survivors
-        }
-        public = answered(rekeyed, f"round {r} re-keying")
-        context = fresh
-    raise QuorumError(f"round {r}: clients kept vanishing during secure aggregation")
+    return following
+
+
+def _warn_clear_phases(family: Family, rounds: int) -> None:
+    """Secure aggregation covers the sampled rounds; a phase every client answers once (the
+    global mean's sums, item co-occurrences) reaches the server in the clear: say so."""
+    clear = [p.name for p in family.phases(rounds) if p.everyone]
+    if clear:
+        get_run_logger().warning(
+            "secure aggregation covers the %s family's sampled rounds only; phase(s) %s send each "
+            "client's answer to the server in the clear",
+            family.name,
+            ", ".join(clear),
+        )

@@ -80,7 +80,7 @@ def train_client(
     A private family's client answers a round once: asked again (a retry, a round repeated for
     the quorum, a resumed run) it sends the noisy answer it already gave, so no extra release
     happens. With ``secure_context`` (secure aggregation) the update stays on the client and the task
-    returns the client's public key for the round instead. With ``devices`` the partition is a
+    returns only a receipt with the held vector's length instead. With ``devices`` the partition is a
     cohort of per-user clients, sampled at that fraction (:mod:`models.cohorts`).
     """
     if faults is not None:

@@ -1,123 +1,455 @@
-"""Client and server tasks of secure aggregation (families with a dense update encoding).
+"""Client and server tasks of secure aggregation (protocol in :mod:`models.privacy.secagg_plus`).
 
-A client's update never leaves it in the clear: the training task keeps its dense, fixed-point
-encoded update and its X25519 key pair in the client's own storage (a file beside its partition,
-readable only by its owner) and returns only the public key; once the server has broadcast the
-round's public keys, the masking task reads them back and returns the masked vector. The two
-phases may run in different processes (Dask workers): the state travels with the client's data,
-not with the process. The server adds the masked vectors and decodes the sum
-(models/privacy/secagg.py).
+One task per client per protocol phase (advertise keys, share keys, masked input, sign the
+survivors, unmask) and one per server step. Each task is one call into the core; what crosses
+between client and server is the protocol's messages as bytes (``to_bytes``/``from_bytes``, no
+pickle), keyed by client.
+
+What a client keeps between phases lives in its own storage, a folder beside its partition that
+only its owner can read (``client-0003.secagg/``): its dense update from training until it is
+masked, its protocol state (round keys, shares, seeds), and its long-term Ed25519 identity key.
+Each phase reads the state, answers, and replaces the state atomically (temp file, fsync, rename),
+so a phase may run in another process than the previous one (Dask workers) and an old copy of the
+state never answers twice. The update is deleted once masked: a round cannot be run again over it.
+
+Identity keys (simulation): each client generates its key once per workspace, in its own folder,
+and its public half is written to the registry folder (``secagg-registry/client-<id>.pub``) that
+the coordinator and the clients verify signatures against. A registered key is never replaced.
+In a real deployment this registration happens out of band (the site hands its public key to the
+coordinator's operator, and clients obtain their peers' keys from a source they trust), never
+through the server that relays the round keys.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from prefect import task
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
+from prefect.exceptions import MissingContextError
 
 from models.data.partitions import ClientEntry
 from models.federation.family import SecureFamily
-from models.privacy.secagg import ClientKeys, decode, encode, mask, unmask_sum
+from models.privacy.identity import (
+    KeyAuthenticationError,
+    generate_identity,
+    load_identity,
+    load_registry,
+    save_identity,
+)
+from models.privacy.secagg_plus import (
+    EncryptedShares,
+    KeyAdvertisement,
+    KeyDirectory,
+    MaskedInput,
+    Message,
+    ProtocolViolationError,
+    RoundConfig,
+    SecAggError,
+    ShareInbox,
+    SurvivorList,
+    SurvivorSignature,
+    TooFewClientsError,
+    UnmaskRequest,
+    UnmaskShares,
+    default_threshold,
+)
+from models.privacy.secagg_plus_client import SecAggClient
+from models.privacy.secagg_plus_server import SecAggServer
+from models.privacy.wire import pack, unpack
 from models.protocol import ClientUpdate
 
+REGISTRY = "secagg-registry"
+_RECEIPT = "held-update"
+_ROUND = "round-config"
+_EMPTY = np.zeros(0, np.int64)
 
-def round_context(run_id: str, round_: int, attempt: int = 0) -> bytes:
-    """What the pairwise seeds are bound to: this run, round and key agreement."""
-    return f"fedrec/{run_id}/round-{round_}/keys-{attempt}".encode()
+
+# --- where a client keeps its secrets -------------------------------------------------------
+
+
+def round_context(run_id: str, round_: int) -> bytes:
+    """The round a held update belongs to."""
+    return f"fedrec/{run_id}/round-{round_}".encode()
+
+
+def client_folder(workspace: str, entry: ClientEntry) -> Path:
+    """The client's own storage: a folder beside its partition."""
+    return (Path(workspace) / entry.path).with_suffix(".secagg")
 
 
 def pending_path(workspace: str, entry: ClientEntry) -> Path:
-    """Where a client keeps its held update between the two phases: beside its partition."""
-    return (Path(workspace) / entry.path).with_suffix(".secagg-pending.npz")
+    """Where a client keeps its dense update from training until it masks it."""
+    return client_folder(workspace, entry) / "held-update.npz"
 
 
-def _keep(path: Path, encoded: np.ndarray, keys: ClientKeys, context: bytes) -> None:
-    """Write the held update, the round's private key and its context, readable by the owner
-    only; atomically (a temp file, then rename), replacing an earlier round's."""
-    private = keys.private.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        np.savez(
-            out,
-            encoded=encoded,
-            private=np.frombuffer(private, np.uint8),
-            context=np.frombuffer(context, np.uint8),
-        )
-    os.replace(temp, path)
+def state_path(workspace: str, entry: ClientEntry) -> Path:
+    """Where a client keeps its protocol state between phases."""
+    return client_folder(workspace, entry) / "round-state.npz"
 
 
-def _held(path: Path, context: bytes) -> tuple[np.ndarray, ClientKeys]:
-    """The held update and key pair for ``context``; a clear error if the client holds none."""
+def registry_folder(workspace: str) -> Path:
+    """The coordinator's registry of identity public keys (``client-<id>.pub``)."""
+    return Path(workspace) / REGISTRY
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically, readable by the owner only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(temp, flags, 0o600)
     try:
-        with np.load(path, allow_pickle=False) as held:
-            stored, encoded, private = held["context"].tobytes(), held["encoded"], held["private"]
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _read_private(path: Path, what: str) -> bytes:
+    """The bytes of a file only its owner may read; a clear error if it is missing or shared."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError as err:
-        raise LookupError(f"{path.name}: no update held for {context.decode()}") from err
-    if stored != context:
-        raise LookupError(
-            f"{path.name}: holds the update for {stored.decode()}, not for {context.decode()}"
-        )
-    key = X25519PrivateKey.from_private_bytes(private.tobytes())
-    public = key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
-    return encoded, ClientKeys(key, public)
+        raise LookupError(f"{path.parent.name}: holds no {what}") from err
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(f"{path} has mode {mode:04o}; a client's {what} must be 0600")
+        return handle.read()
 
 
 def hold_update(
     update: ClientUpdate, n_items: int, family: SecureFamily, context: bytes, where: Path
 ) -> bytes:
-    """On the client: encode and keep the update at ``where``, make a key pair; returns the
-    public key."""
-    keys = ClientKeys.generate()
-    _keep(where, encode(family.to_dense(update, n_items)), keys, context)
-    return keys.public
+    """On the client: keep the update's dense vector at ``where`` for the round ``context``;
+    returns a receipt that says only how long the vector is."""
+    dense = np.asarray(family.to_dense(update, n_items), dtype=np.float64)
+    payload = pack({"context": context}, {"dense": dense})
+    _write_private(Path(where), payload)
+    return pack({"kind": _RECEIPT, "vector_size": int(dense.size)})
 
 
-@task(name="rekey-client", cache_policy=NONE)
-def rekey_client(workspace: str, entry: ClientEntry, old: bytes, new: bytes) -> bytes:
-    """A fresh key pair for the same held update (the round again, among the survivors)."""
-    path = pending_path(workspace, entry)
-    encoded, _ = _held(path, old)
-    keys = ClientKeys.generate()
-    _keep(path, encoded, keys, new)
-    return keys.public
+def _held(workspace: str, entry: ClientEntry, context: bytes) -> np.ndarray:
+    fields, arrays = unpack(_read_private(pending_path(workspace, entry), "held update"))
+    if fields.get("context") != context:
+        raise LookupError(
+            f"client-{entry.client_id}: holds the update of {fields.get('context', b'').decode()}, "
+            f"not of {context.decode()}"
+        )
+    return arrays["dense"]
 
 
-@task(name="mask-client", cache_policy=NONE)
-def mask_client(
-    workspace: str,
-    entry: ClientEntry,
-    public_keys: Mapping[int, bytes],
-    context: bytes,
-    vanish: bool = False,
-) -> ClientUpdate:
-    """The client's masked vector over every item: all the server receives of its update.
-    ``vanish`` simulates a client that drops out after the key agreement."""
-    client_id = entry.client_id
+def receipt_size(receipt: bytes) -> int:
+    """The vector length a :func:`hold_update` receipt announces."""
+    fields, _ = unpack(receipt)
+    if fields.get("kind") != _RECEIPT or not isinstance(fields.get("vector_size"), int):
+        raise ProtocolViolationError("not a held-update receipt")
+    return fields["vector_size"]
+
+
+def client_identity(workspace: str, entry: ClientEntry) -> Ed25519PrivateKey:
+    """The client's long-term identity key, generated on first use in its own folder (0600) and
+    its public half registered then; later calls (a resumed run) read the same key."""
+    folder = client_folder(workspace, entry) / "identity"
+    private_path = folder / f"client-{entry.client_id}.key"
+    if not private_path.exists():
+        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        save_identity(generate_identity(), folder, entry.client_id)
+    key = load_identity(private_path)
+    _register(workspace, entry.client_id, folder / f"client-{entry.client_id}.pub")
+    return key
+
+
+def _register(workspace: str, client_id: int, public: Path) -> None:
+    """Write the public half into the registry unless a key is registered for the client already
+    (registration is once; a registered key is never replaced from here)."""
+    target = registry_folder(workspace) / public.name
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as out:
+        out.write(public.read_bytes())
+
+
+# --- the round's configuration ----------------------------------------------------------------
+
+
+def round_threshold(n_clients: int, quorum: int) -> int:
+    """t: a majority of the round's clients, at least 2, and at least the run's quorum."""
+    return min(n_clients, max(default_threshold(n_clients), quorum))
+
+
+def _round_message(config: RoundConfig) -> bytes:
+    return pack({"kind": _ROUND} | config.to_json())
+
+
+def read_round_config(message: bytes) -> RoundConfig:
+    """The :class:`RoundConfig` of a round-configuration message."""
+    fields, _ = unpack(message)
+    if fields.pop("kind", None) != _ROUND:
+        raise ProtocolViolationError("not a round configuration")
+    return RoundConfig(**fields)
+
+
+@dataclass(frozen=True)
+class ServerStep:
+    """What a server step hands back: its new state, the message for each client it goes on with,
+    the clients it left out and why, and (after the commitment) what each survivor uploaded."""
+
+    server: bytes
+    to_clients: dict[int, bytes]
+    left_out: dict[int, str] = field(default_factory=dict)
+    received: list[ClientUpdate] = field(default_factory=list)
+
+
+@task(name="secagg-open", cache_policy=NONE)
+def secagg_open(
+    *, run_id: str, round_: int, receipts: Mapping[int, bytes], asked: int, quorum: int
+) -> ServerStep:
+    """Fix the round's configuration (clients, vector length, threshold t) for the clients that
+    hold an update; refuses a round that cannot reach t."""
+    sizes = {receipt_size(r) for r in receipts.values()}
+    if len(sizes) > 1:
+        raise ProtocolViolationError(f"round {round_}: held updates of different lengths {sizes}")
+    n_clients = max(asked, len(receipts))
+    if n_clients < 2 or not sizes:
+        raise TooFewClientsError(
+            f"round {round_}: {len(receipts)} client(s) hold an update, secure aggregation needs "
+            f"at least 2 (a sum of one client is its update): round refused"
+        )
+    threshold = round_threshold(n_clients, quorum)
+    if len(receipts) < threshold:
+        raise TooFewClientsError(
+            f"round {round_}: {len(receipts)} of {n_clients} clients hold an update, threshold is "
+            f"{threshold}: round refused"
+        )
+    config = RoundConfig(run_id, round_, n_clients, sizes.pop(), threshold)
+    message = _round_message(config)
+    state = SecAggServer(config).to_bytes()
+    return ServerStep(state, dict.fromkeys(sorted(receipts), message))
+
+
+# --- client phases ----------------------------------------------------------------------------
+
+
+def _load(workspace: str, entry: ClientEntry, config: RoundConfig) -> SecAggClient:
+    client = SecAggClient.from_bytes(_read_private(state_path(workspace, entry), "round state"))
+    if (client.config.run_id, client.config.round) != (config.run_id, config.round):
+        raise LookupError(
+            f"client-{entry.client_id}: holds the state of round {client.config.round}, "
+            f"not of round {config.round}"
+        )
+    return client
+
+
+def _save(workspace: str, entry: ClientEntry, client: SecAggClient) -> None:
+    _write_private(state_path(workspace, entry), client.to_bytes())
+
+
+def _aborted(entry: ClientEntry, round_: int, err: Exception) -> None:
+    try:
+        logger: Any = get_run_logger()
+    except MissingContextError:  # called outside a run (tests of the task's function)
+        logger = logging.getLogger(__name__)
+    logger.error(
+        "secure aggregation round %d: client-%d aborts its participation: %s",
+        round_,
+        entry.client_id,
+        err,
+    )
+
+
+def _client_step(workspace: str, entry: ClientEntry, config: bytes, act: Any) -> bytes:
+    """Load the client's state, ``act`` on it, save the new state; a failed check is logged with
+    the reason and aborts this client's round (its state is saved as aborted)."""
+    round_config = read_round_config(config)
+    client = _load(workspace, entry, round_config)
+    try:
+        reply = act(client)
+    except (SecAggError, KeyAuthenticationError) as err:
+        _save(workspace, entry, client)
+        _aborted(entry, round_config.round, err)
+        raise
+    _save(workspace, entry, client)
+    return reply.to_bytes()
+
+
+@task(name="secagg-advertise", cache_policy=NONE)
+def secagg_advertise(*, workspace: str, entry: ClientEntry, config: bytes) -> bytes:
+    """On the client: a fresh protocol state for the round, and its round keys signed with its
+    identity key (:class:`KeyAdvertisement`)."""
+    round_config = read_round_config(config)
+    context = round_context(round_config.run_id, round_config.round)
+    held = _held(workspace, entry, context)
+    if held.size != round_config.vector_size:
+        raise ProtocolViolationError(
+            f"client-{entry.client_id}: holds {held.size} values, the round expects "
+            f"{round_config.vector_size}"
+        )
+    client = SecAggClient(entry.client_id, round_config)
+    advert = client.advertise_keys(client_identity(workspace, entry))
+    _save(workspace, entry, client)
+    return advert.to_bytes()
+
+
+@task(name="secagg-share", cache_policy=NONE)
+def secagg_share(*, workspace: str, entry: ClientEntry, config: bytes, message: bytes) -> bytes:
+    """On the client: verify every peer's signed keys against the registry, then send encrypted
+    shares of its self-mask seed and mask key (:class:`EncryptedShares`)."""
+    registry = load_registry(registry_folder(workspace))
+    directory = KeyDirectory.from_bytes(message)
+    return _client_step(workspace, entry, config, lambda c: c.share_keys(directory, registry))
+
+
+@task(name="secagg-mask", cache_policy=NONE)
+def secagg_mask(
+    *, workspace: str, entry: ClientEntry, config: bytes, message: bytes, vanish: bool = False
+) -> bytes:
+    """On the client: its masked update (:class:`MaskedInput`), all the server gets of it; the held
+    update is deleted. ``vanish`` simulates a client that drops out after sharing its keys."""
     if vanish:
-        raise ConnectionError(f"client-{client_id} vanished after the key agreement")
-    encoded, keys = _held(pending_path(workspace, entry), context)
-    masked = mask(client_id, encoded, keys, public_keys, context)
-    return ClientUpdate(client_id, np.zeros(0, np.int64), np.zeros(0, np.int64), {"masked": masked})
+        raise ConnectionError(f"client-{entry.client_id} vanished after sharing its keys")
+    round_config = read_round_config(config)
+    held = _held(workspace, entry, round_context(round_config.run_id, round_config.round))
+    inbox = ShareInbox.from_bytes(message)
+    reply = _client_step(workspace, entry, config, lambda c: c.masked_input(held, inbox))
+    pending_path(workspace, entry).unlink(missing_ok=True)
+    return reply
 
 
-@task(name="secure-aggregate", cache_policy=NONE)
-def secure_aggregate(
-    *, family: SecureFamily, state: Any, masked: Sequence[ClientUpdate], n_items: int, phase: str
+@task(name="secagg-sign", cache_policy=NONE)
+def secagg_sign(*, workspace: str, entry: ClientEntry, config: bytes, message: bytes) -> bytes:
+    """On the client: its identity signature over the committed survivor list."""
+    survivors = SurvivorList.from_bytes(message)
+    identity = client_identity(workspace, entry)
+    return _client_step(workspace, entry, config, lambda c: c.sign_survivors(survivors, identity))
+
+
+@task(name="secagg-unmask", cache_policy=NONE)
+def secagg_unmask(*, workspace: str, entry: ClientEntry, config: bytes, message: bytes) -> bytes:
+    """On the client: check the survivors' signatures, then reveal the shares that remove the
+    survivors' self masks and the dropped clients' pairwise masks (:class:`UnmaskShares`)."""
+    registry = load_registry(registry_folder(workspace))
+    request = UnmaskRequest.from_bytes(message)
+    return _client_step(workspace, entry, config, lambda c: c.unmask(request, registry))
+
+
+# --- server steps -----------------------------------------------------------------------------
+
+
+def _parse(
+    kind: type[Message], answers: Mapping[int, bytes], sender_field: str
+) -> tuple[list[Any], dict[int, str]]:
+    """The messages that parse and name their sender, and why the others were left out."""
+    kept, left_out = [], {}
+    for client, data in sorted(answers.items()):
+        try:
+            message = kind.from_bytes(data)
+        except (ProtocolViolationError, ValueError) as err:
+            left_out[client] = f"malformed message: {err}"
+            continue
+        if getattr(message, sender_field) != client:
+            left_out[client] = f"its message names client {getattr(message, sender_field)}"
+            continue
+        kept.append(message)
+    return kept, left_out
+
+
+def _server(state: bytes, workspace: str) -> SecAggServer:
+    return SecAggServer.from_bytes(state, load_registry(registry_folder(workspace)))
+
+
+@task(name="secagg-key-directory", cache_policy=NONE)
+def secagg_key_directory(
+    *, server: bytes, workspace: str, answers: Mapping[int, bytes]
+) -> ServerStep:
+    """The server: keep the advertisements whose signatures verify against the registry (U1) and
+    broadcast them."""
+    state = _server(server, workspace)
+    adverts, left_out = _parse(KeyAdvertisement, answers, "client_id")
+    directory = state.key_directory(adverts)
+    left_out |= state.rejected
+    message = directory.to_bytes()
+    return ServerStep(
+        state.to_bytes(), dict.fromkeys(sorted(directory.c_public), message), left_out
+    )
+
+
+@task(name="secagg-route-shares", cache_policy=NONE)
+def secagg_route_shares(
+    *, server: bytes, workspace: str, answers: Mapping[int, bytes]
+) -> ServerStep:
+    """The server: route each encrypted share to its recipient (the senders are U2)."""
+    state = _server(server, workspace)
+    shares, left_out = _parse(EncryptedShares, answers, "sender")
+    inboxes = state.route_shares(shares)
+    return ServerStep(state.to_bytes(), {u: m.to_bytes() for u, m in inboxes.items()}, left_out)
+
+
+@task(name="secagg-commit", cache_policy=NONE)
+def secagg_commit(*, server: bytes, workspace: str, answers: Mapping[int, bytes]) -> ServerStep:
+    """The server: add the masked inputs and commit to their senders as the survivors (U3); no
+    later input is accepted."""
+    state = _server(server, workspace)
+    inputs, left_out = _parse(MaskedInput, answers, "client_id")
+    survivors = state.commit(inputs)
+    received = [
+        ClientUpdate(m.client_id, _EMPTY, _EMPTY, {"masked": m.vector})
+        for m in inputs
+        if m.client_id in survivors.survivors
+    ]
+    message = survivors.to_bytes()
+    return ServerStep(state.to_bytes(), dict.fromkeys(survivors.survivors, message), left_out,
+                      received)  # fmt: skip
+
+
+@task(name="secagg-unmask-request", cache_policy=NONE)
+def secagg_unmask_request(
+    *, server: bytes, workspace: str, answers: Mapping[int, bytes]
+) -> ServerStep:
+    """The server: ask the survivors that signed the survivor list for their shares, with at
+    least t signatures attached."""
+    state = _server(server, workspace)
+    signatures, left_out = _parse(SurvivorSignature, answers, "client_id")
+    request = state.unmask_request(signatures)
+    left_out |= {u: why for u, why in state.rejected.items() if u in answers}
+    message = request.to_bytes()
+    return ServerStep(state.to_bytes(), dict.fromkeys(sorted(request.signatures), message),
+                      left_out)  # fmt: skip
+
+
+@task(name="secagg-aggregate", cache_policy=NONE)
+def secagg_aggregate(
+    *,
+    server: bytes,
+    workspace: str,
+    answers: Mapping[int, bytes],
+    family: SecureFamily,
+    state: Any,
+    n_items: int,
+    phase: str,
 ) -> tuple[Any, ClientUpdate]:
-    """Add the masked vectors (the masks cancel), decode the sum, take the server step; returns
-    the new state and the decoded sum as one combined update."""
-    total = decode(unmask_sum([u.arrays["masked"] for u in masked]))
+    """The server: remove the masks with the revealed shares, decode the survivors' sum and take
+    the family's server step on it; returns the new state and the sum as one combined update."""
+    server_state = _server(server, workspace)
+    shares, _ = _parse(UnmaskShares, answers, "client_id")
+    total = server_state.aggregate_decoded(shares)
     combined = family.from_dense_sum(total, n_items)
     return family.server_update(state, [combined], phase), combined

@@ -241,3 +241,56 @@ class TwoStage:
 
     def describe(self, state: TwoStageState) -> pd.Series | None:
         return state.ensemble.feature_importance() if len(state.ensemble) else None
+
+    # --- secure aggregation (the implicit-ALS phase only) ----------------------------------
+    def _dense_widths(self) -> tuple[int, int]:
+        k = self.config.n_factors
+        return k * (k + 1) // 2, k  # packed gram, rhs
+
+    def to_dense(self, update: ClientUpdate, n_items: int) -> np.ndarray:
+        """An implicit-ALS update as one vector over every item: per item its count, packed gram
+        and rhs (zeros where untouched), then the k x k user gram and ``train_n``. Only the "als"
+        phase has this encoding: co-occurrences are item x item and trees cannot be summed.
+
+        Raises
+        ------
+        ValueError
+            If ``update`` is not an implicit-ALS update.
+        """
+        missing = {"gram", "rhs", "user_gram"} - set(update.arrays)
+        if missing:
+            raise ValueError(
+                f"client {update.client_id}: only implicit-ALS updates have a dense encoding "
+                f"(missing {sorted(missing)}); the knn and ranker phases cannot be masked"
+            )
+        packed, k = self._dense_widths()
+        block = np.zeros((n_items, 1 + packed + k))
+        block[update.items, 0] = update.counts
+        block[update.items, 1 : 1 + packed] = update.arrays["gram"]
+        block[update.items, 1 + packed :] = update.arrays["rhs"]
+        user_gram = np.asarray(update.arrays["user_gram"], dtype=np.float64).ravel()
+        return np.concatenate([block.ravel(), user_gram, [update.metrics.get("train_n", 0.0)]])
+
+    def from_dense_sum(self, total: np.ndarray, n_items: int) -> ClientUpdate:
+        """The sum of every client's :meth:`to_dense` vector as one combined implicit-ALS update:
+        exact counts and the touched items without DP; under DP every item with its noisy count,
+        as the clients' noisy updates are."""
+        packed, k = self._dense_widths()
+        width = 1 + packed + k
+        block = total[: n_items * width].reshape(n_items, width)
+        user_gram = total[n_items * width : n_items * width + k * k].reshape(k, k)
+        if self.config.dp is None:
+            counts = np.rint(block[:, 0]).astype(np.int64)  # integers, up to fixed-point steps
+            items = np.flatnonzero(counts > 0)
+            counts = counts[items]
+            metrics = {"train_n": float(np.rint(total[-1]))}
+        else:
+            items = np.arange(n_items)
+            counts = block[:, 0].copy()
+            metrics = {}
+        arrays = {
+            "gram": block[items, 1 : 1 + packed],
+            "rhs": block[items, 1 + packed :],
+            "user_gram": user_gram,
+        }
+        return ClientUpdate(-1, items.astype(np.int64), counts, arrays, metrics)

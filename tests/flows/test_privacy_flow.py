@@ -137,7 +137,43 @@ def _capture(monkeypatch, seen: list) -> None:
 
     wrap(clients.train_client, None)
     wrap(clients.evaluate_client, "evaluate")
-    wrap(secure.mask_client, "mask_client")
+    for stage in SECAGG_MESSAGES:  # every client phase of secure aggregation
+        wrap(getattr(secure, f"secagg_{stage}"), f"secagg-{stage}")
+
+
+def _secagg_messages() -> dict[str, type]:
+    from models.privacy import secagg_plus as p
+
+    return {"advertise": p.KeyAdvertisement, "share": p.EncryptedShares, "mask": p.MaskedInput,
+            "sign": p.SurvivorSignature, "unmask": p.UnmaskShares}  # fmt: skip
+
+
+SECAGG_MESSAGES = _secagg_messages()
+
+
+def _check_secagg_message(stage: str, payload: bytes, client_id: int) -> None:
+    """A secure-aggregation answer is exactly its protocol message, from this client, with
+    nothing of the client's data but the masked vector: fixed-size keys, signatures and
+    ciphertexts of shares (whose sizes do not depend on the data)."""
+    from models.privacy.shamir import SHARE_BYTES
+
+    assert isinstance(payload, bytes)
+    message = SECAGG_MESSAGES[stage].from_bytes(payload)  # refuses any other or extra field
+    sender = message.sender if stage == "share" else message.client_id
+    assert sender == client_id
+    if stage == "advertise":
+        assert len(message.c_public) == len(message.s_public) == 32
+        assert len(message.signature) == 64
+    elif stage == "share":  # nonce + two shares + AEAD tag, for each neighbour
+        assert client_id not in message.ciphertexts
+        assert {len(c) for c in message.ciphertexts.values()} == {12 + 2 * SHARE_BYTES + 16}
+    elif stage == "mask":
+        assert message.vector.dtype == np.uint64
+    elif stage == "sign":
+        assert len(message.signature) == 64
+    else:
+        shares = [*message.b_shares.values(), *message.s_shares.values()]
+        assert {len(s) for s in shares} == {SHARE_BYTES}
 
 
 def _run(store, **fields) -> dict:
@@ -148,13 +184,15 @@ def _run(store, **fields) -> dict:
 
 
 IMPLICIT = {"feedback": "implicit", "factors": 4}
+SECURE = {"secure_aggregation": True, "min_clients": 2}
 
 
 @pytest.mark.parametrize(
     "fields",
-    [{}, {"algorithm": "fedavg"}, {"secure_aggregation": True},
-     IMPLICIT | {"ranker": "lightgbm", "ranker_rounds": 2}, IMPLICIT | {"dp_epsilon": 8.0}],
-    ids=["als", "fedavg", "secure-als", "two-stage", "dp-implicit"],
+    [{}, {"algorithm": "fedavg"}, SECURE,
+     IMPLICIT | {"ranker": "lightgbm", "ranker_rounds": 2}, IMPLICIT | {"dp_epsilon": 8.0},
+     IMPLICIT | SECURE],
+    ids=["als", "fedavg", "secure-als", "two-stage", "dp-implicit", "secure-implicit"],
 )  # fmt: skip
 def test_every_client_payload_keeps_the_contract(store, monkeypatch, request, fields):
     from tasks.clients import open_client
@@ -165,6 +203,8 @@ def test_every_client_payload_keeps_the_contract(store, monkeypatch, request, fi
 
     kinds = {kind for kind, _, _ in seen}
     assert kinds >= {"train_client", "evaluate"}
+    secagg = {f"secagg-{stage}" for stage in SECAGG_MESSAGES}
+    assert (kinds & secagg == secagg) == bool(fields.get("secure_aggregation"))
     assert ("rating_sums" in kinds) == (fields.get("feedback") != "implicit")
     # kNN has no DP mechanism: a private run never asks for co-occurrence counts
     assert ("knn_client" in kinds) == (
@@ -176,9 +216,8 @@ def test_every_client_payload_keeps_the_contract(store, monkeypatch, request, fi
             assert set(update.metrics) == {"rating_sum", "n"} and not evaluations
             assert update.items.size == 0 and not update.arrays
             continue
-        if kind == "mask_client":
-            assert set(result.arrays) == {"masked"} and result.arrays["masked"].dtype == np.uint64
-            assert result.items.size == 0  # the server does not learn which items were touched
+        if kind.startswith("secagg-"):
+            _check_secagg_message(kind.removeprefix("secagg-"), result, args["entry"].client_id)
             continue
         n_items = args["n_items"]
         client = open_client(args["workspace"], args["entry"], n_items)
@@ -187,7 +226,11 @@ def test_every_client_payload_keeps_the_contract(store, monkeypatch, request, fi
         elif kind == "train_client":
             payload, evaluations = result
             if fields.get("secure_aggregation"):
-                assert isinstance(payload, bytes) and len(payload) == 32  # an X25519 public key
+                # the update stays on the client; the flow learns only the vector's length
+                from models.privacy.wire import unpack
+
+                receipt, arrays = unpack(payload)
+                assert set(receipt) == {"kind", "vector_size"} and not arrays
             else:
                 _check_update(payload, client, n_items)
             _check_evaluations(evaluations, n_items)
@@ -197,9 +240,8 @@ def test_every_client_payload_keeps_the_contract(store, monkeypatch, request, fi
 
 def test_secure_aggregation_gives_the_plain_model_and_survives_a_dropout(store):
     plain = _run(store, model_name="plain")
-    secure = _run(store, model_name="secure", secure_aggregation=True)
-    dropout = _run(store, model_name="dropout", secure_aggregation=True,
-                   fault_dropout_clients=(1,), min_clients=2)  # fmt: skip
+    secure = _run(store, model_name="secure", **SECURE)
+    dropout = _run(store, model_name="dropout", fault_dropout_clients=(1,), **SECURE)
 
     mlflow.set_tracking_uri(store["uri"])
 
@@ -215,7 +257,7 @@ def test_secure_aggregation_gives_the_plain_model_and_survives_a_dropout(store):
     np.testing.assert_allclose(served("secure").popularity, served("plain").popularity)
     assert secure["metrics"]["test_rmse"] == pytest.approx(plain["metrics"]["test_rmse"], abs=1e-5)
     answered = [m.value for m in store["client"].get_metric_history(dropout["run_id"], "clients")]
-    assert answered == [2.0, 2.0]  # client 1 vanished after the keys; the survivors re-keyed
+    assert answered == [2.0, 2.0]  # client 1 vanished after sharing keys; t = 2 survivors
 
 
 @pytest.fixture
