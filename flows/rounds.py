@@ -147,7 +147,12 @@ def answered(
             get_run_logger().warning(
                 "%s: %s did not answer within %s s: left out", what, key, timeout
             )
-        elif future.state.is_completed():
+            continue
+        # With a timeout, wait() tells which futures are done but records no final state, and
+        # the state read from the API can lag behind a task that has just finished: take the
+        # final state from the finished future itself.
+        future.wait(timeout=0)
+        if future.state.is_completed():
             results[key] = future.result()
         else:
             get_run_logger().warning("%s: %s failed: %s", what, key, future.state.message)

@@ -3,6 +3,7 @@ leave nothing behind."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -24,7 +25,9 @@ def store(tmp_path_factory, prefect_server):
 def _train(store, **fields):
     from flows.training import federated_training
 
-    config = TrainingConfig(tracking_uri=store["uri"], model_name="reliable", **(SMALL | fields))
+    config = TrainingConfig(
+        **({"tracking_uri": store["uri"], "model_name": "reliable"} | SMALL | fields)
+    )
     return federated_training(**config.model_dump())
 
 
@@ -92,3 +95,113 @@ def test_stragglers_past_the_round_deadline_are_left_out(prefect_server, caplog)
 
     assert result == {0: 0, 1: 1} and not straggler_done
     assert any("round 1: 2 did not answer within 5.0 s" in r.getMessage() for r in caplog.records)
+
+
+def _hook_client_tasks(monkeypatch, hook) -> None:
+    """Call ``hook(task run name)`` at the start of every client task (``tasks.clients``), in
+    this process: the thread runner's tasks run here, so the hook sees every one of them."""
+    import functools
+
+    from prefect import Task
+    from prefect.runtime import task_run
+
+    import tasks.clients as clients
+
+    def wrapped(original):
+        @functools.wraps(original)
+        def spy(*args, **kwargs):
+            hook(task_run.name)
+            return original(*args, **kwargs)
+
+        return spy
+
+    for obj in vars(clients).values():
+        if isinstance(obj, Task):
+            monkeypatch.setattr(obj, "fn", wrapped(obj.fn))
+
+
+def test_the_round_timeout_leaves_a_straggler_out_of_the_real_flow(store, monkeypatch):
+    """--round-timeout in the flow: in each round one client answers only after the next round
+    (or the final evaluation) has started, so every round goes on at its deadline with the other
+    three, and the late answer is never used."""
+    from flows.training import training_flow
+
+    released = {r: threading.Event() for r in (1, 2)}
+
+    def hold_one_client_per_round(name: str) -> None:
+        if name in ("train client-1 round-1", "train client-2 round-2"):
+            released[int(name[-1])].wait(timeout=120)
+        elif name.startswith("train ") and name.endswith(" round-2"):
+            released[1].set()  # round 2 has started: round 1's straggler may answer, too late
+        elif name.startswith("evaluate "):
+            released[2].set()
+
+    _hook_client_tasks(monkeypatch, hold_one_client_per_round)
+    config = TrainingConfig(tracking_uri=store["uri"], model_name="deadline",
+                            **(SMALL | {"clients": 4, "round_timeout": 8.0, "task_retries": 0,
+                                        "round_retries": 0, "min_clients": 1, "min_fraction": 0.0}))  # fmt: skip
+    try:  # six threads, so the held tasks do not starve the others
+        summary = training_flow("thread", None, 6)(**config.model_dump())
+    finally:
+        for event in released.values():
+            event.set()
+
+    answered = [m.value for m in store["client"].get_metric_history(summary["run_id"], "clients")]
+    assert answered == [3.0, 3.0]  # each round without its straggler
+    assert summary["model_version"] is not None
+
+
+def test_a_round_timeout_keeps_every_prompt_answer(store):
+    """With a deadline no client comes near, every client's answer counts in every round."""
+    summary = _train(store, model_name="prompt", clients=6, round_timeout=120.0, task_retries=0,
+                     round_retries=0, min_clients=1, min_fraction=0.0, seed=31)  # fmt: skip
+
+    answered = [m.value for m in store["client"].get_metric_history(summary["run_id"], "clients")]
+    assert answered == [6.0, 6.0]
+
+
+@pytest.mark.slow
+def test_a_median_resists_an_attack_through_the_flow_where_the_mean_does_not(store):
+    """Two of six FedAvg clients send their update flipped and scaled by 20: the mean is pulled
+    far off, the coordinate-wise median stays near the clean run."""
+    runs = {
+        name: _train(store, model_name=f"robust-{name}", algorithm="fedavg", clients=6, rounds=3,
+                     skip_if_unchanged=False, **fields)
+        for name, fields in {
+            "clean": {},
+            "attacked-mean": {"attack": "sign_flip", "attack_fraction": 1 / 3, "attack_scale": 20.0},
+            "attacked-median": {"attack": "sign_flip", "attack_fraction": 1 / 3, "attack_scale": 20.0,
+                                "aggregation": "median"},
+        }.items()
+    }  # fmt: skip
+    rmse = {name: run["metrics"]["valid_rmse"] for name, run in runs.items()}
+    params = store["client"].get_run(runs["attacked-median"]["run_id"]).data.params
+    assert params["attack"] == "sign_flip" and params["aggregation"] == "median"
+
+    assert rmse["attacked-mean"] > rmse["clean"] + 0.3, rmse
+    assert rmse["attacked-median"] < rmse["clean"] * 1.1, rmse
+
+
+def test_a_candidate_whose_evaluation_failed_is_not_promoted(store, monkeypatch):
+    """Every client's evaluation of the final model fails: the candidate is registered without
+    validation metrics, is not promoted, and the champion stays."""
+    client = store["client"]
+    first = _train(store, model_name="unevaluated", seed=21)
+    assert first["promoted"]
+
+    final = re.compile(rf"^evaluate\b(?!.*champion).*\bround-{SMALL['rounds']}\b")
+
+    def fail_final_evaluation(name: str) -> None:
+        if final.search(name):  # the final model's evaluation tasks, not the champion's
+            raise RuntimeError(f"{name}: evaluation failed on purpose")
+
+    _hook_client_tasks(monkeypatch, fail_final_evaluation)
+    summary = _train(store, model_name="unevaluated", seed=22, task_retries=0)
+
+    assert summary["promoted"] is False
+    assert summary["reason"] == "candidate has no valid_rmse: evaluation failed or was empty"
+    assert "valid_rmse" not in summary["metrics"]
+    champion = client.get_model_version_by_alias("unevaluated", "champion")
+    assert champion.version == first["model_version"]
+    tags = client.get_model_version("unevaluated", summary["model_version"]).tags
+    assert tags["fedrec.promoted"] == "false"
