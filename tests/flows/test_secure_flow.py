@@ -1,0 +1,259 @@
+"""Secure aggregation through the real training flow: the model equals the plain one, a dropout at
+any phase leaves exactly the survivors' sum, a substituted identity key shuts that client out
+with a clear log line, and fewer than t survivors refuse the round.
+
+The sums are checked against an oracle independent of the protocol: each client's plain update,
+recorded as training produced it (before it was held), summed in the clear by the family's own
+server step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import mlflow
+import numpy as np
+import pytest
+
+from fedrec.config import TrainingConfig
+from tests.flows.helpers import tracking_store
+
+BASE = {"synthetic_users": 200, "synthetic_items": 60, "synthetic_interactions": 4_000,
+        "clients": 4, "factors": 3, "rounds": 2, "skip_if_unchanged": False}  # fmt: skip
+SECURE = {"secure_aggregation": True, "min_clients": 2}
+IMPLICIT = {"feedback": "implicit", "factors": 4}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    with tracking_store(tmp_path_factory.mktemp("fedrec-secure-flow")) as store:
+        yield store
+
+
+def _run(store, **fields) -> dict:
+    from flows.training import federated_training
+
+    config = TrainingConfig(tracking_uri=store["uri"], **(BASE | fields))
+    return federated_training(**config.model_dump())
+
+
+def _served(store, name: str):
+    mlflow.set_tracking_uri(store["uri"])
+    return mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().recommender
+
+
+class _Round:
+    """What a secure run's first sampled round did: each trainer's plain update as training
+    produced it, the state they trained on, and the state and sum the server came out with."""
+
+    def __init__(self) -> None:
+        self.plain: dict[int, Any] = {}
+        self.trained_on: Any = None
+        self.family: Any = None
+        self.phase = ""
+        self.after: Any = None
+        self.combined: Any = None
+
+    def check_sum_of(self, survivors: set[int]) -> None:
+        """The decoded sum and the new state are the plain ones over ``survivors`` exactly."""
+        assert set(self.plain) >= survivors
+        plain = [self.plain[c] for c in sorted(survivors)]
+        expected = self.family.server_update(self.trained_on, plain, self.phase)
+        counts: dict[int, float] = {}
+        for u in plain:
+            for item, count in zip(u.items.tolist(), u.counts.tolist(), strict=True):
+                counts[item] = counts.get(item, 0) + count
+        touched = sorted(i for i, c in counts.items() if c > 0)
+        assert self.combined.items.tolist() == touched
+        assert self.combined.counts.tolist() == [counts[i] for i in touched]
+        for name in ("gram", "rhs"):
+            total = np.zeros_like(self.combined.arrays[name])
+            at = {item: row for row, item in enumerate(touched)}
+            for u in plain:
+                total[[at[i] for i in u.items.tolist()]] += u.arrays[name]
+            np.testing.assert_allclose(self.combined.arrays[name], total, atol=1e-5)
+        np.testing.assert_allclose(_factors(self.after), _factors(expected), atol=1e-6)
+
+
+def _factors(state: Any) -> np.ndarray:
+    return state.params.factors if hasattr(state, "params") else state.factors
+
+
+@pytest.fixture
+def first_round(monkeypatch) -> _Round:
+    """Records the first sampled round of the next secure run."""
+    import tasks.clients as clients
+    import tasks.secure as secure
+
+    seen = _Round()
+    original_hold, original_train = clients.hold_update, clients.train_client.fn
+    original_aggregate = secure.secagg_aggregate.fn
+
+    def hold(update, n_items, family, context, where):
+        if context.endswith(b"/round-1"):
+            seen.plain[update.client_id] = update
+        return original_hold(update, n_items, family, context, where)
+
+    def train(**kwargs):
+        if kwargs.get("secure_context", b"").endswith(b"/round-1"):
+            seen.trained_on, seen.family, seen.phase = (
+                kwargs["state"],
+                kwargs["family"],
+                kwargs["phase"],
+            )
+        return original_train(**kwargs)
+
+    def aggregate(**kwargs):
+        result = original_aggregate(**kwargs)
+        if seen.after is None:
+            seen.after, seen.combined = result
+        return result
+
+    monkeypatch.setattr(clients, "hold_update", hold)
+    monkeypatch.setattr(clients.train_client, "fn", train)
+    monkeypatch.setattr(secure.secagg_aggregate, "fn", aggregate)
+    return seen
+
+
+@pytest.fixture
+def run_log() -> Iterator[list[str]]:
+    """The messages of flow- and task-run log lines while the test runs."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Keep(level=logging.INFO)
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield lines
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def _clients_per_round(store, run_id: str) -> list[float]:
+    return [m.value for m in store["client"].get_metric_history(run_id, "clients")]
+
+
+def test_a_secure_explicit_run_gives_the_plain_model(store):
+    plain = _run(store, model_name="explicit-plain", min_clients=2)
+    secure = _run(store, model_name="explicit-secure", **SECURE)
+
+    np.testing.assert_allclose(
+        _served(store, "explicit-secure").params.factors,
+        _served(store, "explicit-plain").params.factors,
+        atol=1e-6,
+    )
+    assert secure["metrics"]["test_rmse"] == pytest.approx(plain["metrics"]["test_rmse"], abs=1e-6)
+    assert _clients_per_round(store, secure["run_id"]) == [4.0, 4.0]
+
+
+def test_a_secure_implicit_run_gives_the_plain_model_and_says_knn_ran_in_the_clear(store, run_log):
+    plain = _run(store, model_name="implicit-plain", min_clients=2, **IMPLICIT)
+    secure = _run(store, model_name="implicit-secure", **SECURE, **IMPLICIT)
+
+    ours, theirs = _served(store, "implicit-secure"), _served(store, "implicit-plain")
+    np.testing.assert_allclose(
+        ours.retrieval.item_factors, theirs.retrieval.item_factors, atol=1e-6
+    )
+    np.testing.assert_allclose(ours.retrieval.popularity, theirs.retrieval.popularity)
+    assert secure["metrics"]["test_ndcg_at_10"] == pytest.approx(
+        plain["metrics"]["test_ndcg_at_10"], abs=1e-9
+    )
+    assert any("phase(s) knn send each client's answer to the server in the clear" in line
+               for line in run_log)  # fmt: skip
+
+
+def test_a_client_that_vanishes_after_sharing_keys_leaves_the_survivors_plain_sum(
+    store, first_round
+):
+    summary = _run(store, model_name="drop-after-share", fault_dropout_clients=(1,), **SECURE)
+
+    assert _clients_per_round(store, summary["run_id"]) == [3.0, 3.0]
+    first_round.check_sum_of({0, 2, 3})
+
+
+def test_a_client_that_vanishes_after_its_masked_input_is_unmasked_through_shares(
+    store, first_round, monkeypatch
+):
+    import tasks.secure as secure
+
+    original = secure.secagg_sign.fn
+
+    def sign(**kwargs):
+        if kwargs["entry"].client_id == 1:
+            raise ConnectionError("client-1 vanished after sending its masked input")
+        return original(**kwargs)
+
+    monkeypatch.setattr(secure.secagg_sign, "fn", sign)
+    summary = _run(store, model_name="drop-after-mask", **SECURE)
+
+    # its masked input was committed: its update is in the sum, its self mask rebuilt from shares
+    assert _clients_per_round(store, summary["run_id"]) == [4.0, 4.0]
+    first_round.check_sum_of({0, 1, 2, 3})
+
+
+def test_a_substituted_registry_key_shuts_that_client_out_with_a_clear_log_line(
+    store, first_round, monkeypatch, run_log
+):
+    from cryptography.hazmat.primitives import serialization
+
+    import tasks.secure as secure
+    from models.privacy.identity import generate_identity
+
+    original = secure.secagg_advertise.fn
+
+    def advertise(**kwargs):
+        if kwargs["entry"].client_id == 2:  # someone registered another key for client 2
+            target = secure.registry_folder(kwargs["workspace"]) / "client-2.pub"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                forged = (
+                    generate_identity()
+                    .public_key()
+                    .public_bytes(
+                        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                    )
+                )
+                target.write_bytes(forged)
+        return original(**kwargs)
+
+    monkeypatch.setattr(secure.secagg_advertise, "fn", advertise)
+    summary = _run(store, model_name="substituted", **SECURE)
+
+    assert _clients_per_round(store, summary["run_id"]) == [3.0, 3.0]
+    first_round.check_sum_of({0, 1, 3})
+    expected = (
+        "round 1: secagg-key-directory left client-2 out of secure aggregation: server: round "
+        "keys of client 2: signature does not verify against its registered identity key; "
+        "aborting this round"
+    )
+    assert expected in run_log
+
+
+@pytest.mark.parametrize(
+    ("clients", "dropped", "message"),
+    [(3, (0, 1), "1 clients sent masked inputs, threshold is 2: round refused"),
+     (4, (0, 1), "2 clients sent masked inputs, threshold is 3: round refused")],
+    ids=["lone-survivor", "t-minus-1-survivors"],
+)  # fmt: skip
+def test_fewer_than_t_survivors_refuse_the_round(store, clients, dropped, message):
+    from flows.rounds import QuorumError
+
+    with pytest.raises(QuorumError, match=rf"round 1 \(secure aggregation\): .*{message}"):
+        _run(store, model_name=f"refused-{clients}", clients=clients, rounds=1,
+             fault_dropout_clients=dropped, **SECURE)  # fmt: skip
+
+
+def test_the_configuration_refuses_what_secure_aggregation_cannot_protect():
+    with pytest.raises(ValueError, match="min_clients=1 with secure_aggregation"):
+        TrainingConfig(clients=4, secure_aggregation=True, min_clients=1)
+    with pytest.raises(ValueError, match="secure_aggregation with ranker='lightgbm'"):
+        TrainingConfig(clients=4, min_clients=2, secure_aggregation=True, feedback="implicit",
+                       ranker="lightgbm")  # fmt: skip
+    with pytest.raises(ValueError, match="per-user trains ALS without a re-ranker or secure"):
+        TrainingConfig(partition="per-user", min_clients=2, secure_aggregation=True)
