@@ -420,8 +420,8 @@ def run_federated(
 
     ``RoundResult.seconds`` covers the clients' updates and the server step, not the evaluation.
     ``start_from`` maps the fresh item parameters (e.g. a warm start). With ``secure_sum`` (e.g.
-    :func:`models.privacy.secagg.secure_sum` bound to a context), the server only sees the sum of
-    the clients' dense update vectors.
+    one round of :func:`models.privacy.secagg_plus_driver.run_round` per call), the server only
+    sees the sum of the clients' dense update vectors.
     """
     from models.mf.family import ExplicitMF
 

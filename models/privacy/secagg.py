@@ -1,20 +1,25 @@
-"""Secure aggregation by pairwise additive masking (Bonawitz et al., 2017), without the server
-learning any single client's update.
+"""WEAK REFERENCE, NOT USED FOR TRAINING: pairwise-only additive masking, the secure aggregation
+fedrec ran before :mod:`models.privacy.secagg_plus`. It is kept only as the baseline that the
+attack tests (tests/unit/test_secagg_plus.py) break and the cost benchmark (benchmarks/secagg.py)
+compares against; a test (tests/unit/test_secagg.py) keeps it out of models/, tasks/, flows/ and
+fedrec/.
 
 Per round, each client makes an X25519 key pair and publishes the public key. Every pair of
 clients (i, j) derives the same secret seed from its own private key and the other's public key
 (X25519, then HKDF-SHA256 bound to the round), and expands it with ChaCha20 into a mask over the
-whole update vector. Updates are fixed-point encoded as integers modulo 2^64 (numpy's uint64
-arithmetic wraps exactly there); client i adds the mask it shares with every j > i and subtracts
-the one it shares with every j < i. Each masked vector on its own is uniformly distributed; in the
-sum over all clients every mask appears once with each sign and cancels, leaving the sum of the
-encoded updates.
+whole update vector. Updates are fixed-point encoded as integers modulo 2^64; client i adds the
+mask it shares with every j > i and subtracts the one it shares with every j < i, so the masks
+cancel in the sum over all clients.
 
-Dropouts: a client that vanishes after the keys are agreed leaves its masks in the others' vectors.
-fedrec does not recover them through secret-shared seeds (SecAgg's second round); the round is run
-again with the survivors, who agree fresh keys and mask the same updates anew
-(:func:`survivors_round`). That costs one more exchange per dropout and never reveals a survivor's
-update, because the server only ever holds one complete set of masked vectors per key agreement.
+Why it is weak (each is an attack test that succeeds here and fails on the new protocol):
+
+- Dropouts: a client that vanishes after the keys leaves its masks in the others' vectors; the
+  round runs again among the survivors, who mask the same updates anew (:func:`survivors_round`).
+  If the dropped client's first vector ever reaches the server (a late answer, or a server that
+  claims a dropout), the difference of the two sums is that client's update.
+- Public keys are relayed unauthenticated: a server that substitutes its own keys unmasks a client.
+- A lone client's "masked" vector is its plaintext (no threshold).
+- The overflow check is per value (|x| < 2^62), not per sum of n clients.
 """
 
 from __future__ import annotations

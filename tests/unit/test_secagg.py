@@ -1,85 +1,49 @@
-"""Secure aggregation: the masks cancel in the sum and hide every single update."""
+"""Secure aggregation as the families use it: the protocol's sum (models/privacy/secagg_plus*)
+composed with exact ALS and FedAvg, the two-stage family's implicit-ALS encoding, and the weak
+pairwise-only masking of models/privacy/secagg.py kept out of everything that trains.
+
+The protocol itself (Shamir, identities, dropouts, attacks) is tested in test_secagg_plus.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
 
-from models.privacy.secagg import (
-    FRACTION_BITS,
-    ClientKeys,
-    decode,
-    encode,
-    mask,
-    secure_sum,
-    survivors_round,
-    unmask_sum,
-)
+from models.privacy.identity import generate_identity
+from models.privacy.secagg_plus import RoundConfig, default_threshold
+from models.privacy.secagg_plus_driver import run_round
 
-CTX = b"fedrec/test/round-1"
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def _fixed_keys(i: int) -> ClientKeys:
-    """A key pair from fixed private bytes: the statistical tests below see the same masks on
-    every run, so they pass or fail deterministically instead of once in a thousand runs."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+def _protocol_sum(
+    n_clients: int, drop: dict[str, set[int]] | None = None
+) -> Callable[[dict[int, np.ndarray]], np.ndarray]:
+    """A ``secure_sum`` for the in-process loops: one full protocol round per call (identity keys
+    made once, like a workspace's), every message through bytes."""
+    identities = {u: generate_identity() for u in range(n_clients)}
+    registry = {u: key.public_key() for u, key in identities.items()}
+    rounds = itertools.count(1)
 
-    private = X25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32)
-    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    return ClientKeys(private, private.public_key().public_bytes(*raw))
+    def secure_sum(updates: dict[int, np.ndarray]) -> np.ndarray:
+        size = next(iter(updates.values())).size
+        n = len(updates)
+        config = RoundConfig("unit", next(rounds), n, size, default_threshold(n))
+        return run_round(
+            updates, config, identities, registry, drop, state_through_bytes=True
+        ).total
 
-
-def test_unmasked_sum_equals_the_plain_sum_within_the_fixed_point_step():
-    rng = np.random.default_rng(0)
-    updates = {i: rng.normal(0, 50, size=(40, 7)) for i in range(5)}
-
-    total = secure_sum(updates, CTX)
-
-    step = 2.0**-FRACTION_BITS
-    np.testing.assert_allclose(total, np.sum(list(updates.values()), axis=0), atol=5 * step)
-
-
-def test_a_masked_update_is_uniform_and_independent_of_the_update():
-    keys = {i: _fixed_keys(i) for i in range(3)}
-    public = {i: k.public for i, k in keys.items()}
-    zeros = encode(np.zeros(20_000))
-    ones = encode(np.full(20_000, 1234.5))
-
-    masked_zero = mask(0, zeros, keys[0], public, CTX) / 2.0**64
-    masked_ones = mask(0, ones, keys[0], public, b"fedrec/test/round-2") / 2.0**64
-
-    for sample in (masked_zero, masked_ones):
-        assert stats.kstest(sample, "uniform").pvalue > 1e-3
-    # two different updates give indistinguishable masked vectors
-    assert stats.ks_2samp(masked_zero, masked_ones).pvalue > 1e-3
-    assert abs(np.corrcoef(masked_zero, masked_ones)[0, 1]) < 0.05
-
-
-def test_a_dropout_breaks_the_sum_and_the_survivors_round_repairs_it():
-    rng = np.random.default_rng(1)
-    updates = {i: rng.normal(size=30) for i in range(4)}
-    keys = {i: ClientKeys.generate() for i in updates}
-    public = {i: k.public for i, k in keys.items()}
-    masked = {i: mask(i, encode(u), keys[i], public, CTX) for i, u in updates.items()}
-
-    survivors = [0, 1, 3]  # client 2 agreed keys, then vanished
-    broken = decode(unmask_sum([masked[i] for i in survivors]))
-    repaired = survivors_round(updates, survivors, CTX, attempt=1)
-
-    expected = np.sum([updates[i] for i in survivors], axis=0)
-    assert np.abs(broken - expected).max() > 1e3  # client 2's masks do not cancel
-    np.testing.assert_allclose(repaired, expected, atol=3 * 2.0**-FRACTION_BITS)
-
-
-def test_overflowing_values_are_refused():
-    with pytest.raises(ValueError, match="overflows the fixed-point range"):
-        encode(np.array([2.0**40]))
+    return secure_sum
 
 
 @pytest.mark.parametrize("algorithm", ["als", "fedavg"])
-def test_secure_aggregation_composes_with_exact_als_and_fedavg(algorithm):
-    from functools import partial
-
+def test_the_protocols_sum_composes_with_exact_als_and_fedavg(algorithm):
     from models.data.partitions import build_clients
     from models.data.sharding import assign_clients
     from models.mf.federated import MFConfig, run_federated
@@ -92,8 +56,88 @@ def test_secure_aggregation_composes_with_exact_als_and_fedavg(algorithm):
 
     plain, _ = run_federated(clients, data.n_items, config, rounds=3, eval_splits=())
     secure, history = run_federated(clients, data.n_items, config, rounds=3, eval_splits=(),
-                                    secure_sum=partial(secure_sum, context=CTX))  # fmt: skip
+                                    secure_sum=_protocol_sum(4))  # fmt: skip
 
-    np.testing.assert_allclose(secure.params.factors, plain.params.factors, atol=1e-5)
-    np.testing.assert_allclose(secure.params.bias, plain.params.bias, atol=1e-5)
+    np.testing.assert_allclose(secure.params.factors, plain.params.factors, atol=1e-6)
+    np.testing.assert_allclose(secure.params.bias, plain.params.bias, atol=1e-6)
     assert np.isfinite(history[-1].train_rmse)
+
+
+def _implicit_updates(dp: bool):
+    from models.data.partitions import build_clients
+    from models.data.sharding import assign_clients
+    from models.privacy.dp import UserLevelDP
+    from models.ranking.family import TwoStage
+    from models.ranking.federated import RankingConfig
+    from tests.unit.helpers import low_rank_interactions
+
+    data = low_rank_interactions(n_users=60, n_items=25, density=0.3, seed=4)
+    owner = assign_clients(data, n_clients=4, strategy="iid", rng=np.random.default_rng(1))
+    clients = build_clients(data, owner, np.zeros(len(data), dtype=np.int8))
+    config = RankingConfig(n_factors=3, ranker=None)
+    if dp:
+        config = RankingConfig(
+            n_factors=3, ranker=None, dp=UserLevelDP.for_implicit(2.0, 20, len(clients))
+        )
+    family = TwoStage(config)
+    state = family.initial_state(data.n_items, seed=0)
+    updates = [
+        family.client_round(c, state, "als", np.random.default_rng(10 + c.client_id), ())[0]
+        for c in clients
+    ]
+    return family, state, updates, data.n_items
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "dp"])
+def test_the_two_stage_als_sums_through_the_protocol_give_the_plain_item_step(dp):
+    family, state, updates, n_items = _implicit_updates(dp)
+
+    dense = {u.client_id: family.to_dense(u, n_items) for u in updates}
+    combined = family.from_dense_sum(_protocol_sum(len(dense))(dense), n_items)
+    secure = family.server_update(state, [combined], "als")
+    plain = family.server_update(state, updates, "als")  # the oracle: the plain sums
+
+    np.testing.assert_allclose(secure.factors, plain.factors, atol=1e-6)
+    np.testing.assert_allclose(secure.popularity, plain.popularity, atol=1e-5)
+    if not dp:  # exact integer counts and the rows behind them
+        assert combined.counts.dtype == np.int64
+        assert combined.metrics["train_n"] == sum(u.metrics["train_n"] for u in updates)
+
+
+def test_the_two_stage_knn_update_has_no_dense_encoding():
+    from models.protocol import ClientUpdate
+
+    family, _, _, n_items = _implicit_updates(False)
+    knn = ClientUpdate(0, np.array([1]), np.array([2]), {"pair_rows": np.array([1])})
+    with pytest.raises(ValueError, match="only implicit-ALS updates have a dense encoding"):
+        family.to_dense(knn, n_items)
+
+
+def test_a_dropped_clients_masks_leave_the_sum_of_the_survivors_through_the_family():
+    family, state, updates, n_items = _implicit_updates(False)
+    dense = {u.client_id: family.to_dense(u, n_items) for u in updates}
+
+    total = _protocol_sum(4, drop={"mask": {2}})(dense)
+
+    survivors = [u for u in updates if u.client_id != 2]
+    expected = family.server_update(state, survivors, "als")
+    secure = family.server_update(state, [family.from_dense_sum(total, n_items)], "als")
+    np.testing.assert_allclose(secure.factors, expected.factors, atol=1e-6)
+
+
+def test_nothing_that_trains_imports_the_weak_pairwise_only_masking():
+    """models/privacy/secagg.py re-masks survivors after a dropout (the leak the protocol
+    removes); only the attack tests and the cost benchmark may import it, as the baseline."""
+    users = []
+    for folder in ("models", "tasks", "flows", "fedrec", "deployments"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(), filename=str(path))
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                if "models.privacy.secagg" in names:
+                    users.append(str(path.relative_to(ROOT)))
+    assert users == []
