@@ -22,10 +22,10 @@ GLOBAL_ARRAYS = frozenset({
     "pair_rows", "pair_cols", "pair_counts",  # item-kNN: co-occurrence counts of item pairs
     "trees",  # re-ranker: UTF-8 bytes of a LightGBM model string
     "masked",  # secure aggregation: the masked dense update over every item
+    "network_delta",  # neural model: the network's change times the client's users, flattened
 })  # fmt: skip
-UPDATE_METRICS = frozenset(
-    {"train_sse", "train_n", "groups", "clients"}
-)  # clients: a cohort's users
+# clients: a cohort's users; users: the users a neural client trained on (its FedAvg weight)
+UPDATE_METRICS = frozenset({"train_sse", "train_n", "groups", "clients", "users"})
 EVALUATION_SUMS = frozenset(
     {"sse", "sae", "n", "precision", "recall", "ndcg", "hit", "map", "users"}
 )

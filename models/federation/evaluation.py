@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from scipy import sparse
 
-from models.metrics import add_sums, distribution, finalize_metrics
+from models.client import ClientData
+from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums
 
 # What a client reports for one split: metric sums, and per-item top-K counts (None without ranking).
 Evaluation = tuple[dict[str, float], np.ndarray | None]
@@ -42,3 +44,27 @@ def summarize_splits(
         parts = [e[split] for e in evaluations if split in e]
         metrics |= summarize_evaluation(parts, top_k, n_items, split)
     return metrics
+
+
+def exclude_seen(client: ClientData, split: str) -> sparse.csr_matrix:
+    """What a user has already seen when ``split`` is ranked: training rows, and for the test
+    split the validation rows too."""
+    exclude = client.matrix("train")
+    return exclude + client.matrix("valid") if split == "test" else exclude
+
+
+def ranking_evaluation(
+    client: ClientData, split: str, users: np.ndarray, scores: np.ndarray, k: int
+) -> Evaluation:
+    """Top-``k`` ranking sums of ``scores`` (one row per user of ``users``) on a split."""
+    relevant = client.matrix(split)[users]
+    return ranking_sums(scores, exclude_seen(client, split)[users], relevant, k)
+
+
+def evaluate_scores(
+    client: ClientData, split: str, k: int, score: Callable[[np.ndarray], np.ndarray]
+) -> Evaluation:
+    """Ranking sums of any scorer (local user indices -> (users, n_items) scores) on a split."""
+    relevant = client.matrix(split)
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    return ranking_evaluation(client, split, users, score(users), k)

@@ -22,9 +22,14 @@ from scipy import sparse
 
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
-from models.federation.evaluation import Evaluation, summarize_splits
+from models.federation.evaluation import (
+    Evaluation,
+    evaluate_scores,
+    exclude_seen,
+    ranking_evaluation,
+    summarize_splits,
+)
 from models.federation.loop import run_family
-from models.metrics import ranking_sums
 from models.mf.als import ItemStatistics, RatingRows
 from models.mf.implicit import implicit_statistics, solve_items_implicit, solve_users_implicit
 from models.mf.params import ItemParams, init_item_params
@@ -239,11 +244,6 @@ class RankerData:
         return int(np.unique(self.train.users).size)
 
 
-def _exclude(client: ClientData, split: str) -> sparse.csr_matrix:
-    exclude = client.matrix("train")
-    return exclude + client.matrix("valid") if split == "test" else exclude
-
-
 def ranker_client_data(
     client: ClientData,
     recommender: RankingRecommender,
@@ -272,7 +272,7 @@ def ranker_client_data(
         held = np.flatnonzero(np.diff(relevant.indptr) > 0)
         held = held[np.diff(history.indptr)[held] > 0]
         split_candidates = recommender.score_candidates(
-            history, _exclude(client, split), client.user_features, held
+            history, exclude_seen(client, split), client.user_features, held
         )[0]
         splits[split] = (split_candidates, held)
     return RankerData(train, labels[keep].astype(np.float64), splits)
@@ -304,7 +304,7 @@ def ranker_client_round(
             else candidates.features["als_score"].to_numpy()
         )
         scores = _candidate_matrix(candidates, users, raw, client.n_items)
-        evaluations[split] = _ranking_evaluation(client, split, users, scores, config.top_k)
+        evaluations[split] = ranking_evaluation(client, split, users, scores, config.top_k)
     if data.n_groups == 0:
         return ClientUpdate(
             client.client_id, np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -333,22 +333,6 @@ def ranker_server_update(ensemble: TreeEnsemble, updates: Sequence[ClientUpdate]
 
 
 # --- evaluation ----------------------------------------------------------------------------
-def _ranking_evaluation(
-    client: ClientData, split: str, users: np.ndarray, scores: np.ndarray, k: int
-) -> Evaluation:
-    relevant = client.matrix(split)[users]
-    return ranking_sums(scores, _exclude(client, split)[users], relevant, k)
-
-
-def evaluate_scores(
-    client: ClientData, split: str, k: int, score: Callable[[np.ndarray], np.ndarray]
-) -> Evaluation:
-    """Ranking sums of any scorer (local user indices -> (users, n_items) scores) on a split."""
-    relevant = client.matrix(split)
-    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    return _ranking_evaluation(client, split, users, score(users), k)
-
-
 def evaluate_ranking(
     client: ClientData, recommender: RankingRecommender, splits: Sequence[str], k: int
 ) -> dict[str, Evaluation]:
@@ -360,9 +344,9 @@ def evaluate_ranking(
         relevant = client.matrix(split)
         users = np.flatnonzero(np.diff(relevant.indptr) > 0)
         scores = recommender.score_matrix(
-            history, _exclude(client, split), users, client.user_features
+            history, exclude_seen(client, split), users, client.user_features
         )
-        out[split] = _ranking_evaluation(client, split, users, scores, k)
+        out[split] = ranking_evaluation(client, split, users, scores, k)
     return out
 
 

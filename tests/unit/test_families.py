@@ -5,6 +5,7 @@ built from its servable model evaluates like the state it came from."""
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,24 +17,32 @@ from models.data.synthetic import generate_synthetic
 from models.federation.evaluation import summarize_splits
 from models.federation.family import Family, Recommender
 from models.federation.loop import run_family
+from models.federation.sampling import client_rng
 from models.mf.als import CentralizedALS, RatingRows
 from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
 from models.mf.implicit import CentralizedImplicitALS
+from models.neural.family import Neural, NeuralConfig
+from models.neural.training import TrainConfig, train_epochs
 from models.ranking.boosting import RankerConfig
 from models.ranking.family import TwoStage
 from models.ranking.federated import RankingConfig
 from models.ranking.knn import cooccurrence, cosine_neighbours
 
 
-@pytest.fixture(scope="module")
-def federation():
+def _partition(n_clients: int):
     data = generate_synthetic(n_users=240, n_items=90, n_interactions=7000, seed=11)
     rng = np.random.default_rng(3)
-    owner = assign_clients(data, n_clients=4, strategy="dirichlet", rng=rng)
+    owner = assign_clients(data, n_clients=n_clients, strategy="dirichlet", rng=rng)
     split = split_rows(
         data, owner, method="random", valid_fraction=0.15, test_fraction=0.15, rng=rng
     )
+    return data, owner, split
+
+
+@pytest.fixture(scope="module")
+def federation():
+    data, owner, split = _partition(4)
     return data, build_clients(data, owner, split)
 
 
@@ -54,6 +63,10 @@ def _pooled(data, clients, binary: bool) -> RatingRows:
     )
 
 
+SMALL_NETWORK = NeuralConfig(
+    kind="dae", hidden=(), latent=8, train=TrainConfig(batch_size=64, learning_rate=1e-2)
+)
+
 FAMILIES = {
     "explicit-als": lambda: ExplicitMF(MFConfig(n_factors=4, reg=0.05, init_std=0.1)),
     "explicit-fedadam": lambda: ExplicitMF(MFConfig(algorithm="fedadam", n_factors=4)),
@@ -68,6 +81,7 @@ FAMILIES = {
             ranker=RankerConfig(rounds=2, num_leaves=7),
         )
     ),
+    "neural": lambda: Neural(SMALL_NETWORK),
 }
 
 
@@ -100,6 +114,26 @@ def test_two_stage_retrieval_through_the_loop_equals_centralized_implicit_als_an
     np.testing.assert_allclose(state.similarity.toarray(), expected.toarray(), atol=1e-6)
     assert len(state.ensemble) > 0 and state.stage == "ranker"
     assert [h["step"] for h in history] == [1, 2, 3, 4, 5]  # 3 ALS rounds, then 2 ranker rounds
+
+
+def test_the_neural_network_through_the_loop_on_one_client_equals_centralized_training():
+    """FedAvg with one client holding every user, server step 1: one round of two local epochs
+    is two centralized epochs of the same network from the same start with the same stream."""
+    data, _, split = _partition(4)
+    everyone = build_clients(data, np.zeros(data.n_users, np.int32), split)[0]
+    family = Neural(
+        replace(SMALL_NETWORK, federated=replace(SMALL_NETWORK.federated, local_epochs=2))
+    )
+    state, _ = run_family(family, [everyone], data.n_items, rounds=1, seed=9, eval_splits=())
+
+    start = family.initial_state(data.n_items, 9)
+    history = everyone.matrix("train")
+    rng = client_rng(9, 1, 0)
+    central, _, _ = train_epochs(
+        start.params, start.arch, history, SMALL_NETWORK.train, epochs=2, rng=rng
+    )
+    for name, value in central.items():
+        np.testing.assert_allclose(state.params[name], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
