@@ -202,6 +202,6 @@ def test_a_candidate_whose_evaluation_failed_is_not_promoted(store, monkeypatch)
     assert summary["reason"] == "candidate has no valid_rmse: evaluation failed or was empty"
     assert "valid_rmse" not in summary["metrics"]
     champion = client.get_model_version_by_alias("unevaluated", "champion")
-    assert champion.version == first["model_version"]
+    assert str(champion.version) == first["model_version"]
     tags = client.get_model_version("unevaluated", summary["model_version"]).tags
     assert tags["fedrec.promoted"] == "false"

@@ -49,12 +49,20 @@ def test_per_user_clients_give_the_same_model_in_cohorts_of_1_and_500(store):
     assert _metric(store, runs[500]["run_id"], "client_tasks") == [1.0, 1.0]
 
 
-def test_the_dask_runner_on_two_worker_processes_gives_the_thread_runners_model(store):
+def test_the_dask_runner_on_two_worker_processes_gives_the_thread_runners_model(
+    store, tmp_path, monkeypatch
+):
     import os
 
+    import dask
+
+    from tests.flows.dask_probe import PROBE_DIR, finished_tasks
+
+    monkeypatch.setenv(PROBE_DIR, str(tmp_path))  # the workers' record of what they ran
     before = os.environ.get("PREFECT_API_URL")
     try:
-        dask = _run(store, "dask", model_name="on-dask", clients=3)
+        with dask.config.set({"distributed.worker.preload": ["tests.flows.dask_probe"]}):
+            dask_run = _run(store, "dask", model_name="on-dask", clients=3)
     finally:  # the local cluster points its workers at this session's API
         if before is None:
             os.environ.pop("PREFECT_API_URL", None)
@@ -63,12 +71,12 @@ def test_the_dask_runner_on_two_worker_processes_gives_the_thread_runners_model(
         _served(store, "on-dask").params.factors, _served(store, "on-threads").params.factors,
         atol=1e-10,
     )  # fmt: skip
-    assert dask["metrics"]["clients"] == 3.0
-    from prefect_dask import DaskTaskRunner
-
-    from flows.training import training_flow
-
-    assert isinstance(training_flow("dask").task_runner, DaskTaskRunner)
+    assert dask_run["metrics"]["clients"] == 3.0
+    # the client tasks ran in the cluster's worker processes, not in this process's threads:
+    # 3 clients x 2 rounds trained there (plus evaluations), in processes other than this one
+    ran = finished_tasks(tmp_path)
+    assert ran and os.getpid() not in ran and len(ran) <= 2, ran
+    assert sum(len(keys) for keys in ran.values()) >= 3 * TINY["rounds"], ran
 
 
 def test_eval_every_skips_evaluation_between_rounds_but_not_after_the_last(store):

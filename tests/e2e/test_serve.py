@@ -1,0 +1,91 @@
+"""`fedrec serve` runs the schedule: against a real Prefect server started here, with a cron of
+every minute, the serving process picks up a run the scheduler created and trains it, and the
+model lands in MLflow under that flow run. Every process started here is stopped by its id."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.e2e.test_deployment import DEPLOYMENT, _free_port, _http, _stop
+
+REPO = Path(__file__).resolve().parents[2]
+PARAMS = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions": 6000,
+          "clients": 2, "rounds": 1, "factors": 2, "warm_start": False}  # fmt: skip
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _wait_healthy(api: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if _http("GET", f"{api}/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.5)
+    raise AssertionError("prefect server did not become healthy in 120 s")
+
+
+def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "FEDREC_HOME": str(tmp_path / "fedrec"),
+        "MLFLOW_TRACKING_URI": uri,
+    }
+    logs = {name: tmp_path / f"{name}.log" for name in ("server", "serve")}
+    started: list[subprocess.Popen] = []
+    try:
+        with open(logs["server"], "w") as out:
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            ))  # fmt: skip
+        _wait_healthy(api, started[0], logs["server"])
+        params = [arg for key, value in PARAMS.items() for arg in ("--param", f"{key}={value}")]
+        with open(logs["serve"], "w") as out:
+            started.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "fedrec"), "serve", "--cron", "* * * * *", *params],
+                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            ))  # fmt: skip
+
+        # the first scheduled run starts at the next minute; it then trains for some seconds
+        deadline, done = time.time() + 300, None
+        while done is None and time.time() < deadline:
+            assert started[1].poll() is None, logs["serve"].read_text()[-3000:]
+            status, deployment = _http("GET", f"{api}/deployments/name/{DEPLOYMENT}")
+            if status == 200:
+                query = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]},
+                                       "state": {"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}}}  # fmt: skip
+                status, runs = _http("POST", f"{api}/flow_runs/filter", query)
+                assert status == 200, runs
+                done = next((r for r in runs if r.get("auto_scheduled")), None)
+            time.sleep(2)
+        assert done is not None, (
+            "no scheduled run finished in 300 s:\n" + logs["serve"].read_text()[-3000:]
+        )
+    finally:
+        for proc in reversed(started):
+            _stop(proc)
+
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    assert done["parameters"]["rounds"] == 1 and done["parameters"]["synthetic_users"] == 300
+    assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("fedrec-mf", "champion")
+    assert client.get_run(version.run_id).data.tags["prefect.flow_run_id"] == done["id"]
