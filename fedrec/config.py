@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+from dataclasses import replace
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,6 +16,8 @@ from fedrec.home import fedrec_home as fedrec_home
 from fedrec.inputs import check_sources_exist, check_split_files, data_sources
 from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
+from models.neural.family import NeuralConfig
+from models.neural.training import TrainConfig
 from models.privacy.redaction import redact_uri
 from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig
@@ -26,6 +29,8 @@ _SYNTHETIC = {
 _MF = MFConfig()
 _RANKING = RankingConfig()
 _RANKER = RankerConfig()
+# measured on ML-1M (README): the one-layer Mult-DAE, client minibatches of 100 users
+_NEURAL = NeuralConfig(kind="dae", hidden=(), train=TrainConfig(learning_rate=3e-3, batch_size=100))
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
 PromotionMetric = Literal[
@@ -129,6 +134,32 @@ class TrainingConfig(BaseModel):
         _RANKING.n_candidates,
         ge=1,
         description="implicit: top-N of each retrieval model to re-rank",
+    )
+    implicit_model: Literal["two-stage", "neural"] = Field(
+        "two-stage",
+        description="implicit: the model family; two-stage: implicit ALS + item-kNN retrieval "
+        "(+ the re-ranker); neural: a Mult-DAE/Mult-VAE network trained by FedAvg/FedAdam",
+    )
+    neural_network: Literal["dae", "vae"] = Field(
+        _NEURAL.kind, description="neural: Mult-DAE or Mult-VAE (Liang et al. 2018)"
+    )
+    neural_latent: int = Field(_NEURAL.latent, ge=1, description="neural: latent width")
+    neural_hidden: int = Field(
+        _NEURAL.hidden[0] if _NEURAL.hidden else 0,
+        ge=0,
+        description="neural: hidden width between input and latent (0: none)",
+    )
+    neural_lr: float = Field(
+        _NEURAL.train.learning_rate, gt=0, description="neural: clients' Adam step size"
+    )
+    neural_batch_size: int = Field(
+        _NEURAL.train.batch_size, ge=1, description="neural: users per client minibatch"
+    )
+    neural_local_epochs: int = Field(
+        _NEURAL.federated.local_epochs, ge=1, description="neural: client epochs per round"
+    )
+    neural_server: Literal["fedavg", "fedadam"] = Field(
+        _NEURAL.federated.server_rule, description="neural: the server step"
     )
     ranker: Literal["none", "lightgbm"] = Field(
         "none",
@@ -367,6 +398,20 @@ class TrainingConfig(BaseModel):
             raise ValueError("dp_ledger_set_cap needs dp_budget (and dp_epsilon): the cap to store")
         if self.ranker != "none" and self.feedback != "implicit":
             raise ValueError(f"ranker={self.ranker!r} needs feedback='implicit'")
+        if self.implicit_model == "neural":
+            if self.feedback != "implicit":
+                raise ValueError("implicit_model='neural' needs feedback='implicit'")
+            for name, value, allowed in (
+                ("ranker", self.ranker, "none"),
+                ("dp_epsilon", self.dp_epsilon, None),
+                ("secure_aggregation", self.secure_aggregation, False),
+            ):
+                if value != allowed:
+                    raise ValueError(
+                        f"{name}={value!r} with implicit_model='neural': the network has no "
+                        f"{'re-ranker' if name == 'ranker' else 'DP or secure-aggregation encoding'} "
+                        "here; use the two-stage model"
+                    )
         if self.positive_threshold is not None and self.feedback != "implicit":
             raise ValueError("positive_threshold needs feedback='implicit'")
         metric = self.promotion_metric
@@ -391,7 +436,9 @@ class TrainingConfig(BaseModel):
         """The registered model's name: ``model_name``, else one per model family."""
         if self.model_name:
             return self.model_name
-        return "fedrec-ranking" if self.feedback == "implicit" else "fedrec-mf"
+        if self.feedback == "explicit":
+            return "fedrec-mf"
+        return "fedrec-neural" if self.implicit_model == "neural" else "fedrec-ranking"
 
     @property
     def promotion(self) -> str:
@@ -422,6 +469,22 @@ class TrainingConfig(BaseModel):
             top_k=self.top_k,
             ranker=ranker,
         )
+
+    def neural_config(self) -> NeuralConfig:
+        """The core's hyperparameters of the neural family."""
+        hidden = (self.neural_hidden,) if self.neural_hidden else ()
+        train = replace(
+            _NEURAL.train, learning_rate=self.neural_lr, batch_size=self.neural_batch_size
+        )
+        federated = replace(
+            _NEURAL.federated,
+            rounds=self.rounds,
+            local_epochs=self.neural_local_epochs,
+            server_rule=self.neural_server,
+            server_lr=self.server_lr or (1.0 if self.neural_server == "fedavg" else 0.01),
+        )
+        return NeuralConfig(self.neural_network, hidden, self.neural_latent, train, federated,
+                            self.top_k)  # fmt: skip
 
     def mf_config(self) -> MFConfig:
         """The core's hyperparameters of the explicit-feedback (MF) family."""

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
+import pandas as pd
 from prefect import get_run_logger
 
 from flows.rounds import Privacy, RunContext
 from models.data.partitions import read_item_features
 from models.federation.family import Family
 from models.mf.family import ExplicitMF
+from models.neural.family import Neural
 from models.privacy.dp import UserLevelDP
 from models.ranking.family import TwoStage
 
 
 def build_family(ctx: RunContext, plan: Privacy | None) -> Family:
-    """The configured family: explicit MF, or the two-stage ranking model; with DP's bounds and
-    noise when ``plan`` is given."""
+    """The configured family: explicit MF, the two-stage ranking model or the neural model; with
+    DP's bounds and noise when ``plan`` is given."""
     config, logger = ctx.config, get_run_logger()
     if config.feedback == "explicit":
         mf = config.mf_config()
@@ -25,16 +28,23 @@ def build_family(ctx: RunContext, plan: Privacy | None) -> Family:
             logger.info("DP sensitivity of one user's ALS statistics: %.2f", dp.sensitivity)
             mf = replace(mf, dp=dp)
         return ExplicitMF(mf, ctx.item_ids)
+    titles, features = _catalogue(ctx)
+    if config.implicit_model == "neural":
+        return Neural(config.neural_config(), ctx.item_ids, titles)
     rc = config.ranking_config()
     if plan is not None:  # implicit ALS alone: kNN and the re-ranker have no DP mechanism
         dp = UserLevelDP.for_implicit(plan.noise_multiplier, config.dp_max_items, plan.shares)
         logger.info("DP sensitivity of one user's implicit-ALS statistics: %.2f",
                     dp.implicit_sensitivity(rc.alpha))  # fmt: skip
         rc = replace(rc, dp=dp)
-    catalogue = read_item_features(ctx.workspace)
-    titles, features = None, None
-    if catalogue is not None:
-        titles = catalogue["title"].to_numpy(dtype=object) if "title" in catalogue else None
-        features = catalogue.drop(columns=["title"], errors="ignore")
-        features = features if features.shape[1] else None
     return TwoStage(rc, ctx.item_ids, titles, features)
+
+
+def _catalogue(ctx: RunContext) -> tuple[np.ndarray | None, pd.DataFrame | None]:
+    """The public item catalogue of the run: titles, and features by item index."""
+    catalogue = read_item_features(ctx.workspace)
+    if catalogue is None:
+        return None, None
+    titles = catalogue["title"].to_numpy(dtype=object) if "title" in catalogue else None
+    features = catalogue.drop(columns=["title"], errors="ignore")
+    return titles, (features if features.shape[1] else None)

@@ -1,4 +1,5 @@
-"""Every MLflow call of fedrec: runs, per-round metrics, artifacts, the registered model, aliases.
+"""Every MLflow call of fedrec: runs, per-round metrics, artifacts, the registered model, aliases,
+and the privacy ledger (the experiment ``fedrec-privacy-ledger``).
 
 The default store is ``sqlite:///$FEDREC_HOME/mlflow.db`` with artifacts in
 ``$FEDREC_HOME/mlartifacts``; ``MLFLOW_TRACKING_URI`` or the config's ``tracking_uri`` overrides.
@@ -35,7 +36,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
-from models.mf.recommender import MFRecommender
+from models.federation.family import Recommender
 from models.privacy.ledger import (
     Balance,
     BudgetError,
@@ -50,15 +51,12 @@ from models.privacy.ledger import (
 )
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
-from models.ranking.recommender import RankingRecommender
+from models.recommenders import read_recommender
 
 CHAMPION = "champion"
 _SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
 _MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
-_REQUIREMENTS = ("mlflow", "numpy", "pandas", "scipy", "pyarrow")
-_RANKING_REQUIREMENTS = (*_REQUIREMENTS, "lightgbm")
 _STATE = "recommender"  # the model's artifact folder holding the recommender's state files
-Recommender = MFRecommender | RankingRecommender
 _RETRY = {"retries": 2, "retry_delay_seconds": [1, 5], "cache_policy": NONE}
 
 
@@ -264,20 +262,11 @@ def log_artifacts(
         client.log_artifacts(run_id, str(folder))
 
 
-def _signature(ranking: bool) -> ModelSignature:
+def _signature(recommender: Recommender) -> ModelSignature:
+    """Inputs: user_id, history_items and the columns the recommender's kind declares."""
     columns = [ColSpec("string", "user_id"), ColSpec(Array("string"), "history_items")]
-    if ranking:  # side features the re-ranker uses when a request has them
-        columns += [
-            ColSpec("double", "age", required=False),
-            ColSpec("string", "gender", required=False),
-            ColSpec("string", "occupation", required=False),
-        ]
-    else:
-        columns += [
-            ColSpec(Array("double"), "history_ratings", required=False),
-            ColSpec(Array("string"), "items", required=False),
-        ]
-    inputs = Schema(columns)
+    for name, kind, is_list in recommender.request_columns:
+        columns.append(ColSpec(Array(kind) if is_list else kind, name, required=False))
     outputs = Schema(
         [
             ColSpec("string", "user_id"),
@@ -288,7 +277,7 @@ def _signature(ranking: bool) -> ModelSignature:
         ]
     )
     return ModelSignature(
-        inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("k", "long", 10)])
+        inputs=Schema(columns), outputs=outputs, params=ParamSchema([ParamSpec("k", "long", 10)])
     )
 
 
@@ -304,21 +293,18 @@ def register_model(
 ) -> str:
     """Log the recommender as a models-from-code pyfunc and register it; returns the version."""
     _client(uri)
-    ranking = isinstance(recommender, RankingRecommender)
     example = pd.DataFrame(
         {"user_id": ["example-user"], "history_items": [list(recommender.item_ids[:3])]}
     )
-    if not ranking:
-        example["history_ratings"] = [[5.0, 4.0, 3.0][: min(3, len(recommender.item_ids))]]
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         recommender.save(Path(tmp) / _STATE)
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(_SERVING / ("ranking_pyfunc.py" if ranking else "mf_pyfunc.py")),
+            python_model=str(_SERVING / "pyfunc.py"),
             artifacts={_STATE: str(Path(tmp) / _STATE)},
             code_paths=[str(_MODELS_PACKAGE)],
-            pip_requirements=_requirements(_RANKING_REQUIREMENTS if ranking else _REQUIREMENTS),
-            signature=_signature(ranking),
+            pip_requirements=_requirements(("mlflow", *recommender.requirements)),
+            signature=_signature(recommender),
             input_example=example,
             registered_model_name=model_name,
         )
@@ -342,15 +328,6 @@ def _is_missing(err: MlflowException) -> bool:
     )
 
 
-def read_recommender(folder: Path) -> Recommender:
-    """A recommender from its saved state files, read by the installed fedrec classes."""
-    if (folder / "retrieval.npz").is_file():
-        return RankingRecommender.load(folder)
-    if (folder / "item_params.npz").is_file():
-        return MFRecommender.load(folder)
-    raise ValueError(f"{folder}: not a fedrec recommender (no item_params.npz or retrieval.npz)")
-
-
 def load_recommender(uri: str, model_uri: str) -> Recommender:
     """Load a registered or logged recommender (``models:/NAME@champion``, ``runs:/...``).
 
@@ -361,14 +338,11 @@ def load_recommender(uri: str, model_uri: str) -> Recommender:
     """
     _client(uri)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            folder = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{_STATE}",
-                dst_path=tmp,
-                tracking_uri=uri,
-            )
-        except MlflowException as err:
-            raise ValueError(f"{model_uri}: no fedrec model there ({err.message})") from err
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{_STATE}",
+            dst_path=tmp,
+            tracking_uri=uri,
+        )
         return read_recommender(Path(folder))
 
 
@@ -586,6 +560,7 @@ def _unledgered_private_spending(
     private = [float(v.tags["fedrec.epsilon"]) for v in versions if v.tags.get("fedrec.epsilon")]
     if not private or _ledger_runs(client, experiment_id, f"params.model_name = '{model_name}'"):
         return []
+    # (a recovered list may end with the former tag's surplus: runs that registered nothing)
     try:  # the former JSON tag may hold spending of runs that never registered a version
         legacy = json.loads(
             client.get_registered_model(model_name).tags.get(_LEGACY_LEDGER_TAG, "{}")
@@ -630,7 +605,8 @@ def reserve_privacy_budget(
         unledgered = _unledgered_private_spending(client, experiment_id, model_name)
         if unledgered and not request.set_cap:
             raise BudgetError(
-                f"privacy ledger: {model_name!r} has {len(unledgered)} private version(s) but the "
+                f"privacy ledger: {model_name!r} has private versions (epsilon "
+                f"{sum(unledgered):.3g} in all) but the "
                 f"ledger ({LEDGER_EXPERIMENT!r}) has no entry for it: their spending is unknown; "
                 "not started (an operator can record it as spent with --dp-ledger-set-cap)"
             )

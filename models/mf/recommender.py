@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,14 @@ class MFRecommender:
         Predicted scores are clipped to it.
     """
 
+    kind: ClassVar[str] = "mf"
+    # request columns beyond user_id and history_items: (name, type, is a list)
+    request_columns: ClassVar[tuple[tuple[str, str, bool], ...]] = (
+        ("history_ratings", "double", True),
+        ("items", "string", True),
+    )
+    requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow")
+
     params: ItemParams
     item_ids: np.ndarray
     popularity: np.ndarray
@@ -55,7 +64,9 @@ class MFRecommender:
             {"item_id": self.item_ids.astype(str), "popularity": self.popularity}
         ).to_parquet(folder / "items.parquet", index=False)
         (folder / "recommender.json").write_text(
-            json.dumps({"reg": self.reg, "rating_scale": self.rating_scale, "format": 1})
+            json.dumps(
+                {"kind": self.kind, "reg": self.reg, "rating_scale": self.rating_scale, "format": 1}
+            )
         )
 
     @classmethod

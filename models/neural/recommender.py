@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,11 @@ class NeuralRecommender:
     titles : ndarray of str or None
         For reasons ("because you liked <title>"); ids are used without them.
     """
+
+    kind: ClassVar[str] = KIND
+    # request columns beyond user_id and history_items: (name, type, is a list)
+    request_columns: ClassVar[tuple[tuple[str, str, bool], ...]] = (("items", "string", True),)
+    requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow")
 
     params: Params
     arch: Architecture

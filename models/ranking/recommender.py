@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,16 @@ class RankingRecommender:
     titles : ndarray of str or None
         For explanations ("similar to <title> you liked"); item ids are used without them.
     """
+
+    kind: ClassVar[str] = KIND
+    # request columns beyond user_id and history_items: (name, type, is a list); the side
+    # features the re-ranker uses when a request has them
+    request_columns: ClassVar[tuple[tuple[str, str, bool], ...]] = (
+        ("age", "double", False),
+        ("gender", "string", False),
+        ("occupation", "string", False),
+    )
+    requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow", "lightgbm")
 
     retrieval: Retrieval
     ranker: TreeEnsemble | None

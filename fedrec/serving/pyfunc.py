@@ -1,0 +1,43 @@
+"""MLflow models-from-code entry of every fedrec recommender.
+
+MLflow executes this file when the model is loaded; the state comes from the ``recommender``
+artifact folder (npz, Parquet, JSON, LightGBM model strings), whose ``recommender.json`` names
+the kind of model, so nothing is unpickled. ``predict`` takes one row per user:
+
+- ``user_id`` (string) and ``history_items`` (list of item ids the user interacted with);
+- the columns the model's kind declares (its ``request_columns``: ``history_ratings`` and
+  ``items`` for MF, ``age``, ``gender``, ``occupation`` for the re-ranker, ``items`` for the
+  network);
+- the ``k`` param (default 10) sets the list length.
+
+It returns ``user_id, rank, item_id, score, reason`` rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from models.federation.family import Recommender
+from models.recommenders import read_recommender
+
+
+class FedrecModel(PythonModel):
+    """Thin adapter from MLflow's pyfunc interface to any family's recommender."""
+
+    recommender: Recommender
+
+    def load_context(self, context: Any) -> None:
+        self.recommender = read_recommender(context.artifacts["recommender"])
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        k = int((params or {}).get("k", 10))
+        return self.recommender.recommend(model_input, k=k)
+
+
+mlflow.models.set_model(FedrecModel())
