@@ -63,3 +63,24 @@ def test_item_average_matches_numpy_average_per_item():
         else:
             assert np.all(average[item] == 0) and weight[item] == 0
     assert weight[5] == 0
+
+
+def test_fractional_weights_average_like_numpy():
+    rng = np.random.default_rng(4)
+    arrays = [rng.normal(size=3) for _ in range(3)]
+    weights = [0.5, 0.25, 0.125]  # shares, not counts: below 1 is a valid weight
+
+    result = aggregate_weighted_average(list(zip(arrays, weights, strict=True)))
+
+    np.testing.assert_allclose(result, np.average(np.stack(arrays), axis=0, weights=weights))
+
+
+def test_item_average_with_fractional_weights_covers_every_weighted_item():
+    average, total = aggregate_item_average(
+        [(np.array([0, 2]), np.array([[1.0], [4.0]]), np.array([0.25, 0.5])),
+         (np.array([2]), np.array([[10.0]]), np.array([0.5]))],
+        n_items=3,
+    )  # fmt: skip
+
+    np.testing.assert_allclose(total, [0.25, 0.0, 1.0])
+    np.testing.assert_allclose(average[:, 0], [1.0, 0.0, (0.5 * 4 + 0.5 * 10) / 1.0])

@@ -164,3 +164,55 @@ def test_solve_items_solves_the_weighted_ridge_and_keeps_untouched_items():
     for kept in (0, 1, 3):  # no rows, or not in the statistics: the parameters stay
         np.testing.assert_array_equal(out.factors[kept], params.factors[kept])
         assert out.bias[kept] == params.bias[kept]
+
+
+def test_predict_ratings_is_the_biased_dot_product_for_every_row():
+    from models.mf.als import UserParams, predict_ratings
+    from models.mf.params import ItemParams
+
+    rng = np.random.default_rng(8)
+    people = UserParams(rng.normal(size=(4, 3)), rng.normal(size=4))
+    params = ItemParams(rng.normal(size=(5, 3)), rng.normal(size=5), 3.5)
+    users, items = rng.integers(0, 4, 20), rng.integers(0, 5, 20)
+
+    got = predict_ratings(people, params, users, items)
+
+    want = [3.5 + people.bias[u] + params.bias[i] + people.factors[u] @ params.factors[i]
+            for u, i in zip(users, items, strict=True)]  # fmt: skip
+    np.testing.assert_allclose(got, want)
+
+
+def test_solve_users_for_a_single_user_is_the_closed_form():
+    from models.mf.als import solve_users
+    from models.mf.params import ItemParams
+
+    rng = np.random.default_rng(9)
+    params = ItemParams(rng.normal(size=(6, 2)), rng.normal(size=6), 3.0)
+    items, ratings = np.array([0, 2, 5]), np.array([4.0, 2.0, 5.0])
+
+    people = solve_users(
+        RatingRows(np.zeros(3, int), items, ratings, n_users=1, n_items=6), params, reg=0.2
+    )
+
+    x = np.column_stack([params.factors[items], np.ones(3)])  # [q_i, 1]
+    target = ratings - 3.0 - params.bias[items]
+    want = np.linalg.solve(x.T @ x + 0.2 * 3 * np.eye(3), x.T @ target)
+    np.testing.assert_allclose(people.factors[0], want[:2])
+    assert people.bias[0] == pytest.approx(want[2])
+
+
+def test_solve_items_solves_an_item_with_a_single_row():
+    from models.mf.als import ItemStatistics, solve_items
+    from models.mf.linalg import pack_symmetric
+    from models.mf.params import ItemParams
+
+    params = ItemParams(np.zeros((2, 1)), np.zeros(2), 3.0)
+    x, residual = np.array([0.5, 1.0]), 1.5  # one rating of item 1
+    stats = ItemStatistics(
+        np.array([1]), np.array([1]), pack_symmetric(np.outer(x, x)[None]), (residual * x)[None]
+    )
+
+    out = solve_items(params, stats, reg=0.1)
+
+    want = np.linalg.solve(np.outer(x, x) + 0.1 * np.eye(2), residual * x)
+    np.testing.assert_allclose([out.factors[1, 0], out.bias[1]], want)

@@ -192,3 +192,27 @@ def test_the_documented_clipping_bounds_and_their_sensitivity():
     x2 = 0.5**2 + 1.0  # |[x, 1]|^2 at the clip
     per_item = x2**2 + 2.0**2 * x2 + 1.0  # |x x^T|_F^2 + |r x|^2 + count^2
     assert dp.sensitivity == pytest.approx(math.sqrt(100 * per_item))
+
+
+def test_clipped_statistics_equal_the_plain_ones_when_nothing_is_clipped():
+    from models.mf.als import item_statistics
+
+    rng = np.random.default_rng(11)
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=10, factor_clip=10.0, residual_clip=100.0)
+    people = UserParams(rng.normal(0, 0.1, (3, 2)), rng.normal(0, 0.1, 3))
+    rows = RatingRows(np.array([0, 0, 1, 2]), np.array([1, 2, 1, 0]), rng.uniform(1, 5, 4),
+                      n_users=3, n_items=3)  # fmt: skip
+
+    clipped, plain = clipped_statistics(rows, people, 3.0, dp), item_statistics(rows, people, 3.0)
+
+    np.testing.assert_array_equal(clipped.items, plain.items)
+    np.testing.assert_allclose(clipped.grams, plain.grams)
+    np.testing.assert_allclose(clipped.rhs, plain.rhs)
+
+
+def test_the_documented_noise_split_and_count_floor():
+    dp = UserLevelDP(noise_multiplier=2.0)
+    assert dp.shares == 1 and dp.count_floor == 4.0  # README: below 4 deviations, zeroed
+    assert UserLevelDP.for_implicit(2.0, max_items=5, shares=3).ridge_scale == 4.0  # 4 deep
+    assert dp.noise_std(3.0) == pytest.approx(2.0 * 3.0)
+    assert UserLevelDP(2.0, shares=4).noise_std(3.0) == pytest.approx(2.0 * 3.0 / 2)

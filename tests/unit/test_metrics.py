@@ -112,3 +112,11 @@ def test_ranking_sums_of_no_users_or_no_items_are_zero(n_users, n_items):
 
     assert sums["users"] == 0.0 and all(v == 0.0 for v in sums.values())
     assert recommended.shape == (n_items,) and not recommended.any()
+
+
+def test_coverage_needs_both_the_catalogue_and_the_covered_count():
+    sums = {"sse": 1.0, "sae": 1.0, "n": 1.0}
+
+    assert "coverage_at_10" not in finalize_metrics(sums, k=10, n_items=50)
+    assert "coverage_at_10" not in finalize_metrics(sums | {"covered": 5.0}, k=10)
+    assert finalize_metrics(sums | {"covered": 5.0}, k=10, n_items=50)["coverage_at_10"] == 0.1
