@@ -72,9 +72,11 @@ def test_a_seed_derived_stream_gives_membership_away_and_os_entropy_does_not(fed
     ours = _upload(family, client, state, round_rng(SEED, ROUND, client.client_id, private=True))
     assert replay_membership(ours, candidates, family, state) is None
     replayed = _upload(family, client, state, client_rng(SEED, ROUND, client.client_id))
-    residual = ours.arrays["rhs"] - replayed.arrays["rhs"]  # what subtracting the replay leaves
+    # what subtracting the replayed noise leaves: nothing for the weak stream, noise for ours
+    assert np.array_equal(weak.arrays["rhs"], replayed.arrays["rhs"])
+    residual = ours.arrays["rhs"] - replayed.arrays["rhs"]
     std = family.config.dp.noise_std(family.config.dp.sensitivity)
-    assert np.std(residual) == pytest.approx(np.sqrt(2) * std, rel=0.15)  # two independent noises
+    assert np.std(residual) > 0.3 * std
 
 
 def test_a_private_upload_carries_no_training_metrics(federation):
