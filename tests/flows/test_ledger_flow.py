@@ -88,7 +88,9 @@ def test_private_versions_without_a_ledger_refuse_to_start(store, tmp_path):
     run = client.create_run(client.create_experiment("fedrec")).info.run_id
     register_model.fn(store["uri"], run, _recommender(), "m", {"fedrec.epsilon": "8.0"})
 
-    with pytest.raises(BudgetError, match=r"'m' has 1 private version\(s\) but the ledger"):
+    with pytest.raises(
+        BudgetError, match=r"'m' has private versions \(epsilon 8 in all\) but the ledger"
+    ):
         _reserve(store, 1.0, model="m")
     assert _reserve(store, 1.0, model="other").epsilon == 1.0  # no private versions: fine
     recovered = _reserve(store, 1.0, model="m", key="users-c", cap=20.0, set_cap=True)
@@ -240,7 +242,10 @@ def test_a_flow_with_private_versions_but_no_ledger_refuses_in_one_line(store, p
     run = client.create_run(client.create_experiment("elsewhere")).info.run_id
     register_model.fn(store["uri"], run, _recommender(), "old-private", {"fedrec.epsilon": "2.0"})
 
-    with pytest.raises(ValueError, match=r"^privacy ledger: 'old-private' has 1 private version"):
+    with pytest.raises(
+        ValueError,
+        match=r"^privacy ledger: 'old-private' has private versions \(epsilon 2 in all\)",
+    ):
         _train(store, synthetic_users=200, synthetic_items=80, synthetic_interactions=4_000,
                model_name="old-private", dp_epsilon=1.0)  # fmt: skip
     assert len(client.search_model_versions("name='old-private'")) == 1
