@@ -1,0 +1,89 @@
+"""Resume works for every family: a run that stops in the middle of a phase continues from its
+last checkpoint (no round before it runs again, the phases that only every client answers once
+are not asked again) and ends with the model an uninterrupted run gives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fedrec.config import TrainingConfig
+from tests.flows.helpers import tracking_store
+
+TINY = {"synthetic_users": 240, "synthetic_items": 100, "synthetic_interactions": 7_000,
+        "clients": 3, "rounds": 3, "feedback": "implicit", "skip_if_unchanged": False,
+        "task_retries": 0, "round_retries": 0}  # fmt: skip
+FAMILIES = {
+    # ALS steps 1-3, item co-occurrences once, re-ranker steps 4-5: stop in step 5
+    "two-stage": ({"ranker": "lightgbm", "ranker_rounds": 2, "factors": 6, "candidates": 30,
+                   "neighbours": 30}, ("ranker", 5)),
+    "neural": ({"implicit_model": "neural", "neural_latent": 8}, ("train", 3)),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    with tracking_store(tmp_path_factory.mktemp("fedrec-resume-families")) as store:
+        yield store
+
+
+def _spy(monkeypatch, seen: list, stop_at: tuple[str, int] | None) -> None:
+    """Record (phase, round) of every training task; fail every client at ``stop_at``."""
+    import tasks.clients as clients
+
+    original = clients.train_client.fn
+
+    def spy(**kwargs: Any) -> Any:
+        seen.append((kwargs["phase"], kwargs["round_"]))
+        if (kwargs["phase"], kwargs["round_"]) == stop_at:
+            raise ConnectionError("the coordinator went away")
+        return original(**kwargs)
+
+    monkeypatch.setattr(clients.train_client, "fn", spy)
+
+
+def _config(store, name: str, **fields: Any) -> TrainingConfig:
+    extra, _ = FAMILIES[name]
+    return TrainingConfig(tracking_uri=store["uri"], **(TINY | extra | fields))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(
+    store, monkeypatch, name
+):
+    from flows.rounds import QuorumError
+    from flows.training import federated_training
+
+    _, stop_at = FAMILIES[name]
+    whole = federated_training(**_config(store, name, model_name=f"whole-{name}").model_dump())
+
+    seen: list = []
+    with monkeypatch.context() as patch:
+        _spy(patch, seen, stop_at)
+        with pytest.raises(QuorumError):
+            federated_training(**_config(store, name, model_name=f"stopped-{name}").model_dump())
+    run_id = _stopped_run(store, f"stopped-{name}")
+
+    resumed: list = []
+    with monkeypatch.context() as patch:
+        _spy(patch, resumed, None)
+        summary = federated_training(**_config(store, name, resume=run_id).model_dump())
+
+    assert summary["run_id"] == run_id
+    assert min(r for _, r in resumed if r > 0) == stop_at[1]  # nothing before the stop again
+    assert not any(r == 0 for _, r in resumed)  # nor a round that every client answers once
+    for key in ("valid_ndcg_at_10", "test_ndcg_at_10"):
+        assert summary["metrics"][key] == pytest.approx(whole["metrics"][key], abs=1e-9), key
+
+
+def _stopped_run(store, model_name: str) -> str:
+    """The failed run of ``model_name`` (its config is in the run's tags)."""
+    client = store["client"]
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id]):
+            if run.info.status == "FAILED" and f'"model_name":"{model_name}"' in run.data.tags.get(
+                "fedrec.config", ""
+            ).replace(" ", ""):
+                return run.info.run_id
+    raise AssertionError(f"no failed run of {model_name}")
