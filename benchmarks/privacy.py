@@ -166,10 +166,14 @@ def secure_overhead(clients, n_items: int, config: MFConfig, repeats: int) -> li
                 uploaded[mode] = sum(result.cost.bytes_up.values())
             seconds[mode].append(time.perf_counter() - started)
     return [
-        {"mode": mode, "seconds_per_round": statistics.median(seconds[mode]),
-         "mb_per_client": uploaded[mode] / n / 1e6, "mb_per_round": uploaded[mode] / 1e6}
+        {
+            "mode": mode,
+            "seconds_per_round": statistics.median(seconds[mode]),
+            "mb_per_client": uploaded[mode] / n / 1e6,
+            "mb_per_round": uploaded[mode] / 1e6,
+        }
         for mode in modes
-    ]  # fmt: skip
+    ]
 
 
 if __name__ == "__main__":

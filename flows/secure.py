@@ -84,8 +84,15 @@ def _protocol(
     signatures = clients.run(secagg_sign, "sign", step.to_clients)
     step = _server(secagg_unmask_request, step, signatures, r, workspace)
     answers = clients.run(secagg_unmask, "unmask", step.to_clients)
-    state, _ = secagg_aggregate(server=step.server, workspace=workspace, answers=answers,
-                                family=family, state=state, n_items=ctx.n_items, phase=phase)  # fmt: skip
+    state, _ = secagg_aggregate(
+        server=step.server,
+        workspace=workspace,
+        answers=answers,
+        family=family,
+        state=state,
+        n_items=ctx.n_items,
+        phase=phase,
+    )
     get_run_logger().info(
         "round %d: securely aggregated the updates of %d of %d clients (threshold %d)",
         r,

@@ -416,8 +416,9 @@ def secagg_commit(*, server: bytes, workspace: str, answers: Mapping[int, bytes]
         if m.client_id in survivors.survivors
     ]
     message = survivors.to_bytes()
-    return ServerStep(state.to_bytes(), dict.fromkeys(survivors.survivors, message), left_out,
-                      received)  # fmt: skip
+    return ServerStep(
+        state.to_bytes(), dict.fromkeys(survivors.survivors, message), left_out, received
+    )
 
 
 @task(name="secagg-unmask-request", cache_policy=NONE)
@@ -431,8 +432,9 @@ def secagg_unmask_request(
     request = state.unmask_request(signatures)
     left_out |= {u: why for u, why in state.rejected.items() if u in answers}
     message = request.to_bytes()
-    return ServerStep(state.to_bytes(), dict.fromkeys(sorted(request.signatures), message),
-                      left_out)  # fmt: skip
+    return ServerStep(
+        state.to_bytes(), dict.fromkeys(sorted(request.signatures), message), left_out
+    )
 
 
 @task(name="secagg-aggregate", cache_policy=NONE)

@@ -20,8 +20,15 @@ import pytest
 from fedrec.config import TrainingConfig
 from tests.flows.helpers import tracking_store
 
-BASE = {"synthetic_users": 200, "synthetic_items": 60, "synthetic_interactions": 4_000,
-        "clients": 4, "factors": 3, "rounds": 2, "skip_if_unchanged": False}  # fmt: skip
+BASE = {
+    "synthetic_users": 200,
+    "synthetic_items": 60,
+    "synthetic_interactions": 4_000,
+    "clients": 4,
+    "factors": 3,
+    "rounds": 2,
+    "skip_if_unchanged": False,
+}
 SECURE = {"secure_aggregation": True, "min_clients": 2}
 IMPLICIT = {"feedback": "implicit", "factors": 4}
 
@@ -164,8 +171,10 @@ def test_a_secure_implicit_run_gives_the_plain_model_and_says_knn_ran_in_the_cle
     assert secure["metrics"]["test_ndcg_at_10"] == pytest.approx(
         plain["metrics"]["test_ndcg_at_10"], abs=1e-9
     )
-    assert any("phase(s) knn send each client's answer to the server in the clear" in line
-               for line in run_log)  # fmt: skip
+    assert any(
+        "phase(s) knn send each client's answer to the server in the clear" in line
+        for line in run_log
+    )
 
 
 def test_a_client_that_vanishes_after_sharing_keys_leaves_the_survivors_plain_sum(
@@ -237,23 +246,36 @@ def test_a_substituted_registry_key_shuts_that_client_out_with_a_clear_log_line(
 
 @pytest.mark.parametrize(
     ("clients", "dropped", "message"),
-    [(3, (0, 1), "1 clients sent masked inputs, threshold is 2: round refused"),
-     (4, (0, 1), "2 clients sent masked inputs, threshold is 3: round refused")],
+    [
+        (3, (0, 1), "1 clients sent masked inputs, threshold is 2: round refused"),
+        (4, (0, 1), "2 clients sent masked inputs, threshold is 3: round refused"),
+    ],
     ids=["lone-survivor", "t-minus-1-survivors"],
-)  # fmt: skip
+)
 def test_fewer_than_t_survivors_refuse_the_round(store, clients, dropped, message):
     from flows.rounds import QuorumError
 
     with pytest.raises(QuorumError, match=rf"round 1 \(secure aggregation\): .*{message}"):
-        _run(store, model_name=f"refused-{clients}", clients=clients, rounds=1,
-             fault_dropout_clients=dropped, **SECURE)  # fmt: skip
+        _run(
+            store,
+            model_name=f"refused-{clients}",
+            clients=clients,
+            rounds=1,
+            fault_dropout_clients=dropped,
+            **SECURE,
+        )
 
 
 def test_the_configuration_refuses_what_secure_aggregation_cannot_protect():
     with pytest.raises(ValueError, match="min_clients=1 with secure_aggregation"):
         TrainingConfig(clients=4, secure_aggregation=True, min_clients=1)
     with pytest.raises(ValueError, match="secure_aggregation with ranker='lightgbm'"):
-        TrainingConfig(clients=4, min_clients=2, secure_aggregation=True, feedback="implicit",
-                       ranker="lightgbm")  # fmt: skip
+        TrainingConfig(
+            clients=4,
+            min_clients=2,
+            secure_aggregation=True,
+            feedback="implicit",
+            ranker="lightgbm",
+        )
     with pytest.raises(ValueError, match="per-user trains ALS without a re-ranker or secure"):
         TrainingConfig(partition="per-user", min_clients=2, secure_aggregation=True)

@@ -55,8 +55,9 @@ def test_the_protocols_sum_composes_with_exact_als_and_fedavg(algorithm):
     config = MFConfig(algorithm=algorithm, n_factors=3)
 
     plain, _ = run_federated(clients, data.n_items, config, rounds=3, eval_splits=())
-    secure, history = run_federated(clients, data.n_items, config, rounds=3, eval_splits=(),
-                                    secure_sum=_protocol_sum(4))  # fmt: skip
+    secure, history = run_federated(
+        clients, data.n_items, config, rounds=3, eval_splits=(), secure_sum=_protocol_sum(4)
+    )
 
     np.testing.assert_allclose(secure.params.factors, plain.params.factors, atol=1e-6)
     np.testing.assert_allclose(secure.params.bias, plain.params.bias, atol=1e-6)
