@@ -18,6 +18,7 @@ from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
 from models.neural.family import NeuralConfig
 from models.neural.training import TrainConfig
+from models.privacy.dp import PRIVATE_EXPLICIT, PRIVATE_IMPLICIT, SECURE_PRIVATE_QUORUM
 from models.privacy.redaction import redact_uri
 from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig
@@ -175,7 +176,12 @@ class TrainingConfig(BaseModel):
         _RANKER.learning_rate, gt=0, le=1, description="re-ranker shrinkage"
     )
     ranker_leaves: int = Field(_RANKER.num_leaves, ge=2, description="leaves per re-ranker tree")
-    rounds: int = Field(10, ge=1, description="federated rounds")
+    rounds: int = Field(
+        10,
+        ge=1,
+        description="federated rounds (when not given with --dp-epsilon: "
+        f"{PRIVATE_EXPLICIT.rounds} explicit, {PRIVATE_IMPLICIT.rounds} implicit)",
+    )
     client_fraction: float = Field(
         1.0,
         gt=0,
@@ -196,7 +202,10 @@ class TrainingConfig(BaseModel):
         description="a running Dask scheduler (tcp://host:8786); default: a local cluster of 2 worker processes",
     )
     min_clients: int = Field(
-        1, ge=1, description="quorum: fewest clients whose updates a round needs"
+        1,
+        ge=1,
+        description="quorum: fewest clients whose updates a round needs (when not given with "
+        "--secure-aggregation: 2, the fewest its sums need)",
     )
     local_epochs: int = Field(
         _MF.local_epochs, ge=1, description="local SGD epochs (SGD algorithms)"
@@ -241,7 +250,9 @@ class TrainingConfig(BaseModel):
         0.0,
         ge=0,
         le=1,
-        description="quorum: least share of a round's sampled clients that must answer",
+        description="quorum: least share of a round's sampled clients that must answer (when not "
+        f"given with --secure-aggregation and --dp-epsilon: {SECURE_PRIVATE_QUORUM}, the share "
+        "the clients' noise is sized for)",
     )
     round_timeout: float | None = Field(
         None, gt=0, description="seconds a round waits for its clients; later answers are left out"
@@ -270,7 +281,10 @@ class TrainingConfig(BaseModel):
         None, gt=0, lt=1, description="DP delta (default: 1 / number of users)"
     )
     dp_max_items: int = Field(
-        100, ge=1, description="DP: most training rows one user contributes per round"
+        PRIVATE_IMPLICIT.max_items,
+        ge=1,
+        description="DP: a user's rows count as at most this many per round (when not given with "
+        f"explicit feedback: {PRIVATE_EXPLICIT.max_items})",
     )
     dp_budget: float | None = Field(
         None,
@@ -330,6 +344,27 @@ class TrainingConfig(BaseModel):
         None,
         description="folder for client partitions (default: FEDREC_HOME/workspaces/<fingerprint>)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_defaults(cls, data: object) -> object:
+        """Fields not given whose default depends on the mode: a private run's rounds and rows per
+        user (``models.privacy.dp``), and secure aggregation's quorum. A configuration dumped
+        and read back holds every field, so it keeps what it resolved to."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        private = data.get("dp_epsilon") is not None
+        secure = bool(data.get("secure_aggregation"))
+        defaults = PRIVATE_IMPLICIT if data.get("feedback") == "implicit" else PRIVATE_EXPLICIT
+        if private:
+            data.setdefault("rounds", defaults.rounds)
+            data.setdefault("dp_max_items", defaults.max_items)
+        if secure:
+            data.setdefault("min_clients", 2)
+        if secure and private:
+            data.setdefault("min_fraction", SECURE_PRIVATE_QUORUM)
+        return data
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainingConfig:
@@ -488,9 +523,12 @@ class TrainingConfig(BaseModel):
 
     def mf_config(self) -> MFConfig:
         """The core's hyperparameters of the explicit-feedback (MF) family."""
+        factors = _MF.n_factors
+        if self.dp_epsilon is not None and PRIVATE_EXPLICIT.n_factors is not None:
+            factors = PRIVATE_EXPLICIT.n_factors
         return MFConfig(
             algorithm=self.algorithm,
-            n_factors=self.factors or _MF.n_factors,
+            n_factors=self.factors or factors,
             reg=self.reg or _MF.reg,
             local_epochs=self.local_epochs,
             local_lr=self.local_lr,

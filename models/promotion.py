@@ -5,11 +5,40 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
+# Evaluation splits and metrics of the trivial baseline carry this prefix: ``baseline_valid_rmse``
+# is the baseline's ``valid_rmse`` on the same validation rows as the candidate's.
+BASELINE = "baseline"
+# The start of the reason a candidate worse than the baseline is not promoted.
+WORSE_THAN_BASELINE = "worse than the trivial baseline"
+
 
 @dataclass(frozen=True)
 class PromotionDecision:
     promote: bool
     reason: str
+
+
+def baseline_metric(metric: str) -> str:
+    """The name of the trivial baseline's value of ``metric`` among a candidate's metrics."""
+    return f"{BASELINE}_{metric}"
+
+
+def check_baseline(candidate: Mapping[str, float], metric: str) -> PromotionDecision | None:
+    """A refusal when the candidate is worse on ``metric`` than the trivial baseline measured on
+    the same rows (``baseline_<metric>`` among its metrics); None when it is not worse, or when
+    no baseline was measured."""
+    base = candidate.get(baseline_metric(metric))
+    if base is None or metric not in candidate or not np.isfinite(base):
+        return None
+    new = candidate[metric]
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    if not np.isfinite(new) or sign * (new - base) < 0:
+        return PromotionDecision(
+            False, f"{WORSE_THAN_BASELINE}: {metric} {new:.4f} vs the baseline's {base:.4f}"
+        )
+    return None
 
 
 def lower_is_better(metric: str) -> bool:
@@ -26,14 +55,16 @@ def decide_promotion(
     min_delta: float,
     max_client_regression: float,
 ) -> PromotionDecision:
-    """Promote when the candidate beats the champion by ``min_delta`` on ``metric`` and its worst
+    """Promote when the candidate is not worse than the trivial baseline on the same rows
+    (:func:`check_baseline`), beats the champion by ``min_delta`` on ``metric``, and its worst
     client is not more than ``max_client_regression`` worse than the champion's worst client.
 
     Parameters
     ----------
     candidate, champion : mapping of metric name to value
         Both measured by the same federated evaluation on the same clients; ``champion`` is None
-        when there is no champion yet.
+        when there is no champion yet. ``candidate`` may hold ``baseline_<metric>``, the trivial
+        baseline's value on the same rows.
     metric : str
         The primary metric, e.g. ``valid_rmse`` or ``valid_ndcg_at_10``.
     worst_client_metric : str
@@ -49,6 +80,9 @@ def decide_promotion(
         return PromotionDecision(
             False, f"candidate has no {metric}: evaluation failed or was empty"
         )
+    refused = check_baseline(candidate, metric)
+    if refused is not None:
+        return refused
     if champion is None:
         return PromotionDecision(
             True, f"no champion yet; candidate {metric}={candidate[metric]:.4f}"

@@ -13,25 +13,30 @@ from models.aggregation import aggregate_item_sums
 from models.client import ClientData
 from models.federation.evaluation import Evaluation
 from models.federation.family import Phase
-from models.metrics import add_sums
+from models.metrics import add_sums, rating_error_sums
 from models.mf.federated import (
     GlobalState,
     MFConfig,
+    client_bias_update,
     client_rating_sums,
     client_round,
     evaluate_client_splits,
     from_dense_sum,
     init_global_state,
+    server_bias_update,
     server_update,
     to_dense,
 )
 from models.mf.params import ItemParams
 from models.mf.recommend import align_item_params, warm_start_params
 from models.mf.recommender import MFRecommender
+from models.promotion import BASELINE
 from models.protocol import ClientUpdate
 from models.server_optimizers import ServerOptimizerState
 
 _EMPTY = np.zeros(0, np.int64)
+# pseudo-count shrinking the trivial baseline's item biases towards 0
+BASELINE_SHRINK = 10.0
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,14 @@ class ExplicitMF:
     """Federated MF (:mod:`models.mf.federated`) behind the family interface.
 
     ``item_ids`` are the caller's ids of the item indices (default: the indices); ``ranking``
-    False evaluates rating errors only.
+    False evaluates rating errors only; ``baseline`` evaluates the trivial baseline too
+    (``baseline_<split>``, see :meth:`baseline_prediction`).
     """
 
     config: MFConfig
     item_ids: np.ndarray | None = field(default=None, compare=False)
     ranking: bool = True
+    baseline: bool = True  # evaluate the trivial baseline beside the model (not for a champion)
 
     name: ClassVar[str] = "explicit"
     eval_splits: ClassVar[tuple[str, ...]] = ("train", "valid", "test")
@@ -58,9 +65,13 @@ class ExplicitMF:
         return self.config.dp is not None
 
     def phases(self, rounds: int) -> list[Phase]:
-        # Under DP the mean would be one more release: the model starts from the scale's middle.
-        mean = [] if self.config.dp is not None else [Phase("mean", 1, everyone=True)]
-        return [*mean, Phase("train", rounds)]
+        # Under DP the first of the ``rounds`` sampled rounds releases the global mean and the
+        # item biases on their own channel (the same mechanism and noise multiplier as a training
+        # round, so the accountant counts ``rounds`` rounds); the rest train factors on the
+        # residual. Without DP a round of exact sums gives the global mean.
+        if self.config.dp is not None:
+            return [Phase("biases", 1), Phase("train", rounds - 1)]
+        return [Phase("mean", 1, everyone=True), Phase("train", rounds)]
 
     def initial_state(self, n_items: int, seed: int) -> GlobalState:
         return init_global_state(n_items, self.config, [], seed)
@@ -77,14 +88,30 @@ class ExplicitMF:
             return ClientUpdate(
                 client.client_id, _EMPTY, _EMPTY, {}, client_rating_sums(client)
             ), {}
+        if phase == "biases":
+            assert self.config.dp is not None
+            evaluations = self.evaluate(client, state, eval_splits) if eval_splits else {}
+            return client_bias_update(client, state.params, self.config.dp, rng), evaluations
         return client_round(client, state.params, self.config, rng, eval_splits)
 
     def evaluate(
         self, client: ClientData, state: GlobalState, splits: Sequence[str]
     ) -> dict[str, Evaluation]:
-        return evaluate_client_splits(
+        evaluations = evaluate_client_splits(
             client, state.params, self.config, splits, ranking=self.ranking
         )
+        mean, bias = self.baseline_prediction(state)
+        for split in splits if self.baseline else ():
+            if split != "train":
+                rows = client.rows(split)
+                predicted = mean + bias[rows.items]
+                if self.config.clip_to is not None:
+                    predicted = np.clip(predicted, *self.config.clip_to)
+                evaluations[f"{BASELINE}_{split}"] = (
+                    rating_error_sums(predicted, rows.ratings),
+                    None,
+                )
+        return evaluations
 
     def server_update(
         self, state: GlobalState, updates: Sequence[ClientUpdate], phase: str
@@ -93,11 +120,41 @@ class ExplicitMF:
             total = add_sums(u.metrics for u in updates)
             mean = total["rating_sum"] / total["n"] if total.get("n", 0) > 0 else 0.0
             return replace(state, params=replace(state.params, global_mean=float(mean)))
+        if phase == "biases":
+            return server_bias_update(state, updates, self.config)
         updated = server_update(state, updates, self.config)
+        updated = replace(updated, baseline=self._baseline(state, updates))
         n_items = state.params.n_items
         counted = [(u.items, u.counts.astype(np.float64)) for u in updates]
         popularity = aggregate_item_sums(counted, n_items) if counted else np.zeros(n_items)
+        if self.private:  # noisy counts: floored at 0 (post-processing)
+            popularity = np.maximum(popularity, 0.0)
         return replace(updated, popularity=popularity)
+
+    def _baseline(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> np.ndarray | None:
+        """The trivial baseline's item biases, kept from the first training round: ALS's summed
+        statistics hold, per item, the count and ``sum (r - mu - b_u)`` (the last row of the
+        Gram and right-hand side), so ``b_i = sum / (count + BASELINE_SHRINK)`` costs no extra
+        upload. FedAvg's updates hold no sums; under DP the baseline is data-free: both have
+        none (the global mean, or the scale's middle, alone)."""
+        if state.baseline is not None or self.private or self.config.algorithm != "als":
+            return state.baseline
+        n_items, k = state.params.n_items, self.config.n_factors
+        counts = aggregate_item_sums(
+            [(u.items, u.counts.astype(np.float64)) for u in updates], n_items
+        )
+        sums = aggregate_item_sums([(u.items, u.arrays["rhs"][:, k]) for u in updates], n_items)
+        return sums / (counts + BASELINE_SHRINK)
+
+    def baseline_prediction(self, state: GlobalState) -> tuple[float, np.ndarray]:
+        """The trivial baseline of the rating predictions: a global mean and item biases,
+        independent of the trained factors and biases."""
+        n_items = state.params.n_items
+        if self.private:  # data-free: nothing the accountant has not counted
+            clip = self.config.clip_to
+            return (sum(clip) / 2 if clip is not None else 0.0), np.zeros(n_items)
+        bias = state.baseline if state.baseline is not None else np.zeros(n_items)
+        return state.params.global_mean, bias
 
     def _ids(self, n_items: int) -> np.ndarray:
         ids = np.arange(n_items) if self.item_ids is None else self.item_ids
@@ -125,7 +182,7 @@ class ExplicitMF:
         ids = champion.item_ids if self.item_ids is None else self._ids(0)
         aligned = align_item_params(champion.params, champion.item_ids, ids)
         config = replace(self.config, reg=champion.reg, n_factors=aligned.n_factors, dp=None)
-        return replace(self, config=config), GlobalState(aligned)
+        return replace(self, config=config, baseline=False), GlobalState(aligned)
 
     def state_arrays(self, state: GlobalState) -> dict[str, np.ndarray]:
         arrays = {
@@ -138,6 +195,8 @@ class ExplicitMF:
             arrays |= {"opt_first": state.optimizer.first, "opt_second": state.optimizer.second}
         if state.popularity is not None:
             arrays["popularity"] = state.popularity
+        if state.baseline is not None:
+            arrays["baseline"] = state.baseline
         return arrays
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> GlobalState:
@@ -146,7 +205,8 @@ class ExplicitMF:
         if "opt_first" in arrays:
             optimizer = ServerOptimizerState(arrays["opt_first"], arrays["opt_second"])
         popularity = arrays.get("popularity", None)
-        return GlobalState(params, optimizer, int(arrays["round"]), popularity)
+        baseline = arrays.get("baseline", None)
+        return GlobalState(params, optimizer, int(arrays["round"]), popularity, baseline)
 
     def describe(self, state: GlobalState) -> None:
         return None

@@ -28,7 +28,15 @@ from models.mf.als import (
 )
 from models.mf.params import ItemParams, init_item_params
 from models.mf.sgd import train_local_sgd
-from models.privacy.dp import UserLevelDP, clipped_statistics, limit_items, noisy_dense
+from models.privacy.dp import (
+    UserLevelDP,
+    clipped_bias_sums,
+    clipped_factor_statistics,
+    limit_items,
+    noisy_dense,
+    released_biases,
+    solve_private_factors,
+)
 from models.protocol import ClientUpdate
 from models.robust import AggregationRule, Attack, aggregate_robust, attack_update
 from models.server_optimizers import ServerOptimizerState, apply_server_update
@@ -113,6 +121,9 @@ class GlobalState:
     optimizer: ServerOptimizerState | None = None
     round: int = 0
     popularity: np.ndarray | None = None  # the last round's summed item counts (cold start)
+    # the trivial baseline's item biases (global mean + item bias), fitted from the first
+    # training round's summed statistics; None: the baseline is the global mean alone
+    baseline: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -188,10 +199,11 @@ def client_update(
     metrics = {"train_sse": float(err @ err), "train_n": float(err.size)}
     if config.algorithm == "als" and config.dp is not None:
         # only the noised statistics leave: the training error depends on the rows and is not
-        # part of what the accountant counts
-        limited = limit_items(rows, config.dp.max_items, rng)
-        stats = clipped_statistics(limited, user_params, params.global_mean, config.dp)
-        stats = noisy_dense(stats, params.n_items, config.dp.noise_std(config.dp.sensitivity), rng)
+        # part of what the accountant counts. Item biases are fixed (released by the biases
+        # phase); the factor channel carries the residual after them.
+        dp = config.dp
+        stats = clipped_factor_statistics(rows, user_params, params.global_mean, params.bias, dp)
+        stats = noisy_dense(stats, params.n_items, dp.noise_std(dp.factor_sensitivity), rng)
         arrays = {"gram": stats.grams, "rhs": stats.rhs}
         return ClientUpdate(client.client_id, stats.items, stats.counts, arrays)
     if config.algorithm == "als":
@@ -217,6 +229,37 @@ def client_update(
     return ClientUpdate(client.client_id, items.astype(np.int64), counts, {"delta": delta}, metrics)
 
 
+def client_bias_update(
+    client: ClientData, params: ItemParams, dp: UserLevelDP, rng: np.random.Generator
+) -> ClientUpdate:
+    """The private biases phase on one client: per item its noisy weighted count (``counts``) and
+    noisy weighted sum of clipped ``r - mu`` (``rhs``, one column), over every item, with the
+    noise share of :attr:`UserLevelDP.bias_sensitivity`; ``mu`` is the state's (data-free)
+    starting mean."""
+    counts, sums = clipped_bias_sums(client.rows("train"), params.global_mean, dp)
+    std = dp.noise_std(dp.bias_sensitivity)
+    counts = counts + rng.normal(0.0, std, counts.size)
+    sums = sums + rng.normal(0.0, std, sums.size)
+    return ClientUpdate(
+        client.client_id, np.arange(params.n_items, dtype=np.int64), counts, {"rhs": sums[:, None]}
+    )
+
+
+def server_bias_update(
+    state: GlobalState, updates: Sequence[ClientUpdate], config: MFConfig
+) -> GlobalState:
+    """The released global mean and item biases from the summed bias channel (post-processing);
+    the noisy counts, floored at 0, become the popularity of the cold-start list."""
+    assert config.dp is not None
+    params = state.params
+    n_items = params.n_items
+    counts = aggregate_item_sums([(u.items, u.counts.astype(np.float64)) for u in updates], n_items)
+    sums = aggregate_item_sums([(u.items, u.arrays["rhs"][:, 0]) for u in updates], n_items)
+    mean, bias = released_biases(counts, sums, params.global_mean, config.dp)
+    released = ItemParams(params.factors, bias, mean)  # factors: the seed's draw, data-free
+    return GlobalState(released, state.optimizer, state.round + 1, np.maximum(counts, 0.0))
+
+
 def client_round(
     client: ClientData,
     params: ItemParams,
@@ -237,8 +280,15 @@ def client_round(
 _SECURE_METRICS = ("train_sse", "train_n")
 
 
-def _dense_widths(config: MFConfig) -> dict[str, int]:
-    k1 = config.n_factors + 1
+# under DP the biases phase sends two columns per item (noisy weighted count and sum)
+_BIAS_WIDTHS = {"count": 1, "rhs": 1}
+
+
+def _dense_widths(config: MFConfig, update: ClientUpdate | None = None) -> dict[str, int]:
+    if config.dp is not None and update is not None and "gram" not in update.arrays:
+        return _BIAS_WIDTHS
+    # under DP the factor channel carries the factors alone (item biases are released apart)
+    k1 = config.n_factors + (0 if config.dp is not None else 1)
     if config.algorithm == "als":
         return {"count": 1, "gram": k1 * (k1 + 1) // 2, "rhs": k1}
     return {"count": 1, "weighted_delta": k1}
@@ -249,11 +299,13 @@ def to_dense(update: ClientUpdate, n_items: int, config: MFConfig) -> np.ndarray
     plus its metric sums: what a client masks for secure aggregation, so the server learns
     neither its values nor which items it touched. FedAvg's deltas are sent multiplied by their
     counts, so the sum of vectors holds the numerator and denominator of the weighted average."""
-    widths = _dense_widths(config)
+    widths = _dense_widths(config, update)
     block = np.zeros((n_items, sum(widths.values())))
     counts = update.counts.astype(np.float64)
     columns = {"count": counts[:, None]}
-    if config.algorithm == "als":
+    if widths is _BIAS_WIDTHS:
+        columns["rhs"] = update.arrays["rhs"]
+    elif config.algorithm == "als":
         columns |= {"gram": update.arrays["gram"], "rhs": update.arrays["rhs"]}
     else:
         columns["weighted_delta"] = update.arrays["delta"] * counts[:, None]
@@ -269,19 +321,25 @@ def from_dense_sum(total: np.ndarray, n_items: int, config: MFConfig) -> ClientU
     """The unmasked sum of every client's :func:`to_dense` vector, as one combined update that
     :func:`server_update` treats exactly like the clients' updates together."""
     widths = _dense_widths(config)
+    if config.dp is not None and total.size == n_items * 2 + len(_SECURE_METRICS):
+        widths = _BIAS_WIDTHS  # the biases phase's vector (its length tells it apart)
     n_block = n_items * sum(widths.values())
     block = total[:n_block].reshape(n_items, -1)
     parts, start = {}, 0
     for name, width in widths.items():
         parts[name] = block[:, start : start + width]
         start += width
+    metrics = dict(zip(_SECURE_METRICS, map(float, total[n_block:]), strict=True))
+    if config.dp is not None:  # noisy sums over every item, counts included
+        every = np.arange(n_items, dtype=np.int64)
+        arrays = {name: parts[name] for name in widths if name != "count"}
+        return ClientUpdate(-1, every, parts["count"][:, 0].copy(), arrays, {})
     counts = np.rint(parts["count"][:, 0]).astype(np.int64)  # integers, up to fixed-point noise
     items = np.flatnonzero(counts > 0)
     if config.algorithm == "als":
         arrays = {"gram": parts["gram"][items], "rhs": parts["rhs"][items]}
     else:
         arrays = {"delta": parts["weighted_delta"][items] / counts[items, None]}
-    metrics = dict(zip(_SECURE_METRICS, map(float, total[n_block:]), strict=True))
     return ClientUpdate(-1, items.astype(np.int64), counts[items], arrays, metrics)
 
 
@@ -302,22 +360,18 @@ def server_update(
         counts = aggregate_item_sums([(u.items, u.counts) for u in updates], n_items)
         grams = aggregate_item_sums([(u.items, u.arrays["gram"]) for u in updates], n_items)
         rhs = aggregate_item_sums([(u.items, u.arrays["rhs"]) for u in updates], n_items)
-        touched = np.flatnonzero(counts > 0.5)  # noisy (DP) counts: an item nobody touched stays
+        if config.dp is not None:
+            return GlobalState(
+                _private_item_step(params, counts, grams, rhs, config.dp, config),
+                state.optimizer,
+                state.round + 1,
+            )
+        touched = np.flatnonzero(counts > 0.5)
         stats = ItemStatistics(
             touched, np.rint(counts[touched]).astype(np.int64), grams[touched], rhs[touched]
         )
-        extra = 0.0
-        if config.dp is not None:  # keep noisy Grams positive definite: a few noise deviations
-            extra = (
-                config.dp.ridge_scale
-                * config.dp.noise_multiplier
-                * config.dp.sensitivity
-                * math.sqrt(config.n_factors + 1)
-            )
         return GlobalState(
-            solve_items(params, stats, reg=config.reg, extra_ridge=extra),
-            state.optimizer,
-            state.round + 1,
+            solve_items(params, stats, reg=config.reg), state.optimizer, state.round + 1
         )
     delta, weight = aggregate_robust(
         [(u.items, u.arrays["delta"], u.counts) for u in updates],
@@ -341,6 +395,25 @@ def server_update(
     return GlobalState(
         ItemParams.from_stacked(stacked, params.global_mean), optimizer, state.round + 1
     )
+
+
+def _private_item_step(
+    params: ItemParams,
+    counts: np.ndarray,
+    grams: np.ndarray,
+    rhs: np.ndarray,
+    dp: UserLevelDP,
+    config: MFConfig,
+) -> ItemParams:
+    """Item factors from the summed noisy factor channel; biases and mean stay as released."""
+    total_std = dp.noise_multiplier * dp.factor_sensitivity  # of every summed value
+    extra = dp.ridge_scale * total_std * math.sqrt(config.n_factors)
+    stats = ItemStatistics(np.arange(params.n_items, dtype=np.int64), counts, grams, rhs)
+    factors = solve_private_factors(
+        params.factors, stats, reg=config.reg, extra_ridge=extra,
+        floor=dp.count_floor * total_std, psd=dp.psd,
+    )  # fmt: skip
+    return ItemParams(factors, params.bias, params.global_mean)
 
 
 def evaluate_client(

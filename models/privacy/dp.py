@@ -42,9 +42,16 @@ class UserLevelDP:
     shares: int = 1  # clients that add a share of the noise (the round's quorum)
     ridge_scale: float = 3.0  # extra ridge on the server: this many noise deviations x sqrt(k)
     rating_bound: float = 5.0  # |rating| clip for the global mean's (sum, count) release
-    # implicit ALS: items whose noisy count is below this many noise deviations get zero factors
-    # (post-processing: their statistics are mostly noise)
+    # items whose noisy count is below this many noise deviations get zero factors
+    # (post-processing: their statistics are mostly noise; explicit items are then served by
+    # their released bias)
     count_floor: float = 4.0
+    # explicit MF: the released item biases' prior (variance) and the ratings' variance in units
+    # of it (the shrinkage's pseudo-count without noise); see :func:`released_biases`
+    bias_prior_var: float = 0.25
+    bias_reg: float = 5.0
+    # explicit MF: project each summed noisy Gram onto the positive semi-definite cone
+    psd: bool = True
 
     @classmethod
     def for_implicit(cls, noise_multiplier: float, max_items: int, shares: int) -> UserLevelDP:
@@ -69,9 +76,46 @@ class UserLevelDP:
         return self.noise_multiplier * sensitivity / math.sqrt(self.shares)
 
     @property
+    def bias_sensitivity(self) -> float:
+        """One user's largest L2 change of the bias channel: per item, a weighted count and a
+        weighted sum of clipped residuals (:func:`clipped_bias_sums`)."""
+        return math.sqrt(self.max_items * (self.residual_clip**2 + 1.0))
+
+    @property
+    def factor_sensitivity(self) -> float:
+        """One user's largest L2 change of the factor channel (:func:`clipped_factor_statistics`):
+        per item ``w p p^T``, ``w t p`` and ``w``, with ``||p|| <= factor_clip``, ``|t| <=
+        residual_clip`` and ``sum w^2 <= max_items`` over the user's items."""
+        c2 = self.factor_clip**2
+        return math.sqrt(self.max_items * (c2**2 + self.residual_clip**2 * c2 + 1.0))
+
+    @property
     def mean_sensitivity(self) -> float:
         """One user's largest change of (rating sum, row count)."""
         return self.max_items * math.sqrt(self.rating_bound**2 + 1.0)
+
+
+@dataclass(frozen=True)
+class PrivateDefaults:
+    """What a private run uses where the operator sets nothing (``fedrec train --dp-epsilon E``):
+    chosen for privacy, measured on ML-1M (README, privacy against utility), not the non-private
+    defaults. ``n_factors`` None keeps the non-private default."""
+
+    rounds: int
+    max_items: int
+    n_factors: int | None = None
+
+
+# Explicit MF: one round, the biases phase. At epsilon <= 16 on ML-1M every further round's noise
+# cost more than the factors it trained gave back (README), so the private model is the global
+# mean plus released item biases, each user's bias folded in on the client.
+PRIVATE_EXPLICIT = PrivateDefaults(rounds=1, max_items=50, n_factors=4)
+# Implicit ALS: the bounds of the implicit benchmark (3 rounds, 100 items per user).
+PRIVATE_IMPLICIT = PrivateDefaults(rounds=3, max_items=100)
+# With secure aggregation, the share of a round's clients that must answer: each adds its share of
+# the noise for that many, so the sum of everyone carries ``1 / SECURE_PRIVATE_QUORUM`` times the
+# calibrated variance (the quorum 2 of the plain default would give 5x at 10 clients).
+SECURE_PRIVATE_QUORUM = 0.8
 
 
 def limit_items(rows: RatingRows, max_items: int, rng: np.random.Generator) -> RatingRows:
@@ -82,6 +126,90 @@ def limit_items(rows: RatingRows, max_items: int, rng: np.random.Generator) -> R
     keep = order[np.arange(len(rows)) - first < max_items]
     return RatingRows(rows.users[keep], rows.items[keep], rows.ratings[keep],
                       n_users=rows.n_users, n_items=rows.n_items)  # fmt: skip
+
+
+def user_weights(users: np.ndarray, max_items: int) -> np.ndarray:
+    """Per row, its user's weight ``min(1, sqrt(max_items / n_u))``: a user's rows then count
+    as at most ``max_items`` unit rows in any sum of squares, and every row is used (adaptive
+    weighting, as in Chien et al. 2021 and Krichene et al. 2023, instead of sampling rows)."""
+    n = np.bincount(users)
+    return np.minimum(1.0, np.sqrt(max_items / np.maximum(n, 1)))[users]
+
+
+def clipped_bias_sums(
+    rows: RatingRows, center: float, dp: UserLevelDP
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bias channel of one client: per item, the weighted count ``sum w_u`` and the weighted
+    sum ``sum w_u clip(r - center)`` over its rows (``w_u`` of :func:`user_weights`, the residual
+    clipped to ``[-residual_clip, residual_clip]``). One user changes them by at most
+    :attr:`UserLevelDP.bias_sensitivity` in L2."""
+    w = user_weights(rows.users, dp.max_items)
+    target = np.clip(rows.ratings - center, -dp.residual_clip, dp.residual_clip)
+    counts = np.bincount(rows.items, weights=w, minlength=rows.n_items)
+    sums = np.bincount(rows.items, weights=w * target, minlength=rows.n_items)
+    return counts, sums
+
+
+def released_biases(
+    counts: np.ndarray,
+    sums: np.ndarray,
+    center: float,
+    dp: UserLevelDP,
+) -> tuple[float, np.ndarray]:
+    """Post-processing of the summed noisy bias channel: the global mean ``mu = center +
+    sum(sums) / sum(counts)`` and each item's bias, the posterior mean under a prior
+    ``N(0, bias_prior_var)``, ratings of variance ``bias_reg * bias_prior_var`` and the channel's
+    noise of variance ``s^2``: ``(s_i - (mu - center) n_i) / (n + bias_reg + s^2 /
+    (bias_prior_var n))`` with ``n = max(n_i, 1)``, a regularisation that grows as an item's
+    count falls towards its noise (rare items are served by a bias near 0)."""
+    total = float(counts.sum())
+    shift = float(sums.sum()) / total if total > 1.0 else 0.0
+    noise_var = (dp.noise_multiplier * dp.bias_sensitivity) ** 2
+    n = np.maximum(counts, 1.0)
+    shrink = dp.bias_reg + noise_var / (dp.bias_prior_var * n)
+    bias = (sums - shift * counts) / (np.maximum(counts, 0.0) + shrink)
+    return center + shift, bias
+
+
+def clipped_factor_statistics(
+    rows: RatingRows, users: UserParams, mean: float, item_bias: np.ndarray, dp: UserLevelDP
+) -> ItemStatistics:
+    """The factor channel of one client: per item ``sum w p p^T`` (packed), ``sum w t p`` and
+    ``sum w`` with the user's factor clipped to ``factor_clip``, its residual ``t = r - mu - b_u -
+    b_i`` (item biases fixed, released on their own channel) clipped to ``residual_clip``, and
+    ``w`` of :func:`user_weights`."""
+    factors = clip_rows(users.factors, dp.factor_clip)
+    w = user_weights(rows.users, dp.max_items)
+    target = rows.ratings - mean - users.bias[rows.users] - item_bias[rows.items]
+    target = np.clip(target, -dp.residual_clip, dp.residual_clip)
+    layout = rows.by_item
+    grams, rhs = layout.packed_statistics(factors, w * target, gram_weights=w)
+    counts = np.bincount(rows.items, weights=w, minlength=rows.n_items)[layout.keys]
+    return ItemStatistics(layout.keys.astype(np.int64), counts, grams, rhs)
+
+
+def solve_private_factors(
+    factors: np.ndarray, stats: ItemStatistics, *, reg: float, extra_ridge: float,
+    floor: float, psd: bool,
+) -> np.ndarray:  # fmt: skip
+    """Item factors from summed noisy factor statistics: each Gram projected onto the PSD cone
+    (``psd``), a ridge of ``reg`` per (noisy, floored at 0) weighted count plus ``extra_ridge``;
+    items whose noisy count is below ``floor`` get zero factors (served by their bias)."""
+    from models.mf.linalg import ridge_solve, unpack_symmetric
+
+    k = factors.shape[1]
+    out = np.zeros_like(factors)
+    counts = np.asarray(stats.counts, dtype=np.float64)
+    kept = counts >= floor
+    if not np.any(kept):
+        return out
+    grams = unpack_symmetric(stats.grams[kept], k)
+    if psd:
+        values, vectors = np.linalg.eigh(grams)
+        grams = (vectors * np.maximum(values, 0.0)[:, None, :]) @ np.swapaxes(vectors, 1, 2)
+    ridge = np.repeat((reg * np.maximum(counts[kept], 0.0) + extra_ridge)[:, None], k, axis=1)
+    out[stats.items[kept]] = ridge_solve(grams, stats.rhs[kept], ridge)
+    return out
 
 
 def clip_rows(factors: np.ndarray, bound: float) -> np.ndarray:

@@ -216,3 +216,147 @@ def test_the_documented_noise_split_and_count_floor():
     assert UserLevelDP.for_implicit(2.0, max_items=5, shares=3).ridge_scale == 4.0  # 4 deep
     assert dp.noise_std(3.0) == pytest.approx(2.0 * 3.0)
     assert UserLevelDP(2.0, shares=4).noise_std(3.0) == pytest.approx(2.0 * 3.0 / 2)
+
+
+def _one_user_removed(rng, n_items=12):
+    """Rows of users 0 and 1 (user 0 rates every item, far past max_items; one rating per user
+    and item, as the data holds) and the same without user 0."""
+    items = np.concatenate([np.arange(n_items), [0, 1, 2, 9]])
+    owner = np.array([0] * n_items + [1] * 4)
+    ratings = rng.choice([-50.0, 50.0], items.size)  # far past the clip on purpose
+    both = RatingRows(owner, items, ratings, n_users=3, n_items=n_items)
+    mine = owner == 0
+    without = RatingRows(owner[~mine], items[~mine], ratings[~mine], n_users=3, n_items=n_items)
+    return both, without
+
+
+def test_one_users_bias_channel_stays_within_its_sensitivity():
+    from models.privacy.dp import clipped_bias_sums
+
+    both, without = _one_user_removed(np.random.default_rng(4))
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=5, residual_clip=2.0)
+
+    change = np.concatenate(clipped_bias_sums(both, 3.0, dp)) - np.concatenate(
+        clipped_bias_sums(without, 3.0, dp)
+    )
+
+    assert np.linalg.norm(change) <= dp.bias_sensitivity + 1e-9
+    # user 0 has 12 rows at weight sqrt(5/12) and every residual at the clip: the bound is met
+    assert np.linalg.norm(change) == pytest.approx(dp.bias_sensitivity, rel=1e-9)
+    assert dp.bias_sensitivity == pytest.approx(np.sqrt(5 * (2.0**2 + 1)))
+
+
+def test_one_users_factor_channel_stays_within_its_sensitivity():
+    from models.privacy.dp import clipped_factor_statistics
+
+    rng = np.random.default_rng(5)
+    both, without = _one_user_removed(rng)
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=5, factor_clip=0.8, residual_clip=1.5)
+    users = UserParams(rng.normal(0, 10, (3, 3)), rng.normal(0, 3, 3))  # clipped
+    bias = rng.normal(0, 1, 12)
+    absent = UserParams(users.factors.copy(), users.bias.copy())
+    absent.factors[0] = 0.0  # a user without rows folds in to zero
+
+    change = _dense(clipped_factor_statistics(both, users, 3.0, bias, dp), 12) - _dense(
+        clipped_factor_statistics(without, absent, 3.0, bias, dp), 12
+    )
+
+    assert np.linalg.norm(change) <= dp.factor_sensitivity + 1e-9
+    assert np.linalg.norm(change) > 0.5 * dp.factor_sensitivity
+
+
+def test_released_biases_are_the_shrunk_item_means_and_rare_items_fall_to_zero():
+    from models.privacy.dp import released_biases
+
+    dp = UserLevelDP(noise_multiplier=0.0, bias_reg=5.0)
+    counts = np.array([1000.0, 1000.0, 2.0, -3.0])  # the last: a noisy count below zero
+    sums = np.array([500.0, -500.0, 4.0, 1.0])  # residuals of r - 3
+
+    mean, bias = released_biases(counts, sums, 3.0, dp)
+
+    assert mean == pytest.approx(3.0 + 5.0 / 1999.0)
+    shift = 5.0 / 1999.0
+    assert bias[0] == pytest.approx((500 - shift * 1000) / (1000 + 5))
+    assert bias[2] == pytest.approx((4 - shift * 2) / (2 + 5))
+    assert bias[3] == pytest.approx((1 + shift * 3) / 5)  # no negative count in the denominator
+    noisy = released_biases(counts, sums, 3.0, replace(dp, noise_multiplier=1.0))[1]
+    # the noise's variance adds shrinkage that falls with the count: rare items shrink far more
+    assert abs(noisy[2]) < 0.1 * abs(bias[2]) and noisy[0] == pytest.approx(bias[0], rel=0.05)
+
+
+def test_private_factors_from_an_indefinite_noisy_gram_stay_finite_and_rare_items_get_none():
+    from models.mf.als import ItemStatistics
+    from models.mf.linalg import pack_symmetric
+    from models.privacy.dp import solve_private_factors
+
+    gram = np.array([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4 and -2: noise made it indefinite
+    stats = ItemStatistics(
+        np.array([0, 1]), np.array([50.0, 0.5]), pack_symmetric(np.stack([gram, gram])),
+        np.array([[1.0, -1.0], [1.0, 1.0]]),
+    )  # fmt: skip
+
+    def solve(psd):
+        return solve_private_factors(
+            np.ones((2, 2)), stats, reg=0.0, extra_ridge=1.0, floor=1.0, psd=psd
+        )
+
+    # the right-hand side lies along the eigenvector of -2: projected, that eigenvalue is 0 and
+    # the ridge 1 gives (1, -1); unprojected, -2 + 1 flips the sign
+    np.testing.assert_allclose(solve(True)[0], [1.0, -1.0], atol=1e-12)
+    np.testing.assert_allclose(solve(False)[0], [-1.0, 1.0], atol=1e-12)
+    assert solve(True)[1].tolist() == [0.0, 0.0]  # below the floor: served by its bias
+
+
+def test_the_private_biases_phase_is_one_of_the_accounted_rounds_and_survives_secure_encoding():
+    from models.client import ClientData  # noqa: F401  (the phase runs on a client)
+    from models.data.partitions import build_clients
+    from models.data.sharding import assign_clients, split_rows
+    from models.data.synthetic import generate_synthetic
+    from models.mf.family import ExplicitMF
+    from models.mf.federated import MFConfig
+
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=10, shares=2)
+    family = ExplicitMF(MFConfig(n_factors=2, dp=dp, clip_to=(1.0, 5.0)))
+    phases = family.phases(3)
+    assert [(p.name, p.rounds, p.everyone) for p in phases] == [
+        ("biases", 1, False),
+        ("train", 2, False),
+    ]  # fmt: skip  (no release outside the 3 sampled rounds the accountant counts)
+
+    data = generate_synthetic(n_users=60, n_items=20, n_interactions=500, seed=1)
+    rng = np.random.default_rng(0)
+    owner = assign_clients(data, n_clients=2, strategy="iid", rng=rng)
+    split = split_rows(data, owner, method="random", valid_fraction=0.0, test_fraction=0.2, rng=rng)
+    clients = build_clients(data, owner, split)
+    state = family.initial_state(data.n_items, 0)
+    updates = [
+        family.client_round(c, state, "biases", np.random.default_rng(i), ())[0]
+        for i, c in enumerate(clients)
+    ]
+    assert all(not u.metrics for u in updates)  # nothing but the noised channel leaves
+    dense = sum(family.to_dense(u, data.n_items) for u in updates)
+    summed = family.from_dense_sum(dense, data.n_items)
+    direct, secure = (family.server_update(state, x, "biases") for x in (updates, [summed]))
+    np.testing.assert_allclose(secure.params.bias, direct.params.bias, atol=1e-12)
+    assert secure.params.global_mean == pytest.approx(direct.params.global_mean)
+    assert 2.5 < direct.params.global_mean < 4.5
+
+
+def test_a_private_run_has_its_own_defaults_unless_given():
+    from fedrec.config import TrainingConfig
+    from models.privacy.dp import PRIVATE_EXPLICIT, SECURE_PRIVATE_QUORUM
+
+    private = TrainingConfig(dp_epsilon=8.0, secure_aggregation=True)
+    assert (private.rounds, private.dp_max_items) == (
+        PRIVATE_EXPLICIT.rounds,
+        PRIVATE_EXPLICIT.max_items,
+    )
+    assert private.mf_config().n_factors == PRIVATE_EXPLICIT.n_factors
+    assert (private.min_clients, private.min_fraction) == (2, SECURE_PRIVATE_QUORUM)
+    given = TrainingConfig(dp_epsilon=8.0, rounds=4, factors=8, dp_max_items=30, min_fraction=0.5)
+    assert (given.rounds, given.mf_config().n_factors, given.dp_max_items, given.min_fraction) == (
+        4, 8, 30, 0.5,
+    )  # fmt: skip
+    plain = TrainingConfig()
+    assert (plain.rounds, plain.mf_config().n_factors, plain.min_fraction) == (10, 32, 0.0)
+    assert TrainingConfig(**private.model_dump()) == private  # a dumped config keeps its values

@@ -77,3 +77,44 @@ def test_a_tie_is_not_an_improvement_even_with_zero_min_delta():
     rule = RULE | {"min_delta": 0.0}
     decision = decide_promotion({"valid_rmse": 0.9}, {"valid_rmse": 0.9}, **rule)
     assert not decision.promote and decision.reason.endswith("no improvement")
+
+
+NDCG_RULE = RULE | {
+    "metric": "valid_ndcg_at_10",
+    "worst_client_metric": "valid_ndcg_at_10_client_min",
+}
+
+
+@pytest.mark.parametrize(
+    ("candidate", "rule", "promote"),
+    [
+        ({"valid_rmse": 1.62, "baseline_valid_rmse": 0.98}, RULE, False),  # worse: refused
+        ({"valid_rmse": 0.98, "baseline_valid_rmse": 0.98}, RULE, True),  # a tie is not worse
+        ({"valid_rmse": 0.90, "baseline_valid_rmse": 0.98}, RULE, True),
+        ({"valid_ndcg_at_10": 0.10, "baseline_valid_ndcg_at_10": 0.12}, NDCG_RULE, False),
+        ({"valid_ndcg_at_10": 0.20, "baseline_valid_ndcg_at_10": 0.12}, NDCG_RULE, True),
+        ({"valid_rmse": float("nan"), "baseline_valid_rmse": 0.98}, RULE, False),
+        ({"valid_rmse": 1.62}, RULE, True),  # no baseline measured: the champion rule alone
+    ],
+)
+def test_a_first_candidate_worse_than_the_trivial_baseline_is_not_promoted(
+    candidate, rule, promote
+):
+    from models.promotion import WORSE_THAN_BASELINE
+
+    decision = decide_promotion(candidate, None, **rule)
+
+    assert decision.promote is promote
+    assert (WORSE_THAN_BASELINE in decision.reason) is (not promote)
+
+
+def test_the_baseline_gate_comes_before_the_champion():
+    from models.promotion import WORSE_THAN_BASELINE
+
+    candidate = {"valid_rmse": 1.05, "valid_rmse_client_max": 1.1, "baseline_valid_rmse": 0.99}
+    champion = {"valid_rmse": 1.20, "valid_rmse_client_max": 1.3}  # a worse champion still
+
+    decision = decide_promotion(candidate, champion, **RULE)
+
+    assert not decision.promote
+    assert decision.reason == f"{WORSE_THAN_BASELINE}: valid_rmse 1.0500 vs the baseline's 0.9900"
