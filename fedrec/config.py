@@ -297,7 +297,8 @@ class TrainingConfig(BaseModel):
         None,
         gt=0,
         lt=1,
-        description="DP: cap on the total delta, stored like --dp-budget (default then: this run's delta)",
+        description="DP: cap on the total delta, stored like --dp-budget (default then: this "
+        "run's delta times --dp-budget / --dp-epsilon, as many runs as the epsilon cap allows)",
     )
     dp_ledger_set_cap: bool = Field(
         False,
