@@ -5,6 +5,7 @@ uninterrupted run with the same seed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 ARGS = ["--rounds", "6", "--clients", "3", "--factors", "4", "--seed", "4", "--fault-delay", "0.3"]
 SIZES = "synthetic_users: 300\nsynthetic_items: 150\nsynthetic_interactions: 9000\n"
+TRAIN_TASK = re.compile(r"^train \w+-(\d+) round-(\d+)$")  # "train client-2 round-5"
 
 
 def _params(uri: str, model_uri: str):
@@ -26,11 +28,37 @@ def _params(uri: str, model_uri: str):
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().recommender.params
 
 
+def _trained_rounds(resumed_run_id: str) -> tuple[str, list[int]]:
+    """The Prefect flow run that resumed ``resumed_run_id``, and the round of each of its
+    training task runs (from the task-run records of the Prefect API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = [
+            r
+            for r in client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=100)
+            if r.parameters.get("resume") == resumed_run_id
+        ]
+        assert len(runs) == 1, [r.parameters for r in runs]
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[runs[0].id])), limit=200
+        )
+    rounds = [int(m.group(2)) for t in tasks if (m := TRAIN_TASK.match(t.name))]
+    return str(runs[0].id), rounds
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("algorithm", ["als", "fedadam"])
 def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterrupted_one_does(
-    tmp_path, prefect_server
+    tmp_path, prefect_server, algorithm
 ):
+    """Resuming must continue from the checkpoint, not start again: the resumed flow run trains
+    exactly the rounds after the last checkpoint (Prefect's task-run records), and the model ends
+    where an uninterrupted run ends. For FedAdam that also needs the server optimizer's moments
+    back from the checkpoint: zero moments in the resumed rounds give another model."""
     from prefect.settings import PREFECT_API_URL
 
     from fedrec.cli import main
@@ -42,7 +70,7 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterru
     cli = Path(sys.executable).parent / "fedrec"
     sizes = tmp_path / "sizes.yaml"
     sizes.write_text(SIZES)
-    args = [*ARGS, "--config", str(sizes)]
+    args = [*ARGS, "--algorithm", algorithm, "--config", str(sizes)]
     victim = subprocess.Popen([str(cli), "train", *args, "--model-name", "resumed"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     try:
@@ -55,7 +83,13 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterru
     finally:
         victim.wait(timeout=30)
     assert victim.returncode == -signal.SIGKILL
-    run_id = next(home.glob("workspaces/*/checkpoints/round-0003.npz")).parents[1].name
+    checkpoints = sorted(home.glob("workspaces/*/checkpoints/round-*.npz"))
+    run_id = checkpoints[-1].parents[1].name
+    last = int(checkpoints[-1].stem.removeprefix("round-"))  # 3, or 4 if it was written meanwhile
+    assert 3 <= last < 6
+    if algorithm == "fedadam":  # the moments are part of the checkpoint, and not zero
+        with np.load(checkpoints[-1], allow_pickle=False) as saved:
+            assert np.abs(saved["opt_second"]).max() > 0
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # killed, nothing marked it
     assert not client.search_model_versions("name='resumed'")
@@ -71,6 +105,11 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterru
                                        catch_exceptions=False)  # fmt: skip
         assert reference.exit_code == 0, reference.stderr[-3000:]
 
+    # the resumed flow run trained the rounds after the checkpoint, each client once, and none
+    # before it: a resume that silently started fresh would train rounds 1..last again
+    _, rounds = _trained_rounds(run_id)
+    assert sorted(set(rounds)) == list(range(last + 1, 7)), rounds
+    assert len(rounds) == 3 * (6 - last)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "valid_rmse")]
