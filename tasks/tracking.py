@@ -73,6 +73,8 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def _client(uri: str) -> MlflowClient:
+    if redact_uri(uri) != uri:  # MLflow would print "View run ... at: <the URI>" to stdout
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)  # the fluent log_model/load_model calls read the global URI
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
