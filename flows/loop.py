@@ -123,7 +123,18 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
         logger.info("resuming MLflow run %s after step %d", ctx.run_id, progress.step)
         return state, progress
     state = initialize(family=family, n_items=ctx.n_items, seed=config.seed)
-    if config.warm_start and ctx.champion is not None:
+    if (
+        config.warm_start
+        and ctx.champion is not None
+        and family.private
+        and ctx.champion.epsilon is None
+    ):
+        # its parameters come from the same kind of data without noise: starting from them would
+        # release what no accountant counts
+        logger.warning(
+            "no warm start: champion version %s was not trained with DP", ctx.champion.version
+        )
+    elif config.warm_start and ctx.champion is not None:
         started = warm_start(family=family, state=state, champion=ctx.champion.recommender)
         version = ctx.champion.version
         if started is None:
@@ -205,7 +216,10 @@ def train_family(ctx: RunContext, family: Family, spent: Spent) -> Trained:
                 )
                 continue
             step += 1
-            evaluating = pending is not None and (step - 1) % config.eval_every == 0
+            # a private model is evaluated once, at the end: each evaluation is a release
+            evaluating = (
+                pending is not None and (step - 1) % config.eval_every == 0 and not family.private
+            )
             state, updates, evaluations, started = _sampled_round(
                 ctx, family, state, phase, step, evaluating
             )

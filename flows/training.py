@@ -206,14 +206,16 @@ def _train_and_register(
         logger.info("model %s version %s: %s (%s)", name, version,
                     "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip
 
-        top_k = config.top_k
         per_client = client_table(
             list(trained.client_evaluations.values()),
             list(trained.client_evaluations),
-            top_k,
+            config.top_k,
             "test",
         )
-        log_artifacts(uri, run_id, config, manifest.profile(), trained.history, per_client,
+        profile = manifest.profile()
+        if config.dp_epsilon is not None:  # per-client rows are not part of what DP counts
+            profile, per_client = profile.iloc[0:0], per_client.iloc[0:0]
+        log_artifacts(uri, run_id, config, profile, trained.history, per_client,
                       trained.importance)  # fmt: skip
         final = trained.final
         summary = {

@@ -18,7 +18,7 @@ from prefect.cache_policies import NONE
 from models.client import ClientData
 from models.cohorts import family_cohort_round
 from models.data.partitions import ClientEntry, read_partition
-from models.federation.evaluation import Evaluation
+from models.federation.evaluation import Evaluation, without_item_counts
 from models.federation.family import Family
 from models.federation.sampling import round_rng
 from models.protocol import ClientUpdate, answer_arrays, answer_from_arrays
@@ -99,6 +99,8 @@ def train_client(
             update, evaluations = family.client_round(client, state, phase, rng, eval_splits)
         if kept is not None:
             _keep_answer(kept, update, evaluations)
+    if family.private:
+        evaluations = without_item_counts(evaluations)
     if secure_context is not None:
         held = pending_path(workspace, entry)
         return hold_update(update, n_items, family, secure_context, held), evaluations
@@ -116,4 +118,5 @@ def evaluate_client(
     splits: tuple[str, ...],
 ) -> dict[str, Evaluation]:
     """Metric sums of the state's model over the client's own held-out rows of each split."""
-    return family.evaluate(open_client(workspace, entry, n_items), state, splits)
+    evaluations = family.evaluate(open_client(workspace, entry, n_items), state, splits)
+    return without_item_counts(evaluations) if family.private else evaluations

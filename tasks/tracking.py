@@ -246,16 +246,18 @@ def log_artifacts(
     per_client: pd.DataFrame,
     importance: pd.Series | None = None,
 ) -> None:
-    """The config, the data profile, the learning curve, the per-client metric plots and, with a
-    re-ranker, its feature importance (CSV and plot)."""
+    """The config, the data profile, the learning curve, the per-client metric plots (the profile
+    and the per-client metrics when not empty) and, with a re-ranker, its feature importance."""
     client = _client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "config.json").write_text(config.redacted().model_dump_json(indent=2))
-        profile.to_csv(folder / "data_profile.csv", index=False)
-        per_client.to_csv(folder / "client_metrics.csv", index=False)
+        if len(profile):  # a private run logs no per-client counts
+            profile.to_csv(folder / "data_profile.csv", index=False)
         _plot_learning_curve(history, folder / "learning_curve.png")
-        _plot_clients(per_client, folder / "client_metrics.png")
+        if len(per_client):  # nor per-client metrics
+            per_client.to_csv(folder / "client_metrics.csv", index=False)
+            _plot_clients(per_client, folder / "client_metrics.png")
         if importance is not None:
             importance.rename("gain").to_csv(
                 folder / "feature_importance.csv", index_label="feature"
@@ -321,6 +323,7 @@ def register_model(
 class Champion:
     version: str
     recommender: Recommender
+    epsilon: float | None = None  # the DP budget it was trained under (None: not private)
 
 
 def _is_missing(err: MlflowException) -> bool:
@@ -363,7 +366,10 @@ def load_champion(uri: str, model_name: str) -> Champion | None:
     version = _champion_version(uri, model_name)
     if version is None:
         return None
-    return Champion(str(version.version), load_recommender(uri, f"models:/{model_name}@{CHAMPION}"))
+    # by its version, not the alias again: the alias may move in between
+    recommender = load_recommender(uri, f"models:/{model_name}/{version.version}")
+    epsilon = version.tags.get("fedrec.epsilon") or None
+    return Champion(str(version.version), recommender, None if epsilon is None else float(epsilon))
 
 
 @task(name="check-unchanged", **_RETRY)

@@ -35,6 +35,12 @@ def summarize_evaluation(
     return out
 
 
+def without_item_counts(evaluations: Mapping[str, Evaluation]) -> dict[str, Evaluation]:
+    """The evaluations without their per-item top-K counts: what a private client sends (which
+    items it recommended to its users is not part of what DP counts)."""
+    return {split: (sums, None) for split, (sums, _) in evaluations.items()}
+
+
 def summarize_splits(
     evaluations: Sequence[Mapping[str, Evaluation]], top_k: int, n_items: int
 ) -> dict[str, float]:

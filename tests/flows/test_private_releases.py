@@ -1,0 +1,71 @@
+"""What a private run releases besides the noised training statistics: no per-item top-K
+counts, no per-client artifacts, evaluation once at the end, and no warm start from a model
+trained without DP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fedrec.config import TrainingConfig
+from tests.flows.helpers import tracking_store
+
+SMALL = {"synthetic_users": 300, "synthetic_items": 120, "synthetic_interactions": 9_000,
+         "clients": 3, "factors": 4, "rounds": 3, "skip_if_unchanged": False}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    with tracking_store(tmp_path_factory.mktemp("fedrec-private-releases")) as store:
+        yield store
+
+
+def _run(store, **fields: Any) -> dict:
+    from flows.training import federated_training
+
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | fields))
+    return federated_training(**config.model_dump())
+
+
+def test_a_private_run_releases_no_item_counts_no_per_client_files_and_evaluates_once(
+    store, monkeypatch
+):
+    import tasks.clients as clients
+
+    answers: list = []
+    for task_obj in (clients.train_client, clients.evaluate_client):
+        original = task_obj.fn
+
+        def spy(original=original, **kwargs: Any) -> Any:
+            result = original(**kwargs)
+            answers.append(result)
+            return result
+
+        monkeypatch.setattr(task_obj, "fn", spy)
+    summary = _run(store, model_name="private", dp_epsilon=8.0, dp_budget=8.0)
+
+    evaluations = [a[1] if isinstance(a, tuple) else a for a in answers]
+    assert evaluations and all(
+        recommended is None for e in evaluations for _, recommended in e.values()
+    )
+    assert all(a[0].metrics == {} for a in answers if isinstance(a, tuple))
+    client = store["client"]
+    files = {f.path for f in client.list_artifacts(summary["run_id"])}
+    assert "config.json" in files and "learning_curve.png" in files
+    assert not files & {"client_metrics.csv", "client_metrics.png", "data_profile.csv"}
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "valid_rmse")]
+    assert steps == [3]  # the final model only
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "epsilon")] == [1, 2, 3]
+
+
+def test_a_private_run_does_not_warm_start_from_a_champion_trained_without_dp(store, capfd):
+    other_users = {"synthetic_users": 320}  # the ledger is keyed by the users: a fresh budget
+    plain = _run(store, model_name="shared", **other_users)
+    assert plain["promoted"]
+    capfd.readouterr()
+    private = {"dp_epsilon": 8.0, "dp_budget": 8.0, "warm_start": True}
+    _run(store, model_name="shared", **(private | other_users))
+    logged = capfd.readouterr().err  # the flow's run logger prints to stderr
+    refusal = f"no warm start: champion version {plain['model_version']} was not trained with DP"
+    assert refusal in logged
