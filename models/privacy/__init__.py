@@ -1,1 +1,20 @@
-"""Privacy mechanisms: secure aggregation (pairwise masking) and, later, differential privacy."""
+"""Privacy mechanisms: user-level differential privacy and its accountant (``dp.py``), the
+budget ledger across runs (``ledger.py``), secure aggregation (``secagg_plus*.py``, Shamir
+sharing, identity keys, fixed-point encoding, its wire format) and credential redaction.
+
+Threat model (README, "Threat model: who learns what, in each mode"):
+
+- the server (coordinator), honest-but-curious: without secure aggregation it sees every client's
+  upload; with it, only sums of at least t clients (t a majority of the round, at least 2), with
+  round keys signed by each client's long-term identity key so that a server substituting keys is
+  caught. Under DP each upload (or, with secure aggregation, each sum of a quorum) carries the
+  full calibrated noise: (epsilon, delta) user-level DP against the server;
+- readers of MLflow and other clients: see the model and the logged metrics: (epsilon, delta)
+  under DP for the model and training metrics; the final evaluation's aggregate metrics are one
+  release that is neither noised nor counted;
+- colluding clients can remove their own noise shares from a secure sum, so the guarantee is
+  stated against the server alone.
+
+All noise and sampling coins of a private run come from the operating system's entropy, never
+from the run's (logged) seed.
+"""
