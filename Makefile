@@ -84,6 +84,10 @@ test-unit: setup ## the unit tests of the core (tests/unit: no Prefect, no MLflo
 test-fast: setup ## every test not marked slow or realdata: unit, flow (one Prefect test server) and quick e2e
 	$(RUN) pytest -m "not slow and not realdata"
 
+.PHONY: mutation
+mutation: setup ## mutation check of the core on its unit tests (25 min budget); survivors -> benchmarks/results/mutation.json
+	$(RUN) python -m benchmarks.mutation
+
 bench-quality: setup ## RMSE/MAE and timings on ML-100K and ML-1M (Surprise's 5-fold protocol)
 	$(RUN) python -m benchmarks.quality
 
