@@ -159,13 +159,6 @@ def config_values(config_file: str | None, overrides: dict[str, Any]) -> dict[st
     return values
 
 
-def build_config(config_file: str | None, overrides: dict[str, Any]) -> Any:
-    """The TrainingConfig of the YAML file (if any) and the flags given on the command line."""
-    from fedrec.config import TrainingConfig
-
-    return TrainingConfig(**config_values(config_file, overrides))
-
-
 def check_inputs(values: dict[str, Any]) -> None:
     """Check the run's data files with the core's readers before anything heavy starts.
 
@@ -252,7 +245,10 @@ def mlflow_run_url(tracking_uri: str, run_id: str) -> tuple[str, str]:
 
     from fedrec.home import fedrec_home
 
-    experiment = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    try:
+        experiment = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # the run is trained and registered: a missing link is no reason to fail
+        return f"run {run_id} in {tracking_uri}", ""
     if tracking_uri.startswith(("http://", "https://")):
         return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}", ""
     port = os.environ.get(MLFLOW_PORT_ENV, str(DEFAULT_MLFLOW_PORT))
