@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,7 @@ from models.data.sharding import assign_clients, split_each_user
 from models.metrics import add_sums, finalize_metrics
 from models.mf.als import RatingRows
 from models.mf.implicit import CentralizedImplicitALS
-from models.ranking.boosting import RankerConfig, TreeEnsemble, train_centralized
+from models.ranking.boosting import RankerConfig, RankingObjective, TreeEnsemble, train_centralized
 from models.ranking.ease import EASE, ease_scores, ease_weights
 from models.ranking.features import Retrieval
 from models.ranking.federated import (
@@ -132,7 +133,8 @@ def run(args: argparse.Namespace) -> dict:
     )
     clients = build_clients(data, owner, split)
     ranker = RankerConfig(rounds=args.ranker_rounds, trees_per_round=args.ranker_trees,
-                          learning_rate=args.ranker_lr, num_leaves=args.ranker_leaves, seed=args.seed)  # fmt: skip
+                          learning_rate=args.ranker_lr, num_leaves=args.ranker_leaves, seed=args.seed,
+                          objective=args.ranker_objective)  # fmt: skip
     config = RankingConfig(n_factors=args.factors, reg=args.reg, alpha=args.alpha,
                            neighbours=args.neighbours, shrink=args.shrink,
                            n_candidates=args.candidates, ranker=ranker)  # fmt: skip
@@ -374,6 +376,9 @@ def main() -> None:
     parser.add_argument("--ranker-trees", type=int, default=RankerConfig.trees_per_round)
     parser.add_argument("--ranker-lr", type=float, default=RankerConfig.learning_rate)
     parser.add_argument("--ranker-leaves", type=int, default=RankerConfig.num_leaves)
+    parser.add_argument(
+        "--ranker-objective", default=RankerConfig.objective, choices=get_args(RankingObjective)
+    )
     parser.add_argument(
         "--ease-regs",
         type=float,

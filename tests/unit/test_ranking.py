@@ -280,3 +280,16 @@ def test_ease_is_a_candidate_source_a_feature_and_saved_with_the_model(tmp_path,
     reversed_ids = model.item_ids[::-1]
     aligned = align_recommender(model, reversed_ids)
     np.testing.assert_array_equal(aligned.retrieval.ease, weights[::-1, ::-1])
+
+
+def test_ranker_objective_is_checked_and_reaches_lightgbm():
+    rng = np.random.default_rng(1)
+    features = pd.DataFrame(rng.normal(size=(200, len(FEATURES))), columns=list(FEATURES))
+    labels = (features["ease_score"] > 0.5).astype(float).to_numpy()
+    config = RankerConfig(trees_per_round=3, min_data_in_leaf=5, objective="rank_xendcg")
+
+    text = boost_client(features, labels, np.full(20, 10), np.zeros(200), config, seed=1)
+
+    assert "objective=rank_xendcg" in text
+    with pytest.raises(ValueError, match="objective='pointwise' must be one of"):
+        RankerConfig(objective="pointwise")  # type: ignore[arg-type]
