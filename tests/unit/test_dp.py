@@ -360,3 +360,30 @@ def test_a_private_run_has_its_own_defaults_unless_given():
     plain = TrainingConfig()
     assert (plain.rounds, plain.mf_config().n_factors, plain.min_fraction) == (10, 32, 0.0)
     assert TrainingConfig(**private.model_dump()) == private  # a dumped config keeps its values
+
+
+def test_the_factor_channel_is_the_weighted_sums_written_out():
+    from models.mf.linalg import unpack_symmetric
+    from models.privacy.dp import clipped_factor_statistics
+
+    rng = np.random.default_rng(12)
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=2, factor_clip=10.0, residual_clip=100.0)
+    people = UserParams(rng.normal(0, 0.1, (2, 2)), rng.normal(0, 0.1, 2))
+    users, items = np.array([0, 0, 0, 0, 1]), np.array([0, 1, 2, 1, 1])
+    ratings, item_bias = rng.uniform(1, 5, 5), rng.normal(0, 0.1, 3)
+    rows = RatingRows(users, items, ratings, n_users=2, n_items=3)
+
+    stats = clipped_factor_statistics(rows, people, 3.0, item_bias, dp)
+
+    weight = {0: np.sqrt(2 / 4), 1: 1.0}  # min(1, sqrt(max_items / rows of the user))
+    for j, item in enumerate(stats.items):
+        gram, rhs, count = np.zeros((2, 2)), np.zeros(2), 0.0
+        for u, i, r in zip(users, items, ratings, strict=True):
+            if i == item:
+                p, t = people.factors[u], r - 3.0 - people.bias[u] - item_bias[i]
+                gram += weight[u] * np.outer(p, p)
+                rhs += weight[u] * t * p
+                count += weight[u]
+        np.testing.assert_allclose(unpack_symmetric(stats.grams[j : j + 1], 2)[0], gram)
+        np.testing.assert_allclose(stats.rhs[j], rhs)
+        assert stats.counts[j] == pytest.approx(count)
