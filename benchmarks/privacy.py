@@ -1,14 +1,25 @@
 """Privacy against utility on ML-1M, and what secure aggregation costs.
 
-1. User-level DP: federated ALS test RMSE at epsilon in {1, 2, 4, 8, 16, none}, delta = 1/users.
+1. User-level DP, explicit feedback, with the CLI's defaults: for each epsilon in {1, 2, 4, 8,
+   16}, the model ``fedrec train --secure-aggregation --dp-epsilon E`` trains with nothing else
+   given (its private defaults: rounds, rank, rows per user, quorum), delta = 1/users, test RMSE.
    Protocol: Surprise's fold 0 (`KFold(5, shuffle=True, random_state=0)`, 20% test), users in 10
-   iid clients, k = ``--factors``, ``--rounds`` rounds; each user contributes at most
-   ``--max-items`` rows per round (factor clip 0.5, residual clip 2); the noise multiplier is
-   calibrated to the whole training's epsilon by the RDP accountant.
+   iid clients, every client in every round. With secure aggregation each client's noise share
+   is sized for the quorum (``shares``, 8 of the 10 clients by default), so the decoded sum of
+   the 10 carries the calibrated noise or more; the same table without secure aggregation
+   (``shares = 1``: each upload carries the full noise on its own) shows what calibrating against
+   the server costs. Everything a private client sends is counted (the biases phase is one of the
+   accounted rounds; no metrics leave a private client). Beside them, measured in the same run:
+   non-private ALS with the CLI's defaults, its trivial baseline (global mean + item bias, the
+   promotion gate's), the non-private bias model (global mean + user and item biases, alternating
+   ridge fits), and the private model with factors trained after the biases (3 rounds, k = 4).
+   The secure sum equals the plain sum (tests/unit/test_secagg.py); here the clients' noisy
+   updates are summed in this process.
 2. The same for implicit feedback: implicit-ALS test NDCG@10 (full ranking) with RecBole's
    protocol (ratings >= 3 are positives, each user's split 8:1:1), 10 iid clients, k =
-   ``--implicit-factors``, reg ``--implicit-reg``, ``--rounds`` rounds, no kNN or re-ranker (they
-   have no DP mechanism); bounds of ``UserLevelDP.for_implicit``.
+   ``--implicit-factors``, reg ``--implicit-reg``, the CLI's private rounds and rows per user,
+   noise shares of the secure-aggregation quorum, no kNN or re-ranker (they have no DP
+   mechanism); bounds of ``UserLevelDP.for_implicit``.
 3. Secure aggregation: seconds and bytes per round of the same ALS plain and through the
    secure-aggregation protocol (models/privacy/secagg_plus_driver.py: signed keys, Shamir-shared
    masks, every message through bytes; all parties in this process), with no dropout and with 2
@@ -21,6 +32,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -30,7 +42,9 @@ from sklearn.model_selection import KFold
 
 from benchmarks.common import load_movielens, machine, print_table, write_json
 from benchmarks.ranking import recbole_split
+from fedrec.config import TrainingConfig
 from fedrec.runtime import keep_freed_memory
+from flows.rounds import quorum
 from models.client import TEST, TRAIN
 from models.data.partitions import build_clients
 from models.data.schema import keep_positives
@@ -46,13 +60,15 @@ from models.mf.federated import (
     server_update,
     to_dense,
 )
-from models.privacy.dp import UserLevelDP, calibrate
+from models.privacy.dp import UserLevelDP, calibrate, epsilon
 from models.privacy.identity import generate_identity
 from models.privacy.secagg_plus import RoundConfig, default_threshold
 from models.privacy.secagg_plus_driver import run_round
 from models.ranking.federated import RankingConfig, run_two_stage
 
-EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0, None)
+EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0)
+N_CLIENTS = 10
+REPEATS = 5  # private runs per setting (their noise differs every time)
 
 
 def main() -> None:
@@ -60,13 +76,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", default="ml-1m", choices=["ml-100k", "ml-1m"])
-    parser.add_argument("--factors", type=int, default=8)
-    parser.add_argument("--reg", type=float, default=0.08)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-items", type=int, default=100)
+    parser.add_argument("--factors", type=int, default=8, help="secure-aggregation cost: k")
+    parser.add_argument("--reg", type=float, default=0.08, help="secure-aggregation cost: reg")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--implicit-factors", type=int, default=16)
     parser.add_argument("--implicit-reg", type=float, default=10.0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["implicit", "secure"])
     args = parser.parse_args()
     keep_freed_memory()
     data = load_movielens(args.data)
@@ -74,36 +89,108 @@ def main() -> None:
         return
     split = np.full(len(data), TRAIN, dtype=np.int8)
     split[next(KFold(5, shuffle=True, random_state=0).split(np.arange(len(data))))[1]] = TEST
-    owner = assign_clients(data, n_clients=10, strategy="iid", rng=np.random.default_rng(0))
+    owner = assign_clients(data, n_clients=N_CLIENTS, strategy="iid", rng=np.random.default_rng(0))
     clients = build_clients(data, owner, split)
-    delta = 1.0 / data.n_users
-    base = MFConfig(n_factors=args.factors, reg=args.reg, clip_to=data.rating_scale)
-    rows = []
-    for eps in EPSILONS:
-        config = base
-        sigma = None
-        if eps is not None:
-            sigma = calibrate(eps, 1.0, args.rounds, delta, full=1)  # + the global mean's release
-            config = replace(base, dp=UserLevelDP(sigma, args.max_items, shares=len(clients)))
-        started = time.perf_counter()
-        _, history = run_federated(clients, data.n_items, config, rounds=args.rounds,
-                                   eval_splits=("test",), eval_ranking=False)  # fmt: skip
-        rmse = history[-1].metrics["test_rmse"]
-        rows.append({"epsilon": "none" if eps is None else eps, "delta": delta, "noise_multiplier": sigma,
-                     "test_rmse": rmse, "seconds": time.perf_counter() - started})  # fmt: skip
-        print(f"  epsilon {rows[-1]['epsilon']}: RMSE {rmse:.4f}", flush=True)
-    print_table(rows, ["epsilon", "noise_multiplier", "test_rmse", "seconds"])
-    ranking = implicit_utility(data, args)
-    print_table(
-        ranking, ["epsilon", "noise_multiplier", "valid_ndcg_at_10", "test_ndcg_at_10", "seconds"]
-    )
-
-    overhead = secure_overhead(clients, data.n_items, base, args.repeats)
-    print_table(overhead, ["mode", "seconds_per_round", "mb_per_client", "mb_per_round"])
-    path = write_json(f"privacy_{args.data}", {"args": vars(args), "machine": machine(),
-                                               "dp": rows, "dp_implicit": ranking,
-                                               "secure_aggregation": overhead})  # fmt: skip
+    results: dict = {"args": vars(args), "machine": machine(), "n_clients": N_CLIENTS}
+    results |= explicit_utility(clients, data)
+    if "implicit" not in args.skip:
+        results["dp_implicit"] = implicit_utility(data, args)
+        print_table(results["dp_implicit"], ["epsilon", "shares", "noise_multiplier",
+                                             "valid_ndcg_at_10", "test_ndcg_at_10", "seconds"])  # fmt: skip
+    if "secure" not in args.skip:
+        base = MFConfig(n_factors=args.factors, reg=args.reg, clip_to=data.rating_scale)
+        overhead = secure_overhead(clients, data.n_items, base, args.repeats)
+        print_table(overhead, ["mode", "seconds_per_round", "mb_per_client", "mb_per_round"])
+        results["secure_aggregation"] = overhead
+    path = write_json(f"privacy_{args.data}", results)
     print(f"wrote {path}")
+
+
+def _test_rmse(clients, n_items: int, config: MFConfig, rounds: int) -> tuple[float, dict]:
+    _, history = run_federated(clients, n_items, config, rounds=rounds, eval_splits=("test",),
+                               eval_ranking=False)  # fmt: skip
+    return history[-1].metrics["test_rmse"], history[-1].metrics
+
+
+def private_run(clients, data, eps: float, *, secure: bool, **given) -> dict:
+    """The explicit model ``fedrec train [--secure-aggregation] --dp-epsilon eps`` trains with
+    the CLI's defaults (plus ``given`` fields), its noise shares those of the flow."""
+    config = TrainingConfig(dp_epsilon=eps, secure_aggregation=secure,
+                            clients=len(clients), **given)  # fmt: skip
+    delta = config.dp_delta or 1.0 / data.n_users
+    shares = quorum(config, len(clients)) if secure else 1
+    sigma = calibrate(eps, config.client_fraction, config.rounds, delta)
+    dp = UserLevelDP(sigma, config.dp_max_items, shares=shares)
+    mf = replace(config.mf_config(), dp=dp)
+    started = time.perf_counter()
+    # the noise comes from OS entropy: every run differs, so the mean of REPEATS runs
+    rmses = [_test_rmse(clients, data.n_items, mf, config.rounds)[0] for _ in range(REPEATS)]
+    spent = epsilon(sigma, config.client_fraction, config.rounds, delta)
+    # the decoded sum of every client's share: sigma * sqrt(clients / shares) per unit sensitivity
+    effective = sigma * math.sqrt(len(clients) / shares)
+    return {"epsilon": eps, "secure_aggregation": secure, "delta": delta, "rounds": config.rounds,
+            "factors": mf.n_factors, "max_items": config.dp_max_items, "shares": shares,
+            "noise_multiplier": sigma, "sum_noise_multiplier": effective, "epsilon_spent": spent,
+            "test_rmse": float(np.mean(rmses)), "test_rmse_sd": float(np.std(rmses, ddof=1)),
+            "test_rmse_runs": rmses, "seconds": (time.perf_counter() - started) / REPEATS}  # fmt: skip
+
+
+def bias_model_rmse(clients, n_items: int, scale: tuple[float, float], reg_items: float = 25.0,
+                    reg_users: float = 10.0, iterations: int = 5) -> float:  # fmt: skip
+    """Test RMSE of the non-private bias model ``mu + b_u + b_i`` (alternating ridge fits; each
+    client's users are its own, item sums add up over clients)."""
+    train = [c.rows("train") for c in clients]
+    mu = sum(float(r.ratings.sum()) for r in train) / sum(len(r) for r in train)
+    user_bias = [np.zeros(r.n_users) for r in train]
+    item_bias = np.zeros(n_items)
+    for _ in range(iterations):
+        total, count = np.zeros(n_items), np.zeros(n_items)
+        for r, bu in zip(train, user_bias, strict=True):
+            total += np.bincount(r.items, r.ratings - mu - bu[r.users], minlength=n_items)
+            count += np.bincount(r.items, minlength=n_items)
+        item_bias = total / (count + reg_items)
+        user_bias = [
+            np.bincount(r.users, r.ratings - mu - item_bias[r.items], minlength=r.n_users)
+            / (np.bincount(r.users, minlength=r.n_users) + reg_users)
+            for r in train
+        ]
+    sse, n = 0.0, 0
+    for c, bu in zip(clients, user_bias, strict=True):
+        test = c.rows("test")
+        predicted = np.clip(mu + bu[test.users] + item_bias[test.items], *scale)
+        sse += float(((predicted - test.ratings) ** 2).sum())
+        n += len(test)
+    return math.sqrt(sse / n)
+
+
+def explicit_utility(clients, data) -> dict:
+    """Section 1: the private defaults at each epsilon, with and without secure aggregation, and
+    the references of the same run."""
+    plain = TrainingConfig(clients=len(clients))
+    started = time.perf_counter()
+    als, metrics = _test_rmse(clients, data.n_items, plain.mf_config(), plain.rounds)
+    references = [
+        {"model": f"non-private ALS (CLI defaults: k {plain.mf_config().n_factors}, "
+                  f"{plain.rounds} rounds)", "test_rmse": als,
+         "seconds": time.perf_counter() - started},
+        {"model": "trivial baseline: global mean + item bias (the promotion gate's)",
+         "test_rmse": metrics["baseline_test_rmse"]},
+        {"model": "non-private bias model (mu + b_u + b_i)",
+         "test_rmse": bias_model_rmse(clients, data.n_items, data.rating_scale)},
+    ]  # fmt: skip
+    print_table(references, ["model", "test_rmse", "seconds"])
+    rows = []
+    for secure in (True, False):
+        for eps in EPSILONS:
+            rows.append(private_run(clients, data, eps, secure=secure))
+            print(f"  secure aggregation {secure}, epsilon {eps}: RMSE {rows[-1]['test_rmse']:.4f}",
+                  flush=True)  # fmt: skip
+    columns = ["epsilon", "secure_aggregation", "rounds", "shares", "noise_multiplier",
+               "sum_noise_multiplier", "epsilon_spent", "test_rmse", "test_rmse_sd", "seconds"]  # fmt: skip
+    print_table(rows, columns)
+    factors = [private_run(clients, data, eps, secure=True, rounds=3) for eps in (8.0, 16.0)]
+    print_table(factors, ["epsilon", "rounds", "factors", "shares", "test_rmse", "test_rmse_sd"])
+    return {"explicit_references": references, "dp": rows, "dp_with_factors": factors}
 
 
 def implicit_utility(data, args: argparse.Namespace) -> list[dict]:
@@ -115,16 +202,20 @@ def implicit_utility(data, args: argparse.Namespace) -> list[dict]:
     delta = 1.0 / positives.n_users
     base = RankingConfig(n_factors=args.implicit_factors, reg=args.implicit_reg, ranker=None)
     rows = []
-    for eps in EPSILONS:
-        config, sigma = base, None
+    for eps in (*EPSILONS, None):
+        config, sigma, shares = base, None, None
+        cli = TrainingConfig(feedback="implicit", clients=N_CLIENTS, dp_epsilon=eps,
+                             secure_aggregation=eps is not None)  # fmt: skip
         if eps is not None:
-            sigma = calibrate(eps, 1.0, args.rounds, delta)
-            config = replace(base, dp=UserLevelDP.for_implicit(sigma, args.max_items, len(clients)))
+            shares = quorum(cli, len(clients))
+            sigma = calibrate(eps, cli.client_fraction, cli.rounds, delta)
+            config = replace(base, dp=UserLevelDP.for_implicit(sigma, cli.dp_max_items, shares))
         started = time.perf_counter()
-        result = run_two_stage(clients, positives.n_items, config, rounds=args.rounds,
+        result = run_two_stage(clients, positives.n_items, config, rounds=cli.rounds,
                                eval_splits=("valid", "test"))  # fmt: skip
         final = result.history[-1]
-        rows.append({"epsilon": "none" if eps is None else eps, "delta": delta, "noise_multiplier": sigma,
+        rows.append({"epsilon": "none" if eps is None else eps, "delta": delta, "rounds": cli.rounds,
+                     "shares": shares, "noise_multiplier": sigma,
                      "valid_ndcg_at_10": final["valid_ndcg_at_10"], "test_ndcg_at_10": final["test_ndcg_at_10"],
                      "seconds": time.perf_counter() - started})  # fmt: skip
         print(f"  implicit, epsilon {rows[-1]['epsilon']}: NDCG@10 {final['test_ndcg_at_10']:.4f}",

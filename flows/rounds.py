@@ -68,7 +68,8 @@ def task_unit(devices: float | None) -> str:
 def privacy_plan(ctx: RunContext) -> Privacy | None:
     """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
     defaults to 1 / users), with Poisson sampling of users at ``client_fraction`` (the sampling
-    that runs: :func:`round_clients`)."""
+    that runs: :func:`round_clients`). Every release is one of the ``rounds`` sampled rounds
+    (explicit MF's biases phase is its first), so ``rounds`` releases are what is composed."""
     config = ctx.config
     if config.dp_epsilon is None:
         return None

@@ -1,0 +1,50 @@
+"""No registry promotes a model worse than the trivial baseline on the same validation rows: the
+candidate is registered with that reason and the champion alias is not given to it."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedrec.config import TrainingConfig
+from models.promotion import WORSE_THAN_BASELINE
+from tests.flows.helpers import tracking_store
+
+SMALL = {"synthetic_users": 300, "synthetic_items": 120, "synthetic_interactions": 9_000,
+         "clients": 3, "factors": 3, "skip_if_unchanged": False, "model_name": "gated"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    with tracking_store(tmp_path_factory.mktemp("fedrec-gate")) as store:
+        yield store
+
+
+def _run(store, **fields) -> dict:
+    from flows.training import federated_training
+
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | fields))
+    return federated_training(**config.model_dump())
+
+
+def test_a_candidate_worse_than_the_baseline_is_registered_and_not_promoted(store):
+    from mlflow.exceptions import MlflowException
+
+    client = store["client"]
+    # one round under a ridge of 1000: every factor and bias shrinks to 0, the global mean alone
+    bad = _run(store, rounds=1, reg=1000.0)
+
+    metrics = bad["metrics"]
+    assert metrics["valid_rmse"] > metrics["baseline_valid_rmse"]
+    assert not bad["promoted"] and bad["reason"].startswith(WORSE_THAN_BASELINE)
+    assert f"{metrics['baseline_valid_rmse']:.4f}" in bad["reason"]
+    version = client.get_model_version("gated", bad["model_version"])
+    assert version.tags["fedrec.promotion_reason"] == bad["reason"]
+    with pytest.raises(MlflowException):  # no champion: the first model was not good enough
+        client.get_model_version_by_alias("gated", "champion")
+
+    good = _run(store, rounds=2)
+
+    assert good["metrics"]["valid_rmse"] < good["metrics"]["baseline_valid_rmse"]
+    assert good["promoted"], good["reason"]
+    champion = client.get_model_version_by_alias("gated", "champion")
+    assert str(champion.version) == str(good["model_version"])
