@@ -158,3 +158,42 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
     finally:
         if stubborn.poll() is None:
             stubborn.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_train_starts_the_local_server_leaves_it_running_and_links_both_uis(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    port = local_server.free_port()
+    env = {k: v for k, v in _env(tmp_path, FEDREC_PREFECT_PORT=str(port)).items()
+           if k != "MLFLOW_TRACKING_URI"}  # fmt: skip
+    pid_file = tmp_path / "server" / local_server.PID_FILE
+    try:
+        trained = _fedrec("train", "--rounds", "1", "--clients", "2", "--factors", "2",
+                          env=env, timeout=1100)  # fmt: skip
+
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        assert "no local Prefect server is running: starting one" in trained.stderr
+        prefect_line = next(
+            line for line in trained.stdout.splitlines() if line.startswith("Prefect flow run:")
+        )
+        flow_run_id = prefect_line.rsplit("/", 1)[1]
+        assert prefect_line.split()[-1] == (f"http://127.0.0.1:{port}/runs/flow-run/{flow_run_id}")
+        # the server outlives the command, and it holds the run, completed
+        assert not _gone(int(pid_file.read_text())) and _health(port) == 200
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/flow_runs/{flow_run_id}", timeout=30
+        ) as response:
+            assert json.load(response)["state_type"] == "COMPLETED"
+        mlflow_line = next(
+            line for line in trained.stdout.splitlines() if line.startswith("MLflow run:")
+        )
+        run_id = mlflow_line.split()[2].rsplit("/", 1)[1]
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+        assert f"/#/experiments/{run.info.experiment_id}/runs/{run_id}" in mlflow_line
+        assert run.info.status == "FINISHED"
+    finally:
+        _fedrec("server", "stop", env=env)
+    assert not pid_file.exists()
