@@ -84,3 +84,13 @@ def test_item_average_with_fractional_weights_covers_every_weighted_item():
 
     np.testing.assert_allclose(total, [0.25, 0.0, 1.0])
     np.testing.assert_allclose(average[:, 0], [1.0, 0.0, (0.5 * 4 + 0.5 * 10) / 1.0])
+
+
+def test_item_average_accepts_a_zero_weight_and_refuses_a_negative_one():
+    zero = (np.array([0, 1]), np.array([[2.0], [3.0]]), np.array([0.0, 1.0]))
+    average, total = aggregate_item_average([zero], n_items=2)
+
+    np.testing.assert_allclose(total, [0.0, 1.0])
+    np.testing.assert_allclose(average[:, 0], [0.0, 3.0])  # weight 0: as if not sent
+    with pytest.raises(ValueError, match=">= 0"):
+        aggregate_item_average([(np.array([0]), np.array([[1.0]]), np.array([-0.5]))], n_items=1)
