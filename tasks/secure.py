@@ -22,10 +22,12 @@ through the server that relays the round keys.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,7 +140,10 @@ def hold_update(
     returns a receipt that says only how long the vector is."""
     dense = np.asarray(family.to_dense(update, n_items), dtype=np.float64)
     payload = pack({"context": context}, {"dense": dense})
-    _write_private(Path(where), payload)
+    folder = Path(where).parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _folder_lock(folder):
+        _write_private(Path(where), payload)
     return pack({"kind": _RECEIPT, "vector_size": int(dense.size)})
 
 
@@ -276,18 +281,48 @@ def _aborted(entry: ClientEntry, round_: int, err: Exception) -> None:
     )
 
 
-def _client_step(workspace: str, entry: ClientEntry, config: bytes, act: Any) -> bytes:
-    """Load the client's state, ``act`` on it, save the new state; a failed check is logged with
-    the reason and aborts this client's round (its state is saved as aborted)."""
-    round_config = read_round_config(config)
-    client = _load(workspace, entry, round_config)
+@contextlib.contextmanager
+def _client_lock(workspace: str, entry: ClientEntry) -> Iterator[None]:
+    """One phase of a client at a time: a late answer of an earlier round (one the flow stopped
+    waiting for) finishes before the next round's phase reads or replaces the client's files."""
+    folder = client_folder(workspace, entry)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _folder_lock(folder):
+        yield
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        reply = act(client)
-    except (SecAggError, KeyAuthenticationError) as err:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _client_step(
+    workspace: str,
+    entry: ClientEntry,
+    config: bytes,
+    act: Callable[[SecAggClient], Message],
+    then: Callable[[], None] | None = None,
+) -> bytes:
+    """Load the client's state, ``act`` on it, save the new state (then run ``then``), holding
+    the client's lock; a failed check is logged with the reason and aborts this client's round
+    (its state is saved as aborted)."""
+    round_config = read_round_config(config)
+    with _client_lock(workspace, entry):
+        client = _load(workspace, entry, round_config)
+        try:
+            reply = act(client)
+        except (SecAggError, KeyAuthenticationError) as err:
+            _save(workspace, entry, client)
+            _aborted(entry, round_config.round, err)
+            raise
         _save(workspace, entry, client)
-        _aborted(entry, round_config.round, err)
-        raise
-    _save(workspace, entry, client)
+        if then is not None:
+            then()
     return reply.to_bytes()
 
 
@@ -304,8 +339,9 @@ def secagg_advertise(*, workspace: str, entry: ClientEntry, config: bytes) -> by
             f"{round_config.vector_size}"
         )
     client = SecAggClient(entry.client_id, round_config)
-    advert = client.advertise_keys(client_identity(workspace, entry))
-    _save(workspace, entry, client)
+    with _client_lock(workspace, entry):
+        advert = client.advertise_keys(client_identity(workspace, entry))
+        _save(workspace, entry, client)
     return advert.to_bytes()
 
 
@@ -327,11 +363,15 @@ def secagg_mask(
     if vanish:
         raise ConnectionError(f"client-{entry.client_id} vanished after sharing its keys")
     round_config = read_round_config(config)
-    held = _held(workspace, entry, round_context(round_config.run_id, round_config.round))
+    context = round_context(round_config.run_id, round_config.round)
     inbox = ShareInbox.from_bytes(message)
-    reply = _client_step(workspace, entry, config, lambda c: c.masked_input(held, inbox))
-    pending_path(workspace, entry).unlink(missing_ok=True)
-    return reply
+    return _client_step(
+        workspace,
+        entry,
+        config,
+        lambda c: c.masked_input(_held(workspace, entry, context), inbox),
+        then=lambda: pending_path(workspace, entry).unlink(missing_ok=True),
+    )
 
 
 @task(name="secagg-sign", cache_policy=NONE)

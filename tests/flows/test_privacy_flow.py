@@ -247,7 +247,7 @@ def test_secure_aggregation_gives_the_plain_model_and_survives_a_dropout(store):
 
     def served(name: str):
         return (
-            mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().recommender
+            mlflow.pyfunc.load_model(f"models:/{name}/latest").unwrap_python_model().recommender
         )
 
     np.testing.assert_allclose(

@@ -182,7 +182,7 @@ def _run(store, task_runner: str, **fields) -> dict:
 
 def _factors(store, name: str) -> np.ndarray:
     mlflow.set_tracking_uri(store["uri"])
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model()
+    model = mlflow.pyfunc.load_model(f"models:/{name}/latest").unwrap_python_model()
     return model.recommender.params.factors
 
 

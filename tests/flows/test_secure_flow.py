@@ -48,7 +48,7 @@ def _run(store, **fields) -> dict:
 
 def _served(store, name: str):
     mlflow.set_tracking_uri(store["uri"])
-    return mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model().recommender
+    return mlflow.pyfunc.load_model(f"models:/{name}/latest").unwrap_python_model().recommender
 
 
 class _Round:
@@ -202,6 +202,29 @@ def test_a_client_that_vanishes_after_its_masked_input_is_unmasked_through_share
     summary = _run(store, model_name="drop-after-mask", **SECURE)
 
     # its masked input was committed: its update is in the sum, its self mask rebuilt from shares
+    assert _clients_per_round(store, summary["run_id"]) == [4.0, 4.0]
+    first_round.check_sum_of({0, 1, 2, 3})
+
+
+def test_a_client_that_times_out_is_left_out_and_its_late_answer_changes_nothing(
+    store, first_round, monkeypatch, run_log
+):
+    import time
+
+    import tasks.secure as secure
+
+    original = secure.secagg_sign.fn
+
+    def sign(**kwargs):
+        if kwargs["entry"].client_id == 3 and secure.read_round_config(kwargs["config"]).round == 1:
+            time.sleep(25)  # past the round's deadline; it answers after round 2 has begun
+        return original(**kwargs)
+
+    monkeypatch.setattr(secure.secagg_sign, "fn", sign)
+    summary = _run(store, model_name="late-signer", round_timeout=15, **SECURE)
+
+    # round 1 went on without its signature (its masked input is in the sum); round 2 had it back
+    assert "round 1 secagg-sign: 3 did not answer within 15.0 s: left out" in run_log
     assert _clients_per_round(store, summary["run_id"]) == [4.0, 4.0]
     first_round.check_sum_of({0, 1, 2, 3})
 
