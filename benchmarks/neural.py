@@ -112,6 +112,7 @@ class Tracker:
         started = time.perf_counter()
         ndcg = evaluate(params, self.arch, self.matrices, "valid")["ndcg"]
         self.curve.append((epoch, ndcg))
+        print(f"    epoch {epoch}: valid NDCG@10 {ndcg:.4f}", flush=True)
         if ndcg > self.best_ndcg:
             self.best_ndcg, self.best_epoch = ndcg, epoch
             self.best_params = {k: v.copy() for k, v in params.items()}
