@@ -23,6 +23,7 @@ from models.data.partitions import ClientEntry, Manifest
 from models.federation.sampling import sample_clients
 from models.privacy.dp import calibrate, epsilon
 from tasks.faults import FaultPlan
+from tasks.secure import round_threshold
 from tasks.server import summarize_round
 from tasks.tracking import Champion, log_round
 
@@ -77,9 +78,13 @@ def privacy_plan(ctx: RunContext) -> Privacy | None:
     q = config.client_fraction
     sigma = calibrate(config.dp_epsilon, q, config.rounds, delta)
     # Against the server: without secure aggregation it sees each client's upload, which must
-    # carry the full noise on its own; with it, only sums of at least a quorum of clients, whose
-    # noise shares add up to the full noise.
-    shares = quorum(config, len(ctx.entries)) if config.secure_aggregation else 1
+    # carry the full noise on its own; with it, only sums of at least t clients (the protocol
+    # refuses a round below its threshold), whose noise shares add up to the full noise. Under DP
+    # every client is asked every round (users are sampled inside clients), so t is that of all.
+    n_clients = len(ctx.entries)
+    shares = 1
+    if config.secure_aggregation:
+        shares = round_threshold(n_clients, quorum(config, n_clients))
     get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, "
                           "noise in shares of %d client(s)", config.dp_epsilon, delta, sigma,
                           shares)  # fmt: skip
