@@ -51,8 +51,12 @@ def _requests(history: str, users: str | None) -> pd.DataFrame:
 
 
 def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
-    """The registered recommender; a missing local store is a user error, not a new empty store."""
-    from tasks.tracking import load_recommender, resolve_tracking_uri
+    """The registered recommender; a missing local store is a user error, not a new empty store.
+
+    Read through :mod:`fedrec.model_store`, which imports neither Prefect nor the training code
+    (and MLflow only for a store it cannot read directly).
+    """
+    from fedrec.model_store import ModelNotFoundError, load_recommender, resolve_tracking_uri
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = resolve_tracking_uri(tracking_uri)
@@ -60,7 +64,10 @@ def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
         raise UserError(
             f"no MLflow store at {uri.removeprefix('sqlite:///')}: train first (fedrec train) or pass --tracking-uri"
         )
-    return load_recommender(uri, model_uri)
+    try:
+        return load_recommender(uri, model_uri)
+    except ModelNotFoundError as err:
+        raise UserError(str(err)) from err
 
 
 def _report_reasons(result: pd.DataFrame) -> None:

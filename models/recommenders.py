@@ -7,18 +7,28 @@ Serving and tracking know recommenders only through what each class declares (``
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from models.federation.family import Recommender
-from models.mf.recommender import MFRecommender
-from models.neural.recommender import NeuralRecommender
-from models.ranking.recommender import RankingRecommender
+if TYPE_CHECKING:
+    from models.federation.family import Recommender
 
-RECOMMENDERS: dict[str, type] = {
-    cls.kind: cls for cls in (MFRecommender, RankingRecommender, NeuralRecommender)
+# kind -> (module, class): a family's module is imported only when one of its models is read,
+# so loading an MF model does not import LightGBM or scikit-learn
+RECOMMENDERS: dict[str, tuple[str, str]] = {
+    "mf": ("models.mf.recommender", "MFRecommender"),
+    "ranking": ("models.ranking.recommender", "RankingRecommender"),
+    "neural": ("models.neural.recommender", "NeuralRecommender"),
 }
 STATE = "recommender.json"
+
+
+def recommender_class(kind: str) -> type:
+    """The installed class that reads a saved recommender of ``kind``."""
+    module, name = RECOMMENDERS[kind]
+    return getattr(importlib.import_module(module), name)
 
 
 def read_recommender(folder: str | Path) -> Recommender:
@@ -35,10 +45,10 @@ def read_recommender(folder: str | Path) -> Recommender:
         raise ValueError(f"{folder}: not a fedrec recommender (no {STATE})")
     kind = json.loads((folder / STATE).read_text()).get("kind")
     if kind is None:  # states saved before the kind was recorded: MF models
-        kind = MFRecommender.kind
+        kind = "mf"
     if kind not in RECOMMENDERS:
         raise ValueError(
             f"{folder}: recommender kind {kind!r} is unknown to this fedrec; "
             f"allowed: {', '.join(RECOMMENDERS)}"
         )
-    return RECOMMENDERS[kind].load(folder)
+    return recommender_class(kind).load(folder)

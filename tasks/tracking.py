@@ -36,6 +36,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
+from fedrec.model_store import STATE, load_recommender, resolve_tracking_uri
 from models.federation.family import Recommender
 from models.privacy.ledger import (
     Balance,
@@ -51,25 +52,12 @@ from models.privacy.ledger import (
 )
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
-from models.recommenders import read_recommender
 
 CHAMPION = "champion"
 _SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
 _MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
-_STATE = "recommender"  # the model's artifact folder holding the recommender's state files
+_STATE = STATE  # the model's artifact folder holding the recommender's state files
 _RETRY = {"retries": 2, "retry_delay_seconds": [1, 5], "cache_policy": NONE}
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI in force: the argument, else ``MLFLOW_TRACKING_URI``, else fedrec's SQLite."""
-    if uri:
-        return uri
-    env = mlflow.environment_variables.MLFLOW_TRACKING_URI.get()
-    if env:
-        return env
-    home = fedrec_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
 
 
 def _client(uri: str) -> MlflowClient:
@@ -331,24 +319,6 @@ def _is_missing(err: MlflowException) -> bool:
     return err.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or (
         "alias" in err.message and "not found" in err.message
     )
-
-
-def load_recommender(uri: str, model_uri: str) -> Recommender:
-    """Load a registered or logged recommender (``models:/NAME@champion``, ``runs:/...``).
-
-    Only the model's state files (``artifacts/recommender``: npz, Parquet, JSON, LightGBM text)
-    are downloaded and read with the installed code; the Python file stored with the model (its
-    models-from-code entry, for ``mlflow models serve``) is never downloaded nor executed, so
-    whoever can write artifacts or move an alias cannot run code here.
-    """
-    _client(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{_STATE}",
-            dst_path=tmp,
-            tracking_uri=uri,
-        )
-        return read_recommender(Path(folder))
 
 
 def _champion_version(uri: str, model_name: str) -> ModelVersion | None:

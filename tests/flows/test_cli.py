@@ -107,9 +107,10 @@ def test_missing_store_and_unknown_model_are_one_line(tmp_path):
     assert missing.exit_code == 2 and missing.stderr.startswith("fedrec: error: no MLflow store at")
     assert not (tmp_path / "none.db").exists()
     assert unknown.exit_code == 2
-    assert (
-        unknown.stderr.strip()
-        == "fedrec: error: MLflow: Registered Model with name=nothing not found"
+    assert unknown.stderr.strip() == (
+        f"fedrec: error: model models:/nothing@champion: no registered model 'nothing' in "
+        f"{tmp_path / 'empty.db'} (registered models: none; a model URI is models:/NAME@ALIAS, "
+        "models:/NAME/VERSION or runs:/RUN_ID/model)"
     )
 
 
@@ -194,6 +195,52 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     scores = pd.read_csv(io.StringIO(pred.stdout), dtype={"user_id": str, "item_id": str})
     assert list(scores.columns) == ["user_id", "item_id", "score"]
     assert list(scores["item_id"]) == [items[3], items[0]] and scores["score"].between(1, 5).all()
+
+
+def test_recommend_reads_the_local_store_without_prefect_mlflow_or_lightgbm(trained, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _, uri, _ = trained
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,item_id,rating\nalice,1,5\n")
+    script = (
+        "import sys\n"
+        "from fedrec.cli import main\n"
+        "try:\n"
+        f"    main(['recommend', '--model', 'models:/cli@champion', '--tracking-uri', {uri!r},"
+        f" '--history', {str(history)!r}, '--k', '3'])\n"
+        "except SystemExit as end:\n"
+        "    assert not end.code, end.code\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'lightgbm', "
+        "'sklearn', 'tasks', 'flows'})\n"
+        "print('heavy:', heavy, file=sys.stderr)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "heavy: []" in done.stderr
+    assert done.stdout.startswith("user_id,rank,item_id,score")
+
+
+def test_the_direct_sqlite_read_finds_the_files_mlflow_downloads(trained, tmp_path):
+    from fedrec.model_store import _state_from_mlflow, _state_from_sqlite, sqlite_path
+
+    _, uri, _ = trained
+    for model_uri in ("models:/cli@champion", "models:/cli/1"):
+        direct = _state_from_sqlite(sqlite_path(uri), model_uri)
+        via_mlflow = _state_from_mlflow(uri, model_uri, str(tmp_path / model_uri[-1]))
+
+        assert direct is not None
+        files = sorted(p.relative_to(direct) for p in direct.rglob("*") if p.is_file())
+        assert files == sorted(
+            p.relative_to(via_mlflow) for p in via_mlflow.rglob("*") if p.is_file()
+        )
+        assert all((direct / f).read_bytes() == (via_mlflow / f).read_bytes() for f in files)
 
 
 def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving():

@@ -1,0 +1,181 @@
+"""Load a registered recommender's state files without the training stack.
+
+``fedrec recommend`` and ``fedrec predict`` (and the training flow's champion lookup) read a model
+here. Neither Prefect nor the model families' training code is imported, and MLflow only when it
+is needed: a local SQLite store whose artifacts are local files (fedrec's default) is read with the
+standard library's ``sqlite3``, read-only, which takes milliseconds where MLflow's import and its
+store's start-up take seconds. Any other store (a tracking server, remote artifacts, ``runs:/``
+URIs) goes through MLflow's client.
+
+Only the model's ``recommender`` artifact folder (npz, Parquet, JSON, LightGBM text) is read, by the
+installed classes (:func:`models.recommenders.read_recommender`); the Python file stored with the
+model for ``mlflow models serve`` is never downloaded nor executed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
+
+from fedrec.home import fedrec_home
+
+if TYPE_CHECKING:
+    from models.federation.family import Recommender
+
+STATE = "recommender"  # the model's artifact folder holding the recommender's state files
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+ALLOWED = "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
+_DELETED = "Deleted_Internal"  # MLflow's stage for a deleted model version
+_MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
+
+
+class ModelNotFoundError(LookupError):
+    """The model URI names no model in the store, or is not a model URI at all."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI in force: the argument, else ``MLFLOW_TRACKING_URI``, else fedrec's SQLite."""
+    if uri:
+        return uri
+    env = os.environ.get(TRACKING_URI_ENV)
+    if env:
+        return env
+    home = fedrec_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _local_folder(location: str | None) -> Path | None:
+    """A ``file://`` or plain-path artifact location as a local folder, else None."""
+    if not location:
+        return None
+    if location.startswith("file://"):
+        return Path(unquote(urlparse(location).path))
+    if location.startswith("/"):
+        return Path(location)
+    return None
+
+
+def _registered(db: sqlite3.Connection) -> list[str]:
+    return [name for (name,) in db.execute("SELECT name FROM registered_models ORDER BY name")]
+
+
+def _not_found(model_uri: str, store: str, names: list[str], what: str) -> ModelNotFoundError:
+    shown = ", ".join(names) if names else "none"
+    return ModelNotFoundError(
+        f"model {model_uri}: {what} in {store} (registered models: {shown}; "
+        f"a model URI is {ALLOWED})"
+    )
+
+
+def _state_from_sqlite(path: Path, model_uri: str) -> Path | None:
+    """The state folder of a registered model read straight from a local SQLite store.
+
+    None when this store or model cannot be read this way (a schema this code does not know, a
+    remote artifact location): the caller then asks MLflow.
+    """
+    match = _MODEL_URI.match(model_uri)
+    if match is None:
+        return None
+    name, alias, version = match["name"], match["alias"], match["version"]
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        names = _registered(db)
+        if name not in names:
+            raise _not_found(model_uri, str(path), names, f"no registered model {name!r}")
+        if alias is not None:
+            row = db.execute(
+                "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?",
+                (name, alias),
+            ).fetchone()
+            if row is None:
+                raise _not_found(model_uri, str(path), names, f"{name!r} has no alias {alias!r}")
+            version = row[0]
+        row = db.execute(
+            "SELECT storage_location, source FROM model_versions "
+            "WHERE name = ? AND version = ? AND current_stage != ?",
+            (name, int(version), _DELETED),
+        ).fetchone()
+        if row is None:
+            raise _not_found(model_uri, str(path), names, f"{name!r} has no version {version}")
+    except sqlite3.Error:  # not an MLflow store of a schema this code reads
+        return None
+    finally:
+        db.close()
+    for location in row:  # the model's root; its pyfunc artifacts sit in its artifacts/ folder
+        folder = _local_folder(location)
+        if folder is not None and (folder / "artifacts" / STATE).is_dir():
+            return folder / "artifacts" / STATE
+    return None
+
+
+def _state_from_mlflow(uri: str, model_uri: str, tmp: str) -> Path:
+    """Download the state folder through MLflow's client (any store, any artifact location)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # ``models:/`` URIs are resolved against the registry URI
+    try:
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{STATE}",
+            dst_path=tmp,
+            tracking_uri=uri,
+        )
+    except MlflowException as err:
+        if _is_missing(err):
+            raise ModelNotFoundError(
+                f"model {model_uri}: {err.message.splitlines()[0]} (a model URI is {ALLOWED})"
+            ) from err
+        raise
+    return Path(folder)
+
+
+def _is_missing(err: object) -> bool:
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    message = getattr(err, "message", "")
+    # no such model, or (SQLite store) a model without that alias: INVALID_PARAMETER_VALUE there
+    return getattr(err, "error_code", None) == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or (
+        "alias" in message and "not found" in message
+    )
+
+
+def load_recommender(uri: str, model_uri: str) -> Recommender:
+    """Load a registered or logged recommender (``models:/NAME@champion``, ``runs:/...``).
+
+    Only the model's state files (``artifacts/recommender``) are read, with the installed code;
+    nothing stored with the model is executed or unpickled, so whoever can write artifacts or move
+    an alias cannot run code here.
+
+    Raises
+    ------
+    ModelNotFoundError
+        If the store has no such model, alias or version; the message names the model URI, the
+        models the store has and the URI forms allowed.
+    """
+    from models.recommenders import read_recommender
+
+    if not model_uri.startswith(("models:/", "runs:/")):
+        raise ModelNotFoundError(f"model {model_uri}: not a model URI (a model URI is {ALLOWED})")
+    path = sqlite_path(uri)
+    folder = _state_from_sqlite(path, model_uri) if path is not None and path.is_file() else None
+    if folder is not None:
+        return read_recommender(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        return read_recommender(_state_from_mlflow(uri, model_uri, tmp))
