@@ -120,3 +120,13 @@ def test_coverage_needs_both_the_catalogue_and_the_covered_count():
     assert "coverage_at_10" not in finalize_metrics(sums, k=10, n_items=50)
     assert "coverage_at_10" not in finalize_metrics(sums | {"covered": 5.0}, k=10)
     assert finalize_metrics(sums | {"covered": 5.0}, k=10, n_items=50)["coverage_at_10"] == 0.1
+
+
+def test_one_rating_one_user_and_one_client_are_enough_for_a_metric():
+    ranking = {"precision": 0.1, "recall": 1.0, "ndcg": 0.5, "hit": 1.0, "map": 0.5}
+    one = finalize_metrics({"sse": 4.0, "sae": 2.0, "n": 1.0, "users": 1.0} | ranking, k=10)
+
+    assert one["rmse"] == 2.0 and one["mae"] == 2.0  # a client with one held-out rating
+    assert one["ndcg_at_10"] == 0.5  # and one evaluated user
+    assert distribution([0.7]) == {"min": 0.7, "p10": 0.7, "median": 0.7, "max": 0.7}
+    assert distribution([]) == {}
