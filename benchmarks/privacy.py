@@ -5,7 +5,8 @@
    given (its private defaults: rounds, rank, rows per user, quorum), delta = 1/users, test RMSE.
    Protocol: Surprise's fold 0 (`KFold(5, shuffle=True, random_state=0)`, 20% test), users in 10
    iid clients, every client in every round. With secure aggregation each client's noise share
-   is sized for the quorum (``shares``, 8 of the 10 clients by default), so the decoded sum of
+   is sized for the protocol's threshold t (``shares``: the quorum, 8 of the 10 clients by
+   default, or a majority if that is more), so the decoded sum of
    the 10 carries the calibrated noise or more; the same table without secure aggregation
    (``shares = 1``: each upload carries the full noise on its own) shows what calibrating against
    the server costs. Everything a private client sends is counted (the biases phase is one of the
@@ -65,6 +66,7 @@ from models.privacy.identity import generate_identity
 from models.privacy.secagg_plus import RoundConfig, default_threshold
 from models.privacy.secagg_plus_driver import run_round
 from models.ranking.federated import RankingConfig, run_two_stage
+from tasks.secure import round_threshold
 
 EPSILONS = (1.0, 2.0, 4.0, 8.0, 16.0)
 N_CLIENTS = 10
@@ -118,7 +120,8 @@ def private_run(clients, data, eps: float, *, secure: bool, **given) -> dict:
     config = TrainingConfig(dp_epsilon=eps, secure_aggregation=secure,
                             clients=len(clients), **given)  # fmt: skip
     delta = config.dp_delta or 1.0 / data.n_users
-    shares = quorum(config, len(clients)) if secure else 1
+    n = len(clients)
+    shares = round_threshold(n, quorum(config, n)) if secure else 1  # as the flow's privacy plan
     sigma = calibrate(eps, config.client_fraction, config.rounds, delta)
     dp = UserLevelDP(sigma, config.dp_max_items, shares=shares)
     mf = replace(config.mf_config(), dp=dp)
@@ -207,7 +210,7 @@ def implicit_utility(data, args: argparse.Namespace) -> list[dict]:
         cli = TrainingConfig(feedback="implicit", clients=N_CLIENTS, dp_epsilon=eps,
                              secure_aggregation=eps is not None)  # fmt: skip
         if eps is not None:
-            shares = quorum(cli, len(clients))
+            shares = round_threshold(len(clients), quorum(cli, len(clients)))
             sigma = calibrate(eps, cli.client_fraction, cli.rounds, delta)
             config = replace(base, dp=UserLevelDP.for_implicit(sigma, cli.dp_max_items, shares))
         started = time.perf_counter()
