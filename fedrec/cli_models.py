@@ -80,6 +80,11 @@ def _report_reasons(result: pd.DataFrame) -> None:
 def _write(frame: pd.DataFrame, out: str | None) -> None:
     if out:
         frame.to_csv(out, index=False)
+        users = frame["user_id"].nunique()
+        click.echo(
+            f"fedrec: wrote {len(frame)} row(s) for {users} user(s) to {Path(out).resolve()}",
+            err=True,
+        )
     else:
         frame.to_csv(sys.stdout, index=False)
 
@@ -129,8 +134,11 @@ def recommend(
 ) -> None:
     """Top-K unseen items per user: CSV user_id,rank,item_id,score,reason.
 
-    The reason says why an item is there (ranking models: "similar to <title>, which you liked",
-    "popular with everyone", ...) or which fallback was used (no known history: most popular).
+    The score is the predicted rating (clipped to the rating scale) for a model trained on
+    ratings, the model's score for an implicit-feedback model, and empty for the most popular
+    items a user with no known history gets. The reason says why an item is there ("predicted
+    rating 4.3 from your ratings of 12 items; closest to 50 you rated 5", "similar to <title>,
+    which you liked", "popular with everyone", ...) or which fallback was used.
     Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit.
     """
     requests = _requests(history, users)

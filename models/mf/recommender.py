@@ -117,6 +117,11 @@ class MFRecommender:
     def recommend(self, requests: pd.DataFrame, k: int = 10) -> pd.DataFrame:
         """Top-``k`` unseen items per request row, best first, with scores and a reason.
 
+        With a rating scale the score is the predicted rating clipped to the scale; a user with no
+        known item gets the most popular items with score NaN (a popularity count is no rating)
+        and that reason. Every row's reason says where its score comes from: the history it was
+        predicted from and the liked history item closest to it in the item factors.
+
         Rows with an ``items`` list get those items scored instead (in the given order, ``rank``
         counting from 1), unknown ones left out with a reason.
         """
@@ -124,38 +129,75 @@ class MFRecommender:
         users = fold_in(histories, self.params, reg=self.reg)
         scores = score_all(users, self.params)
         # Rank on raw scores (clipping would tie every item above the scale's top); report
-        # clipped predictions only where a rating is asked for (the ``items`` path).
+        # clipped predictions.
         clipped = np.clip(scores, *self.rating_scale) if self.rating_scale is not None else scores
         index = self._index()
         out: list[tuple[str, int, str, float, str]] = []
         for u, (_, row) in enumerate(requests.iterrows()):
             user = str(row[USER_ID])
-            seen, _ = histories[u]
+            seen, ratings = histories[u]
             candidates = _as_list(row[ITEMS]) if ITEMS in requests else []
             if len(candidates):
                 known = [str(i) for i in candidates if str(i) in index]
                 missing = [str(i) for i in candidates if str(i) not in index]
-                reason = reasons[u].replace(
+                note = reasons[u].replace(
                     "popularity fallback", "scored by global mean and item bias"
                 )
                 if missing:
-                    reason = "; ".join(
+                    note = "; ".join(
                         filter(
-                            None, [reason, f"unknown item(s) not scored: {', '.join(missing[:5])}"]
+                            None, [note, f"unknown item(s) not scored: {', '.join(missing[:5])}"]
                         )
                     )
                 for rank, item in enumerate(known, start=1):
-                    out.append((user, rank, item, float(clipped[u, index[item]]), reason))
+                    score = float(clipped[u, index[item]])
+                    why = self._why(index[item], score, seen, ratings)
+                    out.append((user, rank, item, score, "; ".join(filter(None, [why, note]))))
                 continue
             exclude = np.zeros(self.params.n_items, dtype=bool)
             exclude[seen] = True
-            if seen.size == 0:  # cold start: most popular, with the reason
-                best, best_scores = top_k(self.popularity, exclude, k)
-            else:
-                best, best_scores = top_k(scores[u], exclude, k)
-            for rank, (i, s) in enumerate(zip(best, best_scores, strict=True), start=1):
-                out.append((user, rank, str(self.item_ids[i]), float(s), reasons[u]))
+            if seen.size == 0:  # cold start: most popular, no predicted rating, with the reason
+                best, _ = top_k(self.popularity, exclude, k)
+                for rank, i in enumerate(best, start=1):
+                    out.append((user, rank, str(self.item_ids[i]), float("nan"), reasons[u]))
+                continue
+            best, _ = top_k(scores[u], exclude, k)
+            for rank, i in enumerate(best, start=1):
+                score = float(clipped[u, i])
+                why = self._why(int(i), score, seen, ratings)
+                out.append(
+                    (
+                        user,
+                        rank,
+                        str(self.item_ids[i]),
+                        score,
+                        "; ".join(filter(None, [why, reasons[u]])),
+                    )
+                )
         return pd.DataFrame(out, columns=list(RESPONSE_COLUMNS))
+
+    def _why(self, item: int, score: float, seen: np.ndarray, ratings: np.ndarray) -> str:
+        """Where one score comes from: the history size, and the liked history item (rated at
+        least the user's mean) whose factors point most nearly the same way as ``item``'s."""
+        if seen.size == 0:
+            return ""
+        n = seen.size
+        if self.rating_scale is not None:
+            head = f"predicted rating {score:.1f} from your ratings of {n} item{'s' * (n != 1)}"
+        else:
+            head = f"score {score:.2f} from your {n} item{'s' * (n != 1)}"
+        liked = seen[ratings >= ratings.mean()]
+        factors = self.params.factors
+        norms = np.linalg.norm(factors[liked], axis=1) * np.linalg.norm(factors[item])
+        if not np.any(norms > 0):
+            return head
+        cosine = np.where(
+            norms > 0, factors[liked] @ factors[item] / np.where(norms > 0, norms, 1), -np.inf
+        )
+        near = int(np.argmax(cosine))
+        rated = ratings[seen == liked[near]][0]
+        shown = f" you rated {rated:g}" if self.rating_scale is not None else " in your history"
+        return f"{head}; closest to {self.item_ids[liked[near]]}{shown}"
 
 
 def _as_list(value: object) -> list:

@@ -92,7 +92,7 @@ class NeuralRecommender:
 
         A row with an ``items`` list gets those items scored instead (in the given order, unknown
         ones left out with a note). A history with no known item gets the most popular items
-        (score = training count), with that reason.
+        (score NaN: a training count is no probability), with that reason.
         """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
@@ -137,7 +137,8 @@ class NeuralRecommender:
             exclude = np.zeros(self.n_items, dtype=bool)
             exclude[seen] = True
             if seen.size == 0:
-                best, best_scores = top_k(self.popularity, exclude, k)
+                best, _ = top_k(self.popularity, exclude, k)
+                best_scores = np.full(best.size, np.nan)  # a popularity count is no probability
                 reasons = ["no known items in history: most popular items"] * best.size
             else:
                 best, best_scores = top_k(scores[u], exclude, k)

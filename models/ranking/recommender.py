@@ -110,7 +110,7 @@ class RankingRecommender:
         """Top-``k`` unseen items per request row (``user_id``, ``history_items``), with reasons.
 
         Optional columns ``age``, ``gender``, ``occupation`` feed the re-ranker. A history with no
-        known item gets the most popular items, with that reason.
+        known item gets the most popular items, with score NaN and that reason.
         """
         index = {item: i for i, item in enumerate(self.item_ids)}
         rows, cols, notes = [], [], []
@@ -138,10 +138,10 @@ class RankingRecommender:
                 ranked = by_user[u]
             else:
                 seen = np.zeros(self.n_items, dtype=bool)
-                best, scores = top_k(self.retrieval.popularity, seen, k)
+                best, _ = top_k(self.retrieval.popularity, seen, k)
+                # a popularity count is not a ranking score: NaN, the reason says why
                 ranked = [
-                    (int(i), float(s), "no known history: most popular items")
-                    for i, s in zip(best, scores, strict=True)
+                    (int(i), float("nan"), "no known history: most popular items") for i in best
                 ]
             for rank, (item, score, reason) in enumerate(ranked, start=1):
                 reason = "; ".join(filter(None, [reason, notes[u]]))

@@ -184,14 +184,23 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
 
     rec = _run("recommend", *model, "--history", str(history), "--users", str(users), "--k", "5")
     pred = _run("predict", *model, "--history", str(history), "--pairs", str(pairs))
+    out = tmp_path / "recs.csv"
+    written = _run("recommend", *model, "--history", str(history), "--out", str(out))
 
     table = pd.read_csv(io.StringIO(rec.stdout), dtype={"user_id": str, "item_id": str})
     assert list(table.columns) == ["user_id", "rank", "item_id", "score", "reason"]
     alice = table[table["user_id"] == "alice"]
     assert list(alice["rank"]) == [1, 2, 3, 4, 5] and not set(alice["item_id"]) & set(items[:3])
+    assert alice["score"].between(1, 5).all()  # predicted ratings, on the 1-5 scale
+    assert alice["reason"].str.startswith("predicted rating ").all()
+    assert alice["reason"].str.contains(" from your ratings of 3 items").all()
     assert len(table[table["user_id"] == "bob"]) == 5
     bob = table[table["user_id"] == "bob"]
     assert (bob["reason"] == "no known items in history: popularity fallback").all()
+    assert bob["score"].isna().all()  # no popularity counts in the rating column
+    assert written.stdout == ""
+    assert written.stderr.strip() == f"fedrec: wrote 10 row(s) for 1 user(s) to {out.resolve()}"
+    assert pd.read_csv(out)["user_id"].astype(str).eq("alice").all()
     scores = pd.read_csv(io.StringIO(pred.stdout), dtype={"user_id": str, "item_id": str})
     assert list(scores.columns) == ["user_id", "item_id", "score"]
     assert list(scores["item_id"]) == [items[3], items[0]] and scores["score"].between(1, 5).all()

@@ -73,10 +73,11 @@ def test_recommend_excludes_history_reports_unknown_items_and_falls_back(recomme
 
     warm = out[out["user_id"] == "u"]
     assert list(warm["rank"]) == [1, 2, 3] and not {"i0", "i3"} & set(warm["item_id"])
-    assert warm["reason"].iloc[0] == "ignored 1 unknown item(s): ghost"
+    assert warm["reason"].iloc[0].endswith("; ignored 1 unknown item(s): ghost")
     cold = out[out["user_id"] == "cold"]
     assert list(cold["item_id"]) == ["i1", "i4", "i3"]  # by popularity
     assert "popularity fallback" in cold["reason"].iloc[0]
+    assert cold["score"].isna().all()  # a popularity count is not put in the rating column
 
 
 def test_recommend_with_items_scores_them_in_order_clipped(recommender):
@@ -139,3 +140,75 @@ def test_scoring_items_for_a_user_without_history_says_how(recommender):
     expected = np.clip(recommender.params.global_mean + recommender.params.bias[[1, 2]], 1, 5)
     np.testing.assert_allclose(out["score"], expected)
     assert out["reason"].iloc[0] == "no known items in history: scored by global mean and item bias"
+
+
+def test_recommended_ratings_are_clipped_to_the_scale_and_ranked_by_item_bias():
+    # zero item factors: a folded-in user is mean + user bias + item bias, so the ranking is the
+    # item biases' order, and a mean of 10 puts every prediction above the 1-5 scale
+    bias = np.array([0.3, -0.2, 0.9, 0.1, 0.5, -0.4])
+    model = MFRecommender(ItemParams(np.zeros((6, 2)), bias, 10.0), np.array(list("abcdef")),
+                          np.ones(6), 0.1, (1.0, 5.0))  # fmt: skip
+    requests = pd.DataFrame(
+        {"user_id": ["u"], "history_items": [["a", "b"]], "history_ratings": [[4.0, 5.0]]}
+    )
+
+    out = model.recommend(requests, k=3)
+
+    assert list(out["item_id"]) == ["c", "e", "d"]  # biases 0.9, 0.5, 0.1 among unseen c..f
+    assert (out["score"] == 5.0).all()
+    assert (out["reason"] == "predicted rating 5.0 from your ratings of 2 items").all()
+
+
+def test_every_mf_row_says_which_liked_item_it_is_closest_to():
+    # 2-D factors: c points along a, d along b; f (rated 1, below the user's mean) points even
+    # closer to c than a does, so it would be named if disliked items were not left out
+    factors = np.array([[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9], [0.0, 0.0], [0.95, 0.05]])
+    model = MFRecommender(ItemParams(factors, np.zeros(6), 3.0), np.array(list("abcdef")),
+                          np.ones(6), 0.1, (1.0, 5.0))  # fmt: skip
+    requests = pd.DataFrame(
+        {
+            "user_id": ["u", "u2"],
+            "history_items": [["a", "b", "f"], ["a", "b", "f"]],
+            "history_ratings": [[5.0, 5.0, 1.0], [5.0, 5.0, 1.0]],
+            "items": [None, ["c", "d", "e"]],
+        }
+    )
+
+    out = model.recommend(requests, k=3).set_index(["user_id", "item_id"])
+
+    for user in ("u", "u2"):
+        for item, near in (("c", "a"), ("d", "b")):
+            score = out.loc[(user, item), "score"]
+            assert 1 <= score <= 5
+            assert out.loc[(user, item), "reason"] == (
+                f"predicted rating {score:.1f} from your ratings of 3 items; "
+                f"closest to {near} you rated 5"
+            )
+    # e has zero factors: nothing is close to it, the reason still says where the score is from
+    assert out.loc[("u2", "e"), "reason"] == (
+        f"predicted rating {out.loc[('u2', 'e'), 'score']:.1f} from your ratings of 3 items"
+    )
+
+
+def test_popularity_fallbacks_of_the_other_families_have_no_score():
+    from models.neural.network import Architecture, init_params
+    from models.neural.recommender import NeuralRecommender
+
+    arch = Architecture(n_items=4, kind="dae", hidden=(), latent=2)
+    model = NeuralRecommender(
+        init_params(arch, np.random.default_rng(0)), arch, np.array(list("wxyz")),
+        np.array([1.0, 9.0, 3.0, 0.0]),
+    )  # fmt: skip
+
+    out = model.recommend(pd.DataFrame({"user_id": ["new"], "history_items": [[]]}), k=2)
+
+    assert list(out["item_id"]) == ["x", "y"] and out["score"].isna().all()
+    assert (out["reason"] == "no known items in history: most popular items").all()
+
+
+def test_every_recommender_kind_is_read_by_the_class_that_declares_it():
+    from models.recommenders import RECOMMENDERS, recommender_class
+
+    assert {kind: recommender_class(kind).kind for kind in RECOMMENDERS} == {
+        "mf": "mf", "ranking": "ranking", "neural": "neural"
+    }  # fmt: skip
