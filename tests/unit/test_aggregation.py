@@ -94,3 +94,9 @@ def test_item_average_accepts_a_zero_weight_and_refuses_a_negative_one():
     np.testing.assert_allclose(average[:, 0], [0.0, 3.0])  # weight 0: as if not sent
     with pytest.raises(ValueError, match=">= 0"):
         aggregate_item_average([(np.array([0]), np.array([[1.0]]), np.array([-0.5]))], n_items=1)
+
+
+def test_item_sums_of_a_single_client_are_its_values_in_place():
+    total = aggregate_item_sums([(np.array([2, 0]), np.array([[1.0, 2.0], [3.0, 4.0]]))], n_items=3)
+
+    np.testing.assert_array_equal(total, [[3.0, 4.0], [0.0, 0.0], [1.0, 2.0]])

@@ -387,3 +387,9 @@ def test_the_factor_channel_is_the_weighted_sums_written_out():
         np.testing.assert_allclose(unpack_symmetric(stats.grams[j : j + 1], 2)[0], gram)
         np.testing.assert_allclose(stats.rhs[j], rhs)
         assert stats.counts[j] == pytest.approx(count)
+
+
+@pytest.mark.parametrize("target", [0.0, -1.0])
+def test_calibration_refuses_a_target_epsilon_that_is_not_positive(target):
+    with pytest.raises(ValueError, match="must be > 0"):
+        calibrate(target, sampling_rate=1.0, rounds=3, delta=1e-5)
