@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -273,6 +274,39 @@ def fault_plan(config: TrainingConfig) -> FaultPlan:
     )
 
 
+_STEP_MARKS: dict[str, list[float]] = {}  # run id -> wall-clock time each step was logged at
+_OF_TOTAL = re.compile(r"(\d+)/(\d+)")
+
+
+def _clock(seconds: float) -> str:
+    hours, rest = divmod(round(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def pace(marks: Sequence[float], started: float, label: str) -> str:
+    """Elapsed time since ``started`` and, when ``label`` reads "N/TOTAL", the time left at the
+    median step so far: ``marks`` are the times steps ended, the first one the first step's start.
+    """
+    now = marks[-1]
+    shown = f"elapsed {_clock(now - started)}"
+    found = _OF_TOTAL.search(label)
+    if found is None or len(marks) < 2:
+        return shown
+    left = int(found[2]) - int(found[1])
+    if left <= 0:
+        return shown
+    step = float(np.median(np.diff(marks)))
+    return f"{shown}, ETA {_clock(step * left)} ({step:.1f} s/round)"
+
+
+def _run_started() -> float | None:
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    start = getattr(getattr(context, "flow_run", None), "start_time", None)
+    return None if start is None else start.timestamp()
+
+
 def log_step(
     ctx: RunContext,
     step: int,
@@ -282,7 +316,8 @@ def log_step(
     label: str,
     extra: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
-    """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, report it.
+    """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, report it
+    in one line with the run's elapsed time and an ETA.
     A resumed run does not log again the steps the interrupted one logged."""
     updates, seconds = round_
     metrics = summarize_round(
@@ -296,9 +331,15 @@ def log_step(
         for k in ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "test_ndcg_at_10")
         if k in metrics
     ]
+    now = time.time()
+    marks = _STEP_MARKS.setdefault(ctx.run_id, [now - seconds])
+    marks.append(now)
+    started = _run_started() or marks[0]
     get_run_logger().info(
-        "%s: %s, %d clients, %.1f MB up, %.2f s", label, ", ".join(shown) or "no evaluation",
+        "%s: %s, %d clients, %.1f MB up, %.2f s; %s", label, ", ".join(shown) or "no evaluation",
         metrics.get("clients", 0), metrics.get("bytes_uploaded", 0.0) / 1e6,
-        metrics.get("round_seconds", float("nan")),
+        metrics.get("round_seconds", float("nan")), pace(marks, min(started, marks[0]), label),
     )  # fmt: skip
+    if "final" in label:
+        _STEP_MARKS.pop(ctx.run_id, None)
     return metrics
