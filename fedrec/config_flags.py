@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -28,6 +29,32 @@ FILE_ONLY = frozenset({
     "max_client_regression", "user_col", "item_col", "rating_col", "timestamp_col",
     "rating_scale", "fault_clients", "fault_dropout_clients",
 })  # fmt: skip
+
+# The sections of ``fedrec train --help``, in order, and each option's section (keyed on the config
+# field or the click parameter name); an option not listed here goes to "runtime".
+GROUP_ORDER = ("data", "model", "federation", "privacy", "reliability", "tracking", "runtime")
+GROUPS: dict[str, str] = {
+    **dict.fromkeys(("data", "train", "valid", "test", "split", "valid_fraction", "test_fraction",
+                     "feedback", "positive_threshold"), "data"),
+    **dict.fromkeys(("algorithm", "factors", "reg", "alpha", "neighbours", "candidates",
+                     "implicit_model", "neural_network", "neural_latent", "neural_hidden",
+                     "neural_lr", "neural_batch_size", "neural_local_epochs", "neural_server",
+                     "ranker", "ranker_rounds", "ranker_trees", "ranker_learning_rate",
+                     "ranker_leaves", "top_k"), "model"),
+    **dict.fromkeys(("clients", "partition", "cohort_size", "dirichlet_alpha", "partition_key",
+                     "key_prefix", "rounds", "client_fraction", "eval_every", "aggregation",
+                     "trim", "clip_factor", "min_clients", "min_fraction"), "federation"),
+    **dict.fromkeys(("dp_epsilon", "dp_delta", "dp_max_items", "dp_budget", "dp_budget_delta",
+                     "dp_ledger_set_cap", "secure_aggregation"), "privacy"),
+    **dict.fromkeys(("retry_backoff", "round_timeout", "round_retries", "fault_probability",
+                     "fault_delay", "attack", "attack_fraction", "attack_scale", "resume"),
+                    "reliability"),
+    **dict.fromkeys(("experiment", "model_name", "tracking_uri", "promotion_metric", "min_delta",
+                     "warm_start", "skip_if_unchanged"), "tracking"),
+    **dict.fromkeys(("task_runner", "dask_address", "seed", "workspace", "max_workers",
+                     "config_file", "as_json", "debug", "help"), "runtime"),
+}  # fmt: skip
+_DEFAULT_IN_HELP = re.compile(r"\bdefault\b", re.IGNORECASE)
 
 _FORMAT = 1  # bump when the shape of a field's description below changes
 _CACHE = Path(__file__).resolve().parent / "__pycache__" / "train_flags.json"
@@ -104,6 +131,21 @@ def config_defaults() -> dict[str, Any]:
     return {field["name"]: field["default"] for field in config_fields()}
 
 
+def shown_default(field: dict[str, Any]) -> str | None:
+    """The one default ``--help`` shows for a field: None when its help text states it (a default
+    that depends on other flags, "(default: 32 explicit, 64 implicit)"), else the field's own."""
+    if _DEFAULT_IN_HELP.search(field["help"] or ""):
+        return None
+    if field["kind"] == "bool":
+        return "on" if field["default"] else "off"
+    return "not set" if field["default"] is None else field["default_text"]
+
+
+def _help(field: dict[str, Any]) -> str:
+    default = shown_default(field)
+    return field["help"] if default is None else f"{field['help']} [default: {default}]"
+
+
 def config_options() -> list[click.Option]:
     """One option per field outside FILE_ONLY; its default is None, so that only the flags given
     override the YAML file and the config's own defaults."""
@@ -113,15 +155,14 @@ def config_options() -> list[click.Option]:
             continue
         flag = "--" + field["name"].replace("_", "-")
         if field["kind"] == "bool":  # --secure-aggregation / --no-secure-aggregation
-            shown = "on" if field["default"] else "off"
             options.append(click.Option([f"{flag}/--no-{flag[2:]}", field["name"]], default=None,
-                                        help=f"{field['help']} [default: {shown}]"))  # fmt: skip
+                                        help=_help(field)))  # fmt: skip
             continue
         kind: Any = {"int": int, "float": float, "str": str}.get(field["kind"], str)
         if field["kind"] == "choice":
             kind = click.Choice(field["choices"])
         options.append(click.Option([flag, field["name"]], type=kind, default=None,
-                                    help=f"{field['help']} [default: {field['default_text']}]"))  # fmt: skip
+                                    help=_help(field)))  # fmt: skip
     return options
 
 
@@ -138,3 +179,15 @@ class ConfigCommand(click.Command):
             self.params[:0] = config_options()
             self._with_config_options = True
         return super().get_params(ctx)
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The options in sections (data, model, federation, ...) instead of one long list."""
+        sections: dict[str, list[tuple[str, str]]] = {group: [] for group in GROUP_ORDER}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections[GROUPS.get(param.name or "", "runtime")].append(record)
+        for group, records in sections.items():
+            if records:
+                with formatter.section(f"{group.capitalize()} options"):
+                    formatter.write_dl(records)

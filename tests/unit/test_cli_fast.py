@@ -151,3 +151,43 @@ def test_configuration_errors_still_come_from_the_config_in_one_line(tmp_path, a
 
     _assert_one_line_error(done, expected)
     _assert_nothing_started(tmp_path / "home")
+
+
+def test_train_help_is_grouped_with_one_default_per_flag():
+    import re
+
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+    from fedrec.config_flags import FILE_ONLY, GROUP_ORDER, GROUPS, config_fields
+
+    fields = [f for f in config_fields() if f["name"] not in FILE_ONLY]
+    text = CliRunner().invoke(main, ["train", "--help"], terminal_width=2000).output
+
+    assert [f for f in fields if f["name"] not in GROUPS] == []  # no flag falls into a catch-all
+    headings = re.findall(r"^(\w+) options:$", text, flags=re.MULTILINE)
+    assert headings == [g.capitalize() for g in GROUP_ORDER]
+    flag_lines: dict[str, str] = {}  # each option's lines joined (a long flag wraps its help)
+    last = None
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            last = line.split()[0]
+            flag_lines[last] = line
+        elif last and line.startswith("      "):
+            flag_lines[last] += " " + line.strip()
+        else:
+            last = None
+    for field in fields:
+        flag = "--" + field["name"].replace("_", "-")
+        line = flag_lines[flag]
+        assert len(re.findall(r"\bdefault\b", line, flags=re.IGNORECASE)) == 1, line
+        before = text[: text.index("\n  " + flag + " ")]
+        section = before.rsplit(" options:", 1)[0].rsplit("\n", 1)[-1]
+        assert section == GROUPS[field["name"]].capitalize(), (flag, section)
+    # the default shown is the config field's own, when the help text does not state it
+    assert "[default: 10]" in flag_lines["--rounds"]
+    assert "[default: not set]" in flag_lines["--train"]
+    assert "[default: off]" in flag_lines["--secure-aggregation"]
+    assert (
+        flag_lines["--factors"].count("default") == 1 and "32 explicit" in flag_lines["--factors"]
+    )
