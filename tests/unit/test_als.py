@@ -216,3 +216,34 @@ def test_solve_items_solves_an_item_with_a_single_row():
 
     want = np.linalg.solve(np.outer(x, x) + 0.1 * np.eye(2), residual * x)
     np.testing.assert_allclose([out.factors[1, 0], out.bias[1]], want)
+
+
+def test_centralized_als_accepts_the_smallest_valid_settings():
+    rows = RatingRows(
+        np.array([0, 1]), np.array([0, 1]), np.array([4.0, 2.0]), n_users=2, n_items=2
+    )
+
+    model = CentralizedALS(n_factors=1, n_iter=0, reg=0.1).fit(rows)  # one factor, no sweep
+
+    assert model.item_params_.factors.shape == (2, 1)
+    for bad in ({"n_factors": 0}, {"n_iter": -1}, {"reg": 0.0}):
+        with pytest.raises(ValueError, match="need n_factors >= 1"):
+            CentralizedALS(**bad).fit(rows)
+
+
+def test_solve_items_adds_the_extra_ridge_to_the_weighted_one():
+    from models.mf.als import ItemStatistics, solve_items
+    from models.mf.linalg import pack_symmetric
+    from models.mf.params import ItemParams
+
+    x, residual = np.array([0.5, 1.0]), 1.5
+    stats = ItemStatistics(
+        np.array([0]), np.array([2]), pack_symmetric(np.outer(x, x)[None]), (residual * x)[None]
+    )
+
+    out = solve_items(
+        ItemParams(np.zeros((1, 1)), np.zeros(1), 3.0), stats, reg=0.1, extra_ridge=0.7
+    )
+
+    want = np.linalg.solve(np.outer(x, x) + (0.1 * 2 + 0.7) * np.eye(2), residual * x)
+    np.testing.assert_allclose([out.factors[0, 0], out.bias[0]], want)

@@ -393,3 +393,18 @@ def test_the_factor_channel_is_the_weighted_sums_written_out():
 def test_calibration_refuses_a_target_epsilon_that_is_not_positive(target):
     with pytest.raises(ValueError, match="must be > 0"):
         calibrate(target, sampling_rate=1.0, rounds=3, delta=1e-5)
+
+
+def test_the_implicit_sensitivity_at_the_clip():
+    import math
+
+    from models.privacy.dp import noisy_gram
+
+    dp = UserLevelDP(1.0, max_items=7, factor_clip=0.7)
+    c2, alpha = 0.49, 2.0  # |x|^2 at the clip
+    # per item: |alpha x x^T|_F^2 + |(1 + alpha) x|^2 + 1; plus the user's own |x x^T|_F^2
+    want = math.sqrt(7 * ((alpha * c2) ** 2 + (1 + alpha) ** 2 * c2 + 1) + c2**2)
+    assert dp.implicit_sensitivity(alpha) == pytest.approx(want)
+    noisy = noisy_gram(np.eye(3), 0.5, np.random.default_rng(0))
+    np.testing.assert_array_equal(noisy, noisy.T)  # the noise is mirrored: still symmetric
+    assert not np.allclose(noisy, np.eye(3))
