@@ -198,7 +198,11 @@ def _train_and_register(
             "fedrec.run_id": run_id,
         }
         version = register_model(
-            uri, run_id, trained.candidate, name, version_tags(trained.final, identity)
+            uri,
+            run_id,
+            trained.candidate,
+            name,
+            version_tags(trained.final, identity, config.promotion),
         )
         decision = record_promotion(
             uri, name, version, decision, champion.version if champion else None

@@ -51,12 +51,15 @@ from models.privacy.ledger import (
     run_delta,
 )
 from models.privacy.redaction import redact_uri
-from models.promotion import PromotionDecision
+from models.promotion import PromotionDecision, lower_is_better
 
 CHAMPION = "champion"
 _SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
 _MODELS_PACKAGE = Path(__file__).resolve().parents[1] / "models"
 _STATE = STATE  # the model's artifact folder holding the recommender's state files
+# MLflow 3's UI opens an experiment of this kind on its training runs, not on the GenAI
+# traces overview (its other kinds: "genai_development", ...)
+_EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 _RETRY = {"retries": 2, "retry_delay_seconds": [1, 5], "cache_policy": NONE}
 
 
@@ -107,10 +110,13 @@ def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None)
     experiment = client.get_experiment_by_name(config.experiment)
     if experiment is None:
         experiment_id = client.create_experiment(
-            config.experiment, artifact_location=_artifact_home(uri)
+            config.experiment, artifact_location=_artifact_home(uri), tags=_EXPERIMENT_TAGS
         )
     else:
         experiment_id = experiment.experiment_id
+        for key, value in _EXPERIMENT_TAGS.items():
+            if experiment.tags.get(key) is None:  # an experiment made before, or by hand
+                client.set_experiment_tag(experiment_id, key, value)
     tags = {
         "prefect.flow_run_id": flow_run_id or "",
         "fedrec.dataset_fingerprint": fingerprint,
@@ -240,6 +246,8 @@ def log_artifacts(
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "config.json").write_text(config.redacted().model_dump_json(indent=2))
+        if history:  # the last step's metrics, all of them (the model version tags a few)
+            (folder / "final_metrics.json").write_text(json.dumps(dict(history[-1]), indent=2))
         if len(profile):  # a private run logs no per-client counts
             profile.to_csv(folder / "data_profile.csv", index=False)
         _plot_learning_curve(history, folder / "learning_curve.png")
@@ -610,11 +618,17 @@ def finish_run(uri: str, run_id: str, succeeded: bool) -> None:
     client.set_terminated(run_id, RunStatus.to_string(status))
 
 
-def version_tags(metrics: Mapping[str, float], extra: Mapping[str, str]) -> dict[str, str]:
-    """Model-version tags: the final metrics (rounded) plus identifying tags."""
-    tags = {
-        f"metric.{k}": f"{v:.6g}" for k, v in metrics.items() if not k.endswith(("p10", "median"))
-    }
+def version_tags(
+    metrics: Mapping[str, float], extra: Mapping[str, str], promotion_metric: str
+) -> dict[str, str]:
+    """Model-version tags: identifying tags, the final metrics the promotion rule reads
+    (``metric.<name>``, rounded: the promotion metric, its worst client and its baseline), and
+    every final metric in one JSON tag. The run's ``final_metrics.json`` artifact holds them all
+    at full precision."""
+    m = promotion_metric
+    worst = f"{m}_client_max" if lower_is_better(m) else f"{m}_client_min"
+    decisive = (m, worst, f"baseline_{m}")
+    tags = {f"metric.{k}": f"{metrics[k]:.6g}" for k in decisive if k in metrics}
     return (
         tags
         | dict(extra)
