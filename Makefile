@@ -106,5 +106,6 @@ bench-overhead: setup ## orchestration overhead: the Prefect flow with MLflow vs
 bench-cli: setup ## first-run reliability under CPU load (10 trainings) and cold CLI latencies (medians of 5)
 	$(RUN) python -m benchmarks.cli
 
-clean: ## remove the environment, caches and local runs (.fedrec)
+clean: ## stop the local Prefect server, then remove the environment, caches and local runs (.fedrec)
+	@if [ -x .venv/bin/fedrec ] && [ -d .fedrec ]; then FEDREC_HOME=.fedrec .venv/bin/fedrec server stop || true; fi
 	rm -rf .venv .pytest_cache .ruff_cache .fedrec
