@@ -31,6 +31,10 @@ from fedrec.config_flags import ConfigCommand, config_defaults
 
 MLFLOW_PORT_ENV = "MLFLOW_PORT"  # where `make mlflow-ui` serves the local store
 DEFAULT_MLFLOW_PORT = 5000
+# MLflow 3's UI shows an experiment as model training, not as a GenAI app (its default view),
+# when the page's address asks for it; the experiment's mlflow.experimentKind tag says the same
+# to UIs that read the tag
+_TRAINING_VIEW = "?workflowType=machine_learning"
 
 
 class _NoErrorRecords(logging.Filter):
@@ -250,7 +254,10 @@ def mlflow_run_url(tracking_uri: str, run_id: str) -> tuple[str, str]:
     except Exception:  # the run is trained and registered: a missing link is no reason to fail
         return f"run {run_id} in {tracking_uri}", ""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}", ""
+        return (
+            f"{tracking_uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}{_TRAINING_VIEW}",
+            "",
+        )
     port = os.environ.get(MLFLOW_PORT_ENV, str(DEFAULT_MLFLOW_PORT))
     local = f"sqlite:///{fedrec_home() / 'mlflow.db'}"
     how = (
@@ -258,7 +265,7 @@ def mlflow_run_url(tracking_uri: str, run_id: str) -> tuple[str, str]:
         if tracking_uri == local
         else f"mlflow ui --backend-store-uri {tracking_uri} --port {port}"
     )
-    return f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{run_id}", how
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{run_id}{_TRAINING_VIEW}", how
 
 
 @click.group(

@@ -252,6 +252,22 @@ def test_the_direct_sqlite_read_finds_the_files_mlflow_downloads(trained, tmp_pa
         assert all((direct / f).read_bytes() == (via_mlflow / f).read_bytes() for f in files)
 
 
+def test_the_run_link_opens_mlflow_on_training_runs(trained):
+    from mlflow.tracking import MlflowClient
+
+    from fedrec.cli import mlflow_run_url
+
+    result, uri, _ = trained
+    run_id = json.loads(result.stdout)["run_id"]
+    experiment = MlflowClient(tracking_uri=uri).get_run(run_id).info.experiment_id
+
+    link, _ = mlflow_run_url(uri, run_id)
+
+    assert link.endswith(f"/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning")
+    tags = MlflowClient(tracking_uri=uri).get_experiment(experiment).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving():
     from fedrec.cli import nightly_deployment
 
