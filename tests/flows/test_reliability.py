@@ -163,9 +163,10 @@ def test_a_round_timeout_keeps_every_prompt_answer(store):
 @pytest.mark.slow
 def test_a_median_resists_an_attack_through_the_flow_where_the_mean_does_not(store):
     """Two of six FedAvg clients send their update flipped and scaled by 20: the mean is pulled
-    far off, the coordinate-wise median stays near the clean run."""
+    far off, the coordinate-wise median stays near the clean run. One round: a second would
+    train on the mean's wrecked model until its arithmetic overflows."""
     runs = {
-        name: _train(store, model_name=f"robust-{name}", algorithm="fedavg", clients=6, rounds=3,
+        name: _train(store, model_name=f"robust-{name}", algorithm="fedavg", clients=6, rounds=1,
                      skip_if_unchanged=False, **fields)
         for name, fields in {
             "clean": {},
