@@ -3,6 +3,7 @@ model family, and decide promotion."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -71,19 +72,40 @@ class Progress:
     phase_round: int
 
 
-@task(name="checkpoint", cache_policy=NONE)
-def checkpoint(*, family: Family, state: Any, folder: str, progress: Progress) -> str:
-    """Write the global state after a step atomically (temp file, then rename)."""
-    target = Path(folder) / f"round-{progress.step:04d}.npz"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    arrays = family.state_arrays(state) | {
-        "progress": np.array([progress.step, progress.phase, progress.phase_round], np.int64)
-    }
+# Arrays at least this large are stored once, in a file named by their content, and shared by the
+# checkpoints that hold them (e.g. the two-stage family's EASE weights through its re-ranker
+# rounds), instead of being written again every round.
+_SHARED_BYTES = 1 << 20
+
+
+def _write_atomically(target: Path, arrays: Mapping[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".npz.tmp")
     os.close(fd)
     with open(tmp, "wb") as handle:
         np.savez(handle, **arrays)
     os.replace(tmp, target)
+
+
+@task(name="checkpoint", cache_policy=NONE)
+def checkpoint(*, family: Family, state: Any, folder: str, progress: Progress) -> str:
+    """Write the global state after a step atomically (temp file, then rename); large arrays
+    that an earlier checkpoint already holds are referenced, not written again."""
+    target = Path(folder) / f"round-{progress.step:04d}.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        "progress": np.array([progress.step, progress.phase, progress.phase_round], np.int64)
+    }
+    for name, value in family.state_arrays(state).items():
+        value = np.asarray(value)
+        if value.nbytes < _SHARED_BYTES:
+            arrays[name] = value
+            continue
+        digest = hashlib.sha256(value.tobytes()).hexdigest()[:32]
+        shared = target.parent / f"shared-{digest}.npz"
+        if not shared.exists():
+            _write_atomically(shared, {"value": value})
+        arrays[f"shared.{name}"] = np.frombuffer(digest.encode(), np.uint8)
+    _write_atomically(target, arrays)
     return str(target)
 
 
@@ -95,8 +117,16 @@ def latest_checkpoint(*, family: Family, folder: str) -> tuple[Any, Progress] | 
     if not files:
         return None
     with np.load(files[-1], allow_pickle=False) as data:
-        arrays = {name: data[name] for name in data.files}
-    step, phase, phase_round = (int(v) for v in arrays.pop("progress"))
+        stored = {name: data[name] for name in data.files}
+    step, phase, phase_round = (int(v) for v in stored.pop("progress"))
+    arrays = {}
+    for name, value in stored.items():
+        if name.startswith("shared."):
+            digest = value.tobytes().decode()
+            with np.load(Path(folder) / f"shared-{digest}.npz", allow_pickle=False) as shared:
+                arrays[name.removeprefix("shared.")] = shared["value"]
+        else:
+            arrays[name] = value
     return family.load_state(arrays), Progress(step, phase, phase_round)
 
 
