@@ -30,7 +30,7 @@ _SYNTHETIC = {
 _MF = MFConfig()
 _RANKING = RankingConfig()
 _RANKER = RankerConfig()
-# measured on ML-1M (README): the one-layer Mult-DAE, client minibatches of 50 users (the
+# measured on ML-1M (benchmarks/README.md): the one-layer Mult-DAE, client minibatches of 50 users (the
 # centralized 500 over 10 clients), Adam 3e-3, L2 2e-5
 _NEURAL = NeuralConfig(
     kind="dae", hidden=(), train=TrainConfig(learning_rate=3e-3, batch_size=50, l2=2e-5)

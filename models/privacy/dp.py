@@ -55,7 +55,7 @@ class UserLevelDP:
 
     @classmethod
     def for_implicit(cls, noise_multiplier: float, max_items: int, shares: int) -> UserLevelDP:
-        """The bounds picked for implicit ALS on ML-1M's validation rows at epsilon 8 (README,
+        """The bounds picked for implicit ALS on ML-1M's validation rows at epsilon 8 (benchmarks/README.md,
         privacy): a deeper ridge than explicit ALS needs (3 deviations fall off a cliff)."""
         return cls(noise_multiplier, max_items, shares=shares, ridge_scale=4.0)
 
@@ -98,7 +98,7 @@ class UserLevelDP:
 @dataclass(frozen=True)
 class PrivateDefaults:
     """What a private run uses where the operator sets nothing (``fedrec train --dp-epsilon E``):
-    chosen for privacy, measured on ML-1M (README, privacy against utility), not the non-private
+    chosen for privacy, measured on ML-1M (benchmarks/README.md, privacy against utility), not the non-private
     defaults. ``n_factors`` None keeps the non-private default."""
 
     rounds: int
@@ -107,7 +107,7 @@ class PrivateDefaults:
 
 
 # Explicit MF: one round, the biases phase. At epsilon <= 16 on ML-1M every further round's noise
-# cost more than the factors it trained gave back (README), so the private model is the global
+# cost more than the factors it trained gave back (benchmarks/README.md), so the private model is the global
 # mean plus released item biases, each user's bias folded in on the client.
 PRIVATE_EXPLICIT = PrivateDefaults(rounds=1, max_items=50, n_factors=4)
 # Implicit ALS: the bounds of the implicit benchmark (3 rounds, 100 items per user).

@@ -52,7 +52,7 @@ class RankingConfig:
     """Hyperparameters of the two-stage recommender (implicit feedback)."""
 
     n_factors: int = 64
-    reg: float = 50.0  # reg and alpha picked on ML-1M's validation rows (README, Results)
+    reg: float = 50.0  # reg and alpha picked on ML-1M's validation rows (benchmarks/README.md)
     alpha: float = 2.0
     init_std: float = 0.01
     neighbours: int = 200
