@@ -44,6 +44,12 @@ class Phase:
     per_device: bool = True
 
 
+def item_labels(item_ids: np.ndarray | None, n_items: int) -> np.ndarray:
+    """The caller's id of each item index, as text (requests carry ids as text); the indices
+    themselves when a family was given no catalogue."""
+    return np.asarray(np.arange(n_items) if item_ids is None else item_ids).astype(str)
+
+
 @runtime_checkable
 class Recommender(Protocol):
     """What serving needs of any family's model (no user data inside)."""

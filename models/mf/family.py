@@ -12,7 +12,7 @@ import numpy as np
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
 from models.federation.evaluation import Evaluation
-from models.federation.family import Phase
+from models.federation.family import Phase, item_labels
 from models.metrics import add_sums, rating_error_sums
 from models.mf.federated import (
     GlobalState,
@@ -156,15 +156,15 @@ class ExplicitMF:
         bias = state.baseline if state.baseline is not None else np.zeros(n_items)
         return state.params.global_mean, bias
 
-    def _ids(self, n_items: int) -> np.ndarray:
-        ids = np.arange(n_items) if self.item_ids is None else self.item_ids
-        return np.asarray(ids).astype(str)
-
     def servable(self, state: GlobalState) -> MFRecommender:
         n_items = state.params.n_items
         popularity = np.zeros(n_items) if state.popularity is None else state.popularity
         return MFRecommender(
-            state.params, self._ids(n_items), popularity, self.config.reg, self.config.clip_to
+            state.params,
+            item_labels(self.item_ids, n_items),
+            popularity,
+            self.config.reg,
+            self.config.clip_to,
         )
 
     def warm_start(self, state: GlobalState, champion: object) -> tuple[GlobalState, int] | None:
@@ -172,14 +172,14 @@ class ExplicitMF:
             return None
         if champion.params.n_factors != self.config.n_factors:
             return None
-        ids = self._ids(state.params.n_items)
+        ids = item_labels(self.item_ids, state.params.n_items)
         params, carried = warm_start_params(state.params, champion.params, champion.item_ids, ids)
         return replace(state, params=params), carried
 
     def for_champion(self, champion: object) -> tuple[ExplicitMF, GlobalState] | str:
         if not isinstance(champion, MFRecommender):
             return "it is not an MF model"
-        ids = champion.item_ids if self.item_ids is None else self._ids(0)
+        ids = champion.item_ids if self.item_ids is None else item_labels(self.item_ids, 0)
         aligned = align_item_params(champion.params, champion.item_ids, ids)
         config = replace(self.config, reg=champion.reg, n_factors=aligned.n_factors, dp=None)
         return replace(self, config=config, baseline=False), GlobalState(aligned)

@@ -19,7 +19,7 @@ import pandas as pd
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
 from models.federation.evaluation import Evaluation, evaluate_scores
-from models.federation.family import Phase
+from models.federation.family import Phase, item_labels
 from models.neural.federated import (
     FederatedConfig,
     ServerState,
@@ -154,28 +154,26 @@ class Neural:
         )
         return NeuralState(params, state.arch, server, state.round + 1, popularity)
 
-    def _ids(self, n_items: int) -> np.ndarray:
-        ids = np.arange(n_items) if self.item_ids is None else self.item_ids
-        return np.asarray(ids).astype(str)
-
     def servable(self, state: NeuralState) -> NeuralRecommender:
         n_items = state.arch.n_items
         popularity = np.zeros(n_items) if state.popularity is None else state.popularity
         return NeuralRecommender(
-            state.params, state.arch, self._ids(n_items), popularity, self.titles
+            state.params, state.arch, item_labels(self.item_ids, n_items), popularity, self.titles
         )
 
     def warm_start(self, state: NeuralState, champion: object) -> tuple[NeuralState, int] | None:
         if not isinstance(champion, NeuralRecommender) or champion.arch != state.arch:
             return None
-        if not np.array_equal(champion.item_ids, self._ids(state.arch.n_items)):
+        if not np.array_equal(champion.item_ids, item_labels(self.item_ids, state.arch.n_items)):
             return None  # the network's input and output are the catalogue: same one only
         return replace(state, params=champion.params), state.arch.n_items
 
     def for_champion(self, champion: object) -> tuple[Neural, NeuralState] | str:
         if not isinstance(champion, NeuralRecommender):
             return "it is not a neural model"
-        if self.item_ids is not None and not np.array_equal(champion.item_ids, self._ids(0)):
+        if self.item_ids is not None and not np.array_equal(
+            champion.item_ids, item_labels(self.item_ids, 0)
+        ):
             return "its catalogue differs from this run's (the network's input and output)"
         return self, NeuralState(champion.params, champion.arch, popularity=champion.popularity)
 

@@ -18,7 +18,7 @@ from scipy import sparse
 
 from models.client import ClientData
 from models.federation.evaluation import Evaluation
-from models.federation.family import Phase
+from models.federation.family import Phase, item_labels
 from models.protocol import ClientUpdate
 from models.ranking.boosting import TreeEnsemble
 from models.ranking.ease import federated_ease_weights
@@ -160,10 +160,6 @@ class TwoStage:
         ensemble = ranker_server_update(state.ensemble, updates)
         return replace(state, ensemble=ensemble, stage=RANKER, round=state.round + 1)
 
-    def _ids(self, n_items: int) -> np.ndarray:
-        ids = np.arange(n_items) if self.item_ids is None else self.item_ids
-        return np.asarray(ids).astype(str)
-
     def servable(self, state: TwoStageState) -> RankingRecommender:
         if state.served is not None:
             return state.served
@@ -175,7 +171,9 @@ class TwoStage:
             c.n_candidates, state.ease,
         )  # fmt: skip
         ranker = state.ensemble if len(state.ensemble) else None
-        return RankingRecommender(retrieval, ranker, self._ids(n_items), self.titles)
+        return RankingRecommender(
+            retrieval, ranker, item_labels(self.item_ids, n_items), self.titles
+        )
 
     def warm_start(
         self, state: TwoStageState, champion: object
@@ -185,7 +183,9 @@ class TwoStage:
         if champion.retrieval.item_factors.shape[1] != self.config.n_factors:
             return None
         n_items = state.factors.shape[0]
-        aligned = align_recommender(champion, self._ids(n_items)).retrieval.item_factors
+        aligned = align_recommender(
+            champion, item_labels(self.item_ids, n_items)
+        ).retrieval.item_factors
         known = np.abs(aligned).sum(axis=1) > 0
         factors = np.where(known[:, None], aligned, state.factors)
         return replace(state, factors=factors), int(known.sum())
@@ -193,7 +193,7 @@ class TwoStage:
     def for_champion(self, champion: object) -> tuple[TwoStage, TwoStageState] | str:
         if not isinstance(champion, RankingRecommender):
             return "it is not a ranking model"
-        ids = champion.item_ids if self.item_ids is None else self._ids(0)
+        ids = champion.item_ids if self.item_ids is None else item_labels(self.item_ids, 0)
         aligned = align_recommender(champion, ids)
         state = TwoStageState(aligned.retrieval.item_factors, stage=RANKER, served=aligned)
         return self, state
