@@ -93,7 +93,7 @@ def test_an_external_dask_cluster_runs_the_client_tasks_and_gives_the_thread_run
         training_flow()(**reference.model_dump())
         mlflow.set_tracking_uri(store["uri"])
         served = {
-            name: mlflow.pyfunc.load_model(f"models:/{name}@champion").unwrap_python_model()
+            name: mlflow.pyfunc.load_model(f"models:/{name}/latest").unwrap_python_model()
             for name in ("external", "threads")
         }
 
