@@ -27,7 +27,7 @@ def test_the_flows_als_model_is_the_centralized_solve_on_the_same_training_rows(
         )  # fmt: skip
         federated_training(**config.model_dump())
         mlflow.set_tracking_uri(store["uri"])
-        served = mlflow.pyfunc.load_model("models:/federated-als@champion")
+        served = mlflow.pyfunc.load_model("models:/federated-als/latest")
         recommender = served.unwrap_python_model().recommender
 
     # the training rows, read back from the partitions the clients trained on (user ids are
