@@ -246,9 +246,7 @@ def test_secure_aggregation_gives_the_plain_model_and_survives_a_dropout(store):
     mlflow.set_tracking_uri(store["uri"])
 
     def served(name: str):
-        return (
-            mlflow.pyfunc.load_model(f"models:/{name}/latest").unwrap_python_model().recommender
-        )
+        return mlflow.pyfunc.load_model(f"models:/{name}/latest").unwrap_python_model().recommender
 
     np.testing.assert_allclose(
         served("secure").params.factors, served("plain").params.factors, atol=1e-5
