@@ -1,1 +1,1 @@
-"""Prefect flows: orchestration of the federated rounds (the training flow arrives with issue 3)."""
+"""Prefect flows: orchestration of the federated rounds (one round loop for every family)."""

@@ -1,1 +1,2 @@
-"""Prefect tasks: thin wrappers, one call into ``models`` or one side effect each (issue 3)."""
+"""Prefect tasks: thin wrappers, one call into ``models`` or one side effect each, the same for
+every model family."""
