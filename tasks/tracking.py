@@ -66,7 +66,10 @@ _RETRY = {"retries": 2, "retry_delay_seconds": [1, 5], "cache_policy": NONE}
 def _client(uri: str) -> MlflowClient:
     if redact_uri(uri) != uri:  # MLflow would print "View run ... at: <the URI>" to stdout
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    mlflow.set_tracking_uri(uri)  # the fluent log_model/load_model calls read the global URI
+    # the fluent log_model/load_model calls read the global URIs: both point at this run's store
+    # (a registry URI left by an earlier call in the process would register the model elsewhere)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
