@@ -189,7 +189,7 @@ def test_train_starts_the_local_server_leaves_it_running_and_links_both_uis(tmp_
         mlflow_line = next(
             line for line in trained.stdout.splitlines() if line.startswith("MLflow run:")
         )
-        run_id = mlflow_line.split()[2].rsplit("/", 1)[1]
+        run_id = mlflow_line.split()[2].rsplit("/", 1)[1].split("?", 1)[0]  # without the view
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
         assert f"/#/experiments/{run.info.experiment_id}/runs/{run_id}" in mlflow_line
