@@ -129,8 +129,11 @@ def _state_from_mlflow(uri: str, model_uri: str, tmp: str) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
+    # ``models:/`` URIs are resolved against the global registry URI: point it at ``uri`` for
+    # this download only, so a caller's own MLflow settings are left as they were
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)  # ``models:/`` URIs are resolved against the registry URI
+    mlflow.set_registry_uri(uri)
     try:
         folder = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{model_uri.rstrip('/')}/artifacts/{STATE}",
@@ -143,6 +146,9 @@ def _state_from_mlflow(uri: str, model_uri: str, tmp: str) -> Path:
                 f"model {model_uri}: {err.message.splitlines()[0]} (a model URI is {ALLOWED})"
             ) from err
         raise
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
     return Path(folder)
 
 

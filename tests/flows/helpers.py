@@ -43,6 +43,7 @@ def model_file_kinds(uri: str, model_name: str, version: str, folder: Path) -> d
     import numpy as np
 
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     root = Path(
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{model_name}/{version}", dst_path=str(folder)
