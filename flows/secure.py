@@ -137,7 +137,8 @@ def _server(
     """One server step over the clients' answers; logs every client it left out and why."""
     following = task(server=step.server, workspace=workspace, answers=answers)
     for client, why in sorted(following.left_out.items()):
-        get_run_logger().error(
+        # a warning, as for any client a round goes on without (the round itself succeeds)
+        get_run_logger().warning(
             "round %d: %s left client-%d out of secure aggregation: %s", r, task.name, client, why
         )
     return following
