@@ -23,6 +23,7 @@ from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry, Manifest
 from models.federation.sampling import sample_clients
 from models.privacy.dp import calibrate, epsilon
+from models.privacy.ledger import run_delta
 from tasks.faults import FaultPlan
 from tasks.secure import round_threshold
 from tasks.server import summarize_round
@@ -75,7 +76,7 @@ def privacy_plan(ctx: RunContext) -> Privacy | None:
     config = ctx.config
     if config.dp_epsilon is None:
         return None
-    delta = config.dp_delta or 1.0 / ctx.manifest.n_users
+    delta = run_delta(config.dp_delta, ctx.manifest.n_users)
     q = config.client_fraction
     sigma = calibrate(config.dp_epsilon, q, config.rounds, delta)
     # Against the server: without secure aggregation it sees each client's upload, which must

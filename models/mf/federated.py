@@ -32,7 +32,6 @@ from models.privacy.dp import (
     UserLevelDP,
     clipped_bias_sums,
     clipped_factor_statistics,
-    limit_items,
     noisy_dense,
     released_biases,
     solve_private_factors,
@@ -138,26 +137,11 @@ class RoundResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def client_rating_sums(
-    client: ClientData, dp: UserLevelDP | None = None, rng: np.random.Generator | None = None
-) -> dict[str, float]:
+def client_rating_sums(client: ClientData) -> dict[str, float]:
     """The two numbers a client gives for the global mean: its training rating sum and count.
-
-    Under DP each user counts with at most ``dp.max_items`` rows, with ratings clipped to
-    ``dp.rating_bound`` in absolute value, and the client adds its share of Gaussian noise: one more
-    release of the same mechanism, which the accountant counts as an extra round.
-    """
+    (A private run sends neither: its mean comes with the item biases, noised.)"""
     rows = client.rows("train")
-    if dp is None:
-        return {"rating_sum": float(rows.ratings.sum()), "n": float(len(rows))}
-    rng = rng if rng is not None else np.random.default_rng()
-    limited = limit_items(rows, dp.max_items, rng)
-    ratings = np.clip(limited.ratings, -dp.rating_bound, dp.rating_bound)
-    std = dp.noise_multiplier * dp.mean_sensitivity / math.sqrt(dp.shares)
-    return {
-        "rating_sum": float(ratings.sum() + rng.normal(0.0, std)),
-        "n": float(len(limited) + rng.normal(0.0, std)),
-    }
+    return {"rating_sum": float(rows.ratings.sum()), "n": float(len(rows))}
 
 
 def init_global_state(

@@ -41,7 +41,6 @@ class UserLevelDP:
     residual_clip: float = 2.0
     shares: int = 1  # clients that add a share of the noise (the round's quorum)
     ridge_scale: float = 3.0  # extra ridge on the server: this many noise deviations x sqrt(k)
-    rating_bound: float = 5.0  # |rating| clip for the global mean's (sum, count) release
     # items whose noisy count is below this many noise deviations get zero factors
     # (post-processing: their statistics are mostly noise; explicit items are then served by
     # their released bias)
@@ -88,11 +87,6 @@ class UserLevelDP:
         residual_clip`` and ``sum w^2 <= max_items`` over the user's items."""
         c2 = self.factor_clip**2
         return math.sqrt(self.max_items * (c2**2 + self.residual_clip**2 * c2 + 1.0))
-
-    @property
-    def mean_sensitivity(self) -> float:
-        """One user's largest change of (rating sum, row count)."""
-        return self.max_items * math.sqrt(self.rating_bound**2 + 1.0)
 
 
 @dataclass(frozen=True)
