@@ -92,7 +92,10 @@ def test_one_users_implicit_contribution_stays_within_the_sensitivity():
 
 def test_the_accountant_composes_full_releases_with_sampled_rounds():
     delta, sigma = 1e-5, 1.5
-    assert epsilon(sigma, 1.0, 5, delta, full=1) == pytest.approx(epsilon(sigma, 1.0, 6, delta))
+    # the same composition, up to the PLD grid's rounding of a different order of composing
+    assert epsilon(sigma, 1.0, 5, delta, full=1) == pytest.approx(
+        epsilon(sigma, 1.0, 6, delta), rel=1e-4
+    )
     # a release from every client is not amplified by sampling: it costs more than a round
     assert epsilon(sigma, 0.3, 5, delta, full=1) > epsilon(sigma, 0.3, 6, delta)
     assert epsilon(calibrate(4.0, 0.3, 5, delta, full=1), 0.3, 5, delta, full=1) <= 4.0
