@@ -1,5 +1,5 @@
 """Mutation check of the core: change one operator or constant at a time in a core module, run
-that module's unit tests, and list the mutants no test noticed (the survivors).
+the unit tests that exercise it, and list the mutants no test noticed (the survivors).
 
 A small runner of its own (no mutmut): mutants are made on the syntax tree (``ast``), one at a
 time, in a copy of the committed tree (``git archive HEAD``), so the working copy is never
@@ -7,26 +7,44 @@ touched. Mutations: arithmetic operators (+ -, * /, ** *, // /), comparisons (< 
 is / is not), ``and``/``or``, a dropped unary minus or ``not``, numeric constants (0 -> 1,
 n -> n + 1, x -> 2x), ``+=``/``-=``. Docstrings and annotations are left alone.
 
+Speed: one traced run of the unmutated tests first records, for every test, the lines of the
+target modules it executes and its duration. A mutant then runs, fastest first, only the tests
+that execute its line (every test of the module when the line also runs at import time, such as
+a module constant or a default argument), with ``-x`` and a timeout scaled to those tests'
+durations. A mutant those tests do not kill is run against every other test of its module's
+files before it is called a survivor, so the selection only makes kills cheaper, never survivors
+likelier. Each pytest run is a fork of a process that has numpy, pandas, scipy, scikit-learn,
+cryptography and pytest imported already (never the project's modules, which every run imports
+afresh from the mutated tree); ``--no-fork`` starts a fresh python instead. ``--jobs 2`` runs two
+mutants at a time, each in its own copy of the tree.
+
     uv run python -m benchmarks.mutation                   # every target, 25 min budget
     uv run python -m benchmarks.mutation --budget 600 --only models/metrics.py
-    uv run python -m benchmarks.mutation --skip 16                  # the mutants after the 16th
+    uv run python -m benchmarks.mutation --skip 31                  # the mutants after the 31st
+    uv run python -m benchmarks.mutation --every 3 --only models/privacy/shamir.py  # a sample
     uv run python -m benchmarks.mutation --recheck benchmarks/results/mutation.json  # survivors again
 
-Writes benchmarks/results/mutation.json (counts per module, every survivor with its line).
+Writes benchmarks/results/mutation.json (counts per module, every tried mutant with its outcome
+and the test that killed it, every survivor with its line, the commit the mutants came from).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import json
 import os
+import queue
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
@@ -34,15 +52,32 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
+_SECAGG_TESTS = ["tests/unit/test_secagg_plus.py", "tests/unit/test_secagg.py",
+                 "tests/unit/test_secagg_mutants.py"]  # fmt: skip
 # module -> the unit tests that should notice a change in it
 TARGETS: dict[str, list[str]] = {
     "models/aggregation.py": ["tests/unit/test_aggregation.py", "tests/unit/test_federated.py"],
     "models/mf/als.py": ["tests/unit/test_als.py", "tests/unit/test_federated.py"],
     "models/metrics.py": ["tests/unit/test_metrics.py"],
-    "models/privacy/dp.py": ["tests/unit/test_dp.py"],
-}
+    "models/privacy/dp.py": ["tests/unit/test_dp.py", "tests/unit/test_dp_bounds.py",
+                             "tests/unit/test_dp_randomness.py", "tests/unit/test_secagg.py"],
+    "models/privacy/fixed_point.py": _SECAGG_TESTS,
+    "models/privacy/shamir.py": _SECAGG_TESTS,
+    "models/privacy/secagg.py": _SECAGG_TESTS,
+    "models/privacy/secagg_plus.py": _SECAGG_TESTS,
+    "models/privacy/secagg_plus_client.py": _SECAGG_TESTS,
+    "models/privacy/secagg_plus_server.py": _SECAGG_TESTS,
+    "models/privacy/secagg_plus_driver.py": _SECAGG_TESTS,
+    "models/privacy/identity.py": _SECAGG_TESTS,
+    "models/privacy/wire.py": _SECAGG_TESTS,
+    "models/privacy/ledger.py": ["tests/unit/test_ledger.py"],
+    "models/privacy/redaction.py": ["tests/unit/test_redaction.py"],
+}  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
+FILTERS = ["-m", "not slow and not realdata", "-k", DESELECT]
+# contexts of lines run outside any test: imports, collection, module-scoped teardown
+_OUTSIDE = "<outside>"
 
 _SWAP = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
@@ -59,6 +94,8 @@ class Mutant:
     index: int  # the index-th mutation site of the module, in tree order
     line: int
     description: str
+    end_line: int = 0  # the last line of the mutated node
+    key: str = ""  # description, line text and occurrence: the same mutant across commits
 
 
 def _skipped(tree: ast.AST) -> set[int]:
@@ -132,10 +169,16 @@ class _Apply(ast.NodeTransformer):
 
 def mutants(module: str, source: str) -> tuple[list[Mutant], ast.AST]:
     tree = ast.parse(source)
-    return [
-        Mutant(module, i, getattr(node, "lineno", 0), what)
-        for i, (node, what) in enumerate(_sites(tree))
-    ], tree
+    lines = source.splitlines()
+    seen: dict[tuple[str, str], int] = {}
+    found = []
+    for i, (node, what) in enumerate(_sites(tree)):
+        line = getattr(node, "lineno", 0)
+        text = " ".join(lines[line - 1].split()) if line else ""
+        occurrence = seen[what, text] = seen.get((what, text), -1) + 1
+        end = getattr(node, "end_lineno", None) or line
+        found.append(Mutant(module, i, line, what, end, f"{what} @ {text} #{occurrence}"))
+    return found, tree
 
 
 def mutated_source(tree: ast.AST, index: int) -> str:
@@ -144,16 +187,237 @@ def mutated_source(tree: ast.AST, index: int) -> str:
     return ast.unparse(ast.fix_missing_locations(_Apply(node).visit(clone)))
 
 
-def _run_tests(tree_dir: Path, tests: list[str], timeout: float) -> str:
-    """'killed' (a test failed), 'survived' (all passed) or 'timeout' (counted as killed)."""
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-               "-m", "not slow and not realdata", "-k", DESELECT, *tests]  # fmt: skip
+def _trace_worker(out: str, modules: list[str], pytest_args: list[str]) -> None:
+    """Run pytest in this process, recording which lines of ``modules`` each test executes."""
+    import pytest
+
+    wanted = {str(Path(m).resolve()): m for m in modules}
+    names: dict[str, str | None] = {}
+    hits: dict[str, dict[str, set[int]]] = {}
+    durations: dict[str, float] = {}
+    context = [_OUTSIDE]
+
+    def local(frame, event, arg):
+        if event == "line":
+            hits.setdefault(context[0], {}).setdefault(names[frame.f_code.co_filename], set()).add(
+                frame.f_lineno
+            )
+        return local
+
+    def call(frame, event, arg):
+        filename = frame.f_code.co_filename
+        if filename not in names:
+            names[filename] = wanted.get(os.path.realpath(filename))
+        return local if names[filename] is not None else None
+
+    class Recorder:
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_runtest_protocol(self, item, nextitem):
+            context[0] = item.nodeid
+            started = time.perf_counter()
+            yield
+            durations[item.nodeid] = time.perf_counter() - started
+            context[0] = _OUTSIDE
+
+    sys.settrace(call)
+    threading.settrace(call)
+    code = pytest.main(pytest_args, plugins=[Recorder()])
+    sys.settrace(None)
+    threading.settrace(None)  # type: ignore[arg-type]
+    result = {"returncode": int(code), "durations": durations,
+              "hits": {c: {m: sorted(s) for m, s in f.items()} for c, f in hits.items()}}  # fmt: skip
+    Path(out).write_text(json.dumps(result))
+
+
+def _trace(tree_dir: Path, modules: list[str], tests: list[str], timeout: float) -> dict:
+    """Run ``tests`` once, unmutated and traced: each test's duration and the lines it runs."""
+    out = tree_dir / ".mutation-trace.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--trace-worker", str(out),
+               *[f"--only={m}" for m in modules], "--", "-q", "-p", "no:cacheprovider",
+               *FILTERS, *tests]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(tree_dir), "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(command, cwd=tree_dir, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    if not out.exists():
+        raise SystemExit(
+            f"the traced run wrote nothing:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+        )
+    trace = json.loads(out.read_text())
+    out.unlink()
+    if trace["returncode"] != 0:
+        raise SystemExit(f"the unit tests fail without any mutation:\n{done.stdout[-3000:]}")
+    return trace
+
+
+@dataclass
+class _Plan:
+    """What one module's mutants run: its test files, and per test its duration and lines."""
+
+    files: list[str]
+    durations: dict[str, float]
+    lines: dict[str, set[int]]  # test node id -> the module's lines it executes
+    outside: set[int]  # lines run outside any test (imports, collection)
+
+    def covering(self, mutant: Mutant) -> list[str]:
+        span = set(range(mutant.line, max(mutant.end_line, mutant.line) + 1))
+        in_files = [t for t in self.durations if t.split("::")[0] in self.files]
+        if span & self.outside:
+            chosen = in_files
+        else:
+            chosen = [t for t in in_files if span & self.lines.get(t, set())]
+        return sorted(chosen, key=lambda t: self.durations[t])
+
+    def seconds(self, tests: list[str]) -> float:
+        return sum(self.durations.get(t, 0.0) for t in tests)
+
+
+def _plan(module: str, files: list[str], trace: dict) -> _Plan:
+    lines: dict[str, set[int]] = {}
+    for context, per_module in trace["hits"].items():
+        if module in per_module:
+            lines[context] = set(per_module[module])
+    outside = lines.pop(_OUTSIDE, set())
+    return _Plan(files, trace["durations"], lines, outside)
+
+
+# third-party modules a forked test run finds already imported (never models.* or tests.*)
+_PRELOAD = ("numpy", "pandas", "scipy.stats", "scipy.sparse", "sklearn.cluster", "pyarrow",
+            "cryptography.hazmat.primitives.ciphers", "cryptography.hazmat.primitives.kdf.hkdf",
+            "cryptography.hazmat.primitives.asymmetric.x25519", "hypothesis", "pytest",
+            "_pytest.python", "pytest_timeout", "pytest_benchmark.plugin")  # fmt: skip
+
+
+def _zygote() -> None:
+    """Serve test runs from stdin: fork a child of this process (heavy imports done) per run.
+
+    A request is one JSON line ``{"args": [...], "log": path, "timeout": seconds}``; the answer
+    is ``{"code": exit code or "timeout"}``. The child imports the project's modules itself,
+    so each run sees the files as they are on disk at that moment.
+    """
+    import importlib
+
+    for name in _PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("models", "tests", "fedrec"))
+    if leaked:
+        raise SystemExit(f"the preload imported project modules: {leaked[:5]}")
+    reply = sys.stdout
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: one pytest run, its output to the log
+            code = 70
+            try:
+                os.setpgid(0, 0)
+                log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                import pytest
+
+                code = int(pytest.main(request["args"]))
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + request["timeout"]
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                code = os.waitstatus_to_exitcode(status)
+                break
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, 9)
+                os.waitpid(pid, 0)
+                code = "timeout"
+                break
+            time.sleep(0.02)
+        reply.write(json.dumps({"code": code}) + "\n")
+        reply.flush()
+
+
+class _Runner:
+    """Runs pytest in one tree: forked from a zygote (the default) or as a fresh process."""
+
+    def __init__(self, tree_dir: Path, fork: bool) -> None:
+        self.tree_dir = tree_dir
+        self.env = os.environ | {"PYTHONPATH": str(tree_dir), "PYTHONDONTWRITEBYTECODE": "1"}
+        self.log = tree_dir / ".mutation-pytest.log"
+        self.zygote = None
+        if fork:
+            self.zygote = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--zygote"],
+                cwd=tree_dir, env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        if self.zygote is not None:
+            self.zygote.stdin.close()
+            self.zygote.wait(timeout=60)
+
+    def run(self, tests: list[str], timeout: float) -> tuple[str, str]:
+        """('killed' (a test failed), 'survived' (all passed) or 'timeout', the failing test)."""
+        args = ["-x", "-q", "-p", "no:cacheprovider", "-rf", *FILTERS, *tests]
+        if self.zygote is not None:
+            request = {"args": args, "log": str(self.log), "timeout": timeout}
+            self.zygote.stdin.write(json.dumps(request) + "\n")
+            self.zygote.stdin.flush()
+            answer = self.zygote.stdout.readline()
+            if not answer:
+                raise RuntimeError(f"the test zygote of {self.tree_dir} died")
+            code = json.loads(answer)["code"]
+            output = self.log.read_text(errors="replace") if self.log.exists() else ""
+        else:
+            try:
+                done = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=self.tree_dir,
+                                      env=self.env, capture_output=True, text=True,
+                                      timeout=timeout)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                return "timeout", ""
+            code, output = done.returncode, done.stdout
+        if code == "timeout":
+            return "timeout", ""
+        if code == 0:
+            return "survived", ""
+        if code == 5:  # no test collected: a mutant that breaks collection is killed too
+            return "killed", "(no tests ran)"
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.MULTILINE)
+        return "killed", failed[0] if failed else f"(pytest exit {code})"
+
+
+def _timeout(seconds: float, cap: float) -> float:
+    return min(cap, 60 + 5 * seconds)
+
+
+def _run_mutant(mutant: Mutant, plan: _Plan, runner: _Runner, tree: ast.AST, cap: float) -> dict:
+    """Run one mutant in ``tree_dir``: the covering tests first, then every test of the module."""
+    target = runner.tree_dir / mutant.module
+    source = target.read_text()
+    started = time.monotonic()
+    covering = plan.covering(mutant)
     try:
-        done = subprocess.run(command, cwd=tree_dir, env=env, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return "timeout"
-    return "survived" if done.returncode == 0 else "killed"
+        target.write_text(mutated_source(tree, mutant.index))
+        outcome, killer, stage = "survived", "", "none"
+        if covering:
+            outcome, killer = runner.run(covering, _timeout(plan.seconds(covering), cap))
+            stage = "covering"
+        if outcome == "survived":
+            # every other test of the module's files (the traced run listed them all)
+            rest = [
+                t for t in plan.durations if t.split("::")[0] in plan.files and t not in covering
+            ]
+            rest.sort(key=lambda t: plan.durations[t])
+            if rest:
+                outcome, killer = runner.run(rest, _timeout(plan.seconds(rest), cap))
+                stage = "rest"
+    finally:
+        target.write_text(source)
+    return {**asdict(mutant), "outcome": outcome, "killed_by": killer, "stage": stage,
+            "covering_tests": len(covering), "seconds": round(time.monotonic() - started, 1)}  # fmt: skip
 
 
 def _snapshot(folder: Path) -> None:
@@ -162,77 +426,171 @@ def _snapshot(folder: Path) -> None:
         tar.extractall(folder, filter="data")
 
 
+def _git_show(commit: str, path: str) -> str | None:
+    done = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True,
+                          text=True)  # fmt: skip
+    return done.stdout if done.returncode == 0 else None
+
+
+def tried_keys(result_file: str) -> dict[str, set[str]]:
+    """The keys of the mutants a previous result tried, per module.
+
+    Results that list every outcome give them directly; older ones (counts only) are rebuilt
+    from their commit: they tried each module's mutants ``skip`` to ``skip + tried`` in order.
+    """
+    result = json.loads(Path(result_file).read_text())
+    keys: dict[str, set[str]] = {}
+    if "outcomes" in result:
+        for o in result["outcomes"]:
+            keys.setdefault(o["module"], set()).add(o["key"])
+        return keys
+    commit = str(result["commit"]).split()[0]
+    for module, r in result["modules"].items():
+        source = _git_show(commit, module)
+        if source is None:
+            continue
+        found, _ = mutants(module, source)
+        if r.get("recheck") or result.get("recheck"):
+            wanted = {(s["index"], s["description"]) for s in r["survived"]}
+            found = [m for m in found if (m.index, m.description) in wanted]
+        else:
+            skip = result.get("skip", 0)
+            found = found[skip : skip + r["tried"]]
+        keys.setdefault(module, set()).update(m.key for m in found)
+    return keys
+
+
+def _write(args, modules, plans, outcomes, commit, started, load_before) -> dict:
+    """Write the result file (also after every mutant, so a cut run keeps what it did)."""
+    report: dict[str, dict] = {}
+    for module in modules:
+        tried = [o for o in outcomes if o["module"] == module]
+        plan, found, _, total = plans[module]
+        report[module] = {
+            "sites": total,
+            "mutants": len(found),
+            "tried": len(tried),
+            "killed": sum(o["outcome"] in ("killed", "timeout") for o in tried),
+            "timeouts": sum(o["outcome"] == "timeout" for o in tried),
+            "survived": [
+                {k: o[k] for k in ("module", "index", "line", "description", "key")}
+                for o in tried
+                if o["outcome"] == "survived"
+            ],
+            "tests": plan.files,
+        }
+    result = {"seconds": round(time.monotonic() - started), "budget": args.budget,
+              "commit": commit, "skip": args.skip, "every": args.every, "jobs": args.jobs,
+              "recheck": args.recheck, "not_in": args.not_in,
+              "load_average": {"start": [round(x, 1) for x in load_before],
+                               "end": [round(x, 1) for x in os.getloadavg()]},
+              "modules": report, "outcomes": outcomes}  # fmt: skip
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=1500, help="seconds for all mutants")
     parser.add_argument("--only", action="append", help="a module of TARGETS (repeatable)")
-    parser.add_argument("--test-timeout", type=float, default=180)
+    parser.add_argument("--test-timeout", type=float, default=300, help="cap of one pytest run")
     parser.add_argument("--skip", type=int, default=0, help="leave out each module's first N")
+    parser.add_argument("--every", type=int, default=1, help="a sample: every k-th mutant")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at the same time")
     parser.add_argument("--recheck", help="a previous result: run only its survivors again")
+    parser.add_argument("--not-in", action="append", default=[],
+                        help="a previous result: leave out the mutants it tried")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS / "mutation.json"))
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-fork", action="store_true",
+                        help="a fresh python per test run instead of forking a preloaded one")  # fmt: skip
+    parser.add_argument("--trace-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    if args.zygote:
+        _zygote()
+        return
+    if args.trace_worker:
+        _trace_worker(args.trace_worker, args.only, rest[1:] if rest[:1] == ["--"] else rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     recheck = None
     if args.recheck:
-        previous = json.loads(Path(args.recheck).read_text())["modules"]
-        recheck = {
-            (m, s["index"], s["description"]) for m, r in previous.items() for s in r["survived"]
-        }
-    modules = (
-        args.only or sorted({m for m, _, _ in recheck}) if recheck else args.only or list(TARGETS)
-    )
+        previous = json.loads(Path(args.recheck).read_text())
+        survivors = [s for r in previous["modules"].values() for s in r["survived"]]
+        recheck = {(s["module"], s.get("key") or (s["index"], s["description"])) for s in survivors}
+    modules = args.only or (sorted({m for m, _ in recheck}) if recheck else list(TARGETS))
+    unknown = [m for m in modules if m not in TARGETS]
+    if unknown:
+        parser.error(f"not in TARGETS: {', '.join(unknown)}")
+    done_before: dict[str, set[str]] = {}
+    for result_file in args.not_in:
+        for module, keys in tried_keys(result_file).items():
+            done_before.setdefault(module, set()).update(keys)
 
     started = time.monotonic()
-    report: dict[str, dict] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="fedrec-mutation-") as tmp:
-        tree_dir = Path(tmp)
-        _snapshot(tree_dir)
+        trees = [Path(tmp) / f"tree{j}" for j in range(max(1, args.jobs))]
+        for tree_dir in trees:
+            _snapshot(tree_dir)
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()  # fmt: skip
-        plans = {}
+        files = {m: [f for f in TARGETS[m] if (trees[0] / f).exists()] for m in modules}
+        all_files = sorted({f for m in modules for f in files[m]})
+        trace = _trace(trees[0], modules, all_files, timeout=max(args.test_timeout, 1800))
+        print(f"traced {len(trace['durations'])} tests in {time.monotonic() - started:.0f} s",
+              flush=True)  # fmt: skip
+        plans: dict[str, tuple[_Plan, list[Mutant], ast.AST, int]] = {}
         for module in modules:
-            source = (tree_dir / module).read_text()
-            found, tree = mutants(module, source)
+            found, tree = mutants(module, (trees[0] / module).read_text())
+            total = len(found)
             if recheck is not None:
-                found = [m for m in found if (module, m.index, m.description) in recheck]
+                found = [m for m in found
+                         if (module, m.key) in recheck or (module, (m.index, m.description)) in recheck]  # fmt: skip
             else:
-                found = found[args.skip :]
-            plans[module] = (source, found, tree)
-            baseline = _run_tests(tree_dir, TARGETS[module], args.test_timeout)
-            if baseline != "survived":
-                raise SystemExit(f"{module}: the unit tests fail without any mutation ({baseline})")
+                found = found[args.skip :: args.every]
+            found = [m for m in found if m.key not in done_before.get(module, set())]
+            plans[module] = (_plan(module, files[module], trace), found, tree, total)
         # round-robin over the modules, so a budget cut leaves every module partly covered
         lists = [plans[module][1] for module in modules]
-        queue = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
-        outcomes: dict[Mutant, str] = {}
-        for mutant in queue:
-            if time.monotonic() - started > args.budget:
-                break
-            source, _, tree = plans[mutant.module]
-            target = tree_dir / mutant.module
-            try:
-                target.write_text(mutated_source(tree, mutant.index))
-                outcomes[mutant] = _run_tests(tree_dir, TARGETS[mutant.module], args.test_timeout)
-            finally:
-                target.write_text(source)
-            print(f"{outcomes[mutant]:9s} {mutant.module}:{mutant.line} {mutant.description}",
-                  flush=True)  # fmt: skip
+        order = [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]  # fmt: skip
+        runners = [_Runner(tree_dir, fork=not args.no_fork) for tree_dir in trees]
+        free: queue.Queue[_Runner] = queue.Queue()
+        for runner in runners:
+            free.put(runner)
 
-    for module in modules:
-        tried = {m: o for m, o in outcomes.items() if m.module == module}
-        report[module] = {
-            "mutants": len(plans[module][1]),
-            "tried": len(tried),
-            "killed": sum(o in ("killed", "timeout") for o in tried.values()),
-            "survived": [asdict(m) for m, o in tried.items() if o == "survived"],
-            "tests": TARGETS[module],
-        }
-    result = {"seconds": round(time.monotonic() - started), "budget": args.budget,
-              "commit": commit, "skip": args.skip, "recheck": args.recheck,
-              "modules": report}  # fmt: skip
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    for module, r in report.items():
-        print(f"{module}: {r['killed']} of {r['tried']} tried killed ({r['mutants']} mutants), "
-              f"{len(r['survived'])} survived")  # fmt: skip
+        outcomes: list[dict] = []
+        lock = threading.Lock()
+
+        def run(mutant: Mutant) -> dict | None:
+            if time.monotonic() - started > args.budget:
+                return None
+            runner = free.get()
+            try:
+                plan, _, tree, _ = plans[mutant.module]
+                outcome = _run_mutant(mutant, plan, runner, tree, args.test_timeout)
+            finally:
+                free.put(runner)
+            with lock:
+                outcomes.append(outcome)
+                _write(args, modules, plans, outcomes, commit, started, load_before)
+            print(f"{outcome['outcome']:9s} {mutant.module}:{mutant.line} {mutant.description}"
+                  f"  [{outcome['stage']}, {outcome['seconds']} s] {outcome['killed_by']}",
+                  flush=True)  # fmt: skip
+            return outcome
+
+        try:
+            with ThreadPoolExecutor(max_workers=len(trees)) as pool:
+                list(pool.map(run, order))
+        finally:
+            for runner in runners:
+                runner.close()
+
+    result = _write(args, modules, plans, outcomes, commit, started, load_before)
+    for module, r in result["modules"].items():
+        print(f"{module}: {r['killed']} of {r['tried']} tried killed ({r['mutants']} planned of "
+              f"{r['sites']}), {len(r['survived'])} survived")  # fmt: skip
 
 
 if __name__ == "__main__":
