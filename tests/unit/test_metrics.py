@@ -83,20 +83,20 @@ def test_federated_evaluation_equals_centralized_evaluation():
     )
 
     for key in (
-        "test_rmse",
-        "test_mae",
-        "test_ndcg_at_5",
-        "test_recall_at_5",
-        "test_precision_at_5",
-        "test_map_at_5",
-        "test_hit_at_5",
-        "test_coverage_at_5",
+        "test/rmse",
+        "test/mae",
+        "test/ndcg_at_5",
+        "test/recall_at_5",
+        "test/precision_at_5",
+        "test/map_at_5",
+        "test/hit_at_5",
+        "test/coverage_at_5",
     ):
         assert federated[key] == pytest.approx(central[key], abs=1e-12), key
     assert (
-        federated["test_rmse_client_min"]
-        <= federated["test_rmse"]
-        <= federated["test_rmse_client_max"]
+        federated["test/client_min/rmse"]
+        <= federated["test/rmse"]
+        <= federated["test/client_max/rmse"]
     )
 
 
@@ -130,3 +130,60 @@ def test_one_rating_one_user_and_one_client_are_enough_for_a_metric():
     assert one["ndcg_at_10"] == 0.5  # and one evaluated user
     assert distribution([0.7]) == {"min": 0.7, "p10": 0.7, "median": 0.7, "max": 0.7}
     assert distribution([]) == {}
+
+
+def test_ranking_sums_equal_a_loop_over_users_with_a_full_sort():
+    # oracle: per user, a full sort of the unseen items and the metrics' textbook definitions
+    rng = np.random.default_rng(7)
+    n_users, n_items, k = 40, 30, 5
+    scores = rng.normal(size=(n_users, n_items))  # continuous: no ties
+    seen = rng.random((n_users, n_items)) < 0.3
+    seen[0, :27] = True  # fewer unseen items than k: the list is short
+    relevant = rng.random((n_users, n_items)) < 0.2
+    relevant[1] = False  # a user with nothing relevant is not evaluated
+
+    sums, recommended = ranking_sums(
+        scores, sparse.csr_matrix(seen.astype(float)), sparse.csr_matrix(relevant.astype(float)), k
+    )
+
+    expected = dict.fromkeys(("precision", "recall", "ndcg", "hit", "map", "users"), 0.0)
+    expected_recommended = np.zeros(n_items)
+    for u in range(n_users):
+        unseen = [i for i in range(n_items) if not seen[u, i]]
+        top = sorted(unseen, key=lambda i: -scores[u, i])[:k]
+        for i in top:
+            expected_recommended[i] += 1
+        wanted = set(np.flatnonzero(relevant[u]).tolist())
+        if not wanted:
+            continue
+        found = [i in wanted for i in top]
+        dcg = sum(1 / np.log2(rank + 2) for rank, hit in enumerate(found) if hit)
+        idcg = sum(1 / np.log2(rank + 2) for rank in range(min(len(wanted), k)))
+        precisions = [sum(found[: rank + 1]) / (rank + 1) for rank, hit in enumerate(found) if hit]
+        expected["precision"] += sum(found) / k
+        expected["recall"] += sum(found) / len(wanted)
+        expected["ndcg"] += dcg / idcg
+        expected["hit"] += float(any(found))
+        expected["map"] += sum(precisions) / min(len(wanted), k)
+        expected["users"] += 1
+
+    assert sums == pytest.approx(expected, rel=1e-12)
+    np.testing.assert_array_equal(recommended, expected_recommended)
+
+
+def test_finalize_gives_rating_metrics_without_ranking_sums_and_the_reverse():
+    rating = rating_error_sums(np.array([1.0, 2.0]), np.array([1.0, 4.0]))
+    scores = np.array([[3.0, 2.0, 1.0]])
+    hit_second = sparse.csr_matrix(np.array([[0.0, 1.0, 0.0]]))
+    ranking, _ = ranking_sums(scores, sparse.csr_matrix((1, 3)), hit_second, k=2)
+
+    assert finalize_metrics(rating, k=2) == {"rmse": pytest.approx(np.sqrt(2.0)), "mae": 1.0}
+    only_ranking = finalize_metrics(ranking, k=2)
+    assert set(only_ranking) == {
+        "precision_at_2",
+        "recall_at_2",
+        "ndcg_at_2",
+        "hit_at_2",
+        "map_at_2",
+    }
+    assert only_ranking["recall_at_2"] == 1.0 and only_ranking["precision_at_2"] == 0.5
