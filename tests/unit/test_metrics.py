@@ -173,9 +173,10 @@ def test_ranking_sums_equal_a_loop_over_users_with_a_full_sort():
 
 def test_finalize_gives_rating_metrics_without_ranking_sums_and_the_reverse():
     rating = rating_error_sums(np.array([1.0, 2.0]), np.array([1.0, 4.0]))
-    scores = np.array([[3.0, 2.0, 1.0]])
-    hit_second = sparse.csr_matrix(np.array([[0.0, 1.0, 0.0]]))
-    ranking, _ = ranking_sums(scores, sparse.csr_matrix((1, 3)), hit_second, k=2)
+    scores = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
+    # user 0's relevant item is ranked second (a hit at k=2), user 1's third (a miss)
+    relevant = sparse.csr_matrix(np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    ranking, _ = ranking_sums(scores, sparse.csr_matrix((2, 3)), relevant, k=2)
 
     assert finalize_metrics(rating, k=2) == {"rmse": pytest.approx(np.sqrt(2.0)), "mae": 1.0}
     only_ranking = finalize_metrics(ranking, k=2)
@@ -186,4 +187,6 @@ def test_finalize_gives_rating_metrics_without_ranking_sums_and_the_reverse():
         "hit_at_2",
         "map_at_2",
     }
-    assert only_ranking["recall_at_2"] == 1.0 and only_ranking["precision_at_2"] == 0.5
+    # means over the two users: recall (1 + 0) / 2, precision (1/2 + 0) / 2
+    assert only_ranking["recall_at_2"] == 0.5 and only_ranking["precision_at_2"] == 0.25
+    assert only_ranking["hit_at_2"] == 0.5
