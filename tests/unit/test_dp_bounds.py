@@ -1,0 +1,135 @@
+"""User-level DP against oracles that do not share its code: the sensitivity a worst-case user
+actually reaches, the released biases as a Gaussian posterior, and the accountant against the
+analytic Gaussian mechanism (Balle and Wang, 2018)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import brentq
+from scipy.stats import norm
+
+from models.mf.als import RatingRows, UserParams
+from models.privacy.dp import (
+    UserLevelDP,
+    calibrate,
+    clipped_factor_statistics,
+    epsilon,
+    released_biases,
+)
+
+DELTA = 1e-5
+
+
+def _dense(stats, n_items):
+    k = stats.rhs.shape[1]
+    out = np.zeros((n_items, 1 + stats.grams.shape[1] + k))
+    out[stats.items] = np.column_stack([stats.counts, stats.grams, stats.rhs])
+    return out.ravel()
+
+
+def _exact_gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The exact epsilon of one Gaussian release of sensitivity 1 at noise ``sigma``:
+    delta(eps) = Phi(1/(2 sigma) - eps sigma) - e^eps Phi(-1/(2 sigma) - eps sigma)."""
+
+    def excess(eps: float) -> float:
+        a = 1 / (2 * sigma)
+        return norm.cdf(a - eps * sigma) - math.exp(eps) * norm.cdf(-a - eps * sigma) - delta
+
+    return brentq(excess, 0.0, 200.0)
+
+
+def test_a_worst_case_user_moves_the_factor_channel_by_exactly_its_sensitivity():
+    n_items, k = 12, 3
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=5, factor_clip=0.8, residual_clip=1.5)
+    # user 0: a factor along one axis, far past the clip (its packed outer product then has the
+    # full Frobenius norm c^2), every item (12 rows at weight sqrt(5/12), so sum w^2 = 5) and
+    # every residual far past the clip
+    factors = np.zeros((2, k))
+    factors[0, 1] = 40.0
+    factors[1] = [0.3, -0.2, 0.1]
+    users = UserParams(factors, np.array([0.5, -0.5]))
+    items = np.concatenate([np.arange(n_items), [0, 3, 7]])
+    owner = np.array([0] * n_items + [1] * 3)
+    ratings = np.where(np.arange(items.size) % 2 == 0, 90.0, -90.0)
+    both = RatingRows(owner, items, ratings, n_users=2, n_items=n_items)
+    mine = owner == 0
+    without = RatingRows(owner[~mine], items[~mine], ratings[~mine], n_users=2, n_items=n_items)
+    bias = np.linspace(-0.5, 0.5, n_items)
+
+    change = _dense(clipped_factor_statistics(both, users, 3.0, bias, dp), n_items) - _dense(
+        clipped_factor_statistics(without, users, 3.0, bias, dp), n_items
+    )
+
+    # by hand: sum over the user's rows of w^2 (|p p^T|^2 + t^2 |p|^2 + 1), p and t at the clips
+    c, r = 0.8, 1.5
+    assert np.linalg.norm(change) == pytest.approx(math.sqrt(5 * (c**4 + r**2 * c**2 + 1)))
+    # the bound is the largest change a user can make, and this user makes it
+    assert dp.factor_sensitivity == pytest.approx(np.linalg.norm(change), rel=1e-9)
+
+
+def test_released_biases_are_each_items_gaussian_posterior_mean():
+    # prior b ~ N(0, v); an item's centred noisy sum s = n b + e with Var(e) = n R v (the ratings)
+    # + S^2 (the channel's noise), so E[b | s] = Cov(b, s) / Var(s) s = n v s / (n^2 v + n R v + S^2)
+    v, reg, sigma, max_items, clip = 0.3, 4.0, 0.7, 3, 1.0
+    dp = UserLevelDP(
+        noise_multiplier=sigma, max_items=max_items, residual_clip=clip,
+        bias_prior_var=v, bias_reg=reg,
+    )  # fmt: skip
+    noise_var = sigma**2 * max_items * (clip**2 + 1)  # (sigma x the bias channel's sensitivity)^2
+    counts = np.array([40.0, 6.0, 1.5])
+    sums = np.array([12.0, -9.0, -3.0])  # they add up to 0: the mean stays at the centre
+
+    mean, bias = released_biases(counts, sums, 3.5, dp)
+
+    posterior = counts * v * sums / (counts**2 * v + counts * reg * v + noise_var)
+    assert mean == pytest.approx(3.5)
+    np.testing.assert_allclose(bias, posterior, rtol=1e-12)
+    # and by simulation: regress b on s for the rarest item
+    rng = np.random.default_rng(11)
+    n = counts[2]
+    b = rng.normal(0.0, math.sqrt(v), 400_000)
+    s = n * b + rng.normal(0.0, math.sqrt(n * reg * v + noise_var), b.size)
+    slope = np.cov(b, s)[0, 1] / np.var(s, ddof=1)
+    assert bias[2] == pytest.approx(slope * sums[2], rel=0.02)
+
+
+def test_a_noisy_total_count_of_at_most_one_leaves_the_mean_at_the_centre():
+    dp = UserLevelDP(noise_multiplier=0.0, bias_reg=5.0)
+    counts = np.array([0.6, 0.3])  # noise can leave a tiny (or negative) total
+    sums = np.array([2.0, 1.0])
+
+    mean, bias = released_biases(counts, sums, 3.0, dp)
+
+    assert mean == 3.0  # no shift estimated from a total count below one
+    np.testing.assert_allclose(bias, sums / (counts + 5.0))
+
+
+@pytest.mark.parametrize("sigma", [0.8, 2.0])
+def test_one_release_costs_the_analytic_gaussian_mechanisms_epsilon(sigma):
+    exact = _exact_gaussian_epsilon(sigma, DELTA)
+
+    spent = epsilon(sigma, 1.0, 1, DELTA)
+
+    # an accountant's bound is never below the exact epsilon, and a good one is close to it
+    assert exact <= spent <= 1.15 * exact
+
+
+def test_full_releases_cost_like_unsampled_rounds_and_nothing_costs_nothing():
+    sigma = 1.5
+    # two full Gaussian releases at sigma are one at sigma / sqrt(2)
+    exact = _exact_gaussian_epsilon(sigma / math.sqrt(2), DELTA)
+
+    assert exact <= epsilon(sigma, 1.0, 0, DELTA, full=2) <= 1.15 * exact
+    assert epsilon(sigma, 0.3, 0, DELTA) == 0.0
+
+
+def test_calibration_reaches_a_target_epsilon_below_one():
+    sigma = calibrate(0.5, sampling_rate=1.0, rounds=1, delta=DELTA)
+
+    assert epsilon(sigma, 1.0, 1, DELTA) <= 0.5
+    # the noise is not far above what the exact mechanism needs for epsilon 0.5
+    assert _exact_gaussian_epsilon(sigma, DELTA) <= 0.5
+    assert _exact_gaussian_epsilon(0.85 * sigma, DELTA) > 0.5
