@@ -1,6 +1,7 @@
-"""Privacy mechanisms: user-level differential privacy and its accountant (``dp.py``), the
-budget ledger across runs (``ledger.py``), secure aggregation (``secagg_plus*.py``, Shamir
-sharing, identity keys, fixed-point encoding, its wire format) and credential redaction.
+"""Privacy mechanisms: user-level differential privacy and its accountant (``dp.py``), the final
+evaluation as a DP release (``released_metrics.py``), the budget ledger across runs
+(``ledger.py``), secure aggregation (``secagg_plus*.py``, Shamir sharing, identity keys,
+fixed-point encoding, its wire format) and credential redaction.
 
 Threat model (README, "Threat model: who learns what, in each mode"):
 
@@ -10,8 +11,13 @@ Threat model (README, "Threat model: who learns what, in each mode"):
   caught. Under DP each upload (or, with secure aggregation, each sum of a quorum) carries the
   full calibrated noise: (epsilon, delta) user-level DP against the server;
 - readers of MLflow and other clients: see the model and the logged metrics: (epsilon, delta)
-  under DP for the model and training metrics; the final evaluation's aggregate metrics are one
-  release that is neither noised nor counted;
+  under DP for all of them. The final evaluation is a counted release (``released_metrics.py``):
+  each user's evaluation sums are bounded, each client adds Gaussian noise from OS entropy to its
+  own upload (evaluation uploads are not securely aggregated, so each carries the full noise,
+  against the server too), and the accountant composes it, and the champion's evaluation when
+  there is one, with the training rounds; the training's noise is calibrated so that the whole
+  composition meets the run's epsilon. Per-client metrics are post-processing of those noisy
+  uploads, and the promotion rule skips its worst-client test under DP;
 - colluding clients can remove their own noise shares from a secure sum, so the guarantee is
   stated against the server alone.
 

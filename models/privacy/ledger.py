@@ -4,7 +4,9 @@ training runs, and the cap it may not pass.
 The same users are trained again and again (every night, under several model names), so their
 privacy loss adds up. The ledger is an append-only list of entries about one population:
 
-- a **spend** entry per private run, written before the run trains: its (epsilon, delta);
+- a **spend** entry per private run, written before the run trains: its (epsilon, delta), the
+  whole run's: the training rounds and the final evaluation's releases (the model's, and the
+  champion's when there is one) are calibrated to compose to that epsilon together;
 - a **cap** entry, written at the population's first private run (the cap given then, else that
   run's own epsilon and delta) and again only when an operator sets a new cap explicitly.
 
