@@ -12,10 +12,12 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from models.mf.als import RatingRows, UserParams
+from models.mf.linalg import unpack_symmetric
 from models.privacy.dp import (
     UserLevelDP,
     calibrate,
     clipped_factor_statistics,
+    clipped_implicit_statistics,
     epsilon,
     released_biases,
 )
@@ -133,3 +135,27 @@ def test_calibration_reaches_a_target_epsilon_below_one():
     # the noise is not far above what the exact mechanism needs for epsilon 0.5
     assert _exact_gaussian_epsilon(sigma, DELTA) <= 0.5
     assert _exact_gaussian_epsilon(0.85 * sigma, DELTA) > 0.5
+
+
+def test_the_implicit_statistics_are_the_clipped_sums_written_out():
+    rng = np.random.default_rng(3)
+    n_users, n_items, k, alpha, clip = 4, 6, 3, 2.5, 0.7
+    factors = rng.normal(0.0, 1.0, (n_users, k))
+    factors[1] *= 0.01  # inside the clip: kept as it is
+    users = np.array([0, 0, 1, 2, 2, 2, 3, 1])
+    items = np.array([0, 2, 2, 1, 2, 5, 0, 5])
+    rows = RatingRows(users, items, np.ones(users.size), n_users=n_users, n_items=n_items)
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=10, factor_clip=clip)
+
+    stats, user_gram = clipped_implicit_statistics(rows, factors, alpha, dp)
+
+    x = [f * min(1.0, clip / np.linalg.norm(f)) for f in factors]
+    assert np.linalg.norm(x[0]) == pytest.approx(clip) and np.allclose(x[1], factors[1])
+    np.testing.assert_allclose(user_gram, sum(np.outer(v, v) for v in x))
+    assert stats.items.tolist() == sorted(set(items.tolist()))
+    grams = unpack_symmetric(stats.grams, k)
+    for j, item in enumerate(stats.items):
+        mine = [u for u, i in zip(users, items, strict=True) if i == item]
+        np.testing.assert_allclose(grams[j], sum(alpha * np.outer(x[u], x[u]) for u in mine))
+        np.testing.assert_allclose(stats.rhs[j], sum((1 + alpha) * x[u] for u in mine))
+        assert stats.counts[j] == len(mine)
