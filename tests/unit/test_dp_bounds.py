@@ -19,6 +19,8 @@ from models.privacy.dp import (
     clipped_factor_statistics,
     clipped_implicit_statistics,
     epsilon,
+    limit_items,
+    noisy_gram,
     released_biases,
 )
 
@@ -128,6 +130,12 @@ def test_full_releases_cost_like_unsampled_rounds_and_nothing_costs_nothing():
     assert epsilon(sigma, 0.3, 0, DELTA) == 0.0
 
 
+def test_a_fixed_release_alone_costs_its_gaussians_epsilon():
+    exact = _exact_gaussian_epsilon(3.0, DELTA)
+
+    assert exact <= epsilon(1.0, 1.0, 0, DELTA, extra=(3.0,)) <= 1.15 * exact
+
+
 def test_calibration_reaches_a_target_epsilon_below_one():
     sigma = calibrate(0.5, sampling_rate=1.0, rounds=1, delta=DELTA)
 
@@ -135,6 +143,43 @@ def test_calibration_reaches_a_target_epsilon_below_one():
     # the noise is not far above what the exact mechanism needs for epsilon 0.5
     assert _exact_gaussian_epsilon(sigma, DELTA) <= 0.5
     assert _exact_gaussian_epsilon(0.85 * sigma, DELTA) > 0.5
+
+
+@pytest.mark.parametrize("target", [0.5, 12.0])  # noise above and below 1
+def test_calibration_returns_the_smallest_noise_to_its_documented_precision(target):
+    sigma = calibrate(target, sampling_rate=1.0, rounds=1, delta=DELTA)
+
+    assert epsilon(sigma, 1.0, 1, DELTA) <= target
+    # within 1e-4 relative of the smallest noise that meets the target: a little less misses it
+    assert epsilon(sigma * (1 - 1.5e-4), 1.0, 1, DELTA) > target
+
+
+def test_limit_items_keeps_a_random_max_items_of_each_users_rows():
+    rng = np.random.default_rng(8)
+    n_rows, max_items = 200, 4
+    users = rng.integers(0, 30, n_rows)
+    rows = RatingRows(users, np.arange(n_rows), rng.normal(size=n_rows), n_users=30, n_items=n_rows)
+
+    first = limit_items(rows, max_items, np.random.default_rng(1))
+    second = limit_items(rows, max_items, np.random.default_rng(2))
+
+    counts = np.bincount(users, minlength=30)
+    np.testing.assert_array_equal(
+        np.bincount(first.users, minlength=30), np.minimum(counts, max_items)
+    )
+    # every kept row is one of the user's own rows, rating and all (items are row numbers here)
+    np.testing.assert_array_equal(first.users, users[first.items])
+    np.testing.assert_array_equal(first.ratings, rows.ratings[first.items])
+    assert set(first.items.tolist()) != set(second.items.tolist())  # a sample, not the first rows
+
+
+def test_the_noise_on_a_gram_is_centred_with_the_asked_deviation():
+    k, std = 60, 0.5
+    noisy = noisy_gram(np.eye(k), std, np.random.default_rng(4))
+
+    upper = (noisy - np.eye(k))[np.triu_indices(k)]  # 1830 independent draws
+    assert abs(upper.mean()) < 5 * std / math.sqrt(upper.size)
+    assert upper.std() == pytest.approx(std, rel=0.1)
 
 
 def test_the_implicit_statistics_are_the_clipped_sums_written_out():
