@@ -11,17 +11,21 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from models.mf.als import RatingRows, UserParams
-from models.mf.linalg import unpack_symmetric
+from models.mf.als import ItemStatistics, RatingRows, UserParams
+from models.mf.linalg import pack_symmetric, unpack_symmetric
 from models.privacy.dp import (
     UserLevelDP,
     calibrate,
+    clipped_bias_sums,
     clipped_factor_statistics,
     clipped_implicit_statistics,
+    clipped_statistics,
     epsilon,
     limit_items,
     noisy_gram,
     released_biases,
+    solve_private_factors,
+    user_weights,
 )
 
 DELTA = 1e-5
@@ -48,19 +52,9 @@ def _exact_gaussian_epsilon(sigma: float, delta: float) -> float:
 def test_a_worst_case_user_moves_the_factor_channel_by_exactly_its_sensitivity():
     n_items, k = 12, 3
     dp = UserLevelDP(noise_multiplier=1.0, max_items=5, factor_clip=0.8, residual_clip=1.5)
-    # user 0: a factor along one axis, far past the clip (its packed outer product then has the
-    # full Frobenius norm c^2), every item (12 rows at weight sqrt(5/12), so sum w^2 = 5) and
-    # every residual far past the clip
-    factors = np.zeros((2, k))
-    factors[0, 1] = 40.0
-    factors[1] = [0.3, -0.2, 0.1]
-    users = UserParams(factors, np.array([0.5, -0.5]))
-    items = np.concatenate([np.arange(n_items), [0, 3, 7]])
-    owner = np.array([0] * n_items + [1] * 3)
-    ratings = np.where(np.arange(items.size) % 2 == 0, 90.0, -90.0)
-    both = RatingRows(owner, items, ratings, n_users=2, n_items=n_items)
-    mine = owner == 0
-    without = RatingRows(owner[~mine], items[~mine], ratings[~mine], n_users=2, n_items=n_items)
+    # every item: 12 rows at weight sqrt(5/12), so sum w^2 = 5; a factor along one axis, so its
+    # packed outer product keeps the full Frobenius norm c^2
+    users, both, without = _worst_case_user(n_items, n_items, k)
     bias = np.linspace(-0.5, 0.5, n_items)
 
     change = _dense(clipped_factor_statistics(both, users, 3.0, bias, dp), n_items) - _dense(
@@ -72,6 +66,105 @@ def test_a_worst_case_user_moves_the_factor_channel_by_exactly_its_sensitivity()
     assert np.linalg.norm(change) == pytest.approx(math.sqrt(5 * (c**4 + r**2 * c**2 + 1)))
     # the bound is the largest change a user can make, and this user makes it
     assert dp.factor_sensitivity == pytest.approx(np.linalg.norm(change), rel=1e-9)
+
+
+def _worst_case_user(n_items, n_rows, k):
+    """User 0: a factor along one axis far past any clip, ``n_rows`` items with ratings far
+    past any residual clip; user 1: three ordinary rows. And the same rows without user 0."""
+    factors = np.zeros((2, k))
+    factors[0, 1] = 40.0
+    factors[1] = [0.3, -0.2, 0.1][:k]
+    users = UserParams(factors, np.array([0.5, -0.5]))
+    items = np.concatenate([np.arange(n_rows), [0, 3, 7]])
+    owner = np.array([0] * n_rows + [1] * 3)
+    ratings = np.where(np.arange(items.size) % 2 == 0, 90.0, -90.0)
+    both = RatingRows(owner, items, ratings, n_users=2, n_items=n_items)
+    mine = owner == 0
+    without = RatingRows(owner[~mine], items[~mine], ratings[~mine], n_users=2, n_items=n_items)
+    return users, both, without
+
+
+def test_a_worst_case_user_moves_the_plain_statistics_by_exactly_their_sensitivity():
+    n_items, k = 12, 3
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=5, factor_clip=0.8, residual_clip=1.5)
+    users, both, without = _worst_case_user(n_items, 5, k)  # exactly max_items rows
+
+    def unpacked(stats):
+        full = np.zeros((n_items, 1 + (k + 1) ** 2 + k + 1))
+        grams = unpack_symmetric(stats.grams, k + 1).reshape(len(stats.items), -1)
+        full[stats.items] = np.column_stack([stats.counts, grams, stats.rhs])
+        return full.ravel()
+
+    change = unpacked(clipped_statistics(both, users, 3.0, dp)) - unpacked(
+        clipped_statistics(without, users, 3.0, dp)
+    )
+
+    # by hand, x = [p, 1] with |p| = c: per row |x x^T|_F^2 = |x|^4, |t x|^2 = r^2 |x|^2, and 1
+    x2 = 0.8**2 + 1
+    assert np.linalg.norm(change) == pytest.approx(math.sqrt(5 * (x2**2 + 1.5**2 * x2 + 1)))
+    # the full (unpacked) statistics reach the bound, so it is the largest change of a user
+    assert dp.sensitivity == pytest.approx(np.linalg.norm(change), rel=1e-9)
+
+
+def test_a_worst_case_user_moves_the_bias_channel_by_exactly_its_sensitivity():
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=5, residual_clip=1.5)
+    _, both, without = _worst_case_user(12, 12, 3)  # 12 rows at weight sqrt(5/12)
+
+    change = np.concatenate(clipped_bias_sums(both, 3.0, dp)) - np.concatenate(
+        clipped_bias_sums(without, 3.0, dp)
+    )
+
+    assert np.linalg.norm(change) == pytest.approx(math.sqrt(5 * (1.5**2 + 1)))
+    assert dp.bias_sensitivity == pytest.approx(np.linalg.norm(change), rel=1e-9)
+
+
+def test_user_weights_are_one_up_to_max_items_rows_and_shrink_past_it():
+    users = np.array([0, 1, 1, 1, 2, 2])
+
+    np.testing.assert_allclose(
+        user_weights(users, 1), [1, 3**-0.5, 3**-0.5, 3**-0.5, 2**-0.5, 2**-0.5]
+    )
+    np.testing.assert_allclose(
+        user_weights(users, 2), [1, (2 / 3) ** 0.5, (2 / 3) ** 0.5, (2 / 3) ** 0.5, 1, 1]
+    )
+
+
+def test_private_factors_solve_the_psd_projected_ridge_by_hand():
+    # item 0: [[1, 3], [3, 1]] has eigenvalues 4 (along [1, 1]) and -2 (along [1, -1]): its
+    # projection on the PSD cone is 4 * [1, 1][1, 1]^T / 2 = [[2, 2], [2, 2]]
+    # item 1: positive definite, kept as it is; its noisy count 0.5 is above the floor 0.25
+    # item 2: a count below the floor: zero factors
+    indefinite = np.array([[1.0, 3.0], [3.0, 1.0]])
+    definite = np.array([[2.0, 0.5], [0.5, 1.0]])
+    stats = ItemStatistics(
+        np.array([0, 1, 2]), np.array([10.0, 0.5, 0.1]),
+        pack_symmetric(np.stack([indefinite, definite, definite])),
+        np.array([[1.0, -2.0], [0.5, 1.0], [3.0, 3.0]]),
+    )  # fmt: skip
+    reg, extra = 0.3, 0.7
+
+    out = solve_private_factors(
+        np.zeros((4, 2)), stats, reg=reg, extra_ridge=extra, floor=0.25, psd=True
+    )
+
+    ridge = reg * stats.counts + extra  # a ridge of reg per count, plus the extra one
+    want0 = np.linalg.solve(np.array([[2.0, 2.0], [2.0, 2.0]]) + ridge[0] * np.eye(2), stats.rhs[0])
+    want1 = np.linalg.solve(definite + ridge[1] * np.eye(2), stats.rhs[1])
+    np.testing.assert_allclose(out[0], want0, rtol=1e-10)
+    np.testing.assert_allclose(out[1], want1, rtol=1e-10)
+    assert not out[2:].any()
+
+
+def test_calibration_pays_for_a_release_whose_noise_is_a_multiple_of_the_trainings():
+    # one round at sigma and one release at 2 sigma are one Gaussian at 1 / sqrt(1 + 1/4) sigma
+    def exact(sigma):
+        return _exact_gaussian_epsilon(sigma / math.sqrt(1 + 1 / 4), DELTA)
+
+    sigma = calibrate(1.0, 1.0, 1, DELTA, relative=(2.0,))
+
+    assert epsilon(sigma, 1.0, 1, DELTA, extra=(2 * sigma,)) <= 1.0
+    assert exact(sigma) <= 1.0 < exact(0.85 * sigma)
+    assert sigma > calibrate(1.0, 1.0, 1, DELTA)  # the release costs training noise
 
 
 def test_released_biases_are_each_items_gaussian_posterior_mean():
