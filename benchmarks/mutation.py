@@ -70,7 +70,8 @@ TARGETS: dict[str, list[str]] = {
     "models/privacy/secagg_plus_driver.py": _SECAGG_TESTS,
     "models/privacy/identity.py": _SECAGG_TESTS,
     "models/privacy/wire.py": _SECAGG_TESTS,
-    "models/privacy/ledger.py": ["tests/unit/test_ledger.py"],
+    "models/privacy/ledger.py": ["tests/unit/test_ledger.py", "tests/unit/test_ledger_bounds.py"],
+    "models/privacy/released_metrics.py": ["tests/unit/test_released_metrics.py"],
     "models/privacy/redaction.py": ["tests/unit/test_redaction.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
@@ -460,7 +461,28 @@ def tried_keys(result_file: str) -> dict[str, set[str]]:
     return keys
 
 
-def _write(args, modules, plans, outcomes, commit, started, load_before) -> dict:
+def survivor_keys(result_file: str) -> set[tuple[str, str]]:
+    """(module, key) of a previous result's survivors; keys of results that did not record them
+    are rebuilt from the result's commit (the index-th mutant of the module there)."""
+    result = json.loads(Path(result_file).read_text())
+    commit = str(result["commit"]).split()[0]
+    out: set[tuple[str, str]] = set()
+    for module, r in result["modules"].items():
+        found = None
+        for s in r["survived"]:
+            if s.get("key"):
+                out.add((module, s["key"]))
+                continue
+            if found is None:
+                found, _ = mutants(module, _git_show(commit, module) or "")
+            mutant = found[s["index"]]
+            if mutant.description != s["description"] or mutant.line != s["line"]:
+                raise SystemExit(f"{result_file}: {module} mutant {s['index']} is not at {commit}")
+            out.add((module, mutant.key))
+    return out
+
+
+def _write(args, modules, plans, outcomes, commit, started, load_before, gone=None) -> dict:
     """Write the result file (also after every mutant, so a cut run keeps what it did)."""
     report: dict[str, dict] = {}
     for module in modules:
@@ -479,6 +501,8 @@ def _write(args, modules, plans, outcomes, commit, started, load_before) -> dict
             ],
             "tests": plan.files,
         }
+        if gone and gone.get(module):
+            report[module]["recheck_gone"] = gone[module]  # the code changed: nothing to run
     result = {"seconds": round(time.monotonic() - started), "budget": args.budget,
               "commit": commit, "skip": args.skip, "every": args.every, "jobs": args.jobs,
               "recheck": args.recheck, "not_in": args.not_in,
@@ -497,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", type=int, default=0, help="leave out each module's first N")
     parser.add_argument("--every", type=int, default=1, help="a sample: every k-th mutant")
     parser.add_argument("--jobs", type=int, default=1, help="mutants run at the same time")
-    parser.add_argument("--recheck", help="a previous result: run only its survivors again")
+    parser.add_argument("--recheck", action="append",
+                        help="a previous result: run only its survivors again (repeatable)")  # fmt: skip
     parser.add_argument("--not-in", action="append", default=[],
                         help="a previous result: leave out the mutants it tried")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS / "mutation.json"))
@@ -516,9 +541,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     recheck = None
     if args.recheck:
-        previous = json.loads(Path(args.recheck).read_text())
-        survivors = [s for r in previous["modules"].values() for s in r["survived"]]
-        recheck = {(s["module"], s.get("key") or (s["index"], s["description"])) for s in survivors}
+        recheck = set()
+        for result_file in args.recheck:
+            recheck |= survivor_keys(result_file)
     modules = args.only or (sorted({m for m, _ in recheck}) if recheck else list(TARGETS))
     unknown = [m for m in modules if m not in TARGETS]
     if unknown:
@@ -542,12 +567,14 @@ def main(argv: list[str] | None = None) -> None:
         print(f"traced {len(trace['durations'])} tests in {time.monotonic() - started:.0f} s",
               flush=True)  # fmt: skip
         plans: dict[str, tuple[_Plan, list[Mutant], ast.AST, int]] = {}
+        gone: dict[str, list[str]] = {}  # survivors to recheck whose line has changed since
         for module in modules:
             found, tree = mutants(module, (trees[0] / module).read_text())
             total = len(found)
             if recheck is not None:
-                found = [m for m in found
-                         if (module, m.key) in recheck or (module, (m.index, m.description)) in recheck]  # fmt: skip
+                found = [m for m in found if (module, m.key) in recheck]
+                present = {m.key for m in found}
+                gone[module] = sorted(k for m, k in recheck if m == module and k not in present)
             else:
                 found = found[args.skip :: args.every]
             found = [m for m in found if m.key not in done_before.get(module, set())]
@@ -574,7 +601,7 @@ def main(argv: list[str] | None = None) -> None:
                 free.put(runner)
             with lock:
                 outcomes.append(outcome)
-                _write(args, modules, plans, outcomes, commit, started, load_before)
+                _write(args, modules, plans, outcomes, commit, started, load_before, gone)
             print(f"{outcome['outcome']:9s} {mutant.module}:{mutant.line} {mutant.description}"
                   f"  [{outcome['stage']}, {outcome['seconds']} s] {outcome['killed_by']}",
                   flush=True)  # fmt: skip
@@ -587,7 +614,7 @@ def main(argv: list[str] | None = None) -> None:
             for runner in runners:
                 runner.close()
 
-    result = _write(args, modules, plans, outcomes, commit, started, load_before)
+    result = _write(args, modules, plans, outcomes, commit, started, load_before, gone)
     for module, r in result["modules"].items():
         print(f"{module}: {r['killed']} of {r['tried']} tried killed ({r['mutants']} planned of "
               f"{r['sites']}), {len(r['survived'])} survived")  # fmt: skip

@@ -1,0 +1,60 @@
+"""The privacy ledger at its edges: one user, float sums that land on the cap, and a cap named
+again as stored (exactly or up to rounding)."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.privacy.ledger import (
+    Balance,
+    BudgetError,
+    Cap,
+    Entry,
+    Request,
+    balance,
+    plan_reservation,
+    run_delta,
+)
+
+EMPTY = Balance(0.0, 0.0, None, 0)
+
+
+def _apply(current: Balance, writes: list[Entry]) -> Balance:
+    start = [Entry("cap", cap=current.cap, at=0)] if current.cap is not None else []
+    spent = [Entry("spend", current.epsilon, current.delta, at=0)] if current.spends else []
+    return balance([*start, *spent, *writes])
+
+
+def test_one_user_is_enough_for_the_default_delta():
+    assert run_delta(None, 1) == 1.0
+
+
+def test_spends_whose_float_sum_rounds_past_the_cap_still_fit_it():
+    assert 0.1 + 0.2 > 0.3  # 0.30000000000000004: the sum of the two runs as floats
+    current = _apply(EMPTY, plan_reservation(EMPTY, Request(0.1, 1e-6, cap_epsilon=0.3), at=1))
+
+    writes = plan_reservation(current, Request(0.2, 2e-6), at=2)
+
+    after = _apply(current, writes)
+    assert after.epsilon == 0.1 + 0.2 and not after.exceeds_cap()
+    with pytest.raises(BudgetError, match="not started"):
+        plan_reservation(after, Request(1e-6, 1e-9), at=3)  # anything more does not
+
+
+@pytest.mark.parametrize("named", [100.0, 100.0 * (1 + 5e-10)])
+def test_a_run_may_name_the_stored_cap_again_up_to_rounding(named):
+    current = _apply(
+        EMPTY, plan_reservation(EMPTY, Request(10.0, 1e-6, cap_epsilon=100.0, cap_delta=1e-5), at=1)
+    )
+
+    writes = plan_reservation(current, Request(10.0, 1e-6, cap_epsilon=named, cap_delta=1e-5), at=2)
+
+    assert writes == [Entry("spend", 10.0, 1e-6, at=2)]  # no new cap entry
+    assert _apply(current, writes).cap == Cap(100.0, 1e-5)
+
+
+def test_a_run_naming_a_cap_off_by_a_millionth_is_refused():
+    current = _apply(EMPTY, plan_reservation(EMPTY, Request(10.0, 1e-6, cap_epsilon=100.0), at=1))
+
+    with pytest.raises(BudgetError, match=r"cap is --dp-budget 100 \(stored"):
+        plan_reservation(current, Request(10.0, 1e-6, cap_epsilon=100.0001), at=2)
