@@ -12,6 +12,7 @@ from models.privacy.ledger import (
     Entry,
     Request,
     balance,
+    check_after_writing,
     plan_reservation,
     run_delta,
 )
@@ -58,3 +59,10 @@ def test_a_run_naming_a_cap_off_by_a_millionth_is_refused():
 
     with pytest.raises(BudgetError, match=r"cap is --dp-budget 100 \(stored"):
         plan_reservation(current, Request(10.0, 1e-6, cap_epsilon=100.0001), at=2)
+
+
+def test_a_concurrent_overspend_names_what_was_spent_against_the_cap():
+    after = Balance(12.0, 2e-6, Cap(10.0, 1e-5), 3)
+
+    with pytest.raises(BudgetError, match=r"reach epsilon 12 of 10, delta 2e-06 of 1e-05"):
+        check_after_writing(after)

@@ -15,7 +15,12 @@ from models.privacy import secagg as old
 from models.privacy import shamir
 from models.privacy.fixed_point import FixedPointOverflowError, decode, encode
 from models.privacy.identity import generate_identity
-from models.privacy.secagg_plus import MaskedInput, ProtocolViolationError, RoundConfig
+from models.privacy.secagg_plus import (
+    MaskedInput,
+    ProtocolViolationError,
+    RoundConfig,
+    default_threshold,
+)
 from models.privacy.secagg_plus_client import SecAggClient
 from models.privacy.secagg_plus_driver import run_round
 from models.privacy.secagg_plus_server import SecAggServer
@@ -95,7 +100,7 @@ def test_the_old_encoding_refuses_values_past_two_to_the_62():
     fits = (2.0**62 - 512) * step  # the largest float below 2^62 (spacing 512 there)
 
     np.testing.assert_array_equal(old.decode(old.encode(np.array([fits, -fits]))), [fits, -fits])
-    with pytest.raises(ValueError, match="overflows"):
+    with pytest.raises(ValueError, match=r"\(\|x\| < 2\^38\)"):  # 62 - 24 fraction bits
         old.encode(np.array([2.0**62 * step]))
 
 
@@ -110,6 +115,18 @@ def test_a_64_byte_secret_is_shared_and_a_65_byte_one_refused():
     assert shamir.combine({2: shares[2], 3: shares[3]}, 2, 64) == secret
     with pytest.raises(ValueError, match="65 bytes, at most 64"):
         shamir.split(b"\x01" * 65, [1, 2, 3], threshold=2)
+
+
+def test_thresholds_at_both_ends_of_the_documented_range_share():
+    secret = b"seed" * 8
+
+    one = shamir.split(secret, [1, 2, 3], threshold=1)  # a constant polynomial: every share is it
+    every = shamir.split(secret, [1, 2, 3], threshold=3)
+
+    assert all(shamir.combine({x: y}, 1, 32) == secret for x, y in one.items())
+    assert shamir.combine(every, 3, 32) == secret
+    with pytest.raises(ValueError, match=r"must be in \[1, 3\]"):
+        shamir.split(secret, [1, 2, 3], threshold=0)
 
 
 def test_shares_of_a_value_just_past_the_length_are_refused_as_inconsistent():
@@ -136,6 +153,35 @@ def test_a_round_may_need_every_one_of_its_clients():
     np.testing.assert_array_equal(result.encoded_total, expected)
     with pytest.raises(ValueError, match="below threshold"):
         RoundConfig("too-few", 1, 2, SIZE, threshold=3)
+
+
+def test_a_vector_of_one_value_is_summed():
+    identities, registry = _identities(3)
+    config = RoundConfig("one-value", 1, 3, 1, threshold=2)
+
+    result = run_round(
+        {0: np.array([1.5]), 1: np.array([-0.25]), 2: np.array([2.0])}, config, identities, registry
+    )
+
+    np.testing.assert_array_equal(result.total, [3.25])
+
+
+def test_the_default_threshold_is_the_smallest_strict_majority_and_at_least_two():
+    for n in range(2, 40):
+        majority = next(t for t in range(1, n + 1) if 2 * t > n)
+        assert default_threshold(n) == max(2, majority), n
+
+
+def test_a_state_of_the_other_party_is_refused():
+    round_ = _Round()
+    round_.masked()
+    server_state = round_.server.to_bytes()  # phase "masked", also a client phase
+    client_state = round_.clients[0].to_bytes()
+
+    with pytest.raises(ValueError, match="not a secure-aggregation client state"):
+        SecAggClient.from_bytes(server_state)
+    with pytest.raises(ValueError, match="not a secure-aggregation server state"):
+        SecAggServer.from_bytes(client_state, round_.registry)
 
 
 def test_the_server_refuses_a_masked_input_from_a_stranger_or_sent_twice():
