@@ -85,8 +85,8 @@ test-fast: setup ## every test not marked slow or realdata: unit, flow (one Pref
 	$(RUN) pytest -m "not slow and not realdata"
 
 .PHONY: mutation
-mutation: setup ## mutation check of the core on its unit tests (25 min budget); survivors -> benchmarks/results/mutation.json
-	$(RUN) python -m benchmarks.mutation
+mutation: setup ## mutation check of the core and models/privacy on their unit tests (niced, 2 jobs, 1 h budget) -> benchmarks/results/mutation.json
+	$(RUN) nice -n 10 python -m benchmarks.mutation --jobs 2 --budget 3600
 
 bench-quality: setup ## RMSE/MAE and timings on ML-100K and ML-1M (Surprise's 5-fold protocol)
 	$(RUN) python -m benchmarks.quality
