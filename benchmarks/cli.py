@@ -76,7 +76,7 @@ def train_under_load(home: Path, port: int, *, runs: int, hogs: int, rounds: int
                 "seed": seed, "exit": outcome["exit"], "seconds": outcome["seconds"],
                 "error": outcome["error"], "started_server": bool(ready),
                 "server_start": ready[0].rsplit("ready in", 1)[1].strip() if ready else None,
-                "promoted": summary.get("promoted"), "valid_rmse": summary.get("metrics", {}).get("valid_rmse"),
+                "promoted": summary.get("promoted"), "valid/rmse": summary.get("metrics", {}).get("valid/rmse"),
             })  # fmt: skip
             row = results[-1]
             print(f"  run {seed + 1:2d}/{runs}: exit {row['exit']}, {row['seconds']:6.1f} s"

@@ -68,16 +68,16 @@ def main() -> None:
                          "seconds": time.perf_counter() - started})  # fmt: skip
             print(f"  {name}: aborted ({err})", flush=True)
             continue
-        answered = [m.value for m in client.get_metric_history(summary["run_id"], "clients")]
-        rmse = summary["metrics"]["test_rmse"]
+        answered = [m.value for m in client.get_metric_history(summary["run_id"], "system/clients")]
+        rmse = summary["metrics"]["test/rmse"]
         clean = clean or rmse
         rows.append({"scenario": name, "rounds_completed": len(answered),
                      "clients_per_round": sum(answered) / len(answered), "min_clients_in_a_round": min(answered),
-                     "test_rmse": rmse, "vs_fault_free": rmse / clean - 1, "outcome": "completed",
+                     "test/rmse": rmse, "vs_fault_free": rmse / clean - 1, "outcome": "completed",
                      "seconds": time.perf_counter() - started})  # fmt: skip
         print(f"  {name}: {len(answered)} rounds, RMSE {rmse:.4f}", flush=True)
     print_table(rows, ["scenario", "rounds_completed", "clients_per_round", "min_clients_in_a_round",
-                       "test_rmse", "vs_fault_free", "outcome", "seconds"])  # fmt: skip
+                       "test/rmse", "vs_fault_free", "outcome", "seconds"])  # fmt: skip
     print(f"wrote {write_json('faults_ml-100k', {'machine': machine(), 'rows': rows})}")
 
 

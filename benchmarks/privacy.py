@@ -98,7 +98,7 @@ def main() -> None:
     if "implicit" not in args.skip:
         results["dp_implicit"] = implicit_utility(data, args)
         print_table(results["dp_implicit"], ["epsilon", "shares", "noise_multiplier",
-                                             "valid_ndcg_at_10", "test_ndcg_at_10", "seconds"])  # fmt: skip
+                                             "valid/ndcg_at_10", "test/ndcg_at_10", "seconds"])  # fmt: skip
     if "secure" not in args.skip:
         base = MFConfig(n_factors=args.factors, reg=args.reg, clip_to=data.rating_scale)
         overhead = secure_overhead(clients, data.n_items, base, args.repeats)
@@ -111,7 +111,7 @@ def main() -> None:
 def _test_rmse(clients, n_items: int, config: MFConfig, rounds: int) -> tuple[float, dict]:
     _, history = run_federated(clients, n_items, config, rounds=rounds, eval_splits=("test",),
                                eval_ranking=False)  # fmt: skip
-    return history[-1].metrics["test_rmse"], history[-1].metrics
+    return history[-1].metrics["test/rmse"], history[-1].metrics
 
 
 def private_run(clients, data, eps: float, *, secure: bool, **given) -> dict:
@@ -134,7 +134,7 @@ def private_run(clients, data, eps: float, *, secure: bool, **given) -> dict:
     return {"epsilon": eps, "secure_aggregation": secure, "delta": delta, "rounds": config.rounds,
             "factors": mf.n_factors, "max_items": config.dp_max_items, "shares": shares,
             "noise_multiplier": sigma, "sum_noise_multiplier": effective, "epsilon_spent": spent,
-            "test_rmse": float(np.mean(rmses)), "test_rmse_sd": float(np.std(rmses, ddof=1)),
+            "test/rmse": float(np.mean(rmses)), "test_rmse_sd": float(np.std(rmses, ddof=1)),
             "test_rmse_runs": rmses, "seconds": (time.perf_counter() - started) / REPEATS}  # fmt: skip
 
 
@@ -174,25 +174,25 @@ def explicit_utility(clients, data) -> dict:
     als, metrics = _test_rmse(clients, data.n_items, plain.mf_config(), plain.rounds)
     references = [
         {"model": f"non-private ALS (CLI defaults: k {plain.mf_config().n_factors}, "
-                  f"{plain.rounds} rounds)", "test_rmse": als,
+                  f"{plain.rounds} rounds)", "test/rmse": als,
          "seconds": time.perf_counter() - started},
         {"model": "trivial baseline: global mean + item bias (the promotion gate's)",
-         "test_rmse": metrics["baseline_test_rmse"]},
+         "test/rmse": metrics["baseline/test/rmse"]},
         {"model": "non-private bias model (mu + b_u + b_i)",
-         "test_rmse": bias_model_rmse(clients, data.n_items, data.rating_scale)},
+         "test/rmse": bias_model_rmse(clients, data.n_items, data.rating_scale)},
     ]  # fmt: skip
-    print_table(references, ["model", "test_rmse", "seconds"])
+    print_table(references, ["model", "test/rmse", "seconds"])
     rows = []
     for secure in (True, False):
         for eps in EPSILONS:
             rows.append(private_run(clients, data, eps, secure=secure))
-            print(f"  secure aggregation {secure}, epsilon {eps}: RMSE {rows[-1]['test_rmse']:.4f}",
+            print(f"  secure aggregation {secure}, epsilon {eps}: RMSE {rows[-1]['test/rmse']:.4f}",
                   flush=True)  # fmt: skip
     columns = ["epsilon", "secure_aggregation", "rounds", "shares", "noise_multiplier",
-               "sum_noise_multiplier", "epsilon_spent", "test_rmse", "test_rmse_sd", "seconds"]  # fmt: skip
+               "sum_noise_multiplier", "epsilon_spent", "test/rmse", "test_rmse_sd", "seconds"]  # fmt: skip
     print_table(rows, columns)
     factors = [private_run(clients, data, eps, secure=True, rounds=3) for eps in (8.0, 16.0)]
-    print_table(factors, ["epsilon", "rounds", "factors", "shares", "test_rmse", "test_rmse_sd"])
+    print_table(factors, ["epsilon", "rounds", "factors", "shares", "test/rmse", "test_rmse_sd"])
     return {"explicit_references": references, "dp": rows, "dp_with_factors": factors}
 
 
@@ -219,9 +219,9 @@ def implicit_utility(data, args: argparse.Namespace) -> list[dict]:
         final = result.history[-1]
         rows.append({"epsilon": "none" if eps is None else eps, "delta": delta, "rounds": cli.rounds,
                      "shares": shares, "noise_multiplier": sigma,
-                     "valid_ndcg_at_10": final["valid_ndcg_at_10"], "test_ndcg_at_10": final["test_ndcg_at_10"],
+                     "valid/ndcg_at_10": final["valid/ndcg_at_10"], "test/ndcg_at_10": final["test/ndcg_at_10"],
                      "seconds": time.perf_counter() - started})  # fmt: skip
-        print(f"  implicit, epsilon {rows[-1]['epsilon']}: NDCG@10 {final['test_ndcg_at_10']:.4f}",
+        print(f"  implicit, epsilon {rows[-1]['epsilon']}: NDCG@10 {final['test/ndcg_at_10']:.4f}",
               flush=True)  # fmt: skip
     return rows
 

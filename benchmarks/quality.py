@@ -116,9 +116,9 @@ def run_one(dataset: str, method: str, fold: int, args: dict) -> dict:
             "seconds_per_round": median([h.seconds for h in history]),
             "round_seconds": [h.seconds for h in history],
             "train_seconds": sum(h.seconds for h in history),
-            "rmse": history[-1].metrics["test_rmse"],
-            "mae": history[-1].metrics["test_mae"],
-            "rmse_curve": [h.metrics["test_rmse"] for h in history],
+            "rmse": history[-1].metrics["test/rmse"],
+            "mae": history[-1].metrics["test/mae"],
+            "rmse_curve": [h.metrics["test/rmse"] for h in history],
             "upload_mb_per_round": history[-1].upload_bytes / 1e6,
         }
     record["peak_rss_mb"] = peak_rss_mb()

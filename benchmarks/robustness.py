@@ -63,17 +63,17 @@ def main() -> None:
                 started = time.perf_counter()
                 _, history = run_federated(clients, data.n_items, config, rounds=args.rounds,
                                            eval_splits=("test",), eval_ranking=False)  # fmt: skip
-                rmse = history[-1].metrics["test_rmse"]
+                rmse = history[-1].metrics["test/rmse"]
                 if fraction == 0 and rule == "mean":
                     clean = rmse
                 rows.append({"attack": "none" if fraction == 0 else attack, "malicious": f"{fraction:.0%}",
-                             "rule": rule, "test_rmse": rmse, "vs_clean": rmse / clean - 1,
+                             "rule": rule, "test/rmse": rmse, "vs_clean": rmse / clean - 1,
                              "seconds": time.perf_counter() - started})  # fmt: skip
                 print(
                     f"  {rows[-1]['attack']:9s} {rows[-1]['malicious']:>4s} {rule:12s} RMSE {rmse:.4f}",
                     flush=True,
                 )
-    print_table(rows, ["attack", "malicious", "rule", "test_rmse", "vs_clean", "seconds"])
+    print_table(rows, ["attack", "malicious", "rule", "test/rmse", "vs_clean", "seconds"])
     path = write_json(
         f"robustness_{args.data}", {"args": vars(args), "machine": machine(), "rows": rows}
     )

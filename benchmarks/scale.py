@@ -56,16 +56,16 @@ def child(spec: dict) -> dict:
                             model_name="scale", **spec)  # fmt: skip
     summary = federated_training(**config.model_dump())
     client = MlflowClient(tracking_uri=uri)
-    seconds = [m.value for m in sorted(client.get_metric_history(summary["run_id"], "round_seconds"),
+    seconds = [m.value for m in sorted(client.get_metric_history(summary["run_id"], "system/round_seconds"),
                                        key=lambda m: m.step)]  # fmt: skip
-    clients = [m.value for m in client.get_metric_history(summary["run_id"], "clients")]
+    clients = [m.value for m in client.get_metric_history(summary["run_id"], "system/clients")]
     return {
         "seconds_per_round": median([seconds[1], seconds[3]]),
         "seconds_with_evaluation": seconds[2],
         "round_seconds": seconds,
         "clients_per_round": median(clients),
-        "client_tasks": summary["metrics"].get("client_tasks"),
-        "test_rmse": summary["metrics"]["test_rmse"],
+        "client_tasks": summary["metrics"].get("system/client_tasks"),
+        "test/rmse": summary["metrics"]["test/rmse"],
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -125,7 +125,7 @@ def main() -> None:
     else:
         print("skipping ML-1M: not found under FEDREC_DATASETS")
     timing = ["seconds_per_round", "seconds_with_evaluation", "peak_rss_mb"]
-    print_table(by_data, ["data", "interactions", "users", "client_tasks", *timing, "test_rmse"])
+    print_table(by_data, ["data", "interactions", "users", "client_tasks", *timing, "test/rmse"])
     print_table(by_clients, ["clients_target", "clients_per_round", "client_tasks", *timing])
     path = write_json("scale", {"args": vars(args), "machine": machine(), "by_interactions": by_data,
                                 "by_clients": by_clients})  # fmt: skip

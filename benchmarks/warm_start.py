@@ -104,7 +104,7 @@ def main() -> None:
             eval_ranking=False,
             start_from=start,
         )
-        curves[name] = [h.metrics["test_rmse"] for h in history]
+        curves[name] = [h.metrics["test/rmse"] for h in history]
     target = 1.005 * curves["cold"][-1]
     rows = [
         {

@@ -362,8 +362,8 @@ def train(
         f"\nmodel {summary['model_name']} version {summary['model_version']}: "
         f"{'promoted to champion' if summary['promoted'] else 'not promoted'} ({summary['reason']})"
     )
-    shown = {"valid RMSE": "valid_rmse", "test RMSE": "test_rmse", "test Recall@10": "test_recall_at_10",
-             "test NDCG@10": "test_ndcg_at_10"}  # fmt: skip
+    shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse", "test Recall@10": "test/recall_at_10",
+             "test NDCG@10": "test/ndcg_at_10"}  # fmt: skip
     parts = [f"{label} {metrics[key]:.4f}" for label, key in shown.items() if key in metrics]
     click.echo(f"{', '.join(parts)}  ({summary['seconds']} s)")
     click.echo(

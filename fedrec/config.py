@@ -38,8 +38,8 @@ _NEURAL = NeuralConfig(
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
 PromotionMetric = Literal[
-    "valid_rmse", "valid_mae", "valid_ndcg_at_10", "valid_recall_at_10", "valid_map_at_10",
-    "test_ndcg_at_10", "test_recall_at_10", "test_map_at_10",
+    "valid/rmse", "valid/mae", "valid/ndcg_at_10", "valid/recall_at_10", "valid/map_at_10",
+    "test/ndcg_at_10", "test/recall_at_10", "test/map_at_10",
 ]  # fmt: skip
 
 
@@ -342,8 +342,8 @@ class TrainingConfig(BaseModel):
     )
     promotion_metric: PromotionMetric | None = Field(
         None,
-        description="metric that decides promotion (default: valid_rmse explicit, valid_ndcg_at_10 "
-        "implicit, test_ndcg_at_10 with a re-ranker, whose labels are the validation rows)",
+        description="metric that decides promotion (default: valid/rmse explicit, valid/ndcg_at_10 "
+        "implicit, test/ndcg_at_10 with a re-ranker, whose labels are the validation rows)",
     )
     min_delta: float = Field(
         0.0, ge=0, description="least improvement over the champion to promote"
@@ -470,10 +470,10 @@ class TrainingConfig(BaseModel):
                 raise ValueError(
                     f"promotion_metric={metric!r}: implicit feedback has no rating error; use a ranking metric"
                 )
-            if self.ranker != "none" and metric.startswith("valid_"):
+            if self.ranker != "none" and metric.startswith("valid/"):
                 raise ValueError(
                     f"promotion_metric={metric!r}: the re-ranker learns from the validation rows, "
-                    "so compare on test_* metrics"
+                    "so compare on test/* metrics"
                 )
         # A mistyped path fails here, before any server, run or task starts.
         check_sources_exist(
@@ -496,8 +496,8 @@ class TrainingConfig(BaseModel):
         if self.promotion_metric is not None:
             return self.promotion_metric
         if self.feedback == "explicit":
-            return "valid_rmse"
-        return "test_ndcg_at_10" if self.ranker != "none" else "valid_ndcg_at_10"
+            return "valid/rmse"
+        return "test/ndcg_at_10" if self.ranker != "none" else "valid/ndcg_at_10"
 
     def ranking_config(self) -> RankingConfig:
         """The core's hyperparameters of the implicit-feedback (ranking) family."""

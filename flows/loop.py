@@ -211,7 +211,7 @@ def train_family(ctx: RunContext, family: Family, spent: Spent) -> Trained:
             if resumed is not None and (index, phase_round) <= (resumed.phase, resumed.phase_round):
                 continue
             if phase.everyone:
-                state, extra[f"{phase.name}_bytes_uploaded"] = _everyone_round(
+                state, extra[f"system/{phase.name}_bytes_uploaded"] = _everyone_round(
                     ctx, family, state, phase
                 )
                 continue

@@ -46,7 +46,11 @@ class Privacy:
     def spent(self, step: int) -> dict[str, float]:
         """The per-step MLflow metrics after ``step`` rounds."""
         eps = epsilon(self.noise_multiplier, self.sampling_rate, step, self.delta)
-        return {"epsilon": eps, "noise_multiplier": self.noise_multiplier, "delta": self.delta}
+        return {
+            "privacy/epsilon": eps,
+            "privacy/noise_multiplier": self.noise_multiplier,
+            "privacy/delta": self.delta,
+        }
 
 
 def round_clients(
@@ -329,7 +333,7 @@ def log_step(
         log_round(ctx.uri, ctx.run_id, step, metrics)
     shown = [
         f"{k} {metrics[k]:.4f}"
-        for k in ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "test_ndcg_at_10")
+        for k in ("train/rmse", "valid/rmse", "valid/ndcg_at_10", "test/ndcg_at_10")
         if k in metrics
     ]
     now = time.time()
@@ -338,8 +342,8 @@ def log_step(
     started = _run_started() or marks[0]
     get_run_logger().info(
         "%s: %s, %d clients, %.1f MB up, %.2f s; %s", label, ", ".join(shown) or "no evaluation",
-        metrics.get("clients", 0), metrics.get("bytes_uploaded", 0.0) / 1e6,
-        metrics.get("round_seconds", float("nan")), pace(marks, min(started, marks[0]), label),
+        metrics.get("system/clients", 0), metrics.get("system/bytes_uploaded", 0.0) / 1e6,
+        metrics.get("system/round_seconds", float("nan")), pace(marks, min(started, marks[0]), label),
     )  # fmt: skip
     if "final" in label:
         _STEP_MARKS.pop(ctx.run_id, None)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Evaluation splits and metrics of the trivial baseline carry this prefix: ``baseline_valid_rmse``
-# is the baseline's ``valid_rmse`` on the same validation rows as the candidate's.
+# Evaluation splits and metrics of the trivial baseline carry this prefix: ``baseline/valid/rmse``
+# is the baseline's ``valid/rmse`` on the same validation rows as the candidate's.
 BASELINE = "baseline"
 # The start of the reason a candidate worse than the baseline is not promoted.
 WORSE_THAN_BASELINE = "worse than the trivial baseline"
@@ -22,12 +22,19 @@ class PromotionDecision:
 
 def baseline_metric(metric: str) -> str:
     """The name of the trivial baseline's value of ``metric`` among a candidate's metrics."""
-    return f"{BASELINE}_{metric}"
+    return f"{BASELINE}/{metric}"
+
+
+def worst_client_metric(metric: str) -> str:
+    """The name of the worst client's value of ``metric`` (``valid/rmse`` ->
+    ``valid/client_max/rmse``, ``valid/ndcg_at_10`` -> ``valid/client_min/ndcg_at_10``)."""
+    split, _, name = metric.rpartition("/")
+    return f"{split}/client_{'max' if lower_is_better(metric) else 'min'}/{name}"
 
 
 def check_baseline(candidate: Mapping[str, float], metric: str) -> PromotionDecision | None:
     """A refusal when the candidate is worse on ``metric`` than the trivial baseline measured on
-    the same rows (``baseline_<metric>`` among its metrics); None when it is not worse, or when
+    the same rows (``baseline/<metric>`` among its metrics); None when it is not worse, or when
     no baseline was measured."""
     base = candidate.get(baseline_metric(metric))
     if base is None or metric not in candidate or not np.isfinite(base):
@@ -43,7 +50,7 @@ def check_baseline(candidate: Mapping[str, float], metric: str) -> PromotionDeci
 
 def lower_is_better(metric: str) -> bool:
     """Error metrics (rmse, mae) fall as models improve; ranking metrics rise."""
-    return metric.split("_")[-1].startswith(("rmse", "mae"))
+    return metric.rpartition("/")[2].startswith(("rmse", "mae"))
 
 
 def decide_promotion(
@@ -63,12 +70,12 @@ def decide_promotion(
     ----------
     candidate, champion : mapping of metric name to value
         Both measured by the same federated evaluation on the same clients; ``champion`` is None
-        when there is no champion yet. ``candidate`` may hold ``baseline_<metric>``, the trivial
+        when there is no champion yet. ``candidate`` may hold ``baseline/<metric>``, the trivial
         baseline's value on the same rows.
     metric : str
-        The primary metric, e.g. ``valid_rmse`` or ``valid_ndcg_at_10``.
+        The primary metric, e.g. ``valid/rmse`` or ``valid/ndcg_at_10``.
     worst_client_metric : str
-        The per-client extreme of the same metric, e.g. ``valid_rmse_client_max``.
+        The per-client extreme of the same metric, e.g. ``valid/client_max/rmse``.
     min_delta, max_client_regression : float
         Absolute margins, in the metric's units.
 

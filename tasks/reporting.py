@@ -9,12 +9,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 _ROUND_COLUMNS = (
-    "train_rmse",
-    "valid_rmse",
-    "valid_ndcg_at_10",
-    "valid_rmse_client_max",
-    "bytes_uploaded",
-    "round_seconds",
+    "train/rmse",
+    "valid/rmse",
+    "valid/ndcg_at_10",
+    "valid/client_max/rmse",
+    "system/bytes_uploaded",
+    "system/round_seconds",
 )
 
 

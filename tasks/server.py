@@ -19,7 +19,7 @@ from prefect.cache_policies import NONE
 from models.federation.evaluation import Evaluation, summarize_splits
 from models.federation.family import Family, Recommender
 from models.metrics import finalize_metrics
-from models.promotion import PromotionDecision, decide_promotion
+from models.promotion import PromotionDecision, decide_promotion, worst_client_metric
 from models.protocol import ClientUpdate
 
 
@@ -51,14 +51,15 @@ def summarize_round(
     seconds: float,
 ) -> dict[str, float]:
     """One logged step: the round's uploads and wall time, and the model it produced, evaluated
-    on every split the clients reported (``train_*``, ``valid_*``, ``test_*``)."""
+    on every split the clients reported (``train/*``, ``valid/*``, ``test/*``); the round's
+    counts and time are ``system/*``."""
     metrics = summarize_splits(evaluations, top_k, n_items)
     if updates:
-        metrics["clients"] = float(sum(u.metrics.get("clients", 1.0) for u in updates))
+        metrics["system/clients"] = float(sum(u.metrics.get("clients", 1.0) for u in updates))
         if any("clients" in u.metrics for u in updates):  # cohorts of per-user clients
-            metrics["client_tasks"] = float(len(updates))
-        metrics["bytes_uploaded"] = float(sum(u.nbytes() for u in updates))
-        metrics["round_seconds"] = seconds
+            metrics["system/client_tasks"] = float(len(updates))
+        metrics["system/bytes_uploaded"] = float(sum(u.nbytes() for u in updates))
+        metrics["system/round_seconds"] = seconds
     return metrics
 
 
@@ -152,12 +153,11 @@ def decide(
     max_client_regression: float,
 ) -> PromotionDecision:
     """Apply the promotion rule to metrics measured the same way for both models."""
-    worst = f"{metric}_client_max" if metric.endswith(("rmse", "mae")) else f"{metric}_client_min"
     return decide_promotion(
         candidate,
         champion,
         metric=metric,
-        worst_client_metric=worst,
+        worst_client_metric=worst_client_metric(metric),
         min_delta=min_delta,
         max_client_regression=max_client_regression,
     )

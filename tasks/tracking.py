@@ -51,7 +51,7 @@ from models.privacy.ledger import (
     run_delta,
 )
 from models.privacy.redaction import redact_uri
-from models.promotion import PromotionDecision, lower_is_better
+from models.promotion import PromotionDecision, baseline_metric, worst_client_metric
 
 CHAMPION = "champion"
 _SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
@@ -191,11 +191,11 @@ def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> 
     fig = Figure(figsize=(6, 4))  # no pyplot: no global state, no display backend
     ax = fig.subplots()
     rounds = list(range(1, len(history) + 1))
-    rating = any("valid_rmse" in h for h in history)
+    rating = any("valid/rmse" in h for h in history)
     keys = (
-        ("train_rmse", "valid_rmse", "test_rmse")
+        ("train/rmse", "valid/rmse", "test/rmse")
         if rating
-        else ("valid_ndcg_at_10", "test_ndcg_at_10")
+        else ("valid/ndcg_at_10", "test/ndcg_at_10")
     )
     for key in keys:
         values = [h.get(key, np.nan) for h in history]
@@ -629,8 +629,7 @@ def version_tags(
     every final metric in one JSON tag. The run's ``final_metrics.json`` artifact holds them all
     at full precision."""
     m = promotion_metric
-    worst = f"{m}_client_max" if lower_is_better(m) else f"{m}_client_min"
-    decisive = (m, worst, f"baseline_{m}")
+    decisive = (m, worst_client_metric(m), baseline_metric(m))
     tags = {f"metric.{k}": f"{metrics[k]:.6g}" for k in decisive if k in metrics}
     return (
         tags

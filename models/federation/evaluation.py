@@ -14,24 +14,34 @@ from models.metrics import add_sums, distribution, finalize_metrics, ranking_sum
 Evaluation = tuple[dict[str, float], np.ndarray | None]
 
 
+def metric_name(split: str, metric: str, client_stat: str | None = None) -> str:
+    """The logged name of ``metric`` on ``split`` (``valid/rmse``), or of its spread over clients
+    (``valid/client_max/rmse`` with ``client_stat="max"``)."""
+    if client_stat is None:
+        return f"{split}/{metric}"
+    return f"{split}/client_{client_stat}/{metric}"
+
+
 def summarize_evaluation(
     parts: Sequence[Evaluation], top_k: int, n_items: int, prefix: str
 ) -> dict[str, float]:
     """Combine clients' evaluation sums into global metrics plus the per-client spread (min, p10,
-    median, max) of RMSE, MAE, NDCG, recall and MAP: ``<prefix>_rmse_client_max`` is the worst
-    client's RMSE, ``<prefix>_ndcg_at_10_client_min`` the worst client's NDCG."""
+    median, max) of RMSE, MAE, NDCG, recall and MAP. Names are grouped by ``/`` as MLflow's charts
+    are: ``<prefix>/rmse`` is the global RMSE, ``<prefix>/client_max/rmse`` the worst client's
+    (:func:`metric_name`)."""
     sums = add_sums(p for p, _ in parts)
     recommended = [r for _, r in parts if r is not None]
     if recommended:
         sums["covered"] = float((np.sum(recommended, axis=0) > 0).sum())
     k = top_k
     out = {
-        f"{prefix}_{name}": v for name, v in finalize_metrics(sums, k=k, n_items=n_items).items()
+        metric_name(prefix, name): v
+        for name, v in finalize_metrics(sums, k=k, n_items=n_items).items()
     }
     per_client = [finalize_metrics(p, k=k) for p, _ in parts]
     for metric in ("rmse", "mae", f"ndcg_at_{k}", f"recall_at_{k}", f"map_at_{k}"):
         values = [m[metric] for m in per_client if metric in m]
-        out |= {f"{prefix}_{metric}_client_{stat}": v for stat, v in distribution(values).items()}
+        out |= {metric_name(prefix, metric, stat): v for stat, v in distribution(values).items()}
     return out
 
 

@@ -25,12 +25,12 @@ def round_metrics(updates: Sequence[ClientUpdate], seconds: float) -> dict[str, 
     """What a round's uploads say: clients, bytes, wall time, the training error if reported."""
     train = add_sums(u.metrics for u in updates)
     metrics = {
-        "clients": float(len(updates)),
-        "bytes_uploaded": float(sum(u.nbytes() for u in updates)),
-        "round_seconds": seconds,
+        "system/clients": float(len(updates)),
+        "system/bytes_uploaded": float(sum(u.nbytes() for u in updates)),
+        "system/round_seconds": seconds,
     }
     if train.get("train_n", 0.0) > 0 and "train_sse" in train:
-        metrics["train_rmse"] = float(np.sqrt(train["train_sse"] / train["train_n"]))
+        metrics["train/rmse"] = float(np.sqrt(train["train_sse"] / train["train_n"]))
     return metrics
 
 
@@ -56,8 +56,8 @@ def run_family(
     start); with ``secure_sum`` (a :class:`SecureFamily` only) the server sees only the sum of the
     clients' dense update vectors; ``on_phase(phase, state)`` runs when a phase ends.
 
-    Returns the final state and one metrics dict per step (``step``, ``clients``,
-    ``bytes_uploaded``, ``round_seconds``, ``train_rmse`` where reported, and the evaluation).
+    Returns the final state and one metrics dict per step (``step``, ``system/clients``,
+    ``system/bytes_uploaded``, ``system/round_seconds``, ``train/rmse`` where reported, and the evaluation).
     """
     if secure_sum is not None and not isinstance(family, SecureFamily):
         raise ValueError(f"the {family.name} family has no secure-aggregation encoding")

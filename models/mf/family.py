@@ -45,7 +45,7 @@ class ExplicitMF:
 
     ``item_ids`` are the caller's ids of the item indices (default: the indices); ``ranking``
     False evaluates rating errors only; ``baseline`` evaluates the trivial baseline too
-    (``baseline_<split>``, see :meth:`baseline_prediction`).
+    (``baseline/<split>``, see :meth:`baseline_prediction`).
     """
 
     config: MFConfig
@@ -107,7 +107,7 @@ class ExplicitMF:
                 predicted = mean + bias[rows.items]
                 if self.config.clip_to is not None:
                     predicted = np.clip(predicted, *self.config.clip_to)
-                evaluations[f"{BASELINE}_{split}"] = (
+                evaluations[f"{BASELINE}/{split}"] = (
                     rating_error_sums(predicted, rows.ratings),
                     None,
                 )

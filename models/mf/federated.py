@@ -497,15 +497,17 @@ def run_federated(
     return state, [_round_result(step) for step in history]
 
 
-_ROUND_KEYS = ("step", "clients", "bytes_uploaded", "round_seconds", "train_rmse")
+_ROUND_KEYS = (
+    "step", "system/clients", "system/bytes_uploaded", "system/round_seconds", "train/rmse",
+)  # fmt: skip
 
 
 def _round_result(step: dict[str, float]) -> RoundResult:
     return RoundResult(
         round=int(step["step"]),
-        n_clients=int(step["clients"]),
-        upload_bytes=int(step["bytes_uploaded"]),
-        train_rmse=step.get("train_rmse", float("nan")),
-        seconds=step["round_seconds"],
+        n_clients=int(step["system/clients"]),
+        upload_bytes=int(step["system/bytes_uploaded"]),
+        train_rmse=step.get("train/rmse", float("nan")),
+        seconds=step["system/round_seconds"],
         metrics={k: v for k, v in step.items() if k not in _ROUND_KEYS},
     )

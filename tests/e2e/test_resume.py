@@ -112,7 +112,7 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterru
     assert len(rounds) == 3 * (6 - last)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run_id, "valid_rmse")]
+    steps = [m.step for m in client.get_metric_history(run_id, "valid/rmse")]
     assert steps == [1, 2, 3, 4, 5, 6]  # every step once: none lost, none logged twice
     # registered from the resumed run (promoted or not: a small model may miss the baseline)
     (version,) = client.search_model_versions("name='resumed'")

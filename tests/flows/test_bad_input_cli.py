@@ -44,7 +44,7 @@ CASES = [
     ("unknown-algorithm", {}, ["train", "--algorithm", "svd"], "'svd' is not one of"),
     ("ranker-without-implicit", {}, ["train", "--ranker", "lightgbm"], "ranker='lightgbm' needs feedback='implicit'"),
     ("by-key-without-key", {}, ["train", "--partition", "by-key"], "--partition by-key needs --partition-key"),
-    ("rmse-promotion-for-implicit", {}, ["train", "--feedback", "implicit", "--promotion-metric", "valid_rmse"], "has no rating error"),
+    ("rmse-promotion-for-implicit", {}, ["train", "--feedback", "implicit", "--promotion-metric", "valid/rmse"], "has no rating error"),
     ("attack-on-als", {}, ["train", "--attack", "sign_flip", "--attack-fraction", "0.2"], "robust rules and attacks apply to fedavg"),
     ("quorum-above-clients", {}, ["train", "--clients", "2", "--min-clients", "3"], "min_clients=3 exceeds clients=2"),
     ("per-user-fedavg", {}, ["train", "--partition", "per-user", "--algorithm", "fedavg"], "--partition per-user trains ALS"),

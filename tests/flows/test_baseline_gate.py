@@ -34,9 +34,9 @@ def test_a_candidate_worse_than_the_baseline_is_registered_and_not_promoted(stor
     bad = _run(store, rounds=1, reg=1000.0)
 
     metrics = bad["metrics"]
-    assert metrics["valid_rmse"] > metrics["baseline_valid_rmse"]
+    assert metrics["valid/rmse"] > metrics["baseline/valid/rmse"]
     assert not bad["promoted"] and bad["reason"].startswith(WORSE_THAN_BASELINE)
-    assert f"{metrics['baseline_valid_rmse']:.4f}" in bad["reason"]
+    assert f"{metrics['baseline/valid/rmse']:.4f}" in bad["reason"]
     version = client.get_model_version("gated", bad["model_version"])
     assert version.tags["fedrec.promotion_reason"] == bad["reason"]
     with pytest.raises(MlflowException):  # no champion: the first model was not good enough
@@ -44,7 +44,7 @@ def test_a_candidate_worse_than_the_baseline_is_registered_and_not_promoted(stor
 
     good = _run(store, rounds=2)
 
-    assert good["metrics"]["valid_rmse"] < good["metrics"]["baseline_valid_rmse"]
+    assert good["metrics"]["valid/rmse"] < good["metrics"]["baseline/valid/rmse"]
     assert good["promoted"], good["reason"]
     champion = client.get_model_version_by_alias("gated", "champion")
     assert str(champion.version) == str(good["model_version"])

@@ -153,9 +153,9 @@ def test_train_json_summary(trained):
     assert summary["tracking_uri"] == uri and len(summary["run_id"]) == 32
     assert summary["seconds"] > 0
     # the summary reports what the run logged at its last step
-    logged = MlflowClient(tracking_uri=uri).get_metric_history(summary["run_id"], "test_rmse")
+    logged = MlflowClient(tracking_uri=uri).get_metric_history(summary["run_id"], "test/rmse")
     assert [m.step for m in logged] == [1, 2]
-    assert summary["metrics"]["test_rmse"] == pytest.approx(logged[-1].value, abs=1e-12)
+    assert summary["metrics"]["test/rmse"] == pytest.approx(logged[-1].value, abs=1e-12)
     # and it beats the global-mean predictor on the same clients' test rows, read from the
     # partitions the run wrote (the baseline's RMSE is computed here, not by fedrec)
     workspace = next((home / "workspaces").iterdir())
@@ -165,7 +165,7 @@ def test_train_json_summary(trained):
     train, test = rows[rows["split"] == 0], rows[rows["split"] == 2]
     assert len(test) > 0 and len(train) > len(test)
     baseline = float(np.sqrt(np.mean((test["rating"] - train["rating"].mean()) ** 2)))
-    assert summary["metrics"]["test_rmse"] < 0.95 * baseline, (summary["metrics"], baseline)
+    assert summary["metrics"]["test/rmse"] < 0.95 * baseline, (summary["metrics"], baseline)
 
 
 def test_recommend_and_predict_write_csv(trained, tmp_path):

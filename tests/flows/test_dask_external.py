@@ -102,7 +102,7 @@ def test_an_external_dask_cluster_runs_the_client_tasks_and_gives_the_thread_run
         served["threads"].recommender.params.factors,
         atol=1e-10,
     )
-    assert summary["metrics"]["clients"] == 3.0
+    assert summary["metrics"]["system/clients"] == 3.0
     ran = finished_tasks(cluster["probe"])
     # every task ran in one of the two worker processes started above, none in this one
     assert set(ran) <= cluster["workers"] and os.getpid() not in ran, (ran, cluster["workers"])

@@ -40,9 +40,9 @@ def _history(store, run_id: str, key: str) -> list[float]:
 def _check_spent(store, run_id: str, target: float, sampling_rate: float) -> float:
     """Each step's epsilon is the accountant's for the logged noise and the sampling rate, and the
     last one uses the budget."""
-    sigma = _history(store, run_id, "noise_multiplier")[-1]
-    delta = _history(store, run_id, "delta")[-1]
-    spent = _history(store, run_id, "epsilon")
+    sigma = _history(store, run_id, "privacy/noise_multiplier")[-1]
+    delta = _history(store, run_id, "privacy/delta")[-1]
+    spent = _history(store, run_id, "privacy/epsilon")
     assert len(spent) == SMALL["rounds"]
     for step, value in enumerate(spent, start=1):
         assert value == pytest.approx(epsilon(sigma, sampling_rate, step, delta), rel=1e-9)
@@ -59,7 +59,7 @@ def test_dp_with_client_sampling_spends_the_budget_with_less_noise(store):
     assert sigma_sampled < sigma_full  # sampling amplifies privacy: less noise for the same epsilon
     # every partition answers; which of their users took part stays on the clients
     for run in (full, sampled):
-        assert _history(store, run["run_id"], "clients") == [4.0] * SMALL["rounds"]
+        assert _history(store, run["run_id"], "system/clients") == [4.0] * SMALL["rounds"]
 
 
 def test_dp_with_per_user_clients_in_cohorts(store):
@@ -67,10 +67,10 @@ def test_dp_with_per_user_clients_in_cohorts(store):
                    client_fraction=0.3, dp_epsilon=4.0)  # fmt: skip
 
     _check_spent(store, summary["run_id"], 4.0, 0.3)
-    assert _history(store, summary["run_id"], "delta")[-1] == pytest.approx(1 / 400)
+    assert _history(store, summary["run_id"], "privacy/delta")[-1] == pytest.approx(1 / 400)
     # the four cohorts of 100 answered every round; how many of their users flipped heads on
     # their 30% coin is not reported to the server under DP
-    assert _history(store, summary["run_id"], "clients") == [4.0] * SMALL["rounds"]
+    assert _history(store, summary["run_id"], "system/clients") == [4.0] * SMALL["rounds"]
     mlflow.set_tracking_uri(store["uri"])
     model = mlflow.pyfunc.load_model("models:/dp-per-user@champion").unwrap_python_model()
     assert np.isfinite(model.recommender.params.factors).all()

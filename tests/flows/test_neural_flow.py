@@ -48,7 +48,7 @@ def test_the_flow_registers_the_network_the_reference_loop_trains(store, trained
         np.testing.assert_allclose(served.params[name], value, rtol=1e-5, atol=1e-6)
     assert served.arch == state.arch and served.arch.kind == "dae"
 
-    steps = store["client"].get_metric_history(summary["run_id"], "valid_ndcg_at_10")
+    steps = store["client"].get_metric_history(summary["run_id"], "valid/ndcg_at_10")
     assert sorted(m.step for m in steps) == [1, 2, 3]
 
 

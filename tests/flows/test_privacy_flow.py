@@ -253,8 +253,10 @@ def test_secure_aggregation_gives_the_plain_model_and_survives_a_dropout(store):
     )
     # the cold-start list comes from the decoded sum of counts: the same popularity
     np.testing.assert_allclose(served("secure").popularity, served("plain").popularity)
-    assert secure["metrics"]["test_rmse"] == pytest.approx(plain["metrics"]["test_rmse"], abs=1e-5)
-    answered = [m.value for m in store["client"].get_metric_history(dropout["run_id"], "clients")]
+    assert secure["metrics"]["test/rmse"] == pytest.approx(plain["metrics"]["test/rmse"], abs=1e-5)
+    answered = [
+        m.value for m in store["client"].get_metric_history(dropout["run_id"], "system/clients")
+    ]
     assert answered == [2.0, 2.0]  # client 1 vanished after sharing keys; t = 2 survivors
 
 
@@ -272,7 +274,9 @@ def test_dp_run_logs_epsilon_and_the_ledger_refuses_past_the_budget(own_store):
     summary = _run(store, model_name="private", dp_epsilon=8.0, dp_budget=10.0)
 
     client = store["client"]
-    spent = [(m.step, m.value) for m in client.get_metric_history(summary["run_id"], "epsilon")]
+    spent = [
+        (m.step, m.value) for m in client.get_metric_history(summary["run_id"], "privacy/epsilon")
+    ]
     assert [s for s, _ in spent] == [1, 2] and spent[0][1] < spent[1][1] <= 8.0 + 1e-9
     assert spent[1][1] > 7.5  # the noise is calibrated to use the budget asked for
     version = client.get_model_version("private", summary["model_version"])
@@ -294,7 +298,7 @@ def test_dp_implicit_run_spends_its_epsilon_and_serves_implicit_als_alone(own_st
     summary = _run(store, model_name="private-ranking", dp_epsilon=4.0, rounds=3, **IMPLICIT)
 
     client = store["client"]
-    spent = [m.value for m in client.get_metric_history(summary["run_id"], "epsilon")]
+    spent = [m.value for m in client.get_metric_history(summary["run_id"], "privacy/epsilon")]
     assert len(spent) == 3 and spent == sorted(spent) and 3.8 < spent[-1] <= 4.0 + 1e-9
     mlflow.set_tracking_uri(store["uri"])
     model = mlflow.pyfunc.load_model("models:/private-ranking@champion").unwrap_python_model()

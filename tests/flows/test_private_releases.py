@@ -55,9 +55,13 @@ def test_a_private_run_releases_no_item_counts_no_per_client_files_and_evaluates
     files = {f.path for f in client.list_artifacts(summary["run_id"])}
     assert "config.json" in files and "learning_curve.png" in files
     assert not files & {"client_metrics.csv", "client_metrics.png", "data_profile.csv"}
-    steps = [m.step for m in client.get_metric_history(summary["run_id"], "valid_rmse")]
+    steps = [m.step for m in client.get_metric_history(summary["run_id"], "valid/rmse")]
     assert steps == [3]  # the final model only
-    assert [m.step for m in client.get_metric_history(summary["run_id"], "epsilon")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "privacy/epsilon")] == [
+        1,
+        2,
+        3,
+    ]
 
 
 def test_a_private_run_does_not_warm_start_from_a_champion_trained_without_dp(store):

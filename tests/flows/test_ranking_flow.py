@@ -52,15 +52,20 @@ def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_r
 
     history = {
         key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-        for key in ("valid_ndcg_at_10", "test_ndcg_at_10", "test_recall_at_10", "bytes_uploaded")
+        for key in (
+            "valid/ndcg_at_10",
+            "test/ndcg_at_10",
+            "test/recall_at_10",
+            "system/bytes_uploaded",
+        )
     }
 
     steps = list(range(1, ALS_ROUNDS + RANKER_ROUNDS + 1))
     for key, points in history.items():
         assert [s for s, _ in points] == steps, key
-    test = dict(history["test_ndcg_at_10"])
+    test = dict(history["test/ndcg_at_10"])
     assert test[ALS_ROUNDS + RANKER_ROUNDS] > test[ALS_ROUNDS]  # re-ranked beats retrieval
-    assert all(value > 0 for _, value in history["bytes_uploaded"])
+    assert all(value > 0 for _, value in history["system/bytes_uploaded"])
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"feature_importance.png", "feature_importance.csv", "learning_curve.png"} <= artifacts
     version = client.get_model_version_by_alias("ranktest", "champion")
@@ -121,13 +126,13 @@ def test_a_challenger_is_compared_with_the_champion_on_the_same_rows(store, firs
     new, old = summary["metrics"], summary["champion_metrics"]
     # the champion was measured again on the same clients' rows: the numbers its own run recorded
     recorded = json.loads(champion.tags["fedrec.metrics_json"])
-    for key in ("test_ndcg_at_10", "test_ndcg_at_10_client_min"):
+    for key in ("test/ndcg_at_10", "test/client_min/ndcg_at_10"):
         assert old[key] == pytest.approx(recorded[key], abs=1e-6), key
     # the promotion rule, written out: a strict gain of at least min_delta on test NDCG (the
     # re-ranker learns from the validation rows), and the worst client no more than
     # max_client_regression worse than the champion's worst client
-    gain = new["test_ndcg_at_10"] - old["test_ndcg_at_10"]
-    worst_drop = old["test_ndcg_at_10_client_min"] - new["test_ndcg_at_10_client_min"]
+    gain = new["test/ndcg_at_10"] - old["test/ndcg_at_10"]
+    worst_drop = old["test/client_min/ndcg_at_10"] - new["test/client_min/ndcg_at_10"]
     expected = gain > 0 and gain >= config.min_delta and worst_drop <= config.max_client_regression
     assert summary["promoted"] is expected, (gain, worst_drop, summary["reason"])
     tags = client.get_model_version("ranktest", summary["model_version"]).tags
@@ -240,15 +245,15 @@ def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(
     assert summary["model_name"] == "fedrec-ranking" and summary["promoted"] is True
     from mlflow.tracking import MlflowClient
 
-    logged = MlflowClient(tracking_uri=uri).get_metric_history(summary["run_id"], "test_ndcg_at_10")
-    assert summary["metrics"]["test_ndcg_at_10"] == pytest.approx(
+    logged = MlflowClient(tracking_uri=uri).get_metric_history(summary["run_id"], "test/ndcg_at_10")
+    assert summary["metrics"]["test/ndcg_at_10"] == pytest.approx(
         max(logged, key=lambda m: m.step).value, abs=1e-12
     )  # the summary reports the last logged step
     # at least as good as the most-popular list on the same test file, scored here by an
     # independent NDCG@10 (this synthetic data is mostly popularity: 0.383 vs the model's 0.387
     # measured; a random list scores about 0.07)
     popular = _popularity_ndcg(frame[part == 0], frame[part == 1], frame[part == 2], k=10)
-    assert popular > 0.2 and summary["metrics"]["test_ndcg_at_10"] > popular - 0.01, popular
+    assert popular > 0.2 and summary["metrics"]["test/ndcg_at_10"] > popular - 0.01, popular
 
     history = tmp_path / "history.csv"
     liked = frame[frame.user_id == frame.user_id.iloc[0]].item_id.tolist()[:6]

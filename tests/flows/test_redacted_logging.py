@@ -25,7 +25,7 @@ def test_params_tags_and_config_json_of_a_run_hold_no_credentials(tmp_path):
         elsewhere = TrainingConfig(
             tracking_uri="postgresql://fedrec:s3cret-pw@db.example/mlflow?token=tok-123"
         )
-        history = [{"train_rmse": 1.0, "valid_rmse": 1.1}]
+        history = [{"train/rmse": 1.0, "valid/rmse": 1.1}]
         clients = pd.DataFrame({"client": [0], "rmse": [1.0]})
         log_artifacts.fn(uri, run_id, elsewhere, pd.DataFrame(), history, clients)
 

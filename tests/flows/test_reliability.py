@@ -35,7 +35,7 @@ def test_a_client_that_is_down_is_left_out_and_the_round_goes_on(store):
     summary = _train(store, fault_clients=(1,), task_retries=1, min_clients=2)
 
     client = store["client"]
-    answered = [m.value for m in client.get_metric_history(summary["run_id"], "clients")]
+    answered = [m.value for m in client.get_metric_history(summary["run_id"], "system/clients")]
     assert answered == [2.0, 2.0]  # every round ran on the two clients that answered
     assert summary["model_version"] == "1" and summary["promoted"]
 
@@ -63,7 +63,9 @@ def test_flaky_clients_succeed_on_retries_with_a_fresh_draw_per_attempt(store):
     summary = _train(store, fault_probability=0.5, task_retries=3, round_retries=2,
                      min_fraction=1.0, seed=3, skip_if_unchanged=False)  # fmt: skip
 
-    answered = [m.value for m in store["client"].get_metric_history(summary["run_id"], "clients")]
+    answered = [
+        m.value for m in store["client"].get_metric_history(summary["run_id"], "system/clients")
+    ]
     assert answered == [3.0, 3.0]
 
 
@@ -146,7 +148,9 @@ def test_the_round_timeout_leaves_a_straggler_out_of_the_real_flow(store, monkey
         for event in released.values():
             event.set()
 
-    answered = [m.value for m in store["client"].get_metric_history(summary["run_id"], "clients")]
+    answered = [
+        m.value for m in store["client"].get_metric_history(summary["run_id"], "system/clients")
+    ]
     assert answered == [3.0, 3.0]  # each round without its straggler
     assert summary["model_version"] is not None
 
@@ -156,7 +160,9 @@ def test_a_round_timeout_keeps_every_prompt_answer(store):
     summary = _train(store, model_name="prompt", clients=6, round_timeout=120.0, task_retries=0,
                      round_retries=0, min_clients=1, min_fraction=0.0, seed=31)  # fmt: skip
 
-    answered = [m.value for m in store["client"].get_metric_history(summary["run_id"], "clients")]
+    answered = [
+        m.value for m in store["client"].get_metric_history(summary["run_id"], "system/clients")
+    ]
     assert answered == [6.0, 6.0]
 
 
@@ -175,7 +181,7 @@ def test_a_median_resists_an_attack_through_the_flow_where_the_mean_does_not(sto
                                 "aggregation": "median"},
         }.items()
     }  # fmt: skip
-    rmse = {name: run["metrics"]["valid_rmse"] for name, run in runs.items()}
+    rmse = {name: run["metrics"]["valid/rmse"] for name, run in runs.items()}
     params = store["client"].get_run(runs["attacked-median"]["run_id"]).data.params
     assert params["attack"] == "sign_flip" and params["aggregation"] == "median"
 
@@ -200,8 +206,8 @@ def test_a_candidate_whose_evaluation_failed_is_not_promoted(store, monkeypatch)
     summary = _train(store, model_name="unevaluated", seed=22, task_retries=0)
 
     assert summary["promoted"] is False
-    assert summary["reason"] == "candidate has no valid_rmse: evaluation failed or was empty"
-    assert "valid_rmse" not in summary["metrics"]
+    assert summary["reason"] == "candidate has no valid/rmse: evaluation failed or was empty"
+    assert "valid/rmse" not in summary["metrics"]
     champion = client.get_model_version_by_alias("unevaluated", "champion")
     assert str(champion.version) == first["model_version"]
     tags = client.get_model_version("unevaluated", summary["model_version"]).tags

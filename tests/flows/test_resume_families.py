@@ -73,7 +73,7 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     assert summary["run_id"] == run_id
     assert min(r for _, r in resumed if r > 0) == stop_at[1]  # nothing before the stop again
     assert not any(r == 0 for _, r in resumed)  # nor a round that every client answers once
-    for key in ("valid_ndcg_at_10", "test_ndcg_at_10"):
+    for key in ("valid/ndcg_at_10", "test/ndcg_at_10"):
         assert summary["metrics"][key] == pytest.approx(whole["metrics"][key], abs=1e-9), key
 
 

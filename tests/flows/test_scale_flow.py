@@ -44,10 +44,10 @@ def test_per_user_clients_give_the_same_model_in_cohorts_of_1_and_500(store):
     one, five_hundred = (_served(store, f"per-user-{size}") for size in (1, 500))
     np.testing.assert_allclose(one.params.factors, five_hundred.params.factors, atol=1e-9)
     np.testing.assert_allclose(one.params.bias, five_hundred.params.bias, atol=1e-9)
-    clients = [_metric(store, runs[s]["run_id"], "clients") for s in (1, 500)]
+    clients = [_metric(store, runs[s]["run_id"], "system/clients") for s in (1, 500)]
     assert clients[0] == clients[1] and all(20 < c < 60 for c in clients[0])  # ~half of 80 users
-    assert _metric(store, runs[1]["run_id"], "client_tasks") == [80.0, 80.0]
-    assert _metric(store, runs[500]["run_id"], "client_tasks") == [1.0, 1.0]
+    assert _metric(store, runs[1]["run_id"], "system/client_tasks") == [80.0, 80.0]
+    assert _metric(store, runs[500]["run_id"], "system/client_tasks") == [1.0, 1.0]
 
 
 def test_the_dask_runner_on_two_worker_processes_gives_the_thread_runners_model(
@@ -72,7 +72,7 @@ def test_the_dask_runner_on_two_worker_processes_gives_the_thread_runners_model(
         _served(store, "on-dask").params.factors, _served(store, "on-threads").params.factors,
         atol=1e-10,
     )  # fmt: skip
-    assert dask_run["metrics"]["clients"] == 3.0
+    assert dask_run["metrics"]["system/clients"] == 3.0
     # the client tasks ran in the cluster's worker processes, not in this process's threads:
     # 3 clients x 2 rounds trained there (plus evaluations), in processes other than this one
     ran = finished_tasks(tmp_path)
@@ -82,7 +82,7 @@ def test_the_dask_runner_on_two_worker_processes_gives_the_thread_runners_model(
 
 def test_eval_every_skips_evaluation_between_rounds_but_not_after_the_last(store):
     run = _run(store, model_name="sparse-eval", rounds=5, eval_every=2, clients=3)
-    history = store["client"].get_metric_history(run["run_id"], "valid_rmse")
+    history = store["client"].get_metric_history(run["run_id"], "valid/rmse")
     assert sorted(m.step for m in history) == [2, 4, 5]
-    seconds = store["client"].get_metric_history(run["run_id"], "round_seconds")
+    seconds = store["client"].get_metric_history(run["run_id"], "system/round_seconds")
     assert sorted(m.step for m in seconds) == [1, 2, 3, 4, 5]  # every round is still logged

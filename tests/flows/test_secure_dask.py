@@ -195,7 +195,7 @@ def test_secure_aggregation_on_two_dask_workers_gives_the_thread_runners_model(s
             os.environ.pop("PREFECT_API_URL", None)
     threads = _run(store, "thread", model_name="secure-on-threads", fault_dropout_clients=(2,))
     # client 2 vanished after sharing its keys in every round: 3 of 4 in the sum
-    assert dask["metrics"]["clients"] == threads["metrics"]["clients"] == 3.0
+    assert dask["metrics"]["system/clients"] == threads["metrics"]["system/clients"] == 3.0
     np.testing.assert_array_equal(
         _factors(store, "secure-on-dask"), _factors(store, "secure-on-threads")
     )

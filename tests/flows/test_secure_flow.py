@@ -143,7 +143,7 @@ def run_log() -> Iterator[list[str]]:
 
 
 def _clients_per_round(store, run_id: str) -> list[float]:
-    return [m.value for m in store["client"].get_metric_history(run_id, "clients")]
+    return [m.value for m in store["client"].get_metric_history(run_id, "system/clients")]
 
 
 def test_a_secure_explicit_run_gives_the_plain_model(store):
@@ -155,7 +155,7 @@ def test_a_secure_explicit_run_gives_the_plain_model(store):
         _served(store, "explicit-plain").params.factors,
         atol=1e-6,
     )
-    assert secure["metrics"]["test_rmse"] == pytest.approx(plain["metrics"]["test_rmse"], abs=1e-6)
+    assert secure["metrics"]["test/rmse"] == pytest.approx(plain["metrics"]["test/rmse"], abs=1e-6)
     assert _clients_per_round(store, secure["run_id"]) == [4.0, 4.0]
 
 
@@ -168,8 +168,8 @@ def test_a_secure_implicit_run_gives_the_plain_model_and_says_knn_ran_in_the_cle
         ours.retrieval.item_factors, theirs.retrieval.item_factors, atol=1e-6
     )
     np.testing.assert_allclose(ours.retrieval.popularity, theirs.retrieval.popularity)
-    assert secure["metrics"]["test_ndcg_at_10"] == pytest.approx(
-        plain["metrics"]["test_ndcg_at_10"], abs=1e-9
+    assert secure["metrics"]["test/ndcg_at_10"] == pytest.approx(
+        plain["metrics"]["test/ndcg_at_10"], abs=1e-9
     )
     assert any(
         "phase(s) knn send each client's answer to the server in the clear" in line

@@ -20,8 +20,8 @@ SMALL = {
     "synthetic_interactions": 16_000,
     "clients": 3,
 }
-PER_ROUND = ("train_rmse", "valid_rmse", "valid_ndcg_at_10", "test_rmse", "test_ndcg_at_10", "valid_rmse_client_min", "valid_rmse_client_max",
-             "bytes_uploaded", "round_seconds", "clients")  # fmt: skip
+PER_ROUND = ("train/rmse", "valid/rmse", "valid/ndcg_at_10", "test/rmse", "test/ndcg_at_10", "valid/client_min/rmse", "valid/client_max/rmse",
+             "system/bytes_uploaded", "system/round_seconds", "system/clients")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -80,26 +80,26 @@ def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_
         "fedrec.config_hash",
         "fedrec.algorithm",
         "fedrec.code_version",
-        "metric.valid_rmse",
+        "metric.valid/rmse",
     } <= set(champion.tags)
     # only the metrics the promotion rule reads are version tags; the run keeps them all
     assert {t for t in champion.tags if t.startswith("metric.")} <= {
-        "metric.valid_rmse",
-        "metric.valid_rmse_client_max",
-        "metric.baseline_valid_rmse",
+        "metric.valid/rmse",
+        "metric.valid/client_max/rmse",
+        "metric.baseline/valid/rmse",
     }
     final = json.loads(
         Path(client.download_artifacts(run.info.run_id, "final_metrics.json")).read_text()
     )
-    assert final["test_rmse"] == pytest.approx(
-        client.get_metric_history(run.info.run_id, "test_rmse")[-1].value, abs=1e-12
+    assert final["test/rmse"] == pytest.approx(
+        client.get_metric_history(run.info.run_id, "test/rmse")[-1].value, abs=1e-12
     )
     # MLflow 3's UI opens the experiment on its training runs
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.tags["fedrec.code_version"]
     # learning happened: the last round beats the first on validation RMSE
-    curve = [m.value for m in client.get_metric_history(run.info.run_id, "valid_rmse")]
+    curve = [m.value for m in client.get_metric_history(run.info.run_id, "valid/rmse")]
     assert curve[-1] < curve[0]
 
 
@@ -119,14 +119,14 @@ def test_worse_second_run_is_registered_but_not_promoted(store, first_run):
     tags = client.get_model_version("flowtest", summary["model_version"]).tags
     assert tags["fedrec.promoted"] == "false"
     reason = tags["fedrec.promotion_reason"]
-    assert reason.startswith("valid_rmse ") and reason.endswith("no improvement")
+    assert reason.startswith("valid/rmse ") and reason.endswith("no improvement")
     assert summary["reason"] == reason
     assert tags["fedrec.compared_with_version"] == str(champion.version)
     # both were measured by the same federated evaluation on the same clients: the champion's
     # numbers now are the ones its own run recorded (rounded to 6 decimals in the tag)
     recorded = json.loads(champion.tags["fedrec.metrics_json"])
-    assert summary["champion_metrics"]["valid_rmse"] == pytest.approx(
-        recorded["valid_rmse"], abs=1e-6
+    assert summary["champion_metrics"]["valid/rmse"] == pytest.approx(
+        recorded["valid/rmse"], abs=1e-6
     )
 
 
@@ -234,8 +234,8 @@ def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run)
     warm_summary = federated_training(**warm.model_dump())
     cold_summary = federated_training(**cold.model_dump())
 
-    assert warm_summary["metrics"]["valid_rmse"] < cold_summary["metrics"]["valid_rmse"] - 0.02
-    assert warm_summary["metrics"]["valid_rmse"] < first_run["metrics"]["valid_rmse"] + 0.01
+    assert warm_summary["metrics"]["valid/rmse"] < cold_summary["metrics"]["valid/rmse"] - 0.02
+    assert warm_summary["metrics"]["valid/rmse"] < first_run["metrics"]["valid/rmse"] + 0.01
 
 
 def test_explicit_train_and_test_files_keep_their_split(store, tmp_path):
@@ -260,7 +260,7 @@ def test_explicit_train_and_test_files_keep_their_split(store, tmp_path):
     assert profile["test_rows"].sum() == is_test.sum()  # the test file, exactly
     assert profile["valid_rows"].sum() > 0  # validation carved from the training file
     assert profile["train_rows"].sum() + profile["valid_rows"].sum() == (~is_test).sum()
-    assert {"valid_rmse", "test_rmse"} <= set(summary["metrics"]) and summary["promoted"] is True
+    assert {"valid/rmse", "test/rmse"} <= set(summary["metrics"]) and summary["promoted"] is True
 
 
 def test_sampled_rounds_still_evaluate_every_client(store):
@@ -271,10 +271,10 @@ def test_sampled_rounds_still_evaluate_every_client(store):
     summary = federated_training(**config.model_dump())
 
     client = store["client"]
-    for key in ("valid_rmse", "train_rmse", "clients"):
+    for key in ("valid/rmse", "train/rmse", "system/clients"):
         history = client.get_metric_history(summary["run_id"], key)
         assert [m.step for m in history] == [1, 2, 3], key
-    assert {m.value for m in client.get_metric_history(summary["run_id"], "clients")} == {
+    assert {m.value for m in client.get_metric_history(summary["run_id"], "system/clients")} == {
         2.0
     }  # 50% of 4 train
     profile = pd.read_csv(client.download_artifacts(summary["run_id"], "client_metrics.csv"))

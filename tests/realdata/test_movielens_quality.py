@@ -69,5 +69,5 @@ def test_federated_als_on_ml100k_matches_centralized_and_surprise_protocol_rmse(
     np.testing.assert_allclose(
         state.params.factors, central.item_params_.factors, atol=1e-8, rtol=0
     )
-    assert history[-1].metrics["test_rmse"] == pytest.approx(central_rmse, abs=1e-9)
+    assert history[-1].metrics["test/rmse"] == pytest.approx(central_rmse, abs=1e-9)
     assert central_rmse < 0.92  # Surprise's SVD scores 0.934 on this protocol

@@ -15,7 +15,7 @@ def test_defaults_come_from_the_core_and_map_back_to_it():
         MFConfig.algorithm,
     )
     assert mf.clip_to == config.rating_scale
-    assert (config.registered_name, config.promotion) == ("fedrec-mf", "valid_rmse")
+    assert (config.registered_name, config.promotion) == ("fedrec-mf", "valid/rmse")
     implicit = TrainingConfig(feedback="implicit").ranking_config()
     core = RankingConfig()
     assert (implicit.n_factors, implicit.reg, implicit.alpha, implicit.ranker) == (
@@ -24,7 +24,7 @@ def test_defaults_come_from_the_core_and_map_back_to_it():
     two_stage = TrainingConfig(feedback="implicit", ranker="lightgbm", factors=16, ranker_trees=3)
     assert two_stage.ranking_config().n_factors == 16
     assert two_stage.ranking_config().ranker.trees_per_round == 3
-    assert (two_stage.registered_name, two_stage.promotion) == ("fedrec-ranking", "test_ndcg_at_10")
+    assert (two_stage.registered_name, two_stage.promotion) == ("fedrec-ranking", "test/ndcg_at_10")
 
 
 @pytest.mark.parametrize(
@@ -33,8 +33,8 @@ def test_defaults_come_from_the_core_and_map_back_to_it():
         ({"ranker": "lightgbm"}, "ranker='lightgbm' needs feedback='implicit'"),
         ({"feedback": "implicit", "algorithm": "fedavg"}, "implicit feedback trains with als"),
         ({"positive_threshold": 3.0}, "positive_threshold needs feedback='implicit'"),
-        ({"feedback": "implicit", "promotion_metric": "valid_rmse"}, "has no rating error"),
-        ({"feedback": "implicit", "ranker": "lightgbm", "promotion_metric": "valid_ndcg_at_10"},
+        ({"feedback": "implicit", "promotion_metric": "valid/rmse"}, "has no rating error"),
+        ({"feedback": "implicit", "ranker": "lightgbm", "promotion_metric": "valid/ndcg_at_10"},
          "learns from the validation rows"),
     ],
 )  # fmt: skip

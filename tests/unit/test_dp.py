@@ -117,7 +117,7 @@ def test_dp_implicit_als_trades_ranking_quality_for_privacy():
 
     def ndcg(config):
         result = run_two_stage(clients, data.n_items, config, rounds=3, eval_splits=("test",))
-        return result.history[-1]["test_ndcg_at_10"], result.recommender.retrieval
+        return result.history[-1]["test/ndcg_at_10"], result.recommender.retrieval
 
     sigma = calibrate(8.0, 1.0, 3, 1 / data.n_users)
     private = UserLevelDP.for_implicit(sigma, max_items=30, shares=5)
@@ -151,7 +151,7 @@ def test_dp_als_trades_accuracy_for_privacy():
         _, history = run_federated(
             clients, data.n_items, config, rounds=5, eval_splits=("test",), eval_ranking=False
         )
-        return history[-1].metrics["test_rmse"]
+        return history[-1].metrics["test/rmse"]
 
     private = UserLevelDP(noise_multiplier=calibrate(8.0, 1.0, 5, 1 / 1500), max_items=20, shares=5)
     plain, loose, tight = (

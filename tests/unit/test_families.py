@@ -162,7 +162,7 @@ def test_every_family_keeps_the_contract(federation, name):
         [family.evaluate(c, state, splits) for c in clients], family.top_k, data.n_items
     )
     # the run's trivial baseline is measured beside its own model, not beside a champion
-    ours = {k: v for k, v in ours.items() if not k.startswith("baseline_")}
+    ours = {k: v for k, v in ours.items() if not k.startswith("baseline/")}
     champion_family, champion_state = target
     theirs = summarize_splits(
         [champion_family.evaluate(c, champion_state, splits) for c in clients],

@@ -62,8 +62,8 @@ def test_contract_updates_are_item_level_and_training_converges(algorithm, feder
     assert [r.round for r in history] == list(range(1, 51)) and seen == history
     assert state.round == 50
     assert all(r.n_clients == 5 and r.upload_bytes > 0 for r in history)
-    final = history[-1].metrics["test_rmse"]
-    assert final < 0.8 * history[0].metrics["test_rmse"]
+    final = history[-1].metrics["test/rmse"]
+    assert final < 0.8 * history[0].metrics["test/rmse"]
     reference = _centralized_test_rmse(data, clients, config)
     assert final < 1.05 * reference, (final, reference)
 

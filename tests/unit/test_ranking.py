@@ -169,8 +169,8 @@ def test_reranker_lifts_retrieval_and_is_close_to_a_centralized_ranker(implicit_
         item_features=data.item_features,
         eval_splits=("test",),
     )
-    retrieval_ndcg = next(h for h in result.history if h["stage"] == "retrieval")["test_ndcg_at_10"]
-    two_stage = result.history[-1]["test_ndcg_at_10"]
+    retrieval_ndcg = next(h for h in result.history if h["stage"] == "retrieval")["test/ndcg_at_10"]
+    two_stage = result.history[-1]["test/ndcg_at_10"]
     assert two_stage > retrieval_ndcg
 
     # The same features and labels pooled in one place, one LightGBM ranker with as many trees.

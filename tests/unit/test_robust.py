@@ -115,7 +115,7 @@ def test_trimmed_mean_keeps_fedavg_close_to_clean_with_20_percent_sign_flippers(
             _, history = run_federated(
                 clients, data.n_items, config, rounds=10, eval_splits=("test",), eval_ranking=False
             )
-        return history[-1].metrics.get("test_rmse", np.nan)
+        return history[-1].metrics.get("test/rmse", np.nan)
 
     clean = rmse(base)
     poisoned_mean = rmse(replace(base, **attacked))
