@@ -40,14 +40,14 @@ def test_params_tags_and_config_json_of_a_run_hold_no_credentials(tmp_path):
     )
 
 
-def test_mlflow_prints_no_run_url_for_a_credentialed_store(monkeypatch):
+def test_mlflow_prints_no_run_url_for_a_credentialed_store(monkeypatch, tmp_path):
     import os
 
     from tasks.tracking import _client
 
     monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "")  # restored afterwards
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
-    _client("sqlite:///plain.db")
+    _client(f"sqlite:///{tmp_path / 'plain.db'}")
     assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
     _client("https://fedrec:s3cret-pw@mlflow.example")
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
