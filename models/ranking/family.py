@@ -1,5 +1,7 @@
 """The two-stage recommender as a model family: rounds of implicit ALS, one round of item
-co-occurrences (item-kNN, and EASE when configured), then rounds of the LightGBM re-ranker.
+co-occurrences (item-kNN, and EASE when configured), rounds of FedAvg training of a Mult-DAE
+network when configured (the neural family's client and server steps), then rounds of the
+LightGBM re-ranker.
 
 Under DP only the implicit-ALS rounds run: kNN, EASE and the re-ranker have no DP mechanism here,
 and the cold-start popularity comes from the last round's noisy counts.
@@ -17,8 +19,9 @@ import pandas as pd
 from scipy import sparse
 
 from models.client import ClientData
-from models.federation.evaluation import Evaluation
+from models.federation.evaluation import Evaluation, popularity_baselines
 from models.federation.family import Phase, item_labels
+from models.neural.family import Neural, NeuralState
 from models.protocol import ClientUpdate
 from models.ranking.boosting import TreeEnsemble
 from models.ranking.ease import federated_ease_weights
@@ -42,6 +45,8 @@ from models.ranking.recommender import RankingRecommender, align_recommender
 
 # Stages of the state: what evaluates it and what it serves.
 ALS, RETRIEVAL, RANKER = "als", "retrieval", "ranker"
+NEURAL = "neural"  # the phase that trains the network (the state's stage stays "retrieval")
+_NETWORK = "network."  # prefix of the network's arrays in a saved state
 _STAGES = (ALS, RETRIEVAL, RANKER)
 
 
@@ -55,6 +60,7 @@ class TwoStageState:
     popularity: np.ndarray | None = None
     similarity: sparse.csr_matrix | None = None
     ease: np.ndarray | None = None
+    network: NeuralState | None = None
     ensemble: TreeEnsemble = field(default_factory=TreeEnsemble)
     retrieval_key: str = ""  # identifies the retrieval state (clients cache candidates by it)
     served: RankingRecommender | None = None
@@ -92,12 +98,22 @@ class TwoStage:
         phases = [Phase(ALS, rounds)]
         if self.config.dp is None:
             phases.append(Phase("knn", 1, everyone=True))
+            if self.config.neural is not None:
+                phases.append(Phase(NEURAL, self.config.neural.federated.rounds))
         if self.config.ranker is not None:
             phases.append(Phase(RANKER, self.config.ranker.rounds, per_device=False))
         return phases
 
     def initial_state(self, n_items: int, seed: int) -> TwoStageState:
-        return TwoStageState(init_item_factors(n_items, self.config, seed))
+        network = None
+        if self.config.neural is not None and self.config.dp is None:
+            network = self._network_family.initial_state(n_items, seed + 1)
+        return TwoStageState(init_item_factors(n_items, self.config, seed), network=network)
+
+    @property
+    def _network_family(self) -> Neural:
+        assert self.config.neural is not None
+        return Neural(self.config.neural)
 
     # --- on a client -----------------------------------------------------------------------
     def client_round(
@@ -109,12 +125,22 @@ class TwoStage:
         eval_splits: Sequence[str],
     ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
         if phase == ALS:
-            return implicit_client_round(client, state.factors, self.config, eval_splits, rng)
+            update, evaluations = implicit_client_round(
+                client, state.factors, self.config, eval_splits, rng
+            )
+            return update, evaluations | self._baseline(client, state, evaluations)
         if phase == "knn":
             return knn_client_update(client), {}
+        if phase == NEURAL:
+            assert state.network is not None
+            return self._network_family.client_round(client, state.network, "train", rng, ())
         data = self._ranker_data(client, state)
         tree_seed = int(rng.integers(2**31))
-        return ranker_client_round(client, data, state.ensemble, self.config, tree_seed)
+        update, evaluations = ranker_client_round(
+            client, data, state.ensemble, self.config, tree_seed
+        )
+        users = {split: held for split, (_, held) in data.splits.items()}
+        return update, evaluations | self._baseline(client, state, evaluations, users)
 
     def _ranker_data(self, client: ClientData, state: TwoStageState) -> RankerData:
         key = (client.client_id, client.n_items, state.retrieval_key)
@@ -129,8 +155,24 @@ class TwoStage:
         self, client: ClientData, state: TwoStageState, splits: Sequence[str]
     ) -> dict[str, Evaluation]:
         if state.served is None and state.stage == ALS:
-            return implicit_evaluate(client, state.factors, self.config, splits)
-        return evaluate_ranking(client, self.servable(state), splits, self.top_k)
+            evaluations = implicit_evaluate(client, state.factors, self.config, splits)
+        else:
+            evaluations = evaluate_ranking(client, self.servable(state), splits, self.top_k)
+        return evaluations | self._baseline(client, state, splits)
+
+    def _baseline(
+        self,
+        client: ClientData,
+        state: TwoStageState,
+        splits: Sequence[str] | Mapping[str, Evaluation],
+        users: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, Evaluation]:
+        """The most-popular list from the counts the server holds (the last implicit-ALS round's,
+        noisy under DP, or the co-occurrences' diagonal) on the same rows as the model; none for
+        a champion (``served``) or before any counts."""
+        if state.served is not None:
+            return {}
+        return popularity_baselines(client, state.popularity, splits, self.top_k, users)
 
     # --- on the server ---------------------------------------------------------------------
     def server_update(
@@ -157,6 +199,15 @@ class TwoStage:
                 ease=ease,
                 retrieval_key=digest.hexdigest()[:16],
             )
+        if phase == NEURAL:
+            assert state.network is not None
+            network = self._network_family.server_update(state.network, updates, "train")
+            digest = hashlib.sha256(state.retrieval_key.encode())
+            for value in network.params.values():
+                digest.update(value.tobytes())
+            return replace(
+                state, network=network, round=state.round + 1, retrieval_key=digest.hexdigest()[:16]
+            )
         ensemble = ranker_server_update(state.ensemble, updates)
         return replace(state, ensemble=ensemble, stage=RANKER, round=state.round + 1)
 
@@ -166,9 +217,12 @@ class TwoStage:
         n_items = state.factors.shape[0]
         popularity = np.zeros(n_items) if state.popularity is None else state.popularity
         c = self.config
+        network = None
+        if state.network is not None and state.network.round > 0:  # trained at least once
+            network = (state.network.params, state.network.arch)
         retrieval = Retrieval(
             state.factors, c.reg, c.alpha, state.similarity, popularity, self.item_features,
-            c.n_candidates, state.ease,
+            c.n_candidates, state.ease, network,
         )  # fmt: skip
         ranker = state.ensemble if len(state.ensemble) else None
         return RankingRecommender(
@@ -215,6 +269,9 @@ class TwoStage:
             arrays |= {"sim_data": s.data, "sim_indices": s.indices, "sim_indptr": s.indptr}
         if state.ease is not None:
             arrays["ease"] = state.ease
+        if state.network is not None:
+            network = self._network_family.state_arrays(state.network)
+            arrays |= {_NETWORK + name: value for name, value in network.items()}
         return arrays
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> TwoStageState:
@@ -228,6 +285,11 @@ class TwoStage:
         if "sim_data" in arrays:
             parts = (arrays["sim_data"], arrays["sim_indices"], arrays["sim_indptr"])
             similarity = sparse.csr_matrix(parts, shape=(n, n))
+        network = None
+        if any(name.startswith(_NETWORK) for name in arrays) and self.config.neural is not None:
+            network = self._network_family.load_state(
+                {k[len(_NETWORK) :]: v for k, v in arrays.items() if k.startswith(_NETWORK)}
+            )
         return TwoStageState(
             factors,
             round=int(arrays["round"]),
@@ -235,6 +297,7 @@ class TwoStage:
             popularity=arrays.get("popularity", None),
             similarity=similarity,
             ease=arrays.get("ease", None),
+            network=network,
             ensemble=TreeEnsemble(members),
             retrieval_key=arrays["retrieval_key"].tobytes().decode(),
         )

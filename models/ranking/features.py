@@ -1,9 +1,14 @@
 """The retrieval stage and the re-ranker's features, computed on a client from its own rows.
 
-Candidates are the union of each retrieval model's top-N unseen items (implicit ALS, item-kNN and
-EASE where the retrieval state has it).
+Candidates are the union of each retrieval model's top-N unseen items (implicit ALS, item-kNN,
+and EASE and the Mult-DAE network where the retrieval state has them).
 Each (user, candidate) pair gets the features in :data:`FEATURES`; side features the data does not
 have are NaN, which LightGBM treats as missing, so one feature set serves every dataset.
+
+Besides each model's raw score and rank among the user's unseen items, ``*_z`` is the score
+standardised over the user's unseen items and ``*_gap`` its distance below the user's best, in the
+same standard deviations: a tree's threshold on them means the same for every user, where raw
+scores drift with the length of a history.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from scipy import sparse
 from models.mf.als import RatingRows
 from models.mf.implicit import solve_users_implicit
 from models.mf.params import ItemParams
+from models.neural.network import Architecture, Params, logits
 from models.ranking.ease import ease_scores
 from models.ranking.knn import knn_scores
 
@@ -29,6 +35,14 @@ FEATURES = (
     "knn_max_similarity",
     "ease_score",
     "ease_rank",
+    "nn_score",
+    "nn_rank",
+    "als_z",
+    "als_gap",
+    "ease_z",
+    "ease_gap",
+    "nn_z",
+    "nn_gap",
     "item_popularity",
     "user_activity",
     "genre_affinity",
@@ -62,6 +76,9 @@ class Retrieval:
     ease : ndarray (n_items, n_items) or None
         EASE's item-item weights ``B`` (:mod:`models.ranking.ease`), from the same summed
         co-occurrences as the kNN similarity.
+    network : (params, Architecture) or None
+        A Mult-DAE/Mult-VAE network (:mod:`models.neural.network`) trained by FedAvg; its logits
+        over the catalogue are the ``nn_*`` features.
     """
 
     item_factors: np.ndarray
@@ -72,6 +89,7 @@ class Retrieval:
     item_features: pd.DataFrame | None = None
     n_candidates: int = 100
     ease: np.ndarray | None = None
+    network: tuple[Params, Architecture] | None = None
 
     @property
     def n_items(self) -> int:
@@ -92,6 +110,16 @@ class Retrieval:
 
     def ease_scores(self, history: sparse.csr_matrix) -> np.ndarray | None:
         return None if self.ease is None else ease_scores(history, self.ease)
+
+    def nn_scores(self, history: sparse.csr_matrix) -> np.ndarray | None:
+        """The network's logits of every item for each row of ``history`` (None without one)."""
+        if self.network is None:
+            return None
+        params, arch = self.network
+        out = np.empty(history.shape)
+        for lo in range(0, history.shape[0], 1000):  # bounded memory for many users
+            out[lo : lo + 1000] = logits(params, arch, history[lo : lo + 1000])
+        return out
 
 
 @dataclass(frozen=True)
@@ -128,6 +156,21 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
     ranks = np.empty_like(order)
     np.put_along_axis(ranks, order, np.arange(1, scores.shape[1] + 1)[None, :], axis=1)
     return ranks
+
+
+def _standardized(
+    scores: np.ndarray, rows: np.ndarray, items: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair: the score standardised over its user's finite (unseen) scores, and its distance
+    below the user's best in the same units."""
+    finite = np.isfinite(scores)
+    n = np.maximum(finite.sum(axis=1), 1)
+    mean = np.where(finite, scores, 0.0).sum(axis=1) / n
+    centred = np.where(finite, scores - mean[:, None], 0.0)
+    std = np.sqrt((centred**2).sum(axis=1) / n) + 1e-12
+    best = scores.max(axis=1)
+    value = scores[rows, items]
+    return (value - mean[rows]) / std[rows], (best[rows] - value) / std[rows]
 
 
 def _category_code(value: object) -> float:
@@ -189,9 +232,11 @@ def candidate_features(
     knn = None if knn_raw is None else np.where(seen, -np.inf, knn_raw)
     ease_raw = retrieval.ease_scores(hist)
     ease = None if ease_raw is None else np.where(seen, -np.inf, ease_raw)
+    nn_raw = retrieval.nn_scores(hist)
+    nn = None if nn_raw is None else np.where(seen, -np.inf, nn_raw)
     n = retrieval.n_candidates
     picked = np.zeros((len(users), n_items), dtype=bool)
-    for source in (als, knn, ease):
+    for source in (als, knn, ease, nn):
         if source is not None:
             np.put_along_axis(picked, _top(source, n), True, axis=1)
     picked &= ~seen
@@ -214,6 +259,16 @@ def candidate_features(
         columns["ease_rank"] = _ranks(ease)[rows, items].astype(float)
     else:
         columns["ease_score"] = columns["ease_rank"] = np.full(rows.size, np.nan)
+    if nn is not None:
+        columns["nn_score"] = nn[rows, items]
+        columns["nn_rank"] = _ranks(nn)[rows, items].astype(float)
+    else:
+        columns["nn_score"] = columns["nn_rank"] = np.full(rows.size, np.nan)
+    for name, scores in (("als", als), ("ease", ease), ("nn", nn)):
+        if scores is None:
+            columns[f"{name}_z"] = columns[f"{name}_gap"] = np.full(rows.size, np.nan)
+        else:
+            columns[f"{name}_z"], columns[f"{name}_gap"] = _standardized(scores, rows, items)
     columns["item_popularity"] = np.log1p(retrieval.popularity[items])
     activity = np.diff(hist.indptr).astype(float)
     columns["user_activity"] = np.log1p(activity[rows])

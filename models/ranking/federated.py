@@ -33,6 +33,7 @@ from models.federation.loop import run_family
 from models.mf.als import ItemStatistics, RatingRows
 from models.mf.implicit import implicit_statistics, solve_items_implicit, solve_users_implicit
 from models.mf.params import ItemParams, init_item_params
+from models.neural.family import NeuralConfig
 from models.privacy.dp import (
     UserLevelDP,
     clipped_implicit_statistics,
@@ -60,6 +61,9 @@ class RankingConfig:
     n_candidates: int = 100
     # EASE's ridge (models/ranking/ease.py); None: no EASE source or features
     ease_reg: float | None = None
+    # a Mult-DAE/Mult-VAE network trained by FedAvg after the co-occurrence round, as a candidate
+    # source and features of the re-ranker (models/neural); None: no network
+    neural: NeuralConfig | None = None
     top_k: int = 10
     ranker: RankerConfig | None = field(default_factory=RankerConfig)
     # user-level differential privacy of the implicit-ALS statistics (models/privacy/dp.py); the
@@ -371,14 +375,15 @@ def run_two_stage(
     eval_splits: Sequence[str] = ("valid", "test"),
     on_round: Callable[[dict[str, float]], None] | None = None,
 ) -> TwoStageResult:
-    """The two-stage family (implicit ALS for ``rounds`` rounds, one co-occurrence round, then
-    ``config.ranker.rounds`` re-ranker rounds) through the reference loop, in this process.
+    """The two-stage family (implicit ALS for ``rounds`` rounds, one co-occurrence round, the
+    network's rounds if configured, then ``config.ranker.rounds`` re-ranker rounds) through the
+    reference loop, in this process.
 
-    History: one entry per round (``stage`` "als" or "ranker"), one "retrieval" entry evaluating
+    History: one entry per round (``stage`` "als", "neural" or "ranker"), one "retrieval" entry evaluating
     the retrieval model on ``eval_splits`` once it is complete, and with a re-ranker a "final"
     entry evaluating the two-stage model.
     """
-    from models.ranking.family import ALS, TwoStage
+    from models.ranking.family import TwoStage
 
     family = TwoStage(config, item_ids, titles, item_features)
     history: list[dict[str, float]] = []
@@ -392,12 +397,16 @@ def run_two_stage(
         parts = [family.evaluate(c, state, eval_splits) for c in clients]
         return {"stage": stage} | summarize_splits(parts, config.top_k, n_items)
 
+    stepped = [p for p in family.phases(rounds) if not p.everyone]
+    last_step = np.cumsum([p.rounds for p in stepped])
+    last_retrieval = [p.name for p in family.phases(rounds) if p.name != "ranker"][-1]
+
     def on_step(metrics: dict[str, float]) -> None:
-        stage = ALS if metrics["step"] <= rounds else "ranker"
-        record({"stage": stage, "round": int(metrics["step"])} | metrics)
+        phase = stepped[int(np.searchsorted(last_step, metrics["step"]))]
+        record({"stage": phase.name, "round": int(metrics["step"])} | metrics)
 
     def on_phase(phase: object, state: object) -> None:
-        if phase.name == "knn" or (phase.name == ALS and config.dp is not None):
+        if phase.name == last_retrieval:
             record(evaluated("retrieval", replace(state, stage="retrieval")))
 
     state, _ = run_family(

@@ -8,7 +8,7 @@ It holds no user data: a user is served from the history in the request, as in t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import sparse
 
 from models.mf.recommend import top_k
+from models.neural.network import Architecture, Params, load_network, save_network
 from models.ranking.boosting import TreeEnsemble
 from models.ranking.features import (
     FEATURES,
@@ -34,8 +35,12 @@ USER_FEATURE_COLUMNS = ("age", "gender", "occupation")
 # summed pred_contrib raised the item's score most.
 _REASONS = {
     "knn": ("similar to items you liked", ("knn_score", "knn_rank", "knn_max_similarity")),
-    "als": ("matches your taste profile", ("als_score", "als_rank")),
-    "ease": ("often chosen together with items you liked", ("ease_score", "ease_rank")),
+    "als": ("matches your taste profile", ("als_score", "als_rank", "als_z", "als_gap")),
+    "ease": (
+        "often chosen together with items you liked",
+        ("ease_score", "ease_rank", "ease_z", "ease_gap"),
+    ),
+    "nn": ("fits the pattern of your whole history", ("nn_score", "nn_rank", "nn_z", "nn_gap")),
     "popularity": ("popular with everyone", ("item_popularity",)),
     "genre": ("in genres you watch often", ("genre_affinity",)),
     "year": ("from years you watch often", ("item_year",)),
@@ -231,6 +236,8 @@ class RankingRecommender:
             sparse.save_npz(folder / "similarity.npz", r.similarity.tocsr())
         if r.ease is not None:
             np.savez(folder / "ease.npz", weights=r.ease)
+        if r.network is not None:
+            save_network(folder / "network.npz", *r.network)
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": r.popularity})
         if self.titles is not None:
             items["title"] = self.titles
@@ -263,6 +270,9 @@ class RankingRecommender:
         if (folder / "ease.npz").exists():
             with np.load(folder / "ease.npz", allow_pickle=False) as data:
                 ease = data["weights"]
+        network = None
+        if (folder / "network.npz").exists():
+            network = load_network(folder / "network.npz")
         items = pd.read_parquet(folder / "items.parquet")
         feature_cols = [c for c in items.columns if c == "year" or c.startswith(GENRE_PREFIX)]
         retrieval = Retrieval(
@@ -274,6 +284,7 @@ class RankingRecommender:
             items[feature_cols] if feature_cols else None,
             int(meta["n_candidates"]),
             ease,
+            network,
         )
         ranker = (
             TreeEnsemble.load(folder / "ranker.json") if (folder / "ranker.json").exists() else None
@@ -305,10 +316,30 @@ def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> Rankin
     titles = None
     if model.titles is not None:
         titles = np.where(source >= 0, model.titles[np.maximum(source, 0)], None)
+    network = None if r.network is None else _align_network(*r.network, source)
     retrieval = Retrieval(
-        factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates, ease
+        factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates, ease, network
     )
     return RankingRecommender(retrieval, model.ranker, np.asarray(item_ids).astype(str), titles)
+
+
+def _align_network(
+    params: Params, arch: Architecture, source: np.ndarray
+) -> tuple[Params, Architecture]:
+    """The network over another catalogue (``source``: the old index of each new item, -1 if
+    unknown): unknown items are no input and get the lowest logit the old catalogue had."""
+    known = source >= 0
+    out = dict(params)
+    first = params["enc0_w"]
+    out["enc0_w"] = np.where(known[:, None], first[np.maximum(source, 0)], 0).astype(first.dtype)
+    last = f"dec{len(arch.decoder_dims) - 2}"
+    weights, bias = params[f"{last}_w"], params[f"{last}_b"]
+    out[f"{last}_w"] = np.where(known[None, :], weights[:, np.maximum(source, 0)], 0).astype(
+        weights.dtype
+    )
+    floor = bias.min() - 10.0 * (np.abs(weights).sum(axis=0).max() + 1.0)
+    out[f"{last}_b"] = np.where(known, bias[np.maximum(source, 0)], floor).astype(bias.dtype)
+    return out, replace(arch, n_items=source.size)
 
 
 def _request_user_features(requests: pd.DataFrame) -> pd.DataFrame | None:

@@ -293,3 +293,65 @@ def test_ranker_objective_is_checked_and_reaches_lightgbm():
     assert "objective=rank_xendcg" in text
     with pytest.raises(ValueError, match="objective='pointwise' must be one of"):
         RankerConfig(objective="pointwise")  # type: ignore[arg-type]
+
+
+def test_network_is_a_candidate_source_features_and_saved_with_the_model(
+    tmp_path, implicit_clients
+):
+    from models.neural.family import NeuralConfig
+    from models.neural.federated import FederatedConfig
+    from models.neural.recommender import NeuralRecommender
+    from models.ranking.family import TwoStage
+    from models.ranking.recommender import align_recommender
+
+    data, clients = implicit_clients
+    neural = NeuralConfig(kind="dae", hidden=(), latent=8, federated=FederatedConfig(rounds=2))
+    config = RankingConfig(n_factors=4, n_candidates=5, neighbours=20, ranker=None, neural=neural)
+    family = TwoStage(config)
+
+    result = run_two_stage(clients, data.n_items, config, rounds=2, eval_splits=("valid",))
+
+    stages = [e["stage"] for e in result.history]
+    assert stages == ["als", "als", "neural", "neural", "retrieval"]
+    params, arch = result.recommender.retrieval.network
+    initial = family.initial_state(data.n_items, 0).network.params
+    assert not np.allclose(params["enc0_w"], initial["enc0_w"])  # FedAvg moved it
+    history = clients[0].matrix("train")
+    users = np.flatnonzero(np.diff(history.indptr) > 0)
+    candidates = candidate_features(result.recommender.retrieval, history, history, users=users)
+    # the neural family's own recommender over the same network: a softmax, same order as logits
+    probs = NeuralRecommender(params, arch, np.arange(data.n_items).astype(str),
+                              np.zeros(data.n_items)).score(history[users])  # fmt: skip
+    probs[history[users].toarray() > 0] = -np.inf
+    row = np.searchsorted(users, candidates.users)
+    for n, u in enumerate(users):
+        mine = candidates.items[candidates.users == u]
+        assert set(np.argsort(-probs[n], kind="stable")[:5]) <= set(mine)
+    expected_rank = (probs[row] > probs[row, candidates.items][:, None]).sum(axis=1) + 1
+    np.testing.assert_array_equal(candidates.features["nn_rank"].to_numpy(), expected_rank)
+    # z: standardised over the user's unseen items, gap: below the user's best, same units (the
+    # log-probabilities differ from the logits by a constant per user)
+    first = candidates.users == users[0]
+    log_probs = np.log(probs[0][np.isfinite(probs[0])])
+    mine = np.log(probs[0][candidates.items[first]])
+    np.testing.assert_allclose(
+        candidates.features["nn_z"].to_numpy()[first],
+        (mine - log_probs.mean()) / log_probs.std(), rtol=1e-4,
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        candidates.features["nn_gap"].to_numpy()[first],
+        (log_probs.max() - mine) / log_probs.std(), rtol=1e-4,
+    )  # fmt: skip
+
+    model = RankingRecommender(result.recommender.retrieval, None, result.recommender.item_ids)
+    model.save(tmp_path / "m")
+    loaded = RankingRecommender.load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.retrieval.network[0]["enc0_w"], params["enc0_w"])
+    aligned = align_recommender(model, model.item_ids[::-1])
+    mirrored = sparse.csr_matrix(history[users].toarray()[:, ::-1])
+    np.testing.assert_allclose(
+        aligned.retrieval.nn_scores(mirrored),
+        model.retrieval.nn_scores(history[users])[:, ::-1], rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    state = family.load_state(family.state_arrays(family.initial_state(data.n_items, 0)))
+    np.testing.assert_array_equal(state.network.params["enc0_w"], initial["enc0_w"])
