@@ -66,3 +66,16 @@ def test_a_concurrent_overspend_names_what_was_spent_against_the_cap():
 
     with pytest.raises(BudgetError, match=r"reach epsilon 12 of 10, delta 2e-06 of 1e-05"):
         check_after_writing(after)
+
+
+def test_the_latest_cap_holds_when_spends_come_after_it():
+    entries = [
+        Entry("cap", cap=Cap(10.0, 1e-5), at=1),
+        Entry("spend", 2.0, 1e-6, at=2),
+        Entry("cap", cap=Cap(12.0, 2e-5), at=3),
+        Entry("spend", 1.0, 1e-6, at=4),
+    ]
+
+    got = balance(entries)
+
+    assert got.cap == Cap(12.0, 2e-5) and got.epsilon == 3.0 and got.spends == 2

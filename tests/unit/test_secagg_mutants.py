@@ -19,11 +19,15 @@ from models.privacy.secagg_plus import (
     MaskedInput,
     ProtocolViolationError,
     RoundConfig,
+    SurvivorList,
+    TooFewClientsError,
+    UnmaskRequest,
     default_threshold,
 )
 from models.privacy.secagg_plus_client import SecAggClient
 from models.privacy.secagg_plus_driver import run_round
 from models.privacy.secagg_plus_server import SecAggServer
+from models.privacy.wire import pack
 
 SIZE = 50
 
@@ -274,3 +278,74 @@ def test_a_longer_vector_costs_eight_more_bytes_up_per_value():
 
     for u in range(3):
         assert long[u] - short[u] >= 8 * 1000
+
+
+# --- what a client accepts from a dishonest server --------------------------------------------
+
+
+def _lowered_server(n: int = 3):
+    """Clients configured with threshold n, and a server that runs the same round with 2."""
+    identities, registry = _identities(n)
+    honest = RoundConfig("dishonest", 1, n, SIZE, threshold=n)
+    lowered = RoundConfig("dishonest", 1, n, SIZE, threshold=2)
+    clients = {u: SecAggClient(u, honest) for u in range(n)}
+    return identities, registry, clients, SecAggServer(lowered, registry)
+
+
+def test_a_client_refuses_to_mask_when_fewer_clients_shared_than_its_threshold():
+    identities, registry, clients, server = _lowered_server()
+    directory = server.key_directory([c.advertise_keys(identities[u]) for u, c in clients.items()])
+    shares = [clients[u].share_keys(directory, registry) for u in (0, 1)]  # 2's shares lost
+    inboxes = server.route_shares(shares)
+
+    with pytest.raises(TooFewClientsError, match="client 0: 2 clients shared keys, threshold is 3"):
+        clients[0].masked_input(np.zeros(SIZE), inboxes[0])
+    # with every client's shares the same client goes on
+    identities, registry, clients, server = _lowered_server()
+    directory = server.key_directory([c.advertise_keys(identities[u]) for u, c in clients.items()])
+    inboxes = server.route_shares([c.share_keys(directory, registry) for c in clients.values()])
+    assert clients[0].masked_input(np.zeros(SIZE), inboxes[0]).client_id == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields", "bad"),
+    [
+        ("survivor-list", {"survivors": [1, "a"]}, "survivors"),
+        (
+            "unmask-request",
+            {"survivors": [0, 1], "dropped": [], "signatures": {0: b"s", 1: "t"}},
+            "signatures",
+        ),
+        (
+            "unmask-request",
+            {"survivors": [0, 1], "dropped": [], "signatures": [[0, b"s"]]},
+            "signatures",
+        ),
+    ],
+)
+def test_a_message_field_of_the_wrong_type_is_refused(kind, fields, bad):
+    message = {"survivor-list": SurvivorList, "unmask-request": UnmaskRequest}[kind]
+
+    with pytest.raises(ProtocolViolationError, match=f"{bad} is not a valid"):
+        message.from_bytes(pack({"kind": kind, **fields}))
+
+
+# --- the round's configuration ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("degree", [2, 4])
+def test_even_degrees_from_two_are_accepted(degree):
+    assert RoundConfig("ring", 1, 10, SIZE, threshold=2, degree=degree).degree == degree
+
+
+@pytest.mark.parametrize("degree", [0, 1, 3, 5])
+def test_odd_degrees_and_degrees_below_two_are_refused(degree):
+    with pytest.raises(ValueError, match="must be an even number >= 2"):
+        RoundConfig("ring", 1, 10, SIZE, threshold=2, degree=degree)
+
+
+def test_the_threshold_may_reach_but_not_pass_the_degree_plus_one_share_holders():
+    assert RoundConfig("ring", 1, 10, SIZE, threshold=3, degree=2).threshold == 3
+
+    with pytest.raises(ValueError, match=r"threshold == 4 exceeds degree \+ 1 == 3 share holders"):
+        RoundConfig("ring", 1, 10, SIZE, threshold=4, degree=2)
