@@ -41,7 +41,7 @@ demo: setup ## train on built-in synthetic data (local Prefect server + SQLite M
 	@echo
 	@echo "Inspect it:  the Prefect UI above keeps running (make server-status; make server-stop ends it)"
 	@echo "             make mlflow-ui   -> http://127.0.0.1:$(MLFLOW_PORT)  (runs, metrics per round, model registry)"
-	@echo "Use it:      uv run fedrec recommend --model models:/fedrec-mf@champion --history FILE --k 10"
+	@echo "Use it:      uv run fedrec recommend --model models:/fedrec-mf@champion --history examples/history.csv --k 5"
 
 mlflow-ui: setup ## MLflow UI on 127.0.0.1 for the local store
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(FEDREC_HOME)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
