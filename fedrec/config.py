@@ -184,6 +184,13 @@ class TrainingConfig(BaseModel):
         description="the re-ranker's listwise objective (XE-NDCG: within noise of LambdaRank on "
         "held-out ML-1M validation users, and below it on the synthetic data)",
     )
+    ranker_network_rounds: int = Field(
+        0,
+        ge=0,
+        description="implicit two-stage: FedAvg rounds of a Mult-DAE network (the neural_* "
+        "settings) trained after the co-occurrence round, as a candidate source and re-ranker "
+        "features; 0: no network",
+    )
     ease_reg: float = Field(
         800.0,
         ge=0,
@@ -448,6 +455,11 @@ class TrainingConfig(BaseModel):
             raise ValueError("dp_ledger_set_cap needs dp_budget (and dp_epsilon): the cap to store")
         if self.ranker != "none" and self.feedback != "implicit":
             raise ValueError(f"ranker={self.ranker!r} needs feedback='implicit'")
+        if self.ranker_network_rounds and self.ranker == "none":
+            raise ValueError(
+                f"ranker_network_rounds={self.ranker_network_rounds}: the network feeds the "
+                "re-ranker; use --ranker lightgbm or 0 rounds"
+            )
         if self.implicit_model == "neural":
             if self.feedback != "implicit":
                 raise ValueError("implicit_model='neural' needs feedback='implicit'")
@@ -511,6 +523,11 @@ class TrainingConfig(BaseModel):
                 objective=self.ranker_objective,
                 seed=self.seed,
             )
+        network = None
+        if self.ranker_network_rounds > 0:
+            neural = self.neural_config()
+            federated = replace(neural.federated, rounds=self.ranker_network_rounds)
+            network = replace(neural, federated=federated)
         return RankingConfig(
             n_factors=self.factors or _RANKING.n_factors,
             reg=self.reg or _RANKING.reg,
@@ -518,6 +535,7 @@ class TrainingConfig(BaseModel):
             neighbours=self.neighbours,
             n_candidates=self.candidates,
             ease_reg=self.ease_reg or None,
+            neural=network,
             top_k=self.top_k,
             ranker=ranker,
         )
