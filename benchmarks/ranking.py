@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from typing import get_args
 
 import numpy as np
@@ -33,9 +34,14 @@ from models.client import ClientData
 from models.data.partitions import build_clients
 from models.data.schema import ITEM, USER, Interactions, keep_positives
 from models.data.sharding import assign_clients, split_each_user
+from models.federation.sampling import client_rng
 from models.metrics import add_sums, finalize_metrics
 from models.mf.als import RatingRows
 from models.mf.implicit import CentralizedImplicitALS
+from models.neural.family import Neural, NeuralConfig
+from models.neural.federated import FederatedConfig
+from models.neural.network import logits
+from models.neural.training import TrainConfig
 from models.ranking.boosting import RankerConfig, RankingObjective, TreeEnsemble, train_centralized
 from models.ranking.ease import EASE, ease_scores, ease_weights
 from models.ranking.features import Retrieval
@@ -235,6 +241,17 @@ def run(args: argparse.Namespace) -> dict:
         reg=ease_reg,
         max_abs_diff_vs_fed=gap,
     )
+    network = None
+    if args.neural_rounds > 0:
+        network, seconds, upload = _federated_network(args, clients, data.n_items)
+        add(
+            "fed Mult-DAE",
+            [evaluate_scores_all(c, _network_order(c, network)) for c in clients],
+            seconds,
+            rounds=args.neural_rounds,
+            upload_mb_per_round=upload / 1e6,
+            seconds_per_round=seconds / args.neural_rounds,
+        )
     single_best = max(rows, key=lambda r: r["ndcg"])
 
     retrieval = Retrieval(
@@ -254,32 +271,25 @@ def run(args: argparse.Namespace) -> dict:
             central=False,
         )
     with_ease = Retrieval(
-        factors,
-        config.reg,
-        config.alpha,
-        similarity,
-        item_counts,
-        features,
-        config.n_candidates,
+        factors, config.reg, config.alpha, similarity, item_counts, features, config.n_candidates,
         ease,
-    )
+    )  # fmt: skip
+    final_method = "fed two-stage (ALS + kNN + EASE + LightGBM)"
     ensemble = _two_stage(
-        args,
-        clients,
-        config,
-        with_ease,
-        titles,
-        item_ids,
-        "fed two-stage (ALS + kNN + EASE + LightGBM)",
-        add,
-        central=True,
-    )
-    fed_two_stage = next(
-        r for r in rows if r["method"] == "fed two-stage (ALS + kNN + EASE + LightGBM)"
-    )
+        args, clients, config, with_ease, titles, item_ids, final_method, add,
+        central=network is None,
+    )  # fmt: skip
+    if network is not None:
+        with_network = replace(with_ease, network=network)
+        final_method = "fed two-stage (ALS + kNN + EASE + Mult-DAE + LightGBM)"
+        ensemble = _two_stage(
+            args, clients, config, with_network, titles, item_ids, final_method, add, central=True
+        )
+    fed_two_stage = next(r for r in rows if r["method"] == final_method)
     ratio = fed_two_stage["ndcg"] / single_best["ndcg"]
     out = {
         "rows": rows,
+        "two_stage_model": final_method,
         "best_single_model": single_best["method"],
         "ratio_over_best_single": ratio,
         "targets": {
@@ -343,6 +353,34 @@ def _two_stage(args, clients, config, retrieval, titles, item_ids, method, add, 
     return ensemble
 
 
+def _federated_network(args, clients, n_items):
+    """The Mult-DAE network trained by FedAvg (the neural family's client and server steps, one
+    local epoch a round); returns (params, arch), training seconds and the last round's upload."""
+    config = NeuralConfig(
+        kind="dae", hidden=(), latent=args.neural_latent,
+        train=TrainConfig(learning_rate=args.neural_lr, batch_size=args.neural_batch, l2=2e-5),
+        federated=FederatedConfig(rounds=args.neural_rounds),
+    )  # fmt: skip
+    family = Neural(config)
+    state = family.initial_state(n_items, args.seed + 1)
+    started, upload = time.perf_counter(), 0
+    for r in range(1, args.neural_rounds + 1):
+        updates = [
+            family.client_round(c, state, "train", client_rng(args.seed, r, c.client_id), ())[0]
+            for c in clients
+        ]
+        upload = sum(u.nbytes() for u in updates)
+        state = family.server_update(state, updates, "train")
+        if args.verbose:
+            print(f"    network round {r}: {time.perf_counter() - started:.1f} s", flush=True)
+    return (state.params, state.arch), time.perf_counter() - started, upload
+
+
+def _network_order(client: ClientData, network):
+    history = client.matrix("train")
+    return lambda u: logits(*network, history[u]).astype(np.float64)
+
+
 def _ease_order(client: ClientData, weights: np.ndarray):
     history = client.matrix("train")
     return lambda u: ease_scores(history[u], weights)
@@ -386,6 +424,15 @@ def main() -> None:
         default=[200, 400, 800, 1600, 3200],
         help="EASE lambdas to pick from on the validation rows",
     )
+    parser.add_argument(
+        "--neural-rounds",
+        type=int,
+        default=40,
+        help="FedAvg rounds of the Mult-DAE network (0: no network source or features)",
+    )
+    parser.add_argument("--neural-latent", type=int, default=200)
+    parser.add_argument("--neural-lr", type=float, default=3e-3)
+    parser.add_argument("--neural-batch", type=int, default=50, help="users per client minibatch")
     parser.add_argument("--core", type=int, default=1, help="k-core filter (10: RecBole's table)")
     parser.add_argument(
         "--skip-baseline-ranker", action="store_true", help="skip the two-stage model without EASE"
