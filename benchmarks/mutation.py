@@ -505,7 +505,7 @@ def _write(args, modules, plans, outcomes, commit, started, load_before, gone=No
             report[module]["recheck_gone"] = gone[module]  # the code changed: nothing to run
     result = {"seconds": round(time.monotonic() - started), "budget": args.budget,
               "commit": commit, "skip": args.skip, "every": args.every, "jobs": args.jobs,
-              "recheck": args.recheck, "not_in": args.not_in,
+              "recheck": args.recheck, "not_in": args.not_in, "deselect": args.deselect,
               "load_average": {"start": [round(x, 1) for x in load_before],
                                "end": [round(x, 1) for x in os.getloadavg()]},
               "modules": report, "outcomes": outcomes}  # fmt: skip
@@ -525,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a previous result: run only its survivors again (repeatable)")  # fmt: skip
     parser.add_argument("--not-in", action="append", default=[],
                         help="a previous result: leave out the mutants it tried")  # fmt: skip
+    parser.add_argument("--deselect", action="append", default=[],
+                        help="a test node id to leave out (one broken at HEAD for other reasons)")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS / "mutation.json"))
     parser.add_argument("--no-fork", action="store_true",
                         help="a fresh python per test run instead of forking a preloaded one")  # fmt: skip
@@ -539,6 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    FILTERS.extend(f"--deselect={node}" for node in args.deselect)
     recheck = None
     if args.recheck:
         recheck = set()
