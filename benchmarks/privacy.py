@@ -63,6 +63,7 @@ from models.mf.federated import (
 )
 from models.privacy.dp import UserLevelDP, calibrate, epsilon
 from models.privacy.identity import generate_identity
+from models.privacy.released_metrics import evaluation_ratios
 from models.privacy.secagg_plus import RoundConfig, default_threshold
 from models.privacy.secagg_plus_driver import run_round
 from models.ranking.federated import RankingConfig, run_two_stage
@@ -122,18 +123,22 @@ def private_run(clients, data, eps: float, *, secure: bool, **given) -> dict:
     delta = config.dp_delta or 1.0 / data.n_users
     n = len(clients)
     shares = round_threshold(n, quorum(config, n)) if secure else 1  # as the flow's privacy plan
-    sigma = calibrate(eps, config.client_fraction, config.rounds, delta)
+    # as the flow's privacy plan: the final evaluation is one more release (no champion yet)
+    ratios = evaluation_ratios(champion=False)
+    sigma = calibrate(eps, config.client_fraction, config.rounds, delta, relative=ratios)
+    evaluation = [r * sigma for r in ratios]
     dp = UserLevelDP(sigma, config.dp_max_items, shares=shares)
     mf = replace(config.mf_config(), dp=dp)
     started = time.perf_counter()
     # the noise comes from OS entropy: every run differs, so the mean of REPEATS runs
     rmses = [_test_rmse(clients, data.n_items, mf, config.rounds)[0] for _ in range(REPEATS)]
-    spent = epsilon(sigma, config.client_fraction, config.rounds, delta)
+    spent = epsilon(sigma, config.client_fraction, config.rounds, delta, extra=evaluation)
     # the decoded sum of every client's share: sigma * sqrt(clients / shares) per unit sensitivity
     effective = sigma * math.sqrt(len(clients) / shares)
     return {"epsilon": eps, "secure_aggregation": secure, "delta": delta, "rounds": config.rounds,
             "factors": mf.n_factors, "max_items": config.dp_max_items, "shares": shares,
             "noise_multiplier": sigma, "sum_noise_multiplier": effective, "epsilon_spent": spent,
+            "evaluation_noise_multiplier": evaluation[0],
             "test/rmse": float(np.mean(rmses)), "test_rmse_sd": float(np.std(rmses, ddof=1)),
             "test_rmse_runs": rmses, "seconds": (time.perf_counter() - started) / REPEATS}  # fmt: skip
 
@@ -211,7 +216,8 @@ def implicit_utility(data, args: argparse.Namespace) -> list[dict]:
                              secure_aggregation=eps is not None)  # fmt: skip
         if eps is not None:
             shares = round_threshold(len(clients), quorum(cli, len(clients)))
-            sigma = calibrate(eps, cli.client_fraction, cli.rounds, delta)
+            ratios = evaluation_ratios(champion=False)
+            sigma = calibrate(eps, cli.client_fraction, cli.rounds, delta, relative=ratios)
             config = replace(base, dp=UserLevelDP.for_implicit(sigma, cli.dp_max_items, shares))
         started = time.perf_counter()
         result = run_two_stage(clients, positives.n_items, config, rounds=cli.rounds,

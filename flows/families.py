@@ -27,7 +27,8 @@ def build_family(ctx: RunContext, plan: Privacy | None) -> Family:
             dp = UserLevelDP(plan.noise_multiplier, config.dp_max_items, shares=plan.shares)
             logger.info("DP sensitivity of one user's ALS statistics: %.2f", dp.sensitivity)
             mf = replace(mf, dp=dp)
-        return ExplicitMF(mf, ctx.item_ids)
+        released = None if plan is None else plan.release  # the final evaluation's bounds
+        return ExplicitMF(mf, ctx.item_ids, released=released)
     titles, features = _catalogue(ctx)
     if config.implicit_model == "neural":
         return Neural(config.neural_config(), ctx.item_ids, titles)

@@ -35,6 +35,7 @@ from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry
 from models.federation.family import Family, Phase
 from models.federation.loop import EVERYONE_ROUND
+from models.privacy.released_metrics import MetricRelease
 from tasks.clients import evaluate_client, train_client
 from tasks.secure import round_context
 from tasks.server import (
@@ -58,6 +59,8 @@ class _Submit:
     ctx: RunContext
     family: Family
     state: Any
+    release: MetricRelease | None = None  # a private run's final evaluation: a DP release
+    release_name: str = ""
 
     def evaluate(self, entry: ClientEntry, splits: tuple[str, ...], name: str) -> PrefectFuture:
         return evaluate_client.with_options(task_run_name=name).submit(
@@ -67,6 +70,8 @@ class _Submit:
             family=self.family,
             state=self.state,
             splits=splits,
+            release=self.release,
+            release_name=self.release_name,
         )
 
     def train(self, entry: ClientEntry, name: str, **options: Any) -> PrefectFuture:
@@ -81,9 +86,17 @@ class _Submit:
         )
 
 
-def _evaluate_all(ctx: RunContext, family: Family, state: Any, splits: tuple, what: str) -> dict:
-    """Every client's evaluation of ``state`` (by client id)."""
-    submit = _Submit(ctx, family, state)
+def _evaluate_all(
+    ctx: RunContext,
+    family: Family,
+    state: Any,
+    splits: tuple,
+    what: str,
+    release: MetricRelease | None = None,
+) -> dict:
+    """Every client's evaluation of ``state`` (by client id); with ``release``, each client's
+    answer is its noisy release, named ``what``."""
+    submit = _Submit(ctx, family, state, release, what)
     futures = {
         e.client_id: submit.evaluate(e, splits, f"evaluate {what} client-{e.client_id}")
         for e in ctx.entries
@@ -194,9 +207,12 @@ def _sampled_round(
     return state, updates, evaluations, started
 
 
-def train_family(ctx: RunContext, family: Family, spent: Spent) -> Trained:
+def train_family(
+    ctx: RunContext, family: Family, spent: Spent, release: MetricRelease | None = None
+) -> Trained:
     """Train ``family`` through its phases, then evaluate the final model and the champion on
-    every client. ``spent(step)`` gives the privacy metrics logged with each step."""
+    every client. ``spent(step)`` gives the privacy metrics logged with each step; with
+    ``release`` (DP), both evaluations are releases each client bounds and noises."""
     config = ctx.config
     phases = family.phases(config.rounds)
     total = sum(p.rounds for p in phases if not p.everyone)
@@ -237,7 +253,9 @@ def train_family(ctx: RunContext, family: Family, spent: Spent) -> Trained:
 
     if pending is None:
         raise ValueError(f"the {family.name} family trained no sampled round: rounds must be >= 1")
-    final_evaluations = _evaluate_all(ctx, family, state, family.eval_splits, f"round-{step}")
+    final_evaluations = _evaluate_all(
+        ctx, family, state, family.eval_splits, f"round-{step}", release
+    )
     label = f"round {step}/{total} (final)"
     final = log_step(
         ctx,
@@ -250,7 +268,7 @@ def train_family(ctx: RunContext, family: Family, spent: Spent) -> Trained:
     )
     history.append(final)
     candidate = build_model(family=family, state=state)
-    champion_metrics, comparable = _champion_metrics(ctx, family)
+    champion_metrics, comparable = _champion_metrics(ctx, family, release)
     get_run_logger().info("trained the %s family: %d steps", family.name, step)
     return Trained(
         candidate,
@@ -263,16 +281,18 @@ def train_family(ctx: RunContext, family: Family, spent: Spent) -> Trained:
     )
 
 
-def _champion_metrics(ctx: RunContext, family: Family) -> tuple[dict[str, float] | None, str]:
+def _champion_metrics(
+    ctx: RunContext, family: Family, release: MetricRelease | None = None
+) -> tuple[dict[str, float] | None, str]:
     """The champion evaluated on today's clients as the candidate was (None without one), or
-    why the two cannot be compared."""
+    why the two cannot be compared; under DP as a release of its own (counted in the plan)."""
     if ctx.champion is None:
         return None, ""
     target = champion_for(family=family, champion=ctx.champion.recommender)
     if isinstance(target, str):
         return None, f"champion version {ctx.champion.version}: {target}"
     splits = tuple(s for s in family.eval_splits if s != "train")
-    parts = _evaluate_all(ctx, target[0], target[1], splits, "champion")
+    parts = _evaluate_all(ctx, target[0], target[1], splits, "champion", release)
     metrics = summarize_round(
         updates=[],
         evaluations=list(parts.values()),

@@ -24,6 +24,7 @@ from models.data.partitions import ClientEntry, Manifest
 from models.federation.sampling import sample_clients
 from models.privacy.dp import calibrate, epsilon
 from models.privacy.ledger import run_delta
+from models.privacy.released_metrics import MetricRelease, evaluation_ratios
 from tasks.faults import FaultPlan
 from tasks.secure import round_threshold
 from tasks.server import summarize_round
@@ -32,9 +33,8 @@ from tasks.tracking import Champion, log_round
 
 @dataclass(frozen=True)
 class Privacy:
-    """A run's differential privacy: the calibrated noise and how much of the budget each step has
-    spent. ``full`` counts releases from every client besides the sampled rounds (the explicit
-    family's global mean)."""
+    """A run's differential privacy: the calibrated noise, the final evaluation's releases, and
+    how much of the budget each step has spent."""
 
     noise_multiplier: float
     delta: float
@@ -42,10 +42,20 @@ class Privacy:
     shares: (
         int  # clients whose noise shares add up to the full noise (1 without secure aggregation)
     )
+    rounds: int = 0  # the sampled rounds of the training
+    # noise multipliers of the final evaluation's releases (the model's, the champion's)
+    evaluation: tuple[float, ...] = ()
+
+    @property
+    def release(self) -> MetricRelease | None:
+        """How each client bounds and noises its final evaluation."""
+        return MetricRelease(self.evaluation[0]) if self.evaluation else None
 
     def spent(self, step: int) -> dict[str, float]:
-        """The per-step MLflow metrics after ``step`` rounds."""
-        eps = epsilon(self.noise_multiplier, self.sampling_rate, step, self.delta)
+        """The per-step MLflow metrics after ``step`` rounds; the last step's include the final
+        evaluation's releases (the champion's too, evaluated after it)."""
+        extra = self.evaluation if step >= self.rounds else ()
+        eps = epsilon(self.noise_multiplier, self.sampling_rate, step, self.delta, extra=extra)
         return {
             "privacy/epsilon": eps,
             "privacy/noise_multiplier": self.noise_multiplier,
@@ -75,14 +85,20 @@ def task_unit(devices: float | None) -> str:
 def privacy_plan(ctx: RunContext) -> Privacy | None:
     """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
     defaults to 1 / users), with Poisson sampling of users at ``client_fraction`` (the sampling
-    that runs: :func:`round_clients`). Every release is one of the ``rounds`` sampled rounds
-    (explicit MF's biases phase is its first), so ``rounds`` releases are what is composed."""
+    that runs: :func:`round_clients`). Every training release is one of the ``rounds`` sampled
+    rounds (explicit MF's biases phase is its first); the final evaluation is one more release
+    from every user, and the champion's evaluation one more when there is a champion, each with
+    a noise multiplier a fixed multiple of the training's
+    (:mod:`models.privacy.released_metrics`): the training's noise is calibrated so that all of
+    it composed meets ``dp_epsilon``."""
     config = ctx.config
     if config.dp_epsilon is None:
         return None
     delta = run_delta(config.dp_delta, ctx.manifest.n_users)
     q = config.client_fraction
-    sigma = calibrate(config.dp_epsilon, q, config.rounds, delta)
+    ratios = evaluation_ratios(champion=ctx.champion is not None)
+    sigma = calibrate(config.dp_epsilon, q, config.rounds, delta, relative=ratios)
+    evaluation = tuple(r * sigma for r in ratios)
     # Against the server: without secure aggregation it sees each client's upload, which must
     # carry the full noise on its own; with it, only sums of at least t clients (the protocol
     # refuses a round below its threshold), whose noise shares add up to the full noise. Under DP
@@ -94,7 +110,9 @@ def privacy_plan(ctx: RunContext) -> Privacy | None:
     get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, "
                           "noise in shares of %d client(s)", config.dp_epsilon, delta, sigma,
                           shares)  # fmt: skip
-    return Privacy(sigma, delta, q, shares)
+    get_run_logger().info("final evaluation under DP: %d release(s) of noise multiplier %.3f, "
+                          "composed with the training's", len(evaluation), evaluation[0])  # fmt: skip
+    return Privacy(sigma, delta, q, shares, config.rounds, evaluation)
 
 
 # Cohort tasks in flight at once when their answers are folded into a running sum: enough to keep

@@ -175,7 +175,12 @@ def _train_and_register(
         if resuming:
             found = latest_checkpoint(family=family, folder=f"{workspace}/checkpoints")
             ctx = replace(ctx, resume_state=found)
-        trained = train_family(ctx, family, plan.spent if plan is not None else lambda _: {})
+        trained = train_family(
+            ctx,
+            family,
+            plan.spent if plan is not None else lambda _: {},
+            None if plan is None else plan.release,
+        )
 
         champion = ctx.champion
         if trained.comparable:  # e.g. the champion is of another model family: never replace it
@@ -187,6 +192,7 @@ def _train_and_register(
                 config.promotion,
                 config.min_delta,
                 config.max_client_regression,
+                private=plan is not None,
             )
         identity = {
             "fedrec.dataset_fingerprint": manifest.fingerprint,

@@ -6,6 +6,7 @@ says what a client computes.
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,8 @@ from models.cohorts import family_cohort_round
 from models.data.partitions import ClientEntry, read_partition
 from models.federation.evaluation import Evaluation, without_item_counts
 from models.federation.family import Family
-from models.federation.sampling import round_rng
+from models.federation.sampling import fresh_rng, round_rng
+from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate, answer_arrays, answer_from_arrays
 from tasks.faults import FaultPlan
 from tasks.secure import hold_update, pending_path
@@ -116,7 +118,33 @@ def evaluate_client(
     family: Family,
     state: Any,
     splits: tuple[str, ...],
+    release: MetricRelease | None = None,
+    release_name: str = "",
 ) -> dict[str, Evaluation]:
-    """Metric sums of the state's model over the client's own held-out rows of each split."""
+    """Metric sums of the state's model over the client's own held-out rows of each split.
+
+    With ``release`` (a private run's final evaluation) the family bounds each user's sums and
+    the client adds Gaussian noise from OS entropy (:meth:`MetricRelease.publish`); it keeps what
+    it released under ``release_name`` and sends the same again if asked again (a retry, a
+    resumed run), so asking again is not a second release."""
+    if release is not None:
+        if getattr(family, "released", release) != release:
+            raise ValueError(f"{family.name} family does not bound its evaluation for this release")
+        kept = _answer_path(workspace, entry, f"release-{release_name}", 0).with_suffix(".json")
+        if kept.exists():
+            stored = json.loads(kept.read_text())
+            return {split: (sums, None) for split, sums in stored.items()}
+        evaluations = family.evaluate(open_client(workspace, entry, n_items), state, splits)
+        released = release.publish(evaluations, fresh_rng())
+        _keep_text(kept, json.dumps({split: sums for split, (sums, _) in released.items()}))
+        return released
     evaluations = family.evaluate(open_client(workspace, entry, n_items), state, splits)
     return without_item_counts(evaluations) if family.private else evaluations
+
+
+def _keep_text(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(temp, path)

@@ -13,7 +13,9 @@ from models.aggregation import aggregate_item_sums
 from models.client import ClientData
 from models.federation.evaluation import Evaluation
 from models.federation.family import Phase, item_labels
+from models.federation.sampling import fresh_rng
 from models.metrics import add_sums, rating_error_sums
+from models.mf.als import RatingRows, predict_ratings, solve_users
 from models.mf.federated import (
     GlobalState,
     MFConfig,
@@ -30,6 +32,7 @@ from models.mf.federated import (
 from models.mf.params import ItemParams
 from models.mf.recommend import align_item_params, warm_start_params
 from models.mf.recommender import MFRecommender
+from models.privacy.released_metrics import MetricRelease, bounded_error_sums, capped_rows
 from models.promotion import BASELINE
 from models.protocol import ClientUpdate
 from models.server_optimizers import ServerOptimizerState
@@ -52,6 +55,9 @@ class ExplicitMF:
     item_ids: np.ndarray | None = field(default=None, compare=False)
     ranking: bool = True
     baseline: bool = True  # evaluate the trivial baseline beside the model (not for a champion)
+    # a private run's final evaluation: each user's rating errors bounded for the release
+    # (:mod:`models.privacy.released_metrics`); None evaluates every row exactly
+    released: MetricRelease | None = None
 
     name: ClassVar[str] = "explicit"
     eval_splits: ClassVar[tuple[str, ...]] = ("train", "valid", "test")
@@ -100,18 +106,44 @@ class ExplicitMF:
         evaluations = evaluate_client_splits(
             client, state.params, self.config, splits, ranking=self.ranking
         )
+        held_out = {s: client.rows(s) for s in splits if s != "train"}
+        if self.released is not None:  # each user's rating errors bounded (ranking sums are)
+            held_out = self._bounded_errors(client, state, held_out, evaluations)
         mean, bias = self.baseline_prediction(state)
-        for split in splits if self.baseline else ():
-            if split != "train":
-                rows = client.rows(split)
-                predicted = mean + bias[rows.items]
-                if self.config.clip_to is not None:
-                    predicted = np.clip(predicted, *self.config.clip_to)
-                evaluations[f"{BASELINE}/{split}"] = (
-                    rating_error_sums(predicted, rows.ratings),
-                    None,
-                )
+        for split, rows in held_out.items() if self.baseline else ():
+            predicted = mean + bias[rows.items]
+            if self.config.clip_to is not None:
+                predicted = np.clip(predicted, *self.config.clip_to)
+            evaluations[f"{BASELINE}/{split}"] = (self._error_sums(predicted, rows.ratings), None)
         return evaluations
+
+    def _error_sums(self, predicted: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+        if self.released is None:
+            return rating_error_sums(predicted, actual)
+        return bounded_error_sums(predicted, actual, self.released.error_clip)
+
+    def _bounded_errors(
+        self,
+        client: ClientData,
+        state: GlobalState,
+        held_out: dict[str, RatingRows],
+        evaluations: dict[str, Evaluation],
+    ) -> dict[str, RatingRows]:
+        """The rating-error sums of each held-out split over at most ``released.max_rows`` rows
+        per user (sampled from OS entropy), errors clipped to ``released.error_clip``; returns
+        the rows used."""
+        assert self.released is not None
+        rng = fresh_rng()
+        users = solve_users(client.rows("train"), state.params, reg=self.config.reg)
+        capped = {}
+        for split, rows in held_out.items():
+            capped[split] = rows = capped_rows(rows, self.released.max_rows, rng)
+            predicted = predict_ratings(users, state.params, rows.users, rows.items)
+            if self.config.clip_to is not None:
+                predicted = np.clip(predicted, *self.config.clip_to)
+            sums, recommended = evaluations[split]
+            evaluations[split] = (sums | self._error_sums(predicted, rows.ratings), recommended)
+        return capped
 
     def server_update(
         self, state: GlobalState, updates: Sequence[ClientUpdate], phase: str

@@ -1,0 +1,94 @@
+"""A private run's final evaluation is a counted release: each client's evaluation upload
+carries noise of its own (it is not the client's exact sums), and the epsilon the run logs at its
+last step is dp-accounting's composition of the training rounds and the evaluation release,
+computed here without fedrec's accountant."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedrec.config import TrainingConfig
+from tests.flows.helpers import tracking_store
+
+SMALL = {"synthetic_users": 500, "synthetic_items": 120, "synthetic_interactions": 15_000,
+         "clients": 3, "factors": 4, "rounds": 3, "skip_if_unchanged": False,
+         "dp_budget": 8.0}  # fmt: skip
+RATIO = 4.0  # an evaluation's noise multiplier over the training's (models/privacy/released_metrics.py)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    with tracking_store(tmp_path_factory.mktemp("fedrec-private-evaluation")) as store:
+        yield store
+
+
+def _independent_epsilon(sigma: float, rounds: int, evaluations: int, delta: float) -> float:
+    """dp-accounting alone: ``rounds`` Gaussian rounds (every user, every round) and
+    ``evaluations`` Gaussian releases of ``RATIO * sigma``, the tighter of PLD (pessimistic, grid
+    1e-2) and RDP (integer orders 2..64 and a few above), both valid bounds."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    events = [dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), rounds)]
+    events += [dp_accounting.GaussianDpEvent(RATIO * sigma)] * evaluations
+    event = dp_accounting.ComposedDpEvent(events)
+    by_pld = pld.PLDAccountant(value_discretization_interval=1e-2)
+    by_pld.compose(event)
+    by_rdp = rdp.RdpAccountant([*range(2, 65), 80, 96, 128, 192, 256, 512, 1024])
+    by_rdp.compose(event)
+    return min(by_pld.get_epsilon(delta), by_rdp.get_epsilon(delta))
+
+
+def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(store, monkeypatch):
+    from flows.training import federated_training
+    from models.data.partitions import read_partition
+    from models.privacy.released_metrics import MetricRelease
+    import tasks.clients as clients
+
+    calls: list[tuple[dict, Any]] = []
+    original = clients.evaluate_client.fn
+
+    def spy(**kwargs: Any) -> Any:
+        result = original(**kwargs)
+        calls.append((kwargs, result))
+        return result
+
+    monkeypatch.setattr(clients.evaluate_client, "fn", spy)
+    config = TrainingConfig(tracking_uri=store["uri"], model_name="counted", dp_epsilon=8.0, **SMALL)
+    summary = federated_training(**config.model_dump())
+
+    client = store["client"]
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in client.get_metric_history(summary["run_id"], key)]
+
+    sigma, delta = history("privacy/noise_multiplier")[-1], history("privacy/delta")[-1]
+    spent = history("privacy/epsilon")
+    assert len(spent) == SMALL["rounds"]
+    # the training rounds alone up to the last step; the last one adds the evaluation's release
+    for step, value in enumerate(spent[:-1], start=1):
+        assert value == pytest.approx(_independent_epsilon(sigma, step, 0, delta), rel=1e-9)
+    assert spent[-1] == pytest.approx(_independent_epsilon(sigma, 3, 1, delta), rel=1e-9)
+    assert 7.9 < spent[-1] <= 8.0 + 1e-9  # calibrated so that the whole composition meets it
+    assert _independent_epsilon(sigma, 3, 0, delta) < 7.95  # the release is not free
+
+    # every client's final evaluation upload: noised, without training split or item counts
+    assert len(calls) == SMALL["clients"]  # no champion yet: one evaluation, once per client
+    release = MetricRelease(RATIO * sigma)
+    for kwargs, upload in calls:
+        own = read_partition(kwargs["workspace"], kwargs["entry"], kwargs["n_items"])
+        exact = replace(kwargs["family"], released=None).evaluate(own, kwargs["state"], ("valid",))
+        assert "train" not in upload and all(r is None for _, r in upload.values())
+        keys = [(s, k) for s in sorted(upload) for k in sorted(upload[s][0])]
+        deviations = release.deviations(keys)
+        rows = own.rows("valid")
+        capped = float(np.minimum(np.bincount(rows.users), release.max_rows).sum())
+        sent = upload["valid"][0]
+        assert sent["n"] != exact["valid"][0]["n"] and sent["sse"] != exact["valid"][0]["sse"]
+        # the count is the capped count plus noise of the documented deviation
+        assert sent["n"] != capped
+        assert abs(sent["n"] - capped) < 6 * deviations[("valid", "n")]
