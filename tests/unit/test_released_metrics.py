@@ -5,6 +5,7 @@ the release with the training rounds exactly as dp-accounting does on its own.""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -176,3 +177,36 @@ def test_a_single_release_is_counted_as_dp_accounting_counts_one_gaussian():
     spent = epsilon(1.0, 1.0, 0, delta, extra=(2.0,))
     assert 1.9 < spent < 2.1
     assert math.isclose(epsilon(1.0, 1.0, 0, delta), 0.0)
+
+
+def test_a_client_asked_again_sends_the_release_it_kept_not_a_second_one(tmp_path):
+    # the client task's own function (no Prefect): the first answer is noised from OS entropy and
+    # kept beside the partition; asked again under the same name it sends the same numbers
+    from models.data.partitions import build_clients, write_partitions
+    from models.data.sharding import assign_clients, split_rows
+    from models.data.synthetic import generate_synthetic
+    from tasks.clients import evaluate_client
+
+    data = generate_synthetic(n_users=60, n_items=50, n_interactions=1500, seed=5)
+    rng = np.random.default_rng(0)
+    owner = assign_clients(data, n_clients=2, strategy="iid", rng=rng)
+    split = split_rows(data, owner, method="random", valid_fraction=0.2, test_fraction=0.1, rng=rng)
+    manifest = write_partitions(data, build_clients(data, owner, split), tmp_path / "ws")
+    release = MetricRelease(1.0)
+    family = ExplicitMF(MFConfig(n_factors=2, clip_to=data.rating_scale), released=release)
+    entry, state = manifest.clients[0], _state(data.n_items)
+
+    def ask(name: str) -> dict:
+        return evaluate_client.fn(workspace=str(tmp_path / "ws"), entry=entry,
+                                  n_items=data.n_items, family=family, state=state,
+                                  splits=("train", "valid"), release=release,
+                                  release_name=name)  # fmt: skip
+
+    first, again, other = ask("round-3"), ask("round-3"), ask("champion")
+    assert first == again  # the kept release, not fresh noise
+    assert other != first  # another release draws its own noise
+    assert set(first) == {"valid", "baseline/valid"}
+    with pytest.raises(ValueError, match="does not bound its evaluation"):
+        evaluate_client.fn(workspace=str(tmp_path / "ws"), entry=entry, n_items=data.n_items,
+                           family=replace(family, released=None), state=state, splits=("valid",),
+                           release=release, release_name="x")  # fmt: skip
