@@ -74,6 +74,11 @@ class TrainingConfig(BaseModel):
     synthetic_interactions: int = Field(
         _SYNTHETIC["n_interactions"], ge=10, description="rows of the synthetic data"
     )
+    synthetic_taste: float = Field(
+        _SYNTHETIC["taste"],
+        gt=0,
+        description="synthetic data: how strongly what a user meets follows taste, not popularity",
+    )
 
     # sharding and splits
     clients: int | None = Field(
@@ -180,9 +185,9 @@ class TrainingConfig(BaseModel):
     )
     ranker_leaves: int = Field(_RANKER.num_leaves, ge=2, description="leaves per re-ranker tree")
     ranker_objective: Literal["lambdarank", "rank_xendcg"] = Field(
-        "lambdarank",
-        description="the re-ranker's listwise objective (XE-NDCG: within noise of LambdaRank on "
-        "held-out ML-1M validation users, and below it on the synthetic data)",
+        _RANKER.objective,
+        description="the re-ranker's listwise objective (XE-NDCG: above LambdaRank on held-out "
+        "ML-1M validation users)",
     )
     ranker_network_rounds: int = Field(
         0,

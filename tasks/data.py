@@ -33,6 +33,7 @@ def _load(spec: str, config: TrainingConfig) -> Interactions:
             n_users=config.synthetic_users,
             n_items=config.synthetic_items,
             n_interactions=config.synthetic_interactions,
+            taste=config.synthetic_taste,
             seed=config.seed,
         )
     path = Path(spec)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import sparse
 
 from models.client import ClientData
 from models.metrics import add_sums, distribution, finalize_metrics, ranking_sums
+from models.promotion import BASELINE
 
 # What a client reports for one split: metric sums, and per-item top-K counts (None without ranking).
 Evaluation = tuple[dict[str, float], np.ndarray | None]
@@ -84,3 +85,51 @@ def evaluate_scores(
     relevant = client.matrix(split)
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
     return ranking_evaluation(client, split, users, score(users), k)
+
+
+def popularity_scores(popularity: np.ndarray, n_users: int) -> np.ndarray:
+    """Scores of the most-popular list for ``n_users`` users: every row ranks the items by
+    ``popularity``, ties broken towards the lower item index (scores ``n_items`` down to 1), so
+    the list does not depend on how a sort orders equal counts."""
+    popularity = np.asarray(popularity, dtype=np.float64)
+    n_items = popularity.size
+    scores = np.empty(n_items)
+    scores[np.argsort(-popularity, kind="stable")] = np.arange(n_items, 0, -1, dtype=np.float64)
+    return np.broadcast_to(scores, (n_users, n_items))
+
+
+def popularity_evaluation(
+    client: ClientData,
+    split: str,
+    popularity: np.ndarray,
+    k: int,
+    users: np.ndarray | None = None,
+) -> Evaluation:
+    """Ranking sums of the most-popular list (:func:`popularity_scores`) on a split, with the
+    exclusions of :func:`exclude_seen`: the users with held-out rows (or ``users``, the local
+    indices a candidate was evaluated on), as :func:`evaluate_scores` evaluates a model."""
+    if users is None:
+        return evaluate_scores(client, split, k, lambda u: popularity_scores(popularity, len(u)))
+    return ranking_evaluation(client, split, users, popularity_scores(popularity, len(users)), k)
+
+
+def popularity_baselines(
+    client: ClientData,
+    popularity: np.ndarray | None,
+    splits: Iterable[str],
+    k: int,
+    users: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, Evaluation]:
+    """The trivial baseline of a ranking model, ``baseline/<split>`` for each held-out split: the
+    most-popular list from ``popularity``, the per-item counts the server already holds (the
+    model's own, noisy under DP), evaluated on the same rows as the model (``users[split]`` when
+    given). Empty when there are no counts yet (``popularity`` None)."""
+    if popularity is None:
+        return {}
+    return {
+        f"{BASELINE}/{split}": popularity_evaluation(
+            client, split, popularity, k, None if users is None else users.get(split)
+        )
+        for split in splits
+        if split != "train"
+    }

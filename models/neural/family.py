@@ -18,7 +18,7 @@ import pandas as pd
 
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
-from models.federation.evaluation import Evaluation, evaluate_scores
+from models.federation.evaluation import Evaluation, evaluate_scores, popularity_baselines
 from models.federation.family import Phase, item_labels
 from models.neural.federated import (
     FederatedConfig,
@@ -83,6 +83,7 @@ class Neural:
     config: NeuralConfig = field(default_factory=NeuralConfig)
     item_ids: np.ndarray | None = field(default=None, compare=False)
     titles: np.ndarray | None = field(default=None, compare=False)
+    baseline: bool = True  # evaluate the most-popular list beside the model (not for a champion)
 
     name: ClassVar[str] = "neural"
     eval_splits: ClassVar[tuple[str, ...]] = ("valid", "test")
@@ -137,7 +138,11 @@ class Neural:
         def score(users: np.ndarray) -> np.ndarray:
             return logits(state.params, state.arch, history[users]).astype(np.float64)
 
-        return {split: evaluate_scores(client, split, self.top_k, score) for split in splits}
+        evaluations = {split: evaluate_scores(client, split, self.top_k, score) for split in splits}
+        if not self.baseline:
+            return evaluations
+        # the trivial baseline: the most-popular list from the counts the server holds
+        return evaluations | popularity_baselines(client, state.popularity, splits, self.top_k)
 
     def server_update(
         self, state: NeuralState, updates: Sequence[ClientUpdate], phase: str
@@ -175,7 +180,8 @@ class Neural:
             champion.item_ids, item_labels(self.item_ids, 0)
         ):
             return "its catalogue differs from this run's (the network's input and output)"
-        return self, NeuralState(champion.params, champion.arch, popularity=champion.popularity)
+        state = NeuralState(champion.params, champion.arch, popularity=champion.popularity)
+        return replace(self, baseline=False), state
 
     def state_arrays(self, state: NeuralState) -> dict[str, np.ndarray]:
         arch = state.arch

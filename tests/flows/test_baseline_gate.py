@@ -48,3 +48,37 @@ def test_a_candidate_worse_than_the_baseline_is_registered_and_not_promoted(stor
     assert good["promoted"], good["reason"]
     champion = client.get_model_version_by_alias("gated", "champion")
     assert str(champion.version) == str(good["model_version"])
+
+
+# implicit feedback whose users meet what they like more than what is popular: a network that
+# learns beats the most-popular list, one that has not learned yet does not
+RANKING = {"synthetic_users": 1000, "synthetic_items": 120, "synthetic_interactions": 20_000,
+           "synthetic_taste": 6.0, "clients": 3, "feedback": "implicit", "implicit_model": "neural",
+           "neural_latent": 16, "neural_local_epochs": 5, "skip_if_unchanged": False,
+           "model_name": "gated-ranking"}  # fmt: skip
+
+
+def test_a_ranking_candidate_worse_than_popularity_is_registered_and_not_promoted(store):
+    from mlflow.exceptions import MlflowException
+
+    client = store["client"]
+    # one round of a step size too small to move the network from its random start
+    bad = _run(store, **(RANKING | {"rounds": 1, "neural_lr": 1e-5}))
+
+    metrics = bad["metrics"]
+    popular = metrics["baseline/valid/ndcg_at_10"]  # the most-popular list on the same rows
+    assert metrics["valid/ndcg_at_10"] < popular and popular > 0.1
+    assert "baseline/test/ndcg_at_10" in metrics
+    assert not bad["promoted"] and bad["reason"].startswith(WORSE_THAN_BASELINE)
+    assert f"{popular:.4f}" in bad["reason"] and "valid/ndcg_at_10" in bad["reason"]
+    version = client.get_model_version("gated-ranking", bad["model_version"])
+    assert version.tags["fedrec.promotion_reason"] == bad["reason"]
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("gated-ranking", "champion")
+
+    good = _run(store, **(RANKING | {"rounds": 3, "neural_lr": 1e-2}))
+
+    assert good["metrics"]["valid/ndcg_at_10"] > good["metrics"]["baseline/valid/ndcg_at_10"]
+    assert good["promoted"], good["reason"]
+    champion = client.get_model_version_by_alias("gated-ranking", "champion")
+    assert str(champion.version) == str(good["model_version"])

@@ -222,8 +222,10 @@ def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(
     from fedrec.cli import main
     from models.data.synthetic import generate_synthetic
 
+    # users meet what they like more than what is popular (taste=6), so a model that learns
+    # beats the most-popular list clearly
     data = generate_synthetic(
-        n_users=300, n_items=150, n_interactions=9000, seed=5, side_features=False
+        n_users=300, n_items=150, n_interactions=9000, seed=5, side_features=False, taste=6.0
     )
     frame = pd.DataFrame({"user_id": data.user_ids[data.frame["user"]].astype(str),
                           "item_id": data.item_ids[data.frame["item"]].astype(str)})  # fmt: skip
