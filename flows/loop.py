@@ -30,7 +30,7 @@ from flows.rounds import (
     task_unit,
     train_and_evaluate,
 )
-from flows.secure import secure_round
+from flows.secure import everyone_context, secure_round
 from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry
 from models.federation.family import Family, Phase
@@ -40,6 +40,7 @@ from tasks.clients import evaluate_client, train_client
 from tasks.secure import round_context
 from tasks.server import (
     Progress,
+    Snapshot,
     aggregate,
     build_model,
     champion_for,
@@ -105,18 +106,29 @@ def _evaluate_all(
 
 
 def _everyone_round(ctx: RunContext, family: Family, state: Any, phase: Phase) -> tuple[Any, float]:
-    """A round in which every client answers once; returns the new state and the bytes sent."""
+    """A round in which every client answers once, securely aggregated when the family encodes
+    the phase (:func:`~flows.secure.everyone_context`); returns the new state and the bytes sent."""
     started, submit = time.perf_counter(), _Submit(ctx, family, state)
+    secure = everyone_context(ctx, family, phase)
     futures = {
         e.client_id: submit.train(
-            e, f"{phase.name} client-{e.client_id}", phase=phase.name, round_=EVERYONE_ROUND
+            e,
+            f"{phase.name} client-{e.client_id}",
+            phase=phase.name,
+            round_=EVERYONE_ROUND,
+            secure_context=secure,
         )
         for e in ctx.entries
     }
     answers = answered(futures, phase.name)
     require_quorum(len(answers), len(ctx.entries), ctx.config, phase.name)
-    updates = [u for u, _ in answers.values()]
-    state = aggregate(family=family, state=state, updates=updates, phase=phase.name)
+    held = {c: u for c, (u, _) in answers.items()}
+    if secure is not None:  # the answers stayed on the clients; the sum comes masked
+        asked = len(ctx.entries)
+        state, updates = secure_round(ctx, family, state, held, EVERYONE_ROUND, phase.name, asked)
+    else:
+        updates = list(held.values())
+        state = aggregate(family=family, state=state, updates=updates, phase=phase.name)
     sent = float(sum(u.nbytes() for u in updates))
     get_run_logger().info(
         "%s: %d clients, %.1f MB up, %.2f s",
@@ -239,16 +251,17 @@ def train_family(
             state, updates, evaluations, started = _sampled_round(
                 ctx, family, state, phase, step, evaluating
             )
-            if pending:
+            saved = Snapshot(
+                family, state, f"{ctx.workspace}/checkpoints", Progress(step, index, phase_round)
+            )
+            if pending:  # step - 1 logged, then step checkpointed: one server task run
                 label = f"round {step - 1}/{total}"
                 metrics = log_step(
-                    ctx, step - 1, pending, evaluations, family.top_k, label, spent(step - 1)
+                    ctx, step - 1, pending, evaluations, family.top_k, label, spent(step - 1), saved
                 )
                 history.append(metrics)
-            progress = Progress(step, index, phase_round)
-            checkpoint(
-                family=family, state=state, folder=f"{ctx.workspace}/checkpoints", progress=progress
-            )
+            else:
+                checkpoint(family=family, state=state, folder=saved.folder, progress=saved.progress)
             pending = (updates, time.perf_counter() - started)
 
     if pending is None:

@@ -9,6 +9,11 @@ the server asks for shares -> survivors unmask -> the server removes the masks a
 A client that fails, times out or is refused at any phase is left out, and the protocol removes
 its masks through the others' shares; no update is ever masked twice. Fewer than t clients at
 any step refuse the round (:class:`QuorumError`).
+
+Every sampled round runs the protocol, and so does a phase every client answers once when the
+family encodes its answer densely (``secure_everyone_phases``, e.g. the explicit family's global
+mean: each client's rating sum and count), as round ``EVERYONE_ROUND``. Other such phases (item
+co-occurrences) reach the server in the clear, and the run says so.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from typing import Any
 from prefect import Task, get_run_logger
 
 from flows.rounds import QuorumError, RunContext, answered, quorum
-from models.federation.family import Family
+from models.federation.family import Family, Phase
+from models.federation.loop import EVERYONE_ROUND
 from models.privacy.secagg_plus import TooFewClientsError
 from tasks.secure import (
     ServerStep,
     read_round_config,
+    round_context,
     secagg_advertise,
     secagg_aggregate,
     secagg_commit,
@@ -38,6 +45,24 @@ from tasks.secure import (
 )
 
 
+def masked(family: Family, phase: Phase) -> bool:
+    """Whether secure aggregation covers ``phase``: every sampled round, and the phases every
+    client answers once whose answer the family encodes (``secure_everyone_phases``)."""
+    return not phase.everyone or phase.name in getattr(family, "secure_everyone_phases", ())
+
+
+def everyone_context(ctx: RunContext, family: Family, phase: Phase) -> bytes | None:
+    """The secure-aggregation round of a phase every client answers once, or None when it runs
+    in the clear (secure aggregation off, or a phase the family cannot encode)."""
+    if not ctx.config.secure_aggregation or not masked(family, phase):
+        return None
+    return round_context(ctx.run_id, EVERYONE_ROUND)
+
+
+def _label(r: int, phase: str) -> str:
+    return f"the {phase} round" if r == EVERYONE_ROUND else f"round {r}"
+
+
 def secure_round(
     ctx: RunContext,
     family: Family,
@@ -47,15 +72,16 @@ def secure_round(
     phase: str,
     asked: int,
 ) -> tuple[Any, list]:
-    """The protocol half of securely aggregated round ``r``: ``held`` maps each client that
-    trained to its held-update receipt, ``asked`` is how many were sampled. Returns the new state
-    and the masked inputs the server committed to (what it received)."""
+    """The protocol half of securely aggregated round ``r`` (``EVERYONE_ROUND`` for a phase
+    every client answers once): ``held`` maps each client that trained to its held-update
+    receipt, ``asked`` is how many were asked. Returns the new state and the masked inputs the
+    server committed to (what it received)."""
     if r == 1:
         _warn_clear_phases(family, ctx.config.rounds)
     try:
         return _protocol(ctx, family, state, held, r, phase, asked)
     except TooFewClientsError as err:
-        raise QuorumError(f"round {r} (secure aggregation): {err}") from err
+        raise QuorumError(f"{_label(r, phase)} (secure aggregation): {err}") from err
 
 
 def _protocol(
@@ -94,8 +120,8 @@ def _protocol(
         phase=phase,
     )
     get_run_logger().info(
-        "round %d: securely aggregated the updates of %d of %d clients (threshold %d)",
-        r,
+        "%s: securely aggregated the updates of %d of %d clients (threshold %d)",
+        _label(r, phase),
         len(received),
         len(held),
         read_round_config(config).threshold,
@@ -145,9 +171,10 @@ def _server(
 
 
 def _warn_clear_phases(family: Family, rounds: int) -> None:
-    """Secure aggregation covers the sampled rounds; a phase every client answers once (the
-    global mean's sums, item co-occurrences) reaches the server in the clear: say so."""
-    clear = [p.name for p in family.phases(rounds) if p.everyone]
+    """Secure aggregation covers the sampled rounds and the phases :func:`masked` names; any
+    other phase every client answers once (item co-occurrences) reaches the server in the clear:
+    say so."""
+    clear = [p.name for p in family.phases(rounds) if not masked(family, p)]
     if clear:
         get_run_logger().warning(
             "secure aggregation covers the %s family's sampled rounds only; phase(s) %s send each "

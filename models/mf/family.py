@@ -38,6 +38,8 @@ from models.protocol import ClientUpdate
 from models.server_optimizers import ServerOptimizerState
 
 _EMPTY = np.zeros(0, np.int64)
+# what a client answers in the "mean" phase (:func:`~models.mf.federated.client_rating_sums`)
+_MEAN_SUMS = ("rating_sum", "n")
 # pseudo-count shrinking the trivial baseline's item biases towards 0
 BASELINE_SHRINK = 10.0
 
@@ -61,6 +63,8 @@ class ExplicitMF:
 
     name: ClassVar[str] = "explicit"
     eval_splits: ClassVar[tuple[str, ...]] = ("train", "valid", "test")
+    # phases every client answers once that :meth:`to_dense` encodes (secure aggregation)
+    secure_everyone_phases: ClassVar[tuple[str, ...]] = ("mean",)
 
     @property
     def top_k(self) -> int:
@@ -244,7 +248,17 @@ class ExplicitMF:
         return None
 
     def to_dense(self, update: ClientUpdate, n_items: int) -> np.ndarray:
+        """A training update over every item (:func:`~models.mf.federated.to_dense`); the "mean"
+        phase's answer as its two numbers, the rating sum and the row count."""
+        if update.items.size == 0 and not update.arrays and set(update.metrics) == set(_MEAN_SUMS):
+            return np.array([update.metrics[name] for name in _MEAN_SUMS], dtype=np.float64)
         return to_dense(update, n_items, self.config)
 
     def from_dense_sum(self, total: np.ndarray, n_items: int) -> ClientUpdate:
+        """The inverse of :meth:`to_dense` on a sum of clients' vectors (a "mean" phase's has
+        two numbers; every other vector is longer)."""
+        if total.size == len(_MEAN_SUMS):
+            rating_sum, n = (float(v) for v in total)
+            metrics = {"rating_sum": rating_sum, "n": float(np.rint(n))}  # n: integers summed
+            return ClientUpdate(-1, _EMPTY, _EMPTY, {}, metrics)
         return from_dense_sum(total, n_items, self.config)

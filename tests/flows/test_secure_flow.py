@@ -1,6 +1,7 @@
 """Secure aggregation through the real training flow: the model equals the plain one, a dropout at
 any phase leaves exactly the survivors' sum, a substituted identity key shuts that client out
-with a clear log line, and fewer than t survivors refuse the round.
+with a clear log line, fewer than t survivors refuse the round, and the explicit family's global
+mean (each client's rating sum and count) is summed under the protocol too.
 
 The sums are checked against an oracle independent of the protocol: each client's plain update,
 recorded as training produced it (before it was held), summed in the clear by the family's own
@@ -114,7 +115,7 @@ def first_round(monkeypatch) -> _Round:
 
     def aggregate(**kwargs):
         result = original_aggregate(**kwargs)
-        if seen.after is None:
+        if seen.after is None and seen.trained_on is not None:  # round 1, not the mean's round
             seen.after, seen.combined = result
         return result
 
@@ -278,6 +279,7 @@ def test_a_substituted_registry_key_shuts_that_client_out_with_a_clear_log_line(
 def test_fewer_than_t_survivors_refuse_the_round(store, clients, dropped, message):
     from flows.rounds import QuorumError
 
+    # implicit ALS: no phase before the first sampled round runs the protocol
     with pytest.raises(QuorumError, match=rf"round 1 \(secure aggregation\): .*{message}"):
         _run(
             store,
@@ -286,7 +288,90 @@ def test_fewer_than_t_survivors_refuse_the_round(store, clients, dropped, messag
             rounds=1,
             fault_dropout_clients=dropped,
             **SECURE,
+            **IMPLICIT,
         )
+
+
+def test_fewer_than_t_survivors_of_the_mean_round_refuse_it(store):
+    from flows.rounds import QuorumError
+
+    message = "1 clients sent masked inputs, threshold is 2: round refused"
+    with pytest.raises(QuorumError, match=rf"the mean round \(secure aggregation\): .*{message}"):
+        _run(store, model_name="refused-mean", clients=3, fault_dropout_clients=(0, 1), **SECURE)
+
+
+def test_the_global_means_sums_reach_the_server_only_as_a_masked_sum(store, monkeypatch, run_log):
+    """With secure aggregation each client's rating sum and count stay on the client: the flow
+    gets a receipt of the vector's length, the server masked vectors that are not the client's
+    encoded sums, and it decodes their total alone; the model is the plain run's."""
+    import tasks.clients as clients
+    import tasks.secure as secure
+    from models.privacy.fixed_point import encode
+    from models.privacy.secagg_plus import MaskedInput
+    from models.privacy.wire import unpack
+
+    held: dict[int, Any] = {}  # client -> its mean-phase answer as training produced it
+    receipts: dict[int, Any] = {}  # client -> what the mean-phase task returned to the flow
+    masked: dict[int, np.ndarray] = {}  # client -> the masked vector the server got in that round
+    combined: list[Any] = []  # the sum the server decoded in that round
+    original_hold, original_train = clients.hold_update, clients.train_client.fn
+    original_mask, original_aggregate = secure.secagg_mask.fn, secure.secagg_aggregate.fn
+
+    def hold(update, n_items, family, context, where):
+        if context.endswith(b"/round-0"):
+            held[update.client_id] = update
+        return original_hold(update, n_items, family, context, where)
+
+    def train(**kwargs):
+        result = original_train(**kwargs)
+        if kwargs["phase"] == "mean":
+            receipts[kwargs["entry"].client_id] = result
+        return result
+
+    def mask(**kwargs):
+        result = original_mask(**kwargs)
+        if secure.read_round_config(kwargs["config"]).round == 0:
+            masked[kwargs["entry"].client_id] = MaskedInput.from_bytes(result).vector
+        return result
+
+    def aggregate(**kwargs):
+        result = original_aggregate(**kwargs)
+        if kwargs["phase"] == "mean":
+            combined.append(result[1])
+        return result
+
+    monkeypatch.setattr(clients, "hold_update", hold)
+    monkeypatch.setattr(clients.train_client, "fn", train)
+    monkeypatch.setattr(secure.secagg_mask, "fn", mask)
+    monkeypatch.setattr(secure.secagg_aggregate, "fn", aggregate)
+    ours = _run(store, model_name="mean-secure", **SECURE)
+    monkeypatch.undo()
+    plain = _run(store, model_name="mean-plain", min_clients=2)
+
+    assert sorted(held) == sorted(receipts) == sorted(masked) == [0, 1, 2, 3]
+    sums = {c: (u.metrics["rating_sum"], u.metrics["n"]) for c, u in held.items()}
+    assert all(n > 0 for _, n in sums.values())
+    for c, (receipt, evaluations) in receipts.items():
+        fields, arrays = unpack(receipt)  # the flow holds a length, not the two numbers
+        assert fields == {"kind": fields["kind"], "vector_size": 2} and not arrays, c
+        assert not evaluations
+        own = encode(np.array(sums[c]), n_clients=4)
+        assert masked[c].shape == (2,) and not np.isin(masked[c], own).any(), c
+    assert len(combined) == 1
+    total = combined[0]
+    assert total.metrics["n"] == sum(n for _, n in sums.values())
+    assert total.metrics["rating_sum"] == pytest.approx(sum(s for s, _ in sums.values()), abs=1e-6)
+    assert total.items.size == 0 and not total.arrays
+    assert not any("in the clear" in line for line in run_log)  # nothing left to warn about
+
+    mean = total.metrics["rating_sum"] / total.metrics["n"]
+    secure_model, plain_model = _served(store, "mean-secure"), _served(store, "mean-plain")
+    assert secure_model.params.global_mean == pytest.approx(mean, abs=1e-12)
+    assert secure_model.params.global_mean == pytest.approx(
+        plain_model.params.global_mean, abs=1e-9
+    )
+    np.testing.assert_allclose(secure_model.params.factors, plain_model.params.factors, atol=1e-6)
+    assert ours["metrics"]["test/rmse"] == pytest.approx(plain["metrics"]["test/rmse"], abs=1e-6)
 
 
 def test_the_configuration_refuses_what_secure_aggregation_cannot_protect():
