@@ -10,7 +10,8 @@ must be an option of some fedrec command. Flags after another program's name (`m
 and are not checked here.
 
 The options of each command are read from its `--help` output (click's option lines), so a flag
-that exists but is hidden from the help counts as missing, as it does for a reader.
+that exists but is hidden from the help counts as missing, as it does for a reader. Every
+`fedrec COMMAND` and `make TARGET` written in the README's code (blocks and spans) must exist too.
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ def command_options(path: tuple[str, ...] = ()) -> dict[tuple[str, ...], set[str
     return found
 
 
-def _segments(text: str) -> list[tuple[int, str]]:
+def _segments(text: str, with_prose: bool = True) -> list[tuple[int, str]]:
     """README's text as (line number, segment) pairs: each logical line of a code block (with
     backslash continuations joined), each inline code span (which may run over two lines of a
-    paragraph), and each prose line without its code spans."""
+    paragraph), and (``with_prose``) each prose line without its code spans."""
     segments: list[tuple[int, str]] = []
     in_block, pending, pending_line = False, "", 0
     paragraph: list[str] = []
@@ -78,9 +79,10 @@ def _segments(text: str) -> list[tuple[int, str]]:
             line = paragraph_line + body[: span.start()].count("\n")
             segments.append((line, span.group(1).replace("\n", " ")))
         rest = re.sub(r"`[^`]+`", lambda m: "\n" * m.group().count("\n"), body)
-        segments.extend(
-            (paragraph_line + offset, line) for offset, line in enumerate(rest.split("\n"))
-        )
+        if with_prose:
+            segments.extend(
+                (paragraph_line + offset, line) for offset, line in enumerate(rest.split("\n"))
+            )
         paragraph.clear()
 
     for number, line in enumerate(text.splitlines(), start=1):
@@ -204,3 +206,30 @@ def test_every_flag_in_the_readme_is_an_option_of_its_command(commands):
     ]
     assert len(found) > 100  # the extraction reads the README's flags, not nothing
     assert not missing, "\n".join(missing)
+
+
+# in command position, as PROGRAM: prose's "to make a copy" is not a target
+MAKE_TARGET = re.compile(r"(?:^|[|;&(#:])\s*make ([a-z][a-z0-9-]*)")
+FEDREC_COMMAND = re.compile(r"(?:^|[|;&(#:]|\buv run)\s*fedrec ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?")
+
+
+def test_every_make_target_and_fedrec_command_in_the_readme_exists(commands):
+    text = README.read_text(encoding="utf-8")
+    makefile = (README.parent / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", makefile, re.M))
+    groups = {path[0] for path in commands if len(path) == 2}
+
+    code = _segments(text, with_prose=False)  # prose's "fedrec trains" names no command
+    named = {m[1] for _, segment in code for m in MAKE_TARGET.finditer(segment)}
+    spelled = [
+        (number, m[1], m[2]) for number, segment in code for m in FEDREC_COMMAND.finditer(segment)
+    ]
+
+    assert {"demo", "test", "mlflow-ui", "deploy"} <= named  # the extraction finds them
+    assert named <= targets, f"README names make targets the Makefile lacks: {named - targets}"
+    wrong = [
+        f"README.md:{number}: fedrec {command} {sub or ''}".strip()
+        for number, command, sub in spelled
+        if (command,) not in commands or (command in groups and (command, sub) not in commands)
+    ]
+    assert len(spelled) > 20 and not wrong, "\n".join(wrong)
