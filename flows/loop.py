@@ -40,7 +40,6 @@ from tasks.clients import evaluate_client, train_client
 from tasks.secure import round_context
 from tasks.server import (
     Progress,
-    Snapshot,
     aggregate,
     build_model,
     champion_for,
@@ -251,17 +250,16 @@ def train_family(
             state, updates, evaluations, started = _sampled_round(
                 ctx, family, state, phase, step, evaluating
             )
-            saved = Snapshot(
-                family, state, f"{ctx.workspace}/checkpoints", Progress(step, index, phase_round)
-            )
-            if pending:  # step - 1 logged, then step checkpointed: one server task run
+            if pending:
                 label = f"round {step - 1}/{total}"
                 metrics = log_step(
-                    ctx, step - 1, pending, evaluations, family.top_k, label, spent(step - 1), saved
+                    ctx, step - 1, pending, evaluations, family.top_k, label, spent(step - 1)
                 )
                 history.append(metrics)
-            else:
-                checkpoint(family=family, state=state, folder=saved.folder, progress=saved.progress)
+            progress = Progress(step, index, phase_round)
+            checkpoint(
+                family=family, state=state, folder=f"{ctx.workspace}/checkpoints", progress=progress
+            )
             pending = (updates, time.perf_counter() - started)
 
     if pending is None:
