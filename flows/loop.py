@@ -40,6 +40,7 @@ from tasks.clients import evaluate_client, train_client
 from tasks.secure import round_context
 from tasks.server import (
     Progress,
+    Snapshot,
     aggregate,
     build_model,
     champion_for,
@@ -250,16 +251,17 @@ def train_family(
             state, updates, evaluations, started = _sampled_round(
                 ctx, family, state, phase, step, evaluating
             )
-            if pending:
+            saved = Snapshot(
+                family, state, f"{ctx.workspace}/checkpoints", Progress(step, index, phase_round)
+            )
+            if pending:  # step - 1 logged, then step checkpointed: one server task run
                 label = f"round {step - 1}/{total}"
                 metrics = log_step(
-                    ctx, step - 1, pending, evaluations, family.top_k, label, spent(step - 1)
+                    ctx, step - 1, pending, evaluations, family.top_k, label, spent(step - 1), saved
                 )
                 history.append(metrics)
-            progress = Progress(step, index, phase_round)
-            checkpoint(
-                family=family, state=state, folder=f"{ctx.workspace}/checkpoints", progress=progress
-            )
+            else:
+                checkpoint(family=family, state=state, folder=saved.folder, progress=saved.progress)
             pending = (updates, time.perf_counter() - started)
 
     if pending is None:

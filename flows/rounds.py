@@ -27,8 +27,8 @@ from models.privacy.ledger import run_delta
 from models.privacy.released_metrics import MetricRelease, evaluation_ratios
 from tasks.faults import FaultPlan
 from tasks.secure import round_threshold
-from tasks.server import summarize_round
-from tasks.tracking import Champion, log_round
+from tasks.server import Snapshot, record_step
+from tasks.tracking import Champion
 
 
 @dataclass(frozen=True)
@@ -338,17 +338,18 @@ def log_step(
     top_k: int,
     label: str,
     extra: Mapping[str, float] | None = None,
+    snapshot: Snapshot | None = None,
 ) -> dict[str, float]:
-    """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, report it
-    in one line with the run's elapsed time and an ETA.
+    """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, then
+    checkpoint ``snapshot`` (the state after the next step) if given, all in one server task
+    run; report the step in one line with the run's elapsed time and an ETA.
     A resumed run does not log again the steps the interrupted one logged."""
     updates, seconds = round_
-    metrics = summarize_round(
-        updates=updates, evaluations=evaluations, top_k=top_k, n_items=ctx.n_items, seconds=seconds
-    )
-    metrics |= dict(extra or {})
-    if step > ctx.logged_through:
-        log_round(ctx.uri, ctx.run_id, step, metrics)
+    metrics = record_step(
+        step=step, updates=updates, evaluations=evaluations, top_k=top_k, n_items=ctx.n_items,
+        seconds=seconds, extra=dict(extra or {}), snapshot=snapshot,
+        log_to=(ctx.uri, ctx.run_id) if step > ctx.logged_through else None,
+    )  # fmt: skip
     shown = [
         f"{k} {metrics[k]:.4f}"
         for k in ("train/rmse", "valid/rmse", "valid/ndcg_at_10", "test/ndcg_at_10")

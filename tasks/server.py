@@ -22,6 +22,7 @@ from models.federation.family import Family, Recommender
 from models.metrics import finalize_metrics
 from models.promotion import PromotionDecision, decide_promotion, worst_client_metric
 from models.protocol import ClientUpdate
+from tasks.tracking import log_metrics
 
 
 @task(name="initialize-global", cache_policy=NONE)
@@ -54,6 +55,17 @@ def summarize_round(
     """One logged step: the round's uploads and wall time, and the model it produced, evaluated
     on every split the clients reported (``train/*``, ``valid/*``, ``test/*``); the round's
     counts and time are ``system/*``."""
+    return round_summary(updates, evaluations, top_k, n_items, seconds)
+
+
+def round_summary(
+    updates: Sequence[ClientUpdate],
+    evaluations: Sequence[Mapping[str, Evaluation]],
+    top_k: int,
+    n_items: int,
+    seconds: float,
+) -> dict[str, float]:
+    """The body of :func:`summarize_round`."""
     metrics = summarize_splits(evaluations, top_k, n_items)
     if updates:
         metrics["system/clients"] = float(sum(u.metrics.get("clients", 1.0) for u in updates))
@@ -92,6 +104,11 @@ def _write_atomically(target: Path, arrays: Mapping[str, np.ndarray]) -> None:
 def checkpoint(*, family: Family, state: Any, folder: str, progress: Progress) -> str:
     """Write the global state after a step atomically (temp file, then rename); large arrays
     that an earlier checkpoint already holds are referenced, not written again."""
+    return write_checkpoint(family, state, folder, progress)
+
+
+def write_checkpoint(family: Family, state: Any, folder: str, progress: Progress) -> str:
+    """The body of :func:`checkpoint`: returns the checkpoint's path."""
     target = Path(folder) / f"round-{progress.step:04d}.npz"
     target.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {
@@ -109,6 +126,41 @@ def checkpoint(*, family: Family, state: Any, folder: str, progress: Progress) -
         arrays[f"shared.{name}"] = np.frombuffer(digest.encode(), np.uint8)
     _write_atomically(target, arrays)
     return str(target)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The global state after a step, to checkpoint into ``folder``."""
+
+    family: Family
+    state: Any
+    folder: str
+    progress: Progress
+
+
+@task(name="record-step", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5])
+def record_step(
+    *,
+    step: int,
+    updates: Sequence[ClientUpdate],
+    evaluations: Sequence[Mapping[str, Evaluation]],
+    top_k: int,
+    n_items: int,
+    seconds: float,
+    extra: Mapping[str, float],
+    log_to: tuple[str, str] | None,
+    snapshot: Snapshot | None,
+) -> dict[str, float]:
+    """The server's record of a round in one task run: step ``step``'s metrics (as
+    :func:`summarize_round`, with ``extra``) logged to the MLflow run ``log_to`` = (URI, run
+    id) when given, then ``snapshot`` checkpointed when given. In that order: a checkpoint on
+    disk means every step before it is logged. Returns the metrics."""
+    metrics = round_summary(updates, evaluations, top_k, n_items, seconds) | dict(extra)
+    if log_to is not None:
+        log_metrics(*log_to, step, metrics)
+    if snapshot is not None:
+        write_checkpoint(snapshot.family, snapshot.state, snapshot.folder, snapshot.progress)
+    return metrics
 
 
 @task(name="load-checkpoint", cache_policy=NONE)
