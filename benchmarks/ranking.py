@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
     clients = build_clients(data, owner, split)
     ranker = RankerConfig(rounds=args.ranker_rounds, trees_per_round=args.ranker_trees,
                           learning_rate=args.ranker_lr, num_leaves=args.ranker_leaves, seed=args.seed,
-                          objective=args.ranker_objective)  # fmt: skip
+                          objective=args.ranker_objective[0])  # fmt: skip
     config = RankingConfig(n_factors=args.factors, reg=args.reg, alpha=args.alpha,
                            neighbours=args.neighbours, shrink=args.shrink,
                            n_candidates=args.candidates, ranker=ranker)  # fmt: skip
@@ -258,33 +258,26 @@ def run(args: argparse.Namespace) -> dict:
         factors, config.reg, config.alpha, similarity, item_counts, features, config.n_candidates
     )
     item_ids = data.item_ids.astype(str)
+    objectives = args.ranker_objective
+    ranker_config = replace(config, ranker=replace(config.ranker, objective=objectives[0]))
     if not args.skip_baseline_ranker:
-        _two_stage(
-            args,
-            clients,
-            config,
-            retrieval,
-            titles,
-            item_ids,
-            "fed two-stage (ALS + kNN + LightGBM)",
-            add,
-            central=False,
-        )
+        _two_stage(args, clients, ranker_config, retrieval, titles, item_ids,
+                   "fed two-stage (ALS + kNN + LightGBM)", add, central=False)  # fmt: skip
     with_ease = Retrieval(
         factors, config.reg, config.alpha, similarity, item_counts, features, config.n_candidates,
         ease,
     )  # fmt: skip
-    final_method = "fed two-stage (ALS + kNN + EASE + LightGBM)"
-    ensemble = _two_stage(
-        args, clients, config, with_ease, titles, item_ids, final_method, add,
-        central=network is None,
+    ensemble, final_method = _two_stage(
+        args, clients, ranker_config, with_ease, titles, item_ids,
+        "fed two-stage (ALS + kNN + EASE + LightGBM)", add, central=network is None,
+        objectives=objectives if network is None else None,
     )  # fmt: skip
     if network is not None:
-        with_network = replace(with_ease, network=network)
-        final_method = "fed two-stage (ALS + kNN + EASE + Mult-DAE + LightGBM)"
-        ensemble = _two_stage(
-            args, clients, config, with_network, titles, item_ids, final_method, add, central=True
-        )
+        ensemble, final_method = _two_stage(
+            args, clients, ranker_config, replace(with_ease, network=network), titles, item_ids,
+            "fed two-stage (ALS + kNN + EASE + Mult-DAE + LightGBM)", add, central=True,
+            objectives=objectives,
+        )  # fmt: skip
     fed_two_stage = next(r for r in rows if r["method"] == final_method)
     ratio = fed_two_stage["ndcg"] / single_best["ndcg"]
     out = {
@@ -304,38 +297,50 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
-def _two_stage(args, clients, config, retrieval, titles, item_ids, method, add, *, central: bool):
-    """The federated re-ranker over ``retrieval``'s candidates (and, if ``central``, the same
-    LightGBM ranker trained on the pooled rows); adds their rows, returns the federated ensemble."""
-    ranker = config.ranker
+def _two_stage(args, clients, config, retrieval, titles, item_ids, method, add, *, central: bool,
+               objectives=None):  # fmt: skip
+    """The federated re-ranker over ``retrieval``'s candidates, once per objective in
+    ``objectives`` (default: the config's) on the same candidates, and, if ``central``, the first
+    objective's LightGBM ranker trained on the pooled rows; adds their rows, returns the first
+    federated ensemble and its row's method."""
+    objectives = objectives or [config.ranker.objective]
     base = RankingRecommender(retrieval, None, item_ids, titles)
     started = time.perf_counter()
     prepared = [ranker_client_data(c, base, ()) for c in clients]
     candidate_seconds = time.perf_counter() - started
     recall = _candidate_recall(prepared, clients)
-    started = time.perf_counter()
-    ensemble, upload = TreeEnsemble(), 0
-    for r in range(1, ranker.rounds + 1):
-        answers = [
-            ranker_client_round(c, d, ensemble, config, args.seed * 1000 + r * 100 + c.client_id)
-            for c, d in zip(clients, prepared, strict=True)
-        ]
-        upload = sum(u.nbytes() for u, _ in answers)
-        ensemble = ranker_server_update(ensemble, [u for u, _ in answers])
-        if args.verbose:
-            print(f"    ranker round {r}: {time.perf_counter() - started:.1f} s", flush=True)
-    seconds = time.perf_counter() - started
-    two_stage = RankingRecommender(retrieval, ensemble, item_ids, titles)
-    add(
-        method,
-        [evaluate_ranking(c, two_stage, ("test",), K) for c in clients],
-        seconds + candidate_seconds,
-        candidate_seconds=candidate_seconds,
-        ranker_upload_mb_per_round=upload / 1e6,
-        candidate_recall_valid=recall,
-    )
+    first = None
+    for objective in objectives:
+        ranker = replace(config.ranker, objective=objective)
+        tuned = replace(config, ranker=ranker)
+        started = time.perf_counter()
+        ensemble, upload = TreeEnsemble(), 0
+        for r in range(1, ranker.rounds + 1):
+            answers = [
+                ranker_client_round(c, d, ensemble, tuned, args.seed * 1000 + r * 100 + c.client_id)
+                for c, d in zip(clients, prepared, strict=True)
+            ]
+            upload = sum(u.nbytes() for u, _ in answers)
+            ensemble = ranker_server_update(ensemble, [u for u, _ in answers])
+            if args.verbose:
+                print(f"    ranker round {r}: {time.perf_counter() - started:.1f} s", flush=True)
+        seconds = time.perf_counter() - started
+        two_stage = RankingRecommender(retrieval, ensemble, item_ids, titles)
+        named = f"{method} [{objective}]" if len(objectives) > 1 else method
+        add(
+            named,
+            [evaluate_ranking(c, two_stage, ("test",), K) for c in clients],
+            seconds + candidate_seconds,
+            objective=objective,
+            candidate_seconds=candidate_seconds,
+            ranker_upload_mb_per_round=upload / 1e6,
+            candidate_recall_valid=recall,
+        )
+        if first is None:
+            first = (ensemble, named, ranker)
+    ensemble, named, ranker = first
     if not central:
-        return ensemble
+        return ensemble, named
     started = time.perf_counter()
     offset = np.cumsum([0] + [c.n_users for c in clients])
     users = np.concatenate([d.train.users + o for d, o in zip(prepared, offset, strict=False)])
@@ -346,11 +351,12 @@ def _two_stage(args, clients, config, retrieval, titles, item_ids, method, add, 
     seconds = time.perf_counter() - started
     central_model = RankingRecommender(retrieval, central_ranker, item_ids, titles)
     add(
-        method.replace("fed", "central") + " pooled",
+        named.replace("fed", "central", 1) + " pooled",
         [evaluate_ranking(c, central_model, ("test",), K) for c in clients],
         seconds + candidate_seconds,
+        objective=ranker.objective,
     )
-    return ensemble
+    return ensemble, named
 
 
 def _federated_network(args, clients, n_items):
@@ -415,7 +421,11 @@ def main() -> None:
     parser.add_argument("--ranker-lr", type=float, default=RankerConfig.learning_rate)
     parser.add_argument("--ranker-leaves", type=int, default=RankerConfig.num_leaves)
     parser.add_argument(
-        "--ranker-objective", default=RankerConfig.objective, choices=get_args(RankingObjective)
+        "--ranker-objective",
+        nargs="+",
+        default=[RankerConfig.objective],
+        choices=get_args(RankingObjective),
+        help="one or more, each trained on the same candidates; the first is the headline",
     )
     parser.add_argument(
         "--ease-regs",
