@@ -155,6 +155,24 @@ def test_private_factors_solve_the_psd_projected_ridge_by_hand():
     assert not out[2:].any()
 
 
+def test_a_positive_definite_gram_is_left_as_it_is_by_the_psd_projection():
+    rng = np.random.default_rng(6)
+    k, n = 3, 5
+    a = rng.normal(size=(n, k, k))
+    grams = a @ np.swapaxes(a, 1, 2) + np.eye(k)  # positive definite, eigenvectors not symmetric
+    rhs = rng.normal(size=(n, k))
+    counts = np.full(n, 20.0)
+    stats = ItemStatistics(np.arange(n), counts, pack_symmetric(grams), rhs)
+
+    out = solve_private_factors(
+        np.zeros((n, k)), stats, reg=0.1, extra_ridge=0.5, floor=1.0, psd=True
+    )
+
+    for i in range(n):
+        want = np.linalg.solve(grams[i] + (0.1 * 20.0 + 0.5) * np.eye(k), rhs[i])
+        np.testing.assert_allclose(out[i], want, rtol=1e-9)
+
+
 def test_calibration_pays_for_a_release_whose_noise_is_a_multiple_of_the_trainings():
     # one round at sigma and one release at 2 sigma are one Gaussian at 1 / sqrt(1 + 1/4) sigma
     def exact(sigma):

@@ -81,6 +81,7 @@ def test_the_overflow_message_states_the_largest_value_that_fits(n_clients, bits
     with pytest.raises(FixedPointOverflowError) as err:
         encode(np.array([1.5 * limit]), n_clients=n_clients, fraction_bits=bits)
 
+    assert f"max |x| == {1.5 * limit:.6g} overflows" in str(err.value)
     assert f"max |x| < {limit:.6g}" in str(err.value)
 
 
