@@ -17,7 +17,9 @@ from tests.flows.helpers import tracking_store
 SMALL = {"synthetic_users": 500, "synthetic_items": 120, "synthetic_interactions": 15_000,
          "clients": 3, "factors": 4, "rounds": 3, "skip_if_unchanged": False,
          "dp_budget": 8.0}  # fmt: skip
-RATIO = 4.0  # an evaluation's noise multiplier over the training's (models/privacy/released_metrics.py)
+RATIO = (
+    4.0  # an evaluation's noise multiplier over the training's (models/privacy/released_metrics.py)
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +46,10 @@ def _independent_epsilon(sigma: float, rounds: int, evaluations: int, delta: flo
 
 
 def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(store, monkeypatch):
+    import tasks.clients as clients
     from flows.training import federated_training
     from models.data.partitions import read_partition
     from models.privacy.released_metrics import MetricRelease
-    import tasks.clients as clients
 
     calls: list[tuple[dict, Any]] = []
     original = clients.evaluate_client.fn
@@ -58,7 +60,9 @@ def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(st
         return result
 
     monkeypatch.setattr(clients.evaluate_client, "fn", spy)
-    config = TrainingConfig(tracking_uri=store["uri"], model_name="counted", dp_epsilon=8.0, **SMALL)
+    config = TrainingConfig(
+        tracking_uri=store["uri"], model_name="counted", dp_epsilon=8.0, **SMALL
+    )
     summary = federated_training(**config.model_dump())
 
     client = store["client"]
@@ -92,3 +96,38 @@ def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(st
         # the count is the capped count plus noise of the documented deviation
         assert sent["n"] != capped
         assert abs(sent["n"] - capped) < 6 * deviations[("valid", "n")]
+
+
+def test_a_private_run_with_a_champion_counts_the_champions_evaluation_too(store, monkeypatch):
+    import tasks.clients as clients
+    from flows.training import federated_training
+
+    other_users = {"synthetic_users": 520}  # the ledger is keyed by the users: a fresh budget
+    plain_fields = {k: v for k, v in (SMALL | other_users).items() if k != "dp_budget"}
+    plain = TrainingConfig(tracking_uri=store["uri"], model_name="compared", **plain_fields)
+    assert federated_training(**plain.model_dump())["promoted"]  # the champion, trained without DP
+
+    names: list[str] = []
+    original = clients.evaluate_client.fn
+
+    def spy(**kwargs: Any) -> Any:
+        names.append(kwargs.get("release_name"))
+        return original(**kwargs)
+
+    monkeypatch.setattr(clients.evaluate_client, "fn", spy)
+    private = TrainingConfig(tracking_uri=store["uri"], model_name="compared", dp_epsilon=8.0,
+                             **(SMALL | other_users))  # fmt: skip
+    summary = federated_training(**private.model_dump())
+
+    client = store["client"]
+
+    def last(key: str) -> float:
+        return client.get_metric_history(summary["run_id"], key)[-1].value
+
+    sigma, delta = last("privacy/noise_multiplier"), last("privacy/delta")
+    # two evaluation releases: the candidate's and the champion's, both noised by the clients
+    assert sorted(names) == ["champion"] * SMALL["clients"] + ["round-3"] * SMALL["clients"]
+    assert last("privacy/epsilon") == pytest.approx(
+        _independent_epsilon(sigma, 3, 2, delta), rel=1e-9
+    )
+    assert 7.9 < last("privacy/epsilon") <= 8.0 + 1e-9
