@@ -26,7 +26,8 @@ from fedrec.cli import main
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
-FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+# a flag, or a family of them ("the `--neural-*` settings")
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*(?:-\*)?")
 # a program in command position (a line's start, after `uv run`, a pipe, `;`, `&&`, `$(`, `#`,
 # `then:` or an environment assignment), whose flags follow it; fedrec's subcommands follow "fedrec"
 PROGRAM = re.compile(
@@ -181,18 +182,26 @@ def test_the_extraction_attributes_flags_to_their_command(commands):
 
 
 def test_a_flag_that_no_command_has_is_reported(commands):
-    text = "A failed task is retried `--task-retries` times; `fedrec recommend --pairs p.csv`.\n"
+    text = (
+        "A failed task is retried `--task-retries` times; `fedrec recommend --pairs p.csv`.\n"
+        "The `--neural-*` settings, not the `--neutral-*` ones.\n"
+    )
 
     found = readme_flags(text, commands)
 
     missing = [(flag, path) for _, path, flag in found if not _exists(flag, path, commands)]
-    assert missing == [("--task-retries", None), ("--pairs", ("recommend",))]
+    assert missing == [
+        ("--task-retries", None),
+        ("--pairs", ("recommend",)),
+        ("--neutral-*", None),
+    ]
 
 
 def _exists(flag: str, path: tuple[str, ...] | None, commands) -> bool:
-    if path is None:
-        return any(flag in options for options in commands.values())
-    return flag in commands[path]
+    groups = commands.values() if path is None else [commands[path]]
+    if flag.endswith("-*"):
+        return any(option.startswith(flag[:-1]) for options in groups for option in options)
+    return any(flag in options for options in groups)
 
 
 def test_every_flag_in_the_readme_is_an_option_of_its_command(commands):
