@@ -71,7 +71,8 @@ TARGETS: dict[str, list[str]] = {
     "models/privacy/identity.py": _SECAGG_TESTS,
     "models/privacy/wire.py": _SECAGG_TESTS,
     "models/privacy/ledger.py": ["tests/unit/test_ledger.py", "tests/unit/test_ledger_bounds.py"],
-    "models/privacy/released_metrics.py": ["tests/unit/test_released_metrics.py"],
+    "models/privacy/released_metrics.py": ["tests/unit/test_released_metrics.py",
+                                           "tests/unit/test_released_metrics_bounds.py"],
     "models/privacy/redaction.py": ["tests/unit/test_redaction.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
