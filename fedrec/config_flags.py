@@ -24,7 +24,8 @@ import click
 
 # Config fields without a flag of their own: set them in the --config YAML file.
 FILE_ONLY = frozenset({
-    "synthetic_users", "synthetic_items", "synthetic_interactions", "local_epochs", "local_lr",
+    "synthetic_users", "synthetic_items", "synthetic_interactions", "synthetic_taste",
+    "local_epochs", "local_lr",
     "batch_size", "prox_mu", "server_lr", "relevance_threshold", "task_retries",
     "max_client_regression", "user_col", "item_col", "rating_col", "timestamp_col",
     "rating_scale", "fault_clients", "fault_dropout_clients",
