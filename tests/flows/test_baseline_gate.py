@@ -50,20 +50,32 @@ def test_a_candidate_worse_than_the_baseline_is_registered_and_not_promoted(stor
     assert str(champion.version) == str(good["model_version"])
 
 
-# implicit feedback whose users meet what they like more than what is popular: a network that
+# implicit feedback whose users meet what they like more than what is popular: a model that
 # learns beats the most-popular list, one that has not learned yet does not
-RANKING = {"synthetic_users": 1000, "synthetic_items": 120, "synthetic_interactions": 20_000,
-           "synthetic_taste": 6.0, "clients": 3, "feedback": "implicit", "implicit_model": "neural",
-           "neural_latent": 16, "neural_local_epochs": 5, "skip_if_unchanged": False,
-           "model_name": "gated-ranking"}  # fmt: skip
+IMPLICIT = {"synthetic_users": 1000, "synthetic_items": 120, "synthetic_interactions": 20_000,
+            "synthetic_taste": 6.0, "clients": 3, "feedback": "implicit",
+            "skip_if_unchanged": False}  # fmt: skip
+NEURAL = {"implicit_model": "neural", "neural_latent": 16, "neural_local_epochs": 5}
+RANKING = {
+    # one round of a step size too small to move the network from its random start, or three
+    # that learn
+    "neural": (
+        NEURAL | {"rounds": 1, "neural_lr": 1e-5},
+        NEURAL | {"rounds": 3, "neural_lr": 1e-2},
+    ),
+    # one round of rank-1 implicit ALS (with item-kNN), or three of rank 8
+    "two-stage": ({"rounds": 1, "factors": 1}, {"rounds": 3, "factors": 8, "reg": 5.0}),
+}
 
 
-def test_a_ranking_candidate_worse_than_popularity_is_registered_and_not_promoted(store):
+@pytest.mark.parametrize("family", RANKING)
+def test_a_ranking_candidate_worse_than_popularity_is_registered_and_not_promoted(store, family):
     from mlflow.exceptions import MlflowException
 
     client = store["client"]
-    # one round of a step size too small to move the network from its random start
-    bad = _run(store, **(RANKING | {"rounds": 1, "neural_lr": 1e-5}))
+    name = f"gated-{family}"
+    bad_fields, good_fields = RANKING[family]
+    bad = _run(store, **(IMPLICIT | bad_fields | {"model_name": name}))
 
     metrics = bad["metrics"]
     popular = metrics["baseline/valid/ndcg_at_10"]  # the most-popular list on the same rows
@@ -71,14 +83,14 @@ def test_a_ranking_candidate_worse_than_popularity_is_registered_and_not_promote
     assert "baseline/test/ndcg_at_10" in metrics
     assert not bad["promoted"] and bad["reason"].startswith(WORSE_THAN_BASELINE)
     assert f"{popular:.4f}" in bad["reason"] and "valid/ndcg_at_10" in bad["reason"]
-    version = client.get_model_version("gated-ranking", bad["model_version"])
+    version = client.get_model_version(name, bad["model_version"])
     assert version.tags["fedrec.promotion_reason"] == bad["reason"]
     with pytest.raises(MlflowException):
-        client.get_model_version_by_alias("gated-ranking", "champion")
+        client.get_model_version_by_alias(name, "champion")
 
-    good = _run(store, **(RANKING | {"rounds": 3, "neural_lr": 1e-2}))
+    good = _run(store, **(IMPLICIT | good_fields | {"model_name": name}))
 
     assert good["metrics"]["valid/ndcg_at_10"] > good["metrics"]["baseline/valid/ndcg_at_10"]
     assert good["promoted"], good["reason"]
-    champion = client.get_model_version_by_alias("gated-ranking", "champion")
+    champion = client.get_model_version_by_alias(name, "champion")
     assert str(champion.version) == str(good["model_version"])
