@@ -161,6 +161,11 @@ class Request:
     set_cap: bool = False
 
 
+def _exact(value: float) -> str:
+    """A cap as written, to the last digit that tells two caps apart (100, 100.0001, 1e-05)."""
+    return repr(float(value)).removesuffix(".0")
+
+
 def plan_reservation(current: Balance, request: Request, *, at: int) -> list[Entry]:
     """The entries to append for ``request`` (a cap entry when one is stored now, then the spend).
 
@@ -201,8 +206,8 @@ def plan_reservation(current: Balance, request: Request, *, at: int) -> list[Ent
         ):
             if asked is not None and not _same(asked, kept):
                 raise BudgetError(
-                    f"privacy ledger: these users' cap is {name} {kept:.6g} (stored at their first "
-                    f"private run); this run asks for {asked:.6g}: not started (omit it, or an "
+                    f"privacy ledger: these users' cap is {name} {_exact(kept)} (stored at their first "
+                    f"private run); this run asks for {_exact(asked)}: not started (omit it, or an "
                     "operator sets a new cap with --dp-ledger-set-cap)"
                 )
     after = Balance(

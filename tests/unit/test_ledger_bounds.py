@@ -57,7 +57,7 @@ def test_a_run_may_name_the_stored_cap_again_up_to_rounding(named):
 def test_a_run_naming_a_cap_off_by_a_millionth_is_refused():
     current = _apply(EMPTY, plan_reservation(EMPTY, Request(10.0, 1e-6, cap_epsilon=100.0), at=1))
 
-    with pytest.raises(BudgetError, match=r"cap is --dp-budget 100 \(stored"):
+    with pytest.raises(BudgetError, match=r"cap is --dp-budget 100 \(stored.* asks for 100.0001:"):
         plan_reservation(current, Request(10.0, 1e-6, cap_epsilon=100.0001), at=2)
 
 
