@@ -24,7 +24,7 @@ from typing import Any
 from prefect import Task, get_run_logger
 
 from flows.rounds import QuorumError, RunContext, answered, quorum
-from models.federation.family import Family, Phase
+from models.federation.family import Family, Phase, secure_phase
 from models.federation.loop import EVERYONE_ROUND
 from models.privacy.secagg_plus import TooFewClientsError
 from tasks.secure import (
@@ -45,16 +45,10 @@ from tasks.secure import (
 )
 
 
-def masked(family: Family, phase: Phase) -> bool:
-    """Whether secure aggregation covers ``phase``: every sampled round, and the phases every
-    client answers once whose answer the family encodes (``secure_everyone_phases``)."""
-    return not phase.everyone or phase.name in getattr(family, "secure_everyone_phases", ())
-
-
 def everyone_context(ctx: RunContext, family: Family, phase: Phase) -> bytes | None:
     """The secure-aggregation round of a phase every client answers once, or None when it runs
     in the clear (secure aggregation off, or a phase the family cannot encode)."""
-    if not ctx.config.secure_aggregation or not masked(family, phase):
+    if not ctx.config.secure_aggregation or not secure_phase(family, phase):
         return None
     return round_context(ctx.run_id, EVERYONE_ROUND)
 
@@ -171,14 +165,14 @@ def _server(
 
 
 def _warn_clear_phases(family: Family, rounds: int) -> None:
-    """Secure aggregation covers the sampled rounds and the phases :func:`masked` names; any
-    other phase every client answers once (item co-occurrences) reaches the server in the clear:
-    say so."""
-    clear = [p.name for p in family.phases(rounds) if not masked(family, p)]
+    """Secure aggregation covers the phases :func:`~models.federation.family.secure_phase`
+    names; any other phase every client answers once (item co-occurrences) reaches the server in
+    the clear: say so."""
+    clear = [p.name for p in family.phases(rounds) if not secure_phase(family, p)]
     if clear:
         get_run_logger().warning(
-            "secure aggregation covers the %s family's sampled rounds only; phase(s) %s send each "
-            "client's answer to the server in the clear",
+            "secure aggregation does not cover all of the %s family's phases: phase(s) %s send "
+            "each client's answer to the server in the clear",
             family.name,
             ", ".join(clear),
         )

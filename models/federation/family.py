@@ -135,3 +135,11 @@ class SecureFamily(Family, Protocol):
     def to_dense(self, update: ClientUpdate, n_items: int) -> np.ndarray: ...
 
     def from_dense_sum(self, total: np.ndarray, n_items: int) -> ClientUpdate: ...
+
+
+def secure_phase(family: Family, phase: Phase) -> bool:
+    """Whether secure aggregation covers ``phase`` of ``family``: every sampled round, and the
+    phases every client answers once that the family encodes too (its
+    ``secure_everyone_phases``, e.g. the explicit family's global mean); the others go in the
+    clear."""
+    return not phase.everyone or phase.name in getattr(family, "secure_everyone_phases", ())

@@ -12,7 +12,7 @@ import numpy as np
 
 from models.client import ClientData
 from models.federation.evaluation import summarize_splits
-from models.federation.family import Family, Phase, SecureFamily
+from models.federation.family import Family, Phase, SecureFamily, secure_phase
 from models.federation.sampling import round_rng, sample_clients
 from models.metrics import add_sums
 from models.protocol import ClientUpdate
@@ -54,7 +54,8 @@ def run_family(
     seeds each client's stream with ``s``. After each step every client evaluates the new state
     on ``eval_splits`` (none: no evaluation). ``start_from`` maps the initial state (e.g. a warm
     start); with ``secure_sum`` (a :class:`SecureFamily` only) the server sees only the sum of the
-    clients' dense update vectors; ``on_phase(phase, state)`` runs when a phase ends.
+    clients' dense update vectors in every phase :func:`secure_phase` covers;
+    ``on_phase(phase, state)`` runs when a phase ends.
 
     Returns the final state and one metrics dict per step (``step``, ``system/clients``,
     ``system/bytes_uploaded``, ``system/round_seconds``, ``train/rmse`` where reported, and the evaluation).
@@ -85,7 +86,7 @@ def run_family(
                 family.client_round(c, state, phase.name, rng(stream, c.client_id), ())[0]
                 for c in chosen
             ]
-            if secure_sum is not None and not phase.everyone:
+            if secure_sum is not None and secure_phase(family, phase):
                 assert isinstance(family, SecureFamily)
                 dense = {u.client_id: family.to_dense(u, n_items) for u in updates}
                 summed = [family.from_dense_sum(secure_sum(dense), n_items)]

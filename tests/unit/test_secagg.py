@@ -54,14 +54,23 @@ def test_the_protocols_sum_composes_with_exact_als_and_fedavg(algorithm):
     clients = build_clients(data, owner, np.zeros(len(data), dtype=np.int8))
     config = MFConfig(algorithm=algorithm, n_factors=3)
 
+    protocol, sizes = _protocol_sum(4), []
+
+    def secure_sum(updates: dict[int, np.ndarray]) -> np.ndarray:
+        sizes.append(next(iter(updates.values())).size)
+        return protocol(updates)
+
     plain, _ = run_federated(clients, data.n_items, config, rounds=3, eval_splits=())
     secure, history = run_federated(
-        clients, data.n_items, config, rounds=3, eval_splits=(), secure_sum=_protocol_sum(4)
+        clients, data.n_items, config, rounds=3, eval_splits=(), secure_sum=secure_sum
     )
 
     np.testing.assert_allclose(secure.params.factors, plain.params.factors, atol=1e-6)
     np.testing.assert_allclose(secure.params.bias, plain.params.bias, atol=1e-6)
+    assert secure.params.global_mean == pytest.approx(plain.params.global_mean, abs=1e-9)
     assert np.isfinite(history[-1].train_rmse)
+    # the global mean's (sum, count) went through the protocol too, then the 3 training rounds
+    assert sizes[0] == 2 and len(sizes) == 4
 
 
 def _implicit_updates(dp: bool):
