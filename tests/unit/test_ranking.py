@@ -355,3 +355,23 @@ def test_network_is_a_candidate_source_features_and_saved_with_the_model(
     )  # fmt: skip
     state = family.load_state(family.state_arrays(family.initial_state(data.n_items, 0)))
     np.testing.assert_array_equal(state.network.params["enc0_w"], initial["enc0_w"])
+
+
+def test_network_rounds_flag_builds_the_network_phase_and_needs_the_reranker():
+    from fedrec.config import TrainingConfig
+    from models.ranking.family import NEURAL, TwoStage
+
+    config = TrainingConfig(
+        feedback="implicit", ranker="lightgbm", ranker_network_rounds=3, neural_lr=0.01
+    )
+
+    ranking = config.ranking_config()
+
+    assert ranking.neural.federated.rounds == 3 and ranking.neural.train.learning_rate == 0.01
+    phases = [(p.name, p.rounds) for p in TwoStage(ranking).phases(2)]
+    assert phases == [("als", 2), ("knn", 1), (NEURAL, 3), ("ranker", ranking.ranker.rounds)]
+    assert TrainingConfig(feedback="implicit", ranker="lightgbm").ranking_config().neural is None
+    with pytest.raises(
+        ValueError, match="ranker_network_rounds=3: the network feeds the re-ranker"
+    ):
+        TrainingConfig(feedback="implicit", ranker="none", ranker_network_rounds=3)
