@@ -46,7 +46,7 @@ from tasks.server import (
     champion_for,
     checkpoint,
     initialize,
-    summarize_round,
+    round_summary,
     warm_start,
 )
 
@@ -306,11 +306,5 @@ def _champion_metrics(
         return None, f"champion version {ctx.champion.version}: {target}"
     splits = tuple(s for s in family.eval_splits if s != "train")
     parts = _evaluate_all(ctx, target[0], target[1], splits, "champion", release)
-    metrics = summarize_round(
-        updates=[],
-        evaluations=list(parts.values()),
-        top_k=family.top_k,
-        n_items=ctx.n_items,
-        seconds=0.0,
-    )
+    metrics = round_summary([], list(parts.values()), family.top_k, ctx.n_items, seconds=0.0)
     return metrics, ""

@@ -43,9 +43,7 @@ def aggregate(*, family: Family, state: Any, updates: Sequence[ClientUpdate], ph
     return family.server_update(state, updates, phase)
 
 
-@task(name="summarize-round", cache_policy=NONE)
-def summarize_round(
-    *,
+def round_summary(
     updates: Sequence[ClientUpdate],
     evaluations: Sequence[Mapping[str, Evaluation]],
     top_k: int,
@@ -55,17 +53,6 @@ def summarize_round(
     """One logged step: the round's uploads and wall time, and the model it produced, evaluated
     on every split the clients reported (``train/*``, ``valid/*``, ``test/*``); the round's
     counts and time are ``system/*``."""
-    return round_summary(updates, evaluations, top_k, n_items, seconds)
-
-
-def round_summary(
-    updates: Sequence[ClientUpdate],
-    evaluations: Sequence[Mapping[str, Evaluation]],
-    top_k: int,
-    n_items: int,
-    seconds: float,
-) -> dict[str, float]:
-    """The body of :func:`summarize_round`."""
     metrics = summarize_splits(evaluations, top_k, n_items)
     if updates:
         metrics["system/clients"] = float(sum(u.metrics.get("clients", 1.0) for u in updates))
@@ -152,7 +139,7 @@ def record_step(
     snapshot: Snapshot | None,
 ) -> dict[str, float]:
     """The server's record of a round in one task run: step ``step``'s metrics (as
-    :func:`summarize_round`, with ``extra``) logged to the MLflow run ``log_to`` = (URI, run
+    :func:`round_summary`, with ``extra``) logged to the MLflow run ``log_to`` = (URI, run
     id) when given, then ``snapshot`` checkpointed when given. In that order: a checkpoint on
     disk means every step before it is logged. Returns the metrics."""
     metrics = round_summary(updates, evaluations, top_k, n_items, seconds) | dict(extra)
