@@ -19,7 +19,10 @@ Threat model (README, "Threat model: who learns what, in each mode"):
   composition meets the run's epsilon. Per-client metrics are post-processing of those noisy
   uploads, and the promotion rule skips its worst-client test under DP;
 - colluding clients can remove their own noise shares from a secure sum, so the guarantee is
-  stated against the server alone.
+  stated against the server alone;
+- across runs, the ledger (``ledger.py``) adds up what one set of users has spent and refuses a
+  run past its cap; it is keyed by that set, so the cap holds only while the set stays the same
+  (one user joining or leaving starts a fresh ledger).
 
 All noise and sampling coins of a private run come from the operating system's entropy, never
 from the run's (logged) seed.
