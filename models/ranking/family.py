@@ -125,10 +125,7 @@ class TwoStage:
         eval_splits: Sequence[str],
     ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
         if phase == ALS:
-            update, evaluations = implicit_client_round(
-                client, state.factors, self.config, eval_splits, rng
-            )
-            return update, evaluations | self._baseline(client, state, evaluations)
+            return implicit_client_round(client, state.factors, self.config, eval_splits, rng)
         if phase == "knn":
             return knn_client_update(client), {}
         if phase == NEURAL:
@@ -136,11 +133,7 @@ class TwoStage:
             return self._network_family.client_round(client, state.network, "train", rng, ())
         data = self._ranker_data(client, state)
         tree_seed = int(rng.integers(2**31))
-        update, evaluations = ranker_client_round(
-            client, data, state.ensemble, self.config, tree_seed
-        )
-        users = {split: held for split, (_, held) in data.splits.items()}
-        return update, evaluations | self._baseline(client, state, evaluations, users)
+        return ranker_client_round(client, data, state.ensemble, self.config, tree_seed)
 
     def _ranker_data(self, client: ClientData, state: TwoStageState) -> RankerData:
         key = (client.client_id, client.n_items, state.retrieval_key)
@@ -158,21 +151,11 @@ class TwoStage:
             evaluations = implicit_evaluate(client, state.factors, self.config, splits)
         else:
             evaluations = evaluate_ranking(client, self.servable(state), splits, self.top_k)
-        return evaluations | self._baseline(client, state, splits)
-
-    def _baseline(
-        self,
-        client: ClientData,
-        state: TwoStageState,
-        splits: Sequence[str] | Mapping[str, Evaluation],
-        users: Mapping[str, np.ndarray] | None = None,
-    ) -> dict[str, Evaluation]:
-        """The most-popular list from the counts the server holds (the last implicit-ALS round's,
-        noisy under DP, or the co-occurrences' diagonal) on the same rows as the model; none for
-        a champion (``served``) or before any counts."""
-        if state.served is not None:
-            return {}
-        return popularity_baselines(client, state.popularity, splits, self.top_k, users)
+        if state.served is not None:  # a champion: the baseline is measured beside the candidate
+            return evaluations
+        # the trivial baseline: the most-popular list from the counts the server holds (the last
+        # implicit-ALS round's, noisy under DP, or the co-occurrences' diagonal), on the same rows
+        return evaluations | popularity_baselines(client, state.popularity, splits, self.top_k)
 
     # --- on the server ---------------------------------------------------------------------
     def server_update(
