@@ -6,8 +6,8 @@ says what a client computes.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from models.federation.sampling import fresh_rng, round_rng
 from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate, answer_arrays, answer_from_arrays
 from tasks.faults import FaultPlan
-from tasks.secure import hold_update, pending_path
+from tasks.secure import hold_update, pending_path, write_private
 
 
 @lru_cache(maxsize=256)
@@ -47,11 +47,9 @@ def _answer_path(workspace: str, entry: ClientEntry, phase: str, round_: int) ->
 
 
 def _keep_answer(path: Path, update: ClientUpdate, evaluations: dict[str, Evaluation]) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        np.savez(out, **answer_arrays(update, evaluations))
-    os.replace(temp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **answer_arrays(update, evaluations))
+    write_private(path, buffer.getvalue())
 
 
 def _kept_answer(path: Path) -> tuple[ClientUpdate, dict[str, Evaluation]]:
@@ -136,15 +134,7 @@ def evaluate_client(
             return {split: (sums, None) for split, sums in stored.items()}
         evaluations = family.evaluate(open_client(workspace, entry, n_items), state, splits)
         released = release.publish(evaluations, fresh_rng())
-        _keep_text(kept, json.dumps({split: sums for split, (sums, _) in released.items()}))
+        write_private(kept, json.dumps({s: sums for s, (sums, _) in released.items()}).encode())
         return released
     evaluations = family.evaluate(open_client(workspace, entry, n_items), state, splits)
     return without_item_counts(evaluations) if family.private else evaluations
-
-
-def _keep_text(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.replace(temp, path)

@@ -103,7 +103,7 @@ def registry_folder(workspace: str) -> Path:
     return Path(workspace) / REGISTRY
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically, readable by the owner only."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -143,7 +143,7 @@ def hold_update(
     folder = Path(where).parent
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _folder_lock(folder):
-        _write_private(Path(where), payload)
+        write_private(Path(where), payload)
     return pack({"kind": _RECEIPT, "vector_size": int(dense.size)})
 
 
@@ -265,7 +265,7 @@ def _load(workspace: str, entry: ClientEntry, config: RoundConfig) -> SecAggClie
 
 
 def _save(workspace: str, entry: ClientEntry, client: SecAggClient) -> None:
-    _write_private(state_path(workspace, entry), client.to_bytes())
+    write_private(state_path(workspace, entry), client.to_bytes())
 
 
 def _aborted(entry: ClientEntry, round_: int, err: Exception) -> None:
