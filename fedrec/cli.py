@@ -109,6 +109,7 @@ def _status(label: str) -> Iterator[None]:
 _LAZY_COMMANDS = {
     "recommend": ("fedrec.cli_models", "Top-K unseen items per user from a registered model."),
     "predict": ("fedrec.cli_models", "Predicted scores for given (user, item) pairs."),
+    "stores": ("fedrec.cli_stores", "PostgreSQL, Prefect and MLflow servers for a real federation."),
 }
 
 
