@@ -1,0 +1,161 @@
+"""The coordinator's list of sites (``sites.yaml``): names, identity keys, deadlines.
+
+::
+
+    coordinator_key: keys/coordinator.key   # the coordinator's private key (signs requests)
+    precision: float64                      # optional: float32 packs the arrays exchanged
+    sites:
+      - name: shop-a                        # [a-z0-9][a-z0-9-]{0,39}
+        public_key: keys/shop-a.pub         # a PEM file (relative to this file) or raw base64
+        deadline_seconds: 600               # optional: how long a request to it may wait
+
+A site's client id in a run is its position in this list, so the list's order is part of the
+run's configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from models.privacy.identity import load_identity
+from models.sites.messages import SITE_NAME
+
+_TOP = {"coordinator_key", "sites", "precision"}
+_SITE = {"name", "public_key", "deadline_seconds"}
+
+
+class RegistryError(ValueError):
+    """``sites.yaml`` is not valid; ``str(err)`` names the file, the entry and the field."""
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site as the coordinator knows it."""
+
+    name: str
+    client_id: int
+    public_key: Ed25519PublicKey
+    deadline_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The sites of a federation and the coordinator's own key."""
+
+    coordinator_key: Ed25519PrivateKey
+    sites: tuple[SiteSpec, ...]
+    precision: str = "float64"
+
+    def by_name(self, name: str) -> SiteSpec | None:
+        return next((s for s in self.sites if s.name == name), None)
+
+
+def load_public_key(value: str, base: Path) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file (``value`` a path, relative to ``base``) or from
+    raw base64 (32 bytes).
+
+    Raises
+    ------
+    ValueError
+        If neither reading gives an Ed25519 public key.
+    """
+    path = Path(value) if Path(value).is_absolute() else base / value
+    if path.is_file():
+        key = serialization.load_pem_public_key(path.read_bytes())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"{path} holds a {type(key).__name__}, not an Ed25519 public key")
+        return key
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"{value!r} is neither a PEM file nor a base64 raw Ed25519 key")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry:
+    """A :class:`Registry` from parsed YAML; paths are relative to ``base``.
+
+    Raises
+    ------
+    RegistryError
+        For the first problem found, naming ``source``, the entry and the field.
+    """
+    if not isinstance(raw, Mapping):
+        raise RegistryError(f"{source}: must be a mapping with coordinator_key and sites")
+    unknown = set(raw) - _TOP
+    if unknown:
+        raise RegistryError(f"{source}: unknown keys {sorted(unknown)}; allowed: {sorted(_TOP)}")
+    if "coordinator_key" not in raw or "sites" not in raw:
+        raise RegistryError(f"{source}: needs coordinator_key and sites")
+    key_path = Path(str(raw["coordinator_key"]))
+    key_path = key_path if key_path.is_absolute() else base / key_path
+    try:
+        coordinator = load_identity(key_path)
+    except (OSError, ValueError) as err:
+        raise RegistryError(f"{source}: coordinator_key {key_path}: {err}") from err
+    precision = raw.get("precision", "float64")
+    if precision not in ("float64", "float32"):
+        raise RegistryError(f"{source}: precision {precision!r}; allowed: float64, float32")
+    entries = raw["sites"]
+    if not isinstance(entries, list) or not entries:
+        raise RegistryError(f"{source}: sites must be a non-empty list")
+    sites: list[SiteSpec] = []
+    for index, entry in enumerate(entries):
+        where = f"{source}: sites[{index}]"
+        if not isinstance(entry, Mapping):
+            raise RegistryError(f"{where}: must be a mapping with name and public_key")
+        unknown = set(entry) - _SITE
+        if unknown:
+            raise RegistryError(
+                f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_SITE)}"
+            )
+        name = entry.get("name")
+        if not isinstance(name, str) or not SITE_NAME.fullmatch(name):
+            raise RegistryError(f"{where}: name {name!r} must match [a-z0-9][a-z0-9-]{{0,39}}")
+        if any(s.name == name for s in sites):
+            raise RegistryError(f"{where}: site name {name!r} appears twice")
+        if "public_key" not in entry:
+            raise RegistryError(f"{where} ({name}): needs public_key")
+        try:
+            public = load_public_key(str(entry["public_key"]), base)
+        except ValueError as err:
+            raise RegistryError(f"{where} ({name}): public_key: {err}") from err
+        deadline = entry.get("deadline_seconds")
+        if deadline is not None and (
+            isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline <= 0
+        ):
+            raise RegistryError(f"{where} ({name}): deadline_seconds {deadline!r} must be > 0")
+        sites.append(SiteSpec(name, index, public, None if deadline is None else float(deadline)))
+    keys = [s.public_key.public_bytes_raw() for s in sites]
+    if len(set(keys)) != len(keys):
+        raise RegistryError(f"{source}: two sites share one public key")
+    return Registry(coordinator, tuple(sites), precision)
+
+
+def read_registry(path: str | Path) -> Registry:
+    """:func:`parse_registry` of a YAML file.
+
+    Raises
+    ------
+    RegistryError
+        If the file is missing, not YAML, or not a valid registry.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RegistryError(f"{path}: no such sites file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RegistryError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
+    return parse_registry(raw, path.parent, str(path))

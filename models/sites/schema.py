@@ -1,0 +1,147 @@
+"""What a global state or a client's answer may contain, checked before either is used.
+
+A site checks the global state it downloads against its family (names, dtypes, shapes from the
+catalogue's size and the factor count, finiteness); the coordinator checks each answer against
+the client protocol's vocabulary (:mod:`models.protocol`): known array names only, item indices
+inside the catalogue, arrays aligned with them, finite numbers, the expected client id. Bytes
+are decoded by :func:`models.sites.encoding.decode_arrays` (size caps, no pickles) first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from models.federation.evaluation import Evaluation
+from models.federation.family import Family
+from models.mf.family import ExplicitMF
+from models.protocol import GLOBAL_ARRAYS, ITEM_ARRAYS, ClientUpdate, answer_from_arrays
+
+
+class SchemaError(ValueError):
+    """Arrays that do not fit what was expected; ``str(err)`` says which and why."""
+
+
+# name -> (dtype kind, shape with "n" for the catalogue size, "k" for the factors, None: any)
+_EXPLICIT = {
+    "factors": ("f", ("n", "k")),
+    "bias": ("f", ("n",)),
+    "global_mean": ("f", ()),
+    "round": ("iu", ()),
+}
+_EXPLICIT_OPTIONAL = {
+    "popularity": ("f", ("n",)),
+    "baseline": ("f", ("n",)),
+    "opt_first": ("f", ("n", None)),
+    "opt_second": ("f", ("n", None)),
+}
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+        raise SchemaError(f"array {name!r} holds NaN or infinite values")
+
+
+def check_state(family: Family, arrays: Mapping[str, np.ndarray], n_items: int) -> None:
+    """Refuse a global state that ``family`` with ``n_items`` items cannot have produced.
+
+    Raises
+    ------
+    SchemaError
+    """
+    if not isinstance(family, ExplicitMF):
+        raise SchemaError(f"no state schema for the {family.name} family")
+    sizes = {"n": n_items, "k": family.config.n_factors}
+    missing = set(_EXPLICIT) - set(arrays)
+    extra = set(arrays) - set(_EXPLICIT) - set(_EXPLICIT_OPTIONAL)
+    if missing or extra:
+        raise SchemaError(f"state arrays: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    for name, array in arrays.items():
+        kinds, shape = (_EXPLICIT | _EXPLICIT_OPTIONAL)[name]
+        if array.dtype.kind not in kinds:
+            raise SchemaError(
+                f"state array {name!r} has dtype {array.dtype}, expected kind {kinds}"
+            )
+        expected = tuple(sizes.get(d, d) if isinstance(d, str) else d for d in shape)
+        if len(array.shape) != len(expected) or any(
+            e is not None and a != e for a, e in zip(array.shape, expected, strict=True)
+        ):
+            raise SchemaError(f"state array {name!r} has shape {array.shape}, expected {expected}")
+        _check_finite(name, array)
+
+
+def check_answer(
+    arrays: Mapping[str, np.ndarray], *, client_id: int, n_items: int
+) -> tuple[ClientUpdate, dict[str, Evaluation]]:
+    """The update and evaluations of a client's answer (:func:`models.protocol.answer_arrays`),
+    refused unless it holds only the protocol's fields.
+
+    Raises
+    ------
+    SchemaError
+    """
+    if "header" not in arrays or "items" not in arrays or "counts" not in arrays:
+        raise SchemaError("answer lacks header, items or counts")
+    allowed = {"header", "items", "counts"}
+    allowed |= {f"array.{n}" for n in ITEM_ARRAYS | GLOBAL_ARRAYS}
+    allowed |= {f"recommended.{s}" for s in ("train", "valid", "test")}
+    extra = set(arrays) - allowed
+    if extra:
+        raise SchemaError(f"answer has arrays outside the protocol: {sorted(extra)}")
+    header = arrays["header"]
+    if header.dtype != np.uint8 or header.ndim != 1:
+        raise SchemaError("answer header must be a 1-d uint8 array of JSON")
+    try:
+        parsed: Any = json.loads(header.tobytes().decode(), parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SchemaError(f"answer header is not JSON: {err}") from err
+    if not isinstance(parsed, dict) or set(parsed) != {"client_id", "metrics", "arrays",
+                                                       "evaluations"}:  # fmt: skip
+        raise SchemaError("answer header must hold client_id, metrics, arrays, evaluations")
+    if parsed["client_id"] != client_id:
+        raise SchemaError(f"answer is for client {parsed['client_id']!r}, expected {client_id}")
+    if sorted(parsed["arrays"]) != sorted(n.removeprefix("array.") for n in arrays
+                                          if n.startswith("array.")):  # fmt: skip
+        raise SchemaError("answer header lists other arrays than the answer holds")
+    _check_numbers(parsed["metrics"], "metrics")
+    if not isinstance(parsed["evaluations"], dict):
+        raise SchemaError("answer evaluations must be an object")
+    for split, sums in parsed["evaluations"].items():
+        _check_numbers(sums, f"evaluation {split!r}")
+    items, counts = arrays["items"], arrays["counts"]
+    if items.dtype.kind not in "iu" or counts.dtype.kind not in "iu":
+        raise SchemaError("answer items and counts must be integer arrays")
+    if items.ndim != 1 or counts.shape != items.shape:
+        raise SchemaError(f"answer items {items.shape} and counts {counts.shape} must align")
+    if items.size and (items.min() < 0 or items.max() >= n_items):
+        raise SchemaError(f"answer names items outside the catalogue of {n_items}")
+    if items.size > 1 and np.any(np.diff(items) <= 0):
+        raise SchemaError("answer items must be sorted and unique")
+    if counts.size and counts.min() < 0:
+        raise SchemaError("answer counts must be >= 0")
+    for name, array in arrays.items():
+        _check_finite(name, array)
+        aligned = name.startswith("array.") and name.removeprefix("array.") in ITEM_ARRAYS
+        if aligned and array.shape[:1] != items.shape:
+            raise SchemaError(f"answer array {name!r} does not align with its items")
+        if name.startswith("recommended.") and (
+            array.dtype.kind not in "iu" or (array.size and (array.min() < 0
+                                                             or array.max() >= n_items))
+        ):  # fmt: skip
+            raise SchemaError(f"answer {name!r} must be item indices inside the catalogue")
+    return answer_from_arrays(arrays)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _check_numbers(raw: Any, what: str) -> None:
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+        and np.isfinite(v) for k, v in raw.items()
+    ):  # fmt: skip
+        raise SchemaError(f"answer {what} must be an object of finite numbers")

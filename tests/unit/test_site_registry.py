@@ -1,0 +1,49 @@
+"""sites.yaml: a valid registry, and one clear line for each mistake."""
+
+import base64
+
+import pytest
+
+from models.privacy.identity import generate_identity, public_bytes, save_identity
+from models.sites.registry import RegistryError, parse_registry
+
+
+@pytest.fixture
+def keys(tmp_path):
+    save_identity(generate_identity(), tmp_path, 0)  # client-0.key / .pub: the coordinator
+    site = generate_identity()
+    save_identity(site, tmp_path, 1)
+    return tmp_path, base64.b64encode(public_bytes(site)).decode()
+
+
+def test_a_valid_registry_numbers_sites_in_order(keys):
+    base, raw = keys
+    registry = parse_registry({"coordinator_key": "client-0.key", "sites": [
+        {"name": "shop-a", "public_key": "client-1.pub", "deadline_seconds": 30},
+        {"name": "shop-b", "public_key": raw},
+    ]}, base)  # fmt: skip
+    assert [(s.name, s.client_id) for s in registry.sites] == [("shop-a", 0), ("shop-b", 1)]
+    assert registry.by_name("shop-a").deadline_seconds == 30.0
+    assert registry.by_name("shop-c") is None
+
+
+@pytest.mark.parametrize(
+    ("sites", "reason"),
+    [
+        ([{"name": "Shop A", "public_key": "client-1.pub"}], "name 'Shop A' must match"),
+        ([{"name": "shop-a"}], "needs public_key"),
+        ([{"name": "shop-a", "public_key": "nope.pub"}], "neither a PEM file"),
+        ([{"name": "a", "public_key": "client-1.pub"}] * 2, "appears twice"),
+        ([{"name": "a", "public_key": "client-1.pub", "weight": 2}], r"unknown keys \['weight'\]"),
+        ([{"name": "a", "public_key": "client-1.pub", "deadline_seconds": 0}], "must be > 0"),
+        ([], "non-empty list"),
+    ],
+)
+def test_each_mistake_is_one_line_naming_the_entry(keys, sites, reason):
+    with pytest.raises(RegistryError, match=reason):
+        parse_registry({"coordinator_key": "client-0.key", "sites": sites}, keys[0])
+
+
+def test_a_missing_coordinator_key_is_refused(keys):
+    with pytest.raises(RegistryError, match="coordinator_key"):
+        parse_registry({"coordinator_key": "none.key", "sites": [{"name": "a"}]}, keys[0])

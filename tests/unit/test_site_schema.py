@@ -1,0 +1,107 @@
+"""What a site accepts as a global state and the coordinator as an answer; a family's JSON spec."""
+
+import io
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from models.mf.family import ExplicitMF
+from models.mf.federated import MFConfig
+from models.privacy.dp import UserLevelDP
+from models.protocol import ClientUpdate, answer_arrays
+from models.sites.encoding import decode_arrays
+from models.sites.messages import RefusedMessage
+from models.sites.schema import SchemaError, check_answer, check_state
+from models.sites.spec import family_from_spec, family_spec
+
+N_ITEMS = 6
+FAMILY = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0)))
+
+
+def _state() -> dict:
+    return FAMILY.state_arrays(FAMILY.initial_state(N_ITEMS, seed=0))
+
+
+def test_the_initial_state_passes():
+    check_state(FAMILY, _state(), N_ITEMS)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda s: s.pop("bias"), "missing"),
+        (lambda s: s.__setitem__("code", np.zeros(1)), "unexpected"),
+        (lambda s: s.__setitem__("factors", np.zeros((N_ITEMS, 4))), "shape"),
+        (lambda s: s.__setitem__("bias", np.zeros(N_ITEMS + 1)), "shape"),
+        (lambda s: s.__setitem__("round", np.array(1.5)), "dtype"),
+        (lambda s: s["factors"].__setitem__((0, 0), np.nan), "NaN"),
+        (lambda s: s.__setitem__("global_mean", np.array(np.inf)), "NaN or infinite"),
+    ],
+)
+def test_a_state_that_does_not_fit_the_family_is_refused(change, reason):
+    state = _state()
+    change(state)
+    with pytest.raises(SchemaError, match=reason):
+        check_state(FAMILY, state, N_ITEMS)
+
+
+def _answer(**arrays) -> dict:
+    update = ClientUpdate(2, np.array([1, 4]), np.array([3, 1]),
+                          {"gram": np.ones((2, 6)), "rhs": np.ones((2, 3))}, {"train_sse": 1.0})  # fmt: skip
+    return answer_arrays(update, {"valid": ({"sse": 2.0, "n": 3.0}, None)}) | arrays
+
+
+def test_a_protocol_answer_reads_back():
+    update, evaluations = check_answer(_answer(), client_id=2, n_items=N_ITEMS)
+    np.testing.assert_array_equal(update.items, [1, 4])
+    assert evaluations == {"valid": ({"sse": 2.0, "n": 3.0}, None)}
+
+
+@pytest.mark.parametrize(
+    ("arrays", "client_id", "reason"),
+    [
+        ({"user_ids": np.arange(3)}, 2, "outside the protocol"),
+        ({}, 3, "for client 2, expected 3"),
+        ({"items": np.array([1, 9])}, 2, "outside the catalogue"),
+        ({"items": np.array([4, 1])}, 2, "sorted and unique"),
+        ({"array.rhs": np.ones((3, 3))}, 2, "does not align"),
+        ({"array.gram": np.full((2, 6), np.nan)}, 2, "NaN"),
+    ],
+)
+def test_an_answer_outside_the_protocol_is_refused(arrays, client_id, reason):
+    with pytest.raises(SchemaError, match=reason):
+        check_answer(_answer(**arrays), client_id=client_id, n_items=N_ITEMS)
+
+
+def test_a_pickled_payload_is_never_loaded():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("x.npy", pickle.dumps(np.zeros(2, dtype=object)))
+    with pytest.raises(ValueError):
+        decode_arrays(buffer.getvalue(), max_bytes=10_000)
+
+
+def test_a_family_spec_builds_the_same_family_at_the_site():
+    private = ExplicitMF(MFConfig(n_factors=4, reg=0.3, clip_to=(1.0, 5.0),
+                                  dp=UserLevelDP(1.2, 50)))  # fmt: skip
+    for family in (FAMILY, private):
+        assert family_from_spec(family_spec(family)) == family
+    assert family_from_spec(family_spec(private)).private
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"name": "neural"}, "not built at this site"),
+        ({"config": {"attack": "scale"}}, "attack simulation"),
+        ({"config": {"exec": "x"}}, "does not know"),
+        ({"config": {"n_factors": 10**6}}, "n_factors"),
+    ],
+)
+def test_a_family_spec_outside_the_whitelist_is_refused(change, reason):
+    spec = family_spec(FAMILY)
+    spec = spec | {k: (spec[k] | v if isinstance(v, dict) else v) for k, v in change.items()}
+    with pytest.raises(RefusedMessage, match=reason):
+        family_from_spec(spec)
