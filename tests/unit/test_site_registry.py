@@ -11,9 +11,8 @@ from models.sites.registry import RegistryError, parse_registry
 @pytest.fixture
 def keys(tmp_path):
     save_identity(generate_identity(), tmp_path, 0)  # client-0.key / .pub: the coordinator
-    site = generate_identity()
-    save_identity(site, tmp_path, 1)
-    return tmp_path, base64.b64encode(public_bytes(site)).decode()
+    save_identity(generate_identity(), tmp_path, 1)
+    return tmp_path, base64.b64encode(public_bytes(generate_identity())).decode()
 
 
 def test_a_valid_registry_numbers_sites_in_order(keys):
