@@ -109,6 +109,8 @@ def _status(label: str) -> Iterator[None]:
 _LAZY_COMMANDS = {
     "recommend": ("fedrec.cli_models", "Top-K unseen items per user from a registered model."),
     "predict": ("fedrec.cli_models", "Predicted scores for given (user, item) pairs."),
+    "site": ("fedrec.sites.cli", "A site's process of a real federation, next to its data."),
+    "keygen": ("fedrec.sites.cli", "Write an Ed25519 identity key pair (site or coordinator)."),
     "stores": ("fedrec.cli_stores", "PostgreSQL, Prefect and MLflow servers for a real federation."),
 }
 

@@ -1,0 +1,145 @@
+"""``fedrec keygen`` (an identity key pair) and ``fedrec site run`` (a site's process).
+
+Both import only click and the standard library at module level; the site's libraries load
+when ``site run`` starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import click
+
+from fedrec.cli_errors import OneLineGroup, UserError, debug_option, friendly_errors
+
+_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
+
+
+@click.command()
+@click.option("--name", required=True, help="site or 'coordinator': [a-z0-9-], up to 40")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="folder")
+@debug_option
+@friendly_errors
+def keygen(name: str, out: str) -> None:
+    """Write an Ed25519 identity: OUT/NAME.key (private, 0600, never overwritten) and
+    OUT/NAME.pub (public: hand it to the other side out of band)."""
+    if not _NAME.fullmatch(name):
+        raise UserError(f"--name {name!r} must match [a-z0-9][a-z0-9-]{{0,39}}")
+    from cryptography.hazmat.primitives import serialization
+
+    from models.privacy.identity import generate_identity
+    from models.sites.messages import key_id
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
+    if private.exists():
+        raise UserError(f"{private} exists: an identity is generated once")
+    key = generate_identity()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    click.echo(f"{private} (private, 0600)\n{public} (public, key id {key_id(key)})")
+
+
+@click.group(cls=OneLineGroup)
+def site() -> None:
+    """A site of a real federation: its process runs next to its data."""
+
+
+@site.command("run")
+@click.option("--name", required=True, help="this site's name, as in the coordinator's sites.yaml")
+@click.option(
+    "--data", required=True, help="the site's ratings (CSV/Parquet, or a MovieLens folder)"
+)
+@click.option("--prefect-api", required=True, help="the coordinator's Prefect API URL")
+@click.option(
+    "--mlflow", required=True, help="the coordinator's MLflow server URL (artifact proxy)"
+)
+@click.option(
+    "--identity",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="this site's private key (fedrec keygen)",
+)
+@click.option(
+    "--coordinator-key",
+    required=True,
+    help="the coordinator's public key: a PEM file or base64 raw key",
+)
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="where the site keeps its answers and replay record",
+)
+@click.option(
+    "--poll",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(min=0.05),
+    help="seconds between looks for requests",
+)
+@click.option("--user-col", default="user_id", show_default=True)
+@click.option("--item-col", default="item_id", show_default=True)
+@click.option("--rating-col", default="rating", show_default=True)
+@click.option("--timestamp-col", default="timestamp", show_default=True)
+@click.option("--rating-scale", nargs=2, type=float, default=(1.0, 5.0), show_default=True)
+@debug_option
+@friendly_errors
+def run(
+    name: str,
+    data: str,
+    prefect_api: str,
+    mlflow: str,
+    identity: str,
+    coordinator_key: str,
+    state_dir: str,
+    poll: float,
+    user_col: str,
+    item_col: str,
+    rating_col: str,
+    timestamp_col: str,
+    rating_scale: tuple[float, float],
+) -> None:
+    """Answer the coordinator's requests for this site until stopped (SIGTERM/SIGINT).
+
+    Connects out only: to the Prefect API (requests, answers, log lines) and to the MLflow
+    artifact proxy (arrays). The rows never leave this process.
+    """
+    if not _NAME.fullmatch(name):
+        raise UserError(f"--name {name!r} must match [a-z0-9][a-z0-9-]{{0,39}}")
+    if not Path(identity).is_file():
+        raise UserError(f"--identity {identity}: no such key file")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from fedrec.sites.process import SiteOptions, run_site
+
+    options = SiteOptions(
+        name=name,
+        data=data,
+        prefect_api=prefect_api,
+        mlflow=mlflow,
+        identity=Path(identity),
+        coordinator_key=coordinator_key,
+        state_dir=Path(state_dir),
+        poll_seconds=poll,
+        read_options={
+            "user_col": user_col,
+            "item_col": item_col,
+            "rating_col": rating_col,
+            "timestamp_col": timestamp_col,
+            "rating_scale": tuple(rating_scale),
+        },
+    )
+    run_site(options)

@@ -1,0 +1,362 @@
+"""The site process: next to its data, outbound HTTP only, answering the coordinator's requests.
+
+A site loads and validates its own rows once, with the same readers as ``fedrec train
+--data``. It then polls the Prefect API for request artifacts addressed to it and, for each one
+it has not answered:
+
+1. verifies the coordinator's signature with the pinned coordinator key, and the request's
+   site, expiry and fields (:func:`models.sites.messages.check_request`);
+2. rebuilds the family from the request's whitelisted parameters (:mod:`models.sites.spec`),
+   downloads the catalogue and the global state (size cap, sha256 from the signed request,
+   no pickles), checks the state against the family (:mod:`models.sites.schema`);
+3. numbers and splits its rows against the catalogue (:func:`models.sites.catalogue.site_client`)
+   and computes the answer with the family's own client functions: a private family's random
+   streams (DP noise, users' sampling coins) come from this process's OS entropy;
+4. keeps the answer on disk before sending it (:class:`models.sites.answers.SiteRecord`), uploads
+   its npz and posts a signed answer manifest on the requesting task run, with a log line there.
+
+Asked again for an exchange it answered (a retry, a resumed run, a restart of this process) the
+site sends the kept bytes; asked the same exchange about another global state, a private site
+refuses (that would be a second release). A refused request is logged here in one line; when
+the request is genuine, the refusal is also signed and posted so the coordinator stops waiting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedrec.sites.transport import ANSWER_TYPE, Transport, TransportError, answer_key
+from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
+from models.cohorts import family_cohort_round
+from models.data.readers import load_dataset
+from models.data.schema import Interactions
+from models.federation.evaluation import without_item_counts
+from models.federation.family import Family
+from models.federation.sampling import fresh_rng, round_rng
+from models.privacy.identity import load_identity
+from models.privacy.released_metrics import MetricRelease
+from models.protocol import ClientUpdate, answer_arrays
+from models.sites.answers import SiteRecord
+from models.sites.catalogue import item_set, site_client
+from models.sites.encoding import decode_arrays, encode_arrays
+from models.sites.messages import (
+    ANSWER,
+    REFUSAL,
+    REQUEST,
+    RefusedMessage,
+    RoundRequest,
+    answer_for,
+    body_digest,
+    canonical,
+    check_request,
+    key_id,
+    open_message,
+    refusal_fields,
+    sign_message,
+)
+from models.sites.registry import load_public_key
+from models.sites.schema import SchemaError, check_state
+from models.sites.spec import family_from_spec
+
+MAX_BYTES = 512 * 1024 * 1024  # largest state or catalogue a site downloads
+_EMPTY = np.zeros(0, np.int64)
+log = logging.getLogger("fedrec.site")
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    """How a site runs: who it is, where its data is, whom it trusts and talks to."""
+
+    name: str
+    data: str
+    prefect_api: str
+    mlflow: str
+    identity: Path
+    coordinator_key: str
+    state_dir: Path
+    poll_seconds: float = 0.5
+    clock_skew: float = 60.0
+    max_bytes: int = MAX_BYTES
+    read_options: dict[str, Any] = field(default_factory=dict)
+
+
+def load_site_data(spec: str, options: dict[str, Any]) -> Interactions:
+    """The site's rows, read and validated as ``fedrec train --data`` reads them."""
+    path = Path(spec)
+    table = path.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet", ".pq")
+    data = load_dataset(spec, **(options if table else {}))
+    item_set(data)  # integer item ids, or one clear error now rather than at enrolment
+    return data
+
+
+class Site:
+    """One site's process state: identity, pinned coordinator key, rows, replay record."""
+
+    def __init__(self, options: SiteOptions, data: Interactions | None = None) -> None:
+        self.options = options
+        self.name = options.name
+        self.key = load_identity(options.identity)
+        self.coordinator = load_public_key(options.coordinator_key, Path.cwd())
+        self.data = data if data is not None else load_site_data(options.data, options.read_options)
+        self.record = SiteRecord(Path(options.state_dir) / "record")
+        self.transport = Transport(options.prefect_api, options.mlflow)
+        self._seen: set[str] = set()  # artifact ids looked at by this process
+        self._blobs: dict[str, np.ndarray | dict[str, np.ndarray]] = {}
+        self._clients: dict[tuple, ClientData] = {}
+
+    def close(self) -> None:
+        self.transport.close()
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def poll_once(self) -> int:
+        """Handle every new request addressed to this site; returns how many were handled."""
+        handled = 0
+        for artifact in reversed(self.transport.requests_for(self.name)):  # oldest first
+            if artifact.get("id") in self._seen:
+                continue
+            self._seen.add(artifact.get("id"))
+            self.handle(artifact)
+            handled += 1
+        return handled
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set; a failing server is logged and retried."""
+        log.info(
+            "%s: key %s, %d rows of %d users; polling %s every %.1f s",
+            self.name,
+            key_id(self.key),
+            len(self.data),
+            self.data.n_users,
+            self.options.prefect_api,
+            self.options.poll_seconds,
+        )
+        while not stop.is_set():
+            try:
+                self.poll_once()
+            except TransportError as err:
+                log.warning("%s: %s", self.name, err)
+            stop.wait(self.options.poll_seconds)
+
+    # ---- one request ---------------------------------------------------------------------
+
+    def handle(self, artifact: dict[str, Any]) -> None:
+        """Verify, compute (or take the kept answer), upload and post; refusals are logged."""
+        started = time.perf_counter()
+        try:
+            body = open_message(artifact.get("data") or {}, self.coordinator, REQUEST)
+        except RefusedMessage as err:
+            log.warning("%s: refused request %s: %s", self.name, artifact.get("id"), err)
+            return
+        try:
+            request = check_request(
+                body, site=self.name, now=time.time(), skew=self.options.clock_skew
+            )
+        except RefusedMessage as err:  # genuine but not answerable (e.g. expired): say so here
+            log.warning("%s: refused request %s: %s", self.name, artifact.get("id"), err)
+            return
+        if request.task_run_id != (artifact.get("task_run_id") or ""):
+            log.warning(
+                "%s: refused request %s: posted on another task run than it names",
+                self.name,
+                artifact.get("id"),
+            )
+            return
+        if self.record.answered(request.nonce):
+            return
+        try:
+            data, info = self._answer(request)
+        except (RefusedMessage, SchemaError, ValueError) as err:
+            self._refuse(request, str(err))
+            return
+        digest = body_digest(body)
+        ref = self.transport.put_blob(f"{request.reply_to}/{self.name}-{_short(data)}.npz", data)
+        info = info | {"seconds": round(time.perf_counter() - started, 4)}
+        answer = answer_for(request, digest, ref, info)
+        self._post(request, sign_message(self.key, ANSWER, answer.fields()))
+        self.record.mark_answered(request.nonce)
+        self._log(
+            request,
+            f"{self.name} answered {request.kind} {request.phase} round "
+            f"{request.round} ({ref.bytes} bytes up, {info['seconds']:.2f} s)",
+        )
+
+    def _refuse(self, request: RoundRequest, reason: str) -> None:
+        log.warning(
+            "%s: refused %s round %d of run %s: %s",
+            self.name,
+            request.kind,
+            request.round,
+            request.run,
+            reason,
+        )
+        self._post(request, sign_message(self.key, REFUSAL, refusal_fields(request, reason)))
+        self.record.mark_answered(request.nonce)
+        self._log(
+            request,
+            f"{self.name} refused {request.kind} round {request.round}: {reason}",
+            level=logging.WARNING,
+        )
+
+    def _post(self, request: RoundRequest, signed: dict) -> None:
+        self.transport.post_artifact(
+            key=answer_key(self.name),
+            type_=ANSWER_TYPE,
+            data=signed,
+            task_run_id=request.task_run_id,
+            flow_run_id=request.flow_run_id,
+            description=f"{request.kind} round {request.round} from {self.name}",
+        )
+
+    def _log(self, request: RoundRequest, message: str, level: int = logging.INFO) -> None:
+        log.log(level, message)
+        try:
+            self.transport.post_log(
+                name=f"fedrec.site.{self.name}",
+                message=message,
+                level=level,
+                flow_run_id=request.flow_run_id,
+                task_run_id=request.task_run_id,
+            )
+        except TransportError as err:  # the answer is posted; a lost log line is no failure
+            log.warning("%s: %s", self.name, err)
+
+    # ---- computing an answer --------------------------------------------------------------
+
+    def _answer(self, request: RoundRequest) -> tuple[bytes, dict[str, Any]]:
+        """The answer's npz bytes and info: the kept answer if this exchange was answered."""
+        if request.kind == "enroll":
+            return self._enroll(request)
+        family = family_from_spec(request.family)
+        state_sha = request.state.sha256 if request.state is not None else None
+        kept = self.record.kept(request.record_key)
+        if kept is not None and kept.state_sha256 == state_sha:
+            return kept.data, kept.info
+        if kept is not None and family.private:
+            raise RefusedMessage(
+                f"{request.kind} {request.phase} round {request.round} was answered for another "
+                "global state; a private site answers an exchange once"
+            )
+        client = self._client(request)
+        state = self._state(request, family, client.n_items)
+        if request.kind == "train":
+            update, evaluations = self._train(request, family, client, state)
+        else:
+            update = ClientUpdate(client.client_id, _EMPTY, _EMPTY)
+            evaluations = self._evaluate(request, family, client, state)
+        arrays = answer_arrays(update, evaluations)
+        data = encode_arrays(arrays, precision=request.precision)  # type: ignore[arg-type]
+        info = {"private": int(family.private)}
+        self.record.keep(request.record_key, state_sha, data, info)
+        return data, info
+
+    def _enroll(self, request: RoundRequest) -> tuple[bytes, dict[str, Any]]:
+        """The item-id set and what the coordinator's manifest holds: users and rows per split."""
+        items = item_set(self.data)
+        client = self._split(request, items)
+        counts = np.bincount(client.frame[SPLIT].to_numpy(), minlength=3)
+        info = {
+            "n_users": client.n_users,
+            "n_train": int(counts[TRAIN]),
+            "n_valid": int(counts[VALID]),
+            "n_test": int(counts[TEST]),
+            "fingerprint": self.data.fingerprint(),
+            "key_id": key_id(self.key),
+        }
+        return encode_arrays({"items": items}), info
+
+    def _split(self, request: RoundRequest, catalogue: np.ndarray) -> ClientData:
+        split = request.split
+        cache = (catalogue.tobytes(), request.seed, request.client_id, canonical(split))
+        if cache not in self._clients:
+            self._clients.clear()  # one run at a time is the common case: keep one layout
+            self._clients[cache] = site_client(
+                self.data,
+                catalogue,
+                client_id=request.client_id,
+                seed=request.seed,
+                method=split["method"],
+                valid_fraction=split["valid_fraction"],
+                test_fraction=split["test_fraction"],
+            )
+        return self._clients[cache]
+
+    def _download(self, ref: Any) -> dict[str, np.ndarray]:
+        if ref.sha256 not in self._blobs:
+            raw = self.transport.get_blob(ref, self.options.max_bytes)
+            if len(self._blobs) > 8:
+                self._blobs.clear()
+            self._blobs[ref.sha256] = decode_arrays(raw, max_bytes=self.options.max_bytes)
+        return self._blobs[ref.sha256]  # type: ignore[return-value]
+
+    def _client(self, request: RoundRequest) -> ClientData:
+        arrays = self._download(request.catalogue)
+        catalogue = arrays.get("items")
+        if set(arrays) != {"items"} or catalogue is None or catalogue.dtype.kind not in "iu":
+            raise SchemaError("catalogue must hold one integer array 'items'")
+        if catalogue.ndim != 1 or (catalogue.size > 1 and np.any(np.diff(catalogue) <= 0)):
+            raise SchemaError("catalogue items must be sorted and unique")
+        return self._split(request, catalogue.astype(np.int64))
+
+    def _state(self, request: RoundRequest, family: Family, n_items: int) -> Any:
+        arrays = self._download(request.state)
+        check_state(family, arrays, n_items)
+        return family.load_state(arrays)
+
+    def _train(
+        self, request: RoundRequest, family: Family, client: ClientData, state: Any
+    ) -> tuple[ClientUpdate, dict]:
+        if request.devices is not None:
+            update, evaluations = family_cohort_round(
+                family,
+                client,
+                state,
+                request.phase,
+                request.seed,
+                request.round,
+                request.devices,
+                request.eval_splits,
+            )
+        else:
+            rng = round_rng(request.seed, request.round, client.client_id, private=family.private)
+            update, evaluations = family.client_round(
+                client, state, request.phase, rng, request.eval_splits
+            )
+        return update, (without_item_counts(evaluations) if family.private else evaluations)
+
+    def _evaluate(
+        self, request: RoundRequest, family: Family, client: ClientData, state: Any
+    ) -> dict:
+        evaluations = family.evaluate(client, state, request.eval_splits)
+        if request.release is not None:  # a DP release: noise from this process's entropy
+            try:
+                release = MetricRelease(**request.release)  # type: ignore[arg-type]
+            except (TypeError, ValueError) as err:
+                raise RefusedMessage(f"release parameters: {err}") from err
+            return release.publish(evaluations, fresh_rng())
+        return without_item_counts(evaluations) if family.private else evaluations
+
+
+def _short(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def run_site(options: SiteOptions) -> None:
+    """Run a site until SIGTERM or SIGINT."""
+    site = Site(options)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        site.run(stop)
+    finally:
+        site.close()
