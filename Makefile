@@ -23,7 +23,8 @@ export FEDREC_PREFECT_PORT ?= $(PREFECT_PORT)
 
 .PHONY: help setup demo test test-fast test-unit lint format mlflow-ui prefect-ui server server-status server-stop \
 	deploy worker serve \
-	bench-quality bench-overhead bench-speed bench-ranking bench-scale bench-cli clean
+	bench-quality bench-overhead bench-speed bench-ranking bench-scale bench-cli clean \
+	sites-demo stores-start stores-stop stores-status
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -56,6 +57,21 @@ server-status: setup ## URL, PID and health of the local Prefect server
 
 server-stop: setup ## stop the local Prefect server (SIGTERM, then SIGKILL)
 	$(RUN) fedrec server stop
+
+# A real federation's coordinator stores (PostgreSQL, Prefect server, MLflow server); see README
+STORES_DIR ?= $(FEDREC_HOME)/stores
+
+stores-start: setup ## PostgreSQL + Prefect server + MLflow server (artifact proxy) in STORES_DIR, on loopback
+	$(RUN) fedrec stores start --dir $(STORES_DIR)
+
+stores-status: setup ## addresses, PIDs and health of the stores in STORES_DIR
+	$(RUN) fedrec stores status --dir $(STORES_DIR)
+
+stores-stop: setup ## stop the stores in STORES_DIR by PID (their data stays)
+	$(RUN) fedrec stores stop --dir $(STORES_DIR)
+
+sites-demo: setup ## ML-100K by occupation on 3 site processes in their own mount namespaces, coordinator on the stores; one JSON line
+	$(RUN) python -m fedrec.sites_demo
 
 deploy: setup ## create the process work pool if missing, then deploy deployments/prefect.yaml
 	$(RUN) prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || $(RUN) prefect work-pool create $(PREFECT_POOL) --type process

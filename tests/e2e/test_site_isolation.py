@@ -1,0 +1,48 @@
+"""The sites demo's isolation: a site's rows live on a tmpfs in the site's own mount namespace,
+the copy handed over is deleted, and outside the namespace the mount point stays empty."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fedrec.sites_demo import Processes, isolated_command, namespace_prefix
+
+ROWS = "user_id,item_id,rating\n1,10,5\n2,11,3\n"
+
+
+def _namespaces_work() -> bool:
+    try:
+        probe = subprocess.run([*namespace_prefix(), "true"], capture_output=True, timeout=30)
+    except Exception:
+        return False
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _namespaces_work(), reason="no private mount namespaces here (unshare -m)")
+def test_only_the_site_process_sees_its_rows(tmp_path):
+    rows, mount = tmp_path / "site-a.csv", tmp_path / "rows"
+    rows.write_text(ROWS)
+    mount.mkdir()
+    seen = tmp_path / "seen.txt"  # what the process inside read from its private copy
+    inside = ["sh", "-c", f'cat "{mount}/ratings.csv" > "{seen}" && exec sleep 60']
+    processes = Processes()
+    process = processes.start("site-a", isolated_command(rows, mount, inside), tmp_path / "log")
+    try:
+        deadline = time.monotonic() + 30
+        while not (seen.exists() and seen.read_text()):
+            processes.check_alive()
+            assert time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.1)
+        assert seen.read_text() == ROWS
+        assert not rows.exists()  # the handed-over copy is gone
+        assert list(mount.iterdir()) == []  # the tmpfs is not mounted out here
+        assert process.poll() is None  # and the site's process is the one that runs (exec)
+        cmdline = Path(f"/proc/{process.pid}/cmdline").read_text().split("\0")
+        assert cmdline[:2] == ["sleep", "60"]
+    finally:
+        processes.stop_all()
+    assert process.poll() is not None
