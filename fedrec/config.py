@@ -331,6 +331,12 @@ class TrainingConfig(BaseModel):
         description="operator: store --dp-budget/--dp-budget-delta as these users' new cap (an "
         "entry in the ledger; what was spent stays spent)",
     )
+    dp_ledger_secret: str | None = Field(
+        None,
+        description="DP: file holding the privacy ledger's secret, which names users in the ledger "
+        "(default: beside a SQLite store, else FEDREC_HOME/.fedrec-ledger.key; created at first "
+        "use; every machine training on the same store needs a copy)",
+    )
     secure_aggregation: bool = Field(
         False,
         description="clients send only masked updates (SecAgg: secret-shared masks, signed keys); "
@@ -601,6 +607,7 @@ class TrainingConfig(BaseModel):
                 "dp_budget",
                 "dp_budget_delta",
                 "dp_ledger_set_cap",
+                "dp_ledger_secret",
                 "task_retries",
                 "retry_backoff",
                 "round_timeout",

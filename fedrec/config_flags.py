@@ -47,7 +47,7 @@ GROUPS: dict[str, str] = {
                      "key_prefix", "rounds", "client_fraction", "eval_every", "aggregation",
                      "trim", "clip_factor", "min_clients", "min_fraction"), "federation"),
     **dict.fromkeys(("dp_epsilon", "dp_delta", "dp_max_items", "dp_budget", "dp_budget_delta",
-                     "dp_ledger_set_cap", "secure_aggregation"), "privacy"),
+                     "dp_ledger_set_cap", "dp_ledger_secret", "secure_aggregation"), "privacy"),
     **dict.fromkeys(("retry_backoff", "round_timeout", "round_retries", "fault_probability",
                      "fault_delay", "attack", "attack_fraction", "attack_scale", "resume"),
                     "reliability"),

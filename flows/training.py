@@ -19,7 +19,7 @@ from flows.families import build_family
 from flows.loop import train_family
 from flows.rounds import RunContext, privacy_plan
 from models.data.partitions import read_item_ids, read_manifest
-from models.privacy.ledger import users_fingerprint
+from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
 from tasks.data import load_interactions, shard_clients
@@ -135,10 +135,12 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
                     "champion_version": same, "tracking_uri": redact_uri(uri), "promoted": False}  # fmt: skip
     if config.dp_epsilon is not None:  # before any run starts: refuse past the users' cap
         spent = reserve_privacy_budget(
-            uri, ledger_request(config, data.n_users), key=users_fingerprint(data),
-            model_name=name, about={"dataset_fingerprint": fingerprint, "source": redact_uri(data.source)},
+            uri, ledger_request(config, data.n_users), user_ids=user_ids(data), model_name=name,
+            about={"dataset_fingerprint": fingerprint, "source": redact_uri(data.source)},
+            secret_path=config.dp_ledger_secret,
         )  # fmt: skip
-        logger.info("privacy ledger: these users have now spent %s", spent.describe())
+        logger.info("privacy ledger: the users closest to their cap have now spent %s",
+                    spent.describe())  # fmt: skip
     uri, run_id = start_run(config, fingerprint, flow_run.get_id())
     repaired = repair_orphans(uri, name)
     if repaired:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -37,16 +38,21 @@ from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.model_store import STATE, load_recommender, resolve_tracking_uri
 from models.federation.family import Recommender
 from models.privacy.ledger import (
+    USER_KEY,
     Balance,
     BudgetError,
     Cap,
     Entry,
+    Group,
     Request,
-    balance,
-    check_after_writing,
-    plan_reservation,
+    Stored,
+    check_groups_after_writing,
+    plan_user_reservation,
     recovered_spend,
     run_delta,
+    secret_id,
+    standing,
+    user_keys,
 )
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision, baseline_metric, worst_client_metric
@@ -505,6 +511,75 @@ def _ledger_runs(client: MlflowClient, experiment_id: str, filter_string: str) -
             return runs
 
 
+_USERS_ARTIFACT = "users.u64"  # an entry's user keys: sorted uint64, little-endian
+LEDGER_SECRET = ".fedrec-ledger.key"
+
+
+def ledger_secret_path(uri: str, configured: str | None = None) -> Path:
+    """Where the ledger's secret lives: the configured file, else beside the SQLite store (so
+    the secret travels with the store it names users in), else under FEDREC_HOME."""
+    if configured:
+        return Path(configured).expanduser()
+    folder = (
+        Path(uri.removeprefix("sqlite:///")).resolve().parent
+        if uri.startswith("sqlite:///")
+        else fedrec_home()
+    )
+    return folder / LEDGER_SECRET
+
+
+def _read_secret(path: Path) -> bytes | None:
+    """The secret in ``path`` (None when there is no file); refuses a symbolic link, a file others
+    may read, or one that is not 32 bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise BudgetError(f"{path}: the ledger secret is a symbolic link; refused") from err
+        raise
+    with os.fdopen(fd, "rb") as file:
+        if os.fstat(file.fileno()).st_mode & 0o077:
+            raise BudgetError(f"{path}: the ledger secret is readable by others; chmod 600 it")
+        secret = file.read(64)
+    if len(secret) != 32:
+        raise BudgetError(f"{path}: a ledger secret is 32 bytes, this file has {len(secret)}")
+    return secret
+
+
+def ledger_secret(path: Path, *, create: bool) -> bytes:
+    """The ledger's secret (32 bytes from the OS's entropy, in an owner-only file), created when
+    ``create`` and absent; two processes creating it at once end with the same secret.
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no secret at ``path`` and ``create`` is false.
+    """
+    secret = _read_secret(path)
+    if secret is not None:
+        return secret
+    if not create:
+        raise FileNotFoundError(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:  # another process is creating it: use theirs once written
+        for _ in range(100):
+            time.sleep(0.02)
+            with contextlib.suppress(BudgetError):
+                if (secret := _read_secret(path)) is not None:
+                    return secret
+        return ledger_secret(path, create=False)
+    with os.fdopen(fd, "wb") as file:
+        file.write(os.urandom(32))
+        file.flush()
+        os.fsync(file.fileno())
+    return ledger_secret(path, create=False)
+
+
 def _as_entry(run: Any) -> Entry:
     p = run.data.params
     cap = None
@@ -515,23 +590,65 @@ def _as_entry(run: Any) -> Entry:
     )
 
 
-def _ledger_balance(client: MlflowClient, experiment_id: str, key: str) -> Balance:
-    runs = _ledger_runs(client, experiment_id, f"params.ledger_key = '{key}'")
-    return balance(_as_entry(run) for run in runs)
+def _covered(client: MlflowClient, run: Any) -> np.ndarray | None:
+    """The user keys an entry covers; None (every user) for an entry that names none, or whose
+    stored set is missing or does not match the digest in its (immutable) params: a lost or
+    altered set over-counts, it never frees anyone's budget."""
+    digest = run.data.params.get("users_sha256")
+    if digest is None:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            local = client.download_artifacts(run.info.run_id, _USERS_ARTIFACT, folder)
+            data = Path(local).read_bytes()
+    except (MlflowException, OSError):
+        return None
+    if hashlib.sha256(data).hexdigest() != digest or len(data) % USER_KEY.itemsize:
+        return None
+    return np.frombuffer(data, dtype=USER_KEY).astype(np.uint64)
+
+
+def _ledger_entries(client: MlflowClient, experiment_id: str) -> tuple[list[Stored], set[str]]:
+    """Every entry of the ledger (deleted runs included) and the ids of the secrets that named
+    their users."""
+    runs = _ledger_runs(client, experiment_id, "")
+    secrets = {r.data.params["secret_id"] for r in runs if "secret_id" in r.data.params}
+    return [Stored(_as_entry(r), _covered(client, r)) for r in runs], secrets
+
+
+def ledger_groups(client: MlflowClient, experiment_id: str, users: np.ndarray) -> list[Group]:
+    """The users' balances as the ledger holds them now (:func:`~models.privacy.ledger.standing`)."""
+    return standing(users, _ledger_entries(client, experiment_id)[0])
 
 
 def _write_entry(
-    client: MlflowClient, experiment_id: str, entry: Entry, about: Mapping[str, str]
+    client: MlflowClient, experiment_id: str, stored: Stored, about: Mapping[str, str]
 ) -> str:
-    """Append one entry: a run whose params (immutable in MLflow) are the entry."""
+    """Append one entry: a run whose params (immutable in MLflow) are the entry, and the keys of
+    the users it covers as an artifact whose digest is one of those params."""
+    entry = stored.entry
     values = {"kind": entry.kind, "epsilon": repr(entry.epsilon), "delta": repr(entry.delta)}
     if entry.cap is not None:
         values |= {"cap_epsilon": repr(entry.cap.epsilon), "cap_delta": repr(entry.cap.delta)}
+    data = b""
+    if stored.users is None:
+        values["users"] = "all"
+    else:
+        data = np.sort(stored.users).astype(USER_KEY).tobytes()
+        values |= {
+            "users": str(len(stored.users)),
+            "users_sha256": hashlib.sha256(data).hexdigest(),
+        }
     name = f"{entry.kind} eps {entry.cap.epsilon if entry.cap else entry.epsilon:.3g}"
     run = client.create_run(experiment_id, start_time=entry.at, run_name=name)
     client.log_batch(
         run.info.run_id, params=[Param(k, v[:6000]) for k, v in (dict(about) | values).items()]
     )
+    if stored.users is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / _USERS_ARTIFACT
+            path.write_bytes(data)
+            client.log_artifact(run.info.run_id, str(path))
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -573,25 +690,59 @@ def ledger_request(config: TrainingConfig, n_users: int) -> Request:
     )
 
 
+def _secret_for(path: Path, written_with: set[str]) -> bytes:
+    """This run's ledger secret, refusing when the ledger's entries were written with another:
+    a run that cannot name the users as the ledger does would find no history for them."""
+    if not written_with:
+        return ledger_secret(path, create=True)
+    try:
+        secret: bytes | None = ledger_secret(path, create=False)
+    except FileNotFoundError:
+        secret = None
+    mine = None if secret is None else secret_id(secret)
+    if secret is None or written_with != {mine}:
+        have = "no file is there" if secret is None else f"that file is secret {mine}"
+        raise BudgetError(
+            f"privacy ledger: its entries name users with secret {', '.join(sorted(written_with))} "
+            f"and {have} ({path}): copy the secret from the machine that wrote them, or point "
+            "--dp-ledger-secret at it: not started"
+        )
+    return secret
+
+
 @task(name="reserve-privacy-budget", retries=0, cache_policy=NONE)
 def reserve_privacy_budget(
-    uri: str, request: Request, *, key: str, model_name: str, about: Mapping[str, str]
+    uri: str,
+    request: Request,
+    *,
+    user_ids: np.ndarray,
+    model_name: str,
+    about: Mapping[str, str],
+    secret_path: str | None = None,
 ) -> Balance:
-    """Append this run's (epsilon, delta) to the ledger of its users (``key``) before it trains.
+    """Append this run's (epsilon, delta) to the ledger of each of its users before it trains.
 
     The ledger is the MLflow experiment ``fedrec-privacy-ledger``: one run per entry, its params
-    the entry. Refuses, writing nothing, when the run would pass the users' cap, names another
-    cap than the stored one, or when ``model_name`` has private versions but the ledger has no
-    entry for it (unless an operator sets the cap, which records their epsilons as spent).
-    Under :func:`promotion_lock`, so processes on this machine reserve one at a time; the balance
-    is read again after writing, and a reservation that a concurrent one (another machine, same
-    remote store) pushed past the cap is refused and stays counted. Returns the balance after.
+    the entry and its artifact the keyed hashes of the users it covers (the key stays in a local
+    file, :func:`ledger_secret_path`). Refuses, writing nothing, when the run would take any user
+    past their cap or names another cap than a user's stored one, when ``model_name`` has
+    private versions but the ledger has no entry for it (unless an operator sets the cap, which
+    records their epsilons as spent), or when the entries were written with another secret.
+    Under :func:`promotion_lock`, so processes on this machine reserve one at a time; the
+    balances are read again after writing, and a reservation that a concurrent one (another
+    machine, same remote store) pushed past a cap is refused and stays counted. Returns the
+    balance of the users closest to their cap, after this run.
     """
     client = _client(uri)
-    about = {"ledger_key": key, "model_name": model_name, **about}
+    about = {"model_name": model_name, **about}
+    path = ledger_secret_path(uri, secret_path)
     with promotion_lock(uri):
         experiment_id = _ledger_experiment(client, uri)
         now = int(time.time() * 1000)
+        stored, written_with = _ledger_entries(client, experiment_id)
+        secret = _secret_for(path, written_with)
+        users = user_keys(user_ids, secret)
+        about |= {"secret_id": secret_id(secret)}
         unledgered = _unledgered_private_spending(client, experiment_id, model_name)
         if unledgered and not request.set_cap:
             raise BudgetError(
@@ -600,18 +751,17 @@ def reserve_privacy_budget(
                 f"ledger ({LEDGER_EXPERIMENT!r}) has no entry for it: their spending is unknown; "
                 "not started (an operator can record it as spent with --dp-ledger-set-cap)"
             )
-        if unledgered:
-            recovered = recovered_spend(unledgered, request.delta, at=now - 1)
+        if unledgered:  # which users those versions saw is unknown: counted for everyone
+            recovered = Stored(recovered_spend(unledgered, request.delta, at=now - 1), None)
             _write_entry(client, experiment_id, recovered, about | {"reason": "recovered"})
-        entries = plan_reservation(_ledger_balance(client, experiment_id, key), request, at=now)
-        written = [_write_entry(client, experiment_id, e, about) for e in entries]
-        after = _ledger_balance(client, experiment_id, key)
+            stored.append(recovered)
+        writes = plan_user_reservation(standing(users, stored), request, at=now)
+        written = [_write_entry(client, experiment_id, w, about) for w in writes]
         try:
-            check_after_writing(after)
+            return check_groups_after_writing(ledger_groups(client, experiment_id, users))
         except BudgetError:
             client.set_tag(written[-1], "fedrec.ledger_outcome", "refused: concurrent reservation")
             raise
-    return after
 
 
 @task(name="finish-tracking", **_RETRY)

@@ -1,36 +1,43 @@
-"""The privacy budget ledger: what one population of users has spent in (epsilon, delta) across
-training runs, and the cap it may not pass.
+"""The privacy budget ledger: what each user has spent in (epsilon, delta) across training runs,
+and the cap no user may pass.
 
 The same users are trained again and again (every night, under several model names), so their
-privacy loss adds up. The ledger is an append-only list of entries about one population:
+privacy loss adds up. The ledger is an append-only list of entries, each about a set of users:
 
-- a **spend** entry per private run, written before the run trains: its (epsilon, delta), the
-  whole run's: the training rounds and the final evaluation's releases (the model's, and the
-  champion's when there is one) are calibrated to compose to that epsilon together;
-- a **cap** entry, written at the population's first private run (the cap given then, else that
-  run's own epsilon and delta) and again only when an operator sets a new cap explicitly.
+- a **spend** entry per private run, written before the run trains, covering the run's users:
+  its (epsilon, delta), the whole run's: the training rounds and the final evaluation's releases
+  (the model's, and the champion's when there is one) are calibrated to compose to that epsilon
+  together;
+- a **cap** entry, written for the users who have none yet at their first private run (the cap
+  given then, else that run's own epsilon and delta), and for every user of a run in which an
+  operator sets a new cap explicitly.
 
-The balance is the sum of every spend entry (basic composition: k runs that are each
-(eps_i, delta_i)-DP are (sum eps_i, sum delta_i)-DP together, with no assumption about how the
-runs relate; an advanced composition or a shared RDP accountant across runs would be tighter).
-A run starts only if the balance plus its own (epsilon, delta) stays within the cap. A reservation
-that is refused after its entry was written (a concurrent reservation took the rest) stays
-counted: the ledger may over-count, never under-count.
+A user's balance is the sum of the spend entries that cover them (basic composition: k runs
+that are each (eps_i, delta_i)-DP are (sum eps_i, sum delta_i)-DP together, with no assumption
+about how the runs relate; an advanced composition or a shared RDP accountant across runs would
+be tighter); their cap is the latest cap entry that covers them. A run starts only if every one
+of its users stays within their cap. Because the balance is per user, a run cannot reset it by
+changing who else takes part: adding a made-up user, dropping one, renaming the file, splitting
+it into ``--train/--test`` or training under a new model name all leave each user's history as it
+was. A reservation that is refused after its entry was written (a concurrent reservation took the
+rest) stays counted: the ledger may over-count, never under-count.
 
-The population is named by :func:`users_fingerprint`, a hash of the set of user ids, not by a
-file path, a spelling of the inputs or a model name: the same users read from a renamed file,
-from ``--train/--test`` files or for a new model hit the same ledger, and so do new ratings of
-the same users. A population that gains or loses a user is a new population with its own ledger
-(the limit of keying by content; see the README).
+Users are named by :func:`user_keys`: a keyed hash (HMAC-SHA-256, truncated to 64 bits) of their
+id under a secret that lives with the coordinator, never in the tracking store. Readers of the
+store see, per entry, how many users it covers and which entries share users, not who they are
+(user ids are short, so an unkeyed hash would be reversed by trying every id). Two distinct users
+whose keys collide are counted as one: an over-count, never an under-count. Entries written
+without a set of users (by an earlier, per-population ledger) count for every user.
 
-Everything here is pure; reading and writing the entries (an MLflow experiment) lives in
-``tasks/tracking.py``.
+Everything here is pure; reading and writing the entries (an MLflow experiment) and the secret
+live in ``tasks/tracking.py``.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import hmac
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,22 +53,41 @@ class BudgetError(ValueError):
     """A private run that the ledger does not allow to start; the message is one line."""
 
 
-def users_fingerprint(data: Interactions) -> str:
-    """SHA-256 of the sorted, distinct ids (as text) of the users that have rows in ``data``.
+def user_ids(data: Interactions) -> np.ndarray:
+    """The distinct ids (as text) of the users that have rows in ``data``."""
+    present = np.unique(data.frame[USER].to_numpy())
+    return np.unique(np.asarray(data.user_ids[present]).astype(str))
+
+
+USER_KEY = np.dtype("<u8")  # the stored form of a user key: 8 bytes, little-endian
+
+
+def user_keys(ids: Iterable[str], secret: bytes) -> np.ndarray:
+    """The ledger's names for users: HMAC-SHA-256 of each id (as text) under ``secret``,
+    truncated to 64 bits; sorted, distinct.
 
     Parameters
     ----------
-    data : Interactions
-        The run's validated interactions (all splits together).
+    ids : iterable of str
+        User ids (:func:`user_ids`).
+    secret : bytes
+        The ledger's secret (at least 16 bytes).
 
     Returns
     -------
-    str
-        64 hex digits; independent of row order, file names, ratings and timestamps.
+    numpy.ndarray
+        ``uint64`` keys.
     """
-    present = np.unique(data.frame[USER].to_numpy())
-    ids = np.unique(np.asarray(data.user_ids[present]).astype(str))
-    return hashlib.sha256("\n".join(ids.tolist()).encode()).hexdigest()
+    if len(secret) < 16:
+        raise ValueError(f"the ledger secret has {len(secret)} bytes; at least 16 are needed")
+    digests = b"".join(hmac.new(secret, str(i).encode(), hashlib.sha256).digest()[:8] for i in ids)
+    return np.unique(np.frombuffer(digests, dtype=USER_KEY).astype(np.uint64))
+
+
+def secret_id(secret: bytes) -> str:
+    """A public name of a ledger secret (16 hex digits): entries record which secret named their
+    users, so a run holding another secret is refused instead of finding no history."""
+    return hmac.new(secret, b"fedrec privacy ledger secret id", hashlib.sha256).hexdigest()[:16]
 
 
 def run_delta(dp_delta: float | None, n_users: int) -> float:
@@ -166,7 +192,9 @@ def _exact(value: float) -> str:
     return repr(float(value)).removesuffix(".0")
 
 
-def plan_reservation(current: Balance, request: Request, *, at: int) -> list[Entry]:
+def plan_reservation(
+    current: Balance, request: Request, *, at: int, who: str = "these users"
+) -> list[Entry]:
     """The entries to append for ``request`` (a cap entry when one is stored now, then the spend).
 
     Parameters
@@ -176,6 +204,8 @@ def plan_reservation(current: Balance, request: Request, *, at: int) -> list[Ent
     request : Request
     at : int
         Time stamp of the new entries.
+    who : str
+        Who the balance is of, as refusals name them.
 
     Returns
     -------
@@ -206,7 +236,7 @@ def plan_reservation(current: Balance, request: Request, *, at: int) -> list[Ent
         ):
             if asked is not None and not _same(asked, kept):
                 raise BudgetError(
-                    f"privacy ledger: these users' cap is {name} {_exact(kept)} (stored at their first "
+                    f"privacy ledger: {who}' cap is {name} {_exact(kept)} (stored at their first "
                     f"private run); this run asks for {_exact(asked)}: not started (omit it, or an "
                     "operator sets a new cap with --dp-ledger-set-cap)"
                 )
@@ -215,11 +245,109 @@ def plan_reservation(current: Balance, request: Request, *, at: int) -> list[Ent
     )
     if after.exceeds_cap():
         raise BudgetError(
-            f"privacy budget: these users have spent epsilon {current.epsilon:.3g} of "
+            f"privacy budget: {who} have spent epsilon {current.epsilon:.3g} of "
             f"{cap.epsilon:.3g} and delta {current.delta:.3g} of {cap.delta:.3g}; this run needs "
             f"epsilon {request.epsilon:.3g}, delta {request.delta:.3g} more: not started"
         )
     return [*writes, Entry("spend", request.epsilon, request.delta, at=at)]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One entry as the store holds it: the entry and the keys of the users it covers (None:
+    every user, as entries written before the ledger named users)."""
+
+    entry: Entry
+    users: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Group:
+    """Users of a run who share one history: the same entries cover each of them."""
+
+    members: np.ndarray
+    balance: Balance
+
+    def headroom(self) -> float:
+        """Epsilon left under the cap (infinite without one)."""
+        cap = self.balance.cap
+        return float("inf") if cap is None else cap.epsilon - self.balance.epsilon
+
+
+def standing(users: np.ndarray, stored: Sequence[Stored]) -> list[Group]:
+    """The run's users grouped by history, each group with its balance, tightest first.
+
+    Parameters
+    ----------
+    users : numpy.ndarray
+        The run's user keys (:func:`user_keys`).
+    stored : sequence of Stored
+        Every entry of the ledger.
+
+    Returns
+    -------
+    list of Group
+        Groups partitioning ``users``, in increasing order of headroom.
+    """
+    users = np.unique(np.asarray(users, dtype=np.uint64))
+    if len(users) == 0:
+        raise ValueError("a private run needs at least one user")
+    if not stored:
+        return [Group(users, balance([]))]
+    covers = np.stack(
+        [np.ones(len(users), bool) if s.users is None else np.isin(users, s.users) for s in stored],
+        axis=1,
+    )
+    patterns, inverse = np.unique(covers, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    groups = [
+        Group(
+            users[inverse == g], balance(s.entry for s, c in zip(stored, pattern, strict=True) if c)
+        )
+        for g, pattern in enumerate(patterns)
+    ]
+    return sorted(groups, key=Group.headroom)
+
+
+def _who(group: Group, n_users: int) -> str:
+    n = len(group.members)
+    return "these users" if n == n_users else f"{n} of these {n_users} users"
+
+
+def plan_user_reservation(groups: Sequence[Group], request: Request, *, at: int) -> list[Stored]:
+    """The entries to append for ``request`` over the run's users: one cap entry per new cap
+    (covering the users it applies to), then one spend entry covering every user.
+
+    Each group is judged as :func:`plan_reservation` judges one population, tightest first, so a
+    refusal names the users closest to their cap.
+
+    Raises
+    ------
+    BudgetError
+        When any group refuses the run.
+    """
+    n_users = sum(len(g.members) for g in groups)
+    caps: dict[Cap, list[np.ndarray]] = {}
+    for group in groups:
+        planned = plan_reservation(group.balance, request, at=at, who=_who(group, n_users))
+        for entry in planned[:-1]:
+            assert entry.cap is not None
+            caps.setdefault(entry.cap, []).append(group.members)
+    everyone = np.sort(np.concatenate([g.members for g in groups]))
+    return [
+        *(
+            Stored(Entry("cap", cap=cap, at=at), np.sort(np.concatenate(m)))
+            for cap, m in caps.items()
+        ),
+        Stored(Entry("spend", request.epsilon, request.delta, at=at), everyone),
+    ]
+
+
+def check_groups_after_writing(groups: Sequence[Group]) -> Balance:
+    """:func:`check_after_writing` for every group; returns the tightest group's balance."""
+    for group in groups:
+        check_after_writing(group.balance)
+    return groups[0].balance
 
 
 def check_after_writing(after: Balance) -> None:

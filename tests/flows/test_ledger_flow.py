@@ -1,6 +1,7 @@
-"""The privacy ledger on a real MLflow store: keyed by the users, its cap stored at first use,
-entries that survive deletion, reservations serialised across processes, and a model with private
-versions but no ledger refused."""
+"""The privacy ledger on a real MLflow store: a balance per user, named by a keyed hash whose
+secret stays outside the store, its cap stored at first use, entries that survive deletion,
+reservations serialised across processes, and a model with private versions but no ledger
+refused."""
 
 from __future__ import annotations
 
@@ -30,12 +31,24 @@ def store(tmp_path):
         yield store
 
 
-def _reserve(store, epsilon, *, cap=None, cap_delta=None, set_cap=False, key="users-a",
+POPULATIONS = {name: np.array([f"{name}-{i}" for i in range(40)]) for name in ("a", "b", "c")}
+
+
+def _reserve(store, epsilon, *, cap=None, cap_delta=None, set_cap=False, users="a",
              model="m", delta=1e-5):  # fmt: skip
     from tasks.tracking import reserve_privacy_budget
 
     request = Request(epsilon, delta, cap, cap_delta, set_cap)
-    return reserve_privacy_budget.fn(store["uri"], request, key=key, model_name=model, about={})
+    return reserve_privacy_budget.fn(
+        store["uri"], request, user_ids=POPULATIONS[users], model_name=model, about={}
+    )
+
+
+def _keys(store, users):
+    from models.privacy.ledger import user_keys
+    from tasks.tracking import ledger_secret, ledger_secret_path
+
+    return user_keys(users, ledger_secret(ledger_secret_path(store["uri"]), create=False))
 
 
 def _ledger_runs(store):
@@ -57,7 +70,7 @@ def test_the_cap_stored_at_first_use_is_enforced_when_later_runs_omit_it(store):
     with pytest.raises(BudgetError, match=r"cap is --dp-budget 10 .* asks for 100"):
         _reserve(store, 1.0, cap=100.0)
     assert (first.epsilon, second.epsilon, second.delta) == (4.0, 8.0, pytest.approx(2e-5))
-    other = _reserve(store, 4.0, key="users-b")  # another population has its own ledger
+    other = _reserve(store, 4.0, users="b")  # other users have their own balances
     assert other.epsilon == 4.0 and other.cap.epsilon == 4.0  # its cap: its first run's epsilon
     raised = _reserve(store, 2.0, cap=20.0, set_cap=True)  # the operator's explicit action
     assert raised.epsilon == 10.0 and raised.cap.epsilon == 20.0
@@ -80,6 +93,70 @@ def test_deleting_ledger_entries_does_not_erase_the_spending(store):
         _reserve(store, 1.0)
 
 
+def _entry_files(store, kind):
+    """The local users.u64 files of the ledger's entries of ``kind``, oldest first."""
+    from urllib.parse import urlparse
+
+    runs = sorted(_ledger_runs(store), key=lambda r: r.info.start_time)
+    return [Path(urlparse(r.info.artifact_uri).path) / "users.u64"
+            for r in runs if r.data.params["kind"] == kind]  # fmt: skip
+
+
+def test_the_store_holds_keyed_hashes_of_users_never_their_ids(store):
+    _reserve(store, 4.0, cap=10.0)
+
+    (spend,) = _entry_files(store, "spend")
+    data = spend.read_bytes()
+    assert np.frombuffer(data, "<u8").tolist() == _keys(store, POPULATIONS["a"]).tolist()
+    assert b"a-1" not in data and len(data) == 8 * 40
+    params = [r.data.params for r in _ledger_runs(store)]
+    assert {p["users"] for p in params} == {"40"} and len({p["secret_id"] for p in params}) == 1
+    assert not any("a-1" in str(p) for p in params)
+
+
+def test_a_lost_or_foreign_secret_refuses_instead_of_starting_users_at_zero(store, tmp_path):
+    from tasks.tracking import ledger_secret_path
+
+    _reserve(store, 4.0, cap=10.0)
+    path = ledger_secret_path(store["uri"])
+    saved = path.read_bytes()
+    assert path.stat().st_mode & 0o777 == 0o600 and len(saved) == 32
+
+    path.unlink()
+    with pytest.raises(BudgetError, match=r"with secret [0-9a-f]{16} and no file is there .*: not"):
+        _reserve(store, 4.0)
+    path.write_bytes(bytes(32))
+    path.chmod(0o600)
+    with pytest.raises(BudgetError, match=r"and that file is secret [0-9a-f]{16} \("):
+        _reserve(store, 4.0)
+    path.unlink()
+    (tmp_path / "elsewhere").write_bytes(saved)
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BudgetError, match="symbolic link; refused"):
+        _reserve(store, 4.0)
+    path.unlink()
+    path.write_bytes(saved)
+    path.chmod(0o644)
+    with pytest.raises(BudgetError, match="readable by others"):
+        _reserve(store, 4.0)
+    path.chmod(0o600)
+    assert _reserve(store, 4.0).epsilon == 8.0  # the right secret: the history is found
+
+
+def test_an_altered_user_set_counts_for_everyone_and_frees_no_one(store):
+    _reserve(store, 4.0, cap=10.0, users="a", delta=1e-9)
+    _reserve(store, 4.0, cap=10.0, users="a", delta=1e-9)
+    _reserve(store, 4.0, cap=10.0, users="b", delta=1e-9)
+
+    for spend in _entry_files(store, "spend")[:2]:  # who wrote to the artifact store empties them
+        spend.write_bytes(b"")
+
+    with pytest.raises(BudgetError, match=r"spent epsilon 8 of 10"):
+        _reserve(store, 4.0, users="a")  # a's spending was not erased...
+    with pytest.raises(BudgetError, match=r"spent epsilon 12 of 10"):
+        _reserve(store, 1.0, users="b")  # ...it now counts for b too: an over-count
+
+
 def test_private_versions_without_a_ledger_refuse_to_start(store, tmp_path):
     from tasks.tracking import _client, register_model
     from tests.flows.test_safe_loading import _recommender
@@ -93,28 +170,29 @@ def test_private_versions_without_a_ledger_refuse_to_start(store, tmp_path):
     ):
         _reserve(store, 1.0, model="m")
     assert _reserve(store, 1.0, model="other").epsilon == 1.0  # no private versions: fine
-    recovered = _reserve(store, 1.0, model="m", key="users-c", cap=20.0, set_cap=True)
+    recovered = _reserve(store, 1.0, model="m", users="c", cap=20.0, set_cap=True)
     assert recovered.epsilon == 9.0  # the version's 8 recorded as spent, then this run's 1
-    assert _reserve(store, 1.0, model="m", key="users-c").epsilon == 10.0
+    assert _reserve(store, 1.0, model="m", users="c").epsilon == 10.0
 
 
 def test_a_reservation_raced_past_the_cap_on_a_remote_store_is_refused(store, monkeypatch):
     import tasks.tracking as tracking
-    from models.privacy.ledger import Entry, plan_reservation
+    from models.privacy.ledger import Entry, Stored, plan_user_reservation
 
     monkeypatch.setattr(tracking, "promotion_lock", lambda uri: contextlib.nullcontext())
     _reserve(store, 4.0, cap=10.0)
+    keys = _keys(store, POPULATIONS["a"])
 
-    def plan_while_another_writes(current, request, *, at):
-        writes = plan_reservation(current, request, at=at)
+    def plan_while_another_writes(groups, request, *, at):
+        writes = plan_user_reservation(groups, request, at=at)
         # another machine's reservation lands between this one's read and its write
         client = tracking._client(store["uri"])
         experiment = client.get_experiment_by_name(tracking.LEDGER_EXPERIMENT).experiment_id
-        rival = Entry("spend", 4.0, 1e-5, at=at - 1)
-        tracking._write_entry(client, experiment, rival, {"ledger_key": "users-a"})
+        rival = Stored(Entry("spend", 4.0, 1e-5, at=at - 1), keys)
+        tracking._write_entry(client, experiment, rival, {})
         return writes
 
-    monkeypatch.setattr(tracking, "plan_reservation", plan_while_another_writes)
+    monkeypatch.setattr(tracking, "plan_user_reservation", plan_while_another_writes)
 
     with pytest.raises(BudgetError, match=r"concurrent reservation .* epsilon 12 of 10"):
         _reserve(store, 4.0)
@@ -127,6 +205,7 @@ _WORKER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    import numpy as np
     from models.privacy.ledger import BudgetError, Request
     from tasks.tracking import reserve_privacy_budget
 
@@ -135,8 +214,8 @@ _WORKER = textwrap.dedent(
     while len(list(folder.glob("ready-*"))) < n:  # start together once every process imported
         time.sleep(0.01)
     try:
-        reserve_privacy_budget.fn(uri, Request(4.0, 1e-5, 10.0), key="shared", model_name=me,
-                                  about={})
+        reserve_privacy_budget.fn(uri, Request(4.0, 1e-5, 10.0), user_ids=np.array(["s1", "s2"]),
+                                  model_name=me, about={})
         print("reserved")
     except BudgetError:
         print("refused")
@@ -147,9 +226,10 @@ _WORKER = textwrap.dedent(
 def test_concurrent_reservations_from_several_processes_stay_within_the_cap(store, tmp_path):
     from mlflow.entities import ViewType
 
-    from tasks.tracking import _client, _ledger_balance, _ledger_experiment
+    from tasks.tracking import _client, _ledger_experiment, ledger_groups
 
     _ledger_experiment(_client(store["uri"]), store["uri"])  # the store exists before the race
+    _reserve(store, 1e-9, users="b")  # so is the secret (its creation has a test of its own)
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     folder = tmp_path / "barrier"
@@ -171,10 +251,11 @@ def test_concurrent_reservations_from_several_processes_stay_within_the_cap(stor
 
     client = _client(store["uri"])
     experiment = _ledger_experiment(client, store["uri"])
-    spent = _ledger_balance(client, experiment, "shared")
+    (shared,) = ledger_groups(client, experiment, _keys(store, ["s1", "s2"]))
+    spent = shared.balance
     assert sorted(answers) == ["refused", "refused", "reserved", "reserved"]
     assert (spent.epsilon, spent.spends) == (8.0, 2)  # refused before writing: nothing wasted
-    assert len(client.search_runs([experiment], run_view_type=ViewType.ALL)) == 3  # cap + 2
+    assert len(client.search_runs([experiment], run_view_type=ViewType.ALL)) == 2 + 3  # b; cap + 2
 
 
 # --- the flow path --------------------------------------------------------------------------
@@ -208,7 +289,7 @@ def test_the_ledger_follows_the_users_not_the_path_spelling_or_model_name(
     last = frame.groupby("user_id").tail(1).index  # every user keeps rows in the train file
     frame.drop(index=last).to_csv(tmp_path / "train.csv", index=False)
     frame.loc[last].to_csv(tmp_path / "test.csv", index=False)
-    refused = r"privacy budget: these users have spent epsilon 4 of 6"
+    refused = r"privacy budget: (these|\d+ of these \d+) users have spent epsilon 4 of 6"
 
     first = _train(store, data=str(tmp_path / "ratings.csv"), model_name="private-a",
                    dp_epsilon=4.0, dp_budget=6.0)  # fmt: skip
@@ -221,6 +302,16 @@ def test_the_ledger_follows_the_users_not_the_path_spelling_or_model_name(
     with pytest.raises(ValueError, match=refused):
         _train(store, train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv"),
                model_name="private-c", dp_epsilon=4.0)  # fmt: skip
+    # a made-up user added, or one user dropped: each real user's balance is what it was
+    dummy = pd.DataFrame({"user_id": "made-up", "item_id": frame["item_id"].unique()[:6],
+                          "rating": 4.0})  # fmt: skip
+    pd.concat([frame, dummy]).to_csv(tmp_path / "plus-one.csv", index=False)
+    frame[frame["user_id"] != frame["user_id"].iloc[0]].to_csv(tmp_path / "minus-one.csv",
+                                                                index=False)  # fmt: skip
+    for changed in ("plus-one.csv", "minus-one.csv"):
+        with pytest.raises(ValueError, match=refused):
+            _train(store, data=str(tmp_path / changed), model_name="private-a",
+                   dp_epsilon=4.0)  # fmt: skip
 
     client = store["client"]
     assert client.get_model_version("private-a", first["model_version"]).tags["fedrec.epsilon"]

@@ -1,9 +1,12 @@
-"""The privacy ledger's arithmetic: who the users are, what they spent, and the cap."""
+"""The privacy ledger's arithmetic: who the users are, what each of them spent, and the cap."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from fractions import Fraction
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -14,12 +17,18 @@ from models.privacy.ledger import (
     Cap,
     Entry,
     Request,
+    Stored,
     balance,
     check_after_writing,
+    check_groups_after_writing,
     plan_reservation,
+    plan_user_reservation,
     recovered_spend,
     run_delta,
-    users_fingerprint,
+    secret_id,
+    standing,
+    user_ids,
+    user_keys,
 )
 
 EMPTY = Balance(0.0, 0.0, None, 0)
@@ -37,20 +46,34 @@ def _after(current: Balance, writes: list[Entry]) -> Balance:
     return balance([*start, *spent, *writes])
 
 
-def test_the_same_users_are_one_population_whatever_their_rows_say():
-    base = _data(["u1", "u2", "u3", "u1"], ["a", "b", "c", "d"], [5, 4, 3, 2])
+SECRET = bytes(range(32))
 
+
+def test_users_are_named_by_their_ids_whatever_their_rows_say():
+    base = _data(["u1", "u2", "u3", "u1"], ["a", "b", "c", "d"], [5, 4, 3, 2])
     reordered = _data(["u3", "u1", "u2", "u1"], ["c", "d", "b", "a"], [3, 2, 4, 5], "b.parquet")
     more_rows = _data(["u1", "u2", "u3", "u1", "u2"], ["a", "b", "c", "d", "e"], [1, 4, 3, 2, 5])
-    one_more_user = _data(["u1", "u2", "u3", "u4"], ["a", "b", "c", "d"], [5, 4, 3, 2])
     as_numbers = _data([1, 2], ["a", "b"], [5, 4])
     as_text = _data(["1", "2"], ["b", "a"], [1, 1])
 
-    assert users_fingerprint(reordered) == users_fingerprint(base)
-    assert users_fingerprint(more_rows) == users_fingerprint(base)
-    assert users_fingerprint(one_more_user) != users_fingerprint(base)
-    assert users_fingerprint(as_numbers) == users_fingerprint(as_text)
-    assert len(users_fingerprint(base)) == 64
+    assert user_ids(base).tolist() == ["u1", "u2", "u3"]
+    assert user_ids(reordered).tolist() == user_ids(more_rows).tolist() == ["u1", "u2", "u3"]
+    assert user_ids(as_numbers).tolist() == user_ids(as_text).tolist() == ["1", "2"]
+
+
+def test_a_user_key_is_the_truncated_hmac_of_the_id_under_the_secret():
+    oracle = sorted(
+        int.from_bytes(hmac.new(SECRET, uid.encode(), hashlib.sha256).digest()[:8], "little")
+        for uid in ("u1", "u2", "42")
+    )
+
+    got = user_keys(["u2", "42", "u1", "u2"], SECRET)
+
+    assert got.dtype == np.uint64 and got.tolist() == oracle
+    assert not set(user_keys(["u1"], bytes(32)).tolist()) & set(got.tolist())  # another secret
+    assert secret_id(SECRET) != secret_id(bytes(32)) and len(secret_id(SECRET)) == 16
+    with pytest.raises(ValueError, match="at least 16"):
+        user_keys(["u1"], b"short")
 
 
 def test_run_delta_defaults_to_one_over_users():
@@ -146,3 +169,108 @@ def test_recovered_spending_sums_the_versions_epsilons():
 
     assert (entry.kind, entry.epsilon, entry.at) == ("spend", 12.5, 3)
     assert entry.delta == pytest.approx(3e-4, rel=1e-12)
+
+
+# --- per-user balances ----------------------------------------------------------------------
+
+A = np.arange(1, 101, dtype=np.uint64)  # a population of 100 users
+B = np.arange(51, 151, dtype=np.uint64)  # half of A, and 50 others
+
+
+def _apply_stored(stored: list[Stored], writes: list[Stored]) -> list[Stored]:
+    return [*stored, *writes]
+
+
+def _oracle(history: list[tuple[set[int], float, float | None]]) -> dict[int, tuple[float, float]]:
+    """Per user: epsilon spent and the latest cap, from (users, epsilon spent, cap set) events."""
+    spent: dict[int, float] = {}
+    caps: dict[int, float] = {}
+    for users, eps, cap in history:
+        for u in users:
+            spent[u] = spent.get(u, 0.0) + eps
+            if cap is not None:
+                caps[u] = cap
+    return {u: (spent[u], caps[u]) for u in spent}
+
+
+def test_each_user_keeps_their_own_balance_across_overlapping_populations():
+    stored: list[Stored] = []
+    runs = [(A, 3.0, 10.0), (B, 4.0, 10.0), (A, 2.0, None), (B, 1.0, None)]
+    history = []
+    for at, (users, eps, cap) in enumerate(runs, start=1):
+        request = Request(eps, 1e-6, cap_epsilon=cap, cap_delta=None if cap is None else 1e-4)
+        groups = standing(users, stored)
+        writes = plan_user_reservation(groups, request, at=at)
+        stored = _apply_stored(stored, writes)
+        new_cap = {int(u) for w in writes if w.entry.kind == "cap" for u in w.users}
+        history.append(({int(u) for u in users}, eps, None))
+        for u in new_cap:  # the cap a user got: the one named, else the run's epsilon
+            history.append(({u}, 0.0, cap if cap is not None else eps))
+
+    oracle = _oracle(history)
+    everyone = np.union1d(A, B)
+    for group in standing(everyone, stored):
+        for u in group.members.tolist():
+            assert group.balance.epsilon == pytest.approx(oracle[u][0], rel=1e-12)
+            assert group.balance.cap.epsilon == oracle[u][1]
+    assert {oracle[u] for u in range(1, 51)} == {(5.0, 10.0)}  # A only
+    assert {oracle[u] for u in range(51, 101)} == {(10.0, 10.0)}  # both: exactly at the cap
+    assert {oracle[u] for u in range(101, 151)} == {(5.0, 10.0)}  # B only
+
+
+def test_a_run_is_refused_when_any_one_user_would_pass_their_cap():
+    first = Request(8.0, 1e-6, cap_epsilon=10.0, cap_delta=1e-4)
+    stored = plan_user_reservation(standing(A, []), first, at=1)
+    stored += plan_user_reservation(standing(A[:1], stored), Request(2.0, 1e-6), at=2)
+
+    with pytest.raises(BudgetError, match=r"1 of these 100 users have spent epsilon 10 of 10"):
+        plan_user_reservation(standing(A, stored), Request(1.0, 1e-6), at=3)
+    ok = plan_user_reservation(standing(A[1:], stored), Request(2.0, 1e-6), at=3)  # the rest fit
+    assert ok[-1].entry == Entry("spend", 2.0, 1e-6, at=3) and len(ok[-1].users) == 99
+
+
+def test_adding_or_dropping_users_does_not_reset_anyone():
+    stored = plan_user_reservation(standing(A, []), Request(6.0, 1e-6, cap_epsilon=6.0), at=1)
+    dummy = np.append(A, np.uint64(10**12))
+
+    for users in (dummy, A[1:], A[::2], np.array([A[0]], dtype=np.uint64)):
+        with pytest.raises(BudgetError, match=r"spent epsilon 6 of 6"):
+            plan_user_reservation(standing(users, stored), Request(1.0, 1e-6), at=2)
+    newcomer = plan_user_reservation(standing(np.array([10**12], np.uint64), stored),
+                                     Request(1.0, 1e-6), at=2)  # fmt: skip
+    assert [w.entry.kind for w in newcomer] == ["cap", "spend"]  # a new user: their own cap
+
+
+def test_new_users_get_a_cap_entry_of_their_own_and_old_users_keep_theirs():
+    stored = plan_user_reservation(standing(A, []), Request(4.0, 1e-6, cap_epsilon=10.0), at=1)
+
+    writes = plan_user_reservation(standing(B, stored), Request(4.0, 1e-6), at=2)
+
+    caps = [w for w in writes if w.entry.kind == "cap"]
+    assert len(caps) == 1 and caps[0].users.tolist() == list(range(101, 151))
+    assert caps[0].entry.cap == Cap(4.0, pytest.approx(1e-6))  # B-only users: this run's own
+    assert writes[-1].users.tolist() == B.tolist()
+    with pytest.raises(BudgetError, match=r"50 of these 100 users' cap is --dp-budget 10"):
+        plan_user_reservation(standing(B, stored), Request(1.0, 1e-6, cap_epsilon=4.0), at=2)
+
+
+def test_entries_that_name_no_users_count_for_everyone():
+    legacy = [Stored(Entry("cap", cap=Cap(5.0, 1e-5), at=1), None),
+              Stored(Entry("spend", 4.0, 1e-6, at=1), None)]  # fmt: skip
+
+    with pytest.raises(BudgetError, match=r"these users have spent epsilon 4 of 5"):
+        plan_user_reservation(standing(B, legacy), Request(2.0, 1e-6), at=2)
+
+
+def test_the_tightest_group_is_checked_after_writing_and_reported():
+    stored = plan_user_reservation(standing(A, []), Request(4.0, 1e-6, cap_epsilon=10.0), at=1)
+    stored += plan_user_reservation(standing(B, stored), Request(4.0, 1e-6), at=2)
+
+    groups = standing(np.union1d(A, B), stored)
+
+    assert [len(g.members) for g in groups] == [50, 50, 50]
+    assert groups[0].balance.cap.epsilon == 4.0 and groups[0].balance.epsilon == 4.0  # B only
+    assert check_groups_after_writing(groups) == groups[0].balance
+    stored.append(Stored(Entry("spend", 3.0, 1e-6, at=3), B))
+    with pytest.raises(BudgetError, match="concurrent reservation"):
+        check_groups_after_writing(standing(B, stored))
