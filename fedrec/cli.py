@@ -332,6 +332,8 @@ def train(
     from fedrec.runtime import keep_freed_memory
 
     keep_freed_memory()
+    if config.sites is not None and max_workers is None:  # proxy tasks wait, they do not compute
+        max_workers = 32
     flow = training_flow(config.task_runner, config.dask_address, max_workers)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "no pip in a uv venv"

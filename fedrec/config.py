@@ -377,6 +377,11 @@ class TrainingConfig(BaseModel):
         None,
         description="folder for client partitions (default: FEDREC_HOME/workspaces/<fingerprint>)",
     )
+    sites: str | None = Field(
+        None,
+        description="sites.yaml: train with real sites (their processes hold the data) instead "
+        "of simulated clients; --data and the partition flags are then unused",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -408,7 +413,9 @@ class TrainingConfig(BaseModel):
         check_split_files(train=self.train, valid=self.valid, test=self.test)
         if self.partition == "by-key" and self.partition_key is None:
             raise ValueError("--partition by-key needs --partition-key (a user-feature column)")
-        if self.partition not in ("by-key", "per-user") and self.clients is None:
+        if self.sites is not None:
+            _check_sites(self)
+        elif self.partition not in ("by-key", "per-user") and self.clients is None:
             raise ValueError(f"--partition {self.partition} needs --clients")
         if self.partition == "per-user" and (
             self.algorithm != "als" or self.ranker != "none" or self.secure_aggregation
@@ -657,3 +664,19 @@ class TrainingConfig(BaseModel):
     def flat_params(self) -> dict[str, str]:
         """The configuration as MLflow params (strings, None as empty), credentials masked."""
         return {k: "" if v is None else str(v) for k, v in self.redacted().model_dump().items()}
+
+
+def _check_sites(config: TrainingConfig) -> None:
+    """What a run over real sites cannot do yet, refused in one line each."""
+    if config.secure_aggregation:
+        raise ValueError(
+            "--sites with --secure-aggregation: secure aggregation across real sites (its "
+            "multi-step key exchange) is not built yet; run without --secure-aggregation"
+        )
+    if config.feedback != "explicit" or config.partition == "per-user":
+        raise ValueError(
+            "--sites trains the explicit-feedback family (--feedback explicit) without per-user "
+            "cohorts; the other families run in simulation only so far"
+        )
+    if config.resume is not None or config.attack != "none" or config.fault_probability:
+        raise ValueError("--sites does not take --resume, --attack or fault simulation")

@@ -45,7 +45,7 @@ GROUPS: dict[str, str] = {
                      "top_k"), "model"),
     **dict.fromkeys(("clients", "partition", "cohort_size", "dirichlet_alpha", "partition_key",
                      "key_prefix", "rounds", "client_fraction", "eval_every", "aggregation",
-                     "trim", "clip_factor", "min_clients", "min_fraction"), "federation"),
+                     "trim", "clip_factor", "min_clients", "min_fraction", "sites"), "federation"),
     **dict.fromkeys(("dp_epsilon", "dp_delta", "dp_max_items", "dp_budget", "dp_budget_delta",
                      "dp_ledger_set_cap", "dp_ledger_secret", "secure_aggregation"), "privacy"),
     **dict.fromkeys(("retry_backoff", "round_timeout", "round_retries", "fault_probability",

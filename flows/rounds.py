@@ -137,6 +137,7 @@ class RunContext:
     champion: Champion | None
     resume_state: Any = None  # (state, Progress) of the last checkpointed step, when resuming
     logged_through: int = 0  # steps up to this one are in MLflow already (resuming)
+    sites: Any = None  # real sites (tasks.remote.SiteLink): client tasks are their proxies
 
     @property
     def entries(self) -> list[ClientEntry]:

@@ -18,6 +18,7 @@ from fedrec.config import TrainingConfig, fedrec_home
 from flows.families import build_family
 from flows.loop import train_family
 from flows.rounds import RunContext, privacy_plan
+from flows.sites import start_sites_run
 from models.data.partitions import read_item_ids, read_manifest
 from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
@@ -122,6 +123,8 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     if config.resume:
         config, ctx = _resume(config)
         return _train_and_register(config, ctx, resuming=True)
+    if config.sites is not None:  # real sites enrol and train; no row is read here
+        return _train_and_register(config, start_sites_run(config))
     logger = get_run_logger()
     name = config.registered_name
     data, explicit_split = load_interactions(config)

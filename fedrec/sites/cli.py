@@ -123,6 +123,7 @@ def run(
     if not Path(identity).is_file():
         raise UserError(f"--identity {identity}: no such key file")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     from fedrec.sites.process import SiteOptions, run_site
 
     options = SiteOptions(

@@ -73,7 +73,7 @@ def check_state(family: Family, arrays: Mapping[str, np.ndarray], n_items: int) 
         _check_finite(name, array)
 
 
-def check_answer(
+def check_answer_arrays(
     arrays: Mapping[str, np.ndarray], *, client_id: int, n_items: int
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
     """The update and evaluations of a client's answer (:func:`models.protocol.answer_arrays`),
@@ -98,13 +98,18 @@ def check_answer(
         parsed: Any = json.loads(header.tobytes().decode(), parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise SchemaError(f"answer header is not JSON: {err}") from err
-    if not isinstance(parsed, dict) or set(parsed) != {"client_id", "metrics", "arrays",
-                                                       "evaluations"}:  # fmt: skip
+    if not isinstance(parsed, dict) or set(parsed) != {
+        "client_id",
+        "metrics",
+        "arrays",
+        "evaluations",
+    }:
         raise SchemaError("answer header must hold client_id, metrics, arrays, evaluations")
     if parsed["client_id"] != client_id:
         raise SchemaError(f"answer is for client {parsed['client_id']!r}, expected {client_id}")
-    if sorted(parsed["arrays"]) != sorted(n.removeprefix("array.") for n in arrays
-                                          if n.startswith("array.")):  # fmt: skip
+    if sorted(parsed["arrays"]) != sorted(
+        n.removeprefix("array.") for n in arrays if n.startswith("array.")
+    ):
         raise SchemaError("answer header lists other arrays than the answer holds")
     _check_numbers(parsed["metrics"], "metrics")
     if not isinstance(parsed["evaluations"], dict):
@@ -127,11 +132,9 @@ def check_answer(
         aligned = name.startswith("array.") and name.removeprefix("array.") in ITEM_ARRAYS
         if aligned and array.shape[:1] != items.shape:
             raise SchemaError(f"answer array {name!r} does not align with its items")
-        if name.startswith("recommended.") and (
-            array.dtype.kind not in "iu" or (array.size and (array.min() < 0
-                                                             or array.max() >= n_items))
-        ):  # fmt: skip
-            raise SchemaError(f"answer {name!r} must be item indices inside the catalogue")
+        counts_ok = array.ndim == 1 and array.shape[0] == n_items and array.dtype.kind in "iuf"
+        if name.startswith("recommended.") and not (counts_ok and (array >= 0).all()):
+            raise SchemaError(f"answer {name!r} must be {n_items} counts >= 0, one per item")
     return answer_from_arrays(arrays)
 
 
@@ -141,7 +144,10 @@ def _no_constant(name: str) -> Any:
 
 def _check_numbers(raw: Any, what: str) -> None:
     if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-        and np.isfinite(v) for k, v in raw.items()
-    ):  # fmt: skip
+        isinstance(k, str)
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and np.isfinite(v)
+        for k, v in raw.items()
+    ):
         raise SchemaError(f"answer {what} must be an object of finite numbers")

@@ -13,7 +13,7 @@ from models.privacy.dp import UserLevelDP
 from models.protocol import ClientUpdate, answer_arrays
 from models.sites.encoding import decode_arrays
 from models.sites.messages import RefusedMessage
-from models.sites.schema import SchemaError, check_answer, check_state
+from models.sites.schema import SchemaError, check_answer_arrays, check_state
 from models.sites.spec import family_from_spec, family_spec
 
 N_ITEMS = 6
@@ -48,15 +48,22 @@ def test_a_state_that_does_not_fit_the_family_is_refused(change, reason):
 
 
 def _answer(**arrays) -> dict:
-    update = ClientUpdate(2, np.array([1, 4]), np.array([3, 1]),
-                          {"gram": np.ones((2, 6)), "rhs": np.ones((2, 3))}, {"train_sse": 1.0})  # fmt: skip
-    return answer_arrays(update, {"valid": ({"sse": 2.0, "n": 3.0}, None)}) | arrays
+    update = ClientUpdate(
+        2,
+        np.array([1, 4]),
+        np.array([3, 1]),
+        {"gram": np.ones((2, 6)), "rhs": np.ones((2, 3))},
+        {"train_sse": 1.0},
+    )
+    counts = np.array([0, 2, 0, 1, 0, 0])  # how often each item was in a user's top K
+    return answer_arrays(update, {"valid": ({"sse": 2.0, "n": 3.0}, counts)}) | arrays
 
 
 def test_a_protocol_answer_reads_back():
-    update, evaluations = check_answer(_answer(), client_id=2, n_items=N_ITEMS)
+    update, evaluations = check_answer_arrays(_answer(), client_id=2, n_items=N_ITEMS)
     np.testing.assert_array_equal(update.items, [1, 4])
-    assert evaluations == {"valid": ({"sse": 2.0, "n": 3.0}, None)}
+    assert evaluations["valid"][0] == {"sse": 2.0, "n": 3.0}
+    np.testing.assert_array_equal(evaluations["valid"][1], [0, 2, 0, 1, 0, 0])
 
 
 @pytest.mark.parametrize(
@@ -68,11 +75,12 @@ def test_a_protocol_answer_reads_back():
         ({"items": np.array([4, 1])}, 2, "sorted and unique"),
         ({"array.rhs": np.ones((3, 3))}, 2, "does not align"),
         ({"array.gram": np.full((2, 6), np.nan)}, 2, "NaN"),
+        ({"recommended.valid": np.arange(3)}, 2, "6 counts >= 0, one per item"),
     ],
 )
 def test_an_answer_outside_the_protocol_is_refused(arrays, client_id, reason):
     with pytest.raises(SchemaError, match=reason):
-        check_answer(_answer(**arrays), client_id=client_id, n_items=N_ITEMS)
+        check_answer_arrays(_answer(**arrays), client_id=client_id, n_items=N_ITEMS)
 
 
 def test_a_pickled_payload_is_never_loaded():
@@ -84,8 +92,9 @@ def test_a_pickled_payload_is_never_loaded():
 
 
 def test_a_family_spec_builds_the_same_family_at_the_site():
-    private = ExplicitMF(MFConfig(n_factors=4, reg=0.3, clip_to=(1.0, 5.0),
-                                  dp=UserLevelDP(1.2, 50)))  # fmt: skip
+    private = ExplicitMF(
+        MFConfig(n_factors=4, reg=0.3, clip_to=(1.0, 5.0), dp=UserLevelDP(1.2, 50))
+    )
     for family in (FAMILY, private):
         assert family_from_spec(family_spec(family)) == family
     assert family_from_spec(family_spec(private)).private

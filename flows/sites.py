@@ -1,0 +1,115 @@
+"""A run over real sites, set up from ``sites.yaml``: enrolment, the catalogue, the MLflow run.
+
+Each site listed in ``sites.yaml`` is asked (one proxy task run per site, ``enroll <site>``)
+for the set of item ids it holds and its users and rows per split. The catalogue is the union
+of the item sets, so the coordinator never learns which user touched which item; what it does
+learn, and logs like the simulation's partition profile, is per site: the item ids it holds,
+its number of users and of train / validation / test rows, and a fingerprint (sha256) of its
+rows. Sites that do not enrol within their deadline are left out of the run, under the same
+quorum as any round. No row is read, written or received here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from prefect import get_run_logger
+from prefect.runtime import flow_run
+
+from fedrec.config import TrainingConfig, fedrec_home
+from fedrec.sites.transport import Transport
+from flows.rounds import RunContext, answered, require_quorum
+from models.data.partitions import ClientEntry, Manifest
+from models.sites.catalogue import union_catalogue
+from models.sites.registry import read_registry
+from tasks.remote import SiteLink, enroll_site, record_enrolment
+from tasks.tracking import load_champion, resolve_tracking_uri, start_run, tag_run
+
+
+def _servers(config: TrainingConfig) -> tuple[str, str]:
+    """The Prefect API and the MLflow server the sites reach: the run's own."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
+    uri = resolve_tracking_uri(config.tracking_uri)
+    if not api or not uri.startswith(("http://", "https://")):
+        raise ValueError(
+            "--sites needs a Prefect server (PREFECT_API_URL) and an MLflow tracking server "
+            f"with the artifact proxy (--tracking-uri http://...); got {api!r} and {uri!r}"
+        )
+    return str(api), uri
+
+
+def start_sites_run(config: TrainingConfig) -> RunContext:
+    """Enrol the sites of ``config.sites``, agree the catalogue, start the MLflow run; the
+    returned context's client tasks are proxies of the enrolled sites."""
+    assert config.sites is not None
+    logger = get_run_logger()
+    registry = read_registry(config.sites)
+    api, uri = _servers(config)
+    split = {
+        "method": config.split,
+        "valid_fraction": config.valid_fraction,
+        "test_fraction": config.test_fraction,
+    }
+    run = str(flow_run.get_id())
+    link = SiteLink(registry, Transport(api, uri), run, config.seed, split, config.round_timeout)
+    futures = {
+        site.client_id: enroll_site.with_options(task_run_name=f"enroll {site.name}").submit(
+            link=link, site=site
+        )
+        for site in registry.sites
+    }
+    enrolled = answered(futures, "enrolment", config.round_timeout)
+    require_quorum(len(enrolled), len(registry.sites), config, "enrolment")
+    sites = [s for s in registry.sites if s.client_id in enrolled]
+    catalogue = union_catalogue(enrolled[s.client_id][0] for s in sites)
+    link.entries = {s.client_id: s for s in sites}
+    link.publish_catalogue(catalogue)
+    entries = []
+    for site in sites:
+        info = enrolled[site.client_id][1]
+        entries.append(
+            ClientEntry(
+                site.client_id,
+                f"site:{site.name}",
+                info["n_users"],
+                info["n_train"],
+                info["n_valid"],
+                info["n_test"],
+            )
+        )
+    prints = sorted(f"{s.name}:{enrolled[s.client_id][1].get('fingerprint', '')}" for s in sites)
+    fingerprint = hashlib.sha256("\n".join(prints).encode()).hexdigest()
+    manifest = Manifest(
+        fingerprint,
+        f"sites:{Path(config.sites).name}",
+        len(catalogue),
+        sum(e.n_users for e in entries),
+        config.rating_scale,
+        entries,
+    )
+    uri, run_id = start_run(config, fingerprint, run)
+    workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
+    record_enrolment(workspace=workspace, manifest=manifest, catalogue=catalogue)
+    tag_run(
+        uri,
+        run_id,
+        {"fedrec.workspace": workspace, "fedrec.sites": ",".join(s.name for s in sites)},
+    )
+    logger.info(
+        "%d of %d sites enrolled (%s), %d items in the catalogue, MLflow run %s",
+        len(sites),
+        len(registry.sites),
+        ", ".join(s.name for s in sites),
+        len(catalogue),
+        run_id,
+    )
+    if config.dp_epsilon is not None:
+        logger.warning(
+            "the privacy ledger keys on the users' ids, which stay at the sites: "
+            "this run's epsilon is accounted in the run only, not in the ledger"
+        )
+    champion = load_champion(uri, config.registered_name)
+    return RunContext(config, uri, run_id, workspace, manifest, catalogue, champion, sites=link)
