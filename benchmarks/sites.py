@@ -419,6 +419,17 @@ def _metric_mb(run: dict[str, Any]) -> float:
     return median(per_client) / 1e6
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and which files of the sites' code differed from it."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    paths = ["fedrec", "flows", "tasks", "models"]
+    return {"head": git("rev-parse", "HEAD"), "uncommitted": git("status", "--short", *paths)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -451,7 +462,7 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o711)  # the postgres user runs the cluster inside it under root
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop everything
-    load_before = os.getloadavg()
+    load_before, code = os.getloadavg(), code_version()
     results, rows = [], []
     try:
         stores = start_stores(folder / "stores", timeout=args.timeout)
@@ -470,7 +481,8 @@ def main() -> None:
     args_out = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     path = write_json(args.output or f"sites_{args.dataset}", {
         "machine": machine() | {"load_before": load_before, "load_after": load_after},
-        "args": args_out, "summary": rows, "results": results, "folder": str(folder),
+        "args": args_out, "code": code, "summary": rows, "results": results,
+        "folder": str(folder),
     })  # fmt: skip
     print(f"\nwrote {path} (logs under {folder})")
 
