@@ -27,6 +27,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -203,6 +204,18 @@ def _last_line(path: Path) -> str:
     return ""
 
 
+def _log_reason(path: Path) -> str:
+    """The last FATAL or ERROR line of a PostgreSQL log, else its last line."""
+    with contextlib.suppress(OSError):
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        for line in reversed(lines):
+            if "FATAL:" in line or "ERROR:" in line:
+                return line[:300]
+        if lines:
+            return lines[-1][:300]
+    return ""
+
+
 class _Cluster:
     """The PostgreSQL cluster in ``folder/postgres``: created once, started, stopped."""
 
@@ -261,8 +274,10 @@ class _Cluster:
                 "starting PostgreSQL",
             )  # fmt: skip
         except StoresError as err:
-            last = _last_line(self.log)
-            raise StoresError(f"{err}{f' ({last})' if last else ''}") from err
+            reason = _log_reason(self.log)
+            raise StoresError(
+                f"PostgreSQL did not start{f': {reason}' if reason else ''} (log: {self.log})"
+            ) from err
         pid = self.pid()
         if pid is None:
             raise StoresError(f"PostgreSQL started but {self.data}/postmaster.pid is missing")
@@ -384,7 +399,17 @@ def _ports(port_base: int | None) -> tuple[int, int, int]:
         return free_port(), free_port(), free_port()
     if not 1024 <= port_base <= 65533:
         raise StoresError(f"port base {port_base}: must be in 1024-65533 (three ports from it)")
-    return port_base, port_base + 1, port_base + 2
+    ports = (port_base, port_base + 1, port_base + 2)
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((HOST, port))
+            except OSError as err:
+                raise StoresError(
+                    f"port {port} on {HOST} is in use: choose another --port-base"
+                ) from err
+    return ports
 
 
 def start_stores(
