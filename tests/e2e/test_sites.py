@@ -1,0 +1,322 @@
+"""A real federation on one machine: PostgreSQL-backed Prefect and MLflow servers, three site
+processes that each hold only their own rows, and `fedrec train --sites` as the coordinator.
+
+Checked: the model equals the in-process reference loop on the same per-site data to 1e-8; no
+user id of any site reaches the coordinator's workspace, home, the artifact store or either
+database; a process answering as a site with the wrong key is refused; a site killed mid-run
+is left out by the quorum, and the same site restarted on its state folder rejoins the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrec.stores import postgres_bindir
+from tests.e2e.stores import postgres_stores  # noqa: F401  (the module's servers)
+
+SITES = ("shop-a", "shop-b", "shop-c")
+USER_BASE = 917_000_000  # site s, user u has id USER_BASE + 1000 s + u: easy to search for
+DEADLINE = 15  # seconds a request waits for a site before the quorum decides
+CLI = Path(sys.executable).parent / "fedrec"
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def _site_rows(site: int, rng: np.random.Generator) -> pd.DataFrame:
+    rows = []
+    for user in range(30):
+        items = rng.choice(80, size=int(rng.integers(8, 20)), replace=False) + 1 + 10 * site
+        for item in items:
+            rows.append(
+                (
+                    USER_BASE + 1000 * site + user,
+                    int(item),
+                    float(rng.integers(1, 6)),
+                    1_600_000_000 + int(rng.integers(0, 10**6)),
+                )
+            )
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
+
+
+class Federation:
+    """The sites' folders and processes, the coordinator's folder, and how to run each."""
+
+    def __init__(self, root: Path, stores) -> None:
+        self.root, self.stores = root, stores
+        self.keys = root / "keys"
+        self.coordinator = root / "coordinator"
+        self.coordinator.mkdir(parents=True)
+        self.processes: dict[str, subprocess.Popen] = {}
+        rng = np.random.default_rng(5)
+        for index, name in enumerate(SITES):
+            folder = root / "sites" / name
+            folder.mkdir(parents=True)
+            _site_rows(index, rng).to_csv(folder / "ratings.csv", index=False)
+        for name in ("coordinator", *SITES, "impostor"):
+            done = subprocess.run(
+                [str(CLI), "keygen", "--name", name, "--out", str(self.keys)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+        sites = "".join(
+            f"  - name: {n}\n    public_key: {self.keys}/{n}.pub\n"
+            f"    deadline_seconds: {DEADLINE}\n"
+            for n in SITES
+        )
+        (self.coordinator / "sites.yaml").write_text(
+            f"coordinator_key: {self.keys}/coordinator.key\nsites:\n{sites}"
+        )
+        (self.coordinator / "run.yaml").write_text("task_retries: 0\n")
+
+    def start_site(
+        self, name: str, *, key: str | None = None, label: str | None = None, poll: float = 0.3
+    ) -> None:
+        """Start ``name``'s process (with another identity ``key`` when impersonating)."""
+        label = label or name
+        folder = self.root / "sites" / name
+        log = open(self.root / f"{label}.log", "a")  # noqa: SIM115 (the process holds it)
+        self.processes[label] = subprocess.Popen(
+            [
+                str(CLI),
+                "site",
+                "run",
+                "--name",
+                name,
+                "--data",
+                str(folder / "ratings.csv"),
+                "--prefect-api",
+                self.stores.prefect_api,
+                "--mlflow",
+                self.stores.mlflow_uri,
+                "--identity",
+                str(self.keys / f"{key or name}.key"),
+                "--coordinator-key",
+                str(self.keys / "coordinator.pub"),
+                "--state-dir",
+                str(self.root / "state" / label),
+                "--poll",
+                str(poll),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=folder,
+        )
+
+    def log(self, label: str) -> str:
+        return (self.root / f"{label}.log").read_text()
+
+    def stop(self, label: str, signum: int = signal.SIGTERM) -> None:
+        process = self.processes.pop(label)
+        process.send_signal(signum)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+    def train(self, workspace: str, rounds: int, stderr_path: Path) -> subprocess.Popen:
+        """A `fedrec train --sites` process (its stderr in ``stderr_path``; --json on stdout)."""
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        env |= {
+            "PREFECT_API_URL": self.stores.prefect_api,
+            "FEDREC_HOME": str(self.coordinator / "home"),
+        }
+        return subprocess.Popen(
+            [
+                str(CLI),
+                "train",
+                "--sites",
+                "sites.yaml",
+                "--config",
+                "run.yaml",
+                "--rounds",
+                str(rounds),
+                "--factors",
+                "4",
+                "--min-clients",
+                "2",
+                "--round-timeout",
+                "120",
+                "--tracking-uri",
+                self.stores.mlflow_uri,
+                "--workspace",
+                str(self.coordinator / workspace),
+                "--json",
+            ],
+            env=env,
+            cwd=self.coordinator,
+            stdout=subprocess.PIPE,
+            stderr=open(stderr_path, "w"),
+            text=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def federation(postgres_stores, tmp_path_factory) -> Iterator[Federation]:  # noqa: F811
+    fed = Federation(tmp_path_factory.mktemp("federation"), postgres_stores)
+    for name in SITES:
+        fed.start_site(name)
+    try:
+        yield fed
+    finally:
+        for label in list(fed.processes):
+            fed.stop(label)
+
+
+def _summary(process: subprocess.Popen, stderr_path: Path, timeout: float = 600) -> dict:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr_path.read_text()[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _reference_state(fed: Federation, rounds: int):
+    """The reference loop in one process over the same per-site rows and split."""
+    from fedrec.config import TrainingConfig
+    from fedrec.sites.process import load_site_data
+    from models.federation.loop import run_family
+    from models.mf.family import ExplicitMF
+    from models.sites.catalogue import item_set, site_client, union_catalogue
+
+    config = TrainingConfig(
+        sites=str(fed.coordinator / "sites.yaml"), factors=4, rounds=rounds, min_clients=2
+    )
+    options = {
+        "user_col": "user_id",
+        "item_col": "item_id",
+        "rating_col": "rating",
+        "timestamp_col": "timestamp",
+        "rating_scale": (1.0, 5.0),
+    }
+    data = [load_site_data(str(fed.root / "sites" / n / "ratings.csv"), options) for n in SITES]
+    catalogue = union_catalogue(item_set(d) for d in data)
+    clients = [
+        site_client(
+            d,
+            catalogue,
+            client_id=i,
+            seed=config.seed,
+            method=config.split,
+            valid_fraction=config.valid_fraction,
+            test_fraction=config.test_fraction,
+        )
+        for i, d in enumerate(data)
+    ]
+    family = ExplicitMF(config.mf_config())
+    state, _ = run_family(
+        family, clients, len(catalogue), rounds=rounds, seed=config.seed, eval_splits=()
+    )
+    return family, state
+
+
+def _files_holding(folders: list[Path], needles: list[bytes]) -> list[str]:
+    found = []
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                data = path.read_bytes()
+                found += [f"{path}: {n[:12]!r}" for n in needles if n in data]
+    return found
+
+
+def test_sites_train_the_simulated_model_refuse_a_wrong_key_and_keep_their_rows(federation):
+    from tasks.server import latest_checkpoint
+
+    fed = federation
+    # an impostor answers shop-a's requests with its own key, faster than shop-a does
+    fed.start_site("shop-a", key="impostor", label="impostor", poll=0.05)
+    try:
+        stderr = fed.root / "train-1.err"
+        summary = _summary(fed.train("ws1", 3, stderr), stderr)
+    finally:
+        fed.stop("impostor")
+    log = stderr.read_text()
+
+    # (a) the model equals the in-process reference loop on the same partition
+    family, expected = _reference_state(fed, rounds=3)
+    got, progress = latest_checkpoint.fn(
+        family=family, folder=summary["workspace"] + "/checkpoints"
+    )
+    assert progress.step == 3
+    np.testing.assert_allclose(got.params.factors, expected.params.factors, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(got.params.bias, expected.params.bias, rtol=0, atol=1e-8)
+    assert abs(got.params.global_mean - expected.params.global_mean) < 1e-8
+    assert summary["metrics"]["system/clients"] == 3.0
+
+    # (c) the impostor's answers were refused, each in one line naming the site and the reason
+    refusals = [line for line in log.splitlines() if "shop-a: refused an answer" in line]
+    assert refusals, log[-3000:]
+    assert all("signature does not verify against key" in line for line in refusals)
+    assert "answered" in fed.log("impostor")  # it did try
+
+    # (b) no user id of any site on the coordinator's side: its folder (workspace, home), the
+    # artifact store, the servers' folders and a dump of both databases
+    users = [USER_BASE + 1000 * s + u for s in range(len(SITES)) for u in range(30)]
+    needles = [str(u).encode() for u in users] + [np.int64(u).tobytes() for u in users]
+    dumps = fed.root / "dumps"
+    dumps.mkdir(exist_ok=True)
+    for database in ("prefect", "mlflow"):
+        subprocess.run(
+            [
+                str(postgres_bindir() / "pg_dump"),
+                fed.stores.database_url(database),
+                "-f",
+                str(dumps / f"{database}.sql"),
+            ],
+            env=os.environ | {"PGPASSFILE": fed.stores.passfile},
+            check=True,
+            timeout=120,
+        )
+    assert (dumps / "prefect.sql").stat().st_size > 10_000  # the dump holds the runs
+    assert "fedrec-answer" in (dumps / "prefect.sql").read_text()
+    stores = Path(fed.stores.folder)
+    searched = [fed.coordinator, dumps, stores / "artifacts", stores / "prefect"]
+    assert _files_holding(searched, needles) == []
+    # the search can fail: the sites' own folders do hold their users
+    assert _files_holding([fed.root / "sites" / "shop-b"], needles[:90])
+
+
+def _wait_for(predicate, what: str, timeout: float = 240) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_killed_site_is_left_out_by_quorum_and_rejoins_after_a_restart(federation):
+    fed = federation
+    stderr = fed.root / "train-2.err"
+    before = fed.log("shop-c").count("answered train train round")
+    coordinator = fed.train("ws2", 5, stderr)
+    _wait_for(
+        lambda: fed.log("shop-c").count("answered train train round") > before,
+        "shop-c's first training answer of the run",
+    )
+    fed.stop("shop-c", signal.SIGKILL)  # mid-run, without warning
+    _wait_for(lambda: "shop-c: no answer to train" in stderr.read_text(), "shop-c's deadline")
+    fed.start_site("shop-c")  # same state folder: its replay record is reloaded
+    summary = _summary(coordinator, stderr)
+    log = stderr.read_text()
+
+    steps = {int(r): int(c) for r, c in re.findall(r"round (\d+)/5.*?, (\d+) clients,", log)}
+    left_out = [step for step, clients in steps.items() if clients == 2]
+    assert left_out, log[-3000:]  # the quorum of 2 carried the rounds shop-c missed
+    assert summary["metrics"]["system/clients"] == 3.0  # it answered the last round again
+    assert summary["model_version"]
+    restarted = fed.log("shop-c").split("polling")[-1]
+    assert "answered train train round" in restarted
