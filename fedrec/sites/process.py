@@ -124,8 +124,8 @@ class Site:
         for artifact in reversed(self.transport.requests_for(self.name)):  # oldest first
             if artifact.get("id") in self._seen:
                 continue
+            self.handle(artifact)  # a server failure raises: the next poll tries again
             self._seen.add(artifact.get("id"))
-            self.handle(artifact)
             handled += 1
         return handled
 

@@ -1,0 +1,197 @@
+"""The site process against an in-memory transport: what it answers, keeps and refuses."""
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrec.sites.process import Site, SiteOptions
+from models.data.schema import encode_interactions
+from models.mf.family import ExplicitMF
+from models.mf.federated import MFConfig
+from models.privacy.dp import UserLevelDP
+from models.privacy.identity import generate_identity, public_bytes, save_identity
+from models.sites.encoding import decode_arrays, encode_arrays
+from models.sites.messages import (
+    ANSWER,
+    REFUSAL,
+    REQUEST,
+    BlobRef,
+    RoundRequest,
+    body_digest,
+    check_answer,
+    open_message,
+    sign_message,
+)
+from models.sites.schema import check_answer_arrays
+from models.sites.spec import family_spec
+from tests.sites_fakes import MemoryTransport
+
+PLAIN = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0)))
+PRIVATE = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0), dp=UserLevelDP(1.0, 20)))
+COORDINATOR, OTHER = generate_identity(), generate_identity()
+ITEMS = np.arange(100, 112)
+
+
+def _rows() -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(8) + 5000, 6)
+    items = np.concatenate([rng.choice(ITEMS, 6, replace=False) for _ in range(8)])
+    frame = pd.DataFrame({"user": users, "item": items, "rating": rng.integers(1, 6, users.size)})
+    return frame.astype({"rating": float})
+
+
+@pytest.fixture
+def world(tmp_path):
+    transport = MemoryTransport()
+    key = generate_identity()
+    save_identity(key, tmp_path / "keys", 1)
+
+    def start() -> Site:
+        options = SiteOptions(
+            name="shop-a",
+            data="",
+            prefect_api="http://unused/api",
+            mlflow="http://unused",
+            identity=tmp_path / "keys" / "client-1.key",
+            coordinator_key=base64.b64encode(public_bytes(COORDINATOR)).decode(),
+            state_dir=tmp_path / "state",
+        )
+        data = encode_interactions(_rows(), rating_scale=(1.0, 5.0), source="shop-a.csv")
+        site = Site(options, data=data)
+        site.transport.close()
+        site.transport = transport
+        return site
+
+    return transport, key, start
+
+
+def _ask(
+    transport,
+    *,
+    family,
+    state_arrays=None,
+    state_bytes=None,
+    round_=1,
+    signer=COORDINATOR,
+    nonce="1",
+):
+    catalogue = transport.put_blob("run/catalogue.npz", encode_arrays({"items": ITEMS}))
+    if state_arrays is None:
+        state_arrays = family.state_arrays(family.initial_state(len(ITEMS), seed=0))
+    data = state_bytes if state_bytes is not None else encode_arrays(state_arrays)
+    state = transport.put_blob(f"run/state-{BlobRef.of('', data).sha256[:8]}.npz", data)
+    request = RoundRequest(
+        run="run",
+        kind="train",
+        phase="train",
+        round=round_,
+        label="",
+        site="shop-a",
+        client_id=1,
+        nonce=nonce.rjust(32, "0"),
+        issued_at=1e12 - 10,
+        expires_at=1e12,
+        reply_to=f"run/r{round_}/{nonce}",
+        seed=3,
+        split={"method": "random", "valid_fraction": 0.2, "test_fraction": 0.2},
+        family=family_spec(family),
+        state=state,
+        catalogue=catalogue,
+        eval_splits=("valid",),
+        task_run_id=f"task-{nonce}",
+    )
+    signed = sign_message(signer, REQUEST, request.fields())
+    transport.post_artifact(
+        key="fedrec-request-shop-a",
+        type_="fedrec-request",
+        data=signed,
+        task_run_id=request.task_run_id,
+        flow_run_id="",
+    )
+    return request, body_digest(signed["body"])
+
+
+def _answer(transport, key, request, digest) -> bytes:
+    (posted,) = transport.answers_on(request.task_run_id)
+    body = open_message(posted["data"], key.public_key(), ANSWER)
+    answer = check_answer(body, request, digest)
+    return transport.get_blob(answer.answer, 10**7)
+
+
+def _refusal(transport, key, request) -> str:
+    (posted,) = transport.answers_on(request.task_run_id)
+    return open_message(posted["data"], key.public_key(), REFUSAL)["reason"]
+
+
+@pytest.fixture(autouse=True)
+def _now(monkeypatch):
+    monkeypatch.setattr("fedrec.sites.process.time.time", lambda: 1e12 - 5)
+
+
+def test_a_request_is_answered_with_protocol_arrays_only(world):
+    transport, key, start = world
+    request, digest = _ask(transport, family=PLAIN)
+    start().poll_once()
+    arrays = decode_arrays(_answer(transport, key, request, digest), max_bytes=10**7)
+    update, evaluations = check_answer_arrays(arrays, client_id=1, n_items=len(ITEMS))
+    assert update.items.size and set(update.arrays) == {"gram", "rhs"}
+    assert set(evaluations) >= {"valid"}
+    assert any("shop-a answered train train round 1" in line for line in transport.logs)
+
+
+def test_a_private_retry_and_a_restart_get_the_kept_answer_bit_for_bit(world):
+    transport, key, start = world
+    site = start()
+    first, digest = _ask(transport, family=PRIVATE, nonce="1")
+    site.poll_once()
+    retry, retry_digest = _ask(transport, family=PRIVATE, nonce="2")  # a new nonce, same round
+    site.poll_once()
+    again, again_digest = _ask(transport, family=PRIVATE, nonce="3")
+    start().poll_once()  # a restarted process on the same state folder
+    kept = _answer(transport, key, first, digest)
+    assert _answer(transport, key, retry, retry_digest) == kept
+    assert _answer(transport, key, again, again_digest) == kept
+    fresh, fresh_digest = _ask(transport, family=PRIVATE, round_=2, nonce="4")
+    site.poll_once()
+    assert _answer(transport, key, fresh, fresh_digest) != kept  # new round: new noise
+
+
+def test_a_private_site_refuses_an_answered_round_about_another_state(world):
+    transport, key, start = world
+    site = start()
+    _ask(transport, family=PRIVATE, nonce="1")
+    site.poll_once()
+    state = PRIVATE.state_arrays(PRIVATE.initial_state(len(ITEMS), seed=9))
+    other, _ = _ask(transport, family=PRIVATE, state_arrays=state, nonce="2")
+    site.poll_once()
+    assert "answered for another global state" in _refusal(transport, key, other)
+
+
+def test_a_request_signed_by_another_key_gets_nothing(world):
+    transport, _, start = world
+    request, _ = _ask(transport, family=PLAIN, signer=OTHER)
+    start().poll_once()
+    assert transport.answers_on(request.task_run_id) == []
+    assert transport.logs == []
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda s: s["factors"].__setitem__((0, 0), np.nan), "NaN"),
+        (lambda s: s.__setitem__("factors", np.zeros((len(ITEMS), 5))), "shape"),
+        (lambda s: s.__setitem__("payload", np.zeros(3)), "unexpected"),
+    ],
+)
+def test_a_state_outside_the_schema_is_refused_with_its_reason(world, change, reason):
+    transport, key, start = world
+    state = PLAIN.state_arrays(PLAIN.initial_state(len(ITEMS), seed=0))
+    change(state)
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)  # bypasses the encoder's own checks, as a hostile sender would
+    request, _ = _ask(transport, family=PLAIN, state_bytes=buffer.getvalue())
+    start().poll_once()
+    assert reason in _refusal(transport, key, request)
