@@ -186,8 +186,8 @@ class Site:
         self.record.mark_answered(request.nonce)
         self._log(
             request,
-            f"{self.name} answered {request.kind} {request.phase} round "
-            f"{request.round} ({ref.bytes} bytes up, {info['seconds']:.2f} s)",
+            f"{self.name} answered {_describe(request)} ({ref.bytes} bytes up, "
+            f"{info['seconds']:.2f} s)",
         )
 
     def _refuse(self, request: RoundRequest, reason: str) -> None:
@@ -203,7 +203,7 @@ class Site:
         self.record.mark_answered(request.nonce)
         self._log(
             request,
-            f"{self.name} refused {request.kind} round {request.round}: {reason}",
+            f"{self.name} refused {_describe(request)}: {reason}",
             level=logging.WARNING,
         )
 
@@ -344,6 +344,13 @@ class Site:
                 raise RefusedMessage(f"release parameters: {err}") from err
             return release.publish(evaluations, fresh_rng())
         return without_item_counts(evaluations) if family.private else evaluations
+
+
+def _describe(request: RoundRequest) -> str:
+    """What a request asks, for log lines: ``train train round 3``, ``evaluate round-3``."""
+    if request.kind == "train":
+        return f"train {request.phase} round {request.round}"
+    return f"{request.kind} {request.label}".strip()
 
 
 def _short(data: bytes) -> str:

@@ -117,15 +117,15 @@ def check_answer_arrays(
     for split, sums in parsed["evaluations"].items():
         _check_numbers(sums, f"evaluation {split!r}")
     items, counts = arrays["items"], arrays["counts"]
-    if items.dtype.kind not in "iu" or counts.dtype.kind not in "iu":
-        raise SchemaError("answer items and counts must be integer arrays")
+    if items.dtype.kind not in "iu" or counts.dtype.kind not in "iuf":
+        raise SchemaError("answer items must be integers and counts numbers (noisy under DP)")
     if items.ndim != 1 or counts.shape != items.shape:
         raise SchemaError(f"answer items {items.shape} and counts {counts.shape} must align")
     if items.size and (items.min() < 0 or items.max() >= n_items):
         raise SchemaError(f"answer names items outside the catalogue of {n_items}")
     if items.size > 1 and np.any(np.diff(items) <= 0):
         raise SchemaError("answer items must be sorted and unique")
-    if counts.size and counts.min() < 0:
+    if counts.dtype.kind in "iu" and counts.size and counts.min() < 0:
         raise SchemaError("answer counts must be >= 0")
     for name, array in arrays.items():
         _check_finite(name, array)

@@ -83,6 +83,12 @@ def test_an_answer_outside_the_protocol_is_refused(arrays, client_id, reason):
         check_answer_arrays(_answer(**arrays), client_id=client_id, n_items=N_ITEMS)
 
 
+def test_noisy_counts_of_a_private_client_are_numbers_not_integers():
+    arrays = _answer(counts=np.array([2.7, -0.4]))
+    update, _ = check_answer_arrays(arrays, client_id=2, n_items=N_ITEMS)
+    np.testing.assert_array_equal(update.counts, [2.7, -0.4])
+
+
 def test_a_pickled_payload_is_never_loaded():
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
