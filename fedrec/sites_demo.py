@@ -139,6 +139,25 @@ def namespace_prefix() -> list[str]:
     return [unshare, *flags, "--propagation", "private"]
 
 
+def check_namespaces() -> None:
+    """Raises DemoError, with unshare's reason, when this process cannot make a private mount
+    namespace."""
+    try:
+        probe = subprocess.run(
+            [*namespace_prefix(), "true"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise DemoError(f"unshare failed: {err}") from err
+    if probe.returncode != 0:
+        reason = (
+            probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "no reason given"
+        )
+        raise DemoError(
+            f"private mount namespaces are not available ({reason}): run as root, or allow "
+            "user namespaces"
+        )
+
+
 def isolated_command(rows: Path, mount: Path, command: Sequence[str]) -> list[str]:
     """The command that gives ``command`` a private tmpfs at ``mount`` holding only ``rows``
     (as ``mount/ratings.csv``), deletes ``rows`` and then runs ``command`` in its place."""
@@ -246,6 +265,7 @@ def run_demo(folder: Path, dataset: Path, *, rounds: int, timeout: float) -> dic
     """Run the whole demo in ``folder``; returns the summary. Stops what it started, always."""
     fedrec = _fedrec()
     _require_commands()
+    check_namespaces()
     split = folder / "split"
     coordinator = folder / "coordinator"
     keys = coordinator / "keys"
@@ -365,6 +385,11 @@ def main(folder: Path | None, rounds: int, timeout: float) -> None:
     except (DemoError, StoresError) as err:
         raise UserError(f"{err} (logs under {folder})") from err
     click.echo(json.dumps(summary))
+    click.echo(
+        f"fedrec: everything the demo started is stopped; its runs and model stay in {folder}: "
+        f"`uv run fedrec stores start --dir {folder / 'stores'}` serves them again",
+        err=True,
+    )
 
 
 if __name__ == "__main__":

@@ -3,26 +3,26 @@ the copy handed over is deleted, and outside the namespace the mount point stays
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from fedrec.sites_demo import Processes, isolated_command, namespace_prefix
+from fedrec.sites_demo import DemoError, Processes, check_namespaces, isolated_command
 
 ROWS = "user_id,item_id,rating\n1,10,5\n2,11,3\n"
 
 
-def _namespaces_work() -> bool:
+def namespaces_work() -> bool:
+    """Whether this process can make private mount namespaces (root, or user namespaces)."""
     try:
-        probe = subprocess.run([*namespace_prefix(), "true"], capture_output=True, timeout=30)
-    except Exception:
+        check_namespaces()
+    except DemoError:
         return False
-    return probe.returncode == 0
+    return True
 
 
-@pytest.mark.skipif(not _namespaces_work(), reason="no private mount namespaces here (unshare -m)")
+@pytest.mark.skipif(not namespaces_work(), reason="no private mount namespaces here (unshare -m)")
 def test_only_the_site_process_sees_its_rows(tmp_path):
     rows, mount = tmp_path / "site-a.csv", tmp_path / "rows"
     rows.write_text(ROWS)

@@ -1,0 +1,62 @@
+"""`make sites-demo` as written: ML-100K on three isolated site processes, the coordinator on
+PostgreSQL-backed stores, one JSON line, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from models.data.readers import datasets_dir
+from tests.e2e.stores import require_postgres
+from tests.e2e.test_site_isolation import namespaces_work
+
+ML100K = datasets_dir() / "ml-100k"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason=f"ML-100K not found in {ML100K}")
+@pytest.mark.skipif(not namespaces_work(), reason="no private mount namespaces here (unshare -m)")
+def test_the_sites_demo_trains_registers_and_stops_everything():
+    require_postgres()
+    # not under pytest's tmp_path (0700): under root the cluster runs as the postgres user
+    folder = Path(tempfile.mkdtemp(prefix="fedrec-sites-demo-test-"))
+    try:
+        _check_demo(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_demo(folder: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedrec.sites_demo", "--dir", str(folder), "--rounds", "2"],
+        capture_output=True, text=True, timeout=1100, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1  # one JSON line, nothing else on stdout
+    summary = json.loads(lines[0])
+
+    assert summary["promoted"] is True and summary["model_version"] == "1"
+    assert 0.8 < summary["test_rmse"] < 1.2  # ML-100K's ratings, not noise
+    sites = summary["sites"]
+    assert [s["name"] for s in sites] == ["site-a", "site-b", "site-c"]
+    assert sum(s["rows"] for s in sites) == 100_000 and sum(s["users"] for s in sites) == 943
+    assert max(s["rows"] for s in sites) < 1.1 * min(s["rows"] for s in sites)
+    occupations = [o for s in sites for o in s["occupations"]]
+    assert len(occupations) == len(set(occupations)) == 21
+    # the rows were handed over and live on in no file of the demo's folder
+    assert not (folder / "split").exists()
+    for site in sites:
+        assert list((folder / "sites" / site["name"] / "rows").iterdir()) == []
+    assert not list(folder.rglob("site-*.csv")) and not list(folder.rglob("ratings.csv"))
+    # nothing the demo started still runs (a process's command line would name the folder)
+    running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(folder) not in running
