@@ -1,0 +1,116 @@
+"""The coordinator's acceptance of a site's answer: only a signed answer by the site asked, to
+exactly the request asked, with arrays stored where it was told, is used; each refusal says why
+in one line. (No Prefect run is needed: the proxy task's acceptance step is called directly.)"""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from models.privacy.identity import generate_identity
+from models.protocol import ClientUpdate, answer_arrays
+from models.sites.encoding import encode_arrays
+from models.sites.messages import (
+    ANSWER,
+    REFUSAL,
+    RefusedMessage,
+    RoundRequest,
+    answer_for,
+    body_digest,
+    refusal_fields,
+    sign_message,
+)
+from models.sites.registry import Registry, SiteSpec
+from tasks.remote import SiteLink, SiteRefused
+from tests.sites_fakes import MemoryTransport
+
+KEYS = {name: generate_identity() for name in ("coordinator", "shop-a", "shop-b", "stranger")}
+SITES = tuple(SiteSpec(n, i, KEYS[n].public_key()) for i, n in enumerate(("shop-a", "shop-b")))
+SPLIT = {"method": "random", "valid_fraction": 0.1, "test_fraction": 0.1}
+
+
+@pytest.fixture
+def link():
+    registry = Registry(KEYS["coordinator"], SITES)
+    return SiteLink(registry, MemoryTransport(), "run-1", 0, SPLIT, n_items=5)  # type: ignore[arg-type]
+
+
+def _request(round_: int = 2, nonce: str = "a" * 32) -> RoundRequest:
+    return RoundRequest(
+        run="run-1",
+        kind="train",
+        phase="train",
+        round=round_,
+        label="",
+        site="shop-a",
+        client_id=0,
+        nonce=nonce,
+        issued_at=0.0,
+        expires_at=1e12,
+        reply_to=f"fedrec-sites/run-1/train-train-r{round_:04d}/{nonce}",
+        seed=0,
+        split=SPLIT,
+    )
+
+
+def _signed_answer(link, request, *, signer="shop-a", site=None, path=None, digest=None):
+    update = ClientUpdate(0, np.array([1, 3]), np.array([2, 1]), {"rhs": np.ones((2, 2))})
+    data = encode_arrays(answer_arrays(update, {}))
+    ref = link.transport.put_blob(path or f"{request.reply_to}/shop-a-x.npz", data)
+    answer = answer_for(request, digest or body_digest({"r": request.nonce}), ref)
+    fields = answer.fields() | ({"site": site} if site else {})
+    return sign_message(KEYS[signer], ANSWER, fields)
+
+
+def _accept(link, request, signed):
+    return link._accept(SITES[0], request, body_digest({"r": request.nonce}), signed)
+
+
+def test_a_genuine_answer_is_accepted(link):
+    request = _request()
+    arrays, answer = _accept(link, request, _signed_answer(link, request))
+    assert answer.site == "shop-a" and set(arrays) == {"header", "items", "counts", "array.rhs"}
+
+
+@pytest.mark.parametrize(
+    ("forge", "reason"),
+    [
+        (dict(signer="stranger"), "signature does not verify"),  # a wrong key for shop-a
+        (dict(signer="shop-b"), "signature does not verify"),  # another site's key
+        (dict(signer="stranger", site="shop-x"), "unknown site 'shop-x'"),
+        (
+            dict(signer="shop-b", site="shop-b"),
+            "sent by site 'shop-b', the request was to 'shop-a'",
+        ),
+        (dict(path="fedrec-sites/run-1/elsewhere/x.npz"), "outside its reply folder"),
+        (dict(digest="0" * 64), "request digest differs"),
+    ],
+)
+def test_a_forged_or_misdirected_answer_is_refused_with_its_reason(link, forge, reason):
+    request = _request()
+    with pytest.raises(RefusedMessage, match=reason):
+        _accept(link, request, _signed_answer(link, request, **forge))
+
+
+def test_a_replayed_answer_of_another_round_or_request_is_refused(link):
+    old = _request(round_=1, nonce="b" * 32)
+    replayed = _signed_answer(link, old)
+    with pytest.raises(RefusedMessage, match="answer for round 1, the request was for 2"):
+        _accept(link, _request(round_=2, nonce="b" * 32), replayed)
+    with pytest.raises(RefusedMessage, match="answer for nonce"):
+        _accept(link, replace(old, nonce="c" * 32), replayed)
+
+
+def test_an_answer_whose_bytes_changed_after_signing_is_refused(link):
+    request = _request()
+    signed = _signed_answer(link, request)
+    link.transport.blobs[signed["body"]["answer"]["path"]] = b"tampered"
+    with pytest.raises(ValueError, match="sha256 differs"):
+        _accept(link, request, signed)
+
+
+def test_a_signed_refusal_ends_the_wait_with_the_site_reason(link):
+    request = _request()
+    refusal = sign_message(KEYS["shop-a"], REFUSAL, refusal_fields(request, "state has NaN"))
+    with pytest.raises(SiteRefused, match="shop-a refused train round 2: state has NaN"):
+        _accept(link, request, refusal)
