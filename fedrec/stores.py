@@ -216,6 +216,14 @@ def _log_reason(path: Path) -> str:
     return ""
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a new file that only its owner can read, from its first byte."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
 class _Cluster:
     """The PostgreSQL cluster in ``folder/postgres``: created once, started, stopped."""
 
@@ -236,8 +244,7 @@ class _Cluster:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         password = secrets.token_urlsafe(24)
         pwfile = self.root / "initdb.pw"
-        pwfile.write_text(password + "\n")
-        pwfile.chmod(0o600)
+        _write_private(pwfile, password + "\n")
         if self.as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
             shutil.chown(pwfile, "postgres", "postgres")
@@ -257,8 +264,7 @@ class _Cluster:
         finally:
             pwfile.unlink(missing_ok=True)
         # libpq's format: host:port:database:user:password (any port: the port may change)
-        self.passfile.write_text(f"{HOST}:*:*:{DB_USER}:{password}\n")
-        self.passfile.chmod(0o600)
+        _write_private(self.passfile, f"{HOST}:*:*:{DB_USER}:{password}\n")
 
     def start(self, port: int, *, durable: bool, timeout: float) -> int:
         """pg_ctl start on 127.0.0.1:``port``; returns the postmaster's pid."""
