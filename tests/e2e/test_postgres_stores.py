@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedrec.stores import stop_stores
-from tests.e2e.stores import live, postgres_stores, process_tree, psql
+from tests.e2e.stores import live, postgres_stores, process_tree, psql, require_postgres
 
 __all__ = ["postgres_stores"]  # the fixture, imported to be used here
 
@@ -108,3 +109,30 @@ def test_a_training_is_recorded_in_postgresql_and_the_artifact_proxy_then_every_
     stop_stores(Path(stores.folder))
     assert live(started) == set()
     assert not (Path(stores.folder) / "stores.json").exists()
+
+
+def test_the_stores_commands_answer_in_one_line_without_stores(tmp_path):
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+
+    require_postgres()
+    runner = CliRunner()
+    folder = tmp_path / "none"
+    status = runner.invoke(main, ["stores", "status", "--dir", str(folder)])
+    assert (status.exit_code, status.output) == (1, f"no stores are recorded in {folder}\n")
+    stop = runner.invoke(main, ["stores", "stop", "--dir", str(folder)])
+    assert (stop.exit_code, stop.output) == (0, f"no stores are recorded in {folder}\n")
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = runner.invoke(
+            main, ["stores", "start", "--dir", str(folder), "--port-base", str(port)]
+        )
+    assert start.exit_code == 2
+    assert start.output == (
+        f"fedrec: error: port {port} on 127.0.0.1 is in use: choose another --port-base\n"
+    )
+    assert not (folder / "postgres").exists() and not (folder / "stores.json").exists()
