@@ -102,13 +102,19 @@ class SiteRecord:
             raise ValueError(f"kept answer for {key} was altered on disk (sha256 differs)")
         return Kept(entry["state_sha256"], data, dict(entry["info"]))
 
-    def keep(self, key: tuple, state_sha256: str | None, data: bytes,
-             info: dict[str, Any] | None = None) -> Kept:  # fmt: skip
+    def keep(
+        self, key: tuple, state_sha256: str | None, data: bytes, info: dict[str, Any] | None = None
+    ) -> Kept:
         """Keep ``data`` as the answer under ``key`` (the answer file first, then its line)."""
         digest = _key_hash(key)
         _write_private(self.folder / ANSWERS / f"{digest}.npz", data)
-        entry = {"key_hash": digest, "key": list(key), "state_sha256": state_sha256,
-                 "sha256": hashlib.sha256(data).hexdigest(), "info": dict(info or {})}  # fmt: skip
+        entry = {
+            "key_hash": digest,
+            "key": list(key),
+            "state_sha256": state_sha256,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "info": dict(info or {}),
+        }
         self._append(entry)
         self._answers[digest] = entry
         return Kept(state_sha256, data, dict(info or {}))

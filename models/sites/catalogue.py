@@ -84,7 +84,13 @@ def site_client(
     frame[ITEM] = to_global[frame[ITEM].to_numpy()].astype(np.int32)
     local = replace(data, frame=frame, item_ids=catalogue)
     holder = np.zeros(data.n_users, dtype=np.int32)
-    split = split_rows(local, holder, method=method, valid_fraction=valid_fraction,
-                       test_fraction=test_fraction, rng=np.random.default_rng([seed, 1, client_id]))  # fmt: skip
+    split = split_rows(
+        local,
+        holder,
+        method=method,
+        valid_fraction=valid_fraction,
+        test_fraction=test_fraction,
+        rng=np.random.default_rng([seed, 1, client_id]),
+    )
     (client,) = build_clients(local, holder, split)
     return replace(client, client_id=client_id)

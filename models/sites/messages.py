@@ -193,8 +193,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))  # fmt: skip
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -386,11 +385,25 @@ class RoundAnswer:
         return asdict(self)
 
 
-def answer_for(request: RoundRequest, request_sha256: str, answer: BlobRef,
-               info: Mapping[str, Any] | None = None) -> RoundAnswer:  # fmt: skip
+def answer_for(
+    request: RoundRequest,
+    request_sha256: str,
+    answer: BlobRef,
+    info: Mapping[str, Any] | None = None,
+) -> RoundAnswer:
     """The answer to ``request`` whose arrays are at ``answer``."""
-    return RoundAnswer(request.run, request.kind, request.phase, request.round, request.label,
-                       request.site, request.nonce, request_sha256, answer, dict(info or {}))  # fmt: skip
+    return RoundAnswer(
+        request.run,
+        request.kind,
+        request.phase,
+        request.round,
+        request.label,
+        request.site,
+        request.nonce,
+        request_sha256,
+        answer,
+        dict(info or {}),
+    )
 
 
 def check_answer(
@@ -424,8 +437,13 @@ def check_answer(
 
 def refusal_fields(request: RoundRequest, reason: str) -> dict[str, Any]:
     """The fields of a refusal of ``request``, the reason on one line."""
-    return {"run": request.run, "round": request.round, "site": request.site,
-            "nonce": request.nonce, "reason": " ".join(reason.split())[:500]}  # fmt: skip
+    return {
+        "run": request.run,
+        "round": request.round,
+        "site": request.site,
+        "nonce": request.nonce,
+        "reason": " ".join(reason.split())[:500],
+    }
 
 
 def check_refusal(body: Mapping[str, Any], request: RoundRequest) -> str:

@@ -97,5 +97,10 @@ def family_from_spec(spec: Mapping[str, Any]) -> Family:
         raise RefusedMessage(f"family config: {err}") from err
     if not (isinstance(mf.n_factors, int) and 1 <= mf.n_factors <= 1024):
         raise RefusedMessage(f"family config n_factors {mf.n_factors!r} must be in 1..1024")
-    return ExplicitMF(mf, None, ranking=bool(spec.get("ranking", True)),
-                      baseline=bool(spec.get("baseline", True)), released=released)  # fmt: skip
+    return ExplicitMF(
+        mf,
+        None,
+        ranking=bool(spec.get("ranking", True)),
+        baseline=bool(spec.get("baseline", True)),
+        released=released,
+    )

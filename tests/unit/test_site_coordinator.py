@@ -1,12 +1,13 @@
 """The coordinator's acceptance of a site's answer: only a signed answer by the site asked, to
 exactly the request asked, with arrays stored where it was told, is used; each refusal says why
-in one line. (No Prefect run is needed: the proxy task's acceptance step is called directly.)"""
+in one line."""
 
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from fedrec.sites.coordinator import Coordinator, SiteRefused
 from models.privacy.identity import generate_identity
 from models.protocol import ClientUpdate, answer_arrays
 from models.sites.encoding import encode_arrays
@@ -21,7 +22,6 @@ from models.sites.messages import (
     sign_message,
 )
 from models.sites.registry import Registry, SiteSpec
-from tasks.remote import SiteLink, SiteRefused
 from tests.sites_fakes import MemoryTransport
 
 KEYS = {name: generate_identity() for name in ("coordinator", "shop-a", "shop-b", "stranger")}
@@ -32,7 +32,7 @@ SPLIT = {"method": "random", "valid_fraction": 0.1, "test_fraction": 0.1}
 @pytest.fixture
 def link():
     registry = Registry(KEYS["coordinator"], SITES)
-    return SiteLink(registry, MemoryTransport(), "run-1", 0, SPLIT, n_items=5)  # type: ignore[arg-type]
+    return Coordinator(registry, MemoryTransport(), "run-1", 0, SPLIT, n_items=5)
 
 
 def _request(round_: int = 2, nonce: str = "a" * 32) -> RoundRequest:

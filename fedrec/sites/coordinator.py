@@ -1,0 +1,204 @@
+"""The coordinator's side of the exchanges with its sites, without Prefect.
+
+:class:`Coordinator` holds one run's federation: the registry (sites, keys, deadlines), the
+transport, the run's shared references (catalogue, global states, uploaded once and named by
+content), and :meth:`Coordinator.exchange`: sign a request with the coordinator's key, post it
+on the asking task run, then poll that task run's answers. Each answer is verified against the
+``sites.yaml`` key of the site it names, must answer exactly this request (run, kind, phase,
+round, nonce, request digest) from inside its reply folder, and its npz is size-capped,
+sha256-checked and decoded without pickles; anything else is refused with one line naming the
+site and the reason, and the wait goes on until the site's deadline. A signed refusal by the
+site ends it at once. The Prefect proxy tasks (:mod:`tasks.remote`) call this.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedrec.sites.transport import REQUEST_TYPE, Transport, request_key
+from models.data.partitions import ClientEntry
+from models.federation.family import Family
+from models.privacy.released_metrics import MetricRelease
+from models.sites.encoding import decode_arrays, encode_arrays
+from models.sites.messages import (
+    ANSWER,
+    REFUSAL,
+    REQUEST,
+    BlobRef,
+    RefusedMessage,
+    RoundAnswer,
+    RoundRequest,
+    body_digest,
+    check_answer,
+    check_refusal,
+    open_message,
+    sign_message,
+)
+from models.sites.registry import Registry, SiteSpec
+from models.sites.schema import SchemaError
+from models.sites.spec import family_spec
+
+POLL_SECONDS = 0.25  # how often the coordinator looks for a site's answer
+DEFAULT_DEADLINE = 600.0
+MAX_ANSWER_BYTES = 512 * 1024 * 1024
+
+
+class SiteRefused(RuntimeError):
+    """The site sent a signed refusal of the request."""
+
+
+@dataclass
+class Coordinator:
+    """The coordinator's side of one run's federation of sites: whom to ask, with which key,
+    over which servers, and the run's shared references (catalogue, global states)."""
+
+    registry: Registry
+    transport: Transport
+    run: str
+    seed: int
+    split: dict[str, Any]
+    deadline: float | None = None  # the run's round timeout; a site's own deadline wins
+    catalogue: BlobRef | None = None
+    n_items: int = 0
+    entries: dict[int, SiteSpec] = field(default_factory=dict)  # client id -> site
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _published: dict[int, tuple[Any, BlobRef]] = field(default_factory=dict, repr=False)
+
+    def site_of(self, entry: ClientEntry) -> SiteSpec:
+        return self.entries[entry.client_id]
+
+    def deadline_of(self, site: SiteSpec) -> float:
+        return site.deadline_seconds or self.deadline or DEFAULT_DEADLINE
+
+    def publish_catalogue(self, items: np.ndarray) -> BlobRef:
+        """Upload the catalogue's item ids once; every later request names it."""
+        data = encode_arrays({"items": np.asarray(items, np.int64)})
+        self.catalogue = self.transport.put_blob(f"{self._folder()}/catalogue.npz", data)
+        self.n_items = len(items)
+        return self.catalogue
+
+    def publish_state(self, family: Family, state: Any) -> BlobRef:
+        """Upload ``state`` once (content-addressed) however many sites are asked about it."""
+        with self._lock:
+            found = self._published.get(id(state))
+            if found is not None and found[0] is state:
+                return found[1]
+            data = encode_arrays(family.state_arrays(state), precision=self.registry.precision)
+            ref = BlobRef.of("", data)
+            ref = self.transport.put_blob(f"{self._folder()}/state-{ref.sha256[:16]}.npz", data)
+            if len(self._published) > 4:
+                self._published.clear()
+            self._published[id(state)] = (state, ref)  # holding it keeps its id unique
+            return ref
+
+    def _folder(self) -> str:
+        return f"fedrec-sites/{self.run}"
+
+    def exchange(
+        self,
+        site: SiteSpec,
+        *,
+        kind: str,
+        phase: str = "",
+        round_: int = 0,
+        label: str = "",
+        family: Family | None = None,
+        state: Any = None,
+        eval_splits: tuple[str, ...] = (),
+        devices: float | None = None,
+        release: MetricRelease | None = None,
+        flow_run_id: str = "",
+        task_run_id: str = "",
+        warn: Callable[[str], None] = print,
+    ) -> tuple[dict[str, np.ndarray], RoundAnswer]:
+        """Ask ``site`` and wait for its verified answer: the answer's arrays and manifest.
+        The request names the asking task run (answers and log lines go there); ``warn``
+        gets one line per refused answer.
+
+        Raises
+        ------
+        SiteRefused
+            If the site refused the request (signed).
+        TimeoutError
+            If no acceptable answer came before the site's deadline.
+        """
+        now = time.time()
+        deadline = self.deadline_of(site)
+        nonce = secrets.token_hex(16)
+        request = RoundRequest(
+            run=self.run,
+            kind=kind,
+            phase=phase,
+            round=round_,
+            label=label,
+            site=site.name,
+            client_id=site.client_id,
+            nonce=nonce,
+            issued_at=now,
+            expires_at=now + deadline,
+            reply_to=f"{self._folder()}/{kind}-{phase or 'all'}-r{round_:04d}/{nonce}",
+            seed=self.seed,
+            split=self.split,
+            family=family_spec(family) if family is not None else {},
+            state=None if state is None else self.publish_state(family, state),
+            catalogue=self.catalogue,
+            eval_splits=tuple(eval_splits),
+            devices=devices,
+            release=None if release is None else asdict(release),
+            flow_run_id=flow_run_id,
+            task_run_id=task_run_id,
+            precision=self.registry.precision,
+        )
+        # a retried task run holds its earlier attempts' answers: not answers to this request
+        seen = {a.get("id") for a in self.transport.answers_on(request.task_run_id)}
+        signed = sign_message(self.registry.coordinator_key, REQUEST, request.fields())
+        digest = body_digest(signed["body"])
+        self.transport.post_artifact(
+            key=request_key(site.name),
+            type_=REQUEST_TYPE,
+            data=signed,
+            task_run_id=request.task_run_id,
+            flow_run_id=request.flow_run_id,
+            description=f"{kind} {phase} round {round_} request to {site.name}",
+        )
+        while time.time() < now + deadline:
+            for artifact in self.transport.answers_on(request.task_run_id):
+                if artifact.get("id") in seen:
+                    continue
+                seen.add(artifact.get("id"))
+                try:
+                    return self._accept(site, request, digest, artifact.get("data"))
+                except (RefusedMessage, SchemaError, ValueError) as err:  # keep waiting
+                    warn(f"{site.name}: refused an answer to {kind} {phase} round {round_}: {err}")
+            time.sleep(POLL_SECONDS)
+        raise TimeoutError(
+            f"{site.name}: no answer to {kind} {phase} round {round_} within {deadline:.0f} s"
+        )
+
+    def _accept(
+        self, site: SiteSpec, request: RoundRequest, digest: str, signed: Any
+    ) -> tuple[dict[str, np.ndarray], RoundAnswer]:
+        body = signed.get("body") if isinstance(signed, dict) else None
+        if not isinstance(body, dict):
+            raise RefusedMessage("the answer artifact holds no signed manifest")
+        named = body.get("site")
+        known = self.registry.by_name(named) if isinstance(named, str) else None
+        if known is None:
+            raise RefusedMessage(f"sent by unknown site {named!r} (not in sites.yaml)")
+        if known.name != site.name:
+            raise RefusedMessage(f"sent by site {known.name!r}, the request was to {site.name!r}")
+        if body.get("purpose") == REFUSAL:
+            reason = check_refusal(open_message(signed, site.public_key, REFUSAL), request)
+            raise SiteRefused(f"{site.name} refused {request.kind} round {request.round}: {reason}")
+        answer = check_answer(open_message(signed, site.public_key, ANSWER), request, digest)
+        if not answer.answer.path.startswith(request.reply_to + "/"):
+            raise RefusedMessage(f"answer stored outside its reply folder: {answer.answer.path}")
+        raw = self.transport.get_blob(answer.answer, MAX_ANSWER_BYTES)
+        return decode_arrays(raw, max_bytes=MAX_ANSWER_BYTES), answer
