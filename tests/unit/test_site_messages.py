@@ -30,12 +30,24 @@ SHA = "ab" * 32
 
 def _request(**changes) -> RoundRequest:
     fields = dict(
-        run="run-1", kind="train", phase="train", round=3, label="", site="shop-a", client_id=0,
-        nonce="0" * 31 + "1", issued_at=NOW, expires_at=NOW + 600, reply_to="fedrec-sites/run-1/x",
-        seed=7, split={"method": "random", "valid_fraction": 0.1, "test_fraction": 0.1},
-        family={"name": "explicit"}, state=BlobRef("fedrec-sites/run-1/s.npz", SHA, 10),
-        catalogue=BlobRef("fedrec-sites/run-1/c.npz", SHA, 10), eval_splits=("valid",),
-    )  # fmt: skip
+        run="run-1",
+        kind="train",
+        phase="train",
+        round=3,
+        label="",
+        site="shop-a",
+        client_id=0,
+        nonce="0" * 31 + "1",
+        issued_at=NOW,
+        expires_at=NOW + 600,
+        reply_to="fedrec-sites/run-1/x",
+        seed=7,
+        split={"method": "random", "valid_fraction": 0.1, "test_fraction": 0.1},
+        family={"name": "explicit"},
+        state=BlobRef("fedrec-sites/run-1/s.npz", SHA, 10),
+        catalogue=BlobRef("fedrec-sites/run-1/c.npz", SHA, 10),
+        eval_splits=("valid",),
+    )
     return RoundRequest(**(fields | changes))
 
 

@@ -17,10 +17,16 @@ def keys(tmp_path):
 
 def test_a_valid_registry_numbers_sites_in_order(keys):
     base, raw = keys
-    registry = parse_registry({"coordinator_key": "client-0.key", "sites": [
-        {"name": "shop-a", "public_key": "client-1.pub", "deadline_seconds": 30},
-        {"name": "shop-b", "public_key": raw},
-    ]}, base)  # fmt: skip
+    registry = parse_registry(
+        {
+            "coordinator_key": "client-0.key",
+            "sites": [
+                {"name": "shop-a", "public_key": "client-1.pub", "deadline_seconds": 30},
+                {"name": "shop-b", "public_key": raw},
+            ],
+        },
+        base,
+    )
     assert [(s.name, s.client_id) for s in registry.sites] == [("shop-a", 0), ("shop-b", 1)]
     assert registry.by_name("shop-a").deadline_seconds == 30.0
     assert registry.by_name("shop-c") is None
