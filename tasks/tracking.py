@@ -56,6 +56,7 @@ from models.privacy.ledger import (
 )
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision, baseline_metric, worst_client_metric
+from tasks.secure import write_private
 
 CHAMPION = "champion"
 _SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
@@ -590,35 +591,47 @@ def _as_entry(run: Any) -> Entry:
     )
 
 
-def _covered(client: MlflowClient, run: Any) -> np.ndarray | None:
+def _covered(client: MlflowClient, run: Any, cache: Path | None) -> np.ndarray | None:
     """The user keys an entry covers; None (every user) for an entry that names none, or whose
     stored set is missing or does not match the digest in its (immutable) params: a lost or
-    altered set over-counts, it never frees anyone's budget."""
+    altered set over-counts, it never frees anyone's budget. Sets already read are kept in
+    ``cache`` under their digest (and checked against it when read back)."""
     digest = run.data.params.get("users_sha256")
     if digest is None:
         return None
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            local = client.download_artifacts(run.info.run_id, _USERS_ARTIFACT, folder)
-            data = Path(local).read_bytes()
-    except (MlflowException, OSError):
-        return None
-    if hashlib.sha256(data).hexdigest() != digest or len(data) % USER_KEY.itemsize:
+    kept = None if cache is None else cache / f"{digest}.u64"
+    data = kept.read_bytes() if kept is not None and kept.is_file() else None
+    if data is None or hashlib.sha256(data).hexdigest() != digest:
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                local = client.download_artifacts(run.info.run_id, _USERS_ARTIFACT, folder)
+                data = Path(local).read_bytes()
+        except (MlflowException, OSError):
+            return None
+        if hashlib.sha256(data).hexdigest() != digest:
+            return None
+        if kept is not None:
+            write_private(kept, data)
+    if len(data) % USER_KEY.itemsize:
         return None
     return np.frombuffer(data, dtype=USER_KEY).astype(np.uint64)
 
 
-def _ledger_entries(client: MlflowClient, experiment_id: str) -> tuple[list[Stored], set[str]]:
+def _ledger_entries(
+    client: MlflowClient, experiment_id: str, cache: Path | None = None
+) -> tuple[list[Stored], set[str]]:
     """Every entry of the ledger (deleted runs included) and the ids of the secrets that named
     their users."""
     runs = _ledger_runs(client, experiment_id, "")
     secrets = {r.data.params["secret_id"] for r in runs if "secret_id" in r.data.params}
-    return [Stored(_as_entry(r), _covered(client, r)) for r in runs], secrets
+    return [Stored(_as_entry(r), _covered(client, r, cache)) for r in runs], secrets
 
 
-def ledger_groups(client: MlflowClient, experiment_id: str, users: np.ndarray) -> list[Group]:
+def ledger_groups(
+    client: MlflowClient, experiment_id: str, users: np.ndarray, cache: Path | None = None
+) -> list[Group]:
     """The users' balances as the ledger holds them now (:func:`~models.privacy.ledger.standing`)."""
-    return standing(users, _ledger_entries(client, experiment_id)[0])
+    return standing(users, _ledger_entries(client, experiment_id, cache)[0])
 
 
 def _write_entry(
@@ -736,10 +749,11 @@ def reserve_privacy_budget(
     client = _client(uri)
     about = {"model_name": model_name, **about}
     path = ledger_secret_path(uri, secret_path)
+    cache = path.parent / ".fedrec-ledger-cache"
     with promotion_lock(uri):
         experiment_id = _ledger_experiment(client, uri)
         now = int(time.time() * 1000)
-        stored, written_with = _ledger_entries(client, experiment_id)
+        stored, written_with = _ledger_entries(client, experiment_id, cache)
         secret = _secret_for(path, written_with)
         users = user_keys(user_ids, secret)
         about |= {"secret_id": secret_id(secret)}
@@ -758,7 +772,7 @@ def reserve_privacy_budget(
         writes = plan_user_reservation(standing(users, stored), request, at=now)
         written = [_write_entry(client, experiment_id, w, about) for w in writes]
         try:
-            return check_groups_after_writing(ledger_groups(client, experiment_id, users))
+            return check_groups_after_writing(ledger_groups(client, experiment_id, users, cache))
         except BudgetError:
             client.set_tag(written[-1], "fedrec.ledger_outcome", "refused: concurrent reservation")
             raise

@@ -6,6 +6,7 @@ refused."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -93,13 +94,20 @@ def test_deleting_ledger_entries_does_not_erase_the_spending(store):
         _reserve(store, 1.0)
 
 
-def _entry_files(store, kind):
-    """The local users.u64 files of the ledger's entries of ``kind``, oldest first."""
+def _entry_files(store, kind=None, users=None):
+    """The local users.u64 files of the ledger's entries (of ``kind``, or naming the same set of
+    users as the population ``users``), oldest first."""
     from urllib.parse import urlparse
 
+    digest = None
+    if users is not None:
+        digest = hashlib.sha256(
+            _keys(store, POPULATIONS[users]).astype("<u8").tobytes()
+        ).hexdigest()
     runs = sorted(_ledger_runs(store), key=lambda r: r.info.start_time)
-    return [Path(urlparse(r.info.artifact_uri).path) / "users.u64"
-            for r in runs if r.data.params["kind"] == kind]  # fmt: skip
+    return [Path(urlparse(r.info.artifact_uri).path) / "users.u64" for r in runs
+            if kind in (None, r.data.params["kind"])
+            and digest in (None, r.data.params["users_sha256"])]  # fmt: skip
 
 
 def test_the_store_holds_keyed_hashes_of_users_never_their_ids(store):
@@ -144,16 +152,27 @@ def test_a_lost_or_foreign_secret_refuses_instead_of_starting_users_at_zero(stor
 
 
 def test_an_altered_user_set_counts_for_everyone_and_frees_no_one(store):
+    from tasks.tracking import ledger_secret_path
+
     _reserve(store, 4.0, cap=10.0, users="a", delta=1e-9)
     _reserve(store, 4.0, cap=10.0, users="a", delta=1e-9)
     _reserve(store, 4.0, cap=10.0, users="b", delta=1e-9)
+    for entry in _entry_files(store, users="a"):  # who can write to the artifact store empties
+        entry.write_bytes(b"")  # every entry naming a's users (the sets are content-addressed)
 
-    for spend in _entry_files(store, "spend")[:2]:  # who wrote to the artifact store empties them
-        spend.write_bytes(b"")
+    # the sets this machine read before are kept under their digest: still exact
+    with pytest.raises(BudgetError, match=r"spent epsilon 8 of 10"):
+        _reserve(store, 4.0, users="a")
+    assert _reserve(store, 1.0, users="b", delta=1e-9).epsilon == 5.0
+    cache = ledger_secret_path(store["uri"]).parent / ".fedrec-ledger-cache"
+    kept = sorted(cache.iterdir())
+    assert kept and all(f.stat().st_mode & 0o777 == 0o600 for f in kept)
+    for f in kept:  # a kept copy that no longer matches its digest is not used either
+        f.write_bytes(f.read_bytes()[8:])
 
     with pytest.raises(BudgetError, match=r"spent epsilon 8 of 10"):
         _reserve(store, 4.0, users="a")  # a's spending was not erased...
-    with pytest.raises(BudgetError, match=r"spent epsilon 12 of 10"):
+    with pytest.raises(BudgetError, match=r"spent epsilon 13 of 10"):
         _reserve(store, 1.0, users="b")  # ...it now counts for b too: an over-count
 
 
