@@ -20,9 +20,12 @@ Threat model (README, "Threat model: who learns what, in each mode"):
   uploads, and the promotion rule skips its worst-client test under DP;
 - colluding clients can remove their own noise shares from a secure sum, so the guarantee is
   stated against the server alone;
-- across runs, the ledger (``ledger.py``) adds up what one set of users has spent and refuses a
-  run past its cap; it is keyed by that set, so the cap holds only while the set stays the same
-  (one user joining or leaving starts a fresh ledger).
+- across runs, the ledger (``ledger.py``) adds up what each user has spent and refuses a run
+  that would take any of its users past their cap, whoever else takes part; users are named in
+  it by a keyed hash whose secret stays with the coordinator, so readers of MLflow see how many
+  users each private run had and which runs shared users, not who they are. The ledger is the
+  coordinator's own record: it binds an operator who reruns, renames or pads the data, not one
+  who discards the store and its secret.
 
 All noise and sampling coins of a private run come from the operating system's entropy, never
 from the run's (logged) seed.
