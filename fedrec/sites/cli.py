@@ -86,10 +86,16 @@ def site() -> None:
 )
 @click.option(
     "--poll",
-    default=0.5,
+    default=2.0,
     show_default=True,
     type=click.FloatRange(min=0.05),
-    help="seconds between looks for requests",
+    help="seconds between looks for requests (a fallback: new requests wake the site at once)",
+)
+@click.option(
+    "--events/--no-events",
+    default=True,
+    show_default=True,
+    help="listen on the Prefect API's events websocket for new requests",
 )
 @click.option("--user-col", default="user_id", show_default=True)
 @click.option("--item-col", default="item_id", show_default=True)
@@ -107,6 +113,7 @@ def run(
     coordinator_key: str,
     state_dir: str,
     poll: float,
+    events: bool,
     user_col: str,
     item_col: str,
     rating_col: str,
@@ -135,6 +142,7 @@ def run(
         coordinator_key=coordinator_key,
         state_dir=Path(state_dir),
         poll_seconds=poll,
+        events=events,
         read_options={
             "user_col": user_col,
             "item_col": item_col,

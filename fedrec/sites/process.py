@@ -1,8 +1,10 @@
 """The site process: next to its data, outbound HTTP only, answering the coordinator's requests.
 
 A site loads and validates its own rows once, with the same readers as ``fedrec train
---data``. It then polls the Prefect API for request artifacts addressed to it and, for each one
-it has not answered:
+--data``. It then lists the request artifacts addressed to it on the Prefect API: at once when
+the API's events websocket announces a new one (:meth:`Site.listen`), and every
+``poll_seconds`` in any case (events missed across a reconnect, a server without events). For
+each request it has not answered, it:
 
 1. verifies the coordinator's signature with the pinned coordinator key, and the request's
    site, expiry and fields (:func:`models.sites.messages.check_request`);
@@ -23,8 +25,10 @@ the request is genuine, the refusal is also signed and posted so the coordinator
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -34,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrec.sites.transport import ANSWER_TYPE, Transport, TransportError, answer_key
+from fedrec.sites.transport import ANSWER_TYPE, Transport, TransportError, answer_key, request_key
 from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
 from models.cohorts import family_cohort_round
 from models.data.readers import load_dataset
@@ -83,7 +87,8 @@ class SiteOptions:
     identity: Path
     coordinator_key: str
     state_dir: Path
-    poll_seconds: float = 0.5
+    poll_seconds: float = 2.0
+    events: bool = True  # wake up on the Prefect API's events websocket
     clock_skew: float = 60.0
     max_bytes: int = MAX_BYTES
     read_options: dict[str, Any] = field(default_factory=dict)
@@ -130,22 +135,58 @@ class Site:
         return handled
 
     def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; a failing server is logged and retried."""
+        """Answer requests until ``stop`` is set; a failing server is logged and retried."""
+        wake = threading.Event()
+        if self.options.events:
+            threading.Thread(target=self.listen, args=(wake, stop), daemon=True).start()
         log.info(
-            "%s: key %s, %d rows of %d users; polling %s every %.1f s",
+            "%s: key %s, %d rows of %d users; polling %s every %.1f s%s",
             self.name,
             key_id(self.key),
             len(self.data),
             self.data.n_users,
             self.options.prefect_api,
             self.options.poll_seconds,
+            ", woken by its events" if self.options.events else "",
         )
         while not stop.is_set():
             try:
                 self.poll_once()
             except TransportError as err:
                 log.warning("%s: %s", self.name, err)
-            stop.wait(self.options.poll_seconds)
+            wake.wait(self.options.poll_seconds)
+            wake.clear()
+
+    def listen(self, wake: threading.Event, stop: threading.Event) -> None:
+        """Set ``wake`` whenever the Prefect API's events websocket announces a request artifact
+        for this site (outbound websocket; the event's content is not trusted, it only says
+        when to look). Reconnects after failures until ``stop`` is set."""
+        os.environ["PREFECT_API_URL"] = self.options.prefect_api
+        from prefect.events.clients import get_events_subscriber
+        from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+        wanted = EventFilter(
+            event=EventNameFilter(prefix=["prefect.artifact-collection."]),
+            resource=EventResourceFilter(labels={"prefect.resource.name": request_key(self.name)}),
+        )
+
+        async def subscribe() -> None:
+            async with get_events_subscriber(filter=wanted) as events:
+                async for _ in events:
+                    wake.set()
+                    if stop.is_set():
+                        return
+
+        while not stop.is_set():
+            try:
+                asyncio.run(subscribe())
+            except Exception as err:  # the poll goes on; say why the push stopped
+                log.warning(
+                    "%s: events websocket: %s; polling only, retrying in 10 s",
+                    self.name,
+                    " ".join(str(err).split())[:200],
+                )
+            stop.wait(10)
 
     # ---- one request ---------------------------------------------------------------------
 
