@@ -8,6 +8,7 @@ import hashlib
 import inspect
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -668,6 +669,8 @@ class TrainingConfig(BaseModel):
 
 def _check_sites(config: TrainingConfig) -> None:
     """What a run over real sites cannot do yet, refused in one line each."""
+    if config.sites is not None and not Path(config.sites).is_file():
+        raise ValueError(f"--sites {config.sites}: no such file")
     if config.secure_aggregation:
         raise ValueError(
             "--sites with --secure-aggregation: secure aggregation across real sites (its "

@@ -35,11 +35,11 @@ class MemoryTransport:
         found = [a for a in self.artifacts if a["key"] == f"fedrec-request-{site}"]
         return list(reversed(found))[:limit]
 
-    def answers_on(self, task_run_id, limit=20):
+    def answers_on(self, *task_run_ids, limit=200):
         found = [
             a
             for a in self.artifacts
-            if a["type"] == "fedrec-answer" and a["task_run_id"] == task_run_id
+            if a["type"] == "fedrec-answer" and a["task_run_id"] in task_run_ids
         ]
         return list(reversed(found))[:limit]
 

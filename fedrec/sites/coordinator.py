@@ -9,10 +9,15 @@ round, nonce, request digest) from inside its reply folder, and its npz is size-
 sha256-checked and decoded without pickles; anything else is refused with one line naming the
 site and the reason, and the wait goes on until the site's deadline. A signed refusal by the
 site ends it at once. The Prefect proxy tasks (:mod:`tasks.remote`) call this.
+
+However many exchanges wait at once, one :class:`AnswerCollector` thread looks for their
+answers, in one Prefect API call per tick for all of them (a poll per waiting site would cost
+the API hundreds of calls a second at a hundred sites).
 """
 
 from __future__ import annotations
 
+import queue
 import secrets
 import threading
 import time
@@ -22,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fedrec.sites.transport import REQUEST_TYPE, Transport, request_key
+from fedrec.sites.transport import REQUEST_TYPE, Transport, TransportError, request_key
 from models.data.partitions import ClientEntry
 from models.federation.family import Family
 from models.privacy.released_metrics import MetricRelease
@@ -54,6 +59,53 @@ class SiteRefused(RuntimeError):
     """The site sent a signed refusal of the request."""
 
 
+class AnswerCollector:
+    """One thread that finds the answers of every waiting exchange: each tick, one listing of
+    the answer artifacts on all waiting task runs, each new answer handed to its waiter."""
+
+    def __init__(self, transport: Transport, poll_seconds: float = POLL_SECONDS) -> None:
+        self.transport, self.poll_seconds = transport, poll_seconds
+        self._lock = threading.Lock()
+        self._waiting: dict[str, queue.Queue] = {}
+        self._seen: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, task_run_id: str) -> queue.Queue:
+        """A queue that receives each new answer artifact posted on ``task_run_id`` from now
+        on (answers already there, e.g. of an earlier attempt of the task run, are skipped)."""
+        earlier = {a.get("id") for a in self.transport.answers_on(task_run_id)}
+        found: queue.Queue = queue.Queue()
+        with self._lock:
+            self._seen |= earlier
+            self._waiting[task_run_id] = found
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._collect, daemon=True)
+                self._thread.start()
+        return found
+
+    def forget(self, task_run_id: str) -> None:
+        with self._lock:
+            self._waiting.pop(task_run_id, None)
+
+    def _collect(self) -> None:
+        while True:
+            with self._lock:
+                waiting = list(self._waiting)
+            try:
+                found = self.transport.answers_on(*waiting) if waiting else []
+            except TransportError:  # the waiters time out if the API stays away
+                found = []
+            for artifact in reversed(found):  # oldest first
+                with self._lock:
+                    if artifact.get("id") in self._seen:
+                        continue
+                    self._seen.add(artifact.get("id"))
+                    target = self._waiting.get(artifact.get("task_run_id"))
+                if target is not None:
+                    target.put(artifact)
+            time.sleep(self.poll_seconds)
+
+
 @dataclass
 class Coordinator:
     """The coordinator's side of one run's federation of sites: whom to ask, with which key,
@@ -70,6 +122,14 @@ class Coordinator:
     entries: dict[int, SiteSpec] = field(default_factory=dict)  # client id -> site
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _published: dict[int, tuple[Any, BlobRef]] = field(default_factory=dict, repr=False)
+    _collector: AnswerCollector | None = field(default=None, repr=False)
+
+    @property
+    def collector(self) -> AnswerCollector:
+        with self._lock:
+            if self._collector is None:
+                self._collector = AnswerCollector(self.transport)
+            return self._collector
 
     def site_of(self, entry: ClientEntry) -> SiteSpec:
         return self.entries[entry.client_id]
@@ -156,8 +216,7 @@ class Coordinator:
             task_run_id=task_run_id,
             precision=self.registry.precision,
         )
-        # a retried task run holds its earlier attempts' answers: not answers to this request
-        seen = {a.get("id") for a in self.transport.answers_on(request.task_run_id)}
+        answers = self.collector.watch(request.task_run_id)
         signed = sign_message(self.registry.coordinator_key, REQUEST, request.fields())
         digest = body_digest(signed["body"])
         self.transport.post_artifact(
@@ -168,16 +227,18 @@ class Coordinator:
             flow_run_id=request.flow_run_id,
             description=f"{kind} {phase} round {round_} request to {site.name}",
         )
-        while time.time() < now + deadline:
-            for artifact in self.transport.answers_on(request.task_run_id):
-                if artifact.get("id") in seen:
-                    continue
-                seen.add(artifact.get("id"))
+        try:
+            while (left := now + deadline - time.time()) > 0:
+                try:
+                    artifact = answers.get(timeout=left)
+                except queue.Empty:
+                    break
                 try:
                     return self._accept(site, request, digest, artifact.get("data"))
                 except (RefusedMessage, SchemaError, ValueError) as err:  # keep waiting
                     warn(f"{site.name}: refused an answer to {kind} {phase} round {round_}: {err}")
-            time.sleep(POLL_SECONDS)
+        finally:
+            self.collector.forget(request.task_run_id)
         raise TimeoutError(
             f"{site.name}: no answer to {kind} {phase} round {round_} within {deadline:.0f} s"
         )

@@ -133,10 +133,10 @@ class Transport:
         flt = {"key": {"any_": [request_key(site)]}, "type": {"any_": [REQUEST_TYPE]}}
         return self._artifacts(f"listing requests for {site}", flt, limit)
 
-    def answers_on(self, task_run_id: str, limit: int = 20) -> list[dict]:
-        """The answer artifacts posted to a task run (newest first)."""
-        flt = {"task_run_id": {"any_": [task_run_id]}, "type": {"any_": [ANSWER_TYPE]}}
-        return self._artifacts(f"listing answers on task run {task_run_id}", flt, limit)
+    def answers_on(self, *task_run_ids: str, limit: int = 200) -> list[dict]:
+        """The answer artifacts posted to any of the task runs (newest first), in one call."""
+        flt = {"task_run_id": {"any_": list(task_run_ids)}, "type": {"any_": [ANSWER_TYPE]}}
+        return self._artifacts(f"listing answers on {len(task_run_ids)} task run(s)", flt, limit)
 
     def post_log(
         self, *, name: str, message: str, flow_run_id: str, task_run_id: str, level: int = 20

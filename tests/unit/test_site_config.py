@@ -1,0 +1,36 @@
+"""`fedrec train --sites`: what the configuration refuses, in one line each."""
+
+import pytest
+from pydantic import ValidationError
+
+from fedrec.config import TrainingConfig
+
+
+@pytest.fixture(autouse=True)
+def _sites_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sites.yaml").write_text("sites: []\n")
+
+
+def test_sites_need_no_clients_and_no_data():
+    config = TrainingConfig(sites="sites.yaml", clients=None)
+    assert config.sites == "sites.yaml"
+
+
+def test_a_missing_sites_file_is_refused_before_anything_starts():
+    with pytest.raises(ValidationError, match="--sites nosuch.yaml: no such file"):
+        TrainingConfig(sites="nosuch.yaml")
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"secure_aggregation": True, "min_clients": 2}, "secure aggregation across real sites"),
+        ({"feedback": "implicit"}, "explicit-feedback family"),
+        ({"partition": "per-user"}, "per-user"),
+        ({"fault_probability": 0.5}, "fault simulation"),
+    ],
+)
+def test_what_sites_cannot_do_yet_is_refused_in_one_line(changes, reason):
+    with pytest.raises(ValidationError, match=reason):
+        TrainingConfig(sites="sites.yaml", **changes)

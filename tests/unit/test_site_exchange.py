@@ -1,0 +1,114 @@
+"""A whole exchange in memory: the coordinator asks, a site process answers, the coordinator
+verifies; an impostor's answers are refused in one line each and a silent site times out."""
+
+import base64
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrec.sites.coordinator import Coordinator
+from fedrec.sites.process import Site, SiteOptions
+from models.data.schema import encode_interactions
+from models.mf.family import ExplicitMF
+from models.mf.federated import MFConfig
+from models.privacy.identity import generate_identity, public_bytes, save_identity
+from models.sites.registry import Registry, SiteSpec
+from models.sites.schema import check_answer_arrays
+from tests.sites_fakes import MemoryTransport
+
+FAMILY = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0)))
+SPLIT = {"method": "random", "valid_fraction": 0.2, "test_fraction": 0.2}
+ITEMS = np.arange(100, 112)
+
+
+@pytest.fixture
+def world(tmp_path):
+    transport, coordinator_key = MemoryTransport(), generate_identity()
+    keys = {}
+    for index, name in enumerate(("shop-a", "impostor")):
+        keys[name] = generate_identity()
+        save_identity(keys[name], tmp_path / name, index)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "user": np.repeat(np.arange(6), 5),
+            "item": np.concatenate([rng.choice(ITEMS, 5, replace=False) for _ in range(6)]),
+            "rating": rng.integers(1, 6, 30).astype(float),
+        }
+    )
+    data = encode_interactions(frame, rating_scale=(1.0, 5.0), source="shop-a.csv")
+
+    def site(key_name: str) -> Site:
+        index = ("shop-a", "impostor").index(key_name)
+        options = SiteOptions(
+            name="shop-a",
+            data="",
+            prefect_api="http://unused/api",
+            mlflow="http://unused",
+            identity=tmp_path / key_name / f"client-{index}.key",
+            coordinator_key=base64.b64encode(public_bytes(coordinator_key)).decode(),
+            state_dir=tmp_path / f"state-{key_name}",
+            events=False,
+        )
+        process = Site(options, data=data)
+        process.transport.close()
+        process.transport = transport
+        return process
+
+    spec = SiteSpec("shop-a", 0, keys["shop-a"].public_key(), deadline_seconds=3.0)
+    coordinator = Coordinator(Registry(coordinator_key, (spec,)), transport, "run-1", 0, SPLIT)
+    coordinator.publish_catalogue(ITEMS)
+    return coordinator, spec, site
+
+
+def _running(site: Site) -> threading.Event:
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            site.poll_once()
+            stop.wait(0.02)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return stop
+
+
+def _ask(coordinator, spec, warnings, round_=1):
+    state = FAMILY.initial_state(len(ITEMS), seed=0)
+    return coordinator.exchange(
+        spec,
+        kind="train",
+        phase="train",
+        round_=round_,
+        family=FAMILY,
+        state=state,
+        eval_splits=("valid",),
+        task_run_id=f"t{round_}",
+        warn=warnings.append,
+    )
+
+
+def test_the_coordinator_gets_the_site_answer_and_refuses_the_impostor(world):
+    coordinator, spec, site = world
+    warnings: list[str] = []
+    stop = _running(site("impostor"))
+    try:
+        with pytest.raises(
+            TimeoutError, match="shop-a: no answer to train train round 1 within 3 s"
+        ):
+            _ask(coordinator, spec, warnings)
+    finally:
+        stop.set()
+    assert warnings and all(
+        w.startswith("shop-a: refused an answer to train train round 1: signature does not verify")
+        for w in warnings
+    )
+    stop = _running(site("shop-a"))
+    try:
+        arrays, answer = _ask(coordinator, spec, warnings, round_=2)
+    finally:
+        stop.set()
+    update, evaluations = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
+    assert answer.round == 2 and update.items.size > 0 and "valid" in evaluations
