@@ -58,6 +58,23 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def test_the_server_writes_task_runs_in_batches_and_a_value_set_by_the_user_wins(
+    tmp_path, monkeypatch
+):
+    from prefect.settings.models.root import Settings
+
+    monkeypatch.setenv("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "7")
+    env = local_server._server_env(tmp_path)
+
+    for name, value in env.items():  # Prefect reads them under these names
+        if name.startswith("PREFECT_"):
+            monkeypatch.setenv(name, value)
+    recorder = Settings().server.services.task_run_recorder
+    assert (recorder.batch_size, recorder.flush_interval) == (7, 1.0)  # Prefect's: (1, 5.0)
+    assert recorder.enabled and Settings().server.services.event_persister.enabled
+    assert "PREFECT_API_URL" not in env
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_start_status_stop_lifecycle(tmp_path):
@@ -160,6 +177,23 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
             stubborn.kill()
 
 
+def _task_run_states(port: int, flow_run_id: str, minimum: int) -> list[str]:
+    """The states of the flow run's task runs named after a client, once ``minimum`` are there
+    (the server records task runs from events, a moment after they ran)."""
+    body = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}}}).encode()
+    deadline = time.monotonic() + 30
+    while True:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/task_runs/filter", data=body,
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:
+            runs = [r for r in json.load(response) if "client-" in r["name"]]
+        if len(runs) >= minimum or time.monotonic() > deadline:
+            return [r["state_type"] for r in runs]
+        time.sleep(1)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_train_starts_the_local_server_leaves_it_running_and_links_both_uis(tmp_path):
@@ -186,6 +220,9 @@ def test_train_starts_the_local_server_leaves_it_running_and_links_both_uis(tmp_
             f"http://127.0.0.1:{port}/api/flow_runs/{flow_run_id}", timeout=30
         ) as response:
             assert json.load(response)["state_type"] == "COMPLETED"
+        # every client's task run is in the UI (the recorder writes them in batches)
+        states = _task_run_states(port, flow_run_id, minimum=4)
+        assert states.count("COMPLETED") == len(states) >= 4, states
         mlflow_line = next(
             line for line in trained.stdout.splitlines() if line.startswith("MLflow run:")
         )
