@@ -1,7 +1,8 @@
 """Orchestration overhead: the Prefect flow (with MLflow tracking, registry and promotion) against
 the same core calls in a plain Python loop, on ML-100K with 10 clients x 20 rounds.
 
-A real ``prefect server`` is started on a free loopback port first; its start-up is timed and
+A real ``prefect server`` is started on a free loopback port first, with the settings fedrec's
+local server uses (:data:`fedrec.local_server.SERVER_SETTINGS`); its start-up is timed and
 reported separately, not charged to the flow. Both sides are warmed up first (imports, page
 cache, and the flow's MLflow store created and migrated: a store's first run pays that once),
 the warm-up flow's time reported apart. Flow and loop runs alternate, and medians are reported
@@ -9,16 +10,27 @@ the warm-up flow's time reported apart. Flow and loop runs alternate, and median
 flow's include the Prefect server's), which a loaded machine distorts less; the machine's load
 average is recorded with the results.
 
+``--side LABEL:SETTINGS[:CODE]`` (repeatable) compares flows side by side in one run: each side
+has its own Prefect server with ``SETTINGS`` (``fedrec``: fedrec's local server; ``prefect``:
+Prefect's defaults, as fedrec's server had before; ``lean``: fedrec's, and neither the event
+persister nor automations, which empties the UI's event feed) and its own process running the
+flow from the source tree ``CODE`` (default: this one; e.g. a ``git archive`` export of an
+earlier commit). Each repeat runs every side's flow, then the plain loop once (in the first
+side's process); each side's ratio is to that loop.
+
 ``--breakdown`` times every task run of the flow: its body (the task's function) and its whole
 run through Prefect's task engine, summed by task name.
 
     uv run python -m benchmarks.overhead [--repeats 3] [--rounds 20] [--data ml-100k] [--breakdown]
+        [--side before:prefect:/tmp/export --side after:fedrec] [--name overhead_ml-100k_x]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
 import os
 import resource
 import shutil
@@ -41,10 +53,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str, float]:
-    """`prefect server start` on 127.0.0.1; returns the process, its API URL and seconds to healthy."""
+def server_settings(name: str) -> dict[str, str]:
+    """The environment of a side's Prefect server (see the module's docstring)."""
+    from fedrec.local_server import SERVER_SETTINGS
+
+    if name == "prefect":
+        return {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if name == "fedrec":
+        return dict(SERVER_SETTINGS)
+    if name == "lean":
+        return SERVER_SETTINGS | {
+            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+            "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
+        }
+    raise ValueError(f"server settings {name!r}: must be one of fedrec, prefect, lean")
+
+
+def start_prefect_server(
+    home: Path, settings: dict[str, str]
+) -> tuple[subprocess.Popen, str, float]:
+    """`prefect server start` on 127.0.0.1 with ``settings`` in its environment; returns the
+    process, its API URL and seconds to healthy."""
     port = _free_port()
-    env = os.environ | {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(home)} | settings
+    home.mkdir(parents=True, exist_ok=True)
+    log = home / "server.log"
     started = time.perf_counter()
     proc = subprocess.Popen(
         [
@@ -59,12 +93,12 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str, float]:
             str(port),
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
-    deadline = started + 120
+    deadline = started + 600  # a cold start migrates a database: minutes on a busy machine
     while time.perf_counter() < deadline:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
@@ -75,7 +109,8 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str, float]:
         if proc.poll() is not None:
             break
     proc.terminate()
-    raise RuntimeError("prefect server did not become healthy within 120 s")
+    last = log.read_text(errors="replace").strip().splitlines()[-3:]
+    raise RuntimeError(f"prefect server did not become healthy within 600 s: {' | '.join(last)}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -114,23 +149,22 @@ class TaskTimes:
         self._lock = threading.Lock()
 
     def install(self) -> None:
+        import importlib
+        import pkgutil
+
         import prefect.task_engine as engine
         from prefect.context import TaskRunContext
         from prefect.tasks import Task
 
-        import tasks.clients
-        import tasks.data
-        import tasks.reporting
-        import tasks.secure
-        import tasks.server
-        import tasks.tracking
+        import tasks
 
         def add(table: dict[str, list[float]], name: str, seconds: float) -> None:
             with self._lock:
                 table[name].append(seconds)
 
-        modules = (tasks.clients, tasks.data, tasks.reporting, tasks.secure, tasks.server,
-                   tasks.tracking)  # fmt: skip
+        modules = [
+            importlib.import_module(f"tasks.{m.name}") for m in pkgutil.iter_modules(tasks.__path__)
+        ]
         for task in {v for m in modules for v in vars(m).values() if isinstance(v, Task)}:
             fn = task.fn
 
@@ -193,6 +227,131 @@ def plain_loop(config) -> float:
     return time.perf_counter() - started
 
 
+_ANSWER = "@@overhead "  # marks the worker's answers among whatever else it prints
+
+
+def _answer(payload: dict[str, object]) -> None:
+    sys.stdout.write(_ANSWER + json.dumps(payload, default=float) + "\n")
+    sys.stdout.flush()
+
+
+def worker(ns: argparse.Namespace) -> None:
+    """One side's process: warm up, then run the flow or the loop on each command from stdin
+    (``flow``, ``loop``, ``breakdown``, ``stop``) and answer its seconds and CPU seconds."""
+    from fedrec.config import TrainingConfig
+    from flows.training import federated_training
+
+    try:
+        from fedrec.runtime import keep_freed_memory
+
+        keep_freed_memory()
+    except ImportError:  # older source trees
+        pass
+    config = TrainingConfig(
+        data=ns.data,
+        rounds=ns.rounds,
+        clients=ns.clients,
+        tracking_uri=f"sqlite:///{Path(os.environ['FEDREC_HOME']) / 'mlflow.db'}",
+        skip_if_unchanged=False,  # every repeat trains; otherwise repeats 2+ would be no-ops
+    )
+    times = TaskTimes()
+    if ns.breakdown:
+        times.install()
+    plain_loop(config)  # warm-up: imports, page cache, allocator
+    started = time.perf_counter()
+    federated_training(**config.model_dump())  # warm-up: imports, the MLflow store created
+    _answer({"first_flow_s": time.perf_counter() - started})
+    times.clear()
+    flows = 0
+    for line in sys.stdin:
+        command = line.strip()
+        cpu, started = own_cpu(), time.perf_counter()
+        if command == "flow":
+            federated_training(**config.model_dump())
+            flows += 1
+        elif command == "loop":
+            plain_loop(config)
+        elif command == "breakdown":
+            _answer({"breakdown": times.rows(max(flows, 1)) if ns.breakdown else []})
+            continue
+        else:
+            return
+        _answer({"seconds": time.perf_counter() - started, "cpu_s": own_cpu() - cpu})
+
+
+class Side:
+    """A flow under test: its own Prefect server and its own worker process."""
+
+    def __init__(self, spec: str, ns: argparse.Namespace, scratch: Path) -> None:
+        parts = spec.split(":", 2)
+        if len(parts) < 2 or not parts[0]:
+            raise SystemExit(f"--side {spec!r}: expected LABEL:SETTINGS[:CODE]")
+        self.label, self.settings = parts[0], parts[1]
+        code = Path(parts[2]).resolve() if len(parts) == 3 else Path(__file__).resolve().parents[1]
+        self.code = str(code)
+        folder = scratch / self.label
+        self.server, self.api_url, self.startup = start_prefect_server(
+            folder / "prefect", server_settings(self.settings)
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env |= {
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+            "FEDREC_HOME": str(folder / "home"),
+            "PYTHONPATH": self.code,  # the side's source tree before the installed one
+        }
+        (folder / "home").mkdir(parents=True, exist_ok=True)
+        args = ["--data", ns.data, "--rounds", str(ns.rounds), "--clients", str(ns.clients)]
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
+            + (["--breakdown"] if ns.breakdown else []),
+            cwd=self.code, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.first_flow_s = 0.0
+        self.flow_s: list[float] = []
+        self.flow_cpu: list[float] = []
+        self.server_cpu: list[float] = []
+
+    def read(self) -> dict[str, object]:
+        """The worker's next answer (other lines it prints are passed through)."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if line.startswith(_ANSWER):
+                return json.loads(line[len(_ANSWER) :])
+            sys.stdout.write(line)
+        raise RuntimeError(f"side {self.label}: the worker exited ({self.process.wait()})")
+
+    def ask(self, command: str) -> dict[str, object]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def run_flow(self) -> None:
+        server_cpu = cpu_seconds(self.server.pid)
+        answer = self.ask("flow")
+        self.server_cpu.append(cpu_seconds(self.server.pid) - server_cpu)
+        self.flow_s.append(float(answer["seconds"]))
+        self.flow_cpu.append(float(answer["cpu_s"]) + self.server_cpu[-1])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.write("stop\n")  # type: ignore[union-attr]
+                self.process.stdin.close()  # type: ignore[union-attr]
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.server.terminate()
+        try:
+            self.server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,103 +361,96 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true", help="time every task run")
+    parser.add_argument("--side", action="append", metavar="LABEL:SETTINGS[:CODE]",
+                        help="a flow to compare (repeatable; default fedrec:fedrec)")  # fmt: skip
+    parser.add_argument("--name", help="results file name (default overhead_<data>)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ns = parser.parse_args()
+    if ns.worker:
+        worker(ns)
+        return
 
     scratch = Path(tempfile.mkdtemp(prefix="fedrec-overhead-"))
-    server, api_url, startup = start_prefect_server(scratch / "prefect")
-    os.environ.update(
-        {
-            "PREFECT_API_URL": api_url,
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "WARNING",
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-            "FEDREC_HOME": str(scratch / "home"),
-        }
-    )
-    times = TaskTimes()
+    sides: list[Side] = []
     loads = [os.getloadavg()[0]]
+    loop_s: list[float] = []
+    loop_cpu: list[float] = []
+    breakdown: dict[str, list[dict[str, object]]] = {}
     try:
-        from fedrec.config import TrainingConfig
-        from fedrec.runtime import keep_freed_memory
-        from flows.training import federated_training
-
-        keep_freed_memory()
-        config = TrainingConfig(
-            data=ns.data,
-            rounds=ns.rounds,
-            clients=ns.clients,
-            tracking_uri=f"sqlite:///{scratch / 'mlflow.db'}",
-            skip_if_unchanged=False,  # every repeat trains; otherwise repeats 2+ would be no-ops
-        )
-        if ns.breakdown:
-            times.install()
-        plain_loop(config)  # warm-up: imports, page cache, allocator
-        started = time.perf_counter()
-        federated_training(**config.model_dump())  # warm-up: imports, the MLflow store created
-        first_flow = time.perf_counter() - started
-        print(f"warm-up: first flow run {first_flow:.2f} s", flush=True)
-        times.clear()
-        flow_s, loop_s, flow_cpu, loop_cpu, server_cpus = [], [], [], [], []
+        for spec in ns.side or ["fedrec:fedrec"]:
+            sides.append(Side(spec, ns, scratch))
+        for side in sides:  # warm-ups one after the other: they do not run at the same time
+            side.first_flow_s = float(side.read()["first_flow_s"])
+            print(f"{side.label}: server up in {side.startup:.1f} s, "
+                  f"first flow run {side.first_flow_s:.2f} s", flush=True)  # fmt: skip
         for i in range(ns.repeats):
-            cpu, server_cpu = own_cpu(), cpu_seconds(server.pid)
-            started = time.perf_counter()
-            federated_training(**config.model_dump())
-            flow_s.append(time.perf_counter() - started)
-            server_cpus.append(cpu_seconds(server.pid) - server_cpu)
-            flow_cpu.append(own_cpu() - cpu + server_cpus[-1])
-            cpu = own_cpu()
-            loop_s.append(plain_loop(config))
-            loop_cpu.append(own_cpu() - cpu)
+            for side in sides:
+                side.run_flow()
+            answer = sides[0].ask("loop")
+            loop_s.append(float(answer["seconds"]))
+            loop_cpu.append(float(answer["cpu_s"]))
             loads.append(os.getloadavg()[0])
-            print(
-                f"repeat {i + 1}: flow {flow_s[-1]:.2f} s ({flow_cpu[-1]:.1f} CPU s), "
-                f"plain loop {loop_s[-1]:.2f} s ({loop_cpu[-1]:.1f} CPU s), load {loads[-1]:.1f}",
-                flush=True,
+            shown = ", ".join(
+                f"{s.label} flow {s.flow_s[-1]:.2f} s ({s.flow_cpu[-1]:.1f} CPU s, server "
+                f"{s.server_cpu[-1]:.1f})"
+                for s in sides
             )
+            print(f"repeat {i + 1}: {shown}, plain loop {loop_s[-1]:.2f} s "
+                  f"({loop_cpu[-1]:.1f} CPU s), load {loads[-1]:.1f}", flush=True)  # fmt: skip
+        if ns.breakdown:
+            breakdown = {s.label: s.ask("breakdown")["breakdown"] for s in sides}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        for side in sides:
+            side.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
-    ratios = [f / p for f, p in zip(flow_s, loop_s, strict=True)]
-    cpu_ratios = [f / p for f, p in zip(flow_cpu, loop_cpu, strict=True)]
-    row = {
-        "data": ns.data,
-        "clients": ns.clients,
-        "rounds": ns.rounds,
-        "flow_s": median(flow_s),
-        "loop_s": median(loop_s),
-        "ratio": median(ratios),
-        "cpu_ratio": median(cpu_ratios),
-        "server_cpu_s": median(server_cpus),
-        "first_flow_s": first_flow,
-        "server_start_s": startup,
-        "load": median(loads),
-    }
+    rows, results = [], {}
+    for side in sides:
+        ratios = [f / p for f, p in zip(side.flow_s, loop_s, strict=True)]
+        cpu_ratios = [f / p for f, p in zip(side.flow_cpu, loop_cpu, strict=True)]
+        row = {
+            "side": side.label,
+            "server": side.settings,
+            "data": ns.data,
+            "clients": ns.clients,
+            "rounds": ns.rounds,
+            "flow_s": median(side.flow_s),
+            "loop_s": median(loop_s),
+            "ratio": median(ratios),
+            "cpu_ratio": median(cpu_ratios),
+            "server_cpu_s": median(side.server_cpu),
+            "first_flow_s": side.first_flow_s,
+            "server_start_s": side.startup,
+            "load": median(loads),
+        }
+        rows.append(row)
+        results[side.label] = {
+            "code": side.code,
+            "server_settings": server_settings(side.settings),
+            "summary": row,
+            "flow_seconds": side.flow_s,
+            "ratios": ratios,
+            "flow_cpu_seconds": side.flow_cpu,
+            "cpu_ratios": cpu_ratios,
+            "server_cpu_seconds": side.server_cpu,
+            "breakdown": breakdown.get(side.label, []),
+        }
     print()
-    print_table([row], list(row))
-    breakdown = times.rows(ns.repeats) if ns.breakdown else []
-    if breakdown:
-        print("\nper flow run, by task (seconds summed over its runs):\n")
-        print_table(breakdown, list(breakdown[0]))
+    print_table(rows, list(rows[0]))
+    for label, table in breakdown.items():
+        if table:
+            print(f"\n{label}: per flow run, by task (seconds summed over its runs):\n")
+            print_table(table, list(table[0]))
     path = write_json(
-        f"overhead_{ns.data}",
+        ns.name or f"overhead_{ns.data}",
         {
             "machine": machine(),
             "args": vars(ns),
-            "summary": row,
-            "flow_seconds": flow_s,
+            "summary": rows,
+            "sides": results,
             "loop_seconds": loop_s,
-            "ratios": ratios,
-            "flow_cpu_seconds": flow_cpu,
             "loop_cpu_seconds": loop_cpu,
-            "cpu_ratios": cpu_ratios,
-            "server_cpu_seconds": server_cpus,
             "load_average_1min": loads,
-            "breakdown": breakdown,
         },
     )
     print(f"\nwrote {path}")
