@@ -285,6 +285,13 @@ def run_partition(partition: Partition, data, stores, folder: Path, args) -> dic
     log = home / "benchmark.log"
     run_command([fedrec, "keygen", "--name", "coordinator", "--out", str(keys)], "keygen", log)
     names = [f"site-{i}" for i in range(partition.sites)]
+
+    def common(model_name: str) -> list[str]:
+        return ["--tracking-uri", stores.mlflow_uri, "--rounds", str(args.rounds),
+                "--seed", str(SEED), "--json", "--experiment", "benchmark-sites",
+                "--model-name", model_name,
+                *(["--factors", str(args.factors)] if args.factors else [])]  # fmt: skip
+
     sites, logs = Started(), {}
     result: dict[str, Any] = {"partition": partition.label(), "site_rows": []}
     try:
@@ -298,7 +305,8 @@ def run_partition(partition: Partition, data, stores, folder: Path, args) -> dic
                 "--prefect-api", stores.prefect_api, "--mlflow", stores.mlflow_uri,
                 "--identity", str(site_home / f"{name}.key"),
                 "--coordinator-key", str(keys / "coordinator.pub"),
-                "--state-dir", str(site_home / "state"), "--poll", str(args.poll),
+                "--state-dir", str(site_home / "state"),
+                *(["--poll", str(args.poll)] if args.poll else []),
             ], logs[name], env)  # fmt: skip
             result["site_rows"].append(len(rows.read_text().splitlines()) - 1)
         wait_ready(sites, logs, args.timeout)
@@ -311,44 +319,49 @@ def run_partition(partition: Partition, data, stores, folder: Path, args) -> dic
                 + "".join(f"  - name: {n}\n    public_key: keys/{n}.pub\n" for n in names)
             )
             before_files, before_logs = exchange_files(artifacts), log_sizes(logs)
-            command = [fedrec, "train", "--sites", str(yaml), "--tracking-uri", stores.mlflow_uri,
-                       "--rounds", str(args.rounds), "--seed", str(SEED), "--json",
-                       "--experiment", "benchmark-sites", "--model-name", "benchmark-sites",
-                       *(["--factors", str(args.factors)] if args.factors else [])]  # fmt: skip
-            started = time.perf_counter()
-            out = run_command(command, f"coordinator ({precision})", log, env, yaml.parent)
-            wall = time.perf_counter() - started
-            sites.check_alive()
-            summary = json.loads(out.strip().splitlines()[-1])
-            files = {k: v for k, v in exchange_files(artifacts).items() if k not in before_files}
-            result[f"sites_{precision}"] = {
-                "wall_seconds": wall,
-                "summary": summary,
-                "mlflow": mlflow_run(stores.mlflow_uri, summary["run_id"]),
-                "answers": answered_lines(logs, before_logs),
-                "states": {k: v for k, v in files.items() if STATE_FILE.search(k)},
-                "exchanged_bytes": sum(files.values()),
-            }
-            print(f"  {partition.label()} sites ({precision}): {wall:.0f} s", flush=True)
+            command = [fedrec, "train", "--sites", str(yaml), *common("benchmark-sites")]
+            run = timed_run(command, f"{partition.label()} sites ({precision})", log, env, stores)
+            if "error" not in run:
+                sites.check_alive()
+                files = {
+                    k: v for k, v in exchange_files(artifacts).items() if k not in before_files
+                }
+                run |= {
+                    "answers": answered_lines(logs, before_logs),
+                    "states": {k: v for k, v in files.items() if STATE_FILE.search(k)},
+                    "exchanged_bytes": sum(files.values()),
+                }
+            result[f"sites_{precision}"] = run
     finally:
         sites.stop()
     command = [fedrec, "train", "--data", str(args.data), *partition.train_flags(),
-               "--tracking-uri", stores.mlflow_uri, "--rounds", str(args.rounds),
-               "--seed", str(SEED), "--json", "--experiment", "benchmark-sites",
-               "--model-name", "benchmark-simulation",
-               *(["--factors", str(args.factors)] if args.factors else [])]  # fmt: skip
+               *common("benchmark-simulation")]  # fmt: skip
+    result["simulation"] = timed_run(command, f"{partition.label()} simulation", log, env, stores)
+    result["reference"] = reference_run(paths, args.rounds, args.factors)
+    return result
+
+
+def timed_run(command: list[str], what: str, log: Path, env: dict[str, str], stores) -> dict:
+    """One ``fedrec train --json`` run: its wall time, summary and MLflow record, or the error."""
     started = time.perf_counter()
-    out = run_command(command, "simulation", log, env, home / "coordinator")
+    try:
+        out = run_command(command, what, log, env, log.parent / "coordinator")
+    except BenchmarkError as err:
+        print(f"  {what}: FAILED: {err}", flush=True)
+        return {"error": str(err), "error_line": _last_error(log)}
     wall = time.perf_counter() - started
     summary = json.loads(out.strip().splitlines()[-1])
-    result["simulation"] = {
+    print(f"  {what}: {wall:.0f} s", flush=True)
+    return {
         "wall_seconds": wall,
         "summary": summary,
         "mlflow": mlflow_run(stores.mlflow_uri, summary["run_id"]),
     }
-    print(f"  {partition.label()} simulation: {wall:.0f} s", flush=True)
-    result["reference"] = reference_run(paths, args.rounds, args.factors)
-    return result
+
+
+def _last_error(log: Path) -> str:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if "error" in ln.lower()]
+    return lines[-1][:500] if lines else ""
 
 
 def wait_ready(sites: Started, logs: dict[str, Path], timeout: float) -> None:
@@ -369,10 +382,11 @@ def rows_of(result: dict[str, Any], precisions: list[str]) -> list[dict[str, Any
     """One row per way of running the partition: medians over the training rounds after the
     first (the first also builds each client's row layout)."""
     rows = []
-    sim = result["simulation"]["mlflow"]
-    sim_seconds = sim["history"]["system/round_seconds"]
     for precision in precisions:
         run = result[f"sites_{precision}"]
+        if "error" in run:
+            rows.append({"partition": result["partition"], "run": f"sites {precision}: FAILED"})
+            continue
         seconds = run["mlflow"]["history"]["system/round_seconds"]
         up = [a["bytes"] for a in run["answers"] if a["kind"] == "train" and a["phase"] == "train"]
         states = list(run["states"].values())
@@ -387,17 +401,10 @@ def rows_of(result: dict[str, Any], precisions: list[str]) -> list[dict[str, Any
             "update_MB_metric": _metric_mb(run["mlflow"]),
             "test_rmse": run["mlflow"]["metrics"].get("test/rmse", float("nan")),
         })  # fmt: skip
-    rows.append({
-        "partition": result["partition"], "run": "simulation (in-process tasks)",
-        "s_per_round": median(sim_seconds[1:] or sim_seconds),
-        "first_round_s": sim_seconds[0] if sim_seconds else float("nan"),
-        "wall_s": result["simulation"]["wall_seconds"],
-        "up_MB_per_site_round": None,
-        "down_MB_per_site_round": None,
-        "site_answer_s": None,
-        "update_MB_metric": _metric_mb(sim),
-        "test_rmse": sim["metrics"].get("test/rmse", float("nan")),
-    })  # fmt: skip
+    if "error" in result["simulation"]:
+        rows.append({"partition": result["partition"], "run": "simulation: FAILED"})
+    else:
+        rows.append(_simulation_row(result))
     ref = result["reference"]
     rows.append({
         "partition": result["partition"], "run": "reference loop, sites' clients",
@@ -408,6 +415,22 @@ def rows_of(result: dict[str, Any], precisions: list[str]) -> list[dict[str, Any
         "test_rmse": ref["test_rmse"],
     })  # fmt: skip
     return rows
+
+
+def _simulation_row(result: dict[str, Any]) -> dict[str, Any]:
+    sim = result["simulation"]["mlflow"]
+    sim_seconds = sim["history"]["system/round_seconds"]
+    return {
+        "partition": result["partition"], "run": "simulation (in-process tasks)",
+        "s_per_round": median(sim_seconds[1:] or sim_seconds),
+        "first_round_s": sim_seconds[0] if sim_seconds else float("nan"),
+        "wall_s": result["simulation"]["wall_seconds"],
+        "up_MB_per_site_round": None,
+        "down_MB_per_site_round": None,
+        "site_answer_s": None,
+        "update_MB_metric": _metric_mb(sim),
+        "test_rmse": sim["metrics"].get("test/rmse", float("nan")),
+    }  # fmt: skip
 
 
 def _metric_mb(run: dict[str, Any]) -> float:
@@ -438,7 +461,9 @@ def main() -> None:
     parser.add_argument("--factors", type=int, default=None, help="default: the CLI's")
     parser.add_argument("--partitions", nargs="+", default=["3:by-key:occupation", "10:iid"])
     parser.add_argument("--precisions", nargs="+", default=["float64", "float32"])
-    parser.add_argument("--poll", type=float, default=0.5, help="the sites' poll interval (s)")
+    parser.add_argument(
+        "--poll", type=float, default=None, help="the sites' poll interval (s; default: theirs)"
+    )
     parser.add_argument("--timeout", type=float, default=600, help="for stores and site start")
     parser.add_argument("--dir", type=Path, default=None, help="default: a new folder in /tmp")
     parser.add_argument("--dataset", default="ml-1m", choices=["ml-1m", "ml-100k"])
@@ -463,28 +488,31 @@ def main() -> None:
     folder.chmod(0o711)  # the postgres user runs the cluster inside it under root
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop everything
     load_before, code = os.getloadavg(), code_version()
-    results, rows = [], []
+    results: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+
+    def save() -> Path:
+        args_out = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        load = {"load_before": load_before, "load_after": os.getloadavg()}
+        return write_json(args.output or f"sites_{args.dataset}", {
+            "machine": machine() | load, "args": args_out, "code": code, "summary": rows,
+            "results": results, "folder": str(folder),
+        })  # fmt: skip
+
     try:
         stores = start_stores(folder / "stores", timeout=args.timeout)
         for text in args.partitions:
             result = run_partition(Partition.parse(text), data, stores, folder, args)
             results.append(result)
             rows += rows_of(result, args.precisions)
+            save()  # what is measured so far survives a later failure
     finally:
         with contextlib.suppress(Exception):
             stop_stores(folder / "stores")
-    load_after = os.getloadavg()
-    print(
-        f"\n{args.dataset}, {args.rounds} rounds (load {load_before[0]:.1f} -> {load_after[0]:.1f}):"
-    )
+    print(f"\n{args.dataset}, {args.rounds} rounds (load {load_before[0]:.1f} -> "
+          f"{os.getloadavg()[0]:.1f}):")  # fmt: skip
     print_table(rows, list(rows[0]))
-    args_out = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    path = write_json(args.output or f"sites_{args.dataset}", {
-        "machine": machine() | {"load_before": load_before, "load_after": load_after},
-        "args": args_out, "code": code, "summary": rows, "results": results,
-        "folder": str(folder),
-    })  # fmt: skip
-    print(f"\nwrote {path} (logs under {folder})")
+    print(f"\nwrote {save()} (logs under {folder})")
 
 
 if __name__ == "__main__":
