@@ -115,7 +115,7 @@ class Site:
         self.record = SiteRecord(Path(options.state_dir) / "record")
         self.transport = Transport(options.prefect_api, options.mlflow)
         self._seen: set[str] = set()  # artifact ids looked at by this process
-        self._blobs: dict[str, np.ndarray | dict[str, np.ndarray]] = {}
+        self._blobs: dict[str, dict[str, np.ndarray]] = {}  # by sha256: catalogue, states
         self._clients: dict[tuple, ClientData] = {}
 
     def close(self) -> None:
@@ -129,7 +129,12 @@ class Site:
         for artifact in reversed(self.transport.requests_for(self.name)):  # oldest first
             if artifact.get("id") in self._seen:
                 continue
-            self.handle(artifact)  # a server failure raises: the next poll tries again
+            try:
+                self.handle(artifact)
+            except TransportError:  # the servers failed: the next poll tries again
+                raise
+            except Exception:  # a fault of this process: logged, the site keeps serving
+                log.exception("%s: failed on request %s", self.name, artifact.get("id"))
             self._seen.add(artifact.get("id"))
             handled += 1
         return handled
@@ -337,7 +342,7 @@ class Site:
             if len(self._blobs) > 8:
                 self._blobs.clear()
             self._blobs[ref.sha256] = decode_arrays(raw, max_bytes=self.options.max_bytes)
-        return self._blobs[ref.sha256]  # type: ignore[return-value]
+        return self._blobs[ref.sha256]
 
     def _client(self, request: RoundRequest) -> ClientData:
         arrays = self._download(request.catalogue)
