@@ -75,14 +75,14 @@ def _running(site: Site) -> threading.Event:
     return stop
 
 
-def _ask(coordinator, spec, warnings, round_=1):
-    state = FAMILY.initial_state(len(ITEMS), seed=0)
+def _ask(coordinator, spec, warnings, round_=1, family=FAMILY):
+    state = family.initial_state(len(ITEMS), seed=0)
     return coordinator.exchange(
         spec,
         kind="train",
         phase="train",
         round_=round_,
-        family=FAMILY,
+        family=family,
         state=state,
         eval_splits=("valid",),
         task_run_id=f"t{round_}",
@@ -112,3 +112,15 @@ def test_the_coordinator_gets_the_site_answer_and_refuses_the_impostor(world):
         stop.set()
     update, evaluations = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
     assert answer.round == 2 and update.items.size > 0 and "valid" in evaluations
+
+
+def test_a_fedavg_site_sends_its_local_model_change(world):
+    coordinator, spec, site = world
+    fedavg = ExplicitMF(MFConfig(algorithm="fedavg", n_factors=3, local_epochs=2))
+    stop = _running(site("shop-a"))
+    try:
+        arrays, _ = _ask(coordinator, spec, [], family=fedavg)
+    finally:
+        stop.set()
+    update, _ = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
+    assert set(update.arrays) == {"delta"} and np.abs(update.arrays["delta"]).sum() > 0
