@@ -26,6 +26,7 @@ import argparse
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -285,6 +286,14 @@ def main() -> None:
         return
     load_before = os.getloadavg()
     results, rows, quality, claims = [], [], [], []
+
+    def save() -> Path:
+        return write_json(args.output, {
+            "machine": machine() | {"load_before": load_before, "load_after": os.getloadavg()},
+            "args": vars(args), "summary": rows, "claim": claims, "quality": quality,
+            "results": results,
+        })  # fmt: skip
+
     for factors in args.factors:
         for text in args.partitions:
             result = run_partition(Partition.parse(text), factors, args)
@@ -300,6 +309,7 @@ def main() -> None:
                     "rmse_f32_minus_f64": f"{run['test_rmse_float32'] - run['test_rmse_float64']:.1e}",
                     "max_factor_diff": f"{run['max_abs_factor_diff']:.1e}",
                 })  # fmt: skip
+            save()  # what is measured so far survives a later failure or a stop
     load_after = os.getloadavg()
     print(f"\nPer client per round (medians; load {load_before[0]:.1f} -> {load_after[0]:.1f}):")
     print_table(rows, list(rows[0]))
@@ -307,12 +317,7 @@ def main() -> None:
     print_table(claims, list(claims[0]))
     print("\nFloat32 on the wire against float64, same partition and seed:")
     print_table(quality, list(quality[0]))
-    path = write_json(args.output, {
-        "machine": machine() | {"load_before": load_before, "load_after": load_after},
-        "args": vars(args), "summary": rows, "claim": claims, "quality": quality,
-        "results": results,
-    })  # fmt: skip
-    print(f"\nwrote {path}")
+    print(f"\nwrote {save()}")
 
 
 if __name__ == "__main__":
