@@ -676,10 +676,12 @@ def _check_sites(config: TrainingConfig) -> None:
             "--sites with --secure-aggregation: secure aggregation across real sites (its "
             "multi-step key exchange) is not built yet; run without --secure-aggregation"
         )
-    if config.feedback != "explicit" or config.partition == "per-user":
+    if config.feedback == "implicit" and config.implicit_model != "neural":
         raise ValueError(
-            "--sites trains the explicit-feedback family (--feedback explicit) without per-user "
-            "cohorts; the other families run in simulation only so far"
+            "--sites trains the explicit family or the neural one (--implicit-model neural); "
+            "the two-stage family runs in simulation only so far"
         )
+    if config.partition == "per-user":
+        raise ValueError("--sites with --partition per-user: a site is one client, not cohorts")
     if config.resume is not None or config.attack != "none" or config.fault_probability:
         raise ValueError("--sites does not take --resume, --attack or fault simulation")

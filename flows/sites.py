@@ -52,6 +52,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
         "method": config.split,
         "valid_fraction": config.valid_fraction,
         "test_fraction": config.test_fraction,
+        "positive_threshold": config.positive_threshold,
     }
     run = str(flow_run.get_id())
     link = SiteLink(registry, Transport(api, uri), run, config.seed, split, config.round_timeout)

@@ -42,13 +42,13 @@ from fedrec.sites.transport import ANSWER_TYPE, Transport, TransportError, answe
 from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
 from models.cohorts import family_cohort_round
 from models.data.readers import load_dataset
-from models.data.schema import Interactions
+from models.data.schema import Interactions, keep_positives
 from models.federation.evaluation import without_item_counts
 from models.federation.family import Family
 from models.federation.sampling import fresh_rng, round_rng
 from models.privacy.identity import load_identity
 from models.privacy.released_metrics import MetricRelease
-from models.protocol import ClientUpdate, answer_arrays
+from models.protocol import ClientUpdate
 from models.sites.answers import SiteRecord
 from models.sites.catalogue import item_set, site_client
 from models.sites.encoding import decode_arrays, encode_arrays
@@ -68,7 +68,7 @@ from models.sites.messages import (
     sign_message,
 )
 from models.sites.registry import load_public_key
-from models.sites.schema import SchemaError, check_state
+from models.sites.schema import SchemaError, check_state, wire_arrays
 from models.sites.spec import family_from_spec
 
 MAX_BYTES = 512 * 1024 * 1024  # largest state or catalogue a site downloads
@@ -299,7 +299,7 @@ class Site:
         else:
             update = ClientUpdate(client.client_id, _EMPTY, _EMPTY)
             evaluations = self._evaluate(request, family, client, state)
-        arrays = answer_arrays(update, evaluations)
+        arrays = wire_arrays(update, evaluations)
         data = encode_arrays(arrays, precision=request.precision)  # type: ignore[arg-type]
         info = {"private": int(family.private)}
         self.record.keep(request.record_key, state_sha, data, info)
@@ -326,7 +326,7 @@ class Site:
         if cache not in self._clients:
             self._clients.clear()  # one run at a time is the common case: keep one layout
             self._clients[cache] = site_client(
-                self.data,
+                keep_positives(self.data, split.get("positive_threshold")),
                 catalogue,
                 client_id=request.client_id,
                 seed=request.seed,

@@ -223,7 +223,8 @@ class RoundRequest:
         The run seed: the site's data split and its random streams derive from it (a private
         family's streams come from the site's own entropy instead).
     split : dict
-        ``method``, ``valid_fraction``, ``test_fraction`` of the site's train/valid/test split.
+        ``method``, ``valid_fraction``, ``test_fraction`` of the site's train/valid/test split,
+        and for implicit feedback ``positive_threshold`` (rows rated below it are dropped first).
     family : dict
         The family and its hyperparameters (:mod:`models.sites.spec`); empty for ``enroll``.
     state, catalogue : BlobRef or None
@@ -321,10 +322,19 @@ def check_request(
     if not _PATH.fullmatch(reply) or ".." in reply.split("/") or reply.startswith("/"):
         raise RefusedMessage(f"request reply_to {reply!r} is not a safe relative path")
     split = fields.get("split")
-    if not isinstance(split, dict) or set(split) != {"method", "valid_fraction", "test_fraction"}:
-        raise RefusedMessage("request split must hold method, valid_fraction, test_fraction")
-    if split["method"] not in _SPLIT_METHODS or not all(
-        _is_number(split[f]) and 0 <= split[f] < 1 for f in ("valid_fraction", "test_fraction")
+    needed = {"method", "valid_fraction", "test_fraction"}
+    if not isinstance(split, dict) or not needed <= set(split) <= needed | {"positive_threshold"}:
+        raise RefusedMessage(
+            "request split must hold method, valid_fraction, test_fraction "
+            "(and optionally positive_threshold)"
+        )
+    threshold = split.get("positive_threshold")
+    if (
+        split["method"] not in _SPLIT_METHODS
+        or not all(
+            _is_number(split[f]) and 0 <= split[f] < 1 for f in ("valid_fraction", "test_fraction")
+        )
+        or (threshold is not None and not _is_number(threshold))
     ):
         raise RefusedMessage(f"request split {split} is not a valid split")
     splits = fields.get("eval_splits", [])

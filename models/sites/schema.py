@@ -18,7 +18,13 @@ import numpy as np
 from models.federation.evaluation import Evaluation
 from models.federation.family import Family
 from models.mf.family import ExplicitMF
-from models.protocol import GLOBAL_ARRAYS, ITEM_ARRAYS, ClientUpdate, answer_from_arrays
+from models.protocol import (
+    GLOBAL_ARRAYS,
+    ITEM_ARRAYS,
+    ClientUpdate,
+    answer_arrays,
+    answer_from_arrays,
+)
 
 
 class SchemaError(ValueError):
@@ -53,7 +59,8 @@ def check_state(family: Family, arrays: Mapping[str, np.ndarray], n_items: int) 
     SchemaError
     """
     if not isinstance(family, ExplicitMF):
-        raise SchemaError(f"no state schema for the {family.name} family")
+        _check_like_initial(family, arrays, n_items)
+        return
     sizes = {"n": n_items, "k": family.config.n_factors}
     missing = set(_EXPLICIT) - set(arrays)
     extra = set(arrays) - set(_EXPLICIT) - set(_EXPLICIT_OPTIONAL)
@@ -73,10 +80,55 @@ def check_state(family: Family, arrays: Mapping[str, np.ndarray], n_items: int) 
         _check_finite(name, array)
 
 
+def _check_like_initial(family: Family, arrays: Mapping[str, np.ndarray], n_items: int) -> None:
+    """A family without a schema of its own: the state must have the names, dtype kinds and
+    shapes of the family's own initial state (plus the item popularity the server adds), and
+    the same structural integers (e.g. the network's layer sizes)."""
+    initial = family.state_arrays(family.initial_state(n_items, seed=0))
+    optional = {"popularity": np.zeros(n_items)}
+    missing = set(initial) - set(arrays)
+    extra = set(arrays) - set(initial) - set(optional)
+    if missing or extra:
+        raise SchemaError(f"state arrays: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    for name, array in arrays.items():
+        like = initial.get(name, optional.get(name))
+        assert like is not None
+        like = np.asarray(like)
+        if array.dtype.kind != like.dtype.kind or array.shape != like.shape:
+            raise SchemaError(
+                f"state array {name!r} is {array.dtype} {array.shape}, expected "
+                f"{like.dtype} {like.shape}"
+            )
+        if like.dtype.kind in "biu" and name != "round" and not np.array_equal(array, like):
+            raise SchemaError(f"state array {name!r} describes another model than the family's")
+        _check_finite(name, array)
+
+
+def wire_arrays(update: ClientUpdate, evaluations: Mapping[str, Evaluation]) -> dict:
+    """A client's answer as named arrays for the wire: :func:`models.protocol.answer_arrays`,
+    with each split's top-K counts named by the split's position in the header (split names
+    such as ``baseline/valid`` are not array names)."""
+    arrays = answer_arrays(update, evaluations)
+    out = {k: v for k, v in arrays.items() if not k.startswith("recommended.")}
+    for index, split in enumerate(evaluations):
+        if f"recommended.{split}" in arrays:
+            out[f"recommended.{index}"] = arrays[f"recommended.{split}"]
+    return out
+
+
+def _named_splits(arrays: Mapping[str, np.ndarray], splits: list[str]) -> dict:
+    """The inverse renaming of :func:`wire_arrays`."""
+    out = {k: v for k, v in arrays.items() if not k.startswith("recommended.")}
+    for index, split in enumerate(splits):
+        if f"recommended.{index}" in arrays:
+            out[f"recommended.{split}"] = arrays[f"recommended.{index}"]
+    return out
+
+
 def check_answer_arrays(
     arrays: Mapping[str, np.ndarray], *, client_id: int, n_items: int
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
-    """The update and evaluations of a client's answer (:func:`models.protocol.answer_arrays`),
+    """The update and evaluations of a client's answer as :func:`wire_arrays` packs it,
     refused unless it holds only the protocol's fields.
 
     Raises
@@ -85,12 +137,6 @@ def check_answer_arrays(
     """
     if "header" not in arrays or "items" not in arrays or "counts" not in arrays:
         raise SchemaError("answer lacks header, items or counts")
-    allowed = {"header", "items", "counts"}
-    allowed |= {f"array.{n}" for n in ITEM_ARRAYS | GLOBAL_ARRAYS}
-    allowed |= {f"recommended.{s}" for s in ("train", "valid", "test")}
-    extra = set(arrays) - allowed
-    if extra:
-        raise SchemaError(f"answer has arrays outside the protocol: {sorted(extra)}")
     header = arrays["header"]
     if header.dtype != np.uint8 or header.ndim != 1:
         raise SchemaError("answer header must be a 1-d uint8 array of JSON")
@@ -116,6 +162,13 @@ def check_answer_arrays(
         raise SchemaError("answer evaluations must be an object")
     for split, sums in parsed["evaluations"].items():
         _check_numbers(sums, f"evaluation {split!r}")
+    allowed = {"header", "items", "counts"}
+    allowed |= {f"array.{n}" for n in ITEM_ARRAYS | GLOBAL_ARRAYS}
+    allowed |= {f"recommended.{i}" for i in range(len(parsed["evaluations"]))}
+    extra = set(arrays) - allowed
+    if extra:
+        raise SchemaError(f"answer has arrays outside the protocol: {sorted(extra)}")
+    arrays = _named_splits(arrays, list(parsed["evaluations"]))
     items, counts = arrays["items"], arrays["counts"]
     if items.dtype.kind not in "iu" or counts.dtype.kind not in "iuf":
         raise SchemaError("answer items must be integers and counts numbers (noisy under DP)")

@@ -3,7 +3,8 @@
 The coordinator describes the family it trains by its hyperparameters only (numbers, strings,
 booleans); a site rebuilds the same family with the code installed at the site. Only whitelisted
 fields are read, and nothing that would make a site act against its own rows is accepted (an
-attack simulation, for instance). The explicit-feedback family is supported.
+attack simulation, for instance). The explicit-feedback family (ALS and the FedAvg variants,
+with or without DP) and the neural family are supported.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from typing import Any
 from models.federation.family import Family
 from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
+from models.neural.family import Neural, NeuralConfig
+from models.neural.federated import FederatedConfig
+from models.neural.training import TrainConfig
 from models.privacy.dp import UserLevelDP
 from models.privacy.released_metrics import MetricRelease
 from models.sites.messages import RefusedMessage
 
-SUPPORTED = ("explicit",)
+SUPPORTED = ("explicit", "neural")
+_NEURAL_FIELDS = {f.name for f in fields(NeuralConfig)}
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+_FEDERATED_FIELDS = {f.name for f in fields(FederatedConfig)}
 _MF_FIELDS = {f.name for f in fields(MFConfig)} - {"dp"}
 _DP_FIELDS = {f.name for f in fields(UserLevelDP)}
 _RELEASE_FIELDS = {f.name for f in fields(MetricRelease)}
@@ -33,6 +40,8 @@ def family_spec(family: Family) -> dict[str, Any]:
     ValueError
         If the family cannot be built at a site yet.
     """
+    if isinstance(family, Neural):
+        return {"name": family.name, "config": asdict(family.config), "baseline": family.baseline}
     if not isinstance(family, ExplicitMF):
         raise ValueError(
             f"the {family.name} family cannot train at real sites yet; supported: "
@@ -73,6 +82,8 @@ def family_from_spec(spec: Mapping[str, Any]) -> Family:
         raise RefusedMessage(
             f"family {spec.get('name')!r} is not built at this site; supported: {', '.join(SUPPORTED)}"
         )
+    if spec["name"] == "neural":
+        return _neural(spec)
     config = _only(spec.get("config"), _MF_FIELDS, "config")
     if config.get("attack", "none") != "none" or config.get("attack_clients"):
         raise RefusedMessage("family config asks for an attack simulation: refused")
@@ -104,3 +115,20 @@ def family_from_spec(spec: Mapping[str, Any]) -> Family:
         baseline=bool(spec.get("baseline", True)),
         released=released,
     )
+
+
+def _neural(spec: Mapping[str, Any]) -> Neural:
+    config = _only(spec.get("config"), _NEURAL_FIELDS, "config")
+    try:
+        train = TrainConfig(**_only(config.pop("train", {}), _TRAIN_FIELDS, "train"))
+        federated = FederatedConfig(
+            **_only(config.pop("federated", {}), _FEDERATED_FIELDS, "federated")
+        )
+        hidden = tuple(config.pop("hidden", ()))
+        neural = NeuralConfig(hidden=hidden, train=train, federated=federated, **config)
+    except (TypeError, ValueError) as err:
+        raise RefusedMessage(f"family config: {err}") from err
+    sizes = (*neural.hidden, neural.latent)
+    if not all(isinstance(d, int) and 1 <= d <= 4096 for d in sizes):
+        raise RefusedMessage(f"family config layer sizes {sizes} must be in 1..4096")
+    return Neural(neural, baseline=bool(spec.get("baseline", True)))

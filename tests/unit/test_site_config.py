@@ -26,7 +26,7 @@ def test_a_missing_sites_file_is_refused_before_anything_starts():
     ("changes", "reason"),
     [
         ({"secure_aggregation": True, "min_clients": 2}, "secure aggregation across real sites"),
-        ({"feedback": "implicit"}, "explicit-feedback family"),
+        ({"feedback": "implicit"}, "the two-stage family runs in simulation only"),
         ({"partition": "per-user"}, "per-user"),
         ({"fault_probability": 0.5}, "fault simulation"),
     ],

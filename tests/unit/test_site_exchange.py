@@ -13,6 +13,7 @@ from fedrec.sites.process import Site, SiteOptions
 from models.data.schema import encode_interactions
 from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
+from models.neural.family import Neural, NeuralConfig
 from models.privacy.identity import generate_identity, public_bytes, save_identity
 from models.sites.registry import Registry, SiteSpec
 from models.sites.schema import check_answer_arrays
@@ -124,3 +125,16 @@ def test_a_fedavg_site_sends_its_local_model_change(world):
         stop.set()
     update, _ = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
     assert set(update.arrays) == {"delta"} and np.abs(update.arrays["delta"]).sum() > 0
+
+
+def test_a_neural_site_sends_its_network_change_and_item_counts(world):
+    coordinator, spec, site = world
+    neural = Neural(NeuralConfig(hidden=(4,), latent=2))
+    stop = _running(site("shop-a"))
+    try:
+        arrays, _ = _ask(coordinator, spec, [], family=neural)
+    finally:
+        stop.set()
+    update, evaluations = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
+    assert set(update.arrays) == {"network_delta"} and update.metrics["users"] > 0
+    assert "valid" in evaluations

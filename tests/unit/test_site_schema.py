@@ -9,11 +9,12 @@ import pytest
 
 from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
+from models.neural.family import Neural, NeuralConfig
 from models.privacy.dp import UserLevelDP
-from models.protocol import ClientUpdate, answer_arrays
+from models.protocol import ClientUpdate
 from models.sites.encoding import decode_arrays
 from models.sites.messages import RefusedMessage
-from models.sites.schema import SchemaError, check_answer_arrays, check_state
+from models.sites.schema import SchemaError, check_answer_arrays, check_state, wire_arrays
 from models.sites.spec import family_from_spec, family_spec
 
 N_ITEMS = 6
@@ -56,7 +57,11 @@ def _answer(**arrays) -> dict:
         {"train_sse": 1.0},
     )
     counts = np.array([0, 2, 0, 1, 0, 0])  # how often each item was in a user's top K
-    return answer_arrays(update, {"valid": ({"sse": 2.0, "n": 3.0}, counts)}) | arrays
+    evaluations = {
+        "valid": ({"sse": 2.0, "n": 3.0}, counts),
+        "baseline/valid": ({"n": 3.0}, counts),
+    }
+    return wire_arrays(update, evaluations) | arrays
 
 
 def test_a_protocol_answer_reads_back():
@@ -64,6 +69,7 @@ def test_a_protocol_answer_reads_back():
     np.testing.assert_array_equal(update.items, [1, 4])
     assert evaluations["valid"][0] == {"sse": 2.0, "n": 3.0}
     np.testing.assert_array_equal(evaluations["valid"][1], [0, 2, 0, 1, 0, 0])
+    np.testing.assert_array_equal(evaluations["baseline/valid"][1], [0, 2, 0, 1, 0, 0])
 
 
 @pytest.mark.parametrize(
@@ -75,7 +81,8 @@ def test_a_protocol_answer_reads_back():
         ({"items": np.array([4, 1])}, 2, "sorted and unique"),
         ({"array.rhs": np.ones((3, 3))}, 2, "does not align"),
         ({"array.gram": np.full((2, 6), np.nan)}, 2, "NaN"),
-        ({"recommended.valid": np.arange(3)}, 2, "6 counts >= 0, one per item"),
+        ({"recommended.0": np.arange(3)}, 2, "6 counts >= 0, one per item"),
+        ({"recommended.valid": np.arange(6)}, 2, "outside the protocol"),  # names by position
     ],
 )
 def test_an_answer_outside_the_protocol_is_refused(arrays, client_id, reason):
@@ -109,7 +116,7 @@ def test_a_family_spec_builds_the_same_family_at_the_site():
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"name": "neural"}, "not built at this site"),
+        ({"name": "two-stage"}, "not built at this site"),
         ({"config": {"attack": "scale"}}, "attack simulation"),
         ({"config": {"exec": "x"}}, "does not know"),
         ({"config": {"n_factors": 10**6}}, "n_factors"),
@@ -120,3 +127,23 @@ def test_a_family_spec_outside_the_whitelist_is_refused(change, reason):
     spec = spec | {k: (spec[k] | v if isinstance(v, dict) else v) for k, v in change.items()}
     with pytest.raises(RefusedMessage, match=reason):
         family_from_spec(spec)
+
+
+NEURAL = Neural(NeuralConfig(hidden=(5,), latent=3))
+
+
+def test_a_neural_state_is_checked_against_the_family_initial_state():
+    state = NEURAL.state_arrays(NEURAL.initial_state(N_ITEMS, seed=4))
+    check_state(NEURAL, state | {"popularity": np.ones(N_ITEMS)}, N_ITEMS)
+    wider = dict(state) | {"param.enc0_w": np.zeros((N_ITEMS, 6), np.float32)}
+    with pytest.raises(SchemaError, match=r"'param.enc0_w' is float32 \(6, 6\), expected"):
+        check_state(NEURAL, wider, N_ITEMS)
+    other = dict(state) | {"arch": state["arch"] + 1}
+    with pytest.raises(SchemaError, match="describes another model"):
+        check_state(NEURAL, other, N_ITEMS)
+    with pytest.raises(SchemaError, match=r"unexpected \['code'\]"):
+        check_state(NEURAL, state | {"code": np.zeros(1)}, N_ITEMS)
+
+
+def test_a_neural_family_spec_builds_the_same_family_at_the_site():
+    assert family_from_spec(family_spec(NEURAL)) == NEURAL
