@@ -4,7 +4,8 @@ processes that each hold only their own rows, and `fedrec train --sites` as the 
 Checked: the model equals the in-process reference loop on the same per-site data to 1e-8; no
 user id of any site reaches the coordinator's workspace, home, the artifact store or either
 database; a process answering as a site with the wrong key is refused; a site killed mid-run
-is left out by the quorum, and the same site restarted on its state folder rejoins the run.
+is left out by the quorum of a private run, and the same site restarted on its state folder
+rejoins it.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ class Federation:
             process.kill()
             process.wait(timeout=20)
 
-    def train(self, workspace: str, rounds: int, stderr_path: Path) -> subprocess.Popen:
+    def train(
+        self, workspace: str, rounds: int, stderr_path: Path, *flags: str
+    ) -> subprocess.Popen:
         """A `fedrec train --sites` process (its stderr in ``stderr_path``; --json on stdout)."""
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         env |= {
@@ -164,6 +167,7 @@ class Federation:
                 "--workspace",
                 str(self.coordinator / workspace),
                 "--json",
+                *flags,
             ],
             env=env,
             cwd=self.coordinator,
@@ -307,11 +311,12 @@ def _wait_for(predicate, what: str, timeout: float = 240) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_a_killed_site_is_left_out_by_quorum_and_rejoins_after_a_restart(federation):
+def test_a_private_run_survives_a_killed_site_which_rejoins_after_a_restart(federation):
     fed = federation
     stderr = fed.root / "train-2.err"
     before = fed.log("shop-c").count("answered train train round")
-    coordinator = fed.train("ws2", 5, stderr)
+    # under DP each site noises its own answers from its own entropy and keeps them
+    coordinator = fed.train("ws2", 5, stderr, "--dp-epsilon", "8")
     _wait_for(
         lambda: fed.log("shop-c").count("answered train train round") > before,
         "shop-c's first training answer of the run",
@@ -326,6 +331,9 @@ def test_a_killed_site_is_left_out_by_quorum_and_rejoins_after_a_restart(federat
     left_out = [step for step, clients in steps.items() if clients == 2]
     assert left_out, log[-3000:]  # the quorum of 2 carried the rounds shop-c missed
     assert summary["metrics"]["system/clients"] == 3.0  # it answered the last round again
+    assert 0 < summary["metrics"]["privacy/epsilon"] <= 8.0
     assert summary["model_version"]
     restarted = fed.log("shop-c").split("polling")[-1]
     assert "answered train train round" in restarted
+    for name in SITES:  # each site released its final evaluation itself
+        assert "answered evaluate round-5" in fed.log(name)
