@@ -150,7 +150,11 @@ class Coordinator:
             found = self._published.get(id(state))
             if found is not None and found[0] is state:
                 return found[1]
-            data = encode_arrays(family.state_arrays(state), precision=self.registry.precision)
+            data = encode_arrays(
+                family.state_arrays(state),
+                precision=self.registry.precision,  # type: ignore[arg-type]
+                compress=self.registry.compress,
+            )
             ref = BlobRef.of("", data)
             ref = self.transport.put_blob(f"{self._folder()}/state-{ref.sha256[:16]}.npz", data)
             if len(self._published) > 4:
@@ -215,6 +219,7 @@ class Coordinator:
             flow_run_id=flow_run_id,
             task_run_id=task_run_id,
             precision=self.registry.precision,
+            compress=self.registry.compress,
         )
         answers = self.collector.watch(request.task_run_id)
         signed = sign_message(self.registry.coordinator_key, REQUEST, request.fields())

@@ -300,7 +300,11 @@ class Site:
             update = ClientUpdate(client.client_id, _EMPTY, _EMPTY)
             evaluations = self._evaluate(request, family, client, state)
         arrays = wire_arrays(update, evaluations)
-        data = encode_arrays(arrays, precision=request.precision)  # type: ignore[arg-type]
+        data = encode_arrays(
+            arrays,
+            precision=request.precision,  # type: ignore[arg-type]
+            compress=request.compress,
+        )
         info = {"private": int(family.private)}
         self.record.keep(request.record_key, state_sha, data, info)
         return data, info

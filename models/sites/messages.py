@@ -238,6 +238,8 @@ class RoundRequest:
         The coordinator's proxy task run that waits for the answer (log lines go there).
     precision : {"float64", "float32"}
         How the site packs the floats of its answer (:mod:`models.sites.encoding`).
+    compress : bool
+        Whether the site deflates its answer's npz.
     """
 
     run: str
@@ -262,6 +264,7 @@ class RoundRequest:
     flow_run_id: str = ""
     task_run_id: str = ""
     precision: str = "float64"  # how the site encodes its answer's floats (float32 packs them)
+    compress: bool = False  # deflate the answer's npz
 
     def fields(self) -> dict[str, Any]:
         """The manifest fields (JSON values)."""
@@ -350,6 +353,8 @@ def check_request(
         raise RefusedMessage("request release must be an object of numbers")
     if not isinstance(fields.get("family", {}), dict):
         raise RefusedMessage("request family must be an object")
+    if not isinstance(fields.get("compress", False), bool):
+        raise RefusedMessage("request compress must be true or false")
     if fields.get("precision", "float64") not in ("float64", "float32"):
         raise RefusedMessage(
             f"request precision {fields['precision']!r}; allowed: float64, float32"

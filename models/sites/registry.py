@@ -4,6 +4,7 @@
 
     coordinator_key: keys/coordinator.key   # the coordinator's private key (signs requests)
     precision: float64                      # optional: float32 packs the arrays exchanged
+    compress: false                         # optional: deflate them too
     sites:
       - name: shop-a                        # [a-z0-9][a-z0-9-]{0,39}
         public_key: keys/shop-a.pub         # a PEM file (relative to this file) or raw base64
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from models.privacy.identity import load_identity
 from models.sites.messages import SITE_NAME
 
-_TOP = {"coordinator_key", "sites", "precision"}
+_TOP = {"coordinator_key", "sites", "precision", "compress"}
 _SITE = {"name", "public_key", "deadline_seconds"}
 
 
@@ -54,6 +55,7 @@ class Registry:
     coordinator_key: Ed25519PrivateKey
     sites: tuple[SiteSpec, ...]
     precision: str = "float64"
+    compress: bool = False
 
     def by_name(self, name: str) -> SiteSpec | None:
         return next((s for s in self.sites if s.name == name), None)
@@ -107,6 +109,9 @@ def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry
     precision = raw.get("precision", "float64")
     if precision not in ("float64", "float32"):
         raise RegistryError(f"{source}: precision {precision!r}; allowed: float64, float32")
+    compress = raw.get("compress", False)
+    if not isinstance(compress, bool):
+        raise RegistryError(f"{source}: compress {compress!r}; allowed: true, false")
     entries = raw["sites"]
     if not isinstance(entries, list) or not entries:
         raise RegistryError(f"{source}: sites must be a non-empty list")
@@ -140,7 +145,7 @@ def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry
     keys = [s.public_key.public_bytes_raw() for s in sites]
     if len(set(keys)) != len(keys):
         raise RegistryError(f"{source}: two sites share one public key")
-    return Registry(coordinator, tuple(sites), precision)
+    return Registry(coordinator, tuple(sites), precision, compress)
 
 
 def read_registry(path: str | Path) -> Registry:

@@ -2,7 +2,10 @@
 verifies; an impostor's answers are refused in one line each and a silent site times out."""
 
 import base64
+import io
 import threading
+import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -138,3 +141,18 @@ def test_a_neural_site_sends_its_network_change_and_item_counts(world):
     update, evaluations = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
     assert set(update.arrays) == {"network_delta"} and update.metrics["users"] > 0
     assert "valid" in evaluations
+
+
+def test_a_float32_deflated_exchange_packs_both_directions(world):
+    coordinator, spec, site = world
+    coordinator.registry = replace(coordinator.registry, precision="float32", compress=True)
+    stop = _running(site("shop-a"))
+    try:
+        arrays, answer = _ask(coordinator, spec, [])
+    finally:
+        stop.set()
+    for path in (answer.answer.path, *[p for p in coordinator.transport.blobs if "state-" in p]):
+        with zipfile.ZipFile(io.BytesIO(coordinator.transport.blobs[path])) as archive:
+            assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    update, _ = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
+    assert update.arrays["gram"].dtype == np.float64  # widened back on reading

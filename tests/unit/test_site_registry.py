@@ -52,3 +52,14 @@ def test_each_mistake_is_one_line_naming_the_entry(keys, sites, reason):
 def test_a_missing_coordinator_key_is_refused(keys):
     with pytest.raises(RegistryError, match="coordinator_key"):
         parse_registry({"coordinator_key": "none.key", "sites": [{"name": "a"}]}, keys[0])
+
+
+def test_precision_and_compression_are_read_and_checked(keys):
+    sites = [{"name": "a", "public_key": "client-1.pub"}]
+    raw = {"coordinator_key": "client-0.key", "sites": sites, "precision": "float32"}
+    registry = parse_registry(raw | {"compress": True}, keys[0])
+    assert (registry.precision, registry.compress) == ("float32", True)
+    with pytest.raises(RegistryError, match="compress 'yes'; allowed: true, false"):
+        parse_registry(raw | {"compress": "yes"}, keys[0])
+    with pytest.raises(RegistryError, match="precision 'float16'"):
+        parse_registry(raw | {"precision": "float16"}, keys[0])
