@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedrec.config import TrainingConfig, fedrec_home
+from fedrec.runtime import one_blas_thread
 from flows.families import build_family
 from flows.loop import train_family
 from flows.rounds import RunContext, privacy_plan
@@ -51,7 +52,9 @@ def federated_training_fn(**params: Any) -> dict[str, Any]:
     Parameters are the fields of ``fedrec.config.TrainingConfig``; pass a config as
     ``federated_training(**config.model_dump())``.
     """
-    return _train(TrainingConfig(**params))
+    config = TrainingConfig(**params)
+    with one_blas_thread():  # client tasks run in parallel threads: one BLAS thread each
+        return _train(config)
 
 
 federated_training_fn.__signature__ = TrainingConfig.signature()  # type: ignore[attr-defined]
