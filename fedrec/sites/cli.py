@@ -97,6 +97,19 @@ def site() -> None:
     show_default=True,
     help="listen on the Prefect API's events websocket for new requests",
 )
+@click.option(
+    "--max-epsilon",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="the privacy budget of each user of this site, summed over every run: the site counts "
+    "its own DP releases and refuses one that would pass it",
+)
+@click.option(
+    "--max-delta",
+    type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+    help="the same for delta (default: 1 / the site's users; each run is counted at a tenth)",
+)
 @click.option("--user-col", default="user_id", show_default=True)
 @click.option("--item-col", default="item_id", show_default=True)
 @click.option("--rating-col", default="rating", show_default=True)
@@ -114,6 +127,8 @@ def run(
     state_dir: str,
     poll: float,
     events: bool,
+    max_epsilon: float,
+    max_delta: float | None,
     user_col: str,
     item_col: str,
     rating_col: str,
@@ -143,6 +158,8 @@ def run(
         state_dir=Path(state_dir),
         poll_seconds=poll,
         events=events,
+        max_epsilon=max_epsilon,
+        max_delta=max_delta,
         read_options={
             "user_col": user_col,
             "item_col": item_col,

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from fedrec.sites.budget import SiteBudget
 from fedrec.sites.transport import ANSWER_TYPE, Transport, TransportError, answer_key, request_key
 from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
 from models.cohorts import family_cohort_round
@@ -47,9 +48,11 @@ from models.federation.evaluation import without_item_counts
 from models.federation.family import Family
 from models.federation.sampling import fresh_rng, round_rng
 from models.privacy.identity import load_identity
+from models.privacy.ledger import user_ids
 from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate
 from models.sites.answers import SiteRecord
+from models.sites.budget import Release, evaluation_release, training_release
 from models.sites.catalogue import item_set, site_client
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
@@ -91,6 +94,8 @@ class SiteOptions:
     events: bool = True  # wake up on the Prefect API's events websocket
     clock_skew: float = 60.0
     max_bytes: int = MAX_BYTES
+    max_epsilon: float = 10.0  # no user of the site passes this, summed over runs
+    max_delta: float | None = None  # the same for delta (default: 1 / the site's users)
     read_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -113,6 +118,12 @@ class Site:
         self.coordinator = load_public_key(options.coordinator_key, Path.cwd())
         self.data = data if data is not None else load_site_data(options.data, options.read_options)
         self.record = SiteRecord(Path(options.state_dir) / "record")
+        self.budget = SiteBudget(
+            Path(options.state_dir) / "budget",
+            user_ids(self.data),
+            max_epsilon=options.max_epsilon,
+            max_delta=options.max_delta,
+        )
         self.transport = Transport(options.prefect_api, options.mlflow)
         self._seen: set[str] = set()  # artifact ids looked at by this process
         self._blobs: dict[str, dict[str, np.ndarray]] = {}  # by sha256: catalogue, states
@@ -294,6 +305,15 @@ class Site:
             )
         client = self._client(request)
         state = self._state(request, family, client.n_items)
+        release = _release(request, family)
+        if release is not None:  # counted (and written down) before it is computed
+            spent = self.budget.charge(request.run, release)
+            self._log(
+                request,
+                f"{self.name}: this run has spent epsilon {spent.run_epsilon:.3g} of the site's "
+                f"users' budget; the most any of them has spent is {spent.epsilon:.3g} of "
+                f"{self.options.max_epsilon:.3g}",
+            )
         if request.kind == "train":
             update, evaluations = self._train(request, family, client, state)
         else:
@@ -394,6 +414,26 @@ class Site:
                 raise RefusedMessage(f"release parameters: {err}") from err
             return release.publish(evaluations, fresh_rng())
         return without_item_counts(evaluations) if family.private else evaluations
+
+
+def _release(request: RoundRequest, family: Family) -> Release | None:
+    """The DP release an answer makes, as the site's own accountant counts it (None: not
+    private)."""
+    if request.kind == "evaluate" and request.release is not None:
+        try:
+            return evaluation_release(MetricRelease(**request.release))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as err:
+            raise RefusedMessage(f"release parameters: {err}") from err
+    dp = getattr(getattr(family, "config", None), "dp", None)
+    if request.kind == "train" and family.private and dp is not None:
+        if request.eval_splits:
+            raise RefusedMessage(
+                "a private training answer carries no evaluation sums (an uncounted release)"
+            )
+        return training_release(dp, request.devices)
+    if family.private:
+        raise RefusedMessage(f"a private {request.kind} answer this site cannot account for")
+    return None
 
 
 def _describe(request: RoundRequest) -> str:

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 
 import numpy as np
 import pandas as pd
@@ -49,7 +50,7 @@ def world(tmp_path):
     key = generate_identity()
     save_identity(key, tmp_path / "keys", 1)
 
-    def start() -> Site:
+    def start(**extra) -> Site:
         options = SiteOptions(
             name="shop-a",
             data="",
@@ -58,6 +59,7 @@ def world(tmp_path):
             identity=tmp_path / "keys" / "client-1.key",
             coordinator_key=base64.b64encode(public_bytes(COORDINATOR)).decode(),
             state_dir=tmp_path / "state",
+            **extra,
         )
         data = encode_interactions(_rows(), rating_scale=(1.0, 5.0), source="shop-a.csv")
         site = Site(options, data=data)
@@ -77,6 +79,7 @@ def _ask(
     round_=1,
     signer=COORDINATOR,
     nonce="1",
+    eval_splits=None,
 ):
     catalogue = transport.put_blob("run/catalogue.npz", encode_arrays({"items": ITEMS}))
     if state_arrays is None:
@@ -100,7 +103,7 @@ def _ask(
         family=family_spec(family),
         state=state,
         catalogue=catalogue,
-        eval_splits=("valid",),
+        eval_splits=(() if family.private else ("valid",)) if eval_splits is None else eval_splits,
         task_run_id=f"task-{nonce}",
     )
     signed = sign_message(signer, REQUEST, request.fields())
@@ -195,3 +198,32 @@ def test_a_state_outside_the_schema_is_refused_with_its_reason(world, change, re
     request, _ = _ask(transport, family=PLAIN, state_bytes=buffer.getvalue())
     start().poll_once()
     assert reason in _refusal(transport, key, request)
+
+
+def test_a_private_site_counts_each_release_once_and_refuses_one_past_its_cap(world, tmp_path):
+    transport, key, start = world
+    site = start()
+    _ask(transport, family=PRIVATE, nonce="1")
+    site.poll_once()
+    _ask(transport, family=PRIVATE, nonce="2")  # a retry: the kept answer, no new release
+    site.poll_once()
+    entries = tmp_path / "state" / "budget" / "entries.jsonl"
+    (line,) = entries.read_text().splitlines()
+    cost = json.loads(line)["epsilon"]
+    assert cost > 0 and json.loads(line)["release"] == {
+        "kind": "full", "noise_multiplier": 1.0, "sampling_rate": 1.0,
+    }  # fmt: skip
+
+    capped = start(max_epsilon=cost * 1.05)  # the operator lowers the cap; the site restarts
+    later, _ = _ask(transport, family=PRIVATE, round_=2, nonce="3")
+    capped.poll_once()
+    assert "privacy budget of this site" in _refusal(transport, key, later)
+    assert entries.read_text().splitlines() == [line]  # refused: nothing charged
+
+
+def test_a_private_site_sends_no_uncounted_evaluation_sums(world):
+    transport, key, start = world
+    site = start()
+    with_sums, _ = _ask(transport, family=PRIVATE, eval_splits=("valid",), nonce="1")
+    site.poll_once()
+    assert "carries no evaluation sums" in _refusal(transport, key, with_sums)

@@ -1,0 +1,164 @@
+"""A site's privacy budget on its own disk: every DP release it made, and the cap it keeps.
+
+The arithmetic is :mod:`models.sites.budget` (what one release costs within its run) and
+:mod:`models.privacy.ledger` (per-user balances across runs). This module keeps the entries
+(one JSON line per charged release, appended and fsynced before the release is computed, so a
+crash can only over-count) and the sets of users each entry covers, in ``<state>/budget/``
+(owner-only). User ids never leave the site; the site keys them with a random secret of its own
+so that the files hold no id in the clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from models.privacy.ledger import Entry, Stored, standing, user_keys
+from models.sites.budget import Release, SiteBudgetError, charge
+
+ENTRIES = "entries.jsonl"
+SECRET = "secret"
+RUNS_PER_DELTA_CAP = 10  # the delta cap allows this many runs at the per-run delta
+
+
+@dataclass(frozen=True)
+class Charged:
+    """What a charge left: the run's epsilon so far, and the most any user of the site has
+    spent in all (epsilon, delta)."""
+
+    run_epsilon: float
+    epsilon: float
+    delta: float
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+class SiteBudget:
+    """The budget of the users in one site's data.
+
+    Parameters
+    ----------
+    folder : path
+        ``<state>/budget``: created 0700 when missing, reloaded when present.
+    user_ids : numpy.ndarray
+        The ids (as text) of the users with rows at the site now.
+    max_epsilon : float
+        No user of the site may pass this epsilon, summed over runs.
+    max_delta : float or None
+        The same for delta (default: 1 / users at the site); each run is accounted at
+        ``max_delta / RUNS_PER_DELTA_CAP``.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        user_ids: np.ndarray,
+        *,
+        max_epsilon: float,
+        max_delta: float | None = None,
+    ) -> None:
+        if not max_epsilon > 0:
+            raise ValueError(f"max_epsilon={max_epsilon} must be > 0")
+        self.folder = Path(folder)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.max_epsilon = float(max_epsilon)
+        self.max_delta = float(max_delta) if max_delta is not None else 1.0 / max(1, len(user_ids))
+        self.run_delta = self.max_delta / RUNS_PER_DELTA_CAP
+        self.users = user_keys(np.asarray(user_ids, dtype=str), self._secret())
+        self._users_sha = self._keep_users(self.users)
+
+    def _secret(self) -> bytes:
+        path = self.folder / SECRET
+        if not path.exists():
+            _write_private(path, os.urandom(32))
+        return path.read_bytes()
+
+    def _keep_users(self, keys: np.ndarray) -> str:
+        data = np.sort(keys).astype("<u8").tobytes()
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.folder / f"users-{digest[:32]}.u64"
+        if not path.exists():
+            _write_private(path, data)
+        return digest
+
+    def _users_of(self, digest: str) -> np.ndarray | None:
+        path = self.folder / f"users-{digest[:32]}.u64"
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None  # a lost set counts for everyone: an over-count, never a freed budget
+        if hashlib.sha256(data).hexdigest() != digest:
+            return None
+        return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+    def _lines(self) -> list[dict]:
+        path = self.folder / ENTRIES
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def run_releases(self, run: str) -> list[Release]:
+        """The releases already charged to ``run``."""
+        return [Release(**line["release"]) for line in self._lines() if line["run"] == run]
+
+    def _stored(self) -> list[Stored]:
+        return [
+            Stored(Entry("spend", line["epsilon"], line["delta"], at=line["at"]),
+                   self._users_of(line["users_sha256"]))
+            for line in self._lines()
+        ]  # fmt: skip
+
+    def charge(self, run: str, release: Release) -> Charged:
+        """Charge ``release`` of ``run`` to every user of the site, or refuse it.
+
+        Raises
+        ------
+        SiteBudgetError
+            When any user of the site would pass the cap, or the run's releases cannot be
+            composed as counted; nothing is written then.
+        """
+        previous = self.run_releases(run)
+        cost = charge(previous, release, self.run_delta)
+        cost_delta = 0.0 if previous else self.run_delta
+        groups = standing(self.users, self._stored())
+        eps = max(g.balance.epsilon for g in groups)
+        delta = max(g.balance.delta for g in groups)
+        if eps + cost > self.max_epsilon * (1 + 1e-9) or delta + cost_delta > self.max_delta * (
+            1 + 1e-9
+        ):
+            raise SiteBudgetError(
+                f"privacy budget of this site: its users have spent up to epsilon {eps:.3g} of "
+                f"{self.max_epsilon:.3g} and delta {delta:.3g} of {self.max_delta:.3g}; this "
+                f"{release.kind} release needs epsilon {cost:.3g}, delta {cost_delta:.3g} more: "
+                "refused"
+            )
+        line = {
+            "run": run,
+            "release": asdict(release),
+            "epsilon": cost,
+            "delta": cost_delta,
+            "users_sha256": self._users_sha,
+            "at": int(time.time() * 1000),
+        }
+        path = self.folder / ENTRIES
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "a") as out:
+            out.write(json.dumps(line, allow_nan=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        run_eps = sum(e["epsilon"] for e in self._lines() if e["run"] == run)
+        return Charged(run_eps, eps + cost, delta + cost_delta)

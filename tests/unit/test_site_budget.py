@@ -1,0 +1,125 @@
+"""A site's own privacy accountant: what a release costs, the cap across runs, per user, kept on
+the site's disk, and a coordinator that under-states the noise."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from fedrec.sites.budget import ENTRIES, SiteBudget
+from models.privacy.dp import UserLevelDP, calibrate
+from models.privacy.released_metrics import MetricRelease
+from models.sites.budget import (
+    Release,
+    SiteBudgetError,
+    charge,
+    evaluation_release,
+    run_epsilon,
+    training_release,
+)
+
+USERS = np.array([f"u{i}" for i in range(200)])
+
+
+def _rdp_epsilon(sigma: float, q: float, rounds: int, extra: list[float], delta: float) -> float:
+    """An independent upper bound: dp-accounting's RDP accountant on the same composition."""
+    accountant = dp_accounting.rdp.RdpAccountant(
+        [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    )
+    sampled = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    accountant.compose(dp_accounting.SelfComposedDpEvent(sampled, rounds))
+    for s in extra:
+        accountant.compose(dp_accounting.GaussianDpEvent(s))
+    return accountant.get_epsilon(delta)
+
+
+def test_a_training_answer_is_accounted_with_the_sites_own_noise_share():
+    dp = UserLevelDP(2.0, shares=4)
+
+    assert training_release(dp, None) == Release("full", 1.0)  # 2 / sqrt(4), every user
+    assert training_release(dp, 0.25) == Release("round", 1.0, 0.25)
+    assert training_release(dp, 1.0) == Release("full", 1.0)
+    assert evaluation_release(MetricRelease(7.0)) == Release("evaluation", 7.0)
+    with pytest.raises(SiteBudgetError, match=r"sampling rate 1\.5"):
+        Release("round", 1.0, 1.5)
+    with pytest.raises(SiteBudgetError, match="noise multiplier nan"):
+        Release("full", math.nan)
+
+
+def test_the_charges_of_a_run_add_up_to_its_composed_epsilon():
+    releases = [Release("round", 1.1, 0.3)] * 12 + [Release("evaluation", 6.0)] * 2
+    delta = 1e-5
+
+    charges = [charge(releases[:i], r, delta) for i, r in enumerate(releases)]
+
+    total = run_epsilon(releases, delta)
+    assert sum(charges) == pytest.approx(total, rel=1e-12)
+    assert all(c > 0 for c in charges)
+    assert total <= _rdp_epsilon(1.1, 0.3, 12, [6.0, 6.0], delta) * (1 + 1e-9)
+    assert total > _rdp_epsilon(1.1, 0.3, 12, [6.0, 6.0], delta) * 0.5  # same order: not zero
+
+
+def test_a_run_that_changes_its_noise_after_its_first_release_is_not_accounted():
+    with pytest.raises(SiteBudgetError, match="changed its training noise"):
+        run_epsilon([Release("round", 1.0, 0.3), Release("round", 0.5, 0.3)], 1e-5)
+    with pytest.raises(SiteBudgetError, match="sampling rates"):
+        run_epsilon([Release("round", 1.0, 0.3), Release("round", 1.0, 0.6)], 1e-5)
+
+
+def test_the_cap_holds_across_runs_and_restarts_and_a_refusal_writes_nothing(tmp_path):
+    budget = SiteBudget(tmp_path / "budget", USERS, max_epsilon=3.0)
+    release = Release("full", 2.0)
+
+    first = budget.charge("run-1", release)
+    again = SiteBudget(tmp_path / "budget", USERS, max_epsilon=3.0)  # a restarted site
+    second = again.charge("run-2", release)
+    lines = (tmp_path / "budget" / ENTRIES).read_text().splitlines()
+
+    assert first.run_epsilon == pytest.approx(run_epsilon([release], budget.run_delta))
+    assert second.epsilon == pytest.approx(2 * first.epsilon)
+    with pytest.raises(SiteBudgetError, match=r"spent up to epsilon .* of 3 .*: refused"):
+        again.charge("run-3", release)
+    assert (tmp_path / "budget" / ENTRIES).read_text().splitlines() == lines
+    assert budget.run_delta == pytest.approx(1 / 200 / 10)
+    assert oct((tmp_path / "budget" / ENTRIES).stat().st_mode & 0o777) == "0o600"
+    assert b"u1" not in b"".join(p.read_bytes() for p in (tmp_path / "budget").iterdir())
+
+
+def test_users_who_join_the_site_later_carry_only_what_they_spent(tmp_path):
+    release = Release("full", 2.0)
+    cost = run_epsilon([release], 1e-4)
+    old = SiteBudget(tmp_path, USERS[:100], max_epsilon=2.5 * cost, max_delta=1e-3)
+    old.charge("run-1", release)
+    old.charge("run-2", release)
+
+    grown = SiteBudget(tmp_path, USERS, max_epsilon=2.5 * cost, max_delta=1e-3)
+    with pytest.raises(SiteBudgetError, match="refused"):  # the first 100 users would pass it
+        grown.charge("run-3", release)
+    newcomers = SiteBudget(tmp_path, USERS[100:], max_epsilon=2.5 * cost, max_delta=1e-3)
+    assert newcomers.charge("run-3", release).epsilon == pytest.approx(cost)
+
+
+def test_a_coordinator_that_under_states_the_noise_is_refused_by_the_sites_own_accounting(tmp_path):
+    # the coordinator calibrates 5 rounds to epsilon 8 with the noise split over 9 sites' shares
+    # (as if secure aggregation summed them), but each site's upload reaches it alone
+    sigma = calibrate(8.0, 1.0, 5, 1e-4 / 10, full=0)
+    honest = UserLevelDP(sigma, shares=1)
+    split = UserLevelDP(sigma, shares=9)
+    delta = 1e-4 / 10
+
+    weak = run_epsilon([Release("full", split.noise_multiplier)] * 5, delta)  # the claim
+    real = run_epsilon([training_release(split, None)] * 5, delta)  # what the site applies
+
+    assert weak == pytest.approx(run_epsilon([training_release(honest, None)] * 5, delta))
+    assert weak <= 8.0 * (1 + 1e-6) < real
+    budget = SiteBudget(tmp_path, USERS, max_epsilon=8.0, max_delta=1e-4)
+    with pytest.raises(SiteBudgetError, match="refused"):
+        for _ in range(5):
+            budget.charge("run-1", training_release(split, None))
+    honest_site = SiteBudget(tmp_path / "other", USERS, max_epsilon=8.0, max_delta=1e-4)
+    for _ in range(5):
+        spent = honest_site.charge("run-1", training_release(honest, None))
+    assert spent.run_epsilon == pytest.approx(weak, rel=1e-9)
