@@ -108,9 +108,9 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
         run_id,
     )
     if config.dp_epsilon is not None:
-        logger.warning(
-            "the privacy ledger keys on the users' ids, which stay at the sites: "
-            "this run's epsilon is accounted in the run only, not in the ledger"
+        logger.info(
+            "privacy budget: the users' ids stay at the sites, so each site counts this run's "
+            "releases against its own users' cap (fedrec site run --max-epsilon), not this ledger"
         )
     champion = load_champion(uri, config.registered_name)
     return RunContext(config, uri, run_id, workspace, manifest, catalogue, champion, sites=link)
