@@ -238,8 +238,9 @@ def _answer(payload: dict[str, object]) -> None:
 
 
 def worker(ns: argparse.Namespace) -> None:
-    """One side's process: warm up, then run the flow or the loop on each command from stdin
-    (``flow``, ``loop``, ``breakdown``, ``stop``) and answer its seconds and CPU seconds."""
+    """One side's process: warm up when told, then run the flow or the loop on each command from
+    stdin (``flow``, ``loop``, ``loop1``, ``breakdown``, ``stop``) and answer its seconds and CPU
+    seconds."""
     from fedrec.config import TrainingConfig
     from flows.training import federated_training
 
@@ -259,6 +260,7 @@ def worker(ns: argparse.Namespace) -> None:
     times = TaskTimes()
     if ns.breakdown:
         times.install()
+    sys.stdin.readline()  # the parent says when: the sides warm up one after the other
     plain_loop(config)  # warm-up: imports, page cache, allocator
     started = time.perf_counter()
     federated_training(**config.model_dump())  # warm-up: imports, the MLflow store created
@@ -389,7 +391,7 @@ def main() -> None:
         for spec in ns.side or ["fedrec:fedrec"]:
             sides.append(Side(spec, ns, scratch))
         for side in sides:  # warm-ups one after the other: they do not run at the same time
-            side.first_flow_s = float(side.read()["first_flow_s"])
+            side.first_flow_s = float(side.ask("warm-up")["first_flow_s"])
             print(f"{side.label}: server up in {side.startup:.1f} s, "
                   f"first flow run {side.first_flow_s:.2f} s", flush=True)  # fmt: skip
         for i in range(ns.repeats):
