@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from fedrec.sites.secure import registry_field
 from fedrec.sites.transport import REQUEST_TYPE, Transport, TransportError, request_key
 from models.data.partitions import ClientEntry
 from models.federation.family import Family
 from models.privacy.released_metrics import MetricRelease
+from models.privacy.secagg_plus import RoundConfig
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ANSWER,
@@ -178,13 +180,16 @@ class Coordinator:
         eval_splits: tuple[str, ...] = (),
         devices: float | None = None,
         release: MetricRelease | None = None,
+        secure: dict[str, Any] | None = None,
+        message: bytes | None = None,
         flow_run_id: str = "",
         task_run_id: str = "",
         warn: Callable[[str], None] = print,
     ) -> tuple[dict[str, np.ndarray], RoundAnswer]:
         """Ask ``site`` and wait for its verified answer: the answer's arrays and manifest.
         The request names the asking task run (answers and log lines go there); ``warn``
-        gets one line per refused answer.
+        gets one line per refused answer. ``secure`` and ``message`` make a secure-aggregation
+        request (:mod:`fedrec.sites.secure`): the message is uploaded beside the reply folder.
 
         Raises
         ------
@@ -196,6 +201,10 @@ class Coordinator:
         now = time.time()
         deadline = self.deadline_of(site)
         nonce = secrets.token_hex(16)
+        folder = f"{self._folder()}/{kind}-{phase or 'all'}-r{round_:04d}"
+        sent = None
+        if message is not None:
+            sent = self.transport.put_blob(f"{folder}/{nonce}-message.npz", message)
         request = RoundRequest(
             run=self.run,
             kind=kind,
@@ -207,7 +216,7 @@ class Coordinator:
             nonce=nonce,
             issued_at=now,
             expires_at=now + deadline,
-            reply_to=f"{self._folder()}/{kind}-{phase or 'all'}-r{round_:04d}/{nonce}",
+            reply_to=f"{folder}/{nonce}",
             seed=self.seed,
             split=self.split,
             family=family_spec(family) if family is not None else {},
@@ -220,6 +229,8 @@ class Coordinator:
             task_run_id=task_run_id,
             precision=self.registry.precision,
             compress=self.registry.compress,
+            secure=secure,
+            message=sent,
         )
         answers = self.collector.watch(request.task_run_id)
         signed = sign_message(self.registry.coordinator_key, REQUEST, request.fields())
@@ -247,6 +258,47 @@ class Coordinator:
         raise TimeoutError(
             f"{site.name}: no answer to {kind} {phase} round {round_} within {deadline:.0f} s"
         )
+
+    def secure_fields(self, config: RoundConfig | None = None) -> dict[str, Any]:
+        """The ``secure`` field of a request: every site's key from ``sites.yaml`` (what the
+        sites verify each other's round keys against) and the protocol round, if any."""
+        keys = {s.client_id: s.public_key for s in self.registry.sites}
+        fields: dict[str, Any] = {"registry": registry_field(keys)}
+        if config is not None:
+            fields["round"] = config.to_json()
+        return fields
+
+    def secure_step(
+        self, site: SiteSpec, step: str, config: RoundConfig, message: bytes | None, **asking: Any
+    ) -> bytes:
+        """One secure-aggregation step of ``site``: the server's message out, the site's
+        protocol message back (bytes of a :mod:`models.privacy.secagg_plus` message).
+
+        Raises
+        ------
+        SiteRefused, TimeoutError
+            As :meth:`exchange`.
+        SchemaError
+            If the answer holds anything but one byte array ``message``.
+        """
+        arrays, _ = self.exchange(
+            site,
+            kind="secagg",
+            phase=step,
+            round_=config.round,
+            secure=self.secure_fields(config),
+            message=message,
+            **asking,
+        )
+        reply = arrays.get("message")
+        if (
+            set(arrays) != {"message"}
+            or reply is None
+            or reply.dtype != np.uint8
+            or reply.ndim != 1
+        ):
+            raise SchemaError(f"{site.name}: a secure step's answer must be one byte array")
+        return reply.tobytes()
 
     def _accept(
         self, site: SiteSpec, request: RoundRequest, digest: str, signed: Any

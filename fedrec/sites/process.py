@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedrec.sites.budget import SiteBudget
+from fedrec.sites.secure import SecureSite
 from fedrec.sites.transport import ANSWER_TYPE, Transport, TransportError, answer_key, request_key
 from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
 from models.cohorts import family_cohort_round
@@ -124,6 +125,7 @@ class Site:
             max_epsilon=options.max_epsilon,
             max_delta=options.max_delta,
         )
+        self.secure = SecureSite(Path(options.state_dir) / "secagg", self.key)
         self.transport = Transport(options.prefect_api, options.mlflow)
         self._seen: set[str] = set()  # artifact ids looked at by this process
         self._blobs: dict[str, dict[str, np.ndarray]] = {}  # by sha256: catalogue, states
@@ -293,6 +295,8 @@ class Site:
         """The answer's npz bytes and info: the kept answer if this exchange was answered."""
         if request.kind == "enroll":
             return self._enroll(request)
+        if request.kind == "secagg":
+            return self._secagg(request)
         family = family_from_spec(request.family)
         state_sha = request.state.sha256 if request.state is not None else None
         kept = self.record.kept(request.record_key)
@@ -316,6 +320,11 @@ class Site:
             )
         if request.kind == "train":
             update, evaluations = self._train(request, family, client, state)
+            if request.secure is not None:  # the update stays here until it is masked
+                size = self.secure.hold(request, family, update, client.n_items)
+                update = ClientUpdate(
+                    client.client_id, _EMPTY, _EMPTY, metrics={"held": float(size)}
+                )
         else:
             update = ClientUpdate(client.client_id, _EMPTY, _EMPTY)
             evaluations = self._evaluate(request, family, client, state)
@@ -327,6 +336,29 @@ class Site:
         )
         info = {"private": int(family.private)}
         self.record.keep(request.record_key, state_sha, data, info)
+        return data, info
+
+    def _secagg(self, request: RoundRequest) -> tuple[bytes, dict[str, Any]]:
+        """One step of secure aggregation (:mod:`fedrec.sites.secure`), answered once: asked
+        again with the same server message it sends the kept bytes, with another it refuses."""
+        message_sha = request.message.sha256 if request.message is not None else None
+        kept = self.record.kept(request.record_key)
+        if kept is not None and kept.state_sha256 == message_sha:
+            return kept.data, kept.info
+        if kept is not None:
+            raise RefusedMessage(
+                f"secure step {request.phase} of round {request.round} was answered for another "
+                "server message; a site answers each step once"
+            )
+        message = None
+        if request.message is not None:
+            message = self.transport.get_blob(request.message, self.options.max_bytes)
+        reply = self.secure.answer(request, message)
+        data = encode_arrays(
+            {"message": np.frombuffer(reply, dtype=np.uint8)}, compress=request.compress
+        )
+        info = {"private": 0}
+        self.record.keep(request.record_key, message_sha, data, info)
         return data, info
 
     def _enroll(self, request: RoundRequest) -> tuple[bytes, dict[str, Any]]:
@@ -430,7 +462,9 @@ def _release(request: RoundRequest, family: Family) -> Release | None:
             raise RefusedMessage(
                 "a private training answer carries no evaluation sums (an uncounted release)"
             )
-        return training_release(dp, request.devices)
+        # masked (the site holds its update and masks it only in a round of t >= its noise
+        # shares), the server learns a sum carrying the full noise
+        return training_release(dp, request.devices, masked=request.secure is not None)
     if family.private:
         raise RefusedMessage(f"a private {request.kind} answer this site cannot account for")
     return None

@@ -8,9 +8,11 @@ it applies, and refuses a release that would take any of its users past the site
 - a **training answer** of a private family is a Gaussian release of the user's clipped
   statistics with noise multiplier ``noise_multiplier / sqrt(shares)`` relative to its
   sensitivity: without secure aggregation the server sees this site's upload alone, so only the
-  site's own share of the noise protects it. With per-user sampling (``devices``) each user of
-  the site flips its own coin from the site's entropy, a Poisson sample at that rate; without it
-  every user is in (a *full* release);
+  site's own share of the noise protects it. Under secure aggregation the site keeps its update
+  and sends it only masked, in a round whose threshold t is at least ``shares`` (it checks), so
+  the server learns only sums carrying the full noise: the release counts ``noise_multiplier``.
+  With per-user sampling (``devices``) each user of the site flips its own coin from the site's
+  entropy, a Poisson sample at that rate; without it every user is in (a *full* release);
 - a **final evaluation** release (:class:`~models.privacy.released_metrics.MetricRelease`) is one
   Gaussian release of every user's bounded sums.
 
@@ -57,10 +59,14 @@ class Release:
             raise SiteBudgetError(f"sampling rate {self.sampling_rate} is outside (0, 1]")
 
 
-def training_release(dp: UserLevelDP, devices: float | None) -> Release:
-    """The release of one private training answer: the site's noise share, unaided by
-    anyone else's (no secure aggregation between sites), at the users' sampling rate."""
-    sigma = dp.noise_multiplier / math.sqrt(max(1, dp.shares))
+def training_release(dp: UserLevelDP, devices: float | None, *, masked: bool = False) -> Release:
+    """The release of one private training answer at the users' sampling rate: the site's
+    noise share, unaided by anyone else's; or, when ``masked`` (secure aggregation: the site
+    sends its update only masked, in a round that unmasks only sums of at least ``dp.shares``
+    sites), the full noise multiplier the sum carries."""
+    sigma = dp.noise_multiplier
+    if not masked:
+        sigma /= math.sqrt(max(1, dp.shares))
     if devices is None or devices >= 1:
         return Release("full", sigma)
     return Release("round", sigma, devices)

@@ -42,8 +42,8 @@ SITE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PATH = re.compile(r"[A-Za-z0-9._/-]{1,512}")
-Kind = Literal["enroll", "train", "evaluate"]
-KINDS = ("enroll", "train", "evaluate")
+Kind = Literal["enroll", "train", "evaluate", "secagg"]
+KINDS = ("enroll", "train", "evaluate", "secagg")
 
 
 class RefusedMessage(ValueError):
@@ -204,9 +204,11 @@ class RoundRequest:
     ----------
     run : str
         The coordinator's run (its Prefect flow run id).
-    kind : {"enroll", "train", "evaluate"}
+    kind : {"enroll", "train", "evaluate", "secagg"}
         Enrol (send the item-id set and the split's counts), train (evaluate ``state`` on
-        ``eval_splits`` first, then compute the update of ``phase``), or evaluate ``state``.
+        ``eval_splits`` first, then compute the update of ``phase``), evaluate ``state``, or
+        answer one step of secure aggregation (``phase`` names the step, ``message`` holds the
+        server's protocol message, :mod:`fedrec.sites.secure`).
     phase, round : str, int
         The family's phase and the round (the step being evaluated, for ``evaluate``).
     label : str
@@ -240,6 +242,12 @@ class RoundRequest:
         How the site packs the floats of its answer (:mod:`models.sites.encoding`).
     compress : bool
         Whether the site deflates its answer's npz.
+    secure : dict or None
+        Secure aggregation: ``registry`` (client id -> base64 Ed25519 public key of every site,
+        from ``sites.yaml``) and, for a ``secagg`` step, ``round`` (the protocol's round
+        configuration). On a ``train`` request the site keeps its update and answers a receipt.
+    message : BlobRef or None
+        A ``secagg`` step's protocol message (:mod:`models.privacy.secagg_plus`, no pickle).
     """
 
     run: str
@@ -265,6 +273,8 @@ class RoundRequest:
     task_run_id: str = ""
     precision: str = "float64"  # how the site encodes its answer's floats (float32 packs them)
     compress: bool = False  # deflate the answer's npz
+    secure: dict[str, Any] | None = None
+    message: BlobRef | None = None
 
     def fields(self) -> dict[str, Any]:
         """The manifest fields (JSON values)."""
@@ -359,11 +369,20 @@ def check_request(
         raise RefusedMessage(
             f"request precision {fields['precision']!r}; allowed: float64, float32"
         )
+    secure = fields.get("secure")
+    if secure is not None and not (
+        isinstance(secure, dict) and set(secure) <= {"registry", "round"}
+    ):
+        raise RefusedMessage("request secure must be an object of registry (and round)")
     refs = {
         name: None if fields.get(name) is None else BlobRef.from_json(fields[name], name)
-        for name in ("state", "catalogue")
+        for name in ("state", "catalogue", "message")
     }
-    if fields["kind"] != "enroll" and (refs["state"] is None or refs["catalogue"] is None):
+    if fields["kind"] == "secagg" and (secure is None or "round" not in secure):
+        raise RefusedMessage("a secagg request needs its secure round")
+    if fields["kind"] in ("train", "evaluate") and (
+        refs["state"] is None or refs["catalogue"] is None
+    ):
         raise RefusedMessage(f"a {fields['kind']} request needs a state and a catalogue")
     return RoundRequest(**(fields | refs | {"eval_splits": tuple(splits)}))
 

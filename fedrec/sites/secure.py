@@ -1,0 +1,233 @@
+"""A site's half of secure aggregation: its update held on its own disk, and one protocol step
+per signed request (:mod:`models.privacy.secagg_plus`, client side
+:class:`~models.privacy.secagg_plus_client.SecAggClient`).
+
+A ``train`` request that carries ``secure`` makes the site keep its update's dense vector in its
+state folder (owner-only) and answer only a receipt with the vector's length. Then one ``secagg``
+request per step, each carrying the server's message, moves the site's
+:class:`SecAggClient` through advertise keys -> share keys -> masked input -> sign survivors ->
+unmask, its state written back between steps in ``<state>/secagg/<run-round>/``. The site:
+
+- signs its round keys with its own identity key (the key it signs its answers with), drawn
+  from its own entropy (X25519 pairs, the self-mask seed);
+- verifies its peers' round keys against the registry of site keys in the coordinator's signed
+  request (``sites.yaml``), whose entry for this site must be this site's key;
+- masks only the update it holds for the request's run and round, only once (the held vector is
+  deleted when masked), and only for a round whose threshold t is at least its DP noise shares
+  (the sum the server learns then carries the full noise).
+
+A refused step (a substituted key, too few peers, a step out of order) aborts the site's round:
+it raises :class:`~models.sites.messages.RefusedMessage` with the protocol's reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from models.federation.family import Family
+from models.privacy.identity import KeyAuthenticationError, public_bytes
+from models.privacy.secagg_plus import (
+    KeyDirectory,
+    Message,
+    RoundConfig,
+    SecAggError,
+    ShareInbox,
+    SurvivorList,
+    UnmaskRequest,
+)
+from models.privacy.secagg_plus_client import SecAggClient
+from models.privacy.wire import pack, unpack
+from models.protocol import ClientUpdate
+from models.sites.messages import RefusedMessage, RoundRequest
+
+STEPS = ("advertise", "share", "mask", "sign", "unmask")
+# Fixed-point step of a round across sites: 2^-36 ~ 1.5e-11, so the unmasked sum equals the
+# plain sum to well below 1e-8 (the simulation's 2^-24 ~ 6e-8 does not); the overflow bound
+# is then |x| < 2^27 / n_sites per value (1.3e7 for 10 sites), far above ALS's statistics.
+FRACTION_BITS = 36
+HELD, STATE = "held-update.npz", "round-state.npz"
+
+
+def registry_field(keys: dict[int, Ed25519PublicKey]) -> dict[str, str]:
+    """The ``secure.registry`` of a request: client id -> base64 raw public key."""
+    return {str(c): base64.b64encode(public_bytes(k)).decode() for c, k in sorted(keys.items())}
+
+
+def read_registry_field(raw: Any) -> dict[int, Ed25519PublicKey]:
+    """The registry a request carries, checked.
+
+    Raises
+    ------
+    RefusedMessage
+        If it is not an object of client ids to 32-byte base64 keys.
+    """
+    if not isinstance(raw, dict) or not raw:
+        raise RefusedMessage("secure registry must be an object of client ids to public keys")
+    keys = {}
+    for client, value in raw.items():
+        try:
+            keys[int(client)] = Ed25519PublicKey.from_public_bytes(
+                base64.b64decode(value, validate=True)
+            )
+        except (TypeError, ValueError, binascii.Error) as err:
+            raise RefusedMessage(f"secure registry entry {client!r} is not a public key") from err
+    return keys
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically, readable by the owner only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temp, path)
+
+
+class SecureSite:
+    """The secure-aggregation state of one site, in ``folder`` (``<state>/secagg``).
+
+    Parameters
+    ----------
+    folder : path
+        Created 0700 when missing.
+    key : Ed25519PrivateKey
+        The site's identity key: it signs the round keys and the survivor list.
+    """
+
+    def __init__(self, folder: str | Path, key: Ed25519PrivateKey) -> None:
+        self.folder = Path(folder)
+        self.key = key
+
+    def _round_folder(self, run: str, round_: int) -> Path:
+        name = hashlib.sha256(f"{run}\n{round_}".encode()).hexdigest()[:32]
+        return self.folder / name
+
+    def _registry(self, request: RoundRequest) -> dict[int, Ed25519PublicKey]:
+        keys = read_registry_field((request.secure or {}).get("registry"))
+        own = keys.get(request.client_id)
+        if own is None or public_bytes(own) != public_bytes(self.key):
+            raise RefusedMessage(
+                f"the secure registry does not hold this site's key for client {request.client_id}"
+            )
+        return keys
+
+    # --- training: keep the update -----------------------------------------------------------
+
+    def hold(
+        self, request: RoundRequest, family: Family, update: ClientUpdate, n_items: int
+    ) -> int:
+        """Keep ``update``'s dense vector for the request's run and round; returns its length.
+
+        Raises
+        ------
+        RefusedMessage
+            If the family cannot be summed under masks or the registry lacks this site's key.
+        """
+        to_dense = getattr(family, "to_dense", None)
+        if to_dense is None:
+            raise RefusedMessage(f"the {family.name} family cannot be securely aggregated")
+        self._registry(request)
+        dense = np.asarray(to_dense(update, n_items), dtype=np.float64).ravel()
+        dp = getattr(getattr(family, "config", None), "dp", None)
+        shares = dp.shares if family.private and dp is not None else 1
+        fields = {"run": request.run, "round": request.round, "min_threshold": max(2, shares)}
+        folder = self._round_folder(request.run, request.round)
+        _write_private(folder / HELD, pack(fields, {"dense": dense}))
+        return int(dense.size)
+
+    def _held(self, folder: Path, config: RoundConfig) -> tuple[np.ndarray, int]:
+        path = folder / HELD
+        if not path.is_file():
+            raise RefusedMessage(
+                f"this site holds no update of round {config.round} (never trained it, or "
+                "masked it already)"
+            )
+        fields, arrays = unpack(path.read_bytes())
+        dense = arrays["dense"]
+        if dense.size != config.vector_size:
+            raise RefusedMessage(
+                f"the round masks {config.vector_size} values, this site holds {dense.size}"
+            )
+        return dense, int(fields["min_threshold"])
+
+    # --- one protocol step -------------------------------------------------------------------
+
+    def answer(self, request: RoundRequest, message: bytes | None) -> bytes:
+        """This site's protocol message for the step ``request.phase``.
+
+        Raises
+        ------
+        RefusedMessage
+            With the reason: the request, its round or its message does not fit, or the
+            protocol refused the step (a key not signed by its registered site key, too few
+            clients, a step out of order); the site's round is aborted then.
+        """
+        step = request.phase
+        if step not in STEPS:
+            raise RefusedMessage(f"secure step {step!r}; allowed: {', '.join(STEPS)}")
+        try:
+            config = RoundConfig(**(request.secure or {})["round"])
+        except (TypeError, ValueError, KeyError) as err:
+            raise RefusedMessage(f"secure round configuration: {err}") from err
+        if (config.run_id, config.round) != (request.run, request.round):
+            raise RefusedMessage("the secure round names another run or round than the request")
+        registry = self._registry(request)
+        folder = self._round_folder(request.run, request.round)
+        if step == "advertise":
+            self._held(folder, config)
+            client = SecAggClient(request.client_id, config)
+        else:
+            if not (folder / STATE).is_file():
+                raise RefusedMessage(f"no secure state for round {config.round}: advertise first")
+            client = SecAggClient.from_bytes((folder / STATE).read_bytes())
+            if client.config != config or client.client_id != request.client_id:
+                raise RefusedMessage("the secure round differs from the one this site joined")
+        try:
+            reply = self._step(step, client, folder, config, message, registry)
+        except (SecAggError, KeyAuthenticationError) as err:
+            _write_private(folder / STATE, client.to_bytes())
+            raise RefusedMessage(f"secure aggregation {step}: {err}") from err
+        except ValueError as err:  # a malformed protocol message
+            raise RefusedMessage(f"secure aggregation {step}: {err}") from err
+        _write_private(folder / STATE, client.to_bytes())
+        if step == "mask":  # masked once: the update is gone, nothing can mask it again
+            (folder / HELD).unlink()
+        return reply.to_bytes()
+
+    def _step(
+        self,
+        step: str,
+        client: SecAggClient,
+        folder: Path,
+        config: RoundConfig,
+        message: bytes | None,
+        registry: dict[int, Ed25519PublicKey],
+    ) -> Message:
+        if step == "advertise":
+            return client.advertise_keys(self.key)
+        if message is None:
+            raise RefusedMessage(f"secure step {step} needs the server's message")
+        if step == "share":
+            return client.share_keys(KeyDirectory.from_bytes(message), registry)
+        if step == "mask":
+            dense, min_threshold = self._held(folder, config)
+            if config.threshold < min_threshold:
+                raise RefusedMessage(
+                    f"the round's threshold {config.threshold} is below the {min_threshold} "
+                    "clients whose noise shares make the full DP noise: refusing to mask"
+                )
+            return client.masked_input(dense, ShareInbox.from_bytes(message))
+        if step == "sign":
+            return client.sign_survivors(SurvivorList.from_bytes(message), self.key)
+        return client.unmask(UnmaskRequest.from_bytes(message), registry)

@@ -1,0 +1,255 @@
+"""Secure aggregation across site processes, in memory: three sites answer each SecAgg+ step
+as a signed exchange, the coordinator runs the server half of the protocol and learns only the
+sum, which equals the plain sum of the sites' updates; a substituted round key is refused by
+the site, a site gone after masking is recovered from the others' shares, and a private site
+counts the full noise only for an update it holds and masks."""
+
+import base64
+import json
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrec.sites.coordinator import AnswerCollector, Coordinator, SiteRefused
+from fedrec.sites.process import Site, SiteOptions
+from fedrec.sites.secure import FRACTION_BITS
+from models.data.schema import encode_interactions
+from models.mf.family import ExplicitMF
+from models.mf.federated import MFConfig
+from models.privacy.dp import UserLevelDP
+from models.privacy.fixed_point import decode, encode
+from models.privacy.identity import generate_identity, public_bytes, save_identity
+from models.privacy.secagg_plus import (
+    EncryptedShares,
+    KeyAdvertisement,
+    KeyDirectory,
+    MaskedInput,
+    RoundConfig,
+    SurvivorSignature,
+    UnmaskShares,
+    new_x25519,
+)
+from models.privacy.secagg_plus_server import SecAggServer
+from models.sites.registry import Registry, SiteSpec
+from models.sites.schema import check_answer_arrays
+from tests.sites_fakes import MemoryTransport
+
+ALS = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0)))
+SPLIT = {"method": "random", "valid_fraction": 0.2, "test_fraction": 0.2}
+ITEMS = np.arange(100, 112)
+NAMES = ("shop-a", "shop-b", "shop-c")
+
+
+@pytest.fixture
+def world(tmp_path):
+    transport, coordinator_key = MemoryTransport(), generate_identity()
+    keys, sites, specs, stops = {}, {}, [], []
+    for index, name in enumerate(NAMES):
+        keys[name] = generate_identity()
+        save_identity(keys[name], tmp_path / name, index)
+        rng = np.random.default_rng(index)
+        frame = pd.DataFrame(
+            {
+                "user": np.repeat(np.arange(6), 5) + 10 * index,
+                "item": np.concatenate([rng.choice(ITEMS, 5, replace=False) for _ in range(6)]),
+                "rating": rng.integers(1, 6, 30).astype(float),
+            }
+        )
+        data = encode_interactions(frame, rating_scale=(1.0, 5.0), source=f"{name}.csv")
+        options = SiteOptions(
+            name=name,
+            data="",
+            prefect_api="http://unused/api",
+            mlflow="http://unused",
+            identity=tmp_path / name / f"client-{index}.key",
+            coordinator_key=base64.b64encode(public_bytes(coordinator_key)).decode(),
+            state_dir=tmp_path / f"state-{name}",
+            events=False,
+        )
+        site = Site(options, data=data)
+        site.transport.close()
+        site.transport = transport
+        sites[name] = site
+        specs.append(SiteSpec(name, index, keys[name].public_key(), deadline_seconds=10.0))
+        stops.append(_running(site))
+
+    def coordinator(run: str) -> Coordinator:
+        made = Coordinator(Registry(coordinator_key, tuple(specs)), transport, run, 0, SPLIT)
+        made.publish_catalogue(ITEMS)
+        made._collector = AnswerCollector(transport, poll_seconds=0.02)  # fast in memory
+        return made
+
+    yield coordinator, specs, sites, tmp_path
+    for stop in stops:
+        stop.set()
+
+
+def _running(site: Site) -> threading.Event:
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            site.poll_once()
+            stop.wait(0.02)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return stop
+
+
+def _train(coordinator, spec, *, secure, family=ALS, round_=1):
+    arrays, _ = coordinator.exchange(
+        spec,
+        kind="train",
+        phase="train",
+        round_=round_,
+        family=family,
+        state=family.initial_state(len(ITEMS), seed=0),
+        secure=coordinator.secure_fields() if secure else None,
+        task_run_id=f"train-{spec.name}-{secure}-{round_}",
+    )
+    return check_answer_arrays(arrays, client_id=spec.client_id, n_items=len(ITEMS))[0]
+
+
+def _plain_dense(coordinator, specs) -> dict[int, np.ndarray]:
+    """Each site's update asked in the clear (an oracle independent of the protocol)."""
+    return {
+        s.client_id: ALS.to_dense(_train(coordinator, s, secure=False), len(ITEMS)) for s in specs
+    }
+
+
+class _Round:
+    """The coordinator's half of one round: the server steps, each site step an exchange;
+    everything the coordinator received is kept to be inspected."""
+
+    def __init__(self, coordinator, specs, size, run):
+        self.coordinator, self.specs = coordinator, {s.client_id: s for s in specs}
+        self.config = RoundConfig(run, 1, len(specs), size, 2, FRACTION_BITS)
+        self.server = SecAggServer(self.config, {s.client_id: s.public_key for s in specs})
+        self.received: list[bytes] = []
+
+    def ask(self, step, messages):
+        out = {}
+        for c, message in sorted(messages.items()):
+            reply = self.coordinator.secure_step(
+                self.specs[c], step, self.config, message, task_run_id=f"{step}-{c}"
+            )
+            self.received.append(reply)
+            out[c] = reply
+        return out
+
+    def run(self, masking=None, after_mask=None):
+        everyone = sorted(self.specs)
+        adverts = self.ask("advertise", dict.fromkeys(everyone))
+        directory = self.server.key_directory(
+            [KeyAdvertisement.from_bytes(b) for b in adverts.values()]
+        )
+        shares = self.ask("share", dict.fromkeys(everyone, directory.to_bytes()))
+        inboxes = self.server.route_shares([EncryptedShares.from_bytes(b) for b in shares.values()])
+        masking = everyone if masking is None else masking
+        masked = self.ask("mask", {c: inboxes[c].to_bytes() for c in masking})
+        survivors = self.server.commit([MaskedInput.from_bytes(b) for b in masked.values()])
+        alive = survivors.survivors if after_mask is None else after_mask
+        signed = self.ask("sign", dict.fromkeys(alive, survivors.to_bytes()))
+        request = self.server.unmask_request(
+            [SurvivorSignature.from_bytes(b) for b in signed.values()]
+        )
+        answers = self.ask("unmask", dict.fromkeys(sorted(request.signatures), request.to_bytes()))
+        total = self.server.aggregate_decoded(
+            [UnmaskShares.from_bytes(b) for b in answers.values()]
+        )
+        return total, {c: MaskedInput.from_bytes(b).vector for c, b in masked.items()}
+
+
+def _secure_round(coordinator, specs, **drops):
+    receipts = [_train(coordinator, s, secure=True) for s in specs]
+    assert all(r.items.size == 0 and not r.arrays for r in receipts)  # nothing but a length
+    size = int(receipts[0].metrics["held"])
+    assert {r.metrics["held"] for r in receipts} == {size}
+    secure_round = _Round(coordinator, specs, size, coordinator.run)
+    return secure_round, *secure_round.run(**drops)
+
+
+def test_three_sites_unmask_to_the_plain_sum_and_no_single_update_reaches_the_coordinator(world):
+    coordinator, specs, _, _ = world
+    plain = _plain_dense(coordinator("plain"), specs)
+    secure = coordinator("secure")
+    secure_round, total, masked = _secure_round(secure, specs)
+    np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
+    for dense in plain.values():
+        encoded = encode(dense, n_clients=3, fraction_bits=FRACTION_BITS)
+        for vector in masked.values():  # every masked input is far from every single update
+            assert np.abs(decode(vector, fraction_bits=FRACTION_BITS) - dense).max() > 1e3
+            assert not np.array_equal(vector, encoded)
+        start = np.flatnonzero(dense)[0]  # and no stored file holds one in the clear
+        pieces = (dense[start : start + 8].tobytes(), encoded[start : start + 8].tobytes())
+        blobs = list(secure.transport.blobs.values()) + secure_round.received
+        assert not any(piece in blob for piece in pieces for blob in blobs)
+
+
+def test_a_site_refuses_round_keys_not_signed_by_a_registered_site_key(world):
+    coordinator, specs, _, _ = world
+    secure = coordinator("substituted")
+    receipts = [_train(secure, s, secure=True) for s in specs]
+    secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    adverts = secure_round.ask("advertise", dict.fromkeys(range(3)))
+    directory = KeyDirectory.from_bytes(
+        secure_round.server.key_directory(
+            [KeyAdvertisement.from_bytes(b) for b in adverts.values()]
+        ).to_bytes()
+    )
+    substituted = KeyDirectory(
+        {**directory.c_public, 2: new_x25519()[1]}, directory.s_public, directory.signatures
+    )
+    with pytest.raises(SiteRefused, match="round keys of client 2: signature does not verify"):
+        secure_round.ask("share", {0: substituted.to_bytes()})
+    with pytest.raises(SiteRefused, match="phase 'aborted'"):  # its round is over
+        secure_round.ask("share", {0: directory.to_bytes()})
+
+
+def test_a_site_gone_after_masking_is_unmasked_from_the_others_shares(world):
+    coordinator, specs, _, _ = world
+    plain = _plain_dense(coordinator("plain"), specs)
+    secure = coordinator("dropout-after-mask")
+    _, total, _ = _secure_round(secure, specs, after_mask=(0, 1))
+    np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
+
+
+def test_a_site_gone_before_masking_leaves_the_sum_of_the_others(world):
+    coordinator, specs, _, _ = world
+    plain = _plain_dense(coordinator("plain"), specs)
+    secure = coordinator("dropout-before-mask")
+    _, total, _ = _secure_round(secure, specs, masking=(0, 1))
+    np.testing.assert_allclose(total, plain[0] + plain[1], rtol=0, atol=1e-8)
+
+
+PRIVATE = ExplicitMF(
+    MFConfig(n_factors=3, clip_to=(1.0, 5.0), dp=UserLevelDP(noise_multiplier=2.0, shares=3))
+)
+
+
+def _releases(tmp_path, name):
+    lines = (tmp_path / f"state-{name}" / "budget" / "entries.jsonl").read_text().splitlines()
+    return [json.loads(line)["release"] for line in lines]
+
+
+def test_a_private_site_counts_the_full_noise_only_for_an_update_it_holds_and_masks(world):
+    coordinator, specs, _, tmp_path = world
+    secure = coordinator("private")
+    _train(secure, specs[0], secure=True, family=PRIVATE)
+    _train(secure, specs[1], secure=False, family=PRIVATE, round_=2)
+    (masked,) = _releases(tmp_path, "shop-a")
+    (clear,) = _releases(tmp_path, "shop-b")
+    assert masked["noise_multiplier"] == pytest.approx(2.0)  # the sum carries the full noise
+    assert clear["noise_multiplier"] == pytest.approx(2.0 / np.sqrt(3))  # its own share only
+    secure = coordinator("private-low-threshold")
+    receipts = [_train(secure, s, secure=True, family=PRIVATE) for s in specs]
+    secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    adverts = secure_round.ask("advertise", dict.fromkeys(range(3)))
+    server = SecAggServer(secure_round.config)
+    directory = server.key_directory([KeyAdvertisement.from_bytes(b) for b in adverts.values()])
+    shares = secure_round.ask("share", dict.fromkeys(range(3), directory.to_bytes()))
+    inboxes = server.route_shares([EncryptedShares.from_bytes(b) for b in shares.values()])
+    with pytest.raises(SiteRefused, match="threshold 2 is below the 3 clients"):
+        secure_round.ask("mask", {0: inboxes[0].to_bytes()})
