@@ -671,10 +671,10 @@ def _check_sites(config: TrainingConfig) -> None:
     """What a run over real sites cannot do yet, refused in one line each."""
     if config.sites is not None and not Path(config.sites).is_file():
         raise ValueError(f"--sites {config.sites}: no such file")
-    if config.secure_aggregation:
+    if config.secure_aggregation and config.feedback == "implicit":
         raise ValueError(
-            "--sites with --secure-aggregation: secure aggregation across real sites (its "
-            "multi-step key exchange) is not built yet; run without --secure-aggregation"
+            "--sites with --secure-aggregation trains the explicit family (ALS, FedAvg variants); "
+            "the neural family's updates are not summed under masks across sites yet"
         )
     if config.feedback == "implicit" and config.implicit_model != "neural":
         raise ValueError(

@@ -6,6 +6,11 @@ server keeps the verified ones -> clients share their seeds -> the server routes
 clients send masked inputs -> the server commits to the survivors -> survivors sign that list ->
 the server asks for shares -> survivors unmask -> the server removes the masks and steps.
 
+Over real sites (``ctx.sites``) each client phase is a proxy task of the site
+(:meth:`tasks.remote.SiteLink.secagg`, site side :mod:`fedrec.sites.secure`), the round is bound
+to the coordinator's flow run (what the sites' requests name) and uses a finer fixed-point step;
+the server steps are the same, verifying against the sites' ``sites.yaml`` keys.
+
 A client that fails, times out or is refused at any phase is left out, and the protocol removes
 its masks through the others' shares; no update is ever masked twice. Fewer than t clients at
 any step refuse the round (:class:`QuorumError`).
@@ -23,6 +28,7 @@ from typing import Any
 
 from prefect import Task, get_run_logger
 
+from fedrec.sites.secure import FRACTION_BITS as SITES_FRACTION_BITS
 from flows.rounds import QuorumError, RunContext, answered, quorum
 from models.federation.family import Family, Phase, secure_phase
 from models.federation.loop import EVERYONE_ROUND
@@ -88,8 +94,17 @@ def _protocol(
     asked: int,
 ) -> tuple[Any, list]:
     workspace = ctx.workspace
+    if ctx.sites is None:
+        run_id, bits = ctx.run_id, {}
+    else:  # real sites bind a round to the run they were asked in, and sum to 2^-36
+        run_id, bits = ctx.sites.run, {"fraction_bits": SITES_FRACTION_BITS}
     step = secagg_open(
-        run_id=ctx.run_id, round_=r, receipts=held, asked=asked, quorum=quorum(ctx.config, asked)
+        run_id=run_id,
+        round_=r,
+        receipts=held,
+        asked=asked,
+        quorum=quorum(ctx.config, asked),
+        **bits,
     )
     config = next(iter(step.to_clients.values()))
     clients = _Clients(ctx, r, config)
@@ -140,10 +155,16 @@ class _Clients:
     ) -> dict[int, bytes]:
         futures = {}
         for c, message in sorted(messages.items()):
+            name = f"secagg-{stage} client-{c} round-{self.r}"
+            if self.ctx.sites is not None:  # a real site answers; a proxy task waits for it
+                entry = next(e for e in self.ctx.entries if e.client_id == c)
+                sent = message if with_message else None
+                futures[c] = self.ctx.sites.secagg(entry, name, self.config, sent)
+                continue
             extra: dict[str, Any] = {"message": message} if with_message else {}
             if vanish is not None:
                 extra["vanish"] = vanish(c)
-            named = task.with_options(task_run_name=f"secagg-{stage} client-{c} round-{self.r}")
+            named = task.with_options(task_run_name=name)
             futures[c] = named.submit(
                 workspace=self.ctx.workspace, entry=self.ctx.entries[c], config=self.config, **extra
             )

@@ -23,7 +23,7 @@ from flows.rounds import RunContext, answered, require_quorum
 from models.data.partitions import ClientEntry, Manifest
 from models.sites.catalogue import union_catalogue
 from models.sites.registry import read_registry
-from tasks.remote import SiteLink, enroll_site, record_enrolment
+from tasks.remote import SiteLink, enroll_site, record_enrolment, register_site_keys
 from tasks.tracking import load_champion, resolve_tracking_uri, start_run, tag_run
 
 
@@ -94,6 +94,8 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
     uri, run_id = start_run(config, fingerprint, run)
     workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
     record_enrolment(workspace=workspace, manifest=manifest, catalogue=catalogue)
+    if config.secure_aggregation:  # the server steps verify the sites' round keys with these
+        register_site_keys(workspace=workspace, sites=registry.sites)
     tag_run(
         uri,
         run_id,

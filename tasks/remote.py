@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from cryptography.hazmat.primitives import serialization
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture
@@ -31,6 +32,7 @@ from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate
 from models.sites.registry import SiteSpec
 from models.sites.schema import SchemaError, check_answer_arrays
+from tasks.secure import held_receipt, read_round_config, registry_folder
 
 _ENROL_INFO = ("n_users", "n_train", "n_valid", "n_test")
 
@@ -54,9 +56,9 @@ class SiteLink(Coordinator):
         devices: float | None = None,
         **_simulation: Any,
     ) -> PrefectFuture:
-        """Submit the proxy of a client's training task (fault injection is simulation only)."""
-        if secure_context is not None:
-            raise ValueError("secure aggregation across real sites is not built yet")
+        """Submit the proxy of a client's training task (fault injection is simulation only);
+        under secure aggregation (``secure_context``) the site keeps its update and answers a
+        receipt (the site binds it to the request's run and round)."""
         site = self.site_of(entry)
         return train_site.with_options(task_run_name=_named(name, entry, site), **retries).submit(
             link=self,
@@ -67,6 +69,18 @@ class SiteLink(Coordinator):
             round_=round_,
             eval_splits=eval_splits,
             devices=devices,
+            secure=secure_context is not None,
+        )
+
+    def secagg(
+        self, entry: ClientEntry, name: str, config: bytes, message: bytes | None
+    ) -> PrefectFuture:
+        """Submit the proxy of a client's secure-aggregation step ``name``
+        (``secagg-<step> client-<id> round-<r>``)."""
+        site = self.site_of(entry)
+        step = name.split()[0].removeprefix("secagg-")
+        return secagg_site.with_options(task_run_name=_named(name, entry, site)).submit(
+            link=self, site=site, step=step, config=config, message=message
         )
 
     def evaluate(
@@ -117,8 +131,10 @@ def train_site(
     round_: int,
     eval_splits: tuple[str, ...] = (),
     devices: float | None = None,
-) -> tuple[ClientUpdate, dict[str, Evaluation]]:
-    """Ask a site to evaluate ``state`` and compute its update for ``phase``; wait for it."""
+    secure: bool = False,
+) -> tuple[ClientUpdate | bytes, dict[str, Evaluation]]:
+    """Ask a site to evaluate ``state`` and compute its update for ``phase``; wait for it.
+    With ``secure`` the site keeps its update: the answer is the held update's receipt."""
     arrays, _ = link.exchange(
         site,
         kind="train",
@@ -128,9 +144,26 @@ def train_site(
         state=state,
         eval_splits=eval_splits,
         devices=devices,
+        secure=link.secure_fields() if secure else None,
         **_asking(),
     )
-    return check_answer_arrays(arrays, client_id=site.client_id, n_items=link.n_items)
+    update, evaluations = check_answer_arrays(
+        arrays, client_id=site.client_id, n_items=link.n_items
+    )
+    if not secure:
+        return update, evaluations
+    size = update.metrics.get("held")
+    if update.items.size or update.arrays or set(update.metrics) != {"held"} or not size:
+        raise SchemaError(f"{site.name}: a secure training answer must be a receipt only")
+    return held_receipt(int(size)), evaluations
+
+
+@task(name="secagg-site", cache_policy=NONE)
+def secagg_site(
+    *, link: SiteLink, site: SiteSpec, step: str, config: bytes, message: bytes | None = None
+) -> bytes:
+    """Ask a site for its answer to one secure-aggregation step; wait for it."""
+    return link.secure_step(site, step, read_round_config(config), message, **_asking())
 
 
 @task(name="evaluate-site", cache_policy=NONE)
@@ -178,3 +211,16 @@ def record_enrolment(*, workspace: str, manifest: Manifest, catalogue: np.ndarra
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"item_id": catalogue}).to_parquet(folder / ITEMS, index=False)
     (folder / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, default=str))
+
+
+@task(name="register-site-keys", cache_policy=NONE)
+def register_site_keys(*, workspace: str, sites: tuple[SiteSpec, ...]) -> None:
+    """Write each site's ``sites.yaml`` key as the secure-aggregation registry the server steps
+    verify round keys and survivor signatures against (``client-<id>.pub``)."""
+    folder = registry_folder(workspace)
+    folder.mkdir(parents=True, exist_ok=True)
+    for site in sites:
+        pem = site.public_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        (folder / f"client-{site.client_id}.pub").write_bytes(pem)

@@ -40,6 +40,7 @@ from prefect.exceptions import MissingContextError
 
 from models.data.partitions import ClientEntry
 from models.federation.family import SecureFamily
+from models.privacy.fixed_point import FRACTION_BITS
 from models.privacy.identity import (
     KeyAuthenticationError,
     generate_identity,
@@ -144,7 +145,12 @@ def hold_update(
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _folder_lock(folder):
         write_private(Path(where), payload)
-    return pack({"kind": _RECEIPT, "vector_size": int(dense.size)})
+    return held_receipt(int(dense.size))
+
+
+def held_receipt(vector_size: int) -> bytes:
+    """The receipt of a held update: only the length of its vector."""
+    return pack({"kind": _RECEIPT, "vector_size": vector_size})
 
 
 def _held(workspace: str, entry: ClientEntry, context: bytes) -> np.ndarray:
@@ -226,10 +232,16 @@ class ServerStep:
 
 @task(name="secagg-open", cache_policy=NONE)
 def secagg_open(
-    *, run_id: str, round_: int, receipts: Mapping[int, bytes], asked: int, quorum: int
+    *,
+    run_id: str,
+    round_: int,
+    receipts: Mapping[int, bytes],
+    asked: int,
+    quorum: int,
+    fraction_bits: int = FRACTION_BITS,
 ) -> ServerStep:
-    """Fix the round's configuration (clients, vector length, threshold t) for the clients that
-    hold an update; refuses a round that cannot reach t."""
+    """Fix the round's configuration (clients, vector length, threshold t, fixed-point step)
+    for the clients that hold an update; refuses a round that cannot reach t."""
     sizes = {receipt_size(r) for r in receipts.values()}
     if len(sizes) > 1:
         raise ProtocolViolationError(f"round {round_}: held updates of different lengths {sizes}")
@@ -245,7 +257,7 @@ def secagg_open(
             f"round {round_}: {len(receipts)} of {n_clients} clients hold an update, threshold is "
             f"{threshold}: round refused"
         )
-    config = RoundConfig(run_id, round_, n_clients, sizes.pop(), threshold)
+    config = RoundConfig(run_id, round_, n_clients, sizes.pop(), threshold, fraction_bits)
     message = _round_message(config)
     state = SecAggServer(config).to_bytes()
     return ServerStep(state, dict.fromkeys(sorted(receipts), message))

@@ -472,8 +472,8 @@ def _release(request: RoundRequest, family: Family) -> Release | None:
 
 def _describe(request: RoundRequest) -> str:
     """What a request asks, for log lines: ``train train round 3``, ``evaluate round-3``."""
-    if request.kind == "train":
-        return f"train {request.phase} round {request.round}"
+    if request.kind in ("train", "secagg"):
+        return f"{request.kind} {request.phase} round {request.round}"
     return f"{request.kind} {request.label}".strip()
 
 

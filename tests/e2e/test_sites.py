@@ -337,3 +337,26 @@ def test_a_private_run_survives_a_killed_site_which_rejoins_after_a_restart(fede
     assert "answered train train round" in restarted
     for name in SITES:  # each site released its final evaluation itself
         assert "answered evaluate round-5" in fed.log(name)
+
+
+def test_a_securely_aggregated_run_equals_the_plain_model(federation):
+    from tasks.server import latest_checkpoint
+
+    fed = federation
+    stderr = fed.root / "train-3.err"
+    summary = _summary(fed.train("ws3", 3, stderr, "--secure-aggregation"), stderr)
+    log = stderr.read_text()
+
+    # each site masked its own update; the coordinator unmasked only the sum of the three
+    assert log.count("securely aggregated the updates of 3 of 3 clients") == 4, log[-3000:]
+    for name in SITES:
+        assert "answered secagg mask round 3" in fed.log(name)
+        assert "answered secagg unmask round 3" in fed.log(name)
+    family, expected = _reference_state(fed, rounds=3)
+    got, progress = latest_checkpoint.fn(
+        family=family, folder=summary["workspace"] + "/checkpoints"
+    )
+    assert progress.step == 3
+    np.testing.assert_allclose(got.params.factors, expected.params.factors, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(got.params.bias, expected.params.bias, rtol=0, atol=1e-8)
+    assert abs(got.params.global_mean - expected.params.global_mean) < 1e-8

@@ -12,6 +12,11 @@ def _sites_file(tmp_path, monkeypatch):
     (tmp_path / "sites.yaml").write_text("sites: []\n")
 
 
+def test_sites_train_the_explicit_family_under_secure_aggregation():
+    config = TrainingConfig(sites="sites.yaml", secure_aggregation=True, min_clients=2)
+    assert config.secure_aggregation
+
+
 def test_sites_need_no_clients_and_no_data():
     config = TrainingConfig(sites="sites.yaml", clients=None)
     assert config.sites == "sites.yaml"
@@ -25,7 +30,15 @@ def test_a_missing_sites_file_is_refused_before_anything_starts():
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"secure_aggregation": True, "min_clients": 2}, "secure aggregation across real sites"),
+        (
+            {
+                "secure_aggregation": True,
+                "min_clients": 2,
+                "feedback": "implicit",
+                "implicit_model": "neural",
+            },
+            "--secure-aggregation trains the explicit family",
+        ),
         ({"feedback": "implicit"}, "the two-stage family runs in simulation only"),
         ({"partition": "per-user"}, "per-user"),
         ({"fault_probability": 0.5}, "fault simulation"),
