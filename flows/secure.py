@@ -159,7 +159,9 @@ class _Clients:
             if self.ctx.sites is not None:  # a real site answers; a proxy task waits for it
                 entry = next(e for e in self.ctx.entries if e.client_id == c)
                 sent = message if with_message else None
-                futures[c] = self.ctx.sites.secagg(entry, name, self.config, sent)
+                futures[c] = self.ctx.sites.secagg(
+                    entry, name, step=stage, config=self.config, message=sent
+                )
                 continue
             extra: dict[str, Any] = {"message": message} if with_message else {}
             if vanish is not None:

@@ -73,12 +73,10 @@ class SiteLink(Coordinator):
         )
 
     def secagg(
-        self, entry: ClientEntry, name: str, config: bytes, message: bytes | None
+        self, entry: ClientEntry, name: str, *, step: str, config: bytes, message: bytes | None
     ) -> PrefectFuture:
-        """Submit the proxy of a client's secure-aggregation step ``name``
-        (``secagg-<step> client-<id> round-<r>``)."""
+        """Submit the proxy of a client's secure-aggregation ``step`` (:mod:`flows.secure`)."""
         site = self.site_of(entry)
-        step = name.split()[0].removeprefix("secagg-")
         return secagg_site.with_options(task_run_name=_named(name, entry, site)).submit(
             link=self, site=site, step=step, config=config, message=message
         )

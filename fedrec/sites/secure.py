@@ -26,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,7 @@ class SecureSite:
 
     def __init__(self, folder: str | Path, key: Ed25519PrivateKey) -> None:
         self.folder = Path(folder)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.key = key
 
     def _round_folder(self, run: str, round_: int) -> Path:
@@ -203,6 +205,8 @@ class SecureSite:
         _write_private(folder / STATE, client.to_bytes())
         if step == "mask":  # masked once: the update is gone, nothing can mask it again
             (folder / HELD).unlink()
+        if step == "unmask":  # done: the round's keys and shares are no longer needed
+            shutil.rmtree(folder)
         return reply.to_bytes()
 
     def _step(

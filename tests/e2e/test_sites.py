@@ -5,7 +5,8 @@ Checked: the model equals the in-process reference loop on the same per-site dat
 user id of any site reaches the coordinator's workspace, home, the artifact store or either
 database; a process answering as a site with the wrong key is refused; a site killed mid-run
 is left out by the quorum of a private run, and the same site restarted on its state folder
-rejoins it.
+rejoins it; a securely aggregated run equals the same reference, and under DP each site counts
+its masked answers at the full noise.
 """
 
 from __future__ import annotations
@@ -360,3 +361,29 @@ def test_a_securely_aggregated_run_equals_the_plain_model(federation):
     np.testing.assert_allclose(got.params.factors, expected.params.factors, rtol=0, atol=1e-8)
     np.testing.assert_allclose(got.params.bias, expected.params.bias, rtol=0, atol=1e-8)
     assert abs(got.params.global_mean - expected.params.global_mean) < 1e-8
+
+
+def test_each_site_counts_its_masked_private_answers_at_the_full_noise(federation):
+    fed = federation
+    for name in SITES:  # the private run above spent the sites' budget: fresh state folders
+        fed.stop(name)
+        fed.start_site(name, label=f"{name}-fresh")
+    for name in SITES:
+        _wait_for(lambda n=name: "polling" in fed.log(f"{n}-fresh"), f"{name} to start")
+    entries = {n: fed.root / "state" / f"{n}-fresh" / "budget" / "entries.jsonl" for n in SITES}
+    stderr = fed.root / "train-4.err"
+    flags = ("--secure-aggregation", "--dp-epsilon", "1")
+    summary = _summary(fed.train("ws4", 3, stderr, *flags), stderr)
+    log = stderr.read_text()
+
+    assert "securely aggregated the updates of 3 of 3 clients" in log, log[-3000:]
+    sigma = summary["metrics"]["privacy/noise_multiplier"]
+    assert 0 < summary["metrics"]["privacy/epsilon"] <= 1.0 + 1e-9
+    for name in SITES:
+        lines = entries[name].read_text().splitlines()
+        training = [json.loads(line)["release"] for line in lines]
+        training = [r for r in training if r["kind"] != "evaluation"]
+        # one release per training round, each at the noise the masked sum carries (its own
+        # share is sigma / sqrt(t), t = 3 here)
+        assert len(training) == 3, lines
+        assert all(r["noise_multiplier"] == pytest.approx(sigma, rel=1e-9) for r in training)

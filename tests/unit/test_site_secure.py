@@ -172,10 +172,17 @@ def _secure_round(coordinator, specs, **drops):
 
 
 def test_three_sites_unmask_to_the_plain_sum_and_no_single_update_reaches_the_coordinator(world):
-    coordinator, specs, _, _ = world
+    coordinator, specs, _, tmp_path = world
     plain = _plain_dense(coordinator("plain"), specs)
     secure = coordinator("secure")
-    secure_round, total, masked = _secure_round(secure, specs)
+    receipts = [_train(secure, s, secure=True) for s in specs]
+    held = sorted((tmp_path / "state-shop-a" / "secagg").rglob("*.npz"))
+    assert [p.name for p in held] == ["held-update.npz"]  # the update stays at the site,
+    assert {oct(p.stat().st_mode & 0o777) for p in held} == {"0o600"}  # for its owner only
+    assert oct(held[0].parent.parent.stat().st_mode & 0o777) == "0o700"
+    secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    total, masked = secure_round.run()
+    assert list((tmp_path / "state-shop-a" / "secagg").iterdir()) == []  # secrets gone when done
     np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
     for dense in plain.values():
         encoded = encode(dense, n_clients=3, fraction_bits=FRACTION_BITS)
