@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.sites.transport import Transport
@@ -58,7 +59,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
     link = SiteLink(registry, Transport(api, uri), run, config.seed, split, config.round_timeout)
     futures = {
         site.client_id: enroll_site.with_options(task_run_name=f"enroll {site.name}").submit(
-            link=link, site=site
+            link=quote(link), site=site
         )
         for site in registry.sites
     }

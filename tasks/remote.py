@@ -23,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run, task_run
+from prefect.utilities.annotations import quote
 
 from fedrec.sites.coordinator import Coordinator
 from models.data.partitions import ITEMS, MANIFEST, ClientEntry, Manifest
@@ -39,7 +40,11 @@ _ENROL_INFO = ("n_users", "n_train", "n_valid", "n_test")
 
 class SiteLink(Coordinator):
     """A run's :class:`~fedrec.sites.coordinator.Coordinator` as the round loop uses it: the
-    round loop's client tasks become proxy tasks of the sites."""
+    round loop's client tasks become proxy tasks of the sites.
+
+    Proxy tasks receive the link ``quote``-d: Prefect would otherwise walk it for futures while
+    other proxy tasks change its dictionaries (with 10 sites a round failed with "Failed to
+    resolve inputs in parameter 'link'")."""
 
     def train(
         self,
@@ -61,7 +66,7 @@ class SiteLink(Coordinator):
         receipt (the site binds it to the request's run and round)."""
         site = self.site_of(entry)
         return train_site.with_options(task_run_name=_named(name, entry, site), **retries).submit(
-            link=self,
+            link=quote(self),
             site=site,
             family=family,
             state=state,
@@ -78,7 +83,7 @@ class SiteLink(Coordinator):
         """Submit the proxy of a client's secure-aggregation ``step`` (:mod:`flows.secure`)."""
         site = self.site_of(entry)
         return secagg_site.with_options(task_run_name=_named(name, entry, site)).submit(
-            link=self, site=site, step=step, config=config, message=message
+            link=quote(self), site=site, step=step, config=config, message=message
         )
 
     def evaluate(
@@ -94,7 +99,7 @@ class SiteLink(Coordinator):
         """Submit the proxy of a client's evaluation task."""
         site = self.site_of(entry)
         return evaluate_site.with_options(task_run_name=_named(name, entry, site)).submit(
-            link=self,
+            link=quote(self),
             site=site,
             family=family,
             state=state,
