@@ -52,10 +52,7 @@ def one_blas_thread() -> Iterator[None]:
     if any(os.environ.get(name) for name in _THREAD_ENV):
         yield
         return
-    try:
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
-    except ImportError:
-        yield
-        return
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="blas"):
         yield
