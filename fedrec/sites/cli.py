@@ -110,6 +110,12 @@ def site() -> None:
     type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
     help="the same for delta (default: 1 / the site's users; each run is counted at a tenth)",
 )
+@click.option(
+    "--peers",
+    type=click.Path(dir_okay=False),
+    help="a sites.yaml (without the coordinator's key) whose public keys this site pins for its "
+    "peers in secure aggregation; without it the peers' keys come from the coordinator",
+)
 @click.option("--user-col", default="user_id", show_default=True)
 @click.option("--item-col", default="item_id", show_default=True)
 @click.option("--rating-col", default="rating", show_default=True)
@@ -129,6 +135,7 @@ def run(
     events: bool,
     max_epsilon: float,
     max_delta: float | None,
+    peers: str | None,
     user_col: str,
     item_col: str,
     rating_col: str,
@@ -160,6 +167,7 @@ def run(
         events=events,
         max_epsilon=max_epsilon,
         max_delta=max_delta,
+        peers=peers,
         read_options={
             "user_col": user_col,
             "item_col": item_col,

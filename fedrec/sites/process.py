@@ -71,7 +71,7 @@ from models.sites.messages import (
     refusal_fields,
     sign_message,
 )
-from models.sites.registry import load_public_key
+from models.sites.registry import load_public_key, read_peers
 from models.sites.schema import SchemaError, check_state, wire_arrays
 from models.sites.spec import family_from_spec
 
@@ -97,6 +97,7 @@ class SiteOptions:
     max_bytes: int = MAX_BYTES
     max_epsilon: float = 10.0  # no user of the site passes this, summed over runs
     max_delta: float | None = None  # the same for delta (default: 1 / the site's users)
+    peers: str | None = None  # a sites.yaml whose public keys this site pins for its peers
     read_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,7 +126,8 @@ class Site:
             max_epsilon=options.max_epsilon,
             max_delta=options.max_delta,
         )
-        self.secure = SecureSite(Path(options.state_dir) / "secagg", self.key)
+        peers = None if options.peers is None else read_peers(options.peers)
+        self.secure = SecureSite(Path(options.state_dir) / "secagg", self.key, peers)
         self.transport = Transport(options.prefect_api, options.mlflow)
         self._seen: set[str] = set()  # artifact ids looked at by this process
         self._blobs: dict[str, dict[str, np.ndarray]] = {}  # by sha256: catalogue, states

@@ -104,12 +104,20 @@ class SecureSite:
         Created 0700 when missing.
     key : Ed25519PrivateKey
         The site's identity key: it signs the round keys and the survivor list.
+    peers : frozenset of bytes, optional
+        The raw public keys of the federation's sites as this site's operator pinned them
+        (``fedrec site run --peers``); without them the site takes its peers' keys from the
+        coordinator's signed request, so a coordinator that lies about them could stand in for a
+        peer in the key agreement.
     """
 
-    def __init__(self, folder: str | Path, key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self, folder: str | Path, key: Ed25519PrivateKey, peers: frozenset[bytes] | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.key = key
+        self.peers = peers
 
     def _round_folder(self, run: str, round_: int) -> Path:
         name = hashlib.sha256(f"{run}\n{round_}".encode()).hexdigest()[:32]
@@ -122,6 +130,12 @@ class SecureSite:
             raise RefusedMessage(
                 f"the secure registry does not hold this site's key for client {request.client_id}"
             )
+        for client, key in sorted(keys.items()):
+            if self.peers is not None and public_bytes(key) not in self.peers:
+                raise RefusedMessage(
+                    f"the secure registry's key for client {client} is not one of this site's "
+                    "pinned peers (--peers)"
+                )
         return keys
 
     # --- training: keep the update -----------------------------------------------------------

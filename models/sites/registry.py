@@ -27,7 +27,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from models.privacy.identity import load_identity
+from models.privacy.identity import load_identity, public_bytes
 from models.sites.messages import SITE_NAME
 
 _TOP = {"coordinator_key", "sites", "precision", "compress"}
@@ -164,3 +164,35 @@ def read_registry(path: str | Path) -> Registry:
     except yaml.YAMLError as err:
         raise RegistryError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
     return parse_registry(raw, path.parent, str(path))
+
+
+def read_peers(path: str | Path) -> frozenset[bytes]:
+    """The raw public keys of a federation's sites, as a site pins them: a ``sites.yaml``
+    (its ``coordinator_key`` and other fields are ignored, so the coordinator can hand out the
+    file without its private key) whose ``sites`` entries each name a ``public_key``.
+
+    Raises
+    ------
+    RegistryError
+        If the file is missing, not YAML, or an entry's key cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RegistryError(f"{path}: no such peers file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise RegistryError(f"{path}: not YAML ({err.__class__.__name__})") from err
+    entries = raw.get("sites") if isinstance(raw, Mapping) else None
+    if not isinstance(entries, list) or not entries:
+        raise RegistryError(f"{path}: needs a non-empty list 'sites' of entries with public_key")
+    keys = set()
+    for index, entry in enumerate(entries):
+        value = entry.get("public_key") if isinstance(entry, Mapping) else None
+        if not isinstance(value, str):
+            raise RegistryError(f"{path}: sites[{index}] has no public_key")
+        try:
+            keys.add(public_bytes(load_public_key(value, path.parent)))
+        except ValueError as err:
+            raise RegistryError(f"{path}: sites[{index}].public_key: {err}") from err
+    return frozenset(keys)

@@ -63,3 +63,24 @@ def test_precision_and_compression_are_read_and_checked(keys):
         parse_registry(raw | {"compress": "yes"}, keys[0])
     with pytest.raises(RegistryError, match="precision 'float16'"):
         parse_registry(raw | {"precision": "float16"}, keys[0])
+
+
+def test_a_site_pins_its_peers_from_a_sites_file_without_the_coordinators_key(keys):
+    from models.sites.registry import read_peers
+
+    base, raw = keys
+    (base / "peers.yaml").write_text(
+        "coordinator_key: not-handed-out.key\n"
+        "sites:\n  - {name: shop-a, public_key: client-1.pub}\n"
+        f"  - {{name: shop-b, public_key: '{raw}'}}\n"
+    )
+    (base / "broken.yaml").write_text("sites:\n  - {name: shop-a}\n")
+
+    pinned = read_peers(base / "peers.yaml")
+
+    own = (base / "client-1.pub").read_bytes()
+    assert base64.b64decode(raw) in pinned and len(pinned) == 2 and own not in pinned  # raw keys
+    with pytest.raises(RegistryError, match=r"broken.yaml: sites\[0\] has no public_key"):
+        read_peers(base / "broken.yaml")
+    with pytest.raises(RegistryError, match="no such peers file"):
+        read_peers(base / "absent.yaml")

@@ -215,6 +215,24 @@ def test_a_site_refuses_round_keys_not_signed_by_a_registered_site_key(world):
         secure_round.ask("share", {0: directory.to_bytes()})
 
 
+def test_a_site_that_pins_its_peers_refuses_a_coordinator_lying_about_their_keys(world):
+    coordinator, specs, sites, _ = world
+    true_keys = frozenset(public_bytes(s.public_key) for s in specs)
+    honest_spec = specs[2]
+    specs[2] = SiteSpec(honest_spec.name, 2, generate_identity().public_key(), 10.0)
+    liar = coordinator("lying")  # it would stand in for shop-c in the key agreement
+    specs[2] = honest_spec
+
+    receipt = _train(liar, specs[1], secure=True)  # unpinned: takes the coordinator's word
+    sites["shop-a"].secure.peers = true_keys
+    with pytest.raises(SiteRefused, match="key for client 2 is not one of this site's pinned"):
+        _train(liar, specs[0], secure=True)
+
+    assert receipt.metrics["held"] > 0
+    honest = coordinator("honest")
+    assert _train(honest, specs[0], secure=True).metrics["held"] > 0  # pinned, true keys: fine
+
+
 def test_a_site_gone_after_masking_is_unmasked_from_the_others_shares(world):
     coordinator, specs, _, _ = world
     plain = _plain_dense(coordinator("plain"), specs)
