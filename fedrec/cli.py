@@ -111,7 +111,10 @@ _LAZY_COMMANDS = {
     "predict": ("fedrec.cli_models", "Predicted scores for given (user, item) pairs."),
     "site": ("fedrec.sites.cli", "A site's process of a real federation, next to its data."),
     "keygen": ("fedrec.sites.cli", "Write an Ed25519 identity key pair (site or coordinator)."),
-    "stores": ("fedrec.cli_stores", "PostgreSQL, Prefect and MLflow servers for a real federation."),
+    "stores": (
+        "fedrec.cli_stores",
+        "PostgreSQL, Prefect and MLflow servers for a real federation.",
+    ),
 }
 
 

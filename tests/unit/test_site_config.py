@@ -23,7 +23,7 @@ def test_sites_need_no_clients_and_no_data():
 
 
 def test_a_missing_sites_file_is_refused_before_anything_starts():
-    with pytest.raises(ValidationError, match="--sites nosuch.yaml: no such file"):
+    with pytest.raises(ValidationError, match=r"--sites nosuch\.yaml: no such file"):
         TrainingConfig(sites="nosuch.yaml")
 
 
