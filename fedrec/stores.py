@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedrec.local_server import HOST, free_port
+from models.files import write_private
 
 STATE_FILE = "stores.json"
 PASSFILE = "pgpass"
@@ -216,14 +217,6 @@ def _log_reason(path: Path) -> str:
     return ""
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a new file that only its owner can read, from its first byte."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-
-
 class _Cluster:
     """The PostgreSQL cluster in ``folder/postgres``: created once, started, stopped."""
 
@@ -244,7 +237,7 @@ class _Cluster:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         password = secrets.token_urlsafe(24)
         pwfile = self.root / "initdb.pw"
-        _write_private(pwfile, password + "\n")
+        write_private(pwfile, (password + "\n").encode())
         if self.as_postgres:
             shutil.chown(self.root, "postgres", "postgres")
             shutil.chown(pwfile, "postgres", "postgres")
@@ -264,7 +257,7 @@ class _Cluster:
         finally:
             pwfile.unlink(missing_ok=True)
         # libpq's format: host:port:database:user:password (any port: the port may change)
-        _write_private(self.passfile, f"{HOST}:*:*:{DB_USER}:{password}\n")
+        write_private(self.passfile, f"{HOST}:*:*:{DB_USER}:{password}\n".encode())
 
     def start(self, port: int, *, durable: bool, timeout: float) -> int:
         """pg_ctl start on 127.0.0.1:``port``; returns the postmaster's pid."""

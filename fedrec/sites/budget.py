@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.files import write_private
 from models.privacy.ledger import Entry, Stored, standing, user_keys
 from models.sites.budget import Release, SiteBudgetError, charge
 
@@ -35,16 +36,6 @@ class Charged:
     run_epsilon: float
     epsilon: float
     delta: float
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 class SiteBudget:
@@ -84,7 +75,7 @@ class SiteBudget:
     def _secret(self) -> bytes:
         path = self.folder / SECRET
         if not path.exists():
-            _write_private(path, os.urandom(32))
+            write_private(path, os.urandom(32))
         return path.read_bytes()
 
     def _keep_users(self, keys: np.ndarray) -> str:
@@ -92,7 +83,7 @@ class SiteBudget:
         digest = hashlib.sha256(data).hexdigest()
         path = self.folder / f"users-{digest[:32]}.u64"
         if not path.exists():
-            _write_private(path, data)
+            write_private(path, data)
         return digest
 
     def _users_of(self, digest: str) -> np.ndarray | None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from models.federation.family import Family
+from models.files import write_private
 from models.privacy.identity import KeyAuthenticationError, public_bytes
 from models.privacy.secagg_plus import (
     KeyDirectory,
@@ -81,18 +81,6 @@ def read_registry_field(raw: Any) -> dict[int, Ed25519PublicKey]:
         except (TypeError, ValueError, binascii.Error) as err:
             raise RefusedMessage(f"secure registry entry {client!r} is not a public key") from err
     return keys
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically, readable by the owner only."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
 
 
 class SecureSite:
@@ -159,7 +147,7 @@ class SecureSite:
         shares = dp.shares if family.private and dp is not None else 1
         fields = {"run": request.run, "round": request.round, "min_threshold": max(2, shares)}
         folder = self._round_folder(request.run, request.round)
-        _write_private(folder / HELD, pack(fields, {"dense": dense}))
+        write_private(folder / HELD, pack(fields, {"dense": dense}))
         return int(dense.size)
 
     def _held(self, folder: Path, config: RoundConfig) -> tuple[np.ndarray, int]:
@@ -212,11 +200,11 @@ class SecureSite:
         try:
             reply = self._step(step, client, folder, config, message, registry)
         except (SecAggError, KeyAuthenticationError) as err:
-            _write_private(folder / STATE, client.to_bytes())
+            write_private(folder / STATE, client.to_bytes())
             raise RefusedMessage(f"secure aggregation {step}: {err}") from err
         except ValueError as err:  # a malformed protocol message
             raise RefusedMessage(f"secure aggregation {step}: {err}") from err
-        _write_private(folder / STATE, client.to_bytes())
+        write_private(folder / STATE, client.to_bytes())
         if step == "mask":  # masked once: the update is gone, nothing can mask it again
             (folder / HELD).unlink()
         if step == "unmask":  # done: the round's keys and shares are no longer needed

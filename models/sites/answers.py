@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from models.files import write_private
+
 RECORD = "record.jsonl"
 ANSWERS = "answers"
 
@@ -37,17 +39,6 @@ class Kept:
 
 def _key_hash(key: tuple) -> str:
     return hashlib.sha256(json.dumps(list(key), separators=(",", ":")).encode()).hexdigest()[:32]
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, readable by the owner only."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 class SiteRecord:
@@ -107,7 +98,7 @@ class SiteRecord:
     ) -> Kept:
         """Keep ``data`` as the answer under ``key`` (the answer file first, then its line)."""
         digest = _key_hash(key)
-        _write_private(self.folder / ANSWERS / f"{digest}.npz", data)
+        write_private(self.folder / ANSWERS / f"{digest}.npz", data)
         entry = {
             "key_hash": digest,
             "key": list(key),

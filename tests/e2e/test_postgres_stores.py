@@ -70,7 +70,7 @@ def test_a_training_is_recorded_in_postgresql_and_the_artifact_proxy_then_every_
     assert int(trained) == ROUNDS * CLIENTS
 
     # MLflow over HTTP: the run's metrics per round, the version and its champion alias
-    client = MlflowClient(tracking_uri=stores.mlflow_uri)
+    client = MlflowClient(tracking_uri=stores.mlflow_uri, registry_uri=stores.mlflow_uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["valid/rmse"] == pytest.approx(summary["metrics"]["valid/rmse"])
