@@ -48,6 +48,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
     assert config.sites is not None
     logger = get_run_logger()
     registry = read_registry(config.sites)
+    registry.check_weights(private=config.dp_epsilon is not None, secure=config.secure_aggregation)
     api, uri = _servers(config)
     split = {
         "method": config.split,

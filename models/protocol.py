@@ -68,6 +68,40 @@ class ClientUpdate:
         return int(arrays + 8 * len(self.metrics))
 
 
+# Arrays that are sums over a client's users or rows: a client counted w times sends w times them.
+# Every other per-item array (FedAvg's ``delta``) is averaged with ``counts`` as its weights.
+SUMMED_ARRAYS = frozenset({"gram", "rhs", "user_gram", "network_delta"})
+_AVERAGED_ARRAYS = frozenset({"delta"})
+
+
+def weighted(update: ClientUpdate, weight: int) -> ClientUpdate:
+    """``update`` as if its client had sent it ``weight`` times: its sums and its averaging
+    weights (``counts``, the neural model's ``users``) multiplied by ``weight``, what it
+    averages unchanged. Reported metrics (training loss sums) stay as they are.
+
+    Raises
+    ------
+    ValueError
+        If ``weight`` is not a positive integer, or the update holds an array with no weighting
+        rule (co-occurrence counts, trees, a masked vector).
+    """
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise ValueError(f"weight {weight!r} must be a positive integer")
+    if weight == 1:
+        return update
+    unknown = set(update.arrays) - SUMMED_ARRAYS - _AVERAGED_ARRAYS
+    if unknown:
+        raise ValueError(f"an update with {sorted(unknown)} cannot be weighted")
+    arrays = {
+        name: values * weight if name in SUMMED_ARRAYS else values
+        for name, values in update.arrays.items()
+    }
+    metrics = dict(update.metrics)
+    if "users" in metrics:
+        metrics["users"] = metrics["users"] * weight
+    return ClientUpdate(update.client_id, update.items, update.counts * weight, arrays, metrics)
+
+
 def answer_arrays(update: ClientUpdate, evaluations: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A client's answer to a round (its update and its evaluation sums per split) as named
     arrays, to be stored or sent as ``.npz`` (nothing to unpickle)."""

@@ -30,7 +30,7 @@ from models.data.partitions import ITEMS, MANIFEST, ClientEntry, Manifest
 from models.federation.evaluation import Evaluation
 from models.federation.family import Family
 from models.privacy.released_metrics import MetricRelease
-from models.protocol import ClientUpdate
+from models.protocol import ClientUpdate, weighted
 from models.sites.registry import SiteSpec
 from models.sites.schema import SchemaError, check_answer_arrays
 from tasks.secure import held_receipt, read_round_config, registry_folder
@@ -154,7 +154,7 @@ def train_site(
         arrays, client_id=site.client_id, n_items=link.n_items
     )
     if not secure:
-        return update, evaluations
+        return weighted(update, site.weight), evaluations
     size = update.metrics.get("held")
     if update.items.size or update.arrays or set(update.metrics) != {"held"} or not size:
         raise SchemaError(f"{site.name}: a secure training answer must be a receipt only")

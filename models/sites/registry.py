@@ -9,6 +9,7 @@
       - name: shop-a                        # [a-z0-9][a-z0-9-]{0,39}
         public_key: keys/shop-a.pub         # a PEM file (relative to this file) or raw base64
         deadline_seconds: 600               # optional: how long a request to it may wait
+        weight: 2                           # optional: its update counts twice (plain runs)
 
 A site's client id in a run is its position in this list, so the list's order is part of the
 run's configuration.
@@ -31,7 +32,7 @@ from models.privacy.identity import load_identity, public_bytes
 from models.sites.messages import SITE_NAME
 
 _TOP = {"coordinator_key", "sites", "precision", "compress"}
-_SITE = {"name", "public_key", "deadline_seconds"}
+_SITE = {"name", "public_key", "deadline_seconds", "weight"}
 
 
 class RegistryError(ValueError):
@@ -46,6 +47,7 @@ class SiteSpec:
     client_id: int
     public_key: Ed25519PublicKey
     deadline_seconds: float | None = None
+    weight: int = 1  # the site's update counts as this many copies in the aggregation
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,24 @@ class Registry:
 
     def by_name(self, name: str) -> SiteSpec | None:
         return next((s for s in self.sites if s.name == name), None)
+
+    def check_weights(self, *, private: bool, secure: bool) -> None:
+        """Refuse site weights in a private or secure run, in one line.
+
+        Raises
+        ------
+        RegistryError
+            A weight multiplies what each of the site's users contributes (past DP's bound),
+            and needs the update in the clear (secure aggregation sums masked ones).
+        """
+        heavier = [s.name for s in self.sites if s.weight != 1]
+        if heavier and (private or secure):
+            raise RegistryError(
+                f"sites.yaml: weight on {', '.join(heavier)}: a weight multiplies what each of "
+                "the site's users contributes (past DP's bound) and needs the update in the "
+                "clear (secure aggregation sums masked ones); weights are for runs without "
+                "--dp-epsilon and --secure-aggregation"
+            )
 
 
 def load_public_key(value: str, base: Path) -> Ed25519PublicKey:
@@ -141,7 +161,11 @@ def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry
             isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline <= 0
         ):
             raise RegistryError(f"{where} ({name}): deadline_seconds {deadline!r} must be > 0")
-        sites.append(SiteSpec(name, index, public, None if deadline is None else float(deadline)))
+        weight = entry.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise RegistryError(f"{where} ({name}): weight {weight!r} must be a positive integer")
+        seconds = None if deadline is None else float(deadline)
+        sites.append(SiteSpec(name, index, public, seconds, weight))
     keys = [s.public_key.public_bytes_raw() for s in sites]
     if len(set(keys)) != len(keys):
         raise RegistryError(f"{source}: two sites share one public key")

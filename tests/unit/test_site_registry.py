@@ -39,7 +39,7 @@ def test_a_valid_registry_numbers_sites_in_order(keys):
         ([{"name": "shop-a"}], "needs public_key"),
         ([{"name": "shop-a", "public_key": "nope.pub"}], "neither a PEM file"),
         ([{"name": "a", "public_key": "client-1.pub"}] * 2, "appears twice"),
-        ([{"name": "a", "public_key": "client-1.pub", "weight": 2}], r"unknown keys \['weight'\]"),
+        ([{"name": "a", "public_key": "client-1.pub", "speed": 2}], r"unknown keys \['speed'\]"),
         ([{"name": "a", "public_key": "client-1.pub", "deadline_seconds": 0}], "must be > 0"),
         ([], "non-empty list"),
     ],
@@ -84,3 +84,23 @@ def test_a_site_pins_its_peers_from_a_sites_file_without_the_coordinators_key(ke
         read_peers(base / "broken.yaml")
     with pytest.raises(RegistryError, match="no such peers file"):
         read_peers(base / "absent.yaml")
+
+
+def test_a_site_weight_is_a_positive_integer_for_plain_runs_only(keys):
+    base, raw = keys
+
+    def registry(weight):
+        site = {"name": "shop-a", "public_key": raw} | (
+            {} if weight is None else {"weight": weight}
+        )
+        return parse_registry({"coordinator_key": "client-0.key", "sites": [site]}, base)
+
+    assert registry(None).sites[0].weight == 1 and registry(3).sites[0].weight == 3
+    for bad in (0, 2.5, True, "2"):
+        with pytest.raises(RegistryError, match=r"sites\[0\] \(shop-a\): weight .* positive"):
+            registry(bad)
+    registry(3).check_weights(private=False, secure=False)
+    registry(1).check_weights(private=True, secure=True)
+    for private, secure in ((True, False), (False, True)):
+        with pytest.raises(RegistryError, match=r"weight on shop-a: .* without --dp-epsilon"):
+            registry(3).check_weights(private=private, secure=secure)
