@@ -98,11 +98,18 @@ def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(st
         assert abs(sent["n"] - capped) < 6 * deviations[("valid", "n")]
 
 
-def test_a_private_run_with_a_champion_counts_the_champions_evaluation_too(store, monkeypatch):
+@pytest.fixture
+def own_store(tmp_path, prefect_server):
+    """A store of the test's own: its users have spent nothing in its ledger."""
+    with tracking_store(tmp_path) as store:
+        yield store
+
+
+def test_a_private_run_with_a_champion_counts_the_champions_evaluation_too(own_store, monkeypatch):
     import tasks.clients as clients
     from flows.training import federated_training
 
-    other_users = {"synthetic_users": 520}  # the ledger is keyed by the users: a fresh budget
+    store, other_users = own_store, {"synthetic_users": 520}
     plain_fields = {k: v for k, v in (SMALL | other_users).items() if k != "dp_budget"}
     plain = TrainingConfig(tracking_uri=store["uri"], model_name="compared", **plain_fields)
     assert federated_training(**plain.model_dump())["promoted"]  # the champion, trained without DP

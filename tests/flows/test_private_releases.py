@@ -64,8 +64,15 @@ def test_a_private_run_releases_no_item_counts_no_per_client_files_and_evaluates
     ]
 
 
-def test_a_private_run_does_not_warm_start_from_a_champion_trained_without_dp(store):
-    other_users = {"synthetic_users": 320}  # the ledger is keyed by the users: a fresh budget
+@pytest.fixture
+def own_store(tmp_path, prefect_server):
+    """A store of the test's own: its users have spent nothing in its ledger."""
+    with tracking_store(tmp_path) as store:
+        yield store
+
+
+def test_a_private_run_does_not_warm_start_from_a_champion_trained_without_dp(own_store):
+    store, other_users = own_store, {"synthetic_users": 320}
     plain = _run(store, model_name="shared", **other_users)
     assert plain["promoted"]
     records: list[logging.LogRecord] = []
