@@ -7,7 +7,6 @@ when ``site run`` starts.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -28,28 +27,14 @@ def keygen(name: str, out: str) -> None:
     OUT/NAME.pub (public: hand it to the other side out of band)."""
     if not _NAME.fullmatch(name):
         raise UserError(f"--name {name!r} must match [a-z0-9][a-z0-9-]{{0,39}}")
-    from cryptography.hazmat.primitives import serialization
-
-    from models.privacy.identity import generate_identity
+    from models.privacy.identity import generate_identity, write_identity
     from models.sites.messages import key_id
 
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    private, public = folder / f"{name}.key", folder / f"{name}.pub"
-    if private.exists():
-        raise UserError(f"{private} exists: an identity is generated once")
+    if (folder / f"{name}.key").exists():
+        raise UserError(f"{folder / f'{name}.key'} exists: an identity is generated once")
     key = generate_identity()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
+    private, public = write_identity(key, folder, name)
     click.echo(f"{private} (private, 0600)\n{public} (public, key id {key_id(key)})")
 
 

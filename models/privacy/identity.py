@@ -51,18 +51,23 @@ def public_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
 
 
 def save_identity(key: Ed25519PrivateKey, folder: Path, client_id: int) -> tuple[Path, Path]:
-    """Write ``client-<id>.key`` (PKCS#8 PEM, mode 0600, never overwritten) and
-    ``client-<id>.pub`` (SubjectPublicKeyInfo PEM) into ``folder``; returns both paths.
+    """Write ``client-<id>.key`` and ``client-<id>.pub`` into ``folder``
+    (:func:`write_identity`); returns both paths."""
+    return write_identity(key, Path(folder), f"client-{client_id}")
+
+
+def write_identity(key: Ed25519PrivateKey, folder: Path, stem: str) -> tuple[Path, Path]:
+    """Write ``<stem>.key`` (PKCS#8 PEM, mode 0600, never overwritten) and ``<stem>.pub``
+    (SubjectPublicKeyInfo PEM) into ``folder``; returns both paths.
 
     Raises
     ------
     FileExistsError
         If the private key file already exists (an identity is generated once).
     """
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    private_path = folder / f"client-{client_id}.key"
-    public_path = folder / f"client-{client_id}.pub"
+    private_path = folder / f"{stem}.key"
+    public_path = folder / f"{stem}.pub"
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
