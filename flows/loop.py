@@ -25,8 +25,10 @@ from flows.rounds import (
     answered,
     fault_plan,
     log_step,
+    report_step,
     require_quorum,
     round_clients,
+    step_record,
     task_unit,
     train_and_evaluate,
 )
@@ -39,6 +41,7 @@ from models.privacy.released_metrics import MetricRelease
 from tasks.clients import evaluate_client, train_client
 from tasks.secure import round_context
 from tasks.server import (
+    Fold,
     Progress,
     Snapshot,
     aggregate,
@@ -46,7 +49,9 @@ from tasks.server import (
     champion_for,
     checkpoint,
     initialize,
+    record_step,
     round_summary,
+    server_step,
     warm_start,
 )
 
@@ -189,10 +194,11 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
 
 def _sampled_round(
     ctx: RunContext, family: Family, state: Any, phase: Phase, step: int, evaluating: bool
-) -> tuple[Any, list, list, float]:
+) -> tuple[Any, list, Fold | None, list, float]:
     """Step ``step``: the sampled clients train on ``state`` (each evaluating it first when
-    ``evaluating``), the others evaluate it, and the server folds the answers. Returns the new
-    state, what each trainer sent, the evaluations of ``state`` and when the round started."""
+    ``evaluating``), the others evaluate it. Returns the new state and what each trainer sent
+    after a secure round (the masked sum is folded there), or None and the plain updates to
+    fold; then the evaluations of ``state`` and when the round started."""
     config, started = ctx.config, time.perf_counter()
     chosen, devices = round_clients(ctx, step, phase.per_device)
     asked = family.eval_splits if evaluating else ()
@@ -218,13 +224,12 @@ def _sampled_round(
         return submit.evaluate(entry, family.eval_splits, name)
 
     sent, evaluations = train_and_evaluate(ctx, step, chosen, evaluating, train, evaluate, running)
-    updates = list(sent.values())
     if secure is not None:  # updates stayed on the clients; the sum comes masked
         state, updates = secure_round(ctx, family, state, sent, step, phase.name, len(chosen))
-    else:
-        summed = updates if running is None else [running.total()]
-        state = aggregate(family=family, state=state, updates=summed, phase=phase.name)
-    return state, updates, evaluations, started
+        return state, updates, None, evaluations, started
+    updates = list(sent.values())
+    summed = updates if running is None else [running.total()]
+    return None, updates, Fold(family, state, summed, phase.name), evaluations, started
 
 
 def train_family(
@@ -256,20 +261,30 @@ def train_family(
             evaluating = (
                 pending is not None and (step - 1) % config.eval_every == 0 and not family.private
             )
-            state, updates, evaluations, started = _sampled_round(
+            secured, updates, fold, evaluations, started = _sampled_round(
                 ctx, family, state, phase, step, evaluating
             )
-            saved = Snapshot(
-                family, state, f"{ctx.workspace}/checkpoints", Progress(step, index, phase_round)
-            )
-            if pending:  # step - 1 logged, then step checkpointed: one server task run
-                label = f"round {step - 1}/{total}"
-                metrics = log_step(
-                    ctx, step - 1, pending, evaluations, family.top_k, label, spent(step - 1), saved
+            # one server task run: step folded, step - 1 logged, then step checkpointed
+            folder, progress = f"{ctx.workspace}/checkpoints", Progress(step, index, phase_round)
+            label = f"round {step - 1}/{total}"
+            record = None
+            if pending:
+                record = step_record(
+                    ctx, step - 1, pending, evaluations, family.top_k, spent(step - 1)
                 )
-                history.append(metrics)
+            if fold is not None:
+                state, metrics = server_step(
+                    fold=fold, record=record, folder=folder, progress=progress
+                )
+            elif record is not None:  # a secure round: its masked sum is folded already
+                state = secured
+                metrics = record_step(**record, snapshot=Snapshot(family, state, folder, progress))
             else:
-                checkpoint(family=family, state=state, folder=saved.folder, progress=saved.progress)
+                state = secured
+                checkpoint(family=family, state=state, folder=folder, progress=progress)
+            if pending:
+                report_step(ctx, label, metrics, pending[1])
+                history.append(metrics)
             pending = (updates, time.perf_counter() - started)
 
     if pending is None:

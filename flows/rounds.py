@@ -331,26 +331,28 @@ def _run_started() -> float | None:
     return None if start is None else start.timestamp()
 
 
-def log_step(
+def step_record(
     ctx: RunContext,
     step: int,
     round_: tuple[Sequence, float],
     evaluations: Sequence,
     top_k: int,
-    label: str,
     extra: Mapping[str, float] | None = None,
-    snapshot: Snapshot | None = None,
-) -> dict[str, float]:
-    """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, then
-    checkpoint ``snapshot`` (the state after the next step) if given, all in one server task
-    run; report the step in one line with the run's elapsed time and an ETA.
-    A resumed run does not log again the steps the interrupted one logged."""
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`~tasks.server.record_step` (but the snapshot) that
+    summarise and log step ``step``: its uploads and time (``round_``) and its model's
+    evaluations. A resumed run does not log again the steps the interrupted one logged."""
     updates, seconds = round_
-    metrics = record_step(
+    return dict(
         step=step, updates=updates, evaluations=evaluations, top_k=top_k, n_items=ctx.n_items,
-        seconds=seconds, extra=dict(extra or {}), snapshot=snapshot,
+        seconds=seconds, extra=dict(extra or {}),
         log_to=(ctx.uri, ctx.run_id) if step > ctx.logged_through else None,
     )  # fmt: skip
+
+
+def report_step(ctx: RunContext, label: str, metrics: Mapping[str, float], seconds: float) -> None:
+    """One line for a recorded step: its headline metrics, clients, uploads and time, with the
+    run's elapsed time and an ETA."""
     shown = [
         f"{k} {metrics[k]:.4f}"
         for k in ("train/rmse", "valid/rmse", "valid/ndcg_at_10", "test/ndcg_at_10")
@@ -367,4 +369,22 @@ def log_step(
     )  # fmt: skip
     if "final" in label:
         _STEP_MARKS.pop(ctx.run_id, None)
+
+
+def log_step(
+    ctx: RunContext,
+    step: int,
+    round_: tuple[Sequence, float],
+    evaluations: Sequence,
+    top_k: int,
+    label: str,
+    extra: Mapping[str, float] | None = None,
+    snapshot: Snapshot | None = None,
+) -> dict[str, float]:
+    """Summarise step ``step`` (its uploads and time, its model's evaluation), log it, then
+    checkpoint ``snapshot`` (the state after the next step) if given, all in one server task
+    run; report the step in one line (:func:`report_step`)."""
+    record = step_record(ctx, step, round_, evaluations, top_k, extra)
+    metrics = record_step(**record, snapshot=snapshot)
+    report_step(ctx, label, metrics, round_[1])
     return metrics

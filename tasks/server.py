@@ -150,6 +150,33 @@ def record_step(
     return metrics
 
 
+@dataclass(frozen=True)
+class Fold:
+    """A round's plain client updates, to fold into the next global state."""
+
+    family: Family
+    state: Any
+    updates: Sequence[ClientUpdate]
+    phase: str
+
+
+@task(name="server-step", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5])
+def server_step(
+    *, fold: Fold, record: Mapping[str, Any] | None, folder: str, progress: Progress
+) -> tuple[Any, dict[str, float] | None]:
+    """The server's work after a plain round, in one task run: fold the updates into the next
+    state (as :func:`aggregate`), record the previous step (``record``: the keyword arguments
+    of :func:`record_step` but the snapshot) and checkpoint the new state into ``folder`` (as
+    :func:`record_step`: a checkpoint on disk means every step before it is logged). Returns
+    the new state and the recorded step's metrics (None without ``record``)."""
+    state = fold.family.server_update(fold.state, fold.updates, fold.phase)
+    snapshot = Snapshot(fold.family, state, folder, progress)
+    if record is None:
+        write_checkpoint(fold.family, state, folder, progress)
+        return state, None
+    return state, record_step.fn(**record, snapshot=snapshot)
+
+
 @task(name="load-checkpoint", cache_policy=NONE)
 def latest_checkpoint(*, family: Family, folder: str) -> tuple[Any, Progress] | None:
     """The state after the last step whose checkpoint was written completely (files are renamed

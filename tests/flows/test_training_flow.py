@@ -287,3 +287,32 @@ def test_no_file_of_the_registered_model_is_a_pickle(store, first_run, tmp_path)
     kinds = model_file_kinds(store["uri"], "flowtest", first_run["model_version"], tmp_path)
 
     assert kinds["MLmodel"] == "text" and "npz" in kinds.values(), kinds  # state: arrays in .npz
+
+
+def test_a_plain_round_costs_the_server_one_task_run(store, monkeypatch):
+    """Each sampled round's fold, the previous step's record and the checkpoint run in one server
+    task; ``aggregate`` is left to the rounds every client answers once (the global mean)."""
+    from flows.training import federated_training
+    from tasks import server
+
+    steps, phases = [], []
+    step_fn, aggregate_fn = server.server_step.fn, server.aggregate.fn
+
+    def server_step(**kwargs):
+        steps.append(kwargs["progress"].step)
+        return step_fn(**kwargs)
+
+    def aggregate(**kwargs):
+        phases.append(kwargs["phase"])
+        return aggregate_fn(**kwargs)
+
+    monkeypatch.setattr(server.server_step, "fn", server_step)
+    monkeypatch.setattr(server.aggregate, "fn", aggregate)
+    config = TrainingConfig(rounds=4, factors=4, tracking_uri=store["uri"], model_name="onetask",
+                            **SMALL)  # fmt: skip
+    summary = federated_training(**config.model_dump())
+
+    assert steps == [1, 2, 3, 4]
+    assert phases == ["mean"]
+    history = store["client"].get_metric_history(summary["run_id"], "valid/rmse")
+    assert [m.step for m in history] == [1, 2, 3, 4]
