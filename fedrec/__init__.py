@@ -6,3 +6,9 @@ import os
 # (the CLI, the benchmarks) and still falls back to Prefect's temporary API server gets a start-up
 # limit that a busy machine can meet (Prefect's own is 20 s). A value set by the user wins.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+
+# No usage telemetry leaves a fedrec process or the servers it starts: MLflow 3 and Prefect 3 both
+# report usage to their vendors by default, and both honour DO_NOT_TRACK (MLflow only its "true"
+# spelling). A value set by the user wins.
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
