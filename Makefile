@@ -12,6 +12,9 @@ export FEDREC_DATASETS ?= $(abspath ../shared/datasets)
 export FEDREC_HOME ?= $(CURDIR)/.fedrec
 export PREFECT_HOME ?= $(FEDREC_HOME)/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# No usage telemetry from MLflow or Prefect, in processes that do not import fedrec first too
+export DO_NOT_TRACK ?= true
+export MLFLOW_DISABLE_TELEMETRY ?= true
 MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 
