@@ -8,7 +8,8 @@ cache, and the flow's MLflow store created and migrated: a store's first run pay
 the warm-up flow's time reported apart. Flow and loop runs alternate, and medians are reported
 (2-core machines are noisy). Besides wall time, the CPU seconds of each side are counted (the
 flow's include the Prefect server's), which a loaded machine distorts less; the machine's load
-average is recorded with the results.
+average is recorded with the results. The flow runs as ``fedrec train`` runs it: in the
+foreground, without Prefect's flow run heartbeat (:func:`fedrec.runtime.foreground_flow`).
 
 ``--side LABEL:SETTINGS[:CODE]`` (repeatable) compares flows side by side in one run: each side
 has its own Prefect server with ``SETTINGS`` (``fedrec``: fedrec's local server; ``prefect``:
@@ -257,6 +258,10 @@ def worker(ns: argparse.Namespace) -> None:
         tracking_uri=f"sqlite:///{Path(os.environ['FEDREC_HOME']) / 'mlflow.db'}",
         skip_if_unchanged=False,  # every repeat trains; otherwise repeats 2+ would be no-ops
     )
+    try:  # the flow in the foreground, as ``fedrec train`` runs it
+        from fedrec.runtime import foreground_flow
+    except ImportError:  # older source trees
+        foreground_flow = contextlib.nullcontext
     times = TaskTimes()
     if ns.breakdown:
         times.install()
@@ -271,7 +276,8 @@ def worker(ns: argparse.Namespace) -> None:
         command = line.strip()
         cpu, started = own_cpu(), time.perf_counter()
         if command == "flow":
-            federated_training(**config.model_dump())
+            with foreground_flow():
+                federated_training(**config.model_dump())
             flows += 1
         elif command == "loop":
             plain_loop(config)

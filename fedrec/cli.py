@@ -332,7 +332,7 @@ def train(
     _quiet_prefect(debug)
     with _step("loading Prefect, MLflow and the training flow"):
         from flows.training import training_flow
-    from fedrec.runtime import keep_freed_memory
+    from fedrec.runtime import foreground_flow, keep_freed_memory
 
     keep_freed_memory()
     if config.sites is not None and max_workers is None:  # proxy tasks wait, they do not compute
@@ -345,6 +345,7 @@ def train(
     # MLflow prints registry notices on stdout; with --json, stdout carries the summary only.
     with (
         using_api(api_url),
+        foreground_flow(),
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
     ):
         state = flow(**config.model_dump(), return_state=True)

@@ -56,3 +56,27 @@ def one_blas_thread() -> Iterator[None]:
 
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+# Variables through which a user sets Prefect's flow run heartbeat; when one is set, it wins.
+_HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+@contextlib.contextmanager
+def foreground_flow() -> Iterator[None]:
+    """Run the block's flow runs without Prefect's flow run heartbeat, unless the user set one.
+
+    Prefect's flow engine sends a heartbeat every 180 s from a thread that sleeps in one-second
+    steps, and joins that thread when the run ends, so every run ended up to a second late (half a
+    second on average; ``benchmarks/overhead.py``'s flow times came in whole seconds plus 0.1). A
+    heartbeat serves an automation that marks a silent run as crashed; a command that runs its
+    flow in the foreground reports its own failure. Runs started by a worker or by ``fedrec
+    serve`` run in processes of their own and keep their heartbeats.
+    """
+    if any(os.environ.get(name) for name in _HEARTBEAT_ENV):
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
