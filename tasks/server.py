@@ -142,6 +142,20 @@ def record_step(
     :func:`round_summary`, with ``extra``) logged to the MLflow run ``log_to`` = (URI, run
     id) when given, then ``snapshot`` checkpointed when given. In that order: a checkpoint on
     disk means every step before it is logged. Returns the metrics."""
+    return _record(step, updates, evaluations, top_k, n_items, seconds, extra, log_to, snapshot)
+
+
+def _record(
+    step: int,
+    updates: Sequence[ClientUpdate],
+    evaluations: Sequence[Mapping[str, Evaluation]],
+    top_k: int,
+    n_items: int,
+    seconds: float,
+    extra: Mapping[str, float],
+    log_to: tuple[str, str] | None,
+    snapshot: Snapshot | None,
+) -> dict[str, float]:
     metrics = round_summary(updates, evaluations, top_k, n_items, seconds) | dict(extra)
     if log_to is not None:
         log_metrics(*log_to, step, metrics)
@@ -174,7 +188,7 @@ def server_step(
     if record is None:
         write_checkpoint(fold.family, state, folder, progress)
         return state, None
-    return state, record_step.fn(**record, snapshot=snapshot)
+    return state, _record(**record, snapshot=snapshot)
 
 
 @task(name="load-checkpoint", cache_policy=NONE)
