@@ -125,8 +125,7 @@ class Snapshot:
     progress: Progress
 
 
-@task(name="record-step", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5])
-def record_step(
+def save_step(
     *,
     step: int,
     updates: Sequence[ClientUpdate],
@@ -138,30 +137,22 @@ def record_step(
     log_to: tuple[str, str] | None,
     snapshot: Snapshot | None,
 ) -> dict[str, float]:
-    """The server's record of a round in one task run: step ``step``'s metrics (as
-    :func:`round_summary`, with ``extra``) logged to the MLflow run ``log_to`` = (URI, run
-    id) when given, then ``snapshot`` checkpointed when given. In that order: a checkpoint on
-    disk means every step before it is logged. Returns the metrics."""
-    return _record(step, updates, evaluations, top_k, n_items, seconds, extra, log_to, snapshot)
-
-
-def _record(
-    step: int,
-    updates: Sequence[ClientUpdate],
-    evaluations: Sequence[Mapping[str, Evaluation]],
-    top_k: int,
-    n_items: int,
-    seconds: float,
-    extra: Mapping[str, float],
-    log_to: tuple[str, str] | None,
-    snapshot: Snapshot | None,
-) -> dict[str, float]:
+    """The server's record of a round: step ``step``'s metrics (as :func:`round_summary`, with
+    ``extra``) logged to the MLflow run ``log_to`` = (URI, run id) when given, then
+    ``snapshot`` checkpointed when given. In that order: a checkpoint on disk means every step
+    before it is logged. Returns the metrics."""
     metrics = round_summary(updates, evaluations, top_k, n_items, seconds) | dict(extra)
     if log_to is not None:
         log_metrics(*log_to, step, metrics)
     if snapshot is not None:
         write_checkpoint(snapshot.family, snapshot.state, snapshot.folder, snapshot.progress)
     return metrics
+
+
+#: :func:`save_step` in a task run of its own (after a secure round, and for the final step)
+record_step = task(name="record-step", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5])(
+    save_step
+)
 
 
 @dataclass(frozen=True)
@@ -180,15 +171,15 @@ def server_step(
 ) -> tuple[Any, dict[str, float] | None]:
     """The server's work after a plain round, in one task run: fold the updates into the next
     state (as :func:`aggregate`), record the previous step (``record``: the keyword arguments
-    of :func:`record_step` but the snapshot) and checkpoint the new state into ``folder`` (as
-    :func:`record_step`: a checkpoint on disk means every step before it is logged). Returns
+    of :func:`save_step` but the snapshot) and checkpoint the new state into ``folder`` (as
+    :func:`save_step`: a checkpoint on disk means every step before it is logged). Returns
     the new state and the recorded step's metrics (None without ``record``)."""
     state = fold.family.server_update(fold.state, fold.updates, fold.phase)
     snapshot = Snapshot(fold.family, state, folder, progress)
     if record is None:
         write_checkpoint(fold.family, state, folder, progress)
         return state, None
-    return state, _record(**record, snapshot=snapshot)
+    return state, save_step(**record, snapshot=snapshot)
 
 
 @task(name="load-checkpoint", cache_policy=NONE)
