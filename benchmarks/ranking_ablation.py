@@ -1,0 +1,362 @@
+"""Which extra features or LightGBM settings lift the re-ranker, measured on validation users held
+out from it (ML-1M, the split and candidates of :mod:`benchmarks.ranking`).
+
+The retrieval models are those of the two-stage benchmark (implicit ALS, item-kNN, EASE lambda
+800; centralized ALS, which the federated one equals) and the candidates are the re-ranker's own
+(``ranker_client_data``: history = training rows, label = the candidate is a validation row). A
+pooled LightGBM ranker with the benchmark's 100 trees (the federated one matches it on test) is
+trained on the users of all folds but one and scores the held-out fold; validation NDCG@10 is
+summed over every fold and divided by the users with a validation row, so users whose validation
+items missed the candidates count as 0 and figures compare across candidate counts.
+
+Feature groups added to :data:`~models.ranking.features.FEATURES` (each from training rows only):
+
+- ``time``: the item's time centre and spread (per-item sums of timestamps), the user's training
+  span, the item's count and share in the user's median time bin and in the user's active window,
+  the share of the item's ratings before the user's median, the item's age at the user's median;
+- ``seq``: items rated next to each other (within ``--seq-window`` positions in time) by the same
+  user, cosine-normalised; per candidate the sum and the largest value over the history;
+- ``more``: EASE at lambda 200 and 3200, EASE on the user-degree-weighted co-occurrences, RP3beta;
+- ``ratings``: the item's mean rating and share of 5s among positives, the user's mean rating,
+  EASE over a rating-weighted history and over the 5-star history.
+
+    uv run python -m benchmarks.ranking_ablation --sets base time seq more ratings
+    uv run python -m benchmarks.ranking_ablation --sets base --trees 200     # LightGBM settings
+    uv run python -m benchmarks.ranking_ablation --sets base --candidates 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from benchmarks.common import load_movielens, machine, write_json
+from benchmarks.ranking import _pooled_train, recbole_split
+from models.data.partitions import build_clients
+from models.data.schema import keep_positives
+from models.data.sharding import assign_clients
+from models.mf.implicit import CentralizedImplicitALS
+from models.ranking.ease import ease_weights
+from models.ranking.features import CATEGORICAL, FEATURES, Retrieval
+from models.ranking.federated import (
+    RankingConfig,
+    knn_client_update,
+    knn_server_update,
+    ranker_client_data,
+)
+from models.ranking.knn import sum_cooccurrence
+from models.ranking.recommender import RankingRecommender
+
+DAY = 86400.0
+
+
+def candidates(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Training candidates (label = validation row), test candidates (label = test row) and every
+    row of the split (global user, item, split, timestamp, rating)."""
+    data = keep_positives(load_movielens("ml-1m"), 3.0)
+    split = recbole_split(data, args.seed)
+    owner = assign_clients(
+        data, n_clients=args.clients, strategy="iid", rng=np.random.default_rng(args.seed)
+    )
+    clients = build_clients(data, owner, split)
+    config = RankingConfig()
+    als = CentralizedImplicitALS(
+        config.n_factors, reg=config.reg, alpha=config.alpha, n_iter=10,
+        init_std=config.init_std, seed=args.seed,
+    ).fit(_pooled_train(data, clients))  # fmt: skip
+    updates = [knn_client_update(c) for c in clients]
+    similarity, popularity = knn_server_update(updates, data.n_items, config)
+    ease = ease_weights(sum_cooccurrence([u.arrays for u in updates], data.n_items), reg=800.0)
+    catalogue = data.item_features.drop(columns=["title"])
+    retrieval = Retrieval(
+        als.item_params_.factors, config.reg, config.alpha, similarity, popularity, catalogue,
+        args.candidates, ease,
+    )  # fmt: skip
+    base = RankingRecommender(retrieval, None, data.item_ids.astype(str), None)
+    train, test, rows = [], [], []
+    for c in clients:
+        prepared = ranker_client_data(c, base, ("test",))
+        part = prepared.train.features.assign(
+            uid=c.user_ids[prepared.train.users], item=prepared.train.items, label=prepared.labels
+        )
+        train.append(part)
+        held, _ = prepared.splits["test"]
+        labels = np.asarray(c.matrix("test")[held.users, held.items]).ravel() > 0
+        test.append(held.features.assign(uid=c.user_ids[held.users], item=held.items, label=labels))
+        f = c.frame
+        rows.append(
+            pd.DataFrame({
+                "uid": c.user_ids[f["user"].to_numpy()], "item": f["item"].to_numpy(),
+                "split": f["split"].to_numpy(), "timestamp": f["timestamp"].to_numpy(),
+                "rating": f["rating"].to_numpy(),
+            })
+        )  # fmt: skip
+    return (
+        pd.concat(train, ignore_index=True),
+        pd.concat(test, ignore_index=True),
+        pd.concat(rows, ignore_index=True),
+    )
+
+
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(1, scores.shape[1] + 1)[None, :], axis=1)
+    return ranks
+
+
+def _ease(gram: np.ndarray, reg: float) -> np.ndarray:
+    gram = gram + reg * np.eye(gram.shape[0])
+    inverse = np.linalg.inv(gram)
+    weights = -inverse / np.diag(inverse)[None, :]
+    np.fill_diagonal(weights, 0.0)
+    return weights
+
+
+class Training:
+    """The pooled training rows as matrices, global users sorted."""
+
+    def __init__(self, rows: pd.DataFrame) -> None:
+        train = rows[rows["split"] == 0]
+        self.n_items = int(rows["item"].max()) + 1
+        self.users, self.row = np.unique(train["uid"].to_numpy(), return_inverse=True)
+        self.items = train["item"].to_numpy()
+        self.ratings = train["rating"].to_numpy(float)
+        self.times = (train["timestamp"].to_numpy(float) - train["timestamp"].min()) / DAY
+        self.uid = train["uid"].to_numpy()
+        self.x = self.matrix(np.ones(self.items.size))
+        self.seen = self.x.toarray() > 0
+
+    def matrix(self, values: np.ndarray) -> sparse.csr_matrix:
+        shape = (self.users.size, self.n_items)
+        return sparse.csr_matrix((values, (self.row, self.items)), shape=shape)
+
+    def gather(self, frames: list[pd.DataFrame], scores: dict[str, np.ndarray]) -> list[dict]:
+        """Per frame, each named user x item score matrix's value, rank and per-user z-score."""
+        outs = [{} for _ in frames]
+        for name, s in scores.items():
+            s = np.where(self.seen, -np.inf, np.asarray(s))
+            ranks = _ranks(s)
+            finite = np.isfinite(s)
+            n = np.maximum(finite.sum(axis=1), 1)
+            mean = np.where(finite, s, 0.0).sum(axis=1) / n
+            std = np.sqrt((np.where(finite, s - mean[:, None], 0.0) ** 2).sum(axis=1) / n) + 1e-12
+            for out, frame in zip(outs, frames, strict=True):
+                r = np.searchsorted(self.users, frame["uid"].to_numpy())
+                i = frame["item"].to_numpy()
+                out[f"{name}_score"] = s[r, i]
+                out[f"{name}_rank"] = ranks[r, i].astype(float)
+                out[f"{name}_z"] = (s[r, i] - mean[r]) / std[r]
+        return outs
+
+
+def time_features(t: Training, frames: list[pd.DataFrame], bin_days: float) -> list[dict]:
+    count = np.bincount(t.items, minlength=t.n_items).astype(float)
+    mean = np.bincount(t.items, t.times, t.n_items) / np.maximum(count, 1)
+    square = np.bincount(t.items, t.times**2, t.n_items) / np.maximum(count, 1)
+    spread = np.sqrt(np.maximum(square - mean**2, 0.0))
+    mean[count == 0] = np.nan
+    n_bins = int(t.times.max() / bin_days) + 1
+    hist = np.zeros((t.n_items, n_bins))
+    np.add.at(hist, (t.items, (t.times / bin_days).astype(int)), 1.0)
+    cum, total = np.cumsum(hist, axis=1), np.cumsum(hist.sum(axis=0))
+    first = np.where(count > 0, (hist > 0).argmax(axis=1), 0) * bin_days
+    by_user = pd.DataFrame({"uid": t.uid, "t": t.times}).groupby("uid")["t"]
+    med, lo, hi = by_user.median(), by_user.min(), by_user.max()
+    outs = []
+    for frame in frames:
+        u, i = frame["uid"].to_numpy(), frame["item"].to_numpy()
+        m, a, b = med.loc[u].to_numpy(), lo.loc[u].to_numpy(), hi.loc[u].to_numpy()
+        mb = np.clip((m / bin_days).astype(int), 0, n_bins - 1)
+        ab = np.clip((a / bin_days).astype(int), 0, n_bins - 1)
+        bb = np.clip((b / bin_days).astype(int), 0, n_bins - 1)
+        below = np.where(ab > 0, cum[i, ab - 1], 0.0)
+        window = cum[i, bb] - below
+        window_total = total[bb] - np.where(ab > 0, total[ab - 1], 0.0)
+        outs.append({
+            "t_gap": m - mean[i], "t_item_spread": spread[i], "t_user_span": np.log1p(b - a),
+            "t_bin_count": np.log1p(hist[i, mb]),
+            "t_bin_share": hist[i, mb] / np.maximum(total[mb] - np.r_[0, total][mb], 1),
+            "t_window_share": window / np.maximum(window_total, 1),
+            "t_item_age": m - first[i], "t_before": cum[i, mb] / np.maximum(count[i], 1),
+        })  # fmt: skip
+    return outs
+
+
+def sequence_features(t: Training, frames: list[pd.DataFrame], window: int) -> list[dict]:
+    order = np.lexsort((t.items, t.times, t.uid))
+    uid, items = t.uid[order], t.items[order]
+    a, b = [], []
+    for d in range(1, window + 1):
+        same = uid[d:] == uid[:-d]
+        a.append(items[:-d][same])
+        b.append(items[d:][same])
+    a, b = np.concatenate(a), np.concatenate(b)
+    pairs = sparse.csr_matrix(
+        (np.ones(2 * a.size), (np.r_[a, b], np.r_[b, a])), shape=(t.n_items, t.n_items)
+    )
+    norm = sparse.diags(1.0 / np.sqrt(np.maximum(np.asarray(t.x.sum(axis=0)).ravel(), 1)))
+    cosine = (norm @ pairs @ norm).toarray()
+    total = np.asarray(t.x @ cosine)
+    outs = []
+    for frame in frames:
+        r = np.searchsorted(t.users, frame["uid"].to_numpy())
+        i = frame["item"].to_numpy()
+        largest = np.zeros(len(frame))
+        for u in np.unique(r):
+            at = np.flatnonzero(r == u)
+            history = t.x.indices[t.x.indptr[u] : t.x.indptr[u + 1]]
+            largest[at] = cosine[np.ix_(history, i[at])].max(axis=0)
+        outs.append({"s_sum": total[r, i], "s_max": largest})
+    return outs
+
+
+def more_features(t: Training, frames: list[pd.DataFrame]) -> list[dict]:
+    gram = (t.x.T @ t.x).toarray()
+    degree = np.asarray(t.x.sum(axis=1)).ravel()
+    weighted = (t.x.T @ sparse.diags(1.0 / degree) @ t.x).toarray()
+    popularity = np.maximum(np.diag(gram), 1.0)
+    rp3 = weighted / popularity[:, None] / popularity[None, :] ** 0.5
+    np.fill_diagonal(rp3, 0.0)
+    scores = {
+        "m_ease200": t.x @ _ease(gram, 200.0),
+        "m_ease3200": t.x @ _ease(gram, 3200.0),
+        "m_wease": t.x @ _ease(weighted, 400.0),
+        "m_rp3": t.x @ rp3,
+    }
+    return t.gather(frames, scores)
+
+
+def rating_features(t: Training, frames: list[pd.DataFrame]) -> list[dict]:
+    count = np.maximum(np.bincount(t.items, minlength=t.n_items), 1)
+    item_mean = np.bincount(t.items, t.ratings, t.n_items) / count
+    item_five = np.bincount(t.items, (t.ratings >= 5).astype(float), t.n_items) / count
+    user_mean = (
+        np.asarray(t.matrix(t.ratings).sum(axis=1)).ravel() / np.asarray(t.x.sum(axis=1)).ravel()
+    )
+    weights = _ease((t.x.T @ t.x).toarray(), 800.0)
+    scores = {
+        "r_ease_rated": t.matrix(t.ratings - 2.0) @ weights,
+        "r_ease_five": t.matrix((t.ratings >= 5).astype(float)) @ weights,
+    }
+    outs = t.gather(frames, scores)
+    for out, frame in zip(outs, frames, strict=True):
+        i = frame["item"].to_numpy()
+        r = np.searchsorted(t.users, frame["uid"].to_numpy())
+        out |= {
+            "r_item_mean": item_mean[i],
+            "r_item_five": item_five[i],
+            "r_user_mean": user_mean[r],
+        }
+    return outs
+
+
+def _params(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "objective": args.objective, "metric": "none", "learning_rate": args.lr,
+        "num_leaves": args.leaves, "min_data_in_leaf": args.min_leaf,
+        "bagging_fraction": args.subsample, "bagging_freq": 1 if args.subsample < 1 else 0,
+        "feature_fraction": args.subsample, "lambdarank_truncation_level": 20, "num_threads": 1,
+        "deterministic": True, "force_row_wise": True, "seed": args.seed, "verbosity": -1,
+    }  # fmt: skip
+
+
+def _fit(frame: pd.DataFrame, columns: list[str], args: argparse.Namespace) -> lgb.Booster:
+    groups = frame.groupby("uid", sort=False).size().to_numpy()
+    data = lgb.Dataset(
+        frame[columns].to_numpy(float), label=frame["label"].to_numpy(float), group=groups,
+        feature_name=columns, categorical_feature=[c for c in CATEGORICAL if c in columns],
+    )  # fmt: skip
+    return lgb.train(_params(args), data, num_boost_round=args.trees)
+
+
+def ndcg_sum(frame: pd.DataFrame, scores: np.ndarray, n_relevant: pd.Series, k: int = 10) -> float:
+    """Sum over the frame's users of NDCG@k, the ideal DCG from all their relevant items."""
+    ranked = (
+        frame[["uid", "label"]].assign(s=scores).sort_values(["uid", "s"], ascending=[True, False])
+    )
+    position = ranked.groupby("uid").cumcount().to_numpy()
+    top = ranked[position < k]
+    gains = top["label"].to_numpy(float) / np.log2(position[position < k] + 2)
+    dcg = pd.Series(gains, index=top["uid"].to_numpy()).groupby(level=0).sum()
+    ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2))
+    n = n_relevant.reindex(dcg.index).fillna(0).clip(upper=k).astype(int).to_numpy()
+    return float((dcg.to_numpy() / ideal[np.maximum(n - 1, 0)]).sum())
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    train, test, rows = candidates(args)
+    print(f"candidates: {len(train)} training rows, {len(test)} test rows "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    t = Training(rows)
+    groups = {"base": []}
+    builders = {
+        "time": lambda f: time_features(t, f, args.bin_days),
+        "seq": lambda f: sequence_features(t, f, args.seq_window),
+        "more": lambda f: more_features(t, f),
+        "ratings": lambda f: rating_features(t, f),
+    }
+    for name in args.sets:
+        if name in builders:
+            extra_train, extra_test = builders[name]([train, test])
+            train = train.assign(**extra_train)
+            test = test.assign(**extra_test)
+            groups[name] = list(extra_train)
+    n_valid = rows[rows["split"] == 1].groupby("uid").size()
+    n_test = rows[rows["split"] == 2].groupby("uid").size()
+    users = train["uid"].unique()
+    fold = pd.Series(np.random.default_rng(args.seed).integers(0, args.folds, users.size), users)
+    fold_of_row = fold.loc[train["uid"].to_numpy()].to_numpy()
+    out = {}
+    for name in args.sets:
+        columns = list(FEATURES) + groups[name]
+        total = 0.0
+        for f in range(args.folds):
+            booster = _fit(train[fold_of_row != f], columns, args)
+            held = train[fold_of_row == f]
+            total += ndcg_sum(held, booster.predict(held[columns].to_numpy(float)), n_valid)
+        out[name] = {"valid_ndcg_at_10": total / len(n_valid)}
+        if args.test:
+            booster = _fit(train, columns, args)
+            scores = booster.predict(test[columns].to_numpy(float))
+            out[name]["test_ndcg_at_10"] = ndcg_sum(test, scores, n_test) / len(n_test)
+        print(f"  {name}: {out[name]}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sets", nargs="+", default=["base", "time", "seq", "more", "ratings"],
+                        choices=["base", "time", "seq", "more", "ratings"])  # fmt: skip
+    parser.add_argument("--candidates", type=int, default=RankingConfig.n_candidates)
+    parser.add_argument("--objective", default="rank_xendcg", choices=["rank_xendcg", "lambdarank"])
+    parser.add_argument("--trees", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--leaves", type=int, default=31)
+    parser.add_argument("--min-leaf", type=int, default=200)
+    parser.add_argument("--subsample", type=float, default=0.8)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--bin-days", type=float, default=30.0, help="time bins of `time`")
+    parser.add_argument("--seq-window", type=int, default=1, help="positions apart for `seq`")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test", action="store_true", help="also train on every user, score test")
+    parser.add_argument("--out", default="ranking_ablation_ml-1m")
+    args = parser.parse_args()
+    if load_movielens("ml-1m") is None:
+        return
+    result = run(args)
+    path = write_json(args.out, {"args": vars(args), "machine": machine(), "sets": result})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
