@@ -37,8 +37,9 @@ from scipy import sparse
 
 from benchmarks.common import load_movielens, machine, write_json
 from benchmarks.ranking import _pooled_train, recbole_split
+from models.client import ClientData
 from models.data.partitions import build_clients
-from models.data.schema import keep_positives
+from models.data.schema import Interactions, keep_positives
 from models.data.sharding import assign_clients
 from models.mf.implicit import CentralizedImplicitALS
 from models.ranking.ease import ease_weights
@@ -55,15 +56,11 @@ from models.ranking.recommender import RankingRecommender
 DAY = 86400.0
 
 
-def candidates(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Training candidates (label = validation row), test candidates (label = test row) and every
-    row of the split (global user, item, split, timestamp, rating)."""
-    data = keep_positives(load_movielens("ml-1m"), 3.0)
-    split = recbole_split(data, args.seed)
-    owner = assign_clients(
-        data, n_clients=args.clients, strategy="iid", rng=np.random.default_rng(args.seed)
-    )
-    clients = build_clients(data, owner, split)
+def _recommender(
+    data: Interactions, clients: list[ClientData], args: argparse.Namespace
+) -> RankingRecommender:
+    """The benchmark's retrieval stage (ALS, item-kNN, EASE 800) fitted on the clients' training
+    rows, as a recommender without a ranker."""
     config = RankingConfig()
     als = CentralizedImplicitALS(
         config.n_factors, reg=config.reg, alpha=config.alpha, n_iter=10,
@@ -77,7 +74,59 @@ def candidates(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, pd
         als.item_params_.factors, config.reg, config.alpha, similarity, popularity, catalogue,
         args.candidates, ease,
     )  # fmt: skip
-    base = RankingRecommender(retrieval, None, data.item_ids.astype(str), None)
+    return RankingRecommender(retrieval, None, data.item_ids.astype(str), None)
+
+
+def pseudo_split(data: Interactions, split: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Split codes of a pseudo-validation world: ``fraction`` of each user's training rows (at
+    least one, for users with 3 or more) become its labels (1), the rest its history (0); the
+    real validation and test rows are unseen (2), so they stay unlabelled candidates."""
+    users = data.frame["user"].to_numpy()
+    train = np.flatnonzero(split == 0)
+    rng = np.random.default_rng([seed, 8])
+    order = train[np.lexsort((rng.random(train.size), users[train]))]
+    u = users[order]
+    start = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+    counts = np.diff(np.r_[start, u.size])
+    position = np.arange(u.size) - np.repeat(start, counts)
+    held = np.where(counts >= 3, np.maximum(1, (counts * fraction).astype(int)), 0)
+    out = np.full(split.shape, 2, dtype=np.int8)
+    out[order] = np.where(position < np.repeat(held, counts), 1, 0)
+    return out
+
+
+def pseudo_candidates(args: argparse.Namespace) -> pd.DataFrame:
+    """Training candidates of the pseudo-validation world (:func:`pseudo_split`): retrieval
+    refitted on the remaining training rows, history = those rows, label = a held-out row."""
+    data = keep_positives(load_movielens("ml-1m"), 3.0)
+    split = pseudo_split(data, recbole_split(data, args.seed), args.pseudo_fraction, args.seed)
+    owner = assign_clients(
+        data, n_clients=args.clients, strategy="iid", rng=np.random.default_rng(args.seed)
+    )
+    clients = build_clients(data, owner, split)
+    base = _recommender(data, clients, args)
+    parts = []
+    for c in clients:
+        prepared = ranker_client_data(c, base, ())
+        parts.append(
+            prepared.train.features.assign(
+                uid=c.user_ids[prepared.train.users], item=prepared.train.items,
+                label=prepared.labels,
+            )
+        )  # fmt: skip
+    return pd.concat(parts, ignore_index=True)
+
+
+def candidates(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Training candidates (label = validation row), test candidates (label = test row) and every
+    row of the split (global user, item, split, timestamp, rating)."""
+    data = keep_positives(load_movielens("ml-1m"), 3.0)
+    split = recbole_split(data, args.seed)
+    owner = assign_clients(
+        data, n_clients=args.clients, strategy="iid", rng=np.random.default_rng(args.seed)
+    )
+    clients = build_clients(data, owner, split)
+    base = _recommender(data, clients, args)
     train, test, rows = [], [], []
     for c in clients:
         prepared = ranker_client_data(c, base, ("test",))
@@ -131,6 +180,7 @@ class Training:
         self.uid = train["uid"].to_numpy()
         self.x = self.matrix(np.ones(self.items.size))
         self.seen = self.x.toarray() > 0
+        self.single: dict[str, np.ndarray] = {}  # single models' full scores, by name
 
     def matrix(self, values: np.ndarray) -> sparse.csr_matrix:
         shape = (self.users.size, self.n_items)
@@ -256,6 +306,80 @@ def rating_features(t: Training, frames: list[pd.DataFrame]) -> list[dict]:
     return outs
 
 
+def admm_slim(
+    gram: np.ndarray,
+    item_means: np.ndarray,
+    *,
+    l1: float,
+    l2: float,
+    alpha: float,
+    rho: float,
+    iterations: int,
+) -> np.ndarray:
+    """ADMM SLIM (Steck et al., WSDM 2020) from the co-occurrences ``X^T X`` alone: non-negative,
+    L1-sparse item weights with a zero diagonal, L2 ``l2 * mean_i^alpha`` per item (RecBole's
+    form), ``iterations`` ADMM steps with penalty ``rho``."""
+    n = gram.shape[0]
+    p = np.linalg.inv(gram + np.diag(l2 * item_means**alpha + rho)).astype(np.float32)
+    b_aux = (p @ gram).astype(np.float32)
+    dual = np.zeros((n, n), dtype=np.float32)
+    c = np.zeros((n, n), dtype=np.float32)
+    diag_p = np.diag(p) + 1e-7
+    for _ in range(iterations):
+        b_tilde = b_aux + p @ (rho * c - dual)
+        b = b_tilde - p * (np.diag(b_tilde) / diag_p)[None, :]
+        c = np.maximum(b + dual / rho - l1 / rho, 0.0)
+        dual += rho * (b - c)
+    return c
+
+
+def full_ndcg(t: Training, rows: pd.DataFrame, scores: np.ndarray, k: int = 10) -> dict:
+    """A single model's NDCG@k over the full catalogue: validation (training items excluded) and,
+    with test rows given, test (validation items excluded too), per user with a relevant row."""
+    out = {}
+    ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2))
+    seen = t.seen.copy()
+    for code, name in ((1, "valid"), (2, "test")):
+        part = rows[rows["split"] == code]
+        part = part[np.isin(part["uid"].to_numpy(), t.users)]
+        if part.empty:
+            continue
+        relevant = (
+            sparse.csr_matrix(
+                (np.ones(len(part)), (np.searchsorted(t.users, part["uid"]), part["item"])),
+                shape=seen.shape,
+            ).toarray()
+            > 0
+        )
+        masked = np.where(seen, -np.inf, scores)
+        top = np.argpartition(-masked, k, axis=1)[:, :k]
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(masked, top, 1), 1), 1)
+        gains = np.take_along_axis(relevant, top, 1) / np.log2(np.arange(k) + 2)
+        n = relevant.sum(axis=1)
+        users = n > 0
+        ndcg = gains.sum(axis=1)[users] / ideal[np.minimum(n[users], k) - 1]
+        out[f"{name}_ndcg_at_10"] = float(ndcg.mean())
+        seen = seen | relevant
+    return out
+
+
+def admm_features(t: Training, frames: list[pd.DataFrame], args: argparse.Namespace) -> list[dict]:
+    x = t.x.astype(np.float32)
+    gram = (x.T @ x).toarray().astype(np.float64)
+    means = np.asarray(t.x.mean(axis=0)).ravel()
+    started = time.perf_counter()
+    weights = admm_slim(
+        gram, means, l1=args.admm_l1, l2=args.admm_l2, alpha=args.admm_alpha, rho=args.admm_rho,
+        iterations=args.admm_iterations,
+    )  # fmt: skip
+    scores = np.asarray(x @ weights, dtype=np.float64)
+    print(f"ADMM SLIM: {time.perf_counter() - started:.0f} s, "
+          f"{(weights > 0).mean():.3f} of the weights non-zero", flush=True)  # fmt: skip
+    t.single["admm"] = scores
+    t.single["ease800"] = np.asarray(t.x @ _ease(gram, 800.0))
+    return t.gather(frames, {"admm": scores})
+
+
 def _params(args: argparse.Namespace) -> dict[str, object]:
     return {
         "objective": args.objective, "metric": "none", "learning_rate": args.lr,
@@ -267,16 +391,26 @@ def _params(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _fit(frame: pd.DataFrame, columns: list[str], args: argparse.Namespace) -> lgb.Booster:
-    groups = frame.groupby("uid", sort=False).size().to_numpy()
+    """A pooled ranker; query groups are the runs of equal ``qid`` (``uid`` without one), and
+    rows of the pseudo-validation world (``qid`` < 0) weigh ``--pseudo-weight``."""
+    query = frame["qid"] if "qid" in frame else frame["uid"]
+    groups = query.groupby((query != query.shift()).cumsum(), sort=False).size().to_numpy()
+    weight = None
+    if "qid" in frame and args.pseudo_weight != 1.0:
+        first = np.r_[0, np.cumsum(groups)[:-1]]
+        weight = np.where(query.to_numpy()[first] < 0, args.pseudo_weight, 1.0)
     data = lgb.Dataset(
         frame[columns].to_numpy(float), label=frame["label"].to_numpy(float), group=groups,
+        weight=None if weight is None else np.repeat(weight, groups),
         feature_name=columns, categorical_feature=[c for c in CATEGORICAL if c in columns],
     )  # fmt: skip
     return lgb.train(_params(args), data, num_boost_round=args.trees)
 
 
-def ndcg_sum(frame: pd.DataFrame, scores: np.ndarray, n_relevant: pd.Series, k: int = 10) -> float:
-    """Sum over the frame's users of NDCG@k, the ideal DCG from all their relevant items."""
+def ndcg_users(
+    frame: pd.DataFrame, scores: np.ndarray, n_relevant: pd.Series, k: int = 10
+) -> pd.Series:
+    """NDCG@k of each of the frame's users, the ideal DCG from all their relevant items."""
     ranked = (
         frame[["uid", "label"]].assign(s=scores).sort_values(["uid", "s"], ascending=[True, False])
     )
@@ -286,21 +420,40 @@ def ndcg_sum(frame: pd.DataFrame, scores: np.ndarray, n_relevant: pd.Series, k: 
     dcg = pd.Series(gains, index=top["uid"].to_numpy()).groupby(level=0).sum()
     ideal = np.cumsum(1.0 / np.log2(np.arange(k) + 2))
     n = n_relevant.reindex(dcg.index).fillna(0).clip(upper=k).astype(int).to_numpy()
-    return float((dcg.to_numpy() / ideal[np.maximum(n - 1, 0)]).sum())
+    return dcg / ideal[np.maximum(n - 1, 0)]
 
 
-def run(args: argparse.Namespace) -> dict:
+def ndcg_sum(frame: pd.DataFrame, scores: np.ndarray, n_relevant: pd.Series, k: int = 10) -> float:
+    """Sum over the frame's users of NDCG@k, the ideal DCG from all their relevant items."""
+    return float(ndcg_users(frame, scores, n_relevant, k).sum())
+
+
+def _with_pseudo(pseudo: pd.DataFrame, labelled: pd.DataFrame) -> pd.DataFrame:
+    """Pseudo-validation queries (``qid`` = -1 - user) followed by the labelled ones."""
+    return pd.concat(
+        [pseudo.assign(qid=-1 - pseudo["uid"]), labelled.assign(qid=labelled["uid"])],
+        ignore_index=True,
+    )
+
+
+def run(args: argparse.Namespace) -> tuple[dict, dict]:
     started = time.perf_counter()
     train, test, rows = candidates(args)
     print(f"candidates: {len(train)} training rows, {len(test)} test rows "
           f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    pseudo = None
+    if {"pseudo", "pseudo_valid"} & set(args.sets):
+        pseudo = pseudo_candidates(args)
+        print(f"pseudo candidates: {len(pseudo)} rows, {pseudo['label'].sum():.0f} labels "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
     t = Training(rows)
-    groups = {"base": []}
+    groups = {"base": [], "pseudo": [], "pseudo_valid": []}
     builders = {
         "time": lambda f: time_features(t, f, args.bin_days),
         "seq": lambda f: sequence_features(t, f, args.seq_window),
         "more": lambda f: more_features(t, f),
         "ratings": lambda f: rating_features(t, f),
+        "admm": lambda f: admm_features(t, f, args),
     }
     for name in args.sets:
         if name in builders:
@@ -308,26 +461,49 @@ def run(args: argparse.Namespace) -> dict:
             train = train.assign(**extra_train)
             test = test.assign(**extra_test)
             groups[name] = list(extra_train)
+    single = {}
+    for name, scores in t.single.items():
+        single[name] = full_ndcg(t, rows if args.test else rows[rows["split"] != 2], scores)
+        print(f"  single model {name}: {single[name]}", flush=True)
     n_valid = rows[rows["split"] == 1].groupby("uid").size()
     n_test = rows[rows["split"] == 2].groupby("uid").size()
     users = train["uid"].unique()
     fold = pd.Series(np.random.default_rng(args.seed).integers(0, args.folds, users.size), users)
     fold_of_row = fold.loc[train["uid"].to_numpy()].to_numpy()
-    out = {}
+    out, per_user = {}, {}
     for name in args.sets:
         columns = list(FEATURES) + groups[name]
-        total = 0.0
-        for f in range(args.folds):
-            booster = _fit(train[fold_of_row != f], columns, args)
-            held = train[fold_of_row == f]
-            total += ndcg_sum(held, booster.predict(held[columns].to_numpy(float)), n_valid)
-        out[name] = {"valid_ndcg_at_10": total / len(n_valid)}
+        parts = []
+        if name == "pseudo":
+            booster = _fit(_with_pseudo(pseudo, train.iloc[:0]), columns, args)
+            parts.append(
+                ndcg_users(train, booster.predict(train[columns].to_numpy(float)), n_valid)
+            )
+        else:
+            for f in range(args.folds):
+                labelled = train[fold_of_row != f]
+                if name == "pseudo_valid":
+                    labelled = _with_pseudo(pseudo, labelled)
+                booster = _fit(labelled, columns, args)
+                held = train[fold_of_row == f]
+                parts.append(
+                    ndcg_users(held, booster.predict(held[columns].to_numpy(float)), n_valid)
+                )
+        per_user[name] = pd.concat(parts).reindex(n_valid.index).fillna(0.0)
+        out[name] = {"valid_ndcg_at_10": float(per_user[name].mean())}
+        if name != "base" and "base" in per_user:
+            diff = per_user[name] - per_user["base"]
+            out[name]["valid_gain_vs_base"] = float(diff.mean())
+            out[name]["paired_se"] = float(diff.std(ddof=1) / np.sqrt(diff.size))
         if args.test:
-            booster = _fit(train, columns, args)
+            final = {"pseudo": train.iloc[:0], "pseudo_valid": train}
+            booster = _fit(
+                _with_pseudo(pseudo, final[name]) if name in final else train, columns, args
+            )
             scores = booster.predict(test[columns].to_numpy(float))
             out[name]["test_ndcg_at_10"] = ndcg_sum(test, scores, n_test) / len(n_test)
         print(f"  {name}: {out[name]}", flush=True)
-    return out
+    return out, single
 
 
 def main() -> None:
@@ -335,7 +511,25 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sets", nargs="+", default=["base", "time", "seq", "more", "ratings"],
-                        choices=["base", "time", "seq", "more", "ratings"])  # fmt: skip
+                        choices=["base", "time", "seq", "more", "ratings", "admm", "pseudo",
+                                 "pseudo_valid"])  # fmt: skip
+    parser.add_argument("--admm-l1", type=float, default=5.0)
+    parser.add_argument("--admm-l2", type=float, default=5000.0)
+    parser.add_argument("--admm-alpha", type=float, default=1.0)
+    parser.add_argument("--admm-rho", type=float, default=4000.0)
+    parser.add_argument("--admm-iterations", type=int, default=100)
+    parser.add_argument(
+        "--pseudo-fraction",
+        type=float,
+        default=1 / 8,
+        help="share of each user's training rows held out as pseudo labels",
+    )
+    parser.add_argument(
+        "--pseudo-weight",
+        type=float,
+        default=1.0,
+        help="weight of a pseudo-validation query against a validation one",
+    )
     parser.add_argument("--candidates", type=int, default=RankingConfig.n_candidates)
     parser.add_argument("--objective", default="rank_xendcg", choices=["rank_xendcg", "lambdarank"])
     parser.add_argument("--trees", type=int, default=100)
@@ -353,8 +547,11 @@ def main() -> None:
     args = parser.parse_args()
     if load_movielens("ml-1m") is None:
         return
-    result = run(args)
-    path = write_json(args.out, {"args": vars(args), "machine": machine(), "sets": result})
+    result, single = run(args)
+    path = write_json(
+        args.out,
+        {"args": vars(args), "machine": machine(), "sets": result, "single_models": single},
+    )
     print(f"wrote {path}")
 
 
