@@ -29,7 +29,6 @@ from flows.rounds import (
     require_quorum,
     round_clients,
     step_record,
-    task_unit,
     train_and_evaluate,
 )
 from flows.secure import everyone_context, secure_round
@@ -38,7 +37,7 @@ from models.data.partitions import ClientEntry
 from models.federation.family import Family, Phase
 from models.federation.loop import EVERYONE_ROUND
 from models.privacy.released_metrics import MetricRelease
-from tasks.clients import evaluate_client, train_client
+from tasks.clients import evaluate_client, train_run_name
 from tasks.secure import round_context
 from tasks.server import (
     Fold,
@@ -84,12 +83,13 @@ class _Submit:
             release_name=self.release_name,
         )
 
-    def train(self, entry: ClientEntry, name: str, **options: Any) -> PrefectFuture:
+    def train(self, entry: ClientEntry, **options: Any) -> PrefectFuture:
         if self.ctx.sites is not None:
+            name = train_run_name({"entry": entry, **options})
             return self.ctx.sites.train(
                 entry, name, self.family, self.state, retries=self.ctx.retries, **options
             )
-        return train_client.with_options(task_run_name=name, **self.ctx.retries).submit(
+        return self.ctx.train_task.submit(
             workspace=self.ctx.workspace,
             entry=entry,
             n_items=self.ctx.n_items,
@@ -107,15 +107,14 @@ def _evaluate_all(
     splits: tuple,
     what: str,
     release: MetricRelease | None = None,
-) -> dict:
-    """Every client's evaluation of ``state`` (by client id); with ``release``, each client's
-    answer is its noisy release, named ``what``."""
+) -> dict[int, PrefectFuture]:
+    """Every client's evaluation of ``state``, submitted (futures by client id); with
+    ``release``, each client's answer is its noisy release, named ``what``."""
     submit = _Submit(ctx, family, state, release, what)
-    futures = {
+    return {
         e.client_id: submit.evaluate(e, splits, f"evaluate {what} client-{e.client_id}")
         for e in ctx.entries
     }
-    return answered(futures, f"{what} evaluation")
 
 
 def _everyone_round(ctx: RunContext, family: Family, state: Any, phase: Phase) -> tuple[Any, float]:
@@ -126,7 +125,6 @@ def _everyone_round(ctx: RunContext, family: Family, state: Any, phase: Phase) -
     futures = {
         e.client_id: submit.train(
             e,
-            f"{phase.name} client-{e.client_id}",
             phase=phase.name,
             round_=EVERYONE_ROUND,
             secure_context=secure,
@@ -205,12 +203,11 @@ def _sampled_round(
     secure = round_context(ctx.run_id, step) if config.secure_aggregation else None
     # cohorts: folded on arrival (under secure aggregation they answer with public keys)
     running = None if devices is None or secure is not None else RunningSum(ctx.n_items)
-    faults, submit, unit = fault_plan(config), _Submit(ctx, family, state), task_unit(devices)
+    faults, submit = fault_plan(config), _Submit(ctx, family, state)
 
     def train(entry: ClientEntry, attempt: int) -> PrefectFuture:
         return submit.train(
             entry,
-            f"{phase.name} {unit}-{entry.client_id} round-{step}",
             phase=phase.name,
             round_=step,
             eval_splits=asked,
@@ -289,9 +286,10 @@ def train_family(
 
     if pending is None:
         raise ValueError(f"the {family.name} family trained no sampled round: rounds must be >= 1")
-    final_evaluations = _evaluate_all(
-        ctx, family, state, family.eval_splits, f"round-{step}", release
-    )
+    # the final model's and the champion's evaluations run side by side
+    final_futures = _evaluate_all(ctx, family, state, family.eval_splits, f"round-{step}", release)
+    champion_futures, comparable = _champion_evaluations(ctx, family, release)
+    final_evaluations = answered(final_futures, f"round-{step} evaluation")
     label = f"round {step}/{total} (final)"
     final = log_step(
         ctx,
@@ -304,7 +302,10 @@ def train_family(
     )
     history.append(final)
     candidate = build_model(family=family, state=state)
-    champion_metrics, comparable = _champion_metrics(ctx, family, release)
+    champion_metrics = None
+    if champion_futures is not None:
+        parts = answered(champion_futures, "champion evaluation")
+        champion_metrics = round_summary([], list(parts.values()), family.top_k, ctx.n_items, 0.0)
     get_run_logger().info("trained the %s family: %d steps", family.name, step)
     return Trained(
         candidate,
@@ -317,17 +318,16 @@ def train_family(
     )
 
 
-def _champion_metrics(
+def _champion_evaluations(
     ctx: RunContext, family: Family, release: MetricRelease | None = None
-) -> tuple[dict[str, float] | None, str]:
-    """The champion evaluated on today's clients as the candidate was (None without one), or
-    why the two cannot be compared; under DP as a release of its own (counted in the plan)."""
+) -> tuple[dict[int, PrefectFuture] | None, str]:
+    """The champion's evaluation on today's clients as the candidate's is evaluated, submitted
+    (None without a champion), or why the two cannot be compared; under DP a release of its
+    own (counted in the plan)."""
     if ctx.champion is None:
         return None, ""
     target = champion_for(family=family, champion=ctx.champion.recommender)
     if isinstance(target, str):
         return None, f"champion version {ctx.champion.version}: {target}"
     splits = tuple(s for s in family.eval_splits if s != "train")
-    parts = _evaluate_all(ctx, target[0], target[1], splits, "champion", release)
-    metrics = round_summary([], list(parts.values()), family.top_k, ctx.n_items, seconds=0.0)
-    return metrics, ""
+    return _evaluate_all(ctx, target[0], target[1], splits, "champion", release), ""

@@ -11,11 +11,12 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from prefect import get_run_logger
+from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture, wait
 
 from fedrec.config import TrainingConfig
@@ -25,6 +26,7 @@ from models.federation.sampling import sample_clients
 from models.privacy.dp import calibrate, epsilon
 from models.privacy.ledger import run_delta
 from models.privacy.released_metrics import MetricRelease, evaluation_ratios
+from tasks.clients import train_client
 from tasks.faults import FaultPlan
 from tasks.secure import round_threshold
 from tasks.server import Snapshot, record_step
@@ -75,11 +77,6 @@ def round_clients(
         # Poisson sampling the accountant counts, unknown to the server
         return set(range(len(ctx.entries))), config.client_fraction
     return set(sample_clients(len(ctx.entries), config.client_fraction, config.seed, r)), None
-
-
-def task_unit(devices: float | None) -> str:
-    """What one training task stands for, in task run names: a client, or a cohort of them."""
-    return "client" if devices is None else "cohort"
 
 
 def privacy_plan(ctx: RunContext) -> Privacy | None:
@@ -151,6 +148,12 @@ class RunContext:
     def retries(self) -> dict[str, Any]:
         """Task options of a client training task: retries with exponential backoff."""
         return retry_options(self.config)
+
+    @cached_property
+    def train_task(self) -> Task:
+        """The client training task with this run's retries, built once per run (each of its
+        runs is named from its parameters: :func:`tasks.clients.train_run_name`)."""
+        return train_client.with_options(**self.retries)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from models.cohorts import family_cohort_round
 from models.data.partitions import ClientEntry, read_partition
 from models.federation.evaluation import Evaluation, without_item_counts
 from models.federation.family import Family
+from models.federation.loop import EVERYONE_ROUND
 from models.federation.sampling import fresh_rng, round_rng
 from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate, answer_arrays, answer_from_arrays
@@ -57,7 +58,24 @@ def _kept_answer(path: Path) -> tuple[ClientUpdate, dict[str, Evaluation]]:
         return answer_from_arrays({name: stored[name] for name in stored.files})
 
 
-@task(name="train-client", cache_policy=NONE)
+def task_unit(devices: float | None) -> str:
+    """What one training task stands for, in task run names: a client, or a cohort of them."""
+    return "client" if devices is None else "cohort"
+
+
+def train_run_name(parameters: dict[str, Any]) -> str:
+    """A training task run's name, from its parameters: ``train client-3 round-5``, with
+    ``cohort-3`` for a cohort of per-user clients, and no round in a round every client answers
+    once. Prefect names each run from its parameters, so the flow submits one task object
+    (building a task per name, with ``with_options``, costs a millisecond of the flow's thread)."""
+    entry, phase, round_ = (parameters.get(key) for key in ("entry", "phase", "round_"))
+    if not isinstance(entry, ClientEntry) or phase is None:  # not bound by name: a wrapped body
+        return "train-client"
+    name = f"{phase} {task_unit(parameters.get('devices'))}-{entry.client_id}"
+    return name if round_ == EVERYONE_ROUND else f"{name} round-{round_}"
+
+
+@task(name="train-client", task_run_name=train_run_name, cache_policy=NONE)
 def train_client(
     *,
     workspace: str,
