@@ -380,6 +380,38 @@ def admm_features(t: Training, frames: list[pd.DataFrame], args: argparse.Namesp
     return t.gather(frames, {"admm": scores})
 
 
+def profile_features(t: Training, frames: list[pd.DataFrame]) -> list[dict]:
+    """The candidate against the user's taste profile: its popularity and year standardised over
+    the user's history, and the ALS-free genre overlap with the user's genre distribution."""
+    catalogue = keep_positives(load_movielens("ml-1m"), 3.0).item_features
+    year = pd.to_numeric(catalogue["year"], errors="coerce").to_numpy(float)
+    genres = catalogue[[c for c in catalogue.columns if c.startswith("genre_")]].to_numpy(float)
+    popularity = np.log1p(np.asarray(t.x.sum(axis=0)).ravel())
+    count = np.asarray(t.x.sum(axis=1)).ravel()
+
+    def moments(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean = np.asarray(t.x @ np.nan_to_num(values)).ravel() / count
+        square = np.asarray(t.x @ np.nan_to_num(values) ** 2).ravel() / count
+        return mean, np.sqrt(np.maximum(square - mean**2, 0.0)) + 1e-6
+
+    pop_mean, pop_std = moments(popularity)
+    year_mean, year_std = moments(year)
+    share = np.asarray(t.x @ genres) / count[:, None]
+    share /= np.maximum(share.sum(axis=1, keepdims=True), 1e-12)
+    outs = []
+    for frame in frames:
+        r = np.searchsorted(t.users, frame["uid"].to_numpy())
+        i = frame["item"].to_numpy()
+        item_genres = genres[i] / np.maximum(genres[i].sum(axis=1, keepdims=True), 1)
+        outs.append({
+            "p_user_pop": pop_mean[r], "p_pop_z": (popularity[i] - pop_mean[r]) / pop_std[r],
+            "p_user_year": year_mean[r], "p_year_z": (year[i] - year_mean[r]) / year_std[r],
+            "p_genre_dot": (share[r] * item_genres).sum(axis=1),
+            "p_genre_max": (share[r] * (genres[i] > 0)).max(axis=1),
+        })  # fmt: skip
+    return outs
+
+
 def _params(args: argparse.Namespace) -> dict[str, object]:
     return {
         "objective": args.objective, "metric": "none", "learning_rate": args.lr,
@@ -454,6 +486,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         "more": lambda f: more_features(t, f),
         "ratings": lambda f: rating_features(t, f),
         "admm": lambda f: admm_features(t, f, args),
+        "profile": lambda f: profile_features(t, f),
     }
     for name in args.sets:
         if name in builders:
@@ -511,7 +544,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sets", nargs="+", default=["base", "time", "seq", "more", "ratings"],
-                        choices=["base", "time", "seq", "more", "ratings", "admm", "pseudo",
+                        choices=["base", "time", "seq", "more", "ratings", "admm", "profile", "pseudo",
                                  "pseudo_valid"])  # fmt: skip
     parser.add_argument("--admm-l1", type=float, default=5.0)
     parser.add_argument("--admm-l2", type=float, default=5000.0)
