@@ -23,6 +23,7 @@ from models.privacy.dp import PRIVATE_EXPLICIT, PRIVATE_IMPLICIT, SECURE_PRIVATE
 from models.privacy.redaction import redact_uri
 from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig
+from models.ranking.slim import SlimConfig
 from models.robust import choose_attackers
 
 _SYNTHETIC = {
@@ -202,6 +203,14 @@ class TrainingConfig(BaseModel):
         ge=0,
         description="implicit two-stage: EASE's ridge, for candidates and re-ranker features from "
         "the same co-occurrence sums as item-kNN (picked on ML-1M validation); 0 turns EASE off",
+    )
+    slim_iterations: int = Field(
+        0,
+        ge=0,
+        description="implicit two-stage: ADMM iterations of ADMM SLIM (RecBole's ML-1M settings), "
+        "for candidates and re-ranker features from the same co-occurrence sums as item-kNN; each "
+        "costs the server one item x item matrix product (100 lift held-out ML-1M validation "
+        "users); 0: no SLIM",
     )
     rounds: int = Field(
         10,
@@ -554,6 +563,7 @@ class TrainingConfig(BaseModel):
             neighbours=self.neighbours,
             n_candidates=self.candidates,
             ease_reg=self.ease_reg or None,
+            slim=SlimConfig(iterations=self.slim_iterations) if self.slim_iterations else None,
             neural=network,
             top_k=self.top_k,
             ranker=ranker,

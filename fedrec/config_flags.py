@@ -42,7 +42,7 @@ GROUPS: dict[str, str] = {
                      "neural_lr", "neural_batch_size", "neural_local_epochs", "neural_server",
                      "ranker", "ranker_rounds", "ranker_trees", "ranker_learning_rate",
                      "ranker_leaves", "ranker_objective", "ranker_network_rounds", "ease_reg",
-                     "top_k"), "model"),
+                     "slim_iterations", "top_k"), "model"),
     **dict.fromkeys(("clients", "partition", "cohort_size", "dirichlet_alpha", "partition_key",
                      "key_prefix", "rounds", "client_fraction", "eval_every", "aggregation",
                      "trim", "clip_factor", "min_clients", "min_fraction", "sites"), "federation"),

@@ -42,6 +42,7 @@ from models.ranking.federated import (
     ranker_server_update,
 )
 from models.ranking.recommender import RankingRecommender, align_recommender
+from models.ranking.slim import federated_slim_weights
 
 # Stages of the state: what evaluates it and what it serves.
 ALS, RETRIEVAL, RANKER = "als", "retrieval", "ranker"
@@ -60,6 +61,7 @@ class TwoStageState:
     popularity: np.ndarray | None = None
     similarity: sparse.csr_matrix | None = None
     ease: np.ndarray | None = None
+    slim: sparse.csr_matrix | None = None
     network: NeuralState | None = None
     ensemble: TreeEnsemble = field(default_factory=TreeEnsemble)
     retrieval_key: str = ""  # identifies the retrieval state (clients cache candidates by it)
@@ -172,6 +174,12 @@ class TwoStage:
             if self.config.ease_reg is not None:
                 parts = [u.arrays for u in updates]
                 ease = federated_ease_weights(parts, n_items, reg=self.config.ease_reg)
+            slim = None
+            if self.config.slim is not None:
+                n_users = int(sum(u.metrics.get("n_users", 0.0) for u in updates))
+                slim = federated_slim_weights(
+                    [u.arrays for u in updates], n_items, n_users, self.config.slim
+                )
             digest = hashlib.sha256(state.factors.tobytes())
             digest.update(similarity.data.tobytes())
             return replace(
@@ -180,6 +188,7 @@ class TwoStage:
                 similarity=similarity,
                 popularity=popularity,
                 ease=ease,
+                slim=slim,
                 retrieval_key=digest.hexdigest()[:16],
             )
         if phase == NEURAL:
@@ -205,7 +214,7 @@ class TwoStage:
             network = (state.network.params, state.network.arch)
         retrieval = Retrieval(
             state.factors, c.reg, c.alpha, state.similarity, popularity, self.item_features,
-            c.n_candidates, state.ease, network,
+            c.n_candidates, state.ease, network, state.slim,
         )  # fmt: skip
         ranker = state.ensemble if len(state.ensemble) else None
         return RankingRecommender(
@@ -252,6 +261,9 @@ class TwoStage:
             arrays |= {"sim_data": s.data, "sim_indices": s.indices, "sim_indptr": s.indptr}
         if state.ease is not None:
             arrays["ease"] = state.ease
+        if state.slim is not None:
+            s = state.slim.tocsr()
+            arrays |= {"slim_data": s.data, "slim_indices": s.indices, "slim_indptr": s.indptr}
         if state.network is not None:
             network = self._network_family.state_arrays(state.network)
             arrays |= {_NETWORK + name: value for name, value in network.items()}
@@ -268,6 +280,10 @@ class TwoStage:
         if "sim_data" in arrays:
             parts = (arrays["sim_data"], arrays["sim_indices"], arrays["sim_indptr"])
             similarity = sparse.csr_matrix(parts, shape=(n, n))
+        slim = None
+        if "slim_data" in arrays:
+            parts = (arrays["slim_data"], arrays["slim_indices"], arrays["slim_indptr"])
+            slim = sparse.csr_matrix(parts, shape=(n, n))
         network = None
         if any(name.startswith(_NETWORK) for name in arrays) and self.config.neural is not None:
             network = self._network_family.load_state(
@@ -280,6 +296,7 @@ class TwoStage:
             popularity=arrays.get("popularity", None),
             similarity=similarity,
             ease=arrays.get("ease", None),
+            slim=slim,
             network=network,
             ensemble=TreeEnsemble(members),
             retrieval_key=arrays["retrieval_key"].tobytes().decode(),

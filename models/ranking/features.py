@@ -1,7 +1,7 @@
 """The retrieval stage and the re-ranker's features, computed on a client from its own rows.
 
 Candidates are the union of each retrieval model's top-N unseen items (implicit ALS, item-kNN,
-and EASE and the Mult-DAE network where the retrieval state has them).
+and EASE, ADMM SLIM and the Mult-DAE network where the retrieval state has them).
 Each (user, candidate) pair gets the features in :data:`FEATURES`; side features the data does not
 have are NaN, which LightGBM treats as missing, so one feature set serves every dataset.
 
@@ -26,6 +26,7 @@ from models.mf.params import ItemParams
 from models.neural.network import Architecture, Params, logits
 from models.ranking.ease import ease_scores
 from models.ranking.knn import knn_scores
+from models.ranking.slim import slim_scores
 
 FEATURES = (
     "als_score",
@@ -43,6 +44,10 @@ FEATURES = (
     "ease_gap",
     "nn_z",
     "nn_gap",
+    "slim_score",
+    "slim_rank",
+    "slim_z",
+    "slim_gap",
     "item_popularity",
     "user_activity",
     "genre_affinity",
@@ -79,6 +84,9 @@ class Retrieval:
     network : (params, Architecture) or None
         A Mult-DAE/Mult-VAE network (:mod:`models.neural.network`) trained by FedAvg; its logits
         over the catalogue are the ``nn_*`` features.
+    slim : csr_matrix (n_items, n_items) or None
+        ADMM SLIM's sparse item-item weights (:mod:`models.ranking.slim`), from the same summed
+        co-occurrences; its scores are the ``slim_*`` features.
     """
 
     item_factors: np.ndarray
@@ -90,6 +98,7 @@ class Retrieval:
     n_candidates: int = 100
     ease: np.ndarray | None = None
     network: tuple[Params, Architecture] | None = None
+    slim: sparse.csr_matrix | None = None
 
     @property
     def n_items(self) -> int:
@@ -110,6 +119,9 @@ class Retrieval:
 
     def ease_scores(self, history: sparse.csr_matrix) -> np.ndarray | None:
         return None if self.ease is None else ease_scores(history, self.ease)
+
+    def slim_scores(self, history: sparse.csr_matrix) -> np.ndarray | None:
+        return None if self.slim is None else slim_scores(history, self.slim)
 
     def nn_scores(self, history: sparse.csr_matrix) -> np.ndarray | None:
         """The network's logits of every item for each row of ``history`` (None without one)."""
@@ -234,9 +246,11 @@ def candidate_features(
     ease = None if ease_raw is None else np.where(seen, -np.inf, ease_raw)
     nn_raw = retrieval.nn_scores(hist)
     nn = None if nn_raw is None else np.where(seen, -np.inf, nn_raw)
+    slim_raw = retrieval.slim_scores(hist)
+    slim = None if slim_raw is None else np.where(seen, -np.inf, slim_raw)
     n = retrieval.n_candidates
     picked = np.zeros((len(users), n_items), dtype=bool)
-    for source in (als, knn, ease, nn):
+    for source in (als, knn, ease, nn, slim):
         if source is not None:
             np.put_along_axis(picked, _top(source, n), True, axis=1)
     picked &= ~seen
@@ -259,12 +273,13 @@ def candidate_features(
         columns["ease_rank"] = _ranks(ease)[rows, items].astype(float)
     else:
         columns["ease_score"] = columns["ease_rank"] = np.full(rows.size, np.nan)
-    if nn is not None:
-        columns["nn_score"] = nn[rows, items]
-        columns["nn_rank"] = _ranks(nn)[rows, items].astype(float)
-    else:
-        columns["nn_score"] = columns["nn_rank"] = np.full(rows.size, np.nan)
-    for name, scores in (("als", als), ("ease", ease), ("nn", nn)):
+    for name, scores in (("nn", nn), ("slim", slim)):
+        if scores is not None:
+            columns[f"{name}_score"] = scores[rows, items]
+            columns[f"{name}_rank"] = _ranks(scores)[rows, items].astype(float)
+        else:
+            columns[f"{name}_score"] = columns[f"{name}_rank"] = np.full(rows.size, np.nan)
+    for name, scores in (("als", als), ("ease", ease), ("nn", nn), ("slim", slim)):
         if scores is None:
             columns[f"{name}_z"] = columns[f"{name}_gap"] = np.full(rows.size, np.nan)
         else:

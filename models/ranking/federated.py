@@ -5,7 +5,8 @@ Every client payload is a :class:`~models.protocol.ClientUpdate` of arrays and m
 
 - implicit ALS: per-item ``gram``/``rhs`` sums over its observed rows, and ``user_gram`` (one k x k
   sum over its users);
-- item-kNN: the upper triangle of its item co-occurrence counts (``pair_*``);
+- item-kNN (and EASE, ADMM SLIM): the upper triangle of its item co-occurrence counts
+  (``pair_*``) and, in ``metrics``, its number of users with training rows (``n_users``);
 - re-ranker: its new trees as the UTF-8 bytes of a LightGBM model string (``trees``) and how many
   query groups they were fitted on.
 """
@@ -46,6 +47,7 @@ from models.ranking.boosting import RankerConfig, TreeEnsemble, boost_client, ro
 from models.ranking.features import Candidates
 from models.ranking.knn import cooccurrence, cosine_neighbours, pack_cooccurrence, sum_cooccurrence
 from models.ranking.recommender import RankingRecommender
+from models.ranking.slim import SlimConfig
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class RankingConfig:
     n_candidates: int = 100
     # EASE's ridge (models/ranking/ease.py); None: no EASE source or features
     ease_reg: float | None = None
+    # ADMM SLIM (models/ranking/slim.py) from the same sums; None: no SLIM source or features
+    slim: SlimConfig | None = None
     # a Mult-DAE/Mult-VAE network trained by FedAvg after the co-occurrence round, as a candidate
     # source and features of the re-ranker (models/neural); None: no network
     neural: NeuralConfig | None = None
@@ -196,8 +200,10 @@ def noisy_popularity(updates: Sequence[ClientUpdate], n_items: int) -> np.ndarra
 
 # --- item-kNN ------------------------------------------------------------------------------
 def knn_client_update(client: ClientData) -> ClientUpdate:
-    """The client's item co-occurrence counts over its users' training rows (upper triangle)."""
-    counts = cooccurrence(client.matrix("train"))
+    """The client's item co-occurrence counts over its users' training rows (upper triangle), and
+    how many users have training rows (ADMM SLIM's item means)."""
+    history = client.matrix("train")
+    counts = cooccurrence(history)
     diagonal = counts.diagonal()
     items = np.flatnonzero(diagonal > 0)
     return ClientUpdate(
@@ -205,6 +211,7 @@ def knn_client_update(client: ClientData) -> ClientUpdate:
         items.astype(np.int64),
         diagonal[items].astype(np.int64),
         pack_cooccurrence(counts),
+        {"n_users": float(np.count_nonzero(np.diff(history.indptr)))},
     )
 
 

@@ -41,6 +41,10 @@ _REASONS = {
         ("ease_score", "ease_rank", "ease_z", "ease_gap"),
     ),
     "nn": ("fits the pattern of your whole history", ("nn_score", "nn_rank", "nn_z", "nn_gap")),
+    "slim": (
+        "often chosen together with items you liked",
+        ("slim_score", "slim_rank", "slim_z", "slim_gap"),
+    ),
     "popularity": ("popular with everyone", ("item_popularity",)),
     "genre": ("in genres you watch often", ("genre_affinity",)),
     "year": ("from years you watch often", ("item_year",)),
@@ -236,6 +240,8 @@ class RankingRecommender:
             sparse.save_npz(folder / "similarity.npz", r.similarity.tocsr())
         if r.ease is not None:
             np.savez(folder / "ease.npz", weights=r.ease)
+        if r.slim is not None:
+            sparse.save_npz(folder / "slim.npz", r.slim.tocsr())
         if r.network is not None:
             save_network(folder / "network.npz", *r.network)
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": r.popularity})
@@ -270,6 +276,9 @@ class RankingRecommender:
         if (folder / "ease.npz").exists():
             with np.load(folder / "ease.npz", allow_pickle=False) as data:
                 ease = data["weights"]
+        slim = None
+        if (folder / "slim.npz").exists():
+            slim = sparse.load_npz(folder / "slim.npz").tocsr()
         network = None
         if (folder / "network.npz").exists():
             network = load_network(folder / "network.npz")
@@ -285,6 +294,7 @@ class RankingRecommender:
             int(meta["n_candidates"]),
             ease,
             network,
+            slim,
         )
         ranker = (
             TreeEnsemble.load(folder / "ranker.json") if (folder / "ranker.json").exists() else None
@@ -309,6 +319,7 @@ def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> Rankin
     popularity[known] = r.popularity[source[known]]
     similarity = None if r.similarity is None else (pick @ r.similarity @ pick.T).tocsr()
     ease = None if r.ease is None else np.asarray(pick @ (pick @ r.ease).T).T
+    slim = None if r.slim is None else (pick @ r.slim @ pick.T).tocsr()
     features = None
     if r.item_features is not None:
         features = r.item_features.iloc[np.maximum(source, 0)].reset_index(drop=True)
@@ -318,8 +329,9 @@ def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> Rankin
         titles = np.where(source >= 0, model.titles[np.maximum(source, 0)], None)
     network = None if r.network is None else _align_network(*r.network, source)
     retrieval = Retrieval(
-        factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates, ease, network
-    )
+        factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates, ease, network,
+        slim,
+    )  # fmt: skip
     return RankingRecommender(retrieval, model.ranker, np.asarray(item_ids).astype(str), titles)
 
 
