@@ -52,6 +52,7 @@ from models.ranking.federated import (
 )
 from models.ranking.knn import sum_cooccurrence
 from models.ranking.recommender import RankingRecommender
+from models.ranking.slim import SlimConfig, federated_slim_weights
 
 DAY = 86400.0
 
@@ -69,10 +70,17 @@ def _recommender(
     updates = [knn_client_update(c) for c in clients]
     similarity, popularity = knn_server_update(updates, data.n_items, config)
     ease = ease_weights(sum_cooccurrence([u.arrays for u in updates], data.n_items), reg=800.0)
+    slim = None
+    if args.slim_iterations > 0:
+        n_users = int(sum(u.metrics["n_users"] for u in updates))
+        slim = federated_slim_weights(
+            [u.arrays for u in updates], data.n_items, n_users,
+            SlimConfig(iterations=args.slim_iterations),
+        )  # fmt: skip
     catalogue = data.item_features.drop(columns=["title"])
     retrieval = Retrieval(
         als.item_params_.factors, config.reg, config.alpha, similarity, popularity, catalogue,
-        args.candidates, ease,
+        args.candidates, ease, slim=slim,
     )  # fmt: skip
     return RankingRecommender(retrieval, None, data.item_ids.astype(str), None)
 
@@ -546,6 +554,11 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["base", "time", "seq", "more", "ratings"],
                         choices=["base", "time", "seq", "more", "ratings", "admm", "profile", "pseudo",
                                  "pseudo_valid"])  # fmt: skip
+    parser.add_argument(
+        "--slim-iterations", type=int, default=0,
+        help="ADMM SLIM (models/ranking/slim.py) as a retrieval model: candidates and slim_* "
+        "features of every set (0: none)",
+    )  # fmt: skip
     parser.add_argument("--admm-l1", type=float, default=5.0)
     parser.add_argument("--admm-l2", type=float, default=5000.0)
     parser.add_argument("--admm-alpha", type=float, default=1.0)
