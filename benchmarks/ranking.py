@@ -61,6 +61,7 @@ from models.ranking.federated import (
 )
 from models.ranking.knn import knn_scores, sum_cooccurrence
 from models.ranking.recommender import RankingRecommender
+from models.ranking.slim import SlimConfig, federated_slim_weights, slim_scores
 
 K = 10
 # RecBole's published ML-1M results (10-core, ratings >= 3, 8:1:1 random split, full ranking)
@@ -252,6 +253,23 @@ def run(args: argparse.Namespace) -> dict:
             upload_mb_per_round=upload / 1e6,
             seconds_per_round=seconds / args.neural_rounds,
         )
+    slim = None
+    if args.slim_iterations > 0:  # ADMM SLIM from the same sums and the clients' user counts
+        started = time.perf_counter()
+        n_users = int(sum(u.metrics["n_users"] for u in knn_updates))
+        slim_config = SlimConfig(iterations=args.slim_iterations)
+        parts = [u.arrays for u in knn_updates]
+        slim = federated_slim_weights(parts, data.n_items, n_users, slim_config)
+        seconds = time.perf_counter() - started
+        add(
+            "fed ADMM SLIM",
+            [evaluate_scores_all(c, _slim_order(c, slim)) for c in clients],
+            seconds,
+            valid_ndcg=_metrics(
+                [evaluate_scores_all(c, _slim_order(c, slim), "valid") for c in clients], "valid"
+            )["ndcg"],
+            **{f"slim_{k}": v for k, v in vars(slim_config).items()},
+        )
     single_best = max(rows, key=lambda r: r["ndcg"])
 
     retrieval = Retrieval(
@@ -265,11 +283,12 @@ def run(args: argparse.Namespace) -> dict:
                    "fed two-stage (ALS + kNN + LightGBM)", add, central=False)  # fmt: skip
     with_ease = Retrieval(
         factors, config.reg, config.alpha, similarity, item_counts, features, config.n_candidates,
-        ease,
+        ease, slim=slim,
     )  # fmt: skip
     ensemble, final_method = _two_stage(
         args, clients, ranker_config, with_ease, titles, item_ids,
-        "fed two-stage (ALS + kNN + EASE + LightGBM)", add, central=network is None,
+        "fed two-stage (ALS + kNN + EASE" + (" + ADMM SLIM" if slim is not None else "")
+        + " + LightGBM)", add, central=network is None,
         objectives=objectives if network is None else None,
     )  # fmt: skip
     if network is not None:
@@ -387,6 +406,11 @@ def _network_order(client: ClientData, network):
     return lambda u: logits(*network, history[u]).astype(np.float64)
 
 
+def _slim_order(client: ClientData, weights: sparse.csr_matrix):
+    history = client.matrix("train")
+    return lambda u: slim_scores(history[u], weights)
+
+
 def _ease_order(client: ClientData, weights: np.ndarray):
     history = client.matrix("train")
     return lambda u: ease_scores(history[u], weights)
@@ -447,8 +471,15 @@ def main() -> None:
     parser.add_argument(
         "--skip-baseline-ranker", action="store_true", help="skip the two-stage model without EASE"
     )
+    parser.add_argument(
+        "--slim-iterations",
+        type=int,
+        default=0,
+        help="ADMM SLIM iterations (0: no ADMM SLIM row, source or features)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--out", default=None, help="results file name (default: ranking_<data>)")
     args = parser.parse_args()
     result = run(args)
     if not result:
@@ -460,7 +491,7 @@ def main() -> None:
     )
     if "recbole_published_ndcg_at_10" in result:
         print(f"RecBole's published NDCG@10 (10-core): {result['recbole_published_ndcg_at_10']}")
-    name = f"ranking_{args.data}" + (f"-{args.core}core" if args.core > 1 else "")
+    name = args.out or f"ranking_{args.data}" + (f"-{args.core}core" if args.core > 1 else "")
     path = write_json(name, {"args": vars(args), "machine": machine(), **result})
     print(f"wrote {path}")
 
