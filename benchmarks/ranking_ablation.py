@@ -544,6 +544,8 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
             scores = booster.predict(test[columns].to_numpy(float))
             out[name]["test_ndcg_at_10"] = ndcg_sum(test, scores, n_test) / len(n_test)
         print(f"  {name}: {out[name]}", flush=True)
+    if args.per_user:
+        pd.DataFrame(per_user).rename_axis("uid").to_csv(args.per_user)
     return out, single
 
 
@@ -590,6 +592,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test", action="store_true", help="also train on every user, score test")
     parser.add_argument("--out", default="ranking_ablation_ml-1m")
+    parser.add_argument(
+        "--per-user",
+        default=None,
+        help="CSV of each set's per-user validation NDCG@10, for pairing",
+    )
     args = parser.parse_args()
     if load_movielens("ml-1m") is None:
         return
