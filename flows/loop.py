@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
+from prefect.utilities.annotations import quote
 
 from flows.rounds import (
     RunContext,
@@ -74,12 +75,12 @@ class _Submit:
             )
         return evaluate_client.with_options(task_run_name=name).submit(
             workspace=self.ctx.workspace,
-            entry=entry,
+            entry=quote(entry),
             n_items=self.ctx.n_items,
-            family=self.family,
-            state=self.state,
+            family=quote(self.family),
+            state=quote(self.state),
             splits=splits,
-            release=self.release,
+            release=quote(self.release),
             release_name=self.release_name,
         )
 
@@ -89,14 +90,17 @@ class _Submit:
             return self.ctx.sites.train(
                 entry, name, self.family, self.state, retries=self.ctx.retries, **options
             )
+        # quoted: Prefect would walk each of these (the family's config, the state, the fault
+        # plan) for futures, twice per task run, on the flow's side of the GIL
+        quoted = {k: quote(v) if k == "faults" else v for k, v in options.items()}
         return self.ctx.train_task.submit(
             workspace=self.ctx.workspace,
-            entry=entry,
+            entry=quote(entry),
             n_items=self.ctx.n_items,
-            family=self.family,
-            state=self.state,
+            family=quote(self.family),
+            state=quote(self.state),
             seed=self.ctx.config.seed,
-            **options,
+            **quoted,
         )
 
 
@@ -271,7 +275,7 @@ def train_family(
                 )
             if fold is not None:
                 state, metrics = server_step(
-                    fold=fold, record=record, folder=folder, progress=progress
+                    fold=quote(fold), record=quote(record), folder=folder, progress=progress
                 )
             elif record is not None:  # a secure round: its masked sum is folded already
                 state = secured

@@ -211,6 +211,19 @@ def _train_and_register(
             "fedrec.epsilon": "" if config.dp_epsilon is None else str(config.dp_epsilon),
             "fedrec.run_id": run_id,
         }
+        version = register_model(
+            uri,
+            run_id,
+            trained.candidate,
+            name,
+            version_tags(trained.final, identity, config.promotion),
+        )
+        decision = record_promotion(
+            uri, name, version, decision, champion.version if champion else None
+        )
+        logger.info("model %s version %s: %s (%s)", name, version,
+                    "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip
+
         per_client = client_table(
             list(trained.client_evaluations.values()),
             list(trained.client_evaluations),
@@ -220,25 +233,8 @@ def _train_and_register(
         profile = manifest.profile()
         if config.dp_epsilon is not None:  # per-client rows are not part of what DP counts
             profile, per_client = profile.iloc[0:0], per_client.iloc[0:0]
-        # the plots are drawn while the model is logged and registered: neither needs the other
-        artifacts = log_artifacts.submit(uri, run_id, config, profile, trained.history,
-                                         per_client, trained.importance)  # fmt: skip
-        try:
-            version = register_model(
-                uri,
-                run_id,
-                trained.candidate,
-                name,
-                version_tags(trained.final, identity, config.promotion),
-            )
-            decision = record_promotion(
-                uri, name, version, decision, champion.version if champion else None
-            )
-        finally:
-            artifacts.wait()  # the run is finished only after its artifacts are in
-        logger.info("model %s version %s: %s (%s)", name, version,
-                    "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip
-        artifacts.result()
+        log_artifacts(uri, run_id, config, profile, trained.history, per_client,
+                      trained.importance)  # fmt: skip
         final = trained.final
         summary = {
             "run_id": run_id,
