@@ -208,9 +208,9 @@ class TrainingConfig(BaseModel):
         0,
         ge=0,
         description="implicit two-stage: ADMM iterations of ADMM SLIM (RecBole's ML-1M settings), "
-        "for candidates and re-ranker features from the same co-occurrence sums as item-kNN; each "
-        "costs the server one item x item matrix product (100 lift held-out ML-1M validation "
-        "users); 0: no SLIM",
+        "whose scores of the candidates are re-ranker features, from the same co-occurrence sums "
+        "as item-kNN; each costs the server one item x item matrix product (100 lift held-out "
+        "ML-1M validation users); 0: no SLIM",
     )
     rounds: int = Field(
         10,
