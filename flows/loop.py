@@ -18,7 +18,6 @@ from typing import Any
 
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
-from prefect.utilities.annotations import quote
 
 from flows.rounds import (
     RunContext,
@@ -75,12 +74,12 @@ class _Submit:
             )
         return evaluate_client.with_options(task_run_name=name).submit(
             workspace=self.ctx.workspace,
-            entry=quote(entry),
+            entry=self.ctx.unwalked(entry),
             n_items=self.ctx.n_items,
-            family=quote(self.family),
-            state=quote(self.state),
+            family=self.ctx.unwalked(self.family),
+            state=self.ctx.unwalked(self.state),
             splits=splits,
-            release=quote(self.release),
+            release=self.ctx.unwalked(self.release),
             release_name=self.release_name,
         )
 
@@ -90,17 +89,15 @@ class _Submit:
             return self.ctx.sites.train(
                 entry, name, self.family, self.state, retries=self.ctx.retries, **options
             )
-        # quoted: Prefect would walk each of these (the family's config, the state, the fault
-        # plan) for futures, twice per task run, on the flow's side of the GIL
-        quoted = {k: quote(v) if k == "faults" else v for k, v in options.items()}
+        unwalked = self.ctx.unwalked
         return self.ctx.train_task.submit(
             workspace=self.ctx.workspace,
-            entry=quote(entry),
+            entry=unwalked(entry),
             n_items=self.ctx.n_items,
-            family=quote(self.family),
-            state=quote(self.state),
+            family=unwalked(self.family),
+            state=unwalked(self.state),
             seed=self.ctx.config.seed,
-            **quoted,
+            **{k: unwalked(v) if k == "faults" else v for k, v in options.items()},
         )
 
 
@@ -275,7 +272,10 @@ def train_family(
                 )
             if fold is not None:
                 state, metrics = server_step(
-                    fold=quote(fold), record=quote(record), folder=folder, progress=progress
+                    fold=ctx.unwalked(fold),
+                    record=ctx.unwalked(record),
+                    folder=folder,
+                    progress=progress,
                 )
             elif record is not None:  # a secure round: its masked sum is folded already
                 state = secured

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from prefect import Task, get_run_logger
 from prefect.futures import PrefectFuture, wait
+from prefect.utilities.annotations import quote
 
 from fedrec.config import TrainingConfig
 from models.cohorts import RunningSum
@@ -148,6 +149,13 @@ class RunContext:
     def retries(self) -> dict[str, Any]:
         """Task options of a client training task: retries with exponential backoff."""
         return retry_options(self.config)
+
+    def unwalked(self, value: Any) -> Any:
+        """``value`` as a task parameter that Prefect does not walk for futures (``quote``): it
+        would walk a family's config or a state twice per task run, on the flow's side of the
+        GIL. Under Dask as it is: Dask's own handling of task arguments turns the wrapper into
+        a plain tuple."""
+        return value if self.config.task_runner == "dask" else quote(value)
 
     @cached_property
     def train_task(self) -> Task:
