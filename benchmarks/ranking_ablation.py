@@ -18,11 +18,25 @@ Feature groups added to :data:`~models.ranking.features.FEATURES` (each from tra
   user, cosine-normalised; per candidate the sum and the largest value over the history;
 - ``more``: EASE at lambda 200 and 3200, EASE on the user-degree-weighted co-occurrences, RP3beta;
 - ``ratings``: the item's mean rating and share of 5s among positives, the user's mean rating,
-  EASE over a rating-weighted history and over the 5-star history.
+  EASE over a rating-weighted history and over the 5-star history;
+- ``admm``: ADMM SLIM's score, rank and z-score (``--admm-*``); it and EASE 800 are also scored
+  as single models over the full catalogue (``single_models`` in the JSON);
+- ``profile``: the candidate's popularity and year standardised over the user's history, the
+  user's means, the overlap of its genres with the user's genre distribution.
+
+Label sets: ``pseudo`` trains the ranker on pseudo-validation queries only (``--pseudo-fraction``
+of each user's training rows held out, ALS, kNN and EASE refitted on the rest, candidates built
+the same way; the real validation and test rows stay unlabelled candidates), ``pseudo_valid`` on
+those and the validation queries of the training folds. ``--slim-iterations N`` builds every set's
+candidates with ADMM SLIM in the retrieval stage (:mod:`models.ranking.slim`, its ``slim_*``
+features). Each set other than ``base`` reports its mean per-user difference from ``base`` and
+that difference's standard error; ``--per-user`` writes the per-user figures for other pairings.
 
     uv run python -m benchmarks.ranking_ablation --sets base time seq more ratings
     uv run python -m benchmarks.ranking_ablation --sets base --trees 200     # LightGBM settings
     uv run python -m benchmarks.ranking_ablation --sets base --candidates 50
+    uv run python -m benchmarks.ranking_ablation --sets base admm profile pseudo pseudo_valid
+    uv run python -m benchmarks.ranking_ablation --sets base --slim-iterations 100
 """
 
 from __future__ import annotations
