@@ -13,8 +13,8 @@ foreground, without Prefect's flow run heartbeat (:func:`fedrec.runtime.foregrou
 
 ``--side LABEL:SETTINGS[:CODE]`` (repeatable) compares flows side by side in one run: each side
 has its own Prefect server with ``SETTINGS`` (``fedrec``: fedrec's local server; ``prefect``:
-Prefect's defaults, as fedrec's server had before; ``lean``: fedrec's, and neither the event
-persister nor automations, which empties the UI's event feed) and its own process running the
+Prefect's defaults, as fedrec's server had before; ``nopersist``: fedrec's, without the event
+persister, which empties the UI's event feed; ``lean``: also without automations) and its own process running the
 flow from the source tree ``CODE`` (default: this one; e.g. a ``git archive`` export of an
 earlier commit). Each repeat runs every side's flow, then the plain loop twice in the first
 side's process: with numpy's default BLAS threads (one per core) and with one BLAS thread (as
@@ -64,12 +64,14 @@ def server_settings(name: str) -> dict[str, str]:
         return {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     if name == "fedrec":
         return dict(SERVER_SETTINGS)
+    if name == "nopersist":
+        return SERVER_SETTINGS | {"PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false"}
     if name == "lean":
         return SERVER_SETTINGS | {
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",
             "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
         }
-    raise ValueError(f"server settings {name!r}: must be one of fedrec, prefect, lean")
+    raise ValueError(f"server settings {name!r}: must be one of fedrec, prefect, nopersist, lean")
 
 
 def start_prefect_server(
