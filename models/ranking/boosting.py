@@ -83,9 +83,10 @@ class RankerConfig:
         }
 
 
-def _matrix(features: pd.DataFrame) -> np.ndarray:
-    # A float matrix in FEATURES order: LightGBM re-inspects a DataFrame on every call.
-    return np.ascontiguousarray(features[list(FEATURES)].to_numpy(np.float64))
+def _matrix(features: pd.DataFrame, names: Sequence[str] = FEATURES) -> np.ndarray:
+    # A float matrix of the columns ``names``, in order: LightGBM re-inspects a DataFrame on
+    # every call.
+    return np.ascontiguousarray(features[list(names)].to_numpy(np.float64))
 
 
 def _dataset(
@@ -107,9 +108,12 @@ class TreeEnsemble:
     """The global re-ranker: LightGBM boosters (as model strings) with weights.
 
     Its raw score is ``sum_m weight_m * booster_m(x)``; it is empty (score 0) before round 1.
+    ``features`` are the columns its boosters read, in order: :data:`FEATURES`, or the shorter
+    list of an earlier version's saved model (a champion trained before features were added).
     """
 
     members: tuple[tuple[str, float], ...] = ()
+    features: tuple[str, ...] = FEATURES
 
     @cached_property
     def _boosters(self) -> list[tuple[lgb.Booster, float]]:
@@ -122,7 +126,7 @@ class TreeEnsemble:
         """Raw ranking scores, higher is better; ``start > 0`` sums only the members from
         ``start`` on (to extend scores already computed for the first ``start``)."""
         out = np.zeros(len(features))
-        x = _matrix(features)
+        x = _matrix(features, self.features)
         for booster, weight in self._boosters[start:]:
             out += weight * booster.predict(x, raw_score=True, num_threads=1)
         return out
@@ -134,37 +138,41 @@ class TreeEnsemble:
     def contributions(self, features: pd.DataFrame) -> np.ndarray:
         """Per-feature contributions (SHAP values, ``pred_contrib``) to the raw score:
         (n_rows, n_features + 1), the last column the expected value."""
-        out = np.zeros((len(features), len(FEATURES) + 1))
-        x = _matrix(features)
+        out = np.zeros((len(features), len(self.features) + 1))
+        x = _matrix(features, self.features)
         for booster, weight in self._boosters:
             out += weight * booster.predict(x, pred_contrib=True, num_threads=1)
         return out
 
     def feature_importance(self) -> pd.Series:
         """Total gain per feature, weighted like the scores."""
-        total = np.zeros(len(FEATURES))
+        total = np.zeros(len(self.features))
         for booster, weight in self._boosters:
             total += weight * booster.feature_importance(importance_type="gain")
-        return pd.Series(total, index=list(FEATURES)).sort_values(ascending=False)
+        return pd.Series(total, index=list(self.features)).sort_values(ascending=False)
 
     def extend(self, model_strings: Sequence[str], weights: Sequence[float]) -> TreeEnsemble:
-        """The ensemble with one round's client boosters added."""
+        """The ensemble with one round's client boosters added (fitted on :data:`FEATURES`)."""
+        if self.members and self.features != FEATURES:
+            raise ValueError("a ranker read from an earlier version's features cannot be extended")
         added = tuple((s, float(w)) for s, w in zip(model_strings, weights, strict=True))
         return TreeEnsemble(self.members + added)
 
     def save(self, path: str | Path) -> None:
         """JSON with the model strings and weights (text only, nothing to unpickle)."""
         members = [{"weight": w, "model": s} for s, w in self.members]
-        Path(path).write_text(json.dumps({"features": list(FEATURES), "members": members}))
+        Path(path).write_text(json.dumps({"features": list(self.features), "members": members}))
 
     @classmethod
     def load(cls, path: str | Path) -> TreeEnsemble:
         raw = json.loads(Path(path).read_text())
-        if raw["features"] != list(FEATURES):
+        unknown = [name for name in raw["features"] if name not in FEATURES]
+        if unknown:
             raise ValueError(
-                f"{path}: ranker features {raw['features']} differ from this version's {list(FEATURES)}"
+                f"{path}: ranker features {unknown} are not among this version's {list(FEATURES)}"
             )
-        return cls(tuple((m["model"], float(m["weight"])) for m in raw["members"]))
+        members = tuple((m["model"], float(m["weight"])) for m in raw["members"])
+        return cls(members, tuple(raw["features"]))
 
 
 @lru_cache(maxsize=4096)

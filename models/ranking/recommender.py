@@ -20,7 +20,6 @@ from models.mf.recommend import top_k
 from models.neural.network import Architecture, Params, load_network, save_network
 from models.ranking.boosting import TreeEnsemble
 from models.ranking.features import (
-    FEATURES,
     GENRE_PREFIX,
     Candidates,
     Retrieval,
@@ -210,9 +209,13 @@ class RankingRecommender:
             top_group = ["knn" if n >= 0 else "als" for n in neighbour]
         else:
             contrib = self.ranker.contributions(candidates.features.iloc[rows])
-            position = {name: j for j, name in enumerate(FEATURES)}
+            # an earlier version's ranker reads fewer features: its missing groups weigh 0
+            position = {name: j for j, name in enumerate(self.ranker.features)}
             by_group = np.column_stack(
-                [contrib[:, [position[f] for f in _REASONS[g][1]]].sum(axis=1) for g in groups]
+                [
+                    contrib[:, [position[f] for f in _REASONS[g][1] if f in position]].sum(axis=1)
+                    for g in groups
+                ]
             )
             # What sets this item apart within the user's list: contributions relative to the
             # list's mean (the ALS score lifts every item of a list, so on its own it would be

@@ -375,3 +375,36 @@ def test_network_rounds_flag_builds_the_network_phase_and_needs_the_reranker():
         ValueError, match="ranker_network_rounds=3: the network feeds the re-ranker"
     ):
         TrainingConfig(feedback="implicit", ranker="none", ranker_network_rounds=3)
+
+
+def test_a_ranker_saved_with_an_earlier_versions_shorter_feature_list_still_scores(tmp_path):
+    """A champion saved before features were added (here: without the slim_* columns) loads and
+    scores from the columns it was fitted on; a name this version does not know is refused."""
+    import json
+
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(0)
+    earlier = [name for name in FEATURES if not name.startswith("slim_")]
+    assert len(earlier) < len(FEATURES)  # the list did grow
+    frame = pd.DataFrame(rng.normal(size=(200, len(FEATURES))), columns=list(FEATURES))
+    booster = lgb.train(
+        {"objective": "regression", "verbosity": -1, "num_leaves": 4},
+        lgb.Dataset(frame[earlier].to_numpy(), label=rng.normal(size=200)),
+        num_boost_round=5,
+    )
+    TreeEnsemble(((booster.model_to_string(), 0.5),), tuple(earlier)).save(tmp_path / "r.json")
+
+    loaded = TreeEnsemble.load(tmp_path / "r.json")
+    assert loaded.features == tuple(earlier)
+    expected = 0.5 * booster.predict(frame[earlier].to_numpy(), raw_score=True)
+    np.testing.assert_allclose(loaded.predict(frame), expected)
+    assert loaded.contributions(frame).shape == (200, len(earlier) + 1)
+    with pytest.raises(ValueError, match="cannot be extended"):
+        loaded.extend([booster.model_to_string()], [1.0])
+
+    raw = json.loads((tmp_path / "r.json").read_text())
+    raw["features"].append("no_such_feature")
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="no_such_feature"):
+        TreeEnsemble.load(tmp_path / "bad.json")
