@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import sparse
 
 from models.data.schema import Interactions, encode_interactions
 
@@ -34,3 +35,15 @@ def low_rank_interactions(
         }
     )
     return encode_interactions(frame, rating_scale=None, source="low_rank")
+
+
+def pooled_train_matrix(data, clients) -> sparse.csr_matrix:
+    """The binary users x items matrix of every client's training rows, pooled (the centralized
+    model's input), rows in ``data``'s user order."""
+    rows, cols = [], []
+    for c in clients:
+        m = c.matrix("train").tocoo()
+        rows.append(np.searchsorted(data.user_ids, c.user_ids[m.row]))
+        cols.append(m.col)
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    return sparse.csr_matrix((np.ones(r.size), (r, c)), shape=(data.n_users, data.n_items))

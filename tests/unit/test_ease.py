@@ -9,6 +9,7 @@ from models.data.sharding import assign_clients, split_rows
 from models.data.synthetic import generate_synthetic
 from models.ranking.ease import EASE, ease_weights, federated_ease_weights
 from models.ranking.federated import knn_client_update
+from tests.unit.helpers import pooled_train_matrix
 
 
 def _ridge_oracle(x: np.ndarray, reg: float) -> np.ndarray:
@@ -31,16 +32,6 @@ def clients():
     return data, build_clients(data, owner, split)
 
 
-def _central_matrix(data, clients) -> sparse.csr_matrix:
-    rows, cols = [], []
-    for c in clients:
-        m = c.matrix("train").tocoo()
-        rows.append(np.searchsorted(data.user_ids, c.user_ids[m.row]))
-        cols.append(m.col)
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    return sparse.csr_matrix((np.ones(r.size), (r, c)), shape=(data.n_users, data.n_items))
-
-
 def test_closed_form_equals_columnwise_ridge_regressions():
     rng = np.random.default_rng(0)
     x = (rng.random((40, 12)) < 0.3).astype(float)
@@ -53,13 +44,13 @@ def test_closed_form_equals_columnwise_ridge_regressions():
 
 def test_federated_ease_from_client_cooccurrences_equals_centralized(clients):
     data, parts = clients
-    central = EASE(reg=20.0).fit(_central_matrix(data, parts))
+    central = EASE(reg=20.0).fit(pooled_train_matrix(data, parts))
 
     updates = [knn_client_update(c) for c in parts]  # the same statistic item-kNN sends
     federated = federated_ease_weights([u.arrays for u in updates], data.n_items, reg=20.0)
 
     np.testing.assert_allclose(federated, central.weights_, rtol=0, atol=1e-8)
-    x = _central_matrix(data, parts).toarray()
+    x = pooled_train_matrix(data, parts).toarray()
     np.testing.assert_allclose(central.weights_, _ridge_oracle(x, 20.0), atol=1e-8)
 
 
@@ -108,7 +99,7 @@ def test_fit_is_needed_and_shapes_are_checked():
 
 def test_save_and_load_give_the_same_recommendations(tmp_path, clients):
     data, parts = clients
-    history = _central_matrix(data, parts)
+    history = pooled_train_matrix(data, parts)
     model = EASE(reg=10.0).fit(history)
 
     model.save(tmp_path / "ease.npz")

@@ -15,6 +15,7 @@ from models.ranking.features import Retrieval, candidate_features
 from models.ranking.federated import RankingConfig, knn_client_update, run_two_stage
 from models.ranking.recommender import RankingRecommender, align_recommender
 from models.ranking.slim import SlimConfig, federated_slim_weights, slim_scores, slim_weights
+from tests.unit.helpers import pooled_train_matrix
 
 
 def _column_oracle(x: np.ndarray, config: SlimConfig) -> np.ndarray:
@@ -81,22 +82,12 @@ def implicit():
     return data, build_clients(data, owner, split)
 
 
-def _central_matrix(data, clients) -> sparse.csr_matrix:
-    rows, cols = [], []
-    for c in clients:
-        m = c.matrix("train").tocoo()
-        rows.append(np.searchsorted(data.user_ids, c.user_ids[m.row]))
-        cols.append(m.col)
-    r, c = np.concatenate(rows), np.concatenate(cols)
-    return sparse.csr_matrix((np.ones(r.size), (r, c)), shape=(data.n_users, data.n_items))
-
-
 CONFIG = SlimConfig(l1=1.0, l2=50.0, rho=40.0, iterations=30)
 
 
 def test_federated_slim_from_client_sums_equals_centralized(implicit):
     data, clients = implicit
-    x = _central_matrix(data, clients)
+    x = pooled_train_matrix(data, clients)
     n_users = int(np.count_nonzero(np.diff(x.indptr)))
     central = slim_weights((x.T @ x).toarray(), n_users, CONFIG)
 
@@ -117,7 +108,7 @@ def test_slim_scores_the_candidates_and_is_saved_with_the_model(tmp_path, implic
 
     model = run_two_stage(clients, data.n_items, config, rounds=2, eval_splits=()).recommender
 
-    x = _central_matrix(data, clients)
+    x = pooled_train_matrix(data, clients)
     n_users = int(np.count_nonzero(np.diff(x.indptr)))
     expected_weights = slim_weights((x.T @ x).toarray(), n_users, CONFIG)
     np.testing.assert_allclose(
