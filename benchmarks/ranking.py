@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
         upload_mb_per_round=upload / 1e6, max_abs_diff_vs_central=gap)  # fmt: skip
 
     started = time.perf_counter()
-    knn_updates = [knn_client_update(c) for c in clients]
+    knn_updates = [knn_client_update(c, count_users=args.slim_iterations > 0) for c in clients]
     similarity, item_counts = knn_server_update(knn_updates, data.n_items, config)
     seconds = time.perf_counter() - started
 
@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
     slim = None
     if args.slim_iterations > 0:  # ADMM SLIM from the same sums and the clients' user counts
         started = time.perf_counter()
-        n_users = int(sum(u.metrics["n_users"] for u in knn_updates))
+        n_users = int(sum(u.metrics["users"] for u in knn_updates))
         slim_config = SlimConfig(iterations=args.slim_iterations)
         parts = [u.arrays for u in knn_updates]
         slim = federated_slim_weights(parts, data.n_items, n_users, slim_config)

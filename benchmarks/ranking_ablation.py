@@ -81,12 +81,12 @@ def _recommender(
         config.n_factors, reg=config.reg, alpha=config.alpha, n_iter=10,
         init_std=config.init_std, seed=args.seed,
     ).fit(_pooled_train(data, clients))  # fmt: skip
-    updates = [knn_client_update(c) for c in clients]
+    updates = [knn_client_update(c, count_users=args.slim_iterations > 0) for c in clients]
     similarity, popularity = knn_server_update(updates, data.n_items, config)
     ease = ease_weights(sum_cooccurrence([u.arrays for u in updates], data.n_items), reg=800.0)
     slim = None
     if args.slim_iterations > 0:
-        n_users = int(sum(u.metrics["n_users"] for u in updates))
+        n_users = int(sum(u.metrics["users"] for u in updates))
         slim = federated_slim_weights(
             [u.arrays for u in updates], data.n_items, n_users,
             SlimConfig(iterations=args.slim_iterations),

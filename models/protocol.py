@@ -24,7 +24,8 @@ GLOBAL_ARRAYS = frozenset({
     "masked",  # secure aggregation: the masked dense update over every item
     "network_delta",  # neural model: the network's change times the client's users, flattened
 })  # fmt: skip
-# clients: a cohort's users; users: the users a neural client trained on (its FedAvg weight)
+# clients: a cohort's users; users: the users a neural client trained on (its FedAvg weight),
+# or, for ADMM SLIM, a kNN client's users with training rows
 UPDATE_METRICS = frozenset({"train_sse", "train_n", "groups", "clients", "users"})
 EVALUATION_SUMS = frozenset(
     {"sse", "sae", "n", "precision", "recall", "ndcg", "hit", "map", "users"}

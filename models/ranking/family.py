@@ -129,7 +129,7 @@ class TwoStage:
         if phase == ALS:
             return implicit_client_round(client, state.factors, self.config, eval_splits, rng)
         if phase == "knn":
-            return knn_client_update(client), {}
+            return knn_client_update(client, count_users=self.config.slim is not None), {}
         if phase == NEURAL:
             assert state.network is not None
             return self._network_family.client_round(client, state.network, "train", rng, ())
@@ -176,7 +176,7 @@ class TwoStage:
                 ease = federated_ease_weights(parts, n_items, reg=self.config.ease_reg)
             slim = None
             if self.config.slim is not None:
-                n_users = int(sum(u.metrics.get("n_users", 0.0) for u in updates))
+                n_users = int(sum(u.metrics.get("users", 0.0) for u in updates))
                 slim = federated_slim_weights(
                     [u.arrays for u in updates], n_items, n_users, self.config.slim
                 )

@@ -6,7 +6,8 @@ Every client payload is a :class:`~models.protocol.ClientUpdate` of arrays and m
 - implicit ALS: per-item ``gram``/``rhs`` sums over its observed rows, and ``user_gram`` (one k x k
   sum over its users);
 - item-kNN (and EASE, ADMM SLIM): the upper triangle of its item co-occurrence counts
-  (``pair_*``) and, in ``metrics``, its number of users with training rows (``n_users``);
+  (``pair_*``) and, for ADMM SLIM only, in ``metrics`` its number of users with training rows
+  (``users``);
 - re-ranker: its new trees as the UTF-8 bytes of a LightGBM model string (``trees``) and how many
   query groups they were fitted on.
 """
@@ -199,9 +200,9 @@ def noisy_popularity(updates: Sequence[ClientUpdate], n_items: int) -> np.ndarra
 
 
 # --- item-kNN ------------------------------------------------------------------------------
-def knn_client_update(client: ClientData) -> ClientUpdate:
-    """The client's item co-occurrence counts over its users' training rows (upper triangle), and
-    how many users have training rows (ADMM SLIM's item means)."""
+def knn_client_update(client: ClientData, *, count_users: bool = False) -> ClientUpdate:
+    """The client's item co-occurrence counts over its users' training rows (upper triangle) and,
+    with ``count_users`` (for ADMM SLIM's item means), how many of its users have training rows."""
     history = client.matrix("train")
     counts = cooccurrence(history)
     diagonal = counts.diagonal()
@@ -211,7 +212,7 @@ def knn_client_update(client: ClientData) -> ClientUpdate:
         items.astype(np.int64),
         diagonal[items].astype(np.int64),
         pack_cooccurrence(counts),
-        {"n_users": float(np.count_nonzero(np.diff(history.indptr)))},
+        {"users": float(np.count_nonzero(np.diff(history.indptr)))} if count_users else {},
     )
 
 

@@ -91,13 +91,15 @@ def test_federated_slim_from_client_sums_equals_centralized(implicit):
     n_users = int(np.count_nonzero(np.diff(x.indptr)))
     central = slim_weights((x.T @ x).toarray(), n_users, CONFIG)
 
-    updates = [knn_client_update(c) for c in clients]  # the statistics item-kNN sends
+    # the statistics item-kNN sends, with each client's user count as it sends it for ADMM SLIM
+    updates = [knn_client_update(c, count_users=True) for c in clients]
     federated = federated_slim_weights(
         [u.arrays for u in updates], data.n_items,
-        int(sum(u.metrics["n_users"] for u in updates)), CONFIG,
+        int(sum(u.metrics["users"] for u in updates)), CONFIG,
     )  # fmt: skip
 
-    assert sum(u.metrics["n_users"] for u in updates) == n_users
+    assert sum(u.metrics["users"] for u in updates) == n_users
+    assert knn_client_update(clients[0]).metrics == {}  # without ADMM SLIM: no count sent
     assert federated.nnz > 0
     np.testing.assert_allclose(federated.toarray(), central.toarray(), atol=1e-6)
 
@@ -148,7 +150,7 @@ def test_server_state_keeps_slim_across_save_and_load(implicit):
     data, clients = implicit
     family = TwoStage(RankingConfig(n_factors=4, neighbours=20, ranker=None, slim=CONFIG))
     state = family.initial_state(data.n_items, seed=0)
-    updates = [knn_client_update(c) for c in clients]
+    updates = [knn_client_update(c, count_users=True) for c in clients]
 
     state = family.server_update(state, updates, "knn")
     restored = family.load_state(family.state_arrays(state))
