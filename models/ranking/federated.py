@@ -64,7 +64,8 @@ class RankingConfig:
     n_candidates: int = 100
     # EASE's ridge (models/ranking/ease.py); None: no EASE source or features
     ease_reg: float | None = None
-    # ADMM SLIM (models/ranking/slim.py) from the same sums; None: no SLIM source or features
+    # ADMM SLIM (models/ranking/slim.py) from the same sums, for re-ranker features (not a
+    # candidate source); None: no SLIM
     slim: SlimConfig | None = None
     # a Mult-DAE/Mult-VAE network trained by FedAvg after the co-occurrence round, as a candidate
     # source and features of the re-ranker (models/neural); None: no network
