@@ -1,2 +1,2 @@
 """Top-of-the-list recommendation: item-kNN retrieval, candidate features, a federated LightGBM
-LambdaRank re-ranker, and the servable two-stage recommender."""
+listwise re-ranker (XE-NDCG or LambdaRank), and the servable two-stage recommender."""

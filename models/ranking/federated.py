@@ -264,7 +264,7 @@ def ranker_client_data(
 ) -> RankerData:
     """Candidates and labels from the client's own rows: history = training rows, label = the
     candidate is in the user's validation rows. Users none of whose candidates is labelled 1 are
-    dropped from training (LambdaRank learns nothing from them)."""
+    dropped from training (a listwise objective learns nothing from them)."""
     history = client.matrix("train")
     valid = client.matrix("valid")
     users = np.flatnonzero(np.diff(valid.indptr) > 0)

@@ -263,8 +263,8 @@ def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(
         max(logged, key=lambda m: m.step).value, abs=1e-12
     )  # the summary reports the last logged step
     # at least as good as the most-popular list on the same test file, scored here by an
-    # independent NDCG@10 (this synthetic data is mostly popularity: 0.383 vs the model's 0.387
-    # measured; a random list scores about 0.07)
+    # independent NDCG@10 (measured: the most-popular list 0.324, the model 0.360 with XE-NDCG and
+    # 0.364 with LambdaRank; a random list scores about 0.07)
     popular = _popularity_ndcg(frame[part == 0], frame[part == 1], frame[part == 2], k=10)
     assert popular > 0.2 and summary["metrics"]["test/ndcg_at_10"] > popular - 0.01, popular
 

@@ -161,11 +161,13 @@ def test_server_state_keeps_slim_across_save_and_load(implicit):
     np.testing.assert_array_equal(retrieval.slim.toarray(), state.slim.toarray())
 
 
-def test_training_setting_turns_slim_on_with_its_iterations():
+def test_slim_is_on_with_the_re_ranker_by_default_and_off_without_it():
     from fedrec.config import TrainingConfig
 
-    on = TrainingConfig(feedback="implicit", ranker="lightgbm", slim_iterations=7).ranking_config()
-    off = TrainingConfig(feedback="implicit", ranker="lightgbm").ranking_config()
+    def slim(**fields):
+        return TrainingConfig(feedback="implicit", **fields).ranking_config().slim
 
-    assert on.slim == SlimConfig(iterations=7)
-    assert off.slim is None
+    assert slim(ranker="lightgbm") == SlimConfig(iterations=40)
+    assert slim(ranker="lightgbm", slim_iterations=7) == SlimConfig(iterations=7)
+    assert slim(ranker="lightgbm", slim_iterations=0) is None
+    assert slim() is None  # features of the re-ranker only: no ranker, no SLIM
