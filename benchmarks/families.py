@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     args = parser.parse_args()
 
+    from fedrec.config import TrainingConfig
     from models.data.partitions import build_clients
     from models.data.schema import keep_positives
     from models.data.sharding import assign_clients, split_rows
@@ -66,10 +68,11 @@ def main() -> None:
     from models.mf.federated import MFConfig
     from models.neural.family import Neural, NeuralConfig
     from models.neural.training import TrainConfig
-    from models.ranking.boosting import RankerConfig
     from models.ranking.family import TwoStage
-    from models.ranking.federated import RankingConfig
 
+    # fedrec train --feedback implicit --ranker lightgbm's settings (EASE, ADMM SLIM, XE-NDCG)
+    two_stage = TrainingConfig(feedback="implicit", ranker="lightgbm").ranking_config()
+    two_stage = replace(two_stage, ranker=replace(two_stage.ranker, rounds=args.rounds))
     data = load_movielens(args.data)
     if data is None:
         return
@@ -77,7 +80,7 @@ def main() -> None:
     rows = []
     for interactions, family in (
         (data, ExplicitMF(MFConfig(n_factors=32))),
-        (positives, TwoStage(RankingConfig(ranker=RankerConfig(rounds=args.rounds)))),
+        (positives, TwoStage(two_stage)),
         (positives, Neural(NeuralConfig(kind="dae", hidden=(),
                                         train=TrainConfig(learning_rate=3e-3, batch_size=100)))),
     ):  # fmt: skip

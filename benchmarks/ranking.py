@@ -1,5 +1,6 @@
-"""Top-K ranking on ML-1M with RecBole's protocol: retrieval models (implicit ALS, item-kNN, EASE),
-then the federated re-ranker over their candidates.
+"""Top-K ranking on ML-1M with RecBole's protocol: retrieval models (implicit ALS, item-kNN, EASE,
+ADMM SLIM), then the federated re-ranker over their candidates, by default with ``fedrec train
+--ranker lightgbm``'s settings (XE-NDCG, ADMM SLIM's features after 40 iterations, no network).
 
 Protocol (RecBole's ML-1M benchmark): ratings >= 3 are positives and the rest are dropped; each
 user's positives are shuffled and split 8:1:1 into train / validation / test (RecBole's ratio
@@ -461,8 +462,9 @@ def main() -> None:
     parser.add_argument(
         "--neural-rounds",
         type=int,
-        default=40,
-        help="FedAvg rounds of the Mult-DAE network (0: no network source or features)",
+        default=0,
+        help="FedAvg rounds of the Mult-DAE network as a candidate source and features (0, as "
+        "fedrec train's --ranker-network-rounds: no network; 40 gives the network rows)",
     )
     parser.add_argument("--neural-latent", type=int, default=200)
     parser.add_argument("--neural-lr", type=float, default=3e-3)
@@ -474,7 +476,7 @@ def main() -> None:
     parser.add_argument(
         "--slim-iterations",
         type=int,
-        default=0,
+        default=SlimConfig.iterations,
         help="ADMM SLIM iterations (0: no ADMM SLIM row, source or features)",
     )
     parser.add_argument("--seed", type=int, default=0)
