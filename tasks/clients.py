@@ -24,6 +24,7 @@ from models.federation.family import Family
 from models.federation.loop import EVERYONE_ROUND
 from models.federation.sampling import fresh_rng, round_rng
 from models.privacy.released_metrics import MetricRelease
+from models.privacy.wire import read_npz
 from models.protocol import ClientUpdate, answer_arrays, answer_from_arrays
 from tasks.faults import FaultPlan
 from tasks.secure import hold_update, pending_path, write_private
@@ -54,8 +55,7 @@ def _keep_answer(path: Path, update: ClientUpdate, evaluations: dict[str, Evalua
 
 
 def _kept_answer(path: Path) -> tuple[ClientUpdate, dict[str, Evaluation]]:
-    with np.load(path, allow_pickle=False) as stored:
-        return answer_from_arrays({name: stored[name] for name in stored.files})
+    return answer_from_arrays(read_npz(path))
 
 
 def task_unit(devices: float | None) -> str:

@@ -11,12 +11,26 @@ from __future__ import annotations
 import base64
 import io
 import json
+import threading
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
 _JSON = "__json__"
+
+# numpy parses each array's header with ast.literal_eval. On CPython 3.11 (gh-106905) two threads
+# building AST objects at once can fail with "SystemError: AST constructor recursion depth
+# mismatch"; client tasks read payloads in parallel threads, so their reads take turns here.
+NPY_HEADERS = threading.Lock()
+
+
+def read_npz(source: str | Path | IO[bytes]) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` archive (a path or a binary file), read with
+    ``allow_pickle=False``, one thread at a time (:data:`NPY_HEADERS`)."""
+    with NPY_HEADERS, np.load(source, allow_pickle=False) as archive:
+        return {k: archive[k] for k in archive.files}
 
 
 def pack(fields: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> bytes:
@@ -38,8 +52,7 @@ def unpack(data: bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         If ``data`` is not such a payload (object arrays are refused, never unpickled).
     """
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            arrays = {k: archive[k] for k in archive.files}
+        arrays = read_npz(io.BytesIO(data))
         document = json.loads(arrays.pop(_JSON).tobytes().decode())
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"not a fedrec protocol payload: {err}") from err

@@ -24,6 +24,8 @@ from typing import Literal
 
 import numpy as np
 
+from models.privacy.wire import NPY_HEADERS
+
 Precision = Literal["float64", "float32"]
 PRECISIONS: tuple[Precision, ...] = ("float64", "float32")
 
@@ -190,9 +192,11 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> 
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
-            header = np.lib.format.read_array_header_1_0(fp, max_header_size=_MAX_HEADER)
+            with NPY_HEADERS:
+                header = np.lib.format.read_array_header_1_0(fp, max_header_size=_MAX_HEADER)
         elif version == (2, 0):
-            header = np.lib.format.read_array_header_2_0(fp, max_header_size=_MAX_HEADER)
+            with NPY_HEADERS:
+                header = np.lib.format.read_array_header_2_0(fp, max_header_size=_MAX_HEADER)
         else:
             raise EncodingError(
                 f"array {name!r} has .npy format version {version}; allowed 1.0, 2.0"
@@ -213,7 +217,8 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> 
             f"{len(raw) - fp.tell()} bytes of data"
         )
     fp.seek(0)
-    array = np.load(fp, allow_pickle=False)
+    with NPY_HEADERS:
+        array = np.load(fp, allow_pickle=False)
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     if name != NARROWED:
