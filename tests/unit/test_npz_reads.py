@@ -1,8 +1,8 @@
 """numpy parses every ``.npy`` header with ``ast.literal_eval``, and on CPython 3.11 two threads
 building AST objects at once can fail ("SystemError: AST constructor recursion depth mismatch",
-gh-106905): a flow's secure-aggregation round once lost a client that way. The readers that run in
-parallel client tasks hold one lock while numpy parses; a spy on ``ast.literal_eval`` records
-whether the lock was held at each parse.
+gh-106905): a client task that meets it fails, and a secure-aggregation round goes on without that
+client. The readers that run in parallel client tasks hold one lock while numpy parses; a spy on
+``ast.literal_eval`` records whether the lock was held at each parse.
 """
 
 from __future__ import annotations
