@@ -191,16 +191,16 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> 
     fp = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(fp)
-        if version == (1, 0):
-            with NPY_HEADERS:
-                header = np.lib.format.read_array_header_1_0(fp, max_header_size=_MAX_HEADER)
-        elif version == (2, 0):
-            with NPY_HEADERS:
-                header = np.lib.format.read_array_header_2_0(fp, max_header_size=_MAX_HEADER)
-        else:
+        readers = {
+            (1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0,
+        }
+        if version not in readers:
             raise EncodingError(
                 f"array {name!r} has .npy format version {version}; allowed 1.0, 2.0"
             )
+        with NPY_HEADERS:
+            header = readers[version](fp, max_header_size=_MAX_HEADER)
     except ValueError as err:
         if isinstance(err, EncodingError):
             raise
