@@ -124,10 +124,17 @@ def test_noisy_sums_are_floored_at_zero_and_two_uploads_differ():
     from models.federation.sampling import fresh_rng
 
     release = MetricRelease(2.0)
-    evaluations = {"valid": ({"sse": 0.0, "sae": 0.0, "n": 0.0}, None)}
-    first, second = (release.publish(evaluations, fresh_rng()) for _ in range(2))
-    assert all(v >= 0.0 for v in first["valid"][0].values())
-    assert first != second
+    # At zero, each noisy sum is floored with probability 1/2: over 20 uploads (60 sums) the
+    # chance that none or all are floored is 2 * 2**-60.
+    at_zero = {"valid": ({"sse": 0.0, "sae": 0.0, "n": 0.0}, None)}
+    values = [
+        v for _ in range(20) for v in release.publish(at_zero, fresh_rng())["valid"][0].values()
+    ]
+    assert min(values) == 0.0 and max(values) > 0.0
+    # Far from the floor, two uploads from fresh OS entropy differ in every sum.
+    far = {"valid": ({"sse": 1e6, "sae": 1e6, "n": 1e6}, None)}
+    first, second = (release.publish(far, fresh_rng())["valid"][0] for _ in range(2))
+    assert all(first[key] != second[key] for key in first)
 
 
 def test_training_noise_is_calibrated_so_rounds_and_evaluations_meet_the_target():
