@@ -29,7 +29,9 @@ from fedrec.stores import postgres_bindir
 from tests.e2e.stores import postgres_stores  # noqa: F401  (the module's servers)
 
 SITES = ("shop-a", "shop-b", "shop-c")
-USER_BASE = 917_000_000  # site s, user u has id USER_BASE + 1000 s + u: easy to search for
+# Site s, user u has id USER_BASE + 1000 s + u: 15 digits, so a search for them cannot hit a
+# 13-digit millisecond timestamp by chance, and below 2**53, so a float64 holds them exactly.
+USER_BASE = 917_000_000_000_000
 DEADLINE = 15  # seconds a request waits for a site before the quorum decides
 CLI = Path(sys.executable).parent / "fedrec"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
