@@ -10,7 +10,8 @@ already) comes back with its own dtype and its exact values.
 Reading trusts nothing in the bytes: the archive's size, the uncompressed sizes its directory
 declares (checked before anything is inflated, so a small zip that would inflate to gigabytes
 is refused unread), each member's ``.npy`` header against those sizes, the dtypes and the
-finiteness of every float are all checked, and arrays are read with ``allow_pickle=False``.
+finiteness of every float are all checked, and each array is built from its checked header
+and its raw bytes (no unpickling is possible: object dtypes are refused before any data is read).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ _KINDS = frozenset("biuf")  # bool, signed and unsigned integers, floats
 # them without an output bound per read.
 _COMPRESSIONS = frozenset({zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED})
 _MAX_MEMBERS = 4096
+_HEADER_READERS = {  # .npy format version -> numpy's reader of that version's header
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 _MAX_HEADER = 10_000  # bytes of one .npy header (numpy's own default limit)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -191,34 +196,31 @@ def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str) -> 
     fp = io.BytesIO(raw)
     try:
         version = np.lib.format.read_magic(fp)
-        readers = {
-            (1, 0): np.lib.format.read_array_header_1_0,
-            (2, 0): np.lib.format.read_array_header_2_0,
-        }
-        if version not in readers:
+        if version not in _HEADER_READERS:
             raise EncodingError(
                 f"array {name!r} has .npy format version {version}; allowed 1.0, 2.0"
             )
         with NPY_HEADERS:
-            header = readers[version](fp, max_header_size=_MAX_HEADER)
+            header = _HEADER_READERS[version](fp, max_header_size=_MAX_HEADER)
     except ValueError as err:
         if isinstance(err, EncodingError):
             raise
         raise EncodingError(f"array {name!r} has no valid .npy header: {err}") from err
-    shape, _, dtype = header
+    shape, fortran_order, dtype = header
     if dtype.hasobject or dtype.kind not in _KINDS or dtype.fields:
         raise EncodingError(
             f"array {name!r} has dtype {dtype}; allowed: bool, integer or float arrays"
         )
-    expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    count = int(np.prod(shape, dtype=object))
+    expected = count * dtype.itemsize
     if expected != len(raw) - fp.tell():
         raise EncodingError(
             f"array {name!r} declares shape {shape} of {dtype} ({expected} bytes) but holds "
             f"{len(raw) - fp.tell()} bytes of data"
         )
-    fp.seek(0)
-    with NPY_HEADERS:
-        array = np.load(fp, allow_pickle=False)
+    # the data as the header describes it, copied out of the member's bytes (a writable array)
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=fp.tell())
+    array = array.reshape(shape, order="F" if fortran_order else "C").copy()
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     if name != NARROWED:

@@ -226,6 +226,7 @@ def _mixed(rng: np.random.Generator) -> dict[str, np.ndarray]:
         "flag": np.array([True, False]),
         "f32": rng.normal(size=4).astype(np.float32),
         "empty": np.zeros((0, 3)),
+        "fortran": np.asfortranarray(rng.normal(size=(3, 4))),  # written with fortran_order True
     }
 
 
@@ -240,6 +241,7 @@ def test_float64_round_trip_is_bit_exact(compress):
         assert back[name].dtype == value.dtype, name
         assert back[name].shape == value.shape, name
         assert back[name].tobytes() == value.tobytes(), name
+        assert back[name].flags.writeable, name
 
 
 @pytest.mark.parametrize("compress", [False, True])
