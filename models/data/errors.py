@@ -9,7 +9,10 @@ class DataValidationError(ValueError):
     """Raised once, at the boundary, for the first problem found in an input.
 
     The message is a single line: ``<file>: row <n>, column '<col>': <value> <problem>; allowed: ...``.
-    Rows are 1-based data rows (a header line is not counted). Parts that do not apply are left out.
+    Rows are 1-based data rows (a header line is not counted). A problem with a training setting
+    rather than a column (too many clients for the data, an unknown partition) names it as
+    ``setting '<name>'``, by its name in the training configuration. Parts that do not apply are
+    left out.
     """
 
     def __init__(
@@ -19,6 +22,7 @@ class DataValidationError(ValueError):
         file: str | None = None,
         row: int | None = None,
         column: str | None = None,
+        setting: str | None = None,
         value: Any = None,
         allowed: str | None = None,
     ) -> None:
@@ -26,11 +30,14 @@ class DataValidationError(ValueError):
         self.file = file
         self.row = row
         self.column = column
+        self.setting = setting
         self.value = value
         self.allowed = allowed
         where = [part for part in (file, None if row is None else f"row {row}") if part]
         if column is not None:
             where.append(f"column {column!r}")
+        if setting is not None:
+            where.append(f"setting {setting!r}")
         what = problem if value is None else f"value {value!r} {problem}"
         message = f"{', '.join(where)}: {what}" if where else what
         if allowed:

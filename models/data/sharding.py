@@ -66,14 +66,15 @@ def assign_clients(
     if n_clients is None or n_clients < 1:
         raise DataValidationError(
             "is not a valid number of clients",
-            column="n_clients",
+            setting="clients",
             value=n_clients,
             allowed="an integer >= 1",
         )
     if n_clients > n_users:
         raise DataValidationError(
-            f"clients requested but the data has only {n_users} users",
-            column="n_clients",
+            f"is more clients than the data has users ({n_users})",
+            file=data.source or None,
+            setting="clients",
             value=n_clients,
             allowed=f"1..{n_users}",
         )
@@ -86,14 +87,14 @@ def assign_clients(
         if not alpha > 0:
             raise DataValidationError(
                 "is not a valid Dirichlet concentration",
-                column="alpha",
+                setting="dirichlet_alpha",
                 value=alpha,
                 allowed="a number > 0",
             )
         return _assign_dirichlet(data, n_clients, alpha, rng)
     raise DataValidationError(
         "is not a sharding strategy",
-        column="partition",
+        setting="partition",
         value=strategy,
         allowed="iid, dirichlet, by-key",
     )
@@ -141,7 +142,7 @@ def _assign_by_key(
         raise DataValidationError(
             "is not a user-feature column of this dataset",
             file=data.source or None,
-            column="partition key",
+            setting="partition_key",
             value=key,
             allowed=", ".join(map(str, available)) or "none (this dataset has no user features)",
         )
@@ -153,8 +154,8 @@ def _assign_by_key(
         return codes.astype(np.int32)
     if not 1 <= n_clients <= len(uniques):
         raise DataValidationError(
-            f"clients requested but column {key!r} has {len(uniques)} distinct values",
-            column="n_clients",
+            f"is more clients than column {key!r} has distinct values ({len(uniques)})",
+            setting="clients",
             value=n_clients,
             allowed=f"1..{len(uniques)}",
         )
@@ -209,7 +210,7 @@ def split_rows(
         key = frame[TIMESTAMP].to_numpy() + rng.random(len(frame)) * 1e-3  # random tie-break
     else:
         raise DataValidationError(
-            "is not a split method", column="split", value=method, allowed="random, temporal"
+            "is not a split method", setting="split", value=method, allowed="random, temporal"
         )
     ranked = pd.DataFrame({"g": group, "k": key})
     position = ranked.groupby("g")["k"].rank(method="first").to_numpy() - 1
