@@ -11,10 +11,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedrec.home import fedrec_home as fedrec_home
-from fedrec.inputs import check_sources_exist, check_split_files, data_sources
+from fedrec.inputs import (
+    check_sources_exist,
+    check_split_files,
+    data_sources,
+    parse_rating_scale,
+)
 from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
 from models.neural.family import NeuralConfig
@@ -65,7 +70,8 @@ class TrainingConfig(BaseModel):
     )
     timestamp_col: str | None = Field("timestamp", description="timestamp column (optional)")
     rating_scale: tuple[float, float] | None = Field(
-        (1.0, 5.0), description="allowed (min, max) of ratings"
+        (1.0, 5.0),
+        description="allowed ratings, LOW,HIGH (e.g. 0.5,5), or 'data' to take them from the data",
     )
     synthetic_users: int = Field(
         _SYNTHETIC["n_users"], ge=2, description="users of the synthetic data"
@@ -392,6 +398,11 @@ class TrainingConfig(BaseModel):
         description="sites.yaml: train with real sites (their processes hold the data) instead "
         "of simulated clients; --data and the partition flags are then unused",
     )
+
+    @field_validator("rating_scale", mode="before")
+    @classmethod
+    def _parse_rating_scale(cls, value: object) -> object:
+        return parse_rating_scale(value)
 
     @model_validator(mode="before")
     @classmethod

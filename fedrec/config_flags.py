@@ -27,15 +27,15 @@ FILE_ONLY = frozenset({
     "synthetic_users", "synthetic_items", "synthetic_interactions", "synthetic_taste",
     "local_epochs", "local_lr",
     "batch_size", "prox_mu", "server_lr", "relevance_threshold", "task_retries",
-    "max_client_regression", "user_col", "item_col", "rating_col", "timestamp_col",
-    "rating_scale", "fault_clients", "fault_dropout_clients",
+    "max_client_regression", "fault_clients", "fault_dropout_clients",
 })  # fmt: skip
 
 # The sections of ``fedrec train --help``, in order, and each option's section (keyed on the config
 # field or the click parameter name); an option not listed here goes to "runtime".
 GROUP_ORDER = ("data", "model", "federation", "privacy", "reliability", "tracking", "runtime")
 GROUPS: dict[str, str] = {
-    **dict.fromkeys(("data", "train", "valid", "test", "split", "valid_fraction", "test_fraction",
+    **dict.fromkeys(("data", "train", "valid", "test", "user_col", "item_col", "rating_col",
+                     "timestamp_col", "rating_scale", "split", "valid_fraction", "test_fraction",
                      "feedback", "positive_threshold"), "data"),
     **dict.fromkeys(("algorithm", "factors", "reg", "alpha", "neighbours", "candidates",
                      "implicit_model", "neural_network", "neural_latent", "neural_hidden",
@@ -103,7 +103,8 @@ def describe_fields() -> list[dict[str, Any]]:
         fields.append({
             "name": name, "kind": kind, "choices": choices, "help": field.description,
             "default": json.loads(json.dumps(field.default, default=str)),
-            "default_text": str(field.default),
+            "default_text": (",".join(map(str, field.default))
+                             if isinstance(field.default, tuple) else str(field.default)),
         })  # fmt: skip
     return fields
 

@@ -28,6 +28,32 @@ class MissingSourceError(InputError):
     """A data source that does not exist (one line naming the config key, the spec and the path)."""
 
 
+def parse_rating_scale(value: Any) -> Any:
+    """``rating_scale`` as a flag or YAML value gives it: ``"LOW,HIGH"`` (``"0.5,5"``) becomes the
+    pair (0.5, 5.0) and ``"data"`` becomes None (the scale is taken from the data); a pair or None
+    is returned as it is, for the reader's range check.
+
+    Raises
+    ------
+    InputError
+        A string that is neither ``data`` nor two numbers separated by a comma.
+    """
+    if not isinstance(value, str):
+        return value
+    if value.strip().lower() == "data":
+        return None
+    parts = value.split(",")
+    try:
+        if len(parts) == 2:
+            return (float(parts[0]), float(parts[1]))
+    except ValueError:
+        pass
+    raise InputError(
+        f"rating_scale={value!r}: expected LOW,HIGH (two numbers, e.g. 0.5,5) or 'data' "
+        "(take the scale from the data)"
+    )
+
+
 def check_split_files(*, train: str | None, valid: str | None, test: str | None) -> None:
     """Raise ``InputError`` unless explicit split files come as ``train`` + ``test`` (+ ``valid``)."""
     if (train is None) != (test is None):
@@ -89,8 +115,8 @@ def _read_head(path: Path, options: dict[str, Any]) -> None:
             read_interactions(copy, **options)
         except DataValidationError as err:
             raise DataValidationError(
-                err.problem, file=str(path), row=err.row, column=err.column, value=err.value,
-                allowed=err.allowed,
+                err.problem, file=str(path), row=err.row, column=err.column, setting=err.setting,
+                value=err.value, allowed=err.allowed,
             ) from err  # fmt: skip
 
 
@@ -122,6 +148,8 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     sources = data_sources(data=values.get("data"), **files)
     check_sources_exist(sources)
     options = {name: values[name] for name in FILE_OPTIONS if name in values}
+    if "rating_scale" in options:
+        options["rating_scale"] = parse_rating_scale(options["rating_scale"])
     checked = []
     for spec in sources.values():
         path = source_path(spec).expanduser()

@@ -102,7 +102,7 @@ def _check_rating_scale(rating_scale: tuple[float, float] | None, *, file: str) 
         raise DataValidationError(
             f"rating_scale {rating_scale!r} is not a valid range",
             file=file,
-            allowed="(min, max) with finite min < max, or None",
+            allowed="(min, max) with finite min < max",
         )
 
 
@@ -214,7 +214,7 @@ def _clean_ratings(
         low, high = float(rating_scale[0]), float(rating_scale[1])
         with np.errstate(invalid="ignore"):
             outside = (values < low) | (values > high)
-        range_text = f"a number in [{low}, {high}]"
+        range_text = f"a number in [{low}, {high}] (rating_scale)"
     # Report whichever problem comes first in the file, not whichever check runs first.
     problems = [
         (not_numeric, series, "is not a number"),

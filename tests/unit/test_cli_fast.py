@@ -135,6 +135,30 @@ def test_a_large_file_is_checked_by_its_head_and_errors_name_the_real_file(tmp_p
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_other_column_names_and_rating_scale_are_flags(tmp_path):
+    data = tmp_path / "stars.csv"
+    data.write_text(
+        "uid;movie;stars\n"
+        + "".join(f"u{u};m{u % 7};{0.5 if u % 10 == 9 else 1 + u % 5}\n" for u in range(40))
+    )
+    columns = ["--user-col", "uid", "--item-col", "movie", "--rating-col", "stars"]
+
+    done, _ = _cli(["train", "--data", str(data), *columns], tmp_path / "home")
+    _assert_one_line_error(
+        done, str(data), "row 10", "column 'stars'", "value 0.5", "[1.0, 5.0] (rating_scale)"
+    )
+    # With the scale, the data passes its check: the run stops at the next one, the config's.
+    for scale in ("0.5,5", "data"):
+        done, _ = _cli(["train", "--data", str(data), *columns, "--rating-scale", scale,
+                        "--rounds", "0"], tmp_path / "home")  # fmt: skip
+        _assert_one_line_error(done, "rounds: Input should be greater than or equal to 1")
+    done, _ = _cli(
+        ["train", "--data", str(data), *columns, "--rating-scale", "5,x"], tmp_path / "home"
+    )
+    _assert_one_line_error(done, "rating_scale='5,x': expected LOW,HIGH")
+    _assert_nothing_started(tmp_path / "home")
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -50,6 +50,16 @@ def test_unknown_keys_and_bad_values_are_rejected():
         TrainingConfig(algorithm="svd")
 
 
+def test_rating_scale_is_read_from_a_flag_or_yaml_value():
+    assert TrainingConfig(rating_scale="0.5,5").rating_scale == (0.5, 5.0)
+    assert TrainingConfig(rating_scale=" 1 , 10 ").rating_scale == (1.0, 10.0)
+    assert TrainingConfig(rating_scale="data").rating_scale is None  # taken from the data
+    assert TrainingConfig(rating_scale=[0.5, 5]).rating_scale == (0.5, 5.0)
+    for bad in ("5", "1,2,3", "low,high"):
+        with pytest.raises(ValidationError, match="expected LOW,HIGH"):
+            TrainingConfig(rating_scale=bad)
+
+
 def test_config_hash_ignores_tracking_settings_but_not_training_ones():
     base = TrainingConfig()
     assert base.config_hash() == TrainingConfig(model_name="other", experiment="x").config_hash()
