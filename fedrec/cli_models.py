@@ -14,11 +14,12 @@ import pandas as pd
 from fedrec.cli_errors import UserError, debug_option, friendly_errors
 
 
-def _requests(history: str, users: str | None) -> pd.DataFrame:
-    """One request row per user from a history file (user_id,item_id[,rating])."""
+def _requests(history: str, users: str | None, columns: dict[str, str]) -> pd.DataFrame:
+    """One request row per user from a history file (user_id,item_id[,rating], or the columns
+    named by ``columns``: ``user_col``, ``item_col``, ``rating_col``)."""
     from models.data.readers import read_interactions
 
-    data = read_interactions(history, rating_scale=None)
+    data = read_interactions(history, rating_scale=None, **columns)
     frame = data.frame
     rows = pd.DataFrame(
         {
@@ -32,9 +33,7 @@ def _requests(history: str, users: str | None) -> pd.DataFrame:
     )
     requests = grouped.reset_index()
     if users:
-        wanted = pd.read_csv(users, dtype=str)
-        if "user_id" not in wanted:
-            raise UserError(f"{users}: needs a user_id column, has {', '.join(wanted.columns)}")
+        wanted = _read_ids(users, {columns["user_col"]: "user_id"})
         # side features a ranking model's re-ranker uses (ignored by MF models)
         kept = ["user_id", *(c for c in ("age", "gender", "occupation") if c in wanted)]
         wanted = wanted[kept].drop_duplicates("user_id")
@@ -48,6 +47,31 @@ def _requests(history: str, users: str | None) -> pd.DataFrame:
             lambda v: v if isinstance(v, list) else []
         )
     return requests
+
+
+def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
+    """A CSV of ids (text), with the columns named by ``names``'s keys renamed to its values."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+    frame = pd.read_csv(path, dtype=str)
+    missing = [name for name in names if name not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(frame.columns)}"
+        )
+    return frame.rename(columns=names)
+
+
+def _history_columns(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--user-col, --item-col, --rating-col: the history's columns, as ``fedrec train`` names them
+    (the user and item columns of --users and --pairs too)."""
+    for flag, default, what in reversed((
+        ("--user-col", "user_id", "user column of --history, --users and --pairs"),
+        ("--item-col", "item_id", "item column of --history and --pairs"),
+        ("--rating-col", "rating", "rating column of --history (absent: every row counts 1)"),
+    )):  # fmt: skip
+        fn = click.option(flag, default=default, show_default=True, help=what)(fn)
+    return fn
 
 
 def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
@@ -118,6 +142,7 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     help="CSV with a user_id column: recommend for these (default: every user in --history); "
     "optional age, gender, occupation columns feed a ranking model's re-ranker",
 )
+@_history_columns
 @click.option(
     "--k", default=10, show_default=True, type=click.IntRange(min=1), help="items per user"
 )
@@ -131,6 +156,7 @@ def recommend(
     users: str | None,
     k: int,
     out: str | None,
+    **columns: str,
 ) -> None:
     """Top-K unseen items per user: CSV user_id,rank,item_id,score,reason.
 
@@ -141,7 +167,7 @@ def recommend(
     which you liked", "popular with everyone", ...) or which fallback was used.
     Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit.
     """
-    requests = _requests(history, users)
+    requests = _requests(history, users, columns)
     recommender = _load_model(model_uri, tracking_uri)
     result = recommender.recommend(requests, k=k)
     _write(result[["user_id", "rank", "item_id", "score", "reason"]], out)
@@ -153,22 +179,17 @@ def recommend(
     "--history", required=True, help="CSV/Parquet of user_id,item_id[,rating] to fold users in from"
 )
 @click.option("--pairs", required=True, help="CSV of user_id,item_id pairs to score")
+@_history_columns
 @click.option("--out", default=None, help="output CSV (default: stdout)")
 @debug_option
 @friendly_errors
 def predict(
-    model_uri: str, tracking_uri: str | None, history: str, pairs: str, out: str | None
-) -> None:
+    model_uri: str, tracking_uri: str | None, history: str, pairs: str, out: str | None,
+    **columns: str,
+) -> None:  # fmt: skip
     """Predicted scores for given (user, item) pairs: CSV user_id,item_id,score."""
-    wanted = pd.read_csv(pairs, dtype=str) if Path(pairs).is_file() else None
-    if wanted is None:
-        raise UserError(f"{pairs}: no such file")
-    missing = {"user_id", "item_id"} - set(wanted.columns)
-    if missing:
-        raise UserError(
-            f"{pairs}: missing column(s) {', '.join(sorted(missing))}; has {', '.join(wanted.columns)}"
-        )
-    requests = _requests(history, None)
+    wanted = _read_ids(pairs, {columns["user_col"]: "user_id", columns["item_col"]: "item_id"})
+    requests = _requests(history, None, columns)
     candidates = (
         wanted.groupby("user_id", sort=False)["item_id"].agg(list).rename("items").reset_index()
     )

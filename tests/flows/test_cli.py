@@ -206,6 +206,36 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     assert list(scores["item_id"]) == [items[3], items[0]] and scores["score"].between(1, 5).all()
 
 
+def test_recommend_and_predict_read_other_column_names(trained, tmp_path):
+    _, uri, home = trained
+    from models.data.partitions import read_item_ids
+
+    items = [str(i) for i in read_item_ids(next((home / "workspaces").iterdir()))[:4]]
+    rows = [("alice", items[0], 5), ("alice", items[1], 2), ("carol", items[2], 4)]
+    model = ["--model", "models:/cli@champion", "--tracking-uri", uri]
+    outputs = []
+    for user, item, rating in (("user_id", "item_id", "rating"), ("who", "movie", "stars")):
+        history = tmp_path / f"{user}-history.csv"
+        history.write_text(
+            f"{user},{item},{rating}\n" + "".join(f"{u},{i},{r}\n" for u, i, r in rows)
+        )
+        users = tmp_path / f"{user}-users.csv"
+        users.write_text(f"{user}\nalice\ncarol\n")
+        pairs = tmp_path / f"{user}-pairs.csv"
+        pairs.write_text(f"{user},{item}\nalice,{items[3]}\ncarol,{items[0]}\n")
+        columns = ["--user-col", user, "--item-col", item, "--rating-col", rating]
+        rec = _run("recommend", *model, *columns, "--history", str(history), "--users", str(users))
+        pred = _run("predict", *model, *columns, "--history", str(history), "--pairs", str(pairs))
+        outputs.append((rec.stdout, pred.stdout))
+
+    assert outputs[0] == outputs[1]  # the same requests under other names: the same answers
+    recommended = pd.read_csv(io.StringIO(outputs[1][0]), dtype={"user_id": str, "item_id": str})
+    assert set(recommended["user_id"]) == {"alice", "carol"}
+    assert recommended["reason"].str.contains(" from your ratings of ").all()  # histories read
+    predicted = pd.read_csv(io.StringIO(outputs[1][1]), dtype={"user_id": str, "item_id": str})
+    assert list(predicted["item_id"]) == [items[3], items[0]]
+
+
 def test_recommend_reads_the_local_store_without_prefect_mlflow_or_lightgbm(trained, tmp_path):
     import os
     import subprocess
