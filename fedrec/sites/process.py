@@ -384,7 +384,9 @@ class Site:
         if cache not in self._clients:
             self._clients.clear()  # one run at a time is the common case: keep one layout
             self._clients[cache] = site_client(
-                keep_positives(self.data, split.get("positive_threshold")),
+                # a site without a positive row has nothing to add (not a refusal that would
+                # tell the coordinator its highest rating)
+                keep_positives(self.data, split.get("positive_threshold"), empty_ok=True),
                 catalogue,
                 client_id=request.client_id,
                 seed=request.seed,

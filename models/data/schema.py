@@ -9,6 +9,8 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
+from models.data.errors import DataValidationError
+
 # Column names of the internal interaction frame.
 USER = "user"
 ITEM = "item"
@@ -145,11 +147,29 @@ def encode_interactions(
     )
 
 
-def keep_positives(data: Interactions, threshold: float | None) -> Interactions:
+def keep_positives(
+    data: Interactions, threshold: float | None, *, empty_ok: bool = False
+) -> Interactions:
     """Implicit feedback from ratings: only rows rated ``>= threshold`` remain (all rows for
-    ``None``), each now meaning "interacted"; the user and item catalogues are unchanged."""
+    ``None``), each now meaning "interacted"; the user and item catalogues are unchanged.
+
+    Raises
+    ------
+    DataValidationError
+        A threshold above every rating (nothing would remain to train on), unless ``empty_ok``:
+        one site's data among many may hold no positive row.
+    """
     if threshold is None:
         return data
-    keep = data.frame[RATING].to_numpy() >= threshold
+    ratings = data.frame[RATING].to_numpy()
+    keep = ratings >= threshold
+    if ratings.size and not keep.any() and not empty_ok:
+        raise DataValidationError(
+            f"keeps no row as a positive (the highest rating is {ratings.max():g})",
+            file=data.source or None,
+            setting="positive_threshold",
+            value=threshold,
+            allowed=f"a threshold <= {ratings.max():g}",
+        )
     note = f"kept {int(keep.sum())} of {keep.size} rows rated >= {threshold} as positives"
     return replace(data, frame=data.frame[keep].reset_index(drop=True), notes=(*data.notes, note))

@@ -14,7 +14,7 @@ import pytest
 from models.data.errors import DataValidationError
 from models.data.movielens import read_movielens_1m, read_movielens_100k
 from models.data.readers import load_dataset, read_interactions
-from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions
+from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions, keep_positives
 from models.data.validate import validate_interactions
 
 HEADER = "user_id,item_id,rating\n"
@@ -417,6 +417,22 @@ def test_rating_col_none_ignores_a_rating_column(tmp_path: Path) -> None:
     # Assert
     assert data.frame[RATING].tolist() == [1.0, 1.0]
     assert data.rating_scale is None
+
+
+def test_positive_threshold_keeps_rows_at_or_above_it_and_refuses_one_that_keeps_none(
+    tmp_path: Path,
+) -> None:
+    data = _read_csv_text(tmp_path, HEADER + "1,10,2\n1,11,4\n2,10,4.5\n")
+
+    kept = keep_positives(data, 4.0)
+    assert kept.frame[RATING].tolist() == [4.0, 4.5] and kept.n_users == data.n_users
+    with pytest.raises(DataValidationError) as refused:
+        keep_positives(data, 4.6)
+    assert str(refused.value) == (
+        f"{data.source}, setting 'positive_threshold': value 4.6 keeps no row as a positive "
+        "(the highest rating is 4.5); allowed: a threshold <= 4.5"
+    )
+    assert len(keep_positives(data, 4.6, empty_ok=True).frame) == 0  # one site among many
 
 
 def test_rating_scale_none_is_taken_from_the_data(tmp_path: Path) -> None:
