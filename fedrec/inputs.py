@@ -9,6 +9,7 @@ files and MovieLens folders are left to the flow. Only pandas is loaded, not the
 
 from __future__ import annotations
 
+import difflib
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,11 +86,26 @@ def source_path(spec: str) -> Path:
 
 
 def check_sources_exist(sources: Mapping[str, str]) -> None:
-    """Raise ``MissingSourceError`` naming the first source that does not exist."""
+    """Raise ``MissingSourceError`` naming the first source that does not exist; a bare name
+    (no folder, no suffix) is also compared with the named datasets."""
+    from models.data.movielens import NAMED_DATASETS
+    from models.data.readers import datasets_dir
+
     for name, spec in sources.items():
         path = source_path(spec)
-        if not path.exists():
-            raise MissingSourceError(f"{name}={spec!r}: no such file or folder ({path.resolve()})")
+        if path.exists():
+            continue
+        message = f"{name}={spec!r}: no such file or folder ({path.resolve()})"
+        if spec in NAMED_DATASETS:
+            message += f"; set FEDREC_DATASETS to the folder that holds {spec}/"
+        elif Path(spec).name == spec and not Path(spec).suffix:
+            named = ("synthetic", *NAMED_DATASETS)
+            close = difflib.get_close_matches(spec, named, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message += (
+                f"; {hint}named datasets: {', '.join(named)} (MovieLens under {datasets_dir()})"
+            )
+        raise MissingSourceError(message)
 
 
 def _size(path: Path) -> int:

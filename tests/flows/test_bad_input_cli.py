@@ -21,6 +21,7 @@ MODEL = "corpus"
 # (id, files to write {name: text or bytes}, command, text the error line must contain)
 CASES = [
     ("missing-data-file", {}, ["train", "--data", "{tmp}/nope.csv"], "data='{tmp}/nope.csv': no such file or folder"),
+    ("named-dataset-typo", {}, ["train", "--data", "ml100k"], "did you mean 'ml-100k'? named datasets: synthetic, ml-100k, ml-1m"),
     ("empty-file", {"r.csv": b""}, ["train", "--data", "{tmp}/r.csv"], "is empty (0 bytes)"),
     ("header-only", {"r.csv": "user_id,item_id,rating\n"}, ["train", "--data", "{tmp}/r.csv"], "has no data rows"),
     ("unsupported-extension", {"r.xlsx": GOOD}, ["train", "--data", "{tmp}/r.xlsx"], "unsupported file type '.xlsx'"),
