@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from fedrec.cli_errors import OneLineGroup, UserError, debug_option, friendly_errors
+from fedrec.inputs import InputError, parse_rating_scale
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 
@@ -101,11 +102,23 @@ def site() -> None:
     help="a sites.yaml (without the coordinator's key) whose public keys this site pins for its "
     "peers in secure aggregation; without it the peers' keys come from the coordinator",
 )
-@click.option("--user-col", default="user_id", show_default=True)
-@click.option("--item-col", default="item_id", show_default=True)
-@click.option("--rating-col", default="rating", show_default=True)
-@click.option("--timestamp-col", default="timestamp", show_default=True)
-@click.option("--rating-scale", nargs=2, type=float, default=(1.0, 5.0), show_default=True)
+@click.option("--user-col", default="user_id", show_default=True, help="user column of --data")
+@click.option("--item-col", default="item_id", show_default=True, help="item column of --data")
+@click.option(
+    "--rating-col",
+    default="rating",
+    show_default=True,
+    help="rating column of --data; absent means implicit feedback",
+)
+@click.option(
+    "--timestamp-col", default="timestamp", show_default=True, help="timestamp column (optional)"
+)
+@click.option(
+    "--rating-scale",
+    default="1,5",
+    show_default=True,
+    help="allowed ratings, LOW,HIGH (e.g. 0.5,5), or 'data' to take them from this site's data",
+)
 @debug_option
 @friendly_errors
 def run(
@@ -125,7 +138,7 @@ def run(
     item_col: str,
     rating_col: str,
     timestamp_col: str,
-    rating_scale: tuple[float, float],
+    rating_scale: str,
 ) -> None:
     """Answer the coordinator's requests for this site until stopped (SIGTERM/SIGINT).
 
@@ -136,6 +149,10 @@ def run(
         raise UserError(f"--name {name!r} must match [a-z0-9][a-z0-9-]{{0,39}}")
     if not Path(identity).is_file():
         raise UserError(f"--identity {identity}: no such key file")
+    try:
+        scale = parse_rating_scale(rating_scale)
+    except InputError as err:
+        raise UserError(str(err)) from err
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     from fedrec.sites.process import SiteOptions, run_site
@@ -158,7 +175,7 @@ def run(
             "item_col": item_col,
             "rating_col": rating_col,
             "timestamp_col": timestamp_col,
-            "rating_scale": tuple(rating_scale),
+            "rating_scale": scale,
         },
     )
     run_site(options)

@@ -159,6 +159,26 @@ def test_other_column_names_and_rating_scale_are_flags(tmp_path):
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_a_site_takes_the_rating_scale_as_train_does(tmp_path):
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+
+    key = tmp_path / "site.key"
+    key.write_text("not read: the scale is checked first")
+    site = ["site", "run", "--name", "shop", "--data", str(tmp_path / "rows.csv"),
+            "--prefect-api", "http://127.0.0.1:9/api", "--mlflow", "http://127.0.0.1:9",
+            "--identity", str(key), "--coordinator-key", "k", "--state-dir", str(tmp_path)]  # fmt: skip
+
+    result = CliRunner().invoke(main, [*site, "--rating-scale", "0.5 5"])
+
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "fedrec: error: rating_scale='0.5 5': expected LOW,HIGH (two numbers, e.g. 0.5,5) or "
+        "'data' (take the scale from the data)"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
