@@ -17,6 +17,7 @@ from typing import Any
 
 WHOLE_FILE_BYTES = 4 * 2**20
 HEAD_BYTES = 2**20
+DEFAULT_RATING_COL = "rating"  # TrainingConfig's default rating_col
 # read_interactions' keyword arguments, which are TrainingConfig fields of the same name
 FILE_OPTIONS = ("user_col", "item_col", "rating_col", "timestamp_col", "rating_scale")
 
@@ -115,11 +116,12 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _read_head(path: Path, options: dict[str, Any]) -> None:
-    """Validate the file's first HEAD_BYTES (cut after a whole row) with the core's reader; its
-    errors name the real file."""
+def _read_head(path: Path, options: dict[str, Any], *, explicit: bool) -> None:
+    """Validate the file's first HEAD_BYTES (cut after a whole row) with the core's reader (and
+    its ratings, for an ``explicit`` run); its errors name the real file."""
     from models.data.errors import DataValidationError
     from models.data.readers import read_interactions
+    from models.data.schema import require_ratings
 
     with open(path, "rb") as handle:
         head = handle.read(HEAD_BYTES)
@@ -128,7 +130,9 @@ def _read_head(path: Path, options: dict[str, Any]) -> None:
         copy = Path(folder) / path.name
         copy.write_bytes(head)
         try:
-            read_interactions(copy, **options)
+            data = read_interactions(copy, **options)
+            if explicit:
+                require_ratings(data, options.get("rating_col", DEFAULT_RATING_COL))
         except DataValidationError as err:
             raise DataValidationError(
                 err.problem, file=str(path), row=err.row, column=err.column, setting=err.setting,
@@ -158,6 +162,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
         The first problem the core's reader finds (file, row, column, value, what is allowed).
     """
     from models.data.readers import CSV_SUFFIXES, PARQUET_SUFFIXES, load_dataset
+    from models.data.schema import require_ratings
 
     files = {name: values.get(name) for name in ("train", "valid", "test")}
     check_split_files(**files)
@@ -166,14 +171,17 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     options = {name: values[name] for name in FILE_OPTIONS if name in values}
     if "rating_scale" in options:
         options["rating_scale"] = parse_rating_scale(options["rating_scale"])
+    explicit = values.get("feedback", "explicit") == "explicit"
     checked = []
     for spec in sources.values():
         path = source_path(spec).expanduser()
         is_table = path.is_file() and path.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES
         if _size(path) <= WHOLE_FILE_BYTES:
-            load_dataset(str(path), **(options if is_table else {}))  # what the flow will do
+            data = load_dataset(str(path), **(options if is_table else {}))  # as the flow will
+            if explicit:
+                require_ratings(data, options.get("rating_col", DEFAULT_RATING_COL))
         elif path.suffix.lower() in CSV_SUFFIXES:
-            _read_head(path, options)
+            _read_head(path, options, explicit=explicit)
         else:
             continue
         checked.append(str(path))

@@ -12,7 +12,7 @@ from fedrec.config import TrainingConfig
 from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
 from models.data.readers import load_dataset
-from models.data.schema import Interactions, keep_positives
+from models.data.schema import Interactions, keep_positives, require_ratings
 from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
 
 
@@ -48,7 +48,10 @@ def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray 
     threshold = config.positive_threshold
 
     def read(spec: str) -> Interactions:
-        return keep_positives(_load(spec, config), threshold)
+        data = _load(spec, config)
+        if config.feedback == "explicit":
+            require_ratings(data, config.rating_col)
+        return keep_positives(data, threshold)
 
     if config.train is None:
         return read(config.data), None

@@ -147,6 +147,25 @@ def encode_interactions(
     )
 
 
+def require_ratings(data: Interactions, rating_col: str | None) -> Interactions:
+    """``data`` unchanged when it holds explicit ratings (it has a rating scale).
+
+    Raises
+    ------
+    DataValidationError
+        Data read without a rating column (implicit feedback: every row would be the same
+        rating, so a rating model would learn nothing and score a perfect error of 0).
+    """
+    if data.rating_scale is None:
+        raise DataValidationError(
+            "has no ratings: every row would count as the same rating",
+            file=data.source or None,
+            column=rating_col,
+            allowed="a rating column (--rating-col), or --feedback implicit for data without ratings",
+        )
+    return data
+
+
 def keep_positives(
     data: Interactions, threshold: float | None, *, empty_ok: bool = False
 ) -> Interactions:

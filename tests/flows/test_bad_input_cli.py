@@ -52,6 +52,8 @@ CASES = [
     ("per-user-fedavg", {}, ["train", "--partition", "per-user", "--algorithm", "fedavg"], "--partition per-user trains ALS"),
     ("dask-address-without-dask", {}, ["train", "--dask-address", "tcp://127.0.0.1:8786"], "--dask-address needs --task-runner dask"),
     ("dp-with-ranker", {}, ["train", "--feedback", "implicit", "--ranker", "lightgbm", "--dp-epsilon", "4"], "differential privacy covers implicit ALS only"),
+    ("explicit-without-ratings", {"r.csv": "user_id,item_id\n" + "".join(f"u{u},i{u % 9}\n" for u in range(60))},
+     ["train", "--data", "{tmp}/r.csv"], "r.csv, column 'rating': has no ratings: every row would count as the same rating"),
     ("rating-scale-not-a-pair", {"r.csv": GOOD}, ["train", "--data", "{tmp}/r.csv", "--rating-scale", "1-5"], "rating_scale='1-5': expected LOW,HIGH"),
     ("clients-above-users", {"r.csv": GOOD}, ["train", "--data", "{tmp}/r.csv", "--clients", "500"],
      "{tmp}/r.csv, setting 'clients': value 500 is more clients than the data has users (60); allowed: 1..60"),

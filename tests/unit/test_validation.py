@@ -14,7 +14,15 @@ import pytest
 from models.data.errors import DataValidationError
 from models.data.movielens import read_movielens_1m, read_movielens_100k
 from models.data.readers import load_dataset, read_interactions
-from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions, keep_positives
+from models.data.schema import (
+    ITEM,
+    RATING,
+    TIMESTAMP,
+    USER,
+    Interactions,
+    keep_positives,
+    require_ratings,
+)
 from models.data.validate import validate_interactions
 
 HEADER = "user_id,item_id,rating\n"
@@ -433,6 +441,21 @@ def test_positive_threshold_keeps_rows_at_or_above_it_and_refuses_one_that_keeps
         "(the highest rating is 4.5); allowed: a threshold <= 4.5"
     )
     assert len(keep_positives(data, 4.6, empty_ok=True).frame) == 0  # one site among many
+
+
+def test_a_rating_model_refuses_data_read_without_ratings(tmp_path: Path) -> None:
+    path = tmp_path / "clicks.csv"
+    path.write_text("user_id,item_id\n1,10\n2,10\n")
+    implicit = read_interactions(path)
+    assert implicit.frame[RATING].tolist() == [1.0, 1.0]  # what a rating model would see
+
+    with pytest.raises(DataValidationError) as refused:
+        require_ratings(implicit, "rating")
+    assert str(refused.value).startswith(
+        f"{path}, column 'rating': has no ratings: every row would count as the same rating"
+    )
+    rated = _read_csv_text(tmp_path, HEADER + "1,10,4\n")
+    assert require_ratings(rated, "rating") is rated
 
 
 def test_rating_scale_none_is_taken_from_the_data(tmp_path: Path) -> None:
