@@ -86,8 +86,7 @@ def main() -> None:
     ):  # fmt: skip
         rng = np.random.default_rng(0)
         owner = assign_clients(interactions, n_clients=args.clients, strategy="iid", rng=rng)
-        split = split_rows(interactions, owner, method="random", valid_fraction=0.1,
-                           test_fraction=0.1, rng=rng)  # fmt: skip
+        split = split_rows(interactions, method="random", valid_fraction=0.1, test_fraction=0.1)  # fmt: skip
         clients = build_clients(interactions, owner, split)
         rows += _timed_family(family, clients, interactions.n_items, args.rounds)
         print(f"{family.name}: done, peak {peak_rss_mb():.0f} MB", flush=True)

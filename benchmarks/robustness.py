@@ -46,7 +46,7 @@ def main() -> None:
         return
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=args.clients, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.1)
     clients = build_clients(data, owner, split)
     base = MFConfig(algorithm="fedavg", clip_to=data.rating_scale)
     rows = []

@@ -202,7 +202,7 @@ def reference_run(paths: list[Path], rounds: int, factors: int | None) -> dict[s
     datasets = [load_site_data(str(p), options) for p in paths]
     catalogue = union_catalogue(item_set(d) for d in datasets)
     clients = [
-        site_client(d, catalogue, client_id=i, seed=SEED, method=config.split,
+        site_client(d, catalogue, client_id=i, method=config.split,
                     valid_fraction=config.valid_fraction, test_fraction=config.test_fraction)
         for i, d in enumerate(datasets)
     ]  # fmt: skip

@@ -66,14 +66,7 @@ def main() -> None:
     client_of_user = assign_clients(
         data, n_clients=10, strategy="iid", rng=np.random.default_rng(0)
     )
-    split = split_rows(
-        data,
-        client_of_user,
-        method="random",
-        valid_fraction=0.0,
-        test_fraction=0.1,
-        rng=np.random.default_rng(0),
-    )
+    split = split_rows(data, method="random", valid_fraction=0.0, test_fraction=0.1)
 
     older = _older(data, ns.new_share)
     old_rows = data.frame.index.isin(older.frame.index)

@@ -66,13 +66,12 @@ def plan_clients(
     """Each client's rows with their split, as the configuration asks (seeded, deterministic).
 
     With ``partition="per-user"`` every user is a client, and the partitions are cohorts of
-    ``cohort_size`` users (a seeded shuffle cut in order); each user holds out its own rows, so the
-    split does not depend on how users are grouped into cohorts."""
+    ``cohort_size`` users (a seeded shuffle cut in order). A row's split depends on the row alone
+    (:func:`~models.data.sharding.split_rows`), not on the seed or on how users are grouped."""
     rng = np.random.default_rng([config.seed, 1])
     if config.partition == "per-user":
         cohorts = -(-data.n_users // config.cohort_size)
         client_of_user = assign_clients(data, n_clients=cohorts, strategy="iid", rng=rng)
-        holder = np.arange(data.n_users)  # who holds out rows: each user for itself
     else:
         client_of_user = assign_clients(
             data,
@@ -83,17 +82,14 @@ def plan_clients(
             key=config.partition_key,
             key_prefix=config.key_prefix,
         )
-        holder = client_of_user
     if split is not None and not np.any(split == 1):  # explicit files without a validation file
-        split = hold_out_validation(data, split, holder, fraction=config.valid_fraction, rng=rng)
+        split = hold_out_validation(data, split, fraction=config.valid_fraction)
     if split is None:
         split = split_rows(
             data,
-            holder,
             method=config.split,
             valid_fraction=config.valid_fraction,
             test_fraction=config.test_fraction,
-            rng=rng,
         )
     return build_clients(data, client_of_user, split)
 

@@ -389,7 +389,6 @@ class Site:
                 keep_positives(self.data, split.get("positive_threshold"), empty_ok=True),
                 catalogue,
                 client_id=request.client_id,
-                seed=request.seed,
                 method=split["method"],
                 valid_fraction=split["valid_fraction"],
                 test_fraction=split["test_fraction"],

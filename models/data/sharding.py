@@ -1,7 +1,10 @@
 """Assign users to clients and split each client's rows into train / validation / test.
 
-A user belongs to exactly one client, so every row of a user stays with that client. All
-randomness comes from the generator passed in.
+A user belongs to exactly one client, so every row of a user stays with that client. The
+assignment's randomness comes from the generator passed in. The split's does not: a row's split
+is a keyed hash of its (user id, item id), so a row is held out in every run that reads it,
+whatever the seed, the partition or the rows added since. A champion is then compared with a
+candidate on rows neither was trained on (see :func:`row_keys`).
 """
 
 from __future__ import annotations
@@ -169,20 +172,37 @@ def _assign_by_key(
     return value_to_client[codes]
 
 
+# Key of the hash behind every row's split (pandas' SipHash key: 16 bytes). Not a secret: the
+# split only has to be the same in every run, and independent of the seed that trains.
+SPLIT_HASH_KEY = "fedrec-split-v1."
+
+
+def row_keys(data: Interactions) -> np.ndarray:
+    """A number in [0, 1) per row: a keyed hash of its (user id, item id) in the caller's ids.
+
+    The same row gets the same key in every run, on every machine and at every site, whatever
+    the other rows, the seed or the client it belongs to; keys of different rows are as good as
+    independent uniform draws.
+    """
+    frame = data.frame
+    ids = pd.DataFrame({
+        "user": np.asarray(data.user_ids)[frame[USER].to_numpy()],
+        "item": np.asarray(data.item_ids)[frame[ITEM].to_numpy()],
+    })  # fmt: skip
+    hashed = pd.util.hash_pandas_object(ids, index=False, hash_key=SPLIT_HASH_KEY).to_numpy()
+    return (hashed >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
 def split_rows(
-    data: Interactions,
-    client_of_user: np.ndarray,
-    *,
-    method: SplitMethod,
-    valid_fraction: float,
-    test_fraction: float,
-    rng: np.random.Generator,
+    data: Interactions, *, method: SplitMethod, valid_fraction: float, test_fraction: float
 ) -> np.ndarray:
     """Split code per row: 0 train, 1 validation, 2 test.
 
-    ``random`` cuts each client's rows at random into the given fractions. ``temporal`` holds out
-    the latest rows of each user (by timestamp). Either way each user with at least one row keeps
-    at least one training row, so it can be folded in.
+    ``random`` holds out each row by its key (:func:`row_keys`): test below ``test_fraction``,
+    validation below ``test_fraction + valid_fraction``, so the fractions hold in expectation
+    and a row's split never depends on the seed, the partition or the other rows. ``temporal``
+    holds out the latest rows of each user (by timestamp; ties broken by key). Either way each
+    user with at least one row keeps at least one training row, so it can be folded in.
     """
     if not (
         0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1
@@ -195,9 +215,13 @@ def split_rows(
         )
     frame = data.frame
     users = frame[USER].to_numpy()
+    keys = row_keys(data)
     if method == "random":
-        group = client_of_user[users]
-        key = rng.random(len(frame))
+        split = np.where(
+            keys < test_fraction, 2, np.where(keys < test_fraction + valid_fraction, 1, 0)
+        )
+        split = split.astype(np.int8)
+        rank = keys  # the row a user keeps for training, if none is left: its largest key
     elif method == "temporal":
         if TIMESTAMP not in frame:
             raise DataValidationError(
@@ -206,24 +230,26 @@ def split_rows(
                 column=TIMESTAMP,
                 allowed="data with a timestamp column, or split=random",
             )
-        group = users
-        key = frame[TIMESTAMP].to_numpy() + rng.random(len(frame)) * 1e-3  # random tie-break
+        ranked = pd.DataFrame({"g": users, "k": frame[TIMESTAMP].to_numpy() + keys * 1e-3})
+        position = ranked.groupby("g")["k"].rank(method="first").to_numpy() - 1
+        size = ranked.groupby("g")["k"].transform("size").to_numpy()
+        n_test = np.floor(size * test_fraction)
+        n_valid = np.floor(size * valid_fraction)
+        from_end = size - 1 - position
+        split = np.zeros(len(frame), dtype=np.int8)
+        split[from_end < n_test + n_valid] = 1
+        split[from_end < n_test] = 2
+        rank = from_end  # the earliest row
     else:
         raise DataValidationError(
             "is not a split method", setting="split", value=method, allowed="random, temporal"
         )
-    ranked = pd.DataFrame({"g": group, "k": key})
-    position = ranked.groupby("g")["k"].rank(method="first").to_numpy() - 1
-    size = ranked.groupby("g")["k"].transform("size").to_numpy()
-    n_test = np.floor(size * test_fraction)
-    n_valid = np.floor(size * valid_fraction)
-    from_end = size - 1 - position
-    split = np.zeros(len(frame), dtype=np.int8)
-    split[from_end < n_test + n_valid] = 1
-    split[from_end < n_test] = 2
     # Never hold out a user's only training row.
-    first_of_user = pd.DataFrame({"u": users, "p": from_end}).groupby("u")["p"].idxmax().to_numpy()
-    split[first_of_user] = 0
+    trains = np.bincount(users[split == 0], minlength=data.n_users)
+    without = trains[users] == 0
+    if without.any():
+        rows = pd.DataFrame({"u": users[without], "r": rank[without]})
+        split[np.flatnonzero(without)[rows.groupby("u")["r"].idxmax().to_numpy()]] = 0
     return split
 
 
@@ -289,15 +315,9 @@ def combine_splits(
     return combined, np.concatenate(labels)
 
 
-def hold_out_validation(
-    data: Interactions,
-    split: np.ndarray,
-    client_of_user: np.ndarray,
-    *,
-    fraction: float,
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Turn a random ``fraction`` of each client's training rows into validation rows.
+def hold_out_validation(data: Interactions, split: np.ndarray, *, fraction: float) -> np.ndarray:
+    """Turn a ``fraction`` of the training rows into validation rows, by their keys (as
+    :func:`split_rows` does).
 
     For explicit train/test files without a validation file: promotion and the per-round
     validation metrics need validation rows. Each user keeps at least one training row.
@@ -308,9 +328,7 @@ def hold_out_validation(
     subset = Interactions(
         data.frame.iloc[train], data.user_ids, data.item_ids, data.rating_scale, source=data.source
     )
-    inner = split_rows(
-        subset, client_of_user, method="random", valid_fraction=fraction, test_fraction=0.0, rng=rng
-    )
+    inner = split_rows(subset, method="random", valid_fraction=fraction, test_fraction=0.0)
     out = split.copy()
     out[train] = inner
     return out

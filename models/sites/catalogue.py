@@ -58,14 +58,13 @@ def site_client(
     catalogue: np.ndarray,
     *,
     client_id: int,
-    seed: int,
     method: SplitMethod,
     valid_fraction: float,
     test_fraction: float,
 ) -> ClientData:
     """The site's rows as one client of the run: items numbered by their position in
-    ``catalogue``, rows split by :func:`~models.data.sharding.split_rows` with the generator
-    ``default_rng([seed, 1, client_id])``.
+    ``catalogue``, rows split by :func:`~models.data.sharding.split_rows` (each row by its own
+    key: the split the simulated run gives the same rows).
 
     Raises
     ------
@@ -85,12 +84,7 @@ def site_client(
     local = replace(data, frame=frame, item_ids=catalogue)
     holder = np.zeros(data.n_users, dtype=np.int32)
     split = split_rows(
-        local,
-        holder,
-        method=method,
-        valid_fraction=valid_fraction,
-        test_fraction=test_fraction,
-        rng=np.random.default_rng([seed, 1, client_id]),
+        local, method=method, valid_fraction=valid_fraction, test_fraction=test_fraction
     )
     (client,) = build_clients(local, holder, split)
     return replace(client, client_id=client_id)

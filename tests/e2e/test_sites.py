@@ -224,7 +224,6 @@ def _reference_state(fed: Federation, rounds: int):
             d,
             catalogue,
             client_id=i,
-            seed=config.seed,
             method=config.split,
             valid_fraction=config.valid_fraction,
             test_fraction=config.test_fraction,

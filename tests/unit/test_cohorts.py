@@ -33,7 +33,7 @@ def population():
     data = generate_synthetic(n_users=600, n_items=80, n_interactions=15_000, seed=5)
     rng = np.random.default_rng(0)
     users = np.arange(data.n_users)
-    split = split_rows(data, users, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.1)
     halves = assign_clients(data, n_clients=2, strategy="iid", rng=rng)
     groupings = {"1": users, "500": users // 500, "halves": halves}
     return data, {name: build_clients(data, owner, split) for name, owner in groupings.items()}

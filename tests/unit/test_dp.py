@@ -111,7 +111,7 @@ def test_dp_implicit_als_trades_ranking_quality_for_privacy():
     data = type(data)(data.frame.assign(rating=1.0), data.user_ids, data.item_ids)
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=5, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.0, test_fraction=0.2, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.0, test_fraction=0.2)
     clients = build_clients(data, owner, split)
     base = RankingConfig(n_factors=4, reg=50.0, ranker=None)
 
@@ -143,7 +143,7 @@ def test_dp_als_trades_accuracy_for_privacy():
     data = generate_synthetic(n_users=1500, n_items=150, n_interactions=45_000, seed=1)
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=5, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.0, test_fraction=0.2, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.0, test_fraction=0.2)
     clients = build_clients(data, owner, split)
     base = MFConfig(n_factors=4, reg=0.1, clip_to=data.rating_scale)
 
@@ -329,7 +329,7 @@ def test_the_private_biases_phase_is_one_of_the_accounted_rounds_and_survives_se
     data = generate_synthetic(n_users=60, n_items=20, n_interactions=500, seed=1)
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=2, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.0, test_fraction=0.2, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.0, test_fraction=0.2)
     clients = build_clients(data, owner, split)
     state = family.initial_state(data.n_items, 0)
     updates = [

@@ -30,7 +30,7 @@ def federation():
     data = generate_synthetic(n_users=120, n_items=60, n_interactions=3000, seed=2)
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=3, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.1)
     return data, build_clients(data, owner, split)
 
 

@@ -28,7 +28,7 @@ def clients():
     data = generate_synthetic(n_users=200, n_items=60, n_interactions=3000, seed=7)
     rng = np.random.default_rng(1)
     owner = assign_clients(data, n_clients=5, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.1)
     return data, build_clients(data, owner, split)
 
 

@@ -34,9 +34,7 @@ def _partition(n_clients: int):
     data = generate_synthetic(n_users=240, n_items=90, n_interactions=7000, seed=11)
     rng = np.random.default_rng(3)
     owner = assign_clients(data, n_clients=n_clients, strategy="dirichlet", rng=rng)
-    split = split_rows(
-        data, owner, method="random", valid_fraction=0.15, test_fraction=0.15, rng=rng
-    )
+    split = split_rows(data, method="random", valid_fraction=0.15, test_fraction=0.15)
     return data, owner, split
 
 

@@ -17,14 +17,7 @@ ALGORITHMS = ["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
 def federation():
     data = low_rank_interactions(n_users=150, n_items=60, density=0.35, rank=3, noise=0.2, seed=4)
     client_of_user = assign_clients(data, n_clients=5, strategy="iid", rng=np.random.default_rng(0))
-    split = split_rows(
-        data,
-        client_of_user,
-        method="random",
-        valid_fraction=0.1,
-        test_fraction=0.2,
-        rng=np.random.default_rng(0),
-    )
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.2)
     return data, build_clients(data, client_of_user, split)
 
 

@@ -41,9 +41,7 @@ def implicit_clients():
     )  # fmt: skip
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=4, strategy="iid", rng=rng)
-    split = split_rows(
-        data, owner, method="random", valid_fraction=0.15, test_fraction=0.15, rng=rng
-    )
+    split = split_rows(data, method="random", valid_fraction=0.15, test_fraction=0.15)
     return data, build_clients(data, owner, split)
 
 

@@ -197,7 +197,7 @@ def test_a_client_asked_again_sends_the_release_it_kept_not_a_second_one(tmp_pat
     data = generate_synthetic(n_users=60, n_items=50, n_interactions=1500, seed=5)
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=2, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.2, test_fraction=0.1, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.2, test_fraction=0.1)
     manifest = write_partitions(data, build_clients(data, owner, split), tmp_path / "ws")
     release = MetricRelease(1.0)
     family = ExplicitMF(MFConfig(n_factors=2, clip_to=data.rating_scale), released=release)

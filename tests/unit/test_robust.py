@@ -98,7 +98,7 @@ def test_trimmed_mean_keeps_fedavg_close_to_clean_with_20_percent_sign_flippers(
     data = generate_synthetic(n_users=600, n_items=100, n_interactions=24_000, seed=2)
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=10, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.0, test_fraction=0.2, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.0, test_fraction=0.2)
     clients = build_clients(data, owner, split)
     base = MFConfig(algorithm="fedavg", n_factors=8, clip_to=data.rating_scale)
     attacked = {

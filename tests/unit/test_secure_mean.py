@@ -23,7 +23,7 @@ def clients():
     data = generate_synthetic(n_users=120, n_items=60, n_interactions=2500, seed=4)
     rng = np.random.default_rng(0)
     owner = assign_clients(data, n_clients=N_CLIENTS, strategy="dirichlet", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.1)
     return data, build_clients(data, owner, split)
 
 

@@ -25,7 +25,7 @@ def test_a_site_numbers_its_items_by_catalogue_position_and_keeps_its_users():
     data = _data([30, 10, 30, 20], ["u1", "u1", "u2", "u2"])
     catalogue = np.array([5, 10, 20, 30, 40])
     client = site_client(
-        data, catalogue, client_id=2, seed=0, method="random", valid_fraction=0.0, test_fraction=0.0
+        data, catalogue, client_id=2, method="random", valid_fraction=0.0, test_fraction=0.0
     )
     assert client.client_id == 2 and client.n_items == 5
     ids = catalogue[client.frame["item"].to_numpy()]
@@ -39,7 +39,6 @@ def test_a_site_item_missing_from_the_catalogue_is_refused():
             _data([1, 2], [1, 1]),
             np.array([1]),
             client_id=0,
-            seed=0,
             method="random",
             valid_fraction=0.1,
             test_fraction=0.1,

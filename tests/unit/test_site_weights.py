@@ -30,7 +30,7 @@ def clients():
     data = generate_synthetic(n_users=150, n_items=60, n_interactions=4000, seed=5)
     rng = np.random.default_rng(2)
     owner = assign_clients(data, n_clients=2, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.1)
     return build_clients(data, owner, split)
 
 

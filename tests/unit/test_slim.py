@@ -78,7 +78,7 @@ def implicit():
     )  # fmt: skip
     rng = np.random.default_rng(1)
     owner = assign_clients(data, n_clients=5, strategy="iid", rng=rng)
-    split = split_rows(data, owner, method="random", valid_fraction=0.1, test_fraction=0.1, rng=rng)
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.1)
     return data, build_clients(data, owner, split)
 
 
