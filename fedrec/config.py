@@ -391,7 +391,7 @@ class TrainingConfig(BaseModel):
     )
     workspace: str | None = Field(
         None,
-        description="folder for client partitions (default: FEDREC_HOME/workspaces/<fingerprint>)",
+        description="folder for client partitions and checkpoints (default: FEDREC_HOME/workspaces/<MLflow run id>)",
     )
     sites: str | None = Field(
         None,

@@ -95,7 +95,9 @@ def checkpoint(*, family: Family, state: Any, folder: str, progress: Progress) -
 
 
 def write_checkpoint(family: Family, state: Any, folder: str, progress: Progress) -> str:
-    """The body of :func:`checkpoint`: returns the checkpoint's path."""
+    """The body of :func:`checkpoint`: returns the checkpoint's path. Once it is in place, the
+    earlier checkpoints and the shared arrays only they held are deleted: a resume starts from
+    the latest, and a run's folder holds one state, not one per round."""
     target = Path(folder) / f"round-{progress.step:04d}.npz"
     target.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, np.ndarray] = {
@@ -112,6 +114,13 @@ def write_checkpoint(family: Family, state: Any, folder: str, progress: Progress
             _write_atomically(shared, {"value": value})
         arrays[f"shared.{name}"] = np.frombuffer(digest.encode(), np.uint8)
     _write_atomically(target, arrays)
+    kept = {f"shared-{bytes(v).decode()}.npz" for k, v in arrays.items() if k.startswith("shared.")}
+    for old in target.parent.glob("round-*.npz"):
+        if old.name < target.name:
+            old.unlink(missing_ok=True)
+    for old in target.parent.glob("shared-*.npz"):
+        if old.name not in kept:
+            old.unlink(missing_ok=True)
     return str(target)
 
 

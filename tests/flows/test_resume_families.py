@@ -87,3 +87,33 @@ def _stopped_run(store, model_name: str) -> str:
             ).replace(" ", ""):
                 return run.info.run_id
     raise AssertionError(f"no failed run of {model_name}")
+
+
+def test_a_checkpoint_replaces_the_ones_before_it_and_the_arrays_only_they_held(tmp_path):
+    from dataclasses import dataclass
+
+    import numpy as np
+
+    from tasks.server import _SHARED_BYTES, Progress, latest_checkpoint, write_checkpoint
+
+    @dataclass(frozen=True)
+    class Arrays:  # the two methods of a family that checkpoints use
+        def state_arrays(self, state: dict) -> dict:
+            return state
+
+        def load_state(self, arrays: dict) -> dict:
+            return arrays
+
+    big = _SHARED_BYTES // 8 + 1  # float64 values: stored once, in a shared file
+    states = [
+        {"small": np.full(3, float(i)), "large": np.full(big, float(i // 2))} for i in range(4)
+    ]
+    for step, state in enumerate(states, start=1):
+        write_checkpoint(Arrays(), state, str(tmp_path), Progress(step, 0, step))
+
+    assert sorted(p.name for p in tmp_path.glob("round-*.npz")) == ["round-0004.npz"]
+    assert len(list(tmp_path.glob("shared-*.npz"))) == 1  # rounds 1-2's large array is gone
+    loaded, progress = latest_checkpoint.fn(family=Arrays(), folder=str(tmp_path))
+    assert progress == Progress(4, 0, 4)
+    np.testing.assert_array_equal(loaded["small"], states[3]["small"])
+    np.testing.assert_array_equal(loaded["large"], states[3]["large"])
