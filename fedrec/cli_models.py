@@ -14,12 +14,20 @@ import pandas as pd
 from fedrec.cli_errors import UserError, debug_option, friendly_errors
 
 
-def _requests(history: str, users: str | None, columns: dict[str, str]) -> pd.DataFrame:
+def _requests(history: str, users: str | None, columns: dict[str, str], model: Any) -> pd.DataFrame:
     """One request row per user from a history file (user_id,item_id[,rating], or the columns
-    named by ``columns``: ``user_col``, ``item_col``, ``rating_col``)."""
+    named by ``columns``: ``user_col``, ``item_col``, ``rating_col``). For a ``model`` that
+    predicts ratings from a user's ratings, the history must hold ratings on its scale."""
     from models.data.readers import read_interactions
 
-    data = read_interactions(history, rating_scale=None, **columns)
+    scale = getattr(model, "rating_scale", None)  # a rating model's; None: any rating, or none
+    data = read_interactions(history, rating_scale=scale, **columns)
+    if scale is not None and data.rating_scale is None:
+        raise UserError(
+            f"{history}: no rating column {columns['rating_col']!r}: this model predicts ratings "
+            f"from the user's own; allowed: ratings in [{scale[0]:g}, {scale[1]:g}] "
+            "(--rating-col names their column)"
+        )
     frame = data.frame
     rows = pd.DataFrame(
         {
@@ -59,15 +67,18 @@ def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
         raise UserError(
             f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(frame.columns)}"
         )
-    return frame.rename(columns=names)
+    frame = frame.rename(columns=names)
+    for column in names.values():  # as the history's ids are read
+        frame[column] = frame[column].str.strip()
+    return frame
 
 
 def _history_columns(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--user-col, --item-col, --rating-col: the history's columns, as ``fedrec train`` names them
     (the user and item columns of --users and --pairs too)."""
     for flag, default, what in reversed((
-        ("--user-col", "user_id", "user column of --history, --users and --pairs"),
-        ("--item-col", "item_id", "item column of --history and --pairs"),
+        ("--user-col", "user_id", "user column of the input files"),
+        ("--item-col", "item_id", "item column of --history (and --pairs)"),
         ("--rating-col", "rating", "rating column of --history (absent: every row counts 1)"),
     )):  # fmt: skip
         fn = click.option(flag, default=default, show_default=True, help=what)(fn)
@@ -167,8 +178,8 @@ def recommend(
     which you liked", "popular with everyone", ...) or which fallback was used.
     Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit.
     """
-    requests = _requests(history, users, columns)
     recommender = _load_model(model_uri, tracking_uri)
+    requests = _requests(history, users, columns, recommender)
     result = recommender.recommend(requests, k=k)
     _write(result[["user_id", "rank", "item_id", "score", "reason"]], out)
 
@@ -187,16 +198,20 @@ def predict(
     model_uri: str, tracking_uri: str | None, history: str, pairs: str, out: str | None,
     **columns: str,
 ) -> None:  # fmt: skip
-    """Predicted scores for given (user, item) pairs: CSV user_id,item_id,score."""
+    """Predicted scores for given (user, item) pairs: CSV user_id,item_id,score, one row per
+    pair in the order given (score empty where the model cannot score it: an unknown item, or
+    for a ranking model an item already in the history; stderr says why)."""
     wanted = _read_ids(pairs, {columns["user_col"]: "user_id", columns["item_col"]: "item_id"})
-    requests = _requests(history, None, columns)
+    recommender = _load_model(model_uri, tracking_uri)
+    requests = _requests(history, None, columns, recommender)
     candidates = (
         wanted.groupby("user_id", sort=False)["item_id"].agg(list).rename("items").reset_index()
     )
     requests = candidates.merge(requests, on="user_id", how="left")
     for column in ("history_items", "history_ratings"):
         requests[column] = requests[column].apply(lambda v: v if isinstance(v, list) else [])
-    recommender = _load_model(model_uri, tracking_uri)
     result = recommender.recommend(requests)
     _report_reasons(result)
-    _write(result[["user_id", "item_id", "score"]], out)
+    # one row per asked pair, in the order asked: a pair the model could not score has no score
+    scores = result.drop_duplicates(["user_id", "item_id"])[["user_id", "item_id", "score"]]
+    _write(wanted[["user_id", "item_id"]].merge(scores, on=["user_id", "item_id"], how="left"), out)

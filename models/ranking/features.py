@@ -221,6 +221,7 @@ def candidate_features(
     exclude: sparse.csr_matrix,
     user_features: pd.DataFrame | None = None,
     users: np.ndarray | None = None,
+    asked: sparse.csr_matrix | None = None,
 ) -> Candidates:
     """Candidates and features for the users (rows) of ``history``.
 
@@ -234,6 +235,8 @@ def candidate_features(
         Rows aligned with ``history``: ``age``, ``gender``, ``occupation`` where known.
     users : ndarray or None
         Only these rows (default: every row with a history).
+    asked : csr_matrix (n_users, n_items) or None
+        Pairs to score instead of the retrieval models' candidates (those not in ``exclude``).
     """
     history = history.tocsr()
     n_items = history.shape[1]
@@ -253,9 +256,12 @@ def candidate_features(
     slim = None if slim_raw is None else np.where(seen, -np.inf, slim_raw)
     n = retrieval.n_candidates
     picked = np.zeros((len(users), n_items), dtype=bool)
-    for source in (als, knn, ease, nn):
-        if source is not None:
-            np.put_along_axis(picked, _top(source, n), True, axis=1)
+    if asked is not None:
+        picked = asked.tocsr()[users].toarray() > 0
+    else:
+        for source in (als, knn, ease, nn):
+            if source is not None:
+                np.put_along_axis(picked, _top(source, n), True, axis=1)
     picked &= ~seen
     rows, items = np.nonzero(picked)  # row-major: each user's pairs are contiguous
     columns: dict[str, np.ndarray] = {

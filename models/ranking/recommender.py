@@ -73,6 +73,7 @@ class RankingRecommender:
         ("age", "double", False),
         ("gender", "string", False),
         ("occupation", "string", False),
+        ("items", "string", True),
     )
     requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow", "lightgbm")
 
@@ -92,9 +93,13 @@ class RankingRecommender:
         exclude: sparse.csr_matrix,
         user_features: pd.DataFrame | None = None,
         users: np.ndarray | None = None,
+        asked: sparse.csr_matrix | None = None,
     ) -> tuple[Candidates, np.ndarray]:
-        """The candidates of each user (rows of ``history``) and their final scores."""
-        candidates = candidate_features(self.retrieval, history, exclude, user_features, users)
+        """The candidates of each user (rows of ``history``), or the ``asked`` pairs, and their
+        final scores."""
+        candidates = candidate_features(
+            self.retrieval, history, exclude, user_features, users, asked
+        )
         if self.ranker is None or len(self.ranker) == 0:
             return candidates, candidates.features["als_score"].to_numpy()
         return candidates, self.ranker.predict(candidates.features)
@@ -118,7 +123,10 @@ class RankingRecommender:
         """Top-``k`` unseen items per request row (``user_id``, ``history_items``), with reasons.
 
         Optional columns ``age``, ``gender``, ``occupation`` feed the re-ranker. A history with no
-        known item gets the most popular items, with score NaN and that reason.
+        known item gets the most popular items, with score NaN and that reason. A row with an
+        ``items`` list gets those items scored instead, in the given order (``rank`` is the
+        position); an item it cannot score (unknown, already in the history, or a history with
+        no known item) gets score NaN and the reason.
         """
         index = {item: i for i, item in enumerate(self.item_ids)}
         rows, cols, notes = [], [], []
@@ -135,13 +143,23 @@ class RankingRecommender:
         history = sparse.csr_matrix(
             (np.ones(len(rows)), (rows, cols)), shape=(len(requests), self.n_items)
         )
-        has_history = np.flatnonzero(np.diff(history.indptr) > 0)
+        column = requests.get("items")
+        asked = [[str(i) for i in _as_list(v)] for v in column] if column is not None else []
+        asked = asked or [[] for _ in range(len(requests))]
+        has_history = np.diff(history.indptr) > 0
+        ranked_users = np.flatnonzero(has_history & np.array([not a for a in asked], dtype=bool))
         user_features = _request_user_features(requests)
         out: list[tuple[str, int, str, float, str]] = []
         by_user: dict[int, list[tuple[int, float, str]]] = {}
-        if has_history.size:
-            by_user = self._ranked_with_reasons(history, user_features, has_history, k)
+        if ranked_users.size:
+            by_user = self._ranked_with_reasons(history, user_features, ranked_users, k)
+        scored = self._scored(history, user_features, asked, index)
         for u, user in enumerate(requests["user_id"].astype(str)):
+            if asked[u]:
+                for rank, (item, score, reason) in enumerate(scored[u], start=1):
+                    reason = "; ".join(filter(None, [reason, notes[u]]))
+                    out.append((user, rank, item, score, reason))
+                continue
             if u in by_user:
                 ranked = by_user[u]
             else:
@@ -155,6 +173,42 @@ class RankingRecommender:
                 reason = "; ".join(filter(None, [reason, notes[u]]))
                 out.append((user, rank, str(self.item_ids[item]), score, reason))
         return pd.DataFrame(out, columns=list(RESPONSE_COLUMNS))
+
+    def _scored(
+        self,
+        history: sparse.csr_matrix,
+        user_features: pd.DataFrame | None,
+        asked: list[list[str]],
+        index: dict[str, int],
+    ) -> dict[int, list[tuple[str, float, str]]]:
+        """The asked items of each row, in order: (item id, score or NaN, why not scored)."""
+        pairs = [(u, index[i]) for u, items in enumerate(asked) for i in items if i in index]
+        users = np.array(sorted({u for u, _ in pairs if history[u].nnz}), dtype=np.int64)
+        scores: dict[tuple[int, int], float] = {}
+        if users.size:
+            matrix = sparse.csr_matrix(
+                (np.ones(len(pairs)), tuple(np.array(pairs, dtype=np.int64).T)),
+                shape=history.shape,
+            )
+            candidates, values = self.score_candidates(
+                history, history, user_features, users, asked=matrix
+            )
+            keys = zip(candidates.users.tolist(), candidates.items.tolist(), strict=True)
+            scores = dict(zip(keys, values.tolist(), strict=True))
+        out: dict[int, list[tuple[str, float, str]]] = {}
+        for u, items in enumerate(asked):
+            for item in items:
+                i = index.get(item)
+                if i is None:
+                    why, score = "unknown item: not scored", float("nan")
+                elif not history[u].nnz:
+                    why, score = "no known history: not scored", float("nan")
+                elif (u, i) not in scores:
+                    why, score = "in the history: not scored", float("nan")
+                else:
+                    why, score = "", scores[(u, i)]
+                out.setdefault(u, []).append((item, score, why))
+        return out
 
     def _ranked_with_reasons(
         self,

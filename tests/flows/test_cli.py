@@ -179,7 +179,7 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     users = tmp_path / "users.csv"
     users.write_text("user_id\nalice\nbob\n")
     pairs = tmp_path / "pairs.csv"
-    pairs.write_text(f"user_id,item_id\nalice,{items[3]}\nalice,{items[0]}\n")
+    pairs.write_text(f"user_id,item_id\nalice,{items[3]}\nalice,no-such-item\n alice ,{items[0]}\n")
     model = ["--model", "models:/cli@champion", "--tracking-uri", uri]
 
     rec = _run("recommend", *model, "--history", str(history), "--users", str(users), "--k", "5")
@@ -203,7 +203,14 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     assert pd.read_csv(out)["user_id"].astype(str).eq("alice").all()
     scores = pd.read_csv(io.StringIO(pred.stdout), dtype={"user_id": str, "item_id": str})
     assert list(scores.columns) == ["user_id", "item_id", "score"]
-    assert list(scores["item_id"]) == [items[3], items[0]] and scores["score"].between(1, 5).all()
+    # one row per pair, in order; padded ids read as the history's are; unknown: no score
+    assert list(scores["item_id"]) == [items[3], "no-such-item", items[0]]
+    assert scores["user_id"].eq("alice").all() and scores["score"].isna().tolist() == [
+        False,
+        True,
+        False,
+    ]
+    assert scores["score"].dropna().between(1, 5).all()
 
 
 def test_recommend_and_predict_read_other_column_names(trained, tmp_path):

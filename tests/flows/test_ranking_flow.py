@@ -284,6 +284,19 @@ def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(
     assert (
         table[table.user_id == "stranger"].reason == "no known history: most popular items"
     ).all()
+    # predict scores the asked pairs, one row each in the order asked, not the top-K list
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        f"user_id,item_id\nfan,{fan.item_id.iloc[2]}\nfan,no-such-item\nfan,{fan.item_id.iloc[0]}\n"
+    )
+    result = CliRunner().invoke(main, ["predict", "--model", "models:/fedrec-ranking@champion", "--tracking-uri",
+                                       uri, "--history", str(history), "--pairs", str(pairs)],
+                                catch_exceptions=False)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    scored = pd.read_csv(io.StringIO(result.stdout), dtype={"item_id": str})
+    assert scored.item_id.tolist() == [fan.item_id.iloc[2], "no-such-item", fan.item_id.iloc[0]]
+    np.testing.assert_allclose(scored.score.iloc[[0, 2]], fan.score.astype(float).iloc[[2, 0]])
+    assert np.isnan(scored.score.iloc[1])
 
 
 def test_no_file_of_the_registered_ranking_model_is_a_pickle(store, first_run, tmp_path):

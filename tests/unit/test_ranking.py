@@ -221,6 +221,24 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     assert cold.item_id.tolist()[0] == str(data.item_ids[np.argmax(model.retrieval.popularity)])
     assert first[first.user_id == "odd"]["reason"].str.contains("ignored 1 unknown item").all()
 
+    # asked items are scored in the given order, as the top-K path scores them
+    top = u1.item_id.tolist()
+    outside = next(str(i) for i in data.item_ids if str(i) not in {*top, *history})
+    wanted = [top[2], outside, "no-such-item", history[0], top[0]]
+    asked = pd.DataFrame({"user_id": ["u1", "new"], "history_items": [history, []],
+                          "items": [wanted, [top[0]]]})  # fmt: skip
+    scored = loaded.recommend(asked)
+    mine = scored[scored.user_id == "u1"]
+    assert mine.item_id.tolist() == wanted and mine["rank"].tolist() == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(mine.score.iloc[[0, 4]], u1.score.iloc[[2, 0]], rtol=1e-12)
+    assert np.isfinite(mine.score.iloc[1])  # outside the candidates, scored all the same
+    assert mine.score.iloc[2:4].isna().all()
+    assert mine.reason.iloc[2:4].tolist() == [
+        "unknown item: not scored",
+        "in the history: not scored",
+    ]
+    assert scored[scored.user_id == "new"].reason.tolist() == ["no known history: not scored"]
+
 
 def test_similar_item_reason_names_the_history_item():
     # Items 0 and 1 always go together: item 1's reason names item 0's title.
