@@ -131,6 +131,8 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     logger = get_run_logger()
     name = config.registered_name
     data, explicit_split = load_interactions(config)
+    for note in data.notes:  # what reading changed or assumed (duplicates dropped, ...)
+        logger.info("data: %s", note)
     fingerprint, uri = data.fingerprint(), resolve_tracking_uri(config.tracking_uri)
     if config.skip_if_unchanged:
         same = unchanged_since_champion(uri, name, fingerprint, config.config_hash())
