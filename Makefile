@@ -94,8 +94,10 @@ format: setup ## apply ruff fixes and formatting
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format .
 
+# One pytest worker per core (at most 4), a test file to each: most of the suite's
+# time is spent waiting on servers and subprocesses, and a file's module-scoped servers start once.
 test: lint ## lint, then every test (MovieLens tests skip with a reason when FEDREC_DATASETS lacks the files)
-	$(RUN) pytest
+	$(RUN) pytest --numprocesses auto --maxprocesses 4 --dist loadfile
 
 test-unit: setup ## the unit tests of the core (tests/unit: no Prefect, no MLflow, no servers)
 	$(RUN) pytest tests/unit -m "not slow and not realdata"

@@ -144,7 +144,8 @@ def stack(tmp_path_factory):
             "env": env,
             "deployment": deployment,
             "logs": logs,
-            "mlflow": MlflowClient(env["MLFLOW_TRACKING_URI"]),
+            # the registry too: a flow run in this process may have set MLflow's global one
+            "mlflow": MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"]),
         }
     finally:
         for proc in reversed(started):
