@@ -91,6 +91,8 @@ def _describe(err: Exception) -> str:
             return f"invalid configuration: {_one_line(err)}"
     if isinstance(err, DataValidationError | FileNotFoundError | LocalServerError):
         return str(err)
+    if getattr(err, "one_line", False):  # an error whose message says all (QuorumError, ...)
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
     if "mlflow" in sys.modules:
         from mlflow.exceptions import MlflowException
 

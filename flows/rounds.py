@@ -121,6 +121,8 @@ WAVE = max(8, 2 * (os.cpu_count() or 1))
 class QuorumError(RuntimeError):
     """Fewer clients answered a round than ``min_clients``: the round commits nothing."""
 
+    one_line = True  # the command line shows the message alone: it says all there is
+
 
 @dataclass(frozen=True)
 class RunContext:

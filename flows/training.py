@@ -28,6 +28,7 @@ from tasks.data import load_interactions, shard_clients
 from tasks.reporting import publish_summary
 from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
+    ResumeError,
     finish_run,
     interrupted_run,
     ledger_request,
@@ -111,7 +112,7 @@ def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
     original = TrainingConfig.model_validate_json(found.config_json)
     workspace = original.workspace or str(fedrec_home() / "workspaces" / found.run_id)
     if not (Path(workspace) / "manifest.json").is_file():
-        raise ValueError(f"--resume {found.run_id}: its client partitions are gone ({workspace})")
+        raise ResumeError(f"--resume {found.run_id}: its client partitions are gone ({workspace})")
     reopen_run(found.uri, found.run_id)
     ctx = RunContext(
         original, found.uri, found.run_id, workspace, read_manifest(workspace),

@@ -151,6 +151,12 @@ class Interrupted:
     logged_through: int  # highest step with metrics (0 if none)
 
 
+class ResumeError(ValueError):
+    """A run that ``--resume`` cannot continue (unknown, finished, not fedrec's, partitions gone)."""
+
+    one_line = True  # the command line shows the message alone: it says all there is
+
+
 @task(name="find-interrupted-run", **_RETRY)
 def interrupted_run(uri: str, run_id: str) -> Interrupted:
     """The run to resume; refuses a run that finished (it has nothing left to do)."""
@@ -158,12 +164,12 @@ def interrupted_run(uri: str, run_id: str) -> Interrupted:
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
-        raise ValueError(f"--resume {run_id}: no such MLflow run in {redact_uri(uri)}") from err
+        raise ResumeError(f"--resume {run_id}: no such MLflow run in {redact_uri(uri)}") from err
     if run.info.status == "FINISHED":
-        raise ValueError(f"--resume {run_id}: the run finished; there is nothing to resume")
+        raise ResumeError(f"--resume {run_id}: the run finished; there is nothing to resume")
     config_json = run.data.tags.get("fedrec.config")
     if config_json is None:
-        raise ValueError(f"--resume {run_id}: not a fedrec training run (no fedrec.config tag)")
+        raise ResumeError(f"--resume {run_id}: not a fedrec training run (no fedrec.config tag)")
     steps = [m.step for key in run.data.metrics for m in client.get_metric_history(run_id, key)]
     return Interrupted(uri, run_id, config_json, max(steps, default=0))
 
