@@ -112,6 +112,12 @@ def _report_reasons(result: pd.DataFrame) -> None:
         click.echo(f"fedrec: note: user {user}: {reason}", err=True)
 
 
+def _check_out(out: str | None) -> None:
+    """Refuse an --out whose folder does not exist, before any work."""
+    if out and not Path(out).expanduser().resolve().parent.is_dir():
+        raise UserError(f"--out {out}: no such folder {Path(out).expanduser().resolve().parent}")
+
+
 def _write(frame: pd.DataFrame, out: str | None) -> None:
     if out:
         frame.to_csv(out, index=False)
@@ -178,6 +184,7 @@ def recommend(
     which you liked", "popular with everyone", ...) or which fallback was used.
     Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit.
     """
+    _check_out(out)
     recommender = _load_model(model_uri, tracking_uri)
     requests = _requests(history, users, columns, recommender)
     result = recommender.recommend(requests, k=k)
@@ -201,6 +208,7 @@ def predict(
     """Predicted scores for given (user, item) pairs: CSV user_id,item_id,score, one row per
     pair in the order given (score empty where the model cannot score it: an unknown item, or
     for a ranking model an item already in the history; stderr says why)."""
+    _check_out(out)
     wanted = _read_ids(pairs, {columns["user_col"]: "user_id", columns["item_col"]: "item_id"})
     recommender = _load_model(model_uri, tracking_uri)
     requests = _requests(history, None, columns, recommender)

@@ -69,6 +69,8 @@ CASES = [
      "h.csv: no rating column 'rating': this model predicts ratings from the user's own; allowed: ratings in [1, 5]"),
     ("history-rating-off-scale", {"h.csv": "user_id,item_id,rating\nu1,i1,9\n"}, ["predict", "--model", f"models:/{MODEL}@champion", "--history", "{tmp}/h.csv", "--pairs", "{tmp}/h.csv"],
      "h.csv, row 1, column 'rating': value 9.0 is outside the rating scale; allowed: a number in [1.0, 5.0]"),
+    ("out-folder-missing", {"h.csv": GOOD}, ["recommend", "--model", f"models:/{MODEL}@champion", "--history", "{tmp}/h.csv", "--out", "{tmp}/no/recs.csv"],
+     "--out {tmp}/no/recs.csv: no such folder {tmp}/no"),
     ("pairs-without-item-column", {"h.csv": GOOD, "p.csv": "user_id,thing\nu1,i1\n"},
      ["predict", "--model", f"models:/{MODEL}@champion", "--history", "{tmp}/h.csv", "--pairs", "{tmp}/p.csv"], "item_id"),
 ]  # fmt: skip
