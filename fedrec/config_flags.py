@@ -24,7 +24,6 @@ import click
 
 # Config fields without a flag of their own: set them in the --config YAML file.
 FILE_ONLY = frozenset({
-    "synthetic_users", "synthetic_items", "synthetic_interactions", "synthetic_taste",
     "local_epochs", "local_lr",
     "batch_size", "prox_mu", "server_lr", "relevance_threshold", "task_retries",
     "max_client_regression", "fault_clients", "fault_dropout_clients",
@@ -35,8 +34,9 @@ FILE_ONLY = frozenset({
 GROUP_ORDER = ("data", "model", "federation", "privacy", "reliability", "tracking", "runtime")
 GROUPS: dict[str, str] = {
     **dict.fromkeys(("data", "train", "valid", "test", "user_col", "item_col", "rating_col",
-                     "timestamp_col", "rating_scale", "split", "valid_fraction", "test_fraction",
-                     "feedback", "positive_threshold"), "data"),
+                     "timestamp_col", "rating_scale", "synthetic_users", "synthetic_items",
+                     "synthetic_interactions", "synthetic_taste", "split", "valid_fraction",
+                     "test_fraction", "feedback", "positive_threshold"), "data"),
     **dict.fromkeys(("algorithm", "factors", "reg", "alpha", "neighbours", "candidates",
                      "implicit_model", "neural_network", "neural_latent", "neural_hidden",
                      "neural_lr", "neural_batch_size", "neural_local_epochs", "neural_server",
