@@ -278,6 +278,16 @@ class RankingRecommender:
             for u in np.unique(users):
                 mine = users == u
                 by_group[mine] -= by_group[mine].mean(axis=0)
+            # A group none of whose features a pair has (no network, no demographics) cannot be
+            # its reason, even where every group it has pulls the item down.
+            features = candidates.features.iloc[rows]
+            absent = np.column_stack(
+                [
+                    features[[f for f in _REASONS[g][1] if f in features]].isna().all(axis=1)
+                    for g in groups
+                ]
+            )
+            by_group[absent] = -np.inf
             top_group = [groups[j] for j in by_group.argmax(axis=1)]
         reasons = []
         for group, near in zip(top_group, neighbour, strict=True):

@@ -220,6 +220,11 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     assert (cold["reason"] == "no known history: most popular items").all()
     assert cold.item_id.tolist()[0] == str(data.item_ids[np.argmax(model.retrieval.popularity)])
     assert first[first.user_id == "odd"]["reason"].str.contains("ignored 1 unknown item").all()
+    # no reason names a part the model lacks: it has no network, and no user has demographics
+    deep = model.recommend(requests.iloc[:1], k=60)
+    assert not deep.reason.isin(
+        ["fits the pattern of your whole history", "popular with people like you"]
+    ).any()
 
     # asked items are scored in the given order, as the top-K path scores them
     top = u1.item_id.tolist()
