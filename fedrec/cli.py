@@ -278,6 +278,7 @@ def mlflow_run_url(tracking_uri: str, run_id: str) -> tuple[str, str]:
     cls=LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
 )
+@click.version_option(package_name="fedrec", message="fedrec %(version)s")
 def main() -> None:
     """fedrec: federated recommender training with Prefect and MLflow.
 

@@ -32,6 +32,9 @@ class OneLineGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # a bare `fedrec`: the help, not an error
+            click.echo(err.format_message())
+            raise SystemExit(0) from err
         except click.UsageError as err:
             command = (
                 f"fedrec {err.ctx.info_name} --help"

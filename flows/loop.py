@@ -176,7 +176,8 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
         version = ctx.champion.version
         if started is None:
             logger.warning(
-                "no warm start: champion version %s is not a %s model of this shape",
+                "no warm start: champion version %s is not a %s model of this run's shape "
+                "(another family, or another size such as the number of factors)",
                 version,
                 family.name,
             )
@@ -310,7 +311,7 @@ def train_family(
     if champion_futures is not None:
         parts = answered(champion_futures, "champion evaluation")
         champion_metrics = round_summary([], list(parts.values()), family.top_k, ctx.n_items, 0.0)
-    get_run_logger().info("trained the %s family: %d steps", family.name, step)
+    get_run_logger().info("trained the %s family: %d step(s)", family.name, step)
     return Trained(
         candidate,
         final,

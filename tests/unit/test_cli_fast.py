@@ -61,6 +61,19 @@ def test_top_level_help_imports_no_heavy_library(tmp_path):
     assert imported == []
 
 
+def test_a_bare_fedrec_prints_the_help_and_version_prints_the_version(tmp_path):
+    from importlib.metadata import version
+
+    bare, imported = _cli([], tmp_path)
+    shown, _ = _cli(["--version"], tmp_path)
+
+    assert bare.returncode == 0 and bare.stderr == "", bare.stderr
+    # (the probe runs `python -c`: its program name stands where `fedrec` would)
+    assert bare.stdout.startswith("Usage: ") and "[OPTIONS] COMMAND" in bare.stdout
+    assert "\n  train " in bare.stdout and imported == []
+    assert shown.returncode == 0 and shown.stdout.splitlines()[0] == f"fedrec {version('fedrec')}"
+
+
 def test_train_help_comes_from_the_flag_cache_without_the_config(tmp_path):
     _cli(["train", "--help"], tmp_path)  # builds the cache if the sources changed
 
