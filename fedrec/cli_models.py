@@ -40,6 +40,8 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
         history_items=("item", list), history_ratings=("rating", list)
     )
     requests = grouped.reset_index()
+    if data.rating_scale is None:  # no rating column: nothing for a model to weigh or filter by
+        requests["history_ratings"] = [[] for _ in range(len(requests))]
     if users:
         wanted = _read_ids(users, {columns["user_col"]: "user_id"})
         # side features a ranking model's re-ranker uses (ignored by MF models)

@@ -581,6 +581,7 @@ class TrainingConfig(BaseModel):
             neural=network,
             top_k=self.top_k,
             ranker=ranker,
+            positive_threshold=self.positive_threshold,
         )
 
     def neural_config(self) -> NeuralConfig:

@@ -31,7 +31,10 @@ def build_family(ctx: RunContext, plan: Privacy | None) -> Family:
         return ExplicitMF(mf, ctx.item_ids, released=released)
     titles, features = _catalogue(ctx)
     if config.implicit_model == "neural":
-        return Neural(config.neural_config(), ctx.item_ids, titles)
+        return Neural(
+            config.neural_config(), ctx.item_ids, titles,
+            positive_threshold=config.positive_threshold,
+        )  # fmt: skip
     rc = config.ranking_config()
     if plan is not None:  # implicit ALS alone: kNN and the re-ranker have no DP mechanism
         dp = UserLevelDP.for_implicit(plan.noise_multiplier, config.dp_max_items, plan.shares)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -145,6 +146,19 @@ def encode_interactions(
         source=source,
         notes=tuple(notes),
     )
+
+
+def rated_positives(
+    items: list[str], ratings: Sequence[float] | None, threshold: float | None
+) -> list[str]:
+    """The history items a model trained on rows rated ``>= threshold`` counts as positives:
+    every item when there is no threshold or ``ratings`` (a list-like) does not match ``items``
+    one for one (a history without ratings)."""
+    if threshold is None or ratings is None:
+        return items
+    if len(ratings) != len(items):
+        return items
+    return [item for item, rating in zip(items, ratings, strict=True) if rating >= threshold]
 
 
 def require_ratings(data: Interactions, rating_col: str | None) -> Interactions:

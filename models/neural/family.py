@@ -84,6 +84,8 @@ class Neural:
     item_ids: np.ndarray | None = field(default=None, compare=False)
     titles: np.ndarray | None = field(default=None, compare=False)
     baseline: bool = True  # evaluate the most-popular list beside the model (not for a champion)
+    # the data's positive threshold, which the served model applies to a rated history
+    positive_threshold: float | None = None
 
     name: ClassVar[str] = "neural"
     eval_splits: ClassVar[tuple[str, ...]] = ("valid", "test")
@@ -163,8 +165,9 @@ class Neural:
         n_items = state.arch.n_items
         popularity = np.zeros(n_items) if state.popularity is None else state.popularity
         return NeuralRecommender(
-            state.params, state.arch, item_labels(self.item_ids, n_items), popularity, self.titles
-        )
+            state.params, state.arch, item_labels(self.item_ids, n_items), popularity, self.titles,
+            self.positive_threshold,
+        )  # fmt: skip
 
     def warm_start(self, state: NeuralState, champion: object) -> tuple[NeuralState, int] | None:
         if not isinstance(champion, NeuralRecommender) or champion.arch != state.arch:

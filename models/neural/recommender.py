@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from models.data.schema import rated_positives
 from models.mf.recommend import top_k
 from models.neural.network import (
     Architecture,
@@ -53,11 +54,17 @@ class NeuralRecommender:
         Training interactions per item: the cold-start ranking.
     titles : ndarray of str or None
         For reasons ("because you liked <title>"); ids are used without them.
+    positive_threshold : float or None
+        A request's history rows rated below it are left out, as training left them out; None
+        (or a history without ratings): every row is a positive.
     """
 
     kind: ClassVar[str] = KIND
     # request columns beyond user_id and history_items: (name, type, is a list)
-    request_columns: ClassVar[tuple[tuple[str, str, bool], ...]] = (("items", "string", True),)
+    request_columns: ClassVar[tuple[tuple[str, str, bool], ...]] = (
+        ("items", "string", True),
+        ("history_ratings", "double", True),
+    )
     requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow")
 
     params: Params
@@ -65,6 +72,7 @@ class NeuralRecommender:
     item_ids: np.ndarray
     popularity: np.ndarray
     titles: np.ndarray | None = None
+    positive_threshold: float | None = None
 
     @property
     def n_items(self) -> int:
@@ -98,8 +106,12 @@ class NeuralRecommender:
             raise ValueError(f"k={k} must be >= 1")
         index = {item: i for i, item in enumerate(self.item_ids)}
         histories, notes = [], []
-        for items in requests[HISTORY_ITEMS]:
-            items = [str(i) for i in _as_list(items)]
+        ratings = requests.get("history_ratings")
+        for u, items in enumerate(requests[HISTORY_ITEMS]):
+            rated = None if ratings is None else _as_list(ratings.iloc[u])
+            items = rated_positives(
+                [str(i) for i in _as_list(items)], rated, self.positive_threshold
+            )
             unknown = [i for i in items if i not in index]
             histories.append(np.array(sorted({index[i] for i in items if i in index}), np.int64))
             shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
@@ -187,7 +199,8 @@ class NeuralRecommender:
         if self.titles is not None:
             items["title"] = self.titles
         items.to_parquet(folder / "items.parquet", index=False)
-        (folder / "recommender.json").write_text(json.dumps({"kind": KIND, "format": 1}))
+        meta = {"kind": KIND, "format": 1, "positive_threshold": self.positive_threshold}
+        (folder / "recommender.json").write_text(json.dumps(meta))
 
     @classmethod
     def load(cls, folder: str | Path) -> NeuralRecommender:
@@ -208,6 +221,7 @@ class NeuralRecommender:
             items["item_id"].to_numpy(dtype=str),
             items["popularity"].to_numpy(dtype=np.float64),
             titles,
+            None if meta.get("positive_threshold") is None else float(meta["positive_threshold"]),
         )
 
 

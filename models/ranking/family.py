@@ -218,8 +218,9 @@ class TwoStage:
         )  # fmt: skip
         ranker = state.ensemble if len(state.ensemble) else None
         return RankingRecommender(
-            retrieval, ranker, item_labels(self.item_ids, n_items), self.titles
-        )
+            retrieval, ranker, item_labels(self.item_ids, n_items), self.titles,
+            c.positive_threshold,
+        )  # fmt: skip
 
     def warm_start(
         self, state: TwoStageState, champion: object

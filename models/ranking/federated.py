@@ -72,6 +72,9 @@ class RankingConfig:
     neural: NeuralConfig | None = None
     top_k: int = 10
     ranker: RankerConfig | None = field(default_factory=RankerConfig)
+    # the rating at or above which a row was a positive in training (the data's threshold): the
+    # served model reads a rated history the same way; None: every history row
+    positive_threshold: float | None = None
     # user-level differential privacy of the implicit-ALS statistics (models/privacy/dp.py); the
     # model is then implicit ALS alone: kNN and the re-ranker have no DP mechanism here
     dp: UserLevelDP | None = None

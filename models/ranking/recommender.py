@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from models.data.schema import rated_positives
 from models.mf.recommend import top_k
 from models.neural.network import Architecture, Params, load_network, save_network
 from models.ranking.boosting import TreeEnsemble
@@ -64,6 +65,9 @@ class RankingRecommender:
     item_ids : ndarray of str
     titles : ndarray of str or None
         For explanations ("similar to <title> you liked"); item ids are used without them.
+    positive_threshold : float or None
+        A request's history rows rated below it are left out, as training left them out; None
+        (or a history without ratings): every row is a positive.
     """
 
     kind: ClassVar[str] = KIND
@@ -74,6 +78,7 @@ class RankingRecommender:
         ("gender", "string", False),
         ("occupation", "string", False),
         ("items", "string", True),
+        ("history_ratings", "double", True),
     )
     requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow", "lightgbm")
 
@@ -81,6 +86,7 @@ class RankingRecommender:
     ranker: TreeEnsemble | None
     item_ids: np.ndarray
     titles: np.ndarray | None = None
+    positive_threshold: float | None = None
 
     @property
     def n_items(self) -> int:
@@ -130,8 +136,12 @@ class RankingRecommender:
         """
         index = {item: i for i, item in enumerate(self.item_ids)}
         rows, cols, notes = [], [], []
+        ratings = requests.get("history_ratings")
         for u, items in enumerate(requests["history_items"]):
-            items = [str(i) for i in _as_list(items)]
+            rated = None if ratings is None else _as_list(ratings.iloc[u])
+            items = rated_positives(
+                [str(i) for i in _as_list(items)], rated, self.positive_threshold
+            )
             unknown = [i for i in items if i not in index]
             known = sorted({index[i] for i in items if i in index})
             rows += [u] * len(known)
@@ -325,6 +335,7 @@ class RankingRecommender:
             "reg": r.reg,
             "alpha": r.alpha,
             "n_candidates": r.n_candidates,
+            "positive_threshold": self.positive_threshold,
         }
         (folder / "recommender.json").write_text(json.dumps(meta))
 
@@ -367,7 +378,11 @@ class RankingRecommender:
             TreeEnsemble.load(folder / "ranker.json") if (folder / "ranker.json").exists() else None
         )
         titles = items["title"].to_numpy(dtype=object) if "title" in items else None
-        return cls(retrieval, ranker, items["item_id"].to_numpy(dtype=str), titles)
+        threshold = meta.get("positive_threshold")  # absent from models saved before it was kept
+        return cls(
+            retrieval, ranker, items["item_id"].to_numpy(dtype=str), titles,
+            None if threshold is None else float(threshold),
+        )  # fmt: skip
 
 
 def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> RankingRecommender:
@@ -399,7 +414,9 @@ def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> Rankin
         factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates, ease, network,
         slim,
     )  # fmt: skip
-    return RankingRecommender(retrieval, model.ranker, np.asarray(item_ids).astype(str), titles)
+    return RankingRecommender(
+        retrieval, model.ranker, np.asarray(item_ids).astype(str), titles, model.positive_threshold
+    )
 
 
 def _align_network(

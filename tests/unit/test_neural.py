@@ -3,6 +3,7 @@ a dense re-computation, the checkerboard with withheld items, FedAvg against cen
 and np.average, and safe persistence."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -303,6 +304,13 @@ def test_recommender_round_trips_and_answers_the_same(tmp_path):
     pd.testing.assert_frame_equal(loaded.recommend(requests, k=5), model.recommend(requests, k=5))
     np.testing.assert_array_equal(loaded.score(history), model.score(history))
     assert json.loads((tmp_path / "rec" / "recommender.json").read_text())["kind"] == "neural"
+    # trained on rows rated >= 3, it reads a rated history the same way (kept when saved)
+    replace(model, positive_threshold=3.0).save(tmp_path / "strict")
+    strict = NeuralRecommender.load(tmp_path / "strict")
+    rated = requests.assign(history_ratings=[[5.0, 1.0, 4.0], [2.0]])
+    kept = pd.DataFrame({"user_id": ["a", "b"], "history_items": [["1", "5"], []]})
+    pd.testing.assert_frame_equal(strict.recommend(rated, k=5), model.recommend(kept, k=5))
+    assert strict.positive_threshold == 3.0
 
 
 def test_recommend_masks_history_and_explains_cold_start_and_unknown_items():

@@ -1,6 +1,8 @@
 """Item-kNN, the federated LightGBM re-ranker and the two-stage recommender, against
 centralized oracles."""
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -220,6 +222,17 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     assert (cold["reason"] == "no known history: most popular items").all()
     assert cold.item_id.tolist()[0] == str(data.item_ids[np.argmax(model.retrieval.popularity)])
     assert first[first.user_id == "odd"]["reason"].str.contains("ignored 1 unknown item").all()
+    # a model trained on rows rated >= 3 reads a rated history the same way
+    strict = replace(loaded, positive_threshold=3.0)
+    strict.save(tmp_path / "strict")
+    strict = RankingRecommender.load(tmp_path / "strict")
+    assert strict.positive_threshold == 3.0
+    rated = pd.DataFrame({"user_id": ["u1"], "history_items": [history],
+                          "history_ratings": [[5.0, 1.0] * 7 + [4.0]]})  # fmt: skip
+    kept = pd.DataFrame({"user_id": ["u1"], "history_items": [history[::2]]})  # the 5s and the 4
+    pd.testing.assert_frame_equal(strict.recommend(rated, k=5), model.recommend(kept, k=5))
+    unrated = pd.DataFrame({"user_id": ["u1"], "history_items": [history]})
+    pd.testing.assert_frame_equal(strict.recommend(unrated, k=5), first.iloc[:5])
     # no reason names a part the model lacks: it has no network, and no user has demographics
     deep = model.recommend(requests.iloc[:1], k=60)
     assert not deep.reason.isin(
