@@ -81,7 +81,8 @@ def _history_columns(fn: Callable[..., Any]) -> Callable[..., Any]:
     for flag, default, what in reversed((
         ("--user-col", "user_id", "user column of the input files"),
         ("--item-col", "item_id", "item column of --history (and --pairs)"),
-        ("--rating-col", "rating", "rating column of --history (absent: every row counts 1)"),
+        ("--rating-col", "rating", "rating column of --history (a rating model needs it; "
+         "without it every row is a positive)"),
     )):  # fmt: skip
         fn = click.option(flag, default=default, show_default=True, help=what)(fn)
     return fn
@@ -158,7 +159,8 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--users",
     default=None,
-    help="CSV with a user_id column: recommend for these (default: every user in --history); "
+    help="CSV with a user_id column (or --user-col): recommend for these (default: every user "
+    "in --history); "
     "optional age, gender, occupation columns feed a ranking model's re-ranker",
 )
 @_history_columns
