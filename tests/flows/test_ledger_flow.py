@@ -185,7 +185,9 @@ def test_private_versions_without_a_ledger_refuse_to_start(store, tmp_path):
     from tests.flows.test_safe_loading import _recommender
 
     client = _client(store["uri"])
-    run = client.create_run(client.create_experiment("fedrec")).info.run_id
+    # artifacts in the test's folder: without a location MLflow writes ./mlruns where pytest runs
+    artifacts = (store["home"] / "mlartifacts").as_uri()
+    run = client.create_run(client.create_experiment("fedrec", artifacts)).info.run_id
     register_model.fn(store["uri"], run, _recommender(), "m", {"fedrec.epsilon": "8.0"})
 
     with pytest.raises(
@@ -353,7 +355,8 @@ def test_a_flow_with_private_versions_but_no_ledger_refuses_in_one_line(store, p
     from tests.flows.test_safe_loading import _recommender
 
     client = _client(store["uri"])
-    run = client.create_run(client.create_experiment("elsewhere")).info.run_id
+    artifacts = (store["home"] / "mlartifacts").as_uri()  # not ./mlruns where pytest runs
+    run = client.create_run(client.create_experiment("elsewhere", artifacts)).info.run_id
     register_model.fn(store["uri"], run, _recommender(), "old-private", {"fedrec.epsilon": "2.0"})
 
     with pytest.raises(
