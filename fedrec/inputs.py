@@ -17,7 +17,6 @@ from typing import Any
 
 WHOLE_FILE_BYTES = 4 * 2**20
 HEAD_BYTES = 2**20
-DEFAULT_RATING_COL = "rating"  # TrainingConfig's default rating_col
 # read_interactions' keyword arguments, which are TrainingConfig fields of the same name
 FILE_OPTIONS = ("user_col", "item_col", "rating_col", "timestamp_col", "rating_scale")
 
@@ -120,7 +119,7 @@ def _read_head(path: Path, options: dict[str, Any], *, explicit: bool) -> None:
     """Validate the file's first HEAD_BYTES (cut after a whole row) with the core's reader (and
     its ratings, for an ``explicit`` run); its errors name the real file."""
     from models.data.errors import DataValidationError
-    from models.data.readers import read_interactions
+    from models.data.readers import DEFAULT_RATING_COL, read_interactions
     from models.data.schema import require_ratings
 
     with open(path, "rb") as handle:
@@ -161,7 +160,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     DataValidationError
         The first problem the core's reader finds (file, row, column, value, what is allowed).
     """
-    from models.data.readers import CSV_SUFFIXES, PARQUET_SUFFIXES, load_dataset
+    from models.data.readers import CSV_SUFFIXES, DEFAULT_RATING_COL, PARQUET_SUFFIXES, load_dataset
     from models.data.schema import require_ratings
 
     files = {name: values.get(name) for name in ("train", "valid", "test")}

@@ -380,7 +380,7 @@ class Site:
 
     def _split(self, request: RoundRequest, catalogue: np.ndarray) -> ClientData:
         split = request.split
-        cache = (catalogue.tobytes(), request.seed, request.client_id, canonical(split))
+        cache = (catalogue.tobytes(), request.client_id, canonical(split))
         if cache not in self._clients:
             self._clients.clear()  # one run at a time is the common case: keep one layout
             self._clients[cache] = site_client(

@@ -255,10 +255,10 @@ def candidate_features(
     slim_raw = retrieval.slim_scores(hist)
     slim = None if slim_raw is None else np.where(seen, -np.inf, slim_raw)
     n = retrieval.n_candidates
-    picked = np.zeros((len(users), n_items), dtype=bool)
     if asked is not None:
         picked = asked.tocsr()[users].toarray() > 0
     else:
+        picked = np.zeros((len(users), n_items), dtype=bool)
         for source in (als, knn, ease, nn):
             if source is not None:
                 np.put_along_axis(picked, _top(source, n), True, axis=1)
