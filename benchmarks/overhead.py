@@ -37,7 +37,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,12 +47,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from benchmarks.common import machine, median, print_table, write_json
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fedrec.local_server import free_port
 
 
 def server_settings(name: str) -> dict[str, str]:
@@ -79,7 +73,7 @@ def start_prefect_server(
 ) -> tuple[subprocess.Popen, str, float]:
     """`prefect server start` on 127.0.0.1 with ``settings`` in its environment; returns the
     process, its API URL and seconds to healthy."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"PREFECT_HOME": str(home)} | settings
     home.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,6 +34,9 @@ from fedrec.home import fedrec_home
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 PORT_ENV = "FEDREC_PREFECT_PORT"
+# Servers started on a free port listen in [LISTEN_PORTS_FROM, start of the outgoing range).
+LISTEN_PORTS_FROM = 10000
+_OUTGOING_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 STARTUP_TIMEOUT_ENV = "FEDREC_SERVER_STARTUP_TIMEOUT"
 # A cold start creates and migrates the database: 5-30 s on a quiet 2-core machine, minutes
 # when other processes hold the cores.
@@ -164,8 +168,31 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
+def _outgoing_ports() -> tuple[int, int]:
+    """The range the kernel gives outgoing connections their local ports from."""
+    try:
+        low, high = map(int, Path(_OUTGOING_RANGE_FILE).read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return low, high
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on (the OS's choice)."""
+    """A free loopback port for a server to listen on.
+
+    The OS's own choice (bind to port 0) comes from the range outgoing connections take their
+    local ports from, so any client socket opened between this call and the server's bind may take
+    it (the server then exits with "address already in use"). The port is therefore drawn from
+    the listening range below that one, and checked free; the OS chooses only when that range is
+    empty.
+    """
+    low, _ = _outgoing_ports()
+    if low - LISTEN_PORTS_FROM >= 1000:
+        draw = random.SystemRandom()
+        for _ in range(200):
+            port = draw.randrange(LISTEN_PORTS_FROM, low)
+            if _port_is_free(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((HOST, 0))
         return int(probe.getsockname()[1])

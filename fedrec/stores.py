@@ -197,16 +197,8 @@ def read_stores(folder: Path) -> Stores | None:
         raise StoresError(f"{Path(folder) / STATE_FILE}: not a stores record ({err})") from err
 
 
-def _last_line(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-        if lines:
-            return lines[-1][:300]
-    return ""
-
-
 def _log_reason(path: Path) -> str:
-    """The last FATAL or ERROR line of a PostgreSQL log, else its last line."""
+    """The last FATAL or ERROR line of a log (PostgreSQL's, uvicorn's), else its last line."""
     with contextlib.suppress(OSError):
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
         for line in reversed(lines):
@@ -504,7 +496,7 @@ def _wait_for_servers(
             if _answers(waiting[name]):
                 del waiting[name]
             elif (status := servers[name].poll()) is not None:
-                last = _last_line(folder / f"{name}.log")
+                last = _log_reason(folder / f"{name}.log")
                 raise StoresError(
                     f"the {name} server exited during start-up (status {status})"
                     f"{f': {last}' if last else ''} (log: {folder / f'{name}.log'})"

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from fedrec.local_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENT = "federated-training/nightly"
@@ -33,12 +34,6 @@ SMALL = {
 
 # Starting the server, deploying and waiting for runs takes minutes on a loaded machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http(method: str, url: str, body: dict | None = None) -> tuple[int, dict | list]:
@@ -77,7 +72,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     home = tmp_path_factory.mktemp("e2e")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = os.environ | {
         "PREFECT_HOME": str(home / "prefect"),

@@ -70,7 +70,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -80,6 +79,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from fedrec.local_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
@@ -303,12 +304,6 @@ exec(compile(epilogue, "epilogue", "exec"), namespace)
 # the session: one working folder, the examples in README order
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _alive(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     try:
@@ -354,7 +349,7 @@ class Session:
         self.work.mkdir()
         for name in LINKED:
             (self.work / name).symlink_to(REPO / name)
-        self.port = _free_port()
+        self.port = free_port()
         keep = {"FEDREC_DATASETS"}
         self.env = {
             k: v for k, v in os.environ.items()

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.e2e.test_deployment import DEPLOYMENT, _free_port, _http, _stop
+from fedrec.local_server import free_port
+from tests.e2e.test_deployment import DEPLOYMENT, _http, _stop
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions": 6000,
@@ -36,7 +37,7 @@ def _wait_healthy(api: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = os.environ | {

@@ -5,7 +5,6 @@ model as the thread runner's, and every task run in one of those two worker proc
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from fedrec.config import TrainingConfig
+from fedrec.local_server import free_port
 from tests.flows.dask_probe import PROBE_DIR, finished_tasks
 from tests.flows.helpers import tracking_store
 
@@ -23,12 +23,6 @@ TINY = {"synthetic_users": 80, "synthetic_items": 40, "synthetic_interactions": 
         "factors": 3, "rounds": 2, "clients": 3, "skip_if_unchanged": False}  # fmt: skip
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -48,7 +42,7 @@ def cluster(tmp_path, prefect_server):
     here, so its id is known), reporting task runs to this session's Prefect API."""
     from prefect.settings import PREFECT_API_URL
 
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     probe = tmp_path / "probe"
     probe.mkdir()

@@ -135,6 +135,37 @@ def test_a_taken_port_is_one_line_and_starts_nothing(tmp_path):
     assert not (tmp_path / "server" / local_server.PID_FILE).exists()
 
 
+def test_a_free_port_is_one_no_outgoing_connection_can_take_before_the_server_binds_it():
+    """A client socket's local port comes from the kernel's outgoing range; a server asked to
+    listen on such a port while a connection holds it exits with "address already in use"."""
+    low, high = local_server._outgoing_ports()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            taken = client.getsockname()[1]
+            assert low <= taken <= high  # where the kernel put the client
+            ports = {local_server.free_port() for _ in range(40)}
+
+    assert all(local_server.LISTEN_PORTS_FROM <= port < low for port in ports), sorted(ports)
+    assert len(ports) > 30  # drawn, not one fixed port that two starters would share
+
+
+def test_a_server_that_exits_during_start_up_is_reported_by_its_error_line(tmp_path):
+    from fedrec.stores import _log_reason
+
+    log = tmp_path / "mlflow.log"
+    log.write_text(
+        "INFO:     Application startup complete.\n"
+        "ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 42866): "
+        "address already in use\n"
+        "INFO:     Waiting for application shutdown.\n"
+        "INFO:     Application shutdown complete.\n"
+    )
+
+    assert _log_reason(log).endswith("address already in use")
+
+
 def test_a_stale_record_of_a_dead_server_is_cleared(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

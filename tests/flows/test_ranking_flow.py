@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pandas as pd
 import pytest
 
 from fedrec.config import TrainingConfig
+from fedrec.local_server import free_port
 from tests.flows.helpers import tracking_store
 
 ALS_ROUNDS, RANKER_ROUNDS = 3, 3
@@ -170,14 +170,8 @@ def _popularity_ndcg(train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFram
     return float(np.mean(scores))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_invocations(store, first_run):
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"MLFLOW_TRACKING_URI": store["uri"],
                         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     server = subprocess.Popen(
