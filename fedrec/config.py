@@ -260,12 +260,17 @@ class TrainingConfig(BaseModel):
         gt=0,
         description="server step (default: 1 for averaging, adaptive rules lower)",
     )
-    aggregation: Literal["mean", "median", "trimmed_mean", "norm_clip"] = Field(
+    aggregation: Literal["mean", "median", "trimmed_mean", "norm_clip", "screened_mean"] = Field(
         _MF.aggregation,
-        description="how the averaging algorithms combine client updates (robust rules resist poisoned ones)",
+        description="how the averaging algorithms combine client updates (robust rules resist "
+        "poisoned ones; screened_mean leaves out the clients farthest from the median)",
     )
     trim: float = Field(
-        _MF.trim, ge=0, lt=0.5, description="share trimmed at each end (trimmed_mean)"
+        _MF.trim,
+        ge=0,
+        lt=0.5,
+        description="share of a round's clients the robust rules assume malicious: the clients "
+        "screened_mean leaves out and the values trimmed_mean drops at each end",
     )
     clip_factor: float = Field(
         _MF.clip_factor,

@@ -167,9 +167,9 @@ def test_a_round_timeout_keeps_every_prompt_answer(store):
 
 
 @pytest.mark.slow
-def test_a_median_resists_an_attack_through_the_flow_where_the_mean_does_not(store):
+def test_robust_rules_resist_an_attack_through_the_flow_where_the_mean_does_not(store):
     """Two of six FedAvg clients send their update flipped and scaled by 20: the mean is pulled
-    far off, the coordinate-wise median stays near the clean run. One round: a second would
+    far off, the coordinate-wise median and the screened mean stay near the clean run. One round: a second would
     train on the mean's wrecked model until its arithmetic overflows."""
     runs = {
         name: _train(store, model_name=f"robust-{name}", algorithm="fedavg", clients=6, rounds=1,
@@ -179,6 +179,8 @@ def test_a_median_resists_an_attack_through_the_flow_where_the_mean_does_not(sto
             "attacked-mean": {"attack": "sign_flip", "attack_fraction": 1 / 3, "attack_scale": 20.0},
             "attacked-median": {"attack": "sign_flip", "attack_fraction": 1 / 3, "attack_scale": 20.0,
                                 "aggregation": "median"},
+            "attacked-screened": {"attack": "sign_flip", "attack_fraction": 1 / 3, "attack_scale": 20.0,
+                                  "aggregation": "screened_mean", "trim": 1 / 3},
         }.items()
     }  # fmt: skip
     rmse = {name: run["metrics"]["valid/rmse"] for name, run in runs.items()}
@@ -187,6 +189,7 @@ def test_a_median_resists_an_attack_through_the_flow_where_the_mean_does_not(sto
 
     assert rmse["attacked-mean"] > rmse["clean"] + 0.3, rmse
     assert rmse["attacked-median"] < rmse["clean"] * 1.1, rmse
+    assert rmse["attacked-screened"] < rmse["clean"] * 1.1, rmse
 
 
 def test_a_candidate_whose_evaluation_failed_is_not_promoted(store, monkeypatch):

@@ -34,13 +34,40 @@ def test_median_and_trimmed_mean_equal_numpy_and_scipy_item_by_item():
     median = coordinate_median(parts, 8)
     trimmed = trimmed_mean(parts, 8, 0.2)
 
+    cut = 2  # ceil(0.2 * 7 clients): the same number dropped at each end of every item
     for item in range(6):
         values = _per_item(parts, item)
         np.testing.assert_allclose(median[item], np.median(values, axis=0))
         m = len(values)
-        cut = min(int(np.ceil(0.2 * m)), (m - 1) // 2)  # rounded up, at least one value kept
-        np.testing.assert_allclose(trimmed[item], stats.trim_mean(values, cut / m, axis=0))
+        expected = stats.trim_mean(values, cut / m, axis=0) if m > 2 * cut else 0.0
+        np.testing.assert_allclose(trimmed[item], expected)
     assert np.all(median[6:] == 0) and np.all(trimmed[6:] == 0)  # nobody touched items 6, 7
+
+
+def test_attackers_who_send_values_for_a_rare_item_cannot_set_it():
+    """Two attackers of ten clients send 20 x the honest value for item 0, which two honest
+    clients touched, and for item 1, which three did. Trimming per item (ceil(0.2 * 4) = 1 value
+    at each end) or taking the median of [1, 1, 20, 20] lets them move item 0 tenfold; the rules
+    drop ceil(0.2 * 10) = 2 values at each end, so item 0 (4 clients) is left alone and item 1
+    (5 clients) takes an honest value."""
+    common = (np.arange(2, 6), np.ones((4, 2)), np.ones(4))
+    honest = [
+        (np.arange(0, 6), np.ones((6, 2)), np.ones(6)),
+        (np.arange(0, 6), np.ones((6, 2)), np.ones(6)),
+        (np.arange(1, 6), np.ones((5, 2)), np.ones(5)),
+        *[common] * 5,
+    ]
+    attackers = [(np.arange(0, 6), np.full((6, 2), 20.0), np.ones(6))] * 2
+    parts = honest + attackers
+
+    for rule in ("median", "trimmed_mean"):
+        update, weight = aggregate_robust(parts, 6, rule, trim=0.2)
+        assert weight[0] == 0.0, rule  # left alone
+        np.testing.assert_allclose(update[1:], 1.0, err_msg=rule)
+        assert np.all(weight[1:] > 0), rule
+    # the rule scaled to each item's clients: one value cut at each end of item 0's four
+    per_item = np.sort(_per_item(parts, 0), axis=0)[1:-1].mean(axis=0)
+    assert np.all(per_item > 10)
 
 
 def test_robust_rules_ignore_a_minority_of_huge_updates_and_mean_does_not():
@@ -86,7 +113,7 @@ def test_attacks_and_the_choice_of_attackers():
     assert choose_attackers(10, 0.0, seed=1) == ()
 
 
-def test_trimmed_mean_keeps_fedavg_close_to_clean_with_20_percent_sign_flippers():
+def test_screened_mean_keeps_fedavg_within_2_percent_of_clean_under_every_attack_at_20_percent():
     import warnings
     from dataclasses import replace
 
@@ -101,11 +128,7 @@ def test_trimmed_mean_keeps_fedavg_close_to_clean_with_20_percent_sign_flippers(
     split = split_rows(data, method="random", valid_fraction=0.0, test_fraction=0.2)
     clients = build_clients(data, owner, split)
     base = MFConfig(algorithm="fedavg", n_factors=8, clip_to=data.rating_scale)
-    attacked = {
-        "attack": "sign_flip",
-        "attack_scale": 5.0,
-        "attack_clients": choose_attackers(10, 0.2, 0),
-    }
+    attackers = choose_attackers(10, 0.2, 0)
 
     def rmse(config):
         with warnings.catch_warnings():
@@ -118,9 +141,48 @@ def test_trimmed_mean_keeps_fedavg_close_to_clean_with_20_percent_sign_flippers(
         return history[-1].metrics.get("test/rmse", np.nan)
 
     clean = rmse(base)
-    poisoned_mean = rmse(replace(base, **attacked))
-    robust = rmse(replace(base, aggregation="trimmed_mean", trim=0.2, **attacked))
+    for attack, strength in (("sign_flip", 5.0), ("scale", 20.0), ("random", 20.0)):
+        attacked = replace(base, attack=attack, attack_scale=strength, attack_clients=attackers)
+        assert not rmse(attacked) < 1.1 * clean, attack  # plain averaging is wrecked (or NaN)
+        screened = rmse(replace(attacked, aggregation="screened_mean", trim=0.2))
+        assert screened < 1.02 * clean, attack
+    # the coordinate-wise trimmed mean drops honest values too and leans towards the sign flips
+    flipped = replace(base, attack="sign_flip", attack_scale=5.0, attack_clients=attackers)
+    assert rmse(replace(flipped, aggregation="trimmed_mean", trim=0.2)) > 1.02 * clean
 
-    assert not poisoned_mean < 1.1 * clean  # plain averaging is wrecked (or NaN)
-    # within 8% on this small synthetic set (the ML-100K benchmark in the README: within 2%)
-    assert robust < 1.08 * clean
+
+def test_screened_mean_leaves_out_the_clients_farthest_from_the_median_and_averages_the_rest():
+    rng = np.random.default_rng(3)
+    honest = [
+        (np.arange(5), rng.normal(1.0, 0.1, size=(5, 2)), rng.integers(1, 5, 5).astype(float))
+        for _ in range(8)
+    ]
+    attackers = [(np.arange(5), -5.0 * h[1], h[2]) for h in honest[:2]]  # sign flips x5
+    parts = honest + attackers
+
+    screened, weight = aggregate_robust(parts, 5, "screened_mean", trim=0.2)
+
+    values = np.stack([v for _, v, _ in honest])  # (8, 5, 2)
+    weights = np.stack([w for _, _, w in honest])  # (8, 5)
+    for item in range(5):
+        expected = np.average(values[:, item], axis=0, weights=weights[:, item])
+        np.testing.assert_allclose(screened[item], expected)
+        assert weight[item] == pytest.approx(weights[:, item].sum())
+    # the coordinate-wise rules drop 2 values at each end of every coordinate: both attackers
+    # below, and the 2 largest honest values above, so what is left leans towards the attackers
+    honest_mean = np.average(
+        values, axis=0, weights=np.broadcast_to(weights[..., None], values.shape)
+    )
+    trimmed, _ = aggregate_robust(parts, 5, "trimmed_mean", trim=0.2)
+    assert np.all(trimmed < honest_mean)
+
+
+def test_a_client_the_screen_cannot_measure_is_left_out_and_a_tiny_round_moves_nothing():
+    common = [(np.arange(3), np.ones((3, 1)), np.ones(3)) for _ in range(5)]
+    rare = (np.array([3]), np.array([[50.0]]), np.ones(1))  # touched no item the median covers
+    update, weight = aggregate_robust([*common, rare], 4, "screened_mean", trim=0.1)
+
+    np.testing.assert_allclose(update[:3], 1.0)
+    assert weight[3] == 0.0 and np.all(weight[:3] == 5.0)
+    one = [(np.arange(3), np.ones((3, 1)), np.ones(3))]
+    assert np.all(aggregate_robust(one, 3, "screened_mean", trim=0.2, min_clients=1)[1] == 0)
