@@ -21,8 +21,9 @@ and so does the mean of the values left after ``f`` are dropped at each end. An 
 fewer clients (or by fewer than ``min_clients``) therefore keeps its parameters for the round
 under ``median``, ``trimmed_mean`` and ``screened_mean`` (whose screen is measured against that
 median, so it leaves no item moved by a client it could not check); under ``norm_clip``, an item
-touched by fewer than ``min_clients`` does. Scaling the trim to the clients of each item instead (``ceil(trim * m)``)
-lets two attackers among an item's four clients set its value, and a run diverges from it.
+touched by fewer than ``min_clients`` does. Scaling the trim to the clients of each item instead
+(``ceil(trim * m)``) lets two attackers among an item's four clients set its value, and a run
+diverges from it.
 
 ALS is not covered: it adds exact sufficient statistics, and a robust statistic of those is not a
 solve of anything; robust rules apply to the averaging algorithms.
