@@ -374,7 +374,14 @@ def train(
     )
     shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse", "test Recall@10": "test/recall_at_10",
              "test NDCG@10": "test/ndcg_at_10"}  # fmt: skip
-    parts = [f"{label} {metrics[key]:.4f}" for label, key in shown.items() if key in metrics]
+    from models.privacy.released_metrics import noise_name
+
+    parts = [
+        f"{label} {metrics[key]:.4f}"
+        + (f" ± {metrics[noise]:.4f}" if (noise := noise_name(key)) in metrics else "")
+        for label, key in shown.items()
+        if key in metrics
+    ]
     click.echo(f"{', '.join(parts)}  ({summary['seconds']} s)")
     click.echo(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")

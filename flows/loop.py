@@ -36,7 +36,8 @@ from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry
 from models.federation.family import Family, Phase
 from models.federation.loop import EVERYONE_ROUND
-from models.privacy.released_metrics import MetricRelease
+from models.privacy.released_metrics import MetricRelease, noise_name, released_noise
+from models.promotion import BASELINE
 from tasks.clients import evaluate_client, train_run_name
 from tasks.secure import round_context
 from tasks.server import (
@@ -296,6 +297,9 @@ def train_family(
     champion_futures, comparable = _champion_evaluations(ctx, family, release)
     final_evaluations = answered(final_futures, f"round-{step} evaluation")
     label = f"round {step}/{total} (final)"
+    noise = {} if release is None else released_noise(
+        list(final_evaluations.values()), release, family.top_k
+    )  # fmt: skip
     final = log_step(
         ctx,
         step,
@@ -303,8 +307,14 @@ def train_family(
         list(final_evaluations.values()),
         family.top_k,
         label,
-        spent(step) | extra,
+        spent(step) | extra | {noise_name(name): sd for name, sd in noise.items()},
     )
+    if noise:
+        shown = [f"{name} {final[name]:.4f} ± {sd:.4f}" for name, sd in noise.items()
+                 if name in final and not name.startswith(BASELINE)]  # fmt: skip
+        get_run_logger().info(
+            "the released metrics with their DP noise (one standard deviation): %s", ", ".join(shown)
+        )
     history.append(final)
     candidate = build_model(family=family, state=state)
     champion_metrics = None

@@ -240,6 +240,13 @@ def decide(
     baseline gate and the comparison of the totals hold."""
     if private:
         max_client_regression = math.inf
+        if metric not in candidate:  # the released count of held-out rows came out <= 0
+            return PromotionDecision(
+                False,
+                f"candidate has no {metric}: evaluation failed or was empty, or the DP noise of "
+                "the released sums outweighed the few held-out rows (more data or a larger "
+                "--dp-epsilon)",
+            )
     return decide_promotion(
         candidate,
         champion,

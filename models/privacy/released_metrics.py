@@ -29,12 +29,17 @@ depend on its users' rows, so each client's upload is a Gaussian mechanism of it
 
 Not released under DP: the training split's metrics and per-item top-K counts. Noisy sums are
 floored at 0 (every true sum is non-negative; post-processing).
+
+How far the noise moves a metric computed from the released sums is public (the deviations
+depend on the configuration only): :func:`released_noise` gives one standard deviation of it, so
+that a run on few held-out rows says its metrics are mostly noise instead of leaving a reader to
+guess.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,3 +142,56 @@ def evaluation_ratios(champion: bool) -> tuple[float, ...]:
     (:func:`~models.privacy.dp.calibrate`'s ``relative``): the final model's (its baseline in the
     same upload) and, with a champion to compare, the champion's."""
     return (EVALUATION_NOISE_RATIO,) * (2 if champion else 1)
+
+
+def noise_name(metric: str) -> str:
+    """The logged name of a released metric's noise deviation: ``valid/rmse`` ->
+    ``valid/dp_sd/rmse`` (grouped with the split, as the per-client spreads are)."""
+    split, _, name = metric.rpartition("/")
+    return f"{split}/dp_sd/{name}"
+
+
+def released_noise(
+    evaluations: Sequence[Mapping[str, Evaluation]], release: MetricRelease, k: int
+) -> dict[str, float]:
+    """One standard deviation of the DP noise in the headline metrics that the clients' released
+    sums give: ``{"valid/rmse": sd, "valid/ndcg_at_10": sd, ...}``, to first order (the delta
+    method, accurate while the noise is small against the sums; larger figures mean the metric is
+    mostly noise).
+
+    ``rmse = sqrt(sse / n)`` and ``ndcg_at_k = ndcg / users`` (recall likewise) are computed from
+    sums to which every client added independent noise of :meth:`MetricRelease.deviations`, so
+    each total's variance is the sum of the clients' variances. Uses only released values and
+    the configuration: post-processing.
+    """
+    totals: dict[tuple[str, str], float] = {}
+    variances: dict[tuple[str, str], float] = {}
+    for evaluation in evaluations:
+        keys = [(s, key) for s in sorted(evaluation) for key in sorted(evaluation[s][0])]
+        for key, deviation in release.deviations(keys).items():
+            totals[key] = totals.get(key, 0.0) + evaluation[key[0]][0][key[1]]
+            variances[key] = variances.get(key, 0.0) + deviation**2
+    out: dict[str, float] = {}
+    for split in sorted({s for s, _ in totals}):
+        rmse_ratio = _ratio_sd(totals, variances, (split, "sse"), (split, "n"))
+        sse, n = totals.get((split, "sse"), 0.0), totals.get((split, "n"), 0.0)
+        if rmse_ratio is not None and sse > 0:
+            out[f"{split}/rmse"] = rmse_ratio / (2 * math.sqrt(sse / n))
+        for key in ("ndcg", "recall"):
+            sd = _ratio_sd(totals, variances, (split, key), (split, "users"))
+            if sd is not None:
+                out[f"{split}/{key}_at_{k}"] = sd
+    return out
+
+
+def _ratio_sd(
+    totals: Mapping[tuple[str, str], float],
+    variances: Mapping[tuple[str, str], float],
+    top: tuple[str, str],
+    bottom: tuple[str, str],
+) -> float | None:
+    """The deviation of ``top / bottom`` from those of two independent noisy sums (first order)."""
+    if top not in totals or bottom not in totals or totals[bottom] <= 0:
+        return None
+    num, den = totals[top], totals[bottom]
+    return math.sqrt(variances[top] / den**2 + variances[bottom] * num**2 / den**4)

@@ -49,7 +49,7 @@ def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(st
     import tasks.clients as clients
     from flows.training import federated_training
     from models.data.partitions import read_partition
-    from models.privacy.released_metrics import MetricRelease
+    from models.privacy.released_metrics import MetricRelease, released_noise
 
     calls: list[tuple[dict, Any]] = []
     original = clients.evaluate_client.fn
@@ -97,6 +97,12 @@ def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(st
         assert sent["n"] != capped
         assert abs(sent["n"] - capped) < 6 * deviations[("valid", "n")]
 
+    # the run logs how far the noise moves each released metric (public: post-processing)
+    stated = released_noise([upload for _, upload in calls], release, config.top_k)
+    assert history("valid/dp_sd/rmse") == [pytest.approx(stated["valid/rmse"])]
+    assert history("test/dp_sd/ndcg_at_10") == [pytest.approx(stated["test/ndcg_at_10"])]
+    assert stated["valid/rmse"] > 0
+
 
 @pytest.fixture
 def own_store(tmp_path, prefect_server):
@@ -138,3 +144,14 @@ def test_a_private_run_with_a_champion_counts_the_champions_evaluation_too(own_s
         _independent_epsilon(sigma, 3, 2, delta), rel=1e-9
     )
     assert 7.9 < last("privacy/epsilon") <= 8.0 + 1e-9
+
+
+def test_a_private_candidate_without_a_released_validation_metric_is_not_promoted_and_says_why():
+    from tasks.server import decide
+
+    rule = {"metric": "valid/rmse", "min_delta": 0.0, "max_client_regression": 0.0}
+    private = decide.fn({"test/rmse": 1.2}, None, private=True, **rule)
+    plain = decide.fn({"test/rmse": 1.2}, None, private=False, **rule)
+
+    assert not private.promote and not plain.promote
+    assert "DP noise" in private.reason and "DP" not in plain.reason
