@@ -374,11 +374,11 @@ def train(
     )
     shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse", "test Recall@10": "test/recall_at_10",
              "test NDCG@10": "test/ndcg_at_10"}  # fmt: skip
-    from models.privacy.released_metrics import noise_name
+    from models.promotion import noise_metric
 
     parts = [
         f"{label} {metrics[key]:.4f}"
-        + (f" ± {metrics[noise]:.4f}" if (noise := noise_name(key)) in metrics else "")
+        + (f" ± {metrics[noise]:.4f}" if (noise := noise_metric(key)) in metrics else "")
         for label, key in shown.items()
         if key in metrics
     ]

@@ -36,8 +36,8 @@ from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry
 from models.federation.family import Family, Phase
 from models.federation.loop import EVERYONE_ROUND
-from models.privacy.released_metrics import MetricRelease, noise_name, released_noise
-from models.promotion import BASELINE
+from models.privacy.released_metrics import MetricRelease, released_noise
+from models.promotion import BASELINE, noise_metric
 from tasks.clients import evaluate_client, train_run_name
 from tasks.secure import round_context
 from tasks.server import (
@@ -297,9 +297,7 @@ def train_family(
     champion_futures, comparable = _champion_evaluations(ctx, family, release)
     final_evaluations = answered(final_futures, f"round-{step} evaluation")
     label = f"round {step}/{total} (final)"
-    noise = {} if release is None else released_noise(
-        list(final_evaluations.values()), release, family.top_k
-    )  # fmt: skip
+    noise = _noise(list(final_evaluations.values()), release, family.top_k)
     final = log_step(
         ctx,
         step,
@@ -307,13 +305,14 @@ def train_family(
         list(final_evaluations.values()),
         family.top_k,
         label,
-        spent(step) | extra | {noise_name(name): sd for name, sd in noise.items()},
+        spent(step) | extra | noise,
     )
     if noise:
-        shown = [f"{name} {final[name]:.4f} ± {sd:.4f}" for name, sd in noise.items()
-                 if name in final and not name.startswith(BASELINE)]  # fmt: skip
+        shown = [f"{name} {final[name]:.4f} ± {final[noise_metric(name)]:.4f}" for name in final
+                 if noise_metric(name) in noise and not name.startswith(BASELINE)]  # fmt: skip
         get_run_logger().info(
-            "the released metrics with their DP noise (one standard deviation): %s", ", ".join(shown)
+            "the released metrics with their DP noise (one standard deviation): %s",
+            ", ".join(shown),
         )
     history.append(final)
     candidate = build_model(family=family, state=state)
@@ -321,6 +320,7 @@ def train_family(
     if champion_futures is not None:
         parts = answered(champion_futures, "champion evaluation")
         champion_metrics = round_summary([], list(parts.values()), family.top_k, ctx.n_items, 0.0)
+        champion_metrics |= _noise(list(parts.values()), release, family.top_k)
     get_run_logger().info("trained the %s family: %d step(s)", family.name, step)
     return Trained(
         candidate,
@@ -331,6 +331,13 @@ def train_family(
         comparable,
         family.describe(state),
     )
+
+
+def _noise(evaluations: list[Any], release: MetricRelease | None, k: int) -> dict[str, float]:
+    """A release's ``dp_sd`` metrics (:func:`released_noise`), none without DP."""
+    if release is None:
+        return {}
+    return {noise_metric(name): sd for name, sd in released_noise(evaluations, release, k).items()}
 
 
 def _champion_evaluations(

@@ -32,6 +32,13 @@ def worst_client_metric(metric: str) -> str:
     return f"{split}/client_{'max' if lower_is_better(metric) else 'min'}/{name}"
 
 
+def noise_metric(metric: str) -> str:
+    """The name of the DP noise's standard deviation in a released ``metric`` (``valid/rmse`` ->
+    ``valid/dp_sd/rmse``), grouped with its split as the per-client spreads are."""
+    split, _, name = metric.rpartition("/")
+    return f"{split}/dp_sd/{name}"
+
+
 def check_baseline(candidate: Mapping[str, float], metric: str) -> PromotionDecision | None:
     """A refusal when the candidate is worse on ``metric`` than the trivial baseline measured on
     the same rows (``baseline/<metric>`` among its metrics); None when it is not worse, or when
@@ -61,6 +68,7 @@ def decide_promotion(
     worst_client_metric: str,
     min_delta: float,
     max_client_regression: float,
+    noise_sds: float = 0.0,
 ) -> PromotionDecision:
     """Promote when the candidate is not worse than the trivial baseline on the same rows
     (:func:`check_baseline`), beats the champion by ``min_delta`` on ``metric``, and its worst
@@ -78,6 +86,10 @@ def decide_promotion(
         The per-client extreme of the same metric, e.g. ``valid/client_max/rmse``.
     min_delta, max_client_regression : float
         Absolute margins, in the metric's units.
+    noise_sds : float
+        For released (DP) metrics: an improvement must also exceed this many standard deviations
+        of the difference of the two released figures, ``hypot`` of their ``dp_sd`` metrics
+        (:func:`noise_metric`); without those, or at 0, no such margin.
 
     Returns
     -------
@@ -108,6 +120,16 @@ def decide_promotion(
             False,
             f"{metric} {new:.4f} vs champion {old:.4f}: improvement {gain:+.4f} < min_delta {min_delta}",
         )
+    spreads = candidate.get(noise_metric(metric)), champion.get(noise_metric(metric))
+    if noise_sds > 0 and None not in spreads:
+        margin = noise_sds * float(np.hypot(*spreads))
+        if gain < margin:
+            return PromotionDecision(
+                False,
+                f"{metric} {new:.4f} vs champion {old:.4f}: improvement {gain:+.4f} is within the "
+                f"DP noise of the two released figures ({noise_sds:g} standard deviations of "
+                f"their difference: {margin:.4f})",
+            )
     worst_new = candidate.get(worst_client_metric)
     worst_old = champion.get(worst_client_metric)
     if worst_new is not None and worst_old is not None:

@@ -144,13 +144,6 @@ def evaluation_ratios(champion: bool) -> tuple[float, ...]:
     return (EVALUATION_NOISE_RATIO,) * (2 if champion else 1)
 
 
-def noise_name(metric: str) -> str:
-    """The logged name of a released metric's noise deviation: ``valid/rmse`` ->
-    ``valid/dp_sd/rmse`` (grouped with the split, as the per-client spreads are)."""
-    split, _, name = metric.rpartition("/")
-    return f"{split}/dp_sd/{name}"
-
-
 def released_noise(
     evaluations: Sequence[Mapping[str, Evaluation]], release: MetricRelease, k: int
 ) -> dict[str, float]:

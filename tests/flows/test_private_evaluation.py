@@ -144,6 +144,9 @@ def test_a_private_run_with_a_champion_counts_the_champions_evaluation_too(own_s
         _independent_epsilon(sigma, 3, 2, delta), rel=1e-9
     )
     assert 7.9 < last("privacy/epsilon") <= 8.0 + 1e-9
+    # both released figures carry their noise, which the promotion rule weighs
+    assert summary["champion_metrics"]["valid/dp_sd/rmse"] > 0
+    assert last("valid/dp_sd/rmse") > 0
 
 
 def test_a_private_candidate_without_a_released_validation_metric_is_not_promoted_and_says_why():

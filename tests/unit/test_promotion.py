@@ -118,3 +118,50 @@ def test_the_baseline_gate_comes_before_the_champion():
 
     assert not decision.promote
     assert decision.reason == f"{WORSE_THAN_BASELINE}: valid/rmse 1.0500 vs the baseline's 0.9900"
+
+
+def test_a_private_gain_within_the_dp_noise_of_both_figures_is_not_promoted():
+    noisy = {**RULE, "min_delta": 0.0, "noise_sds": 2.0}
+    champion = {"valid/rmse": 0.90, "valid/dp_sd/rmse": 0.03}
+    close = {"valid/rmse": 0.85, "valid/dp_sd/rmse": 0.04}  # gain 0.05 < 2 * hypot = 0.10
+    clear = {"valid/rmse": 0.79, "valid/dp_sd/rmse": 0.04}
+
+    refused = decide_promotion(close, champion, **noisy)
+    assert (
+        not refused.promote
+        and "within the DP noise" in refused.reason
+        and "0.1000" in refused.reason
+    )
+    assert decide_promotion(clear, champion, **noisy).promote
+    assert decide_promotion(close, champion, **{**noisy, "noise_sds": 0.0}).promote
+    assert decide_promotion({"valid/rmse": 0.85}, champion, **noisy).promote  # no spread given
+
+
+def test_with_the_noise_margin_a_model_no_better_than_the_champion_rarely_replaces_it():
+    """Candidate and champion are the same model; each evaluation is a fresh DP release of the
+    same sums by 3 clients. Comparing the released RMSEs promotes it about half the time; with
+    the 2-standard-deviation margin, about 2.3% (one-sided normal tail), here under 5%."""
+    import numpy as np
+
+    from models.metrics import finalize_metrics
+    from models.privacy.released_metrics import MetricRelease, released_noise
+
+    release = MetricRelease(noise_multiplier=0.5)
+    sums = [{"valid": ({"sse": 900.0 + 50 * c, "sae": 700.0, "n": 1000.0}, None)} for c in range(3)]
+    rng = np.random.default_rng(1)
+
+    def released() -> dict[str, float]:
+        uploads = [release.publish(client, rng) for client in sums]
+        total = {key: sum(u["valid"][0][key] for u in uploads) for key in ("sse", "sae", "n")}
+        sd = released_noise(uploads, release, 10)["valid/rmse"]
+        return {"valid/rmse": finalize_metrics(total, k=10)["rmse"], "valid/dp_sd/rmse": sd}
+
+    rule = {**RULE, "min_delta": 0.0}
+    plain = guarded = 0
+    for _ in range(2000):
+        candidate, champion = released(), released()
+        plain += decide_promotion(candidate, champion, **rule).promote
+        guarded += decide_promotion(candidate, champion, **rule, noise_sds=2.0).promote
+
+    assert 0.45 < plain / 2000 < 0.55
+    assert guarded / 2000 < 0.05
