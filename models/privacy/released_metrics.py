@@ -167,9 +167,15 @@ def released_noise(
     out: dict[str, float] = {}
     for split in sorted({s for s, _ in totals}):
         rmse_ratio = _ratio_sd(totals, variances, (split, "sse"), (split, "n"))
-        sse, n = totals.get((split, "sse"), 0.0), totals.get((split, "n"), 0.0)
-        if rmse_ratio is not None and sse > 0:
-            out[f"{split}/rmse"] = rmse_ratio / (2 * math.sqrt(sse / n))
+        if rmse_ratio is not None:
+            mean_square = max(totals.get((split, "sse"), 0.0), 0.0) / totals[(split, "n")]
+            # where the noisy sse came out at 0 (RMSE 0.0), the first order has no slope: the
+            # RMSE that one deviation of the ratio gives stands for it
+            out[f"{split}/rmse"] = (
+                rmse_ratio / (2 * math.sqrt(mean_square))
+                if mean_square > 0
+                else math.sqrt(rmse_ratio)
+            )
         for key in ("ndcg", "recall"):
             sd = _ratio_sd(totals, variances, (split, key), (split, "users"))
             if sd is not None:

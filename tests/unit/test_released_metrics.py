@@ -251,3 +251,6 @@ def test_the_stated_noise_of_a_released_metric_matches_the_spread_of_many_releas
     assert stated["valid/rmse"] == pytest.approx(np.std(rmse), rel=0.1)
     assert stated["valid/ndcg_at_10"] == pytest.approx(np.std(ndcg), rel=0.1)
     assert set(stated) == {"valid/rmse", "valid/ndcg_at_10", "valid/recall_at_10"}
+    # a noisy sse floored at 0 reads as RMSE 0.0: its deviation is still stated, and large
+    floored = [{"valid": ({**sums, "sse": 0.0}, None)} for (sums, _) in (c["valid"] for c in true)]
+    assert released_noise(floored, release, 10)["valid/rmse"] > 5 * stated["valid/rmse"]
