@@ -29,7 +29,7 @@ from models.privacy.redaction import redact_uri
 from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig
 from models.ranking.slim import SlimConfig
-from models.robust import choose_attackers
+from models.robust import AggregationRule, Attack, choose_attackers
 
 _SYNTHETIC = {
     name: p.default for name, p in inspect.signature(generate_synthetic).parameters.items()
@@ -260,7 +260,7 @@ class TrainingConfig(BaseModel):
         gt=0,
         description="server step (default: 1 for averaging, adaptive rules lower)",
     )
-    aggregation: Literal["mean", "median", "trimmed_mean", "norm_clip", "screened_mean"] = Field(
+    aggregation: AggregationRule = Field(
         _MF.aggregation,
         description="how the averaging algorithms combine client updates (robust rules resist "
         "poisoned ones; screened_mean leaves out the clients farthest from the median)",
@@ -277,7 +277,7 @@ class TrainingConfig(BaseModel):
         gt=0,
         description="norm bound as a multiple of the round's median (norm_clip)",
     )
-    attack: Literal["none", "sign_flip", "scale", "random"] = Field(
+    attack: Attack = Field(
         _MF.attack, description="simulation: what malicious clients send instead of their update"
     )
     attack_fraction: float = Field(

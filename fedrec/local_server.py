@@ -188,7 +188,7 @@ def free_port() -> int:
     """
     low, _ = _outgoing_ports()
     if low - LISTEN_PORTS_FROM >= 1000:
-        draw = random.SystemRandom()
+        draw = random.SystemRandom()  # not `random`'s shared state, which tests may seed alike
         for _ in range(200):
             port = draw.randrange(LISTEN_PORTS_FROM, low)
             if _port_is_free(port):

@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -243,24 +243,22 @@ def decide(
     (:mod:`models.privacy.released_metrics`), too noisy to compare client by client; the
     baseline gate and the comparison of the totals hold, and the candidate's gain must exceed
     :data:`PRIVATE_NOISE_SDS` standard deviations of the noise in the compared figures."""
-    if private:
-        max_client_regression = math.inf
-        if metric not in candidate:  # the released count of held-out rows came out <= 0
-            return PromotionDecision(
-                False,
-                f"candidate has no {metric}: evaluation failed or was empty, or the DP noise of "
-                "the released sums outweighed the few held-out rows (more data or a larger "
-                "--dp-epsilon)",
-            )
-    return decide_promotion(
+    decision = decide_promotion(
         candidate,
         champion,
         metric=metric,
         worst_client_metric=worst_client_metric(metric),
         min_delta=min_delta,
-        max_client_regression=max_client_regression,
+        max_client_regression=math.inf if private else max_client_regression,
         noise_sds=PRIVATE_NOISE_SDS if private else 0.0,
     )
+    if private and metric not in candidate:  # the released count of held-out rows came out <= 0
+        noise = (
+            "or the DP noise of the released sums outweighed the few held-out rows (more data "
+            "or a larger --dp-epsilon)"
+        )
+        return replace(decision, reason=f"{decision.reason}, {noise}")
+    return decision
 
 
 @task(name="client-metrics-table", cache_policy=NONE)
