@@ -1,8 +1,14 @@
-"""How the fedrec commands report user errors: one line on stderr, exit status 2."""
+"""How the fedrec commands report errors: one line on stderr. Exit status 2 means the command
+was given something it cannot use (a file, a value, a flag, a name): fix it and run again, and
+nothing was written. Exit status 1 means a run that was set up correctly failed on its way
+(too few clients answered, a server went away, an unexpected error): running it again may
+succeed. With ``--json`` the line is also printed on stdout as ``{"error": ..., "exit_status":
+...}``, so that a script reading stdout sees the failure too."""
 
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +29,12 @@ class UserError(click.ClickException):
 
     def show(self, file: Any = None) -> None:
         click.echo(f"fedrec: error: {self.message}", err=True)
+
+
+class RunFailed(UserError):
+    """A correctly set-up run that failed on its way; shown as one line."""
+
+    exit_code = 1
 
 
 class OneLineGroup(click.Group):
@@ -64,50 +76,68 @@ def _one_line(err: Any) -> str:
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn known user errors into one line and exit status 2 (unless --debug)."""
+    """Turn errors into one line: exit status 2 for what the user gave, 1 for a run that failed
+    (a traceback instead with --debug); with ``as_json``, the line on stdout as JSON too."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.pop("debug", False)
         try:
-            return (
-                fn(*args, debug=debug, **kwargs)
-                if "debug" in fn.__code__.co_varnames
-                else fn(*args, **kwargs)
-            )
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Exception as err:
-            if debug:
+            try:
+                return (
+                    fn(*args, debug=debug, **kwargs)
+                    if "debug" in fn.__code__.co_varnames
+                    else fn(*args, **kwargs)
+                )
+            except (click.ClickException, click.exceptions.Exit, click.Abort):
                 raise
-            raise UserError(_describe(err)) from err
+            except Exception as err:
+                if debug:
+                    raise
+                raise _classify(err) from err
+        except click.ClickException as err:
+            if kwargs.get("as_json"):
+                click.echo(json.dumps({"error": err.format_message(), "exit_status": err.exit_code}))
+            raise
 
     return wrapper
 
 
-def _describe(err: Exception) -> str:
-    """One line for an error; libraries that are not loaded cannot have raised it."""
+def _classify(err: Exception) -> UserError:
+    """The one-line error for an exception: the user's to fix when fedrec knows it as such,
+    else a run failure (as is an error that says ``exit_status = 1``, a quorum failure)."""
+    message, fixable = _describe(err)
+    fixable = fixable and getattr(err, "exit_status", 2) == 2
+    return UserError(message) if fixable else RunFailed(message)
+
+
+def _describe(err: Exception) -> tuple[str, bool]:
+    """One line for an error, and whether it is the user's to fix; libraries that are not
+    loaded cannot have raised it."""
     if "pydantic" in sys.modules:
         from pydantic import ValidationError
 
         if isinstance(err, ValidationError):
-            return f"invalid configuration: {_one_line(err)}"
+            return f"invalid configuration: {_one_line(err)}", True
     if isinstance(err, DataValidationError | FileNotFoundError | LocalServerError):
-        return str(err)
+        return str(err), True
     if getattr(err, "one_line", False):  # an error whose message says all (QuorumError, ...)
-        return str(err).splitlines()[0] if str(err) else type(err).__name__
+        return (str(err).splitlines()[0] if str(err) else type(err).__name__), True
     if "mlflow" in sys.modules:
         from mlflow.exceptions import MlflowException
 
         if isinstance(err, MlflowException):
-            return f"MLflow: {err.message.splitlines()[0]}"
+            # a 4xx code names something wrong in the request (a model, a run, a value); a 5xx
+            # one (INTERNAL_ERROR, also a server that does not answer) is a failure of the run
+            fixable = 400 <= err.get_http_status_code() < 500
+            return f"MLflow: {err.message.splitlines()[0]}", fixable
     if _EPHEMERAL_TIMEOUT in str(err):
         return (
             "Prefect's temporary API server did not start in time (a busy machine?): run "
             "`fedrec server start` once and every command reuses it, or raise "
             f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (and {STARTUP_TIMEOUT_ENV})"
-        )
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ), False
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", False
 
 
 def debug_option(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -122,6 +122,7 @@ class QuorumError(RuntimeError):
     """Fewer clients answered a round than ``min_clients``: the round commits nothing."""
 
     one_line = True  # the command line shows the message alone: it says all there is
+    exit_status = 1  # the run failed; the same command may succeed when more clients answer
 
 
 @dataclass(frozen=True)

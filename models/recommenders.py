@@ -24,6 +24,10 @@ RECOMMENDERS: dict[str, tuple[str, str]] = {
 }
 STATE = "recommender.json"
 
+# Every family's reason for a request whose history holds no item the model knows: the start of
+# the reason, then what it answers instead (the most popular items, or no score)
+NO_HISTORY = "no known items in history"
+
 
 def recommender_class(kind: str) -> type:
     """The installed class that reads a saved recommender of ``kind``."""

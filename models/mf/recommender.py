@@ -16,6 +16,7 @@ import pandas as pd
 
 from models.mf.params import ItemParams
 from models.mf.recommend import fold_in, score_all, top_k
+from models.recommenders import NO_HISTORY
 
 # Request columns (one row per user) and response columns.
 USER_ID = "user_id"
@@ -107,7 +108,7 @@ class MFRecommender:
                 shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
                 reason.append(f"ignored {len(unknown)} unknown item(s): {shown}")
             if not known:
-                reason.append("no known items in history: popularity fallback")
+                reason.append(f"{NO_HISTORY}: most popular items")
             histories.append(
                 (np.array([k for k, _ in known], dtype=np.int64), np.array([r for _, r in known]))
             )
@@ -141,7 +142,8 @@ class MFRecommender:
                 known = [str(i) for i in candidates if str(i) in index]
                 missing = [str(i) for i in candidates if str(i) not in index]
                 note = reasons[u].replace(
-                    "popularity fallback", "scored by global mean and item bias"
+                    f"{NO_HISTORY}: most popular items",
+                    f"{NO_HISTORY}: scored by global mean and item bias",
                 )
                 if missing:
                     note = "; ".join(

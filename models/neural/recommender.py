@@ -21,6 +21,7 @@ from scipy import sparse
 
 from models.data.schema import rated_positives
 from models.mf.recommend import top_k
+from models.recommenders import NO_HISTORY
 from models.neural.network import (
     Architecture,
     Params,
@@ -134,7 +135,7 @@ class NeuralRecommender:
                         None,
                         [
                             notes[u],
-                            "no known items in history: the network's answer to an empty history"
+                            f"{NO_HISTORY}: the network's answer to an empty history"
                             if seen.size == 0
                             else "",
                             f"unknown item(s) not scored: {', '.join(missing[:5])}"
@@ -151,7 +152,7 @@ class NeuralRecommender:
             if seen.size == 0:
                 best, _ = top_k(self.popularity, exclude, k)
                 best_scores = np.full(best.size, np.nan)  # a popularity count is no probability
-                reasons = ["no known items in history: most popular items"] * best.size
+                reasons = [f"{NO_HISTORY}: most popular items"] * best.size
             else:
                 best, best_scores = top_k(scores[u], exclude, k)
                 reasons = self._reasons(seen, best)

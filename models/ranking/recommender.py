@@ -27,6 +27,7 @@ from models.ranking.features import (
     candidate_features,
 )
 from models.ranking.knn import strongest_neighbour
+from models.recommenders import NO_HISTORY
 
 KIND = "ranking"
 RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
@@ -177,7 +178,7 @@ class RankingRecommender:
                 best, _ = top_k(self.retrieval.popularity, seen, k)
                 # a popularity count is not a ranking score: NaN, the reason says why
                 ranked = [
-                    (int(i), float("nan"), "no known history: most popular items") for i in best
+                    (int(i), float("nan"), f"{NO_HISTORY}: most popular items") for i in best
                 ]
             for rank, (item, score, reason) in enumerate(ranked, start=1):
                 reason = "; ".join(filter(None, [reason, notes[u]]))
@@ -212,7 +213,7 @@ class RankingRecommender:
                 if i is None:
                     why, score = "unknown item: not scored", float("nan")
                 elif not history[u].nnz:
-                    why, score = "no known history: not scored", float("nan")
+                    why, score = f"{NO_HISTORY}: not scored", float("nan")
                 elif (u, i) not in scores:
                     why, score = "in the history: not scored", float("nan")
                 else:

@@ -168,6 +168,34 @@ def test_train_json_summary(trained):
     assert summary["metrics"]["test/rmse"] < 0.95 * baseline, (summary["metrics"], baseline)
 
 
+def test_a_run_that_fails_on_its_way_exits_1_and_says_so_on_stdout_under_json(
+    tmp_path, prefect_server, monkeypatch
+):
+    """Exit status 2 is for what the user gave; a run whose clients do not answer is a failure
+    of the run (1), which a scheduler may retry. A --json reader sees it on stdout too."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    faults = tmp_path / "faults.yaml"  # the simulation's failing clients are file-only settings
+    faults.write_text("fault_clients: [0, 1]\ntask_retries: 0\n")
+    args = ["train", "--config", str(faults), "--rounds", "2", "--clients", "3", "--factors", "4",
+            "--min-clients", "2", "--tracking-uri", uri, "--model-name", "quorum"]  # fmt: skip
+    result = CliRunner().invoke(main, [*args, "--json"])
+
+    assert result.exit_code == 1, (result.exit_code, result.stderr[-2000:])
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("fedrec: error: round 1") and "min_clients" in line, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer == {"error": line.removeprefix("fedrec: error: "), "exit_status": 1}
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert client.search_model_versions("name='quorum'") == []
+
+    bad = CliRunner().invoke(main, ["train", "--rounds", "-1", "--json"])
+    assert bad.exit_code == 2
+    assert json.loads(bad.stdout)["exit_status"] == 2
+
+
 def test_recommend_and_predict_write_csv(trained, tmp_path):
     _, uri, home = trained
     from models.data.partitions import read_item_ids  # the catalogue the model was trained on
@@ -196,7 +224,7 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     assert alice["reason"].str.contains(" from your ratings of 3 items").all()
     assert len(table[table["user_id"] == "bob"]) == 5
     bob = table[table["user_id"] == "bob"]
-    assert (bob["reason"] == "no known items in history: popularity fallback").all()
+    assert (bob["reason"] == "no known items in history: most popular items").all()
     assert bob["score"].isna().all()  # no popularity counts in the rating column
     assert written.stdout == ""
     assert written.stderr.strip() == f"fedrec: wrote 10 row(s) for 1 user(s) to {out.resolve()}"

@@ -212,7 +212,7 @@ def test_mlflow_models_serve_answers_invocations(store, first_run):
     assert fan["rank"].tolist() == [1, 2, 3, 4] and not set(fan.item_id) & set(items[:8])
     assert fan["score"].is_monotonic_decreasing and (fan["reason"].str.len() > 0).all()
     newcomer = answer[answer.user_id == "newcomer"]
-    assert (newcomer["reason"] == "no known history: most popular items").all()
+    assert (newcomer["reason"] == "no known items in history: most popular items").all()
 
 
 def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(
@@ -276,7 +276,7 @@ def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(
     fan = table[table.user_id == "fan"]
     assert len(fan) == 3 and not set(fan.item_id) & set(liked) and fan.reason.notna().all()
     assert (
-        table[table.user_id == "stranger"].reason == "no known history: most popular items"
+        table[table.user_id == "stranger"].reason == "no known items in history: most popular items"
     ).all()
     # predict scores the asked pairs, one row each in the order asked, not the top-K list
     pairs = tmp_path / "pairs.csv"

@@ -219,7 +219,7 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     assert u1["score"].is_monotonic_decreasing
     assert (u1["reason"].str.len() > 0).all()
     cold = first[first.user_id == "new"]
-    assert (cold["reason"] == "no known history: most popular items").all()
+    assert (cold["reason"] == "no known items in history: most popular items").all()
     assert cold.item_id.tolist()[0] == str(data.item_ids[np.argmax(model.retrieval.popularity)])
     assert first[first.user_id == "odd"]["reason"].str.contains("ignored 1 unknown item").all()
     # a model trained on rows rated >= 3 reads a rated history the same way
@@ -255,7 +255,7 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
         "unknown item: not scored",
         "in the history: not scored",
     ]
-    assert scored[scored.user_id == "new"].reason.tolist() == ["no known history: not scored"]
+    assert scored[scored.user_id == "new"].reason.tolist() == ["no known items in history: not scored"]
 
 
 def test_similar_item_reason_names_the_history_item():

@@ -76,7 +76,7 @@ def test_recommend_excludes_history_reports_unknown_items_and_falls_back(recomme
     assert warm["reason"].iloc[0].endswith("; ignored 1 unknown item(s): ghost")
     cold = out[out["user_id"] == "cold"]
     assert list(cold["item_id"]) == ["i1", "i4", "i3"]  # by popularity
-    assert "popularity fallback" in cold["reason"].iloc[0]
+    assert "no known items in history: most popular items" in cold["reason"].iloc[0]
     assert cold["score"].isna().all()  # a popularity count is not put in the rating column
 
 

@@ -1,0 +1,35 @@
+"""Which failures are the user's to fix (exit status 2) and which are failures of a run (1)."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+from fedrec.cli_errors import RunFailed, UserError, _classify
+from fedrec.local_server import LocalServerError
+from flows.rounds import QuorumError
+from models.data.errors import DataValidationError
+from tasks.tracking import ResumeError
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (DataValidationError("ratings.csv, row 2, column 'rating': value 9.0 ..."), 2),
+        (FileNotFoundError("data='x.csv': no such file or folder"), 2),
+        (LocalServerError("port 4200 on 127.0.0.1 is in use"), 2),
+        (ResumeError("--resume abc: the run finished; there is nothing to resume"), 2),
+        (MlflowException("no model", error_code=RESOURCE_DOES_NOT_EXIST), 2),
+        (QuorumError("round 1: 1 of 3 clients answered; min_clients is 2"), 1),
+        (MlflowException("API request to http://127.0.0.1:5000 failed"), 1),
+        (RuntimeError("something fedrec does not know"), 1),
+    ],
+)
+def test_the_exit_status_says_whether_to_fix_the_input_or_run_again(error, status):
+    classified = _classify(error)
+
+    assert classified.exit_code == status
+    assert isinstance(classified, RunFailed) == (status == 1)
+    assert isinstance(classified, UserError)  # both are one line on stderr
+    assert "\n" not in classified.format_message()
