@@ -319,7 +319,9 @@ def train_family(
     champion_metrics = None
     if champion_futures is not None:
         parts = answered(champion_futures, "champion evaluation")
-        champion_metrics = round_summary([], list(parts.values()), family.top_k, ctx.n_items, 0.0)
+        champion_metrics = round_summary(
+            [], list(parts.values()), family.top_k, ctx.n_items, 0.0, spread=release is None
+        )
         champion_metrics |= _noise(list(parts.values()), release, family.top_k)
     get_run_logger().info("trained the %s family: %d step(s)", family.name, step)
     return Trained(

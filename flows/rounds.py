@@ -355,12 +355,14 @@ def step_record(
 ) -> dict[str, Any]:
     """The keyword arguments of :func:`~tasks.server.record_step` (but the snapshot) that
     summarise and log step ``step``: its uploads and time (``round_``) and its model's
-    evaluations. A resumed run does not log again the steps the interrupted one logged."""
+    evaluations. A resumed run does not log again the steps the interrupted one logged. A
+    private run logs no per-client spread: each client's evaluation is its own noisy release."""
     updates, seconds = round_
     return dict(
         step=step, updates=updates, evaluations=evaluations, top_k=top_k, n_items=ctx.n_items,
         seconds=seconds, extra=dict(extra or {}),
         log_to=(ctx.uri, ctx.run_id) if step > ctx.logged_through else None,
+        spread=ctx.config.dp_epsilon is None,
     )  # fmt: skip
 
 

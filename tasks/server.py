@@ -49,11 +49,13 @@ def round_summary(
     top_k: int,
     n_items: int,
     seconds: float,
+    *,
+    spread: bool = True,
 ) -> dict[str, float]:
     """One logged step: the round's uploads and wall time, and the model it produced, evaluated
-    on every split the clients reported (``train/*``, ``valid/*``, ``test/*``); the round's
-    counts and time are ``system/*``."""
-    metrics = summarize_splits(evaluations, top_k, n_items)
+    on every split the clients reported (``train/*``, ``valid/*``, ``test/*``; the per-client
+    spread too with ``spread``); the round's counts and time are ``system/*``."""
+    metrics = summarize_splits(evaluations, top_k, n_items, spread=spread)
     if updates:
         metrics["system/clients"] = float(sum(u.metrics.get("clients", 1.0) for u in updates))
         if any("clients" in u.metrics for u in updates):  # cohorts of per-user clients
@@ -149,12 +151,14 @@ def save_step(
     extra: Mapping[str, float],
     log_to: tuple[str, str] | None,
     snapshot: Snapshot | None,
+    spread: bool = True,
 ) -> dict[str, float]:
     """The server's record of a round: step ``step``'s metrics (as :func:`round_summary`, with
     ``extra``) logged to the MLflow run ``log_to`` = (URI, run id) when given, then
     ``snapshot`` checkpointed when given. In that order: a checkpoint on disk means every step
     before it is logged. Returns the metrics."""
-    metrics = round_summary(updates, evaluations, top_k, n_items, seconds) | dict(extra)
+    metrics = round_summary(updates, evaluations, top_k, n_items, seconds, spread=spread)
+    metrics |= dict(extra)
     if log_to is not None:
         log_metrics(*log_to, step, metrics)
     if snapshot is not None:

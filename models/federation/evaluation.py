@@ -24,12 +24,13 @@ def metric_name(split: str, metric: str, client_stat: str | None = None) -> str:
 
 
 def summarize_evaluation(
-    parts: Sequence[Evaluation], top_k: int, n_items: int, prefix: str
+    parts: Sequence[Evaluation], top_k: int, n_items: int, prefix: str, *, spread: bool = True
 ) -> dict[str, float]:
-    """Combine clients' evaluation sums into global metrics plus the per-client spread (min, p10,
-    median, max) of RMSE, MAE, NDCG, recall and MAP. Names are grouped by ``/`` as MLflow's charts
-    are: ``<prefix>/rmse`` is the global RMSE, ``<prefix>/client_max/rmse`` the worst client's
-    (:func:`metric_name`)."""
+    """Combine clients' evaluation sums into global metrics plus, with ``spread``, the per-client
+    spread (min, p10, median, max) of RMSE, MAE, NDCG, recall and MAP. Names are grouped by
+    ``/`` as MLflow's charts are: ``<prefix>/rmse`` is the global RMSE, ``<prefix>/client_max/rmse``
+    the worst client's (:func:`metric_name`). Without ``spread`` (each client's sums a noisy DP
+    release: one client's figure would be mostly noise) only the global metrics."""
     sums = add_sums(p for p, _ in parts)
     recommended = [r for _, r in parts if r is not None]
     if recommended:
@@ -39,6 +40,8 @@ def summarize_evaluation(
         metric_name(prefix, name): v
         for name, v in finalize_metrics(sums, k=k, n_items=n_items).items()
     }
+    if not spread:
+        return out
     per_client = [finalize_metrics(p, k=k) for p, _ in parts]
     for metric in ("rmse", "mae", f"ndcg_at_{k}", f"recall_at_{k}", f"map_at_{k}"):
         values = [m[metric] for m in per_client if metric in m]
@@ -53,13 +56,13 @@ def without_item_counts(evaluations: Mapping[str, Evaluation]) -> dict[str, Eval
 
 
 def summarize_splits(
-    evaluations: Sequence[Mapping[str, Evaluation]], top_k: int, n_items: int
+    evaluations: Sequence[Mapping[str, Evaluation]], top_k: int, n_items: int, *, spread: bool = True
 ) -> dict[str, float]:
     """:func:`summarize_evaluation` for every split the clients reported, prefixed by the split."""
     metrics: dict[str, float] = {}
     for split in dict.fromkeys(s for e in evaluations for s in e):
         parts = [e[split] for e in evaluations if split in e]
-        metrics |= summarize_evaluation(parts, top_k, n_items, split)
+        metrics |= summarize_evaluation(parts, top_k, n_items, split, spread=spread)
     return metrics
 
 

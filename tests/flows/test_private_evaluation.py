@@ -102,6 +102,9 @@ def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(st
     assert history("valid/dp_sd/rmse") == [pytest.approx(stated["valid/rmse"])]
     assert history("test/dp_sd/ndcg_at_10") == [pytest.approx(stated["test/ndcg_at_10"])]
     assert stated["valid/rmse"] > 0
+    # and no per-client spread: each client's figure would be its own noisy release alone
+    logged = client.get_run(summary["run_id"]).data.metrics
+    assert "valid/rmse" in logged and not [name for name in logged if "/client_" in name]
 
 
 @pytest.fixture
@@ -146,6 +149,7 @@ def test_a_private_run_with_a_champion_counts_the_champions_evaluation_too(own_s
     assert 7.9 < last("privacy/epsilon") <= 8.0 + 1e-9
     # both released figures carry their noise, which the promotion rule weighs
     assert summary["champion_metrics"]["valid/dp_sd/rmse"] > 0
+    assert not [name for name in summary["champion_metrics"] if "/client_" in name]
     assert last("valid/dp_sd/rmse") > 0
 
 
