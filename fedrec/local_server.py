@@ -157,7 +157,8 @@ def is_healthy(api_url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Whether a server could bind ``port`` on :data:`HOST` now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         # as the server binds: a port whose last connections linger in TIME_WAIT is free
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -191,7 +192,7 @@ def free_port() -> int:
         draw = random.SystemRandom()  # not `random`'s shared state, which tests may seed alike
         for _ in range(200):
             port = draw.randrange(LISTEN_PORTS_FROM, low)
-            if _port_is_free(port):
+            if port_is_free(port):
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((HOST, 0))
@@ -211,12 +212,12 @@ def choose_port(port: int | None = None) -> int:
     if port is not None:
         if not 0 < port < 65536:
             raise LocalServerError(f"port {port}: must be in 1-65535")
-        if not _port_is_free(port):
+        if not port_is_free(port):
             raise LocalServerError(
                 f"port {port} on {HOST} is in use: choose another with --port or {PORT_ENV}"
             )
         return port
-    return DEFAULT_PORT if _port_is_free(DEFAULT_PORT) else free_port()
+    return DEFAULT_PORT if port_is_free(DEFAULT_PORT) else free_port()
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedrec.local_server import HOST, free_port
+from fedrec.local_server import HOST, free_port, port_is_free
 from models.files import write_private
 
 STATE_FILE = "stores.json"
@@ -392,14 +391,8 @@ def _ports(port_base: int | None) -> tuple[int, int, int]:
         raise StoresError(f"port base {port_base}: must be in 1024-65533 (three ports from it)")
     ports = (port_base, port_base + 1, port_base + 2)
     for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((HOST, port))
-            except OSError as err:
-                raise StoresError(
-                    f"port {port} on {HOST} is in use: choose another --port-base"
-                ) from err
+        if not port_is_free(port):
+            raise StoresError(f"port {port} on {HOST} is in use: choose another --port-base")
     return ports
 
 
