@@ -97,7 +97,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise _classify(err) from err
         except click.ClickException as err:
             if kwargs.get("as_json"):
-                click.echo(json.dumps({"error": err.format_message(), "exit_status": err.exit_code}))
+                click.echo(
+                    json.dumps({"error": err.format_message(), "exit_status": err.exit_code})
+                )
             raise
 
     return wrapper

@@ -56,7 +56,11 @@ def without_item_counts(evaluations: Mapping[str, Evaluation]) -> dict[str, Eval
 
 
 def summarize_splits(
-    evaluations: Sequence[Mapping[str, Evaluation]], top_k: int, n_items: int, *, spread: bool = True
+    evaluations: Sequence[Mapping[str, Evaluation]],
+    top_k: int,
+    n_items: int,
+    *,
+    spread: bool = True,
 ) -> dict[str, float]:
     """:func:`summarize_evaluation` for every split the clients reported, prefixed by the split."""
     metrics: dict[str, float] = {}

@@ -21,7 +21,6 @@ from scipy import sparse
 
 from models.data.schema import rated_positives
 from models.mf.recommend import top_k
-from models.recommenders import NO_HISTORY
 from models.neural.network import (
     Architecture,
     Params,
@@ -30,6 +29,7 @@ from models.neural.network import (
     logits,
     save_network,
 )
+from models.recommenders import NO_HISTORY
 
 KIND = "neural"
 USER_ID = "user_id"

@@ -177,9 +177,7 @@ class RankingRecommender:
                 seen = np.zeros(self.n_items, dtype=bool)
                 best, _ = top_k(self.retrieval.popularity, seen, k)
                 # a popularity count is not a ranking score: NaN, the reason says why
-                ranked = [
-                    (int(i), float("nan"), f"{NO_HISTORY}: most popular items") for i in best
-                ]
+                ranked = [(int(i), float("nan"), f"{NO_HISTORY}: most popular items") for i in best]
             for rank, (item, score, reason) in enumerate(ranked, start=1):
                 reason = "; ".join(filter(None, [reason, notes[u]]))
                 out.append((user, rank, str(self.item_ids[item]), score, reason))

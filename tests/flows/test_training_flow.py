@@ -154,7 +154,9 @@ def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     assert np.all(np.diff(warm["score"].to_numpy()) <= 0)
     assert "ignored 1 unknown item(s): not-an-item" in warm["reason"].iloc[0]
     cold = out[out["user_id"] == "cold"]
-    assert len(cold) == 7 and "no known items in history: most popular items" in cold["reason"].iloc[0]
+    assert (
+        len(cold) == 7 and "no known items in history: most popular items" in cold["reason"].iloc[0]
+    )
 
 
 def test_bad_input_writes_no_model_version_and_keeps_the_champion(store, first_run, tmp_path):

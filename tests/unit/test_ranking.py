@@ -255,7 +255,9 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
         "unknown item: not scored",
         "in the history: not scored",
     ]
-    assert scored[scored.user_id == "new"].reason.tolist() == ["no known items in history: not scored"]
+    assert scored[scored.user_id == "new"].reason.tolist() == [
+        "no known items in history: not scored"
+    ]
 
 
 def test_similar_item_reason_names_the_history_item():
