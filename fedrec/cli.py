@@ -287,6 +287,10 @@ def main() -> None:
     fedrec recommend --model models:/fedrec-mf@champion --history h.csv --k 10
     fedrec predict --model models:/fedrec-mf@champion --history h.csv --pairs p.csv
     fedrec server status                               the local Prefect server and its UI
+
+    Errors are one line on stderr. Exit status: 0 done; 2 the input, a flag or a name is wrong
+    (fix it; nothing was written); 1 the run failed on its way (e.g. too few clients answered;
+    running it again may succeed). Add --debug for the traceback.
     """
 
 
