@@ -22,28 +22,33 @@ from models.data.errors import DataValidationError
 _EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
-class UserError(click.ClickException):
-    """A problem the user can fix; shown as one line."""
-
-    exit_code = 2
+class OneLineError(click.ClickException):
+    """An error shown as one line on stderr."""
 
     def show(self, file: Any = None) -> None:
         click.echo(f"fedrec: error: {self.message}", err=True)
 
 
-class RunFailed(UserError):
-    """A correctly set-up run that failed on its way; shown as one line."""
+class UserError(OneLineError):
+    """A problem the user can fix: the input, a flag, a name."""
+
+    exit_code = 2
+
+
+class RunFailed(OneLineError):
+    """A correctly set-up run that failed on its way."""
 
     exit_code = 1
 
 
 class OneLineGroup(click.Group):
     """Click's own usage errors (a bad choice, a missing value) as one line, like ours, instead
-    of the usage block."""
+    of the usage block; with ``--json`` among the arguments, every error on stdout too."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
         try:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(argv, *rest, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as err:  # a bare `fedrec`: the help, not an error
             click.echo(err.format_message())
             raise SystemExit(0) from err
@@ -53,16 +58,26 @@ class OneLineGroup(click.Group):
                 if err.ctx and err.ctx.parent
                 else "fedrec --help"
             )
-            click.echo(f"fedrec: error: {err.format_message()} (see {command})", err=True)
+            message = f"{err.format_message()} (see {command})"
+            click.echo(f"fedrec: error: {message}", err=True)
+            _json_error(argv, message, 2)
             raise SystemExit(2) from err
         except click.ClickException as err:
             err.show()
+            _json_error(argv, err.format_message(), err.exit_code)
             raise SystemExit(err.exit_code) from err
         except click.exceptions.Exit as err:
             raise SystemExit(err.exit_code) from err
         except click.Abort as err:
             click.echo("Aborted!", err=True)
             raise SystemExit(1) from err
+
+
+def _json_error(argv: list[str], message: str, status: int) -> None:
+    """The error as one JSON line on stdout, for a command run with ``--json``: a script that
+    reads the summary from stdout sees the failure there too."""
+    if "--json" in argv:
+        click.echo(json.dumps({"error": message, "exit_status": status}))
 
 
 def _one_line(err: Any) -> str:
@@ -77,35 +92,28 @@ def _one_line(err: Any) -> str:
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn errors into one line: exit status 2 for what the user gave, 1 for a run that failed
-    (a traceback instead with --debug); with ``as_json``, the line on stdout as JSON too."""
+    (a traceback instead with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.pop("debug", False)
         try:
-            try:
-                return (
-                    fn(*args, debug=debug, **kwargs)
-                    if "debug" in fn.__code__.co_varnames
-                    else fn(*args, **kwargs)
-                )
-            except (click.ClickException, click.exceptions.Exit, click.Abort):
-                raise
-            except Exception as err:
-                if debug:
-                    raise
-                raise _classify(err) from err
-        except click.ClickException as err:
-            if kwargs.get("as_json"):
-                click.echo(
-                    json.dumps({"error": err.format_message(), "exit_status": err.exit_code})
-                )
+            return (
+                fn(*args, debug=debug, **kwargs)
+                if "debug" in fn.__code__.co_varnames
+                else fn(*args, **kwargs)
+            )
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except Exception as err:
+            if debug:
+                raise
+            raise _classify(err) from err
 
     return wrapper
 
 
-def _classify(err: Exception) -> UserError:
+def _classify(err: Exception) -> OneLineError:
     """The one-line error for an exception: the user's to fix when fedrec knows it as such,
     else a run failure (as is an error that says ``exit_status = 1``, a quorum failure)."""
     message, fixable = _describe(err)

@@ -191,9 +191,14 @@ def test_a_run_that_fails_on_its_way_exits_1_and_says_so_on_stdout_under_json(
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.search_model_versions("name='quorum'") == []
 
-    bad = CliRunner().invoke(main, ["train", "--rounds", "-1", "--json"])
-    assert bad.exit_code == 2
-    assert json.loads(bad.stdout)["exit_status"] == 2
+    # the configuration refuses a value; click refuses a flag before the command runs
+    for refused in (["--rounds", "-1"], ["--rounds", "many"]):
+        bad = CliRunner().invoke(main, ["train", *refused, "--json"])
+        assert bad.exit_code == 2
+        assert json.loads(bad.stdout) == {
+            "error": bad.stderr.strip().removeprefix("fedrec: error: "),
+            "exit_status": 2,
+        }
 
 
 def test_recommend_and_predict_write_csv(trained, tmp_path):
