@@ -289,8 +289,8 @@ def main() -> None:
     fedrec server status                               the local Prefect server and its UI
 
     Errors are one line on stderr. Exit status: 0 done; 2 the input, a flag or a name is wrong
-    (fix it; nothing was written); 1 the run failed on its way (e.g. too few clients answered;
-    running it again may succeed). Add --debug for the traceback.
+    (fix it and run again); 1 the run failed on its way (e.g. too few clients answered; running
+    it again may succeed). A command's --debug shows the traceback.
     """
 
 

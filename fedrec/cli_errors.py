@@ -1,6 +1,6 @@
 """How the fedrec commands report errors: one line on stderr. Exit status 2 means the command
-was given something it cannot use (a file, a value, a flag, a name): fix it and run again, and
-nothing was written. Exit status 1 means a run that was set up correctly failed on its way
+was given something it cannot use (a file, a value, a flag, a name): fix it and run again (bad
+input is refused before anything is written). Exit status 1 means a run that was set up correctly failed on its way
 (too few clients answered, a server went away, an unexpected error): running it again may
 succeed. With ``--json`` the line is also printed on stdout as ``{"error": ..., "exit_status":
 ...}``, so that a script reading stdout sees the failure too."""
@@ -117,7 +117,7 @@ def _classify(err: Exception) -> OneLineError:
     """The one-line error for an exception: the user's to fix when fedrec knows it as such,
     else a run failure (as is an error that says ``exit_status = 1``, a quorum failure)."""
     message, fixable = _describe(err)
-    fixable = fixable and getattr(err, "exit_status", 2) == 2
+    fixable = fixable and getattr(err, "exit_status", 2) != 1
     return UserError(message) if fixable else RunFailed(message)
 
 
