@@ -31,12 +31,18 @@ those and the validation queries of the training folds. ``--slim-iterations N`` 
 candidates with ADMM SLIM in the retrieval stage (:mod:`models.ranking.slim`, its ``slim_*``
 features). Each set other than ``base`` reports its mean per-user difference from ``base`` and
 that difference's standard error; ``--per-user`` writes the per-user figures for other pairings.
+``--variants`` trains the ranker other ways on the base features (graded labels from the
+validation row's rating, monotone constraints, DART, linear trees, LambdaRank on graded labels),
+each with every ``--lgb-seeds`` seed on the same folds, against the base ranker with the same
+seeds: the seed alone moves the ranker about as much as these variants do.
 
     uv run python -m benchmarks.ranking_ablation --sets base time seq more ratings
     uv run python -m benchmarks.ranking_ablation --sets base --trees 200     # LightGBM settings
     uv run python -m benchmarks.ranking_ablation --sets base --candidates 50
     uv run python -m benchmarks.ranking_ablation --sets base admm profile pseudo pseudo_valid
     uv run python -m benchmarks.ranking_ablation --sets base --slim-iterations 100
+    uv run python -m benchmarks.ranking_ablation --sets base --slim-iterations 40 \
+        --variants graded graded5 monotone dart linear_tree lambdarank_graded
 """
 
 from __future__ import annotations
@@ -444,9 +450,16 @@ def _params(args: argparse.Namespace) -> dict[str, object]:
     }  # fmt: skip
 
 
-def _fit(frame: pd.DataFrame, columns: list[str], args: argparse.Namespace) -> lgb.Booster:
-    """A pooled ranker; query groups are the runs of equal ``qid`` (``uid`` without one), and
-    rows of the pseudo-validation world (``qid`` < 0) weigh ``--pseudo-weight``."""
+def _fit(
+    frame: pd.DataFrame,
+    columns: list[str],
+    args: argparse.Namespace,
+    label: str = "label",
+    extra: dict[str, object] | None = None,
+) -> lgb.Booster:
+    """A pooled ranker on the frame's ``label`` column, with ``extra`` LightGBM parameters over
+    :func:`_params`; query groups are the runs of equal ``qid`` (``uid`` without one), and rows
+    of the pseudo-validation world (``qid`` < 0) weigh ``--pseudo-weight``."""
     query = frame["qid"] if "qid" in frame else frame["uid"]
     groups = query.groupby((query != query.shift()).cumsum(), sort=False).size().to_numpy()
     weight = None
@@ -454,11 +467,11 @@ def _fit(frame: pd.DataFrame, columns: list[str], args: argparse.Namespace) -> l
         first = np.r_[0, np.cumsum(groups)[:-1]]
         weight = np.where(query.to_numpy()[first] < 0, args.pseudo_weight, 1.0)
     data = lgb.Dataset(
-        frame[columns].to_numpy(float), label=frame["label"].to_numpy(float), group=groups,
+        frame[columns].to_numpy(float), label=frame[label].to_numpy(float), group=groups,
         weight=None if weight is None else np.repeat(weight, groups),
         feature_name=columns, categorical_feature=[c for c in CATEGORICAL if c in columns],
     )  # fmt: skip
-    return lgb.train(_params(args), data, num_boost_round=args.trees)
+    return lgb.train(_params(args) | (extra or {}), data, num_boost_round=args.trees)
 
 
 def ndcg_users(
@@ -482,6 +495,83 @@ def ndcg_sum(frame: pd.DataFrame, scores: np.ndarray, n_relevant: pd.Series, k: 
     return float(ndcg_users(frame, scores, n_relevant, k).sum())
 
 
+# Ways to train the ranker on the base features: (label column, LightGBM parameters); the
+# ``grade*`` columns are graded labels from the validation row's rating (:func:`graded_labels`)
+VARIANTS: dict[str, tuple[str, dict[str, object]]] = {
+    "graded": ("grade", {}),
+    "graded5": ("grade5", {}),
+    "lambdarank_graded": ("grade", {"objective": "lambdarank", "label_gain": [0, 1, 2, 3]}),
+    "monotone": ("label", {}),  # constraints set per feature in :func:`_variant`
+    "dart": ("label", {"boosting": "dart", "drop_rate": 0.1}),
+    "linear_tree": ("label", {"linear_tree": True}),
+}
+
+
+def graded_labels(train: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``train`` with graded labels of its validation candidates: ``grade`` = rating - 2 (ratings
+    3, 4, 5 give 1, 2, 3), ``grade5`` = 2 for a 5 and 1 for a 3 or 4; 0 for the others."""
+    valid = rows.loc[rows["split"] == 1, ["uid", "item", "rating"]]
+    rating = train[["uid", "item"]].merge(valid, on=["uid", "item"], how="left")["rating"]
+    labelled = train["label"].to_numpy() > 0
+    if not np.array_equal(labelled, rating.notna().to_numpy()):
+        raise AssertionError("the labelled candidates are not the validation rows")
+    rating = rating.to_numpy(float)
+    return train.assign(
+        grade=np.where(labelled, rating - 2.0, 0.0),
+        grade5=np.where(labelled, np.where(rating >= 5, 2.0, 1.0), 0.0),
+    )
+
+
+def _variant(name: str, columns: list[str], seed: int) -> tuple[str, dict[str, object]]:
+    label, extra = VARIANTS.get(name, ("label", {}))  # "base": the script's own ranker
+    if name == "monotone":  # up in every score, down in every rank (rank 1 is the best)
+        extra = {"monotone_constraints": [
+            1 if c.endswith("_score") else -1 if c.endswith("_rank") else 0 for c in columns
+        ]}  # fmt: skip
+    return label, extra | {"seed": seed}
+
+
+def run_variants(
+    args: argparse.Namespace, train: pd.DataFrame, rows: pd.DataFrame, folds: np.ndarray
+) -> dict[str, dict[str, object]]:
+    """``base`` and every ``--variants`` ranker on the base features, with each LightGBM seed of
+    ``--lgb-seeds`` on the same folds: per variant its validation NDCG@10 per seed, the mean over
+    the seeds, and the paired per-user difference of that mean from the base's mean."""
+    train = graded_labels(train, rows)
+    n_valid = rows[rows["split"] == 1].groupby("uid").size()
+    columns = list(FEATURES)
+    per_user: dict[str, list[pd.Series]] = {}
+    for name in ["base", *args.variants]:
+        for seed in args.lgb_seeds:
+            started = time.perf_counter()
+            label, extra = _variant(name, columns, seed)
+            parts = []
+            for f in range(args.folds):
+                booster = _fit(train[folds != f], columns, args, label, extra)
+                held = train[folds == f]
+                parts.append(
+                    ndcg_users(held, booster.predict(held[columns].to_numpy(float)), n_valid)
+                )
+            per_user.setdefault(name, []).append(
+                pd.concat(parts).reindex(n_valid.index).fillna(0.0)
+            )
+            print(f"  {name}, LightGBM seed {seed}: {per_user[name][-1].mean():.4f} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+    base = sum(per_user["base"]) / len(args.lgb_seeds)
+    out: dict[str, dict[str, object]] = {}
+    for name, runs in per_user.items():
+        mean = sum(runs) / len(runs)
+        out[name] = {
+            "valid_ndcg_at_10_by_seed": [float(r.mean()) for r in runs],
+            "valid_ndcg_at_10": float(mean.mean()),
+        }
+        if name != "base":
+            diff = mean - base
+            out[name]["valid_gain_vs_base"] = float(diff.mean())
+            out[name]["paired_se"] = float(diff.std(ddof=1) / np.sqrt(diff.size))
+    return out
+
+
 def _with_pseudo(pseudo: pd.DataFrame, labelled: pd.DataFrame) -> pd.DataFrame:
     """Pseudo-validation queries (``qid`` = -1 - user) followed by the labelled ones."""
     return pd.concat(
@@ -490,7 +580,7 @@ def _with_pseudo(pseudo: pd.DataFrame, labelled: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def run(args: argparse.Namespace) -> tuple[dict, dict]:
+def run(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     started = time.perf_counter()
     train, test, rows = candidates(args)
     print(f"candidates: {len(train)} training rows, {len(test)} test rows "
@@ -560,7 +650,8 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
         print(f"  {name}: {out[name]}", flush=True)
     if args.per_user:
         pd.DataFrame(per_user).rename_axis("uid").to_csv(args.per_user)
-    return out, single
+    variants = run_variants(args, train, rows, fold_of_row) if args.variants else {}
+    return out, single, variants
 
 
 def main() -> None:
@@ -599,6 +690,12 @@ def main() -> None:
     parser.add_argument("--leaves", type=int, default=31)
     parser.add_argument("--min-leaf", type=int, default=200)
     parser.add_argument("--subsample", type=float, default=0.8)
+    parser.add_argument(
+        "--variants", nargs="+", default=[], choices=list(VARIANTS),
+        help="other ways to train the ranker on the base features (graded labels, monotone "
+        "constraints, DART, linear trees), each against base with every --lgb-seeds seed",
+    )  # fmt: skip
+    parser.add_argument("--lgb-seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--bin-days", type=float, default=30.0, help="time bins of `time`")
     parser.add_argument("--seq-window", type=int, default=1, help="positions apart for `seq`")
@@ -614,11 +711,12 @@ def main() -> None:
     args = parser.parse_args()
     if load_movielens("ml-1m") is None:
         return
-    result, single = run(args)
+    result, single, variants = run(args)
     path = write_json(
         args.out,
-        {"args": vars(args), "machine": machine(), "sets": result, "single_models": single},
-    )
+        {"args": vars(args), "machine": machine(), "sets": result, "single_models": single,
+         "ranker_variants": variants},
+    )  # fmt: skip
     print(f"wrote {path}")
 
 
