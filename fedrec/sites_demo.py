@@ -288,11 +288,12 @@ def run_demo(folder: Path, dataset: Path, *, rounds: int, timeout: float) -> dic
                 [fedrec, "keygen", "--name", share.name, "--out", str(home)], f"{share.name} keygen"
             )
             shutil.copy(home / f"{share.name}.pub", keys / f"{share.name}.pub")
+            # --allow-exact: the demo's run is not private
             site = [fedrec, "site", "run", "--name", share.name, "--data", str(mount / ROWS_FILE),
                     "--prefect-api", stores.prefect_api, "--mlflow", stores.mlflow_uri,
                     "--identity", str(home / f"{share.name}.key"),
                     "--coordinator-key", str(keys / "coordinator.pub"),
-                    "--state-dir", str(home / "state")]  # fmt: skip
+                    "--state-dir", str(home / "state"), "--allow-exact"]  # fmt: skip
             logs[share.name] = home / "site.log"
             processes.start(
                 share.name,

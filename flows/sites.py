@@ -4,9 +4,11 @@ Each site listed in ``sites.yaml`` is asked (one proxy task run per site, ``enro
 for the set of item ids it holds and its users and rows per split. The catalogue is the union
 of the item sets, so the coordinator never learns which user touched which item; what it does
 learn, and logs like the simulation's partition profile, is per site: the item ids it holds,
-its number of users and of train / validation / test rows, and a fingerprint (sha256) of its
-rows. Sites that do not enrol within their deadline are left out of the run, under the same
-quorum as any round. No row is read, written or received here.
+its number of users and of train / validation / test rows, a fingerprint of its rows keyed with
+the site's own secret, and whether it answers runs without DP (a run without ``--dp-epsilon``
+is refused here, before anything is written, when a site answers only private ones). Sites
+that do not enrol within their deadline are left out of the run, under the same quorum as any
+round. No row is read, written or received here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from models.sites.catalogue import union_catalogue
 from models.sites.registry import read_registry
 from tasks.remote import SiteLink, enroll_site, record_enrolment, register_site_keys
 from tasks.tracking import load_champion, resolve_tracking_uri, start_run, tag_run
+
+
+class SitesRefuseExact(ValueError):
+    """A run without DP asked of sites that answer only private runs."""
+
+    one_line = True
 
 
 def _servers(config: TrainingConfig) -> tuple[str, str]:
@@ -65,6 +73,18 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
         for site in registry.sites
     }
     enrolled = answered(futures, "enrolment", config.round_timeout)
+    if config.dp_epsilon is None:  # before any run starts: a run the sites would refuse
+        private_only = [
+            s.name
+            for s in registry.sites
+            if s.client_id in enrolled and enrolled[s.client_id][1].get("exact") == 0
+        ]
+        if private_only:
+            raise SitesRefuseExact(
+                f"only private runs are answered by {', '.join(private_only)}: give "
+                "--dp-epsilon, or ask them to start `fedrec site run --allow-exact` (exact sums "
+                "would then leave them, counted in no budget); not started"
+            )
     require_quorum(len(enrolled), len(registry.sites), config, "enrolment")
     sites = [s for s in registry.sites if s.client_id in enrolled]
     catalogue = union_catalogue(enrolled[s.client_id][0] for s in sites)

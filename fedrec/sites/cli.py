@@ -102,6 +102,13 @@ def site() -> None:
     help="a sites.yaml (without the coordinator's key) whose public keys this site pins for its "
     "peers in secure aggregation; without it the peers' keys come from the coordinator",
 )
+@click.option(
+    "--allow-exact",
+    is_flag=True,
+    help="also answer runs without DP (fedrec train without --dp-epsilon): their per-item sums "
+    "and evaluation sums leave this site exact, and no budget counts them. Without it the site "
+    "answers only private runs",
+)
 @click.option("--user-col", default="user_id", show_default=True, help="user column of --data")
 @click.option("--item-col", default="item_id", show_default=True, help="item column of --data")
 @click.option(
@@ -134,6 +141,7 @@ def run(
     max_epsilon: float,
     max_delta: float | None,
     peers: str | None,
+    allow_exact: bool,
     user_col: str,
     item_col: str,
     rating_col: str,
@@ -170,6 +178,7 @@ def run(
         max_epsilon=max_epsilon,
         max_delta=max_delta,
         peers=peers,
+        allow_exact=allow_exact,
         read_options={
             "user_col": user_col,
             "item_col": item_col,

@@ -98,6 +98,7 @@ class SiteOptions:
     max_epsilon: float = 10.0  # no user of the site passes this, summed over runs
     max_delta: float | None = None  # the same for delta (default: 1 / the site's users)
     peers: str | None = None  # a sites.yaml whose public keys this site pins for its peers
+    allow_exact: bool = False  # also answer requests without DP (exact sums, counted nowhere)
     read_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -309,9 +310,15 @@ class Site:
                 f"{request.kind} {request.phase} round {request.round} was answered for another "
                 "global state; a private site answers an exchange once"
             )
+        pinned = self.secure.peers is not None
+        release = _release(request, family, peers_pinned=pinned)
+        if release is None and not self.options.allow_exact:
+            raise RefusedMessage(
+                f"{self.name} answers only private requests (DP): an exact {request.kind} answer "
+                "would leave its users' budget uncounted (fedrec site run --allow-exact answers it)"
+            )
         client = self._client(request)
         state = self._state(request, family, client.n_items)
-        release = _release(request, family)
         if release is not None:  # counted (and written down) before it is computed
             spent = self.budget.charge(request.run, release)
             self._log(
@@ -364,7 +371,10 @@ class Site:
         return data, info
 
     def _enroll(self, request: RoundRequest) -> tuple[bytes, dict[str, Any]]:
-        """The item-id set and what the coordinator's manifest holds: users and rows per split."""
+        """The item-id set and what the coordinator's manifest holds: users and rows per split,
+        a fingerprint of the rows keyed with this site's secret (it changes when they change;
+        nobody without the secret can test a guess of the rows against it), and whether the
+        site answers requests without DP."""
         items = item_set(self.data)
         client = self._split(request, items)
         counts = np.bincount(client.frame[SPLIT].to_numpy(), minlength=3)
@@ -373,7 +383,8 @@ class Site:
             "n_train": int(counts[TRAIN]),
             "n_valid": int(counts[VALID]),
             "n_test": int(counts[TEST]),
-            "fingerprint": self.data.fingerprint(),
+            "fingerprint": self.budget.keyed("fingerprint", self.data.fingerprint()),
+            "exact": int(self.options.allow_exact),
             "key_id": key_id(self.key),
         }
         return encode_arrays({"items": items}), info
@@ -451,9 +462,11 @@ class Site:
         return without_item_counts(evaluations) if family.private else evaluations
 
 
-def _release(request: RoundRequest, family: Family) -> Release | None:
+def _release(request: RoundRequest, family: Family, *, peers_pinned: bool) -> Release | None:
     """The DP release an answer makes, as the site's own accountant counts it (None: not
-    private)."""
+    private). A masked answer counts the full noise only when the site pins its peers' keys:
+    with keys taken from the coordinator, the coordinator could stand in for every peer, unmask
+    this site's update alone and see only the site's own share of the noise."""
     if request.kind == "evaluate" and request.release is not None:
         try:
             return evaluation_release(MetricRelease(**request.release))  # type: ignore[arg-type]
@@ -466,8 +479,9 @@ def _release(request: RoundRequest, family: Family) -> Release | None:
                 "a private training answer carries no evaluation sums (an uncounted release)"
             )
         # masked (the site holds its update and masks it only in a round of t >= its noise
-        # shares), the server learns a sum carrying the full noise
-        return training_release(dp, request.devices, masked=request.secure is not None)
+        # shares) among pinned peers, the server learns a sum carrying the full noise
+        masked = request.secure is not None and peers_pinned
+        return training_release(dp, request.devices, masked=masked)
     if family.private:
         raise RefusedMessage(f"a private {request.kind} answer this site cannot account for")
     return None

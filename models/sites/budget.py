@@ -8,9 +8,12 @@ it applies, and refuses a release that would take any of its users past the site
 - a **training answer** of a private family is a Gaussian release of the user's clipped
   statistics with noise multiplier ``noise_multiplier / sqrt(shares)`` relative to its
   sensitivity: without secure aggregation the server sees this site's upload alone, so only the
-  site's own share of the noise protects it. Under secure aggregation the site keeps its update
-  and sends it only masked, in a round whose threshold t is at least ``shares`` (it checks), so
-  the server learns only sums carrying the full noise: the release counts ``noise_multiplier``.
+  site's own share of the noise protects it. Under secure aggregation with its peers' keys
+  pinned, the site keeps its update and sends it only masked, in a round whose threshold t is
+  at least ``shares`` (it checks), so the server learns only sums carrying the full noise: the
+  release counts ``noise_multiplier``. With the peers' keys taken from the coordinator, the
+  coordinator could stand in for every peer and unmask the update alone: it counts as sent in
+  the clear.
   With per-user sampling (``devices``) each user of the site flips its own coin from the site's
   entropy, a Poisson sample at that rate; without it every user is in (a *full* release);
 - a **final evaluation** release (:class:`~models.privacy.released_metrics.MetricRelease`) is one

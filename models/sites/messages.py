@@ -401,7 +401,8 @@ class RoundAnswer:
         The answer's npz (:func:`models.protocol.answer_arrays`; for ``enroll`` the item ids).
     info : dict
         Numbers the coordinator may see beside the arrays: for ``enroll`` the site's users and
-        rows per split, and a fingerprint of its rows; the seconds the site spent.
+        rows per split, a fingerprint of its rows keyed with the site's secret, and whether it
+        answers requests without DP (``exact``); the seconds the site spent.
     """
 
     run: str

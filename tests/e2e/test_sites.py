@@ -5,8 +5,9 @@ Checked: the model equals the in-process reference loop on the same per-site dat
 user id of any site reaches the coordinator's workspace, home, the artifact store or either
 database; a process answering as a site with the wrong key is refused; a site killed mid-run
 is left out by the quorum of a private run, and the same site restarted on its state folder
-rejoins it; a securely aggregated run equals the same reference, and under DP each site counts
-its masked answers at the full noise.
+rejoins it; a securely aggregated run equals the same reference; a run without DP is refused
+before it starts by sites that answer only private runs, and under DP each site that pins its
+peers' keys counts its masked answers at the full noise.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Federation:
             f"coordinator_key: {self.keys}/coordinator.key\nsites:\n{sites}"
         )
         (self.coordinator / "run.yaml").write_text("task_retries: 0\n")
+        (self.coordinator / "peers.yaml").write_text(f"sites:\n{sites}")  # for --peers
 
     def start_site(
         self,
@@ -94,9 +96,12 @@ class Federation:
         label: str | None = None,
         poll: float = 5.0,
         events: bool = True,
+        exact: bool = True,
+        peers: bool = False,
     ) -> None:
         """Start ``name``'s process (with another identity ``key`` when impersonating); it
-        finds requests on the events websocket, or by polling alone without ``events``."""
+        finds requests on the events websocket, or by polling alone without ``events``. With
+        ``exact`` it answers runs without DP too; with ``peers`` it pins its peers' keys."""
         label = label or name
         folder = self.root / "sites" / name
         log = open(self.root / f"{label}.log", "a")  # noqa: SIM115 (the process holds it)
@@ -122,6 +127,8 @@ class Federation:
                 "--poll",
                 str(poll),
                 "--events" if events else "--no-events",
+                *(["--allow-exact"] if exact else []),
+                *(["--peers", str(self.coordinator / "peers.yaml")] if peers else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -364,14 +371,25 @@ def test_a_securely_aggregated_run_equals_the_plain_model(federation):
     assert abs(got.params.global_mean - expected.params.global_mean) < 1e-8
 
 
-def test_each_site_counts_its_masked_private_answers_at_the_full_noise(federation):
+def test_sites_that_answer_only_private_runs_count_their_masked_answers_at_the_full_noise(
+    federation,
+):
     fed = federation
-    for name in SITES:  # the private run above spent the sites' budget: fresh state folders
-        fed.stop(name)
-        fed.start_site(name, label=f"{name}-fresh")
+    for name in SITES:  # the private run above spent the sites' budget: fresh state folders,
+        fed.stop(name)  # the default (private runs only) and the peers' keys pinned
+        fed.start_site(name, label=f"{name}-fresh", exact=False, peers=True)
     for name in SITES:
         _wait_for(lambda n=name: "polling" in fed.log(f"{n}-fresh"), f"{name} to start")
     entries = {n: fed.root / "state" / f"{n}-fresh" / "budget" / "entries.jsonl" for n in SITES}
+
+    exact = fed.train("ws-exact", 3, fed.root / "train-exact.err", "--secure-aggregation")
+    out, _ = exact.communicate(timeout=600)
+    assert exact.returncode == 2, (fed.root / "train-exact.err").read_text()[-3000:]
+    error = json.loads(out.strip().splitlines()[-1])["error"]
+    assert f"only private runs are answered by {', '.join(SITES)}" in error
+    assert not (fed.coordinator / "ws-exact").exists()  # refused before the run started
+    assert not any(entries[n].exists() for n in SITES)
+
     stderr = fed.root / "train-4.err"
     flags = ("--secure-aggregation", "--dp-epsilon", "1")
     summary = _summary(fed.train("ws4", 3, stderr, *flags), stderr)

@@ -55,6 +55,7 @@ def world(tmp_path):
             coordinator_key=base64.b64encode(public_bytes(coordinator_key)).decode(),
             state_dir=tmp_path / f"state-{key_name}",
             events=False,
+            allow_exact=True,
         )
         process = Site(options, data=data)
         process.transport.close()

@@ -52,14 +52,16 @@ def world(tmp_path):
 
     def start(**extra) -> Site:
         options = SiteOptions(
-            name="shop-a",
-            data="",
-            prefect_api="http://unused/api",
-            mlflow="http://unused",
-            identity=tmp_path / "keys" / "client-1.key",
-            coordinator_key=base64.b64encode(public_bytes(COORDINATOR)).decode(),
-            state_dir=tmp_path / "state",
-            **extra,
+            **{
+                "name": "shop-a",
+                "data": "",
+                "prefect_api": "http://unused/api",
+                "mlflow": "http://unused",
+                "identity": tmp_path / "keys" / "client-1.key",
+                "coordinator_key": base64.b64encode(public_bytes(COORDINATOR)).decode(),
+                "state_dir": tmp_path / "state",
+                **extra,
+            }
         )
         data = encode_interactions(_rows(), rating_scale=(1.0, 5.0), source="shop-a.csv")
         site = Site(options, data=data)
@@ -137,7 +139,7 @@ def _now(monkeypatch):
 def test_a_request_is_answered_with_protocol_arrays_only(world):
     transport, key, start = world
     request, digest = _ask(transport, family=PLAIN)
-    start().poll_once()
+    start(allow_exact=True).poll_once()
     arrays = decode_arrays(_answer(transport, key, request, digest), max_bytes=10**7)
     update, evaluations = check_answer_arrays(arrays, client_id=1, n_items=len(ITEMS))
     assert update.items.size and set(update.arrays) == {"gram", "rhs"}
@@ -176,7 +178,7 @@ def test_a_private_site_refuses_an_answered_round_about_another_state(world):
 def test_a_request_signed_by_another_key_gets_nothing(world):
     transport, _, start = world
     request, _ = _ask(transport, family=PLAIN, signer=OTHER)
-    start().poll_once()
+    start(allow_exact=True).poll_once()
     assert transport.answers_on(request.task_run_id) == []
     assert transport.logs == []
 
@@ -196,7 +198,7 @@ def test_a_state_outside_the_schema_is_refused_with_its_reason(world, change, re
     buffer = io.BytesIO()
     np.savez(buffer, **state)  # bypasses the encoder's own checks, as a hostile sender would
     request, _ = _ask(transport, family=PLAIN, state_bytes=buffer.getvalue())
-    start().poll_once()
+    start(allow_exact=True).poll_once()
     assert reason in _refusal(transport, key, request)
 
 
@@ -227,3 +229,40 @@ def test_a_private_site_sends_no_uncounted_evaluation_sums(world):
     with_sums, _ = _ask(transport, family=PRIVATE, eval_splits=("valid",), nonce="1")
     site.poll_once()
     assert "carries no evaluation sums" in _refusal(transport, key, with_sums)
+
+
+def test_a_site_answers_no_exact_request_unless_allowed_so_its_cap_cannot_be_bypassed(world):
+    transport, key, start = world
+    capped = start()  # the default: private requests only
+    _ask(transport, family=PRIVATE, nonce="1")
+    capped.poll_once()
+    entries = (capped.budget.folder / "entries.jsonl").read_text()
+    # the attack: past (or at) the cap, ask the same rows again without DP
+    for nonce, family, splits in (("2", PLAIN, ("valid",)), ("3", PLAIN, ())):
+        exact, _ = _ask(transport, family=family, round_=2, nonce=nonce, eval_splits=splits)
+        capped.poll_once()
+        assert "answers only private requests" in _refusal(transport, key, exact)
+    assert (capped.budget.folder / "entries.jsonl").read_text() == entries  # nothing released
+
+    # the same request to a site that allows exact answers gets the users' exact sums
+    exact, digest = _ask(transport, family=PLAIN, round_=2, nonce="4", eval_splits=())
+    start(allow_exact=True).poll_once()
+    arrays = decode_arrays(_answer(transport, key, exact, digest), max_bytes=10**7)
+    update, _ = check_answer_arrays(arrays, client_id=1, n_items=len(ITEMS))
+    assert update.items.size and set(update.arrays) == {"gram", "rhs"}
+
+
+def test_private_answers_come_from_the_sites_entropy_not_from_the_request(world, tmp_path):
+    transport, key, start = world
+    request, digest = _ask(transport, family=PRIVATE, nonce="1")
+    start().poll_once()
+    twin = start(state_dir=tmp_path / "twin")  # the same rows, no kept answer
+    twin.transport = MemoryTransport()
+    same, same_digest = _ask(twin.transport, family=PRIVATE, nonce="1")  # the same request
+    twin.poll_once()
+    first = decode_arrays(_answer(transport, key, request, digest), max_bytes=10**7)
+    twin = decode_arrays(_answer(twin.transport, key, same, same_digest), max_bytes=10**7)
+    # everything the coordinator chose (seed, round, client id, state) is the same: a stream
+    # derived from it would give the twin the same noise, and the difference would be zero
+    assert set(first) == set(twin)
+    assert any(not np.array_equal(first[k], twin[k]) for k in first if first[k].dtype.kind == "f")

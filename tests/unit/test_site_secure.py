@@ -2,7 +2,7 @@
 as a signed exchange, the coordinator runs the server half of the protocol and learns only the
 sum, which equals the plain sum of the sites' updates; a substituted round key is refused by
 the site, a site gone after masking is recovered from the others' shares, and a private site
-counts the full noise only for an update it holds and masks."""
+counts the full noise only for an update it holds and masks among peers whose keys it pins."""
 
 import base64
 import json
@@ -67,6 +67,7 @@ def world(tmp_path):
             coordinator_key=base64.b64encode(public_bytes(coordinator_key)).decode(),
             state_dir=tmp_path / f"state-{name}",
             events=False,
+            allow_exact=True,  # the plain sums are the oracle of the secure ones
         )
         site = Site(options, data=data)
         site.transport.close()
@@ -260,14 +261,20 @@ def _releases(tmp_path, name):
 
 
 def test_a_private_site_counts_the_full_noise_only_for_an_update_it_holds_and_masks(world):
-    coordinator, specs, _, tmp_path = world
+    coordinator, specs, sites, tmp_path = world
+    sites["shop-a"].secure.peers = frozenset(public_bytes(s.public_key) for s in specs)
     secure = coordinator("private")
     _train(secure, specs[0], secure=True, family=PRIVATE)
     _train(secure, specs[1], secure=False, family=PRIVATE, round_=2)
+    _train(secure, specs[2], secure=True, family=PRIVATE, round_=3)
     (masked,) = _releases(tmp_path, "shop-a")
     (clear,) = _releases(tmp_path, "shop-b")
+    (unpinned,) = _releases(tmp_path, "shop-c")
     assert masked["noise_multiplier"] == pytest.approx(2.0)  # the sum carries the full noise
     assert clear["noise_multiplier"] == pytest.approx(2.0 / np.sqrt(3))  # its own share only
+    # masked, but with its peers' keys taken from the coordinator, which could stand in for
+    # them all and unmask this update alone: its own share is all that protects it
+    assert unpinned["noise_multiplier"] == pytest.approx(2.0 / np.sqrt(3))
     secure = coordinator("private-low-threshold")
     receipts = [_train(secure, s, secure=True, family=PRIVATE) for s in specs]
     secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
