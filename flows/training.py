@@ -31,6 +31,7 @@ from tasks.tracking import (
     ResumeError,
     finish_run,
     interrupted_run,
+    ledger_fingerprint,
     ledger_request,
     load_champion,
     log_artifacts,
@@ -134,22 +135,28 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     data, explicit_split = load_interactions(config)
     for note in data.notes:  # what reading changed or assumed (duplicates dropped, ...)
         logger.info("data: %s", note)
-    fingerprint, uri = data.fingerprint(), resolve_tracking_uri(config.tracking_uri)
-    if config.skip_if_unchanged:
+    rows, uri = data.fingerprint(), resolve_tracking_uri(config.tracking_uri)
+    private = config.dp_epsilon is not None
+    # a private run logs its fingerprint keyed with its ledger's secret (None before the first
+    # private run made one): a plain hash of the rows would let a reader of MLflow test guesses
+    fingerprint = ledger_fingerprint(uri, config.dp_ledger_secret, rows) if private else rows
+    if config.skip_if_unchanged and fingerprint is not None:
         same = unchanged_since_champion(uri, name, fingerprint, config.config_hash())
         if same is not None:
             reason = f"data and config unchanged since champion version {same}: nothing to train"
             logger.info(reason)
             return {"skipped": True, "reason": reason, "model_name": name,
                     "champion_version": same, "tracking_uri": redact_uri(uri), "promoted": False}  # fmt: skip
-    if config.dp_epsilon is not None:  # before any run starts: refuse past the users' cap
+    if private:  # before any run starts: refuse past the users' cap
         spent = reserve_privacy_budget(
             uri, ledger_request(config, data.n_users), user_ids=user_ids(data), model_name=name,
-            about={"dataset_fingerprint": fingerprint, "source": redact_uri(data.source)},
+            fingerprint=rows, about={"source": redact_uri(data.source)},
             secret_path=config.dp_ledger_secret,
         )  # fmt: skip
         logger.info("privacy ledger: the users closest to their cap have now spent %s",
                     spent.describe())  # fmt: skip
+        fingerprint = ledger_fingerprint(uri, config.dp_ledger_secret, rows)  # the secret exists
+    assert fingerprint is not None
     uri, run_id = start_run(config, fingerprint, flow_run.get_id())
     repaired = repair_orphans(uri, name)
     if repaired:
@@ -157,7 +164,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
                        ", ".join(repaired), name)  # fmt: skip
     try:
         workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
-        manifest = shard_clients(data, explicit_split, config, workspace)
+        manifest = shard_clients(data, explicit_split, config, workspace, fingerprint=fingerprint)
         del data  # from here on, only client tasks read rows, each its own partition
         tag_run(uri, run_id, {"fedrec.workspace": workspace})
         ctx = RunContext(

@@ -96,7 +96,13 @@ def plan_clients(
 
 @task(name="shard-clients", cache_policy=NONE)
 def shard_clients(
-    data: Interactions, split: np.ndarray | None, config: TrainingConfig, workspace: str
+    data: Interactions,
+    split: np.ndarray | None,
+    config: TrainingConfig,
+    workspace: str,
+    *,
+    fingerprint: str | None = None,
 ) -> Manifest:
-    """Assign users to clients, split each client's rows, write one partition per client."""
-    return write_partitions(data, plan_clients(data, split, config), workspace)
+    """Assign users to clients, split each client's rows, write one partition per client; the
+    manifest records ``fingerprint`` (default: the rows' own, :meth:`Interactions.fingerprint`)."""
+    return write_partitions(data, plan_clients(data, split, config), workspace, fingerprint)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import subprocess
@@ -535,6 +536,26 @@ def ledger_secret_path(uri: str, configured: str | None = None) -> Path:
     return folder / LEDGER_SECRET
 
 
+def keyed_fingerprint(fingerprint: str, secret: bytes) -> str:
+    """A private run's dataset fingerprint: HMAC-SHA-256 of the rows' fingerprint under the
+    ledger's secret. It still tells whether the data changed, on the machines holding the
+    secret; a reader of MLflow who knows every row but one user's cannot test guesses of that
+    user's rows against it, as against the plain SHA-256."""
+    message = b"fedrec dataset fingerprint\n" + fingerprint.encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def ledger_fingerprint(uri: str, configured: str | None, fingerprint: str) -> str | None:
+    """:func:`keyed_fingerprint` under the ledger's secret for ``uri``; None while there is no
+    secret (no private run has been ledgered with one here)."""
+    try:
+        return keyed_fingerprint(
+            fingerprint, ledger_secret(ledger_secret_path(uri, configured), create=False)
+        )
+    except FileNotFoundError:
+        return None
+
+
 def _read_secret(path: Path) -> bytes | None:
     """The secret in ``path`` (None when there is no file); refuses a symbolic link, a file others
     may read, or one that is not 32 bytes."""
@@ -736,14 +757,16 @@ def reserve_privacy_budget(
     *,
     user_ids: np.ndarray,
     model_name: str,
+    fingerprint: str,
     about: Mapping[str, str],
     secret_path: str | None = None,
 ) -> Balance:
     """Append this run's (epsilon, delta) to the ledger of each of its users before it trains.
 
     The ledger is the MLflow experiment ``fedrec-privacy-ledger``: one run per entry, its params
-    the entry and its artifact the keyed hashes of the users it covers (the key stays in a local
-    file, :func:`ledger_secret_path`). Refuses, writing nothing, when the run would take any user
+    the entry, the data's fingerprint keyed with the ledger's secret (:func:`keyed_fingerprint`)
+    and its artifact the keyed hashes of the users it covers (the key stays in a local file,
+    :func:`ledger_secret_path`). Refuses, writing nothing, when the run would take any user
     past their cap or names another cap than a user's stored one, when ``model_name`` has
     private versions but the ledger has no entry for it (unless an operator sets the cap, which
     records their epsilons as spent), or when the entries were written with another secret.
@@ -762,7 +785,10 @@ def reserve_privacy_budget(
         stored, written_with = _ledger_entries(client, experiment_id, cache)
         secret = _secret_for(path, written_with)
         users = user_keys(user_ids, secret)
-        about |= {"secret_id": secret_id(secret)}
+        about |= {
+            "secret_id": secret_id(secret),
+            "dataset_fingerprint": keyed_fingerprint(fingerprint, secret),
+        }
         unledgered = _unledgered_private_spending(client, experiment_id, model_name)
         if unledgered and not request.set_cap:
             raise BudgetError(

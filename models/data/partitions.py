@@ -92,11 +92,16 @@ def build_clients(
 
 
 def write_partitions(
-    data: Interactions, clients: list[ClientData], workspace: str | Path
+    data: Interactions,
+    clients: list[ClientData],
+    workspace: str | Path,
+    fingerprint: str | None = None,
 ) -> Manifest:
     """Write every client's partition and the manifest, atomically (a temp folder, then rename).
 
-    An existing workspace is replaced only after the new one is complete.
+    The manifest records ``fingerprint``, by default the rows' own
+    (:meth:`~models.data.schema.Interactions.fingerprint`). An existing workspace is replaced
+    only after the new one is complete.
     """
     workspace = Path(workspace)
     workspace.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +132,7 @@ def write_partitions(
             items = pd.concat([items, data.item_features.reset_index(drop=True)], axis=1)
         items.to_parquet(staging / ITEMS, index=False)
         manifest = Manifest(
-            fingerprint=data.fingerprint(),
+            fingerprint=data.fingerprint() if fingerprint is None else fingerprint,
             source=data.source,
             n_items=data.n_items,
             n_users=data.n_users,

@@ -44,7 +44,12 @@ def _reserve(store, epsilon, *, cap=None, cap_delta=None, set_cap=False, users="
 
     request = Request(epsilon, delta, cap, cap_delta, set_cap)
     return reserve_privacy_budget.fn(
-        store["uri"], request, user_ids=POPULATIONS[users], model_name=model, about={}
+        store["uri"],
+        request,
+        user_ids=POPULATIONS[users],
+        model_name=model,
+        fingerprint="rows",
+        about={},
     )
 
 
@@ -240,7 +245,7 @@ _WORKER = textwrap.dedent(
         time.sleep(0.01)
     try:
         reserve_privacy_budget.fn(uri, Request(4.0, 1e-5, 10.0), user_ids=np.array(["s1", "s2"]),
-                                  model_name=me, about={})
+                                  model_name=me, fingerprint="rows", about={})
         print("reserved")
     except BudgetError:
         print("refused")

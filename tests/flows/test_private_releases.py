@@ -87,3 +87,35 @@ def test_a_private_run_does_not_warm_start_from_a_champion_trained_without_dp(ow
         flow_logger.removeHandler(handler)
     refusal = f"no warm start: champion version {plain['model_version']} was not trained with DP"
     assert any(refusal in r.getMessage() for r in records)
+
+
+def test_a_private_run_logs_its_fingerprint_keyed_so_a_reader_cannot_test_a_guess_of_the_rows(
+    own_store,
+):
+    from mlflow.entities import ViewType
+
+    from tasks.data import load_interactions
+    from tasks.tracking import (
+        LEDGER_EXPERIMENT,
+        keyed_fingerprint,
+        ledger_secret,
+        ledger_secret_path,
+    )
+
+    store, private = own_store, {"dp_epsilon": 4.0, "dp_budget": 8.0}
+    runs = [_run(store, model_name="keyed", **private) for _ in range(2)]
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | private))
+    rows = load_interactions.fn(config)[0].fingerprint()  # what a reader who knows them computes
+    client = store["client"]
+    ledger = client.get_experiment_by_name(LEDGER_EXPERIMENT).experiment_id
+    tag = "fedrec.dataset_fingerprint"
+    logged = [
+        *(client.get_run(r["run_id"]).data.tags[tag] for r in runs),
+        *(client.get_model_version("keyed", r["model_version"]).tags[tag] for r in runs),
+        *(r.data.params["dataset_fingerprint"]
+          for r in client.search_runs([ledger], run_view_type=ViewType.ALL)),
+    ]  # fmt: skip
+    assert rows not in logged  # the reader's guess (the true rows) matches nothing logged
+    # one keyed mark for the same rows, run after run: "unchanged since the champion" still works
+    secret = ledger_secret(ledger_secret_path(store["uri"]), create=False)
+    assert set(logged) == {keyed_fingerprint(rows, secret)}
