@@ -136,3 +136,34 @@ def test_the_accountant_matches_an_independent_dp_accounting_computation(q):
     assert 7.9 < epsilon(sigma, q, rounds, delta) <= 8.0 + 1e-9
     # PLD is the tighter bound here: RDP alone would spend more than the target at this noise
     assert by_rdp.get_epsilon(delta) > 8.0
+
+
+@pytest.mark.parametrize("devices", [None, 0.5])
+def test_a_private_client_task_draws_from_os_entropy_and_resends_its_kept_answer(
+    federation, tmp_path, devices
+):
+    from models.data.partitions import write_partitions
+    from tasks.clients import train_client
+
+    data, clients = federation
+    family = _private(data)
+    state = family.initial_state(data.n_items, SEED)
+    answers = {}
+    for name in ("a", "b"):  # two workspaces holding the same partitions, asked the same
+        entry = write_partitions(data, clients, tmp_path / name).clients[0]
+        asked = {"workspace": str(tmp_path / name), "entry": entry, "n_items": data.n_items,
+                 "family": family, "state": state, "phase": "train", "round_": ROUND,
+                 "seed": SEED, "devices": devices}  # fmt: skip
+        first, _ = train_client.fn(**asked)
+        again, _ = train_client.fn(**asked)  # a retry: the kept answer, not a second release
+        assert first.arrays and all(
+            np.array_equal(first.arrays[k], again.arrays[k]) for k in first.arrays
+        )
+        answers[name] = first
+    # every input the server chose is the same: a stream derived from the logged seed, round and
+    # client would give both the same noise (and sampled users)
+    a, b = answers["a"], answers["b"]
+    assert any(
+        a.arrays[k].shape != b.arrays[k].shape or not np.array_equal(a.arrays[k], b.arrays[k])
+        for k in a.arrays
+    )
