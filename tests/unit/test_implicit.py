@@ -4,7 +4,7 @@ import pytest
 from models.aggregation import aggregate_item_sums
 from models.data.partitions import build_clients
 from models.data.sharding import assign_clients
-from models.mf.als import ItemStatistics, RatingRows
+from models.mf.als import ItemStatistics, RatingRows, UserParams
 from models.mf.implicit import (
     CentralizedImplicitALS,
     implicit_statistics,
@@ -16,7 +16,8 @@ from tests.unit.helpers import low_rank_interactions
 
 
 def _dense_oracle_user(y, items, ratings, reg, alpha):
-    """Hu et al.'s formula written out densely over every item."""
+    """Hu et al.'s formula written out densely over every item (by symmetry, also an item's
+    over every user, with the users' factors as ``y``)."""
     n_items, k = y.shape
     c = np.ones(n_items)
     p = np.zeros(n_items)
@@ -40,6 +41,27 @@ def test_user_step_matches_the_dense_formula():
         expected = _dense_oracle_user(params.factors, items[mask], ratings[mask], 0.1, 2.0)
         np.testing.assert_allclose(solved.factors[u], expected, atol=1e-10)
     assert np.all(solved.factors[2] == 0)  # no rows, no factors
+
+
+def test_item_step_matches_the_dense_formula():
+    # the item side of Hu et al.: y_i = (X^T C_i X + reg I)^-1 X^T C_i p_i over every user, with
+    # c = 1 + alpha r on the item's rows and 1 elsewhere
+    rng = np.random.default_rng(3)
+    n_users, n_items, k, reg, alpha = 6, 8, 3, 0.3, 2.0
+    users = np.array([0, 0, 1, 2, 2, 3, 5, 5])
+    items = np.array([1, 4, 1, 2, 4, 6, 1, 7])
+    ratings = np.array([1.0, 3.0, 2.0, 5.0, 1.0, 2.0, 1.0, 4.0])
+    rows = RatingRows(users, items, ratings, n_users=n_users, n_items=n_items)
+    x = rng.normal(size=(n_users, k))
+
+    stats = implicit_statistics(rows, UserParams(x, np.zeros(n_users)), alpha=alpha)
+    params = init_item_params(n_items, k, 0.0, rng, 0.1)
+    solved = solve_items_implicit(params, stats.items, stats.user_gram, reg=reg).factors
+
+    for i in np.unique(items):
+        mask = items == i
+        expected = _dense_oracle_user(x, users[mask], ratings[mask], reg, alpha)
+        np.testing.assert_allclose(solved[i], expected, rtol=0, atol=1e-10)
 
 
 def test_federated_implicit_als_equals_centralized():

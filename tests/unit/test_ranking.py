@@ -76,6 +76,41 @@ def test_summed_client_cooccurrences_equal_the_centralized_gram(implicit_clients
     np.testing.assert_allclose(similarity.toarray(), expected, atol=1e-12)
 
 
+def _dense_neighbours(x: np.ndarray, neighbours: int, shrink: float) -> np.ndarray:
+    """Item-kNN written out densely: shrunk cosine of the co-occurrences, column ``i`` keeping
+    item ``i``'s ``neighbours`` most similar co-occurring items (ties: the lower index)."""
+    counts = x.T @ x
+    norms = np.sqrt(np.diag(counts))
+    cosine = counts / (np.outer(norms, norms) + shrink)
+    kept = np.zeros_like(cosine)
+    for i in range(counts.shape[0]):
+        others = [j for j in range(counts.shape[0]) if j != i and counts[j, i] > 0]
+        for j in sorted(others, key=lambda j: (-cosine[j, i], j))[:neighbours]:
+            kept[j, i] = cosine[j, i]
+    return kept
+
+
+@pytest.mark.parametrize(("neighbours", "shrink"), [(2, 2.0), (3, 10.0), (50, 10.0)])
+def test_neighbours_and_scores_equal_the_dense_formula(neighbours, shrink):
+    x = (np.random.default_rng(5).random((30, 9)) < 0.4).astype(float)
+    expected = _dense_neighbours(x, neighbours, shrink)
+
+    similarity = cosine_neighbours(
+        cooccurrence(sparse.csr_matrix(x)), neighbours=neighbours, shrink=shrink
+    )
+
+    # float32 co-occurrence counts: equal to the float64 formula to float32 precision
+    np.testing.assert_allclose(similarity.toarray(), expected, rtol=1e-6, atol=0)
+    history = sparse.csr_matrix(x[:6])  # a user's score of i sums over i's neighbours it has
+    np.testing.assert_allclose(knn_scores(history, similarity), x[:6] @ expected, rtol=1e-6)
+
+
+def test_tied_neighbours_keep_the_lower_item_index():
+    x = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=float)  # 1, 2, 3 tie for 0
+    similarity = cosine_neighbours(cooccurrence(sparse.csr_matrix(x)), neighbours=1).toarray()
+    assert np.flatnonzero(similarity[:, 0]).tolist() == [1]
+
+
 def test_neighbours_keep_the_most_similar_items_per_item():
     counts = sparse.csr_matrix(
         np.array([[4, 3, 1, 2], [3, 3, 0, 1], [1, 0, 1, 0], [2, 1, 0, 2]], dtype=float)
