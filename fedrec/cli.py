@@ -444,13 +444,20 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     _quiet_prefect(debug=False)
     from prefect.schedules import Cron
 
+    try:  # before any server is reached
+        when = Cron(cron or schedule["cron"], timezone=schedule.get("timezone", "UTC"))
+    except ValueError as err:
+        raise UserError(
+            f"--cron {cron or schedule['cron']!r}: not a cron schedule; allowed: five fields, "
+            "minute hour day-of-month month day-of-week (e.g. '0 2 * * *': 02:00 every day)"
+        ) from err
     from flows.training import federated_training
 
     limit = spec.get("concurrency_limit", {}).get("limit", 1)
     with using_api(prefect_api()):
         federated_training.serve(
             name="nightly",
-            schedules=[Cron(cron or schedule["cron"], timezone=schedule.get("timezone", "UTC"))],
+            schedules=[when],
             parameters=parameters,
             limit=limit,
             global_limit=limit,

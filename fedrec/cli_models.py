@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import pandas as pd
 
 from fedrec.cli_errors import UserError, debug_option, friendly_errors
@@ -63,16 +64,31 @@ def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
     """A CSV of ids (text), with the columns named by ``names``'s keys renamed to its values."""
     if not Path(path).is_file():
         raise UserError(f"{path}: no such file")
-    frame = pd.read_csv(path, dtype=str)
+    from models.data.errors import DataValidationError
+
+    try:
+        frame = pd.read_csv(path, dtype=str)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        problem = " ".join(str(err).split())
+        raise UserError(f"{path}: not a readable CSV ({problem})") from err
     missing = [name for name in names if name not in frame.columns]
     if missing:
         raise UserError(
             f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(frame.columns)}"
         )
-    frame = frame.rename(columns=names)
-    for column in names.values():  # as the history's ids are read
-        frame[column] = frame[column].str.strip()
-    return frame
+    for column in names:  # as the history's ids are read; an empty one names its row
+        ids = frame[column].str.strip()
+        empty = ids.isna() | (ids == "")
+        if empty.any():
+            raise DataValidationError(
+                "missing id",
+                file=path,
+                row=int(np.flatnonzero(empty.to_numpy())[0]) + 1,
+                column=column,
+                allowed=f"an id in every row of {', '.join(names)}",
+            )
+        frame[column] = ids
+    return frame.rename(columns=names)
 
 
 def _history_columns(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -106,13 +122,6 @@ def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
         return load_recommender(uri, model_uri)
     except ModelNotFoundError as err:
         raise UserError(str(err)) from err
-
-
-def _report_reasons(result: pd.DataFrame) -> None:
-    """Fallbacks and ignored items go to stderr, one line per user, so stdout stays clean CSV."""
-    notes = result.loc[result["reason"] != "", ["user_id", "reason"]].drop_duplicates("user_id")
-    for user, reason in notes.itertuples(index=False):
-        click.echo(f"fedrec: note: user {user}: {reason}", err=True)
 
 
 def _check_out(out: str | None) -> None:
@@ -223,7 +232,33 @@ def predict(
     for column in ("history_items", "history_ratings"):
         requests[column] = requests[column].apply(lambda v: v if isinstance(v, list) else [])
     result = recommender.recommend(requests)
-    _report_reasons(result)
     # one row per asked pair, in the order asked: a pair the model could not score has no score
-    scores = result.drop_duplicates(["user_id", "item_id"])[["user_id", "item_id", "score"]]
-    _write(wanted[["user_id", "item_id"]].merge(scores, on=["user_id", "item_id"], how="left"), out)
+    scores = result.drop_duplicates(["user_id", "item_id"])[
+        ["user_id", "item_id", "score", "reason"]
+    ]
+    answered = wanted[["user_id", "item_id"]].merge(scores, on=["user_id", "item_id"], how="left")
+    _report_unscored(answered, requests, recommender)
+    _write(answered[["user_id", "item_id", "score"]], out)
+
+
+def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender: Any) -> None:
+    """One stderr line per pair without a score, naming the user, the item and why; and one per
+    user whose history the model knows nothing of (its scores are a fallback's)."""
+    from models.recommenders import NO_HISTORY
+
+    known = set(np.asarray(recommender.item_ids).astype(str))
+    history = dict(zip(requests["user_id"], requests["history_items"], strict=True))
+    for user, item, score, reason in answered.itertuples(index=False):
+        if pd.isna(score):
+            if item not in known:
+                why = "not an item this model knows"
+            elif item in history.get(user, []):
+                why = "already in the user's history (this model scores only new items)"
+            else:
+                why = reason if isinstance(reason, str) and reason else "the model gave none"
+            click.echo(f"fedrec: note: user {user}, item {item}: no score: {why}", err=True)
+    fallback = answered[answered["reason"].fillna("").str.startswith(NO_HISTORY)]
+    for user, reason in fallback.drop_duplicates("user_id")[["user_id", "reason"]].itertuples(
+        index=False
+    ):
+        click.echo(f"fedrec: note: user {user}: {reason}", err=True)

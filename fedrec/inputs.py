@@ -162,6 +162,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     """
     from models.data.readers import CSV_SUFFIXES, DEFAULT_RATING_COL, PARQUET_SUFFIXES, load_dataset
     from models.data.schema import require_ratings
+    from models.data.sharding import check_client_count
 
     files = {name: values.get(name) for name in ("train", "valid", "test")}
     check_split_files(**files)
@@ -172,13 +173,20 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
         options["rating_scale"] = parse_rating_scale(options["rating_scale"])
     explicit = values.get("feedback", "explicit") == "explicit"
     checked = []
-    for spec in sources.values():
+    for name, spec in sources.items():
         path = source_path(spec).expanduser()
         is_table = path.is_file() and path.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES
         if _size(path) <= WHOLE_FILE_BYTES:
             data = load_dataset(str(path), **(options if is_table else {}))  # as the flow will
             if explicit:
                 require_ratings(data, options.get("rating_col", DEFAULT_RATING_COL))
+            clients = values.get("clients")
+            if (
+                name == "data"
+                and values.get("partition") in ("iid", "dirichlet")
+                and isinstance(clients, int)
+            ):
+                check_client_count(clients, data.n_users, data.source or None)
         elif path.suffix.lower() in CSV_SUFFIXES:
             _read_head(path, options, explicit=explicit)
         else:

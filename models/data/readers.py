@@ -8,6 +8,7 @@ checks on the rows themselves live in ``validate.py``.
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 from pathlib import Path
@@ -235,6 +236,15 @@ def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise _encoding_error(file, data, err, header.split(delimiter), delimiter) from err
+    names = [name.strip() for name in next(csv.reader([header.rstrip("\r")], delimiter=delimiter))]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:  # the parser would rename one of them and keep going
+        raise DataValidationError(
+            f"is named {names.count(repeated)} times in the header",
+            file=file,
+            column=repeated,
+            allowed="each column named once",
+        )
     try:
         raw = pd.read_csv(
             io.BytesIO(data),

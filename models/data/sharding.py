@@ -14,14 +14,37 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from sklearn.cluster import KMeans
-from sklearn.decomposition import TruncatedSVD
 
 from models.data.errors import DataValidationError
 from models.data.schema import ITEM, TIMESTAMP, USER, Interactions, encode_interactions
 
 Strategy = Literal["iid", "dirichlet", "by-key"]
 SplitMethod = Literal["random", "temporal"]
+
+
+def check_client_count(n_clients: int | None, n_users: int, source: str | None = None) -> None:
+    """Refuse a number of clients the users cannot fill (each client holds at least one user).
+
+    Raises
+    ------
+    DataValidationError
+        Naming the setting ``clients``, its value and the range the data allows.
+    """
+    if n_clients is None or n_clients < 1:
+        raise DataValidationError(
+            "is not a valid number of clients",
+            setting="clients",
+            value=n_clients,
+            allowed="an integer >= 1",
+        )
+    if n_clients > n_users:
+        raise DataValidationError(
+            f"is more clients than the data has users ({n_users})",
+            file=source,
+            setting="clients",
+            value=n_clients,
+            allowed=f"1..{n_users}",
+        )
 
 
 def assign_clients(
@@ -66,21 +89,7 @@ def assign_clients(
     n_users = data.n_users
     if strategy == "by-key":
         return _assign_by_key(data, n_clients, key, key_prefix)
-    if n_clients is None or n_clients < 1:
-        raise DataValidationError(
-            "is not a valid number of clients",
-            setting="clients",
-            value=n_clients,
-            allowed="an integer >= 1",
-        )
-    if n_clients > n_users:
-        raise DataValidationError(
-            f"is more clients than the data has users ({n_users})",
-            file=data.source or None,
-            setting="clients",
-            value=n_clients,
-            allowed=f"1..{n_users}",
-        )
+    check_client_count(n_clients, n_users, data.source or None)
     if strategy == "iid":
         client = np.empty(n_users, dtype=np.int32)
         for c, members in enumerate(np.array_split(rng.permutation(n_users), n_clients)):
@@ -104,6 +113,11 @@ def assign_clients(
 
 
 def _taste_groups(data: Interactions, n_groups: int, rng: np.random.Generator) -> np.ndarray:
+    # scikit-learn loads here, not with the module: the command line's early input check
+    # (check_client_count) runs before any heavy library
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import TruncatedSVD
+
     frame = data.frame
     profile = sparse.csr_matrix(
         (np.ones(len(frame)), (frame[USER].to_numpy(), frame[ITEM].to_numpy())),

@@ -73,6 +73,14 @@ CASES = [
      "--out {tmp}/no/recs.csv: no such folder {tmp}/no"),
     ("pairs-without-item-column", {"h.csv": GOOD, "p.csv": "user_id,thing\nu1,i1\n"},
      ["predict", "--model", f"models:/{MODEL}@champion", "--history", "{tmp}/h.csv", "--pairs", "{tmp}/p.csv"], "item_id"),
+    ("serve-cron-not-a-schedule", {}, ["serve", "--cron", "notacron"],
+     "--cron 'notacron': not a cron schedule; allowed: five fields"),
+    ("pairs-row-without-item", {"h.csv": GOOD, "p.csv": "user_id,item_id\nu1,i1\nu2,\n"},
+     ["predict", "--model", f"models:/{MODEL}@champion", "--history", "{tmp}/h.csv", "--pairs", "{tmp}/p.csv"],
+     "{tmp}/p.csv, row 2, column 'item_id': missing id; allowed: an id in every row of user_id, item_id"),
+    ("column-named-twice", {"r.csv": "user_id,item_id,rating,rating\nu1,i1,3,9\nu2,i2,4,9\n"},
+     ["train", "--data", "{tmp}/r.csv", "--clients", "2"],
+     "{tmp}/r.csv, column 'rating': is named 2 times in the header; allowed: each column named once"),
 ]  # fmt: skip
 
 

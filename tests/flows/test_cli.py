@@ -244,6 +244,10 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
         False,
     ]
     assert scores["score"].dropna().between(1, 5).all()
+    notes = [line for line in pred.stderr.splitlines() if line.startswith("fedrec: note: ")]
+    assert notes == [
+        "fedrec: note: user alice, item no-such-item: no score: not an item this model knows"
+    ]
 
 
 def test_recommend_and_predict_read_other_column_names(trained, tmp_path):

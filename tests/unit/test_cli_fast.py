@@ -120,6 +120,32 @@ def test_a_bad_header_names_file_column_and_what_is_allowed(tmp_path):
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_a_column_named_twice_is_refused_not_renamed(tmp_path):
+    data = tmp_path / "ratings.csv"
+    data.write_text("user_id,item_id,rating,rating\n" + GOOD_ROWS.replace("\n", ",9\n"))
+
+    done, _ = _cli(["train", "--data", str(data)], tmp_path / "home")
+
+    _assert_one_line_error(
+        done, str(data), "column 'rating'", "named 2 times in the header", "each column named once"
+    )
+    _assert_nothing_started(tmp_path / "home")
+
+
+def test_more_clients_than_users_is_refused_before_any_library_or_server_loads(tmp_path):
+    data = tmp_path / "ratings.csv"
+    data.write_text("user_id,item_id,rating\n" + GOOD_ROWS)
+    users = len({line.split(",")[0] for line in GOOD_ROWS.splitlines()})
+
+    done, imported = _cli(["train", "--data", str(data), "--clients", "40"], tmp_path / "home")
+
+    _assert_one_line_error(
+        done, str(data), "setting 'clients'", "value 40", f"users ({users})", f"1..{users}"
+    )
+    assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_bad_value_names_its_row(tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("user_id,item_id,rating\n" + GOOD_ROWS + "u1,i3,9\n")
