@@ -143,6 +143,13 @@ def _fail_first(
     )
 
 
+def _wrong_type(series: pd.Series, *, file: str, column: str, allowed: str) -> DataValidationError:
+    """A column whose type (a Parquet file's) cannot hold what it should: named by its type."""
+    return DataValidationError(
+        f"has type {series.dtype.name}", file=file, column=column, allowed=allowed
+    )
+
+
 def _clean_ids(series: pd.Series, *, file: str, column: str) -> pd.Series:
     allowed = "a non-empty string or integer id"
     series = series.reset_index(drop=True)
@@ -151,9 +158,7 @@ def _clean_ids(series: pd.Series, *, file: str, column: str) -> pd.Series:
     missing = series.isna().to_numpy()
     _fail_first(missing, series, "missing id", file=file, column=column, allowed=allowed)
     if pd.api.types.is_bool_dtype(series.dtype):
-        raise DataValidationError(
-            "ids are booleans", file=file, column=column, value=series.dtype.name, allowed=allowed
-        )
+        raise _wrong_type(series, file=file, column=column, allowed=allowed)
     if pd.api.types.is_float_dtype(series.dtype):
         # Float ids are integer ids that passed through a NaN-able column; give them back.
         values = series.to_numpy()
@@ -190,14 +195,12 @@ def _clean_ratings(
 ) -> np.ndarray:
     series = series.reset_index(drop=True)
     number = "a number"
-    if pd.api.types.is_bool_dtype(series.dtype):
-        raise DataValidationError(
-            "ratings are booleans",
-            file=file,
-            column=column,
-            value=series.dtype.name,
-            allowed=number,
-        )
+    if (
+        pd.api.types.is_bool_dtype(series.dtype)
+        or pd.api.types.is_datetime64_any_dtype(series.dtype)
+        or pd.api.types.is_timedelta64_dtype(series.dtype)
+    ):  # numbers underneath, but not ratings: refused by type, not by a converted value
+        raise _wrong_type(series, file=file, column=column, allowed=number)
     if pd.api.types.is_numeric_dtype(series.dtype):
         # A copy, so the clean frame never shares (read-only) memory with the caller's frame.
         values = series.to_numpy(dtype=np.float64, na_value=np.nan, copy=True)
@@ -246,9 +249,7 @@ def _clean_timestamps(series: pd.Series, *, file: str, column: str) -> np.ndarra
         seconds = _datetimes_to_seconds(series)
         unparseable = np.zeros(len(series), dtype=bool)
     elif pd.api.types.is_bool_dtype(series.dtype):
-        raise DataValidationError(
-            "timestamps are booleans", file=file, column=column, value="bool", allowed=allowed
-        )
+        raise _wrong_type(series, file=file, column=column, allowed=allowed)
     elif pd.api.types.is_numeric_dtype(series.dtype):
         seconds = series.to_numpy(dtype=np.float64, na_value=np.nan)
         unparseable = np.zeros(len(series), dtype=bool)

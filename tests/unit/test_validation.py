@@ -263,6 +263,50 @@ BAD_INPUTS = [
     ),
     pytest.param(
         BadInput(
+            {"ratings.csv": "user_id,item_id,rating,rating\n1,10,4,9\n"},
+            "ratings.csv",
+            (
+                "column 'rating'",
+                "is named 2 times in the header",
+                "allowed: each column named once",
+            ),
+        ),
+        id="column-named-twice",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.parquet": pd.DataFrame({"user_id": [1], "item_id": [2], "rating": [True]})},
+            "ratings.parquet",
+            ("column 'rating'", "has type bool", "allowed: a number"),
+        ),
+        id="parquet-boolean-ratings",
+    ),
+    pytest.param(
+        BadInput(
+            {
+                "ratings.parquet": pd.DataFrame(
+                    {
+                        "user_id": [1],
+                        "item_id": [2],
+                        "rating": pd.to_datetime([1_600_000_000], unit="s"),
+                    }
+                )
+            },
+            "ratings.parquet",
+            ("column 'rating'", "has type datetime64", "allowed: a number"),
+        ),
+        id="parquet-datetime-ratings",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.parquet": pd.DataFrame({"user_id": [True], "item_id": [2], "rating": [3.0]})},
+            "ratings.parquet",
+            ("column 'user_id'", "has type bool", "allowed: a non-empty string or integer id"),
+        ),
+        id="parquet-boolean-ids",
+    ),
+    pytest.param(
+        BadInput(
             {},
             "no-such-dataset",
             ("unknown dataset", "allowed: 'synthetic', 'ml-100k', 'ml-1m', a MovieLens folder"),
