@@ -90,7 +90,10 @@ class TrainingConfig(BaseModel):
 
     # sharding and splits
     clients: int | None = Field(
-        10, ge=1, description="number of clients (by-key: None gives one per key value)"
+        10,
+        ge=1,
+        description="number of clients (with --partition by-key, `clients: null` in the --config "
+        "file gives one client per key value)",
     )
     partition: Literal["iid", "dirichlet", "by-key", "per-user"] = Field(
         "iid",
@@ -221,8 +224,8 @@ class TrainingConfig(BaseModel):
     rounds: int = Field(
         10,
         ge=1,
-        description="federated rounds (when not given with --dp-epsilon: "
-        f"{PRIVATE_EXPLICIT.rounds} explicit, {PRIVATE_IMPLICIT.rounds} implicit)",
+        description="federated rounds (default: 10; with --dp-epsilon: "
+        f"{PRIVATE_EXPLICIT.rounds} for explicit feedback, {PRIVATE_IMPLICIT.rounds} for implicit)",
     )
     client_fraction: float = Field(
         1.0,
@@ -246,7 +249,7 @@ class TrainingConfig(BaseModel):
     min_clients: int = Field(
         1,
         ge=1,
-        description="quorum: fewest clients whose updates a round needs (when not given with "
+        description="quorum: fewest clients whose updates a round needs (default: 1; with "
         "--secure-aggregation: 2, the fewest its sums need)",
     )
     local_epochs: int = Field(
@@ -297,9 +300,9 @@ class TrainingConfig(BaseModel):
         0.0,
         ge=0,
         le=1,
-        description="quorum: least share of a round's sampled clients that must answer (when not "
-        f"given with --secure-aggregation and --dp-epsilon: {SECURE_PRIVATE_QUORUM}, the share "
-        "the clients' noise is sized for)",
+        description="quorum: least share of a round's sampled clients that must answer (default: "
+        f"0; with --secure-aggregation and --dp-epsilon: {SECURE_PRIVATE_QUORUM}, the share the "
+        "clients' noise is sized for)",
     )
     round_timeout: float | None = Field(
         None, gt=0, description="seconds a round waits for its clients; later answers are left out"
@@ -330,8 +333,9 @@ class TrainingConfig(BaseModel):
     dp_max_items: int = Field(
         PRIVATE_IMPLICIT.max_items,
         ge=1,
-        description="DP: a user's rows count as at most this many per round (when not given with "
-        f"explicit feedback: {PRIVATE_EXPLICIT.max_items})",
+        description="DP: a user's rows count as at most this many per round (default: "
+        f"{PRIVATE_EXPLICIT.max_items} for explicit feedback, {PRIVATE_IMPLICIT.max_items} for "
+        "implicit)",
     )
     dp_budget: float | None = Field(
         None,

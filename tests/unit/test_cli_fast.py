@@ -80,7 +80,7 @@ def test_train_help_comes_from_the_flag_cache_without_the_config(tmp_path):
     done, imported = _cli(["train", "--help"], tmp_path)
 
     assert done.returncode == 0, done.stderr
-    assert "--rounds INTEGER" in done.stdout and "[default: 10]" in done.stdout
+    assert "--rounds INTEGER" in done.stdout and "federated rounds (default: 10;" in done.stdout
     assert "--partition [iid|dirichlet|by-key|per-user]" in done.stdout
     assert imported == []
 
@@ -268,7 +268,7 @@ def test_train_help_is_grouped_with_one_default_per_flag():
         section = before.rsplit(" options:", 1)[0].rsplit("\n", 1)[-1]
         assert section == GROUPS[field["name"]].capitalize(), (flag, section)
     # the default shown is the config field's own, when the help text does not state it
-    assert "[default: 10]" in flag_lines["--rounds"]
+    assert "[default: 10]" in flag_lines["--clients"]
     assert "[default: not set]" in flag_lines["--train"]
     assert "[default: off]" in flag_lines["--secure-aggregation"]
     assert (
