@@ -190,7 +190,7 @@ def answered(
     for key, future in futures.items():
         if future not in done:
             get_run_logger().warning(
-                "%s: %s did not answer within %s s: left out", what, key, timeout
+                "%s: %s did not answer within %s s: left out", what, _who(key), timeout
             )
             continue
         # With a timeout, wait() tells which futures are done but records no final state, and
@@ -200,8 +200,15 @@ def answered(
         if future.state.is_completed():
             results[key] = future.result()
         else:
-            get_run_logger().warning("%s: %s failed: %s", what, key, future.state.message)
+            get_run_logger().warning("%s: %s failed: %s", what, _who(key), future.state.message)
     return results
+
+
+def _who(key: Any) -> str:
+    """A client task's key as its log lines name it: ``train client-3``, ``client-3``."""
+    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], int | np.integer):
+        return f"{key[0]} client-{int(key[1])}"
+    return f"client-{int(key)}" if isinstance(key, int | np.integer) else str(key)
 
 
 def quorum(config: TrainingConfig, asked: int) -> int:

@@ -225,7 +225,7 @@ def test_a_client_that_times_out_is_left_out_and_its_late_answer_changes_nothing
     summary = _run(store, model_name="late-signer", round_timeout=15, **SECURE)
 
     # round 1 went on without its signature (its masked input is in the sum); round 2 had it back
-    assert "round 1 secagg-sign: 3 did not answer within 15.0 s: left out" in run_log
+    assert "round 1 secagg-sign: client-3 did not answer within 15.0 s: left out" in run_log
     assert _clients_per_round(store, summary["run_id"]) == [4.0, 4.0]
     first_round.check_sum_of({0, 1, 2, 3})
 
