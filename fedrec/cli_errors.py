@@ -81,12 +81,17 @@ def _json_error(argv: list[str], message: str, status: int) -> None:
 
 
 def _one_line(err: Any) -> str:
+    """A configuration's validation errors on one line, each naming its key as the YAML file
+    and the flag spell it (``rounds (--rounds): ... (got -1)``)."""
     parts = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
+        where = ".".join(str(p) for p in e["loc"])
+        if len(e["loc"]) == 1 and isinstance(e["loc"][0], str) and e["type"] != "extra_forbidden":
+            where = f"{where} (--{where.replace('_', '-')})"
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}{shown}")
+        message = f"{e['msg'].removeprefix('Value error, ')}{shown}"
+        parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
 
 

@@ -113,7 +113,7 @@ def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
     from fedrec.model_store import ModelNotFoundError, load_recommender, resolve_tracking_uri
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    uri = resolve_tracking_uri(tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri, create=False)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise UserError(
             f"no MLflow store at {uri.removeprefix('sqlite:///')}: train first (fedrec train) or pass --tracking-uri"

@@ -38,15 +38,17 @@ class ModelNotFoundError(LookupError):
     """The model URI names no model in the store, or is not a model URI at all."""
 
 
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """The tracking URI in force: the argument, else ``MLFLOW_TRACKING_URI``, else fedrec's SQLite."""
+def resolve_tracking_uri(uri: str | None = None, *, create: bool = True) -> str:
+    """The tracking URI in force: the argument, else ``MLFLOW_TRACKING_URI``, else fedrec's SQLite
+    (its folder made when ``create``; a command that only reads leaves a missing one alone)."""
     if uri:
         return uri
     env = os.environ.get(TRACKING_URI_ENV)
     if env:
         return env
     home = fedrec_home()
-    home.mkdir(parents=True, exist_ok=True)
+    if create:
+        home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
 
 

@@ -44,7 +44,7 @@ def test_help_explains_every_command():
     [
         (
             ["train", "--rounds", "-1"],
-            "rounds: Input should be greater than or equal to 1 (got -1)",
+            "rounds (--rounds): Input should be greater than or equal to 1 (got -1)",
         ),
         (
             ["train", "--data", "no/such/file.csv"],
@@ -351,6 +351,6 @@ def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving(
     bad_form = CliRunner().invoke(main, ["serve", "--param", "rounds"])
     assert (
         bad_value.exit_code == 2
-        and "rounds: Input should be greater than or equal to 1" in bad_value.stderr
+        and "rounds (--rounds): Input should be greater than or equal to 1" in bad_value.stderr
     )
     assert bad_form.exit_code == 2 and "expected KEY=VALUE" in bad_form.stderr

@@ -190,7 +190,9 @@ def test_other_column_names_and_rating_scale_are_flags(tmp_path):
     for scale in ("0.5,5", "data"):
         done, _ = _cli(["train", "--data", str(data), *columns, "--rating-scale", scale,
                         "--rounds", "0"], tmp_path / "home")  # fmt: skip
-        _assert_one_line_error(done, "rounds: Input should be greater than or equal to 1")
+        _assert_one_line_error(
+            done, "rounds (--rounds): Input should be greater than or equal to 1"
+        )
     done, _ = _cli(
         ["train", "--data", str(data), *columns, "--rating-scale", "5,x"], tmp_path / "home"
     )
@@ -222,7 +224,7 @@ def test_a_site_takes_the_rating_scale_as_train_does(tmp_path):
     ("args", "expected"),
     [
         (["--train", "{good}"], "--train and --test go together"),
-        (["--rounds", "0"], "rounds: Input should be greater than or equal to 1"),
+        (["--rounds", "0"], "rounds (--rounds): Input should be greater than or equal to 1"),
     ],
 )
 def test_configuration_errors_still_come_from_the_config_in_one_line(tmp_path, args, expected):
@@ -274,3 +276,15 @@ def test_train_help_is_grouped_with_one_default_per_flag():
     assert (
         flag_lines["--factors"].count("default") == 1 and "32 explicit" in flag_lines["--factors"]
     )
+
+
+def test_recommend_without_a_store_says_so_and_creates_no_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,item_id,rating\nu1,i1,5\n")
+    home = tmp_path / "home"
+
+    done, _ = _cli(["recommend", "--history", str(history)], home)
+
+    _assert_one_line_error(done, f"no MLflow store at {home / 'mlflow.db'}")
+    assert not home.exists()
