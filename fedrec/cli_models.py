@@ -243,7 +243,7 @@ def predict(
 
 def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender: Any) -> None:
     """One stderr line per pair without a score, naming the user, the item and why; and one per
-    user whose history the model knows nothing of (its scores are a fallback's)."""
+    user whose history had unknown items or none the model knows (its scores are a fallback's)."""
     from models.recommenders import NO_HISTORY
 
     known = set(np.asarray(recommender.item_ids).astype(str))
@@ -257,8 +257,8 @@ def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender
             else:
                 why = reason if isinstance(reason, str) and reason else "the model gave none"
             click.echo(f"fedrec: note: user {user}, item {item}: no score: {why}", err=True)
-    fallback = answered[answered["reason"].fillna("").str.startswith(NO_HISTORY)]
-    for user, reason in fallback.drop_duplicates("user_id")[["user_id", "reason"]].itertuples(
-        index=False
-    ):
-        click.echo(f"fedrec: note: user {user}: {reason}", err=True)
+    scored = answered.dropna(subset=["reason"]).drop_duplicates("user_id")
+    for user, reason in scored[["user_id", "reason"]].itertuples(index=False):
+        about_user = [p for p in reason.split("; ") if p.startswith(("ignored ", NO_HISTORY))]
+        if about_user:
+            click.echo(f"fedrec: note: user {user}: {'; '.join(about_user)}", err=True)

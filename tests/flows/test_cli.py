@@ -248,6 +248,16 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     assert notes == [
         "fedrec: note: user alice, item no-such-item: no score: not an item this model knows"
     ]
+    # what predict says about a history: its unknown items, and a user it knows nothing of
+    history.write_text(history.read_text() + "alice,gone,4\ncarol,gone,5\n")
+    pairs.write_text(f"user_id,item_id\nalice,{items[3]}\ncarol,{items[3]}\n")
+    pred = _run("predict", *model, "--history", str(history), "--pairs", str(pairs))
+    assert pd.read_csv(io.StringIO(pred.stdout))["score"].notna().all()
+    assert pred.stderr.splitlines() == [
+        "fedrec: note: user alice: ignored 1 unknown item(s): gone",
+        "fedrec: note: user carol: ignored 1 unknown item(s): gone; no known items in history: "
+        "scored by global mean and item bias",
+    ]
 
 
 def test_recommend_and_predict_read_other_column_names(trained, tmp_path):
