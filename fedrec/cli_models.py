@@ -14,6 +14,8 @@ import pandas as pd
 
 from fedrec.cli_errors import UserError, debug_option, friendly_errors
 
+SCORE_FORMAT = "%.6g"
+
 
 def _requests(history: str, users: str | None, columns: dict[str, str], model: Any) -> pd.DataFrame:
     """One request row per user from a history file (user_id,item_id[,rating], or the columns
@@ -131,15 +133,17 @@ def _check_out(out: str | None) -> None:
 
 
 def _write(frame: pd.DataFrame, out: str | None) -> None:
+    """The CSV, scores to six significant digits (enough to order any list; float64's 17 are
+    noise to a reader)."""
     if out:
-        frame.to_csv(out, index=False)
+        frame.to_csv(out, index=False, float_format=SCORE_FORMAT)
         users = frame["user_id"].nunique()
         click.echo(
             f"fedrec: wrote {len(frame)} row(s) for {users} user(s) to {Path(out).resolve()}",
             err=True,
         )
     else:
-        frame.to_csv(sys.stdout, index=False)
+        frame.to_csv(sys.stdout, index=False, float_format=SCORE_FORMAT)
 
 
 def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
