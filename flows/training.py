@@ -186,6 +186,13 @@ def _train_and_register(
     """Train the family, register the candidate and promote it if it is better."""
     logger, name = get_run_logger(), config.registered_name
     uri, run_id, workspace, manifest = ctx.uri, ctx.run_id, ctx.workspace, ctx.manifest
+    source = redact_uri(manifest.source)
+    if ctx.champion is not None and ctx.champion.source not in (None, source):
+        logger.info(
+            "the champion, version %s of %s, was trained on %s; this run's data is %s. It is "
+            "compared on this run's clients (--model-name keeps a separate champion per dataset)",
+            ctx.champion.version, name, ctx.champion.source, source,
+        )  # fmt: skip
     succeeded = False
     try:
         plan = privacy_plan(ctx)
@@ -220,6 +227,7 @@ def _train_and_register(
             "fedrec.ranker": config.ranker,
             "fedrec.epsilon": "" if config.dp_epsilon is None else str(config.dp_epsilon),
             "fedrec.run_id": run_id,
+            "fedrec.source": source,
         }
         version = register_model(
             uri,

@@ -338,6 +338,7 @@ class Champion:
     version: str
     recommender: Recommender
     epsilon: float | None = None  # the DP budget it was trained under (None: not private)
+    source: str | None = None  # the data it was trained on, as logged (None: not recorded)
 
 
 def _is_missing(err: MlflowException) -> bool:
@@ -365,7 +366,12 @@ def load_champion(uri: str, model_name: str) -> Champion | None:
     # by its version, not the alias again: the alias may move in between
     recommender = load_recommender(uri, f"models:/{model_name}/{version.version}")
     epsilon = version.tags.get("fedrec.epsilon") or None
-    return Champion(str(version.version), recommender, None if epsilon is None else float(epsilon))
+    return Champion(
+        str(version.version),
+        recommender,
+        None if epsilon is None else float(epsilon),
+        version.tags.get("fedrec.source") or None,
+    )
 
 
 @task(name="check-unchanged", **_RETRY)

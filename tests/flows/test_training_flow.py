@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -318,3 +319,28 @@ def test_a_plain_round_costs_the_server_one_task_run(store, monkeypatch):
     assert phases == ["mean"]
     history = store["client"].get_metric_history(summary["run_id"], "valid/rmse")
     assert [m.step for m in history] == [1, 2, 3, 4]
+
+
+def test_a_run_on_other_data_than_the_champions_says_so(store):
+    from flows.training import federated_training
+
+    tiny = {"rounds": 1, "clients": 2, "factors": 2, "tracking_uri": store["uri"],
+            "model_name": "sources", "synthetic_items": 150, "synthetic_interactions": 6_000}  # fmt: skip
+    first = federated_training(**TrainingConfig(synthetic_users=200, **tiny).model_dump())
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # the flow's run logger, whatever its console handler does
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    flow_logger.addHandler(handler)
+    try:
+        federated_training(**TrainingConfig(synthetic_users=220, **tiny).model_dump())
+    finally:
+        flow_logger.removeHandler(handler)
+
+    tags = store["client"].get_model_version("sources", first["model_version"]).tags
+    assert (
+        tags["fedrec.source"].startswith("synthetic(") and "n_users=200," in tags["fedrec.source"]
+    )
+    said = [r.getMessage() for r in records if "was trained on synthetic(" in r.getMessage()]
+    assert len(said) == 1 and "n_users=200" in said[0] and "this run's data is" in said[0]
+    assert "n_users=220" in said[0].split("this run's data is")[1]
