@@ -14,7 +14,7 @@ import pytest
 
 from models.data.readers import datasets_dir
 from tests.e2e.stores import require_postgres
-from tests.e2e.test_site_isolation import namespaces_work
+from tests.e2e.test_site_isolation import require_namespaces
 
 ML100K = datasets_dir() / "ml-100k"
 
@@ -23,9 +23,9 @@ ML100K = datasets_dir() / "ml-100k"
 @pytest.mark.realdata
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason=f"ML-100K not found in {ML100K}")
-@pytest.mark.skipif(not namespaces_work(), reason="no private mount namespaces here (unshare -m)")
 def test_the_sites_demo_trains_registers_and_stops_everything():
     require_postgres()
+    require_namespaces()
     # not under pytest's tmp_path (0700): under root the cluster runs as the postgres user
     folder = Path(tempfile.mkdtemp(prefix="fedrec-sites-demo-test-"))
     try:

@@ -12,14 +12,14 @@ def _sites_file(tmp_path, monkeypatch):
     (tmp_path / "sites.yaml").write_text("sites: []\n")
 
 
-def test_sites_train_the_explicit_family_under_secure_aggregation():
-    config = TrainingConfig(sites="sites.yaml", secure_aggregation=True, min_clients=2)
-    assert config.secure_aggregation
+def test_sites_train_the_explicit_family_under_secure_aggregation_with_its_quorum():
+    config = TrainingConfig(sites="sites.yaml", secure_aggregation=True)
+    assert config.min_clients == 2  # the fewest sites whose sums secure aggregation can open
 
 
 def test_sites_need_no_clients_and_no_data():
     config = TrainingConfig(sites="sites.yaml", clients=None)
-    assert config.sites == "sites.yaml"
+    assert config.clients is None and config.data == "synthetic"  # neither is read with sites
 
 
 def test_a_missing_sites_file_is_refused_before_anything_starts():

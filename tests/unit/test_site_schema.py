@@ -25,8 +25,13 @@ def _state() -> dict:
     return FAMILY.state_arrays(FAMILY.initial_state(N_ITEMS, seed=0))
 
 
-def test_the_initial_state_passes():
-    check_state(FAMILY, _state(), N_ITEMS)
+def test_the_initial_state_passes_and_loads_as_it_was_sent():
+    state = FAMILY.initial_state(N_ITEMS, seed=0)
+    arrays = FAMILY.state_arrays(state)
+    check_state(FAMILY, arrays, N_ITEMS)  # the positive control of the refusals below
+    loaded = FAMILY.load_state(arrays)
+    np.testing.assert_array_equal(loaded.params.factors, state.params.factors)
+    np.testing.assert_array_equal(loaded.params.bias, state.params.bias)
 
 
 @pytest.mark.parametrize(
