@@ -237,8 +237,10 @@ def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
     except UnicodeDecodeError as err:
         raise _encoding_error(file, data, err, header.split(delimiter), delimiter) from err
     names = [name.strip() for name in next(csv.reader([header.rstrip("\r")], delimiter=delimiter))]
-    repeated = next((name for name in names if names.count(name) > 1), None)
-    if repeated is not None:  # the parser would rename one of them and keep going
+    # the parser would rename one of two equal names and keep going (empty names, as trailing
+    # delimiters make, are columns nobody reads)
+    repeated = next((name for name in names if name and names.count(name) > 1), None)
+    if repeated is not None:
         raise DataValidationError(
             f"is named {names.count(repeated)} times in the header",
             file=file,

@@ -617,3 +617,10 @@ def test_empty_frame_is_rejected_before_columns_are_checked() -> None:
 
     # Assert
     assert str(caught.value) == "mem: has no data rows; allowed: at least one interaction row"
+
+
+def test_trailing_delimiters_are_not_columns_named_twice(tmp_path: Path) -> None:
+    path = tmp_path / "ratings.csv"
+    path.write_text("user_id,item_id,rating,,\n1,10,4,,\n2,11,3,,\n")  # as spreadsheets export
+    data = read_interactions(str(path))
+    assert len(data) == 2 and data.n_users == 2
