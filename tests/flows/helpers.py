@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,21 @@ def tracking_store(home: Path) -> Iterator[dict[str, Any]]:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         uri = f"sqlite:///{home / 'mlflow.db'}"
         yield {"uri": uri, "client": MlflowClient(tracking_uri=uri, registry_uri=uri), "home": home}
+
+
+@contextlib.contextmanager
+def flow_log(level: int) -> Iterator[list[logging.LogRecord]]:
+    """The flow runs' log records at ``level`` and above while the block runs (the flow's run
+    logger, whatever its console handler does)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level)
+    handler.emit = records.append  # type: ignore[method-assign]
+    flow_logger = logging.getLogger("prefect.flow_runs")
+    flow_logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        flow_logger.removeHandler(handler)
 
 
 def _is_pickle(data: bytes) -> bool:

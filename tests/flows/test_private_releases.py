@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fedrec.config import TrainingConfig
-from tests.flows.helpers import tracking_store
+from tests.flows.helpers import flow_log, tracking_store
 
 SMALL = {"synthetic_users": 300, "synthetic_items": 120, "synthetic_interactions": 9_000,
          "clients": 3, "factors": 4, "rounds": 3, "skip_if_unchanged": False}  # fmt: skip
@@ -75,16 +75,9 @@ def test_a_private_run_does_not_warm_start_from_a_champion_trained_without_dp(ow
     store, other_users = own_store, {"synthetic_users": 320}
     plain = _run(store, model_name="shared", **other_users)
     assert plain["promoted"]
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # the flow's run logger, whatever its console handler does
-    flow_logger = logging.getLogger("prefect.flow_runs")
-    flow_logger.addHandler(handler)
-    try:
+    with flow_log(logging.WARNING) as records:
         private = {"dp_epsilon": 8.0, "dp_budget": 8.0, "warm_start": True}
         _run(store, model_name="shared", **(private | other_users))
-    finally:
-        flow_logger.removeHandler(handler)
     refusal = f"no warm start: champion version {plain['model_version']} was not trained with DP"
     assert any(refusal in r.getMessage() for r in records)
 

@@ -12,7 +12,7 @@ import pytest
 
 from fedrec.config import TrainingConfig
 from models.data.errors import DataValidationError
-from tests.flows.helpers import tracking_store
+from tests.flows.helpers import flow_log, tracking_store
 
 ROUNDS = 3
 SMALL = {
@@ -327,15 +327,8 @@ def test_a_run_on_other_data_than_the_champions_says_so(store):
     tiny = {"rounds": 1, "clients": 2, "factors": 2, "tracking_uri": store["uri"],
             "model_name": "sources", "synthetic_items": 150, "synthetic_interactions": 6_000}  # fmt: skip
     first = federated_training(**TrainingConfig(synthetic_users=200, **tiny).model_dump())
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append  # the flow's run logger, whatever its console handler does
-    flow_logger = logging.getLogger("prefect.flow_runs")
-    flow_logger.addHandler(handler)
-    try:
+    with flow_log(logging.INFO) as records:
         federated_training(**TrainingConfig(synthetic_users=220, **tiny).model_dump())
-    finally:
-        flow_logger.removeHandler(handler)
 
     tags = store["client"].get_model_version("sources", first["model_version"]).tags
     assert (
