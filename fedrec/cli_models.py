@@ -29,7 +29,8 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
         raise UserError(
             f"{history}: no rating column {columns['rating_col']!r}: this model predicts ratings "
             f"from the user's own; allowed: ratings in [{scale[0]:g}, {scale[1]:g}] "
-            "(--rating-col names their column)"
+            "(--rating-col names their column), or, for a history without ratings, a model "
+            "trained with --feedback implicit (--model models:/fedrec-ranking@champion)"
         )
     frame = data.frame
     rows = pd.DataFrame(
