@@ -128,3 +128,57 @@ def test_bad_hyperparameters_are_rejected():
     rows = RatingRows(np.zeros(1, int), np.zeros(1, int), np.ones(1), n_users=1, n_items=1)
     with pytest.raises(ValueError, match="alpha > 0"):
         CentralizedImplicitALS(alpha=0).fit(rows)
+
+
+def _dense_implicit_als(
+    users, items, ratings, n_users, n_items, k, reg, alpha, n_iter, seed, init_std
+):
+    """Hu, Koren and Volinsky written out densely: C = 1 + alpha R on observed cells, 1 elsewhere;
+    P = 1 on observed cells. Users/items without rows get zero factors. Same start as the code:
+    item factors drawn N(0, init_std) from default_rng(seed)."""
+    c = np.ones((n_users, n_items))
+    p = np.zeros((n_users, n_items))
+    c[users, items] += alpha * ratings
+    p[users, items] = 1.0
+    y = np.random.default_rng(seed).normal(0.0, init_std, size=(n_items, k))
+
+    def half_step(other, conf, pref, active):
+        out = np.zeros((conf.shape[0], k))
+        for a in np.flatnonzero(active):
+            lhs = other.T @ (conf[a][:, None] * other) + reg * np.eye(k)
+            out[a] = np.linalg.solve(lhs, other.T @ (conf[a] * pref[a]))
+        return out
+
+    has_user = np.isin(np.arange(n_users), users)
+    has_item = np.isin(np.arange(n_items), items)
+    for _ in range(n_iter):
+        x = half_step(y, c, p, has_user)
+        y = half_step(x, c.T, p.T, has_item)
+    x = half_step(y, c, p, has_user)
+    return x @ y.T
+
+
+# the smallest valid settings: one factor, a confidence weight below 1
+@pytest.mark.parametrize(("n_factors", "alpha"), [(1, 2.0), (2, 0.5)])
+def test_smallest_valid_hyperparameters_fit_the_dense_formula(n_factors, alpha):
+    rng = np.random.default_rng(4)
+    n_users, n_items, reg, n_iter, seed, init_std = 9, 7, 0.2, 4, 3, 0.3
+    cells = np.flatnonzero(rng.random(n_users * n_items) < 0.35)
+    users, items = np.divmod(cells, n_items)
+    ratings = rng.integers(1, 4, cells.size).astype(float)
+    rows = RatingRows(users, items, ratings, n_users=n_users, n_items=n_items)
+
+    model = CentralizedImplicitALS(
+        n_factors=n_factors, reg=reg, alpha=alpha, n_iter=n_iter, init_std=init_std, seed=seed
+    ).fit(rows)
+
+    want = _dense_implicit_als(
+        users, items, ratings, n_users, n_items, n_factors, reg, alpha, n_iter, seed, init_std
+    )
+    np.testing.assert_allclose(model.scores(np.arange(n_users)), want, rtol=0, atol=1e-9)
+
+
+def test_zero_ridge_is_rejected():
+    rows = RatingRows(np.zeros(1, int), np.zeros(1, int), np.ones(1), n_users=1, n_items=1)
+    with pytest.raises(ValueError, match="reg > 0"):
+        CentralizedImplicitALS(reg=0.0).fit(rows)

@@ -28,7 +28,7 @@ from models.ranking.federated import (
     ranker_server_update,
     run_two_stage,
 )
-from models.ranking.knn import cooccurrence, cosine_neighbours, knn_scores
+from models.ranking.knn import cooccurrence, cosine_neighbours, knn_scores, strongest_neighbour
 from models.ranking.recommender import RankingRecommender
 
 
@@ -109,6 +109,41 @@ def test_tied_neighbours_keep_the_lower_item_index():
     x = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]], dtype=float)  # 1, 2, 3 tie for 0
     similarity = cosine_neighbours(cooccurrence(sparse.csr_matrix(x)), neighbours=1).toarray()
     assert np.flatnonzero(similarity[:, 0]).tolist() == [1]
+
+
+def _strongest_neighbour_oracle(x, s, users, items):
+    """Brute force over the dense matrices: among u's history items j that have item i as a
+    neighbour (s[j, i] != 0), the one with the largest s[j, i] (lowest j on a tie); -1 and 0 if none."""
+    best_item = np.full(len(users), -1)
+    best_sim = np.zeros(len(users))
+    for n, (u, i) in enumerate(zip(users, items, strict=True)):
+        candidates = [j for j in range(x.shape[1]) if x[u, j] != 0 and s[j, i] != 0]
+        if candidates:
+            j = max(candidates, key=lambda j: (s[j, i], -j))
+            best_item[n], best_sim[n] = j, s[j, i]
+    return best_item, best_sim
+
+
+def test_strongest_neighbour_matches_a_brute_force_search():
+    rng = np.random.default_rng(11)
+    n_users, n_items = 12, 10
+    x = (rng.random((n_users, n_items)) < 0.35).astype(float)
+    x[3] = 0.0  # a user with no history
+    # any sparse similarity will do (distinct continuous values: no ties), zero diagonal, with
+    # column i holding item i's neighbours j (stored entries)
+    s = np.where(rng.random((n_items, n_items)) < 0.45, rng.random((n_items, n_items)) + 0.01, 0.0)
+    np.fill_diagonal(s, 0.0)
+    s[:, 5] = 0.0  # an item with no neighbours at all
+    users, items = (a.ravel() for a in np.meshgrid(np.arange(n_users), np.arange(n_items)))
+
+    got_item, got_sim = strongest_neighbour(
+        sparse.csr_matrix(x), sparse.csr_matrix(s), users, items
+    )
+    want_item, want_sim = _strongest_neighbour_oracle(x, s, users, items)
+
+    assert (want_item == -1).any() and (want_item >= 0).any()  # both outcomes are exercised
+    np.testing.assert_array_equal(got_item, want_item)
+    np.testing.assert_array_equal(got_sim, want_sim)
 
 
 def test_neighbours_keep_the_most_similar_items_per_item():
