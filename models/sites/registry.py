@@ -38,6 +38,8 @@ _SITE = {"name", "public_key", "deadline_seconds", "weight"}
 class RegistryError(ValueError):
     """``sites.yaml`` is not valid; ``str(err)`` names the file, the entry and the field."""
 
+    one_line = True  # the command line shows the message alone (exit 2: the file is to fix)
+
 
 @dataclass(frozen=True)
 class SiteSpec:

@@ -10,6 +10,7 @@ from fedrec.cli_errors import OneLineError, RunFailed, _classify
 from fedrec.local_server import LocalServerError
 from flows.rounds import QuorumError
 from models.data.errors import DataValidationError
+from models.sites.registry import RegistryError
 from tasks.tracking import ResumeError
 
 
@@ -20,6 +21,7 @@ from tasks.tracking import ResumeError
         (FileNotFoundError("data='x.csv': no such file or folder"), 2),
         (LocalServerError("port 4200 on 127.0.0.1 is in use"), 2),
         (ResumeError("--resume abc: the run finished; there is nothing to resume"), 2),
+        (RegistryError("sites.yaml: two sites share one public key"), 2),
         (MlflowException("no model", error_code=RESOURCE_DOES_NOT_EXIST), 2),
         (QuorumError("round 1: 1 of 3 clients answered; min_clients is 2"), 1),
         (MlflowException("API request to http://127.0.0.1:5000 failed"), 1),
@@ -33,3 +35,4 @@ def test_the_exit_status_says_whether_to_fix_the_input_or_run_again(error, statu
     assert isinstance(classified, RunFailed) == (status == 1)
     assert isinstance(classified, OneLineError)  # both are one line on stderr
     assert "\n" not in classified.format_message()
+    assert type(error).__name__ not in classified.format_message() or status == 1
