@@ -133,8 +133,9 @@ def _everyone_round(ctx: RunContext, family: Family, state: Any, phase: Phase) -
         )
         for e in ctx.entries
     }
-    answers = answered(futures, phase.name)
-    require_quorum(len(answers), len(ctx.entries), ctx.config, phase.name)
+    failed: dict[int, str] = {}
+    answers = answered(futures, phase.name, failed=failed)
+    require_quorum(len(answers), len(ctx.entries), ctx.config, phase.name, failed)
     held = {c: u for c, (u, _) in answers.items()}
     if secure is not None:  # the answers stayed on the clients; the sum comes masked
         asked = len(ctx.entries)

@@ -181,26 +181,32 @@ class Trained:
 
 
 def answered(
-    futures: Mapping[Any, PrefectFuture], what: str, timeout: float | None = None
+    futures: Mapping[Any, PrefectFuture],
+    what: str,
+    timeout: float | None = None,
+    failed: dict[Any, str] | None = None,
 ) -> dict[Any, Any]:
     """Results of the futures that completed (within ``timeout`` seconds, if given), under their
-    keys; failures and stragglers are logged and left out (a late answer is never used)."""
+    keys; failures and stragglers are logged and left out (a late answer is never used), and
+    written into ``failed`` (key: why) when it is given."""
     done = wait(list(futures.values()), timeout=timeout).done
     results = {}
     for key, future in futures.items():
         if future not in done:
-            get_run_logger().warning(
-                "%s: %s did not answer within %s s: left out", what, _who(key), timeout
-            )
-            continue
-        # With a timeout, wait() tells which futures are done but records no final state, and
-        # the state read from the API can lag behind a task that has just finished: take the
-        # final state from the finished future itself.
-        future.wait(timeout=0)
-        if future.state.is_completed():
-            results[key] = future.result()
+            why = f"did not answer within {timeout} s"
+            get_run_logger().warning("%s: %s %s: left out", what, _who(key), why)
         else:
-            get_run_logger().warning("%s: %s failed: %s", what, _who(key), future.state.message)
+            # With a timeout, wait() tells which futures are done but records no final state,
+            # and the state read from the API can lag behind a task that has just finished:
+            # take the final state from the finished future itself.
+            future.wait(timeout=0)
+            if future.state.is_completed():
+                results[key] = future.result()
+                continue
+            why = f"failed: {future.state.message}"
+            get_run_logger().warning("%s: %s %s", what, _who(key), why)
+        if failed is not None:
+            failed[key] = why.removeprefix("failed: Task run encountered an exception ")
     return results
 
 
@@ -216,11 +222,22 @@ def quorum(config: TrainingConfig, asked: int) -> int:
     return max(min(config.min_clients, asked), math.ceil(config.min_fraction * asked))
 
 
-def require_quorum(answers: int, asked: int, config: TrainingConfig, what: str) -> None:
+def require_quorum(
+    answers: int,
+    asked: int,
+    config: TrainingConfig,
+    what: str,
+    failed: Mapping[Any, str] | None = None,
+) -> None:
+    """Raise :class:`QuorumError` when fewer than the quorum answered; its one line names the
+    first of the ``failed`` clients and why (a refusal's reason, a timeout)."""
     if answers < quorum(config, asked):
+        first = next(iter(failed.items()), None) if failed else None
+        why = "" if first is None else f"; {_who(first[0])}: {first[1]}"
+        more = f" (and {len(failed) - 1} more)" if failed and len(failed) > 1 else ""
         raise QuorumError(
             f"{what}: {answers} of {asked} clients answered, the quorum is {quorum(config, asked)} "
-            f"(min_clients={config.min_clients}, min_fraction={config.min_fraction})"
+            f"(min_clients={config.min_clients}, min_fraction={config.min_fraction}){why}{more}"
         )
 
 
@@ -243,6 +260,7 @@ def gather_round(
     """
     asked = sum(1 for k in keys if counts(k))
     results: dict[Any, Any] = {}
+    failed: dict[Any, str] = {}  # the last attempt's reason, for the quorum's one line
     pending = list(keys)
     for attempt in range(config.round_retries + 1):
         deadline = None if config.round_timeout is None else time.monotonic() + config.round_timeout
@@ -250,7 +268,7 @@ def gather_round(
         for start in range(0, len(pending), size):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             wave = answered(
-                {k: submit(k, attempt) for k in pending[start : start + size]}, what, left
+                {k: submit(k, attempt) for k in pending[start : start + size]}, what, left, failed
             )
             if fold is not None:
                 wave = {k: fold(k, a) for k, a in wave.items()}
@@ -266,7 +284,8 @@ def gather_round(
         if attempt < config.round_retries:
             get_run_logger().warning("%s: %d of %d clients answered, quorum %d: asking %d again",
                                      what, got, asked, quorum(config, asked), len(pending))  # fmt: skip
-    require_quorum(sum(1 for k in results if counts(k)), asked, config, what)
+    trainers = {k: why for k, why in failed.items() if counts(k) and k not in results}
+    require_quorum(sum(1 for k in results if counts(k)), asked, config, what, trainers)
     return results
 
 

@@ -72,7 +72,8 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
         )
         for site in registry.sites
     }
-    enrolled = answered(futures, "enrolment", config.round_timeout)
+    failed: dict[int, str] = {}
+    enrolled = answered(futures, "enrolment", config.round_timeout, failed)
     if config.dp_epsilon is None:  # before any run starts: a run the sites would refuse
         private_only = [
             s.name
@@ -85,7 +86,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
                 "--dp-epsilon, or ask them to start `fedrec site run --allow-exact` (exact sums "
                 "would then leave them, counted in no budget); not started"
             )
-    require_quorum(len(enrolled), len(registry.sites), config, "enrolment")
+    require_quorum(len(enrolled), len(registry.sites), config, "enrolment", failed)
     sites = [s for s in registry.sites if s.client_id in enrolled]
     catalogue = union_catalogue(enrolled[s.client_id][0] for s in sites)
     link.entries = {s.client_id: s for s in sites}
