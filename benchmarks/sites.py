@@ -51,7 +51,7 @@ from benchmarks.common import machine, median, print_table, write_json
 
 SEED = 0
 SITE_READY = "polling"  # what `fedrec site run` logs once its rows are loaded
-# `fedrec site run` logs one line per answer: "<site> answered <kind> <phase> round <r> (<n> bytes up, <s> s)"
+# `fedrec site run` logs one line per answer: "<site> answered <kind> [<phase>] round <r> (<n> bytes up, <s> s)"
 ANSWERED = re.compile(
     r"(?P<site>[a-z0-9-]+) answered (?P<kind>\w+) (?P<phase>\S*) ?round (?P<round>\d+) "
     r"\((?P<bytes>\d+) bytes up, (?P<seconds>[\d.]+) s\)"
@@ -245,7 +245,8 @@ def answered_lines(logs: dict[str, Path], since: dict[str, int]) -> list[dict[st
             text = handle.read().decode(errors="replace")
         for match in ANSWERED.finditer(text):
             found.append({
-                "site": match["site"], "kind": match["kind"], "phase": match["phase"],
+                # a phase named like its kind is said once ("answered train round 3")
+                "site": match["site"], "kind": match["kind"], "phase": match["phase"] or match["kind"],
                 "round": int(match["round"]), "bytes": int(match["bytes"]),
                 "seconds": float(match["seconds"]),
             })  # fmt: skip

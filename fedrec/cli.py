@@ -180,6 +180,13 @@ def check_inputs(values: dict[str, Any]) -> None:
     from models.data.errors import DataValidationError
 
     merged = config_defaults() | values
+    if isinstance(merged.get("sites"), str) and Path(merged["sites"]).is_file():
+        from models.sites.registry import RegistryError, read_registry
+
+        try:  # a sites file that cannot be used ends here, before any flow run
+            read_registry(merged["sites"])
+        except RegistryError as err:
+            raise UserError(str(err)) from err
     spec = {name: merged.get(name) for name in ("data", "train", "valid", "test")}
     if not all(isinstance(v, str | None) for v in spec.values()):
         return

@@ -114,7 +114,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
         config.rating_scale,
         entries,
     )
-    uri, run_id = start_run(config, fingerprint, run)
+    uri, run_id = start_run(config, fingerprint, run, clients=len(sites))
     workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
     record_enrolment(workspace=workspace, manifest=manifest, catalogue=catalogue)
     if config.secure_aggregation:  # the server steps verify the sites' round keys with these

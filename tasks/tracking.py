@@ -97,11 +97,14 @@ def code_version() -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def _run_name(config: TrainingConfig) -> str:
+def _run_name(config: TrainingConfig, clients: int | None = None) -> str:
+    """``als-k32-10c-10r``: the model, its factors, the clients (``clients`` when given: the
+    sites that enrolled) and the rounds."""
+    n = f"{config.clients if clients is None else clients}c"
     if config.feedback == "implicit":
         model = "ials+knn" + ("+lgbm" if config.ranker != "none" else "")
-        return f"{model}-k{config.ranking_config().n_factors}-{config.clients}c-{config.rounds}r"
-    return f"{config.algorithm}-k{config.mf_config().n_factors}-{config.clients}c-{config.rounds}r"
+        return f"{model}-k{config.ranking_config().n_factors}-{n}-{config.rounds}r"
+    return f"{config.algorithm}-k{config.mf_config().n_factors}-{n}-{config.rounds}r"
 
 
 def _artifact_home(uri: str) -> str | None:
@@ -112,8 +115,11 @@ def _artifact_home(uri: str) -> str | None:
 
 
 @task(name="start-tracking", **_RETRY)
-def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None) -> tuple[str, str]:
-    """Create the MLflow run of this training (params = the flattened config); returns (uri, run id)."""
+def start_run(
+    config: TrainingConfig, fingerprint: str, flow_run_id: str | None, *, clients: int | None = None
+) -> tuple[str, str]:
+    """Create the MLflow run of this training (params = the flattened config; ``clients``, the
+    sites that enrolled, names the run when given); returns (uri, run id)."""
     uri = resolve_tracking_uri(config.tracking_uri)
     client = _client(uri)
     experiment = client.get_experiment_by_name(config.experiment)
@@ -131,7 +137,7 @@ def start_run(config: TrainingConfig, fingerprint: str, flow_run_id: str | None)
         "fedrec.dataset_fingerprint": fingerprint,
         "fedrec.config_hash": config.config_hash(),
         "fedrec.code_version": code_version(),
-        "mlflow.runName": _run_name(config),
+        "mlflow.runName": _run_name(config, clients),
         # what --resume restarts from (credentials masked: resume is given the URI again)
         "fedrec.config": config.redacted().model_dump_json(),
     }

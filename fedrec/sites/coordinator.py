@@ -45,6 +45,7 @@ from models.sites.messages import (
     body_digest,
     check_answer,
     check_refusal,
+    exchange_name,
     open_message,
     sign_message,
 )
@@ -243,6 +244,8 @@ class Coordinator:
             flow_run_id=request.flow_run_id,
             description=f"{kind} {phase} round {round_} request to {site.name}",
         )
+        what = exchange_name(kind, phase, round_)
+        refused = ""  # why the last answer that arrived was not taken
         try:
             while (left := now + deadline - time.time()) > 0:
                 try:
@@ -252,12 +255,17 @@ class Coordinator:
                 try:
                     return self._accept(site, request, digest, artifact.get("data"))
                 except (RefusedMessage, SchemaError, ValueError) as err:  # keep waiting
-                    warn(f"{site.name}: refused an answer to {kind} {phase} round {round_}: {err}")
+                    refused = str(err)
+                    warn(f"{site.name}: refused an answer to {what}: {err}")
         finally:
             self.collector.forget(request.task_run_id)
-        raise TimeoutError(
-            f"{site.name}: no answer to {kind} {phase} round {round_} within {deadline:.0f} s"
+        hint = (
+            f"; the answer that came was refused ({refused}: is the site's public_key in the "
+            "sites file its own?)"
+            if "signature does not verify" in refused
+            else (f"; the answer that came was refused ({refused})" if refused else "")
         )
+        raise TimeoutError(f"{site.name}: no answer to {what} within {deadline:.0f} s{hint}")
 
     def secure_fields(self, config: RoundConfig | None = None) -> dict[str, Any]:
         """The ``secure`` field of a request: every site's key from ``sites.yaml`` (what the

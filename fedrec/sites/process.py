@@ -66,6 +66,7 @@ from models.sites.messages import (
     body_digest,
     canonical,
     check_request,
+    exchange_name,
     key_id,
     open_message,
     refusal_fields,
@@ -160,12 +161,21 @@ class Site:
         wake = threading.Event()
         if self.options.events:
             threading.Thread(target=self.listen, args=(wake, stop), daemon=True).start()
+        peers = self.secure.peers
         log.info(
-            "%s: key %s, %d rows of %d users; polling %s every %.1f s%s",
+            "%s: key %s, %d rows of %d users; answers %s; %s; users' cap epsilon %.3g; "
+            "polling %s every %.1f s%s",
             self.name,
             key_id(self.key),
             len(self.data),
             self.data.n_users,
+            "runs without DP too (--allow-exact)"
+            if self.options.allow_exact
+            else "private runs only",
+            "peers' keys from the coordinator"
+            if peers is None
+            else f"{len(peers)} peer keys pinned",
+            self.options.max_epsilon,
             self.options.prefect_api,
             self.options.poll_seconds,
             ", woken by its events" if self.options.events else "",
@@ -177,6 +187,7 @@ class Site:
                 log.warning("%s: %s", self.name, err)
             wake.wait(self.options.poll_seconds)
             wake.clear()
+        log.info("%s: stopped", self.name)
 
     def listen(self, wake: threading.Event, stop: threading.Event) -> None:
         """Set ``wake`` whenever the Prefect API's events websocket announces a request artifact
@@ -217,14 +228,21 @@ class Site:
         try:
             body = open_message(artifact.get("data") or {}, self.coordinator, REQUEST)
         except RefusedMessage as err:
-            log.warning("%s: refused request %s: %s", self.name, artifact.get("id"), err)
+            log.warning(
+                "%s: refused request %s: %s (is --coordinator-key the coordinator's public key?)",
+                self.name,
+                artifact.get("id"),
+                err,
+            )
             return
         try:
             request = check_request(
                 body, site=self.name, now=time.time(), skew=self.options.clock_skew
             )
         except RefusedMessage as err:  # genuine but not answerable (e.g. expired): say so here
-            log.warning("%s: refused request %s: %s", self.name, artifact.get("id"), err)
+            # an expired request is the usual leftover of an earlier run: not worth a warning
+            level = logging.DEBUG if "expired" in str(err) else logging.WARNING
+            log.log(level, "%s: refused request %s: %s", self.name, artifact.get("id"), err)
             return
         if request.task_run_id != (artifact.get("task_run_id") or ""):
             log.warning(
@@ -488,10 +506,11 @@ def _release(request: RoundRequest, family: Family, *, peers_pinned: bool) -> Re
 
 
 def _describe(request: RoundRequest) -> str:
-    """What a request asks, for log lines: ``train train round 3``, ``evaluate round-3``."""
+    """What a request asks, for log lines: ``train round 3``, ``secagg mask round 3``,
+    ``evaluate round-3``."""
     if request.kind in ("train", "secagg"):
-        return f"{request.kind} {request.phase} round {request.round}"
-    return f"{request.kind} {request.label}".strip()
+        return exchange_name(request.kind, request.phase, request.round)
+    return " ".join(part for part in (request.kind, request.label) if part)
 
 
 def _short(data: bytes) -> str:

@@ -64,6 +64,14 @@ def canonical(body: Mapping[str, Any]) -> bytes:
         raise RefusedMessage(f"not canonical JSON: {err}") from err
 
 
+def exchange_name(kind: str, phase: str, round_: int) -> str:
+    """An exchange as log lines name it: ``train round 3``, ``train mean round 0``,
+    ``secagg mask round 3`` (a phase named like its kind is said once)."""
+    return " ".join(
+        part for part in (kind, "" if phase == kind else phase, f"round {round_}") if part
+    )
+
+
 def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     """A short public name of an identity key: the first 16 hex digits of its sha256."""
     return hashlib.sha256(public_bytes(key)).hexdigest()[:16]

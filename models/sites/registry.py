@@ -170,7 +170,11 @@ def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry
         sites.append(SiteSpec(name, index, public, seconds, weight))
     keys = [s.public_key.public_bytes_raw() for s in sites]
     if len(set(keys)) != len(keys):
-        raise RegistryError(f"{source}: two sites share one public key")
+        first = next(k for k in keys if keys.count(k) > 1)
+        named = " and ".join(s.name for s, k in zip(sites, keys, strict=True) if k == first)
+        raise RegistryError(
+            f"{source}: sites {named} share one public key; allowed: each site's own key"
+        )
     return Registry(coordinator, tuple(sites), precision, compress)
 
 

@@ -277,6 +277,10 @@ def test_sites_train_the_simulated_model_refuse_a_wrong_key_and_keep_their_rows(
     np.testing.assert_allclose(got.params.bias, expected.params.bias, rtol=0, atol=1e-8)
     assert abs(got.params.global_mean - expected.params.global_mean) < 1e-8
     assert summary["metrics"]["system/clients"] == 3.0
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=fed.stores.mlflow_uri).get_run(summary["run_id"])
+    assert run.info.run_name == "als-k4-3c-3r"  # named after the sites that enrolled
 
     # (c) the impostor's answers were refused, each in one line naming the site and the reason
     refusals = [line for line in log.splitlines() if "shop-a: refused an answer" in line]
@@ -323,11 +327,11 @@ def _wait_for(predicate, what: str, timeout: float = 240) -> None:
 def test_a_private_run_survives_a_killed_site_which_rejoins_after_a_restart(federation):
     fed = federation
     stderr = fed.root / "train-2.err"
-    before = fed.log("shop-c").count("answered train train round")
+    before = fed.log("shop-c").count("answered train round")
     # under DP each site noises its own answers from its own entropy and keeps them
     coordinator = fed.train("ws2", 5, stderr, "--dp-epsilon", "8")
     _wait_for(
-        lambda: fed.log("shop-c").count("answered train train round") > before,
+        lambda: fed.log("shop-c").count("answered train round") > before,
         "shop-c's first training answer of the run",
     )
     fed.stop("shop-c", signal.SIGKILL)  # mid-run, without warning
@@ -343,7 +347,7 @@ def test_a_private_run_survives_a_killed_site_which_rejoins_after_a_restart(fede
     assert 0 < summary["metrics"]["privacy/epsilon"] <= 8.0
     assert summary["model_version"]
     restarted = fed.log("shop-c").split("polling")[-1]
-    assert "answered train train round" in restarted
+    assert "answered train round" in restarted
     for name in SITES:  # each site released its final evaluation itself
         assert "answered evaluate round-5" in fed.log(name)
 

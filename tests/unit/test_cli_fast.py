@@ -288,3 +288,22 @@ def test_recommend_without_a_store_says_so_and_creates_no_folder(tmp_path, monke
 
     _assert_one_line_error(done, f"no MLflow store at {home / 'mlflow.db'}")
     assert not home.exists()
+
+
+def test_a_sites_file_that_cannot_be_used_is_refused_before_any_flow_starts(tmp_path):
+    from models.privacy.identity import generate_identity, write_identity
+
+    for name in ("coordinator", "shop-a"):
+        write_identity(generate_identity(), tmp_path, name)
+    sites = tmp_path / "sites.yaml"
+    sites.write_text(
+        f"coordinator_key: {tmp_path}/coordinator.key\nsites:\n"
+        f"  - name: shop-a\n    public_key: {tmp_path}/shop-a.pub\n"
+        f"  - name: shop-b\n    public_key: {tmp_path}/shop-a.pub\n"  # shop-a's key again
+    )
+
+    done, imported = _cli(["train", "--sites", str(sites)], tmp_path / "home")
+
+    _assert_one_line_error(done, str(sites), "sites shop-a and shop-b share one public key")
+    assert not set(imported) & {"prefect", "mlflow"}, imported
+    _assert_nothing_started(tmp_path / "home")

@@ -102,14 +102,15 @@ def test_the_coordinator_gets_the_site_answer_and_refuses_the_impostor(world):
     warnings: list[str] = []
     stop = _running(site("impostor"))
     try:
-        with pytest.raises(
-            TimeoutError, match="shop-a: no answer to train train round 1 within 8 s"
-        ):
+        # the one line says what came and why it was not taken, with the likely cause
+        timed_out = r"shop-a: no answer to train round 1 within 8 s; the answer that came was "
+        hint = r"refused \(signature does not verify .*: is the site's public_key in the sites"
+        with pytest.raises(TimeoutError, match=timed_out + hint):
             _ask(coordinator, replace(spec, deadline_seconds=8.0), warnings)
     finally:
         stop.set()
     assert warnings and all(
-        w.startswith("shop-a: refused an answer to train train round 1: signature does not verify")
+        w.startswith("shop-a: refused an answer to train round 1: signature does not verify")
         for w in warnings
     )
     stop = _running(site("shop-a"))

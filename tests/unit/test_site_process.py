@@ -144,7 +144,7 @@ def test_a_request_is_answered_with_protocol_arrays_only(world):
     update, evaluations = check_answer_arrays(arrays, client_id=1, n_items=len(ITEMS))
     assert update.items.size and set(update.arrays) == {"gram", "rhs"}
     assert set(evaluations) >= {"valid"}
-    assert any("shop-a answered train train round 1" in line for line in transport.logs)
+    assert any("shop-a answered train round 1" in line for line in transport.logs)
 
 
 def test_a_private_retry_and_a_restart_get_the_kept_answer_bit_for_bit(world):
