@@ -13,7 +13,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from scipy import sparse
 
 from models.data.errors import DataValidationError
 from models.data.schema import ITEM, TIMESTAMP, USER, Interactions, encode_interactions
@@ -113,8 +112,9 @@ def assign_clients(
 
 
 def _taste_groups(data: Interactions, n_groups: int, rng: np.random.Generator) -> np.ndarray:
-    # scikit-learn loads here, not with the module: the command line's early input check
-    # (check_client_count) runs before any heavy library
+    # SciPy and scikit-learn load here, not with the module: the command line's early input
+    # check (check_client_count) runs before any heavy library
+    from scipy import sparse
     from sklearn.cluster import KMeans
     from sklearn.decomposition import TruncatedSVD
 
