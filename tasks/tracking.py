@@ -11,7 +11,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import hmac
 import json
 import os
 import subprocess
@@ -48,6 +47,7 @@ from models.privacy.ledger import (
     Request,
     Stored,
     check_groups_after_writing,
+    keyed_fingerprint,
     plan_user_reservation,
     recovered_spend,
     run_delta,
@@ -546,15 +546,6 @@ def ledger_secret_path(uri: str, configured: str | None = None) -> Path:
         else fedrec_home()
     )
     return folder / LEDGER_SECRET
-
-
-def keyed_fingerprint(fingerprint: str, secret: bytes) -> str:
-    """A private run's dataset fingerprint: HMAC-SHA-256 of the rows' fingerprint under the
-    ledger's secret. It still tells whether the data changed, on the machines holding the
-    secret; a reader of MLflow who knows every row but one user's cannot test guesses of that
-    user's rows against it, as against the plain SHA-256."""
-    message = b"fedrec dataset fingerprint\n" + fingerprint.encode()
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
 
 
 def ledger_fingerprint(uri: str, configured: str | None, fingerprint: str) -> str | None:

@@ -11,7 +11,6 @@ so that the files hold no id in the clear.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 import time
@@ -70,15 +69,9 @@ class SiteBudget:
         self.max_epsilon = float(max_epsilon)
         self.max_delta = float(max_delta) if max_delta is not None else 1.0 / max(1, len(user_ids))
         self.run_delta = self.max_delta / RUNS_PER_DELTA_CAP
-        self._key = self._secret()
-        self.users = user_keys(np.asarray(user_ids, dtype=str), self._key)
+        self.secret = self._secret()  # the site's own: names its users, keys its fingerprint
+        self.users = user_keys(np.asarray(user_ids, dtype=str), self.secret)
         self._users_sha = self._keep_users(self.users)
-
-    def keyed(self, purpose: str, text: str) -> str:
-        """HMAC-SHA-256 of ``text`` under the site's secret, for ``purpose``: stable across the
-        site's restarts, and unguessable without the secret."""
-        message = f"fedrec site {purpose}\n{text}".encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def _secret(self) -> bytes:
         path = self.folder / SECRET

@@ -49,7 +49,7 @@ from models.federation.evaluation import without_item_counts
 from models.federation.family import Family
 from models.federation.sampling import fresh_rng, round_rng
 from models.privacy.identity import load_identity
-from models.privacy.ledger import user_ids
+from models.privacy.ledger import keyed_fingerprint, user_ids
 from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate
 from models.sites.answers import SiteRecord
@@ -401,7 +401,7 @@ class Site:
             "n_train": int(counts[TRAIN]),
             "n_valid": int(counts[VALID]),
             "n_test": int(counts[TEST]),
-            "fingerprint": self.budget.keyed("fingerprint", self.data.fingerprint()),
+            "fingerprint": keyed_fingerprint(self.data.fingerprint(), self.budget.secret),
             "exact": int(self.options.allow_exact),
             "key_id": key_id(self.key),
         }

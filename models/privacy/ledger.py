@@ -84,6 +84,16 @@ def user_keys(ids: Iterable[str], secret: bytes) -> np.ndarray:
     return np.unique(np.frombuffer(digests, dtype=USER_KEY).astype(np.uint64))
 
 
+def keyed_fingerprint(fingerprint: str, secret: bytes) -> str:
+    """A dataset fingerprint keyed with a secret (HMAC-SHA-256 of the rows' own fingerprint):
+    it still tells whether the data changed, to whoever holds the secret, while someone who
+    knows every row but one user's cannot test guesses of that user's rows against it, as
+    against the plain SHA-256. A private run's logged fingerprint (the ledger's secret) and a
+    site's enrolment fingerprint (the site's own secret)."""
+    message = b"fedrec dataset fingerprint\n" + fingerprint.encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
 def secret_id(secret: bytes) -> str:
     """A public name of a ledger secret (16 hex digits): entries record which secret named their
     users, so a run holding another secret is refused instead of finding no history."""

@@ -87,13 +87,9 @@ def test_a_private_run_logs_its_fingerprint_keyed_so_a_reader_cannot_test_a_gues
 ):
     from mlflow.entities import ViewType
 
+    from models.privacy.ledger import keyed_fingerprint
     from tasks.data import load_interactions
-    from tasks.tracking import (
-        LEDGER_EXPERIMENT,
-        keyed_fingerprint,
-        ledger_secret,
-        ledger_secret_path,
-    )
+    from tasks.tracking import LEDGER_EXPERIMENT, ledger_secret, ledger_secret_path
 
     store, private = own_store, {"dp_epsilon": 4.0, "dp_budget": 8.0}
     runs = [_run(store, model_name="keyed", **private) for _ in range(2)]
