@@ -259,12 +259,11 @@ class Coordinator:
                     warn(f"{site.name}: refused an answer to {what}: {err}")
         finally:
             self.collector.forget(request.task_run_id)
-        hint = (
-            f"; the answer that came was refused ({refused}: is the site's public_key in the "
-            "sites file its own?)"
-            if "signature does not verify" in refused
-            else (f"; the answer that came was refused ({refused})" if refused else "")
-        )
+        hint = ""
+        if refused:  # the likely cause of a signature that fails is the sites file's key
+            cause = "signature does not verify" in refused
+            why = ": is the site's public_key in the sites file its own?" if cause else ""
+            hint = f"; the answer that came was refused ({refused}{why})"
         raise TimeoutError(f"{site.name}: no answer to {what} within {deadline:.0f} s{hint}")
 
     def secure_fields(self, config: RoundConfig | None = None) -> dict[str, Any]:
