@@ -1,14 +1,17 @@
 """A run over real sites, set up from ``sites.yaml``: enrolment, the catalogue, the MLflow run.
 
 Each site listed in ``sites.yaml`` is asked (one proxy task run per site, ``enroll <site>``)
-for the set of item ids it holds and its users and rows per split. The catalogue is the union
-of the item sets, so the coordinator never learns which user touched which item; what it does
-learn, and logs like the simulation's partition profile, is per site: the item ids it holds,
-its number of users and of train / validation / test rows, a fingerprint of its rows keyed with
-the site's own secret, and whether it answers runs without DP (a run without ``--dp-epsilon``
-is refused here, before anything is written, when a site answers only private ones). Sites
-that do not enrol within their deadline are left out of the run, under the same quorum as any
-round. No row is read, written or received here.
+to enrol in a run that is private or not. When ``sites.yaml`` publishes a catalogue, the sites
+are numbered against it and send no item id; otherwise the catalogue is the union of the item
+sets the sites send, which only sites that answer runs without DP do. Either way the
+coordinator never learns which user touched which item. What it learns of a site that answers
+runs without DP: its number of users and of train / validation / test rows (logged like the
+simulation's partition profile), and its item ids without a published catalogue; of a site
+that answers only private runs: its number of users with noise it charges to its users'
+budget, and for a run without ``--dp-epsilon`` only that it will not answer it (such a run is
+refused here, before anything is written). Every site also sends a fingerprint of its rows
+keyed with its own secret. Sites that do not enrol within their deadline are left out of the
+run, under the same quorum as any round. No row is read, written or received here.
 """
 
 from __future__ import annotations
@@ -66,9 +69,11 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
     }
     run = str(flow_run.get_id())
     link = SiteLink(registry, Transport(api, uri), run, config.seed, split, config.round_timeout)
+    if registry.catalogue is not None:  # sites then send no item ids
+        link.publish_catalogue(registry.catalogue)
     futures = {
         site.client_id: enroll_site.with_options(task_run_name=f"enroll {site.name}").submit(
-            link=quote(link), site=site
+            link=quote(link), site=site, private=config.dp_epsilon is not None
         )
         for site in registry.sites
     }
@@ -88,9 +93,11 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
             )
     require_quorum(len(enrolled), len(registry.sites), config, "enrolment", failed)
     sites = [s for s in registry.sites if s.client_id in enrolled]
-    catalogue = union_catalogue(enrolled[s.client_id][0] for s in sites)
     link.entries = {s.client_id: s for s in sites}
-    link.publish_catalogue(catalogue)
+    catalogue = registry.catalogue
+    if catalogue is None:
+        catalogue = union_catalogue(enrolled[s.client_id][0] for s in sites)
+        link.publish_catalogue(catalogue)
     entries = []
     for site in sites:
         info = enrolled[site.client_id][1]
@@ -98,10 +105,10 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
             ClientEntry(
                 site.client_id,
                 f"site:{site.name}",
-                info["n_users"],
-                info["n_train"],
-                info["n_valid"],
-                info["n_test"],
+                info["n_users"],  # noisy from a site that answers only private runs
+                info.get("n_train"),  # the rows per split: only from a site that allows exact
+                info.get("n_valid"),
+                info.get("n_test"),
             )
         )
     prints = sorted(f"{s.name}:{enrolled[s.client_id][1].get('fingerprint', '')}" for s in sites)

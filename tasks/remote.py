@@ -35,7 +35,7 @@ from models.sites.registry import SiteSpec
 from models.sites.schema import SchemaError, check_answer_arrays
 from tasks.secure import held_receipt, read_round_config, registry_folder
 
-_ENROL_INFO = ("n_users", "n_train", "n_valid", "n_test")
+_ROW_COUNTS = ("n_train", "n_valid", "n_test")  # sent by sites that answer runs without DP
 
 
 class SiteLink(Coordinator):
@@ -195,13 +195,27 @@ def evaluate_site(
 
 
 @task(name="enroll-site", cache_policy=NONE)
-def enroll_site(*, link: SiteLink, site: SiteSpec) -> tuple[np.ndarray, dict[str, Any]]:
-    """Ask a site for its item-id set and its users and rows per split."""
-    arrays, answer = link.exchange(site, kind="enroll", phase="enroll", **_asking())
+def enroll_site(
+    *, link: SiteLink, site: SiteSpec, private: bool
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Enrol a site in a run that will be ``private`` (DP) or not. A site that answers runs
+    without DP (``exact`` in its answer) sends its users and rows per split, and its item-id set
+    unless the catalogue is published. A site that answers only private runs sends, for a
+    private run, only its number of users with noise; for a run without DP, nothing (the flow
+    then refuses the run)."""
+    phase = "private" if private else "exact"
+    arrays, answer = link.exchange(site, kind="enroll", phase=phase, **_asking())
     items = arrays.get("items")
     if set(arrays) != {"items"} or items is None or items.dtype.kind not in "iu" or items.ndim != 1:
         raise SchemaError(f"{site.name}: enrolment must hold one 1-d integer array 'items'")
-    missing = [k for k in _ENROL_INFO if not isinstance(answer.info.get(k), int)]
+    if link.catalogue is not None and items.size:
+        raise SchemaError(f"{site.name}: sent item ids though the catalogue is published")
+    counts: tuple[str, ...] = ()
+    if answer.info.get("exact"):
+        counts = ("n_users", *_ROW_COUNTS)
+    elif private:
+        counts = ("n_users",)
+    missing = [k for k in counts if not isinstance(answer.info.get(k), int)]
     if missing:
         raise SchemaError(f"{site.name}: enrolment lacks counts {missing}")
     return np.unique(items.astype(np.int64)), answer.info

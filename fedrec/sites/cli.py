@@ -106,8 +106,10 @@ def site() -> None:
     "--allow-exact",
     is_flag=True,
     help="also answer runs without DP (fedrec train without --dp-epsilon): their per-item sums "
-    "and evaluation sums leave this site exact, and no budget counts them. Without it the site "
-    "answers only private runs",
+    "and evaluation sums leave this site exact, and no budget counts them; at enrolment the "
+    "site then sends its exact user and row counts, and its item ids unless sites.yaml publishes "
+    "a catalogue. Without it the site answers only private runs, sends no item id (it needs the "
+    "published catalogue) and only a noisy user count, charged to its users' budget",
 )
 @click.option("--user-col", default="user_id", show_default=True, help="user column of --data")
 @click.option("--item-col", default="item_id", show_default=True, help="item column of --data")

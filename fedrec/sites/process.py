@@ -53,8 +53,14 @@ from models.privacy.ledger import keyed_fingerprint, user_ids
 from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate
 from models.sites.answers import SiteRecord
-from models.sites.budget import Release, evaluation_release, training_release
-from models.sites.catalogue import item_set, site_client
+from models.sites.budget import (
+    COUNT_NOISE,
+    Release,
+    count_release,
+    evaluation_release,
+    training_release,
+)
+from models.sites.catalogue import item_set, outside, site_client
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ANSWER,
@@ -389,23 +395,63 @@ class Site:
         return data, info
 
     def _enroll(self, request: RoundRequest) -> tuple[bytes, dict[str, Any]]:
-        """The item-id set and what the coordinator's manifest holds: users and rows per split,
-        a fingerprint of the rows keyed with this site's secret (it changes when they change;
+        """What the coordinator's manifest holds about this site, answered once per run.
+
+        A site that answers runs without DP (``--allow-exact``) sends its users and rows per
+        split, and its item-id set unless the coordinator published the catalogue. A site that
+        answers only private runs sends no item id (it needs the published catalogue) and only
+        its number of users, with Gaussian noise of :data:`~models.sites.budget.COUNT_NOISE`
+        from its own entropy, charged to its users' budget before it is drawn. Both send a
+        fingerprint of the rows keyed with this site's secret (it changes when they change;
         nobody without the secret can test a guess of the rows against it), and whether the
         site answers requests without DP."""
-        items = item_set(self.data)
-        client = self._split(request, items)
-        counts = np.bincount(client.frame[SPLIT].to_numpy(), minlength=3)
-        info = {
-            "n_users": client.n_users,
-            "n_train": int(counts[TRAIN]),
-            "n_valid": int(counts[VALID]),
-            "n_test": int(counts[TEST]),
+        kept = self.record.kept(request.record_key)
+        if kept is not None:  # a retried enrolment gets the same count, not a fresh draw
+            return kept.data, kept.info
+        exact = self.options.allow_exact
+        if not exact and request.phase != "private":  # nothing for a run it will not answer
+            info = {"exact": 0, "key_id": key_id(self.key)}
+            return encode_arrays({"items": np.empty(0, dtype=np.int64)}), info
+        if request.catalogue is not None:
+            catalogue = self._catalogue(request)
+            items = np.empty(0, dtype=np.int64)
+            lacking, rows = outside(self.data, catalogue)
+            if rows:  # said here only: the coordinator is not told
+                log.warning(
+                    "%s: %d rows of %d items the coordinator's catalogue lacks are left out",
+                    self.name,
+                    rows,
+                    lacking,
+                )
+        elif exact:
+            catalogue = items = item_set(self.data)
+        else:
+            raise RefusedMessage(
+                f"{self.name} answers only private runs and sends no item ids: list the "
+                "catalogue in the coordinator's sites.yaml (catalogue: a CSV file with an "
+                "item_id column)"
+            )
+        info: dict[str, Any] = {
             "fingerprint": keyed_fingerprint(self.data.fingerprint(), self.budget.secret),
-            "exact": int(self.options.allow_exact),
+            "exact": int(exact),
             "key_id": key_id(self.key),
         }
-        return encode_arrays({"items": items}), info
+        if exact:
+            client = self._split(request, catalogue)
+            counts = np.bincount(client.frame[SPLIT].to_numpy(), minlength=3)
+            info |= {
+                "n_users": client.n_users,
+                "n_train": int(counts[TRAIN]),
+                "n_valid": int(counts[VALID]),
+                "n_test": int(counts[TEST]),
+            }
+        else:  # counted (and written down) before it is drawn
+            self.budget.charge(request.run, count_release())
+            noise = fresh_rng().normal(0.0, COUNT_NOISE)
+            info["n_users"] = max(1, round(self.data.n_users + noise))
+        data = encode_arrays({"items": items})
+        self.record.keep(request.record_key, None, data, info)
+        return data, info
 
     def _split(self, request: RoundRequest, catalogue: np.ndarray) -> ClientData:
         split = request.split
@@ -433,13 +479,16 @@ class Site:
         return self._blobs[ref.sha256]
 
     def _client(self, request: RoundRequest) -> ClientData:
+        return self._split(request, self._catalogue(request))
+
+    def _catalogue(self, request: RoundRequest) -> np.ndarray:
         arrays = self._download(request.catalogue)
         catalogue = arrays.get("items")
         if set(arrays) != {"items"} or catalogue is None or catalogue.dtype.kind not in "iu":
             raise SchemaError("catalogue must hold one integer array 'items'")
         if catalogue.ndim != 1 or (catalogue.size > 1 and np.any(np.diff(catalogue) <= 0)):
             raise SchemaError("catalogue items must be sorted and unique")
-        return self._split(request, catalogue.astype(np.int64))
+        return catalogue.astype(np.int64)
 
     def _state(self, request: RoundRequest, family: Family, n_items: int) -> Any:
         arrays = self._download(request.state)

@@ -29,9 +29,9 @@ class ClientEntry:
     client_id: int
     path: str  # relative to the workspace
     n_users: int
-    n_train: int
-    n_valid: int
-    n_test: int
+    n_train: int | None  # None: a site that answers only private runs does not say
+    n_valid: int | None
+    n_test: int | None
 
 
 @dataclass(frozen=True)

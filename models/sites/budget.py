@@ -17,7 +17,10 @@ it applies, and refuses a release that would take any of its users past the site
   With per-user sampling (``devices``) each user of the site flips its own coin from the site's
   entropy, a Poisson sample at that rate; without it every user is in (a *full* release);
 - a **final evaluation** release (:class:`~models.privacy.released_metrics.MetricRelease`) is one
-  Gaussian release of every user's bounded sums.
+  Gaussian release of every user's bounded sums;
+- a **count** release is the site's number of users with Gaussian noise of standard deviation
+  :data:`COUNT_NOISE` (one user changes it by 1), what a site that answers only private runs
+  sends at enrolment.
 
 A run's epsilon is the composition of its releases (:func:`models.privacy.dp.epsilon`, the
 tighter of PLD and RDP) at the site's per-run delta; each release is charged as the increase
@@ -37,7 +40,9 @@ from typing import Literal
 from models.privacy.dp import UserLevelDP, epsilon
 from models.privacy.released_metrics import MetricRelease
 
-ReleaseKind = Literal["round", "full", "evaluation"]
+ReleaseKind = Literal["round", "full", "evaluation", "count"]
+
+COUNT_NOISE = 10.0  # users: composed with a run's training, about epsilon 0.01 more
 
 
 class SiteBudgetError(ValueError):
@@ -80,6 +85,11 @@ def evaluation_release(release: MetricRelease) -> Release:
     return Release("evaluation", release.noise_multiplier)
 
 
+def count_release() -> Release:
+    """The release of a site's noisy user count (sensitivity 1, noise :data:`COUNT_NOISE`)."""
+    return Release("count", COUNT_NOISE)
+
+
 def run_epsilon(releases: Sequence[Release], delta: float) -> float:
     """The epsilon, at ``delta``, of one run's releases composed.
 
@@ -91,7 +101,7 @@ def run_epsilon(releases: Sequence[Release], delta: float) -> float:
     """
     rounds = [r for r in releases if r.kind == "round"]
     full = [r for r in releases if r.kind == "full"]
-    extra = [r.noise_multiplier for r in releases if r.kind == "evaluation"]
+    extra = [r.noise_multiplier for r in releases if r.kind in ("evaluation", "count")]
     sigmas = {r.noise_multiplier for r in (*rounds, *full)}
     rates = {r.sampling_rate for r in rounds}
     if len(sigmas) > 1 or len(rates) > 1:

@@ -1,18 +1,23 @@
 """The item catalogue of a federation of sites, and a site's rows against it.
 
-Each site enrols by sending the set of item ids it holds (no users, no rows); the catalogue is
-the sorted union, so the coordinator learns which items exist at which site but not which user
-touched what. A site then numbers its items by their position in the catalogue and splits its
-own rows into train / validation / test with the shared core functions, from the run's seed and
-its client id, exactly as the simulation splits one client's rows.
+The catalogue is either published by the coordinator (``catalogue:`` in ``sites.yaml``, a file
+of item ids: a shop's product list) before enrolment, so that sites send no item ids at all, or
+the sorted union of the item-id sets the sites send when they enrol (no users, no rows: the
+coordinator then learns which items exist at which site, though not which user touched what).
+A site then numbers its items by their position in the catalogue, leaves out rows of items the
+catalogue lacks, and splits its own rows into train / validation / test with the shared core
+functions, from the run's seed and its client id, exactly as the simulation splits one client's
+rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from models.client import ClientData
 from models.data.partitions import build_clients
@@ -53,6 +58,45 @@ def union_catalogue(item_sets: Iterable[np.ndarray]) -> np.ndarray:
     return catalogue
 
 
+def read_catalogue(path: str | Path) -> np.ndarray:
+    """A published catalogue: the ``item_id`` column of a CSV file, as sorted unique int64.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, and the row and value when an id is not an integer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: {' '.join(str(err).split())}") from err
+    if "item_id" not in frame.columns:
+        raise ValueError(f"{path}: no item_id column (found {list(frame.columns)})")
+    text = frame["item_id"].str.strip()
+    ids = pd.to_numeric(text, errors="coerce")
+    bad = ids.isna() | (ids != ids.round()) | (ids.abs() >= 2**63)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ValueError(
+            f"{path}: row {row + 1}, column 'item_id': value {text.iloc[row]!r}; "
+            "allowed: an integer item id"
+        )
+    items = np.unique(text.astype(np.int64).to_numpy())
+    if items.size == 0:
+        raise ValueError(f"{path}: lists no item")
+    return items
+
+
+def outside(data: Interactions, catalogue: np.ndarray) -> tuple[int, int]:
+    """How many of the site's items, and of its rows, ``catalogue`` lacks."""
+    item_set(data)  # checks integer ids
+    lacking = ~np.isin(np.asarray(data.item_ids, dtype=np.int64), catalogue)
+    return int(lacking.sum()), int(lacking[data.frame[ITEM].to_numpy()].sum())
+
+
 def site_client(
     data: Interactions,
     catalogue: np.ndarray,
@@ -63,24 +107,17 @@ def site_client(
     test_fraction: float,
 ) -> ClientData:
     """The site's rows as one client of the run: items numbered by their position in
-    ``catalogue``, rows split by :func:`~models.data.sharding.split_rows` (each row by its own
-    key: the split the simulated run gives the same rows).
-
-    Raises
-    ------
-    ValueError
-        If an item of the site is missing from the catalogue.
+    ``catalogue`` (rows of items it lacks left out: :func:`outside` counts them), rows split by
+    :func:`~models.data.sharding.split_rows` (each row by its own key: the split the simulated
+    run gives the same rows).
     """
-    ids = item_set(data)  # checks integer ids
-    position = np.searchsorted(catalogue, ids)
-    inside = (position < catalogue.size) & (
-        catalogue[np.minimum(position, catalogue.size - 1)] == ids
-    )
-    if not np.all(inside):
-        raise ValueError(f"{int((~inside).sum())} of the site's items are not in the catalogue")
-    to_global = np.searchsorted(catalogue, np.asarray(data.item_ids, dtype=np.int64))
-    frame = data.frame.copy()
-    frame[ITEM] = to_global[frame[ITEM].to_numpy()].astype(np.int32)
+    item_set(data)  # checks integer ids
+    ids = np.asarray(data.item_ids, dtype=np.int64)
+    position = np.minimum(np.searchsorted(catalogue, ids), catalogue.size - 1)
+    inside = catalogue[position] == ids
+    codes = data.frame[ITEM].to_numpy()
+    frame = data.frame[inside[codes]].reset_index(drop=True)
+    frame[ITEM] = position[frame[ITEM].to_numpy()].astype(np.int32)
     local = replace(data, frame=frame, item_ids=catalogue)
     holder = np.zeros(data.n_users, dtype=np.int32)
     split = split_rows(

@@ -44,6 +44,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PATH = re.compile(r"[A-Za-z0-9._/-]{1,512}")
 Kind = Literal["enroll", "train", "evaluate", "secagg"]
 KINDS = ("enroll", "train", "evaluate", "secagg")
+ENROL_PHASES = ("private", "exact")  # an enrolment says whether the run will be private
 
 
 class RefusedMessage(ValueError):
@@ -213,12 +214,14 @@ class RoundRequest:
     run : str
         The coordinator's run (its Prefect flow run id).
     kind : {"enroll", "train", "evaluate", "secagg"}
-        Enrol (send the item-id set and the split's counts), train (evaluate ``state`` on
+        Enrol (what the coordinator's manifest holds about the site), train (evaluate ``state`` on
         ``eval_splits`` first, then compute the update of ``phase``), evaluate ``state``, or
         answer one step of secure aggregation (``phase`` names the step, ``message`` holds the
         server's protocol message, :mod:`fedrec.sites.secure`).
     phase, round : str, int
-        The family's phase and the round (the step being evaluated, for ``evaluate``).
+        The family's phase and the round (the step being evaluated, for ``evaluate``); for
+        ``enroll`` the phase is ``private`` or ``exact``: whether the run's answers will carry DP
+        noise (:data:`ENROL_PHASES`).
     label : str
         Tells apart evaluations of the same round (the final model's, the champion's).
     site, client_id : str, int
@@ -326,6 +329,10 @@ def check_request(
     for name in ("run", "phase", "label", "reply_to", "flow_run_id", "task_run_id"):
         if not isinstance(fields.get(name, ""), str):
             raise RefusedMessage(f"request field {name} must be a string")
+    if fields["kind"] == "enroll" and fields.get("phase") not in ENROL_PHASES:
+        raise RefusedMessage(
+            f"enrolment phase {fields.get('phase')!r}; allowed: {', '.join(ENROL_PHASES)}"
+        )
     for name in ("round", "client_id", "seed"):
         if not _is_int(fields.get(name)) or fields[name] < 0:
             raise RefusedMessage(f"request field {name} must be an integer >= 0")

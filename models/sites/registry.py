@@ -5,6 +5,8 @@
     coordinator_key: keys/coordinator.key   # the coordinator's private key (signs requests)
     precision: float64                      # optional: float32 packs the arrays exchanged
     compress: false                         # optional: deflate them too
+    catalogue: items.csv                    # optional: the item ids (an item_id column) the
+                                            # coordinator publishes; sites then send none
     sites:
       - name: shop-a                        # [a-z0-9][a-z0-9-]{0,39}
         public_key: keys/shop-a.pub         # a PEM file (relative to this file) or raw base64
@@ -20,18 +22,20 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from models.privacy.identity import load_identity, public_bytes
+from models.sites.catalogue import read_catalogue
 from models.sites.messages import SITE_NAME
 
-_TOP = {"coordinator_key", "sites", "precision", "compress"}
+_TOP = {"coordinator_key", "sites", "precision", "compress", "catalogue"}
 _SITE = {"name", "public_key", "deadline_seconds", "weight"}
 
 
@@ -60,6 +64,7 @@ class Registry:
     sites: tuple[SiteSpec, ...]
     precision: str = "float64"
     compress: bool = False
+    catalogue: np.ndarray | None = field(default=None, compare=False)  # published item ids
 
     def by_name(self, name: str) -> SiteSpec | None:
         return next((s for s in self.sites if s.name == name), None)
@@ -134,6 +139,13 @@ def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry
     compress = raw.get("compress", False)
     if not isinstance(compress, bool):
         raise RegistryError(f"{source}: compress {compress!r}; allowed: true, false")
+    catalogue = None
+    if raw.get("catalogue") is not None:
+        path = Path(str(raw["catalogue"]))
+        try:
+            catalogue = read_catalogue(path if path.is_absolute() else base / path)
+        except ValueError as err:
+            raise RegistryError(f"{source}: catalogue {err}") from err
     entries = raw["sites"]
     if not isinstance(entries, list) or not entries:
         raise RegistryError(f"{source}: sites must be a non-empty list")
@@ -175,7 +187,7 @@ def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry
         raise RegistryError(
             f"{source}: sites {named} share one public key; allowed: each site's own key"
         )
-    return Registry(coordinator, tuple(sites), precision, compress)
+    return Registry(coordinator, tuple(sites), precision, compress, catalogue)
 
 
 def read_registry(path: str | Path) -> Registry:

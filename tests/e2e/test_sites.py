@@ -85,6 +85,14 @@ class Federation:
         (self.coordinator / "sites.yaml").write_text(
             f"coordinator_key: {self.keys}/coordinator.key\nsites:\n{sites}"
         )
+        # a published catalogue, for sites that send no item ids: it lacks items 91 to 100,
+        # some of which shop-c's users rated
+        (self.coordinator / "items.csv").write_text(
+            "item_id\n" + "".join(f"{i}\n" for i in range(1, 91))
+        )
+        (self.coordinator / "sites-catalogue.yaml").write_text(
+            f"coordinator_key: {self.keys}/coordinator.key\ncatalogue: items.csv\nsites:\n{sites}"
+        )
         (self.coordinator / "run.yaml").write_text("task_retries: 0\n")
         (self.coordinator / "peers.yaml").write_text(f"sites:\n{sites}")  # for --peers
 
@@ -148,7 +156,12 @@ class Federation:
             process.wait(timeout=20)
 
     def train(
-        self, workspace: str, rounds: int, stderr_path: Path, *flags: str
+        self,
+        workspace: str,
+        rounds: int,
+        stderr_path: Path,
+        *flags: str,
+        sites: str = "sites.yaml",
     ) -> subprocess.Popen:
         """A `fedrec train --sites` process (its stderr in ``stderr_path``; --json on stdout)."""
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -161,7 +174,7 @@ class Federation:
                 str(CLI),
                 "train",
                 "--sites",
-                "sites.yaml",
+                sites,
                 "--config",
                 "run.yaml",
                 "--rounds",
@@ -394,18 +407,33 @@ def test_sites_that_answer_only_private_runs_count_their_masked_answers_at_the_f
     assert not (fed.coordinator / "ws-exact").exists()  # refused before the run started
     assert not any(entries[n].exists() for n in SITES)
 
-    stderr = fed.root / "train-4.err"
+    # a private run without a published catalogue: the sites send no item ids, so none enrols
     flags = ("--secure-aggregation", "--dp-epsilon", "1")
-    summary = _summary(fed.train("ws4", 3, stderr, *flags), stderr)
+    bare = fed.train("ws-bare", 3, fed.root / "train-bare.err", *flags)
+    out, _ = bare.communicate(timeout=600)
+    assert bare.returncode == 1, (fed.root / "train-bare.err").read_text()[-3000:]
+    error = json.loads(out.strip().splitlines()[-1])["error"]
+    assert "enrolment: 0 of 3 clients answered" in error
+    assert "answers only private runs and sends no item ids: list the catalogue" in error
+    assert not any(entries[n].exists() for n in SITES)
+
+    stderr = fed.root / "train-4.err"
+    summary = _summary(fed.train("ws4", 3, stderr, *flags, sites="sites-catalogue.yaml"), stderr)
     log = stderr.read_text()
 
     assert "securely aggregated the updates of 3 of 3 clients" in log, log[-3000:]
+    assert "90 items in the catalogue" in log
+    assert "the coordinator's catalogue lacks are left out" in fed.log("shop-c-fresh")
+    # what the coordinator holds about each site: a noisy user count, no rows per split
+    manifest = json.loads((Path(summary["workspace"]) / "manifest.json").read_text())
+    assert all(c["n_users"] >= 1 and c["n_train"] is None for c in manifest["clients"])
     sigma = summary["metrics"]["privacy/noise_multiplier"]
     assert 0 < summary["metrics"]["privacy/epsilon"] <= 1.0 + 1e-9
     for name in SITES:
         lines = entries[name].read_text().splitlines()
-        training = [json.loads(line)["release"] for line in lines]
-        training = [r for r in training if r["kind"] != "evaluation"]
+        releases = [json.loads(line)["release"] for line in lines]
+        assert [r["kind"] for r in releases].count("count") == 1  # enrolment's noisy count
+        training = [r for r in releases if r["kind"] not in ("evaluation", "count")]
         # one release per training round, each at the noise the masked sum carries (its own
         # share is sigma / sqrt(t), t = 3 here)
         assert len(training) == 3, lines

@@ -1,11 +1,13 @@
-"""The catalogue is the union of the sites' item sets; a site's rows are numbered against it."""
+"""The catalogue (published, or the union of the sites' item sets); a site's rows against it."""
+
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from models.data.schema import encode_interactions
-from models.sites.catalogue import item_set, site_client, union_catalogue
+from models.sites.catalogue import item_set, outside, read_catalogue, site_client, union_catalogue
 
 
 def _data(items, users):
@@ -33,15 +35,38 @@ def test_a_site_numbers_its_items_by_catalogue_position_and_keeps_its_users():
     assert sorted(client.user_ids) == ["u1", "u2"]
 
 
-def test_a_site_item_missing_from_the_catalogue_is_refused():
-    with pytest.raises(ValueError, match="1 of the site's items are not in the catalogue"):
-        site_client(
-            _data([1, 2], [1, 1]),
-            np.array([1]),
-            client_id=0,
-            method="random",
-            valid_fraction=0.1,
-            test_fraction=0.1,
-        )
+def test_rows_of_items_a_published_catalogue_lacks_are_left_out_and_counted():
+    data = _data([1, 2, 2, 3, 9], ["u1", "u1", "u2", "u2", "u3"])
+    catalogue = np.array([1, 3, 4])
+    assert outside(data, catalogue) == (2, 3)  # items 2 and 9; three rows
+    client = site_client(
+        data, catalogue, client_id=0, method="random", valid_fraction=0.0, test_fraction=0.0
+    )
+    kept = sorted(
+        zip(client.user_ids[client.frame["user"].to_numpy()],
+            catalogue[client.frame["item"].to_numpy()], strict=True)
+    )  # fmt: skip
+    assert kept == [("u1", 1), ("u2", 3)]
+    assert client.n_items == 3
     with pytest.raises(ValueError, match="integer ids"):
         item_set(_data(["a", "b"], [1, 1]))
+
+
+def test_a_published_catalogue_is_read_from_its_item_id_column(tmp_path):
+    path = tmp_path / "items.csv"
+    path.write_text("item_id,title\n30,c\n10,a\n30,c\n")
+    np.testing.assert_array_equal(read_catalogue(path), [10, 30])
+    for text, message in (
+        (
+            "item_id\n10\nten\n",
+            "items.csv: row 2, column 'item_id': value 'ten'; allowed: an integer",
+        ),
+        ("item_id\n1.5\n", "row 1, column 'item_id': value '1.5'"),
+        ("item\n10\n", "no item_id column (found ['item'])"),
+        ("item_id\n", "lists no item"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            read_catalogue(path)
+    with pytest.raises(ValueError, match="no such file"):
+        read_catalogue(tmp_path / "missing.csv")

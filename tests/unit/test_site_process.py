@@ -14,6 +14,7 @@ from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
 from models.privacy.dp import UserLevelDP
 from models.privacy.identity import generate_identity, public_bytes, save_identity
+from models.sites.budget import COUNT_NOISE
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ANSWER,
@@ -88,10 +89,28 @@ def _ask(
         state_arrays = family.state_arrays(family.initial_state(len(ITEMS), seed=0))
     data = state_bytes if state_bytes is not None else encode_arrays(state_arrays)
     state = transport.put_blob(f"run/state-{BlobRef.of('', data).sha256[:8]}.npz", data)
-    request = RoundRequest(
+    request = _request(
         run="run",
         kind="train",
         phase="train",
+        round_=round_,
+        nonce=nonce,
+        reply_to=f"run/r{round_}/{nonce}",
+        family=family_spec(family),
+        state=state,
+        catalogue=catalogue,
+        eval_splits=(() if family.private else ("valid",)) if eval_splits is None else eval_splits,
+        task_run_id=f"task-{nonce}",
+    )
+    return request, _post(transport, request, signer)
+
+
+def _request(*, run, kind, phase, nonce, round_=0, **fields) -> RoundRequest:
+    """A request to shop-a (client 1, seed 3, a random 60/20/20 split), valid now."""
+    return RoundRequest(
+        run=run,
+        kind=kind,
+        phase=phase,
         round=round_,
         label="",
         site="shop-a",
@@ -99,15 +118,14 @@ def _ask(
         nonce=nonce.rjust(32, "0"),
         issued_at=1e12 - 10,
         expires_at=1e12,
-        reply_to=f"run/r{round_}/{nonce}",
         seed=3,
         split={"method": "random", "valid_fraction": 0.2, "test_fraction": 0.2},
-        family=family_spec(family),
-        state=state,
-        catalogue=catalogue,
-        eval_splits=(() if family.private else ("valid",)) if eval_splits is None else eval_splits,
-        task_run_id=f"task-{nonce}",
+        **fields,
     )
+
+
+def _post(transport, request: RoundRequest, signer=COORDINATOR) -> str:
+    """Sign and post ``request`` to shop-a; returns the digest its answer names."""
     signed = sign_message(signer, REQUEST, request.fields())
     transport.post_artifact(
         key="fedrec-request-shop-a",
@@ -116,7 +134,7 @@ def _ask(
         task_run_id=request.task_run_id,
         flow_run_id="",
     )
-    return request, body_digest(signed["body"])
+    return body_digest(signed["body"])
 
 
 def _answer(transport, key, request, digest) -> bytes:
@@ -266,3 +284,98 @@ def test_private_answers_come_from_the_sites_entropy_not_from_the_request(world,
     # derived from it would give the twin the same noise, and the difference would be zero
     assert set(first) == set(twin)
     assert any(not np.array_equal(first[k], twin[k]) for k in first if first[k].dtype.kind == "f")
+
+
+def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9"):
+    published = None
+    if catalogue is not None:
+        published = transport.put_blob(f"{run}/catalogue.npz", encode_arrays({"items": catalogue}))
+    request = _request(
+        run=run,
+        kind="enroll",
+        phase=phase,
+        nonce=nonce,
+        reply_to=f"{run}/enroll/{nonce}",
+        catalogue=published,
+        task_run_id=f"task-{run}-{nonce}",
+    )
+    return request, _post(transport, request)
+
+
+def _enrolment(transport, key, request, digest):
+    (posted,) = transport.answers_on(request.task_run_id)
+    answer = check_answer(open_message(posted["data"], key.public_key(), ANSWER), request, digest)
+    items = decode_arrays(transport.get_blob(answer.answer, 10**7), max_bytes=10**7)["items"]
+    return items, answer.info
+
+
+def _charges(site) -> list[dict]:
+    path = site.budget.folder / "entries.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_private_site_enrols_without_its_item_ids_or_exact_counts(world):
+    """The attack: the coordinator reads what a site tells at enrolment. Exact, that is the
+    item ids its users rated (an item one user rated shows that user's row) and its counts of
+    users and rows (with every other user known, the count says whether one more is there)."""
+    transport, key, start = world
+    rare = _rows().groupby("item")["user"].nunique().idxmin()  # an item few users rated
+
+    # the weak version: a site that answers runs without DP, asked without a catalogue
+    request, digest = _enrol(transport, phase="exact", catalogue=None, nonce="1")
+    start(allow_exact=True).poll_once()
+    items, info = _enrolment(transport, key, request, digest)
+    assert rare in items and info["n_users"] == 8 and info["n_train"] > 0
+
+    site = start()  # the default: private runs only
+    without, _ = _enrol(transport, catalogue=None, nonce="2")
+    site.poll_once()
+    assert "sends no item ids: list the catalogue" in _refusal(transport, key, without)
+    assert _charges(site) == []  # refused before anything was counted
+
+    request, digest = _enrol(transport, run="run-1", nonce="3")
+    site.poll_once()
+    items, info = _enrolment(transport, key, request, digest)
+    assert items.size == 0 and {"n_train", "n_valid", "n_test"}.isdisjoint(info)
+    (line,) = _charges(site)  # the noisy count, charged before it was drawn
+    assert line["release"] == {"kind": "count", "noise_multiplier": COUNT_NOISE,
+                               "sampling_rate": 1.0} and line["epsilon"] > 0  # fmt: skip
+    retry, retry_digest = _enrol(transport, run="run-1", nonce="4")  # the same run asks again
+    site.poll_once()
+    again = _enrolment(transport, key, retry, retry_digest)[1]
+    assert again["n_users"] == info["n_users"]  # the kept answer: no second draw
+    assert len(_charges(site)) == 1
+
+
+def test_a_private_sites_count_is_noised_from_its_own_entropy(world):
+    transport, key, start = world
+    site = start()
+    counts = []
+    for run in range(8):  # eight runs, the same rows: a fixed or seed-derived count repeats
+        request, digest = _enrol(transport, run=f"run-{run}", nonce=str(run + 1))
+        site.poll_once()
+        counts.append(_enrolment(transport, key, request, digest)[1]["n_users"])
+    assert len(set(counts)) > 2 and np.std(counts) > 2, counts
+    assert len(_charges(site)) == 8
+
+
+def test_a_private_site_tells_a_run_without_dp_nothing_and_charges_nothing(world):
+    transport, key, start = world
+    site = start()
+    request, digest = _enrol(transport, phase="exact", nonce="1")
+    site.poll_once()
+    items, info = _enrolment(transport, key, request, digest)
+    assert items.size == 0 and info["exact"] == 0 and "n_users" not in info
+    assert "fingerprint" not in info and _charges(site) == []
+
+
+def test_an_exact_site_counts_only_the_rows_a_published_catalogue_keeps(world):
+    transport, key, start = world
+    rows = _rows()
+    kept = ITEMS[::2]
+    request, digest = _enrol(transport, phase="exact", catalogue=kept, nonce="1")
+    start(allow_exact=True).poll_once()
+    items, info = _enrolment(transport, key, request, digest)
+    inside = rows[rows["item"].isin(kept)]
+    assert items.size == 0
+    assert info["n_train"] + info["n_valid"] + info["n_test"] == len(inside)

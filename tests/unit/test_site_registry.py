@@ -104,3 +104,17 @@ def test_a_site_weight_is_a_positive_integer_for_plain_runs_only(keys):
     for private, secure in ((True, False), (False, True)):
         with pytest.raises(RegistryError, match=r"weight on shop-a: .* without --dp-epsilon"):
             registry(3).check_weights(private=private, secure=secure)
+
+
+def test_a_published_catalogue_is_read_relative_to_the_sites_file(keys):
+    base = keys[0]
+    (base / "items.csv").write_text("item_id\n7\n3\n")
+    raw = {
+        "coordinator_key": "client-0.key",
+        "sites": [{"name": "a", "public_key": "client-1.pub"}],
+    }
+    assert parse_registry(raw, base).catalogue is None
+    assert parse_registry(raw | {"catalogue": "items.csv"}, base).catalogue.tolist() == [3, 7]
+    (base / "items.csv").write_text("item_id\n7\nx7\n")
+    with pytest.raises(RegistryError, match=r"sites.yaml: catalogue .*items.csv: row 2, column"):
+        parse_registry(raw | {"catalogue": "items.csv"}, base)
