@@ -43,13 +43,10 @@ from tasks.secure import round_context
 from tasks.server import (
     Fold,
     Progress,
-    Snapshot,
     aggregate,
     build_model,
     champion_for,
-    checkpoint,
     initialize,
-    record_step,
     round_summary,
     server_step,
     warm_start,
@@ -119,9 +116,12 @@ def _evaluate_all(
     }
 
 
-def _everyone_round(ctx: RunContext, family: Family, state: Any, phase: Phase) -> tuple[Any, float]:
+def _everyone_round(
+    ctx: RunContext, family: Family, state: Any, phase: Phase, progress: Progress
+) -> tuple[Any, float]:
     """A round in which every client answers once, securely aggregated when the family encodes
-    the phase (:func:`~flows.secure.everyone_context`); returns the new state and the bytes sent."""
+    the phase (:func:`~flows.secure.everyone_context`; its result is then checkpointed at
+    ``progress`` by the task that decodes it); returns the new state and the bytes sent."""
     started, submit = time.perf_counter(), _Submit(ctx, family, state)
     secure = everyone_context(ctx, family, phase)
     futures = {
@@ -138,8 +138,9 @@ def _everyone_round(ctx: RunContext, family: Family, state: Any, phase: Phase) -
     require_quorum(len(answers), len(ctx.entries), ctx.config, phase.name, failed)
     held = {c: u for c, (u, _) in answers.items()}
     if secure is not None:  # the answers stayed on the clients; the sum comes masked
-        asked = len(ctx.entries)
-        state, updates = secure_round(ctx, family, state, held, EVERYONE_ROUND, phase.name, asked)
+        asked, folder = len(ctx.entries), _checkpoints(ctx)
+        state, updates, _ = secure_round(ctx, family, state, held, EVERYONE_ROUND, phase.name,
+                                         asked, checkpoint_to=(folder, progress))  # fmt: skip
     else:
         updates = list(held.values())
         state = aggregate(family=family, state=state, updates=updates, phase=phase.name)
@@ -194,13 +195,40 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
     return state, None
 
 
+def _checkpoints(ctx: RunContext) -> str:
+    return f"{ctx.workspace}/checkpoints"
+
+
+def _record_of(
+    ctx: RunContext, family: Family, step: int, pending: tuple[list, float] | None, spent: Spent
+) -> Callable[[list], dict[str, Any] | None]:
+    """Step ``step``'s record from the next round's evaluations of it (None before step 1)."""
+
+    def record(evaluations: list) -> dict[str, Any] | None:
+        if not pending:
+            return None
+        return step_record(ctx, step, pending, evaluations, family.top_k, spent(step))
+
+    return record
+
+
 def _sampled_round(
-    ctx: RunContext, family: Family, state: Any, phase: Phase, step: int, evaluating: bool
-) -> tuple[Any, list, Fold | None, list, float]:
+    ctx: RunContext,
+    family: Family,
+    state: Any,
+    phase: Phase,
+    step: int,
+    evaluating: bool,
+    record_of: Callable[[list], dict[str, Any] | None],
+    progress: Progress,
+) -> tuple[Any, list, Fold | None, list, float, dict[str, float] | None]:
     """Step ``step``: the sampled clients train on ``state`` (each evaluating it first when
-    ``evaluating``), the others evaluate it. Returns the new state and what each trainer sent
-    after a secure round (the masked sum is folded there), or None and the plain updates to
-    fold; then the evaluations of ``state`` and when the round started."""
+    ``evaluating``), the others evaluate it. Returns the new state, what each trainer sent, the
+    previous step's metrics (``record_of(evaluations)`` recorded) and None after a secure
+    round, whose aggregation task also checkpoints the new state at ``progress``: a decoded
+    round is on disk before anything else runs, so a resumed run never repeats it. After a
+    plain round: None, the plain updates, their fold, and None. Then the evaluations of
+    ``state`` and when the round started."""
     config, started = ctx.config, time.perf_counter()
     chosen, devices = round_clients(ctx, step, phase.per_device)
     asked = family.eval_splits if evaluating else ()
@@ -226,11 +254,14 @@ def _sampled_round(
 
     sent, evaluations = train_and_evaluate(ctx, step, chosen, evaluating, train, evaluate, running)
     if secure is not None:  # updates stayed on the clients; the sum comes masked
-        state, updates = secure_round(ctx, family, state, sent, step, phase.name, len(chosen))
-        return state, updates, None, evaluations, started
+        state, updates, metrics = secure_round(
+            ctx, family, state, sent, step, phase.name, len(chosen),
+            record=record_of(evaluations), checkpoint_to=(_checkpoints(ctx), progress),
+        )  # fmt: skip
+        return state, updates, None, evaluations, started, metrics
     updates = list(sent.values())
     summed = updates if running is None else [running.total()]
-    return None, updates, Fold(family, state, summed, phase.name), evaluations, started
+    return None, updates, Fold(family, state, summed, phase.name), evaluations, started, None
 
 
 def train_family(
@@ -254,7 +285,7 @@ def train_family(
                 continue
             if phase.everyone:
                 state, extra[f"system/{phase.name}_bytes_uploaded"] = _everyone_round(
-                    ctx, family, state, phase
+                    ctx, family, state, phase, Progress(step, index, phase_round)
                 )
                 continue
             step += 1
@@ -262,30 +293,21 @@ def train_family(
             evaluating = (
                 pending is not None and (step - 1) % config.eval_every == 0 and not family.private
             )
-            secured, updates, fold, evaluations, started = _sampled_round(
-                ctx, family, state, phase, step, evaluating
+            progress = Progress(step, index, phase_round)
+            record_of = _record_of(ctx, family, step - 1, pending, spent)
+            secured, updates, fold, evaluations, started, metrics = _sampled_round(
+                ctx, family, state, phase, step, evaluating, record_of, progress
             )
-            # one server task run: step folded, step - 1 logged, then step checkpointed
-            folder, progress = f"{ctx.workspace}/checkpoints", Progress(step, index, phase_round)
             label = f"round {step - 1}/{total}"
-            record = None
-            if pending:
-                record = step_record(
-                    ctx, step - 1, pending, evaluations, family.top_k, spent(step - 1)
-                )
-            if fold is not None:
-                state, metrics = server_step(
+            if fold is not None:  # one server task run: step folded, step - 1 logged, then
+                state, metrics = server_step(  # step checkpointed
                     fold=ctx.unwalked(fold),
-                    record=ctx.unwalked(record),
-                    folder=folder,
+                    record=ctx.unwalked(record_of(evaluations)),
+                    folder=_checkpoints(ctx),
                     progress=progress,
                 )
-            elif record is not None:  # a secure round: its masked sum is folded already
+            else:  # a secure round: folded, recorded and checkpointed by its aggregation task
                 state = secured
-                metrics = record_step(**record, snapshot=Snapshot(family, state, folder, progress))
-            else:
-                state = secured
-                checkpoint(family=family, state=state, folder=folder, progress=progress)
             if pending:
                 report_step(ctx, label, metrics, pending[1])
                 history.append(metrics)
@@ -351,6 +373,11 @@ def _champion_evaluations(
     own (counted in the plan)."""
     if ctx.champion is None:
         return None, ""
+    if not ctx.evaluate_champion:
+        return None, (
+            f"champion version {ctx.champion.version} was promoted after this private run "
+            "started; evaluating it would be a release the run's budget did not count"
+        )
     target = champion_for(family=family, champion=ctx.champion.recommender)
     if isinstance(target, str):
         return None, f"champion version {ctx.champion.version}: {target}"

@@ -94,7 +94,7 @@ def privacy_plan(ctx: RunContext) -> Privacy | None:
         return None
     delta = run_delta(config.dp_delta, ctx.manifest.n_users)
     q = config.client_fraction
-    ratios = evaluation_ratios(champion=ctx.champion is not None)
+    ratios = evaluation_ratios(champion=ctx.champion is not None and ctx.evaluate_champion)
     sigma = calibrate(config.dp_epsilon, q, config.rounds, delta, relative=ratios)
     evaluation = tuple(r * sigma for r in ratios)
     # Against the server: without secure aggregation it sees each client's upload, which must
@@ -139,6 +139,9 @@ class RunContext:
     resume_state: Any = None  # (state, Progress) of the last checkpointed step, when resuming
     logged_through: int = 0  # steps up to this one are in MLflow already (resuming)
     sites: Any = None  # real sites (tasks.remote.SiteLink): client tasks are their proxies
+    # False when resuming a private run whose plan counted no champion evaluation: a champion
+    # promoted since is not evaluated (an uncounted release) and not replaced
+    evaluate_champion: bool = True
 
     @property
     def entries(self) -> list[ClientEntry]:

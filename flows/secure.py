@@ -49,6 +49,7 @@ from tasks.secure import (
     secagg_unmask,
     secagg_unmask_request,
 )
+from tasks.server import Progress
 
 
 def everyone_context(ctx: RunContext, family: Family, phase: Phase) -> bytes | None:
@@ -71,15 +72,22 @@ def secure_round(
     r: int,
     phase: str,
     asked: int,
-) -> tuple[Any, list]:
+    *,
+    record: dict[str, Any] | None = None,
+    checkpoint_to: tuple[str, Progress] | None = None,
+) -> tuple[Any, list, dict[str, float] | None]:
     """The protocol half of securely aggregated round ``r`` (``EVERYONE_ROUND`` for a phase
     every client answers once): ``held`` maps each client that trained to its held-update
-    receipt, ``asked`` is how many were asked. Returns the new state and the masked inputs the
-    server committed to (what it received)."""
+    receipt, ``asked`` is how many were asked. The task that decodes the sum also records the
+    previous step (``record``, as :func:`~tasks.server.save_step`) and checkpoints the new
+    state (``checkpoint_to`` = (folder, progress)), so a decoded round is on disk before
+    anything else can fail: clients mask an update once, and a resumed run that repeated the
+    round would find them refusing. Returns the new state, the masked inputs the server
+    committed to (what it received) and the recorded metrics (None without ``record``)."""
     if r == 1:
         _warn_clear_phases(family, ctx.config.rounds)
     try:
-        return _protocol(ctx, family, state, held, r, phase, asked)
+        return _protocol(ctx, family, state, held, r, phase, asked, record, checkpoint_to)
     except TooFewClientsError as err:
         raise QuorumError(f"{_label(r, phase)} (secure aggregation): {err}") from err
 
@@ -92,7 +100,9 @@ def _protocol(
     r: int,
     phase: str,
     asked: int,
-) -> tuple[Any, list]:
+    record: dict[str, Any] | None,
+    checkpoint_to: tuple[str, Progress] | None,
+) -> tuple[Any, list, dict[str, float] | None]:
     workspace = ctx.workspace
     if ctx.sites is None:
         run_id, bits = ctx.run_id, {}
@@ -119,7 +129,7 @@ def _protocol(
     signatures = clients.run(secagg_sign, "sign", step.to_clients)
     step = _server(secagg_unmask_request, step, signatures, r, workspace)
     answers = clients.run(secagg_unmask, "unmask", step.to_clients)
-    state, _ = secagg_aggregate(
+    state, _, metrics = secagg_aggregate(
         server=step.server,
         workspace=workspace,
         answers=answers,
@@ -127,6 +137,8 @@ def _protocol(
         state=state,
         n_items=ctx.n_items,
         phase=phase,
+        record=ctx.unwalked(record),
+        checkpoint_to=checkpoint_to,
     )
     get_run_logger().info(
         "%s: securely aggregated the updates of %d of %d clients (threshold %d)",
@@ -135,7 +147,7 @@ def _protocol(
         len(held),
         read_round_config(config).threshold,
     )
-    return state, received
+    return state, received, metrics
 
 
 class _Clients:

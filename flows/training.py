@@ -28,6 +28,7 @@ from tasks.data import load_interactions, shard_clients
 from tasks.reporting import publish_summary
 from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
+    CHAMPION_PLANNED,
     ResumeError,
     finish_run,
     interrupted_run,
@@ -119,6 +120,8 @@ def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
         original, found.uri, found.run_id, workspace, read_manifest(workspace),
         read_item_ids(workspace), load_champion(found.uri, original.registered_name),
         logged_through=found.logged_through,
+        # the privacy plan is the start's: a champion it did not count is not evaluated
+        evaluate_champion=original.dp_epsilon is None or found.champion_planned,
     )  # fmt: skip
     return original, ctx
 
@@ -196,6 +199,8 @@ def _train_and_register(
     succeeded = False
     try:
         plan = privacy_plan(ctx)
+        if plan is not None and not resuming:  # a resumed run keeps this plan
+            tag_run(uri, run_id, {CHAMPION_PLANNED: str(int(ctx.champion is not None))})
         family = build_family(ctx, plan)
         if resuming:
             found = latest_checkpoint(family=family, folder=f"{workspace}/checkpoints")

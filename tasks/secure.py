@@ -10,7 +10,9 @@ only its owner can read (``client-0003.secagg/``): its dense update from trainin
 masked, its protocol state (round keys, shares, seeds), and its long-term Ed25519 identity key.
 Each phase reads the state, answers, and replaces the state atomically (temp file, fsync, rename),
 so a phase may run in another process than the previous one (Dask workers) and an old copy of the
-state never answers twice. The update is deleted once masked: a round cannot be run again over it.
+state never answers twice. The update is deleted once masked, and the client writes down (before
+masking) a hash of the round and of the update: it masks neither twice, so no resumed or repeated
+round can give the server two sums over one update (:func:`_mask_once`).
 
 Identity keys (simulation): each client generates its key once per workspace, in its own folder,
 and its public half is written to the registry folder (``secagg-registry/client-<id>.pub``) that
@@ -65,12 +67,14 @@ from models.privacy.secagg_plus import (
     UnmaskShares,
     default_threshold,
 )
-from models.privacy.secagg_plus_client import SecAggClient
+from models.privacy.secagg_plus_client import SecAggClient, mask_once
 from models.privacy.secagg_plus_server import SecAggServer
 from models.privacy.wire import pack, unpack
 from models.protocol import ClientUpdate
+from tasks.server import Progress, save_step, write_checkpoint
 
 REGISTRY = "secagg-registry"
+MASKED = "masked-updates"  # in a client's folder: one sha256 per round and per update masked
 _RECEIPT = "held-update"
 _ROUND = "round-config"
 _EMPTY = np.zeros(0, np.int64)
@@ -360,13 +364,31 @@ def secagg_mask(
     round_config = read_round_config(config)
     context = round_context(round_config.run_id, round_config.round)
     inbox = ShareInbox.from_bytes(message)
+
+    def mask(client: SecAggClient) -> Message:
+        held = _held(workspace, entry, context)
+        _mask_once(workspace, entry, context, held)
+        return client.masked_input(held, inbox)
+
     return _client_step(
         workspace,
         entry,
         config,
-        lambda c: c.masked_input(_held(workspace, entry, context), inbox),
+        mask,
         then=lambda: pending_path(workspace, entry).unlink(missing_ok=True),
     )
+
+
+def _mask_once(workspace: str, entry: ClientEntry, context: bytes, held: np.ndarray) -> None:
+    """:func:`~models.privacy.secagg_plus_client.mask_once` in the client's own folder: the
+    record lives as long as the run's workspace, so it holds within a run and its resumes."""
+    try:
+        mask_once(client_folder(workspace, entry) / MASKED, context.decode(), held,
+                  f"client-{entry.client_id}")  # fmt: skip
+    except SecAggError as err:
+        raise SecAggError(
+            f"{err} (a resumed run cannot repeat a round its clients masked: start a new run)"
+        ) from None
 
 
 @task(name="secagg-sign", cache_policy=NONE)
@@ -472,7 +494,7 @@ def secagg_unmask_request(
     )
 
 
-@task(name="secagg-aggregate", cache_policy=NONE)
+@task(name="secagg-aggregate", cache_policy=NONE, retries=2, retry_delay_seconds=[1, 5])
 def secagg_aggregate(
     *,
     server: bytes,
@@ -482,11 +504,22 @@ def secagg_aggregate(
     state: Any,
     n_items: int,
     phase: str,
-) -> tuple[Any, ClientUpdate]:
+    record: Mapping[str, Any] | None = None,
+    checkpoint_to: tuple[str, Progress] | None = None,
+) -> tuple[Any, ClientUpdate, dict[str, float] | None]:
     """The server: remove the masks with the revealed shares, decode the survivors' sum and take
-    the family's server step on it; returns the new state and the sum as one combined update."""
+    the family's server step on it; then checkpoint the new state (``checkpoint_to`` =
+    (folder, progress)) and record the previous step (``record``: the keyword arguments of
+    :func:`~tasks.server.save_step` but the snapshot). The checkpoint comes first: the clients
+    have masked their updates of this round once and will not again, so a resumed run must
+    start after it. Returns the new state, the sum as one combined update, and the recorded
+    metrics (None without ``record``). A retry decodes the same server state again."""
     server_state = _server(server, workspace)
     shares, _ = _parse(UnmaskShares, answers, "client_id")
     total = server_state.aggregate_decoded(shares)
     combined = family.from_dense_sum(total, n_items)
-    return family.server_update(state, [combined], phase), combined
+    new_state = family.server_update(state, [combined], phase)
+    if checkpoint_to is not None:
+        write_checkpoint(family, new_state, *checkpoint_to)
+    metrics = None if record is None else save_step(**record, snapshot=None)
+    return new_state, combined, metrics

@@ -156,12 +156,17 @@ class Interrupted:
     run_id: str
     config_json: str
     logged_through: int  # highest step with metrics (0 if none)
+    champion_planned: bool = True  # a private run's plan counted a champion evaluation
 
 
 class ResumeError(ValueError):
     """A run that ``--resume`` cannot continue (unknown, finished, not fedrec's, partitions gone)."""
 
     one_line = True  # the command line shows the message alone: it says all there is
+
+
+#: tag of a private run: "1" when its privacy plan counted a champion evaluation, else "0"
+CHAMPION_PLANNED = "fedrec.dp_champion_planned"
 
 
 @task(name="find-interrupted-run", **_RETRY)
@@ -178,7 +183,8 @@ def interrupted_run(uri: str, run_id: str) -> Interrupted:
     if config_json is None:
         raise ResumeError(f"--resume {run_id}: not a fedrec training run (no fedrec.config tag)")
     steps = [m.step for key in run.data.metrics for m in client.get_metric_history(run_id, key)]
-    return Interrupted(uri, run_id, config_json, max(steps, default=0))
+    planned = run.data.tags.get(CHAMPION_PLANNED) == "1"
+    return Interrupted(uri, run_id, config_json, max(steps, default=0), planned)
 
 
 @task(name="tag-run", **_RETRY)

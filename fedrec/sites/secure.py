@@ -44,7 +44,7 @@ from models.privacy.secagg_plus import (
     SurvivorList,
     UnmaskRequest,
 )
-from models.privacy.secagg_plus_client import SecAggClient
+from models.privacy.secagg_plus_client import SecAggClient, mask_once
 from models.privacy.wire import pack, unpack
 from models.protocol import ClientUpdate
 from models.sites.messages import RefusedMessage, RoundRequest
@@ -55,6 +55,7 @@ STEPS = ("advertise", "share", "mask", "sign", "unmask")
 # is then |x| < 2^27 / n_sites per value (1.3e7 for 10 sites), far above ALS's statistics.
 FRACTION_BITS = 36
 HELD, STATE = "held-update.npz", "round-state.npz"
+MASKED = "masked-updates"  # per run: one sha256 per round and per update this site masked
 
 
 def registry_field(keys: dict[int, Ed25519PublicKey]) -> dict[str, str]:
@@ -233,6 +234,11 @@ class SecureSite:
                     f"the round's threshold {config.threshold} is below the {min_threshold} "
                     "clients whose noise shares make the full DP noise: refusing to mask"
                 )
+            # once per run: a coordinator that sent the same state for two rounds would get
+            # the same update twice, and two sums over it with different survivors
+            run_folder = self.folder / hashlib.sha256(config.run_id.encode()).hexdigest()[:32]
+            mask_once(run_folder / MASKED, f"{config.run_id}/round-{config.round}", dense,
+                      f"client-{client.client_id}")  # fmt: skip
             return client.masked_input(dense, ShareInbox.from_bytes(message))
         if step == "sign":
             return client.sign_survivors(SurvivorList.from_bytes(message), self.key)

@@ -11,9 +11,11 @@ The long-term identity key is not part of the state; the phases that sign take i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from models.files import write_private
 from models.privacy import shamir
 from models.privacy.fixed_point import encode
 from models.privacy.identity import KeyAuthenticationError, sign, signed_message, verify
@@ -32,6 +35,7 @@ from models.privacy.secagg_plus import (
     MaskedInput,
     ProtocolViolationError,
     RoundConfig,
+    SecAggError,
     ShareInbox,
     SurvivorList,
     SurvivorSignature,
@@ -54,6 +58,34 @@ from models.privacy.wire import pack, unpack
 PHASES = ("new", "advertised", "shared", "masked", "signed", "done", "aborted")
 _NONCE = 12
 _STATE_KIND = "secagg-client-state"
+
+
+def mask_once(record: Path, round_name: str, held: np.ndarray, who: str) -> None:
+    """Write down in ``record`` (durably, before the masked input exists) that ``who`` masks
+    ``held`` for the round ``round_name``; refuse when it masked that round, or that very
+    update, before.
+
+    Two sums over one update with different survivors (a round run again, or the same update
+    held for another round) would let the server subtract them and read the update of a client
+    in one sum but not the other.
+
+    Raises
+    ------
+    SecAggError
+        ``who`` masked this round or this update already.
+    """
+    marks = [
+        hashlib.sha256(b"round\0" + round_name.encode()).hexdigest(),
+        hashlib.sha256(b"update\0" + np.ascontiguousarray(held).tobytes()).hexdigest(),
+    ]
+    seen = record.read_text().split() if record.exists() else []
+    if marks[0] in seen or marks[1] in seen:
+        what = "this round's update" if marks[0] in seen else "this very update"
+        raise SecAggError(
+            f"{who} masked {what} once already ({round_name}): a second sum over it, with "
+            "other survivors, would let the server subtract the two; refused"
+        )
+    write_private(record, "".join(f"{m}\n" for m in (*seen, *marks)).encode())
 
 
 def round_keys_message(

@@ -88,3 +88,26 @@ def model_file_kinds(uri: str, model_name: str, version: str, folder: Path) -> d
             data.decode("utf-8")  # raises on anything binary that is neither of the above
             kinds[name] = "text"
     return kinds
+
+
+def secagg_entry(c: int):
+    """Client ``c``'s entry in a workspace of hand-made secure-aggregation clients."""
+    from models.data.partitions import ClientEntry
+
+    return ClientEntry(c, f"clients/client-{c:04d}.parquet", 1, 1, 0, 0)
+
+
+def secagg_update(c: int):
+    """Client ``c``'s explicit-MF update over items 1 and 3 (seeded by ``c``)."""
+    import numpy as np
+
+    from models.protocol import ClientUpdate
+
+    rng = np.random.default_rng(c)
+    return ClientUpdate(
+        c,
+        np.array([1, 3]),
+        np.array([2, 1 + c]),
+        {"gram": rng.normal(size=(2, 6)), "rhs": rng.normal(size=(2, 3))},
+        {"train_sse": 1.5 + c, "train_n": 3.0},
+    )

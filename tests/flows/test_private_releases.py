@@ -108,3 +108,57 @@ def test_a_private_run_logs_its_fingerprint_keyed_so_a_reader_cannot_test_a_gues
     # one keyed mark for the same rows, run after run: "unchanged since the champion" still works
     secret = ledger_secret(ledger_secret_path(store["uri"]), create=False)
     assert set(logged) == {keyed_fingerprint(rows, secret)}
+
+
+def test_a_resumed_private_run_keeps_its_plan_when_a_champion_was_promoted_meanwhile(
+    store, monkeypatch
+):
+    """The attack on the ledger: a private run planned without a champion stops; a champion
+    appears; the resume would evaluate it (one more release) and recalibrate the noise of the
+    rounds left, while the ledger and the logged epsilon still say E."""
+    import tasks.clients as clients
+    from flows.rounds import QuorumError
+
+    sigmas: list[float] = []
+    releases: list[str] = []
+    train, evaluate = clients.train_client.fn, clients.evaluate_client.fn
+
+    def stopping(**kwargs: Any) -> Any:
+        if kwargs["round_"] == 3:
+            raise ConnectionError("the coordinator went away")
+        return spying(**kwargs)
+
+    def spying(**kwargs: Any) -> Any:
+        sigmas.append(kwargs["family"].config.dp.noise_multiplier)
+        return train(**kwargs)
+
+    def evaluating(**kwargs: Any) -> Any:
+        releases.append(kwargs["release_name"])
+        return evaluate(**kwargs)
+
+    private = {"model_name": "late-champion", "dp_epsilon": 2.0, "dp_budget": 10.0,
+               "task_retries": 0, "round_retries": 0}  # fmt: skip
+    with monkeypatch.context() as patch:
+        patch.setattr(clients.train_client, "fn", stopping)
+        with pytest.raises(QuorumError):
+            _run(store, **private)
+    client = store["client"]
+    (stopped,) = [r for e in client.search_experiments() for r in client.search_runs(
+        [e.experiment_id], "attributes.status = 'FAILED'") if r.data.params.get("model_name") ==
+        "late-champion" or '"late-champion"' in r.data.tags.get("fedrec.config", "")]  # fmt: skip
+    planned = sigmas[0]
+    champion = _run(store, model_name="late-champion", rounds=1, task_retries=0)  # no DP
+    assert champion["promoted"]
+
+    sigmas.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(clients.train_client, "fn", spying)
+        patch.setattr(clients.evaluate_client, "fn", evaluating)
+        summary = _run(store, **private, resume=stopped.info.run_id)
+
+    assert sigmas and set(sigmas) == {planned}  # the rounds left keep the start's noise
+    assert len(releases) == 3 and len(set(releases)) == 1  # the final evaluation, no other
+    assert not summary["promoted"] and "promoted after this private run" in summary["reason"]
+    logged = client.get_metric_history(summary["run_id"], "privacy/noise_multiplier")
+    assert logged and all(m.value == pytest.approx(planned) for m in logged)
+    assert summary["metrics"]["privacy/epsilon"] <= 2.0 + 1e-9

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedrec.config import TrainingConfig
-from tests.flows.helpers import tracking_store
+from tests.flows.helpers import secagg_entry, secagg_update, tracking_store
 
 TINY = {
     "synthetic_users": 60,
@@ -36,25 +36,6 @@ def _share_elsewhere(workspace, entry, config, message, out) -> None:
     out.put((os.getpid(), reply))
 
 
-def _entry(c: int):
-    from models.data.partitions import ClientEntry
-
-    return ClientEntry(c, f"clients/client-{c:04d}.parquet", 1, 1, 0, 0)
-
-
-def _update(c: int):
-    from models.protocol import ClientUpdate
-
-    rng = np.random.default_rng(c)
-    return ClientUpdate(
-        c,
-        np.array([1, 3]),
-        np.array([2, 1 + c]),
-        {"gram": rng.normal(size=(2, 6)), "rhs": rng.normal(size=(2, 3))},
-        {"train_sse": 1.5 + c, "train_n": 3.0},
-    )
-
-
 def _mode(path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
@@ -67,10 +48,10 @@ def test_a_client_phase_runs_in_another_process_from_the_state_its_last_phase_le
     workspace, mf = str(tmp_path), MFConfig(n_factors=2)
     family = ExplicitMF(mf)
     (tmp_path / "clients").mkdir()
-    entries = {c: _entry(c) for c in range(3)}
+    entries = {c: secagg_entry(c) for c in range(3)}
     receipts = {
         c: secure.hold_update(
-            _update(c),
+            secagg_update(c),
             N_ITEMS,
             family,
             secure.round_context(RUN, 1),
@@ -119,7 +100,7 @@ def test_a_client_phase_runs_in_another_process_from_the_state_its_last_phase_le
         c: secure.secagg_unmask.fn(workspace=workspace, entry=entries[c], config=config, message=m)
         for c, m in step.to_clients.items()
     }
-    _, combined = secure.secagg_aggregate.fn(
+    _, combined, _ = secure.secagg_aggregate.fn(
         server=step.server,
         workspace=workspace,
         answers=answers,
@@ -130,7 +111,7 @@ def test_a_client_phase_runs_in_another_process_from_the_state_its_last_phase_le
     )
 
     expected = family.from_dense_sum(
-        np.sum([to_dense(_update(c), N_ITEMS, mf) for c in entries], axis=0), N_ITEMS
+        np.sum([to_dense(secagg_update(c), N_ITEMS, mf) for c in entries], axis=0), N_ITEMS
     )
     np.testing.assert_array_equal(combined.items, expected.items)
     np.testing.assert_array_equal(combined.counts, expected.counts)
@@ -155,14 +136,14 @@ def test_a_client_advertises_nothing_for_a_round_it_holds_no_update_for(tmp_path
 
     config = secure._round_message(RoundConfig(RUN, 2, 3, 10, 2))
     with pytest.raises(LookupError, match="holds no held update"):
-        secure.secagg_advertise.fn(workspace=str(tmp_path), entry=_entry(0), config=config)
+        secure.secagg_advertise.fn(workspace=str(tmp_path), entry=secagg_entry(0), config=config)
 
 
 def test_a_client_keeps_its_identity_key_across_rounds_and_resumes(tmp_path):
     from tasks.secure import client_identity, registry_folder
 
-    first = client_identity(str(tmp_path), _entry(4)).private_bytes_raw()
-    again = client_identity(str(tmp_path), _entry(4)).private_bytes_raw()
+    first = client_identity(str(tmp_path), secagg_entry(4)).private_bytes_raw()
+    again = client_identity(str(tmp_path), secagg_entry(4)).private_bytes_raw()
     assert first == again
     assert (registry_folder(str(tmp_path)) / "client-4.pub").is_file()
 

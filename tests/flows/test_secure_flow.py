@@ -116,7 +116,7 @@ def first_round(monkeypatch) -> _Round:
     def aggregate(**kwargs):
         result = original_aggregate(**kwargs)
         if seen.after is None and seen.trained_on is not None:  # round 1, not the mean's round
-            seen.after, seen.combined = result
+            seen.after, seen.combined, _ = result
         return result
 
     monkeypatch.setattr(clients, "hold_update", hold)

@@ -124,9 +124,9 @@ class _Round:
     """The coordinator's half of one round: the server steps, each site step an exchange;
     everything the coordinator received is kept to be inspected."""
 
-    def __init__(self, coordinator, specs, size, run):
+    def __init__(self, coordinator, specs, size, run, round_=1):
         self.coordinator, self.specs = coordinator, {s.client_id: s for s in specs}
-        self.config = RoundConfig(run, 1, len(specs), size, 2, FRACTION_BITS)
+        self.config = RoundConfig(run, round_, len(specs), size, 2, FRACTION_BITS)
         self.server = SecAggServer(self.config, {s.client_id: s.public_key for s in specs})
         self.received: list[bytes] = []
 
@@ -134,7 +134,11 @@ class _Round:
         out = {}
         for c, message in sorted(messages.items()):
             reply = self.coordinator.secure_step(
-                self.specs[c], step, self.config, message, task_run_id=f"{step}-{c}"
+                self.specs[c],
+                step,
+                self.config,
+                message,
+                task_run_id=f"{step}-{c}-r{self.config.round}",
             )
             self.received.append(reply)
             out[c] = reply
@@ -163,12 +167,12 @@ class _Round:
         return total, {c: MaskedInput.from_bytes(b).vector for c, b in masked.items()}
 
 
-def _secure_round(coordinator, specs, **drops):
-    receipts = [_train(coordinator, s, secure=True) for s in specs]
+def _secure_round(coordinator, specs, round_=1, **drops):
+    receipts = [_train(coordinator, s, secure=True, round_=round_) for s in specs]
     assert all(r.items.size == 0 and not r.arrays for r in receipts)  # nothing but a length
     size = int(receipts[0].metrics["held"])
     assert {r.metrics["held"] for r in receipts} == {size}
-    secure_round = _Round(coordinator, specs, size, coordinator.run)
+    secure_round = _Round(coordinator, specs, size, coordinator.run, round_)
     return secure_round, *secure_round.run(**drops)
 
 
@@ -183,7 +187,9 @@ def test_three_sites_unmask_to_the_plain_sum_and_no_single_update_reaches_the_co
     assert oct(held[0].parent.parent.stat().st_mode & 0o777) == "0o700"
     secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
     total, masked = secure_round.run()
-    assert list((tmp_path / "state-shop-a" / "secagg").iterdir()) == []  # secrets gone when done
+    left = [p for p in (tmp_path / "state-shop-a" / "secagg").rglob("*") if p.is_file()]
+    assert [p.name for p in left] == ["masked-updates"]  # secrets gone when done; what stays
+    assert all(len(mark) == 64 for mark in left[0].read_text().split())  # is hashes (per run)
     np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
     for dense in plain.values():
         encoded = encode(dense, n_clients=3, fraction_bits=FRACTION_BITS)
@@ -248,6 +254,18 @@ def test_a_site_gone_before_masking_leaves_the_sum_of_the_others(world):
     secure = coordinator("dropout-before-mask")
     _, total, _ = _secure_round(secure, specs, masking=(0, 1))
     np.testing.assert_allclose(total, plain[0] + plain[1], rtol=0, atol=1e-8)
+
+
+def test_a_coordinator_that_sends_one_state_for_two_rounds_gets_one_sum_over_it(world):
+    coordinator, specs, _, _ = world
+    plain = _plain_dense(coordinator("plain"), specs)
+    secure = coordinator("same-state")
+    _, total, _ = _secure_round(secure, specs)
+    np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
+    # the attack: round 2 about the same state (so the same updates) without shop-c; the
+    # difference of the two sums would be shop-c's update
+    with pytest.raises(SiteRefused, match="masked this very update once already"):
+        _secure_round(secure, specs, round_=2, masking=(0, 1))
 
 
 PRIVATE = ExplicitMF(
