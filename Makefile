@@ -16,13 +16,19 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 MLFLOW_PORT ?= 5000
+# `fedrec server start` (make demo, make server) listens on PREFECT_PORT when one is given, else
+# on 4200 when free, else on any free port
+ifneq ($(origin PREFECT_PORT),undefined)
+export FEDREC_PREFECT_PORT ?= $(PREFECT_PORT)
+endif
 PREFECT_PORT ?= 4200
 
 PREFECT_POOL ?= fedrec-local
-SERVER_API := http://127.0.0.1:$(PREFECT_PORT)/api
-deploy worker serve: export PREFECT_API_URL ?= $(SERVER_API)
-# `fedrec server start` (make demo, make server) listens here unless a local server already runs
-export FEDREC_PREFECT_PORT ?= $(PREFECT_PORT)
+# deploy, worker and serve report to the local server that runs (its port from its state file),
+# else to PREFECT_PORT
+RUNNING_API = $(shell FEDREC_HOME="$(FEDREC_HOME)" $(RUN) python -c 'from fedrec.local_server \
+	import read_state; s = read_state(); print(s.api_url if s else "")' 2>/dev/null)
+deploy worker serve: export PREFECT_API_URL ?= $(or $(RUNNING_API),http://127.0.0.1:$(PREFECT_PORT)/api)
 
 .PHONY: help setup demo test test-fast test-unit lint format mlflow-ui prefect-ui server server-status server-stop \
 	deploy worker serve \
@@ -79,6 +85,7 @@ sites-demo: setup ## ML-100K by occupation on 3 site processes in their own moun
 deploy: setup ## create the process work pool if missing, then deploy deployments/prefect.yaml
 	$(RUN) prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || $(RUN) prefect work-pool create $(PREFECT_POOL) --type process
 	$(RUN) prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --all
+	$(RUN) python -m fedrec.lock_parameters
 
 worker: setup ## a process worker on the pool: runs scheduled and triggered flow runs
 	$(RUN) prefect worker start --pool $(PREFECT_POOL)

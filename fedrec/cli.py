@@ -169,6 +169,24 @@ def config_values(config_file: str | None, overrides: dict[str, Any]) -> dict[st
     return values
 
 
+# what a resumed run may still be told: where its run is, and how to run its tasks
+_RESUME_TAKES = frozenset({"resume", "tracking_uri", "task_runner", "dask_address"})
+
+
+def check_resume(values: dict[str, Any]) -> None:
+    """Refuse settings beside ``--resume``: the run continues with the configuration it started
+    with, so they would be silently ignored."""
+    if not values.get("resume"):
+        return
+    ignored = sorted(set(values) - _RESUME_TAKES)
+    if ignored:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in ignored)
+        raise UserError(
+            f"--resume continues run {values['resume']} with the configuration it started with; "
+            f"drop {flags} (they would be ignored), or start a new run without --resume"
+        )
+
+
 def check_inputs(values: dict[str, Any]) -> None:
     """Check the run's data files with the core's readers before anything heavy starts.
 
@@ -186,6 +204,13 @@ def check_inputs(values: dict[str, Any]) -> None:
         try:  # a sites file that cannot be used ends here, before any flow run
             read_registry(merged["sites"])
         except RegistryError as err:
+            raise UserError(str(err)) from err
+    if isinstance(merged.get("catalogue"), str):
+        from models.data.readers import read_item_list
+
+        try:  # an item list that cannot be read ends here, in one line
+            read_item_list(merged["catalogue"])
+        except DataValidationError as err:
             raise UserError(str(err)) from err
     spec = {name: merged.get(name) for name in ("data", "train", "valid", "test")}
     if not all(isinstance(v, str | None) for v in spec.values()):
@@ -335,6 +360,7 @@ def train(
     """
     started = time.perf_counter()
     values = config_values(config_file, overrides)
+    check_resume(values)
     check_inputs(values)  # a bad file ends here, before any library or server is loaded
     with _status("checking the configuration (loads pandas, scikit-learn, LightGBM)"):
         from fedrec.config import TrainingConfig
@@ -433,7 +459,8 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     Uses the schedule, default parameters and concurrency limit of the `nightly` deployment in
     deployments/prefect.yaml; reports to the Prefect server named by PREFECT_API_URL, else to
     fedrec's local server (started if needed). Runs can be triggered like the worker-based
-    deployment's, by the name 'federated-training/nightly'.
+    deployment's, by the name 'federated-training/nightly-serve' (its own name, so that it never
+    takes over the worker deployment 'federated-training/nightly').
     """
     import yaml
 
@@ -463,7 +490,7 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     limit = spec.get("concurrency_limit", {}).get("limit", 1)
     with using_api(prefect_api()):
         federated_training.serve(
-            name="nightly",
+            name="nightly-serve",
             schedules=[when],
             parameters=parameters,
             limit=limit,

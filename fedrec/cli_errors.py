@@ -53,11 +53,10 @@ class OneLineGroup(click.Group):
             click.echo(err.format_message())
             raise SystemExit(0) from err
         except click.UsageError as err:
-            command = (
-                f"fedrec {err.ctx.info_name} --help"
-                if err.ctx and err.ctx.parent
-                else "fedrec --help"
-            )
+            # the full path of a nested command (fedrec server start), whatever the program name
+            command = "fedrec --help"
+            if err.ctx and err.ctx.parent:
+                command = f"fedrec {err.ctx.command_path.split(' ', 1)[1]} --help"
             message = f"{err.format_message()} (see {command})"
             click.echo(f"fedrec: error: {message}", err=True)
             _json_error(argv, message, 2)

@@ -63,6 +63,13 @@ class TrainingConfig(BaseModel):
     train: str | None = Field(None, description="explicit training file (then --test is required)")
     valid: str | None = Field(None, description="explicit validation file (optional with --train)")
     test: str | None = Field(None, description="explicit test file (with --train)")
+    catalogue: str | None = Field(
+        None,
+        description="a CSV file whose item_id column lists the items the model covers, rated "
+        "or not; rows of other items are left out. A private run's model then lists these items, "
+        "not the ones the rows touch (default under --dp-epsilon: the dataset's own public item "
+        "list, which MovieLens and the synthetic data have; other files have none)",
+    )
     user_col: str = Field("user_id", description="user column of CSV/Parquet input")
     item_col: str = Field("item_id", description="item column of CSV/Parquet input")
     rating_col: str | None = Field(
@@ -719,3 +726,5 @@ def _check_sites(config: TrainingConfig) -> None:
         raise ValueError("--sites with --partition per-user: a site is one client, not cohorts")
     if config.resume is not None or config.attack != "none" or config.fault_probability:
         raise ValueError("--sites does not take --resume, --attack or fault simulation")
+    if config.catalogue is not None:
+        raise ValueError("--sites takes its catalogue from the sites file (catalogue: FILE)")

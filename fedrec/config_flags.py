@@ -33,7 +33,7 @@ FILE_ONLY = frozenset({
 # field or the click parameter name); an option not listed here goes to "runtime".
 GROUP_ORDER = ("data", "model", "federation", "privacy", "reliability", "tracking", "runtime")
 GROUPS: dict[str, str] = {
-    **dict.fromkeys(("data", "train", "valid", "test", "user_col", "item_col", "rating_col",
+    **dict.fromkeys(("data", "train", "valid", "test", "catalogue", "user_col", "item_col", "rating_col",
                      "timestamp_col", "rating_scale", "synthetic_users", "synthetic_items",
                      "synthetic_interactions", "synthetic_taste", "split", "valid_fraction",
                      "test_fraction", "feedback", "positive_threshold"), "data"),

@@ -36,6 +36,7 @@ from tasks.tracking import (
     ledger_request,
     load_champion,
     log_artifacts,
+    lost_to_champion,
     record_promotion,
     register_model,
     reopen_run,
@@ -140,16 +141,21 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         logger.info("data: %s", note)
     rows, uri = data.fingerprint(), resolve_tracking_uri(config.tracking_uri)
     private = config.dp_epsilon is not None
+    if private and config.catalogue is None and data.public_items is None:
+        logger.warning(
+            "the model will list every item of %s, and DP does not cover that list: an item only "
+            "one user rated shows that user's row; give --catalogue FILE (a public list of the "
+            "items, an item_id column) to list those instead",
+            redact_uri(data.source),
+        )
     # a private run logs its fingerprint keyed with its ledger's secret (None before the first
     # private run made one): a plain hash of the rows would let a reader of MLflow test guesses
     fingerprint = ledger_fingerprint(uri, config.dp_ledger_secret, rows) if private else rows
     if config.skip_if_unchanged and fingerprint is not None:
-        same = unchanged_since_champion(uri, name, fingerprint, config.config_hash())
-        if same is not None:
-            reason = f"data and config unchanged since champion version {same}: nothing to train"
-            logger.info(reason)
-            return {"skipped": True, "reason": reason, "model_name": name,
-                    "champion_version": same, "tracking_uri": redact_uri(uri), "promoted": False}  # fmt: skip
+        skipped = _nothing_to_train(uri, name, fingerprint, config.config_hash())
+        if skipped is not None:
+            logger.info(skipped["reason"])
+            return skipped
     if private:  # before any run starts: refuse past the users' cap
         spent = reserve_privacy_budget(
             uri, ledger_request(config, data.n_users), user_ids=user_ids(data), model_name=name,
@@ -181,6 +187,25 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         finish_run(uri, run_id, False)
         raise
     return _train_and_register(config, ctx)
+
+
+def _nothing_to_train(uri: str, name: str, fingerprint: str, config_hash: str) -> dict | None:
+    """The summary of a run that would repeat one already made: the champion was trained on
+    these data with this config, or a version that was, and lost to the current champion."""
+    champion = unchanged_since_champion(uri, name, fingerprint, config_hash)
+    if champion is not None:
+        reason = f"data and config unchanged since champion version {champion}: nothing to train"
+    else:
+        lost = lost_to_champion(uri, name, fingerprint, config_hash)
+        if lost is None:
+            return None
+        version, champion = lost
+        reason = (
+            f"version {version} was trained on these data with this config and not promoted "
+            f"against champion version {champion}: nothing to train"
+        )
+    return {"skipped": True, "reason": reason, "model_name": name, "champion_version": champion,
+            "tracking_uri": redact_uri(uri), "promoted": False}  # fmt: skip
 
 
 def _train_and_register(

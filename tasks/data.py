@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig
 from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
-from models.data.readers import load_dataset
-from models.data.schema import Interactions, keep_positives, require_ratings
+from models.data.readers import load_dataset, read_item_list
+from models.data.schema import Interactions, keep_positives, require_ratings, with_catalogue
 from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
 
 
@@ -54,10 +56,26 @@ def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray 
         return keep_positives(data, threshold)
 
     if config.train is None:
-        return read(config.data), None
+        data, _ = public_catalogue(read(config.data), config)
+        return data, None
     assert config.test is not None  # the config validator guarantees the pair
     valid = read(config.valid) if config.valid else None
-    return combine_splits(read(config.train), read(config.test), valid)
+    data, split = combine_splits(read(config.train), read(config.test), valid)
+    data, kept = public_catalogue(data, config)
+    return data, split[kept]
+
+
+def public_catalogue(data: Interactions, config: TrainingConfig) -> tuple[Interactions, Any]:
+    """``data`` numbered against the published item list (``--catalogue``), or in a private run
+    against the dataset's own public list when it has one (MovieLens, synthetic): the model then
+    lists those items, not the ones the rows touch. Unchanged otherwise. Also which rows were
+    kept (a boolean mask, or a slice of all)."""
+    if config.catalogue is not None:
+        items = read_item_list(config.catalogue).drop_duplicates()
+        return with_catalogue(data, pd.DataFrame(index=items), config.catalogue)
+    if config.dp_epsilon is not None and data.public_items is not None:
+        return with_catalogue(data, data.public_items, "the dataset's public item list")
+    return data, slice(None)
 
 
 def plan_clients(

@@ -37,6 +37,7 @@ from prefect.cache_policies import NONE
 from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.model_store import STATE, load_recommender, resolve_tracking_uri
 from models.federation.family import Recommender
+from models.files import write_private
 from models.privacy.ledger import (
     USER_KEY,
     Balance,
@@ -57,7 +58,6 @@ from models.privacy.ledger import (
 )
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision, baseline_metric, worst_client_metric
-from tasks.secure import write_private
 
 CHAMPION = "champion"
 _SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
@@ -400,6 +400,28 @@ def unchanged_since_champion(
         and tags.get("fedrec.config_hash") == config_hash
     ):
         return str(version.version)
+    return None
+
+
+def lost_to_champion(
+    uri: str, model_name: str, fingerprint: str, config_hash: str
+) -> tuple[str, str] | None:
+    """(version, champion version) when a version trained on these very data with this very
+    config was compared with the current champion and not promoted: the same run again would
+    lose again (a private one would spend budget to do so)."""
+    champion = _champion_version(uri, model_name)
+    if champion is None:
+        return None
+    current = str(champion.version)
+    for version in _client(uri).search_model_versions(f"name='{model_name}'"):
+        tags = version.tags
+        if (
+            tags.get("fedrec.dataset_fingerprint") == fingerprint
+            and tags.get("fedrec.config_hash") == config_hash
+            and tags.get("fedrec.promoted") == "false"
+            and tags.get("fedrec.compared_with_version") == current
+        ):
+            return str(version.version), current
     return None
 
 

@@ -85,6 +85,7 @@ def read_movielens_100k(folder: str | os.PathLike[str]) -> Interactions:
         user_features=user_features,
         item_features=item_features,
         notes=notes,
+        features_list_every_item=True,  # the movie list: every movie, rated or not
     )
 
 
@@ -149,6 +150,7 @@ def read_movielens_1m(folder: str | os.PathLike[str]) -> Interactions:
         user_features=user_features,
         item_features=item_features,
         notes=notes,
+        features_list_every_item=True,  # the movie list: every movie, rated or not
     )
 
 

@@ -221,6 +221,36 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         ) from err
 
 
+def read_item_list(path: str | os.PathLike[str], item_col: str = "item_id") -> pd.Index:
+    """A published item list: the ``item_col`` column of a CSV file (other columns ignored),
+    as the ids' text, stripped, in the file's order.
+
+    Raises
+    ------
+    DataValidationError
+        Naming the file, and the row and column of an empty id.
+    """
+    path = Path(path)
+    _check_is_file(path, suffixes=CSV_SUFFIXES)
+    raw = _read_delimited(path, (item_col,))
+    if item_col not in raw.columns:
+        raise DataValidationError(
+            f"has no {item_col!r} column (found {list(raw.columns)})",
+            file=str(path),
+            allowed=f"a CSV file with an {item_col} column",
+        )
+    ids = raw[item_col].fillna("").astype(str).str.strip()
+    empty = np.flatnonzero((ids == "").to_numpy())
+    if empty.size:
+        raise DataValidationError(
+            "is empty", file=str(path), row=int(empty[0]) + 1, column=item_col, value="",
+            allowed="an item id",
+        )  # fmt: skip
+    if ids.empty:
+        raise DataValidationError("lists no item", file=str(path), allowed="one item id per row")
+    return pd.Index(ids.to_numpy(), dtype=object)
+
+
 def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
     data = path.read_bytes()
     file = str(path)

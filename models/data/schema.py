@@ -36,6 +36,10 @@ class Interactions:
         Side features indexed by internal id, when the source has them.
     source : str
         Where the rows came from (a path, or ``synthetic(...)``), for messages.
+    public_items : DataFrame or None
+        A public list of items shipped with the data, indexed by the caller's ids, with their
+        features (MovieLens' movie list, the synthetic generator's items): every item that
+        exists, rated or not. :func:`with_catalogue` numbers the data against it.
     """
 
     frame: pd.DataFrame
@@ -46,6 +50,7 @@ class Interactions:
     item_features: pd.DataFrame | None = None
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    public_items: pd.DataFrame | None = None
 
     @property
     def n_users(self) -> int:
@@ -102,6 +107,7 @@ def encode_interactions(
     user_features: pd.DataFrame | None = None,
     item_features: pd.DataFrame | None = None,
     notes: tuple[str, ...] = (),
+    features_list_every_item: bool = False,
 ) -> Interactions:
     """Map the caller's user and item ids (any hashable dtype) to contiguous integers.
 
@@ -114,6 +120,8 @@ def encode_interactions(
         Stored on the result.
     user_features, item_features : DataFrame, optional
         Indexed by the caller's ids; rows for ids absent from ``frame`` are dropped.
+    features_list_every_item : bool
+        ``item_features`` is a public list of every item (kept whole as ``public_items``).
 
     Returns
     -------
@@ -132,6 +140,7 @@ def encode_interactions(
         encoded[TIMESTAMP] = frame[TIMESTAMP].to_numpy(dtype=np.int64)
     user_ids = np.asarray(user_ids)
     item_ids = np.asarray(item_ids)
+    public = item_features if features_list_every_item else None
     if user_features is not None:
         user_features = user_features.reindex(user_ids).reset_index(drop=True)
     if item_features is not None:
@@ -145,7 +154,58 @@ def encode_interactions(
         item_features=item_features,
         source=source,
         notes=tuple(notes),
+        public_items=public,
     )
+
+
+def with_catalogue(
+    data: Interactions, catalogue: pd.DataFrame, what: str
+) -> tuple[Interactions, np.ndarray]:
+    """``data`` numbered against ``catalogue`` (indexed by the caller's item ids, unique; with
+    feature columns or none): every item it lists is an item of the model, rated or not, and
+    rows of items it lacks are left out (a note names ``what`` and counts them). The model's
+    item list then says nothing about which items the rows touch. Also returns which of the
+    rows were kept.
+
+    Raises
+    ------
+    DataValidationError
+        When the catalogue lists no item, or an id twice.
+    """
+    index = catalogue.index
+    if len(index) == 0 or not index.is_unique:
+        raise DataValidationError(
+            "lists no item" if len(index) == 0 else "lists an item id twice",
+            file=what,
+            allowed="each item id once",
+        )
+    ids = np.asarray(data.item_ids)
+    if ids.dtype.kind in "iu" and index.dtype.kind not in "iu":  # ids read as text
+        numeric = pd.to_numeric(pd.Series(index), errors="coerce")
+        if numeric.notna().all():
+            index = pd.Index(numeric.astype(np.int64))
+    position = index.get_indexer(pd.Index(ids))
+    rows = position[data.frame[ITEM].to_numpy()]
+    keep = rows >= 0
+    frame = data.frame[keep].reset_index(drop=True)
+    frame[ITEM] = rows[keep].astype(np.int32)
+    features = None
+    if len(catalogue.columns):
+        features = catalogue.reset_index(drop=True)
+    elif data.item_features is not None:  # the data's own, for the items it rated
+        inverse = np.full(len(index), -1, dtype=np.int64)
+        inverse[position[position >= 0]] = np.flatnonzero(position >= 0)
+        features = data.item_features.reindex(inverse).reset_index(drop=True)
+    left_out = int((~keep).sum())
+    note = f"the catalogue is {what}: {len(index)} items"
+    if left_out:
+        lacking = int((position < 0).sum())
+        note += f"; {left_out} rows of {lacking} items it lacks are left out"
+    published = replace(
+        data, frame=frame, item_ids=np.asarray(index), item_features=features,
+        notes=(*data.notes, note),
+    )  # fmt: skip
+    return published, keep
 
 
 def rated_positives(

@@ -152,6 +152,7 @@ def generate_synthetic(
         source=source,
         user_features=user_features,
         item_features=item_features,
+        features_list_every_item=True,  # one row per generated item, drawn or not
     )
 
 

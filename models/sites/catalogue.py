@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 
 from models.client import ClientData
+from models.data.errors import DataValidationError
 from models.data.partitions import build_clients
+from models.data.readers import read_item_list
 from models.data.schema import ITEM, Interactions
 from models.data.sharding import SplitMethod, split_rows
 
@@ -59,35 +61,24 @@ def union_catalogue(item_sets: Iterable[np.ndarray]) -> np.ndarray:
 
 
 def read_catalogue(path: str | Path) -> np.ndarray:
-    """A published catalogue: the ``item_id`` column of a CSV file, as sorted unique int64.
+    """A published catalogue (:func:`~models.data.readers.read_item_list`) as sorted unique
+    int64: the ids sites exchange.
 
     Raises
     ------
-    ValueError
+    DataValidationError
         Naming the file, and the row and value when an id is not an integer.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: {' '.join(str(err).split())}") from err
-    if "item_id" not in frame.columns:
-        raise ValueError(f"{path}: no item_id column (found {list(frame.columns)})")
-    text = frame["item_id"].str.strip()
-    ids = pd.to_numeric(text, errors="coerce")
-    bad = ids.isna() | (ids != ids.round()) | (ids.abs() >= 2**63)
+    ids = pd.Series(read_item_list(path))
+    numbers = pd.to_numeric(ids, errors="coerce")
+    bad = numbers.isna() | (numbers != numbers.round()) | (numbers.abs() >= 2**63)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise ValueError(
-            f"{path}: row {row + 1}, column 'item_id': value {text.iloc[row]!r}; "
-            "allowed: an integer item id"
-        )
-    items = np.unique(text.astype(np.int64).to_numpy())
-    if items.size == 0:
-        raise ValueError(f"{path}: lists no item")
-    return items
+        raise DataValidationError(
+            "is not an integer", file=str(path), row=row + 1, column="item_id",
+            value=ids.iloc[row], allowed="an integer item id (sites exchange integer ids)",
+        )  # fmt: skip
+    return np.unique(ids.astype(np.int64).to_numpy())
 
 
 def outside(data: Interactions, catalogue: np.ndarray) -> tuple[int, int]:

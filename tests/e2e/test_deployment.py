@@ -118,6 +118,7 @@ def stack(tmp_path_factory):
                 "deployments/prefect.yaml",
                 "--all",
             ],
+            [sys.executable, "-m", "fedrec.lock_parameters"],  # as make deploy does
         ):
             done = subprocess.run(
                 command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180
@@ -245,7 +246,8 @@ def test_prefect_cli_trigger_with_p_overrides(stack):
 
 
 @pytest.mark.parametrize(
-    ("parameters", "expected"), [({"rounds": -1}, "rounds"), ({"algorithm": "svd"}, "algorithm")]
+    ("parameters", "expected"),
+    [({"rounds": -1}, "rounds"), ({"algorithm": "svd"}, "algorithm"), ({"roundz": 5}, "roundz")],
 )
 def test_invalid_parameters_are_refused_by_the_server(stack, parameters, expected):
     before = _flow_runs(stack)

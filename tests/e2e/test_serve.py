@@ -14,7 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fedrec.local_server import free_port
-from tests.e2e.test_deployment import DEPLOYMENT, _http, _stop
+from tests.e2e.test_deployment import _http, _stop
+
+DEPLOYMENT = "federated-training/nightly-serve"  # its own name, not the worker deployment's
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions": 6000,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from fedrec.config import TrainingConfig
@@ -111,13 +112,15 @@ def test_a_private_run_logs_its_fingerprint_keyed_so_a_reader_cannot_test_a_gues
 
 
 def test_a_resumed_private_run_keeps_its_plan_when_a_champion_was_promoted_meanwhile(
-    store, monkeypatch
+    own_store, monkeypatch
 ):
     """The attack on the ledger: a private run planned without a champion stops; a champion
     appears; the resume would evaluate it (one more release) and recalibrate the noise of the
     rounds left, while the ledger and the logged epsilon still say E."""
     import tasks.clients as clients
     from flows.rounds import QuorumError
+
+    store = own_store
 
     sigmas: list[float] = []
     releases: list[str] = []
@@ -162,3 +165,57 @@ def test_a_resumed_private_run_keeps_its_plan_when_a_champion_was_promoted_meanw
     logged = client.get_metric_history(summary["run_id"], "privacy/noise_multiplier")
     assert logged and all(m.value == pytest.approx(planned) for m in logged)
     assert summary["metrics"]["privacy/epsilon"] <= 2.0 + 1e-9
+
+
+def _served_items(store, name: str) -> set[str]:
+    import mlflow
+
+    mlflow.set_tracking_uri(store["uri"])
+    served = mlflow.pyfunc.load_model(f"models:/{name}/latest").unwrap_python_model()
+    return {str(i) for i in served.recommender.item_ids}
+
+
+def test_a_private_model_lists_a_public_catalogue_not_the_items_its_rows_touch(own_store, tmp_path):
+    """The attack: a reader of the registry looks for an item only one user rated. A model
+    whose item list is the data's own shows it, which no epsilon covers."""
+    from models.data.synthetic import generate_synthetic
+
+    store = own_store
+    data = generate_synthetic(n_users=300, n_items=120, n_interactions=9_000, seed=3)
+    frame = data.frame.assign(
+        user_id=data.user_ids[data.frame["user"]].astype(str),
+        item_id=[f"i{i}" for i in data.item_ids[data.frame["item"]]],
+    )[["user_id", "item_id", "rating"]]
+    secret = pd.DataFrame({"user_id": ["alice"], "item_id": ["secret-visit"], "rating": [5.0]})
+    path = tmp_path / "ratings.csv"
+    pd.concat([frame, secret]).to_csv(path, index=False)
+    private = {"data": str(path), "dp_epsilon": 8.0, "dp_budget": 100.0, "rounds": 1}
+
+    catalogue = tmp_path / "items.csv"
+    listed = [f"i{i}" for i in range(130)]  # the shop's list: ten items nobody rated yet
+    pd.DataFrame({"item_id": listed}).to_csv(catalogue, index=False)
+    _run(store, model_name="public-list", catalogue=str(catalogue), **private)
+    assert _served_items(store, "public-list") == set(listed)
+    from tasks.data import load_interactions
+
+    config = TrainingConfig(**(SMALL | private), catalogue=str(catalogue))
+    read, _ = load_interactions.fn(config)
+    assert read.notes[-1].endswith("130 items; 1 rows of 1 items it lacks are left out")
+
+    # the weak default of a plain file without a public list: said at the start of the run
+    with flow_log(logging.WARNING) as records:
+        _run(store, model_name="own-list", **private)
+    assert "secret-visit" in _served_items(store, "own-list")
+    assert any("DP does not cover that list" in r.getMessage() for r in records)
+
+
+def test_a_private_run_on_synthetic_data_lists_every_generated_item(own_store):
+    store = own_store
+    # 60 users and 400 items: some items no user drew
+    _run(store, model_name="synthetic-list", dp_epsilon=8.0, dp_budget=100.0, rounds=1,
+         synthetic_users=60, synthetic_items=400, synthetic_interactions=1_500)  # fmt: skip
+    from models.data.synthetic import generate_synthetic
+
+    drawn = generate_synthetic(n_users=60, n_items=400, n_interactions=1_500, seed=0)
+    assert drawn.n_items < 400  # the rows touch fewer items than exist
+    assert _served_items(store, "synthetic-list") == {str(i) for i in range(400)}

@@ -220,6 +220,25 @@ def test_unchanged_data_and_config_register_nothing(store):
     assert _versions(store, "unchanged") == versions
 
 
+def test_a_config_that_lost_to_the_champion_on_these_data_is_not_trained_again(store):
+    from flows.training import federated_training
+
+    base = {"rounds": 2, "factors": 2, "tracking_uri": store["uri"], "model_name": "loser", **SMALL}
+    champion = federated_training(**TrainingConfig(**base).model_dump())
+    worse = TrainingConfig(**(base | {"reg": 500.0}))  # all but the biases shrunk to nothing
+    lost = federated_training(**worse.model_dump())
+    assert champion["promoted"] and not lost["promoted"]
+    versions = _versions(store, "loser")
+
+    again = federated_training(**worse.model_dump())  # the nightly run, data unchanged
+
+    assert again["skipped"] is True and _versions(store, "loser") == versions
+    assert again["reason"].startswith(
+        f"version {lost['model_version']} was trained on these data with this config and not "
+        f"promoted against champion version {champion['model_version']}"
+    )
+
+
 def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run):
     from flows.training import federated_training
 
@@ -327,13 +346,19 @@ def test_a_run_on_other_data_than_the_champions_says_so(store):
     tiny = {"rounds": 1, "clients": 2, "factors": 2, "tracking_uri": store["uri"],
             "model_name": "sources", "synthetic_items": 150, "synthetic_interactions": 6_000}  # fmt: skip
     first = federated_training(**TrainingConfig(synthetic_users=200, **tiny).model_dump())
-    with flow_log(logging.INFO) as records:
-        federated_training(**TrainingConfig(synthetic_users=220, **tiny).model_dump())
+    with flow_log(logging.INFO) as records:  # the item ids are the same 0..149: no warm start
+        federated_training(
+            **TrainingConfig(synthetic_users=220, warm_start=True, **tiny).model_dump()
+        )
 
     tags = store["client"].get_model_version("sources", first["model_version"]).tags
     assert (
         tags["fedrec.source"].startswith("synthetic(") and "n_users=200," in tags["fedrec.source"]
     )
-    said = [r.getMessage() for r in records if "was trained on synthetic(" in r.getMessage()]
-    assert len(said) == 1 and "n_users=200" in said[0] and "this run's data is" in said[0]
+    said = [r.getMessage() for r in records if "this run's data is" in r.getMessage()]
+    assert len(said) == 1 and "was trained on synthetic(" in said[0] and "n_users=200" in said[0]
     assert "n_users=220" in said[0].split("this run's data is")[1]
+    messages = [r.getMessage() for r in records]
+    refused = f"no warm start: champion version {first['model_version']} was trained on synthetic("
+    assert any(m.startswith(refused) for m in messages)
+    assert not any(m.startswith("warm start from champion") for m in messages)

@@ -36,3 +36,20 @@ def test_the_exit_status_says_whether_to_fix_the_input_or_run_again(error, statu
     assert isinstance(classified, OneLineError)  # both are one line on stderr
     assert "\n" not in classified.format_message()
     assert type(error).__name__ not in classified.format_message() or status == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["train", "--rounds", "x"], "(see fedrec train --help)"),
+        (["server", "start", "--port", "0"], "(see fedrec server start --help)"),
+    ],
+)
+def test_a_usage_error_points_at_the_help_of_the_command_it_came_from(argv, hint, capsys):
+    from fedrec.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main.main(argv, prog_name="fedrec")
+    assert stopped.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("fedrec: error: ") and line.endswith(hint), line

@@ -307,3 +307,25 @@ def test_a_sites_file_that_cannot_be_used_is_refused_before_any_flow_starts(tmp_
     _assert_one_line_error(done, str(sites), "sites shop-a and shop-b share one public key")
     assert not set(imported) & {"prefect", "mlflow"}, imported
     _assert_nothing_started(tmp_path / "home")
+
+
+def test_an_item_list_that_cannot_be_read_is_refused_before_any_flow_starts(tmp_path):
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title\n7,a\n,b\n")
+
+    done, imported = _cli(["train", "--dp-epsilon", "8", "--catalogue", str(items)],
+                          tmp_path / "home")  # fmt: skip
+
+    _assert_one_line_error(done, str(items), "row 2, column 'item_id': value '' is empty")
+    assert not set(imported) & {"prefect", "mlflow"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
+def test_settings_beside_resume_are_refused_rather_than_ignored(tmp_path):
+    argv = ["train", "--resume", "0" * 32, "--rounds", "8", "--data", "ml-100k"]
+
+    done, imported = _cli(argv, tmp_path / "home")
+
+    _assert_one_line_error(done, "--resume continues run", "drop --data, --rounds")
+    assert not set(imported) & {"prefect", "mlflow"}, imported
+    _assert_nothing_started(tmp_path / "home")

@@ -59,10 +59,11 @@ def test_a_published_catalogue_is_read_from_its_item_id_column(tmp_path):
     for text, message in (
         (
             "item_id\n10\nten\n",
-            "items.csv: row 2, column 'item_id': value 'ten'; allowed: an integer",
+            "items.csv, row 2, column 'item_id': value 'ten' is not an integer; allowed: an integer",
         ),
         ("item_id\n1.5\n", "row 1, column 'item_id': value '1.5'"),
-        ("item\n10\n", "no item_id column (found ['item'])"),
+        ("item_id,title\n10,a\n,b\n", "row 2, column 'item_id': value '' is empty"),
+        ("item\n10\n", "has no 'item_id' column (found ['item'])"),
         ("item_id\n", "lists no item"),
     ):
         path.write_text(text)

@@ -1,0 +1,45 @@
+"""Make a deployment's parameter schema refuse unknown parameter names.
+
+Prefect derives a deployment's parameter schema from the flow's signature and, with
+``enforce_parameter_schema``, refuses a run whose parameters break it, with an HTTP 409 naming the
+field. The derived schema allows names it does not list, though: such a run is created, and then
+fails on the worker with a signature error. This sets ``additionalProperties: false`` on the
+deployment's schema, so an unknown name is refused at creation like a value out of range.
+``make deploy`` runs it after ``prefect deploy``::
+
+    uv run python -m fedrec.lock_parameters [DEPLOYMENT]   # default federated-training/nightly
+"""
+
+from __future__ import annotations
+
+import sys
+
+DEPLOYMENT = "federated-training/nightly"
+
+
+def lock_parameters(name: str = DEPLOYMENT) -> list[str]:
+    """Set ``additionalProperties: false`` on deployment ``name``'s parameter schema (on the
+    Prefect API of ``PREFECT_API_URL``); returns the parameter names it allows."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(name)
+        schema = dict(deployment.parameter_openapi_schema or {})
+        schema["additionalProperties"] = False
+        client.update_deployment(
+            deployment.id,
+            DeploymentUpdate(parameter_openapi_schema=schema, enforce_parameter_schema=True),
+        )
+    return sorted(schema.get("properties", {}))
+
+
+def main(argv: list[str]) -> int:
+    name = argv[0] if argv else DEPLOYMENT
+    allowed = lock_parameters(name)
+    print(f"{name}: refuses parameters other than its {len(allowed)} own")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
