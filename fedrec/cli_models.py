@@ -206,7 +206,25 @@ def recommend(
     recommender = _load_model(model_uri, tracking_uri)
     requests = _requests(history, users, columns, recommender)
     result = recommender.recommend(requests, k=k)
+    _note_unknown_histories(requests, recommender)
     _write(result[["user_id", "rank", "item_id", "score", "reason"]], out)
+
+
+def _note_unknown_histories(requests: pd.DataFrame, recommender: Any) -> None:
+    """One stderr line when some users' histories hold items but none the model knows: their
+    lists are the most popular items (often a sign of the wrong model or the wrong item column;
+    a user without history gets them too, as expected, and no line)."""
+    known = set(np.asarray(recommender.item_ids).astype(str))
+    blind = [u for u, items in zip(requests["user_id"], requests["history_items"], strict=True)
+             if len(items) and not any(str(i) in known for i in items)]  # fmt: skip
+    if blind:
+        shown = ", ".join(map(str, blind[:3])) + (", ..." if len(blind) > 3 else "")
+        click.echo(
+            f"fedrec: note: {len(blind)} of {len(requests)} user(s) ({shown}) have no history "
+            "item this model knows: they get the most popular items (is it the right model, "
+            "and --item-col the right column?)",
+            err=True,
+        )
 
 
 @click.command()

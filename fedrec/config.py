@@ -439,10 +439,29 @@ class TrainingConfig(BaseModel):
             data.setdefault("min_clients", 2)
         if secure and private:
             data.setdefault("min_fraction", SECURE_PRIVATE_QUORUM)
+        if "relevance_threshold" not in data and data.get("rating_scale") is not None:
+            try:
+                low, high = parse_rating_scale(data["rating_scale"]) or (None, None)
+            except (TypeError, ValueError):  # reported by the field's own check
+                low = high = None
+            if high is not None and high < (_MF.relevance_threshold or high):
+                # 4 of 1..5 is three quarters up the scale: the same place on this one
+                data["relevance_threshold"] = low + 0.75 * (high - low)
         return data
 
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainingConfig:
+        top = None if self.rating_scale is None else self.rating_scale[1]
+        if (
+            self.relevance_threshold is not None
+            and top is not None
+            and self.relevance_threshold > top
+        ):
+            raise ValueError(
+                f"relevance_threshold {self.relevance_threshold:g} is above the rating scale's top "
+                f"{top:g}: no held-out rating could be relevant, and the ranking metrics would be "
+                f"empty; allowed: a threshold <= {top:g}"
+            )
         if self.valid_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"valid_fraction + test_fraction = {self.valid_fraction + self.test_fraction}, must be < 1"

@@ -407,11 +407,13 @@ def report_step(ctx: RunContext, label: str, metrics: Mapping[str, float], secon
     marks = _STEP_MARKS.setdefault(ctx.run_id, [now - seconds])
     marks.append(now)
     started = _run_started() or marks[0]
-    get_run_logger().info(
-        "%s: %s, %d clients, %.1f MB up, %.2f s; %s", label, ", ".join(shown) or "no evaluation",
-        metrics.get("system/clients", 0), metrics.get("system/bytes_uploaded", 0.0) / 1e6,
-        metrics.get("system/round_seconds", float("nan")), pace(marks, min(started, marks[0]), label),
-    )  # fmt: skip
+    work = "trained before the run was resumed (its clients and time went with the process)"
+    if metrics.get("system/clients"):
+        work = (f"{metrics['system/clients']:.0f} clients, "
+                f"{metrics.get('system/bytes_uploaded', 0.0) / 1e6:.1f} MB up, "
+                f"{metrics.get('system/round_seconds', float('nan')):.2f} s")  # fmt: skip
+    get_run_logger().info("%s: %s, %s; %s", label, ", ".join(shown) or "no evaluation", work,
+                          pace(marks, min(started, marks[0]), label))  # fmt: skip
     if "final" in label:
         _STEP_MARKS.pop(ctx.run_id, None)
 

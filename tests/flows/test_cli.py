@@ -258,6 +258,11 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
         "fedrec: note: user carol: ignored 1 unknown item(s): gone; no known items in history: "
         "scored by global mean and item bias",
     ]
+    assert "have no history item" not in rec.stderr  # bob has no history: popular items, quietly
+    rec = _run("recommend", *model, "--history", str(history))
+    assert "fedrec: note: 1 of 2 user(s) (carol) have no history item this model knows" in (
+        rec.stderr
+    )
 
 
 def test_recommend_and_predict_read_other_column_names(trained, tmp_path):

@@ -69,3 +69,19 @@ def test_config_hash_ignores_tracking_settings_but_not_training_ones():
 def test_config_round_trips_through_json_as_prefect_parameters_do():
     config = TrainingConfig(rounds=3, partition="dirichlet")
     assert TrainingConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def test_the_relevance_threshold_sits_three_quarters_up_a_scale_whose_top_is_below_4():
+    from fedrec.config import TrainingConfig
+
+    assert TrainingConfig().relevance_threshold == 4.0  # 1..5: unchanged
+    assert TrainingConfig(rating_scale=(1.0, 10.0)).relevance_threshold == 4.0
+    assert TrainingConfig(rating_scale="0.5,2.5").relevance_threshold == 2.0
+    assert TrainingConfig(rating_scale=(0.0, 1.0)).relevance_threshold == 0.75
+    with pytest.raises(
+        ValueError, match=r"relevance_threshold 4 is above the rating scale's top 2\.5"
+    ):
+        TrainingConfig(rating_scale="0.5,2.5", relevance_threshold=4.0)
+    # read back from its own dump, a config keeps what it resolved to
+    config = TrainingConfig(rating_scale="0.5,2.5")
+    assert TrainingConfig(**config.model_dump()).relevance_threshold == 2.0
