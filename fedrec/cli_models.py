@@ -210,11 +210,16 @@ def recommend(
     _write(result[["user_id", "rank", "item_id", "score", "reason"]], out)
 
 
+def _known_items(recommender: Any) -> set[str]:
+    """The model's item ids as text, as histories and pairs are read."""
+    return set(np.asarray(recommender.item_ids).astype(str))
+
+
 def _note_unknown_histories(requests: pd.DataFrame, recommender: Any) -> None:
     """One stderr line when some users' histories hold items but none the model knows: their
     lists are the most popular items (often a sign of the wrong model or the wrong item column;
     a user without history gets them too, as expected, and no line)."""
-    known = set(np.asarray(recommender.item_ids).astype(str))
+    known = _known_items(recommender)
     blind = [u for u, items in zip(requests["user_id"], requests["history_items"], strict=True)
              if len(items) and not any(str(i) in known for i in items)]  # fmt: skip
     if blind:
@@ -269,7 +274,7 @@ def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender
     user whose history had unknown items or none the model knows (its scores are a fallback's)."""
     from models.recommenders import NO_HISTORY
 
-    known = set(np.asarray(recommender.item_ids).astype(str))
+    known = _known_items(recommender)
     history = dict(zip(requests["user_id"], requests["history_items"], strict=True))
     for user, item, score, reason in answered.itertuples(index=False):
         if pd.isna(score):

@@ -444,7 +444,8 @@ class TrainingConfig(BaseModel):
                 low, high = parse_rating_scale(data["rating_scale"]) or (None, None)
             except (TypeError, ValueError):  # reported by the field's own check
                 low = high = None
-            if high is not None and high < (_MF.relevance_threshold or high):
+            default = _MF.relevance_threshold
+            if high is not None and default is not None and high < default:
                 # 4 of 1..5 is three quarters up the scale: the same place on this one
                 data["relevance_threshold"] = low + 0.75 * (high - low)
         return data

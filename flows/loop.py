@@ -36,7 +36,6 @@ from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry
 from models.federation.family import Family, Phase
 from models.federation.loop import EVERYONE_ROUND
-from models.privacy.redaction import redact_uri
 from models.privacy.released_metrics import MetricRelease, released_noise
 from models.promotion import BASELINE, noise_metric
 from tasks.clients import evaluate_client, train_run_name
@@ -175,7 +174,7 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
         logger.warning(
             "no warm start: champion version %s was not trained with DP", ctx.champion.version
         )
-    elif config.warm_start and ctx.champion is not None and not _same_source(ctx):
+    elif config.warm_start and ctx.champion_on_other_data:
         # items of another dataset can share ids with this one's (MovieLens' 1..N and the
         # synthetic 0..N-1 do): their factors would describe other items
         logger.warning(
@@ -219,12 +218,6 @@ def _record_of(
         return step_record(ctx, step, pending, evaluations, family.top_k, spent(step))
 
     return record
-
-
-def _same_source(ctx: RunContext) -> bool:
-    """Whether the champion was trained on this run's data source (True when not recorded)."""
-    recorded = ctx.champion.source if ctx.champion is not None else None
-    return recorded is None or recorded == redact_uri(ctx.manifest.source)
 
 
 def _sampled_round(

@@ -26,6 +26,7 @@ from models.data.partitions import ClientEntry, Manifest
 from models.federation.sampling import sample_clients
 from models.privacy.dp import calibrate, epsilon
 from models.privacy.ledger import run_delta
+from models.privacy.redaction import redact_uri
 from models.privacy.released_metrics import MetricRelease, evaluation_ratios
 from tasks.clients import train_client
 from tasks.faults import FaultPlan
@@ -146,6 +147,16 @@ class RunContext:
     @property
     def entries(self) -> list[ClientEntry]:
         return self.manifest.clients
+
+    @property
+    def source(self) -> str:
+        """The run's data source as versions record it (credentials redacted)."""
+        return redact_uri(self.manifest.source)
+
+    @property
+    def champion_on_other_data(self) -> bool:
+        """Whether the champion records a data source other than this run's."""
+        return self.champion is not None and self.champion.source not in (None, self.source)
 
     @property
     def n_items(self) -> int:

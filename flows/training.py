@@ -214,8 +214,8 @@ def _train_and_register(
     """Train the family, register the candidate and promote it if it is better."""
     logger, name = get_run_logger(), config.registered_name
     uri, run_id, workspace, manifest = ctx.uri, ctx.run_id, ctx.workspace, ctx.manifest
-    source = redact_uri(manifest.source)
-    if ctx.champion is not None and ctx.champion.source not in (None, source):
+    source = ctx.source
+    if ctx.champion_on_other_data:
         logger.info(
             "the champion, version %s of %s, was trained on %s; this run's data is %s. It is "
             "compared on this run's clients (--model-name keeps a separate champion per dataset)",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,7 +64,9 @@ def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray 
     return data, split[kept]
 
 
-def public_catalogue(data: Interactions, config: TrainingConfig) -> tuple[Interactions, Any]:
+def public_catalogue(
+    data: Interactions, config: TrainingConfig
+) -> tuple[Interactions, np.ndarray | slice]:
     """``data`` numbered against the published item list (``--catalogue``), or in a private run
     against the dataset's own public list when it has one (MovieLens, synthetic): the model then
     lists those items, not the ones the rows touch. Unchanged otherwise. Also which rows were

@@ -23,7 +23,7 @@ from models.client import ClientData
 from models.data.errors import DataValidationError
 from models.data.partitions import build_clients
 from models.data.readers import read_item_list
-from models.data.schema import ITEM, Interactions
+from models.data.schema import ITEM, Interactions, with_catalogue
 from models.data.sharding import SplitMethod, split_rows
 
 
@@ -103,13 +103,8 @@ def site_client(
     run gives the same rows).
     """
     item_set(data)  # checks integer ids
-    ids = np.asarray(data.item_ids, dtype=np.int64)
-    position = np.minimum(np.searchsorted(catalogue, ids), catalogue.size - 1)
-    inside = catalogue[position] == ids
-    codes = data.frame[ITEM].to_numpy()
-    frame = data.frame[inside[codes]].reset_index(drop=True)
-    frame[ITEM] = position[frame[ITEM].to_numpy()].astype(np.int32)
-    local = replace(data, frame=frame, item_ids=catalogue)
+    listed = pd.DataFrame(index=pd.Index(np.asarray(catalogue, dtype=np.int64)))
+    local, _ = with_catalogue(data, listed, "the coordinator's catalogue")
     holder = np.zeros(data.n_users, dtype=np.int32)
     split = split_rows(
         local, method=method, valid_fraction=valid_fraction, test_fraction=test_fraction
