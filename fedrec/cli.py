@@ -49,12 +49,17 @@ class _NoErrorRecords(logging.Filter):
 
 def _quiet_prefect(debug: bool) -> None:
     """Per-round progress is the flow's own log; hide Prefect's per-task chatter and, unless
-    debugging, the tracebacks of failed runs.
+    debugging, the tracebacks of failed runs; keep Prefect's files in FEDREC_HOME.
 
     Call before Prefect is imported: its logging settings are read then.
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
+    # a failed flow run's result file goes beside the local server's database, not to
+    # ~/.prefect/storage (Prefect's default when PREFECT_HOME is not set)
+    storage = ("PREFECT_HOME", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH")
+    if not any(name in os.environ for name in storage):
+        os.environ[storage[1]] = str(local_server.fedrec_home() / "prefect" / "storage")
     # --task-runner dask: the local cluster's start and stop, worker by worker
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     if debug:
@@ -386,6 +391,7 @@ def train(
         foreground_flow(),
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
     ):
+        _crash_lost_runs()
         state = flow(**config.model_dump(), return_state=True)
         flow_run_url = prefect_flow_run_url(state.state_details.flow_run_id)
         summary = state.result()
@@ -424,6 +430,23 @@ def train(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
     )
     click.echo(f"Prefect flow run: {flow_run_url}")
+
+
+def _crash_lost_runs() -> None:
+    """Mark earlier foreground training runs whose process died as crashed, and say so; a
+    failure here is reported and does not stop the run."""
+    from fedrec.runtime import crash_lost_runs
+
+    try:
+        lost = crash_lost_runs("federated-training")
+    except Exception as err:  # housekeeping: the run itself reports a server that cannot be used
+        _note(f"could not look for runs whose process is gone: {type(err).__name__}: {err}")
+        return
+    if lost:
+        _note(
+            f"marked {len(lost)} earlier run(s) as crashed, their process gone: {', '.join(lost)} "
+            "(fedrec train --resume <MLflow run id> continues one)"
+        )
 
 
 _DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
@@ -531,6 +554,11 @@ def server_start(port: int | None, timeout: float | None) -> None:
     """Start the local Prefect server in the background (or find it running) and wait until it
     answers."""
     state, started = local_server.start(port=port, timeout=timeout)
+    if not started and port is not None and port != state.port:
+        raise UserError(
+            f"--port {port}: the local Prefect server is already running at {state.url} (pid "
+            f"{state.pid}); stop it first (fedrec server stop) to move it to port {port}"
+        )
     if not started:
         click.echo(f"a local Prefect server is already running at {state.url} (pid {state.pid})")
     click.echo(f"Prefect UI:  {state.url}")

@@ -20,6 +20,7 @@ from fedrec.inputs import (
     data_sources,
     parse_rating_scale,
 )
+from models.data.partitions import check_workspace
 from models.data.synthetic import generate_synthetic
 from models.mf.federated import MFConfig
 from models.neural.family import NeuralConfig
@@ -409,11 +410,23 @@ class TrainingConfig(BaseModel):
         None,
         description="folder for client partitions and checkpoints (default: FEDREC_HOME/workspaces/<MLflow run id>)",
     )
+    keep_workspace: bool = Field(
+        False,
+        description="keep the workspace after the run succeeds (a failed or interrupted run "
+        "always keeps it, for --resume)",
+    )
     sites: str | None = Field(
         None,
         description="sites.yaml: train with real sites (their processes hold the data) instead "
         "of simulated clients; --data and the partition flags are then unused",
     )
+
+    @field_validator("workspace")
+    @classmethod
+    def _check_workspace(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_workspace(value)
+        return value
 
     @field_validator("rating_scale", mode="before")
     @classmethod
@@ -672,6 +685,7 @@ class TrainingConfig(BaseModel):
                 "min_delta",
                 "max_client_regression",
                 "workspace",
+                "keep_workspace",
                 "resume",
                 "dp_budget",
                 "dp_budget_delta",

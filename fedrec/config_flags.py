@@ -53,8 +53,8 @@ GROUPS: dict[str, str] = {
                     "reliability"),
     **dict.fromkeys(("experiment", "model_name", "tracking_uri", "promotion_metric", "min_delta",
                      "warm_start", "skip_if_unchanged"), "tracking"),
-    **dict.fromkeys(("task_runner", "dask_address", "seed", "workspace", "max_workers",
-                     "config_file", "as_json", "debug", "help"), "runtime"),
+    **dict.fromkeys(("task_runner", "dask_address", "seed", "workspace", "keep_workspace",
+                     "max_workers", "config_file", "as_json", "debug", "help"), "runtime"),
 }  # fmt: skip
 _DEFAULT_IN_HELP = re.compile(r"\bdefault\b", re.IGNORECASE)
 

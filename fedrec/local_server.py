@@ -99,35 +99,35 @@ def startup_timeout() -> float:
     return value
 
 
-def _process_start(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused PID apart."""
+def process_start(pid: int) -> int | None:
+    """Start time in clock ticks since boot (Linux), or None when the process is gone; tells a
+    reused PID apart."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # Fields after the command name, which is in parentheses and may itself hold spaces.
-    fields = stat.rsplit(")", 1)[1].split()
-    return int(fields[19])
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _is_alive(pid: int) -> bool:
+def is_running(pid: int, started: int | None = None) -> bool:
+    """The process exists, is no zombie, and (when ``started`` is given) is the one that was
+    started rather than a later process with a reused id."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # e.g. PostgreSQL's postmaster, when we are not root
+        pass
     with contextlib.suppress(OSError):  # a zombie has exited, whatever kill(0) says
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    return True
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+    return started is None or process_start(pid) == started
 
 
 def _is_ours(state: ServerState) -> bool:
     """The recorded process still runs and is the one that was started (not a reused PID)."""
-    if not _is_alive(state.pid):
-        return False
-    return state.process_start is None or _process_start(state.pid) == state.process_start
+    return is_running(state.pid, state.process_start)
 
 
 def _clear(folder: Path) -> None:
@@ -388,7 +388,7 @@ def start(
                 command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True,
             )  # fmt: skip
-        state = ServerState(process.pid, chosen, time.time(), _process_start(process.pid))
+        state = ServerState(process.pid, chosen, time.time(), process_start(process.pid))
         (folder / STATE_FILE).write_text(json.dumps(asdict(state)) + "\n")
         (folder / PID_FILE).write_text(f"{process.pid}\n")
         wait_until_healthy(state, timeout=timeout, home=home, process=process)
@@ -407,16 +407,16 @@ def _terminate(state: ServerState, grace: float = STOP_GRACE) -> bool:
     signal_group(signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not _is_alive(state.pid):
+        if not is_running(state.pid):
             return True
         time.sleep(0.2)
     signal_group(signal.SIGKILL)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        if not _is_alive(state.pid):
+        if not is_running(state.pid):
             return True
         time.sleep(0.1)
-    return not _is_alive(state.pid)
+    return not is_running(state.pid)
 
 
 def stop(*, home: Path | None = None, grace: float = STOP_GRACE) -> ServerState | None:

@@ -6,8 +6,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import socket
 import sys
 from collections.abc import Iterator
+
+from fedrec.local_server import is_running, process_start
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -73,10 +76,75 @@ def foreground_flow() -> Iterator[None]:
     flow in the foreground reports its own failure. Runs started by a worker or by ``fedrec
     serve`` run in processes of their own and keep their heartbeats.
     """
-    if any(os.environ.get(name) for name in _HEARTBEAT_ENV):
-        yield
-        return
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    global _foreground
+    _foreground = True
+    try:
+        if any(os.environ.get(name) for name in _HEARTBEAT_ENV):
+            yield
+            return
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield
+    finally:
+        _foreground = False
+
+
+# A foreground flow run records its process as its infrastructure_pid, in this form:
+# "fedrec-foreground:<host>:<pid>:<process start>" (workers record their own, in another form)
+_OWNER = "fedrec-foreground"
+_foreground = False
+
+
+def record_foreground_process(flow_run_id: str | None) -> None:
+    """Record this process as the owner of ``flow_run_id`` if the flow runs in a foreground
+    command (inside :func:`foreground_flow`), so that a later command can tell that the run lost
+    its process; :func:`crash_lost_runs` marks such runs."""
+    if not _foreground or flow_run_id is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    owner = f"{_OWNER}:{socket.gethostname()}:{os.getpid()}:{process_start(os.getpid())}"
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run_id, infrastructure_pid=owner)
+
+
+def crash_lost_runs(flow_name: str) -> list[str]:
+    """Mark as crashed the running flow runs of ``flow_name`` whose foreground process, on this
+    host, is gone (killed, or its machine restarted): without a heartbeat, the server would show
+    them running forever. Returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    host, lost = socket.gethostname(), []
+    with get_client(sync_client=True) as client:
+        running = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
+        )
+        for run in running:
+            owner, _, rest = (run.infrastructure_pid or "").partition(":")
+            where, _, process = rest.rpartition(":")
+            run_host, _, pid = where.rpartition(":")
+            if owner != _OWNER or run_host != host or not pid.isdigit() or not process.isdigit():
+                continue
+            if is_running(int(pid), int(process)):
+                continue
+            message = (
+                f"its process ({pid} on {host}) ended without reporting, e.g. killed; fedrec "
+                "train --resume <MLflow run id> continues it (the id is in the run's log and in "
+                "MLflow, on the run tagged with this flow run's id)"
+            )
+            client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            lost.append(run.name)
+    return lost

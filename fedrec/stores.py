@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedrec.local_server import HOST, free_port, port_is_free
+from fedrec.local_server import HOST, free_port, is_running, port_is_free, process_start
 from models.files import write_private
 
 STATE_FILE = "stores.json"
@@ -140,30 +140,6 @@ def _run(command: list[str], what: str, *, env: Mapping[str, str] | None = None)
         lines = [ln.strip() for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
         raise StoresError(f"{what} failed: {lines[-1] if lines else f'status {done.returncode}'}")
     return done.stdout
-
-
-def _process_start(pid: int) -> int | None:
-    """Start time in clock ticks since boot (Linux), or None when the process is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def is_running(pid: int, process_start: int | None = None) -> bool:
-    """The process exists, is no zombie, and (when ``process_start`` is given) is the one that
-    was started rather than a later process with a reused id."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the postmaster belongs to postgres when we are not root
-        pass
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-            return False
-    return process_start is None or _process_start(pid) == process_start
 
 
 def _answers(url: str, timeout: float = 3.0) -> bool:
@@ -439,7 +415,7 @@ def start_stores(
     starts: dict[str, int | None] = {}
     try:
         started["postgres"] = cluster.start(pg_port, durable=durable, timeout=timeout)
-        starts["postgres"] = _process_start(started["postgres"])
+        starts["postgres"] = process_start(started["postgres"])
         cluster.create_databases(pg_port)
         env = _server_env(folder, cluster, pg_port)
         (folder / "prefect").mkdir(exist_ok=True)
@@ -460,7 +436,7 @@ def start_stores(
         }  # fmt: skip
         for name, process in servers.items():
             started[name] = process.pid
-            starts[name] = _process_start(process.pid)
+            starts[name] = process_start(process.pid)
         stores = Stores(
             prefect_api=f"http://{HOST}:{prefect_port}/api",
             mlflow_uri=f"http://{HOST}:{mlflow_port}",

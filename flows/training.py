@@ -15,12 +15,12 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedrec.config import TrainingConfig, fedrec_home
-from fedrec.runtime import one_blas_thread
+from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
 from flows.loop import train_family
 from flows.rounds import RunContext, privacy_plan
 from flows.sites import start_sites_run
-from models.data.partitions import read_item_ids, read_manifest
+from models.data.partitions import read_item_ids, read_manifest, remove_workspace
 from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
@@ -57,6 +57,7 @@ def federated_training_fn(**params: Any) -> dict[str, Any]:
     ``federated_training(**config.model_dump())``.
     """
     config = TrainingConfig(**params)
+    record_foreground_process(flow_run.get_id())  # a later command can tell if this process dies
     with one_blas_thread():  # client tasks run in parallel threads: one BLAS thread each
         return _train(config)
 
@@ -294,10 +295,13 @@ def _train_and_register(
             "champion_version": version if decision.promote else getattr(champion, "version", None),
             "metrics": {k: v for k, v in final.items() if not k.endswith(("_p10", "_median"))},
             "champion_metrics": trained.champion_metrics,
-            "workspace": workspace,
+            "workspace": workspace if config.keep_workspace else None,
         }
         publish_summary(trained.history, summary, decision.reason)
         succeeded = True
         return summary
     finally:
         finish_run(uri, run_id, succeeded)
+        if succeeded and not config.keep_workspace and remove_workspace(workspace):
+            # the clients' copies of their rows and the checkpoints are of no further use
+            logger.info("removed the run's workspace %s (--keep-workspace keeps it)", workspace)

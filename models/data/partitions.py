@@ -103,6 +103,7 @@ def write_partitions(
     (:meth:`~models.data.schema.Interactions.fingerprint`). An existing workspace is replaced
     only after the new one is complete.
     """
+    check_workspace(workspace)
     workspace = Path(workspace)
     workspace.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".partitions-", dir=workspace.parent))
@@ -151,6 +152,36 @@ def write_partitions(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def check_workspace(workspace: str | Path) -> None:
+    """Raise ``ValueError`` unless ``workspace`` is new, empty, or a fedrec workspace.
+
+    A run replaces its workspace's contents and removes the folder when it succeeds, so a folder
+    holding anything else (a ``--workspace`` pointed at a data folder) is refused, not emptied.
+    """
+    path = Path(workspace).expanduser()
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"workspace={str(workspace)!r}: is a file; allowed: a new or empty folder")
+    if (path / MANIFEST).is_file() or next(path.iterdir(), None) is None:
+        return
+    raise ValueError(
+        f"workspace={str(workspace)!r}: the folder holds files and is not a fedrec workspace (no "
+        f"{MANIFEST}); a run replaces its workspace's contents and removes it when it succeeds, "
+        "so allowed: a new or empty folder"
+    )
+
+
+def remove_workspace(workspace: str | Path) -> bool:
+    """Delete a finished run's workspace (its client partitions and checkpoints); False when it
+    is not a fedrec workspace (then nothing is deleted)."""
+    path = Path(workspace)
+    if not (path / MANIFEST).is_file():
+        return False
+    shutil.rmtree(path)
+    return True
 
 
 def read_manifest(workspace: str | Path) -> Manifest:

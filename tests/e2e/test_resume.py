@@ -28,6 +28,13 @@ def _params(uri: str, model_uri: str):
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().recommender.params
 
 
+def _flow_run_state(flow_run_id: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
 def _trained_rounds(resumed_run_id: str) -> tuple[str, list[int]]:
     """The Prefect flow run that resumed ``resumed_run_id``, and the round of each of its
     training task runs (from the task-run records of the Prefect API)."""
@@ -98,6 +105,8 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterru
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # killed, nothing marked it
     assert not client.search_model_versions("name='resumed'")
+    killed_flow_run = client.get_run(run_id).data.tags["prefect.flow_run_id"]
+    assert _flow_run_state(killed_flow_run).type.value == "RUNNING"  # no heartbeat told otherwise
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDREC_HOME", str(home))
@@ -106,6 +115,10 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterru
             main, ["train", "--resume", run_id, "--json"], catch_exceptions=False
         )
         assert resumed.exit_code == 0, resumed.stderr[-3000:]
+        # the next command found the killed run's process gone and marked its flow run
+        assert "marked 1 earlier run(s) as crashed" in resumed.stderr
+        crashed = _flow_run_state(killed_flow_run)
+        assert crashed.type.value == "CRASHED" and "--resume" in crashed.message
         reference = CliRunner().invoke(main, ["train", *args, "--model-name", "reference", "--json"],
                                        catch_exceptions=False)  # fmt: skip
         assert reference.exit_code == 0, reference.stderr[-3000:]

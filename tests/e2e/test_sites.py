@@ -190,6 +190,7 @@ class Federation:
                 "--workspace",
                 str(self.coordinator / workspace),
                 "--json",
+                "--keep-workspace",
                 *flags,
             ],
             env=env,

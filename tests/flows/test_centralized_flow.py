@@ -23,7 +23,7 @@ def test_the_flows_als_model_is_the_centralized_solve_on_the_same_training_rows(
         config = TrainingConfig(
             synthetic_users=300, synthetic_items=150, synthetic_interactions=9_000, clients=4,
             partition="dirichlet", rounds=4, factors=5, reg=0.08, seed=3,
-            tracking_uri=store["uri"], model_name="federated-als",
+            tracking_uri=store["uri"], model_name="federated-als", keep_workspace=True,
         )  # fmt: skip
         federated_training(**config.model_dump())
         mlflow.set_tracking_uri(store["uri"])

@@ -134,6 +134,7 @@ def trained(tmp_path_factory, prefect_server):
                 uri,
                 "--model-name",
                 "cli",
+                "--keep-workspace",
                 "--json",
             ],
             catch_exceptions=False,

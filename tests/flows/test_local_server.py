@@ -98,6 +98,11 @@ def test_start_status_stop_lifecycle(tmp_path):
         assert f"pid:     {pid}" in status.stdout and "healthy" in status.stdout
         assert again.returncode == 0 and "already running" in again.stdout
         assert int(pid_file.read_text()) == pid  # reused, not a second server
+        other = local_server.free_port()
+        moved = _fedrec("server", "start", "--port", str(other), env=env)
+        assert moved.returncode == 2 and moved.stderr.count("\n") == 1, moved.stderr
+        assert f"--port {other}: the local Prefect server is already running" in moved.stderr
+        assert int(pid_file.read_text()) == pid and _port_free(other)
 
         stopped = _fedrec("server", "stop", env=env)
 
@@ -193,7 +198,7 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
         folder = tmp_path / "server"
         folder.mkdir()
         record = {"pid": stubborn.pid, "port": 1, "started_at": time.time(),
-                  "process_start": local_server._process_start(stubborn.pid)}  # fmt: skip
+                  "process_start": local_server.process_start(stubborn.pid)}  # fmt: skip
         (folder / local_server.STATE_FILE).write_text(json.dumps(record))
 
         started = time.monotonic()

@@ -15,7 +15,7 @@ from tests.flows.helpers import model_file_kinds, tracking_store
 TINY = {"synthetic_users": 1000, "synthetic_items": 120, "synthetic_interactions": 20_000,
         "synthetic_taste": 6.0, "clients": 3, "rounds": 3, "feedback": "implicit",
         "implicit_model": "neural", "neural_latent": 16, "neural_lr": 1e-2,
-        "neural_local_epochs": 5, "skip_if_unchanged": False}  # fmt: skip
+        "neural_local_epochs": 5, "skip_if_unchanged": False, "keep_workspace": True}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

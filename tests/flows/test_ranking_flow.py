@@ -36,7 +36,7 @@ def store(tmp_path_factory, prefect_server):
 
 def _config(store, **overrides) -> TrainingConfig:
     base = {"feedback": "implicit", "ranker": "lightgbm", "rounds": ALS_ROUNDS, "ranker_rounds": RANKER_ROUNDS,
-            "tracking_uri": store["uri"], "model_name": "ranktest"}  # fmt: skip
+            "tracking_uri": store["uri"], "model_name": "ranktest", "keep_workspace": True}  # fmt: skip
     return TrainingConfig(**(base | SMALL | overrides))
 
 

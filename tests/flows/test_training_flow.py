@@ -102,6 +102,34 @@ def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_
     # learning happened: the last round beats the first on validation RMSE
     curve = [m.value for m in client.get_metric_history(run.info.run_id, "valid/rmse")]
     assert curve[-1] < curve[0]
+    # the run succeeded, so its clients' copies of their rows and its checkpoints are gone
+    assert run.data.tags["fedrec.workspace"].endswith(run.info.run_id)
+    assert not Path(run.data.tags["fedrec.workspace"]).exists()
+    assert first_run["workspace"] is None
+    assert not list((store["home"] / "workspaces").iterdir())
+
+
+def test_a_workspace_that_holds_other_files_is_refused_and_left_as_it_was(store, tmp_path):
+    from flows.training import federated_training
+
+    folder = tmp_path / "my-data"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("user_id,item_id,rating\n1,2,5\n")
+    client = store["client"]
+    runs = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+
+    with pytest.raises(ValueError, match=r"my-data'.* not a fedrec workspace .*a new or empty"):
+        federated_training(rounds=1, workspace=str(folder), tracking_uri=store["uri"],
+                           model_name="flowtest", **SMALL)  # fmt: skip
+
+    assert [p.name for p in folder.iterdir()] == ["ratings.csv"]
+    assert runs == len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    # an empty folder is a workspace to fill; kept on request after the run succeeds
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    summary = federated_training(rounds=1, workspace=str(empty), keep_workspace=True,
+                                 tracking_uri=store["uri"], model_name="ws-kept", **SMALL)  # fmt: skip
+    assert summary["workspace"] == str(empty) and (empty / "manifest.json").is_file()
 
 
 def test_worse_second_run_is_registered_but_not_promoted(store, first_run):

@@ -329,3 +329,25 @@ def test_settings_beside_resume_are_refused_rather_than_ignored(tmp_path):
     _assert_one_line_error(done, "--resume continues run", "drop --data, --rounds")
     assert not set(imported) & {"prefect", "mlflow"}, imported
     _assert_nothing_started(tmp_path / "home")
+
+
+def test_prefect_keeps_its_result_files_in_fedrec_home_unless_told_otherwise(tmp_path):
+    """A failed flow run writes its result file; without PREFECT_HOME that went to
+    ~/.prefect/storage, outside the folder fedrec says holds its state."""
+    probe = (
+        "from fedrec.cli import _quiet_prefect; _quiet_prefect(False)\n"
+        "from prefect.settings import get_current_settings\n"
+        "print(get_current_settings().results.local_storage_path)"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+
+    def storage(**env: str) -> Path:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                              env=clean | {"FEDREC_HOME": str(tmp_path / "home")} | env,
+                              timeout=120, check=True)  # fmt: skip
+        return Path(done.stdout.strip().splitlines()[-1])
+
+    assert storage() == tmp_path / "home" / "prefect" / "storage"
+    # the user's own Prefect settings win
+    assert storage(PREFECT_HOME=str(tmp_path / "ph")) == tmp_path / "ph" / "storage"
+    assert storage(PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "s")) == tmp_path / "s"
