@@ -60,8 +60,12 @@ def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(st
         return result
 
     monkeypatch.setattr(clients.evaluate_client, "fn", spy)
-    config = TrainingConfig(
-        tracking_uri=store["uri"], model_name="counted", dp_epsilon=8.0, **SMALL
+    config = TrainingConfig(  # the partitions are read again below, after the run
+        tracking_uri=store["uri"],
+        model_name="counted",
+        dp_epsilon=8.0,
+        keep_workspace=True,
+        **SMALL,
     )
     summary = federated_training(**config.model_dump())
 
