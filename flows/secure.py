@@ -33,6 +33,7 @@ from flows.rounds import QuorumError, RunContext, answered, quorum
 from models.federation.family import Family, Phase, secure_phase
 from models.federation.loop import EVERYONE_ROUND
 from models.privacy.secagg_plus import TooFewClientsError
+from models.sites.spec import family_spec, training_binding
 from tasks.secure import (
     ServerStep,
     read_round_config,
@@ -106,8 +107,11 @@ def _protocol(
     workspace = ctx.workspace
     if ctx.sites is None:
         run_id, bits = ctx.run_id, {}
-    else:  # real sites bind a round to the run they were asked in, and sum to 2^-36
-        run_id, bits = ctx.sites.run, {"fraction_bits": SITES_FRACTION_BITS}
+    else:  # real sites bind a round to the run they were asked in and to the settings they
+        # trained under (each checks it against its own), and sum to 2^-36
+        run_id = ctx.sites.run
+        bits = {"fraction_bits": SITES_FRACTION_BITS,
+                "binding": training_binding(family_spec(family), phase)}  # fmt: skip
     step = secagg_open(
         run_id=run_id,
         round_=r,

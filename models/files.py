@@ -3,8 +3,11 @@ kept answers, secrets, privacy budgets)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -28,3 +31,38 @@ def write_private(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
+
+
+def append_private(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` (created 0600, never through a symbolic link)
+    and sync it: once this returns, the line survives a crash (a new file's folder entry is
+    synced too)."""
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "a") as out:
+        out.write(line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    if created:
+        _sync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (its ``.lock`` file) for the block: one reader and
+    writer at a time across threads and processes."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

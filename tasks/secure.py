@@ -25,7 +25,6 @@ through the server that relays the round keys.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -41,7 +40,7 @@ from prefect.exceptions import MissingContextError
 
 from models.data.partitions import ClientEntry
 from models.federation.family import SecureFamily
-from models.files import write_private
+from models.files import folder_lock, write_private
 from models.privacy.fixed_point import FRACTION_BITS
 from models.privacy.identity import (
     KeyAuthenticationError,
@@ -130,7 +129,7 @@ def hold_update(
     payload = pack({"context": context}, {"dense": dense})
     folder = Path(where).parent
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with _folder_lock(folder):
+    with folder_lock(folder):
         write_private(Path(where), payload)
     return held_receipt(int(dense.size))
 
@@ -226,9 +225,11 @@ def secagg_open(
     asked: int,
     quorum: int,
     fraction_bits: int = FRACTION_BITS,
+    binding: str = "",
 ) -> ServerStep:
-    """Fix the round's configuration (clients, vector length, threshold t, fixed-point step)
-    for the clients that hold an update; refuses a round that cannot reach t."""
+    """Fix the round's configuration (clients, vector length, threshold t, fixed-point step,
+    and the settings the updates were computed under) for the clients that hold an update;
+    refuses a round that cannot reach t."""
     sizes = {receipt_size(r) for r in receipts.values()}
     if len(sizes) > 1:
         raise ProtocolViolationError(f"round {round_}: held updates of different lengths {sizes}")
@@ -244,7 +245,8 @@ def secagg_open(
             f"round {round_}: {len(receipts)} of {n_clients} clients hold an update, threshold is "
             f"{threshold}: round refused"
         )
-    config = RoundConfig(run_id, round_, n_clients, sizes.pop(), threshold, fraction_bits)
+    config = RoundConfig(run_id, round_, n_clients, sizes.pop(), threshold, fraction_bits,
+                         binding=binding)  # fmt: skip
     message = _round_message(config)
     state = SecAggServer(config).to_bytes()
     return ServerStep(state, dict.fromkeys(sorted(receipts), message))
@@ -286,18 +288,8 @@ def _client_lock(workspace: str, entry: ClientEntry) -> Iterator[None]:
     waiting for) finishes before the next round's phase reads or replaces the client's files."""
     folder = client_folder(workspace, entry)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with _folder_lock(folder):
+    with folder_lock(folder):
         yield
-
-
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _client_step(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.files import write_private
+from models.files import append_private, folder_lock, write_private
 from models.privacy.ledger import Entry, Stored, standing, user_keys
 from models.sites.budget import Release, SiteBudgetError, charge
 
@@ -123,6 +123,10 @@ class SiteBudget:
             When any user of the site would pass the cap, or the run's releases cannot be
             composed as counted; nothing is written then.
         """
+        with folder_lock(self.folder):  # two processes on one state folder charge in turn
+            return self._charge(run, release)
+
+    def _charge(self, run: str, release: Release) -> Charged:
         previous = self.run_releases(run)
         cost = charge(previous, release, self.run_delta)
         cost_delta = 0.0 if previous else self.run_delta
@@ -146,11 +150,6 @@ class SiteBudget:
             "users_sha256": self._users_sha,
             "at": int(time.time() * 1000),
         }
-        path = self.folder / ENTRIES
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "a") as out:
-            out.write(json.dumps(line, allow_nan=False) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+        append_private(self.folder / ENTRIES, json.dumps(line, allow_nan=False))
         run_eps = sum(e["epsilon"] for e in self._lines() if e["run"] == run)
         return Charged(run_eps, eps + cost, delta + cost_delta)

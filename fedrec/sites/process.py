@@ -325,6 +325,12 @@ class Site:
         if request.kind == "secagg":
             return self._secagg(request)
         family = family_from_spec(request.family)
+        phases = [phase.name for phase in family.phases(1)]  # the names do not depend on rounds
+        if request.kind == "train" and request.phase not in phases:
+            raise RefusedMessage(
+                f"phase {request.phase!r} is not one of the {family.name} family's "
+                f"({', '.join(phases)}{', DP' if family.private else ''})"
+            )
         state_sha = request.state.sha256 if request.state is not None else None
         kept = self.record.kept(request.record_key)
         if kept is not None and kept.state_sha256 == state_sha:
@@ -536,9 +542,16 @@ def _release(request: RoundRequest, family: Family, *, peers_pinned: bool) -> Re
     this site's update alone and see only the site's own share of the noise."""
     if request.kind == "evaluate" and request.release is not None:
         try:
-            return evaluation_release(MetricRelease(**request.release))  # type: ignore[arg-type]
+            release = MetricRelease(**request.release)  # type: ignore[arg-type]
         except (TypeError, ValueError) as err:
             raise RefusedMessage(f"release parameters: {err}") from err
+        # the noise is scaled to the release's bounds: the family must apply those same bounds
+        if getattr(family, "released", None) != release:
+            raise RefusedMessage(
+                f"the {family.name} family does not bound each user's evaluation sums as the "
+                "release's noise assumes (its rows per user and error clip)"
+            )
+        return evaluation_release(release)
     dp = getattr(getattr(family, "config", None), "dp", None)
     if request.kind == "train" and family.private and dp is not None:
         if request.eval_splits:

@@ -14,7 +14,10 @@ unmask, its state written back between steps in ``<state>/secagg/<run-round>/``.
   request (``sites.yaml``), whose entry for this site must be this site's key;
 - masks only the update it holds for the request's run and round, only once (the held vector is
   deleted when masked), and only for a round whose threshold t is at least its DP noise shares
-  (the sum the server learns then carries the full noise).
+  (the sum the server learns then carries the full noise);
+- masks only in a round bound to the settings it trained under (``RoundConfig.binding``, a
+  digest of the request's family spec and phase): peers' round keys are signed over it, so a
+  coordinator that asked peers to train with less noise cannot complete a round with them.
 
 A refused step (a substituted key, too few peers, a step out of order) aborts the site's round:
 it raises :class:`~models.sites.messages.RefusedMessage` with the protocol's reason.
@@ -48,6 +51,7 @@ from models.privacy.secagg_plus_client import SecAggClient, mask_once
 from models.privacy.wire import pack, unpack
 from models.protocol import ClientUpdate
 from models.sites.messages import RefusedMessage, RoundRequest
+from models.sites.spec import training_binding
 
 STEPS = ("advertise", "share", "mask", "sign", "unmask")
 # Fixed-point step of a round across sites: 2^-36 ~ 1.5e-11, so the unmasked sum equals the
@@ -146,7 +150,8 @@ class SecureSite:
         dense = np.asarray(to_dense(update, n_items), dtype=np.float64).ravel()
         dp = getattr(getattr(family, "config", None), "dp", None)
         shares = dp.shares if family.private and dp is not None else 1
-        fields = {"run": request.run, "round": request.round, "min_threshold": max(2, shares)}
+        fields = {"run": request.run, "round": request.round, "min_threshold": max(2, shares),
+                  "binding": training_binding(request.family, request.phase)}  # fmt: skip
         folder = self._round_folder(request.run, request.round)
         write_private(folder / HELD, pack(fields, {"dense": dense}))
         return int(dense.size)
@@ -163,6 +168,11 @@ class SecureSite:
         if dense.size != config.vector_size:
             raise RefusedMessage(
                 f"the round masks {config.vector_size} values, this site holds {dense.size}"
+            )
+        if config.binding != fields["binding"]:  # the peers' noise shares are the ones counted
+            raise RefusedMessage(
+                f"the secure round of round {config.round} binds other training settings than "
+                "this site's update was made with: refusing to mask"
             )
         return dense, int(fields["min_threshold"])
 

@@ -95,6 +95,8 @@ class ExplicitMF:
         eval_splits: Sequence[str],
     ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
         if phase == "mean":
+            if self.private:  # exact sums of the ratings: never part of a private run
+                raise ValueError("a private run has no 'mean' phase (its biases phase is noised)")
             return ClientUpdate(
                 client.client_id, _EMPTY, _EMPTY, {}, client_rating_sums(client)
             ), {}

@@ -56,6 +56,20 @@ class UserLevelDP:
     # explicit MF: project each summed noisy Gram onto the positive semi-definite cone
     psd: bool = True
 
+    def __post_init__(self) -> None:
+        # the bounds set the noise's scale: a fractional, zero or infinite bound would make the
+        # accountant count a mechanism that is not the one applied
+        for name in ("max_items", "shares"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a whole number >= 1")
+        for name in ("factor_clip", "residual_clip", "bias_prior_var"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive finite number")
+        for name in ("noise_multiplier", "ridge_scale", "count_floor", "bias_reg"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a finite number >= 0")
+
     @classmethod
     def for_implicit(cls, noise_multiplier: float, max_items: int, shares: int) -> UserLevelDP:
         """The bounds picked for implicit ALS on ML-1M's validation rows at epsilon 8 (benchmarks/README.md,

@@ -75,12 +75,16 @@ class MetricRelease:
     error_clip: float = EVALUATION_ERROR_CLIP
 
     def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0:
-            raise ValueError(f"noise_multiplier={self.noise_multiplier} must be > 0")
-        if self.max_rows < 1:
-            raise ValueError(f"max_rows={self.max_rows} must be >= 1")
-        if not self.error_clip > 0:
-            raise ValueError(f"error_clip={self.error_clip} must be > 0")
+        if not 0 < self.noise_multiplier < math.inf:
+            raise ValueError(f"noise_multiplier={self.noise_multiplier} must be > 0 and finite")
+        if (
+            isinstance(self.max_rows, bool)
+            or not isinstance(self.max_rows, int)
+            or self.max_rows < 1
+        ):
+            raise ValueError(f"max_rows={self.max_rows!r} must be a whole number >= 1")
+        if not 0 < self.error_clip < math.inf:
+            raise ValueError(f"error_clip={self.error_clip} must be > 0 and finite")
 
     def bound(self, key: str) -> float:
         """One user's largest contribution to the evaluation sum ``key`` of one split."""

@@ -95,6 +95,10 @@ class RoundConfig:
         Fixed-point step 2^-fraction_bits.
     degree : int or None
         SecAgg+ neighbours per client (an even number); ``None`` masks every pair (SecAgg).
+    binding : str
+        What every update of the round was computed under (e.g. a digest of the model family
+        and its DP settings), bound into the context: clients given different bindings cannot
+        verify each other's keys, so no round mixes updates made under different settings.
     """
 
     run_id: str
@@ -104,6 +108,7 @@ class RoundConfig:
     threshold: int
     fraction_bits: int = FRACTION_BITS
     degree: int | None = None
+    binding: str = ""
 
     def __post_init__(self) -> None:
         if self.threshold < 2:
@@ -126,7 +131,10 @@ class RoundConfig:
     @property
     def context(self) -> bytes:
         """The bytes every signature and derived key of this round is bound to."""
-        return b"fedrec/secagg+/" + _length_prefixed(self.run_id.encode(), b"%d" % self.round)
+        parts = [self.run_id.encode(), b"%d" % self.round]
+        if self.binding:
+            parts.append(self.binding.encode())
+        return b"fedrec/secagg+/" + _length_prefixed(*parts)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

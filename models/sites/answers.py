@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.files import write_private
+from models.files import append_private, write_private
 
 RECORD = "record.jsonl"
 ANSWERS = "answers"
@@ -76,12 +75,7 @@ class SiteRecord:
                     raise ValueError(f"{path}: line {number} is not a record entry") from err
 
     def _append(self, entry: dict[str, Any]) -> None:
-        path = self.folder / RECORD
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "a") as out:
-            out.write(json.dumps(entry, separators=(",", ":")) + "\n")
-            out.flush()
-            os.fsync(out.fileno())
+        append_private(self.folder / RECORD, json.dumps(entry, separators=(",", ":")))
 
     def kept(self, key: tuple) -> Kept | None:
         """The answer kept under ``key``, or None if the site never answered it."""

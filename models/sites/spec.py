@@ -9,6 +9,8 @@ with or without DP) and the neural family are supported.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
@@ -59,6 +61,15 @@ def family_spec(family: Family) -> dict[str, Any]:
     }
 
 
+def training_binding(spec: Mapping[str, Any], phase: str) -> str:
+    """A digest of what a training update was computed under: the family spec as the request
+    carries it (hyperparameters, DP bounds and noise) and the phase. A secure round's
+    :attr:`~models.privacy.secagg_plus.RoundConfig.binding`: sites masking in one round must
+    have trained under the same spec, so each adds the noise share the others count on."""
+    canonical = json.dumps({"family": spec, "phase": phase}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def _only(raw: Any, allowed: set[str], what: str) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
         raise RefusedMessage(f"family {what} must be an object")
@@ -94,7 +105,7 @@ def family_from_spec(spec: Mapping[str, Any]) -> Family:
     if spec.get("dp") is not None:
         try:
             dp = UserLevelDP(**_only(spec["dp"], _DP_FIELDS, "dp"))
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise RefusedMessage(f"family dp: {err}") from err
     released = None
     if spec.get("released") is not None:

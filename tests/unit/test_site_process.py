@@ -14,6 +14,7 @@ from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
 from models.privacy.dp import UserLevelDP
 from models.privacy.identity import generate_identity, public_bytes, save_identity
+from models.privacy.released_metrics import MetricRelease
 from models.sites.budget import COUNT_NOISE
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
@@ -83,6 +84,7 @@ def _ask(
     signer=COORDINATOR,
     nonce="1",
     eval_splits=None,
+    phase="train",
 ):
     catalogue = transport.put_blob("run/catalogue.npz", encode_arrays({"items": ITEMS}))
     if state_arrays is None:
@@ -92,7 +94,7 @@ def _ask(
     request = _request(
         run="run",
         kind="train",
-        phase="train",
+        phase=phase,
         round_=round_,
         nonce=nonce,
         reply_to=f"run/r{round_}/{nonce}",
@@ -247,6 +249,60 @@ def test_a_private_site_sends_no_uncounted_evaluation_sums(world):
     with_sums, _ = _ask(transport, family=PRIVATE, eval_splits=("valid",), nonce="1")
     site.poll_once()
     assert "carries no evaluation sums" in _refusal(transport, key, with_sums)
+
+
+def test_a_private_site_answers_only_its_familys_phases(world):
+    """The attack: a private family's request in the "mean" phase, the exact sums of the global
+    mean (rating sum and row count), under a noise multiplier of 1e6 that the site would charge
+    as nearly free. With a one-item catalogue and a threshold per request, each answer would be
+    an exact count of the users who rated that item that high."""
+    transport, key, start = world
+    site = start()
+    cheap = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0), dp=UserLevelDP(1e6, 20)))
+    mean, _ = _ask(transport, family=cheap, nonce="1", phase="mean")
+    site.poll_once()
+    assert "phase 'mean' is not one of the explicit family's (biases, train, DP)" in _refusal(
+        transport, key, mean
+    )
+    assert not (site.budget.folder / "entries.jsonl").exists()  # refused before any charge
+    with pytest.raises(ValueError, match="no 'mean' phase"):  # nor would the family answer it
+        cheap.client_round(site._client(mean), cheap.initial_state(len(ITEMS), 0), "mean",
+                           np.random.default_rng(0), ())  # fmt: skip
+
+
+def test_an_evaluation_release_is_answered_only_with_the_bounds_its_noise_assumes(world):
+    """The attack: an evaluation whose release claims one row per user and errors clipped to
+    1e-12 (so its noise on the error sums is ~0), for a family that caps and clips nothing: the
+    exact error sums of every held-out row, charged as nearly free."""
+    transport, key, start = world
+    site = start()
+    release = {"noise_multiplier": 1e3, "max_rows": 1, "error_clip": 1e-12}
+    catalogue = transport.put_blob("run/catalogue.npz", encode_arrays({"items": ITEMS}))
+
+    def evaluate(family, nonce):
+        data = encode_arrays(family.state_arrays(family.initial_state(len(ITEMS), seed=0)))
+        state = transport.put_blob(f"run/state-{nonce}.npz", data)
+        request = _request(run="ev", kind="evaluate", phase="train", round_=1, nonce=nonce,
+                           reply_to=f"run/ev/{nonce}", family=family_spec(family), state=state,
+                           catalogue=catalogue, eval_splits=("valid",), task_run_id=f"task-{nonce}",
+                           release=release)  # fmt: skip
+        return request, _post(transport, request)
+
+    unbounded, _ = evaluate(PLAIN, "1")
+    site.poll_once()
+    assert "does not bound each user's evaluation sums as the release's noise assumes" in (
+        _refusal(transport, key, unbounded)
+    )
+    assert not (site.budget.folder / "entries.jsonl").exists()
+    # the same release for a family that applies those bounds is answered, and counted
+    bounded = ExplicitMF(PLAIN.config, released=MetricRelease(**release))
+    request, digest = evaluate(bounded, "2")
+    site.poll_once()
+    arrays = decode_arrays(_answer(transport, key, request, digest), max_bytes=10**7)
+    _, evaluations = check_answer_arrays(arrays, client_id=1, n_items=len(ITEMS))
+    assert set(evaluations) == {"valid", "baseline/valid"} and evaluations["valid"][1] is None
+    (line,) = (site.budget.folder / "entries.jsonl").read_text().splitlines()
+    assert json.loads(line)["release"]["kind"] == "evaluation"
 
 
 def test_a_site_answers_no_exact_request_unless_allowed_so_its_cap_cannot_be_bypassed(world):

@@ -34,6 +34,7 @@ from models.privacy.secagg_plus import (
 from models.privacy.secagg_plus_server import SecAggServer
 from models.sites.registry import Registry, SiteSpec
 from models.sites.schema import check_answer_arrays
+from models.sites.spec import family_spec, training_binding
 from tests.sites_fakes import MemoryTransport
 
 ALS = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0)))
@@ -124,9 +125,10 @@ class _Round:
     """The coordinator's half of one round: the server steps, each site step an exchange;
     everything the coordinator received is kept to be inspected."""
 
-    def __init__(self, coordinator, specs, size, run, round_=1):
+    def __init__(self, coordinator, specs, size, run, round_=1, family=ALS):
         self.coordinator, self.specs = coordinator, {s.client_id: s for s in specs}
-        self.config = RoundConfig(run, round_, len(specs), size, 2, FRACTION_BITS)
+        binding = training_binding(family_spec(family), "train")
+        self.config = RoundConfig(run, round_, len(specs), size, 2, FRACTION_BITS, binding=binding)
         self.server = SecAggServer(self.config, {s.client_id: s.public_key for s in specs})
         self.received: list[bytes] = []
 
@@ -295,7 +297,8 @@ def test_a_private_site_counts_the_full_noise_only_for_an_update_it_holds_and_ma
     assert unpinned["noise_multiplier"] == pytest.approx(2.0 / np.sqrt(3))
     secure = coordinator("private-low-threshold")
     receipts = [_train(secure, s, secure=True, family=PRIVATE) for s in specs]
-    secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run,
+                          family=PRIVATE)  # fmt: skip
     adverts = secure_round.ask("advertise", dict.fromkeys(range(3)))
     server = SecAggServer(secure_round.config)
     directory = server.key_directory([KeyAdvertisement.from_bytes(b) for b in adverts.values()])
@@ -303,3 +306,36 @@ def test_a_private_site_counts_the_full_noise_only_for_an_update_it_holds_and_ma
     inboxes = server.route_shares([EncryptedShares.from_bytes(b) for b in shares.values()])
     with pytest.raises(SiteRefused, match="threshold 2 is below the 3 clients"):
         secure_round.ask("mask", {0: inboxes[0].to_bytes()})
+
+
+def test_a_pinned_site_masks_only_among_peers_that_trained_with_the_same_noise(world):
+    """The attack: shop-a pins its peers and counts the full noise of a round of t = 3 noise
+    shares, while the coordinator asks shop-b and shop-c to train with a hundredth of the
+    per-user bound, so that their shares add almost no noise and the sum carries about shop-a's
+    share alone. Every round is bound to the settings its updates were made with."""
+    coordinator, specs, sites, _ = world
+    sites["shop-a"].secure.peers = frozenset(public_bytes(s.public_key) for s in specs)
+    weak = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0),
+                               dp=UserLevelDP(noise_multiplier=2.0, max_items=1, shares=3)))  # fmt: skip
+    secure = coordinator("unequal-noise")
+    receipts = [_train(secure, s, secure=True, family=PRIVATE if s.client_id == 0 else weak)
+                for s in specs]  # fmt: skip
+    size = int(receipts[0].metrics["held"])
+    # one round bound to shop-a's settings: the others refuse to join it
+    strong = _Round(secure, specs, size, secure.run, family=PRIVATE)
+    strong.ask("advertise", {0: None})
+    with pytest.raises(SiteRefused, match="binds other training settings than this site's update"):
+        strong.ask("advertise", {1: None})
+    # each site told the binding of its own settings: shop-a cannot verify the others' keys
+    secure = coordinator("unequal-noise-2")
+    for s in specs:
+        _train(secure, s, secure=True, family=PRIVATE if s.client_id == 0 else weak)
+    strong = _Round(secure, specs, size, secure.run, family=PRIVATE)
+    lax = _Round(secure, specs, size, secure.run, family=weak)
+    adverts = strong.ask("advertise", {0: None}) | lax.ask("advertise", {1: None, 2: None})
+    signed = [KeyAdvertisement.from_bytes(b) for b in adverts.values()]
+    directory = KeyDirectory({a.client_id: a.c_public for a in signed},
+                             {a.client_id: a.s_public for a in signed},
+                             {a.client_id: a.signature for a in signed})  # fmt: skip
+    with pytest.raises(SiteRefused, match="round keys of client 1: signature does not verify"):
+        strong.ask("share", {0: directory.to_bytes()})
