@@ -118,6 +118,8 @@ class SecureSite:
 
     def _registry(self, request: RoundRequest) -> dict[int, Ed25519PublicKey]:
         keys = read_registry_field((request.secure or {}).get("registry"))
+        if len({public_bytes(key) for key in keys.values()}) < len(keys):  # one key, two peers
+            raise RefusedMessage("the secure registry lists one key for more than one client")
         own = keys.get(request.client_id)
         if own is None or public_bytes(own) != public_bytes(self.key):
             raise RefusedMessage(

@@ -179,7 +179,9 @@ def _check_secagg_message(stage: str, payload: bytes, client_id: int) -> None:
 def _run(store, **fields) -> dict:
     from flows.training import federated_training
 
-    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | fields))
+    config = TrainingConfig(  # the tests read the clients' partitions after the run
+        tracking_uri=store["uri"], keep_workspace=True, **(SMALL | fields)
+    )
     return federated_training(**config.model_dump())
 
 

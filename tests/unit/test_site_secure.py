@@ -238,6 +238,12 @@ def test_a_site_that_pins_its_peers_refuses_a_coordinator_lying_about_their_keys
         _train(liar, specs[0], secure=True)
 
     assert receipt.metrics["held"] > 0
+    # nor may one key stand for two peers (a holder of it would be two of the t survivors)
+    specs[2] = SiteSpec(honest_spec.name, 2, specs[1].public_key, 10.0)
+    twice = coordinator("one-key-twice")
+    specs[2] = honest_spec
+    with pytest.raises(SiteRefused, match="lists one key for more than one client"):
+        _train(twice, specs[1], secure=True)
     honest = coordinator("honest")
     assert _train(honest, specs[0], secure=True).metrics["held"] > 0  # pinned, true keys: fine
 
