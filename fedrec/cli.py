@@ -26,8 +26,15 @@ from typing import Any
 import click
 
 from fedrec import local_server
-from fedrec.cli_errors import OneLineGroup, UserError, debug_option, friendly_errors
+from fedrec.cli_errors import (
+    OneLineGroup,
+    UserError,
+    debug_option,
+    friendly_errors,
+    one_line_config_error,
+)
 from fedrec.config_flags import ConfigCommand, config_defaults
+from fedrec.inputs import absolute_paths
 
 MLFLOW_PORT_ENV = "MLFLOW_PORT"  # where `make mlflow-ui` serves the local store
 DEFAULT_MLFLOW_PORT = 5000
@@ -150,8 +157,11 @@ class LazyGroup(OneLineGroup):
             formatter.write_dl(rows)
 
 
-def config_values(config_file: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The YAML file's keys (if any), then the flags given on the command line (not yet checked)."""
+def config_values(
+    config_file: str | None, overrides: dict[str, Any]
+) -> tuple[dict[str, Any], set[str]]:
+    """The YAML file's keys (if any), then the flags given on the command line (not yet
+    checked); and the keys whose value comes from the file."""
     import yaml
 
     values: dict[str, Any] = {}
@@ -160,18 +170,42 @@ def config_values(config_file: str | None, overrides: dict[str, Any]) -> dict[st
         if not path.is_file():
             raise UserError(f"{config_file}: no such config file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            # a SafeLoader: plain data only
+            loaded = yaml.load(path.read_text(), Loader=_unique_key_loader()) or {}
         except yaml.YAMLError as err:
-            raise UserError(
-                f"{config_file}: not valid YAML ({' '.join(str(err).split())})"
-            ) from err
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise UserError(f"{config_file}{where}: not valid YAML ({problem})") from err
         if not isinstance(loaded, dict):
             raise UserError(
                 f"{config_file}: must be a mapping of config keys, got {type(loaded).__name__}"
             )
         values.update(loaded)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return values
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    from_file = set(values) - set(flags)
+    values.update(flags)
+    return values, from_file
+
+
+def _unique_key_loader() -> type:
+    """PyYAML's safe loader, refusing a key written twice in one mapping (the last one would
+    silently win)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 # what a resumed run may still be told: where its run is, and how to run its tasks
@@ -364,13 +398,22 @@ def train(
     server (`fedrec server start`), which this command starts when it is not running.
     """
     started = time.perf_counter()
-    values = config_values(config_file, overrides)
+    values, from_file = config_values(config_file, overrides)
     check_resume(values)
     check_inputs(values)  # a bad file ends here, before any library or server is loaded
+    values = absolute_paths(values)
     with _status("checking the configuration (loads pandas, scikit-learn, LightGBM)"):
+        from pydantic import ValidationError
+
         from fedrec.config import TrainingConfig
 
-        config = TrainingConfig(**values)
+        try:
+            config = TrainingConfig(**values)
+        except ValidationError as err:  # keys from the YAML file are named as its keys
+            named = dict.fromkeys(from_file, config_file)
+            line = one_line_config_error(err, named, known=TrainingConfig.model_fields)
+            raise UserError(f"invalid configuration: {line}") from err
+    _check_tracking(config.tracking_uri)
     _note(f"data and configuration checked ({time.perf_counter() - started:.1f} s)")
     _quiet_prefect(debug)
     with _step("loading Prefect, MLflow and the training flow"):
@@ -430,6 +473,17 @@ def train(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
     )
     click.echo(f"Prefect flow run: {flow_run_url}")
+
+
+def _check_tracking(tracking_uri: str | None) -> None:
+    """A tracking store that cannot be used ends the command in one line, before anything
+    starts (MLflow alone would retry an absent server for minutes)."""
+    from fedrec.model_store import TrackingStoreError, check_tracking_uri, resolve_tracking_uri
+
+    try:
+        check_tracking_uri(resolve_tracking_uri(tracking_uri))
+    except TrackingStoreError as err:
+        raise UserError(str(err)) from err
 
 
 def _crash_lost_runs() -> None:

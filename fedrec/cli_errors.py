@@ -7,10 +7,12 @@ succeed. With ``--json`` the line is also printed on stdout as ``{"error": ..., 
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import click
@@ -79,13 +81,24 @@ def _json_error(argv: list[str], message: str, status: int) -> None:
         click.echo(json.dumps({"error": message, "exit_status": status}))
 
 
-def _one_line(err: Any) -> str:
+def one_line_config_error(
+    err: Any, files: Mapping[str, str | None] | None = None, known: Iterable[str] = ()
+) -> str:
     """A configuration's validation errors on one line, each naming its key as the YAML file
-    and the flag spell it (``rounds (--rounds): ... (got -1)``)."""
+    and the flag spell it (``rounds (--rounds): ... (got -1)``), or as the file that gave it
+    when ``files`` maps the key to one (``run.yaml: rounds: ...``); an unknown key gets the
+    closest of the ``known`` ones as a suggestion."""
     parts = []
     for e in err.errors():
+        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
+            close = difflib.get_close_matches(str(e["loc"][0]), list(known), n=1)
+            if close:
+                e = e | {"msg": f"{e['msg']}; did you mean {close[0]!r}?"}
         where = ".".join(str(p) for p in e["loc"])
-        if len(e["loc"]) == 1 and isinstance(e["loc"][0], str) and e["type"] != "extra_forbidden":
+        top = e["loc"][0] if len(e["loc"]) == 1 and isinstance(e["loc"][0], str) else None
+        if top is not None and (files or {}).get(top):
+            where = f"{(files or {})[top]}: {where}"
+        elif top is not None and e["type"] != "extra_forbidden":
             where = f"{where} (--{where.replace('_', '-')})"
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
@@ -109,6 +122,9 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             )
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:  # the reader went away (`... | head`): stop quietly, as cat does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
         except Exception as err:
             if debug:
                 raise
@@ -132,7 +148,7 @@ def _describe(err: Exception) -> tuple[str, bool]:
         from pydantic import ValidationError
 
         if isinstance(err, ValidationError):
-            return f"invalid configuration: {_one_line(err)}", True
+            return f"invalid configuration: {one_line_config_error(err)}", True
     if isinstance(err, DataValidationError | FileNotFoundError | LocalServerError):
         return str(err), True
     if getattr(err, "one_line", False):  # an error whose message says all (QuorumError, ...)

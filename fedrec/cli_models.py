@@ -96,10 +96,10 @@ def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
 
 def _history_columns(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--user-col, --item-col, --rating-col: the history's columns, as ``fedrec train`` names them
-    (the user and item columns of --users and --pairs too)."""
+    (the user and item columns of predict's --pairs too)."""
     for flag, default, what in reversed((
         ("--user-col", "user_id", "user column of the input files"),
-        ("--item-col", "item_id", "item column of --history (and --pairs)"),
+        ("--item-col", "item_id", "item column of the input files"),
         ("--rating-col", "rating", "rating column of --history (a rating model needs it; "
          "without it every row is a positive)"),
     )):  # fmt: skip
@@ -113,7 +113,13 @@ def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
     Read through :mod:`fedrec.model_store`, which imports neither Prefect nor the training code
     (and MLflow only for a store it cannot read directly).
     """
-    from fedrec.model_store import ModelNotFoundError, load_recommender, resolve_tracking_uri
+    from fedrec.model_store import (
+        ModelNotFoundError,
+        TrackingStoreError,
+        check_tracking_uri,
+        load_recommender,
+        resolve_tracking_uri,
+    )
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = resolve_tracking_uri(tracking_uri, create=False)
@@ -122,8 +128,9 @@ def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
             f"no MLflow store at {uri.removeprefix('sqlite:///')}: train first (fedrec train) or pass --tracking-uri"
         )
     try:
+        check_tracking_uri(uri)
         return load_recommender(uri, model_uri)
-    except ModelNotFoundError as err:
+    except (ModelNotFoundError, TrackingStoreError) as err:
         raise UserError(str(err)) from err
 
 

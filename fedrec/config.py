@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
@@ -49,6 +51,16 @@ PromotionMetric = Literal[
     "valid/rmse", "valid/mae", "valid/ndcg_at_10", "valid/recall_at_10", "valid/map_at_10",
     "test/ndcg_at_10", "test/recall_at_10", "test/map_at_10",
 ]  # fmt: skip
+
+
+# what a registered model's name may hold: '/', '@' and ':' would break models:/NAME@ALIAS URIs
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def scaled_threshold(low: float, high: float) -> float:
+    """The relevance threshold of a rating scale whose top is below the default's 4: as 4 sits
+    on 1..5, three quarters of the way up."""
+    return low + 0.75 * (high - low)
 
 
 class TrainingConfig(BaseModel):
@@ -94,6 +106,10 @@ class TrainingConfig(BaseModel):
         _SYNTHETIC["taste"],
         gt=0,
         description="synthetic data: how strongly what a user meets follows taste, not popularity",
+    )
+    synthetic_seed: int = Field(
+        _SYNTHETIC["seed"],
+        description="seed of the synthetic data (--seed varies the training, not the data)",
     )
 
     # sharding and splits
@@ -421,6 +437,16 @@ class TrainingConfig(BaseModel):
         "of simulated clients; --data and the partition flags are then unused",
     )
 
+    @field_validator("model_name")
+    @classmethod
+    def _check_model_name(cls, value: str | None) -> str | None:
+        if value is not None and not MODEL_NAME.fullmatch(value):
+            raise ValueError(
+                f"model_name={value!r}: allowed: letters, digits, '.', '_' and '-', starting with "
+                "a letter or digit (the name is part of models:/NAME@champion)"
+            )
+        return value
+
     @field_validator("workspace")
     @classmethod
     def _check_workspace(cls, value: str | None) -> str | None:
@@ -431,7 +457,15 @@ class TrainingConfig(BaseModel):
     @field_validator("rating_scale", mode="before")
     @classmethod
     def _parse_rating_scale(cls, value: object) -> object:
-        return parse_rating_scale(value)
+        scale = parse_rating_scale(value)
+        if isinstance(scale, list | tuple) and len(scale) == 2:
+            low, high = (float(bound) for bound in scale)
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(
+                    f"rating_scale {tuple(scale)!r} is not a valid range; allowed: LOW,HIGH, "
+                    "finite, with LOW < HIGH (e.g. 1,5)"
+                )
+        return scale
 
     @model_validator(mode="before")
     @classmethod
@@ -458,9 +492,9 @@ class TrainingConfig(BaseModel):
             except (TypeError, ValueError):  # reported by the field's own check
                 low = high = None
             default = _MF.relevance_threshold
-            if high is not None and default is not None and high < default:
-                # 4 of 1..5 is three quarters up the scale: the same place on this one
-                data["relevance_threshold"] = low + 0.75 * (high - low)
+            if high is not None and default is not None and low < high < default:
+                data["relevance_threshold"] = scaled_threshold(low, high)  # (a bad range is
+                # reported by the scale's own check)
         return data
 
     @model_validator(mode="after")
@@ -738,8 +772,17 @@ class TrainingConfig(BaseModel):
         return self.model_construct(**(self.model_dump() | changes)) if changes else self
 
     def flat_params(self) -> dict[str, str]:
-        """The configuration as MLflow params (strings, None as empty), credentials masked."""
-        return {k: "" if v is None else str(v) for k, v in self.redacted().model_dump().items()}
+        """The configuration as MLflow params (strings, None as empty), credentials masked; the
+        settings whose default depends on the family hold the value the run uses."""
+        values = self.redacted().model_dump()
+        values |= {"model_name": self.registered_name, "promotion_metric": self.promotion}
+        if self.feedback == "explicit":
+            mf = self.mf_config()
+            values |= {"factors": mf.n_factors, "reg": mf.reg}
+        elif self.implicit_model != "neural":
+            ranking = self.ranking_config()
+            values |= {"factors": ranking.n_factors, "reg": ranking.reg}
+        return {k: "" if v is None else str(v) for k, v in values.items()}
 
 
 def _check_sites(config: TrainingConfig) -> None:

@@ -35,7 +35,7 @@ GROUP_ORDER = ("data", "model", "federation", "privacy", "reliability", "trackin
 GROUPS: dict[str, str] = {
     **dict.fromkeys(("data", "train", "valid", "test", "catalogue", "user_col", "item_col", "rating_col",
                      "timestamp_col", "rating_scale", "synthetic_users", "synthetic_items",
-                     "synthetic_interactions", "synthetic_taste", "split", "valid_fraction",
+                     "synthetic_interactions", "synthetic_taste", "synthetic_seed", "split", "valid_fraction",
                      "test_fraction", "feedback", "positive_threshold"), "data"),
     **dict.fromkeys(("algorithm", "factors", "reg", "alpha", "neighbours", "candidates",
                      "implicit_model", "neural_network", "neural_latent", "neural_hidden",

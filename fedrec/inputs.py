@@ -85,6 +85,30 @@ def source_path(spec: str) -> Path:
     )
 
 
+# config keys that name files or folders (besides the data sources)
+PATH_KEYS = ("catalogue", "sites", "workspace", "dp_ledger_secret")
+
+
+def absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every file or folder it names made absolute (against the current folder),
+    so that the run's recorded configuration, its provenance tags and ``--resume`` mean the same
+    files from any folder; named datasets (``ml-1m``, ``synthetic``) stay names."""
+    resolved = dict(values)
+    for key in ("data", "train", "valid", "test"):
+        spec = values.get(key)
+        if (
+            isinstance(spec, str)
+            and spec
+            and spec != "synthetic"
+            and source_path(spec) == Path(spec)
+        ):
+            resolved[key] = str(Path(spec).expanduser().resolve())  # a path, not a dataset name
+    for key in PATH_KEYS:
+        if isinstance(values.get(key), str) and values[key]:
+            resolved[key] = str(Path(values[key]).expanduser().resolve())
+    return resolved
+
+
 def check_sources_exist(sources: Mapping[str, str]) -> None:
     """Raise ``MissingSourceError`` naming the first source that does not exist; a bare name
     (no folder, no suffix) is also compared with the named datasets."""
@@ -162,7 +186,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     """
     from models.data.readers import CSV_SUFFIXES, DEFAULT_RATING_COL, PARQUET_SUFFIXES, load_dataset
     from models.data.schema import require_ratings
-    from models.data.sharding import check_client_count
+    from models.data.sharding import check_client_count, check_columns
 
     files = {name: values.get(name) for name in ("train", "valid", "test")}
     check_split_files(**files)
@@ -181,6 +205,10 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
             if explicit:
                 require_ratings(data, options.get("rating_col", DEFAULT_RATING_COL))
             clients = values.get("clients")
+            if name == "data":
+                check_columns(data, split=values.get("split", "random"),
+                              partition=values.get("partition", "iid"),
+                              partition_key=values.get("partition_key"))  # fmt: skip
             if (
                 name == "data"
                 and values.get("partition") in ("iid", "dirichlet")

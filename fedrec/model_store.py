@@ -18,11 +18,14 @@ import os
 import re
 import sqlite3
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 from fedrec.home import fedrec_home
+from models.privacy.redaction import redact_uri
 
 if TYPE_CHECKING:
     from models.federation.family import Recommender
@@ -50,6 +53,40 @@ def resolve_tracking_uri(uri: str | None = None, *, create: bool = True) -> str:
     if create:
         home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
+
+
+class TrackingStoreError(OSError):
+    """A tracking URI that names no usable store (a one-line message naming it)."""
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Refuse, in seconds rather than after MLflow's minutes of retries, a tracking server that
+    does not answer, and a SQLite store in a folder that does not exist (a mistyped path would
+    otherwise become a new, empty store).
+
+    Raises
+    ------
+    TrackingStoreError
+    """
+    path = sqlite_path(uri)
+    if path is not None and not path.parent.is_dir():
+        raise TrackingStoreError(
+            f"tracking URI {uri}: folder {path.parent} does not exist; allowed: a SQLite file in "
+            "an existing folder (create it first), or another store"
+        )
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy or an older server without /health)
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingStoreError(
+            f"tracking URI {redact_uri(uri)}: the MLflow server does not answer ({reason}); "
+            "start it, or fix --tracking-uri / MLFLOW_TRACKING_URI"
+        ) from err
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from prefect import get_run_logger
 
+from fedrec.config import scaled_threshold
 from flows.rounds import Privacy, RunContext
 from models.data.partitions import read_item_features
 from models.federation.family import Family
@@ -23,6 +24,13 @@ def build_family(ctx: RunContext, plan: Privacy | None) -> Family:
     config, logger = ctx.config, get_run_logger()
     if config.feedback == "explicit":
         mf = config.mf_config()
+        if mf.clip_to is None and ctx.manifest.rating_scale is not None:  # --rating-scale data
+            low, high = ctx.manifest.rating_scale
+            mf = replace(mf, clip_to=(low, high))  # the served model predicts on that scale
+            if mf.relevance_threshold is not None and mf.relevance_threshold > high:
+                mf = replace(mf, relevance_threshold=scaled_threshold(low, high))
+                logger.info("ranking metrics count held-out ratings >= %g as relevant (the "
+                            "data's scale tops at %g)", mf.relevance_threshold, high)  # fmt: skip
         if plan is not None:
             dp = UserLevelDP(plan.noise_multiplier, config.dp_max_items, shares=plan.shares)
             logger.info("DP sensitivity of one user's ALS statistics: %.2f", dp.sensitivity)

@@ -35,7 +35,7 @@ def _load(spec: str, config: TrainingConfig) -> Interactions:
             n_items=config.synthetic_items,
             n_interactions=config.synthetic_interactions,
             taste=config.synthetic_taste,
-            seed=config.seed,
+            seed=config.synthetic_seed,
         )
     path = Path(spec)
     is_table = path.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet", ".pq")

@@ -128,7 +128,7 @@ def read_interactions(
     if rating_col is not None and rating_scale is None:
         ratings = frame[RATING].to_numpy()
         rating_scale = (float(ratings.min()), float(ratings.max()))
-        notes.append(f"no rating_scale given: took {rating_scale} from the data")
+        notes.append(f"rating scale {rating_scale}, taken from the data")
     return encode_interactions(frame, rating_scale=rating_scale, source=file, notes=tuple(notes))
 
 

@@ -150,9 +150,29 @@ def _assign_dirichlet(
     return client
 
 
-def _assign_by_key(
-    data: Interactions, n_clients: int | None, key: str | None, key_prefix: int | None
-) -> np.ndarray:
+def check_columns(
+    data: Interactions, *, split: str, partition: str, partition_key: str | None
+) -> None:
+    """Raise the error that splitting and sharding ``data`` this way would raise for a column
+    it lacks (timestamps for a temporal split, the user feature of a by-key partition), so that a
+    command refuses before it starts anything."""
+    if split == "temporal":
+        _require_timestamps(data)
+    if partition == "by-key":
+        _key_column(data, partition_key)
+
+
+def _require_timestamps(data: Interactions) -> None:
+    if TIMESTAMP not in data.frame:
+        raise DataValidationError(
+            "a temporal split needs timestamps",
+            file=data.source or None,
+            column=TIMESTAMP,
+            allowed="data with a timestamp column, or split=random",
+        )
+
+
+def _key_column(data: Interactions, key: str | None) -> pd.Series:
     features = data.user_features
     available = [] if features is None else list(features.columns)
     if key is None or features is None or key not in features:
@@ -163,7 +183,13 @@ def _assign_by_key(
             value=key,
             allowed=", ".join(map(str, available)) or "none (this dataset has no user features)",
         )
-    values = features[key].astype("string").fillna("<missing>")
+    return features[key]
+
+
+def _assign_by_key(
+    data: Interactions, n_clients: int | None, key: str | None, key_prefix: int | None
+) -> np.ndarray:
+    values = _key_column(data, key).astype("string").fillna("<missing>")
     if key_prefix is not None:
         values = values.str.slice(0, key_prefix)
     codes, uniques = pd.factorize(values, sort=True)
@@ -237,13 +263,7 @@ def split_rows(
         split = split.astype(np.int8)
         rank = keys  # the row a user keeps for training, if none is left: its largest key
     elif method == "temporal":
-        if TIMESTAMP not in frame:
-            raise DataValidationError(
-                "a temporal split needs timestamps",
-                file=data.source or None,
-                column=TIMESTAMP,
-                allowed="data with a timestamp column, or split=random",
-            )
+        _require_timestamps(data)
         ranked = pd.DataFrame({"g": users, "k": frame[TIMESTAMP].to_numpy() + keys * 1e-3})
         position = ranked.groupby("g")["k"].rank(method="first").to_numpy() - 1
         size = ranked.groupby("g")["k"].transform("size").to_numpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -97,8 +97,10 @@ class MFRecommender:
         for _, row in requests.iterrows():
             items = [str(i) for i in _as_list(row[HISTORY_ITEMS])]
             ratings = _as_list(row[HISTORY_RATINGS]) if has_ratings else []
-            if len(ratings) != len(items):
-                ratings = [1.0] * len(items)  # implicit feedback, or ratings not given
+            if self.rating_scale is not None:  # predictions come from the user's own ratings
+                self._check_ratings(str(row[USER_ID]), len(items), ratings)
+            elif len(ratings) != len(items):
+                ratings = [1.0] * len(items)  # a model without a scale: interactions count 1
             known = [
                 (index[i], float(r)) for i, r in zip(items, ratings, strict=True) if i in index
             ]
@@ -114,6 +116,23 @@ class MFRecommender:
             )
             reasons.append("; ".join(reason))
         return histories, reasons
+
+    def _check_ratings(self, user: str, n_items: int, ratings: Any) -> None:
+        """Raise ``ValueError`` unless ``ratings`` holds one rating on the scale per history
+        item: a missing rating read as any number would be a prediction from made-up data."""
+        assert self.rating_scale is not None
+        low, high = self.rating_scale
+        allowed = f"allowed: one rating in [{low:g}, {high:g}] per history item"
+        if len(ratings) != n_items:
+            raise ValueError(
+                f"user {user!r}: {n_items} history item(s) but {len(ratings)} rating(s) in "
+                f"{HISTORY_RATINGS}: this model predicts ratings from the user's own; {allowed}"
+            )
+        for rating in ratings:
+            if not low <= float(rating) <= high:  # NaN fails too
+                raise ValueError(
+                    f"user {user!r}: rating {rating!r} in {HISTORY_RATINGS}; {allowed}"
+                )
 
     def recommend(self, requests: pd.DataFrame, k: int = 10) -> pd.DataFrame:
         """Top-``k`` unseen items per request row, best first, with scores and a reason.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -370,3 +372,31 @@ def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving(
         and "rounds (--rounds): Input should be greater than or equal to 1" in bad_value.stderr
     )
     assert bad_form.exit_code == 2 and "expected KEY=VALUE" in bad_form.stderr
+
+
+def test_a_reader_that_stops_early_ends_recommend_quietly(trained, tmp_path):
+    """`fedrec recommend ... | head -1`: the pipe closes while rows are still being written."""
+    import subprocess
+    import sys
+
+    _, uri, home = trained
+    from models.data.partitions import read_item_ids
+
+    item = str(read_item_ids(next((home / "workspaces").iterdir()))[0])
+    history = tmp_path / "history.csv"
+    history.write_text(
+        "user_id,item_id,rating\n" + "".join(f"u{n},{item},4\n" for n in range(3000))
+    )
+    cli = Path(sys.executable).parent / "fedrec"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
+        "FEDREC_HOME": str(home)}  # fmt: skip
+    reader = subprocess.Popen(
+        [str(cli), "recommend", "--model", "models:/cli@champion", "--tracking-uri", uri,
+         "--history", str(history), "--k", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert reader.stdout.readline().startswith(b"user_id,rank,item_id")
+    reader.stdout.close()  # like head: the rest is never read
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 141
+    assert "error" not in stderr and "Traceback" not in stderr, stderr

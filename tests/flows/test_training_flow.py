@@ -390,3 +390,31 @@ def test_a_run_on_other_data_than_the_champions_says_so(store):
     refused = f"no warm start: champion version {first['model_version']} was trained on synthetic("
     assert any(m.startswith(refused) for m in messages)
     assert not any(m.startswith("warm start from champion") for m in messages)
+
+
+def test_a_scale_taken_from_the_data_is_the_served_models_and_sets_the_relevance(store, tmp_path):
+    from flows.training import federated_training
+    from models.data.synthetic import generate_synthetic
+    from tasks.tracking import load_recommender
+
+    data = generate_synthetic(n_users=300, n_items=200, n_interactions=9_000, seed=5)
+    frame = data.frame.assign(
+        user_id=data.user_ids[data.frame["user"]], item_id=data.item_ids[data.frame["item"]]
+    )
+    halves = frame.assign(rating=frame["rating"] / 2)  # 0.5 .. 2.5: a top below the default 4
+    halves[["user_id", "item_id", "rating"]].to_csv(tmp_path / "halves.csv", index=False)
+
+    summary = federated_training(data=str(tmp_path / "halves.csv"), rating_scale=None, rounds=2,  # "data"
+                                 clients=3, factors=4, tracking_uri=store["uri"],
+                                 model_name="halves")  # fmt: skip
+
+    served = load_recommender(store["uri"], "models:/halves@champion")
+    assert served.rating_scale == (0.5, 2.5)  # predictions are clipped to the data's scale
+    history = pd.DataFrame({"user_id": ["u"], "history_items": [[str(served.item_ids[0])]],
+                            "history_ratings": [[2.5]]})  # fmt: skip
+    scores = served.recommend(history, k=20)["score"]
+    assert scores.between(0.5, 2.5).all()
+    with pytest.raises(ValueError, match=r"rating 4.0 in history_ratings; allowed: .*\[0.5, 2.5\]"):
+        served.recommend(history.assign(history_ratings=[[4.0]]))
+    # ranking metrics count ratings >= 2 (three quarters up 0.5..2.5): they exist and are not 0
+    assert summary["metrics"]["test/recall_at_10"] > 0

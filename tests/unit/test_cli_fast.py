@@ -146,6 +146,30 @@ def test_more_clients_than_users_is_refused_before_any_library_or_server_loads(t
     _assert_nothing_started(tmp_path / "home")
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--split", "temporal"], ["column 'timestamp'", "a temporal split needs timestamps",
+                                   "allowed: data with a timestamp column, or split=random"]),
+        (["--partition", "by-key", "--partition-key", "occupation"],
+         ["setting 'partition_key'", "value 'occupation'", "not a user-feature column",
+          "allowed: none (this dataset has no user features)"]),
+        (["--model-name", "shop/a"], ["model_name='shop/a'", "allowed: letters, digits"]),
+    ],
+)  # fmt: skip
+def test_a_split_or_partition_the_data_cannot_have_is_refused_before_anything_starts(
+    tmp_path, flags, expected
+):
+    data = tmp_path / "ratings.csv"
+    data.write_text("user_id,item_id,rating\n" + GOOD_ROWS)
+
+    done, imported = _cli(["train", "--data", str(data), *flags], tmp_path / "home")
+
+    _assert_one_line_error(done, *expected)
+    assert not set(imported) & {"prefect", "mlflow"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_bad_value_names_its_row(tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("user_id,item_id,rating\n" + GOOD_ROWS + "u1,i3,9\n")
@@ -351,3 +375,66 @@ def test_prefect_keeps_its_result_files_in_fedrec_home_unless_told_otherwise(tmp
     # the user's own Prefect settings win
     assert storage(PREFECT_HOME=str(tmp_path / "ph")) == tmp_path / "ph" / "storage"
     assert storage(PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "s")) == tmp_path / "s"
+
+
+def test_a_tracking_store_that_cannot_be_used_is_one_line_in_seconds(tmp_path):
+    """MLflow retries an absent server for minutes, and creates a SQLite file (and its folders)
+    wherever a mistyped URI points."""
+    import time
+
+    from fedrec.local_server import free_port
+
+    absent = f"http://127.0.0.1:{free_port()}"
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,item_id,rating\nu1,i1,5\n")
+    started = time.monotonic()
+    trained, imported = _cli(["train", "--tracking-uri", absent], tmp_path / "home")
+    asked, _ = _cli(["recommend", "--history", str(history), "--tracking-uri", absent],
+                    tmp_path / "home")  # fmt: skip
+    assert time.monotonic() - started < 60
+    for done in (trained, asked):
+        _assert_one_line_error(done, f"tracking URI {absent}: the MLflow server does not answer")
+    assert not set(imported) & {"prefect", "mlflow"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+    typo = tmp_path / "no-such-folder" / "mlflow.db"
+    done, _ = _cli(["train", "--tracking-uri", f"sqlite:///{typo}"], tmp_path / "home")
+    _assert_one_line_error(done, f"folder {typo.parent} does not exist")
+    assert not typo.parent.exists()
+
+
+def test_paths_are_recorded_absolute_so_a_run_means_the_same_files_from_any_folder(tmp_path):
+    from fedrec.inputs import absolute_paths
+
+    given = {"data": "shop/ratings.csv", "catalogue": "items.csv", "workspace": "~/ws",
+             "model_name": "m", "rounds": 3}  # fmt: skip
+    resolved = absolute_paths(given)
+    assert resolved["data"] == str(Path.cwd() / "shop" / "ratings.csv")
+    assert resolved["catalogue"] == str(Path.cwd() / "items.csv")
+    assert resolved["workspace"] == str(Path.home() / "ws")
+    assert {k: resolved[k] for k in ("model_name", "rounds")} == {"model_name": "m", "rounds": 3}
+    # named datasets stay names (looked up under FEDREC_DATASETS wherever the run resumes)
+    assert absolute_paths({"data": "ml-100k"})["data"] == "ml-100k"
+    assert absolute_paths({"data": "synthetic"})["data"] == "synthetic"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rounds: two\n", ["run.yaml: rounds: Input should be a valid integer", "(got 'two')"]),
+        ("roundz: 3\n", ["run.yaml: roundz: Extra inputs are not permitted; did you mean 'rounds'?"]),
+        ("rounds: 2\nrounds: 3\n", ["run.yaml, line 2, column 1: not valid YAML (key 'rounds' appears twice)"]),
+        ("rounds: [2\n", ["run.yaml, line 2, column 1: not valid YAML (expected ',' or ']'"]),
+        ("rating_scale: [5, 1]\n", ["run.yaml: rating_scale: rating_scale (5, 1) is not a valid range",
+                                    "allowed: LOW,HIGH, finite, with LOW < HIGH"]),
+    ],
+)  # fmt: skip
+def test_a_config_file_error_names_the_file_its_line_and_the_key(tmp_path, text, expected):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+
+    done, _ = _cli(["train", "--config", str(config)], tmp_path / "home")
+
+    _assert_one_line_error(done, *[str(tmp_path / part) if i == 0 else part
+                                   for i, part in enumerate(expected)])  # fmt: skip
+    _assert_nothing_started(tmp_path / "home")

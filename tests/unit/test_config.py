@@ -85,3 +85,16 @@ def test_the_relevance_threshold_sits_three_quarters_up_a_scale_whose_top_is_bel
     # read back from its own dump, a config keeps what it resolved to
     config = TrainingConfig(rating_scale="0.5,2.5")
     assert TrainingConfig(**config.model_dump()).relevance_threshold == 2.0
+
+
+def test_mlflow_params_hold_the_values_a_run_uses_not_unset_defaults():
+    explicit = TrainingConfig().flat_params()
+    assert (explicit["factors"], explicit["reg"]) == (
+        str(MFConfig().n_factors),
+        str(MFConfig().reg),
+    )
+    assert (explicit["model_name"], explicit["promotion_metric"]) == ("fedrec-mf", "valid/rmse")
+    ranking = TrainingConfig(feedback="implicit", ranker="lightgbm").flat_params()
+    assert ranking["factors"] == str(RankingConfig().n_factors) and ranking["reg"] != ""
+    assert ranking["model_name"] == "fedrec-ranking"
+    assert TrainingConfig(factors=7).flat_params()["factors"] == "7"  # given: as given

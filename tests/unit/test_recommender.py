@@ -212,3 +212,30 @@ def test_every_recommender_kind_is_read_by_the_class_that_declares_it():
     assert {kind: recommender_class(kind).kind for kind in RECOMMENDERS} == {
         "mf": "mf", "ranking": "ranking", "neural": "neural"
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("history", "message"),
+    [
+        ({"history_items": [["i0", "i2"]]}, "2 history item\\(s\\) but 0 rating"),
+        ({"history_items": [["i0", "i2"]], "history_ratings": [[4.0]]}, "but 1 rating"),
+        ({"history_items": [["i0", "i2"]], "history_ratings": [[9.0, -4.0]]}, "rating 9.0 in"),
+        ({"history_items": [["i0"]], "history_ratings": [[float("nan")]]}, "rating nan in"),
+    ],
+)
+def test_a_rating_model_refuses_histories_without_ratings_on_its_scale(
+    recommender, history, message
+):
+    """A missing rating read as 1 (or an off-scale one used as given) would fold the user in
+    from made-up data, and the reason would say "you rated 1"."""
+    requests = pd.DataFrame({"user_id": ["u1"], **history})
+    with pytest.raises(
+        ValueError, match=f"user 'u1': .*{message}.*allowed: one rating in \\[1, 5\\]"
+    ):
+        recommender.recommend(requests)
+    # a model without a scale reads a history without ratings as interactions of weight 1
+    unscaled = MFRecommender(recommender.params, recommender.item_ids, recommender.popularity, 0.1)
+    ones = unscaled.recommend(pd.DataFrame({"user_id": ["u1"], "history_items": [["i0", "i2"]]}))
+    rated = unscaled.recommend(pd.DataFrame({"user_id": ["u1"], "history_items": [["i0", "i2"]],
+                                             "history_ratings": [[1.0, 1.0]]}))  # fmt: skip
+    pd.testing.assert_frame_equal(ones, rated)
