@@ -27,8 +27,11 @@ import click
 
 from fedrec import local_server
 from fedrec.cli_errors import (
+    OneLineError,
     OneLineGroup,
+    RunFailed,
     UserError,
+    classify,
     debug_option,
     friendly_errors,
     one_line_config_error,
@@ -435,9 +438,16 @@ def train(
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
     ):
         _crash_lost_runs()
-        state = flow(**config.model_dump(), return_state=True)
-        flow_run_url = prefect_flow_run_url(state.state_details.flow_run_id)
-        summary = state.result()
+        try:
+            state = flow(**config.model_dump(), return_state=True)
+            flow_run_url = prefect_flow_run_url(state.state_details.flow_run_id)
+            summary = state.result()
+        except KeyboardInterrupt as err:
+            raise _with_resume_hint(RunFailed("interrupted"), config) from err
+        except Exception as err:
+            if debug:
+                raise
+            raise _with_resume_hint(classify(err), config) from err
     summary["seconds"] = round(time.perf_counter() - started, 2)
     summary["prefect_flow_run_url"] = flow_run_url
     mlflow_url, open_mlflow = (
@@ -484,6 +494,51 @@ def _check_tracking(tracking_uri: str | None) -> None:
         check_tracking_uri(resolve_tracking_uri(tracking_uri))
     except TrackingStoreError as err:
         raise UserError(str(err)) from err
+
+
+def _with_resume_hint(error: OneLineError, config: Any) -> OneLineError:
+    """``error``, saying how to continue the run when it can be resumed (the ``--json`` error
+    then carries its ``run_id``)."""
+    run_id = _resumable_run(config)
+    if run_id is not None:
+        error.message = f"{error.message}; fedrec train --resume {run_id} continues it"
+        error.details = {"run_id": run_id}
+    return error
+
+
+def _resumable_run(config: Any) -> str | None:
+    """The MLflow run of this command's flow run if ``--resume`` can continue it: not finished,
+    its clients' partitions kept. None when there is none, or it cannot be told."""
+    from fedrec.runtime import last_flow_run_id
+
+    if config.sites is not None:  # real sites: a new run, not a resumed one
+        return None
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from fedrec.model_store import resolve_tracking_uri
+
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(config.tracking_uri))
+        if config.resume is not None:
+            run = client.get_run(config.resume)
+        else:
+            experiment = client.get_experiment_by_name(config.experiment)
+            if experiment is None or last_flow_run_id is None:
+                return None
+            found = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.`prefect.flow_run_id` = '{last_flow_run_id}'",
+                max_results=1,
+            )
+            if not found:
+                return None
+            run = found[0]
+    except Exception:  # a hint, not a second error
+        return None
+    workspace = run.data.tags.get("fedrec.workspace")
+    if run.info.status == "FINISHED" or not workspace:
+        return None
+    return run.info.run_id if (Path(workspace) / "manifest.json").is_file() else None
 
 
 def _crash_lost_runs() -> None:

@@ -25,7 +25,11 @@ _EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect
 
 
 class OneLineError(click.ClickException):
-    """An error shown as one line on stderr."""
+    """An error shown as one line on stderr; ``details`` go into the ``--json`` error too."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or {}
 
     def show(self, file: Any = None) -> None:
         click.echo(f"fedrec: error: {self.message}", err=True)
@@ -65,7 +69,7 @@ class OneLineGroup(click.Group):
             raise SystemExit(2) from err
         except click.ClickException as err:
             err.show()
-            _json_error(argv, err.format_message(), err.exit_code)
+            _json_error(argv, err.format_message(), err.exit_code, getattr(err, "details", {}))
             raise SystemExit(err.exit_code) from err
         except click.exceptions.Exit as err:
             raise SystemExit(err.exit_code) from err
@@ -74,11 +78,13 @@ class OneLineGroup(click.Group):
             raise SystemExit(1) from err
 
 
-def _json_error(argv: list[str], message: str, status: int) -> None:
+def _json_error(
+    argv: list[str], message: str, status: int, details: Mapping[str, Any] | None = None
+) -> None:
     """The error as one JSON line on stdout, for a command run with ``--json``: a script that
     reads the summary from stdout sees the failure there too."""
     if "--json" in argv:
-        click.echo(json.dumps({"error": message, "exit_status": status}))
+        click.echo(json.dumps({"error": message, "exit_status": status, **(details or {})}))
 
 
 def one_line_config_error(
@@ -128,12 +134,12 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as err:
             if debug:
                 raise
-            raise _classify(err) from err
+            raise classify(err) from err
 
     return wrapper
 
 
-def _classify(err: Exception) -> OneLineError:
+def classify(err: Exception) -> OneLineError:
     """The one-line error for an exception: the user's to fix when fedrec knows it as such,
     else a run failure (as is an error that says ``exit_status = 1``, a quorum failure)."""
     message, fixable = _describe(err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import socket
 import sys
@@ -94,19 +95,25 @@ def foreground_flow() -> Iterator[None]:
 # "fedrec-foreground:<host>:<pid>:<process start>" (workers record their own, in another form)
 _OWNER = "fedrec-foreground"
 _foreground = False
+last_flow_run_id: str | None = None  # of the latest flow run recorded in this process
 
 
 def record_foreground_process(flow_run_id: str | None) -> None:
     """Record this process as the owner of ``flow_run_id`` if the flow runs in a foreground
     command (inside :func:`foreground_flow`), so that a later command can tell that the run lost
     its process; :func:`crash_lost_runs` marks such runs."""
+    global last_flow_run_id
     if not _foreground or flow_run_id is None:
         return
+    last_flow_run_id = flow_run_id
     from prefect.client.orchestration import get_client
 
     owner = f"{_OWNER}:{socket.gethostname()}:{os.getpid()}:{process_start(os.getpid())}"
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run_id, infrastructure_pid=owner)
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run_id, infrastructure_pid=owner)
+    except Exception as err:  # bookkeeping: the run goes on without it
+        logging.getLogger(__name__).warning("could not record the run's process: %s", err)
 
 
 def crash_lost_runs(flow_name: str) -> list[str]:

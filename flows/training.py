@@ -302,6 +302,16 @@ def _train_and_register(
         return summary
     finally:
         finish_run(uri, run_id, succeeded)
-        if succeeded and not config.keep_workspace and remove_workspace(workspace):
-            # the clients' copies of their rows and the checkpoints are of no further use
+        if succeeded and not config.keep_workspace:
+            _remove_workspace(workspace)
+
+
+def _remove_workspace(workspace: str) -> None:
+    """Delete a succeeded run's workspace: the clients' copies of their rows and the checkpoints
+    are of no further use. A folder that cannot be removed is left, with a warning."""
+    logger = get_run_logger()
+    try:
+        if remove_workspace(workspace):
             logger.info("removed the run's workspace %s (--keep-workspace keeps it)", workspace)
+    except OSError as err:
+        logger.warning("could not remove the run's workspace %s: %s", workspace, err)

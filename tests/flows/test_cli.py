@@ -190,8 +190,14 @@ def test_a_run_that_fails_on_its_way_exits_1_and_says_so_on_stdout_under_json(
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("fedrec: error: round 1") and "min_clients" in line, result.stderr
     answer = json.loads(result.stdout.strip().splitlines()[-1])
-    assert answer == {"error": line.removeprefix("fedrec: error: "), "exit_status": 1}
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (failed,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    # the line says how to go on, and a script gets the run's id
+    assert line.endswith(f"; fedrec train --resume {failed.info.run_id} continues it")
+    assert answer == {"error": line.removeprefix("fedrec: error: "), "exit_status": 1,
+                      "run_id": failed.info.run_id}  # fmt: skip
+    assert failed.info.status == "FAILED"
+    assert (Path(failed.data.tags["fedrec.workspace"]) / "manifest.json").is_file()  # kept
     assert client.search_model_versions("name='quorum'") == []
 
     # the configuration refuses a value; click refuses a flag before the command runs

@@ -6,7 +6,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
-from fedrec.cli_errors import OneLineError, RunFailed, _classify
+from fedrec.cli_errors import OneLineError, RunFailed, classify
 from fedrec.local_server import LocalServerError
 from flows.rounds import QuorumError
 from models.data.errors import DataValidationError
@@ -29,7 +29,7 @@ from tasks.tracking import ResumeError
     ],
 )
 def test_the_exit_status_says_whether_to_fix_the_input_or_run_again(error, status):
-    classified = _classify(error)
+    classified = classify(error)
 
     assert classified.exit_code == status
     assert isinstance(classified, RunFailed) == (status == 1)
