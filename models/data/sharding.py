@@ -339,12 +339,23 @@ def combine_splits(
     def by_id(features: pd.DataFrame | None, ids: np.ndarray) -> pd.DataFrame | None:
         return None if features is None else features.set_axis(ids)
 
+    notes = [*train.notes]
+    for (data, _), frame in zip(parts[1:], frames[1:], strict=True):  # rows the training
+        notes += data.notes  # rows say nothing about
+        cold = ~(frame[USER].isin(train.user_ids) & frame[ITEM].isin(train.item_ids))
+        if cold.any():
+            notes.append(
+                f"{data.source or 'held-out file'}: {int(cold.sum())} of {len(frame)} rows have a "
+                "user or an item the training file lacks"
+                + (": the metrics on it say nothing of the model" if cold.all() else "")
+            )
     combined = encode_interactions(
         joined,
         rating_scale=scale,
         source=" + ".join(d.source for d, _ in parts),
         user_features=by_id(train.user_features, train.user_ids),
         item_features=by_id(train.item_features, train.item_ids),
+        notes=notes,
     )
     return combined, np.concatenate(labels)
 

@@ -232,6 +232,18 @@ def test_explicit_splits_share_one_id_space_and_keep_their_labels():
     )
     assert decoded == [("a", 1, 0), ("b", 2, 0), ("b", 3, 0), ("b", 1, 2), ("c", 9, 2)]
     assert combined.n_items == 4 and combined.source == "train.csv + test.csv"
+    # ("c", 9): neither the user nor the item is in the training file; the run says so
+    assert combined.notes == (
+        "test.csv: 1 of 2 rows have a user or an item the training file lacks",
+    )
+    disjoint = encode_interactions(
+        pd.DataFrame({"user": ["x"], "item": [7], "rating": [2.0]}),
+        rating_scale=(1.0, 5.0), source="other.csv",
+    )  # fmt: skip
+    assert combine_splits(train, disjoint)[0].notes == (
+        "other.csv: 1 of 1 rows have a user or an item the training file lacks: the metrics on "
+        "it say nothing of the model",
+    )
 
 
 def test_validation_is_carved_from_explicit_training_rows_only():
