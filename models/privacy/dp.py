@@ -157,7 +157,7 @@ def clipped_bias_sums(
     clipped to ``[-residual_clip, residual_clip]``). One user changes them by at most
     :attr:`UserLevelDP.bias_sensitivity` in L2."""
     w = user_weights(rows.users, dp.max_items)
-    target = np.clip(rows.ratings - center, -dp.residual_clip, dp.residual_clip)
+    target = clip_values(rows.ratings - center, dp.residual_clip)
     counts = np.bincount(rows.items, weights=w, minlength=rows.n_items)
     sums = np.bincount(rows.items, weights=w * target, minlength=rows.n_items)
     return counts, sums
@@ -194,7 +194,7 @@ def clipped_factor_statistics(
     factors = clip_rows(users.factors, dp.factor_clip)
     w = user_weights(rows.users, dp.max_items)
     target = rows.ratings - mean - users.bias[rows.users] - item_bias[rows.items]
-    target = np.clip(target, -dp.residual_clip, dp.residual_clip)
+    target = clip_values(target, dp.residual_clip)
     layout = rows.by_item
     grams, rhs = layout.packed_statistics(factors, w * target, gram_weights=w)
     counts = np.bincount(rows.items, weights=w, minlength=rows.n_items)[layout.keys]
@@ -226,9 +226,18 @@ def solve_private_factors(
 
 
 def clip_rows(factors: np.ndarray, bound: float) -> np.ndarray:
-    """Every row scaled down to L2 norm at most ``bound``."""
+    """Every row scaled down to L2 norm at most ``bound`` (a non-finite value counts as 0: a
+    NaN would pass any clip, and no noise hides it)."""
+    factors = np.nan_to_num(factors, nan=0.0, posinf=0.0, neginf=0.0)
     norms = np.linalg.norm(factors, axis=1, keepdims=True)
     return factors * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
+
+
+def clip_values(values: np.ndarray, bound: float) -> np.ndarray:
+    """``values`` clipped to ``[-bound, bound]``, a NaN counting as 0 and an infinity as the
+    bound it passed (a NaN would pass any clip, and no noise hides it)."""
+    finite = np.nan_to_num(values, nan=0.0, posinf=bound, neginf=-bound)
+    return np.clip(finite, -bound, bound)
 
 
 def clipped_statistics(
@@ -238,7 +247,7 @@ def clipped_statistics(
     factors = clip_rows(users.factors, dp.factor_clip)
     x = np.column_stack([factors, np.ones(factors.shape[0])])
     target = rows.ratings - global_mean - users.bias[rows.users]
-    target = np.clip(target, -dp.residual_clip, dp.residual_clip)
+    target = clip_values(target, dp.residual_clip)
     layout = rows.by_item
     grams, rhs = layout.packed_statistics(x, target)
     return ItemStatistics(layout.keys.astype(np.int64), layout.counts, grams, rhs)

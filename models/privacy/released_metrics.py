@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.mf.als import RatingRows
-from models.privacy.dp import limit_items
+from models.privacy.dp import clip_values, limit_items
 
 # an evaluation release's noise multiplier, in multiples of the training's: each release then
 # costs as much as 1/16 of a training round without sampling (Gaussian mechanisms compose by
@@ -125,7 +125,8 @@ class MetricRelease:
         deviations = self.deviations(keys)
         noise = rng.normal(0.0, 1.0, len(keys))
         for (split, key), z in zip(keys, noise, strict=True):
-            value = kept[split][key] + z * deviations[(split, key)]
+            true = kept[split][key]  # a NaN would be floored to an exact 0, unnoised
+            value = (true if math.isfinite(true) else 0.0) + z * deviations[(split, key)]
             kept[split][key] = max(0.0, float(value))
         return {split: (sums, None) for split, sums in kept.items()}
 
@@ -137,7 +138,7 @@ def capped_rows(rows: RatingRows, max_rows: int, rng: np.random.Generator) -> Ra
 
 def bounded_error_sums(predicted: np.ndarray, actual: np.ndarray, clip: float) -> dict[str, float]:
     """Rating-error sums with each row's error clipped to ``[-clip, clip]``."""
-    err = np.clip(np.asarray(predicted, np.float64) - actual, -clip, clip)
+    err = clip_values(np.asarray(predicted, np.float64) - actual, clip)
     return {"sse": float(err @ err), "sae": float(np.abs(err).sum()), "n": float(err.size)}
 
 

@@ -46,9 +46,22 @@ _EXPLICIT_OPTIONAL = {
 }
 
 
+# The largest magnitude of a state value a client computes with: far above what training makes
+# (factors, biases and means of a few units), far below what overflows a fold-in. A coordinator
+# that sent 1e200 made a private client's answer NaN exactly where its users' rows are, and the
+# site's refusal of that answer (or a NaN floored to an exact 0) told which.
+STATE_LIMIT = 1e6
+_BOUNDED = ("factors", "bias", "global_mean", "baseline")
+
+
 def _check_finite(name: str, array: np.ndarray) -> None:
     if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
         raise SchemaError(f"array {name!r} holds NaN or infinite values")
+    if name in _BOUNDED and array.size and np.max(np.abs(array)) > STATE_LIMIT:
+        raise SchemaError(
+            f"state array {name!r} holds values beyond +-{STATE_LIMIT:g}; allowed: what training "
+            "makes (a few units)"
+        )
 
 
 def check_state(family: Family, arrays: Mapping[str, np.ndarray], n_items: int) -> None:

@@ -119,6 +119,8 @@ def family_from_spec(spec: Mapping[str, Any]) -> Family:
         raise RefusedMessage(f"family config: {err}") from err
     if not (isinstance(mf.n_factors, int) and 1 <= mf.n_factors <= 1024):
         raise RefusedMessage(f"family config n_factors {mf.n_factors!r} must be in 1..1024")
+    if not (isinstance(mf.reg, int | float) and 1e-6 <= mf.reg <= 1e6):  # a fold-in stays finite
+        raise RefusedMessage(f"family config reg {mf.reg!r} must be in 1e-6..1e6")
     return ExplicitMF(
         mf,
         None,

@@ -315,3 +315,27 @@ def test_the_implicit_statistics_are_the_clipped_sums_written_out():
         np.testing.assert_allclose(grams[j], sum(alpha * np.outer(x[u], x[u]) for u in mine))
         np.testing.assert_allclose(stats.rhs[j], sum((1 + alpha) * x[u] for u in mine))
         assert stats.counts[j] == len(mine)
+
+
+def test_a_non_finite_value_is_bounded_like_any_other_not_passed_through():
+    """No clip bounds a NaN and no noise hides one: a user whose fold-in went non-finite must
+    contribute within the same bounds as everyone else, and a released sum never be NaN (it was
+    floored to an exact, unnoised 0)."""
+    from models.privacy.dp import clip_rows, clip_values
+    from models.privacy.released_metrics import MetricRelease, bounded_error_sums
+
+    rows = clip_rows(np.array([[np.nan, 1.0], [np.inf, -np.inf], [3.0, 4.0]]), 1.0)
+    assert np.isfinite(rows).all() and (np.linalg.norm(rows, axis=1) <= 1.0 + 1e-12).all()
+    np.testing.assert_array_equal(
+        clip_values(np.array([np.nan, np.inf, -np.inf, 0.5, 9.0]), 2.0), [0, 2, -2, 0.5, 2]
+    )
+    sums = bounded_error_sums(np.array([np.nan, 3.0]), np.array([4.0, 4.0]), 2.5)
+    assert sums == {"sse": 1.0, "sae": 1.0, "n": 2.0}  # the NaN row counts 0 error
+    release = MetricRelease(noise_multiplier=1.0)
+    released = release.publish(
+        {"valid": ({"sse": np.nan, "n": 3.0}, None)}, np.random.default_rng(1)
+    )
+    z = np.random.default_rng(1).normal(0.0, 1.0, 2)  # the same draws: n first, then sse
+    deviation = release.deviations([("valid", "n"), ("valid", "sse")])[("valid", "sse")]
+    assert released["valid"][0]["sse"] == pytest.approx(max(0.0, 0.0 + z[1] * deviation))
+    assert released["valid"][0]["sse"] > 0  # noise on a 0, not an exact 0

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -303,6 +304,32 @@ def test_an_evaluation_release_is_answered_only_with_the_bounds_its_noise_assume
     assert set(evaluations) == {"valid", "baseline/valid"} and evaluations["valid"][1] is None
     (line,) = (site.budget.folder / "entries.jsonl").read_text().splitlines()
     assert json.loads(line)["release"]["kind"] == "evaluation"
+
+
+def test_a_state_that_would_make_a_private_answer_non_finite_is_refused_before_any_charge(world):
+    """The attack: an item factor of 1e200 (finite, so it passed the schema) made the fold-in of
+    every user who rated that item NaN. The NaN answer was refused after the charge, and the
+    refusal said whether any user rated the item (with a positive threshold: at least t), for a
+    noise multiplier of 1e6, i.e. for free; an evaluation's NaN error sums were floored to an
+    exact 0, unnoised."""
+    transport, key, start = world
+    site = start()
+    cheap = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0), dp=UserLevelDP(1e6, 20)))
+    arrays = cheap.state_arrays(cheap.initial_state(len(ITEMS), seed=0))
+    arrays["factors"] = arrays["factors"].copy()
+    arrays["factors"][3] = 1e200
+    probe, _ = _ask(transport, family=cheap, state_arrays=arrays, nonce="1")
+    site.poll_once()
+    assert "'factors' holds values beyond +-1e+06" in _refusal(transport, key, probe)
+    assert not (site.budget.folder / "entries.jsonl").exists()  # whatever the rows: no charge
+
+    # the largest state allowed, with the smallest ridge allowed: a finite answer, answered
+    edge = ExplicitMF(replace(cheap.config, reg=1e-6))
+    arrays["factors"][3] = 1e6
+    request, digest = _ask(transport, family=edge, state_arrays=arrays, nonce="2", round_=2)
+    site.poll_once()
+    answer = decode_arrays(_answer(transport, key, request, digest), max_bytes=10**7)
+    assert all(np.isfinite(a).all() for a in answer.values() if a.dtype.kind == "f")
 
 
 def test_a_site_answers_no_exact_request_unless_allowed_so_its_cap_cannot_be_bypassed(world):
