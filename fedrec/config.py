@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -55,6 +55,12 @@ PromotionMetric = Literal[
 
 # what a registered model's name may hold: '/', '@' and ':' would break models:/NAME@ALIAS URIs
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
+def _numeric(annotation: object) -> bool:
+    """Whether a field's type is a number (``int``, ``float``, optionally None)."""
+    options = set(get_args(annotation)) - {type(None)} if get_origin(annotation) else {annotation}
+    return bool(options) and options <= {int, float}
 
 
 def scaled_threshold(low: float, high: float) -> float:
@@ -466,6 +472,17 @@ class TrainingConfig(BaseModel):
                     "finite, with LOW < HIGH (e.g. 1,5)"
                 )
         return scale
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: object) -> object:
+        """``seed: true`` in a YAML file would otherwise be the number 1."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+                    raise ValueError(f"{name}={value!r}: allowed: a number, not true/false")
+        return data
 
     @model_validator(mode="before")
     @classmethod

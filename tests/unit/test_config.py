@@ -98,3 +98,11 @@ def test_mlflow_params_hold_the_values_a_run_uses_not_unset_defaults():
     assert ranking["factors"] == str(RankingConfig().n_factors) and ranking["reg"] != ""
     assert ranking["model_name"] == "fedrec-ranking"
     assert TrainingConfig(factors=7).flat_params()["factors"] == "7"  # given: as given
+
+
+@pytest.mark.parametrize("field", ["seed", "rounds", "factors", "dp_epsilon", "min_delta"])
+def test_true_or_false_is_not_taken_for_a_number(field):
+    """YAML's `seed: true` would be the number 1 (another run than the user meant)."""
+    with pytest.raises(ValidationError, match=f"{field}=True: allowed: a number, not true/false"):
+        TrainingConfig(**{field: True})
+    assert TrainingConfig(warm_start=True).warm_start is True  # a yes/no setting takes one
