@@ -46,6 +46,7 @@ from tasks.tracking import (
     start_run,
     tag_run,
     unchanged_since_champion,
+    version_description,
     version_tags,
 )
 
@@ -256,10 +257,9 @@ def _train_and_register(
             "fedrec.algorithm": config.algorithm,
             "fedrec.feedback": config.feedback,
             "fedrec.ranker": config.ranker,
-            "fedrec.epsilon": "" if config.dp_epsilon is None else str(config.dp_epsilon),
             "fedrec.run_id": run_id,
             "fedrec.source": source,
-        }
+        } | ({} if config.dp_epsilon is None else {"fedrec.epsilon": str(config.dp_epsilon)})
         version = register_model(
             uri,
             run_id,
@@ -268,7 +268,12 @@ def _train_and_register(
             version_tags(trained.final, identity, config.promotion),
         )
         decision = record_promotion(
-            uri, name, version, decision, champion.version if champion else None
+            uri,
+            name,
+            version,
+            decision,
+            champion.version if champion else None,
+            description=version_description(config, source, trained.final),
         )
         logger.info("model %s version %s: %s (%s)", name, version,
                     "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip

@@ -463,8 +463,10 @@ def record_promotion(
     version: str,
     decision: PromotionDecision,
     champion_version: str | None,
+    description: str = "",
 ) -> PromotionDecision:
-    """Tag the version with the decision and, if promoted, move the champion alias to it.
+    """Tag the version with the decision and, if promoted, move the champion alias to it. The
+    version's description (the MLflow UI shows it) is ``description`` followed by the decision.
 
     Under :func:`promotion_lock`, the champion is read again first: if another run moved it
     since this one compared against it, this candidate is not promoted (it was not compared with
@@ -491,6 +493,12 @@ def record_promotion(
             client.set_model_version_tag(
                 model_name, version, "fedrec.compared_with_version", compared
             )
+        verdict = "promoted to champion" if decision.promote else "not promoted"
+        client.update_model_version(
+            model_name,
+            version,
+            description=f"{description}{'; ' if description else ''}{verdict}: {decision.reason}",
+        )
         if decision.promote:
             client.set_registered_model_alias(model_name, CHAMPION, version)
     return decision
@@ -847,6 +855,20 @@ def finish_run(uri: str, run_id: str, succeeded: bool) -> None:
     client = _client(uri)
     status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
     client.set_terminated(run_id, RunStatus.to_string(status))
+
+
+def version_description(config: TrainingConfig, source: str, metrics: Mapping[str, float]) -> str:
+    """One line for the registry: the model family, what it was trained on, its privacy and the
+    metric that decides promotion."""
+    family = config.algorithm + ("" if config.ranker == "none" else f" + {config.ranker} re-ranker")
+    privacy = "not private" if config.dp_epsilon is None else f"epsilon {config.dp_epsilon:g}"
+    metric = config.promotion
+    value = f"{metrics[metric]:.4f}" if metric in metrics else "not measured"
+    return (
+        f"{family} ({config.feedback} feedback), {config.rounds} round{'s' * (config.rounds != 1)} "
+        f"on {source}; {privacy}; "
+        f"{metric} {value}"
+    )
 
 
 def version_tags(

@@ -82,3 +82,4 @@ def test_dp_with_per_user_clients_in_cohorts(store):
     assert np.isfinite(model.recommender.params.factors).all()
     version = store["client"].get_model_version("dp-per-user", summary["model_version"])
     assert version.tags["fedrec.epsilon"] == "4.0"
+    assert "; epsilon 4; " in version.description

@@ -151,6 +151,17 @@ def test_worse_second_run_is_registered_but_not_promoted(store, first_run):
     assert reason.startswith("valid/rmse ") and reason.endswith("no improvement")
     assert summary["reason"] == reason
     assert tags["fedrec.compared_with_version"] == str(champion.version)
+    assert "fedrec.epsilon" not in tags  # only a private version says what it spent
+    # the registry's description says what the version is and why it is not the champion
+    description = client.get_model_version("flowtest", summary["model_version"]).description
+    rmse = summary["metrics"]["valid/rmse"]
+    assert description == (
+        f"als (explicit feedback), 1 round on {tags['fedrec.source']}; not private; "
+        f"valid/rmse {rmse:.4f}; not promoted: {reason}"
+    )
+    assert "; promoted to champion: no champion yet" in (
+        client.get_model_version("flowtest", champion.version).description
+    )
     # both were measured by the same federated evaluation on the same clients: the champion's
     # numbers now are the ones its own run recorded (rounded to 6 decimals in the tag)
     recorded = json.loads(champion.tags["fedrec.metrics_json"])
