@@ -13,7 +13,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fedrec.home import fedrec_home as fedrec_home
 from fedrec.inputs import (
@@ -61,6 +68,14 @@ def _numeric(annotation: object) -> bool:
     """Whether a field's type is a number (``int``, ``float``, optionally None)."""
     options = set(get_args(annotation)) - {type(None)} if get_origin(annotation) else {annotation}
     return bool(options) and options <= {int, float}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def scaled_threshold(low: float, high: float) -> float:
@@ -473,16 +488,19 @@ class TrainingConfig(BaseModel):
                 )
         return scale
 
-    @model_validator(mode="before")
+    @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, data: object) -> object:
-        """``seed: true`` in a YAML file would otherwise be the number 1."""
-        if isinstance(data, dict):
-            for name, value in data.items():
-                field = cls.model_fields.get(name)
-                if isinstance(value, bool) and field is not None and _numeric(field.annotation):
-                    raise ValueError(f"{name}={value!r}: allowed: a number, not true/false")
-        return data
+    def _numbers_are_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """A number field takes a number: ``seed: true`` in a YAML file would otherwise be the
+        number 1, and ``rounds: "3"`` (quoted, so text) the number 3."""
+        name = info.field_name
+        if name is None or not _numeric(cls.model_fields[name].annotation):
+            return value
+        if isinstance(value, bool):
+            raise ValueError("allowed: a number, not true/false")
+        if isinstance(value, str) and _is_number(value):
+            raise ValueError("allowed: a number, not text in quotes")
+        return value
 
     @model_validator(mode="before")
     @classmethod

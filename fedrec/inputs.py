@@ -113,7 +113,7 @@ def check_sources_exist(sources: Mapping[str, str]) -> None:
     """Raise ``MissingSourceError`` naming the first source that does not exist; a bare name
     (no folder, no suffix) is also compared with the named datasets."""
     from models.data.movielens import NAMED_DATASETS
-    from models.data.readers import datasets_dir
+    from models.data.readers import CSV_SUFFIXES, PARQUET_SUFFIXES, datasets_dir
 
     for name, spec in sources.items():
         path = source_path(spec)
@@ -128,6 +128,12 @@ def check_sources_exist(sources: Mapping[str, str]) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             message += (
                 f"; {hint}named datasets: {', '.join(named)} (MovieLens under {datasets_dir()})"
+            )
+        else:
+            message += (
+                "; allowed: an existing file ("
+                + ", ".join((*CSV_SUFFIXES, *PARQUET_SUFFIXES))
+                + "), a MovieLens folder, or a named dataset"
             )
         raise MissingSourceError(message)
 

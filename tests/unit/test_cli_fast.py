@@ -102,6 +102,9 @@ def test_a_missing_file_is_refused_before_any_library_or_server_loads(tmp_path):
     done, imported = _cli(["train", "--data", str(missing)], tmp_path / "home")
 
     _assert_one_line_error(done, f"data={str(missing)!r}: no such file or folder")
+    assert "; allowed: an existing file (.csv, .tsv, .txt, .parquet, .pq), a MovieLens folder" in (
+        done.stderr
+    )
     assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
     _assert_nothing_started(tmp_path / "home")
 
@@ -422,6 +425,8 @@ def test_paths_are_recorded_absolute_so_a_run_means_the_same_files_from_any_fold
     ("text", "expected"),
     [
         ("rounds: two\n", ["run.yaml: rounds: Input should be a valid integer", "(got 'two')"]),
+        ('rounds: "3"\n', ["run.yaml: rounds: allowed: a number, not text in quotes (got '3')"]),
+        ("seed: true\n", ["run.yaml: seed: allowed: a number, not true/false (got True)"]),
         ("roundz: 3\n", ["run.yaml: roundz: Extra inputs are not permitted; did you mean 'rounds'?"]),
         ("rounds: 2\nrounds: 3\n", ["run.yaml, line 2, column 1: not valid YAML (key 'rounds' appears twice)"]),
         ("rounds: [2\n", ["run.yaml, line 2, column 1: not valid YAML (expected ',' or ']'"]),

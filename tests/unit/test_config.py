@@ -103,6 +103,14 @@ def test_mlflow_params_hold_the_values_a_run_uses_not_unset_defaults():
 @pytest.mark.parametrize("field", ["seed", "rounds", "factors", "dp_epsilon", "min_delta"])
 def test_true_or_false_is_not_taken_for_a_number(field):
     """YAML's `seed: true` would be the number 1 (another run than the user meant)."""
-    with pytest.raises(ValidationError, match=f"{field}=True: allowed: a number, not true/false"):
+    with pytest.raises(ValidationError, match=f"{field}\n.*allowed: a number, not true/false"):
         TrainingConfig(**{field: True})
     assert TrainingConfig(warm_start=True).warm_start is True  # a yes/no setting takes one
+
+
+@pytest.mark.parametrize("field", ["seed", "rounds", "dp_epsilon", "min_delta"])
+def test_a_quoted_number_is_not_taken_for_a_number(field):
+    """YAML's `rounds: "3"` is text; pydantic would read it as 3 and hide a typing slip."""
+    with pytest.raises(ValidationError, match=f"{field}\n.*allowed: a number, not text in quotes"):
+        TrainingConfig(**{field: "3"})
+    assert TrainingConfig(rounds=3, dp_epsilon=3.0).rounds == 3
