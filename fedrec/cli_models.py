@@ -32,6 +32,9 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
             "(--rating-col names their column), or, for a history without ratings, a model "
             "trained with --feedback implicit (--model models:/fedrec-ranking@champion)"
         )
+    for note in data.notes:  # the rows a user gave twice: the latest of each is the one used
+        if "duplicate" in note:
+            click.echo(f"fedrec: note: {history}: {note}", err=True)
     frame = data.frame
     rows = pd.DataFrame(
         {

@@ -272,6 +272,13 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     assert "fedrec: note: 1 of 2 user(s) (carol) have no history item this model knows" in (
         rec.stderr
     )
+    # a rating given twice: the later row is the one used, and the user is told
+    history.write_text(history.read_text() + f"alice,{items[0]},1\n")
+    rec = _run("recommend", *model, "--history", str(history))
+    assert (
+        f"fedrec: note: {history}: dropped 1 duplicate (user, item) rows, kept the latest of each "
+        "(the last in file order)"
+    ) in rec.stderr.splitlines()
 
 
 def test_recommend_and_predict_read_other_column_names(trained, tmp_path):
