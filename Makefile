@@ -120,7 +120,7 @@ bench-quality: setup ## RMSE/MAE and timings on ML-100K and ML-1M (Surprise's 5-
 	$(RUN) python -m benchmarks.quality
 
 bench-speed: setup ## seconds per ML-1M ALS round (k=64, 10 clients), default vs tuned allocator
-	$(RUN) python -m benchmarks.round_speed
+	$(RUN) python -m benchmarks.round_speed --repeats 3
 
 bench-ranking: setup ## Recall/NDCG/Hit@10 on ML-1M (RecBole's protocol): retrieval models, federated re-ranker
 	$(RUN) python -m benchmarks.ranking
