@@ -130,6 +130,10 @@ _LAZY_COMMANDS = {
         "fedrec.cli_stores",
         "PostgreSQL, Prefect and MLflow servers for a real federation.",
     ),
+    "workspaces": (
+        "fedrec.cli_workspaces",
+        "Workspaces that failed runs keep for --resume: list, prune.",
+    ),
 }
 
 
@@ -455,7 +459,7 @@ def train(
         if summary.get("run_id")
         else ("", "")
     )
-    summary["mlflow_run_url"] = mlflow_url
+    summary["mlflow_run_url"] = mlflow_url or None  # a run that trained nothing has no run
     if as_json:
         click.echo(json.dumps(summary, default=str))
         return

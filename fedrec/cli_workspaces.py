@@ -1,0 +1,96 @@
+"""`fedrec workspaces`: the client partitions that runs which did not finish keep for --resume."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from fedrec.cli_errors import debug_option, friendly_errors
+from fedrec.home import fedrec_home
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Workspace:
+    path: Path
+    size: int  # bytes
+    written: float  # the newest file's modification time (a run checkpoints every round)
+
+
+def find_workspaces(root: Path) -> tuple[list[Workspace], list[Path]]:
+    """The run workspaces under ``root``, oldest write first, and the folders there that are
+    not workspaces (no ``manifest.json``: left alone)."""
+    found, others = [], []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        if not (path / "manifest.json").is_file():
+            others.append(path)
+            continue
+        size, written = 0, path.stat().st_mtime
+        for folder, _, files in os.walk(path):
+            for name in files:
+                stat = Path(folder, name).stat()
+                size += stat.st_size
+                written = max(written, stat.st_mtime)
+        found.append(Workspace(path, size, written))
+    return sorted(found, key=lambda w: w.written), others
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+@click.command()
+@click.option(
+    "--prune",
+    is_flag=True,
+    help="delete the workspaces not written for --older-than days (those runs cannot be resumed "
+    "after)",
+)
+@click.option(
+    "--older-than",
+    "days",
+    type=click.FloatRange(min=0),
+    default=7.0,
+    show_default=True,
+    help="days since a workspace was last written; a running run writes a checkpoint every "
+    "round, so 0 would delete a running run's workspace too",
+)
+@debug_option
+@friendly_errors
+def workspaces(prune: bool, days: float) -> None:
+    """The client partitions and checkpoints of runs that failed or were killed, kept in
+    FEDREC_HOME/workspaces/RUN_ID for `fedrec train --resume RUN_ID`. A run that succeeds
+    removes its own (unless --keep-workspace); these stay until pruned.
+
+    \b
+    fedrec workspaces                      each one's run id, size and last write
+    fedrec workspaces --prune              delete those not written for 7 days
+    fedrec workspaces --prune --older-than 1
+    """
+    from models.data.partitions import remove_workspace
+
+    root = fedrec_home() / "workspaces"
+    found, others = find_workspaces(root)
+    if not found:
+        click.echo(f"no run workspaces in {root}")
+    now = time.time()
+    freed = removed = 0
+    for w in found:
+        age = (now - w.written) / DAY
+        line = f"{w.path.name}  {_megabytes(w.size):>10}  written {age:.1f} days ago"
+        if prune and age >= days and remove_workspace(w.path):
+            removed, freed = removed + 1, freed + w.size
+            click.echo(f"{line}  removed")
+        else:
+            click.echo(f"{line}  resume: fedrec train --resume {w.path.name}")
+    for path in others:
+        click.echo(f"{path.name}  not a run workspace (no manifest.json): left alone")
+    if prune:
+        click.echo(
+            f"removed {removed} workspace(s) not written for {days:g} days, {_megabytes(freed)}"
+        )

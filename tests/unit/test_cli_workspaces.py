@@ -1,0 +1,57 @@
+"""`fedrec workspaces`: what failed runs keep for --resume, listed and pruned by age."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from click.testing import CliRunner
+
+from fedrec.cli import main
+
+
+def _workspace(root, name, days_old, manifest=True):
+    folder = root / name
+    (folder / "clients").mkdir(parents=True)
+    files = [folder / "clients" / "client-0.parquet"]
+    files[0].write_bytes(b"x" * 2_000_000)
+    if manifest:
+        files.append(folder / "manifest.json")
+        files[-1].write_text("{}")
+    written = time.time() - days_old * 86400
+    for path in [*files, folder / "clients", folder]:
+        os.utime(path, (written, written))
+    return folder
+
+
+def test_prune_removes_only_workspaces_older_than_asked_and_leaves_other_folders(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    root = tmp_path / "workspaces"
+    old = _workspace(root, "run-old", days_old=10)
+    new = _workspace(root, "run-new", days_old=2)
+    other = _workspace(root, "notes", days_old=30, manifest=False)
+    runner = CliRunner()
+
+    listed = runner.invoke(main, ["workspaces"])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert (
+        lines[0].startswith("run-old")
+        and "2.0 MB" in lines[0]
+        and "written 10.0 days ago" in (lines[0])
+    )
+    assert lines[0].endswith("resume: fedrec train --resume run-old")
+    assert lines[1].startswith("run-new") and lines[2].startswith("notes  not a run workspace")
+    assert old.exists() and new.exists()
+
+    pruned = runner.invoke(main, ["workspaces", "--prune"])
+    assert pruned.exit_code == 0, pruned.output
+    assert not old.exists() and new.exists() and other.exists()
+    assert pruned.output.splitlines()[0].endswith("removed")
+    assert pruned.output.splitlines()[-1] == "removed 1 workspace(s) not written for 7 days, 2.0 MB"
+
+    runner.invoke(main, ["workspaces", "--prune", "--older-than", "1"])
+    assert not new.exists() and other.exists()
+    assert runner.invoke(main, ["workspaces"]).output.startswith(f"no run workspaces in {root}")
