@@ -29,9 +29,10 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 # a flag, or a family of them ("the `--neural-*` settings")
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*(?:-\*)?")
 # a program in command position (a line's start, after `uv run`, a pipe, `;`, `&&`, `$(`, `#`,
-# `then:` or an environment assignment), whose flags follow it; fedrec's subcommands follow "fedrec"
+# `then: ` or an environment assignment), whose flags follow it; fedrec's subcommands follow
+# "fedrec" (not a value such as `--side after:fedrec`)
 PROGRAM = re.compile(
-    r"(?:^|[|;&(#:]|\buv run|\S=\S*)\s*"
+    r"(?:^|[|;&(#]|:(?=\s)|\buv run|\S=\S*)\s*"
     r"(fedrec|mlflow|prefect|dask|curl|git|make|pip|python3?|pytest|ruff|uv (?:sync|add|pip))"
     r"(?![\w-])"
 )
