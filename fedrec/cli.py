@@ -37,7 +37,7 @@ from fedrec.cli_errors import (
     one_line_config_error,
 )
 from fedrec.config_flags import ConfigCommand, config_defaults
-from fedrec.inputs import absolute_paths
+from fedrec.inputs import absolute_paths, file_relative_paths
 
 MLFLOW_PORT_ENV = "MLFLOW_PORT"  # where `make mlflow-ui` serves the local store
 DEFAULT_MLFLOW_PORT = 5000
@@ -167,8 +167,9 @@ class LazyGroup(OneLineGroup):
 def config_values(
     config_file: str | None, overrides: dict[str, Any]
 ) -> tuple[dict[str, Any], set[str]]:
-    """The YAML file's keys (if any), then the flags given on the command line (not yet
-    checked); and the keys whose value comes from the file."""
+    """The YAML file's keys (if any; its relative paths taken from its folder), then the flags
+    given on the command line (not yet checked; their relative paths are the current folder's);
+    and the keys whose value comes from the file."""
     import yaml
 
     values: dict[str, Any] = {}
@@ -188,7 +189,7 @@ def config_values(
             raise UserError(
                 f"{config_file}: must be a mapping of config keys, got {type(loaded).__name__}"
             )
-        values.update(loaded)
+        values.update(file_relative_paths(loaded, path.resolve().parent))
     flags = {k: v for k, v in overrides.items() if v is not None}
     from_file = set(values) - set(flags)
     values.update(flags)

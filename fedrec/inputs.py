@@ -89,6 +89,27 @@ def source_path(spec: str) -> Path:
 PATH_KEYS = ("catalogue", "sites", "workspace", "dp_ledger_secret")
 
 
+def file_relative_paths(values: Mapping[str, Any], folder: Path) -> dict[str, Any]:
+    """A configuration file's ``values`` with each relative path it names taken from the file's
+    ``folder`` (as ``sites.yaml`` does), so that the file means the same files from whichever
+    folder it is run, a scheduler's included. A name that is a named dataset (``ml-1m``) stays
+    one unless such a path exists next to the file; ``synthetic`` is never a path."""
+    from models.data.movielens import NAMED_DATASETS
+
+    resolved = dict(values)
+    for key in ("data", "train", "valid", "test", *PATH_KEYS):
+        spec = values.get(key)
+        if not isinstance(spec, str) or not spec or spec == "synthetic":
+            continue
+        path = Path(spec).expanduser()
+        if path.is_absolute():
+            continue
+        if key not in PATH_KEYS and spec in NAMED_DATASETS and not (folder / path).exists():
+            continue
+        resolved[key] = str((folder / path).resolve())
+    return resolved
+
+
 def absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` with every file or folder it names made absolute (against the current folder),
     so that the run's recorded configuration, its provenance tags and ``--resume`` mean the same

@@ -443,3 +443,34 @@ def test_a_config_file_error_names_the_file_its_line_and_the_key(tmp_path, text,
     _assert_one_line_error(done, *[str(tmp_path / part) if i == 0 else part
                                    for i, part in enumerate(expected)])  # fmt: skip
     _assert_nothing_started(tmp_path / "home")
+
+
+def test_a_config_files_relative_paths_are_the_files_folders_and_a_flags_the_current_ones(
+    tmp_path, monkeypatch
+):
+    """A scheduler runs `fedrec train --config /etc/fedrec/run.yaml` from another folder."""
+    from fedrec.cli import config_values
+
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "ml-1m").mkdir()  # a folder of that name beside the file: the path, not the dataset
+    config = folder / "run.yaml"
+    config.write_text(
+        "data: ratings.csv\ncatalogue: ../items.csv\nworkspace: ws\ntest: ml-100k\n"
+        f"valid: {tmp_path / 'abs.csv'}\ntrain: ml-1m\n"
+    )
+    monkeypatch.chdir(tmp_path)
+
+    values, from_file = config_values(str(config.relative_to(tmp_path)), {"sites": None})
+    assert values == {
+        "data": str(folder / "ratings.csv"),
+        "catalogue": str(tmp_path / "items.csv"),
+        "workspace": str(folder / "ws"),
+        "test": "ml-100k",  # a named dataset: nothing of that name beside the file
+        "valid": str(tmp_path / "abs.csv"),
+        "train": str(folder / "ml-1m"),
+    }
+    assert from_file == set(values)
+    flagged, _ = config_values(str(config), {"data": "other.csv", "workspace": "mine"})
+    assert (flagged["data"], flagged["workspace"]) == ("other.csv", "mine")  # made absolute later
+    assert config_values(None, {"data": "synthetic"})[0] == {"data": "synthetic"}
