@@ -379,7 +379,8 @@ def main() -> None:
     "config_file",
     type=str,
     default=None,
-    help="YAML file with TrainingConfig keys; flags override it",
+    help="YAML file with TrainingConfig keys (its relative paths: from its folder); flags "
+    "override it",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="print one machine-readable JSON summary on stdout"
