@@ -134,8 +134,8 @@ def _everyone_round(
         for e in ctx.entries
     }
     failed: dict[int, str] = {}
-    answers = answered(futures, phase.name, failed=failed)
-    require_quorum(len(answers), len(ctx.entries), ctx.config, phase.name, failed)
+    answers = answered(futures, phase.name, failed=failed, names=ctx.client_names)
+    require_quorum(len(answers), len(ctx.entries), ctx.config, phase.name, failed, ctx.client_names)
     held = {c: u for c, (u, _) in answers.items()}
     if secure is not None:  # the answers stayed on the clients; the sum comes masked
         asked, folder = len(ctx.entries), _checkpoints(ctx)
@@ -326,7 +326,7 @@ def train_family(
     # the final model's and the champion's evaluations run side by side
     final_futures = _evaluate_all(ctx, family, state, family.eval_splits, f"round-{step}", release)
     champion_futures, comparable = _champion_evaluations(ctx, family, release)
-    final_evaluations = answered(final_futures, f"round-{step} evaluation")
+    final_evaluations = answered(final_futures, f"round-{step} evaluation", names=ctx.client_names)
     label = f"round {step}/{total} (final)"
     noise = _noise(list(final_evaluations.values()), release, family.top_k)
     final = log_step(
@@ -349,7 +349,7 @@ def train_family(
     candidate = build_model(family=family, state=state)
     champion_metrics = None
     if champion_futures is not None:
-        parts = answered(champion_futures, "champion evaluation")
+        parts = answered(champion_futures, "champion evaluation", names=ctx.client_names)
         champion_metrics = round_summary(
             [], list(parts.values()), family.top_k, ctx.n_items, 0.0, spread=release is None
         )

@@ -149,6 +149,12 @@ class RunContext:
         return self.manifest.clients
 
     @property
+    def client_names(self) -> dict[int, str]:
+        """How log lines name a client: a real site by its name (simulated clients: none)."""
+        entries = getattr(self.sites, "entries", None) or {}
+        return {client: site.name for client, site in entries.items()}
+
+    @property
     def source(self) -> str:
         """The run's data source as versions record it (credentials redacted)."""
         return redact_uri(self.manifest.source)
@@ -199,16 +205,17 @@ def answered(
     what: str,
     timeout: float | None = None,
     failed: dict[Any, str] | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> dict[Any, Any]:
     """Results of the futures that completed (within ``timeout`` seconds, if given), under their
-    keys; failures and stragglers are logged and left out (a late answer is never used), and
-    written into ``failed`` (key: why) when it is given."""
+    keys; failures and stragglers are logged (a client by its ``names`` entry, if any) and left
+    out (a late answer is never used), and written into ``failed`` (key: why) when it is given."""
     done = wait(list(futures.values()), timeout=timeout).done
     results = {}
     for key, future in futures.items():
         if future not in done:
             why = f"did not answer within {timeout} s"
-            get_run_logger().warning("%s: %s %s: left out", what, _who(key), why)
+            get_run_logger().warning("%s: %s %s: left out", what, _who(key, names), why)
         else:
             # With a timeout, wait() tells which futures are done but records no final state,
             # and the state read from the API can lag behind a task that has just finished:
@@ -218,17 +225,22 @@ def answered(
                 results[key] = future.result()
                 continue
             why = f"failed: {future.state.message}"
-            get_run_logger().warning("%s: %s %s", what, _who(key), why)
+            get_run_logger().warning("%s: %s %s", what, _who(key, names), why)
         if failed is not None:
             failed[key] = why.removeprefix("failed: Task run encountered an exception ")
     return results
 
 
-def _who(key: Any) -> str:
-    """A client task's key as its log lines name it: ``train client-3``, ``client-3``."""
+def _who(key: Any, names: Mapping[int, str] | None = None) -> str:
+    """A client task's key as its log lines name it: ``train client-3``, ``client-3``, or with
+    ``names`` (a real site's) ``train shop-a``, ``shop-a``."""
+
+    def client(i: Any) -> str:
+        return (names or {}).get(int(i), f"client-{int(i)}")
+
     if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], int | np.integer):
-        return f"{key[0]} client-{int(key[1])}"
-    return f"client-{int(key)}" if isinstance(key, int | np.integer) else str(key)
+        return f"{key[0]} {client(key[1])}"
+    return client(key) if isinstance(key, int | np.integer) else str(key)
 
 
 def quorum(config: TrainingConfig, asked: int) -> int:
@@ -242,12 +254,14 @@ def require_quorum(
     config: TrainingConfig,
     what: str,
     failed: Mapping[Any, str] | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> None:
     """Raise :class:`QuorumError` when fewer than the quorum answered; its one line names the
-    first of the ``failed`` clients and why (a refusal's reason, a timeout)."""
+    first of the ``failed`` clients (by its ``names`` entry, if any) and why (a refusal's
+    reason, a timeout)."""
     if answers < quorum(config, asked):
         first = next(iter(failed.items()), None) if failed else None
-        why = "" if first is None else f"; {_who(first[0])}: {first[1]}"
+        why = "" if first is None else f"; {_who(first[0], names)}: {first[1]}"
         more = f" (and {len(failed) - 1} more)" if failed and len(failed) > 1 else ""
         raise QuorumError(
             f"{what}: {answers} of {asked} clients answered, the quorum is {quorum(config, asked)} "
@@ -262,6 +276,7 @@ def gather_round(
     config: TrainingConfig,
     what: str,
     fold: Callable[[Any, Any], Any] | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> dict[Any, Any]:
     """Submit one task per key (``submit(key, attempt)``) and collect the answers. If fewer of the counted keys (the
     trainers) answered than the quorum, ask the missing ones again, up to ``round_retries`` times;
@@ -282,7 +297,11 @@ def gather_round(
         for start in range(0, len(pending), size):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             wave = answered(
-                {k: submit(k, attempt) for k in pending[start : start + size]}, what, left, failed
+                {k: submit(k, attempt) for k in pending[start : start + size]},
+                what,
+                left,
+                failed,
+                names,
             )
             if fold is not None:
                 wave = {k: fold(k, a) for k, a in wave.items()}
@@ -299,7 +318,7 @@ def gather_round(
             get_run_logger().warning("%s: %d of %d clients answered, quorum %d: asking %d again",
                                      what, got, asked, quorum(config, asked), len(pending))  # fmt: skip
     trainers = {k: why for k, why in failed.items() if counts(k) and k not in results}
-    require_quorum(sum(1 for k in results if counts(k)), asked, config, what, trainers)
+    require_quorum(sum(1 for k in results if counts(k)), asked, config, what, trainers, names)
     return results
 
 
@@ -334,7 +353,7 @@ def train_and_evaluate(
         ("evaluate", i) for i in range(len(ctx.entries)) if evaluate_others and i not in chosen
     ]
     answers = gather_round(submit, keys, lambda k: k[0] == "train", ctx.config, f"round {r}",
-                           None if running is None else fold)  # fmt: skip
+                           None if running is None else fold, ctx.client_names)  # fmt: skip
     sent = {i: a[0] for (kind, i), a in answers.items() if kind == "train"}
     evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
     return sent, evaluations

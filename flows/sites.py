@@ -78,7 +78,8 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
         for site in registry.sites
     }
     failed: dict[int, str] = {}
-    enrolled = answered(futures, "enrolment", config.round_timeout, failed)
+    names = {site.client_id: site.name for site in registry.sites}
+    enrolled = answered(futures, "enrolment", config.round_timeout, failed, names)
     if config.dp_epsilon is None:  # before any run starts: a run the sites would refuse
         private_only = [
             s.name
@@ -91,7 +92,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
                 "--dp-epsilon, or ask them to start `fedrec site run --allow-exact` (exact sums "
                 "would then leave them, counted in no budget); not started"
             )
-    require_quorum(len(enrolled), len(registry.sites), config, "enrolment", failed)
+    require_quorum(len(enrolled), len(registry.sites), config, "enrolment", failed, names)
     sites = [s for s in registry.sites if s.client_id in enrolled]
     link.entries = {s.client_id: s for s in sites}
     catalogue = registry.catalogue

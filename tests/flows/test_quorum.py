@@ -21,3 +21,26 @@ def test_failed_client_tasks_are_left_out_and_logged(prefect_server, caplog):
 
     assert one_round() == {0: 0, 1: 10, 3: 30}  # client 2 is left out, the others keep their keys
     assert any("round 1: client-2 failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_real_site_is_named_in_the_warning_and_in_the_quorums_one_line(prefect_server, caplog):
+    import pytest
+
+    from fedrec.config import TrainingConfig
+    from flows.rounds import QuorumError, answered, require_quorum
+
+    names = {2: "shop-c"}
+    failed: dict[int, str] = {}
+
+    @flow
+    def one_round() -> dict[int, int]:
+        return answered(
+            {i: _client.submit(i) for i in range(3)}, "round 1", failed=failed, names=names
+        )
+
+    answers = one_round()
+    assert any("round 1: shop-c failed" in r.getMessage() for r in caplog.records)
+    assert not any("client-2" in r.getMessage() for r in caplog.records)
+    config = TrainingConfig(min_clients=3)
+    with pytest.raises(QuorumError, match=r"2 of 3 clients answered.*; shop-c: .*client 2 is down"):
+        require_quorum(len(answers), 3, config, "round 1", failed, names)
