@@ -114,6 +114,14 @@ def test_missing_store_and_unknown_model_are_one_line(tmp_path):
         f"{tmp_path / 'empty.db'} (registered models: none; a model URI is models:/NAME@ALIAS, "
         "models:/NAME/VERSION or runs:/RUN_ID/model)"
     )
+    bare = CliRunner().invoke(
+        main, ["recommend", "--model", "models:/nothing", "--history", str(history), "--tracking-uri", uri]
+    )  # fmt: skip
+    assert bare.exit_code == 2 and bare.stderr.strip() == (
+        "fedrec: error: model models:/nothing: names no alias or version (a model URI is "
+        "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model, e.g. "
+        "models:/nothing@champion)"
+    )
 
 
 @pytest.fixture(scope="module")
