@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -427,6 +428,8 @@ def train(
     _quiet_prefect(debug)
     with _step("loading Prefect, MLflow and the training flow"):
         from flows.training import training_flow
+    from prefect.exceptions import TerminationSignal
+
     from fedrec.runtime import foreground_flow, keep_freed_memory
 
     keep_freed_memory()
@@ -441,15 +444,18 @@ def train(
     with (
         using_api(api_url),
         foreground_flow(),
+        _sigterm_ends_the_command(),
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
     ):
-        _crash_lost_runs()
+        _crash_lost_runs(config.tracking_uri)
         try:
             state = flow(**config.model_dump(), return_state=True)
             flow_run_url = prefect_flow_run_url(state.state_details.flow_run_id)
             summary = state.result()
         except KeyboardInterrupt as err:
             raise _with_resume_hint(RunFailed("interrupted"), config) from err
+        except (TerminationSignal, Terminated) as err:  # systemd, Kubernetes, `timeout` stop it
+            raise _with_resume_hint(RunFailed("terminated (SIGTERM)"), config) from err
         except Exception as err:
             if debug:
                 raise
@@ -547,20 +553,54 @@ def _resumable_run(config: Any) -> str | None:
     return run.info.run_id if (Path(workspace) / "manifest.json").is_file() else None
 
 
-def _crash_lost_runs() -> None:
-    """Mark earlier foreground training runs whose process died as crashed, and say so; a
-    failure here is reported and does not stop the run."""
+class Terminated(BaseException):
+    """SIGTERM reached ``fedrec train`` (not an ``Exception``: nothing may swallow it)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_ends_the_command() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the block. Prefect's engine marks its flow run
+    crashed on SIGTERM, then passes the signal on to the handler it found: this one. (Signals
+    go to the main thread only; elsewhere nothing changes.)"""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _crash_lost_runs(tracking_uri: str | None) -> None:
+    """Mark earlier foreground training runs whose process died as crashed in Prefect and
+    killed in MLflow (where this run's store holds them), and say how to resume each; a failure
+    here is reported and does not stop the run."""
     from fedrec.runtime import crash_lost_runs
+    from tasks.tracking import close_lost_run, resolve_tracking_uri
+
+    def tracking_run_of(flow_run_id: str) -> str | None:
+        return close_lost_run(resolve_tracking_uri(tracking_uri), flow_run_id)
 
     try:
-        lost = crash_lost_runs("federated-training")
+        lost = crash_lost_runs("federated-training", tracking_run_of)
     except Exception as err:  # housekeeping: the run itself reports a server that cannot be used
         _note(f"could not look for runs whose process is gone: {type(err).__name__}: {err}")
         return
     if lost:
+        named = [
+            f"{name} (fedrec train --resume {run} continues it)"
+            if run
+            else f"{name} (its MLflow run is not in this store)"
+            for name, run in lost
+        ]
         _note(
-            f"marked {len(lost)} earlier run(s) as crashed, their process gone: {', '.join(lost)} "
-            "(fedrec train --resume <MLflow run id> continues one)"
+            f"marked {len(lost)} earlier run(s) as crashed, their process gone: {'; '.join(named)}"
         )
 
 

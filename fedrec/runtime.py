@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from fedrec.local_server import is_running, process_start
 
@@ -116,10 +116,14 @@ def record_foreground_process(flow_run_id: str | None) -> None:
         logging.getLogger(__name__).warning("could not record the run's process: %s", err)
 
 
-def crash_lost_runs(flow_name: str) -> list[str]:
+def crash_lost_runs(
+    flow_name: str, tracking_run_of: Callable[[str], str | None] = lambda _: None
+) -> list[tuple[str, str | None]]:
     """Mark as crashed the running flow runs of ``flow_name`` whose foreground process, on this
     host, is gone (killed, or its machine restarted): without a heartbeat, the server would show
-    them running forever. Returns their names."""
+    them running forever. ``tracking_run_of(flow_run_id)`` closes the flow run's MLflow run and
+    returns its id (None: not found), which the crash message then names. Returns each lost
+    run's name and MLflow run id."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -147,11 +151,16 @@ def crash_lost_runs(flow_name: str) -> list[str]:
                 continue
             if is_running(int(pid), int(process)):
                 continue
+            tracking_run = tracking_run_of(str(run.id))
+            resume = (
+                f"fedrec train --resume {tracking_run} continues it"
+                if tracking_run
+                else "fedrec train --resume <MLflow run id> continues it (the id is in the run's "
+                "log and in MLflow, on the run tagged with this flow run's id)"
+            )
             message = (
-                f"its process ({pid} on {host}) ended without reporting, e.g. killed; fedrec "
-                "train --resume <MLflow run id> continues it (the id is in the run's log and in "
-                "MLflow, on the run tagged with this flow run's id)"
+                f"its process ({pid} on {host}) ended without reporting, e.g. killed; {resume}"
             )
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
-            lost.append(run.name)
+            lost.append((run.name, tracking_run))
     return lost

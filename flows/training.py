@@ -118,7 +118,7 @@ def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
     workspace = original.workspace or str(fedrec_home() / "workspaces" / found.run_id)
     if not (Path(workspace) / "manifest.json").is_file():
         raise ResumeError(f"--resume {found.run_id}: its client partitions are gone ({workspace})")
-    reopen_run(found.uri, found.run_id)
+    reopen_run(found.uri, found.run_id, str(flow_run.get_id() or ""))
     ctx = RunContext(
         original, found.uri, found.run_id, workspace, read_manifest(workspace),
         read_item_ids(workspace), load_champion(found.uri, original.registered_name),

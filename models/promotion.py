@@ -60,6 +60,12 @@ def lower_is_better(metric: str) -> bool:
     return metric.rpartition("/")[2].startswith(("rmse", "mae"))
 
 
+def _size(gap: float) -> str:
+    """A positive gap between two metrics, to four decimals, or to two significant digits when
+    that would print 0.0000."""
+    return f"{gap:.4f}" if gap >= 5e-5 else f"{gap:.2g}"
+
+
 def decide_promotion(
     candidate: Mapping[str, float],
     champion: Mapping[str, float] | None,
@@ -113,12 +119,16 @@ def decide_promotion(
     new, old = candidate[metric], champion[metric]
     sign = -1.0 if lower_is_better(metric) else 1.0
     gain = sign * (new - old)
-    if gain <= 0:  # a tie is no improvement (retraining on unchanged data gives one)
+    if gain == 0:  # a tie is no improvement (retraining on unchanged data gives one)
         return PromotionDecision(False, f"{metric} {new:.4f} vs champion {old:.4f}: no improvement")
+    if gain < 0:
+        return PromotionDecision(
+            False, f"{metric} {new:.4f} vs champion {old:.4f}: worse by {_size(-gain)}"
+        )
     if gain < min_delta:
         return PromotionDecision(
             False,
-            f"{metric} {new:.4f} vs champion {old:.4f}: improvement {gain:+.4f} < min_delta {min_delta}",
+            f"{metric} {new:.4f} vs champion {old:.4f}: improvement +{_size(gain)} < min_delta {min_delta}",
         )
     spreads = candidate.get(noise_metric(metric)), champion.get(noise_metric(metric))
     if noise_sds > 0 and None not in spreads:
@@ -126,7 +136,7 @@ def decide_promotion(
         if gain < margin:
             return PromotionDecision(
                 False,
-                f"{metric} {new:.4f} vs champion {old:.4f}: improvement {gain:+.4f} is within the "
+                f"{metric} {new:.4f} vs champion {old:.4f}: improvement +{_size(gain)} is within the "
                 f"DP noise of the two released figures ({noise_sds:g} standard deviations of "
                 f"their difference: {margin:.4f})",
             )
@@ -137,7 +147,7 @@ def decide_promotion(
         if regression > max_client_regression:
             return PromotionDecision(
                 False,
-                f"{metric} improved {gain:+.4f}, but the worst client's {worst_client_metric} went "
+                f"{metric} improved +{_size(gain)}, but the worst client's {worst_client_metric} went "
                 f"{worst_old:.4f} -> {worst_new:.4f} (worse by {regression:.4f} > {max_client_regression})",
             )
-    return PromotionDecision(True, f"{metric} {new:.4f} beats champion {old:.4f} by {gain:+.4f}")
+    return PromotionDecision(True, f"{metric} {new:.4f} beats champion {old:.4f} by +{_size(gain)}")

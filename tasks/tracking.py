@@ -36,6 +36,7 @@ from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.model_store import STATE, load_recommender, resolve_tracking_uri
+from models.data.partitions import remove_workspace
 from models.federation.family import Recommender
 from models.files import write_private
 from models.privacy.ledger import (
@@ -169,7 +170,18 @@ class ResumeError(ValueError):
 CHAMPION_PLANNED = "fedrec.dp_champion_planned"
 
 
-@task(name="find-interrupted-run", **_RETRY)
+def _not_refused(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed lookup unless it refused the resume: the answer would be the same."""
+    try:
+        state.result()
+    except ResumeError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+@task(name="find-interrupted-run", **_RETRY, retry_condition_fn=_not_refused)
 def interrupted_run(uri: str, run_id: str) -> Interrupted:
     """The run to resume; refuses a run that finished (it has nothing left to do)."""
     client = _client(uri)
@@ -179,6 +191,20 @@ def interrupted_run(uri: str, run_id: str) -> Interrupted:
         raise ResumeError(f"--resume {run_id}: no such MLflow run in {redact_uri(uri)}") from err
     if run.info.status == "FINISHED":
         raise ResumeError(f"--resume {run_id}: the run finished; there is nothing to resume")
+    registered = client.search_model_versions(f"run_id='{run_id}'")
+    if registered:  # it failed after registering (e.g. a server gone): resuming would add a twin
+        version = registered[0]
+        decided = {"true": "promoted to champion", "false": "not promoted"}.get(
+            version.tags.get("fedrec.promoted", ""), "its promotion decision not recorded"
+        )
+        workspace = run.data.tags.get("fedrec.workspace")
+        if workspace:  # its partitions and checkpoints serve no resume
+            remove_workspace(workspace)
+        raise ResumeError(
+            f"--resume {run_id}: the run already registered {version.name} version "
+            f"{version.version} ({decided}); there is nothing to resume"
+            + ("; its workspace is removed" if workspace and not Path(workspace).exists() else "")
+        )
     config_json = run.data.tags.get("fedrec.config")
     if config_json is None:
         raise ResumeError(f"--resume {run_id}: not a fedrec training run (no fedrec.config tag)")
@@ -196,9 +222,28 @@ def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 
 
 @task(name="reopen-tracking", **_RETRY)
-def reopen_run(uri: str, run_id: str) -> None:
-    """Mark a resumed run RUNNING again (a killed run may still say RUNNING, a failed one FAILED)."""
-    _client(uri).update_run(run_id, status="RUNNING")
+def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
+    """Mark a resumed run RUNNING again (a killed run says KILLED, a failed one FAILED), tagged
+    with the flow run that now carries it."""
+    client = _client(uri)
+    client.update_run(run_id, status="RUNNING")
+    if flow_run_id:
+        client.set_tag(run_id, "prefect.flow_run_id", flow_run_id)
+
+
+def close_lost_run(uri: str, flow_run_id: str) -> str | None:
+    """The id of the training run of ``flow_run_id`` (a flow run whose process is gone) in this
+    store, marked KILLED if it still said RUNNING; None when the store has no such run."""
+    client = _client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=1
+    )
+    if not runs:
+        return None
+    if runs[0].info.status == "RUNNING":
+        client.set_terminated(runs[0].info.run_id, status="KILLED")
+    return runs[0].info.run_id
 
 
 def log_metrics(uri: str, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
@@ -295,11 +340,18 @@ def log_artifacts(
         client.log_artifacts(run_id, str(folder))
 
 
+def _rated(recommender: Recommender) -> bool:
+    """Whether the model predicts ratings from a user's own: its requests need them."""
+    return getattr(recommender, "rating_scale", None) is not None
+
+
 def _signature(recommender: Recommender) -> ModelSignature:
-    """Inputs: user_id, history_items and the columns the recommender's kind declares."""
+    """Inputs: user_id, history_items and the columns the recommender's kind declares (of
+    those, only a rating model's history_ratings is required)."""
     columns = [ColSpec("string", "user_id"), ColSpec(Array("string"), "history_items")]
     for name, kind, is_list in recommender.request_columns:
-        columns.append(ColSpec(Array(kind) if is_list else kind, name, required=False))
+        required = name == "history_ratings" and _rated(recommender)
+        columns.append(ColSpec(Array(kind) if is_list else kind, name, required=required))
     outputs = Schema(
         [
             ColSpec("string", "user_id"),
@@ -326,9 +378,11 @@ def register_model(
 ) -> str:
     """Log the recommender as a models-from-code pyfunc and register it; returns the version."""
     _client(uri)
-    example = pd.DataFrame(
-        {"user_id": ["example-user"], "history_items": [list(recommender.item_ids[:3])]}
-    )
+    history = list(recommender.item_ids[:3])
+    example = pd.DataFrame({"user_id": ["example-user"], "history_items": [history]})
+    if _rated(recommender):  # a rating model answers from the user's ratings, on its scale
+        top = float(recommender.rating_scale[1])  # type: ignore[attr-defined]
+        example["history_ratings"] = [[top] * len(history)]
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         recommender.save(Path(tmp) / _STATE)
         info = mlflow.pyfunc.log_model(
@@ -456,6 +510,13 @@ def promotion_lock(uri: str) -> Iterator[None]:
         os.close(fd)
 
 
+MODEL_DESCRIPTION = (
+    "Trained by fedrec: each version is one federated training run (its description says on "
+    "what, and why it was or was not promoted). The alias 'champion' marks the version in use: "
+    "models:/NAME@champion."
+)
+
+
 @task(name="record-promotion", **_RETRY)
 def record_promotion(
     uri: str,
@@ -493,7 +554,7 @@ def record_promotion(
             client.set_model_version_tag(
                 model_name, version, "fedrec.compared_with_version", compared
             )
-        verdict = "promoted to champion" if decision.promote else "not promoted"
+        verdict = "promoted to champion when registered" if decision.promote else "not promoted"
         client.update_model_version(
             model_name,
             version,
@@ -501,6 +562,12 @@ def record_promotion(
         )
         if decision.promote:
             client.set_registered_model_alias(model_name, CHAMPION, version)
+            if current_version is not None:  # its fedrec.promoted=true tells what it was
+                client.set_model_version_tag(
+                    model_name, current_version, "fedrec.replaced_by_version", version
+                )
+        if not client.get_registered_model(model_name).description:
+            client.update_registered_model(model_name, description=MODEL_DESCRIPTION)
     return decision
 
 
@@ -865,9 +932,8 @@ def version_description(config: TrainingConfig, source: str, metrics: Mapping[st
     metric = config.promotion
     value = f"{metrics[metric]:.4f}" if metric in metrics else "not measured"
     return (
-        f"{family} ({config.feedback} feedback), {config.rounds} round{'s' * (config.rounds != 1)} "
-        f"on {source}; {privacy}; "
-        f"{metric} {value}"
+        f"{family} ({config.feedback} feedback), {config.rounds} round{'s' * (config.rounds != 1)}; "
+        f"data: {source}; {privacy}; {metric} {value}"
     )
 
 

@@ -117,6 +117,7 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterru
         assert resumed.exit_code == 0, resumed.stderr[-3000:]
         # the next command found the killed run's process gone and marked its flow run
         assert "marked 1 earlier run(s) as crashed" in resumed.stderr
+        assert f"(fedrec train --resume {run_id} continues it)" in resumed.stderr
         crashed = _flow_run_state(killed_flow_run)
         assert crashed.type.value == "CRASHED" and "--resume" in crashed.message
         reference = CliRunner().invoke(main, ["train", *args, "--model-name", "reference", "--json"],
@@ -125,11 +126,12 @@ def test_a_killed_training_resumes_into_the_same_run_and_ends_where_an_uninterru
 
     # the resumed flow run trained the rounds after the checkpoint, each client once, and none
     # before it: a resume that silently started fresh would train rounds 1..last again
-    _, rounds = _trained_rounds(run_id)
+    resuming, rounds = _trained_rounds(run_id)
     assert sorted(set(rounds)) == list(range(last + 1, 7)), rounds
     assert len(rounds) == 3 * (6 - last)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"] == resuming  # the flow run that finished it
     steps = [m.step for m in client.get_metric_history(run_id, "valid/rmse")]
     assert steps == [1, 2, 3, 4, 5, 6]  # every step once: none lost, none logged twice
     # registered from the resumed run (promoted or not: a small model may miss the baseline)
@@ -156,6 +158,17 @@ def test_resume_refuses_a_finished_or_unknown_run(tmp_path, prefect_server):
         run_id = json.loads(done.stdout)["run_id"]
         finished = CliRunner().invoke(main, ["train", "--resume", run_id])
         unknown = CliRunner().invoke(main, ["train", "--resume", "0" * 32])
+        # a run that failed after registering (its server went away at the end): resuming it
+        # would register the same model twice
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        client.set_terminated(run_id, status="FAILED")
+        workspace = tmp_path / "kept"
+        workspace.mkdir()
+        (workspace / "manifest.json").write_text("{}")
+        client.set_tag(run_id, "fedrec.workspace", str(workspace))
+        registered = CliRunner().invoke(main, ["train", "--resume", run_id])
 
     # the message alone, without the exception's class name
     assert finished.exit_code == 2 and (
@@ -166,3 +179,47 @@ def test_resume_refuses_a_finished_or_unknown_run(tmp_path, prefect_server):
         unknown.exit_code == 2
         and f"fedrec: error: --resume {'0' * 32}: no such MLflow run" in unknown.stderr
     )
+    assert (
+        registered.exit_code == 2
+        and (
+            f"fedrec: error: --resume {run_id}: the run already registered fedrec-mf version 1 "
+            "(promoted to champion); there is nothing to resume; its workspace is removed"
+        )
+        in registered.stderr
+    )
+    assert not workspace.exists()
+    assert [str(v.version) for v in client.search_model_versions("name='fedrec-mf'")] == ["1"]
+
+
+@pytest.mark.timeout(600)
+def test_a_terminated_training_says_in_one_line_how_to_resume_it(tmp_path, prefect_server):
+    """SIGTERM is how systemd, Kubernetes and `timeout` stop a process: like Ctrl-C, the run
+    ends with one line naming the run to resume, and exit status 1 (the run failed)."""
+    from prefect.settings import PREFECT_API_URL
+
+    home = tmp_path / "home"
+    env = os.environ | {"FEDREC_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "PREFECT_API_URL": PREFECT_API_URL.value()}  # fmt: skip
+    sizes = tmp_path / "sizes.yaml"
+    sizes.write_text(SIZES)
+    cli = Path(sys.executable).parent / "fedrec"
+    victim = subprocess.Popen([str(cli), "train", *ARGS, "--config", str(sizes)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not list(home.glob("workspaces/*/checkpoints/round-*.npz")):
+            assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGTERM)
+        _, stderr = victim.communicate(timeout=120)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(timeout=30)
+    run_id = next(home.glob("workspaces/*")).name
+    last = stderr.decode().strip().splitlines()[-1]
+    assert victim.returncode == 1, stderr.decode()[-2000:]
+    assert last == (
+        f"fedrec: error: terminated (SIGTERM); fedrec train --resume {run_id} continues it"
+    ), stderr.decode()[-2000:]

@@ -21,10 +21,12 @@ def _running_run(client, flow_name: str, owner: str | None):
     return run.id
 
 
-def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_server):
+def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_server, tmp_path):
+    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
     from fedrec.runtime import crash_lost_runs
+    from tasks.tracking import close_lost_run
 
     host = socket.gethostname()
     victim = subprocess.Popen(["sleep", "60"])
@@ -49,8 +51,16 @@ def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_s
             client, "another-flow", f"fedrec-foreground:{host}:{victim.pid}:{started}"
         )
 
-        lost = crash_lost_runs("lost-runs")
+        # the dead run's MLflow run still says RUNNING; the reused one's is in no store here
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        tracking = MlflowClient(uri)
+        training = tracking.create_run(
+            tracking.create_experiment("lost"), tags={"prefect.flow_run_id": str(dead)}
+        ).info.run_id
 
+        lost = crash_lost_runs("lost-runs", lambda flow_run_id: close_lost_run(uri, flow_run_id))
+
+        names = {run_id: client.read_flow_run(run_id).name for run_id in (dead, reused)}
         states = {
             name: client.read_flow_run(run_id).state
             for name, run_id in [("dead", dead), ("alive", alive), ("reused", reused), ("worker", worker),
@@ -60,7 +70,12 @@ def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_s
     assert {n for n, s in states.items() if s.type.value == "RUNNING"} == {
         "alive", "worker", "elsewhere", "unowned", "other_flow"
     }  # fmt: skip
-    assert len(lost) == 2
-    assert "--resume" in states["dead"].message and str(victim.pid) in states["dead"].message
+    assert sorted(lost, key=str) == sorted(
+        [(names[dead], training), (names[reused], None)], key=str
+    )
+    assert states["dead"].message.endswith(f"; fedrec train --resume {training} continues it")
+    assert str(victim.pid) in states["dead"].message
+    assert "--resume <MLflow run id>" in states["reused"].message
+    assert tracking.get_run(training).info.status == "KILLED"  # no longer running in MLflow
     with get_client(sync_client=True) as client:  # marked once: a second sweep finds nothing
         assert crash_lost_runs("lost-runs") == []

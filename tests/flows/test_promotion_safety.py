@@ -70,6 +70,9 @@ def test_two_runs_deciding_together_cannot_both_become_champion(store):
     assert str(client.get_model_version_by_alias("safe", "champion").version) == promoted[0]
     assert "the champion changed to version" in results[loser].reason
     assert client.get_model_version("safe", loser).tags["fedrec.promoted"] == "false"
+    # the version it replaced says so beside its own fedrec.promoted=true
+    replaced = client.get_model_version("safe", champion).tags
+    assert replaced["fedrec.replaced_by_version"] == promoted[0]
 
 
 def test_an_orphan_version_is_marked_by_the_next_run_and_never_promoted(store):

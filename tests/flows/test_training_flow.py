@@ -148,7 +148,9 @@ def test_worse_second_run_is_registered_but_not_promoted(store, first_run):
     tags = client.get_model_version("flowtest", summary["model_version"]).tags
     assert tags["fedrec.promoted"] == "false"
     reason = tags["fedrec.promotion_reason"]
-    assert reason.startswith("valid/rmse ") and reason.endswith("no improvement")
+    assert (
+        reason.startswith("valid/rmse ") and " vs champion " in reason and ": worse by " in reason
+    )
     assert summary["reason"] == reason
     assert tags["fedrec.compared_with_version"] == str(champion.version)
     assert "fedrec.epsilon" not in tags  # only a private version says what it spent
@@ -156,12 +158,13 @@ def test_worse_second_run_is_registered_but_not_promoted(store, first_run):
     description = client.get_model_version("flowtest", summary["model_version"]).description
     rmse = summary["metrics"]["valid/rmse"]
     assert description == (
-        f"als (explicit feedback), 1 round on {tags['fedrec.source']}; not private; "
+        f"als (explicit feedback), 1 round; data: {tags['fedrec.source']}; not private; "
         f"valid/rmse {rmse:.4f}; not promoted: {reason}"
     )
-    assert "; promoted to champion: no champion yet" in (
+    assert "; promoted to champion when registered: no champion yet" in (
         client.get_model_version("flowtest", champion.version).description
     )
+    assert client.get_registered_model("flowtest").description.startswith("Trained by fedrec")
     # both were measured by the same federated evaluation on the same clients: the champion's
     # numbers now are the ones its own run recorded (rounded to 6 decimals in the tag)
     recorded = json.loads(champion.tags["fedrec.metrics_json"])
@@ -197,6 +200,18 @@ def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     assert (
         len(cold) == 7 and "no known items in history: most popular items" in cold["reason"].iloc[0]
     )
+    # the logged example is a request this model answers: it predicts from the user's ratings,
+    # which the signature requires
+    example = model.input_example
+    assert list(example["history_ratings"].iloc[0]) == [5.0, 5.0, 5.0]
+    assert len(model.predict(example)) == 10
+    required = {c.name: c.required for c in model.metadata.get_input_schema().inputs}
+    assert required == {
+        "user_id": True,
+        "history_items": True,
+        "history_ratings": True,
+        "items": False,
+    }
 
 
 def test_bad_input_writes_no_model_version_and_keeps_the_champion(store, first_run, tmp_path):

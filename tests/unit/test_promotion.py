@@ -33,7 +33,7 @@ def test_first_model_is_promoted():
             {"valid/rmse": 0.95, "valid/client_max/rmse": 0.95},
             {"valid/rmse": 0.90, "valid/client_max/rmse": 0.95},
             False,
-            "no improvement",
+            "valid/rmse 0.9500 vs champion 0.9000: worse by 0.0500",
         ),
         (
             {"valid/rmse": 0.85, "valid/client_max/rmse": 1.00},
@@ -71,6 +71,12 @@ def test_higher_is_better_for_ranking_metrics():
 
 def test_failed_evaluation_is_never_promoted():
     assert not decide_promotion({}, {"valid/rmse": 1.0}, **RULE).promote
+
+
+def test_a_gap_too_small_for_four_decimals_is_shown_not_printed_as_zero():
+    rule = RULE | {"min_delta": 0.0}
+    decision = decide_promotion({"valid/rmse": 0.718}, {"valid/rmse": 0.718033}, **rule)
+    assert decision.promote and decision.reason.endswith("by +3.3e-05")
 
 
 def test_a_tie_is_not_an_improvement_even_with_zero_min_delta():
