@@ -223,6 +223,13 @@ def _train_and_register(
             "compared on this run's clients (--model-name keeps a separate champion per dataset)",
             ctx.champion.version, name, ctx.champion.source, source,
         )  # fmt: skip
+    champion_metric = ctx.champion.promotion_metric if ctx.champion is not None else None
+    if champion_metric not in (None, config.promotion):
+        logger.warning(
+            "the champion, version %s of %s, was promoted on %s; this run compares on %s "
+            "(--promotion-metric), so a model that lost on %s may replace it",
+            ctx.champion.version, name, champion_metric, config.promotion, champion_metric,
+        )  # fmt: skip
     succeeded = False
     try:
         plan = privacy_plan(ctx)
@@ -259,6 +266,7 @@ def _train_and_register(
             "fedrec.ranker": config.ranker,
             "fedrec.run_id": run_id,
             "fedrec.source": source,
+            "fedrec.promotion_metric": config.promotion,
         } | ({} if config.dp_epsilon is None else {"fedrec.epsilon": str(config.dp_epsilon)})
         version = register_model(
             uri,

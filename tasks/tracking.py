@@ -405,6 +405,7 @@ class Champion:
     recommender: Recommender
     epsilon: float | None = None  # the DP budget it was trained under (None: not private)
     source: str | None = None  # the data it was trained on, as logged (None: not recorded)
+    promotion_metric: str | None = None  # the metric its promotion was decided on, as logged
 
 
 def _is_missing(err: MlflowException) -> bool:
@@ -437,6 +438,7 @@ def load_champion(uri: str, model_name: str) -> Champion | None:
         recommender,
         None if epsilon is None else float(epsilon),
         version.tags.get("fedrec.source") or None,
+        version.tags.get("fedrec.promotion_metric") or None,
     )
 
 

@@ -173,6 +173,26 @@ def test_worse_second_run_is_registered_but_not_promoted(store, first_run):
     )
 
 
+def test_a_run_that_compares_on_another_metric_than_the_champion_was_promoted_on_says_so(
+    store, first_run, caplog
+):
+    from flows.training import federated_training
+
+    client = store["client"]
+    champion = client.get_model_version_by_alias("flowtest", "champion")
+    assert champion.tags["fedrec.promotion_metric"] == "valid/rmse"  # the explicit default
+    # never promoted (min_delta): the champion stays the one the other tests expect
+    summary = federated_training(rounds=1, factors=2, seed=11, promotion_metric="valid/mae", min_delta=1e6,
+                                 tracking_uri=store["uri"], model_name="flowtest", **SMALL)  # fmt: skip
+
+    warned = [
+        r.getMessage() for r in caplog.records if "was promoted on valid/rmse" in r.getMessage()
+    ]
+    assert warned and "this run compares on valid/mae" in warned[0], warned
+    version = client.get_model_version("flowtest", summary["model_version"])
+    assert version.tags["fedrec.promotion_metric"] == "valid/mae" and not summary["promoted"]
+
+
 def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     import mlflow
 
