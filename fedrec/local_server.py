@@ -244,6 +244,10 @@ def _start_lock(folder: Path) -> Iterator[None]:
 # the UI shows a task run about a second (the flush interval) later at most.
 SERVER_SETTINGS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # scheduled retraining adds flow runs every night: the server deletes those that ended more
+    # than PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD ago (90 days unless set); the
+    # models and their metrics stay in MLflow
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "50",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
 }

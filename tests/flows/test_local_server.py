@@ -73,6 +73,9 @@ def test_the_server_writes_task_runs_in_batches_and_a_value_set_by_the_user_wins
     assert (recorder.batch_size, recorder.flush_interval) == (7, 1.0)  # Prefect's: (1, 5.0)
     assert recorder.enabled and Settings().server.services.event_persister.enabled
     assert "PREFECT_API_URL" not in env
+    # nightly runs do not pile up for ever: ended flow runs are vacuumed after the retention
+    vacuum = Settings().server.services.db_vacuum
+    assert "flow_runs" in vacuum.enabled_vacuum_types and vacuum.retention_period.days == 90
 
 
 @pytest.mark.slow
