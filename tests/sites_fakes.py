@@ -15,6 +15,7 @@ class MemoryTransport:
         self.blobs: dict[str, bytes] = {}
         self.artifacts: list[dict] = []
         self.logs: list[str] = []
+        self.ended: set[str] = set()  # task runs in a final state
         self._ids = itertools.count()
 
     def close(self) -> None:
@@ -30,6 +31,9 @@ class MemoryTransport:
                 "task_run_id": task_run_id,
             }
         )
+
+    def task_run_ended(self, task_run_id):
+        return task_run_id in self.ended
 
     def requests_for(self, site, limit=20):
         found = [a for a in self.artifacts if a["key"] == f"fedrec-request-{site}"]

@@ -259,6 +259,16 @@ class Site:
             return
         if self.record.answered(request.nonce):
             return
+        if self.transport.task_run_ended(request.task_run_id):
+            # e.g. a request that outlived its deadline while this site was down: nobody reads
+            # the answer, and a private one would spend the users' budget for nothing
+            log.info(
+                "%s: skipped request %s of run %s: the coordinator stopped waiting for it",
+                self.name,
+                artifact.get("id"),
+                request.run,
+            )
+            return
         try:
             data, info = self._answer(request)
         except (RefusedMessage, SchemaError, ValueError) as err:

@@ -122,6 +122,22 @@ class Transport:
         }
         self._call(f"posting artifact {key}", "POST", f"{self.prefect_api}/artifacts/", json=body)
 
+    def task_run_ended(self, task_run_id: str) -> bool:
+        """Whether the task run is in a final state (completed, failed, crashed, cancelled):
+        the coordinator no longer waits for what was asked on it."""
+        url = f"{self.prefect_api}/task_runs/{task_run_id}"
+
+        def call() -> httpx.Response:
+            response = self.http.get(url)
+            if response.status_code != 404:  # not recorded yet (the server records in batches)
+                response.raise_for_status()
+            return response
+
+        response = self._retry(f"reading task run {task_run_id}", call)
+        run = response.json() if response.status_code == 200 else {}
+        state = (run.get("state") or {}) if isinstance(run, dict) else {}
+        return state.get("type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
     def _artifacts(self, what: str, artifacts: dict, limit: int) -> list[dict]:
         body = {"artifacts": artifacts, "sort": "CREATED_DESC", "limit": limit}
         url = f"{self.prefect_api}/artifacts/filter"

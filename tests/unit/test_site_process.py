@@ -168,6 +168,24 @@ def test_a_request_is_answered_with_protocol_arrays_only(world):
     assert any("shop-a answered train round 1" in line for line in transport.logs)
 
 
+def test_a_request_the_coordinator_stopped_waiting_for_is_neither_answered_nor_charged(
+    world, tmp_path
+):
+    """A site that comes back after a deadline finds the request still unexpired (clock skew
+    allowed): its task run has ended, so an answer would spend the users' budget for nothing."""
+    transport, key, start = world
+    stale, _ = _ask(transport, family=PRIVATE, nonce="1")
+    transport.ended.add(stale.task_run_id)
+    site = start()
+    site.poll_once()
+    assert transport.answers_on(stale.task_run_id) == []
+    assert not (tmp_path / "state" / "budget" / "entries.jsonl").exists()
+    current, digest = _ask(transport, family=PRIVATE, nonce="2")  # a waiting task run: answered
+    site.poll_once()
+    assert _answer(transport, key, current, digest)
+    assert len((tmp_path / "state" / "budget" / "entries.jsonl").read_text().splitlines()) == 1
+
+
 def test_a_private_retry_and_a_restart_get_the_kept_answer_bit_for_bit(world):
     transport, key, start = world
     site = start()
