@@ -545,10 +545,12 @@ def _resumable_run(config: Any) -> str | None:
             if not found:
                 return None
             run = found[0]
+        workspace = run.data.tags.get("fedrec.workspace")
+        if run.info.status == "FINISHED" or not workspace:
+            return None
+        if client.search_model_versions(f"run_id='{run.info.run_id}'"):
+            return None  # it registered its model before failing: nothing left to resume
     except Exception:  # a hint, not a second error
-        return None
-    workspace = run.data.tags.get("fedrec.workspace")
-    if run.info.status == "FINISHED" or not workspace:
         return None
     return run.info.run_id if (Path(workspace) / "manifest.json").is_file() else None
 

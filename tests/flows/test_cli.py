@@ -421,3 +421,27 @@ def test_a_reader_that_stops_early_ends_recommend_quietly(trained, tmp_path):
     stderr = reader.stderr.read().decode()
     assert reader.wait(timeout=120) == 141
     assert "error" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_no_resume_hint_for_a_run_that_registered_its_model_before_failing(tmp_path):
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from fedrec.cli import _resumable_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "manifest.json").write_text("{}")
+    run = client.create_run(
+        client.create_experiment("fedrec"), tags={"fedrec.workspace": str(workspace)}
+    )
+    client.set_terminated(run.info.run_id, status="FAILED")
+    config = SimpleNamespace(sites=None, tracking_uri=uri, resume=run.info.run_id)
+
+    assert _resumable_run(config) == run.info.run_id  # failed before registering: resumable
+    client.create_registered_model("m")
+    client.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    assert _resumable_run(config) is None  # a resume would register it twice
