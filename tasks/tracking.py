@@ -591,16 +591,21 @@ def repair_orphans(uri: str, model_name: str) -> list[str]:
         if "fedrec.promoted" in v.tags or not v.run_id:
             continue
         try:
-            status = client.get_run(v.run_id).info.status
+            run = client.get_run(v.run_id)
+            status, workspace = run.info.status, run.data.tags.get("fedrec.workspace")
         except MlflowException:
-            status = "GONE"
+            status, workspace = "GONE", None
         if status == "RUNNING":
             continue
+        reason = (
+            f"orphan: its training (run {v.run_id}, {status}) ended between registration and "
+            "the promotion decision"
+        )
         client.set_model_version_tag(model_name, v.version, "fedrec.promoted", "false")
-        client.set_model_version_tag(
-            model_name, v.version, "fedrec.promotion_reason",
-            f"orphan: its training (run {v.run_id}, {status}) ended between registration and the promotion decision",
-        )  # fmt: skip
+        client.set_model_version_tag(model_name, v.version, "fedrec.promotion_reason", reason)
+        client.update_model_version(model_name, v.version, description=f"not promoted: {reason}")
+        if workspace:  # a resume of its run is refused: its partitions serve nothing
+            remove_workspace(workspace)
         repaired.append(str(v.version))
     return repaired
 

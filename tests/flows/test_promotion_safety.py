@@ -75,17 +75,25 @@ def test_two_runs_deciding_together_cannot_both_become_champion(store):
     assert replaced["fedrec.replaced_by_version"] == promoted[0]
 
 
-def test_an_orphan_version_is_marked_by_the_next_run_and_never_promoted(store):
+def test_an_orphan_version_is_marked_by_the_next_run_and_never_promoted(store, tmp_path):
     from flows.training import federated_training
 
     client = store["client"]
     orphan = _register_copy_of_champion(store)  # registered, then the "process died"
     assert "fedrec.promoted" not in client.get_model_version("safe", orphan).tags
+    workspace = tmp_path / "orphan-workspace"  # what its killed run kept
+    workspace.mkdir()
+    (workspace / "manifest.json").write_text("{}")
+    run_id = client.get_model_version("safe", orphan).run_id
+    client.set_tag(run_id, "fedrec.workspace", str(workspace))
 
     federated_training(**TrainingConfig(tracking_uri=store["uri"], seed=5, **SMALL).model_dump())
 
-    tags = client.get_model_version("safe", orphan).tags
+    version = client.get_model_version("safe", orphan)
+    tags = version.tags
     assert tags["fedrec.promoted"] == "false" and tags["fedrec.promotion_reason"].startswith(
         "orphan:"
     )
+    assert version.description == f"not promoted: {tags['fedrec.promotion_reason']}"
+    assert not workspace.exists()  # its run cannot be resumed: the partitions are removed
     assert str(client.get_model_version_by_alias("safe", "champion").version) != orphan
