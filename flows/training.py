@@ -247,6 +247,12 @@ def _train_and_register(
         )
 
         champion = ctx.champion
+        if config.promotion not in trained.final:
+            logger.warning(
+                "no %s was measured (no held-out rows, or their evaluation failed): version "
+                "registered, and it cannot be promoted; more rows per client give a held-out split",
+                config.promotion,
+            )
         if trained.comparable:  # e.g. the champion is of another model family: never replace it
             decision = PromotionDecision(False, f"not comparable: {trained.comparable}")
         else:

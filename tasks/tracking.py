@@ -276,7 +276,8 @@ def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("RMSE" if rating else "NDCG@10")
     ax.set_title("Learning curve")
-    ax.legend()
+    if ax.lines:  # nothing was measured (no held-out rows): an empty plot, without a legend
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
