@@ -34,7 +34,7 @@ def test_a_restart_reloads_answers_and_nonces(tmp_path):
 def test_kept_files_are_owner_only(tmp_path):
     record = SiteRecord(tmp_path / "s")
     record.keep(KEY, None, b"x")
-    for path in (tmp_path / "s").rglob("*"):
+    for path in (tmp_path / "s", *(tmp_path / "s").rglob("*")):  # the state folder too
         mode = stat.S_IMODE(os.stat(path).st_mode)
         assert mode & 0o077 == 0, f"{path} has mode {mode:04o}"
 

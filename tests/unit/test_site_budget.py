@@ -50,6 +50,64 @@ def test_a_training_answer_is_accounted_with_the_sites_own_noise_share():
         Release("full", math.nan)
 
 
+@pytest.mark.parametrize(
+    ("noise_multiplier", "sampling_rate", "reason"),
+    [
+        (0.0, 1.0, "noise multiplier 0.0 is not a positive number"),  # no noise: no guarantee
+        (-1.0, 1.0, "noise multiplier -1.0 is not a positive number"),
+        (math.inf, 1.0, "noise multiplier inf is not a positive number"),
+        (1.0, 0.0, r"sampling rate 0\.0 is outside \(0, 1\]"),  # a release of nobody
+        (1.0, -0.5, r"sampling rate -0\.5 is outside"),
+    ],
+)
+def test_a_release_without_noise_or_with_no_sampled_users_is_refused(
+    noise_multiplier, sampling_rate, reason
+):
+    with pytest.raises(SiteBudgetError, match=reason):
+        Release("round", noise_multiplier, sampling_rate)
+
+
+def test_a_site_budget_needs_a_positive_cap(tmp_path):
+    for cap in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match=f"max_epsilon={cap} must be > 0"):
+            SiteBudget(tmp_path / "budget", USERS, max_epsilon=cap)
+    assert SiteBudget(tmp_path / "budget", USERS, max_epsilon=0.5).max_epsilon == 0.5
+
+
+def test_a_cap_of_exactly_two_charges_allows_two_and_refuses_the_third(tmp_path):
+    release = Release("full", 2.0)
+    cost = run_epsilon([release], 1e-3 / 10)  # at the run delta of max_delta=1e-3
+    capped = SiteBudget(tmp_path, USERS, max_epsilon=2 * cost, max_delta=1e-3)
+
+    capped.charge("run-1", release)
+    assert capped.charge("run-2", release).epsilon == 2 * cost  # the cap itself is allowed
+    with pytest.raises(SiteBudgetError, match="refused"):
+        capped.charge("run-3", release)
+
+
+def test_the_delta_cap_allows_its_number_of_runs_and_no_more(tmp_path):
+    release = Release("full", 100.0)  # next to no epsilon: only delta binds
+    budget = SiteBudget(tmp_path, USERS, max_epsilon=100.0, max_delta=1e-3)
+    for run in range(10):  # RUNS_PER_DELTA_CAP, each at max_delta / 10
+        spent = budget.charge(f"run-{run}", release)
+    assert spent.delta == pytest.approx(1e-3)
+    with pytest.raises(SiteBudgetError, match=r"delta 0\.001 of 0\.001.*refused"):
+        budget.charge("run-10", release)
+
+
+def test_a_charge_reports_the_delta_its_users_have_spent(tmp_path):
+    budget = SiteBudget(tmp_path, USERS, max_epsilon=50.0, max_delta=1e-3)
+    release = Release("full", 2.0)
+
+    first = budget.charge("run-1", release)
+    same_run = budget.charge("run-1", release)  # a run pays its delta once
+    next_run = budget.charge("run-2", release)
+
+    assert first.delta == pytest.approx(1e-4)
+    assert same_run.delta == pytest.approx(1e-4)
+    assert next_run.delta == pytest.approx(2e-4)
+
+
 def test_the_charges_of_a_run_add_up_to_its_composed_epsilon():
     releases = [Release("round", 1.1, 0.3)] * 12 + [Release("evaluation", 6.0)] * 2
     delta = 1e-5
@@ -86,6 +144,7 @@ def test_the_cap_holds_across_runs_and_restarts_and_a_refusal_writes_nothing(tmp
     assert (tmp_path / "budget" / ENTRIES).read_text().splitlines() == lines
     assert budget.run_delta == pytest.approx(1 / 200 / 10)
     assert oct((tmp_path / "budget" / ENTRIES).stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "budget").stat().st_mode & 0o777) == "0o700"
     stored = b"".join(p.read_bytes() for p in (tmp_path / "budget").iterdir())
     assert not any(user.encode() in stored for user in USERS)
 

@@ -21,6 +21,9 @@ def test_the_catalogue_is_the_sorted_union():
     )
     with pytest.raises(ValueError, match="no site enrolled"):
         union_catalogue([])
+    np.testing.assert_array_equal(union_catalogue([np.array([5]), np.array([], int)]), [5])
+    with pytest.raises(ValueError, match="the enrolled sites hold no items"):
+        union_catalogue([np.array([], int), np.array([], int)])
 
 
 def test_a_site_numbers_its_items_by_catalogue_position_and_keeps_its_users():
@@ -71,3 +74,13 @@ def test_a_published_catalogue_is_read_from_its_item_id_column(tmp_path):
             read_catalogue(path)
     with pytest.raises(ValueError, match="no such file"):
         read_catalogue(tmp_path / "missing.csv")
+
+
+def test_a_published_catalogue_holds_any_int64_id_and_no_larger(tmp_path):
+    path = tmp_path / "items.csv"
+    path.write_text(f"item_id\n{2**63 - 1}\n1000\n-{2**63 - 1}\n")
+    assert read_catalogue(path).tolist() == [-(2**63 - 1), 1000, 2**63 - 1]
+    for big in (2**63, -(2**63) - 1, 2**64):
+        path.write_text(f"item_id\n1000\n{big}\n")
+        with pytest.raises(ValueError, match=re.escape(f"row 2, column 'item_id': value '{big}'")):
+            read_catalogue(path)

@@ -33,14 +33,16 @@ class _Evil:
         return (_record_ran, ())
 
 
-def npy(descr: str, shape: tuple[int, ...], data: bytes) -> bytes:
-    """A version 1.0 ``.npy`` file written from the format's specification."""
+def npy(descr: str, shape: tuple[int, ...], data: bytes, version: int = 1) -> bytes:
+    """A version 1.0 (or 2.0: a 4-byte header length) ``.npy`` file written from the format's
+    specification."""
     shape_text = "(" + "".join(f"{n}," for n in shape) + ")" if shape else "()"
     text = f"{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_text}, }}"
-    length = 10 + len(text) + 1
+    length = (10 if version == 1 else 12) + len(text) + 1
     padding = -length % 64
     header = (text + " " * padding + "\n").encode("latin1")
-    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data
+    size = struct.pack("<H", len(header)) if version == 1 else struct.pack("<I", len(header))
+    return b"\x93NUMPY" + bytes([version, 0]) + size + header + data
 
 
 def zip_of(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
@@ -76,6 +78,15 @@ def test_reads_a_hand_built_archive_with_its_dtypes_and_values():
     assert arrays["big_endian"].dtype == np.float64 and arrays["big_endian"].dtype.isnative
     assert arrays["big_endian"].tolist() == [3.75]
     assert arrays["flag"].dtype == np.bool_ and bool(arrays["flag"]) is True
+
+
+def test_reads_npy_format_version_2_and_refuses_version_3():
+    values = struct.pack("<2d", 0.5, -3.0)
+    data = zip_of({"v2.npy": npy("<f8", (2,), values, version=2)})
+    assert decode_arrays(data, max_bytes=CAP)["v2"].tolist() == [0.5, -3.0]
+    v3 = npy("<f8", (2,), values, version=2).replace(b"NUMPY\x02", b"NUMPY\x03", 1)
+    with pytest.raises(EncodingError, match=r"format version \(3, 0\); allowed 1\.0, 2\.0"):
+        decode_arrays(zip_of({"v3.npy": v3}), max_bytes=CAP)
 
 
 def test_a_pickle_inside_an_npz_is_refused_and_never_run():
@@ -182,6 +193,8 @@ def test_oversize_payloads_are_refused():
     with pytest.raises(EncodingError, match="declares"):
         decode_arrays(compressed, max_bytes=1000)
     assert decode_arrays(data, max_bytes=len(data))["x"].shape == (1000,)
+    declared = sum(info.file_size for info in zipfile.ZipFile(io.BytesIO(compressed)).infolist())
+    assert decode_arrays(compressed, max_bytes=declared)["x"].shape == (1000,)  # at the cap
 
 
 def test_malformed_archives_are_refused_with_one_line():
@@ -198,6 +211,24 @@ def test_malformed_archives_are_refused_with_one_line():
         assert "\n" not in str(caught.value)
 
 
+def _with_flag_bits(data: bytes, bits: int) -> bytes:
+    """``data`` (a zip of one member) with ``bits`` set in the member's general purpose flags,
+    in its local header (offset 6) and its central directory entry (offset 8)."""
+    out = bytearray(data)
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = out.index(signature) + offset
+        out[at : at + 2] = struct.pack("<H", struct.unpack("<H", out[at : at + 2])[0] | bits)
+    return bytes(out)
+
+
+def test_an_encrypted_member_is_refused_and_other_flags_are_not():
+    data = zip_of({"x.npy": npy("<f8", (1,), struct.pack("<d", 2.5))})
+    with pytest.raises(EncodingError, match=r"payload member 'x\.npy' is encrypted"):
+        decode_arrays(_with_flag_bits(data, 0x1), max_bytes=CAP)
+    # bit 1 is a deflate speed option (ignored for a stored member), no reason to refuse
+    assert decode_arrays(_with_flag_bits(data, 0x2), max_bytes=CAP)["x"].tolist() == [2.5]
+
+
 def test_a_narrowed_listing_must_name_float32_arrays_it_holds():
     listing = json.dumps(["x"]).encode()
     listed = npy("|u1", (len(listing),), listing)
@@ -207,6 +238,12 @@ def test_a_narrowed_listing_must_name_float32_arrays_it_holds():
         decode_arrays(integer, max_bytes=CAP)
     with pytest.raises(EncodingError, match="does not hold"):
         decode_arrays(zip_of({f"{NARROWED}.npy": listed}), max_bytes=CAP)
+    x32 = npy("<f4", (1,), struct.pack("<f", 0.1))
+    for other in ({"x": 1}, "x", [1], ["x", 1]):  # names as an object, a string, not strings
+        text = json.dumps(other).encode()
+        data = zip_of({"x.npy": x32, f"{NARROWED}.npy": npy("|u1", (len(text),), text)})
+        with pytest.raises(EncodingError, match="list is not a list of names"):
+            decode_arrays(data, max_bytes=CAP)
     widened = zip_of({"x.npy": npy("<f4", (1,), struct.pack("<f", 0.1)), f"{NARROWED}.npy": listed})
     x = decode_arrays(widened, max_bytes=CAP)["x"]
     assert x.dtype == np.float64 and x[0] == struct.unpack("<f", struct.pack("<f", 0.1))[0]
@@ -269,6 +306,9 @@ def test_float32_refuses_values_it_cannot_represent():
     with pytest.raises(EncodingError, match="beyond the float32 range"):
         encode_arrays({"x": np.array([1.0, 1e39])}, precision="float32")
     assert decode_arrays(encode_arrays({"x": np.array([1e39])}), max_bytes=CAP)["x"][0] == 1e39
+    largest = float(np.finfo(np.float32).max)  # the largest float32 itself is representable
+    data = encode_arrays({"x": np.array([-largest, largest])}, precision="float32")
+    assert decode_arrays(data, max_bytes=CAP)["x"].tolist() == [-largest, largest]
 
 
 def test_a_client_answer_survives_the_compact_encoding():

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import math
 
 import pytest
 
@@ -26,6 +27,7 @@ from models.sites.messages import (
 NOW = 1_700_000_000.0
 COORDINATOR, SITE, OTHER = generate_identity(), generate_identity(), generate_identity()
 SHA = "ab" * 32
+SPLIT = {"method": "random", "valid_fraction": 0.1, "test_fraction": 0.1}
 
 
 def _request(**changes) -> RoundRequest:
@@ -70,6 +72,8 @@ def test_a_signed_request_verifies_and_reads_back_equal():
         (lambda s: s.__setitem__("sig", base64.b64encode(b"x" * 64).decode()), "does not verify"),
         (lambda s: s.__setitem__("sig", "not base64!"), "not base64"),
         (lambda s: s.__setitem__("extra", 1), "expected ['body', 'sig']"),
+        (lambda s: s.__setitem__("body", [1]), "body must be an object and sig a base64 string"),
+        (lambda s: s.__setitem__("sig", 5), "body must be an object and sig a base64 string"),
     ],
 )
 def test_a_tampered_manifest_is_refused_with_its_reason(tamper, reason):
@@ -89,7 +93,7 @@ def test_a_request_signed_by_another_key_is_refused():
     [
         (_request(), "shop-b", NOW, "is for site 'shop-a', this is 'shop-b'"),
         (_request(expires_at=NOW - 120), "shop-a", NOW, "expired 120 s ago"),
-        (_request(issued_at=NOW + 3600), "shop-a", NOW, "in the future"),
+        (_request(issued_at=NOW + 3600), "shop-a", NOW, "issued 3600 s in the future"),
         (_request(nonce="xyz"), "shop-a", NOW, "nonce"),
         (_request(reply_to="../etc"), "shop-a", NOW, "not a safe relative path"),
         (_request(kind="exec"), "shop-a", NOW, "kind 'exec'"),
@@ -101,6 +105,72 @@ def test_a_request_for_another_site_or_out_of_date_is_refused(request_, site, no
     body = open_message(_signed(request_), COORDINATOR.public_key(), REQUEST)
     with pytest.raises(RefusedMessage, match=reason):
         check_request(body, site=site, now=now)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"round": 1.5}, "field round must be an integer >= 0"),
+        ({"round": -1}, "field round must be an integer >= 0"),
+        ({"client_id": True}, "field client_id must be an integer >= 0"),
+        ({"seed": "7"}, "field seed must be an integer >= 0"),
+        ({"state": BlobRef("a/s.npz", SHA, 2.5)}, "state.bytes 2.5 must be"),
+        ({"split": {"method": "random", "valid_fraction": 0.1}}, "split must hold method"),
+        ({"split": SPLIT | {"users": [1, 2]}}, "split must hold method"),
+        ({"split": SPLIT | {"method": "by-user"}}, "is not a valid split"),
+        ({"split": SPLIT | {"valid_fraction": 1.0}}, "is not a valid split"),
+        ({"split": SPLIT | {"test_fraction": -0.1}}, "is not a valid split"),
+        ({"split": SPLIT | {"test_fraction": "0.1"}}, "is not a valid split"),
+        ({"split": SPLIT | {"positive_threshold": "4"}}, "is not a valid split"),
+        ({"devices": 0}, r"devices 0 must be in \(0, 1\]"),  # the users' sampling rate
+        ({"devices": 1.5}, r"devices 1\.5 must be in \(0, 1\]"),
+        ({"devices": -0.5}, "must be in"),
+        ({"devices": "0.5"}, "must be in"),
+        ({"release": {"noise_multiplier": "7"}}, "release must be an object of numbers"),
+        ({"release": [7.0]}, "release must be an object of numbers"),
+        ({"secure": {"registry": {}, "keys": {}}}, "secure must be an object of registry"),
+        ({"secure": ["registry"]}, "secure must be an object of registry"),
+        ({"kind": "secagg", "phase": "mask"}, "a secagg request needs its secure round"),
+        ({"kind": "secagg", "secure": {"registry": {}}}, "needs its secure round"),
+    ],
+)
+def test_a_request_with_a_field_out_of_its_range_is_refused(changes, reason):
+    request = _request(**changes)
+    body = open_message(_signed(request), COORDINATOR.public_key(), REQUEST)
+    with pytest.raises(RefusedMessage, match=reason):
+        check_request(body, site="shop-a", now=NOW)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"devices": 0.5},
+        {"devices": 1},
+        {"split": SPLIT | {"valid_fraction": 0, "test_fraction": 0.0}},
+        {"split": SPLIT | {"method": "temporal", "positive_threshold": 4.0}},
+        {"release": {"noise_multiplier": 2.0}},
+        {"secure": {"registry": {"0": "a2V5"}, "round": {"threshold": 2}}, "kind": "secagg"},
+    ],
+)
+def test_a_request_with_its_optional_fields_in_range_reads_back(changes):
+    request = _request(**changes)
+    body = open_message(_signed(request), COORDINATOR.public_key(), REQUEST)
+    assert check_request(body, site="shop-a", now=NOW) == request
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("expires_at", math.inf),  # what a manifest's 1e999 reads as: a request that never expires
+        ("expires_at", "soon"),
+        ("issued_at", True),
+        ("issued_at", math.nan),
+    ],
+)
+def test_a_request_whose_times_are_not_finite_numbers_is_refused(name, value):
+    body = _signed(_request())["body"] | {name: value}
+    with pytest.raises(RefusedMessage, match=f"request field {name} must be a finite number"):
+        check_request(body, site="shop-a", now=NOW)
 
 
 def test_a_request_with_an_unknown_field_is_refused():
@@ -135,6 +205,31 @@ def test_an_answer_must_name_exactly_the_request_it_answers():
             check_answer(body | {name: value}, request, digest)
     with pytest.raises(RefusedMessage, match="request digest differs"):
         check_answer(body, request, "0" * 64)
+    for info in ({"users": [1, 2]}, {"users": None}, {"seconds": math.inf}, ["seconds"]):
+        with pytest.raises(RefusedMessage, match="info must be an object of numbers and strings"):
+            check_answer(body | {"info": info}, request, digest)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"path": "fedrec-sites/../../etc/passwd"}, "is not a safe relative path"),
+        ({"path": ".."}, "is not a safe relative path"),
+        ({"path": "fedrec-sites/run 1/a.npz"}, "is not a safe relative path"),
+        ({"path": 7}, "is not a safe relative path"),
+        ({"path": "/etc/passwd"}, "must be relative"),
+        ({"sha256": "AB" * 32}, "sha256 is not 64 lowercase hex digits"),
+        ({"bytes": -1}, r"bytes -1 must be an integer >= 0"),
+        ({"bytes": "10"}, r"bytes '10' must be an integer >= 0"),
+        ({"bytes": True}, r"bytes True must be an integer >= 0"),
+        ({"extra": 1}, "must be an object with path, sha256 and bytes"),
+    ],
+)
+def test_a_blob_reference_outside_the_store_or_of_a_bad_size_is_refused(changes, reason):
+    raw = {"path": "fedrec-sites/run-1/./a.npz", "sha256": SHA, "bytes": 0}
+    assert BlobRef.from_json(raw, "state") == BlobRef(raw["path"], SHA, 0)  # the valid one
+    with pytest.raises(RefusedMessage, match=reason):
+        BlobRef.from_json(raw | changes, "state")
 
 
 def test_canonical_bytes_do_not_depend_on_key_order():

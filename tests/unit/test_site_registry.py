@@ -29,6 +29,9 @@ def test_a_valid_registry_numbers_sites_in_order(keys):
     )
     assert [(s.name, s.client_id) for s in registry.sites] == [("shop-a", 0), ("shop-b", 1)]
     assert registry.by_name("shop-a").deadline_seconds == 30.0
+    short = {"name": "shop-c", "public_key": "client-1.pub", "deadline_seconds": 0.5}
+    (site,) = parse_registry({"coordinator_key": "client-0.key", "sites": [short]}, base).sites
+    assert site.deadline_seconds == 0.5  # any positive deadline, under a second too
     assert registry.by_name("shop-c") is None
 
 
@@ -41,12 +44,46 @@ def test_a_valid_registry_numbers_sites_in_order(keys):
         ([{"name": "a", "public_key": "client-1.pub"}] * 2, "appears twice"),
         ([{"name": "a", "public_key": "client-1.pub", "speed": 2}], r"unknown keys \['speed'\]"),
         ([{"name": "a", "public_key": "client-1.pub", "deadline_seconds": 0}], "must be > 0"),
+        ([{"name": "a", "public_key": "client-1.pub", "deadline_seconds": -5}], "must be > 0"),
+        ([{"name": "a", "public_key": "client-1.pub", "deadline_seconds": True}], "must be > 0"),
         ([], "non-empty list"),
     ],
 )
 def test_each_mistake_is_one_line_naming_the_entry(keys, sites, reason):
     with pytest.raises(RegistryError, match=reason):
         parse_registry({"coordinator_key": "client-0.key", "sites": sites}, keys[0])
+
+
+@pytest.mark.parametrize("lacking", ["coordinator_key", "sites"])
+def test_a_registry_without_its_coordinator_key_or_sites_is_refused(keys, lacking):
+    raw = {"coordinator_key": "client-0.key", "sites": [{"name": "a", "public_key": keys[1]}]}
+    del raw[lacking]
+    with pytest.raises(RegistryError, match=r"sites\.yaml: needs coordinator_key and sites"):
+        parse_registry(raw, keys[0])
+
+
+def test_a_sites_file_is_read_relative_to_its_folder(keys):
+    from models.sites.registry import read_registry
+
+    base, raw = keys
+    (base / "sites.yaml").write_text(
+        f"coordinator_key: client-0.key\nsites:\n  - {{name: shop-a, public_key: '{raw}'}}\n"
+    )
+    registry = read_registry(base / "sites.yaml")
+    assert [(s.name, s.client_id) for s in registry.sites] == [("shop-a", 0)]
+    with pytest.raises(RegistryError, match=r"absent\.yaml: no such sites file"):
+        read_registry(base / "absent.yaml")
+
+
+def test_sites_sharing_a_key_are_named_in_the_refusal(keys):
+    base, raw = keys
+    sites = [
+        {"name": "shop-a", "public_key": "client-1.pub"},
+        {"name": "shop-b", "public_key": raw},
+        {"name": "shop-c", "public_key": raw},
+    ]
+    with pytest.raises(RegistryError, match="sites shop-b and shop-c share one public key"):
+        parse_registry({"coordinator_key": "client-0.key", "sites": sites}, base)
 
 
 def test_a_missing_coordinator_key_is_refused(keys):
@@ -84,6 +121,10 @@ def test_a_site_pins_its_peers_from_a_sites_file_without_the_coordinators_key(ke
         read_peers(base / "broken.yaml")
     with pytest.raises(RegistryError, match="no such peers file"):
         read_peers(base / "absent.yaml")
+    for text in ("sites: []\n", "sites: shop-a\n", "peers: []\n"):  # no peer to pin
+        (base / "empty.yaml").write_text(text)
+        with pytest.raises(RegistryError, match="needs a non-empty list 'sites'"):
+            read_peers(base / "empty.yaml")
 
 
 def test_a_site_weight_is_a_positive_integer_for_plain_runs_only(keys):

@@ -1,6 +1,7 @@
 """What a site accepts as a global state and the coordinator as an answer; a family's JSON spec."""
 
 import io
+import json
 import pickle
 import zipfile
 
@@ -88,11 +89,75 @@ def test_a_protocol_answer_reads_back():
         ({"array.gram": np.full((2, 6), np.nan)}, 2, "NaN"),
         ({"recommended.0": np.arange(3)}, 2, "6 counts >= 0, one per item"),
         ({"recommended.valid": np.arange(6)}, 2, "outside the protocol"),  # names by position
+        ({"items": np.array([1, 6])}, 2, "outside the catalogue of 6"),  # one past the last
+        ({"items": np.array([-1, 4])}, 2, "outside the catalogue"),
+        ({"items": np.array([4, 4])}, 2, "sorted and unique"),
+        ({"counts": np.array([3, -1])}, 2, "counts must be >= 0"),
+        ({"items": np.array([1.0, 4.0])}, 2, "items must be integers"),
+        ({"counts": np.array(["3", "1"])}, 2, "counts numbers"),
+        ({"counts": np.array([3])}, 2, r"items \(2,\) and counts \(1,\) must align"),
+        ({"items": np.array([[1, 4]]), "counts": np.array([[3, 1]])}, 2, "must align"),
     ],
 )
 def test_an_answer_outside_the_protocol_is_refused(arrays, client_id, reason):
     with pytest.raises(SchemaError, match=reason):
         check_answer_arrays(_answer(**arrays), client_id=client_id, n_items=N_ITEMS)
+
+
+def _header(content) -> np.ndarray:
+    return np.frombuffer(json.dumps(content).encode(), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("name", ["header", "items", "counts"])
+def test_an_answer_without_its_header_items_or_counts_is_refused(name):
+    arrays = _answer()
+    del arrays[name]
+    with pytest.raises(SchemaError, match="lacks header, items or counts"):
+        check_answer_arrays(arrays, client_id=2, n_items=N_ITEMS)
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (lambda h: h.reshape(1, -1), "1-d uint8"),  # the same JSON bytes as one row
+        (lambda h: h.astype(np.int64), "1-d uint8"),
+        (lambda h: _header([2, {}, [], {}]), "must hold client_id, metrics"),
+        (lambda h: _header({"client_id": 2, "arrays": [], "evaluations": {}}), "must hold"),
+    ],
+)
+def test_an_answer_header_of_another_form_is_refused(header, reason):
+    arrays = _answer()
+    arrays["header"] = header(arrays["header"])
+    with pytest.raises(SchemaError, match=reason):
+        check_answer_arrays(arrays, client_id=2, n_items=N_ITEMS)
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"train_sse": "1.0"},
+        {"train_sse": True},
+        {"train_sse": None},
+        [["train_sse", 1.0]],
+        {"train_sse": "1e999"},  # written bare below: JSON reads it as inf, no NaN constant
+    ],
+)
+def test_answer_metrics_that_are_not_finite_numbers_are_refused(metrics):
+    arrays = _answer()
+    header = json.loads(arrays["header"].tobytes())
+    text = json.dumps(header | {"metrics": metrics})
+    arrays["header"] = np.frombuffer(
+        text.replace('"1e999"', "1e999").encode(), dtype=np.uint8
+    )  # fmt: skip
+    with pytest.raises(SchemaError, match="answer metrics must be an object of finite numbers"):
+        check_answer_arrays(arrays, client_id=2, n_items=N_ITEMS)
+
+
+def test_an_answer_with_the_catalogue_edges_and_a_zero_count_reads_back():
+    arrays = _answer(items=np.array([0, 5]), counts=np.array([0, 1]))
+    update, _ = check_answer_arrays(arrays, client_id=2, n_items=N_ITEMS)
+    np.testing.assert_array_equal(update.items, [0, 5])
+    np.testing.assert_array_equal(update.counts, [0, 1])
 
 
 def test_noisy_counts_of_a_private_client_are_numbers_not_integers():
@@ -125,6 +190,12 @@ def test_a_family_spec_builds_the_same_family_at_the_site():
         ({"config": {"attack": "scale"}}, "attack simulation"),
         ({"config": {"exec": "x"}}, "does not know"),
         ({"config": {"n_factors": 10**6}}, "n_factors"),
+        # an averaging algorithm, where MFConfig itself allows an attack: the site's own refusal
+        ({"config": {"algorithm": "fedavg", "attack": "scale"}}, "asks for an attack simulation"),
+        ({"config": {"algorithm": "fedavg", "attack_clients": [0]}}, "asks for an attack"),
+        ({"config": {"reg": 1.5e6}}, r"reg 1500000\.0 must be in 1e-6\.\.1e6"),
+        ({"config": {"reg": 1e-7}}, r"reg 1e-07 must be in 1e-6\.\.1e6"),
+        ({"config": {"n_factors": 1025}}, r"n_factors 1025 must be in 1\.\.1024"),
     ],
 )
 def test_a_family_spec_outside_the_whitelist_is_refused(change, reason):
@@ -132,6 +203,24 @@ def test_a_family_spec_outside_the_whitelist_is_refused(change, reason):
     spec = spec | {k: (spec[k] | v if isinstance(v, dict) else v) for k, v in change.items()}
     with pytest.raises(RefusedMessage, match=reason):
         family_from_spec(spec)
+
+
+def test_a_family_spec_at_the_edges_of_its_ranges_builds_at_the_site():
+    for n_factors, reg in ((1, 1e-6), (1024, 1e6)):
+        family = ExplicitMF(MFConfig(n_factors=n_factors, reg=reg, clip_to=(1.0, 5.0)))
+        assert family_from_spec(family_spec(family)) == family
+
+
+class _TwoStage:
+    """Another family (the real one's import takes seconds): only its name is read."""
+
+    name = "two-stage"
+
+
+def test_a_family_that_cannot_train_at_a_site_has_no_spec():
+    with pytest.raises(ValueError, match="two-stage family cannot train at real sites yet; "
+                       "supported: explicit, neural"):  # fmt: skip
+        family_spec(_TwoStage())
 
 
 NEURAL = Neural(NeuralConfig(hidden=(5,), latent=3))
@@ -152,3 +241,19 @@ def test_a_neural_state_is_checked_against_the_family_initial_state():
 
 def test_a_neural_family_spec_builds_the_same_family_at_the_site():
     assert family_from_spec(family_spec(NEURAL)) == NEURAL
+
+
+def test_a_neural_spec_at_the_edges_of_its_layer_sizes_builds_at_the_site():
+    for hidden, latent in (((1,), 1), ((4096,), 4096)):
+        family = Neural(NeuralConfig(hidden=hidden, latent=latent))
+        assert family_from_spec(family_spec(family)) == family
+
+
+@pytest.mark.parametrize(
+    ("hidden", "latent"), [((4097,), 3), ((5,), 4097), ((5, 0), 3), ((5,), 0), ((5,), 2.5)]
+)
+def test_a_neural_spec_with_layer_sizes_out_of_range_is_refused(hidden, latent):
+    spec = family_spec(NEURAL)
+    spec["config"] |= {"hidden": list(hidden), "latent": latent}
+    with pytest.raises(RefusedMessage, match=r"layer sizes .* must be in 1\.\.4096"):
+        family_from_spec(spec)
