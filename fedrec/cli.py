@@ -125,6 +125,7 @@ def _status(label: str) -> Iterator[None]:
 _LAZY_COMMANDS = {
     "recommend": ("fedrec.cli_models", "Top-K unseen items per user from a registered model."),
     "predict": ("fedrec.cli_models", "Predicted scores for given (user, item) pairs."),
+    "models": ("fedrec.cli_models", "Registered models: versions, champion, why promoted."),
     "site": ("fedrec.sites.cli", "A site's process of a real federation, next to its data."),
     "keygen": ("fedrec.sites.cli", "Write an Ed25519 identity key pair (site or coordinator)."),
     "stores": (
@@ -366,6 +367,7 @@ def main() -> None:
     fedrec train --data synthetic --rounds 10          train, register, promote if better
     fedrec recommend --model models:/fedrec-mf@champion --history h.csv --k 10
     fedrec predict --model models:/fedrec-mf@champion --history h.csv --pairs p.csv
+    fedrec models                                      versions, champion, why promoted
     fedrec server status                               the local Prefect server and its UI
 
     Errors are one line on stderr. Exit status: 0 done; 2 the input, a flag or a name is wrong

@@ -116,13 +116,19 @@ def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
     Read through :mod:`fedrec.model_store`, which imports neither Prefect nor the training code
     (and MLflow only for a store it cannot read directly).
     """
-    from fedrec.model_store import (
-        ModelNotFoundError,
-        TrackingStoreError,
-        check_tracking_uri,
-        load_recommender,
-        resolve_tracking_uri,
-    )
+    from fedrec.model_store import ModelNotFoundError, load_recommender
+
+    uri = _store_uri(tracking_uri)
+    try:
+        return load_recommender(uri, model_uri)
+    except ModelNotFoundError as err:
+        raise UserError(str(err)) from err
+
+
+def _store_uri(tracking_uri: str | None) -> str:
+    """The tracking URI to read, checked: a missing local store is a user error (not a new, empty
+    store), and a server that does not answer is one line within seconds."""
+    from fedrec.model_store import TrackingStoreError, check_tracking_uri, resolve_tracking_uri
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = resolve_tracking_uri(tracking_uri, create=False)
@@ -132,9 +138,9 @@ def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
         )
     try:
         check_tracking_uri(uri)
-        return load_recommender(uri, model_uri)
-    except (ModelNotFoundError, TrackingStoreError) as err:
+    except TrackingStoreError as err:
         raise UserError(str(err)) from err
+    return uri
 
 
 def _check_out(out: str | None) -> None:
@@ -300,3 +306,96 @@ def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender
         about_user = [p for p in reason.split("; ") if p.startswith(("ignored ", NO_HISTORY))]
         if about_user:
             click.echo(f"fedrec: note: user {user}: {'; '.join(about_user)}", err=True)
+
+
+def version_rows(client: Any, name: str, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` versions of registered model ``name``, newest first, as the registry
+    records them: champion or not, when registered, the metric its promotion was decided on and
+    its value, the decision and its reason, the data it was trained on."""
+    import datetime
+
+    champion = client.get_registered_model(name).aliases.get("champion")
+    versions = client.search_model_versions(
+        f"name='{name}'", order_by=["version_number DESC"], max_results=limit
+    )
+    rows = []
+    for v in versions:
+        tags = v.tags
+        # versions registered before the tag existed: their one decisive metric tag
+        decisive = [k.removeprefix("metric.") for k in tags if k.startswith("metric.valid/")]
+        decisive = [k for k in decisive if "/client_" not in k]
+        metric = tags.get("fedrec.promotion_metric") or (decisive[0] if decisive else "")
+        registered = datetime.datetime.fromtimestamp(v.creation_timestamp / 1000, datetime.UTC)
+        rows.append({
+            "version": str(v.version),
+            "champion": str(v.version) == str(champion),
+            "registered": registered.strftime("%Y-%m-%d %H:%M"),
+            "metric": metric,
+            "value": tags.get(f"metric.{metric}", ""),
+            "promoted": tags.get("fedrec.promoted", ""),
+            "reason": tags.get("fedrec.promotion_reason", ""),
+            "source": tags.get("fedrec.source", ""),
+            "run_id": v.run_id,
+        })  # fmt: skip
+    return rows
+
+
+@click.command()
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
+)
+@click.option("--model-name", default=None, help="one registered model [default: every one]")
+@click.option(
+    "--limit",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="newest versions shown per model",
+)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per model on stdout")
+@debug_option
+@friendly_errors
+def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json: bool) -> None:
+    """The registered models and their newest versions: which one is the champion (*), when each
+    was registered, the metric its promotion was decided on, and why it was or was not promoted.
+
+    \b
+    fedrec models
+    fedrec models --model-name fedrec-ranking --limit 3
+    """
+    import json
+
+    from mlflow import MlflowClient
+
+    uri = _store_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    names = sorted(m.name for m in client.search_registered_models())
+    if model_name is not None:
+        if model_name not in names:
+            raise UserError(
+                f"--model-name {model_name}: no such registered model; registered: "
+                f"{', '.join(names) or 'none'}"
+            )
+        names = [model_name]
+    if not names:
+        click.echo(f"no registered models in {uri}; train one first (fedrec train)")
+        return
+    for name in names:
+        rows = version_rows(client, name, limit)
+        champion = next((r["version"] for r in rows if r["champion"]), None)
+        if as_json:
+            click.echo(json.dumps({"model": name, "versions": rows}))
+            continue
+        alias = (
+            f"champion version {champion} (models:/{name}@champion)" if champion else "no champion"
+        )
+        click.echo(f"{name}: {alias}")
+        click.echo("  version  registered (UTC)  metric              value     promoted  reason")
+        for r in rows:
+            mark = "*" if r["champion"] else " "
+            click.echo(
+                f"  {r['version'] + mark:<8} {r['registered']:<17} {r['metric']:<19} "
+                f"{r['value']:<9} {r['promoted'] or '-':<9} {r['reason']}"
+            )

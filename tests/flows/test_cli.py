@@ -445,3 +445,25 @@ def test_no_resume_hint_for_a_run_that_registered_its_model_before_failing(tmp_p
     client.create_registered_model("m")
     client.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
     assert _resumable_run(config) is None  # a resume would register it twice
+
+
+def test_models_lists_versions_with_the_champion_and_why(trained, tmp_path):
+    _, uri, _ = trained
+    from mlflow import MlflowClient
+
+    listed = _run("models", "--tracking-uri", uri, "--model-name", "cli")
+    as_json = _run("models", "--tracking-uri", uri, "--model-name", "cli", "--json")
+
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+        "cli", "champion"
+    )
+    lines = listed.stdout.splitlines()
+    assert lines[0] == f"cli: champion version {version.version} (models:/cli@champion)"
+    row = next(line for line in lines if line.strip().startswith(f"{version.version}*"))
+    assert "valid/rmse" in row and version.tags["fedrec.promotion_reason"] in row
+    (record,) = [json.loads(line) for line in as_json.stdout.splitlines()]
+    champion = next(v for v in record["versions"] if v["champion"])
+    assert champion["version"] == str(version.version) and champion["promoted"] == "true"
+    assert champion["value"] == version.tags["metric.valid/rmse"]
+    unknown = CliRunner().invoke(main, ["models", "--tracking-uri", uri, "--model-name", "nope"])
+    assert unknown.exit_code == 2 and "registered: " in unknown.stderr and "cli" in unknown.stderr
