@@ -532,7 +532,8 @@ def _resumable_run(config: Any) -> str | None:
 
         from fedrec.model_store import resolve_tracking_uri
 
-        client = MlflowClient(tracking_uri=resolve_tracking_uri(config.tracking_uri))
+        uri = resolve_tracking_uri(config.tracking_uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         if config.resume is not None:
             run = client.get_run(config.resume)
         else:
