@@ -598,12 +598,7 @@ def _crash_lost_runs(tracking_uri: str | None) -> None:
         _note(f"could not look for runs whose process is gone: {type(err).__name__}: {err}")
         return
     if lost:
-        named = [
-            f"{name} (fedrec train --resume {run} continues it)"
-            if run
-            else f"{name} (its MLflow run is not in this store)"
-            for name, run in lost
-        ]
+        named = [f"{name} ({what or 'its MLflow run is not in this store'})" for name, what in lost]
         _note(
             f"marked {len(lost)} earlier run(s) as crashed, their process gone: {'; '.join(named)}"
         )

@@ -122,8 +122,8 @@ def crash_lost_runs(
     """Mark as crashed the running flow runs of ``flow_name`` whose foreground process, on this
     host, is gone (killed, or its machine restarted): without a heartbeat, the server would show
     them running forever. ``tracking_run_of(flow_run_id)`` closes the flow run's MLflow run and
-    returns its id (None: not found), which the crash message then names. Returns each lost
-    run's name and MLflow run id."""
+    says what became of it (``fedrec train --resume ID continues it``; None: not found), which
+    the crash message then gives. Returns each lost run's name and that text."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -153,7 +153,7 @@ def crash_lost_runs(
                 continue
             tracking_run = tracking_run_of(str(run.id))
             resume = (
-                f"fedrec train --resume {tracking_run} continues it"
+                tracking_run
                 if tracking_run
                 else "fedrec train --resume <MLflow run id> continues it (the id is in the run's "
                 "log and in MLflow, on the run tagged with this flow run's id)"

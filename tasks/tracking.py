@@ -232,8 +232,10 @@ def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
 
 
 def close_lost_run(uri: str, flow_run_id: str) -> str | None:
-    """The id of the training run of ``flow_run_id`` (a flow run whose process is gone) in this
-    store, marked KILLED if it still said RUNNING; None when the store has no such run."""
+    """Mark KILLED the training run of ``flow_run_id`` (a flow run whose process is gone) in this
+    store if it still said RUNNING, and say what is left to do: ``fedrec train --resume ID
+    continues it``, or that it registered its version already. None when the store has no such
+    run."""
     client = _client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
@@ -241,9 +243,16 @@ def close_lost_run(uri: str, flow_run_id: str) -> str | None:
     )
     if not runs:
         return None
+    run_id = runs[0].info.run_id
     if runs[0].info.status == "RUNNING":
-        client.set_terminated(runs[0].info.run_id, status="KILLED")
-    return runs[0].info.run_id
+        client.set_terminated(run_id, status="KILLED")
+    registered = client.search_model_versions(f"run_id='{run_id}'")
+    if registered:  # killed after registering: a resume would be refused
+        version = registered[0]
+        return (
+            f"run {run_id} registered {version.name} version {version.version}: nothing to resume"
+        )
+    return f"fedrec train --resume {run_id} continues it"
 
 
 def log_metrics(uri: str, run_id: str, step: int, metrics: Mapping[str, float]) -> None:

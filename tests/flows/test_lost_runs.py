@@ -53,7 +53,7 @@ def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_s
 
         # the dead run's MLflow run still says RUNNING; the reused one's is in no store here
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        tracking = MlflowClient(uri)
+        tracking = MlflowClient(tracking_uri=uri, registry_uri=uri)
         training = tracking.create_run(
             tracking.create_experiment("lost"), tags={"prefect.flow_run_id": str(dead)}
         ).info.run_id
@@ -71,11 +71,18 @@ def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_s
         "alive", "worker", "elsewhere", "unowned", "other_flow"
     }  # fmt: skip
     assert sorted(lost, key=str) == sorted(
-        [(names[dead], training), (names[reused], None)], key=str
+        [(names[dead], f"fedrec train --resume {training} continues it"), (names[reused], None)],
+        key=str,
     )
     assert states["dead"].message.endswith(f"; fedrec train --resume {training} continues it")
     assert str(victim.pid) in states["dead"].message
     assert "--resume <MLflow run id>" in states["reused"].message
     assert tracking.get_run(training).info.status == "KILLED"  # no longer running in MLflow
+    # a run killed after it registered its model has nothing to resume, and is told so
+    tracking.create_registered_model("m")
+    tracking.create_model_version("m", f"runs:/{training}/model", run_id=training)
+    assert close_lost_run(uri, str(dead)) == (
+        f"run {training} registered m version 1: nothing to resume"
+    )
     with get_client(sync_client=True) as client:  # marked once: a second sweep finds nothing
         assert crash_lost_runs("lost-runs") == []
