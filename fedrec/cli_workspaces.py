@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,12 +23,23 @@ class Workspace:
     written: float  # the newest file's modification time (a run checkpoints every round)
 
 
+def _is_workspace(path: Path) -> bool:
+    """A folder (not a link to one) holding a fedrec partition manifest."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"fingerprint", "clients"} <= set(manifest)
+
+
 def find_workspaces(root: Path) -> tuple[list[Workspace], list[Path]]:
-    """The run workspaces under ``root``, oldest write first, and the folders there that are
-    not workspaces (no ``manifest.json``: left alone)."""
+    """The run workspaces under ``root``, oldest write first, and the other entries there
+    (no fedrec manifest, or a symbolic link: left alone)."""
     found, others = [], []
-    for path in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
-        if not (path / "manifest.json").is_file():
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not _is_workspace(path):
             others.append(path)
             continue
         size, written = 0, path.stat().st_mtime
@@ -89,7 +101,7 @@ def workspaces(prune: bool, days: float) -> None:
         else:
             click.echo(f"{line}  resume: fedrec train --resume {w.path.name}")
     for path in others:
-        click.echo(f"{path.name}  not a run workspace (no manifest.json): left alone")
+        click.echo(f"{path.name}  not a run workspace (no fedrec manifest): left alone")
     if prune:
         click.echo(
             f"removed {removed} workspace(s) not written for {days:g} days, {_megabytes(freed)}"

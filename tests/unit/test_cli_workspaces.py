@@ -17,7 +17,7 @@ def _workspace(root, name, days_old, manifest=True):
     files[0].write_bytes(b"x" * 2_000_000)
     if manifest:
         files.append(folder / "manifest.json")
-        files[-1].write_text("{}")
+        files[-1].write_text('{"fingerprint": "f", "clients": []}')
     written = time.time() - days_old * 86400
     for path in [*files, folder / "clients", folder]:
         os.utime(path, (written, written))
@@ -32,6 +32,10 @@ def test_prune_removes_only_workspaces_older_than_asked_and_leaves_other_folders
     old = _workspace(root, "run-old", days_old=10)
     new = _workspace(root, "run-new", days_old=2)
     other = _workspace(root, "notes", days_old=30, manifest=False)
+    # another program's manifest.json, and a link to a workspace: neither is touched
+    foreign = _workspace(root, "package", days_old=30, manifest=False)
+    (foreign / "manifest.json").write_text('{"name": "x"}')
+    (root / "zlink").symlink_to(old)
     runner = CliRunner()
 
     listed = runner.invoke(main, ["workspaces"])
@@ -43,15 +47,18 @@ def test_prune_removes_only_workspaces_older_than_asked_and_leaves_other_folders
         and "written 10.0 days ago" in (lines[0])
     )
     assert lines[0].endswith("resume: fedrec train --resume run-old")
-    assert lines[1].startswith("run-new") and lines[2].startswith("notes  not a run workspace")
+    assert lines[1].startswith("run-new")
+    assert [line.split()[0] for line in lines[2:]] == ["notes", "package", "zlink"]
+    assert all("not a run workspace" in line for line in lines[2:])
     assert old.exists() and new.exists()
 
     pruned = runner.invoke(main, ["workspaces", "--prune"])
     assert pruned.exit_code == 0, pruned.output
-    assert not old.exists() and new.exists() and other.exists()
+    assert not old.exists() and new.exists() and other.exists() and foreign.exists()
     assert pruned.output.splitlines()[0].endswith("removed")
     assert pruned.output.splitlines()[-1] == "removed 1 workspace(s) not written for 7 days, 2.0 MB"
 
-    runner.invoke(main, ["workspaces", "--prune", "--older-than", "1"])
-    assert not new.exists() and other.exists()
+    again = runner.invoke(main, ["workspaces", "--prune", "--older-than", "1"])
+    assert again.exit_code == 0, again.output
+    assert not new.exists() and other.exists() and (foreign / "manifest.json").exists()
     assert runner.invoke(main, ["workspaces"]).output.startswith(f"no run workspaces in {root}")
