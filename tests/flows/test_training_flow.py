@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,20 +45,6 @@ def first_run(store):
     summary = federated_training(**config.model_dump())
     champion = store["client"].get_model_version_by_alias("flowtest", "champion")
     return summary | {"champion_then": champion}
-
-
-@contextlib.contextmanager
-def _flow_warnings() -> Iterator[list[str]]:
-    """The messages of the flow runs' warnings (Prefect's run loggers do not reach caplog)."""
-    messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("prefect.flow_runs")
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
 
 
 def _versions(store, name: str) -> set[int]:
@@ -198,11 +182,11 @@ def test_a_run_that_compares_on_another_metric_than_the_champion_was_promoted_on
     champion = client.get_model_version_by_alias("flowtest", "champion")
     assert champion.tags["fedrec.promotion_metric"] == "valid/rmse"  # the explicit default
     # never promoted (min_delta): the champion stays the one the other tests expect
-    with _flow_warnings() as messages:
+    with flow_log(logging.WARNING) as records:
         summary = federated_training(rounds=1, factors=2, seed=11, promotion_metric="valid/mae", min_delta=1e6,
                                      tracking_uri=store["uri"], model_name="flowtest", **SMALL)  # fmt: skip
 
-    warned = [m for m in messages if "was promoted on valid/rmse" in m]
+    warned = [r.getMessage() for r in records if "was promoted on valid/rmse" in r.getMessage()]
     assert warned and "this run compares on valid/mae" in warned[0], warned
     version = client.get_model_version("flowtest", summary["model_version"])
     assert version.tags["fedrec.promotion_metric"] == "valid/mae" and not summary["promoted"]
@@ -213,11 +197,12 @@ def test_a_run_with_nothing_held_out_says_it_cannot_be_judged(store, tmp_path, r
 
     tiny = tmp_path / "tiny.csv"
     tiny.write_text("user_id,item_id,rating\nu1,1,4\nu1,2,5\nu2,1,3\n")
-    with _flow_warnings() as messages:
+    with flow_log(logging.WARNING) as records:
         summary = federated_training(data=str(tiny), clients=2, rounds=1, factors=2,
                                      tracking_uri=store["uri"], model_name="tiny")  # fmt: skip
 
     assert not summary["promoted"] and "candidate has no valid/rmse" in summary["reason"]
+    messages = [r.getMessage() for r in records]
     assert any("no valid/rmse was measured" in m for m in messages), messages
     assert not [w for w in recwarn if "No artists" in str(w.message)]  # the empty plot's legend
 
