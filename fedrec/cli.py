@@ -531,6 +531,7 @@ def _resumable_run(config: Any) -> str | None:
         from mlflow.tracking import MlflowClient
 
         from fedrec.model_store import resolve_tracking_uri
+        from tasks.tracking import registered_version
 
         uri = resolve_tracking_uri(config.tracking_uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -551,7 +552,7 @@ def _resumable_run(config: Any) -> str | None:
         workspace = run.data.tags.get("fedrec.workspace")
         if run.info.status == "FINISHED" or not workspace:
             return None
-        if client.search_model_versions(f"run_id='{run.info.run_id}'"):
+        if registered_version(client, run.info.run_id) is not None:
             return None  # it registered its model before failing: nothing left to resume
     except Exception:  # a hint, not a second error
         return None
@@ -589,8 +590,10 @@ def _crash_lost_runs(tracking_uri: str | None) -> None:
     from fedrec.runtime import crash_lost_runs
     from tasks.tracking import close_lost_run, resolve_tracking_uri
 
+    uri = resolve_tracking_uri(tracking_uri)
+
     def tracking_run_of(flow_run_id: str) -> str | None:
-        return close_lost_run(resolve_tracking_uri(tracking_uri), flow_run_id)
+        return close_lost_run(uri, flow_run_id)
 
     try:
         lost = crash_lost_runs("federated-training", tracking_run_of)

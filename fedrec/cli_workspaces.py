@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -25,13 +24,15 @@ class Workspace:
 
 def _is_workspace(path: Path) -> bool:
     """A folder (not a link to one) holding a fedrec partition manifest."""
+    from models.data.partitions import read_manifest
+
     if path.is_symlink() or not path.is_dir():
         return False
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError):
+        read_manifest(path)
+    except (OSError, ValueError, KeyError, TypeError):  # none, or another program's
         return False
-    return isinstance(manifest, dict) and {"fingerprint", "clients"} <= set(manifest)
+    return True
 
 
 def find_workspaces(root: Path) -> tuple[list[Workspace], list[Path]]:

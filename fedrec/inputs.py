@@ -90,10 +90,11 @@ PATH_KEYS = ("catalogue", "sites", "workspace", "dp_ledger_secret")
 
 
 def file_relative_paths(values: Mapping[str, Any], folder: Path) -> dict[str, Any]:
-    """A configuration file's ``values`` with each relative path it names taken from the file's
-    ``folder`` (as ``sites.yaml`` does), so that the file means the same files from whichever
-    folder it is run, a scheduler's included. A name that is a named dataset (``ml-1m``) stays
-    one unless such a path exists next to the file; ``synthetic`` is never a path."""
+    """``values`` with every file or folder it names made absolute against ``folder``: the
+    current one for flags, a configuration file's own for its keys (as ``sites.yaml`` does), so
+    that the run's recorded configuration, its provenance tags and ``--resume`` mean the same
+    files from any folder, a scheduler's included. A named dataset (``ml-1m``) stays a name
+    unless such a path exists in ``folder``; ``synthetic`` is never a path."""
     from models.data.movielens import NAMED_DATASETS
 
     resolved = dict(values)
@@ -102,8 +103,6 @@ def file_relative_paths(values: Mapping[str, Any], folder: Path) -> dict[str, An
         if not isinstance(spec, str) or not spec or spec == "synthetic":
             continue
         path = Path(spec).expanduser()
-        if path.is_absolute():
-            continue
         if key not in PATH_KEYS and spec in NAMED_DATASETS and not (folder / path).exists():
             continue
         resolved[key] = str((folder / path).resolve())
@@ -111,23 +110,9 @@ def file_relative_paths(values: Mapping[str, Any], folder: Path) -> dict[str, An
 
 
 def absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` with every file or folder it names made absolute (against the current folder),
-    so that the run's recorded configuration, its provenance tags and ``--resume`` mean the same
-    files from any folder; named datasets (``ml-1m``, ``synthetic``) stay names."""
-    resolved = dict(values)
-    for key in ("data", "train", "valid", "test"):
-        spec = values.get(key)
-        if (
-            isinstance(spec, str)
-            and spec
-            and spec != "synthetic"
-            and source_path(spec) == Path(spec)
-        ):
-            resolved[key] = str(Path(spec).expanduser().resolve())  # a path, not a dataset name
-    for key in PATH_KEYS:
-        if isinstance(values.get(key), str) and values[key]:
-            resolved[key] = str(Path(values[key]).expanduser().resolve())
-    return resolved
+    """``values`` (the flags) with their files and folders made absolute against the current
+    folder (:func:`file_relative_paths`)."""
+    return file_relative_paths(values, Path.cwd())
 
 
 def check_sources_exist(sources: Mapping[str, str]) -> None:

@@ -170,6 +170,12 @@ class ResumeError(ValueError):
 CHAMPION_PLANNED = "fedrec.dp_champion_planned"
 
 
+def registered_version(client: MlflowClient, run_id: str) -> ModelVersion | None:
+    """The model version a training run registered (None: it registered none)."""
+    found = client.search_model_versions(f"run_id='{run_id}'")
+    return found[0] if found else None
+
+
 def _not_refused(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a failed lookup unless it refused the resume: the answer would be the same."""
     try:
@@ -191,9 +197,8 @@ def interrupted_run(uri: str, run_id: str) -> Interrupted:
         raise ResumeError(f"--resume {run_id}: no such MLflow run in {redact_uri(uri)}") from err
     if run.info.status == "FINISHED":
         raise ResumeError(f"--resume {run_id}: the run finished; there is nothing to resume")
-    registered = client.search_model_versions(f"run_id='{run_id}'")
-    if registered:  # it failed after registering (e.g. a server gone): resuming would add a twin
-        version = registered[0]
+    version = registered_version(client, run_id)
+    if version is not None:  # it failed after registering (e.g. a server gone): a twin otherwise
         decided = {"true": "promoted to champion", "false": "not promoted"}.get(
             version.tags.get("fedrec.promoted", ""), "its promotion decision not recorded"
         )
@@ -246,9 +251,8 @@ def close_lost_run(uri: str, flow_run_id: str) -> str | None:
     run_id = runs[0].info.run_id
     if runs[0].info.status == "RUNNING":
         client.set_terminated(run_id, status="KILLED")
-    registered = client.search_model_versions(f"run_id='{run_id}'")
-    if registered:  # killed after registering: a resume would be refused
-        version = registered[0]
+    version = registered_version(client, run_id)
+    if version is not None:  # killed after registering: a resume would be refused
         return (
             f"run {run_id} registered {version.name} version {version.version}: nothing to resume"
         )

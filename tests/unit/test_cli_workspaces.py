@@ -17,7 +17,10 @@ def _workspace(root, name, days_old, manifest=True):
     files[0].write_bytes(b"x" * 2_000_000)
     if manifest:
         files.append(folder / "manifest.json")
-        files[-1].write_text('{"fingerprint": "f", "clients": []}')
+        files[-1].write_text(
+            '{"fingerprint": "f", "source": "s", "n_items": 1, "n_users": 1, '
+            '"rating_scale": null, "clients": []}'
+        )
     written = time.time() - days_old * 86400
     for path in [*files, folder / "clients", folder]:
         os.utime(path, (written, written))
