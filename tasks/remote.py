@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run, task_run
 from prefect.utilities.annotations import quote
 
-from fedrec.sites.coordinator import Coordinator
+from fedrec.sites.coordinator import Coordinator, SiteRefused
 from models.data.partitions import ITEMS, MANIFEST, ClientEntry, Manifest
 from models.federation.evaluation import Evaluation
 from models.federation.family import Family
@@ -123,7 +123,20 @@ def _asking() -> dict[str, Any]:
     }
 
 
-@task(name="train-site", cache_policy=NONE)
+def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a site's failed exchange unless the site had its whole deadline (a site that is
+    down would cost the round another deadline per retry) or refused it (signed: it would
+    refuse again)."""
+    try:
+        state.result()
+    except (TimeoutError, SiteRefused):
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+@task(name="train-site", cache_policy=NONE, retry_condition_fn=_worth_retrying)
 def train_site(
     *,
     link: SiteLink,
