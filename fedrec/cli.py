@@ -430,6 +430,8 @@ def train(
     _quiet_prefect(debug)
     with _step("loading Prefect, MLflow and the training flow"):
         from flows.training import training_flow
+    if config.resume is not None:
+        _check_resumable(config)  # before a server starts or a flow run is made for nothing
     from prefect.exceptions import TerminationSignal
 
     from fedrec.runtime import foreground_flow, keep_freed_memory
@@ -507,6 +509,17 @@ def _check_tracking(tracking_uri: str | None) -> None:
     try:
         check_tracking_uri(resolve_tracking_uri(tracking_uri))
     except TrackingStoreError as err:
+        raise UserError(str(err)) from err
+
+
+def _check_resumable(config: Any) -> None:
+    """Refuse in one line a ``--resume`` of a run there is nothing to continue in."""
+    from fedrec.model_store import resolve_tracking_uri
+    from tasks.tracking import ResumeError, resumable_run
+
+    try:
+        resumable_run(resolve_tracking_uri(config.tracking_uri), config.resume)
+    except ResumeError as err:
         raise UserError(str(err)) from err
 
 

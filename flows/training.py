@@ -171,8 +171,13 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     uri, run_id = start_run(config, fingerprint, flow_run.get_id())
     repaired = repair_orphans(uri, name)
     if repaired:
-        logger.warning("versions %s of %s were orphans (registered, never decided): tagged so",
-                       ", ".join(repaired), name)  # fmt: skip
+        logger.warning(
+            "%s: version(s) %s had no recorded promotion decision (their run ended first): "
+            "recorded now", name, ", ".join(
+                f"{v} ({'champion' if promoted else 'orphan, not promoted'})"
+                for v, promoted in repaired.items()
+            ),
+        )  # fmt: skip
     try:
         workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
         manifest = shard_clients(data, explicit_split, config, workspace, fingerprint=fingerprint)

@@ -24,7 +24,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus, ViewType
+from mlflow.entities import Metric, Param, Run, RunStatus, ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -187,9 +187,10 @@ def _not_refused(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
-@task(name="find-interrupted-run", **_RETRY, retry_condition_fn=_not_refused)
-def interrupted_run(uri: str, run_id: str) -> Interrupted:
-    """The run to resume; refuses a run that finished (it has nothing left to do)."""
+def resumable_run(uri: str, run_id: str) -> Run:
+    """The MLflow run ``--resume run_id`` would continue. Refuses (:class:`ResumeError`) a run
+    that is unknown, finished, not fedrec's, or that registered its version already (its
+    workspace is removed then: it serves no resume)."""
     client = _client(uri)
     try:
         run = client.get_run(run_id)
@@ -210,9 +211,17 @@ def interrupted_run(uri: str, run_id: str) -> Interrupted:
             f"{version.version} ({decided}); there is nothing to resume"
             + ("; its workspace is removed" if workspace and not Path(workspace).exists() else "")
         )
-    config_json = run.data.tags.get("fedrec.config")
-    if config_json is None:
+    if "fedrec.config" not in run.data.tags:
         raise ResumeError(f"--resume {run_id}: not a fedrec training run (no fedrec.config tag)")
+    return run
+
+
+@task(name="find-interrupted-run", **_RETRY, retry_condition_fn=_not_refused)
+def interrupted_run(uri: str, run_id: str) -> Interrupted:
+    """The run to resume; refuses what :func:`resumable_run` refuses."""
+    run = resumable_run(uri, run_id)
+    client = _client(uri)
+    config_json = run.data.tags["fedrec.config"]
     steps = [m.step for key in run.data.metrics for m in client.get_metric_history(run_id, key)]
     planned = run.data.tags.get(CHAMPION_PLANNED) == "1"
     return Interrupted(uri, run_id, config_json, max(steps, default=0), planned)
@@ -548,6 +557,9 @@ def record_promotion(
     Under :func:`promotion_lock`, the champion is read again first: if another run moved it
     since this one compared against it, this candidate is not promoted (it was not compared with
     the new champion). Returns the decision that was recorded.
+
+    ``fedrec.promoted`` is written last, after the alias: a version without it had its decision
+    cut short, and :func:`repair_orphans` finishes the record from where the alias points.
     """
     client = _client(uri)
     with promotion_lock(uri):
@@ -560,9 +572,6 @@ def record_promotion(
                 f"the champion changed to version {current_version} while this run trained "
                 f"(it was compared with {champion_version}); not promoted",
             )
-        client.set_model_version_tag(
-            model_name, version, "fedrec.promoted", str(decision.promote).lower()
-        )
         client.set_model_version_tag(
             model_name, version, "fedrec.promotion_reason", decision.reason
         )
@@ -582,45 +591,67 @@ def record_promotion(
                 client.set_model_version_tag(
                     model_name, current_version, "fedrec.replaced_by_version", version
                 )
+        client.set_model_version_tag(
+            model_name, version, "fedrec.promoted", str(decision.promote).lower()
+        )
         if not client.get_registered_model(model_name).description:
             client.update_registered_model(model_name, description=MODEL_DESCRIPTION)
     return decision
 
 
 @task(name="repair-orphan-versions", **_RETRY)
-def repair_orphans(uri: str, model_name: str) -> list[str]:
-    """Versions registered by a training that ended before its promotion decision (a crash
-    between registration and alias) get ``fedrec.promoted=false`` and a reason, so the registry
-    says what they are; they never became champion. Versions of runs still RUNNING are left
-    alone: they may be deciding right now. Returns the repaired versions."""
+def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
+    """Finish the promotion record of versions whose training ended before writing it (a crash
+    between registration and the end of :func:`record_promotion`), so the registry says what
+    each is. A version the champion alias points to, or that a later champion replaced, became
+    champion: it gets ``fedrec.promoted=true`` (and the version it replaced its
+    ``fedrec.replaced_by_version``). Any other never became champion: ``fedrec.promoted=false``,
+    with an ``orphan`` reason and description. Versions of runs still RUNNING are left alone:
+    they may be deciding right now. Returns each repaired version and whether it was promoted.
+    """
     client = _client(uri)
     try:
         versions = client.search_model_versions(f"name='{model_name}'")
     except MlflowException as err:
         if _is_missing(err):
-            return []
+            return {}
         raise
-    repaired = []
-    for v in versions:
-        if "fedrec.promoted" in v.tags or not v.run_id:
-            continue
-        try:
-            run = client.get_run(v.run_id)
-            status, workspace = run.info.status, run.data.tags.get("fedrec.workspace")
-        except MlflowException:
-            status, workspace = "GONE", None
-        if status == "RUNNING":
-            continue
-        reason = (
-            f"orphan: its training (run {v.run_id}, {status}) ended between registration and "
-            "the promotion decision"
-        )
-        client.set_model_version_tag(model_name, v.version, "fedrec.promoted", "false")
-        client.set_model_version_tag(model_name, v.version, "fedrec.promotion_reason", reason)
-        client.update_model_version(model_name, v.version, description=f"not promoted: {reason}")
-        if workspace:  # a resume of its run is refused: its partitions serve nothing
-            remove_workspace(workspace)
-        repaired.append(str(v.version))
+    repaired: dict[str, bool] = {}
+    with promotion_lock(uri):
+        champion = _champion_version(uri, model_name)
+        for v in versions:
+            if "fedrec.promoted" in v.tags or not v.run_id:
+                continue
+            try:
+                run = client.get_run(v.run_id)
+                status, workspace = run.info.status, run.data.tags.get("fedrec.workspace")
+            except MlflowException:
+                status, workspace = "GONE", None
+            if status == "RUNNING":
+                continue
+            held = champion is not None and str(champion.version) == str(v.version)
+            if held or "fedrec.replaced_by_version" in v.tags:  # the alias moved to it
+                replaced = v.tags.get("fedrec.compared_with_version")
+                if held and replaced and replaced != str(v.version):
+                    client.set_model_version_tag(
+                        model_name, replaced, "fedrec.replaced_by_version", str(v.version)
+                    )
+                client.set_model_version_tag(model_name, v.version, "fedrec.promoted", "true")
+            else:
+                reason = (
+                    f"orphan: its training (run {v.run_id}, {status}) ended between registration "
+                    "and the promotion decision"
+                )
+                client.set_model_version_tag(model_name, v.version, "fedrec.promoted", "false")
+                client.set_model_version_tag(
+                    model_name, v.version, "fedrec.promotion_reason", reason
+                )
+                client.update_model_version(
+                    model_name, v.version, description=f"not promoted: {reason}"
+                )
+            if workspace:  # a resume of its run is refused: its partitions serve nothing
+                remove_workspace(workspace)
+            repaired[str(v.version)] = held or "fedrec.replaced_by_version" in v.tags
     return repaired
 
 

@@ -35,6 +35,13 @@ def _flow_run_state(flow_run_id: str):
         return client.read_flow_run(flow_run_id).state
 
 
+def _flow_run_count() -> int:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.count_flow_runs()
+
+
 def _trained_rounds(resumed_run_id: str) -> tuple[str, list[int]]:
     """The Prefect flow run that resumed ``resumed_run_id``, and the round of each of its
     training task runs (from the task-run records of the Prefect API)."""
@@ -156,6 +163,7 @@ def test_resume_refuses_a_finished_or_unknown_run(tmp_path, prefect_server):
         import json
 
         run_id = json.loads(done.stdout)["run_id"]
+        flow_runs = _flow_run_count()
         finished = CliRunner().invoke(main, ["train", "--resume", run_id])
         unknown = CliRunner().invoke(main, ["train", "--resume", "0" * 32])
         # a run that failed after registering (its server went away at the end): resuming it
@@ -169,6 +177,7 @@ def test_resume_refuses_a_finished_or_unknown_run(tmp_path, prefect_server):
         (workspace / "manifest.json").write_text("{}")
         client.set_tag(run_id, "fedrec.workspace", str(workspace))
         registered = CliRunner().invoke(main, ["train", "--resume", run_id])
+        refused_without_a_flow_run = _flow_run_count() == flow_runs
 
     # the message alone, without the exception's class name
     assert finished.exit_code == 2 and (
@@ -189,6 +198,7 @@ def test_resume_refuses_a_finished_or_unknown_run(tmp_path, prefect_server):
     )
     assert not workspace.exists()
     assert [str(v.version) for v in client.search_model_versions("name='fedrec-mf'")] == ["1"]
+    assert refused_without_a_flow_run  # refused before the flow: no failed flow run left behind
 
 
 @pytest.mark.timeout(600)

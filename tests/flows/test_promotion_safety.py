@@ -97,3 +97,83 @@ def test_an_orphan_version_is_marked_by_the_next_run_and_never_promoted(store, t
     assert version.description == f"not promoted: {tags['fedrec.promotion_reason']}"
     assert not workspace.exists()  # its run cannot be resumed: the partitions are removed
     assert str(client.get_model_version_by_alias("safe", "champion").version) != orphan
+
+
+class _Killed(BaseException):
+    """The process dying at this point: nothing after it runs."""
+
+
+class _DiesAtWrite:
+    """An MLflow client whose process dies at its ``at``-th registry write."""
+
+    WRITES = ("set_model_version_tag", "update_model_version", "set_registered_model_alias",
+              "update_registered_model")  # fmt: skip
+
+    def __init__(self, client: MlflowClient, at: int) -> None:
+        self._client, self._at, self.writes = client, at, 0
+
+    def __getattr__(self, name: str):
+        method = getattr(self._client, name)
+        if name not in self.WRITES:
+            return method
+
+        def write(*args, **kwargs):
+            self.writes += 1
+            if self.writes == self._at:
+                raise _Killed
+            return method(*args, **kwargs)
+
+        return write
+
+
+def test_a_kill_anywhere_inside_the_promotion_leaves_a_record_the_next_run_makes_true(
+    store, monkeypatch
+):
+    """Kill the deciding process before each of its registry writes in turn; after the next
+    run's repair, a version says promoted=true exactly when it holds (or held) the alias, and
+    its description agrees. Writing ``fedrec.promoted`` before the alias moved failed this: a
+    kill between them left a version that said promoted with the champion elsewhere."""
+    import tasks.tracking as tracking
+
+    client = store["client"]
+    write_count = _DiesAtWrite(client, at=0)
+    monkeypatch.setattr(tracking, "_client", lambda uri: write_count)
+    champion = client.get_model_version_by_alias("safe", "champion").version
+    tracking.record_promotion.fn(
+        store["uri"], "safe", _register_copy_of_champion(store),
+        PromotionDecision(True, "better by 0.01"), champion,
+    )  # fmt: skip
+    writes = write_count.writes
+    assert writes >= 5
+    for at in range(1, writes + 1):
+        champion = client.get_model_version_by_alias("safe", "champion").version
+        version = _register_copy_of_champion(store)
+        dying = _DiesAtWrite(client, at)
+        monkeypatch.setattr(tracking, "_client", lambda uri, dying=dying: dying)
+        with pytest.raises(_Killed):
+            tracking.record_promotion.fn(
+                store["uri"], "safe", version, PromotionDecision(True, "better by 0.01"), champion
+            )
+        monkeypatch.setattr(tracking, "_client", lambda uri: client)
+
+        repaired = tracking.repair_orphans.fn(store["uri"], "safe")
+
+        now = str(client.get_model_version_by_alias("safe", "champion").version)
+        tags = client.get_model_version("safe", version).tags
+        description = client.get_model_version("safe", version).description
+        promoted = now == version
+        assert tags["fedrec.promoted"] == str(promoted).lower(), (at, tags, now)
+        assert repaired.get(version, promoted) == promoted
+        if promoted:
+            assert description.startswith("promoted to champion"), (at, description)
+            replaced = client.get_model_version("safe", champion).tags
+            assert replaced["fedrec.replaced_by_version"] == version, at
+        else:
+            assert description.startswith("not promoted"), (at, description)
+            assert now == str(champion), at
+    # every outcome occurred: cut short before the alias moved, and after
+    outcomes = {
+        client.get_model_version("safe", v.version).tags.get("fedrec.promoted")
+        for v in client.search_model_versions("name='safe'")
+    }
+    assert outcomes == {"true", "false"}
