@@ -13,6 +13,7 @@ inputs have been checked.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -20,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,45 @@ def main() -> None:
     """
 
 
+class Terminated(BaseException):
+    """SIGTERM reached ``fedrec train`` (not an ``Exception``: nothing may swallow it)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_ends_the_command() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated` in the block. Prefect's engine marks its flow run
+    crashed on SIGTERM, then passes the signal on to the handler it found: this one. (Signals
+    go to the main thread only; elsewhere nothing changes.)"""
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ends_on_sigterm(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """SIGTERM anywhere in the command ends it with one line and exit status 1; the command
+    itself says how to resume when it reaches the flow."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _sigterm_ends_the_command():
+            try:
+                return fn(*args, **kwargs)
+            except Terminated as err:
+                raise RunFailed("terminated (SIGTERM)") from err
+
+    return wrapper
+
+
 @main.command(cls=ConfigCommand)
 @click.option(
     "--config",
@@ -397,6 +437,7 @@ def main() -> None:
 )
 @debug_option
 @friendly_errors
+@_ends_on_sigterm
 def train(
     config_file: str | None, as_json: bool, max_workers: int | None, debug: bool, **overrides: Any
 ) -> None:
@@ -448,7 +489,6 @@ def train(
     with (
         using_api(api_url),
         foreground_flow(),
-        _sigterm_ends_the_command(),
         contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext(),
     ):
         _crash_lost_runs(config.tracking_uri)
@@ -570,30 +610,6 @@ def _resumable_run(config: Any) -> str | None:
     except Exception:  # a hint, not a second error
         return None
     return run.info.run_id if (Path(workspace) / "manifest.json").is_file() else None
-
-
-class Terminated(BaseException):
-    """SIGTERM reached ``fedrec train`` (not an ``Exception``: nothing may swallow it)."""
-
-
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
-@contextlib.contextmanager
-def _sigterm_ends_the_command() -> Iterator[None]:
-    """SIGTERM raises :class:`Terminated` in the block. Prefect's engine marks its flow run
-    crashed on SIGTERM, then passes the signal on to the handler it found: this one. (Signals
-    go to the main thread only; elsewhere nothing changes.)"""
-    try:
-        previous = signal.signal(signal.SIGTERM, _terminated)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _crash_lost_runs(tracking_uri: str | None) -> None:

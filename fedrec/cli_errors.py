@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import json
 import os
 import sys
@@ -123,7 +124,7 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return (
                 fn(*args, debug=debug, **kwargs)
-                if "debug" in fn.__code__.co_varnames
+                if "debug" in inspect.signature(fn).parameters
                 else fn(*args, **kwargs)
             )
         except (click.ClickException, click.exceptions.Exit, click.Abort):

@@ -233,3 +233,30 @@ def test_a_terminated_training_says_in_one_line_how_to_resume_it(tmp_path, prefe
     assert last == (
         f"fedrec: error: terminated (SIGTERM); fedrec train --resume {run_id} continues it"
     ), stderr.decode()[-2000:]
+
+
+def test_a_training_terminated_while_it_loads_ends_in_one_line(tmp_path):
+    """SIGTERM before the flow starts (while the libraries load): one line, exit status 1, and
+    nothing to resume (no workspace, no MLflow store)."""
+    home = tmp_path / "home"
+    env = os.environ | {"FEDREC_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                        "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # fmt: skip
+    cli = Path(sys.executable).parent / "fedrec"
+    victim = subprocess.Popen([str(cli), "train", "--rounds", "1"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    seen = b""
+    try:
+        while b"loading Prefect, MLflow" not in seen:
+            chunk = os.read(victim.stderr.fileno(), 4096)
+            assert chunk, f"ended before loading: {seen.decode()[-2000:]}"
+            seen += chunk
+        victim.send_signal(signal.SIGTERM)
+        _, rest = victim.communicate(timeout=120)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(timeout=30)
+    stderr = (seen + rest).decode()
+    assert victim.returncode == 1, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "fedrec: error: terminated (SIGTERM)", stderr[-2000:]
+    assert not (home / "workspaces").exists()
