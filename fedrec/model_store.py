@@ -221,7 +221,7 @@ def load_recommender(uri: str, model_uri: str) -> Recommender:
     if model_uri.startswith("models:/") and not _MODEL_URI.match(model_uri):
         raise ModelNotFoundError(
             f"model {model_uri}: names no alias or version (a model URI is {ALLOWED}, e.g. "
-            f"{model_uri.rstrip('/')}@champion)"
+            f"{model_uri.rstrip('/@')}@champion)"
         )
     path = sqlite_path(uri)
     folder = _state_from_sqlite(path, model_uri) if path is not None and path.is_file() else None

@@ -122,6 +122,12 @@ def test_missing_store_and_unknown_model_are_one_line(tmp_path):
         "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model, e.g. "
         "models:/nothing@champion)"
     )
+    no_alias = CliRunner().invoke(
+        main, ["recommend", "--model", "models:/nothing@", "--history", str(history), "--tracking-uri", uri]
+    )  # fmt: skip
+    assert no_alias.exit_code == 2 and no_alias.stderr.strip().endswith(
+        "e.g. models:/nothing@champion)"
+    )
 
 
 @pytest.fixture(scope="module")
