@@ -73,7 +73,7 @@ def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
     from models.data.errors import DataValidationError
 
     try:
-        frame = pd.read_csv(path, dtype=str)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # "NA" is an id too
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
         problem = " ".join(str(err).split())
         raise UserError(f"{path}: not a readable CSV ({problem})") from err

@@ -128,6 +128,13 @@ def read_interactions(
     if rating_col is not None and rating_scale is None:
         ratings = frame[RATING].to_numpy()
         rating_scale = (float(ratings.min()), float(ratings.max()))
+        if rating_scale[0] == rating_scale[1]:  # a scale of one value: nothing to learn or clip to
+            raise DataValidationError(
+                "is the only rating in the file, so no rating scale can be taken from the data",
+                file=file, column=rating_col, value=rating_scale[0],
+                allowed="ratings of two or more values, or the scale given (--rating-scale "
+                "LOW,HIGH, e.g. 1,5)",
+            )  # fmt: skip
         notes.append(f"rating scale {rating_scale}, taken from the data")
     return encode_interactions(frame, rating_scale=rating_scale, source=file, notes=tuple(notes))
 
@@ -251,6 +258,11 @@ def read_item_list(path: str | os.PathLike[str], item_col: str = "item_id") -> p
     return pd.Index(ids.to_numpy(), dtype=object)
 
 
+# what pandas reads as a missing value by default (``keep_default_na``), kept for non-id columns
+_MISSING_WORDS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND",
+                  "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]  # fmt: skip
+
+
 def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
     data = path.read_bytes()
     file = str(path)
@@ -277,12 +289,20 @@ def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
             column=repeated,
             allowed="each column named once",
         )
+    # An id is text: "NA", "null" or "None" name a user or an item like any other word. Only an
+    # empty field is a missing id; the other columns keep pandas' words for a missing value.
+    header_names = next(
+        csv.reader([header.rstrip("\r").removeprefix("\ufeff")], delimiter=delimiter)
+    )
+    id_names = [name for name in header_names if name.strip() in id_cols]
     try:
         raw = pd.read_csv(
             io.BytesIO(data),
             sep=delimiter,
-            dtype=dict.fromkeys(id_cols, str),
+            dtype=dict.fromkeys(id_names, str),
             encoding="utf-8-sig",
+            keep_default_na=False,
+            na_values={name: [""] if name in id_names else _MISSING_WORDS for name in header_names},
         )
     except pd.errors.EmptyDataError as err:
         raise DataValidationError("is empty", file=file, allowed="a header and data rows") from err

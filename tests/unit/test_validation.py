@@ -153,11 +153,11 @@ BAD_INPUTS = [
     ),
     pytest.param(
         BadInput(
-            {"ratings.csv": HEADER + "1,10,4\n2,11,3\n3,NaN,5\n"},
+            {"ratings.csv": HEADER + "1,10,4\n2,11,3\n3,,5\n"},
             "ratings.csv",
             ("row 3", "column 'item_id'", "missing id"),
         ),
-        id="nan-item-id",
+        id="empty-item-id",
     ),
     pytest.param(
         BadInput(
@@ -512,6 +512,31 @@ def test_rating_scale_none_is_taken_from_the_data(tmp_path: Path) -> None:
     # Assert
     assert data.rating_scale == (0.5, 10.0)
     assert data.frame[RATING].tolist() == [0.5, 10.0]
+
+
+def test_words_pandas_takes_for_missing_are_ids_in_an_id_column(tmp_path: Path) -> None:
+    """"NA", "null", "None" and "nan" are plausible ids (a user's initials, a product code);
+    only an empty field is a missing id. In the rating column they stay missing ratings."""
+    data = _read_csv_text(tmp_path, HEADER + "NA,null,4\nNone,nan,3\nNA,nan,5\n")
+    assert _rows(data) == {("NA", "null"): 4.0, ("None", "nan"): 3.0, ("NA", "nan"): 5.0}
+    with pytest.raises(DataValidationError, match=r"row 2, column 'rating': missing rating"):
+        _read_csv_text(tmp_path, HEADER + "NA,null,4\nNone,nan,NA\n")
+    with pytest.raises(DataValidationError, match=r"row 2, column 'item_id': missing id"):
+        _read_csv_text(tmp_path, HEADER + "NA,null,4\nNone,,3\n")
+
+
+def test_a_scale_taken_from_data_of_one_rating_value_is_refused(tmp_path: Path) -> None:
+    """A scale (4.0, 4.0) trained a model that clipped every prediction to 4 (RMSE 0 against
+    any champion) and that serving then refused."""
+    with pytest.raises(DataValidationError) as err:
+        _read_csv_text(tmp_path, HEADER + "1,10,4\n2,11,4\n", rating_scale=None)
+    assert str(err.value).endswith(
+        "column 'rating': value 4.0 is the only rating in the file, so no rating scale can be "
+        "taken from the data; allowed: ratings of two or more values, or the scale given "
+        "(--rating-scale LOW,HIGH, e.g. 1,5)"
+    )
+    given = _read_csv_text(tmp_path, HEADER + "1,10,4\n2,11,4\n", rating_scale=(1.0, 5.0))
+    assert given.rating_scale == (1.0, 5.0)
 
 
 @pytest.mark.parametrize(
