@@ -10,7 +10,9 @@ the kind of model, so nothing is unpickled. ``predict`` takes one row per user:
   network);
 - the ``k`` param (default 10) sets the list length.
 
-It returns ``user_id, rank, item_id, score, reason`` rows.
+It returns ``user_id, rank, item_id, score, reason`` rows; a row without a score (a popularity
+fallback, an item that cannot be scored) has ``None`` there, which JSON (``mlflow models
+serve``) sends as ``null``: NaN is not JSON.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class FedrecModel(PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         k = int((params or {}).get("k", 10))
-        return self.recommender.recommend(model_input, k=k)
+        out = self.recommender.recommend(model_input, k=k)
+        out["score"] = out["score"].astype(object).where(out["score"].notna(), None)
+        return out
 
 
 mlflow.models.set_model(FedrecModel())

@@ -200,9 +200,12 @@ def test_mlflow_models_serve_answers_invocations(store, first_run):
             f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )  # fmt: skip
-        answer = pd.DataFrame(
-            json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-        )
+        raw = urllib.request.urlopen(request, timeout=60).read()
+
+        def not_json(constant: str) -> None:
+            raise AssertionError(f"{constant} is not JSON: {raw[:300]!r}")
+
+        answer = pd.DataFrame(json.loads(raw, parse_constant=not_json)["predictions"])
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -213,6 +216,7 @@ def test_mlflow_models_serve_answers_invocations(store, first_run):
     assert fan["score"].is_monotonic_decreasing and (fan["reason"].str.len() > 0).all()
     newcomer = answer[answer.user_id == "newcomer"]
     assert (newcomer["reason"] == "no known items in history: most popular items").all()
+    assert newcomer["score"].isna().all()  # null: a popularity count is no score
 
 
 def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(

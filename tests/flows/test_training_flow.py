@@ -234,6 +234,9 @@ def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     assert (
         len(cold) == 7 and "no known items in history: most popular items" in cold["reason"].iloc[0]
     )
+    # no score is None, not NaN: what MLflow's server sends must be JSON
+    assert cold["score"].isna().all()
+    json.dumps(out.to_dict(orient="records"), allow_nan=False)
     # the logged example is a request this model answers: it predicts from the user's ratings,
     # which the signature requires
     example = model.input_example
