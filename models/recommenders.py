@@ -29,6 +29,12 @@ STATE = "recommender.json"
 NO_HISTORY = "no known items in history"
 
 
+def best_first(scored: list[tuple[str, float, str]]) -> list[tuple[str, float, str]]:
+    """A request's asked items, ``(item, score, reason)``, best score first and the ones without a
+    score (NaN) last; equal scores keep the order they were asked in."""
+    return sorted(scored, key=lambda row: (row[1] != row[1], -row[1] if row[1] == row[1] else 0))
+
+
 def recommender_class(kind: str) -> type:
     """The installed class that reads a saved recommender of ``kind``."""
     module, name = RECOMMENDERS[kind]

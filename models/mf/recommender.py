@@ -16,7 +16,7 @@ import pandas as pd
 
 from models.mf.params import ItemParams
 from models.mf.recommend import fold_in, score_all, top_k
-from models.recommenders import NO_HISTORY
+from models.recommenders import NO_HISTORY, best_first
 
 # Request columns (one row per user) and response columns.
 USER_ID = "user_id"
@@ -142,8 +142,8 @@ class MFRecommender:
         and that reason. Every row's reason says where its score comes from: the history it was
         predicted from and the liked history item closest to it in the item factors.
 
-        Rows with an ``items`` list get those items scored instead (in the given order, ``rank``
-        counting from 1), unknown ones left out with a reason.
+        Rows with an ``items`` list get those items scored instead (best first, ``rank``
+        counting from 1; ``k`` does not apply), unknown ones left out with a reason.
         """
         histories, reasons = self._histories(requests)
         users = fold_in(histories, self.params, reg=self.reg)
@@ -170,10 +170,13 @@ class MFRecommender:
                             None, [note, f"unknown item(s) not scored: {', '.join(missing[:5])}"]
                         )
                     )
-                for rank, item in enumerate(known, start=1):
+                scored = []
+                for item in known:
                     score = float(clipped[u, index[item]])
                     why = self._why(index[item], score, seen, ratings)
-                    out.append((user, rank, item, score, "; ".join(filter(None, [why, note]))))
+                    scored.append((item, score, "; ".join(filter(None, [why, note]))))
+                for rank, (item, score, why) in enumerate(best_first(scored), start=1):
+                    out.append((user, rank, item, score, why))
                 continue
             exclude = np.zeros(self.params.n_items, dtype=bool)
             exclude[seen] = True

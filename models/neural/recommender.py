@@ -29,7 +29,7 @@ from models.neural.network import (
     logits,
     save_network,
 )
-from models.recommenders import NO_HISTORY
+from models.recommenders import NO_HISTORY, best_first
 
 KIND = "neural"
 USER_ID = "user_id"
@@ -99,8 +99,8 @@ class NeuralRecommender:
         """Top-``k`` unseen items per request row (``user_id``, ``history_items``), best first,
         with the probability as score and a reason.
 
-        A row with an ``items`` list gets those items scored instead (in the given order, unknown
-        ones left out with a note). A history with no known item gets the most popular items
+        A row with an ``items`` list gets those items scored instead (best first, ``k`` does not
+        apply; unknown ones left out with a note). A history with no known item gets the most popular items
         (score NaN: a training count is no probability), with that reason.
         """
         if k < 1:
@@ -144,8 +144,10 @@ class NeuralRecommender:
                         ],
                     )
                 )
-                for rank, item in enumerate(known, start=1):
-                    out.append((user, rank, item, float(scores[u, index[item]]), reason))
+                reason = reason or "asked: scored by the network"
+                scored = [(item, float(scores[u, index[item]]), reason) for item in known]
+                for rank, (item, score, why) in enumerate(best_first(scored), start=1):
+                    out.append((user, rank, item, score, why))
                 continue
             exclude = np.zeros(self.n_items, dtype=bool)
             exclude[seen] = True

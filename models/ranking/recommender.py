@@ -27,7 +27,7 @@ from models.ranking.features import (
     candidate_features,
 )
 from models.ranking.knn import strongest_neighbour
-from models.recommenders import NO_HISTORY
+from models.recommenders import NO_HISTORY, best_first
 
 KIND = "ranking"
 RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
@@ -131,8 +131,8 @@ class RankingRecommender:
 
         Optional columns ``age``, ``gender``, ``occupation`` feed the re-ranker. A history with no
         known item gets the most popular items, with score NaN and that reason. A row with an
-        ``items`` list gets those items scored instead, in the given order (``rank`` is the
-        position); an item it cannot score (unknown, already in the history, or a history with
+        ``items`` list gets those items scored instead, best first (``rank`` counts from 1 and
+        ``k`` does not apply); an item it cannot score (unknown, already in the history, or a history with
         no known item) gets score NaN and the reason.
         """
         index = {item: i for i, item in enumerate(self.item_ids)}
@@ -167,7 +167,7 @@ class RankingRecommender:
         scored = self._scored(history, user_features, asked, index)
         for u, user in enumerate(requests["user_id"].astype(str)):
             if asked[u]:
-                for rank, (item, score, reason) in enumerate(scored[u], start=1):
+                for rank, (item, score, reason) in enumerate(best_first(scored[u]), start=1):
                     reason = "; ".join(filter(None, [reason, notes[u]]))
                     out.append((user, rank, item, score, reason))
                 continue
@@ -215,7 +215,7 @@ class RankingRecommender:
                 elif (u, i) not in scores:
                     why, score = "in the history: not scored", float("nan")
                 else:
-                    why, score = "", scores[(u, i)]
+                    why, score = "asked: scored by the re-ranker", scores[(u, i)]
                 out.setdefault(u, []).append((item, score, why))
         return out
 

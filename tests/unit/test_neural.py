@@ -341,7 +341,7 @@ def test_recommend_masks_history_and_explains_cold_start_and_unknown_items():
     assert all(r.startswith("because you liked c") for r in odd["reason"])  # its only history
 
 
-def test_recommend_scores_requested_items_in_order():
+def test_recommend_scores_requested_items_best_first():
     arch = Architecture(n_items=4, kind="vae", hidden=(3,), latent=2)
     model = NeuralRecommender(
         init_params(arch, np.random.default_rng(0)), arch, np.array(list("wxyz")), np.ones(4)
@@ -352,9 +352,10 @@ def test_recommend_scores_requested_items_in_order():
 
     out = model.recommend(requests)
 
-    assert out["item_id"].tolist() == ["z", "x"]
     full = model.score(sparse.csr_matrix(([1.0], ([0], [0])), shape=(1, 4)))[0]
-    np.testing.assert_allclose(out["score"], full[[3, 1]])
+    best = sorted([("z", full[3]), ("x", full[1])], key=lambda pair: -pair[1])
+    assert out["item_id"].tolist() == [item for item, _ in best]
+    np.testing.assert_allclose(out["score"], [score for _, score in best])
     assert "unknown item(s) not scored: nope" in out["reason"].iloc[0]
 
 

@@ -309,19 +309,23 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
         ["fits the pattern of your whole history", "popular with people like you"]
     ).any()
 
-    # asked items are scored in the given order, as the top-K path scores them
+    # asked items are scored as the top-K path scores them, and ranked best first: the
+    # unscored ones last, in the order asked
     top = u1.item_id.tolist()
     outside = next(str(i) for i in data.item_ids if str(i) not in {*top, *history})
     wanted = [top[2], outside, "no-such-item", history[0], top[0]]
     asked = pd.DataFrame({"user_id": ["u1", "new"], "history_items": [history, []],
                           "items": [wanted, [top[0]]]})  # fmt: skip
     scored = loaded.recommend(asked)
-    mine = scored[scored.user_id == "u1"]
-    assert mine.item_id.tolist() == wanted and mine["rank"].tolist() == [1, 2, 3, 4, 5]
-    np.testing.assert_allclose(mine.score.iloc[[0, 4]], u1.score.iloc[[2, 0]], rtol=1e-12)
-    assert np.isfinite(mine.score.iloc[1])  # outside the candidates, scored all the same
-    assert mine.score.iloc[2:4].isna().all()
-    assert mine.reason.iloc[2:4].tolist() == [
+    mine = scored[scored.user_id == "u1"].set_index("item_id")
+    assert mine["rank"].tolist() == [1, 2, 3, 4, 5] and set(mine.index) == set(wanted)
+    assert mine.index.tolist()[3:] == ["no-such-item", history[0]]
+    assert np.all(np.diff(mine.score.iloc[:3].to_numpy()) <= 0)
+    np.testing.assert_allclose(mine.score[[top[2], top[0]]], u1.score.iloc[[2, 0]], rtol=1e-12)
+    assert mine.index[0] == top[0] or mine.index[0] == outside
+    assert np.isfinite(mine.score[outside])  # outside the candidates, scored all the same
+    assert mine.reason[top[0]] == "asked: scored by the re-ranker"
+    assert mine.reason.iloc[3:].tolist() == [
         "unknown item: not scored",
         "in the history: not scored",
     ]

@@ -80,7 +80,7 @@ def test_recommend_excludes_history_reports_unknown_items_and_falls_back(recomme
     assert cold["score"].isna().all()  # a popularity count is not put in the rating column
 
 
-def test_recommend_with_items_scores_them_in_order_clipped(recommender):
+def test_recommend_with_items_scores_them_best_first_clipped(recommender):
     requests = pd.DataFrame(
         {
             "user_id": ["u"],
@@ -90,7 +90,11 @@ def test_recommend_with_items_scores_them_in_order_clipped(recommender):
         }
     )
     out = recommender.recommend(requests)
-    assert list(out["item_id"]) == ["i2", "i0"] and out["score"].between(1, 5).all()
+    assert set(out["item_id"]) == {"i2", "i0"} and out["score"].between(1, 5).all()
+    assert out["rank"].tolist() == [1, 2] and out["score"].is_monotonic_decreasing
+    full = recommender.recommend(requests.drop(columns="items"), k=len(recommender.item_ids))
+    unseen = full[full.item_id == "i2"].score.iloc[0]
+    assert out[out.item_id == "i2"].score.iloc[0] == pytest.approx(unseen)
     assert "unknown item(s) not scored: nope" in out["reason"].iloc[0]
 
 
