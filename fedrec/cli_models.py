@@ -227,8 +227,8 @@ def recommend(
 
 
 def _known_items(recommender: Any) -> set[str]:
-    """The model's item ids as text, as histories and pairs are read."""
-    return set(np.asarray(recommender.item_ids).astype(str))
+    """The ids of the items the model serves, as text, as histories and pairs are read."""
+    return set(np.asarray(getattr(recommender, "known_items", recommender.item_ids)).astype(str))
 
 
 def _note_unknown_histories(requests: pd.DataFrame, recommender: Any) -> None:

@@ -166,8 +166,9 @@ class ExplicitMF:
         counted = [(u.items, u.counts.astype(np.float64)) for u in updates]
         popularity = aggregate_item_sums(counted, n_items) if counted else np.zeros(n_items)
         if self.private:  # noisy counts: floored at 0 (post-processing)
-            popularity = np.maximum(popularity, 0.0)
-        return replace(updated, popularity=popularity)
+            return replace(updated, popularity=np.maximum(popularity, 0.0))
+        trained = popularity > 0 if state.trained is None else state.trained | (popularity > 0)
+        return replace(updated, popularity=popularity, trained=trained)
 
     def _baseline(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> np.ndarray | None:
         """The trivial baseline's item biases, kept from the first training round: ALS's summed
@@ -203,6 +204,7 @@ class ExplicitMF:
             popularity,
             self.config.reg,
             self.config.clip_to,
+            None if self.private else state.trained,
         )
 
     def warm_start(self, state: GlobalState, champion: object) -> tuple[GlobalState, int] | None:
@@ -212,7 +214,12 @@ class ExplicitMF:
             return None
         ids = item_labels(self.item_ids, state.params.n_items)
         params, carried = warm_start_params(state.params, champion.params, champion.item_ids, ids)
-        return replace(state, params=params), carried
+        trained = None
+        if not self.private:  # the champion's trained items keep what it learned of them
+            index = {item: i for i, item in enumerate(ids)}
+            trained = np.zeros(len(ids), dtype=bool)
+            trained[[index[i] for i in champion.known_items if i in index]] = True
+        return replace(state, params=params, trained=trained), carried
 
     def for_champion(self, champion: object) -> tuple[ExplicitMF, GlobalState] | str:
         if not isinstance(champion, MFRecommender):
@@ -235,6 +242,8 @@ class ExplicitMF:
             arrays["popularity"] = state.popularity
         if state.baseline is not None:
             arrays["baseline"] = state.baseline
+        if state.trained is not None:
+            arrays["trained"] = state.trained
         return arrays
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> GlobalState:
@@ -244,7 +253,9 @@ class ExplicitMF:
             optimizer = ServerOptimizerState(arrays["opt_first"], arrays["opt_second"])
         popularity = arrays.get("popularity", None)
         baseline = arrays.get("baseline", None)
-        return GlobalState(params, optimizer, int(arrays["round"]), popularity, baseline)
+        trained = arrays.get("trained", None)
+        trained = None if trained is None else np.asarray(trained, dtype=bool)
+        return GlobalState(params, optimizer, int(arrays["round"]), popularity, baseline, trained)
 
     def describe(self, state: GlobalState) -> None:
         return None

@@ -123,6 +123,9 @@ class GlobalState:
     # the trivial baseline's item biases (global mean + item bias), fitted from the first
     # training round's summed statistics; None: the baseline is the global mean alone
     baseline: np.ndarray | None = None
+    # items a client had training rows of in some round (or carried from the champion); None
+    # for a private run, which does not learn which items had rows
+    trained: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ class MFRecommender:
         The ridge used to fold users in (the one the model was trained with).
     rating_scale : tuple of float or None
         Predicted scores are clipped to it.
+    trained : ndarray of bool or None
+        Whether training saw rows of each item (an item of the catalogue without any keeps the
+        parameters it started from): an item without is served as an unknown one, never
+        recommended nor scored. None: every item counts as trained (a private model cannot
+        tell without saying which items had rows).
     """
 
     kind: ClassVar[str] = "mf"
@@ -56,14 +61,16 @@ class MFRecommender:
     popularity: np.ndarray
     reg: float
     rating_scale: tuple[float, float] | None = None
+    trained: np.ndarray | None = None
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.params.save(folder / "item_params.npz")
-        pd.DataFrame(
-            {"item_id": self.item_ids.astype(str), "popularity": self.popularity}
-        ).to_parquet(folder / "items.parquet", index=False)
+        items = {"item_id": self.item_ids.astype(str), "popularity": self.popularity}
+        if self.trained is not None:
+            items["trained"] = np.asarray(self.trained, dtype=bool)
+        pd.DataFrame(items).to_parquet(folder / "items.parquet", index=False)
         (folder / "recommender.json").write_text(
             json.dumps(
                 {"kind": self.kind, "reg": self.reg, "rating_scale": self.rating_scale, "format": 1}
@@ -82,10 +89,18 @@ class MFRecommender:
             items["popularity"].to_numpy(dtype=np.float64),
             float(meta["reg"]),
             None if scale is None else (float(scale[0]), float(scale[1])),
+            items["trained"].to_numpy(dtype=bool) if "trained" in items else None,
         )
 
+    @property
+    def known_items(self) -> np.ndarray:
+        """The ids of the items this model serves: those training saw rows of."""
+        return self.item_ids if self.trained is None else self.item_ids[self.trained]
+
     def _index(self) -> dict[str, int]:
-        return {item: i for i, item in enumerate(self.item_ids)}
+        """Item id -> index of the items the model serves (:attr:`known_items`)."""
+        trained = self.trained
+        return {item: i for i, item in enumerate(self.item_ids) if trained is None or trained[i]}
 
     def _histories(
         self, requests: pd.DataFrame
@@ -180,6 +195,8 @@ class MFRecommender:
                 continue
             exclude = np.zeros(self.params.n_items, dtype=bool)
             exclude[seen] = True
+            if self.trained is not None:
+                exclude |= ~self.trained
             if seen.size == 0:  # cold start: most popular, no predicted rating, with the reason
                 best, _ = top_k(self.popularity, exclude, k)
                 for rank, i in enumerate(best, start=1):

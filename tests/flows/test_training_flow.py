@@ -361,6 +361,8 @@ def test_explicit_train_and_test_files_keep_their_split(store, tmp_path):
     )
     rows = frame[["user_id", "item_id", "rating", "timestamp"]]
     is_test = np.random.default_rng(0).random(len(rows)) < 0.2
+    only_in_test = [str(i) for i in rows.item_id.unique()[:2]]  # no training row: not learned
+    is_test |= rows.item_id.astype(str).isin(only_in_test).to_numpy()
     rows[~is_test].to_csv(tmp_path / "train.csv", index=False)
     rows[is_test].to_csv(tmp_path / "test.csv", index=False)
 
@@ -374,6 +376,20 @@ def test_explicit_train_and_test_files_keep_their_split(store, tmp_path):
     assert profile["valid_rows"].sum() > 0  # validation carved from the training file
     assert profile["train_rows"].sum() + profile["valid_rows"].sum() == (~is_test).sum()
     assert {"valid/rmse", "test/rmse"} <= set(summary["metrics"]) and summary["promoted"] is True
+    # the test-only items are in the model's catalogue, never recommended nor scored: what it
+    # holds of them are the random parameters they started from
+    from tasks.tracking import load_recommender
+
+    served = load_recommender(store["uri"], f"models:/explicit/{summary['model_version']}")
+    assert set(only_in_test) <= set(served.item_ids.astype(str))
+    assert set(served.known_items) == set(rows[~is_test].item_id.astype(str))
+    everything = served.recommend(
+        pd.DataFrame({"user_id": ["u"], "history_items": [[str(rows[~is_test].item_id.iloc[0])]],
+                      "history_ratings": [[5.0]], }),
+        k=len(served.item_ids),
+    )  # fmt: skip
+    assert not set(only_in_test) & set(everything.item_id)
+    assert len(everything) == len(served.known_items) - 1
 
 
 def test_sampled_rounds_still_evaluate_every_client(store):

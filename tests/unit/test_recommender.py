@@ -243,3 +243,33 @@ def test_a_rating_model_refuses_histories_without_ratings_on_its_scale(
     rated = unscaled.recommend(pd.DataFrame({"user_id": ["u1"], "history_items": [["i0", "i2"]],
                                              "history_ratings": [[1.0, 1.0]]}))  # fmt: skip
     pd.testing.assert_frame_equal(ones, rated)
+
+
+def test_an_item_training_saw_no_rows_of_is_served_as_unknown(tmp_path):
+    """An item of the catalogue without training rows keeps its random starting parameters:
+    it is never recommended, not scored when asked, and ignored in a history."""
+    params = _params(n_items=6)
+    ids = np.array([f"i{i}" for i in range(6)])
+    trained = np.array([True, True, True, True, False, False])
+    popularity = np.array([9.0, 8.0, 7.0, 6.0, 0.0, 0.0])
+    model = MFRecommender(params, ids, popularity, 0.1, (1.0, 5.0), trained)
+    model.save(tmp_path / "m")
+    model = MFRecommender.load(tmp_path / "m")
+    np.testing.assert_array_equal(model.trained, trained)
+    requests = pd.DataFrame({"user_id": ["u", "new"], "history_items": [["i0", "i5"], []],
+                             "history_ratings": [[5.0, 1.0], []]})  # fmt: skip
+
+    out = model.recommend(requests, k=6)
+
+    assert set(out.item_id) <= {"i1", "i2", "i3"} | {"i0"} and not {"i4", "i5"} & set(out.item_id)
+    assert len(out[out.user_id == "u"]) == 3 and len(out[out.user_id == "new"]) == 4
+    assert "ignored 1 unknown item(s): i5" in out.reason.iloc[0]
+    only_i0 = requests.iloc[:1].assign(history_items=[["i0"]], history_ratings=[[5.0]])
+    np.testing.assert_allclose(  # i5 in the history changes nothing: as if not given
+        out[out.user_id == "u"].score, model.recommend(only_i0, k=6).score, rtol=1e-12
+    )
+    alone = MFRecommender(params, ids, popularity, 0.1, (1.0, 5.0))
+    asked = model.recommend(requests.iloc[:1].assign(items=[["i4", "i2"]]))
+    assert asked.item_id.tolist() == ["i2"] and "not scored: i4" in asked.reason.iloc[0]
+    assert list(model.known_items) == ["i0", "i1", "i2", "i3"]
+    assert list(alone.known_items) == list(ids)  # without the mask (a private model): all
