@@ -515,7 +515,7 @@ def test_rating_scale_none_is_taken_from_the_data(tmp_path: Path) -> None:
 
 
 def test_words_pandas_takes_for_missing_are_ids_in_an_id_column(tmp_path: Path) -> None:
-    """"NA", "null", "None" and "nan" are plausible ids (a user's initials, a product code);
+    """Words such as "NA", "null", "None" and "nan" are plausible ids (a user's initials, a product code);
     only an empty field is a missing id. In the rating column they stay missing ratings."""
     data = _read_csv_text(tmp_path, HEADER + "NA,null,4\nNone,nan,3\nNA,nan,5\n")
     assert _rows(data) == {("NA", "null"): 4.0, ("None", "nan"): 3.0, ("NA", "nan"): 5.0}
