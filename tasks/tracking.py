@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -370,11 +370,14 @@ def _rated(recommender: Recommender) -> bool:
 
 def _signature(recommender: Recommender) -> ModelSignature:
     """Inputs: user_id, history_items and the columns the recommender's kind declares (of
-    those, only a rating model's history_ratings is required)."""
-    columns = [ColSpec("string", "user_id"), ColSpec(Array("string"), "history_items")]
+    those, only a rating model's history_ratings is required). A list's elements may be of any
+    type: MLflow would refuse whole-number ratings (``[5, 4]``, what JavaScript sends for 5.0)
+    as "double" and integer ids as "string"; the recommender reads ids as text and checks each
+    rating itself."""
+    columns = [ColSpec("string", "user_id"), ColSpec(Array(AnyType()), "history_items")]
     for name, kind, is_list in recommender.request_columns:
         required = name == "history_ratings" and _rated(recommender)
-        columns.append(ColSpec(Array(kind) if is_list else kind, name, required=required))
+        columns.append(ColSpec(Array(AnyType()) if is_list else kind, name, required=required))
     outputs = Schema(
         [
             ColSpec("string", "user_id"),

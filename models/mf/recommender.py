@@ -144,7 +144,11 @@ class MFRecommender:
                 f"{HISTORY_RATINGS}: this model predicts ratings from the user's own; {allowed}"
             )
         for rating in ratings:
-            if not low <= float(rating) <= high:  # NaN fails too
+            try:
+                value = float(rating)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if isinstance(rating, bool | str) or not low <= value <= high:  # NaN fails too
                 raise ValueError(
                     f"user {user!r}: rating {rating!r} in {HISTORY_RATINGS}; {allowed}"
                 )

@@ -234,6 +234,17 @@ def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     assert (
         len(cold) == 7 and "no known items in history: most popular items" in cold["reason"].iloc[0]
     )
+    # whole numbers as ratings, and integer ids, as a JSON client sends them: the same answer
+    as_numbers = pd.DataFrame({"user_id": ["u1"], "history_items": [[int(i) for i in history]],
+                               "history_ratings": [[5, 4, 1, 2, 5]]})  # fmt: skip
+    as_text = as_numbers.assign(
+        history_items=[history], history_ratings=[[5.0, 4.0, 1.0, 2.0, 5.0]]
+    )
+    pd.testing.assert_frame_equal(
+        model.predict(as_numbers, params={"k": 7}), model.predict(as_text, params={"k": 7})
+    )
+    with pytest.raises(ValueError, match=r"rating '5' in history_ratings; allowed: one rating in"):
+        model.predict(as_numbers.assign(history_ratings=[["5", 4, 1, 2, 5]]))
     # no score is None, not NaN: what MLflow's server sends must be JSON
     assert cold["score"].isna().all()
     json.dumps(out.to_dict(orient="records"), allow_nan=False)
