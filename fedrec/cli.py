@@ -92,17 +92,15 @@ def _note(message: str) -> None:
 def _step(label: str) -> Iterator[None]:
     """Name a start-up step as it begins and say how long it took when it ends."""
     stream = sys.stderr
-    stream.write(f"fedrec: {label} ...")
-    stream.flush()
-    started = time.perf_counter()
-    try:
-        yield
-    except BaseException:
-        stream.write(" failed\n")
+    started, ended = time.perf_counter(), " failed\n"
+    try:  # the line ends whatever ends the step, a signal during its first write too
+        stream.write(f"fedrec: {label} ...")
         stream.flush()
-        raise
-    stream.write(f" {time.perf_counter() - started:.1f} s\n")
-    stream.flush()
+        yield
+        ended = f" {time.perf_counter() - started:.1f} s\n"
+    finally:
+        stream.write(ended)
+        stream.flush()
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -202,6 +203,20 @@ def test_resume_refuses_a_finished_or_unknown_run(tmp_path, prefect_server):
 
 
 @pytest.mark.timeout(600)
+def _terminated_once(victim: subprocess.Popen, ready: Callable[[], bytes]) -> bytes:
+    """SIGTERM to ``victim`` once ``ready()`` returns (what it read of stderr); its whole
+    stderr. The process is killed if it outlives the test."""
+    try:
+        seen = ready()
+        victim.send_signal(signal.SIGTERM)
+        _, rest = victim.communicate(timeout=120)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait(timeout=30)
+    return seen + rest
+
+
 def test_a_terminated_training_says_in_one_line_how_to_resume_it(tmp_path, prefect_server):
     """SIGTERM is how systemd, Kubernetes and `timeout` stop a process: like Ctrl-C, the run
     ends with one line naming the run to resume, and exit status 1 (the run failed)."""
@@ -215,18 +230,16 @@ def test_a_terminated_training_says_in_one_line_how_to_resume_it(tmp_path, prefe
     cli = Path(sys.executable).parent / "fedrec"
     victim = subprocess.Popen([str(cli), "train", *ARGS, "--config", str(sizes)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    try:
+
+    def checkpointed() -> bytes:
         deadline = time.monotonic() + 240
         while not list(home.glob("workspaces/*/checkpoints/round-*.npz")):
             assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "no checkpoint within 240 s"
             time.sleep(0.1)
-        victim.send_signal(signal.SIGTERM)
-        _, stderr = victim.communicate(timeout=120)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(timeout=30)
+        return b""
+
+    stderr = _terminated_once(victim, checkpointed)
     run_id = next(home.glob("workspaces/*")).name
     last = stderr.decode().strip().splitlines()[-1]
     assert victim.returncode == 1, stderr.decode()[-2000:]
@@ -244,19 +257,16 @@ def test_a_training_terminated_while_it_loads_ends_in_one_line(tmp_path):
     cli = Path(sys.executable).parent / "fedrec"
     victim = subprocess.Popen([str(cli), "train", "--rounds", "1"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    seen = b""
-    try:
+
+    def loading() -> bytes:
+        seen = b""
         while b"loading Prefect, MLflow" not in seen:
             chunk = os.read(victim.stderr.fileno(), 4096)
             assert chunk, f"ended before loading: {seen.decode()[-2000:]}"
             seen += chunk
-        victim.send_signal(signal.SIGTERM)
-        _, rest = victim.communicate(timeout=120)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-            victim.wait(timeout=30)
-    stderr = (seen + rest).decode()
+        return seen
+
+    stderr = _terminated_once(victim, loading).decode()
     assert victim.returncode == 1, stderr[-2000:]
     assert stderr.strip().splitlines()[-1] == "fedrec: error: terminated (SIGTERM)", stderr[-2000:]
     assert not (home / "workspaces").exists()
