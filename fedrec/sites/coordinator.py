@@ -50,7 +50,7 @@ from models.sites.messages import (
     sign_message,
 )
 from models.sites.registry import Registry, SiteSpec
-from models.sites.schema import SchemaError
+from models.sites.schema import SERVER_ONLY, SchemaError
 from models.sites.spec import family_spec
 
 POLL_SECONDS = 0.25  # how often the coordinator looks for a site's answer
@@ -153,8 +153,9 @@ class Coordinator:
             found = self._published.get(id(state))
             if found is not None and found[0] is state:
                 return found[1]
+            arrays = family.state_arrays(state)
             data = encode_arrays(
-                family.state_arrays(state),
+                {name: value for name, value in arrays.items() if name not in SERVER_ONLY},
                 precision=self.registry.precision,  # type: ignore[arg-type]
                 compress=self.registry.compress,
             )

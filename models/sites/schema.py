@@ -38,6 +38,9 @@ _EXPLICIT = {
     "global_mean": ("f", ()),
     "round": ("iu", ()),
 }
+# state arrays the server keeps for itself and never publishes: which items some client had
+# training rows of (a site trains the same without it)
+SERVER_ONLY = frozenset({"trained"})
 _EXPLICIT_OPTIONAL = {
     "popularity": ("f", ("n",)),
     "baseline": ("f", ("n",)),
