@@ -153,6 +153,16 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     # a private run logs its fingerprint keyed with its ledger's secret (None before the first
     # private run made one): a plain hash of the rows would let a reader of MLflow test guesses
     fingerprint = ledger_fingerprint(uri, config.dp_ledger_secret, rows) if private else rows
+    # first, so that a run that then has nothing to train still makes the registry true
+    repaired = repair_orphans(uri, name)
+    if repaired:
+        logger.warning(
+            "%s: version(s) %s had no recorded promotion decision (their run ended first): "
+            "recorded now", name, ", ".join(
+                f"{v} ({'champion' if promoted else 'orphan, not promoted'})"
+                for v, promoted in repaired.items()
+            ),
+        )  # fmt: skip
     if config.skip_if_unchanged and fingerprint is not None:
         skipped = _nothing_to_train(uri, name, fingerprint, config.config_hash())
         if skipped is not None:
@@ -169,15 +179,6 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         fingerprint = ledger_fingerprint(uri, config.dp_ledger_secret, rows)  # the secret exists
     assert fingerprint is not None
     uri, run_id = start_run(config, fingerprint, flow_run.get_id())
-    repaired = repair_orphans(uri, name)
-    if repaired:
-        logger.warning(
-            "%s: version(s) %s had no recorded promotion decision (their run ended first): "
-            "recorded now", name, ", ".join(
-                f"{v} ({'champion' if promoted else 'orphan, not promoted'})"
-                for v, promoted in repaired.items()
-            ),
-        )  # fmt: skip
     try:
         workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
         manifest = shard_clients(data, explicit_split, config, workspace, fingerprint=fingerprint)

@@ -569,7 +569,8 @@ def record_promotion(
         current = _champion_version(uri, model_name)
         current_version = None if current is None else str(current.version)
         compared = None if champion_version is None else str(champion_version)
-        if decision.promote and current_version != compared:
+        # the alias on this very version: a retry of this call after the alias moved
+        if decision.promote and current_version not in (compared, str(version)):
             decision = PromotionDecision(
                 False,
                 f"the champion changed to version {current_version} while this run trained "
@@ -590,9 +591,9 @@ def record_promotion(
         )
         if decision.promote:
             client.set_registered_model_alias(model_name, CHAMPION, version)
-            if current_version is not None:  # its fedrec.promoted=true tells what it was
+            if compared is not None:  # its fedrec.promoted=true tells what it was
                 client.set_model_version_tag(
-                    model_name, current_version, "fedrec.replaced_by_version", version
+                    model_name, compared, "fedrec.replaced_by_version", version
                 )
         client.set_model_version_tag(
             model_name, version, "fedrec.promoted", str(decision.promote).lower()
@@ -622,6 +623,8 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
     repaired: dict[str, bool] = {}
     with promotion_lock(uri):
         champion = _champion_version(uri, model_name)
+        # every version a run compared with held the alias then
+        were_champions = {v.tags.get("fedrec.compared_with_version") for v in versions}
         for v in versions:
             if "fedrec.promoted" in v.tags or not v.run_id:
                 continue
@@ -633,7 +636,8 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
             if status == "RUNNING":
                 continue
             held = champion is not None and str(champion.version) == str(v.version)
-            if held or "fedrec.replaced_by_version" in v.tags:  # the alias moved to it
+            was = "fedrec.replaced_by_version" in v.tags or str(v.version) in were_champions
+            if held or was:  # the alias moved to it
                 replaced = v.tags.get("fedrec.compared_with_version")
                 if held and replaced and replaced != str(v.version):
                     client.set_model_version_tag(
@@ -654,7 +658,7 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
                 )
             if workspace:  # a resume of its run is refused: its partitions serve nothing
                 remove_workspace(workspace)
-            repaired[str(v.version)] = held or "fedrec.replaced_by_version" in v.tags
+            repaired[str(v.version)] = held or was
     return repaired
 
 

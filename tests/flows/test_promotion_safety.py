@@ -177,3 +177,69 @@ def test_a_kill_anywhere_inside_the_promotion_leaves_a_record_the_next_run_makes
         for v in client.search_model_versions("name='safe'")
     }
     assert outcomes == {"true", "false"}
+
+
+def test_a_retried_promotion_keeps_its_decision(store):
+    """A retry of the decision after the alias moved (a database error on the last tag) finds
+    the alias on its own version: it is the same promotion, not a champion that changed."""
+    from tasks.tracking import record_promotion
+
+    client = store["client"]
+    champion = str(client.get_model_version_by_alias("safe", "champion").version)
+    version = _register_copy_of_champion(store)
+    better = PromotionDecision(True, "better by 0.01")
+    record_promotion.fn(store["uri"], "safe", version, better, champion)
+
+    again = record_promotion.fn(store["uri"], "safe", version, better, champion)
+
+    assert again.promote and again.reason == "better by 0.01"
+    assert str(client.get_model_version_by_alias("safe", "champion").version) == version
+    assert client.get_model_version("safe", version).tags["fedrec.promoted"] == "true"
+    assert client.get_model_version("safe", champion).tags["fedrec.replaced_by_version"] == version
+
+
+def test_two_promotions_cut_short_in_a_row_are_both_recorded_as_champions(store, monkeypatch):
+    """A moves the alias and dies; B, compared with A, moves it too and dies before tagging A
+    as replaced. A held the alias: the repair must not call it an orphan."""
+    import tasks.tracking as tracking
+
+    client = store["client"]
+    better = PromotionDecision(True, "better by 0.01")
+    champion = str(client.get_model_version_by_alias("safe", "champion").version)
+    decided = []
+    for _ in range(2):
+        version = _register_copy_of_champion(store)
+        dying = _DiesAtWrite(client, at=5)  # reason, compared-with, description, alias: then dead
+        monkeypatch.setattr(tracking, "_client", lambda uri, dying=dying: dying)
+        with pytest.raises(_Killed):
+            tracking.record_promotion.fn(store["uri"], "safe", version, better, champion)
+        monkeypatch.setattr(tracking, "_client", lambda uri: client)
+        assert str(client.get_model_version_by_alias("safe", "champion").version) == version
+        decided.append(version)
+        champion = version
+
+    repaired = tracking.repair_orphans.fn(store["uri"], "safe")
+
+    assert repaired == dict.fromkeys(decided, True)
+    for version in decided:
+        assert client.get_model_version("safe", version).tags["fedrec.promoted"] == "true"
+    assert client.get_model_version("safe", decided[0]).tags["fedrec.replaced_by_version"] == (
+        decided[1]
+    )
+
+
+def test_a_run_with_nothing_to_train_still_finishes_a_cut_short_record(tmp_path, prefect_server):
+    """The nightly run on unchanged data trains nothing; it still repairs the registry first."""
+    from flows.training import federated_training
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = TrainingConfig(tracking_uri=uri, **(SMALL | {"model_name": "unchanged"}))
+    first = federated_training(**config.model_dump())
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.delete_model_version_tag("unchanged", first["model_version"], "fedrec.promoted")
+
+    again = federated_training(**config.model_dump())
+
+    assert again["skipped"] is True
+    tags = client.get_model_version("unchanged", first["model_version"]).tags
+    assert tags["fedrec.promoted"] == "true"
