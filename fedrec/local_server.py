@@ -281,6 +281,7 @@ class _Waiting:
         self.tty = self.stream.isatty()
         self.started = time.monotonic()
         self.shown = -1
+        self.ended = False
         self.stream.write(f"fedrec: {label} ...")
         self.stream.flush()
 
@@ -300,6 +301,7 @@ class _Waiting:
         self.stream.flush()
 
     def done(self, outcome: str) -> None:
+        self.ended = True
         prefix = f"\rfedrec: {self.label} ... " if self.tty else " "
         self.stream.write(f"{prefix}{outcome}\n")
         self.stream.flush()
@@ -316,6 +318,22 @@ def wait_until_healthy(
         When the process exits first, or ``timeout`` seconds pass (the process is then stopped).
     """
     waiting = _Waiting(f"starting local Prefect server at {state.url}")
+    try:
+        return _wait(waiting, state, timeout=timeout, home=home, process=process)
+    except BaseException:  # e.g. SIGTERM or Ctrl-C: the line ends before the error's
+        if not waiting.ended:
+            waiting.done("stopped")
+        raise
+
+
+def _wait(
+    waiting: _Waiting,
+    state: ServerState,
+    *,
+    timeout: float,
+    home: Path,
+    process: subprocess.Popen | None,
+) -> float:
     while True:
         if is_healthy(state.api_url, timeout=min(5.0, timeout)):
             waiting.done(f"ready in {waiting.elapsed:.1f} s")

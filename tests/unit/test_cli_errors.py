@@ -53,3 +53,23 @@ def test_a_usage_error_points_at_the_help_of_the_command_it_came_from(argv, hint
     assert stopped.value.code == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("fedrec: error: ") and line.endswith(hint), line
+
+
+def test_a_server_start_stopped_by_a_signal_ends_its_line_first(tmp_path, capsys):
+    """SIGTERM or Ctrl-C while the local Prefect server starts: its progress line is ended
+    before the error line, not glued to it."""
+    import os
+
+    from fedrec.local_server import ServerState, free_port, process_start, wait_until_healthy
+
+    class Stopped(BaseException):
+        pass
+
+    class Signalled:  # the server process, as the waiting loop polls it, when a signal lands
+        def poll(self):
+            raise Stopped
+
+    state = ServerState(os.getpid(), free_port(), 0.0, process_start(os.getpid()))
+    with pytest.raises(Stopped):
+        wait_until_healthy(state, timeout=60, home=tmp_path, process=Signalled())
+    assert capsys.readouterr().err.endswith(" ... stopped\n")
