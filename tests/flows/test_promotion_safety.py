@@ -223,8 +223,9 @@ def test_two_promotions_cut_short_in_a_row_are_both_recorded_as_champions(store,
     assert repaired == dict.fromkeys(decided, True)
     for version in decided:
         assert client.get_model_version("safe", version).tags["fedrec.promoted"] == "true"
-    assert client.get_model_version("safe", decided[0]).tags["fedrec.replaced_by_version"] == (
-        decided[1]
+    assert (
+        client.get_model_version("safe", decided[0]).tags["fedrec.replaced_by_version"]
+        == (decided[1])
     )
 
 
