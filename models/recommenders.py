@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from models.federation.family import Recommender
 
@@ -27,6 +29,19 @@ STATE = "recommender.json"
 # Every family's reason for a request whose history holds no item the model knows: the start of
 # the reason, then what it answers instead (the most popular items, or no score)
 NO_HISTORY = "no known items in history"
+
+
+def asked_items(requests: object, row: int) -> list[str] | None:
+    """The ids a request row asks to have scored (its ``items`` cell), as text; None when the
+    row asks for none (no such column, or an empty cell: NaN, None), so it gets a top-K list.
+    An empty list asks for nothing to be scored: it gets no rows."""
+    column = getattr(requests, "get", lambda _: None)("items")
+    if column is None:
+        return None
+    value = column.iloc[row]
+    if np.ndim(value) == 0:  # None, NaN, pd.NA (or a lone string: not a list of items)
+        return None
+    return [str(item) for item in value]
 
 
 def best_first(scored: list[tuple[str, float, str]]) -> list[tuple[str, float, str]]:

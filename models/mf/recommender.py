@@ -16,7 +16,7 @@ import pandas as pd
 
 from models.mf.params import ItemParams
 from models.mf.recommend import fold_in, score_all, top_k
-from models.recommenders import NO_HISTORY, best_first
+from models.recommenders import NO_HISTORY, asked_items, best_first
 
 # Request columns (one row per user) and response columns.
 USER_ID = "user_id"
@@ -175,8 +175,8 @@ class MFRecommender:
         for u, (_, row) in enumerate(requests.iterrows()):
             user = str(row[USER_ID])
             seen, ratings = histories[u]
-            candidates = _as_list(row[ITEMS]) if ITEMS in requests else []
-            if len(candidates):
+            candidates = asked_items(requests, u)
+            if candidates is not None:
                 known = [str(i) for i in candidates if str(i) in index]
                 missing = [str(i) for i in candidates if str(i) not in index]
                 note = reasons[u].replace(

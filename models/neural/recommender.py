@@ -29,7 +29,7 @@ from models.neural.network import (
     logits,
     save_network,
 )
-from models.recommenders import NO_HISTORY, best_first
+from models.recommenders import NO_HISTORY, asked_items, best_first
 
 KIND = "neural"
 USER_ID = "user_id"
@@ -126,8 +126,8 @@ class NeuralRecommender:
         out: list[tuple[str, int, str, float, str]] = []
         for u, user in enumerate(requests[USER_ID].astype(str)):
             seen = histories[u]
-            asked = _as_list(requests[ITEMS].iloc[u]) if ITEMS in requests else []
-            if len(asked):
+            asked = asked_items(requests, u)
+            if asked is not None:
                 known = [str(i) for i in asked if str(i) in index]
                 missing = [str(i) for i in asked if str(i) not in index]
                 reason = "; ".join(

@@ -27,7 +27,7 @@ from models.ranking.features import (
     candidate_features,
 )
 from models.ranking.knn import strongest_neighbour
-from models.recommenders import NO_HISTORY, best_first
+from models.recommenders import NO_HISTORY, asked_items, best_first
 
 KIND = "ranking"
 RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
@@ -154,11 +154,10 @@ class RankingRecommender:
         history = sparse.csr_matrix(
             (np.ones(len(rows)), (rows, cols)), shape=(len(requests), self.n_items)
         )
-        column = requests.get("items")
-        asked = [[str(i) for i in _as_list(v)] for v in column] if column is not None else []
-        asked = asked or [[] for _ in range(len(requests))]
+        asks = [asked_items(requests, u) for u in range(len(requests))]
+        asked = [a or [] for a in asks]
         has_history = np.diff(history.indptr) > 0
-        ranked_users = np.flatnonzero(has_history & np.array([not a for a in asked], dtype=bool))
+        ranked_users = np.flatnonzero(has_history & np.array([a is None for a in asks], dtype=bool))
         user_features = _request_user_features(requests)
         out: list[tuple[str, int, str, float, str]] = []
         by_user: dict[int, list[tuple[int, float, str]]] = {}
@@ -166,8 +165,10 @@ class RankingRecommender:
             by_user = self._ranked_with_reasons(history, user_features, ranked_users, k)
         scored = self._scored(history, user_features, asked, index)
         for u, user in enumerate(requests["user_id"].astype(str)):
-            if asked[u]:
-                for rank, (item, score, reason) in enumerate(best_first(scored[u]), start=1):
+            if asks[u] is not None:
+                for rank, (item, score, reason) in enumerate(
+                    best_first(scored.get(u, [])), start=1
+                ):
                     reason = "; ".join(filter(None, [reason, notes[u]]))
                     out.append((user, rank, item, score, reason))
                 continue

@@ -332,6 +332,11 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     assert scored[scored.user_id == "new"].reason.tolist() == [
         "no known items in history: not scored"
     ]
+    # an empty list asks for nothing; a row without one gets its top-K list
+    mixed = asked.assign(user_id=["asks-none", "top-k"], history_items=[history, history],
+                         items=[[], None])  # fmt: skip
+    answer = loaded.recommend(mixed, k=3)
+    assert answer.user_id.tolist() == ["top-k"] * 3
 
 
 def test_similar_item_reason_names_the_history_item():

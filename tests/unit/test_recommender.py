@@ -273,3 +273,21 @@ def test_an_item_training_saw_no_rows_of_is_served_as_unknown(tmp_path):
     assert asked.item_id.tolist() == ["i2"] and "not scored: i4" in asked.reason.iloc[0]
     assert list(model.known_items) == ["i0", "i1", "i2", "i3"]
     assert list(alone.known_items) == list(ids)  # without the mask (a private model): all
+
+
+def test_an_empty_items_list_asks_for_nothing_and_a_missing_one_for_a_top_k_list():
+    """``items: []`` scores no item: no rows (it used to get a top-K list, as if not asked);
+    a row without the cell (None) still gets its top-K list."""
+    from models.neural.network import Architecture, init_params
+    from models.neural.recommender import NeuralRecommender
+
+    mf = MFRecommender(_params(n_items=4), np.array(list("wxyz")), np.ones(4), 0.1, (1.0, 5.0))
+    arch = Architecture(n_items=4, kind="vae", hidden=(3,), latent=2)
+    neural = NeuralRecommender(
+        init_params(arch, np.random.default_rng(0)), arch, np.array(list("wxyz")), np.ones(4)
+    )
+    requests = pd.DataFrame({"user_id": ["empty", "none"], "history_items": [["w"], ["w"]],
+                             "history_ratings": [[5.0], [5.0]], "items": [[], None]})  # fmt: skip
+    for model in (mf, neural):
+        out = model.recommend(requests, k=2)
+        assert out.user_id.tolist() == ["none", "none"], type(model).__name__
