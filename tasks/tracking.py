@@ -637,12 +637,14 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
                 continue
             held = champion is not None and str(champion.version) == str(v.version)
             was = "fedrec.replaced_by_version" in v.tags or str(v.version) in were_champions
-            if held or was:  # the alias moved to it
+            if held or was:  # the alias moved to it, from the version it compared with
                 replaced = v.tags.get("fedrec.compared_with_version")
-                if held and replaced and replaced != str(v.version):
-                    client.set_model_version_tag(
-                        model_name, replaced, "fedrec.replaced_by_version", str(v.version)
-                    )
+                if replaced and replaced != str(v.version):
+                    previous = client.get_model_version(model_name, replaced)
+                    if "fedrec.replaced_by_version" not in previous.tags:
+                        client.set_model_version_tag(
+                            model_name, replaced, "fedrec.replaced_by_version", str(v.version)
+                        )
                 client.set_model_version_tag(model_name, v.version, "fedrec.promoted", "true")
             else:
                 reason = (
