@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from models.federation.family import Recommender
 
 # kind -> (module, class): a family's module is imported only when one of its models is read,
@@ -31,11 +33,11 @@ STATE = "recommender.json"
 NO_HISTORY = "no known items in history"
 
 
-def asked_items(requests: object, row: int) -> list[str] | None:
+def asked_items(requests: pd.DataFrame, row: int) -> list[str] | None:
     """The ids a request row asks to have scored (its ``items`` cell), as text; None when the
     row asks for none (no such column, or an empty cell: NaN, None), so it gets a top-K list.
     An empty list asks for nothing to be scored: it gets no rows."""
-    column = getattr(requests, "get", lambda _: None)("items")
+    column = requests.get("items")
     if column is None:
         return None
     value = column.iloc[row]

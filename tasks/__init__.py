@@ -1,2 +1,23 @@
 """Prefect tasks: thin wrappers, one call into ``models`` or one side effect each, the same for
 every model family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def retry_unless(*final: type[BaseException]) -> Callable[[Any, Any, Any], bool]:
+    """A task's ``retry_condition_fn``: retry a failure unless it raised one of ``final``
+    (errors whose answer a retry would not change)."""
+
+    def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+        try:
+            state.result()
+        except final:
+            return False
+        except BaseException:
+            return True
+        return True
+
+    return worth_retrying

@@ -33,6 +33,7 @@ from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate, weighted
 from models.sites.registry import SiteSpec
 from models.sites.schema import SchemaError, check_answer_arrays
+from tasks import retry_unless
 from tasks.secure import held_receipt, read_round_config, registry_folder
 
 _ROW_COUNTS = ("n_train", "n_valid", "n_test")  # sent by sites that answer runs without DP
@@ -123,20 +124,11 @@ def _asking() -> dict[str, Any]:
     }
 
 
-def _worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a site's failed exchange unless the site had its whole deadline (a site that is
-    down would cost the round another deadline per retry) or refused it (signed: it would
-    refuse again)."""
-    try:
-        state.result()
-    except (TimeoutError, SiteRefused):
-        return False
-    except BaseException:
-        return True
-    return True
-
-
-@task(name="train-site", cache_policy=NONE, retry_condition_fn=_worth_retrying)
+# A site that let its whole deadline pass is not asked again (a site that is down would cost
+# the round another deadline per retry), nor one that refused (signed: it would refuse again).
+@task(
+    name="train-site", cache_policy=NONE, retry_condition_fn=retry_unless(TimeoutError, SiteRefused)
+)
 def train_site(
     *,
     link: SiteLink,

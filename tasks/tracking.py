@@ -59,6 +59,7 @@ from models.privacy.ledger import (
 )
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision, baseline_metric, worst_client_metric
+from tasks import retry_unless
 
 CHAMPION = "champion"
 _SERVING = Path(__file__).resolve().parents[1] / "fedrec" / "serving"
@@ -176,17 +177,6 @@ def registered_version(client: MlflowClient, run_id: str) -> ModelVersion | None
     return found[0] if found else None
 
 
-def _not_refused(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a failed lookup unless it refused the resume: the answer would be the same."""
-    try:
-        state.result()
-    except ResumeError:
-        return False
-    except BaseException:
-        return True
-    return True
-
-
 def resumable_run(uri: str, run_id: str) -> Run:
     """The MLflow run ``--resume run_id`` would continue. Refuses (:class:`ResumeError`) a run
     that is unknown, finished, not fedrec's, or that registered its version already (its
@@ -216,7 +206,8 @@ def resumable_run(uri: str, run_id: str) -> Run:
     return run
 
 
-@task(name="find-interrupted-run", **_RETRY, retry_condition_fn=_not_refused)
+# a refused resume is not retried: the answer would be the same
+@task(name="find-interrupted-run", **_RETRY, retry_condition_fn=retry_unless(ResumeError))
 def interrupted_run(uri: str, run_id: str) -> Interrupted:
     """The run to resume; refuses what :func:`resumable_run` refuses."""
     run = resumable_run(uri, run_id)
