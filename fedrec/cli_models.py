@@ -228,7 +228,7 @@ def recommend(
 
 def _known_items(recommender: Any) -> set[str]:
     """The ids of the items the model serves, as text, as histories and pairs are read."""
-    return set(np.asarray(getattr(recommender, "known_items", recommender.item_ids)).astype(str))
+    return set(np.asarray(recommender.known_items).astype(str))
 
 
 def _note_unknown_histories(requests: pd.DataFrame, recommender: Any) -> None:

@@ -52,6 +52,30 @@ def best_first(scored: list[tuple[str, float, str]]) -> list[tuple[str, float, s
     return sorted(scored, key=lambda row: (row[1] != row[1], -row[1] if row[1] == row[1] else 0))
 
 
+def served_index(item_ids: np.ndarray, trained: np.ndarray | None) -> dict[str, int]:
+    """Item id -> index of the items a model serves: those training saw rows of (``trained``;
+    None: every item). An item of the catalogue without any row keeps whatever it started from,
+    so it is served as an unknown one: never recommended, never scored, ignored in a history."""
+    return {str(item): i for i, item in enumerate(item_ids) if trained is None or bool(trained[i])}
+
+
+def served_ids(item_ids: np.ndarray, trained: np.ndarray | None) -> np.ndarray:
+    """The ids of the items a model serves (see :func:`served_index`)."""
+    return item_ids if trained is None else item_ids[np.asarray(trained, dtype=bool)]
+
+
+def seen_in_training(previous: np.ndarray | None, counts: np.ndarray) -> np.ndarray:
+    """Which items some client had training rows of, so far: ``previous`` (None: no round yet)
+    or'ed with this round's summed ``counts``."""
+    now = np.asarray(counts) > 0
+    return now if previous is None else np.asarray(previous, dtype=bool) | now
+
+
+def trained_column(items: pd.DataFrame) -> np.ndarray | None:
+    """The ``trained`` column of a saved ``items.parquet``, if it has one."""
+    return items["trained"].to_numpy(dtype=bool) if "trained" in items else None
+
+
 def recommender_class(kind: str) -> type:
     """The installed class that reads a saved recommender of ``kind``."""
     module, name = RECOMMENDERS[kind]

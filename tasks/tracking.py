@@ -395,7 +395,7 @@ def register_model(
 ) -> str:
     """Log the recommender as a models-from-code pyfunc and register it; returns the version."""
     _client(uri)
-    history = list(recommender.item_ids[:3])
+    history = list(recommender.known_items[:3])
     example = pd.DataFrame({"user_id": ["example-user"], "history_items": [history]})
     if _rated(recommender):  # a rating model answers from the user's ratings, on its scale
         top = float(recommender.rating_scale[1])  # type: ignore[attr-defined]

@@ -56,6 +56,12 @@ class Recommender(Protocol):
 
     item_ids: np.ndarray
 
+    @property
+    def known_items(self) -> np.ndarray:
+        """The ids of the items it serves: those training saw rows of (a subset of
+        ``item_ids``); the others are unknown to it, as ids outside the catalogue are."""
+        ...
+
     def recommend(self, requests: pd.DataFrame, k: int = 10) -> pd.DataFrame: ...
 
     def save(self, folder: Any) -> None: ...

@@ -35,6 +35,7 @@ from models.mf.recommender import MFRecommender
 from models.privacy.released_metrics import MetricRelease, bounded_error_sums, capped_rows
 from models.promotion import BASELINE
 from models.protocol import ClientUpdate
+from models.recommenders import seen_in_training
 from models.server_optimizers import ServerOptimizerState
 
 _EMPTY = np.zeros(0, np.int64)
@@ -167,7 +168,7 @@ class ExplicitMF:
         popularity = aggregate_item_sums(counted, n_items) if counted else np.zeros(n_items)
         if self.private:  # noisy counts: floored at 0 (post-processing)
             return replace(updated, popularity=np.maximum(popularity, 0.0))
-        trained = popularity > 0 if state.trained is None else state.trained | (popularity > 0)
+        trained = seen_in_training(state.trained, popularity)
         return replace(updated, popularity=popularity, trained=trained)
 
     def _baseline(self, state: GlobalState, updates: Sequence[ClientUpdate]) -> np.ndarray | None:

@@ -16,7 +16,14 @@ import pandas as pd
 
 from models.mf.params import ItemParams
 from models.mf.recommend import fold_in, score_all, top_k
-from models.recommenders import NO_HISTORY, asked_items, best_first
+from models.recommenders import (
+    NO_HISTORY,
+    asked_items,
+    best_first,
+    served_ids,
+    served_index,
+    trained_column,
+)
 
 # Request columns (one row per user) and response columns.
 USER_ID = "user_id"
@@ -89,18 +96,17 @@ class MFRecommender:
             items["popularity"].to_numpy(dtype=np.float64),
             float(meta["reg"]),
             None if scale is None else (float(scale[0]), float(scale[1])),
-            items["trained"].to_numpy(dtype=bool) if "trained" in items else None,
+            trained_column(items),
         )
 
     @property
     def known_items(self) -> np.ndarray:
         """The ids of the items this model serves: those training saw rows of."""
-        return self.item_ids if self.trained is None else self.item_ids[self.trained]
+        return served_ids(self.item_ids, self.trained)
 
     def _index(self) -> dict[str, int]:
         """Item id -> index of the items the model serves (:attr:`known_items`)."""
-        trained = self.trained
-        return {item: i for i, item in enumerate(self.item_ids) if trained is None or trained[i]}
+        return served_index(self.item_ids, self.trained)
 
     def _histories(
         self, requests: pd.DataFrame

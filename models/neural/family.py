@@ -31,6 +31,7 @@ from models.neural.network import Architecture, Kind, Params, init_params, logit
 from models.neural.recommender import NeuralRecommender
 from models.neural.training import TrainConfig
 from models.protocol import ClientUpdate
+from models.recommenders import seen_in_training
 from models.server_optimizers import ServerOptimizerState
 
 DELTA = "network_delta"
@@ -53,13 +54,15 @@ class NeuralConfig:
 
 @dataclass(frozen=True)
 class NeuralState:
-    """The global network, the server optimizer's moments (FedAdam), the round and popularity."""
+    """The global network, the server optimizer's moments (FedAdam), the round, popularity
+    (the last round's summed counts) and which items some client had training rows of."""
 
     params: Params
     arch: Architecture
     server: ServerState | None = None
     round: int = 0
     popularity: np.ndarray | None = None
+    trained: np.ndarray | None = None
 
 
 def _flat(params: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
@@ -151,22 +154,25 @@ class Neural:
     ) -> NeuralState:
         n_items = state.arch.n_items
         counted = [(u.items, u.counts.astype(np.float64)) for u in updates]
-        popularity = aggregate_item_sums(counted, n_items) if counted else state.popularity
+        popularity, trained = state.popularity, state.trained
+        if counted:
+            popularity = aggregate_item_sums(counted, n_items)
+            trained = seen_in_training(trained, popularity)
         users = sum(u.metrics.get("users", 0.0) for u in updates)
         if users <= 0:  # nobody trained: the network stays
-            return replace(state, round=state.round + 1, popularity=popularity)
+            return replace(state, round=state.round + 1, popularity=popularity, trained=trained)
         mean = np.sum([u.arrays[DELTA] for u in updates], axis=0) / users
         params, server = server_update(
             state.params, _unflat(mean, state.arch), state.server, self.config.federated
         )
-        return NeuralState(params, state.arch, server, state.round + 1, popularity)
+        return NeuralState(params, state.arch, server, state.round + 1, popularity, trained)
 
     def servable(self, state: NeuralState) -> NeuralRecommender:
         n_items = state.arch.n_items
         popularity = np.zeros(n_items) if state.popularity is None else state.popularity
         return NeuralRecommender(
             state.params, state.arch, item_labels(self.item_ids, n_items), popularity, self.titles,
-            self.positive_threshold,
+            self.positive_threshold, state.trained,
         )  # fmt: skip
 
     def warm_start(self, state: NeuralState, champion: object) -> tuple[NeuralState, int] | None:
@@ -174,7 +180,8 @@ class Neural:
             return None
         if not np.array_equal(champion.item_ids, item_labels(self.item_ids, state.arch.n_items)):
             return None  # the network's input and output are the catalogue: same one only
-        return replace(state, params=champion.params), state.arch.n_items
+        # the champion's trained items keep what it learned of them
+        return replace(state, params=champion.params, trained=champion.trained), state.arch.n_items
 
     def for_champion(self, champion: object) -> tuple[Neural, NeuralState] | str:
         if not isinstance(champion, NeuralRecommender):
@@ -183,7 +190,9 @@ class Neural:
             champion.item_ids, item_labels(self.item_ids, 0)
         ):
             return "its catalogue differs from this run's (the network's input and output)"
-        state = NeuralState(champion.params, champion.arch, popularity=champion.popularity)
+        state = NeuralState(
+            champion.params, champion.arch, popularity=champion.popularity, trained=champion.trained
+        )
         return replace(self, baseline=False), state
 
     def state_arrays(self, state: NeuralState) -> dict[str, np.ndarray]:
@@ -198,6 +207,8 @@ class Neural:
             arrays |= {f"first.{name}": moments.first, f"second.{name}": moments.second}
         if state.popularity is not None:
             arrays["popularity"] = state.popularity
+        if state.trained is not None:
+            arrays["trained"] = state.trained
         return arrays
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> NeuralState:
@@ -211,7 +222,9 @@ class Neural:
                 for name in arch.shapes()
             }
         popularity = arrays.get("popularity", None)
-        return NeuralState(params, arch, server, int(arrays["round"]), popularity)
+        trained = arrays.get("trained", None)
+        trained = None if trained is None else np.asarray(trained, dtype=bool)
+        return NeuralState(params, arch, server, int(arrays["round"]), popularity, trained)
 
     def describe(self, state: NeuralState) -> pd.Series | None:
         return None

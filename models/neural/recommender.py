@@ -29,7 +29,14 @@ from models.neural.network import (
     logits,
     save_network,
 )
-from models.recommenders import NO_HISTORY, asked_items, best_first
+from models.recommenders import (
+    NO_HISTORY,
+    asked_items,
+    best_first,
+    served_ids,
+    served_index,
+    trained_column,
+)
 
 KIND = "neural"
 USER_ID = "user_id"
@@ -58,6 +65,10 @@ class NeuralRecommender:
     positive_threshold : float or None
         A request's history rows rated below it are left out, as training left them out; None
         (or a history without ratings): every row is a positive.
+    trained : ndarray of bool or None
+        Whether training saw rows of each item. An item without any keeps the input weights it
+        started from (its input was never on), so it is served as an unknown one: never
+        recommended nor scored, ignored in a history. None: every item counts as trained.
     """
 
     kind: ClassVar[str] = KIND
@@ -74,10 +85,16 @@ class NeuralRecommender:
     popularity: np.ndarray
     titles: np.ndarray | None = None
     positive_threshold: float | None = None
+    trained: np.ndarray | None = None
 
     @property
     def n_items(self) -> int:
         return self.arch.n_items
+
+    @property
+    def known_items(self) -> np.ndarray:
+        """The ids of the items this model serves: those training saw rows of."""
+        return served_ids(self.item_ids, self.trained)
 
     # --- scoring ---------------------------------------------------------------------------
     def score(self, history: sparse.spmatrix) -> np.ndarray:
@@ -105,7 +122,7 @@ class NeuralRecommender:
         """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
-        index = {item: i for i, item in enumerate(self.item_ids)}
+        index = served_index(self.item_ids, self.trained)
         histories, notes = [], []
         ratings = requests.get("history_ratings")
         for u, items in enumerate(requests[HISTORY_ITEMS]):
@@ -150,6 +167,8 @@ class NeuralRecommender:
                     out.append((user, rank, item, score, why))
                 continue
             exclude = np.zeros(self.n_items, dtype=bool)
+            if self.trained is not None:
+                exclude |= ~self.trained
             exclude[seen] = True
             if seen.size == 0:
                 best, _ = top_k(self.popularity, exclude, k)
@@ -201,6 +220,8 @@ class NeuralRecommender:
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": self.popularity})
         if self.titles is not None:
             items["title"] = self.titles
+        if self.trained is not None:
+            items["trained"] = np.asarray(self.trained, dtype=bool)
         items.to_parquet(folder / "items.parquet", index=False)
         meta = {"kind": KIND, "format": 1, "positive_threshold": self.positive_threshold}
         (folder / "recommender.json").write_text(json.dumps(meta))
@@ -225,6 +246,7 @@ class NeuralRecommender:
             items["popularity"].to_numpy(dtype=np.float64),
             titles,
             None if meta.get("positive_threshold") is None else float(meta["positive_threshold"]),
+            trained_column(items),
         )
 
 

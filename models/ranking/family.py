@@ -217,9 +217,14 @@ class TwoStage:
             c.n_candidates, state.ease, network, state.slim,
         )  # fmt: skip
         ranker = state.ensemble if len(state.ensemble) else None
+        # which items some client had positives of: the co-occurrences' diagonal, summed over
+        # every client (under DP the server holds noisy counts only, and cannot tell)
+        trained = None
+        if not self.private and state.stage != ALS and state.popularity is not None:
+            trained = state.popularity > 0
         return RankingRecommender(
             retrieval, ranker, item_labels(self.item_ids, n_items), self.titles,
-            c.positive_threshold,
+            c.positive_threshold, trained,
         )  # fmt: skip
 
     def warm_start(

@@ -27,7 +27,14 @@ from models.ranking.features import (
     candidate_features,
 )
 from models.ranking.knn import strongest_neighbour
-from models.recommenders import NO_HISTORY, asked_items, best_first
+from models.recommenders import (
+    NO_HISTORY,
+    asked_items,
+    best_first,
+    served_ids,
+    served_index,
+    trained_column,
+)
 
 KIND = "ranking"
 RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
@@ -69,6 +76,10 @@ class RankingRecommender:
     positive_threshold : float or None
         A request's history rows rated below it are left out, as training left them out; None
         (or a history without ratings): every row is a positive.
+    trained : ndarray of bool or None
+        Whether training saw rows of each item. An item without any has nothing learned of it
+        (no co-occurrence, factors from no data), so it is served as an unknown one: never
+        recommended nor scored, ignored in a history. None: every item counts as trained.
     """
 
     kind: ClassVar[str] = KIND
@@ -88,10 +99,16 @@ class RankingRecommender:
     item_ids: np.ndarray
     titles: np.ndarray | None = None
     positive_threshold: float | None = None
+    trained: np.ndarray | None = None
 
     @property
     def n_items(self) -> int:
         return self.retrieval.n_items
+
+    @property
+    def known_items(self) -> np.ndarray:
+        """The ids of the items this model serves: those training saw rows of."""
+        return served_ids(self.item_ids, self.trained)
 
     # --- scoring, shared by federated evaluation and serving -------------------------------
     def score_candidates(
@@ -135,7 +152,7 @@ class RankingRecommender:
         ``k`` does not apply); an item it cannot score (unknown, already in the history, or a history with
         no known item) gets score NaN and the reason.
         """
-        index = {item: i for i, item in enumerate(self.item_ids)}
+        index = served_index(self.item_ids, self.trained)
         rows, cols, notes = [], [], []
         ratings = requests.get("history_ratings")
         for u, items in enumerate(requests["history_items"]):
@@ -175,8 +192,10 @@ class RankingRecommender:
             if u in by_user:
                 ranked = by_user[u]
             else:
-                seen = np.zeros(self.n_items, dtype=bool)
-                best, _ = top_k(self.retrieval.popularity, seen, k)
+                untrained = np.zeros(self.n_items, dtype=bool)
+                if self.trained is not None:
+                    untrained = ~self.trained
+                best, _ = top_k(self.retrieval.popularity, untrained, k)
                 # a popularity count is not a ranking score: NaN, the reason says why
                 ranked = [(int(i), float("nan"), f"{NO_HISTORY}: most popular items") for i in best]
             for rank, (item, score, reason) in enumerate(ranked, start=1):
@@ -195,6 +214,7 @@ class RankingRecommender:
         pairs = [(u, index[i]) for u, items in enumerate(asked) for i in items if i in index]
         users = np.array(sorted({u for u, _ in pairs if history[u].nnz}), dtype=np.int64)
         scores: dict[tuple[int, int], float] = {}
+        by = "implicit ALS" if self.ranker is None or len(self.ranker) == 0 else "the re-ranker"
         if users.size:
             matrix = sparse.csr_matrix(
                 (np.ones(len(pairs)), tuple(np.array(pairs, dtype=np.int64).T)),
@@ -216,7 +236,7 @@ class RankingRecommender:
                 elif (u, i) not in scores:
                     why, score = "in the history: not scored", float("nan")
                 else:
-                    why, score = "asked: scored by the re-ranker", scores[(u, i)]
+                    why, score = f"asked: scored by {by}", scores[(u, i)]
                 out.setdefault(u, []).append((item, score, why))
         return out
 
@@ -227,7 +247,11 @@ class RankingRecommender:
         users: np.ndarray,
         k: int,
     ) -> dict[int, list[tuple[int, float, str]]]:
-        candidates, scores = self.score_candidates(history, history, user_features, users)
+        exclude = history
+        if self.trained is not None:  # an untrained item is never a candidate
+            untrained = np.broadcast_to(~self.trained, history.shape).astype(np.float64)
+            exclude = (history + sparse.csr_matrix(untrained)).tocsr()
+        candidates, scores = self.score_candidates(history, exclude, user_features, users)
         top_rows = []
         bounds = np.searchsorted(candidates.users, users)
         bounds = np.append(bounds, len(candidates))
@@ -324,6 +348,8 @@ class RankingRecommender:
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": r.popularity})
         if self.titles is not None:
             items["title"] = self.titles
+        if self.trained is not None:
+            items["trained"] = np.asarray(self.trained, dtype=bool)
         if r.item_features is not None:
             items = pd.concat([items, r.item_features.reset_index(drop=True)], axis=1)
         items.to_parquet(folder / "items.parquet", index=False)
@@ -381,7 +407,7 @@ class RankingRecommender:
         threshold = meta.get("positive_threshold")  # absent from models saved before it was kept
         return cls(
             retrieval, ranker, items["item_id"].to_numpy(dtype=str), titles,
-            None if threshold is None else float(threshold),
+            None if threshold is None else float(threshold), trained_column(items),
         )  # fmt: skip
 
 
@@ -414,9 +440,13 @@ def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> Rankin
         factors, r.reg, r.alpha, similarity, popularity, features, r.n_candidates, ease, network,
         slim,
     )  # fmt: skip
+    trained = None
+    if model.trained is not None:  # an item it does not know is one it has not trained
+        trained = (source >= 0) & model.trained[np.maximum(source, 0)]
     return RankingRecommender(
-        retrieval, model.ranker, np.asarray(item_ids).astype(str), titles, model.positive_threshold
-    )
+        retrieval, model.ranker, np.asarray(item_ids).astype(str), titles,
+        model.positive_threshold, trained,
+    )  # fmt: skip
 
 
 def _align_network(
