@@ -325,6 +325,9 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     assert mine.index[0] == top[0] or mine.index[0] == outside
     assert np.isfinite(mine.score[outside])  # outside the candidates, scored all the same
     assert mine.reason[top[0]] == "asked: scored by the re-ranker"
+    alone = replace(loaded, ranker=None).recommend(asked)  # retrieval alone: its ALS score
+    alone = alone[alone.user_id == "u1"].set_index("item_id")
+    assert alone.reason[top[0]] == "asked: scored by implicit ALS"
     assert mine.reason.iloc[3:].tolist() == [
         "unknown item: not scored",
         "in the history: not scored",
