@@ -39,7 +39,7 @@ from prefect.cache_policies import NONE
 from prefect.exceptions import MissingContextError
 
 from models.data.partitions import ClientEntry
-from models.federation.family import SecureFamily
+from models.federation.family import SecureFamily, min_secure_threshold
 from models.files import folder_lock, write_private
 from models.privacy.fixed_point import FRACTION_BITS
 from models.privacy.identity import (
@@ -123,10 +123,12 @@ def _read_private(path: Path, what: str) -> bytes:
 def hold_update(
     update: ClientUpdate, n_items: int, family: SecureFamily, context: bytes, where: Path
 ) -> bytes:
-    """On the client: keep the update's dense vector at ``where`` for the round ``context``;
-    returns a receipt that says only how long the vector is."""
+    """On the client: keep the update's dense vector at ``where`` for the round ``context``, with
+    the fewest clients a sum of it may hold (:func:`min_secure_threshold`); returns a receipt
+    that says only how long the vector is."""
     dense = np.asarray(family.to_dense(update, n_items), dtype=np.float64)
-    payload = pack({"context": context}, {"dense": dense})
+    fields = {"context": context, "min_threshold": min_secure_threshold(family)}
+    payload = pack(fields, {"dense": dense})
     folder = Path(where).parent
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     with folder_lock(folder):
@@ -139,14 +141,15 @@ def held_receipt(vector_size: int) -> bytes:
     return pack({"kind": _RECEIPT, "vector_size": vector_size})
 
 
-def _held(workspace: str, entry: ClientEntry, context: bytes) -> np.ndarray:
+def _held(workspace: str, entry: ClientEntry, context: bytes) -> tuple[np.ndarray, int]:
+    """The held update of round ``context`` and the fewest clients a sum of it may hold."""
     fields, arrays = unpack(_read_private(pending_path(workspace, entry), "held update"))
     if fields.get("context") != context:
         raise LookupError(
             f"client-{entry.client_id}: holds the update of {fields.get('context', b'').decode()}, "
             f"not of {context.decode()}"
         )
-    return arrays["dense"]
+    return arrays["dense"], int(fields.get("min_threshold", 2))
 
 
 def receipt_size(receipt: bytes) -> int:
@@ -323,7 +326,7 @@ def secagg_advertise(*, workspace: str, entry: ClientEntry, config: bytes) -> by
     identity key (:class:`KeyAdvertisement`)."""
     round_config = read_round_config(config)
     context = round_context(round_config.run_id, round_config.round)
-    held = _held(workspace, entry, context)
+    held, _ = _held(workspace, entry, context)
     if held.size != round_config.vector_size:
         raise ProtocolViolationError(
             f"client-{entry.client_id}: holds {held.size} values, the round expects "
@@ -358,7 +361,13 @@ def secagg_mask(
     inbox = ShareInbox.from_bytes(message)
 
     def mask(client: SecAggClient) -> Message:
-        held = _held(workspace, entry, context)
+        held, min_threshold = _held(workspace, entry, context)
+        if round_config.threshold < min_threshold:  # a server that set t too low
+            raise ProtocolViolationError(
+                f"client-{entry.client_id}: the round's threshold {round_config.threshold} is "
+                f"below the {min_threshold} clients whose noise shares make the full DP noise: "
+                "refusing to mask"
+            )
         _mask_once(workspace, entry, context, held)
         return client.masked_input(held, inbox)
 

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from models.federation.family import Family
+from models.federation.family import Family, min_secure_threshold
 from models.files import write_private
 from models.privacy.identity import KeyAuthenticationError, public_bytes
 from models.privacy.secagg_plus import (
@@ -150,9 +150,8 @@ class SecureSite:
             raise RefusedMessage(f"the {family.name} family cannot be securely aggregated")
         self._registry(request)
         dense = np.asarray(to_dense(update, n_items), dtype=np.float64).ravel()
-        dp = getattr(getattr(family, "config", None), "dp", None)
-        shares = dp.shares if family.private and dp is not None else 1
-        fields = {"run": request.run, "round": request.round, "min_threshold": max(2, shares),
+        fields = {"run": request.run, "round": request.round,
+                  "min_threshold": min_secure_threshold(family),
                   "binding": training_binding(request.family, request.phase)}  # fmt: skip
         folder = self._round_folder(request.run, request.round)
         write_private(folder / HELD, pack(fields, {"dense": dense}))

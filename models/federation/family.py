@@ -143,6 +143,16 @@ class SecureFamily(Family, Protocol):
     def from_dense_sum(self, total: np.ndarray, n_items: int) -> ClientUpdate: ...
 
 
+def min_secure_threshold(family: Family) -> int:
+    """The fewest clients a secure sum of ``family``'s updates may hold: 2 (a sum of one client is
+    its update), and under DP the clients whose noise shares add up to the full noise (each
+    client adds ``1 / sqrt(shares)`` of it), so a sum over fewer would carry less noise than the
+    accountant counted. A client refuses to mask its update for a round of a lower threshold."""
+    dp = getattr(getattr(family, "config", None), "dp", None)
+    shares = dp.shares if family.private and dp is not None else 1
+    return max(2, int(shares))
+
+
 def secure_phase(family: Family, phase: Phase) -> bool:
     """Whether secure aggregation covers ``phase`` of ``family``: every sampled round, and the
     phases every client answers once that the family encodes too (its

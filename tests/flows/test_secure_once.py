@@ -34,7 +34,9 @@ BASE = {
 }
 
 
-def _secure_sum(workspace: str, family, clients: list[int], round_: int) -> np.ndarray:
+def _secure_sum(
+    workspace: str, family, clients: list[int], round_: int, quorum: int = 2, nudge: float = 0.0
+) -> np.ndarray:
     """One protocol instance over ``clients``, each holding its (same) update for ``round_``
     first, as a training task asked again would; returns the dense sum the server decodes."""
     from tasks import secure
@@ -43,12 +45,16 @@ def _secure_sum(workspace: str, family, clients: list[int], round_: int) -> np.n
     context = secure.round_context(RUN, round_)
     receipts = {
         c: secure.hold_update(
-            secagg_update(c), N_ITEMS, family, context, secure.pending_path(workspace, e)
+            _nudged(secagg_update(c), nudge),
+            N_ITEMS,
+            family,
+            context,
+            secure.pending_path(workspace, e),
         )
         for c, e in entries.items()
     }
     step = secure.secagg_open.fn(
-        run_id=RUN, round_=round_, receipts=receipts, asked=len(clients), quorum=2
+        run_id=RUN, round_=round_, receipts=receipts, asked=len(clients), quorum=quorum
     )
     config = step.to_clients[clients[0]]
     answers = {
@@ -74,6 +80,15 @@ def _secure_sum(workspace: str, family, clients: list[int], round_: int) -> np.n
     return server.aggregate_decoded(shares)
 
 
+def _nudged(update, by: float):
+    """The update a client computes from a state moved by a rounding step: every value a little
+    off (``by`` relative)."""
+    from dataclasses import replace
+
+    arrays = {name: value * (1 + by) for name, value in update.arrays.items()}
+    return replace(update, arrays=arrays)
+
+
 def test_a_server_that_asks_a_round_again_with_fewer_clients_gets_no_second_sum(tmp_path):
     from models.mf.family import ExplicitMF
     from models.mf.federated import MFConfig, to_dense
@@ -93,6 +108,43 @@ def test_a_server_that_asks_a_round_again_with_fewer_clients_gets_no_second_sum(
     # the same updates held for another round: refused by the update's own hash
     with pytest.raises(SecAggError, match="masked this very update once already"):
         _secure_sum(workspace, family, [0, 1], round_=7)
+
+
+def test_not_given_a_lying_server_that_nudges_the_state_reads_one_update(tmp_path):
+    """What the README states as not given without DP: the record stops the very same update,
+    but a server that sends a state moved by a rounding step gets updates a few bits off, which
+    the record sees as new, and the difference of two sums, one without the client, is that
+    client's update to within the step. Only DP noise in each update bounds this."""
+    from models.mf.family import ExplicitMF
+    from models.mf.federated import MFConfig, to_dense
+
+    workspace, mf = str(tmp_path), MFConfig(n_factors=2)
+    family = ExplicitMF(mf)
+    (tmp_path / "clients").mkdir()
+    everyone = _secure_sum(workspace, family, [0, 1, 2], round_=1)
+    without = _secure_sum(workspace, family, [0, 1], round_=2, nudge=1e-12)  # masked: new
+    victim = to_dense(secagg_update(2), N_ITEMS, mf)
+    read = everyone - without
+    assert np.count_nonzero(victim) and np.abs(read - victim).max() < 1e-4  # its update, read
+
+
+def test_a_private_client_masks_only_for_a_sum_that_carries_the_full_noise(tmp_path):
+    """Under DP each client adds ``1 / sqrt(shares)`` of the noise, so a sum of fewer clients
+    than the plan's shares carries less than the accountant counted: a server that opens a
+    round with a lower threshold t gets no masked update."""
+    from models.mf.family import ExplicitMF
+    from models.mf.federated import MFConfig
+    from models.privacy.dp import UserLevelDP
+    from models.privacy.secagg_plus import SecAggError
+
+    (tmp_path / "clients").mkdir()
+    # three factors: a private update of the helper's shapes (DP leaves the bias column out)
+    private = ExplicitMF(MFConfig(n_factors=3, dp=UserLevelDP(1.0, shares=3)))
+    # the server's round configuration says t = 2; the noise was split in 3
+    with pytest.raises(SecAggError, match="threshold 2 is below the 3 clients"):
+        _secure_sum(str(tmp_path), private, [0, 1, 2], round_=1)
+    total = _secure_sum(str(tmp_path), private, [0, 1, 2], round_=2, quorum=3)  # t = 3
+    assert total.shape == (private.to_dense(secagg_update(0), N_ITEMS).size,)
 
 
 @pytest.fixture(scope="module")
