@@ -138,7 +138,7 @@ class TrainingConfig(BaseModel):
         10,
         ge=1,
         description="number of clients (with --partition by-key, `clients: null` in the --config "
-        "file gives one client per key value)",
+        "file gives one client per key value; not under DP, where their number is not released)",
     )
     partition: Literal["iid", "dirichlet", "by-key", "per-user"] = Field(
         "iid",
@@ -592,6 +592,13 @@ class TrainingConfig(BaseModel):
                 "secure_aggregation with ranker='lightgbm': trees cannot be summed under masks, so "
                 "each client's trees would reach the server in the clear; use --ranker none"
             )
+        if self.secure_aggregation and self.dp_epsilon is None and self.client_fraction < 1:
+            raise ValueError(
+                f"client_fraction={self.client_fraction:g} with secure_aggregation and no "
+                "dp_epsilon: each round would sum another set of clients, and the server can "
+                "solve such sums for one client's update (exactly for what it sends every round: "
+                "its per-item counts and row count); use --client-fraction 1, or add --dp-epsilon"
+            )
         if self.secure_aggregation and self.min_clients < 2:
             raise ValueError(
                 f"min_clients={self.min_clients} with secure_aggregation: a round of one client "
@@ -603,6 +610,22 @@ class TrainingConfig(BaseModel):
             raise ValueError(
                 "dp_epsilon with ranker='lightgbm': differential privacy covers implicit ALS only "
                 "(item-kNN and the re-ranker have no DP mechanism); use --ranker none"
+            )
+        if (
+            self.dp_epsilon is not None
+            and self.feedback == "explicit"
+            and self.rating_scale is None
+        ):
+            raise ValueError(
+                "rating_scale='data' with dp_epsilon: the model would hold the data's lowest and "
+                "highest rating exactly, and one user's rare rating can move them (DP does not "
+                "cover that); give the scale: --rating-scale LOW,HIGH (e.g. 1,5)"
+            )
+        if self.dp_epsilon is not None and self.partition == "by-key" and self.clients is None:
+            raise ValueError(
+                "--partition by-key without --clients under dp_epsilon: one client per value of "
+                f"{self.partition_key!r} would log how many values the data has, and one user "
+                "with a value of their own adds a client (DP does not cover that); give --clients N"
             )
         if self.dp_budget is not None and self.dp_epsilon is None:
             raise ValueError("dp_budget needs dp_epsilon")

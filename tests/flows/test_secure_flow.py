@@ -377,6 +377,11 @@ def test_the_global_means_sums_reach_the_server_only_as_a_masked_sum(store, monk
 def test_the_configuration_refuses_what_secure_aggregation_cannot_protect():
     with pytest.raises(ValueError, match="min_clients=1 with secure_aggregation"):
         TrainingConfig(clients=4, secure_aggregation=True, min_clients=1)
+    # sampled rounds sum other sets of clients each time: solvable for one client's update
+    with pytest.raises(ValueError, match=r"client_fraction=0\.5 with secure_aggregation and no"):
+        TrainingConfig(clients=4, secure_aggregation=True, client_fraction=0.5)
+    # under DP every client is asked every round and users are sampled inside clients
+    TrainingConfig(clients=4, secure_aggregation=True, client_fraction=0.5, dp_epsilon=4.0)
     with pytest.raises(ValueError, match="secure_aggregation with ranker='lightgbm'"):
         TrainingConfig(
             clients=4,

@@ -43,6 +43,22 @@ def test_family_combinations_are_checked(fields, message):
         TrainingConfig(**fields)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # the model would hold the data's exact lowest and highest rating
+        ({"rating_scale": "data"}, "rating_scale='data' with dp_epsilon"),
+        # one client per key value: the logged number of clients counts the values
+        ({"partition": "by-key", "partition_key": "occupation", "clients": None},
+         "by-key without --clients under dp_epsilon"),
+    ],
+)  # fmt: skip
+def test_a_private_run_refuses_what_would_release_the_data_exactly(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainingConfig(dp_epsilon=1.0, **fields)
+    TrainingConfig(**fields)  # without DP nothing is promised about them
+
+
 def test_unknown_keys_and_bad_values_are_rejected():
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         TrainingConfig(factorz=3)
