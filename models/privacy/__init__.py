@@ -9,7 +9,10 @@ Threat model (README, "Threat model: who learns what, in each mode"):
   upload; with it, only sums of at least t clients (t a majority of the round, at least 2), with
   round keys signed by each client's long-term identity key so that a server substituting keys is
   caught. Under DP each upload (or, with secure aggregation, each sum of a quorum) carries the
-  full calibrated noise: (epsilon, delta) user-level DP against the server;
+  full calibrated noise: (epsilon, delta) user-level DP against the server. Secure aggregation
+  alone hides an update within one round's sum only: sums over different client sets across
+  rounds (a dropout, or a server that leaves a client out) can be solved for one client's update,
+  so sampled rounds are refused with it unless DP bounds what the sums say;
 - readers of MLflow and other clients: see the model and the logged metrics: (epsilon, delta)
   under DP for all of them. The final evaluation is a counted release (``released_metrics.py``):
   each user's evaluation sums are bounded, each client adds Gaussian noise from OS entropy to its

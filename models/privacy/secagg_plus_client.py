@@ -67,7 +67,9 @@ def mask_once(record: Path, round_name: str, held: np.ndarray, who: str) -> None
 
     Two sums over one update with different survivors (a round run again, or the same update
     held for another round) would let the server subtract them and read the update of a client
-    in one sum but not the other.
+    in one sum but not the other. It stops the very same update only: an update a few bits off
+    (from a state the server nudged) is a new one, and only DP noise bounds what two such sums
+    say.
 
     Raises
     ------
