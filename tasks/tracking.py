@@ -602,7 +602,9 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
     champion: it gets ``fedrec.promoted=true`` (and the version it replaced its
     ``fedrec.replaced_by_version``). Any other never became champion: ``fedrec.promoted=false``,
     with an ``orphan`` reason and description. Versions of runs still RUNNING are left alone:
-    they may be deciding right now. Returns each repaired version and whether it was promoted.
+    they may be deciding right now; unless Prefect says their flow run is over (a run killed
+    under a worker crashed there), in which case the run is marked KILLED and its version
+    repaired. Returns each repaired version and whether it was promoted.
     """
     client = _client(uri)
     try:
@@ -625,7 +627,11 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
             except MlflowException:
                 status, workspace = "GONE", None
             if status == "RUNNING":
-                continue
+                over = _flow_run_over(run.data.tags.get("prefect.flow_run_id"))
+                if over is None:
+                    continue
+                status = f"RUNNING in MLflow, its flow run {over}"
+                client.set_terminated(v.run_id, status="KILLED")
             held = champion is not None and str(champion.version) == str(v.version)
             was = "fedrec.replaced_by_version" in v.tags or str(v.version) in were_champions
             if held or was:  # the alias moved to it, from the version it compared with
@@ -653,6 +659,23 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
                 remove_workspace(workspace)
             repaired[str(v.version)] = held or was
     return repaired
+
+
+def _flow_run_over(flow_run_id: str | None) -> str | None:
+    """The final state (``CRASHED``, ...) Prefect gives the flow run that carried a training
+    run, or None while it may still be running, or when Prefect cannot say. A run killed under a
+    worker or ``fedrec serve`` stays RUNNING in MLflow, since nothing of it is left to close it;
+    its flow run's state tells that it decides nothing any more."""
+    if not flow_run_id:
+        return None
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as prefect:
+            state = prefect.read_flow_run(flow_run_id).state
+    except Exception:  # no such flow run on this server, or no server: it cannot tell
+        return None
+    return state.type.value if state is not None and state.is_final() else None
 
 
 LEDGER_EXPERIMENT = "fedrec-privacy-ledger"

@@ -246,3 +246,49 @@ def test_a_run_with_nothing_to_train_still_finishes_a_cut_short_record(tmp_path,
     assert again["skipped"] is True
     tags = client.get_model_version("unchanged", first["model_version"]).tags
     assert tags["fedrec.promoted"] == "true"
+
+
+def _flow_run(state) -> str:
+    """A flow run on the test's Prefect server, left in ``state``."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    @flow(name="federated-training")
+    def placeholder() -> None: ...
+
+    with get_client(sync_client=True) as prefect:
+        return str(prefect.create_flow_run(placeholder, state=state).id)
+
+
+def test_a_version_of_a_run_whose_flow_run_crashed_is_repaired_not_left_running(store):
+    """A run killed under a worker or `fedrec serve` stays RUNNING in MLflow (nothing of it is
+    left to close it), and the repair left its version undecided for good. Its flow run's final
+    state in Prefect tells that it decides nothing any more; a flow run still running does not."""
+    from prefect.states import Crashed, Running
+
+    import tasks.tracking as tracking
+
+    client = store["client"]
+    experiment = client.get_experiment_by_name("fedrec").experiment_id
+    versions = {}
+    for name, state in (("crashed", Crashed(message="killed")), ("running", Running())):
+        version = _register_copy_of_champion(store)
+        run_id = client.get_model_version("safe", version).run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "prefect.flow_run_id", _flow_run(state))
+        versions[name] = (version, run_id)
+    assert client.search_runs([experiment], "attributes.status = 'RUNNING'")
+
+    repaired = tracking.repair_orphans.fn(store["uri"], "safe")
+
+    crashed, crashed_run = versions["crashed"]
+    running, running_run = versions["running"]
+    assert repaired[crashed] is False and running not in repaired
+    tags = client.get_model_version("safe", crashed).tags
+    assert (
+        tags["fedrec.promoted"] == "false" and "flow run CRASHED" in tags["fedrec.promotion_reason"]
+    )
+    assert client.get_run(crashed_run).info.status == "KILLED"
+    assert client.get_run(running_run).info.status == "RUNNING"  # it may be deciding now
+    assert "fedrec.promoted" not in client.get_model_version("safe", running).tags
+    client.set_terminated(running_run, "FINISHED")  # leave the shared store as others expect
