@@ -220,7 +220,9 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
             if name == "data":
                 check_columns(data, split=values.get("split", "random"),
                               partition=values.get("partition", "iid"),
-                              partition_key=values.get("partition_key"))  # fmt: skip
+                              partition_key=values.get("partition_key"),
+                              key_prefix=values.get("key_prefix"),
+                              n_clients=clients if isinstance(clients, int) else None)  # fmt: skip
             if (
                 name == "data"
                 and values.get("partition") in ("iid", "dirichlet")

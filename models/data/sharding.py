@@ -151,15 +151,22 @@ def _assign_dirichlet(
 
 
 def check_columns(
-    data: Interactions, *, split: str, partition: str, partition_key: str | None
+    data: Interactions,
+    *,
+    split: str,
+    partition: str,
+    partition_key: str | None,
+    key_prefix: int | None = None,
+    n_clients: int | None = None,
 ) -> None:
     """Raise the error that splitting and sharding ``data`` this way would raise for a column
-    it lacks (timestamps for a temporal split, the user feature of a by-key partition), so that a
-    command refuses before it starts anything."""
+    it lacks (timestamps for a temporal split, the user feature of a by-key partition) or for
+    more clients than a by-key partition's values, so that a command refuses before it starts
+    anything."""
     if split == "temporal":
         _require_timestamps(data)
     if partition == "by-key":
-        _key_column(data, partition_key)
+        _by_key_codes(data, n_clients, partition_key, key_prefix)
 
 
 def _require_timestamps(data: Interactions) -> None:
@@ -186,25 +193,34 @@ def _key_column(data: Interactions, key: str | None) -> pd.Series:
     return features[key]
 
 
-def _assign_by_key(
+def _by_key_codes(
     data: Interactions, n_clients: int | None, key: str | None, key_prefix: int | None
-) -> np.ndarray:
+) -> tuple[np.ndarray, int]:
+    """Each user's key value (an index into the sorted distinct values) and how many there are;
+    refuses more clients than values."""
     values = _key_column(data, key).astype("string").fillna("<missing>")
     if key_prefix is not None:
         values = values.str.slice(0, key_prefix)
     codes, uniques = pd.factorize(values, sort=True)
-    if n_clients is None:
-        return codes.astype(np.int32)
-    if not 1 <= n_clients <= len(uniques):
+    if n_clients is not None and not 1 <= n_clients <= len(uniques):
         raise DataValidationError(
             f"is more clients than column {key!r} has distinct values ({len(uniques)})",
             setting="clients",
             value=n_clients,
             allowed=f"1..{len(uniques)}",
         )
-    sizes = np.bincount(codes, minlength=len(uniques))
+    return codes, len(uniques)
+
+
+def _assign_by_key(
+    data: Interactions, n_clients: int | None, key: str | None, key_prefix: int | None
+) -> np.ndarray:
+    codes, n_values = _by_key_codes(data, n_clients, key, key_prefix)
+    if n_clients is None:
+        return codes.astype(np.int32)
+    sizes = np.bincount(codes, minlength=n_values)
     load = np.zeros(n_clients, dtype=np.int64)
-    value_to_client = np.empty(len(uniques), dtype=np.int32)
+    value_to_client = np.empty(n_values, dtype=np.int32)
     for v in np.argsort(-sizes, kind="stable"):  # largest value first onto the lightest client
         target = int(load.argmin())
         value_to_client[v] = target

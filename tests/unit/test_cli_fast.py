@@ -173,6 +173,23 @@ def test_a_split_or_partition_the_data_cannot_have_is_refused_before_anything_st
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_more_clients_than_key_values_is_refused_before_anything_starts(tmp_path):
+    """A by-key partition's client count is checked with the data's other columns: refused
+    before any server or MLflow run (a failed run in MLflow would say, to its readers, whether
+    the data holds one more value)."""
+    from models.data.readers import DATASETS_ENV, datasets_dir
+
+    folder = datasets_dir() / "ml-100k"
+    if not folder.is_dir():
+        pytest.skip(f"MovieLens ml-100k not found at {folder} (set ${DATASETS_ENV} to its parent)")
+    flags = ["--partition", "by-key", "--partition-key", "gender", "--clients", "3"]
+
+    done, _ = _cli(["train", "--data", str(folder), *flags], tmp_path / "home")
+
+    _assert_one_line_error(done, "setting 'clients'", "value 3", "distinct values (2)", "1..2")
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_bad_value_names_its_row(tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("user_id,item_id,rating\n" + GOOD_ROWS + "u1,i3,9\n")
