@@ -308,16 +308,20 @@ def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender
             click.echo(f"fedrec: note: user {user}: {'; '.join(about_user)}", err=True)
 
 
-def version_rows(client: Any, name: str, limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` versions of registered model ``name``, newest first, as the registry
-    records them: champion or not, when registered, the metric its promotion was decided on and
-    its value, the decision and its reason, the data it was trained on."""
+def version_rows(client: Any, name: str, limit: int) -> tuple[str | None, list[dict[str, Any]]]:
+    """The champion's version (None: no alias) and the newest ``limit`` versions of registered
+    model ``name``, newest first, then the champion's if it is older, as the registry records
+    them: champion or not, when registered, the metric its promotion was decided on and its
+    value, the decision and its reason, the data it was trained on."""
     import datetime
 
     champion = client.get_registered_model(name).aliases.get("champion")
+    champion = None if champion is None else str(champion)
     versions = client.search_model_versions(
         f"name='{name}'", order_by=["version_number DESC"], max_results=limit
     )
+    if champion is not None and champion not in {str(v.version) for v in versions}:
+        versions = [*versions, client.get_model_version(name, champion)]
     rows = []
     for v in versions:
         tags = v.tags
@@ -328,7 +332,7 @@ def version_rows(client: Any, name: str, limit: int) -> list[dict[str, Any]]:
         registered = datetime.datetime.fromtimestamp(v.creation_timestamp / 1000, datetime.UTC)
         rows.append({
             "version": str(v.version),
-            "champion": str(v.version) == str(champion),
+            "champion": str(v.version) == champion,
             "registered": registered.strftime("%Y-%m-%d %H:%M"),
             "metric": metric,
             "value": tags.get(f"metric.{metric}", ""),
@@ -337,7 +341,7 @@ def version_rows(client: Any, name: str, limit: int) -> list[dict[str, Any]]:
             "source": tags.get("fedrec.source", ""),
             "run_id": v.run_id,
         })  # fmt: skip
-    return rows
+    return champion, rows
 
 
 @click.command()
@@ -358,8 +362,9 @@ def version_rows(client: Any, name: str, limit: int) -> list[dict[str, Any]]:
 @debug_option
 @friendly_errors
 def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json: bool) -> None:
-    """The registered models and their newest versions: which one is the champion (*), when each
-    was registered, the metric its promotion was decided on, and why it was or was not promoted.
+    """The registered models and their newest versions: which one is the champion (*, listed
+    last when older than those), when each was registered, the metric its promotion was decided
+    on, and why it was or was not promoted.
 
     \b
     fedrec models
@@ -383,10 +388,9 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
         click.echo(f"no registered models in {uri}; train one first (fedrec train)")
         return
     for name in names:
-        rows = version_rows(client, name, limit)
-        champion = next((r["version"] for r in rows if r["champion"]), None)
+        champion, rows = version_rows(client, name, limit)
         if as_json:
-            click.echo(json.dumps({"model": name, "versions": rows}))
+            click.echo(json.dumps({"model": name, "champion": champion, "versions": rows}))
             continue
         alias = (
             f"champion version {champion} (models:/{name}@champion)" if champion else "no champion"

@@ -473,3 +473,30 @@ def test_models_lists_versions_with_the_champion_and_why(trained, tmp_path):
     assert champion["value"] == version.tags["metric.valid/rmse"]
     unknown = CliRunner().invoke(main, ["models", "--tracking-uri", uri, "--model-name", "nope"])
     assert unknown.exit_code == 2 and "registered: " in unknown.stderr and "cli" in unknown.stderr
+
+
+def test_models_names_a_champion_older_than_the_versions_it_lists(tmp_path):
+    """A champion that keeps winning is older than the newest versions: the alias still names
+    it, and its row follows the newest ones."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("fedrec"))
+    client.create_registered_model("m")
+    for _ in range(3):
+        client.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias("m", "champion", "1")
+
+    listed = _run("models", "--tracking-uri", uri, "--limit", "1")
+    (record,) = [json.loads(x) for x in _run("models", "--tracking-uri", uri, "--limit", "1",
+                                             "--json").stdout.splitlines()]  # fmt: skip
+
+    lines = listed.stdout.splitlines()
+    assert lines[0] == "m: champion version 1 (models:/m@champion)"
+    assert [line.split()[0] for line in lines[2:]] == ["3", "1*"]
+    assert record["champion"] == "1"
+    assert [(v["version"], v["champion"]) for v in record["versions"]] == [
+        ("3", False),
+        ("1", True),
+    ]
