@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedrec.config import TrainingConfig, fedrec_home
+from fedrec.model_store import check_tracking_uri
 from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
 from flows.loop import train_family
@@ -30,6 +31,7 @@ from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
     CHAMPION_PLANNED,
     ResumeError,
+    failure,
     finish_run,
     interrupted_run,
     ledger_fingerprint,
@@ -59,6 +61,9 @@ def federated_training_fn(**params: Any) -> dict[str, Any]:
     """
     config = TrainingConfig(**params)
     record_foreground_process(flow_run.get_id())  # a later command can tell if this process dies
+    # a tracking server that does not answer fails the run in seconds, not after MLflow's
+    # minutes of retries in every task (a deployment's run holds its concurrency slot meanwhile)
+    check_tracking_uri(resolve_tracking_uri(config.tracking_uri))
     with one_blas_thread():  # client tasks run in parallel threads: one BLAS thread each
         return _train(config)
 
@@ -191,8 +196,8 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         if config.partition == "per-user":
             clients = f"{manifest.n_users} per-user clients in {manifest.n_clients} cohorts"
         logger.info("%s, %d items, MLflow run %s", clients, ctx.n_items, run_id)
-    except BaseException:
-        finish_run(uri, run_id, False)
+    except BaseException as err:
+        finish_run(uri, run_id, False, failure(err))
         raise
     return _train_and_register(config, ctx)
 
@@ -236,7 +241,7 @@ def _train_and_register(
             "(--promotion-metric), so a model that lost on %s may replace it",
             ctx.champion.version, name, champion_metric, config.promotion, champion_metric,
         )  # fmt: skip
-    succeeded = False
+    succeeded, error = False, None
     try:
         plan = privacy_plan(ctx)
         if plan is not None and not resuming:  # a resumed run keeps this plan
@@ -325,8 +330,11 @@ def _train_and_register(
         publish_summary(trained.history, summary, decision.reason)
         succeeded = True
         return summary
+    except BaseException as err:
+        error = failure(err)
+        raise
     finally:
-        finish_run(uri, run_id, succeeded)
+        finish_run(uri, run_id, succeeded, error)
         if succeeded and not config.keep_workspace:
             _remove_workspace(workspace)
 

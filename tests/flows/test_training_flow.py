@@ -508,3 +508,15 @@ def test_a_scale_taken_from_the_data_is_the_served_models_and_sets_the_relevance
         served.recommend(history.assign(history_ratings=[[4.0]]))
     # ranking metrics count ratings >= 2 (three quarters up 0.5..2.5): they exist and are not 0
     assert summary["metrics"]["test/recall_at_10"] > 0
+
+
+def test_a_flow_run_whose_tracking_server_does_not_answer_fails_at_once(prefect_server):
+    """A deployment's run reaches the flow without the command line's check: it makes the same
+    one before any task, instead of every task going through MLflow's minutes of retries."""
+    from fedrec.local_server import free_port
+    from fedrec.model_store import TrackingStoreError
+    from flows.training import federated_training
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(TrackingStoreError, match="the MLflow server does not answer"):
+        federated_training(**TrainingConfig(tracking_uri=uri, **SMALL).model_dump())
