@@ -57,7 +57,7 @@ from models.privacy.ledger import (
     standing,
     user_keys,
 )
-from models.privacy.redaction import redact_uri
+from models.privacy.redaction import redact_text, redact_uri
 from models.promotion import PromotionDecision, baseline_metric, worst_client_metric
 from tasks import retry_unless
 
@@ -991,11 +991,27 @@ def reserve_privacy_budget(
             raise
 
 
+ERROR_TAG = "fedrec.error"
+
+
+def failure(err: BaseException) -> str:
+    """One line that says why a run failed, for its ``fedrec.error`` tag: the error's type and
+    first line, credentials redacted, at most 500 characters."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return redact_text(text)[:500]
+
+
 @task(name="finish-tracking", **_RETRY)
-def finish_run(uri: str, run_id: str, succeeded: bool) -> None:
-    """Mark the MLflow run FINISHED, or FAILED when the flow raised."""
+def finish_run(uri: str, run_id: str, succeeded: bool, error: str | None = None) -> None:
+    """Mark the MLflow run FINISHED, or FAILED when the flow raised, tagged with ``error`` (why,
+    in one line) so that the run says it where its readers look."""
     client = _client(uri)
     status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
+    if error is not None:
+        client.set_tag(run_id, ERROR_TAG, error)
     client.set_terminated(run_id, RunStatus.to_string(status))
 
 

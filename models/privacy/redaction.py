@@ -60,3 +60,9 @@ def redact_uri(uri: str) -> str:
     # urlunsplit normalises some spellings (e.g. an empty query "?"): keep the original when
     # there was nothing to mask.
     return uri if (netloc == parts.netloc and query == parts.query) else redacted
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an error message, a log line) with every URI in it redacted as
+    :func:`redact_uri` does."""
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.\-]*://\S+", lambda m: redact_uri(m.group(0)), text)

@@ -211,6 +211,9 @@ def test_a_run_that_fails_on_its_way_exits_1_and_says_so_on_stdout_under_json(
     assert answer == {"error": line.removeprefix("fedrec: error: "), "exit_status": 1,
                       "run_id": failed.info.run_id}  # fmt: skip
     assert failed.info.status == "FAILED"
+    # the MLflow run says why, for its readers: the error the line gives, without the hint
+    assert failed.data.tags["fedrec.error"].startswith("QuorumError: round 1")
+    assert "min_clients" in failed.data.tags["fedrec.error"]
     assert (Path(failed.data.tags["fedrec.workspace"]) / "manifest.json").is_file()  # kept
     assert client.search_model_versions("name='quorum'") == []
 

@@ -58,3 +58,14 @@ def test_the_logged_configuration_masks_the_tracking_uri_everywhere():
     assert config.redacted().config_hash() == config.config_hash()
     plain = TrainingConfig()
     assert plain.redacted() is plain
+
+
+def test_a_failed_runs_error_tag_names_the_error_without_its_credentials():
+    from tasks.tracking import failure
+
+    err = OSError("tracking URI postgresql://fedrec:s3cret@db/mlflow: no answer\nTraceback ...")
+    line = failure(err)
+    assert line == "OSError: tracking URI postgresql://fedrec:***@db/mlflow: no answer"
+    assert failure(ValueError("x" * 900)).startswith("ValueError: xxx")
+    assert len(failure(ValueError("x" * 900))) == 500
+    assert failure(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
