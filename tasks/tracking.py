@@ -389,7 +389,16 @@ def _requirements(names: Sequence[str]) -> list[str]:
     return [f"{name}=={version(name)}" for name in names]
 
 
-@task(name="register-model", **_RETRY)
+# errors of the artifact store a retry seconds later meets again (a read-only or full disk, a
+# folder this user may not write): each try would leave one more FAILED logged model behind
+_LASTING_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT}
+
+
+def _lasting_storage_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in _LASTING_ERRNOS
+
+
+@task(name="register-model", retry_condition_fn=retry_unless(_lasting_storage_error), **_RETRY)
 def register_model(
     uri: str, run_id: str, recommender: Recommender, model_name: str, tags: Mapping[str, str]
 ) -> str:
