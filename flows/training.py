@@ -197,7 +197,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             clients = f"{manifest.n_users} per-user clients in {manifest.n_clients} cohorts"
         logger.info("%s, %d items, MLflow run %s", clients, ctx.n_items, run_id)
     except BaseException as err:
-        finish_run(uri, run_id, False, failure(err))
+        finish_run(uri, run_id, False, failure(err, config.dp_epsilon is not None))
         raise
     return _train_and_register(config, ctx)
 
@@ -331,7 +331,7 @@ def _train_and_register(
         succeeded = True
         return summary
     except BaseException as err:
-        error = failure(err)
+        error = failure(err, config.dp_epsilon is not None)
         raise
     finally:
         finish_run(uri, run_id, succeeded, error)

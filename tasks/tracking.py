@@ -1003,11 +1003,15 @@ def reserve_privacy_budget(
 ERROR_TAG = "fedrec.error"
 
 
-def failure(err: BaseException) -> str:
+def failure(err: BaseException, private: bool = False) -> str:
     """One line that says why a run failed, for its ``fedrec.error`` tag: the error's type and
-    first line, credentials redacted, at most 500 characters."""
+    first line, credentials redacted, at most 500 characters. A private run's tag names the type
+    only: a message can quote a row or a user, which DP does not cover (the flow's log, the
+    server's, has it)."""
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
+    if private:
+        return f"{type(err).__name__} (a private run: the message is in the flow's log)"
     lines = str(err).strip().splitlines()
     text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
     return redact_text(text)[:500]

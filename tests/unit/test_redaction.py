@@ -69,3 +69,7 @@ def test_a_failed_runs_error_tag_names_the_error_without_its_credentials():
     assert failure(ValueError("x" * 900)).startswith("ValueError: xxx")
     assert len(failure(ValueError("x" * 900))) == 500
     assert failure(KeyboardInterrupt()) == "interrupted (Ctrl-C)"
+    # a private run's message may quote a row: MLflow's readers get the type alone
+    quoting = ValueError("ratings.csv, row 7, column 'user_id': value 'alice' ...")
+    assert "alice" not in failure(quoting, private=True)
+    assert failure(quoting, private=True).startswith("ValueError (a private run")
