@@ -693,10 +693,15 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
             f"--cron {cron or schedule['cron']!r}: not a cron schedule; allowed: five fields, "
             "minute hour day-of-month month day-of-week (e.g. '0 2 * * *': 02:00 every day)"
         ) from err
+    from fedrec.silent_runs import crash_silent_runs
     from flows.training import federated_training
 
     limit = spec.get("concurrency_limit", {}).get("limit", 1)
     with using_api(prefect_api()):
+        try:  # this process killed with its run's: the run is not left Running for good
+            crash_silent_runs()
+        except Exception as err:  # a safeguard: serving goes on without it, and says so
+            _note(f"could not create the automation that crashes silent runs: {err}")
         federated_training.serve(
             name="nightly-serve",
             schedules=[when],

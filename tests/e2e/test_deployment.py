@@ -23,6 +23,7 @@ from fedrec.local_server import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENT = "federated-training/nightly"
+HEARTBEAT = 30  # seconds between a flow run's heartbeats
 SMALL = {
     "synthetic_users": 300,
     "synthetic_items": 200,
@@ -80,6 +81,8 @@ def stack(tmp_path_factory):
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        # Prefect's shortest heartbeat period: a silent run is found in three of them
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT),
         "FEDREC_HOME": str(home / "fedrec"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
     }
@@ -119,20 +122,26 @@ def stack(tmp_path_factory):
                 "--all",
             ],
             [sys.executable, "-m", "fedrec.lock_parameters"],  # as make deploy does
+            [sys.executable, "-m", "fedrec.silent_runs"],
         ):
             done = subprocess.run(
                 command, env=env, cwd=REPO, capture_output=True, text=True, timeout=180
             )
             assert done.returncode == 0, done.stdout + done.stderr
-        worker = subprocess.Popen(
-            [*prefect, "worker", "start", "--pool", "fedrec-local"],
-            env=env,
-            cwd=home,
-            stdout=files.enter_context(open(logs / "worker.log", "w")),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        started.append(worker)
+
+        def start_worker() -> subprocess.Popen:
+            worker = subprocess.Popen(
+                [*prefect, "worker", "start", "--pool", "fedrec-local"],
+                env=env,
+                cwd=home,
+                stdout=files.enter_context(open(logs / "worker.log", "a")),  # noqa: SIM115
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            started.append(worker)
+            return worker
+
+        start_worker()
         status, deployment = _http("GET", f"{api}/deployments/name/{DEPLOYMENT}")
         assert status == 200, deployment
         yield {
@@ -142,6 +151,8 @@ def stack(tmp_path_factory):
             "logs": logs,
             # the registry too: a flow run in this process may have set MLflow's global one
             "mlflow": MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"]),
+            "workers": started[1:],  # the worker running now is the last
+            "start_worker": start_worker,
         }
     finally:
         for proc in reversed(started):
@@ -192,6 +203,24 @@ def test_deployment_has_the_schedule_limit_and_defaults(stack):
     )
     assert deployment["work_pool_name"] == "fedrec-local"
     assert deployment["parameters"] == {"data": "synthetic", "rounds": 10, "warm_start": True}
+
+
+def test_deploying_makes_silent_training_runs_crash(stack):
+    """``make deploy`` creates the automation that marks a training run Crashed after three
+    heartbeat periods without a heartbeat or a final state (run twice: still one)."""
+    done = subprocess.run([sys.executable, "-m", "fedrec.silent_runs"], env=stack["env"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    status, found = _http("POST", f"{stack['api']}/automations/filter", {})
+    assert status == 200, found
+    (automation,) = [a for a in found if a["name"] == "fedrec: crash silent training runs"]
+    trigger = automation["trigger"]
+    assert trigger["posture"] == "Proactive" and trigger["within"] == 3 * HEARTBEAT
+    assert trigger["after"] == ["prefect.flow-run.heartbeat"]
+    assert "prefect.flow-run.Completed" in trigger["expect"]
+    assert trigger["match_related"]["prefect.resource.name"] == "federated-training"
+    (action,) = automation["actions"]
+    assert action["type"] == "change-flow-run-state" and action["state"] == "CRASHED"
 
 
 def test_http_trigger_trains_registers_and_sets_the_champion(stack):
@@ -289,3 +318,31 @@ def test_the_schedule_produced_scheduled_runs(stack):
     assert scheduled, "the scheduler created no runs from the cron schedule"
     starts = [datetime.fromisoformat(r["expected_start_time"]) for r in scheduled]
     assert all((t.hour, t.minute) == (2, 0) for t in starts)
+
+
+def test_a_run_whose_worker_is_killed_with_it_becomes_crashed(stack):
+    """Last in this file: it kills the worker. Nothing is left to report the run's end, so
+    only the silent-run automation can end it; it does after three heartbeat periods, which
+    frees the deployment's slot for the next run."""
+    status, run = _create_run(stack, SMALL | {"rounds": 1000})  # minutes of rounds
+    assert status == 201, run
+    deadline = time.time() + 300
+    while (state := _http("GET", f"{stack['api']}/flow_runs/{run['id']}")[1])["state"][
+        "type"
+    ] != "RUNNING":
+        assert time.time() < deadline, state["state"]
+        time.sleep(1)
+    time.sleep(HEARTBEAT + 5)  # a heartbeat or two sent
+    running = _http("GET", f"{stack['api']}/flow_runs/{run['id']}")[1]
+    assert running["state"]["type"] == "RUNNING", running["state"]
+    worker = stack["workers"][-1]
+    os.killpg(worker.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # the flow's own process, if not in the group
+        os.kill(int(running["infrastructure_pid"]), signal.SIGKILL)
+    worker.wait(timeout=30)
+    try:
+        crashed = _wait(stack, run["id"], timeout=3 * HEARTBEAT + 180)
+    finally:
+        stack["start_worker"]()  # for whatever runs after this file's tests
+    assert crashed["state"]["type"] == "CRASHED", crashed["state"]
+    assert crashed["state"]["message"].startswith(f"no heartbeat for {3 * HEARTBEAT} s")
