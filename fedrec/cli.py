@@ -241,7 +241,7 @@ def check_inputs(values: dict[str, Any]) -> None:
     Bad data and missing paths end the command here, in one line. Any other surprise (such as
     an option of the wrong type) is left to the configuration's own checks, which follow.
     """
-    from fedrec.inputs import InputError, data_sources
+    from fedrec.inputs import InputError, check_synthetic_partition, data_sources
     from fedrec.inputs import check_inputs as check_sources
     from models.data.errors import DataValidationError
 
@@ -263,9 +263,12 @@ def check_inputs(values: dict[str, Any]) -> None:
     spec = {name: merged.get(name) for name in ("data", "train", "valid", "test")}
     if not all(isinstance(v, str | None) for v in spec.values()):
         return
-    if not data_sources(**spec) and spec["valid"] is None and spec["test"] is None:
-        return
     try:
+        if not data_sources(**spec) and spec["valid"] is None and spec["test"] is None:
+            if spec["data"] in (None, "synthetic") and merged.get("partition") == "by-key":
+                with _status("checking the partition"):
+                    check_synthetic_partition(merged)
+            return
         with _status("checking the data files"):
             check_sources(merged)
     except (InputError, DataValidationError) as err:

@@ -235,3 +235,32 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
             continue
         checked.append(str(path))
     return checked
+
+
+# generate_synthetic's argument -> the TrainingConfig field that sets it
+SYNTHETIC_FIELDS = {"n_users": "synthetic_users", "n_items": "synthetic_items",
+                    "n_interactions": "synthetic_interactions", "taste": "synthetic_taste",
+                    "seed": "synthetic_seed"}  # fmt: skip
+
+
+def synthetic_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The built-in synthetic data's arguments from configuration values (a config's fields)."""
+    return {arg: values[field] for arg, field in SYNTHETIC_FIELDS.items() if field in values}
+
+
+def check_synthetic_partition(values: Mapping[str, Any]) -> None:
+    """Refuse a by-key partition of the built-in synthetic data that sharding would refuse (a
+    key it lacks, more clients than the key's values), before anything starts.
+
+    Raises
+    ------
+    DataValidationError
+    """
+    from models.data.readers import load_dataset
+    from models.data.sharding import check_columns
+
+    data = load_dataset("synthetic", **synthetic_options(values))
+    clients = values.get("clients")
+    check_columns(data, split=values.get("split", "random"), partition="by-key",
+                  partition_key=values.get("partition_key"), key_prefix=values.get("key_prefix"),
+                  n_clients=clients if isinstance(clients, int) else None)  # fmt: skip

@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig
+from fedrec.inputs import synthetic_options
 from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
 from models.data.readers import load_dataset, read_item_list
@@ -29,14 +30,7 @@ def _file_options(config: TrainingConfig) -> dict[str, object]:
 
 def _load(spec: str, config: TrainingConfig) -> Interactions:
     if spec == "synthetic":
-        return load_dataset(
-            spec,
-            n_users=config.synthetic_users,
-            n_items=config.synthetic_items,
-            n_interactions=config.synthetic_interactions,
-            taste=config.synthetic_taste,
-            seed=config.synthetic_seed,
-        )
+        return load_dataset(spec, **synthetic_options(config.model_dump()))
     path = Path(spec)
     is_table = path.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet", ".pq")
     return load_dataset(spec, **(_file_options(config) if is_table else {}))

@@ -190,6 +190,25 @@ def test_more_clients_than_key_values_is_refused_before_anything_starts(tmp_path
     _assert_nothing_started(tmp_path / "home")
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--partition-key", "gender", "--clients", "5"],
+         ["setting 'partition_key'", "value 'gender'", "allowed: age, occupation, region"]),
+        (["--partition-key", "region", "--clients", "500"],
+         ["setting 'clients'", "value 500", "distinct values (10)"]),
+    ],
+)  # fmt: skip
+def test_a_by_key_partition_of_the_built_in_data_is_checked_before_anything_starts(
+    tmp_path, flags, expected
+):
+    done, imported = _cli(["train", "--partition", "by-key", *flags], tmp_path / "home")
+
+    _assert_one_line_error(done, *expected)
+    assert not set(imported) & {"prefect", "mlflow"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_bad_value_names_its_row(tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("user_id,item_id,rating\n" + GOOD_ROWS + "u1,i3,9\n")
