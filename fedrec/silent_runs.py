@@ -5,11 +5,15 @@ whole group) leaves nothing to report the run's end: Prefect shows it Running fo
 deployment's one concurrency slot stays taken until its lease runs out. A run started by a
 worker sends a heartbeat event every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (180 by
 default); this creates the Prefect automation that marks a ``federated-training`` run Crashed
-when three heartbeats in a row are missing (Prefect's documented way to find such runs). The
-next training run then finishes what the lost one left (its MLflow run marked KILLED, its
-version's promotion record). ``make deploy`` runs it after ``prefect deploy``::
+when no heartbeat came for 30 minutes (Prefect's documented way to find such runs). The
+window is fixed here, not read from a worker's settings, which this process cannot see, and
+it is long on purpose: a healthy run marked Crashed loses its concurrency slot, so a second
+run could write to the registry beside it. It suits heartbeat periods up to 10 minutes (three
+missed in a row). The next training run then finishes what the lost one left (its MLflow run
+marked KILLED, its version's promotion record). ``make deploy`` runs it after ``prefect
+deploy``::
 
-    uv run python -m fedrec.silent_runs
+    uv run python -m fedrec.silent_runs [--within SECONDS]
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ import sys
 
 AUTOMATION = "fedrec: crash silent training runs"
 FLOW = "federated-training"
-MISSED_HEARTBEATS = 3
+WITHIN_SECONDS = 1800.0
 
 
-def crash_silent_runs(flow_name: str = FLOW, within_seconds: float | None = None) -> str:
+def crash_silent_runs(flow_name: str = FLOW, within_seconds: float = WITHIN_SECONDS) -> str:
     """Create (or replace) the automation on the Prefect API of ``PREFECT_API_URL``: a flow run
     of ``flow_name`` that sent a heartbeat and then nothing (no heartbeat, no final state) for
-    ``within_seconds`` (default: three heartbeat periods) becomes Crashed. Returns its id."""
+    ``within_seconds`` becomes Crashed. It must exceed the workers' heartbeat period
+    (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, 180 s by default) several times over. Returns its
+    id."""
     from datetime import timedelta
 
     from prefect.automations import Automation
@@ -32,10 +38,8 @@ def crash_silent_runs(flow_name: str = FLOW, within_seconds: float | None = None
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-    period = PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() or 180
-    within = within_seconds if within_seconds is not None else MISSED_HEARTBEATS * period
+    within = within_seconds
     ended = ("Completed", "Failed", "Cancelled", "Crashed")
     automation = Automation(
         name=AUTOMATION,
@@ -70,8 +74,17 @@ def crash_silent_runs(flow_name: str = FLOW, within_seconds: float | None = None
 
 
 def main(argv: list[str]) -> int:
-    automation = crash_silent_runs(argv[0] if argv else FLOW)
-    print(f"automation {AUTOMATION!r} ({automation}): silent {FLOW} runs become Crashed")
+    within = WITHIN_SECONDS
+    if argv[:1] == ["--within"] and len(argv) == 2:
+        within = float(argv[1])
+    elif argv:
+        print("usage: python -m fedrec.silent_runs [--within SECONDS]", file=sys.stderr)
+        return 2
+    automation = crash_silent_runs(within_seconds=within)
+    print(
+        f"automation {AUTOMATION!r} ({automation}): {FLOW} runs silent for {within:g} s "
+        "become Crashed"
+    )
     return 0
 
 
