@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fedrec.config import TrainingConfig, fedrec_home
-from fedrec.model_store import check_tracking_uri
+from fedrec.model_store import check_tracking_uri, sqlite_path
 from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
 from flows.loop import train_family
@@ -31,6 +31,7 @@ from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
     CHAMPION_PLANNED,
     ResumeError,
+    close_ended_runs,
     failure,
     finish_run,
     interrupted_run,
@@ -62,8 +63,11 @@ def federated_training_fn(**params: Any) -> dict[str, Any]:
     config = TrainingConfig(**params)
     record_foreground_process(flow_run.get_id())  # a later command can tell if this process dies
     # a tracking server that does not answer fails the run in seconds, not after MLflow's
-    # minutes of retries in every task (a deployment's run holds its concurrency slot meanwhile)
-    check_tracking_uri(resolve_tracking_uri(config.tracking_uri))
+    # minutes of retries in every task (a deployment's run holds its concurrency slot meanwhile);
+    # a SQLite store's folder is the run's to make (FEDREC_HOME, say), as the flow always did
+    uri = resolve_tracking_uri(config.tracking_uri)
+    if sqlite_path(uri) is None:
+        check_tracking_uri(uri)
     with one_blas_thread():  # client tasks run in parallel threads: one BLAS thread each
         return _train(config)
 
@@ -158,7 +162,10 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     # a private run logs its fingerprint keyed with its ledger's secret (None before the first
     # private run made one): a plain hash of the rows would let a reader of MLflow test guesses
     fingerprint = ledger_fingerprint(uri, config.dp_ledger_secret, rows) if private else rows
-    # first, so that a run that then has nothing to train still makes the registry true
+    # first, so that a run that then has nothing to train still makes MLflow and the registry
+    # true: runs whose process is gone, and the versions they left undecided
+    for lost in close_ended_runs(uri):
+        logger.warning("MLflow run %s said RUNNING, but its flow run is over: marked KILLED", lost)
     repaired = repair_orphans(uri, name)
     if repaired:
         logger.warning(

@@ -670,6 +670,27 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
     return repaired
 
 
+@task(name="close-ended-runs", **_RETRY)
+def close_ended_runs(uri: str) -> list[str]:
+    """Mark KILLED the MLflow runs that still say RUNNING though Prefect shows their flow run
+    over (a process killed under a worker or ``fedrec serve``, or found silent and crashed by
+    the server), tagged with why; returns their ids. Runs of flow runs this server does not
+    know, or that may still be running, are left alone."""
+    client = _client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    closed = []
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'"):
+        over = _flow_run_over(run.data.tags.get("prefect.flow_run_id"))
+        if over is None:
+            continue
+        client.set_tag(run.info.run_id, ERROR_TAG, f"its flow run ended {over} in Prefect")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
 def _flow_run_over(flow_run_id: str | None) -> str | None:
     """The final state (``CRASHED``, ...) Prefect gives the flow run that carried a training
     run, or None while it may still be running, or when Prefect cannot say. A run killed under a

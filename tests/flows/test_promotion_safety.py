@@ -292,3 +292,28 @@ def test_a_version_of_a_run_whose_flow_run_crashed_is_repaired_not_left_running(
     assert client.get_run(running_run).info.status == "RUNNING"  # it may be deciding now
     assert "fedrec.promoted" not in client.get_model_version("safe", running).tags
     client.set_terminated(running_run, "FINISHED")  # leave the shared store as others expect
+
+
+def test_a_run_whose_flow_run_crashed_before_registering_is_closed(store):
+    """A run killed with its worker before it registered anything left no version for the
+    repair: its MLflow run said RUNNING for good. The next run closes it."""
+    from prefect.states import Crashed, Running
+
+    import tasks.tracking as tracking
+
+    client = store["client"]
+    experiment = client.get_experiment_by_name("fedrec").experiment_id
+    runs = {}
+    for name, state in (("crashed", Crashed(message="no heartbeat")), ("running", Running())):
+        run_id = client.create_run(experiment).info.run_id
+        client.set_tag(run_id, "prefect.flow_run_id", _flow_run(state))
+        runs[name] = run_id
+
+    closed = tracking.close_ended_runs.fn(store["uri"])
+
+    assert closed == [runs["crashed"]]
+    lost = client.get_run(runs["crashed"])
+    assert lost.info.status == "KILLED"
+    assert lost.data.tags["fedrec.error"] == "its flow run ended CRASHED in Prefect"
+    assert client.get_run(runs["running"]).info.status == "RUNNING"  # it may be training now
+    client.set_terminated(runs["running"], "FINISHED")
