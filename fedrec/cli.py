@@ -265,7 +265,8 @@ def check_inputs(values: dict[str, Any]) -> None:
         return
     try:
         if not data_sources(**spec) and spec["valid"] is None and spec["test"] is None:
-            if spec["data"] in (None, "synthetic") and merged.get("partition") == "by-key":
+            by_key = merged.get("partition") == "by-key" and merged.get("partition_key")
+            if spec["data"] in (None, "synthetic") and by_key:  # (no key: the config says so)
                 with _status("checking the partition"):
                     check_synthetic_partition(merged)
             return
