@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -74,6 +74,30 @@ def seen_in_training(previous: np.ndarray | None, counts: np.ndarray) -> np.ndar
 def trained_column(items: pd.DataFrame) -> np.ndarray | None:
     """The ``trained`` column of a saved ``items.parquet``, if it has one."""
     return items["trained"].to_numpy(dtype=bool) if "trained" in items else None
+
+
+class ServedItems:
+    """The items a recommender with ``item_ids`` and a ``trained`` mask (None: every item)
+    serves, for the three recommenders: :attr:`known_items`, their index, and the ``trained``
+    column of the saved ``items.parquet`` that :func:`trained_column` reads back."""
+
+    item_ids: np.ndarray
+    trained: np.ndarray | None
+
+    @property
+    def known_items(self) -> np.ndarray:
+        """The ids of the items this model serves: those training saw rows of."""
+        return served_ids(self.item_ids, self.trained)
+
+    def served_index(self) -> dict[str, int]:
+        """Item id -> index of the items the model serves (:attr:`known_items`)."""
+        return served_index(self.item_ids, self.trained)
+
+    def with_trained(self, items: Any) -> Any:
+        """``items`` (a table or a dict of its columns) with the ``trained`` column, if any."""
+        if self.trained is not None:
+            items["trained"] = np.asarray(self.trained, dtype=bool)
+        return items
 
 
 def recommender_class(kind: str) -> type:

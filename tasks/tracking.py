@@ -611,9 +611,8 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
     champion: it gets ``fedrec.promoted=true`` (and the version it replaced its
     ``fedrec.replaced_by_version``). Any other never became champion: ``fedrec.promoted=false``,
     with an ``orphan`` reason and description. Versions of runs still RUNNING are left alone:
-    they may be deciding right now; unless Prefect says their flow run is over (a run killed
-    under a worker crashed there), in which case the run is marked KILLED and its version
-    repaired. Returns each repaired version and whether it was promoted.
+    they may be deciding right now (:func:`close_ended_runs`, run first, closes those whose flow
+    run Prefect shows over). Returns each repaired version and whether it was promoted.
     """
     client = _client(uri)
     try:
@@ -636,11 +635,9 @@ def repair_orphans(uri: str, model_name: str) -> dict[str, bool]:
             except MlflowException:
                 status, workspace = "GONE", None
             if status == "RUNNING":
-                over = _flow_run_over(run.data.tags.get("prefect.flow_run_id"))
-                if over is None:
-                    continue
-                status = f"RUNNING in MLflow, its flow run {over}"
-                client.set_terminated(v.run_id, status="KILLED")
+                continue
+            if status == "KILLED" and ERROR_TAG in run.data.tags:
+                status = f"KILLED: {run.data.tags[ERROR_TAG]}"
             held = champion is not None and str(champion.version) == str(v.version)
             was = "fedrec.replaced_by_version" in v.tags or str(v.version) in were_champions
             if held or was:  # the alias moved to it, from the version it compared with

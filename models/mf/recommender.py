@@ -18,10 +18,9 @@ from models.mf.params import ItemParams
 from models.mf.recommend import fold_in, score_all, top_k
 from models.recommenders import (
     NO_HISTORY,
+    ServedItems,
     asked_items,
     best_first,
-    served_ids,
-    served_index,
     trained_column,
 )
 
@@ -34,7 +33,7 @@ RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
 
 
 @dataclass(frozen=True)
-class MFRecommender:
+class MFRecommender(ServedItems):
     """Everything needed to serve: item parameters, the caller's item ids, popularity, ``reg``.
 
     Attributes
@@ -75,8 +74,7 @@ class MFRecommender:
         folder.mkdir(parents=True, exist_ok=True)
         self.params.save(folder / "item_params.npz")
         items = {"item_id": self.item_ids.astype(str), "popularity": self.popularity}
-        if self.trained is not None:
-            items["trained"] = np.asarray(self.trained, dtype=bool)
+        items = self.with_trained(items)
         pd.DataFrame(items).to_parquet(folder / "items.parquet", index=False)
         (folder / "recommender.json").write_text(
             json.dumps(
@@ -99,20 +97,11 @@ class MFRecommender:
             trained_column(items),
         )
 
-    @property
-    def known_items(self) -> np.ndarray:
-        """The ids of the items this model serves: those training saw rows of."""
-        return served_ids(self.item_ids, self.trained)
-
-    def _index(self) -> dict[str, int]:
-        """Item id -> index of the items the model serves (:attr:`known_items`)."""
-        return served_index(self.item_ids, self.trained)
-
     def _histories(
         self, requests: pd.DataFrame
     ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
         """Known (item index, rating) histories per request row, and why anything was dropped."""
-        index = self._index()
+        index = self.served_index()
         histories, reasons = [], []
         has_ratings = HISTORY_RATINGS in requests
         for _, row in requests.iterrows():
@@ -176,7 +165,7 @@ class MFRecommender:
         # Rank on raw scores (clipping would tie every item above the scale's top); report
         # clipped predictions.
         clipped = np.clip(scores, *self.rating_scale) if self.rating_scale is not None else scores
-        index = self._index()
+        index = self.served_index()
         out: list[tuple[str, int, str, float, str]] = []
         for u, (_, row) in enumerate(requests.iterrows()):
             user = str(row[USER_ID])

@@ -31,10 +31,9 @@ from models.neural.network import (
 )
 from models.recommenders import (
     NO_HISTORY,
+    ServedItems,
     asked_items,
     best_first,
-    served_ids,
-    served_index,
     trained_column,
 )
 
@@ -49,7 +48,7 @@ MAX_EXPLAINED_HISTORY = 500
 
 
 @dataclass(frozen=True)
-class NeuralRecommender:
+class NeuralRecommender(ServedItems):
     """A trained Mult-DAE/Mult-VAE with the caller's item ids.
 
     Attributes
@@ -91,11 +90,6 @@ class NeuralRecommender:
     def n_items(self) -> int:
         return self.arch.n_items
 
-    @property
-    def known_items(self) -> np.ndarray:
-        """The ids of the items this model serves: those training saw rows of."""
-        return served_ids(self.item_ids, self.trained)
-
     # --- scoring ---------------------------------------------------------------------------
     def score(self, history: sparse.spmatrix) -> np.ndarray:
         """Softmax probability of every item for each row of ``history`` (n_users, n_items).
@@ -122,7 +116,7 @@ class NeuralRecommender:
         """
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
-        index = served_index(self.item_ids, self.trained)
+        index = self.served_index()
         histories, notes = [], []
         ratings = requests.get("history_ratings")
         for u, items in enumerate(requests[HISTORY_ITEMS]):
@@ -220,8 +214,7 @@ class NeuralRecommender:
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": self.popularity})
         if self.titles is not None:
             items["title"] = self.titles
-        if self.trained is not None:
-            items["trained"] = np.asarray(self.trained, dtype=bool)
+        items = self.with_trained(items)
         items.to_parquet(folder / "items.parquet", index=False)
         meta = {"kind": KIND, "format": 1, "positive_threshold": self.positive_threshold}
         (folder / "recommender.json").write_text(json.dumps(meta))

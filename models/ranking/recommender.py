@@ -29,10 +29,9 @@ from models.ranking.features import (
 from models.ranking.knn import strongest_neighbour
 from models.recommenders import (
     NO_HISTORY,
+    ServedItems,
     asked_items,
     best_first,
-    served_ids,
-    served_index,
     trained_column,
 )
 
@@ -62,7 +61,7 @@ _REASONS = {
 
 
 @dataclass(frozen=True)
-class RankingRecommender:
+class RankingRecommender(ServedItems):
     """Retrieval plus an optional re-ranker, with the caller's item ids and titles.
 
     Attributes
@@ -104,11 +103,6 @@ class RankingRecommender:
     @property
     def n_items(self) -> int:
         return self.retrieval.n_items
-
-    @property
-    def known_items(self) -> np.ndarray:
-        """The ids of the items this model serves: those training saw rows of."""
-        return served_ids(self.item_ids, self.trained)
 
     # --- scoring, shared by federated evaluation and serving -------------------------------
     def score_candidates(
@@ -152,7 +146,7 @@ class RankingRecommender:
         ``k`` does not apply); an item it cannot score (unknown, already in the history, or a history with
         no known item) gets score NaN and the reason.
         """
-        index = served_index(self.item_ids, self.trained)
+        index = self.served_index()
         rows, cols, notes = [], [], []
         ratings = requests.get("history_ratings")
         for u, items in enumerate(requests["history_items"]):
@@ -348,8 +342,7 @@ class RankingRecommender:
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": r.popularity})
         if self.titles is not None:
             items["title"] = self.titles
-        if self.trained is not None:
-            items["trained"] = np.asarray(self.trained, dtype=bool)
+        items = self.with_trained(items)
         if r.item_features is not None:
             items = pd.concat([items, r.item_features.reset_index(drop=True)], axis=1)
         items.to_parquet(folder / "items.parquet", index=False)

@@ -263,7 +263,8 @@ def _flow_run(state) -> str:
 def test_a_version_of_a_run_whose_flow_run_crashed_is_repaired_not_left_running(store):
     """A run killed under a worker or `fedrec serve` stays RUNNING in MLflow (nothing of it is
     left to close it), and the repair left its version undecided for good. Its flow run's final
-    state in Prefect tells that it decides nothing any more; a flow run still running does not."""
+    state in Prefect tells that it decides nothing any more; a flow run still running does not.
+    The flow closes such runs first, then repairs: the test calls both in that order."""
     from prefect.states import Crashed, Running
 
     import tasks.tracking as tracking
@@ -279,14 +280,17 @@ def test_a_version_of_a_run_whose_flow_run_crashed_is_repaired_not_left_running(
         versions[name] = (version, run_id)
     assert client.search_runs([experiment], "attributes.status = 'RUNNING'")
 
+    closed = tracking.close_ended_runs.fn(store["uri"])
     repaired = tracking.repair_orphans.fn(store["uri"], "safe")
 
     crashed, crashed_run = versions["crashed"]
+    assert closed == [crashed_run]
     running, running_run = versions["running"]
     assert repaired[crashed] is False and running not in repaired
     tags = client.get_model_version("safe", crashed).tags
     assert (
-        tags["fedrec.promoted"] == "false" and "flow run CRASHED" in tags["fedrec.promotion_reason"]
+        tags["fedrec.promoted"] == "false"
+        and "KILLED: its flow run ended CRASHED" in tags["fedrec.promotion_reason"]
     )
     assert client.get_run(crashed_run).info.status == "KILLED"
     assert client.get_run(running_run).info.status == "RUNNING"  # it may be deciding now

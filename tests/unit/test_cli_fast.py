@@ -27,6 +27,16 @@ main({args!r})
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _flag_descriptions_cached() -> None:
+    """The flags' descriptions are cached at the first command after an install or a change of
+    the sources, which imports the models once; these tests check the commands after it."""
+    subprocess.run(
+        [sys.executable, "-c", "from fedrec.config_flags import config_fields; config_fields()"],
+        check=True, timeout=300,
+    )  # fmt: skip
+
+
 def _cli(args: list[str], home: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"FEDREC_HOME": str(home)}
