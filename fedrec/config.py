@@ -154,7 +154,10 @@ class TrainingConfig(BaseModel):
         0.3, gt=0, description="non-IID concentration for --partition dirichlet"
     )
     partition_key: str | None = Field(
-        None, description="user-feature column for --partition by-key"
+        None,
+        description="--partition by-key: the column whose values make the clients: a column of "
+        "a CSV/Parquet file that describes the user (one value per user, e.g. region), or a "
+        "user feature of MovieLens (occupation, zip, ...) and the synthetic data (region, ...)",
     )
     key_prefix: int | None = Field(
         None, ge=1, description="leading characters of the key to use (e.g. 1 for zip)"

@@ -21,6 +21,18 @@ HEAD_BYTES = 2**20
 FILE_OPTIONS = ("user_col", "item_col", "rating_col", "timestamp_col", "rating_scale")
 
 
+def file_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``read_interactions``' arguments from configuration values: the column names, the
+    rating scale, and under a by-key partition its key as a column of the file that describes
+    the user (a shop's region)."""
+    options = {name: values[name] for name in FILE_OPTIONS if name in values}
+    if "rating_scale" in options:
+        options["rating_scale"] = parse_rating_scale(options["rating_scale"])
+    if values.get("partition") == "by-key" and values.get("partition_key"):
+        options["user_columns"] = (values["partition_key"],)
+    return options
+
+
 class InputError(ValueError):
     """Data sources that cannot make a run (a one-line message naming them)."""
 
@@ -204,9 +216,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     check_split_files(**files)
     sources = data_sources(data=values.get("data"), **files)
     check_sources_exist(sources)
-    options = {name: values[name] for name in FILE_OPTIONS if name in values}
-    if "rating_scale" in options:
-        options["rating_scale"] = parse_rating_scale(options["rating_scale"])
+    options = file_options(values)
     explicit = values.get("feedback", "explicit") == "explicit"
     checked = []
     for name, spec in sources.items():

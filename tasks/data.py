@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig
-from fedrec.inputs import synthetic_options
+from fedrec.inputs import file_options, synthetic_options
 from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
 from models.data.readers import load_dataset, read_item_list
@@ -18,22 +18,12 @@ from models.data.schema import Interactions, keep_positives, require_ratings, wi
 from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
 
 
-def _file_options(config: TrainingConfig) -> dict[str, object]:
-    return {
-        "user_col": config.user_col,
-        "item_col": config.item_col,
-        "rating_col": config.rating_col,
-        "timestamp_col": config.timestamp_col,
-        "rating_scale": config.rating_scale,
-    }
-
-
 def _load(spec: str, config: TrainingConfig) -> Interactions:
     if spec == "synthetic":
         return load_dataset(spec, **synthetic_options(config.model_dump()))
     path = Path(spec)
     is_table = path.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet", ".pq")
-    return load_dataset(spec, **(_file_options(config) if is_table else {}))
+    return load_dataset(spec, **(file_options(config.model_dump()) if is_table else {}))
 
 
 @task(name="load-and-validate", cache_policy=NONE)

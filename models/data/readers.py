@@ -65,6 +65,7 @@ def read_interactions(
     rating_col: str | None = DEFAULT_RATING_COL,
     timestamp_col: str | None = DEFAULT_TIMESTAMP_COL,
     rating_scale: tuple[float, float] | None = (1.0, 5.0),
+    user_columns: tuple[str, ...] = (),
 ) -> Interactions:
     """Read a CSV or Parquet file of interactions, validate it and encode its ids.
 
@@ -84,6 +85,10 @@ def read_interactions(
     rating_scale : tuple of float or None
         Inclusive (min, max) of ratings. ``None`` with explicit ratings takes the scale from
         the data (noted in ``Interactions.notes``).
+    user_columns : tuple of str
+        Columns that describe the user (a region, a site; every row of a user holds the same
+        value, read as text in a CSV file), kept as ``Interactions.user_features``: what a
+        ``by-key`` partition reads.
 
     Returns
     -------
@@ -100,7 +105,8 @@ def read_interactions(
     file = str(path)
     _check_is_file(path, suffixes=CSV_SUFFIXES + PARQUET_SUFFIXES)
     is_parquet = path.suffix.lower() in PARQUET_SUFFIXES
-    raw = _read_parquet(path) if is_parquet else _read_delimited(path, (user_col, item_col))
+    text_cols = (user_col, item_col, *user_columns)
+    raw = _read_parquet(path) if is_parquet else _read_delimited(path, text_cols)
 
     notes: list[str] = []
     if rating_col is None:
@@ -120,11 +126,16 @@ def read_interactions(
         rating_col=rating_col,
         timestamp_col=timestamp_col,
         rating_scale=rating_scale,
+        user_cols=tuple(user_columns),
     )
     notes.extend(validation_notes)
     if not is_parquet:
         frame[USER] = _integer_ids(frame[USER])
         frame[ITEM] = _integer_ids(frame[ITEM])
+    user_features = None
+    if user_columns:
+        user_features = frame.groupby(USER, sort=False)[list(user_columns)].first()
+        frame = frame.drop(columns=list(user_columns))
     if rating_col is not None and rating_scale is None:
         ratings = frame[RATING].to_numpy()
         rating_scale = (float(ratings.min()), float(ratings.max()))
@@ -136,7 +147,10 @@ def read_interactions(
                 "LOW,HIGH, e.g. 1,5)",
             )  # fmt: skip
         notes.append(f"rating scale {rating_scale}, taken from the data")
-    return encode_interactions(frame, rating_scale=rating_scale, source=file, notes=tuple(notes))
+    return encode_interactions(
+        frame, rating_scale=rating_scale, source=file, notes=tuple(notes),
+        user_features=user_features,
+    )  # fmt: skip
 
 
 def load_dataset(spec: str, **kw: object) -> Interactions:

@@ -369,11 +369,38 @@ def combine_splits(
         joined,
         rating_scale=scale,
         source=" + ".join(d.source for d, _ in parts),
-        user_features=by_id(train.user_features, train.user_ids),
+        user_features=_user_features_of(parts),
         item_features=by_id(train.item_features, train.item_ids),
         notes=notes,
     )
     return combined, np.concatenate(labels)
+
+
+def _user_features_of(parts: list[tuple[Interactions, int]]) -> pd.DataFrame | None:
+    """The split files' user features by user id: the training file's, then those of users
+    only a held-out file has; a user whose value differs between files is refused."""
+    known: pd.DataFrame | None = None
+    for data, _ in parts:
+        if data.user_features is None:
+            continue
+        features = data.user_features.set_axis(data.user_ids)
+        if known is None:
+            known = features
+            continue
+        both = features.index.intersection(known.index)
+        for column in features.columns.intersection(known.columns):
+            differs = features.loc[both, column].ne(known.loc[both, column])
+            if differs.any():
+                user = differs.index[np.argmax(differs.to_numpy())]
+                raise DataValidationError(
+                    f"of user {user!r} differs from {known.at[user, column]!r} in an earlier "
+                    "split file",
+                    file=data.source or None, column=str(column),
+                    value=features.at[user, column],
+                    allowed="one value per user across the training and held-out files",
+                )  # fmt: skip
+        known = pd.concat([known, features.loc[features.index.difference(known.index)]])
+    return known
 
 
 def hold_out_validation(data: Interactions, split: np.ndarray, *, fraction: float) -> np.ndarray:

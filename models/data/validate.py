@@ -30,6 +30,7 @@ def validate_interactions(
     rating_col: str | None,
     timestamp_col: str | None,
     rating_scale: tuple[float, float] | None,
+    user_cols: tuple[str, ...] = (),
 ) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """Validate raw interaction rows and return them in the internal column layout.
 
@@ -49,13 +50,17 @@ def validate_interactions(
         ``None`` when the data has no time.
     rating_scale : tuple of float or None
         Inclusive ``(min, max)`` that every rating must lie in; ``None`` skips the range check.
+    user_cols : tuple of str
+        Columns that describe the user, not the row (a shop's region, a site): every row of a
+        user must hold the same value.
 
     Returns
     -------
     frame : DataFrame
         Columns ``user`` and ``item`` (the caller's ids; strings have surrounding whitespace
-        removed), ``rating`` (float64) and, when ``timestamp_col`` is given, ``timestamp``
-        (int64 Unix seconds). Duplicate (user, item) rows are reduced to the latest one.
+        removed), ``rating`` (float64), when ``timestamp_col`` is given ``timestamp`` (int64
+        Unix seconds), and ``user_cols`` as given (strings stripped). Duplicate (user, item)
+        rows are reduced to the latest one.
     notes : tuple of str
         Human-readable remarks about what was changed, such as dropped duplicates.
 
@@ -91,7 +96,34 @@ def validate_interactions(
         )
     if timestamp_col is not None:
         frame[TIMESTAMP] = _clean_timestamps(raw[timestamp_col], file=file, column=timestamp_col)
+    for column in user_cols:
+        _require_column(raw, column, file=file)
+        frame[column] = _user_level(raw[column], frame[USER], file=file, column=column)
     return _drop_duplicates(frame)
+
+
+def _user_level(series: pd.Series, users: pd.Series, *, file: str, column: str) -> pd.Series:
+    """A column that describes the user: present on every row, one value per user."""
+    allowed = "one value per user, on every row of that user (a column that describes the user)"
+    series = series.reset_index(drop=True)
+    if pd.api.types.infer_dtype(series, skipna=True) == "string":
+        series = series.str.strip()
+        series = series.mask(series.eq(""))
+    _fail_first(series.isna().to_numpy(), series, "missing value", file=file, column=column,
+                allowed=allowed)  # fmt: skip
+    codes, _ = pd.factorize(users)
+    first_row = pd.Series(np.arange(len(codes))).groupby(codes).transform("min").to_numpy()
+    differs = series.ne(series.iloc[first_row].reset_index(drop=True)).to_numpy()
+    bad = np.flatnonzero(differs)
+    if bad.size:
+        at, first = int(bad[0]), int(first_row[bad[0]])
+        raise DataValidationError(
+            f"differs from {_python_value(series.iloc[first])!r} on row {first + 1}, the first "
+            f"row of user {_python_value(users.iloc[at])!r}",
+            file=file, row=at + 1, column=column, value=_python_value(series.iloc[at]),
+            allowed=allowed,
+        )  # fmt: skip
+    return series
 
 
 def _check_rating_scale(rating_scale: tuple[float, float] | None, *, file: str) -> None:

@@ -119,6 +119,23 @@ def test_a_missing_file_is_refused_before_any_library_or_server_loads(tmp_path):
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_a_partition_key_that_is_not_one_value_per_user_is_refused_at_its_row(tmp_path):
+    data = tmp_path / "shop.csv"
+    data.write_text("user_id,item_id,rating,region\nu1,i1,4,north\nu2,i1,3,south\nu1,i2,5,west\n")
+
+    done, imported = _cli(
+        ["train", "--data", str(data), "--partition", "by-key", "--partition-key", "region"],
+        tmp_path / "home",
+    )
+
+    _assert_one_line_error(
+        done, f"{data}, row 3, column 'region': value 'west' differs from 'north' on row 1, the "
+        "first row of user 'u1'; allowed: one value per user",
+    )  # fmt: skip
+    assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_bad_header_names_file_column_and_what_is_allowed(tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("user_id,itemid,rating\n" + GOOD_ROWS)
@@ -165,8 +182,8 @@ def test_more_clients_than_users_is_refused_before_any_library_or_server_loads(t
         (["--split", "temporal"], ["column 'timestamp'", "a temporal split needs timestamps",
                                    "allowed: data with a timestamp column, or split=random"]),
         (["--partition", "by-key", "--partition-key", "occupation"],
-         ["setting 'partition_key'", "value 'occupation'", "not a user-feature column",
-          "allowed: none (this dataset has no user features)"]),
+         ["ratings.csv, column 'occupation': column not found",
+          "allowed: one of the columns present: 'user_id', 'item_id', 'rating'"]),
         (["--model-name", "shop/a"], ["model_name='shop/a'", "allowed: letters, digits"]),
     ],
 )  # fmt: skip

@@ -649,3 +649,82 @@ def test_trailing_delimiters_are_not_columns_named_twice(tmp_path: Path) -> None
     path.write_text("user_id,item_id,rating,,\n1,10,4,,\n2,11,3,,\n")  # as spreadsheets export
     data = read_interactions(str(path))
     assert len(data) == 2 and data.n_users == 2
+
+
+def _region_rows(n_users: int = 12, per_user: int = 4) -> list[str]:
+    regions = ["north", "south", "NA", "east"]  # "NA" is North America, not a missing value
+    return [
+        f"u-{u:02d},sku{(u * 3 + j) % 20},{1 + (u + j) % 5},{regions[u % 4]}"
+        for u in range(n_users)
+        for j in range(per_user)
+    ]
+
+
+def test_a_user_level_column_becomes_each_users_feature(tmp_path: Path) -> None:
+    path = tmp_path / "shop.csv"
+    path.write_text("user_id,item_id,rating,region\n" + "\n".join(_region_rows()) + "\n")
+
+    data = read_interactions(path, user_columns=("region",))
+
+    expected = {f"u-{u:02d}": ["north", "south", "NA", "east"][u % 4] for u in range(12)}
+    got = dict(zip(data.user_ids, data.user_features["region"], strict=True))
+    assert got == expected
+    assert "region" not in data.frame  # a user's value, not a row's
+
+
+def test_a_user_level_column_in_parquet_keeps_its_type(tmp_path: Path) -> None:
+    path = tmp_path / "shop.parquet"
+    pd.DataFrame(
+        {"user_id": [1, 1, 2, 3], "item_id": [5, 6, 5, 7], "rating": [4.0, 3, 5, 1],
+         "store": [10, 10, 20, 10]}
+    ).to_parquet(path)  # fmt: skip
+
+    data = read_interactions(path, user_columns=("store",))
+
+    assert data.user_features["store"].tolist() == [10, 20, 10]
+
+
+@pytest.mark.parametrize(
+    ("row", "cell", "expected"),
+    [
+        (6, "west", "row 6, column 'region': value 'west' differs from 'south' on row 5, the first "
+         "row of user 'u-01'; allowed: one value per user"),
+        (3, " ", "row 3, column 'region': missing value; allowed: one value per user"),
+    ],
+)  # fmt: skip
+def test_a_user_level_column_that_varies_within_a_user_is_refused_at_its_row(
+    tmp_path: Path, row: int, cell: str, expected: str
+) -> None:
+    rows = _region_rows()
+    rows[row - 1] = rows[row - 1].rsplit(",", 1)[0] + "," + cell
+    path = tmp_path / "shop.csv"
+    path.write_text("user_id,item_id,rating,region\n" + "\n".join(rows) + "\n")
+
+    with pytest.raises(DataValidationError) as caught:
+        read_interactions(path, user_columns=("region",))
+
+    assert str(caught.value).startswith(f"{path}, {expected}"), str(caught.value)
+
+
+def test_split_files_give_every_user_their_value_and_refuse_two(tmp_path: Path) -> None:
+    from models.data.sharding import combine_splits
+
+    header = "user_id,item_id,rating,region\n"
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text(header + "a,1,4,north\na,2,5,north\nb,1,3,south\n")
+    test.write_text(header + "a,3,4,north\nc,2,5,east\n")  # c: only in the held-out file
+
+    data, _ = combine_splits(
+        read_interactions(train, user_columns=("region",)),
+        read_interactions(test, user_columns=("region",)),
+    )
+
+    got = dict(zip(data.user_ids, data.user_features["region"], strict=True))
+    assert got == {"a": "north", "b": "south", "c": "east"}
+    test.write_text(header + "a,3,4,west\n")
+    with pytest.raises(DataValidationError, match=r"test\.csv, column 'region': value 'west' of "
+                       r"user 'a' differs from 'north' in an earlier split file"):  # fmt: skip
+        combine_splits(
+            read_interactions(train, user_columns=("region",)),
+            read_interactions(test, user_columns=("region",)),
+        )
