@@ -125,6 +125,7 @@ _LAZY_COMMANDS = {
     "recommend": ("fedrec.cli_models", "Top-K unseen items per user from a registered model."),
     "predict": ("fedrec.cli_models", "Predicted scores for given (user, item) pairs."),
     "models": ("fedrec.cli_models", "Registered models: versions, champion, why promoted."),
+    "runs": ("fedrec.cli_models", "Newest training runs: status, version, promotion or error."),
     "site": ("fedrec.sites.cli", "A site's process of a real federation, next to its data."),
     "keygen": ("fedrec.sites.cli", "Write an Ed25519 identity key pair (site or coordinator)."),
     "stores": (

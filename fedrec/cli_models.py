@@ -1,4 +1,5 @@
-"""`fedrec recommend` and `fedrec predict`: use a registered model on users' histories."""
+"""`fedrec recommend` and `fedrec predict`: use a registered model on users' histories;
+`fedrec models` and `fedrec runs`: what the registry and the training runs say."""
 
 from __future__ import annotations
 
@@ -403,3 +404,102 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
                 f"  {r['version'] + mark:<8} {r['registered']:<17} {r['metric']:<19} "
                 f"{r['value']:<9} {r['promoted'] or '-':<9} {r['reason']}"
             )
+
+
+def run_rows(client: Any, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` training runs of every experiment, newest first, as MLflow records
+    them: when each started and how long it took, its status, its data, the version it
+    registered and the promotion decision, or why it failed, and the ``--resume`` command of
+    one that can be continued."""
+    import datetime
+
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(
+        experiments, "tags.`fedrec.config_hash` LIKE '%'",  # training runs, not the ledger's
+        order_by=["attributes.start_time DESC"], max_results=limit,
+    )  # fmt: skip
+    rows = []
+    for run in runs:
+        info, tags = run.info, run.data.tags
+        started = datetime.datetime.fromtimestamp(info.start_time / 1000, datetime.UTC)
+        took = None if info.end_time is None else (info.end_time - info.start_time) / 1000
+        versions = client.search_model_versions(f"run_id='{info.run_id}'")
+        version = versions[0] if versions else None
+        workspace = tags.get("fedrec.workspace")
+        resumable = (
+            info.status in ("FAILED", "KILLED") and version is None
+            and bool(workspace) and Path(workspace).is_dir()
+        )  # fmt: skip
+        rows.append({
+            "run_id": info.run_id,
+            "name": info.run_name or "",
+            "started": started.strftime("%Y-%m-%d %H:%M"),
+            "seconds": None if took is None else round(took, 1),
+            "status": info.status,
+            "source": next((run.data.params[k] for k in ("sites", "train", "data")
+                            if run.data.params.get(k) not in (None, "", "None")), ""),
+            "model": None if version is None else version.name,
+            "version": None if version is None else str(version.version),
+            "promoted": None if version is None else version.tags.get("fedrec.promoted"),
+            "reason": None if version is None else version.tags.get("fedrec.promotion_reason"),
+            "error": tags.get("fedrec.error"),
+            "resume": f"fedrec train --resume {info.run_id}" if resumable else None,
+        })  # fmt: skip
+    return rows
+
+
+def _outcome(row: dict[str, Any]) -> str:
+    """What a run came to, in words: its version's decision, its error, or that it runs."""
+    if row["version"] is not None:
+        decided = {"true": "promoted", "false": "not promoted"}.get(row["promoted"], "undecided")
+        why = f": {row['reason']}" if row["reason"] else ""
+        return f"{row['model']} version {row['version']} {decided}{why}"
+    if row["status"] == "RUNNING":
+        return "running (or lost: the next run closes it if Prefect shows it over)"
+    what = row["error"] or ("registered nothing" if row["status"] == "FINISHED" else "no error")
+    return what + (f"; {row['resume']} continues it" if row["resume"] else "")
+
+
+@click.command()
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
+)
+@click.option(
+    "--limit", default=10, show_default=True, type=click.IntRange(min=1), help="newest runs shown"
+)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per run on stdout")
+@debug_option
+@friendly_errors
+def runs(tracking_uri: str | None, limit: int, as_json: bool) -> None:
+    """The newest training runs in MLflow: when each started, how long it took, whether it
+    finished, the version it registered and whether that became champion, or the error it
+    failed with and how to continue it. A run refused before it started tracking (bad data, an
+    MLflow server that did not answer) is in Prefect only: `prefect flow-run ls`.
+
+    \b
+    fedrec runs
+    fedrec runs --limit 3 --json
+    """
+    import json
+
+    from mlflow import MlflowClient
+
+    uri = _store_uri(tracking_uri)
+    rows = run_rows(MlflowClient(tracking_uri=uri, registry_uri=uri), limit)
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    if not rows:
+        click.echo(f"no training runs in {uri}; train one first (fedrec train)")
+        return
+    click.echo("started (UTC)     took     status    run                       outcome")
+    for r in rows:
+        took = "-" if r["seconds"] is None else f"{r['seconds']:.0f} s"
+        click.echo(
+            f"{r['started']:<17} {took:<8} {r['status']:<9} {r['name'][:25]:<25} {_outcome(r)}"
+        )

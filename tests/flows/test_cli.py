@@ -216,6 +216,17 @@ def test_a_run_that_fails_on_its_way_exits_1_and_says_so_on_stdout_under_json(
     assert "min_clients" in failed.data.tags["fedrec.error"]
     assert (Path(failed.data.tags["fedrec.workspace"]) / "manifest.json").is_file()  # kept
     assert client.search_model_versions("name='quorum'") == []
+    # `fedrec runs` answers "did it fail, and why" from MLflow, with the way on
+    (row,) = [
+        json.loads(x) for x in _run("runs", "--tracking-uri", uri, "--json").stdout.splitlines()
+    ]
+    assert row["status"] == "FAILED" and row["version"] is None
+    assert row["error"] == failed.data.tags["fedrec.error"]
+    assert row["resume"] == f"fedrec train --resume {failed.info.run_id}"
+    listed = _run("runs", "--tracking-uri", uri).stdout.splitlines()
+    assert " FAILED " in listed[1], listed
+    assert listed[1].endswith(f"{failed.data.tags['fedrec.error']}; fedrec train --resume "
+                              f"{failed.info.run_id} continues it")  # fmt: skip
 
     # the configuration refuses a value; click refuses a flag before the command runs
     for refused in (["--rounds", "-1"], ["--rounds", "many"]):
@@ -476,6 +487,32 @@ def test_models_lists_versions_with_the_champion_and_why(trained, tmp_path):
     assert champion["value"] == version.tags["metric.valid/rmse"]
     unknown = CliRunner().invoke(main, ["models", "--tracking-uri", uri, "--model-name", "nope"])
     assert unknown.exit_code == 2 and "registered: " in unknown.stderr and "cli" in unknown.stderr
+
+
+def test_runs_lists_the_training_runs_with_what_they_registered(trained):
+    from mlflow import MlflowClient
+
+    _, uri, _ = trained
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_model_version_by_alias("cli", "champion")
+
+    records = [
+        json.loads(x) for x in _run("runs", "--tracking-uri", uri, "--json").stdout.splitlines()
+    ]
+    listed = _run("runs", "--tracking-uri", uri).stdout.splitlines()
+
+    trained_here = [r for r in records if r["run_id"] == version.run_id]
+    assert len(trained_here) == 1
+    (row,) = trained_here
+    assert row["status"] == "FINISHED" and row["model"] == "cli"
+    assert row["version"] == str(version.version) and row["promoted"] == "true"
+    assert row["reason"] == version.tags["fedrec.promotion_reason"] and row["seconds"] > 0
+    assert row["error"] is None and row["resume"] is None
+    assert any(
+        line.endswith(f"cli version {version.version} promoted: "
+                      f"{version.tags['fedrec.promotion_reason']}")
+        for line in listed[1:]
+    ), listed  # fmt: skip
 
 
 def test_models_names_a_champion_older_than_the_versions_it_lists(tmp_path):
