@@ -224,7 +224,7 @@ class TwoStage:
             trained = state.popularity > 0
         return RankingRecommender(
             retrieval, ranker, item_labels(self.item_ids, n_items), self.titles,
-            c.positive_threshold, trained,
+            c.positive_threshold, trained, "als" if state.ease is None else "ease",
         )  # fmt: skip
 
     def warm_start(

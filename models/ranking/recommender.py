@@ -36,6 +36,8 @@ from models.recommenders import (
 )
 
 KIND = "ranking"
+# the retrieval models that can rank alone (without a re-ranker), as the reasons name them
+BASES = {"ease": "EASE", "als": "implicit ALS"}
 RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
 USER_FEATURE_COLUMNS = ("age", "gender", "occupation")
 # Features grouped by what they say about a recommendation; an explanation names the group whose
@@ -68,7 +70,7 @@ class RankingRecommender(ServedItems):
     ----------
     retrieval : Retrieval
     ranker : TreeEnsemble or None
-        None: rank by the implicit-ALS score alone.
+        None: rank by the ``base`` retrieval model's score alone.
     item_ids : ndarray of str
     titles : ndarray of str or None
         For explanations ("similar to <title> you liked"); item ids are used without them.
@@ -79,6 +81,10 @@ class RankingRecommender(ServedItems):
         Whether training saw rows of each item. An item without any has nothing learned of it
         (no co-occurrence, factors from no data), so it is served as an unknown one: never
         recommended nor scored, ignored in a history. None: every item counts as trained.
+    base : {"ease", "als"}
+        The retrieval model that ranks without a re-ranker: EASE when the model has it (above
+        implicit ALS on ML-100K's and ML-1M's held-out rows), else implicit ALS (a private run,
+        or ``--ease-reg 0``). Models saved without it rank by implicit ALS, as they did.
     """
 
     kind: ClassVar[str] = KIND
@@ -99,6 +105,20 @@ class RankingRecommender(ServedItems):
     titles: np.ndarray | None = None
     positive_threshold: float | None = None
     trained: np.ndarray | None = None
+    base: str = "als"
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"base={self.base!r}: allowed {', '.join(BASES)}")
+        if self.base == "ease" and self.retrieval.ease is None:
+            raise ValueError("base='ease' needs the retrieval's EASE weights")
+
+    @property
+    def _ranked_by(self) -> str:
+        """What orders the candidates: the re-ranker, or the base retrieval model."""
+        if self.ranker is not None and len(self.ranker):
+            return "the re-ranker"
+        return BASES[self.base]
 
     @property
     def n_items(self) -> int:
@@ -119,7 +139,7 @@ class RankingRecommender(ServedItems):
             self.retrieval, history, exclude, user_features, users, asked
         )
         if self.ranker is None or len(self.ranker) == 0:
-            return candidates, candidates.features["als_score"].to_numpy()
+            return candidates, candidates.features[f"{self.base}_score"].to_numpy()
         return candidates, self.ranker.predict(candidates.features)
 
     def score_matrix(
@@ -208,7 +228,7 @@ class RankingRecommender(ServedItems):
         pairs = [(u, index[i]) for u, items in enumerate(asked) for i in items if i in index]
         users = np.array(sorted({u for u, _ in pairs if history[u].nnz}), dtype=np.int64)
         scores: dict[tuple[int, int], float] = {}
-        by = "implicit ALS" if self.ranker is None or len(self.ranker) == 0 else "the re-ranker"
+        by = self._ranked_by
         if users.size:
             matrix = sparse.csr_matrix(
                 (np.ones(len(pairs)), tuple(np.array(pairs, dtype=np.int64).T)),
@@ -287,8 +307,8 @@ class RankingRecommender(ServedItems):
             neighbour = neighbour.copy()
             neighbour[missing] = found
         groups = list(_REASONS)
-        if self.ranker is None or len(self.ranker) == 0:  # ranked by ALS; name a neighbour if any
-            top_group = ["knn" if n >= 0 else "als" for n in neighbour]
+        if self.ranker is None or len(self.ranker) == 0:  # ranked by its base; name a neighbour
+            top_group = ["knn" if n >= 0 else self.base for n in neighbour]
         else:
             contrib = self.ranker.contributions(candidates.features.iloc[rows])
             # an earlier version's ranker reads fewer features: its missing groups weigh 0
@@ -355,6 +375,7 @@ class RankingRecommender(ServedItems):
             "alpha": r.alpha,
             "n_candidates": r.n_candidates,
             "positive_threshold": self.positive_threshold,
+            "base": self.base,
         }
         (folder / "recommender.json").write_text(json.dumps(meta))
 
@@ -401,6 +422,7 @@ class RankingRecommender(ServedItems):
         return cls(
             retrieval, ranker, items["item_id"].to_numpy(dtype=str), titles,
             None if threshold is None else float(threshold), trained_column(items),
+            meta.get("base", "als"),  # models saved before it was kept ranked by implicit ALS
         )  # fmt: skip
 
 
@@ -438,7 +460,7 @@ def align_recommender(model: RankingRecommender, item_ids: np.ndarray) -> Rankin
         trained = (source >= 0) & model.trained[np.maximum(source, 0)]
     return RankingRecommender(
         retrieval, model.ranker, np.asarray(item_ids).astype(str), titles,
-        model.positive_threshold, trained,
+        model.positive_threshold, trained, model.base,
     )  # fmt: skip
 
 

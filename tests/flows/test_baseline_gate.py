@@ -63,8 +63,12 @@ RANKING = {
         NEURAL | {"rounds": 1, "neural_lr": 1e-5},
         NEURAL | {"rounds": 3, "neural_lr": 1e-2},
     ),
-    # one round of rank-1 implicit ALS (with item-kNN), or three of rank 8
-    "two-stage": ({"rounds": 1, "factors": 1}, {"rounds": 3, "factors": 8, "reg": 5.0}),
+    # one round of rank-1 implicit ALS (with item-kNN; without EASE, which would rank instead),
+    # or three of rank 8
+    "two-stage": (
+        {"rounds": 1, "factors": 1, "ease_reg": 0.0},
+        {"rounds": 3, "factors": 8, "reg": 5.0},
+    ),
 }
 
 

@@ -400,6 +400,52 @@ def test_ease_is_a_candidate_source_a_feature_and_saved_with_the_model(tmp_path,
     np.testing.assert_array_equal(aligned.retrieval.ease, weights[::-1, ::-1])
 
 
+def test_without_a_re_ranker_a_model_with_ease_recommends_centralized_eases_top_k(
+    tmp_path, implicit_clients
+):
+    """The oracle: EASE solved here on the pooled training matrix, ``B = I - P / diag(P)``."""
+    import json
+
+    data, clients = implicit_clients
+    config = RankingConfig(n_factors=4, n_candidates=10, neighbours=20, ranker=None, ease_reg=50.0)
+    model = run_two_stage(clients, data.n_items, config, rounds=2, eval_splits=()).recommender
+    x = _train_matrix(data, clients).toarray()
+    p = np.linalg.inv(x.T @ x + 50.0 * np.eye(data.n_items))
+    b = np.eye(data.n_items) - p / np.diag(p)
+    ids = np.asarray(data.item_ids).astype(str)
+    users = [u for u in range(25) if x[u].sum() > 0]
+    requests = pd.DataFrame({"user_id": [f"u{u}" for u in users],
+                             "history_items": [list(ids[x[u] > 0]) for u in users]})  # fmt: skip
+
+    answer = model.recommend(requests, k=5)
+
+    assert model.base == "ease"
+    for u in users:
+        expected = np.where(x[u] > 0, -np.inf, x[u] @ b)
+        mine = answer[answer.user_id == f"u{u}"]
+        assert mine.item_id.tolist() == list(ids[np.argsort(-expected, kind="stable")[:5]]), u
+        np.testing.assert_allclose(mine.score, np.sort(expected)[::-1][:5], rtol=1e-8)
+    assert set(answer.reason) <= {
+        "often chosen together with items you liked",
+    } | {r for r in answer.reason if r.startswith("similar to ")}
+    asked = requests.iloc[:1].assign(items=[[answer.item_id.iloc[0]]])
+    assert model.recommend(asked).reason.tolist() == ["asked: scored by EASE"]
+    # kept with the model; one saved before the field existed ranks by implicit ALS, as it did
+    model.save(tmp_path / "m")
+    pd.testing.assert_frame_equal(RankingRecommender.load(tmp_path / "m").recommend(requests, k=5),
+                                  answer)  # fmt: skip
+    meta = json.loads((tmp_path / "m" / "recommender.json").read_text())
+    del meta["base"]
+    (tmp_path / "m" / "recommender.json").write_text(json.dumps(meta))
+    older = RankingRecommender.load(tmp_path / "m")
+    assert older.base == "als"
+    pd.testing.assert_frame_equal(
+        older.recommend(requests, k=5), replace(model, base="als").recommend(requests, k=5)
+    )
+    with pytest.raises(ValueError, match="base='ease' needs the retrieval's EASE weights"):
+        replace(model, retrieval=replace(model.retrieval, ease=None))
+
+
 def test_ranker_objective_is_checked_and_reaches_lightgbm():
     rng = np.random.default_rng(1)
     features = pd.DataFrame(rng.normal(size=(200, len(FEATURES))), columns=list(FEATURES))
