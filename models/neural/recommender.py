@@ -117,15 +117,16 @@ class NeuralRecommender(ServedItems):
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         index = self.served_index()
-        histories, notes = [], []
+        histories, met, notes = [], [], []
         ratings = requests.get("history_ratings")
-        for u, items in enumerate(requests[HISTORY_ITEMS]):
+        for u, every in enumerate(requests[HISTORY_ITEMS]):
+            every = [str(i) for i in _as_list(every)]
             rated = None if ratings is None else _as_list(ratings.iloc[u])
-            items = rated_positives(
-                [str(i) for i in _as_list(items)], rated, self.positive_threshold
-            )
+            items = rated_positives(every, rated, self.positive_threshold)
             unknown = [i for i in items if i not in index]
             histories.append(np.array(sorted({index[i] for i in items if i in index}), np.int64))
+            # every item of the history, positive or not, is one the user has met
+            met.append(np.array(sorted({index[i] for i in every if i in index}), np.int64))
             shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
             notes.append(f"ignored {len(unknown)} unknown item(s): {shown}" if unknown else "")
         rows = np.repeat(np.arange(len(histories)), [h.size for h in histories])
@@ -163,7 +164,7 @@ class NeuralRecommender(ServedItems):
             exclude = np.zeros(self.n_items, dtype=bool)
             if self.trained is not None:
                 exclude |= ~self.trained
-            exclude[seen] = True
+            exclude[met[u]] = True
             if seen.size == 0:
                 best, _ = top_k(self.popularity, exclude, k)
                 best_scores = np.full(best.size, np.nan)  # a popularity count is no probability

@@ -167,24 +167,27 @@ class RankingRecommender(ServedItems):
         no known item) gets score NaN and the reason.
         """
         index = self.served_index()
-        rows, cols, notes = [], [], []
+        rows, cols, seen_rows, seen_cols, notes = [], [], [], [], []
         ratings = requests.get("history_ratings")
-        for u, items in enumerate(requests["history_items"]):
+        for u, every in enumerate(requests["history_items"]):
+            every = [str(i) for i in _as_list(every)]
             rated = None if ratings is None else _as_list(ratings.iloc[u])
-            items = rated_positives(
-                [str(i) for i in _as_list(items)], rated, self.positive_threshold
-            )
+            items = rated_positives(every, rated, self.positive_threshold)
             unknown = [i for i in items if i not in index]
             known = sorted({index[i] for i in items if i in index})
             rows += [u] * len(known)
             cols += known
+            # every item of the history, positive or not, is one the user has met
+            met = sorted({index[i] for i in every if i in index})
+            seen_rows += [u] * len(met)
+            seen_cols += met
             note = ""
             if unknown:
                 note = f"ignored {len(unknown)} unknown item(s): " + ", ".join(unknown[:5])
             notes.append(note)
-        history = sparse.csr_matrix(
-            (np.ones(len(rows)), (rows, cols)), shape=(len(requests), self.n_items)
-        )
+        shape = (len(requests), self.n_items)
+        history = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=shape)
+        seen = sparse.csr_matrix((np.ones(len(seen_rows)), (seen_rows, seen_cols)), shape=shape)
         asks = [asked_items(requests, u) for u in range(len(requests))]
         asked = [a or [] for a in asks]
         has_history = np.diff(history.indptr) > 0
@@ -193,8 +196,8 @@ class RankingRecommender(ServedItems):
         out: list[tuple[str, int, str, float, str]] = []
         by_user: dict[int, list[tuple[int, float, str]]] = {}
         if ranked_users.size:
-            by_user = self._ranked_with_reasons(history, user_features, ranked_users, k)
-        scored = self._scored(history, user_features, asked, index)
+            by_user = self._ranked_with_reasons(history, seen, user_features, ranked_users, k)
+        scored = self._scored(history, seen, user_features, asked, index)
         for u, user in enumerate(requests["user_id"].astype(str)):
             if asks[u] is not None:
                 for rank, (item, score, reason) in enumerate(
@@ -206,10 +209,10 @@ class RankingRecommender(ServedItems):
             if u in by_user:
                 ranked = by_user[u]
             else:
-                untrained = np.zeros(self.n_items, dtype=bool)
+                excluded = seen[u].toarray().ravel() > 0  # rated below the threshold, say
                 if self.trained is not None:
-                    untrained = ~self.trained
-                best, _ = top_k(self.retrieval.popularity, untrained, k)
+                    excluded |= ~self.trained
+                best, _ = top_k(self.retrieval.popularity, excluded, k)
                 # a popularity count is not a ranking score: NaN, the reason says why
                 ranked = [(int(i), float("nan"), f"{NO_HISTORY}: most popular items") for i in best]
             for rank, (item, score, reason) in enumerate(ranked, start=1):
@@ -220,11 +223,13 @@ class RankingRecommender(ServedItems):
     def _scored(
         self,
         history: sparse.csr_matrix,
+        seen: sparse.csr_matrix,
         user_features: pd.DataFrame | None,
         asked: list[list[str]],
         index: dict[str, int],
     ) -> dict[int, list[tuple[str, float, str]]]:
-        """The asked items of each row, in order: (item id, score or NaN, why not scored)."""
+        """The asked items of each row, in order: (item id, score or NaN, why not scored).
+        ``history`` holds each row's positives, ``seen`` every item of its history."""
         pairs = [(u, index[i]) for u, items in enumerate(asked) for i in items if i in index]
         users = np.array(sorted({u for u, _ in pairs if history[u].nnz}), dtype=np.int64)
         scores: dict[tuple[int, int], float] = {}
@@ -237,6 +242,8 @@ class RankingRecommender(ServedItems):
             candidates, values = self.score_candidates(
                 history, history, user_features, users, asked=matrix
             )
+            met = np.asarray(seen[candidates.users, candidates.items]).ravel() > 0
+            values = np.where(met, np.nan, values)
             keys = zip(candidates.users.tolist(), candidates.items.tolist(), strict=True)
             scores = dict(zip(keys, values.tolist(), strict=True))
         out: dict[int, list[tuple[str, float, str]]] = {}
@@ -247,7 +254,7 @@ class RankingRecommender(ServedItems):
                     why, score = "unknown item: not scored", float("nan")
                 elif not history[u].nnz:
                     why, score = f"{NO_HISTORY}: not scored", float("nan")
-                elif (u, i) not in scores:
+                elif (u, i) not in scores or scores[(u, i)] != scores[(u, i)]:  # NaN: met
                     why, score = "in the history: not scored", float("nan")
                 else:
                     why, score = f"asked: scored by {by}", scores[(u, i)]
@@ -257,22 +264,26 @@ class RankingRecommender(ServedItems):
     def _ranked_with_reasons(
         self,
         history: sparse.csr_matrix,
+        seen: sparse.csr_matrix,
         user_features: pd.DataFrame | None,
         users: np.ndarray,
         k: int,
     ) -> dict[int, list[tuple[int, float, str]]]:
-        exclude = history
+        exclude = history  # the candidates and their features as training made them
         if self.trained is not None:  # an untrained item is never a candidate
             untrained = np.broadcast_to(~self.trained, history.shape).astype(np.float64)
             exclude = (history + sparse.csr_matrix(untrained)).tocsr()
         candidates, scores = self.score_candidates(history, exclude, user_features, users)
+        # an item of the history below the positive threshold is a candidate, as it was in
+        # training, but the user has met it: never recommended
+        met = np.asarray(seen[candidates.users, candidates.items]).ravel() > 0
         top_rows = []
         bounds = np.searchsorted(candidates.users, users)
         bounds = np.append(bounds, len(candidates))
         for n in range(len(users)):
             lo, hi = bounds[n], bounds[n + 1]
-            order = np.argsort(-scores[lo:hi], kind="stable")[:k]
-            top_rows.append(lo + order)
+            order = np.argsort(-scores[lo:hi], kind="stable")
+            top_rows.append(lo + order[~met[lo:hi][order]][:k])
         chosen = np.concatenate(top_rows) if top_rows else np.zeros(0, dtype=np.int64)
         reasons = self._reasons(candidates, chosen, history)
         out: dict[int, list[tuple[int, float, str]]] = {}

@@ -47,3 +47,14 @@ def pooled_train_matrix(data, clients) -> sparse.csr_matrix:
         cols.append(m.col)
     r, c = np.concatenate(rows), np.concatenate(cols)
     return sparse.csr_matrix((np.ones(r.size), (r, c)), shape=(data.n_users, data.n_items))
+
+
+def without_met(answer: pd.DataFrame, met: dict[str, set[str]], k: int) -> pd.DataFrame:
+    """A top-K answer (``user_id``, ``rank``, ``item_id``, ...) with each user's ``met`` items
+    taken out, cut to ``k`` per user and ranked again from 1: what a model that never
+    recommends a history item, positive or not, answers when asked for more than ``k``."""
+    kept = answer[[item not in met.get(user, set())
+                   for user, item in zip(answer.user_id, answer.item_id, strict=True)]]  # fmt: skip
+    kept = kept.groupby("user_id", sort=False).head(k).copy()
+    kept["rank"] = kept.groupby("user_id", sort=False).cumcount() + 1
+    return kept.reset_index(drop=True)

@@ -31,6 +31,7 @@ from models.neural.network import (
 )
 from models.neural.recommender import NeuralRecommender
 from models.neural.training import TrainConfig, train_epochs
+from tests.unit.helpers import without_met
 
 ARCHITECTURES = {
     "vae": Architecture(n_items=7, kind="vae", hidden=(5,), latent=3),
@@ -309,7 +310,11 @@ def test_recommender_round_trips_and_answers_the_same(tmp_path):
     strict = NeuralRecommender.load(tmp_path / "strict")
     rated = requests.assign(history_ratings=[[5.0, 1.0, 4.0], [2.0]])
     kept = pd.DataFrame({"user_id": ["a", "b"], "history_items": [["1", "5"], []]})
-    pd.testing.assert_frame_equal(strict.recommend(rated, k=5), model.recommend(kept, k=5))
+    # ... and recommends none of its items, the ones rated below the threshold included
+    met = {"a": {"1", "3", "5"}, "b": {"12"}}
+    expected = without_met(model.recommend(kept, k=9), met, k=5)
+    pd.testing.assert_frame_equal(strict.recommend(rated, k=5), expected)
+    assert {"3", "12"} & set(model.recommend(kept, k=5).item_id)  # which it used to recommend
     assert strict.positive_threshold == 3.0
 
 

@@ -30,6 +30,7 @@ from models.ranking.federated import (
 )
 from models.ranking.knn import cooccurrence, cosine_neighbours, knn_scores, strongest_neighbour
 from models.ranking.recommender import RankingRecommender
+from tests.unit.helpers import without_met
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +301,14 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     rated = pd.DataFrame({"user_id": ["u1"], "history_items": [history],
                           "history_ratings": [[5.0, 1.0] * 7 + [4.0]]})  # fmt: skip
     kept = pd.DataFrame({"user_id": ["u1"], "history_items": [history[::2]]})  # the 5s and the 4
-    pd.testing.assert_frame_equal(strict.recommend(rated, k=5), model.recommend(kept, k=5))
+    # ... and recommends none of its items, the ones rated below the threshold included
+    expected = without_met(model.recommend(kept, k=40 + len(history)), {"u1": set(history)}, 40)
+    answer = strict.recommend(rated, k=40)
+    columns = ["user_id", "rank", "item_id", "score"]  # a reason compares with the list it is in
+    pd.testing.assert_frame_equal(answer[columns], expected[columns])
+    assert set(model.recommend(kept, k=40).item_id) & set(history[1::2])  # which it used to
+    low = strict.recommend(rated.assign(items=[[history[1]]]))
+    assert low.reason.tolist() == ["in the history: not scored"]
     unrated = pd.DataFrame({"user_id": ["u1"], "history_items": [history]})
     pd.testing.assert_frame_equal(strict.recommend(unrated, k=5), first.iloc[:5])
     # no reason names a part the model lacks: it has no network, and no user has demographics
