@@ -209,8 +209,8 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
         The first problem the core's reader finds (file, row, column, value, what is allowed).
     """
     from models.data.readers import CSV_SUFFIXES, DEFAULT_RATING_COL, PARQUET_SUFFIXES, load_dataset
-    from models.data.schema import require_ratings
-    from models.data.sharding import check_client_count, check_columns
+    from models.data.schema import keep_positives, require_ratings
+    from models.data.sharding import check_client_count, check_columns, combine_splits
 
     files = {name: values.get(name) for name in ("train", "valid", "test")}
     check_split_files(**files)
@@ -218,7 +218,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     check_sources_exist(sources)
     options = file_options(values)
     explicit = values.get("feedback", "explicit") == "explicit"
-    checked = []
+    checked, read = [], {}
     for name, spec in sources.items():
         path = source_path(spec).expanduser()
         is_table = path.is_file() and path.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES
@@ -226,6 +226,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
             data = load_dataset(str(path), **(options if is_table else {}))  # as the flow will
             if explicit:
                 require_ratings(data, options.get("rating_col", DEFAULT_RATING_COL))
+            read[name] = keep_positives(data, values.get("positive_threshold"))
             clients = values.get("clients")
             if name == "data":
                 check_columns(data, split=values.get("split", "random"),
@@ -244,6 +245,8 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
         else:
             continue
         checked.append(str(path))
+    if "train" in read and "test" in read and ("valid" in read or files["valid"] is None):
+        combine_splits(read["train"], read["test"], read.get("valid"))  # held-out rows in training
     return checked
 
 

@@ -346,6 +346,15 @@ def combine_splits(
         frame[ITEM] = data.item_ids[frame[ITEM].to_numpy()]
         frames.append(frame)
         labels.append(np.full(len(frame), label, dtype=np.int8))
+    names = {0: "training", 1: "validation", 2: "test"}
+    by_split = sorted(zip(parts, frames, strict=True), key=lambda pair: pair[0][1])
+    for later in range(1, len(by_split)):
+        (data, _), frame = by_split[later]
+        for (earlier, label), earlier_frame in by_split[:later]:
+            _refuse_shared_pairs(
+                frame, data.source, earlier_frame,
+                f"the {names[label]} file {earlier.source or ''}".rstrip(),
+            )  # fmt: skip
     joined = pd.concat(frames, ignore_index=True)
     if any(TIMESTAMP not in f for f in frames):
         joined = joined.drop(columns=[TIMESTAMP], errors="ignore")
@@ -374,6 +383,27 @@ def combine_splits(
         notes=notes,
     )
     return combined, np.concatenate(labels)
+
+
+def _refuse_shared_pairs(
+    held_out: pd.DataFrame, source: str, other: pd.DataFrame, other_name: str
+) -> None:
+    """Refuse a held-out file with (user, item) pairs that an earlier split file also has: the
+    model would be scored on rows it learned (a test row in the training file scores its
+    rating as learned, and excludes its item from the ranking)."""
+    shared = held_out[[USER, ITEM]].merge(other[[USER, ITEM]].drop_duplicates(), how="inner")
+    if shared.empty:
+        return
+    user, item = (
+        v.item() if isinstance(v, np.generic) else v for v in shared.iloc[0][[USER, ITEM]]
+    )
+    raise DataValidationError(
+        f"{len(shared)} of {len(held_out)} rows have a (user, item) pair {other_name} also has "
+        f"(the first: user {user!r}, item {item!r})",
+        file=source or None,
+        allowed="held-out rows of pairs the other split files lack: the model would be scored "
+        "on rows it learned",
+    )
 
 
 def _user_features_of(parts: list[tuple[Interactions, int]]) -> pd.DataFrame | None:

@@ -136,6 +136,23 @@ def test_a_partition_key_that_is_not_one_value_per_user_is_refused_at_its_row(tm
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_a_test_file_whose_rows_the_training_file_has_is_refused_before_anything_starts(
+    tmp_path,
+):
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("user_id,item_id,rating\n" + GOOD_ROWS)
+    test.write_text("user_id,item_id,rating\n" + GOOD_ROWS.splitlines()[7] + "\nu99,i1,4\n")
+
+    done, imported = _cli(["train", "--train", str(train), "--test", str(test)], tmp_path / "home")
+
+    _assert_one_line_error(
+        done, f"{test}: 1 of 2 rows have a (user, item) pair the training file {train} also has",
+        "allowed: held-out rows of pairs the other split files lack",
+    )  # fmt: skip
+    assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_bad_header_names_file_column_and_what_is_allowed(tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("user_id,itemid,rating\n" + GOOD_ROWS)

@@ -246,6 +246,35 @@ def test_explicit_splits_share_one_id_space_and_keep_their_labels():
     )
 
 
+@pytest.mark.parametrize("shared_with", ["train", "valid"])
+def test_a_held_out_row_that_another_split_file_has_is_refused(shared_with):
+    from models.data.schema import encode_interactions
+    from models.data.sharding import combine_splits
+
+    def table(rows, source):
+        users, items = zip(*rows, strict=True)
+        frame = pd.DataFrame({"user": list(users), "item": list(items), "rating": 4.0})
+        return encode_interactions(frame, rating_scale=(1.0, 5.0), source=source)
+
+    train = table([("a", 1), ("a", 2), ("b", 1), ("b", 3)], "train.csv")
+    valid = table([("a", 3), ("c", 1)], "valid.csv")
+    test = table([("a", 4), ("b", 2), ("b", 1)] if shared_with == "train" else [("a", 4), ("c", 1)],
+                 "test.csv")  # fmt: skip
+    assert combine_splits(train, table([("a", 4)], "test.csv"), valid)  # disjoint: accepted
+
+    with pytest.raises(DataValidationError) as caught:
+        combine_splits(train, test, valid)
+
+    other, first = {"train": ("the training file train.csv", "'b', item 1"),
+                    "valid": ("the validation file valid.csv", "'c', item 1")}[shared_with]  # fmt: skip
+    n = 1
+    assert str(caught.value) == (
+        f"test.csv: {n} of {len(test.frame)} rows have a (user, item) pair {other} also has (the "
+        f"first: user {first}); allowed: held-out rows of pairs the other split files lack: the "
+        "model would be scored on rows it learned"
+    )
+
+
 def test_validation_is_carved_from_explicit_training_rows_only():
     from models.data.sharding import hold_out_validation
 
