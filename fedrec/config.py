@@ -769,6 +769,18 @@ class TrainingConfig(BaseModel):
             attack_scale=self.attack_scale,
         )
 
+    def held_out_rows(self) -> str:
+        """Which rows this run holds out, in words: a model is scored fairly only on rows its
+        own run held out too (``fedrec.held_out`` on each version)."""
+        if self.sites is not None:
+            return "each site's own split"
+        if self.train is not None:
+            valid = "file" if self.valid is not None else f"{self.valid_fraction:g} of training"
+            return f"split files (validation: {valid})"
+        return (
+            f"{self.split} split, validation {self.valid_fraction:g}, test {self.test_fraction:g}"
+        )
+
     def config_hash(self) -> str:
         """Hash of everything that shapes the model (tracking and promotion settings excluded)."""
         shaping = self.model_dump(

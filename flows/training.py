@@ -30,6 +30,7 @@ from tasks.reporting import publish_summary
 from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
     CHAMPION_PLANNED,
+    HELD_OUT_TAG,
     ResumeError,
     close_ended_runs,
     failure,
@@ -241,6 +242,16 @@ def _train_and_register(
             "compared on this run's clients (--model-name keeps a separate champion per dataset)",
             ctx.champion.version, name, ctx.champion.source, source,
         )  # fmt: skip
+    held_out = config.held_out_rows()
+    champion_held_out = ctx.champion.held_out if ctx.champion is not None else None
+    other_rows = champion_held_out not in (None, held_out)
+    if other_rows:
+        logger.warning(
+            "the champion, version %s of %s, held out other rows (%s; this run: %s): it may have "
+            "trained on some of this run's held-out rows, which favours it in the comparison "
+            "(--model-name starts a separate champion)",
+            ctx.champion.version, name, champion_held_out, held_out,
+        )  # fmt: skip
     champion_metric = ctx.champion.promotion_metric if ctx.champion is not None else None
     if champion_metric not in (None, config.promotion):
         logger.warning(
@@ -282,6 +293,11 @@ def _train_and_register(
                 config.max_client_regression,
                 private=plan is not None,
             )
+            if other_rows and not decision.promote:
+                decision = PromotionDecision(
+                    False, f"{decision.reason} (the champion held out other rows: "
+                    f"{champion_held_out}; it may have trained on some of this run's)",
+                )  # fmt: skip
         identity = {
             "fedrec.dataset_fingerprint": manifest.fingerprint,
             "fedrec.config_hash": config.config_hash(),
@@ -291,6 +307,7 @@ def _train_and_register(
             "fedrec.run_id": run_id,
             "fedrec.source": source,
             "fedrec.promotion_metric": config.promotion,
+            HELD_OUT_TAG: held_out,
         } | ({} if config.dp_epsilon is None else {"fedrec.epsilon": str(config.dp_epsilon)})
         version = register_model(
             uri,

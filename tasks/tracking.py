@@ -432,6 +432,7 @@ class Champion:
     epsilon: float | None = None  # the DP budget it was trained under (None: not private)
     source: str | None = None  # the data it was trained on, as logged (None: not recorded)
     promotion_metric: str | None = None  # the metric its promotion was decided on, as logged
+    held_out: str | None = None  # which rows its run held out (None: not recorded)
 
 
 def _is_missing(err: MlflowException) -> bool:
@@ -465,6 +466,7 @@ def load_champion(uri: str, model_name: str) -> Champion | None:
         None if epsilon is None else float(epsilon),
         version.tags.get("fedrec.source") or None,
         version.tags.get("fedrec.promotion_metric") or None,
+        version.tags.get(HELD_OUT_TAG) or None,
     )
 
 
@@ -1019,6 +1021,9 @@ def reserve_privacy_budget(
 
 
 ERROR_TAG = "fedrec.error"
+HELD_OUT_TAG = (
+    "fedrec.held_out"  # which rows a version's run held out (TrainingConfig.held_out_rows)
+)
 
 
 def failure(err: BaseException, private: bool = False) -> str:

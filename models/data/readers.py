@@ -37,8 +37,9 @@ DEFAULT_RATING_COL = "rating"
 DEFAULT_TIMESTAMP_COL = "timestamp"
 
 _DELIMITERS = (",", "\t", ";", "|")
-# Ids written as canonical integers ("42", not "007" or "4.0") become int64; 18 digits always fit.
-_CANONICAL_INT = r"-?(?:0|[1-9][0-9]{0,17})"
+# Ids written as canonical integers ("42", not "007" or "4.0") become int64, as a Parquet file's
+# integer ids are, so that both give a row the same split; 19 digits fit unless past int64.
+_CANONICAL_INT = r"-?(?:0|[1-9][0-9]{0,18})"
 
 
 def datasets_dir() -> Path:
@@ -356,5 +357,8 @@ def _integer_ids(ids: pd.Series) -> pd.Series:
     if not pd.api.types.is_string_dtype(ids.dtype):
         return ids
     if ids.str.fullmatch(_CANONICAL_INT).all():
-        return ids.astype(np.int64)
+        try:
+            return ids.astype(np.int64)
+        except OverflowError:  # 19 digits beyond int64's range: text, as longer ids are
+            return ids
     return ids

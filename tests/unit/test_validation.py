@@ -728,3 +728,22 @@ def test_split_files_give_every_user_their_value_and_refuse_two(tmp_path: Path) 
             read_interactions(train, user_columns=("region",)),
             read_interactions(test, user_columns=("region",)),
         )
+
+
+def test_integer_ids_split_the_same_from_csv_and_parquet(tmp_path: Path) -> None:
+    from models.data.sharding import row_keys
+
+    users = [9_223_372_036_854_775_807, 1_000_000_000_000_000_001, 42]  # 19 digits fit int64
+    frame = pd.DataFrame({"user_id": users * 3, "item_id": [5, 6, 7] * 3,
+                          "rating": [4.0] * 9})  # fmt: skip
+    frame["item_id"] += np.repeat([0, 10, 20], 3)
+    frame.to_csv(tmp_path / "r.csv", index=False)
+    frame.to_parquet(tmp_path / "r.parquet")
+
+    from_csv = read_interactions(tmp_path / "r.csv")
+    from_parquet = read_interactions(tmp_path / "r.parquet")
+
+    assert from_csv.user_ids.dtype == np.int64
+    np.testing.assert_array_equal(row_keys(from_csv), row_keys(from_parquet))
+    (tmp_path / "big.csv").write_text("user_id,item_id,rating\n9223372036854775808,1,4\n")
+    assert read_interactions(tmp_path / "big.csv").user_ids.tolist() == ["9223372036854775808"]
