@@ -785,6 +785,9 @@ class TrainingConfig(BaseModel):
         """Hash of everything that shapes the model (tracking and promotion settings excluded)."""
         shaping = self.model_dump(
             exclude={
+                # the data's content is its fingerprint, beside this hash: the same rows under
+                # another name (a copy, a dated export) are the same data
+                "data",
                 "experiment",
                 "model_name",
                 "tracking_uri",

@@ -174,7 +174,7 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
         logger.warning(
             "no warm start: champion version %s was not trained with DP", ctx.champion.version
         )
-    elif config.warm_start and ctx.champion_on_other_data:
+    elif config.warm_start and ctx.champion_on_other_dataset:
         # items of another dataset can share ids with this one's (MovieLens' 1..N and the
         # synthetic 0..N-1 do): their factors would describe other items
         logger.warning(

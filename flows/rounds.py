@@ -23,6 +23,7 @@ from prefect.utilities.annotations import quote
 from fedrec.config import TrainingConfig
 from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry, Manifest
+from models.data.readers import CSV_SUFFIXES, PARQUET_SUFFIXES
 from models.federation.sampling import sample_clients
 from models.privacy.dp import calibrate, epsilon
 from models.privacy.ledger import run_delta
@@ -163,6 +164,15 @@ class RunContext:
     def champion_on_other_data(self) -> bool:
         """Whether the champion records a data source other than this run's."""
         return self.champion is not None and self.champion.source not in (None, self.source)
+
+    @property
+    def champion_on_other_dataset(self) -> bool:
+        """Whether the champion's data is another dataset, whose item ids may mean other items:
+        another source, unless both are the caller's own files (a later export under a new
+        name, such as ``purchases_2026-12-03.csv``, names its items as the last one did)."""
+        if self.champion is None or not self.champion_on_other_data:
+            return False
+        return not (_own_files(self.champion.source) and _own_files(self.source))
 
     @property
     def n_items(self) -> int:
@@ -465,3 +475,9 @@ def log_step(
     metrics = record_step(**record, snapshot=snapshot)
     report_step(ctx, label, metrics, round_[1])
     return metrics
+
+
+def _own_files(source: str | None) -> bool:
+    """Whether a recorded data source is CSV/Parquet files (not a named or built-in dataset)."""
+    parts = (source or "").split(" + ")
+    return all(part.lower().endswith(CSV_SUFFIXES + PARQUET_SUFFIXES) for part in parts)

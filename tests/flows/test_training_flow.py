@@ -520,3 +520,34 @@ def test_a_flow_run_whose_tracking_server_does_not_answer_fails_at_once(prefect_
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(TrackingStoreError, match="the MLflow server does not answer"):
         federated_training(**TrainingConfig(tracking_uri=uri, **SMALL).model_dump())
+
+
+def test_the_same_rows_under_another_file_name_are_unchanged_data_and_a_new_export_warm_starts(
+    store, tmp_path
+):
+    """A nightly export under a dated name: the same rows are not trained again, and new rows
+    start from the champion (both are the caller's files, whose items it names alike)."""
+    from flows.training import federated_training
+    from models.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(n_users=200, n_items=60, n_interactions=6_000)
+    frame = data.frame
+    rows = [f"u{data.user_ids[u]},i{data.item_ids[i]},{r:g}"
+            for u, i, r in zip(frame["user"], frame["item"], frame["rating"], strict=True)]  # fmt: skip
+    first, copy, later = (tmp_path / f"export-{d}.csv" for d in ("01", "01-copy", "02"))
+    first.write_text("user_id,item_id,rating\n" + "\n".join(rows) + "\n")
+    copy.write_bytes(first.read_bytes())
+    later.write_text(first.read_text() + "new1,i1,4\nnew1,i2,5\nnew2,i3,2\n")
+    tiny = {"rounds": 2, "clients": 2, "factors": 2, "tracking_uri": store["uri"],
+            "model_name": "exports"}  # fmt: skip
+
+    champion = federated_training(**TrainingConfig(data=str(first), **tiny).model_dump())
+    again = federated_training(**TrainingConfig(data=str(copy), **tiny).model_dump())
+    with flow_log(logging.INFO) as records:
+        federated_training(**TrainingConfig(data=str(later), warm_start=True, **tiny).model_dump())
+
+    assert champion["promoted"], champion["reason"]
+    assert again["skipped"] is True and again["champion_version"] == champion["model_version"]
+    messages = [r.getMessage() for r in records]
+    started = f"warm start from champion version {champion['model_version']}: 60 of 60 items"
+    assert any(m.startswith(started) for m in messages), messages
