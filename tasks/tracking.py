@@ -364,8 +364,8 @@ def _signature(recommender: Recommender) -> ModelSignature:
     those, only a rating model's history_ratings is required). A list's elements may be of any
     type: MLflow would refuse whole-number ratings (``[5, 4]``, what JavaScript sends for 5.0)
     as "double" and integer ids as "string"; the recommender reads ids as text and checks each
-    rating itself."""
-    columns = [ColSpec("string", "user_id"), ColSpec(Array(AnyType()), "history_items")]
+    rating itself. So may a user id: training took integer ids as well as text."""
+    columns = [ColSpec(AnyType(), "user_id"), ColSpec(Array(AnyType()), "history_items")]
     for name, kind, is_list in recommender.request_columns:
         required = name == "history_ratings" and _rated(recommender)
         columns.append(ColSpec(Array(AnyType()) if is_list else kind, name, required=required))

@@ -243,6 +243,10 @@ def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     pd.testing.assert_frame_equal(
         model.predict(as_numbers, params={"k": 7}), model.predict(as_text, params={"k": 7})
     )
+    # an integer user id, as training accepts them: answered under its text
+    by_number = model.predict(as_text.assign(user_id=[9_223_372_036_854_775_807]), params={"k": 7})
+    expected = model.predict(as_text.assign(user_id=["9223372036854775807"]), params={"k": 7})
+    pd.testing.assert_frame_equal(by_number, expected)
     with pytest.raises(ValueError, match=r"rating '5' in history_ratings; allowed: one rating in"):
         model.predict(as_numbers.assign(history_ratings=[["5", 4, 1, 2, 5]]))
     # no score is None, not NaN: what MLflow's server sends must be JSON
