@@ -52,6 +52,8 @@ _SLACK = 1e-9
 class BudgetError(ValueError):
     """A private run that the ledger does not allow to start; the message is one line."""
 
+    one_line = True  # the command line shows the message alone (exit 2: running it again fails)
+
 
 def user_ids(data: Interactions) -> np.ndarray:
     """The distinct ids (as text) of the users that have rows in ``data``."""
@@ -257,7 +259,9 @@ def plan_reservation(
         raise BudgetError(
             f"privacy budget: {who} have spent epsilon {current.epsilon:.3g} of "
             f"{cap.epsilon:.3g} and delta {current.delta:.3g} of {cap.delta:.3g}; this run needs "
-            f"epsilon {request.epsilon:.3g}, delta {request.delta:.3g} more: not started"
+            f"epsilon {request.epsilon:.3g}, delta {request.delta:.3g} more: not started (the "
+            "budget is spent for good unless an operator stores a higher cap: --dp-budget E "
+            "--dp-ledger-set-cap)"
         )
     return [*writes, Entry("spend", request.epsilon, request.delta, at=at)]
 

@@ -10,6 +10,7 @@ from fedrec.cli_errors import OneLineError, RunFailed, classify
 from fedrec.local_server import LocalServerError
 from flows.rounds import QuorumError
 from models.data.errors import DataValidationError
+from models.privacy.ledger import BudgetError
 from models.sites.registry import RegistryError
 from tasks.tracking import ResumeError
 
@@ -22,6 +23,7 @@ from tasks.tracking import ResumeError
         (LocalServerError("port 4200 on 127.0.0.1 is in use"), 2),
         (ResumeError("--resume abc: the run finished; there is nothing to resume"), 2),
         (RegistryError("sites.yaml: two sites share one public key"), 2),
+        (BudgetError("privacy budget: these users have spent epsilon 4 of 4 ...: not started"), 2),
         (MlflowException("no model", error_code=RESOURCE_DOES_NOT_EXIST), 2),
         (QuorumError("round 1: 1 of 3 clients answered; min_clients is 2"), 1),
         (MlflowException("API request to http://127.0.0.1:5000 failed"), 1),
