@@ -85,7 +85,7 @@ def workspaces(prune: bool, days: float) -> None:
     fedrec workspaces --prune              delete those not written for 7 days
     fedrec workspaces --prune --older-than 1
     """
-    from models.data.partitions import remove_workspace
+    from models.data.partitions import is_finished, remove_workspace
 
     root = fedrec_home() / "workspaces"
     found, others = find_workspaces(root)
@@ -99,6 +99,8 @@ def workspaces(prune: bool, days: float) -> None:
         if prune and age >= days and remove_workspace(w.path):
             removed, freed = removed + 1, freed + w.size
             click.echo(f"{line}  removed")
+        elif is_finished(w.path):
+            click.echo(f"{line}  finished (kept by --keep-workspace): nothing to resume")
         else:
             click.echo(f"{line}  resume: fedrec train --resume {w.path.name}")
     for path in others:

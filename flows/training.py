@@ -21,7 +21,7 @@ from flows.families import build_family
 from flows.loop import train_family
 from flows.rounds import RunContext, privacy_plan
 from flows.sites import start_sites_run
-from models.data.partitions import read_item_ids, read_manifest, remove_workspace
+from models.data.partitions import mark_finished, read_item_ids, read_manifest, remove_workspace
 from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
 from models.promotion import PromotionDecision
@@ -361,6 +361,8 @@ def _train_and_register(
         finish_run(uri, run_id, succeeded, error)
         if succeeded and not config.keep_workspace:
             _remove_workspace(workspace)
+        elif succeeded:
+            mark_finished(workspace)
 
 
 def _remove_workspace(workspace: str) -> None:

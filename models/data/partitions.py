@@ -21,6 +21,19 @@ from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions
 
 USER_ID = "user_id"
 MANIFEST = "manifest.json"
+FINISHED = "FINISHED"  # in a workspace kept after its run succeeded: nothing to resume
+
+
+def mark_finished(workspace: str | Path) -> None:
+    """Record in a kept workspace that its run succeeded (``fedrec workspaces`` then offers no
+    ``--resume`` for it)."""
+    (Path(workspace) / FINISHED).write_text("the run succeeded; kept by --keep-workspace\n")
+
+
+def is_finished(workspace: str | Path) -> bool:
+    return (Path(workspace) / FINISHED).is_file()
+
+
 ITEMS = "items.parquet"
 
 

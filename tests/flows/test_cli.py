@@ -176,6 +176,7 @@ def test_train_json_summary(trained):
     # and it beats the global-mean predictor on the same clients' test rows, read from the
     # partitions the run wrote (the baseline's RMSE is computed here, not by fedrec)
     workspace = next((home / "workspaces").iterdir())
+    assert (workspace / "FINISHED").is_file()  # kept, and nothing to resume
     rows = pd.concat(
         pd.read_parquet(p) for p in sorted((workspace / "clients").glob("client-????.parquet"))
     )
@@ -243,6 +244,7 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     from models.data.partitions import read_item_ids  # the catalogue the model was trained on
 
     workspace = next((home / "workspaces").iterdir())
+    assert (workspace / "FINISHED").is_file()  # kept, and nothing to resume
     items = [str(i) for i in read_item_ids(workspace)[:4]]
     history = tmp_path / "history.csv"
     history.write_text("user_id,item_id,rating\n" + "".join(f"alice,{i},5\n" for i in items[:3]))

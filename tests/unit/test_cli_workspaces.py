@@ -65,3 +65,20 @@ def test_prune_removes_only_workspaces_older_than_asked_and_leaves_other_folders
     assert again.exit_code == 0, again.output
     assert not new.exists() and other.exists() and (foreign / "manifest.json").exists()
     assert runner.invoke(main, ["workspaces"]).output.startswith(f"no run workspaces in {root}")
+
+
+def test_a_workspace_kept_after_its_run_succeeded_offers_no_resume(tmp_path, monkeypatch):
+    from models.data.partitions import mark_finished
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    failed = _workspace(tmp_path / "workspaces", "run-failed", days_old=2)
+    kept = _workspace(tmp_path / "workspaces", "run-kept", days_old=1)
+    mark_finished(kept)
+
+    lines = CliRunner().invoke(main, ["workspaces"]).output.splitlines()
+
+    assert lines[0].startswith("run-failed") and lines[0].endswith(
+        f"resume: fedrec train --resume {failed.name}"
+    )
+    assert lines[1].startswith("run-kept")
+    assert lines[1].endswith("finished (kept by --keep-workspace): nothing to resume")
