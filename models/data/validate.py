@@ -19,6 +19,8 @@ from models.data.schema import ITEM, RATING, TIMESTAMP, USER
 _EPOCH = pd.Timestamp(0, tz="UTC")
 # Largest timestamp accepted: beyond this a float cannot hold every integer second exactly.
 _MAX_TIMESTAMP = 2**53
+# 3000-01-01 in Unix seconds: a later one is milliseconds (or finer) since 1970, taken for seconds
+_YEAR_3000 = 32_503_680_000
 
 
 def validate_interactions(
@@ -301,12 +303,15 @@ def _clean_timestamps(series: pd.Series, *, file: str, column: str) -> np.ndarra
     with np.errstate(invalid="ignore"):
         not_whole = np.isfinite(seconds) & (seconds != np.floor(seconds))
         out_of_range = np.isinf(seconds) | (seconds < 0) | (seconds > _MAX_TIMESTAMP)
+        too_late = ~out_of_range & (seconds >= _YEAR_3000)
     problems = [
         (missing, series, "missing timestamp"),
         (unparseable, series, "is not a timestamp"),
         (not_whole, series, "is not a whole number of seconds"),
         (out_of_range, series, "is out of range"),
-    ]
+        (too_late, series, "is after the year 3000 as seconds: milliseconds since 1970? (divide "
+         "by 1000)"),
+    ]  # fmt: skip
     _fail_earliest(problems, file=file, column=column, allowed=allowed)
     return seconds.astype(np.int64)
 

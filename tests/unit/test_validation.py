@@ -185,6 +185,20 @@ BAD_INPUTS = [
     ),
     pytest.param(
         BadInput(
+            {"ratings.csv": HEADER_TS + "1,10,4,978300760\n2,11,3,978300760000\n"},
+            "ratings.csv",
+            (
+                "row 2",
+                "column 'timestamp'",
+                "value 978300760000 is after the year 3000 as "
+                "seconds: milliseconds since 1970? (divide by 1000)",
+                "Unix seconds",
+            ),
+        ),
+        id="millisecond-timestamp",
+    ),
+    pytest.param(
+        BadInput(
             {"ratings.csv": HEADER_TS + "1,10,4,978300760.5\n"},
             "ratings.csv",
             ("row 1", "value 978300760.5 is not a whole number of seconds"),
