@@ -258,7 +258,7 @@ def check_inputs(values: dict[str, Any]) -> None:
         from models.data.readers import read_item_list
 
         try:  # an item list that cannot be read ends here, in one line
-            read_item_list(merged["catalogue"])
+            read_item_list(merged["catalogue"], str(merged.get("item_col") or "item_id"))
         except DataValidationError as err:
             raise UserError(str(err)) from err
     spec = {name: merged.get(name) for name in ("data", "train", "valid", "test")}

@@ -99,7 +99,7 @@ class TrainingConfig(BaseModel):
     test: str | None = Field(None, description="explicit test file (with --train)")
     catalogue: str | None = Field(
         None,
-        description="a CSV file whose item_id column lists the items the model covers, rated "
+        description="a CSV file whose item column (as --item-col names it, else item_id) lists the items the model covers, rated "
         "or not; rows of other items are left out. A private run's model then lists these items, "
         "not the ones the rows touch (default under --dp-epsilon: the dataset's own public item "
         "list, which MovieLens and the synthetic data have; other files have none)",

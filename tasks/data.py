@@ -56,7 +56,7 @@ def public_catalogue(
     lists those items, not the ones the rows touch. Unchanged otherwise. Also which rows were
     kept (a boolean mask, or a slice of all)."""
     if config.catalogue is not None:
-        items = read_item_list(config.catalogue).drop_duplicates()
+        items = read_item_list(config.catalogue, config.item_col).drop_duplicates()
         return with_catalogue(data, pd.DataFrame(index=items), config.catalogue)
     if config.dp_epsilon is not None and data.public_items is not None:
         return with_catalogue(data, data.public_items, "the dataset's public item list")

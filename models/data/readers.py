@@ -244,8 +244,9 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 
 def read_item_list(path: str | os.PathLike[str], item_col: str = "item_id") -> pd.Index:
-    """A published item list: the ``item_col`` column of a CSV file (other columns ignored),
-    as the ids' text, stripped, in the file's order.
+    """A published item list: the ``item_col`` column of a CSV file (the data's item column:
+    a shop's product list names its ids as its interactions do), else its ``item_id`` column
+    (other columns ignored), as the ids' text, stripped, in the file's order.
 
     Raises
     ------
@@ -254,12 +255,15 @@ def read_item_list(path: str | os.PathLike[str], item_col: str = "item_id") -> p
     """
     path = Path(path)
     _check_is_file(path, suffixes=CSV_SUFFIXES)
-    raw = _read_delimited(path, (item_col,))
+    raw = _read_delimited(path, (item_col, "item_id"))
+    if item_col not in raw.columns and "item_id" in raw.columns:
+        item_col = "item_id"
     if item_col not in raw.columns:
         raise DataValidationError(
             f"has no {item_col!r} column (found {list(raw.columns)})",
             file=str(path),
-            allowed=f"a CSV file with an {item_col} column",
+            allowed=f"a CSV file with an {item_col} column"
+            + ("" if item_col == "item_id" else " (the data's --item-col) or an item_id column"),
         )
     ids = raw[item_col].fillna("").astype(str).str.strip()
     empty = np.flatnonzero((ids == "").to_numpy())

@@ -47,3 +47,26 @@ def test_text_ids_of_a_file_match_integer_ids_and_a_public_list_keeps_its_featur
     assert kept.tolist() == [False, True, True] and as_text.item_ids.tolist() == [20, 30]
     with pytest.raises(DataValidationError, match="lists an item id twice"):
         with_catalogue(data, pd.DataFrame(index=pd.Index([10, 10])), "f.csv")
+
+
+def test_a_product_list_is_read_by_the_datas_item_column_or_item_id(tmp_path):
+    import pytest
+
+    from models.data.errors import DataValidationError
+    from models.data.readers import read_item_list
+
+    by_sku = tmp_path / "products.csv"
+    by_sku.write_text("sku,name\nSKU-2,Mug\n007,Pen\n")
+    plain = tmp_path / "items.csv"
+    plain.write_text("item_id\nSKU-2\n")
+    neither = tmp_path / "other.csv"
+    neither.write_text("name\nMug\n")
+
+    assert read_item_list(by_sku, "sku").tolist() == ["SKU-2", "007"]
+    assert read_item_list(plain, "sku").tolist() == ["SKU-2"]
+    with pytest.raises(DataValidationError) as caught:
+        read_item_list(neither, "sku")
+    assert str(caught.value) == (
+        f"{neither}: has no 'sku' column (found ['name']); allowed: a CSV file with an sku column "
+        "(the data's --item-col) or an item_id column"
+    )
