@@ -24,7 +24,7 @@ from flows.sites import start_sites_run
 from models.data.partitions import mark_finished, read_item_ids, read_manifest, remove_workspace
 from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
-from models.promotion import PromotionDecision
+from models.promotion import WORSE_THAN_BASELINE, PromotionDecision
 from tasks.data import load_interactions, shard_clients
 from tasks.reporting import publish_summary
 from tasks.server import client_table, decide, latest_checkpoint
@@ -293,7 +293,10 @@ def _train_and_register(
                 config.max_client_regression,
                 private=plan is not None,
             )
-            if other_rows and not decision.promote:
+            lost_to_it = trained.champion_metrics is not None and not (
+                decision.promote or decision.reason.startswith(WORSE_THAN_BASELINE)
+            )
+            if other_rows and lost_to_it:
                 decision = PromotionDecision(
                     False, f"{decision.reason} (the champion held out other rows: "
                     f"{champion_held_out}; it may have trained on some of this run's)",
