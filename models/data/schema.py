@@ -257,12 +257,15 @@ def keep_positives(
     ratings = data.frame[RATING].to_numpy()
     keep = ratings >= threshold
     if ratings.size and not keep.any() and not empty_ok:
+        unrated = data.rating_scale is None  # read without a rating column: every row is 1
         raise DataValidationError(
-            f"keeps no row as a positive (the highest rating is {ratings.max():g})",
+            f"keeps no row as a positive (the highest rating is {ratings.max():g}"
+            + (", as the data has no rating column: every row counts 1)" if unrated else ")"),
             file=data.source or None,
             setting="positive_threshold",
             value=threshold,
-            allowed=f"a threshold <= {ratings.max():g}",
+            allowed=f"a threshold <= {ratings.max():g}"
+            + (", or name the rating column (--rating-col)" if unrated else ""),
         )
     note = f"kept {int(keep.sum())} of {keep.size} rows rated >= {threshold} as positives"
     return replace(data, frame=data.frame[keep].reset_index(drop=True), notes=(*data.notes, note))

@@ -175,7 +175,7 @@ def _require_timestamps(data: Interactions) -> None:
             "a temporal split needs timestamps",
             file=data.source or None,
             column=TIMESTAMP,
-            allowed="data with a timestamp column, or split=random",
+            allowed="data with a timestamp column (--timestamp-col names it), or split=random",
         )
 
 

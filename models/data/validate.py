@@ -84,6 +84,7 @@ def validate_interactions(
         if column is not None:
             _require_column(raw, column, file=file)
 
+    _refuse_repeated_header(raw, [c for c in wanted if c is not None], file=file)
     frame = pd.DataFrame(
         {
             USER: _clean_ids(raw[user_col], file=file, column=user_col),
@@ -126,6 +127,24 @@ def _user_level(series: pd.Series, users: pd.Series, *, file: str, column: str) 
             allowed=allowed,
         )  # fmt: skip
     return series
+
+
+def _refuse_repeated_header(raw: pd.DataFrame, columns: list[str], *, file: str) -> None:
+    """A data row that names the columns it lies in: the header again, as files joined with
+    their headers (``cat a.csv b.csv``) have. Said as such, not as a rating that is no number."""
+    text = [pd.api.types.is_object_dtype(raw[c]) or pd.api.types.is_string_dtype(raw[c])
+            for c in columns]  # fmt: skip
+    if not all(text):
+        return  # a typed column (Parquet, or parsed numbers) holds no header text
+    same = np.ones(len(raw), dtype=bool)
+    for column in columns:
+        values = raw[column].astype("string").str.strip()
+        same &= values.eq(column).fillna(False).to_numpy(dtype=bool)
+    if same.any():
+        raise DataValidationError(
+            "repeats the header (files joined with their headers?)",
+            file=file, row=int(np.flatnonzero(same)[0]) + 1, allowed="one header line, the first",
+        )  # fmt: skip
 
 
 def _check_rating_scale(rating_scale: tuple[float, float] | None, *, file: str) -> None:

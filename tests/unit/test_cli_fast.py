@@ -197,7 +197,7 @@ def test_more_clients_than_users_is_refused_before_any_library_or_server_loads(t
     ("flags", "expected"),
     [
         (["--split", "temporal"], ["column 'timestamp'", "a temporal split needs timestamps",
-                                   "allowed: data with a timestamp column, or split=random"]),
+                                   "allowed: data with a timestamp column (--timestamp-col names it), or split=random"]),
         (["--partition", "by-key", "--partition-key", "occupation"],
          ["ratings.csv, column 'occupation': column not found",
           "allowed: one of the columns present: 'user_id', 'item_id', 'rating'"]),

@@ -185,6 +185,17 @@ BAD_INPUTS = [
     ),
     pytest.param(
         BadInput(
+            {"ratings.csv": HEADER_TS + "1,10,4,978300760\n" + HEADER_TS + "2,11,3,978300761\n"},
+            "ratings.csv",
+            (
+                "row 2: repeats the header (files joined with their headers?)",
+                "allowed: one header line, the first",
+            ),
+        ),
+        id="repeated-header",
+    ),
+    pytest.param(
+        BadInput(
             {"ratings.csv": HEADER_TS + "1,10,4,978300760\n2,11,3,978300760000\n"},
             "ratings.csv",
             (
@@ -499,6 +510,13 @@ def test_positive_threshold_keeps_rows_at_or_above_it_and_refuses_one_that_keeps
         "(the highest rating is 4.5); allowed: a threshold <= 4.5"
     )
     assert len(keep_positives(data, 4.6, empty_ok=True).frame) == 0  # one site among many
+    clicks = _read_csv_text(tmp_path, "user_id,item_id,score\n1,10,2\n1,11,4\n")  # no "rating"
+    with pytest.raises(DataValidationError) as unrated:
+        keep_positives(clicks, 3.0)
+    assert str(unrated.value).endswith(
+        "keeps no row as a positive (the highest rating is 1, as the data has no rating column: "
+        "every row counts 1); allowed: a threshold <= 1, or name the rating column (--rating-col)"
+    )
 
 
 def test_a_rating_model_refuses_data_read_without_ratings(tmp_path: Path) -> None:
