@@ -233,7 +233,8 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
                               partition=values.get("partition", "iid"),
                               partition_key=values.get("partition_key"),
                               key_prefix=values.get("key_prefix"),
-                              n_clients=clients if isinstance(clients, int) else None)  # fmt: skip
+                              n_clients=clients if isinstance(clients, int) else None,
+                              private=values.get("dp_epsilon") is not None)  # fmt: skip
             if (
                 name == "data"
                 and values.get("partition") in ("iid", "dirichlet")
@@ -276,4 +277,5 @@ def check_synthetic_partition(values: Mapping[str, Any]) -> None:
     clients = values.get("clients")
     check_columns(data, split=values.get("split", "random"), partition="by-key",
                   partition_key=values.get("partition_key"), key_prefix=values.get("key_prefix"),
-                  n_clients=clients if isinstance(clients, int) else None)  # fmt: skip
+                  n_clients=clients if isinstance(clients, int) else None,
+                  private=values.get("dp_epsilon") is not None)  # fmt: skip

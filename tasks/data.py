@@ -84,6 +84,7 @@ def plan_clients(
             alpha=config.dirichlet_alpha,
             key=config.partition_key,
             key_prefix=config.key_prefix,
+            private=config.dp_epsilon is not None,
         )
     if split is not None and not np.any(split == 1):  # explicit files without a validation file
         split = hold_out_validation(data, split, fraction=config.valid_fraction)

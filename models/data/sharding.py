@@ -55,6 +55,7 @@ def assign_clients(
     alpha: float = 0.3,
     key: str | None = None,
     key_prefix: int | None = None,
+    private: bool = False,
 ) -> np.ndarray:
     """Client index of every user.
 
@@ -75,6 +76,8 @@ def assign_clients(
         Dirichlet concentration (``dirichlet`` only).
     key, key_prefix
         Column of ``data.user_features`` and how many leading characters of it to use (``by-key``).
+    private : bool
+        A private run: a refusal of more clients than key values does not say how many there are.
 
     Returns
     -------
@@ -87,7 +90,7 @@ def assign_clients(
     """
     n_users = data.n_users
     if strategy == "by-key":
-        return _assign_by_key(data, n_clients, key, key_prefix)
+        return _assign_by_key(data, n_clients, key, key_prefix, private)
     check_client_count(n_clients, n_users, data.source or None)
     if strategy == "iid":
         client = np.empty(n_users, dtype=np.int32)
@@ -158,6 +161,7 @@ def check_columns(
     partition_key: str | None,
     key_prefix: int | None = None,
     n_clients: int | None = None,
+    private: bool = False,
 ) -> None:
     """Raise the error that splitting and sharding ``data`` this way would raise for a column
     it lacks (timestamps for a temporal split, the user feature of a by-key partition) or for
@@ -166,7 +170,7 @@ def check_columns(
     if split == "temporal":
         _require_timestamps(data)
     if partition == "by-key":
-        _by_key_codes(data, n_clients, partition_key, key_prefix)
+        _by_key_codes(data, n_clients, partition_key, key_prefix, private)
 
 
 def _require_timestamps(data: Interactions) -> None:
@@ -194,15 +198,26 @@ def _key_column(data: Interactions, key: str | None) -> pd.Series:
 
 
 def _by_key_codes(
-    data: Interactions, n_clients: int | None, key: str | None, key_prefix: int | None
+    data: Interactions,
+    n_clients: int | None,
+    key: str | None,
+    key_prefix: int | None,
+    private: bool = False,
 ) -> tuple[np.ndarray, int]:
     """Each user's key value (an index into the sorted distinct values) and how many there are;
-    refuses more clients than values."""
+    refuses more clients than values (without their number in a ``private`` run, where it is
+    not released)."""
     values = _key_column(data, key).astype("string").fillna("<missing>")
     if key_prefix is not None:
         values = values.str.slice(0, key_prefix)
     codes, uniques = pd.factorize(values, sort=True)
     if n_clients is not None and not 1 <= n_clients <= len(uniques):
+        if private:
+            raise DataValidationError(
+                f"is more clients than column {key!r} has distinct values (how many is not said "
+                "under dp_epsilon)",
+                setting="clients", value=n_clients, allowed="fewer clients",
+            )  # fmt: skip
         raise DataValidationError(
             f"is more clients than column {key!r} has distinct values ({len(uniques)})",
             setting="clients",
@@ -213,9 +228,13 @@ def _by_key_codes(
 
 
 def _assign_by_key(
-    data: Interactions, n_clients: int | None, key: str | None, key_prefix: int | None
+    data: Interactions,
+    n_clients: int | None,
+    key: str | None,
+    key_prefix: int | None,
+    private: bool = False,
 ) -> np.ndarray:
-    codes, n_values = _by_key_codes(data, n_clients, key, key_prefix)
+    codes, n_values = _by_key_codes(data, n_clients, key, key_prefix, private)
     if n_clients is None:
         return codes.astype(np.int32)
     sizes = np.bincount(codes, minlength=n_values)

@@ -343,3 +343,23 @@ def test_fingerprint_follows_the_rows_in_the_callers_ids_not_the_internal_encodi
         changed.loc[5, column] = value
         assert rows_as_text(changed) != rows_as_text(frame)
         assert fingerprint(changed) != fingerprint(frame), column
+
+
+def test_a_private_run_refused_for_too_many_clients_is_not_told_how_many_key_values_there_are():
+    from models.data.sharding import check_columns
+
+    data = _with_user_features(low_rank_interactions(n_users=40), "region",
+                               [f"r{u % 3}" for u in range(40)])  # fmt: skip
+    options = {"split": "random", "partition": "by-key", "partition_key": "region", "n_clients": 5}
+
+    with pytest.raises(DataValidationError, match=r"distinct values \(3\); allowed: 1\.\.3"):
+        check_columns(data, **options)
+    with pytest.raises(DataValidationError) as private:
+        check_columns(data, **options, private=True)
+    assert "3" not in str(private.value).replace("r3", ""), str(private.value)
+    assert str(private.value).endswith(
+        "distinct values (how many is not said under dp_epsilon); allowed: fewer clients"
+    )
+    with pytest.raises(DataValidationError, match="how many is not said"):
+        assign_clients(data, n_clients=5, strategy="by-key", key="region",
+                       rng=np.random.default_rng(0), private=True)  # fmt: skip
