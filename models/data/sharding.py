@@ -410,12 +410,13 @@ def _refuse_shared_pairs(
     """Refuse a held-out file with (user, item) pairs that an earlier split file also has: the
     model would be scored on rows it learned (a test row in the training file scores its
     rating as learned, and excludes its item from the ranking)."""
-    shared = held_out[[USER, ITEM]].merge(other[[USER, ITEM]].drop_duplicates(), how="inner")
+    # by the ids' text: one file's integer 7 and another's "7" name the same user or item
+    pairs, earlier = (f[[USER, ITEM]].astype(str).reset_index(drop=True) for f in (held_out, other))
+    shared = pairs.reset_index().merge(earlier.drop_duplicates(), how="inner")
     if shared.empty:
         return
-    user, item = (
-        v.item() if isinstance(v, np.generic) else v for v in shared.iloc[0][[USER, ITEM]]
-    )
+    first = held_out.iloc[int(shared["index"].min())]
+    user, item = (v.item() if isinstance(v, np.generic) else v for v in first[[USER, ITEM]])
     raise DataValidationError(
         f"{len(shared)} of {len(held_out)} rows have a (user, item) pair {other_name} also has "
         f"(the first: user {user!r}, item {item!r})",

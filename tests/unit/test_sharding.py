@@ -261,6 +261,9 @@ def test_a_held_out_row_that_another_split_file_has_is_refused(shared_with):
     test = table([("a", 4), ("b", 2), ("b", 1)] if shared_with == "train" else [("a", 4), ("c", 1)],
                  "test.csv")  # fmt: skip
     assert combine_splits(train, table([("a", 4)], "test.csv"), valid)  # disjoint: accepted
+    numbers = table([(1, 10), (2, 11)], "numbers.csv")
+    with pytest.raises(DataValidationError, match=r"\(the first: user '2', item '11'\)"):
+        combine_splits(numbers, table([("2", "11")], "text.parquet"))  # 2 and "2": one user
 
     with pytest.raises(DataValidationError) as caught:
         combine_splits(train, test, valid)
