@@ -25,7 +25,7 @@ from models.data.partitions import mark_finished, read_item_ids, read_manifest, 
 from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
 from models.promotion import WORSE_THAN_BASELINE, PromotionDecision
-from tasks.data import load_interactions, shard_clients
+from tasks.data import data_fingerprint, load_interactions, shard_clients
 from tasks.reporting import publish_summary
 from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
@@ -151,13 +151,13 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     data, explicit_split = load_interactions(config)
     for note in data.notes:  # what reading changed or assumed (duplicates dropped, ...)
         logger.info("data: %s", note)
-    rows, uri = data.fingerprint(), resolve_tracking_uri(config.tracking_uri)
+    rows, uri = data_fingerprint(data, config), resolve_tracking_uri(config.tracking_uri)
     private = config.dp_epsilon is not None
     if private and config.catalogue is None and data.public_items is None:
         logger.warning(
             "the model will list every item of %s, and DP does not cover that list: an item only "
             "one user rated shows that user's row; give --catalogue FILE (a public list of the "
-            "items, an item_id column) to list those instead",
+            "items: the data's item column or item_id) to list those instead",
             redact_uri(data.source),
         )
     # a private run logs its fingerprint keyed with its ledger's secret (None before the first

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,22 @@ def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray 
     data, split = combine_splits(read(config.train), read(config.test), valid)
     data, kept = public_catalogue(data, config)
     return data, split[kept]
+
+
+def data_fingerprint(data: Interactions, config: TrainingConfig) -> str:
+    """What a run's data is, for "unchanged since the champion": the rows' fingerprint, and
+    under a by-key partition each user's key too, since moving a user to another client
+    changes the partition (and with it any model not solved exactly)."""
+    rows = data.fingerprint()
+    if config.partition != "by-key" or data.user_features is None:
+        return rows
+    if config.partition_key not in data.user_features:
+        return rows  # sharding refuses it, in its own words
+    keys = pd.DataFrame({"user": [str(u) for u in data.user_ids],
+                         "key": data.user_features[config.partition_key].astype(str).to_numpy()})  # fmt: skip
+    digest = hashlib.sha256(rows.encode())
+    digest.update(pd.util.hash_pandas_object(keys.sort_values("user"), index=False).to_numpy())
+    return digest.hexdigest()
 
 
 def public_catalogue(

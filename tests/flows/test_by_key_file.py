@@ -42,9 +42,12 @@ def test_a_csv_column_that_describes_the_user_partitions_the_clients(tmp_path):
 def test_a_run_trains_one_client_per_value_of_the_files_column(tmp_path, prefect_server):
     from flows.training import federated_training
     from models.data.partitions import read_manifest, read_partition
+    from models.data.synthetic import generate_synthetic
 
-    rows = [f"u{u},i{(u * 7 + j) % 40},{1 + (u + j) % 5},r{u % 4}" for u in range(60)
-            for j in range(8)]  # fmt: skip
+    data = generate_synthetic(n_users=200, n_items=60, n_interactions=6_000)
+    frame = data.frame
+    rows = [f"u{data.user_ids[u]},i{data.item_ids[i]},{r:g},r{data.user_ids[u] % 4}"
+            for u, i, r in zip(frame["user"], frame["item"], frame["rating"], strict=True)]  # fmt: skip
     path = tmp_path / "shop.csv"
     path.write_text("user_id,item_id,rating,region\n" + "\n".join(rows) + "\n")
     config = TrainingConfig(
@@ -57,6 +60,15 @@ def test_a_run_trains_one_client_per_value_of_the_files_column(tmp_path, prefect
 
     manifest = read_manifest(summary["workspace"])
     assert manifest.n_clients == 4 and summary["model_version"] == "1"
+    assert summary["promoted"], summary["reason"]
     for entry in manifest.clients:
         users = read_partition(summary["workspace"], entry, manifest.n_items).user_ids
         assert len({int(str(u)[1:]) % 4 for u in users}) == 1, entry
+    # the same file again is unchanged; the same rows with users moved to other regions are not
+    again = federated_training(**config.model_dump())
+    assert again["skipped"] is True, again
+    moved = tmp_path / "moved.csv"
+    moved.write_text(path.read_text().replace(",r0\n", ",rX\n").replace(",r1\n", ",r0\n")
+                     .replace(",rX\n", ",r1\n"))  # fmt: skip
+    retrained = federated_training(**config.model_copy(update={"data": str(moved)}).model_dump())
+    assert "skipped" not in retrained and retrained["model_version"] == "2"
