@@ -157,7 +157,13 @@ class NeuralRecommender(ServedItems):
                     )
                 )
                 reason = reason or "asked: scored by the network"
-                scored = [(item, float(scores[u, index[item]]), reason) for item in known]
+                in_history = set(met[u].tolist())  # positive or not: the user has met it
+                scored = [
+                    (item, float("nan"), "in the history: not scored")
+                    if index[item] in in_history
+                    else (item, float(scores[u, index[item]]), reason)
+                    for item in known
+                ]
                 for rank, (item, score, why) in enumerate(best_first(scored), start=1):
                     out.append((user, rank, item, score, why))
                 continue

@@ -315,6 +315,12 @@ def test_recommender_round_trips_and_answers_the_same(tmp_path):
     expected = without_met(model.recommend(kept, k=9), met, k=5)
     pd.testing.assert_frame_equal(strict.recommend(rated, k=5), expected)
     assert {"3", "12"} & set(model.recommend(kept, k=5).item_id)  # which it used to recommend
+    asked = strict.recommend(rated.assign(items=[["3", "2"], ["4"]]))  # 3: rated 1 by "a"
+    mine = asked[asked.user_id == "a"].set_index("item_id")
+    assert mine.loc["3", "reason"] == "in the history: not scored" and np.isnan(
+        mine.loc["3", "score"]
+    )
+    assert mine.index.tolist() == ["2", "3"] and np.isfinite(mine.loc["2", "score"])
     assert strict.positive_threshold == 3.0
 
 
