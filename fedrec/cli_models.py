@@ -406,14 +406,23 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
             )
 
 
-def run_rows(client: Any, limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` training runs of every experiment, newest first, as MLflow records
-    them: when each started and how long it took, its status, its data, the version it
-    registered and the promotion decision, or why it failed, and the ``--resume`` command of
-    one that can be continued."""
+def run_rows(client: Any, limit: int, experiment: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` training runs of every experiment (or of ``experiment``), newest
+    first, as MLflow records them: when each started and how long it took, its status, its
+    data, the version it registered and the promotion decision, or why it failed, and the
+    ``--resume`` command of one that can be continued."""
     import datetime
 
-    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_experiments()
+    names = {e.experiment_id: e.name for e in found}
+    if experiment is not None:
+        if experiment not in names.values():
+            raise UserError(
+                f"--experiment {experiment}: no such MLflow experiment; there are: "
+                f"{', '.join(sorted(names.values())) or 'none'}"
+            )
+        names = {k: v for k, v in names.items() if v == experiment}
+    experiments = list(names)
     if not experiments:
         return []
     runs = client.search_runs(
@@ -434,6 +443,7 @@ def run_rows(client: Any, limit: int) -> list[dict[str, Any]]:
         )  # fmt: skip
         rows.append({
             "run_id": info.run_id,
+            "experiment": names.get(info.experiment_id, ""),
             "name": info.run_name or "",
             "started": started.strftime("%Y-%m-%d %H:%M"),
             "seconds": None if took is None else round(took, 1),
@@ -471,10 +481,11 @@ def _outcome(row: dict[str, Any]) -> str:
 @click.option(
     "--limit", default=10, show_default=True, type=click.IntRange(min=1), help="newest runs shown"
 )
+@click.option("--experiment", default=None, help="one MLflow experiment [default: every one]")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per run on stdout")
 @debug_option
 @friendly_errors
-def runs(tracking_uri: str | None, limit: int, as_json: bool) -> None:
+def runs(tracking_uri: str | None, limit: int, experiment: str | None, as_json: bool) -> None:
     """The newest training runs in MLflow: when each started, how long it took, whether it
     finished, the version it registered and whether that became champion, or the error it
     failed with and how to continue it. A run refused before it started tracking (bad data, an
@@ -489,7 +500,7 @@ def runs(tracking_uri: str | None, limit: int, as_json: bool) -> None:
     from mlflow import MlflowClient
 
     uri = _store_uri(tracking_uri)
-    rows = run_rows(MlflowClient(tracking_uri=uri, registry_uri=uri), limit)
+    rows = run_rows(MlflowClient(tracking_uri=uri, registry_uri=uri), limit, experiment)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

@@ -102,7 +102,10 @@ def code_version() -> str:
 def _run_name(config: TrainingConfig, clients: int | None = None) -> str:
     """``als-k32-10c-10r``: the model, its factors, the clients (``clients`` when given: the
     sites that enrolled) and the rounds."""
-    n = f"{config.clients if clients is None else clients}c"
+    if clients is None and config.clients is None:  # by-key, one client per value
+        n = f"by-{config.partition_key}"
+    else:
+        n = f"{config.clients if clients is None else clients}c"
     if config.feedback == "implicit":
         model = "ials+knn" + ("+lgbm" if config.ranker != "none" else "")
         return f"{model}-k{config.ranking_config().n_factors}-{n}-{config.rounds}r"

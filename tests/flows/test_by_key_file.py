@@ -58,6 +58,10 @@ def test_a_run_trains_one_client_per_value_of_the_files_column(tmp_path, prefect
 
     summary = federated_training(**config.model_dump())
 
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=config.tracking_uri).get_run(summary["run_id"])
+    assert run.info.run_name == "als-k2-by-region-1r"
     manifest = read_manifest(summary["workspace"])
     assert manifest.n_clients == 4 and summary["model_version"] == "1"
     assert summary["promoted"], summary["reason"]

@@ -503,6 +503,11 @@ def test_runs_lists_the_training_runs_with_what_they_registered(trained):
     ]
     listed = _run("runs", "--tracking-uri", uri).stdout.splitlines()
 
+    assert {r["experiment"] for r in records} == {"fedrec"}
+    only = _run("runs", "--tracking-uri", uri, "--experiment", "fedrec", "--json").stdout
+    assert [json.loads(x)["run_id"] for x in only.splitlines()] == [r["run_id"] for r in records]
+    unknown = CliRunner().invoke(main, ["runs", "--tracking-uri", uri, "--experiment", "nope"])
+    assert unknown.exit_code == 2 and "no such MLflow experiment; there are: " in unknown.stderr
     trained_here = [r for r in records if r["run_id"] == version.run_id]
     assert len(trained_here) == 1
     (row,) = trained_here
