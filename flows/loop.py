@@ -200,6 +200,13 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
                 carried,
                 ctx.n_items,
             )
+            if ctx.champion_on_other_data:  # the caller's files under another name
+                logger.warning(
+                    "the warm start takes champion version %s's items, trained on %s, to be this "
+                    "data's items of the same ids (%s): right for a later export of the same "
+                    "shop, wrong for another's (--model-name keeps a champion per dataset)",
+                    version, ctx.champion.source, ctx.source,
+                )  # fmt: skip
     return state, None
 
 

@@ -555,3 +555,6 @@ def test_the_same_rows_under_another_file_name_are_unchanged_data_and_a_new_expo
     messages = [r.getMessage() for r in records]
     started = f"warm start from champion version {champion['model_version']}: 60 of 60 items"
     assert any(m.startswith(started) for m in messages), messages
+    warned = [r for r in records if r.getMessage().startswith("the warm start takes champion")]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert str(first) in warned[0].getMessage() and str(later) in warned[0].getMessage()
