@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import sparse
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,6 +78,29 @@ def trained_column(items: pd.DataFrame) -> np.ndarray | None:
     return items["trained"].to_numpy(dtype=bool) if "trained" in items else None
 
 
+def as_list(value: object) -> list:
+    """A request cell as a list: it may hold a list, a numpy array, or nothing (NaN/None)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    return list(value)  # type: ignore[call-overload]
+
+
+def rows_matrix(rows: list[np.ndarray], n_items: int) -> sparse.csr_matrix:
+    """A 0/1 matrix of ``len(rows)`` x ``n_items`` with row ``u`` set at the indices ``rows[u]``."""
+    users = np.repeat(np.arange(len(rows)), [r.size for r in rows])
+    cols = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return sparse.csr_matrix((np.ones(users.size), (users, cols)), shape=(len(rows), n_items))
+
+
+@dataclass(frozen=True)
+class RequestHistory:
+    """One request row's history as a model with a positive threshold reads it."""
+
+    positives: np.ndarray  # sorted indices of the known items it counts as positives
+    met: np.ndarray  # sorted indices of every known item in it, positive or not: never recommended
+    note: str  # why anything was left out ("ignored 2 unknown item(s): a, b"), or ""
+
+
 class ServedItems:
     """The items a recommender with ``item_ids`` and a ``trained`` mask (None: every item)
     serves, for the three recommenders: :attr:`known_items`, their index, and the ``trained``
@@ -92,6 +117,32 @@ class ServedItems:
     def served_index(self) -> dict[str, int]:
         """Item id -> index of the items the model serves (:attr:`known_items`)."""
         return served_index(self.item_ids, self.trained)
+
+    def request_histories(
+        self, requests: pd.DataFrame, positive_threshold: float | None
+    ) -> list[RequestHistory]:
+        """Each request row's ``history_items`` (and ``history_ratings``, if given) as indices
+        of the served items: the positives (rated ``>= positive_threshold``, or every item) and
+        every item the user has met, with a note naming the unknown positives left out."""
+        from models.data.schema import rated_positives
+
+        index = self.served_index()
+        ratings = requests.get("history_ratings")
+        out = []
+        for u, every in enumerate(requests["history_items"]):
+            every = [str(i) for i in as_list(every)]
+            rated = None if ratings is None else as_list(ratings.iloc[u])
+            items = rated_positives(every, rated, positive_threshold)
+            unknown = [i for i in items if i not in index]
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            out.append(
+                RequestHistory(
+                    positives=np.array(sorted({index[i] for i in items if i in index}), np.int64),
+                    met=np.array(sorted({index[i] for i in every if i in index}), np.int64),
+                    note=f"ignored {len(unknown)} unknown item(s): {shown}" if unknown else "",
+                )
+            )
+        return out
 
     def with_trained(self, items: Any) -> Any:
         """``items`` (a table or a dict of its columns) with the ``trained`` column, if any."""

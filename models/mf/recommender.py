@@ -19,6 +19,7 @@ from models.mf.recommend import fold_in, score_all, top_k
 from models.recommenders import (
     NO_HISTORY,
     ServedItems,
+    as_list,
     asked_items,
     best_first,
     trained_column,
@@ -105,8 +106,8 @@ class MFRecommender(ServedItems):
         histories, reasons = [], []
         has_ratings = HISTORY_RATINGS in requests
         for _, row in requests.iterrows():
-            items = [str(i) for i in _as_list(row[HISTORY_ITEMS])]
-            ratings = _as_list(row[HISTORY_RATINGS]) if has_ratings else []
+            items = [str(i) for i in as_list(row[HISTORY_ITEMS])]
+            ratings = as_list(row[HISTORY_RATINGS]) if has_ratings else []
             if self.rating_scale is not None:  # predictions come from the user's own ratings
                 self._check_ratings(str(row[USER_ID]), len(items), ratings)
             elif len(ratings) != len(items):
@@ -238,12 +239,3 @@ class MFRecommender(ServedItems):
         rated = ratings[seen == liked[near]][0]
         shown = f" you rated {rated:g}" if self.rating_scale is not None else " in your history"
         return f"{head}; closest to {self.item_ids[liked[near]]}{shown}"
-
-
-def _as_list(value: object) -> list:
-    """Request cells may hold a list, a numpy array, or nothing (NaN/None)."""
-    if value is None:
-        return []
-    if isinstance(value, float) and np.isnan(value):
-        return []
-    return list(value)  # type: ignore[call-overload]

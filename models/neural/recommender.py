@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from models.data.schema import rated_positives
 from models.mf.recommend import top_k
 from models.neural.network import (
     Architecture,
@@ -34,12 +33,12 @@ from models.recommenders import (
     ServedItems,
     asked_items,
     best_first,
+    rows_matrix,
     trained_column,
 )
 
 KIND = "neural"
 USER_ID = "user_id"
-HISTORY_ITEMS = "history_items"
 ITEMS = "items"
 RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
 # Occlusion for the reasons costs one forward pass per history item; past this many items only
@@ -117,23 +116,10 @@ class NeuralRecommender(ServedItems):
         if k < 1:
             raise ValueError(f"k={k} must be >= 1")
         index = self.served_index()
-        histories, met, notes = [], [], []
-        ratings = requests.get("history_ratings")
-        for u, every in enumerate(requests[HISTORY_ITEMS]):
-            every = [str(i) for i in _as_list(every)]
-            rated = None if ratings is None else _as_list(ratings.iloc[u])
-            items = rated_positives(every, rated, self.positive_threshold)
-            unknown = [i for i in items if i not in index]
-            histories.append(np.array(sorted({index[i] for i in items if i in index}), np.int64))
-            # every item of the history, positive or not, is one the user has met
-            met.append(np.array(sorted({index[i] for i in every if i in index}), np.int64))
-            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            notes.append(f"ignored {len(unknown)} unknown item(s): {shown}" if unknown else "")
-        rows = np.repeat(np.arange(len(histories)), [h.size for h in histories])
-        cols = np.concatenate(histories) if histories else np.zeros(0, np.int64)
-        matrix = sparse.csr_matrix(
-            (np.ones(rows.size), (rows, cols)), shape=(len(histories), self.n_items)
-        )
+        read = self.request_histories(requests, self.positive_threshold)
+        histories, met = [h.positives for h in read], [h.met for h in read]
+        notes = [h.note for h in read]
+        matrix = rows_matrix(histories, self.n_items)
         scores = self.score(matrix)
         out: list[tuple[str, int, str, float, str]] = []
         for u, user in enumerate(requests[USER_ID].astype(str)):
@@ -248,10 +234,3 @@ class NeuralRecommender(ServedItems):
             None if meta.get("positive_threshold") is None else float(meta["positive_threshold"]),
             trained_column(items),
         )
-
-
-def _as_list(value: object) -> list:
-    """Request cells may hold a list, a numpy array, or nothing (NaN/None)."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    return list(value)  # type: ignore[call-overload]

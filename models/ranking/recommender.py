@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from models.data.schema import rated_positives
 from models.mf.recommend import top_k
 from models.neural.network import Architecture, Params, load_network, save_network
 from models.ranking.boosting import TreeEnsemble
@@ -32,6 +31,7 @@ from models.recommenders import (
     ServedItems,
     asked_items,
     best_first,
+    rows_matrix,
     trained_column,
 )
 
@@ -167,27 +167,10 @@ class RankingRecommender(ServedItems):
         no known item) gets score NaN and the reason.
         """
         index = self.served_index()
-        rows, cols, seen_rows, seen_cols, notes = [], [], [], [], []
-        ratings = requests.get("history_ratings")
-        for u, every in enumerate(requests["history_items"]):
-            every = [str(i) for i in _as_list(every)]
-            rated = None if ratings is None else _as_list(ratings.iloc[u])
-            items = rated_positives(every, rated, self.positive_threshold)
-            unknown = [i for i in items if i not in index]
-            known = sorted({index[i] for i in items if i in index})
-            rows += [u] * len(known)
-            cols += known
-            # every item of the history, positive or not, is one the user has met
-            met = sorted({index[i] for i in every if i in index})
-            seen_rows += [u] * len(met)
-            seen_cols += met
-            note = ""
-            if unknown:
-                note = f"ignored {len(unknown)} unknown item(s): " + ", ".join(unknown[:5])
-            notes.append(note)
-        shape = (len(requests), self.n_items)
-        history = sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=shape)
-        seen = sparse.csr_matrix((np.ones(len(seen_rows)), (seen_rows, seen_cols)), shape=shape)
+        read = self.request_histories(requests, self.positive_threshold)
+        notes = [h.note for h in read]
+        history = rows_matrix([h.positives for h in read], self.n_items)
+        seen = rows_matrix([h.met for h in read], self.n_items)
         asks = [asked_items(requests, u) for u in range(len(requests))]
         asked = [a or [] for a in asks]
         has_history = np.diff(history.indptr) > 0
@@ -497,9 +480,3 @@ def _align_network(
 def _request_user_features(requests: pd.DataFrame) -> pd.DataFrame | None:
     present = [c for c in USER_FEATURE_COLUMNS if c in requests]
     return requests[present].reset_index(drop=True) if present else None
-
-
-def _as_list(value: object) -> list:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    return list(value)  # type: ignore[call-overload]
