@@ -586,7 +586,7 @@ def _resumable_run(config: Any) -> str | None:
     try:
         from mlflow.tracking import MlflowClient
 
-        from fedrec.model_store import resolve_tracking_uri
+        from fedrec.model_store import resolve_tracking_uri, resume_possible
         from tasks.tracking import registered_version
 
         uri = resolve_tracking_uri(config.tracking_uri)
@@ -605,14 +605,12 @@ def _resumable_run(config: Any) -> str | None:
             if not found:
                 return None
             run = found[0]
-        workspace = run.data.tags.get("fedrec.workspace")
-        if run.info.status == "FINISHED" or not workspace:
+        # a run that registered its model before failing has nothing left to resume
+        if not resume_possible(run, registered_version(client, run.info.run_id)):
             return None
-        if registered_version(client, run.info.run_id) is not None:
-            return None  # it registered its model before failing: nothing left to resume
     except Exception:  # a hint, not a second error
         return None
-    return run.info.run_id if (Path(workspace) / "manifest.json").is_file() else None
+    return run.info.run_id
 
 
 def _crash_lost_runs(tracking_uri: str | None) -> None:

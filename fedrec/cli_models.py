@@ -413,6 +413,8 @@ def run_rows(client: Any, limit: int, experiment: str | None = None) -> list[dic
     ``--resume`` command of one that can be continued."""
     import datetime
 
+    from fedrec.model_store import resume_possible
+
     found = client.search_experiments()
     names = {e.experiment_id: e.name for e in found}
     if experiment is not None:
@@ -436,11 +438,8 @@ def run_rows(client: Any, limit: int, experiment: str | None = None) -> list[dic
         took = None if info.end_time is None else (info.end_time - info.start_time) / 1000
         versions = client.search_model_versions(f"run_id='{info.run_id}'")
         version = versions[0] if versions else None
-        workspace = tags.get("fedrec.workspace")
-        resumable = (
-            info.status in ("FAILED", "KILLED") and version is None
-            and bool(workspace) and Path(workspace).is_dir()
-        )  # fmt: skip
+        # a RUNNING run may be running: it is offered for resume once it ended
+        resumable = info.status in ("FAILED", "KILLED") and resume_possible(run, version)
         rows.append({
             "run_id": info.run_id,
             "experiment": names.get(info.experiment_id, ""),

@@ -28,6 +28,9 @@ from fedrec.home import fedrec_home
 from models.privacy.redaction import redact_uri
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+
     from models.federation.family import Recommender
 
 STATE = "recommender"  # the model's artifact folder holding the recommender's state files
@@ -229,3 +232,18 @@ def load_recommender(uri: str, model_uri: str) -> Recommender:
         return read_recommender(folder)
     with tempfile.TemporaryDirectory() as tmp:
         return read_recommender(_state_from_mlflow(uri, model_uri, tmp))
+
+
+def resume_possible(run: Run, version: ModelVersion | None) -> bool:
+    """Whether ``--resume`` could continue ``run``: it did not finish, it registered no version
+    (``version``, from :func:`registered_version`), and its workspace still holds its clients'
+    partitions."""
+    from models.data.partitions import MANIFEST
+
+    workspace = run.data.tags.get("fedrec.workspace")
+    return (
+        run.info.status != "FINISHED"
+        and version is None
+        and bool(workspace)
+        and (Path(workspace) / MANIFEST).is_file()
+    )
