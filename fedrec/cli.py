@@ -448,7 +448,8 @@ def train(
     to champion if it beats the current one.
 
     Data: --data synthetic (default), ml-100k / ml-1m (under $FEDREC_DATASETS), a MovieLens folder,
-    or a CSV/Parquet file with user_id,item_id[,rating][,timestamp]; or --train/--test files.
+    or a CSV (also .csv.gz) or Parquet file with user_id,item_id[,rating][,timestamp]; or
+    --train/--test files.
 
     Runs report to the Prefect server named by PREFECT_API_URL or, without one, to fedrec's local
     server (`fedrec server start`), which this command starts when it is not running.

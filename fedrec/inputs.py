@@ -10,7 +10,9 @@ files and MovieLens folders are left to the flow. Only pandas is loaded, not the
 from __future__ import annotations
 
 import difflib
+import gzip
 import tempfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,7 @@ def check_sources_exist(sources: Mapping[str, str]) -> None:
     """Raise ``MissingSourceError`` naming the first source that does not exist; a bare name
     (no folder, no suffix) is also compared with the named datasets."""
     from models.data.movielens import NAMED_DATASETS
-    from models.data.readers import CSV_SUFFIXES, PARQUET_SUFFIXES, datasets_dir
+    from models.data.readers import TABLE_SUFFIXES, datasets_dir
 
     for name, spec in sources.items():
         path = source_path(spec)
@@ -150,7 +152,7 @@ def check_sources_exist(sources: Mapping[str, str]) -> None:
         else:
             message += (
                 "; allowed: an existing file ("
-                + ", ".join((*CSV_SUFFIXES, *PARQUET_SUFFIXES))
+                + ", ".join(TABLE_SUFFIXES)
                 + "), a MovieLens folder, or a named dataset"
             )
         raise MissingSourceError(message)
@@ -170,11 +172,16 @@ def _read_head(path: Path, options: dict[str, Any], *, explicit: bool) -> None:
     from models.data.readers import DEFAULT_RATING_COL, read_interactions
     from models.data.schema import require_ratings
 
-    with open(path, "rb") as handle:
-        head = handle.read(HEAD_BYTES)
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as handle:
+            head = handle.read(HEAD_BYTES)
+    except (OSError, EOFError, zlib.error):
+        head = b""  # the reader names the broken compression, in the flow's words
+        compressed = False
     head = head[: head.rfind(b"\n") + 1] or head
     with tempfile.TemporaryDirectory(prefix="fedrec-check-") as folder:
-        copy = Path(folder) / path.name
+        copy = Path(folder) / (path.name[: -len(".gz")] if compressed else path.name)
         copy.write_bytes(head)
         try:
             data = read_interactions(copy, **options)
@@ -208,7 +215,13 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     DataValidationError
         The first problem the core's reader finds (file, row, column, value, what is allowed).
     """
-    from models.data.readers import CSV_SUFFIXES, DEFAULT_RATING_COL, PARQUET_SUFFIXES, load_dataset
+    from models.data.readers import (
+        CSV_SUFFIXES,
+        DEFAULT_RATING_COL,
+        TABLE_SUFFIXES,
+        has_suffix,
+        load_dataset,
+    )
     from models.data.schema import keep_positives, require_ratings
     from models.data.sharding import check_client_count, check_columns, combine_splits
 
@@ -221,7 +234,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
     checked, read = [], {}
     for name, spec in sources.items():
         path = source_path(spec).expanduser()
-        is_table = path.is_file() and path.suffix.lower() in CSV_SUFFIXES + PARQUET_SUFFIXES
+        is_table = path.is_file() and has_suffix(path, TABLE_SUFFIXES)
         if _size(path) <= WHOLE_FILE_BYTES:
             data = load_dataset(str(path), **(options if is_table else {}))  # as the flow will
             if explicit:
@@ -241,7 +254,7 @@ def check_inputs(values: Mapping[str, Any]) -> list[str]:
                 and isinstance(clients, int)
             ):
                 check_client_count(clients, data.n_users, data.source or None)
-        elif path.suffix.lower() in CSV_SUFFIXES:
+        elif has_suffix(path, CSV_SUFFIXES):
             _read_head(path, options, explicit=explicit)
         else:
             continue

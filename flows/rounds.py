@@ -23,7 +23,7 @@ from prefect.utilities.annotations import quote
 from fedrec.config import TrainingConfig
 from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry, Manifest
-from models.data.readers import CSV_SUFFIXES, PARQUET_SUFFIXES
+from models.data.readers import TABLE_SUFFIXES
 from models.federation.sampling import sample_clients
 from models.privacy.dp import calibrate, epsilon
 from models.privacy.ledger import run_delta
@@ -480,4 +480,4 @@ def log_step(
 def _own_files(source: str | None) -> bool:
     """Whether a recorded data source is CSV/Parquet files (not a named or built-in dataset)."""
     parts = (source or "").split(" + ")
-    return all(part.lower().endswith(CSV_SUFFIXES + PARQUET_SUFFIXES) for part in parts)
+    return all(part.lower().endswith(TABLE_SUFFIXES) for part in parts)

@@ -14,7 +14,7 @@ from fedrec.config import TrainingConfig
 from fedrec.inputs import file_options, synthetic_options
 from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
-from models.data.readers import load_dataset, read_item_list
+from models.data.readers import TABLE_SUFFIXES, has_suffix, load_dataset, read_item_list
 from models.data.schema import Interactions, keep_positives, require_ratings, with_catalogue
 from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
 
@@ -23,7 +23,7 @@ def _load(spec: str, config: TrainingConfig) -> Interactions:
     if spec == "synthetic":
         return load_dataset(spec, **synthetic_options(config.model_dump()))
     path = Path(spec)
-    is_table = path.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet", ".pq")
+    is_table = has_suffix(path, TABLE_SUFFIXES)
     return load_dataset(spec, **(file_options(config.model_dump()) if is_table else {}))
 
 

@@ -43,7 +43,7 @@ from fedrec.sites.secure import SecureSite
 from fedrec.sites.transport import ANSWER_TYPE, Transport, TransportError, answer_key, request_key
 from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
 from models.cohorts import family_cohort_round
-from models.data.readers import load_dataset
+from models.data.readers import TABLE_SUFFIXES, has_suffix, load_dataset
 from models.data.schema import Interactions, keep_positives
 from models.federation.evaluation import without_item_counts
 from models.federation.family import Family
@@ -112,7 +112,7 @@ class SiteOptions:
 def load_site_data(spec: str, options: dict[str, Any]) -> Interactions:
     """The site's rows, read and validated as ``fedrec train --data`` reads them."""
     path = Path(spec)
-    table = path.suffix.lower() in (".csv", ".tsv", ".txt", ".parquet", ".pq")
+    table = has_suffix(path, TABLE_SUFFIXES)
     data = load_dataset(spec, **(options if table else {}))
     item_set(data)  # integer item ids, or one clear error now rather than at enrolment
     return data

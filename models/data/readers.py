@@ -9,8 +9,10 @@ checks on the rows themselves live in ``validate.py``.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +33,10 @@ from models.data.tables import parse_error
 from models.data.validate import validate_interactions
 
 DATASETS_ENV = "FEDREC_DATASETS"
-CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+# delimited text, plain or gzip-compressed (read whole, as a plain file is)
+CSV_SUFFIXES = (".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+TABLE_SUFFIXES = CSV_SUFFIXES + PARQUET_SUFFIXES
 DEFAULT_RATING_COL = "rating"
 DEFAULT_TIMESTAMP_COL = "timestamp"
 
@@ -40,6 +44,12 @@ _DELIMITERS = (",", "\t", ";", "|")
 # Ids written as canonical integers ("42", not "007" or "4.0") become int64, as a Parquet file's
 # integer ids are, so that both give a row the same split; 19 digits fit unless past int64.
 _CANONICAL_INT = r"-?(?:0|[1-9][0-9]{0,18})"
+
+
+def has_suffix(path: str | Path, suffixes: tuple[str, ...]) -> bool:
+    """Whether the file's name ends with one of ``suffixes`` (case-insensitive; ``.csv.gz``
+    is one suffix)."""
+    return Path(path).name.lower().endswith(suffixes)
 
 
 def datasets_dir() -> Path:
@@ -104,8 +114,8 @@ def read_interactions(
     """
     path = Path(path)
     file = str(path)
-    _check_is_file(path, suffixes=CSV_SUFFIXES + PARQUET_SUFFIXES)
-    is_parquet = path.suffix.lower() in PARQUET_SUFFIXES
+    _check_is_file(path, suffixes=TABLE_SUFFIXES)
+    is_parquet = has_suffix(path, PARQUET_SUFFIXES)
     text_cols = (user_col, item_col, *user_columns)
     raw = _read_parquet(path) if is_parquet else _read_delimited(path, text_cols)
 
@@ -208,7 +218,7 @@ def load_dataset(spec: str, **kw: object) -> Interactions:
     raise DataValidationError(
         f"unknown dataset {spec!r}: no such file or folder",
         allowed="'synthetic', 'ml-100k', 'ml-1m', a MovieLens folder, or a "
-        + "/".join(CSV_SUFFIXES + PARQUET_SUFFIXES)
+        + "/".join(TABLE_SUFFIXES)
         + " file",
     )
 
@@ -221,7 +231,7 @@ def _check_is_file(path: Path, *, suffixes: tuple[str, ...]) -> None:
         raise DataValidationError(
             "is a directory", file=file, allowed=f"a file ({', '.join(suffixes)})"
         )
-    if path.suffix.lower() not in suffixes:
+    if not has_suffix(path, suffixes):
         raise DataValidationError(
             f"unsupported file type {path.suffix or '(no extension)'!r}",
             file=file,
@@ -285,13 +295,23 @@ _MISSING_WORDS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", 
 def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
     data = path.read_bytes()
     file = str(path)
+    if has_suffix(path, ".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataValidationError(
+                f"cannot be decompressed ({err})",
+                file=file,
+                allowed="a whole gzip file (gzip -t checks one), or the file without .gz",
+            ) from err
     if not data.strip():
         raise DataValidationError(
             "is empty (only blank lines)", file=file, allowed="a header and data rows"
         )
     # The header is sniffed before the file is known to be UTF-8; latin-1 decodes any byte.
     header = data.split(b"\n", 1)[0].removeprefix(b"\xef\xbb\xbf").decode("latin-1")
-    delimiter = _sniff_delimiter(header, default="\t" if path.suffix.lower() == ".tsv" else ",")
+    tabs = has_suffix(path, (".tsv", ".tsv.gz"))
+    delimiter = _sniff_delimiter(header, default="\t" if tabs else ",")
     try:
         # Decoding the whole file once is cheap and, unlike the parser, gives the true offset.
         data.decode("utf-8")

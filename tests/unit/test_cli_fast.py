@@ -112,8 +112,9 @@ def test_a_missing_file_is_refused_before_any_library_or_server_loads(tmp_path):
     done, imported = _cli(["train", "--data", str(missing)], tmp_path / "home")
 
     _assert_one_line_error(done, f"data={str(missing)!r}: no such file or folder")
-    assert "; allowed: an existing file (.csv, .tsv, .txt, .parquet, .pq), a MovieLens folder" in (
-        done.stderr
+    assert (
+        "; allowed: an existing file (.csv, .tsv, .txt, .csv.gz, .tsv.gz, .txt.gz, .parquet, .pq), a MovieLens folder"
+        in (done.stderr)
     )
     assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
     _assert_nothing_started(tmp_path / "home")

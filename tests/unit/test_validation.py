@@ -69,7 +69,10 @@ BAD_INPUTS = [
         BadInput(
             {"ratings.xlsx": HEADER + "1,2,3\n"},
             "ratings.xlsx",
-            ("unsupported file type '.xlsx'", "allowed: .csv, .tsv, .txt, .parquet, .pq"),
+            (
+                "unsupported file type '.xlsx'",
+                "allowed: .csv, .tsv, .txt, .csv.gz, .tsv.gz, .txt.gz, .parquet, .pq",
+            ),
         ),
         id="unsupported-extension",
     ),
@@ -779,3 +782,44 @@ def test_integer_ids_split_the_same_from_csv_and_parquet(tmp_path: Path) -> None
     np.testing.assert_array_equal(row_keys(from_csv), row_keys(from_parquet))
     (tmp_path / "big.csv").write_text("user_id,item_id,rating\n9223372036854775808,1,4\n")
     assert read_interactions(tmp_path / "big.csv").user_ids.tolist() == ["9223372036854775808"]
+
+
+def test_a_gzip_compressed_csv_reads_as_the_plain_file_and_its_errors_name_it(
+    tmp_path: Path,
+) -> None:
+    import gzip
+
+    text = "user_id\titem_id\trating\n" + "".join(
+        f"u{u}\ti{(u * 7 + j) % 13}\t{1 + (u + j) % 5}\n" for u in range(20) for j in range(4)
+    )
+    (tmp_path / "r.tsv").write_text(text)
+    (tmp_path / "r.TSV.gz").write_bytes(gzip.compress(text.encode()))
+
+    plain = read_interactions(tmp_path / "r.tsv")
+    packed = read_interactions(tmp_path / "r.TSV.gz")
+
+    assert len(packed.frame) == len(plain.frame) == 80
+    assert packed.fingerprint() == plain.fingerprint()
+    # a bad row is named in the compressed file, by its data row
+    bad = text.replace("u3\ti9\t5\n", "u3\ti9\t9\n")
+    assert bad != text
+    (tmp_path / "bad.csv.gz").write_bytes(gzip.compress(bad.replace("\t", ",").encode()))
+    with pytest.raises(DataValidationError) as err:
+        read_interactions(tmp_path / "bad.csv.gz")
+    assert str(tmp_path / "bad.csv.gz") in str(err.value) and "row 14" in str(err.value)
+    # a cut-off download is one line, not a traceback from gzip
+    (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(text.encode())[:100])
+    with pytest.raises(DataValidationError, match=r"cannot be decompressed.*gzip -t"):
+        read_interactions(tmp_path / "cut.csv.gz")
+
+
+def test_the_head_check_of_a_large_compressed_file_names_the_real_file(tmp_path: Path) -> None:
+    import gzip
+
+    from fedrec.inputs import _read_head
+
+    data = tmp_path / "big.csv.gz"
+    data.write_bytes(gzip.compress(b"user,item_id,rating\nu1,i1,4\n"))
+    with pytest.raises(DataValidationError) as err:
+        _read_head(data, {}, explicit=True)
+    assert err.value.file == str(data) and err.value.column == "user_id"
