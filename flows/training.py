@@ -151,7 +151,8 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     data, explicit_split = load_interactions(config)
     for note in data.notes:  # what reading changed or assumed (duplicates dropped, ...)
         logger.info("data: %s", note)
-    rows, uri = data_fingerprint(data, config), resolve_tracking_uri(config.tracking_uri)
+    rows = data_fingerprint(data, config, explicit_split)
+    uri = resolve_tracking_uri(config.tracking_uri)
     private = config.dp_epsilon is not None
     if private and config.catalogue is None and data.public_items is None:
         logger.warning(

@@ -15,7 +15,14 @@ from fedrec.inputs import file_options, synthetic_options
 from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
 from models.data.readers import TABLE_SUFFIXES, has_suffix, load_dataset, read_item_list
-from models.data.schema import Interactions, keep_positives, require_ratings, with_catalogue
+from models.data.schema import (
+    ITEM,
+    USER,
+    Interactions,
+    keep_positives,
+    require_ratings,
+    with_catalogue,
+)
 from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
 
 
@@ -49,19 +56,37 @@ def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray 
     return data, split[kept]
 
 
-def data_fingerprint(data: Interactions, config: TrainingConfig) -> str:
-    """What a run's data is, for "unchanged since the champion": the rows' fingerprint, and
-    under a by-key partition each user's key too, since moving a user to another client
-    changes the partition (and with it any model not solved exactly)."""
+def data_fingerprint(
+    data: Interactions, config: TrainingConfig, split: np.ndarray | None = None
+) -> str:
+    """What a run's data is, for "unchanged since the champion": the rows' fingerprint; with
+    split files (``split``, each row's split code) also which split each row came from, so the
+    same files under other names are unchanged and a row moved between them is not; under a
+    by-key partition each user's key too, since moving a user to another client changes the
+    partition (and with it any model not solved exactly)."""
     rows = data.fingerprint()
-    if config.partition != "by-key" or data.user_features is None:
+    by_key = (
+        config.partition == "by-key"
+        and data.user_features is not None
+        and config.partition_key in data.user_features  # else sharding refuses it, in its words
+    )
+    if split is None and not by_key:
         return rows
-    if config.partition_key not in data.user_features:
-        return rows  # sharding refuses it, in its own words
-    keys = pd.DataFrame({"user": [str(u) for u in data.user_ids],
-                         "key": data.user_features[config.partition_key].astype(str).to_numpy()})  # fmt: skip
     digest = hashlib.sha256(rows.encode())
-    digest.update(pd.util.hash_pandas_object(keys.sort_values("user"), index=False).to_numpy())
+    if split is not None:
+        frame = data.frame
+        held = pd.DataFrame({
+            "user": np.asarray([str(u) for u in data.user_ids], dtype=object)[frame[USER].to_numpy()],
+            "item": np.asarray([str(i) for i in data.item_ids], dtype=object)[frame[ITEM].to_numpy()],
+            "split": np.asarray(split, dtype=np.int8),
+        }).sort_values(["user", "item"])  # fmt: skip
+        digest.update(b"split files\n")
+        digest.update(pd.util.hash_pandas_object(held, index=False).to_numpy())
+    if by_key:
+        assert data.user_features is not None
+        keys = pd.DataFrame({"user": [str(u) for u in data.user_ids],
+                             "key": data.user_features[config.partition_key].astype(str).to_numpy()})  # fmt: skip
+        digest.update(pd.util.hash_pandas_object(keys.sort_values("user"), index=False).to_numpy())
     return digest.hexdigest()
 
 

@@ -558,3 +558,38 @@ def test_the_same_rows_under_another_file_name_are_unchanged_data_and_a_new_expo
     warned = [r for r in records if r.getMessage().startswith("the warm start takes champion")]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
     assert str(first) in warned[0].getMessage() and str(later) in warned[0].getMessage()
+
+
+def test_split_files_under_other_names_are_unchanged_and_a_row_moved_between_them_is_not(
+    store, tmp_path
+):
+    """Split files count by their rows and which file each row is in, not by their paths."""
+    from flows.training import federated_training
+    from models.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(n_users=120, n_items=40, n_interactions=2_000)
+    frame = data.frame
+    rows = [f"u{data.user_ids[u]},i{data.item_ids[i]},{r:g}"
+            for u, i, r in zip(frame["user"], frame["item"], frame["rating"], strict=True)]  # fmt: skip
+    header = "user_id,item_id,rating\n"
+
+    def write(name: str, train: list[str], test: list[str]) -> dict[str, str]:
+        (tmp_path / f"{name}-train.csv").write_text(header + "\n".join(train) + "\n")
+        (tmp_path / f"{name}-test.csv").write_text(header + "\n".join(test) + "\n")
+        return {"train": str(tmp_path / f"{name}-train.csv"),
+                "test": str(tmp_path / f"{name}-test.csv")}  # fmt: skip
+
+    cut = len(rows) * 9 // 10
+    tiny = {"rounds": 2, "clients": 2, "factors": 2, "tracking_uri": store["uri"],
+            "model_name": "split-files"}  # fmt: skip
+
+    def train(files: dict[str, str]) -> dict:
+        return federated_training(**TrainingConfig(**files, **tiny).model_dump())
+
+    champion = train(write("day1", rows[:cut], rows[cut:]))
+    renamed = train(write("day2", rows[:cut], rows[cut:]))
+    moved = train(write("day3", rows[: cut - 1], rows[cut - 1 :]))  # one row now held out
+
+    assert champion["promoted"], champion["reason"]
+    assert renamed["skipped"] is True and renamed["champion_version"] == champion["model_version"]
+    assert not moved.get("skipped") and moved["model_version"] != champion["model_version"]
