@@ -22,10 +22,21 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
     """One request row per user from a history file (user_id,item_id[,rating], or the columns
     named by ``columns``: ``user_col``, ``item_col``, ``rating_col``). For a ``model`` that
     predicts ratings from a user's ratings, the history must hold ratings on its scale."""
+    from models.data.errors import NoDataRows
     from models.data.readers import read_interactions
 
     scale = getattr(model, "rating_scale", None)  # a rating model's; None: any rating, or none
-    data = read_interactions(history, rating_scale=scale, **columns)
+    try:
+        data = read_interactions(history, rating_scale=scale, **columns)
+    except NoDataRows as err:
+        if not users:
+            raise UserError(
+                f"{history}: has no data rows; allowed: at least one row, or --users FILE to "
+                "ask for users with no history yet"
+            ) from err
+        # the users of --users have no history yet: each gets the cold-start answer
+        empty = pd.DataFrame({"user_id": pd.Series(dtype=str)})
+        return _with_users(empty.assign(history_items=[], history_ratings=[]), users, columns)
     if scale is not None and data.rating_scale is None:
         raise UserError(
             f"{history}: no rating column {columns['rating_col']!r}: this model predicts ratings "
@@ -50,20 +61,25 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
     requests = grouped.reset_index()
     if data.rating_scale is None:  # no rating column: nothing for a model to weigh or filter by
         requests["history_ratings"] = [[] for _ in range(len(requests))]
-    if users:
-        wanted = _read_ids(users, {columns["user_col"]: "user_id"})
-        # side features a ranking model's re-ranker uses (ignored by MF models)
-        kept = ["user_id", *(c for c in ("age", "gender", "occupation") if c in wanted)]
-        wanted = wanted[kept].drop_duplicates("user_id")
-        if "age" in wanted:
-            wanted["age"] = pd.to_numeric(wanted["age"], errors="coerce")
-        requests = wanted.merge(requests, on="user_id", how="left")
-        requests["history_items"] = requests["history_items"].apply(
-            lambda v: v if isinstance(v, list) else []
-        )
-        requests["history_ratings"] = requests["history_ratings"].apply(
-            lambda v: v if isinstance(v, list) else []
-        )
+    return _with_users(requests, users, columns) if users else requests
+
+
+def _with_users(requests: pd.DataFrame, users: str, columns: dict[str, str]) -> pd.DataFrame:
+    """One request per user of the ``users`` file, in its order, with the history ``requests``
+    holds for it (none: an empty one) and its side features."""
+    wanted = _read_ids(users, {columns["user_col"]: "user_id"})
+    # side features a ranking model's re-ranker uses (ignored by MF models)
+    kept = ["user_id", *(c for c in ("age", "gender", "occupation") if c in wanted)]
+    wanted = wanted[kept].drop_duplicates("user_id")
+    if "age" in wanted:
+        wanted["age"] = pd.to_numeric(wanted["age"], errors="coerce")
+    requests = wanted.merge(requests, on="user_id", how="left")
+    requests["history_items"] = requests["history_items"].apply(
+        lambda v: v if isinstance(v, list) else []
+    )
+    requests["history_ratings"] = requests["history_ratings"].apply(
+        lambda v: v if isinstance(v, list) else []
+    )
     return requests
 
 

@@ -43,3 +43,8 @@ class DataValidationError(ValueError):
         if allowed:
             message += f"; allowed: {allowed}"
         super().__init__(message)
+
+
+class NoDataRows(DataValidationError):
+    """A table with a header and no data row: an error for training data, but a request
+    file's way to say that its users have no history yet."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from models.data.errors import DataValidationError
+from models.data.errors import DataValidationError, NoDataRows
 from models.data.schema import ITEM, RATING, TIMESTAMP, USER
 
 _EPOCH = pd.Timestamp(0, tz="UTC")
@@ -76,9 +76,7 @@ def validate_interactions(
     """
     _check_rating_scale(rating_scale, file=file)
     if len(raw) == 0:
-        raise DataValidationError(
-            "has no data rows", file=file, allowed="at least one interaction row"
-        )
+        raise NoDataRows("has no data rows", file=file, allowed="at least one interaction row")
     wanted = [user_col, item_col, rating_col, timestamp_col]
     for column in wanted:
         if column is not None:

@@ -298,6 +298,18 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
         "scored by global mean and item bias",
     ]
     assert "have no history item" not in rec.stderr  # bob has no history: popular items, quietly
+    # a history file of new users only (its header): each user of --users gets bob's answer
+    nobody = tmp_path / "nobody.csv"
+    nobody.write_text("user_id,item_id,rating\n")
+    cold = _run("recommend", *model, "--history", str(nobody), "--users", str(users), "--k", "5")
+    cold_table = pd.read_csv(io.StringIO(cold.stdout), dtype={"user_id": str, "item_id": str})
+    assert cold.exit_code == 0 and list(cold_table["user_id"]) == ["alice"] * 5 + ["bob"] * 5
+    assert list(cold_table["item_id"]) == list(bob["item_id"]) * 2
+    refused = _run("recommend", *model, "--history", str(nobody))
+    assert refused.exit_code != 0 and refused.stderr.strip() == (
+        f"fedrec: error: {nobody}: has no data rows; allowed: at least one row, or --users FILE "
+        "to ask for users with no history yet"
+    )
     rec = _run("recommend", *model, "--history", str(history))
     assert "fedrec: note: 1 of 2 user(s) (carol) have no history item this model knows" in (
         rec.stderr
