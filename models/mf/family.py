@@ -159,8 +159,9 @@ class ExplicitMF:
             total = add_sums(u.metrics for u in updates)
             mean = total["rating_sum"] / total["n"] if total.get("n", 0) > 0 else 0.0
             return replace(state, params=replace(state.params, global_mean=float(mean)))
-        if phase == "biases":
-            return server_bias_update(state, updates, self.config)
+        if phase == "biases":  # the released biases are the private trivial baseline too
+            released = server_bias_update(state, updates, self.config)
+            return replace(released, baseline=released.params.bias.copy())
         updated = server_update(state, updates, self.config)
         updated = replace(updated, baseline=self._baseline(state, updates))
         n_items = state.params.n_items
@@ -175,8 +176,8 @@ class ExplicitMF:
         """The trivial baseline's item biases, kept from the first training round: ALS's summed
         statistics hold, per item, the count and ``sum (r - mu - b_u)`` (the last row of the
         Gram and right-hand side), so ``b_i = sum / (count + BASELINE_SHRINK)`` costs no extra
-        upload. FedAvg's updates hold no sums; under DP the baseline is data-free: both have
-        none (the global mean, or the scale's middle, alone)."""
+        upload. FedAvg's updates hold no sums (the global mean alone); under DP the baseline is
+        the biases phase's release, kept from that phase."""
         if state.baseline is not None or self.private or self.config.algorithm != "als":
             return state.baseline
         n_items, k = state.params.n_items, self.config.n_factors
@@ -188,12 +189,10 @@ class ExplicitMF:
 
     def baseline_prediction(self, state: GlobalState) -> tuple[float, np.ndarray]:
         """The trivial baseline of the rating predictions: a global mean and item biases,
-        independent of the trained factors and biases."""
-        n_items = state.params.n_items
-        if self.private:  # data-free: nothing the accountant has not counted
-            clip = self.config.clip_to
-            return (sum(clip) / 2 if clip is not None else 0.0), np.zeros(n_items)
-        bias = state.baseline if state.baseline is not None else np.zeros(n_items)
+        independent of the trained factors. Under DP they are the biases phase's release (the
+        global mean stays what that phase released), which the accountant counted: the gate then
+        asks the factors' noisy rounds to do better than the released biases alone."""
+        bias = state.baseline if state.baseline is not None else np.zeros(state.params.n_items)
         return state.params.global_mean, bias
 
     def servable(self, state: GlobalState) -> MFRecommender:

@@ -343,6 +343,15 @@ def test_the_private_biases_phase_is_one_of_the_accounted_rounds_and_survives_se
     np.testing.assert_allclose(secure.params.bias, direct.params.bias, atol=1e-12)
     assert secure.params.global_mean == pytest.approx(direct.params.global_mean)
     assert 2.5 < direct.params.global_mean < 4.5
+    # the private trivial baseline is that release (nothing more is released for it): a noisy
+    # model must beat the released biases, not the middle of the scale
+    np.testing.assert_array_equal(secure.baseline, secure.params.bias)
+    test = clients[0].rows("test")
+    oracle = np.clip(secure.params.global_mean + secure.params.bias[test.items], 1.0, 5.0)
+    sums = family.evaluate(clients[0], secure, ["test"])["baseline/test"][0]
+    assert sums["sse"] == pytest.approx(float(np.sum((oracle - test.ratings) ** 2)))
+    middle = float(np.sum((3.0 - test.ratings) ** 2))
+    assert sums["sse"] < middle  # the bar the gate used to set: the scale's middle
 
 
 def test_a_private_run_has_its_own_defaults_unless_given():
