@@ -22,13 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
 from models.ranking.features import CATEGORICAL, FEATURES
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
 
 RankingObjective = Literal["lambdarank", "rank_xendcg"]
 
@@ -91,6 +93,8 @@ def _matrix(features: pd.DataFrame, names: Sequence[str] = FEATURES) -> np.ndarr
 def _dataset(
     features: pd.DataFrame, labels: np.ndarray, groups: np.ndarray, init: np.ndarray | None
 ) -> lgb.Dataset:
+    import lightgbm as lgb  # here: the configuration's readers need not load it
+
     return lgb.Dataset(
         _matrix(features),
         label=labels,
@@ -177,6 +181,8 @@ class TreeEnsemble:
 @lru_cache(maxsize=4096)
 def _parse(text: str) -> lgb.Booster:
     # A client sees the same members round after round: parse each model string once.
+    import lightgbm as lgb
+
     return lgb.Booster(model_str=text)
 
 
@@ -190,6 +196,8 @@ def boost_client(
 ) -> str:
     """One client's round: ``trees_per_round`` trees fitted from the global ensemble's scores
     (``init_scores``) on the client's rows."""
+    import lightgbm as lgb
+
     data = _dataset(features, labels, groups, init_scores)
     booster = lgb.train(config.lgb_params(seed), data, num_boost_round=config.trees_per_round)
     return booster.model_to_string()
@@ -208,6 +216,8 @@ def train_centralized(
 ) -> TreeEnsemble:
     """The reference: one LightGBM ranker on all clients' rows pooled, with as many trees as one
     client grows over the whole federated training."""
+    import lightgbm as lgb
+
     booster = lgb.train(
         config.lgb_params(config.seed),
         _dataset(features, labels, groups, None),

@@ -120,6 +120,15 @@ def test_a_missing_file_is_refused_before_any_library_or_server_loads(tmp_path):
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_a_bad_setting_is_refused_before_the_models_libraries_load(tmp_path):
+    done, imported = _cli(["train", "--rounds", "-1"], tmp_path / "home")
+
+    _assert_one_line_error(done, "rounds (--rounds)", "-1")
+    # the configuration is checked with pydantic; LightGBM and scikit-learn load only to train
+    assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_partition_key_that_is_not_one_value_per_user_is_refused_at_its_row(tmp_path):
     data = tmp_path / "shop.csv"
     data.write_text("user_id,item_id,rating,region\nu1,i1,4,north\nu2,i1,3,south\nu1,i2,5,west\n")
