@@ -459,7 +459,7 @@ def train(
     check_resume(values)
     check_inputs(values)  # a bad file ends here, before any library or server is loaded
     values = absolute_paths(values)
-    with _status("checking the configuration (loads pandas, scikit-learn, LightGBM)"):
+    with _status("checking the configuration (loads pandas)"):
         from pydantic import ValidationError
 
         from fedrec.config import TrainingConfig

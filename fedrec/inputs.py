@@ -39,6 +39,13 @@ class InputError(ValueError):
     """Data sources that cannot make a run (a one-line message naming them)."""
 
 
+class ConfigError(ValueError):
+    """A run's parameters that do not make a configuration, on one line (the flow's answer to a
+    deployment run triggered with a bad parameter)."""
+
+    one_line = True
+
+
 class MissingSourceError(InputError):
     """A data source that does not exist (one line naming the config key, the spec and the path)."""
 

@@ -5,6 +5,7 @@ better."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -13,8 +14,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import ValidationError
 
+from fedrec.cli_errors import one_line_config_error
 from fedrec.config import TrainingConfig, fedrec_home
+from fedrec.inputs import ConfigError
 from fedrec.model_store import check_tracking_uri, sqlite_path
 from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
@@ -61,7 +65,10 @@ def federated_training_fn(**params: Any) -> dict[str, Any]:
     Parameters are the fields of ``fedrec.config.TrainingConfig``; pass a config as
     ``federated_training(**config.model_dump())``.
     """
-    config = TrainingConfig(**params)
+    try:
+        config = TrainingConfig(**params)
+    except ValidationError as err:  # the run's state message: one line, as the CLI gives it
+        raise ConfigError(f"invalid configuration: {one_line_config_error(err)}") from None
     record_foreground_process(flow_run.get_id())  # a later command can tell if this process dies
     # a tracking server that does not answer fails the run in seconds, not after MLflow's
     # minutes of retries in every task (a deployment's run holds its concurrency slot meanwhile);
@@ -237,8 +244,9 @@ def _train_and_register(
     logger, name = get_run_logger(), config.registered_name
     uri, run_id, workspace, manifest = ctx.uri, ctx.run_id, ctx.workspace, ctx.manifest
     source = ctx.source
-    if ctx.champion_on_other_data:
-        logger.info(
+    if ctx.champion_on_other_data:  # a warning when its item ids may mean other items
+        logger.log(
+            logging.WARNING if ctx.champion_on_other_dataset else logging.INFO,
             "the champion, version %s of %s, was trained on %s; this run's data is %s. It is "
             "compared on this run's clients (--model-name keeps a separate champion per dataset)",
             ctx.champion.version, name, ctx.champion.source, source,
@@ -301,6 +309,11 @@ def _train_and_register(
                 decision = PromotionDecision(
                     False, f"{decision.reason} (the champion held out other rows: "
                     f"{champion_held_out}; it may have trained on some of this run's)",
+                )  # fmt: skip
+            if decision.promote and ctx.champion_on_other_dataset:  # what is served changes data
+                decision = PromotionDecision(
+                    True, f"{decision.reason} (it replaces a champion trained on other data, "
+                    f"{ctx.champion.source}; --model-name keeps one champion per dataset)",
                 )  # fmt: skip
         identity = {
             "fedrec.dataset_fingerprint": manifest.fingerprint,

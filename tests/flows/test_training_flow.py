@@ -469,7 +469,7 @@ def test_a_run_on_other_data_than_the_champions_says_so(store):
             "model_name": "sources", "synthetic_items": 150, "synthetic_interactions": 6_000}  # fmt: skip
     first = federated_training(**TrainingConfig(synthetic_users=200, **tiny).model_dump())
     with flow_log(logging.INFO) as records:  # the item ids are the same 0..149: no warm start
-        federated_training(
+        second = federated_training(
             **TrainingConfig(synthetic_users=220, warm_start=True, **tiny).model_dump()
         )
 
@@ -477,8 +477,12 @@ def test_a_run_on_other_data_than_the_champions_says_so(store):
     assert (
         tags["fedrec.source"].startswith("synthetic(") and "n_users=200," in tags["fedrec.source"]
     )
-    said = [r.getMessage() for r in records if "this run's data is" in r.getMessage()]
+    warned = [r for r in records if "this run's data is" in r.getMessage()]
+    assert [r.levelno for r in warned] == [logging.WARNING]  # its items may be other items
+    said = [r.getMessage() for r in warned]
     assert len(said) == 1 and "was trained on synthetic(" in said[0] and "n_users=200" in said[0]
+    replaced = "(it replaces a champion trained on other data, synthetic("
+    assert (replaced in second["reason"]) is second["promoted"], second["reason"]
     assert "n_users=220" in said[0].split("this run's data is")[1]
     messages = [r.getMessage() for r in records]
     refused = f"no warm start: champion version {first['model_version']} was trained on synthetic("
