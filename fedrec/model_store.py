@@ -146,7 +146,19 @@ def _state_from_sqlite(path: Path, model_uri: str) -> Path | None:
                 (name, alias),
             ).fetchone()
             if row is None:
-                raise _not_found(model_uri, str(path), names, f"{name!r} has no alias {alias!r}")
+                versions = [v for (v,) in db.execute(
+                    "SELECT version FROM model_versions WHERE name = ? AND current_stage != ? "
+                    "ORDER BY version", (name, _DELETED))]  # fmt: skip
+                have = (
+                    f" (its versions: {', '.join(map(str, versions[-5:]))}; the latest is "
+                    f"models:/{name}/{versions[-1]}, or `fedrec models --model-name {name}` "
+                    "says why none is champion)"
+                    if versions
+                    else ""
+                )
+                raise _not_found(
+                    model_uri, str(path), names, f"{name!r} has no alias {alias!r}{have}"
+                )
             version = row[0]
         row = db.execute(
             "SELECT storage_location, source FROM model_versions "
