@@ -748,10 +748,14 @@ def server_start(port: int | None, timeout: float | None) -> None:
     """Start the local Prefect server in the background (or find it running) and wait until it
     answers."""
     state, started = local_server.start(port=port, timeout=timeout)
-    if not started and port is not None and port != state.port:
+    asked, named = port, f"--port {port}"
+    if asked is None and os.environ.get(local_server.PORT_ENV, "").strip().isdigit():
+        asked = int(os.environ[local_server.PORT_ENV])
+        named = f"{local_server.PORT_ENV}={asked}"
+    if not started and asked is not None and asked != state.port:
         raise UserError(
-            f"--port {port}: the local Prefect server is already running at {state.url} (pid "
-            f"{state.pid}); stop it first (fedrec server stop) to move it to port {port}"
+            f"{named}: the local Prefect server is already running at {state.url} (pid "
+            f"{state.pid}); stop it first (fedrec server stop) to move it to port {asked}"
         )
     if not started:
         click.echo(f"a local Prefect server is already running at {state.url} (pid {state.pid})")

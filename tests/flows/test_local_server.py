@@ -106,6 +106,9 @@ def test_start_status_stop_lifecycle(tmp_path):
         assert moved.returncode == 2 and moved.stderr.count("\n") == 1, moved.stderr
         assert f"--port {other}: the local Prefect server is already running" in moved.stderr
         assert int(pid_file.read_text()) == pid and _port_free(other)
+        by_env = _fedrec("server", "start", env=env | {"FEDREC_PREFECT_PORT": str(other)})
+        assert by_env.returncode == 2, by_env.stdout + by_env.stderr
+        assert f"FEDREC_PREFECT_PORT={other}: the local Prefect server is already" in by_env.stderr
 
         stopped = _fedrec("server", "stop", env=env)
 
