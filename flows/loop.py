@@ -331,6 +331,7 @@ def train_family(
     if pending is None:
         raise ValueError(f"the {family.name} family trained no sampled round: rounds must be >= 1")
     # the final model's and the champion's evaluations run side by side
+    get_run_logger().info("round %s/%s: evaluating the final model on every client", step, total)
     final_futures = _evaluate_all(ctx, family, state, family.eval_splits, f"round-{step}", release)
     champion_futures, comparable = _champion_evaluations(ctx, family, release)
     final_evaluations = answered(final_futures, f"round-{step} evaluation", names=ctx.client_names)

@@ -390,10 +390,14 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+PACE_STEPS = 3  # the ETA's step time: the median of the last few, so a slower phase shows soon
+
+
 def pace(marks: Sequence[float], started: float, label: str) -> str:
     """Elapsed time since ``started`` and, when ``label`` reads "N/TOTAL", the time left at the
-    median step so far: ``marks`` are the times steps ended, the first one the first step's start.
-    """
+    median of the last :data:`PACE_STEPS` steps (a family's later phase, a re-ranker's rounds
+    after implicit ALS's, may be slower): ``marks`` are the times steps ended, the first one the
+    first step's start."""
     now = marks[-1]
     shown = f"elapsed {_clock(now - started)}"
     found = _OF_TOTAL.search(label)
@@ -402,7 +406,7 @@ def pace(marks: Sequence[float], started: float, label: str) -> str:
     left = int(found[2]) - int(found[1])
     if left <= 0:
         return shown
-    step = float(np.median(np.diff(marks)))
+    step = float(np.median(np.diff(marks)[-PACE_STEPS:]))
     return f"{shown}, ETA {_clock(step * left)} ({step:.1f} s/round)"
 
 
