@@ -7,13 +7,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
-import pandas as pd
 
 from fedrec.cli_errors import UserError, debug_option, friendly_errors
+
+if TYPE_CHECKING:  # loaded by the commands that read tables, not by their --help
+    import pandas as pd
 
 SCORE_FORMAT = "%.6g"
 
@@ -22,6 +23,8 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
     """One request row per user from a history file (user_id,item_id[,rating], or the columns
     named by ``columns``: ``user_col``, ``item_col``, ``rating_col``). For a ``model`` that
     predicts ratings from a user's ratings, the history must hold ratings on its scale."""
+    import pandas as pd
+
     from models.data.errors import NoDataRows
     from models.data.readers import read_interactions
 
@@ -67,6 +70,8 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
 def _with_users(requests: pd.DataFrame, users: str, columns: dict[str, str]) -> pd.DataFrame:
     """One request per user of the ``users`` file, in its order, with the history ``requests``
     holds for it (none: an empty one) and its side features."""
+    import pandas as pd
+
     wanted = _read_ids(users, {columns["user_col"]: "user_id"})
     # side features a ranking model's re-ranker uses (ignored by MF models)
     kept = ["user_id", *(c for c in ("age", "gender", "occupation") if c in wanted)]
@@ -85,20 +90,24 @@ def _with_users(requests: pd.DataFrame, users: str, columns: dict[str, str]) -> 
 
 def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
     """A CSV of ids (text), with the columns named by ``names``'s keys renamed to its values."""
-    if not Path(path).is_file():
-        raise UserError(f"{path}: no such file")
-    from models.data.errors import DataValidationError
+    import numpy as np
+    import pandas as pd
 
+    from models.data.errors import DataValidationError
+    from models.data.validate import require_column
+
+    wanted = f"a CSV file with column(s) {', '.join(names)}"
+    if not Path(path).is_file():
+        raise DataValidationError("no such file", file=path, allowed=wanted)
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # "NA" is an id too
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
         problem = " ".join(str(err).split())
-        raise UserError(f"{path}: not a readable CSV ({problem})") from err
-    missing = [name for name in names if name not in frame.columns]
-    if missing:
-        raise UserError(
-            f"{path}: missing column(s) {', '.join(missing)}; has {', '.join(frame.columns)}"
-        )
+        raise DataValidationError(
+            f"is not a readable CSV ({problem})", file=path, allowed=wanted
+        ) from err
+    for name in names:
+        require_column(frame, name, file=path)
     for column in names:  # as the history's ids are read; an empty one names its row
         ids = frame[column].str.strip()
         empty = ids.isna() | (ids == "")
@@ -245,6 +254,8 @@ def recommend(
 
 def _known_items(recommender: Any) -> set[str]:
     """The ids of the items the model serves, as text, as histories and pairs are read."""
+    import numpy as np
+
     return set(np.asarray(recommender.known_items).astype(str))
 
 
@@ -305,6 +316,8 @@ def predict(
 def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender: Any) -> None:
     """One stderr line per pair without a score, naming the user, the item and why; and one per
     user whose history had unknown items or none the model knows (its scores are a fallback's)."""
+    import pandas as pd
+
     from models.recommenders import NO_HISTORY
 
     known = _known_items(recommender)
@@ -352,8 +365,8 @@ def version_rows(client: Any, name: str, limit: int) -> tuple[str | None, list[d
             "champion": str(v.version) == champion,
             "registered": registered.strftime("%Y-%m-%d %H:%M"),
             "metric": metric,
-            "value": tags.get(f"metric.{metric}", ""),
-            "promoted": tags.get("fedrec.promoted", ""),
+            "value": _number(tags.get(f"metric.{metric}")),
+            "promoted": _decided(tags.get("fedrec.promoted")),
             "reason": tags.get("fedrec.promotion_reason", ""),
             "source": tags.get("fedrec.source", ""),
             "run_id": v.run_id,
@@ -389,11 +402,14 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
     """
     import json
 
-    from mlflow import MlflowClient
+    from fedrec.cli import _status
 
-    uri = _store_uri(tracking_uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    names = sorted(m.name for m in client.search_registered_models())
+    with _status("loading MLflow and reading the registry"):  # shown on a terminal only
+        from mlflow import MlflowClient
+
+        uri = _store_uri(tracking_uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        names = sorted(m.name for m in client.search_registered_models())
     if model_name is not None:
         if model_name not in names:
             raise UserError(
@@ -416,10 +432,27 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
         click.echo("  version  registered (UTC)  metric              value     promoted  reason")
         for r in rows:
             mark = "*" if r["champion"] else " "
+            value = "" if r["value"] is None else f"{r['value']:.6g}"
             click.echo(
                 f"  {r['version'] + mark:<8} {r['registered']:<17} {r['metric']:<19} "
-                f"{r['value']:<9} {r['promoted'] or '-':<9} {r['reason']}"
+                f"{value:<9} {_PROMOTED.get(r['promoted'], '-'):<9} {r['reason']}"
             )
+
+
+_PROMOTED = {True: "true", False: "false"}
+
+
+def _decided(tag: str | None) -> bool | None:
+    """A version's ``fedrec.promoted`` tag as JSON's true or false; None: not decided."""
+    return {"true": True, "false": False}.get(tag or "")
+
+
+def _number(tag: str | None) -> float | None:
+    """A metric kept as a version tag, as a number; None when there is none."""
+    try:
+        return None if tag in (None, "") else float(tag)  # type: ignore[arg-type]
+    except ValueError:
+        return None
 
 
 def run_rows(client: Any, limit: int, experiment: str | None = None) -> list[dict[str, Any]]:
@@ -467,7 +500,7 @@ def run_rows(client: Any, limit: int, experiment: str | None = None) -> list[dic
                             if run.data.params.get(k) not in (None, "", "None")), ""),
             "model": None if version is None else version.name,
             "version": None if version is None else str(version.version),
-            "promoted": None if version is None else version.tags.get("fedrec.promoted"),
+            "promoted": None if version is None else _decided(version.tags.get("fedrec.promoted")),
             "reason": None if version is None else version.tags.get("fedrec.promotion_reason"),
             "error": tags.get("fedrec.error"),
             "resume": f"fedrec train --resume {info.run_id}" if resumable else None,
@@ -478,7 +511,7 @@ def run_rows(client: Any, limit: int, experiment: str | None = None) -> list[dic
 def _outcome(row: dict[str, Any]) -> str:
     """What a run came to, in words: its version's decision, its error, or that it runs."""
     if row["version"] is not None:
-        decided = {"true": "promoted", "false": "not promoted"}.get(row["promoted"], "undecided")
+        decided = {True: "promoted", False: "not promoted"}.get(row["promoted"], "undecided")
         why = f": {row['reason']}" if row["reason"] else ""
         return f"{row['model']} version {row['version']} {decided}{why}"
     if row["status"] == "RUNNING":
@@ -503,8 +536,9 @@ def _outcome(row: dict[str, Any]) -> str:
 def runs(tracking_uri: str | None, limit: int, experiment: str | None, as_json: bool) -> None:
     """The newest training runs in MLflow: when each started, how long it took, whether it
     finished, the version it registered and whether that became champion, or the error it
-    failed with and how to continue it. A run refused before it started tracking (bad data, an
-    MLflow server that did not answer) is in Prefect only: `prefect flow-run ls`.
+    failed with and how to continue it. A command refused before it started (bad data, a bad
+    setting) is in neither; a deployment's run refused the same way, or one whose MLflow server
+    did not answer, is in Prefect only: `prefect flow-run ls`.
 
     \b
     fedrec runs
@@ -512,10 +546,13 @@ def runs(tracking_uri: str | None, limit: int, experiment: str | None, as_json: 
     """
     import json
 
-    from mlflow import MlflowClient
+    from fedrec.cli import _status
 
-    uri = _store_uri(tracking_uri)
-    rows = run_rows(MlflowClient(tracking_uri=uri, registry_uri=uri), limit, experiment)
+    with _status("loading MLflow and reading the runs"):  # shown on a terminal only
+        from mlflow import MlflowClient
+
+        uri = _store_uri(tracking_uri)
+        rows = run_rows(MlflowClient(tracking_uri=uri, registry_uri=uri), limit, experiment)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

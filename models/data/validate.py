@@ -80,7 +80,7 @@ def validate_interactions(
     wanted = [user_col, item_col, rating_col, timestamp_col]
     for column in wanted:
         if column is not None:
-            _require_column(raw, column, file=file)
+            require_column(raw, column, file=file)
 
     _refuse_repeated_header(raw, [c for c in wanted if c is not None], file=file)
     frame = pd.DataFrame(
@@ -98,7 +98,7 @@ def validate_interactions(
     if timestamp_col is not None:
         frame[TIMESTAMP] = _clean_timestamps(raw[timestamp_col], file=file, column=timestamp_col)
     for column in user_cols:
-        _require_column(raw, column, file=file)
+        require_column(raw, column, file=file)
         frame[column] = _user_level(raw[column], frame[USER], file=file, column=column)
     return _drop_duplicates(frame)
 
@@ -157,7 +157,8 @@ def _check_rating_scale(rating_scale: tuple[float, float] | None, *, file: str) 
         )
 
 
-def _require_column(raw: pd.DataFrame, column: str, *, file: str) -> None:
+def require_column(raw: pd.DataFrame, column: str, *, file: str) -> None:
+    """Refuse ``raw`` without ``column`` in one line, suggesting the closest column present."""
     names = [str(name) for name in raw.columns]
     if column in raw.columns:
         return

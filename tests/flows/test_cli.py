@@ -239,6 +239,24 @@ def test_a_run_that_fails_on_its_way_exits_1_and_says_so_on_stdout_under_json(
         }
 
 
+def test_an_alias_the_model_lacks_is_refused_with_its_versions(trained, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    _, uri, _ = trained
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,item_id,rating\nalice,1,5\n")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = client.search_model_versions("name='cli'")
+    latest = max(int(v.version) for v in versions)
+
+    done = _run("recommend", "--model", "models:/cli@staging", "--history", str(history),
+                "--tracking-uri", uri)  # fmt: skip
+
+    assert done.exit_code == 2
+    assert "'cli' has no alias 'staging' (its versions: " in done.stderr
+    assert f"the latest is models:/cli/{latest}, or `fedrec models --model-name cli`" in done.stderr
+
+
 def test_recommend_and_predict_write_csv(trained, tmp_path):
     _, uri, home = trained
     from models.data.partitions import read_item_ids  # the catalogue the model was trained on
@@ -497,8 +515,8 @@ def test_models_lists_versions_with_the_champion_and_why(trained, tmp_path):
     assert "valid/rmse" in row and version.tags["fedrec.promotion_reason"] in row
     (record,) = [json.loads(line) for line in as_json.stdout.splitlines()]
     champion = next(v for v in record["versions"] if v["champion"])
-    assert champion["version"] == str(version.version) and champion["promoted"] == "true"
-    assert champion["value"] == version.tags["metric.valid/rmse"]
+    assert champion["version"] == str(version.version) and champion["promoted"] is True
+    assert champion["value"] == float(version.tags["metric.valid/rmse"])  # numbers, as train's
     unknown = CliRunner().invoke(main, ["models", "--tracking-uri", uri, "--model-name", "nope"])
     assert unknown.exit_code == 2 and "registered: " in unknown.stderr and "cli" in unknown.stderr
 
@@ -524,7 +542,7 @@ def test_runs_lists_the_training_runs_with_what_they_registered(trained):
     assert len(trained_here) == 1
     (row,) = trained_here
     assert row["status"] == "FINISHED" and row["model"] == "cli"
-    assert row["version"] == str(version.version) and row["promoted"] == "true"
+    assert row["version"] == str(version.version) and row["promoted"] is True
     assert row["reason"] == version.tags["fedrec.promotion_reason"] and row["seconds"] > 0
     assert row["error"] is None and row["resume"] is None
     assert any(

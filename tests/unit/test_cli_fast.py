@@ -71,6 +71,14 @@ def test_top_level_help_imports_no_heavy_library(tmp_path):
     assert imported == []
 
 
+@pytest.mark.parametrize("command", ["recommend", "predict", "models", "runs"])
+def test_the_serving_commands_help_imports_no_heavy_library(tmp_path, command):
+    done, imported = _cli([command, "--help"], tmp_path)
+
+    assert done.returncode == 0 and "--tracking-uri" in done.stdout, done.stderr
+    assert imported == []
+
+
 def test_a_bare_fedrec_prints_the_help_and_version_prints_the_version(tmp_path):
     from importlib.metadata import version
 
@@ -564,3 +572,25 @@ def test_a_config_files_relative_paths_are_the_files_folders_and_a_flags_the_cur
     flagged, _ = config_values(str(config), {"data": "other.csv", "workspace": "mine"})
     assert (flagged["data"], flagged["workspace"]) == ("other.csv", "mine")  # made absolute later
     assert config_values(None, {"data": "synthetic"})[0] == {"data": "synthetic"}
+
+
+def test_a_users_or_pairs_file_is_refused_in_the_readers_words(tmp_path):
+    from fedrec.cli_models import _read_ids
+    from models.data.errors import DataValidationError
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("user_id,item\nu1,i1\n")
+    names = {"user_id": "user_id", "item_id": "item_id"}
+
+    with pytest.raises(DataValidationError) as missing:
+        _read_ids(str(tmp_path / "none.csv"), names)
+    with pytest.raises(DataValidationError) as column:
+        _read_ids(str(pairs), names)
+
+    assert str(missing.value) == (
+        f"{tmp_path / 'none.csv'}: no such file; allowed: a CSV file with column(s) user_id, item_id"
+    )
+    assert str(column.value) == (
+        f"{pairs}, column 'item_id': column not found (did you mean 'item'?); allowed: one of the "
+        "columns present: 'user_id', 'item'"
+    )
