@@ -94,6 +94,7 @@ def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
     import pandas as pd
 
     from models.data.errors import DataValidationError
+    from models.data.readers import line_of_row
     from models.data.validate import require_column
 
     wanted = f"a CSV file with column(s) {', '.join(names)}"
@@ -112,12 +113,14 @@ def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
         ids = frame[column].str.strip()
         empty = ids.isna() | (ids == "")
         if empty.any():
+            row = int(np.flatnonzero(empty.to_numpy())[0]) + 1
             raise DataValidationError(
                 "missing id",
                 file=path,
-                row=int(np.flatnonzero(empty.to_numpy())[0]) + 1,
+                row=row,
                 column=column,
                 allowed=f"an id in every row of {', '.join(names)}",
+                line=line_of_row(Path(path), row),
             )
         frame[column] = ids
     return frame.rename(columns=names)

@@ -197,7 +197,7 @@ def _read_head(path: Path, options: dict[str, Any], *, explicit: bool) -> None:
         except DataValidationError as err:
             raise DataValidationError(
                 err.problem, file=str(path), row=err.row, column=err.column, setting=err.setting,
-                value=err.value, allowed=err.allowed,
+                value=err.value, allowed=err.allowed, line=err.line,
             ) from err  # fmt: skip
 
 

@@ -9,7 +9,8 @@ class DataValidationError(ValueError):
     """Raised once, at the boundary, for the first problem found in an input.
 
     The message is a single line: ``<file>: row <n>, column '<col>': <value> <problem>; allowed: ...``.
-    Rows are 1-based data rows (a header line is not counted). A problem with a training setting
+    Rows are 1-based data rows (a header line is not counted); in a text file the row's line in
+    the file follows (``row 2 (line 3)``), where an editor finds it. A problem with a training setting
     rather than a column (too many clients for the data, an unknown partition) names it as
     ``setting '<name>'``, by its name in the training configuration. Parts that do not apply are
     left out.
@@ -25,15 +26,18 @@ class DataValidationError(ValueError):
         setting: str | None = None,
         value: Any = None,
         allowed: str | None = None,
+        line: int | None = None,
     ) -> None:
         self.problem = problem
         self.file = file
         self.row = row
+        self.line = line
         self.column = column
         self.setting = setting
         self.value = value
         self.allowed = allowed
-        where = [part for part in (file, None if row is None else f"row {row}") if part]
+        at = None if row is None else f"row {row}" + ("" if line is None else f" (line {line})")
+        where = [part for part in (file, at) if part]
         if column is not None:
             where.append(f"column {column!r}")
         if setting is not None:
@@ -43,6 +47,17 @@ class DataValidationError(ValueError):
         if allowed:
             message += f"; allowed: {allowed}"
         super().__init__(message)
+
+    def at_line(self, line: int | None) -> DataValidationError:
+        """The same error, its row's line in the file named (None: unchanged)."""
+        if line is None:
+            return self
+        copy = type(self)(
+            self.problem, file=self.file, row=self.row, column=self.column, setting=self.setting,
+            value=self.value, allowed=self.allowed, line=line,
+        )  # fmt: skip
+        copy.__cause__ = self.__cause__
+        return copy
 
 
 class NoDataRows(DataValidationError):

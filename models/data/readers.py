@@ -129,16 +129,21 @@ def read_interactions(
         timestamp_col = None
         notes.append(f"no {DEFAULT_TIMESTAMP_COL!r} column: the rows carry no time")
 
-    frame, validation_notes = validate_interactions(
-        raw,
-        file=file,
-        user_col=user_col,
-        item_col=item_col,
-        rating_col=rating_col,
-        timestamp_col=timestamp_col,
-        rating_scale=rating_scale,
-        user_cols=tuple(user_columns),
-    )
+    try:
+        frame, validation_notes = validate_interactions(
+            raw,
+            file=file,
+            user_col=user_col,
+            item_col=item_col,
+            rating_col=rating_col,
+            timestamp_col=timestamp_col,
+            rating_scale=rating_scale,
+            user_cols=tuple(user_columns),
+        )
+    except DataValidationError as err:
+        if is_parquet or err.row is None or err.line is not None or err.file != file:
+            raise
+        raise err.at_line(line_of_row(path, err.row)) from err.__cause__
     notes.extend(validation_notes)
     if not is_parquet:
         frame[USER] = _integer_ids(frame[USER])
@@ -350,6 +355,36 @@ def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
     # "user_id, item_id" headers are common; a stray space should not make a column vanish.
     raw.columns = [str(name).strip() for name in raw.columns]
     return raw
+
+
+def line_of_row(path: Path, row: int) -> int | None:
+    """The line of a delimited file where data row ``row`` (1-based, after the header) starts,
+    counting blank lines, which the reader skips, and quoted line breaks; None when the file
+    cannot be read again the same way. Read only for an error, so it costs nothing otherwise."""
+    try:
+        data = path.read_bytes()
+        if has_suffix(path, ".gz"):
+            data = gzip.decompress(data)
+        text = data.decode("utf-8-sig")
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError):
+        return None
+    header = text.split("\n", 1)[0]
+    tabs = has_suffix(path, (".tsv", ".tsv.gz"))
+    reader = csv.reader(
+        io.StringIO(text), delimiter=_sniff_delimiter(header, default="\t" if tabs else ",")
+    )
+    ended, records = 0, -1  # the header is record 0
+    try:
+        for record in reader:
+            start, ended = ended + 1, reader.line_num
+            if len(record) <= 1 and not "".join(record).strip():
+                continue  # a blank or whitespace-only line: no row (delimiters alone make one)
+            records += 1
+            if records == row:
+                return start
+    except csv.Error:
+        return None
+    return None
 
 
 def _sniff_delimiter(header: str, *, default: str) -> str:

@@ -276,7 +276,7 @@ def test_bad_input_writes_no_model_version_and_keeps_the_champion(store, first_r
     champion = client.get_model_version_by_alias("flowtest", "champion").version
 
     with pytest.raises(
-        DataValidationError, match=r"ratings.csv, row 2, column 'rating': value 7.0"
+        DataValidationError, match=r"ratings.csv, row 2 \(line 3\), column 'rating': value 7.0"
     ):
         federated_training(
             data=str(bad), tracking_uri=store["uri"], model_name="flowtest", clients=2

@@ -147,7 +147,7 @@ def test_a_partition_key_that_is_not_one_value_per_user_is_refused_at_its_row(tm
     )
 
     _assert_one_line_error(
-        done, f"{data}, row 3, column 'region': value 'west' differs from 'north' on row 1, the "
+        done, f"{data}, row 3 (line 4), column 'region': value 'west' differs from 'north' on row 1, the "
         "first row of user 'u1'; allowed: one value per user",
     )  # fmt: skip
     assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported

@@ -191,7 +191,7 @@ BAD_INPUTS = [
             {"ratings.csv": HEADER_TS + "1,10,4,978300760\n" + HEADER_TS + "2,11,3,978300761\n"},
             "ratings.csv",
             (
-                "row 2: repeats the header (files joined with their headers?)",
+                "row 2 (line 3): repeats the header (files joined with their headers?)",
                 "allowed: one header line, the first",
             ),
         ),
@@ -554,9 +554,13 @@ def test_words_pandas_takes_for_missing_are_ids_in_an_id_column(tmp_path: Path) 
     only an empty field is a missing id. In the rating column they stay missing ratings."""
     data = _read_csv_text(tmp_path, HEADER + "NA,null,4\nNone,nan,3\nNA,nan,5\n")
     assert _rows(data) == {("NA", "null"): 4.0, ("None", "nan"): 3.0, ("NA", "nan"): 5.0}
-    with pytest.raises(DataValidationError, match=r"row 2, column 'rating': missing rating"):
+    with pytest.raises(
+        DataValidationError, match=r"row 2 \(line 3\), column 'rating': missing rating"
+    ):
         _read_csv_text(tmp_path, HEADER + "NA,null,4\nNone,nan,NA\n")
-    with pytest.raises(DataValidationError, match=r"row 2, column 'item_id': missing id"):
+    with pytest.raises(
+        DataValidationError, match=r"row 2 \(line 3\), column 'item_id': missing id"
+    ):
         _read_csv_text(tmp_path, HEADER + "NA,null,4\nNone,,3\n")
 
 
@@ -722,9 +726,9 @@ def test_a_user_level_column_in_parquet_keeps_its_type(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("row", "cell", "expected"),
     [
-        (6, "west", "row 6, column 'region': value 'west' differs from 'south' on row 5, the first "
+        (6, "west", "row 6 (line 7), column 'region': value 'west' differs from 'south' on row 5, the first "
          "row of user 'u-01'; allowed: one value per user"),
-        (3, " ", "row 3, column 'region': missing value; allowed: one value per user"),
+        (3, " ", "row 3 (line 4), column 'region': missing value; allowed: one value per user"),
     ],
 )  # fmt: skip
 def test_a_user_level_column_that_varies_within_a_user_is_refused_at_its_row(
@@ -823,3 +827,23 @@ def test_the_head_check_of_a_large_compressed_file_names_the_real_file(tmp_path:
     with pytest.raises(DataValidationError) as err:
         _read_head(data, {}, explicit=True)
     assert err.value.file == str(data) and err.value.column == "user_id"
+
+
+def test_a_bad_rows_line_counts_the_header_blank_lines_and_quoted_line_breaks(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "r.csv"
+    # line: 1 header, 2 u1, 3 spaces (no row), 4 u0, 5 blank, 6-7 u2 (a quoted break), 8 u3
+    path.write_text('user_id,item_id,rating\nu1,i1,4\n   \nu0,i0,3\n\nu2,i2,"5\n"\nu3,i3,9\n')
+
+    with pytest.raises(DataValidationError) as err:
+        read_interactions(path)
+
+    assert str(err.value).startswith(f"{path}, row 4 (line 8), column 'rating': value 9.0")
+    assert (err.value.row, err.value.line) == (4, 8)
+    # Parquet has rows, no lines
+    pd.DataFrame(
+        {"user_id": ["u1", "u3"], "item_id": ["i1", "i3"], "rating": [4.0, 9.0]}
+    ).to_parquet(tmp_path / "r.parquet")
+    with pytest.raises(DataValidationError, match=r"r\.parquet, row 2, column 'rating'"):
+        read_interactions(tmp_path / "r.parquet")
