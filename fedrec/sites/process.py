@@ -114,7 +114,8 @@ def load_site_data(spec: str, options: dict[str, Any]) -> Interactions:
     path = Path(spec)
     table = has_suffix(path, TABLE_SUFFIXES)
     data = load_dataset(spec, **(options if table else {}))
-    item_set(data)  # integer item ids, or one clear error now rather than at enrolment
+    # integer item ids, or one clear error now rather than at enrolment
+    item_set(data, options.get("item_col", "item_id") if table else "item_id")
     return data
 
 

@@ -27,18 +27,26 @@ from models.data.schema import ITEM, Interactions, with_catalogue
 from models.data.sharding import SplitMethod, split_rows
 
 
-def item_set(data: Interactions) -> np.ndarray:
+def item_set(data: Interactions, column: str = "item_id") -> np.ndarray:
     """The site's item ids as sorted unique int64 (what it sends to enrol).
 
     Raises
     ------
-    ValueError
-        If the ids are not integers (the catalogue is exchanged as an integer array).
+    DataValidationError
+        If the ids (read from ``column``) are not integers: the catalogue is exchanged as an
+        integer array, so text ids such as product codes are refused, naming the first one.
     """
     ids = np.asarray(data.item_ids)
     if ids.dtype.kind not in "iu":
-        raise ValueError(
-            f"{data.source}: item ids are {ids.dtype} values; a site federation needs integer ids"
+        text = pd.Series(ids.astype(str))
+        first = text[~text.str.fullmatch(r"-?[0-9]+")].iloc[0] if len(text) else ""
+        raise DataValidationError(
+            "is not an integer item id",
+            file=data.source or None,
+            column=column,
+            value=first,
+            allowed="integer item ids: a site federation exchanges its catalogue as integers "
+            "(number the items the same way at every site, e.g. by a shared product table)",
         )
     return np.unique(ids.astype(np.int64))
 

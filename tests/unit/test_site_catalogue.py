@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from models.data.errors import DataValidationError
 from models.data.schema import encode_interactions
 from models.sites.catalogue import item_set, outside, read_catalogue, site_client, union_catalogue
 
@@ -51,8 +52,12 @@ def test_rows_of_items_a_published_catalogue_lacks_are_left_out_and_counted():
     )  # fmt: skip
     assert kept == [("u1", 1), ("u2", 3)]
     assert client.n_items == 3
-    with pytest.raises(ValueError, match="integer ids"):
-        item_set(_data(["a", "b"], [1, 1]))
+    with pytest.raises(DataValidationError) as refused:
+        item_set(_data(["7", "b"], [1, 1]), column="sku")
+    # a user's own error (exit 2), naming the column and the first id that is not a number
+    assert "column 'sku': value 'b' is not an integer item id; allowed: integer item ids" in str(
+        refused.value
+    )
 
 
 def test_a_published_catalogue_is_read_from_its_item_id_column(tmp_path):
