@@ -85,7 +85,7 @@ def workspaces(prune: bool, days: float) -> None:
     fedrec workspaces --prune              delete those not written for 7 days
     fedrec workspaces --prune --older-than 1
     """
-    from models.data.partitions import is_finished, remove_workspace
+    from models.data.partitions import is_finished, read_manifest, remove_workspace
 
     root = fedrec_home() / "workspaces"
     found, others = find_workspaces(root)
@@ -101,6 +101,8 @@ def workspaces(prune: bool, days: float) -> None:
             click.echo(f"{line}  removed")
         elif is_finished(w.path):
             click.echo(f"{line}  finished (kept by --keep-workspace): nothing to resume")
+        elif read_manifest(w.path).source.startswith("sites:"):
+            click.echo(f"{line}  a run of real sites: not resumed (train again with --sites)")
         else:
             click.echo(f"{line}  resume: fedrec train --resume {w.path.name}")
     for path in others:

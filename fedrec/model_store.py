@@ -254,7 +254,8 @@ def resume_possible(run: Run, version: ModelVersion | None) -> bool:
 
     workspace = run.data.tags.get("fedrec.workspace")
     return (
-        run.info.status != "FINISHED"
+        not run.data.tags.get("fedrec.sites")  # real sites' runs are trained again, not resumed
+        and run.info.status != "FINISHED"
         and version is None
         and bool(workspace)
         and (Path(workspace) / MANIFEST).is_file()

@@ -35,7 +35,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
-from fedrec.model_store import STATE, load_recommender, resolve_tracking_uri
+from fedrec.model_store import STATE, load_recommender, resolve_tracking_uri, sqlite_path
 from models.data.partitions import remove_workspace
 from models.federation.family import Recommender
 from models.files import write_private
@@ -183,7 +183,14 @@ def registered_version(client: MlflowClient, run_id: str) -> ModelVersion | None
 def resumable_run(uri: str, run_id: str) -> Run:
     """The MLflow run ``--resume run_id`` would continue. Refuses (:class:`ResumeError`) a run
     that is unknown, finished, not fedrec's, or that registered its version already (its
-    workspace is removed then: it serves no resume)."""
+    workspace is removed then: it serves no resume), and a run of real sites (they keep no
+    partitions in its workspace: training again is the way on). A missing SQLite store is
+    refused without being created."""
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise ResumeError(
+            f"--resume {run_id}: no MLflow store at {path}; give the run's --tracking-uri"
+        )
     client = _client(uri)
     try:
         run = client.get_run(run_id)
@@ -206,6 +213,11 @@ def resumable_run(uri: str, run_id: str) -> Run:
         )
     if "fedrec.config" not in run.data.tags:
         raise ResumeError(f"--resume {run_id}: not a fedrec training run (no fedrec.config tag)")
+    if run.data.tags.get("fedrec.sites"):
+        raise ResumeError(
+            f"--resume {run_id}: a run of real sites (--sites) is not resumed; train again with "
+            "the same --sites (each site keeps its own records of what it already answered)"
+        )
     return run
 
 

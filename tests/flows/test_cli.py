@@ -475,6 +475,32 @@ def test_a_reader_that_stops_early_ends_recommend_quietly(trained, tmp_path):
     assert "error" not in stderr and "Traceback" not in stderr, stderr
 
 
+def test_a_run_of_real_sites_and_a_store_that_is_not_there_are_not_resumed(tmp_path):
+    from mlflow import MlflowClient
+
+    from fedrec.cli_models import run_rows
+    from tasks.tracking import ResumeError, resumable_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "manifest.json").write_text("{}")
+    run = client.create_run(client.create_experiment("fedrec"), tags={
+        "fedrec.workspace": str(workspace), "fedrec.config": "{}", "fedrec.config_hash": "0",
+        "fedrec.sites": "shop-a,shop-b",
+    })  # fmt: skip
+    client.set_terminated(run.info.run_id, status="FAILED")
+
+    with pytest.raises(ResumeError, match=r"a run of real sites .* is not resumed; train again"):
+        resumable_run(uri, run.info.run_id)
+    with pytest.raises(ResumeError, match=r"no MLflow store at .*elsewhere.db; give the run's"):
+        resumable_run(f"sqlite:///{tmp_path / 'elsewhere.db'}", run.info.run_id)
+    assert not (tmp_path / "elsewhere.db").exists()  # looked for, not made
+    rows = run_rows(client, limit=5)
+    assert [(r["status"], r["resume"]) for r in rows] == [("FAILED", None)]
+
+
 def test_no_resume_hint_for_a_run_that_registered_its_model_before_failing(tmp_path):
     from types import SimpleNamespace
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from fedrec.cli import main
 
 
-def _workspace(root, name, days_old, manifest=True):
+def _workspace(root, name, days_old, manifest=True, source="s"):
     folder = root / name
     (folder / "clients").mkdir(parents=True)
     files = [folder / "clients" / "client-0.parquet"]
@@ -18,7 +18,7 @@ def _workspace(root, name, days_old, manifest=True):
     if manifest:
         files.append(folder / "manifest.json")
         files[-1].write_text(
-            '{"fingerprint": "f", "source": "s", "n_items": 1, "n_users": 1, '
+            f'{{"fingerprint": "f", "source": "{source}", "n_items": 1, "n_users": 1, '
             '"rating_scale": null, "clients": []}'
         )
     written = time.time() - days_old * 86400
@@ -82,3 +82,14 @@ def test_a_workspace_kept_after_its_run_succeeded_offers_no_resume(tmp_path, mon
     )
     assert lines[1].startswith("run-kept")
     assert lines[1].endswith("finished (kept by --keep-workspace): nothing to resume")
+
+
+def test_a_workspace_of_real_sites_offers_no_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    _workspace(tmp_path / "workspaces", "run-sites", days_old=1, source="sites:sites.yaml")
+
+    (line,) = CliRunner().invoke(main, ["workspaces"]).output.splitlines()
+
+    assert line.startswith("run-sites") and line.endswith(
+        "a run of real sites: not resumed (train again with --sites)"
+    )
