@@ -65,6 +65,7 @@ class Registry:
     precision: str = "float64"
     compress: bool = False
     catalogue: np.ndarray | None = field(default=None, compare=False)  # published item ids
+    source: str = field(default="sites.yaml", compare=False)  # the file it was read from
 
     def by_name(self, name: str) -> SiteSpec | None:
         return next((s for s in self.sites if s.name == name), None)
@@ -81,7 +82,7 @@ class Registry:
         heavier = [s.name for s in self.sites if s.weight != 1]
         if heavier and (private or secure):
             raise RegistryError(
-                f"sites.yaml: weight on {', '.join(heavier)}: a weight multiplies what each of "
+                f"{self.source}: weight on {', '.join(heavier)}: a weight multiplies what each of "
                 "the site's users contributes (past DP's bound) and needs the update in the "
                 "clear (secure aggregation sums masked ones); weights are for runs without "
                 "--dp-epsilon and --secure-aggregation"
@@ -187,7 +188,7 @@ def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry
         raise RegistryError(
             f"{source}: sites {named} share one public key; allowed: each site's own key"
         )
-    return Registry(coordinator, tuple(sites), precision, compress, catalogue)
+    return Registry(coordinator, tuple(sites), precision, compress, catalogue, str(source))
 
 
 def read_registry(path: str | Path) -> Registry:

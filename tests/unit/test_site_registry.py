@@ -145,6 +145,12 @@ def test_a_site_weight_is_a_positive_integer_for_plain_runs_only(keys):
     for private, secure in ((True, False), (False, True)):
         with pytest.raises(RegistryError, match=r"weight on shop-a: .* without --dp-epsilon"):
             registry(3).check_weights(private=private, secure=secure)
+    named = parse_registry(
+        {"coordinator_key": "client-0.key", "sites": [{"name": "shop-a", "public_key": raw,
+                                                       "weight": 2}]}, base, "weighted.yaml",
+    )  # fmt: skip
+    with pytest.raises(RegistryError, match=r"^weighted\.yaml: weight on shop-a"):
+        named.check_weights(private=True, secure=False)  # the file it was read from
 
 
 def test_a_published_catalogue_is_read_relative_to_the_sites_file(keys):
