@@ -187,7 +187,8 @@ class TrainingConfig(BaseModel):
     factors: int | None = Field(
         None,
         ge=1,
-        description=f"latent factors k (default: {_MF.n_factors} explicit, {_RANKING.n_factors} implicit)",
+        description=f"latent factors k (default: {_MF.n_factors} explicit, "
+        f"{PRIVATE_EXPLICIT.n_factors} explicit with --dp-epsilon, {_RANKING.n_factors} implicit)",
     )
     reg: float | None = Field(
         None,
