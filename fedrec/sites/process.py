@@ -187,14 +187,30 @@ class Site:
             self.options.poll_seconds,
             ", woken by its events" if self.options.events else "",
         )
+        connected: bool | None = None  # not known before the first poll
         while not stop.is_set():
-            try:
-                self.poll_once()
-            except TransportError as err:
-                log.warning("%s: %s", self.name, err)
+            connected = self._poll_reporting(connected)
             wake.wait(self.options.poll_seconds)
             wake.clear()
         log.info("%s: stopped", self.name)
+
+    def _poll_reporting(self, connected: bool | None) -> bool:
+        """One poll; says when the site loses or regains the coordinator's servers (at start
+        too, where a wrong --prefect-api shows), and returns whether the poll got through."""
+        try:
+            self.poll_once()
+        except TransportError as err:
+            if connected is not False:
+                log.error(
+                    "%s: not connected: %s; check --prefect-api %s (retrying every %.1f s)",
+                    self.name, err, self.options.prefect_api, self.options.poll_seconds,
+                )  # fmt: skip
+            else:
+                log.warning("%s: %s", self.name, err)
+            return False
+        if not connected:
+            log.info("%s: connected to %s", self.name, self.options.prefect_api)
+        return True
 
     def listen(self, wake: threading.Event, stop: threading.Event) -> None:
         """Set ``wake`` whenever the Prefect API's events websocket announces a request artifact

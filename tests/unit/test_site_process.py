@@ -480,3 +480,32 @@ def test_an_exact_site_counts_only_the_rows_a_published_catalogue_keeps(world):
     inside = rows[rows["item"].isin(kept)]
     assert items.size == 0
     assert info["n_train"] + info["n_valid"] + info["n_test"] == len(inside)
+
+
+def test_a_site_says_when_it_cannot_reach_the_coordinator_and_when_it_can_again(world, caplog):
+    import logging
+
+    from fedrec.sites.transport import TransportError
+
+    _, _, start = world
+    site = start()
+    answers = iter([TransportError("GET http://unused/api/artifacts: connection refused")] * 2)
+
+    def poll_once() -> int:
+        failure = next(answers, None)
+        if failure is not None:
+            raise failure
+        return 0
+
+    site.poll_once = poll_once
+    with caplog.at_level(logging.INFO, logger="fedrec.site"):
+        states = [site._poll_reporting(None)]
+        states.append(site._poll_reporting(states[-1]))
+        states.append(site._poll_reporting(states[-1]))
+
+    assert states == [False, False, True]
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert said[0][0] == logging.ERROR and said[0][1].startswith("shop-a: not connected: GET")
+    assert "check --prefect-api http://unused/api" in said[0][1]
+    assert said[1][0] == logging.WARNING  # still down: said once as an error, then as it goes
+    assert said[2] == (logging.INFO, "shop-a: connected to http://unused/api")
