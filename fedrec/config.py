@@ -887,3 +887,21 @@ def _check_sites(config: TrainingConfig) -> None:
         raise ValueError("--sites does not take --resume, --attack or fault simulation")
     if config.catalogue is not None:
         raise ValueError("--sites takes its catalogue from the sites file (catalogue: FILE)")
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in _SIMULATED_DATA
+        if getattr(config, name) not in (None, TrainingConfig.model_fields[name].default)
+    ]
+    if given:  # the sites' processes hold the data: these would be logged but never used
+        raise ValueError(
+            f"--sites reads no data here and shards none: {', '.join(given)} set a simulated "
+            "run's data and clients (each site gives its own file to fedrec site run)"
+        )
+
+
+# the settings of a simulated run's data and its clients, which a run of real sites has no use for
+_SIMULATED_DATA = (
+    "data", "train", "valid", "test", "clients", "partition", "dirichlet_alpha", "partition_key",
+    "key_prefix", "synthetic_users", "synthetic_items", "synthetic_interactions",
+    "synthetic_taste", "synthetic_seed",
+)  # fmt: skip

@@ -42,6 +42,10 @@ def test_a_missing_sites_file_is_refused_before_anything_starts():
         ({"feedback": "implicit"}, "the two-stage family runs in simulation only"),
         ({"partition": "per-user"}, "per-user"),
         ({"fault_probability": 0.5}, "fault simulation"),
+        (
+            {"data": "ml-100k", "clients": 5, "partition": "dirichlet"},
+            r"--sites reads no data here and shards none: --data, --clients, --partition set a",
+        ),
     ],
 )
 def test_what_sites_cannot_do_yet_is_refused_in_one_line(changes, reason):
