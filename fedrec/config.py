@@ -864,6 +864,8 @@ class TrainingConfig(BaseModel):
         elif self.implicit_model != "neural":
             ranking = self.ranking_config()
             values |= {"factors": ranking.n_factors, "reg": ranking.reg}
+        if self.sites is not None:  # the sites hold the data: no simulated data was used
+            values = {k: v for k, v in values.items() if k not in _SIMULATED_DATA}
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
 

@@ -22,6 +22,13 @@ def test_sites_need_no_clients_and_no_data():
     assert config.clients is None and config.data == "synthetic"  # neither is read with sites
 
 
+def test_a_sites_run_logs_no_simulated_data_settings():
+    params = TrainingConfig(sites="sites.yaml").flat_params()
+    assert params["sites"] == "sites.yaml" and "rounds" in params
+    assert not {"data", "clients", "partition", "synthetic_users"} & set(params)
+    assert {"data", "clients"} <= set(TrainingConfig().flat_params())  # a simulated run's
+
+
 def test_a_missing_sites_file_is_refused_before_anything_starts():
     with pytest.raises(ValidationError, match=r"--sites nosuch\.yaml: no such file"):
         TrainingConfig(sites="nosuch.yaml")
