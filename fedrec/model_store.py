@@ -151,8 +151,8 @@ def _state_from_sqlite(path: Path, model_uri: str) -> Path | None:
                     "ORDER BY version", (name, _DELETED))]  # fmt: skip
                 have = (
                     f" (its versions: {', '.join(map(str, versions[-5:]))}; the latest is "
-                    f"models:/{name}/{versions[-1]}, or `fedrec models --model-name {name}` "
-                    "says why none is champion)"
+                    f"models:/{name}/{versions[-1]}; `fedrec models --model-name {name}` says "
+                    "why each was promoted or not)"
                     if versions
                     else ""
                 )
@@ -247,9 +247,9 @@ def load_recommender(uri: str, model_uri: str) -> Recommender:
 
 
 def resume_possible(run: Run, version: ModelVersion | None) -> bool:
-    """Whether ``--resume`` could continue ``run``: it did not finish, it registered no version
-    (``version``, from :func:`registered_version`), and its workspace still holds its clients'
-    partitions."""
+    """Whether ``--resume`` could continue ``run``: it is not a run of real sites (those are
+    trained again), it did not finish, it registered no version (``version``, from
+    :func:`registered_version`), and its workspace still holds its clients' partitions."""
     from models.data.partitions import MANIFEST
 
     workspace = run.data.tags.get("fedrec.workspace")

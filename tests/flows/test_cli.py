@@ -254,7 +254,9 @@ def test_an_alias_the_model_lacks_is_refused_with_its_versions(trained, tmp_path
 
     assert done.exit_code == 2
     assert "'cli' has no alias 'staging' (its versions: " in done.stderr
-    assert f"the latest is models:/cli/{latest}, or `fedrec models --model-name cli`" in done.stderr
+    assert (
+        f"the latest is models:/cli/{latest}; `fedrec models --model-name cli` says" in done.stderr
+    )
 
 
 def test_recommend_and_predict_write_csv(trained, tmp_path):
