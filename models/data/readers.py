@@ -300,7 +300,7 @@ _MISSING_WORDS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", 
 def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
     data = path.read_bytes()
     file = str(path)
-    if has_suffix(path, ".gz"):
+    if has_suffix(path, (".gz",)):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as err:
@@ -363,7 +363,7 @@ def line_of_row(path: Path, row: int) -> int | None:
     cannot be read again the same way. Read only for an error, so it costs nothing otherwise."""
     try:
         data = path.read_bytes()
-        if has_suffix(path, ".gz"):
+        if has_suffix(path, (".gz",)):
             data = gzip.decompress(data)
         text = data.decode("utf-8-sig")
     except (OSError, EOFError, zlib.error, UnicodeDecodeError):
