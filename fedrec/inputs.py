@@ -10,9 +10,7 @@ files and MovieLens folders are left to the flow. Only pandas is loaded, not the
 from __future__ import annotations
 
 import difflib
-import gzip
 import tempfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -176,19 +174,14 @@ def _read_head(path: Path, options: dict[str, Any], *, explicit: bool) -> None:
     """Validate the file's first HEAD_BYTES (cut after a whole row) with the core's reader (and
     its ratings, for an ``explicit`` run); its errors name the real file."""
     from models.data.errors import DataValidationError
-    from models.data.readers import DEFAULT_RATING_COL, read_interactions
+    from models.data.readers import DEFAULT_RATING_COL, has_suffix, read_head, read_interactions
     from models.data.schema import require_ratings
 
-    compressed = path.name.lower().endswith(".gz")
-    try:
-        with (gzip.open if compressed else open)(path, "rb") as handle:
-            head = handle.read(HEAD_BYTES)
-    except (OSError, EOFError, zlib.error):
-        head = b""  # the reader names the broken compression, in the flow's words
-        compressed = False
+    head = read_head(path, HEAD_BYTES)  # decompressed: the copy below is plain text
     head = head[: head.rfind(b"\n") + 1] or head
     with tempfile.TemporaryDirectory(prefix="fedrec-check-") as folder:
-        copy = Path(folder) / (path.name[: -len(".gz")] if compressed else path.name)
+        plain = path.name[: -len(".gz")] if has_suffix(path, (".gz",)) else path.name
+        copy = Path(folder) / plain
         copy.write_bytes(head)
         try:
             data = read_interactions(copy, **options)

@@ -297,6 +297,32 @@ _MISSING_WORDS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", 
                   "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]  # fmt: skip
 
 
+def _not_decompressed(file: str, err: Exception) -> DataValidationError:
+    return DataValidationError(
+        f"cannot be decompressed ({err})",
+        file=file,
+        allowed="a whole gzip file (gzip -t checks one), or the file without .gz",
+    )
+
+
+def read_head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of a delimited file's text (decompressed for a ``.gz`` one).
+
+    Raises
+    ------
+    DataValidationError
+        A ``.gz`` file that cannot be decompressed that far.
+    """
+    if not has_suffix(path, (".gz",)):
+        with open(path, "rb") as handle:
+            return handle.read(size)
+    try:
+        with gzip.open(path, "rb") as handle:
+            return handle.read(size)
+    except (OSError, EOFError, zlib.error) as err:
+        raise _not_decompressed(str(path), err) from err
+
+
 def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
     data = path.read_bytes()
     file = str(path)
@@ -304,11 +330,7 @@ def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as err:
-            raise DataValidationError(
-                f"cannot be decompressed ({err})",
-                file=file,
-                allowed="a whole gzip file (gzip -t checks one), or the file without .gz",
-            ) from err
+            raise _not_decompressed(file, err) from err
     if not data.strip():
         raise DataValidationError(
             "is empty (only blank lines)", file=file, allowed="a header and data rows"

@@ -827,6 +827,11 @@ def test_the_head_check_of_a_large_compressed_file_names_the_real_file(tmp_path:
     with pytest.raises(DataValidationError) as err:
         _read_head(data, {}, explicit=True)
     assert err.value.file == str(data) and err.value.column == "user_id"
+    # a cut-off download is named as such, not as an empty file
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(gzip.compress(b"user_id,item_id,rating\n" + b"u1,i1,4\n" * 1000)[:60])
+    with pytest.raises(DataValidationError, match=r"cut\.csv\.gz: cannot be decompressed"):
+        _read_head(cut, {}, explicit=True)
 
 
 def test_a_bad_rows_line_counts_the_header_blank_lines_and_quoted_line_breaks(
