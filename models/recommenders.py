@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import sparse
 
 if TYPE_CHECKING:
     import pandas as pd
+    from scipy import sparse
 
     from models.federation.family import Recommender
 
@@ -87,6 +87,8 @@ def as_list(value: object) -> list:
 
 def rows_matrix(rows: list[np.ndarray], n_items: int) -> sparse.csr_matrix:
     """A 0/1 matrix of ``len(rows)`` x ``n_items`` with row ``u`` set at the indices ``rows[u]``."""
+    from scipy import sparse  # here: reading which kind a saved model is needs no scipy
+
     users = np.repeat(np.arange(len(rows)), [r.size for r in rows])
     cols = np.concatenate(rows) if rows else np.zeros(0, np.int64)
     return sparse.csr_matrix((np.ones(users.size), (users, cols)), shape=(len(rows), n_items))
