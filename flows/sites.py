@@ -73,7 +73,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
         link.publish_catalogue(registry.catalogue)
     futures = {
         site.client_id: enroll_site.with_options(task_run_name=f"enroll {site.name}").submit(
-            link=quote(link), site=site, private=config.dp_epsilon is not None
+            link=quote(link), site=site, epsilon=config.dp_epsilon
         )
         for site in registry.sites
     }

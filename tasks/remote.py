@@ -201,15 +201,17 @@ def evaluate_site(
 
 @task(name="enroll-site", cache_policy=NONE)
 def enroll_site(
-    *, link: SiteLink, site: SiteSpec, private: bool
+    *, link: SiteLink, site: SiteSpec, epsilon: float | None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Enrol a site in a run that will be ``private`` (DP) or not. A site that answers runs
-    without DP (``exact`` in its answer) sends its users and rows per split, and its item-id set
-    unless the catalogue is published. A site that answers only private runs sends, for a
-    private run, only its number of users with noise; for a run without DP, nothing (the flow
-    then refuses the run)."""
+    """Enrol a site in a run that will be private (DP at ``epsilon``) or not (None). A site
+    that answers runs without DP (``exact`` in its answer) sends its users and rows per split,
+    and its item-id set unless the catalogue is published. A site that answers only private
+    runs sends, for a private run, only its number of users with noise; for a run without DP,
+    nothing (the flow then refuses the run). A site whose users cannot spend ``epsilon`` more
+    refuses a private run here, before it counts anything."""
+    private = epsilon is not None
     phase = "private" if private else "exact"
-    arrays, answer = link.exchange(site, kind="enroll", phase=phase, **_asking())
+    arrays, answer = link.exchange(site, kind="enroll", phase=phase, epsilon=epsilon, **_asking())
     items = arrays.get("items")
     if set(arrays) != {"items"} or items is None or items.dtype.kind not in "iu" or items.ndim != 1:
         raise SchemaError(f"{site.name}: enrolment must hold one 1-d integer array 'items'")

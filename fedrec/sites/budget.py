@@ -126,13 +126,39 @@ class SiteBudget:
         with folder_lock(self.folder):  # two processes on one state folder charge in turn
             return self._charge(run, release)
 
+    def _spent(self) -> tuple[float, float]:
+        """The most any user of the site has spent: (epsilon, delta)."""
+        groups = standing(self.users, self._stored())
+        return max(g.balance.epsilon for g in groups), max(g.balance.delta for g in groups)
+
+    def check_run(self, run: str, epsilon: float) -> None:
+        """Refuse a run that says it spends ``epsilon`` when its users cannot spend that much
+        more (or its delta is past the cap), before anything of it is counted. A run already
+        charged is not checked again: its releases are charged one by one.
+
+        Raises
+        ------
+        SiteBudgetError
+        """
+        with folder_lock(self.folder):
+            if self.run_releases(run):
+                return
+            eps, delta = self._spent()
+        if eps + epsilon > self.max_epsilon * (1 + 1e-9) or (
+            delta + self.run_delta > self.max_delta * (1 + 1e-9)
+        ):
+            raise SiteBudgetError(
+                f"privacy budget of this site: its users have spent up to epsilon {eps:.3g} of "
+                f"{self.max_epsilon:.3g} and delta {delta:.3g} of {self.max_delta:.3g}; this "
+                f"run asks epsilon {epsilon:.3g} and delta {self.run_delta:.3g} more: refused "
+                "before anything of it was counted"
+            )
+
     def _charge(self, run: str, release: Release) -> Charged:
         previous = self.run_releases(run)
         cost = charge(previous, release, self.run_delta)
         cost_delta = 0.0 if previous else self.run_delta
-        groups = standing(self.users, self._stored())
-        eps = max(g.balance.epsilon for g in groups)
-        delta = max(g.balance.delta for g in groups)
+        eps, delta = self._spent()
         if eps + cost > self.max_epsilon * (1 + 1e-9) or delta + cost_delta > self.max_delta * (
             1 + 1e-9
         ):

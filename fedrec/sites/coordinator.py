@@ -38,6 +38,7 @@ from models.sites.messages import (
     ANSWER,
     REFUSAL,
     REQUEST,
+    UNVERIFIED,
     BlobRef,
     RefusedMessage,
     RoundAnswer,
@@ -45,7 +46,10 @@ from models.sites.messages import (
     body_digest,
     check_answer,
     check_refusal,
+    check_unverified,
     exchange_name,
+    key_id,
+    manifest_digest,
     open_message,
     sign_message,
 )
@@ -184,6 +188,7 @@ class Coordinator:
         release: MetricRelease | None = None,
         secure: dict[str, Any] | None = None,
         message: bytes | None = None,
+        epsilon: float | None = None,
         flow_run_id: str = "",
         task_run_id: str = "",
         warn: Callable[[str], None] = print,
@@ -192,6 +197,7 @@ class Coordinator:
         The request names the asking task run (answers and log lines go there); ``warn``
         gets one line per refused answer. ``secure`` and ``message`` make a secure-aggregation
         request (:mod:`fedrec.sites.secure`): the message is uploaded beside the reply folder.
+        ``epsilon`` is a private enrolment's: the run's (:class:`RoundRequest`).
 
         Raises
         ------
@@ -233,10 +239,12 @@ class Coordinator:
             compress=self.registry.compress,
             secure=secure,
             message=sent,
+            epsilon=epsilon,
         )
         answers = self.collector.watch(request.task_run_id)
         signed = sign_message(self.registry.coordinator_key, REQUEST, request.fields())
         digest = body_digest(signed["body"])
+        sent_sha = manifest_digest(signed)
         self.transport.post_artifact(
             key=request_key(site.name),
             type_=REQUEST_TYPE,
@@ -254,7 +262,7 @@ class Coordinator:
                 except queue.Empty:
                     break
                 try:
-                    return self._accept(site, request, digest, artifact.get("data"))
+                    return self._accept(site, request, digest, artifact.get("data"), sent_sha)
                 except (RefusedMessage, SchemaError, ValueError) as err:  # keep waiting
                     refused = str(err)
                     warn(f"{site.name}: refused an answer to {what}: {err}")
@@ -309,8 +317,19 @@ class Coordinator:
         return reply.tobytes()
 
     def _accept(
-        self, site: SiteSpec, request: RoundRequest, digest: str, signed: Any
+        self, site: SiteSpec, request: RoundRequest, digest: str, signed: Any, sent_sha: str = ""
     ) -> tuple[dict[str, np.ndarray], RoundAnswer]:
+        """The arrays and manifest of a verified answer to ``request`` (``digest``: its body's
+        sha256; ``sent_sha``: the whole signed request's, which a site's notice that it could
+        not verify the request must name).
+
+        Raises
+        ------
+        SiteRefused
+            For the site's signed refusal, or its notice about this very request.
+        RefusedMessage, SchemaError, ValueError
+            For anything else: the coordinator keeps waiting.
+        """
         body = signed.get("body") if isinstance(signed, dict) else None
         if not isinstance(body, dict):
             raise RefusedMessage("the answer artifact holds no signed manifest")
@@ -323,6 +342,20 @@ class Coordinator:
         if body.get("purpose") == REFUSAL:
             reason = check_refusal(open_message(signed, site.public_key, REFUSAL), request)
             raise SiteRefused(f"{site.name} refused {request.kind} round {request.round}: {reason}")
+        if body.get("purpose") == UNVERIFIED:  # the site's key is right; its coordinator key not
+            notice = open_message(signed, site.public_key, UNVERIFIED)
+            reason, holds = check_unverified(notice, request, sent_sha)
+            ours = key_id(self.registry.coordinator_key)
+            hint = (
+                f"it holds coordinator key {holds}, this coordinator signs with {ours}: is its "
+                "--coordinator-key this coordinator's public key?"
+                if holds != ours
+                else "it holds this coordinator's key: is the site's fedrec the same version?"
+            )
+            raise SiteRefused(
+                f"{site.name} could not verify {request.kind} round {request.round}: {reason}; "
+                + hint
+            )
         answer = check_answer(open_message(signed, site.public_key, ANSWER), request, digest)
         if not answer.answer.path.startswith(request.reply_to + "/"):
             raise RefusedMessage(f"answer stored outside its reply folder: {answer.answer.path}")

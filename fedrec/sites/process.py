@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -66,6 +67,7 @@ from models.sites.messages import (
     ANSWER,
     REFUSAL,
     REQUEST,
+    UNVERIFIED,
     RefusedMessage,
     RoundRequest,
     answer_for,
@@ -76,7 +78,9 @@ from models.sites.messages import (
     key_id,
     open_message,
     refusal_fields,
+    refusal_of_body,
     sign_message,
+    unverified_fields,
 )
 from models.sites.registry import load_public_key, read_peers
 from models.sites.schema import SchemaError, check_state, wire_arrays
@@ -84,6 +88,7 @@ from models.sites.spec import family_from_spec
 
 MAX_BYTES = 512 * 1024 * 1024  # largest state or catalogue a site downloads
 _EMPTY = np.zeros(0, np.int64)
+_RUN_ID = re.compile(r"[0-9A-Za-z-]{0,64}")  # a Prefect run id (a UUID): nothing path-like
 log = logging.getLogger("fedrec.site")
 
 
@@ -246,10 +251,12 @@ class Site:
     # ---- one request ---------------------------------------------------------------------
 
     def handle(self, artifact: dict[str, Any]) -> None:
-        """Verify, compute (or take the kept answer), upload and post; refusals are logged."""
+        """Verify, compute (or take the kept answer), upload and post; refusals are logged and
+        posted (:meth:`_tell` for a request that did not verify or could not be read)."""
         started = time.perf_counter()
+        signed = artifact.get("data") or {}
         try:
-            body = open_message(artifact.get("data") or {}, self.coordinator, REQUEST)
+            body = open_message(signed, self.coordinator, REQUEST)
         except RefusedMessage as err:
             log.warning(
                 "%s: refused request %s: %s (is --coordinator-key the coordinator's public key?)",
@@ -257,6 +264,8 @@ class Site:
                 artifact.get("id"),
                 err,
             )
+            if isinstance(signed, dict):
+                self._tell(artifact, unverified_fields(signed, str(err), self.coordinator))
             return
         try:
             request = check_request(
@@ -264,8 +273,11 @@ class Site:
             )
         except RefusedMessage as err:  # genuine but not answerable (e.g. expired): say so here
             # an expired request is the usual leftover of an earlier run: not worth a warning
-            level = logging.DEBUG if "expired" in str(err) else logging.WARNING
+            expired = "expired" in str(err)
+            level = logging.DEBUG if expired else logging.WARNING
             log.log(level, "%s: refused request %s: %s", self.name, artifact.get("id"), err)
+            if not expired:  # e.g. a field of another protocol version: the coordinator is told
+                self._tell(artifact, refusal_of_body(body, str(err)))
             return
         if request.task_run_id != (artifact.get("task_run_id") or ""):
             log.warning(
@@ -319,6 +331,39 @@ class Site:
             f"{self.name} refused {_describe(request)}: {reason}",
             level=logging.WARNING,
         )
+
+    def _tell(self, artifact: dict[str, Any], fields: dict[str, Any] | None) -> None:
+        """Post a refusal (or, for a request that did not verify, an ``unverified-request``
+        notice) of a request this site could not read, so that its coordinator need not wait
+        out the deadline. Nothing is posted about a request to another site, out of date, or
+        whose task run has ended; the request is not marked answered (its nonce is not the
+        site's to spend: a forged copy must not block the genuine request)."""
+        body = (artifact.get("data") or {}).get("body")
+        if fields is None or fields["site"] != self.name or not isinstance(body, dict):
+            return
+        task_run_id, flow_run_id = body.get("task_run_id"), body.get("flow_run_id")
+        ids = (task_run_id, flow_run_id)
+        if not task_run_id or not all(isinstance(i, str) and _RUN_ID.fullmatch(i) for i in ids):
+            return  # unverified, and they go into API paths and fields
+        expires = body.get("expires_at")
+        if not isinstance(expires, int | float) or expires + self.options.clock_skew < time.time():
+            return
+        if artifact.get("task_run_id") != task_run_id:
+            return
+        purpose = UNVERIFIED if "request_sha256" in fields else REFUSAL
+        try:
+            if self.transport.task_run_ended(task_run_id):
+                return
+            self.transport.post_artifact(
+                key=answer_key(self.name),
+                type_=ANSWER_TYPE,
+                data=sign_message(self.key, purpose, fields),
+                task_run_id=task_run_id,
+                flow_run_id=flow_run_id,
+                description=f"{purpose} of round {fields['round']} from {self.name}",
+            )
+        except TransportError as err:  # a courtesy: the site goes on with the next request
+            log.warning("%s: could not post the %s: %s", self.name, purpose, err)
 
     def _post(self, request: RoundRequest, signed: dict) -> None:
         self.transport.post_artifact(
@@ -434,7 +479,8 @@ class Site:
         split, and its item-id set unless the coordinator published the catalogue. A site that
         answers only private runs sends no item id (it needs the published catalogue) and only
         its number of users, with Gaussian noise of :data:`~models.sites.budget.COUNT_NOISE`
-        from its own entropy, charged to its users' budget before it is drawn. Both send a
+        from its own entropy, charged to its users' budget before it is drawn. A private run
+        whose epsilon the site's users cannot spend is refused before that. Both send a
         fingerprint of the rows keyed with this site's secret (it changes when they change;
         nobody without the secret can test a guess of the rows against it), and whether the
         site answers requests without DP."""
@@ -445,6 +491,8 @@ class Site:
         if not exact and request.phase != "private":  # nothing for a run it will not answer
             info = {"exact": 0, "key_id": key_id(self.key)}
             return encode_arrays({"items": np.empty(0, dtype=np.int64)}), info
+        if request.phase == "private" and request.epsilon is not None:
+            self.budget.check_run(request.run, request.epsilon)  # a run it could not finish
         if request.catalogue is not None:
             catalogue = self._catalogue(request)
             items = np.empty(0, dtype=np.int64)

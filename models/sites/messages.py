@@ -6,11 +6,14 @@ message's ``purpose``, and is signed with the sender's long-term identity key
 (:mod:`models.privacy.identity`). Arrays never travel inside a manifest: a manifest names them
 by :class:`BlobRef` (path, sha256, size), so the signature pins their bytes too.
 
-Three purposes exist:
+Four purposes exist:
 
 - ``round-request`` (coordinator -> site): one exchange of a run, see :class:`RoundRequest`.
 - ``round-answer`` (site -> coordinator): the answer's arrays, see :class:`RoundAnswer`.
 - ``refusal`` (site -> coordinator): why the site will not answer a request, in one line.
+- ``unverified-request`` (site -> coordinator): a request to the site did not verify against
+  the coordinator key the site holds; it names the exact manifest it got (its sha256), so that
+  the coordinator stops waiting only when its own request was the one refused.
 
 Whoever receives a manifest calls :func:`open_message` (size cap, structure, domain, purpose,
 signature), then the purpose's ``check_*`` function (fields, expiry, who and what it answers).
@@ -36,7 +39,8 @@ from models.privacy.identity import public_bytes
 
 DOMAIN = "fedrec/sites/v1"
 REQUEST, ANSWER, REFUSAL = "round-request", "round-answer", "refusal"
-PURPOSES = (REQUEST, ANSWER, REFUSAL)
+UNVERIFIED = "unverified-request"
+PURPOSES = (REQUEST, ANSWER, REFUSAL, UNVERIFIED)
 MAX_MANIFEST_BYTES = 64 * 1024  # a manifest is a few hundred bytes; anything near this is abuse
 SITE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
@@ -259,6 +263,10 @@ class RoundRequest:
         configuration). On a ``train`` request the site keeps its update and answers a receipt.
     message : BlobRef or None
         A ``secagg`` step's protocol message (:mod:`models.privacy.secagg_plus`, no pickle).
+    epsilon : float or None
+        A private ``enroll``'s epsilon: what the run's noise is calibrated to, its training and
+        final evaluations composed. A site that cannot spend that much refuses to enrol before
+        it counts anything; it still charges each release as its own accountant counts it.
     """
 
     run: str
@@ -286,11 +294,15 @@ class RoundRequest:
     compress: bool = False  # deflate the answer's npz
     secure: dict[str, Any] | None = None
     message: BlobRef | None = None
+    epsilon: float | None = None
 
     def fields(self) -> dict[str, Any]:
-        """The manifest fields (JSON values)."""
+        """The manifest fields (JSON values); ``epsilon`` only when set, so that the requests
+        of a run without it read as they did before the field."""
         out = asdict(self)
         out["eval_splits"] = list(self.eval_splits)
+        if self.epsilon is None:
+            del out["epsilon"]
         return out
 
     @property
@@ -371,6 +383,13 @@ def check_request(
     devices = fields.get("devices")
     if devices is not None and not (_is_number(devices) and 0 < devices <= 1):
         raise RefusedMessage(f"request devices {devices!r} must be in (0, 1]")
+    epsilon = fields.get("epsilon")
+    if epsilon is not None and not (
+        fields["kind"] == "enroll" and _is_number(epsilon) and epsilon > 0
+    ):
+        raise RefusedMessage(
+            f"request epsilon {epsilon!r}; allowed: a positive number, on an enrolment only"
+        )
     release = fields.get("release")
     if release is not None and not (
         isinstance(release, dict) and all(_is_number(v) for v in release.values())
@@ -494,6 +513,67 @@ def refusal_fields(request: RoundRequest, reason: str) -> dict[str, Any]:
         "nonce": request.nonce,
         "reason": " ".join(reason.split())[:500],
     }
+
+
+def refusal_of_body(body: Mapping[str, Any], reason: str) -> dict[str, Any] | None:
+    """The fields of a refusal of a request body that :func:`check_request` refused (another
+    protocol version, a field out of range), when the body names its run, round, site and
+    nonce well enough for the coordinator to match it; otherwise None."""
+    run, round_, site, nonce = (body.get(k) for k in ("run", "round", "site", "nonce"))
+    if not (isinstance(run, str) and 0 < len(run) <= 100 and _is_int(round_) and round_ >= 0):
+        return None
+    if not (isinstance(site, str) and isinstance(nonce, str) and _NONCE.fullmatch(nonce)):
+        return None
+    return {
+        "run": run,
+        "round": round_,
+        "site": site,
+        "nonce": nonce,
+        "reason": " ".join(reason.split())[:500],
+    }
+
+
+def manifest_digest(signed: Mapping[str, Any]) -> str:
+    """The sha256 (hex) of a whole signed manifest, signature included."""
+    return hashlib.sha256(manifest_bytes(signed)).hexdigest()
+
+
+def unverified_fields(
+    signed: Mapping[str, Any], reason: str, expects: Ed25519PublicKey
+) -> dict[str, Any] | None:
+    """The fields of an ``unverified-request`` notice about ``signed`` (a manifest whose body
+    names a request that did not verify against ``expects``, the key the site holds), or None
+    when its body does not name a request (:func:`refusal_of_body`)."""
+    body = signed.get("body")
+    if not isinstance(body, dict) or body.get("purpose") != REQUEST:
+        return None
+    fields = refusal_of_body(body, reason)
+    if fields is None:
+        return None
+    try:
+        digest = manifest_digest(signed)
+    except RefusedMessage:
+        return None
+    return fields | {"request_sha256": digest, "expects": key_id(expects)}
+
+
+def check_unverified(
+    body: Mapping[str, Any], request: RoundRequest, signed_sha256: str
+) -> tuple[str, str]:
+    """Why a site could not verify ``request``, and the id of the coordinator key it holds,
+    from its verified ``unverified-request`` notice.
+
+    Raises
+    ------
+    RefusedMessage
+        If the notice names another request, or another manifest than the one the
+        coordinator signed (``signed_sha256``): anyone on the API can post a copy of a request
+        with a bad signature, and its refusal must not stop the coordinator waiting.
+    """
+    reason = check_refusal(body, request)
+    if body.get("request_sha256") != signed_sha256:
+        raise RefusedMessage("a notice about another copy of the request than the one signed")
+    return reason, str(body.get("expects"))
 
 
 def check_refusal(body: Mapping[str, Any], request: RoundRequest) -> str:

@@ -428,6 +428,18 @@ def test_sites_that_answer_only_private_runs_count_their_masked_answers_at_the_f
     assert "answers only private runs and sends no item ids: list the catalogue" in error
     assert charged() == before
 
+    # a run whose epsilon the sites' users cannot spend (cap 10) is refused at enrolment,
+    # before the noisy count is charged
+    costly = ("--secure-aggregation", "--dp-epsilon", "12")
+    err = fed.root / "train-costly.err"
+    refused = fed.train("ws-costly", 3, err, *costly, sites="sites-catalogue.yaml")
+    out, _ = refused.communicate(timeout=600)
+    assert refused.returncode == 1, err.read_text()[-3000:]
+    error = json.loads(out.strip().splitlines()[-1])["error"]
+    assert "enrolment: 0 of 3 clients answered" in error
+    assert "this run asks epsilon 12" in error and "refused before anything" in error
+    assert charged() == before
+
     stderr = fed.root / "train-4.err"
     summary = _summary(fed.train("ws4", 3, stderr, *flags, sites="sites-catalogue.yaml"), stderr)
     log = stderr.read_text()

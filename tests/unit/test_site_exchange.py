@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedrec.sites.coordinator import Coordinator
+from fedrec.sites.coordinator import Coordinator, SiteRefused
 from fedrec.sites.process import Site, SiteOptions
 from models.data.schema import encode_interactions
 from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
 from models.neural.family import Neural, NeuralConfig
 from models.privacy.identity import generate_identity, public_bytes, save_identity
+from models.sites.messages import REQUEST, UNVERIFIED, key_id, sign_message
 from models.sites.registry import Registry, SiteSpec
 from models.sites.schema import check_answer_arrays
 from tests.sites_fakes import MemoryTransport
@@ -44,15 +45,16 @@ def world(tmp_path):
     )
     data = encode_interactions(frame, rating_scale=(1.0, 5.0), source="shop-a.csv")
 
-    def site(key_name: str) -> Site:
+    def site(key_name: str, coordinator_holds=None) -> Site:
         index = ("shop-a", "impostor").index(key_name)
+        holds = coordinator_holds or coordinator_key
         options = SiteOptions(
             name="shop-a",
             data="",
             prefect_api="http://unused/api",
             mlflow="http://unused",
             identity=tmp_path / key_name / f"client-{index}.key",
-            coordinator_key=base64.b64encode(public_bytes(coordinator_key)).decode(),
+            coordinator_key=base64.b64encode(public_bytes(holds)).decode(),
             state_dir=tmp_path / f"state-{key_name}",
             events=False,
             allow_exact=True,
@@ -120,6 +122,58 @@ def test_the_coordinator_gets_the_site_answer_and_refuses_the_impostor(world):
         stop.set()
     update, evaluations = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
     assert answer.round == 2 and update.items.size > 0 and "valid" in evaluations
+
+
+def test_a_site_holding_another_coordinator_key_says_so_at_once(world):
+    """A site started with the wrong --coordinator-key only logged that the requests did not
+    verify; the coordinator waited out the whole deadline (600 s by default) per exchange. The
+    site now signs a notice naming the manifest it got, and the coordinator stops at once."""
+    coordinator, spec, site = world
+    stranger = generate_identity()
+    stop = _running(site("shop-a", coordinator_holds=stranger))
+    try:
+        with pytest.raises(SiteRefused) as refused:
+            _ask(coordinator, spec, [])  # a 60 s deadline: a TimeoutError if nothing is said
+    finally:
+        stop.set()
+    message = str(refused.value)
+    assert message.startswith("shop-a could not verify train round 1: signature does not verify")
+    theirs, ours = key_id(stranger), key_id(coordinator.registry.coordinator_key)
+    assert f"it holds coordinator key {theirs}, this coordinator signs with {ours}" in message
+
+
+def test_a_forged_copy_of_a_request_does_not_stop_the_coordinator_waiting(world):
+    """The attack: anyone on the Prefect API sees a request and can post a copy with a bad
+    signature. The site cannot verify the copy and says so, signed; were the coordinator to
+    take that notice for its own request, the copy would drop the site from the round. The
+    notice names the exact manifest the site got, the copy's, so the coordinator keeps waiting
+    and the genuine request (whose nonce the copy did not use up) is answered."""
+    coordinator, spec, site = world
+    transport = coordinator.transport
+    post = transport.post_artifact
+    forger = generate_identity()
+
+    def post_with_a_forged_copy_first(**artifact):
+        if artifact["data"]["body"].get("purpose") == REQUEST:
+            forged = sign_message(forger, REQUEST, {k: v for k, v in artifact["data"]["body"].items()
+                                                    if k not in ("domain", "purpose")})  # fmt: skip
+            post(**(artifact | {"data": forged}))
+        post(**artifact)
+
+    transport.post_artifact = post_with_a_forged_copy_first
+    warnings: list[str] = []
+    stop = _running(site("shop-a"))
+    try:
+        arrays, answer = _ask(coordinator, spec, warnings)
+    finally:
+        stop.set()
+    assert answer.round == 1 and check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
+    notices = [a for a in transport.artifacts if a["data"]["body"]["purpose"] == UNVERIFIED]
+    assert len(notices) == 1  # the site told about the copy
+    assert warnings == [
+        "shop-a: refused an answer to train round 1: a notice about another copy of the "
+        "request than the one signed"
+    ]
 
 
 def test_a_fedavg_site_sends_its_local_model_change(world):

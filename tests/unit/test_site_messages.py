@@ -132,6 +132,9 @@ def test_a_request_for_another_site_or_out_of_date_is_refused(request_, site, no
         ({"secure": ["registry"]}, "secure must be an object of registry"),
         ({"kind": "secagg", "phase": "mask"}, "a secagg request needs its secure round"),
         ({"kind": "secagg", "secure": {"registry": {}}}, "needs its secure round"),
+        ({"epsilon": 1.0}, "epsilon 1.0; allowed: a positive number, on an enrolment only"),
+        ({"kind": "enroll", "phase": "private", "epsilon": 0}, "epsilon 0; allowed: a positive"),
+        ({"kind": "enroll", "phase": "private", "epsilon": "8"}, "epsilon '8'; allowed"),
     ],
 )
 def test_a_request_with_a_field_out_of_its_range_is_refused(changes, reason):
@@ -150,6 +153,7 @@ def test_a_request_with_a_field_out_of_its_range_is_refused(changes, reason):
         {"split": SPLIT | {"method": "temporal", "positive_threshold": 4.0}},
         {"release": {"noise_multiplier": 2.0}},
         {"secure": {"registry": {"0": "a2V5"}, "round": {"threshold": 2}}, "kind": "secagg"},
+        {"kind": "enroll", "phase": "private", "epsilon": 0.5},
     ],
 )
 def test_a_request_with_its_optional_fields_in_range_reads_back(changes):

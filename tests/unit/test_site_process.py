@@ -22,10 +22,12 @@ from models.sites.messages import (
     ANSWER,
     REFUSAL,
     REQUEST,
+    UNVERIFIED,
     BlobRef,
     RoundRequest,
     body_digest,
     check_answer,
+    key_id,
     open_message,
     sign_message,
 )
@@ -214,12 +216,37 @@ def test_a_private_site_refuses_an_answered_round_about_another_state(world):
     assert "answered for another global state" in _refusal(transport, key, other)
 
 
-def test_a_request_signed_by_another_key_gets_nothing(world):
-    transport, _, start = world
+def test_a_request_signed_by_another_key_gets_only_a_notice_that_it_did_not_verify(world):
+    transport, key, start = world
     request, _ = _ask(transport, family=PLAIN, signer=OTHER)
-    start(allow_exact=True).poll_once()
-    assert transport.answers_on(request.task_run_id) == []
-    assert transport.logs == []
+    site = start(allow_exact=True)
+    site.poll_once()
+    (posted,) = transport.answers_on(request.task_run_id)  # no answer, no refusal: a notice
+    notice = open_message(posted["data"], key.public_key(), UNVERIFIED)
+    assert notice["nonce"] == request.nonce and notice["expects"] == key_id(COORDINATOR)
+    assert notice["reason"].startswith("signature does not verify against key")
+    assert transport.logs == [] and not site.record.answered(request.nonce)
+
+    # nor is anything said about a request out of date, or one its coordinator no longer awaits
+    late, _ = _ask(transport, family=PLAIN, signer=OTHER, nonce="2")
+    transport.ended.add(late.task_run_id)
+    site.poll_once()
+    assert transport.answers_on(late.task_run_id) == []
+
+
+def test_a_genuine_request_the_site_cannot_read_is_refused_with_its_reason(world):
+    """A request of a coordinator of another protocol version (a field this site does not
+    know) was only logged at the site; the coordinator is now told why, signed."""
+    transport, key, start = world
+    request = _request(run="run", kind="enroll", phase="private", nonce="1", reply_to="run/e/1",
+                       task_run_id="task-1")  # fmt: skip
+    signed = sign_message(COORDINATOR, REQUEST, request.fields() | {"quota": 3})
+    transport.post_artifact(key="fedrec-request-shop-a", type_="fedrec-request", data=signed,
+                            task_run_id="task-1", flow_run_id="")  # fmt: skip
+    site = start()
+    site.poll_once()
+    assert _refusal(transport, key, request) == "request has unknown fields ['quota']"
+    assert _charges(site) == []
 
 
 @pytest.mark.parametrize(
@@ -387,7 +414,7 @@ def test_private_answers_come_from_the_sites_entropy_not_from_the_request(world,
     assert any(not np.array_equal(first[k], twin[k]) for k in first if first[k].dtype.kind == "f")
 
 
-def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9"):
+def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9", epsilon=None):
     published = None
     if catalogue is not None:
         published = transport.put_blob(f"{run}/catalogue.npz", encode_arrays({"items": catalogue}))
@@ -399,6 +426,7 @@ def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9")
         reply_to=f"{run}/enroll/{nonce}",
         catalogue=published,
         task_run_id=f"task-{run}-{nonce}",
+        epsilon=epsilon,
     )
     return request, _post(transport, request)
 
@@ -509,3 +537,39 @@ def test_a_site_says_when_it_cannot_reach_the_coordinator_and_when_it_can_again(
     assert "check --prefect-api http://unused/api" in said[0][1]
     assert said[1][0] == logging.WARNING  # still down: said once as an error, then as it goes
     assert said[2] == (logging.INFO, "shop-a: connected to http://unused/api")
+
+
+def test_a_private_site_refuses_a_run_it_cannot_finish_before_counting_anything(world):
+    """The waste: a private run whose epsilon the site's users could not spend was refused only
+    at its first training answer, after enrolment had charged the noisy user count, so every
+    such run (a retried one too) took budget for nothing. The enrolment now says the run's
+    epsilon, and the site refuses it first."""
+    transport, key, start = world
+    site = start(max_epsilon=1.0)
+    fits, digest = _enrol(transport, run="run-1", nonce="1", epsilon=0.5)
+    site.poll_once()
+    assert _enrolment(transport, key, fits, digest)[1]["n_users"] >= 1
+    (count,) = _charges(site)
+    assert 0 < count["epsilon"] < 0.5  # the noisy count alone
+
+    # the weak version: an enrolment that does not say what the run costs is answered and
+    # charged, though the run cannot finish within the cap
+    blind, digest = _enrol(transport, run="run-2", nonce="2")
+    site.poll_once()
+    _enrolment(transport, key, blind, digest)
+    assert len(_charges(site)) == 2
+
+    spent = 2 * count["epsilon"]  # every user is in both runs: their counts add up
+    room = 1.0 - spent
+    beyond, _ = _enrol(transport, run="run-3", nonce="3", epsilon=room * 1.01)
+    site.poll_once()
+    reason = _refusal(transport, key, beyond)
+    assert f"spent up to epsilon {spent:.3g} of 1" in reason
+    assert f"this run asks epsilon {room * 1.01:.3g}" in reason
+    assert "refused before anything of it was counted" in reason
+    assert len(_charges(site)) == 2  # nothing charged
+
+    within, digest = _enrol(transport, run="run-4", nonce="4", epsilon=room * 0.99)
+    site.poll_once()
+    _enrolment(transport, key, within, digest)
+    assert [c["run"] for c in _charges(site)] == ["run-1", "run-2", "run-4"]
