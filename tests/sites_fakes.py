@@ -16,6 +16,7 @@ class MemoryTransport:
         self.artifacts: list[dict] = []
         self.logs: list[str] = []
         self.ended: set[str] = set()  # task runs in a final state
+        self.variables: dict[str, object] = {}
         self._ids = itertools.count()
 
     def close(self) -> None:
@@ -31,6 +32,12 @@ class MemoryTransport:
                 "task_run_id": task_run_id,
             }
         )
+
+    def put_variable(self, name, value):
+        self.variables[name] = value
+
+    def get_variable(self, name):
+        return self.variables.get(name)
 
     def task_run_ended(self, task_run_id):
         return task_run_id in self.ended

@@ -28,13 +28,20 @@ from typing import Any
 import numpy as np
 
 from fedrec.sites.secure import registry_field
-from fedrec.sites.transport import REQUEST_TYPE, Transport, TransportError, request_key
+from fedrec.sites.transport import (
+    REQUEST_TYPE,
+    Transport,
+    TransportError,
+    alive_variable,
+    request_key,
+)
 from models.data.partitions import ClientEntry
 from models.federation.family import Family
 from models.privacy.released_metrics import MetricRelease
 from models.privacy.secagg_plus import RoundConfig
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
+    ALIVE,
     ANSWER,
     REFUSAL,
     REQUEST,
@@ -44,6 +51,7 @@ from models.sites.messages import (
     RoundAnswer,
     RoundRequest,
     body_digest,
+    check_alive,
     check_answer,
     check_refusal,
     check_unverified,
@@ -59,6 +67,8 @@ from models.sites.spec import family_spec
 
 POLL_SECONDS = 0.25  # how often the coordinator looks for a site's answer
 DEFAULT_DEADLINE = 600.0
+LIVENESS_SECONDS = 15.0  # how often a waiting exchange reads the site's sign of life
+CLOCK_SKEW = 60.0  # between a site's clock and the coordinator's (as the sites allow)
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
 
 
@@ -127,6 +137,7 @@ class Coordinator:
     catalogue: BlobRef | None = None
     n_items: int = 0
     entries: dict[int, SiteSpec] = field(default_factory=dict)  # client id -> site
+    liveness_seconds: float = LIVENESS_SECONDS
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _published: dict[int, tuple[Any, BlobRef]] = field(default_factory=dict, repr=False)
     _collector: AnswerCollector | None = field(default=None, repr=False)
@@ -258,9 +269,12 @@ class Coordinator:
         try:
             while (left := now + deadline - time.time()) > 0:
                 try:
-                    artifact = answers.get(timeout=left)
+                    artifact = answers.get(timeout=min(left, self.liveness_seconds))
                 except queue.Empty:
-                    break
+                    gone = self.gone(site)
+                    if gone is not None:
+                        raise TimeoutError(f"{site.name}: no answer to {what}: {gone}") from None
+                    continue
                 try:
                     return self._accept(site, request, digest, artifact.get("data"), sent_sha)
                 except (RefusedMessage, SchemaError, ValueError) as err:  # keep waiting
@@ -274,6 +288,32 @@ class Coordinator:
             why = ": is the site's public_key in the sites file its own?" if cause else ""
             hint = f"; the answer that came was refused ({refused}{why})"
         raise TimeoutError(f"{site.name}: no answer to {what} within {deadline:.0f} s{hint}")
+
+    def gone(self, site: SiteSpec) -> str | None:
+        """Why ``site`` will not answer, from its latest signed sign of life: its process
+        stopped, or that sign is older than three of its intervals plus :data:`CLOCK_SKEW`.
+        None when it looks alive, or says nothing verifiable (no sign yet, the API out of
+        reach, a message another key signed): the exchange then waits out its deadline."""
+        try:
+            raw = self.transport.get_variable(alive_variable(site.name))
+        except TransportError:
+            return None
+        if not isinstance(raw, dict):
+            return None
+        try:
+            at, every, stopped = check_alive(open_message(raw, site.public_key, ALIVE), site.name)
+        except RefusedMessage:
+            return None
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+        if stopped:
+            return f"its site process stopped at {when} (fedrec site run is not running there)"
+        age = time.time() - at
+        if age > 3 * every + CLOCK_SKEW:
+            return (
+                f"its last sign of life was at {when}, {age:.0f} s ago (its process signs one "
+                f"every {every:.0f} s): is the site's process down?"
+            )
+        return None
 
     def secure_fields(self, config: RoundConfig | None = None) -> dict[str, Any]:
         """The ``secure`` field of a request: every site's key from ``sites.yaml`` (what the

@@ -41,7 +41,14 @@ import numpy as np
 
 from fedrec.sites.budget import SiteBudget
 from fedrec.sites.secure import SecureSite
-from fedrec.sites.transport import ANSWER_TYPE, Transport, TransportError, answer_key, request_key
+from fedrec.sites.transport import (
+    ANSWER_TYPE,
+    Transport,
+    TransportError,
+    alive_variable,
+    answer_key,
+    request_key,
+)
 from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
 from models.cohorts import family_cohort_round
 from models.data.readers import TABLE_SUFFIXES, has_suffix, load_dataset
@@ -59,17 +66,20 @@ from models.sites.budget import (
     Release,
     count_release,
     evaluation_release,
+    run_epsilon,
     training_release,
 )
 from models.sites.catalogue import item_set, outside, site_client
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
+    ALIVE,
     ANSWER,
     REFUSAL,
     REQUEST,
     UNVERIFIED,
     RefusedMessage,
     RoundRequest,
+    alive_fields,
     answer_for,
     body_digest,
     canonical,
@@ -87,6 +97,7 @@ from models.sites.schema import SchemaError, check_state, wire_arrays
 from models.sites.spec import family_from_spec
 
 MAX_BYTES = 512 * 1024 * 1024  # largest state or catalogue a site downloads
+ALIVE_SECONDS = 30.0  # how often a site signs that its process is up
 _EMPTY = np.zeros(0, np.int64)
 _RUN_ID = re.compile(r"[0-9A-Za-z-]{0,64}")  # a Prefect run id (a UUID): nothing path-like
 log = logging.getLogger("fedrec.site")
@@ -146,6 +157,8 @@ class Site:
         self._seen: set[str] = set()  # artifact ids looked at by this process
         self._blobs: dict[str, dict[str, np.ndarray]] = {}  # by sha256: catalogue, states
         self._clients: dict[tuple, ClientData] = {}
+        self._alive_lock = threading.Lock()
+        self._stopped = False  # the stopped sign was posted
 
     def close(self) -> None:
         self.transport.close()
@@ -170,6 +183,9 @@ class Site:
 
     def run(self, stop: threading.Event) -> None:
         """Answer requests until ``stop`` is set; a failing server is logged and retried."""
+        # the accountant's first use loads dp-accounting (5 to 15 s on a busy machine): here,
+        # not inside the deadline of the first private request
+        run_epsilon([count_release()], self.budget.run_delta)
         wake = threading.Event()
         if self.options.events:
             threading.Thread(target=self.listen, args=(wake, stop), daemon=True).start()
@@ -192,12 +208,36 @@ class Site:
             self.options.poll_seconds,
             ", woken by its events" if self.options.events else "",
         )
+        threading.Thread(target=self._signs_of_life, args=(stop,), daemon=True).start()
         connected: bool | None = None  # not known before the first poll
         while not stop.is_set():
             connected = self._poll_reporting(connected)
             wake.wait(self.options.poll_seconds)
             wake.clear()
+        self.sign_of_life(self.transport, stopped=True)
         log.info("%s: stopped", self.name)
+
+    def sign_of_life(self, transport: Transport, *, stopped: bool = False) -> None:
+        """Sign and post that this process is up (or has ``stopped``): a coordinator waiting
+        for this site's answer stops waiting when the latest sign is stale or says stopped."""
+        with self._alive_lock:  # once stopped is posted, no late sign of life overwrites it
+            if self._stopped:
+                return
+            self._stopped = stopped
+            fields = alive_fields(self.name, time.time(), ALIVE_SECONDS, stopped=stopped)
+            signed = sign_message(self.key, ALIVE, fields)
+            try:
+                transport.put_variable(alive_variable(self.name), signed)
+            except TransportError as err:  # the poll loop says when the servers are out of reach
+                log.debug("%s: sign of life not posted: %s", self.name, err)
+
+    def _signs_of_life(self, stop: threading.Event) -> None:
+        """A sign of life now and every :data:`ALIVE_SECONDS`, on a connection of its own,
+        so that a long computation of an answer does not read as a process that is down."""
+        with Transport(self.options.prefect_api, self.options.mlflow) as transport:
+            while not stop.is_set():
+                self.sign_of_life(transport)
+                stop.wait(ALIVE_SECONDS)
 
     def _poll_reporting(self, connected: bool | None) -> bool:
         """One poll; says when the site loses or regains the coordinator's servers (at start

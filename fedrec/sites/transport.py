@@ -41,6 +41,11 @@ def answer_key(site: str) -> str:
     return f"fedrec-answer-{site}"
 
 
+def alive_variable(site: str) -> str:
+    """The Prefect variable holding ``site``'s latest signed sign of life."""
+    return f"fedrec-alive-{site}"
+
+
 class Transport:
     """One party's HTTP connections to the Prefect API and the MLflow artifact proxy.
 
@@ -121,6 +126,38 @@ class Transport:
             "flow_run_id": flow_run_id,
         }
         self._call(f"posting artifact {key}", "POST", f"{self.prefect_api}/artifacts/", json=body)
+
+    def put_variable(self, name: str, value: Any) -> None:
+        """Set the Prefect variable ``name`` to ``value`` (JSON), creating it when missing."""
+        url = f"{self.prefect_api}/variables/name/{name}"
+
+        def call() -> httpx.Response:
+            response = self.http.patch(url, json={"value": value})
+            if response.status_code == 404:
+                created = {"name": name, "value": value}
+                response = self.http.post(f"{self.prefect_api}/variables/", json=created)
+                if response.status_code == 409:  # created in between
+                    response = self.http.patch(url, json={"value": value})
+            response.raise_for_status()
+            return response
+
+        self._retry(f"setting variable {name}", call)
+
+    def get_variable(self, name: str) -> Any:
+        """The value of the Prefect variable ``name``, or None when it does not exist."""
+        url = f"{self.prefect_api}/variables/name/{name}"
+
+        def call() -> httpx.Response:
+            response = self.http.get(url)
+            if response.status_code != 404:
+                response.raise_for_status()
+            return response
+
+        response = self._retry(f"reading variable {name}", call)
+        if response.status_code == 404:
+            return None
+        found = response.json()
+        return found.get("value") if isinstance(found, dict) else None
 
     def task_run_ended(self, task_run_id: str) -> bool:
         """Whether the task run is in a final state (completed, failed, crashed, cancelled):

@@ -14,6 +14,8 @@ Four purposes exist:
 - ``unverified-request`` (site -> coordinator): a request to the site did not verify against
   the coordinator key the site holds; it names the exact manifest it got (its sha256), so that
   the coordinator stops waiting only when its own request was the one refused.
+- ``site-alive`` (site -> coordinator): the site's process is up at ``at`` (its clock) and says
+  so every ``every`` seconds, or has ``stopped``; see :func:`check_alive`.
 
 Whoever receives a manifest calls :func:`open_message` (size cap, structure, domain, purpose,
 signature), then the purpose's ``check_*`` function (fields, expiry, who and what it answers).
@@ -39,8 +41,8 @@ from models.privacy.identity import public_bytes
 
 DOMAIN = "fedrec/sites/v1"
 REQUEST, ANSWER, REFUSAL = "round-request", "round-answer", "refusal"
-UNVERIFIED = "unverified-request"
-PURPOSES = (REQUEST, ANSWER, REFUSAL, UNVERIFIED)
+UNVERIFIED, ALIVE = "unverified-request", "site-alive"
+PURPOSES = (REQUEST, ANSWER, REFUSAL, UNVERIFIED, ALIVE)
 MAX_MANIFEST_BYTES = 64 * 1024  # a manifest is a few hundred bytes; anything near this is abuse
 SITE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
@@ -589,3 +591,25 @@ def check_refusal(body: Mapping[str, Any], request: RoundRequest) -> str:
             raise RefusedMessage(f"refusal for another {name}: {body.get(name)!r}")
     reason = body.get("reason")
     return reason if isinstance(reason, str) else "no reason given"
+
+
+def alive_fields(site: str, at: float, every: float, *, stopped: bool = False) -> dict[str, Any]:
+    """The fields of a ``site-alive`` message: ``site``'s process is up at ``at`` (Unix
+    seconds) and sends one every ``every`` seconds, or (``stopped``) has just stopped."""
+    return {"site": site, "at": float(at), "every": float(every), "stopped": bool(stopped)}
+
+
+def check_alive(body: Mapping[str, Any], site: str) -> tuple[float, float, bool]:
+    """``(at, every, stopped)`` of a verified ``site-alive`` body from ``site``.
+
+    Raises
+    ------
+    RefusedMessage
+        If it is another site's, or a field is missing or of the wrong type.
+    """
+    if body.get("site") != site:
+        raise RefusedMessage(f"sign of life of site {body.get('site')!r}, expected {site!r}")
+    at, every, stopped = body.get("at"), body.get("every"), body.get("stopped")
+    if not (_is_number(at) and _is_number(every) and every > 0 and isinstance(stopped, bool)):
+        raise RefusedMessage("a sign of life needs numbers at and every > 0 and a bool stopped")
+    return float(at), float(every), stopped

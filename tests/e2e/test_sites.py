@@ -395,12 +395,27 @@ def test_a_securely_aggregated_run_equals_the_plain_model(federation):
 def test_sites_that_answer_only_private_runs_count_their_masked_answers_at_the_full_noise(
     federation,
 ):
+    from fedrec.sites.transport import Transport, alive_variable
+    from models.sites.messages import ALIVE, check_alive, open_message
+    from models.sites.registry import load_public_key
+
     fed = federation
+    api = Transport(fed.stores.prefect_api, fed.stores.mlflow_uri)
+
+    def sign(name: str) -> tuple[float, float, bool]:  # the site's sign of life, verified
+        key = load_public_key(str(fed.keys / f"{name}.pub"), fed.keys)
+        raw = api.get_variable(alive_variable(name))
+        return check_alive(open_message(raw, key, ALIVE), name)
+
     for name in SITES:  # the private run above spent the sites' budget: fresh state folders,
+        _wait_for(lambda n=name: "polling" in fed.log(n), f"{name} to start")
         fed.stop(name)  # the default (private runs only) and the peers' keys pinned
+        assert sign(name)[2], name  # a stopped process says so: the coordinator waits no more
         fed.start_site(name, label=f"{name}-fresh", exact=False, peers=True)
     for name in SITES:
         _wait_for(lambda n=name: "polling" in fed.log(f"{n}-fresh"), f"{name} to start")
+        _wait_for(lambda n=name: not sign(n)[2], f"{name}'s sign of life")
+    api.close()
     entries = {n: fed.root / "state" / f"{n}-fresh" / "budget" / "entries.jsonl" for n in SITES}
 
     def charged() -> dict[str, str]:

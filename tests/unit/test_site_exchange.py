@@ -3,7 +3,9 @@ verifies; an impostor's answers are refused in one line each and a silent site t
 
 import base64
 import io
+import re
 import threading
+import time
 import zipfile
 from dataclasses import replace
 
@@ -13,12 +15,13 @@ import pytest
 
 from fedrec.sites.coordinator import Coordinator, SiteRefused
 from fedrec.sites.process import Site, SiteOptions
+from fedrec.sites.transport import alive_variable
 from models.data.schema import encode_interactions
 from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
 from models.neural.family import Neural, NeuralConfig
-from models.privacy.identity import generate_identity, public_bytes, save_identity
-from models.sites.messages import REQUEST, UNVERIFIED, key_id, sign_message
+from models.privacy.identity import generate_identity, load_identity, public_bytes, save_identity
+from models.sites.messages import ALIVE, REQUEST, UNVERIFIED, alive_fields, key_id, sign_message
 from models.sites.registry import Registry, SiteSpec
 from models.sites.schema import check_answer_arrays
 from tests.sites_fakes import MemoryTransport
@@ -174,6 +177,59 @@ def test_a_forged_copy_of_a_request_does_not_stop_the_coordinator_waiting(world)
         "shop-a: refused an answer to train round 1: a notice about another copy of the "
         "request than the one signed"
     ]
+
+
+def test_the_coordinator_stops_waiting_for_a_site_whose_process_is_down(world, tmp_path):
+    """A site that was down cost every exchange its whole deadline (600 s by default, each
+    round again). A site's process signs a sign of life every 30 s, and says when it stops;
+    the coordinator reads it while it waits, and believes only the site's own key."""
+    coordinator, spec, _ = world
+    coordinator.liveness_seconds = 0.2
+    key = load_identity(tmp_path / "shop-a" / "client-0.key")
+    variable = alive_variable("shop-a")
+    patient = replace(spec, deadline_seconds=3.0)
+
+    def wait(sign) -> str:
+        coordinator.transport.variables[variable] = sign
+        with pytest.raises(TimeoutError) as err:
+            _ask(coordinator, patient, [])
+        return str(err.value)
+
+    # the weak version, what an older site (no sign at all) still gets: the whole deadline
+    assert wait(None) == "shop-a: no answer to train round 1 within 3 s"
+    now = time.time()
+    stale = sign_message(key, ALIVE, alive_fields("shop-a", now - 1000, 30.0))
+    message = wait(stale)
+    assert re.fullmatch(r"shop-a: no answer to train round 1: its last sign of life was at "
+                        r"\S+ \S+ UTC, 10\d\d s ago \(its process signs one every 30 s\): is "
+                        r"the site's process down\?", message), message  # fmt: skip
+    stopped = sign_message(key, ALIVE, alive_fields("shop-a", now - 5, 30.0, stopped=True))
+    assert "its site process stopped at" in wait(stopped)
+    # a stale sign that another key signed (anyone can write the variable) is not believed,
+    # nor is a fresh one taken for an answer
+    forged = sign_message(generate_identity(), ALIVE, alive_fields("shop-a", now - 1000, 30.0))
+    assert wait(forged).endswith("within 3 s")
+    fresh = sign_message(key, ALIVE, alive_fields("shop-a", time.time(), 30.0))
+    assert wait(fresh).endswith("within 3 s")
+
+
+def test_a_running_site_signs_that_it_is_up_and_that_it_stopped(world):
+    coordinator, spec, site = world
+    process = site("shop-a")
+    stop = threading.Event()
+    stop.set()  # one pass: the first sign, the loop's end, the stopped sign
+    threading.Thread(target=process.run, args=(stop,)).start()
+    _wait(lambda: coordinator.gone(spec) is not None)
+    assert "its site process stopped at" in coordinator.gone(spec)
+    site("shop-a").sign_of_life(coordinator.transport)  # a restarted process
+    assert coordinator.gone(spec) is None
+
+
+def _wait(predicate, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
 
 
 def test_a_fedavg_site_sends_its_local_model_change(world):
