@@ -131,6 +131,9 @@ class SiteBudget:
         groups = standing(self.users, self._stored())
         return max(g.balance.epsilon for g in groups), max(g.balance.delta for g in groups)
 
+    def _past_cap(self, epsilon: float, delta: float) -> bool:
+        return epsilon > self.max_epsilon * (1 + 1e-9) or delta > self.max_delta * (1 + 1e-9)
+
     def check_run(self, run: str, epsilon: float) -> None:
         """Refuse a run that says it spends ``epsilon`` when its users cannot spend that much
         more (or its delta is past the cap), before anything of it is counted. A run already
@@ -144,9 +147,7 @@ class SiteBudget:
             if self.run_releases(run):
                 return
             eps, delta = self._spent()
-        if eps + epsilon > self.max_epsilon * (1 + 1e-9) or (
-            delta + self.run_delta > self.max_delta * (1 + 1e-9)
-        ):
+        if self._past_cap(eps + epsilon, delta + self.run_delta):
             raise SiteBudgetError(
                 f"privacy budget of this site: its users have spent up to epsilon {eps:.3g} of "
                 f"{self.max_epsilon:.3g} and delta {delta:.3g} of {self.max_delta:.3g}; this "
@@ -159,9 +160,7 @@ class SiteBudget:
         cost = charge(previous, release, self.run_delta)
         cost_delta = 0.0 if previous else self.run_delta
         eps, delta = self._spent()
-        if eps + cost > self.max_epsilon * (1 + 1e-9) or delta + cost_delta > self.max_delta * (
-            1 + 1e-9
-        ):
+        if self._past_cap(eps + cost, delta + cost_delta):
             raise SiteBudgetError(
                 f"privacy budget of this site: its users have spent up to epsilon {eps:.3g} of "
                 f"{self.max_epsilon:.3g} and delta {delta:.3g} of {self.max_delta:.3g}; this "

@@ -304,7 +304,7 @@ class Site:
                 artifact.get("id"),
                 err,
             )
-            if isinstance(signed, dict):
+            if isinstance(signed, dict):  # a request to this site: tell its coordinator
                 self._tell(artifact, unverified_fields(signed, str(err), self.coordinator))
             return
         try:
@@ -378,7 +378,8 @@ class Site:
         out the deadline. Nothing is posted about a request to another site, out of date, or
         whose task run has ended; the request is not marked answered (its nonce is not the
         site's to spend: a forged copy must not block the genuine request)."""
-        body = (artifact.get("data") or {}).get("body")
+        data = artifact.get("data")
+        body = data.get("body") if isinstance(data, dict) else None
         if fields is None or fields["site"] != self.name or not isinstance(body, dict):
             return
         task_run_id, flow_run_id = body.get("task_run_id"), body.get("flow_run_id")
