@@ -27,7 +27,7 @@ from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.sites.transport import Transport
 from flows.rounds import RunContext, answered, require_quorum
 from models.data.partitions import ClientEntry, Manifest
-from models.sites.catalogue import union_catalogue
+from models.sites.catalogue import left_out_note, union_catalogue
 from models.sites.registry import read_registry
 from tasks.remote import SiteLink, enroll_site, record_enrolment, register_site_keys
 from tasks.tracking import load_champion, resolve_tracking_uri, start_run, tag_run
@@ -102,6 +102,9 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
     entries = []
     for site in sites:
         info = enrolled[site.client_id][1]
+        note = left_out_note(site.name, info)
+        if note is not None:
+            logger.warning(note)
         entries.append(
             ClientEntry(
                 site.client_id,

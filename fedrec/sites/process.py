@@ -534,11 +534,12 @@ class Site:
             return encode_arrays({"items": np.empty(0, dtype=np.int64)}), info
         if request.phase == "private" and request.epsilon is not None:
             self.budget.check_run(request.run, request.epsilon)  # a run it could not finish
+        lacking = rows = 0
         if request.catalogue is not None:
             catalogue = self._catalogue(request)
             items = np.empty(0, dtype=np.int64)
             lacking, rows = outside(self.data, catalogue)
-            if rows:  # said here only: the coordinator is not told
+            if rows:  # the coordinator is told only by a site that sends exact counts
                 log.warning(
                     "%s: %d rows of %d items the coordinator's catalogue lacks are left out",
                     self.name,
@@ -566,6 +567,8 @@ class Site:
                 "n_train": int(counts[TRAIN]),
                 "n_valid": int(counts[VALID]),
                 "n_test": int(counts[TEST]),
+                "outside_rows": rows,
+                "outside_items": lacking,
             }
         else:  # counted (and written down) before it is drawn
             self.budget.charge(request.run, count_release())

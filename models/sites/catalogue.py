@@ -96,6 +96,19 @@ def outside(data: Interactions, catalogue: np.ndarray) -> tuple[int, int]:
     return int(lacking.sum()), int(lacking[data.frame[ITEM].to_numpy()].sum())
 
 
+def left_out_note(site: str, info: dict) -> str | None:
+    """The coordinator's line about a site's rows that the published catalogue leaves out,
+    from its enrolment ``info``; None when it left out none, or did not say (a site that
+    answers only private runs tells its own log, not the coordinator)."""
+    rows, items = info.get("outside_rows"), info.get("outside_items")
+    if not rows:
+        return None
+    return (
+        f"{site}: {rows} of its rows, of {items} items the published catalogue lacks, are left "
+        "out of this run"
+    )
+
+
 def site_client(
     data: Interactions,
     catalogue: np.ndarray,

@@ -17,6 +17,7 @@ from models.privacy.dp import UserLevelDP
 from models.privacy.identity import generate_identity, public_bytes, save_identity
 from models.privacy.released_metrics import MetricRelease
 from models.sites.budget import COUNT_NOISE
+from models.sites.catalogue import left_out_note
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ANSWER,
@@ -465,7 +466,7 @@ def test_a_private_site_enrols_without_its_item_ids_or_exact_counts(world):
     request, digest = _enrol(transport, run="run-1", nonce="3")
     site.poll_once()
     items, info = _enrolment(transport, key, request, digest)
-    assert items.size == 0 and {"n_train", "n_valid", "n_test"}.isdisjoint(info)
+    assert items.size == 0 and {"n_train", "n_valid", "n_test", "outside_rows"}.isdisjoint(info)
     (line,) = _charges(site)  # the noisy count, charged before it was drawn
     assert line["release"] == {"kind": "count", "noise_multiplier": COUNT_NOISE,
                                "sampling_rate": 1.0} and line["epsilon"] > 0  # fmt: skip
@@ -508,6 +509,14 @@ def test_an_exact_site_counts_only_the_rows_a_published_catalogue_keeps(world):
     inside = rows[rows["item"].isin(kept)]
     assert items.size == 0
     assert info["n_train"] + info["n_valid"] + info["n_test"] == len(inside)
+    # the rows left out, which the coordinator logs (a private site tells only its own log)
+    left_rows, left_items = len(rows) - len(inside), rows.loc[~rows["item"].isin(kept), "item"]
+    assert (info["outside_rows"], info["outside_items"]) == (left_rows, left_items.nunique())
+    assert left_out_note("shop-a", info) == (
+        f"shop-a: {left_rows} of its rows, of {left_items.nunique()} items the published "
+        "catalogue lacks, are left out of this run"
+    )
+    assert left_out_note("shop-a", {"n_users": 3}) is None  # a private site's enrolment
 
 
 def test_a_site_says_when_it_cannot_reach_the_coordinator_and_when_it_can_again(world, caplog):
