@@ -320,7 +320,9 @@ def run_partition(partition: Partition, data, stores, folder: Path, args) -> dic
                 + "".join(f"  - name: {n}\n    public_key: keys/{n}.pub\n" for n in names)
             )
             before_files, before_logs = exchange_files(artifacts), log_sizes(logs)
-            command = [fedrec, "train", "--sites", str(yaml), *common("benchmark-sites")]
+            # --keep-workspace keeps the run's exchange files in the store, to be measured
+            command = [fedrec, "train", "--sites", str(yaml), "--keep-workspace",
+                       *common("benchmark-sites")]  # fmt: skip
             run = timed_run(command, f"{partition.label()} sites ({precision})", log, env, stores)
             if "error" not in run:
                 sites.check_alive()

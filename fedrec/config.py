@@ -454,7 +454,8 @@ class TrainingConfig(BaseModel):
     keep_workspace: bool = Field(
         False,
         description="keep the workspace after the run succeeds (a failed or interrupted run "
-        "always keeps it, for --resume)",
+        "always keeps it, for --resume); with --sites, also keep the run's exchange files in "
+        "the artifact store (removed at the run's end otherwise: every site can read them)",
     )
     sites: str | None = Field(
         None,

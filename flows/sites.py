@@ -24,11 +24,11 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from fedrec.config import TrainingConfig, fedrec_home
-from fedrec.sites.transport import Transport
+from fedrec.sites.transport import Transport, TransportError
 from flows.rounds import RunContext, answered, require_quorum
 from models.data.partitions import ClientEntry, Manifest
 from models.sites.catalogue import left_out_note, union_catalogue
-from models.sites.registry import read_registry
+from models.sites.registry import Registry, read_registry
 from tasks.remote import SiteLink, enroll_site, record_enrolment, register_site_keys
 from tasks.tracking import load_champion, resolve_tracking_uri, start_run, tag_run
 
@@ -57,7 +57,6 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
     """Enrol the sites of ``config.sites``, agree the catalogue, start the MLflow run; the
     returned context's client tasks are proxies of the enrolled sites."""
     assert config.sites is not None
-    logger = get_run_logger()
     registry = read_registry(config.sites)
     registry.check_weights(private=config.dp_epsilon is not None, secure=config.secure_aggregation)
     api, uri = _servers(config)
@@ -69,6 +68,29 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
     }
     run = str(flow_run.get_id())
     link = SiteLink(registry, Transport(api, uri), run, config.seed, split, config.round_timeout)
+    try:
+        return _enrol(config, registry, link)
+    except BaseException:
+        if not config.keep_workspace:
+            prune_exchange(link)
+        raise
+
+
+def prune_exchange(link: SiteLink) -> None:
+    """Delete a sites run's exchange files (catalogue, states, the sites' answers, which every
+    site can read) from the artifact store; a store that refuses leaves them, with a warning."""
+    logger = get_run_logger()
+    try:
+        folder = link.prune()
+    except TransportError as err:
+        logger.warning("could not remove the run's exchange files: %s", err)
+        return
+    logger.info("removed the run's exchange files %s (--keep-workspace keeps them)", folder)
+
+
+def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunContext:
+    """:func:`start_sites_run` once the run's link to its sites exists."""
+    logger = get_run_logger()
     if registry.catalogue is not None:  # sites then send no item ids
         link.publish_catalogue(registry.catalogue)
     futures = {
@@ -125,7 +147,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
         config.rating_scale,
         entries,
     )
-    uri, run_id = start_run(config, fingerprint, run, clients=len(sites))
+    uri, run_id = start_run(config, fingerprint, link.run, clients=len(sites))
     workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
     record_enrolment(workspace=workspace, manifest=manifest, catalogue=catalogue)
     if config.secure_aggregation:  # the server steps verify the sites' round keys with these

@@ -24,7 +24,7 @@ from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
 from flows.loop import train_family
 from flows.rounds import RunContext, privacy_plan
-from flows.sites import start_sites_run
+from flows.sites import prune_exchange, start_sites_run
 from models.data.partitions import mark_finished, read_item_ids, read_manifest, remove_workspace
 from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
@@ -376,6 +376,8 @@ def _train_and_register(
         raise
     finally:
         finish_run(uri, run_id, succeeded, error)
+        if ctx.sites is not None and not config.keep_workspace:  # no resume: whatever the end
+            prune_exchange(ctx.sites)
         if succeeded and not config.keep_workspace:
             _remove_workspace(workspace)
         elif succeeded:

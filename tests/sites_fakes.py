@@ -61,6 +61,10 @@ class MemoryTransport:
         self.blobs[path] = data
         return BlobRef.of(path, data)
 
+    def delete_folder(self, path: str) -> None:
+        for name in [n for n in self.blobs if n.startswith(path.rstrip("/") + "/")]:
+            del self.blobs[name]
+
     def get_blob(self, ref: BlobRef, max_bytes: int) -> bytes:
         data = self.blobs[ref.path]
         if len(data) > max_bytes or BlobRef.of(ref.path, data) != ref:

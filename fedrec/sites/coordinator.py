@@ -184,6 +184,18 @@ class Coordinator:
     def _folder(self) -> str:
         return f"fedrec-sites/{self.run}"
 
+    def prune(self) -> str:
+        """Delete the run's exchange files (catalogue, states, the sites' answers) from the
+        artifact store, which every site can read; returns the folder.
+
+        Raises
+        ------
+        TransportError
+            If the store refused or could not be reached.
+        """
+        self.transport.delete_folder(self._folder())
+        return self._folder()
+
     def exchange(
         self,
         site: SiteSpec,

@@ -212,6 +212,10 @@ class Transport:
         self._call(f"uploading {path}", "PUT", f"{self.artifacts}/{path}", content=data)
         return BlobRef.of(path, data)
 
+    def delete_folder(self, path: str) -> None:
+        """Delete ``path`` and everything under it from the artifact store."""
+        self._call(f"deleting {path}", "DELETE", f"{self.artifacts}/{path}")
+
     def get_blob(self, ref: BlobRef, max_bytes: int) -> bytes:
         """The bytes at ``ref.path``, refused when the reference announces more than
         ``max_bytes``, when more bytes than announced arrive (the stream is cut there), or

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -162,6 +163,7 @@ class Federation:
         stderr_path: Path,
         *flags: str,
         sites: str = "sites.yaml",
+        keep: bool = True,
     ) -> subprocess.Popen:
         """A `fedrec train --sites` process (its stderr in ``stderr_path``; --json on stdout)."""
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -190,7 +192,7 @@ class Federation:
                 "--workspace",
                 str(self.coordinator / workspace),
                 "--json",
-                "--keep-workspace",
+                *(["--keep-workspace"] if keep else []),
                 *flags,
             ],
             env=env,
@@ -443,17 +445,26 @@ def test_sites_that_answer_only_private_runs_count_their_masked_answers_at_the_f
     assert "answers only private runs and sends no item ids: list the catalogue" in error
     assert charged() == before
 
+    def exchanges() -> set[str]:  # the runs' exchange folders in the artifact store
+        url = f"{fed.stores.mlflow_uri}/api/2.0/mlflow-artifacts/artifacts"
+        listing = httpx.get(url, params={"path": "fedrec-sites"}, timeout=30).json()
+        return {f["path"] for f in listing.get("files", [])}
+
     # a run whose epsilon the sites' users cannot spend (cap 10) is refused at enrolment,
-    # before the noisy count is charged
+    # before the noisy count is charged; without --keep-workspace its exchange files (the
+    # catalogue it published, the sites' refusals) are removed from the store
     costly = ("--secure-aggregation", "--dp-epsilon", "12")
     err = fed.root / "train-costly.err"
-    refused = fed.train("ws-costly", 3, err, *costly, sites="sites-catalogue.yaml")
+    kept = exchanges()
+    refused = fed.train("ws-costly", 3, err, *costly, sites="sites-catalogue.yaml", keep=False)
     out, _ = refused.communicate(timeout=600)
     assert refused.returncode == 1, err.read_text()[-3000:]
     error = json.loads(out.strip().splitlines()[-1])["error"]
     assert "enrolment: 0 of 3 clients answered" in error
     assert "this run asks epsilon 12" in error and "refused before anything" in error
     assert charged() == before
+    assert "removed the run's exchange files fedrec-sites/" in err.read_text()
+    assert exchanges() == kept
 
     stderr = fed.root / "train-4.err"
     summary = _summary(fed.train("ws4", 3, stderr, *flags, sites="sites-catalogue.yaml"), stderr)

@@ -232,6 +232,21 @@ def _wait(predicate, timeout=30.0):
         time.sleep(0.05)
 
 
+def test_pruning_removes_the_runs_exchange_files_and_nothing_else(world):
+    coordinator, spec, site = world
+    store = coordinator.transport.blobs
+    store["fedrec-sites/run-10/catalogue.npz"] = b"another run's"
+    stop = _running(site("shop-a"))
+    try:
+        _ask(coordinator, spec, [])
+    finally:
+        stop.set()
+    ours = [name for name in store if name.startswith("fedrec-sites/run-1/")]
+    assert any("/state-" in n for n in ours) and any("/train-" in n for n in ours)  # answers
+    assert coordinator.prune() == "fedrec-sites/run-1"
+    assert list(store) == ["fedrec-sites/run-10/catalogue.npz"]
+
+
 def test_a_fedavg_site_sends_its_local_model_change(world):
     coordinator, spec, site = world
     fedavg = ExplicitMF(MFConfig(algorithm="fedavg", n_factors=3, local_epochs=2))
