@@ -6,7 +6,7 @@ message's ``purpose``, and is signed with the sender's long-term identity key
 (:mod:`models.privacy.identity`). Arrays never travel inside a manifest: a manifest names them
 by :class:`BlobRef` (path, sha256, size), so the signature pins their bytes too.
 
-Four purposes exist:
+Five purposes exist:
 
 - ``round-request`` (coordinator -> site): one exchange of a run, see :class:`RoundRequest`.
 - ``round-answer`` (site -> coordinator): the answer's arrays, see :class:`RoundAnswer`.
