@@ -508,11 +508,15 @@ def check_answer(
 
 def refusal_fields(request: RoundRequest, reason: str) -> dict[str, Any]:
     """The fields of a refusal of ``request``, the reason on one line."""
+    return _refusal(request.run, request.round, request.site, request.nonce, reason)
+
+
+def _refusal(run: str, round_: int, site: str, nonce: str, reason: str) -> dict[str, Any]:
     return {
-        "run": request.run,
-        "round": request.round,
-        "site": request.site,
-        "nonce": request.nonce,
+        "run": run,
+        "round": round_,
+        "site": site,
+        "nonce": nonce,
         "reason": " ".join(reason.split())[:500],
     }
 
@@ -526,13 +530,7 @@ def refusal_of_body(body: Mapping[str, Any], reason: str) -> dict[str, Any] | No
         return None
     if not (isinstance(site, str) and isinstance(nonce, str) and _NONCE.fullmatch(nonce)):
         return None
-    return {
-        "run": run,
-        "round": round_,
-        "site": site,
-        "nonce": nonce,
-        "reason": " ".join(reason.split())[:500],
-    }
+    return _refusal(run, round_, site, nonce, reason)
 
 
 def manifest_digest(signed: Mapping[str, Any]) -> str:
