@@ -6,7 +6,8 @@ content), and :meth:`Coordinator.exchange`: sign a request with the coordinator'
 on the asking task run, then poll that task run's answers. Each answer is verified against the
 ``sites.yaml`` key of the site it names, must answer exactly this request (run, kind, phase,
 round, nonce, request digest) from inside its reply folder, and its npz is size-capped,
-sha256-checked and decoded without pickles; anything else is refused with one line naming the
+sha256-checked, opened with the run's answer key (:mod:`models.sites.sealing`: the sites seal
+their answers to it, so no one else who reads the artifact store can) and decoded without pickles; anything else is refused with one line naming the
 site and the reason, and the wait goes on until the site's deadline. A signed refusal by the
 site ends it at once. The Prefect proxy tasks (:mod:`tasks.remote`) call this.
 
@@ -22,10 +23,11 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedrec.sites.secure import registry_field
 from fedrec.sites.transport import (
@@ -53,6 +55,7 @@ from models.sites.messages import (
     body_digest,
     check_alive,
     check_answer,
+    check_info,
     check_refusal,
     check_unverified,
     exchange_name,
@@ -63,6 +66,7 @@ from models.sites.messages import (
 )
 from models.sites.registry import Registry, SiteSpec
 from models.sites.schema import SERVER_ONLY, SchemaError
+from models.sites.sealing import answer_key_field, new_answer_key, open_answer, sealing_context
 from models.sites.spec import family_spec
 
 POLL_SECONDS = 0.25  # how often the coordinator looks for a site's answer
@@ -138,6 +142,10 @@ class Coordinator:
     n_items: int = 0
     entries: dict[int, SiteSpec] = field(default_factory=dict)  # client id -> site
     liveness_seconds: float = LIVENESS_SECONDS
+    # the run's answer key (models.sites.sealing): in this process's memory only
+    answer_secret: X25519PrivateKey = field(
+        default_factory=new_answer_key, repr=False, compare=False
+    )
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _published: dict[int, tuple[Any, BlobRef]] = field(default_factory=dict, repr=False)
     _collector: AnswerCollector | None = field(default=None, repr=False)
@@ -263,6 +271,7 @@ class Coordinator:
             secure=secure,
             message=sent,
             epsilon=epsilon,
+            answer_key=answer_key_field(self.answer_secret),
         )
         answers = self.collector.watch(request.task_run_id)
         signed = sign_message(self.registry.coordinator_key, REQUEST, request.fields())
@@ -411,5 +420,7 @@ class Coordinator:
         answer = check_answer(open_message(signed, site.public_key, ANSWER), request, digest)
         if not answer.answer.path.startswith(request.reply_to + "/"):
             raise RefusedMessage(f"answer stored outside its reply folder: {answer.answer.path}")
-        raw = self.transport.get_blob(answer.answer, MAX_ANSWER_BYTES)
+        sealed = self.transport.get_blob(answer.answer, MAX_ANSWER_BYTES)
+        raw, info = open_answer(sealed, self.answer_secret, sealing_context(request))
+        answer = replace(answer, info=check_info(info))
         return decode_arrays(raw, max_bytes=MAX_ANSWER_BYTES), answer

@@ -94,6 +94,7 @@ from models.sites.messages import (
 )
 from models.sites.registry import load_public_key, read_peers
 from models.sites.schema import SchemaError, check_state, wire_arrays
+from models.sites.sealing import parse_answer_key, seal_answer, sealing_context
 from models.sites.spec import family_from_spec
 
 MAX_BYTES = 512 * 1024 * 1024  # largest state or catalogue a site downloads
@@ -344,9 +345,14 @@ class Site:
             self._refuse(request, str(err))
             return
         digest = body_digest(body)
-        ref = self.transport.put_blob(f"{request.reply_to}/{self.name}-{_short(data)}.npz", data)
         info = info | {"seconds": round(time.perf_counter() - started, 4)}
-        answer = answer_for(request, digest, ref, info)
+        # sealed to the run's coordinator: the store is readable by every site
+        key = parse_answer_key(request.answer_key)
+        sealed = seal_answer(data, info, key, sealing_context(request))
+        ref = self.transport.put_blob(
+            f"{request.reply_to}/{self.name}-{_short(sealed)}.sealed", sealed
+        )
+        answer = answer_for(request, digest, ref)
         self._post(request, sign_message(self.key, ANSWER, answer.fields()))
         self.record.mark_answered(request.nonce)
         self._log(

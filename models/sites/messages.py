@@ -4,7 +4,8 @@ Every manifest is ``{"body": {...}, "sig": base64(ed25519(canonical(body)))}``: 
 canonical JSON (sorted keys, no spaces, no NaN), carries the protocol's ``domain`` and the
 message's ``purpose``, and is signed with the sender's long-term identity key
 (:mod:`models.privacy.identity`). Arrays never travel inside a manifest: a manifest names them
-by :class:`BlobRef` (path, sha256, size), so the signature pins their bytes too.
+by :class:`BlobRef` (path, sha256, size), so the signature pins their bytes too; an answer's
+file is sealed to the key its request names (:mod:`models.sites.sealing`).
 
 Five purposes exist:
 
@@ -48,6 +49,7 @@ SITE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PATH = re.compile(r"[A-Za-z0-9._/-]{1,512}")
+_ANSWER_KEY = re.compile(r"[A-Za-z0-9+/]{43}=")  # base64 of a 32-byte X25519 public key
 Kind = Literal["enroll", "train", "evaluate", "secagg"]
 KINDS = ("enroll", "train", "evaluate", "secagg")
 ENROL_PHASES = ("private", "exact")  # an enrolment says whether the run will be private
@@ -269,6 +271,9 @@ class RoundRequest:
         A private ``enroll``'s epsilon: what the run's noise is calibrated to, its training and
         final evaluations composed. A site that cannot spend that much refuses to enrol before
         it counts anything; it still charges each release as its own accountant counts it.
+    answer_key : str
+        The run's X25519 public key (base64) the site seals its answer to
+        (:mod:`models.sites.sealing`): only the coordinator of this run can read the answer.
     """
 
     run: str
@@ -297,6 +302,7 @@ class RoundRequest:
     secure: dict[str, Any] | None = None
     message: BlobRef | None = None
     epsilon: float | None = None
+    answer_key: str = ""
 
     def fields(self) -> dict[str, Any]:
         """The manifest fields (JSON values); ``epsilon`` only when set, so that the requests
@@ -329,7 +335,8 @@ def check_request(
     """
     fields = {k: v for k, v in body.items() if k not in ("domain", "purpose")}
     known = {f for f in RoundRequest.__dataclass_fields__}
-    extra, missing = set(fields) - known, {"run", "kind", "site", "nonce", "round"} - set(fields)
+    needed = {"run", "kind", "site", "nonce", "round", "answer_key"}
+    extra, missing = set(fields) - known, needed - set(fields)
     if extra:
         raise RefusedMessage(f"request has unknown fields {sorted(extra)}")
     if missing:
@@ -360,6 +367,8 @@ def check_request(
         )
     if fields["issued_at"] - skew > now:
         raise RefusedMessage(f"request issued {fields['issued_at'] - now:.0f} s in the future")
+    if not isinstance(fields["answer_key"], str) or not _ANSWER_KEY.fullmatch(fields["answer_key"]):
+        raise RefusedMessage("request answer_key must be base64 of a 32-byte X25519 public key")
     reply = fields["reply_to"]
     if not _PATH.fullmatch(reply) or ".." in reply.split("/") or reply.startswith("/"):
         raise RefusedMessage(f"request reply_to {reply!r} is not a safe relative path")
@@ -434,11 +443,13 @@ class RoundAnswer:
     request_sha256 : str
         :func:`body_digest` of the request's body.
     answer : BlobRef
-        The answer's npz (:func:`models.protocol.answer_arrays`; for ``enroll`` the item ids).
+        The answer's npz (:func:`models.protocol.answer_arrays`; for ``enroll`` the item ids)
+        with its info, sealed to the request's ``answer_key`` (:mod:`models.sites.sealing`).
     info : dict
         Numbers the coordinator may see beside the arrays: for ``enroll`` the site's users and
         rows per split, a fingerprint of its rows keyed with the site's secret, and whether it
-        answers requests without DP (``exact``); the seconds the site spent.
+        answers requests without DP (``exact``); the seconds the site spent. They travel
+        sealed with the arrays: the signed manifest on the API carries an empty ``info``.
     """
 
     run: str
@@ -498,12 +509,22 @@ def check_answer(
             )
     if fields["request_sha256"] != request_sha256:
         raise RefusedMessage("answer names another request (request digest differs)")
-    info = fields["info"]
+    check_info(fields["info"])
+    return RoundAnswer(**(fields | {"answer": BlobRef.from_json(fields["answer"], "answer")}))
+
+
+def check_info(info: Any) -> dict[str, Any]:
+    """An answer's info: an object of numbers and strings.
+
+    Raises
+    ------
+    RefusedMessage
+    """
     if not isinstance(info, dict) or not all(
         isinstance(k, str) and (_is_number(v) or isinstance(v, str)) for k, v in info.items()
     ):
         raise RefusedMessage("answer info must be an object of numbers and strings")
-    return RoundAnswer(**(fields | {"answer": BlobRef.from_json(fields["answer"], "answer")}))
+    return info
 
 
 def refusal_fields(request: RoundRequest, reason: str) -> dict[str, Any]:

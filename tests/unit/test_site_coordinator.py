@@ -22,6 +22,7 @@ from models.sites.messages import (
     sign_message,
 )
 from models.sites.registry import Registry, SiteSpec
+from models.sites.sealing import seal_answer, sealing_context
 from tests.sites_fakes import MemoryTransport
 
 KEYS = {name: generate_identity() for name in ("coordinator", "shop-a", "shop-b", "stranger")}
@@ -56,7 +57,8 @@ def _request(round_: int = 2, nonce: str = "a" * 32) -> RoundRequest:
 def _signed_answer(link, request, *, signer="shop-a", site=None, path=None, digest=None):
     update = ClientUpdate(0, np.array([1, 3]), np.array([2, 1]), {"rhs": np.ones((2, 2))})
     data = encode_arrays(answer_arrays(update, {}))
-    ref = link.transport.put_blob(path or f"{request.reply_to}/shop-a-x.npz", data)
+    sealed = seal_answer(data, {}, link.answer_secret.public_key(), sealing_context(request))
+    ref = link.transport.put_blob(path or f"{request.reply_to}/shop-a-x.sealed", sealed)
     answer = answer_for(request, digest or body_digest({"r": request.nonce}), ref)
     fields = answer.fields() | ({"site": site} if site else {})
     return sign_message(KEYS[signer], ANSWER, fields)

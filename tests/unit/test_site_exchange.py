@@ -8,6 +8,7 @@ import threading
 import time
 import zipfile
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,19 @@ from models.mf.family import ExplicitMF
 from models.mf.federated import MFConfig
 from models.neural.family import Neural, NeuralConfig
 from models.privacy.identity import generate_identity, load_identity, public_bytes, save_identity
-from models.sites.messages import ALIVE, REQUEST, UNVERIFIED, alive_fields, key_id, sign_message
+from models.sites.encoding import EncodingError, decode_arrays
+from models.sites.messages import (
+    ALIVE,
+    REQUEST,
+    UNVERIFIED,
+    RefusedMessage,
+    alive_fields,
+    key_id,
+    sign_message,
+)
 from models.sites.registry import Registry, SiteSpec
 from models.sites.schema import check_answer_arrays
+from models.sites.sealing import open_answer, sealing_context
 from tests.sites_fakes import MemoryTransport
 
 FAMILY = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0)))
@@ -125,6 +136,44 @@ def test_the_coordinator_gets_the_site_answer_and_refuses_the_impostor(world):
         stop.set()
     update, evaluations = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
     assert answer.round == 2 and update.items.size > 0 and "valid" in evaluations
+
+
+def _read_as_another_site(transport, answer) -> dict | None:
+    """The attack: another site, or anyone who can read the MLflow server, fetches a site's
+    answer file from the shared artifact store; the arrays it holds, or None."""
+    try:
+        return decode_arrays(transport.blobs[answer.answer.path], max_bytes=10**8)
+    except EncodingError:
+        return None
+
+
+def test_another_site_reading_the_store_cannot_read_a_sites_answer(world):
+    """Every site (and every reader of the MLflow server) can read the artifact store, and an
+    answer without DP holds the site's exact sums over its users. Plain npz answers (the weak
+    version, which this test reads too) gave them away; sealed to the run's answer key, whose
+    private half never leaves the coordinator's memory, they read as noise."""
+    coordinator, spec, site = world
+    stop = _running(site("shop-a"))
+    try:
+        arrays, answer = _ask(coordinator, spec, [])
+    finally:
+        stop.set()
+    sent = coordinator.transport.blobs[answer.answer.path]
+    plain, info = open_answer(sent, coordinator.answer_secret, sealing_context(answer))
+    weak = SimpleNamespace(blobs={answer.answer.path: plain})
+    stolen = _read_as_another_site(weak, answer)  # what the weak version gave away
+    assert stolen is not None and np.array_equal(stolen["array.gram"], arrays["array.gram"])
+    assert _read_as_another_site(coordinator.transport, answer) is None
+    gram = arrays["array.gram"].tobytes()
+    assert gram[:64] in plain and gram[:64] not in sent  # no stretch of the sums in the clear
+    assert answer.info == info and "seconds" in info
+    # nor does the manifest that anyone on the Prefect API reads carry the info
+    (posted,) = [a for a in coordinator.transport.artifacts if a["type"] == "fedrec-answer"]
+    assert posted["data"]["body"]["info"] == {}
+    # a coordinator of another run (another answer key) cannot open it either
+    other = Coordinator(coordinator.registry, coordinator.transport, "run-1", 0, SPLIT)
+    with pytest.raises(RefusedMessage, match="does not open with this run's answer key"):
+        open_answer(sent, other.answer_secret, sealing_context(answer))
 
 
 def test_a_site_holding_another_coordinator_key_says_so_at_once(world):
@@ -280,8 +329,11 @@ def test_a_float32_deflated_exchange_packs_both_directions(world):
         arrays, answer = _ask(coordinator, spec, [])
     finally:
         stop.set()
-    for path in (answer.answer.path, *[p for p in coordinator.transport.blobs if "state-" in p]):
-        with zipfile.ZipFile(io.BytesIO(coordinator.transport.blobs[path])) as archive:
+    sealed = coordinator.transport.blobs[answer.answer.path]
+    sent, _ = open_answer(sealed, coordinator.answer_secret, sealing_context(answer))
+    states = [coordinator.transport.blobs[p] for p in coordinator.transport.blobs if "state-" in p]
+    for data in (sent, *states):
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_DEFLATED}
     update, _ = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
     assert update.arrays["gram"].dtype == np.float64  # widened back on reading

@@ -23,11 +23,13 @@ from models.sites.messages import (
     open_message,
     sign_message,
 )
+from models.sites.sealing import answer_key_field, new_answer_key
 
 NOW = 1_700_000_000.0
 COORDINATOR, SITE, OTHER = generate_identity(), generate_identity(), generate_identity()
 SHA = "ab" * 32
 SPLIT = {"method": "random", "valid_fraction": 0.1, "test_fraction": 0.1}
+ANSWER_KEY = answer_key_field(new_answer_key())
 
 
 def _request(**changes) -> RoundRequest:
@@ -49,6 +51,7 @@ def _request(**changes) -> RoundRequest:
         state=BlobRef("fedrec-sites/run-1/s.npz", SHA, 10),
         catalogue=BlobRef("fedrec-sites/run-1/c.npz", SHA, 10),
         eval_splits=("valid",),
+        answer_key=ANSWER_KEY,
     )
     return RoundRequest(**(fields | changes))
 
@@ -67,6 +70,8 @@ def test_a_signed_request_verifies_and_reads_back_equal():
     ("tamper", "reason"),
     [
         (lambda s: s["body"].__setitem__("round", 4), "signature does not verify"),
+        # the key the site seals its answer to: one of an eavesdropper's is not the run's
+        (lambda s: s["body"].__setitem__("answer_key", "B" * 43 + "="), "does not verify"),
         (lambda s: s["body"].__setitem__("domain", "fedrec/secagg/v1"), "domain"),
         (lambda s: s["body"].__setitem__("purpose", ANSWER), "purpose"),
         (lambda s: s.__setitem__("sig", base64.b64encode(b"x" * 64).decode()), "does not verify"),
@@ -107,6 +112,18 @@ def test_a_request_for_another_site_or_out_of_date_is_refused(request_, site, no
         check_request(body, site=site, now=now)
 
 
+def test_a_request_without_an_answer_key_is_refused():
+    """A coordinator of a version before sealed answers: the site would have to answer in the
+    clear, readable by every other site."""
+    fields = _request().fields()
+    del fields["answer_key"]
+    body = open_message(
+        sign_message(COORDINATOR, REQUEST, fields), COORDINATOR.public_key(), REQUEST
+    )
+    with pytest.raises(RefusedMessage, match=r"request lacks fields \['answer_key'\]"):
+        check_request(body, site="shop-a", now=NOW)
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
@@ -135,6 +152,9 @@ def test_a_request_for_another_site_or_out_of_date_is_refused(request_, site, no
         ({"epsilon": 1.0}, "epsilon 1.0; allowed: a positive number, on an enrolment only"),
         ({"kind": "enroll", "phase": "private", "epsilon": 0}, "epsilon 0; allowed: a positive"),
         ({"kind": "enroll", "phase": "private", "epsilon": "8"}, "epsilon '8'; allowed"),
+        ({"answer_key": ""}, "answer_key must be base64 of a 32-byte X25519 public key"),
+        ({"answer_key": ANSWER_KEY[:-2] + "=="}, "answer_key must be base64 of a 32-byte"),
+        ({"answer_key": 7}, "answer_key must be base64 of a 32-byte"),
     ],
 )
 def test_a_request_with_a_field_out_of_its_range_is_refused(changes, reason):

@@ -33,12 +33,14 @@ from models.sites.messages import (
     sign_message,
 )
 from models.sites.schema import check_answer_arrays
+from models.sites.sealing import answer_key_field, new_answer_key, open_answer, sealing_context
 from models.sites.spec import family_spec
 from tests.sites_fakes import MemoryTransport
 
 PLAIN = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0)))
 PRIVATE = ExplicitMF(MFConfig(n_factors=3, clip_to=(1.0, 5.0), dp=UserLevelDP(1.0, 20)))
 COORDINATOR, OTHER = generate_identity(), generate_identity()
+ANSWER_SECRET = new_answer_key()  # the run's key the answers are sealed to
 ITEMS = np.arange(100, 112)
 
 
@@ -126,6 +128,7 @@ def _request(*, run, kind, phase, nonce, round_=0, **fields) -> RoundRequest:
         expires_at=1e12,
         seed=3,
         split={"method": "random", "valid_fraction": 0.2, "test_fraction": 0.2},
+        answer_key=answer_key_field(ANSWER_SECRET),
         **fields,
     )
 
@@ -143,11 +146,17 @@ def _post(transport, request: RoundRequest, signer=COORDINATOR) -> str:
     return body_digest(signed["body"])
 
 
-def _answer(transport, key, request, digest) -> bytes:
+def _opened(transport, key, request, digest) -> tuple[bytes, dict]:
+    """The npz bytes and info of the site's answer, opened as the run's coordinator does."""
     (posted,) = transport.answers_on(request.task_run_id)
     body = open_message(posted["data"], key.public_key(), ANSWER)
     answer = check_answer(body, request, digest)
-    return transport.get_blob(answer.answer, 10**7)
+    sealed = transport.get_blob(answer.answer, 10**7)
+    return open_answer(sealed, ANSWER_SECRET, sealing_context(request))
+
+
+def _answer(transport, key, request, digest) -> bytes:
+    return _opened(transport, key, request, digest)[0]
 
 
 def _refusal(transport, key, request) -> str:
@@ -433,10 +442,8 @@ def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9",
 
 
 def _enrolment(transport, key, request, digest):
-    (posted,) = transport.answers_on(request.task_run_id)
-    answer = check_answer(open_message(posted["data"], key.public_key(), ANSWER), request, digest)
-    items = decode_arrays(transport.get_blob(answer.answer, 10**7), max_bytes=10**7)["items"]
-    return items, answer.info
+    data, info = _opened(transport, key, request, digest)
+    return decode_arrays(data, max_bytes=10**7)["items"], info
 
 
 def _charges(site) -> list[dict]:

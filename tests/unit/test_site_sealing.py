@@ -1,0 +1,74 @@
+"""Sealed answers: only the run's answer key opens them, and only for the request they answer."""
+
+import json
+
+import pytest
+
+from models.sites.messages import RefusedMessage, RoundRequest
+from models.sites.sealing import (
+    MAGIC,
+    OVERHEAD,
+    answer_key_field,
+    new_answer_key,
+    open_answer,
+    parse_answer_key,
+    seal_answer,
+    sealing_context,
+)
+
+KEY = new_answer_key()
+DATA = b"PK\x03\x04 an npz's bytes" * 50
+INFO = {"seconds": 0.25, "n_users": 12, "fingerprint": "ab12"}
+
+
+def _request(**changes) -> RoundRequest:
+    fields = dict(
+        run="run-1", kind="train", phase="train", round=3, label="", site="shop-a",
+        client_id=0, nonce="0" * 31 + "1", issued_at=0.0, expires_at=1.0,
+        reply_to="fedrec-sites/run-1/x", seed=0, split={}, answer_key=answer_key_field(KEY),
+    )  # fmt: skip
+    return RoundRequest(**(fields | changes))
+
+
+def _sealed(request=None, key=KEY) -> bytes:
+    request = request or _request()
+    return seal_answer(
+        DATA, INFO, parse_answer_key(answer_key_field(key)), sealing_context(request)
+    )
+
+
+def test_the_runs_key_opens_what_was_sealed_to_it():
+    sealed = _sealed()
+    assert open_answer(sealed, KEY, sealing_context(_request())) == (DATA, INFO)
+    assert sealed.startswith(MAGIC) and len(sealed) == len(DATA) + len(json.dumps(INFO,
+        separators=(",", ":"))) + OVERHEAD  # fmt: skip
+    assert DATA[:20] not in sealed and b"n_users" not in sealed
+    assert _sealed() != sealed  # a fresh ephemeral key and nonce each time
+
+
+@pytest.mark.parametrize(
+    "moved",
+    [dict(round=4), dict(nonce="0" * 31 + "2"), dict(site="shop-b"), dict(run="run-2"),
+     dict(label="champion"), dict(kind="evaluate"), dict(phase="mean")],
+)  # fmt: skip
+def test_an_answer_moved_to_another_request_does_not_open(moved):
+    with pytest.raises(RefusedMessage, match="does not open with this run's answer key"):
+        open_answer(_sealed(), KEY, sealing_context(_request(**moved)))
+
+
+def test_an_answer_sealed_to_another_key_or_altered_does_not_open():
+    context = sealing_context(_request())
+    with pytest.raises(RefusedMessage, match="does not open"):
+        open_answer(_sealed(key=new_answer_key()), KEY, context)
+    altered = bytearray(_sealed())
+    altered[-40] ^= 1
+    with pytest.raises(RefusedMessage, match="does not open"):
+        open_answer(bytes(altered), KEY, context)
+    with pytest.raises(RefusedMessage, match="no sealed header"):
+        open_answer(DATA, KEY, context)  # a plain npz, what a site of an older version sends
+
+
+@pytest.mark.parametrize("text", ["", "AAAA", "A" * 43 + "=" + "A", 32, None])
+def test_an_answer_key_that_is_not_32_bytes_of_base64_is_refused(text):
+    with pytest.raises(RefusedMessage, match="answer_key must be base64 of a 32-byte"):
+        parse_answer_key(text)
