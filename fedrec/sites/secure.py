@@ -15,6 +15,9 @@ unmask, its state written back between steps in ``<state>/secagg/<run-round>/``.
 - masks only the update it holds for the request's run and round, only once (the held vector is
   deleted when masked), and only for a round whose threshold t is at least its DP noise shares
   (the sum the server learns then carries the full noise);
+- masks only in a round whose t is a majority of the clients holding its shares (checked by
+  :class:`SecAggClient`: two disjoint groups of t could be shown different dropouts and reveal
+  both of its secrets), with its own fixed-point step, over no more clients than the registry;
 - masks only in a round bound to the settings it trained under (``RoundConfig.binding``, a
   digest of the request's family spec and phase): peers' round keys are signed over it, so a
   coordinator that asked peers to train with less noise cannot complete a round with them.
@@ -199,6 +202,13 @@ class SecureSite:
         if (config.run_id, config.round) != (request.run, request.round):
             raise RefusedMessage("the secure round names another run or round than the request")
         registry = self._registry(request)
+        if config.fraction_bits != FRACTION_BITS or config.n_clients > len(registry):
+            # both set the fixed-point range: one made too narrow overflows on the update
+            raise RefusedMessage(
+                f"the secure round sets {config.fraction_bits} fraction bits over "
+                f"{config.n_clients} clients; this site masks with {FRACTION_BITS} over at most "
+                f"the {len(registry)} sites of the registry"
+            )
         folder = self._round_folder(request.run, request.round)
         if step == "advertise":
             self._held(folder, config)

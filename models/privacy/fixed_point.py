@@ -49,9 +49,11 @@ def encode(values: np.ndarray, *, n_clients: int, fraction_bits: int = FRACTION_
     # exact in integers: floats above 2^53 are integers already
     if n_clients * int(largest) >= 2**63:
         limit = 2.0**63 / n_clients / 2.0**fraction_bits
+        # the message names the bound, never the value: it may reach the server, and the
+        # largest value of an update it must only see masked is that update's data
         raise FixedPointOverflowError(
-            f"max |x| == {largest / 2.0**fraction_bits:.6g} overflows the sum of {n_clients} clients "
-            f"with {fraction_bits} fraction bits (need n_clients * max|x| * 2^fraction_bits < 2^63, "
+            f"a value of the update overflows the sum of {n_clients} clients with "
+            f"{fraction_bits} fraction bits (need n_clients * max|x| * 2^fraction_bits < 2^63, "
             f"i.e. max |x| < {limit:.6g}); clip the update or lower fraction_bits"
         )
     return scaled.astype(np.int64).view(np.uint64)

@@ -160,7 +160,8 @@ class SecAggClient:
         TooFewClientsError
             If the directory holds fewer than t clients.
         ProtocolViolationError
-            If the directory changed this client's own keys or repeats a key.
+            If the directory changed this client's own keys or repeats a key, or t is not a
+            majority of the clients that would hold this client's shares.
         """
         self._expect("advertised")
         members = sorted(directory.c_public)
@@ -177,6 +178,16 @@ class SecAggClient:
             raise TooFewClientsError(
                 f"client {self.client_id}: {len(self._peers)} neighbours, need at least "
                 f"{self.config.threshold - 1} to share with threshold {self.config.threshold}"
+            )
+        if 2 * self.config.threshold <= len(self._peers) + 1:
+            # Two disjoint groups of t share holders: a server telling one group this client
+            # survived and the other that it dropped gets its self-mask seed from the first
+            # and its mask key from the second, and unmasks its update alone.
+            self.phase = "aborted"
+            raise ProtocolViolationError(
+                f"client {self.client_id}: threshold {self.config.threshold} is not a majority "
+                f"of the {len(self._peers) + 1} clients holding its shares: a server could "
+                "unmask its update by showing two groups different dropouts; refusing the round"
             )
         self._b_seed = new_seed()
         holders = [share_x(v) for v in [self.client_id, *self._peers]]

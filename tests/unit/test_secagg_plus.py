@@ -214,7 +214,9 @@ def test_the_overflow_bound_covers_the_sum_of_the_declared_clients():
 def test_the_sum_is_exactly_the_sum_of_the_survivors_encoded_updates(drop, degree):
     identities, registry = _identities(10)
     updates = _updates(10, seed=3)
-    config = RoundConfig("test-run", 4, 10, SIZE, threshold=4, degree=degree)
+    # a majority of the clients holding each client's shares: 10, or a ring's 7
+    threshold = 6 if degree is None else 4
+    config = RoundConfig("test-run", 4, 10, SIZE, threshold=threshold, degree=degree)
 
     result = run_round(updates, config, identities, registry, drop=drop)
 
@@ -476,3 +478,48 @@ def test_malformed_messages_are_refused_at_the_boundary():
         MaskedInput.from_bytes(SurvivorList((0, 1)).to_bytes())
     with pytest.raises(ProtocolViolationError, match="after the round committed"):
         SecAggServer(config).late_input(good)
+
+
+def _split_view(config: RoundConfig) -> np.ndarray:
+    """The attack: a server shows clients 0 and 1 the survivors {0, 1} and clients 2 and 3 the
+    survivors {2, 3}. Each group gathers t signatures for its own list; the first reveals client
+    0's self-mask seed (it "survived"), the second its mask key (it "dropped"), and the server
+    removes every mask from client 0's input. Returns client 0's update as the server reads it."""
+    identities, registry = _identities(4)
+    updates = _updates(4, seed=8)
+    clients = {u: SecAggClient(u, config) for u in range(4)}
+    server = SecAggServer(config, registry)
+    directory = server.key_directory([c.advertise_keys(identities[u]) for u, c in clients.items()])
+    inboxes = server.route_shares([c.share_keys(directory, registry) for c in clients.values()])
+    masked = {u: c.masked_input(updates[u], inboxes[u]) for u, c in clients.items()}
+    views = {(0, 1): (2, 3), (2, 3): (0, 1)}
+    revealed = {}
+    for survivors, dropped in views.items():
+        signatures = {
+            u: clients[u].sign_survivors(SurvivorList(survivors), identities[u]).signature
+            for u in survivors
+        }
+        request = UnmaskRequest(survivors, dropped, signatures)
+        revealed |= {u: clients[u].unmask(request, registry) for u in survivors}
+    t = config.threshold
+    seed = shamir.combine({u + 1: revealed[u].b_shares[0] for u in (0, 1)}, t, 32)
+    key = shamir.combine({u + 1: revealed[u].s_shares[0] for u in (2, 3)}, t, 32)
+    vector = masked[0].vector - prg(seed, SIZE)
+    for v in (1, 2, 3):
+        pair = prg(agree(key, directory.s_public[v], config.context, b"mask", 0, v), SIZE)
+        vector = vector - pair if pair_sign(0, v) > 0 else vector + pair
+    assert np.abs(decode(vector, fraction_bits=config.fraction_bits) - updates[0]).max() < STEP
+    return updates[0]
+
+
+def test_a_threshold_below_a_majority_of_the_share_holders_is_refused_by_every_client():
+    """With t = 2 of 4 the split view above unmasks client 0's update alone (the assert inside
+    ``_split_view`` checks the recovered vector against the update when the round goes on);
+    each client now refuses to share its keys in such a round, before anything is masked."""
+    weak = RoundConfig("split", 1, 4, SIZE, threshold=2, fraction_bits=FRACTION_BITS)
+    with pytest.raises(ProtocolViolationError, match="threshold 2 is not a majority of the 4"):
+        _split_view(weak)
+    # with t = 3 each group of two is one signature short of the unmasking
+    majority = RoundConfig("split", 1, 4, SIZE, threshold=3, fraction_bits=FRACTION_BITS)
+    with pytest.raises(TooFewClientsError):
+        _split_view(majority)

@@ -7,6 +7,7 @@ counts the full noise only for an update it holds and masks among peers whose ke
 import base64
 import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -345,3 +346,24 @@ def test_a_pinned_site_masks_only_among_peers_that_trained_with_the_same_noise(w
                              {a.client_id: a.signature for a in signed})  # fmt: skip
     with pytest.raises(SiteRefused, match="round keys of client 1: signature does not verify"):
         strong.ask("share", {0: directory.to_bytes()})
+
+
+def test_a_site_masks_only_with_its_own_fixed_point_step_over_the_registrys_sites(world):
+    """The attack: a coordinator that narrows the fixed-point range (62 fraction bits, or more
+    clients than the federation has) makes the held update overflow when it is encoded, and
+    the overflow's message named the update's largest value (an exact site's rating sum, to 6
+    digits) in a refusal anyone on the API reads. The site refuses such a round at its first
+    step, and an overflow names only the bound."""
+    coordinator, specs, _, _ = world
+    plain = _plain_dense(coordinator("plain"), specs)
+    secure = coordinator("narrowed")
+    receipts = [_train(secure, s, secure=True) for s in specs]
+    size = int(receipts[0].metrics["held"])
+    for changes in ({"fraction_bits": 62}, {"n_clients": 4}):
+        narrowed = _Round(secure, specs, size, secure.run)
+        narrowed.config = replace(narrowed.config, **changes)
+        with pytest.raises(SiteRefused, match=f"masks with {FRACTION_BITS} over at most the 3 "):
+            narrowed.ask("advertise", {0: None})
+    honest = _Round(secure, specs, size, secure.run)  # the update is still held: it goes on
+    total, _ = honest.run()
+    np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
