@@ -236,10 +236,11 @@ def check_resume(values: dict[str, Any]) -> None:
         )
 
 
-def check_inputs(values: dict[str, Any]) -> None:
+def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) -> None:
     """Check the run's data files with the core's readers before anything heavy starts.
 
-    Bad data and missing paths end the command here, in one line. Any other surprise (such as
+    Bad data and missing paths end the command here, in one line; a problem with a setting
+    that ``named`` maps to its --config file names that file first. Any other surprise (such as
     an option of the wrong type) is left to the configuration's own checks, which follow.
     """
     from fedrec.inputs import InputError, check_synthetic_partition, data_sources
@@ -274,7 +275,8 @@ def check_inputs(values: dict[str, Any]) -> None:
         with _status("checking the data files"):
             check_sources(merged)
     except (InputError, DataValidationError) as err:
-        raise UserError(str(err)) from err
+        source = (named or {}).get(getattr(err, "setting", None) or "")
+        raise UserError(f"{source}: {err}" if source else str(err)) from err
     except Exception:  # reported by TrainingConfig next, in its own words
         return
 
@@ -457,7 +459,8 @@ def train(
     started = time.perf_counter()
     values, from_file = config_values(config_file, overrides)
     check_resume(values)
-    check_inputs(values)  # a bad file ends here, before any library or server is loaded
+    # a bad file ends here, before any library or server is loaded
+    check_inputs(values, named=dict.fromkeys(from_file, config_file))
     values = absolute_paths(values)
     with _status("checking the configuration (loads pandas)"):
         from pydantic import ValidationError

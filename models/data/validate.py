@@ -151,8 +151,10 @@ def _check_rating_scale(rating_scale: tuple[float, float] | None, *, file: str) 
     low, high = (float(bound) for bound in rating_scale)
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
         raise DataValidationError(
-            f"rating_scale {rating_scale!r} is not a valid range",
+            "is not a valid range",
             file=file,
+            setting="rating_scale",
+            value=rating_scale,
             allowed="(min, max) with finite min < max",
         )
 

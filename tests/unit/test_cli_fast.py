@@ -543,6 +543,29 @@ def test_a_config_file_error_names_the_file_its_line_and_the_key(tmp_path, text,
     _assert_nothing_started(tmp_path / "home")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("clients: 0\n", "setting 'clients': value 0 is not a valid number of clients"),
+        ("clients: 100\n", "setting 'clients': value 100 is more clients than the data has users (4)"),
+        ("rating_scale: [5, 1]\n", "setting 'rating_scale': value [5, 1] is not a valid range"),
+    ],
+)  # fmt: skip
+def test_a_config_files_setting_the_data_refuses_is_named_with_its_file(tmp_path, text, expected):
+    """Settings the data files are checked against (before the configuration's own checks)
+    named the data file or nothing, not the --config file the value came from."""
+    config, data = tmp_path / "run.yaml", tmp_path / "ratings.csv"
+    config.write_text(text)
+    data.write_text("user_id,item_id,rating\n" + "".join(f"{u},{i},4\n" for u in range(4)
+                                                           for i in range(3)))  # fmt: skip
+
+    done, _ = _cli(["train", "--config", str(config), "--data", str(data)], tmp_path / "home")
+
+    line = _assert_one_line_error(done, expected)
+    assert line.startswith(f"fedrec: error: {config}: "), line
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_config_files_relative_paths_are_the_files_folders_and_a_flags_the_current_ones(
     tmp_path, monkeypatch
 ):

@@ -264,7 +264,7 @@ BAD_INPUTS = [
         BadInput(
             {"ratings.csv": HEADER + "1,10,4\n"},
             "ratings.csv",
-            ("rating_scale (5.0, 1.0) is not a valid range",),
+            ("setting 'rating_scale': value (5.0, 1.0) is not a valid range",),
             kwargs={"rating_scale": (5.0, 1.0)},
         ),
         id="inverted-rating-scale",
