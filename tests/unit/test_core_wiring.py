@@ -6,9 +6,7 @@ documented ridge (``reg`` per count plus ``ridge_scale`` noise deviations x ``sq
 count floor (``count_floor`` noise deviations of the summed channel) against dense per-item
 solves, the robust screen ranks clients by their mean (not summed) squared distance, the
 reference loop samples step ``s`` with ``sample_clients(n, f, seed, s)`` and evaluates every
-client, and the neural round loss is the user-weighted mean of the clients' losses.
-
-Each miswiring here passed the unit suite before."""
+client, and the neural round loss is the user-weighted mean of the clients' losses."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ small wiring around them: the worst-client metric's direction, the size of a sam
 (``ceil``), and the ``min_clients`` mask of ``norm_clip``.
 
 The statistical checks use thousands of values and a fixed seed: a 5-10% tolerance is several
-standard errors wide, while every miswiring they guard against is off by 40% or more."""
+standard errors wide, while a miswiring (another sensitivity, a channel left without noise)
+is off by 40% or more."""
 
 from __future__ import annotations
 
