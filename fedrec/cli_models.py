@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -172,10 +173,62 @@ def _store_uri(tracking_uri: str | None) -> str:
     return uri
 
 
-def _check_out(out: str | None) -> None:
-    """Refuse an --out whose folder does not exist, before any work."""
-    if out and not Path(out).expanduser().resolve().parent.is_dir():
-        raise UserError(f"--out {out}: no such folder {Path(out).expanduser().resolve().parent}")
+def _check_out(out: str | None, inputs: dict[str, str | None]) -> None:
+    """Refuse, before any work, an --out that cannot be written: a folder, a file in a folder
+    that does not exist or cannot be written to, or one of the command's own ``inputs`` (flag:
+    path), which writing would overwrite."""
+    if not out:
+        return
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise UserError(
+            f"--out {out}: is a folder; allowed: a file path (a new file, or one to replace)"
+        )
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise UserError(
+            f"--out {out}: no such folder {folder}; allowed: a file in an existing folder"
+        )
+    for flag, given in inputs.items():
+        if given and _same_file(path, Path(given).expanduser()):
+            raise UserError(
+                f"--out {out}: is the same file as {flag} {given}, which writing would overwrite; "
+                f"allowed: another file"
+            )
+    problem = _cannot_write(path, folder)
+    if problem:
+        raise UserError(
+            f"--out {out}: cannot be written ({problem}); allowed: a file in a folder you can "
+            "write to"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (the same inode when both exist: links included)."""
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _cannot_write(path: Path, folder: Path) -> str | None:
+    """Why ``path`` (in ``folder``) cannot be written, or None: an existing file is opened for
+    appending (nothing written), a new one is tried as a temporary file in its folder (removed),
+    so a read-only or virtual file system is caught as well as the permissions ``os.access``
+    sees."""
+    import tempfile
+
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"folder {folder} is not writable"
+    try:
+        if path.exists():
+            with path.open("ab"):
+                pass
+        else:
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".fedrec-out-"):
+                pass
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
 
 
 def _write(frame: pd.DataFrame, out: str | None) -> None:
@@ -247,7 +300,7 @@ def recommend(
     which you liked", "popular with everyone", ...) or which fallback was used.
     Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit.
     """
-    _check_out(out)
+    _check_out(out, {"--history": history, "--users": users})
     recommender = _load_model(model_uri, tracking_uri)
     requests = _requests(history, users, columns, recommender)
     result = recommender.recommend(requests, k=k)
@@ -296,7 +349,7 @@ def predict(
     """Predicted scores for given (user, item) pairs: CSV user_id,item_id,score, one row per
     pair in the order given (score empty where the model cannot score it: an unknown item, or
     for a ranking model an item already in the history; stderr says why)."""
-    _check_out(out)
+    _check_out(out, {"--history": history, "--pairs": pairs})
     wanted = _read_ids(pairs, {columns["user_col"]: "user_id", columns["item_col"]: "item_id"})
     recommender = _load_model(model_uri, tracking_uri)
     requests = _requests(history, None, columns, recommender)

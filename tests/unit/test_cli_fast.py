@@ -617,3 +617,47 @@ def test_a_users_or_pairs_file_is_refused_in_the_readers_words(tmp_path):
         f"{pairs}, column 'item_id': column not found (did you mean 'item'?); allowed: one of the "
         "columns present: 'user_id', 'item'"
     )
+
+
+def test_an_out_that_is_an_input_is_refused_before_the_model_loads(tmp_path):
+    """Writing the answer over --history, --users or --pairs would destroy the input."""
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,item_id,rating\nu1,i1,5\n")
+    before = history.read_text()
+    home = tmp_path / "home"  # no store: the model would be refused second
+
+    asked, imported = _cli(
+        ["predict", "--history", str(history), "--pairs", str(history), "--out",
+         str(tmp_path / "." / "history.csv")], home,
+    )  # fmt: skip
+
+    _assert_one_line_error(
+        asked, "--out ", "is the same file as --history", "allowed: another file"
+    )
+    assert history.read_text() == before
+    assert not set(imported) & {"mlflow", "prefect"}, imported
+
+
+def test_an_out_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    from fedrec.cli_errors import UserError
+    from fedrec.cli_models import _check_out
+
+    users = tmp_path / "users.csv"
+    users.write_text("user_id\nu1\n")
+    (tmp_path / "link.csv").symlink_to(users)
+    inputs = {"--history": str(tmp_path / "h.csv"), "--users": str(users)}
+    cases = {
+        str(tmp_path): "is a folder; allowed: a file path",
+        str(tmp_path / "link.csv"): f"is the same file as --users {users}",
+        str(tmp_path / "no" / "r.csv"): f"no such folder {tmp_path / 'no'}",
+    }
+    if Path("/sys/kernel").is_dir():  # Linux: writable to os.access as root, yet not
+        cases["/sys/fedrec-out.csv"] = "cannot be written"
+    for out, expected in cases.items():
+        with pytest.raises(UserError) as refused:
+            _check_out(out, inputs)
+        assert str(refused.value).startswith(f"--out {out}: "), refused.value
+        assert expected in str(refused.value), refused.value
+    _check_out(str(tmp_path / "recs.csv"), inputs)  # a new file in a writable folder
+    _check_out(None, inputs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "users.csv"]
