@@ -551,10 +551,16 @@ def train(
 def _check_tracking(tracking_uri: str | None) -> None:
     """A tracking store that cannot be used ends the command in one line, before anything
     starts (MLflow alone would retry an absent server for minutes)."""
-    from fedrec.model_store import TrackingStoreError, check_tracking_uri, resolve_tracking_uri
+    from fedrec.model_store import (
+        TrackingStoreError,
+        check_tracking_uri,
+        resolve_tracking_uri,
+        tracking_uri_source,
+    )
 
     try:
-        check_tracking_uri(resolve_tracking_uri(tracking_uri))
+        uri = resolve_tracking_uri(tracking_uri)
+        check_tracking_uri(uri, name=tracking_uri_source(tracking_uri))
     except TrackingStoreError as err:
         raise UserError(str(err)) from err
 

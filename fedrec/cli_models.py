@@ -158,7 +158,12 @@ def _load_model(model_uri: str, tracking_uri: str | None) -> Any:
 def _store_uri(tracking_uri: str | None) -> str:
     """The tracking URI to read, checked: a missing local store is a user error (not a new, empty
     store), and a server that does not answer is one line within seconds."""
-    from fedrec.model_store import TrackingStoreError, check_tracking_uri, resolve_tracking_uri
+    from fedrec.model_store import (
+        TrackingStoreError,
+        check_tracking_uri,
+        resolve_tracking_uri,
+        tracking_uri_source,
+    )
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     uri = resolve_tracking_uri(tracking_uri, create=False)
@@ -167,7 +172,7 @@ def _store_uri(tracking_uri: str | None) -> str:
             f"no MLflow store at {uri.removeprefix('sqlite:///')}: train first (fedrec train) or pass --tracking-uri"
         )
     try:
-        check_tracking_uri(uri)
+        check_tracking_uri(uri, name=tracking_uri_source(tracking_uri))
     except TrackingStoreError as err:
         raise UserError(str(err)) from err
     return uri

@@ -62,15 +62,20 @@ class TrackingStoreError(OSError):
     """A tracking URI that names no usable store (a one-line message naming it)."""
 
 
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+def check_tracking_uri(uri: str, timeout: float = 5.0, name: str = "tracking URI") -> None:
     """Refuse, in seconds rather than after MLflow's minutes of retries, a tracking server that
-    does not answer, and a SQLite store in a folder that does not exist (a mistyped path would
-    otherwise become a new, empty store).
+    does not answer, a SQLite store in a folder that does not exist (a mistyped path would
+    otherwise become a new, empty store), and a URI without a scheme or a ``file:`` one, which
+    MLflow reads as its file store and refuses with a page of text. ``name`` is where the URI
+    came from (:func:`tracking_uri_source`), for the message.
 
     Raises
     ------
     TrackingStoreError
     """
+    refused = _not_a_store(uri)
+    if refused:
+        raise TrackingStoreError(f"{name} {uri}: {refused}")
     path = sqlite_path(uri)
     if path is not None and not path.parent.is_dir():
         raise TrackingStoreError(
@@ -90,6 +95,41 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             f"tracking URI {redact_uri(uri)}: the MLflow server does not answer ({reason}); "
             "start it, or fix --tracking-uri / MLFLOW_TRACKING_URI"
         ) from err
+
+
+# the stores a tracking URI may name without "://": none; with it, any scheme MLflow or one of
+# its plugins reads (postgresql+psycopg2://..., databricks://...)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+ALLOWED_STORES = (
+    "sqlite:///PATH, http(s)://HOST[:PORT], postgresql://USER@HOST/DB, mysql://USER@HOST/DB"
+)
+
+
+def _not_a_store(uri: str) -> str | None:
+    """Why ``uri`` names no tracking store fedrec can use, or None."""
+    file_store = uri.startswith("file:")
+    if not file_store and _SCHEME.match(uri):
+        return None
+    if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
+        return None  # MLflow's file store, which MLflow reads only when told to
+    what = "MLflow's file store is not supported" if file_store else "not a tracking URI"
+    local = uri.removeprefix("file://").removeprefix("file:")
+    hint = ""
+    if local.endswith(".db"):
+        hint = f" (a SQLite file: sqlite:///{Path(local).expanduser().resolve()})"
+    elif file_store or "/" in local:
+        hint = " (a local store: sqlite:///ABSOLUTE/PATH/mlflow.db)"
+    return f"{what}; allowed: {ALLOWED_STORES}{hint}"
+
+
+def tracking_uri_source(uri: str | None) -> str:
+    """Where the tracking URI in force comes from: the ``--tracking-uri`` flag (``uri``), else
+    the ``MLFLOW_TRACKING_URI`` variable, else fedrec's default store."""
+    if uri:
+        return "--tracking-uri"
+    if os.environ.get(TRACKING_URI_ENV):
+        return TRACKING_URI_ENV
+    return "tracking URI"
 
 
 def sqlite_path(uri: str) -> Path | None:

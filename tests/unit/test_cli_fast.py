@@ -661,3 +661,43 @@ def test_an_out_that_cannot_be_written_is_refused_in_one_line(tmp_path):
     _check_out(str(tmp_path / "recs.csv"), inputs)  # a new file in a writable folder
     _check_out(None, inputs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "users.csv"]
+
+
+def test_a_tracking_uri_without_a_scheme_is_refused_before_any_server_starts(tmp_path):
+    """MLflow reads a bare path as its file store and refuses it with a page of text; train
+    would have started the local Prefect server first."""
+    db = tmp_path / "mlflow.db"
+    trained, imported = _cli(["train", "--tracking-uri", str(db)], tmp_path / "home")
+
+    _assert_one_line_error(
+        trained, f"--tracking-uri {db}: not a tracking URI; allowed: sqlite:///PATH",
+        f"(a SQLite file: sqlite:///{db})",
+    )  # fmt: skip
+    assert not set(imported) & {"prefect", "mlflow"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
+def test_check_tracking_uri_names_the_uri_its_source_and_the_stores_allowed(monkeypatch):
+    from fedrec.model_store import TrackingStoreError, check_tracking_uri, tracking_uri_source
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    for uri, expected in {
+        "garbage": "--tracking-uri garbage: not a tracking URI; allowed: sqlite:///PATH, "
+        "http(s)://HOST[:PORT], postgresql://USER@HOST/DB, mysql://USER@HOST/DB",
+        "localhost:5000": "not a tracking URI",
+        "file:///tmp/mlruns": "MLflow's file store is not supported",
+    }.items():
+        with pytest.raises(TrackingStoreError) as refused:
+            check_tracking_uri(uri, name="--tracking-uri")
+        assert str(refused.value).startswith(f"--tracking-uri {uri}: "), refused.value
+        assert expected in str(refused.value), refused.value
+    for uri in ("sqlite:///:memory:", "postgresql+psycopg2://u@db/mlflow", "databricks://p"):
+        check_tracking_uri(uri)  # a scheme MLflow or a plugin reads: its own checks apply
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_tracking_uri("file:///tmp/mlruns")  # MLflow reads its file store when told to
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "x")
+    assert tracking_uri_source("sqlite:///a.db") == "--tracking-uri"
+    assert tracking_uri_source(None) == "MLFLOW_TRACKING_URI"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri_source(None) == "tracking URI"
