@@ -20,10 +20,13 @@ if TYPE_CHECKING:  # loaded by the commands that read tables, not by their --hel
 SCORE_FORMAT = "%.6g"
 
 
-def _requests(history: str, users: str | None, columns: dict[str, str], model: Any) -> pd.DataFrame:
+def _requests(
+    history: str, users: pd.DataFrame | None, columns: dict[str, str], model: Any
+) -> pd.DataFrame:
     """One request row per user from a history file (user_id,item_id[,rating], or the columns
-    named by ``columns``: ``user_col``, ``item_col``, ``rating_col``). For a ``model`` that
-    predicts ratings from a user's ratings, the history must hold ratings on its scale."""
+    named by ``columns``: ``user_col``, ``item_col``, ``rating_col``), or, given ``users``
+    (:func:`_read_users`), one per user there. For a ``model`` that predicts ratings from a
+    user's ratings, the history must hold ratings on its scale."""
     import pandas as pd
 
     from models.data.errors import NoDataRows
@@ -33,14 +36,14 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
     try:
         data = read_interactions(history, rating_scale=scale, **columns)
     except NoDataRows as err:
-        if not users:
+        if users is None:
             raise UserError(
                 f"{history}: has no data rows; allowed: at least one row, or --users FILE to "
                 "ask for users with no history yet"
             ) from err
         # the users of --users have no history yet: each gets the cold-start answer
         empty = pd.DataFrame({"user_id": pd.Series(dtype=str)})
-        return _with_users(empty.assign(history_items=[], history_ratings=[]), users, columns)
+        return _with_users(empty.assign(history_items=[], history_ratings=[]), users)
     if scale is not None and data.rating_scale is None:
         raise UserError(
             f"{history}: no rating column {columns['rating_col']!r}: this model predicts ratings "
@@ -65,20 +68,27 @@ def _requests(history: str, users: str | None, columns: dict[str, str], model: A
     requests = grouped.reset_index()
     if data.rating_scale is None:  # no rating column: nothing for a model to weigh or filter by
         requests["history_ratings"] = [[] for _ in range(len(requests))]
-    return _with_users(requests, users, columns) if users else requests
+    return _with_users(requests, users) if users is not None else requests
 
 
-def _with_users(requests: pd.DataFrame, users: str, columns: dict[str, str]) -> pd.DataFrame:
-    """One request per user of the ``users`` file, in its order, with the history ``requests``
-    holds for it (none: an empty one) and its side features."""
+def _read_users(users: str, columns: dict[str, str]) -> pd.DataFrame:
+    """The users of a --users file, once each, in its order, with the side features a ranking
+    model's re-ranker uses (checked: :func:`_check_user_features`)."""
     import pandas as pd
 
     wanted = _read_ids(users, {columns["user_col"]: "user_id"})
+    _check_user_features(wanted, users)
     # side features a ranking model's re-ranker uses (ignored by MF models)
     kept = ["user_id", *(c for c in ("age", "gender", "occupation") if c in wanted)]
     wanted = wanted[kept].drop_duplicates("user_id")
     if "age" in wanted:
         wanted["age"] = pd.to_numeric(wanted["age"], errors="coerce")
+    return wanted
+
+
+def _with_users(requests: pd.DataFrame, wanted: pd.DataFrame) -> pd.DataFrame:
+    """One request per user of ``wanted`` (:func:`_read_users`), in its order, with the history
+    ``requests`` holds for it (none: an empty one) and its side features."""
     requests = wanted.merge(requests, on="user_id", how="left")
     requests["history_items"] = requests["history_items"].apply(
         lambda v: v if isinstance(v, list) else []
@@ -89,25 +99,76 @@ def _with_users(requests: pd.DataFrame, users: str, columns: dict[str, str]) -> 
     return requests
 
 
-def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
-    """A CSV of ids (text), with the columns named by ``names``'s keys renamed to its values."""
-    import numpy as np
+MAX_AGE = 150
+# the side features --users may give whose values a ranking model reads as numbers or codes:
+# a value it cannot read would be taken as unknown without a word
+_USER_FEATURES = {
+    "age": f"a number of years in [0, {MAX_AGE}], or an empty cell (unknown)",
+    "gender": "M or F (either case), or an empty cell (unknown)",
+}
+
+
+def _valid_feature(column: str, value: object) -> bool:
+    if column == "gender":
+        return str(value).strip().upper() in ("M", "F")
+    try:
+        age = float(str(value).strip())
+    except ValueError:
+        return False
+    return 0 <= age <= MAX_AGE  # NaN and infinities too are outside
+
+
+def _check_user_features(frame: pd.DataFrame, path: str) -> None:
+    """Refuse a --users file whose ``age`` or ``gender`` holds a value that is there but is not
+    one (an empty cell, or pandas' words for a missing value, stays unknown).
+
+    Raises
+    ------
+    DataValidationError
+        Naming the file, the first such row (1-based data row) and its line, the column, the
+        value and what is allowed.
+    """
     import pandas as pd
 
     from models.data.errors import DataValidationError
     from models.data.readers import line_of_row
+
+    for column, allowed in _USER_FEATURES.items():
+        if column not in frame:
+            continue
+        for row, value in enumerate(frame[column], start=1):
+            if pd.isna(value) or not str(value).strip() or _valid_feature(column, value):
+                continue
+            raise DataValidationError(
+                "is not a valid " + column,
+                file=path,
+                row=row,
+                column=column,
+                value=value if isinstance(value, str) else f"{value:g}",
+                allowed=allowed,
+                line=line_of_row(Path(path), row),
+            )
+
+
+def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
+    """A CSV of ids (text), with the columns named by ``names``'s keys renamed to its values.
+
+    Read as the history and the training files are (:mod:`models.data.readers`): the delimiter
+    sniffed (comma, semicolon, tab), spaces around the header's names dropped, ``.gz`` read
+    decompressed, an empty field the only missing id; other columns keep pandas' words for a
+    missing value."""
+    import numpy as np
+
+    from models.data.errors import DataValidationError
+    from models.data.readers import line_of_row, read_delimited
     from models.data.validate import require_column
 
     wanted = f"a CSV file with column(s) {', '.join(names)}"
     if not Path(path).is_file():
         raise DataValidationError("no such file", file=path, allowed=wanted)
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)  # "NA" is an id too
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
-        problem = " ".join(str(err).split())
-        raise DataValidationError(
-            f"is not a readable CSV ({problem})", file=path, allowed=wanted
-        ) from err
+    if Path(path).stat().st_size == 0:
+        raise DataValidationError("is empty (0 bytes)", file=path, allowed=wanted)
+    frame = read_delimited(Path(path), tuple(names))
     for name in names:
         require_column(frame, name, file=path)
     for column in names:  # as the history's ids are read; an empty one names its row
@@ -306,8 +367,9 @@ def recommend(
     Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit.
     """
     _check_out(out, {"--history": history, "--users": users})
+    wanted = _read_users(users, columns) if users else None  # a bad file: before the model
     recommender = _load_model(model_uri, tracking_uri)
-    requests = _requests(history, users, columns, recommender)
+    requests = _requests(history, wanted, columns, recommender)
     result = recommender.recommend(requests, k=k)
     _note_unknown_histories(requests, recommender)
     _write(result[["user_id", "rank", "item_id", "score", "reason"]], out)

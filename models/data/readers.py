@@ -117,7 +117,7 @@ def read_interactions(
     _check_is_file(path, suffixes=TABLE_SUFFIXES)
     is_parquet = has_suffix(path, PARQUET_SUFFIXES)
     text_cols = (user_col, item_col, *user_columns)
-    raw = _read_parquet(path) if is_parquet else _read_delimited(path, text_cols)
+    raw = _read_parquet(path) if is_parquet else read_delimited(path, text_cols)
 
     notes: list[str] = []
     if rating_col is None:
@@ -270,7 +270,7 @@ def read_item_list(path: str | os.PathLike[str], item_col: str = "item_id") -> p
     """
     path = Path(path)
     _check_is_file(path, suffixes=CSV_SUFFIXES)
-    raw = _read_delimited(path, (item_col, "item_id"))
+    raw = read_delimited(path, (item_col, "item_id"))
     if item_col not in raw.columns and "item_id" in raw.columns:
         item_col = "item_id"
     if item_col not in raw.columns:
@@ -323,7 +323,16 @@ def read_head(path: Path, size: int) -> bytes:
         raise _not_decompressed(str(path), err) from err
 
 
-def _read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
+def read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
+    """A delimited text file (``.gz``: decompressed) as a table: the delimiter sniffed from the
+    header (comma, semicolon or tab; a ``.tsv`` file's default is tab), spaces around the
+    header's names dropped, the ``id_cols`` read as text with only an empty field missing.
+
+    Raises
+    ------
+    DataValidationError
+        A file that is blank, not UTF-8, not parseable, or names a column twice.
+    """
     data = path.read_bytes()
     file = str(path)
     if has_suffix(path, (".gz",)):

@@ -701,3 +701,56 @@ def test_check_tracking_uri_names_the_uri_its_source_and_the_stores_allowed(monk
     assert tracking_uri_source(None) == "MLFLOW_TRACKING_URI"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking_uri_source(None) == "tracking URI"
+
+
+def test_a_users_or_pairs_file_is_read_as_the_history_is(tmp_path):
+    """Semicolons and tabs as delimiters, spaces around the header's names."""
+    from fedrec.cli_models import _read_ids
+
+    names = {"user_id": "user_id", "item_id": "item_id"}
+    for name, text in {
+        "spaces.csv": "user_id, item_id\nu1, i1\nNA,i2\n",
+        "semicolons.csv": "user_id;item_id\nu1;i1\nNA;i2\n",
+        "tabs.tsv": "user_id\titem_id\nu1\ti1\n\nNA\ti2\n",
+    }.items():
+        (tmp_path / name).write_text(text)
+        frame = _read_ids(str(tmp_path / name), names)
+        assert frame[["user_id", "item_id"]].values.tolist() == [["u1", "i1"], ["NA", "i2"]], name
+
+
+def test_a_users_files_invalid_age_or_gender_is_refused_at_its_row(tmp_path):
+    """A ranking model would read it as unknown without a word; an empty cell stays unknown."""
+    from fedrec.cli_models import _read_users
+    from models.data.errors import DataValidationError
+
+    columns = {"user_col": "user_id", "item_col": "item_id", "rating_col": "rating"}
+    users = tmp_path / "users.csv"
+    users.write_text("user_id,age,gender\nu1,31,m\nu2,,\nu3,NA, \n")
+    kept = _read_users(str(users), columns)
+    assert kept["age"].tolist()[0] == 31 and kept["gender"].tolist()[0] == "m"
+    assert kept["age"].isna().tolist() == [False, True, True]
+    for text, expected in {
+        "user_id,age\nu1,30\nu2,twenty-five\n": "row 2 (line 3), column 'age': value "
+        "'twenty-five' is not a valid age; allowed: a number of years in [0, 150], or an empty "
+        "cell (unknown)",
+        "user_id;age\nu1;-400\n": "row 1 (line 2), column 'age': value '-400' is not a valid "
+        "age; allowed: a number of years in [0, 150], or an empty cell (unknown)",
+        "user_id,gender\nu1,F\n\nu2,male\n": "row 2 (line 4), column 'gender': value 'male' is "
+        "not a valid gender; allowed: M or F (either case), or an empty cell (unknown)",
+        "user_id,gender\nu1,Q\n": "row 1 (line 2), column 'gender': value 'Q' is not a valid "
+        "gender; allowed: M or F (either case), or an empty cell (unknown)",
+    }.items():
+        users.write_text(text)
+        with pytest.raises(DataValidationError) as refused:
+            _read_users(str(users), columns)
+        assert str(refused.value) == f"{users}, {expected}", refused.value
+
+    # through the command: one line, exit 2, before the model is loaded (there is no store)
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,item_id\nu1,i1\n")
+    users.write_text("user_id,gender\nu1,Q\n")
+    asked, imported = _cli(
+        ["recommend", "--history", str(history), "--users", str(users)], tmp_path / "home"
+    )
+    _assert_one_line_error(asked, f"{users}, row 1 (line 2), column 'gender': value 'Q'")
+    assert not set(imported) & {"mlflow", "prefect"}, imported
