@@ -579,9 +579,12 @@ def _check_resumable(config: Any) -> None:
 def _with_resume_hint(error: OneLineError, config: Any) -> OneLineError:
     """``error``, saying how to continue the run when it can be resumed (the ``--json`` error
     then carries its ``run_id``)."""
+    from fedrec.model_store import resolve_tracking_uri, resume_command
+
     run_id = _resumable_run(config)
     if run_id is not None:
-        error.message = f"{error.message}; fedrec train --resume {run_id} continues it"
+        command = resume_command(run_id, resolve_tracking_uri(config.tracking_uri))
+        error.message = f"{error.message}; {command} continues it"
         error.details = {"run_id": run_id}
     return error
 

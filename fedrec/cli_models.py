@@ -578,14 +578,17 @@ def _number(tag: str | None) -> float | None:
         return None
 
 
-def run_rows(client: Any, limit: int, experiment: str | None = None) -> list[dict[str, Any]]:
+def run_rows(
+    client: Any, limit: int, experiment: str | None = None, tracking_uri: str | None = None
+) -> list[dict[str, Any]]:
     """The newest ``limit`` training runs of every experiment (or of ``experiment``), newest
     first, as MLflow records them: when each started and how long it took, its status, its
     data, the version it registered and the promotion decision, or why it failed, and the
-    ``--resume`` command of one that can be continued."""
+    ``--resume`` command of one that can be continued (``--tracking-uri`` in it when the
+    client's store, ``tracking_uri``, is not the default one)."""
     import datetime
 
-    from fedrec.model_store import resume_possible
+    from fedrec.model_store import resume_command, resume_possible
 
     found = client.search_experiments()
     names = {e.experiment_id: e.name for e in found}
@@ -626,7 +629,7 @@ def run_rows(client: Any, limit: int, experiment: str | None = None) -> list[dic
             "promoted": None if version is None else _decided(version.tags.get("fedrec.promoted")),
             "reason": None if version is None else version.tags.get("fedrec.promotion_reason"),
             "error": tags.get("fedrec.error"),
-            "resume": f"fedrec train --resume {info.run_id}" if resumable else None,
+            "resume": resume_command(info.run_id, tracking_uri) if resumable else None,
         })  # fmt: skip
     return rows
 
@@ -675,7 +678,8 @@ def runs(tracking_uri: str | None, limit: int, experiment: str | None, as_json: 
         from mlflow import MlflowClient
 
         uri = _store_uri(tracking_uri)
-        rows = run_rows(MlflowClient(tracking_uri=uri, registry_uri=uri), limit, experiment)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        rows = run_rows(client, limit, experiment, tracking_uri=uri)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

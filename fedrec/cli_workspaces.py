@@ -85,6 +85,7 @@ def workspaces(prune: bool, days: float) -> None:
     fedrec workspaces --prune              delete those not written for 7 days
     fedrec workspaces --prune --older-than 1
     """
+    from fedrec.model_store import recorded_store, resume_command
     from models.data.partitions import is_finished, read_manifest, remove_workspace
 
     root = fedrec_home() / "workspaces"
@@ -104,7 +105,7 @@ def workspaces(prune: bool, days: float) -> None:
         elif read_manifest(w.path).source.startswith("sites:"):
             click.echo(f"{line}  a run of real sites: not resumed (train again with --sites)")
         else:
-            click.echo(f"{line}  resume: fedrec train --resume {w.path.name}")
+            click.echo(f"{line}  resume: {resume_command(w.path.name, recorded_store(w.path))}")
     for path in others:
         click.echo(f"{path.name}  not a run workspace (no fedrec manifest): left alone")
     if prune:

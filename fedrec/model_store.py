@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sqlite3
 import tempfile
 import urllib.error
@@ -56,6 +57,41 @@ def resolve_tracking_uri(uri: str | None = None, *, create: bool = True) -> str:
     if create:
         home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
+
+
+# a run's workspace records the tracking store the run reports to, for its --resume command
+WORKSPACE_STORE = "tracking_uri.txt"
+
+
+def resume_command(run_id: str, uri: str | None) -> str:
+    """``fedrec train --resume RUN_ID``, with ``--tracking-uri`` when the run's store ``uri``
+    (None: unknown) is not the one the command finds by default (:func:`resolve_tracking_uri`:
+    ``MLFLOW_TRACKING_URI``, else fedrec's SQLite), so that the command given finds the run. A
+    relative SQLite path is given absolute; a password in the URI is masked (``***``), to be
+    given by MLflow's variables instead."""
+    command = f"fedrec train --resume {run_id}"
+    if not uri:
+        return command
+    path = sqlite_path(uri)
+    if path is not None and not path.is_absolute():
+        uri = f"sqlite:///{path.resolve()}"
+    if uri != resolve_tracking_uri(None, create=False):
+        command += f" --tracking-uri {shlex.quote(redact_uri(uri))}"
+    return command
+
+
+def record_store(workspace: str | Path, uri: str) -> None:
+    """Write into a run's workspace the tracking store its run reports to (password masked),
+    for ``fedrec workspaces`` to give the run's --resume command."""
+    (Path(workspace) / WORKSPACE_STORE).write_text(redact_uri(uri) + "\n")
+
+
+def recorded_store(workspace: str | Path) -> str | None:
+    """The tracking store written by :func:`record_store`; None: none recorded."""
+    try:
+        return (Path(workspace) / WORKSPACE_STORE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 class TrackingStoreError(OSError):

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from fedrec.cli_errors import one_line_config_error
 from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.inputs import ConfigError
-from fedrec.model_store import check_tracking_uri, sqlite_path
+from fedrec.model_store import check_tracking_uri, record_store, sqlite_path
 from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
 from flows.loop import train_family
@@ -205,6 +205,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         manifest = shard_clients(data, explicit_split, config, workspace, fingerprint=fingerprint)
         del data  # from here on, only client tasks read rows, each its own partition
         tag_run(uri, run_id, {"fedrec.workspace": workspace})
+        record_store(workspace, uri)  # for the --resume command `fedrec workspaces` gives
         ctx = RunContext(
             config, uri, run_id, workspace, manifest, read_item_ids(workspace), load_champion(uri, name)
         )  # fmt: skip

@@ -35,7 +35,13 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
-from fedrec.model_store import STATE, load_recommender, resolve_tracking_uri, sqlite_path
+from fedrec.model_store import (
+    STATE,
+    load_recommender,
+    resolve_tracking_uri,
+    resume_command,
+    sqlite_path,
+)
 from models.data.partitions import remove_workspace
 from models.federation.family import Recommender
 from models.files import write_private
@@ -271,7 +277,7 @@ def close_lost_run(uri: str, flow_run_id: str) -> str | None:
         return (
             f"run {run_id} registered {version.name} version {version.version}: nothing to resume"
         )
-    return f"fedrec train --resume {run_id} continues it"
+    return f"{resume_command(run_id, uri)} continues it"
 
 
 def log_metrics(uri: str, run_id: str, step: int, metrics: Mapping[str, float]) -> None:

@@ -93,3 +93,56 @@ def test_a_workspace_of_real_sites_offers_no_resume(tmp_path, monkeypatch):
     assert line.startswith("run-sites") and line.endswith(
         "a run of real sites: not resumed (train again with --sites)"
     )
+
+
+def test_the_resume_command_names_a_store_that_is_not_the_default_one(tmp_path, monkeypatch):
+    """Without it, `fedrec train --resume ID` would look for the run in the default store."""
+    from fedrec.model_store import record_store, resume_command
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    default = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resume_command("r1", default) == "fedrec train --resume r1"
+    assert resume_command("r1", None) == "fedrec train --resume r1"
+    assert resume_command("r1", "sqlite:///mlflow.db") == "fedrec train --resume r1"  # the same
+    assert resume_command("r1", "sqlite:///other.db") == (
+        f"fedrec train --resume r1 --tracking-uri sqlite:///{tmp_path / 'other.db'}"
+    )
+    assert resume_command("r1", "http://u:pw@mlflow:5000") == (
+        "fedrec train --resume r1 --tracking-uri 'http://u:***@mlflow:5000'"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert resume_command("r1", "http://mlflow:5000") == "fedrec train --resume r1"
+    assert resume_command("r1", default) == f"fedrec train --resume r1 --tracking-uri {default}"
+
+    # `fedrec workspaces` gives it from the store the run recorded in its workspace
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    elsewhere = _workspace(tmp_path / "workspaces", "run-elsewhere", days_old=2)
+    record_store(elsewhere, "http://127.0.0.1:5000")
+    here = _workspace(tmp_path / "workspaces", "run-here", days_old=1)
+    record_store(here, default)
+
+    lines = CliRunner().invoke(main, ["workspaces"]).output.splitlines()
+
+    assert lines[0].endswith(
+        "resume: fedrec train --resume run-elsewhere --tracking-uri http://127.0.0.1:5000"
+    )
+    assert lines[1].endswith("resume: fedrec train --resume run-here")
+
+
+def test_a_failed_runs_hint_names_its_store_when_it_is_not_the_default_one(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from fedrec import cli
+    from fedrec.cli_errors import RunFailed
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(cli, "_resumable_run", lambda config: "r1")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+
+    for uri, hint in ((None, ""), (other, f" --tracking-uri {other}")):
+        error = cli._with_resume_hint(RunFailed("interrupted"), SimpleNamespace(tracking_uri=uri))
+        assert error.message == f"interrupted; fedrec train --resume r1{hint} continues it"
+        assert error.details == {"run_id": "r1"}
