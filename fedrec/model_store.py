@@ -133,8 +133,8 @@ def check_tracking_uri(uri: str, timeout: float = 5.0, name: str = "tracking URI
         ) from err
 
 
-# the stores a tracking URI may name without "://": none; with it, any scheme MLflow or one of
-# its plugins reads (postgresql+psycopg2://..., databricks://...)
+# the stores a tracking URI may name without "://": Databricks' only; with it, any scheme MLflow
+# or one of its plugins reads (postgresql+psycopg2://..., databricks://...)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 ALLOWED_STORES = (
     "sqlite:///PATH, http(s)://HOST[:PORT], postgresql://USER@HOST/DB, mysql://USER@HOST/DB"
@@ -144,8 +144,8 @@ ALLOWED_STORES = (
 def _not_a_store(uri: str) -> str | None:
     """Why ``uri`` names no tracking store fedrec can use, or None."""
     file_store = uri.startswith("file:")
-    if not file_store and _SCHEME.match(uri):
-        return None
+    if not file_store and (_SCHEME.match(uri) or uri.split(":", 1)[0] == "databricks"):
+        return None  # "databricks" and "databricks:PROFILE" are MLflow's own forms
     if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("true", "1"):
         return None  # MLflow's file store, which MLflow reads only when told to
     what = "MLflow's file store is not supported" if file_store else "not a tracking URI"

@@ -691,7 +691,8 @@ def test_check_tracking_uri_names_the_uri_its_source_and_the_stores_allowed(monk
             check_tracking_uri(uri, name="--tracking-uri")
         assert str(refused.value).startswith(f"--tracking-uri {uri}: "), refused.value
         assert expected in str(refused.value), refused.value
-    for uri in ("sqlite:///:memory:", "postgresql+psycopg2://u@db/mlflow", "databricks://p"):
+    for uri in ("sqlite:///:memory:", "postgresql+psycopg2://u@db/mlflow", "databricks://p",
+                "databricks", "databricks-uc://p"):  # fmt: skip
         check_tracking_uri(uri)  # a scheme MLflow or a plugin reads: its own checks apply
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     check_tracking_uri("file:///tmp/mlruns")  # MLflow reads its file store when told to
