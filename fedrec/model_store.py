@@ -65,17 +65,22 @@ WORKSPACE_STORE = "tracking_uri.txt"
 
 def resume_command(run_id: str, uri: str | None) -> str:
     """``fedrec train --resume RUN_ID``, with ``--tracking-uri`` when the run's store ``uri``
-    (None: unknown) is not the one the command finds by default (:func:`resolve_tracking_uri`:
-    ``MLFLOW_TRACKING_URI``, else fedrec's SQLite), so that the command given finds the run. A
+    (None: unknown) is not the one the command finds by default (``MLFLOW_TRACKING_URI`` as the
+    process started with it, else fedrec's SQLite), so that the command given finds the run. A
     relative SQLite path is given absolute; a password in the URI is masked (``***``), to be
     given by MLflow's variables instead."""
+    import fedrec
+
     command = f"fedrec train --resume {run_id}"
     if not uri:
         return command
     path = sqlite_path(uri)
     if path is not None and not path.is_absolute():
         uri = f"sqlite:///{path.resolve()}"
-    if uri != resolve_tracking_uri(None, create=False):
+    # the default as the user's environment gives it: MLflow's set_tracking_uri has written the
+    # run's store into this process's MLFLOW_TRACKING_URI by now
+    default = fedrec.USER_TRACKING_URI or f"sqlite:///{fedrec_home() / 'mlflow.db'}"
+    if uri != default:
         command += f" --tracking-uri {shlex.quote(redact_uri(uri))}"
     return command
 

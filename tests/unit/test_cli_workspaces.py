@@ -101,6 +101,7 @@ def test_the_resume_command_names_a_store_that_is_not_the_default_one(tmp_path, 
 
     monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("fedrec.USER_TRACKING_URI", None)
     monkeypatch.chdir(tmp_path)
     default = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert resume_command("r1", default) == "fedrec train --resume r1"
@@ -112,11 +113,14 @@ def test_the_resume_command_names_a_store_that_is_not_the_default_one(tmp_path, 
     assert resume_command("r1", "http://u:pw@mlflow:5000") == (
         "fedrec train --resume r1 --tracking-uri 'http://u:***@mlflow:5000'"
     )
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    # the user's MLFLOW_TRACKING_URI, as the process started (MLflow writes the variable too)
+    monkeypatch.setattr("fedrec.USER_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default)
     assert resume_command("r1", "http://mlflow:5000") == "fedrec train --resume r1"
     assert resume_command("r1", default) == f"fedrec train --resume r1 --tracking-uri {default}"
 
     # `fedrec workspaces` gives it from the store the run recorded in its workspace
+    monkeypatch.setattr("fedrec.USER_TRACKING_URI", None)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     elsewhere = _workspace(tmp_path / "workspaces", "run-elsewhere", days_old=2)
     record_store(elsewhere, "http://127.0.0.1:5000")
@@ -139,6 +143,7 @@ def test_a_failed_runs_hint_names_its_store_when_it_is_not_the_default_one(tmp_p
 
     monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("fedrec.USER_TRACKING_URI", None)
     monkeypatch.setattr(cli, "_resumable_run", lambda config: "r1")
     other = f"sqlite:///{tmp_path / 'other.db'}"
 
