@@ -21,7 +21,9 @@ def _running_run(client, flow_name: str, owner: str | None):
     return run.id
 
 
-def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_server, tmp_path):
+def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(
+    prefect_server, tmp_path, monkeypatch
+):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
 
@@ -51,8 +53,12 @@ def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_s
             client, "another-flow", f"fedrec-foreground:{host}:{victim.pid}:{started}"
         )
 
-        # the dead run's MLflow run still says RUNNING; the reused one's is in no store here
+        # the dead run's MLflow run still says RUNNING; the reused one's is in no store here. The
+        # store is not the default one (FEDREC_HOME's), so the --resume command names it
+        monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))
+        monkeypatch.setattr("fedrec.USER_TRACKING_URI", None)
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        resume = f"fedrec train --resume {{}} --tracking-uri {uri} continues it"
         tracking = MlflowClient(tracking_uri=uri, registry_uri=uri)
         training = tracking.create_run(
             tracking.create_experiment("lost"), tags={"prefect.flow_run_id": str(dead)}
@@ -71,10 +77,10 @@ def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(prefect_s
         "alive", "worker", "elsewhere", "unowned", "other_flow"
     }  # fmt: skip
     assert sorted(lost, key=str) == sorted(
-        [(names[dead], f"fedrec train --resume {training} continues it"), (names[reused], None)],
+        [(names[dead], resume.format(training)), (names[reused], None)],
         key=str,
     )
-    assert states["dead"].message.endswith(f"; fedrec train --resume {training} continues it")
+    assert states["dead"].message.endswith(f"; {resume.format(training)}")
     assert str(victim.pid) in states["dead"].message
     assert "--resume <MLflow run id>" in states["reused"].message
     assert tracking.get_run(training).info.status == "KILLED"  # no longer running in MLflow
