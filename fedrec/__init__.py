@@ -13,7 +13,8 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-# The tracking store a command finds by default, as the user's environment named it: MLflow's
-# set_tracking_uri writes MLFLOW_TRACKING_URI into this process's environment, so a run's own
-# store would otherwise look like the default one (see fedrec.model_store.resume_command).
+# The tracking store a command finds by default, as the user's environment named it (read again
+# when a command starts, fedrec.cli.main): MLflow's set_tracking_uri writes MLFLOW_TRACKING_URI
+# into this process's environment, so a run's own store would otherwise look like the default
+# one (see fedrec.model_store.resume_command).
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None

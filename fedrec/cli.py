@@ -380,6 +380,11 @@ def main() -> None:
     (fix it and run again); 1 the run failed on its way (e.g. too few clients answered; running
     it again may succeed). A command's --debug shows the traceback.
     """
+    import fedrec
+
+    # the store this command finds by default, as the environment names it when the command
+    # starts: MLflow's set_tracking_uri rewrites MLFLOW_TRACKING_URI in this process later
+    fedrec.USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 class Terminated(BaseException):
