@@ -1,4 +1,5 @@
-"""Shared fixtures: one Prefect test server per session (it costs ~10 s to start)."""
+"""Shared fixtures: one Prefect test server per session (it costs ~10 s to start), and each test
+starting with the session's MLFLOW_TRACKING_URI."""
 
 from __future__ import annotations
 
@@ -16,3 +17,16 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _session_tracking_uri():
+    """Restore MLFLOW_TRACKING_URI after each test: MLflow's set_tracking_uri writes the run's
+    store into this process's environment, and a later test's in-process command would read it
+    as the user's own setting (a user's command starts from their environment)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

@@ -194,6 +194,7 @@ def test_a_run_that_fails_on_its_way_exits_1_and_says_so_on_stdout_under_json(
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the store is FEDREC_HOME's
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     faults = tmp_path / "faults.yaml"  # the simulation's failing clients are file-only settings
     faults.write_text("fault_clients: [0, 1]\ntask_retries: 0\n")
