@@ -99,25 +99,6 @@ def _with_users(requests: pd.DataFrame, wanted: pd.DataFrame) -> pd.DataFrame:
     return requests
 
 
-MAX_AGE = 150
-# the side features --users may give whose values a ranking model reads as numbers or codes:
-# a value it cannot read would be taken as unknown without a word
-_USER_FEATURES = {
-    "age": f"a number of years in [0, {MAX_AGE}], or an empty cell (unknown)",
-    "gender": "M or F (either case), or an empty cell (unknown)",
-}
-
-
-def _valid_feature(column: str, value: object) -> bool:
-    if column == "gender":
-        return str(value).strip().upper() in ("M", "F")
-    try:
-        age = float(str(value).strip())
-    except ValueError:
-        return False
-    return 0 <= age <= MAX_AGE  # NaN and infinities too are outside
-
-
 def _check_user_features(frame: pd.DataFrame, path: str) -> None:
     """Refuse a --users file whose ``age`` or ``gender`` holds a value that is there but is not
     one (an empty cell, or pandas' words for a missing value, stays unknown).
@@ -128,16 +109,15 @@ def _check_user_features(frame: pd.DataFrame, path: str) -> None:
         Naming the file, the first such row (1-based data row) and its line, the column, the
         value and what is allowed.
     """
-    import pandas as pd
-
     from models.data.errors import DataValidationError
     from models.data.readers import line_of_row
+    from models.ranking.features import USER_FEATURE_VALUES, is_blank, user_feature_known
 
-    for column, allowed in _USER_FEATURES.items():
+    for column, allowed in USER_FEATURE_VALUES.items():
         if column not in frame:
             continue
         for row, value in enumerate(frame[column], start=1):
-            if pd.isna(value) or not str(value).strip() or _valid_feature(column, value):
+            if is_blank(value) or user_feature_known(column, value):
                 continue
             raise DataValidationError(
                 "is not a valid " + column,

@@ -35,6 +35,91 @@ STATE = "recommender.json"
 NO_HISTORY = "no known items in history"
 
 
+class RequestError(ValueError):
+    """A request a recommender cannot answer as asked: its message is one line naming the
+    request row (0-based, as in the request's table), its user, the column, the value and what
+    is allowed."""
+
+    one_line = True  # the command line shows the message alone, as the user's to fix
+
+
+def _shown(value: object) -> str:
+    """A value as a request would write it (numpy scalars as plain numbers), cut at 60."""
+    text = repr(value.item() if isinstance(value, np.generic) else value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_list(value: object) -> bool:
+    return isinstance(value, list | tuple | np.ndarray) and np.ndim(value) == 1
+
+
+def _is_missing(value: object) -> bool:
+    """None, NaN and pandas' missing values: an absent cell (a list is never missing)."""
+    import pandas as pd
+
+    return not _is_list(value) and bool(pd.isna(value))  # type: ignore[call-overload]
+
+
+def check_requests(requests: pd.DataFrame, k: object) -> None:
+    """Refuse what no recommender can answer as asked, before any work: ``k`` that is not a
+    positive integer, a missing ``user_id`` or ``history_items`` column, a ``history_items`` or
+    ``items`` cell that is not a list (a lone id would be read one character at a time), or
+    ``history_ratings`` that are not one number per history item (an empty list, or no cell,
+    is a history without ratings).
+
+    Raises
+    ------
+    RequestError
+        For the first such value.
+    """
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise RequestError(f"k {_shown(k)} is not a positive integer; allowed: an integer >= 1")
+    for column in ("user_id", "history_items"):
+        if column not in requests:
+            raise RequestError(
+                f"requests have no {column} column; allowed: one row per user with columns "
+                "user_id and history_items (a list of item ids)"
+            )
+    ratings = requests.get("history_ratings")
+    asked = requests.get("items")
+    for row, (user, history) in enumerate(
+        zip(requests["user_id"], requests["history_items"], strict=True)
+    ):
+        where = f"request row {row} (user {_shown(str(user))})"
+        if not _is_list(history) and not _is_missing(history):
+            raise RequestError(
+                f"{where}: history_items {_shown(history)} is not a list; "
+                "allowed: a list of item ids (empty for a user without history)"
+            )
+        if asked is not None:
+            cell = asked.iloc[row]
+            if not _is_list(cell) and not _is_missing(cell):
+                raise RequestError(
+                    f"{where}: items {_shown(cell)} is not a list; allowed: a list of item ids "
+                    "to score, or an empty cell for a top-k list"
+                )
+        if ratings is None or _is_missing(ratings.iloc[row]):
+            continue
+        rated = ratings.iloc[row]
+        n_items = len(as_list(history))
+        if not _is_list(rated) or len(rated) not in (0, n_items):
+            size = f"{len(rated)} ratings" if _is_list(rated) else _shown(rated)
+            raise RequestError(
+                f"{where}: history_ratings {size} for {n_items} history item(s); allowed: one "
+                "rating per history item, or an empty list (no ratings)"
+            )
+        for rating in rated:
+            try:
+                ok = not isinstance(rating, bool | str) and np.isfinite(float(rating))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise RequestError(
+                    f"{where}: rating {_shown(rating)} in history_ratings is not a number; "
+                    "allowed: finite numbers, one per history item"
+                )
+
+
 def asked_items(requests: pd.DataFrame, row: int) -> list[str] | None:
     """The ids a request row asks to have scored (its ``items`` cell), as text; None when the
     row asks for none (no such column, or an empty cell: NaN, None), so it gets a top-K list.

@@ -12,7 +12,11 @@ the kind of model, so nothing is unpickled. ``predict`` takes one row per user:
 
 It returns ``user_id, rank, item_id, score, reason`` rows; a row without a score (a popularity
 fallback, an item that cannot be scored) has ``None`` there, which JSON (``mlflow models
-serve``) sends as ``null``: NaN is not JSON.
+serve``) sends as ``null``: NaN is not JSON. A request the model cannot answer as asked (``k``
+below 1, a history that is not a list, ratings that do not match it, an age or gender the
+re-ranker cannot read) is refused with MLflow's ``INVALID_PARAMETER_VALUE``: ``mlflow models
+serve`` answers HTTP 400 with the one-line reason (request row, user, column, value, what is
+allowed) as its message.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 from models.federation.family import Recommender
-from models.recommenders import read_recommender
+from models.recommenders import RequestError, read_recommender
 
 
 class FedrecModel(PythonModel):
@@ -38,8 +44,11 @@ class FedrecModel(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        k = int((params or {}).get("k", 10))
-        out = self.recommender.recommend(model_input, k=k)
+        k = (params or {}).get("k", 10)
+        try:
+            out = self.recommender.recommend(model_input, k=k)
+        except RequestError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
         out["score"] = out["score"].astype(object).where(out["score"].notna(), None)
         return out
 

@@ -18,10 +18,12 @@ from models.mf.params import ItemParams
 from models.mf.recommend import fold_in, score_all, top_k
 from models.recommenders import (
     NO_HISTORY,
+    RequestError,
     ServedItems,
     as_list,
     asked_items,
     best_first,
+    check_requests,
     trained_column,
 )
 
@@ -105,11 +107,13 @@ class MFRecommender(ServedItems):
         index = self.served_index()
         histories, reasons = [], []
         has_ratings = HISTORY_RATINGS in requests
-        for _, row in requests.iterrows():
+        for u, (_, row) in enumerate(requests.iterrows()):
             items = [str(i) for i in as_list(row[HISTORY_ITEMS])]
             ratings = as_list(row[HISTORY_RATINGS]) if has_ratings else []
             if self.rating_scale is not None:  # predictions come from the user's own ratings
-                self._check_ratings(str(row[USER_ID]), len(items), ratings)
+                self._check_ratings(
+                    f"request row {u} (user {str(row[USER_ID])!r})", len(items), ratings
+                )
             elif len(ratings) != len(items):
                 ratings = [1.0] * len(items)  # a model without a scale: interactions count 1
             known = [
@@ -128,15 +132,15 @@ class MFRecommender(ServedItems):
             reasons.append("; ".join(reason))
         return histories, reasons
 
-    def _check_ratings(self, user: str, n_items: int, ratings: Any) -> None:
-        """Raise ``ValueError`` unless ``ratings`` holds one rating on the scale per history
+    def _check_ratings(self, where: str, n_items: int, ratings: Any) -> None:
+        """Raise :class:`RequestError` unless ``ratings`` holds one rating on the scale per history
         item: a missing rating read as any number would be a prediction from made-up data."""
         assert self.rating_scale is not None
         low, high = self.rating_scale
         allowed = f"allowed: one rating in [{low:g}, {high:g}] per history item"
         if len(ratings) != n_items:
-            raise ValueError(
-                f"user {user!r}: {n_items} history item(s) but {len(ratings)} rating(s) in "
+            raise RequestError(
+                f"{where}: {n_items} history item(s) but {len(ratings)} rating(s) in "
                 f"{HISTORY_RATINGS}: this model predicts ratings from the user's own; {allowed}"
             )
         for rating in ratings:
@@ -145,9 +149,7 @@ class MFRecommender(ServedItems):
             except (TypeError, ValueError):
                 value = float("nan")
             if isinstance(rating, bool | str) or not low <= value <= high:  # NaN fails too
-                raise ValueError(
-                    f"user {user!r}: rating {rating!r} in {HISTORY_RATINGS}; {allowed}"
-                )
+                raise RequestError(f"{where}: rating {rating!r} in {HISTORY_RATINGS}; {allowed}")
 
     def recommend(self, requests: pd.DataFrame, k: int = 10) -> pd.DataFrame:
         """Top-``k`` unseen items per request row, best first, with scores and a reason.
@@ -160,6 +162,7 @@ class MFRecommender(ServedItems):
         Rows with an ``items`` list get those items scored instead (best first, ``rank``
         counting from 1; ``k`` does not apply), unknown ones left out with a reason.
         """
+        check_requests(requests, k)
         histories, reasons = self._histories(requests)
         users = fold_in(histories, self.params, reg=self.reg)
         scores = score_all(users, self.params)

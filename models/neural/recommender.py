@@ -33,6 +33,7 @@ from models.recommenders import (
     ServedItems,
     asked_items,
     best_first,
+    check_requests,
     rows_matrix,
     trained_column,
 )
@@ -113,8 +114,7 @@ class NeuralRecommender(ServedItems):
         apply; unknown ones left out with a note). A history with no known item gets the most popular items
         (score NaN: a training count is no probability), with that reason.
         """
-        if k < 1:
-            raise ValueError(f"k={k} must be >= 1")
+        check_requests(requests, k)
         index = self.served_index()
         read = self.request_histories(requests, self.positive_threshold)
         histories, met = [h.positives for h in read], [h.met for h in read]

@@ -24,6 +24,7 @@ from models.ranking.features import (
     Candidates,
     Retrieval,
     candidate_features,
+    check_user_features,
 )
 from models.ranking.knn import strongest_neighbour
 from models.recommenders import (
@@ -31,6 +32,7 @@ from models.recommenders import (
     ServedItems,
     asked_items,
     best_first,
+    check_requests,
     rows_matrix,
     trained_column,
 )
@@ -166,6 +168,8 @@ class RankingRecommender(ServedItems):
         ``k`` does not apply); an item it cannot score (unknown, already in the history, or a history with
         no known item) gets score NaN and the reason.
         """
+        check_requests(requests, k)
+        check_user_features(requests)
         index = self.served_index()
         read = self.request_histories(requests, self.positive_threshold)
         notes = [h.note for h in read]

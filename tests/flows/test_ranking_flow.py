@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -206,6 +207,20 @@ def test_mlflow_models_serve_answers_invocations(store, first_run):
             raise AssertionError(f"{constant} is not JSON: {raw[:300]!r}")
 
         answer = pd.DataFrame(json.loads(raw, parse_constant=not_json)["predictions"])
+        # a request the model cannot answer as asked: HTTP 400 with the one-line reason
+        refused = {}
+        for name, record, params in [
+            ("gender", {"user_id": "fan", "history_items": items[:8], "gender": "male"}, {"k": 4}),
+            ("k", {"user_id": "fan", "history_items": items[:8]}, {"k": 0}),
+        ]:
+            bad = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps({"dataframe_records": [record], "params": params}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(bad, timeout=60)
+            refused[name] = (caught.value.code, json.loads(caught.value.read()))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -217,6 +232,16 @@ def test_mlflow_models_serve_answers_invocations(store, first_run):
     newcomer = answer[answer.user_id == "newcomer"]
     assert (newcomer["reason"] == "no known items in history: most popular items").all()
     assert newcomer["score"].isna().all()  # null: a popularity count is no score
+    for name, reason in [
+        (
+            "gender",
+            "request row 0 (user 'fan'): gender 'male' is not a valid gender; allowed: M or F",
+        ),
+        ("k", "k 0 is not a positive integer; allowed: an integer >= 1"),
+    ]:
+        status, body = refused[name]
+        assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", body
+        assert reason in body["message"], body["message"]
 
 
 def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(

@@ -247,8 +247,20 @@ def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     by_number = model.predict(as_text.assign(user_id=[9_223_372_036_854_775_807]), params={"k": 7})
     expected = model.predict(as_text.assign(user_id=["9223372036854775807"]), params={"k": 7})
     pd.testing.assert_frame_equal(by_number, expected)
-    with pytest.raises(ValueError, match=r"rating '5' in history_ratings; allowed: one rating in"):
-        model.predict(as_numbers.assign(history_ratings=[["5", 4, 1, 2, 5]]))
+    # a request it cannot answer as asked: MLflow's INVALID_PARAMETER_VALUE (HTTP 400 when
+    # served), its message the one line naming the row, user, column and value
+    from mlflow.exceptions import MlflowException
+
+    for bad, params, message in [
+        (as_numbers.assign(history_ratings=[["5", 4, 1, 2, 5]]), None,
+         r"^request row 0 \(user 'u1'\): rating '5' in history_ratings is not a number"),
+        (as_numbers.assign(history_ratings=[[5.0, 4.0]]), None,
+         r"history_ratings 2 ratings for 5 history item\(s\)"),
+        (as_numbers, {"k": 0}, r"^k 0 is not a positive integer"),
+    ]:  # fmt: skip
+        with pytest.raises(MlflowException, match=message) as refused:
+            model.predict(bad, params=params)
+        assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
     # no score is None, not NaN: what MLflow's server sends must be JSON
     assert cold["score"].isna().all()
     json.dumps(out.to_dict(orient="records"), allow_nan=False)

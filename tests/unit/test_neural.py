@@ -31,6 +31,7 @@ from models.neural.network import (
 )
 from models.neural.recommender import NeuralRecommender
 from models.neural.training import TrainConfig, train_epochs
+from models.recommenders import RequestError
 from tests.unit.helpers import without_met
 
 ARCHITECTURES = {
@@ -322,6 +323,12 @@ def test_recommender_round_trips_and_answers_the_same(tmp_path):
     )
     assert mine.index.tolist() == ["2", "3"] and np.isfinite(mine.loc["2", "score"])
     assert strict.positive_threshold == 3.0
+    # ratings that do not pair with the history, and k below 1, are refused
+    unpaired = requests.assign(history_ratings=[[5.0, 1.0, 4.0], [2.0, 5.0]])
+    with pytest.raises(RequestError, match=r"^request row 1 \(user 'b'\): history_ratings 2 rat"):
+        strict.recommend(unpaired)
+    with pytest.raises(RequestError, match=r"^k 0 is not a positive integer"):
+        model.recommend(requests, k=0)
 
 
 def test_recommend_masks_history_and_explains_cold_start_and_unknown_items():

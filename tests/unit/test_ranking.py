@@ -1,6 +1,7 @@
 """Item-kNN, the federated LightGBM re-ranker and the two-stage recommender, against
 centralized oracles."""
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -20,7 +21,12 @@ from models.ranking.boosting import (
     round_weights,
     train_centralized,
 )
-from models.ranking.features import FEATURES, Retrieval, candidate_features
+from models.ranking.features import (
+    FEATURES,
+    USER_FEATURE_VALUES,
+    Retrieval,
+    candidate_features,
+)
 from models.ranking.federated import (
     RankingConfig,
     knn_client_update,
@@ -30,6 +36,7 @@ from models.ranking.federated import (
 )
 from models.ranking.knn import cooccurrence, cosine_neighbours, knn_scores, strongest_neighbour
 from models.ranking.recommender import RankingRecommender
+from models.recommenders import RequestError
 from tests.unit.helpers import without_met
 
 
@@ -348,6 +355,18 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
                          items=[[], None])  # fmt: skip
     answer = loaded.recommend(mixed, k=3)
     assert answer.user_id.tolist() == ["top-k"] * 3
+    # an age or gender the re-ranker cannot read is refused, not taken as unknown; a blank one
+    # is unknown
+    for column, value, shown in [("gender", "male", "'male'"), ("age", 999.0, "999.0"),
+                                 ("age", "twenty", "'twenty'"), ("age", -1, "-1.0")]:  # fmt: skip
+        with pytest.raises(
+            RequestError,
+            match=rf"^request row 0 \(user 'u1'\): {column} {shown} is not a valid {column}; "
+            rf"allowed: {re.escape(USER_FEATURE_VALUES[column])}$",
+        ):
+            loaded.recommend(requests.assign(**{column: [value, None, None]}), k=3)
+    blank = requests.assign(gender=["", None, " f "], age=[None, 30, float("nan")])
+    assert len(loaded.recommend(blank, k=3)) == 9
 
 
 def test_similar_item_reason_names_the_history_item():

@@ -6,6 +6,7 @@ from models.mf.als import RatingRows, solve_users
 from models.mf.params import ItemParams
 from models.mf.recommend import align_item_params, fold_in, top_k
 from models.mf.recommender import MFRecommender
+from models.recommenders import RequestError, check_requests
 
 
 def _params(n_items=6, k=2, seed=0):
@@ -218,24 +219,27 @@ def test_every_recommender_kind_is_read_by_the_class_that_declares_it():
     }  # fmt: skip
 
 
+ON_SCALE = "allowed: one rating in \\[1, 5\\] per history item"
+NUMBERS = "allowed: one rating per history item, or an empty list"
+
+
 @pytest.mark.parametrize(
     ("history", "message"),
     [
-        ({"history_items": [["i0", "i2"]]}, "2 history item\\(s\\) but 0 rating"),
-        ({"history_items": [["i0", "i2"]], "history_ratings": [[4.0]]}, "but 1 rating"),
-        ({"history_items": [["i0", "i2"]], "history_ratings": [[9.0, -4.0]]}, "rating 9.0 in"),
-        ({"history_items": [["i0"]], "history_ratings": [[float("nan")]]}, "rating nan in"),
+        ({"history_items": [["i0", "i2"]]}, f"2 history item\\(s\\) but 0 rating.*{ON_SCALE}"),
+        ({"history_items": [["i0", "i2"]], "history_ratings": [[]]}, f"2 history item\\(s\\) but 0 rating.*{ON_SCALE}"),
+        ({"history_items": [["i0", "i2"]], "history_ratings": [[4.0]]}, f"history_ratings 1 ratings for 2 .*{NUMBERS}"),
+        ({"history_items": [["i0", "i2"]], "history_ratings": [[9.0, -4.0]]}, f"rating 9.0 in .*{ON_SCALE}"),
+        ({"history_items": [["i0"]], "history_ratings": [[float("nan")]]}, "rating nan in .*not a number"),
     ],
-)
+)  # fmt: skip
 def test_a_rating_model_refuses_histories_without_ratings_on_its_scale(
     recommender, history, message
 ):
     """A missing rating read as 1 (or an off-scale one used as given) would fold the user in
     from made-up data, and the reason would say "you rated 1"."""
     requests = pd.DataFrame({"user_id": ["u1"], **history})
-    with pytest.raises(
-        ValueError, match=f"user 'u1': .*{message}.*allowed: one rating in \\[1, 5\\]"
-    ):
+    with pytest.raises(RequestError, match=f"^request row 0 \\(user 'u1'\\): {message}"):
         recommender.recommend(requests)
     # a model without a scale reads a history without ratings as interactions of weight 1
     unscaled = MFRecommender(recommender.params, recommender.item_ids, recommender.popularity, 0.1)
@@ -291,3 +295,53 @@ def test_an_empty_items_list_asks_for_nothing_and_a_missing_one_for_a_top_k_list
     for model in (mf, neural):
         out = model.recommend(requests, k=2)
         assert out.user_id.tolist() == ["none", "none"], type(model).__name__
+
+
+@pytest.mark.parametrize(
+    ("requests", "k", "message"),
+    [
+        ({"user_id": ["u1"], "history_items": [["i0"]]}, 0, r"^k 0 is not a positive integer"),
+        ({"user_id": ["u1"], "history_items": [["i0"]]}, -3, r"^k -3 is not"),
+        ({"user_id": ["u1"], "history_items": [["i0"]]}, 2.5, r"^k 2.5 is not"),
+        ({"user_id": ["u1"], "history_items": [["i0"]]}, True, r"^k True is not"),
+        ({"user_id": ["u1"]}, 3, r"^requests have no history_items column"),
+        ({"history_items": [["i0"]]}, 3, r"^requests have no user_id column"),
+        ({"user_id": ["u1", "u2"], "history_items": [["i0"], "i0"]}, 3,
+         r"^request row 1 \(user 'u2'\): history_items 'i0' is not a list"),
+        ({"user_id": ["u1"], "history_items": [["i0"]], "items": ["i1"]}, 3,
+         r"^request row 0 \(user 'u1'\): items 'i1' is not a list"),
+        ({"user_id": ["u1"], "history_items": [["i0", "i1"]], "history_ratings": [[4.0]]}, 3,
+         r"^request row 0 \(user 'u1'\): history_ratings 1 ratings for 2 history item\(s\)"),
+        ({"user_id": ["u1"], "history_items": [["i0"]], "history_ratings": [4.0]}, 3,
+         r"history_ratings 4.0 for 1 history item\(s\)"),
+        ({"user_id": ["u1"], "history_items": [["i0"]], "history_ratings": [["4"]]}, 3,
+         r"rating '4' in history_ratings is not a number"),
+        ({"user_id": ["u1"], "history_items": [["i0"]], "history_ratings": [[float("inf")]]}, 3,
+         r"rating inf in history_ratings is not a number"),
+    ],
+)  # fmt: skip
+def test_requests_no_recommender_can_answer_are_refused_naming_row_user_column_and_value(
+    recommender, requests, k, message
+):
+    """A lone id would be read one character at a time, a negative ``k`` would slice from the
+    end of the list, and ratings that do not pair with the items would be matched arbitrarily."""
+    with pytest.raises(RequestError, match=message):
+        check_requests(pd.DataFrame(requests), k)
+    with pytest.raises(RequestError, match=message):
+        recommender.recommend(pd.DataFrame(requests), k=k)
+
+
+def test_requests_every_recommender_answers_pass_the_check():
+    """Empty histories and cells, numpy arrays and integer ids (as MLflow's schema hands them
+    over), an empty ratings list (no ratings) and ``items`` left empty for a top-k list."""
+    check_requests(
+        pd.DataFrame(
+            {
+                "user_id": ["u1", "u2", 7, "u4"],
+                "history_items": [["i0", 3], [], np.array(["i1", "i2"]), None],
+                "history_ratings": [[5, 4.5], [], None, []],
+                "items": [None, ["i3"], np.array(["i0"]), float("nan")],
+            }
+        ),
+        np.int64(5),
+    )
