@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,14 @@ from models.sites.budget import Release, SiteBudgetError, charge
 ENTRIES = "entries.jsonl"
 SECRET = "secret"
 RUNS_PER_DELTA_CAP = 10  # the delta cap allows this many runs at the per-run delta
+
+
+def default_max_delta(n_users: int) -> float:
+    """The largest power of ten at or below ``1 / n_users``: a delta cap of about one over the
+    users that reveals their order of magnitude only. Every epsilon the site computes depends on
+    its delta, and its refusals name both on the Prefect API: with ``1 / n_users`` itself they
+    gave the exact count (a cap of 0.00318 is 314 users)."""
+    return 10.0 ** math.floor(-math.log10(max(1, n_users)))
 
 
 @dataclass(frozen=True)
@@ -50,8 +59,8 @@ class SiteBudget:
     max_epsilon : float
         No user of the site may pass this epsilon, summed over runs.
     max_delta : float or None
-        The same for delta (default: 1 / users at the site); each run is accounted at
-        ``max_delta / RUNS_PER_DELTA_CAP``.
+        The same for delta (default: :func:`default_max_delta` of the site's users); each run
+        is accounted at ``max_delta / RUNS_PER_DELTA_CAP``.
     """
 
     def __init__(
@@ -67,7 +76,9 @@ class SiteBudget:
         self.folder = Path(folder)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.max_epsilon = float(max_epsilon)
-        self.max_delta = float(max_delta) if max_delta is not None else 1.0 / max(1, len(user_ids))
+        self.max_delta = (
+            float(max_delta) if max_delta is not None else default_max_delta(len(user_ids))
+        )
         self.run_delta = self.max_delta / RUNS_PER_DELTA_CAP
         self.secret = self._secret()  # the site's own: names its users, keys its fingerprint
         self.users = user_keys(np.asarray(user_ids, dtype=str), self.secret)

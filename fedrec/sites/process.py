@@ -120,7 +120,7 @@ class SiteOptions:
     clock_skew: float = 60.0
     max_bytes: int = MAX_BYTES
     max_epsilon: float = 10.0  # no user of the site passes this, summed over runs
-    max_delta: float | None = None  # the same for delta (default: 1 / the site's users)
+    max_delta: float | None = None  # the same for delta (default: default_max_delta)
     peers: str | None = None  # a sites.yaml whose public keys this site pins for its peers
     allow_exact: bool = False  # also answer requests without DP (exact sums, counted nowhere)
     read_options: dict[str, Any] = field(default_factory=dict)
@@ -357,8 +357,8 @@ class Site:
         self.record.mark_answered(request.nonce)
         self._log(
             request,
-            f"{self.name} answered {_describe(request)} ({ref.bytes} bytes up, "
-            f"{info['seconds']:.2f} s)",
+            f"{self.name} answered {_describe(request)} ({ref.bytes} bytes up)",
+            local=f"{info['seconds']:.2f} s",  # sealed to the coordinator: not on the API
         )
 
     def _refuse(self, request: RoundRequest, reason: str) -> None:
@@ -422,8 +422,12 @@ class Site:
             description=f"{request.kind} round {request.round} from {self.name}",
         )
 
-    def _log(self, request: RoundRequest, message: str, level: int = logging.INFO) -> None:
-        log.log(level, message)
+    def _log(
+        self, request: RoundRequest, message: str, level: int = logging.INFO, local: str = ""
+    ) -> None:
+        """``message`` to the site's own log and the run's on the Prefect API; ``local`` (a
+        detail the answer seals) to the site's own log only."""
+        log.log(level, f"{message} ({local})" if local else message)
         try:
             self.transport.post_log(
                 name=f"fedrec.site.{self.name}",

@@ -101,7 +101,7 @@ def left_out_note(site: str, info: dict) -> str | None:
     from its enrolment ``info``; None when it left out none, or did not say (a site that
     answers only private runs tells its own log, not the coordinator)."""
     rows, items = info.get("outside_rows"), info.get("outside_items")
-    if not rows:
+    if not isinstance(rows, int) or not isinstance(items, int) or rows <= 0:
         return None
     return (
         f"{site}: {rows} of its rows, of {items} items the published catalogue lacks, are left "

@@ -235,6 +235,8 @@ def _narrowed_names(arrays: dict[str, np.ndarray]) -> list[str]:
         return []
     try:
         names = json.loads(listing.astype(np.uint8, casting="safe").tobytes().decode())
+    except RecursionError:
+        raise EncodingError(f"the payload's {NARROWED!r} list is nested too deeply") from None
     except (TypeError, ValueError, UnicodeDecodeError) as err:
         raise EncodingError(f"the payload's {NARROWED!r} list is not a JSON list: {err}") from err
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):

@@ -131,6 +131,8 @@ def parse_manifest(data: bytes) -> dict:
 
     try:
         parsed = json.loads(data, parse_constant=no_constant)
+    except RecursionError:
+        raise RefusedMessage("manifest is nested too deeply to be one") from None
     except (ValueError, UnicodeDecodeError) as err:
         if isinstance(err, RefusedMessage):
             raise
@@ -513,17 +515,27 @@ def check_answer(
     return RoundAnswer(**(fields | {"answer": BlobRef.from_json(fields["answer"], "answer")}))
 
 
+_INFO_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
 def check_info(info: Any) -> dict[str, Any]:
-    """An answer's info: an object of numbers and strings.
+    """An answer's info: an object of numbers and short tokens (a key id), so that nothing a
+    site writes there reaches the coordinator's log lines as text of its choosing.
 
     Raises
     ------
     RefusedMessage
     """
     if not isinstance(info, dict) or not all(
-        isinstance(k, str) and (_is_number(v) or isinstance(v, str)) for k, v in info.items()
+        isinstance(k, str)
+        and _INFO_TOKEN.fullmatch(k)
+        and (_is_number(v) or (isinstance(v, str) and _INFO_TOKEN.fullmatch(v)))
+        for k, v in info.items()
     ):
-        raise RefusedMessage("answer info must be an object of numbers and strings")
+        raise RefusedMessage(
+            "answer info must be an object of numbers and short tokens (letters, digits, "
+            "'_.:-', at most 64)"
+        )
     return info
 
 

@@ -158,6 +158,8 @@ def check_answer_arrays(
         raise SchemaError("answer header must be a 1-d uint8 array of JSON")
     try:
         parsed: Any = json.loads(header.tobytes().decode(), parse_constant=_no_constant)
+    except RecursionError:
+        raise SchemaError("answer header is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise SchemaError(f"answer header is not JSON: {err}") from err
     if not isinstance(parsed, dict) or set(parsed) != {

@@ -38,6 +38,7 @@ from models.sites.messages import RefusedMessage, RoundAnswer, RoundRequest, can
 MAGIC = b"fedrec-sealed-v1"
 _KEY, _NONCE, _TAG, _LENGTH = 32, 12, 16, 4
 OVERHEAD = len(MAGIC) + _KEY + _NONCE + _TAG + _LENGTH  # bytes beyond the npz and its info
+MAX_INFO_BYTES = 16 * 1024  # an answer's info is a few numbers; its length is checked unparsed
 
 
 def _raw(key: X25519PublicKey) -> bytes:
@@ -93,6 +94,8 @@ def seal_answer(
 ) -> bytes:
     """``data`` (an npz) and ``info`` sealed to ``recipient`` for the request ``context``."""
     note = canonical(dict(info))
+    if len(note) > MAX_INFO_BYTES:
+        raise ValueError(f"answer info of {len(note)} bytes, the limit is {MAX_INFO_BYTES}")
     plain = len(note).to_bytes(_LENGTH, "big") + note + data
     ephemeral = X25519PrivateKey.generate()
     mine, theirs = _raw(ephemeral.public_key()), _raw(recipient)
@@ -129,8 +132,14 @@ def open_answer(
     length = int.from_bytes(plain[:_LENGTH], "big")
     if _LENGTH + length > len(plain):
         raise RefusedMessage("sealed answer's info is longer than the answer")
+    if length > MAX_INFO_BYTES:  # before parsing: a site's own file could hold the coordinator
+        raise RefusedMessage(
+            f"sealed answer's info of {length} bytes, the limit is {MAX_INFO_BYTES}"
+        )
     try:
         info = json.loads(plain[_LENGTH : _LENGTH + length])
+    except RecursionError:
+        raise RefusedMessage("sealed answer's info is nested too deeply") from None
     except ValueError as err:
         raise RefusedMessage(f"sealed answer's info is not JSON: {err}") from err
     if not isinstance(info, dict):

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -589,3 +590,59 @@ def test_a_private_site_refuses_a_run_it_cannot_finish_before_counting_anything(
     site.poll_once()
     _enrolment(transport, key, within, digest)
     assert [c["run"] for c in _charges(site)] == ["run-1", "run-2", "run-4"]
+
+
+def _refusal_of_a_costly_run(tmp_path, n_users: int, **extra) -> tuple[str, str]:
+    """What a private-only site with ``n_users`` users posts on the Prefect API when a run asks
+    more epsilon than its cap: the signed refusal's reason and its log line."""
+    folder = tmp_path / f"site-{n_users}-{len(extra)}"
+
+    def rows() -> pd.DataFrame:
+        users = np.repeat(np.arange(n_users) + 5000, 2)
+        items = np.resize(ITEMS, users.size)
+        return pd.DataFrame({"user": users, "item": items, "rating": 4.0})
+
+    transport = MemoryTransport()
+    folder.mkdir()
+    save_identity(generate_identity(), folder / "keys", 1)
+    options = SiteOptions(
+        name="shop-a", data="", prefect_api="http://unused/api", mlflow="http://unused",
+        identity=folder / "keys" / "client-1.key",
+        coordinator_key=base64.b64encode(public_bytes(COORDINATOR)).decode(),
+        state_dir=folder / "state", **extra,
+    )  # fmt: skip
+    site = Site(options, data=encode_interactions(rows(), rating_scale=(1.0, 5.0), source="s"))
+    site.transport.close()
+    site.transport = transport
+    _enrol(transport, epsilon=1e6)
+    site.poll_once()
+    (answer,) = [a for a in transport.artifacts if a["type"] == "fedrec-answer"]
+    return answer["data"]["body"]["reason"], "\n".join(transport.logs)
+
+
+def test_a_budget_refusal_on_the_api_does_not_give_away_the_sites_user_count(tmp_path):
+    """A site sends its number of users only with noise, charged to their budget; its refusal
+    names its epsilon and delta figures, which every reader of the Prefect API sees. With a
+    delta cap of 1 / users they named the count itself (a cap of 0.00318: 314 users)."""
+    weak = {n: _refusal_of_a_costly_run(tmp_path, n, max_delta=1 / n) for n in (314, 315)}
+    assert weak[314][0] != weak[315][0]
+    cap = float(re.search(r"delta [0-9.e-]+ of ([0-9.e-]+)", weak[314][0]).group(1))
+    assert [n for n in range(1, 10_000) if float(f"{1 / n:.3g}") == cap] == [314]  # the attack
+
+    posted = {n: _refusal_of_a_costly_run(tmp_path, n) for n in (101, 314, 315, 999)}
+    assert "refused before anything of it was counted" in posted[314][0]
+    assert len({reason for reason, _ in posted.values()}) == 1
+    assert len({logs for _, logs in posted.values()}) == 1
+
+
+def test_a_sites_log_line_on_the_api_leaves_out_what_its_answer_seals(world):
+    """The seconds a site took are in its sealed info (the coordinator's); the Prefect API
+    line says that it answered and the size of what it uploaded, as the store shows anyway."""
+    transport, key, start = world
+    request, digest = _ask(transport, family=PLAIN)
+    start(allow_exact=True).poll_once()
+    _, info = _opened(transport, key, request, digest)
+    (line,) = [line for line in transport.logs if "answered train round 1" in line]
+    assert info["seconds"] >= 0 and re.fullmatch(
+        r"shop-a answered train round 1 \(\d+ bytes up\)", line
+    )
