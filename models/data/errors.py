@@ -13,7 +13,9 @@ class DataValidationError(ValueError):
     the file follows (``row 2 (line 3)``), where an editor finds it. A problem with a training setting
     rather than a column (too many clients for the data, an unknown partition) names it as
     ``setting '<name>'``, by its name in the training configuration. Parts that do not apply are
-    left out.
+    left out. When other rows of the same column have problems too, their count and the first
+    few of them follow (``; 41 more rows of this column are refused too (rows 9, 12, 30, ...)``),
+    so that a file is not fixed one row per run.
     """
 
     def __init__(
@@ -27,6 +29,8 @@ class DataValidationError(ValueError):
         value: Any = None,
         allowed: str | None = None,
         line: int | None = None,
+        more_rows: tuple[int, ...] = (),
+        n_more: int = 0,
     ) -> None:
         self.problem = problem
         self.file = file
@@ -36,6 +40,8 @@ class DataValidationError(ValueError):
         self.setting = setting
         self.value = value
         self.allowed = allowed
+        self.more_rows = tuple(more_rows)
+        self.n_more = n_more
         at = None if row is None else f"row {row}" + ("" if line is None else f" (line {line})")
         where = [part for part in (file, at) if part]
         if column is not None:
@@ -46,6 +52,12 @@ class DataValidationError(ValueError):
         message = f"{', '.join(where)}: {what}" if where else what
         if allowed:
             message += f"; allowed: {allowed}"
+        if n_more:
+            shown = ", ".join(str(r) for r in more_rows) + (
+                ", ..." if n_more > len(more_rows) else ""
+            )
+            rows, are = ("row", "is") if n_more == 1 else ("rows", "are")
+            message += f"; {n_more} more {rows} of this column {are} refused too ({rows} {shown})"
         super().__init__(message)
 
     def at_line(self, line: int | None) -> DataValidationError:
@@ -54,7 +66,8 @@ class DataValidationError(ValueError):
             return self
         copy = type(self)(
             self.problem, file=self.file, row=self.row, column=self.column, setting=self.setting,
-            value=self.value, allowed=self.allowed, line=line,
+            value=self.value, allowed=self.allowed, line=line, more_rows=self.more_rows,
+            n_more=self.n_more,
         )  # fmt: skip
         copy.__cause__ = self.__cause__
         return copy

@@ -180,21 +180,36 @@ def _python_value(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+MORE_ROWS_SHOWN = 3
+
+
 def _fail_first(
-    mask: np.ndarray, values: pd.Series, problem: str, *, file: str, column: str, allowed: str
+    mask: np.ndarray,
+    values: pd.Series,
+    problem: str,
+    *,
+    file: str,
+    column: str,
+    allowed: str,
+    refused: np.ndarray | None = None,
 ) -> None:
-    """Raise for the first True in ``mask``, quoting that row of ``values``; do nothing if none."""
+    """Raise for the first True in ``mask``, quoting that row of ``values``, with how many other
+    rows of the column are refused (``refused``: every problem of the column; default ``mask``)
+    and the first few of them; do nothing if none."""
     bad = np.flatnonzero(mask)
     if bad.size == 0:
         return
     position = int(bad[0])
+    others = np.flatnonzero(mask if refused is None else refused)
+    others = others[others != position]
     value = _python_value(values.iloc[position])
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         # A missing cell has no value worth quoting; the problem text says it is missing.
         value = None
     raise DataValidationError(
-        problem, file=file, row=position + 1, column=column, value=value, allowed=allowed
-    )
+        problem, file=file, row=position + 1, column=column, value=value, allowed=allowed,
+        more_rows=tuple(int(r) + 1 for r in others[:MORE_ROWS_SHOWN]), n_more=int(others.size),
+    )  # fmt: skip
 
 
 def _wrong_type(series: pd.Series, *, file: str, column: str, allowed: str) -> DataValidationError:
@@ -290,7 +305,8 @@ def _fail_earliest(
     ]
     if firsts:
         _, mask, values, text = min(firsts, key=lambda first: first[0])
-        _fail_first(mask, values, text, file=file, column=column, allowed=allowed)
+        refused = np.logical_or.reduce([mask for mask, _, _ in problems])
+        _fail_first(mask, values, text, file=file, column=column, allowed=allowed, refused=refused)
 
 
 def _clean_timestamps(series: pd.Series, *, file: str, column: str) -> np.ndarray:

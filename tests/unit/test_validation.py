@@ -663,6 +663,39 @@ def test_the_earliest_bad_row_is_reported_across_kinds_of_problem() -> None:
     assert caught.value.column == "r"
 
 
+def test_the_other_refused_rows_of_the_column_are_counted_so_a_file_is_fixed_in_one_go(
+    tmp_path: Path,
+) -> None:
+    """The first bad row is named in full; every other row of its column that is refused, for
+    any of the column's problems, is counted and the first three are named by row."""
+    ratings = ["4", "9", "bad", "", "3", "inf", "0", "5"]  # rows 2, 3, 4, 6, 7 are refused
+    path = tmp_path / "r.csv"
+    path.write_text(HEADER + "".join(f"{i},{i},{r}\n" for i, r in enumerate(ratings)))
+
+    with pytest.raises(DataValidationError) as caught:
+        read_interactions(str(path), rating_scale=(1.0, 5.0))
+
+    assert caught.value.row == 2 and caught.value.n_more == 4
+    assert caught.value.more_rows == (3, 4, 6)
+    assert str(caught.value) == (
+        f"{path}, row 2 (line 3), column 'rating': value 9.0 is outside the rating scale; "
+        "allowed: a number in [1.0, 5.0] (rating_scale); 4 more rows of this column are "
+        "refused too (rows 3, 4, 6, ...)"
+    )
+    # one other: named alone; none: nothing added
+    path.write_text(HEADER + "1,1,9\n2,2,4\n3,3,x\n")
+    with pytest.raises(DataValidationError, match=r"; 1 more row of this column is refused "
+                       r"too \(row 3\)$"):  # fmt: skip
+        read_interactions(str(path), rating_scale=(1.0, 5.0))
+    path.write_text(HEADER + "1,1,9\n2,2,4\n")
+    with pytest.raises(DataValidationError, match=r"\(rating_scale\)$"):
+        read_interactions(str(path), rating_scale=(1.0, 5.0))
+    # ids: the missing ones are counted too
+    path.write_text(HEADER + "1,,4\n2,2,4\n3,,4\n")
+    with pytest.raises(DataValidationError, match=r"missing id; .*; 1 more row .*\(row 3\)$"):
+        read_interactions(str(path), rating_scale=(1.0, 5.0))
+
+
 def test_empty_frame_is_rejected_before_columns_are_checked() -> None:
     # Prepare
     raw = pd.DataFrame({"u": [], "i": []})
