@@ -555,6 +555,7 @@ class TrainingConfig(BaseModel):
                 f"valid_fraction + test_fraction = {self.valid_fraction + self.test_fraction}, must be < 1"
             )
         check_split_files(train=self.train, valid=self.valid, test=self.test)
+        self._check_held_out_rows()
         if self.partition == "by-key" and self.partition_key is None:
             raise ValueError("--partition by-key needs --partition-key (a user-feature column)")
         if self.sites is not None:
@@ -677,6 +678,28 @@ class TrainingConfig(BaseModel):
             data_sources(data=self.data, train=self.train, valid=self.valid, test=self.test)
         )
         return self
+
+    def _check_held_out_rows(self) -> None:
+        """Refuse a split that holds out no rows of what the run needs: the re-ranker's labels
+        (validation rows), or the split its promotion metric compares on (a version that could
+        never be promoted)."""
+        held = {
+            "valid": self.valid is not None or self.valid_fraction > 0,
+            "test": self.test is not None or self.test_fraction > 0,
+        }
+        if self.feedback == "implicit" and self.ranker != "none" and not held["valid"]:
+            raise ValueError(
+                "valid_fraction=0 holds out no validation rows, and the re-ranker learns from "
+                "them; allowed: valid_fraction > 0 (or a valid file), or ranker='none'"
+            )
+        split = self.promotion.split("/")[0]
+        if split in held and not held[split]:
+            rows = "validation" if split == "valid" else split
+            raise ValueError(
+                f"{split}_fraction=0 holds out no {rows} rows, and a version is promoted on "
+                f"{self.promotion}: it could never be promoted; allowed: {split}_fraction > 0 "
+                f"(or a {split} file)"
+            )
 
     @property
     def registered_name(self) -> str:

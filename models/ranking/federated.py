@@ -273,7 +273,9 @@ def ranker_client_data(
     users = np.flatnonzero(np.diff(valid.indptr) > 0)
     users = users[np.diff(history.indptr)[users] > 0]
     candidates = recommender.score_candidates(history, history, client.user_features, users)[0]
-    labels = np.asarray(valid[candidates.users, candidates.items]).ravel() > 0
+    labels = np.zeros(0, dtype=bool)  # a client without validation rows: nothing to learn from
+    if candidates.users.size:
+        labels = np.asarray(valid[candidates.users, candidates.items]).ravel() > 0
     positive_users = np.unique(candidates.users[labels])
     keep = np.isin(candidates.users, positive_users)
     train = Candidates(

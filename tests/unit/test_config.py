@@ -46,6 +46,32 @@ def test_family_combinations_are_checked(fields, message):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
+        ({"valid_fraction": 0}, r"valid_fraction=0 holds out no validation rows, and a version is "
+         r"promoted on valid/rmse: it could never be promoted; allowed: valid_fraction > 0"),
+        ({"feedback": "implicit", "ranker": "lightgbm", "valid_fraction": 0},
+         "valid_fraction=0 holds out no validation rows, and the re-ranker learns from them"),
+        ({"feedback": "implicit", "ranker": "lightgbm", "test_fraction": 0},
+         "test_fraction=0 holds out no test rows, and a version is promoted on test/ndcg_at_10"),
+        ({"feedback": "implicit", "valid_fraction": 0}, "promoted on valid/ndcg_at_10"),
+        ({"promotion_metric": "test/ndcg_at_10", "test_fraction": 0}, "promoted on test/ndcg_at_10"),
+    ],
+)  # fmt: skip
+def test_a_split_without_the_rows_a_run_needs_is_refused(fields, message):
+    """A re-ranker with no validation rows failed in every client's task; a version promoted on
+    a split that holds out no rows was trained and registered, and could never be promoted."""
+    with pytest.raises(ValidationError, match=message):
+        TrainingConfig(**fields)
+
+
+def test_a_split_the_run_does_not_need_may_hold_out_no_rows():
+    TrainingConfig(test_fraction=0)  # promoted on valid/rmse
+    TrainingConfig(feedback="implicit", test_fraction=0)  # retrieval only: valid/ndcg_at_10
+    TrainingConfig(valid_fraction=0, promotion_metric="test/ndcg_at_10")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
         # the model would hold the data's exact lowest and highest rating
         ({"rating_scale": "data"}, "rating_scale='data' with dp_epsilon"),
         # one client per key value: the logged number of clients counts the values

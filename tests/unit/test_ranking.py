@@ -273,6 +273,29 @@ def test_reranker_lifts_retrieval_and_is_close_to_a_centralized_ranker(implicit_
     assert abs(two_stage - central_ndcg) < 0.05 * central_ndcg
 
 
+def test_a_client_without_validation_rows_adds_no_query_group_and_the_others_train(
+    implicit_clients,
+):
+    """A client whose users hold no validation row (a small site, say) has nothing to label:
+    it contributes no query group, and the re-ranker learns from the other clients."""
+    from models.ranking.federated import ranker_client_data
+
+    data, _ = implicit_clients
+    owner = assign_clients(data, n_clients=4, strategy="iid", rng=np.random.default_rng(0))
+    split = split_rows(data, method="random", valid_fraction=0.15, test_fraction=0.15)
+    split[(owner[data.frame["user"].to_numpy()] == 0) & (split == 1)] = 0
+    clients = build_clients(data, owner, split)
+    assert clients[0].matrix("valid").nnz == 0 and clients[1].matrix("valid").nnz > 0
+    config = RankingConfig(n_factors=4, n_candidates=20, neighbours=20,
+                           ranker=RankerConfig(rounds=2, trees_per_round=3, min_data_in_leaf=10))  # fmt: skip
+
+    model = run_two_stage(clients, data.n_items, config, rounds=2, eval_splits=()).recommender
+
+    empty = ranker_client_data(clients[0], replace(model, ranker=None), ())
+    assert len(empty.train.users) == 0 and empty.labels.size == 0
+    assert model.ranker is not None and len(model.ranker) == 2 * 3  # 2 rounds of 3 clients
+
+
 def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     data, clients = implicit_clients
     config = RankingConfig(n_factors=4, n_candidates=20, neighbours=20,
