@@ -909,6 +909,12 @@ def _check_sites(config: TrainingConfig) -> None:
         )
     if config.partition == "per-user":
         raise ValueError("--sites with --partition per-user: a site is one client, not cohorts")
+    if config.task_runner == "dask":
+        raise ValueError(
+            "--sites with --task-runner dask: the exchanges with the sites run in the "
+            "coordinator's own process, which alone holds the key that opens their answers; "
+            "use the default thread runner"
+        )
     if config.resume is not None or config.attack != "none" or config.fault_probability:
         raise ValueError("--sites does not take --resume, --attack or fault simulation")
     if config.catalogue is not None:

@@ -49,6 +49,7 @@ def test_a_missing_sites_file_is_refused_before_anything_starts():
         ({"feedback": "implicit"}, "the two-stage family runs in simulation only"),
         ({"partition": "per-user"}, "per-user"),
         ({"fault_probability": 0.5}, "fault simulation"),
+        ({"task_runner": "dask"}, "--sites with --task-runner dask: the exchanges with the sites"),
         (
             {"data": "ml-100k", "clients": 5, "partition": "dirichlet"},
             r"--sites reads no data here and shards none: --data, --clients, --partition set a",
