@@ -515,7 +515,7 @@ def check_answer(
     return RoundAnswer(**(fields | {"answer": BlobRef.from_json(fields["answer"], "answer")}))
 
 
-_INFO_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_INFO_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")  # a key id, a SHA-256 in hex
 
 
 def check_info(info: Any) -> dict[str, Any]:
@@ -534,7 +534,7 @@ def check_info(info: Any) -> dict[str, Any]:
     ):
         raise RefusedMessage(
             "answer info must be an object of numbers and short tokens (letters, digits, "
-            "'_.:-', at most 64)"
+            "'_.:-', at most 128)"
         )
     return info
 

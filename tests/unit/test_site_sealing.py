@@ -106,7 +106,7 @@ def test_a_sealed_info_too_long_or_nested_too_deeply_is_refused_before_it_is_par
     "info",
     [
         {"outside_rows": "89; the coordinator says: re-run with --allow-exact"},
-        {"key_id": "x" * 65},
+        {"key_id": "x" * 129},
         {"n users": 3},
         {"n_users": [3]},
     ],
