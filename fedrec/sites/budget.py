@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -27,14 +26,6 @@ from models.sites.budget import Release, SiteBudgetError, charge
 ENTRIES = "entries.jsonl"
 SECRET = "secret"
 RUNS_PER_DELTA_CAP = 10  # the delta cap allows this many runs at the per-run delta
-
-
-def default_max_delta(n_users: int) -> float:
-    """The largest power of ten at or below ``1 / n_users``: a delta cap of about one over the
-    users that reveals their order of magnitude only. Every epsilon the site computes depends on
-    its delta, and its refusals name both on the Prefect API: with ``1 / n_users`` itself they
-    gave the exact count (a cap of 0.00318 is 314 users)."""
-    return 10.0 ** math.floor(-math.log10(max(1, n_users)))
 
 
 @dataclass(frozen=True)
@@ -59,8 +50,8 @@ class SiteBudget:
     max_epsilon : float
         No user of the site may pass this epsilon, summed over runs.
     max_delta : float or None
-        The same for delta (default: :func:`default_max_delta` of the site's users); each run
-        is accounted at ``max_delta / RUNS_PER_DELTA_CAP``.
+        The same for delta (default: 1 / users at the site); each run is accounted at
+        ``max_delta / RUNS_PER_DELTA_CAP``.
     """
 
     def __init__(
@@ -76,9 +67,7 @@ class SiteBudget:
         self.folder = Path(folder)
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.max_epsilon = float(max_epsilon)
-        self.max_delta = (
-            float(max_delta) if max_delta is not None else default_max_delta(len(user_ids))
-        )
+        self.max_delta = float(max_delta) if max_delta is not None else 1.0 / max(1, len(user_ids))
         self.run_delta = self.max_delta / RUNS_PER_DELTA_CAP
         self.secret = self._secret()  # the site's own: names its users, keys its fingerprint
         self.users = user_keys(np.asarray(user_ids, dtype=str), self.secret)
@@ -142,6 +131,13 @@ class SiteBudget:
         groups = standing(self.users, self._stored())
         return max(g.balance.epsilon for g in groups), max(g.balance.delta for g in groups)
 
+    def _binding(self, epsilon: float) -> str:
+        """Which cap a refused release passes, without a figure that depends on the data: the
+        epsilon cap (the operator's setting), else the delta cap's number of runs."""
+        if epsilon > self.max_epsilon * (1 + 1e-9):
+            return f"their cap of epsilon {self.max_epsilon:.3g}"
+        return f"their delta cap ({RUNS_PER_DELTA_CAP} runs)"
+
     def _past_cap(self, epsilon: float, delta: float) -> bool:
         return epsilon > self.max_epsilon * (1 + 1e-9) or delta > self.max_delta * (1 + 1e-9)
 
@@ -163,7 +159,10 @@ class SiteBudget:
                 f"privacy budget of this site: its users have spent up to epsilon {eps:.3g} of "
                 f"{self.max_epsilon:.3g} and delta {delta:.3g} of {self.max_delta:.3g}; this "
                 f"run asks epsilon {epsilon:.3g} and delta {self.run_delta:.3g} more: refused "
-                "before anything of it was counted"
+                "before anything of it was counted",
+                public=f"privacy budget of this site: this run asks epsilon {epsilon:.3g} more, "
+                f"which would take some of its users past {self._binding(eps + epsilon)}: "
+                "refused before anything of it was counted",
             )
 
     def _charge(self, run: str, release: Release) -> Charged:
@@ -176,7 +175,9 @@ class SiteBudget:
                 f"privacy budget of this site: its users have spent up to epsilon {eps:.3g} of "
                 f"{self.max_epsilon:.3g} and delta {delta:.3g} of {self.max_delta:.3g}; this "
                 f"{release.kind} release needs epsilon {cost:.3g}, delta {cost_delta:.3g} more: "
-                "refused"
+                "refused",
+                public=f"privacy budget of this site: this {release.kind} release would take "
+                f"some of its users past {self._binding(eps + cost)}: refused",
             )
         line = {
             "run": run,

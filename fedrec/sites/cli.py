@@ -94,8 +94,7 @@ def site() -> None:
 @click.option(
     "--max-delta",
     type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
-    help="the same for delta (default: the power of ten at or below 1 / the site's users; "
-    "each run is counted at a tenth)",
+    help="the same for delta (default: 1 / the site's users; each run is counted at a tenth)",
 )
 @click.option(
     "--peers",

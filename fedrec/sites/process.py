@@ -120,7 +120,7 @@ class SiteOptions:
     clock_skew: float = 60.0
     max_bytes: int = MAX_BYTES
     max_epsilon: float = 10.0  # no user of the site passes this, summed over runs
-    max_delta: float | None = None  # the same for delta (default: default_max_delta)
+    max_delta: float | None = None  # the same for delta (default: 1 / the site's users)
     peers: str | None = None  # a sites.yaml whose public keys this site pins for its peers
     allow_exact: bool = False  # also answer requests without DP (exact sums, counted nowhere)
     read_options: dict[str, Any] = field(default_factory=dict)
@@ -342,7 +342,8 @@ class Site:
         try:
             data, info = self._answer(request)
         except (RefusedMessage, SchemaError, ValueError) as err:
-            self._refuse(request, str(err))
+            public = getattr(err, "public", str(err))  # a budget's figures stay here
+            self._refuse(request, public, detail=str(err) if public != str(err) else "")
             return
         digest = body_digest(body)
         info = info | {"seconds": round(time.perf_counter() - started, 4)}
@@ -361,14 +362,16 @@ class Site:
             local=f"{info['seconds']:.2f} s",  # sealed to the coordinator: not on the API
         )
 
-    def _refuse(self, request: RoundRequest, reason: str) -> None:
+    def _refuse(self, request: RoundRequest, reason: str, detail: str = "") -> None:
+        """Post a signed refusal with ``reason``; ``detail`` (what the site's users have spent)
+        goes to the site's own log only."""
         log.warning(
             "%s: refused %s round %d of run %s: %s",
             self.name,
             request.kind,
             request.round,
             request.run,
-            reason,
+            detail or reason,
         )
         self._post(request, sign_message(self.key, REFUSAL, refusal_fields(request, reason)))
         self.record.mark_answered(request.nonce)
@@ -474,11 +477,11 @@ class Site:
         state = self._state(request, family, client.n_items)
         if release is not None:  # counted (and written down) before it is computed
             spent = self.budget.charge(request.run, release)
-            self._log(
+            self._log(  # the figures depend on the site's delta (1 / its users): not on the API
                 request,
-                f"{self.name}: this run has spent epsilon {spent.run_epsilon:.3g} of the site's "
-                f"users' budget; the most any of them has spent is {spent.epsilon:.3g} of "
-                f"{self.options.max_epsilon:.3g}",
+                f"{self.name}: counted this {release.kind} release against its users' budget",
+                local=f"this run has spent epsilon {spent.run_epsilon:.3g} of it; the most any "
+                f"of them has spent is {spent.epsilon:.3g} of {self.options.max_epsilon:.3g}",
             )
         if request.kind == "train":
             update, evaluations = self._train(request, family, client, state)

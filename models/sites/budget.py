@@ -46,7 +46,17 @@ COUNT_NOISE = 10.0  # users: composed with a run's training, about epsilon 0.01 
 
 
 class SiteBudgetError(ValueError):
-    """A release the site's cap does not allow, or one it cannot account; one line."""
+    """A release the site's cap does not allow, or one it cannot account; one line.
+
+    Its message names what the site's users have spent, for the site's own log. ``public`` is
+    the reason the site may post on the Prefect API, for every reader there: the figures a site
+    computes with its delta (1 / its users by default) are left out, since they give away its
+    number of users, which it otherwise sends only with noise.
+    """
+
+    def __init__(self, message: str, *, public: str | None = None) -> None:
+        super().__init__(message)
+        self.public = message if public is None else public
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import logging
 import re
 from dataclasses import replace
 
@@ -581,9 +582,11 @@ def test_a_private_site_refuses_a_run_it_cannot_finish_before_counting_anything(
     beyond, _ = _enrol(transport, run="run-3", nonce="3", epsilon=room * 1.01)
     site.poll_once()
     reason = _refusal(transport, key, beyond)
-    assert f"spent up to epsilon {spent:.3g} of 1" in reason
-    assert f"this run asks epsilon {room * 1.01:.3g}" in reason
-    assert "refused before anything of it was counted" in reason
+    assert reason == (
+        f"privacy budget of this site: this run asks epsilon {room * 1.01:.3g} more, which "
+        "would take some of its users past their cap of epsilon 1: refused before anything of "
+        "it was counted"
+    )
     assert len(_charges(site)) == 2  # nothing charged
 
     within, digest = _enrol(transport, run="run-4", nonce="4", epsilon=room * 0.99)
@@ -620,19 +623,25 @@ def _refusal_of_a_costly_run(tmp_path, n_users: int, **extra) -> tuple[str, str]
     return answer["data"]["body"]["reason"], "\n".join(transport.logs)
 
 
-def test_a_budget_refusal_on_the_api_does_not_give_away_the_sites_user_count(tmp_path):
-    """A site sends its number of users only with noise, charged to their budget; its refusal
-    names its epsilon and delta figures, which every reader of the Prefect API sees. With a
-    delta cap of 1 / users they named the count itself (a cap of 0.00318: 314 users)."""
-    weak = {n: _refusal_of_a_costly_run(tmp_path, n, max_delta=1 / n) for n in (314, 315)}
-    assert weak[314][0] != weak[315][0]
-    cap = float(re.search(r"delta [0-9.e-]+ of ([0-9.e-]+)", weak[314][0]).group(1))
-    assert [n for n in range(1, 10_000) if float(f"{1 / n:.3g}") == cap] == [314]  # the attack
+def test_a_budget_refusal_on_the_api_does_not_give_away_the_sites_user_count(tmp_path, caplog):
+    """A site sends its number of users only with noise, charged to their budget. Its refusals
+    go on the Prefect API, which every reader there sees; they named what its users had spent
+    and its delta cap, figures computed with delta 1 / users: a cap of 0.00318 is 314 users.
+    Those figures now stay in the site's own log."""
+    with caplog.at_level(logging.WARNING, logger="fedrec.site"):
+        posted = {n: _refusal_of_a_costly_run(tmp_path, n) for n in (314, 315, 2718)}
 
-    posted = {n: _refusal_of_a_costly_run(tmp_path, n) for n in (101, 314, 315, 999)}
-    assert "refused before anything of it was counted" in posted[314][0]
+    # the weak version: the site's own line, which is what its refusal used to post
+    own = next(r.getMessage() for r in caplog.records if "refused enroll" in r.getMessage())
+    cap = float(re.search(r"delta [0-9.e-]+ of ([0-9.e-]+)", own).group(1))
+    assert [n for n in range(1, 10_000) if float(f"{1 / n:.3g}") == cap] == [314]  # the attack
+    # on the API: the same words whatever the count
     assert len({reason for reason, _ in posted.values()}) == 1
     assert len({logs for _, logs in posted.values()}) == 1
+    assert posted[314][0] == (
+        "privacy budget of this site: this run asks epsilon 1e+06 more, which would take some "
+        "of its users past their cap of epsilon 10: refused before anything of it was counted"
+    )
 
 
 def test_a_sites_log_line_on_the_api_leaves_out_what_its_answer_seals(world):
@@ -646,3 +655,19 @@ def test_a_sites_log_line_on_the_api_leaves_out_what_its_answer_seals(world):
     assert info["seconds"] >= 0 and re.fullmatch(
         r"shop-a answered train round 1 \(\d+ bytes up\)", line
     )
+
+
+def test_a_private_answer_is_counted_on_the_api_without_the_figures_of_the_sites_delta(
+    world, caplog
+):
+    """What a charged release leaves a site's users is computed with its delta (1 / its users
+    by default): the site's own log has it, the line on the Prefect API says only that it was
+    counted."""
+    transport, _, start = world
+    with caplog.at_level(logging.INFO, logger="fedrec.site"):
+        _ask(transport, family=PRIVATE)
+        start().poll_once()
+    (line,) = [line for line in transport.logs if "against its users' budget" in line]
+    assert line == "shop-a: counted this full release against its users' budget"
+    own = [r.getMessage() for r in caplog.records if "against its users' budget" in r.getMessage()]
+    assert len(own) == 1 and re.search(r"this run has spent epsilon [0-9.]+ of it", own[0])
