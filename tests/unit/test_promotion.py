@@ -171,3 +171,63 @@ def test_with_the_noise_margin_a_model_no_better_than_the_champion_rarely_replac
 
     assert 0.45 < plain / 2000 < 0.55
     assert guarded / 2000 < 0.05
+
+
+@pytest.mark.parametrize(
+    ("metric", "new", "old"),
+    [("valid/rmse", 0.75, 1.0), ("valid/ndcg_at_10", 0.5, 0.25)],
+)
+def test_an_improvement_of_exactly_min_delta_is_promoted(metric, new, old):
+    """The rule asks for an improvement of at least ``min_delta`` (values exact in binary)."""
+    rule = {"metric": metric, "worst_client_metric": "none", "min_delta": 0.25,
+            "max_client_regression": 0.0}  # fmt: skip
+
+    decision = decide_promotion({metric: new}, {metric: old}, **rule)
+
+    assert decision.promote and decision.reason.endswith("by +0.2500")
+    assert not decide_promotion({metric: new}, {metric: old}, **rule | {"min_delta": 0.5}).promote
+
+
+def test_a_worst_client_measured_on_one_side_only_does_not_block_promotion():
+    """The worst-client check compares two measurements: when the champion's (or the
+    candidate's) is missing, the primary metric decides."""
+    candidate = {"valid/rmse": 0.80, "valid/client_max/rmse": 5.0}
+    champion = {"valid/rmse": 0.90}
+
+    assert decide_promotion(candidate, champion, **RULE).promote
+    assert decide_promotion(champion | {"valid/rmse": 0.80}, candidate | {"valid/rmse": 0.9},
+                            **RULE).promote  # fmt: skip
+
+
+def test_a_worst_client_regression_of_exactly_the_allowed_margin_is_promoted():
+    """``max_client_regression`` is the largest regression allowed, not excluded."""
+    rule = RULE | {"max_client_regression": 0.25}
+    candidate = {"valid/rmse": 0.5, "valid/client_max/rmse": 1.25}
+    champion = {"valid/rmse": 0.75, "valid/client_max/rmse": 1.0}
+
+    assert decide_promotion(candidate, champion, **rule).promote
+    assert not decide_promotion(
+        candidate | {"valid/client_max/rmse": 1.5}, champion, **rule
+    ).promote
+
+
+@pytest.mark.parametrize(("new", "promote"), [(1.375, True), (1.5, False)])
+def test_a_noise_margin_below_one_standard_deviation_still_applies_and_is_inclusive(new, promote):
+    """The margin is ``noise_sds * hypot(sd_candidate, sd_champion)``: 0.5 * hypot(0.75, 1.0) =
+    0.625 here (exact in binary); a gain of exactly the margin clears it, a smaller one does not."""
+    noisy = {**RULE, "min_delta": 0.0, "noise_sds": 0.5}
+    champion = {"valid/rmse": 2.0, "valid/dp_sd/rmse": 0.75}
+    candidate = {"valid/rmse": new, "valid/dp_sd/rmse": 1.0}
+
+    decision = decide_promotion(candidate, champion, **noisy)
+
+    assert decision.promote is promote
+    assert ("within the DP noise" in decision.reason) is (not promote)
+
+
+@pytest.mark.parametrize(("gap", "shown"), [(7e-5, "+0.0001"), (2e-4, "+0.0002"), (3e-5, "+3e-05")])
+def test_a_gap_is_printed_to_four_decimals_unless_that_would_print_zero(gap, shown):
+    rule = RULE | {"min_delta": 0.0}
+    decision = decide_promotion({"valid/rmse": 0.5 - gap}, {"valid/rmse": 0.5}, **rule)
+
+    assert decision.promote and decision.reason.endswith(f"by {shown}")
