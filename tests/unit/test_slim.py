@@ -67,6 +67,52 @@ def test_bad_settings_and_inputs_give_one_clear_error():
         slim_weights(np.eye(3), 0, SlimConfig())
 
 
+def test_a_single_users_counts_give_the_constrained_solution():
+    """One user is enough data: ADMM SLIM of a 1-user Gram matrix (item means 0 or 1) still
+    reaches each column's constrained least squares."""
+    x = np.array([[1.0, 1.0, 1.0, 0.0, 1.0]])
+    config = SlimConfig(l1=0.1, l2=2.0, alpha=1.0, rho=5.0, iterations=3000)
+
+    weights = slim_weights(x.T @ x, 1, config).toarray()
+
+    np.testing.assert_allclose(weights, _column_oracle(x, config), atol=2e-4)
+    assert weights[3].sum() == 0.0 and weights[:, 3].sum() == 0.0
+
+
+def test_one_admm_iteration_is_the_thresholded_ridge_step():
+    """From C = Gamma = 0 the first iteration is the equality-constrained ridge solution
+    ``B = P G - P diag(diag(P G) / diag(P))`` with ``P = (G + l2 D + rho I)^-1``, soft-thresholded
+    at ``l1 / rho`` and clipped at 0 (the update of the module docstring, in float64 here)."""
+    rng = np.random.default_rng(3)
+    x = (rng.random((30, 7)) < 0.4).astype(float)
+    config = SlimConfig(l1=0.5, l2=4.0, alpha=0.5, rho=3.0, iterations=1)
+    gram = x.T @ x
+    precision = np.linalg.inv(gram + np.diag(config.l2 * x.mean(axis=0) ** 0.5 + config.rho))
+    ridge = precision @ gram
+    ridge -= precision * (np.diag(ridge) / np.diag(precision))[None, :]
+    expected = np.maximum(ridge - config.l1 / config.rho, 0.0)
+    np.fill_diagonal(expected, 0.0)
+
+    weights = slim_weights(gram, x.shape[0], config).toarray()
+
+    np.testing.assert_allclose(weights, expected, atol=1e-5)
+    assert (expected > 0).sum() > 3 and (expected[~np.eye(7, dtype=bool)] == 0).sum() > 3
+
+
+def test_zero_penalties_and_a_small_rho_are_allowed_and_reach_the_constrained_solution():
+    """l1, l2 and alpha may be 0 (no L1, no L2, a uniform L2 weight) and rho any number > 0:
+    the weights are still each column's non-negative least squares with diag(B) = 0."""
+    rng = np.random.default_rng(5)
+    x = (rng.random((120, 6)) < 0.5).astype(float)
+    for config in (
+        SlimConfig(l1=0.0, l2=0.0, alpha=1.0, rho=20.0, iterations=3000),
+        SlimConfig(l1=1.0, l2=10.0, alpha=0.0, rho=0.5, iterations=3000),
+    ):
+        weights = slim_weights(x.T @ x, x.shape[0], config).toarray()
+
+        np.testing.assert_allclose(weights, _column_oracle(x, config), atol=5e-4)
+
+
 @pytest.fixture(scope="module")
 def implicit():
     data = generate_synthetic(
