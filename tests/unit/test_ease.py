@@ -110,3 +110,36 @@ def test_save_and_load_give_the_same_recommendations(tmp_path, clients):
     np.savez(tmp_path / "other.npz", weights=np.eye(2))
     with pytest.raises(ValueError, match="not an EASE model"):
         EASE.load(tmp_path / "other.npz")
+
+
+def test_an_item_one_user_touched_is_known_and_can_be_recommended():
+    """``known_`` is every item with at least one training interaction, however few."""
+    history = sparse.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1]], float))
+    model = EASE(reg=0.5).fit(history)
+
+    np.testing.assert_array_equal(model.known_, np.asarray(history.sum(axis=0)).ravel() > 0)
+    items, _ = model.recommend(history[:1], k=2)
+    assert sorted(items[0].tolist()) == [2, 3]  # user 0's two unseen items, both seen once
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 300])
+def test_recommend_returns_the_top_k_of_a_full_sort_of_the_scores(k):
+    """Against sorting every eligible item's score ``X_u B`` (the history's and never-seen
+    items excluded), for several k, over enough items that a partial sort is not a full one."""
+    rng = np.random.default_rng(11)
+    x = (rng.random((20, 300)) < 0.05).astype(float)
+    x[:, 299] = 0.0  # an item nobody touched
+    model = EASE(reg=2.0).fit(sparse.csr_matrix(x))
+    scores = x @ ease_weights(x.T @ x, reg=2.0)
+
+    items, values = model.recommend(sparse.csr_matrix(x), k=k)
+
+    assert items.shape == values.shape == (20, k)
+    for u in range(20):
+        eligible = np.flatnonzero((x[u] == 0) & (x.sum(axis=0) > 0))
+        best = np.sort(scores[u, eligible])[::-1][:k]  # the k best scores, ties in any order
+        n = best.size
+        np.testing.assert_allclose(values[u, :n], best, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(values[u, :n], scores[u, items[u, :n]], rtol=1e-8, atol=1e-12)
+        assert set(items[u, :n]) <= set(eligible) and len(set(items[u, :n])) == n
+        assert np.all(items[u, n:] == -1) and np.all(np.isneginf(values[u, n:]))
