@@ -193,3 +193,64 @@ def test_by_key_refusal_names_the_number_of_values_outside_one_to_it():
             check_columns(data, split="random", partition="by-key", partition_key="region",
                           n_clients=n_clients)  # fmt: skip
     check_columns(data, split="random", partition="by-key", partition_key="region", n_clients=3)
+
+
+def test_refusals_for_a_missing_column_name_the_file_and_what_it_offers():
+    data = low_rank_interactions(n_users=10)  # source "low_rank"
+    untimed = Interactions(data.frame.drop(columns=["timestamp"]), data.user_ids, data.item_ids,
+                           source="ratings.csv")  # fmt: skip
+
+    with pytest.raises(DataValidationError, match=r"^ratings\.csv, column 'timestamp'"):
+        split_rows(untimed, method="temporal", valid_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(DataValidationError, match=r"^low_rank, setting 'partition_key'") as none:
+        check_columns(data, split="random", partition="by-key", partition_key="region")
+    assert str(none.value).endswith("allowed: none (this dataset has no user features)")
+    featured = _with_user_features(data, "zip", ["1"] * 10)
+    with pytest.raises(DataValidationError, match=r"allowed: zip$"):
+        check_columns(featured, split="random", partition="by-key", partition_key="region")
+
+
+def test_split_each_user_rounds_each_share_as_recbole_does():
+    """RecBole's ``_calcu_split_ids``: held-out counts ``int(fraction * n)``; a share with
+    ``0 < fraction * n < 1`` gets one row (while training keeps two), one of 1 or more does not,
+    and a zero fraction gets none. Counts by hand: 20 rows at 0.2 / 0.1 -> 14, 4, 2; 15 at 0.1 /
+    0.1 -> 13, 1, 1 (1.5 rounds down); 9 at 0.0 / 0.1 -> 8, 0, 1."""
+    from models.data.sharding import split_each_user
+
+    def counts(n, valid, test):
+        frame = pd.DataFrame({"user": "u", "item": [f"i{j}" for j in range(n)], "rating": 1.0})
+        data = encode_interactions(frame, rating_scale=None, source="t")
+        split = split_each_user(
+            data, valid_fraction=valid, test_fraction=test, rng=np.random.default_rng(0)
+        )
+        return np.bincount(split, minlength=3).tolist()
+
+    assert counts(20, 0.2, 0.1) == [14, 4, 2]
+    assert counts(15, 0.1, 0.1) == [13, 1, 1]
+    assert counts(9, 0.0, 0.1) == [8, 0, 1]
+
+
+def test_dirichlet_with_a_large_concentration_spreads_users_evenly():
+    """Dirichlet(alpha) shares with a huge alpha are nearly uniform: every taste group is cut
+    into near-equal parts, so the clients are near-equal in size."""
+    data = low_rank_interactions(n_users=90, n_items=30, density=0.3, seed=3)
+
+    client = assign_clients(
+        data, n_clients=3, strategy="dirichlet", alpha=1e6, rng=np.random.default_rng(0)
+    )
+
+    sizes = np.bincount(client, minlength=3)
+    assert sizes.sum() == 90 and np.abs(sizes - 30).max() <= 3, sizes
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dirichlet_with_a_tiny_concentration_over_many_clients_leaves_none_empty(seed):
+    """With alpha 0.01 most clients draw no users; each then takes one from the largest client,
+    which never empties a client that already had one."""
+    data = low_rank_interactions(n_users=30, n_items=20, density=0.3, seed=seed)
+
+    client = assign_clients(
+        data, n_clients=12, strategy="dirichlet", alpha=0.01, rng=np.random.default_rng(seed)
+    )
+
+    assert np.bincount(client, minlength=12).min() >= 1
