@@ -1,0 +1,49 @@
+"""The network's softmax at large logits: ``log_softmax`` against SciPy's, and the loss and
+its gradients unchanged when every logit is shifted by the same large constant (a softmax does
+not see a common shift, so a numerically careful one gives the same figures)."""
+
+import numpy as np
+import pytest
+from scipy import sparse, special
+
+from models.neural.network import (
+    Architecture,
+    init_params,
+    log_softmax,
+    loss_and_gradients,
+    normalize_rows,
+)
+
+
+@pytest.mark.parametrize("offset", [0.0, 800.0, -800.0])
+def test_log_softmax_equals_scipys_even_where_exp_overflows(offset):
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.0, 3.0, (5, 9)) + offset
+
+    out = log_softmax(values)
+
+    np.testing.assert_allclose(out, special.log_softmax(values, axis=1), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(np.exp(out).sum(axis=1), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dae", "vae"])
+def test_loss_and_gradients_do_not_see_a_large_common_shift_of_the_logits(kind):
+    arch = Architecture(n_items=9, kind=kind, hidden=(5,), latent=3)
+    params = init_params(arch, np.random.default_rng(1), dtype=np.float64)
+    rng = np.random.default_rng(2)
+    dense = (rng.random((6, 9)) < 0.4).astype(float)
+    dense[np.arange(6), rng.integers(0, 9, 6)] = 1.0  # nobody is empty
+    history = sparse.csr_matrix(dense)
+    inputs = normalize_rows(history, np.float64)
+    noise = rng.standard_normal((6, 3)) if kind == "vae" else None
+    shifted = dict(params, dec1_b=params["dec1_b"] + 900.0)  # every logit + 900
+
+    loss, grads = loss_and_gradients(params, arch, inputs, history, noise=noise, beta=0.2, l2=0.01)
+    loss_s, grads_s = loss_and_gradients(shifted, arch, inputs, history, noise=noise, beta=0.2,
+                                         l2=0.01)  # fmt: skip
+
+    assert np.isfinite(loss_s.total)
+    assert loss_s.nll == pytest.approx(loss.nll, rel=1e-9)
+    assert loss_s.total == pytest.approx(loss.total, rel=1e-9)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(grads_s[name], grad, rtol=1e-7, atol=1e-9, err_msg=name)
