@@ -1,6 +1,7 @@
-"""The network's softmax at large logits: ``log_softmax`` against SciPy's, and the loss and
-its gradients unchanged when every logit is shifted by the same large constant (a softmax does
-not see a common shift, so a numerically careful one gives the same figures)."""
+"""The network's input without dropout (the normalised history), and its softmax at large
+logits: ``log_softmax`` against SciPy's, and the loss and its gradients unchanged when every logit
+is shifted by the same large constant (a softmax does not see a common shift, so a numerically
+careful one gives the same figures)."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from scipy import sparse, special
 
 from models.neural.network import (
     Architecture,
+    corrupt,
     init_params,
     log_softmax,
     loss_and_gradients,
@@ -47,3 +49,17 @@ def test_loss_and_gradients_do_not_see_a_large_common_shift_of_the_logits(kind):
     assert loss_s.total == pytest.approx(loss.total, rel=1e-9)
     for name, grad in grads.items():
         np.testing.assert_allclose(grads_s[name], grad, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+def test_no_dropout_is_allowed_and_gives_the_normalised_history():
+    """``dropout`` is in [0, 1): at 0 the training input is the L2-normalised history."""
+    history = sparse.csr_matrix(np.array([[1.0, 0.0, 1.0, 1.0], [0.0, 2.0, 0.0, 0.0]]))
+
+    out = corrupt(history, 0.0, np.random.default_rng(0), np.float64)
+
+    np.testing.assert_allclose(
+        out.toarray(), [[3**-0.5, 0.0, 3**-0.5, 3**-0.5], [0.0, 1.0, 0.0, 0.0]], rtol=1e-12
+    )
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+            corrupt(history, bad, np.random.default_rng(0))
