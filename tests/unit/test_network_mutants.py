@@ -1,7 +1,8 @@
-"""The network's input without dropout (the normalised history), and its softmax at large
-logits: ``log_softmax`` against SciPy's, and the loss and its gradients unchanged when every logit
-is shifted by the same large constant (a softmax does not see a common shift, so a numerically
-careful one gives the same figures)."""
+"""The network's widths, its initialisation (Glorot-uniform weights, N(0, 0.001^2) biases), its
+input without dropout (the normalised history), and its softmax at large logits: ``log_softmax``
+against SciPy's, and the loss and its gradients unchanged when every logit is shifted by the same
+large constant (a softmax does not see a common shift, so a numerically careful one gives the
+same figures)."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from scipy import sparse, special
 
 from models.neural.network import (
     Architecture,
+    check_params,
     corrupt,
     init_params,
     log_softmax,
@@ -63,3 +65,27 @@ def test_no_dropout_is_allowed_and_gives_the_normalised_history():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
             corrupt(history, bad, np.random.default_rng(0))
+
+
+def test_widths_of_one_are_allowed_and_widths_below_one_or_fractional_are_refused():
+    arch = Architecture(n_items=1, kind="vae", hidden=(1,), latent=1)
+    check_params(init_params(arch, np.random.default_rng(0)), arch)
+    for bad in (dict(n_items=0), dict(latent=0), dict(hidden=(0,)), dict(latent=2.5),
+                dict(hidden=(3, -1))):  # fmt: skip
+        with pytest.raises(ValueError, match="must be integers >= 1"):
+            Architecture(**(dict(n_items=5, kind="dae", hidden=(), latent=2) | bad))
+
+
+def test_weights_are_glorot_uniform_and_biases_have_standard_deviation_0_001():
+    """Weights uniform on +-sqrt(6 / (fan_in + fan_out)), so they fill the interval; biases
+    N(0, 0.001^2)."""
+    arch = Architecture(n_items=3000, kind="dae", hidden=(), latent=40)
+    params = init_params(arch, np.random.default_rng(0), dtype=np.float64)
+
+    for name in ("enc0_w", "dec0_w"):
+        limit = np.sqrt(6.0 / 3040)
+        w = params[name]
+        assert np.abs(w).max() <= limit and np.abs(w).max() > 0.99 * limit
+        assert np.std(w) == pytest.approx(limit / np.sqrt(3.0), rel=0.02)
+    assert np.std(params["dec0_b"]) == pytest.approx(0.001, rel=0.05)
+    assert abs(np.mean(params["dec0_b"])) < 1e-4
