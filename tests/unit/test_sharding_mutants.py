@@ -254,3 +254,26 @@ def test_dirichlet_with_a_tiny_concentration_over_many_clients_leaves_none_empty
     )
 
     assert np.bincount(client, minlength=12).min() >= 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dirichlet_groups_users_by_taste_not_by_how_much_they_rated(seed):
+    """Two disjoint tastes (items 0-9 and 10-19), users rating 1 to 10 items of theirs: the taste
+    groups are the tastes, and with a tiny alpha each goes whole to one client (but for at most
+    one user moved to a client that drew nobody)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(60):
+        items = rng.choice(10, size=1 + (u // 2) % 10, replace=False) + 10 * (u % 2)
+        rows += [(f"u{u}", int(i), 1.0) for i in items]
+    data = encode_interactions(
+        pd.DataFrame(rows, columns=["user", "item", "rating"]), rating_scale=None, source="t"
+    )
+    taste = np.array([int(u[1:]) % 2 for u in data.user_ids])
+
+    client = assign_clients(
+        data, n_clients=2, strategy="dirichlet", alpha=1e-3, rng=np.random.default_rng(seed)
+    )
+
+    for t in (0, 1):
+        assert np.bincount(client[taste == t], minlength=2).max() >= (taste == t).sum() - 1
