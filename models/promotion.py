@@ -105,6 +105,10 @@ def decide_promotion(
         return PromotionDecision(
             False, f"candidate has no {metric}: evaluation failed or was empty"
         )
+    if not np.isfinite(candidate[metric]):  # NaN compares False with everything below
+        return PromotionDecision(
+            False, f"candidate's {metric} is {candidate[metric]}: no figure to promote on"
+        )
     refused = check_baseline(candidate, metric)
     if refused is not None:
         return refused
@@ -112,7 +116,7 @@ def decide_promotion(
         return PromotionDecision(
             True, f"no champion yet; candidate {metric}={candidate[metric]:.4f}"
         )
-    if metric not in champion:
+    if metric not in champion or not np.isfinite(champion[metric]):
         return PromotionDecision(
             True, f"champion could not be evaluated on {metric}; candidate replaces it"
         )
