@@ -243,7 +243,7 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
     that ``named`` maps to its --config file names that file first. Any other surprise (such as
     an option of the wrong type) is left to the configuration's own checks, which follow.
     """
-    from fedrec.inputs import InputError, check_synthetic_partition, data_sources
+    from fedrec.inputs import InputError, check_synthetic_data, data_sources
     from fedrec.inputs import check_inputs as check_sources
     from models.data.errors import DataValidationError
 
@@ -267,10 +267,9 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
         return
     try:
         if not data_sources(**spec) and spec["valid"] is None and spec["test"] is None:
-            by_key = merged.get("partition") == "by-key" and merged.get("partition_key")
-            if spec["data"] in (None, "synthetic") and by_key:  # (no key: the config says so)
-                with _status("checking the partition"):
-                    check_synthetic_partition(merged)
+            if spec["data"] in (None, "synthetic") and not merged.get("sites"):
+                with _status("checking the synthetic data"):
+                    check_synthetic_data(merged)
             return
         with _status("checking the data files"):
             check_sources(merged)

@@ -275,20 +275,29 @@ def synthetic_options(values: Mapping[str, Any]) -> dict[str, Any]:
     return {arg: values[field] for arg, field in SYNTHETIC_FIELDS.items() if field in values}
 
 
-def check_synthetic_partition(values: Mapping[str, Any]) -> None:
-    """Refuse a by-key partition of the built-in synthetic data that sharding would refuse (a
-    key it lacks, more clients than the key's values), before anything starts.
+def check_synthetic_data(values: Mapping[str, Any]) -> None:
+    """Refuse what generating or sharding the built-in synthetic data would refuse, before
+    anything starts: its own arguments out of range, more clients than it has users, and for a
+    by-key partition a key it lacks or more clients than the key's values. A value of the wrong
+    type is left to the configuration's own checks.
 
     Raises
     ------
     DataValidationError
     """
     from models.data.readers import load_dataset
-    from models.data.sharding import check_columns
+    from models.data.sharding import check_client_count, check_columns
 
-    data = load_dataset("synthetic", **synthetic_options(values))
+    try:
+        data = load_dataset("synthetic", **synthetic_options(values))
+    except TypeError:
+        return
     clients = values.get("clients")
-    check_columns(data, split=values.get("split", "random"), partition="by-key",
-                  partition_key=values.get("partition_key"), key_prefix=values.get("key_prefix"),
-                  n_clients=clients if isinstance(clients, int) else None,
-                  private=values.get("dp_epsilon") is not None)  # fmt: skip
+    n_clients = clients if isinstance(clients, int) and not isinstance(clients, bool) else None
+    partition = values.get("partition")
+    if partition == "by-key" and values.get("partition_key"):  # (no key: the config says so)
+        check_columns(data, split=values.get("split", "random"), partition="by-key",
+                      partition_key=values.get("partition_key"), key_prefix=values.get("key_prefix"),
+                      n_clients=n_clients, private=values.get("dp_epsilon") is not None)  # fmt: skip
+    elif partition in ("iid", "dirichlet") and n_clients is not None and n_clients >= 1:
+        check_client_count(n_clients, data.n_users, source=data.source)

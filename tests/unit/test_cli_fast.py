@@ -214,6 +214,28 @@ def test_more_clients_than_users_is_refused_before_any_library_or_server_loads(t
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
+        (["--clients", "5000"], ["synthetic(seed=0, n_users=2000", "setting 'clients'",
+                                 "value 5000 is more clients than the data has users (2000)", "allowed: 1..2000"]),
+        (["--synthetic-users", "300", "--clients", "301", "--partition", "dirichlet"],
+         ["value 301 is more clients than the data has users (300)"]),
+        (["--synthetic-interactions", "10"], ["n_interactions=10 is out of range for 2000 users"]),
+    ],
+)  # fmt: skip
+def test_what_the_synthetic_data_cannot_have_is_refused_before_any_server_or_run(
+    tmp_path, flags, expected
+):
+    """The built-in data is generated and checked as a file would be: such a run reached the
+    Prefect server and left a failed MLflow run behind before sharding refused it."""
+    done, imported = _cli(["train", *flags], tmp_path / "home")
+
+    _assert_one_line_error(done, *expected)
+    assert not set(imported) & {"prefect", "mlflow", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
         (["--split", "temporal"], ["column 'timestamp'", "a temporal split needs timestamps",
                                    "allowed: data with a timestamp column (--timestamp-col names it), or split=random"]),
         (["--partition", "by-key", "--partition-key", "occupation"],
