@@ -668,6 +668,23 @@ def nightly_deployment(path: Path = _DEPLOYMENTS) -> dict[str, Any]:
     raise UserError(f"{path}: no deployment named 'nightly'")
 
 
+WORKER_DEPLOYMENT = "federated-training/nightly"
+
+
+def worker_schedule_active(name: str) -> bool:
+    """Whether deployment ``name`` exists on the current Prefect API, not paused, with a
+    schedule that starts runs."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return False
+    return not deployment.paused and any(schedule.active for schedule in deployment.schedules)
+
+
 @main.command()
 @click.option(
     "--cron", default=None, help="cron schedule [default: the one in deployments/prefect.yaml]"
@@ -688,7 +705,8 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     deployments/prefect.yaml; reports to the Prefect server named by PREFECT_API_URL, else to
     fedrec's local server (started if needed). Runs can be triggered like the worker-based
     deployment's, by the name 'federated-training/nightly-serve' (its own name, so that it never
-    takes over the worker deployment 'federated-training/nightly').
+    takes over the worker deployment 'federated-training/nightly'). Refused while that worker
+    deployment's schedule is active on the same server: the two would train at once.
     """
     import yaml
 
@@ -718,6 +736,14 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
 
     limit = spec.get("concurrency_limit", {}).get("limit", 1)
     with using_api(prefect_api()):
+        if worker_schedule_active(WORKER_DEPLOYMENT):
+            raise UserError(
+                f"the worker deployment '{WORKER_DEPLOYMENT}' on this Prefect server has an "
+                "active schedule: its runs and this one's would train at the same time and both "
+                "register a version (each deployment queues only its own runs); pause its "
+                "schedule (the Prefect UI, or `prefect deployment schedule pause "
+                f"{WORKER_DEPLOYMENT} SCHEDULE_ID`) or serve from that deployment's worker"
+            )
         try:  # this process killed with its run's: the run is not left Running for good
             crash_silent_runs()
         except Exception as err:  # a safeguard: serving goes on without it, and says so

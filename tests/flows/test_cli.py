@@ -450,6 +450,34 @@ def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving(
     assert bad_form.exit_code == 2 and "expected KEY=VALUE" in bad_form.stderr
 
 
+def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefect_server):
+    """Each deployment queues only its own runs: with both schedules active on one server, the
+    worker's nightly run and the served one trained at once and registered a version each."""
+    from prefect import get_client
+    from prefect.schedules import Cron
+
+    from fedrec.cli import WORKER_DEPLOYMENT, worker_schedule_active
+    from flows.training import federated_training
+
+    assert not worker_schedule_active(WORKER_DEPLOYMENT)  # not deployed here
+    deployment = federated_training.to_deployment(name="nightly", schedules=[Cron("0 2 * * *")])
+    deployment_id = deployment.apply()
+    try:
+        assert worker_schedule_active(WORKER_DEPLOYMENT)
+        refused = CliRunner().invoke(main, ["serve"])
+        assert refused.exit_code == 2, refused.output
+        assert (
+            "the worker deployment 'federated-training/nightly' on this Prefect server has an "
+            "active schedule: its runs and this one's would train at the same time"
+        ) in refused.stderr
+        with get_client(sync_client=True) as client:
+            client.pause_deployment(deployment_id)
+        assert not worker_schedule_active(WORKER_DEPLOYMENT)  # paused: serve may take over
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(deployment_id)
+
+
 def test_a_reader_that_stops_early_ends_recommend_quietly(trained, tmp_path):
     """`fedrec recommend ... | head -1`: the pipe closes while rows are still being written."""
     import subprocess
