@@ -668,23 +668,6 @@ def nightly_deployment(path: Path = _DEPLOYMENTS) -> dict[str, Any]:
     raise UserError(f"{path}: no deployment named 'nightly'")
 
 
-WORKER_DEPLOYMENT = "federated-training/nightly"
-
-
-def worker_schedule_active(name: str) -> bool:
-    """Whether deployment ``name`` exists on the current Prefect API, not paused, with a
-    schedule that starts runs."""
-    from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            return False
-    return not deployment.paused and any(schedule.active for schedule in deployment.schedules)
-
-
 @main.command()
 @click.option(
     "--cron", default=None, help="cron schedule [default: the one in deployments/prefect.yaml]"
@@ -736,13 +719,15 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
 
     limit = spec.get("concurrency_limit", {}).get("limit", 1)
     with using_api(prefect_api()):
-        if worker_schedule_active(WORKER_DEPLOYMENT):
+        from fedrec.lock_parameters import DEPLOYMENT, schedule_active
+
+        if schedule_active(DEPLOYMENT):
             raise UserError(
-                f"the worker deployment '{WORKER_DEPLOYMENT}' on this Prefect server has an "
+                f"the worker deployment '{DEPLOYMENT}' on this Prefect server has an "
                 "active schedule: its runs and this one's would train at the same time and both "
                 "register a version (each deployment queues only its own runs); pause its "
                 "schedule (the Prefect UI, or `prefect deployment schedule pause "
-                f"{WORKER_DEPLOYMENT} SCHEDULE_ID`) or serve from that deployment's worker"
+                f"{DEPLOYMENT} SCHEDULE_ID`) or serve from that deployment's worker"
             )
         try:  # this process killed with its run's: the run is not left Running for good
             crash_silent_runs()

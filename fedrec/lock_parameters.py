@@ -5,6 +5,8 @@ Prefect derives a deployment's parameter schema from the flow's signature and, w
 field. The derived schema allows names it does not list, though: such a run is created, and then
 fails on the worker with a signature error. This sets ``additionalProperties: false`` on the
 deployment's schema, so an unknown name is refused at creation like a value out of range.
+It also warns when ``fedrec serve``'s deployment is scheduled on the same server: each
+deployment queues only its own runs, so the two nightly runs would train at once.
 ``make deploy`` runs it after ``prefect deploy``::
 
     uv run python -m fedrec.lock_parameters [DEPLOYMENT]   # default federated-training/nightly
@@ -15,6 +17,21 @@ from __future__ import annotations
 import sys
 
 DEPLOYMENT = "federated-training/nightly"
+SERVED = "federated-training/nightly-serve"  # fedrec serve's deployment
+
+
+def schedule_active(name: str) -> bool:
+    """Whether deployment ``name`` exists on the current Prefect API, not paused, with a
+    schedule that starts runs."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return False
+    return not deployment.paused and any(schedule.active for schedule in deployment.schedules)
 
 
 def lock_parameters(name: str = DEPLOYMENT) -> list[str]:
@@ -38,6 +55,12 @@ def main(argv: list[str]) -> int:
     name = argv[0] if argv else DEPLOYMENT
     allowed = lock_parameters(name)
     print(f"{name}: refuses parameters other than its {len(allowed)} own")
+    if name == DEPLOYMENT and schedule_active(SERVED):
+        print(
+            f"warning: '{SERVED}' (fedrec serve) is scheduled on this server too: stop that "
+            "process, or both nightly runs train at once and register a version each",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -450,20 +450,21 @@ def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving(
     assert bad_form.exit_code == 2 and "expected KEY=VALUE" in bad_form.stderr
 
 
-def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefect_server):
+def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefect_server, capsys):
     """Each deployment queues only its own runs: with both schedules active on one server, the
     worker's nightly run and the served one trained at once and registered a version each."""
     from prefect import get_client
     from prefect.schedules import Cron
 
-    from fedrec.cli import WORKER_DEPLOYMENT, worker_schedule_active
+    from fedrec.lock_parameters import DEPLOYMENT, SERVED, schedule_active
+    from fedrec.lock_parameters import main as lock_main
     from flows.training import federated_training
 
-    assert not worker_schedule_active(WORKER_DEPLOYMENT)  # not deployed here
+    assert not schedule_active(DEPLOYMENT)  # not deployed here
     deployment = federated_training.to_deployment(name="nightly", schedules=[Cron("0 2 * * *")])
     deployment_id = deployment.apply()
     try:
-        assert worker_schedule_active(WORKER_DEPLOYMENT)
+        assert schedule_active(DEPLOYMENT)
         refused = CliRunner().invoke(main, ["serve"])
         assert refused.exit_code == 2, refused.output
         assert (
@@ -472,7 +473,20 @@ def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefec
         ) in refused.stderr
         with get_client(sync_client=True) as client:
             client.pause_deployment(deployment_id)
-        assert not worker_schedule_active(WORKER_DEPLOYMENT)  # paused: serve may take over
+        assert not schedule_active(DEPLOYMENT)  # paused: serve may take over
+        # the other way round: make deploy's last step warns while fedrec serve is scheduled
+        served = federated_training.to_deployment(
+            name="nightly-serve", schedules=[Cron("0 2 * * *")]
+        )
+        served_id = served.apply()
+        assert schedule_active(SERVED)
+        lock_main([DEPLOYMENT])
+        assert (
+            "'federated-training/nightly-serve' (fedrec serve) is scheduled on this server too"
+            in capsys.readouterr().err
+        )
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(served_id)
     finally:
         with get_client(sync_client=True) as client:
             client.delete_deployment(deployment_id)
