@@ -719,7 +719,7 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
 
     limit = spec.get("concurrency_limit", {}).get("limit", 1)
     with using_api(prefect_api()):
-        from fedrec.lock_parameters import DEPLOYMENT, schedule_active
+        from fedrec.lock_parameters import DEPLOYMENT, SERVED, schedule_active
 
         if schedule_active(DEPLOYMENT):
             raise UserError(
@@ -733,8 +733,9 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
             crash_silent_runs()
         except Exception as err:  # a safeguard: serving goes on without it, and says so
             _note(f"could not create the automation that crashes silent runs: {err}")
+        _lock_served_parameters()
         federated_training.serve(
-            name="nightly-serve",
+            name=SERVED.split("/")[1],
             schedules=[when],
             parameters=parameters,
             limit=limit,
@@ -742,6 +743,26 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
             description=spec.get("description"),
             tags=spec.get("tags"),
         )
+
+
+def _lock_served_parameters() -> None:
+    """In a thread, once ``fedrec serve``'s deployment is scheduled: make it refuse unknown
+    parameter names at creation (HTTP 409), as ``make deploy`` does the worker deployment's;
+    without it a misspelt name made a run that crashed on a signature error."""
+    import contextvars
+    import threading
+
+    from fedrec.lock_parameters import SERVED, lock_when_scheduled
+
+    def lock() -> None:
+        try:
+            if lock_when_scheduled(SERVED) is None:
+                _note(f"{SERVED} was not scheduled in time: unknown parameters not refused")
+        except Exception as err:  # serving goes on; a misspelt parameter fails its run
+            _note(f"could not make {SERVED} refuse unknown parameters: {err}")
+
+    context = contextvars.copy_context()  # the Prefect API this command uses
+    threading.Thread(target=context.run, args=(lock,), name="lock-parameters", daemon=True).start()
 
 
 @main.group()

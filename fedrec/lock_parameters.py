@@ -15,6 +15,7 @@ deployment queues only its own runs, so the two nightly runs would train at once
 from __future__ import annotations
 
 import sys
+import time
 
 DEPLOYMENT = "federated-training/nightly"
 SERVED = "federated-training/nightly-serve"  # fedrec serve's deployment
@@ -49,6 +50,18 @@ def lock_parameters(name: str = DEPLOYMENT) -> list[str]:
             DeploymentUpdate(parameter_openapi_schema=schema, enforce_parameter_schema=True),
         )
     return sorted(schema.get("properties", {}))
+
+
+def lock_when_scheduled(name: str, timeout: float = 120.0) -> list[str] | None:
+    """Lock deployment ``name``'s parameters once its schedule is active: a deployment that
+    ``flow.serve`` creates, or re-activates as it starts, after which it writes the derived
+    schema again. None if it was not scheduled within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if schedule_active(name):
+            return lock_parameters(name)
+        time.sleep(0.5)
+    return None
 
 
 def main(argv: list[str]) -> int:

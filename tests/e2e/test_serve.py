@@ -82,10 +82,17 @@ def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
         assert done is not None, (
             "no scheduled run finished in 300 s:\n" + logs["serve"].read_text()[-3000:]
         )
+        # a misspelt parameter is refused at creation, as the worker deployment's is
+        misspelt = _http("POST", f"{api}/deployments/{deployment['id']}/create_flow_run",
+                         {"parameters": {"roundz": 5}})  # fmt: skip
+        typed = _http("POST", f"{api}/deployments/{deployment['id']}/create_flow_run",
+                      {"parameters": {"rounds": "5"}})  # fmt: skip
     finally:
         for proc in reversed(started):
             _stop(proc)
 
+    assert misspelt[0] == 409 and "'roundz' was unexpected" in str(misspelt[1]), misspelt
+    assert typed[0] == 409, typed
     assert done["state"]["type"] == "COMPLETED", done["state"]
     assert done["parameters"]["rounds"] == 1 and done["parameters"]["synthetic_users"] == 300
     assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
