@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from fedrec.cli_errors import debug_option, friendly_errors
+from fedrec.cli_errors import UserError, debug_option, friendly_errors
 from fedrec.home import fedrec_home
 
 DAY = 86400.0
@@ -88,6 +88,12 @@ def workspaces(prune: bool, days: float) -> None:
     from fedrec.model_store import recorded_store, resume_command
     from models.data.partitions import is_finished, read_manifest, remove_workspace
 
+    given = click.get_current_context().get_parameter_source("days")
+    if not prune and given is click.core.ParameterSource.COMMANDLINE:
+        raise UserError(
+            "--older-than sets the age --prune deletes from; without --prune it would do "
+            "nothing: add --prune (the listing shows every workspace's age)"
+        )
     root = fedrec_home() / "workspaces"
     found, others = find_workspaces(root)
     if not found:

@@ -151,3 +151,15 @@ def test_a_failed_runs_hint_names_its_store_when_it_is_not_the_default_one(tmp_p
         error = cli._with_resume_hint(RunFailed("interrupted"), SimpleNamespace(tracking_uri=uri))
         assert error.message == f"interrupted; fedrec train --resume r1{hint} continues it"
         assert error.details == {"run_id": "r1"}
+
+
+def test_older_than_without_prune_is_refused_rather_than_ignored(tmp_path, monkeypatch):
+    """The listing showed every workspace whatever --older-than said, without a word."""
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    done = CliRunner().invoke(main, ["workspaces", "--older-than", "3"])
+    assert done.exit_code == 2
+    assert (
+        "--older-than sets the age --prune deletes from; without --prune it would do nothing"
+        in (done.stderr)
+    )
+    assert CliRunner().invoke(main, ["workspaces"]).exit_code == 0  # the default age: listed
