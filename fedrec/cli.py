@@ -752,11 +752,17 @@ def _lock_served_parameters() -> None:
     import contextvars
     import threading
 
-    from fedrec.lock_parameters import SERVED, lock_when_scheduled
+    from fedrec.lock_parameters import SERVED, last_written, lock_when_scheduled
+
+    try:
+        since = last_written(SERVED)  # before serving writes it
+    except Exception as err:  # serving goes on; a misspelt parameter fails its run
+        _note(f"could not make {SERVED} refuse unknown parameters: {err}")
+        return
 
     def lock() -> None:
         try:
-            if lock_when_scheduled(SERVED) is None:
+            if lock_when_scheduled(SERVED, since) is None:
                 _note(f"{SERVED} was not scheduled in time: unknown parameters not refused")
         except Exception as err:  # serving goes on; a misspelt parameter fails its run
             _note(f"could not make {SERVED} refuse unknown parameters: {err}")

@@ -16,23 +16,42 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 DEPLOYMENT = "federated-training/nightly"
 SERVED = "federated-training/nightly-serve"  # fedrec serve's deployment
 
 
-def schedule_active(name: str) -> bool:
-    """Whether deployment ``name`` exists on the current Prefect API, not paused, with a
-    schedule that starts runs."""
+def _deployment(name: str) -> Any:
+    """Deployment ``name`` on the current Prefect API, or None."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            deployment = client.read_deployment_by_name(name)
+            return client.read_deployment_by_name(name)
         except ObjectNotFound:
-            return False
-    return not deployment.paused and any(schedule.active for schedule in deployment.schedules)
+            return None
+
+
+def _scheduled(deployment: Any) -> bool:
+    return (
+        deployment is not None
+        and not deployment.paused
+        and any(schedule.active for schedule in deployment.schedules)
+    )
+
+
+def schedule_active(name: str) -> bool:
+    """Whether deployment ``name`` exists on the current Prefect API, not paused, with a
+    schedule that starts runs."""
+    return _scheduled(_deployment(name))
+
+
+def last_written(name: str) -> Any:
+    """When deployment ``name`` was last written (None: there is none), to tell a later write."""
+    deployment = _deployment(name)
+    return None if deployment is None else deployment.updated
 
 
 def lock_parameters(name: str = DEPLOYMENT) -> list[str]:
@@ -52,13 +71,15 @@ def lock_parameters(name: str = DEPLOYMENT) -> list[str]:
     return sorted(schema.get("properties", {}))
 
 
-def lock_when_scheduled(name: str, timeout: float = 120.0) -> list[str] | None:
-    """Lock deployment ``name``'s parameters once its schedule is active: a deployment that
-    ``flow.serve`` creates, or re-activates as it starts, after which it writes the derived
-    schema again. None if it was not scheduled within ``timeout`` seconds."""
+def lock_when_scheduled(name: str, since: Any, timeout: float = 120.0) -> list[str] | None:
+    """Lock deployment ``name``'s parameters once it is written again after ``since`` (its
+    :func:`last_written` before serving started) with an active schedule: ``flow.serve`` writes
+    the derived schema as it starts, over an earlier lock (a process killed without pausing its
+    schedule leaves it active). None if that did not happen within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if schedule_active(name):
+        deployment = _deployment(name)
+        if _scheduled(deployment) and deployment.updated != since:
             return lock_parameters(name)
         time.sleep(0.5)
     return None

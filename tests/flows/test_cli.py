@@ -456,7 +456,13 @@ def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefec
     from prefect import get_client
     from prefect.schedules import Cron
 
-    from fedrec.lock_parameters import DEPLOYMENT, SERVED, schedule_active
+    from fedrec.lock_parameters import (
+        DEPLOYMENT,
+        SERVED,
+        last_written,
+        lock_when_scheduled,
+        schedule_active,
+    )
     from fedrec.lock_parameters import main as lock_main
     from flows.training import federated_training
 
@@ -485,6 +491,16 @@ def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefec
             "'federated-training/nightly-serve' (fedrec serve) is scheduled on this server too"
             in capsys.readouterr().err
         )
+        # serve locks its deployment's parameters after its own write, not an earlier one: a
+        # process killed without pausing leaves the deployment scheduled, and a restart writes
+        # the derived schema over the old lock
+        since = last_written(SERVED)
+        assert lock_when_scheduled(SERVED, since, timeout=2) is None  # no write since
+        served.apply()  # the restarted process's write
+        assert lock_when_scheduled(SERVED, since, timeout=30)
+        with get_client(sync_client=True) as client:
+            schema = client.read_deployment(served_id).parameter_openapi_schema
+        assert schema["additionalProperties"] is False
         with get_client(sync_client=True) as client:
             client.delete_deployment(served_id)
     finally:
