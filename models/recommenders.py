@@ -108,6 +108,13 @@ def check_requests(requests: pd.DataFrame, k: object) -> None:
                 f"{where}: history_ratings {size} for {n_items} history item(s); allowed: one "
                 "rating per history item, or an empty list (no ratings)"
             )
+        values = np.asarray(rated)
+        if (
+            values.dtype.kind in "iuf"
+            and np.isfinite(values).all()
+            and not any(isinstance(rating, bool) for rating in rated)  # True is no rating
+        ):
+            continue  # finite numbers: the common case, without float() of each one
         for rating in rated:
             try:
                 ok = not isinstance(rating, bool | str) and np.isfinite(float(rating))
