@@ -664,6 +664,11 @@ def runs(tracking_uri: str | None, limit: int, experiment: str | None, as_json: 
         for row in rows:
             click.echo(json.dumps(row))
         return
+    if not rows and experiment is not None:
+        others = [r["experiment"] for r in run_rows(client, 1, tracking_uri=uri)]
+        where = f"; the newest is in experiment {others[0]}" if others else ""
+        click.echo(f"no training runs in experiment {experiment} of {uri}{where}")
+        return
     if not rows:
         click.echo(f"no training runs in {uri}; train one first (fedrec train)")
         return
