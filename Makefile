@@ -82,13 +82,15 @@ stores-stop: setup ## stop the stores in STORES_DIR by PID (their data stays)
 sites-demo: setup ## ML-100K by occupation on 3 site processes in their own mount namespaces, coordinator on the stores; one JSON line
 	$(RUN) python -m fedrec.sites_demo
 
-deploy: setup ## create the process work pool if missing, deploy deployments/prefect.yaml, crash silent runs
+deploy: setup ## check deployments/prefect.yaml, create the process work pool if missing, deploy, crash silent runs
+	$(RUN) python -m fedrec.deployment_check deployments/prefect.yaml --api
 	$(RUN) prefect work-pool inspect $(PREFECT_POOL) >/dev/null 2>&1 || $(RUN) prefect work-pool create $(PREFECT_POOL) --type process
 	$(RUN) prefect --no-prompt deploy --prefect-file deployments/prefect.yaml --all
 	$(RUN) python -m fedrec.lock_parameters
 	$(RUN) python -m fedrec.silent_runs
 
 worker: setup ## a process worker on the pool: runs scheduled and triggered flow runs
+	$(RUN) python -m fedrec.deployment_check --api
 	$(RUN) prefect worker start --pool $(PREFECT_POOL)
 
 serve: setup ## single-process alternative to deploy + worker: the same schedule via flow.serve

@@ -450,6 +450,14 @@ def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving(
     assert bad_form.exit_code == 2 and "expected KEY=VALUE" in bad_form.stderr
 
 
+def test_make_deploys_check_finds_a_running_prefect_server(prefect_server):
+    from prefect.settings import get_current_settings
+
+    from fedrec.deployment_check import check_api
+
+    assert check_api() == str(get_current_settings().api.url).rstrip("/")
+
+
 def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefect_server, capsys):
     """Each deployment queues only its own runs: with both schedules active on one server, the
     worker's nightly run and the served one trained at once and registered a version each."""
@@ -625,6 +633,10 @@ def test_runs_lists_the_training_runs_with_what_they_registered(trained):
     assert [json.loads(x)["run_id"] for x in only.splitlines()] == [r["run_id"] for r in records]
     unknown = CliRunner().invoke(main, ["runs", "--tracking-uri", uri, "--experiment", "nope"])
     assert unknown.exit_code == 2 and "no such MLflow experiment; there are: " in unknown.stderr
+    elsewhere = _run("runs", "--tracking-uri", uri, "--experiment", "Default").stdout
+    assert elsewhere.strip() == (
+        f"no training runs in experiment Default of {uri}; the newest is in experiment fedrec"
+    )
     trained_here = [r for r in records if r["run_id"] == version.run_id]
     assert len(trained_here) == 1
     (row,) = trained_here

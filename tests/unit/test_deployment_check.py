@@ -1,0 +1,68 @@
+"""``make deploy``'s check of deployments/prefect.yaml: a value no run could use is refused in
+one line naming the file, the deployment and the parameter, before Prefect is reached."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedrec.cli_errors import UserError
+from fedrec.deployment_check import check_api, check_parameters, main
+
+SHIPPED = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
+
+
+def _with(tmp_path: Path, **parameters) -> Path:
+    spec = yaml.safe_load(SHIPPED.read_text())
+    (nightly,) = [d for d in spec["deployments"] if d["name"] == "nightly"]
+    nightly["parameters"] = {**nightly["parameters"], **parameters}
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_the_shipped_deployment_file_passes():
+    check_parameters(SHIPPED)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        ({"rounds": 0}, "rounds: Input should be greater than or equal to 1 (got 0)"),
+        ({"roundz": 3}, "roundz: Extra inputs are not permitted; did you mean 'rounds'?"),
+        ({"data": "nightly-export.csv"}, "data='nightly-export.csv': no such file or folder"),
+    ],
+)
+def test_a_parameter_no_run_could_use_is_refused_naming_file_deployment_and_key(
+    tmp_path, parameters, expected
+):
+    path = _with(tmp_path, **parameters)
+    with pytest.raises(UserError) as refused:
+        check_parameters(path)
+    assert f"{path}: deployment 'nightly': parameters: " in refused.value.message
+    assert expected in refused.value.message and "\n" not in refused.value.message
+
+
+def test_a_data_file_that_exists_but_cannot_be_read_is_refused_with_its_row(tmp_path):
+    data = tmp_path / "ratings.csv"
+    data.write_text("user_id,item_id,rating\n1,2,4\n1,3,x\n")
+    with pytest.raises(UserError) as refused:
+        check_parameters(_with(tmp_path, data=str(data)))
+    assert f"{data}, row 2 (line 3), column 'rating': value 'x'" in refused.value.message
+
+
+def test_an_api_that_does_not_answer_is_one_line_and_exit_status_2(monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    monkeypatch.setattr("time.sleep", lambda _: None)
+    with pytest.raises(UserError, match=f"the Prefect API at http://127.0.0.1:{port}/api"):
+        check_api()
+    assert main(["--api"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("fedrec: error: ") and "`make server`" in line
