@@ -718,7 +718,8 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
     from flows.training import federated_training
 
     limit = spec.get("concurrency_limit", {}).get("limit", 1)
-    with using_api(prefect_api()):
+    api = prefect_api()
+    with using_api(api):
         from fedrec.lock_parameters import DEPLOYMENT, SERVED, schedule_active
 
         if schedule_active(DEPLOYMENT):
@@ -734,6 +735,7 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
         except Exception as err:  # a safeguard: serving goes on without it, and says so
             _note(f"could not create the automation that crashes silent runs: {err}")
         _lock_served_parameters()
+        _stop_at_once_without_server(api, SERVED)
         federated_training.serve(
             name=SERVED.split("/")[1],
             schedules=[when],
@@ -743,6 +745,25 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
             description=spec.get("description"),
             tags=spec.get("tags"),
         )
+
+
+def _stop_at_once_without_server(api: str, deployment: str) -> None:
+    """Ctrl-C ends serving at once, in one line, when the Prefect server no longer answers:
+    Prefect's own shutdown pauses the schedule through that server, and its retries of every
+    call held the terminal for minutes. With the server up, Ctrl-C is Prefect's as before."""
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if local_server.is_healthy(api, timeout=2):
+            signal.default_int_handler(signum, frame)  # KeyboardInterrupt: Prefect's shutdown
+        click.echo(
+            f"fedrec: error: the Prefect server at {api} no longer answers: stopped without "
+            f"pausing the schedule of '{deployment}' there (pause it, or it is replaced when "
+            "fedrec serve starts again)",
+            err=True,
+        )
+        os._exit(1)  # flow runs of this process fail with the server anyway
+
+    signal.signal(signal.SIGINT, on_interrupt)
 
 
 def _lock_served_parameters() -> None:

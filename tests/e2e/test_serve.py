@@ -5,6 +5,7 @@ model lands in MLflow under that flow run. Every process started here is stopped
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -87,10 +88,21 @@ def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
                          {"parameters": {"roundz": 5}})  # fmt: skip
         typed = _http("POST", f"{api}/deployments/{deployment['id']}/create_flow_run",
                       {"parameters": {"rounds": "5"}})  # fmt: skip
+        # Ctrl-C after the server went away ends serving at once: Prefect's shutdown retried
+        # pausing the schedule through the gone server for minutes
+        _stop(started[0])
+        os.killpg(started[1].pid, signal.SIGINT)
+        stopped = time.monotonic()
+        exit_status = started[1].wait(timeout=60)
+        took = time.monotonic() - stopped
     finally:
         for proc in reversed(started):
             _stop(proc)
 
+    assert exit_status == 1 and took < 15, (exit_status, took)
+    assert (
+        f"fedrec: error: the Prefect server at {api} no longer answers: stopped without pausing"
+    ) in logs["serve"].read_text()
     assert misspelt[0] == 409 and "'roundz' was unexpected" in str(misspelt[1]), misspelt
     assert typed[0] == 409, typed
     assert done["state"]["type"] == "COMPLETED", done["state"]
