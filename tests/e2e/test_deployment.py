@@ -112,6 +112,8 @@ def stack(tmp_path_factory):
         else:
             raise AssertionError("prefect server did not become healthy in 120 s")
         for command in (
+            # as make deploy does: the file's parameters and data, and that the server answers
+            [sys.executable, "-m", "fedrec.deployment_check", "deployments/prefect.yaml", "--api"],
             [*prefect, "work-pool", "create", "fedrec-local", "--type", "process", "--overwrite"],
             [
                 *prefect,
