@@ -191,11 +191,30 @@ def config_values(
             raise UserError(
                 f"{config_file}: must be a mapping of config keys, got {type(loaded).__name__}"
             )
+        _check_file_keys(config_file, loaded)
         values.update(file_relative_paths(loaded, path.resolve().parent))
     flags = {k: v for k, v in overrides.items() if v is not None}
     from_file = set(values) - set(flags)
     values.update(flags)
     return values, from_file
+
+
+def _check_file_keys(config_file: str, loaded: dict[str, Any]) -> None:
+    """Refuse a key of the config file that is no setting, before any setting is used: a
+    misspelt column key (``usr_col``) left the default column in force, and the data check
+    then blamed the data file for a column it does not have."""
+    import difflib
+
+    known = list(config_defaults())
+    for key, value in loaded.items():
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UserError(
+            f"invalid configuration: {config_file}: {key}: Extra inputs are not permitted"
+            f"{hint} (got {value!r})"
+        )
 
 
 def _unique_key_loader() -> type:
@@ -735,35 +754,61 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
         except Exception as err:  # a safeguard: serving goes on without it, and says so
             _note(f"could not create the automation that crashes silent runs: {err}")
         _lock_served_parameters()
-        _stop_at_once_without_server(api, SERVED)
-        federated_training.serve(
+        _serve(
+            federated_training,
+            api,
             name=SERVED.split("/")[1],
+            limit=limit,
             schedules=[when],
             parameters=parameters,
-            limit=limit,
-            global_limit=limit,
             description=spec.get("description"),
             tags=spec.get("tags"),
         )
 
 
-def _stop_at_once_without_server(api: str, deployment: str) -> None:
-    """Ctrl-C ends serving at once, in one line, when the Prefect server no longer answers:
-    Prefect's own shutdown pauses the schedule through that server, and its retries of every
-    call held the terminal for minutes. With the server up, Ctrl-C is Prefect's as before."""
+def _serve(training: Any, api: str, *, name: str, limit: int, **deployment: Any) -> None:
+    """``flow.serve`` with one difference: Ctrl-C or SIGTERM ends serving at once, in one line,
+    when the Prefect server at ``api`` no longer answers. Prefect's shutdown pauses the schedule
+    through that server, and its retries of every call held the process for minutes (301 s
+    measured after Ctrl-C). With the server up, both stop serving as Prefect's SIGTERM does:
+    the schedule is paused, a flow run in progress is cancelled."""
+    import asyncio
 
-    def on_interrupt(signum: int, frame: Any) -> None:
+    from prefect.runner import Runner
+
+    def end_if_the_server_is_gone() -> None:
         if local_server.is_healthy(api, timeout=2):
-            signal.default_int_handler(signum, frame)  # KeyboardInterrupt: Prefect's shutdown
+            return
         click.echo(
             f"fedrec: error: the Prefect server at {api} no longer answers: stopped without "
-            f"pausing the schedule of '{deployment}' there (pause it, or it is replaced when "
-            "fedrec serve starts again)",
+            f"pausing the schedule of '{training.name}/{name}' there (pause it, or it is "
+            "replaced when fedrec serve starts again)",
             err=True,
         )
-        os._exit(1)  # flow runs of this process fail with the server anyway
+        os._exit(1)  # a flow run of this process fails with the server anyway
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    class Serving(Runner):
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            end_if_the_server_is_gone()
+            super().handle_sigterm(*args, **kwargs)
+
+    runner = Serving(name=name, pause_on_shutdown=True, limit=limit)
+    signal.signal(signal.SIGTERM, runner.handle_sigterm)  # the runner's, from its start on
+    runner.add_flow(training, name=name, concurrency_limit=limit, **deployment)
+    click.echo(
+        f"serving '{training.name}/{name}': its scheduled runs start in this process; trigger "
+        f"one with: prefect deployment run '{training.name}/{name}'; Ctrl-C stops serving and "
+        "pauses its schedule"
+    )
+
+    async def serving() -> None:
+        # Ctrl-C shuts down as SIGTERM does, from the event loop: the runner stops polling,
+        # cancels a run in progress and pauses the schedule (a second Ctrl-C exits at once)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGINT, runner.handle_sigterm)
+        await runner.start()
+
+    asyncio.run(serving())
+    click.echo(f"stopped serving '{training.name}/{name}'; its schedule is paused")
 
 
 def _lock_served_parameters() -> None:

@@ -565,6 +565,23 @@ def test_a_config_file_error_names_the_file_its_line_and_the_key(tmp_path, text,
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_a_misspelt_key_of_a_config_file_is_named_before_the_data_is_read(tmp_path):
+    """``usr_col`` left the default user column in force: the data check ran first and blamed
+    the data file, which is fine, for a missing 'user_id' column."""
+    config, data = tmp_path / "run.yaml", tmp_path / "ratings.csv"
+    data.write_text("customer,product,stars\n" + "".join(f"c{u},p{i},4\n" for u in range(4)
+                                                        for i in range(3)))  # fmt: skip
+    config.write_text(f"data: {data}\nusr_col: customer\nitem_col: product\nrating_col: stars\n")
+
+    done, _ = _cli(["train", "--config", str(config)], tmp_path / "home")
+
+    _assert_one_line_error(
+        done, f"invalid configuration: {config}: usr_col: Extra inputs are not permitted; "
+        "did you mean 'user_col'? (got 'customer')"
+    )  # fmt: skip
+    _assert_nothing_started(tmp_path / "home")
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
