@@ -81,8 +81,19 @@ def test_a_cap_of_exactly_two_charges_allows_two_and_refuses_the_third(tmp_path)
 
     capped.charge("run-1", release)
     assert capped.charge("run-2", release).epsilon == 2 * cost  # the cap itself is allowed
-    with pytest.raises(SiteBudgetError, match="refused"):
+    with pytest.raises(SiteBudgetError) as refused:
         capped.charge("run-3", release)
+    # the site's own line names what its users spent and what the release needs; the line it
+    # may post names the cap that binds and no figure computed with its delta
+    assert str(refused.value) == (
+        f"privacy budget of this site: its users have spent up to epsilon {2 * cost:.3g} of "
+        f"{2 * cost:.3g} and delta 0.0002 of 0.001; this full release needs epsilon {cost:.3g}, "
+        "delta 0.0001 more: refused"
+    )
+    assert refused.value.public == (
+        "privacy budget of this site: this full release would take some of its users past "
+        f"their cap of epsilon {2 * cost:.3g}: refused"
+    )
 
 
 def test_the_delta_cap_allows_its_number_of_runs_and_no_more(tmp_path):
@@ -91,8 +102,12 @@ def test_the_delta_cap_allows_its_number_of_runs_and_no_more(tmp_path):
     for run in range(10):  # RUNS_PER_DELTA_CAP, each at max_delta / 10
         spent = budget.charge(f"run-{run}", release)
     assert spent.delta == pytest.approx(1e-3)
-    with pytest.raises(SiteBudgetError, match=r"delta 0\.001 of 0\.001.*refused"):
+    with pytest.raises(SiteBudgetError, match=r"delta 0\.001 of 0\.001.*refused") as refused:
         budget.charge("run-10", release)
+    assert refused.value.public == (
+        "privacy budget of this site: this full release would take some of its users past "
+        "their delta cap (10 runs): refused"
+    )
 
 
 def test_a_charge_reports_the_delta_its_users_have_spent(tmp_path):
