@@ -388,6 +388,7 @@ def test_the_factor_channel_is_the_weighted_sums_written_out():
     stats = clipped_factor_statistics(rows, people, 3.0, item_bias, dp)
 
     weight = {0: np.sqrt(2 / 4), 1: 1.0}  # min(1, sqrt(max_items / rows of the user))
+    assert stats.items.tolist() == [0, 1, 2]  # every rated item, each once
     for j, item in enumerate(stats.items):
         gram, rhs, count = np.zeros((2, 2)), np.zeros(2), 0.0
         for u, i, r in zip(users, items, ratings, strict=True):
