@@ -107,6 +107,15 @@ def test_attacks_and_the_choice_of_attackers():
     np.testing.assert_allclose(attack_update(values, "scale", 10.0, rng), 10 * values)
     noise = attack_update(values, "random", 3.0, rng)
     assert noise.shape == values.shape and not np.allclose(noise, values)
+    # random: zero-mean Gaussian noise at 3 x the honest update's spread (2000 draws: the
+    # sample's standard deviation is within 5% of it, its mean within 0.5 of 0, by 3 sigma)
+    honest = np.random.default_rng(5).normal(4.0, 2.0, size=(500, 4))
+    noise = attack_update(honest, "random", 3.0, rng)
+    assert noise.std() == pytest.approx(3.0 * honest.std(), rel=0.05)
+    assert abs(noise.mean()) < 0.5
+    # an update without spread (every value the same) gets noise of standard deviation 3 x 1
+    flat = attack_update(np.full((500, 4), 7.0), "random", 3.0, rng)
+    assert flat.std() == pytest.approx(3.0, rel=0.05) and abs(flat.mean()) < 0.5
     chosen = choose_attackers(10, 0.2, seed=1)
     assert len(chosen) == 2 and set(chosen) <= set(range(10))
     assert chosen == choose_attackers(10, 0.2, seed=1) != choose_attackers(10, 0.2, seed=2)
