@@ -168,12 +168,13 @@ def test_temporal_split_holds_out_each_users_latest_rows():
     split = split_rows(data, method="temporal", valid_fraction=0.0, test_fraction=0.25)
 
     frame = data.frame.assign(split=split)
+    assert frame["user"].nunique() == 30 and frame.groupby("user").size().min() >= 4
     for _, rows in frame.groupby("user"):
-        if (rows["split"] == TEST).any():
-            assert (
-                rows.loc[rows["split"] == TEST, "timestamp"].min()
-                > rows.loc[rows["split"] == TRAIN, "timestamp"].max()
-            )
+        assert (rows["split"] == TEST).sum() == len(rows) // 4  # floor(0.25 n), at least 1 here
+        assert (
+            rows.loc[rows["split"] == TEST, "timestamp"].min()
+            > rows.loc[rows["split"] == TRAIN, "timestamp"].max()
+        )
 
 
 def test_partitions_round_trip_and_are_deterministic(tmp_path):
