@@ -245,7 +245,7 @@ def test_a_client_without_interactions_sends_a_zero_weight_update():
     assert all(not v.any() for v in update.deltas.values())
 
 
-def test_fedadam_trains_and_keeps_server_moments():
+def test_fedadam_training_lowers_the_loss():
     arch = Architecture(n_items=30, kind="vae", hidden=(16,), latent=8)
     histories = [_random_history(40, 30, 0.2, seed=s) for s in (1, 2, 3)]
     config = TrainConfig(learning_rate=1e-2, batch_size=10, anneal_epochs=0)
@@ -263,9 +263,34 @@ def test_fedadam_trains_and_keeps_server_moments():
         on_round=lambda stats, _: losses.append(stats.loss),
     )
 
-    assert init_server_state(start, federated) is not None
     assert losses[-1] < losses[0]
     assert not np.array_equal(final["dec0_w"], start["dec0_w"])
+
+
+def test_fedadam_server_steps_are_adam_by_hand_and_carry_the_moments_between_rounds():
+    """Two server steps on every parameter against a scalar oracle of Reddi et al.'s Adam:
+    m = b1 m + (1 - b1) d, v = b2 v + (1 - b2) d^2 from v = tau^2, x += lr m / (sqrt(v) + tau)."""
+    lr, b1, b2, tau = 0.1, 0.8, 0.95, 1e-2  # none the default: each setting must reach the step
+    config = FederatedConfig(server_rule="fedadam", server_lr=lr, server_beta1=b1,
+                             server_beta2=b2, server_tau=tau)  # fmt: skip
+    params = {"enc0_w": np.full((2, 3), 0.5, dtype=np.float32), "enc0_b": np.zeros(3, np.float32)}
+    state = init_server_state(params, config)
+    assert init_server_state(params, replace(config, server_rule="fedavg")) is None
+
+    m, v, x = 0.0, tau * tau, {"enc0_w": 0.5, "enc0_b": 0.0}
+    for d in (0.2, -0.4):
+        params, state = server_update(
+            params, {k: np.full(a.shape, d) for k, a in params.items()}, state, config
+        )
+        m, v = b1 * m + (1 - b1) * d, b2 * v + (1 - b2) * d * d
+        for name in x:
+            x[name] += lr * m / (np.sqrt(v) + tau)
+            assert params[name].dtype == np.float32, name
+            np.testing.assert_allclose(params[name], x[name], rtol=1e-6, err_msg=name)
+            np.testing.assert_allclose(state[name].first, m, rtol=1e-12, err_msg=name)
+            np.testing.assert_allclose(state[name].second, v, rtol=1e-12, err_msg=name)
+    with pytest.raises(ValueError, match="FedAdam needs server state"):
+        server_update(params, params, None, config)
 
 
 def test_network_file_round_trips_exactly_without_pickle(tmp_path):
