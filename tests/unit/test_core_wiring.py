@@ -1,6 +1,7 @@
 """The core rounds are wired as documented, against oracles that do not share their code: exact
 federated ALS solves an item rated once (equal to centralized ALS), the proximal term reaches
-FedProx's local SGD and no other algorithm's, the test split's ranking excludes the validation
+FedProx's local SGD and no other algorithm's, FedAdam and FedYogi step the count-weighted
+mean change by their own rule and settings, the test split's ranking excludes the validation
 items (hits counted by hand), the private item solves of explicit and implicit ALS use the
 documented ridge (``reg`` per count plus ``ridge_scale`` noise deviations x ``sqrt(k)``) and
 count floor (``count_floor`` noise deviations of the summed channel) against dense per-item
@@ -142,6 +143,41 @@ def test_client_update_applies_the_proximal_term_to_fedprox_only(algorithm, uses
     np.testing.assert_allclose(
         update.arrays["delta"], with_prox if uses_prox else without, atol=1e-12, rtol=0
     )
+
+
+@pytest.mark.parametrize("algorithm", ["fedadam", "fedyogi"])
+def test_the_adaptive_algorithms_step_the_weighted_mean_delta_by_their_own_rule(algorithm):
+    """Two rounds of two clients against a by-hand oracle: the count-weighted mean change of each
+    touched item (np.average), then Reddi et al.'s Adam or Yogi step with the configured settings
+    (none of them the default); the untouched item keeps its values and its moments."""
+    lr, b1, b2, tau = 0.1, 0.8, 0.95, 1e-2
+    config = MFConfig(algorithm=algorithm, n_factors=1, server_lr=lr, beta1=b1, beta2=b2, tau=tau)
+    state = init_global_state(3, config, [{"rating_sum": 7.0, "n": 2.0}], seed=0)
+    start = state.params.stacked()
+    rounds = [
+        (np.array([[0.2, -0.1], [0.4, 0.3]]), np.array([[-0.2, 0.5]])),
+        (np.array([[-0.3, 0.2], [0.1, -0.6]]), np.array([[0.8, 0.1]])),
+    ]
+    x, m, v = start.copy(), np.zeros_like(start), np.full_like(start, tau * tau)
+    for a, b in rounds:
+        updates = [
+            ClientUpdate(0, np.array([0, 1]), np.array([3, 1]), {"delta": a}),
+            ClientUpdate(1, np.array([1]), np.array([2]), {"delta": b}),
+        ]
+        state = server_update(state, updates, config)
+
+        d = np.stack([a[0], np.average([a[1], b[0]], axis=0, weights=[1, 2])])
+        m[:2] = b1 * m[:2] + (1 - b1) * d
+        if algorithm == "fedadam":
+            v[:2] = b2 * v[:2] + (1 - b2) * d * d
+        else:
+            v[:2] = v[:2] - (1 - b2) * d * d * np.sign(v[:2] - d * d)
+        x[:2] = x[:2] + lr * m[:2] / (np.sqrt(v[:2]) + tau)
+        np.testing.assert_allclose(state.params.stacked(), x, rtol=1e-12)
+        np.testing.assert_allclose(state.optimizer.first, m, rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(state.optimizer.second, v, rtol=1e-12)
+    np.testing.assert_array_equal(state.params.stacked()[2], start[2])
+    assert state.params.global_mean == 3.5 and state.round == 2
 
 
 # --- the test split's ranking ------------------------------------------------------------------
