@@ -27,6 +27,38 @@ def test_defaults_come_from_the_core_and_map_back_to_it():
     assert (two_stage.registered_name, two_stage.promotion) == ("fedrec-ranking", "test/ndcg_at_10")
 
 
+def test_each_setting_reaches_the_core_config_it_names():
+    """Every flag the MF and neural families read, each at a value none of the defaults has."""
+    from models.robust import choose_attackers
+
+    mf = TrainingConfig(
+        algorithm="fedprox", factors=7, reg=0.3, local_epochs=3, local_lr=0.02, batch_size=64,
+        prox_mu=0.05, server_lr=0.5, top_k=7, relevance_threshold=3.5, rating_scale=(0.5, 5.0),
+        aggregation="trimmed_mean", trim=0.1, clip_factor=3.0, attack="scale",
+        attack_fraction=0.25, attack_scale=4.0, clients=8, seed=3,
+    ).mf_config()  # fmt: skip
+    assert mf == MFConfig(
+        algorithm="fedprox", n_factors=7, reg=0.3, local_epochs=3, local_lr=0.02, batch_size=64,
+        prox_mu=0.05, server_lr=0.5, top_k=7, relevance_threshold=3.5, clip_to=(0.5, 5.0),
+        aggregation="trimmed_mean", trim=0.1, clip_factor=3.0, attack="scale",
+        attack_clients=choose_attackers(8, 0.25, 3), attack_scale=4.0,
+    )  # fmt: skip
+    assert len(mf.attack_clients) == 2  # a quarter of 8 clients
+
+    neural = TrainingConfig(
+        feedback="implicit", implicit_model="neural", neural_network="dae", neural_hidden=24,
+        neural_latent=12, neural_lr=0.005, neural_batch_size=32, neural_local_epochs=2,
+        neural_server="fedadam", rounds=4, top_k=7,
+    ).neural_config()  # fmt: skip
+    assert (neural.kind, neural.hidden, neural.latent, neural.top_k) == ("dae", (24,), 12, 7)
+    assert (neural.train.learning_rate, neural.train.batch_size) == (0.005, 32)
+    federated = neural.federated
+    assert (federated.rounds, federated.local_epochs, federated.server_rule) == (4, 2, "fedadam")
+    assert federated.server_lr == 0.01  # FedAdam's own default step without --server-lr
+    given = TrainingConfig(feedback="implicit", implicit_model="neural", server_lr=0.2)
+    assert given.neural_config().federated.server_lr == 0.2
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
