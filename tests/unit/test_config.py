@@ -3,6 +3,7 @@ from pydantic import ValidationError
 
 from fedrec.config import TrainingConfig
 from models.mf.federated import MFConfig
+from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig
 
 
@@ -28,7 +29,7 @@ def test_defaults_come_from_the_core_and_map_back_to_it():
 
 
 def test_each_setting_reaches_the_core_config_it_names():
-    """Every flag the MF and neural families read, each at a value none of the defaults has."""
+    """Every flag the MF, neural and ranking families read, each at a value no default has."""
     from models.robust import choose_attackers
 
     mf = TrainingConfig(
@@ -57,6 +58,24 @@ def test_each_setting_reaches_the_core_config_it_names():
     assert federated.server_lr == 0.01  # FedAdam's own default step without --server-lr
     given = TrainingConfig(feedback="implicit", implicit_model="neural", server_lr=0.2)
     assert given.neural_config().federated.server_lr == 0.2
+
+    ranking = TrainingConfig(
+        feedback="implicit", ranker="lightgbm", factors=9, reg=2.5, alpha=7.0, neighbours=17,
+        candidates=33, ease_reg=50.0, top_k=6, positive_threshold=2.0, ranker_rounds=4,
+        ranker_trees=5, ranker_learning_rate=0.2, ranker_leaves=9, seed=11,
+        ranker_objective="lambdarank" if RankerConfig.objective != "lambdarank" else "rank_xendcg",
+    )  # fmt: skip
+    core = ranking.ranking_config()
+    assert (core.n_factors, core.reg, core.alpha, core.neighbours, core.n_candidates) == (
+        9, 2.5, 7.0, 17, 33,
+    )  # fmt: skip
+    assert (core.ease_reg, core.top_k, core.positive_threshold) == (50.0, 6, 2.0)
+    ranker = core.ranker
+    assert (ranker.rounds, ranker.trees_per_round, ranker.learning_rate, ranker.num_leaves) == (
+        4, 5, 0.2, 9,
+    )  # fmt: skip
+    assert (ranker.objective, ranker.seed) == (ranking.ranker_objective, 11)
+    assert ranker.objective != RankerConfig.objective
 
 
 @pytest.mark.parametrize(
