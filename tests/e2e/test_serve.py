@@ -88,17 +88,34 @@ def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
                          {"parameters": {"roundz": 5}})  # fmt: skip
         typed = _http("POST", f"{api}/deployments/{deployment['id']}/create_flow_run",
                       {"parameters": {"rounds": "5"}})  # fmt: skip
-        # Ctrl-C after the server went away ends serving at once: Prefect's shutdown retried
-        # pausing the schedule through the gone server for minutes
-        _stop(started[0])
+        # Ctrl-C with the server up: the schedule is paused and serving ends
         os.killpg(started[1].pid, signal.SIGINT)
+        interrupted = started[1].wait(timeout=120)
+        paused = _http("GET", f"{api}/deployments/name/{DEPLOYMENT}")[1]["paused"]
+        # SIGTERM after the server went away ends serving at once: Prefect's shutdown retried
+        # pausing the schedule through the gone server for minutes (Ctrl-C the same)
+        with open(logs["serve"], "a") as out:
+            started.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "fedrec"), "serve", *params],
+                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            ))  # fmt: skip
+        deadline = time.time() + 120
+        while _http("GET", f"{api}/deployments/name/{DEPLOYMENT}")[1]["paused"]:
+            assert started[2].poll() is None and time.time() < deadline, logs["serve"].read_text()
+            time.sleep(1)
+        _stop(started[0])
+        os.killpg(started[2].pid, signal.SIGTERM)
         stopped = time.monotonic()
-        exit_status = started[1].wait(timeout=60)
+        exit_status = started[2].wait(timeout=60)
         took = time.monotonic() - stopped
     finally:
         for proc in reversed(started):
             _stop(proc)
 
+    assert interrupted == 0 and paused, (interrupted, paused)
+    assert "stopped serving 'federated-training/nightly-serve'; its schedule is paused" in (
+        logs["serve"].read_text()
+    )
     assert exit_status == 1 and took < 15, (exit_status, took)
     assert (
         f"fedrec: error: the Prefect server at {api} no longer answers: stopped without pausing"
