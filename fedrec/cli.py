@@ -601,7 +601,7 @@ def _check_resumable(config: Any) -> None:
 
 def _with_resume_hint(error: OneLineError, config: Any) -> OneLineError:
     """``error``, saying how to continue the run when it can be resumed (the ``--json`` error
-    then carries its ``run_id``)."""
+    then carries its ``run_id``), or what became of the version it registered."""
     from fedrec.model_store import resolve_tracking_uri, resume_command
 
     run_id = _resumable_run(config)
@@ -609,44 +609,84 @@ def _with_resume_hint(error: OneLineError, config: Any) -> OneLineError:
         command = resume_command(run_id, resolve_tracking_uri(config.tracking_uri))
         error.message = f"{error.message}; {command} continues it"
         error.details = {"run_id": run_id}
+    else:
+        decided = _record_a_cut_short_decision(config)
+        if decided is not None:
+            error.message = f"{error.message}; {decided}"
     return error
+
+
+def _this_run(config: Any) -> tuple[Any, Any] | None:
+    """(MLflow client, run) of this command's flow run, or of the run it resumes."""
+    from mlflow.tracking import MlflowClient
+
+    from fedrec.model_store import resolve_tracking_uri
+    from fedrec.runtime import last_flow_run_id
+
+    uri = resolve_tracking_uri(config.tracking_uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if config.resume is not None:
+        return client, client.get_run(config.resume)
+    experiment = client.get_experiment_by_name(config.experiment)
+    if experiment is None or last_flow_run_id is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{last_flow_run_id}'",
+        max_results=1,
+    )
+    return (client, found[0]) if found else None
 
 
 def _resumable_run(config: Any) -> str | None:
     """The MLflow run of this command's flow run if ``--resume`` can continue it: not finished,
     its clients' partitions kept. None when there is none, or it cannot be told."""
-    from fedrec.runtime import last_flow_run_id
-
     if config.sites is not None:  # real sites: a new run, not a resumed one
         return None
     try:
-        from mlflow.tracking import MlflowClient
-
-        from fedrec.model_store import resolve_tracking_uri, resume_possible
+        from fedrec.model_store import resume_possible
         from tasks.tracking import registered_version
 
-        uri = resolve_tracking_uri(config.tracking_uri)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        if config.resume is not None:
-            run = client.get_run(config.resume)
-        else:
-            experiment = client.get_experiment_by_name(config.experiment)
-            if experiment is None or last_flow_run_id is None:
-                return None
-            found = client.search_runs(
-                [experiment.experiment_id],
-                filter_string=f"tags.`prefect.flow_run_id` = '{last_flow_run_id}'",
-                max_results=1,
-            )
-            if not found:
-                return None
-            run = found[0]
+        found = _this_run(config)
+        if found is None:
+            return None
+        client, run = found
         # a run that registered its model before failing has nothing left to resume
         if not resume_possible(run, registered_version(client, run.info.run_id)):
             return None
     except Exception:  # a hint, not a second error
         return None
     return run.info.run_id
+
+
+def _record_a_cut_short_decision(config: Any) -> str | None:
+    """When this command's run registered a version and stopped before recording its promotion
+    decision (Ctrl-C between the two): record it now, as the model's next training would, and
+    say what it is. None when there is no such version, or it cannot be told."""
+    try:
+        from fedrec.model_store import resolve_tracking_uri
+        from tasks.tracking import registered_version, repair_orphans
+
+        found = _this_run(config)
+        if found is None:
+            return None
+        client, run = found
+        version = registered_version(client, run.info.run_id)
+        if version is None or "fedrec.promoted" in version.tags:
+            return None
+        uri = resolve_tracking_uri(config.tracking_uri)
+        promoted = repair_orphans.fn(uri, version.name).get(str(version.version))
+    except Exception:  # a hint, not a second error
+        return None
+    if promoted is None:  # its run still says RUNNING: the next training decides
+        return None
+    named = f"{version.name} version {version.version}"
+    if promoted:
+        return f"{named} was registered and is the champion"
+    return (
+        f"{named} was registered, but the stop came before its promotion decision: it is "
+        "recorded as not promoted, and the champion is unchanged (train again to compare anew)"
+    )
 
 
 def _crash_lost_runs(tracking_uri: str | None) -> None:

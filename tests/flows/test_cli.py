@@ -676,3 +676,40 @@ def test_models_names_a_champion_older_than_the_versions_it_lists(tmp_path):
         ("3", False),
         ("1", True),
     ]
+
+
+def test_a_stop_between_registration_and_promotion_is_recorded_as_not_promoted(
+    tmp_path, prefect_server, monkeypatch
+):
+    """Ctrl-C after the version was registered and before its promotion decision: the version
+    stayed undecided until the model's next training, and the error line said only
+    'interrupted' (the run cannot be resumed: it registered its version)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    import flows.training
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.training, "record_promotion", stopped)
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = CliRunner().invoke(main, [
+        "train", "--rounds", "1", "--clients", "2", "--factors", "2", "--synthetic-users", "300",
+        "--synthetic-items", "100", "--synthetic-interactions", "4000", "--tracking-uri", uri,
+        "--model-name", "cut",
+    ])  # fmt: skip
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        "fedrec: error: interrupted; cut version 1 was registered, but the stop came before its "
+        "promotion decision: it is recorded as not promoted, and the champion is unchanged "
+        "(train again to compare anew)"
+    )
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (version,) = client.search_model_versions("name='cut'")
+    assert version.tags["fedrec.promoted"] == "false"
+    assert version.tags["fedrec.promotion_reason"].startswith("orphan: its training (run ")
+    with pytest.raises(MlflowException, match="alias"):
+        client.get_model_version_by_alias("cut", "champion")
