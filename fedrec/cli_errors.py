@@ -74,8 +74,12 @@ class OneLineGroup(click.Group):
             raise SystemExit(err.exit_code) from err
         except click.exceptions.Exit as err:
             raise SystemExit(err.exit_code) from err
-        except click.Abort as err:
-            click.echo("Aborted!", err=True)
+        except click.Abort as err:  # Ctrl-C outside a run's own handling (or a second one)
+            message = (
+                "interrupted (fedrec runs lists a training run it stopped, and how to continue it)"
+            )
+            click.echo(f"fedrec: error: {message}", err=True)
+            _json_error(argv, message, 1)
             raise SystemExit(1) from err
 
 

@@ -75,3 +75,30 @@ def test_a_server_start_stopped_by_a_signal_ends_its_line_first(tmp_path, capsys
     with pytest.raises(Stopped):
         wait_until_healthy(state, timeout=60, home=tmp_path, process=Signalled())
     assert capsys.readouterr().err.endswith(" ... stopped\n")
+
+
+def test_ctrl_c_outside_a_runs_own_handling_is_one_line_and_a_json_error(monkeypatch, capsys):
+    """A Ctrl-C that click turns into Abort (a second one while a stopped run's resume hint is
+    looked up, say) printed click's 'Aborted!', and a --json reader's stdout stayed empty."""
+    import json
+
+    import fedrec.cli_models
+    from fedrec.cli import main
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedrec.cli_models, "_store_uri", stopped)
+    with pytest.raises(SystemExit) as ended:
+        main.main(["runs", "--json"], prog_name="fedrec")
+    out, err = capsys.readouterr()
+    assert ended.value.code == 1
+    assert err.strip().splitlines()[-1] == (
+        "fedrec: error: interrupted (fedrec runs lists a training run it stopped, and how to "
+        "continue it)"
+    )
+    assert json.loads(out.strip().splitlines()[-1]) == {
+        "error": "interrupted (fedrec runs lists a training run it stopped, and how to continue "
+        "it)",
+        "exit_status": 1,
+    }
