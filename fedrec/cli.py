@@ -482,8 +482,9 @@ def train(
     started = time.perf_counter()
     values, from_file = config_values(config_file, overrides)
     check_resume(values)
-    # a bad file ends here, before any library or server is loaded
-    check_inputs(values, named=dict.fromkeys(from_file, config_file))
+    if values.get("resume") is None:  # a resumed run reads its own data, not these defaults
+        # a bad file ends here, before any library or server is loaded
+        check_inputs(values, named=dict.fromkeys(from_file, config_file))
     values = absolute_paths(values)
     with _status("checking the configuration (loads pandas)"):
         from pydantic import ValidationError
@@ -497,12 +498,13 @@ def train(
             line = one_line_config_error(err, named, known=TrainingConfig.model_fields)
             raise UserError(f"invalid configuration: {line}") from err
     _check_tracking(config.tracking_uri)
-    _note(f"data and configuration checked ({time.perf_counter() - started:.1f} s)")
     _quiet_prefect(debug)
+    if config.resume is not None:  # before the flow loads, a server starts or a run is made
+        with _status("checking the run to resume (loads MLflow)"):
+            _check_resumable(config)
+    _note(f"data and configuration checked ({time.perf_counter() - started:.1f} s)")
     with _step("loading Prefect, MLflow and the training flow"):
         from flows.training import training_flow
-    if config.resume is not None:
-        _check_resumable(config)  # before a server starts or a flow run is made for nothing
     from prefect.exceptions import TerminationSignal
 
     from fedrec.runtime import foreground_flow, keep_freed_memory

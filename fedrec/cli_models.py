@@ -151,6 +151,10 @@ def _read_ids(path: str, names: dict[str, str]) -> pd.DataFrame:
     frame = read_delimited(Path(path), tuple(names))
     for name in names:
         require_column(frame, name, file=path)
+    if frame.empty:  # a header alone: nothing to answer, said as an empty history is
+        raise DataValidationError(
+            "has no data rows", file=path, allowed=f"at least one row of {', '.join(names)}"
+        )
     for column in names:  # as the history's ids are read; an empty one names its row
         ids = frame[column].str.strip()
         empty = ids.isna() | (ids == "")

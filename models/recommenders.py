@@ -33,6 +33,8 @@ STATE = "recommender.json"
 # Every family's reason for a request whose history holds no item the model knows: the start of
 # the reason, then what it answers instead (the most popular items, or no score)
 NO_HISTORY = "no known items in history"
+# the reason of an asked item the model does not serve: a row with no score, in every family
+UNKNOWN_ITEM = "unknown item: not scored"
 
 
 class RequestError(ValueError):

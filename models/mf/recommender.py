@@ -18,6 +18,7 @@ from models.mf.params import ItemParams
 from models.mf.recommend import fold_in, score_all, top_k
 from models.recommenders import (
     NO_HISTORY,
+    UNKNOWN_ITEM,
     RequestError,
     ServedItems,
     as_list,
@@ -160,7 +161,7 @@ class MFRecommender(ServedItems):
         predicted from and the liked history item closest to it in the item factors.
 
         Rows with an ``items`` list get those items scored instead (best first, ``rank``
-        counting from 1; ``k`` does not apply), unknown ones left out with a reason.
+        counting from 1; ``k`` does not apply), an unknown one without a score, last.
         """
         check_requests(requests, k)
         histories, reasons = self._histories(requests)
@@ -182,13 +183,7 @@ class MFRecommender(ServedItems):
                     f"{NO_HISTORY}: most popular items",
                     f"{NO_HISTORY}: scored by global mean and item bias",
                 )
-                if missing:
-                    note = "; ".join(
-                        filter(
-                            None, [note, f"unknown item(s) not scored: {', '.join(missing[:5])}"]
-                        )
-                    )
-                scored = []
+                scored = [(item, float("nan"), UNKNOWN_ITEM) for item in missing]
                 for item in known:
                     score = float(clipped[u, index[item]])
                     why = self._why(index[item], score, seen, ratings)

@@ -30,6 +30,7 @@ from models.neural.network import (
 )
 from models.recommenders import (
     NO_HISTORY,
+    UNKNOWN_ITEM,
     ServedItems,
     asked_items,
     best_first,
@@ -136,9 +137,6 @@ class NeuralRecommender(ServedItems):
                             f"{NO_HISTORY}: the network's answer to an empty history"
                             if seen.size == 0
                             else "",
-                            f"unknown item(s) not scored: {', '.join(missing[:5])}"
-                            if missing
-                            else "",
                         ],
                     )
                 )
@@ -149,7 +147,7 @@ class NeuralRecommender(ServedItems):
                     if index[item] in in_history
                     else (item, float(scores[u, index[item]]), reason)
                     for item in known
-                ]
+                ] + [(item, float("nan"), UNKNOWN_ITEM) for item in missing]
                 for rank, (item, score, why) in enumerate(best_first(scored), start=1):
                     out.append((user, rank, item, score, why))
                 continue

@@ -29,6 +29,7 @@ from models.ranking.features import (
 from models.ranking.knn import strongest_neighbour
 from models.recommenders import (
     NO_HISTORY,
+    UNKNOWN_ITEM,
     ServedItems,
     asked_items,
     best_first,
@@ -238,7 +239,7 @@ class RankingRecommender(ServedItems):
             for item in items:
                 i = index.get(item)
                 if i is None:
-                    why, score = "unknown item: not scored", float("nan")
+                    why, score = UNKNOWN_ITEM, float("nan")
                 elif not history[u].nnz:
                     why, score = f"{NO_HISTORY}: not scored", float("nan")
                 elif (u, i) not in scores or scores[(u, i)] != scores[(u, i)]:  # NaN: met

@@ -91,12 +91,15 @@ def test_recommend_with_items_scores_them_best_first_clipped(recommender):
         }
     )
     out = recommender.recommend(requests)
-    assert set(out["item_id"]) == {"i2", "i0"} and out["score"].between(1, 5).all()
-    assert out["rank"].tolist() == [1, 2] and out["score"].is_monotonic_decreasing
+    scored, unknown = out.iloc[:2], out.iloc[2]  # the unknown one last, without a score
+    assert set(scored["item_id"]) == {"i2", "i0"} and scored["score"].between(1, 5).all()
+    assert out["rank"].tolist() == [1, 2, 3] and scored["score"].is_monotonic_decreasing
     full = recommender.recommend(requests.drop(columns="items"), k=len(recommender.item_ids))
     unseen = full[full.item_id == "i2"].score.iloc[0]
     assert out[out.item_id == "i2"].score.iloc[0] == pytest.approx(unseen)
-    assert "unknown item(s) not scored: nope" in out["reason"].iloc[0]
+    assert unknown["item_id"] == "nope" and np.isnan(unknown["score"])
+    assert unknown["reason"] == "unknown item: not scored"
+    assert "nope" not in "".join(scored["reason"])
 
 
 def test_save_load_round_trip_without_pickle(recommender, tmp_path):
@@ -274,7 +277,8 @@ def test_an_item_training_saw_no_rows_of_is_served_as_unknown(tmp_path):
     )
     alone = MFRecommender(params, ids, popularity, 0.1, (1.0, 5.0))
     asked = model.recommend(requests.iloc[:1].assign(items=[["i4", "i2"]]))
-    assert asked.item_id.tolist() == ["i2"] and "not scored: i4" in asked.reason.iloc[0]
+    assert asked.item_id.tolist() == ["i2", "i4"] and np.isnan(asked.score.iloc[1])
+    assert asked.reason.iloc[1] == "unknown item: not scored"  # untrained: served as unknown
     assert list(model.known_items) == ["i0", "i1", "i2", "i3"]
     assert list(alone.known_items) == list(ids)  # without the mask (a private model): all
 
