@@ -128,6 +128,23 @@ TARGETS: dict[str, list[str]] = {
                                         "tests/unit/test_evaluation_mutants.py"],
     "models/neural/network.py": ["tests/unit/test_neural.py",
                                  "tests/unit/test_network_mutants.py"],
+    # what bad input and served requests pass through (test_cli_fast.py covers the same checks
+    # through the CLI, one subprocess a test: minutes per surviving mutant, so it is left out)
+    "models/data/validate.py": ["tests/unit/test_validation.py", "tests/unit/test_movielens.py",
+                                "tests/unit/test_catalogue.py",
+                                "tests/unit/test_validate_mutants.py"],
+    "models/data/readers.py": ["tests/unit/test_validation.py", "tests/unit/test_movielens.py",
+                               "tests/unit/test_catalogue.py",
+                               "tests/unit/test_readers_mutants.py"],
+    "models/data/schema.py": ["tests/unit/test_validation.py", "tests/unit/test_movielens.py",
+                              "tests/unit/test_catalogue.py", "tests/unit/test_synthetic.py",
+                              "tests/unit/test_schema_mutants.py"],
+    "models/recommenders.py": ["tests/unit/test_recommender.py", "tests/unit/test_ranking.py",
+                               "tests/unit/test_recommenders_mutants.py"],
+    "models/ranking/features.py": ["tests/unit/test_ranking.py", "tests/unit/test_slim.py",
+                                   "tests/unit/test_features_mutants.py"],
+    "models/neural/federated.py": ["tests/unit/test_neural.py",
+                                   "tests/unit/test_network_mutants.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
