@@ -51,15 +51,24 @@ def _shown(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _ndim(value: object) -> int:
+    """``np.ndim``, or -1 for a ragged nesting (``[["a"], ["b", "c"]]``) numpy gives no shape."""
+    try:
+        return np.ndim(value)
+    except ValueError:
+        return -1
+
+
 def _is_list(value: object) -> bool:
-    return isinstance(value, list | tuple | np.ndarray) and np.ndim(value) == 1
+    return isinstance(value, list | tuple | np.ndarray) and _ndim(value) == 1
 
 
 def _is_missing(value: object) -> bool:
-    """None, NaN and pandas' missing values: an absent cell (a list is never missing)."""
+    """None, NaN and pandas' missing values: an absent cell (a list, or a list of lists, is never
+    missing)."""
     import pandas as pd
 
-    return not _is_list(value) and bool(pd.isna(value))  # type: ignore[call-overload]
+    return _ndim(value) == 0 and bool(pd.isna(value))  # type: ignore[call-overload]
 
 
 def check_requests(requests: pd.DataFrame, k: object) -> None:
