@@ -1,0 +1,78 @@
+"""The re-ranker's user side features at their bounds (the ages and genders a request may send)
+and the user and item columns it reads from them, against values worked out by hand."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+from models.ranking.features import (
+    _category_code,
+    _item_columns,
+    _user_columns,
+    check_user_features,
+)
+from models.recommenders import RequestError
+
+
+def _requests(column: str, value: object) -> pd.DataFrame:
+    return pd.DataFrame({"user_id": ["u0", "u1"], "history_items": [[], []],
+                         column: ["30" if column == "age" else "M", value]})  # fmt: skip
+
+
+@pytest.mark.parametrize("age", [0, "0", 0.5, "150", 150, 150.0, " 42 ", None, float("nan"), " "])
+def test_an_age_from_0_to_150_years_or_an_empty_cell_is_allowed(age):
+    check_user_features(_requests("age", age))
+
+
+@pytest.mark.parametrize("age", [-1, "-0.5", 150.5, "151", "inf", "forty"])
+def test_an_age_outside_0_to_150_years_is_refused_naming_row_user_and_value(age):
+    with pytest.raises(RequestError, match=r"^request row 1 \(user 'u1'\): age .* is not a valid"):
+        check_user_features(_requests("age", age))
+
+
+@pytest.mark.parametrize("gender", ["M", "f", " F ", None, ""])
+def test_m_or_f_in_either_case_or_an_empty_cell_is_a_gender(gender):
+    check_user_features(_requests("gender", gender))
+
+
+def test_another_gender_is_refused_naming_row_user_and_value():
+    with pytest.raises(RequestError, match=r"^request row 1 \(user 'u1'\): gender 'X'"):
+        check_user_features(_requests("gender", "X"))
+
+
+def test_user_columns_read_age_gender_and_occupation_and_leave_unknowns_missing():
+    users = pd.DataFrame({"age": ["25", None, "56"], "gender": ["m", "F", None],
+                          "occupation": [7, None, "artist"]})  # fmt: skip
+    columns = _user_columns(users, 3)
+    np.testing.assert_array_equal(columns["user_age"], [25.0, np.nan, 56.0])
+    np.testing.assert_array_equal(columns["user_gender"], [0.0, 1.0, np.nan])
+    occupation = columns["user_occupation"]
+    assert occupation[0] == 7.0 and np.isnan(occupation[1])
+    assert occupation[2] == _category_code("artist") and 0 <= occupation[2] < 1000
+    assert np.isnan(_category_code(None)) and np.isnan(_category_code(float("nan")))
+
+
+def test_genre_affinity_is_the_share_of_the_history_in_the_items_genres_averaged():
+    # 4 items; genres: item 0 in a, item 1 in a and b, item 2 in b, item 3 in none
+    genres = np.array([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=float)
+    catalogue = pd.DataFrame({"genre_a": genres[:, 0], "genre_b": genres[:, 1],
+                              "year": [1990, 2001, 1975, 1960]})  # fmt: skip
+    # ratings, not ones: only which items a history holds may count
+    hist = sparse.csr_matrix(np.array([[5.0, 0, 4.0, 0], [0, 0, 0, 2.0], [3.0, 0, 0, 0]]))
+    rows = np.array([0, 0, 0, 1, 1, 2])
+    items = np.array([1, 3, 0, 2, 0, 2])
+    affinity, year = _item_columns(SimpleNamespace(item_features=catalogue), hist, rows, items)
+    expected = []
+    for user, item in zip(rows, items, strict=True):
+        history = np.flatnonzero(hist[user].toarray()[0])
+        item_genres = np.flatnonzero(genres[item])
+        shares = [genres[history, g].sum() / len(history) for g in item_genres]
+        expected.append(np.mean(shares) if shares else np.nan)
+    np.testing.assert_allclose(affinity, expected)
+    assert np.isnan(affinity[1])  # item 3 has no genre
+    np.testing.assert_array_equal(year, catalogue["year"].to_numpy(float)[items])
