@@ -13,6 +13,7 @@ from scipy import sparse
 from models.ranking.features import (
     _category_code,
     _item_columns,
+    _standardized,
     _user_columns,
     check_user_features,
 )
@@ -76,3 +77,22 @@ def test_genre_affinity_is_the_share_of_the_history_in_the_items_genres_averaged
     np.testing.assert_allclose(affinity, expected)
     assert np.isnan(affinity[1])  # item 3 has no genre
     np.testing.assert_array_equal(year, catalogue["year"].to_numpy(float)[items])
+
+
+def test_scores_are_standardised_over_each_users_unseen_items_and_gaps_below_the_best():
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(3, 6))
+    scores[0, [1, 4]] = -np.inf  # seen items: not scored
+    scores[2, 1:] = -np.inf  # a user with a single unseen item
+    rows = np.array([0, 0, 1, 2])
+    items = np.array([0, 5, 3, 0])
+    z, gap = _standardized(scores, rows, items)
+    for pair, (user, item) in enumerate(zip(rows, items, strict=True)):
+        unseen = scores[user][np.isfinite(scores[user])]
+        std = unseen.std()  # over the unseen items, ddof 0
+        value = scores[user, item]
+        if std == 0:  # one unseen item: it is its user's mean and best
+            assert z[pair] == 0 and gap[pair] == 0
+        else:
+            assert z[pair] == pytest.approx((value - unseen.mean()) / std)
+            assert gap[pair] == pytest.approx((unseen.max() - value) / std)
