@@ -11,12 +11,15 @@ import pytest
 from scipy import sparse
 
 from models.ranking.features import (
+    Retrieval,
     _category_code,
     _item_columns,
     _standardized,
     _user_columns,
+    candidate_features,
     check_user_features,
 )
+from models.ranking.knn import cooccurrence, cosine_neighbours
 from models.recommenders import RequestError
 
 
@@ -96,3 +99,47 @@ def test_scores_are_standardised_over_each_users_unseen_items_and_gaps_below_the
         else:
             assert z[pair] == pytest.approx((value - unseen.mean()) / std)
             assert gap[pair] == pytest.approx((unseen.max() - value) / std)
+
+
+def _retrieval(n_candidates: int = 3) -> tuple[Retrieval, sparse.csr_matrix]:
+    rng = np.random.default_rng(5)
+    history = sparse.csr_matrix((rng.random((8, 7)) < 0.4).astype(float))
+    similarity = cosine_neighbours(cooccurrence(history), neighbours=3)
+    popularity = np.asarray(history.sum(axis=0)).ravel()
+    factors = rng.normal(size=(7, 3))
+    return Retrieval(factors, 0.5, 2.0, similarity, popularity, None, n_candidates), history
+
+
+def test_als_ranks_and_gaps_count_only_the_unseen_items():
+    retrieval, history = _retrieval()
+    users = np.flatnonzero(np.diff(history.indptr) > 0)
+    candidates = candidate_features(retrieval, history, history, users=users)
+    scores = retrieval.als_scores(history[users])
+    seen = history[users].toarray() > 0
+    for pair, (user, item) in enumerate(zip(candidates.users, candidates.items, strict=True)):
+        n = int(np.searchsorted(users, user))
+        assert not seen[n, item]
+        unseen = scores[n][~seen[n]]
+        value = scores[n, item]
+        row = candidates.features.iloc[pair]
+        assert row["als_rank"] == 1 + np.sum(unseen > value)
+        assert row["als_gap"] == pytest.approx((unseen.max() - value) / unseen.std())
+
+
+def test_only_the_asked_unseen_pairs_are_scored_when_pairs_are_asked():
+    retrieval, history = _retrieval()
+    users = np.flatnonzero(np.diff(history.indptr) > 0)
+    asked = sparse.csr_matrix(np.ones(history.shape) * (np.arange(7) % 3 == 0))
+    candidates = candidate_features(retrieval, history, history, users=users, asked=asked)
+    expected = {(u, i) for u in users for i in (0, 3, 6) if history[u, i] == 0}
+    assert set(zip(candidates.users.tolist(), candidates.items.tolist(), strict=True)) == expected
+
+
+def test_a_user_without_history_has_no_similar_item_to_name():
+    retrieval, history = _retrieval(n_candidates=2)
+    empty = sparse.vstack([history, sparse.csr_matrix((1, 7))]).tocsr()
+    user = empty.shape[0] - 1
+    candidates = candidate_features(retrieval, empty, empty, users=np.array([user]))
+    assert len(candidates) > 0
+    assert (candidates.neighbour == -1).all()
+    assert (candidates.features["knn_max_similarity"] == 0).all()

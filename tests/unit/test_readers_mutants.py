@@ -3,10 +3,12 @@ byte that is not UTF-8 is named in, when the line before it ends with a delimite
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from models.data.errors import DataValidationError
-from models.data.readers import read_interactions
+from models.data.readers import load_dataset, read_interactions
 
 
 @pytest.mark.parametrize("previous", ["1,Heat,", "1,Heat,4"], ids=["empty-last-field", "full"])
@@ -22,3 +24,55 @@ def test_a_byte_that_is_not_utf8_is_named_by_the_column_of_its_own_line(tmp_path
     assert refused.value.column == column == "item_id"
     assert refused.value.row == 2
     assert "(line 3) is not valid UTF-8" in str(refused.value)
+
+
+def _refused(path: Path, text: str | bytes) -> DataValidationError:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(DataValidationError) as refused:
+        read_interactions(path)
+    return refused.value
+
+
+def test_a_non_utf8_byte_after_an_empty_first_field_is_in_the_second_column(tmp_path):
+    error = _refused(
+        tmp_path / "r.csv", "user_id,item_id,rating\n,Mis\xe9rables,3\n".encode("latin-1")
+    )
+    assert error.column == "item_id" and error.row == 1
+
+
+def test_a_non_utf8_byte_in_the_header_or_past_its_columns_names_no_column(tmp_path):
+    in_header = _refused(tmp_path / "h.csv", "user_id,it\xe9m,rating\n1,a,4\n".encode("latin-1"))
+    assert in_header.column is None and in_header.row is None
+    past = _refused(tmp_path / "p.csv", "user_id,item_id,rating\n1,a,4,\xe9\n".encode("latin-1"))
+    assert past.column is None and past.row == 1
+    assert "(line 2) is not valid UTF-8" in str(past)
+
+
+def test_a_row_of_empty_fields_is_a_row_and_its_line_is_named(tmp_path):
+    error = _refused(tmp_path / "e.csv", "user_id,item_id,rating\n1,a,4\n,,\n2,b,5\n")
+    assert error.row == 2 and error.line == 3 and error.column == "user_id"
+
+
+def test_the_line_of_a_row_follows_quoted_line_breaks_with_the_headers_delimiter(tmp_path):
+    # the rows hold more '|' than ',': only the header says the delimiter is ','
+    text = ('user_id,item_id,rating\n1,"a|b|c|d|e|f|g|h|i|j",4\n2,"two\nlines",5\n'
+            "3,c,9\n")  # fmt: skip
+    error = _refused(tmp_path / "q.csv", text)
+    assert error.row == 3 and error.column == "rating"
+    assert error.line == text.split("\n").index("3,c,9") + 1
+
+
+def test_a_movielens_ratings_file_is_read_as_one_and_a_csv_file_by_its_header(tmp_path):
+    base = tmp_path / "u1.base"
+    base.write_text("1\t10\t4\t881250949\n2\t10\t5\t881250950\n3\t20\t1\t881250951\n")
+    ml = load_dataset(str(base))
+    assert ml.n_users == 3 and ml.rating_scale == (1.0, 5.0)
+    assert sorted(ml.frame["rating"].tolist()) == [1.0, 4.0, 5.0]
+    csv = tmp_path / "r.csv"
+    csv.write_text("user_id,item_id,rating\nu1,a,2\nu2,b,3\n")
+    data = load_dataset(str(csv), rating_scale=(1.0, 3.0))
+    assert data.user_ids.tolist() == ["u1", "u2"] and data.rating_scale == (1.0, 3.0)
+    assert load_dataset(str(csv)).item_ids.tolist() == ["a", "b"]
+    # options are read_interactions' own: a MovieLens ratings file is no table it reads
+    with pytest.raises(DataValidationError, match=r"unsupported file type '\.base'"):
+        load_dataset(str(base), rating_scale=(1.0, 5.0))

@@ -16,6 +16,7 @@ from models.recommenders import (
     RequestError,
     check_requests,
     read_recommender,
+    rows_matrix,
     seen_in_training,
 )
 
@@ -103,3 +104,21 @@ def test_k_of_1_is_the_smallest_k_allowed():
     check_requests(requests, np.int64(1))
     with pytest.raises(RequestError, match=r"^k 0 is not a positive integer"):
         check_requests(requests, np.int64(0))
+
+
+def test_a_true_among_numeric_ratings_is_refused_as_no_rating():
+    # numpy reads [4.0, True] as the floats [4.0, 1.0]: the bool must be seen per value
+    requests = {"user_id": ["u1"], "history_items": [["i0", "i1"]],
+                "history_ratings": [[4.0, True]]}  # fmt: skip
+    with pytest.raises(RequestError, match=ROW + "rating True in history_ratings is not a number"):
+        check_requests(pd.DataFrame(requests), 3)
+
+
+def test_the_matrix_of_no_rows_is_empty_and_rows_set_their_indices():
+    empty = rows_matrix([], 4)
+    assert empty.shape == (0, 4) and empty.nnz == 0
+    rows = [np.array([0, 3]), np.array([], dtype=np.int64), np.array([2])]
+    dense = np.zeros((3, 4))
+    for user, items in enumerate(rows):
+        dense[user, items] = 1.0
+    np.testing.assert_array_equal(rows_matrix(rows, 4).toarray(), dense)

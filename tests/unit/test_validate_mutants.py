@@ -48,3 +48,17 @@ def test_mixed_ids_strip_the_text_and_keep_the_integers_as_given():
     frame = _validate([" a ", 5, "b"])
     assert frame[USER].tolist() == ["a", 5, "b"]
     assert type(frame[USER].iloc[1]) is int
+
+
+def test_a_rating_scale_of_one_value_is_not_a_range():
+    raw = pd.DataFrame({"u": [1], "i": [1], "r": [3.0]})
+    with pytest.raises(DataValidationError, match=r"setting 'rating_scale'.* is not a valid range"):
+        validate_interactions(raw, file="f.csv", user_col="u", item_col="i", rating_col="r",
+                              timestamp_col=None, rating_scale=(3.0, 3.0))  # fmt: skip
+
+
+def test_whole_float_ids_become_integers_and_a_fractional_one_is_refused():
+    frame = _validate([1.0, 2.0, 1e15])
+    assert frame[USER].tolist() == [1, 2, 10**15]
+    with pytest.raises(DataValidationError, match=r"row 2, column 'u': value 2.5 is not a whole"):
+        _validate([1.0, 2.5])
