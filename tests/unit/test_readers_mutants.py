@@ -76,3 +76,10 @@ def test_a_movielens_ratings_file_is_read_as_one_and_a_csv_file_by_its_header(tm
     # options are read_interactions' own: a MovieLens ratings file is no table it reads
     with pytest.raises(DataValidationError, match=r"unsupported file type '\.base'"):
         load_dataset(str(base), rating_scale=(1.0, 5.0))
+
+
+def test_a_header_of_two_columns_names_its_delimiter(tmp_path):
+    path = tmp_path / "two.csv"
+    path.write_text("user_id;item_id\nu1;a\nu2;b\n")
+    data = read_interactions(path)
+    assert data.user_ids.tolist() == ["u1", "u2"] and data.item_ids.tolist() == ["a", "b"]

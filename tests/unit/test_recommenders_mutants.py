@@ -14,6 +14,7 @@ from models.mf.recommender import MFRecommender
 from models.recommenders import (
     STATE,
     RequestError,
+    ServedItems,
     check_requests,
     read_recommender,
     rows_matrix,
@@ -122,3 +123,20 @@ def test_the_matrix_of_no_rows_is_empty_and_rows_set_their_indices():
     for user, items in enumerate(rows):
         dense[user, items] = 1.0
     np.testing.assert_array_equal(rows_matrix(rows, 4).toarray(), dense)
+
+
+class _Served(ServedItems):
+    def __init__(self, item_ids: np.ndarray, trained: np.ndarray | None) -> None:
+        self.item_ids, self.trained = item_ids, trained
+
+
+@pytest.mark.parametrize("n_unknown", [4, 5, 6, 7])
+def test_the_note_of_unknown_items_names_five_and_marks_more_with_dots(n_unknown):
+    served = _Served(np.array(["a", "b"]), None)
+    unknown = [f"x{k}" for k in range(n_unknown)]
+    requests = pd.DataFrame({"user_id": ["u1"], "history_items": [["a", *unknown]]})
+    (history,) = served.request_histories(requests, None)
+    named = ", ".join(unknown[:5])
+    more = " ..." if n_unknown > len(unknown[:5]) else ""
+    assert history.note == f"ignored {n_unknown} unknown item(s): {named}{more}"
+    assert history.positives.tolist() == [0] and history.met.tolist() == [0]

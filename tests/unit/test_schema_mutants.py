@@ -88,3 +88,8 @@ def test_the_fingerprint_is_the_sorted_rows_in_the_callers_ids(timestamps):
     once = pd.DataFrame({"user": ["a", "b", "c"], "item": [3, 2, 1], "rating": [1.0, 2.0, 3.0]})
     data = encode_interactions(once, rating_scale=(1.0, 5.0), source="x")
     assert data.fingerprint() == _reference_fingerprint(data)
+    # a pair given twice (encode_interactions keeps both): its rows are ordered by every column
+    twice = pd.DataFrame({"user": ["a", "a", "b"], "item": [1, 1, 1], "rating": [5.0, 2.0, 1.0],
+                          "timestamp": [1, 9, 5]})  # fmt: skip
+    data = encode_interactions(twice, rating_scale=(1.0, 5.0), source="x")
+    assert data.fingerprint() == _reference_fingerprint(data)

@@ -62,3 +62,9 @@ def test_whole_float_ids_become_integers_and_a_fractional_one_is_refused():
     assert frame[USER].tolist() == [1, 2, 10**15]
     with pytest.raises(DataValidationError, match=r"row 2, column 'u': value 2.5 is not a whole"):
         _validate([1.0, 2.5])
+
+
+def test_the_first_second_of_1970_is_a_timestamp():
+    assert _validate([1, 2], [0, 1])[TIMESTAMP].tolist() == [0, 1]
+    with pytest.raises(DataValidationError, match="value -1 is out of range"):
+        _validate([1], [-1])
