@@ -83,3 +83,10 @@ def test_a_header_of_two_columns_names_its_delimiter(tmp_path):
     path.write_text("user_id;item_id\nu1;a\nu2;b\n")
     data = read_interactions(path)
     assert data.user_ids.tolist() == ["u1", "u2"] and data.item_ids.tolist() == ["a", "b"]
+
+
+def test_the_line_of_a_non_utf8_byte_counts_a_blank_first_line(tmp_path):
+    text = b"\nuser_id,item_id,rating\n1,\xe9,4\n"
+    error = _refused(tmp_path / "b.csv", text)
+    line = text[: text.index(b"\xe9")].count(b"\n") + 1
+    assert f"(line {line}) is not valid UTF-8" in str(error) and line == 3
