@@ -143,3 +143,31 @@ def test_a_user_without_history_has_no_similar_item_to_name():
     assert len(candidates) > 0
     assert (candidates.neighbour == -1).all()
     assert (candidates.features["knn_max_similarity"] == 0).all()
+
+
+def test_each_pairs_neighbour_is_its_most_similar_history_item_or_none_at_similarity_0():
+    retrieval, history = _retrieval(n_candidates=7)
+    candidates = candidate_features(retrieval, history, history)
+    assert set(candidates.users) == set(np.flatnonzero(history.getnnz(axis=1)))
+    dense = retrieval.similarity.toarray()
+    zero = 0
+    for pair, (user, item) in enumerate(zip(candidates.users, candidates.items, strict=True)):
+        sources = np.flatnonzero(history[user].toarray()[0])
+        similarities = dense[sources, item]
+        best = similarities.max()
+        assert candidates.features["knn_max_similarity"].iloc[pair] == pytest.approx(best)
+        if best > 0:
+            assert dense[candidates.neighbour[pair], item] == pytest.approx(best)
+            assert candidates.neighbour[pair] in sources
+        else:
+            zero += 1
+            assert candidates.neighbour[pair] == -1
+    assert zero > 0  # the case is reached
+
+
+def test_without_neighbours_no_pair_names_a_similar_item():
+    retrieval, history = _retrieval()
+    without = Retrieval(retrieval.item_factors, 0.5, 2.0, None, retrieval.popularity, None, 3)
+    candidates = candidate_features(without, history, history)
+    assert len(candidates) > 0 and (candidates.neighbour == -1).all()
+    assert candidates.features["knn_score"].isna().all()

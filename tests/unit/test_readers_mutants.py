@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from models.data.errors import DataValidationError
-from models.data.readers import load_dataset, read_interactions
+from models.data.readers import load_dataset, read_interactions, read_item_list
 
 
 @pytest.mark.parametrize("previous", ["1,Heat,", "1,Heat,4"], ids=["empty-last-field", "full"])
@@ -90,3 +90,11 @@ def test_the_line_of_a_non_utf8_byte_counts_a_blank_first_line(tmp_path):
     error = _refused(tmp_path / "b.csv", text)
     line = text[: text.index(b"\xe9")].count(b"\n") + 1
     assert f"(line {line}) is not valid UTF-8" in str(error) and line == 3
+
+
+def test_an_empty_id_of_an_item_list_is_named_by_its_row(tmp_path):
+    path = tmp_path / "items.csv"
+    path.write_text("item_id,title\na,Alpha\n ,Beta\nb,Gamma\n")
+    with pytest.raises(DataValidationError) as refused:
+        read_item_list(path)
+    assert refused.value.row == 2 and refused.value.column == "item_id"
