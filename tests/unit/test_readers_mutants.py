@@ -48,8 +48,11 @@ def test_a_non_utf8_byte_in_the_header_or_past_its_columns_names_no_column(tmp_p
     assert "(line 2) is not valid UTF-8" in str(past)
 
 
-def test_a_row_of_empty_fields_is_a_row_and_its_line_is_named(tmp_path):
-    error = _refused(tmp_path / "e.csv", "user_id,item_id,rating\n1,a,4\n,,\n2,b,5\n")
+@pytest.mark.parametrize(
+    "text", ["user_id,item_id,rating\n1,a,4\n,,\n2,b,5\n", "user_id,item_id\n1,a\n,\n2,b\n"]
+)
+def test_a_row_of_empty_fields_is_a_row_and_its_line_is_named(tmp_path, text):
+    error = _refused(tmp_path / "e.csv", text)
     assert error.row == 2 and error.line == 3 and error.column == "user_id"
 
 
