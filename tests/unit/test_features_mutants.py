@@ -10,11 +10,13 @@ import pandas as pd
 import pytest
 from scipy import sparse
 
+from models.neural.network import Architecture, init_params, logits
 from models.ranking.features import (
     Retrieval,
     _category_code,
     _item_columns,
     _standardized,
+    _top,
     _user_columns,
     candidate_features,
     check_user_features,
@@ -171,3 +173,21 @@ def test_without_neighbours_no_pair_names_a_similar_item():
     candidates = candidate_features(without, history, history)
     assert len(candidates) > 0 and (candidates.neighbour == -1).all()
     assert candidates.features["knn_score"].isna().all()
+
+
+def test_the_top_n_of_each_row_is_its_n_best_items_beyond_a_small_catalogue():
+    # numpy sorts small rows whole inside argpartition: only a long row shows a wrong kth
+    scores = np.random.default_rng(8).normal(size=(4, 400))
+    for n in (1, 5, 40):
+        top = _top(scores, n)
+        for row in range(scores.shape[0]):
+            assert set(top[row]) == set(np.argsort(-scores[row])[:n])
+
+
+def test_network_scores_are_its_logits_for_every_row():
+    arch = Architecture(n_items=7, kind="dae", hidden=(), latent=4)
+    params = init_params(arch, np.random.default_rng(1), dtype=np.float64)
+    retrieval, history = _retrieval()
+    with_network = Retrieval(retrieval.item_factors, 0.5, 2.0, None, retrieval.popularity, None, 3,
+                             network=(params, arch))  # fmt: skip
+    np.testing.assert_allclose(with_network.nn_scores(history), logits(params, arch, history))
