@@ -144,7 +144,8 @@ TARGETS: dict[str, list[str]] = {
     "models/ranking/features.py": ["tests/unit/test_ranking.py", "tests/unit/test_slim.py",
                                    "tests/unit/test_features_mutants.py"],
     "models/neural/federated.py": ["tests/unit/test_neural.py",
-                                   "tests/unit/test_network_mutants.py"],
+                                   "tests/unit/test_network_mutants.py",
+                                   "tests/unit/test_neural_federated_mutants.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
