@@ -101,3 +101,11 @@ def test_an_empty_id_of_an_item_list_is_named_by_its_row(tmp_path):
     with pytest.raises(DataValidationError) as refused:
         read_item_list(path)
     assert refused.value.row == 2 and refused.value.column == "item_id"
+
+
+def test_a_one_column_tsv_item_list_keeps_commas_in_its_ids(tmp_path):
+    # a header without any delimiter takes the file type's default, here a tab
+    path = tmp_path / "items.tsv"
+    ids = ["foo,bar", "baz"]
+    path.write_text("item_id\n" + "\n".join(ids) + "\n")
+    assert list(read_item_list(path)) == ids
