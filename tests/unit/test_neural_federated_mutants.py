@@ -59,3 +59,19 @@ def test_each_round_anneals_from_the_data_epochs_trained_before_it():
                                     rng=client_rng(9, r, 0), start_epoch=(r - 1) * local_epochs)  # fmt: skip
     for key in start:
         np.testing.assert_allclose(federated[key], params[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_a_rounds_loss_is_the_user_weighted_mean_of_the_clients_that_trained():
+    # clients of 0, 1 and 9 users: the empty one has no loss, the one-user one counts once
+    histories = [sparse.csr_matrix((2, VAE.n_items)), _history(1, seed=2), _history(9, seed=3)]
+    config = TrainConfig(learning_rate=1e-2, batch_size=4)
+    start = init_params(VAE, np.random.default_rng(0))
+    seen = []
+    run_federated(start, VAE, histories, config, FederatedConfig(rounds=2, local_epochs=2),
+                  seed=5, on_round=lambda stats, _: seen.append(stats))  # fmt: skip
+    updates = [client_update(start, VAE, h, config, local_epochs=2, start_epoch=0,
+                             rng=client_rng(5, 1, c)) for c, h in enumerate(histories)]  # fmt: skip
+    assert [u.users for u in updates] == [0, 1, 9]
+    expected = (updates[1].loss * 1 + updates[2].loss * 9) / 10
+    assert seen[0].loss == pytest.approx(expected, rel=1e-9)
+    assert [s.round for s in seen] == [1, 2] and [s.epochs for s in seen] == [2, 4]
