@@ -70,8 +70,8 @@ def test_genre_affinity_is_the_share_of_the_history_in_the_items_genres_averaged
                               "year": [1990, 2001, 1975, 1960]})  # fmt: skip
     # ratings, not ones: only which items a history holds may count
     hist = sparse.csr_matrix(np.array([[5.0, 0, 4.0, 0], [0, 0, 0, 2.0], [3.0, 0, 0, 0]]))
-    rows = np.array([0, 0, 0, 1, 1, 2])
-    items = np.array([1, 3, 0, 2, 0, 2])
+    rows = np.array([0, 0, 0, 1, 1, 2, 2])
+    items = np.array([1, 3, 0, 2, 0, 2, 1])
     affinity, year = _item_columns(SimpleNamespace(item_features=catalogue), hist, rows, items)
     expected = []
     for user, item in zip(rows, items, strict=True):
@@ -148,9 +148,12 @@ def test_a_user_without_history_has_no_similar_item_to_name():
 
 
 def test_each_pairs_neighbour_is_its_most_similar_history_item_or_none_at_similarity_0():
-    retrieval, history = _retrieval(n_candidates=7)
+    retrieval, full = _retrieval(n_candidates=7)
+    history = sparse.vstack([full[:3], sparse.csr_matrix((1, 7)), full[3:]]).tocsr()
     candidates = candidate_features(retrieval, history, history)
+    # by default every user with a history, and only those (row 3 has none)
     assert set(candidates.users) == set(np.flatnonzero(history.getnnz(axis=1)))
+    assert 3 not in set(candidates.users)
     dense = retrieval.similarity.toarray()
     zero = 0
     for pair, (user, item) in enumerate(zip(candidates.users, candidates.items, strict=True)):
@@ -190,4 +193,8 @@ def test_network_scores_are_its_logits_for_every_row():
     retrieval, history = _retrieval()
     with_network = Retrieval(retrieval.item_factors, 0.5, 2.0, None, retrieval.popularity, None, 3,
                              network=(params, arch))  # fmt: skip
-    np.testing.assert_allclose(with_network.nn_scores(history), logits(params, arch, history))
+    for rows in (history, history[::-1]):
+        # memory an earlier array left (NaN here) must not show through in any row
+        stale = np.full(rows.shape, np.nan)
+        del stale
+        np.testing.assert_allclose(with_network.nn_scores(rows), logits(params, arch, rows))
