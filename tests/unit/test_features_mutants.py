@@ -188,13 +188,17 @@ def test_the_top_n_of_each_row_is_its_n_best_items_beyond_a_small_catalogue():
 
 
 def test_network_scores_are_its_logits_for_every_row():
-    arch = Architecture(n_items=7, kind="dae", hidden=(), latent=4)
-    params = init_params(arch, np.random.default_rng(1), dtype=np.float64)
-    retrieval, history = _retrieval()
-    with_network = Retrieval(retrieval.item_factors, 0.5, 2.0, None, retrieval.popularity, None, 3,
-                             network=(params, arch))  # fmt: skip
-    for rows in (history, history[::-1]):
-        # memory an earlier array left (NaN here) must not show through in any row
-        stale = np.full(rows.shape, np.nan)
-        del stale
-        np.testing.assert_allclose(with_network.nn_scores(rows), logits(params, arch, rows))
+    # 1100 users: two chunks of at most 1000; 1100 x 4000 float64 is past glibc's largest mmap
+    # threshold (32 MB), so the output is fresh zeroed memory and a row left unwritten shows
+    n_users, n_items = 1100, 4000
+    rng = np.random.default_rng(1)
+    history = sparse.random(n_users, n_items, density=0.002, random_state=rng, format="csr")
+    history.data[:] = 1.0
+    arch = Architecture(n_items=n_items, kind="dae", hidden=(), latent=4)
+    params = init_params(arch, rng, dtype=np.float64)
+    retrieval = Retrieval(np.zeros((n_items, 2)), 0.5, 2.0, None, np.ones(n_items), None, 3,
+                          network=(params, arch))  # fmt: skip
+    scores = retrieval.nn_scores(history)
+    expected = logits(params, arch, history)
+    assert not (expected == 0).all(axis=1).any()
+    np.testing.assert_allclose(scores, expected)
