@@ -202,3 +202,18 @@ def test_network_scores_are_its_logits_for_every_row():
     expected = logits(params, arch, history)
     assert not (expected == 0).all(axis=1).any()
     np.testing.assert_allclose(scores, expected)
+
+
+def test_every_user_is_scored_by_the_network_when_users_outnumber_items():
+    # 1100 users, 300 items: the chunks must run over the users, not the items
+    n_users, n_items = 1100, 300
+    rng = np.random.default_rng(2)
+    history = sparse.random(n_users, n_items, density=0.02, random_state=rng, format="csr")
+    history.data[:] = 1.0
+    arch = Architecture(n_items=n_items, kind="dae", hidden=(), latent=4)
+    params = init_params(arch, rng, dtype=np.float64)
+    retrieval = Retrieval(np.zeros((n_items, 2)), 0.5, 2.0, None, np.ones(n_items), None, 3,
+                          network=(params, arch))  # fmt: skip
+    stale = np.full(history.shape, np.nan)  # memory an unwritten row could show
+    del stale
+    np.testing.assert_allclose(retrieval.nn_scores(history), logits(params, arch, history))
