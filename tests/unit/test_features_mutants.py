@@ -187,17 +187,22 @@ def test_the_top_n_of_each_row_is_its_n_best_items_beyond_a_small_catalogue():
             assert set(top[row]) == set(np.argsort(-scores[row])[:n])
 
 
-def test_network_scores_are_its_logits_for_every_row():
-    # 1100 users: two chunks of at most 1000; 1100 x 4000 float64 is past glibc's largest mmap
-    # threshold (32 MB), so the output is fresh zeroed memory and a row left unwritten shows
-    n_users, n_items = 1100, 4000
-    rng = np.random.default_rng(1)
-    history = sparse.random(n_users, n_items, density=0.002, random_state=rng, format="csr")
+def _network_retrieval(n_users: int, n_items: int, density: float, seed: int):
+    """A retrieval holding only a linear network, a binary history for it, and its params."""
+    rng = np.random.default_rng(seed)
+    history = sparse.random(n_users, n_items, density=density, random_state=rng, format="csr")
     history.data[:] = 1.0
     arch = Architecture(n_items=n_items, kind="dae", hidden=(), latent=4)
     params = init_params(arch, rng, dtype=np.float64)
     retrieval = Retrieval(np.zeros((n_items, 2)), 0.5, 2.0, None, np.ones(n_items), None, 3,
                           network=(params, arch))  # fmt: skip
+    return retrieval, history, params, arch
+
+
+def test_network_scores_are_its_logits_for_every_row():
+    # 1100 users: two chunks of at most 1000; 1100 x 4000 float64 is past glibc's largest mmap
+    # threshold (32 MB), so the output is fresh zeroed memory and a row left unwritten shows
+    retrieval, history, params, arch = _network_retrieval(1100, 4000, 0.002, seed=1)
     scores = retrieval.nn_scores(history)
     expected = logits(params, arch, history)
     assert not (expected == 0).all(axis=1).any()
@@ -206,14 +211,7 @@ def test_network_scores_are_its_logits_for_every_row():
 
 def test_every_user_is_scored_by_the_network_when_users_outnumber_items():
     # 1100 users, 300 items: the chunks must run over the users, not the items
-    n_users, n_items = 1100, 300
-    rng = np.random.default_rng(2)
-    history = sparse.random(n_users, n_items, density=0.02, random_state=rng, format="csr")
-    history.data[:] = 1.0
-    arch = Architecture(n_items=n_items, kind="dae", hidden=(), latent=4)
-    params = init_params(arch, rng, dtype=np.float64)
-    retrieval = Retrieval(np.zeros((n_items, 2)), 0.5, 2.0, None, np.ones(n_items), None, 3,
-                          network=(params, arch))  # fmt: skip
+    retrieval, history, params, arch = _network_retrieval(1100, 300, 0.02, seed=2)
     stale = np.full(history.shape, np.nan)  # memory an unwritten row could show
     del stale
     np.testing.assert_allclose(retrieval.nn_scores(history), logits(params, arch, history))
