@@ -93,7 +93,7 @@ worker: setup ## a process worker on the pool: runs scheduled and triggered flow
 	$(RUN) python -m fedrec.deployment_check --api
 	$(RUN) prefect worker start --pool $(PREFECT_POOL)
 
-serve: setup ## single-process alternative to deploy + worker: the same schedule via flow.serve
+serve: setup ## single-process alternative to deploy + worker: the same schedule on a Prefect Runner in this process
 	$(RUN) fedrec serve
 
 lint: setup ## ruff lint and format check
