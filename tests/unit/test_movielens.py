@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from models.data.errors import DataValidationError
@@ -248,17 +249,25 @@ def test_tiny_1m_bad_rating_names_the_real_file_and_row(tmp_path: Path) -> None:
     assert "value 7.0 is outside the rating scale" in message
 
 
-@pytest.mark.parametrize(("writer", "n_rows"), [(_write_tiny_100k, 3), (_write_tiny_1m, 3)])
-def test_load_dataset_recognises_movielens_folders(tmp_path: Path, writer, n_rows: int) -> None:
+@pytest.mark.parametrize(
+    ("writer", "reader"),
+    [(_write_tiny_100k, read_movielens_100k), (_write_tiny_1m, read_movielens_1m)],
+)
+def test_load_dataset_recognises_movielens_folders(tmp_path: Path, writer, reader) -> None:
     # Prepare
     writer(tmp_path / "ml")
 
     # Execute
     data = load_dataset(str(tmp_path / "ml"))
 
-    # Assert
-    assert len(data) == n_rows
+    # Assert: what the folder's own reader gives, side features included
+    direct = reader(tmp_path / "ml")
+    assert len(data) == len(direct) == 3
+    pd.testing.assert_frame_equal(data.frame, direct.frame)
+    np.testing.assert_array_equal(data.user_ids, direct.user_ids)
+    np.testing.assert_array_equal(data.item_ids, direct.item_ids)
     assert data.item_features is not None
+    pd.testing.assert_frame_equal(data.item_features, direct.item_features)
 
 
 def test_load_dataset_finds_named_datasets_through_the_environment(
