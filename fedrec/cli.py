@@ -29,6 +29,7 @@ import click
 
 from fedrec import local_server
 from fedrec.cli_errors import (
+    UNKNOWN_KEY,
     OneLineError,
     OneLineGroup,
     RunFailed,
@@ -37,6 +38,7 @@ from fedrec.cli_errors import (
     debug_option,
     friendly_errors,
     one_line_config_error,
+    unknown_key_hint,
 )
 from fedrec.config_flags import ConfigCommand, config_defaults
 from fedrec.inputs import absolute_paths, file_relative_paths
@@ -203,18 +205,13 @@ def _check_file_keys(config_file: str, loaded: dict[str, Any]) -> None:
     """Refuse a key of the config file that is no setting, before any setting is used: a
     misspelt column key (``usr_col``) left the default column in force, and the data check
     then blamed the data file for a column it does not have."""
-    import difflib
-
-    known = list(config_defaults())
+    known = config_defaults()
     for key, value in loaded.items():
-        if key in known:
-            continue
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UserError(
-            f"invalid configuration: {config_file}: {key}: Extra inputs are not permitted"
-            f"{hint} (got {value!r})"
-        )
+        if key not in known:
+            raise UserError(
+                f"invalid configuration: {config_file}: {key}: {UNKNOWN_KEY}"
+                f"{unknown_key_hint(key, known)} (got {value!r})"
+            )
 
 
 def _unique_key_loader() -> type:

@@ -92,6 +92,15 @@ def _json_error(
         click.echo(json.dumps({"error": message, "exit_status": status, **(details or {})}))
 
 
+UNKNOWN_KEY = "Extra inputs are not permitted"  # pydantic's words for a key that is no field
+
+
+def unknown_key_hint(key: object, known: Iterable[str]) -> str:
+    """``; did you mean 'rounds'?`` for the closest of the ``known`` keys, or nothing."""
+    close = difflib.get_close_matches(str(key), list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def one_line_config_error(
     err: Any, files: Mapping[str, str | None] | None = None, known: Iterable[str] = ()
 ) -> str:
@@ -102,9 +111,7 @@ def one_line_config_error(
     parts = []
     for e in err.errors():
         if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
-            close = difflib.get_close_matches(str(e["loc"][0]), list(known), n=1)
-            if close:
-                e = e | {"msg": f"{e['msg']}; did you mean {close[0]!r}?"}
+            e = e | {"msg": e["msg"] + unknown_key_hint(e["loc"][0], known)}
         where = ".".join(str(p) for p in e["loc"])
         top = e["loc"][0] if len(e["loc"]) == 1 and isinstance(e["loc"][0], str) else None
         if top is not None and (files or {}).get(top):
