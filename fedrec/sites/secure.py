@@ -57,10 +57,12 @@ from models.sites.messages import RefusedMessage, RoundRequest
 from models.sites.spec import training_binding
 
 STEPS = ("advertise", "share", "mask", "sign", "unmask")
-# Fixed-point step of a round across sites: 2^-36 ~ 1.5e-11, so the unmasked sum equals the
-# plain sum to well below 1e-8 (the simulation's 2^-24 ~ 6e-8 does not); the overflow bound
-# is then |x| < 2^27 / n_sites per value (1.3e7 for 10 sites), far above ALS's statistics.
-FRACTION_BITS = 36
+# Fixed-point step of a round across sites: 2^-30 ~ 9.3e-10, so each value of the unmasked sum
+# is within n_sites * 2^-31 of the plain sum (4.7e-9 for 10 sites; the simulation's 2^-24 ~
+# 6e-8 is coarser). The overflow bound is |x| < 2^33 / n_sites per value (8.6e8 for 10 sites):
+# the largest value a site sends is its rating sum, about 3.5 x its rows on a 1-5 scale, so ten
+# sites of up to about 245 million rows each.
+FRACTION_BITS = 30
 HELD, STATE = "held-update.npz", "round-state.npz"
 MASKED = "masked-updates"  # per run: one sha256 per round and per update this site masked
 

@@ -367,3 +367,29 @@ def test_a_site_masks_only_with_its_own_fixed_point_step_over_the_registrys_site
     honest = _Round(secure, specs, size, secure.run)  # the update is still held: it goes on
     total, _ = honest.run()
     np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
+
+
+def test_sites_of_a_hundred_million_rows_each_sum_exactly(world):
+    """A site's largest value is a sum over its rows (its row count and error sum here; the
+    rating sum of the mean phase, about 3.5 x the rows). With the step too fine for them
+    (2^-36 left |x| < 2^27 / 3 = 4.5e7 for three sites) an honest round of three sites of 1e8
+    rows each overflowed at its mask step and the run could not be trained."""
+    from models.files import write_private
+    from models.privacy.wire import pack, unpack
+
+    coordinator, specs, _, tmp_path = world
+    plain = _plain_dense(coordinator("plain"), specs)
+    secure = coordinator("large")
+    receipts = [_train(secure, s, secure=True) for s in specs]
+    expected = []
+    for spec, name in zip(specs, NAMES, strict=True):
+        (held,) = (tmp_path / f"state-{name}" / "secagg").rglob("held-update.npz")
+        fields, arrays = unpack(held.read_bytes())
+        dense = arrays["dense"].copy()
+        dense[-2:] = [8e7, 1e8]  # train_sse, train_n: a site of 1e8 rows
+        write_private(held, pack(fields, {"dense": dense}))
+        expected.append(plain[spec.client_id].copy())
+        expected[-1][-2:] = dense[-2:]
+    total, _ = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run).run()
+    np.testing.assert_allclose(total, sum(expected), rtol=0, atol=1e-8)
+    assert total[-1] == 3e8
