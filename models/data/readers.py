@@ -9,6 +9,7 @@ checks on the rows themselves live in ``validate.py``.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
 import os
@@ -192,7 +193,10 @@ def load_dataset(spec: str, **kw: object) -> Interactions:
         When the spec names nothing loadable, or the data itself is bad.
     """
     if spec == "synthetic":
-        return generate_synthetic(**kw)  # type: ignore[arg-type]
+        try:
+            return _synthetic(tuple(sorted(kw.items())))
+        except TypeError:  # an unhashable option: generated without the memo
+            return generate_synthetic(**kw)  # type: ignore[arg-type]
     path = Path(spec).expanduser()
     if not path.exists() and spec in NAMED_DATASETS:
         path = datasets_dir() / spec
@@ -226,6 +230,13 @@ def load_dataset(spec: str, **kw: object) -> Interactions:
         + "/".join(TABLE_SUFFIXES)
         + " file",
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _synthetic(options: tuple[tuple[str, object], ...]) -> Interactions:
+    """The synthetic data of ``options``, the last set asked remembered: the command line's
+    pre-check and the flow it starts then generate it once (``Interactions`` is immutable)."""
+    return generate_synthetic(**dict(options))  # type: ignore[arg-type]
 
 
 def _check_is_file(path: Path, *, suffixes: tuple[str, ...]) -> None:

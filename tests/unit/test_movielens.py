@@ -304,3 +304,20 @@ def test_load_dataset_synthetic_passes_options() -> None:
     # Assert
     assert len(data) == 400
     assert data.source.startswith("synthetic(seed=5,")
+
+
+def test_load_dataset_synthetic_generates_the_same_options_once() -> None:
+    """The command line's pre-check and the flow it starts ask for the same synthetic data: the
+    second ask is answered without generating it again, and other options are generated."""
+    import models.data.readers as readers
+
+    options = {"n_users": 40, "n_items": 20, "n_interactions": 400}
+    first = load_dataset("synthetic", seed=6, **options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(readers, "generate_synthetic", lambda **kw: pytest.fail(f"generated {kw}"))
+        again = load_dataset("synthetic", **options, seed=6)  # the options in another order
+    other = load_dataset("synthetic", seed=7, **options)
+
+    assert again is first
+    assert other.source.startswith("synthetic(seed=7,")
+    assert not other.frame.equals(first.frame)
