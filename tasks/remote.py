@@ -31,6 +31,7 @@ from models.federation.evaluation import Evaluation
 from models.federation.family import Family
 from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate, weighted
+from models.sites.catalogue import read_item_arrays
 from models.sites.registry import SiteSpec
 from models.sites.schema import SchemaError, check_answer_arrays
 from tasks import retry_unless
@@ -212,9 +213,7 @@ def enroll_site(
     private = epsilon is not None
     phase = "private" if private else "exact"
     arrays, answer = link.exchange(site, kind="enroll", phase=phase, epsilon=epsilon, **_asking())
-    items = arrays.get("items")
-    if set(arrays) != {"items"} or items is None or items.dtype.kind not in "iu" or items.ndim != 1:
-        raise SchemaError(f"{site.name}: enrolment must hold one 1-d integer array 'items'")
+    items = read_item_arrays(arrays, f"{site.name}: enrolment")
     if link.catalogue is not None and items.size:
         raise SchemaError(f"{site.name}: sent item ids though the catalogue is published")
     counts: tuple[str, ...] = ()
@@ -225,7 +224,7 @@ def enroll_site(
     missing = [k for k in counts if not isinstance(answer.info.get(k), int)]
     if missing:
         raise SchemaError(f"{site.name}: enrolment lacks counts {missing}")
-    return np.unique(items.astype(np.int64)), answer.info
+    return np.unique(items), answer.info
 
 
 @task(name="record-enrolment", cache_policy=NONE)

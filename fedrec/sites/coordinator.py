@@ -41,6 +41,7 @@ from models.data.partitions import ClientEntry
 from models.federation.family import Family
 from models.privacy.released_metrics import MetricRelease
 from models.privacy.secagg_plus import RoundConfig
+from models.sites.catalogue import item_arrays
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ALIVE,
@@ -165,7 +166,7 @@ class Coordinator:
 
     def publish_catalogue(self, items: np.ndarray) -> BlobRef:
         """Upload the catalogue's item ids once; every later request names it."""
-        data = encode_arrays({"items": np.asarray(items, np.int64)})
+        data = encode_arrays(item_arrays(items))
         self.catalogue = self.transport.put_blob(f"{self._folder()}/catalogue.npz", data)
         self.n_items = len(items)
         return self.catalogue

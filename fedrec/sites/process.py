@@ -69,7 +69,15 @@ from models.sites.budget import (
     run_epsilon,
     training_release,
 )
-from models.sites.catalogue import item_set, outside, site_client
+from models.sites.catalogue import (
+    catalogue_key,
+    check_sorted_ids,
+    item_arrays,
+    item_set,
+    outside,
+    read_item_arrays,
+    site_client,
+)
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ALIVE,
@@ -130,10 +138,7 @@ def load_site_data(spec: str, options: dict[str, Any]) -> Interactions:
     """The site's rows, read and validated as ``fedrec train --data`` reads them."""
     path = Path(spec)
     table = has_suffix(path, TABLE_SUFFIXES)
-    data = load_dataset(spec, **(options if table else {}))
-    # integer item ids, or one clear error now rather than at enrolment
-    item_set(data, options.get("item_col", "item_id") if table else "item_id")
-    return data
+    return load_dataset(spec, **(options if table else {}))
 
 
 class Site:
@@ -544,7 +549,7 @@ class Site:
         exact = self.options.allow_exact
         if not exact and request.phase != "private":  # nothing for a run it will not answer
             info = {"exact": 0, "key_id": key_id(self.key)}
-            return encode_arrays({"items": np.empty(0, dtype=np.int64)}), info
+            return encode_arrays(item_arrays(np.empty(0, dtype=np.int64))), info
         if request.phase == "private" and request.epsilon is not None:
             self.budget.check_run(request.run, request.epsilon)  # a run it could not finish
         lacking = rows = 0
@@ -587,13 +592,13 @@ class Site:
             self.budget.charge(request.run, count_release())
             noise = fresh_rng().normal(0.0, COUNT_NOISE)
             info["n_users"] = max(1, round(self.data.n_users + noise))
-        data = encode_arrays({"items": items})
+        data = encode_arrays(item_arrays(items))
         self.record.keep(request.record_key, None, data, info)
         return data, info
 
     def _split(self, request: RoundRequest, catalogue: np.ndarray) -> ClientData:
         split = request.split
-        cache = (catalogue.tobytes(), request.client_id, canonical(split))
+        cache = (catalogue_key(catalogue), request.client_id, canonical(split))
         if cache not in self._clients:
             self._clients.clear()  # one run at a time is the common case: keep one layout
             self._clients[cache] = site_client(
@@ -621,12 +626,7 @@ class Site:
 
     def _catalogue(self, request: RoundRequest) -> np.ndarray:
         arrays = self._download(request.catalogue)
-        catalogue = arrays.get("items")
-        if set(arrays) != {"items"} or catalogue is None or catalogue.dtype.kind not in "iu":
-            raise SchemaError("catalogue must hold one integer array 'items'")
-        if catalogue.ndim != 1 or (catalogue.size > 1 and np.any(np.diff(catalogue) <= 0)):
-            raise SchemaError("catalogue items must be sorted and unique")
-        return catalogue.astype(np.int64)
+        return check_sorted_ids(read_item_arrays(arrays, "catalogue"), "catalogue")
 
     def _state(self, request: RoundRequest, family: Family, n_items: int) -> Any:
         arrays = self._download(request.state)

@@ -147,8 +147,8 @@ def read_interactions(
         raise err.at_line(line_of_row(path, err.row)) from err.__cause__
     notes.extend(validation_notes)
     if not is_parquet:
-        frame[USER] = _integer_ids(frame[USER])
-        frame[ITEM] = _integer_ids(frame[ITEM])
+        frame[USER] = integer_ids(frame[USER])
+        frame[ITEM] = integer_ids(frame[ITEM])
     user_features = None
     if user_columns:
         user_features = frame.groupby(USER, sort=False)[list(user_columns)].first()
@@ -453,8 +453,9 @@ def _encoding_error(
     )
 
 
-def _integer_ids(ids: pd.Series) -> pd.Series:
-    """CSV ids were read as text; give canonical integer ids back their int64 type."""
+def integer_ids(ids: pd.Series) -> pd.Series:
+    """Ids read as text, with canonical integer ids given back their int64 type (all of them
+    canonical integers within int64's range; otherwise the text stays)."""
     if not pd.api.types.is_string_dtype(ids.dtype):
         return ids
     if ids.str.fullmatch(_CANONICAL_INT).all():

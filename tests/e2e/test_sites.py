@@ -107,10 +107,12 @@ class Federation:
         events: bool = True,
         exact: bool = True,
         peers: bool = False,
+        data: str = "ratings.csv",
     ) -> None:
-        """Start ``name``'s process (with another identity ``key`` when impersonating); it
-        finds requests on the events websocket, or by polling alone without ``events``. With
-        ``exact`` it answers runs without DP too; with ``peers`` it pins its peers' keys."""
+        """Start ``name``'s process (with another identity ``key`` when impersonating) on its
+        folder's ``data``; it finds requests on the events websocket, or by polling alone
+        without ``events``. With ``exact`` it answers runs without DP too; with ``peers`` it
+        pins its peers' keys."""
         label = label or name
         folder = self.root / "sites" / name
         log = open(self.root / f"{label}.log", "a")  # noqa: SIM115 (the process holds it)
@@ -122,7 +124,7 @@ class Federation:
                 "--name",
                 name,
                 "--data",
-                str(folder / "ratings.csv"),
+                str(folder / data),
                 "--prefect-api",
                 self.stores.prefect_api,
                 "--mlflow",
@@ -222,8 +224,9 @@ def _summary(process: subprocess.Popen, stderr_path: Path, timeout: float = 600)
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _reference_state(fed: Federation, rounds: int):
-    """The reference loop in one process over the same per-site rows and split."""
+def _reference_state(fed: Federation, rounds: int, files: dict[str, str] | None = None):
+    """The reference loop in one process over the same per-site rows (``ratings.csv``, or the
+    site's file in ``files``) and split."""
     from fedrec.config import TrainingConfig
     from fedrec.sites.process import load_site_data
     from models.federation.loop import run_family
@@ -240,7 +243,10 @@ def _reference_state(fed: Federation, rounds: int):
         "timestamp_col": "timestamp",
         "rating_scale": (1.0, 5.0),
     }
-    data = [load_site_data(str(fed.root / "sites" / n / "ratings.csv"), options) for n in SITES]
+    data = [
+        load_site_data(str(fed.root / "sites" / n / (files or {}).get(n, "ratings.csv")), options)
+        for n in SITES
+    ]
     catalogue = union_catalogue(item_set(d) for d in data)
     clients = [
         site_client(
@@ -400,6 +406,45 @@ def test_a_securely_aggregated_run_equals_the_plain_model(federation):
     np.testing.assert_allclose(got.params.factors, expected.params.factors, rtol=0, atol=1e-8)
     np.testing.assert_allclose(got.params.bias, expected.params.bias, rtol=0, atol=1e-8)
     assert abs(got.params.global_mean - expected.params.global_mean) < 1e-8
+
+
+def test_a_site_whose_items_are_product_codes_trains_with_sites_whose_ids_are_numbers(
+    federation,
+):
+    """shop-c names its items by text codes, the others by numbers: the catalogue is text, a
+    number matches its own text, and the model equals the reference loop on the same rows."""
+    from tasks.server import latest_checkpoint
+
+    fed = federation
+    folder = fed.root / "sites" / "shop-c"
+    rows = pd.read_csv(folder / "ratings.csv")
+    rows.assign(item_id="sku-" + rows["item_id"].astype(str)).to_csv(
+        folder / "products.csv", index=False
+    )
+    fed.stop("shop-c")
+    fed.start_site("shop-c", label="shop-c-products", data="products.csv")
+    try:
+        stderr = fed.root / "train-products.err"
+        summary = _summary(fed.train("ws-products", 2, stderr), stderr)
+    finally:
+        fed.stop("shop-c-products")
+        fed.start_site("shop-c")
+    assert summary["metrics"]["system/clients"] == 3.0, stderr.read_text()[-3000:]
+    items = pd.read_parquet(Path(summary["workspace"]) / "items.parquet")["item_id"].tolist()
+    codes = {f"sku-{i}" for i in rows["item_id"]}
+    others = {
+        str(i)
+        for n in SITES[:2]
+        for i in pd.read_csv(fed.root / "sites" / n / "ratings.csv")["item_id"]
+    }
+    assert items == sorted(codes | others)  # every id as text, sorted as text
+    family, expected = _reference_state(fed, rounds=2, files={"shop-c": "products.csv"})
+    got, progress = latest_checkpoint.fn(
+        family=family, folder=summary["workspace"] + "/checkpoints"
+    )
+    assert progress.step == 2
+    np.testing.assert_allclose(got.params.factors, expected.params.factors, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(got.params.bias, expected.params.bias, rtol=0, atol=1e-8)
 
 
 def test_sites_that_answer_only_private_runs_count_their_masked_answers_at_the_full_noise(

@@ -6,9 +6,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.data.errors import DataValidationError
 from models.data.schema import encode_interactions
-from models.sites.catalogue import item_set, outside, read_catalogue, site_client, union_catalogue
+from models.sites.catalogue import (
+    check_sorted_ids,
+    item_arrays,
+    item_set,
+    outside,
+    read_catalogue,
+    read_item_arrays,
+    site_client,
+    union_catalogue,
+)
+from models.sites.encoding import decode_arrays, encode_arrays
+from models.sites.schema import SchemaError
 
 
 def _data(items, users):
@@ -52,24 +62,77 @@ def test_rows_of_items_a_published_catalogue_lacks_are_left_out_and_counted():
     )  # fmt: skip
     assert kept == [("u1", 1), ("u2", 3)]
     assert client.n_items == 3
-    with pytest.raises(DataValidationError) as refused:
-        item_set(_data(["7", "b"], [1, 1]), column="sku")
-    # a user's own error (exit 2), naming the column and the first id that is not a number
-    assert "column 'sku': value 'b' is not an integer item id; allowed: integer item ids" in str(
-        refused.value
+
+
+def test_text_item_ids_make_a_text_catalogue_that_integer_ids_match_by_their_text():
+    shop = _data(["sku-b", "sku-a", "sku-b", "café"], ["u1", "u1", "u2", "u2"])
+    numbered = _data([7, 30, 7], ["v1", "v2", "v2"])
+    assert item_set(shop).tolist() == ["café", "sku-a", "sku-b"]
+    assert item_set(numbered).dtype == np.int64
+
+    catalogue = union_catalogue([item_set(shop), item_set(numbered), np.array([], np.int64)])
+    assert catalogue.tolist() == ["30", "7", "café", "sku-a", "sku-b"]  # sorted as text
+    for data, expected in (
+        (shop, ["sku-a", "sku-b", "sku-b", "café"]),
+        (numbered, ["30", "7", "7"]),
+    ):
+        client = site_client(
+            data, catalogue, client_id=1, method="random", valid_fraction=0.0, test_fraction=0.0
+        )
+        assert client.n_items == 5
+        assert sorted(catalogue[client.frame["item"].to_numpy()]) == sorted(expected)
+        assert outside(data, catalogue) == (0, 0)
+
+    published = np.array(["7", "sku-b"], dtype=object)  # a product list without sku-a, café
+    assert outside(shop, published) == (2, 2) and outside(numbered, published) == (1, 1)
+    client = site_client(
+        shop, published, client_id=0, method="random", valid_fraction=0.0, test_fraction=0.0
     )
+    assert published[client.frame["item"].to_numpy()].tolist() == ["sku-b", "sku-b"]
+    # text ids against integer ones: none matches, so every row is counted out
+    assert outside(shop, np.array([7, 30])) == (3, 4)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [np.array([3, -1, 2**62]), np.array(["sku-1", "café", "a", "日本"], dtype=object)],
+)
+def test_item_ids_cross_the_wire_as_numbers_and_come_back_equal(ids):
+    arrays = item_arrays(ids)
+    assert all(a.dtype.kind in "iu" for a in arrays.values())  # nothing to unpickle
+    back = read_item_arrays(decode_arrays(encode_arrays(arrays), max_bytes=10**6), "catalogue")
+    assert back.tolist() == ids.tolist() and back.dtype == ids.dtype
+
+
+def test_malformed_item_arrays_are_refused_by_name():
+    text = np.frombuffer(b"abcd", dtype=np.uint8)
+    for arrays, message in [
+        ({"items": np.array([1.5])}, "catalogue: 'items' must be a 1-d integer array"),
+        ({"items": np.array([1]), "extra": np.array([1])}, "must hold 'items' (integer ids)"),
+        ({"item_text": text, "item_ends": np.array([2, 2, 4])}, "into non-empty ids"),
+        ({"item_text": text, "item_ends": np.array([2, 5])}, "into non-empty ids"),
+        ({"item_text": text.astype(np.int64), "item_ends": np.array([4])}, "uint8 'item_text'"),
+        ({"item_text": np.frombuffer(b"\xff\xfe", np.uint8), "item_ends": np.array([2])},
+         "an item id is not UTF-8 text"),
+    ]:  # fmt: skip
+        with pytest.raises(SchemaError, match=re.escape(message)):
+            read_item_arrays(arrays, "catalogue")
+    with pytest.raises(SchemaError, match="catalogue items must be sorted and unique"):
+        check_sorted_ids(np.array(["b", "a"], dtype=object), "catalogue")
+    with pytest.raises(SchemaError, match="catalogue items must be sorted and unique"):
+        check_sorted_ids(np.array([1, 1]), "catalogue")
+    assert check_sorted_ids(np.array(["a", "b"], dtype=object), "catalogue").tolist() == ["a", "b"]
 
 
 def test_a_published_catalogue_is_read_from_its_item_id_column(tmp_path):
     path = tmp_path / "items.csv"
     path.write_text("item_id,title\n30,c\n10,a\n30,c\n")
     np.testing.assert_array_equal(read_catalogue(path), [10, 30])
+    assert read_catalogue(path).dtype == np.int64
+    # as a site's data file reads them: ids that are not all canonical integers stay text
+    path.write_text("item_id\n10\nten\n007\n1.5\n10\n")
+    assert read_catalogue(path).tolist() == ["007", "1.5", "10", "ten"]
     for text, message in (
-        (
-            "item_id\n10\nten\n",
-            "items.csv, row 2, column 'item_id': value 'ten' is not an integer; allowed: an integer",
-        ),
-        ("item_id\n1.5\n", "row 1, column 'item_id': value '1.5'"),
         ("item_id,title\n10,a\n,b\n", "row 2, column 'item_id': value '' is empty"),
         ("item\n10\n", "has no 'item_id' column (found ['item'])"),
         ("item_id\n", "lists no item"),
@@ -81,11 +144,10 @@ def test_a_published_catalogue_is_read_from_its_item_id_column(tmp_path):
         read_catalogue(tmp_path / "missing.csv")
 
 
-def test_a_published_catalogue_holds_any_int64_id_and_no_larger(tmp_path):
+def test_a_published_catalogue_holds_any_int64_id_and_larger_ones_as_text(tmp_path):
     path = tmp_path / "items.csv"
     path.write_text(f"item_id\n{2**63 - 1}\n1000\n-{2**63 - 1}\n")
     assert read_catalogue(path).tolist() == [-(2**63 - 1), 1000, 2**63 - 1]
-    for big in (2**63, -(2**63) - 1, 2**64):
+    for big in (2**63, -(2**63) - 1, 2**64):  # as a data file's ids beyond int64 are read
         path.write_text(f"item_id\n1000\n{big}\n")
-        with pytest.raises(ValueError, match=re.escape(f"row 2, column 'item_id': value '{big}'")):
-            read_catalogue(path)
+        assert read_catalogue(path).tolist() == sorted(["1000", str(big)])

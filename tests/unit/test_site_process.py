@@ -19,7 +19,7 @@ from models.privacy.dp import UserLevelDP
 from models.privacy.identity import generate_identity, public_bytes, save_identity
 from models.privacy.released_metrics import MetricRelease
 from models.sites.budget import COUNT_NOISE
-from models.sites.catalogue import left_out_note
+from models.sites.catalogue import item_arrays, left_out_note, read_item_arrays
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ANSWER,
@@ -60,7 +60,7 @@ def world(tmp_path):
     key = generate_identity()
     save_identity(key, tmp_path / "keys", 1)
 
-    def start(**extra) -> Site:
+    def start(rows: pd.DataFrame | None = None, **extra) -> Site:
         options = SiteOptions(
             **{
                 "name": "shop-a",
@@ -73,7 +73,8 @@ def world(tmp_path):
                 **extra,
             }
         )
-        data = encode_interactions(_rows(), rating_scale=(1.0, 5.0), source="shop-a.csv")
+        rows = _rows() if rows is None else rows
+        data = encode_interactions(rows, rating_scale=(1.0, 5.0), source="shop-a.csv")
         site = Site(options, data=data)
         site.transport.close()
         site.transport = transport
@@ -93,10 +94,11 @@ def _ask(
     nonce="1",
     eval_splits=None,
     phase="train",
+    items=ITEMS,
 ):
-    catalogue = transport.put_blob("run/catalogue.npz", encode_arrays({"items": ITEMS}))
+    catalogue = transport.put_blob("run/catalogue.npz", encode_arrays(item_arrays(items)))
     if state_arrays is None:
-        state_arrays = family.state_arrays(family.initial_state(len(ITEMS), seed=0))
+        state_arrays = family.state_arrays(family.initial_state(len(items), seed=0))
     data = state_bytes if state_bytes is not None else encode_arrays(state_arrays)
     state = transport.put_blob(f"run/state-{BlobRef.of('', data).sha256[:8]}.npz", data)
     request = _request(
@@ -429,7 +431,9 @@ def test_private_answers_come_from_the_sites_entropy_not_from_the_request(world,
 def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9", epsilon=None):
     published = None
     if catalogue is not None:
-        published = transport.put_blob(f"{run}/catalogue.npz", encode_arrays({"items": catalogue}))
+        published = transport.put_blob(
+            f"{run}/catalogue.npz", encode_arrays(item_arrays(catalogue))
+        )
     request = _request(
         run=run,
         kind="enroll",
@@ -445,7 +449,7 @@ def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9",
 
 def _enrolment(transport, key, request, digest):
     data, info = _opened(transport, key, request, digest)
-    return decode_arrays(data, max_bytes=10**7)["items"], info
+    return read_item_arrays(decode_arrays(data, max_bytes=10**7), "enrolment"), info
 
 
 def _charges(site) -> list[dict]:
@@ -484,6 +488,34 @@ def test_a_private_site_enrols_without_its_item_ids_or_exact_counts(world):
     again = _enrolment(transport, key, retry, retry_digest)[1]
     assert again["n_users"] == info["n_users"]  # the kept answer: no second draw
     assert len(_charges(site)) == 1
+
+
+def test_a_site_with_product_codes_enrols_and_trains_against_a_text_catalogue(world):
+    """Item ids that are text (a shop's product codes) cross the wire as UTF-8 bytes: the site
+    sends its codes to enrol, and numbers its rows by their place in a published text list."""
+    transport, key, start = world
+    rows = _rows().assign(item=lambda f: "sku-" + f["item"].astype(str))
+    site = start(rows=rows, allow_exact=True)
+    request, digest = _enrol(transport, phase="exact", catalogue=None, nonce="1")
+    site.poll_once()
+    items, info = _enrolment(transport, key, request, digest)
+    assert items.tolist() == sorted(rows["item"].unique())
+    assert info["n_train"] + info["n_valid"] + info["n_test"] == len(rows)
+
+    published = np.array(sorted(rows["item"].unique())[::2], dtype=object)
+    request, digest = _enrol(transport, phase="exact", catalogue=published, run="run-2", nonce="2")
+    site.poll_once()
+    items, info = _enrolment(transport, key, request, digest)
+    inside = rows["item"].isin(published)
+    assert items.size == 0 and info["outside_rows"] == (~inside).sum()
+    assert info["n_train"] + info["n_valid"] + info["n_test"] == inside.sum()
+
+    request, digest = _ask(transport, family=PLAIN, items=published, nonce="3")
+    site.poll_once()
+    arrays = decode_arrays(_answer(transport, key, request, digest), max_bytes=10**7)
+    update, _ = check_answer_arrays(arrays, client_id=1, n_items=len(published))
+    assert update.counts.sum() == info["n_train"]  # the training rows of the listed codes
+    assert set(published[update.items]) <= set(rows["item"])
 
 
 def test_a_private_sites_count_is_noised_from_its_own_entropy(world):
