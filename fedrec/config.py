@@ -181,6 +181,12 @@ class TrainingConfig(BaseModel):
         None,
         description="implicit: keep rows with rating >= this as positives (default: every row)",
     )
+    repeats: Literal["latest", "sum"] = Field(
+        "latest",
+        description="rows of one (user, item) in a file: latest keeps the last (a changed "
+        "rating); sum (implicit) adds their ratings, so repeat purchases count (each row 1 "
+        "without a rating column)",
+    )
     algorithm: Algorithm = Field(
         _MF.algorithm, description="als (exact), fedavg, fedprox, fedadam, fedyogi (explicit only)"
     )
@@ -662,6 +668,11 @@ class TrainingConfig(BaseModel):
                     )
         if self.positive_threshold is not None and self.feedback != "implicit":
             raise ValueError("positive_threshold needs feedback='implicit'")
+        if self.repeats == "sum" and self.feedback != "implicit":
+            raise ValueError(
+                "repeats='sum' needs feedback='implicit': a sum of a user's ratings of one item "
+                "is no rating"
+            )
         metric = self.promotion_metric
         if metric is not None:
             if self.feedback == "implicit" and metric.endswith(("rmse", "mae")):
@@ -935,5 +946,5 @@ def _check_sites(config: TrainingConfig) -> None:
 _SIMULATED_DATA = (
     "data", "train", "valid", "test", "clients", "partition", "dirichlet_alpha", "partition_key",
     "key_prefix", "synthetic_users", "synthetic_items", "synthetic_interactions",
-    "synthetic_taste", "synthetic_seed",
+    "synthetic_taste", "synthetic_seed", "repeats",
 )  # fmt: skip

@@ -36,7 +36,7 @@ GROUPS: dict[str, str] = {
     **dict.fromkeys(("data", "train", "valid", "test", "catalogue", "user_col", "item_col", "rating_col",
                      "timestamp_col", "rating_scale", "synthetic_users", "synthetic_items",
                      "synthetic_interactions", "synthetic_taste", "synthetic_seed", "split", "valid_fraction",
-                     "test_fraction", "feedback", "positive_threshold"), "data"),
+                     "test_fraction", "feedback", "positive_threshold", "repeats"), "data"),
     **dict.fromkeys(("algorithm", "factors", "reg", "alpha", "neighbours", "candidates",
                      "implicit_model", "neural_network", "neural_latent", "neural_hidden",
                      "neural_lr", "neural_batch_size", "neural_local_epochs", "neural_server",

@@ -18,7 +18,7 @@ from typing import Any
 WHOLE_FILE_BYTES = 4 * 2**20
 HEAD_BYTES = 2**20
 # read_interactions' keyword arguments, which are TrainingConfig fields of the same name
-FILE_OPTIONS = ("user_col", "item_col", "rating_col", "timestamp_col", "rating_scale")
+FILE_OPTIONS = ("user_col", "item_col", "rating_col", "timestamp_col", "rating_scale", "repeats")
 
 
 def file_options(values: Mapping[str, Any]) -> dict[str, Any]:

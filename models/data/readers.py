@@ -15,6 +15,7 @@ import io
 import os
 import zlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -78,6 +79,7 @@ def read_interactions(
     timestamp_col: str | None = DEFAULT_TIMESTAMP_COL,
     rating_scale: tuple[float, float] | None = (1.0, 5.0),
     user_columns: tuple[str, ...] = (),
+    repeats: Literal["latest", "sum"] = "latest",
 ) -> Interactions:
     """Read a CSV or Parquet file of interactions, validate it and encode its ids.
 
@@ -101,6 +103,9 @@ def read_interactions(
         Columns that describe the user (a region, a site; every row of a user holds the same
         value, read as text in a CSV file), kept as ``Interactions.user_features``: what a
         ``by-key`` partition reads.
+    repeats : {"latest", "sum"}
+        Rows of the same (user, item): the latest stands, or the latest with the sum of their
+        ratings (``validate_interactions``).
 
     Returns
     -------
@@ -140,6 +145,7 @@ def read_interactions(
             timestamp_col=timestamp_col,
             rating_scale=rating_scale,
             user_cols=tuple(user_columns),
+            repeats=repeats,
         )
     except DataValidationError as err:
         if is_parquet or err.row is None or err.line is not None or err.file != file:

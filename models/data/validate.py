@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ def validate_interactions(
     timestamp_col: str | None,
     rating_scale: tuple[float, float] | None,
     user_cols: tuple[str, ...] = (),
+    repeats: Literal["latest", "sum"] = "latest",
 ) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """Validate raw interaction rows and return them in the internal column layout.
 
@@ -55,6 +56,10 @@ def validate_interactions(
     user_cols : tuple of str
         Columns that describe the user, not the row (a shop's region, a site): every row of a
         user must hold the same value.
+    repeats : {"latest", "sum"}
+        Rows of the same (user, item): the latest one stands (a changed rating), or one row, the
+        latest, stands with the sum of their ratings (repeat purchases or plays counted; each
+        row counts 1 without a rating column).
 
     Returns
     -------
@@ -62,7 +67,7 @@ def validate_interactions(
         Columns ``user`` and ``item`` (the caller's ids; strings have surrounding whitespace
         removed), ``rating`` (float64), when ``timestamp_col`` is given ``timestamp`` (int64
         Unix seconds), and ``user_cols`` as given (strings stripped). Duplicate (user, item)
-        rows are reduced to the latest one.
+        rows are reduced to the latest one (as ``repeats`` says).
     notes : tuple of str
         Human-readable remarks about what was changed, such as dropped duplicates.
 
@@ -100,7 +105,7 @@ def validate_interactions(
     for column in user_cols:
         require_column(raw, column, file=file)
         frame[column] = _user_level(raw[column], frame[USER], file=file, column=column)
-    return _drop_duplicates(frame)
+    return _drop_duplicates(frame, repeats=repeats)
 
 
 def _user_level(series: pd.Series, users: pd.Series, *, file: str, column: str) -> pd.Series:
@@ -360,8 +365,11 @@ def _datetimes_to_seconds(series: pd.Series) -> np.ndarray:
     return delta.to_numpy(dtype=np.float64, na_value=np.nan)
 
 
-def _drop_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]]:
-    """Keep the latest row of each (user, item): by timestamp when there is one, else the last."""
+def _drop_duplicates(
+    frame: pd.DataFrame, *, repeats: Literal["latest", "sum"] = "latest"
+) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """Keep the latest row of each (user, item): by timestamp when there is one, else the last;
+    with ``repeats="sum"`` it carries the sum of the pair's ratings."""
     # One int64 key per pair: hashing a single integer column is several times cheaper than
     # asking pandas for duplicates over two (possibly string) columns, twice.
     user_codes, _ = pd.factorize(frame[USER])
@@ -380,6 +388,15 @@ def _drop_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, tuple[str, ...]
     else:
         keep = np.flatnonzero(~duplicated)
         how = "the last in file order"
+    if repeats == "sum":
+        totals = frame[RATING].groupby(pair.to_numpy()).sum()
+        frame = frame.iloc[keep].reset_index(drop=True)
+        frame[RATING] = totals.loc[pair.to_numpy()[keep]].to_numpy()
+        note = (
+            f"added {n_dropped} repeated (user, item) rows to the latest of each ({how}): "
+            "its rating is the pair's sum"
+        )
+        return frame, (note,)
     frame = frame.iloc[keep].reset_index(drop=True)
     note = f"dropped {n_dropped} duplicate (user, item) rows, kept the latest of each ({how})"
     return frame, (note,)

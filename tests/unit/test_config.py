@@ -84,6 +84,7 @@ def test_each_setting_reaches_the_core_config_it_names():
         ({"ranker": "lightgbm"}, "ranker='lightgbm' needs feedback='implicit'"),
         ({"feedback": "implicit", "algorithm": "fedavg"}, "implicit feedback trains with als"),
         ({"positive_threshold": 3.0}, "positive_threshold needs feedback='implicit'"),
+        ({"repeats": "sum"}, "repeats='sum' needs feedback='implicit'"),
         ({"feedback": "implicit", "promotion_metric": "valid/rmse"}, "has no rating error"),
         ({"feedback": "implicit", "ranker": "lightgbm", "promotion_metric": "valid/ndcg_at_10"},
          "learns from the validation rows"),
@@ -207,3 +208,21 @@ def test_a_quoted_number_is_not_taken_for_a_number(field):
     with pytest.raises(ValidationError, match=f"{field}\n.*allowed: a number, not text in quotes"):
         TrainingConfig(**{field: "3"})
     assert TrainingConfig(rounds=3, dp_epsilon=3.0).rounds == 3
+
+
+def test_repeats_reach_the_rows_a_run_loads(tmp_path):
+    from tasks.data import load_interactions
+
+    path = tmp_path / "purchases.csv"
+    path.write_text("user_id,item_id\na,x\na,x\na,y\nb,x\na,x\n")
+    counts = {}
+    for repeats in ("latest", "sum"):
+        config = TrainingConfig(data=str(path), feedback="implicit", repeats=repeats, clients=2)
+        data, _ = load_interactions.fn(config)
+        items = data.item_ids[data.frame["item"].to_numpy()]
+        users = data.user_ids[data.frame["user"].to_numpy()]
+        counts[repeats] = dict(
+            zip(zip(users, items, strict=True), data.frame["rating"], strict=True)
+        )
+    assert counts["latest"] == {("a", "x"): 1.0, ("a", "y"): 1.0, ("b", "x"): 1.0}
+    assert counts["sum"] == {("a", "x"): 3.0, ("a", "y"): 1.0, ("b", "x"): 1.0}

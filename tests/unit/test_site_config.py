@@ -54,6 +54,10 @@ def test_a_missing_sites_file_is_refused_before_anything_starts():
             {"data": "ml-100k", "clients": 5, "partition": "dirichlet"},
             r"--sites reads no data here and shards none: --data, --clients, --partition set a",
         ),
+        (
+            {"feedback": "implicit", "implicit_model": "neural", "repeats": "sum"},
+            r"--sites reads no data here and shards none: --repeats set a",
+        ),
     ],
 )
 def test_what_sites_cannot_do_yet_is_refused_in_one_line(changes, reason):

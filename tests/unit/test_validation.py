@@ -432,6 +432,34 @@ def test_duplicates_without_timestamps_keep_the_last_row(tmp_path: Path) -> None
     assert any("dropped 1 duplicate" in note and "file order" in note for note in data.notes)
 
 
+def test_repeats_summed_count_each_purchase_on_the_latest_row(tmp_path: Path) -> None:
+    # Prepare: purchases with a quantity column, and a log without one (each row counts 1)
+    rows = [("a", "x", 2, 100), ("a", "x", 5, 300), ("a", "x", 3, 200), ("b", "x", 4, 50),
+            ("b", "x", 1, 10), ("b", "y", 3, 20), ("c", "y", 7, 5)]  # fmt: skip
+    text = HEADER_TS + "".join(f"{u},{i},{q},{t}\n" for u, i, q, t in rows)
+    frame = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+    oracle = frame.groupby(["user", "item"]).agg(
+        rating=("rating", "sum"), last=("timestamp", "max")
+    )
+
+    # Execute
+    summed = _read_csv_text(tmp_path, text, rating_scale=(1.0, 10.0), repeats="sum")
+    counted = _read_csv_text(tmp_path, text, rating_col=None, repeats="sum")
+    latest = _read_csv_text(tmp_path, text, rating_scale=(1.0, 10.0))
+
+    # Assert
+    assert _rows(summed) == oracle["rating"].astype(float).to_dict()
+    assert _rows(counted) == frame.groupby(["user", "item"]).size().astype(float).to_dict()
+    assert _rows(latest) == {("a", "x"): 5.0, ("b", "x"): 4.0, ("b", "y"): 3.0, ("c", "y"): 7.0}
+    stamps = summed.frame.assign(
+        user=summed.user_ids[summed.frame[USER]], item=summed.item_ids[summed.frame[ITEM]]
+    ).set_index(["user", "item"])[TIMESTAMP]
+    assert stamps.sort_index().tolist() == oracle["last"].tolist()  # the latest row stands
+    assert any(
+        "added 3 repeated (user, item) rows to the latest of each" in n for n in summed.notes
+    )
+
+
 def test_string_ids_round_trip_stripped_and_leading_zeros_kept(tmp_path: Path) -> None:
     # Prepare
     text = HEADER + "007,x1,4\n  alice ,x2,3\nbob,x1,5\n"
