@@ -15,7 +15,9 @@ each request it has not answered, it:
    and computes the answer with the family's own client functions: a private family's random
    streams (DP noise, users' sampling coins) come from this process's OS entropy;
 4. keeps the answer on disk before sending it (:class:`models.sites.answers.SiteRecord`), uploads
-   its npz and posts a signed answer manifest on the requesting task run, with a log line there.
+   its npz and posts a signed answer manifest on the requesting task run, with a log line there;
+   its own log line also names what the answer holds (arrays by name, dtype and shape, fields by
+   name, never a value: :mod:`models.sites.contents`).
 
 Asked again for an exchange it answered (a retry, a resumed run, a restart of this process) the
 site sends the kept bytes; asked the same exchange about another global state, a private site
@@ -33,6 +35,7 @@ import re
 import signal
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +81,7 @@ from models.sites.catalogue import (
     read_item_arrays,
     site_client,
 )
+from models.sites.contents import describe_answer
 from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ALIVE,
@@ -364,7 +368,8 @@ class Site:
         self._log(
             request,
             f"{self.name} answered {_describe(request)} ({ref.bytes} bytes up)",
-            local=f"{info['seconds']:.2f} s",  # sealed to the coordinator: not on the API
+            # the seconds and what the answer holds are sealed to the coordinator: not on the API
+            local=f"{info['seconds']:.2f} s; {_contents(data, info)}",
         )
 
     def _refuse(self, request: RoundRequest, reason: str, detail: str = "") -> None:
@@ -705,6 +710,15 @@ def _describe(request: RoundRequest) -> str:
     if request.kind in ("train", "secagg"):
         return exchange_name(request.kind, request.phase, request.round)
     return " ".join(part for part in (request.kind, request.label) if part)
+
+
+def _contents(data: bytes, info: dict[str, Any]) -> str:
+    """What an answer holds, for the site's own log: its arrays' names, dtypes and shapes and
+    its fields' names, read from the bytes it sends (:mod:`models.sites.contents`)."""
+    try:
+        return describe_answer(data, info)
+    except (ValueError, zipfile.BadZipFile) as err:  # the answer is sent: only its line lacks it
+        return f"contents not described: {err}"
 
 
 def _short(data: bytes) -> str:

@@ -703,3 +703,63 @@ def test_a_private_answer_is_counted_on_the_api_without_the_figures_of_the_sites
     assert line == "shop-a: counted this full release against its users' budget"
     own = [r.getMessage() for r in caplog.records if "against its users' budget" in r.getMessage()]
     assert len(own) == 1 and re.search(r"this run has spent epsilon [0-9.]+ of it", own[0])
+
+
+def _own_answer_line(caplog, what: str) -> str:
+    (line,) = [
+        r.getMessage() for r in caplog.records if f"shop-a answered {what} (" in r.getMessage()
+    ]
+    return line
+
+
+def _without_digits_but(line: str, named: list[str]) -> str:
+    """The part of ``line`` after its seconds, ``named`` taken out: what is left has no number
+    to hold a value."""
+    line = line.split(" s; ", 1)[1]
+    for part in named:
+        line = line.replace(part, "")
+    return line
+
+
+def test_a_sites_own_log_names_what_its_answer_holds_and_the_api_line_does_not(world, caplog):
+    """A site's operator audits what left the site in its own log: each array the answer sends
+    by name, dtype and shape, and the names of its metrics, evaluation sums and sealed fields,
+    none of their values. The line on the Prefect API, which every reader there sees, stays as
+    it was: that the site answered and how many bytes it uploaded."""
+    transport, key, start = world
+    with caplog.at_level(logging.INFO, logger="fedrec.site"):
+        request, digest = _ask(transport, family=PLAIN)
+        start(allow_exact=True).poll_once()
+    data, info = _opened(transport, key, request, digest)
+    arrays = decode_arrays(data, max_bytes=10**7)
+    update, evaluations = check_answer_arrays(arrays, client_id=1, n_items=len(ITEMS))
+    shown = [
+        f"{name} {array.dtype}[{'x'.join(str(n) for n in array.shape)}]"
+        for name, array in arrays.items()
+        if name != "header"
+    ]
+    assert "array.gram float64[" in " ".join(shown) and update.metrics  # the oracle is not empty
+
+    own = _own_answer_line(caplog, "train round 1")
+    assert all(part in own for part in shown)
+    names = [*update.metrics, *evaluations["valid"][0], *info]
+    assert all(re.search(rf"\b{re.escape(name)}\b", own) for name in names)
+    assert not re.search(r"\d", _without_digits_but(own, shown))  # no value, of any field
+    for value in [*update.metrics.values(), *evaluations["valid"][0].values(), info["seconds"]]:
+        assert repr(value) not in own.split(" s; ", 1)[1]
+    (api,) = [line for line in transport.logs if "answered train round 1" in line]
+    assert re.fullmatch(r"shop-a answered train round 1 \(\d+ bytes up\)", api)
+    assert not any(re.search(rf"\b{re.escape(part)}\b", api) for part in [*shown, *names, "sent"])
+
+
+def test_a_sites_own_log_names_what_its_enrolment_holds_and_not_its_noisy_count(world, caplog):
+    transport, key, start = world
+    with caplog.at_level(logging.INFO, logger="fedrec.site"):
+        request, digest = _enrol(transport)
+        start().poll_once()
+    items, info = _enrolment(transport, key, request, digest)
+    own = _own_answer_line(caplog, "enroll")
+    assert items.size == 0 and "sent: items int64[0]; info " in own
+    assert all(re.search(rf"\b{name}\b", own) for name in info)
+    assert not re.search(r"\d", _without_digits_but(own, ["int64[0]"]))  # n_users not there
+    assert not any("sent" in line or "n_users" in line for line in transport.logs)

@@ -6,6 +6,8 @@ counts the full noise only for an update it holds and masks among peers whose ke
 
 import base64
 import json
+import logging
+import re
 import threading
 from dataclasses import replace
 
@@ -203,6 +205,40 @@ def test_three_sites_unmask_to_the_plain_sum_and_no_single_update_reaches_the_co
         pieces = (dense[start : start + 8].tobytes(), encoded[start : start + 8].tobytes())
         blobs = list(secure.transport.blobs.values()) + secure_round.received
         assert not any(piece in blob for piece in pieces for blob in blobs)
+
+
+def test_a_sites_own_log_names_each_secure_step_message_and_the_api_line_does_not(world, caplog):
+    """A site's operator reads in its own log what each secure-aggregation step sent: the
+    protocol message's kind, its arrays by dtype and length (the masked vector) and its fields
+    by name, never a value; the run's line on the Prefect API says only that it answered."""
+    coordinator, specs, _, _ = world
+    secure = coordinator("audited")
+    with caplog.at_level(logging.INFO, logger="fedrec.site"):
+        _, _, masked = _secure_round(secure, specs)
+    steps = ("advertise", "share", "mask", "sign", "unmask")
+    own = {}
+    for step in steps:
+        what = f"shop-a answered secagg {step} round 1 ("
+        (own[step],) = [r.getMessage() for r in caplog.records if what in r.getMessage()]
+    assert re.search(  # shop-a is client 0
+        rf"; sent: message uint8\[\d+\] \(masked-input message: vector "
+        rf"uint64\[{masked[0].size}\], fields client_id\); info private, seconds\)$",
+        own["mask"],
+    )
+    assert (
+        "(advertise-keys message, fields client_id, c_public, s_public, signature)"
+        in (own["advertise"])
+    )
+    assert "(encrypted-shares message, fields sender, ciphertexts)" in own["share"]
+    assert "(survivor-signature message, fields client_id, signature)" in own["sign"]
+    assert "(unmask-shares message, fields client_id, b_shares, s_shares)" in own["unmask"]
+    for line in own.values():  # the numbers left are the lengths of what was sent
+        described = line.split(" s; ", 1)[1]
+        assert not re.search(r"\d", re.sub(r"uint(8|64)\[\d+\]", "", described))
+    api = [line for line in secure.transport.logs if "shop-a answered secagg" in line]
+    assert len(api) == len(steps) and all(
+        re.fullmatch(r"shop-a answered secagg \w+ round 1 \(\d+ bytes up\)", line) for line in api
+    )
 
 
 def test_a_site_refuses_round_keys_not_signed_by_a_registered_site_key(world):
