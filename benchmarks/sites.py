@@ -51,10 +51,11 @@ from benchmarks.common import machine, median, print_table, write_json
 
 SEED = 0
 SITE_READY = "polling"  # what `fedrec site run` logs once its rows are loaded
-# `fedrec site run` logs one line per answer: "<site> answered <kind> [<phase>] round <r> (<n> bytes up, <s> s)"
+# `fedrec site run` logs one line per answer:
+# "<site> answered <kind> [<phase>] round <r> (<n> bytes up) (<s> s; sent: <what the answer holds>)"
 ANSWERED = re.compile(
     r"(?P<site>[a-z0-9-]+) answered (?P<kind>\w+) (?P<phase>\S*) ?round (?P<round>\d+) "
-    r"\((?P<bytes>\d+) bytes up, (?P<seconds>[\d.]+) s\)"
+    r"\((?P<bytes>\d+) bytes up\) \((?P<seconds>[\d.]+) s[;)]"
 )
 STATE_FILE = re.compile(r"state-[0-9a-f]{16}\.npz")
 
