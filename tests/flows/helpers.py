@@ -111,3 +111,41 @@ def secagg_update(c: int):
         {"gram": rng.normal(size=(2, 6)), "rhs": rng.normal(size=(2, 3))},
         {"train_sse": 1.5 + c, "train_n": 3.0},
     )
+
+
+def final_checkpoint(workspace: str, step: int) -> dict[str, Any]:
+    """The arrays of a kept run's checkpoint after its last step, ``step``: the one checkpoint
+    a finished run leaves in its workspace (each checkpoint deletes the earlier ones)."""
+    import numpy as np
+
+    files = sorted((Path(workspace) / "checkpoints").glob("round-*.npz"))
+    assert [f.name for f in files] == [f"round-{step:04d}.npz"], files
+    with np.load(files[0], allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    assert int(arrays["progress"][0]) == step
+    return arrays
+
+
+def workspace_clients(workspace: str) -> list[Any]:
+    """Every client's partition of a kept workspace (a ``ClientData`` each), read as the
+    client tasks read them."""
+    from models.data.partitions import read_item_ids, read_manifest
+    from tasks.clients import open_client
+
+    n_items = len(read_item_ids(workspace))
+    return [open_client(workspace, e, n_items) for e in read_manifest(workspace).clients]
+
+
+def censored_noise_ratio(released: Any, mean: Any, variance: Any) -> float:
+    """``sum (x - E x)^2 / sum Var x`` over the entries of ``released``, for ``x = max(y, 0)``
+    with ``y ~ N(mean, variance)`` per entry (a noisy count floored at 0): about 1 when the
+    values were drawn so, far below 1 when they carry less noise (exact counts: their spread
+    is only what ``variance`` adds beyond the noise), far above when they carry more."""
+    import numpy as np
+    from scipy.stats import norm
+
+    m, s = np.asarray(mean, dtype=np.float64), np.sqrt(np.asarray(variance, dtype=np.float64))
+    a = m / s
+    first = m * norm.cdf(a) + s * norm.pdf(a)
+    second = (m**2 + s**2) * norm.cdf(a) + m * s * norm.pdf(a)
+    return float(np.sum((np.asarray(released) - first) ** 2) / np.sum(second - first**2))

@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from fedrec.config import TrainingConfig
-from models.privacy.dp import epsilon
-from tests.flows.helpers import tracking_store
+from models.data.partitions import read_item_ids
+from models.privacy.dp import UserLevelDP, epsilon
+from tests.flows.helpers import (
+    censored_noise_ratio,
+    final_checkpoint,
+    tracking_store,
+    workspace_clients,
+)
 
 # the runs below train the same users: the ledger's caps (epsilon, delta) fit them all
 SMALL = {"synthetic_users": 400, "synthetic_items": 120, "synthetic_interactions": 12_000,
@@ -65,21 +72,87 @@ def test_dp_with_client_sampling_spends_the_budget_with_less_noise(store):
         assert _history(store, run["run_id"], "system/clients") == [4.0] * SMALL["rounds"]
 
 
-def test_dp_with_per_user_clients_in_cohorts(store):
-    summary = _run(store, model_name="dp-per-user", partition="per-user", cohort_size=100,
-                   client_fraction=0.3, dp_epsilon=4.0)  # fmt: skip
+def _expected_answers(state: dict, items: np.ndarray, ratings: np.ndarray, reg: float, k: int):
+    """A user's top ``k`` unseen items and their raw scores, by hand from the item parameters
+    ``state`` and the user's history: the user's factors and bias are the ridge regression
+    (``reg`` per history row on every coordinate) of ``r - mu - b_i`` on ``[q_i, 1]``."""
+    q, b, mu = state["factors"], state["bias"], float(state["global_mean"])
+    x = np.column_stack([q[items], np.ones(items.size)])
+    solution = np.linalg.solve(
+        x.T @ x + reg * items.size * np.eye(x.shape[1]), x.T @ (ratings - mu - b[items])
+    )
+    scores = mu + solution[-1] + b + q @ solution[:-1]
+    scores[items] = -np.inf
+    best = np.argsort(-scores, kind="stable")[:k]
+    return best, scores[best]
 
-    _check_spent(store, summary["run_id"], 4.0, 0.3)
+
+def test_dp_with_per_user_clients_in_cohorts(store):
+    fields = {"model_name": "dp-per-user", "partition": "per-user", "cohort_size": 100,
+              "client_fraction": 0.3, "dp_epsilon": 4.0, "keep_workspace": True}  # fmt: skip
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | fields))
+    summary = _run(store, **fields)
+
+    sigma = _check_spent(store, summary["run_id"], 4.0, 0.3)
     assert _history(store, summary["run_id"], "privacy/delta")[-1] == pytest.approx(1 / 400)
     # the four cohorts of 100 answered every round; how many of their users flipped heads on
     # their 30% coin is not reported to the server under DP
     assert _history(store, summary["run_id"], "system/clients") == [4.0] * SMALL["rounds"]
     mlflow.set_tracking_uri(store["uri"])
-    # the registered version, promoted or not: at 400 users the noisy evaluation release decides
-    # the baseline gate by chance
-    version_uri = f"models:/dp-per-user/{summary['model_version']}"
-    model = mlflow.pyfunc.load_model(version_uri).unwrap_python_model()
-    assert np.isfinite(model.recommender.params.factors).all()
     version = store["client"].get_model_version("dp-per-user", summary["model_version"])
+    assert version.run_id == summary["run_id"]
     assert version.tags["fedrec.epsilon"] == "4.0"
     assert "; epsilon 4; " in version.description
+    # the registered version, promoted or not: at 400 users the noisy evaluation release decides
+    # the baseline gate by chance
+    loaded = mlflow.pyfunc.load_model(f"models:/dp-per-user/{summary['model_version']}")
+    served = loaded.unwrap_python_model().recommender
+
+    # what is served is the run's state after its last step, as its checkpoint holds it
+    workspace = summary["workspace"]
+    state = final_checkpoint(workspace, SMALL["rounds"])
+    np.testing.assert_array_equal(served.params.factors, state["factors"])
+    np.testing.assert_array_equal(served.params.bias, state["bias"])
+    assert served.params.global_mean == float(state["global_mean"])
+    np.testing.assert_array_equal(served.popularity, state["popularity"])
+    item_ids = read_item_ids(workspace).astype(str)
+    np.testing.assert_array_equal(served.item_ids, item_ids)
+
+    # the pyfunc answers three users from those parameters and their training rows, as numpy
+    # computes it by hand
+    clients = workspace_clients(workspace)
+    rows = clients[0].rows("train")
+    users = np.unique(rows.users)[:3]
+    mine = [rows.users == u for u in users]
+    requests = pd.DataFrame({
+        "user_id": [str(clients[0].user_ids[u]) for u in users],
+        "history_items": [list(item_ids[rows.items[m]]) for m in mine],
+        "history_ratings": [list(rows.ratings[m]) for m in mine],
+    })  # fmt: skip
+    answers = loaded.predict(requests, params={"k": 5})
+    reg = config.mf_config().reg
+    for user, m in zip(requests["user_id"], mine, strict=True):
+        got = answers[answers["user_id"] == user].sort_values("rank")
+        best, scores = _expected_answers(state, rows.items[m], rows.ratings[m], reg, 5)
+        assert list(got["item_id"]) == list(item_ids[best])
+        expected = np.clip(scores, *served.rating_scale)
+        np.testing.assert_allclose(got["score"].astype(float), expected, rtol=1e-9)
+
+    # the popularity of the cold-start list is the last round's noisy counts: each item's
+    # count over the users whose coin came up (its mean: 30% of the users' weights, its
+    # sampling variance 0.3 x 0.7 of their squares), plus each cohort's noise of the logged
+    # multiplier times one user's sensitivity, floored at 0
+    dp = UserLevelDP(sigma, config.dp_max_items)
+    weights = np.zeros(len(item_ids))
+    squares = np.zeros(len(item_ids))
+    for client in clients:
+        train = client.rows("train")
+        w = np.minimum(1.0, np.sqrt(config.dp_max_items / np.bincount(train.users)))[train.users]
+        weights += np.bincount(train.items, weights=w, minlength=len(item_ids))
+        squares += np.bincount(train.items, weights=w**2, minlength=len(item_ids))
+    q = config.client_fraction
+    noise = len(clients) * (sigma * dp.factor_sensitivity) ** 2
+    ratio = censored_noise_ratio(served.popularity, q * weights, q * (1 - q) * squares + noise)
+    # about 1 (these counts' 0.01% to 99.99% range, simulated: 0.6 to 1.55); exact counts give
+    # about 0.01, half the noise 0.3, twice the noise 3.3
+    assert 0.5 < ratio < 2.0, ratio

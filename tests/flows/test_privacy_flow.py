@@ -9,10 +9,13 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 
 from fedrec.config import TrainingConfig
 from models.client import ClientData
+from models.data.partitions import read_item_ids
+from models.privacy.dp import UserLevelDP
 from models.protocol import (
     EVALUATION_SUMS,
     GLOBAL_ARRAYS,
@@ -20,7 +23,12 @@ from models.protocol import (
     UPDATE_METRICS,
     ClientUpdate,
 )
-from tests.flows.helpers import tracking_store
+from tests.flows.helpers import (
+    censored_noise_ratio,
+    final_checkpoint,
+    tracking_store,
+    workspace_clients,
+)
 
 SMALL = {"synthetic_users": 300, "synthetic_items": 120, "synthetic_interactions": 9_000,
          "clients": 3, "factors": 3, "rounds": 2, "skip_if_unchanged": False}  # fmt: skip
@@ -300,9 +308,21 @@ def test_dp_run_logs_epsilon_and_the_ledger_refuses_past_the_budget(own_store):
     assert len(client.search_model_versions("name='private'")) == 1
 
 
+def _implicit_scores(
+    factors: np.ndarray, items: np.ndarray, reg: float, alpha: float
+) -> np.ndarray:
+    """Every item's implicit-ALS score for a user whose history is ``items``, by hand: the user's
+    factor ``x = (Y^T Y + alpha Y_h^T Y_h + reg I)^-1 (1 + alpha) Y_h^T 1``, scores ``Y x``."""
+    history = factors[items]
+    gram = factors.T @ factors + alpha * history.T @ history + reg * np.eye(factors.shape[1])
+    return factors @ np.linalg.solve(gram, (1.0 + alpha) * history.sum(axis=0))
+
+
 def test_dp_implicit_run_spends_its_epsilon_and_serves_implicit_als_alone(own_store):
     store = own_store
-    summary = _run(store, model_name="private-ranking", dp_epsilon=4.0, rounds=3, **IMPLICIT)
+    fields = {"model_name": "private-ranking", "dp_epsilon": 4.0, "rounds": 3, **IMPLICIT}
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | fields))
+    summary = _run(store, **fields)
 
     client = store["client"]
     spent = [m.value for m in client.get_metric_history(summary["run_id"], "privacy/epsilon")]
@@ -313,12 +333,61 @@ def test_dp_implicit_run_spends_its_epsilon_and_serves_implicit_als_alone(own_st
     beats = metrics["valid/ndcg_at_10"] >= metrics["baseline/valid/ndcg_at_10"]
     assert summary["promoted"] is beats, (metrics, summary["reason"])
     mlflow.set_tracking_uri(store["uri"])
-    uri = f"models:/private-ranking/{summary['model_version']}"
-    model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    version = client.get_model_version("private-ranking", summary["model_version"])
+    assert version.run_id == summary["run_id"]
+    assert version.tags["fedrec.epsilon"] == "4.0"
+    loaded = mlflow.pyfunc.load_model(f"models:/private-ranking/{summary['model_version']}")
+    model = loaded.unwrap_python_model()
     retrieval = model.recommender.retrieval
     assert retrieval.similarity is None and model.recommender.ranker is None
-    assert np.isfinite(retrieval.item_factors).all()
-    version = client.get_model_version("private-ranking", summary["model_version"])
-    assert version.tags["fedrec.epsilon"] == "4.0"
+
+    # what is served is the run's state after its last round, as its checkpoint holds it
+    workspace = summary["workspace"]
+    state = final_checkpoint(workspace, 3)
+    np.testing.assert_array_equal(retrieval.item_factors, state["factors"])
+    np.testing.assert_array_equal(retrieval.popularity, state["popularity"])
+    item_ids = read_item_ids(workspace).astype(str)
+    np.testing.assert_array_equal(model.recommender.item_ids, item_ids)
+
+    # the pyfunc answers three users with the implicit-ALS scores of those factors and their
+    # training rows, computed by hand; an unseen item scored as high as an answer may stand in
+    # for it (items whose noisy count the run zeroed all score 0)
+    clients = workspace_clients(workspace)
+    rows = clients[0].rows("train")
+    users = np.unique(rows.users)[:3]
+    histories = [rows.items[rows.users == u] for u in users]
+    requests = pd.DataFrame({
+        "user_id": [str(clients[0].user_ids[u]) for u in users],
+        "history_items": [list(item_ids[h]) for h in histories],
+    })  # fmt: skip
+    answers = loaded.predict(requests, params={"k": 5})
+    rc, index = config.ranking_config(), {item: i for i, item in enumerate(item_ids)}
+    for user, history in zip(requests["user_id"], histories, strict=True):
+        got = answers[answers["user_id"] == user].sort_values("rank")
+        scores = _implicit_scores(state["factors"], history, rc.reg, rc.alpha)
+        scores[history] = -np.inf
+        answered = np.array([index[i] for i in got["item_id"]])
+        assert not set(answered) & set(history)
+        np.testing.assert_allclose(got["score"].astype(float), scores[answered], rtol=1e-9)
+        best = np.sort(scores)[::-1][:5]
+        np.testing.assert_allclose(got["score"].astype(float), best, rtol=1e-9, atol=1e-12)
+
+    # the popularity of the cold-start list is the last round's noisy counts: each item's
+    # count over at most dp_max_items sampled rows per user, plus each client's noise of the
+    # logged multiplier times one user's sensitivity, floored at 0
+    sigma = client.get_metric_history(summary["run_id"], "privacy/noise_multiplier")[-1].value
+    dp = UserLevelDP.for_implicit(sigma, config.dp_max_items, shares=1)
+    kept = np.zeros(len(item_ids))  # the expected count: each row kept with p
+    spread = np.zeros(len(item_ids))  # its variance: p (1 - p) per row
+    for data in clients:
+        train = data.rows("train")
+        p = np.minimum(1.0, config.dp_max_items / np.bincount(train.users))[train.users]
+        kept += np.bincount(train.items, weights=p, minlength=len(item_ids))
+        spread += np.bincount(train.items, weights=p * (1 - p), minlength=len(item_ids))
+    noise = len(clients) * (sigma * dp.implicit_sensitivity(rc.alpha)) ** 2
+    ratio = censored_noise_ratio(retrieval.popularity, kept, spread + noise)
+    # about 1 (these counts' 0.01% to 99.99% range, simulated: 0.6 to 1.55); exact counts give
+    # about 0.01, half the noise 0.3, twice the noise 3.3
+    assert 0.5 < ratio < 2.0, ratio
     with pytest.raises(ValueError, match="differential privacy covers implicit ALS only"):
         TrainingConfig(feedback="implicit", ranker="lightgbm", dp_epsilon=4.0)
