@@ -149,3 +149,35 @@ def censored_noise_ratio(released: Any, mean: Any, variance: Any) -> float:
     first = m * norm.cdf(a) + s * norm.pdf(a)
     second = (m**2 + s**2) * norm.cdf(a) + m * s * norm.pdf(a)
     return float(np.sum((np.asarray(released) - first) ** 2) / np.sum(second - first**2))
+
+
+def summed_answers(workspace: str, phase: str, round_: int) -> dict[str, Any]:
+    """The sum of every client's answer to one round of a private run, as the clients kept
+    them beside their partitions: ``counts`` and each array (a private answer covers every
+    item, so the sums are element-wise)."""
+    import numpy as np
+
+    from models.data.partitions import read_manifest
+    from models.protocol import answer_from_arrays
+
+    files = sorted((Path(workspace) / "clients").glob(f"*.answer-{phase}-{round_:04d}.npz"))
+    assert len(files) == read_manifest(workspace).n_clients, files
+    total: dict[str, Any] = {}
+    for path in files:
+        with np.load(path, allow_pickle=False) as data:
+            update, _ = answer_from_arrays({name: data[name] for name in data.files})
+        assert np.array_equal(update.items, np.arange(update.items.size))
+        for name, value in {"counts": update.counts, **update.arrays}.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
+
+
+def unpacked(packed: Any, k: int) -> Any:
+    """Symmetric (n, k, k) matrices from their upper triangles, row by row ((n, k(k+1)/2))."""
+    import numpy as np
+
+    rows, cols = np.triu_indices(k)
+    out = np.zeros((packed.shape[0], k, k))
+    out[:, rows, cols] = packed
+    out[:, cols, rows] = packed
+    return out

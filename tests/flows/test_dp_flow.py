@@ -17,7 +17,9 @@ from models.privacy.dp import UserLevelDP, epsilon
 from tests.flows.helpers import (
     censored_noise_ratio,
     final_checkpoint,
+    summed_answers,
     tracking_store,
+    unpacked,
     workspace_clients,
 )
 
@@ -151,6 +153,19 @@ def test_dp_with_per_user_clients_in_cohorts(store):
         weights += np.bincount(train.items, weights=w, minlength=len(item_ids))
         squares += np.bincount(train.items, weights=w**2, minlength=len(item_ids))
     q = config.client_fraction
+    # and it is the sum of the cohorts' last answers, from which the served factors are solved
+    # by hand: each item's summed noisy Gram projected onto the PSD cone, a ridge of reg per
+    # noisy count plus 3 noise deviations x sqrt(k), zero factors below 4 deviations of count
+    answers = summed_answers(workspace, "train", SMALL["rounds"])
+    np.testing.assert_allclose(served.popularity, np.maximum(answers["counts"], 0.0), rtol=1e-12)
+    deviation, k = sigma * dp.factor_sensitivity, SMALL["factors"]
+    values, vectors = np.linalg.eigh(unpacked(answers["gram"], k))
+    grams = (vectors * np.maximum(values, 0.0)[:, None, :]) @ np.swapaxes(vectors, 1, 2)
+    ridge = reg * np.maximum(answers["counts"], 0.0) + 3.0 * deviation * np.sqrt(k)
+    solved = np.linalg.solve(grams + ridge[:, None, None] * np.eye(k), answers["rhs"][..., None])
+    factors = np.where((answers["counts"] >= 4.0 * deviation)[:, None], solved[..., 0], 0.0)
+    np.testing.assert_allclose(served.params.factors, factors, rtol=1e-9, atol=1e-12)
+    assert np.abs(factors).sum(axis=1).astype(bool).any()
     noise = len(clients) * (sigma * dp.factor_sensitivity) ** 2
     ratio = censored_noise_ratio(served.popularity, q * weights, q * (1 - q) * squares + noise)
     # about 1 (these counts' 0.01% to 99.99% range, simulated: 0.6 to 1.55); exact counts give

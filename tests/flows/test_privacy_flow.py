@@ -26,7 +26,9 @@ from models.protocol import (
 from tests.flows.helpers import (
     censored_noise_ratio,
     final_checkpoint,
+    summed_answers,
     tracking_store,
+    unpacked,
     workspace_clients,
 )
 
@@ -384,6 +386,18 @@ def test_dp_implicit_run_spends_its_epsilon_and_serves_implicit_als_alone(own_st
         p = np.minimum(1.0, config.dp_max_items / np.bincount(train.users))[train.users]
         kept += np.bincount(train.items, weights=p, minlength=len(item_ids))
         spread += np.bincount(train.items, weights=p * (1 - p), minlength=len(item_ids))
+    # and it is the sum of the clients' last answers, from which the served factors are solved
+    # by hand: each item's summed noisy Gram plus the summed noisy user Gram, a ridge of reg
+    # plus 4 noise deviations x sqrt(k), zero factors below 4 deviations of count
+    answers = summed_answers(workspace, "als", 3)
+    np.testing.assert_allclose(retrieval.popularity, np.maximum(answers["counts"], 0.0), rtol=1e-12)
+    deviation, k = sigma * dp.implicit_sensitivity(rc.alpha), IMPLICIT["factors"]
+    ridge = rc.reg + 4.0 * deviation * np.sqrt(k)
+    grams = unpacked(answers["gram"], k) + answers["user_gram"] + ridge * np.eye(k)
+    solved = np.linalg.solve(grams, answers["rhs"][..., None])[..., 0]
+    factors = np.where((answers["counts"] >= 4.0 * deviation)[:, None], solved, 0.0)
+    np.testing.assert_allclose(retrieval.item_factors, factors, rtol=1e-9, atol=1e-12)
+    assert np.abs(factors).sum(axis=1).astype(bool).any()
     noise = len(clients) * (sigma * dp.implicit_sensitivity(rc.alpha)) ** 2
     ratio = censored_noise_ratio(retrieval.popularity, kept, spread + noise)
     # about 1 (these counts' 0.01% to 99.99% range, simulated: 0.6 to 1.55); exact counts give
