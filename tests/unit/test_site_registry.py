@@ -164,7 +164,7 @@ def test_a_published_catalogue_is_read_relative_to_the_sites_file(keys):
     assert parse_registry(raw | {"catalogue": "items.csv"}, base).catalogue.tolist() == [3, 7]
     (base / "items.csv").write_text("item_id\n7\nx7\n")  # product codes: a text catalogue
     assert parse_registry(raw | {"catalogue": "items.csv"}, base).catalogue.tolist() == ["7", "x7"]
-    (base / "items.csv").write_text("item_id\n7\n\"\"\n")
+    (base / "items.csv").write_text('item_id\n7\n""\n')
     with pytest.raises(
         RegistryError,
         match=r"sites.yaml: catalogue .*items.csv, row 2, column 'item_id': value '' is empty",
