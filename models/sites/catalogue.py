@@ -137,7 +137,13 @@ def check_sorted_ids(ids: np.ndarray, what: str) -> np.ndarray:
     SchemaError
         If not.
     """
-    if ids.ndim != 1 or any(a >= b for a, b in pairwise(ids.tolist())):
+    if ids.ndim != 1:
+        raise SchemaError(f"{what} items must be sorted and unique")
+    if ids.dtype.kind in "iu":
+        unsorted = bool(np.any(np.diff(ids) <= 0))
+    else:
+        unsorted = any(a >= b for a, b in pairwise(ids.tolist()))
+    if unsorted:
         raise SchemaError(f"{what} items must be sorted and unique")
     return ids
 
