@@ -106,12 +106,14 @@ def code_version() -> str:
 
 
 def _run_name(config: TrainingConfig, clients: int | None = None) -> str:
-    """``als-k32-10c-10r``: the model, its factors, the clients (``clients`` when given: the
-    sites that enrolled) and the rounds."""
+    """``als-k32-10c-10r``: the model, its width (factors; a network's latent units), the clients
+    (``clients`` when given: the sites that enrolled) and the rounds."""
     if clients is None and config.clients is None:  # by-key, one client per value
         n = f"by-{config.partition_key}"
     else:
         n = f"{config.clients if clients is None else clients}c"
+    if config.implicit_model == "neural":  # mult-dae-z200-10c-10r
+        return f"mult-{config.neural_network}-z{config.neural_latent}-{n}-{config.rounds}r"
     if config.feedback == "implicit":
         model = "ials+knn" + ("+lgbm" if config.ranker != "none" else "")
         return f"{model}-k{config.ranking_config().n_factors}-{n}-{config.rounds}r"

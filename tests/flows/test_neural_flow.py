@@ -55,6 +55,8 @@ def test_the_flow_registers_the_network_the_reference_loop_trains(store, trained
 
     steps = store["client"].get_metric_history(summary["run_id"], "valid/ndcg_at_10")
     assert sorted(m.step for m in steps) == [1, 2, 3]
+    # named after the network, not the two-stage family's retrieval models
+    assert store["client"].get_run(summary["run_id"]).info.run_name == "mult-dae-z16-3c-3r"
 
 
 def test_the_served_network_recommends_unseen_items_with_reasons(store, trained):
