@@ -58,10 +58,10 @@ _REASONS = {
         ("slim_score", "slim_rank", "slim_z", "slim_gap"),
     ),
     "popularity": ("popular with everyone", ("item_popularity",)),
-    "genre": ("in genres you watch often", ("genre_affinity",)),
-    "year": ("from years you watch often", ("item_year",)),
+    "genre": ("in genres you often choose", ("genre_affinity",)),
+    "year": ("from years you often choose", ("item_year",)),
     "people": ("popular with people like you", ("user_age", "user_gender", "user_occupation")),
-    "activity": ("suits how much you watch", ("user_activity",)),
+    "activity": ("suits how active you are", ("user_activity",)),
 }
 
 
@@ -164,7 +164,9 @@ class RankingRecommender(ServedItems):
         """Top-``k`` unseen items per request row (``user_id``, ``history_items``), with reasons.
 
         Optional columns ``age``, ``gender``, ``occupation`` feed the re-ranker. A history with no
-        known item gets the most popular items, with score NaN and that reason. A row with an
+        known item gets the most popular items, with score NaN and that reason. Past the
+        candidates (``k`` above what the retrieval models' top-N give), a list goes on in the base
+        retrieval model's order, with score NaN and that reason. A row with an
         ``items`` list gets those items scored instead, best first (``rank`` counts from 1 and
         ``k`` does not apply); an item it cannot score (unknown, already in the history, or a history with
         no known item) gets score NaN and the reason.
@@ -279,7 +281,31 @@ class RankingRecommender(ServedItems):
             out.setdefault(int(candidates.users[row]), []).append(
                 (int(candidates.items[row]), float(scores[row]), reason)
             )
+        short = np.array([u for u in users if len(out.get(int(u), ())) < k], dtype=np.int64)
+        if short.size:
+            self._beyond_candidates(history, (exclude + seen).tocsr(), short, k, out)
         return out
+
+    def _beyond_candidates(
+        self,
+        history: sparse.csr_matrix,
+        exclude: sparse.csr_matrix,
+        users: np.ndarray,
+        k: int,
+        out: dict[int, list[tuple[int, float, str]]],
+    ) -> None:
+        """Fill each of ``users``' lists up to ``k`` after its candidates, in the base retrieval
+        model's order: the candidates' ranking is unchanged whatever ``k`` is. The re-ranker has
+        not scored these items: score NaN, and the reason says so."""
+        base = getattr(self.retrieval, f"{self.base}_scores")(history[users])
+        why = f"beyond the {self.retrieval.n_candidates} candidates of each retrieval model: "
+        why += f"ranked by {BASES[self.base]}, not scored"
+        for n, u in enumerate(users.tolist()):
+            listed = out.setdefault(u, [])
+            excluded = exclude[u].toarray().ravel() > 0
+            excluded[[item for item, _, _ in listed]] = True
+            best, _ = top_k(base[n], excluded, k - len(listed))
+            listed.extend((int(i), float("nan"), why) for i in best)
 
     def _title(self, item: int) -> str:
         if self.titles is not None and isinstance(self.titles[item], str) and self.titles[item]:

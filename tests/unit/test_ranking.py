@@ -346,6 +346,20 @@ def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     assert not deep.reason.isin(
         ["fits the pattern of your whole history", "popular with people like you"]
     ).any()
+    # past the candidates a list goes on in implicit ALS's order, unscored: every unseen item
+    whole = loaded.recommend(requests.iloc[:1], k=data.n_items)
+    assert len(whole) == data.n_items - len(history) and whole.item_id.is_unique
+    pd.testing.assert_frame_equal(whole.iloc[:5][columns], u1[columns])
+    ranked, tail = whole[whole.score.notna()], whole[whole.score.isna()]
+    assert ranked.score.is_monotonic_decreasing and len(ranked) < len(whole)
+    assert tail.index.min() == len(ranked)
+    assert (tail.reason == "beyond the 20 candidates of each retrieval model: ranked by implicit "
+            "ALS, not scored").all()  # fmt: skip
+    row = {str(item): i for i, item in enumerate(data.item_ids)}
+    known = np.zeros((1, data.n_items))
+    known[0, [row[item] for item in history]] = 1.0
+    als = model.retrieval.als_scores(sparse.csr_matrix(known))[0]
+    assert (np.diff(als[[row[item] for item in tail.item_id]]) <= 0).all()
 
     # asked items are scored as the top-K path scores them, and ranked best first: the
     # unscored ones last, in the order asked
@@ -478,6 +492,23 @@ def test_without_a_re_ranker_a_model_with_ease_recommends_centralized_eases_top_
     assert set(answer.reason) <= {
         "often chosen together with items you liked",
     } | {r for r in answer.reason if r.startswith("similar to ")}
+    # a k past the candidates (EASE's, ALS's and kNN's top 10) lists every unseen item: the
+    # candidates as ranked, then the rest in EASE's order, without a score
+    whole = model.recommend(requests, k=data.n_items)
+    for u in users:
+        expected = np.where(x[u] > 0, -np.inf, x[u] @ b)
+        mine = whole[whole.user_id == f"u{u}"]
+        assert len(mine) == (x[u] == 0).sum() and mine.item_id.is_unique
+        pd.testing.assert_frame_equal(mine.iloc[:5].reset_index(drop=True),
+                                      answer[answer.user_id == f"u{u}"].reset_index(drop=True))  # fmt: skip
+        assert mine.item_id.tolist()[:10] == list(ids[np.argsort(-expected, kind="stable")[:10]])
+        tail = mine[mine.score.isna()]
+        assert len(tail) > 0 and tail.index.min() > mine[mine.score.notna()].index.max()
+        row = {item: i for i, item in enumerate(ids)}
+        tail_scores = expected[[row[item] for item in tail.item_id]]
+        assert (np.diff(tail_scores) <= 0).all(), u  # EASE's order
+        assert (tail.reason == "beyond the 10 candidates of each retrieval model: ranked by "
+                "EASE, not scored").all()  # fmt: skip
     asked = requests.iloc[:1].assign(items=[[answer.item_id.iloc[0]]])
     assert model.recommend(asked).reason.tolist() == ["asked: scored by EASE"]
     # kept with the model; one saved before the field existed ranks by implicit ALS, as it did
