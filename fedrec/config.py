@@ -238,7 +238,8 @@ class TrainingConfig(BaseModel):
     )
     ranker: Literal["none", "lightgbm"] = Field(
         "none",
-        description="implicit: re-rank retrieval candidates with a federated LightGBM ranker",
+        description="implicit: re-rank retrieval candidates with a federated LightGBM ranker "
+        "(it also reads the data's age, gender and occupation columns, where there are any)",
     )
     ranker_rounds: int = Field(
         _RANKER.rounds, ge=1, description="federated rounds of the re-ranker"

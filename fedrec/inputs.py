@@ -23,14 +23,28 @@ FILE_OPTIONS = ("user_col", "item_col", "rating_col", "timestamp_col", "rating_s
 
 def file_options(values: Mapping[str, Any]) -> dict[str, Any]:
     """``read_interactions``' arguments from configuration values: the column names, the
-    rating scale, and under a by-key partition its key as a column of the file that describes
-    the user (a shop's region)."""
+    rating scale, under a by-key partition its key as a column of the file that describes the
+    user (a shop's region), and for a model with the re-ranker the users' side features."""
     options = {name: values[name] for name in FILE_OPTIONS if name in values}
     if "rating_scale" in options:
         options["rating_scale"] = parse_rating_scale(options["rating_scale"])
     if values.get("partition") == "by-key" and values.get("partition_key"):
         options["user_columns"] = (values["partition_key"],)
+    if reads_user_features(values):
+        from models.data.validate import USER_SIDE_FEATURES
+
+        options["side_columns"] = USER_SIDE_FEATURES
     return options
+
+
+def reads_user_features(values: Mapping[str, Any]) -> bool:
+    """Whether a run's model reads users' age, gender and occupation (a file's columns of those
+    names): the two-stage model with its re-ranker."""
+    return (
+        values.get("feedback") == "implicit"
+        and values.get("implicit_model", "two-stage") == "two-stage"
+        and values.get("ranker") == "lightgbm"
+    )
 
 
 class InputError(ValueError):

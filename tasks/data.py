@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig
-from fedrec.inputs import file_options, synthetic_options
+from fedrec.inputs import file_options, reads_user_features, synthetic_options
 from models.client import ClientData
 from models.data.partitions import Manifest, build_clients, write_partitions
 from models.data.readers import TABLE_SUFFIXES, has_suffix, load_dataset, read_item_list
@@ -24,6 +24,7 @@ from models.data.schema import (
     with_catalogue,
 )
 from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
+from models.data.validate import USER_SIDE_FEATURES
 
 
 def _load(spec: str, config: TrainingConfig) -> Interactions:
@@ -63,14 +64,18 @@ def data_fingerprint(
     split files (``split``, each row's split code) also which split each row came from, so the
     same files under other names are unchanged and a row moved between them is not; under a
     by-key partition each user's key too, since moving a user to another client changes the
-    partition (and with it any model not solved exactly)."""
+    partition (and with it any model not solved exactly); and the users' side features where
+    the model's re-ranker reads them."""
     rows = data.fingerprint()
+    sides = []
+    if data.user_features is not None and reads_user_features(config.model_dump()):
+        sides = [c for c in USER_SIDE_FEATURES if c in data.user_features]
     by_key = (
         config.partition == "by-key"
         and data.user_features is not None
         and config.partition_key in data.user_features  # else sharding refuses it, in its words
     )
-    if split is None and not by_key:
+    if split is None and not by_key and not sides:
         return rows
     digest = hashlib.sha256(rows.encode())
     if split is not None:
@@ -87,6 +92,15 @@ def data_fingerprint(
         keys = pd.DataFrame({"user": [str(u) for u in data.user_ids],
                              "key": data.user_features[config.partition_key].astype(str).to_numpy()})  # fmt: skip
         digest.update(pd.util.hash_pandas_object(keys.sort_values("user"), index=False).to_numpy())
+    if sides:
+        assert data.user_features is not None
+        features = (
+            data.user_features[sides].astype(str).assign(user=[str(u) for u in data.user_ids])
+        )
+        digest.update(b"user features\n")
+        digest.update(
+            pd.util.hash_pandas_object(features.sort_values("user"), index=False).to_numpy()
+        )
     return digest.hexdigest()
 
 

@@ -79,6 +79,7 @@ def read_interactions(
     timestamp_col: str | None = DEFAULT_TIMESTAMP_COL,
     rating_scale: tuple[float, float] | None = (1.0, 5.0),
     user_columns: tuple[str, ...] = (),
+    side_columns: tuple[str, ...] = (),
     repeats: Literal["latest", "sum"] = "latest",
 ) -> Interactions:
     """Read a CSV or Parquet file of interactions, validate it and encode its ids.
@@ -103,6 +104,10 @@ def read_interactions(
         Columns that describe the user (a region, a site; every row of a user holds the same
         value, read as text in a CSV file), kept as ``Interactions.user_features``: what a
         ``by-key`` partition reads.
+    side_columns : tuple of str
+        Columns of :data:`~models.data.validate.USER_SIDE_FEATURES` to keep where the file has
+        them (the re-ranker's age, gender and occupation), also in ``Interactions.user_features``:
+        checked as ``validate_interactions`` says, and named in a note.
     repeats : {"latest", "sum"}
         Rows of the same (user, item): the latest stands, or the latest with the sum of their
         ratings (``validate_interactions``).
@@ -124,6 +129,8 @@ def read_interactions(
     is_parquet = has_suffix(path, PARQUET_SUFFIXES)
     text_cols = (user_col, item_col, *user_columns)
     raw = _read_parquet(path) if is_parquet else read_delimited(path, text_cols)
+    taken = {user_col, item_col, rating_col, timestamp_col, *user_columns}
+    sides = tuple(c for c in side_columns if c in raw.columns and c not in taken)
 
     notes: list[str] = []
     if rating_col is None:
@@ -145,6 +152,7 @@ def read_interactions(
             timestamp_col=timestamp_col,
             rating_scale=rating_scale,
             user_cols=tuple(user_columns),
+            side_cols=sides,
             repeats=repeats,
         )
     except DataValidationError as err:
@@ -156,9 +164,13 @@ def read_interactions(
         frame[USER] = integer_ids(frame[USER])
         frame[ITEM] = integer_ids(frame[ITEM])
     user_features = None
-    if user_columns:
-        user_features = frame.groupby(USER, sort=False)[list(user_columns)].first()
-        frame = frame.drop(columns=list(user_columns))
+    if user_columns or sides:  # first() takes each user's first value that is there
+        user_features = frame.groupby(USER, sort=False)[[*user_columns, *sides]].first()
+        frame = frame.drop(columns=[*user_columns, *sides])
+    if sides:
+        known = user_features[list(sides)].notna().any(axis=1).sum()
+        notes.append(f"user features for the re-ranker: {', '.join(sides)} ({known} of "
+                     f"{len(user_features)} users with one or more)")  # fmt: skip
     if rating_col is not None and rating_scale is None:
         ratings = frame[RATING].to_numpy()
         rating_scale = (float(ratings.min()), float(ratings.max()))

@@ -23,6 +23,34 @@ _MAX_TIMESTAMP = 2**53
 _YEAR_3000 = 32_503_680_000
 
 
+MAX_AGE = 150
+# the columns that describe a user to the two-stage model's re-ranker, in requests and in data
+USER_SIDE_FEATURES = ("age", "gender", "occupation")
+# those the re-ranker reads as a number or a code, and what it can read: another value would be
+# taken as unknown without a word (an empty cell is unknown); an occupation is any text
+USER_FEATURE_VALUES = {
+    "age": f"a number of years in [0, {MAX_AGE}], or an empty cell (unknown)",
+    "gender": "M or F (either case), or an empty cell (unknown)",
+}
+
+
+def user_feature_known(column: str, value: object) -> bool:
+    """Whether the re-ranker reads ``value`` of ``column`` (age or gender) as something it
+    knows; an empty cell (None, NaN, blank text) is unknown, not an error."""
+    if column == "gender":
+        return str(value).strip().upper() in ("M", "F")
+    try:
+        age = float(str(value).strip())
+    except ValueError:
+        return False
+    return 0 <= age <= MAX_AGE  # NaN and infinities too are outside
+
+
+def is_blank(value: object) -> bool:
+    """An empty cell: a missing value, or text of spaces only."""
+    return value is None or bool(pd.isna(value)) or not str(value).strip()
+
+
 def validate_interactions(
     raw: pd.DataFrame,
     *,
@@ -33,6 +61,7 @@ def validate_interactions(
     timestamp_col: str | None,
     rating_scale: tuple[float, float] | None,
     user_cols: tuple[str, ...] = (),
+    side_cols: tuple[str, ...] = (),
     repeats: Literal["latest", "sum"] = "latest",
 ) -> tuple[pd.DataFrame, tuple[str, ...]]:
     """Validate raw interaction rows and return them in the internal column layout.
@@ -56,6 +85,10 @@ def validate_interactions(
     user_cols : tuple of str
         Columns that describe the user, not the row (a shop's region, a site): every row of a
         user must hold the same value.
+    side_cols : tuple of str
+        Of :data:`USER_SIDE_FEATURES`, columns that describe the user to the re-ranker: an
+        empty cell is unknown, the other cells of a user hold one value, and an age or gender
+        is one the re-ranker reads (:data:`USER_FEATURE_VALUES`).
     repeats : {"latest", "sum"}
         Rows of the same (user, item): the latest one stands (a changed rating), or one row, the
         latest, stands with the sum of their ratings (repeat purchases or plays counted; each
@@ -66,7 +99,8 @@ def validate_interactions(
     frame : DataFrame
         Columns ``user`` and ``item`` (the caller's ids; strings have surrounding whitespace
         removed), ``rating`` (float64), when ``timestamp_col`` is given ``timestamp`` (int64
-        Unix seconds), and ``user_cols`` as given (strings stripped). Duplicate (user, item)
+        Unix seconds), ``user_cols`` as given (strings stripped) and ``side_cols`` (an age as
+        a float, blanks as missing). Duplicate (user, item)
         rows are reduced to the latest one (as ``repeats`` says).
     notes : tuple of str
         Human-readable remarks about what was changed, such as dropped duplicates.
@@ -105,7 +139,42 @@ def validate_interactions(
     for column in user_cols:
         require_column(raw, column, file=file)
         frame[column] = _user_level(raw[column], frame[USER], file=file, column=column)
+    for column in side_cols:
+        frame[column] = _user_side_feature(raw[column], frame[USER], file=file, column=column)
     return _drop_duplicates(frame, repeats=repeats)
+
+
+def _user_side_feature(series: pd.Series, users: pd.Series, *, file: str, column: str) -> pd.Series:
+    """An age, gender or occupation column: blank cells are unknown; each cell with a value is
+    one the re-ranker reads, and every such cell of a user holds the same value."""
+    series = series.reset_index(drop=True)
+    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "mixed"):
+        series = series.astype(object).where(series.isna(), series.astype(str).str.strip())
+        series = series.mask(series.eq(""))
+    allowed = USER_FEATURE_VALUES.get(column, "one value per user, or an empty cell (unknown)")
+    if column in USER_FEATURE_VALUES:
+        known = np.array([is_blank(v) or user_feature_known(column, v) for v in series])
+        _fail_first(~known, series, f"is not a valid {column}", file=file, column=column,
+                    allowed=allowed)  # fmt: skip
+    if column == "age":
+        series = pd.to_numeric(series, errors="coerce")
+    elif column == "gender":
+        series = series.astype(object).where(series.isna(), series.astype(str).str.upper())
+    present = series.notna().to_numpy()
+    codes, _ = pd.factorize(users)
+    rows = np.flatnonzero(present)
+    first = pd.Series(rows).groupby(codes[rows]).transform("min").to_numpy()
+    differs = series.iloc[rows].reset_index(drop=True).ne(series.iloc[first].reset_index(drop=True))
+    bad = np.flatnonzero(differs.to_numpy())
+    if bad.size:
+        at, was = int(rows[bad[0]]), int(first[bad[0]])
+        raise DataValidationError(
+            f"differs from {_python_value(series.iloc[was])!r} on row {was + 1} (user "
+            f"{_python_value(users.iloc[at])!r})",
+            file=file, row=at + 1, column=column, value=_python_value(series.iloc[at]),
+            allowed=f"one {column} per user (empty cells are unknown)",
+        )  # fmt: skip
+    return series
 
 
 def _user_level(series: pd.Series, users: pd.Series, *, file: str, column: str) -> pd.Series:

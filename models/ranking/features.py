@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from models.data.validate import USER_FEATURE_VALUES, is_blank, user_feature_known
 from models.mf.als import RatingRows
 from models.mf.implicit import solve_users_implicit
 from models.mf.params import ItemParams
@@ -61,31 +62,6 @@ FEATURES = (
 )
 CATEGORICAL = ("user_gender", "user_occupation")
 GENRE_PREFIX = "genre_"
-
-MAX_AGE = 150
-# the side features the re-ranker reads as a number or a code, and what it can read: another
-# value would be taken as unknown without a word (an empty cell is unknown)
-USER_FEATURE_VALUES = {
-    "age": f"a number of years in [0, {MAX_AGE}], or an empty cell (unknown)",
-    "gender": "M or F (either case), or an empty cell (unknown)",
-}
-
-
-def user_feature_known(column: str, value: object) -> bool:
-    """Whether the re-ranker reads ``value`` of ``column`` (age or gender) as something it
-    knows; an empty cell (None, NaN, blank text) is unknown, not an error."""
-    if column == "gender":
-        return str(value).strip().upper() in ("M", "F")
-    try:
-        age = float(str(value).strip())
-    except ValueError:
-        return False
-    return 0 <= age <= MAX_AGE  # NaN and infinities too are outside
-
-
-def is_blank(value: object) -> bool:
-    """An empty cell: a missing value, or text of spaces only."""
-    return value is None or bool(pd.isna(value)) or not str(value).strip()
 
 
 def check_user_features(requests: pd.DataFrame) -> None:

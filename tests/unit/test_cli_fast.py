@@ -154,6 +154,22 @@ def test_a_partition_key_that_is_not_one_value_per_user_is_refused_at_its_row(tm
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_a_side_feature_the_re_ranker_cannot_read_is_refused_before_anything_starts(tmp_path):
+    data = tmp_path / "clicks.csv"
+    data.write_text("customer,sku,gender\nc1,a,F\nc2,a,\nc3,b,female\n")
+    flags = ["--user-col", "customer", "--item-col", "sku", "--feedback", "implicit"]
+
+    done, imported = _cli(["train", "--data", str(data), *flags, "--ranker", "lightgbm"],
+                          tmp_path / "home")  # fmt: skip
+
+    _assert_one_line_error(
+        done, f"{data}, row 3 (line 4), column 'gender': value 'female' is not a valid gender; "
+        "allowed: M or F (either case), or an empty cell (unknown)",
+    )  # fmt: skip
+    assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
 def test_a_test_file_whose_rows_the_training_file_has_is_refused_before_anything_starts(
     tmp_path,
 ):

@@ -1,3 +1,4 @@
+import pandas as pd
 import pytest
 from pydantic import ValidationError
 
@@ -226,3 +227,68 @@ def test_repeats_reach_the_rows_a_run_loads(tmp_path):
         )
     assert counts["latest"] == {("a", "x"): 1.0, ("a", "y"): 1.0, ("b", "x"): 1.0}
     assert counts["sum"] == {("a", "x"): 3.0, ("a", "y"): 1.0, ("b", "x"): 1.0}
+
+
+def test_a_re_ranked_run_reads_the_users_side_features_from_the_files_columns(tmp_path):
+    """age, gender and occupation columns reach each client as its users' features when the
+    model has the re-ranker (an empty cell is unknown); without it they are not read."""
+    from tasks.data import load_interactions, plan_clients
+
+    path = tmp_path / "clicks.csv"
+    path.write_text(
+        "customer,product,age,gender,occupation\n"
+        "c1,SKU-1,31,f,nurse\nc1,SKU-2,,,nurse\nc2,SKU-1,,M,\nc3,SKU-3,64,,retired\n"
+        "c2,SKU-3,,m,\nc4,SKU-2,,,\nc3,SKU-1,64,,retired\n"
+    )
+    ranked = {"data": str(path), "user_col": "customer", "item_col": "product",
+              "feedback": "implicit", "ranker": "lightgbm", "clients": 2}  # fmt: skip
+    data, _ = load_interactions.fn(TrainingConfig(**ranked))
+    assert data.user_features is not None
+    got = data.user_features.set_axis([str(u) for u in data.user_ids])
+    raw = pd.read_csv(path, dtype=str)
+    for user, rows in raw.groupby("customer"):
+        for column in ("age", "gender", "occupation"):
+            values = rows[column].dropna().unique()  # the oracle: the user's one stated value
+            value = got.loc[user, column]
+            if len(values) == 0:
+                assert pd.isna(value), (user, column)
+            elif column == "age":
+                assert value == float(values[0])
+            else:
+                assert value == (values[0].upper() if column == "gender" else values[0])
+    assert any(n.startswith("user features for the re-ranker: age, gender, occupation (3 of 4")
+               for n in data.notes)  # fmt: skip
+    for client in plan_clients(data, None, TrainingConfig(**ranked)):
+        mine = [str(u) for u in client.user_ids]
+        pd.testing.assert_frame_equal(
+            client.user_features.reset_index(drop=True),
+            got.loc[mine].reset_index(drop=True),
+        )
+    plain, _ = load_interactions.fn(TrainingConfig(**(ranked | {"ranker": "none"})))
+    assert plain.user_features is None
+
+
+@pytest.mark.parametrize(
+    "rows, row, column, value, problem",
+    [
+        ("c1,x,31,F\nc1,y,abc,F\n", 2, "age", "abc", "is not a valid age"),
+        ("c1,x,31,F\nc2,y,200,F\n", 2, "age", 200, "is not a valid age"),
+        ("c1,x,31,F\nc2,y,30,X\n", 2, "gender", "X", "is not a valid gender"),
+        ("c1,x,31,F\nc2,y,,F\nc1,z,32,F\n", 3, "age", 32.0,
+         "differs from 31.0 on row 1 (user 'c1')"),
+    ],
+)  # fmt: skip
+def test_a_side_feature_the_re_ranker_cannot_read_is_refused_naming_its_row(
+    tmp_path, rows, row, column, value, problem
+):
+    from models.data.errors import DataValidationError
+    from tasks.data import load_interactions
+
+    path = tmp_path / "clicks.csv"
+    path.write_text("user_id,item_id,age,gender\n" + rows)
+    config = TrainingConfig(data=str(path), feedback="implicit", ranker="lightgbm", clients=2)
+    with pytest.raises(DataValidationError) as caught:
+        load_interactions.fn(config)
+    err = caught.value
+    assert (err.file, err.row, err.line, err.column) == (str(path), row, row + 1, column)
+    assert err.value == value and err.problem == problem
