@@ -356,7 +356,23 @@ def recommend(
     requests = _requests(history, wanted, columns, recommender)
     result = recommender.recommend(requests, k=k)
     _note_unknown_histories(requests, recommender)
+    if wanted is not None:
+        _note_users_without_history(requests, history)
     _write(result[["user_id", "rank", "item_id", "score", "reason"]], out)
+
+
+def _note_users_without_history(requests: pd.DataFrame, history: str) -> None:
+    """One stderr line naming the --users users the history file has no row of: they get the
+    most popular items, as a new user does, and a mistyped id would look like one."""
+    new = [u for u, items in zip(requests["user_id"], requests["history_items"], strict=True)
+           if not len(items)]  # fmt: skip
+    if new:
+        shown = ", ".join(map(str, new[:3])) + (", ..." if len(new) > 3 else "")
+        click.echo(
+            f"fedrec: note: {len(new)} of {len(requests)} user(s) of --users ({shown}) have no "
+            f"row in {history}: they get the most popular items, as a new user does",
+            err=True,
+        )
 
 
 def _known_items(recommender: Any) -> set[str]:
@@ -429,6 +445,7 @@ def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender
 
     known = _known_items(recommender)
     history = dict(zip(requests["user_id"], requests["history_items"], strict=True))
+    told = set()  # users whose pair lines already said they have no known history
     for user, item, score, reason in answered.itertuples(index=False):
         if pd.isna(score):
             if item not in known:
@@ -437,10 +454,13 @@ def _report_unscored(answered: pd.DataFrame, requests: pd.DataFrame, recommender
                 why = "already in the user's history (this model scores only new items)"
             else:
                 why = reason if isinstance(reason, str) and reason else "the model gave none"
+            if why.startswith(NO_HISTORY):
+                told.add(user)
             click.echo(f"fedrec: note: user {user}, item {item}: no score: {why}", err=True)
     scored = answered.dropna(subset=["reason"]).drop_duplicates("user_id")
     for user, reason in scored[["user_id", "reason"]].itertuples(index=False):
-        about_user = [p for p in reason.split("; ") if p.startswith(("ignored ", NO_HISTORY))]
+        about_user = [p for p in reason.split("; ") if p.startswith("ignored ")
+                      or (p.startswith(NO_HISTORY) and user not in told)]  # fmt: skip
         if about_user:
             click.echo(f"fedrec: note: user {user}: {'; '.join(about_user)}", err=True)
 

@@ -318,7 +318,12 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
         "fedrec: note: user carol: ignored 1 unknown item(s): gone; no known items in history: "
         "scored by global mean and item bias",
     ]
-    assert "have no history item" not in rec.stderr  # bob has no history: popular items, quietly
+    # bob has no history: popular items, and a line naming him (a mistyped id would look alike)
+    assert "have no history item" not in rec.stderr
+    assert rec.stderr.splitlines() == [
+        f"fedrec: note: 1 of 2 user(s) of --users (bob) have no row in {history}: they get the "
+        "most popular items, as a new user does"
+    ]
     # a history file of new users only (its header): each user of --users gets bob's answer
     nobody = tmp_path / "nobody.csv"
     nobody.write_text("user_id,item_id,rating\n")
@@ -326,6 +331,7 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     cold_table = pd.read_csv(io.StringIO(cold.stdout), dtype={"user_id": str, "item_id": str})
     assert cold.exit_code == 0 and list(cold_table["user_id"]) == ["alice"] * 5 + ["bob"] * 5
     assert list(cold_table["item_id"]) == list(bob["item_id"]) * 2
+    assert f"2 of 2 user(s) of --users (alice, bob) have no row in {nobody}" in cold.stderr
     refused = _run("recommend", *model, "--history", str(nobody))
     assert refused.exit_code != 0 and refused.stderr.strip() == (
         f"fedrec: error: {nobody}: has no data rows; allowed: at least one row, or --users FILE "

@@ -320,6 +320,15 @@ def test_cli_trains_two_stage_from_split_files_and_recommends_with_reasons(
     assert scored.item_id.tolist() == [fan.item_id.iloc[2], "no-such-item", fan.item_id.iloc[0]]
     np.testing.assert_allclose(scored.score.iloc[[0, 2]], fan.score.astype(float).iloc[[2, 0]])
     assert np.isnan(scored.score.iloc[1])
+    # a user the history has no row of: one line per pair says why, and no second line for him
+    pairs.write_text(f"user_id,item_id\nstranger,{fan.item_id.iloc[0]}\n")
+    result = CliRunner().invoke(main, ["predict", "--model", "models:/fedrec-ranking@champion", "--tracking-uri",
+                                       uri, "--history", str(history), "--pairs", str(pairs)],
+                                catch_exceptions=False)  # fmt: skip
+    assert result.stderr.splitlines() == [
+        f"fedrec: note: user stranger, item {fan.item_id.iloc[0]}: no score: no known items in "
+        "history: not scored"
+    ]
 
 
 def test_no_file_of_the_registered_ranking_model_is_a_pickle(store, first_run, tmp_path):
