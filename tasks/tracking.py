@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import AnyType, Array, ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import task
 from prefect.cache_policies import NONE
 
@@ -383,15 +383,16 @@ def _rated(recommender: Recommender) -> bool:
 
 
 def _signature(recommender: Recommender) -> ModelSignature:
-    """Inputs: user_id, history_items and the columns the recommender's kind declares (of
-    those, only a rating model's history_ratings is required). A list's elements may be of any
-    type: MLflow would refuse whole-number ratings (``[5, 4]``, what JavaScript sends for 5.0)
-    as "double" and integer ids as "string"; the recommender reads ids as text and checks each
-    rating itself. So may a user id: training took integer ids as well as text."""
-    columns = [ColSpec(AnyType(), "user_id"), ColSpec(Array(AnyType()), "history_items")]
-    for name, kind, is_list in recommender.request_columns:
-        required = name == "history_ratings" and _rated(recommender)
-        columns.append(ColSpec(Array(AnyType()) if is_list else kind, name, required=required))
+    """Inputs: user_id, history_items and the optional columns the recommender's kind declares,
+    each of any type: the recommender checks every cell itself and refuses one it cannot read
+    in one line naming the request row, the user, the column, the value and what is allowed
+    (:func:`models.recommenders.check_requests`). MLflow's own types would refuse first, in
+    its words, naming neither row nor value: a lone id as ``history_items``, whole-number
+    ratings (``[5, 4]``, what JavaScript sends for 5.0) as "double", integer ids as "string",
+    ``"old"`` as an age, and a rating model's request without ``history_ratings``."""
+    columns = [ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "history_items")]
+    for name in recommender.request_columns:
+        columns.append(ColSpec(AnyType(), name, required=False))
     outputs = Schema(
         [
             ColSpec("string", "user_id"),

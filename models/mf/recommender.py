@@ -59,11 +59,8 @@ class MFRecommender(ServedItems):
     """
 
     kind: ClassVar[str] = "mf"
-    # request columns beyond user_id and history_items: (name, type, is a list)
-    request_columns: ClassVar[tuple[tuple[str, str, bool], ...]] = (
-        ("history_ratings", "double", True),
-        ("items", "string", True),
-    )
+    # request columns beyond user_id and history_items (lists of numbers and of ids)
+    request_columns: ClassVar[tuple[str, ...]] = ("history_ratings", "items")
     requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow")
 
     params: ItemParams

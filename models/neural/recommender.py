@@ -72,11 +72,8 @@ class NeuralRecommender(ServedItems):
     """
 
     kind: ClassVar[str] = KIND
-    # request columns beyond user_id and history_items: (name, type, is a list)
-    request_columns: ClassVar[tuple[tuple[str, str, bool], ...]] = (
-        ("items", "string", True),
-        ("history_ratings", "double", True),
-    )
+    # request columns beyond user_id and history_items (lists of ids and of numbers)
+    request_columns: ClassVar[tuple[str, ...]] = ("items", "history_ratings")
     requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow")
 
     params: Params

@@ -91,15 +91,9 @@ class RankingRecommender(ServedItems):
     """
 
     kind: ClassVar[str] = KIND
-    # request columns beyond user_id and history_items: (name, type, is a list); the side
-    # features the re-ranker uses when a request has them
-    request_columns: ClassVar[tuple[tuple[str, str, bool], ...]] = (
-        ("age", "double", False),
-        ("gender", "string", False),
-        ("occupation", "string", False),
-        ("items", "string", True),
-        ("history_ratings", "double", True),
-    )
+    # request columns beyond user_id and history_items: the side features the re-ranker uses
+    # when a request has them, the items to score, the history's ratings
+    request_columns: ClassVar[tuple[str, ...]] = (*USER_FEATURE_COLUMNS, "items", "history_ratings")
     requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow", "lightgbm")
 
     retrieval: Retrieval

@@ -212,6 +212,8 @@ def test_mlflow_models_serve_answers_invocations(store, first_run):
         for name, record, params in [
             ("gender", {"user_id": "fan", "history_items": items[:8], "gender": "male"}, {"k": 4}),
             ("k", {"user_id": "fan", "history_items": items[:8]}, {"k": 0}),
+            ("lone id", {"user_id": "fan", "history_items": items[0]}, {"k": 4}),
+            ("age", {"user_id": "fan", "history_items": items[:8], "age": "old"}, {"k": 4}),
         ]:
             bad = urllib.request.Request(
                 f"http://127.0.0.1:{port}/invocations",
@@ -238,6 +240,8 @@ def test_mlflow_models_serve_answers_invocations(store, first_run):
             "request row 0 (user 'fan'): gender 'male' is not a valid gender; allowed: M or F",
         ),
         ("k", "k 0 is not a positive integer; allowed: an integer >= 1"),
+        ("lone id", f"request row 0 (user 'fan'): history_items '{items[0]}' is not a list"),
+        ("age", "request row 0 (user 'fan'): age 'old' is not a valid age; allowed: a number"),
     ]:
         status, body = refused[name]
         assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", body
