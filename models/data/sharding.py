@@ -16,6 +16,7 @@ import pandas as pd
 
 from models.data.errors import DataValidationError
 from models.data.schema import ITEM, TIMESTAMP, USER, Interactions, encode_interactions
+from models.data.validate import python_value
 
 Strategy = Literal["iid", "dirichlet", "by-key"]
 SplitMethod = Literal["random", "temporal"]
@@ -427,8 +428,9 @@ def _refuse_shared_pairs(
 
 
 def _user_features_of(parts: list[tuple[Interactions, int]]) -> pd.DataFrame | None:
-    """The split files' user features by user id: the training file's, then those of users
-    only a held-out file has; a user whose value differs between files is refused."""
+    """The split files' user features by user id: the training file's, then what a held-out
+    file adds (its users, and values the earlier files left empty); a user whose value differs
+    between files is refused (an empty cell differs from nothing)."""
     known: pd.DataFrame | None = None
     for data, _ in parts:
         if data.user_features is None:
@@ -439,17 +441,18 @@ def _user_features_of(parts: list[tuple[Interactions, int]]) -> pd.DataFrame | N
             continue
         both = features.index.intersection(known.index)
         for column in features.columns.intersection(known.columns):
-            differs = features.loc[both, column].ne(known.loc[both, column])
+            mine, theirs = features.loc[both, column], known.loc[both, column]
+            differs = mine.ne(theirs) & mine.notna() & theirs.notna()
             if differs.any():
                 user = differs.index[np.argmax(differs.to_numpy())]
                 raise DataValidationError(
-                    f"of user {user!r} differs from {known.at[user, column]!r} in an earlier "
-                    "split file",
+                    f"of user {python_value(user)!r} differs from "
+                    f"{python_value(known.at[user, column])!r} in an earlier split file",
                     file=data.source or None, column=str(column),
-                    value=features.at[user, column],
+                    value=python_value(features.at[user, column]),
                     allowed="one value per user across the training and held-out files",
                 )  # fmt: skip
-        known = pd.concat([known, features.loc[features.index.difference(known.index)]])
+        known = known.combine_first(features)
     return known
 
 

@@ -157,7 +157,7 @@ def _user_side_feature(series: pd.Series, users: pd.Series, *, file: str, column
         _fail_first(~known, series, f"is not a valid {column}", file=file, column=column,
                     allowed=allowed)  # fmt: skip
     if column == "age":
-        series = pd.to_numeric(series, errors="coerce")
+        series = pd.to_numeric(series, errors="coerce").astype(np.float64)
     elif column == "gender":
         series = series.astype(object).where(series.isna(), series.astype(str).str.upper())
     present = series.notna().to_numpy()
@@ -169,9 +169,9 @@ def _user_side_feature(series: pd.Series, users: pd.Series, *, file: str, column
     if bad.size:
         at, was = int(rows[bad[0]]), int(first[bad[0]])
         raise DataValidationError(
-            f"differs from {_python_value(series.iloc[was])!r} on row {was + 1} (user "
-            f"{_python_value(users.iloc[at])!r})",
-            file=file, row=at + 1, column=column, value=_python_value(series.iloc[at]),
+            f"differs from {python_value(series.iloc[was])!r} on row {was + 1} (user "
+            f"{python_value(users.iloc[at])!r})",
+            file=file, row=at + 1, column=column, value=python_value(series.iloc[at]),
             allowed=f"one {column} per user (empty cells are unknown)",
         )  # fmt: skip
     return series
@@ -193,9 +193,9 @@ def _user_level(series: pd.Series, users: pd.Series, *, file: str, column: str) 
     if bad.size:
         at, first = int(bad[0]), int(first_row[bad[0]])
         raise DataValidationError(
-            f"differs from {_python_value(series.iloc[first])!r} on row {first + 1}, the first "
-            f"row of user {_python_value(users.iloc[at])!r}",
-            file=file, row=at + 1, column=column, value=_python_value(series.iloc[at]),
+            f"differs from {python_value(series.iloc[first])!r} on row {first + 1}, the first "
+            f"row of user {python_value(users.iloc[at])!r}",
+            file=file, row=at + 1, column=column, value=python_value(series.iloc[at]),
             allowed=allowed,
         )  # fmt: skip
     return series
@@ -249,7 +249,7 @@ def require_column(raw: pd.DataFrame, column: str, *, file: str) -> None:
     )
 
 
-def _python_value(value: Any) -> Any:
+def python_value(value: Any) -> Any:
     """A numpy scalar as the plain Python value, so messages read ``6.0``, not ``np.float64(6.0)``."""
     return value.item() if isinstance(value, np.generic) else value
 
@@ -276,7 +276,7 @@ def _fail_first(
     position = int(bad[0])
     others = np.flatnonzero(mask if refused is None else refused)
     others = others[others != position]
-    value = _python_value(values.iloc[position])
+    value = python_value(values.iloc[position])
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         # A missing cell has no value worth quoting; the problem text says it is missing.
         value = None

@@ -292,3 +292,25 @@ def test_a_side_feature_the_re_ranker_cannot_read_is_refused_naming_its_row(
     err = caught.value
     assert (err.file, err.row, err.line, err.column) == (str(path), row, row + 1, column)
     assert err.value == value and err.problem == problem
+
+
+def test_split_files_give_each_user_the_side_features_any_of_them_states(tmp_path):
+    """An empty cell in one file and a value in another is that value; two values refused."""
+    from models.data.errors import DataValidationError
+    from tasks.data import load_interactions
+
+    train, test = tmp_path / "train.csv", tmp_path / "test.csv"
+    train.write_text("user_id,item_id,age\nc1,a,\nc1,b,\nc2,a,30\nc3,b,\nc3,c,\n")
+    test.write_text("user_id,item_id,age,gender\nc1,c,,\nc2,b,,F\nc3,a,52,\n")
+    config = TrainingConfig(train=str(train), test=str(test), feedback="implicit",
+                            ranker="lightgbm", clients=2)  # fmt: skip
+
+    data, _ = load_interactions.fn(config)
+
+    got = data.user_features.set_axis([str(u) for u in data.user_ids])
+    assert got.loc[["c1", "c2", "c3"], "age"].tolist()[1:] == [30.0, 52.0]
+    assert pd.isna(got.at["c1", "age"]) and got["gender"].tolist().count("F") == 1
+    assert got.at["c2", "gender"] == "F"
+    test.write_text("user_id,item_id,age\nc2,b,31\n")
+    with pytest.raises(DataValidationError, match="value 31.0 of user 'c2' differs from 30.0 in an earlier split file"):
+        load_interactions.fn(config)
