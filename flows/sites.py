@@ -71,6 +71,7 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
     try:
         return _enrol(config, registry, link)
     except BaseException:
+        link.stop()  # enrolments still waiting end within a tick
         if not config.keep_workspace:
             prune_exchange(link)
         raise

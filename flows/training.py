@@ -377,6 +377,8 @@ def _train_and_register(
         raise
     finally:
         finish_run(uri, run_id, succeeded, error)
+        if ctx.sites is not None:  # exchanges still waiting (a failed or interrupted run) end
+            ctx.sites.stop()
         if ctx.sites is not None and not config.keep_workspace:  # no resume: whatever the end
             prune_exchange(ctx.sites)
         if succeeded and not config.keep_workspace:

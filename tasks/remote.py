@@ -25,7 +25,7 @@ from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run, task_run
 from prefect.utilities.annotations import quote
 
-from fedrec.sites.coordinator import Coordinator, SiteRefused
+from fedrec.sites.coordinator import Coordinator, RunStopped, SiteRefused
 from models.data.partitions import ITEMS, MANIFEST, ClientEntry, Manifest
 from models.federation.evaluation import Evaluation
 from models.federation.family import Family
@@ -126,9 +126,12 @@ def _asking() -> dict[str, Any]:
 
 
 # A site that let its whole deadline pass is not asked again (a site that is down would cost
-# the round another deadline per retry), nor one that refused (signed: it would refuse again).
+# the round another deadline per retry), nor one that refused (signed: it would refuse again),
+# nor any once the run stopped waiting.
 @task(
-    name="train-site", cache_policy=NONE, retry_condition_fn=retry_unless(TimeoutError, SiteRefused)
+    name="train-site",
+    cache_policy=NONE,
+    retry_condition_fn=retry_unless(TimeoutError, SiteRefused, RunStopped),
 )
 def train_site(
     *,

@@ -73,12 +73,19 @@ from models.sites.spec import family_spec
 POLL_SECONDS = 0.25  # how often the coordinator looks for a site's answer
 DEFAULT_DEADLINE = 600.0
 LIVENESS_SECONDS = 15.0  # how often a waiting exchange reads the site's sign of life
+WAIT_TICK = 1.0  # how often a waiting exchange looks at its answers and at the run's stop;
+# the site's sign of life is first read after one tick, then every LIVENESS_SECONDS
 CLOCK_SKEW = 60.0  # between a site's clock and the coordinator's (as the sites allow)
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
 
 
 class SiteRefused(RuntimeError):
     """The site sent a signed refusal of the request."""
+
+
+class RunStopped(RuntimeError):
+    """The run stopped waiting for its sites (:meth:`Coordinator.stop`): it failed, or was
+    interrupted."""
 
 
 class AnswerCollector:
@@ -150,6 +157,13 @@ class Coordinator:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _published: dict[int, tuple[Any, BlobRef]] = field(default_factory=dict, repr=False)
     _collector: AnswerCollector | None = field(default=None, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _told_silent: set[str] = field(default_factory=set, repr=False)
+
+    def stop(self) -> None:
+        """End every waiting exchange within a tick (:class:`RunStopped`), and refuse new
+        ones: the run is over, and its task runs' threads must not wait out their deadlines."""
+        self._stopping.set()
 
     @property
     def collector(self) -> AnswerCollector:
@@ -236,8 +250,13 @@ class Coordinator:
         SiteRefused
             If the site refused the request (signed).
         TimeoutError
-            If no acceptable answer came before the site's deadline.
+            If no acceptable answer came before the site's deadline, or the site's signed sign
+            of life says its process is down.
+        RunStopped
+            If the run stopped waiting (:meth:`stop`).
         """
+        if self._stopping.is_set():
+            raise RunStopped(f"{site.name}: not asked: the run stopped waiting for its sites")
         now = time.time()
         deadline = self.deadline_of(site)
         nonce = secrets.token_hex(16)
@@ -288,14 +307,30 @@ class Coordinator:
         )
         what = exchange_name(kind, phase, round_)
         refused = ""  # why the last answer that arrived was not taken
+        look = now + WAIT_TICK  # when to read the site's sign of life next
+        signed = True  # whether the site's process has signed in on the API (as far as known)
         try:
             while (left := now + deadline - time.time()) > 0:
+                if self._stopping.is_set():
+                    raise RunStopped(f"{site.name}: {what}: the run stopped waiting")
                 try:
-                    artifact = answers.get(timeout=min(left, self.liveness_seconds))
+                    artifact = answers.get(timeout=min(left, WAIT_TICK))
                 except queue.Empty:
-                    gone = self.gone(site)
+                    if time.time() < look:
+                        continue
+                    look = time.time() + self.liveness_seconds
+                    gone, signed = self.liveness(site)
                     if gone is not None:
                         raise TimeoutError(f"{site.name}: no answer to {what}: {gone}") from None
+                    if not signed and site.name not in self._told_silent:
+                        self._told_silent.add(site.name)
+                        warn(
+                            f"{site.name}: its process has not signed in on the Prefect API: "
+                            f"is `fedrec site run --name {site.name}` started there, with "
+                            f"--prefect-api this run's API? waiting up to {deadline:.0f} s for "
+                            f"its answer to {what} (deadline_seconds in the sites file, or "
+                            "--round-timeout)"
+                        )
                     continue
                 try:
                     return self._accept(site, request, digest, artifact.get("data"), sent_sha)
@@ -309,33 +344,44 @@ class Coordinator:
             cause = "signature does not verify" in refused
             why = ": is the site's public_key in the sites file its own?" if cause else ""
             hint = f"; the answer that came was refused ({refused}{why})"
+        elif not signed:
+            hint = "; its process never signed in on the Prefect API (not started, or started "
+            hint += "against another API)"
         raise TimeoutError(f"{site.name}: no answer to {what} within {deadline:.0f} s{hint}")
 
     def gone(self, site: SiteSpec) -> str | None:
-        """Why ``site`` will not answer, from its latest signed sign of life: its process
-        stopped, or that sign is older than three of its intervals plus :data:`CLOCK_SKEW`.
-        None when it looks alive, or says nothing verifiable (no sign yet, the API out of
-        reach, a message another key signed): the exchange then waits out its deadline."""
+        """Why ``site`` will not answer (:meth:`liveness`), or None."""
+        return self.liveness(site)[0]
+
+    def liveness(self, site: SiteSpec) -> tuple[str | None, bool]:
+        """What ``site``'s latest signed sign of life says: why it will not answer (its process
+        stopped, or that sign is older than three of its intervals plus :data:`CLOCK_SKEW`),
+        or None when it looks alive or says nothing verifiable (no sign yet, the API out of
+        reach, a message another key signed): the exchange then waits out its deadline. And
+        whether the site's process has signed in at all (False only when no sign is there)."""
         try:
             raw = self.transport.get_variable(alive_variable(site.name))
         except TransportError:
-            return None
+            return None, True
         if not isinstance(raw, dict):
-            return None
+            return None, raw is not None
         try:
             at, every, stopped = check_alive(open_message(raw, site.public_key, ALIVE), site.name)
         except RefusedMessage:
-            return None
+            return None, True
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
         if stopped:
-            return f"its site process stopped at {when} (fedrec site run is not running there)"
+            return (
+                f"its site process stopped at {when} (fedrec site run is not running there)",
+                True,
+            )
         age = time.time() - at
         if age > 3 * every + CLOCK_SKEW:
             return (
                 f"its last sign of life was at {when}, {age:.0f} s ago (its process signs one "
                 f"every {every:.0f} s): is the site's process down?"
-            )
-        return None
+            ), True
+        return None, True
 
     def secure_fields(self, config: RoundConfig | None = None) -> dict[str, Any]:
         """The ``secure`` field of a request: every site's key from ``sites.yaml`` (what the

@@ -338,6 +338,41 @@ def test_sites_train_the_simulated_model_refuse_a_wrong_key_and_keep_their_rows(
     assert _files_holding([fed.root / "sites" / "shop-b"], needles[:90])
 
 
+def test_an_interrupted_coordinator_names_a_site_never_started_and_does_not_wait_for_it(
+    federation,
+):
+    """A site nobody started got no word for its whole deadline (600 s by default), and a
+    coordinator stopped meanwhile went on waiting for it until then before it exited."""
+    fed = federation
+    silent = fed.coordinator / "sites-silent.yaml"
+    silent.write_text(
+        (fed.coordinator / "sites.yaml").read_text()
+        + f"  - name: shop-d\n    public_key: {fed.keys}/impostor.pub\n    deadline_seconds: 600\n"
+    )
+    stderr = fed.root / "train-silent.err"
+    coordinator = fed.train("ws-silent", 2, stderr, sites=silent.name, keep=False)
+    try:
+        _wait_for(
+            lambda: (
+                "shop-d: its process has not signed in on the Prefect API" in stderr.read_text()
+            ),
+            "the line naming the silent site",
+            timeout=120,
+        )
+        started = time.monotonic()
+        coordinator.send_signal(signal.SIGTERM)
+        coordinator.wait(timeout=90)  # the old code waited out shop-d's 600 s
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+            coordinator.wait(timeout=30)
+    log = stderr.read_text()
+    assert coordinator.returncode == 1 and time.monotonic() - started < 60, log[-3000:]
+    assert log.rstrip().endswith("fedrec: error: terminated (SIGTERM)"), log[-3000:]
+    assert "removed the run's exchange files" in log
+
+
+ROUNDS_AFTER_RESTART = 8
 ROUNDS_AFTER_RESTART = 8
 
 

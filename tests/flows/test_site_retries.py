@@ -1,5 +1,6 @@
 """Which failed exchanges with a real site a proxy task retries: not one whose site had its
-whole deadline, nor one the site refused; a transient failure, yes."""
+whole deadline, nor one the site refused, nor any once the run stopped; a transient failure,
+yes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prefect import flow
 from prefect.utilities.annotations import quote
 
-from fedrec.sites.coordinator import SiteRefused
+from fedrec.sites.coordinator import RunStopped, SiteRefused
 from models.sites.registry import SiteSpec
 
 
@@ -28,6 +29,7 @@ class _Unanswered:
     [
         (TimeoutError("shop-a: no answer to train round 1 within 600 s"), 1),
         (SiteRefused("shop-a refused train round 1: budget spent"), 1),
+        (RunStopped("shop-a: train round 1: the run stopped waiting"), 1),
         (ConnectionError("the Prefect API did not answer"), 3),
     ],
 )

@@ -125,9 +125,13 @@ def test_the_coordinator_gets_the_site_answer_and_refuses_the_impostor(world):
             _ask(coordinator, replace(spec, deadline_seconds=8.0), warnings)
     finally:
         stop.set()
-    assert warnings and all(
+    # the impostor signs its sign of life with its own key, under its own name: shop-a's
+    # process has not signed in, which a line says too
+    silent = [w for w in warnings if "its process has not signed in" in w]
+    assert len(silent) == 1 and len(warnings) > 1 and all(
         w.startswith("shop-a: refused an answer to train round 1: signature does not verify")
         for w in warnings
+        if w not in silent
     )
     stop = _running(site("shop-a"))
     try:
@@ -244,8 +248,11 @@ def test_the_coordinator_stops_waiting_for_a_site_whose_process_is_down(world, t
             _ask(coordinator, patient, [])
         return str(err.value)
 
-    # the weak version, what an older site (no sign at all) still gets: the whole deadline
-    assert wait(None) == "shop-a: no answer to train round 1 within 3 s"
+    # the weak version, what a site that never started (no sign at all) still gets: the whole
+    # deadline, and the reason it is likely
+    assert wait(None) == ("shop-a: no answer to train round 1 within 3 s; its process never "
+                          "signed in on the Prefect API (not started, or started against "
+                          "another API)")  # fmt: skip
     now = time.time()
     stale = sign_message(key, ALIVE, alive_fields("shop-a", now - 1000, 30.0))
     message = wait(stale)
@@ -260,6 +267,61 @@ def test_the_coordinator_stops_waiting_for_a_site_whose_process_is_down(world, t
     assert wait(forged).endswith("within 3 s")
     fresh = sign_message(key, ALIVE, alive_fields("shop-a", time.time(), 30.0))
     assert wait(fresh).endswith("within 3 s")
+
+
+def test_a_stopped_site_fails_its_exchange_in_a_tick_and_a_silent_one_is_named_once(
+    world, tmp_path
+):
+    """A stopped site's exchange ended after the first liveness interval (15 s, every round
+    again); a site that never started waited its deadline without a word."""
+    coordinator, spec, _ = world
+    key = load_identity(tmp_path / "shop-a" / "client-0.key")
+    variable = alive_variable("shop-a")
+    coordinator.transport.variables[variable] = sign_message(
+        key, ALIVE, alive_fields("shop-a", time.time() - 5, 30.0, stopped=True)
+    )
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="its site process stopped at"):
+        _ask(coordinator, replace(spec, deadline_seconds=60.0), [])
+    assert time.monotonic() - started < 5
+
+    del coordinator.transport.variables[variable]
+    coordinator.liveness_seconds = 0.5
+    warnings = []
+    for round_ in (1, 2):
+        with pytest.raises(TimeoutError):
+            _ask(coordinator, replace(spec, deadline_seconds=2.0), warnings, round_=round_)
+    assert warnings == [
+        "shop-a: its process has not signed in on the Prefect API: is `fedrec site run --name "
+        "shop-a` started there, with --prefect-api this run's API? waiting up to 2 s for its "
+        "answer to train round 1 (deadline_seconds in the sites file, or --round-timeout)"
+    ]
+
+
+def test_a_stopped_run_ends_its_waiting_exchanges_in_a_tick_and_asks_no_more(world):
+    """An interrupted coordinator waited for its silent sites' deadlines (600 s by default)
+    before it could exit: its task runs' threads were still waiting."""
+    from fedrec.sites.coordinator import RunStopped
+
+    coordinator, spec, _ = world
+    ended = {}
+
+    def ask() -> None:
+        started = time.monotonic()
+        try:
+            _ask(coordinator, replace(spec, deadline_seconds=600.0), [])
+        except RunStopped as err:
+            ended["after"], ended["why"] = time.monotonic() - started, str(err)
+
+    waiting = threading.Thread(target=ask)
+    waiting.start()
+    time.sleep(0.5)
+    coordinator.stop()
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and ended["after"] < 5
+    assert ended["why"] == "shop-a: train round 1: the run stopped waiting"
+    with pytest.raises(RunStopped, match="not asked: the run stopped waiting for its sites"):
+        _ask(coordinator, spec, [], round_=2)
 
 
 def test_a_running_site_signs_that_it_is_up_and_that_it_stopped(world):
