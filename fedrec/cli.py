@@ -296,10 +296,11 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
         return
 
 
-def prefect_api() -> str:
+def prefect_api(*, sites: bool = False) -> str:
     """The Prefect API that runs report to: the one configured (``PREFECT_API_URL`` in the
     environment or Prefect's profile, or a test harness), else fedrec's local server, started
-    here when none runs. Imports Prefect (call ``_quiet_prefect`` first)."""
+    here when none runs, except for a run of real ``sites``: no site can be connected to a
+    server started now, so that is refused. Imports Prefect (call ``_quiet_prefect`` first)."""
     from prefect.settings import get_current_settings
 
     configured = get_current_settings().api.url
@@ -314,6 +315,13 @@ def prefect_api() -> str:
             "or unset PREFECT_API_URL to use fedrec's local server"
         )
     state = local_server.read_state()
+    if state is None and sites:
+        raise UserError(
+            "--sites: no Prefect API is set and no local Prefect server runs, so none of the "
+            "sites can be waiting for this run's requests; allowed: PREFECT_API_URL set to the "
+            "API the sites' `fedrec site run --prefect-api` names (`fedrec stores start` prints "
+            "it)"
+        )
     if state is None:
         _note(
             "no local Prefect server is running: starting one; it stays up for the next "
@@ -512,7 +520,18 @@ def train(
     flow = training_flow(config.task_runner, config.dask_address, max_workers)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "no pip in a uv venv"
-    api_url = prefect_api()
+    if config.sites is not None:  # the sites reach MLflow's artifact proxy: a server's URL
+        from fedrec.model_store import resolve_tracking_uri
+        from models.privacy.redaction import redact_uri
+
+        uri = resolve_tracking_uri(config.tracking_uri, create=False)
+        if not uri.startswith(("http://", "https://")):
+            raise UserError(
+                f"--sites: the tracking URI {redact_uri(uri)} is not an MLflow server the sites "
+                "can reach; allowed: --tracking-uri http://HOST:PORT of an MLflow server with "
+                "the artifact proxy (`fedrec stores start` prints it)"
+            )
+    api_url = prefect_api(sites=config.sites is not None)
     started = time.perf_counter()
     # MLflow prints registry notices on stdout; with --json, stdout carries the summary only.
     with (

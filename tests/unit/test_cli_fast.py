@@ -5,10 +5,12 @@ as a user's command would."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -470,6 +472,56 @@ def test_a_sites_file_that_cannot_be_used_is_refused_before_any_flow_starts(tmp_
     _assert_one_line_error(done, str(sites), "sites shop-a and shop-b share one public key")
     assert not set(imported) & {"prefect", "mlflow"}, imported
     _assert_nothing_started(tmp_path / "home")
+
+
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_a_sites_run_without_servers_the_sites_can_reach_is_refused_before_any_flow_starts(
+    tmp_path,
+):
+    """Without PREFECT_API_URL a sites run started a local Prefect server no site could be
+    connected to, and waited out every site's deadline (600 s by default) before it failed."""
+    from models.privacy.identity import generate_identity, write_identity
+
+    for name in ("coordinator", "shop-a"):
+        write_identity(generate_identity(), tmp_path, name)
+    sites = tmp_path / "sites.yaml"
+    sites.write_text(
+        f"coordinator_key: {tmp_path}/coordinator.key\nsites:\n"
+        f"  - name: shop-a\n    public_key: {tmp_path}/shop-a.pub\n"
+    )
+    home = tmp_path / "home"
+    mlflow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)  # answers /health
+    threading.Thread(target=mlflow.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{mlflow.server_address[1]}"
+        no_api, _ = _cli(["train", "--sites", str(sites), "--tracking-uri", uri], home)
+    finally:
+        mlflow.shutdown()
+    local, _ = _cli(["train", "--sites", str(sites)], home)
+
+    # after the progress lines of the checks and the flow's imports: the error, exit status 2
+    for done, expected in [
+        (no_api, "fedrec: error: --sites: no Prefect API is set and no local Prefect server "
+                 "runs, so none of the sites can be waiting for this run's requests; allowed: "
+                 "PREFECT_API_URL set to the API the sites' `fedrec site run --prefect-api` "
+                 "names (`fedrec stores start` prints it)"),
+        (local, f"fedrec: error: --sites: the tracking URI sqlite:///{home}/mlflow.db is not "
+                "an MLflow server the sites can reach; allowed: --tracking-uri http://HOST:PORT "
+                "of an MLflow server with the artifact proxy (`fedrec stores start` prints it)"),
+    ]:  # fmt: skip
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and lines[-1] == expected, done.stderr
+        assert not [line for line in lines[:-1] if not line.startswith("fedrec: ")], done.stderr
+    assert not (home / "server").exists()  # no local Prefect server was started
 
 
 def test_an_item_list_that_cannot_be_read_is_refused_before_any_flow_starts(tmp_path):
