@@ -88,7 +88,7 @@ class Transport:
             except httpx.HTTPStatusError as err:
                 if err.response.status_code not in _RETRY_STATUS:
                     raise TransportError(
-                        f"{what}: HTTP {err.response.status_code} {err.response.text[:200]}"
+                        f"{what}: HTTP {err.response.status_code} {_body(err.response)}"
                     ) from err
                 failure = f"HTTP {err.response.status_code}"
             if attempt + 1 < self.attempts:
@@ -246,3 +246,12 @@ class Transport:
         if hashlib.sha256(data).hexdigest() != ref.sha256:
             raise ValueError(f"{ref.path}: sha256 differs from the signed reference")
         return data
+
+
+def _body(response: httpx.Response) -> str:
+    """The first 200 characters of an error answer's body; a streamed answer (a blob's) whose
+    body was not read says nothing more than its status."""
+    try:
+        return response.text[:200]
+    except httpx.ResponseNotRead:
+        return ""

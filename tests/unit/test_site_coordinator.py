@@ -116,3 +116,34 @@ def test_a_signed_refusal_ends_the_wait_with_the_site_reason(link):
     refusal = sign_message(KEYS["shop-a"], REFUSAL, refusal_fields(request, "state has NaN"))
     with pytest.raises(SiteRefused, match="shop-a refused train round 2: state has NaN"):
         _accept(link, request, refusal)
+
+
+def test_a_blob_the_store_does_not_have_is_one_transport_error_not_a_crash():
+    """A 404 on a streamed download raised httpx's ResponseNotRead from the error's own
+    message (a site's traceback, for a request whose exchange files were pruned)."""
+    import http.server
+    import threading
+
+    from fedrec.sites.transport import Transport, TransportError
+    from models.sites.messages import BlobRef
+
+    class Missing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.send_header("Content-Length", "12")
+            self.end_headers()
+            self.wfile.write(b"no such file")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Missing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    ref = BlobRef.of("fedrec-sites/run-1/catalogue.npz", b"items")
+    try:
+        with Transport(f"{url}/api", url) as transport, pytest.raises(TransportError) as err:
+            transport.get_blob(ref, 1000)
+    finally:
+        server.shutdown()
+    assert str(err.value) == "downloading fedrec-sites/run-1/catalogue.npz: HTTP 404 "
