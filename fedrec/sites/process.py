@@ -256,9 +256,11 @@ class Site:
             self.poll_once()
         except TransportError as err:
             if connected is not False:
+                flag, url = ("--mlflow", self.options.mlflow) if err.mlflow else (
+                    "--prefect-api", self.options.prefect_api)  # fmt: skip
                 log.error(
-                    "%s: not connected: %s; check --prefect-api %s (retrying every %.1f s)",
-                    self.name, err, self.options.prefect_api, self.options.poll_seconds,
+                    "%s: not connected: %s; check %s %s (retrying every %.1f s)",
+                    self.name, err, flag, url, self.options.poll_seconds,
                 )  # fmt: skip
             else:
                 log.warning("%s: %s", self.name, err)

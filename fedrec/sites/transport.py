@@ -28,7 +28,10 @@ T = TypeVar("T")
 
 
 class TransportError(RuntimeError):
-    """A server refused or failed a call after the retries; ``str(err)`` says which."""
+    """A server refused or failed a call after the retries; ``str(err)`` says which, and
+    ``mlflow`` whether it was the MLflow server (the artifact store) or the Prefect API."""
+
+    mlflow: bool = False
 
 
 def request_key(site: str) -> str:
@@ -80,21 +83,34 @@ class Transport:
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
         delay = 0.2
+        mlflow = False
         for attempt in range(self.attempts):
             try:
                 return call()
             except httpx.TransportError as err:
                 failure = f"{type(err).__name__}: {err}"
+                mlflow = self._is_mlflow(err)
             except httpx.HTTPStatusError as err:
+                mlflow = self._is_mlflow(err)
                 if err.response.status_code not in _RETRY_STATUS:
-                    raise TransportError(
+                    refused = TransportError(
                         f"{what}: HTTP {err.response.status_code} {_body(err.response)}"
-                    ) from err
+                    )
+                    refused.mlflow = mlflow
+                    raise refused from err
                 failure = f"HTTP {err.response.status_code}"
             if attempt + 1 < self.attempts:
                 time.sleep(delay)
                 delay = min(delay * 2, 3.0)
-        raise TransportError(f"{what}: {failure} after {self.attempts} attempts")
+        failed = TransportError(f"{what}: {failure} after {self.attempts} attempts")
+        failed.mlflow = mlflow
+        raise failed
+
+    def _is_mlflow(self, err: httpx.TransportError | httpx.HTTPStatusError) -> bool:
+        try:
+            return str(err.request.url).startswith(self.artifacts)
+        except RuntimeError:  # an error without its request
+            return False
 
     def _call(self, what: str, method: str, url: str, **kwargs: Any) -> httpx.Response:
         def call() -> httpx.Response:

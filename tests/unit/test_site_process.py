@@ -587,6 +587,15 @@ def test_a_site_says_when_it_cannot_reach_the_coordinator_and_when_it_can_again(
     assert "check --prefect-api http://unused/api" in said[0][1]
     assert said[1][0] == logging.WARNING  # still down: said once as an error, then as it goes
     assert said[2] == (logging.INFO, "shop-a: connected to http://unused/api")
+    # the artifact store out of reach is the MLflow server's fault, not the Prefect API's
+    blob = TransportError("downloading fedrec-sites/run-1/catalogue.npz: ConnectError")
+    blob.mlflow = True
+    answers = iter([blob])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedrec.site"):
+        assert site._poll_reporting(True) is False
+    said = caplog.records[0].getMessage()
+    assert f"check --mlflow {site.options.mlflow} (retrying" in said, said
 
 
 def test_a_private_site_refuses_a_run_it_cannot_finish_before_counting_anything(world):
