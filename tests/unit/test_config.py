@@ -313,6 +313,7 @@ def test_split_files_give_each_user_the_side_features_any_of_them_states(tmp_pat
     assert got.at["c2", "gender"] == "F"
     test.write_text("user_id,item_id,age\nc2,b,31\n")
     with pytest.raises(
-        DataValidationError, match=r"value 31\.0 of user 'c2' differs from 30\.0 in an earlier split"
+        DataValidationError,
+        match=r"value 31\.0 of user 'c2' differs from 30\.0 in an earlier split",
     ):
         load_interactions.fn(config)

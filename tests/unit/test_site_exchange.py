@@ -128,10 +128,14 @@ def test_the_coordinator_gets_the_site_answer_and_refuses_the_impostor(world):
     # the impostor signs its sign of life with its own key, under its own name: shop-a's
     # process has not signed in, which a line says too
     silent = [w for w in warnings if "its process has not signed in" in w]
-    assert len(silent) == 1 and len(warnings) > 1 and all(
-        w.startswith("shop-a: refused an answer to train round 1: signature does not verify")
-        for w in warnings
-        if w not in silent
+    assert (
+        len(silent) == 1
+        and len(warnings) > 1
+        and all(
+            w.startswith("shop-a: refused an answer to train round 1: signature does not verify")
+            for w in warnings
+            if w not in silent
+        )
     )
     stop = _running(site("shop-a"))
     try:
