@@ -94,12 +94,21 @@ def load_identity(path: Path) -> Ed25519PrivateKey:
         If the file is not an unencrypted Ed25519 private key in PEM.
     """
     path = Path(path)
+    data = path.read_bytes()
+    if b"-----BEGIN PUBLIC KEY-----" in data:  # the .pub beside the key, given by mistake
+        raise ValueError(
+            f"{path} is a public key; an identity is the private key `fedrec keygen` wrote "
+            f"beside it ({path.with_suffix('.key').name})"
+        )
     mode = stat.S_IMODE(path.stat().st_mode)
     if mode & 0o077:
         raise PermissionError(
             f"{path} has mode {mode:04o}; an identity key must be 0600 (chmod 600)"
         )
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path} is not an unencrypted private key in PEM ({err})") from err
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} holds a {type(key).__name__}, expected an Ed25519 private key")
     return key

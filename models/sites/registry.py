@@ -109,7 +109,9 @@ def load_public_key(value: str, base: Path) -> Ed25519PublicKey:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != 32:
-        raise ValueError(f"{value!r} is neither a PEM file nor a base64 raw Ed25519 key")
+        raise ValueError(
+            f"{path}: no such file, and {value!r} is not a base64 raw Ed25519 key either"
+        )
     return Ed25519PublicKey.from_public_bytes(raw)
 
 

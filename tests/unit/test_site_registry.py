@@ -40,7 +40,7 @@ def test_a_valid_registry_numbers_sites_in_order(keys):
     [
         ([{"name": "Shop A", "public_key": "client-1.pub"}], "name 'Shop A' must match"),
         ([{"name": "shop-a"}], "needs public_key"),
-        ([{"name": "shop-a", "public_key": "nope.pub"}], "neither a PEM file"),
+        ([{"name": "shop-a", "public_key": "nope.pub"}], r"nope\.pub: no such file, and"),
         ([{"name": "a", "public_key": "client-1.pub"}] * 2, "appears twice"),
         ([{"name": "a", "public_key": "client-1.pub", "speed": 2}], r"unknown keys \['speed'\]"),
         ([{"name": "a", "public_key": "client-1.pub", "deadline_seconds": 0}], "must be > 0"),
@@ -170,3 +170,21 @@ def test_a_published_catalogue_is_read_relative_to_the_sites_file(keys):
         match=r"sites.yaml: catalogue .*items.csv, row 2, column 'item_id': value '' is empty",
     ):
         parse_registry(raw | {"catalogue": "items.csv"}, base)
+
+
+def test_a_public_key_given_as_the_coordinators_key_is_named_as_one(keys):
+    """The advice was to chmod the .pub file (it is 0644), then cryptography's own words."""
+    base, _ = keys
+    with pytest.raises(
+        RegistryError,
+        match=r"coordinator_key .*client-1\.pub: .*client-1\.pub is a public key; an identity is "
+        r"the private key `fedrec keygen` wrote beside it \(client-1\.key\)$",
+    ):
+        parse_registry({"coordinator_key": "client-1.pub", "sites": []}, base)
+    garbage = base / "garbage.key"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    garbage.chmod(0o600)
+    with pytest.raises(
+        RegistryError, match=r"garbage\.key is not an unencrypted private key in PEM"
+    ):
+        parse_registry({"coordinator_key": "garbage.key", "sites": []}, base)
