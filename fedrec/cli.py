@@ -279,8 +279,8 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
         except DataValidationError as err:
             raise UserError(str(err)) from err
     spec = {name: merged.get(name) for name in ("data", "train", "valid", "test")}
-    if not all(isinstance(v, str | None) for v in spec.values()):
-        return
+    if not all(isinstance(v, str | None) for v in spec.values()) or merged.get("sites"):
+        return  # a sites run reads no data: the configuration refuses data settings with it
     try:
         if not data_sources(**spec) and spec["valid"] is None and spec["test"] is None:
             if spec["data"] in (None, "synthetic") and not merged.get("sites"):
@@ -583,6 +583,13 @@ def train(
         if key in metrics
     ]
     click.echo(f"{', '.join(parts)}  ({summary['seconds']} s)")
+    sites = summary.get("sites")
+    if sites:
+        line = f"sites: {len(sites['enrolled'])} enrolled ({', '.join(sites['enrolled'])})"
+        left = sites["left_out"]
+        if left:
+            line += "; left out: " + "; ".join(f"{name} ({why})" for name, why in left.items())
+        click.echo(line)
     click.echo(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
     )

@@ -361,7 +361,10 @@ class TrainingConfig(BaseModel):
         "clients' noise is sized for)",
     )
     round_timeout: float | None = Field(
-        None, gt=0, description="seconds a round waits for its clients; later answers are left out"
+        None,
+        gt=0,
+        description="seconds a round waits for its clients; later answers are left out (with "
+        "--sites: also each site's deadline, unless the sites file gives it one)",
     )
     round_retries: int = Field(
         1, ge=0, description="times a round short of its quorum asks the missing clients again"
@@ -467,7 +470,10 @@ class TrainingConfig(BaseModel):
     sites: str | None = Field(
         None,
         description="sites.yaml: train with real sites (their processes hold the data) instead "
-        "of simulated clients; --data and the partition flags are then unused",
+        "of simulated clients; --data and the partition flags are then unused. Needs "
+        "PREFECT_API_URL and --tracking-uri http://... naming the servers the sites connect to "
+        "(`fedrec stores start` prints both); a site is waited for up to its deadline_seconds, "
+        "else --round-timeout, else 600 s",
     )
 
     @field_validator("model_name")

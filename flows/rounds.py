@@ -234,11 +234,24 @@ def answered(
             if future.state.is_completed():
                 results[key] = future.result()
                 continue
-            why = f"failed: {future.state.message}"
+            why = f"failed: {_failure(future.state)}"
             get_run_logger().warning("%s: %s %s", what, _who(key, names), why)
         if failed is not None:
-            failed[key] = why.removeprefix("failed: Task run encountered an exception ")
+            failed[key] = why.removeprefix("failed: ")
     return results
+
+
+def _failure(state: Any) -> str:
+    """Why a task run failed: its exception's type and words where the state holds it
+    (Prefect's message wraps a TimeoutError's: "Task run failed due to timeout:
+    TimeoutError('...')"), else the state's message."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # a result that cannot be read: the message says what Prefect knows
+        error = None
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return str(state.message)
 
 
 def _who(key: Any, names: Mapping[int, str] | None = None) -> str:

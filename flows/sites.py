@@ -118,6 +118,11 @@ def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunCon
     require_quorum(len(enrolled), len(registry.sites), config, "enrolment", failed, names)
     sites = [s for s in registry.sites if s.client_id in enrolled]
     link.entries = {s.client_id: s for s in sites}
+    link.left_out = {
+        s.name: failed.get(s.client_id, "no answer")
+        for s in registry.sites
+        if s.client_id not in enrolled
+    }
     catalogue = registry.catalogue
     if catalogue is None:
         catalogue = union_catalogue(enrolled[s.client_id][0] for s in sites)
@@ -153,11 +158,10 @@ def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunCon
     record_enrolment(workspace=workspace, manifest=manifest, catalogue=catalogue)
     if config.secure_aggregation:  # the server steps verify the sites' round keys with these
         register_site_keys(workspace=workspace, sites=registry.sites)
-    tag_run(
-        uri,
-        run_id,
-        {"fedrec.workspace": workspace, "fedrec.sites": ",".join(s.name for s in sites)},
-    )
+    tags = {"fedrec.workspace": workspace, "fedrec.sites": ",".join(s.name for s in sites)}
+    if link.left_out:
+        tags["fedrec.sites_left_out"] = ",".join(link.left_out)
+    tag_run(uri, run_id, tags)
     logger.info(
         "%d of %d sites enrolled (%s), %d items in the catalogue, MLflow run %s",
         len(sites),

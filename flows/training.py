@@ -369,6 +369,9 @@ def _train_and_register(
             "champion_metrics": trained.champion_metrics,
             "workspace": workspace if config.keep_workspace else None,
         }
+        if ctx.sites is not None:  # which sites took part, and why the others did not
+            summary["sites"] = {"enrolled": sorted(s.name for s in ctx.sites.entries.values()),
+                                "left_out": dict(ctx.sites.left_out)}  # fmt: skip
         publish_summary(trained.history, summary, decision.reason)
         succeeded = True
         return summary

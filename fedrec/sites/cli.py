@@ -68,7 +68,8 @@ def site() -> None:
     "--state-dir",
     required=True,
     type=click.Path(file_okay=False),
-    help="where the site keeps its answers and replay record",
+    help="where the site keeps its answers, its replay record and its users' privacy budget "
+    "(what they have spent: keep it, or the budget starts again)",
 )
 @click.option(
     "--poll",

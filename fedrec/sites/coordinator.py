@@ -149,6 +149,7 @@ class Coordinator:
     catalogue: BlobRef | None = None
     n_items: int = 0
     entries: dict[int, SiteSpec] = field(default_factory=dict)  # client id -> site
+    left_out: dict[str, str] = field(default_factory=dict)  # site -> why it did not enrol
     liveness_seconds: float = LIVENESS_SECONDS
     # the run's answer key (models.sites.sealing): in this process's memory only
     answer_secret: X25519PrivateKey = field(

@@ -283,12 +283,25 @@ def test_sites_train_the_simulated_model_refuse_a_wrong_key_and_keep_their_rows(
     fed = federation
     # an impostor answers shop-a's requests with its own key, faster than shop-a does
     fed.start_site("shop-a", key="impostor", label="impostor", poll=0.05)
+    # and shop-d, listed in the sites file, was never started: left out at enrolment, by name
+    with_d = fed.coordinator / "sites-with-d.yaml"
+    with_d.write_text(
+        (fed.coordinator / "sites.yaml").read_text()
+        + f"  - name: shop-d\n    public_key: {fed.keys}/impostor.pub\n    deadline_seconds: 5\n"
+    )
     try:
         stderr = fed.root / "train-1.err"
-        summary = _summary(fed.train("ws1", 3, stderr), stderr)
+        coordinator = fed.train("ws1", 3, stderr, sites=with_d.name)
+        summary = _summary(coordinator, stderr)
     finally:
         fed.stop("impostor")
     log = stderr.read_text()
+    assert summary["sites"]["enrolled"] == list(SITES)
+    assert list(summary["sites"]["left_out"]) == ["shop-d"]
+    assert summary["sites"]["left_out"]["shop-d"] == (
+        "TimeoutError: shop-d: no answer to enroll exact round 0 within 5 s; its process never signed in on "
+        "the Prefect API (not started, or started against another API)"
+    ), summary["sites"]
 
     # (a) the model equals the in-process reference loop on the same partition
     family, expected = _reference_state(fed, rounds=3)
@@ -304,6 +317,7 @@ def test_sites_train_the_simulated_model_refuse_a_wrong_key_and_keep_their_rows(
 
     run = MlflowClient(tracking_uri=fed.stores.mlflow_uri).get_run(summary["run_id"])
     assert run.info.run_name == "als-k4-3c-3r"  # named after the sites that enrolled
+    assert run.data.tags["fedrec.sites_left_out"] == "shop-d"
 
     # (c) the impostor's answers were refused, each in one line naming the site and the reason
     refusals = [line for line in log.splitlines() if "shop-a: refused an answer" in line]

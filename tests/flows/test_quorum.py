@@ -20,7 +20,28 @@ def test_failed_client_tasks_are_left_out_and_logged(prefect_server, caplog):
         return answered({i: _client.submit(i) for i in range(4)}, "round 1")
 
     assert one_round() == {0: 0, 1: 10, 3: 30}  # client 2 is left out, the others keep their keys
-    assert any("round 1: client-2 failed" in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    assert "round 1: client-2 failed: RuntimeError: client 2 is down" in said, said
+
+
+@task(retries=0)
+def _timed_out(i: int) -> int:
+    raise TimeoutError(f"shop-{i}: no answer within 5 s")
+
+
+def test_a_failure_is_said_in_its_exceptions_words_not_prefects_wrapping(prefect_server):
+    """Prefect's message for a TimeoutError reads "Task run failed due to timeout:
+    TimeoutError('...')", which the run's end quoted as a site's reason."""
+    from flows.rounds import answered
+
+    failed: dict[int, str] = {}
+
+    @flow
+    def one_round() -> dict[int, int]:
+        return answered({0: _timed_out.submit(0)}, "enrolment", failed=failed)
+
+    assert one_round() == {}
+    assert failed == {0: "TimeoutError: shop-0: no answer within 5 s"}
 
 
 def test_a_real_site_is_named_in_the_warning_and_in_the_quorums_one_line(prefect_server, caplog):

@@ -507,6 +507,9 @@ def test_a_sites_run_without_servers_the_sites_can_reach_is_refused_before_any_f
     finally:
         mlflow.shutdown()
     local, _ = _cli(["train", "--sites", str(sites)], home)
+    # data given with --sites is refused as such, not for a file that is not there
+    with_data, _ = _cli(["train", "--sites", str(sites), "--data", str(tmp_path / "no.csv")], home)
+    _assert_one_line_error(with_data, "--sites reads no data here and shards none: --data set")
 
     # after the progress lines of the checks and the flow's imports: the error, exit status 2
     for done, expected in [
