@@ -455,17 +455,22 @@ def test_recommend_without_a_store_says_so_and_creates_no_folder(tmp_path, monke
     assert not home.exists()
 
 
-def test_a_sites_file_that_cannot_be_used_is_refused_before_any_flow_starts(tmp_path):
+def _sites_file(folder: Path, extra: str = "") -> Path:
+    """A sites file of shop-a (and ``extra`` lines), with the coordinator's and shop-a's keys."""
     from models.privacy.identity import generate_identity, write_identity
 
     for name in ("coordinator", "shop-a"):
-        write_identity(generate_identity(), tmp_path, name)
-    sites = tmp_path / "sites.yaml"
+        write_identity(generate_identity(), folder, name)
+    sites = folder / "sites.yaml"
     sites.write_text(
-        f"coordinator_key: {tmp_path}/coordinator.key\nsites:\n"
-        f"  - name: shop-a\n    public_key: {tmp_path}/shop-a.pub\n"
-        f"  - name: shop-b\n    public_key: {tmp_path}/shop-a.pub\n"  # shop-a's key again
+        f"coordinator_key: {folder}/coordinator.key\nsites:\n"
+        f"  - name: shop-a\n    public_key: {folder}/shop-a.pub\n" + extra
     )
+    return sites
+
+
+def test_a_sites_file_that_cannot_be_used_is_refused_before_any_flow_starts(tmp_path):
+    sites = _sites_file(tmp_path, f"  - name: shop-b\n    public_key: {tmp_path}/shop-a.pub\n")
 
     done, imported = _cli(["train", "--sites", str(sites)], tmp_path / "home")
 
@@ -489,15 +494,7 @@ def test_a_sites_run_without_servers_the_sites_can_reach_is_refused_before_any_f
 ):
     """Without PREFECT_API_URL a sites run started a local Prefect server no site could be
     connected to, and waited out every site's deadline (600 s by default) before it failed."""
-    from models.privacy.identity import generate_identity, write_identity
-
-    for name in ("coordinator", "shop-a"):
-        write_identity(generate_identity(), tmp_path, name)
-    sites = tmp_path / "sites.yaml"
-    sites.write_text(
-        f"coordinator_key: {tmp_path}/coordinator.key\nsites:\n"
-        f"  - name: shop-a\n    public_key: {tmp_path}/shop-a.pub\n"
-    )
+    sites = _sites_file(tmp_path)
     home = tmp_path / "home"
     mlflow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)  # answers /health
     threading.Thread(target=mlflow.serve_forever, daemon=True).start()
