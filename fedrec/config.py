@@ -470,7 +470,7 @@ class TrainingConfig(BaseModel):
     sites: str | None = Field(
         None,
         description="sites.yaml: train with real sites (their processes hold the data) instead "
-        "of simulated clients; --data and the partition flags are then unused. Needs "
+        "of simulated clients (--data and the partition flags are refused with it). Needs "
         "PREFECT_API_URL and --tracking-uri http://... naming the servers the sites connect to "
         "(`fedrec stores start` prints both); a site is waited for up to its deadline_seconds, "
         "else --round-timeout, else 600 s",
