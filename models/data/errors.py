@@ -60,13 +60,15 @@ class DataValidationError(ValueError):
             message += f"; {n_more} more {rows} of this column {are} refused too ({rows} {shown})"
         super().__init__(message)
 
-    def at_line(self, line: int | None) -> DataValidationError:
-        """The same error, its row's line in the file named (None: unchanged)."""
-        if line is None:
+    def at_line(self, line: int | None, note: str = "") -> DataValidationError:
+        """The same error, its row's line in the file named (None: unchanged), and ``note``
+        after the problem, in brackets, when given."""
+        if line is None and not note:
             return self
         copy = type(self)(
-            self.problem, file=self.file, row=self.row, column=self.column, setting=self.setting,
-            value=self.value, allowed=self.allowed, line=line, more_rows=self.more_rows,
+            f"{self.problem} ({note})" if note else self.problem, file=self.file, row=self.row,
+            column=self.column, setting=self.setting, value=self.value, allowed=self.allowed,
+            line=self.line if line is None else line, more_rows=self.more_rows,
             n_more=self.n_more,
         )  # fmt: skip
         copy.__cause__ = self.__cause__

@@ -158,7 +158,12 @@ def read_interactions(
     except DataValidationError as err:
         if is_parquet or err.row is None or err.line is not None or err.file != file:
             raise
-        raise err.at_line(line_of_row(path, err.row)) from err.__cause__
+        found = locate_row(path, err.row)
+        if found is None:
+            raise
+        line, fields, header = found
+        short = f"its line has {fields} of the header's {header} fields" if fields < header else ""
+        raise err.at_line(line, short) from err.__cause__
     notes.extend(validation_notes)
     if not is_parquet:
         frame[USER] = integer_ids(frame[USER])
@@ -421,6 +426,13 @@ def line_of_row(path: Path, row: int) -> int | None:
     """The line of a delimited file where data row ``row`` (1-based, after the header) starts,
     counting blank lines, which the reader skips, and quoted line breaks; None when the file
     cannot be read again the same way. Read only for an error, so it costs nothing otherwise."""
+    found = locate_row(path, row)
+    return None if found is None else found[0]
+
+
+def locate_row(path: Path, row: int) -> tuple[int, int, int] | None:
+    """Where data row ``row`` is (:func:`line_of_row`): its line, its number of fields and the
+    header's; None when the file cannot be read again the same way."""
     try:
         data = path.read_bytes()
         if has_suffix(path, (".gz",)):
@@ -433,15 +445,17 @@ def line_of_row(path: Path, row: int) -> int | None:
     reader = csv.reader(
         io.StringIO(text), delimiter=_sniff_delimiter(header, default="\t" if tabs else ",")
     )
-    ended, records = 0, -1  # the header is record 0
+    ended, records, width = 0, -1, 0  # the header is record 0
     try:
         for record in reader:
             start, ended = ended + 1, reader.line_num
             if len(record) <= 1 and not "".join(record).strip():
                 continue  # a blank or whitespace-only line: no row (delimiters alone make one)
             records += 1
+            if records == 0:
+                width = len(record)
             if records == row:
-                return start
+                return start, len(record), width
     except csv.Error:
         return None
     return None

@@ -592,6 +592,23 @@ def test_words_pandas_takes_for_missing_are_ids_in_an_id_column(tmp_path: Path) 
         _read_csv_text(tmp_path, HEADER + "NA,null,4\nNone,,3\n")
 
 
+def test_a_row_short_of_fields_says_so_beside_the_problem_its_shift_makes(tmp_path: Path) -> None:
+    """A line without its rating read the timestamp as the rating, and the message spoke of the
+    rating scale alone."""
+    text = "user_id,item_id,rating,timestamp\n1,10,4,881250949\n999,242,881250949\n"
+    with pytest.raises(DataValidationError) as err:
+        _read_csv_text(tmp_path, text)
+    assert str(err.value).endswith(
+        "row 2 (line 3), column 'rating': value 881250949.0 is outside the rating scale (its "
+        "line has 3 of the header's 4 fields); allowed: a number in [1.0, 5.0] (rating_scale)"
+    )
+    with pytest.raises(DataValidationError) as err:  # a full row: no note
+        _read_csv_text(tmp_path, "user_id,item_id,rating,timestamp\n1,10,9,881250949\n")
+    assert str(err.value).endswith(
+        "outside the rating scale; allowed: a number in [1.0, 5.0] (rating_scale)"
+    )
+
+
 def test_a_scale_taken_from_data_of_one_rating_value_is_refused(tmp_path: Path) -> None:
     """A scale (4.0, 4.0) trained a model that clipped every prediction to 4 (RMSE 0 against
     any champion) and that serving then refused."""
