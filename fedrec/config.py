@@ -384,10 +384,16 @@ class TrainingConfig(BaseModel):
     dp_epsilon: float | None = Field(
         None,
         gt=0,
-        description="user-level differential privacy: the whole training's epsilon (explicit als, or implicit als without a re-ranker)",
+        allow_inf_nan=False,
+        description="user-level differential privacy: the whole training's epsilon (explicit als, "
+        "or implicit als without a re-ranker). The users' cap across runs is --dp-budget, set at "
+        "their first private run and this epsilon unless given: that run then spends it all",
     )
     dp_delta: float | None = Field(
-        None, gt=0, lt=1, description="DP delta (default: 1 / number of users)"
+        None,
+        gt=0,
+        lt=1,
+        description="DP delta, at most 1 / number of users (the default; usually far below it)",
     )
     dp_max_items: int = Field(
         PRIVATE_IMPLICIT.max_items,
@@ -399,6 +405,7 @@ class TrainingConfig(BaseModel):
     dp_budget: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="DP: cap on the total epsilon these users may spend across runs, stored in "
         "the privacy ledger at their first private run (default then: this run's epsilon) and "
         "enforced from then on",

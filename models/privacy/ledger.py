@@ -102,13 +102,31 @@ def secret_id(secret: bytes) -> str:
     return hmac.new(secret, b"fedrec privacy ledger secret id", hashlib.sha256).hexdigest()[:16]
 
 
+class DeltaAboveOneUser(ValueError):
+    """A delta above 1 / users: no guarantee for every user (one line, the user's to fix)."""
+
+    one_line = True
+
+
 def run_delta(dp_delta: float | None, n_users: int) -> float:
-    """The run's delta: the one asked for, else 1 / users (the training's own default)."""
-    if dp_delta is not None:
-        return dp_delta
+    """The run's delta: the one asked for, else 1 / users (the training's own default).
+
+    Raises
+    ------
+    DeltaAboveOneUser
+        For a delta above 1 / users: a mechanism allowed to fail with that probability may
+        release one user's rows whole, so (epsilon, delta) would promise no one anything.
+    """
     if n_users < 1:
         raise ValueError(f"n_users == {n_users}: a private run needs at least one user")
-    return 1.0 / n_users
+    if dp_delta is not None and dp_delta > 1.0 / n_users:
+        raise DeltaAboveOneUser(
+            f"--dp-delta {dp_delta:g} is above 1 / {n_users} users ({1.0 / n_users:.3g}): with "
+            "that probability a release may expose one user's rows whole, so the guarantee "
+            "would hold for no one; allowed: a delta of at most 1 / users (the default), "
+            "usually far below it"
+        )
+    return 1.0 / n_users if dp_delta is None else dp_delta
 
 
 @dataclass(frozen=True)

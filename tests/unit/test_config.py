@@ -317,3 +317,10 @@ def test_split_files_give_each_user_the_side_features_any_of_them_states(tmp_pat
         match=r"value 31\.0 of user 'c2' differs from 30\.0 in an earlier split",
     ):
         load_interactions.fn(config)
+
+
+@pytest.mark.parametrize("field", ["dp_epsilon", "dp_budget"])
+def test_an_infinite_epsilon_is_refused_as_a_setting(field):
+    """--dp-epsilon inf reached the ledger, which said the users had spent "0 of inf"."""
+    with pytest.raises(ValidationError, match=field):
+        TrainingConfig(**{"dp_epsilon": 4.0, field: float("inf")})

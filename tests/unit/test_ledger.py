@@ -78,6 +78,9 @@ def test_a_user_key_is_the_truncated_hmac_of_the_id_under_the_secret():
 
 def test_run_delta_defaults_to_one_over_users():
     assert run_delta(None, 400) == 1 / 400 and run_delta(1e-6, 400) == 1e-6
+    assert run_delta(1 / 400, 400) == 1 / 400  # the default itself, given
+    with pytest.raises(ValueError, match=r"^--dp-delta 0\.5 is above 1 / 400 users \(0\.0025\)"):
+        run_delta(0.5, 400)  # accepted before: "(E, 0.5) user-level DP" promises no one
     with pytest.raises(ValueError, match="n_users == 0"):
         run_delta(None, 0)
 
