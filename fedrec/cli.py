@@ -136,7 +136,7 @@ _LAZY_COMMANDS = {
     ),
     "workspaces": (
         "fedrec.cli_workspaces",
-        "Workspaces that failed runs keep for --resume: list, prune.",
+        "Workspaces that failed runs keep for --resume (--prune deletes old ones).",
     ),
 }
 
@@ -628,11 +628,17 @@ def _with_resume_hint(error: OneLineError, config: Any) -> OneLineError:
     """``error``, saying how to continue the run when it can be resumed (the ``--json`` error
     then carries its ``run_id``), or what became of the version it registered."""
     from fedrec.model_store import resolve_tracking_uri, resume_command
+    from tasks.secure import MASKED_ONCE
 
     run_id = _resumable_run(config)
+    if run_id is not None and MASKED_ONCE in error.message:  # its clients refuse a resume
+        return error
     if run_id is not None:
         command = resume_command(run_id, resolve_tracking_uri(config.tracking_uri))
         error.message = f"{error.message}; {command} continues it"
+        if getattr(config, "secure_aggregation", False):  # a masked round is not repeated
+            error.message += " unless its clients had masked the round it stopped in (then "
+            error.message += "start a new run)"
         error.details = {"run_id": run_id}
     else:
         decided = _record_a_cut_short_decision(config)

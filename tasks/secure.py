@@ -74,6 +74,8 @@ from tasks.server import Progress, save_step, write_checkpoint
 
 REGISTRY = "secagg-registry"
 MASKED = "masked-updates"  # in a client's folder: one sha256 per round and per update masked
+# why a resumed run's clients refuse the round it repeats (the CLI then offers no resume)
+MASKED_ONCE = "cannot repeat a round its clients masked"
 _RECEIPT = "held-update"
 _ROUND = "round-config"
 _EMPTY = np.zeros(0, np.int64)
@@ -387,9 +389,7 @@ def _mask_once(workspace: str, entry: ClientEntry, context: bytes, held: np.ndar
         mask_once(client_folder(workspace, entry) / MASKED, context.decode(), held,
                   f"client-{entry.client_id}")  # fmt: skip
     except SecAggError as err:
-        raise SecAggError(
-            f"{err} (a resumed run cannot repeat a round its clients masked: start a new run)"
-        ) from None
+        raise SecAggError(f"{err} (a resumed run {MASKED_ONCE}: start a new run)") from None
 
 
 @task(name="secagg-sign", cache_policy=NONE)

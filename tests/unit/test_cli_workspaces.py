@@ -151,6 +151,18 @@ def test_a_failed_runs_hint_names_its_store_when_it_is_not_the_default_one(tmp_p
         error = cli._with_resume_hint(RunFailed("interrupted"), SimpleNamespace(tracking_uri=uri))
         assert error.message == f"interrupted; fedrec train --resume r1{hint} continues it"
         assert error.details == {"run_id": "r1"}
+    # a secure-aggregation run: its clients refuse to mask a round twice, which the hint says,
+    # and a resume they refused is offered no further resume
+    secure = SimpleNamespace(tracking_uri=None, secure_aggregation=True)
+    error = cli._with_resume_hint(RunFailed("interrupted"), secure)
+    assert error.message == (
+        "interrupted; fedrec train --resume r1 continues it unless its clients had masked the "
+        "round it stopped in (then start a new run)"
+    )
+    refused = RunFailed("round 13: 0 of 10 clients answered; client-0: SecAggError: client-0 "
+                        "masked this round's update once already (...) (a resumed run cannot "
+                        "repeat a round its clients masked: start a new run)")  # fmt: skip
+    assert cli._with_resume_hint(refused, secure).message == refused.message
 
 
 def test_older_than_without_prune_is_refused_rather_than_ignored(tmp_path, monkeypatch):
