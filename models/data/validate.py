@@ -153,9 +153,10 @@ def _user_side_feature(series: pd.Series, users: pd.Series, *, file: str, column
         series = series.mask(series.eq(""))
     allowed = USER_FEATURE_VALUES.get(column, "one value per user, or an empty cell (unknown)")
     if column in USER_FEATURE_VALUES:
-        known = np.array([is_blank(v) or user_feature_known(column, v) for v in series])
-        _fail_first(~known, series, f"is not a valid {column}", file=file, column=column,
-                    allowed=allowed)  # fmt: skip
+        refused = [v for v in series.dropna().unique()  # each distinct value once
+                   if not (is_blank(v) or user_feature_known(column, v))]  # fmt: skip
+        _fail_first(series.isin(refused).to_numpy(), series, f"is not a valid {column}",
+                    file=file, column=column, allowed=allowed)  # fmt: skip
     if column == "age":
         series = pd.to_numeric(series, errors="coerce").astype(np.float64)
     elif column == "gender":
