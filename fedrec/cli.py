@@ -283,7 +283,7 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
         return  # a sites run reads no data: the configuration refuses data settings with it
     try:
         if not data_sources(**spec) and spec["valid"] is None and spec["test"] is None:
-            if spec["data"] in (None, "synthetic") and not merged.get("sites"):
+            if spec["data"] in (None, "synthetic"):
                 with _status("checking the synthetic data"):
                     check_synthetic_data(merged)
             return
