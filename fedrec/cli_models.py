@@ -76,10 +76,12 @@ def _read_users(users: str, columns: dict[str, str]) -> pd.DataFrame:
     model's re-ranker uses (checked: :func:`_check_user_features`)."""
     import pandas as pd
 
+    from models.data.validate import USER_SIDE_FEATURES
+
     wanted = _read_ids(users, {columns["user_col"]: "user_id"})
     _check_user_features(wanted, users)
     # side features a ranking model's re-ranker uses (ignored by MF models)
-    kept = ["user_id", *(c for c in ("age", "gender", "occupation") if c in wanted)]
+    kept = ["user_id", *(c for c in USER_SIDE_FEATURES if c in wanted)]
     wanted = wanted[kept].drop_duplicates("user_id")
     if "age" in wanted:
         wanted["age"] = pd.to_numeric(wanted["age"], errors="coerce")

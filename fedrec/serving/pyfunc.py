@@ -12,11 +12,12 @@ the kind of model, so nothing is unpickled. ``predict`` takes one row per user:
 
 It returns ``user_id, rank, item_id, score, reason`` rows; a row without a score (a popularity
 fallback, an item that cannot be scored) has ``None`` there, which JSON (``mlflow models
-serve``) sends as ``null``: NaN is not JSON. The signature types every request column as Any, so MLflow passes each cell
-on as it came. A request the model cannot answer as asked (``k`` below 1, a history that is not
-a list, ratings that do not match it, an age or gender the re-ranker cannot read) is refused
-with MLflow's ``INVALID_PARAMETER_VALUE``: ``mlflow models serve`` answers HTTP 400 with the
-one-line reason (request row, user, column, value, what is allowed) as its message.
+serve``) sends as ``null``: NaN is not JSON. The signature types every request column as Any,
+so MLflow passes each cell on as it came. A request the model cannot answer as asked (``k``
+below 1, a history that is not a list, ratings that do not match it, an age or gender the
+re-ranker cannot read) is refused with MLflow's ``INVALID_PARAMETER_VALUE``: ``mlflow models
+serve`` answers HTTP 400 with the one-line reason (request row, user, column, value, what is
+allowed) as its message.
 """
 
 from __future__ import annotations

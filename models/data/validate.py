@@ -161,14 +161,9 @@ def _user_side_feature(series: pd.Series, users: pd.Series, *, file: str, column
         series = pd.to_numeric(series, errors="coerce").astype(np.float64)
     elif column == "gender":
         series = series.astype(object).where(series.isna(), series.astype(str).str.upper())
-    present = series.notna().to_numpy()
-    codes, _ = pd.factorize(users)
-    rows = np.flatnonzero(present)
-    first = pd.Series(rows).groupby(codes[rows]).transform("min").to_numpy()
-    differs = series.iloc[rows].reset_index(drop=True).ne(series.iloc[first].reset_index(drop=True))
-    bad = np.flatnonzero(differs.to_numpy())
-    if bad.size:
-        at, was = int(rows[bad[0]]), int(first[bad[0]])
+    found = _first_disagreement(series, users)
+    if found is not None:
+        at, was = found
         raise DataValidationError(
             f"differs from {python_value(series.iloc[was])!r} on row {was + 1} (user "
             f"{python_value(users.iloc[at])!r})",
@@ -187,12 +182,9 @@ def _user_level(series: pd.Series, users: pd.Series, *, file: str, column: str) 
         series = series.mask(series.eq(""))
     _fail_first(series.isna().to_numpy(), series, "missing value", file=file, column=column,
                 allowed=allowed)  # fmt: skip
-    codes, _ = pd.factorize(users)
-    first_row = pd.Series(np.arange(len(codes))).groupby(codes).transform("min").to_numpy()
-    differs = series.ne(series.iloc[first_row].reset_index(drop=True)).to_numpy()
-    bad = np.flatnonzero(differs)
-    if bad.size:
-        at, first = int(bad[0]), int(first_row[bad[0]])
+    found = _first_disagreement(series, users)
+    if found is not None:
+        at, first = found
         raise DataValidationError(
             f"differs from {python_value(series.iloc[first])!r} on row {first + 1}, the first "
             f"row of user {python_value(users.iloc[at])!r}",
@@ -200,6 +192,18 @@ def _user_level(series: pd.Series, users: pd.Series, *, file: str, column: str) 
             allowed=allowed,
         )  # fmt: skip
     return series
+
+
+def _first_disagreement(series: pd.Series, users: pd.Series) -> tuple[int, int] | None:
+    """The first row (0-based) whose value differs from the first value its user has, and
+    that first row; rows without a value are skipped. None when each user has one value."""
+    rows = np.flatnonzero(series.notna().to_numpy())
+    codes, _ = pd.factorize(users)
+    first = pd.Series(rows).groupby(codes[rows]).transform("min").to_numpy()
+    values = series.iloc[rows].reset_index(drop=True)
+    differs = values.ne(series.iloc[first].reset_index(drop=True)).to_numpy()
+    bad = np.flatnonzero(differs)
+    return None if bad.size == 0 else (int(rows[bad[0]]), int(first[bad[0]]))
 
 
 def _refuse_repeated_header(raw: pd.DataFrame, columns: list[str], *, file: str) -> None:

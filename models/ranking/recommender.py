@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from models.data.validate import USER_SIDE_FEATURES
 from models.mf.recommend import top_k
 from models.neural.network import Architecture, Params, load_network, save_network
 from models.ranking.boosting import TreeEnsemble
@@ -42,7 +43,6 @@ KIND = "ranking"
 # the retrieval models that can rank alone (without a re-ranker), as the reasons name them
 BASES = {"ease": "EASE", "als": "implicit ALS"}
 RESPONSE_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
-USER_FEATURE_COLUMNS = ("age", "gender", "occupation")
 # Features grouped by what they say about a recommendation; an explanation names the group whose
 # summed pred_contrib raised the item's score most.
 _REASONS = {
@@ -93,7 +93,7 @@ class RankingRecommender(ServedItems):
     kind: ClassVar[str] = KIND
     # request columns beyond user_id and history_items: the side features the re-ranker uses
     # when a request has them, the items to score, the history's ratings
-    request_columns: ClassVar[tuple[str, ...]] = (*USER_FEATURE_COLUMNS, "items", "history_ratings")
+    request_columns: ClassVar[tuple[str, ...]] = (*USER_SIDE_FEATURES, "items", "history_ratings")
     requirements: ClassVar[tuple[str, ...]] = ("numpy", "pandas", "scipy", "pyarrow", "lightgbm")
 
     retrieval: Retrieval
@@ -503,5 +503,5 @@ def _align_network(
 
 
 def _request_user_features(requests: pd.DataFrame) -> pd.DataFrame | None:
-    present = [c for c in USER_FEATURE_COLUMNS if c in requests]
+    present = [c for c in USER_SIDE_FEATURES if c in requests]
     return requests[present].reset_index(drop=True) if present else None
