@@ -39,20 +39,38 @@ def noise_metric(metric: str) -> str:
     return f"{split}/dp_sd/{name}"
 
 
-def check_baseline(candidate: Mapping[str, float], metric: str) -> PromotionDecision | None:
+def check_baseline(
+    candidate: Mapping[str, float], metric: str, noise_sds: float = 0.0
+) -> PromotionDecision | None:
     """A refusal when the candidate is worse on ``metric`` than the trivial baseline measured on
     the same rows (``baseline/<metric>`` among its metrics); None when it is not worse, or when
-    no baseline was measured."""
+    no baseline was measured. With ``noise_sds`` and the ``dp_sd`` of both released figures
+    (:func:`noise_metric`), the candidate must be worse by more than that many standard
+    deviations of their difference: a gap the DP noise could make is no evidence of a broken
+    model (a noisy sum floored at 0 can put the baseline at RMSE 0.0), while a broken model's
+    gap is far larger."""
     base = candidate.get(baseline_metric(metric))
     if base is None or metric not in candidate or not np.isfinite(base):
         return None
     new = candidate[metric]
     sign = -1.0 if lower_is_better(metric) else 1.0
-    if not np.isfinite(new) or sign * (new - base) < 0:
-        return PromotionDecision(
-            False, f"{WORSE_THAN_BASELINE}: {metric} {new:.4f} vs the baseline's {base:.4f}"
+    worse = sign * (base - new)
+    if np.isfinite(new) and worse <= 0:
+        return None
+    reason = f"{WORSE_THAN_BASELINE}: {metric} {new:.4f} vs the baseline's {base:.4f}"
+    spreads = (
+        candidate.get(noise_metric(metric)),
+        candidate.get(noise_metric(baseline_metric(metric))),
+    )
+    if np.isfinite(new) and noise_sds > 0 and None not in spreads:
+        margin = noise_sds * float(np.hypot(*spreads))
+        if worse <= margin:
+            return None
+        reason += (
+            f", worse by {_size(worse)}, beyond the DP noise of the two released figures "
+            f"({noise_sds:g} standard deviations of their difference: {margin:.4f})"
         )
-    return None
+    return PromotionDecision(False, reason)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -77,7 +95,7 @@ def decide_promotion(
     noise_sds: float = 0.0,
 ) -> PromotionDecision:
     """Promote when the candidate is not worse than the trivial baseline on the same rows
-    (:func:`check_baseline`), beats the champion by ``min_delta`` on ``metric``, and its worst
+    (:func:`check_baseline`, beyond the DP noise with ``noise_sds``), beats the champion by ``min_delta`` on ``metric``, and its worst
     client is not more than ``max_client_regression`` worse than the champion's worst client.
 
     Parameters
@@ -93,9 +111,10 @@ def decide_promotion(
     min_delta, max_client_regression : float
         Absolute margins, in the metric's units.
     noise_sds : float
-        For released (DP) metrics: an improvement must also exceed this many standard deviations
-        of the difference of the two released figures, ``hypot`` of their ``dp_sd`` metrics
-        (:func:`noise_metric`); without those, or at 0, no such margin.
+        For released (DP) metrics: an improvement on the champion must also exceed this many
+        standard deviations of the difference of the two released figures, ``hypot`` of their
+        ``dp_sd`` metrics (:func:`noise_metric`), and a shortfall below the baseline refuses only
+        beyond as many; without those, or at 0, no such margin.
 
     Returns
     -------
@@ -109,7 +128,7 @@ def decide_promotion(
         return PromotionDecision(
             False, f"candidate's {metric} is {candidate[metric]}: no figure to promote on"
         )
-    refused = check_baseline(candidate, metric)
+    refused = check_baseline(candidate, metric, noise_sds)
     if refused is not None:
         return refused
     if champion is None:

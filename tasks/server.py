@@ -245,8 +245,9 @@ def decide(
     """Apply the promotion rule to metrics measured the same way for both models. A ``private``
     run skips the worst-client rule: each client's metrics come from its own noisy release
     (:mod:`models.privacy.released_metrics`), too noisy to compare client by client; the
-    baseline gate and the comparison of the totals hold, and the candidate's gain must exceed
-    :data:`PRIVATE_NOISE_SDS` standard deviations of the noise in the compared figures."""
+    baseline gate and the comparison of the totals hold, each with a margin of
+    :data:`PRIVATE_NOISE_SDS` standard deviations of the noise in the compared figures: a gain
+    on the champion must exceed it, and a shortfall below the baseline refuses only beyond it."""
     decision = decide_promotion(
         candidate,
         champion,

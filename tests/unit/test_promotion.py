@@ -144,6 +144,69 @@ def test_the_baseline_gate_comes_before_the_champion():
     assert decision.reason == f"{WORSE_THAN_BASELINE}: valid/rmse 1.0500 vs the baseline's 0.9900"
 
 
+def test_a_private_shortfall_below_the_baseline_refuses_only_beyond_the_dp_noise():
+    from models.promotion import WORSE_THAN_BASELINE
+
+    noisy = {**RULE, "noise_sds": 2.0}
+    floored = {"valid/rmse": 0.70, "valid/dp_sd/rmse": 0.30,  # a noisy sum floored at 0
+               "baseline/valid/rmse": 0.0, "baseline/valid/dp_sd/rmse": 0.25}  # fmt: skip
+    broken = {"valid/rmse": 3.1, "valid/dp_sd/rmse": 0.04,
+              "baseline/valid/rmse": 0.95, "baseline/valid/dp_sd/rmse": 0.03}  # fmt: skip
+
+    assert decide_promotion(floored, None, **noisy).promote  # 0.70 < 2 * hypot = 0.78
+    assert not decide_promotion(floored, None, **RULE).promote  # no margin: refused as before
+    refused = decide_promotion(broken, None, **noisy)
+    assert not refused.promote
+    assert refused.reason == (
+        f"{WORSE_THAN_BASELINE}: valid/rmse 3.1000 vs the baseline's 0.9500, worse by 2.1500, "
+        "beyond the DP noise of the two released figures (2 standard deviations of their "
+        "difference: 0.1000)"
+    )
+    without_spread = {k: v for k, v in floored.items() if k != "baseline/valid/dp_sd/rmse"}
+    assert not decide_promotion(without_spread, None, **noisy).promote
+    nan = floored | {"valid/rmse": float("nan")}
+    assert not decide_promotion(nan, None, **noisy).promote
+
+
+def test_with_the_noise_margin_a_model_better_than_the_baseline_is_rarely_refused_by_it():
+    """A model truly better than the baseline (sse 800 against 1000 over the same 1,000 rows) and
+    a broken one (sse 4000), each evaluated with the baseline in one DP release by 3 clients at a
+    noise that makes the released figures unreliable. The plain gate refuses the better model
+    often; with the 2-standard-deviation margin rarely, and the broken one is still refused."""
+    import numpy as np
+
+    from models.metrics import finalize_metrics
+    from models.privacy.released_metrics import MetricRelease, released_noise
+
+    release = MetricRelease(noise_multiplier=2.0)
+    rng = np.random.default_rng(2)
+
+    def released(sse: float) -> dict[str, float]:
+        sums = [
+            {"valid": ({"sse": sse / 3, "sae": 600.0, "n": 1000.0 / 3}, None),
+             "baseline/valid": ({"sse": 1000.0 / 3, "sae": 700.0, "n": 1000.0 / 3}, None)}
+            for _ in range(3)
+        ]  # fmt: skip
+        uploads = [release.publish(client, rng) for client in sums]
+        out = {}
+        for split in ("valid", "baseline/valid"):
+            total = {key: sum(u[split][0][key] for u in uploads) for key in ("sse", "sae", "n")}
+            out[f"{split}/rmse"] = finalize_metrics(total, k=10)["rmse"]
+            out[f"{split}/dp_sd/rmse"] = released_noise(uploads, release, 10)[f"{split}/rmse"]
+        return out
+
+    plain = guarded = broken = 0
+    for _ in range(1000):
+        better = released(800.0)
+        plain += not decide_promotion(better, None, **RULE).promote
+        guarded += not decide_promotion(better, None, **RULE, noise_sds=2.0).promote
+        broken += not decide_promotion(released(4000.0), None, **RULE, noise_sds=2.0).promote
+
+    assert plain / 1000 > 0.15
+    assert guarded / 1000 < 0.02
+    assert broken / 1000 > 0.95
+
+
 def test_a_private_gain_within_the_dp_noise_of_both_figures_is_not_promoted():
     noisy = {**RULE, "min_delta": 0.0, "noise_sds": 2.0}
     champion = {"valid/rmse": 0.90, "valid/dp_sd/rmse": 0.03}
