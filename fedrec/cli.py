@@ -128,6 +128,10 @@ _LAZY_COMMANDS = {
     "predict": ("fedrec.cli_models", "Predicted scores for given (user, item) pairs."),
     "models": ("fedrec.cli_models", "Registered models: versions, champion, why promoted."),
     "runs": ("fedrec.cli_models", "Newest training runs: status, version, promotion or error."),
+    "budget": (
+        "fedrec.cli_budget",
+        "Privacy budget of a dataset's users: spent, cap, left; would a run start.",
+    ),
     "site": ("fedrec.sites.cli", "A site's process of a real federation, next to its data."),
     "keygen": ("fedrec.sites.cli", "Write an Ed25519 identity key pair (site or coordinator)."),
     "stores": (
@@ -490,18 +494,7 @@ def train(
     if values.get("resume") is None:  # a resumed run reads its own data, not these defaults
         # a bad file ends here, before any library or server is loaded
         check_inputs(values, named=dict.fromkeys(from_file, config_file))
-    values = absolute_paths(values)
-    with _status("checking the configuration (loads pandas)"):
-        from pydantic import ValidationError
-
-        from fedrec.config import TrainingConfig
-
-        try:
-            config = TrainingConfig(**values)
-        except ValidationError as err:  # keys from the YAML file are named as its keys
-            named = dict.fromkeys(from_file, config_file)
-            line = one_line_config_error(err, named, known=TrainingConfig.model_fields)
-            raise UserError(f"invalid configuration: {line}") from err
+    config = training_config(values, dict.fromkeys(from_file, config_file))
     _check_tracking(config.tracking_uri)
     _quiet_prefect(debug)
     if config.resume is not None:  # before the flow loads, a server starts or a run is made
@@ -594,6 +587,22 @@ def train(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
     )
     click.echo(f"Prefect flow run: {flow_run_url}")
+
+
+def training_config(values: dict[str, Any], named: dict[str, Any]) -> Any:
+    """The TrainingConfig of checked ``values`` (their paths made absolute), or one line naming
+    what is wrong; ``named`` maps the keys that came from a YAML file to that file."""
+    values = absolute_paths(values)
+    with _status("checking the configuration (loads pandas)"):
+        from pydantic import ValidationError
+
+        from fedrec.config import TrainingConfig
+
+        try:
+            return TrainingConfig(**values)
+        except ValidationError as err:  # keys from the YAML file are named as its keys
+            line = one_line_config_error(err, named, known=TrainingConfig.model_fields)
+            raise UserError(f"invalid configuration: {line}") from err
 
 
 def _check_tracking(tracking_uri: str | None) -> None:

@@ -577,7 +577,7 @@ def _decided(tag: str | None) -> bool | None:
 
 
 def _number(tag: str | None) -> float | None:
-    """A metric kept as a version tag, as a number; None when there is none."""
+    """A metric kept as a version tag (or a param), as a number; None when there is none."""
     try:
         return None if tag in (None, "") else float(tag)  # type: ignore[arg-type]
     except ValueError:
@@ -630,6 +630,7 @@ def run_rows(
             "status": info.status,
             "source": next((run.data.params[k] for k in ("sites", "train", "data")
                             if run.data.params.get(k) not in (None, "", "None")), ""),
+            "epsilon": _number(run.data.params.get("dp_epsilon")),  # None: not private
             "model": None if version is None else version.name,
             "version": None if version is None else str(version.version),
             "promoted": None if version is None else _decided(version.tags.get("fedrec.promoted")),
@@ -641,7 +642,10 @@ def run_rows(
 
 
 def _outcome(row: dict[str, Any]) -> str:
-    """What a run came to, in words: its version's decision, its error, or that it runs."""
+    """What a run came to, in words (a private run's epsilon first): its version's decision, its
+    error, or that it runs."""
+    if row["epsilon"] is not None:
+        return f"private, epsilon {row['epsilon']:g}: " + _outcome(row | {"epsilon": None})
     if row["version"] is not None:
         decided = {True: "promoted", False: "not promoted"}.get(row["promoted"], "undecided")
         why = f": {row['reason']}" if row["reason"] else ""

@@ -928,10 +928,11 @@ def _write_entry(
 
 
 def _unledgered_private_spending(
-    client: MlflowClient, experiment_id: str, model_name: str
+    client: MlflowClient, experiment_id: str | None, model_name: str
 ) -> list[float]:
-    """The epsilons of ``model_name``'s private versions when the ledger has no entry for that
-    model at all (it was lost, or they predate it); else an empty list."""
+    """The epsilons of ``model_name``'s private versions when the ledger (``experiment_id``, None
+    when it does not exist) has no entry for that model at all (it was lost, or they predate
+    it); else an empty list."""
     try:
         versions = client.search_model_versions(f"name='{model_name}'")
     except MlflowException as err:
@@ -939,7 +940,10 @@ def _unledgered_private_spending(
             return []
         raise
     private = [float(v.tags["fedrec.epsilon"]) for v in versions if v.tags.get("fedrec.epsilon")]
-    if not private or _ledger_runs(client, experiment_id, f"params.model_name = '{model_name}'"):
+    if not private or (
+        experiment_id is not None
+        and _ledger_runs(client, experiment_id, f"params.model_name = '{model_name}'")
+    ):
         return []
     # (a recovered list may end with the former tag's surplus: runs that registered nothing)
     try:  # the former JSON tag may hold spending of runs that never registered a version
@@ -950,6 +954,94 @@ def _unledgered_private_spending(
         legacy = {}
     total = sum(float(v) for v in legacy.values())
     return private if sum(private) >= total else [*private, total - sum(private)]
+
+
+def _recovered(
+    unledgered: list[float], request: Request, model_name: str, *, at: int
+) -> Stored | None:
+    """The entry that records ``model_name``'s private versions the ledger has no entry for (their
+    users are unknown, so it covers everyone), or None when there are none. Refused unless the
+    operator sets the cap.
+
+    Raises
+    ------
+    BudgetError
+    """
+    if not unledgered:
+        return None
+    if not request.set_cap:
+        raise BudgetError(
+            f"privacy ledger: {model_name!r} has private versions (epsilon "
+            f"{sum(unledgered):.3g} in all) but the "
+            f"ledger ({LEDGER_EXPERIMENT!r}) has no entry for it: their spending is unknown; "
+            "not started (an operator can record it as spent with --dp-ledger-set-cap)"
+        )
+    return Stored(recovered_spend(unledgered, request.delta, at=at), None)
+
+
+@dataclass(frozen=True)
+class Standing:
+    """The privacy ledger as a private run would find it: how many entries it holds, the run's
+    users grouped by history (tightest first), and the private spending of the model that the
+    ledger has no entry for."""
+
+    entries: int
+    groups: list[Group]
+    unledgered: list[float]
+
+    def verdict(self, request: Request, model_name: str) -> str | None:
+        """None when a run asking ``request`` would be let start; else the one line it would be
+        refused with."""
+        try:
+            groups = self.groups
+            recovered = _recovered(self.unledgered, request, model_name, at=0)
+            if recovered is not None:  # it covers every user: each group's balance grows by it
+                spent = recovered.entry
+                groups = [
+                    Group(g.members, Balance(g.balance.epsilon + spent.epsilon,
+                                             g.balance.delta + spent.delta, g.balance.cap,
+                                             g.balance.spends + 1))
+                    for g in groups
+                ]  # fmt: skip
+            plan_user_reservation(groups, request, at=0)
+        except BudgetError as err:
+            return str(err)
+        return None
+
+
+def ledger_standing(
+    uri: str, user_ids: np.ndarray, *, model_name: str, secret_path: str | None = None
+) -> Standing:
+    """The users' balances in the ledger of ``uri``, read as :func:`reserve_privacy_budget` reads
+    them, with nothing written to the store: no experiment, entry or secret is created.
+
+    Raises
+    ------
+    BudgetError
+        When the ledger's experiment was deleted, or its entries name users with a secret this
+        machine does not hold.
+    """
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+    if experiment is not None and experiment.lifecycle_stage != "active":
+        raise BudgetError(
+            f"privacy ledger: the MLflow experiment {LEDGER_EXPERIMENT!r} was deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id})"
+        )
+    stored: list[Stored] = []
+    secret = os.urandom(32)  # entries that name no users cover every user, whatever the key
+    if experiment is not None:
+        path = ledger_secret_path(uri, secret_path)
+        stored, written_with = _ledger_entries(
+            client, experiment.experiment_id, path.parent / ".fedrec-ledger-cache"
+        )
+        if written_with:
+            secret = _secret_for(path, written_with)
+    unledgered = _unledgered_private_spending(
+        client, None if experiment is None else experiment.experiment_id, model_name
+    )
+    users = user_keys(np.asarray(user_ids, dtype=str), secret)
+    return Standing(len(stored), standing(users, stored), unledgered)
 
 
 def ledger_request(config: TrainingConfig, n_users: int) -> Request:
@@ -1023,16 +1115,11 @@ def reserve_privacy_budget(
             "secret_id": secret_id(secret),
             "dataset_fingerprint": keyed_fingerprint(fingerprint, secret),
         }
-        unledgered = _unledgered_private_spending(client, experiment_id, model_name)
-        if unledgered and not request.set_cap:
-            raise BudgetError(
-                f"privacy ledger: {model_name!r} has private versions (epsilon "
-                f"{sum(unledgered):.3g} in all) but the "
-                f"ledger ({LEDGER_EXPERIMENT!r}) has no entry for it: their spending is unknown; "
-                "not started (an operator can record it as spent with --dp-ledger-set-cap)"
-            )
-        if unledgered:  # which users those versions saw is unknown: counted for everyone
-            recovered = Stored(recovered_spend(unledgered, request.delta, at=now - 1), None)
+        recovered = _recovered(
+            _unledgered_private_spending(client, experiment_id, model_name), request, model_name,
+            at=now - 1,
+        )  # fmt: skip
+        if recovered is not None:
             _write_entry(client, experiment_id, recovered, about | {"reason": "recovered"})
             stored.append(recovered)
         writes = plan_user_reservation(standing(users, stored), request, at=now)

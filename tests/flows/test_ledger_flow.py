@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -345,6 +346,15 @@ def test_the_ledger_follows_the_users_not_the_path_spelling_or_model_name(
 
     client = store["client"]
     assert client.get_model_version("private-a", first["model_version"]).tags["fedrec.epsilon"]
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+
+    listed = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"], "--json"]).stdout
+    (row,) = [json.loads(line) for line in listed.splitlines()]  # the refused runs made none
+    assert (row["run_id"], row["epsilon"]) == (first["run_id"], 4.0)
+    text = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"]]).stdout
+    assert "private, epsilon 4: private-a version 1 " in text.splitlines()[1]
     for name in ("private-b", "private-c"):  # refused before any run or version
         assert client.search_model_versions(f"name='{name}'") == []
     entries = _ledger_runs(store)
@@ -371,3 +381,88 @@ def test_a_flow_with_private_versions_but_no_ledger_refuses_in_one_line(store, p
         _train(store, synthetic_users=200, synthetic_items=80, synthetic_interactions=4_000,
                model_name="old-private", dp_epsilon=1.0)  # fmt: skip
     assert len(client.search_model_versions("name='old-private'")) == 1
+
+
+# --- fedrec budget: the ledger read as a run reads it ----------------------------------------
+
+
+def _invoke_budget(path: Path, *flags: str):
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+
+    return CliRunner().invoke(main, ["budget", "--data", str(path), *flags])
+
+
+def _budget(path: Path, *flags: str) -> tuple[int, dict]:
+    result = _invoke_budget(path, "--json", *flags)
+    assert result.exit_code in (0, 2), result.output
+    return result.exit_code, json.loads(result.stdout)
+
+
+def _ledger_state(store) -> tuple[list[str], bytes | None]:
+    """The ledger's entries and its secret file: what `fedrec budget` must leave as it found."""
+    from tasks.tracking import LEDGER_EXPERIMENT, ledger_secret_path
+
+    secret = ledger_secret_path(store["uri"])
+    if store["client"].get_experiment_by_name(LEDGER_EXPERIMENT) is None:
+        runs = []
+    else:
+        runs = sorted(r.info.run_id for r in _ledger_runs(store))
+    return runs, secret.read_bytes() if secret.exists() else None
+
+
+def test_budget_gives_each_users_balance_and_the_verdict_the_run_itself_gets(store, tmp_path):
+    from tasks.tracking import reserve_privacy_budget
+
+    users = np.concatenate([POPULATIONS["a"], POPULATIONS["b"][:10]])  # 40 with a history, 10 new
+    path = tmp_path / "ratings.csv"
+    pd.DataFrame(
+        {"user_id": np.repeat(users, 3), "item_id": np.tile(["i1", "i2", "i3"], len(users)),
+         "rating": 4.0}
+    ).to_csv(path, index=False)  # fmt: skip
+    db = tmp_path / "nothing-here" / "mlflow.db"
+
+    status, fresh = _budget(path, "--tracking-uri", f"sqlite:///{db}")  # it is not created
+    assert status == 0 and not db.parent.exists()
+    assert fresh["ledger_entries"] == 0 and fresh["run"] is None
+    assert fresh["groups"] == [{"users": 50, "epsilon": 0.0, "delta": 0.0, "runs": 0,
+                                "cap_epsilon": None, "cap_delta": None, "epsilon_left": None,
+                                "delta_left": None}]  # fmt: skip
+
+    _reserve(store, 4.0, cap=10.0, users="a")  # delta 1e-5: a delta cap of 2.5e-5
+    before = _ledger_state(store)
+    status, found = _budget(path)
+    assert status == 0 and found["ledger_entries"] == 2 and _ledger_state(store) == before
+    tight, new = found["groups"]  # tightest first
+    assert (tight["users"], tight["epsilon"], tight["cap_epsilon"], tight["runs"]) == (40, 4, 10, 1)
+    assert tight["epsilon_left"] == pytest.approx(6.0)
+    assert tight["delta_left"] == pytest.approx(1.5e-5)
+    assert (new["users"], new["cap_epsilon"], new["runs"]) == (50 - 40, None, 0)
+
+    def reserve(epsilon: float) -> str | None:  # the run's own reservation: the oracle
+        try:
+            reserve_privacy_budget.fn(store["uri"], Request(epsilon, 1e-5), user_ids=users,
+                                      model_name="fedrec-mf", fingerprint="rows", about={})  # fmt: skip
+        except BudgetError as err:
+            return str(err)
+        return None
+
+    asked = ["--dp-epsilon", "6.5", "--dp-delta", "1e-5"]
+    status, over = _budget(path, *asked)
+    assert status == 2 and _ledger_state(store) == before
+    assert over["run"] == {"epsilon": 6.5, "delta": 1e-5, "refused": reserve(6.5)}
+    assert over["run"]["refused"].startswith("privacy budget: 40 of these 50 users have spent")
+    assert _ledger_state(store) == before  # the refused reservation wrote nothing either
+
+    status, fits = _budget(path, "--dp-epsilon", "6", "--dp-delta", "1e-5")
+    assert status == 0 and fits["run"]["refused"] is None
+    assert reserve(6.0) is None
+    status, after = _budget(path)
+    spent = {g["users"]: (g["epsilon"], g["cap_epsilon"], g["runs"]) for g in after["groups"]}
+    assert spent == {40: (pytest.approx(10.0), 10.0, 2), 10: (6.0, 6.0, 1)}
+
+    text = _invoke_budget(path, *asked)
+    assert text.exit_code == 2
+    assert "40 users: spent epsilon 10 of 10" in text.stdout
+    assert text.stderr.strip() == f"fedrec: error: {reserve(6.5)}"

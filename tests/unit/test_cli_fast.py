@@ -94,10 +94,11 @@ def test_a_bare_fedrec_prints_the_help_and_version_prints_the_version(tmp_path):
     assert shown.returncode == 0 and shown.stdout.splitlines()[0] == f"fedrec {version('fedrec')}"
 
 
-def test_train_help_comes_from_the_flag_cache_without_the_config(tmp_path):
-    _cli(["train", "--help"], tmp_path)  # builds the cache if the sources changed
+@pytest.mark.parametrize("command", ["train", "budget"])  # budget takes train's flags
+def test_train_help_comes_from_the_flag_cache_without_the_config(tmp_path, command):
+    _cli([command, "--help"], tmp_path)  # builds the cache if the sources changed
 
-    done, imported = _cli(["train", "--help"], tmp_path)
+    done, imported = _cli([command, "--help"], tmp_path)
 
     assert done.returncode == 0, done.stderr
     assert "--rounds INTEGER" in done.stdout and "federated rounds (default: 10;" in done.stdout
