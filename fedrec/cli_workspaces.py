@@ -73,17 +73,26 @@ def _megabytes(size: int) -> str:
     help="days since a workspace was last written; a running run writes a checkpoint every "
     "round, so 0 would delete a running run's workspace too",
 )
+@click.option(
+    "--remove",
+    "remove",
+    multiple=True,
+    metavar="RUN_ID",
+    help="delete the workspace of this run now, whatever its age (repeatable); the run cannot be "
+    "resumed after, and a run still going would fail: `fedrec runs` shows which are running",
+)
 @debug_option
 @friendly_errors
-def workspaces(prune: bool, days: float) -> None:
+def workspaces(prune: bool, days: float, remove: tuple[str, ...]) -> None:
     """The client partitions and checkpoints of runs that failed or were killed, kept in
     FEDREC_HOME/workspaces/RUN_ID for `fedrec train --resume RUN_ID`. A run that succeeds
-    removes its own (unless --keep-workspace); these stay until pruned.
+    removes its own (unless --keep-workspace); these stay until pruned or removed.
 
     \b
     fedrec workspaces                      each one's run id, size and last write
     fedrec workspaces --prune              delete those not written for 7 days
     fedrec workspaces --prune --older-than 1
+    fedrec workspaces --remove RUN_ID      delete one run's workspace
     """
     from fedrec.model_store import recorded_store, resume_command
     from models.data.partitions import is_finished, read_manifest, remove_workspace
@@ -96,6 +105,9 @@ def workspaces(prune: bool, days: float) -> None:
         )
     root = fedrec_home() / "workspaces"
     found, others = find_workspaces(root)
+    if remove:
+        _remove(root, found, remove, prune)
+        return
     if not found:
         click.echo(f"no run workspaces in {root}")
     now = time.time()
@@ -118,3 +130,22 @@ def workspaces(prune: bool, days: float) -> None:
         click.echo(
             f"removed {removed} workspace(s) not written for {days:g} days, {_megabytes(freed)}"
         )
+
+
+def _remove(root: Path, found: list[Workspace], names: tuple[str, ...], prune: bool) -> None:
+    """Delete the workspaces of the runs ``names``, after checking that each one is there."""
+    from models.data.partitions import remove_workspace
+
+    if prune:
+        raise UserError("--remove and --prune: give one (--remove deletes the runs named)")
+    by_name = {w.path.name: w for w in found}
+    for name in names:
+        if name not in by_name:
+            there = ", ".join(sorted(by_name)) or "none"
+            raise UserError(
+                f"--remove {name}: no run workspace of that name in {root}; there are: {there}"
+            )
+    for name in dict.fromkeys(names):
+        workspace = by_name[name]
+        if remove_workspace(workspace.path):
+            click.echo(f"{name}  {_megabytes(workspace.size):>10}  removed")

@@ -735,10 +735,13 @@ LEDGER_EXPERIMENT = "fedrec-privacy-ledger"
 _LEGACY_LEDGER_TAG = "fedrec.epsilon_ledger"  # the ledger's former home: a JSON tag on the model
 
 
-def _ledger_experiment(client: MlflowClient, uri: str) -> str:
-    """The ledger's experiment, created at first use; refuses when someone deleted it."""
+def _ledger_experiment(client: MlflowClient, uri: str, *, create: bool = True) -> str | None:
+    """The ledger's experiment, created at first use (else None while there is none); refuses
+    when someone deleted it."""
     experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
     if experiment is None:
+        if not create:
+            return None
         return client.create_experiment(LEDGER_EXPERIMENT, artifact_location=_artifact_home(uri))
     if experiment.lifecycle_stage != "active":
         raise BudgetError(
@@ -1022,24 +1025,17 @@ def ledger_standing(
         machine does not hold.
     """
     client = _client(uri)
-    experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
-    if experiment is not None and experiment.lifecycle_stage != "active":
-        raise BudgetError(
-            f"privacy ledger: the MLflow experiment {LEDGER_EXPERIMENT!r} was deleted; restore it "
-            f"(mlflow experiments restore --experiment-id {experiment.experiment_id})"
-        )
+    experiment_id = _ledger_experiment(client, uri, create=False)
     stored: list[Stored] = []
     secret = os.urandom(32)  # entries that name no users cover every user, whatever the key
-    if experiment is not None:
+    if experiment_id is not None:
         path = ledger_secret_path(uri, secret_path)
         stored, written_with = _ledger_entries(
-            client, experiment.experiment_id, path.parent / ".fedrec-ledger-cache"
+            client, experiment_id, path.parent / ".fedrec-ledger-cache"
         )
         if written_with:
             secret = _secret_for(path, written_with)
-    unledgered = _unledgered_private_spending(
-        client, None if experiment is None else experiment.experiment_id, model_name
-    )
+    unledgered = _unledgered_private_spending(client, experiment_id, model_name)
     users = user_keys(np.asarray(user_ids, dtype=str), secret)
     return Standing(len(stored), standing(users, stored), unledgered)
 
@@ -1107,6 +1103,7 @@ def reserve_privacy_budget(
     cache = path.parent / ".fedrec-ledger-cache"
     with promotion_lock(uri):
         experiment_id = _ledger_experiment(client, uri)
+        assert experiment_id is not None  # created when missing
         now = int(time.time() * 1000)
         stored, written_with = _ledger_entries(client, experiment_id, cache)
         secret = _secret_for(path, written_with)

@@ -466,3 +466,12 @@ def test_budget_gives_each_users_balance_and_the_verdict_the_run_itself_gets(sto
     assert text.exit_code == 2
     assert "40 users: spent epsilon 10 of 10" in text.stdout
     assert text.stderr.strip() == f"fedrec: error: {reserve(6.5)}"
+
+    from tasks.tracking import LEDGER_EXPERIMENT
+
+    client = store["client"]
+    client.delete_experiment(client.get_experiment_by_name(LEDGER_EXPERIMENT).experiment_id)
+    deleted = _invoke_budget(path)
+    assert deleted.exit_code == 2
+    assert "fedrec-privacy-ledger' was deleted; restore it" in deleted.stderr
+    assert not deleted.stderr.strip().endswith("not started")  # nothing was to start

@@ -175,3 +175,29 @@ def test_older_than_without_prune_is_refused_rather_than_ignored(tmp_path, monke
         in (done.stderr)
     )
     assert CliRunner().invoke(main, ["workspaces"]).exit_code == 0  # the default age: listed
+
+
+def test_remove_deletes_the_named_runs_workspaces_and_refuses_a_name_not_there(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    root = tmp_path / "workspaces"
+    one, two, kept = (_workspace(root, f"run-{n}", days_old=0.1) for n in ("a", "b", "c"))
+    other = _workspace(root, "notes", days_old=30, manifest=False)
+    runner = CliRunner()
+
+    wrong = runner.invoke(main, ["workspaces", "--remove", "run-a", "--remove", "run-x"])
+    assert wrong.exit_code == 2
+    assert wrong.stderr.strip() == (
+        f"fedrec: error: --remove run-x: no run workspace of that name in {root}; there are: "
+        "run-a, run-b, run-c"
+    )
+    assert one.exists()  # nothing removed when one name is wrong
+    notes = runner.invoke(main, ["workspaces", "--remove", "notes"])  # not a fedrec workspace
+    assert notes.exit_code == 2 and other.exists()
+    both = runner.invoke(main, ["workspaces", "--remove", "run-a", "--remove", "run-b"])
+    assert both.exit_code == 0, both.output
+    assert both.output.splitlines() == ["run-a      2.0 MB  removed", "run-b      2.0 MB  removed"]
+    assert not one.exists() and not two.exists() and kept.exists() and other.exists()
+    assert runner.invoke(main, ["workspaces", "--remove", "run-c", "--prune"]).exit_code == 2
+    assert kept.exists()
