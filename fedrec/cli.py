@@ -576,6 +576,8 @@ def train(
         if key in metrics
     ]
     click.echo(f"{', '.join(parts)}  ({summary['seconds']} s)")
+    if summary.get("dp_not_covered"):  # the run's log warned at its start; said again here
+        click.echo(f"not covered by DP: {summary['dp_not_covered']}")
     sites = summary.get("sites")
     if sites:
         line = f"sites: {len(sites['enrolled'])} enrolled ({', '.join(sites['enrolled'])})"

@@ -34,6 +34,7 @@ from tasks.reporting import publish_summary
 from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
     CHAMPION_PLANNED,
+    DP_NOT_COVERED,
     HELD_OUT_TAG,
     ResumeError,
     close_ended_runs,
@@ -128,6 +129,13 @@ def training_flow(
     return federated_training
 
 
+# what DP does not cover in a private run whose model lists the data's own items
+OWN_ITEM_LIST = (
+    "the model's item list: every item the rows touch, so an item only one user rated shows that "
+    "user's row (--catalogue FILE lists a public one instead)"
+)
+
+
 def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
     """The interrupted run's configuration and context: its run, partitions and last checkpoint."""
     found = interrupted_run(resolve_tracking_uri(config.tracking_uri), config.resume)
@@ -142,6 +150,7 @@ def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
         logged_through=found.logged_through,
         # the privacy plan is the start's: a champion it did not count is not evaluated
         evaluate_champion=original.dp_epsilon is None or found.champion_planned,
+        dp_not_covered=found.dp_not_covered,
     )  # fmt: skip
     return original, ctx
 
@@ -161,7 +170,9 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     rows = data_fingerprint(data, config, explicit_split)
     uri = resolve_tracking_uri(config.tracking_uri)
     private = config.dp_epsilon is not None
+    not_covered = ""
     if private and config.catalogue is None and data.public_items is None:
+        not_covered = OWN_ITEM_LIST
         logger.warning(
             "the model will list every item of %s, and DP does not cover that list: an item only "
             "one user rated shows that user's row; give --catalogue FILE (a public list of the "
@@ -204,10 +215,12 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
         manifest = shard_clients(data, explicit_split, config, workspace, fingerprint=fingerprint)
         del data  # from here on, only client tasks read rows, each its own partition
-        tag_run(uri, run_id, {"fedrec.workspace": workspace})
+        tag_run(uri, run_id, {"fedrec.workspace": workspace}
+                | ({DP_NOT_COVERED: not_covered} if not_covered else {}))  # fmt: skip
         record_store(workspace, uri)  # for the --resume command `fedrec workspaces` gives
         ctx = RunContext(
-            config, uri, run_id, workspace, manifest, read_item_ids(workspace), load_champion(uri, name)
+            config, uri, run_id, workspace, manifest, read_item_ids(workspace), load_champion(uri, name),
+            dp_not_covered=not_covered,
         )  # fmt: skip
         clients = f"{manifest.n_clients} clients"
         if config.partition == "per-user":
@@ -327,6 +340,8 @@ def _train_and_register(
             "fedrec.promotion_metric": config.promotion,
             HELD_OUT_TAG: held_out,
         } | ({} if config.dp_epsilon is None else {"fedrec.epsilon": str(config.dp_epsilon)})
+        if ctx.dp_not_covered:  # on the version, where readers of the registry look
+            identity[DP_NOT_COVERED] = ctx.dp_not_covered
         version = register_model(
             uri,
             run_id,
@@ -369,6 +384,8 @@ def _train_and_register(
             "champion_metrics": trained.champion_metrics,
             "workspace": workspace if config.keep_workspace else None,
         }
+        if config.dp_epsilon is not None:  # said where the run's result is read, not only logged
+            summary["dp_not_covered"] = ctx.dp_not_covered or None
         if ctx.sites is not None:  # which sites took part, and why the others did not
             summary["sites"] = {"enrolled": sorted(s.name for s in ctx.sites.entries.values()),
                                 "left_out": dict(ctx.sites.left_out)}  # fmt: skip

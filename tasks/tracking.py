@@ -170,6 +170,7 @@ class Interrupted:
     config_json: str
     logged_through: int  # highest step with metrics (0 if none)
     champion_planned: bool = True  # a private run's plan counted a champion evaluation
+    dp_not_covered: str = ""  # what the private run's DP does not cover (DP_NOT_COVERED)
 
 
 class ResumeError(ValueError):
@@ -180,6 +181,8 @@ class ResumeError(ValueError):
 
 #: tag of a private run: "1" when its privacy plan counted a champion evaluation, else "0"
 CHAMPION_PLANNED = "fedrec.dp_champion_planned"
+# on a private run and its version: what its (epsilon, delta) does not cover, in words
+DP_NOT_COVERED = "fedrec.dp_not_covered"
 
 
 def registered_version(client: MlflowClient, run_id: str) -> ModelVersion | None:
@@ -238,7 +241,8 @@ def interrupted_run(uri: str, run_id: str) -> Interrupted:
     config_json = run.data.tags["fedrec.config"]
     steps = [m.step for key in run.data.metrics for m in client.get_metric_history(run_id, key)]
     planned = run.data.tags.get(CHAMPION_PLANNED) == "1"
-    return Interrupted(uri, run_id, config_json, max(steps, default=0), planned)
+    not_covered = run.data.tags.get(DP_NOT_COVERED, "")
+    return Interrupted(uri, run_id, config_json, max(steps, default=0), planned, not_covered)
 
 
 @task(name="tag-run", **_RETRY)

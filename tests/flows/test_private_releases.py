@@ -194,8 +194,9 @@ def test_a_private_model_lists_a_public_catalogue_not_the_items_its_rows_touch(o
     catalogue = tmp_path / "items.csv"
     listed = [f"i{i}" for i in range(130)]  # the shop's list: ten items nobody rated yet
     pd.DataFrame({"item_id": listed}).to_csv(catalogue, index=False)
-    _run(store, model_name="public-list", catalogue=str(catalogue), **private)
+    public = _run(store, model_name="public-list", catalogue=str(catalogue), **private)
     assert _served_items(store, "public-list") == set(listed)
+    assert public["dp_not_covered"] is None
     from tasks.data import load_interactions
 
     config = TrainingConfig(**(SMALL | private), catalogue=str(catalogue))
@@ -204,9 +205,16 @@ def test_a_private_model_lists_a_public_catalogue_not_the_items_its_rows_touch(o
 
     # the weak default of a plain file without a public list: said at the start of the run
     with flow_log(logging.WARNING) as records:
-        _run(store, model_name="own-list", **private)
+        own = _run(store, model_name="own-list", **private)
     assert "secret-visit" in _served_items(store, "own-list")
     assert any("DP does not cover that list" in r.getMessage() for r in records)
+    # and at its end, on its MLflow run and on the version, where they are read
+    assert own["dp_not_covered"].startswith("the model's item list: every item the rows touch")
+    client = store["client"]
+    assert client.get_run(own["run_id"]).data.tags["fedrec.dp_not_covered"] == own["dp_not_covered"]
+    version = client.get_model_version("own-list", own["model_version"])
+    assert version.tags["fedrec.dp_not_covered"] == own["dp_not_covered"]
+    assert "fedrec.dp_not_covered" not in client.get_model_version("public-list", "1").tags
 
 
 def test_a_private_run_on_synthetic_data_lists_every_generated_item(own_store):
