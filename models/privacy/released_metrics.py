@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from models.metrics import RANKING_KEYS
 from models.mf.als import RatingRows
 from models.privacy.dp import clip_values, limit_items
 
@@ -152,12 +153,13 @@ def evaluation_ratios(champion: bool) -> tuple[float, ...]:
 def released_noise(
     evaluations: Sequence[Mapping[str, Evaluation]], release: MetricRelease, k: int
 ) -> dict[str, float]:
-    """One standard deviation of the DP noise in the headline metrics that the clients' released
-    sums give: ``{"valid/rmse": sd, "valid/ndcg_at_10": sd, ...}``, to first order (the delta
-    method, accurate while the noise is small against the sums; larger figures mean the metric is
-    mostly noise).
+    """One standard deviation of the DP noise in each metric that the clients' released sums
+    give: ``{"valid/rmse": sd, "valid/mae": sd, "valid/ndcg_at_10": sd, ...}``, to first order
+    (the delta method, accurate while the noise is small against the sums; larger figures mean
+    the metric is mostly noise).
 
-    ``rmse = sqrt(sse / n)`` and ``ndcg_at_k = ndcg / users`` (recall likewise) are computed from
+    ``rmse = sqrt(sse / n)``, ``mae = sae / n`` and ``ndcg_at_k = ndcg / users`` (each ranking
+    metric likewise) are computed from
     sums to which every client added independent noise of :meth:`MetricRelease.deviations`, so
     each total's variance is the sum of the clients' variances. Uses only released values and
     the configuration: post-processing.
@@ -181,7 +183,10 @@ def released_noise(
                 if mean_square > 0
                 else math.sqrt(rmse_ratio)
             )
-        for key in ("ndcg", "recall"):
+            mae = _ratio_sd(totals, variances, (split, "sae"), (split, "n"))
+            assert mae is not None  # sae and n travel together
+            out[f"{split}/mae"] = mae
+        for key in RANKING_KEYS:
             sd = _ratio_sd(totals, variances, (split, key), (split, "users"))
             if sd is not None:
                 out[f"{split}/{key}_at_{k}"] = sd

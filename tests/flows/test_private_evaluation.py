@@ -105,6 +105,7 @@ def test_the_final_evaluation_is_noised_by_each_client_and_counted_in_epsilon(st
     stated = released_noise([upload for _, upload in calls], release, config.top_k)
     assert history("valid/dp_sd/rmse") == [pytest.approx(stated["valid/rmse"])]
     assert history("test/dp_sd/ndcg_at_10") == [pytest.approx(stated["test/ndcg_at_10"])]
+    assert history("valid/dp_sd/mae") == [pytest.approx(stated["valid/mae"])]
     # the baseline's too, released in the same uploads: the baseline gate weighs both
     assert history("baseline/valid/dp_sd/rmse") == [pytest.approx(stated["baseline/valid/rmse"])]
     assert stated["valid/rmse"] > 0
