@@ -105,8 +105,8 @@ def test_dp_with_per_user_clients_in_cohorts(store):
     assert version.run_id == summary["run_id"]
     assert version.tags["fedrec.epsilon"] == "4.0"
     assert "; epsilon 4; " in version.description
-    # the registered version, promoted or not: at 400 users the noisy evaluation release decides
-    # the baseline gate by chance
+    # the registered version, promoted or not: at 400 users the baseline gate reads noisy
+    # figures (it refuses only a shortfall beyond their noise)
     loaded = mlflow.pyfunc.load_model(f"models:/dp-per-user/{summary['model_version']}")
     served = loaded.unwrap_python_model().recommender
 

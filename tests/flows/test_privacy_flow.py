@@ -330,10 +330,16 @@ def test_dp_implicit_run_spends_its_epsilon_and_serves_implicit_als_alone(own_st
     spent = [m.value for m in client.get_metric_history(summary["run_id"], "privacy/epsilon")]
     assert len(spent) == 3 and spent == sorted(spent) and 3.8 < spent[-1] <= 4.0 + 1e-9
     # the noisy model may or may not beat the (noisy-count) popularity list on 3 rounds of small
-    # data; whichever it is, the gate decided it from the released metrics
+    # data; whichever it is, the gate decided it from the released metrics: refused only for a
+    # shortfall beyond the noise of both figures
+    from tasks.server import PRIVATE_NOISE_SDS
+
     metrics = summary["metrics"]
-    beats = metrics["valid/ndcg_at_10"] >= metrics["baseline/valid/ndcg_at_10"]
-    assert summary["promoted"] is beats, (metrics, summary["reason"])
+    short = metrics["baseline/valid/ndcg_at_10"] - metrics["valid/ndcg_at_10"]
+    noise = np.hypot(metrics["valid/dp_sd/ndcg_at_10"], metrics["baseline/valid/dp_sd/ndcg_at_10"])
+    assert summary["promoted"] is bool(short <= PRIVATE_NOISE_SDS * noise), (
+        metrics, summary["reason"],
+    )  # fmt: skip
     mlflow.set_tracking_uri(store["uri"])
     version = client.get_model_version("private-ranking", summary["model_version"])
     assert version.run_id == summary["run_id"]
