@@ -861,13 +861,18 @@ def _serve(training: Any, api: str, *, name: str, limit: int, **deployment: Any)
     def end_if_the_server_is_gone() -> None:
         if local_server.is_healthy(api, timeout=2):
             return
+        # a flow run in progress is a subprocess: without its server it cannot report, and it
+        # must not train on, holding the store and the CPUs, after this process exits
+        ended = local_server.end_descendants(grace=5.0)
         click.echo(
             f"fedrec: error: the Prefect server at {api} no longer answers: stopped without "
             f"pausing the schedule of '{training.name}/{name}' there (pause it, or it is "
-            "replaced when fedrec serve starts again)",
+            "replaced when fedrec serve starts again)"
+            + (f"; ended the flow run in progress (process {', '.join(map(str, ended))})"
+               if ended else ""),
             err=True,
-        )
-        os._exit(1)  # a flow run of this process fails with the server anyway
+        )  # fmt: skip
+        os._exit(1)
 
     class Serving(Runner):
         def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:

@@ -125,6 +125,39 @@ def is_running(pid: int, started: int | None = None) -> bool:
     return started is None or process_start(pid) == started
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes started by ``pid`` and by those in turn (Linux: read from /proc; elsewhere
+    none are found), children before grandchildren."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    level = {pid}
+    while level:
+        level = {child for child, parent in parents.items() if parent in level}
+        found += sorted(level)
+    return found
+
+
+def end_descendants(grace: float) -> list[int]:
+    """SIGTERM every process this one started, and SIGKILL those still running ``grace`` seconds
+    later; returns their ids. For a process about to exit that must not leave, say, a flow run's
+    subprocess training on without it."""
+    started = {pid: process_start(pid) for pid in descendants(os.getpid())}
+    for pid in started:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(is_running(p, s) for p, s in started.items()):
+        time.sleep(0.1)
+    for pid, when in started.items():
+        if is_running(pid, when):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    return list(started)
+
+
 def _is_ours(state: ServerState) -> bool:
     """The recorded process still runs and is the one that was started (not a reused PID)."""
     return is_running(state.pid, state.process_start)

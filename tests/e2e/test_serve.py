@@ -128,3 +128,73 @@ def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("fedrec-mf", "champion")
     assert client.get_run(version.run_id).data.tags["prefect.flow_run_id"] == done["id"]
+
+
+def test_serve_stopped_after_its_server_went_away_ends_the_flow_run_it_was_training(tmp_path):
+    """`kill PID` (or systemd's KillMode=mixed) signals the serving process alone. Its flow run
+    in progress is a subprocess; with the server gone, serving exits at once, and the run must
+    not train on without it."""
+    from fedrec.local_server import descendants, is_running
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = os.environ | {
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "FEDREC_HOME": str(tmp_path / "fedrec"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    logs = {name: tmp_path / f"{name}.log" for name in ("server", "serve")}
+    started: list[subprocess.Popen] = []
+    long_run = PARAMS | {"rounds": 6000}  # minutes of rounds: still training when stopped
+    try:
+        with open(logs["server"], "w") as out:
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            ))  # fmt: skip
+        _wait_healthy(api, started[0], logs["server"])
+        params = [arg for key, value in long_run.items() for arg in ("--param", f"{key}={value}")]
+        with open(logs["serve"], "w") as out:
+            started.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "fedrec"), "serve", *params],
+                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            ))  # fmt: skip
+        serving = started[1]
+        deadline, run = time.time() + 180, None
+        while time.time() < deadline:  # the deployment is there once serving started
+            assert serving.poll() is None, logs["serve"].read_text()[-3000:]
+            status, deployment = _http("GET", f"{api}/deployments/name/{DEPLOYMENT}")
+            if status == 200 and not deployment["paused"]:
+                run = _http("POST", f"{api}/deployments/{deployment['id']}/create_flow_run", {})[1]
+                break
+            time.sleep(1)
+        assert run is not None, logs["serve"].read_text()[-3000:]
+        while time.time() < deadline:
+            state = _http("GET", f"{api}/flow_runs/{run['id']}")[1]["state"]["type"]
+            if state == "RUNNING":
+                break
+            assert state in ("SCHEDULED", "PENDING"), state
+            time.sleep(1)
+        time.sleep(5)  # into its rounds
+        training = descendants(serving.pid)
+        assert training, "the flow run is not a process of fedrec serve's"
+
+        _stop(started[0])
+        serving.send_signal(signal.SIGTERM)  # this process only, not its group
+        exit_status = serving.wait(timeout=60)
+        deadline = time.time() + 15
+        while time.time() < deadline and any(is_running(pid) for pid in training):
+            time.sleep(0.5)
+        left = [pid for pid in training if is_running(pid)]
+    finally:
+        for proc in reversed(started):
+            _stop(proc)  # the whole group: a process left behind by serving too
+
+    text = logs["serve"].read_text()
+    assert exit_status == 1, text[-3000:]
+    assert left == [], (left, text[-3000:])
+    assert "no longer answers: stopped without pausing" in text
+    assert "ended the flow run in progress (process " in text
