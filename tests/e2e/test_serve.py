@@ -39,34 +39,49 @@ def _wait_healthy(api: str, proc: subprocess.Popen, log: Path) -> None:
     raise AssertionError("prefect server did not become healthy in 120 s")
 
 
-def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = os.environ | {
+def _environment(tmp_path: Path, api: str) -> dict[str, str]:
+    return os.environ | {
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "FEDREC_HOME": str(tmp_path / "fedrec"),
-        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
+
+
+def _start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def _start_serving(
+    env: dict[str, str], params: dict, log: Path, *flags: str, mode: str = "w"
+) -> subprocess.Popen:
+    """``fedrec serve`` with ``params`` as its --param flags, in a process group of its own."""
+    given = [arg for key, value in params.items() for arg in ("--param", f"{key}={value}")]
+    with open(log, mode) as out:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "fedrec"), "serve", *flags, *given],
+            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
+def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = _environment(tmp_path, api)
+    uri = env["MLFLOW_TRACKING_URI"]
     logs = {name: tmp_path / f"{name}.log" for name in ("server", "serve")}
     started: list[subprocess.Popen] = []
     try:
-        with open(logs["server"], "w") as out:
-            started.append(subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            ))  # fmt: skip
+        started.append(_start_server(port, env, logs["server"]))
         _wait_healthy(api, started[0], logs["server"])
-        params = [arg for key, value in PARAMS.items() for arg in ("--param", f"{key}={value}")]
-        with open(logs["serve"], "w") as out:
-            started.append(subprocess.Popen(
-                [str(Path(sys.executable).parent / "fedrec"), "serve", "--cron", "* * * * *", *params],
-                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            ))  # fmt: skip
+        started.append(_start_serving(env, PARAMS, logs["serve"], "--cron", "* * * * *"))
 
         # the first scheduled run starts at the next minute; it then trains for some seconds
         deadline, done = time.time() + 300, None
@@ -94,11 +109,7 @@ def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
         paused = _http("GET", f"{api}/deployments/name/{DEPLOYMENT}")[1]["paused"]
         # SIGTERM after the server went away ends serving at once: Prefect's shutdown retried
         # pausing the schedule through the gone server for minutes (Ctrl-C the same)
-        with open(logs["serve"], "a") as out:
-            started.append(subprocess.Popen(
-                [str(Path(sys.executable).parent / "fedrec"), "serve", *params],
-                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            ))  # fmt: skip
+        started.append(_start_serving(env, PARAMS, logs["serve"], mode="a"))
         deadline = time.time() + 120
         while _http("GET", f"{api}/deployments/name/{DEPLOYMENT}")[1]["paused"]:
             assert started[2].poll() is None and time.time() < deadline, logs["serve"].read_text()
@@ -138,31 +149,15 @@ def test_serve_stopped_after_its_server_went_away_ends_the_flow_run_it_was_train
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = os.environ | {
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "FEDREC_HOME": str(tmp_path / "fedrec"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-    }
+    env = _environment(tmp_path, api)
     logs = {name: tmp_path / f"{name}.log" for name in ("server", "serve")}
     started: list[subprocess.Popen] = []
     long_run = PARAMS | {"rounds": 6000}  # minutes of rounds: still training when stopped
     try:
-        with open(logs["server"], "w") as out:
-            started.append(subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            ))  # fmt: skip
+        started.append(_start_server(port, env, logs["server"]))
         _wait_healthy(api, started[0], logs["server"])
-        params = [arg for key, value in long_run.items() for arg in ("--param", f"{key}={value}")]
-        with open(logs["serve"], "w") as out:
-            started.append(subprocess.Popen(
-                [str(Path(sys.executable).parent / "fedrec"), "serve", *params],
-                env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            ))  # fmt: skip
-        serving = started[1]
+        serving = _start_serving(env, long_run, logs["serve"])
+        started.append(serving)
         deadline, run = time.time() + 180, None
         while time.time() < deadline:  # the deployment is there once serving started
             assert serving.poll() is None, logs["serve"].read_text()[-3000:]
