@@ -31,7 +31,7 @@ def budget(config_file: str | None, as_json: bool, **overrides: Any) -> None:
     they have spent across private runs, their cap, and what is left. With --dp-epsilon, whether
     that run would start; exit status 2 when the ledger would refuse it, with the line the run
     would end with. It takes `fedrec train`'s flags (the data, tracking and --dp-* ones matter),
-    reads the data as that run would, and writes nothing.
+    reads the data as that run would, and writes nothing to the ledger or the store.
 
     \b
     fedrec budget --data ml-1m
@@ -41,7 +41,7 @@ def budget(config_file: str | None, as_json: bool, **overrides: Any) -> None:
     Real sites (--sites) keep their users' budgets in each site's --state-dir; the coordinator
     holds none.
     """
-    from fedrec.cli import _status, check_inputs, config_values, training_config
+    from fedrec.cli import check_inputs, config_values, training_config
 
     values, from_file = config_values(config_file, overrides)
     named = dict.fromkeys(from_file, config_file)
@@ -53,7 +53,7 @@ def budget(config_file: str | None, as_json: bool, **overrides: Any) -> None:
             raise UserError(f"--{key}: {why}")
     check_inputs(values, named=named)
     config = training_config(values, named)
-    report = _read(config, _status)
+    report = _read(config)
     refused = None if report["run"] is None else report["run"]["refused"]
     if as_json:  # the refusal is in the object, and the exit status says it
         click.echo(json.dumps(report))
@@ -65,8 +65,9 @@ def budget(config_file: str | None, as_json: bool, **overrides: Any) -> None:
         raise UserError(refused)
 
 
-def _read(config: Any, status: Any) -> dict[str, Any]:
+def _read(config: Any) -> dict[str, Any]:
     """What the ledger holds for the users of ``config``'s data, as a JSON-ready dict."""
+    from fedrec.cli import _status as status
     from fedrec.cli_models import _store_uri
     from fedrec.model_store import resolve_tracking_uri
     from models.privacy.ledger import BudgetError, DeltaAboveOneUser, balance, user_ids
