@@ -10,6 +10,7 @@ files and MovieLens folders are left to the flow. Only pandas is loaded, not the
 from __future__ import annotations
 
 import difflib
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -120,6 +121,8 @@ def source_path(spec: str) -> Path:
 
 # config keys that name files or folders (besides the data sources)
 PATH_KEYS = ("catalogue", "sites", "workspace", "dp_ledger_secret")
+# of those, the ones whose symbolic link is checked when the file is opened, so not resolved here
+NOT_FOLLOWED = frozenset({"dp_ledger_secret"})
 
 
 def file_relative_paths(values: Mapping[str, Any], folder: Path) -> dict[str, Any]:
@@ -138,7 +141,10 @@ def file_relative_paths(values: Mapping[str, Any], folder: Path) -> dict[str, An
         path = Path(spec).expanduser()
         if key not in PATH_KEYS and spec in NAMED_DATASETS and not (folder / path).exists():
             continue
-        resolved[key] = str((folder / path).resolve())
+        # a file whose link must stay visible (the ledger secret's check refuses one) is made
+        # absolute without following it
+        absolute = os.path.abspath if key in NOT_FOLLOWED else os.path.realpath
+        resolved[key] = absolute(folder / path)
     return resolved
 
 

@@ -40,7 +40,7 @@ POPULATIONS = {
 
 
 def _reserve(store, epsilon, *, cap=None, cap_delta=None, set_cap=False, users="a",
-             model="m", delta=1e-5):  # fmt: skip
+             model="m", delta=1e-5, secret=None):  # fmt: skip
     from tasks.tracking import reserve_privacy_budget
 
     request = Request(epsilon, delta, cap, cap_delta, set_cap)
@@ -51,6 +51,7 @@ def _reserve(store, epsilon, *, cap=None, cap_delta=None, set_cap=False, users="
         model_name=model,
         fingerprint="rows",
         about={},
+        secret_path=secret,
     )
 
 
@@ -152,6 +153,16 @@ def test_a_lost_or_foreign_secret_refuses_instead_of_starting_users_at_zero(stor
     path.symlink_to(tmp_path / "elsewhere")
     with pytest.raises(BudgetError, match="symbolic link; refused"):
         _reserve(store, 4.0)
+    # named by --dp-ledger-secret or a YAML key, the link is refused too: making the flag's
+    # path absolute does not follow it first
+    from fedrec.inputs import absolute_paths, file_relative_paths
+
+    (tmp_path / "link.key").symlink_to(tmp_path / "elsewhere")
+    for values in (absolute_paths({"dp_ledger_secret": str(tmp_path / "link.key")}),
+                   file_relative_paths({"dp_ledger_secret": "link.key"}, tmp_path)):  # fmt: skip
+        assert values["dp_ledger_secret"] == str(tmp_path / "link.key")
+        with pytest.raises(BudgetError, match="symbolic link; refused"):
+            _reserve(store, 4.0, secret=values["dp_ledger_secret"])
     path.unlink()
     path.write_bytes(saved)
     path.chmod(0o644)
