@@ -274,14 +274,36 @@ def plan_reservation(
         current.epsilon + request.epsilon, current.delta + request.delta, cap, current.spends + 1
     )
     if after.exceeds_cap():
-        raise BudgetError(
-            f"privacy budget: {who} have spent epsilon {current.epsilon:.3g} of "
-            f"{cap.epsilon:.3g} and delta {current.delta:.3g} of {cap.delta:.3g}; this run needs "
-            f"epsilon {request.epsilon:.3g}, delta {request.delta:.3g} more: not started (the "
-            "budget is spent for good unless an operator stores a higher cap: --dp-budget E "
-            "--dp-ledger-set-cap)"
-        )
+        raise BudgetError(_refusal(current, request, cap, who))
     return [*writes, Entry("spend", request.epsilon, request.delta, at=at)]
+
+
+def _refusal(current: Balance, request: Request, cap: Cap, who: str) -> str:
+    """Why a run is refused: what the users spent, what the run needs, which cap it would pass
+    and what that cap leaves (to as many digits as tell the two apart), and what to change."""
+    over_epsilon = not _within(current.epsilon + request.epsilon, cap.epsilon)
+    name, need, left = (
+        ("epsilon", request.epsilon, cap.epsilon - current.epsilon)
+        if over_epsilon
+        else ("delta", request.delta, cap.delta - current.delta)
+    )
+    digits = next((d for d in range(3, 17) if f"{need:.{d}g}" != f"{left:.{d}g}"), 17)
+    asked = {"epsilon": f"{request.epsilon:.3g}", "delta": f"{request.delta:.3g}"}
+    asked[name] = f"{need:.{digits}g}"
+    fix = (
+        "a smaller --dp-epsilon, or an operator stores a higher cap: --dp-budget E "
+        "--dp-ledger-set-cap"
+        if over_epsilon
+        else "a smaller --dp-delta, or an operator stores a higher cap: --dp-budget E "
+        "--dp-budget-delta D --dp-ledger-set-cap"
+    )
+    verb = "has" if who.startswith("1 of ") else "have"
+    return (
+        f"privacy budget: {who} {verb} spent epsilon {current.epsilon:.3g} of {cap.epsilon:.3g} "
+        f"and delta {current.delta:.3g} of {cap.delta:.3g}; this run needs epsilon "
+        f"{asked['epsilon']}, delta {asked['delta']} more, and their {name} cap leaves "
+        f"{max(0.0, left):.{digits}g}: not started (what was spent stays spent; {fix})"
+    )
 
 
 @dataclass(frozen=True)

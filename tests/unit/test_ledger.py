@@ -144,6 +144,28 @@ def test_delta_accumulates_too():
         plan_reservation(current, Request(1.0, 4e-5), at=3)  # epsilon fits, delta does not
 
 
+def test_a_refusal_names_the_cap_it_passes_with_the_digits_that_show_why():
+    """A population that lost a user asks for delta 1/942 against the 1/943 per run its delta
+    cap was sized for: to three digits, need and remainder print alike."""
+    cap = Cap(6.0, 3 / 943)
+    current = Balance(3.0, 2 / 943, cap, 2)
+
+    with pytest.raises(BudgetError) as delta:
+        plan_reservation(current, Request(1.0, 1 / 942), at=1, who="1 of these 942 users")
+    line = str(delta.value)
+    assert line.startswith("privacy budget: 1 of these 942 users has spent epsilon 3 of 6")
+    # 1/942 = 0.0010616 needed, 1/943 = 0.0010604 left: four digits tell them apart
+    assert "needs epsilon 1, delta 0.001062 more, and their delta cap leaves 0.00106:" in line
+    assert "--dp-delta" in line and "--dp-budget-delta" in line
+
+    with pytest.raises(BudgetError) as epsilon:
+        plan_reservation(current, Request(3.0001, 1e-6), at=1)
+    line = str(epsilon.value)
+    assert "needs epsilon 3.0001, delta 1e-06 more, and their epsilon cap leaves 3:" in line
+    assert "a smaller --dp-epsilon" in line and "--dp-budget-delta" not in line
+    plan_reservation(current, Request(3.0, 1e-6), at=1)  # exactly what is left: it fits
+
+
 def test_a_run_cannot_name_another_cap_without_the_operators_flag():
     current = Balance(8.0, 1e-5, Cap(10.0, 1e-4), 1)
 
@@ -226,7 +248,7 @@ def test_a_run_is_refused_when_any_one_user_would_pass_their_cap():
     stored = plan_user_reservation(standing(A, []), first, at=1)
     stored += plan_user_reservation(standing(A[:1], stored), Request(2.0, 1e-6), at=2)
 
-    with pytest.raises(BudgetError, match=r"1 of these 100 users have spent epsilon 10 of 10"):
+    with pytest.raises(BudgetError, match=r"1 of these 100 users has spent epsilon 10 of 10"):
         plan_user_reservation(standing(A, stored), Request(1.0, 1e-6), at=3)
     ok = plan_user_reservation(standing(A[1:], stored), Request(2.0, 1e-6), at=3)  # the rest fit
     assert ok[-1].entry == Entry("spend", 2.0, 1e-6, at=3) and len(ok[-1].users) == 99
