@@ -153,7 +153,15 @@ def test_a_private_shortfall_below_the_baseline_refuses_only_beyond_the_dp_noise
     broken = {"valid/rmse": 3.1, "valid/dp_sd/rmse": 0.04,
               "baseline/valid/rmse": 0.95, "baseline/valid/dp_sd/rmse": 0.03}  # fmt: skip
 
-    assert decide_promotion(floored, None, **noisy).promote  # 0.70 < 2 * hypot = 0.78
+    let_through = decide_promotion(floored, None, **noisy)  # 0.70 < 2 * hypot = 0.78
+    assert let_through.promote
+    assert let_through.reason == (
+        "no champion yet; candidate valid/rmse=0.7000 (below the trivial baseline's 0.0000 by "
+        "0.7000, within the DP noise of the two released figures)"
+    )
+    assert (
+        "baseline" not in decide_promotion(floored | {"valid/rmse": 0.0}, None, **noisy).reason
+    )  # not below it: nothing to say
     assert not decide_promotion(floored, None, **RULE).promote  # no margin: refused as before
     refused = decide_promotion(broken, None, **noisy)
     assert not refused.promote
