@@ -38,8 +38,9 @@ def budget(config_file: str | None, as_json: bool, **overrides: Any) -> None:
     fedrec budget --config nightly.yaml          would tonight's run start?
     fedrec budget --data ratings.csv --dp-epsilon 2 --json
 
-    Real sites (--sites) keep their users' budgets in each site's --state-dir; the coordinator
-    holds none.
+    A run whose data and configuration are unchanged since the champion trains nothing and
+    spends nothing, whatever the verdict (--skip-if-unchanged). Real sites (--sites) keep their
+    users' budgets in each site's --state-dir; the coordinator holds none.
     """
     from fedrec.cli import check_inputs, config_values, training_config
 
@@ -69,7 +70,13 @@ def _read(config: Any) -> dict[str, Any]:
     """What the ledger holds for the users of ``config``'s data, as a JSON-ready dict."""
     from fedrec.cli import _status as status
     from fedrec.cli_models import _store_uri
-    from fedrec.model_store import resolve_tracking_uri
+    from fedrec.home import fedrec_home
+    from fedrec.model_store import (
+        TrackingStoreError,
+        check_tracking_uri,
+        resolve_tracking_uri,
+        tracking_uri_source,
+    )
     from models.privacy.ledger import BudgetError, DeltaAboveOneUser, balance, user_ids
     from models.privacy.redaction import redact_uri
 
@@ -81,6 +88,11 @@ def _read(config: Any) -> dict[str, Any]:
     ids = user_ids(data)
     uri = resolve_tracking_uri(config.tracking_uri, create=False)
     missing = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file()
+    if missing and uri != f"sqlite:///{fedrec_home() / 'mlflow.db'}":  # a store that was named
+        try:  # a folder that does not exist is refused, as the run refuses it
+            check_tracking_uri(uri, name=tracking_uri_source(config.tracking_uri))
+        except TrackingStoreError as err:
+            raise UserError(str(err)) from err
     request = None
     if config.dp_epsilon is not None:
         try:
@@ -106,6 +118,7 @@ def _read(config: Any) -> dict[str, Any]:
             refused = found.verdict(request, config.registered_name)
     return {
         "tracking_uri": redact_uri(uri),
+        "store_exists": not missing,
         "ledger_entries": entries,
         "source": redact_uri(data.source),
         "model_name": config.registered_name,
@@ -135,10 +148,16 @@ def _group(users: int, balance: Any) -> dict[str, Any]:
 
 def _show(report: dict[str, Any]) -> None:
     entries = report["ledger_entries"]
-    click.echo(
-        f"privacy ledger of {report['tracking_uri']}: "
-        + (f"{entries} entr{'y' if entries == 1 else 'ies'}" if entries else "no private run yet")
-    )
+    if not report["store_exists"]:
+        ledger = (
+            "no MLflow store there yet, so no private run recorded (a run creates it; if the "
+            "ledger is elsewhere, give its --tracking-uri)"
+        )
+    else:
+        ledger = (
+            f"{entries} entr{'y' if entries == 1 else 'ies'}" if entries else "no private run yet"
+        )
+    click.echo(f"privacy ledger of {report['tracking_uri']}: {ledger}")
     groups = report["groups"]
     click.echo(f"the {report['users']:,} users of {report['source']}:")
     for group in groups[:GROUPS_SHOWN]:

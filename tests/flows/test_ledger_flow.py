@@ -433,9 +433,16 @@ def test_budget_gives_each_users_balance_and_the_verdict_the_run_itself_gets(sto
          "rating": 4.0}
     ).to_csv(path, index=False)  # fmt: skip
     db = tmp_path / "nothing-here" / "mlflow.db"
+    named = ("--tracking-uri", f"sqlite:///{db}")
 
-    status, fresh = _budget(path, "--tracking-uri", f"sqlite:///{db}")  # it is not created
-    assert status == 0 and not db.parent.exists()
+    mistyped = _invoke_budget(path, *named)  # a folder that does not exist: refused as by a run
+    assert mistyped.exit_code == 2 and f"folder {db.parent} does not exist" in mistyped.stderr
+    db.parent.mkdir()
+    status, fresh = _budget(path, *named)  # no store yet: said, and not created
+    assert status == 0 and list(db.parent.iterdir()) == []
+    assert fresh["store_exists"] is False
+    assert "privacy ledger of sqlite:" in _invoke_budget(path, *named).stdout
+    assert "no MLflow store there yet" in _invoke_budget(path, *named).stdout
     assert fresh["ledger_entries"] == 0 and fresh["run"] is None
     assert fresh["groups"] == [{"users": 50, "epsilon": 0.0, "delta": 0.0, "runs": 0,
                                 "cap_epsilon": None, "cap_delta": None, "epsilon_left": None,
