@@ -884,8 +884,9 @@ def _serve(training: Any, api: str, *, name: str, limit: int, **deployment: Any)
     runner.add_flow(training, name=name, concurrency_limit=limit, **deployment)
     click.echo(
         f"serving '{training.name}/{name}': its scheduled runs start in this process; trigger "
-        f"one with: prefect deployment run '{training.name}/{name}'; Ctrl-C stops serving and "
-        "pauses its schedule"
+        f"one with: PREFECT_API_URL={api} prefect deployment run '{training.name}/{name}' "
+        "(without the variable, prefect starts a server of its own that knows no deployment); "
+        "Ctrl-C stops serving and pauses its schedule"
     )
 
     async def serving() -> None:

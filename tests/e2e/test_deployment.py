@@ -205,7 +205,7 @@ def test_deployment_has_the_schedule_limit_and_defaults(stack):
         deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
     )
     assert deployment["work_pool_name"] == "fedrec-local"
-    assert deployment["parameters"] == {"data": "synthetic", "rounds": 10, "warm_start": True}
+    assert deployment["parameters"] == {"data": "synthetic", "warm_start": True}
 
 
 def test_deploying_makes_silent_training_runs_crash(stack):

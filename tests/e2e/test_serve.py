@@ -127,6 +127,9 @@ def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
     assert "stopped serving 'federated-training/nightly-serve'; its schedule is paused" in (
         logs["serve"].read_text()
     )
+    # the trigger it offers names the server it serves on (Prefect alone would start another)
+    trigger = f"trigger one with: PREFECT_API_URL={api} prefect deployment run '{DEPLOYMENT}'"
+    assert trigger in logs["serve"].read_text()
     assert exit_status == 1 and took < 15, (exit_status, took)
     assert (
         f"fedrec: error: the Prefect server at {api} no longer answers: stopped without pausing"

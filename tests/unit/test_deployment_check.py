@@ -27,6 +27,19 @@ def test_the_shipped_deployment_file_passes():
     check_parameters(SHIPPED)
 
 
+def test_the_shipped_defaults_leave_a_private_run_its_own_number_of_rounds():
+    """A nightly run given --dp-epsilon by a trigger trains the private default's rounds: a
+    deployment default of 10 made its noise three times larger at epsilon 1."""
+    from fedrec.config import TrainingConfig
+    from models.privacy.dp import PRIVATE_EXPLICIT
+
+    spec = yaml.safe_load(SHIPPED.read_text())
+    (nightly,) = [d for d in spec["deployments"] if d["name"] == "nightly"]
+    defaults = nightly["parameters"]
+    assert TrainingConfig(**defaults, dp_epsilon=1.0).rounds == PRIVATE_EXPLICIT.rounds
+    assert TrainingConfig(**defaults).rounds == 10
+
+
 @pytest.mark.parametrize(
     ("parameters", "expected"),
     [
