@@ -89,15 +89,18 @@ def finalize_metrics(
 ) -> dict[str, float]:
     """Turn sums into metrics: ``rmse``, ``mae``, ``precision_at_k`` ... and ``coverage_at_k`` (MLflow metric names allow no "@").
 
-    Metrics whose denominator is zero are left out rather than reported as 0 or NaN.
+    Metrics whose denominator is zero are left out rather than reported as 0 or NaN. Each metric
+    is kept within what exact sums can give: a ranking metric at most 1, MAE at most RMSE. Exact
+    sums are never changed by that; sums released with DP noise may fall outside (an NDCG of
+    1.07, an MAE above the RMSE), and moving them back is post-processing.
     """
     out: dict[str, float] = {}
     if sums.get("n", 0) > 0:
         out["rmse"] = float(np.sqrt(sums["sse"] / sums["n"]))
-        out["mae"] = float(sums["sae"] / sums["n"])
+        out["mae"] = min(float(sums["sae"] / sums["n"]), out["rmse"])
     if sums.get("users", 0) > 0:
         for key in RANKING_KEYS:
-            out[f"{key}_at_{k}"] = float(sums[key] / sums["users"])
+            out[f"{key}_at_{k}"] = min(float(sums[key] / sums["users"]), 1.0)
     if n_items and "covered" in sums:
         out[f"coverage_at_{k}"] = float(sums["covered"] / n_items)
     return out

@@ -28,7 +28,8 @@ depend on its users' rows, so each client's upload is a Gaussian mechanism of it
   (:func:`evaluation_ratios`, :func:`~models.privacy.dp.calibrate`).
 
 Not released under DP: the training split's metrics and per-item top-K counts. Noisy sums are
-floored at 0 (every true sum is non-negative; post-processing).
+floored at 0 (every true sum is non-negative; post-processing), and the metrics computed from
+them are kept within what exact sums can give (:func:`~models.metrics.finalize_metrics`).
 
 How far the noise moves a metric computed from the released sums is public (the deviations
 depend on the configuration only): :func:`released_noise` gives one standard deviation of it, so

@@ -192,3 +192,20 @@ def test_finalize_gives_rating_metrics_without_ranking_sums_and_the_reverse():
     # means over the two users: recall (1 + 0) / 2, precision (1/2 + 0) / 2
     assert only_ranking["recall_at_2"] == 0.5 and only_ranking["precision_at_2"] == 0.25
     assert only_ranking["hit_at_2"] == 0.5
+
+
+def test_metrics_from_noisy_sums_are_kept_within_what_exact_sums_can_give():
+    """Sums released with DP noise: an NDCG sum above the user count, an absolute-error sum whose
+    MAE exceeds the RMSE. Exact sums never do either, so bounding them is post-processing."""
+    noisy = {"sse": 400.0, "sae": 600.0, "n": 100.0, "users": 50.0, "precision": 20.0,
+             "recall": 30.0, "ndcg": 53.5, "hit": 57.0, "map": 10.0}  # fmt: skip
+
+    metrics = finalize_metrics(noisy, k=10)
+
+    assert metrics["rmse"] == 2.0 and metrics["mae"] == 2.0  # 6.0 from the sums
+    assert metrics["ndcg_at_10"] == 1.0 and metrics["hit_at_10"] == 1.0
+    assert metrics["recall_at_10"] == 0.6 and metrics["precision_at_10"] == 0.4
+    exact = {"sse": 400.0, "sae": 150.0, "n": 100.0, "users": 50.0, "precision": 20.0,
+             "recall": 30.0, "ndcg": 50.0, "hit": 50.0, "map": 10.0}  # fmt: skip
+    assert finalize_metrics(exact, k=10)["mae"] == 1.5
+    assert finalize_metrics(exact, k=10)["ndcg_at_10"] == 1.0  # a bound reached, not passed
