@@ -498,6 +498,8 @@ def version_rows(client: Any, name: str, limit: int) -> tuple[str | None, list[d
             "promoted": _decided(tags.get("fedrec.promoted")),
             "reason": tags.get("fedrec.promotion_reason", ""),
             "source": tags.get("fedrec.source", ""),
+            "epsilon": _number(tags.get("fedrec.epsilon")),  # None: not private
+            "dp_not_covered": tags.get("fedrec.dp_not_covered"),
             "run_id": v.run_id,
         })  # fmt: skip
     return champion, rows
@@ -562,10 +564,13 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
         for r in rows:
             mark = "*" if r["champion"] else " "
             value = "" if r["value"] is None else f"{r['value']:.6g}"
+            private = "" if r["epsilon"] is None else f"private, epsilon {r['epsilon']:g}: "
             click.echo(
                 f"  {r['version'] + mark:<8} {r['registered']:<17} {r['metric']:<19} "
-                f"{value:<9} {_PROMOTED.get(r['promoted'], '-'):<9} {r['reason']}"
+                f"{value:<9} {_PROMOTED.get(r['promoted'], '-'):<9} {private}{r['reason']}"
             )
+            if r["dp_not_covered"]:
+                click.echo(f"  {'':<8} not covered by DP: {r['dp_not_covered']}")
 
 
 _PROMOTED = {True: "true", False: "false"}

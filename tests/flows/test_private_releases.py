@@ -215,6 +215,15 @@ def test_a_private_model_lists_a_public_catalogue_not_the_items_its_rows_touch(o
     version = client.get_model_version("own-list", own["model_version"])
     assert version.tags["fedrec.dp_not_covered"] == own["dp_not_covered"]
     assert "fedrec.dp_not_covered" not in client.get_model_version("public-list", "1").tags
+    # and `fedrec models`, which an operator reads the registry with, says both
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+
+    listed = CliRunner().invoke(main, ["models", "--tracking-uri", store["uri"],
+                                       "--model-name", "own-list"]).stdout  # fmt: skip
+    assert "private, epsilon 8: " in listed
+    assert f"not covered by DP: {own['dp_not_covered']}" in listed
 
 
 def test_a_private_run_on_synthetic_data_lists_every_generated_item(own_store):
