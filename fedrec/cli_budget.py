@@ -4,6 +4,7 @@ privacy ledger as a private run would read it, and whether a given private run w
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,18 @@ def _read(config: Any) -> dict[str, Any]:
         resolve_tracking_uri,
         tracking_uri_source,
     )
-    from models.privacy.ledger import BudgetError, DeltaAboveOneUser, balance, user_ids
+    from models.privacy.ledger import (
+        BudgetError,
+        DeltaAboveOneUser,
+        standing,
+        user_ids,
+        user_keys,
+    )
     from models.privacy.redaction import redact_uri
 
     with status("reading the data (loads pandas)"):
         from tasks.data import load_interactions
-        from tasks.tracking import ledger_request, ledger_standing
+        from tasks.tracking import Standing, ledger_request, ledger_standing
 
         data, _ = load_interactions.fn(config)
     ids = user_ids(data)
@@ -99,8 +106,7 @@ def _read(config: Any) -> dict[str, Any]:
             request = ledger_request(config, data.n_users)
         except DeltaAboveOneUser as err:
             raise UserError(str(err)) from err
-    groups = [_group(len(ids), balance([]))]
-    entries, refused = 0, None
+    found = Standing(0, standing(user_keys(ids, os.urandom(32)), []), [])  # an empty ledger
     if not missing:  # a store that does not exist holds no entry: it is not created here
         with status("reading the privacy ledger (loads MLflow)"):
             try:
@@ -112,21 +118,35 @@ def _read(config: Any) -> dict[str, Any]:
                 )
             except BudgetError as err:
                 raise UserError(str(err).removesuffix(": not started")) from err
-        entries = found.entries
-        groups = [_group(len(g.members), g.balance) for g in found.groups]
-        if request is not None:
-            refused = found.verdict(request, config.registered_name)
+    groups = [_group(len(g.members), g.balance) for g in found.groups]
+    refused, caps = None, []
+    if request is not None:
+        try:
+            planned = found.plan(request, config.registered_name)
+        except BudgetError as err:
+            refused = str(err)
+        else:  # the caps it would store for users who have none yet
+            caps = [
+                {"users": len(w.users), "epsilon": w.entry.cap.epsilon, "delta": w.entry.cap.delta}
+                for w in planned
+                if w.entry.cap is not None and w.users is not None
+            ]
     return {
         "tracking_uri": redact_uri(uri),
         "store_exists": not missing,
-        "ledger_entries": entries,
+        "ledger_entries": found.entries,
         "source": redact_uri(data.source),
         "model_name": config.registered_name,
         "users": len(ids),
         "groups": groups,
         "run": None
         if request is None
-        else {"epsilon": request.epsilon, "delta": request.delta, "refused": refused},
+        else {
+            "epsilon": request.epsilon,
+            "delta": request.delta,
+            "refused": refused,
+            "stores_caps": caps,
+        },
     }
 
 
@@ -170,6 +190,16 @@ def _show(report: dict[str, Any]) -> None:
         return
     asked = f"a private run of epsilon {run['epsilon']:.3g}, delta {run['delta']:.3g}"
     click.echo(f"{asked}: " + ("would start" if run["refused"] is None else "would be refused"))
+    for cap in run["stores_caps"]:  # a cap of this run's own epsilon allows this run alone
+        alone = (
+            " (this run alone: --dp-budget E allows more)"
+            if cap["epsilon"] <= run["epsilon"]
+            else ""
+        )
+        click.echo(
+            f"  and store the cap of {cap['users']:,} user{'s' * (cap['users'] != 1)} without "
+            f"one: epsilon {cap['epsilon']:.3g}, delta {cap['delta']:.3g}{alone}"
+        )
 
 
 def _describe(group: dict[str, Any]) -> str:

@@ -996,24 +996,25 @@ class Standing:
     groups: list[Group]
     unledgered: list[float]
 
-    def verdict(self, request: Request, model_name: str) -> str | None:
-        """None when a run asking ``request`` would be let start; else the one line it would be
-        refused with."""
-        try:
-            groups = self.groups
-            recovered = _recovered(self.unledgered, request, model_name, at=0)
-            if recovered is not None:  # it covers every user: each group's balance grows by it
-                spent = recovered.entry
-                groups = [
-                    Group(g.members, Balance(g.balance.epsilon + spent.epsilon,
-                                             g.balance.delta + spent.delta, g.balance.cap,
-                                             g.balance.spends + 1))
-                    for g in groups
-                ]  # fmt: skip
-            plan_user_reservation(groups, request, at=0)
-        except BudgetError as err:
-            return str(err)
-        return None
+    def plan(self, request: Request, model_name: str) -> list[Stored]:
+        """The entries a run asking ``request`` would write (its new caps, then its spend).
+
+        Raises
+        ------
+        BudgetError
+            With the line the run would be refused with.
+        """
+        groups = self.groups
+        recovered = _recovered(self.unledgered, request, model_name, at=0)
+        if recovered is not None:  # it covers every user: each group's balance grows by it
+            spent = recovered.entry
+            groups = [
+                Group(g.members, Balance(g.balance.epsilon + spent.epsilon,
+                                         g.balance.delta + spent.delta, g.balance.cap,
+                                         g.balance.spends + 1))
+                for g in groups
+            ]  # fmt: skip
+        return plan_user_reservation(groups, request, at=0)
 
 
 def ledger_standing(

@@ -441,6 +441,9 @@ def test_budget_gives_each_users_balance_and_the_verdict_the_run_itself_gets(sto
     status, fresh = _budget(path, *named)  # no store yet: said, and not created
     assert status == 0 and list(db.parent.iterdir()) == []
     assert fresh["store_exists"] is False
+    _, asked = _budget(path, *named, "--dp-epsilon", "2", "--dp-budget", "8")
+    assert asked["run"]["refused"] is None and list(db.parent.iterdir()) == []
+    assert asked["run"]["stores_caps"] == [{"users": 50, "epsilon": 8.0, "delta": 0.02 * 8 / 2}]
     assert "privacy ledger of sqlite:" in _invoke_budget(path, *named).stdout
     assert "no MLflow store there yet" in _invoke_budget(path, *named).stdout
     assert fresh["ledger_entries"] == 0 and fresh["run"] is None
@@ -469,12 +472,23 @@ def test_budget_gives_each_users_balance_and_the_verdict_the_run_itself_gets(sto
     asked = ["--dp-epsilon", "6.5", "--dp-delta", "1e-5"]
     status, over = _budget(path, *asked)
     assert status == 2 and _ledger_state(store) == before
-    assert over["run"] == {"epsilon": 6.5, "delta": 1e-5, "refused": reserve(6.5)}
+    assert over["run"] == {
+        "epsilon": 6.5,
+        "delta": 1e-5,
+        "refused": reserve(6.5),
+        "stores_caps": [],
+    }
     assert over["run"]["refused"].startswith("privacy budget: 40 of these 50 users have spent")
     assert _ledger_state(store) == before  # the refused reservation wrote nothing either
 
     status, fits = _budget(path, "--dp-epsilon", "6", "--dp-delta", "1e-5")
     assert status == 0 and fits["run"]["refused"] is None
+    # the 10 users without a cap would get this run's epsilon as theirs: one such run, said
+    assert fits["run"]["stores_caps"] == [{"users": 10, "epsilon": 6.0, "delta": 1e-5}]
+    said = _invoke_budget(path, "--dp-epsilon", "6", "--dp-delta", "1e-5").stdout
+    assert (
+        "and store the cap of 10 users without one: epsilon 6, delta 1e-05 (this run alone" in said
+    )
     assert reserve(6.0) is None
     status, after = _budget(path)
     spent = {g["users"]: (g["epsilon"], g["cap_epsilon"], g["runs"]) for g in after["groups"]}
