@@ -107,9 +107,13 @@ def privacy_plan(ctx: RunContext) -> Privacy | None:
     shares = 1
     if config.secure_aggregation:
         shares = round_threshold(n_clients, quorum(config, n_clients))
-    get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, "
-                          "noise in shares of %d client(s)", config.dp_epsilon, delta, sigma,
-                          shares)  # fmt: skip
+    where = (
+        "each client's upload noised in full (the server sees each one)"
+        if shares == 1
+        else f"the noise split in shares over at least {shares} clients' masked sum"
+    )
+    get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, %s",
+                          config.dp_epsilon, delta, sigma, where)  # fmt: skip
     get_run_logger().info("final evaluation under DP: %d release(s) of noise multiplier %.3f, "
                           "composed with the training's", len(evaluation), evaluation[0])  # fmt: skip
     return Privacy(sigma, delta, q, shares, config.rounds, evaluation)
