@@ -96,8 +96,10 @@ def decide_promotion(
     noise_sds: float = 0.0,
 ) -> PromotionDecision:
     """Promote when the candidate is not worse than the trivial baseline on the same rows
-    (:func:`check_baseline`, beyond the DP noise with ``noise_sds``), beats the champion by ``min_delta`` on ``metric``, and its worst
-    client is not more than ``max_client_regression`` worse than the champion's worst client.
+    (:func:`check_baseline`, beyond the DP noise with ``noise_sds``: a promotion reason then says
+    when the candidate's figure is below the baseline's), beats the champion by ``min_delta`` on
+    ``metric``, and its worst client is not more than ``max_client_regression`` worse than the
+    champion's worst client.
 
     Parameters
     ----------
@@ -132,38 +134,23 @@ def decide_promotion(
     refused = check_baseline(candidate, metric, noise_sds)
     if refused is not None:
         return refused
-    decision = _against_champion(
-        candidate, champion, metric, worst_client_metric, min_delta, max_client_regression,
-        noise_sds,
-    )  # fmt: skip
     base = candidate.get(baseline_metric(metric), math.nan)
     short = (-1.0 if lower_is_better(metric) else 1.0) * (base - candidate[metric])
-    if decision.promote and short > 0:  # let through by the noise margin: said, not hidden
-        return PromotionDecision(
-            True, f"{decision.reason} (below the trivial baseline's {base:.4f} by "
-            f"{_size(short)}, within the DP noise of the two released figures)",
-        )  # fmt: skip
-    return decision
+    # let through by the noise margin below the baseline: said in the reason, not hidden
+    note = (
+        f" (below the trivial baseline's {base:.4f} by {_size(short)}, within the DP noise of "
+        "the two released figures)"
+        if short > 0
+        else ""
+    )
 
+    def promoted(reason: str) -> PromotionDecision:
+        return PromotionDecision(True, reason + note)
 
-def _against_champion(
-    candidate: Mapping[str, float],
-    champion: Mapping[str, float] | None,
-    metric: str,
-    worst_client_metric: str,
-    min_delta: float,
-    max_client_regression: float,
-    noise_sds: float,
-) -> PromotionDecision:
-    """:func:`decide_promotion` once the baseline gate has passed."""
     if champion is None:
-        return PromotionDecision(
-            True, f"no champion yet; candidate {metric}={candidate[metric]:.4f}"
-        )
+        return promoted(f"no champion yet; candidate {metric}={candidate[metric]:.4f}")
     if metric not in champion or not np.isfinite(champion[metric]):
-        return PromotionDecision(
-            True, f"champion could not be evaluated on {metric}; candidate replaces it"
-        )
+        return promoted(f"champion could not be evaluated on {metric}; candidate replaces it")
     new, old = candidate[metric], champion[metric]
     sign = -1.0 if lower_is_better(metric) else 1.0
     gain = sign * (new - old)
@@ -198,4 +185,4 @@ def _against_champion(
                 f"{metric} improved +{_size(gain)}, but the worst client's {worst_client_metric} went "
                 f"{worst_old:.4f} -> {worst_new:.4f} (worse by {regression:.4f} > {max_client_regression})",
             )
-    return PromotionDecision(True, f"{metric} {new:.4f} beats champion {old:.4f} by +{_size(gain)}")
+    return promoted(f"{metric} {new:.4f} beats champion {old:.4f} by +{_size(gain)}")
