@@ -143,8 +143,12 @@ def descendants(pid: int) -> list[int]:
 def end_descendants(grace: float) -> list[int]:
     """SIGTERM every process this one started, and SIGKILL those still running ``grace`` seconds
     later; returns their ids. For a process about to exit that must not leave, say, a flow run's
-    subprocess training on without it."""
-    started = {pid: process_start(pid) for pid in descendants(os.getpid())}
+    subprocess training on without it. fedrec's local Prefect server, when this process started
+    it, is spared with its own processes: it serves other commands too (``fedrec server stop``
+    ends it)."""
+    state = read_state()
+    spared = set() if state is None else {state.pid, *descendants(state.pid)}
+    started = {pid: process_start(pid) for pid in descendants(os.getpid()) if pid not in spared}
     for pid in started:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
