@@ -220,45 +220,53 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(tmp_path):
             stubborn.kill()
 
 
-def test_end_descendants_ends_this_processs_children_and_spares_the_local_server(
-    tmp_path, monkeypatch
-):
+_ENDS_ITS_CHILDREN = """
+import json, signal, subprocess, sys, time
+from fedrec import local_server
+sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+stubborn = [sys.executable, "-c",
+            "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+            "print('ready', flush=True); time.sleep(600)"]
+server = subprocess.Popen(sleeper, start_new_session=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)  # it outlives this process
+run = subprocess.Popen(stubborn, stdout=subprocess.PIPE, text=True)
+assert run.stdout.readline().strip() == "ready"
+grandchildren = local_server.descendants(run.pid)
+folder = local_server.server_dir()
+folder.mkdir(parents=True)
+(folder / local_server.STATE_FILE).write_text(json.dumps({
+    "pid": server.pid, "port": 1, "started_at": time.time(),
+    "process_start": local_server.process_start(server.pid)}))
+ended = local_server.end_descendants(grace=1.0)
+run.wait(timeout=10)
+print(json.dumps({"ended": ended, "run": run.pid, "status": run.returncode,
+                  "grandchildren": grandchildren, "server": server.pid}), flush=True)
+"""
+
+
+def test_end_descendants_ends_a_processs_children_and_spares_the_local_server(tmp_path):
     """A process about to exit ends what it started (a flow run's subprocess and the processes
     that one started), SIGKILL for one that ignores SIGTERM, and leaves fedrec's local server,
-    which other commands use, running."""
-    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
-    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
-    stubborn = [sys.executable, "-c",
-                "import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
-                "print('ready', flush=True); time.sleep(600)"]  # fmt: skip
-    server = subprocess.Popen(sleeper)
-    run = subprocess.Popen(stubborn, stdout=subprocess.PIPE, text=True)
+    which other commands use, running. Run in a process of its own: it ends every descendant."""
+    done = subprocess.run([sys.executable, "-c", _ENDS_ITS_CHILDREN], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    server = seen["server"]
     try:
-        assert run.stdout.readline().strip() == "ready"  # its own child is started
-        grandchildren = local_server.descendants(run.pid)
-        assert len(grandchildren) == 1
-        folder = tmp_path / "server"
-        folder.mkdir()
-        record = {"pid": server.pid, "port": 1, "started_at": time.time(),
-                  "process_start": local_server.process_start(server.pid)}  # fmt: skip
-        (folder / local_server.STATE_FILE).write_text(json.dumps(record))
-
-        ended = local_server.end_descendants(grace=1.0)
-
-        assert sorted(ended) == sorted([run.pid, *grandchildren])
-        assert run.wait(timeout=10) == -signal.SIGKILL  # it ignored SIGTERM
+        assert len(seen["grandchildren"]) == 1
+        assert sorted(seen["ended"]) == sorted([seen["run"], *seen["grandchildren"]])
+        assert seen["status"] == -signal.SIGKILL  # it ignored SIGTERM
         deadline = time.monotonic() + 10  # SIGKILL is delivered, not awaited
-        while local_server.is_running(grandchildren[0]) and time.monotonic() < deadline:
+        while local_server.is_running(seen["grandchildren"][0]) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not local_server.is_running(grandchildren[0])
-        assert server.poll() is None  # the local server is spared
+        assert not local_server.is_running(seen["grandchildren"][0])
+        assert local_server.is_running(server)  # the local server is spared
     finally:
-        for proc in (server, run):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        for pid in local_server.descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
+        for pid in seen["grandchildren"]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
