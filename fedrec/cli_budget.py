@@ -78,6 +78,7 @@ def _read(config: Any) -> dict[str, Any]:
         resolve_tracking_uri,
         tracking_uri_source,
     )
+    from models.privacy.dp import weak_guarantee
     from models.privacy.ledger import (
         BudgetError,
         DeltaAboveOneUser,
@@ -146,6 +147,7 @@ def _read(config: Any) -> dict[str, Any]:
             "delta": request.delta,
             "refused": refused,
             "stores_caps": caps,
+            "warning": weak_guarantee(request.epsilon),
         },
     }
 
@@ -200,6 +202,8 @@ def _show(report: dict[str, Any]) -> None:
             f"  and store the cap of {cap['users']:,} user{'s' * (cap['users'] != 1)} without "
             f"one: epsilon {cap['epsilon']:.3g}, delta {cap['delta']:.3g}{alone}"
         )
+    if run["warning"] is not None:
+        click.echo(f"warning: {run['warning']}")
 
 
 def _describe(group: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry, Manifest
 from models.data.readers import TABLE_SUFFIXES
 from models.federation.sampling import sample_clients
-from models.privacy.dp import calibrate, epsilon
+from models.privacy.dp import calibrate, epsilon, weak_guarantee
 from models.privacy.ledger import run_delta
 from models.privacy.redaction import redact_uri
 from models.privacy.released_metrics import MetricRelease, evaluation_ratios
@@ -112,10 +112,14 @@ def privacy_plan(ctx: RunContext) -> Privacy | None:
         if shares == 1
         else f"the noise split in shares over at least {shares} clients' masked sum"
     )
-    get_run_logger().info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, %s",
-                          config.dp_epsilon, delta, sigma, where)  # fmt: skip
-    get_run_logger().info("final evaluation under DP: %d release(s) of noise multiplier %.3f, "
-                          "composed with the training's", len(evaluation), evaluation[0])  # fmt: skip
+    logger = get_run_logger()
+    logger.info("user-level DP: epsilon %.3g, delta %.3g, noise multiplier %.3f, %s",
+                config.dp_epsilon, delta, sigma, where)  # fmt: skip
+    weak = weak_guarantee(config.dp_epsilon)
+    if weak is not None:
+        logger.warning(weak)
+    logger.info("final evaluation under DP: %d release(s) of noise multiplier %.3f, composed "
+                "with the training's", len(evaluation), evaluation[0])  # fmt: skip
     return Privacy(sigma, delta, q, shares, config.rounds, evaluation)
 
 

@@ -365,6 +365,24 @@ def calibrate(
     return high
 
 
+# Above this epsilon a guarantee protects little: the odds of any outcome may change by a factor
+# of e^10, about 22,000, for one user's data. Deployed user-level DP mostly sits between 1 and 8.
+WEAK_EPSILON = 10.0
+
+
+def weak_guarantee(target_epsilon: float) -> str | None:
+    """A warning, in one line, when ``target_epsilon`` is too large to protect much (above
+    :data:`WEAK_EPSILON`); None otherwise. The run goes on: the choice is the operator's."""
+    if target_epsilon <= WEAK_EPSILON:
+        return None
+    about = f" (about {math.exp(target_epsilon):.2g})" if target_epsilon < 700 else ""
+    return (
+        f"epsilon {target_epsilon:g} is a weak guarantee: one user's data may change the odds of "
+        f"any outcome by a factor of up to e^{target_epsilon:g}{about}; above {WEAK_EPSILON:g} it "
+        "protects little, and 1 to 8 is usual"
+    )
+
+
 def clipped_implicit_statistics(
     rows: RatingRows, factors: np.ndarray, alpha: float, dp: UserLevelDP
 ) -> tuple[ItemStatistics, np.ndarray]:

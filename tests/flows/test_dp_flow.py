@@ -74,6 +74,17 @@ def test_dp_with_client_sampling_spends_the_budget_with_less_noise(store):
         assert _history(store, run["run_id"], "system/clients") == [4.0] * SMALL["rounds"]
 
 
+def test_a_weak_epsilon_is_warned_of_and_a_usual_one_is_not(store, caplog):
+    warned = "is a weak guarantee: one user's data may change the odds"
+    _run(store, model_name="dp-usual", clients=2, rounds=1, dp_epsilon=8.0)
+    assert not any(warned in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    _run(store, model_name="dp-weak", clients=2, rounds=1, dp_epsilon=12.0)
+    said = [r for r in caplog.records if warned in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"
+    assert said[0].getMessage().startswith("epsilon 12 is a weak guarantee")
+
+
 def _expected_answers(state: dict, items: np.ndarray, ratings: np.ndarray, reg: float, k: int):
     """A user's top ``k`` unseen items and their raw scores, by hand from the item parameters
     ``state`` and the user's history: the user's factors and bias are the ridge regression

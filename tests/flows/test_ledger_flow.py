@@ -444,6 +444,12 @@ def test_budget_gives_each_users_balance_and_the_verdict_the_run_itself_gets(sto
     _, asked = _budget(path, *named, "--dp-epsilon", "2", "--dp-budget", "8")
     assert asked["run"]["refused"] is None and list(db.parent.iterdir()) == []
     assert asked["run"]["stores_caps"] == [{"users": 50, "epsilon": 8.0, "delta": 0.02 * 8 / 2}]
+    assert asked["run"]["warning"] is None
+    _, weak = _budget(path, *named, "--dp-epsilon", "12")
+    assert weak["run"]["warning"].startswith("epsilon 12 is a weak guarantee")
+    assert (
+        "warning: epsilon 12 is a weak" in _invoke_budget(path, *named, "--dp-epsilon", "12").stdout
+    )
     assert "privacy ledger of sqlite:" in _invoke_budget(path, *named).stdout
     assert "no MLflow store there yet" in _invoke_budget(path, *named).stdout
     assert fresh["ledger_entries"] == 0 and fresh["run"] is None
@@ -477,6 +483,7 @@ def test_budget_gives_each_users_balance_and_the_verdict_the_run_itself_gets(sto
         "delta": 1e-5,
         "refused": reserve(6.5),
         "stores_caps": [],
+        "warning": None,
     }
     assert over["run"]["refused"].startswith("privacy budget: 40 of these 50 users have spent")
     assert _ledger_state(store) == before  # the refused reservation wrote nothing either

@@ -421,3 +421,13 @@ def test_the_implicit_sensitivity_at_the_clip():
     noisy = noisy_gram(np.eye(3), 0.5, np.random.default_rng(0))
     np.testing.assert_array_equal(noisy, noisy.T)  # the noise is mirrored: still symmetric
     assert not np.allclose(noisy, np.eye(3))
+
+
+def test_only_an_epsilon_above_ten_is_called_weak():
+    from models.privacy.dp import weak_guarantee
+
+    assert weak_guarantee(1.0) is None and weak_guarantee(10.0) is None
+    said = weak_guarantee(10.5)
+    assert said is not None and said.startswith("epsilon 10.5 is a weak guarantee")
+    assert f"(about {np.exp(10.5):.2g})" in said
+    assert "up to e^1e+06; above 10" in weak_guarantee(1e6)  # no overflowed "about" figure
