@@ -78,7 +78,9 @@ _RETRY = {"retries": 2, "retry_delay_seconds": [1, 5], "cache_policy": NONE}
 
 
 def _client(uri: str) -> MlflowClient:
-    if redact_uri(uri) != uri:  # MLflow would print "View run ... at: <the URI>" to stdout
+    # MLflow prints "View run ... at: <the URI>" to stdout when a run on a server ends: a
+    # credentialed URI's secret, and a second run link beside the one fedrec's summary gives
+    if uri.startswith(("http://", "https://")) or redact_uri(uri) != uri:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     # the fluent log_model/load_model calls read the global URIs: both point at this run's store
     # (a registry URI left by an earlier call in the process would register the model elsewhere)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from fedrec.config import TrainingConfig
 from tests.flows.helpers import tracking_store
@@ -40,14 +41,18 @@ def test_params_tags_and_config_json_of_a_run_hold_no_credentials(tmp_path):
     )
 
 
-def test_mlflow_prints_no_run_url_for_a_credentialed_store(monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "server", ["https://fedrec:s3cret-pw@mlflow.example", "http://127.0.0.1:5000"]
+)
+def test_mlflow_prints_no_run_url_for_a_server(monkeypatch, tmp_path, server):
+    """A server's run link would carry a credentialed URI's secret, and repeat fedrec's own."""
     import os
 
     from tasks.tracking import _client
 
     monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "")  # restored afterwards
     monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
-    _client(f"sqlite:///{tmp_path / 'plain.db'}")
+    _client(f"sqlite:///{tmp_path / 'plain.db'}")  # a file store prints none
     assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ
-    _client("https://fedrec:s3cret-pw@mlflow.example")
+    _client(server)
     assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"
