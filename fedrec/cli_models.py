@@ -593,13 +593,14 @@ def run_rows(
     client: Any, limit: int, experiment: str | None = None, tracking_uri: str | None = None
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` training runs of every experiment (or of ``experiment``), newest
-    first, as MLflow records them: when each started and how long it took, its status, its
+    first, as MLflow records them: when each started and how long it ran (before a resume, time
+    spent ended is left out), its status, its
     data, the version it registered and the promotion decision, or why it failed, and the
     ``--resume`` command of one that can be continued (``--tracking-uri`` in it when the
     client's store, ``tracking_uri``, is not the default one)."""
     import datetime
 
-    from fedrec.model_store import resume_command, resume_possible
+    from fedrec.model_store import PAUSED_TAG, resume_command, resume_possible
 
     found = client.search_experiments()
     names = {e.experiment_id: e.name for e in found}
@@ -621,7 +622,8 @@ def run_rows(
     for run in runs:
         info, tags = run.info, run.data.tags
         started = datetime.datetime.fromtimestamp(info.start_time / 1000, datetime.UTC)
-        took = None if info.end_time is None else (info.end_time - info.start_time) / 1000
+        paused = float(tags.get(PAUSED_TAG, 0))  # a resumed run: time spent ended, left out
+        took = None if info.end_time is None else (info.end_time - info.start_time) / 1000 - paused
         versions = client.search_model_versions(f"run_id='{info.run_id}'")
         version = versions[0] if versions else None
         # a RUNNING run may be running: it is offered for resume once it ended
@@ -632,6 +634,7 @@ def run_rows(
             "name": info.run_name or "",
             "started": started.strftime("%Y-%m-%d %H:%M"),
             "seconds": None if took is None else round(took, 1),
+            "paused_seconds": paused,
             "status": info.status,
             "source": next((run.data.params[k] for k in ("sites", "train", "data")
                             if run.data.params.get(k) not in (None, "", "None")), ""),

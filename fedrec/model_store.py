@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 STATE = "recommender"  # the model's artifact folder holding the recommender's state files
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+#: on a resumed run: seconds it spent ended before its resumes, which its duration leaves out
+PAUSED_TAG = "fedrec.paused_seconds"
 ALLOWED = "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
 _DELETED = "Deleted_Internal"  # MLflow's stage for a deleted model version
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")

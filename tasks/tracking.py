@@ -36,6 +36,7 @@ from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.model_store import (
+    PAUSED_TAG,
     STATE,
     load_recommender,
     resolve_tracking_uri,
@@ -258,8 +259,14 @@ def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 @task(name="reopen-tracking", **_RETRY)
 def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
     """Mark a resumed run RUNNING again (a killed run says KILLED, a failed one FAILED), tagged
-    with the flow run that now carries it."""
+    with the flow run that now carries it and the time it spent ended (``PAUSED_TAG``, summed
+    over its resumes)."""
     client = _client(uri)
+    run = client.get_run(run_id)
+    ended = run.info.end_time
+    if ended is not None:
+        paused = float(run.data.tags.get(PAUSED_TAG, 0)) + max(0, time.time() * 1000 - ended) / 1000
+        client.set_tag(run_id, PAUSED_TAG, f"{paused:.1f}")
     client.update_run(run_id, status="RUNNING")
     if flow_run_id:
         client.set_tag(run_id, "prefect.flow_run_id", flow_run_id)

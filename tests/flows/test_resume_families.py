@@ -117,3 +117,27 @@ def test_a_checkpoint_replaces_the_ones_before_it_and_the_arrays_only_they_held(
     assert progress == Progress(4, 0, 4)
     np.testing.assert_array_equal(loaded["small"], states[3]["small"])
     np.testing.assert_array_equal(loaded["large"], states[3]["large"])
+
+
+def test_a_resumed_runs_duration_leaves_out_the_time_it_spent_ended(store):
+    import time
+
+    from fedrec.cli_models import run_rows
+    from tasks.tracking import reopen_run
+
+    client, now = store["client"], int(time.time() * 1000)
+    experiment = client.create_experiment("paused-runs")
+    run = client.create_run(experiment, start_time=now - 100_000, tags={"fedrec.config_hash": "h"})
+    run_id = run.info.run_id
+    client.set_terminated(run_id, "FAILED", end_time=now - 60_000)  # ran 40 s, then 60 s ended
+    reopen_run(store["uri"], run_id)
+    reopened = client.get_run(run_id)
+    assert reopened.info.status == "RUNNING"
+    paused = float(reopened.data.tags["fedrec.paused_seconds"])
+    assert 60 <= paused < 75
+    resumed_at = time.time() * 1000
+    client.set_terminated(run_id, "FINISHED", end_time=int(resumed_at) + 5_000)  # 5 s more
+
+    (row,) = run_rows(client, 5, experiment="paused-runs")
+    assert row["paused_seconds"] == paused
+    assert row["seconds"] == pytest.approx(45, abs=1.0)  # 40 s + 5 s; not the 105 s between
