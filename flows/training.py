@@ -29,7 +29,7 @@ from models.data.partitions import mark_finished, read_item_ids, read_manifest, 
 from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
 from models.promotion import WORSE_THAN_BASELINE, PromotionDecision
-from tasks.data import data_fingerprint, load_interactions, shard_clients
+from tasks.data import check_sharding, data_fingerprint, load_interactions, shard_clients
 from tasks.reporting import publish_summary
 from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
@@ -165,6 +165,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     logger = get_run_logger()
     name = config.registered_name
     data, explicit_split = load_interactions(config)
+    check_sharding(data, config)  # before a reservation or a run: a refusal writes nothing
     for note in data.notes:  # what reading changed or assumed (duplicates dropped, ...)
         logger.info("data: %s", note)
     rows = data_fingerprint(data, config, explicit_split)

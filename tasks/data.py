@@ -23,7 +23,14 @@ from models.data.schema import (
     require_ratings,
     with_catalogue,
 )
-from models.data.sharding import assign_clients, combine_splits, hold_out_validation, split_rows
+from models.data.sharding import (
+    assign_clients,
+    check_client_count,
+    check_columns,
+    combine_splits,
+    hold_out_validation,
+    split_rows,
+)
 from models.data.validate import USER_SIDE_FEATURES
 
 
@@ -117,6 +124,22 @@ def public_catalogue(
     if config.dp_epsilon is not None and data.public_items is not None:
         return with_catalogue(data, data.public_items, "the dataset's public item list")
     return data, slice(None)
+
+
+def check_sharding(data: Interactions, config: TrainingConfig) -> None:
+    """Refuse, before anything is written (a privacy reservation, an MLflow run), a split or
+    partition that ``data`` cannot meet: the error :func:`plan_clients` would raise later for a
+    missing column, a partition key it lacks, or more clients than users (or key values).
+
+    Raises
+    ------
+    DataValidationError
+    """
+    check_columns(data, split=config.split, partition=config.partition,
+                  partition_key=config.partition_key, key_prefix=config.key_prefix,
+                  n_clients=config.clients, private=config.dp_epsilon is not None)  # fmt: skip
+    if config.partition in ("iid", "dirichlet"):
+        check_client_count(config.clients, data.n_users, data.source or None)
 
 
 def plan_clients(

@@ -514,3 +514,18 @@ def test_budget_gives_each_users_balance_and_the_verdict_the_run_itself_gets(sto
     assert deleted.exit_code == 2
     assert "fedrec-privacy-ledger' was deleted; restore it" in deleted.stderr
     assert not deleted.stderr.strip().endswith("not started")  # nothing was to start
+
+
+def test_a_partition_the_data_cannot_meet_spends_no_budget_and_starts_no_run(store, prefect_server):
+    """Refused before the reservation and the MLflow run: a deployment's parameters reach the
+    flow unchecked by the command line."""
+    from models.data.errors import DataValidationError
+
+    before = _ledger_state(store)
+    with pytest.raises(DataValidationError, match="more clients than the data has users"):
+        _train(store, synthetic_users=50, synthetic_items=40, synthetic_interactions=1_000,
+               clients=60, model_name="too-many", dp_epsilon=1.0)  # fmt: skip
+    client = store["client"]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == [] and _ledger_state(store) == before
+    assert before == ([], None)  # nothing was written: no entry, not even the secret
