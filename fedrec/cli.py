@@ -33,11 +33,13 @@ from fedrec.cli_errors import (
     OneLineError,
     OneLineGroup,
     RunFailed,
+    ServerDown,
     UserError,
     classify,
     debug_option,
     friendly_errors,
     one_line_config_error,
+    store_error,
     unknown_key_hint,
 )
 from fedrec.config_flags import ConfigCommand, config_defaults
@@ -314,7 +316,7 @@ def prefect_api(*, sites: bool = False) -> str:
             if local_server.is_healthy(url, timeout=5):
                 return url
             time.sleep(1)
-        raise UserError(
+        raise ServerDown(
             f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start that server, "
             "or unset PREFECT_API_URL to use fedrec's local server"
         )
@@ -404,8 +406,8 @@ def main() -> None:
     fedrec server status                               the local Prefect server and its UI
 
     Errors are one line on stderr. Exit status: 0 done; 2 the input, a flag or a name is wrong
-    (fix it and run again); 1 the run failed on its way (e.g. too few clients answered; running
-    it again may succeed). A command's --debug shows the traceback.
+    (fix it and run again); 1 the run failed on its way, or a server it needs does not answer
+    (e.g. too few clients answered; running it again may succeed). A command's --debug shows the traceback.
     """
     import fedrec
 
@@ -621,7 +623,7 @@ def _check_tracking(tracking_uri: str | None) -> None:
         uri = resolve_tracking_uri(tracking_uri)
         check_tracking_uri(uri, name=tracking_uri_source(tracking_uri))
     except TrackingStoreError as err:
-        raise UserError(str(err)) from err
+        raise store_error(err) from err
 
 
 def _check_resumable(config: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from fedrec.cli_errors import UserError, debug_option, friendly_errors
+from fedrec.cli_errors import UserError, debug_option, friendly_errors, store_error
 from fedrec.config_flags import ConfigCommand
 
 GROUPS_SHOWN = 5  # the tightest groups of users listed; --json lists them all
@@ -100,7 +100,7 @@ def _read(config: Any) -> dict[str, Any]:
         try:  # a folder that does not exist is refused, as the run refuses it
             check_tracking_uri(uri, name=tracking_uri_source(config.tracking_uri))
         except TrackingStoreError as err:
-            raise UserError(str(err)) from err
+            raise store_error(err) from err
     request = None
     if config.dp_epsilon is not None:
         try:

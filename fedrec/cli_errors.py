@@ -1,8 +1,8 @@
 """How the fedrec commands report errors: one line on stderr. Exit status 2 means the command
 was given something it cannot use (a file, a value, a flag, a name): fix it and run again (bad
 input is refused before anything is written). Exit status 1 means a run that was set up correctly failed on its way
-(too few clients answered, a server went away, an unexpected error): running it again may
-succeed. With ``--json`` the line is also printed on stdout as ``{"error": ..., "exit_status":
+(too few clients answered, a server went away or does not answer, an unexpected error):
+running it again may succeed. With ``--json`` the line is also printed on stdout as ``{"error": ..., "exit_status":
 ...}``, so that a script reading stdout sees the failure too."""
 
 from __future__ import annotations
@@ -46,6 +46,21 @@ class RunFailed(OneLineError):
     """A correctly set-up run that failed on its way."""
 
     exit_code = 1
+
+
+class ServerDown(OneLineError):
+    """A server the command needs (Prefect's API, MLflow's) does not answer: the same command
+    may succeed once it does, so the exit status is a failure's, not bad input's."""
+
+    exit_code = 1
+
+
+def store_error(err: OSError) -> OneLineError:
+    """The command's error for a tracking store it cannot use: a server that does not answer
+    (:class:`ServerDown`), else a URI to fix (:class:`UserError`)."""
+    from fedrec.model_store import TrackingServerDown
+
+    return (ServerDown if isinstance(err, TrackingServerDown) else UserError)(str(err))
 
 
 class OneLineGroup(click.Group):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from fedrec.cli_errors import UserError, debug_option, friendly_errors
+from fedrec.cli_errors import UserError, debug_option, friendly_errors, store_error
 
 if TYPE_CHECKING:  # loaded by the commands that read tables, not by their --help
     import pandas as pd
@@ -221,7 +221,7 @@ def _store_uri(tracking_uri: str | None) -> str:
     try:
         check_tracking_uri(uri, name=tracking_uri_source(tracking_uri))
     except TrackingStoreError as err:
-        raise UserError(str(err)) from err
+        raise store_error(err) from err
     return uri
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedrec.cli_errors import UserError
+from fedrec.cli_errors import ServerDown, UserError
 
 TRAINING_ENTRYPOINT = "flows/training.py:federated_training"
 
@@ -41,7 +41,7 @@ def check_api() -> str:
         if is_healthy(url, timeout=5):
             return url
         time.sleep(1)
-    raise UserError(
+    raise ServerDown(
         f"the Prefect API at {url} (PREFECT_API_URL) does not answer: start it with "
         "`make server` (fedrec's local server), or set PREFECT_API_URL to a running one"
     )
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
                 check_api()
             else:
                 check_parameters(Path(item))
-    except UserError as err:
+    except (UserError, ServerDown) as err:
         err.show()
         return err.exit_code
     return 0

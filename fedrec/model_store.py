@@ -105,6 +105,10 @@ class TrackingStoreError(OSError):
     """A tracking URI that names no usable store (a one-line message naming it)."""
 
 
+class TrackingServerDown(TrackingStoreError):
+    """A tracking server that does not answer (now: it may later)."""
+
+
 def check_tracking_uri(uri: str, timeout: float = 5.0, name: str = "tracking URI") -> None:
     """Refuse, in seconds rather than after MLflow's minutes of retries, a tracking server that
     does not answer, a SQLite store in a folder that does not exist (a mistyped path would
@@ -134,7 +138,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0, name: str = "tracking URI
         return  # it answers (a proxy or an older server without /health)
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise TrackingStoreError(
+        raise TrackingServerDown(
             f"tracking URI {redact_uri(uri)}: the MLflow server does not answer ({reason}); "
             "start it, or fix --tracking-uri / MLFLOW_TRACKING_URI"
         ) from err

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedrec.cli_errors import UserError
+from fedrec.cli_errors import ServerDown, UserError
 from fedrec.deployment_check import check_api, check_parameters, main
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
@@ -66,7 +66,8 @@ def test_a_data_file_that_exists_but_cannot_be_read_is_refused_with_its_row(tmp_
     assert f"{data}, row 2 (line 3), column 'rating': value 'x'" in refused.value.message
 
 
-def test_an_api_that_does_not_answer_is_one_line_and_exit_status_2(monkeypatch, capsys):
+def test_an_api_that_does_not_answer_is_one_line_and_exit_status_1(monkeypatch, capsys):
+    """Not bad input (2): the same command may succeed once the server answers."""
     import socket
 
     with socket.socket() as probe:  # a loopback port nobody listens on
@@ -74,8 +75,8 @@ def test_an_api_that_does_not_answer_is_one_line_and_exit_status_2(monkeypatch, 
         port = probe.getsockname()[1]
     monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
     monkeypatch.setattr("time.sleep", lambda _: None)
-    with pytest.raises(UserError, match=f"the Prefect API at http://127.0.0.1:{port}/api"):
+    with pytest.raises(ServerDown, match=f"the Prefect API at http://127.0.0.1:{port}/api"):
         check_api()
-    assert main(["--api"]) == 2
+    assert main(["--api"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("fedrec: error: ") and "`make server`" in line
