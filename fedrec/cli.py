@@ -999,10 +999,34 @@ def server_stop(grace: float) -> None:
         click.echo(f"stopped the local Prefect server at {state.url} (pid {state.pid})")
 
 
+def configured_api() -> str | None:
+    """The Prefect API that ``PREFECT_API_URL`` names (the environment, else Prefect's profile),
+    which fedrec's commands use instead of the local server; None when none is set."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url is None:  # Prefect's profile: an import of about a second
+        from prefect.settings import get_current_settings
+
+        url = get_current_settings().api.url
+    return str(url).rstrip("/") if url else None
+
+
 @server.command("status")
 def server_status() -> None:
-    """URL, PID and health of the local Prefect server; exit status 0 only when it answers."""
+    """URL and health of the Prefect server fedrec's commands report to: the one PREFECT_API_URL
+    names, else the local server (with its PID); exit status 0 only when it answers."""
+    configured = configured_api()
     state = local_server.read_state()
+    if configured is not None:
+        healthy = local_server.is_healthy(configured)
+        click.echo(f"api:     {configured}  (PREFECT_API_URL: fedrec's commands report to it)")
+        click.echo(f"health:  {'healthy' if healthy else 'not answering'}")
+        if state is not None and state.api_url != configured:
+            click.echo(
+                f"also:    fedrec's local server at {state.api_url} (pid {state.pid}), unused"
+            )
+        if not healthy:
+            raise SystemExit(1)
+        return
     if state is None:
         click.echo(f"no local Prefect server is running (FEDREC_HOME={local_server.fedrec_home()})")
         raise SystemExit(1)

@@ -100,6 +100,14 @@ def test_start_status_stop_lifecycle(tmp_path):
 
         assert status.returncode == 0, status.stdout + status.stderr
         assert f"pid:     {pid}" in status.stdout and "healthy" in status.stdout
+        api = f"http://127.0.0.1:{port}/api"
+        named = _fedrec("server", "status", env=env | {"PREFECT_API_URL": api})
+        assert named.returncode == 0 and f"api:     {api}  (PREFECT_API_URL" in named.stdout
+        assert "also:" not in named.stdout  # the API named is the local server's own
+        dead = f"http://127.0.0.1:{local_server.free_port()}/api"
+        elsewhere = _fedrec("server", "status", env=env | {"PREFECT_API_URL": dead})
+        assert elsewhere.returncode == 1 and "health:  not answering" in elsewhere.stdout
+        assert f"fedrec's local server at {api} (pid {pid}), unused" in elsewhere.stdout
         assert again.returncode == 0 and "already running" in again.stdout
         assert int(pid_file.read_text()) == pid  # reused, not a second server
         other = local_server.free_port()
@@ -122,6 +130,18 @@ def test_start_status_stop_lifecycle(tmp_path):
     finally:
         if pid_file.exists():
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_status_reports_the_api_that_prefect_api_url_names_not_a_missing_local_server(tmp_path):
+    """Commands report to PREFECT_API_URL's server when it is set: that is the one to check."""
+    dead = f"http://127.0.0.1:{local_server.free_port()}/api"
+    status = _fedrec("server", "status", env=_env(tmp_path) | {"PREFECT_API_URL": dead})
+
+    assert status.returncode == 1, status.stdout + status.stderr
+    assert status.stdout.splitlines()[:2] == [
+        f"api:     {dead}  (PREFECT_API_URL: fedrec's commands report to it)",
+        "health:  not answering",
+    ]
 
 
 def test_stop_without_a_server_says_so(tmp_path):
