@@ -5,6 +5,10 @@ Prefect derives a deployment's parameter schema from the flow's signature and, w
 field. The derived schema allows names it does not list, though: such a run is created, and then
 fails on the worker with a signature error. This sets ``additionalProperties: false`` on the
 deployment's schema, so an unknown name is refused at creation like a value out of range.
+It pins the MLflow store the deployment's runs report to: the one in force where it runs
+(``MLFLOW_TRACKING_URI``, else ``FEDREC_HOME``'s SQLite), set in the deployment's environment, so
+that a worker started without the variable does not register its models in a store of its own.
+A URI holding credentials is not written to Prefect; the worker's own variable must name it.
 It also warns when ``fedrec serve``'s deployment is scheduled on the same server: each
 deployment queues only its own runs, so the two nightly runs would train at once.
 ``make deploy`` runs it after ``prefect deploy``::
@@ -71,6 +75,30 @@ def lock_parameters(name: str = DEPLOYMENT) -> list[str]:
     return sorted(schema.get("properties", {}))
 
 
+def pin_store(name: str = DEPLOYMENT) -> str | None:
+    """Set ``MLFLOW_TRACKING_URI`` in deployment ``name``'s environment (its job variables) to
+    the store in force here, a SQLite file by its absolute path. Returns the URI pinned, or None
+    for one holding credentials, which is not written to Prefect."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    from fedrec.model_store import TRACKING_URI_ENV, resolve_tracking_uri, sqlite_path
+    from models.privacy.redaction import redact_uri
+
+    uri = resolve_tracking_uri(create=False)
+    if redact_uri(uri) != uri:
+        return None
+    path = sqlite_path(uri)
+    if path is not None:  # the worker runs flows in folders of its own
+        uri = f"sqlite:///{path.resolve()}"
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(name)
+        variables = dict(deployment.job_variables or {})
+        variables["env"] = dict(variables.get("env") or {}) | {TRACKING_URI_ENV: uri}
+        client.update_deployment(deployment.id, DeploymentUpdate(job_variables=variables))
+    return uri
+
+
 def lock_when_scheduled(name: str, since: Any, timeout: float = 120.0) -> list[str] | None:
     """Lock deployment ``name``'s parameters once it is written again after ``since`` (its
     :func:`last_written` before serving started) with an active schedule: ``flow.serve`` writes
@@ -89,6 +117,19 @@ def main(argv: list[str]) -> int:
     name = argv[0] if argv else DEPLOYMENT
     allowed = lock_parameters(name)
     print(f"{name}: refuses parameters other than its {len(allowed)} own")
+    pinned = pin_store(name)
+    if pinned is None:
+        print(
+            f"warning: {name}: MLFLOW_TRACKING_URI holds credentials, so it is not written to "
+            "Prefect: every worker needs it set, or its runs register in the worker's own "
+            "FEDREC_HOME store",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"{name}: its runs report to MLflow at {pinned} (whatever the worker's environment; "
+            "set MLFLOW_TRACKING_URI and deploy again to change it)"
+        )
     if name == DEPLOYMENT and schedule_active(SERVED):
         print(
             f"warning: '{SERVED}' (fedrec serve) is scheduled on this server too: stop that "

@@ -132,10 +132,15 @@ def stack(tmp_path_factory):
             )
             assert done.returncode == 0, done.stdout + done.stderr
 
+        # a worker started without MLFLOW_TRACKING_URI, its own FEDREC_HOME: its runs report to
+        # the store the deployment pins, the one in force where it was deployed
+        worker_env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+        worker_env["FEDREC_HOME"] = str(home / "worker-home")
+
         def start_worker() -> subprocess.Popen:
             worker = subprocess.Popen(
                 [*prefect, "worker", "start", "--pool", "fedrec-local"],
-                env=env,
+                env=worker_env,
                 cwd=home,
                 stdout=files.enter_context(open(logs / "worker.log", "a")),  # noqa: SIM115
                 stderr=subprocess.STDOUT,
@@ -156,6 +161,7 @@ def stack(tmp_path_factory):
             "mlflow": MlflowClient(env["MLFLOW_TRACKING_URI"], env["MLFLOW_TRACKING_URI"]),
             "workers": started[1:],  # the worker running now is the last
             "start_worker": start_worker,
+            "worker_home": Path(worker_env["FEDREC_HOME"]),
         }
     finally:
         for proc in reversed(started):
@@ -206,6 +212,9 @@ def test_deployment_has_the_schedule_limit_and_defaults(stack):
     )
     assert deployment["work_pool_name"] == "fedrec-local"
     assert deployment["parameters"] == {"data": "synthetic", "warm_start": True}
+    # the store in force at deployment, pinned for whatever worker runs it
+    pinned = deployment["job_variables"]["env"]["MLFLOW_TRACKING_URI"]
+    assert pinned == stack["env"]["MLFLOW_TRACKING_URI"]
 
 
 def test_deploying_makes_silent_training_runs_crash(stack):
@@ -237,6 +246,7 @@ def test_http_trigger_trains_registers_and_sets_the_champion(stack):
     version = stack["mlflow"].get_model_version_by_alias("fedrec-mf", "champion")
     assert str(version.version) == "1"
     assert version.tags["fedrec.promoted"] == "true"
+    assert not (stack["worker_home"] / "mlflow.db").exists()  # not the worker's own store
 
 
 def test_two_runs_at_once_run_one_after_the_other(stack):
