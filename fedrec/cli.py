@@ -130,6 +130,7 @@ _LAZY_COMMANDS = {
     "predict": ("fedrec.cli_models", "Predicted scores for given (user, item) pairs."),
     "models": ("fedrec.cli_models", "Registered models: versions, champion, why promoted."),
     "runs": ("fedrec.cli_models", "Newest training runs: status, version, promotion or error."),
+    "rollback": ("fedrec.cli_models", "Make an earlier version the champion again."),
     "budget": (
         "fedrec.cli_budget",
         "Privacy budget of a dataset's users: spent, cap, left; would a run start.",

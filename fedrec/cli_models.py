@@ -500,6 +500,8 @@ def version_rows(client: Any, name: str, limit: int) -> tuple[str | None, list[d
             "source": tags.get("fedrec.source", ""),
             "epsilon": _number(tags.get("fedrec.epsilon")),  # None: not private
             "dp_not_covered": tags.get("fedrec.dp_not_covered"),
+            "rolled_back": tags.get("fedrec.rolled_back"),  # by an operator: when, to what, why
+            "restored": tags.get("fedrec.restored"),
             "run_id": v.run_id,
         })  # fmt: skip
     return champion, rows
@@ -571,9 +573,78 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
             )
             if r["dp_not_covered"]:
                 click.echo(f"  {'':<8} not covered by DP: {r['dp_not_covered']}")
+            for key in ("rolled_back", "restored"):  # what an operator did since
+                if r[key]:
+                    click.echo(f"  {'':<8} {key.replace('_', ' ')}: {r[key]}")
 
 
 _PROMOTED = {True: "true", False: "false"}
+
+
+@click.command()
+@click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
+)
+@click.option(
+    "--model-name",
+    default=None,
+    help="the registered model [default: the only one in the store]",
+)
+@click.option(
+    "--to",
+    "to",
+    default=None,
+    help="the version to make champion [default: the one the champion replaced]",
+)
+@click.option("--reason", default="", help="why, recorded on both versions' tags")
+@debug_option
+@friendly_errors
+def rollback(tracking_uri: str | None, model_name: str | None, to: str | None, reason: str) -> None:
+    """Make an earlier version the champion again: move the champion alias back (to the version
+    the champion replaced, or --to VERSION), and tag both versions with when and why. A later run
+    on the demoted version's data and config trains nothing, so the nightly run does not promote
+    the same model again; a run on new data is compared with the restored champion as usual.
+
+    \b
+    fedrec rollback --reason "recommends out-of-stock items"
+    fedrec rollback --model-name fedrec-ranking --to 3
+    """
+    from fedrec.cli import _status
+
+    with _status("loading MLflow and reading the registry"):  # shown on a terminal only
+        from mlflow import MlflowClient
+
+        from tasks.tracking import RollbackError, roll_back
+
+        uri = _store_uri(tracking_uri)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        names = sorted(m.name for m in client.search_registered_models())
+    if model_name is None:
+        if len(names) != 1:
+            raise UserError(
+                f"--model-name is needed: the store has {len(names)} registered models"
+                + (f" ({', '.join(names)})" if names else "; train one first (fedrec train)")
+            )
+        model_name = names[0]
+    elif model_name not in names:
+        raise UserError(
+            f"--model-name {model_name}: no such registered model; registered: "
+            f"{', '.join(names) or 'none'}"
+        )
+    try:
+        demoted, restored = roll_back(uri, model_name, to, reason)
+    except RollbackError as err:
+        raise UserError(str(err)) from err
+    click.echo(
+        f"{model_name}: champion is version {restored} again, in place of version {demoted} "
+        f"(models:/{model_name}@champion)"
+    )
+    click.echo(
+        f"runs on version {demoted}'s data and config train nothing; a server that loaded the "
+        "champion serves the version it loaded until it restarts"
+    )
 
 
 def _decided(tag: str | None) -> bool | None:

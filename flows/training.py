@@ -52,6 +52,7 @@ from tasks.tracking import (
     repair_orphans,
     reserve_privacy_budget,
     resolve_tracking_uri,
+    rolled_back_with,
     start_run,
     tag_run,
     unchanged_since_champion,
@@ -235,10 +236,17 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
 
 def _nothing_to_train(uri: str, name: str, fingerprint: str, config_hash: str) -> dict | None:
     """The summary of a run that would repeat one already made: the champion was trained on
-    these data with this config, or a version that was, and lost to the current champion."""
+    these data with this config, or a version that was and an operator rolled back, or one that
+    lost to the current champion."""
     champion = unchanged_since_champion(uri, name, fingerprint, config_hash)
     if champion is not None:
         reason = f"data and config unchanged since champion version {champion}: nothing to train"
+    elif (rolled_back := rolled_back_with(uri, name, fingerprint, config_hash)) is not None:
+        demoted, champion = rolled_back
+        reason = (
+            f"version {demoted} was trained on these data with this config and rolled back by "
+            "hand (fedrec rollback): nothing to train"
+        )
     else:
         lost = lost_to_champion(uri, name, fingerprint, config_hash)
         if lost is None:

@@ -546,6 +546,84 @@ def lost_to_champion(
     return None
 
 
+#: on a version an operator demoted (fedrec rollback): when, to which version, and why
+ROLLED_BACK = "fedrec.rolled_back"
+#: on the version made champion again by hand: when, in place of which version, and why
+RESTORED = "fedrec.restored"
+
+
+class RollbackError(ValueError):
+    """A roll-back that cannot be made as asked (no champion, no such version, ...)."""
+
+
+def rolled_back_with(
+    uri: str, model_name: str, fingerprint: str, config_hash: str
+) -> tuple[str, str | None] | None:
+    """(version, champion version) when a version trained on these very data with this very
+    config was rolled back by an operator (:func:`roll_back`): the same run again would make the
+    same model, which the comparison would promote again over the operator's choice."""
+    champion = _champion_version(uri, model_name)
+    current = None if champion is None else str(champion.version)
+    for version in _client(uri).search_model_versions(f"name='{model_name}'"):
+        tags = version.tags
+        if (
+            ROLLED_BACK in tags
+            and tags.get("fedrec.dataset_fingerprint") == fingerprint
+            and tags.get("fedrec.config_hash") == config_hash
+        ):
+            return str(version.version), current
+    return None
+
+
+def roll_back(
+    uri: str, model_name: str, to: str | None = None, reason: str = ""
+) -> tuple[str, str]:
+    """Move ``model_name``'s champion alias back to version ``to`` (default: the version the
+    current champion replaced), under :func:`promotion_lock`. The demoted version is tagged
+    ``ROLLED_BACK`` (a later run on its data and config trains nothing:
+    :func:`rolled_back_with`), the restored one ``RESTORED``, and loses the
+    ``fedrec.replaced_by_version`` that no longer holds. Returns (demoted, restored).
+
+    Raises
+    ------
+    RollbackError
+    """
+    client = _client(uri)
+    with promotion_lock(uri):
+        current = _champion_version(uri, model_name)
+        if current is None:
+            raise RollbackError(f"{model_name}: no champion to roll back (fedrec models lists it)")
+        demoted = str(current.version)
+        if to is None:
+            to = current.tags.get("fedrec.compared_with_version")
+            if to is None:
+                raise RollbackError(
+                    f"{model_name}: champion version {demoted} replaced no earlier champion; "
+                    "give --to VERSION"
+                )
+        known = {str(v.version) for v in client.search_model_versions(f"name='{model_name}'")}
+        if str(to) not in known:
+            raise RollbackError(
+                f"--to {to}: {model_name} has no such version; allowed: "
+                f"{', '.join(sorted(known - {demoted}, key=int)) or 'none'}"
+            )
+        to = str(to)
+        if to == demoted:
+            raise RollbackError(f"--to {to}: version {to} is the champion already")
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        why = f": {reason}" if reason else ""
+        client.set_registered_model_alias(model_name, CHAMPION, to)
+        client.set_model_version_tag(
+            model_name, demoted, ROLLED_BACK, f"{when}, champion moved back to version {to}{why}"
+        )
+        client.set_model_version_tag(
+            model_name, to, RESTORED, f"{when}, champion again in place of version {demoted}{why}"
+        )
+        if "fedrec.replaced_by_version" in client.get_model_version(model_name, to).tags:
+            client.delete_model_version_tag(model_name, to, "fedrec.replaced_by_version")
+    return demoted, to
+
+
 @contextlib.contextmanager
 def promotion_lock(uri: str) -> Iterator[None]:
     """Serialise promotions of one store on this machine: an exclusive lock on a file beside the

@@ -1,0 +1,92 @@
+"""An operator's roll-back: the champion alias moves back, both versions say who moved it and
+why, and the nightly run does not promote the demoted model again on the same data and config
+(while a run on another config is still compared, with the restored champion)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from fedrec.config import TrainingConfig
+from tests.flows.helpers import tracking_store
+
+SMALL = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions": 9_000,
+         "clients": 2, "factors": 4, "model_name": "shop"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, prefect_server):
+    with tracking_store(tmp_path_factory.mktemp("fedrec-rollback")) as store:
+        yield store
+
+
+def _train(store, **fields) -> dict:
+    from flows.training import federated_training
+
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | fields))
+    return federated_training(**config.model_dump())
+
+
+def _cli(store, *args: str):
+    from fedrec.cli import main
+
+    return CliRunner().invoke(main, [*args, "--tracking-uri", store["uri"]])
+
+
+def _champion(store) -> str:
+    return str(store["client"].get_model_version_by_alias("shop", "champion").version)
+
+
+def test_a_rolled_back_model_stays_demoted_and_new_configs_meet_the_restored_champion(store):
+    client = store["client"]
+    first = _train(store, rounds=1)
+    second = _train(store, rounds=6)
+    assert (first["model_version"], second["model_version"]) == ("1", "2")
+    assert second["promoted"], second["reason"]  # the precondition: version 2 replaced 1
+
+    done = _cli(store, "rollback", "--reason", "recommends out-of-stock items")
+
+    assert done.exit_code == 0, done.output
+    assert "shop: champion is version 1 again, in place of version 2" in done.stdout
+    assert _champion(store) == "1"
+    demoted, restored = client.get_model_version("shop", "2"), client.get_model_version("shop", "1")
+    assert demoted.tags["fedrec.rolled_back"].endswith(
+        "champion moved back to version 1: recommends out-of-stock items"
+    )
+    assert "in place of version 2: recommends out-of-stock" in restored.tags["fedrec.restored"]
+    assert "fedrec.replaced_by_version" not in restored.tags  # no longer true
+    shown = _cli(store, "models").stdout
+    assert "rolled back: " in shown and "restored: " in shown
+
+    again = _train(store, rounds=6)  # the nightly run on the demoted version's data and config
+    assert again.get("skipped") and "version 2 was trained on these data with this config and " \
+        "rolled back by hand" in again["reason"]  # fmt: skip
+    assert again["champion_version"] == "1"
+    assert len(client.search_model_versions("name='shop'")) == 2 and _champion(store) == "1"
+
+    other = _train(store, rounds=3)  # another config: trained and compared with version 1
+    assert other["model_version"] == "3"
+    compared = client.get_model_version("shop", "3").tags["fedrec.compared_with_version"]
+    assert compared == "1"
+
+
+def test_a_rollback_that_cannot_be_made_is_one_line_and_changes_nothing(store):
+    from tasks.tracking import roll_back
+
+    _train(store, rounds=1, model_name="solo")
+    _train(store, rounds=1, model_name="duo")  # a second model, whichever test ran first
+    nothing_before = _cli(store, "rollback", "--model-name", "solo")
+    assert nothing_before.exit_code == 2
+    assert "champion version 1 replaced no earlier champion; give --to VERSION" in (
+        nothing_before.stderr
+    )
+    unknown = _cli(store, "rollback", "--model-name", "solo", "--to", "7")
+    assert unknown.exit_code == 2 and "--to 7: solo has no such version" in unknown.stderr
+    same = _cli(store, "rollback", "--model-name", "solo", "--to", "1")
+    assert same.exit_code == 2 and "version 1 is the champion already" in same.stderr
+    several = _cli(store, "rollback")
+    assert several.exit_code == 2 and "--model-name is needed" in several.stderr
+    with pytest.raises(ValueError, match="no champion to roll back"):
+        roll_back(store["uri"], "nobody")
+    solo = store["client"].get_model_version("solo", "1")
+    assert "fedrec.rolled_back" not in solo.tags and "fedrec.restored" not in solo.tags
