@@ -500,6 +500,7 @@ def version_rows(client: Any, name: str, limit: int) -> tuple[str | None, list[d
             "source": tags.get("fedrec.source", ""),
             "epsilon": _number(tags.get("fedrec.epsilon")),  # None: not private
             "dp_not_covered": tags.get("fedrec.dp_not_covered"),
+            "replaced_by": tags.get("fedrec.replaced_by_version"),  # a later champion's version
             "rolled_back": tags.get("fedrec.rolled_back"),  # by an operator: when, to what, why
             "restored": tags.get("fedrec.restored"),
             "run_id": v.run_id,
@@ -527,7 +528,8 @@ def version_rows(client: Any, name: str, limit: int) -> tuple[str | None, list[d
 def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json: bool) -> None:
     """The registered models and their newest versions: which one is the champion (*, listed
     last when older than those), when each was registered, the metric its promotion was decided
-    on, and why it was or was not promoted.
+    on, whether it was promoted (since replaced by a later champion, or demoted by
+    `fedrec rollback`) and why.
 
     \b
     fedrec models
@@ -569,7 +571,7 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
             private = "" if r["epsilon"] is None else f"private, epsilon {r['epsilon']:g}: "
             click.echo(
                 f"  {r['version'] + mark:<8} {r['registered']:<17} {r['metric']:<19} "
-                f"{value:<9} {_PROMOTED.get(r['promoted'], '-'):<9} {private}{r['reason']}"
+                f"{value:<9} {_promoted(r):<9} {private}{r['reason']}"
             )
             if r["dp_not_covered"]:
                 click.echo(f"  {'':<8} not covered by DP: {r['dp_not_covered']}")
@@ -579,6 +581,16 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
 
 
 _PROMOTED = {True: "true", False: "false"}
+
+
+def _promoted(row: dict[str, Any]) -> str:
+    """The ``promoted`` column: the decision when the version was registered, unless the
+    champion it became has since been replaced or rolled back."""
+    if row["rolled_back"]:
+        return "demoted"
+    if row["promoted"] and row["replaced_by"] and not row["champion"]:
+        return "replaced"
+    return _PROMOTED.get(row["promoted"], "-")
 
 
 @click.command()

@@ -187,7 +187,7 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
         version = ctx.champion.version
         if started is None:
             logger.warning(
-                "no warm start: champion version %s is not a %s model of this run's shape "
+                "no warm start: champion version %s does not fit this run's %s model "
                 "(another family, or another size such as the number of factors)",
                 version,
                 family.name,

@@ -110,7 +110,8 @@ def code_version() -> str:
 
 def _run_name(config: TrainingConfig, clients: int | None = None) -> str:
     """``als-k32-10c-10r``: the model, its width (factors; a network's latent units), the clients
-    (``clients`` when given: the sites that enrolled) and the rounds."""
+    (``clients`` when given: the sites that enrolled) and the rounds (``3+2r`` with a re-ranker:
+    the retrieval's rounds, then the re-ranker's)."""
     if clients is None and config.clients is None:  # by-key, one client per value
         n = f"by-{config.partition_key}"
     else:
@@ -118,8 +119,10 @@ def _run_name(config: TrainingConfig, clients: int | None = None) -> str:
     if config.implicit_model == "neural":  # mult-dae-z200-10c-10r
         return f"mult-{config.neural_network}-z{config.neural_latent}-{n}-{config.rounds}r"
     if config.feedback == "implicit":
-        model = "ials+knn" + ("+lgbm" if config.ranker != "none" else "")
-        return f"{model}-k{config.ranking_config().n_factors}-{n}-{config.rounds}r"
+        if config.ranker == "none":
+            return f"ials+knn-k{config.ranking_config().n_factors}-{n}-{config.rounds}r"
+        rounds = f"{config.rounds}+{config.ranker_rounds}r"
+        return f"ials+knn+lgbm-k{config.ranking_config().n_factors}-{n}-{rounds}"
     return f"{config.algorithm}-k{config.mf_config().n_factors}-{n}-{config.rounds}r"
 
 

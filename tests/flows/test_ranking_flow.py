@@ -65,6 +65,8 @@ def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_r
     }
 
     steps = list(range(1, ALS_ROUNDS + RANKER_ROUNDS + 1))
+    # the run's name counts both stages' rounds, as its steps do
+    assert client.get_run(run_id).info.run_name.endswith(f"-{ALS_ROUNDS}+{RANKER_ROUNDS}r")
     for key, points in history.items():
         assert [s for s, _ in points] == steps, key
     test = dict(history["test/ndcg_at_10"])

@@ -33,6 +33,11 @@ def _cli(store, *args: str):
     return CliRunner().invoke(main, [*args, "--tracking-uri", store["uri"]])
 
 
+def _column(listed: str) -> dict[str, str]:
+    """`fedrec models`' promoted column by version (its version rows start at column 2)."""
+    return {line.split()[0]: line.split()[5] for line in listed.splitlines()[2:] if line[2] != " "}
+
+
 def _champion(store) -> str:
     return str(store["client"].get_model_version_by_alias("shop", "champion").version)
 
@@ -43,6 +48,10 @@ def test_a_rolled_back_model_stays_demoted_and_new_configs_meet_the_restored_cha
     second = _train(store, rounds=6)
     assert (first["model_version"], second["model_version"]) == ("1", "2")
     assert second["promoted"], second["reason"]  # the precondition: version 2 replaced 1
+    assert _column(_cli(store, "models", "--model-name", "shop").stdout) == {
+        "2*": "true",
+        "1": "replaced",
+    }
 
     done = _cli(store, "rollback", "--reason", "recommends out-of-stock items")
 
@@ -55,8 +64,9 @@ def test_a_rolled_back_model_stays_demoted_and_new_configs_meet_the_restored_cha
     )
     assert "in place of version 2: recommends out-of-stock" in restored.tags["fedrec.restored"]
     assert "fedrec.replaced_by_version" not in restored.tags  # no longer true
-    shown = _cli(store, "models").stdout
+    shown = _cli(store, "models", "--model-name", "shop").stdout
     assert "rolled back: " in shown and "restored: " in shown
+    assert _column(shown) == {"2": "demoted", "1*": "true"}
 
     again = _train(store, rounds=6)  # the nightly run on the demoted version's data and config
     assert again.get("skipped") and "version 2 was trained on these data with this config and " \
