@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
@@ -61,11 +62,13 @@ from tasks.tracking import (
 )
 
 
-def federated_training_fn(**params: Any) -> dict[str, Any]:
+def federated_training_fn(**params: Any) -> State:
     """Train a federated recommender, track it in MLflow, register it, and promote it if better.
 
     Parameters are the fields of ``fedrec.config.TrainingConfig``; pass a config as
-    ``federated_training(**config.model_dump())``.
+    ``federated_training(**config.model_dump())``. The run's result is its summary; its final
+    state's message says the outcome in one line (:func:`outcome`), so that whoever polls the
+    Prefect API tells a promotion from a model kept and from a run with nothing to train.
     """
     try:
         config = TrainingConfig(**params)
@@ -79,7 +82,22 @@ def federated_training_fn(**params: Any) -> dict[str, Any]:
     if sqlite_path(uri) is None:
         check_tracking_uri(uri)
     with one_blas_thread():  # client tasks run in parallel threads: one BLAS thread each
-        return _train(config)
+        summary = _train(config)
+    return Completed(message=outcome(summary), data=summary)
+
+
+def outcome(summary: dict[str, Any]) -> str:
+    """A run's outcome in one line, as the command line's last lines give it (at most 500
+    characters): the version and whether it was promoted and why, or why nothing was trained."""
+    if summary.get("skipped"):
+        line = f"{summary['reason']} (model {summary['model_name']})"
+    else:
+        verdict = "promoted to champion" if summary["promoted"] else "not promoted"
+        line = (
+            f"model {summary['model_name']} version {summary['model_version']}: {verdict} "
+            f"({summary['reason']})"
+        )
+    return line if len(line) <= 500 else line[:497] + "..."
 
 
 federated_training_fn.__signature__ = TrainingConfig.signature()  # type: ignore[attr-defined]

@@ -242,6 +242,10 @@ def test_http_trigger_trains_registers_and_sets_the_champion(stack):
     finished = _wait(stack, run["id"])
 
     assert finished["state"]["type"] == "COMPLETED", finished["state"]
+    # the outcome in the state's message, for whoever polls the API
+    assert finished["state"]["message"].startswith(
+        "model fedrec-mf version 1: promoted to champion"
+    )
     assert finished["parameters"]["warm_start"] is True and finished["parameters"]["rounds"] == 2
     version = stack["mlflow"].get_model_version_by_alias("fedrec-mf", "champion")
     assert str(version.version) == "1"

@@ -68,14 +68,24 @@ def test_a_rolled_back_model_stays_demoted_and_new_configs_meet_the_restored_cha
     assert "rolled back: " in shown and "restored: " in shown
     assert _column(shown) == {"2": "demoted", "1*": "true"}
 
-    again = _train(store, rounds=6)  # the nightly run on the demoted version's data and config
-    assert again.get("skipped") and "version 2 was trained on these data with this config and " \
-        "rolled back by hand" in again["reason"]  # fmt: skip
+    from flows.training import federated_training
+
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | {"rounds": 6}))
+    # the nightly run on the demoted version's data and config
+    state = federated_training(**config.model_dump(), return_state=True)
+    again = state.result()
+    said = "version 2 was trained on these data with this config and rolled back by hand"
+    assert again.get("skipped") and said in again["reason"]
+    assert state.is_completed() and state.message.startswith(said)  # what an API poller reads
     assert again["champion_version"] == "1"
     assert len(client.search_model_versions("name='shop'")) == 2 and _champion(store) == "1"
 
-    other = _train(store, rounds=3)  # another config: trained and compared with version 1
+    state = federated_training(**config.model_copy(update={"rounds": 3}).model_dump(),
+                               return_state=True)  # fmt: skip
+    other = state.result()  # another config: trained and compared with version 1
     assert other["model_version"] == "3"
+    verdict = "promoted to champion" if other["promoted"] else "not promoted"
+    assert state.message == f"model shop version 3: {verdict} ({other['reason']})"
     compared = client.get_model_version("shop", "3").tags["fedrec.compared_with_version"]
     assert compared == "1"
 
