@@ -728,8 +728,118 @@ def run_rows(
             "reason": None if version is None else version.tags.get("fedrec.promotion_reason"),
             "error": tags.get("fedrec.error"),
             "resume": resume_command(info.run_id, tracking_uri) if resumable else None,
+            "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
+            "in_mlflow": True,
         })  # fmt: skip
     return rows
+
+
+# the state message's prefix Prefect adds to a flow's exception
+_EXCEPTION_PREFIX = "Flow run encountered an exception: "
+
+
+def prefect_only_rows(
+    client: Any, api_url: str, limit: int, uri: str, timeout: float = 5.0
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` training flow runs on the Prefect API at ``api_url`` that failed or
+    crashed without an MLflow run in this store (``client``'s, ``uri``): refused before training
+    (a deployment's bad parameter, a privacy-budget refusal, a store that did not answer) or
+    killed while real sites enrolled. A flow run whose ``tracking_uri`` parameter names another
+    store is left out. As :func:`run_rows`' rows, ``in_mlflow`` false.
+
+    Raises
+    ------
+    OSError
+        The API does not answer (or not as Prefect's does).
+    """
+    import datetime
+    import json
+    import urllib.request
+
+    from fedrec.model_store import EARLIER_FLOW_RUNS_TAG, resolve_tracking_uri, sqlite_path
+
+    def same_store(named: str | None) -> bool:
+        if not named:
+            return True  # the default where it ran: its own environment's, maybe this one
+        other = resolve_tracking_uri(named, create=False)
+        a, b = sqlite_path(other), sqlite_path(uri)
+        return other == uri or (a is not None and b is not None and a.resolve() == b.resolve())
+
+    query = {
+        "flows": {"name": {"any_": ["federated-training"]}},
+        "flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}},
+        "sort": "EXPECTED_START_TIME_DESC",
+        "limit": limit,
+    }
+    request = urllib.request.Request(
+        f"{api_url}/flow_runs/filter",
+        data=json.dumps(query).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            found = json.loads(response.read())
+    except ValueError as err:  # not JSON: not a Prefect API
+        raise OSError(f"not a Prefect API answer: {err}") from err
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    rows = []
+    for run in found:
+        parameters, state = run.get("parameters") or {}, run.get("state") or {}
+        if not same_store(parameters.get("tracking_uri")):
+            continue
+        wheres = (f"tags.`prefect.flow_run_id` = '{run['id']}'",  # MLflow's filters have no OR
+                  f"tags.`{EARLIER_FLOW_RUNS_TAG}` LIKE '%{run['id']}%'")  # fmt: skip
+        if experiments and any(client.search_runs(experiments, w, max_results=1) for w in wheres):
+            continue
+        when = run.get("start_time") or run.get("expected_start_time") or ""
+        started = datetime.datetime.fromisoformat(when.replace("Z", "+00:00")) if when else None
+        message = (state.get("message") or "").removeprefix(_EXCEPTION_PREFIX)
+        rows.append({
+            "run_id": None,
+            "experiment": "",
+            "name": run.get("name", ""),
+            "started": "" if started is None else started.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+            "seconds": run.get("total_run_time"),
+            "paused_seconds": 0.0,
+            "status": state.get("type", ""),
+            "source": next((str(parameters[k]) for k in ("sites", "train", "data")
+                            if parameters.get(k) not in (None, "")), ""),
+            "epsilon": _number(parameters.get("dp_epsilon")),
+            "model": None, "version": None, "promoted": None, "reason": None,
+            "error": message.splitlines()[0] if message else None,
+            "resume": None,
+            "prefect_flow_run_id": run["id"],
+            "in_mlflow": False,
+        })  # fmt: skip
+    return rows
+
+
+def _with_prefect_only(
+    client: Any, rows: list[dict[str, Any]], limit: int, uri: str
+) -> list[dict[str, Any]]:
+    """``rows`` and the failed flow runs the Prefect server has without an MLflow run, newest
+    first, ``limit`` in all; a server that does not answer is said on stderr, and left out."""
+    from fedrec import local_server
+    from fedrec.cli import configured_api
+
+    api = configured_api()
+    if api is None:
+        state = local_server.read_state()
+        if state is None:  # no server: no flow run to add
+            return rows
+        api = state.api_url
+    try:
+        found = prefect_only_rows(client, api, limit, uri)
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        click.echo(
+            f"fedrec: the Prefect API at {api} does not answer ({reason}): runs that failed "
+            "before their MLflow run are not listed",
+            err=True,
+        )
+        return rows
+    merged = sorted([*rows, *found], key=lambda r: r["started"], reverse=True)  # stable
+    return merged[:limit]
 
 
 def _outcome(row: dict[str, Any]) -> str:
@@ -744,6 +854,8 @@ def _outcome(row: dict[str, Any]) -> str:
     if row["status"] == "RUNNING":
         return "running (or lost: the next run closes it if Prefect shows it over)"
     what = row["error"] or ("registered nothing" if row["status"] == "FINISHED" else "no error")
+    if not row.get("in_mlflow", True):
+        what += " (Prefect flow run; it ended before its MLflow run)"
     return what + (f"; {row['resume']} continues it" if row["resume"] else "")
 
 
@@ -763,9 +875,10 @@ def _outcome(row: dict[str, Any]) -> str:
 def runs(tracking_uri: str | None, limit: int, experiment: str | None, as_json: bool) -> None:
     """The newest training runs in MLflow: when each started, how long it took, whether it
     finished, the version it registered and whether that became champion, or the error it
-    failed with and how to continue it. A command refused before it started (bad data, a bad
-    setting) is in neither; a deployment's run refused the same way, or one whose MLflow server
-    did not answer, is in Prefect only: `prefect flow-run ls`.
+    failed with and how to continue it. With them, the training flow runs that failed on the
+    Prefect server (PREFECT_API_URL's, else fedrec's local one) before they had an MLflow run:
+    a deployment's bad parameter, a privacy-budget refusal, a store that did not answer. A
+    command refused before it started (bad data, a bad setting) is in neither.
 
     \b
     fedrec runs
@@ -781,6 +894,8 @@ def runs(tracking_uri: str | None, limit: int, experiment: str | None, as_json: 
         uri = _store_uri(tracking_uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         rows = run_rows(client, limit, experiment, tracking_uri=uri)
+    if experiment is None:  # a flow run without an MLflow run is in no experiment
+        rows = _with_prefect_only(client, rows, limit, uri)
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

@@ -38,6 +38,9 @@ STATE = "recommender"  # the model's artifact folder holding the recommender's s
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 #: on a resumed run: seconds it spent ended before its resumes, which its duration leaves out
 PAUSED_TAG = "fedrec.paused_seconds"
+#: on a resumed run: the flow runs that carried it before the one its ``prefect.flow_run_id``
+#: names, space-separated
+EARLIER_FLOW_RUNS_TAG = "fedrec.earlier_flow_runs"
 ALLOWED = "models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model"
 _DELETED = "Deleted_Internal"  # MLflow's stage for a deleted model version
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")

@@ -36,6 +36,7 @@ from prefect.cache_policies import NONE
 
 from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.model_store import (
+    EARLIER_FLOW_RUNS_TAG,
     PAUSED_TAG,
     STATE,
     load_recommender,
@@ -262,8 +263,8 @@ def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 @task(name="reopen-tracking", **_RETRY)
 def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
     """Mark a resumed run RUNNING again (a killed run says KILLED, a failed one FAILED), tagged
-    with the flow run that now carries it and the time it spent ended (``PAUSED_TAG``, summed
-    over its resumes)."""
+    with the flow run that now carries it (the ones before it kept in ``EARLIER_FLOW_RUNS_TAG``)
+    and the time it spent ended (``PAUSED_TAG``, summed over its resumes)."""
     client = _client(uri)
     run = client.get_run(run_id)
     ended = run.info.end_time
@@ -272,6 +273,10 @@ def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
         client.set_tag(run_id, PAUSED_TAG, f"{paused:.1f}")
     client.update_run(run_id, status="RUNNING")
     if flow_run_id:
+        before = run.data.tags.get("prefect.flow_run_id")
+        if before and before != flow_run_id:
+            earlier = run.data.tags.get(EARLIER_FLOW_RUNS_TAG, "").split()
+            client.set_tag(run_id, EARLIER_FLOW_RUNS_TAG, " ".join([*earlier, before]))
         client.set_tag(run_id, "prefect.flow_run_id", flow_run_id)
 
 

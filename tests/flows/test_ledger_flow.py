@@ -529,3 +529,24 @@ def test_a_partition_the_data_cannot_meet_spends_no_budget_and_starts_no_run(sto
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert client.search_runs(experiments) == [] and _ledger_state(store) == before
     assert before == ([], None)  # nothing was written: no entry, not even the secret
+
+    # `fedrec runs` lists it from Prefect, where it is (the session's other flow runs name
+    # other stores, or none: those with none may be listed too)
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+
+    listed = CliRunner().invoke(main, ["runs", "--json", "--tracking-uri", store["uri"]])
+    assert listed.exit_code == 0, listed.output
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    (row,) = [r for r in rows if "value 60 is more clients" in (r["error"] or "")]
+    assert (row["status"], row["in_mlflow"], row["run_id"], row["epsilon"]) == (
+        "FAILED",
+        False,
+        None,
+        1.0,
+    )
+    assert row["error"].startswith("DataValidationError: ")
+    assert all(not r["in_mlflow"] for r in rows)  # this store has no MLflow run
+    text = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"]]).stdout
+    assert "(Prefect flow run; it ended before its MLflow run)" in text

@@ -64,6 +64,7 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
         with pytest.raises(QuorumError):
             federated_training(**_config(store, name, model_name=f"stopped-{name}").model_dump())
     run_id = _stopped_run(store, f"stopped-{name}")
+    stopped_flow_run = store["client"].get_run(run_id).data.tags["prefect.flow_run_id"]
 
     resumed: list = []
     with monkeypatch.context() as patch:
@@ -75,6 +76,16 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     assert not any(r == 0 for _, r in resumed)  # nor a round that every client answers once
     for key in ("valid/ndcg_at_10", "test/ndcg_at_10"):
         assert summary["metrics"][key] == pytest.approx(whole["metrics"][key], abs=1e-9), key
+
+    # the failed flow run that stopped is the resumed MLflow run's, not one without any
+    from fedrec.cli import configured_api
+    from fedrec.cli_models import prefect_only_rows
+
+    tags = store["client"].get_run(run_id).data.tags
+    assert tags["fedrec.earlier_flow_runs"].split() == [stopped_flow_run]
+    assert tags["prefect.flow_run_id"] != stopped_flow_run
+    alone = prefect_only_rows(store["client"], configured_api(), 200, store["uri"])
+    assert stopped_flow_run not in {r["prefect_flow_run_id"] for r in alone}
 
 
 def _stopped_run(store, model_name: str) -> str:
