@@ -297,12 +297,15 @@ def _write(frame: pd.DataFrame, out: str | None) -> None:
         frame.to_csv(sys.stdout, index=False, float_format=SCORE_FORMAT)
 
 
+_tracking_uri_option = click.option(
+    "--tracking-uri",
+    default=None,
+    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
+)
+
+
 def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option(
-        "--tracking-uri",
-        default=None,
-        help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
-    )(fn)
+    fn = _tracking_uri_option(fn)
     fn = click.option(
         "--model",
         "model_uri",
@@ -509,11 +512,7 @@ def version_rows(client: Any, name: str, limit: int) -> tuple[str | None, list[d
 
 
 @click.command()
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
-)
+@_tracking_uri_option
 @click.option("--model-name", default=None, help="one registered model [default: every one]")
 @click.option(
     "--limit",
@@ -546,11 +545,7 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         names = sorted(m.name for m in client.search_registered_models())
     if model_name is not None:
-        if model_name not in names:
-            raise UserError(
-                f"--model-name {model_name}: no such registered model; registered: "
-                f"{', '.join(names) or 'none'}"
-            )
+        _check_registered(model_name, names)
         names = [model_name]
     if not names:
         click.echo(f"no registered models in {uri}; train one first (fedrec train)")
@@ -583,6 +578,15 @@ def models(tracking_uri: str | None, model_name: str | None, limit: int, as_json
 _PROMOTED = {True: "true", False: "false"}
 
 
+def _check_registered(model_name: str, names: list[str]) -> None:
+    """Refuse a ``--model-name`` that is not among the store's registered ``names``."""
+    if model_name not in names:
+        raise UserError(
+            f"--model-name {model_name}: no such registered model; registered: "
+            f"{', '.join(names) or 'none'}"
+        )
+
+
 def _promoted(row: dict[str, Any]) -> str:
     """The ``promoted`` column: the decision when the version was registered, unless the
     champion it became has since been replaced or rolled back."""
@@ -594,11 +598,7 @@ def _promoted(row: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
-)
+@_tracking_uri_option
 @click.option(
     "--model-name",
     default=None,
@@ -640,11 +640,7 @@ def rollback(tracking_uri: str | None, model_name: str | None, to: str | None, r
                 + (f" ({', '.join(names)})" if names else "; train one first (fedrec train)")
             )
         model_name = names[0]
-    elif model_name not in names:
-        raise UserError(
-            f"--model-name {model_name}: no such registered model; registered: "
-            f"{', '.join(names) or 'none'}"
-        )
+    _check_registered(model_name, names)
     try:
         demoted, restored = roll_back(uri, model_name, to, reason)
     except RollbackError as err:
@@ -860,11 +856,7 @@ def _outcome(row: dict[str, Any]) -> str:
 
 
 @click.command()
-@click.option(
-    "--tracking-uri",
-    default=None,
-    help="MLflow URI (default: $MLFLOW_TRACKING_URI, else FEDREC_HOME's SQLite)",
-)
+@_tracking_uri_option
 @click.option(
     "--limit", default=10, show_default=True, type=click.IntRange(min=1), help="newest runs shown"
 )
