@@ -568,8 +568,9 @@ def train(
         f"\nmodel {summary['model_name']} version {summary['model_version']}: "
         f"{'promoted to champion' if summary['promoted'] else 'not promoted'} ({summary['reason']})"
     )
-    shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse", "test Recall@10": "test/recall_at_10",
-             "test NDCG@10": "test/ndcg_at_10"}  # fmt: skip
+    k = summary.get("top_k", 10)  # the run's K: its ranking metrics are *_at_K
+    shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse",
+             f"test Recall@{k}": f"test/recall_at_{k}", f"test NDCG@{k}": f"test/ndcg_at_{k}"}  # fmt: skip
     from models.promotion import noise_metric
 
     parts = [

@@ -54,10 +54,15 @@ _NEURAL = NeuralConfig(
 )
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
-PromotionMetric = Literal[
-    "valid/rmse", "valid/mae", "valid/ndcg_at_10", "valid/recall_at_10", "valid/map_at_10",
-    "test/ndcg_at_10", "test/recall_at_10", "test/map_at_10",
-]  # fmt: skip
+# a metric that can decide promotion: a rating error on the validation rows, or a ranking metric
+# at the run's K (top_k) on the validation or test rows
+PROMOTION_METRIC = re.compile(
+    r"^(valid/(rmse|mae)|(valid|test)/(ndcg|recall|map)_at_(?P<k>[1-9][0-9]{0,3}))$"
+)
+PROMOTION_METRICS_ALLOWED = (
+    "valid/rmse, valid/mae, or valid/ or test/ ndcg_at_K, recall_at_K, map_at_K with K the "
+    "run's top_k (default 10)"
+)
 
 
 # what a registered model's name may hold: '/', '@' and ':' would break models:/NAME@ALIAS URIs
@@ -449,10 +454,12 @@ class TrainingConfig(BaseModel):
     tracking_uri: str | None = Field(
         None, description="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite under FEDREC_HOME)"
     )
-    promotion_metric: PromotionMetric | None = Field(
+    promotion_metric: str | None = Field(
         None,
-        description="metric that decides promotion (default: valid/rmse explicit, valid/ndcg_at_10 "
-        "implicit, test/ndcg_at_10 with a re-ranker, whose labels are the validation rows)",
+        pattern=PROMOTION_METRIC.pattern,  # in the deployment's parameter schema too
+        description="metric that decides promotion (default: valid/rmse explicit, valid/ndcg_at_K "
+        "implicit, test/ndcg_at_K with a re-ranker, whose labels are the validation rows; K is "
+        "--top-k)",
     )
     min_delta: float = Field(
         0.0, ge=0, description="least improvement over the champion to promote"
@@ -491,6 +498,13 @@ class TrainingConfig(BaseModel):
                 f"model_name={value!r}: allowed: letters, digits, '.', '_' and '-', starting with "
                 "a letter or digit (the name is part of models:/NAME@champion)"
             )
+        return value
+
+    @field_validator("promotion_metric", mode="before")
+    @classmethod
+    def _check_promotion_metric(cls, value: object) -> object:
+        if isinstance(value, str) and not PROMOTION_METRIC.fullmatch(value):
+            raise ValueError(f"is not a promotion metric; allowed: {PROMOTION_METRICS_ALLOWED}")
         return value
 
     @field_validator("workspace")
@@ -689,6 +703,13 @@ class TrainingConfig(BaseModel):
             )
         metric = self.promotion_metric
         if metric is not None:
+            k = PROMOTION_METRIC.fullmatch(metric).group("k")  # type: ignore[union-attr]
+            if k is not None and int(k) != self.top_k:
+                raise ValueError(
+                    f"promotion_metric={metric!r}: ranking metrics are measured at K = "
+                    f"{self.top_k} (top_k); allowed: {metric.removesuffix('_at_' + k)}_at_"
+                    f"{self.top_k}, or top_k={k}"
+                )
             if self.feedback == "implicit" and metric.endswith(("rmse", "mae")):
                 raise ValueError(
                     f"promotion_metric={metric!r}: implicit feedback has no rating error; use a ranking metric"
@@ -742,7 +763,7 @@ class TrainingConfig(BaseModel):
             return self.promotion_metric
         if self.feedback == "explicit":
             return "valid/rmse"
-        return "test/ndcg_at_10" if self.ranker != "none" else "valid/ndcg_at_10"
+        return f"{'test' if self.ranker != 'none' else 'valid'}/ndcg_at_{self.top_k}"
 
     def ranking_config(self) -> RankingConfig:
         """The core's hyperparameters of the implicit-feedback (ranking) family."""

@@ -466,9 +466,10 @@ def step_record(
 def report_step(ctx: RunContext, label: str, metrics: Mapping[str, float], seconds: float) -> None:
     """One line for a recorded step: its headline metrics, clients, uploads and time, with the
     run's elapsed time and an ETA."""
+    at = ctx.config.top_k
     shown = [
         f"{k} {metrics[k]:.4f}"
-        for k in ("train/rmse", "valid/rmse", "valid/ndcg_at_10", "test/ndcg_at_10")
+        for k in ("train/rmse", "valid/rmse", f"valid/ndcg_at_{at}", f"test/ndcg_at_{at}")
         if k in metrics
     ]
     now = time.time()

@@ -408,6 +408,7 @@ def _train_and_register(
             "reason": decision.reason,
             "champion_version": version if decision.promote else getattr(champion, "version", None),
             "metrics": {k: v for k, v in final.items() if not k.endswith(("_p10", "_median"))},
+            "top_k": config.top_k,  # the K of the ranking metrics' names (*_at_K)
             "champion_metrics": trained.champion_metrics,
             "workspace": workspace if config.keep_workspace else None,
         }

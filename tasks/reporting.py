@@ -8,14 +8,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-_ROUND_COLUMNS = (
-    "train/rmse",
-    "valid/rmse",
-    "valid/ndcg_at_10",
-    "valid/client_max/rmse",
-    "system/bytes_uploaded",
-    "system/round_seconds",
-)
+
+def _round_columns(k: int) -> tuple[str, ...]:
+    """The per-round table's columns, the ranking metric at the run's K."""
+    return ("train/rmse", "valid/rmse", f"valid/ndcg_at_{k}", "valid/client_max/rmse",
+            "system/bytes_uploaded", "system/round_seconds")  # fmt: skip
 
 
 @task(name="publish-summary", cache_policy=NONE)
@@ -23,8 +20,9 @@ def publish_summary(
     history: Sequence[Mapping[str, float]], summary: Mapping[str, object], decision_reason: str
 ) -> None:
     """A table of rounds and a markdown summary (metrics, model version, promotion decision)."""
+    columns = _round_columns(int(summary.get("top_k", 10)))  # type: ignore[call-overload]
     rows = [
-        {"round": r} | {c: round(float(h[c]), 5) for c in _ROUND_COLUMNS if c in h}
+        {"round": r} | {c: round(float(h[c]), 5) for c in columns if c in h}
         for r, h in enumerate(history, start=1)
     ]
     create_table_artifact(key="fedrec-rounds", table=rows, description="Per-round metrics")

@@ -312,7 +312,7 @@ def log_metrics(uri: str, run_id: str, step: int, metrics: Mapping[str, float]) 
     _client(uri).log_batch(run_id, metrics=batch)
 
 
-def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> None:
+def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path, k: int = 10) -> None:
     from matplotlib.figure import Figure  # imported here: 0.5-1.5 s that most commands skip
     from matplotlib.ticker import MaxNLocator
 
@@ -323,7 +323,7 @@ def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> 
     keys = (
         ("train/rmse", "valid/rmse", "test/rmse")
         if rating
-        else ("valid/ndcg_at_10", "test/ndcg_at_10")
+        else (f"valid/ndcg_at_{k}", f"test/ndcg_at_{k}")
     )
     for key in keys:
         values = [h.get(key, np.nan) for h in history]
@@ -331,7 +331,7 @@ def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path) -> 
             ax.plot(rounds, values, marker="o", label=key)
     ax.set_xlabel("step (round)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("RMSE" if rating else "NDCG@10")
+    ax.set_ylabel("RMSE" if rating else f"NDCG@{k}")
     ax.set_title("Learning curve")
     if ax.lines:  # nothing was measured (no held-out rows): an empty plot, without a legend
         ax.legend()
@@ -344,7 +344,8 @@ def _plot_clients(per_client: pd.DataFrame, path: Path) -> None:
 
     fig = Figure(figsize=(9, 3.5))
     axes = fig.subplots(1, 2)
-    for ax, metric in zip(axes, ("rmse", "ndcg_at_10"), strict=True):
+    ranking = [c for c in per_client if c.startswith("ndcg_at_")]  # at the run's K
+    for ax, metric in zip(axes, ("rmse", ranking[0] if ranking else "ndcg_at_10"), strict=True):
         if metric in per_client:
             ax.bar(per_client["client"].astype(str), per_client[metric])
             ax.set_xlabel("client")
@@ -386,7 +387,7 @@ def log_artifacts(
             (folder / "final_metrics.json").write_text(json.dumps(dict(history[-1]), indent=2))
         if len(profile):  # a private run logs no per-client counts
             profile.to_csv(folder / "data_profile.csv", index=False)
-        _plot_learning_curve(history, folder / "learning_curve.png")
+        _plot_learning_curve(history, folder / "learning_curve.png", config.top_k)
         if len(per_client):  # nor per-client metrics
             per_client.to_csv(folder / "client_metrics.csv", index=False)
             _plot_clients(per_client, folder / "client_metrics.png")

@@ -344,3 +344,21 @@ def test_no_file_of_the_registered_ranking_model_is_a_pickle(store, first_run, t
     kinds = model_file_kinds(store["uri"], "ranktest", summary["model_version"], tmp_path)
 
     assert kinds["MLmodel"] == "text" and "npz" in kinds.values(), kinds
+
+
+def test_a_run_at_another_k_is_measured_and_promoted_at_that_k(store):
+    """Every ranking metric is measured at top_k: promotion too, or no version could ever be
+    promoted (the metric at 10 was never measured)."""
+    from flows.training import federated_training
+
+    config = _config(store, ranker="none", top_k=5, model_name="at-5")
+    summary = federated_training(**config.model_dump())
+
+    assert summary["promoted"], summary["reason"]  # the first version, over the baseline
+    assert summary["top_k"] == 5 and "valid/ndcg_at_5" in summary["metrics"]
+    assert not any(key.endswith("_at_10") for key in summary["metrics"])
+    version = store["client"].get_model_version("at-5", summary["model_version"])
+    assert version.tags["fedrec.promotion_metric"] == "valid/ndcg_at_5"
+    assert float(version.tags["metric.valid/ndcg_at_5"]) == pytest.approx(
+        summary["metrics"]["valid/ndcg_at_5"], rel=1e-5
+    )

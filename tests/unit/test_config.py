@@ -116,6 +116,24 @@ def test_a_split_without_the_rows_a_run_needs_is_refused(fields, message):
         TrainingConfig(**fields)
 
 
+def test_the_promotion_metric_is_at_the_runs_k():
+    """A run measures its ranking metrics at top_k only: a metric at another K was never
+    measured, and a version promoted on it could never be promoted."""
+    implicit = {"feedback": "implicit"}
+    assert TrainingConfig(**implicit, top_k=20).promotion == "valid/ndcg_at_20"
+    assert TrainingConfig(**implicit, ranker="lightgbm", top_k=5).promotion == "test/ndcg_at_5"
+    assert TrainingConfig(**implicit).promotion == "valid/ndcg_at_10"
+    chosen = TrainingConfig(**implicit, top_k=20, promotion_metric="test/recall_at_20")
+    assert chosen.promotion == "test/recall_at_20"
+    with pytest.raises(ValidationError, match=r"promotion_metric='valid/ndcg_at_10': ranking "
+                       r"metrics are measured at K = 20 \(top_k\); allowed: valid/ndcg_at_20, "
+                       r"or top_k=10"):  # fmt: skip
+        TrainingConfig(**implicit, top_k=20, promotion_metric="valid/ndcg_at_10")
+    for wrong in ("valid/ndcg", "valid/hit_at_10", "test/rmse", "valid/ndcg_at_0"):
+        with pytest.raises(ValidationError, match="is not a promotion metric; allowed: valid/rmse"):
+            TrainingConfig(**implicit, promotion_metric=wrong)
+
+
 def test_a_split_the_run_does_not_need_may_hold_out_no_rows():
     TrainingConfig(test_fraction=0)  # promoted on valid/rmse
     TrainingConfig(feedback="implicit", test_fraction=0)  # retrieval only: valid/ndcg_at_10
