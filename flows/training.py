@@ -252,6 +252,11 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     return _train_and_register(config, ctx)
 
 
+def _synthetic(source: str | None) -> bool:
+    """Whether a recorded data source is the built-in synthetic generator's."""
+    return bool(source) and source.startswith("synthetic(")  # type: ignore[union-attr]
+
+
 def _nothing_to_train(uri: str, name: str, fingerprint: str, config_hash: str) -> dict | None:
     """The summary of a run that would repeat one already made: the champion was trained on
     these data with this config, or a version that was and an operator rolled back, or one that
@@ -351,7 +356,18 @@ def _train_and_register(
                     False, f"{decision.reason} (the champion held out other rows: "
                     f"{champion_held_out}; it may have trained on some of this run's)",
                 )  # fmt: skip
-            if decision.promote and ctx.champion_on_other_dataset:  # what is served changes data
+            demo_over_real = (
+                ctx.champion_on_other_dataset
+                and _synthetic(source)
+                and not (_synthetic(ctx.champion.source))
+            )
+            if decision.promote and demo_over_real:  # `make demo` after a real run, same name
+                decision = PromotionDecision(
+                    False, f"{decision.reason}, but the champion, version {ctx.champion.version}, "
+                    f"was trained on real data ({ctx.champion.source}) and this version on the "
+                    "built-in synthetic data (--model-name keeps a demo apart)",
+                )  # fmt: skip
+            elif decision.promote and ctx.champion_on_other_dataset:  # what is served changes
                 decision = PromotionDecision(
                     True, f"{decision.reason} (it replaces a champion trained on other data, "
                     f"{ctx.champion.source}; --model-name keeps one champion per dataset)",

@@ -615,3 +615,28 @@ def test_split_files_under_other_names_are_unchanged_and_a_row_moved_between_the
     assert champion["promoted"], champion["reason"]
     assert renamed["skipped"] is True and renamed["champion_version"] == champion["model_version"]
     assert not moved.get("skipped") and moved["model_version"] != champion["model_version"]
+
+
+def test_the_synthetic_demo_does_not_replace_a_champion_of_real_data(store, tmp_path):
+    """`make demo` after a run on one's own data, under the default model name: the served
+    model would silently become the demo's, whose item ids mean other items."""
+    from flows.training import federated_training
+    from models.data.synthetic import generate_synthetic
+
+    real = tmp_path / "ratings.csv"
+    frame = generate_synthetic(n_users=200, n_items=150, n_interactions=6_000, seed=3).frame
+    frame.rename(columns={"user": "user_id", "item": "item_id"}).to_csv(real, index=False)
+    tiny = {"rounds": 1, "clients": 2, "factors": 2, "tracking_uri": store["uri"],
+            "model_name": "shop-or-demo"}  # fmt: skip
+    first = federated_training(**TrainingConfig(data=str(real), **tiny).model_dump())
+    demo = federated_training(**TrainingConfig(synthetic_users=200, synthetic_items=150,
+                                               synthetic_interactions=6_000, **tiny).model_dump())  # fmt: skip
+
+    assert first["promoted"] and not demo["promoted"]
+    assert demo["reason"].endswith(
+        f"but the champion, version {first['model_version']}, was trained on real data "
+        f"({real}) and this version on the built-in synthetic data (--model-name keeps a demo "
+        "apart)"
+    )
+    champion = store["client"].get_model_version_by_alias("shop-or-demo", "champion")
+    assert str(champion.version) == first["model_version"]
