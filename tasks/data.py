@@ -19,6 +19,7 @@ from models.data.schema import (
     ITEM,
     USER,
     Interactions,
+    every_row_positive,
     keep_positives,
     require_ratings,
     with_catalogue,
@@ -52,6 +53,8 @@ def load_interactions(config: TrainingConfig) -> tuple[Interactions, np.ndarray 
         data = _load(spec, config)
         if config.feedback == "explicit":
             require_ratings(data, config.rating_col)
+        elif threshold is None:
+            return every_row_positive(data)
         return keep_positives(data, threshold)
 
     if config.train is None:

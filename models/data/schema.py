@@ -240,6 +240,23 @@ def require_ratings(data: Interactions, rating_col: str | None) -> Interactions:
     return data
 
 
+def every_row_positive(data: Interactions) -> Interactions:
+    """``data`` for implicit feedback without a positive threshold: every row is a positive,
+    whatever its rating. Rows rated differently get a note saying so (a 0/1 or 1-5 column
+    would otherwise count its lowest rows as positives in silence)."""
+    if data.rating_scale is None or not len(data.frame):  # no rating column: rows are clicks
+        return data
+    ratings = data.frame[RATING]
+    low, high = float(ratings.min()), float(ratings.max())
+    if low == high:
+        return data
+    note = (
+        f"every row counts as a positive, whatever its rating (here {low:g} to {high:g}); "
+        "--positive-threshold T keeps only the rows rated >= T"
+    )
+    return replace(data, notes=(*data.notes, note))
+
+
 def keep_positives(
     data: Interactions, threshold: float | None, *, empty_ok: bool = False
 ) -> Interactions:

@@ -930,3 +930,19 @@ def test_a_bad_rows_line_counts_the_header_blank_lines_and_quoted_line_breaks(
     ).to_parquet(tmp_path / "r.parquet")
     with pytest.raises(DataValidationError, match=r"r\.parquet, row 2, column 'rating'"):
         read_interactions(tmp_path / "r.parquet")
+
+
+def test_implicit_rows_rated_differently_are_said_to_count_alike(tmp_path: Path) -> None:
+    from models.data.schema import every_row_positive
+
+    rated = _read_csv_text(tmp_path, HEADER + "1,10,1\n1,11,4\n2,10,5\n")
+    noted = every_row_positive(rated)
+    assert noted.frame.equals(rated.frame)  # every row stays: the note only says so
+    assert noted.notes[-1] == (
+        "every row counts as a positive, whatever its rating (here 1 to 5); "
+        "--positive-threshold T keeps only the rows rated >= T"
+    )
+    alike = _read_csv_text(tmp_path, HEADER + "1,10,5\n2,11,5\n")
+    clicks = _read_csv_text(tmp_path, "user_id,item_id\n1,10\n1,11\n")  # no rating column
+    for data in (alike, clicks):
+        assert every_row_positive(data).notes == data.notes
