@@ -364,7 +364,8 @@ def run(args: argparse.Namespace) -> None:
         ],
     )
     payload |= {"rows": rows, "recbole_ndcg": RECBOLE_NDCG, "peak_rss_mb": peak_rss_mb()}
-    name = f"neural_{args.data}" + (f"-{args.core}core" if args.core else "") + args.tag
+    name = f"neural_{args.data}" + (f"-{args.core}core" if args.core else "")
+    name += f"_{args.tag.lstrip('_')}" if args.tag else ""
     print(f"wrote {write_json(name, payload)}")
 
 

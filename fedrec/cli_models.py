@@ -353,7 +353,8 @@ def recommend(
     items a user with no known history gets. The reason says why an item is there ("predicted
     rating 4.3 from your ratings of 12 items; closest to 50 you rated 5", "similar to <title>,
     which you liked", "popular with everyone", ...) or which fallback was used.
-    Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit.
+    Use --model models:/fedrec-ranking@champion for a model trained with --feedback implicit,
+    models:/fedrec-neural@champion for one of --implicit-model neural.
     """
     _check_out(out, {"--history": history, "--users": users})
     wanted = _read_users(users, columns) if users else None  # a bad file: before the model

@@ -449,7 +449,8 @@ class TrainingConfig(BaseModel):
     experiment: str = Field("fedrec", description="MLflow experiment")
     model_name: str | None = Field(
         None,
-        description="registered model name (default: fedrec-mf explicit, fedrec-ranking implicit)",
+        description="registered model name (default: fedrec-mf explicit, fedrec-ranking implicit, "
+        "fedrec-neural for --implicit-model neural)",
     )
     tracking_uri: str | None = Field(
         None, description="MLflow URI (default: $MLFLOW_TRACKING_URI or sqlite under FEDREC_HOME)"
