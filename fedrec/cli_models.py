@@ -727,6 +727,8 @@ def run_rows(
             "resume": resume_command(info.run_id, tracking_uri) if resumable else None,
             "prefect_flow_run_id": tags.get("prefect.flow_run_id"),
             "in_mlflow": True,
+            # each metric's last logged value: the final evaluation's, for a run that finished
+            "metrics": dict(sorted(run.data.metrics.items())),
         })  # fmt: skip
     return rows
 
@@ -807,6 +809,7 @@ def prefect_only_rows(
             "resume": None,
             "prefect_flow_run_id": run["id"],
             "in_mlflow": False,
+            "metrics": {},
         })  # fmt: skip
     return rows
 

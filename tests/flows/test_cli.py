@@ -650,6 +650,10 @@ def test_runs_lists_the_training_runs_with_what_they_registered(trained):
     assert row["version"] == str(version.version) and row["promoted"] is True
     assert row["reason"] == version.tags["fedrec.promotion_reason"] and row["seconds"] > 0
     assert row["error"] is None and row["resume"] is None
+    # the run's final figures, as the version records them (to the tag's 6 digits)
+    assert row["metrics"]["valid/rmse"] == pytest.approx(
+        float(version.tags["metric.valid/rmse"]), rel=1e-5
+    )
     assert any(
         line.endswith(f"cli version {version.version} promoted: "
                       f"{version.tags['fedrec.promotion_reason']}")
