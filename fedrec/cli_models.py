@@ -713,6 +713,7 @@ def run_rows(
             "experiment": names.get(info.experiment_id, ""),
             "name": info.run_name or "",
             "started": started.strftime("%Y-%m-%d %H:%M"),
+            "started_at": started.isoformat(timespec="seconds"),
             "seconds": None if took is None else round(took, 1),
             "paused_seconds": paused,
             "status": info.status,
@@ -798,6 +799,8 @@ def prefect_only_rows(
             "experiment": "",
             "name": run.get("name", ""),
             "started": "" if started is None else started.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+            "started_at": "" if started is None
+            else started.astimezone(datetime.UTC).isoformat(timespec="seconds"),
             "seconds": run.get("total_run_time"),
             "paused_seconds": 0.0,
             "status": state.get("type", ""),
@@ -838,7 +841,7 @@ def _with_prefect_only(
             err=True,
         )
         return rows
-    merged = sorted([*rows, *found], key=lambda r: r["started"], reverse=True)  # stable
+    merged = sorted([*rows, *found], key=lambda r: r["started_at"], reverse=True)
     return merged[:limit]
 
 

@@ -362,10 +362,15 @@ def test_the_ledger_follows_the_users_not_the_path_spelling_or_model_name(
     from fedrec.cli import main
 
     listed = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"], "--json"]).stdout
-    (row,) = [json.loads(line) for line in listed.splitlines()]  # the refused runs made none
+    rows = [json.loads(line) for line in listed.splitlines()]
+    (row,) = [r for r in rows if r["in_mlflow"]]  # the refused runs made no MLflow run
     assert (row["run_id"], row["epsilon"]) == (first["run_id"], 4.0)
+    # each refusal is listed from Prefect, newest first, with the refusal's line
+    refusals = [r for r in rows if not r["in_mlflow"] and "privacy budget" in (r["error"] or "")]
+    assert len(refusals) == 5 and rows.index(row) == len(rows) - 1
+    assert all(r["status"] == "FAILED" and r["error"].startswith("BudgetError: ") for r in refusals)
     text = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"]]).stdout
-    assert "private, epsilon 4: private-a version 1 " in text.splitlines()[1]
+    assert "private, epsilon 4: private-a version 1 " in text.splitlines()[-1]
     for name in ("private-b", "private-c"):  # refused before any run or version
         assert client.search_model_versions(f"name='{name}'") == []
     entries = _ledger_runs(store)
