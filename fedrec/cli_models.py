@@ -646,9 +646,10 @@ def rollback(tracking_uri: str | None, model_name: str | None, to: str | None, r
         demoted, restored = roll_back(uri, model_name, to, reason)
     except RollbackError as err:
         raise UserError(str(err)) from err
+    was = client.get_model_version(model_name, restored).tags.get("fedrec.promoted") == "true"
     click.echo(
-        f"{model_name}: champion is version {restored} again, in place of version {demoted} "
-        f"(models:/{model_name}@champion)"
+        f"{model_name}: champion is version {restored} {'again' if was else 'now'}, in place of "
+        f"version {demoted} (models:/{model_name}@champion)"
     )
     click.echo(
         f"runs on version {demoted}'s data and config train nothing; a server that loaded the "

@@ -110,3 +110,11 @@ def test_a_rollback_that_cannot_be_made_is_one_line_and_changes_nothing(store):
         roll_back(store["uri"], "nobody")
     solo = store["client"].get_model_version("solo", "1")
     assert "fedrec.rolled_back" not in solo.tags and "fedrec.restored" not in solo.tags
+
+    # a version that never was champion is made champion "now"; then back "again"
+    kept = _train(store, rounds=2, model_name="solo", min_delta=1e9)
+    assert not kept["promoted"] and kept["model_version"] == "2"
+    chosen = _cli(store, "rollback", "--model-name", "solo", "--to", "2")
+    assert "solo: champion is version 2 now, in place of version 1" in chosen.stdout
+    back = _cli(store, "rollback", "--model-name", "solo")  # to the one it was compared with
+    assert "solo: champion is version 1 again, in place of version 2" in back.stdout
