@@ -58,6 +58,7 @@ from tasks.tracking import (
     tag_run,
     unchanged_since_champion,
     version_description,
+    version_metrics,
     version_tags,
 )
 
@@ -263,9 +264,11 @@ def _nothing_to_train(uri: str, name: str, fingerprint: str, config_hash: str) -
     lost to the current champion."""
     champion = unchanged_since_champion(uri, name, fingerprint, config_hash)
     if champion is not None:
+        same = champion
         reason = f"data and config unchanged since champion version {champion}: nothing to train"
     elif (rolled_back := rolled_back_with(uri, name, fingerprint, config_hash)) is not None:
         demoted, champion = rolled_back
+        same = demoted
         reason = (
             f"version {demoted} was trained on these data with this config and rolled back by "
             "hand (fedrec rollback): nothing to train"
@@ -275,12 +278,15 @@ def _nothing_to_train(uri: str, name: str, fingerprint: str, config_hash: str) -
         if lost is None:
             return None
         version, champion = lost
+        same = version
         reason = (
             f"version {version} was trained on these data with this config and not promoted "
             f"against champion version {champion}: nothing to train"
         )
+    # the figures of the version these data and this config gave, for whoever reads --json
     return {"skipped": True, "reason": reason, "model_name": name, "champion_version": champion,
-            "tracking_uri": redact_uri(uri), "promoted": False}  # fmt: skip
+            "tracking_uri": redact_uri(uri), "promoted": False, "same_as_version": same,
+            "metrics": version_metrics(uri, name, same)}  # fmt: skip
 
 
 def _train_and_register(

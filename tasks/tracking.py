@@ -1273,6 +1273,13 @@ def version_description(config: TrainingConfig, source: str, metrics: Mapping[st
     )
 
 
+def version_metrics(uri: str, model_name: str, version: str) -> dict[str, float]:
+    """A registered version's final metrics, as its ``fedrec.metrics_json`` tag holds them (to 6
+    digits; the run's ``final_metrics.json`` artifact has them in full); {} without the tag."""
+    tags = _client(uri).get_model_version(model_name, version).tags
+    return json.loads(tags.get("fedrec.metrics_json", "{}"))
+
+
 def version_tags(
     metrics: Mapping[str, float], extra: Mapping[str, str], promotion_metric: str
 ) -> dict[str, str]:

@@ -75,7 +75,7 @@ def test_a_rolled_back_model_stays_demoted_and_new_configs_meet_the_restored_cha
     state = federated_training(**config.model_dump(), return_state=True)
     again = state.result()
     said = "version 2 was trained on these data with this config and rolled back by hand"
-    assert again.get("skipped") and said in again["reason"]
+    assert again.get("skipped") and said in again["reason"] and again["same_as_version"] == "2"
     assert state.is_completed() and state.message.startswith(said)  # what an API poller reads
     assert again["champion_version"] == "1"
     assert len(client.search_model_versions("name='shop'")) == 2 and _champion(store) == "1"

@@ -342,6 +342,11 @@ def test_unchanged_data_and_config_register_nothing(store):
     assert summary["skipped"] is True and summary["champion_version"] == first["model_version"]
     assert f"unchanged since champion version {first['model_version']}" in summary["reason"]
     assert _versions(store, "unchanged") == versions
+    # the figures of the version these data and config gave, for a sweep reading --json
+    assert summary["same_as_version"] == first["model_version"]
+    assert summary["metrics"]["valid/rmse"] == pytest.approx(
+        first["metrics"]["valid/rmse"], rel=1e-5
+    )
 
 
 def test_a_config_that_lost_to_the_champion_on_these_data_is_not_trained_again(store):
@@ -357,6 +362,8 @@ def test_a_config_that_lost_to_the_champion_on_these_data_is_not_trained_again(s
     again = federated_training(**worse.model_dump())  # the nightly run, data unchanged
 
     assert again["skipped"] is True and _versions(store, "loser") == versions
+    assert again["same_as_version"] == lost["model_version"]
+    assert again["metrics"]["valid/rmse"] == pytest.approx(lost["metrics"]["valid/rmse"], rel=1e-5)
     assert again["reason"].startswith(
         f"version {lost['model_version']} was trained on these data with this config and not "
         f"promoted against champion version {champion['model_version']}"
