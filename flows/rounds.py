@@ -152,8 +152,8 @@ class RunContext:
     # False when resuming a private run whose plan counted no champion evaluation: a champion
     # promoted since is not evaluated (an uncounted release) and not replaced
     evaluate_champion: bool = True
-    # what a private run's DP does not cover, in words (tasks.tracking.DP_NOT_COVERED); "": nothing
-    # beyond what every private run leaves out
+    # what a private run's DP does not cover, in words (tasks.tracking.DP_NOT_COVERED); "": not
+    # private, or a run of real sites, which count their own users
     dp_not_covered: str = ""
 
     @property

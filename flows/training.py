@@ -154,6 +154,11 @@ OWN_ITEM_LIST = (
     "the model's item list: every item the rows touch, so an item only one user rated shows that "
     "user's row (--catalogue FILE lists a public one instead)"
 )
+# what DP does not cover in every private run: one user more or less changes it exactly
+USER_COUNT = (
+    "the number of users: the privacy ledger's entries record it, and with the default delta "
+    "(1 / users) so do privacy/delta and the noise multiplier calibrated to it"
+)
 
 
 def _resume(config: TrainingConfig) -> tuple[TrainingConfig, RunContext]:
@@ -191,9 +196,9 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     rows = data_fingerprint(data, config, explicit_split)
     uri = resolve_tracking_uri(config.tracking_uri)
     private = config.dp_epsilon is not None
-    not_covered = ""
+    not_covered = USER_COUNT if private else ""
     if private and config.catalogue is None and data.public_items is None:
-        not_covered = OWN_ITEM_LIST
+        not_covered = f"{OWN_ITEM_LIST}; {USER_COUNT}"
         logger.warning(
             "the model will list every item of %s, and DP does not cover that list: an item only "
             "one user rated shows that user's row; give --catalogue FILE (a public list of the "

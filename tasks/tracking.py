@@ -836,19 +836,87 @@ _LEGACY_LEDGER_TAG = "fedrec.epsilon_ledger"  # the ledger's former home: a JSON
 
 
 def _ledger_experiment(client: MlflowClient, uri: str, *, create: bool = True) -> str | None:
-    """The ledger's experiment, created at first use (else None while there is none); refuses
-    when someone deleted it."""
+    """The ledger's experiment, created at first use (else None while there is none). Refuses
+    when someone deleted it, when ledger entries stand in another experiment (the ledger was
+    renamed: found by its entries' params, which MLflow cannot change), and when a SQLite
+    store that had a ledger (:func:`_ledgered_stores`, a file beside it) holds none now (its
+    entries were purged, or the store was replaced): each would start every user at zero."""
     experiment = client.get_experiment_by_name(LEDGER_EXPERIMENT)
+    stray = _stray_ledger(client, None if experiment is None else experiment.experiment_id)
+    if stray is not None:
+        raise BudgetError(
+            f"privacy ledger: experiment {stray.name!r} (id {stray.experiment_id}) holds ledger "
+            f"entries, and the ledger is {LEDGER_EXPERIMENT!r}: it was renamed; rename it back "
+            f"(mlflow experiments rename --experiment-id {stray.experiment_id} --new-name "
+            f"{LEDGER_EXPERIMENT}): not started"
+        )
+    record, database = _ledgered_stores(uri)
     if experiment is None:
+        if record is not None and database in _read_lines(record):
+            raise BudgetError(
+                f"privacy ledger: {record} says this store ({database}) had a ledger, and it "
+                "holds none now: its entries were purged or the store was replaced, and every "
+                "user would start at zero; restore the store (or remove its line from that file "
+                "to start a new ledger on purpose): not started"
+            )
         if not create:
             return None
-        return client.create_experiment(LEDGER_EXPERIMENT, artifact_location=_artifact_home(uri))
+        created = client.create_experiment(LEDGER_EXPERIMENT, artifact_location=_artifact_home(uri))
+        _record_ledgered(record, database)
+        return created
     if experiment.lifecycle_stage != "active":
         raise BudgetError(
             f"privacy ledger: the MLflow experiment {LEDGER_EXPERIMENT!r} was deleted; restore it "
             f"(mlflow experiments restore --experiment-id {experiment.experiment_id}): not started"
         )
+    if create:  # a ledger made before the record was kept is recorded at its next reservation
+        _record_ledgered(record, database)
     return experiment.experiment_id
+
+
+def _record_ledgered(record: Path | None, database: str) -> None:
+    if record is not None and database not in _read_lines(record):
+        with record.open("a") as file:
+            file.write(f"{database}\n")
+
+
+def _ledgered_stores(uri: str) -> tuple[Path | None, str]:
+    """The file beside a SQLite store that names the stores of that folder which have had a
+    privacy ledger, one database file name a line, and this store's name; (None, "") for any
+    other store."""
+    path = sqlite_path(uri)
+    if path is None:
+        return None, ""
+    return path.resolve().parent / ".fedrec-ledgered-stores", path.name
+
+
+def _read_lines(path: Path) -> set[str]:
+    try:
+        return set(path.read_text().split("\n")) - {""}
+    except FileNotFoundError:
+        return set()
+
+
+def _stray_ledger(client: MlflowClient, ledger_id: str | None) -> Any:
+    """An experiment other than the ledger's (``ledger_id``) that holds ledger entries, deleted
+    ones included, else None."""
+    others, token = [], None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ALL, max_results=1000, page_token=token)
+        others += [e for e in page if e.experiment_id != ledger_id]
+        token = page.token
+        if not token:
+            break
+    for kind in ("spend", "cap"):  # MLflow's filters have no OR
+        for start in range(0, len(others), 100):
+            chunk = others[start : start + 100]
+            found = client.search_runs(
+                [e.experiment_id for e in chunk], f"params.kind = '{kind}'",
+                run_view_type=ViewType.ALL, max_results=1,
+            )  # fmt: skip
+            if found:
+                return next(e for e in chunk if e.experiment_id == found[0].info.experiment_id)
+    return None
 
 
 def _ledger_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Any]:

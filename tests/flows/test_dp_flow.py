@@ -66,6 +66,13 @@ def test_dp_with_client_sampling_spends_the_budget_with_less_noise(store):
     full = _run(store, model_name="dp-all", clients=4, dp_epsilon=8.0)
     sampled = _run(store, model_name="dp-half", clients=4, client_fraction=0.5, dp_epsilon=8.0)
 
+    from flows.training import USER_COUNT
+
+    # the default delta is 1 / users: its figures give the user count, which the run says
+    assert full["dp_not_covered"] == USER_COUNT  # the synthetic data has a public item list
+    assert store["client"].get_run(full["run_id"]).data.metrics["privacy/delta"] == pytest.approx(
+        1 / SMALL["synthetic_users"]
+    )
     sigma_full = _check_spent(store, full["run_id"], 8.0, 1.0)
     sigma_sampled = _check_spent(store, sampled["run_id"], 8.0, 0.5)
     assert sigma_sampled < sigma_full  # sampling amplifies privacy: less noise for the same epsilon

@@ -104,6 +104,45 @@ def test_deleting_ledger_entries_does_not_erase_the_spending(store):
         _reserve(store, 1.0)
 
 
+def test_a_renamed_ledger_is_found_by_its_entries_and_refuses(store):
+    """Renaming the ledger's experiment hid it from a lookup by name: the next run, under a
+    model name with no private versions, started every user at zero."""
+    from tasks.tracking import LEDGER_EXPERIMENT
+
+    _reserve(store, 2.0, cap=3.0)
+    client = store["client"]
+    ledger = client.get_experiment_by_name(LEDGER_EXPERIMENT).experiment_id
+    client.rename_experiment(ledger, "archive-old")
+
+    renamed = rf"experiment 'archive-old' \(id {ledger}\) holds ledger entries, .* it was renamed"
+    with pytest.raises(BudgetError, match=renamed):
+        _reserve(store, 2.0, model="fresh")
+    assert client.get_experiment_by_name(LEDGER_EXPERIMENT) is None  # no second ledger made
+    client.delete_experiment(ledger)  # deleted as well as renamed: still its entries' home
+    with pytest.raises(BudgetError, match=renamed):
+        _reserve(store, 2.0, model="fresh")
+
+
+def test_a_store_whose_ledger_was_purged_refuses_instead_of_starting_users_at_zero(store):
+    """`mlflow gc` removes a deleted ledger for good; the file beside the store remembers that
+    the store had one. Another store in the same folder starts its own ledger."""
+    from tasks.tracking import LEDGER_EXPERIMENT
+
+    _reserve(store, 2.0, cap=3.0)
+    client = store["client"]
+    ledger = client.get_experiment_by_name(LEDGER_EXPERIMENT).experiment_id
+    client.delete_experiment(ledger)
+    subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", store["uri"],
+                    "--experiment-ids", ledger], check=True, capture_output=True)  # fmt: skip
+    assert client.get_experiment_by_name(LEDGER_EXPERIMENT) is None  # gone for good
+
+    with pytest.raises(BudgetError, match=r"says this store \(mlflow.db\) had a ledger, and it "
+                       r"holds none now: its entries were purged"):  # fmt: skip
+        _reserve(store, 2.0, model="fresh")
+    other = {"uri": f"sqlite:///{store['home'] / 'other.db'}"}  # beside it, never ledgered
+    assert _reserve(other, 2.0, cap=3.0) is not None
+
+
 def _entry_files(store, kind=None, users=None):
     """The local users.u64 files of the ledger's entries (of ``kind``, or naming the same set of
     users as the population ``users``), oldest first."""
