@@ -46,19 +46,16 @@ from tasks.tracking import (
     ledger_request,
     load_champion,
     log_artifacts,
-    lost_to_champion,
     record_promotion,
     register_model,
     reopen_run,
     repair_orphans,
+    repeated_version,
     reserve_privacy_budget,
     resolve_tracking_uri,
-    rolled_back_with,
     start_run,
     tag_run,
-    unchanged_since_champion,
     version_description,
-    version_metrics,
     version_tags,
 )
 
@@ -264,34 +261,20 @@ def _synthetic(source: str | None) -> bool:
 
 
 def _nothing_to_train(uri: str, name: str, fingerprint: str, config_hash: str) -> dict | None:
-    """The summary of a run that would repeat one already made: the champion was trained on
-    these data with this config, or a version that was and an operator rolled back, or one that
-    lost to the current champion."""
-    champion = unchanged_since_champion(uri, name, fingerprint, config_hash)
-    if champion is not None:
-        same = champion
-        reason = f"data and config unchanged since champion version {champion}: nothing to train"
-    elif (rolled_back := rolled_back_with(uri, name, fingerprint, config_hash)) is not None:
-        demoted, champion = rolled_back
-        same = demoted
-        reason = (
-            f"version {demoted} was trained on these data with this config and rolled back by "
-            "hand (fedrec rollback): nothing to train"
-        )
-    else:
-        lost = lost_to_champion(uri, name, fingerprint, config_hash)
-        if lost is None:
-            return None
-        version, champion = lost
-        same = version
-        reason = (
-            f"version {version} was trained on these data with this config and not promoted "
-            f"against champion version {champion}: nothing to train"
-        )
-    # the figures of the version these data and this config gave, for whoever reads --json
-    return {"skipped": True, "reason": reason, "model_name": name, "champion_version": champion,
-            "tracking_uri": redact_uri(uri), "promoted": False, "same_as_version": same,
-            "metrics": version_metrics(uri, name, same)}  # fmt: skip
+    """The summary of a run that would repeat one already made (:func:`repeated_version`),
+    with that version's figures, for whoever reads ``--json``; None when there is none."""
+    repeat = repeated_version(uri, name, fingerprint, config_hash)
+    if repeat is None:
+        return None
+    v, same = repeat.version, "was trained on these data with this config and"
+    reason = {
+        "champion": f"data and config unchanged since champion version {v}",
+        "rolled back": f"version {v} {same} rolled back by hand (fedrec rollback)",
+        "lost": f"version {v} {same} not promoted against champion version {repeat.champion}",
+    }[repeat.why]
+    return {"skipped": True, "reason": f"{reason}: nothing to train", "model_name": name,
+            "champion_version": repeat.champion, "tracking_uri": redact_uri(uri),
+            "promoted": False, "same_as_version": v, "metrics": repeat.metrics}  # fmt: skip
 
 
 def _train_and_register(

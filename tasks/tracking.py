@@ -516,45 +516,6 @@ def load_champion(uri: str, model_name: str) -> Champion | None:
     )
 
 
-@task(name="check-unchanged", **_RETRY)
-def unchanged_since_champion(
-    uri: str, model_name: str, fingerprint: str, config_hash: str
-) -> str | None:
-    """The champion's version if it was trained on these very data with this very config."""
-    version = _champion_version(uri, model_name)
-    if version is None:
-        return None
-    tags = version.tags
-    if (
-        tags.get("fedrec.dataset_fingerprint") == fingerprint
-        and tags.get("fedrec.config_hash") == config_hash
-    ):
-        return str(version.version)
-    return None
-
-
-def lost_to_champion(
-    uri: str, model_name: str, fingerprint: str, config_hash: str
-) -> tuple[str, str] | None:
-    """(version, champion version) when a version trained on these very data with this very
-    config was compared with the current champion and not promoted: the same run again would
-    lose again (a private one would spend budget to do so)."""
-    champion = _champion_version(uri, model_name)
-    if champion is None:
-        return None
-    current = str(champion.version)
-    for version in _client(uri).search_model_versions(f"name='{model_name}'"):
-        tags = version.tags
-        if (
-            tags.get("fedrec.dataset_fingerprint") == fingerprint
-            and tags.get("fedrec.config_hash") == config_hash
-            and tags.get("fedrec.promoted") == "false"
-            and tags.get("fedrec.compared_with_version") == current
-        ):
-            return str(version.version), current
-    return None
-
-
 #: on a version an operator demoted (fedrec rollback): when, to which version, and why
 ROLLED_BACK = "fedrec.rolled_back"
 #: on the version made champion again by hand: when, in place of which version, and why
@@ -565,22 +526,51 @@ class RollbackError(ValueError):
     """A roll-back that cannot be made as asked (no champion, no such version, ...)."""
 
 
-def rolled_back_with(
+@dataclass(frozen=True)
+class Repeat:
+    """The version that these very data and this very config already gave, and why training
+    them again would change nothing."""
+
+    version: str
+    champion: str | None  # the current champion's version
+    why: str  # "champion", "rolled back" (by an operator) or "lost" (to the current champion)
+    metrics: dict[str, float]  # the version's final metrics (fedrec.metrics_json, 6 digits)
+
+
+@task(name="check-unchanged", **_RETRY)
+def repeated_version(
     uri: str, model_name: str, fingerprint: str, config_hash: str
-) -> tuple[str, str | None] | None:
-    """(version, champion version) when a version trained on these very data with this very
-    config was rolled back by an operator (:func:`roll_back`): the same run again would make the
-    same model, which the comparison would promote again over the operator's choice."""
+) -> Repeat | None:
+    """The version trained on these very data with this very config, when a run would only
+    repeat it: the champion itself; a version an operator rolled back (:func:`roll_back`: the
+    comparison would promote it again over their choice); or one compared with the current
+    champion and not promoted (it would lose again; a private run would spend budget to do so).
+    None when a run may change something."""
     champion = _champion_version(uri, model_name)
     current = None if champion is None else str(champion.version)
-    for version in _client(uri).search_model_versions(f"name='{model_name}'"):
-        tags = version.tags
-        if (
-            ROLLED_BACK in tags
-            and tags.get("fedrec.dataset_fingerprint") == fingerprint
+
+    def alike(tags: Mapping[str, str]) -> bool:
+        return (
+            tags.get("fedrec.dataset_fingerprint") == fingerprint
             and tags.get("fedrec.config_hash") == config_hash
-        ):
-            return str(version.version), current
+        )
+
+    def repeat(version: ModelVersion, why: str) -> Repeat:
+        metrics = json.loads(version.tags.get("fedrec.metrics_json", "{}"))
+        return Repeat(str(version.version), current, why, metrics)
+
+    if champion is not None and alike(champion.tags):
+        return repeat(champion, "champion")
+    versions = [v for v in _client(uri).search_model_versions(f"name='{model_name}'")
+                if alike(v.tags)]  # fmt: skip
+    for version in versions:
+        if ROLLED_BACK in version.tags:
+            return repeat(version, "rolled back")
+    for version in versions:
+        tags = version.tags
+        lost = tags.get("fedrec.promoted") == "false"
+        if current is not None and lost and tags.get("fedrec.compared_with_version") == current:
+            return repeat(version, "lost")
     return None
 
 
@@ -590,7 +580,7 @@ def roll_back(
     """Move ``model_name``'s champion alias back to version ``to`` (default: the version the
     current champion replaced), under :func:`promotion_lock`. The demoted version is tagged
     ``ROLLED_BACK`` (a later run on its data and config trains nothing:
-    :func:`rolled_back_with`), the restored one ``RESTORED``, and loses the
+    :func:`repeated_version`), the restored one ``RESTORED``, and loses the
     ``fedrec.replaced_by_version`` that no longer holds. Returns (demoted, restored).
 
     Raises
@@ -1339,13 +1329,6 @@ def version_description(config: TrainingConfig, source: str, metrics: Mapping[st
         f"{family} ({config.feedback} feedback), {config.rounds} round{'s' * (config.rounds != 1)}; "
         f"data: {source}; {privacy}; {metric} {value}"
     )
-
-
-def version_metrics(uri: str, model_name: str, version: str) -> dict[str, float]:
-    """A registered version's final metrics, as its ``fedrec.metrics_json`` tag holds them (to 6
-    digits; the run's ``final_metrics.json`` artifact has them in full); {} without the tag."""
-    tags = _client(uri).get_model_version(model_name, version).tags
-    return json.loads(tags.get("fedrec.metrics_json", "{}"))
 
 
 def version_tags(
