@@ -4,8 +4,12 @@ kept answers, secrets, privacy budgets)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import grp
 import os
+import pwd
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +62,115 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+class UnsafeFile(PermissionError):
+    """A private file that others could read, replace or point elsewhere."""
+
+
+def read_private(path: Path, what: str) -> bytes:
+    """The bytes of ``path``, a file only this user may read or replace.
+
+    Refused with :class:`UnsafeFile` (one line naming the file and the fix) when ``path`` is a
+    symbolic link or not a regular file, has a second name (a hard link, which another folder's
+    writer could keep), belongs to another user, is readable or writable by group or others, or
+    when a folder on its way, as given or as resolved, belongs to another user or is writable by
+    others (a sticky folder such as /tmp excepted): whoever can write such a folder can swap the
+    file for one whose contents they know. ``what`` names the file in the message ("ledger
+    secret", "identity key").
+
+    Raises
+    ------
+    FileNotFoundError
+        When there is no file at ``path``.
+    UnsafeFile
+        When the file or a folder on its way fails a check above.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UnsafeFile(f"{path}: the {what} is a symbolic link; refused") from err
+        raise
+    try:
+        _check_private(path, what, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def _check_private(path: Path, what: str, info: os.stat_result) -> None:
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeFile(f"{path}: the {what} is not a regular file; refused")
+    if info.st_uid != os.geteuid():
+        raise UnsafeFile(
+            f"{path}: the {what} belongs to {_user(info.st_uid)}, not to {_user(os.geteuid())}"
+            "; refused"
+        )
+    if mode & 0o077:
+        raise UnsafeFile(
+            f"{path}: the {what} has mode {mode:04o}: others may read or write it; it must be 0600 "
+            f"(chmod 600 {path})"
+        )
+    if info.st_nlink != 1:
+        raise UnsafeFile(
+            f"{path}: the {what} has {info.st_nlink} names (hard links); a private file has "
+            "one: copy it and remove the other names"
+        )
+    for folder in _folders_on_the_way(path):
+        if (why := _unsafe_folder(folder)) is not None:
+            raise UnsafeFile(
+                f"{path}: the {what} is reached through {folder}, which {why}; its folders "
+                "must be yours or root's, and writable by no one else"
+            )
+
+
+def _folders_on_the_way(path: Path) -> list[Path]:
+    """Every folder above ``path`` as written and as resolved, each by its real path (a symbolic
+    link to a folder is checked where it sits and where it leads)."""
+    given = Path(os.path.abspath(path)).parents
+    resolved = Path(os.path.realpath(path)).parents
+    return list(dict.fromkeys(Path(os.path.realpath(f)) for f in [*given, *resolved]))
+
+
+def _unsafe_folder(folder: Path) -> str | None:
+    info = os.stat(folder)
+    if info.st_uid not in (0, os.geteuid()):
+        return f"belongs to {_user(info.st_uid)}"
+    if info.st_mode & stat.S_ISVTX:  # only an entry's owner may remove or rename it
+        return None
+    if info.st_mode & stat.S_IWOTH:
+        return "every user may write to"
+    if info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid):
+        return f"the members of group {_group(info.st_gid)} may write to"
+    return None
+
+
+def _own_group(gid: int) -> bool:
+    """A group only this user belongs to (a user-private group, as ``umask 002`` systems make)."""
+    try:
+        group, me = grp.getgrgid(gid), pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return False
+    return group.gr_name == me and set(group.gr_mem) <= {me}
+
+
+def _user(uid: int) -> str:
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _sync_folder(folder: Path) -> None:

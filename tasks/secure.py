@@ -40,7 +40,7 @@ from prefect.exceptions import MissingContextError
 
 from models.data.partitions import ClientEntry
 from models.federation.family import SecureFamily, min_secure_threshold
-from models.files import folder_lock, write_private
+from models.files import folder_lock, read_private, write_private
 from models.privacy.fixed_point import FRACTION_BITS
 from models.privacy.identity import (
     KeyAuthenticationError,
@@ -112,14 +112,9 @@ def registry_folder(workspace: str) -> Path:
 def _read_private(path: Path, what: str) -> bytes:
     """The bytes of a file only its owner may read; a clear error if it is missing or shared."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return read_private(path, what)
     except FileNotFoundError as err:
         raise LookupError(f"{path.parent.name}: holds no {what}") from err
-    with os.fdopen(fd, "rb") as handle:
-        mode = os.fstat(handle.fileno()).st_mode & 0o777
-        if mode & 0o077:
-            raise PermissionError(f"{path} has mode {mode:04o}; a client's {what} must be 0600")
-        return handle.read()
 
 
 def hold_update(

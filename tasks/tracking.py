@@ -46,7 +46,7 @@ from fedrec.model_store import (
 )
 from models.data.partitions import remove_workspace
 from models.federation.family import Recommender
-from models.files import write_private
+from models.files import UnsafeFile, read_private, write_private
 from models.privacy.ledger import (
     USER_KEY,
     Balance,
@@ -952,20 +952,15 @@ def ledger_fingerprint(uri: str, configured: str | None, fingerprint: str) -> st
 
 
 def _read_secret(path: Path) -> bytes | None:
-    """The secret in ``path`` (None when there is no file); refuses a symbolic link, a file others
-    may read, or one that is not 32 bytes."""
+    """The secret in ``path`` (None when there is no file); refuses what
+    :func:`models.files.read_private` refuses (a link, a shared file or folder) and a file that
+    is not 32 bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        secret = read_private(path, "ledger secret")
     except FileNotFoundError:
         return None
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise BudgetError(f"{path}: the ledger secret is a symbolic link; refused") from err
-        raise
-    with os.fdopen(fd, "rb") as file:
-        if os.fstat(file.fileno()).st_mode & 0o077:
-            raise BudgetError(f"{path}: the ledger secret is readable by others; chmod 600 it")
-        secret = file.read(64)
+    except UnsafeFile as err:
+        raise BudgetError(str(err)) from err
     if len(secret) != 32:
         raise BudgetError(f"{path}: a ledger secret is 32 bytes, this file has {len(secret)}")
     return secret

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.files import append_private, folder_lock, write_private
+from models.files import append_private, folder_lock, read_private, write_private
 from models.privacy.ledger import Entry, Stored, standing, user_keys
 from models.sites.budget import Release, SiteBudgetError, charge
 
@@ -77,7 +77,7 @@ class SiteBudget:
         path = self.folder / SECRET
         if not path.exists():
             write_private(path, os.urandom(32))
-        return path.read_bytes()
+        return read_private(path, "site secret")
 
     def _keep_users(self, keys: np.ndarray) -> str:
         data = np.sort(keys).astype("<u8").tobytes()

@@ -39,7 +39,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from models.federation.family import Family, min_secure_threshold
-from models.files import write_private
+from models.files import read_private, write_private
 from models.privacy.identity import KeyAuthenticationError, public_bytes
 from models.privacy.secagg_plus import (
     KeyDirectory,
@@ -169,7 +169,7 @@ class SecureSite:
                 f"this site holds no update of round {config.round} (never trained it, or "
                 "masked it already)"
             )
-        fields, arrays = unpack(path.read_bytes())
+        fields, arrays = unpack(read_private(path, "held update"))
         dense = arrays["dense"]
         if dense.size != config.vector_size:
             raise RefusedMessage(
@@ -218,7 +218,7 @@ class SecureSite:
         else:
             if not (folder / STATE).is_file():
                 raise RefusedMessage(f"no secure state for round {config.round}: advertise first")
-            client = SecAggClient.from_bytes((folder / STATE).read_bytes())
+            client = SecAggClient.from_bytes(read_private(folder / STATE, "secure round state"))
             if client.config != config or client.client_id != request.client_id:
                 raise RefusedMessage("the secure round differs from the one this site joined")
         try:

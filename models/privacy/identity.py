@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,8 +21,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from models.files import UnsafeFile, read_private
+
 _DOMAIN = b"fedrec/secagg/v1"
 _PUBLIC_NAME = re.compile(r"client-(\d+)\.pub")
+_PUBLIC_PEM = b"-----BEGIN PUBLIC KEY-----"
 
 
 class KeyAuthenticationError(Exception):
@@ -89,21 +91,22 @@ def load_identity(path: Path) -> Ed25519PrivateKey:
     Raises
     ------
     PermissionError
-        If the file is readable or writable by group or others.
+        (:class:`models.files.UnsafeFile`) If the file or a folder on its way is not private
+        to this user: see :func:`models.files.read_private`.
     ValueError
         If the file is not an unencrypted Ed25519 private key in PEM.
     """
     path = Path(path)
-    data = path.read_bytes()
-    if b"-----BEGIN PUBLIC KEY-----" in data:  # the .pub beside the key, given by mistake
+    try:
+        data = read_private(path, "identity key")
+    except UnsafeFile:  # the .pub beside the key, given by mistake, is readable by all
+        data = path.read_bytes() if path.is_file() and not path.is_symlink() else b""
+        if _PUBLIC_PEM not in data:
+            raise
+    if _PUBLIC_PEM in data:
         raise ValueError(
             f"{path} is a public key; an identity is the private key `fedrec keygen` wrote "
             f"beside it ({path.with_suffix('.key').name})"
-        )
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise PermissionError(
-            f"{path} has mode {mode:04o}; an identity key must be 0600 (chmod 600)"
         )
     try:
         key = serialization.load_pem_private_key(data, password=None)

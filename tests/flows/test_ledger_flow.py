@@ -205,7 +205,9 @@ def test_a_lost_or_foreign_secret_refuses_instead_of_starting_users_at_zero(stor
     path.unlink()
     path.write_bytes(saved)
     path.chmod(0o644)
-    with pytest.raises(BudgetError, match="readable by others"):
+    with pytest.raises(
+        BudgetError, match="mode 0644: others may read or write it; it must be 0600"
+    ):
         _reserve(store, 4.0)
     path.chmod(0o600)
     assert _reserve(store, 4.0).epsilon == 8.0  # the right secret: the history is found

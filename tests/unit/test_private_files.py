@@ -1,0 +1,138 @@
+"""Private files (secrets, identity keys, held updates) are read only when no one else could have
+written them: each attack below swaps or shares a secret, and each is shown to work against a
+plain read before the check refuses it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.files import UnsafeFile, read_private, write_private
+
+ROOT = os.geteuid() == 0
+NOBODY = 65534
+needs_root = pytest.mark.skipif(not ROOT, reason="changing a file's owner needs root")
+
+
+def _secret(folder: Path) -> Path:
+    path = folder / "secret"
+    write_private(path, os.urandom(32))
+    return path
+
+
+def _swap(path: Path, known: bytes) -> None:
+    """What a writer of ``path``'s folder can do without reading the secret: replace it."""
+    path.unlink()
+    write_private(path, known)
+
+
+def test_a_private_file_in_private_folders_is_read(tmp_path):
+    path = _secret(tmp_path / "home")
+    assert read_private(path, "ledger secret") == path.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        read_private(tmp_path / "home" / "missing", "ledger secret")
+
+
+def test_a_secret_swapped_in_a_folder_every_user_may_write_is_refused(tmp_path):
+    folder = tmp_path / "shared"
+    path = _secret(folder)
+    folder.chmod(0o777)
+    known = bytes(range(32))
+    _swap(path, known)
+    assert path.read_bytes() == known  # a plain read now uses a secret the attacker knows
+    with pytest.raises(UnsafeFile, match=f"reached through {folder}, which every user may write"):
+        read_private(path, "ledger secret")
+    folder.chmod(0o1777)  # sticky, as /tmp: only an entry's owner may replace it
+    assert read_private(path, "ledger secret") == known
+
+
+def test_a_symlinked_folder_is_checked_where_the_link_sits_and_where_it_leads(tmp_path):
+    real = tmp_path / "real"
+    path = _secret(real)
+    drop = tmp_path / "drop"
+    drop.mkdir(mode=0o700)
+    (drop / "home").symlink_to(real, target_is_directory=True)
+    linked = drop / "home" / "secret"
+    assert read_private(linked, "ledger secret") == path.read_bytes()  # both ends private
+
+    drop.chmod(0o777)  # anyone may now point drop/home at a folder of their own
+    elsewhere = tmp_path / "elsewhere"
+    write_private(elsewhere / "secret", bytes(32))
+    (drop / "home").unlink()
+    (drop / "home").symlink_to(elsewhere, target_is_directory=True)
+    assert linked.read_bytes() == bytes(32)  # the plain read follows the attacker's link
+    with pytest.raises(UnsafeFile, match=f"reached through {drop}, which every user may write"):
+        read_private(linked, "ledger secret")
+
+    drop.chmod(0o700)
+    real.chmod(0o777)  # the link's target folder shared instead
+    (drop / "home").unlink()
+    (drop / "home").symlink_to(real, target_is_directory=True)
+    with pytest.raises(UnsafeFile, match=f"reached through {real}, which every user may write"):
+        read_private(linked, "ledger secret")
+
+
+def test_a_second_name_for_the_secret_is_refused(tmp_path):
+    path = _secret(tmp_path / "home")
+    os.link(path, tmp_path / "kept-copy")  # a hard link survives a chmod or removal of the first
+    with pytest.raises(UnsafeFile, match="has 2 names"):
+        read_private(path, "ledger secret")
+    (tmp_path / "kept-copy").unlink()
+    assert len(read_private(path, "ledger secret")) == 32
+
+
+def test_a_file_link_and_a_shared_mode_are_refused(tmp_path):
+    path = _secret(tmp_path / "home")
+    (tmp_path / "home" / "link").symlink_to(path)
+    with pytest.raises(UnsafeFile, match="is a symbolic link; refused"):
+        read_private(tmp_path / "home" / "link", "ledger secret")
+    path.chmod(0o640)
+    with pytest.raises(UnsafeFile, match="mode 0640: others may read or write it; it must be 0600"):
+        read_private(path, "ledger secret")
+    with pytest.raises(UnsafeFile, match="not a regular file"):
+        read_private(tmp_path / "home", "ledger secret")
+
+
+@needs_root
+def test_a_secret_or_folder_another_user_owns_is_refused(tmp_path):
+    folder = tmp_path / "home"
+    path = _secret(folder)
+    os.chown(path, NOBODY, NOBODY)  # planted by another user, mode 0600: root reads it anyway
+    assert len(path.read_bytes()) == 32
+    with pytest.raises(UnsafeFile, match=f"belongs to .*uid {NOBODY}.*not to"):
+        read_private(path, "ledger secret")
+    os.chown(path, 0, 0)
+    os.chown(folder, NOBODY, NOBODY)  # the folder's owner may replace anything in it
+    with pytest.raises(UnsafeFile, match=f"reached through {folder}, which belongs to"):
+        read_private(path, "ledger secret")
+    os.chown(folder, 0, NOBODY)
+    folder.chmod(0o770)  # writable by a group this user does not have to itself
+    with pytest.raises(UnsafeFile, match=r"the members of group .* may write to"):
+        read_private(path, "ledger secret")
+    os.chown(folder, 0, 0)  # root's own group: no one else's
+    assert len(read_private(path, "ledger secret")) == 32
+
+
+def test_the_product_refuses_its_secrets_in_a_shared_folder(tmp_path):
+    """The ledger's secret, an identity key and a site's secret go through the same check."""
+    from fedrec.sites.budget import SiteBudget
+    from models.privacy.identity import generate_identity, load_identity, save_identity
+    from tasks.tracking import BudgetError, ledger_secret
+
+    folder = tmp_path / "store"
+    ledger = folder / "ledger.key"
+    ledger_secret(ledger, create=True)
+    private, _ = save_identity(generate_identity(), folder, 3)
+    site = tmp_path / "site"
+    SiteBudget(site, np.array(["u1", "u2"]), max_epsilon=8.0)
+    for shared in (folder, site):
+        shared.chmod(0o777)
+    with pytest.raises(BudgetError, match="which every user may write"):
+        ledger_secret(ledger, create=False)
+    with pytest.raises(PermissionError, match="which every user may write"):
+        load_identity(private)
+    with pytest.raises(PermissionError, match="which every user may write"):
+        SiteBudget(site, np.array(["u1", "u2"]), max_epsilon=8.0)
