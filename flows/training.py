@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
@@ -55,6 +56,7 @@ from tasks.tracking import (
     resolve_tracking_uri,
     start_run,
     tag_run,
+    untag_run,
     version_description,
     version_tags,
 )
@@ -440,17 +442,24 @@ def _train_and_register(
         if ctx.sites is not None and not config.keep_workspace:  # no resume: whatever the end
             prune_exchange(ctx.sites)
         if succeeded and not config.keep_workspace:
-            _remove_workspace(workspace)
+            _remove_workspace(workspace, uri, run_id)
         elif succeeded:
             mark_finished(workspace)
 
 
-def _remove_workspace(workspace: str) -> None:
+def _remove_workspace(workspace: str, uri: str, run_id: str) -> None:
     """Delete a succeeded run's workspace: the clients' copies of their rows and the checkpoints
-    are of no further use. A folder that cannot be removed is left, with a warning."""
+    are of no further use. The run's ``fedrec.workspace`` tag goes with it, so that it names no
+    folder that is gone. A folder that cannot be removed is left, with a warning."""
     logger = get_run_logger()
     try:
-        if remove_workspace(workspace):
-            logger.info("removed the run's workspace %s (--keep-workspace keeps it)", workspace)
+        if not remove_workspace(workspace):
+            return
     except OSError as err:
         logger.warning("could not remove the run's workspace %s: %s", workspace, err)
+        return
+    logger.info("removed the run's workspace %s (--keep-workspace keeps it)", workspace)
+    try:
+        untag_run(uri, run_id, "fedrec.workspace")
+    except (MlflowException, OSError) as err:  # the run succeeded: a stale tag cannot fail it
+        logger.warning("could not remove the run's fedrec.workspace tag: %s", err)

@@ -260,6 +260,11 @@ def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
         client.set_tag(run_id, key, value)
 
 
+def untag_run(uri: str, run_id: str, key: str) -> None:
+    """Remove a tag that no longer holds (a removed workspace's folder)."""
+    _client(uri).delete_tag(run_id, key)
+
+
 @task(name="reopen-tracking", **_RETRY)
 def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
     """Mark a resumed run RUNNING again (a killed run says KILLED, a failed one FAILED), tagged
