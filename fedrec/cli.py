@@ -269,6 +269,7 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
     from fedrec.inputs import InputError, check_synthetic_data, data_sources
     from fedrec.inputs import check_inputs as check_sources
     from models.data.errors import DataValidationError
+    from models.data.validate import OUTSIDE_SCALE
 
     merged = config_defaults() | values
     if isinstance(merged.get("sites"), str) and Path(merged["sites"]).is_file():
@@ -298,7 +299,12 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
             check_sources(merged)
     except (InputError, DataValidationError) as err:
         source = (named or {}).get(getattr(err, "setting", None) or "")
-        raise UserError(f"{source}: {err}" if source else str(err)) from err
+        message = f"{source}: {err}" if source else str(err)
+        if getattr(err, "problem", "").startswith(OUTSIDE_SCALE):
+            message += (
+                "; --rating-scale LOW,HIGH sets the scale, --rating-scale data takes the data's"
+            )
+        raise UserError(message) from err
     except Exception:  # reported by TrainingConfig next, in its own words
         return
 

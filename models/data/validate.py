@@ -32,6 +32,8 @@ USER_FEATURE_VALUES = {
     "age": f"a number of years in [0, {MAX_AGE}], or an empty cell (unknown)",
     "gender": "M or F (either case), or an empty cell (unknown)",
 }
+# the problem a rating off the scale is refused with (the command line adds how to set the scale)
+OUTSIDE_SCALE = "is outside the rating scale"
 
 
 def user_feature_known(column: str, value: object) -> bool:
@@ -370,7 +372,7 @@ def _clean_ratings(
     problems = [
         (not_numeric, series, "is not a number"),
         (missing, series, "missing rating"),
-        (not_finite | outside, pd.Series(values), "is outside the rating scale"),
+        (not_finite | outside, pd.Series(values), OUTSIDE_SCALE),
     ]
     _fail_earliest(problems, file=file, column=column, allowed=range_text)
     return values

@@ -55,6 +55,8 @@ CASES = [
     ("explicit-without-ratings", {"r.csv": "user_id,item_id\n" + "".join(f"u{u},i{u % 9}\n" for u in range(60))},
      ["train", "--data", "{tmp}/r.csv"], "r.csv, column 'rating': has no ratings: every row would count as the same rating"),
     ("rating-scale-not-a-pair", {"r.csv": GOOD}, ["train", "--data", "{tmp}/r.csv", "--rating-scale", "1-5"], "rating_scale='1-5': expected LOW,HIGH"),
+    ("rating-off-scale", {"r.csv": GOOD.replace(",5\n", ",9\n", 1)}, ["train", "--data", "{tmp}/r.csv"],
+     "value 9.0 is outside the rating scale; allowed: a number in [1.0, 5.0] (rating_scale); --rating-scale LOW,HIGH sets the scale, --rating-scale data takes the data's"),
     ("clients-above-users", {"r.csv": GOOD}, ["train", "--data", "{tmp}/r.csv", "--clients", "500"],
      "{tmp}/r.csv, setting 'clients': value 500 is more clients than the data has users (60); allowed: 1..60"),
     ("positive-threshold-above-every-rating", {"r.csv": GOOD},
