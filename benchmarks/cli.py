@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import HelpFormatter
 from fedrec import local_server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cli.json"
@@ -129,7 +130,9 @@ def cold_timings(home: Path, port: int, scratch: Path, *, repeats: int) -> dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--hogs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)

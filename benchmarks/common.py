@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
 import platform
@@ -20,6 +22,29 @@ from models.data.schema import Interactions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 READERS = {"ml-100k": read_movielens_100k, "ml-1m": read_movielens_1m}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the module docstring's layout and gives each option's default, unless it
+    is None or False (then the help text says what happens) or the help text names it already."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if action.help is None and self._shows_default(action):  # argparse skips an empty help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not self._shows_default(action) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default
+        unset = default is None or default is False or default is argparse.SUPPRESS
+        return bool(action.option_strings) and not unset and default not in ([], ())
 
 
 def load_movielens(name: str) -> Interactions | None:

@@ -17,7 +17,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from benchmarks.common import load_movielens, machine, median, peak_rss_mb, print_table, write_json
+from benchmarks.common import (
+    HelpFormatter,
+    load_movielens,
+    machine,
+    median,
+    peak_rss_mb,
+    print_table,
+    write_json,
+)
 
 
 def _timed_family(family, clients, n_items: int, rounds: int) -> list[dict]:
@@ -52,9 +60,7 @@ def _timed_family(family, clients, n_items: int, rounds: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="ml-1m")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=10)

@@ -49,6 +49,8 @@ from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
 
+from benchmarks.common import HelpFormatter
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -587,7 +589,9 @@ def _write(args, modules, plans, outcomes, commit, started, load_before, gone=No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
     parser.add_argument("--budget", type=float, default=1500, help="seconds for all mutants")
     parser.add_argument("--only", action="append", help="a module of TARGETS (repeatable)")
     parser.add_argument("--test-timeout", type=float, default=300, help="cap of one pytest run")

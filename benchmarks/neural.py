@@ -31,7 +31,14 @@ import pandas as pd
 from scipy import sparse
 from threadpoolctl import threadpool_limits
 
-from benchmarks.common import load_movielens, machine, peak_rss_mb, print_table, write_json
+from benchmarks.common import (
+    HelpFormatter,
+    load_movielens,
+    machine,
+    peak_rss_mb,
+    print_table,
+    write_json,
+)
 from benchmarks.ranking import recbole_split
 from models.data.schema import ITEM, USER, Interactions, keep_positives
 from models.data.sharding import assign_clients
@@ -232,9 +239,7 @@ def sklearn_check(train: sparse.csr_matrix) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="ml-1m", choices=["ml-100k", "ml-1m"])
     parser.add_argument("--core", type=int, default=0, help="k-core filter (0: none)")
     parser.add_argument("--kind", default="vae", choices=["dae", "vae"])

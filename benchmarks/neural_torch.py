@@ -16,7 +16,7 @@ import time
 import numpy as np
 from scipy import sparse
 
-from benchmarks.common import load_movielens
+from benchmarks.common import HelpFormatter, load_movielens
 from models.data.schema import ITEM, USER, keep_positives
 
 
@@ -25,7 +25,7 @@ def main() -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

@@ -46,7 +46,7 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.common import machine, median, print_table, write_json
+from benchmarks.common import HelpFormatter, machine, median, print_table, write_json
 from fedrec.local_server import free_port
 
 
@@ -364,9 +364,7 @@ class Side:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="ml-100k")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clients", type=int, default=10)

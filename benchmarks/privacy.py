@@ -41,7 +41,7 @@ from dataclasses import replace
 import numpy as np
 from sklearn.model_selection import KFold
 
-from benchmarks.common import load_movielens, machine, print_table, write_json
+from benchmarks.common import HelpFormatter, load_movielens, machine, print_table, write_json
 from benchmarks.ranking import recbole_split
 from fedrec.config import TrainingConfig
 from fedrec.runtime import keep_freed_memory
@@ -75,9 +75,7 @@ REPEATS = 5  # private runs per setting (their noise differs every time)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="ml-1m", choices=["ml-100k", "ml-1m"])
     parser.add_argument("--factors", type=int, default=8, help="secure-aggregation cost: k")
     parser.add_argument("--reg", type=float, default=0.08, help="secure-aggregation cost: reg")

@@ -20,7 +20,15 @@ from multiprocessing import get_context
 import numpy as np
 from sklearn.model_selection import KFold
 
-from benchmarks.common import load_movielens, machine, median, peak_rss_mb, print_table, write_json
+from benchmarks.common import (
+    HelpFormatter,
+    load_movielens,
+    machine,
+    median,
+    peak_rss_mb,
+    print_table,
+    write_json,
+)
 from fedrec.runtime import keep_freed_memory
 from models.client import TEST, TRAIN
 from models.data.partitions import build_clients
@@ -175,9 +183,7 @@ def summarize(records: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--datasets", default="ml-100k,ml-1m", help="comma-separated: ml-100k, ml-1m"
     )

@@ -29,7 +29,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from benchmarks.common import load_movielens, machine, peak_rss_mb, print_table, write_json
+from benchmarks.common import (
+    HelpFormatter,
+    load_movielens,
+    machine,
+    peak_rss_mb,
+    print_table,
+    write_json,
+)
 from fedrec.runtime import keep_freed_memory
 from models.client import ClientData
 from models.data.partitions import build_clients
@@ -432,9 +439,7 @@ def _candidate_recall(prepared, clients) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="ml-1m", choices=["ml-100k", "ml-1m"])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=10, help="implicit-ALS rounds")

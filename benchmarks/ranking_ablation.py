@@ -55,7 +55,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from benchmarks.common import load_movielens, machine, write_json
+from benchmarks.common import HelpFormatter, load_movielens, machine, write_json
 from benchmarks.ranking import _pooled_train, recbole_split
 from models.client import ClientData
 from models.data.partitions import build_clients
@@ -655,9 +655,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["base", "time", "seq", "more", "ratings"],
                         choices=["base", "time", "seq", "more", "ratings", "admm", "profile", "pseudo",
                                  "pseudo_valid"])  # fmt: skip

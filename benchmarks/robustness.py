@@ -21,7 +21,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from benchmarks.common import load_movielens, machine, print_table, write_json
+from benchmarks.common import HelpFormatter, load_movielens, machine, print_table, write_json
 from fedrec.runtime import keep_freed_memory
 from models.data.partitions import build_clients
 from models.data.sharding import assign_clients, split_rows
@@ -33,9 +33,7 @@ STRENGTH = {"sign_flip": 5.0, "scale": 20.0, "random": 20.0}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="ml-100k", choices=["ml-100k", "ml-1m"])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=30)

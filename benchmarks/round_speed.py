@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 
-from benchmarks.common import machine, median, peak_rss_mb, print_table, write_json
+from benchmarks.common import HelpFormatter, machine, median, peak_rss_mb, print_table, write_json
 
 
 def measure(data: str, rounds: int, factors: int, clients: int, tuned: bool) -> dict:
@@ -53,9 +53,7 @@ def measure(data: str, rounds: int, factors: int, clients: int, tuned: bool) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="ml-1m")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--factors", type=int, default=64)

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import machine, median, peak_rss_mb, print_table, write_json
+from benchmarks.common import HelpFormatter, machine, median, peak_rss_mb, print_table, write_json
 
 SYNTHETIC = {  # interactions: (users, items)
     1_000_000: (10_000, 5_000),
@@ -84,9 +84,7 @@ def run_child(spec: dict, repeats: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1M synthetic and ML-1M only")
     parser.add_argument("--repeats", type=int, default=3, help="processes per configuration")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -15,7 +15,7 @@ import argparse
 import os
 import time
 
-from benchmarks.common import machine, median, print_table, write_json
+from benchmarks.common import HelpFormatter, machine, median, print_table, write_json
 from models.sites.sealing import new_answer_key, open_answer, seal_answer
 
 
@@ -42,9 +42,7 @@ def measure(size: int, repeats: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[16.8, 8.4, 1.04])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--output", default="sealing")

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import machine, median, print_table, write_json
+from benchmarks.common import HelpFormatter, machine, median, print_table, write_json
 from models.privacy import secagg as pairwise_only
 from models.privacy.identity import generate_identity
 from models.privacy.secagg_plus import RoundConfig, default_threshold
@@ -93,9 +93,7 @@ def measure_pairwise_only(n_clients: int, size: int, repeats: int) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--items", type=int, default=3700)
     parser.add_argument("--rank", type=int, default=16)

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import machine, median, print_table, write_json
+from benchmarks.common import HelpFormatter, machine, median, print_table, write_json
 
 SEED = 0
 SITE_READY = "polling"  # what `fedrec site run` logs once its rows are loaded
@@ -458,9 +458,7 @@ def code_version() -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--factors", type=int, default=None, help="default: the CLI's")
     parser.add_argument("--partitions", nargs="+", default=["3:by-key:occupation", "10:iid"])

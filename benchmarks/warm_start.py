@@ -15,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks.common import load_movielens, machine, print_table, write_json
+from benchmarks.common import HelpFormatter, load_movielens, machine, print_table, write_json
 from models.data.partitions import build_clients
 from models.data.schema import Interactions
 from models.data.sharding import assign_clients, split_rows
@@ -43,9 +43,7 @@ def rounds_to(curve: list[float], target: float) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", default="ml-100k")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--algorithm", default="als", choices=["als", "fedavg", "fedadam"])

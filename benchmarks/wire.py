@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import machine, median, print_table, write_json
+from benchmarks.common import HelpFormatter, machine, median, print_table, write_json
 
 ENCODINGS = {  # name -> (precision, compress); the first is what is sent today
     "float64": ("float64", False),
@@ -266,9 +266,7 @@ def check_claim(partition: str, factors: int, records: list[dict]) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--factors", type=int, nargs="+", default=[32])
     parser.add_argument(
