@@ -332,7 +332,14 @@ def _model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 )
 @_history_columns
 @click.option(
-    "--k", default=10, show_default=True, type=click.IntRange(min=1), help="items per user"
+    "-k",
+    "--k",
+    "--top-k",
+    "k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="items per user",
 )
 @click.option("--out", default=None, help="output CSV (default: stdout)")
 @debug_option

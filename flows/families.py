@@ -22,6 +22,7 @@ def build_family(ctx: RunContext, plan: Privacy | None) -> Family:
     """The configured family: explicit MF, the two-stage ranking model or the neural model; with
     DP's bounds and noise when ``plan`` is given."""
     config, logger = ctx.config, get_run_logger()
+    titles, features = _catalogue(ctx)
     if config.feedback == "explicit":
         mf = config.mf_config()
         if mf.clip_to is None and ctx.manifest.rating_scale is not None:  # --rating-scale data
@@ -36,8 +37,7 @@ def build_family(ctx: RunContext, plan: Privacy | None) -> Family:
             logger.info("DP sensitivity of one user's ALS statistics: %.2f", dp.sensitivity)
             mf = replace(mf, dp=dp)
         released = None if plan is None else plan.release  # the final evaluation's bounds
-        return ExplicitMF(mf, ctx.item_ids, released=released)
-    titles, features = _catalogue(ctx)
+        return ExplicitMF(mf, ctx.item_ids, titles, released=released)
     if config.implicit_model == "neural":
         return Neural(
             config.neural_config(), ctx.item_ids, titles,

@@ -181,6 +181,11 @@ def trained_column(items: pd.DataFrame) -> np.ndarray | None:
     return items["trained"].to_numpy(dtype=bool) if "trained" in items else None
 
 
+def title_column(items: pd.DataFrame) -> np.ndarray | None:
+    """The ``title`` column of a saved ``items.parquet``, if it has one."""
+    return items["title"].to_numpy(dtype=object) if "title" in items else None
+
+
 def as_list(value: object) -> list:
     """A request cell as a list: it may hold a list, a numpy array, or nothing (NaN/None)."""
     if value is None or (isinstance(value, float) and np.isnan(value)):
@@ -207,12 +212,14 @@ class RequestHistory:
 
 
 class ServedItems:
-    """The items a recommender with ``item_ids`` and a ``trained`` mask (None: every item)
-    serves, for the three recommenders: :attr:`known_items`, their index, and the ``trained``
-    column of the saved ``items.parquet`` that :func:`trained_column` reads back."""
+    """The items a recommender with ``item_ids``, a ``trained`` mask (None: every item) and
+    ``titles`` (None: none) serves, for the three recommenders: :attr:`known_items`, their index,
+    each item's name in reasons, and the ``trained`` and ``title`` columns of the saved
+    ``items.parquet`` that :func:`trained_column` and :func:`title_column` read back."""
 
     item_ids: np.ndarray
     trained: np.ndarray | None
+    titles: np.ndarray | None
 
     @property
     def known_items(self) -> np.ndarray:
@@ -249,10 +256,19 @@ class ServedItems:
             )
         return out
 
-    def with_trained(self, items: Any) -> Any:
-        """``items`` (a table or a dict of its columns) with the ``trained`` column, if any."""
+    def item_label(self, item: int) -> str:
+        """How a reason names the item at index ``item``: its title, else its id."""
+        if self.titles is not None and isinstance(self.titles[item], str) and self.titles[item]:
+            return str(self.titles[item])
+        return str(self.item_ids[item])
+
+    def with_item_columns(self, items: Any) -> Any:
+        """``items`` (a table or a dict of its columns) with the ``trained`` and ``title``
+        columns, where the model has them."""
         if self.trained is not None:
             items["trained"] = np.asarray(self.trained, dtype=bool)
+        if self.titles is not None:
+            items["title"] = self.titles
         return items
 
 

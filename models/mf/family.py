@@ -56,6 +56,7 @@ class ExplicitMF:
 
     config: MFConfig
     item_ids: np.ndarray | None = field(default=None, compare=False)
+    titles: np.ndarray | None = field(default=None, compare=False)  # reasons name items by them
     ranking: bool = True
     baseline: bool = True  # evaluate the trivial baseline beside the model (not for a champion)
     # a private run's final evaluation: each user's rating errors bounded for the release
@@ -205,6 +206,7 @@ class ExplicitMF:
             self.config.reg,
             self.config.clip_to,
             None if self.private else state.trained,
+            self.titles,
         )
 
     def warm_start(self, state: GlobalState, champion: object) -> tuple[GlobalState, int] | None:

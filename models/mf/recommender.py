@@ -25,6 +25,7 @@ from models.recommenders import (
     asked_items,
     best_first,
     check_requests,
+    title_column,
     trained_column,
 )
 
@@ -56,6 +57,8 @@ class MFRecommender(ServedItems):
         parameters it started from): an item without is served as an unknown one, never
         recommended nor scored. None: every item counts as trained (a private model cannot
         tell without saying which items had rows).
+    titles : ndarray of str or None
+        The catalogue's title of each item index, which reasons name the item by (else its id).
     """
 
     kind: ClassVar[str] = "mf"
@@ -69,13 +72,14 @@ class MFRecommender(ServedItems):
     reg: float
     rating_scale: tuple[float, float] | None = None
     trained: np.ndarray | None = None
+    titles: np.ndarray | None = None
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.params.save(folder / "item_params.npz")
         items = {"item_id": self.item_ids.astype(str), "popularity": self.popularity}
-        items = self.with_trained(items)
+        items = self.with_item_columns(items)
         pd.DataFrame(items).to_parquet(folder / "items.parquet", index=False)
         (folder / "recommender.json").write_text(
             json.dumps(
@@ -96,6 +100,7 @@ class MFRecommender(ServedItems):
             float(meta["reg"]),
             None if scale is None else (float(scale[0]), float(scale[1])),
             trained_column(items),
+            title_column(items),
         )
 
     def _histories(
@@ -233,4 +238,4 @@ class MFRecommender(ServedItems):
         near = int(np.argmax(cosine))
         rated = ratings[seen == liked[near]][0]
         shown = f" you rated {rated:g}" if self.rating_scale is not None else " in your history"
-        return f"{head}; closest to {self.item_ids[liked[near]]}{shown}"
+        return f"{head}; closest to {self.item_label(int(liked[near]))}{shown}"

@@ -36,6 +36,7 @@ from models.recommenders import (
     best_first,
     check_requests,
     rows_matrix,
+    title_column,
     trained_column,
 )
 
@@ -187,12 +188,7 @@ class NeuralRecommender(ServedItems):
         log_probs = np.log(np.maximum(self.score(both)[:, recommended], 1e-300))
         drop = log_probs[-1] - log_probs[:-1]  # (n, len(recommended)): larger = more needed
         anchors = explained[np.argmax(drop, axis=0)]
-        return [f"because you liked {self._title(int(a))}" for a in anchors]
-
-    def _title(self, item: int) -> str:
-        if self.titles is not None and isinstance(self.titles[item], str) and self.titles[item]:
-            return str(self.titles[item])
-        return str(self.item_ids[item])
+        return [f"because you liked {self.item_label(int(a))}" for a in anchors]
 
     # --- persistence -----------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
@@ -200,9 +196,7 @@ class NeuralRecommender(ServedItems):
         folder.mkdir(parents=True, exist_ok=True)
         save_network(folder / "network.npz", self.params, self.arch)
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": self.popularity})
-        if self.titles is not None:
-            items["title"] = self.titles
-        items = self.with_trained(items)
+        items = self.with_item_columns(items)
         items.to_parquet(folder / "items.parquet", index=False)
         meta = {"kind": KIND, "format": 1, "positive_threshold": self.positive_threshold}
         (folder / "recommender.json").write_text(json.dumps(meta))
@@ -219,13 +213,12 @@ class NeuralRecommender(ServedItems):
             raise ValueError(
                 f"{folder}: items.parquet lists {len(items)} items, the network {arch.n_items}"
             )
-        titles = items["title"].to_numpy(dtype=object) if "title" in items else None
         return cls(
             params,
             arch,
             items["item_id"].to_numpy(dtype=str),
             items["popularity"].to_numpy(dtype=np.float64),
-            titles,
+            title_column(items),
             None if meta.get("positive_threshold") is None else float(meta["positive_threshold"]),
             trained_column(items),
         )

@@ -36,6 +36,7 @@ from models.recommenders import (
     best_first,
     check_requests,
     rows_matrix,
+    title_column,
     trained_column,
 )
 
@@ -301,11 +302,6 @@ class RankingRecommender(ServedItems):
             best, _ = top_k(base[n], excluded, k - len(listed))
             listed.extend((int(i), float("nan"), why) for i in best)
 
-    def _title(self, item: int) -> str:
-        if self.titles is not None and isinstance(self.titles[item], str) and self.titles[item]:
-            return self.titles[item]
-        return str(self.item_ids[item])
-
     def _reasons(
         self, candidates: Candidates, rows: np.ndarray, history: sparse.csr_matrix
     ) -> list[str]:
@@ -359,7 +355,7 @@ class RankingRecommender(ServedItems):
         reasons = []
         for group, near in zip(top_group, neighbour, strict=True):
             if group == "knn" and near >= 0:
-                reasons.append(f"similar to {self._title(int(near))}, which you liked")
+                reasons.append(f"similar to {self.item_label(int(near))}, which you liked")
             else:
                 reasons.append(_REASONS[group][0])
         return reasons
@@ -379,9 +375,7 @@ class RankingRecommender(ServedItems):
         if r.network is not None:
             save_network(folder / "network.npz", *r.network)
         items = pd.DataFrame({"item_id": self.item_ids.astype(str), "popularity": r.popularity})
-        if self.titles is not None:
-            items["title"] = self.titles
-        items = self.with_trained(items)
+        items = self.with_item_columns(items)
         if r.item_features is not None:
             items = pd.concat([items, r.item_features.reset_index(drop=True)], axis=1)
         items.to_parquet(folder / "items.parquet", index=False)
@@ -436,10 +430,9 @@ class RankingRecommender(ServedItems):
         ranker = (
             TreeEnsemble.load(folder / "ranker.json") if (folder / "ranker.json").exists() else None
         )
-        titles = items["title"].to_numpy(dtype=object) if "title" in items else None
         threshold = meta.get("positive_threshold")  # absent from models saved before it was kept
         return cls(
-            retrieval, ranker, items["item_id"].to_numpy(dtype=str), titles,
+            retrieval, ranker, items["item_id"].to_numpy(dtype=str), title_column(items),
             None if threshold is None else float(threshold), trained_column(items),
             meta.get("base", "als"),  # models saved before it was kept ranked by implicit ALS
         )  # fmt: skip

@@ -198,6 +198,25 @@ def test_every_mf_row_says_which_liked_item_it_is_closest_to():
     )
 
 
+def test_an_mf_reason_names_the_liked_item_by_its_title_after_a_save_and_load(tmp_path):
+    factors = np.array([[1, 0], [0, 1], [0.9, 0.1], [0.1, 0.9]])
+    titles = np.array(["Alien (1979)", None, "Aliens (1986)", ""], dtype=object)
+    model = MFRecommender(ItemParams(factors, np.zeros(4), 3.0), np.array(list("abcd")),
+                          np.ones(4), 0.1, (1.0, 5.0), titles=titles)  # fmt: skip
+    model.save(tmp_path / "m")
+    loaded = MFRecommender.load(tmp_path / "m")
+    requests = pd.DataFrame(
+        {"user_id": ["u"], "history_items": [["a", "b"]], "history_ratings": [[5.0, 5.0]]}
+    )
+
+    reasons = loaded.recommend(requests, k=2).set_index("item_id")["reason"]
+
+    assert reasons["c"].endswith("closest to Alien (1979) you rated 5")  # a's title
+    assert reasons["d"].endswith("closest to b you rated 5")  # b has none: its id
+    labels = [loaded.item_label(i) for i in range(4)]
+    assert labels == ["Alien (1979)", "b", "Aliens (1986)", "d"]  # no title, an empty one: ids
+
+
 def test_popularity_fallbacks_of_the_other_families_have_no_score():
     from models.neural.network import Architecture, init_params
     from models.neural.recommender import NeuralRecommender
