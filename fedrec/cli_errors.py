@@ -11,6 +11,7 @@ import difflib
 import functools
 import inspect
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -201,6 +202,28 @@ def _describe(err: Exception) -> tuple[str, bool]:
             f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (and {STARTUP_TIMEOUT_ENV})"
         ), False
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", False
+
+
+class NoInputTracebacks(logging.Filter):
+    """Drops the traceback from a log record of an error that is the user's to fix (bad input:
+    :func:`classify` makes it a :class:`UserError`): its message says all there is. The record
+    itself, with its one line, is kept; any other error keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else None
+        if isinstance(err, Exception) and isinstance(classify(err), UserError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def hide_input_tracebacks() -> None:
+    """Install :class:`NoInputTracebacks` on Prefect's flow-run and task-run loggers (once per
+    process), so that a worker's log and the Prefect UI show a bad input in one line, as the
+    command line does, not under two tracebacks."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, NoInputTracebacks) for f in logger.filters):
+            logger.addFilter(NoInputTracebacks())
 
 
 def debug_option(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -18,7 +18,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
-from fedrec.cli_errors import one_line_config_error
+from fedrec.cli_errors import hide_input_tracebacks, one_line_config_error
 from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.inputs import ConfigError
 from fedrec.model_store import check_tracking_uri, record_store, sqlite_path
@@ -70,6 +70,7 @@ def federated_training_fn(**params: Any) -> State:
     state's message says the outcome in one line (:func:`outcome`), so that whoever polls the
     Prefect API tells a promotion from a model kept and from a run with nothing to train.
     """
+    hide_input_tracebacks()  # a deployment's worker logs bad input in one line too
     try:
         config = TrainingConfig(**params)
     except ValidationError as err:  # the run's state message: one line, as the CLI gives it

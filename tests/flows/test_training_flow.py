@@ -286,7 +286,9 @@ def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     }
 
 
-def test_bad_input_writes_no_model_version_and_keeps_the_champion(store, first_run, tmp_path):
+def test_bad_input_writes_no_model_version_and_keeps_the_champion(
+    store, first_run, tmp_path, monkeypatch
+):
     from flows.training import federated_training
 
     bad = tmp_path / "ratings.csv"
@@ -294,16 +296,44 @@ def test_bad_input_writes_no_model_version_and_keeps_the_champion(store, first_r
     client = store["client"]
     before = {v.version for v in client.search_model_versions("name='flowtest'")}
     champion = client.get_model_version_by_alias("flowtest", "champion").version
-
-    with pytest.raises(
-        DataValidationError, match=r"ratings.csv, row 2 \(line 3\), column 'rating': value 7.0"
-    ):
-        federated_training(
-            data=str(bad), tracking_uri=store["uri"], model_name="flowtest", clients=2
-        )
+    records: list[logging.LogRecord] = []  # what a deployment's worker logs and the UI shows
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        kept = [f for f in logger.filters if type(f).__name__ != "_NoErrorRecords"]  # the CLI's
+        monkeypatch.setattr(logger, "filters", kept)
+        logger.addHandler(handler)
+    try:
+        with pytest.raises(
+            DataValidationError, match=r"ratings.csv, row 2 \(line 3\), column 'rating': value 7.0"
+        ):
+            federated_training(
+                data=str(bad), tracking_uri=store["uri"], model_name="flowtest", clients=2
+            )
+    finally:
+        for name in ("prefect.task_runs", "prefect.flow_runs"):
+            logging.getLogger(name).removeHandler(handler)
 
     assert {v.version for v in client.search_model_versions("name='flowtest'")} == before
     assert client.get_model_version_by_alias("flowtest", "champion").version == champion
+    # the task's and the flow's error lines name the row, without a traceback under them
+    named = [r for r in records if "value 7.0" in r.getMessage()]
+    assert {r.name for r in named} == {"prefect.task_runs", "prefect.flow_runs"}, records
+    assert not [r for r in records if r.exc_info or r.exc_text], records
+
+
+def test_an_unexpected_error_keeps_its_traceback_in_the_log():
+    from fedrec.cli_errors import NoInputTracebacks
+
+    def record(err: Exception) -> logging.LogRecord:
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, "failed: %r",
+                                 (err,), (type(err), err, None))  # fmt: skip
+
+    bug, bad = record(KeyError("x")), record(DataValidationError("no rows", file="r.csv"))
+    assert NoInputTracebacks().filter(bug) and NoInputTracebacks().filter(bad)  # both kept
+    assert bug.exc_info is not None and bad.exc_info is None
+    assert "r.csv: no rows" in bad.getMessage()
 
 
 def test_invalid_parameters_fail_before_any_run_or_version(store, first_run):
