@@ -65,7 +65,12 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 class UnsafeFile(PermissionError):
-    """A private file that others could read, replace or point elsewhere."""
+    """A private file that others could read, replace or point elsewhere; ``folder`` names the
+    folder on its way that others control, when that is the reason."""
+
+    def __init__(self, message: str, folder: Path | None = None) -> None:
+        super().__init__(message)
+        self.folder = folder
 
 
 def read_private(path: Path, what: str) -> bytes:
@@ -125,7 +130,8 @@ def _check_private(path: Path, what: str, info: os.stat_result) -> None:
         if (why := _unsafe_folder(folder)) is not None:
             raise UnsafeFile(
                 f"{path}: the {what} is reached through {folder}, which {why}; its folders "
-                "must be yours or root's, and writable by no one else"
+                "must be yours or root's, and writable by no one else",
+                folder,
             )
 
 

@@ -965,7 +965,8 @@ def _read_secret(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except UnsafeFile as err:
-        raise BudgetError(str(err)) from err
+        move = " (or move it to a private folder and name it with --dp-ledger-secret)"
+        raise BudgetError(f"{err}{'' if err.folder is None else move}") from err
     if len(secret) != 32:
         raise BudgetError(f"{path}: a ledger secret is 32 bytes, this file has {len(secret)}")
     return secret

@@ -130,7 +130,7 @@ def test_the_product_refuses_its_secrets_in_a_shared_folder(tmp_path):
     SiteBudget(site, np.array(["u1", "u2"]), max_epsilon=8.0)
     for shared in (folder, site):
         shared.chmod(0o777)
-    with pytest.raises(BudgetError, match="which every user may write"):
+    with pytest.raises(BudgetError, match=r"which every user may write.*--dp-ledger-secret"):
         ledger_secret(ledger, create=False)
     with pytest.raises(PermissionError, match="which every user may write"):
         load_identity(private)
