@@ -4,7 +4,9 @@ SHELL := /bin/bash
 
 UV := $(shell command -v uv 2>/dev/null)
 ifeq ($(UV),)
-UV := python3 -m uv
+# uv from PyPI into the clone's .tools/uv: pip allows a --target install where PEP 668 refuses
+# one into the system's Python (Debian 12, Ubuntu 24.04)
+UV := $(CURDIR)/.tools/uv/bin/uv
 endif
 RUN := $(UV) run --frozen
 export FEDREC_DATASETS ?= $(abspath ../shared/datasets)
@@ -41,7 +43,7 @@ help: ## list the targets
 setup: .venv/.synced ## install uv if missing, then the locked environment
 
 .venv/.synced: pyproject.toml uv.lock
-	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet --target $(CURDIR)/.tools/uv uv
 	$(UV) sync --frozen
 	@touch $@
 
@@ -139,4 +141,4 @@ bench-cli: setup ## first-run reliability under CPU load (10 trainings) and cold
 
 clean: ## stop the local Prefect server, then remove the environment, caches and local runs (.fedrec)
 	@if [ -x .venv/bin/fedrec ] && [ -d .fedrec ]; then FEDREC_HOME=.fedrec .venv/bin/fedrec server stop || true; fi
-	rm -rf .venv .pytest_cache .ruff_cache .fedrec
+	rm -rf .venv .pytest_cache .ruff_cache .fedrec .tools
