@@ -90,7 +90,7 @@ def _read(config: Any) -> dict[str, Any]:
 
     with status("reading the data (loads pandas)"):
         from tasks.data import load_interactions
-        from tasks.tracking import Standing, ledger_request, ledger_standing
+        from tasks.tracking import Standing, check_ledger_secret, ledger_request, ledger_standing
 
         data, _ = load_interactions.fn(config)
     ids = user_ids(data)
@@ -105,7 +105,8 @@ def _read(config: Any) -> dict[str, Any]:
     if config.dp_epsilon is not None:
         try:
             request = ledger_request(config, data.n_users)
-        except DeltaAboveOneUser as err:
+            check_ledger_secret(uri, config.dp_ledger_secret)  # the run would refuse, store or not
+        except (DeltaAboveOneUser, BudgetError) as err:
             raise UserError(str(err)) from err
     found = Standing(0, standing(user_keys(ids, os.urandom(32)), []), [])  # an empty ledger
     if not missing:  # a store that does not exist holds no entry: it is not created here

@@ -15,13 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes, what: str = "private file") -> None:
     """Replace ``path`` with ``data`` atomically, readable by the owner only from its first byte.
 
     The bytes go to a new temporary file beside ``path`` (created 0600, never following a
     symbolic link), are synced, then renamed over ``path``; the temporary file is removed if
-    anything fails. The parent folder is created 0700 when missing.
+    anything fails. The parent folder is created 0700 when missing. Nothing is written in a
+    folder that others control (:func:`check_private_folders`, naming the file as ``what``).
     """
+    check_private_folders(path, what)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
@@ -41,7 +43,8 @@ def write_private(path: Path, data: bytes) -> None:
 def append_private(path: Path, line: str) -> None:
     """Append ``line`` and a newline to ``path`` (created 0600, never through a symbolic link)
     and sync it: once this returns, the line survives a crash (a new file's folder entry is
-    synced too)."""
+    synced too). Nothing is written in a folder that others control."""
+    check_private_folders(path, "private file")
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "a") as out:
@@ -67,6 +70,8 @@ def folder_lock(folder: Path) -> Iterator[None]:
 class UnsafeFile(PermissionError):
     """A private file that others could read, replace or point elsewhere; ``folder`` names the
     folder on its way that others control, when that is the reason."""
+
+    one_line = True  # the command line shows the message alone, as the user's to fix
 
     def __init__(self, message: str, folder: Path | None = None) -> None:
         super().__init__(message)
@@ -97,6 +102,8 @@ def read_private(path: Path, what: str) -> bytes:
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise UnsafeFile(f"{path}: the {what} is a symbolic link; refused") from err
+        if err.errno == errno.EACCES:  # another user's file, say: say whose, not "denied"
+            _check_private(path, what, os.lstat(path))
         raise
     try:
         _check_private(path, what, os.fstat(fd))
@@ -126,6 +133,13 @@ def _check_private(path: Path, what: str, info: os.stat_result) -> None:
             f"{path}: the {what} has {info.st_nlink} names (hard links); a private file has "
             "one: copy it and remove the other names"
         )
+    check_private_folders(path, what)
+
+
+def check_private_folders(path: Path, what: str) -> None:
+    """Refuse (:class:`UnsafeFile`) a private file's path, existing or to be created, when a
+    folder on its way that exists belongs to another user or is writable by others (see
+    :func:`read_private`): call it before writing a secret there."""
     for folder in _folders_on_the_way(path):
         if (why := _unsafe_folder(folder)) is not None:
             raise UnsafeFile(
@@ -133,6 +147,15 @@ def _check_private(path: Path, what: str, info: os.stat_result) -> None:
                 "must be yours or root's, and writable by no one else",
                 folder,
             )
+
+
+def check_private_path(path: Path, what: str) -> None:
+    """What :func:`read_private` checks, of the file at ``path`` when there is one, else of
+    the folders a new one would be written in."""
+    try:
+        read_private(path, what)
+    except FileNotFoundError:
+        check_private_folders(path, what)
 
 
 def _folders_on_the_way(path: Path) -> list[Path]:
@@ -144,25 +167,48 @@ def _folders_on_the_way(path: Path) -> list[Path]:
 
 
 def _unsafe_folder(folder: Path) -> str | None:
-    info = os.stat(folder)
+    try:
+        info = os.stat(folder)
+    except FileNotFoundError:  # to be made, by this user
+        return None
     if info.st_uid not in (0, os.geteuid()):
         return f"belongs to {_user(info.st_uid)}"
     if info.st_mode & stat.S_ISVTX:  # only an entry's owner may remove or rename it
         return None
     if info.st_mode & stat.S_IWOTH:
         return "every user may write to"
-    if info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid):
-        return f"the members of group {_group(info.st_gid)} may write to"
+    if info.st_mode & stat.S_IWGRP and not _private_group(info.st_gid):
+        others = _other_members(info.st_gid)
+        named = f" ({', '.join(others[:5])}{' ...' * (len(others) > 5)})" if others else ""
+        return f"the members of group {_group(info.st_gid)}{named} may write to"
     return None
 
 
-def _own_group(gid: int) -> bool:
-    """A group only this user belongs to (a user-private group, as ``umask 002`` systems make)."""
+def _private_group(gid: int) -> bool:
+    """A group named after this user that no other user is in, listed or by their primary
+    group: a user-private group, as ``umask 002`` systems make one per user."""
     try:
-        group, me = grp.getgrgid(gid), pwd.getpwuid(os.geteuid()).pw_name
+        named_mine = grp.getgrgid(gid).gr_name == pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return False
-    return group.gr_name == me and set(group.gr_mem) <= {me}
+    return named_mine and not _other_members(gid)
+
+
+def _other_members(gid: int) -> list[str]:
+    """The users other than this one in group ``gid``, listed or by their primary group."""
+    try:
+        listed = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        listed = set()
+    primary = {user.pw_name for user in pwd.getpwall() if user.pw_gid == gid}
+    return sorted((listed | primary) - {_name(os.geteuid())})
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _user(uid: int) -> str:

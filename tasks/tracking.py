@@ -46,7 +46,13 @@ from fedrec.model_store import (
 )
 from models.data.partitions import remove_workspace
 from models.federation.family import Recommender
-from models.files import UnsafeFile, read_private, write_private
+from models.files import (
+    UnsafeFile,
+    check_private_folders,
+    check_private_path,
+    read_private,
+    write_private,
+)
 from models.privacy.ledger import (
     USER_KEY,
     Balance,
@@ -965,11 +971,27 @@ def _read_secret(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except UnsafeFile as err:
-        move = " (or move it to a private folder and name it with --dp-ledger-secret)"
-        raise BudgetError(f"{err}{'' if err.folder is None else move}") from err
+        raise _unsafe_secret(err) from err
     if len(secret) != 32:
         raise BudgetError(f"{path}: a ledger secret is 32 bytes, this file has {len(secret)}")
     return secret
+
+
+def _unsafe_secret(err: UnsafeFile) -> BudgetError:
+    where = (
+        " (keep the secret in a folder of your own and name it with --dp-ledger-secret; copy "
+        "this one there only if you are sure no one replaced it)"
+    )
+    return BudgetError(f"{err}{'' if err.folder is None else where}")
+
+
+def check_ledger_secret(uri: str, configured: str | None = None) -> None:
+    """Refuse (:class:`BudgetError`) before a private run starts when the ledger's secret for
+    ``uri``, or the folder a new one would be written in, is not private to this user."""
+    try:
+        check_private_path(ledger_secret_path(uri, configured), "ledger secret")
+    except UnsafeFile as err:
+        raise _unsafe_secret(err) from err
 
 
 def ledger_secret(path: Path, *, create: bool) -> bytes:
@@ -986,6 +1008,10 @@ def ledger_secret(path: Path, *, create: bool) -> bytes:
         return secret
     if not create:
         raise FileNotFoundError(path)
+    try:  # never write a secret where others could swap it
+        check_private_folders(path, "ledger secret")
+    except UnsafeFile as err:
+        raise _unsafe_secret(err) from err
     path.parent.mkdir(parents=True, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
@@ -1181,9 +1207,11 @@ def ledger_standing(
     Raises
     ------
     BudgetError
-        When the ledger's experiment was deleted, or its entries name users with a secret this
-        machine does not hold.
+        When the ledger's experiment was deleted, its entries name users with a secret this
+        machine does not hold, or the secret (or the folder a new one would go in) is not
+        private to this user (:func:`check_ledger_secret`).
     """
+    check_ledger_secret(uri, secret_path)  # the run would refuse: say so here too
     client = _client(uri)
     experiment_id = _ledger_experiment(client, uri, create=False)
     stored: list[Stored] = []

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from models.files import append_private, folder_lock, read_private, write_private
+from models.files import (
+    append_private,
+    check_private_folders,
+    folder_lock,
+    read_private,
+    write_private,
+)
 from models.privacy.ledger import Entry, Stored, standing, user_keys
 from models.sites.budget import Release, SiteBudgetError, charge
 
@@ -65,6 +71,7 @@ class SiteBudget:
         if not max_epsilon > 0:
             raise ValueError(f"max_epsilon={max_epsilon} must be > 0")
         self.folder = Path(folder)
+        check_private_folders(self.folder / SECRET, "site secret")  # before making anything
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.max_epsilon = float(max_epsilon)
         self.max_delta = float(max_delta) if max_delta is not None else 1.0 / max(1, len(user_ids))
@@ -76,7 +83,7 @@ class SiteBudget:
     def _secret(self) -> bytes:
         path = self.folder / SECRET
         if not path.exists():
-            write_private(path, os.urandom(32))
+            write_private(path, os.urandom(32), "site secret")
         return read_private(path, "site secret")
 
     def _keep_users(self, keys: np.ndarray) -> str:

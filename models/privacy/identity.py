@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from models.files import UnsafeFile, read_private
+from models.files import UnsafeFile, check_private_folders, read_private
 
 _DOMAIN = b"fedrec/secagg/v1"
 _PUBLIC_NAME = re.compile(r"client-(\d+)\.pub")
@@ -66,10 +66,14 @@ def write_identity(key: Ed25519PrivateKey, folder: Path, stem: str) -> tuple[Pat
     ------
     FileExistsError
         If the private key file already exists (an identity is generated once).
+    PermissionError
+        (:class:`models.files.UnsafeFile`) If a folder on its way is another user's or
+        writable by others; nothing is written.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     private_path = folder / f"{stem}.key"
     public_path = folder / f"{stem}.pub"
+    check_private_folders(private_path, "identity key")  # a key others could swap: not made
+    folder.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

@@ -135,7 +135,8 @@ def parse_registry(raw: Any, base: Path, source: str = "sites.yaml") -> Registry
     try:
         coordinator = load_identity(key_path)
     except (OSError, ValueError) as err:
-        raise RegistryError(f"{source}: coordinator_key {key_path}: {err}") from err
+        said = str(err).removeprefix(f"{key_path}: ")  # messages that name the file start so
+        raise RegistryError(f"{source}: coordinator_key {key_path}: {said}") from err
     precision = raw.get("precision", "float64")
     if precision not in ("float64", "float32"):
         raise RegistryError(f"{source}: precision {precision!r}; allowed: float64, float32")

@@ -596,3 +596,33 @@ def test_a_partition_the_data_cannot_meet_spends_no_budget_and_starts_no_run(sto
     assert all(not r["in_mlflow"] for r in rows)  # this store has no MLflow run
     text = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"]]).stdout
     assert "(Prefect flow run; it ended before its MLflow run)" in text
+
+
+def test_a_private_run_whose_secret_others_could_swap_ends_before_any_server_or_run(tmp_path):
+    """The command refuses in one line (exit 2) before it reaches Prefect: the API named here
+    answers nothing, so a later refusal would have been "server down" (exit 1)."""
+    import os
+
+    shared = tmp_path / "team"
+    shared.mkdir()
+    shared.chmod(0o777)
+    env = os.environ | {
+        "FEDREC_HOME": str(shared / "home"),
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-c", "from fedrec.cli import main; main()", "train", "--dp-epsilon", "8",
+         "--rounds", "1"], env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fedrec: error: {shared / 'home' / '.fedrec-ledger.key'}: the ledger")
+    assert f"reached through {shared}, which every user may write to" in last
+    assert "--dp-ledger-secret" in last
+    assert not [p for p in shared.rglob("*") if p.is_file()]  # no store, secret or ledger
+    asked = subprocess.run(  # fedrec budget says so too, where it said "would start"
+        [sys.executable, "-c", "from fedrec.cli import main; main()", "budget", "--dp-epsilon", "8"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert asked.returncode == 2 and asked.stderr.strip().splitlines()[-1] == last, asked.stderr

@@ -26,7 +26,8 @@ def _secret(folder: Path) -> Path:
 def _swap(path: Path, known: bytes) -> None:
     """What a writer of ``path``'s folder can do without reading the secret: replace it."""
     path.unlink()
-    write_private(path, known)
+    path.write_bytes(known)
+    path.chmod(0o600)
 
 
 def test_a_private_file_in_private_folders_is_read(tmp_path):
@@ -136,3 +137,65 @@ def test_the_product_refuses_its_secrets_in_a_shared_folder(tmp_path):
         load_identity(private)
     with pytest.raises(PermissionError, match="which every user may write"):
         SiteBudget(site, np.array(["u1", "u2"]), max_epsilon=8.0)
+
+
+def test_a_group_someone_else_has_as_primary_group_is_no_private_group(tmp_path, monkeypatch):
+    import grp
+    import pwd
+    from types import SimpleNamespace
+
+    folder = tmp_path / "home"
+    path = _secret(folder)
+    me = pwd.getpwuid(os.geteuid())
+    os.chown(folder, -1, me.pw_gid)
+    folder.chmod(0o770)  # umask 002's folders, in the user's own group
+    if grp.getgrgid(me.pw_gid).gr_name != me.pw_name or grp.getgrgid(me.pw_gid).gr_mem:
+        pytest.skip("this user's primary group is not a user-private group")
+    assert len(read_private(path, "ledger secret")) == 32
+    carol = SimpleNamespace(pw_name="carol", pw_gid=me.pw_gid)  # useradd -g <user>: not listed
+    everyone = pwd.getpwall()
+    monkeypatch.setattr(pwd, "getpwall", lambda: [*everyone, carol])
+    with pytest.raises(UnsafeFile, match=rf"members of group {me.pw_name} \(carol\) may write"):
+        read_private(path, "ledger secret")
+
+
+@needs_root
+def test_a_file_this_user_cannot_open_is_named_for_its_owner_not_denied(tmp_path, monkeypatch):
+    import errno
+
+    path = _secret(tmp_path / "home")
+    os.chown(path, NOBODY, NOBODY)
+    real_open = os.open
+
+    def denied(target, *args, **kwargs):  # what a user other than root meets
+        if Path(target) == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(target))
+        return real_open(target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(UnsafeFile, match=f"belongs to .*uid {NOBODY}"):
+        read_private(path, "ledger secret")
+
+
+def test_nothing_private_is_written_where_others_could_swap_it(tmp_path):
+    from fedrec.cli_errors import UserError, classify
+    from fedrec.sites.budget import SiteBudget
+    from models.files import check_private_path
+    from models.privacy.identity import generate_identity, save_identity
+    from tasks.tracking import BudgetError, ledger_secret
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeFile, match="which every user may write") as refused:
+        write_private(shared / "held.npz", b"x")
+    assert isinstance(classify(refused.value), UserError)  # exit status 2, the line alone
+    with pytest.raises(UnsafeFile, match="which every user may write"):
+        check_private_path(shared / "new" / "secret", "ledger secret")  # a folder still to make
+    with pytest.raises(BudgetError, match=r"which every user may write.*--dp-ledger-secret"):
+        ledger_secret(shared / "store" / ".fedrec-ledger.key", create=True)
+    with pytest.raises(PermissionError, match="which every user may write"):
+        save_identity(generate_identity(), shared / "keys", 3)
+    with pytest.raises(PermissionError, match="which every user may write"):
+        SiteBudget(shared / "site" / "budget", np.array(["u1"]), max_epsilon=8.0)
+    assert list(shared.iterdir()) == []  # no secret, key, budget or folder was made
