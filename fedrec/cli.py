@@ -309,17 +309,6 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
         return
 
 
-def _check_ledger_secret(config: Any) -> None:
-    """A private run whose ledger secret, or the folder a new one would be written in, others
-    control ends here, in one line, as the flow would end it later."""
-    from fedrec.model_store import resolve_tracking_uri
-    from tasks.tracking import check_ledger_secret
-
-    check_ledger_secret(
-        resolve_tracking_uri(config.tracking_uri, create=False), config.dp_ledger_secret
-    )
-
-
 def prefect_api(*, sites: bool = False) -> str:
     """The Prefect API that runs report to: the one configured (``PREFECT_API_URL`` in the
     environment or Prefect's profile, or a test harness), else fedrec's local server, started
@@ -544,8 +533,10 @@ def train(
                 "can reach; allowed: --tracking-uri http://HOST:PORT of an MLflow server with "
                 "the artifact proxy (`fedrec stores start` prints it)"
             )
-    if config.dp_epsilon is not None and config.resume is None and config.sites is None:
-        _check_ledger_secret(config)  # before a server starts or a flow run is made
+    if config.resume is None and config.sites is None:  # before a server starts or a run is made
+        from flows.training import check_private_places
+
+        check_private_places(config)
     api_url = prefect_api(sites=config.sites is not None)
     started = time.perf_counter()
     # MLflow prints registry notices on stdout; with --json, stdout carries the summary only.

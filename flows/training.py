@@ -28,6 +28,7 @@ from flows.loop import train_family
 from flows.rounds import RunContext, privacy_plan
 from flows.sites import prune_exchange, start_sites_run
 from models.data.partitions import mark_finished, read_item_ids, read_manifest, remove_workspace
+from models.files import UnsafeFile, check_private_folders
 from models.privacy.ledger import user_ids
 from models.privacy.redaction import redact_uri
 from models.promotion import WORSE_THAN_BASELINE, PromotionDecision
@@ -39,6 +40,7 @@ from tasks.tracking import (
     DP_NOT_COVERED,
     HELD_OUT_TAG,
     ResumeError,
+    check_ledger_secret,
     close_ended_runs,
     failure,
     finish_run,
@@ -189,6 +191,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         return _train_and_register(config, start_sites_run(config))
     logger = get_run_logger()
     name = config.registered_name
+    check_private_places(config)  # before a reservation or a run: a refusal spends nothing
     data, explicit_split = load_interactions(config)
     check_sharding(data, config)  # before a reservation or a run: a refusal writes nothing
     for note in data.notes:  # what reading changed or assumed (duplicates dropped, ...)
@@ -256,6 +259,27 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         finish_run(uri, run_id, False, failure(err, config.dp_epsilon is not None))
         raise
     return _train_and_register(config, ctx)
+
+
+def check_private_places(config: TrainingConfig) -> None:
+    """Refuse a private or securely aggregated run whose private files would sit where others
+    could swap them, before it spends budget or starts: its clients' kept answers and held
+    updates (in the workspace) and the ledger's secret (:func:`models.files.read_private`'s
+    rules; :class:`models.files.UnsafeFile` or ``BudgetError``, one line each)."""
+    if config.dp_epsilon is None and not config.secure_aggregation:
+        return
+    workspace = Path(config.workspace) if config.workspace else fedrec_home() / "workspaces"
+    try:
+        check_private_folders(workspace, "run's workspace", is_folder=True)
+    except UnsafeFile as err:
+        raise UnsafeFile(
+            f"{err} (give --workspace DIR in a folder of your own, or use a FEDREC_HOME of "
+            "your own)",
+            err.folder,
+        ) from None
+    if config.dp_epsilon is not None:
+        check_ledger_secret(resolve_tracking_uri(config.tracking_uri, create=False),
+                            config.dp_ledger_secret)  # fmt: skip
 
 
 def _synthetic(source: str | None) -> bool:

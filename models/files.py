@@ -136,11 +136,15 @@ def _check_private(path: Path, what: str, info: os.stat_result) -> None:
     check_private_folders(path, what)
 
 
-def check_private_folders(path: Path, what: str) -> None:
+def check_private_folders(path: Path, what: str, *, is_folder: bool = False) -> None:
     """Refuse (:class:`UnsafeFile`) a private file's path, existing or to be created, when a
     folder on its way that exists belongs to another user or is writable by others (see
-    :func:`read_private`): call it before writing a secret there."""
-    for folder in _folders_on_the_way(path):
+    :func:`read_private`): call it before writing a secret there. With ``is_folder``, ``path``
+    is a folder for private files, checked itself too."""
+    folders = _folders_on_the_way(path)
+    if is_folder:
+        folders.append(Path(os.path.realpath(path)))
+    for folder in folders:
         if (why := _unsafe_folder(folder)) is not None:
             raise UnsafeFile(
                 f"{path}: the {what} is reached through {folder}, which {why}; its folders "

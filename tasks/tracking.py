@@ -979,8 +979,8 @@ def _read_secret(path: Path) -> bytes | None:
 
 def _unsafe_secret(err: UnsafeFile) -> BudgetError:
     where = (
-        " (keep the secret in a folder of your own and name it with --dp-ledger-secret; copy "
-        "this one there only if you are sure no one replaced it)"
+        " (keep the secret in a folder of your own and name it with --dp-ledger-secret, or use "
+        "a FEDREC_HOME of your own; copy this one there only if you are sure no one replaced it)"
     )
     return BudgetError(f"{err}{'' if err.folder is None else where}")
 

@@ -613,7 +613,8 @@ def test_a_private_run_whose_secret_others_could_swap_ends_before_any_server_or_
     env.pop("MLFLOW_TRACKING_URI", None)
     done = subprocess.run(
         [sys.executable, "-c", "from fedrec.cli import main; main()", "train", "--dp-epsilon", "8",
-         "--rounds", "1"], env=env, capture_output=True, text=True, timeout=300,
+         "--rounds", "1", "--workspace", str(tmp_path / "mine" / "ws")],
+        env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     last = done.stderr.strip().splitlines()[-1]
@@ -626,3 +627,40 @@ def test_a_private_run_whose_secret_others_could_swap_ends_before_any_server_or_
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert asked.returncode == 2 and asked.stderr.strip().splitlines()[-1] == last, asked.stderr
+    default = subprocess.run(  # FEDREC_HOME's workspaces: its clients' answers would go there
+        [sys.executable, "-c", "from fedrec.cli import main; main()", "train", "--dp-epsilon", "8"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert default.returncode == 2, default.stderr
+    assert (
+        default.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"fedrec: error: {shared / 'home' / 'workspaces'}: the run's workspace is reached through "
+            f"{shared}, which every user may write to"
+        )
+    )
+    assert not [p for p in shared.rglob("*") if p.is_file()]
+
+
+def test_a_private_run_whose_workspace_others_could_write_spends_nothing(store, tmp_path):
+    """Its clients keep their answers in the workspace, which a private file's rules cover: a
+    run that would fail on them after its reservation refuses before it instead (a deployment's
+    run takes this path; the command line checks the same before a server starts)."""
+    from models.files import UnsafeFile
+
+    shared = tmp_path / "team"
+    shared.mkdir()
+    shared.chmod(0o777)
+    _reserve(store, 1.0, cap=10.0)  # a ledger to count entries in
+    before = len(_ledger_runs(store))
+    for workspace in (shared / "ws", shared):  # a folder in it, or that folder itself
+        with pytest.raises(UnsafeFile, match=rf"{workspace}: the run's workspace is reached "
+                           rf"through {shared}, which every user may write to.*give --workspace "
+                           r"DIR in a folder of your own"):  # fmt: skip
+            _train(store, dp_epsilon=8.0, workspace=str(workspace), model_name="shared-ws")
+    assert len(_ledger_runs(store)) == before  # nothing spent
+    assert list(shared.iterdir()) == []
+    client = store["client"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [r for r in runs if r.data.tags.get("fedrec.model_name") == "shared-ws"]
