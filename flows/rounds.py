@@ -25,6 +25,7 @@ from models.cohorts import RunningSum
 from models.data.partitions import ClientEntry, Manifest
 from models.data.readers import TABLE_SUFFIXES
 from models.federation.sampling import sample_clients
+from models.files import UnsafeFile
 from models.privacy.dp import calibrate, epsilon, weak_guarantee
 from models.privacy.ledger import run_delta
 from models.privacy.redaction import redact_uri
@@ -230,7 +231,9 @@ def answered(
 ) -> dict[Any, Any]:
     """Results of the futures that completed (within ``timeout`` seconds, if given), under their
     keys; failures and stragglers are logged (a client by its ``names`` entry, if any) and left
-    out (a late answer is never used), and written into ``failed`` (key: why) when it is given."""
+    out (a late answer is never used), and written into ``failed`` (key: why) when it is given.
+    A private file that others could swap (:class:`models.files.UnsafeFile`, the workspace every
+    simulated client keeps its files in) ends the run: it is the user's to fix, not a dropout."""
     done = wait(list(futures.values()), timeout=timeout).done
     results = {}
     for key, future in futures.items():
@@ -245,6 +248,8 @@ def answered(
             if future.state.is_completed():
                 results[key] = future.result()
                 continue
+            if isinstance(error := _error(future.state), UnsafeFile):
+                raise error
             why = f"failed: {_failure(future.state)}"
             get_run_logger().warning("%s: %s %s", what, _who(key, names), why)
         if failed is not None:
@@ -252,15 +257,21 @@ def answered(
     return results
 
 
+def _error(state: Any) -> BaseException | None:
+    """The exception a failed task run's state holds, if it can be read."""
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:  # a result that cannot be read: the message says what Prefect knows
+        return None
+    return error if isinstance(error, BaseException) else None
+
+
 def _failure(state: Any) -> str:
     """Why a task run failed: its exception's type and words where the state holds it
     (Prefect's message wraps a TimeoutError's: "Task run failed due to timeout:
     TimeoutError('...')"), else the state's message."""
-    try:
-        error = state.result(raise_on_failure=False)
-    except Exception:  # a result that cannot be read: the message says what Prefect knows
-        error = None
-    if isinstance(error, BaseException):
+    error = _error(state)
+    if error is not None:
         return f"{type(error).__name__}: {error}"
     return str(state.message)
 

@@ -65,3 +65,30 @@ def test_a_real_site_is_named_in_the_warning_and_in_the_quorums_one_line(prefect
     config = TrainingConfig(min_clients=3)
     with pytest.raises(QuorumError, match=r"2 of 3 clients answered.*; shop-c: .*client 2 is down"):
         require_quorum(len(answers), 3, config, "round 1", failed, names)
+
+
+@task(retries=0)
+def _unsafe_client(i: int) -> int:
+    from models.files import UnsafeFile
+
+    if i == 1:
+        raise UnsafeFile("/w/client-0001.answer.npz: the private file is reached through /w, ...")
+    return i
+
+
+def test_a_private_file_others_could_swap_ends_the_run_instead_of_leaving_a_client_out(
+    prefect_server,
+):
+    """Every simulated client keeps its files in one workspace: one refusal is every client's,
+    and the user's to fix (exit 2), not a dropout the round goes on without."""
+    import pytest
+
+    from flows.rounds import answered
+    from models.files import UnsafeFile
+
+    @flow
+    def one_round() -> dict[int, int]:
+        return answered({i: _unsafe_client.submit(i) for i in range(3)}, "round 1")
+
+    with pytest.raises(UnsafeFile, match=r"client-0001\.answer\.npz: the private file"):
+        one_round()
