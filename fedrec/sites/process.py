@@ -59,6 +59,7 @@ from models.data.schema import Interactions, keep_positives
 from models.federation.evaluation import without_item_counts
 from models.federation.family import Family
 from models.federation.sampling import fresh_rng, round_rng
+from models.files import check_private_folders
 from models.privacy.identity import load_identity
 from models.privacy.ledger import keyed_fingerprint, user_ids
 from models.privacy.released_metrics import MetricRelease
@@ -152,6 +153,8 @@ class Site:
         self.options = options
         self.name = options.name
         self.key = load_identity(options.identity)
+        # its secret, budget and kept answers go there: refused before anything is made in it
+        check_private_folders(Path(options.state_dir), "site's state folder", is_folder=True)
         self.coordinator = load_public_key(options.coordinator_key, Path.cwd())
         self.data = data if data is not None else load_site_data(options.data, options.read_options)
         self.record = SiteRecord(Path(options.state_dir) / "record")

@@ -772,3 +772,18 @@ def test_a_sites_own_log_names_what_its_enrolment_holds_and_not_its_noisy_count(
     assert all(re.search(rf"\b{name}\b", own) for name in info)
     assert not re.search(r"\d", _without_digits_but(own, ["int64[0]"]))  # n_users not there
     assert not any("sent" in line or "n_users" in line for line in transport.logs)
+
+
+def test_a_state_folder_others_could_write_is_refused_before_anything_is_made_in_it(
+    world, tmp_path
+):
+    from models.files import UnsafeFile
+
+    _, _, start = world
+    shared = tmp_path / "team"
+    shared.mkdir()
+    shared.chmod(0o777)
+    for state in (shared / "site-a", shared):  # a folder in it, or that folder itself
+        with pytest.raises(UnsafeFile, match=rf"reached through {shared}, which every user"):
+            start(state_dir=state)
+    assert list(shared.iterdir()) == []  # no record, budget or secure-round folder
