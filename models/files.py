@@ -216,10 +216,8 @@ def _name(uid: int) -> str:
 
 
 def _user(uid: int) -> str:
-    try:
-        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
+    name = _name(uid)
+    return f"uid {uid}" if name == str(uid) else f"user {name} (uid {uid})"
 
 
 def _group(gid: int) -> str:
