@@ -105,7 +105,7 @@ def _read(config: Any) -> dict[str, Any]:
     if config.dp_epsilon is not None:
         try:
             request = ledger_request(config, data.n_users)
-            check_ledger_secret(uri, config.dp_ledger_secret)  # the run would refuse, store or not
+            check_ledger_secret(uri, config.dp_ledger_secret)  # as the run checks it, store or not
         except (DeltaAboveOneUser, BudgetError) as err:
             raise UserError(str(err)) from err
     found = Standing(0, standing(user_keys(ids, os.urandom(32)), []), [])  # an empty ledger

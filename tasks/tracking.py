@@ -1207,11 +1207,9 @@ def ledger_standing(
     Raises
     ------
     BudgetError
-        When the ledger's experiment was deleted, its entries name users with a secret this
-        machine does not hold, or the secret (or the folder a new one would go in) is not
-        private to this user (:func:`check_ledger_secret`).
+        When the ledger's experiment was deleted, or its entries name users with a secret this
+        machine does not hold (or one that is not private to this user).
     """
-    check_ledger_secret(uri, secret_path)  # the run would refuse: say so here too
     client = _client(uri)
     experiment_id = _ledger_experiment(client, uri, create=False)
     stored: list[Stored] = []
