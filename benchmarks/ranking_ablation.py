@@ -3,7 +3,8 @@ out from it (ML-1M, the split and candidates of :mod:`benchmarks.ranking`).
 
 The retrieval models are those of the two-stage benchmark (implicit ALS, item-kNN, EASE lambda
 800; centralized ALS, which the federated one equals) and the candidates are the re-ranker's own
-(``ranker_client_data``: history = training rows, label = the candidate is a validation row). A
+(``ranker_client_data``: history = training rows, label = the candidate is a validation row, for
+every user: the folds below hold users out, not the selection users of ``fedrec train``). A
 pooled LightGBM ranker with the benchmark's 100 trees (the federated one matches it on test) is
 trained on the users of all folds but one and scores the held-out fold; validation NDCG@10 is
 summed over every fold and divided by the users with a validation row, so users whose validation
@@ -135,7 +136,7 @@ def pseudo_candidates(args: argparse.Namespace) -> pd.DataFrame:
     base = _recommender(data, clients, args)
     parts = []
     for c in clients:
-        prepared = ranker_client_data(c, base, ())
+        prepared = ranker_client_data(c, base, (), leave_out_selection=False)
         parts.append(
             prepared.train.features.assign(
                 uid=c.user_ids[prepared.train.users], item=prepared.train.items,
@@ -157,7 +158,7 @@ def candidates(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, pd
     base = _recommender(data, clients, args)
     train, test, rows = [], [], []
     for c in clients:
-        prepared = ranker_client_data(c, base, ("test",))
+        prepared = ranker_client_data(c, base, ("test",), leave_out_selection=False)
         part = prepared.train.features.assign(
             uid=c.user_ids[prepared.train.users], item=prepared.train.items, label=prepared.labels
         )

@@ -579,7 +579,7 @@ def train(
         f"{'promoted to champion' if summary['promoted'] else 'not promoted'} ({summary['reason']})"
     )
     k = summary.get("top_k", 10)  # the run's K: its ranking metrics are *_at_K
-    shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse",
+    shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse", f"select NDCG@{k}": f"select/ndcg_at_{k}",
              f"test Recall@{k}": f"test/recall_at_{k}", f"test NDCG@{k}": f"test/ndcg_at_{k}"}  # fmt: skip
     from models.promotion import noise_metric
 

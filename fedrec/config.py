@@ -55,13 +55,13 @@ _NEURAL = NeuralConfig(
 
 Algorithm = Literal["als", "fedavg", "fedprox", "fedadam", "fedyogi"]
 # a metric that can decide promotion: a rating error on the validation rows, or a ranking metric
-# at the run's K (top_k) on the validation or test rows
+# at the run's K (top_k) on the validation, selection (a re-ranker's) or test rows
 PROMOTION_METRIC = re.compile(
-    r"^(valid/(rmse|mae)|(valid|test)/(ndcg|recall|map)_at_(?P<k>[1-9][0-9]{0,3}))$"
+    r"^(valid/(rmse|mae)|(valid|select|test)/(ndcg|recall|map)_at_(?P<k>[1-9][0-9]{0,3}))$"
 )
 PROMOTION_METRICS_ALLOWED = (
-    "valid/rmse, valid/mae, or valid/ or test/ ndcg_at_K, recall_at_K, map_at_K with K the "
-    "run's top_k (default 10)"
+    "valid/rmse, valid/mae, or valid/, select/ (with a re-ranker) or test/ ndcg_at_K, "
+    "recall_at_K, map_at_K with K the run's top_k (default 10)"
 )
 
 
@@ -459,8 +459,8 @@ class TrainingConfig(BaseModel):
         None,
         pattern=PROMOTION_METRIC.pattern,  # in the deployment's parameter schema too
         description="metric that decides promotion (default: valid/rmse explicit, valid/ndcg_at_K "
-        "implicit, test/ndcg_at_K with a re-ranker, whose labels are the validation rows; K is "
-        "--top-k)",
+        "implicit, select/ndcg_at_K with a re-ranker: the validation rows of the fifth of the "
+        "users it does not learn from; K is --top-k)",
     )
     min_delta: float = Field(
         0.0, ge=0, description="least improvement over the champion to promote"
@@ -717,8 +717,14 @@ class TrainingConfig(BaseModel):
                 )
             if self.ranker != "none" and metric.startswith("valid/"):
                 raise ValueError(
-                    f"promotion_metric={metric!r}: the re-ranker learns from the validation rows, "
-                    "so compare on test/* metrics"
+                    f"promotion_metric={metric!r}: the re-ranker learns from the validation rows; "
+                    f"allowed: {metric.replace('valid/', 'select/', 1)} (the validation rows of "
+                    "the users it leaves out) or a test/ metric"
+                )
+            if self.ranker == "none" and metric.startswith("select/"):
+                raise ValueError(
+                    f"promotion_metric={metric!r}: select/ metrics are measured with a re-ranker "
+                    f"only; allowed: {metric.replace('select/', 'valid/', 1)}, or ranker='lightgbm'"
                 )
         # A mistyped path fails here, before any server, run or task starts.
         check_sources_exist(
@@ -740,6 +746,7 @@ class TrainingConfig(BaseModel):
                 "them; allowed: valid_fraction > 0 (or a valid file), or ranker='none'"
             )
         split = self.promotion.split("/")[0]
+        split = "valid" if split == "select" else split  # the selection users' validation rows
         if split in held and not held[split]:
             rows = "validation" if split == "valid" else split
             raise ValueError(
@@ -764,7 +771,7 @@ class TrainingConfig(BaseModel):
             return self.promotion_metric
         if self.feedback == "explicit":
             return "valid/rmse"
-        return f"{'test' if self.ranker != 'none' else 'valid'}/ndcg_at_{self.top_k}"
+        return f"{'select' if self.ranker != 'none' else 'valid'}/ndcg_at_{self.top_k}"
 
     def ranking_config(self) -> RankingConfig:
         """The core's hyperparameters of the implicit-feedback (ranking) family."""

@@ -480,7 +480,13 @@ def report_step(ctx: RunContext, label: str, metrics: Mapping[str, float], secon
     at = ctx.config.top_k
     shown = [
         f"{k} {metrics[k]:.4f}"
-        for k in ("train/rmse", "valid/rmse", f"valid/ndcg_at_{at}", f"test/ndcg_at_{at}")
+        for k in (
+            "train/rmse",
+            "valid/rmse",
+            f"valid/ndcg_at_{at}",
+            f"select/ndcg_at_{at}",
+            f"test/ndcg_at_{at}",
+        )
         if k in metrics
     ]
     now = time.time()

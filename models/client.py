@@ -15,6 +15,22 @@ from models.mf.als import RatingRows
 SPLIT = "split"
 TRAIN, VALID, TEST = 0, 1, 2
 SPLIT_NAMES = {"train": TRAIN, "valid": VALID, "test": TEST}
+# The validation rows of the selection users: a model that learns from validation rows (the
+# re-ranker) leaves these users' rows out of its labels and is compared (promoted) on them.
+SELECT = "select"
+SELECT_SHARE = 0.2  # of the users, chosen by a hash of their id (the same users in every run)
+_SELECT_BUCKETS = 1000
+
+
+def selection_users(user_ids: np.ndarray) -> np.ndarray:
+    """Which users are selection users: about a fifth of any set of users, by a hash of each id
+    as text (so ``1`` and ``"1"`` agree), whatever the seed or the sharding. The hash is public
+    and keyless: which users are held out for selection is no secret, and the same users are
+    held out from every run's re-ranker, so a champion's ranker never learnt from the rows the
+    next run compares it on."""
+    text = np.asarray([str(u) for u in np.asarray(user_ids).ravel()], dtype=object)
+    buckets = pd.util.hash_array(text, categorize=False) % np.uint64(_SELECT_BUCKETS)
+    return buckets < np.uint64(round(SELECT_SHARE * _SELECT_BUCKETS))
 
 
 @dataclass(frozen=True)
@@ -46,8 +62,28 @@ class ClientData:
         return len(self.user_ids)
 
     def rows(self, split: str) -> RatingRows:
-        """The rows of one split (``train``, ``valid`` or ``test``), layouts cached across rounds."""
+        """The rows of one split (``train``, ``valid``, ``test``, or ``select``: the validation
+        rows of :func:`selection_users`), layouts cached across rounds."""
+        if split == SELECT:
+            return self._select_rows
         return self._rows[SPLIT_NAMES[split]]
+
+    @cached_property
+    def selected(self) -> np.ndarray:
+        """Per local user: is it a selection user (:func:`selection_users`)?"""
+        return selection_users(self.user_ids)
+
+    @cached_property
+    def _select_rows(self) -> RatingRows:
+        valid = self.rows("valid")
+        keep = self.selected[valid.users]
+        return RatingRows(
+            valid.users[keep],
+            valid.items[keep],
+            valid.ratings[keep],
+            n_users=self.n_users,
+            n_items=self.n_items,
+        )
 
     @cached_property
     def _rows(self) -> dict[int, RatingRows]:

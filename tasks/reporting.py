@@ -11,7 +11,7 @@ from prefect.cache_policies import NONE
 
 def _round_columns(k: int) -> tuple[str, ...]:
     """The per-round table's columns, the ranking metric at the run's K."""
-    return ("train/rmse", "valid/rmse", f"valid/ndcg_at_{k}", "valid/client_max/rmse",
+    return ("train/rmse", "valid/rmse", f"valid/ndcg_at_{k}", f"select/ndcg_at_{k}", "valid/client_max/rmse",
             "system/bytes_uploaded", "system/round_seconds")  # fmt: skip
 
 

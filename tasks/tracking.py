@@ -334,7 +334,7 @@ def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path, k: 
     keys = (
         ("train/rmse", "valid/rmse", "test/rmse")
         if rating
-        else (f"valid/ndcg_at_{k}", f"test/ndcg_at_{k}")
+        else (f"valid/ndcg_at_{k}", f"select/ndcg_at_{k}", f"test/ndcg_at_{k}")
     )
     for key in keys:
         values = [h.get(key, np.nan) for h in history]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from models.client import ClientData
+from models.client import SELECT, ClientData
 from models.federation.evaluation import Evaluation, popularity_baselines
 from models.federation.family import Phase, item_labels
 from models.neural.family import Neural, NeuralState
@@ -86,11 +86,16 @@ class TwoStage:
     item_features: pd.DataFrame | None = field(default=None, compare=False)
 
     name: ClassVar[str] = "two-stage"
-    eval_splits: ClassVar[tuple[str, ...]] = ("valid", "test")
 
     @property
     def top_k(self) -> int:
         return self.config.top_k
+
+    @property
+    def eval_splits(self) -> tuple[str, ...]:
+        """With a re-ranker, which learns from the validation rows, also ``select``: the
+        validation rows of the selection users it leaves out, on which models are compared."""
+        return ("valid", SELECT, "test") if self.config.ranker is not None else ("valid", "test")
 
     @property
     def private(self) -> bool:

@@ -264,14 +264,21 @@ def ranker_client_data(
     client: ClientData,
     recommender: RankingRecommender,
     eval_splits: Sequence[str] = ("valid", "test"),
+    *,
+    leave_out_selection: bool = True,
 ) -> RankerData:
     """Candidates and labels from the client's own rows: history = training rows, label = the
-    candidate is in the user's validation rows. Users none of whose candidates is labelled 1 are
-    dropped from training (a listwise objective learns nothing from them)."""
+    candidate is in the user's validation rows. The selection users' rows are no labels (the
+    ``select`` split compares models on them) unless ``leave_out_selection`` is False, and users
+    none of whose candidates is labelled 1 are dropped from training (a listwise objective learns
+    nothing from them)."""
     history = client.matrix("train")
     valid = client.matrix("valid")
     users = np.flatnonzero(np.diff(valid.indptr) > 0)
-    users = users[np.diff(history.indptr)[users] > 0]
+    keep = np.diff(history.indptr)[users] > 0
+    if leave_out_selection:
+        keep &= ~client.selected[users]
+    users = users[keep]
     candidates = recommender.score_candidates(history, history, client.user_features, users)[0]
     labels = np.zeros(0, dtype=bool)  # a client without validation rows: nothing to learn from
     if candidates.users.size:

@@ -58,6 +58,7 @@ def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_r
         key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
         for key in (
             "valid/ndcg_at_10",
+            "select/ndcg_at_10",
             "test/ndcg_at_10",
             "test/recall_at_10",
             "system/bytes_uploaded",
@@ -76,8 +77,14 @@ def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_r
     assert {"feature_importance.png", "feature_importance.csv", "learning_curve.png"} <= artifacts
     version = client.get_model_version_by_alias("ranktest", "champion")
     assert summary["promoted"] and str(version.version) == summary["model_version"] == "1"
-    # the re-ranker is promoted on test rows, so the most-popular list is measured there too
+    # promoted on the selection users' rows, which the re-ranker did not learn from; the
+    # most-popular list is measured there too
     metrics = summary["metrics"]
+    assert version.tags["fedrec.promotion_metric"] == "select/ndcg_at_10"
+    assert float(version.tags["metric.select/ndcg_at_10"]) == pytest.approx(
+        metrics["select/ndcg_at_10"], rel=1e-5
+    )
+    assert metrics["select/ndcg_at_10"] > metrics["baseline/select/ndcg_at_10"], metrics
     assert metrics["test/ndcg_at_10"] > metrics["baseline/test/ndcg_at_10"] + 0.02, metrics
     assert (
         version.tags["fedrec.feedback"] == "implicit"

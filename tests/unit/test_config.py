@@ -26,7 +26,10 @@ def test_defaults_come_from_the_core_and_map_back_to_it():
     two_stage = TrainingConfig(feedback="implicit", ranker="lightgbm", factors=16, ranker_trees=3)
     assert two_stage.ranking_config().n_factors == 16
     assert two_stage.ranking_config().ranker.trees_per_round == 3
-    assert (two_stage.registered_name, two_stage.promotion) == ("fedrec-ranking", "test/ndcg_at_10")
+    assert (two_stage.registered_name, two_stage.promotion) == (
+        "fedrec-ranking",
+        "select/ndcg_at_10",
+    )
 
 
 def test_each_setting_reaches_the_core_config_it_names():
@@ -103,7 +106,7 @@ def test_family_combinations_are_checked(fields, message):
          r"promoted on valid/rmse: it could never be promoted; allowed: valid_fraction > 0"),
         ({"feedback": "implicit", "ranker": "lightgbm", "valid_fraction": 0},
          "valid_fraction=0 holds out no validation rows, and the re-ranker learns from them"),
-        ({"feedback": "implicit", "ranker": "lightgbm", "test_fraction": 0},
+        ({"feedback": "implicit", "ranker": "lightgbm", "test_fraction": 0, "promotion_metric": "test/ndcg_at_10"},
          "test_fraction=0 holds out no test rows, and a version is promoted on test/ndcg_at_10"),
         ({"feedback": "implicit", "valid_fraction": 0}, "promoted on valid/ndcg_at_10"),
         ({"promotion_metric": "test/ndcg_at_10", "test_fraction": 0}, "promoted on test/ndcg_at_10"),
@@ -121,7 +124,7 @@ def test_the_promotion_metric_is_at_the_runs_k():
     measured, and a version promoted on it could never be promoted."""
     implicit = {"feedback": "implicit"}
     assert TrainingConfig(**implicit, top_k=20).promotion == "valid/ndcg_at_20"
-    assert TrainingConfig(**implicit, ranker="lightgbm", top_k=5).promotion == "test/ndcg_at_5"
+    assert TrainingConfig(**implicit, ranker="lightgbm", top_k=5).promotion == "select/ndcg_at_5"
     assert TrainingConfig(**implicit).promotion == "valid/ndcg_at_10"
     chosen = TrainingConfig(**implicit, top_k=20, promotion_metric="test/recall_at_20")
     assert chosen.promotion == "test/recall_at_20"
@@ -138,6 +141,26 @@ def test_a_split_the_run_does_not_need_may_hold_out_no_rows():
     TrainingConfig(test_fraction=0)  # promoted on valid/rmse
     TrainingConfig(feedback="implicit", test_fraction=0)  # retrieval only: valid/ndcg_at_10
     TrainingConfig(valid_fraction=0, promotion_metric="test/ndcg_at_10")
+    # a re-ranker is compared on the selection users' validation rows: no test rows needed
+    TrainingConfig(feedback="implicit", ranker="lightgbm", test_fraction=0)
+
+
+def test_a_re_ranker_is_compared_on_the_users_it_did_not_learn_from():
+    """The re-ranker's labels are validation rows, so its valid/ metrics flatter it; select/
+    metrics (the validation rows of the users it leaves out) exist only when a re-ranker runs."""
+    ranked = {"feedback": "implicit", "ranker": "lightgbm"}
+    with pytest.raises(ValidationError, match=r"promotion_metric='valid/recall_at_10': the "
+                       r"re-ranker learns from the validation rows; allowed: select/recall_at_10 "
+                       r"\(the validation rows of the users it leaves out\) or a test/ metric"):  # fmt: skip
+        TrainingConfig(**ranked, promotion_metric="valid/recall_at_10")
+    assert TrainingConfig(**ranked, promotion_metric="test/map_at_10").promotion == "test/map_at_10"
+    with pytest.raises(ValidationError, match=r"select/ metrics are measured with a re-ranker "
+                       r"only; allowed: valid/ndcg_at_10, or ranker='lightgbm'"):  # fmt: skip
+        TrainingConfig(feedback="implicit", promotion_metric="select/ndcg_at_10")
+    with pytest.raises(ValidationError, match="select/ metrics are measured with a re-ranker"):
+        TrainingConfig(promotion_metric="select/ndcg_at_10")  # explicit feedback: no re-ranker
+    with pytest.raises(ValidationError, match=r"valid_fraction=0 holds out no validation rows"):
+        TrainingConfig(**ranked, valid_fraction=0)
 
 
 @pytest.mark.parametrize(

@@ -296,6 +296,49 @@ def test_a_client_without_validation_rows_adds_no_query_group_and_the_others_tra
     assert model.ranker is not None and len(model.ranker) == 2 * 3  # 2 rounds of 3 clients
 
 
+def test_the_re_ranker_never_learns_from_the_selection_users(implicit_clients):
+    """A fixed fifth of the users, by a hash of their id, are selection users: their validation
+    rows are the ``select`` split and never a label of the re-ranker, whose valid/ metrics would
+    otherwise flatter it in the comparison that promotes it."""
+    from models.client import SELECT, selection_users
+    from models.ranking.family import TwoStage
+    from models.ranking.federated import ranker_client_data
+
+    data, clients = implicit_clients
+    every = selection_users(data.user_ids)
+    assert 0.1 < every.mean() < 0.3
+    assert (selection_users(np.array([str(u) for u in data.user_ids], dtype=object)) == every).all()
+    config = RankingConfig(n_factors=4, n_candidates=20, neighbours=20,
+                           ranker=RankerConfig(rounds=1, trees_per_round=3, min_data_in_leaf=10))  # fmt: skip
+    assert TwoStage(config).eval_splits == ("valid", SELECT, "test")
+    assert TwoStage(replace(config, ranker=None)).eval_splits == ("valid", "test")
+    model = run_two_stage(clients, data.n_items, config, rounds=1, eval_splits=()).recommender
+    base = replace(model, ranker=None)
+    labelled = 0
+    for client in clients:
+        # the same users whichever client holds them: a function of the id alone
+        chosen = set(client.user_ids[client.selected])
+        assert chosen == {u for u, s in zip(data.user_ids, every, strict=True) if s} & set(
+            client.user_ids
+        )
+        valid, select = client.rows("valid"), client.rows(SELECT)
+        mine = client.selected[valid.users]
+        assert (select.users == valid.users[mine]).all() and (
+            select.items == valid.items[mine]
+        ).all()
+        assert 0 < len(select) < len(valid)
+        part = ranker_client_data(client, base, (SELECT,))
+        assert not client.selected[part.train.users].any()  # no selection user is a query
+        # ... and every other user with a validation item among the candidates is one
+        hit = part.train.users[part.labels > 0]
+        assert set(np.unique(hit)) == set(np.unique(part.train.users))
+        assert set(part.splits[SELECT][1]) <= set(np.flatnonzero(client.selected))
+        labelled += len(np.unique(part.train.users))
+        every_user = ranker_client_data(client, base, (), leave_out_selection=False)
+        assert client.selected[every_user.train.users].any()  # for studies that fold users
+    assert labelled > 0.5 * len(data.user_ids)
+
+
 def test_recommender_saves_loads_and_explains(tmp_path, implicit_clients):
     data, clients = implicit_clients
     config = RankingConfig(n_factors=4, n_candidates=20, neighbours=20,
