@@ -432,9 +432,10 @@ def evaluate_scores_all(client: ClientData, score, split: str = "test"):
 
 
 def _candidate_recall(prepared, clients) -> float:
-    """Share of users' validation items that made it into their candidates (the ranker's ceiling)."""
+    """Share of the validation items of the users the ranker learns from (all but the selection
+    users) that made it into their candidates (the ranker's ceiling)."""
     hits = sum(float(d.labels.sum()) for d in prepared)
-    total = sum(float(c.matrix("valid").sum()) for c in clients)
+    total = sum(float(c.matrix("valid")[~c.selected].sum()) for c in clients)
     return hits / total if total else float("nan")
 
 
