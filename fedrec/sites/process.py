@@ -711,9 +711,14 @@ def _release(request: RoundRequest, family: Family, *, peers_pinned: bool) -> Re
 
 def _describe(request: RoundRequest) -> str:
     """What a request asks, for log lines: ``train round 3``, ``secagg mask round 3``,
-    ``evaluate round-3``."""
+    ``evaluate round-3``. A training request that first evaluates the global model (which is
+    round - 1's: evaluation runs one round late) says so, in the round the coordinator's log
+    reports those metrics under: ``train round 3 and evaluate round-2``."""
     if request.kind in ("train", "secagg"):
-        return exchange_name(request.kind, request.phase, request.round)
+        name = exchange_name(request.kind, request.phase, request.round)
+        if request.kind == "train" and request.eval_splits:
+            name += f" and evaluate round-{request.round - 1}"
+        return name
     return " ".join(part for part in (request.kind, request.label) if part)
 
 

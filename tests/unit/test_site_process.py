@@ -184,6 +184,23 @@ def test_a_request_is_answered_with_protocol_arrays_only(world):
     assert any("shop-a answered train round 1" in line for line in transport.logs)
 
 
+def test_a_sites_line_names_the_round_whose_model_it_evaluated(world):
+    """Evaluation runs one round late: round 3's request evaluates the model after round 2,
+    whose metrics the coordinator logs as round 2. The site's line says both."""
+    transport, _, start = world
+    _ask(transport, family=PLAIN, round_=3, nonce="1")
+    _ask(transport, family=PLAIN, round_=4, nonce="2", eval_splits=())
+    start(allow_exact=True).poll_once()
+    answered = [line for line in transport.logs if "answered" in line]
+    assert any(
+        re.fullmatch(r"shop-a answered train round 3 and evaluate round-2 \(\d+ bytes up\)", line)
+        for line in answered
+    ), answered
+    assert any(
+        re.fullmatch(r"shop-a answered train round 4 \(\d+ bytes up\)", line) for line in answered
+    ), answered
+
+
 def test_a_request_the_coordinator_stopped_waiting_for_is_neither_answered_nor_charged(
     world, tmp_path
 ):
@@ -694,7 +711,7 @@ def test_a_sites_log_line_on_the_api_leaves_out_what_its_answer_seals(world):
     _, info = _opened(transport, key, request, digest)
     (line,) = [line for line in transport.logs if "answered train round 1" in line]
     assert info["seconds"] >= 0 and re.fullmatch(
-        r"shop-a answered train round 1 \(\d+ bytes up\)", line
+        r"shop-a answered train round 1 and evaluate round-0 \(\d+ bytes up\)", line
     )
 
 
@@ -749,7 +766,7 @@ def test_a_sites_own_log_names_what_its_answer_holds_and_the_api_line_does_not(w
     ]
     assert "array.gram float64[" in " ".join(shown) and update.metrics  # the oracle is not empty
 
-    own = _own_answer_line(caplog, "train round 1")
+    own = _own_answer_line(caplog, "train round 1 and evaluate round-0")
     assert all(part in own for part in shown)
     names = [*update.metrics, *evaluations["valid"][0], *info]
     assert all(re.search(rf"\b{re.escape(name)}\b", own) for name in names)
@@ -757,7 +774,7 @@ def test_a_sites_own_log_names_what_its_answer_holds_and_the_api_line_does_not(w
     for value in [*update.metrics.values(), *evaluations["valid"][0].values(), info["seconds"]]:
         assert repr(value) not in own.split(" s; ", 1)[1]
     (api,) = [line for line in transport.logs if "answered train round 1" in line]
-    assert re.fullmatch(r"shop-a answered train round 1 \(\d+ bytes up\)", api)
+    assert re.fullmatch(r"shop-a answered train round 1 and evaluate round-0 \(\d+ bytes up\)", api)
     assert not any(re.search(rf"\b{re.escape(part)}\b", api) for part in [*shown, *names, "sent"])
 
 
