@@ -124,9 +124,10 @@ def decide_promotion(
     PromotionDecision
     """
     if metric not in candidate:
-        return PromotionDecision(
-            False, f"candidate has no {metric}: evaluation failed or was empty"
-        )
+        why = "evaluation failed or was empty"
+        if metric.startswith("select/"):  # models.client.selection_users
+            why = "no selection user (a fifth of the users, by id) has a validation row, or " + why
+        return PromotionDecision(False, f"candidate has no {metric}: {why}")
     if not np.isfinite(candidate[metric]):  # NaN compares False with everything below
         return PromotionDecision(
             False, f"candidate's {metric} is {candidate[metric]}: no figure to promote on"

@@ -71,6 +71,15 @@ def test_higher_is_better_for_ranking_metrics():
 
 def test_failed_evaluation_is_never_promoted():
     assert not decide_promotion({}, {"valid/rmse": 1.0}, **RULE).promote
+    rule = RULE | {
+        "metric": "select/ndcg_at_10",
+        "worst_client_metric": "select/client_min/ndcg_at_10",
+    }
+    decision = decide_promotion({"valid/ndcg_at_10": 0.3}, None, **rule)
+    assert not decision.promote and decision.reason == (
+        "candidate has no select/ndcg_at_10: no selection user (a fifth of the users, by id) has "
+        "a validation row, or evaluation failed or was empty"
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
