@@ -337,6 +337,11 @@ def _repo_paths() -> set[str]:
     return paths
 
 
+LOCAL_UV = (
+    REPO / ".tools" / "uv" / "bin" / "uv"
+)  # where make setup installs uv when none is on PATH
+
+
 def _datasets() -> Path:
     return Path(os.environ.get("FEDREC_DATASETS", REPO.parent / "shared" / "datasets"))
 
@@ -368,6 +373,9 @@ class Session:
         self.env["PATH"] = os.pathsep.join(
             p for p in self.env.get("PATH", "").split(os.pathsep) if p != venv
         )
+        if shutil.which("uv", path=self.env["PATH"]) is None and LOCAL_UV.is_file():
+            # make setup's own uv (where none was on PATH), which the README names for that case
+            self.env["PATH"] = os.pathsep.join((str(LOCAL_UV.parent), self.env["PATH"]))
         self.env.pop("VIRTUAL_ENV", None)
         self.outcomes: dict[int, Outcome] = {}  # by the example's line
         self.pids: list[int] = []
@@ -471,10 +479,13 @@ class Session:
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    missing = [tool for tool in ("uv", "make", "bash", "git") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"the README's commands need {', '.join(missing)} on PATH")
     session = Session(tmp_path_factory.mktemp("readme"))
+    tools = ("uv", "make", "bash", "git")
+    missing = [tool for tool in tools if shutil.which(tool, path=session.env["PATH"]) is None]
+    if missing:
+        pytest.skip(
+            f"the README's commands need {', '.join(missing)} on PATH (or uv in {LOCAL_UV})"
+        )
     try:
         yield session
     finally:
