@@ -39,6 +39,7 @@ from tasks.tracking import (
     CHAMPION_PLANNED,
     DP_NOT_COVERED,
     HELD_OUT_TAG,
+    Champion,
     ResumeError,
     check_ledger_secret,
     close_ended_runs,
@@ -261,6 +262,16 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     return _train_and_register(config, ctx)
 
 
+def _learnt_from(champion: Champion | None, metric: str) -> str:
+    """Why ``champion`` is favoured on ``metric``: its re-ranker learnt from the validation rows
+    (all but the selection users'), so a ``valid/`` figure flatters it; empty if it is not."""
+    if champion is None or not metric.startswith("valid/"):
+        return ""
+    if getattr(champion.recommender, "ranker", None) is None:
+        return ""
+    return "has a re-ranker that learnt from validation rows"
+
+
 def check_private_places(config: TrainingConfig) -> None:
     """Refuse a private or securely aggregated run whose private files would sit where others
     could swap them, before it spends budget or starts: its clients' kept answers and held
@@ -329,7 +340,17 @@ def _train_and_register(
             ctx.champion.version, name, champion_held_out, held_out,
         )  # fmt: skip
     champion_metric = ctx.champion.promotion_metric if ctx.champion is not None else None
-    if champion_metric not in (None, config.promotion):
+    # a champion whose re-ranker learnt from validation rows, compared on validation rows
+    flattered = _learnt_from(ctx.champion, config.promotion)
+    if flattered:
+        logger.warning(
+            "the champion, version %s of %s, %s, which favours it on %s; --promotion-metric "
+            "%s compares on rows neither model learnt from (--model-name starts a separate "
+            "champion)",
+            ctx.champion.version, name, flattered, config.promotion,
+            config.promotion.replace("valid/", "test/", 1),
+        )  # fmt: skip
+    elif champion_metric not in (None, config.promotion):
         logger.warning(
             "the champion, version %s of %s, was promoted on %s; this run compares on %s "
             "(--promotion-metric), so a model that lost on %s may replace it",
@@ -377,6 +398,8 @@ def _train_and_register(
                     False, f"{decision.reason} (the champion held out other rows: "
                     f"{champion_held_out}; it may have trained on some of this run's)",
                 )  # fmt: skip
+            elif flattered and lost_to_it:
+                decision = PromotionDecision(False, f"{decision.reason} (the champion {flattered})")
             demo_over_real = (
                 ctx.champion_on_other_dataset
                 and _synthetic(source)

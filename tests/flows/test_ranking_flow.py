@@ -142,15 +142,16 @@ def test_a_challenger_is_compared_with_the_champion_on_the_same_rows(store, firs
     new, old = summary["metrics"], summary["champion_metrics"]
     # the champion was measured again on the same clients' rows: the numbers its own run recorded
     recorded = json.loads(champion.tags["fedrec.metrics_json"])
-    for key in ("test/ndcg_at_10", "test/client_min/ndcg_at_10"):
+    for key in ("select/ndcg_at_10", "select/client_min/ndcg_at_10", "test/ndcg_at_10"):
         assert old[key] == pytest.approx(recorded[key], abs=1e-6), key
-    # the promotion rule, written out: not below the most-popular list on the same test rows, a
-    # strict gain of at least min_delta on test NDCG (the re-ranker learns from the validation
-    # rows), and the worst client no more than max_client_regression worse than the champion's
-    gain = new["test/ndcg_at_10"] - old["test/ndcg_at_10"]
-    worst_drop = old["test/client_min/ndcg_at_10"] - new["test/client_min/ndcg_at_10"]
+    # the promotion rule, written out: not below the most-popular list on the same selection
+    # rows, a strict gain of at least min_delta on their NDCG (the re-ranker learns from the
+    # other users' validation rows), and the worst client no more than max_client_regression
+    # worse than the champion's
+    gain = new["select/ndcg_at_10"] - old["select/ndcg_at_10"]
+    worst_drop = old["select/client_min/ndcg_at_10"] - new["select/client_min/ndcg_at_10"]
     expected = (
-        new["test/ndcg_at_10"] >= new["baseline/test/ndcg_at_10"]
+        new["select/ndcg_at_10"] >= new["baseline/select/ndcg_at_10"]
         and gain > 0
         and gain >= config.min_delta
         and worst_drop <= config.max_client_regression
@@ -162,6 +163,38 @@ def test_a_challenger_is_compared_with_the_champion_on_the_same_rows(store, firs
     assert tags["fedrec.compared_with_version"] == str(champion.version)
     now = client.get_model_version_by_alias("ranktest", "champion").version
     assert str(now) == str(summary["model_version"] if expected else champion.version)
+
+
+def test_a_run_without_a_re_ranker_is_told_the_champions_valid_figure_flatters_it(store, first_run):
+    """The champion's re-ranker learnt from four fifths of the users' validation rows: compared
+    on valid/ndcg_at_10, a retrieval-only challenger meets a flattered figure, and the run says
+    so, with the metric that compares fairly."""
+    import logging
+
+    from flows.training import federated_training
+    from tests.flows.helpers import flow_log
+
+    client = store["client"]
+    champion = client.get_model_version_by_alias("ranktest", "champion")
+    config = _config(store, ranker="none", min_delta=1e6)  # never promoted: the champion stays
+    with flow_log(logging.WARNING) as records:
+        summary = federated_training(**config.model_dump())
+
+    warned = [r.getMessage() for r in records if "has a re-ranker" in r.getMessage()]
+    assert warned == [
+        f"the champion, version {champion.version} of ranktest, has a re-ranker that learnt from "
+        "validation rows, which favours it on valid/ndcg_at_10; --promotion-metric "
+        "test/ndcg_at_10 compares on rows neither model learnt from (--model-name starts a "
+        "separate champion)"
+    ], [r.getMessage() for r in records]
+    assert not any("was promoted on" in r.getMessage() for r in records)
+    assert not summary["promoted"] and summary["reason"].endswith(
+        "(the champion has a re-ranker that learnt from validation rows)"
+    ), summary["reason"]
+    # without a re-ranker this run measures no select split: test/ is the fair comparison
+    assert "select/ndcg_at_10" not in summary["champion_metrics"]
+    assert "test/ndcg_at_10" in summary["champion_metrics"]
+    assert client.get_model_version_by_alias("ranktest", "champion").version == champion.version
 
 
 def _popularity_ndcg(train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame, k: int) -> float:
