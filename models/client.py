@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from hashlib import blake2b
 
 import numpy as np
 import pandas as pd
@@ -20,17 +21,28 @@ SPLIT_NAMES = {"train": TRAIN, "valid": VALID, "test": TEST}
 SELECT = "select"
 SELECT_SHARE = 0.2  # of the users, chosen by a hash of their id (the same users in every run)
 _SELECT_BUCKETS = 1000
+_SELECT_PERSON = b"fedrec-select"  # BLAKE2b's personalisation: this hash, not another use's
 
 
 def selection_users(user_ids: np.ndarray) -> np.ndarray:
-    """Which users are selection users: about a fifth of any set of users, by a hash of each id
-    as text (so ``1`` and ``"1"`` agree), whatever the seed or the sharding. The hash is public
-    and keyless: which users are held out for selection is no secret, and the same users are
-    held out from every run's re-ranker, so a champion's ranker never learnt from the rows the
-    next run compares it on."""
-    text = np.asarray([str(u) for u in np.asarray(user_ids).ravel()], dtype=object)
-    buckets = pd.util.hash_array(text, categorize=False) % np.uint64(_SELECT_BUCKETS)
-    return buckets < np.uint64(round(SELECT_SHARE * _SELECT_BUCKETS))
+    """Which users are selection users: about a fifth of any set of users, by a BLAKE2b hash of
+    each id as text (so ``1`` and ``"1"`` agree), whatever the seed, the sharding or the library
+    versions. The hash is public and keyless: which users are held out for selection is no
+    secret, and the same users are held out from every run's re-ranker, so a champion's ranker
+    never learnt from the rows the next run compares it on."""
+    ids = np.asarray(user_ids).ravel()
+    buckets = np.fromiter(
+        (
+            int.from_bytes(
+                blake2b(str(u).encode(), digest_size=8, person=_SELECT_PERSON).digest(), "big"
+            )
+            % _SELECT_BUCKETS
+            for u in ids
+        ),
+        dtype=np.int64,
+        count=ids.size,
+    )
+    return buckets < round(SELECT_SHARE * _SELECT_BUCKETS)
 
 
 @dataclass(frozen=True)
