@@ -23,7 +23,7 @@ import pandas as pd
 from scipy import sparse
 
 from models.aggregation import aggregate_item_sums
-from models.client import ClientData
+from models.client import SELECT, ClientData
 from models.federation.evaluation import (
     Evaluation,
     evaluate_scores,
@@ -274,33 +274,46 @@ def ranker_client_data(
     nothing from them)."""
     history = client.matrix("train")
     valid = client.matrix("valid")
-    users = np.flatnonzero(np.diff(valid.indptr) > 0)
-    keep = np.diff(history.indptr)[users] > 0
-    if leave_out_selection:
-        keep &= ~client.selected[users]
-    users = users[keep]
-    candidates = recommender.score_candidates(history, history, client.user_features, users)[0]
+    with_history = np.diff(history.indptr) > 0
+    valid_users = np.flatnonzero((np.diff(valid.indptr) > 0) & with_history)
+    learners = valid_users[~client.selected[valid_users]] if leave_out_selection else valid_users
+    # the validation users' candidates serve the labels, and the valid and select splits (whose
+    # exclusions are the training rows too): built once, for every validation user if asked
+    asked = [s for s in eval_splits if s in ("valid", SELECT)]
+    pool = recommender.score_candidates(
+        history, history, client.user_features, valid_users if asked else learners
+    )[0]
     labels = np.zeros(0, dtype=bool)  # a client without validation rows: nothing to learn from
-    if candidates.users.size:
-        labels = np.asarray(valid[candidates.users, candidates.items]).ravel() > 0
-    positive_users = np.unique(candidates.users[labels])
-    keep = np.isin(candidates.users, positive_users)
-    train = Candidates(
-        candidates.users[keep],
-        candidates.items[keep],
-        candidates.features[keep].reset_index(drop=True),
-        candidates.neighbour[keep],
-    )
+    if pool.users.size:
+        labels = np.asarray(valid[pool.users, pool.items]).ravel() > 0
+    learning = np.isin(pool.users, learners)
+    positive_users = np.unique(pool.users[labels & learning])
+    keep = np.isin(pool.users, positive_users)
+    train = _candidate_rows(pool, keep)
     splits = {}
     for split in eval_splits:
+        if split in asked:
+            held = valid_users[client.selected[valid_users]] if split == SELECT else valid_users
+            splits[split] = (_candidate_rows(pool, np.isin(pool.users, held)), held)
+            continue
         relevant = client.matrix(split)
         held = np.flatnonzero(np.diff(relevant.indptr) > 0)
-        held = held[np.diff(history.indptr)[held] > 0]
+        held = held[with_history[held]]
         split_candidates = recommender.score_candidates(
             history, exclude_seen(client, split), client.user_features, held
         )[0]
         splits[split] = (split_candidates, held)
     return RankerData(train, labels[keep].astype(np.float64), splits)
+
+
+def _candidate_rows(candidates: Candidates, keep: np.ndarray) -> Candidates:
+    """The candidate pairs where ``keep`` is True (a user's pairs stay contiguous)."""
+    return Candidates(
+        candidates.users[keep],
+        candidates.items[keep],
+        candidates.features[keep].reset_index(drop=True),
+        candidates.neighbour[keep],
+    )
 
 
 def _candidate_matrix(
@@ -364,13 +377,19 @@ def evaluate_ranking(
     """Top-K ranking sums of ``recommender`` on the client's held-out rows of each split; users
     are served from their training rows, as at inference."""
     history = client.matrix("train")
-    out = {}
+    out, valid = {}, None
     for split in splits:
-        relevant = client.matrix(split)
-        users = np.flatnonzero(np.diff(relevant.indptr) > 0)
-        scores = recommender.score_matrix(
-            history, exclude_seen(client, split), users, client.user_features
-        )
+        if split == SELECT and valid is not None:  # the selection users' rows of valid's scores
+            mine = client.selected[valid[0]]
+            users, scores = valid[0][mine], valid[1][mine]
+        else:
+            relevant = client.matrix(split)
+            users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+            scores = recommender.score_matrix(
+                history, exclude_seen(client, split), users, client.user_features
+            )
+        if split == "valid":
+            valid = (users, scores)
         out[split] = ranking_evaluation(client, split, users, scores, k)
     return out
 

@@ -302,7 +302,7 @@ def test_the_re_ranker_never_learns_from_the_selection_users(implicit_clients):
     otherwise flatter it in the comparison that promotes it."""
     from models.client import SELECT, selection_users
     from models.ranking.family import TwoStage
-    from models.ranking.federated import ranker_client_data
+    from models.ranking.federated import evaluate_ranking, ranker_client_data
 
     data, clients = implicit_clients
     every = selection_users(data.user_ids)
@@ -339,6 +339,16 @@ def test_the_re_ranker_never_learns_from_the_selection_users(implicit_clients):
         labelled += len(np.unique(part.train.users))
         every_user = ranker_client_data(client, base, (), leave_out_selection=False)
         assert client.selected[every_user.train.users].any()  # for studies that fold users
+        # select's candidates and scores are valid's rows of the selection users: the same as
+        # built for select alone
+        both = ranker_client_data(client, base, ("valid", SELECT))
+        (shared, held), (alone, alone_held) = both.splits[SELECT], part.splits[SELECT]
+        assert (held == alone_held).all() and (shared.items == alone.items).all()
+        pd.testing.assert_frame_equal(shared.features, alone.features)
+        assert (both.labels == part.labels).all()
+        pd.testing.assert_frame_equal(both.train.features, part.train.features)
+        ranked = evaluate_ranking(client, model, ("valid", SELECT), 10)[SELECT]
+        assert ranked[0] == evaluate_ranking(client, model, (SELECT,), 10)[SELECT][0]
     assert labelled > 0.5 * len(data.user_ids)
 
 
