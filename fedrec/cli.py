@@ -623,16 +623,20 @@ def training_config(values: dict[str, Any], named: dict[str, Any]) -> Any:
 
 def _check_tracking(tracking_uri: str | None) -> None:
     """A tracking store that cannot be used ends the command in one line, before anything
-    starts (MLflow alone would retry an absent server for minutes)."""
+    starts (MLflow alone would retry an absent server for minutes). The default store's folder
+    is made by the run itself, so a command refused later leaves no empty FEDREC_HOME behind."""
     from fedrec.model_store import (
+        TRACKING_URI_ENV,
         TrackingStoreError,
         check_tracking_uri,
         resolve_tracking_uri,
         tracking_uri_source,
     )
 
+    if not tracking_uri and not os.environ.get(TRACKING_URI_ENV):
+        return  # fedrec's own SQLite store under FEDREC_HOME
     try:
-        uri = resolve_tracking_uri(tracking_uri)
+        uri = resolve_tracking_uri(tracking_uri, create=False)
         check_tracking_uri(uri, name=tracking_uri_source(tracking_uri))
     except TrackingStoreError as err:
         raise store_error(err) from err

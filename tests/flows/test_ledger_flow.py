@@ -621,7 +621,7 @@ def test_a_private_run_whose_secret_others_could_swap_ends_before_any_server_or_
     assert last.startswith(f"fedrec: error: {shared / 'home' / '.fedrec-ledger.key'}: the ledger")
     assert f"reached through {shared}, which every user may write to" in last
     assert "--dp-ledger-secret" in last
-    assert not [p for p in shared.rglob("*") if p.is_file()]  # no store, secret or ledger
+    assert list(shared.iterdir()) == []  # no store, secret, ledger or FEDREC_HOME folder
     asked = subprocess.run(  # fedrec budget says so too, where it said "would start"
         [sys.executable, "-c", "from fedrec.cli import main; main()", "budget", "--dp-epsilon", "8"],
         env=env, capture_output=True, text=True, timeout=300,
@@ -640,7 +640,7 @@ def test_a_private_run_whose_secret_others_could_swap_ends_before_any_server_or_
             f"{shared}, which every user may write to"
         )
     )
-    assert not [p for p in shared.rglob("*") if p.is_file()]
+    assert list(shared.iterdir()) == []
 
 
 def test_a_private_run_whose_workspace_others_could_write_spends_nothing(store, tmp_path):
