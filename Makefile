@@ -41,6 +41,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: .venv/.synced ## install uv if missing, then the locked environment
+	@mkdir -p "$(PREFECT_HOME)"  # Prefect makes only the last folder of its home, at import
 
 .venv/.synced: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet --target $(CURDIR)/.tools/uv uv
