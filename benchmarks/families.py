@@ -4,9 +4,10 @@ the item co-occurrence round, re-ranker rounds) and the neural network (one loca
 
 Each round's time covers the clients' computations and the server step, one after another in
 this process (no evaluation, no orchestration): the work a round asks of the federation. Medians
-over the rounds of each phase after its first.
+over the rounds of each phase after its first; with ``--repeats N`` every family runs N times in
+turn and the table gives the medians over the N runs (each run's figures are in the JSON).
 
-    uv run python -m benchmarks.families [--data ml-1m] [--rounds 4] [--clients 10]
+    uv run python -m benchmarks.families [--data ml-1m] [--rounds 4] [--clients 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--data", default="ml-1m")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of every family, in turn")
     args = parser.parse_args()
 
     from fedrec.config import TrainingConfig
@@ -74,7 +76,7 @@ def main() -> None:
     from models.mf.federated import MFConfig
     from models.neural.family import Neural, NeuralConfig
     from models.neural.training import TrainConfig
-    from models.ranking.family import TwoStage
+    from models.ranking.family import _RANKER_DATA, TwoStage
 
     # fedrec train --feedback implicit --ranker lightgbm's settings (EASE, ADMM SLIM, XE-NDCG)
     two_stage = TrainingConfig(feedback="implicit", ranker="lightgbm").ranking_config()
@@ -83,23 +85,35 @@ def main() -> None:
     if data is None:
         return
     positives = keep_positives(data, 3.0)
-    rows = []
-    for interactions, family in (
+    families = [
         (data, ExplicitMF(MFConfig(n_factors=32))),
         (positives, TwoStage(two_stage)),
         (positives, Neural(NeuralConfig(kind="dae", hidden=(),
                                         train=TrainConfig(learning_rate=3e-3, batch_size=100)))),
-    ):  # fmt: skip
-        rng = np.random.default_rng(0)
-        owner = assign_clients(interactions, n_clients=args.clients, strategy="iid", rng=rng)
-        split = split_rows(interactions, method="random", valid_fraction=0.1, test_fraction=0.1)  # fmt: skip
-        clients = build_clients(interactions, owner, split)
-        rows += _timed_family(family, clients, interactions.n_items, args.rounds)
-        print(f"{family.name}: done, peak {peak_rss_mb():.0f} MB", flush=True)
+    ]  # fmt: skip
+    runs = []
+    for repeat in range(args.repeats):
+        rows = []
+        for interactions, family in families:
+            _RANKER_DATA.clear()  # each run builds its clients and their caches anew
+            rng = np.random.default_rng(0)
+            owner = assign_clients(interactions, n_clients=args.clients, strategy="iid", rng=rng)
+            split = split_rows(interactions, method="random", valid_fraction=0.1, test_fraction=0.1)  # fmt: skip
+            clients = build_clients(interactions, owner, split)
+            rows += _timed_family(family, clients, interactions.n_items, args.rounds)
+            print(f"run {repeat + 1}/{args.repeats}, {family.name}: done, peak "
+                  f"{peak_rss_mb():.0f} MB", flush=True)  # fmt: skip
+        runs.append(rows)
+    rows = [
+        {**first} | {key: median([run[i][key] for run in runs])
+                     for key in ("first_round_s", "median_round_s", "mb_per_client")}
+        for i, first in enumerate(runs[0])
+    ]  # fmt: skip
     columns = ["family", "phase", "rounds", "first_round_s", "median_round_s", "mb_per_client"]
     print_table(rows, columns)
     path = write_json(
-        f"families_{args.data}", {"args": vars(args), "machine": machine(), "rows": rows}
+        f"families_{args.data}",
+        {"args": vars(args), "machine": machine(), "rows": rows, "runs": runs},
     )
     print(f"wrote {path}")
 
