@@ -3,10 +3,12 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 UV := $(shell command -v uv 2>/dev/null)
+UV_SHOWN := uv
 ifeq ($(UV),)
 # uv from PyPI into the clone's .tools/uv: pip allows a --target install where PEP 668 refuses
 # one into the system's Python (Debian 12, Ubuntu 24.04)
 UV := $(CURDIR)/.tools/uv/bin/uv
+UV_SHOWN := .tools/uv/bin/uv
 endif
 RUN := $(UV) run --frozen
 export FEDREC_DATASETS ?= $(abspath ../shared/datasets)
@@ -54,7 +56,7 @@ demo: setup ## train on built-in synthetic data (local Prefect server + SQLite M
 	@echo
 	@echo "Inspect it:  the Prefect UI above keeps running (make server-status; make server-stop ends it)"
 	@echo "             make mlflow-ui   -> http://127.0.0.1:$(MLFLOW_PORT)  (runs, metrics per round, model registry)"
-	@echo "Use it:      uv run fedrec recommend --model models:/fedrec-mf@champion --history examples/history.csv --k 5"
+	@echo "Use it:      $(UV_SHOWN) run fedrec recommend --model models:/fedrec-mf@champion --history examples/history.csv --k 5"
 
 mlflow-ui: setup ## MLflow UI on 127.0.0.1 for the local store
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(FEDREC_HOME)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1

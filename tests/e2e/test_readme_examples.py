@@ -191,7 +191,7 @@ def _check_demo(out: Outcome, session: Session) -> None:
     assert (state / "mlflow.db").is_file() and (state / "prefect").is_dir()
     assert (state / "server" / "prefect-server.pid").is_file()
     assert (state / "server" / "prefect-server.log").is_file()
-    hint = re.search(r"^Use it: +uv run (fedrec recommend .*)$", out.stdout, re.M)
+    hint = re.search(r"^Use it: +(?:\.tools/uv/bin/)?uv run (fedrec recommend .*)$", out.stdout, re.M)  # fmt: skip
     assert hint and "--history examples/history.csv" in hint[1], out.stdout[-2000:]
 
 
