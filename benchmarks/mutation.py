@@ -49,8 +49,6 @@ from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
 
-from benchmarks.common import HelpFormatter
-
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -145,6 +143,12 @@ TARGETS: dict[str, list[str]] = {
                                "tests/unit/test_recommenders_mutants.py"],
     "models/ranking/features.py": ["tests/unit/test_ranking.py", "tests/unit/test_slim.py",
                                    "tests/unit/test_features_mutants.py"],
+    # the splits a client evaluates (the selection users among them) and the re-ranker's data
+    "models/client.py": ["tests/unit/test_sharding.py", "tests/unit/test_ranking.py",
+                         "tests/unit/test_popularity_baseline.py", "tests/unit/test_families.py"],
+    "models/ranking/federated.py": ["tests/unit/test_ranking.py", "tests/unit/test_families.py",
+                                    "tests/unit/test_popularity_baseline.py",
+                                    "tests/unit/test_slim.py"],
     "models/neural/federated.py": ["tests/unit/test_neural.py",
                                    "tests/unit/test_network_mutants.py",
                                    "tests/unit/test_neural_federated_mutants.py"],
@@ -589,6 +593,11 @@ def _write(args, modules, plans, outcomes, commit, started, load_before, gone=No
 
 
 def main(argv: list[str] | None = None) -> None:
+    if (sys.argv[1:] if argv is None else argv) == ["--zygote"]:
+        _zygote()  # before benchmarks.common, whose imports include the project's data modules
+        return
+    from benchmarks.common import HelpFormatter
+
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=HelpFormatter
     )
@@ -608,11 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-fork", action="store_true",
                         help="a fresh python per test run instead of forking a preloaded one")  # fmt: skip
     parser.add_argument("--trace-worker", help=argparse.SUPPRESS)
-    parser.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
-    if args.zygote:
-        _zygote()
-        return
     if args.trace_worker:
         _trace_worker(args.trace_worker, args.only, rest[1:] if rest[:1] == ["--"] else rest)
         return
