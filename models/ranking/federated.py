@@ -237,6 +237,7 @@ class RankerData:
     train: Candidates  # candidates of users with validation rows, history = train rows
     labels: np.ndarray  # 1 where the candidate is among the user's validation rows
     splits: dict[str, tuple[Candidates, np.ndarray]]  # candidates and users for evaluation
+    base: str = "als"  # the retrieval model that ranks before any tree (RankingRecommender.base)
     # Scores of the ensemble's members seen so far, per row set: members only get appended, so
     # each round adds just the new members' scores.
     _scores: dict[str, tuple[tuple[int, int], np.ndarray]] = field(
@@ -271,12 +272,14 @@ def ranker_client_data(
     candidate is in the user's validation rows. The selection users' rows are no labels (the
     ``select`` split compares models on them) unless ``leave_out_selection`` is False, and users
     none of whose candidates is labelled 1 are dropped from training (a listwise objective learns
-    nothing from them)."""
+    nothing from them), as are users without training rows. An evaluation split holds every user
+    with a row in it, as :func:`evaluate_ranking` counts them."""
     history = client.matrix("train")
     valid = client.matrix("valid")
-    with_history = np.diff(history.indptr) > 0
-    valid_users = np.flatnonzero((np.diff(valid.indptr) > 0) & with_history)
-    learners = valid_users[~client.selected[valid_users]] if leave_out_selection else valid_users
+    valid_users = np.flatnonzero(np.diff(valid.indptr) > 0)
+    learners = valid_users[np.diff(history.indptr)[valid_users] > 0]
+    if leave_out_selection:
+        learners = learners[~client.selected[learners]]
     # the validation users' candidates serve the labels, and the valid and select splits (whose
     # exclusions are the training rows too): built once, for every validation user if asked
     asked = [s for s in eval_splits if s in ("valid", SELECT)]
@@ -296,14 +299,12 @@ def ranker_client_data(
             held = valid_users[client.selected[valid_users]] if split == SELECT else valid_users
             splits[split] = (_candidate_rows(pool, np.isin(pool.users, held)), held)
             continue
-        relevant = client.matrix(split)
-        held = np.flatnonzero(np.diff(relevant.indptr) > 0)
-        held = held[with_history[held]]
+        held = np.flatnonzero(np.diff(client.matrix(split).indptr) > 0)
         split_candidates = recommender.score_candidates(
             history, exclude_seen(client, split), client.user_features, held
         )[0]
         splits[split] = (split_candidates, held)
-    return RankerData(train, labels[keep].astype(np.float64), splits)
+    return RankerData(train, labels[keep].astype(np.float64), splits, recommender.base)
 
 
 def _candidate_rows(candidates: Candidates, keep: np.ndarray) -> Candidates:
@@ -339,7 +340,7 @@ def ranker_client_round(
         raw = (
             data.ensemble_scores(split, ensemble)
             if len(ensemble)
-            else candidates.features["als_score"].to_numpy()
+            else candidates.features[f"{data.base}_score"].to_numpy()
         )
         scores = _candidate_matrix(candidates, users, raw, client.n_items)
         evaluations[split] = ranking_evaluation(client, split, users, scores, config.top_k)
