@@ -182,6 +182,8 @@ def test_a_ranker_round_reports_the_served_models_figures_and_caches_the_right_s
             expected = evaluate_ranking(client, served, ("valid", "test"), 10)
             for split in ("valid", "test"):
                 assert reported[split][0] == pytest.approx(expected[split][0]), split
+                # the items in some top-K list (coverage): of the same users
+                np.testing.assert_array_equal(reported[split][1], expected[split][1])
             for earlier in (*ensembles, ensemble):
                 fresh = earlier.predict(part.train.features) if len(earlier) else 0.0
                 np.testing.assert_allclose(part.ensemble_scores("train", earlier), fresh)
