@@ -73,6 +73,11 @@ class TwoStageState:
 _RANKER_DATA: dict[tuple[int, int, str], RankerData] = {}
 
 
+def _base(state: TwoStageState) -> str:
+    """The retrieval model that ranks without a re-ranker (``RankingRecommender.base``)."""
+    return "als" if state.ease is None else "ease"
+
+
 @dataclass(frozen=True)
 class TwoStage:
     """:mod:`models.ranking.federated` behind the family interface.
@@ -137,10 +142,28 @@ class TwoStage:
             return knn_client_update(client, count_users=self.config.slim is not None), {}
         if phase == NEURAL:
             assert state.network is not None
-            return self._network_family.client_round(client, state.network, "train", rng, ())
+            evaluations = self._evaluate_model(client, self._recorded(state), eval_splits)
+            update = self._network_family.client_round(client, state.network, "train", rng, ())[0]
+            return update, evaluations
         data = self._ranker_data(client, state)
         tree_seed = int(rng.integers(2**31))
-        return ranker_client_round(client, data, state.ensemble, self.config, tree_seed)
+        order = ALS if self._recorded(state).stage == ALS else _base(state)
+        return ranker_client_round(
+            client, data, state.ensemble, self.config, tree_seed, order=order
+        )
+
+    @staticmethod
+    def _recorded(state: TwoStageState) -> TwoStageState:
+        """The model whose figures a round's evaluation of ``state`` records. The co-occurrence
+        round is no step (what it computes belongs to the next step's model), so right after it,
+        before any network round or tree, that is still the last implicit-ALS step's model."""
+        fresh = (
+            state.served is None
+            and state.stage == RETRIEVAL
+            and not len(state.ensemble)
+            and (state.network is None or state.network.round == 0)
+        )
+        return replace(state, stage=ALS) if fresh else state
 
     def _ranker_data(self, client: ClientData, state: TwoStageState) -> RankerData:
         key = (client.client_id, client.n_items, state.retrieval_key)
@@ -154,15 +177,23 @@ class TwoStage:
     def evaluate(
         self, client: ClientData, state: TwoStageState, splits: Sequence[str]
     ) -> dict[str, Evaluation]:
-        if state.served is None and state.stage == ALS:
-            evaluations = implicit_evaluate(client, state.factors, self.config, splits)
-        else:
-            evaluations = evaluate_ranking(client, self.servable(state), splits, self.top_k)
+        evaluations = self._evaluate_model(client, state, splits)
         if state.served is not None:  # a champion: the baseline is measured beside the candidate
             return evaluations
         # the trivial baseline: the most-popular list from the counts the server holds (the last
         # implicit-ALS round's, noisy under DP, or the co-occurrences' diagonal), on the same rows
         return evaluations | popularity_baselines(client, state.popularity, splits, self.top_k)
+
+    def _evaluate_model(
+        self, client: ClientData, state: TwoStageState, splits: Sequence[str]
+    ) -> dict[str, Evaluation]:
+        """The model's ranking sums on ``splits`` (implicit ALS's order before the co-occurrence
+        round, else the served two-stage model's)."""
+        if not splits:
+            return {}
+        if state.served is None and state.stage == ALS:
+            return implicit_evaluate(client, state.factors, self.config, splits)
+        return evaluate_ranking(client, self.servable(state), splits, self.top_k)
 
     # --- on the server ---------------------------------------------------------------------
     def server_update(
@@ -229,7 +260,7 @@ class TwoStage:
             trained = state.popularity > 0
         return RankingRecommender(
             retrieval, ranker, item_labels(self.item_ids, n_items), self.titles,
-            c.positive_threshold, trained, "als" if state.ease is None else "ease",
+            c.positive_threshold, trained, _base(state),
         )  # fmt: skip
 
     def warm_start(

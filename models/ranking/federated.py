@@ -237,7 +237,6 @@ class RankerData:
     train: Candidates  # candidates of users with validation rows, history = train rows
     labels: np.ndarray  # 1 where the candidate is among the user's validation rows
     splits: dict[str, tuple[Candidates, np.ndarray]]  # candidates and users for evaluation
-    base: str = "als"  # the retrieval model that ranks before any tree (RankingRecommender.base)
     # Scores of the ensemble's members seen so far, per row set: members only get appended, so
     # each round adds just the new members' scores.
     _scores: dict[str, tuple[tuple[int, int], np.ndarray]] = field(
@@ -304,7 +303,7 @@ def ranker_client_data(
             history, exclude_seen(client, split), client.user_features, held
         )[0]
         splits[split] = (split_candidates, held)
-    return RankerData(train, labels[keep].astype(np.float64), splits, recommender.base)
+    return RankerData(train, labels[keep].astype(np.float64), splits)
 
 
 def _candidate_rows(candidates: Candidates, keep: np.ndarray) -> Candidates:
@@ -331,16 +330,20 @@ def ranker_client_round(
     ensemble: TreeEnsemble,
     config: RankingConfig,
     seed: int,
+    *,
+    order: str = "als",
 ) -> tuple[ClientUpdate, dict[str, Evaluation]]:
     """Evaluate the incoming ensemble (two-stage ranking of each split), then boost this round's
-    trees on the client's rows from the ensemble's scores."""
+    trees on the client's rows from the ensemble's scores. Before the first tree the candidates
+    are ranked by the retrieval score ``order`` names (``als``: implicit ALS's, whose top
+    candidates are its full ranking's, so the figures are those of the implicit-ALS model)."""
     assert config.ranker is not None
     evaluations = {}
     for split, (candidates, users) in data.splits.items():
         raw = (
             data.ensemble_scores(split, ensemble)
             if len(ensemble)
-            else candidates.features[f"{data.base}_score"].to_numpy()
+            else candidates.features[f"{order}_score"].to_numpy()
         )
         scores = _candidate_matrix(candidates, users, raw, client.n_items)
         evaluations[split] = ranking_evaluation(client, split, users, scores, config.top_k)

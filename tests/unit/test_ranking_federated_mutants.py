@@ -28,6 +28,7 @@ from models.ranking.federated import (
     RankingConfig,
     evaluate_ranking,
     implicit_client_round,
+    implicit_evaluate,
     implicit_server_update,
     init_item_factors,
     knn_client_update,
@@ -164,7 +165,7 @@ def test_a_ranker_round_reports_the_served_models_figures_and_caches_the_right_s
     edges, trained
 ):
     """The sums a ranker round reports for the incoming ensemble are those of the served model
-    with that ensemble (before any tree: of the retrieval model that ranks alone, EASE here);
+    with that ensemble (before any tree, by default: of implicit ALS, the last step's model);
     the scores it keeps between rounds equal a fresh prediction whether the ensemble grew,
     shrank back to a prefix or was replaced."""
     _, clients, _ = edges
@@ -178,8 +179,12 @@ def test_a_ranker_round_reports_the_served_models_figures_and_caches_the_right_s
             part = parts[client.client_id]
             update, reported = ranker_client_round(client, part, ensemble, config, seed=round_)
             updates.append(update)
-            served = replace(base, ranker=ensemble if len(ensemble) else None)
-            expected = evaluate_ranking(client, served, ("valid", "test"), 10)
+            if len(ensemble):
+                served = replace(base, ranker=ensemble)
+                expected = evaluate_ranking(client, served, ("valid", "test"), 10)
+            else:
+                factors = base.retrieval.item_factors
+                expected = implicit_evaluate(client, factors, config, ("valid", "test"))
             for split in ("valid", "test"):
                 assert reported[split][0] == pytest.approx(expected[split][0]), split
                 # the items in some top-K list (coverage): of the same users
@@ -327,3 +332,46 @@ def test_a_rating_at_the_threshold_counts_as_a_positive(edges):
     ratings = client.rows("train").ratings
     assert client.matrix("train", min_rating=3.0).nnz == int((ratings >= 3.0).sum())
     assert client.matrix("train", min_rating=3.0).nnz > client.matrix("train", min_rating=4.0).nnz
+
+
+def test_each_round_records_the_model_of_the_step_before_as_the_reference_loop_evaluates_it(edges):
+    """The flow evaluates step ``s``'s model in step ``s + 1``'s client rounds. Across every
+    phase of the two-stage family (implicit ALS, the co-occurrence round, the network, the
+    re-ranker), what those rounds report must be the reference loop's evaluation of the state
+    right after step ``s``: the co-occurrence round is no step, so the rounds right after it
+    still record the last implicit-ALS step."""
+    from models.federation.evaluation import summarize_splits
+    from models.federation.sampling import round_rng
+    from models.neural.family import NeuralConfig
+    from models.neural.federated import FederatedConfig
+    from models.ranking.family import TwoStage
+
+    data, clients, _ = edges
+    neural = NeuralConfig(kind="dae", hidden=(), latent=8, federated=FederatedConfig(rounds=2))
+    config = RankingConfig(n_factors=4, n_candidates=20, neighbours=20, ease_reg=50.0,
+                           neural=neural, ranker=RankerConfig(rounds=2, trees_per_round=3,
+                                                              min_data_in_leaf=10))  # fmt: skip
+    family = TwoStage(config)
+    splits = family.eval_splits
+
+    def summary(parts):
+        metrics = summarize_splits(parts, 10, data.n_items)
+        return {k: v for k, v in metrics.items() if not k.startswith("baseline/")}
+
+    state, step, expected, checked = family.initial_state(data.n_items, 0), 0, None, []
+    for phase in family.phases(2):
+        for _ in range(phase.rounds):
+            answers = [
+                family.client_round(c, state, phase.name, round_rng(0, step + 1, c.client_id,
+                                                                    private=False), splits)
+                for c in clients
+            ]  # fmt: skip
+            if not phase.everyone:
+                if expected is not None:  # what this round reports of the step before
+                    assert summary([a[1] for a in answers]) == pytest.approx(expected), step
+                    checked.append(phase.name)
+                step += 1
+            state = family.server_update(state, [a[0] for a in answers], phase.name)
+            if not phase.everyone:  # the reference loop: evaluated right after the step
+                expected = summary([family.evaluate(c, state, splits) for c in clients])
+    assert checked == ["als", "neural", "neural", "ranker", "ranker"]
