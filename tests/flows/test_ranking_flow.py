@@ -94,21 +94,32 @@ def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_r
 
 def test_flow_model_equals_the_plain_loop_on_the_same_clients(store, first_run):
     """The flow runs the same client and server functions as the in-process reference loop:
-    the registered model must be that loop's model, item factors and trees alike."""
+    the registered model must be that loop's model, item factors and trees alike, and every
+    step's logged figures the loop's evaluation of that step (the flow's come one round late,
+    from the next step's client tasks)."""
     import mlflow
 
     from models.data.partitions import read_item_features
-    from models.ranking.federated import run_two_stage
+    from models.federation.loop import run_family
+    from models.ranking.family import TwoStage
     from tasks.data import load_interactions, plan_clients
 
     config, summary = first_run
     data, split = load_interactions.fn(config)
     clients = plan_clients(data, split, config)
     catalogue = read_item_features(summary["workspace"])
-    reference = run_two_stage(
-        clients, data.n_items, config.ranking_config(), rounds=config.rounds, seed=config.seed,
-        item_ids=data.item_ids, item_features=catalogue, eval_splits=(),
-    ).recommender  # fmt: skip
+    family = TwoStage(config.ranking_config(), data.item_ids, item_features=catalogue)
+    state, steps = run_family(
+        family, clients, data.n_items, rounds=config.rounds, seed=config.seed,
+        eval_splits=family.eval_splits,
+    )  # fmt: skip
+    reference = family.servable(state)
+    assert [int(m["step"]) for m in steps] == list(range(1, ALS_ROUNDS + RANKER_ROUNDS + 1))
+    for key in ("valid/ndcg_at_10", "select/ndcg_at_10", "test/ndcg_at_10", "test/coverage_at_10"):
+        logged = store["client"].get_metric_history(summary["run_id"], key)
+        assert {m.step: m.value for m in logged} == pytest.approx(
+            {int(m["step"]): m[key] for m in steps}, abs=1e-9
+        ), key
 
     mlflow.set_tracking_uri(store["uri"])
     served = mlflow.pyfunc.load_model("models:/ranktest@champion").unwrap_python_model().recommender
