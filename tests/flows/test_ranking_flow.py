@@ -92,19 +92,14 @@ def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_r
     )
 
 
-def test_flow_model_equals_the_plain_loop_on_the_same_clients(store, first_run):
-    """The flow runs the same client and server functions as the in-process reference loop:
-    the registered model must be that loop's model, item factors and trees alike, and every
-    step's logged figures the loop's evaluation of that step (the flow's come one round late,
-    from the next step's client tasks)."""
-    import mlflow
-
+def _reference_steps(store, config, summary, n_steps: int):
+    """Run the flow's clients through the reference loop, check that every step the flow
+    logged is that loop's evaluation of the step, and return the data and the loop's model."""
     from models.data.partitions import read_item_features
     from models.federation.loop import run_family
     from models.ranking.family import TwoStage
     from tasks.data import load_interactions, plan_clients
 
-    config, summary = first_run
     data, split = load_interactions.fn(config)
     clients = plan_clients(data, split, config)
     catalogue = read_item_features(summary["workspace"])
@@ -113,13 +108,24 @@ def test_flow_model_equals_the_plain_loop_on_the_same_clients(store, first_run):
         family, clients, data.n_items, rounds=config.rounds, seed=config.seed,
         eval_splits=family.eval_splits,
     )  # fmt: skip
-    reference = family.servable(state)
-    assert [int(m["step"]) for m in steps] == list(range(1, ALS_ROUNDS + RANKER_ROUNDS + 1))
+    assert [int(m["step"]) for m in steps] == list(range(1, n_steps + 1))
     for key in ("valid/ndcg_at_10", "select/ndcg_at_10", "test/ndcg_at_10", "test/coverage_at_10"):
         logged = store["client"].get_metric_history(summary["run_id"], key)
         assert {m.step: m.value for m in logged} == pytest.approx(
             {int(m["step"]): m[key] for m in steps}, abs=1e-9
         ), key
+    return data, family.servable(state)
+
+
+def test_flow_model_equals_the_plain_loop_on_the_same_clients(store, first_run):
+    """The flow runs the same client and server functions as the in-process reference loop:
+    the registered model must be that loop's model, item factors and trees alike, and every
+    step's logged figures the loop's evaluation of that step (the flow's come one round late,
+    from the next step's client tasks)."""
+    import mlflow
+
+    config, summary = first_run
+    data, reference = _reference_steps(store, config, summary, ALS_ROUNDS + RANKER_ROUNDS)
 
     mlflow.set_tracking_uri(store["uri"])
     served = mlflow.pyfunc.load_model("models:/ranktest@champion").unwrap_python_model().recommender
@@ -138,6 +144,18 @@ def test_flow_model_equals_the_plain_loop_on_the_same_clients(store, first_run):
     pd.testing.assert_frame_equal(
         served.recommend(requests, k=5), reference.recommend(requests, k=5)
     )
+
+
+def test_with_the_network_every_step_logs_the_reference_loops_figures(store):
+    """The network's rounds between the co-occurrence round and the re-ranker are steps too:
+    each is evaluated (the last implicit-ALS step by the first network round, each network step
+    by the next round), and the first re-ranker round records the network step's model."""
+    from flows.training import federated_training
+
+    config = _config(store, rounds=2, ranker_rounds=1, ranker_network_rounds=2, neural_lr=0.01,
+                     model_name="ranknet")  # fmt: skip
+    summary = federated_training(**config.model_dump())
+    _reference_steps(store, config, summary, 2 + 2 + 1)
 
 
 def test_a_challenger_is_compared_with_the_champion_on_the_same_rows(store, first_run):
