@@ -156,6 +156,7 @@ TARGETS: dict[str, list[str]] = {
                                   "tests/unit/test_dp_randomness.py",
                                   "tests/unit/test_task_run_names.py"],
     "models/ranking/family.py": ["tests/unit/test_families.py", "tests/unit/test_ranking.py",
+                                 "tests/unit/test_ranking_federated_mutants.py",
                                  "tests/unit/test_popularity_baseline.py",
                                  "tests/unit/test_cohorts.py", "tests/unit/test_slim.py"],
     "models/neural/federated.py": ["tests/unit/test_neural.py",
