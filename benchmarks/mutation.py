@@ -153,10 +153,12 @@ TARGETS: dict[str, list[str]] = {
                                     "tests/unit/test_ranking_federated_mutants.py"],
     # the reference round loop every family runs through, and the two-stage family over it
     "models/federation/loop.py": ["tests/unit/test_families.py", "tests/unit/test_core_wiring.py",
+                                  "tests/unit/test_two_stage_family_mutants.py",
                                   "tests/unit/test_dp_randomness.py",
                                   "tests/unit/test_task_run_names.py"],
     "models/ranking/family.py": ["tests/unit/test_families.py", "tests/unit/test_ranking.py",
                                  "tests/unit/test_ranking_federated_mutants.py",
+                                 "tests/unit/test_two_stage_family_mutants.py",
                                  "tests/unit/test_popularity_baseline.py",
                                  "tests/unit/test_cohorts.py", "tests/unit/test_slim.py"],
     "models/neural/federated.py": ["tests/unit/test_neural.py",
