@@ -150,6 +150,9 @@ def test_a_rounds_training_error_is_the_root_of_the_summed_squares_over_the_summ
     assert (figures["system/clients"], figures["system/round_seconds"]) == (2.0, 1.5)
     assert "train/rmse" not in round_metrics([update({"train_sse": 0.0, "train_n": 0.0})], 1.0)
     assert "train/rmse" not in round_metrics([update({"train_n": 4.0})], 1.0)  # implicit ALS
+    assert "train/rmse" not in round_metrics([update({"train_sse": 3.0})], 1.0)  # no row count
+    one_row = round_metrics([update({"train_sse": 4.0, "train_n": 1.0})], 1.0)
+    assert one_row["train/rmse"] == 2.0
 
 
 def test_the_reference_loop_times_each_round_and_refuses_secure_sums_it_cannot_encode(sparse_items):
@@ -170,3 +173,48 @@ def test_the_reference_loop_times_each_round_and_refuses_secure_sums_it_cannot_e
         run_family(neural, clients, data.n_items, rounds=1, secure_sum=lambda d: sum(d.values()))
     run_family(family, clients, data.n_items, rounds=1, eval_splits=(),
                secure_sum=lambda dense: np.sum(list(dense.values()), axis=0))  # fmt: skip
+
+
+def test_the_served_model_has_the_network_once_it_trained_a_round(sparse_items):
+    from models.neural.family import NeuralConfig
+    from models.neural.federated import FederatedConfig
+
+    data, clients, _, _ = sparse_items
+    neural = NeuralConfig(kind="dae", hidden=(), latent=4, federated=FederatedConfig(rounds=1))
+    family = TwoStage(RankingConfig(n_factors=3, n_candidates=10, neighbours=10, ranker=None,
+                                    neural=neural))  # fmt: skip
+    served = {}
+
+    def on_phase(phase, state):
+        served[phase.name] = family.servable(state).retrieval.network
+
+    run_family(family, clients, data.n_items, rounds=1, eval_splits=(), on_phase=on_phase)
+    assert served["knn"] is None  # not trained yet: no source of candidates
+    params, _ = served["neural"]  # after one round it is
+    assert params.keys() == family.initial_state(data.n_items, 0).network.params.keys()
+
+
+def test_a_warm_start_takes_the_champions_factors_of_the_items_it_knows(sparse_items):
+    """Items the champion has factors for start from them; an item new to the catalogue, or
+    one the champion learnt nothing of (zero factors), keeps its fresh initial factors."""
+    data, clients, unseen, _ = sparse_items
+    config = RankingConfig(n_factors=3, ranker=None)
+    ids = data.item_ids.astype(str)
+    champion = TwoStage(config, ids)
+    state, _ = run_family(champion, clients, data.n_items, rounds=1, eval_splits=())
+    model = champion.servable(state)
+    renamed = ids.copy()
+    renamed[0] = "an item new to the catalogue"
+    family = TwoStage(config, renamed)
+    fresh = family.initial_state(data.n_items, 5)
+
+    warm, known = family.warm_start(fresh, model)
+
+    old = model.retrieval.item_factors
+    learnt = np.abs(old).sum(axis=1) > 0
+    assert not learnt[unseen]
+    for item in range(data.n_items):
+        kept = item == 0 or not learnt[item]
+        expected = fresh.factors[item] if kept else old[item]
+        np.testing.assert_array_equal(warm.factors[item], expected)
+    assert known == int(learnt[1:].sum())
