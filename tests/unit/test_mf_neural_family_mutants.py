@@ -85,6 +85,7 @@ def test_a_checkpoint_restores_each_familys_popularity_and_trained_items(rated):
         back = family.load_state(family.state_arrays(state))
         np.testing.assert_array_equal(back.popularity, state.popularity)
         np.testing.assert_array_equal(back.trained, state.trained)
+        np.testing.assert_array_equal(family.servable(state).popularity, state.popularity)
 
 
 def test_a_network_update_names_every_item_the_client_trained_on(rated):
@@ -128,3 +129,13 @@ def test_a_network_warm_starts_only_from_a_champion_of_the_same_shape_and_catalo
     assert other.warm_start(other.initial_state(data.n_items, 3), champion) is None
     renamed = replace(family, item_ids=np.array([f"x{i}" for i in range(data.n_items)]))
     assert renamed.warm_start(fresh, champion) is None
+
+
+def test_an_mf_warm_start_marks_the_items_the_champion_trained(rated):
+    data, clients = rated
+    family = ExplicitMF(MFConfig(n_factors=2))
+    state, _ = run_family(family, clients, data.n_items, rounds=1, eval_splits=())
+    champion = family.servable(state)
+    warm, _ = family.warm_start(family.initial_state(data.n_items, 3), champion)
+    known = {str(i) for i in champion.known_items}
+    assert known and warm.trained.tolist() == [str(i) in known for i in range(data.n_items)]
