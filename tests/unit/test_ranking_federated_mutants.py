@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.client import SELECT, selection_users
+from models.client import SELECT, TEST, TRAIN, VALID, selection_users
 from models.data.partitions import build_clients
 from models.data.sharding import assign_clients, split_rows
 from models.data.synthetic import generate_synthetic
@@ -39,7 +39,6 @@ from models.ranking.federated import (
     run_two_stage,
 )
 
-TRAIN, VALID, TEST = 0, 1, 2
 # users 0, 1 and 2 and the rarest item are cut down to the rows named here
 ONE_OF_EACH, NO_TRAINING, NO_TEST = 0, 1, 2
 
@@ -54,7 +53,7 @@ def edges():
                               side_features=True)  # fmt: skip
     frame = data.frame.assign(rating=1.0)
     users, items = frame["user"].to_numpy(), frame["item"].to_numpy()
-    rare = int(np.argmin(np.bincount(items, minlength=data.n_items)[: data.n_items]))
+    rare = int(np.argmin(np.bincount(items, minlength=data.n_items)))
     plan = {ONE_OF_EACH: [TRAIN, VALID, TEST], NO_TRAINING: [VALID, TEST],
             NO_TEST: [TRAIN, TRAIN, VALID]}  # fmt: skip
     keep = np.ones(len(frame), bool)

@@ -12,6 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from models.client import TRAIN
 from models.data.partitions import build_clients
 from models.data.sharding import assign_clients, split_rows
 from models.data.synthetic import generate_synthetic
@@ -22,8 +23,6 @@ from models.protocol import ClientUpdate
 from models.ranking.boosting import RankerConfig
 from models.ranking.family import ALS, TwoStage
 from models.ranking.federated import RankingConfig
-
-TRAIN = 0
 
 
 @pytest.fixture(scope="module")
