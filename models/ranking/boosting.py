@@ -58,9 +58,11 @@ class RankerConfig:
             raise ValueError(
                 f"ranker objective={self.objective!r} must be one of {get_args(RankingObjective)}"
             )
-        for name in ("rounds", "trees_per_round", "num_leaves", "min_data_in_leaf", "num_threads"):
+        for name in ("rounds", "trees_per_round", "min_data_in_leaf", "num_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ranker {name}={getattr(self, name)} must be >= 1")
+        if self.num_leaves < 2:  # LightGBM's own bound: a tree of one leaf splits nothing
+            raise ValueError(f"ranker num_leaves={self.num_leaves} must be >= 2")
         for name in ("learning_rate", "subsample"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"ranker {name}={getattr(self, name)} must be in (0, 1]")
