@@ -124,3 +124,62 @@ def test_a_running_sum_equals_adding_every_update_at_once(population):
     assert implicit_server_update(factors, [total], config) == pytest.approx(
         implicit_server_update(factors, updates, config), abs=1e-10
     )
+
+
+def test_a_sampled_cohorts_update_is_its_sampled_users_training_and_everyone_evaluates(population):
+    """Oracle: the same cohort with only the chosen users' training rows, filtered here with
+    pandas from the users' own coins, answering a round in which everyone trains."""
+    from dataclasses import replace
+
+    from models.cohorts import cohort_round
+
+    data, groupings = population
+    cohort = groupings["500"][0]
+    config = MFConfig(n_factors=4, reg=0.1, clip_to=data.rating_scale)
+    family = ExplicitMF(config)
+    state = init_global_state(data.n_items, config, [client_rating_sums(cohort)], seed=0)
+    calls = []
+
+    def train(client, splits):
+        calls.append(("train", client.n_users, len(client.frame), tuple(splits)))
+        return family.client_round(client, state, "train", np.random.default_rng(0), splits)
+
+    def evaluate(client, splits):
+        calls.append(("evaluate", client.n_users, len(client.frame), tuple(splits)))
+        return family.evaluate(client, state, splits)
+
+    update, evaluations = cohort_round(cohort, 0.3, 9, 4, train, evaluate, ("valid",))
+
+    chosen = np.flatnonzero(sample_devices(cohort.user_ids, 0.3, 9, 4))
+    frame = cohort.frame
+    kept = frame[(frame["split"] != 0) | frame["user"].isin(chosen)]
+    by_hand = replace(cohort, frame=kept.reset_index(drop=True))
+    expected, _ = family.client_round(by_hand, state, "train", np.random.default_rng(0), ())
+    np.testing.assert_array_equal(update.items, expected.items)
+    np.testing.assert_array_equal(update.counts, expected.counts)
+    for name, array in expected.arrays.items():
+        np.testing.assert_allclose(update.arrays[name], array, rtol=1e-12)
+    everyone, _ = family.client_round(cohort, state, "train", np.random.default_rng(0), ())
+    assert everyone.counts.sum() > update.counts.sum()  # the coins left rows out
+    trained = frame[(frame["split"] == 0) & frame["user"].isin(chosen)]["user"].nunique()
+    assert update.metrics["clients"] == trained
+    # every user evaluated the incoming model, on the whole cohort's rows; training saw no split
+    assert calls == [
+        ("evaluate", cohort.n_users, len(frame), ("valid",)),
+        ("train", cohort.n_users, len(by_hand.frame), ()),
+    ]
+    alone = family.evaluate(cohort, state, ("valid",))
+    assert evaluations.keys() == alone.keys()
+    for split, (metrics, per_user) in alone.items():
+        assert evaluations[split][0] == metrics
+        np.testing.assert_array_equal(evaluations[split][1], per_user)
+
+
+def test_coins_depend_on_the_whole_seed_and_round_and_take_any_seed():
+    ids = np.array([f"u{i}" for i in range(4_000)])
+    base = sample_devices(ids, 0.5, seed=1, round_=1)
+    for seed, round_ in ((81, 1), (1, 81), (10**7 + 1, 1)):  # equal to (1, 1) modulo small powers
+        assert (sample_devices(ids, 0.5, seed, round_) != base).mean() > 0.3, (seed, round_)
+    for seed in (2**31 - 1, 2**63 - 1):  # seeds and rounds longer than the key's 8 digits each
+        big = sample_devices(ids, 0.5, seed=seed, round_=123_456_789)
+        assert abs(big.mean() - 0.5) < 4 * np.sqrt(0.25 / ids.size)

@@ -50,6 +50,8 @@ def test_empty_layout_gives_empty_results():
     layout = SegmentLayout.build(np.zeros(0, int), np.zeros(0, int), 4)
     packed, rhs = layout.packed_statistics(np.ones((4, 3)), np.zeros(0))
     assert packed.shape == (0, 6) and rhs.shape == (0, 3)
+    assert layout.keys.size == 0 and layout.counts.size == 0
+    assert layout.solve(np.ones((4, 3)), np.zeros(0), np.zeros(0)).shape == (0, 3)
 
 
 def test_ridge_solve_matches_individual_solves():

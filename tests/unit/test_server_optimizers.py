@@ -19,12 +19,13 @@ def test_sgd_with_unit_lr_is_plain_fedavg_and_skips_untouched_rows():
 @pytest.mark.parametrize("rule", ["adam", "yogi"])
 def test_adaptive_rules_follow_reddi_et_al_by_hand(rule):
     lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
-    x0, d1, d2 = 0.5, 0.2, -0.4
+    # the third change is smaller than the second moment, so Yogi's v moves down after two up
+    x0, deltas = 0.5, (0.2, -0.4, 0.01)
     state = ServerOptimizerState.zeros_like(np.full((1, 1), x0), tau)
     x = np.full((1, 1), x0)
     # independent scalar oracle
     m, v, ref = 0.0, tau * tau, x0
-    for d in (d1, d2):
+    for d in deltas:
         x, state = apply_server_update(
             x,
             np.full((1, 1), d),
