@@ -172,15 +172,18 @@ TARGETS: dict[str, list[str]] = {
                                    "tests/unit/test_network_mutants.py",
                                    "tests/unit/test_neural_federated_mutants.py"],
     # the defences against malicious updates, the server's optimizers, the shared solves
-    "models/robust.py": ["tests/unit/test_robust.py", "tests/unit/test_config.py"],
+    "models/robust.py": ["tests/unit/test_robust.py", "tests/unit/test_config.py",
+                         "tests/unit/test_robust_mutants.py"],
     "models/server_optimizers.py": ["tests/unit/test_server_optimizers.py",
                                     "tests/unit/test_neural.py"],
     "models/mf/linalg.py": ["tests/unit/test_linalg.py", "tests/unit/test_als.py",
                             "tests/unit/test_dp.py", "tests/unit/test_dp_bounds.py"],
-    "models/mf/recommend.py": ["tests/unit/test_recommender.py"],
+    "models/mf/recommend.py": ["tests/unit/test_recommender.py",
+                               "tests/unit/test_mf_recommend_mutants.py"],
     "models/ranking/boosting.py": ["tests/unit/test_ranking.py",
                                    "tests/unit/test_ranking_federated_mutants.py",
-                                   "tests/unit/test_two_stage_family_mutants.py"],
+                                   "tests/unit/test_two_stage_family_mutants.py",
+                                   "tests/unit/test_boosting_mutants.py"],
     "models/cohorts.py": ["tests/unit/test_cohorts.py", "tests/unit/test_dp_randomness.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
