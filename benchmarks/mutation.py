@@ -185,6 +185,26 @@ TARGETS: dict[str, list[str]] = {
                                    "tests/unit/test_two_stage_family_mutants.py",
                                    "tests/unit/test_boosting_mutants.py"],
     "models/cohorts.py": ["tests/unit/test_cohorts.py", "tests/unit/test_dp_randomness.py"],
+    # the explicit family's reference loop, the served models, the networks' training, the
+    # partitions a run builds and the update format clients send
+    "models/mf/federated.py": ["tests/unit/test_federated.py", "tests/unit/test_als.py",
+                               "tests/unit/test_dp.py", "tests/unit/test_secure_mean.py",
+                               "tests/unit/test_site_weights.py", "tests/unit/test_robust.py",
+                               "tests/unit/test_mf_neural_family_mutants.py",
+                               "tests/unit/test_families.py"],
+    "models/ranking/recommender.py": ["tests/unit/test_ranking.py", "tests/unit/test_slim.py",
+                                      "tests/unit/test_recommender.py"],
+    "models/neural/training.py": ["tests/unit/test_neural.py",
+                                  "tests/unit/test_neural_federated_mutants.py",
+                                  "tests/unit/test_network_mutants.py"],
+    "models/neural/recommender.py": ["tests/unit/test_neural.py", "tests/unit/test_recommender.py",
+                                     "tests/unit/test_ranking.py"],
+    "models/mf/recommender.py": ["tests/unit/test_recommender.py",
+                                 "tests/unit/test_recommenders_mutants.py"],
+    "models/data/partitions.py": ["tests/unit/test_sharding.py",
+                                  "tests/unit/test_sharding_mutants.py"],
+    "models/protocol.py": ["tests/unit/test_npz_reads.py", "tests/unit/test_site_encoding.py",
+                           "tests/unit/test_site_contents.py", "tests/unit/test_secagg.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
