@@ -205,6 +205,9 @@ TARGETS: dict[str, list[str]] = {
                                   "tests/unit/test_sharding_mutants.py"],
     "models/protocol.py": ["tests/unit/test_npz_reads.py", "tests/unit/test_site_encoding.py",
                            "tests/unit/test_site_contents.py", "tests/unit/test_secagg.py"],
+    # the run's settings: what a flag or a deployment's parameters may hold
+    "fedrec/config.py": ["tests/unit/test_config.py", "tests/unit/test_dp.py",
+                         "tests/unit/test_site_config.py", "tests/unit/test_deployment_check.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
