@@ -1,0 +1,86 @@
+"""What the served models answer at their edges, against oracles written here: the network's
+"because you liked" item by leaving each history item out and scoring again; the two-stage
+model's lists beyond its candidates, with items no client trained and a list of one."""
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.data.partitions import build_clients
+from models.data.sharding import assign_clients, split_rows
+from models.data.synthetic import generate_synthetic
+from models.neural.network import Architecture, init_params
+from models.neural.recommender import NeuralRecommender
+from models.ranking.boosting import RankerConfig
+from models.ranking.federated import RankingConfig, run_two_stage
+
+
+def test_the_networks_reason_is_the_history_item_whose_absence_lowers_the_item_most():
+    arch = Architecture(n_items=25, kind="dae", hidden=(), latent=6)
+    params = init_params(arch, np.random.default_rng(7), dtype=np.float64)
+    ids = np.array([f"i{i}" for i in range(25)])
+    model = NeuralRecommender(params, arch, ids, np.arange(25.0))
+    history = [3, 8, 11, 17, 20]
+    requests = pd.DataFrame({"user_id": ["u"], "history_items": [[f"i{i}" for i in history]]})
+
+    answer = model.recommend(requests, k=6)
+
+    def probability(items, item):
+        row = np.zeros((1, 25))
+        row[0, items] = 1.0
+        return model.score(row)[0, item]
+
+    assert len(answer) == 6
+    for item_id, reason in zip(answer.item_id, answer.reason, strict=True):
+        item = int(item_id[1:])
+        full = np.log(probability(history, item))
+        drops = [full - np.log(probability([h for h in history if h != j], item)) for j in history]
+        assert reason == f"because you liked i{history[int(np.argmax(drops))]}"
+    assert not set(answer.item_id) & {f"i{i}" for i in history}
+
+
+@pytest.fixture(scope="module")
+def two_stage():
+    data = generate_synthetic(n_users=200, n_items=90, n_interactions=5000, seed=8)
+    data = type(data)(data.frame.assign(rating=1.0), data.user_ids, data.item_ids)
+    owner = assign_clients(data, n_clients=3, strategy="iid", rng=np.random.default_rng(0))
+    split = split_rows(data, method="random", valid_fraction=0.15, test_fraction=0.15)
+    config = RankingConfig(n_factors=4, n_candidates=8, neighbours=10,
+                           ranker=RankerConfig(rounds=1, trees_per_round=3, min_data_in_leaf=5))  # fmt: skip
+    clients = build_clients(data, owner, split)
+    result = run_two_stage(clients, data.n_items, config, rounds=2, item_ids=data.item_ids,
+                           eval_splits=())  # fmt: skip
+    return data, result.recommender
+
+
+def test_a_long_list_goes_beyond_the_candidates_without_a_met_an_untrained_or_a_repeated_item(
+    two_stage,
+):
+    data, model = two_stage
+    ids = [str(i) for i in data.item_ids]
+    trained = np.ones(data.n_items, dtype=bool)
+    trained[::4] = False  # every fourth item: no client trained it
+    model = replace(model, trained=trained)
+    history = ids[1:30:3]
+    requests = pd.DataFrame({"user_id": ["u"], "history_items": [history]})
+
+    answer = model.recommend(requests, k=60)
+
+    allowed = {ids[i] for i in range(data.n_items) if trained[i]} - set(history)
+    assert len(answer) == 60 <= len(allowed)
+    assert answer["rank"].tolist() == list(range(1, 61))
+    assert set(answer.item_id) <= allowed and answer.item_id.is_unique
+    beyond = answer[answer.score.isna()]  # not scored: past the candidates of every source
+    assert len(beyond) > 0 and answer.score.iloc[: len(answer) - len(beyond)].notna().all()
+    assert beyond.reason.str.startswith("beyond the 8 candidates").all()
+
+
+def test_a_list_of_one_has_its_item_and_a_reason(two_stage):
+    data, model = two_stage
+    history = [str(i) for i in data.item_ids[:10]]
+    answer = model.recommend(pd.DataFrame({"user_id": ["u"], "history_items": [history]}), k=1)
+    assert len(answer) == 1 and answer.reason.iloc[0]
+    longer = model.recommend(pd.DataFrame({"user_id": ["u"], "history_items": [history]}), k=5)
+    assert answer.item_id.iloc[0] == longer.item_id.iloc[0]
