@@ -84,3 +84,29 @@ def test_a_list_of_one_has_its_item_and_a_reason(two_stage):
     assert len(answer) == 1 and answer.reason.iloc[0]
     longer = model.recommend(pd.DataFrame({"user_id": ["u"], "history_items": [history]}), k=5)
     assert answer.item_id.iloc[0] == longer.item_id.iloc[0]
+
+
+def test_a_network_aligned_to_a_new_catalogue_scores_known_items_as_before_and_new_ones_last():
+    from scipy import sparse
+
+    from models.neural.network import logits
+    from models.ranking.recommender import _align_network
+
+    for kind, hidden in (("dae", ()), ("vae", (7,))):
+        arch = Architecture(n_items=12, kind=kind, hidden=hidden, latent=4)
+        params = init_params(arch, np.random.default_rng(5), dtype=np.float64)
+        last = f"dec{len(arch.decoder_dims) - 2}_w"
+        params[last] = 20.0 * params[last]  # known items' logits far below the lowest bias
+        # today's catalogue: old items 11, 0, 5, ..., and two items the network never saw
+        source = np.array([11, 0, -1, 5, 3, 8, -1, 2])
+        aligned, new_arch = _align_network(params, arch, source)
+        assert new_arch.n_items == 8
+        rng = np.random.default_rng(6)
+        today = sparse.csr_matrix((rng.random((20, 8)) < 0.3) * (source >= 0))
+        old = sparse.csr_matrix(
+            (today.data, (today.nonzero()[0], source[today.nonzero()[1]])), shape=(20, 12)
+        )
+        before, after = logits(params, arch, old), logits(aligned, new_arch, today)
+        known = np.flatnonzero(source >= 0)
+        np.testing.assert_allclose(after[:, known], before[:, source[known]], rtol=1e-10)
+        assert (after[:, source < 0].max(axis=1) < after[:, known].min(axis=1)).all(), kind
