@@ -49,3 +49,19 @@ def test_the_smallest_settings_are_accepted_and_the_bounds_refused():
             MFConfig(**{name: 0.0})
     with pytest.raises(ValueError, match=r"server_lr=0\.0 must be > 0"):
         MFConfig(algorithm="fedavg", server_lr=0.0)
+
+
+def test_the_starting_mean_is_the_clients_mean_or_under_dp_the_scales_middle():
+    from models.privacy.dp import UserLevelDP
+
+    sums = [{"rating_sum": 7.0, "n": 2.0}, {"rating_sum": 5.0, "n": 2.0}]
+    assert init_global_state(3, MFConfig(), sums, seed=0).params.global_mean == 3.0
+    assert (
+        init_global_state(3, MFConfig(), [{"rating_sum": 0.0, "n": 0.0}], 0).params.global_mean == 0
+    )
+    dp = UserLevelDP(noise_multiplier=1.0, max_items=5)
+    private = MFConfig(dp=dp, clip_to=(1.0, 5.0))
+    assert init_global_state(3, private, sums, seed=0).params.global_mean == 3.0  # (1 + 5) / 2
+    skewed = [{"rating_sum": 9.0, "n": 2.0}]  # a data mean of 4.5 must not leak into the start
+    assert init_global_state(3, private, skewed, seed=0).params.global_mean == 3.0
+    assert init_global_state(3, MFConfig(dp=dp), skewed, seed=0).params.global_mean == 0.0
