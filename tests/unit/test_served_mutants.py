@@ -2,6 +2,7 @@
 "because you liked" item by leaving each history item out and scoring again; the two-stage
 model's lists beyond its candidates, with items no client trained and a list of one."""
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -110,3 +111,49 @@ def test_a_network_aligned_to_a_new_catalogue_scores_known_items_as_before_and_n
         known = np.flatnonzero(source >= 0)
         np.testing.assert_allclose(after[:, known], before[:, source[known]], rtol=1e-10)
         assert (after[:, source < 0].max(axis=1) < after[:, known].min(axis=1)).all(), kind
+
+
+def test_every_list_ranks_from_1_cold_starts_and_asked_items_included():
+    from models.mf.params import ItemParams
+    from models.mf.recommender import MFRecommender
+
+    rng = np.random.default_rng(9)
+    ids = np.array([f"i{i}" for i in range(6)])
+    popularity = np.array([5.0, 50, 1, 7, 9, 3])
+    mf = MFRecommender(
+        ItemParams(rng.normal(size=(6, 2)), rng.normal(size=6), 3.5), ids, popularity, 0.1
+    )
+    arch = Architecture(n_items=6, kind="dae", hidden=(), latent=3)
+    network = NeuralRecommender(init_params(arch, rng, dtype=np.float64), arch, ids, popularity)
+    requests = pd.DataFrame(
+        {
+            "user_id": ["cold", "asks", "one"],
+            "history_items": [[], ["i1", "i2"], ["i4"]],
+            "items": [None, ["i0", "i3", "i5"], None],
+        }
+    )
+    for model in (mf, network):
+        answer = model.recommend(requests, k=3)
+        for user in ("cold", "asks", "one"):
+            assert answer[answer.user_id == user]["rank"].tolist() == [1, 2, 3], (model, user)
+        cold = answer[answer.user_id == "cold"]
+        assert cold.item_id.tolist() == ["i1", "i4", "i3"]  # most popular first
+    one = mf.recommend(requests.iloc[[2]], k=1).reason.iloc[0]
+    two = mf.recommend(requests.iloc[[1]].assign(items=None), k=1).reason.iloc[0]
+    assert re.match(r"score -?[0-9.]+ from your 1 item(;|$)", one), one
+    assert re.match(r"score -?[0-9.]+ from your 2 items(;|$)", two), two
+
+
+def test_a_two_stage_cold_start_lists_only_trained_items_the_user_has_not_met(two_stage):
+    data, model = two_stage
+    ids = [str(i) for i in data.item_ids]
+    popular = np.argsort(-model.retrieval.popularity, kind="stable")
+    trained = np.ones(data.n_items, dtype=bool)
+    trained[popular[0]] = False  # the most popular item: nobody trained it
+    model = replace(model, trained=trained, positive_threshold=3.0)
+    # a history of one item rated below the threshold: no known item, and that item is met
+    requests = pd.DataFrame(
+        {"user_id": ["u"], "history_items": [[ids[popular[1]]]], "history_ratings": [[1.0]]}
+    )
+    answer = model.recommend(requests, k=4)
+    assert answer.item_id.tolist() == [ids[i] for i in popular[2:6]]
