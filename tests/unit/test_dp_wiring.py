@@ -112,6 +112,38 @@ def test_bias_phase_noises_counts_and_sums_at_the_bias_channels_deviation():
         assert abs(np.mean(noise)) < 4 * std / np.sqrt(n_items)  # centred: 4 standard errors
 
 
+def test_a_private_explicit_round_sends_its_clipped_factor_channel_noised_and_no_metrics():
+    """The factor channel leaves only noised (every item, at the channel's own deviation, centred
+    on the clipped statistics) and without the training error, which the accountant does not
+    count."""
+    from models.mf.als import solve_users
+    from models.mf.federated import MFConfig, client_update
+    from models.privacy.dp import clipped_factor_statistics
+
+    n_items = 4000
+    dp = UserLevelDP(noise_multiplier=1.2, max_items=6, shares=2)
+    config = MFConfig(n_factors=2, dp=dp, clip_to=(1.0, 5.0))
+    client = _random_client(n_users=40, per_user=9, n_items=n_items, seed=4)
+    rng = np.random.default_rng(5)
+    params = ItemParams(rng.normal(0, 0.1, (n_items, 2)), rng.normal(0, 0.1, n_items), 3.0)
+    rows = client.rows("train")
+    users = solve_users(rows, params, reg=config.reg)
+    exact = clipped_factor_statistics(rows, users, params.global_mean, params.bias, dp)
+    counts, grams, rhs = _dense(exact, n_items)
+
+    update = client_update(client, params, config, np.random.default_rng(6))
+
+    assert update.metrics == {} and update.items.tolist() == list(range(n_items))
+    std = dp.noise_std(dp.factor_sensitivity)
+    for noise in (
+        update.counts - counts,
+        (update.arrays["gram"] - grams).ravel(),
+        (update.arrays["rhs"] - rhs).ravel(),
+    ):
+        assert np.std(noise) == pytest.approx(std, rel=0.05)
+        assert abs(np.mean(noise)) < 4 * std / np.sqrt(noise.size)
+
+
 # --- implicit ALS: the client round -------------------------------------------------------------
 def _implicit_exact(client: ClientData, item_factors: np.ndarray, config: RankingConfig):
     """The client's clipped statistics without noise (every user within ``max_items``, so the
