@@ -190,6 +190,9 @@ def test_partitions_round_trip_and_are_deterministic(tmp_path):
     assert manifest.fingerprint == data.fingerprint() and manifest.n_clients == 3
     assert sum(e.n_train + e.n_valid + e.n_test for e in manifest.clients) == len(data)
     np.testing.assert_array_equal(read_item_ids(tmp_path / "ws"), data.item_ids)
+    from models.data.partitions import read_item_features
+
+    assert read_item_features(tmp_path / "ws") is None  # ids only: no catalogue features
     for entry, client in zip(manifest.clients, clients, strict=True):
         loaded = read_partition(tmp_path / "ws", entry, manifest.n_items)
         np.testing.assert_array_equal(loaded.user_ids, client.user_ids)
@@ -197,6 +200,50 @@ def test_partitions_round_trip_and_are_deterministic(tmp_path):
             loaded.frame.reset_index(drop=True), client.frame.reset_index(drop=True)
         )
     assert not any(p.name.startswith(".partitions-") for p in tmp_path.iterdir())
+
+
+def test_side_features_and_the_rating_scale_round_trip_through_a_workspace(tmp_path):
+    from models.data.partitions import read_item_features
+    from models.data.synthetic import generate_synthetic
+
+    data = generate_synthetic(n_users=60, n_items=25, n_interactions=600, seed=3,
+                              side_features=True)  # fmt: skip
+    assert data.user_features is not None and data.item_features is not None
+    owner = assign_clients(data, n_clients=2, strategy="iid", rng=np.random.default_rng(0))
+    split = split_rows(data, method="random", valid_fraction=0.1, test_fraction=0.1)
+    clients = build_clients(data, owner, split)
+
+    manifest = write_partitions(data, clients, tmp_path / "ws")
+
+    assert read_manifest(tmp_path / "ws").rating_scale == data.rating_scale == (1.0, 5.0)
+    pd.testing.assert_frame_equal(
+        read_item_features(tmp_path / "ws"), data.item_features.reset_index(drop=True)
+    )
+    for entry, client in zip(manifest.clients, clients, strict=True):
+        loaded = read_partition(tmp_path / "ws", entry, manifest.n_items)
+        pd.testing.assert_frame_equal(loaded.user_features, client.user_features)
+        owned = np.flatnonzero(owner == client.client_id)  # the client's users, in order
+        pd.testing.assert_frame_equal(
+            loaded.user_features, data.user_features.iloc[owned].reset_index(drop=True)
+        )
+
+
+def test_a_workspace_is_a_new_or_empty_folder_or_a_fedrec_one_never_a_data_folder(tmp_path):
+    from models.data.partitions import MANIFEST, check_workspace
+
+    check_workspace(tmp_path / "new")  # not there yet
+    (tmp_path / "empty").mkdir()
+    check_workspace(tmp_path / "empty")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ratings.csv").write_text("user_id,item_id,rating\n")
+    with pytest.raises(ValueError, match="holds files and is not a fedrec workspace"):
+        check_workspace(data)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        check_workspace(tmp_path / "file")
+    (data / MANIFEST).write_text("{}")
+    check_workspace(data)  # a fedrec workspace: a run may replace it
 
 
 def test_fingerprint_ignores_row_order_but_sees_a_changed_rating():
