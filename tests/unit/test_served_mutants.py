@@ -157,3 +157,39 @@ def test_a_two_stage_cold_start_lists_only_trained_items_the_user_has_not_met(tw
     )
     answer = model.recommend(requests, k=4)
     assert answer.item_id.tolist() == [ids[i] for i in popular[2:6]]
+
+
+def test_a_two_stage_model_aligned_to_a_new_catalogue_maps_known_items_and_blanks_new_ones(
+    two_stage,
+):
+    from models.ranking.recommender import align_recommender
+
+    data, model = two_stage
+    n = data.n_items
+    old_ids = np.asarray(model.item_ids)
+    titles = np.array([f"Title {i}" for i in range(n)], dtype=object)
+    trained = np.arange(n) % 5 != 1  # old item 0 trained, 7 and 42 not
+    year = pd.DataFrame({"year": 1990.0 + np.arange(n)})
+    model = replace(model, titles=titles, trained=trained,
+                    retrieval=replace(model.retrieval, item_features=year))  # fmt: skip
+    source = np.array([7, 0, -1, 3, 42, -1, 5, 10])  # today's catalogue by old index; -1: new
+    new_ids = np.array([old_ids[s] if s >= 0 else f"new-{i}" for i, s in enumerate(source)])
+
+    aligned = align_recommender(model, new_ids)
+
+    r, a = model.retrieval, aligned.retrieval
+    known, new = np.flatnonzero(source >= 0), np.flatnonzero(source < 0)
+    s = source[known]
+    np.testing.assert_array_equal(a.item_factors[known], r.item_factors[s])
+    np.testing.assert_array_equal(a.popularity[known], r.popularity[s])
+    np.testing.assert_array_equal(
+        a.similarity.toarray()[np.ix_(known, known)], r.similarity.toarray()[np.ix_(s, s)]
+    )
+    assert list(aligned.titles[known]) == list(titles[s])
+    assert list(aligned.trained[known]) == list(trained[s])
+    assert list(a.item_features["year"].iloc[known]) == list(year["year"].iloc[s])
+    # items the model never saw: no factors, no popularity, no neighbours, untrained, no title
+    assert not a.item_factors[new].any() and not a.popularity[new].any()
+    assert not a.similarity.toarray()[new].any() and not a.similarity.toarray()[:, new].any()
+    assert not aligned.trained[new].any() and all(t is None for t in aligned.titles[new])
+    assert a.item_features["year"].iloc[new].isna().all()
