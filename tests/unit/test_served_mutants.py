@@ -168,7 +168,7 @@ def test_a_two_stage_model_aligned_to_a_new_catalogue_maps_known_items_and_blank
     n = data.n_items
     old_ids = np.asarray(model.item_ids)
     titles = np.array([f"Title {i}" for i in range(n)], dtype=object)
-    trained = np.arange(n) % 5 != 1  # old item 0 trained, 7 and 42 not
+    trained = np.arange(n) % 5 != 2  # old items 0, 3, 5, 10 trained; 7 and 42 not
     year = pd.DataFrame({"year": 1990.0 + np.arange(n)})
     model = replace(model, titles=titles, trained=trained,
                     retrieval=replace(model.retrieval, item_features=year))  # fmt: skip
