@@ -82,3 +82,36 @@ def test_an_epochs_reported_loss_is_the_batch_objective_at_its_start():
     assert epoch.loss == pytest.approx(loss.total, rel=1e-9)
     assert epoch.nll == pytest.approx(loss.nll, rel=1e-9)
     assert epoch.kl == pytest.approx(loss.kl, abs=1e-12)
+
+
+def test_every_batch_steps_once_a_batch_of_one_included_and_zero_epochs_train_nothing():
+    rng = np.random.default_rng(4)
+    dense = (rng.random((11, 9)) < 0.4).astype(float)
+    dense[np.arange(11), rng.integers(0, 9, 11)] = 1.0  # every user active: batches 5, 5, 1
+    history = sparse.csr_matrix(dense)
+    arch = Architecture(n_items=9, kind="vae", hidden=(), latent=3)
+    params = init_params(arch, np.random.default_rng(1), dtype=np.float64)
+    config = TrainConfig(learning_rate=1e-2, batch_size=5, dropout=0.0, anneal_epochs=10.0)
+
+    _, state, stats = train_epochs(
+        params, arch, history, config, epochs=2, rng=np.random.default_rng(2), start_epoch=4
+    )
+
+    assert state.step == 6  # three batches in each of two epochs
+    assert [s.epoch for s in stats] == [5, 6] and [s.users for s in stats] == [11, 11]
+    assert [s.beta for s in stats] == [pytest.approx(config.beta(5)), pytest.approx(config.beta(6))]
+    assert all(s.kl > 0 for s in stats)  # a VAE reports its KL term per user
+    flat = TrainConfig(learning_rate=1e-2, batch_size=5, dropout=0.0, anneal_epochs=0.0)
+    _, _, constant = train_epochs(
+        params, arch, history, flat, epochs=2, rng=np.random.default_rng(2)
+    )
+    for s in constant:  # one KL weight all epoch long: the mean loss is the mean terms combined
+        assert s.loss == pytest.approx(s.nll + flat.beta_cap * s.kl, rel=1e-9)
+    same, untouched, none = train_epochs(
+        params, arch, history, config, epochs=0, rng=np.random.default_rng(2)
+    )
+    assert none == [] and untouched.step == 0
+    for name, value in params.items():
+        np.testing.assert_array_equal(same[name], value)
+    with pytest.raises(ValueError, match="epochs=-1 must be >= 0"):
+        train_epochs(params, arch, history, config, epochs=-1, rng=np.random.default_rng(2))
