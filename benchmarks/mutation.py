@@ -213,7 +213,8 @@ TARGETS: dict[str, list[str]] = {
                                   "tests/unit/test_cli_workspaces.py"],
     "models/protocol.py": ["tests/unit/test_npz_reads.py", "tests/unit/test_site_encoding.py",
                            "tests/unit/test_site_contents.py", "tests/unit/test_secagg.py",
-                           "tests/unit/test_site_weights.py", "tests/unit/test_cohorts.py"],
+                           "tests/unit/test_site_weights.py", "tests/unit/test_cohorts.py",
+                           "tests/unit/test_protocol.py"],
     # the run's settings: what a flag or a deployment's parameters may hold
     "fedrec/config.py": ["tests/unit/test_config.py", "tests/unit/test_dp.py",
                          "tests/unit/test_site_config.py", "tests/unit/test_deployment_check.py",
