@@ -115,3 +115,29 @@ def test_every_batch_steps_once_a_batch_of_one_included_and_zero_epochs_train_no
         np.testing.assert_array_equal(same[name], value)
     with pytest.raises(ValueError, match="epochs=-1 must be >= 0"):
         train_epochs(params, arch, history, config, epochs=-1, rng=np.random.default_rng(2))
+
+
+def test_a_vae_epoch_samples_its_latent_noise_from_the_stream_after_the_user_order():
+    """One batch, no dropout: the epoch's loss is the VAE objective at the starting parameters
+    with the standard normal draw that follows the permutation in the same stream."""
+    rng = np.random.default_rng(5)
+    dense = (rng.random((10, 12)) < 0.4).astype(float)
+    dense[np.arange(10), rng.integers(0, 12, 10)] = 1.0
+    history = sparse.csr_matrix(dense)
+    arch = Architecture(n_items=12, kind="vae", hidden=(), latent=3)
+    params = init_params(arch, np.random.default_rng(1), dtype=np.float64)
+    config = TrainConfig(learning_rate=1e-2, batch_size=50, dropout=0.0, anneal_epochs=0.0)
+
+    _, _, (epoch,) = train_epochs(
+        params, arch, history, config, epochs=1, rng=np.random.default_rng(2)
+    )
+
+    stream = np.random.default_rng(2)
+    batch = history[stream.permutation(np.arange(10))]
+    noise = stream.standard_normal((10, 3), dtype=np.float32).astype(np.float64)
+    inputs = corrupt(batch, 0.0, None, np.float64)
+    drawn, _ = loss_and_gradients(params, arch, inputs, batch, noise=noise, beta=0.2, l2=0.0)
+    mean, _ = loss_and_gradients(params, arch, inputs, batch, noise=None, beta=0.2, l2=0.0)
+    assert abs(drawn.nll - mean.nll) > 1e-6  # the draw matters on this data
+    assert epoch.loss == pytest.approx(drawn.total, rel=1e-9)
+    assert epoch.kl == pytest.approx(drawn.kl, rel=1e-9)
