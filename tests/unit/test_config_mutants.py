@@ -1,6 +1,8 @@
 """Run settings that depend on each other: the quorum a secure private run starts from, the split
 fractions' sum, the re-ranker's network, and the description of the rows a run holds out."""
 
+import re
+
 import pydantic
 import pytest
 
@@ -44,3 +46,103 @@ def test_the_held_out_rows_are_described_as_the_run_holds_them_out(tmp_path):
     assert TrainingConfig(train=train, test=test, valid=valid).held_out_rows() == (
         "split files (validation: file)"
     )
+
+
+# a combination refused, the part of its one-line message that says why, and the nearest
+# combination allowed
+REFUSED = [
+    ({"rating_scale": "5,1"}, "not a valid range", {"rating_scale": "1,5"}),
+    ({"rating_scale": "1,1"}, "not a valid range", {"rating_scale": "1,2"}),
+    ({"rating_scale": "1,inf"}, "not a valid range", {"rating_scale": "1,10"}),
+    (
+        {"rating_scale": "1,5", "relevance_threshold": 5.5},
+        "above the rating scale's top 5",
+        {"rating_scale": "1,5", "relevance_threshold": 5.0},
+    ),
+    (
+        {"partition": "per-user", "algorithm": "fedavg"},
+        "per-user trains ALS",
+        {"partition": "per-user"},
+    ),
+    (
+        {"partition": "per-user", "secure_aggregation": True},
+        "per-user trains ALS",
+        {"partition": "per-user"},
+    ),
+    (
+        {"partition": "per-user", "feedback": "implicit", "ranker": "lightgbm"},
+        "per-user trains ALS",
+        {"partition": "per-user", "feedback": "implicit"},
+    ),
+    (
+        {"dask_address": "tcp://127.0.0.1:1"},
+        "--dask-address needs --task-runner dask",
+        {"dask_address": "tcp://127.0.0.1:1", "task_runner": "dask"},
+    ),
+    (
+        {"aggregation": "median"},
+        "robust rules and attacks",
+        {"algorithm": "fedavg", "aggregation": "median"},
+    ),
+    (
+        {"attack": "sign_flip", "clients": 5},
+        "robust rules and attacks",
+        {"algorithm": "fedavg", "attack": "sign_flip", "clients": 5},
+    ),
+    (
+        {"secure_aggregation": True, "client_fraction": 0.5},
+        "with secure_aggregation and no dp_epsilon",
+        {"secure_aggregation": True, "client_fraction": 0.5, "dp_epsilon": 1.0},
+    ),
+    (
+        {"dp_ledger_set_cap": True, "dp_epsilon": 1.0},
+        "dp_ledger_set_cap needs dp_budget",
+        {"dp_ledger_set_cap": True, "dp_epsilon": 1.0, "dp_budget": 5.0},
+    ),
+    (
+        {"feedback": "implicit", "implicit_model": "neural", "ranker": "lightgbm"},
+        "has no re-ranker here",
+        {"feedback": "implicit", "implicit_model": "neural"},
+    ),
+    (
+        {"feedback": "implicit", "implicit_model": "neural", "dp_epsilon": 1.0},
+        "has no DP or secure-aggregation encoding here",
+        {"feedback": "implicit", "implicit_model": "neural"},
+    ),
+    (
+        {"feedback": "implicit", "ranker": "lightgbm", "promotion_metric": "valid/ndcg_at_10"},
+        "allowed: select/ndcg_at_10 ",
+        {"feedback": "implicit", "ranker": "lightgbm", "promotion_metric": "select/ndcg_at_10"},
+    ),
+    (
+        {"feedback": "implicit", "promotion_metric": "select/ndcg_at_10"},
+        "allowed: valid/ndcg_at_10, or ranker='lightgbm'",
+        {"feedback": "implicit", "promotion_metric": "valid/ndcg_at_10"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("refused", "why", "allowed"), REFUSED)
+def test_a_combination_is_refused_with_its_reason_and_its_neighbour_allowed(refused, why, allowed):
+    with pytest.raises(pydantic.ValidationError, match=re.escape(why)):
+        TrainingConfig(**refused)
+    TrainingConfig(**allowed)
+
+
+def test_a_scale_whose_top_is_the_default_threshold_keeps_it():
+    assert TrainingConfig(rating_scale="1,4").relevance_threshold == 4.0
+    assert TrainingConfig(rating_scale="1,3").relevance_threshold == 2.5  # three quarters up
+
+
+def test_admm_slim_is_built_for_the_re_ranker_only_and_the_networks_server_step_by_rule():
+    implicit = {"feedback": "implicit"}
+    assert TrainingConfig(**implicit).ranking_config().slim is None
+    assert TrainingConfig(**implicit, ranker="lightgbm").ranking_config().slim.iterations == 40
+    no_slim = TrainingConfig(**implicit, ranker="lightgbm", slim_iterations=0)
+    assert no_slim.ranking_config().slim is None
+    neural = {"feedback": "implicit", "implicit_model": "neural"}
+    for rule, lr in (("fedavg", 1.0), ("fedadam", 0.01)):
+        config = TrainingConfig(**neural, neural_server=rule).neural_config()
+        assert config.federated.server_lr == lr  # plain averaging, or Adam's small step
+    given = TrainingConfig(**neural, neural_server="fedadam", server_lr=0.2).neural_config()
+    assert given.federated.server_lr == 0.2
