@@ -218,7 +218,8 @@ TARGETS: dict[str, list[str]] = {
     # the run's settings: what a flag or a deployment's parameters may hold
     "fedrec/config.py": ["tests/unit/test_config.py", "tests/unit/test_dp.py",
                          "tests/unit/test_site_config.py", "tests/unit/test_deployment_check.py",
-                         "tests/unit/test_config_bounds.py", "tests/unit/test_config_mutants.py"],
+                         "tests/unit/test_config_bounds.py", "tests/unit/test_config_mutants.py",
+                         "tests/unit/test_redaction.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"

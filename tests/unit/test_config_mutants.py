@@ -52,6 +52,16 @@ def test_the_held_out_rows_are_described_as_the_run_holds_them_out(tmp_path):
 # combination allowed
 REFUSED = [
     ({"rating_scale": "5,1"}, "not a valid range", {"rating_scale": "1,5"}),
+    (
+        {"clients": 2, "min_clients": 3},
+        "min_clients=3 exceeds clients=2",
+        {"clients": 3, "min_clients": 3},
+    ),
+    (
+        {"valid_fraction": 0.6, "test_fraction": 0.4},
+        "test_fraction = 1.0, must be < 1",
+        {"valid_fraction": 0.6, "test_fraction": 0.3},
+    ),
     ({"rating_scale": "1,1"}, "not a valid range", {"rating_scale": "1,2"}),
     ({"rating_scale": "1,inf"}, "not a valid range", {"rating_scale": "1,10"}),
     (
@@ -146,3 +156,19 @@ def test_admm_slim_is_built_for_the_re_ranker_only_and_the_networks_server_step_
         assert config.federated.server_lr == lr  # plain averaging, or Adam's small step
     given = TrainingConfig(**neural, neural_server="fedadam", server_lr=0.2).neural_config()
     assert given.federated.server_lr == 0.2
+
+
+def test_split_files_count_by_their_rows_not_their_paths(tmp_path):
+    rows = "user_id,item_id,rating\n1,a,4\n2,b,3\n1,b,5\n2,a,2\n"
+    for folder in ("may", "june"):
+        (tmp_path / folder).mkdir()
+        for name in ("train.csv", "test.csv"):
+            (tmp_path / folder / f"{folder}-{name}").write_text(rows)
+
+    def config(folder):
+        base = tmp_path / folder
+        return TrainingConfig(train=str(base / f"{folder}-train.csv"),
+                              test=str(base / f"{folder}-test.csv"))  # fmt: skip
+
+    assert config("may").config_hash() == config("june").config_hash()
+    assert config("may").config_hash() != TrainingConfig().config_hash()
