@@ -1,5 +1,6 @@
 """Run settings that depend on each other: the quorum a secure private run starts from, the split
-fractions' sum, the re-ranker's network, and the description of the rows a run holds out."""
+fractions' sum, the re-ranker's network and ADMM SLIM, the network's server step, the rows a run
+holds out and how split files enter its hash, and every refused combination with its reason."""
 
 import re
 

@@ -1,7 +1,10 @@
-"""The explicit family's server step and settings at their edges.
+"""The explicit family's server side at its edges: FedAvg's step, the settings' bounds, the
+starting mean, the secure encoding of every kind of update, the released popularity and the
+training split's evaluation.
 
 Oracles: FedAvg's definition (the new item parameters are the clients' local models averaged with
-their row counts as weights, ``np.average``), and the bounds each setting states.
+their row counts as weights, ``np.average``), updates combined by hand, and the bounds each
+setting states.
 """
 
 import numpy as np

@@ -1,6 +1,8 @@
 """What the served models answer at their edges, against oracles written here: the network's
-"because you liked" item by leaving each history item out and scoring again; the two-stage
-model's lists beyond its candidates, with items no client trained and a list of one."""
+"because you liked" item by leaving each history item out and scoring again, the MF reason's
+closest liked item by cosines, the two-stage model's lists beyond its candidates and its cold
+starts with items no client trained, ranks from 1 in every kind of list, and models re-indexed
+to a new catalogue."""
 
 import re
 from dataclasses import replace
