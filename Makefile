@@ -121,7 +121,7 @@ test-fast: setup ## every test not marked slow or realdata: unit, flow (one Pref
 	$(RUN) pytest -m "not slow and not realdata"
 
 .PHONY: mutation
-mutation: setup ## mutation check of the core and models/privacy on their unit tests (niced, 2 jobs, 1 h budget) -> benchmarks/results/mutation.json
+mutation: setup ## mutation check of the modules in benchmarks/mutation.py TARGETS on their unit tests (niced, 2 jobs, stops after 1 h) -> benchmarks/results/mutation.json
 	$(RUN) nice -n 10 python -m benchmarks.mutation --jobs 2 --budget 3600
 
 bench-quality: setup ## RMSE/MAE and timings on ML-100K and ML-1M (Surprise's 5-fold protocol)
