@@ -1,7 +1,7 @@
 """Every numeric setting of a run at the edges of what it allows: the last value accepted and the
-first refused, with a message naming the setting. The table is the contract a user reads in
-``fedrec train --help`` (one round, one tree, one client, no retries...), written out here so
-that a bound moved by one in either direction fails."""
+first refused, with a message naming the setting. The table writes each range out (one round, one
+tree, one client, no retries...) instead of reading it from the configuration, so that a bound
+moved by one in either direction fails."""
 
 import pydantic
 import pytest
