@@ -10,8 +10,20 @@ setting states.
 import numpy as np
 import pytest
 
-from models.mf.federated import MFConfig, init_global_state, server_update
+from models.data.partitions import build_clients
+from models.data.sharding import assign_clients, split_rows
+from models.mf.federated import (
+    MFConfig,
+    evaluate_client_splits,
+    from_dense_sum,
+    init_global_state,
+    server_bias_update,
+    server_update,
+    to_dense,
+)
+from models.privacy.dp import UserLevelDP
 from models.protocol import ClientUpdate
+from tests.unit.helpers import low_rank_interactions
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedprox"])
@@ -56,8 +68,6 @@ def test_the_smallest_settings_are_accepted_and_the_bounds_refused():
 
 
 def test_the_starting_mean_is_the_clients_mean_or_under_dp_the_scales_middle():
-    from models.privacy.dp import UserLevelDP
-
     sums = [{"rating_sum": 7.0, "n": 2.0}, {"rating_sum": 5.0, "n": 2.0}]
     assert init_global_state(3, MFConfig(), sums, seed=0).params.global_mean == 3.0
     assert (
@@ -72,8 +82,6 @@ def test_the_starting_mean_is_the_clients_mean_or_under_dp_the_scales_middle():
 
 
 def _dense_sum(updates, n_items, config):
-    from models.mf.federated import from_dense_sum, to_dense
-
     return from_dense_sum(sum(to_dense(u, n_items, config) for u in updates), n_items, config)
 
 
@@ -113,8 +121,6 @@ def test_the_secure_encoding_sums_to_the_updates_combined_by_hand():
 
 
 def test_a_private_runs_encodings_keep_every_item_and_the_factor_channels_width():
-    from models.privacy.dp import UserLevelDP
-
     rng = np.random.default_rng(4)
     n_items, k = 5, 2  # under DP the factor channel has the factors alone: width 2, packed 3
     private = MFConfig(n_factors=k, dp=UserLevelDP(noise_multiplier=1.0, max_items=5))
@@ -145,9 +151,6 @@ def test_a_private_runs_encodings_keep_every_item_and_the_factor_channels_width(
 
 
 def test_the_released_popularity_is_the_noisy_count_floored_at_zero():
-    from models.mf.federated import server_bias_update
-    from models.privacy.dp import UserLevelDP
-
     config = MFConfig(
         n_factors=2, dp=UserLevelDP(noise_multiplier=1.0, max_items=5), clip_to=(1.0, 5.0)
     )
@@ -160,11 +163,6 @@ def test_the_released_popularity_is_the_noisy_count_floored_at_zero():
 
 
 def test_the_training_split_is_evaluated_for_its_error_only():
-    from models.data.partitions import build_clients
-    from models.data.sharding import assign_clients, split_rows
-    from models.mf.federated import evaluate_client_splits
-    from tests.unit.helpers import low_rank_interactions
-
     data = low_rank_interactions(n_users=30, n_items=20, density=0.4, seed=5)
     owner = assign_clients(data, n_clients=1, strategy="iid", rng=np.random.default_rng(0))
     split = split_rows(data, method="random", valid_fraction=0.2, test_fraction=0.0)

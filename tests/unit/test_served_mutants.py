@@ -10,14 +10,18 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import sparse
 
 from models.data.partitions import build_clients
 from models.data.sharding import assign_clients, split_rows
 from models.data.synthetic import generate_synthetic
-from models.neural.network import Architecture, init_params
+from models.mf.params import ItemParams
+from models.mf.recommender import MFRecommender
+from models.neural.network import Architecture, init_params, logits
 from models.neural.recommender import NeuralRecommender
 from models.ranking.boosting import RankerConfig
 from models.ranking.federated import RankingConfig, run_two_stage
+from models.ranking.recommender import _align_network, align_recommender
 
 
 def test_the_networks_reason_is_the_history_item_whose_absence_lowers_the_item_most():
@@ -59,9 +63,6 @@ def test_the_networks_reason_is_the_history_item_whose_absence_lowers_the_item_m
 def test_the_mf_reason_names_the_liked_history_item_whose_factors_point_closest():
     """Oracle: the cosine of every liked history item (rated at least the user's mean) with the
     recommended item, by hand; the reason names the largest."""
-    from models.mf.params import ItemParams
-    from models.mf.recommender import MFRecommender
-
     rng = np.random.default_rng(10)
     factors = rng.normal(size=(30, 3))
     factors[4] = 0.0  # an item without direction is never the closest
@@ -138,11 +139,6 @@ def test_a_list_of_one_has_its_item_and_a_reason(two_stage):
 
 
 def test_a_network_aligned_to_a_new_catalogue_scores_known_items_as_before_and_new_ones_last():
-    from scipy import sparse
-
-    from models.neural.network import logits
-    from models.ranking.recommender import _align_network
-
     for kind, hidden in (("dae", ()), ("vae", (7,))):
         arch = Architecture(n_items=12, kind=kind, hidden=hidden, latent=4)
         params = init_params(arch, np.random.default_rng(5), dtype=np.float64)
@@ -164,9 +160,6 @@ def test_a_network_aligned_to_a_new_catalogue_scores_known_items_as_before_and_n
 
 
 def test_every_list_ranks_from_1_cold_starts_and_asked_items_included():
-    from models.mf.params import ItemParams
-    from models.mf.recommender import MFRecommender
-
     rng = np.random.default_rng(9)
     ids = np.array([f"i{i}" for i in range(6)])
     popularity = np.array([5.0, 50, 1, 7, 9, 3])
@@ -212,8 +205,6 @@ def test_a_two_stage_cold_start_lists_only_trained_items_the_user_has_not_met(tw
 def test_a_two_stage_model_aligned_to_a_new_catalogue_maps_known_items_and_blanks_new_ones(
     two_stage,
 ):
-    from models.ranking.recommender import align_recommender
-
     data, model = two_stage
     n = data.n_items
     old_ids = np.asarray(model.item_ids)

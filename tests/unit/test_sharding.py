@@ -7,7 +7,10 @@ import pytest
 from models.client import TEST, TRAIN, VALID
 from models.data.errors import DataValidationError
 from models.data.partitions import (
+    MANIFEST,
     build_clients,
+    check_workspace,
+    read_item_features,
     read_item_ids,
     read_manifest,
     read_partition,
@@ -190,8 +193,6 @@ def test_partitions_round_trip_and_are_deterministic(tmp_path):
     assert manifest.fingerprint == data.fingerprint() and manifest.n_clients == 3
     assert sum(e.n_train + e.n_valid + e.n_test for e in manifest.clients) == len(data)
     np.testing.assert_array_equal(read_item_ids(tmp_path / "ws"), data.item_ids)
-    from models.data.partitions import read_item_features
-
     assert read_item_features(tmp_path / "ws") is None  # ids only: no catalogue features
     for entry, client in zip(manifest.clients, clients, strict=True):
         loaded = read_partition(tmp_path / "ws", entry, manifest.n_items)
@@ -203,7 +204,6 @@ def test_partitions_round_trip_and_are_deterministic(tmp_path):
 
 
 def test_side_features_and_the_rating_scale_round_trip_through_a_workspace(tmp_path):
-    from models.data.partitions import read_item_features
     from models.data.synthetic import generate_synthetic
 
     data = generate_synthetic(n_users=60, n_items=25, n_interactions=600, seed=3,
@@ -229,8 +229,6 @@ def test_side_features_and_the_rating_scale_round_trip_through_a_workspace(tmp_p
 
 
 def test_a_workspace_is_a_new_or_empty_folder_or_a_fedrec_one_never_a_data_folder(tmp_path):
-    from models.data.partitions import MANIFEST, check_workspace
-
     check_workspace(tmp_path / "new")  # not there yet
     (tmp_path / "empty").mkdir()
     check_workspace(tmp_path / "empty")
