@@ -76,7 +76,7 @@ def main() -> None:
     from models.mf.federated import MFConfig
     from models.neural.family import Neural, NeuralConfig
     from models.neural.training import TrainConfig
-    from models.ranking.family import _RANKER_DATA, TwoStage
+    from models.ranking.family import TwoStage, forget_ranker_data
 
     # fedrec train --feedback implicit --ranker lightgbm's settings (EASE, ADMM SLIM, XE-NDCG)
     two_stage = TrainingConfig(feedback="implicit", ranker="lightgbm").ranking_config()
@@ -95,7 +95,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         rows = []
         for interactions, family in families:
-            _RANKER_DATA.clear()  # each run builds its clients and their caches anew
+            forget_ranker_data()  # each run builds its clients and their caches anew
             rng = np.random.default_rng(0)
             owner = assign_clients(interactions, n_clients=args.clients, strategy="iid", rng=rng)
             split = split_rows(interactions, method="random", valid_fraction=0.1, test_fraction=0.1)  # fmt: skip

@@ -11,8 +11,9 @@ import os
 import pwd
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def write_private(path: Path, data: bytes, what: str = "private file") -> None:
@@ -209,10 +210,7 @@ def _other_members(gid: int) -> list[str]:
 
 
 def _name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+    return _entry(pwd.getpwuid, uid)
 
 
 def _user(uid: int) -> str:
@@ -221,10 +219,15 @@ def _user(uid: int) -> str:
 
 
 def _group(gid: int) -> str:
+    return _entry(grp.getgrgid, gid)
+
+
+def _entry(lookup: Callable[[int], Any], number: int) -> str:
+    """The name of user or group ``number`` in the system's database, else the number."""
     try:
-        return grp.getgrgid(gid).gr_name
+        return lookup(number)[0]  # pw_name, gr_name
     except KeyError:
-        return str(gid)
+        return str(number)
 
 
 def _sync_folder(folder: Path) -> None:

@@ -73,6 +73,12 @@ class TwoStageState:
 _RANKER_DATA: dict[tuple[int, int, str], RankerData] = {}
 
 
+def forget_ranker_data() -> None:
+    """Empty the clients' cache of candidates and features, as a fresh process starts: for a
+    caller that times the first re-ranker round of a new run in the same process."""
+    _RANKER_DATA.clear()
+
+
 def _base(state: TwoStageState) -> str:
     """The retrieval model that ranks without a re-ranker (``RankingRecommender.base``)."""
     return "als" if state.ease is None else "ease"
