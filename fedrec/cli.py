@@ -871,7 +871,9 @@ def _serve(training: Any, api: str, *, name: str, limit: int, **deployment: Any)
     when the Prefect server at ``api`` no longer answers. Prefect's shutdown pauses the schedule
     through that server, and its retries of every call held the process for minutes (301 s
     measured after Ctrl-C). With the server up, both stop serving as Prefect's SIGTERM does:
-    the schedule is paused, a flow run in progress is cancelled."""
+    the schedule is paused, a flow run in progress is cancelled. Left alone, the runner gives
+    up on a gone server after three failed polls (each retried by Prefect's client), and
+    serving then ends with the same line, not the client's error."""
     import asyncio
 
     from prefect.runner import Runner
@@ -897,6 +899,12 @@ def _serve(training: Any, api: str, *, name: str, limit: int, **deployment: Any)
             end_if_the_server_is_gone()
             super().handle_sigterm(*args, **kwargs)
 
+        async def _pause_schedules(self) -> None:
+            # every shutdown passes here, also the runner's own when its polls of a gone
+            # server failed: pausing through that server would retry for minutes more
+            end_if_the_server_is_gone()
+            await super()._pause_schedules()
+
     runner = Serving(name=name, pause_on_shutdown=True, limit=limit)
     signal.signal(signal.SIGTERM, runner.handle_sigterm)  # the runner's, from its start on
     runner.add_flow(training, name=name, concurrency_limit=limit, **deployment)
@@ -913,7 +921,11 @@ def _serve(training: Any, api: str, *, name: str, limit: int, **deployment: Any)
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, runner.handle_sigterm)
         await runner.start()
 
-    asyncio.run(serving())
+    try:
+        asyncio.run(serving())
+    except Exception:  # a call to a gone server that failed outside the polls
+        end_if_the_server_is_gone()
+        raise
     click.echo(f"stopped serving '{training.name}/{name}'; its schedule is paused")
 
 

@@ -152,15 +152,19 @@ def test_serve_runs_a_scheduled_run_and_registers_its_model(tmp_path):
     assert client.get_run(version.run_id).data.tags["prefect.flow_run_id"] == done["id"]
 
 
-def test_serve_stopped_after_its_server_went_away_ends_the_flow_run_it_was_training(tmp_path):
+@pytest.mark.parametrize("signalled", [True, False], ids=["sigterm", "unsignalled"])
+def test_serve_after_its_server_went_away_ends_the_flow_run_it_was_training(tmp_path, signalled):
     """`kill PID` (or systemd's KillMode=mixed) signals the serving process alone. Its flow run
     in progress is a subprocess; with the server gone, serving exits at once, and the run must
-    not train on without it."""
+    not train on without it. Unsignalled, Prefect's runner gives up after three failed polls of
+    the gone server, and serving ends the same way, without retrying to pause the schedule
+    there. Prefect's client retries of each call (five by default, 2 to 32 s apart: minutes)
+    are off then, so that the polls fail within seconds."""
     from fedrec.local_server import descendants, is_running
 
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = _environment(tmp_path, api)
+    env = _environment(tmp_path, api) | ({} if signalled else {"PREFECT_CLIENT_MAX_RETRIES": "0"})
     logs = {name: tmp_path / f"{name}.log" for name in ("server", "serve")}
     started: list[subprocess.Popen] = []
     long_run = PARAMS | {"rounds": 6000}  # minutes of rounds: still training when stopped
@@ -189,7 +193,8 @@ def test_serve_stopped_after_its_server_went_away_ends_the_flow_run_it_was_train
         assert training, "the flow run is not a process of fedrec serve's"
 
         _kill_server(started[0])
-        serving.send_signal(signal.SIGTERM)  # this process only, not its group
+        if signalled:
+            serving.send_signal(signal.SIGTERM)  # this process only, not its group
         exit_status = serving.wait(timeout=60)
         deadline = time.time() + 15
         while time.time() < deadline and any(is_running(pid) for pid in training):
@@ -204,3 +209,5 @@ def test_serve_stopped_after_its_server_went_away_ends_the_flow_run_it_was_train
     assert left == [], (left, text[-3000:])
     assert "no longer answers: stopped without pausing" in text
     assert "ended the flow run in progress (process " in text
+    assert "Pausing all deployments" not in text, text[-3000:]
+    assert "fedrec: error: ConnectError" not in text, text[-3000:]  # the client's line
