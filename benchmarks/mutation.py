@@ -220,6 +220,14 @@ TARGETS: dict[str, list[str]] = {
                          "tests/unit/test_site_config.py", "tests/unit/test_deployment_check.py",
                          "tests/unit/test_config_bounds.py", "tests/unit/test_config_mutants.py",
                          "tests/unit/test_redaction.py"],
+    # flow tests (a Prefect test server and a real MLflow store each): sample with --every
+    "tasks/tracking.py": ["tests/unit/test_redaction.py", "tests/unit/test_private_files.py",
+                          "tests/flows/test_promotion_safety.py", "tests/flows/test_rollback.py",
+                          "tests/flows/test_register_retries.py",
+                          "tests/flows/test_promotion_lock.py", "tests/flows/test_baseline_gate.py",
+                          "tests/flows/test_lost_runs.py", "tests/flows/test_ledger_flow.py",
+                          "tests/flows/test_safe_loading.py",
+                          "tests/flows/test_redacted_logging.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
