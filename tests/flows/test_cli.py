@@ -18,6 +18,15 @@ def _run(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
+def _mlflow_rows(uri: str) -> list[dict]:
+    """``fedrec runs --json``'s rows of the runs in MLflow. The session's Prefect server may
+    hold other tests' failed flow runs that name no store, and those are listed too."""
+    rows = [
+        json.loads(x) for x in _run("runs", "--tracking-uri", uri, "--json").stdout.splitlines()
+    ]
+    return [r for r in rows if r["in_mlflow"]]
+
+
 def test_help_explains_every_command():
     top = _run("--help")
     train = _run("train", "--help")
@@ -219,9 +228,7 @@ def test_a_run_that_fails_on_its_way_exits_1_and_says_so_on_stdout_under_json(
     assert (Path(failed.data.tags["fedrec.workspace"]) / "manifest.json").is_file()  # kept
     assert client.search_model_versions("name='quorum'") == []
     # `fedrec runs` answers "did it fail, and why" from MLflow, with the way on
-    (row,) = [
-        json.loads(x) for x in _run("runs", "--tracking-uri", uri, "--json").stdout.splitlines()
-    ]
+    (row,) = _mlflow_rows(uri)
     assert row["status"] == "FAILED" and row["version"] is None
     assert row["error"] == failed.data.tags["fedrec.error"]
     assert row["resume"] == f"fedrec train --resume {failed.info.run_id}"
@@ -629,12 +636,7 @@ def test_runs_lists_the_training_runs_with_what_they_registered(trained):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = client.get_model_version_by_alias("cli", "champion")
 
-    records = [
-        json.loads(x) for x in _run("runs", "--tracking-uri", uri, "--json").stdout.splitlines()
-    ]
-    # the runs in MLflow: the session's Prefect server may hold other tests' failed flow runs
-    # that name no store, and those are listed too
-    records = [r for r in records if r["in_mlflow"]]
+    records = _mlflow_rows(uri)
     listed = _run("runs", "--tracking-uri", uri).stdout.splitlines()
 
     assert {r["experiment"] for r in records} == {"fedrec"}
