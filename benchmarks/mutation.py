@@ -446,6 +446,22 @@ _PRELOAD = ("numpy", "pandas", "scipy.stats", "scipy.sparse", "sklearn.cluster",
             "_pytest.python", "pytest_timeout", "pytest_benchmark.plugin")  # fmt: skip
 
 
+def _descendants(root: int) -> list[int]:
+    """Every live process below ``root``, read from /proc (sessions of their own included)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def _zygote() -> None:
     """Serve test runs from stdin: fork a child of this process (heavy imports done) per run.
 
@@ -488,8 +504,14 @@ def _zygote() -> None:
                 code = os.waitstatus_to_exitcode(status)
                 break
             if time.monotonic() > deadline:
+                # with the servers its tests started in sessions of their own (Prefect's
+                # test server): they would outlive the run's process group
+                stray = _descendants(pid)
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, 9)
+                for other in stray:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(other, 9)
                 os.waitpid(pid, 0)
                 code = "timeout"
                 break
