@@ -447,7 +447,9 @@ _PRELOAD = ("numpy", "pandas", "scipy.stats", "scipy.sparse", "sklearn.cluster",
 
 
 def _descendants(root: int) -> list[int]:
-    """Every live process below ``root``, read from /proc (sessions of their own included)."""
+    """Every live process below ``root``, read from /proc (sessions of their own included).
+    ``fedrec.local_server.descendants`` does the same, but the zygote imports no project module:
+    every later fork would inherit it unmutated."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
