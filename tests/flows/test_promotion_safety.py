@@ -248,16 +248,19 @@ def test_a_run_with_nothing_to_train_still_finishes_a_cut_short_record(tmp_path,
     assert tags["fedrec.promoted"] == "true"
 
 
-def _flow_run(state) -> str:
-    """A flow run on the test's Prefect server, left in ``state``."""
+def _flow_run(state, uri: str) -> str:
+    """A flow run on the test's Prefect server, left in ``state``, naming the test's store as a
+    training run does: a failed flow run that names no store is listed by `fedrec runs` under
+    every store, other tests' among them."""
     from prefect import flow
     from prefect.client.orchestration import get_client
 
     @flow(name="federated-training")
-    def placeholder() -> None: ...
+    def placeholder(tracking_uri: str) -> None: ...
 
     with get_client(sync_client=True) as prefect:
-        return str(prefect.create_flow_run(placeholder, state=state).id)
+        run = prefect.create_flow_run(placeholder, parameters={"tracking_uri": uri}, state=state)
+        return str(run.id)
 
 
 def test_a_version_of_a_run_whose_flow_run_crashed_is_repaired_not_left_running(store):
@@ -276,7 +279,7 @@ def test_a_version_of_a_run_whose_flow_run_crashed_is_repaired_not_left_running(
         version = _register_copy_of_champion(store)
         run_id = client.get_model_version("safe", version).run_id
         client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "prefect.flow_run_id", _flow_run(state))
+        client.set_tag(run_id, "prefect.flow_run_id", _flow_run(state, store["uri"]))
         versions[name] = (version, run_id)
     assert client.search_runs([experiment], "attributes.status = 'RUNNING'")
 
@@ -310,7 +313,7 @@ def test_a_run_whose_flow_run_crashed_before_registering_is_closed(store):
     runs = {}
     for name, state in (("crashed", Crashed(message="no heartbeat")), ("running", Running())):
         run_id = client.create_run(experiment).info.run_id
-        client.set_tag(run_id, "prefect.flow_run_id", _flow_run(state))
+        client.set_tag(run_id, "prefect.flow_run_id", _flow_run(state, store["uri"]))
         runs[name] = run_id
 
     closed = tracking.close_ended_runs.fn(store["uri"])
