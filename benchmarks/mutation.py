@@ -231,6 +231,20 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_resume_families.py",
                           "tests/flows/test_private_releases.py",
                           "tests/flows/test_training_flow.py", "tests/flows/test_ranking_flow.py"],
+    # the flow's server steps (checkpoints, promotion), client tasks and data tasks
+    "tasks/server.py": ["tests/unit/test_core_wiring.py", "tests/unit/test_task_run_names.py",
+                        "tests/flows/test_training_flow.py", "tests/flows/test_resume_families.py",
+                        "tests/flows/test_secure_once.py", "tests/flows/test_baseline_gate.py",
+                        "tests/flows/test_promotion_safety.py", "tests/flows/test_neural_flow.py",
+                        "tests/flows/test_ranking_flow.py"],
+    "tasks/clients.py": ["tests/unit/test_core_wiring.py", "tests/unit/test_task_run_names.py",
+                         "tests/unit/test_dp_randomness.py", "tests/flows/test_training_flow.py",
+                         "tests/flows/test_resume_families.py", "tests/flows/test_privacy_flow.py",
+                         "tests/flows/test_reliability.py", "tests/flows/test_quorum.py"],
+    "tasks/data.py": ["tests/unit/test_config.py", "tests/flows/test_by_key_file.py",
+                      "tests/flows/test_held_out_rows.py", "tests/flows/test_bad_input_cli.py",
+                      "tests/flows/test_training_flow.py", "tests/flows/test_private_releases.py",
+                      "tests/flows/test_resume_families.py", "tests/flows/test_ledger_flow.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
