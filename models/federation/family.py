@@ -50,6 +50,19 @@ def item_labels(item_ids: np.ndarray | None, n_items: int) -> np.ndarray:
     return np.asarray(np.arange(n_items) if item_ids is None else item_ids).astype(str)
 
 
+def optional_arrays(**arrays: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The named parts of a family's state that it holds: a part that is None (no popularity
+    fallback, no mask of trained items) is left out of the checkpoint."""
+    return {name: value for name, value in arrays.items() if value is not None}
+
+
+def trained_mask(arrays: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """A checkpoint's mask of the items that had training rows, as booleans; None when it has
+    none."""
+    trained = arrays.get("trained", None)
+    return None if trained is None else np.asarray(trained, dtype=bool)
+
+
 @runtime_checkable
 class Recommender(Protocol):
     """What serving needs of any family's model (no user data inside)."""

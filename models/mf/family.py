@@ -12,7 +12,7 @@ import numpy as np
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
 from models.federation.evaluation import Evaluation
-from models.federation.family import Phase, item_labels
+from models.federation.family import Phase, item_labels, optional_arrays, trained_mask
 from models.federation.sampling import fresh_rng
 from models.metrics import add_sums, rating_error_sums
 from models.mf.als import RatingRows, predict_ratings, solve_users
@@ -240,13 +240,9 @@ class ExplicitMF:
         }
         if state.optimizer is not None:
             arrays |= {"opt_first": state.optimizer.first, "opt_second": state.optimizer.second}
-        if state.popularity is not None:
-            arrays["popularity"] = state.popularity
-        if state.baseline is not None:
-            arrays["baseline"] = state.baseline
-        if state.trained is not None:
-            arrays["trained"] = state.trained
-        return arrays
+        return arrays | optional_arrays(
+            popularity=state.popularity, baseline=state.baseline, trained=state.trained
+        )
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> GlobalState:
         params = ItemParams(arrays["factors"], arrays["bias"], float(arrays["global_mean"]))
@@ -255,9 +251,9 @@ class ExplicitMF:
             optimizer = ServerOptimizerState(arrays["opt_first"], arrays["opt_second"])
         popularity = arrays.get("popularity", None)
         baseline = arrays.get("baseline", None)
-        trained = arrays.get("trained", None)
-        trained = None if trained is None else np.asarray(trained, dtype=bool)
-        return GlobalState(params, optimizer, int(arrays["round"]), popularity, baseline, trained)
+        return GlobalState(
+            params, optimizer, int(arrays["round"]), popularity, baseline, trained_mask(arrays)
+        )
 
     def describe(self, state: GlobalState) -> None:
         return None

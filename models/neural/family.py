@@ -19,7 +19,7 @@ import pandas as pd
 from models.aggregation import aggregate_item_sums
 from models.client import ClientData
 from models.federation.evaluation import Evaluation, evaluate_scores, popularity_baselines
-from models.federation.family import Phase, item_labels
+from models.federation.family import Phase, item_labels, optional_arrays, trained_mask
 from models.neural.federated import (
     FederatedConfig,
     ServerState,
@@ -205,11 +205,7 @@ class Neural:
         }
         for name, moments in (state.server or {}).items():
             arrays |= {f"first.{name}": moments.first, f"second.{name}": moments.second}
-        if state.popularity is not None:
-            arrays["popularity"] = state.popularity
-        if state.trained is not None:
-            arrays["trained"] = state.trained
-        return arrays
+        return arrays | optional_arrays(popularity=state.popularity, trained=state.trained)
 
     def load_state(self, arrays: Mapping[str, np.ndarray]) -> NeuralState:
         n_items, latent, *hidden = (int(v) for v in arrays["arch"])
@@ -222,9 +218,9 @@ class Neural:
                 for name in arch.shapes()
             }
         popularity = arrays.get("popularity", None)
-        trained = arrays.get("trained", None)
-        trained = None if trained is None else np.asarray(trained, dtype=bool)
-        return NeuralState(params, arch, server, int(arrays["round"]), popularity, trained)
+        return NeuralState(
+            params, arch, server, int(arrays["round"]), popularity, trained_mask(arrays)
+        )
 
     def describe(self, state: NeuralState) -> pd.Series | None:
         return None

@@ -20,7 +20,7 @@ from scipy import sparse
 
 from models.client import SELECT, ClientData
 from models.federation.evaluation import Evaluation, popularity_baselines
-from models.federation.family import Phase, item_labels
+from models.federation.family import Phase, item_labels, optional_arrays
 from models.neural.family import Neural, NeuralState
 from models.protocol import ClientUpdate
 from models.ranking.boosting import TreeEnsemble
@@ -302,13 +302,10 @@ class TwoStage:
         }
         for i, (text, _) in enumerate(state.ensemble.members):
             arrays[f"ensemble_{i}"] = np.frombuffer(text.encode(), np.uint8)
-        if state.popularity is not None:
-            arrays["popularity"] = state.popularity
+        arrays |= optional_arrays(popularity=state.popularity, ease=state.ease)
         if state.similarity is not None:
             s = state.similarity.tocsr()
             arrays |= {"sim_data": s.data, "sim_indices": s.indices, "sim_indptr": s.indptr}
-        if state.ease is not None:
-            arrays["ease"] = state.ease
         if state.slim is not None:
             s = state.slim.tocsr()
             arrays |= {"slim_data": s.data, "slim_indices": s.indices, "slim_indptr": s.indptr}
