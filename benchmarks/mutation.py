@@ -478,6 +478,35 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def _become_subreaper() -> bool:
+    """Make this process the one that inherits the orphans of its descendants (Linux's
+    ``PR_SET_CHILD_SUBREAPER``), so that what a test run leaves behind stays findable below it
+    after the run has exited."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _end_strays() -> None:
+    """Kill and reap every process left below this one: a run that has ended owns nothing any
+    more, so what it started and did not stop (a server in a session of its own, whose test was
+    killed, or whose mutant broke its teardown) goes with it."""
+    for _ in range(100):
+        stray = _descendants(os.getpid())
+        for other in stray:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(other, 9)
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        if not stray:
+            return
+        time.sleep(0.05)
+
+
 def _zygote() -> None:
     """Serve test runs from stdin: fork a child of this process (heavy imports done) per run.
 
@@ -493,6 +522,7 @@ def _zygote() -> None:
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("models", "tests", "fedrec"))
     if leaked:
         raise SystemExit(f"the preload imported project modules: {leaked[:5]}")
+    _become_subreaper()
     reply = sys.stdout
     for line in sys.stdin:
         request = json.loads(line)
@@ -532,6 +562,7 @@ def _zygote() -> None:
                 code = "timeout"
                 break
             time.sleep(0.02)
+        _end_strays()
         reply.write(json.dumps({"code": code}) + "\n")
         reply.flush()
 

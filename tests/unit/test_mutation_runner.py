@@ -1,8 +1,8 @@
 """The mutation runner's test server (the zygote) forks each test run from a process that has the
 third-party imports done and none of the project's: a project module it had imported would be
-the unmutated copy in every forked run, and the runner refuses to start with one. A run it stops
-at its timeout takes with it the servers its tests started in sessions of their own (as
-Prefect's test server is)."""
+the unmutated copy in every forked run, and the runner refuses to start with one. A run, whether
+it ends or is stopped at its timeout, takes with it the servers its tests started in sessions of
+their own (as Prefect's test server is) and left running."""
 
 from __future__ import annotations
 
@@ -24,6 +24,13 @@ def test_starts_a_server_in_its_own_session_and_hangs():
     time.sleep(120)
 """
 
+LEAVING = """
+import subprocess
+def test_starts_a_server_in_its_own_session_and_passes():
+    server = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    open("server.pid", "w").write(str(server.pid))
+"""
+
 
 def test_the_zygote_starts_without_importing_the_project():
     done = subprocess.run(
@@ -42,19 +49,33 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_timed_out_run_leaves_no_server_behind(tmp_path):
-    (tmp_path / "test_hanging.py").write_text(HANGING)
-    runner = _Runner(tmp_path, fork=True)
+def _run_once(folder: Path, test: str, timeout: float) -> tuple[tuple[str, str], bool]:
+    """The runner's outcome of ``test`` in ``folder``, and whether the server the test started
+    was still alive 5 s after the run (it is killed then, so that the test leaves nothing)."""
+    runner = _Runner(folder, fork=True)
     try:
-        outcome = runner.run(["test_hanging.py"], timeout=8)
+        outcome = runner.run([test], timeout=timeout)
     finally:
         runner.close()
-    server = int((tmp_path / "server.pid").read_text())
+    server = int((folder / "server.pid").read_text())
     deadline = time.monotonic() + 5
     while _alive(server) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = _alive(server)
     if left:
         os.kill(server, 9)
+    return outcome, left
+
+
+def test_a_timed_out_run_leaves_no_server_behind(tmp_path):
+    (tmp_path / "test_hanging.py").write_text(HANGING)
+    outcome, left = _run_once(tmp_path, "test_hanging.py", timeout=8)
     assert outcome == ("timeout", "")
     assert not left, "the server the timed-out test started outlived the run"
+
+
+def test_a_run_that_ends_leaves_no_server_its_tests_left_behind(tmp_path):
+    (tmp_path / "test_leaving.py").write_text(LEAVING)
+    outcome, left = _run_once(tmp_path, "test_leaving.py", timeout=60)
+    assert outcome == ("survived", "")
+    assert not left, "the server the test left running outlived the run"
