@@ -232,7 +232,8 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_private_releases.py",
                           "tests/flows/test_training_flow.py", "tests/flows/test_ranking_flow.py"],
     # the flow's server steps (checkpoints, promotion), client tasks and data tasks
-    "tasks/server.py": ["tests/unit/test_core_wiring.py", "tests/unit/test_task_run_names.py",
+    "tasks/server.py": ["tests/unit/test_promotion.py", "tests/unit/test_core_wiring.py",
+                        "tests/unit/test_task_run_names.py",
                         "tests/flows/test_training_flow.py", "tests/flows/test_resume_families.py",
                         "tests/flows/test_secure_once.py", "tests/flows/test_baseline_gate.py",
                         "tests/flows/test_promotion_safety.py", "tests/flows/test_neural_flow.py",

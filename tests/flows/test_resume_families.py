@@ -118,10 +118,12 @@ def test_a_checkpoint_replaces_the_ones_before_it_and_the_arrays_only_they_held(
         def load_state(self, arrays: dict) -> dict:
             return arrays
 
-    big = _SHARED_BYTES // 8 + 1  # float64 values: stored once, in a shared file
+    big = _SHARED_BYTES // 8  # float64 values: at the threshold, stored once in a shared file
     states = [
-        {"small": np.full(3, float(i)), "large": np.full(big, float(i // 2))} for i in range(4)
-    ]
+        {"small": np.full(3, float(i)), "large": np.full(big, float(i // 2)),
+         "below": np.full(big - 1, 7.0)}  # one value short of the threshold: in the checkpoint
+        for i in range(4)
+    ]  # fmt: skip
     for step, state in enumerate(states, start=1):
         write_checkpoint(Arrays(), state, str(tmp_path), Progress(step, 0, step))
 
@@ -131,6 +133,7 @@ def test_a_checkpoint_replaces_the_ones_before_it_and_the_arrays_only_they_held(
     assert progress == Progress(4, 0, 4)
     np.testing.assert_array_equal(loaded["small"], states[3]["small"])
     np.testing.assert_array_equal(loaded["large"], states[3]["large"])
+    np.testing.assert_array_equal(loaded["below"], states[3]["below"])
 
 
 def test_a_resumed_runs_duration_leaves_out_the_time_it_spent_ended(store):

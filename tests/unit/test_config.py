@@ -365,3 +365,29 @@ def test_an_infinite_epsilon_is_refused_as_a_setting(field):
     """--dp-epsilon inf reached the ledger, which said the users had spent "0 of inf"."""
     with pytest.raises(ValidationError, match=field):
         TrainingConfig(**{"dp_epsilon": 4.0, field: float("inf")})
+
+
+def test_split_files_keep_their_rows_splits_and_only_a_missing_validation_file_is_drawn(tmp_path):
+    """With --valid every row stays in the file it came from; without it, validation rows are
+    drawn from the training rows (the test rows are never touched)."""
+    from tasks.data import load_interactions, plan_clients
+
+    users, items = [f"u{u}" for u in range(12)], [f"i{i}" for i in range(8)]
+    rows = [(u, i) for k, u in enumerate(users) for i in items[k % 3 :: 1]]
+    files = {"train": rows[0::3] + rows[1::3], "valid": rows[2::6], "test": rows[5::6]}
+    for name, part in files.items():
+        lines = "".join(f"{u},{i}\n" for u, i in part)
+        (tmp_path / f"{name}.csv").write_text("user_id,item_id\n" + lines)
+    expected = {code: len(files[name]) for code, name in enumerate(files)}
+
+    def counts(**paths: str) -> dict[int, int]:
+        config = TrainingConfig(**{k: str(tmp_path / f"{v}.csv") for k, v in paths.items()},
+                                feedback="implicit", clients=2, valid_fraction=0.3)  # fmt: skip
+        data, split = load_interactions.fn(config)
+        frames = [c.frame for c in plan_clients(data, split, config)]
+        return pd.concat(frames)["split"].value_counts().to_dict()
+
+    assert counts(train="train", valid="valid", test="test") == expected
+    drawn = counts(train="train", test="test")  # no validation file: some training rows
+    assert drawn[2] == expected[2] and drawn[1] > 0
+    assert drawn[0] + drawn[1] == expected[0]

@@ -329,3 +329,28 @@ def test_a_gap_is_printed_to_four_decimals_unless_that_would_print_zero(gap, sho
     decision = decide_promotion({"valid/rmse": 0.5 - gap}, {"valid/rmse": 0.5}, **rule)
 
     assert decision.promote and decision.reason.endswith(f"by {shown}")
+
+
+def test_the_flows_decision_takes_the_noise_margin_and_drops_the_worst_client_only_if_private():
+    """tasks.server.decide: a private run's figures are compared with a margin of two standard
+    deviations of their noise and without the worst-client rule (each client's release is too
+    noisy for it); a plain run's are compared as they are."""
+    from tasks.server import decide
+
+    champion = {"valid/rmse": 0.90, "valid/dp_sd/rmse": 0.03, "valid/client_max/rmse": 1.0}
+
+    def candidate(rmse: float) -> dict[str, float]:  # its worst client 0.5 worse than before
+        return {"valid/rmse": rmse, "valid/dp_sd/rmse": 0.04, "valid/client_max/rmse": 1.5}
+
+    # the noise of the difference: hypot(0.03, 0.04) = 0.05, so the margin is 0.10
+    assert decide.fn(candidate(0.78), champion, "valid/rmse", 0.0, 0.05, private=True).promote
+    within = decide.fn(candidate(0.81), champion, "valid/rmse", 0.0, 0.05, private=True)
+    assert not within.promote and "within the DP noise" in within.reason
+    assert not decide.fn(candidate(0.78), champion, "valid/rmse", 0.0, 0.05).promote  # worst client
+    assert decide.fn(candidate(0.81), champion, "valid/rmse", 0.0, 1.0).promote  # no margin
+
+    empty = {"valid/dp_sd/rmse": 0.04}
+    plain = decide.fn(empty, champion, "valid/rmse", 0.0, 0.05)
+    assert plain.reason == "candidate has no valid/rmse: evaluation failed or was empty"
+    private = decide.fn(empty, champion, "valid/rmse", 0.0, 0.05, private=True)
+    assert not private.promote and private.reason.startswith(plain.reason + ", or the DP noise")
