@@ -391,3 +391,28 @@ def test_split_files_keep_their_rows_splits_and_only_a_missing_validation_file_i
     drawn = counts(train="train", test="test")  # no validation file: some training rows
     assert drawn[2] == expected[2] and drawn[1] > 0
     assert drawn[0] + drawn[1] == expected[0]
+
+
+def test_the_data_fingerprint_follows_the_side_features_only_where_the_re_ranker_reads_them(
+    tmp_path,
+):
+    """A user's changed age is changed data for a model whose re-ranker reads it (the run is
+    not skipped as unchanged since the champion), and no change for one that does not."""
+    from tasks.data import data_fingerprint, load_interactions
+
+    path = tmp_path / "clicks.csv"
+
+    def fingerprint(age: int, ranker: str) -> str:
+        path.write_text(f"user_id,item_id,age\nc1,a,{age}\nc1,b,{age}\nc2,a,30\nc3,b,41\n")
+        config = TrainingConfig(data=str(path), feedback="implicit", ranker=ranker, clients=2)
+        data, split = load_interactions.fn(config)
+        return data_fingerprint(data, config, split)
+
+    assert fingerprint(25, "lightgbm") != fingerprint(26, "lightgbm")
+    assert fingerprint(25, "none") == fingerprint(26, "none")
+    assert fingerprint(25, "lightgbm") != fingerprint(25, "none")
+    without = tmp_path / "plain.csv"  # no side features: the rows' own fingerprint
+    without.write_text("user_id,item_id\nc1,a\nc1,b\nc2,a\nc3,b\n")
+    config = TrainingConfig(data=str(without), feedback="implicit", ranker="lightgbm", clients=2)
+    data, split = load_interactions.fn(config)
+    assert data_fingerprint(data, config, split) == data.fingerprint()
