@@ -21,12 +21,15 @@ def prefect_server():
 
 @pytest.fixture(autouse=True)
 def _session_tracking_uri():
-    """Restore MLFLOW_TRACKING_URI after each test: MLflow's set_tracking_uri writes the run's
-    store into this process's environment, and a later test's in-process command would read it
-    as the user's own setting (a user's command starts from their environment)."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    """Restore MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI after each test: MLflow's
+    set_tracking_uri and set_registry_uri write the run's store into this process's environment,
+    and a later test's in-process command would read it as the user's own setting (a user's
+    command starts from their environment), and a server it starts would look for models there."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

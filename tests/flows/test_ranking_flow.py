@@ -244,7 +244,7 @@ def _popularity_ndcg(train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFram
 
 def test_mlflow_models_serve_answers_invocations(store, first_run):
     port = free_port()
-    env = os.environ | {"MLFLOW_TRACKING_URI": store["uri"],
+    env = os.environ | {"MLFLOW_TRACKING_URI": store["uri"], "MLFLOW_REGISTRY_URI": store["uri"],
                         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/ranktest@champion",

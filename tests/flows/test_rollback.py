@@ -42,7 +42,16 @@ def _champion(store) -> str:
     return str(store["client"].get_model_version_by_alias("shop", "champion").version)
 
 
-def test_a_rolled_back_model_stays_demoted_and_new_configs_meet_the_restored_champion(store):
+@pytest.fixture
+def shop_store(tmp_path, prefect_server):
+    """A store of this test's own: its roll-back without --model-name finds one model there,
+    whichever of the module's tests ran before it."""
+    with tracking_store(tmp_path) as store:
+        yield store
+
+
+def test_a_rolled_back_model_stays_demoted_and_new_configs_meet_the_restored_champion(shop_store):
+    store = shop_store
     client = store["client"]
     first = _train(store, rounds=1)
     second = _train(store, rounds=6)
