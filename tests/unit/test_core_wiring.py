@@ -388,3 +388,23 @@ def test_neural_round_loss_is_the_user_weighted_mean_of_client_losses():
     assert len(set(users.tolist())) == 3 and users.min() > 0
     assert abs(np.mean(losses) - np.average(losses, weights=users)) > 1e-4  # weighting matters
     assert reported == [pytest.approx(np.average(losses, weights=users), rel=1e-9)]
+
+
+def test_a_rounds_system_counts_tell_clients_from_the_cohort_tasks_that_carried_them():
+    """Each update of a per-user run is a cohort's: ``system/clients`` counts the users it
+    carried, ``system/client_tasks`` the tasks; a plain round's updates are one client each and
+    log no task count."""
+    from models.protocol import ClientUpdate
+    from tasks.server import round_summary
+
+    def update(i: int, **metrics: float) -> ClientUpdate:
+        return ClientUpdate(i, np.array([i]), np.array([2]), {"delta": np.ones((1, 3))}, metrics)
+
+    plain = round_summary([update(0), update(1), update(2)], [], 10, 5, 1.5)
+    cohorts = round_summary([update(0, clients=40.0), update(1, clients=25.0)], [], 10, 5, 2.0)
+
+    assert plain["system/clients"] == 3.0 and "system/client_tasks" not in plain
+    assert (cohorts["system/clients"], cohorts["system/client_tasks"]) == (65.0, 2.0)
+    expected = sum(u.nbytes() for u in (update(0), update(1), update(2)))
+    assert plain["system/bytes_uploaded"] == expected and plain["system/round_seconds"] == 1.5
+    assert round_summary([], [], 10, 5, 1.0) == {}  # no update: no system counts
