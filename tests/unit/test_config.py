@@ -416,3 +416,20 @@ def test_the_data_fingerprint_follows_the_side_features_only_where_the_re_ranker
     config = TrainingConfig(data=str(without), feedback="implicit", ranker="lightgbm", clients=2)
     data, split = load_interactions.fn(config)
     assert data_fingerprint(data, config, split) == data.fingerprint()
+
+
+def test_per_user_clients_are_cut_into_cohorts_of_at_most_cohort_size_users():
+    """Every user is a client; the partitions are the fewest cohorts of at most cohort_size
+    users (the last one short), each user in exactly one."""
+    from tasks.data import load_interactions, plan_clients
+
+    config = TrainingConfig(partition="per-user", cohort_size=7, synthetic_users=50,
+                            synthetic_items=30, synthetic_interactions=600)  # fmt: skip
+    data, split = load_interactions.fn(config)
+    cohorts = plan_clients(data, split, config)
+
+    sizes = sorted(c.n_users for c in cohorts)
+    assert data.n_users == 50 and len(cohorts) == 8  # 7 x 7 users and one more
+    assert sizes[-1] <= 7 and sum(sizes) == data.n_users
+    users = [str(u) for c in cohorts for u in c.user_ids]
+    assert sorted(users) == sorted(str(u) for u in data.user_ids)
