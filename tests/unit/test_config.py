@@ -433,3 +433,40 @@ def test_per_user_clients_are_cut_into_cohorts_of_at_most_cohort_size_users():
     assert sizes[-1] <= 7 and sum(sizes) == data.n_users
     users = [str(u) for c in cohorts for u in c.user_ids]
     assert sorted(users) == sorted(str(u) for u in data.user_ids)
+
+
+def test_implicit_feedback_keeps_the_rows_at_or_above_the_threshold_and_else_every_row(tmp_path):
+    from tasks.data import load_interactions
+
+    path = tmp_path / "ratings.csv"
+    path.write_text("user_id,item_id,rating\nu1,a,5\nu1,b,2\nu2,a,4\nu2,c,1\nu3,b,3\nu3,c,4\n")
+
+    def rows(**fields) -> int:
+        data, _ = load_interactions.fn(TrainingConfig(data=str(path), feedback="implicit",
+                                                      clients=2, **fields))  # fmt: skip
+        return len(data.frame)
+
+    assert rows(positive_threshold=4.0) == 3
+    assert rows() == 6
+
+
+def test_a_private_run_is_refused_too_many_clients_without_the_number_of_key_values(tmp_path):
+    """More clients than values of the partition key: a plain run is told how many values there
+    are; a private run is not (the number is not released under dp_epsilon)."""
+    from models.data.errors import DataValidationError
+    from tasks.data import check_sharding, load_interactions
+
+    path = tmp_path / "ratings.csv"
+    path.write_text("user_id,item_id,rating,region\n"
+                    + "".join(f"u{u},i{u % 4},4,{'north' if u % 2 else 'south'}\n" for u in range(8)))  # fmt: skip
+    plain = TrainingConfig(data=str(path), partition="by-key", partition_key="region", clients=3)
+    private = plain.model_copy(update={"dp_epsilon": 4.0})
+    data, _ = load_interactions.fn(plain)
+
+    with pytest.raises(DataValidationError) as told:
+        check_sharding(data, plain)
+    with pytest.raises(DataValidationError, match="how many is not said") as untold:
+        check_sharding(data, private)
+    said, unsaid = str(told.value), str(untold.value)
+    assert "how many is not said" not in said and "distinct values (2)" in said
+    assert "2" not in unsaid.replace("dp_epsilon", "")
