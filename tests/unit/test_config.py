@@ -470,3 +470,16 @@ def test_a_private_run_is_refused_too_many_clients_without_the_number_of_key_val
     said, unsaid = str(told.value), str(untold.value)
     assert "how many is not said" not in said and "distinct values (2)" in said
     assert "2" not in unsaid.replace("dp_epsilon", "")
+
+
+def test_more_clients_than_users_is_refused_naming_the_file():
+    from models.data.errors import DataValidationError
+    from tasks.data import check_sharding, load_interactions
+
+    config = TrainingConfig(clients=60, synthetic_users=50, synthetic_items=30,
+                            synthetic_interactions=600)  # fmt: skip
+    data, _ = load_interactions.fn(config)
+    with pytest.raises(DataValidationError) as refused:
+        check_sharding(data, config)
+    assert refused.value.file == data.source and data.source.startswith("synthetic(")
+    assert "more clients than the data has users (50)" in str(refused.value)
