@@ -454,7 +454,7 @@ def test_a_private_run_is_refused_too_many_clients_without_the_number_of_key_val
     """More clients than values of the partition key: a plain run is told how many values there
     are; a private run is not (the number is not released under dp_epsilon)."""
     from models.data.errors import DataValidationError
-    from tasks.data import check_sharding, load_interactions
+    from tasks.data import check_sharding, load_interactions, plan_clients
 
     path = tmp_path / "ratings.csv"
     path.write_text("user_id,item_id,rating,region\n"
@@ -470,6 +470,9 @@ def test_a_private_run_is_refused_too_many_clients_without_the_number_of_key_val
     said, unsaid = str(told.value), str(untold.value)
     assert "how many is not said" not in said and "distinct values (2)" in said
     assert "2" not in unsaid.replace("dp_epsilon", "")
+    with pytest.raises(DataValidationError) as planned:  # the same when the clients are planned
+        plan_clients(data, None, private)
+    assert str(planned.value) == unsaid
 
 
 def test_more_clients_than_users_is_refused_naming_the_file():
