@@ -177,6 +177,7 @@ class Outcome:
     seconds: float = 0.0
     script: str = ""
     mismatches: list[str] = field(default_factory=list)  # a transcript's output, where it differs
+    servers: list[int] = field(default_factory=list)  # the servers' PIDs noted when it ended
 
 
 def _check_demo(out: Outcome, session: Session) -> None:
@@ -215,7 +216,7 @@ def _check_train(out: Outcome, session: Session) -> None:
 
 
 def _check_server(out: Outcome, session: Session) -> None:
-    pid = session.pids[-1]
+    pid = out.servers[-1]  # the server it found running (later examples may start another)
     assert f"Prefect UI:  http://127.0.0.1:{session.port}" in out.stdout, out.stdout
     assert f"pid:     {pid}" in out.stdout and "health:  healthy" in out.stdout, out.stdout
     assert f"stopped the local Prefect server at http://127.0.0.1:{session.port} (pid {pid})" in out.stdout  # fmt: skip
@@ -405,6 +406,7 @@ class Session:
             out.script = script
         out.seconds = time.monotonic() - started
         self._note_servers()
+        out.servers = list(self.pids)
         return out
 
     def _shell(self, script: str) -> Outcome:

@@ -148,7 +148,27 @@ class Federation:
         )
 
     def log(self, label: str) -> str:
-        return (self.root / f"{label}.log").read_text()
+        path = self.root / f"{label}.log"
+        return path.read_text() if path.exists() else ""
+
+    def start_sites(self) -> None:
+        """The fixture's sites, each as ``start_site`` would: shop-a polling only (slower than
+        an impostor), the others woken by the events websocket; every one answers exact runs."""
+        for name in SITES:
+            if name not in self.processes:
+                self.start_site(
+                    name, **({"poll": 1.0, "events": False} if name == "shop-a" else {})
+                )
+
+    def reset(self) -> None:
+        """Back to the fixture's sites: whatever a test started under another label is stopped,
+        a fixture site it stopped is started again (on its own state folder) and is waited for."""
+        for label in [label for label in self.processes if label not in SITES]:
+            self.stop(label)
+        started = {n: self.log(n).count("polling") for n in SITES if n not in self.processes}
+        self.start_sites()
+        for name, before in started.items():
+            _wait_for(lambda n=name, b=before: self.log(n).count("polling") > b, f"{name} to start")
 
     def stop(self, label: str, signum: int = signal.SIGTERM) -> None:
         process = self.processes.pop(label)
@@ -207,16 +227,22 @@ class Federation:
 
 
 @pytest.fixture(scope="module")
-def federation(postgres_stores, tmp_path_factory) -> Iterator[Federation]:  # noqa: F811
+def sites_running(postgres_stores, tmp_path_factory) -> Iterator[Federation]:  # noqa: F811
     fed = Federation(tmp_path_factory.mktemp("federation"), postgres_stores)
-    fed.start_site("shop-a", poll=1.0, events=False)  # polling only: slower than the impostor
-    for name in SITES[1:]:
-        fed.start_site(name)  # woken by the events websocket, polling every 5 s as a fallback
+    fed.start_sites()
     try:
         yield fed
     finally:
         for label in list(fed.processes):
             fed.stop(label)
+
+
+@pytest.fixture
+def federation(sites_running: Federation) -> Iterator[Federation]:
+    """The module's federation, with its sites as the fixture started them after each test:
+    a test that stops, restarts or replaces a site leaves the next one what it expects."""
+    yield sites_running
+    sites_running.reset()
 
 
 def _summary(process: subprocess.Popen, stderr_path: Path, timeout: float = 600) -> dict:
