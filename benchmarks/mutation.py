@@ -247,7 +247,8 @@ TARGETS: dict[str, list[str]] = {
                       "tests/flows/test_training_flow.py", "tests/flows/test_private_releases.py",
                       "tests/flows/test_resume_families.py", "tests/flows/test_ledger_flow.py"],
     # the flow's secure-aggregation steps: client keys, held updates, the server's state
-    "tasks/secure.py": ["tests/flows/test_secure_once.py", "tests/flows/test_secure_flow.py",
+    "tasks/secure.py": ["tests/flows/test_secure_steps.py", "tests/flows/test_secure_once.py",
+                        "tests/flows/test_secure_flow.py",
                         "tests/flows/test_privacy_flow.py", "tests/flows/test_secure_dask.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
