@@ -188,3 +188,19 @@ def test_a_client_folder_a_refused_phase_creates_is_its_owners_alone(tmp_path):
             workspace=ws, entry=stranger, config=config, message=step.to_clients[0]
         )
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_client_identity_made_first_lives_in_a_folder_of_its_owners_alone(tmp_path):
+    from tasks import secure
+
+    entry = secagg_entry(8)
+    key = secure.client_identity(str(tmp_path), entry)
+
+    folder = secure.client_folder(str(tmp_path), entry)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    private = folder / "identity" / "client-8.key"
+    assert stat.S_IMODE(private.stat().st_mode) & 0o077 == 0  # the owner's only
+    # the public half is in the coordinator's registry, and a second call reads the same key
+    assert (secure.registry_folder(str(tmp_path)) / "client-8.pub").is_file()
+    again = secure.client_identity(str(tmp_path), entry)
+    assert again.private_bytes_raw() == key.private_bytes_raw()
