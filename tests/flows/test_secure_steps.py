@@ -100,25 +100,21 @@ def test_the_server_opens_no_round_whose_sum_could_be_one_clients_update(held, a
 def test_the_server_opens_a_round_of_two_and_of_every_client_asked():
     from tasks import secure
 
-    two = secure.secagg_open.fn(
-        run_id=RUN,
-        round_=ROUND,
-        receipts={4: secure.held_receipt(6), 9: secure.held_receipt(6)},
-        asked=2,
-        quorum=2,
-    )
-    config = secure.read_round_config(two.to_clients[4])
-    assert sorted(two.to_clients) == [4, 9]
+    def opened(asked: int, quorum: int):
+        step = secure.secagg_open.fn(
+            run_id=RUN,
+            round_=ROUND,
+            receipts={4: secure.held_receipt(6), 9: secure.held_receipt(6)},
+            asked=asked,
+            quorum=quorum,
+        )
+        assert sorted(step.to_clients) == [4, 9]
+        return secure.read_round_config(step.to_clients[9])
+
+    config = opened(asked=2, quorum=2)
     assert (config.n_clients, config.vector_size, config.threshold) == (2, 6, 2)
     # three asked, two hold an update: the round is over the three asked, t a majority of them
-    three = secure.secagg_open.fn(
-        run_id=RUN,
-        round_=ROUND,
-        receipts={4: secure.held_receipt(6), 9: secure.held_receipt(6)},
-        asked=3,
-        quorum=1,
-    )
-    config = secure.read_round_config(three.to_clients[9])
+    config = opened(asked=3, quorum=1)
     assert (config.n_clients, config.threshold) == (3, 2)
 
 
