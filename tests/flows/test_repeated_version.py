@@ -12,7 +12,8 @@ FINGERPRINT, CONFIG = "data-1", "config-1"
 
 @pytest.fixture
 def registry(tmp_path):
-    """A model ``m`` and a way to add versions with a training run's tags."""
+    """A model ``m`` and a way to add versions with a training run's tags (``promoted="true"``
+    is the tag ``fedrec.promoted``)."""
     with tracking_store(tmp_path) as store:
         client = store["client"]
         client.create_registered_model("m")
@@ -28,7 +29,7 @@ def registry(tmp_path):
                     "fedrec.dataset_fingerprint": fingerprint,
                     "fedrec.config_hash": config,
                     "fedrec.metrics_json": '{"valid/rmse": 0.9}',
-                    **{k.replace("__", "."): v for k, v in tags.items()},
+                    **{f"fedrec.{name}": value for name, value in tags.items()},
                 },
             )
             return str(version.version)
@@ -47,7 +48,7 @@ def _repeat(uri: str):
 
 def test_the_champion_itself_is_repeated(registry):
     uri, add, champion = registry
-    champion(add(fedrec__promoted="true"))
+    champion(add(promoted="true"))
 
     repeat = _repeat(uri)
 
@@ -57,8 +58,8 @@ def test_the_champion_itself_is_repeated(registry):
 
 def test_a_version_that_lost_to_the_current_champion_is_repeated(registry):
     uri, add, champion = registry
-    champion(add("other-data", fedrec__promoted="true"))
-    add(fedrec__promoted="false", fedrec__compared_with_version="1")
+    champion(add("other-data", promoted="true"))
+    add(promoted="false", compared_with_version="1")
 
     repeat = _repeat(uri)
 
@@ -67,7 +68,7 @@ def test_a_version_that_lost_to_the_current_champion_is_repeated(registry):
 
 def test_a_version_rolled_back_by_an_operator_is_repeated_even_without_a_champion(registry):
     uri, add, _ = registry
-    add(fedrec__promoted="true", fedrec__rolled_back="by ops")
+    add(promoted="true", rolled_back="by ops")
 
     repeat = _repeat(uri)
 
@@ -78,32 +79,32 @@ def test_a_version_rolled_back_by_an_operator_is_repeated_even_without_a_champio
     "tags",
     [
         # it was the champion once, and another has replaced it since: it may win again
-        {"fedrec__promoted": "true"},
+        {"promoted": "true"},
         # it lost to a former champion, not to the current one
-        {"fedrec__promoted": "false", "fedrec__compared_with_version": "1"},
+        {"promoted": "false", "compared_with_version": "1"},
     ],
     ids=["a-former-champion", "lost-to-a-former-champion"],
 )
 def test_a_version_the_current_champion_never_beat_is_trained_again(registry, tags):
     uri, add, champion = registry
-    add("older-data", fedrec__promoted="true")  # version 1, champion first
+    add("older-data", promoted="true")  # version 1, champion first
     add(**tags)  # version 2, same data and config as the run asks
-    champion(add("newer-data", fedrec__promoted="true"))  # version 3, the champion now
+    champion(add("newer-data", promoted="true"))  # version 3, the champion now
 
     assert _repeat(uri) is None
 
 
 def test_without_a_champion_a_version_that_lost_is_trained_again(registry):
     uri, add, _ = registry
-    add(fedrec__promoted="false", fedrec__compared_with_version="7")
+    add(promoted="false", compared_with_version="7")
 
     assert _repeat(uri) is None
 
 
 def test_other_data_or_another_config_is_never_a_repeat(registry):
     uri, add, champion = registry
-    champion(add("other-data", fedrec__promoted="true"))
-    add(config="other-config", fedrec__promoted="false", fedrec__compared_with_version="1")
-    add("newer-data", fedrec__rolled_back="by ops")
+    champion(add("other-data", promoted="true"))
+    add(config="other-config", promoted="false", compared_with_version="1")
+    add("newer-data", rolled_back="by ops")
 
     assert _repeat(uri) is None
