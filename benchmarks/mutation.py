@@ -54,6 +54,12 @@ RESULTS = REPO / "benchmarks" / "results"
 
 _SECAGG_TESTS = ["tests/unit/test_secagg_plus.py", "tests/unit/test_secagg.py",
                  "tests/unit/test_secagg_mutants.py"]  # fmt: skip
+_LOOP_TESTS = ["tests/flows/test_quorum.py", "tests/flows/test_neural_flow.py",
+               "tests/flows/test_centralized_flow.py", "tests/flows/test_dp_flow.py",
+               "tests/flows/test_resume_families.py", "tests/flows/test_secure_once.py",
+               "tests/flows/test_ranking_flow.py", "tests/flows/test_private_evaluation.py",
+               "tests/flows/test_private_releases.py", "tests/flows/test_reliability.py",
+               "tests/flows/test_training_flow.py"]  # fmt: skip
 # module -> the unit tests that should notice a change in it
 TARGETS: dict[str, list[str]] = {
     "models/aggregation.py": ["tests/unit/test_aggregation.py", "tests/unit/test_federated.py"],
@@ -251,6 +257,9 @@ TARGETS: dict[str, list[str]] = {
     "tasks/secure.py": ["tests/flows/test_secure_steps.py", "tests/flows/test_secure_once.py",
                         "tests/flows/test_secure_flow.py",
                         "tests/flows/test_privacy_flow.py", "tests/flows/test_secure_dask.py"],
+    # the round loop every family runs through, and the steps of a round it calls
+    "flows/loop.py": _LOOP_TESTS,
+    "flows/rounds.py": _LOOP_TESTS,
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
