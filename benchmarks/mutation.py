@@ -257,6 +257,8 @@ TARGETS: dict[str, list[str]] = {
     "tasks/secure.py": ["tests/flows/test_secure_steps.py", "tests/flows/test_secure_once.py",
                         "tests/flows/test_secure_flow.py",
                         "tests/flows/test_privacy_flow.py", "tests/flows/test_secure_dask.py"],
+    # the proxy tasks that stand for real sites in the round loop
+    "tasks/remote.py": ["tests/flows/test_site_proxies.py", "tests/flows/test_site_retries.py"],
     # the round loop every family runs through, and the steps of a round it calls
     "flows/loop.py": _LOOP_TESTS,
     "flows/rounds.py": _LOOP_TESTS,
