@@ -79,6 +79,14 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
         keys.append("select/ndcg_at_10")
     for key in keys:
         assert summary["metrics"][key] == pytest.approx(whole["metrics"][key], abs=1e-9), key
+    # and with the uninterrupted run's learning curve: every step logged once, the one the
+    # stopped run checkpointed but died before logging (it is logged with the next step) too
+    client = store["client"]
+    for key in ("valid/ndcg_at_10", "test/ndcg_at_10"):
+        got = [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        want = [(m.step, m.value) for m in client.get_metric_history(whole["run_id"], key)]
+        assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, len(want) + 1)), key
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-9), key
 
     # the failed flow run that stopped is the resumed MLflow run's, not one without any
     from fedrec.cli import configured_api

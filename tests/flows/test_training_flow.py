@@ -47,6 +47,34 @@ def first_run(store):
     return summary | {"champion_then": champion}
 
 
+def test_the_round_table_in_prefect_is_the_runs_metric_history(store, first_run):
+    """The flow run's table artifact (the rounds as the Prefect UI shows them) has one row per
+    round, numbered as MLflow's steps, with MLflow's values: no row for the untrained model."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    client = store["client"]
+    run = client.get_run(first_run["run_id"])
+    flow_run = UUID(run.data.tags["prefect.flow_run_id"])
+    wanted = ArtifactFilter(
+        key=ArtifactFilterKey(any_=["fedrec-rounds"]),
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run]),
+    )
+    with get_client(sync_client=True) as prefect:
+        (table,) = prefect.read_artifacts(artifact_filter=wanted)
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["round"] for row in rows] == list(range(1, ROUNDS + 1))
+    for key in ("train/rmse", "valid/rmse", "valid/ndcg_at_10"):
+        logged = [m.value for m in client.get_metric_history(run.info.run_id, key)]
+        assert [row[key] for row in rows] == pytest.approx(logged, abs=1e-5), key
+
+
 def _versions(store, name: str) -> set[int]:
     return {int(v.version) for v in store["client"].search_model_versions(f"name='{name}'")}
 
