@@ -4,7 +4,9 @@ real Prefect test server, a real MLflow registry and `mlflow models serve`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 
 from fedrec.config import TrainingConfig
 from fedrec.local_server import free_port
-from tests.flows.helpers import tracking_store
+from tests.flows.helpers import flow_log, tracking_store
 
 ALS_ROUNDS, RANKER_ROUNDS = 3, 3
 # users meet what they like more than what is popular (taste 6): a model that learns clears the
@@ -42,11 +44,39 @@ def _config(store, **overrides) -> TrainingConfig:
 
 
 @pytest.fixture(scope="module")
-def first_run(store):
+def first_run_log() -> list[str]:
+    """The first run's flow log lines (INFO and above), filled by ``first_run``."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def first_run(store, first_run_log):
     from flows.training import federated_training
 
     config = _config(store)
-    return config, federated_training(**config.model_dump())
+    with flow_log(logging.INFO) as records:
+        summary = federated_training(**config.model_dump())
+    first_run_log.extend(record.getMessage() for record in records)
+    return config, summary
+
+
+def test_the_round_every_client_answers_is_logged_with_its_upload_and_time(
+    store, first_run, first_run_log
+):
+    """The log line of the item co-occurrence round says what MLflow records of it."""
+    _, summary = first_run
+    run = store["client"].get_run(summary["run_id"])
+    lines = [
+        m for m in first_run_log if re.fullmatch(r"\w+: \d+ clients, [\d.]+ MB up, [\d.]+ s", m)
+    ]
+    assert len(lines) == 1, first_run_log
+    phase, clients, mb, seconds = re.fullmatch(
+        r"(\w+): (\d+) clients, ([\d.]+) MB up, ([\d.]+) s", lines[0]
+    ).groups()
+    assert int(clients) == SMALL["clients"]
+    uploaded = run.data.metrics[f"system/{phase}_bytes_uploaded"]
+    assert uploaded > 0 and float(mb) == pytest.approx(uploaded / 1e6, abs=0.05)
+    assert 0 < float(seconds) <= (run.info.end_time - run.info.start_time) / 1000
 
 
 def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_run):
