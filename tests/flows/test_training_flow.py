@@ -436,7 +436,8 @@ def test_a_config_that_lost_to_the_champion_on_these_data_is_not_trained_again(s
 def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run):
     from flows.training import federated_training
 
-    # one round from the champion's items lands near the champion; one round from scratch does not
+    # one round from the champion's items lands near the champion; one round from scratch, with
+    # the same champion there but no warm start asked, does not
     warm = TrainingConfig(
         rounds=1,
         factors=8,
@@ -445,7 +446,7 @@ def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run)
         model_name="flowtest",
         **SMALL,
     )
-    cold = warm.model_copy(update={"warm_start": False, "model_name": "flowtest-cold"})
+    cold = warm.model_copy(update={"warm_start": False})
 
     warm_summary = federated_training(**warm.model_dump())
     cold_summary = federated_training(**cold.model_dump())
