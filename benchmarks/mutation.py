@@ -59,7 +59,7 @@ _LOOP_TESTS = ["tests/flows/test_quorum.py", "tests/flows/test_neural_flow.py",
                "tests/flows/test_resume_families.py", "tests/flows/test_secure_once.py",
                "tests/flows/test_ranking_flow.py", "tests/flows/test_private_evaluation.py",
                "tests/flows/test_private_releases.py", "tests/flows/test_reliability.py",
-               "tests/flows/test_training_flow.py"]  # fmt: skip
+               "tests/flows/test_scale_flow.py", "tests/flows/test_training_flow.py"]  # fmt: skip
 # module -> the unit tests that should notice a change in it
 TARGETS: dict[str, list[str]] = {
     "models/aggregation.py": ["tests/unit/test_aggregation.py", "tests/unit/test_federated.py"],

@@ -86,3 +86,29 @@ def test_eval_every_skips_evaluation_between_rounds_but_not_after_the_last(store
     assert sorted(m.step for m in history) == [2, 4, 5]
     seconds = store["client"].get_metric_history(run["run_id"], "system/round_seconds")
     assert sorted(m.step for m in seconds) == [1, 2, 3, 4, 5]  # every round is still logged
+
+
+def test_clients_that_sit_a_round_out_evaluate_the_model_of_the_round_before(store):
+    """Their task runs are named after the step whose model they evaluate (the Prefect UI's
+    round), and only clients that did not train in that round run one."""
+    import re
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    run = _run(store, model_name="half-sampled", rounds=3, clients=4, client_fraction=0.5)
+    flow_run = store["client"].get_run(run["run_id"]).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        tasks = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run)]))
+        )
+    names = {t.name for t in tasks}
+    sat_out = [tuple(map(int, m.groups())) for n in names
+               if (m := re.fullmatch(r"evaluate client-(\d+) round-(\d+)", n))]  # fmt: skip
+    # steps 1 and 2 are evaluated in rounds 2 and 3 by the two clients not sampled there; the
+    # last step by every client after the rounds
+    assert sorted(step for _, step in sat_out) == [1, 1, 2, 2], sorted(names)
+    for client, step in sat_out:
+        assert f"train client-{client} round-{step + 1}" not in names
+    assert {f"evaluate round-3 client-{c}" for c in range(4)} <= names
