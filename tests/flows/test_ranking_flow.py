@@ -77,6 +77,9 @@ def test_the_round_every_client_answers_is_logged_with_its_upload_and_time(
     uploaded = run.data.metrics[f"system/{phase}_bytes_uploaded"]
     assert uploaded > 0 and float(mb) == pytest.approx(uploaded / 1e6, abs=0.05)
     assert 0 < float(seconds) <= (run.info.end_time - run.info.start_time) / 1000
+    # the steps are counted without it: the retrieval model's and the re-ranker's rounds
+    steps = ALS_ROUNDS + RANKER_ROUNDS
+    assert f"round {steps}/{steps}: evaluating the final model on every client" in first_run_log
 
 
 def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_run):

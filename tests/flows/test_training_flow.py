@@ -86,6 +86,9 @@ def test_first_run_logs_every_round_registers_and_becomes_champion(store, first_
     for key in PER_ROUND:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert steps == list(range(1, ROUNDS + 1)), key
+    seconds = [m.value for m in client.get_metric_history(run.info.run_id, "system/round_seconds")]
+    assert all(s > 0 for s in seconds)
+    assert sum(seconds) <= (run.info.end_time - run.info.start_time) / 1000
     assert run.data.params["rounds"] == str(ROUNDS) and run.data.params["factors"] == "8"
     assert run.data.tags["prefect.flow_run_id"]
     assert run.info.status == "FINISHED"
