@@ -80,6 +80,10 @@ def test_the_round_every_client_answers_is_logged_with_its_upload_and_time(
     # the steps are counted without it: the retrieval model's and the re-ranker's rounds
     steps = ALS_ROUNDS + RANKER_ROUNDS
     assert f"round {steps}/{steps}: evaluating the final model on every client" in first_run_log
+    labels = [m.split(":")[0] for m in first_run_log if m.startswith("round ") and " MB up, " in m]
+    assert labels == [f"round {s}/{steps}" for s in range(1, steps)] + [
+        f"round {steps}/{steps} (final)"
+    ]
 
 
 def test_steps_continue_across_stages_and_the_reranker_lifts_ndcg(store, first_run):
