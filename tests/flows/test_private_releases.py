@@ -45,7 +45,18 @@ def test_a_private_run_releases_no_item_counts_no_per_client_files_and_evaluates
             return result
 
         monkeypatch.setattr(task_obj, "fn", spy)
-    summary = _run(store, model_name="private", dp_epsilon=8.0, dp_budget=8.0)
+    with flow_log(logging.INFO) as records:
+        summary = _run(store, model_name="private", dp_epsilon=8.0, dp_budget=8.0)
+    # the log shows each released figure of the model with its noise, not the baseline's
+    prefix = "the released metrics with their DP noise (one standard deviation): "
+    (line,) = [r.getMessage() for r in records if r.getMessage().startswith(prefix)]
+    shown = dict(part.split(" ", 1) for part in line.removeprefix(prefix).split(", "))
+    metrics = summary["metrics"]
+    assert "valid/rmse" in shown and not any(name.startswith("baseline") for name in shown)
+    for name, figure in shown.items():
+        value, sd = figure.split(" ± ")
+        assert float(value) == pytest.approx(metrics[name], abs=1e-4), name
+        assert float(sd) == pytest.approx(metrics[name.replace("/", "/dp_sd/", 1)], abs=1e-4)
 
     evaluations = [a[1] if isinstance(a, tuple) else a for a in answers]
     assert evaluations and all(
