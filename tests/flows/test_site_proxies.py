@@ -61,11 +61,13 @@ def _update(client_id: int = 3) -> ClientUpdate:
     return ClientUpdate(client_id, items, counts, {"rhs": rhs}, {"train_n": 8.0})
 
 
-def _receipt(**changes: Any) -> ClientUpdate:
+def _receipt(client_id: int = 3, **changes: Any) -> ClientUpdate:
     """A held update's receipt (the length of its vector, nothing else), with ``changes``."""
     fields = {"items": np.zeros(0, np.int64), "counts": np.zeros(0, np.int64), "arrays": {},
               "metrics": {"held": 120.0}} | changes  # fmt: skip
-    return ClientUpdate(3, fields["items"], fields["counts"], fields["arrays"], fields["metrics"])
+    return ClientUpdate(
+        client_id, fields["items"], fields["counts"], fields["arrays"], fields["metrics"]
+    )
 
 
 def _run(task, **kwargs):
@@ -264,3 +266,70 @@ def test_the_key_registry_holds_each_sites_key_under_its_client_id(prefect_serve
             (folder / f"client-{site.client_id}.pub").read_bytes()
         )
         assert loaded == site.public_key
+
+
+def _site_link(answer: dict[str, np.ndarray], site: SiteSpec):
+    """A run's real :class:`SiteLink` over an in-memory transport, whose exchanges answer
+    ``answer`` and are kept (``link.requests``)."""
+    from models.sites.registry import Registry
+    from tasks.remote import SiteLink
+    from tests.sites_fakes import MemoryTransport
+
+    registry = Registry(Ed25519PrivateKey.generate(), (site,))
+    link = SiteLink(registry, MemoryTransport(), "run-1", 0, {}, n_items=N_ITEMS,
+                    entries={site.client_id: site})  # fmt: skip
+    stand_in = _Link(answer)
+    link.exchange = stand_in.exchange  # type: ignore[method-assign]
+    return link, stand_in.requests
+
+
+def _task_run_name(task_run_id) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        return prefect.read_task_run(task_run_id).name
+
+
+def test_the_round_loop_asks_a_site_through_its_link_under_the_sites_name(prefect_server):
+    """The link submits the proxy tasks the round loop asks for: named after the site, a
+    secure round asking for a receipt with every site's key, an evaluation labelled as the
+    loop names it (its release's name when it is one)."""
+    from prefect.runtime import flow_run
+
+    from models.data.partitions import ClientEntry
+
+    site = _site(0, name="shop-a")
+    entry = ClientEntry(0, "site-shop-a", 5, None, None, None)
+    secure, secure_requests = _site_link(wire_arrays(_receipt(client_id=0), {}), site)
+    plain, plain_requests = _site_link(wire_arrays(_update(client_id=0), EVALUATION), site)
+
+    @flow
+    def a_round():  # one exchange at a time, so the requests come in this order
+        asked = [
+            lambda: secure.train(entry, "train client-0 round-2", None, None, retries={},
+                                 phase="als", round_=2, secure_context=b"run-1 round 2"),
+            lambda: plain.train(entry, "train client-0 round-2", None, None, retries={},
+                                phase="als", round_=2),
+            lambda: plain.evaluate(entry, "evaluate client-0 round-1", None, None, ("valid",),
+                                   None, ""),
+            lambda: plain.evaluate(entry, "evaluate round-3 client-0", None, None, ("valid",),
+                                   None, "round-3"),
+        ]  # fmt: skip
+        futures = []
+        for ask in asked:
+            futures.append(ask())
+            futures[-1].wait()
+        return [(f.result(), f.task_run_id) for f in futures], flow_run.get_id()
+
+    answers, flow_run_id = a_round()  # the task runs are recorded once the flow run ends
+    (receipt, kept_name), (update, sent_name), (_, looked_name), (_, released_name) = [
+        (answer, _task_run_name(run_id)) for answer, run_id in answers
+    ]
+    assert (kept_name, sent_name) == ("train shop-a round-2", "train shop-a round-2")
+    assert (looked_name, released_name) == ("evaluate shop-a round-1", "evaluate round-3 shop-a")
+    assert isinstance(receipt[0], bytes) and secure_requests[0]["secure"] == secure.secure_fields()
+    assert isinstance(update, tuple) and plain_requests[0]["secure"] is None
+    assert [r["label"] for r in plain_requests[1:]] == ["evaluate client-0 round-1", "round-3"]
+    # each request names the task run that asks (the site answers there) and its flow run
+    asking = [(r["flow_run_id"], r["task_run_id"]) for r in secure_requests + plain_requests]
+    assert asking == [(str(flow_run_id), str(run_id)) for _, run_id in answers]
