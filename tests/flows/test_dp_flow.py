@@ -189,3 +189,26 @@ def test_dp_with_per_user_clients_in_cohorts(store):
     # about 1 (these counts' 0.01% to 99.99% range, simulated: 0.6 to 1.55); exact counts give
     # about 0.01, half the noise 0.3, twice the noise 3.3
     assert 0.5 < ratio < 2.0, ratio
+
+
+def test_without_secure_aggregation_each_clients_upload_carries_the_whole_noise(store, monkeypatch):
+    """Against the server, which sees each client's upload when the updates are not securely
+    aggregated: every client adds the whole noise the accountant counts, not a share of it (a
+    share is right only when the server sees nothing but a masked sum of enough clients)."""
+    import tasks.clients as clients
+
+    asked: list = []
+    original = clients.train_client.fn
+
+    def spy(**kwargs):
+        asked.append(kwargs["family"].config.dp)
+        return original(**kwargs)
+
+    monkeypatch.setattr(clients.train_client, "fn", spy)
+    summary = _run(store, model_name="dp-whole-noise", clients=3, dp_epsilon=8.0)
+    sigma = _history(store, summary["run_id"], "privacy/noise_multiplier")[-1]
+    assert len(asked) >= 3 * SMALL["rounds"]
+    for dp in asked:
+        assert dp.noise_multiplier == pytest.approx(sigma, rel=1e-12)
+        # one client's noise: the multiplier times one user's sensitivity, whole
+        assert dp.noise_std(dp.sensitivity) == pytest.approx(sigma * dp.sensitivity, rel=1e-12)
