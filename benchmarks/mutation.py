@@ -261,7 +261,7 @@ TARGETS: dict[str, list[str]] = {
     "tasks/remote.py": ["tests/flows/test_site_proxies.py", "tests/flows/test_site_retries.py"],
     # the round loop every family runs through, and the steps of a round it calls
     "flows/loop.py": _LOOP_TESTS,
-    "flows/rounds.py": _LOOP_TESTS,
+    "flows/rounds.py": ["tests/unit/test_progress.py", *_LOOP_TESTS],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
