@@ -6,6 +6,8 @@ same epsilon."""
 
 from __future__ import annotations
 
+import logging
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -17,6 +19,7 @@ from models.privacy.dp import UserLevelDP, epsilon
 from tests.flows.helpers import (
     censored_noise_ratio,
     final_checkpoint,
+    flow_log,
     summed_answers,
     tracking_store,
     unpacked,
@@ -205,7 +208,10 @@ def test_without_secure_aggregation_each_clients_upload_carries_the_whole_noise(
         return original(**kwargs)
 
     monkeypatch.setattr(clients.train_client, "fn", spy)
-    summary = _run(store, model_name="dp-whole-noise", clients=3, dp_epsilon=8.0)
+    with flow_log(logging.INFO) as records:
+        summary = _run(store, model_name="dp-whole-noise", clients=3, dp_epsilon=8.0)
+    (said,) = [r.getMessage() for r in records if r.getMessage().startswith("user-level DP:")]
+    assert said.endswith("each client's upload noised in full (the server sees each one)"), said
     sigma = _history(store, summary["run_id"], "privacy/noise_multiplier")[-1]
     assert len(asked) >= 3 * SMALL["rounds"]
     for dp in asked:
