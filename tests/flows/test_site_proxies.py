@@ -1,6 +1,7 @@
 """What a proxy task makes of a real site's answer: a plain update weighted by the site's weight,
 a held update's receipt and nothing else, evaluation sums, an enrolment with the counts its kind
-of run needs; and what the enrolment and the key registry leave in the workspace.
+of run needs; what the enrolment and the key registry leave in the workspace; and how the run's
+link submits them for the round loop (under the site's name, naming the asking runs).
 
 The coordinator's side of the exchange is a stand-in that returns a prepared answer (the
 exchange itself, signed and sealed, is tested in ``tests/unit/test_site_exchange.py`` and end to
