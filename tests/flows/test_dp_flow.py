@@ -218,3 +218,37 @@ def test_without_secure_aggregation_each_clients_upload_carries_the_whole_noise(
         assert dp.noise_multiplier == pytest.approx(sigma, rel=1e-12)
         # one client's noise: the multiplier times one user's sensitivity, whole
         assert dp.noise_std(dp.sensitivity) == pytest.approx(sigma * dp.sensitivity, rel=1e-12)
+
+
+def test_under_secure_aggregation_the_noise_shares_add_up_over_the_rounds_threshold(
+    store, monkeypatch
+):
+    """Against the server, which sees only masked sums of at least t clients: each client adds
+    a share of the noise such that any t of them add up to the whole noise (never more shares
+    than the smallest sum the protocol opens)."""
+    import tasks.clients as clients
+    from flows.rounds import quorum
+    from tasks.secure import round_threshold
+
+    asked: list = []
+    original = clients.train_client.fn
+
+    def spy(**kwargs):
+        if kwargs["family"].config.dp is not None:
+            asked.append(kwargs["family"].config.dp)
+        return original(**kwargs)
+
+    monkeypatch.setattr(clients.train_client, "fn", spy)
+    config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | {
+        "model_name": "dp-secure-shares", "clients": 4, "min_clients": 2, "dp_epsilon": 8.0,
+        "secure_aggregation": True}))  # fmt: skip
+    from flows.training import federated_training
+
+    summary = federated_training(**config.model_dump())
+    sigma = _history(store, summary["run_id"], "privacy/noise_multiplier")[-1]
+    t = round_threshold(4, quorum(config, 4))
+    assert 2 <= t <= 4 and asked
+    for dp in asked:
+        assert dp.shares == t
+        whole = t * dp.noise_std(dp.sensitivity) ** 2  # t shares' variances add up
+        assert whole == pytest.approx((sigma * dp.sensitivity) ** 2, rel=1e-12)
