@@ -194,10 +194,9 @@ def test_dp_with_per_user_clients_in_cohorts(store):
     assert 0.5 < ratio < 2.0, ratio
 
 
-def test_without_secure_aggregation_each_clients_upload_carries_the_whole_noise(store, monkeypatch):
-    """Against the server, which sees each client's upload when the updates are not securely
-    aggregated: every client adds the whole noise the accountant counts, not a share of it (a
-    share is right only when the server sees nothing but a masked sum of enough clients)."""
+def _client_dp(monkeypatch) -> list:
+    """The DP settings every client training task receives (None without DP), in the order
+    asked."""
     import tasks.clients as clients
 
     asked: list = []
@@ -208,6 +207,14 @@ def test_without_secure_aggregation_each_clients_upload_carries_the_whole_noise(
         return original(**kwargs)
 
     monkeypatch.setattr(clients.train_client, "fn", spy)
+    return asked
+
+
+def test_without_secure_aggregation_each_clients_upload_carries_the_whole_noise(store, monkeypatch):
+    """Against the server, which sees each client's upload when the updates are not securely
+    aggregated: every client adds the whole noise the accountant counts, not a share of it (a
+    share is right only when the server sees nothing but a masked sum of enough clients)."""
+    asked = _client_dp(monkeypatch)
     with flow_log(logging.INFO) as records:
         summary = _run(store, model_name="dp-whole-noise", clients=3, dp_epsilon=8.0)
     (said,) = [r.getMessage() for r in records if r.getMessage().startswith("user-level DP:")]
@@ -226,19 +233,10 @@ def test_under_secure_aggregation_the_noise_shares_add_up_over_the_rounds_thresh
     """Against the server, which sees only masked sums of at least t clients: each client adds
     a share of the noise such that any t of them add up to the whole noise (never more shares
     than the smallest sum the protocol opens)."""
-    import tasks.clients as clients
     from flows.rounds import quorum
     from tasks.secure import round_threshold
 
-    asked: list = []
-    original = clients.train_client.fn
-
-    def spy(**kwargs):
-        if kwargs["family"].config.dp is not None:
-            asked.append(kwargs["family"].config.dp)
-        return original(**kwargs)
-
-    monkeypatch.setattr(clients.train_client, "fn", spy)
+    settings = _client_dp(monkeypatch)
     config = TrainingConfig(tracking_uri=store["uri"], **(SMALL | {
         "model_name": "dp-secure-shares", "clients": 4, "min_clients": 2, "dp_epsilon": 8.0,
         "secure_aggregation": True}))  # fmt: skip
@@ -247,6 +245,7 @@ def test_under_secure_aggregation_the_noise_shares_add_up_over_the_rounds_thresh
     summary = federated_training(**config.model_dump())
     sigma = _history(store, summary["run_id"], "privacy/noise_multiplier")[-1]
     t = round_threshold(4, quorum(config, 4))
+    asked = [dp for dp in settings if dp is not None]
     assert 2 <= t <= 4 and asked
     for dp in asked:
         assert dp.shares == t
