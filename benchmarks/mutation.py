@@ -262,6 +262,10 @@ TARGETS: dict[str, list[str]] = {
     # the round loop every family runs through, and the steps of a round it calls
     "flows/loop.py": _LOOP_TESTS,
     "flows/rounds.py": ["tests/unit/test_progress.py", *_LOOP_TESTS],
+    # the protocol half of a securely aggregated round: phases, left-out clients, the threshold
+    "flows/secure.py": ["tests/flows/test_secure_steps.py", "tests/flows/test_secure_once.py",
+                        "tests/flows/test_secure_flow.py", "tests/flows/test_privacy_flow.py",
+                        "tests/flows/test_secure_dask.py", "tests/flows/test_dp_flow.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
