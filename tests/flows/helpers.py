@@ -23,18 +23,31 @@ def tracking_store(home: Path) -> Iterator[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def flow_log(level: int) -> Iterator[list[logging.LogRecord]]:
+def flow_log(
+    level: int, loggers: tuple[str, ...] = ("prefect.flow_runs",)
+) -> Iterator[list[logging.LogRecord]]:
     """The flow runs' log records at ``level`` and above while the block runs (the flow's run
-    logger, whatever its console handler does)."""
+    logger, whatever its console handler does; ``loggers`` adds others, such as
+    ``prefect.task_runs``)."""
+    # Prefect configures its loggers when prefect.main is first imported, which replaces the
+    # handlers already on them: a test whose first flow run comes inside the block would see none
+    import prefect.main  # noqa: F401
+
     records: list[logging.LogRecord] = []
     handler = logging.Handler(level)
     handler.emit = records.append  # type: ignore[method-assign]
-    flow_logger = logging.getLogger("prefect.flow_runs")
-    flow_logger.addHandler(handler)
+    for name in loggers:
+        logging.getLogger(name).addHandler(handler)
     try:
         yield records
     finally:
-        flow_logger.removeHandler(handler)
+        for name in loggers:
+            logging.getLogger(name).removeHandler(handler)
+
+
+def messages(records: list[logging.LogRecord]) -> list[str]:
+    """The messages of ``records``, as formatted for the log."""
+    return [record.getMessage() for record in records]
 
 
 def _is_pickle(data: bytes) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from fedrec.config import TrainingConfig
-from tests.flows.helpers import tracking_store
+from tests.flows.helpers import flow_log, messages, tracking_store
 
 BASE = {
     "synthetic_users": 200,
@@ -126,21 +126,10 @@ def first_round(monkeypatch) -> _Round:
 
 
 @pytest.fixture
-def run_log() -> Iterator[list[str]]:
-    """The messages of flow- and task-run log lines while the test runs."""
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            lines.append(record.getMessage())
-
-    handler = Keep(level=logging.INFO)
-    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
-    for logger in loggers:
-        logger.addHandler(handler)
-    yield lines
-    for logger in loggers:
-        logger.removeHandler(handler)
+def run_log() -> Iterator[list[logging.LogRecord]]:
+    """The flow- and task-run log records at INFO and above while the test runs."""
+    with flow_log(logging.INFO, ("prefect.flow_runs", "prefect.task_runs")) as records:
+        yield records
 
 
 def _clients_per_round(store, run_id: str) -> list[float]:
@@ -172,10 +161,12 @@ def test_a_secure_implicit_run_gives_the_plain_model_and_says_knn_ran_in_the_cle
     assert secure["metrics"]["test/ndcg_at_10"] == pytest.approx(
         plain["metrics"]["test/ndcg_at_10"], abs=1e-9
     )
-    assert any(
-        "phase(s) knn send each client's answer to the server in the clear" in line
-        for line in run_log
-    )
+    log = messages(run_log)
+    clear = [i for i, line in enumerate(log) if "phase(s) knn send each client's answer to the "
+             "server in the clear" in line]  # fmt: skip
+    summed = [i for i, line in enumerate(log) if "securely aggregated the updates" in line]
+    assert len(clear) == 1 and summed  # once per run, not once per round,
+    assert clear[0] < summed[0]  # and before the first round's sum
 
 
 def test_a_client_that_vanishes_after_sharing_keys_leaves_the_survivors_plain_sum(
@@ -225,7 +216,9 @@ def test_a_client_that_times_out_is_left_out_and_its_late_answer_changes_nothing
     summary = _run(store, model_name="late-signer", round_timeout=15, **SECURE)
 
     # round 1 went on without its signature (its masked input is in the sum); round 2 had it back
-    assert "round 1 secagg-sign: client-3 did not answer within 15.0 s: left out" in run_log
+    assert "round 1 secagg-sign: client-3 did not answer within 15.0 s: left out" in messages(
+        run_log
+    )
     assert _clients_per_round(store, summary["run_id"]) == [4.0, 4.0]
     first_round.check_sum_of({0, 1, 2, 3})
 
@@ -265,7 +258,7 @@ def test_a_substituted_registry_key_shuts_that_client_out_with_a_clear_log_line(
         "keys of client 2: signature does not verify against its registered identity key; "
         "aborting this round"
     )
-    assert expected in run_log
+    assert expected in messages(run_log)
 
 
 @pytest.mark.parametrize(
@@ -306,9 +299,11 @@ def test_the_global_means_sums_reach_the_server_only_as_a_masked_sum(store, monk
     encoded sums, and it decodes their total alone; the model is the plain run's."""
     import tasks.clients as clients
     import tasks.secure as secure
+    from flows.rounds import quorum
     from models.privacy.fixed_point import encode
     from models.privacy.secagg_plus import MaskedInput
     from models.privacy.wire import unpack
+    from tasks.secure import round_threshold
 
     held: dict[int, Any] = {}  # client -> its mean-phase answer as training produced it
     receipts: dict[int, Any] = {}  # client -> what the mean-phase task returned to the flow
@@ -362,7 +357,12 @@ def test_the_global_means_sums_reach_the_server_only_as_a_masked_sum(store, monk
     assert total.metrics["n"] == sum(n for _, n in sums.values())
     assert total.metrics["rating_sum"] == pytest.approx(sum(s for s, _ in sums.values()), abs=1e-6)
     assert total.items.size == 0 and not total.arrays
-    assert not any("in the clear" in line for line in run_log)  # nothing left to warn about
+    log = messages(run_log)
+    assert not any("in the clear" in line for line in log)  # nothing left to warn about
+    t = round_threshold(4, quorum(TrainingConfig(**(BASE | SECURE)), 4))
+    assert (
+        f"the mean round: securely aggregated the updates of 4 of 4 clients (threshold {t})" in log
+    )
 
     mean = total.metrics["rating_sum"] / total.metrics["n"]
     secure_model, plain_model = _served(store, "mean-secure"), _served(store, "mean-plain")
