@@ -330,24 +330,21 @@ def test_bad_input_writes_no_model_version_and_keeps_the_champion(
     client = store["client"]
     before = {v.version for v in client.search_model_versions("name='flowtest'")}
     champion = client.get_model_version_by_alias("flowtest", "champion").version
-    records: list[logging.LogRecord] = []  # what a deployment's worker logs and the UI shows
-    handler = logging.Handler(logging.ERROR)
-    handler.emit = records.append  # type: ignore[method-assign]
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
+    loggers = ("prefect.task_runs", "prefect.flow_runs")
+    for name in loggers:
         logger = logging.getLogger(name)
         kept = [f for f in logger.filters if type(f).__name__ != "_NoErrorRecords"]  # the CLI's
         monkeypatch.setattr(logger, "filters", kept)
-        logger.addHandler(handler)
-    try:
-        with pytest.raises(
+    # what a deployment's worker logs and the UI shows
+    with (
+        flow_log(logging.ERROR, loggers) as records,
+        pytest.raises(
             DataValidationError, match=r"ratings.csv, row 2 \(line 3\), column 'rating': value 7.0"
-        ):
-            federated_training(
-                data=str(bad), tracking_uri=store["uri"], model_name="flowtest", clients=2
-            )
-    finally:
-        for name in ("prefect.task_runs", "prefect.flow_runs"):
-            logging.getLogger(name).removeHandler(handler)
+        ),
+    ):
+        federated_training(
+            data=str(bad), tracking_uri=store["uri"], model_name="flowtest", clients=2
+        )
 
     assert {v.version for v in client.search_model_versions("name='flowtest'")} == before
     assert client.get_model_version_by_alias("flowtest", "champion").version == champion
