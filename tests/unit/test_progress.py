@@ -29,3 +29,9 @@ def test_the_last_round_and_labels_without_a_total_show_elapsed_only():
 
     assert pace(marks, 0.0, "round 10/10 (final)") == "elapsed 1:02:05"
     assert pace(marks, 0.0, "warm-up") == "elapsed 1:02:05"
+
+
+def test_one_round_left_after_the_first_step_shows_that_steps_time():
+    marks = [0.0, 5.0]  # the first step alone, from 0 to 5 s
+
+    assert pace(marks, 0.0, "round 1/2") == "elapsed 0:05, ETA 0:05 (5.0 s/round)"
