@@ -3,6 +3,7 @@ leave nothing behind."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 
@@ -10,7 +11,7 @@ import pytest
 from prefect import flow, task
 
 from fedrec.config import TrainingConfig
-from tests.flows.helpers import tracking_store
+from tests.flows.helpers import flow_log, messages, tracking_store
 
 SMALL = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions": 9_000,
          "clients": 3, "factors": 4, "rounds": 2, "retry_backoff": 0.0}  # fmt: skip
@@ -69,6 +70,23 @@ def test_flaky_clients_succeed_on_retries_with_a_fresh_draw_per_attempt(store):
     summary = _train(store, fault_probability=0.5, task_retries=3, round_retries=2,
                      min_fraction=1.0, seed=3, skip_if_unchanged=False)  # fmt: skip
 
+    answered = [
+        m.value for m in store["client"].get_metric_history(summary["run_id"], "system/clients")
+    ]
+    assert answered == [3.0, 3.0]
+
+
+def test_a_round_short_of_its_quorum_asks_the_clients_that_did_not_answer_again(store):
+    # No task retries: a client task that fails is left out of its attempt of the round. At
+    # this seed the first attempts of client-0 in the mean round and rounds 1 and 2, and of
+    # client-1 in round 2, fail (tasks.faults' draws), and each of their second attempts
+    # succeeds: the round's second attempt must ask those clients, not the ones that answered.
+    with flow_log(logging.WARNING) as records:
+        summary = _train(store, model_name="round-retries", fault_probability=0.3,
+                         task_retries=0, round_retries=1, min_fraction=1.0, seed=3)  # fmt: skip
+
+    again = [m for m in messages(records) if re.search(r"quorum 3: asking \d+ again$", m)]
+    assert again, messages(records)  # the round retry was needed
     answered = [
         m.value for m in store["client"].get_metric_history(summary["run_id"], "system/clients")
     ]
