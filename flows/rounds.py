@@ -471,6 +471,7 @@ def step_record(
         seconds=seconds, extra=dict(extra or {}),
         log_to=(ctx.uri, ctx.run_id) if step > ctx.logged_through else None,
         spread=ctx.config.dp_epsilon is None,
+        logged_at=int(time.time() * 1000),  # one timestamp for every attempt of the task
     )  # fmt: skip
 
 

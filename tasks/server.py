@@ -152,15 +152,18 @@ def save_step(
     log_to: tuple[str, str] | None,
     snapshot: Snapshot | None,
     spread: bool = True,
+    logged_at: int | None = None,
 ) -> dict[str, float]:
     """The server's record of a round: step ``step``'s metrics (as :func:`round_summary`, with
     ``extra``) logged to the MLflow run ``log_to`` = (URI, run id) when given, then
     ``snapshot`` checkpointed when given. In that order: a checkpoint on disk means every step
-    before it is logged. Returns the metrics."""
+    before it is logged. ``logged_at`` (ms since the epoch) timestamps the metrics: fixed
+    before the task runs, it makes a retried attempt (the checkpoint failed after the metrics
+    were logged) log the same rows again, which MLflow keeps once. Returns the metrics."""
     metrics = round_summary(updates, evaluations, top_k, n_items, seconds, spread=spread)
     metrics |= dict(extra)
     if log_to is not None:
-        log_metrics(*log_to, step, metrics)
+        log_metrics(*log_to, step, metrics, at=logged_at)
     if snapshot is not None:
         write_checkpoint(snapshot.family, snapshot.state, snapshot.folder, snapshot.progress)
     return metrics

@@ -314,9 +314,13 @@ def close_lost_run(uri: str, flow_run_id: str) -> str | None:
     return f"{resume_command(run_id, uri)} continues it"
 
 
-def log_metrics(uri: str, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
-    """All of one step's metrics in a single batch, at ``step``; non-finite values are left out."""
-    now = int(time.time() * 1000)
+def log_metrics(
+    uri: str, run_id: str, step: int, metrics: Mapping[str, float], at: int | None = None
+) -> None:
+    """All of one step's metrics in a single batch, at ``step``, timestamped ``at`` (ms since
+    the epoch; default now); non-finite values are left out. MLflow stores a metric row
+    (key, timestamp, step, value) once, so a batch sent again with the same ``at`` adds nothing."""
+    now = int(time.time() * 1000) if at is None else at
     batch = [
         Metric(key, float(value), now, step) for key, value in metrics.items() if np.isfinite(value)
     ]

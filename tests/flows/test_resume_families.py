@@ -166,3 +166,26 @@ def test_a_resumed_runs_duration_leaves_out_the_time_it_spent_ended(store):
     (row,) = run_rows(client, 5, experiment="paused-runs")
     assert row["paused_seconds"] == paused
     assert row["seconds"] == pytest.approx(45, abs=1.0)  # 40 s + 5 s; not the 105 s between
+
+
+def test_a_server_step_retried_after_its_checkpoint_failed_logs_its_step_once(store, monkeypatch):
+    """The server step logs the previous step's metrics, then checkpoints: when the checkpoint
+    fails and the task runs again, the step's metrics are in MLflow once, not once per attempt."""
+    import tasks.server as server
+    from flows.training import federated_training
+
+    original, calls = server.write_checkpoint, []
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:  # the third checkpoint: after step 2 was logged
+            raise OSError("the disk went away for a moment")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(server, "write_checkpoint", fails_once)
+    summary = federated_training(**_config(store, "neural", model_name="retried-step").model_dump())
+
+    assert len(calls) > TINY["rounds"]  # the failed attempt and its retry both wrote
+    for key in ("valid/ndcg_at_10", "system/clients"):
+        steps = [m.step for m in store["client"].get_metric_history(summary["run_id"], key)]
+        assert steps == list(range(1, TINY["rounds"] + 1)), key
