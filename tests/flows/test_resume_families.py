@@ -189,3 +189,35 @@ def test_a_server_step_retried_after_its_checkpoint_failed_logs_its_step_once(st
     for key in ("valid/ndcg_at_10", "system/clients"):
         steps = [m.step for m in store["client"].get_metric_history(summary["run_id"], key)]
         assert steps == list(range(1, TINY["rounds"] + 1)), key
+
+
+def test_a_run_resumed_after_its_checkpoint_failed_does_not_log_again_the_step_it_had_logged(
+    store, monkeypatch
+):
+    """A server step that logged step 2 but never wrote the checkpoint after step 3 fails the
+    run; the resumed run starts after step 2's checkpoint, evaluates that state again, and
+    leaves its metrics as the stopped run logged them."""
+    import tasks.server as server
+    from flows.training import federated_training
+
+    original, calls = server.write_checkpoint, []
+
+    def fails_from_the_third(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) >= 3:  # the checkpoint after step 3, in every attempt of its task
+            raise OSError("the disk is full")
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server, "write_checkpoint", fails_from_the_third)
+        with pytest.raises(OSError, match="the disk is full"):
+            federated_training(**_config(store, "neural", model_name="stopped-ckpt").model_dump())
+    run_id = _stopped_run(store, "stopped-ckpt")
+    logged = store["client"].get_metric_history(run_id, "valid/ndcg_at_10")
+    assert [m.step for m in logged] == [1, 2]
+
+    federated_training(**_config(store, "neural", resume=run_id).model_dump())
+
+    history = store["client"].get_metric_history(run_id, "valid/ndcg_at_10")
+    assert [m.step for m in history] == list(range(1, TINY["rounds"] + 1))
+    assert [(m.timestamp, m.value) for m in history[:2]] == [(m.timestamp, m.value) for m in logged]
