@@ -32,6 +32,6 @@ def test_the_last_round_and_labels_without_a_total_show_elapsed_only():
 
 
 def test_one_round_left_after_the_first_step_shows_that_steps_time():
-    marks = [0.0, 5.0]  # the first step alone, from 0 to 5 s
+    marks = [100.0, 105.0]  # the first step alone, 5 s, in a run that started at 95 s
 
-    assert pace(marks, 0.0, "round 1/2") == "elapsed 0:05, ETA 0:05 (5.0 s/round)"
+    assert pace(marks, 95.0, "round 1/2") == "elapsed 0:10, ETA 0:05 (5.0 s/round)"
