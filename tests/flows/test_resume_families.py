@@ -4,6 +4,7 @@ are not asked again) and ends with the model an uninterrupted run gives."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -168,21 +169,32 @@ def test_a_resumed_runs_duration_leaves_out_the_time_it_spent_ended(store):
     assert row["seconds"] == pytest.approx(45, abs=1.0)  # 40 s + 5 s; not the 105 s between
 
 
-def test_a_server_step_retried_after_its_checkpoint_failed_logs_its_step_once(store, monkeypatch):
-    """The server step logs the previous step's metrics, then checkpoints: when the checkpoint
-    fails and the task runs again, the step's metrics are in MLflow once, not once per attempt."""
+def _failing_checkpoints(
+    patch: pytest.MonkeyPatch, fails: Callable[[int], bool], why: str
+) -> list[int]:
+    """Make the server's n-th checkpoint write (counted from 1) raise OSError(``why``) when
+    ``fails(n)``; returns the list that counts the writes tried."""
     import tasks.server as server
-    from flows.training import federated_training
 
     original, calls = server.write_checkpoint, []
 
-    def fails_once(*args: Any, **kwargs: Any) -> Any:
+    def write(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        if len(calls) == 3:  # the third checkpoint: after step 2 was logged
-            raise OSError("the disk went away for a moment")
+        if fails(len(calls)):
+            raise OSError(why)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(server, "write_checkpoint", fails_once)
+    patch.setattr(server, "write_checkpoint", write)
+    return calls
+
+
+def test_a_server_step_retried_after_its_checkpoint_failed_logs_its_step_once(store, monkeypatch):
+    """The server step logs the previous step's metrics, then checkpoints: when the checkpoint
+    fails and the task runs again, the step's metrics are in MLflow once, not once per attempt."""
+    from flows.training import federated_training
+
+    # the third checkpoint (after step 2 was logged) fails once
+    calls = _failing_checkpoints(monkeypatch, lambda n: n == 3, "the disk went away for a moment")
     summary = federated_training(**_config(store, "neural", model_name="retried-step").model_dump())
 
     assert len(calls) > TINY["rounds"]  # the failed attempt and its retry both wrote
@@ -197,19 +209,11 @@ def test_a_run_resumed_after_its_checkpoint_failed_does_not_log_again_the_step_i
     """A server step that logged step 2 but never wrote the checkpoint after step 3 fails the
     run; the resumed run starts after step 2's checkpoint, evaluates that state again, and
     leaves its metrics as the stopped run logged them."""
-    import tasks.server as server
     from flows.training import federated_training
 
-    original, calls = server.write_checkpoint, []
-
-    def fails_from_the_third(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) >= 3:  # the checkpoint after step 3, in every attempt of its task
-            raise OSError("the disk is full")
-        return original(*args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(server, "write_checkpoint", fails_from_the_third)
+        # the checkpoint after step 3 fails, in every attempt of its task
+        _failing_checkpoints(patch, lambda n: n >= 3, "the disk is full")
         with pytest.raises(OSError, match="the disk is full"):
             federated_training(**_config(store, "neural", model_name="stopped-ckpt").model_dump())
     run_id = _stopped_run(store, "stopped-ckpt")
