@@ -266,6 +266,11 @@ TARGETS: dict[str, list[str]] = {
     "flows/secure.py": ["tests/flows/test_secure_steps.py", "tests/flows/test_secure_once.py",
                         "tests/flows/test_secure_flow.py", "tests/flows/test_privacy_flow.py",
                         "tests/flows/test_secure_dask.py", "tests/flows/test_dp_flow.py"],
+    # which family a run builds: the data's rating scale, the DP plan, the public catalogue
+    "flows/families.py": ["tests/flows/test_training_flow.py", "tests/flows/test_dp_flow.py",
+                          "tests/flows/test_ranking_flow.py", "tests/flows/test_neural_flow.py",
+                          "tests/flows/test_private_releases.py",
+                          "tests/flows/test_untrained_items.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
