@@ -46,3 +46,13 @@ def test_a_champion_that_held_out_other_rows_is_named_in_a_lost_comparison(
         other | {"reg": 1000.0, "seed": 1})).model_dump())  # fmt: skip
     assert fourth["reason"].startswith("worse than the trivial baseline"), fourth["reason"]
     assert "held out other rows" not in fourth["reason"]
+    # nor on a candidate that beats such a champion all the same (a weak one: one factor, one
+    # round): it is promoted
+    weak = federated_training(**TrainingConfig(tracking_uri=uri, **(
+        SMALL | {"model_name": "rows-weak", "factors": 1, "rounds": 1})).model_dump())  # fmt: skip
+    strong = other | {"model_name": "rows-weak", "factors": 8, "rounds": 6}
+    fifth = federated_training(**TrainingConfig(tracking_uri=uri, **strong).model_dump())
+    assert weak["promoted"] and fifth["promoted"], (weak["reason"], fifth["reason"])
+    assert "held out other rows" not in fifth["reason"]
+    champion = client.get_model_version_by_alias("rows-weak", "champion")
+    assert str(champion.version) == str(fifth["model_version"])
