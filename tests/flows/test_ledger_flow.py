@@ -647,10 +647,14 @@ def test_a_private_run_whose_secret_others_could_swap_ends_before_any_server_or_
     assert list(shared.iterdir()) == []
 
 
-def test_a_private_run_whose_workspace_others_could_write_spends_nothing(store, tmp_path):
-    """Its clients keep their answers in the workspace, which a private file's rules cover: a
-    run that would fail on them after its reservation refuses before it instead (a deployment's
-    run takes this path; the command line checks the same before a server starts)."""
+@pytest.mark.parametrize(
+    "kind", [{"dp_epsilon": 8.0}, {"secure_aggregation": True}], ids=["private", "secure"]
+)
+def test_a_private_run_whose_workspace_others_could_write_spends_nothing(store, tmp_path, kind):
+    """Its clients keep their answers (DP) or their updates until they are masked (secure
+    aggregation) in the workspace, which a private file's rules cover: a run that would fail on
+    them after its reservation refuses before it instead (a deployment's run takes this path;
+    the command line checks the same before a server starts)."""
     from models.files import UnsafeFile
 
     shared = tmp_path / "team"
@@ -662,7 +666,7 @@ def test_a_private_run_whose_workspace_others_could_write_spends_nothing(store, 
         with pytest.raises(UnsafeFile, match=rf"{workspace}: the run's workspace is reached "
                            rf"through {shared}, which every user may write to.*give --workspace "
                            r"DIR in a folder of your own"):  # fmt: skip
-            _train(store, dp_epsilon=8.0, workspace=str(workspace), model_name="shared-ws")
+            _train(store, **kind, workspace=str(workspace), model_name="shared-ws")
     assert len(_ledger_runs(store)) == before  # nothing spent
     assert list(shared.iterdir()) == []
     client = store["client"]
