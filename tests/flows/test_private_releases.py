@@ -83,6 +83,45 @@ def own_store(tmp_path, prefect_server):
         yield store
 
 
+@pytest.mark.parametrize("where", ["set-up", "rounds"])
+def test_a_failed_private_runs_error_tag_names_the_error_type_and_quotes_no_row(
+    own_store, monkeypatch, where
+):
+    """The attack: a reader of MLflow reads why a run failed. An error's message can quote a
+    user or a row, which DP does not cover: a private run's ``fedrec.error`` tag names the
+    type only (a run without DP, the control, tags the message)."""
+    from mlflow.entities import ViewType
+
+    import flows.training
+    import tasks.clients as clients
+    from flows.rounds import QuorumError
+
+    secret = "user alice rated secret-visit"
+
+    def failing(*_: Any, **__: Any) -> Any:
+        raise ValueError(secret)
+
+    if where == "set-up":  # after the MLflow run started, before the rounds
+        monkeypatch.setattr(flows.training, "shard_clients", failing)
+    else:
+        monkeypatch.setattr(clients.train_client, "fn", failing)
+    store, fields = own_store, {"task_retries": 0, "round_retries": 0}
+    raised = ValueError if where == "set-up" else QuorumError  # a client's failure: no quorum
+    for name, private in (("plain-fails", {}), ("private-fails", {"dp_epsilon": 8.0})):
+        with pytest.raises(raised):
+            _run(store, model_name=name, **(fields | private))
+    client = store["client"]
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              run_view_type=ViewType.ALL)  # fmt: skip
+    tags = {
+        r.data.params["model_name"]: r.data.tags for r in runs if "fedrec.config" in r.data.tags
+    }
+    assert secret in tags["plain-fails"]["fedrec.error"]  # the weak version leaks it
+    assert tags["private-fails"]["fedrec.error"] == (
+        f"{raised.__name__} (a private run: the message is in the flow's log)"
+    )
+
+
 def test_a_private_run_does_not_warm_start_from_a_champion_trained_without_dp(own_store):
     store, other_users = own_store, {"synthetic_users": 320}
     plain = _run(store, model_name="shared", **other_users)
