@@ -267,7 +267,8 @@ TARGETS: dict[str, list[str]] = {
                         "tests/flows/test_secure_flow.py", "tests/flows/test_privacy_flow.py",
                         "tests/flows/test_secure_dask.py", "tests/flows/test_dp_flow.py"],
     # which family a run builds: the data's rating scale, the DP plan, the public catalogue
-    "flows/families.py": ["tests/flows/test_training_flow.py", "tests/flows/test_dp_flow.py",
+    "flows/families.py": ["tests/flows/test_build_family.py",
+                          "tests/flows/test_training_flow.py", "tests/flows/test_dp_flow.py",
                           "tests/flows/test_ranking_flow.py", "tests/flows/test_neural_flow.py",
                           "tests/flows/test_private_releases.py",
                           "tests/flows/test_untrained_items.py"],
