@@ -272,6 +272,17 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_ranking_flow.py", "tests/flows/test_neural_flow.py",
                           "tests/flows/test_private_releases.py",
                           "tests/flows/test_untrained_items.py"],
+    # the training flow: set-up, the checks before a run starts, promotion's notes, the end
+    "flows/training.py": ["tests/unit/test_run_outcome.py", "tests/flows/test_training_flow.py",
+                          "tests/flows/test_held_out_rows.py", "tests/flows/test_ledger_flow.py",
+                          "tests/flows/test_private_releases.py",
+                          "tests/flows/test_resume_families.py",
+                          "tests/flows/test_ranking_flow.py", "tests/flows/test_rollback.py",
+                          "tests/flows/test_repeated_version.py",
+                          "tests/flows/test_promotion_safety.py",
+                          "tests/flows/test_baseline_gate.py", "tests/flows/test_cli.py",
+                          "tests/flows/test_lost_runs.py", "tests/flows/test_dp_flow.py",
+                          "tests/flows/test_secure_dask.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
