@@ -161,12 +161,14 @@ def test_a_private_run_logs_its_fingerprint_keyed_so_a_reader_cannot_test_a_gues
     assert set(logged) == {keyed_fingerprint(rows, secret)}
 
 
-def test_a_resumed_private_run_keeps_its_plan_when_a_champion_was_promoted_meanwhile(
-    own_store, monkeypatch
+@pytest.mark.parametrize("champion_at", ["meanwhile", "start"])
+def test_a_resumed_private_run_keeps_its_plan_and_evaluates_only_the_champion_it_counted(
+    own_store, monkeypatch, champion_at
 ):
     """The attack on the ledger: a private run planned without a champion stops; a champion
     appears; the resume would evaluate it (one more release) and recalibrate the noise of the
-    rounds left, while the ledger and the logged epsilon still say E."""
+    rounds left, while the ledger and the logged epsilon still say E. A champion there at the
+    start, which the plan counted, is evaluated on resume as the run would have evaluated it."""
     import tasks.clients as clients
     from flows.rounds import QuorumError
 
@@ -191,6 +193,8 @@ def test_a_resumed_private_run_keeps_its_plan_when_a_champion_was_promoted_meanw
 
     private = {"model_name": "late-champion", "dp_epsilon": 2.0, "dp_budget": 10.0,
                "task_retries": 0, "round_retries": 0}  # fmt: skip
+    if champion_at == "start":
+        champion = _run(store, model_name="late-champion", rounds=1, task_retries=0)  # no DP
     with monkeypatch.context() as patch:
         patch.setattr(clients.train_client, "fn", stopping)
         with pytest.raises(QuorumError):
@@ -200,7 +204,8 @@ def test_a_resumed_private_run_keeps_its_plan_when_a_champion_was_promoted_meanw
         [e.experiment_id], "attributes.status = 'FAILED'") if r.data.params.get("model_name") ==
         "late-champion" or '"late-champion"' in r.data.tags.get("fedrec.config", "")]  # fmt: skip
     planned = sigmas[0]
-    champion = _run(store, model_name="late-champion", rounds=1, task_retries=0)  # no DP
+    if champion_at == "meanwhile":
+        champion = _run(store, model_name="late-champion", rounds=1, task_retries=0)  # no DP
     assert champion["promoted"]
 
     sigmas.clear()
@@ -210,8 +215,12 @@ def test_a_resumed_private_run_keeps_its_plan_when_a_champion_was_promoted_meanw
         summary = _run(store, **private, resume=stopped.info.run_id)
 
     assert sigmas and set(sigmas) == {planned}  # the rounds left keep the start's noise
-    assert len(releases) == 3 and len(set(releases)) == 1  # the final evaluation, no other
-    assert not summary["promoted"] and "promoted after this private run" in summary["reason"]
+    if champion_at == "meanwhile":
+        assert len(releases) == 3 and len(set(releases)) == 1  # the final evaluation, no other
+        assert not summary["promoted"] and "promoted after this private run" in summary["reason"]
+    else:  # the final evaluations of the candidate and of the champion, one release each
+        assert len(releases) == 6 and len(set(releases)) == 2
+        assert summary["champion_metrics"] and "not comparable" not in summary["reason"]
     logged = client.get_metric_history(summary["run_id"], "privacy/noise_multiplier")
     assert logged and all(m.value == pytest.approx(planned) for m in logged)
     assert summary["metrics"]["privacy/epsilon"] <= 2.0 + 1e-9
