@@ -273,7 +273,7 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_private_releases.py",
                           "tests/flows/test_untrained_items.py"],
     # the training flow: set-up, the checks before a run starts, promotion's notes, the end
-    "flows/training.py": ["tests/unit/test_run_outcome.py", "tests/flows/test_training_flow.py",
+    "flows/training.py": ["tests/unit/test_training_entry.py", "tests/flows/test_training_flow.py",
                           "tests/flows/test_held_out_rows.py", "tests/flows/test_ledger_flow.py",
                           "tests/flows/test_private_releases.py",
                           "tests/flows/test_resume_families.py",
