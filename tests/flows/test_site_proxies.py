@@ -334,3 +334,35 @@ def test_the_round_loop_asks_a_site_through_its_link_under_the_sites_name(prefec
     # each request names the task run that asks (the site answers there) and its flow run
     asking = [(r["flow_run_id"], r["task_run_id"]) for r in secure_requests + plain_requests]
     assert asking == [(str(flow_run_id), str(run_id)) for _, run_id in answers]
+
+
+def test_a_deployments_sites_run_without_servers_the_sites_reach_starts_nothing(
+    prefect_server, tmp_path
+):
+    """The command line refuses a local store for ``--sites``; a deployment's run reaches the
+    flow without it, and is refused there in one line, before any site is asked or any MLflow
+    run starts."""
+    import base64
+    import re
+
+    from mlflow import MlflowClient
+    from prefect.settings import get_current_settings
+
+    from fedrec.config import TrainingConfig
+    from flows.training import federated_training
+    from models.privacy.identity import generate_identity, public_bytes, save_identity
+
+    save_identity(generate_identity(), tmp_path, 0)  # the coordinator's key
+    shop = base64.b64encode(public_bytes(generate_identity())).decode()
+    (tmp_path / "sites.yaml").write_text(
+        f"coordinator_key: client-0.key\nsites:\n  - {{name: shop-a, public_key: '{shop}'}}\n"
+    )
+    uri, api = f"sqlite:///{tmp_path / 'mlflow.db'}", get_current_settings().api.url
+    config = TrainingConfig(sites=str(tmp_path / "sites.yaml"), tracking_uri=uri, min_clients=1,
+                            round_timeout=5)  # a run that went on would not wait long  # fmt: skip
+    with pytest.raises(ValueError, match=r"^--sites needs a Prefect server \(PREFECT_API_URL\) "
+                       r"and an MLflow tracking server with the artifact proxy \(--tracking-uri "
+                       rf"http://\.\.\.\); got '{re.escape(str(api))}' and '{re.escape(uri)}'$"):  # fmt: skip
+        federated_training(**config.model_dump())
+    client = MlflowClient(tracking_uri=uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
