@@ -228,6 +228,7 @@ TARGETS: dict[str, list[str]] = {
                          "tests/unit/test_redaction.py"],
     # flow tests (a Prefect test server and a real MLflow store each): sample with --every
     "tasks/tracking.py": ["tests/unit/test_redaction.py", "tests/unit/test_private_files.py",
+                          "tests/unit/test_run_params.py",
                           "tests/flows/test_repeated_version.py",
                           "tests/flows/test_promotion_safety.py", "tests/flows/test_rollback.py",
                           "tests/flows/test_register_retries.py",
