@@ -89,6 +89,25 @@ def test_the_cap_stored_at_first_use_is_enforced_when_later_runs_omit_it(store):
     assert kinds == ["cap", "cap", "cap", "spend", "spend", "spend", "spend"]
 
 
+def test_a_ledger_longer_than_a_page_of_run_search_counts_every_entry(store, monkeypatch):
+    """The attack on the cap: the ledger outgrows one page of MLflow's run search (1000 runs;
+    a daily private run's entries reach that within a year), and a ledger read from its first
+    page alone lets users spend past their cap. Here a page holds two runs."""
+    from mlflow import MlflowClient
+
+    search = MlflowClient.search_runs
+
+    def two_per_page(self, *args, max_results: int = 1000, **kwargs):
+        return search(self, *args, max_results=min(max_results, 2), **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "search_runs", two_per_page)
+    for _ in range(4):
+        spent = _reserve(store, 1.0, cap=5.0)
+    assert spent.epsilon == 4.0  # a cap and four spends: three pages
+    with pytest.raises(BudgetError, match=r"spent epsilon 4 of 5 .* needs epsilon 2"):
+        _reserve(store, 2.0)
+
+
 def test_deleting_ledger_entries_does_not_erase_the_spending(store):
     from tasks.tracking import LEDGER_EXPERIMENT
 
