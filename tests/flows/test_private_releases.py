@@ -215,6 +215,9 @@ def test_a_resumed_private_run_keeps_its_plan_and_evaluates_only_the_champion_it
         summary = _run(store, **private, resume=stopped.info.run_id)
 
     assert sigmas and set(sigmas) == {planned}  # the rounds left keep the start's noise
+    # and the run's record of its plan stays the start's, for a second resume
+    tags = client.get_run(summary["run_id"]).data.tags
+    assert tags["fedrec.dp_champion_planned"] == str(int(champion_at == "start"))
     if champion_at == "meanwhile":
         assert len(releases) == 3 and len(set(releases)) == 1  # the final evaluation, no other
         assert not summary["promoted"] and "promoted after this private run" in summary["reason"]
