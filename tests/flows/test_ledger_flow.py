@@ -206,6 +206,11 @@ def test_a_lost_or_foreign_secret_refuses_instead_of_starting_users_at_zero(stor
     path.chmod(0o600)
     with pytest.raises(BudgetError, match=r"and that file is secret [0-9a-f]{16} \("):
         _reserve(store, 4.0)
+    path.write_bytes(saved[:31])  # a copy cut short
+    with pytest.raises(
+        BudgetError, match=rf"^{path}: a ledger secret is 32 bytes, this file has 31$"
+    ):
+        _reserve(store, 4.0)
     path.unlink()
     (tmp_path / "elsewhere").write_bytes(saved)
     path.symlink_to(tmp_path / "elsewhere")
