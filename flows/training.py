@@ -115,7 +115,8 @@ federated_training = flow(
 
 def _local_cluster(**kwargs: Any) -> Any:
     """A Dask LocalCluster whose worker processes report their task runs to this flow's Prefect
-    API (else each worker would start its own temporary server and the runs would be lost)."""
+    API: on Prefect's temporary server, each worker would otherwise start a temporary server of
+    its own (seconds and memory per worker, on the same database)."""
     import distributed
     from prefect.context import FlowRunContext
 
