@@ -5,6 +5,7 @@ computed here without fedrec's accountant."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -123,12 +124,24 @@ def own_store(tmp_path, prefect_server):
 
 def test_a_private_run_with_a_champion_counts_the_champions_evaluation_too(own_store, monkeypatch):
     import tasks.clients as clients
+    import tasks.server as server
     from flows.training import federated_training
+    from tasks.server import PRIVATE_NOISE_SDS
 
+    rules: list[tuple[float, float]] = []  # (max_client_regression, noise_sds) of each decision
+    decide_promotion = server.decide_promotion
+
+    def rule(*args: Any, **kwargs: Any) -> Any:
+        rules.append((kwargs["max_client_regression"], kwargs["noise_sds"]))
+        return decide_promotion(*args, **kwargs)
+
+    monkeypatch.setattr(server, "decide_promotion", rule)
     store, other_users = own_store, {"synthetic_users": 520}
     plain_fields = {k: v for k, v in (SMALL | other_users).items() if k != "dp_budget"}
     plain = TrainingConfig(tracking_uri=store["uri"], model_name="compared", **plain_fields)
     assert federated_training(**plain.model_dump())["promoted"]  # the champion, trained without DP
+    # a run without DP: the worst client's rule, no noise margin
+    assert rules == [(plain.max_client_regression, 0.0)]
 
     names: list[str] = []
     original = clients.evaluate_client.fn
@@ -148,6 +161,9 @@ def test_a_private_run_with_a_champion_counts_the_champions_evaluation_too(own_s
         return client.get_metric_history(summary["run_id"], key)[-1].value
 
     sigma, delta = last("privacy/noise_multiplier"), last("privacy/delta")
+    # a private run: no worst-client rule (each client's figure is its own noisy release), and
+    # the noise margin
+    assert rules[1:] == [(math.inf, PRIVATE_NOISE_SDS)]
     # two evaluation releases: the candidate's and the champion's, both noised by the clients
     assert sorted(names) == ["champion"] * SMALL["clients"] + ["round-3"] * SMALL["clients"]
     assert last("privacy/epsilon") == pytest.approx(
