@@ -20,12 +20,12 @@ import json, sys
 from uuid import UUID
 
 if __name__ == "__main__":  # the cluster's worker processes import this file again
+    from fedrec.config import TrainingConfig  # first, as the command line: fedrec's settings
+    from flows.training import training_flow
+
     import mlflow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    from fedrec.config import TrainingConfig
-    from flows.training import training_flow
 
     config = TrainingConfig(
         tracking_uri=sys.argv[1], task_runner="dask", synthetic_users=60, synthetic_items=30,
@@ -44,7 +44,8 @@ def test_the_local_clusters_workers_report_to_the_flows_temporary_server(tmp_pat
     (tmp_path / "run.py").write_text(_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "FEDREC_HOME": str(tmp_path / "home"),
-            "PYTHONPATH": str(REPO)}  # fmt: skip
+            "PYTHONPATH": str(REPO),  # a busy machine starts a temporary server slowly
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600"}  # fmt: skip
     done = subprocess.run(
         [sys.executable, str(tmp_path / "run.py"), f"sqlite:///{tmp_path / 'mlflow.db'}"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=500,
