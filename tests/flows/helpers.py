@@ -50,6 +50,21 @@ def messages(records: list[logging.LogRecord]) -> list[str]:
     return [record.getMessage() for record in records]
 
 
+def flow_task_runs(store: dict[str, Any], run_id: str) -> list[Any]:
+    """The task runs the Prefect API holds for the flow run of MLflow run ``run_id`` (read after
+    the flow has ended)."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    flow_run = store["client"].get_run(run_id).data.tags["prefect.flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        return prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run)]))
+        )
+
+
 def _is_pickle(data: bytes) -> bool:
     """True if ``data`` parses, from first byte to last, as a pickle opcode stream."""
     import pickletools

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedrec.config import TrainingConfig
-from tests.flows.helpers import tracking_store
+from tests.flows.helpers import flow_task_runs, tracking_store
 
 TINY = {"synthetic_users": 80, "synthetic_items": 40, "synthetic_interactions": 1_200,
         "factors": 3, "rounds": 2, "skip_if_unchanged": False}  # fmt: skip
@@ -92,18 +92,9 @@ def test_clients_that_sit_a_round_out_evaluate_the_model_of_the_round_before(sto
     """Their task runs are named after the step whose model they evaluate (the Prefect UI's
     round), and only clients that did not train in that round run one."""
     import re
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     run = _run(store, model_name="half-sampled", rounds=3, clients=4, client_fraction=0.5)
-    flow_run = store["client"].get_run(run["run_id"]).data.tags["prefect.flow_run_id"]
-    with get_client(sync_client=True) as prefect:
-        tasks = prefect.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run)]))
-        )
-    names = {t.name for t in tasks}
+    names = {t.name for t in flow_task_runs(store, run["run_id"])}
     sat_out = [tuple(map(int, m.groups())) for n in names
                if (m := re.fullmatch(r"evaluate client-(\d+) round-(\d+)", n))]  # fmt: skip
     # steps 1 and 2 are evaluated in rounds 2 and 3 by the two clients not sampled there; the

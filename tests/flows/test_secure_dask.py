@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fedrec.config import TrainingConfig
-from tests.flows.helpers import secagg_entry, secagg_update, tracking_store
+from tests.flows.helpers import flow_task_runs, secagg_entry, secagg_update, tracking_store
 
 TINY = {
     "synthetic_users": 60,
@@ -181,20 +181,6 @@ def test_secure_aggregation_on_two_dask_workers_gives_the_thread_runners_model(s
         _factors(store, "secure-on-dask"), _factors(store, "secure-on-threads")
     )
     # the workers reported their task runs to this session's API, where the flow run is
-    runs = {t.name: t.state.type.value for t in _task_runs(store, dask["run_id"])}
+    runs = {t.name: t.state.type.value for t in flow_task_runs(store, dask["run_id"])}
     trained = [f"train client-{c} round-{r}" for c in range(4) for r in (1, 2)]
     assert [runs.get(name) for name in trained] == ["COMPLETED"] * len(trained), sorted(runs)
-
-
-def _task_runs(store, run_id: str) -> list:
-    """The task runs the Prefect API holds for the flow run of MLflow run ``run_id``."""
-    from uuid import UUID
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    flow_run = store["client"].get_run(run_id).data.tags["prefect.flow_run_id"]
-    with get_client(sync_client=True) as prefect:
-        return prefect.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run)]))
-        )
