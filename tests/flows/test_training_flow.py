@@ -455,6 +455,27 @@ def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run)
     assert warm_summary["metrics"]["valid/rmse"] < first_run["metrics"]["valid/rmse"] + 0.01
 
 
+def test_a_warm_start_from_a_champion_of_another_size_says_so_and_starts_cold(store):
+    from flows.training import federated_training
+
+    one_round = {"rounds": 1, "tracking_uri": store["uri"], "model_name": "warmsize", **SMALL}
+    champion = federated_training(**TrainingConfig(factors=8, **one_round).model_dump())
+    smaller = TrainingConfig(factors=4, warm_start=True, **one_round)
+    with flow_log(logging.INFO) as records:
+        warm = federated_training(**smaller.model_dump())
+    cold = federated_training(**smaller.model_copy(update={"warm_start": False}).model_dump())
+
+    messages = [r.getMessage() for r in records]
+    refused = (
+        f"no warm start: champion version {champion['model_version']} does not fit this run's "
+        "explicit model"
+    )
+    assert any(m.startswith(refused) for m in messages), messages
+    assert not any(m.startswith("warm start from champion") for m in messages)
+    # the run trained from its own initial factors, as the run that asked for no warm start did
+    assert warm["metrics"]["valid/rmse"] == pytest.approx(cold["metrics"]["valid/rmse"], abs=1e-9)
+
+
 def test_explicit_train_and_test_files_keep_their_split(store, tmp_path):
     from flows.training import federated_training
     from models.data.synthetic import generate_synthetic
