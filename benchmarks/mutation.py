@@ -273,6 +273,8 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_ranking_flow.py", "tests/flows/test_neural_flow.py",
                           "tests/flows/test_private_releases.py",
                           "tests/flows/test_untrained_items.py"],
+    # a run over real sites: enrolment, the catalogue, the manifest, the run's tags
+    "flows/sites.py": ["tests/flows/test_enrolment.py", "tests/flows/test_site_proxies.py"],
     # the training flow: set-up, the checks before a run starts, promotion's notes, the end
     "flows/training.py": ["tests/unit/test_training_entry.py", "tests/flows/test_training_flow.py",
                           "tests/flows/test_held_out_rows.py", "tests/flows/test_ledger_flow.py",

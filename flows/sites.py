@@ -107,7 +107,7 @@ def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunCon
         private_only = [
             s.name
             for s in registry.sites
-            if s.client_id in enrolled and enrolled[s.client_id][1].get("exact") == 0
+            if s.client_id in enrolled and not enrolled[s.client_id][1].get("exact")
         ]
         if private_only:
             raise SitesRefuseExact(
