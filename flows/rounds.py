@@ -48,7 +48,7 @@ class Privacy:
     shares: (
         int  # clients whose noise shares add up to the full noise (1 without secure aggregation)
     )
-    rounds: int = 0  # the sampled rounds of the training
+    rounds: int  # the sampled rounds of the training
     # noise multipliers of the final evaluation's releases (the model's, the champion's)
     evaluation: tuple[float, ...] = ()
 

@@ -35,3 +35,44 @@ def test_one_round_left_after_the_first_step_shows_that_steps_time():
     marks = [100.0, 105.0]  # the first step alone, 5 s, in a run that started at 95 s
 
     assert pace(marks, 95.0, "round 1/2") == "elapsed 0:10, ETA 0:05 (5.0 s/round)"
+
+
+def test_a_runs_step_lines_keep_its_step_times_until_its_final_step(monkeypatch, caplog):
+    """The line of each logged step: its metrics and work, then the run's pace from the times
+    its steps were logged at, kept per run until its final step (then dropped: a process that
+    runs flows for months keeps no run's times)."""
+    import logging
+    from types import SimpleNamespace
+
+    import flows.rounds as rounds
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(rounds, "time", SimpleNamespace(time=lambda: clock.now))
+    monkeypatch.setattr(rounds, "get_run_logger", lambda: logging.getLogger("fedrec.progress"))
+    ctx = SimpleNamespace(run_id="run-a", config=SimpleNamespace(top_k=10))
+    metrics = {"valid/rmse": 0.91234, "system/clients": 3.0, "system/bytes_uploaded": 2.5e6,
+               "system/round_seconds": 9.5}  # fmt: skip
+    # the first step took 10 s and was logged at 110 s; then steps of 10, 40 and 10 s
+    lines = []
+    with caplog.at_level(logging.INFO, logger="fedrec.progress"):
+        for now, label in ((110, "round 1/4"), (120, "round 2/4"), (160, "round 3/4"),
+                           (170, "round 4/4 (final)")):  # fmt: skip
+            clock.now = float(now)
+            rounds.report_step(ctx, label, metrics, seconds=10.0)
+            lines.append(caplog.records[-1].getMessage())
+
+    assert lines[0] == (
+        "round 1/4: valid/rmse 0.9123, 3 clients, 2.5 MB up, 9.50 s; "
+        "elapsed 0:10, ETA 0:30 (10.0 s/round)"
+    )
+    assert lines[2].endswith("elapsed 1:00, ETA 0:10 (10.0 s/round)")  # median of 10, 10, 40
+    assert lines[3].endswith("elapsed 1:10")
+    assert "run-a" not in rounds._STEP_MARKS
+    clock.now = 500.0  # the same run id again (a resumed run in this process) starts afresh
+    with caplog.at_level(logging.INFO, logger="fedrec.progress"):
+        rounds.report_step(ctx, "round 2/5", {}, seconds=30.0)
+    assert caplog.records[-1].getMessage() == (
+        "round 2/5: no evaluation, trained before the run was resumed (its clients and time "
+        "went with the process); elapsed 0:30, ETA 1:30 (30.0 s/round)"
+    )
+    rounds._STEP_MARKS.pop("run-a", None)
