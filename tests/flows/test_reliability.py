@@ -17,6 +17,14 @@ SMALL = {"synthetic_users": 300, "synthetic_items": 150, "synthetic_interactions
          "clients": 3, "factors": 4, "rounds": 2, "retry_backoff": 0.0}  # fmt: skip
 
 
+def test_a_client_tasks_retries_wait_twice_as_long_each_time_from_retry_backoff():
+    from flows.rounds import retry_options
+
+    three = TrainingConfig(task_retries=3, retry_backoff=1.5)
+    assert retry_options(three) == {"retries": 3, "retry_delay_seconds": [1.5, 3.0, 6.0]}
+    assert retry_options(TrainingConfig(task_retries=0)) == {"retries": 0, "retry_delay_seconds": 0}
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, prefect_server):
     with tracking_store(tmp_path_factory.mktemp("fedrec-reliability")) as store:

@@ -336,13 +336,27 @@ def test_the_round_loop_asks_a_site_through_its_link_under_the_sites_name(prefec
     assert asking == [(str(flow_run_id), str(run_id)) for _, run_id in answers]
 
 
+def _sites_file(folder, weight: int = 1) -> str:
+    """A ``sites.yaml`` of one site, shop-a (with ``weight``), and the coordinator's key."""
+    import base64
+
+    from models.privacy.identity import generate_identity, public_bytes, save_identity
+
+    save_identity(generate_identity(), folder, 0)  # the coordinator's key
+    shop = base64.b64encode(public_bytes(generate_identity())).decode()
+    (folder / "sites.yaml").write_text(
+        "coordinator_key: client-0.key\nsites:\n"
+        f"  - {{name: shop-a, public_key: '{shop}', weight: {weight}}}\n"
+    )
+    return str(folder / "sites.yaml")
+
+
 def test_a_deployments_sites_run_without_servers_the_sites_reach_starts_nothing(
     prefect_server, tmp_path
 ):
     """The command line refuses a local store for ``--sites``; a deployment's run reaches the
     flow without it, and is refused there in one line, before any site is asked or any MLflow
     run starts."""
-    import base64
     import re
 
     from mlflow import MlflowClient
@@ -350,15 +364,9 @@ def test_a_deployments_sites_run_without_servers_the_sites_reach_starts_nothing(
 
     from fedrec.config import TrainingConfig
     from flows.training import federated_training
-    from models.privacy.identity import generate_identity, public_bytes, save_identity
 
-    save_identity(generate_identity(), tmp_path, 0)  # the coordinator's key
-    shop = base64.b64encode(public_bytes(generate_identity())).decode()
-    (tmp_path / "sites.yaml").write_text(
-        f"coordinator_key: client-0.key\nsites:\n  - {{name: shop-a, public_key: '{shop}'}}\n"
-    )
     uri, api = f"sqlite:///{tmp_path / 'mlflow.db'}", get_current_settings().api.url
-    config = TrainingConfig(sites=str(tmp_path / "sites.yaml"), tracking_uri=uri, min_clients=1,
+    config = TrainingConfig(sites=_sites_file(tmp_path), tracking_uri=uri, min_clients=1,
                             round_timeout=5)  # a run that went on would not wait long  # fmt: skip
     with pytest.raises(ValueError, match=r"^--sites needs a Prefect server \(PREFECT_API_URL\) "
                        r"and an MLflow tracking server with the artifact proxy \(--tracking-uri "
@@ -366,3 +374,41 @@ def test_a_deployments_sites_run_without_servers_the_sites_reach_starts_nothing(
         federated_training(**config.model_dump())
     client = MlflowClient(tracking_uri=uri)
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_the_servers_of_a_sites_run_are_the_flows_api_and_its_tracking_server(prefect_server):
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from fedrec.config import TrainingConfig
+    from flows.sites import _servers
+
+    config = TrainingConfig(tracking_uri="http://127.0.0.1:5000")
+    api = get_current_settings().api.url
+    assert _servers(config) == (str(api), "http://127.0.0.1:5000")
+    no_api = temporary_settings(updates={PREFECT_API_URL: None})
+    with no_api, pytest.raises(ValueError, match=r"^--sites needs a Prefect server .* got None "):
+        _servers(config)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"dp_epsilon": 4.0, "dp_budget": 8.0}, {"secure_aggregation": True, "min_clients": 2}, {}],
+    ids=["private", "secure", "plain"],
+)  # fmt: skip
+def test_a_deployments_run_of_weighted_sites_is_refused_when_private_or_secure(
+    prefect_server, tmp_path, fields
+):
+    """Site weights multiply a site's update: a private or securely aggregated run refuses
+    them before any site is asked; a plain run takes them (and goes on to need its servers)."""
+    from fedrec.config import TrainingConfig
+    from flows.training import federated_training
+    from models.sites.registry import RegistryError
+
+    sites = _sites_file(tmp_path, weight=2)
+    config = TrainingConfig(sites=sites, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                            round_timeout=5, **{"min_clients": 1, **fields})  # fmt: skip
+    if fields:
+        with pytest.raises(RegistryError, match=r"sites\.yaml: weight on shop-a: a weight"):
+            federated_training(**config.model_dump())
+    else:
+        with pytest.raises(ValueError, match=r"^--sites needs a Prefect server"):
+            federated_training(**config.model_dump())
