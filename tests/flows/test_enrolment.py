@@ -212,3 +212,57 @@ def test_an_enrolment_short_of_its_quorum_starts_nothing_and_names_a_site_that_f
         "shop-c: ConnectionError: refused (and 1 more)"
     )
     assert _runs(store) == [] and link.catalogue is None
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["pruned", "kept"])
+def test_a_sites_run_that_fails_to_start_removes_its_exchange_files(store, monkeypatch, keep):
+    """The exchange files (here the published catalogue) sit where every site can read them: a
+    run that ends in enrolment takes them away, unless --keep-workspace keeps them."""
+    import base64
+
+    import flows.sites
+    from flows.rounds import QuorumError
+    from models.privacy.identity import generate_identity, public_bytes, save_identity
+    from tasks.remote import SiteLink
+    from tests.sites_fakes import MemoryTransport
+
+    folder = store["home"]
+    save_identity(generate_identity(), folder, 0)
+    shop = base64.b64encode(public_bytes(generate_identity())).decode()
+    (folder / "items.csv").write_text("item_id\n3\n5\n")
+    (folder / "sites.yaml").write_text(
+        "coordinator_key: client-0.key\ncatalogue: items.csv\n"
+        f"sites:\n  - {{name: shop-a, public_key: '{shop}'}}\n"
+    )
+    memory = MemoryTransport()
+    monkeypatch.setattr(flows.sites, "Transport", lambda api, uri: memory)
+    monkeypatch.setattr(flows.sites, "_servers", lambda config: ("http://api", "http://mlflow"))
+
+    def down(self, site, **request):
+        raise ConnectionError("the site's server is down")
+
+    monkeypatch.setattr(SiteLink, "exchange", down)
+    config = TrainingConfig(sites=str(folder / "sites.yaml"), tracking_uri=store["uri"],
+                            min_clients=1, round_timeout=60, keep_workspace=keep)  # fmt: skip
+
+    published: list[str] = []
+    monkeypatch.setattr(memory, "put_blob", _recording(memory.put_blob, published))
+
+    @flow
+    def sites_run():
+        with pytest.raises(QuorumError, match=r"^enrolment: 0 of 1 clients answered"):
+            flows.sites.start_sites_run(config)
+
+    sites_run()
+    (catalogue,) = published
+    assert catalogue.endswith("/catalogue.npz")
+    assert (catalogue in memory.blobs) is keep
+    assert _runs(store) == []
+
+
+def _recording(put_blob, paths: list[str]):
+    def put(path: str, data: bytes):
+        paths.append(path)
+        return put_blob(path, data)
+
+    return put
