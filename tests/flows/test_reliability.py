@@ -62,9 +62,16 @@ def test_a_round_short_of_its_quorum_aborts_and_leaves_the_registry_alone(store)
 
     # the one line says why too: the first client that did not answer, and how many more
     short = r"round 1: 1 of 3 clients answered, the quorum is 2 \(.*\); train client-0: "
-    with pytest.raises(QuorumError, match=short + r"InjectedFault: .*\(and 1 more\)$"):
+    with (
+        flow_log(logging.WARNING) as records,
+        pytest.raises(QuorumError, match=short + r"InjectedFault: .*\(and 1 more\)$"),
+    ):
         _train(store, model_name="short", fault_clients=(0, 2), task_retries=0, round_retries=1,
                min_clients=2, seed=9)  # fmt: skip
+    asked_again = "round 1: 1 of 3 clients answered, quorum 2: asking 2 again"
+    assert messages(records).count(asked_again) == 1  # round_retries=1: one more attempt
+    failures = [m for m in messages(records) if m.startswith("round 1: train client-0 failed")]
+    assert len(failures) == 2, failures  # the first attempt and the one more, then the abort
 
     assert len(client.search_model_versions("name='short'")) == 1
     assert client.get_model_version_by_alias("short", "champion").version == before
