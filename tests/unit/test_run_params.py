@@ -29,3 +29,26 @@ def test_a_sites_run_is_named_after_the_sites_that_enrolled(tmp_path):
         config = TrainingConfig(tracking_uri=uri, factors=32, **fields)
         _, run_id = start_run.fn(config, "fingerprint", None, clients=3)
         assert client.get_run(run_id).info.run_name == "als-k32-3c-10r"
+
+
+def test_the_code_version_is_the_commit_of_the_checkout_that_trained():
+    """``fedrec.code_version``: the checkout's commit (``-dirty`` with changes to tracked files),
+    or the installed package's version where the code is not a git checkout."""
+    import subprocess
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from tasks.tracking import code_version
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+    inside = git("rev-parse", "--show-toplevel")
+    if inside.returncode != 0 or Path(inside.stdout.strip()).resolve() != root:
+        assert code_version() == f"fedrec-{version('fedrec')}"  # an unpacked tree, not a clone
+        return
+    sha = git("rev-parse", "--short=12", "HEAD").stdout.strip()
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    assert code_version() == sha + ("-dirty" if dirty else "")
