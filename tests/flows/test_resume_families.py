@@ -178,6 +178,28 @@ def test_a_resumed_runs_duration_leaves_out_the_time_it_spent_ended(store):
     assert row["seconds"] == pytest.approx(45, abs=1.0)  # 40 s + 5 s; not the 105 s between
 
 
+def test_a_reopened_run_keeps_the_flow_runs_that_carried_it_before_once_each(store):
+    """``prefect.flow_run_id`` names the flow run that carries the run now; the ones before it
+    are listed once each, in order. The same flow run again (Prefect retrying it) and a run
+    that no flow run carried add none."""
+    from tasks.tracking import reopen_run
+
+    client = store["client"]
+    experiment = client.create_experiment("reopened-runs")
+
+    def reopened(run_id: str, flow_run_id: str) -> tuple[str | None, str | None]:
+        reopen_run(store["uri"], run_id, flow_run_id)
+        tags = client.get_run(run_id).data.tags
+        return tags.get("prefect.flow_run_id"), tags.get("fedrec.earlier_flow_runs")
+
+    run_id = client.create_run(experiment, tags={"prefect.flow_run_id": "flow-a"}).info.run_id
+    assert reopened(run_id, "flow-a") == ("flow-a", None)
+    assert reopened(run_id, "flow-b") == ("flow-b", "flow-a")
+    assert reopened(run_id, "flow-c") == ("flow-c", "flow-a flow-b")
+    untagged = client.create_run(experiment).info.run_id
+    assert reopened(untagged, "flow-x") == ("flow-x", None)
+
+
 def _failing_checkpoints(
     patch: pytest.MonkeyPatch, fails: Callable[[int], bool], why: str
 ) -> list[int]:
