@@ -200,6 +200,47 @@ def test_a_reopened_run_keeps_the_flow_runs_that_carried_it_before_once_each(sto
     assert reopened(untagged, "flow-x") == ("flow-x", None)
 
 
+@pytest.mark.parametrize(
+    "promoted, with_manifest, said",
+    [("true", True, "(promoted to champion); there is nothing to resume; its workspace is removed"),
+     ("false", True, "(not promoted); there is nothing to resume; its workspace is removed"),
+     (None, False, "(its promotion decision not recorded); there is nothing to resume")],
+)  # fmt: skip
+def test_a_run_that_registered_its_version_is_not_resumed_and_its_workspace_goes(
+    store, tmp_path, promoted, with_manifest, said
+):
+    """A run that failed after registering: resuming it would register a twin. Its workspace
+    is removed when it is a fedrec workspace (a manifest says so), and left otherwise."""
+    from models.data.partitions import MANIFEST
+    from tasks.tracking import ResumeError, resumable_run
+
+    client = store["client"]
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    if with_manifest:
+        (workspace / MANIFEST).write_text("{}")
+    experiment = client.get_experiment_by_name("registered-runs")
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment("registered-runs")
+    )
+    tags = {"fedrec.config": "{}", "fedrec.workspace": str(workspace)}
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    client.set_terminated(run_id, "FAILED")
+    name = f"registered-{promoted}"
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
+    if promoted is not None:
+        client.set_model_version_tag(name, version.version, "fedrec.promoted", promoted)
+
+    with pytest.raises(ResumeError) as refused:
+        resumable_run(store["uri"], run_id)
+
+    assert str(refused.value) == (
+        f"--resume {run_id}: the run already registered {name} version 1 {said}"
+    )
+    assert workspace.exists() is not with_manifest
+
+
 def _failing_checkpoints(
     patch: pytest.MonkeyPatch, fails: Callable[[int], bool], why: str
 ) -> list[int]:
