@@ -99,6 +99,31 @@ def test_an_orphan_version_is_marked_by_the_next_run_and_never_promoted(store, t
     assert str(client.get_model_version_by_alias("safe", "champion").version) != orphan
 
 
+def test_an_orphans_reason_names_how_its_run_ended_and_a_killed_runs_error(store):
+    """A failed run's error stays in its own tag; a run killed under its flow (its flow run
+    crashed) names the error that says so in the orphan's reason."""
+    import tasks.tracking as tracking
+
+    client = store["client"]
+    ended = {}
+    for status in ("FAILED", "KILLED"):
+        version = _register_copy_of_champion(store)
+        run_id = client.get_model_version("safe", version).run_id
+        client.set_tag(run_id, tracking.ERROR_TAG, f"why it ended {status}")
+        client.set_terminated(run_id, status)
+        ended[status] = (version, run_id)
+
+    repaired = tracking.repair_orphans.fn(store["uri"], "safe")
+
+    for status, said in (("FAILED", "FAILED"), ("KILLED", "KILLED: why it ended KILLED")):
+        version, run_id = ended[status]
+        assert repaired[version] is False
+        assert client.get_model_version("safe", version).tags["fedrec.promotion_reason"] == (
+            f"orphan: its training (run {run_id}, {said}) ended between registration and the "
+            "promotion decision"
+        )
+
+
 class _Killed(BaseException):
     """The process dying at this point: nothing after it runs."""
 
