@@ -65,6 +65,23 @@ def flow_task_runs(store: dict[str, Any], run_id: str) -> list[Any]:
         )
 
 
+def sites_file(folder: Path, weight: int = 1, catalogue: str | None = None) -> str:
+    """A ``sites.yaml`` in ``folder`` of one site, shop-a (with ``weight``), the coordinator's
+    key beside it, and the published ``catalogue`` file it names, if any."""
+    import base64
+
+    from models.privacy.identity import generate_identity, public_bytes, save_identity
+
+    save_identity(generate_identity(), folder, 0)  # the coordinator's key
+    shop = base64.b64encode(public_bytes(generate_identity())).decode()
+    published = "" if catalogue is None else f"catalogue: {catalogue}\n"
+    (folder / "sites.yaml").write_text(
+        f"coordinator_key: client-0.key\n{published}sites:\n"
+        f"  - {{name: shop-a, public_key: '{shop}', weight: {weight}}}\n"
+    )
+    return str(folder / "sites.yaml")
+
+
 def _is_pickle(data: bytes) -> bool:
     """True if ``data`` parses, from first byte to last, as a pickle opcode stream."""
     import pickletools

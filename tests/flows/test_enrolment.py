@@ -29,7 +29,7 @@ from models.data.partitions import ITEMS, read_manifest
 from models.sites.catalogue import item_arrays
 from models.sites.registry import Registry, SiteSpec
 from tasks.secure import registry_folder
-from tests.flows.helpers import flow_log, tracking_store
+from tests.flows.helpers import flow_log, sites_file, tracking_store
 
 NAMES = ("shop-c", "shop-b", "shop-a")  # client ids 0, 1, 2: not in the order of the names
 
@@ -218,22 +218,14 @@ def test_an_enrolment_short_of_its_quorum_starts_nothing_and_names_a_site_that_f
 def test_a_sites_run_that_fails_to_start_removes_its_exchange_files(store, monkeypatch, keep):
     """The exchange files (here the published catalogue) sit where every site can read them: a
     run that ends in enrolment takes them away, unless --keep-workspace keeps them."""
-    import base64
-
     import flows.sites
     from flows.rounds import QuorumError
-    from models.privacy.identity import generate_identity, public_bytes, save_identity
     from tasks.remote import SiteLink
     from tests.sites_fakes import MemoryTransport
 
     folder = store["home"]
-    save_identity(generate_identity(), folder, 0)
-    shop = base64.b64encode(public_bytes(generate_identity())).decode()
     (folder / "items.csv").write_text("item_id\n3\n5\n")
-    (folder / "sites.yaml").write_text(
-        "coordinator_key: client-0.key\ncatalogue: items.csv\n"
-        f"sites:\n  - {{name: shop-a, public_key: '{shop}'}}\n"
-    )
+    sites = sites_file(folder, catalogue="items.csv")
     memory = MemoryTransport()
     monkeypatch.setattr(flows.sites, "Transport", lambda api, uri: memory)
     monkeypatch.setattr(flows.sites, "_servers", lambda config: ("http://api", "http://mlflow"))
@@ -242,7 +234,7 @@ def test_a_sites_run_that_fails_to_start_removes_its_exchange_files(store, monke
         raise ConnectionError("the site's server is down")
 
     monkeypatch.setattr(SiteLink, "exchange", down)
-    config = TrainingConfig(sites=str(folder / "sites.yaml"), tracking_uri=store["uri"],
+    config = TrainingConfig(sites=sites, tracking_uri=store["uri"],
                             min_clients=1, round_timeout=60, keep_workspace=keep)  # fmt: skip
 
     published: list[str] = []

@@ -27,6 +27,7 @@ from models.protocol import ClientUpdate
 from models.sites.catalogue import item_arrays
 from models.sites.registry import SiteSpec
 from models.sites.schema import SchemaError, wire_arrays
+from tests.flows.helpers import sites_file
 
 N_ITEMS = 8
 
@@ -336,21 +337,6 @@ def test_the_round_loop_asks_a_site_through_its_link_under_the_sites_name(prefec
     assert asking == [(str(flow_run_id), str(run_id)) for _, run_id in answers]
 
 
-def _sites_file(folder, weight: int = 1) -> str:
-    """A ``sites.yaml`` of one site, shop-a (with ``weight``), and the coordinator's key."""
-    import base64
-
-    from models.privacy.identity import generate_identity, public_bytes, save_identity
-
-    save_identity(generate_identity(), folder, 0)  # the coordinator's key
-    shop = base64.b64encode(public_bytes(generate_identity())).decode()
-    (folder / "sites.yaml").write_text(
-        "coordinator_key: client-0.key\nsites:\n"
-        f"  - {{name: shop-a, public_key: '{shop}', weight: {weight}}}\n"
-    )
-    return str(folder / "sites.yaml")
-
-
 def test_a_deployments_sites_run_without_servers_the_sites_reach_starts_nothing(
     prefect_server, tmp_path
 ):
@@ -366,7 +352,7 @@ def test_a_deployments_sites_run_without_servers_the_sites_reach_starts_nothing(
     from flows.training import federated_training
 
     uri, api = f"sqlite:///{tmp_path / 'mlflow.db'}", get_current_settings().api.url
-    config = TrainingConfig(sites=_sites_file(tmp_path), tracking_uri=uri, min_clients=1,
+    config = TrainingConfig(sites=sites_file(tmp_path), tracking_uri=uri, min_clients=1,
                             round_timeout=5)  # a run that went on would not wait long  # fmt: skip
     with pytest.raises(ValueError, match=r"^--sites needs a Prefect server \(PREFECT_API_URL\) "
                        r"and an MLflow tracking server with the artifact proxy \(--tracking-uri "
@@ -403,7 +389,7 @@ def test_a_deployments_run_of_weighted_sites_is_refused_when_private_or_secure(
     from flows.training import federated_training
     from models.sites.registry import RegistryError
 
-    sites = _sites_file(tmp_path, weight=2)
+    sites = sites_file(tmp_path, weight=2)
     config = TrainingConfig(sites=sites, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
                             round_timeout=5, **{"min_clients": 1, **fields})  # fmt: skip
     if fields:
