@@ -275,6 +275,16 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_untrained_items.py"],
     # a run over real sites: enrolment, the catalogue, the manifest, the run's tags
     "flows/sites.py": ["tests/flows/test_enrolment.py", "tests/flows/test_site_proxies.py"],
+    # a site's own process (what it answers, refuses and keeps) and the coordinator's checks of
+    # what a site sent
+    "fedrec/sites/process.py": ["tests/unit/test_site_process.py",
+                                "tests/unit/test_site_secure.py",
+                                "tests/unit/test_site_exchange.py"],
+    "fedrec/sites/secure.py": ["tests/unit/test_site_secure.py", "tests/unit/test_site_exchange.py"],
+    "fedrec/sites/coordinator.py": ["tests/unit/test_site_coordinator.py",
+                                    "tests/unit/test_site_exchange.py",
+                                    "tests/flows/test_site_retries.py",
+                                    "tests/flows/test_enrolment.py"],
     # the training flow: set-up, the checks before a run starts, promotion's notes, the end
     "flows/training.py": ["tests/unit/test_training_entry.py", "tests/flows/test_training_flow.py",
                           "tests/flows/test_held_out_rows.py", "tests/flows/test_ledger_flow.py",
