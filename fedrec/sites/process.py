@@ -178,9 +178,8 @@ class Site:
 
     # ---- the loop ------------------------------------------------------------------------
 
-    def poll_once(self) -> int:
-        """Handle every new request addressed to this site; returns how many were handled."""
-        handled = 0
+    def poll_once(self) -> None:
+        """Handle every new request addressed to this site."""
         for artifact in reversed(self.transport.requests_for(self.name)):  # oldest first
             if artifact.get("id") in self._seen:
                 continue
@@ -191,8 +190,6 @@ class Site:
             except Exception:  # a fault of this process: logged, the site keeps serving
                 log.exception("%s: failed on request %s", self.name, artifact.get("id"))
             self._seen.add(artifact.get("id"))
-            handled += 1
-        return handled
 
     def run(self, stop: threading.Event) -> None:
         """Answer requests until ``stop`` is set; a failing server is logged and retried."""

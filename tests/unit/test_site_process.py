@@ -265,6 +265,42 @@ def test_a_request_signed_by_another_key_gets_only_a_notice_that_it_did_not_veri
     assert transport.answers_on(late.task_run_id) == []
 
 
+@pytest.mark.parametrize(
+    ("signer", "change", "posted_on"),
+    [
+        (COORDINATOR, {"site": "shop-b"}, None),  # genuine, but another site's to answer
+        (OTHER, {"site": "shop-b"}, None),
+        (OTHER, {"task_run_id": "../../flow_runs"}, None),  # ids that would go into API paths
+        (OTHER, {"flow_run_id": "a/b"}, None),
+        (OTHER, {"expires_at": 1e12 - 70}, None),  # out of date by more than the clock skew
+        (OTHER, {}, "task-elsewhere"),  # posted on another task run than it names
+    ],
+)
+def test_nothing_is_said_about_a_request_that_is_not_this_sites_to_answer(
+    world, signer, change, posted_on
+):
+    """A site tells a coordinator why it could not use a request only when the request names
+    this site, well-formed run ids, a time still current and the task run it was posted on:
+    anything else would let anyone on the API make the site post where they choose."""
+    transport, key, start = world
+    request = _request(run="run", kind="enroll", phase="private", nonce="1", reply_to="run/e/1",
+                       task_run_id="task-1")  # fmt: skip
+    signed = sign_message(signer, REQUEST, request.fields() | change)
+    task_run_id = posted_on or signed["body"]["task_run_id"]
+    transport.post_artifact(key="fedrec-request-shop-a", type_="fedrec-request", data=signed,
+                            task_run_id=task_run_id, flow_run_id="")  # fmt: skip
+    site = start()
+    site.poll_once()
+    assert transport.answers_on(task_run_id) == [] and transport.logs == []
+    assert not site.record.answered(request.nonce) and _charges(site) == []
+
+    # the same request, signed by its coordinator and posted where it names, gets its answer:
+    # here a refusal (this private site needs a published catalogue)
+    _post(transport, request)
+    site.poll_once()
+    assert "sends no item ids: list the catalogue" in _refusal(transport, key, request)
+
+
 def test_a_genuine_request_the_site_cannot_read_is_refused_with_its_reason(world):
     """A request of a coordinator of another protocol version (a field this site does not
     know) was only logged at the site; the coordinator is now told why, signed."""
@@ -380,6 +416,42 @@ def test_an_evaluation_release_is_answered_only_with_the_bounds_its_noise_assume
     assert set(evaluations) == {"valid", "baseline/valid"} and evaluations["valid"][1] is None
     (line,) = (site.budget.folder / "entries.jsonl").read_text().splitlines()
     assert json.loads(line)["release"]["kind"] == "evaluation"
+
+
+def test_an_evaluation_without_a_release_is_exact_from_an_exact_site_and_refused_if_private(world):
+    """An evaluation request without a DP release: a site that answers exact runs sends the
+    exact sums of its own split (what the family computes there), uncounted; the same request
+    for a private family is refused before any charge, since nothing would bound or noise it."""
+    transport, key, start = world
+    site = start(allow_exact=True)
+    catalogue = transport.put_blob("run/catalogue.npz", encode_arrays({"items": ITEMS}))
+
+    def evaluate(family, nonce, run):
+        state = family.initial_state(len(ITEMS), seed=0)
+        blob = transport.put_blob(
+            f"run/state-{nonce}.npz", encode_arrays(family.state_arrays(state))
+        )
+        request = _request(run=run, kind="evaluate", phase="train", round_=1, nonce=nonce,
+                           reply_to=f"run/ev/{nonce}", family=family_spec(family), state=blob,
+                           catalogue=catalogue, eval_splits=("valid",), task_run_id=f"task-{nonce}")  # fmt: skip
+        return request, state, _post(transport, request)
+
+    request, state, digest = evaluate(PLAIN, "1", run="exact")
+    site.poll_once()
+    arrays = decode_arrays(_answer(transport, key, request, digest), max_bytes=10**7)
+    _, evaluations = check_answer_arrays(arrays, client_id=1, n_items=len(ITEMS))
+    expected = PLAIN.evaluate(site._client(request), state, ("valid",))
+    assert set(evaluations) == set(expected) == {"valid", "baseline/valid"}
+    for split, (sums, _) in expected.items():
+        assert evaluations[split][0] == pytest.approx(sums, rel=1e-6)
+    assert not (site.budget.folder / "entries.jsonl").exists()  # an exact answer counts nothing
+
+    private, _, _ = evaluate(PRIVATE, "2", run="private")
+    site.poll_once()
+    assert "a private evaluate answer this site cannot account for" in (
+        _refusal(transport, key, private)
+    )
+    assert not (site.budget.folder / "entries.jsonl").exists()
 
 
 def test_a_state_that_would_make_a_private_answer_non_finite_is_refused_before_any_charge(world):
@@ -586,11 +658,10 @@ def test_a_site_says_when_it_cannot_reach_the_coordinator_and_when_it_can_again(
     site = start()
     answers = iter([TransportError("GET http://unused/api/artifacts: connection refused")] * 2)
 
-    def poll_once() -> int:
+    def poll_once() -> None:
         failure = next(answers, None)
         if failure is not None:
             raise failure
-        return 0
 
     site.poll_once = poll_once
     with caplog.at_level(logging.INFO, logger="fedrec.site"):

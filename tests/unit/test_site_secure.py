@@ -150,11 +150,15 @@ class _Round:
         return out
 
     def run(self, masking=None, after_mask=None):
+        return self.finish(self.advertise(), masking, after_mask)
+
+    def advertise(self):
+        adverts = self.ask("advertise", dict.fromkeys(sorted(self.specs)))
+        return self.server.key_directory([KeyAdvertisement.from_bytes(b) for b in adverts.values()])
+
+    def finish(self, directory, masking=None, after_mask=None):
+        """The steps after the key directory; the sum and each site's masked vector."""
         everyone = sorted(self.specs)
-        adverts = self.ask("advertise", dict.fromkeys(everyone))
-        directory = self.server.key_directory(
-            [KeyAdvertisement.from_bytes(b) for b in adverts.values()]
-        )
         shares = self.ask("share", dict.fromkeys(everyone, directory.to_bytes()))
         inboxes = self.server.route_shares([EncryptedShares.from_bytes(b) for b in shares.values()])
         masking = everyone if masking is None else masking
@@ -246,12 +250,7 @@ def test_a_site_refuses_round_keys_not_signed_by_a_registered_site_key(world):
     secure = coordinator("substituted")
     receipts = [_train(secure, s, secure=True) for s in specs]
     secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
-    adverts = secure_round.ask("advertise", dict.fromkeys(range(3)))
-    directory = KeyDirectory.from_bytes(
-        secure_round.server.key_directory(
-            [KeyAdvertisement.from_bytes(b) for b in adverts.values()]
-        ).to_bytes()
-    )
+    directory = secure_round.advertise()
     substituted = KeyDirectory(
         {**directory.c_public, 2: new_x25519()[1]}, directory.s_public, directory.signatures
     )
@@ -429,3 +428,50 @@ def test_sites_of_a_hundred_million_rows_each_sum_exactly(world):
     total, _ = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run).run()
     np.testing.assert_allclose(total, sum(expected), rtol=0, atol=1e-8)
     assert total[-1] == 3e8
+
+
+def test_a_site_holds_no_update_for_a_registry_without_its_own_key(world, tmp_path):
+    """A registry in the request that gives this site's client id another key, lacks the id,
+    or is no object of ids to keys is refused in one line before the update is held: masking
+    under it would let the holder of that key, not this site, sign for the site."""
+    coordinator, specs, _, _ = world
+    stranger = generate_identity().public_key()
+    shop_a = specs[0]
+    specs[0] = SiteSpec(shop_a.name, 0, stranger, 10.0)
+    swapped = coordinator("another-key")
+    specs[0] = shop_a
+    with pytest.raises(SiteRefused, match="registry does not hold this site's key for client 0"):
+        _train(swapped, shop_a, secure=True)
+
+    secure = coordinator("tampered")
+    registry = secure.secure_fields()["registry"]
+    for tampered, reason in [
+        ({c: k for c, k in registry.items() if c != "0"}, "does not hold this site's key"),
+        (list(registry.values()), "registry must be an object of client ids to public keys"),
+        ({**registry, "1": "not base64!"}, "registry entry '1' is not a public key"),
+    ]:
+        with pytest.raises(SiteRefused, match=reason):
+            secure.exchange(shop_a, kind="train", phase="train", round_=1, family=ALS,
+                            state=ALS.initial_state(len(ITEMS), seed=0),
+                            secure=secure.secure_fields() | {"registry": tampered},
+                            task_run_id=f"tampered-{reason[:12]}")  # fmt: skip
+    assert not list((tmp_path / "state-shop-a" / "secagg").rglob("held-update.npz"))
+
+
+def test_a_site_takes_each_later_step_only_in_the_round_it_joined(world):
+    """A step whose round configuration differs from the one the site advertised its keys in
+    (here a threshold raised after the keys went out) is refused; the site's round goes on
+    under the configuration it joined and unmasks to the plain sum."""
+    coordinator, specs, _, _ = world
+    plain = _plain_dense(coordinator("plain"), specs)
+    secure = coordinator("changed")
+    receipts = [_train(secure, s, secure=True) for s in specs]
+    honest = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    directory = honest.advertise()
+    changed = _Round(secure, specs, honest.config.vector_size, secure.run)
+    changed.config = replace(honest.config, threshold=3)
+    with pytest.raises(SiteRefused, match="the secure round differs from the one this site joined"):
+        changed.ask("share", {0: directory.to_bytes()})
+
+    total, _ = honest.finish(directory)
+    np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
