@@ -511,9 +511,8 @@ class Site:
             precision=request.precision,  # type: ignore[arg-type]
             compress=request.compress,
         )
-        info = {"private": int(family.private)}
-        self.record.keep(request.record_key, state_sha, data, info)
-        return data, info
+        self.record.keep(request.record_key, state_sha, data)
+        return data, {}
 
     def _secagg(self, request: RoundRequest) -> tuple[bytes, dict[str, Any]]:
         """One step of secure aggregation (:mod:`fedrec.sites.secure`), answered once: asked
@@ -534,9 +533,8 @@ class Site:
         data = encode_arrays(
             {"message": np.frombuffer(reply, dtype=np.uint8)}, compress=request.compress
         )
-        info = {"private": 0}
-        self.record.keep(request.record_key, message_sha, data, info)
-        return data, info
+        self.record.keep(request.record_key, message_sha, data)
+        return data, {}
 
     def _enroll(self, request: RoundRequest) -> tuple[bytes, dict[str, Any]]:
         """What the coordinator's manifest holds about this site, answered once per run.

@@ -10,7 +10,7 @@ secure-aggregation step is itself a :func:`models.privacy.wire.pack` payload, re
 described the same way with its message kind.
 
 ``sent: items int64[1682], counts int64[1682], array.gram float64[1682x6]; fields client_id;
-metrics train_sse, train_n; info private, seconds``
+metrics train_sse, train_n; info seconds``
 """
 
 from __future__ import annotations

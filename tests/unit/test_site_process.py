@@ -590,6 +590,7 @@ def test_a_site_with_product_codes_enrols_and_trains_against_a_text_catalogue(wo
     items, info = _enrolment(transport, key, request, digest)
     assert items.tolist() == sorted(rows["item"].unique())
     assert info["n_train"] + info["n_valid"] + info["n_test"] == len(rows)
+    assert info["outside_rows"] == info["outside_items"] == 0  # its own item set leaves none out
 
     published = np.array(sorted(rows["item"].unique())[::2], dtype=object)
     request, digest = _enrol(transport, phase="exact", catalogue=published, run="run-2", nonce="2")

@@ -226,7 +226,7 @@ def test_a_sites_own_log_names_each_secure_step_message_and_the_api_line_does_no
         (own[step],) = [r.getMessage() for r in caplog.records if what in r.getMessage()]
     assert re.search(  # shop-a is client 0
         rf"; sent: message uint8\[\d+\] \(masked-input message: vector "
-        rf"uint64\[{masked[0].size}\], fields client_id\); info private, seconds\)$",
+        rf"uint64\[{masked[0].size}\], fields client_id\); info seconds\)$",
         own["mask"],
     )
     assert (
@@ -474,4 +474,28 @@ def test_a_site_takes_each_later_step_only_in_the_round_it_joined(world):
         changed.ask("share", {0: directory.to_bytes()})
 
     total, _ = honest.finish(directory)
+    np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
+
+
+def test_a_retried_secure_step_gets_the_kept_message_and_another_server_message_a_refusal(world):
+    """A step asked again with the same server message (a retried task, a restarted
+    coordinator) gets the bytes the site sent the first time, so the round can go on; asked
+    with another message, the site refuses: it answers each step once."""
+    coordinator, specs, _, _ = world
+    plain = _plain_dense(coordinator("plain"), specs)
+    secure = coordinator("retried")
+    receipts = [_train(secure, s, secure=True) for s in specs]
+    secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    directory = secure_round.advertise()
+    first = secure_round.received[0]
+    assert secure_round.ask("advertise", {0: None})[0] == first
+    shared = secure_round.ask("share", {0: directory.to_bytes()})[0]
+    assert secure_round.ask("share", {0: directory.to_bytes()})[0] == shared
+    other = KeyDirectory(
+        {**directory.c_public, 2: new_x25519()[1]}, directory.s_public, directory.signatures
+    )
+    with pytest.raises(SiteRefused, match="was answered for another server message"):
+        secure_round.ask("share", {0: other.to_bytes()})
+
+    total, _ = secure_round.finish(directory)
     np.testing.assert_allclose(total, sum(plain.values()), rtol=0, atol=1e-8)
