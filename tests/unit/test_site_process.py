@@ -620,6 +620,32 @@ def test_a_private_sites_count_is_noised_from_its_own_entropy(world):
     assert len(_charges(site)) == 8
 
 
+def test_a_private_sites_count_is_its_users_plus_centred_noise_and_at_least_one(world, monkeypatch):
+    """The count sent is the site's users plus one draw of N(0, COUNT_NOISE), rounded, and
+    never below one user; the draw is what the accountant charged for (a shifted or rescaled
+    draw would be a release other than the one counted)."""
+    transport, key, start = world
+    site = start()
+    draws: list[tuple[float, float]] = []
+
+    class _Drawn:
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def normal(self, loc: float, scale: float) -> float:
+            draws.append((loc, scale))
+            return self.value
+
+    for nonce, (run, value, expected) in enumerate(
+        [("up", 2.6, 11), ("down", -3.4, 5), ("floor", -50.0, 1)], 1
+    ):
+        monkeypatch.setattr("fedrec.sites.process.fresh_rng", lambda v=value: _Drawn(v))
+        request, digest = _enrol(transport, run=run, nonce=str(nonce))
+        site.poll_once()
+        assert _enrolment(transport, key, request, digest)[1]["n_users"] == expected  # 8 users
+    assert draws == [(0.0, COUNT_NOISE)] * 3 and len(_charges(site)) == 3
+
+
 def test_a_private_site_tells_a_run_without_dp_nothing_and_charges_nothing(world):
     transport, key, start = world
     site = start()
