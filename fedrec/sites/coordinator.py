@@ -46,6 +46,7 @@ from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ALIVE,
     ANSWER,
+    CLOCK_SKEW,
     REFUSAL,
     REQUEST,
     UNVERIFIED,
@@ -75,7 +76,6 @@ DEFAULT_DEADLINE = 600.0
 LIVENESS_SECONDS = 15.0  # how often a waiting exchange reads the site's sign of life
 WAIT_TICK = 1.0  # how often a waiting exchange looks at its answers and at the run's stop;
 # the site's sign of life is first read after one tick, then every LIVENESS_SECONDS
-CLOCK_SKEW = 60.0  # between a site's clock and the coordinator's (as the sites allow)
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
 
 

@@ -87,6 +87,7 @@ from models.sites.encoding import decode_arrays, encode_arrays
 from models.sites.messages import (
     ALIVE,
     ANSWER,
+    CLOCK_SKEW,
     REFUSAL,
     REQUEST,
     UNVERIFIED,
@@ -130,7 +131,7 @@ class SiteOptions:
     state_dir: Path
     poll_seconds: float = 2.0
     events: bool = True  # wake up on the Prefect API's events websocket
-    clock_skew: float = 60.0
+    clock_skew: float = CLOCK_SKEW
     max_bytes: int = MAX_BYTES
     max_epsilon: float = 10.0  # no user of the site passes this, summed over runs
     max_delta: float | None = None  # the same for delta (default: 1 / the site's users)

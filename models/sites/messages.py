@@ -44,6 +44,7 @@ DOMAIN = "fedrec/sites/v1"
 REQUEST, ANSWER, REFUSAL = "round-request", "round-answer", "refusal"
 UNVERIFIED, ALIVE = "unverified-request", "site-alive"
 PURPOSES = (REQUEST, ANSWER, REFUSAL, UNVERIFIED, ALIVE)
+CLOCK_SKEW = 60.0  # seconds a site's clock and the coordinator's may differ, both ways
 MAX_MANIFEST_BYTES = 64 * 1024  # a manifest is a few hundred bytes; anything near this is abuse
 SITE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 _NONCE = re.compile(r"[0-9a-f]{32}")
@@ -325,7 +326,7 @@ _SPLIT_METHODS = ("random", "temporal")
 
 
 def check_request(
-    body: Mapping[str, Any], *, site: str, now: float, skew: float = 60.0
+    body: Mapping[str, Any], *, site: str, now: float, skew: float = CLOCK_SKEW
 ) -> RoundRequest:
     """A verified request body (:func:`open_message`) as a :class:`RoundRequest`, refused when
     it is not for ``site``, has expired (``skew`` seconds of clock difference allowed), was
