@@ -176,6 +176,13 @@ class _Round:
         return total, {c: MaskedInput.from_bytes(b).vector for c, b in masked.items()}
 
 
+def _trained_round(coordinator, specs, run) -> _Round:
+    """A secure round of a new run ``run`` whose sites hold their trained updates."""
+    secure = coordinator(run)
+    receipts = [_train(secure, s, secure=True) for s in specs]
+    return _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+
+
 def _secure_round(coordinator, specs, round_=1, **drops):
     receipts = [_train(coordinator, s, secure=True, round_=round_) for s in specs]
     assert all(r.items.size == 0 and not r.arrays for r in receipts)  # nothing but a length
@@ -247,9 +254,7 @@ def test_a_sites_own_log_names_each_secure_step_message_and_the_api_line_does_no
 
 def test_a_site_refuses_round_keys_not_signed_by_a_registered_site_key(world):
     coordinator, specs, _, _ = world
-    secure = coordinator("substituted")
-    receipts = [_train(secure, s, secure=True) for s in specs]
-    secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    secure_round = _trained_round(coordinator, specs, "substituted")
     directory = secure_round.advertise()
     substituted = KeyDirectory(
         {**directory.c_public, 2: new_x25519()[1]}, directory.s_public, directory.signatures
@@ -464,11 +469,9 @@ def test_a_site_takes_each_later_step_only_in_the_round_it_joined(world):
     under the configuration it joined and unmasks to the plain sum."""
     coordinator, specs, _, _ = world
     plain = _plain_dense(coordinator("plain"), specs)
-    secure = coordinator("changed")
-    receipts = [_train(secure, s, secure=True) for s in specs]
-    honest = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    honest = _trained_round(coordinator, specs, "changed")
     directory = honest.advertise()
-    changed = _Round(secure, specs, honest.config.vector_size, secure.run)
+    changed = _Round(honest.coordinator, specs, honest.config.vector_size, honest.config.run_id)
     changed.config = replace(honest.config, threshold=3)
     with pytest.raises(SiteRefused, match="the secure round differs from the one this site joined"):
         changed.ask("share", {0: directory.to_bytes()})
@@ -483,9 +486,7 @@ def test_a_retried_secure_step_gets_the_kept_message_and_another_server_message_
     with another message, the site refuses: it answers each step once."""
     coordinator, specs, _, _ = world
     plain = _plain_dense(coordinator("plain"), specs)
-    secure = coordinator("retried")
-    receipts = [_train(secure, s, secure=True) for s in specs]
-    secure_round = _Round(secure, specs, int(receipts[0].metrics["held"]), secure.run)
+    secure_round = _trained_round(coordinator, specs, "retried")
     directory = secure_round.advertise()
     first = secure_round.received[0]
     assert secure_round.ask("advertise", {0: None})[0] == first
