@@ -286,6 +286,7 @@ TARGETS: dict[str, list[str]] = {
                         "tests/unit/test_site_secure.py"],
     "fedrec/sites/coordinator.py": ["tests/unit/test_site_coordinator.py",
                                     "tests/unit/test_site_exchange.py",
+                                    "tests/unit/test_site_secure.py",
                                     "tests/flows/test_site_retries.py",
                                     "tests/flows/test_enrolment.py"],
     # the training flow: set-up, the checks before a run starts, promotion's notes, the end
