@@ -281,6 +281,7 @@ TARGETS: dict[str, list[str]] = {
                                 "tests/unit/test_site_secure.py",
                                 "tests/unit/test_site_exchange.py"],
     "fedrec/sites/secure.py": ["tests/unit/test_site_secure.py", "tests/unit/test_site_exchange.py"],
+    "fedrec/sites/transport.py": ["tests/unit/test_site_transport.py"],
     # owner-only files: held updates, kept answers, secrets, budgets
     "models/files.py": ["tests/unit/test_private_files.py", "tests/unit/test_site_process.py",
                         "tests/unit/test_site_secure.py"],
