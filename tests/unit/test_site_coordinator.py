@@ -151,3 +151,38 @@ def test_a_blob_the_store_does_not_have_is_one_transport_error_not_a_crash():
         server.shutdown()
     assert str(err.value) == "downloading fedrec-sites/run-1/catalogue.npz: HTTP 404 "
     assert err.value.mlflow and not prefect.value.mlflow  # which server a site should check
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        {"message": np.arange(4, dtype=np.uint8), "extra": np.zeros(2)},  # more than the message
+        {"message": np.arange(4, dtype=np.int64)},
+        {"message": np.arange(4, dtype=np.uint8).reshape(2, 2)},
+        {"header": np.arange(4, dtype=np.uint8)},
+    ],
+)
+def test_a_secure_steps_answer_is_one_byte_array_or_refused(link, monkeypatch, arrays):
+    """A secure step's verified answer is taken as the site's protocol message only when it
+    holds that one flat byte array and nothing else."""
+    from fedrec.sites.secure import registry_field
+    from models.privacy.secagg_plus import RoundConfig
+    from models.sites.schema import SchemaError
+
+    config = RoundConfig("run-1", 1, 2, 8, 2, 30)
+    monkeypatch.setattr(link, "exchange", lambda *_, **__: (arrays, None))
+    with pytest.raises(SchemaError, match="shop-a: a secure step's answer must be one byte array"):
+        link.secure_step(SITES[0], "share", config, b"directory")
+    asked = []
+    honest = {"message": np.frombuffer(b"masked", dtype=np.uint8)}
+    monkeypatch.setattr(link, "exchange", lambda *a, **kw: asked.append((a, kw)) or (honest, None))
+    assert link.secure_step(SITES[0], "share", config, b"directory") == b"masked"
+    ((site,), fields) = asked[0]  # the step's request: its round's configuration and keys
+    assert site == SITES[0] and fields == {
+        "kind": "secagg",
+        "phase": "share",
+        "round_": 1,
+        "secure": {"registry": registry_field({s.client_id: s.public_key for s in SITES}),
+                   "round": config.to_json()},
+        "message": b"directory",
+    }  # fmt: skip
