@@ -186,3 +186,46 @@ def test_a_secure_steps_answer_is_one_byte_array_or_refused(link, monkeypatch, a
                    "round": config.to_json()},
         "message": b"directory",
     }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("age", "gone"),
+    [
+        (1.0, False),
+        (100.0, False),  # late by more than one interval and the clock skew: still up
+        (149.0, False),  # three intervals of 30 s and the 60 s skew allowed
+        (160.0, True),
+        (3600.0, True),
+    ],
+)
+def test_a_site_is_down_when_its_last_sign_of_life_is_three_intervals_and_the_skew_old(
+    link, monkeypatch, age, gone
+):
+    from fedrec.sites.transport import alive_variable
+    from models.sites.messages import ALIVE, alive_fields
+
+    monkeypatch.setattr("fedrec.sites.coordinator.time.time", lambda: 1e9)
+    sign = sign_message(KEYS["shop-a"], ALIVE, alive_fields("shop-a", 1e9 - age, 30.0))
+    link.transport.variables[alive_variable("shop-a")] = sign
+    why, signed = link.liveness(SITES[0])
+    assert signed and (why is not None) == gone
+    if gone:
+        assert why.endswith(f"{age:.0f} s ago (its process signs one every 30 s): is the "
+                            "site's process down?")  # fmt: skip
+
+
+def test_a_state_asked_of_many_sites_is_uploaded_once(link):
+    """Every site of a round is sent the same global state: one upload, one reference; another
+    state object is uploaded again, under its own content's name."""
+    from models.mf.family import ExplicitMF
+    from models.mf.federated import MFConfig
+
+    family = ExplicitMF(MFConfig(n_factors=2))
+    uploads, upload = [], link.transport.put_blob
+    link.transport.put_blob = lambda path, data: uploads.append(path) or upload(path, data)
+    state = family.initial_state(5, seed=0)
+    refs = [link.publish_state(family, state) for _ in range(3)]
+    assert refs[0] == refs[1] == refs[2] and uploads == [refs[0].path]
+    other = link.publish_state(family, family.initial_state(5, seed=1))
+    assert other.sha256 != refs[0].sha256 and uploads == [refs[0].path, other.path]
+    assert other.path.endswith(f"/state-{other.sha256[:16]}.npz")
