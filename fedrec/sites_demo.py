@@ -42,6 +42,7 @@ import click
 
 from fedrec.cli_errors import UserError, debug_option, friendly_errors
 from fedrec.stores import Stores, StoresError, start_stores, stop_stores
+from models.files import make_private_folder
 
 SITE_NAMES = ("site-a", "site-b", "site-c")
 MODEL_NAME = "fedrec-sites-demo"
@@ -117,7 +118,7 @@ def split_by_occupation(dataset: Path, out: Path, names: Sequence[str]) -> list[
     )  # fmt: skip
     rows = ratings.merge(users[["user_id", "occupation"]], on="user_id", validate="many_to_one")
     counts = rows["occupation"].value_counts().to_dict()
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_folder(out)
     shares = []
     for name, occupations in zip(names, occupation_groups(counts, len(names)), strict=True):
         part = rows[rows["occupation"].isin(occupations)].drop(columns="occupation")

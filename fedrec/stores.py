@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedrec.local_server import HOST, free_port, is_running, port_is_free, process_start
-from models.files import write_private
+from models.files import make_private_folder, write_private
 
 STATE_FILE = "stores.json"
 PASSFILE = "pgpass"
@@ -201,7 +201,7 @@ class _Cluster:
             if not self.passfile.is_file():
                 raise StoresError(f"{self.passfile} is missing: the cluster's password is lost")
             return
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_folder(self.root)
         password = secrets.token_urlsafe(24)
         pwfile = self.root / "initdb.pw"
         write_private(pwfile, (password + "\n").encode())

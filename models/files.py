@@ -25,7 +25,7 @@ def write_private(path: Path, data: bytes, what: str = "private file") -> None:
     folder that others control (:func:`check_private_folders`, naming the file as ``what``).
     """
     check_private_folders(path, what)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_folder(path.parent)
     temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     fd = os.open(temp, flags, 0o600)
@@ -39,6 +39,20 @@ def write_private(path: Path, data: bytes, what: str = "private file") -> None:
         temp.unlink(missing_ok=True)
         raise
     _sync_folder(path.parent)
+
+
+def make_private_folder(folder: Path) -> None:
+    """Create ``folder`` and each missing folder above it 0700, whatever the umask (``mkdir
+    -p`` would make the ones above with the umask's mode: 0777 under ``umask 0``, which
+    :func:`check_private_folders` then refuses as writable by every user)."""
+    missing = []
+    folder = Path(folder)
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made in between, by another thread
+            os.mkdir(made, 0o700)
 
 
 def append_private(path: Path, line: str) -> None:

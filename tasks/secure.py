@@ -40,7 +40,7 @@ from prefect.exceptions import MissingContextError
 
 from models.data.partitions import ClientEntry
 from models.federation.family import SecureFamily, min_secure_threshold
-from models.files import folder_lock, read_private, write_private
+from models.files import folder_lock, make_private_folder, read_private, write_private
 from models.privacy.fixed_point import FRACTION_BITS
 from models.privacy.identity import (
     KeyAuthenticationError,
@@ -127,7 +127,7 @@ def hold_update(
     fields = {"context": context, "min_threshold": min_secure_threshold(family)}
     payload = pack(fields, {"dense": dense})
     folder = Path(where).parent
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_folder(folder)
     with folder_lock(folder):
         write_private(Path(where), payload)
     return held_receipt(int(dense.size))
@@ -163,7 +163,7 @@ def client_identity(workspace: str, entry: ClientEntry) -> Ed25519PrivateKey:
     folder = client_folder(workspace, entry) / "identity"
     private_path = folder / f"client-{entry.client_id}.key"
     if not private_path.exists():
-        folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_folder(folder.parent)
         save_identity(generate_identity(), folder, entry.client_id)
     key = load_identity(private_path)
     _register(workspace, entry.client_id, folder / f"client-{entry.client_id}.pub")
@@ -287,7 +287,7 @@ def _client_lock(workspace: str, entry: ClientEntry) -> Iterator[None]:
     """One phase of a client at a time: a late answer of an earlier round (one the flow stopped
     waiting for) finishes before the next round's phase reads or replaces the client's files."""
     folder = client_folder(workspace, entry)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_folder(folder)
     with folder_lock(folder):
         yield
 

@@ -23,6 +23,7 @@ from models.files import (
     append_private,
     check_private_folders,
     folder_lock,
+    make_private_folder,
     read_private,
     write_private,
 )
@@ -72,7 +73,7 @@ class SiteBudget:
             raise ValueError(f"max_epsilon={max_epsilon} must be > 0")
         self.folder = Path(folder)
         check_private_folders(self.folder / SECRET, "site secret")  # before making anything
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_folder(self.folder)
         self.max_epsilon = float(max_epsilon)
         self.max_delta = float(max_delta) if max_delta is not None else 1.0 / max(1, len(user_ids))
         self.run_delta = self.max_delta / RUNS_PER_DELTA_CAP

@@ -39,7 +39,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from models.federation.family import Family, min_secure_threshold
-from models.files import read_private, write_private
+from models.files import make_private_folder, read_private, write_private
 from models.privacy.identity import KeyAuthenticationError, public_bytes
 from models.privacy.secagg_plus import (
     KeyDirectory,
@@ -113,7 +113,7 @@ class SecureSite:
         self, folder: str | Path, key: Ed25519PrivateKey, peers: frozenset[bytes] | None = None
     ) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_folder(self.folder)
         self.key = key
         self.peers = peers
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.files import append_private, write_private
+from models.files import append_private, make_private_folder, write_private
 
 RECORD = "record.jsonl"
 ANSWERS = "answers"
@@ -56,8 +56,7 @@ class SiteRecord:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        (self.folder / ANSWERS).mkdir(exist_ok=True, mode=0o700)
+        make_private_folder(self.folder / ANSWERS)
         self._answers: dict[str, dict[str, Any]] = {}
         self._nonces: set[str] = set()
         path = self.folder / RECORD

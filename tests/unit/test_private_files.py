@@ -103,7 +103,10 @@ def test_a_secret_or_folder_another_user_owns_is_refused(tmp_path):
     path = _secret(folder)
     os.chown(path, NOBODY, NOBODY)  # planted by another user, mode 0600: root reads it anyway
     assert len(path.read_bytes()) == 32
-    with pytest.raises(UnsafeFile, match=f"belongs to .*uid {NOBODY}.*not to"):
+    with pytest.raises(UnsafeFile, match=rf"belongs to user nobody \(uid {NOBODY}\), not to"):
+        read_private(path, "ledger secret")
+    os.chown(path, 54321, 0)  # a uid the system does not name
+    with pytest.raises(UnsafeFile, match=r"belongs to uid 54321, not to"):
         read_private(path, "ledger secret")
     os.chown(path, 0, 0)
     os.chown(folder, NOBODY, NOBODY)  # the folder's owner may replace anything in it
@@ -199,3 +202,35 @@ def test_nothing_private_is_written_where_others_could_swap_it(tmp_path):
     with pytest.raises(PermissionError, match="which every user may write"):
         SiteBudget(shared / "site" / "budget", np.array(["u1"]), max_epsilon=8.0)
     assert list(shared.iterdir()) == []  # no secret, key, budget or folder was made
+
+
+def test_what_is_made_for_private_files_is_the_owners_alone(tmp_path):
+    """The folders write_private makes (every missing one on the way), an appended ledger's
+    file and a folder's lock file are made 0700 and 0600, whatever the umask. Under umask 0,
+    ``mkdir -p`` made the folders above the last one 0777: a site's first start then refused
+    the state folder it had just made, as writable by every user."""
+    from fedrec.sites.budget import SiteBudget
+    from models.files import append_private, folder_lock
+
+    old = os.umask(0)
+    try:
+        write_private(tmp_path / "state" / "budget" / "secret", b"s")
+        append_private(tmp_path / "state" / "entries.jsonl", "{}")
+        with folder_lock(tmp_path / "state"):
+            pass
+        site = SiteBudget(tmp_path / "site" / "budget", np.array(["u1"]), max_epsilon=8.0)
+    finally:
+        os.umask(old)
+    assert len(site.secret) == 32
+    assert oct((tmp_path / "site").stat().st_mode & 0o777) == "0o700"
+    modes = {
+        path.relative_to(tmp_path).as_posix(): oct(path.stat().st_mode & 0o777)
+        for path in sorted((tmp_path / "state").rglob("*"))
+    }
+    assert modes == {
+        "state/.lock": "0o600",
+        "state/budget": "0o700",
+        "state/budget/secret": "0o600",
+        "state/entries.jsonl": "0o600",
+    }
+    assert oct((tmp_path / "state").stat().st_mode & 0o777) == "0o700"
