@@ -1,9 +1,16 @@
-"""An in-memory stand-in for the two servers a site and the coordinator share (the Prefect
-API's artifacts and logs, the MLflow artifact proxy), for tests without network."""
+"""Stand-ins for the two servers a site and the coordinator share (the Prefect API's
+artifacts, variables and logs, the MLflow artifact proxy): one in memory, for tests without
+network, and a scripted HTTP server on loopback, for the HTTP transport itself."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
+import threading
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from models.sites.messages import BlobRef
 
@@ -70,3 +77,55 @@ class MemoryTransport:
         if len(data) > max_bytes or BlobRef.of(ref.path, data) != ref:
             raise ValueError(f"{ref.path}: size or sha256 differs from the signed reference")
         return data
+
+
+class ScriptedServer(ThreadingHTTPServer):
+    """Answers each (method, path) with the next scripted (status, body), else 200 and ``{}``;
+    records every request as (method, path, body)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+        self.script: dict[tuple[str, str], deque] = defaultdict(deque)
+        self.seen: list[tuple[str, str, bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def answer(self, method: str, path: str, *replies: tuple[int, bytes | dict]) -> None:
+        self.script[(method, path)].extend(replies)
+
+
+class _ScriptedHandler(BaseHTTPRequestHandler):
+    def _reply(self) -> None:
+        server: ScriptedServer = self.server  # type: ignore[assignment]
+        length = int(self.headers.get("Content-Length") or 0)
+        server.seen.append((self.command, self.path, self.rfile.read(length)))
+        queued = server.script[(self.command, self.path)]
+        status, body = queued.popleft() if queued else (200, {})
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _reply
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def scripted_server() -> Iterator[ScriptedServer]:
+    """A :class:`ScriptedServer` on a free loopback port, stopped and closed on exit."""
+    served = ScriptedServer()
+    thread = threading.Thread(target=served.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield served
+    finally:
+        served.shutdown()
+        served.server_close()
+        thread.join(timeout=5)

@@ -902,3 +902,37 @@ def test_a_state_folder_others_could_write_is_refused_before_anything_is_made_in
         with pytest.raises(UnsafeFile, match=rf"reached through {shared}, which every user"):
             start(state_dir=state)
     assert list(shared.iterdir()) == []  # no record, budget or secure-round folder
+
+
+def test_a_site_signs_that_it_is_up_over_http_and_a_stopped_sign_is_not_overwritten(world):
+    """The sign-of-life thread posts a signed sign on its own connection to the Prefect API
+    (here a scripted HTTP server on loopback) until it is stopped; once the process has said it
+    stopped, no late sign of life overwrites that."""
+    import threading
+    import time as clock
+
+    from fedrec.sites.transport import alive_variable
+    from models.sites.messages import ALIVE, check_alive
+    from tests.sites_fakes import scripted_server
+
+    transport, key, start = world
+    with scripted_server() as api:
+        site = start(prefect_api=f"{api.url}/api", mlflow=api.url)
+        stop = threading.Event()
+        thread = threading.Thread(target=site._signs_of_life, args=(stop,), daemon=True)
+        thread.start()
+        path = f"/api/variables/name/{alive_variable('shop-a')}"
+        deadline = clock.monotonic() + 10
+        while not api.seen and clock.monotonic() < deadline:
+            clock.sleep(0.02)
+        stop.set()
+        thread.join(timeout=5)
+    ((method, posted_to, body),) = api.seen[:1]
+    assert (method, posted_to) == ("PATCH", path) and not thread.is_alive()
+    sign = open_message(json.loads(body)["value"], key.public_key(), ALIVE)
+    assert check_alive(sign, "shop-a")[1:] == (30.0, False)
+
+    site.sign_of_life(transport, stopped=True)
+    site.sign_of_life(transport)  # a late one from the thread: ignored
+    final = open_message(transport.variables[alive_variable("shop-a")], key.public_key(), ALIVE)
+    assert check_alive(final, "shop-a")[2] is True

@@ -7,65 +7,20 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import threading
-from collections import defaultdict, deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from fedrec.sites.transport import Transport, TransportError
 from models.sites.messages import BlobRef
+from tests.sites_fakes import scripted_server
 
 DATA = bytes(range(256)) * 40  # a state's npz, say: 10,240 bytes
 
 
-class _Scripted(ThreadingHTTPServer):
-    """Answers each (method, path) with the next scripted (status, body), else 200 and
-    ``{}``; records every request as (method, path, body)."""
-
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.script: dict[tuple[str, str], deque] = defaultdict(deque)
-        self.seen: list[tuple[str, str, bytes]] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def answer(self, method: str, path: str, *replies: tuple[int, bytes | dict]) -> None:
-        self.script[(method, path)].extend(replies)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def _reply(self) -> None:
-        server: _Scripted = self.server  # type: ignore[assignment]
-        length = int(self.headers.get("Content-Length") or 0)
-        server.seen.append((self.command, self.path, self.rfile.read(length)))
-        queued = server.script[(self.command, self.path)]
-        status, body = queued.popleft() if queued else (200, {})
-        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _reply
-
-    def log_message(self, *_: object) -> None:
-        pass
-
-
 @pytest.fixture
 def server():
-    served = _Scripted()
-    thread = threading.Thread(target=served.serve_forever, daemon=True)
-    thread.start()
-    yield served
-    served.shutdown()
-    served.server_close()
-    thread.join(timeout=5)
+    with scripted_server() as served:
+        yield served
 
 
 @pytest.fixture
