@@ -95,3 +95,33 @@ def test_a_private_file_others_could_swap_ends_the_run_instead_of_leaving_a_clie
 
     with pytest.raises(UnsafeFile, match=r"client-0001\.answer\.npz: the private file"):
         one_round()
+
+
+def test_a_round_that_meets_its_quorum_exactly_asks_no_one_again(prefect_server, caplog):
+    """Three of four clients answer and the quorum is three: the round goes on at once, the
+    failed client is not asked again; with the quorum at four it is asked again, up to
+    round_retries times, before the round gives up."""
+    import pytest
+
+    from fedrec.config import TrainingConfig
+    from flows.rounds import QuorumError, gather_round
+
+    asked: list[tuple[int, int]] = []
+
+    def submit(i: int, attempt: int):
+        asked.append((i, attempt))
+        return _client.submit(i)
+
+    @flow
+    def one_round(min_clients: int) -> dict[int, int]:
+        config = TrainingConfig(min_clients=min_clients, round_retries=2)
+        return gather_round(submit, range(4), lambda _: True, config, "round 1")
+
+    assert one_round(3) == {0: 0, 1: 10, 3: 30}
+    assert sorted(asked) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert not any("asking" in r.getMessage() for r in caplog.records)
+
+    asked.clear()
+    with pytest.raises(QuorumError, match="round 1: 3 of 4 clients answered, the quorum is 4"):
+        one_round(4)
+    assert sorted(asked) == [(0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (3, 0)]
