@@ -50,6 +50,7 @@ from models.files import (
     UnsafeFile,
     check_private_folders,
     check_private_path,
+    make_private_folder,
     read_private,
     write_private,
 )
@@ -1016,7 +1017,7 @@ def ledger_secret(path: Path, *, create: bool) -> bytes:
         check_private_folders(path, "ledger secret")
     except UnsafeFile as err:
         raise _unsafe_secret(err) from err
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_folder(path.parent)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)

@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from models.files import UnsafeFile, check_private_folders, read_private
+from models.files import UnsafeFile, check_private_folders, make_private_folder, read_private
 
 _DOMAIN = b"fedrec/secagg/v1"
 _PUBLIC_NAME = re.compile(r"client-(\d+)\.pub")
@@ -73,7 +73,7 @@ def write_identity(key: Ed25519PrivateKey, folder: Path, stem: str) -> tuple[Pat
     private_path = folder / f"{stem}.key"
     public_path = folder / f"{stem}.pub"
     check_private_folders(private_path, "identity key")  # a key others could swap: not made
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_folder(folder)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

@@ -211,6 +211,8 @@ def test_what_is_made_for_private_files_is_the_owners_alone(tmp_path):
     the state folder it had just made, as writable by every user."""
     from fedrec.sites.budget import SiteBudget
     from models.files import append_private, folder_lock
+    from models.privacy.identity import generate_identity, load_identity, save_identity
+    from tasks.tracking import ledger_secret
 
     old = os.umask(0)
     try:
@@ -219,10 +221,13 @@ def test_what_is_made_for_private_files_is_the_owners_alone(tmp_path):
         with folder_lock(tmp_path / "state"):
             pass
         site = SiteBudget(tmp_path / "site" / "budget", np.array(["u1"]), max_epsilon=8.0)
+        key, _ = save_identity(generate_identity(), tmp_path / "keys" / "site-a", 0)
+        secret = ledger_secret(tmp_path / "store" / "mlruns" / ".fedrec-ledger.key", create=True)
     finally:
         os.umask(old)
-    assert len(site.secret) == 32
-    assert oct((tmp_path / "site").stat().st_mode & 0o777) == "0o700"
+    assert len(site.secret) == 32 and len(secret) == 32 and load_identity(key) is not None
+    for made in ("site", "keys", "store", "store/mlruns"):
+        assert oct((tmp_path / made).stat().st_mode & 0o777) == "0o700", made
     modes = {
         path.relative_to(tmp_path).as_posix(): oct(path.stat().st_mode & 0o777)
         for path in sorted((tmp_path / "state").rglob("*"))
