@@ -279,7 +279,8 @@ TARGETS: dict[str, list[str]] = {
     # what a site sent
     "fedrec/sites/process.py": ["tests/unit/test_site_process.py",
                                 "tests/unit/test_site_secure.py",
-                                "tests/unit/test_site_exchange.py"],
+                                "tests/unit/test_site_exchange.py",
+                                "tests/flows/test_site_events.py"],
     "fedrec/sites/secure.py": ["tests/unit/test_site_secure.py", "tests/unit/test_site_exchange.py"],
     "fedrec/sites/transport.py": ["tests/unit/test_site_transport.py"],
     # owner-only files: held updates, kept answers, secrets, budgets
