@@ -222,6 +222,8 @@ TARGETS: dict[str, list[str]] = {
                            "tests/unit/test_site_weights.py", "tests/unit/test_cohorts.py",
                            "tests/unit/test_protocol.py"],
     # the run's settings: what a flag or a deployment's parameters may hold
+    "fedrec/inputs.py": ["tests/unit/test_validation.py", "tests/unit/test_cli_fast.py",
+                         "tests/unit/test_cli_workspaces.py"],
     "fedrec/config.py": ["tests/unit/test_config.py", "tests/unit/test_dp.py",
                          "tests/unit/test_site_config.py", "tests/unit/test_deployment_check.py",
                          "tests/unit/test_config_bounds.py", "tests/unit/test_config_mutants.py",
