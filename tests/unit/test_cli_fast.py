@@ -342,6 +342,60 @@ def test_a_large_file_is_checked_by_its_head_and_errors_name_the_real_file(tmp_p
     _assert_nothing_started(tmp_path / "home")
 
 
+def test_a_large_files_head_is_cut_after_a_whole_row(tmp_path):
+    from fedrec.inputs import HEAD_BYTES, WHOLE_FILE_BYTES
+
+    header = "user_id,item_id,rating\n"
+    row = "{:06d},{:05d},{}\n"
+    width = len(row.format(0, 0, 1))
+    data = tmp_path / "big.csv"
+    n_rows = WHOLE_FILE_BYTES // width + 1
+    data.write_text(
+        header + "".join(row.format(u % 999, u % 997, 1 + u % 5) for u in range(n_rows))
+    )
+    # the head's last byte falls inside a row, before its rating: read as it falls, that row
+    # would have no rating
+    assert 0 < (HEAD_BYTES - len(header)) % width < width - 2
+
+    done, _ = _cli(["train", "--data", str(data), "--rounds", "0"], tmp_path / "home")
+
+    # the data passes its check: the run stops at the next one, the config's
+    _assert_one_line_error(done, "rounds (--rounds): Input should be greater than or equal to 1")
+
+
+def test_a_gender_column_is_checked_only_for_the_model_that_reads_it(tmp_path):
+    data = tmp_path / "with_gender.csv"
+    rows = GOOD_ROWS.splitlines()
+    data.write_text(
+        "user_id,item_id,rating,gender\n"
+        + "".join(f"{line},{'X' if n == 7 else 'F'}\n" for n, line in enumerate(rows))
+    )
+
+    done, _ = _cli(["train", "--data", str(data), "--feedback", "implicit", "--ranker", "lightgbm"],
+                   tmp_path / "home")  # fmt: skip
+    _assert_one_line_error(done, str(data), "row 8", "column 'gender'", "X", "M or F")
+    # a model without the re-ranker reads no gender: its data passes, the run stops at the config
+    for model in (["--feedback", "explicit"], ["--feedback", "implicit", "--ranker", "none"],
+                  ["--feedback", "implicit", "--implicit-model", "neural", "--ranker", "lightgbm"]):  # fmt: skip
+        done, _ = _cli(["train", "--data", str(data), *model, "--rounds", "0"], tmp_path / "home")
+        _assert_one_line_error(
+            done, "rounds (--rounds): Input should be greater than or equal to 1"
+        )
+    _assert_nothing_started(tmp_path / "home")
+
+
+def test_data_without_ratings_is_refused_before_anything_starts_unless_implicit(tmp_path):
+    data = tmp_path / "clicks.csv"
+    data.write_text("user_id,item_id\n" + "".join(f"u{u},i{u % 9}\n" for u in range(60)))
+
+    done, _ = _cli(["train", "--data", str(data)], tmp_path / "home")
+    _assert_one_line_error(done, f"{data}, column 'rating': has no ratings", "--feedback implicit")
+    _assert_nothing_started(tmp_path / "home")
+    done, _ = _cli(["train", "--data", str(data), "--feedback", "implicit", "--rounds", "0"],
+                   tmp_path / "home")  # fmt: skip
+    _assert_one_line_error(done, "rounds (--rounds): Input should be greater than or equal to 1")
+
+
 def test_other_column_names_and_rating_scale_are_flags(tmp_path):
     data = tmp_path / "stars.csv"
     data.write_text(
