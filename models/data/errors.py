@@ -78,3 +78,12 @@ class DataValidationError(ValueError):
 class NoDataRows(DataValidationError):
     """A table with a header and no data row: an error for training data, but a request
     file's way to say that its users have no history yet."""
+
+
+def reencoding_advice(data: bytes) -> str:
+    """What to do with text that is not UTF-8: UTF-16 (a byte-order mark, or a NUL byte beside
+    each ASCII one) or, most often, latin-1."""
+    head = data[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (head and head.count(0) * 3 >= len(head)):
+        return "UTF-8 text; the file is UTF-16, re-encode it (iconv -f utf-16 -t utf-8 IN > OUT)"
+    return "UTF-8 text; if the file is latin-1, re-encode it (iconv -f latin-1 -t utf-8 IN > OUT)"

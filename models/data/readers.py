@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from models.data.errors import DataValidationError
+from models.data.errors import DataValidationError, reencoding_advice
 from models.data.movielens import (
     NAMED_DATASETS,
     RATING_FILE_SUFFIXES,
@@ -68,6 +68,24 @@ def datasets_dir() -> Path:
         return Path(configured).expanduser()
     repo_root = Path(__file__).resolve().parents[2]
     return repo_root.parent / "shared" / "datasets"
+
+
+def _check_one_column_per_role(file: str, **roles: str | None) -> None:
+    """Refuse one column named for two roles (``user_col`` and ``item_col`` both ``item_id``):
+    read twice, it would make every row a user's only item, or its time its user."""
+    seen: dict[str, str] = {}
+    for setting, column in roles.items():
+        if column is None:
+            continue
+        if column in seen:
+            raise DataValidationError(
+                f"is named by {seen[column]} too: one column cannot hold two of the user, item, "
+                "rating and timestamp",
+                file=file, setting=setting, value=column,
+                allowed="a different column for each of user_col, item_col, rating_col and "
+                "timestamp_col (--user-col, --item-col, --rating-col, --timestamp-col)",
+            )  # fmt: skip
+        seen[column] = setting
 
 
 def read_interactions(
@@ -141,6 +159,10 @@ def read_interactions(
     if timestamp_col == DEFAULT_TIMESTAMP_COL and timestamp_col not in raw.columns:
         timestamp_col = None
         notes.append(f"no {DEFAULT_TIMESTAMP_COL!r} column: the rows carry no time")
+    _check_one_column_per_role(
+        file, user_col=user_col, item_col=item_col, rating_col=rating_col,
+        timestamp_col=timestamp_col,
+    )  # fmt: skip
 
     try:
         frame, validation_notes = validate_interactions(
@@ -480,8 +502,7 @@ def _encoding_error(
         file=file,
         row=line - 1 if line > 1 else None,
         column=column,
-        allowed="UTF-8 text; if the file is latin-1, re-encode it "
-        "(iconv -f latin-1 -t utf-8 IN > OUT)",
+        allowed=reencoding_advice(data),
     )
 
 

@@ -416,8 +416,10 @@ def _refuse_shared_pairs(
     shared = pairs.reset_index().merge(earlier.drop_duplicates(), how="inner")
     if shared.empty:
         return
-    first = held_out.iloc[int(shared["index"].min())]
-    user, item = (v.item() if isinstance(v, np.generic) else v for v in first[[USER, ITEM]])
+    # column by column: a row of mixed types (ints beside a float rating) would be all floats
+    at = int(shared["index"].min())
+    user, item = (held_out[column].iloc[at] for column in (USER, ITEM))
+    user, item = (v.item() if isinstance(v, np.generic) else v for v in (user, item))
     raise DataValidationError(
         f"{len(shared)} of {len(held_out)} rows have a (user, item) pair {other_name} also has "
         f"(the first: user {user!r}, item {item!r})",

@@ -247,6 +247,11 @@ def require_column(raw: pd.DataFrame, column: str, *, file: str) -> None:
         return
     close = difflib.get_close_matches(column, names, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
+    if len(names) == 1 and column in names[0]:  # "user_id item_id rating": another delimiter
+        hint = (
+            " (the header reads as one column: fields are separated by a comma, tab, ';' or "
+            "'|', and this file uses none of them)"
+        )
     present = ", ".join(repr(name) for name in names)
     raise DataValidationError(
         f"column not found{hint}",
@@ -300,6 +305,12 @@ def _wrong_type(series: pd.Series, *, file: str, column: str, allowed: str) -> D
     )
 
 
+def _is_scalar_id(value: object) -> bool:
+    return isinstance(value, str | int | float | np.integer | np.floating) and not isinstance(
+        value, bool
+    )
+
+
 def _clean_ids(series: pd.Series, *, file: str, column: str) -> pd.Series:
     allowed = "a non-empty string or integer id"
     series = series.reset_index(drop=True)
@@ -325,6 +336,12 @@ def _clean_ids(series: pd.Series, *, file: str, column: str) -> pd.Series:
     if kind == "string":
         stripped = series.astype("str").str.strip()
     else:
+        # a Parquet column can hold lists, bytes or records, which no id can be
+        scalar = series.map(_is_scalar_id).to_numpy(dtype=bool)
+        _fail_first(
+            ~scalar, series, "is neither text nor a number", file=file, column=column,
+            allowed=allowed,
+        )  # fmt: skip
         # Mixed ids: strip the strings, keep everything else exactly as given.
         as_text = series.astype(object).str.strip()
         stripped = as_text.where(as_text.notna(), series.astype(object))

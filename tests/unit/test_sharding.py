@@ -310,6 +310,8 @@ def test_a_held_out_row_that_another_split_file_has_is_refused(shared_with):
     numbers = table([(1, 10), (2, 11)], "numbers.csv")
     with pytest.raises(DataValidationError, match=r"\(the first: user '2', item '11'\)"):
         combine_splits(numbers, table([("2", "11")], "text.parquet"))  # 2 and "2": one user
+    with pytest.raises(DataValidationError, match=r"\(the first: user 2, item 11\)"):
+        combine_splits(numbers, table([(2, 11)], "more.csv"))  # not 2.0: the ratings are floats
 
     with pytest.raises(DataValidationError) as caught:
         combine_splits(train, test, valid)

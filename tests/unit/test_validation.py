@@ -335,6 +335,56 @@ BAD_INPUTS = [
     ),
     pytest.param(
         BadInput(
+            {"ratings.parquet": pd.DataFrame({"user_id": [1, 2], "item_id": [[5], [6]]})},
+            "ratings.parquet",
+            ("row 1", "column 'item_id'", "is neither text nor a number", "1 more row"),
+        ),
+        id="parquet-list-ids",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.parquet": pd.DataFrame({"user_id": [b"u1"], "item_id": [2]})},
+            "ratings.parquet",
+            ("row 1", "column 'user_id'", "value b'u1' is neither text nor a number"),
+        ),
+        id="parquet-bytes-ids",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": (HEADER + "1,2,3\n").encode("utf-16")},
+            "ratings.csv",
+            ("byte 0xff at byte offset 0", "the file is UTF-16", "iconv -f utf-16 -t utf-8"),
+        ),
+        id="utf16-text",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": "user_id item_id rating\n1 2 3\n"},
+            "ratings.csv",
+            ("column 'user_id'", "the header reads as one column", "'user_id item_id rating'"),
+        ),
+        id="unknown-delimiter",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER_TS + "1,2,3,100\n"},
+            "ratings.csv",
+            ("setting 'item_col'", "value 'item_id' is named by user_col too"),
+            kwargs={"user_col": "item_id"},
+        ),
+        id="one-column-as-user-and-item",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER_TS + "1,2,3,100\n"},
+            "ratings.csv",
+            ("setting 'timestamp_col'", "value 'user_id' is named by user_col too"),
+            kwargs={"timestamp_col": "user_id"},
+        ),
+        id="one-column-as-user-and-time",
+    ),
+    pytest.param(
+        BadInput(
             {},
             "no-such-dataset",
             ("unknown dataset", "allowed: 'synthetic', 'ml-100k', 'ml-1m', a MovieLens folder"),
