@@ -163,7 +163,7 @@ class LazyGroup(OneLineGroup):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         names = self.list_commands(ctx)
-        limit = formatter.width - 6 - max(len(name) for name in names)
+        limit = 200  # a command's first sentence whole: write_dl wraps it, cutting loses words
         rows = []
         for name in names:
             command = self.commands.get(name)
@@ -183,14 +183,26 @@ def config_values(
     and the keys whose value comes from the file."""
     import yaml
 
+    from models.data.errors import reencoding_advice
+
     values: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
+        if path.is_dir():
+            raise UserError(f"{config_file}: is a folder; allowed: a YAML config file")
         if not path.is_file():
             raise UserError(f"{config_file}: no such config file")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"{config_file}: byte 0x{raw[err.start]:02x} at byte offset {err.start} is not "
+                f"valid UTF-8; allowed: {reencoding_advice(raw)}"
+            ) from err
         try:
             # a SafeLoader: plain data only
-            loaded = yaml.load(path.read_text(), Loader=_unique_key_loader()) or {}
+            loaded = yaml.load(text, Loader=_unique_key_loader()) or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -298,6 +310,17 @@ def check_inputs(values: dict[str, Any], named: dict[str, Any] | None = None) ->
         with _status("checking the data files"):
             check_sources(merged)
     except (InputError, DataValidationError) as err:
+        # a setting out of its own bounds (--key-prefix -1) is named for itself, not through
+        # what the data check made of it (too many clients for the keys it cut); a problem of
+        # settings together (no field's own) is the configuration's to report after the data's
+        try:
+            training_config(values, named or {})
+        except UserError as config_err:
+            fields = getattr(config_err.__cause__, "errors", None)
+            if fields is not None and all(e["loc"] for e in fields()):
+                raise
+        except Exception:  # the data's problem stands
+            pass
         source = (named or {}).get(getattr(err, "setting", None) or "")
         message = f"{source}: {err}" if source else str(err)
         if getattr(err, "problem", "").startswith(OUTSIDE_SCALE):

@@ -129,11 +129,12 @@ def one_line_config_error(
         if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
             e = e | {"msg": e["msg"] + unknown_key_hint(e["loc"][0], known)}
         where = ".".join(str(p) for p in e["loc"])
-        top = e["loc"][0] if len(e["loc"]) == 1 and isinstance(e["loc"][0], str) else None
+        # the key the YAML file or a flag gave (rating_scale of rating_scale.1)
+        top = e["loc"][0] if e["loc"] and isinstance(e["loc"][0], str) else None
         if top is not None and (files or {}).get(top):
             where = f"{(files or {})[top]}: {where}"
         elif top is not None and e["type"] != "extra_forbidden":
-            where = f"{where} (--{where.replace('_', '-')})"
+            where = f"{where} (--{top.replace('_', '-')})"
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         message = f"{e['msg'].removeprefix('Value error, ')}{shown}"

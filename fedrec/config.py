@@ -135,6 +135,7 @@ class TrainingConfig(BaseModel):
     )
     synthetic_seed: int = Field(
         _SYNTHETIC["seed"],
+        ge=0,
         description="seed of the synthetic data (--seed varies the training, not the data)",
     )
 
@@ -352,7 +353,7 @@ class TrainingConfig(BaseModel):
     relevance_threshold: float | None = Field(
         _MF.relevance_threshold, description="held-out ratings >= this are relevant"
     )
-    seed: int = Field(0, description="one seed for sharding, initialisation and sampling")
+    seed: int = Field(0, ge=0, description="one seed for sharding, initialisation and sampling")
     task_retries: int = Field(2, ge=0, description="retries of a failed client task")
     retry_backoff: float = Field(
         1.0, ge=0, description="first retry delay in seconds, doubling with each retry"
@@ -446,7 +447,7 @@ class TrainingConfig(BaseModel):
     )
 
     # tracking, registry, promotion
-    experiment: str = Field("fedrec", description="MLflow experiment")
+    experiment: str = Field("fedrec", min_length=1, description="MLflow experiment")
     model_name: str | None = Field(
         None,
         description="registered model name (default: fedrec-mf explicit, fedrec-ranking implicit, "
@@ -590,6 +591,11 @@ class TrainingConfig(BaseModel):
                 f"valid_fraction + test_fraction = {self.valid_fraction + self.test_fraction}, must be < 1"
             )
         check_split_files(train=self.train, valid=self.valid, test=self.test)
+        if self.train is not None and self.data != "synthetic":
+            raise ValueError(
+                f"data={self.data!r} with train and test files: the run would read only the "
+                "split files; give --data, or --train and --test, not both"
+            )
         self._check_held_out_rows()
         if self.partition == "by-key" and self.partition_key is None:
             raise ValueError("--partition by-key needs --partition-key (a user-feature column)")

@@ -157,7 +157,7 @@ def absolute_paths(values: Mapping[str, Any]) -> dict[str, Any]:
 def check_sources_exist(sources: Mapping[str, str]) -> None:
     """Raise ``MissingSourceError`` naming the first source that does not exist; a bare name
     (no folder, no suffix) is also compared with the named datasets."""
-    from models.data.movielens import NAMED_DATASETS
+    from models.data.movielens import NAMED_DATASETS, RATING_FILE_SUFFIXES
     from models.data.readers import TABLE_SUFFIXES, datasets_dir
 
     for name, spec in sources.items():
@@ -178,6 +178,8 @@ def check_sources_exist(sources: Mapping[str, str]) -> None:
             message += (
                 "; allowed: an existing file ("
                 + ", ".join(TABLE_SUFFIXES)
+                + "), a MovieLens ratings file ("
+                + ", ".join(RATING_FILE_SUFFIXES)
                 + "), a MovieLens folder, or a named dataset"
             )
         raise MissingSourceError(message)

@@ -46,6 +46,10 @@ def _cli(args: list[str], home: Path) -> tuple[subprocess.CompletedProcess[str],
         [sys.executable, "-c", _PROBE.format(heavy=HEAVY, args=args)],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    if (home / "server").exists():  # a command that went further than it should: stop its
+        from fedrec.local_server import stop  # server, and let the test's assertion say so
+
+        stop(home=home)
     imported = json.loads(done.stdout.strip().splitlines()[-1])
     return done, imported
 
@@ -126,7 +130,7 @@ def test_a_missing_file_is_refused_before_any_library_or_server_loads(tmp_path):
 
     _assert_one_line_error(done, f"data={str(missing)!r}: no such file or folder")
     assert (
-        "; allowed: an existing file (.csv, .tsv, .txt, .csv.gz, .tsv.gz, .txt.gz, .parquet, .pq), a MovieLens folder"
+        "; allowed: an existing file (.csv, .tsv, .txt, .csv.gz, .tsv.gz, .txt.gz, .parquet, .pq), a MovieLens ratings file (.data, .base, .test, .dat), a MovieLens folder"
         in (done.stderr)
     )
     assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
@@ -189,6 +193,28 @@ def test_a_test_file_whose_rows_the_training_file_has_is_refused_before_anything
         "allowed: held-out rows of pairs the other split files lack",
     )  # fmt: skip
     assert not set(imported) & {"prefect", "mlflow", "sklearn", "lightgbm"}, imported
+    _assert_nothing_started(tmp_path / "home")
+
+
+def test_a_validation_file_goes_with_train_and_test_and_is_checked_against_them(tmp_path):
+    rows = GOOD_ROWS.splitlines()
+    train, valid, test = (tmp_path / f"{name}.csv" for name in ("train", "valid", "test"))
+    train.write_text("user_id,item_id,rating\n" + "\n".join(rows[2:]) + "\n")
+    test.write_text(f"user_id,item_id,rating\n{rows[0]}\n")
+    splits = ["--train", str(train), "--valid", str(valid), "--test", str(test)]
+
+    valid.write_text(f"user_id,item_id,rating\n{rows[1]}\n")
+    done, _ = _cli(["train", *splits, "--rounds", "0"], tmp_path / "home")
+    # the three files pass their check: the run stops at the next one, the config's
+    _assert_one_line_error(done, "rounds (--rounds): Input should be greater than or equal to 1")
+
+    valid.write_text(f"user_id,item_id,rating\n{rows[1]}\n{rows[5]}\n")
+    done, _ = _cli(["train", *splits], tmp_path / "home")
+    _assert_one_line_error(
+        done, f"{valid}: 1 of 2 rows have a (user, item) pair the training file {train} also has"
+    )
+    done, _ = _cli(["train", "--valid", str(valid)], tmp_path / "home")
+    _assert_one_line_error(done, "--valid needs --train and --test")
     _assert_nothing_started(tmp_path / "home")
 
 
@@ -394,6 +420,58 @@ def test_data_without_ratings_is_refused_before_anything_starts_unless_implicit(
     done, _ = _cli(["train", "--data", str(data), "--feedback", "implicit", "--rounds", "0"],
                    tmp_path / "home")  # fmt: skip
     _assert_one_line_error(done, "rounds (--rounds): Input should be greater than or equal to 1")
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"rounds: 2\nexperiment: caf\xe9\n", "byte 0xe9 at byte offset 25 is not valid UTF-8; "
+         "allowed: UTF-8 text; if the file is latin-1, re-encode it"),
+        ("rounds: 2\n".encode("utf-16"), "byte 0xff at byte offset 0 is not valid UTF-8; "
+         "allowed: UTF-8 text; the file is UTF-16, re-encode it (iconv -f utf-16 -t utf-8"),
+        (None, "is a folder; allowed: a YAML config file"),
+    ],
+)  # fmt: skip
+def test_a_config_file_that_is_not_utf8_text_is_named_in_one_line(tmp_path, content, expected):
+    config = tmp_path / "run.yaml"
+    if content is None:
+        config.mkdir()
+    else:
+        config.write_bytes(content)
+
+    done, _ = _cli(["train", "--config", str(config)], tmp_path / "home")
+
+    _assert_one_line_error(done, f"fedrec: error: {config}: {expected}")
+    _assert_nothing_started(tmp_path / "home")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--seed", "-1"], "invalid configuration: seed (--seed): Input should be greater than "
+         "or equal to 0 (got -1)"),
+        # the setting's own bound, not what the data check made of it (too many clients)
+        (["--partition", "by-key", "--partition-key", "region", "--key-prefix", "-1",
+          "--clients", "3"], "key_prefix (--key-prefix): Input should be greater than or equal "
+         "to 1 (got -1)"),
+        (["--train", "{tmp}/ratings.csv", "--test", "{tmp}/test.csv"], "invalid configuration: "
+         "data='{tmp}/ratings.csv' with train and test files: the run would read only the split "
+         "files; give --data, or --train and --test, not both"),
+    ],
+)  # fmt: skip
+def test_a_setting_out_of_its_bounds_is_named_before_the_data_is_used(tmp_path, flags, expected):
+    data, test = tmp_path / "ratings.csv", tmp_path / "test.csv"
+    data.write_text(
+        "user_id,item_id,rating,region\n"
+        + "".join(f"{u},{i},4,r{u % 2}\n" for u in range(4) for i in range(3))
+    )
+    test.write_text("user_id,item_id,rating\n1,9,4\n")
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+
+    done, _ = _cli(["train", "--data", str(data), *flags], tmp_path / "home")
+
+    _assert_one_line_error(done, expected.format(tmp=tmp_path))
+    _assert_nothing_started(tmp_path / "home")
 
 
 def test_other_column_names_and_rating_scale_are_flags(tmp_path):
@@ -709,14 +787,17 @@ def test_a_misspelt_key_of_a_config_file_is_named_before_the_data_is_read(tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("text", "invalid", "expected"),
     [
-        ("clients: 0\n", "setting 'clients': value 0 is not a valid number of clients"),
-        ("clients: 100\n", "setting 'clients': value 100 is more clients than the data has users (4)"),
-        ("rating_scale: [5, 1]\n", "setting 'rating_scale': value [5, 1] is not a valid range"),
+        # out of the setting's own bounds: the configuration's check speaks, not the data's
+        ("clients: 0\n", True, "clients: Input should be greater than or equal to 1 (got 0)"),
+        ("clients: 100\n", False, "setting 'clients': value 100 is more clients than the data has users (4)"),
+        ("rating_scale: [5, 1]\n", True, "rating_scale: rating_scale (5, 1) is not a valid range"),
     ],
 )  # fmt: skip
-def test_a_config_files_setting_the_data_refuses_is_named_with_its_file(tmp_path, text, expected):
+def test_a_config_files_setting_the_data_refuses_is_named_with_its_file(
+    tmp_path, text, invalid, expected
+):
     """Settings the data files are checked against (before the configuration's own checks)
     named the data file or nothing, not the --config file the value came from."""
     config, data = tmp_path / "run.yaml", tmp_path / "ratings.csv"
@@ -727,7 +808,8 @@ def test_a_config_files_setting_the_data_refuses_is_named_with_its_file(tmp_path
     done, _ = _cli(["train", "--config", str(config), "--data", str(data)], tmp_path / "home")
 
     line = _assert_one_line_error(done, expected)
-    assert line.startswith(f"fedrec: error: {config}: "), line
+    prefix = "invalid configuration: " if invalid else ""
+    assert line.startswith(f"fedrec: error: {prefix}{config}: "), line
     _assert_nothing_started(tmp_path / "home")
 
 

@@ -10,6 +10,8 @@ from fedrec.config import TrainingConfig
 
 # setting: (values at the edge that are allowed, values just past it that are refused)
 EDGES = {
+    "seed": ([0], [-1]),
+    "synthetic_seed": ([0], [-1]),
     "synthetic_users": ([2], [1]),
     "synthetic_items": ([2], [1]),
     "synthetic_interactions": ([10], [9]),
