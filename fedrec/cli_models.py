@@ -653,11 +653,18 @@ def rollback(tracking_uri: str | None, model_name: str | None, to: str | None, r
         demoted, restored = roll_back(uri, model_name, to, reason)
     except RollbackError as err:
         raise UserError(str(err)) from err
-    was = client.get_model_version(model_name, restored).tags.get("fedrec.promoted") == "true"
+    tags = client.get_model_version(model_name, restored).tags
+    was = tags.get("fedrec.promoted") == "true"
     click.echo(
         f"{model_name}: champion is version {restored} {'again' if was else 'now'}, in place of "
         f"version {demoted} (models:/{model_name}@champion)"
     )
+    if not was and tags.get("fedrec.promotion_reason"):  # chosen by hand: say what its run said
+        click.echo(
+            f"note: version {restored} was never champion before; its run did not promote it: "
+            f"{tags['fedrec.promotion_reason']}",
+            err=True,
+        )
     click.echo(
         f"runs on version {demoted}'s data and config train nothing; a server that loaded the "
         "champion serves the version it loaded until it restarts"

@@ -239,8 +239,11 @@ def _state_from_sqlite(path: Path, model_uri: str) -> Path | None:
                 versions = [v for (v,) in db.execute(
                     "SELECT version FROM model_versions WHERE name = ? AND current_stage != ? "
                     "ORDER BY version", (name, _DELETED))]  # fmt: skip
+                shown = (
+                    "versions" if len(versions) <= 5 else f"newest 5 of {len(versions)} versions"
+                )
                 have = (
-                    f" (its versions: {', '.join(map(str, versions[-5:]))}; the latest is "
+                    f" (its {shown}: {', '.join(map(str, versions[-5:]))}; the latest is "
                     f"models:/{name}/{versions[-1]}; `fedrec models --model-name {name}` says "
                     "why each was promoted or not)"
                     if versions
@@ -324,9 +327,10 @@ def load_recommender(uri: str, model_uri: str) -> Recommender:
     if not model_uri.startswith(("models:/", "runs:/")):
         raise ModelNotFoundError(f"model {model_uri}: not a model URI (a model URI is {ALLOWED})")
     if model_uri.startswith("models:/") and not _MODEL_URI.match(model_uri):
+        name = re.split(r"[/@]", model_uri.removeprefix("models:/"), maxsplit=1)[0] or "NAME"
         raise ModelNotFoundError(
-            f"model {model_uri}: names no alias or version (a model URI is {ALLOWED}, e.g. "
-            f"{model_uri.rstrip('/@')}@champion)"
+            f"model {model_uri}: names no alias or version (a model URI is {ALLOWED}, with a "
+            f"version a whole number, e.g. models:/{name}@champion or models:/{name}/1)"
         )
     path = sqlite_path(uri)
     folder = _state_from_sqlite(path, model_uri) if path is not None and path.is_file() else None

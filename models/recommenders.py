@@ -97,6 +97,11 @@ def check_requests(requests: pd.DataFrame, k: object) -> None:
         zip(requests["user_id"], requests["history_items"], strict=True)
     ):
         where = f"request row {row} (user {_shown(str(user))})"
+        if _is_missing(user) or not str(user).strip():
+            raise RequestError(
+                f"request row {row}: user_id {_shown(user)} is missing; allowed: the user's id "
+                "(an id the model does not know gets the most popular items)"
+            )
         if not _is_list(history) and not _is_missing(history):
             raise RequestError(
                 f"{where}: history_items {_shown(history)} is not a list; "

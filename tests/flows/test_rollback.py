@@ -125,5 +125,9 @@ def test_a_rollback_that_cannot_be_made_is_one_line_and_changes_nothing(store):
     assert not kept["promoted"] and kept["model_version"] == "2"
     chosen = _cli(store, "rollback", "--model-name", "solo", "--to", "2")
     assert "solo: champion is version 2 now, in place of version 1" in chosen.stdout
+    assert chosen.stderr.strip() == (
+        f"note: version 2 was never champion before; its run did not promote it: {kept['reason']}"
+    )
     back = _cli(store, "rollback", "--model-name", "solo")  # to the one it was compared with
     assert "solo: champion is version 1 again, in place of version 2" in back.stdout
+    assert "note:" not in back.stderr

@@ -341,6 +341,11 @@ def test_an_empty_items_list_asks_for_nothing_and_a_missing_one_for_a_top_k_list
          r"rating '4' in history_ratings is not a number"),
         ({"user_id": ["u1"], "history_items": [["i0"]], "history_ratings": [[float("inf")]]}, 3,
          r"rating inf in history_ratings is not a number"),
+        # a missing id would be answered as the user 'None' (or 'nan')
+        ({"user_id": ["u1", None], "history_items": [["i0"], []]}, 3,
+         r"^request row 1: user_id (None|nan) is missing; allowed: the user's id"),
+        ({"user_id": [float("nan")], "history_items": [["i0"]]}, 3, r"^request row 0: user_id nan"),
+        ({"user_id": [" "], "history_items": [["i0"]]}, 3, r"^request row 0: user_id ' ' is missing"),
     ],
 )  # fmt: skip
 def test_requests_no_recommender_can_answer_are_refused_naming_row_user_column_and_value(
