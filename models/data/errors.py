@@ -82,8 +82,18 @@ class NoDataRows(DataValidationError):
 
 def reencoding_advice(data: bytes) -> str:
     """What to do with text that is not UTF-8: UTF-16 (a byte-order mark, or a NUL byte beside
-    each ASCII one) or, most often, latin-1."""
+    nearly every ASCII one, after it in little-endian text, before it in big-endian) or, most
+    often, latin-1."""
     head = data[:4096]
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (head and head.count(0) * 3 >= len(head)):
-        return "UTF-8 text; the file is UTF-16, re-encode it (iconv -f utf-16 -t utf-8 IN > OUT)"
-    return "UTF-8 text; if the file is latin-1, re-encode it (iconv -f latin-1 -t utf-8 IN > OUT)"
+    even, odd = head[0::2], head[1::2]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        encoding = "utf-16"  # the mark says which end comes first
+    elif len(head) >= 8 and odd.count(0) >= 0.9 * len(odd):
+        encoding = "utf-16le"
+    elif len(head) >= 8 and even.count(0) >= 0.9 * len(even):
+        encoding = "utf-16be"
+    else:
+        return (
+            "UTF-8 text; if the file is latin-1, re-encode it (iconv -f latin-1 -t utf-8 IN > OUT)"
+        )
+    return f"UTF-8 text; the file is UTF-16, re-encode it (iconv -f {encoding} -t utf-8 IN > OUT)"

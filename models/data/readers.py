@@ -409,6 +409,11 @@ def read_delimited(path: Path, id_cols: tuple[str, ...]) -> pd.DataFrame:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise _encoding_error(file, data, err, header.split(delimiter), delimiter) from err
+    if "\x00" in header:  # UTF-16 without a byte-order mark: ASCII, a NUL byte beside each
+        raise DataValidationError(
+            f"has NUL bytes in its header (byte offset {data.index(0)})", file=file,
+            allowed=reencoding_advice(data),
+        )  # fmt: skip
     names = [name.strip() for name in next(csv.reader([header.rstrip("\r")], delimiter=delimiter))]
     # the parser would rename one of two equal names and keep going (empty names, as trailing
     # delimiters make, are columns nobody reads)

@@ -359,6 +359,22 @@ BAD_INPUTS = [
     ),
     pytest.param(
         BadInput(
+            {"ratings.csv": (HEADER + "1,2,3\n").encode("utf-16-le")},
+            "ratings.csv",
+            ("has NUL bytes in its header (byte offset 1)", "iconv -f utf-16le -t utf-8"),
+        ),
+        id="utf16-text-without-byte-order-mark",
+    ),
+    pytest.param(
+        BadInput(
+            {"ratings.csv": HEADER.encode() + bytes(range(256)) * 4},
+            "ratings.csv",
+            ("is not valid UTF-8", "if the file is latin-1"),
+        ),
+        id="binary-bytes-are-not-called-utf16",
+    ),
+    pytest.param(
+        BadInput(
             {"ratings.csv": "user_id item_id rating\n1 2 3\n"},
             "ratings.csv",
             ("column 'user_id'", "the header reads as one column", "'user_id item_id rating'"),
