@@ -60,7 +60,7 @@ def check_parameters(path: Path) -> None:
 
     try:
         spec = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:  # a latin-1 file too
         raise UserError(f"{path}: cannot be read as YAML: {err}".splitlines()[0]) from err
     for deployment in (spec or {}).get("deployments") or []:
         if deployment.get("entrypoint") != TRAINING_ENTRYPOINT:

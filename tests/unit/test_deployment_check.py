@@ -27,6 +27,18 @@ def test_the_shipped_deployment_file_passes():
     check_parameters(SHIPPED)
 
 
+def test_a_deployment_file_that_is_not_utf8_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "prefect.yaml"
+    path.write_bytes(SHIPPED.read_bytes() + "# caf\xe9\n".encode("latin-1"))
+
+    with pytest.raises(UserError) as refused:
+        check_parameters(path)
+
+    assert refused.value.message.startswith(f"{path}: cannot be read as YAML: ")
+    assert "can't decode byte 0xe9" in refused.value.message
+    assert "\n" not in refused.value.message
+
+
 def test_the_shipped_defaults_leave_a_private_run_its_own_number_of_rounds():
     """A nightly run given --dp-epsilon by a trigger trains the private default's rounds: a
     deployment default of 10 made its noise three times larger at epsilon 1."""
