@@ -211,6 +211,9 @@ TARGETS: dict[str, list[str]] = {
     "models/neural/recommender.py": ["tests/unit/test_neural.py", "tests/unit/test_recommender.py",
                                      "tests/unit/test_ranking.py",
                                      "tests/unit/test_served_mutants.py"],
+    # the read of a registered model that `fedrec recommend` and `predict` serve from
+    "fedrec/model_store.py": ["tests/unit/test_model_store.py", "tests/unit/test_cli_workspaces.py",
+                              "tests/unit/test_cli_fast.py"],
     "models/mf/recommender.py": ["tests/unit/test_recommender.py",
                                  "tests/unit/test_recommenders_mutants.py",
                                  "tests/unit/test_served_mutants.py"],

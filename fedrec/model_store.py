@@ -204,11 +204,15 @@ def _registered(db: sqlite3.Connection) -> list[str]:
     return [name for (name,) in db.execute("SELECT name FROM registered_models ORDER BY name")]
 
 
-def _not_found(model_uri: str, store: str, names: list[str], what: str) -> ModelNotFoundError:
+def _not_found(
+    model_uri: str, store: str, names: list[str], what: str, have: str = ""
+) -> ModelNotFoundError:
+    """``what`` the store lacks, then in one parenthesis what the model ``have`` (if anything),
+    the registered models and the URI forms."""
     shown = ", ".join(names) if names else "none"
     return ModelNotFoundError(
-        f"model {model_uri}: {what} in {store} (registered models: {shown}; "
-        f"a model URI is {ALLOWED})"
+        f"model {model_uri}: {what} in {store} ({have + '; ' if have else ''}registered models: "
+        f"{shown}; a model URI is {ALLOWED})"
     )
 
 
@@ -243,14 +247,14 @@ def _state_from_sqlite(path: Path, model_uri: str) -> Path | None:
                     "versions" if len(versions) <= 5 else f"newest 5 of {len(versions)} versions"
                 )
                 have = (
-                    f" (its {shown}: {', '.join(map(str, versions[-5:]))}; the latest is "
+                    f"its {shown}: {', '.join(map(str, versions[-5:]))}; the latest is "
                     f"models:/{name}/{versions[-1]}; `fedrec models --model-name {name}` says "
-                    "why each was promoted or not)"
+                    "why each was promoted or not"
                     if versions
                     else ""
                 )
                 raise _not_found(
-                    model_uri, str(path), names, f"{name!r} has no alias {alias!r}{have}"
+                    model_uri, str(path), names, f"{name!r} has no alias {alias!r}", have
                 )
             version = row[0]
         row = db.execute(

@@ -263,7 +263,9 @@ def test_an_alias_the_model_lacks_is_refused_with_its_versions(trained, tmp_path
 
     assert done.exit_code == 2
     shown = "versions" if len(versions) <= 5 else f"newest 5 of {len(versions)} versions"
-    assert f"'cli' has no alias 'staging' (its {shown}: " in done.stderr
+    assert f"'cli' has no alias 'staging' in {uri.removeprefix('sqlite:///')} (its {shown}: " in (
+        done.stderr
+    )
     assert (
         f"the latest is models:/cli/{latest}; `fedrec models --model-name cli` says" in done.stderr
     )
