@@ -61,7 +61,9 @@ def store(tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        mlflow.set_experiment("model-store")
+        # artifacts beside the store, as fedrec's runs keep them (MLflow's default: ./mlruns)
+        artifacts = (root / "mlartifacts").as_uri()
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("s", artifacts))
         models = {"1": _mf(["a", "b", "c"], 1), "2": _mf(["w", "x", "y", "z"], 2)}
         runs = {}
         for version, model in models.items():
