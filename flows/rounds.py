@@ -30,6 +30,7 @@ from models.privacy.dp import calibrate, epsilon, weak_guarantee
 from models.privacy.ledger import run_delta
 from models.privacy.redaction import redact_uri
 from models.privacy.released_metrics import MetricRelease, evaluation_ratios
+from models.sites.budget import SITE_RUN_DELTA
 from tasks.clients import train_client
 from tasks.faults import FaultPlan
 from tasks.secure import round_threshold
@@ -85,7 +86,7 @@ def round_clients(
 
 def privacy_plan(ctx: RunContext) -> Privacy | None:
     """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
-    defaults to 1 / users), with Poisson sampling of users at ``client_fraction`` (the sampling
+    defaults to 1 / users; over real sites, to the delta each site counts a run at), with Poisson sampling of users at ``client_fraction`` (the sampling
     that runs: :func:`round_clients`). Every training release is one of the ``rounds`` sampled
     rounds (explicit MF's biases phase is its first); the final evaluation is one more release
     from every user, and the champion's evaluation one more when there is a champion, each with
@@ -95,7 +96,11 @@ def privacy_plan(ctx: RunContext) -> Privacy | None:
     config = ctx.config
     if config.dp_epsilon is None:
         return None
-    delta = run_delta(config.dp_delta, ctx.manifest.n_users)
+    dp_delta = config.dp_delta
+    if dp_delta is None and ctx.sites is not None:
+        # the delta each site counts a run at by default (a public number, not 1 / users)
+        dp_delta = min(SITE_RUN_DELTA, 1.0 / max(1, ctx.manifest.n_users))
+    delta = run_delta(dp_delta, ctx.manifest.n_users)
     q = config.client_fraction
     ratios = evaluation_ratios(champion=ctx.champion is not None and ctx.evaluate_champion)
     sigma = calibrate(config.dp_epsilon, q, config.rounds, delta, relative=ratios)

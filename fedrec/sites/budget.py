@@ -28,11 +28,16 @@ from models.files import (
     write_private,
 )
 from models.privacy.ledger import Entry, Stored, standing, user_keys
-from models.sites.budget import Release, SiteBudgetError, charge
+from models.sites.budget import (
+    DEFAULT_MAX_DELTA,
+    RUNS_PER_DELTA_CAP,
+    Release,
+    SiteBudgetError,
+    charge,
+)
 
 ENTRIES = "entries.jsonl"
 SECRET = "secret"
-RUNS_PER_DELTA_CAP = 10  # the delta cap allows this many runs at the per-run delta
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,16 @@ class SiteBudget:
     max_epsilon : float
         No user of the site may pass this epsilon, summed over runs.
     max_delta : float or None
-        The same for delta (default: 1 / users at the site); each run is accounted at
-        ``max_delta / RUNS_PER_DELTA_CAP``.
+        The same for delta, at most 1 / the site's users (default:
+        :data:`~models.sites.budget.DEFAULT_MAX_DELTA`, a public number: a cap derived from the
+        count of users would let the site's refusals give the count away); each run is
+        accounted at ``max_delta / RUNS_PER_DELTA_CAP``.
+
+    Raises
+    ------
+    SiteBudgetError
+        When the delta cap is above 1 / the site's users (a release may then expose one user's
+        rows whole with that probability).
     """
 
     def __init__(
@@ -71,11 +84,20 @@ class SiteBudget:
     ) -> None:
         if not max_epsilon > 0:
             raise ValueError(f"max_epsilon={max_epsilon} must be > 0")
+        n_users = len(user_ids)
+        if n_users * (DEFAULT_MAX_DELTA if max_delta is None else max_delta) > 1:
+            given = "the default" if max_delta is None else "--max-delta"
+            raise SiteBudgetError(
+                f"{given} delta cap {max_delta or DEFAULT_MAX_DELTA:g} is above 1 / the site's "
+                f"{n_users} users ({1 / n_users:.3g}): with that probability a release may "
+                "expose one user's rows whole; allowed: --max-delta at most 1 / users, a round "
+                "number (the coordinator learns it from the site's refusals)"
+            )
         self.folder = Path(folder)
         check_private_folders(self.folder / SECRET, "site secret")  # before making anything
         make_private_folder(self.folder)
         self.max_epsilon = float(max_epsilon)
-        self.max_delta = float(max_delta) if max_delta is not None else 1.0 / max(1, len(user_ids))
+        self.max_delta = DEFAULT_MAX_DELTA if max_delta is None else float(max_delta)
         self.run_delta = self.max_delta / RUNS_PER_DELTA_CAP
         self.secret = self._secret()  # the site's own: names its users, keys its fingerprint
         self.users = user_keys(np.asarray(user_ids, dtype=str), self.secret)

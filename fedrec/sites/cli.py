@@ -95,7 +95,9 @@ def site() -> None:
 @click.option(
     "--max-delta",
     type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
-    help="the same for delta (default: 1 / the site's users; each run is counted at a tenth)",
+    help="the same for delta, at most 1 / the site's users (default: 1e-06, for sites of up to "
+    "a million users; each run is counted at a tenth). The coordinator learns it from the "
+    "site's refusals: give a round number, never one computed from the count of users",
 )
 @click.option(
     "--peers",

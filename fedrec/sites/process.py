@@ -134,7 +134,7 @@ class SiteOptions:
     clock_skew: float = CLOCK_SKEW
     max_bytes: int = MAX_BYTES
     max_epsilon: float = 10.0  # no user of the site passes this, summed over runs
-    max_delta: float | None = None  # the same for delta (default: 1 / the site's users)
+    max_delta: float | None = None  # the same for delta (None: DEFAULT_MAX_DELTA, public)
     peers: str | None = None  # a sites.yaml whose public keys this site pins for its peers
     allow_exact: bool = False  # also answer requests without DP (exact sums, counted nowhere)
     read_options: dict[str, Any] = field(default_factory=dict)
@@ -490,7 +490,7 @@ class Site:
         state = self._state(request, family, client.n_items)
         if release is not None:  # counted (and written down) before it is computed
             spent = self.budget.charge(request.run, release)
-            self._log(  # the figures depend on the site's delta (1 / its users): not on the API
+            self._log(  # what its users have spent: for the site's operator, not the API
                 request,
                 f"{self.name}: counted this {release.kind} release against its users' budget",
                 local=f"this run has spent epsilon {spent.run_epsilon:.3g} of it; the most any "

@@ -43,15 +43,26 @@ from models.privacy.released_metrics import MetricRelease
 ReleaseKind = Literal["round", "full", "evaluation", "count"]
 
 COUNT_NOISE = 10.0  # users: composed with a run's training, about epsilon 0.01 more
+#: a site's delta cap across runs unless its operator gives one: a public number, never derived
+#: from the site's count of users. What a site has spent is computed at its delta, and whether it
+#: refuses a run of a chosen epsilon tells the coordinator which side of the epsilon left that
+#: run falls; with a cap of 1 / users, a few runs' epsilons chosen just over and under the
+#: epsilon left at neighbouring counts would find the count. A site of more users than
+#: ``1 / DEFAULT_MAX_DELTA`` gives its own cap (``--max-delta``, at most 1 / its users).
+DEFAULT_MAX_DELTA = 1e-6
+RUNS_PER_DELTA_CAP = 10  # the delta cap allows this many runs at the per-run delta
+#: the delta each run is counted at under the default cap, which the coordinator of a run over
+#: real sites calibrates its noise at too (unless ``--dp-delta`` says otherwise), so that the run's
+#: epsilon is what each such site counts for it
+SITE_RUN_DELTA = DEFAULT_MAX_DELTA / RUNS_PER_DELTA_CAP
 
 
 class SiteBudgetError(ValueError):
     """A release the site's cap does not allow, or one it cannot account; one line.
 
     Its message names what the site's users have spent, for the site's own log. ``public`` is
-    the reason the site may post on the Prefect API, for every reader there: the figures a site
-    computes with its delta (1 / its users by default) are left out, since they give away its
-    number of users, which it otherwise sends only with noise.
+    the reason the site may post on the Prefect API, for every reader there: which cap a release
+    would pass, without the figures of what the site's users have spent.
     """
 
     def __init__(self, message: str, *, public: str | None = None) -> None:

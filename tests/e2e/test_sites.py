@@ -29,6 +29,7 @@ import pandas as pd
 import pytest
 
 from fedrec.stores import postgres_bindir
+from models.sites.budget import SITE_RUN_DELTA, Release, run_epsilon
 from tests.e2e.stores import postgres_stores  # noqa: F401  (the module's servers)
 
 SITES = ("shop-a", "shop-b", "shop-c")
@@ -606,3 +607,8 @@ def test_sites_that_answer_only_private_runs_count_their_masked_answers_at_the_f
         # share is sigma / sqrt(t), t = 3 here)
         assert len(training) == 3, lines
         assert all(r["noise_multiplier"] == pytest.approx(sigma, rel=1e-9) for r in training)
+        # the coordinator calibrated at the delta each site counts a run at (a public number):
+        # the site counts the run's releases as the run's epsilon, and its noisy count on top
+        counted = [Release(**r) for r in releases if r["kind"] != "count"]
+        assert 0.99 < run_epsilon(counted, SITE_RUN_DELTA) <= 1.0 + 1e-6, lines
+    assert summary["metrics"]["privacy/delta"] == pytest.approx(SITE_RUN_DELTA)

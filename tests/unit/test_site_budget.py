@@ -144,20 +144,20 @@ def test_a_run_that_changes_its_noise_after_its_first_release_is_not_accounted()
 
 
 def test_the_cap_holds_across_runs_and_restarts_and_a_refusal_writes_nothing(tmp_path):
-    budget = SiteBudget(tmp_path / "budget", USERS, max_epsilon=3.0)
+    budget = SiteBudget(tmp_path / "budget", USERS, max_epsilon=6.0)
     release = Release("full", 2.0)
 
     first = budget.charge("run-1", release)
-    again = SiteBudget(tmp_path / "budget", USERS, max_epsilon=3.0)  # a restarted site
+    again = SiteBudget(tmp_path / "budget", USERS, max_epsilon=6.0)  # a restarted site
     second = again.charge("run-2", release)
     lines = (tmp_path / "budget" / ENTRIES).read_text().splitlines()
 
     assert first.run_epsilon == pytest.approx(run_epsilon([release], budget.run_delta))
     assert second.epsilon == pytest.approx(2 * first.epsilon)
-    with pytest.raises(SiteBudgetError, match=r"spent up to epsilon .* of 3 .*: refused"):
+    with pytest.raises(SiteBudgetError, match=r"spent up to epsilon .* of 6 .*: refused"):
         again.charge("run-3", release)
     assert (tmp_path / "budget" / ENTRIES).read_text().splitlines() == lines
-    assert budget.run_delta == pytest.approx(1 / 200 / 10)
+    assert budget.run_delta == pytest.approx(1e-6 / 10)  # the default cap, not 1 / users
     assert oct((tmp_path / "budget" / ENTRIES).stat().st_mode & 0o777) == "0o600"
     assert oct((tmp_path / "budget").stat().st_mode & 0o777) == "0o700"
     stored = b"".join(p.read_bytes() for p in (tmp_path / "budget").iterdir())
@@ -199,3 +199,70 @@ def test_a_coordinator_that_under_states_the_noise_is_refused_by_the_sites_own_a
     for _ in range(5):
         spent = honest_site.charge("run-1", training_release(honest, None))
     assert spent.run_epsilon == pytest.approx(weak, rel=1e-9)
+
+
+def _refusals(budget: SiteBudget, probes: list[float]) -> list[bool]:
+    """Which of the runs asking ``probes`` (epsilon) the site refuses at enrolment."""
+    refused = []
+    for epsilon in probes:
+        try:
+            budget.check_run(f"probe-{epsilon!r}", epsilon)
+        except SiteBudgetError:
+            refused.append(True)
+        else:
+            refused.append(False)
+    return refused
+
+
+def test_a_sites_refusals_do_not_give_away_its_number_of_users(tmp_path):
+    """The attack: the coordinator chose every run a site answered, so it can compute what the
+    site has spent for each count of users the site may have, and ask a run whose epsilon lies
+    between the epsilon left at one count and at the next. A refusal costs nothing. With a delta
+    cap of 1 / users (the weak form) the answers differ between 150 and 151 users: the count is
+    found exactly, though the site sends it only with noise. With the default cap, a public
+    number, every count answers every probe alike."""
+    from models.sites.budget import DEFAULT_MAX_DELTA, count_release
+
+    releases = [count_release(), Release("full", 0.8), Release("evaluation", 3.2)]
+
+    def site(n_users: int, max_delta: float | None) -> SiteBudget:
+        folder = tmp_path / f"{n_users}-{max_delta}"
+        budget = SiteBudget(folder, USERS[:n_users], max_epsilon=10.0, max_delta=max_delta)
+        for release in releases:
+            budget.charge("answered", release)
+        return budget
+
+    counts = (150, 151, 200)
+    weak = {n: site(n, 1.0 / n) for n in counts}
+    left = sorted(10.0 - b._spent()[0] for b in weak.values())  # what the attacker computes
+    probes = [e + d for e in left for d in (-1e-6, 1e-6)]
+
+    answers = {n: _refusals(b, probes) for n, b in weak.items()}
+    assert answers[150] != answers[151] != answers[200]  # the count, told apart by one user
+
+    default = {n: site(n, None) for n in counts}
+    answers = {n: _refusals(b, probes) for n, b in default.items()}
+    assert answers[150] == answers[151] == answers[200]
+    assert all(b.max_delta == DEFAULT_MAX_DELTA for b in default.values())
+    # and at the epsilon left under the default cap, too
+    edge = 10.0 - default[150]._spent()[0]
+    for n, budget in default.items():
+        assert _refusals(budget, [edge - 1e-6, edge + 1e-6]) == [False, True], n
+
+
+def test_a_delta_cap_above_one_user_is_refused_when_the_site_starts(tmp_path):
+    """With a cap above 1 / users, one release in 1 / cap may expose a user's rows whole."""
+    with pytest.raises(SiteBudgetError) as refused:
+        SiteBudget(tmp_path / "a", USERS, max_epsilon=10.0, max_delta=1.0 / 199)
+    assert str(refused.value) == (
+        "--max-delta delta cap 0.00502513 is above 1 / the site's 200 users (0.005): with that "
+        "probability a release may expose one user's rows whole; allowed: --max-delta at most "
+        "1 / users, a round number (the coordinator learns it from the site's refusals)"
+    )
+    assert not (tmp_path / "a").exists()  # nothing made
+    SiteBudget(tmp_path / "b", USERS, max_epsilon=10.0, max_delta=1.0 / 200)
+
+    many = np.arange(1_000_001).astype(str)
+    with pytest.raises(SiteBudgetError, match=r"^the default delta cap 1e-06 is above 1 / the "
+                       r"site's 1000001 users \(1e-06\)"):  # fmt: skip
+        SiteBudget(tmp_path / "c", many, max_epsilon=10.0)

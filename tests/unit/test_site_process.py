@@ -719,7 +719,7 @@ def test_a_private_site_refuses_a_run_it_cannot_finish_before_counting_anything(
     such run (a retried one too) took budget for nothing. The enrolment now says the run's
     epsilon, and the site refuses it first."""
     transport, key, start = world
-    site = start(max_epsilon=1.0)
+    site = start(max_epsilon=2.0)
     fits, digest = _enrol(transport, run="run-1", nonce="1", epsilon=0.5)
     site.poll_once()
     assert _enrolment(transport, key, fits, digest)[1]["n_users"] >= 1
@@ -734,13 +734,13 @@ def test_a_private_site_refuses_a_run_it_cannot_finish_before_counting_anything(
     assert len(_charges(site)) == 2
 
     spent = 2 * count["epsilon"]  # every user is in both runs: their counts add up
-    room = 1.0 - spent
+    room = 2.0 - spent
     beyond, _ = _enrol(transport, run="run-3", nonce="3", epsilon=room * 1.01)
     site.poll_once()
     reason = _refusal(transport, key, beyond)
     assert reason == (
         f"privacy budget of this site: this run asks epsilon {room * 1.01:.3g} more, which "
-        "would take some of its users past their cap of epsilon 1: refused before anything of "
+        "would take some of its users past their cap of epsilon 2: refused before anything of "
         "it was counted"
     )
     assert len(_charges(site)) == 2  # nothing charged
@@ -781,16 +781,16 @@ def _refusal_of_a_costly_run(tmp_path, n_users: int, **extra) -> tuple[str, str]
 
 def test_a_budget_refusal_on_the_api_does_not_give_away_the_sites_user_count(tmp_path, caplog):
     """A site sends its number of users only with noise, charged to their budget. Its refusals
-    go on the Prefect API, which every reader there sees; they named what its users had spent
-    and its delta cap, figures computed with delta 1 / users: a cap of 0.00318 is 314 users.
-    Those figures now stay in the site's own log."""
+    go on the Prefect API, which every reader there sees, and say which cap a release would
+    pass, not what its users have spent (which is for the site's own log). A delta cap of
+    1 / users would name the count in any figure computed with it (a cap of 0.00318 is 314
+    users); the cap is a public number, the same in the site's own line whatever the count."""
     with caplog.at_level(logging.WARNING, logger="fedrec.site"):
         posted = {n: _refusal_of_a_costly_run(tmp_path, n) for n in (314, 315, 2718)}
 
-    # the weak version: the site's own line, which is what its refusal used to post
-    own = next(r.getMessage() for r in caplog.records if "refused enroll" in r.getMessage())
-    cap = float(re.search(r"delta [0-9.e-]+ of ([0-9.e-]+)", own).group(1))
-    assert [n for n in range(1, 10_000) if float(f"{1 / n:.3g}") == cap] == [314]  # the attack
+    own = [r.getMessage() for r in caplog.records if "refused enroll round" in r.getMessage()]
+    caps = {float(re.search(r"delta [0-9.e-]+ of ([0-9.e-]+)", line).group(1)) for line in own}
+    assert len(own) == 3 and caps == {1e-6}
     # on the API: the same words whatever the count
     assert len({reason for reason, _ in posted.values()}) == 1
     assert len({logs for _, logs in posted.values()}) == 1
@@ -813,12 +813,11 @@ def test_a_sites_log_line_on_the_api_leaves_out_what_its_answer_seals(world):
     )
 
 
-def test_a_private_answer_is_counted_on_the_api_without_the_figures_of_the_sites_delta(
+def test_a_private_answer_is_counted_on_the_api_without_what_the_sites_users_have_spent(
     world, caplog
 ):
-    """What a charged release leaves a site's users is computed with its delta (1 / its users
-    by default): the site's own log has it, the line on the Prefect API says only that it was
-    counted."""
+    """What a charged release leaves a site's users is for the site's operator: the site's own
+    log has it, the line on the Prefect API says only that it was counted."""
     transport, _, start = world
     with caplog.at_level(logging.INFO, logger="fedrec.site"):
         _ask(transport, family=PRIVATE)
