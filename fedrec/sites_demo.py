@@ -253,8 +253,24 @@ def _wait_until_ready(processes: Processes, shares: Sequence[SiteShare], split: 
         time.sleep(0.5)
 
 
-def _write_sites_yaml(coordinator: Path, names: Sequence[str]) -> Path:
+def _write_catalogue(dataset: Path, coordinator: Path) -> Path:
+    """The coordinator's published catalogue: MovieLens' public movie list (``u.item``'s ids).
+    Sites that answer only private runs send no item ids of their own, so a private run needs
+    one."""
+    import pandas as pd
+
+    ids = pd.read_csv(dataset / "u.item", sep="|", header=None, usecols=[0], encoding="latin-1")
+    path = coordinator / "catalogue.csv"
+    pd.DataFrame({"item_id": ids[0]}).to_csv(path, index=False)
+    return path
+
+
+def _write_sites_yaml(
+    coordinator: Path, names: Sequence[str], catalogue: Path | None = None
+) -> Path:
     lines = ["coordinator_key: keys/coordinator.key", "sites:"]
+    if catalogue is not None:
+        lines.insert(1, f"catalogue: {catalogue.name}")
     for name in names:
         lines += [f"  - name: {name}", f"    public_key: keys/{name}.pub"]
     path = coordinator / "sites.yaml"
@@ -262,8 +278,24 @@ def _write_sites_yaml(coordinator: Path, names: Sequence[str]) -> Path:
     return path
 
 
-def run_demo(folder: Path, dataset: Path, *, rounds: int, timeout: float) -> dict:
-    """Run the whole demo in ``folder``; returns the summary. Stops what it started, always."""
+def _site_epsilon(folder: Path, names: Sequence[str], flow_run_id: str) -> dict[str, float]:
+    """What each site counted for the run against its users' budget, from its own state folder
+    (the demo is every site's operator too)."""
+    spent = {}
+    for name in names:
+        path = folder / "sites" / name / "state" / "budget" / "entries.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        entries = [json.loads(line) for line in lines if line.strip()]
+        spent[name] = round(sum(e["epsilon"] for e in entries if e["run"] == flow_run_id), 4)
+    return spent
+
+
+def run_demo(
+    folder: Path, dataset: Path, *, rounds: int, timeout: float, dp_epsilon: float | None = None
+) -> dict:
+    """Run the whole demo in ``folder``; returns the summary. Stops what it started, always.
+    With ``dp_epsilon`` the run is private: the sites answer private runs only and the
+    coordinator publishes MovieLens' movie list as the catalogue."""
     fedrec = _fedrec()
     _require_commands()
     check_namespaces()
@@ -289,12 +321,13 @@ def run_demo(folder: Path, dataset: Path, *, rounds: int, timeout: float) -> dic
                 [fedrec, "keygen", "--name", share.name, "--out", str(home)], f"{share.name} keygen"
             )
             shutil.copy(home / f"{share.name}.pub", keys / f"{share.name}.pub")
-            # --allow-exact: the demo's run is not private
             site = [fedrec, "site", "run", "--name", share.name, "--data", str(mount / ROWS_FILE),
                     "--prefect-api", stores.prefect_api, "--mlflow", stores.mlflow_uri,
                     "--identity", str(home / f"{share.name}.key"),
                     "--coordinator-key", str(keys / "coordinator.pub"),
-                    "--state-dir", str(home / "state"), "--allow-exact"]  # fmt: skip
+                    "--state-dir", str(home / "state")]  # fmt: skip
+            if dp_epsilon is None:  # a run without DP: the sites give exact answers
+                site.append("--allow-exact")
             logs[share.name] = home / "site.log"
             processes.start(
                 share.name,
@@ -307,7 +340,9 @@ def run_demo(folder: Path, dataset: Path, *, rounds: int, timeout: float) -> dic
         if any(visible.values()):
             raise DemoError(f"a site's rows are visible outside its namespace: {visible}")
         seconds["sites"] = round(time.monotonic() - started - seconds["stores"], 1)
-        summary = _train(fedrec, coordinator, stores, rounds=rounds, timeout=timeout * 10)
+        catalogue = None if dp_epsilon is None else _write_catalogue(dataset, coordinator)
+        summary = _train(fedrec, coordinator, stores, rounds=rounds, timeout=timeout * 10,
+                         dp_epsilon=dp_epsilon, catalogue=catalogue)  # fmt: skip
         processes.check_alive()
     finally:
         processes.stop_all()
@@ -315,14 +350,24 @@ def run_demo(folder: Path, dataset: Path, *, rounds: int, timeout: float) -> dic
         if stores is not None:
             stop_stores(Path(stores.folder))
     seconds["total"] = round(time.monotonic() - started, 1)
+    metrics = summary.get("metrics", {})
+    private = {}
+    if dp_epsilon is not None:
+        flow_run_id = str(summary.get("prefect_flow_run_url", "")).rstrip("/").rsplit("/", 1)[-1]
+        private = {
+            "dp_epsilon": dp_epsilon,
+            "privacy": {k: metrics.get(f"privacy/{k}") for k in ("epsilon", "delta")},
+            "site_epsilon": _site_epsilon(folder, SITE_NAMES, flow_run_id),
+        }
     return {
         "run_id": summary.get("run_id"),
         "model_name": summary.get("model_name"),
         "model_version": summary.get("model_version"),
         "promoted": summary.get("promoted"),
         "reason": summary.get("reason"),
-        "valid_rmse": summary.get("metrics", {}).get("valid/rmse"),
-        "test_rmse": summary.get("metrics", {}).get("test/rmse"),
+        "valid_rmse": metrics.get("valid/rmse"),
+        "test_rmse": metrics.get("test/rmse"),
+        **private,
         "sites": [asdict(s) for s in shares],
         "rows_visible_outside_sites": False,
         "prefect_api": stores.prefect_api,
@@ -332,16 +377,26 @@ def run_demo(folder: Path, dataset: Path, *, rounds: int, timeout: float) -> dic
     }
 
 
-def _train(fedrec: str, coordinator: Path, stores: Stores, *, rounds: int, timeout: float) -> dict:
+def _train(
+    fedrec: str,
+    coordinator: Path,
+    stores: Stores,
+    *,
+    rounds: int,
+    timeout: float,
+    dp_epsilon: float | None = None,
+    catalogue: Path | None = None,
+) -> dict:
     """``fedrec train --sites`` as the coordinator; its --json summary."""
-    sites_yaml = _write_sites_yaml(coordinator, SITE_NAMES)
+    sites_yaml = _write_sites_yaml(coordinator, SITE_NAMES, catalogue)
+    private = [] if dp_epsilon is None else ["--dp-epsilon", str(dp_epsilon)]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"PREFECT_API_URL": stores.prefect_api, "FEDREC_HOME": str(coordinator / "home")}
     log = coordinator / "train.log"
     with open(log, "wb") as err:
         done = subprocess.run(
             [fedrec, "train", "--sites", str(sites_yaml), "--tracking-uri", stores.mlflow_uri,
-             "--rounds", str(rounds), "--model-name", MODEL_NAME, "--json"],
+             "--rounds", str(rounds), "--model-name", MODEL_NAME, "--json", *private],
             cwd=coordinator, env=env, stdout=subprocess.PIPE, stderr=err, text=True,
             timeout=timeout, check=False,
         )  # fmt: skip
@@ -360,6 +415,14 @@ def _train(fedrec: str, coordinator: Path, stores: Stores, *, rounds: int, timeo
 )
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option(
+    "--dp-epsilon",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="train privately at this epsilon: the sites answer private runs only, the coordinator "
+    "publishes MovieLens' movie list as the catalogue, and the summary gives what each site "
+    "counted for the run against its users' budget",
+)
+@click.option(
     "--timeout",
     type=click.FloatRange(min=1),
     default=300.0,
@@ -368,7 +431,7 @@ def _train(fedrec: str, coordinator: Path, stores: Stores, *, rounds: int, timeo
 )
 @debug_option
 @friendly_errors
-def main(folder: Path | None, rounds: int, timeout: float) -> None:
+def main(folder: Path | None, rounds: int, timeout: float, dp_epsilon: float | None) -> None:
     """Train on ML-100K split by occupation across three isolated site processes, register and
     promote, print one JSON summary line, and stop everything that was started."""
     from models.data.readers import datasets_dir
@@ -383,7 +446,7 @@ def main(folder: Path | None, rounds: int, timeout: float) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     try:
-        summary = run_demo(folder, dataset, rounds=rounds, timeout=timeout)
+        summary = run_demo(folder, dataset, rounds=rounds, timeout=timeout, dp_epsilon=dp_epsilon)
     except (DemoError, StoresError) as err:
         raise UserError(f"{err} (logs under {folder})") from err
     click.echo(json.dumps(summary))

@@ -34,6 +34,42 @@ def test_the_sites_demo_trains_registers_and_stops_everything():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason=f"ML-100K not found in {ML100K}")
+def test_the_private_sites_demo_counts_the_runs_epsilon_at_every_site_whatever_its_users():
+    """Sites that answer private runs only, at their default delta cap: each counts the run as
+    its epsilon and its noisy user count on top, the same at 305, 314 and 324 users (what a
+    site counts depends on nothing the coordinator does not know)."""
+    from models.sites.budget import SITE_RUN_DELTA
+
+    require_postgres()
+    require_namespaces()
+    folder = Path(tempfile.mkdtemp(prefix="fedrec-sites-demo-test-"))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fedrec.sites_demo", "--dir", str(folder), "--rounds", "2",
+             "--dp-epsilon", "8"],
+            capture_output=True, text=True, timeout=1100, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert str(folder) not in running
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    assert summary["model_version"] == "1" and summary["dp_epsilon"] == 8.0
+    assert summary["privacy"]["delta"] == pytest.approx(SITE_RUN_DELTA)
+    assert 7.99 < summary["privacy"]["epsilon"] <= 8.0 + 1e-9
+    counted = summary["site_epsilon"]
+    assert sorted(counted) == ["site-a", "site-b", "site-c"]
+    assert len({round(v, 6) for v in counted.values()}) == 1, counted
+    assert all(8.0 < v < 8.05 for v in counted.values()), counted  # the noisy count: ~0.02
+    assert len({s["users"] for s in summary["sites"]}) == 3
+
+
 def _check_demo(folder: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "fedrec.sites_demo", "--dir", str(folder), "--rounds", "2"],
