@@ -83,7 +83,7 @@ from models.sites.catalogue import (
     site_client,
 )
 from models.sites.contents import describe_answer
-from models.sites.encoding import decode_arrays, encode_arrays
+from models.sites.encoding import EncodingError, decode_arrays, encode_arrays
 from models.sites.messages import (
     ALIVE,
     ANSWER,
@@ -354,7 +354,7 @@ class Site:
         try:
             data, info = self._answer(request)
         except (RefusedMessage, SchemaError, ValueError) as err:
-            public = getattr(err, "public", str(err))  # a budget's figures stay here
+            public = public_reason(err)
             self._refuse(request, public, detail=str(err) if public != str(err) else "")
             return
         digest = body_digest(body)
@@ -376,8 +376,8 @@ class Site:
         )
 
     def _refuse(self, request: RoundRequest, reason: str, detail: str = "") -> None:
-        """Post a signed refusal with ``reason``; ``detail`` (what the site's users have spent)
-        goes to the site's own log only."""
+        """Post a signed refusal with ``reason``; ``detail`` (the whole error, when ``reason``
+        leaves some of it out: :func:`public_reason`) goes to the site's own log only."""
         log.warning(
             "%s: refused %s round %d of run %s: %s",
             self.name,
@@ -703,6 +703,21 @@ def _release(request: RoundRequest, family: Family, *, peers_pinned: bool) -> Re
     if family.private:
         raise RefusedMessage(f"a private {request.kind} answer this site cannot account for")
     return None
+
+
+def public_reason(err: ValueError) -> str:
+    """What a refusal says on the Prefect API, which every reader there sees: a check of the
+    request (:class:`RefusedMessage`, :class:`SchemaError`, :class:`EncodingError`: their
+    messages name the request's fields or the coordinator's arrays) in its own words, the budget's public reason (no figure of what the site's users
+    spent), and of any other error only its type. Its message may quote the site's data (a
+    library's ``invalid literal for int(): 'u-4711'``, a count), so the whole of it goes to the
+    site's own log."""
+    if isinstance(err, RefusedMessage | SchemaError | EncodingError):
+        return str(err)
+    public = getattr(err, "public", None)
+    if isinstance(public, str):
+        return public
+    return f"could not compute its answer ({type(err).__name__}: the site's own log says why)"
 
 
 def _describe(request: RoundRequest) -> str:

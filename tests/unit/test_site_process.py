@@ -27,6 +27,7 @@ from models.sites.messages import (
     REQUEST,
     UNVERIFIED,
     BlobRef,
+    RefusedMessage,
     RoundRequest,
     body_digest,
     check_answer,
@@ -34,7 +35,7 @@ from models.sites.messages import (
     open_message,
     sign_message,
 )
-from models.sites.schema import check_answer_arrays
+from models.sites.schema import SchemaError, check_answer_arrays
 from models.sites.sealing import answer_key_field, new_answer_key, open_answer, sealing_context
 from models.sites.spec import family_spec
 from tests.sites_fakes import MemoryTransport
@@ -797,6 +798,53 @@ def test_a_budget_refusal_on_the_api_does_not_give_away_the_sites_user_count(tmp
     assert posted[314][0] == (
         "privacy budget of this site: this run asks epsilon 1e+06 more, which would take some "
         "of its users past their cap of epsilon 10: refused before anything of it was counted"
+    )
+
+
+@pytest.mark.parametrize("family", [PLAIN, PRIVATE], ids=["exact", "private"])
+def test_an_error_that_quotes_the_sites_data_reaches_only_the_sites_own_log(
+    world, caplog, monkeypatch, family
+):
+    """The attack: an error raised while the site computes its answer was posted on the Prefect
+    API in its own words, and a library's message may quote a value of the rows (here one of
+    the site's user ids, as ``int('u-5003')`` would). Every reader of the API saw it. Now the
+    refusal there names the error's type; the site's own log keeps the message."""
+    transport, key, start = world
+    secret = "5003"  # a user id of the site's rows
+
+    def fails(*args, **kwargs):
+        raise ValueError(f"invalid literal for int() with base 10: 'u-{secret}'")
+
+    monkeypatch.setattr(Site, "_train", fails)
+    request, _ = _ask(transport, family=family)
+    with caplog.at_level(logging.WARNING, logger="fedrec.site"):
+        start(allow_exact=True).poll_once()
+
+    reason = _refusal(transport, key, request)
+    assert reason == ("could not compute its answer (ValueError: the site's own log says why)")
+    posted = json.dumps([transport.artifacts, transport.logs], default=str)
+    assert f"u-{secret}" not in posted
+    assert any(f"u-{secret}" in r.getMessage() for r in caplog.records)  # its operator's
+
+
+def test_a_refusal_of_the_request_itself_names_what_was_wrong_on_the_api():
+    """A check of the request names the request's fields, which the coordinator wrote: those
+    words are posted, as is a budget's public reason (without the figures of its message)."""
+    from fedrec.sites.process import public_reason
+    from models.sites.budget import SiteBudgetError
+    from models.sites.encoding import EncodingError
+
+    assert public_reason(RefusedMessage("phase 'x' is not one of the als family's")) == (
+        "phase 'x' is not one of the als family's"
+    )
+    assert public_reason(SchemaError("state: 'factors' has shape (2,)")) == (
+        "state: 'factors' has shape (2,)"
+    )
+    assert public_reason(EncodingError("array 'gram' is float16")) == "array 'gram' is float16"
+    budget = SiteBudgetError("spent up to epsilon 9.1 of 10", public="past their cap")
+    assert public_reason(budget) == "past their cap"
+    assert public_reason(ValueError("3 users")) == (
+        "could not compute its answer (ValueError: the site's own log says why)"
     )
 
 
