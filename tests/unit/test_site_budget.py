@@ -108,6 +108,31 @@ def test_the_delta_cap_allows_its_number_of_runs_and_no_more(tmp_path):
         "privacy budget of this site: this full release would take some of its users past "
         "their delta cap (10 runs): refused"
     )
+    # and an eleventh run is refused at its enrolment, before its noisy count is charged
+    with pytest.raises(SiteBudgetError) as refused:
+        budget.check_run("run-10", 0.001)
+    assert refused.value.public == (
+        "privacy budget of this site: this run asks epsilon 0.001 more, which would take some "
+        "of its users past their delta cap (10 runs): refused before anything of it was counted"
+    )
+    budget.check_run("run-9", 0.001)  # a run already charged is not checked again
+
+
+def test_a_run_calibrated_at_the_sites_run_delta_is_counted_by_a_default_site_as_its_epsilon(
+    tmp_path,
+):
+    """The coordinator of a run over real sites calibrates its noise at ``SITE_RUN_DELTA``;
+    a site with the default cap counts each run at its own per-run delta. They must be one
+    number, or a site counts a run of epsilon 8 as more (or less) than 8."""
+    from models.sites.budget import SITE_RUN_DELTA
+
+    budget = SiteBudget(tmp_path, USERS, max_epsilon=10.0)
+    assert budget.run_delta == SITE_RUN_DELTA == pytest.approx(1e-7)
+    sigma = calibrate(8.0, 1.0, 5, SITE_RUN_DELTA, relative=(4.0,))
+    for _ in range(5):
+        budget.charge("run", Release("full", sigma))
+    spent = budget.charge("run", evaluation_release(MetricRelease(4.0 * sigma)))
+    assert 7.99 < spent.run_epsilon <= 8.0 + 1e-6
 
 
 def test_a_charge_reports_the_delta_its_users_have_spent(tmp_path):
