@@ -650,11 +650,10 @@ def rollback(tracking_uri: str | None, model_name: str | None, to: str | None, r
         model_name = names[0]
     _check_registered(model_name, names)
     try:
-        demoted, restored = roll_back(uri, model_name, to, reason)
+        demoted, restored, was = roll_back(uri, model_name, to, reason)
     except RollbackError as err:
         raise UserError(str(err)) from err
     tags = client.get_model_version(model_name, restored).tags
-    was = tags.get("fedrec.promoted") == "true"
     click.echo(
         f"{model_name}: champion is version {restored} {'again' if was else 'now'}, in place of "
         f"version {demoted} (models:/{model_name}@champion)"

@@ -771,6 +771,16 @@ class TrainingConfig(BaseModel):
         return "fedrec-neural" if self.implicit_model == "neural" else "fedrec-ranking"
 
     @property
+    def simulated_attack(self) -> str:
+        """What the run's simulated attack does, in words (``""``: none). A model trained under
+        one is registered for inspection and never promoted."""
+        if self.attack == "none" or self.attack_fraction == 0:
+            return ""
+        share = f"{self.attack_fraction:.0%} of the clients"
+        strength = f", strength {self.attack_scale:g}" if self.attack == "scale" else ""
+        return f"{self.attack} by {share}{strength}"
+
+    @property
     def promotion(self) -> str:
         """The metric that decides promotion (``promotion_metric`` or the family's default)."""
         if self.promotion_metric is not None:
@@ -905,6 +915,16 @@ class TrainingConfig(BaseModel):
         return hashlib.sha256(
             json.dumps(shaping, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
+
+    @classmethod
+    def simulation_fields(cls) -> list[str]:
+        """The fields that simulate attacks and faults, for tests and benchmarks: a deployment
+        does not take them (:mod:`fedrec.lock_parameters`)."""
+        return [
+            name
+            for name, field in cls.model_fields.items()
+            if (field.description or "").startswith("simulation:")
+        ]
 
     @classmethod
     def signature(cls) -> inspect.Signature:

@@ -6,7 +6,8 @@ mistake is one line and not a traceback, or a failed run at 02:00:
 
 A deployment of the training flow has its parameters checked as ``fedrec train`` checks its
 flags and config file (``fedrec serve`` checks the same): a value the configuration refuses, a
-data file that does not exist or cannot be read.
+data file that does not exist or cannot be read; and against the schema the Prefect server
+enforces once ``make deploy`` has locked it (JSON types as written, no simulation parameter).
 """
 
 from __future__ import annotations
@@ -47,6 +48,40 @@ def check_api() -> str:
     )
 
 
+def schema_refusal(parameters: dict[str, Any]) -> str | None:
+    """Why the Prefect server would refuse ``parameters`` against the training deployment's
+    locked schema (JSON types as written: ``"yes"`` is no boolean, though the configuration
+    would read it as one; no simulation parameter), or None."""
+    import re
+
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from fedrec.config import TrainingConfig
+    from fedrec.lock_parameters import locked_schema
+    from flows.training import federated_training
+
+    schema = locked_schema(parameter_schema(federated_training).model_dump_for_openapi())
+    try:
+        validate(parameters, schema, raise_on_error=True, ignore_required=True)
+    except ValidationError as err:
+        text = str(err)
+        field = re.search(r"for field '([^']+)'", text)
+        reason = text.split("Failure reason: ", 1)[-1].rstrip(".")
+        unexpected = re.search(r"\(('.*') (?:was|were) unexpected\)", reason)
+        if unexpected:
+            names = re.findall(r"'([^']+)'", unexpected[1])
+            one = len(names) == 1
+            if set(names) <= set(TrainingConfig.simulation_fields()):
+                what = f"{'a simulation parameter' if one else 'simulation parameters'}, for tests "
+                what += "and benchmarks"
+            else:
+                what = "not a parameter" if one else "not parameters"
+            return f"{', '.join(names)}: {what}; the server refuses {'it' if one else 'them'}"
+        return f"{field[1] + ': ' if field else ''}{reason}; the server refuses it"
+    return None
+
+
 def check_parameters(path: Path) -> None:
     """Check the parameters of every deployment of the training flow in ``path``: raises
     ``UserError`` naming the file, the deployment and the parameter of a value no run could
@@ -78,6 +113,9 @@ def check_parameters(path: Path) -> None:
                 err, dict.fromkeys(parameters, where), known=TrainingConfig.model_fields
             )
             raise UserError(f"invalid configuration: {line}") from err
+        refused = schema_refusal(parameters)  # what the configuration reads, the server may not
+        if refused:
+            raise UserError(f"{where}: {refused}")
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""Make a deployment's parameter schema refuse unknown parameter names.
+"""Make a deployment's parameter schema refuse unknown parameter names and simulations.
 
 Prefect derives a deployment's parameter schema from the flow's signature and, with
 ``enforce_parameter_schema``, refuses a run whose parameters break it, with an HTTP 409 naming the
@@ -58,16 +58,40 @@ def last_written(name: str) -> Any:
     return None if deployment is None else deployment.updated
 
 
+def locked_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` (a deployment's parameter schema, derived from the flow's signature) with
+    ``additionalProperties: false``, without the parameters that simulate attacks and faults
+    (for tests and benchmarks: a run that poisons its own model has no place on a production
+    schedule, so the server refuses them like an unknown name), and with each parameter's
+    description from the configuration, which the Prefect UI's run form shows."""
+    from fedrec.config import TrainingConfig
+
+    schema = dict(schema)
+    dropped = set(TrainingConfig.simulation_fields())
+    properties = {}
+    for key, spec in (schema.get("properties") or {}).items():
+        if key in dropped:
+            continue
+        field = TrainingConfig.model_fields.get(key)
+        if field is not None and field.description and not spec.get("description"):
+            spec = dict(spec) | {"description": field.description}
+        properties[key] = spec
+    schema["properties"] = properties
+    if "required" in schema:
+        schema["required"] = [key for key in schema["required"] if key not in dropped]
+    schema["additionalProperties"] = False
+    return schema
+
+
 def lock_parameters(name: str = DEPLOYMENT) -> list[str]:
-    """Set ``additionalProperties: false`` on deployment ``name``'s parameter schema (on the
-    Prefect API of ``PREFECT_API_URL``); returns the parameter names it allows."""
+    """Lock deployment ``name``'s parameter schema (on the Prefect API of
+    ``PREFECT_API_URL``) with :func:`locked_schema`; returns the parameter names it allows."""
     from prefect import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(name)
-        schema = dict(deployment.parameter_openapi_schema or {})
-        schema["additionalProperties"] = False
+        schema = locked_schema(deployment.parameter_openapi_schema or {})
         client.update_deployment(
             deployment.id,
             DeploymentUpdate(parameter_openapi_schema=schema, enforce_parameter_schema=True),
@@ -116,7 +140,10 @@ def lock_when_scheduled(name: str, since: Any, timeout: float = 120.0) -> list[s
 def main(argv: list[str]) -> int:
     name = argv[0] if argv else DEPLOYMENT
     allowed = lock_parameters(name)
-    print(f"{name}: refuses parameters other than its {len(allowed)} own")
+    print(
+        f"{name}: refuses parameters other than its {len(allowed)} own (not the simulation's "
+        "attack and fault parameters, which are for tests and benchmarks)"
+    )
     pinned = pin_store(name)
     if pinned is None:
         print(

@@ -51,6 +51,7 @@ from tasks.server import (
     server_step,
     warm_start,
 )
+from tasks.tracking import WARM_START_TAG, tag_run
 
 Spent = Callable[[int], dict[str, float]]
 
@@ -200,6 +201,7 @@ def _starting_state(ctx: RunContext, family: Family) -> tuple[Any, Progress | No
                 carried,
                 ctx.n_items,
             )
+            tag_run(ctx.uri, ctx.run_id, {WARM_START_TAG: str(version)})  # and its version's
             if ctx.champion_on_other_data:  # the caller's files under another name
                 logger.warning(
                     "the warm start takes champion version %s's items, trained on %s, to be this "

@@ -39,6 +39,7 @@ from tasks.tracking import (
     CHAMPION_PLANNED,
     DP_NOT_COVERED,
     HELD_OUT_TAG,
+    WARM_START_TAG,
     Champion,
     ResumeError,
     check_ledger_secret,
@@ -57,6 +58,7 @@ from tasks.tracking import (
     repeated_version,
     reserve_privacy_budget,
     resolve_tracking_uri,
+    run_tag,
     start_run,
     tag_run,
     untag_run,
@@ -417,6 +419,11 @@ def _train_and_register(
                     True, f"{decision.reason} (it replaces a champion trained on other data, "
                     f"{ctx.champion.source}; --model-name keeps one champion per dataset)",
                 )  # fmt: skip
+        if decision.promote and config.simulated_attack:  # a test's or benchmark's poisoning
+            decision = PromotionDecision(
+                False, f"{decision.reason}, but it was trained under a simulated attack "
+                f"({config.simulated_attack}): registered for inspection, never promoted",
+            )  # fmt: skip
         identity = {
             "fedrec.dataset_fingerprint": manifest.fingerprint,
             "fedrec.config_hash": config.config_hash(),
@@ -428,6 +435,11 @@ def _train_and_register(
             "fedrec.promotion_metric": config.promotion,
             HELD_OUT_TAG: held_out,
         } | ({} if config.dp_epsilon is None else {"fedrec.epsilon": str(config.dp_epsilon)})
+        if config.simulated_attack:
+            identity["fedrec.simulated_attack"] = config.simulated_attack
+        warm_started_from = run_tag(uri, run_id, WARM_START_TAG)  # set by the loop, resumes too
+        if warm_started_from is not None:
+            identity[WARM_START_TAG] = warm_started_from
         if ctx.dp_not_covered:  # on the version, where readers of the registry look
             identity[DP_NOT_COVERED] = ctx.dp_not_covered
         version = register_model(
@@ -447,6 +459,9 @@ def _train_and_register(
         )
         logger.info("model %s version %s: %s (%s)", name, version,
                     "promoted to champion" if decision.promote else "not promoted", decision.reason)  # fmt: skip
+        # the run says what became of it, as its version says which run it was
+        tag_run(uri, run_id, {"fedrec.model_version": f"{name}/{version}",
+                              "fedrec.promoted": str(decision.promote).lower()})  # fmt: skip
 
         per_client = client_table(
             list(trained.client_evaluations.values()),

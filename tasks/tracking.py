@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import mlflow
 import numpy as np
@@ -265,6 +265,15 @@ def tag_run(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
     client = _client(uri)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+#: on a run and its version: the champion version the run's training started from
+WARM_START_TAG = "fedrec.warm_started_from"
+
+
+def run_tag(uri: str, run_id: str, key: str) -> str | None:
+    """The training run's tag ``key`` (None: not set)."""
+    return _client(uri).get_run(run_id).data.tags.get(key)
 
 
 def untag_run(uri: str, run_id: str, key: str) -> None:
@@ -590,14 +599,27 @@ def repeated_version(
     return None
 
 
-def roll_back(
-    uri: str, model_name: str, to: str | None = None, reason: str = ""
-) -> tuple[str, str]:
+class RolledBack(NamedTuple):
+    demoted: str
+    restored: str
+    was_champion: bool  # the restored version had been champion before (promoted or restored)
+
+
+BY_HAND = "; by hand, "  # what a roll-back adds to a version's description starts so
+
+
+def _by_hand(description: str | None, note: str) -> str:
+    """``description`` with its roll-back note replaced by ``note`` (the latest only)."""
+    return f"{(description or '').split(BY_HAND, 1)[0]}{BY_HAND}{note}"
+
+
+def roll_back(uri: str, model_name: str, to: str | None = None, reason: str = "") -> RolledBack:
     """Move ``model_name``'s champion alias back to version ``to`` (default: the version the
     current champion replaced), under :func:`promotion_lock`. The demoted version is tagged
     ``ROLLED_BACK`` (a later run on its data and config trains nothing:
     :func:`repeated_version`), the restored one ``RESTORED``, and loses the
-    ``fedrec.replaced_by_version`` that no longer holds. Returns (demoted, restored).
+    ``fedrec.replaced_by_version`` that no longer holds; each one's description, which the
+    registry shows, ends with what the roll-back did (its run's own verdict stays before it).
 
     Raises
     ------
@@ -625,6 +647,8 @@ def roll_back(
         to = str(to)
         if to == demoted:
             raise RollbackError(f"--to {to}: version {to} is the champion already")
+        restored = client.get_model_version(model_name, to)
+        was_champion = restored.tags.get("fedrec.promoted") == "true" or RESTORED in restored.tags
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         why = f": {reason}" if reason else ""
         client.set_registered_model_alias(model_name, CHAMPION, to)
@@ -634,9 +658,17 @@ def roll_back(
         client.set_model_version_tag(
             model_name, to, RESTORED, f"{when}, champion again in place of version {demoted}{why}"
         )
-        if "fedrec.replaced_by_version" in client.get_model_version(model_name, to).tags:
+        if "fedrec.replaced_by_version" in restored.tags:
             client.delete_model_version_tag(model_name, to, "fedrec.replaced_by_version")
-    return demoted, to
+        client.update_model_version(
+            model_name, to, _by_hand(restored.description,
+                                     f"{when}: champion in place of version {demoted}{why}."),
+        )  # fmt: skip
+        client.update_model_version(
+            model_name, demoted, _by_hand(current.description,
+                                          f"{when}: rolled back, champion moved to version {to}{why}."),
+        )  # fmt: skip
+    return RolledBack(demoted, to, was_champion)
 
 
 @contextlib.contextmanager
@@ -1355,6 +1387,8 @@ def version_description(config: TrainingConfig, source: str, metrics: Mapping[st
     metric that decides promotion."""
     family = config.algorithm + ("" if config.ranker == "none" else f" + {config.ranker} re-ranker")
     privacy = "not private" if config.dp_epsilon is None else f"epsilon {config.dp_epsilon:g}"
+    if config.simulated_attack:
+        privacy += f"; under a simulated attack ({config.simulated_attack})"
     metric = config.promotion
     value = f"{metrics[metric]:.4f}" if metric in metrics else "not measured"
     return (

@@ -211,6 +211,11 @@ def test_deployment_has_the_schedule_limit_and_defaults(stack):
         deployment["concurrency_limit"] == 1 or deployment["global_concurrency_limit"]["limit"] == 1
     )
     assert deployment["work_pool_name"] == "fedrec-local"
+    # the Prefect UI's run form says what each parameter is, and offers no simulation
+    properties = deployment["parameter_openapi_schema"]["properties"]
+    assert properties["rounds"]["description"].startswith("federated rounds (default: 10")
+    assert all(spec.get("description") for spec in properties.values())
+    assert not {"attack", "fault_probability"} & set(properties)
     assert deployment["parameters"] == {"data": "synthetic", "warm_start": True}
     # the store in force at deployment, pinned for whatever worker runs it
     pinned = deployment["job_variables"]["env"]["MLFLOW_TRACKING_URI"]
@@ -302,8 +307,11 @@ def test_prefect_cli_trigger_with_p_overrides(stack):
 
 @pytest.mark.parametrize(
     ("parameters", "expected"),
-    [({"rounds": -1}, "rounds"), ({"algorithm": "svd"}, "algorithm"), ({"roundz": 5}, "roundz")],
-)
+    [({"rounds": -1}, "rounds"), ({"algorithm": "svd"}, "algorithm"), ({"roundz": 5}, "roundz"),
+     # the simulation's: for tests and benchmarks, never a production schedule
+     ({"attack": "scale", "attack_fraction": 0.2, "algorithm": "fedavg"}, "attack"),
+     ({"fault_probability": 0.5}, "fault_probability")],
+)  # fmt: skip
 def test_invalid_parameters_are_refused_by_the_server(stack, parameters, expected):
     before = _flow_runs(stack)
     status, body = _create_run(stack, parameters)

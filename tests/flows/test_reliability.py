@@ -228,9 +228,30 @@ def test_robust_rules_resist_an_attack_through_the_flow_where_the_mean_does_not(
     params = store["client"].get_run(runs["attacked-median"]["run_id"]).data.params
     assert params["attack"] == "sign_flip" and params["aggregation"] == "median"
 
+    assert runs["clean"]["promoted"] is True
+    assert not any(run["promoted"] for name, run in runs.items() if name != "clean")
     assert rmse["attacked-mean"] > rmse["clean"] + 0.3, rmse
     assert rmse["attacked-median"] < rmse["clean"] * 1.1, rmse
     assert rmse["attacked-screened"] < rmse["clean"] * 1.1, rmse
+
+
+def test_a_model_trained_under_a_simulated_attack_is_registered_but_never_promoted(store):
+    """A simulated attack poisons the model on purpose (for tests and benchmarks): run with the
+    production model's name, it became champion with nothing in the registry to say so."""
+    summary = _train(store, model_name="attacked-alone", algorithm="fedavg", clients=3,
+                     rounds=1, attack="scale", attack_fraction=1 / 3, attack_scale=3.0)  # fmt: skip
+
+    assert summary["promoted"] is False
+    assert summary["reason"].startswith("no champion yet")
+    assert summary["reason"].endswith(
+        ", but it was trained under a simulated attack (scale by 33% of the clients, strength "
+        "3): registered for inspection, never promoted"
+    )
+    client = store["client"]
+    version = client.get_model_version("attacked-alone", summary["model_version"])
+    assert version.tags["fedrec.simulated_attack"] == "scale by 33% of the clients, strength 3"
+    assert "not private; under a simulated attack (scale by 33%" in version.description
+    assert not client.get_registered_model("attacked-alone").aliases
 
 
 def test_a_candidate_whose_evaluation_failed_is_not_promoted(store, monkeypatch):

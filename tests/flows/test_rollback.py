@@ -4,6 +4,8 @@ why, and the nightly run does not promote the demoted model again on the same da
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from click.testing import CliRunner
 
@@ -131,3 +133,16 @@ def test_a_rollback_that_cannot_be_made_is_one_line_and_changes_nothing(store):
     back = _cli(store, "rollback", "--model-name", "solo")  # to the one it was compared with
     assert "solo: champion is version 1 again, in place of version 2" in back.stdout
     assert "note:" not in back.stderr
+    # version 2 has been champion (by hand), though its run did not promote it
+    again = _cli(store, "rollback", "--model-name", "solo", "--to", "2", "--reason", "test")
+    assert "solo: champion is version 2 again, in place of version 1" in again.stdout
+    assert "note:" not in again.stderr
+    # the registry's descriptions say what the roll-backs did after what the runs decided
+    client = store["client"]
+    two, one = client.get_model_version("solo", "2"), client.get_model_version("solo", "1")
+    assert two.description.startswith("als (explicit feedback), 2 rounds; data: ")
+    assert re.search(r"; by hand, \d{4}-\d\d-\d\d \d\d:\d\d UTC: champion in place of "
+                     r"version 1: test\.$", two.description), two.description  # fmt: skip
+    assert re.search(r"; by hand, [^;]+: rolled back, champion moved to version 2: test\.$",
+                     one.description), one.description  # fmt: skip
+    assert one.description.count("; by hand, ") == 1  # the latest roll-back only

@@ -453,6 +453,22 @@ def test_warm_start_from_the_champion_starts_where_it_left_off(store, first_run)
 
     assert warm_summary["metrics"]["valid/rmse"] < cold_summary["metrics"]["valid/rmse"] - 0.02
     assert warm_summary["metrics"]["valid/rmse"] < first_run["metrics"]["valid/rmse"] + 0.01
+    # the registry and the runs say where each started, and what became of each run
+    client = store["client"]
+    for summary, started in ((warm_summary, warm_summary["champion_metrics"] is not None),
+                             (cold_summary, False)):  # fmt: skip
+        version = client.get_model_version("flowtest", summary["model_version"])
+        tags = client.get_run(summary["run_id"]).data.tags
+        lineage = version.tags.get("fedrec.warm_started_from")
+        assert lineage == tags.get("fedrec.warm_started_from")
+        assert (lineage is not None) == started
+        assert tags["fedrec.model_version"] == f"flowtest/{summary['model_version']}"
+        assert tags["fedrec.promoted"] == str(summary["promoted"]).lower()
+    champion_then = client.get_model_version("flowtest", warm_summary["model_version"])
+    assert (
+        champion_then.tags["fedrec.warm_started_from"]
+        == (champion_then.tags["fedrec.compared_with_version"])
+    )
 
 
 def test_a_warm_start_from_a_champion_of_another_size_says_so_and_starts_cold(store):

@@ -70,6 +70,50 @@ def test_a_parameter_no_run_could_use_is_refused_naming_file_deployment_and_key(
     assert expected in refused.value.message and "\n" not in refused.value.message
 
 
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        # the configuration reads "yes" as true; the server's schema takes JSON types as written
+        ({"warm_start": "yes"}, "warm_start: 'yes' is not of type 'boolean'; the server refuses it"),
+        ({"attack": "scale", "attack_fraction": 0.2, "algorithm": "fedavg"},
+         "attack, attack_fraction: simulation parameters, for tests and benchmarks; the server "
+         "refuses them"),
+        ({"fault_probability": 0.1},
+         "fault_probability: a simulation parameter, for tests and benchmarks; the server "
+         "refuses it"),
+    ],
+)  # fmt: skip
+def test_a_parameter_the_configuration_takes_but_the_server_would_refuse_is_refused_first(
+    tmp_path, parameters, expected
+):
+    """``make deploy`` checked the file as ``fedrec train`` reads it, and Prefect then refused
+    the deployment with a page of HTTP 422 (``warm_start: "yes"``), or the locked deployment
+    refused its own defaults at every scheduled run."""
+    path = _with(tmp_path, **parameters)
+    with pytest.raises(UserError) as refused:
+        check_parameters(path)
+    assert refused.value.message == f"{path}: deployment 'nightly': parameters: {expected}"
+
+
+def test_the_locked_schema_describes_each_parameter_and_leaves_out_the_simulations():
+    from prefect.utilities.callables import parameter_schema
+
+    from fedrec.config import TrainingConfig
+    from fedrec.lock_parameters import locked_schema
+    from flows.training import federated_training
+
+    derived = parameter_schema(federated_training).model_dump_for_openapi()
+    locked = locked_schema(derived)
+
+    simulated = set(TrainingConfig.simulation_fields())
+    assert simulated >= {"attack", "attack_fraction", "fault_probability", "fault_clients"}
+    assert set(locked["properties"]) == set(derived["properties"]) - simulated
+    assert locked["additionalProperties"] is False
+    for name, spec in locked["properties"].items():
+        assert spec["description"] == TrainingConfig.model_fields[name].description, name
+    assert locked_schema(locked) == locked  # locking twice changes nothing
+
+
 def test_a_data_file_that_exists_but_cannot_be_read_is_refused_with_its_row(tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("user_id,item_id,rating\n1,2,4\n1,3,x\n")
