@@ -58,8 +58,9 @@ demo: setup ## train on built-in synthetic data (local Prefect server + SQLite M
 	@echo "             make mlflow-ui   -> http://127.0.0.1:$(MLFLOW_PORT)  (runs, metrics per round, model registry)"
 	@echo "Use it:      $(UV_SHOWN) run fedrec recommend --model models:/fedrec-mf@champion --history examples/history.csv --k 5"
 
+# without MLflow's job runner and its consumers (about 1.9 GB more; fedrec submits no jobs)
 mlflow-ui: setup ## MLflow UI on 127.0.0.1 for the local store
-	$(RUN) mlflow ui --backend-store-uri sqlite:///$(FEDREC_HOME)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(RUN) mlflow ui --backend-store-uri sqlite:///$(FEDREC_HOME)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 prefect-ui: server ## alias of `make server`: its UI shows the demo's flow runs too
 
