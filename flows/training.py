@@ -36,6 +36,7 @@ from tasks.data import check_sharding, data_fingerprint, load_interactions, shar
 from tasks.reporting import publish_summary
 from tasks.server import client_table, decide, latest_checkpoint
 from tasks.tracking import (
+    CANCELLED,
     CHAMPION_PLANNED,
     DP_NOT_COVERED,
     HELD_OUT_TAG,
@@ -263,6 +264,24 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         finish_run(uri, run_id, False, failure(err, config.dp_epsilon is not None))
         raise
     return _train_and_register(config, ctx)
+
+
+def _cancelled(err: BaseException) -> bool:
+    """Whether ``err`` is the signal that stops a flow run its operator cancelled: Prefect marks
+    the run Cancelling, then its worker terminates the process (a stop by systemd or ``kill``
+    comes as the same signal, on a run still Running)."""
+    from prefect.exceptions import TerminationSignal
+
+    if not isinstance(err, TerminationSignal) or flow_run.get_id() is None:
+        return False
+    try:
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.get_id()).state
+    except Exception:  # the server is out of reach: a failure, as before
+        return False
+    return state is not None and state.type.value in ("CANCELLING", "CANCELLED")
 
 
 def _learnt_from(champion: Champion | None, metric: str) -> str:
@@ -497,7 +516,7 @@ def _train_and_register(
         succeeded = True
         return summary
     except BaseException as err:
-        error = failure(err, config.dp_epsilon is not None)
+        error = CANCELLED if _cancelled(err) else failure(err, config.dp_epsilon is not None)
         raise
     finally:
         finish_run(uri, run_id, succeeded, error)

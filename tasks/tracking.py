@@ -1371,12 +1371,20 @@ def failure(err: BaseException, private: bool = False) -> str:
     return redact_text(text)[:500]
 
 
+#: the ``fedrec.error`` of a run its operator cancelled in Prefect (the UI, the API or
+#: ``prefect flow-run cancel``): not a failure, and marked KILLED
+CANCELLED = "cancelled in Prefect (a resume continues it)"
+
+
 @task(name="finish-tracking", **_RETRY)
 def finish_run(uri: str, run_id: str, succeeded: bool, error: str | None = None) -> None:
-    """Mark the MLflow run FINISHED, or FAILED when the flow raised, tagged with ``error`` (why,
-    in one line) so that the run says it where its readers look."""
+    """Mark the MLflow run FINISHED, or FAILED when the flow raised (KILLED when its operator
+    cancelled it: ``error`` is :data:`CANCELLED`), tagged with ``error`` (why, in one line) so
+    that the run says it where its readers look."""
     client = _client(uri)
     status = RunStatus.FINISHED if succeeded else RunStatus.FAILED
+    if error == CANCELLED:
+        status = RunStatus.KILLED
     if error is not None:
         client.set_tag(run_id, ERROR_TAG, error)
     client.set_terminated(run_id, RunStatus.to_string(status))

@@ -356,6 +356,48 @@ def test_the_schedule_produced_scheduled_runs(stack):
     assert all((t.hour, t.minute) == (2, 0) for t in starts)
 
 
+def _running(stack, run_id: str, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while (run := _http("GET", f"{stack['api']}/flow_runs/{run_id}")[1])["state"][
+        "type"
+    ] != "RUNNING":
+        assert time.time() < deadline, run["state"]
+        time.sleep(1)
+    return run
+
+
+def test_a_run_its_operator_cancels_is_killed_in_mlflow_not_failed(stack):
+    """A cancel (the UI, the API, ``prefect flow-run cancel``) stops the run's process with the
+    signal a crash or ``kill`` sends; the MLflow run said FAILED, TerminationSignal."""
+    status, run = _create_run(stack, SMALL | {"rounds": 1000, "model_name": "cancelled"})
+    assert status == 201, run
+    _running(stack, run["id"])
+    mlflow_client = stack["mlflow"]
+    query = f"tags.`prefect.flow_run_id` = '{run['id']}'"
+    deadline = time.time() + 120
+    while not (found := mlflow_client.search_runs(_experiments(stack), query)):
+        assert time.time() < deadline, "no MLflow run for the flow run"
+        time.sleep(1)
+    cancel = {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True}
+    status, answer = _http("POST", f"{stack['api']}/flow_runs/{run['id']}/set_state", cancel)
+    assert status in (200, 201), answer
+
+    ended = _wait(stack, run["id"], timeout=180)
+
+    assert ended["state"]["type"] == "CANCELLED", ended["state"]
+    (tracked,) = found
+    deadline = time.time() + 60
+    while (info := mlflow_client.get_run(tracked.info.run_id)).info.status == "RUNNING":
+        assert time.time() < deadline, "the MLflow run was not ended"
+        time.sleep(1)
+    assert info.info.status == "KILLED", info.data.tags.get("fedrec.error")
+    assert info.data.tags["fedrec.error"] == "cancelled in Prefect (a resume continues it)"
+
+
+def _experiments(stack) -> list[str]:
+    return [e.experiment_id for e in stack["mlflow"].search_experiments()]
+
+
 def test_a_run_whose_worker_is_killed_with_it_becomes_crashed(stack):
     """Last in this file: it kills the worker. Nothing is left to report the run's end, so
     only the silent-run automation can end it; it does after three heartbeat periods, which
