@@ -846,17 +846,21 @@ def close_ended_runs(uri: str) -> list[str]:
         over = _flow_run_over(run.data.tags.get("prefect.flow_run_id"))
         if over is None:
             continue
-        client.set_tag(run.info.run_id, ERROR_TAG, f"its flow run ended {over} in Prefect")
-        client.set_terminated(run.info.run_id, status="KILLED")
+        state, ended = over
+        client.set_tag(run.info.run_id, ERROR_TAG, f"its flow run ended {state} in Prefect")
+        # it ended when Prefect ended its flow run, not now: its duration says how long it ran
+        end_time = None if ended is None else max(ended, run.info.start_time)
+        client.set_terminated(run.info.run_id, status="KILLED", end_time=end_time)
         closed.append(run.info.run_id)
     return closed
 
 
-def _flow_run_over(flow_run_id: str | None) -> str | None:
+def _flow_run_over(flow_run_id: str | None) -> tuple[str, int | None] | None:
     """The final state (``CRASHED``, ...) Prefect gives the flow run that carried a training
-    run, or None while it may still be running, or when Prefect cannot say. A run killed under a
-    worker or ``fedrec serve`` stays RUNNING in MLflow, since nothing of it is left to close it;
-    its flow run's state tells that it decides nothing any more."""
+    run, and when it took that state (epoch milliseconds; None: not said), or None while it may
+    still be running, or when Prefect cannot say. A run killed under a worker or ``fedrec
+    serve`` stays RUNNING in MLflow, since nothing of it is left to close it; its flow run's
+    state tells that it decides nothing any more."""
     if not flow_run_id:
         return None
     try:
@@ -866,7 +870,10 @@ def _flow_run_over(flow_run_id: str | None) -> str | None:
             state = prefect.read_flow_run(flow_run_id).state
     except Exception:  # no such flow run on this server, or no server: it cannot tell
         return None
-    return state.type.value if state is not None and state.is_final() else None
+    if state is None or not state.is_final():
+        return None
+    when = getattr(state, "timestamp", None)
+    return state.type.value, None if when is None else int(when.timestamp() * 1000)
 
 
 LEDGER_EXPERIMENT = "fedrec-privacy-ledger"

@@ -4,6 +4,7 @@ left behind by a crash between registration and promotion is marked, never promo
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -332,6 +333,7 @@ def test_a_version_of_a_run_whose_flow_run_crashed_is_repaired_not_left_running(
 def test_a_run_whose_flow_run_crashed_before_registering_is_closed(store):
     """A run killed with its worker before it registered anything left no version for the
     repair: its MLflow run said RUNNING for good. The next run closes it."""
+    from prefect.client.orchestration import get_client
     from prefect.states import Crashed, Running
 
     import tasks.tracking as tracking
@@ -344,11 +346,17 @@ def test_a_run_whose_flow_run_crashed_before_registering_is_closed(store):
         client.set_tag(run_id, "prefect.flow_run_id", _flow_run(state, store["uri"]))
         runs[name] = run_id
 
+    time.sleep(1.5)  # the next run comes later than its flow run's crash
     closed = tracking.close_ended_runs.fn(store["uri"])
 
     assert closed == [runs["crashed"]]
     lost = client.get_run(runs["crashed"])
     assert lost.info.status == "KILLED"
+    # it ended when Prefect marked its flow run, not when the next run closed it
+    with get_client(sync_client=True) as prefect:
+        crashed_at = prefect.read_flow_run(lost.data.tags["prefect.flow_run_id"]).state.timestamp
+    assert lost.info.end_time == int(crashed_at.timestamp() * 1000)
+    assert lost.info.end_time < time.time() * 1000 - 1000
     assert lost.data.tags["fedrec.error"] == "its flow run ended CRASHED in Prefect"
     assert client.get_run(runs["running"]).info.status == "RUNNING"  # it may be training now
     client.set_terminated(runs["running"], "FINISHED")
