@@ -708,10 +708,10 @@ def _release(request: RoundRequest, family: Family, *, peers_pinned: bool) -> Re
 def public_reason(err: ValueError) -> str:
     """What a refusal says on the Prefect API, which every reader there sees: a check of the
     request (:class:`RefusedMessage`, :class:`SchemaError`, :class:`EncodingError`: their
-    messages name the request's fields or the coordinator's arrays) in its own words, the budget's public reason (no figure of what the site's users
-    spent), and of any other error only its type. Its message may quote the site's data (a
-    library's ``invalid literal for int(): 'u-4711'``, a count), so the whole of it goes to the
-    site's own log."""
+    messages name the request's fields or the coordinator's arrays) in its own words, the
+    budget's public reason (no figure of what the site's users spent), and of any other error
+    only its type. Its message may quote the site's data (a library's ``invalid literal for
+    int(): 'u-4711'``, a count), so the whole of it goes to the site's own log."""
     if isinstance(err, RefusedMessage | SchemaError | EncodingError):
         return str(err)
     public = getattr(err, "public", None)
