@@ -86,8 +86,9 @@ def round_clients(
 
 def privacy_plan(ctx: RunContext) -> Privacy | None:
     """With ``dp_epsilon``: the noise multiplier calibrated to it over the whole training (delta
-    defaults to 1 / users; over real sites, to the delta each site counts a run at), with Poisson sampling of users at ``client_fraction`` (the sampling
-    that runs: :func:`round_clients`). Every training release is one of the ``rounds`` sampled
+    defaults to 1 / users; over real sites, to the delta each site counts a run at), with
+    Poisson sampling of users at ``client_fraction`` (the sampling that runs:
+    :func:`round_clients`). Every training release is one of the ``rounds`` sampled
     rounds (explicit MF's biases phase is its first); the final evaluation is one more release
     from every user, and the champion's evaluation one more when there is a champion, each with
     a noise multiplier a fixed multiple of the training's

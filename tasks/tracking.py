@@ -1380,7 +1380,7 @@ def failure(err: BaseException, private: bool = False) -> str:
 
 #: the ``fedrec.error`` of a run its operator cancelled in Prefect (the UI, the API or
 #: ``prefect flow-run cancel``): not a failure, and marked KILLED
-CANCELLED = "cancelled in Prefect (a resume continues it)"
+CANCELLED = "cancelled in Prefect"
 
 
 @task(name="finish-tracking", **_RETRY)
