@@ -845,6 +845,11 @@ def serve(cron: str | None, params: tuple[str, ...]) -> None:
             raise UserError(f"--param {item!r}: expected KEY=VALUE")
         parameters[key] = yaml.safe_load(value)
     TrainingConfig(**parameters)  # fail here, not at 2 a.m.
+    from fedrec.deployment_check import schema_refusal
+
+    refused = schema_refusal(parameters)  # the locked deployment would refuse its own runs
+    if refused:
+        raise UserError(f"--param: {refused}")
     schedule = spec["schedules"][0]
     _quiet_prefect(debug=False)
     from prefect.schedules import Cron

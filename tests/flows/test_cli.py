@@ -465,6 +465,11 @@ def test_serve_reads_the_nightly_deployment_and_checks_overrides_before_serving(
         and "rounds (--rounds): Input should be greater than or equal to 1" in bad_value.stderr
     )
     assert bad_form.exit_code == 2 and "expected KEY=VALUE" in bad_form.stderr
+    # a value the configuration reads but the locked deployment would refuse at every run
+    for item, said in (("fault_probability=0.5", "fault_probability: a simulation parameter"),
+                       ("warm_start='yes'", "warm_start: 'yes' is not of type 'boolean'")):  # fmt: skip
+        refused = CliRunner().invoke(main, ["serve", "--param", item])
+        assert refused.exit_code == 2 and f"--param: {said}" in refused.stderr, refused.stderr
 
 
 def test_make_deploys_check_finds_a_running_prefect_server(prefect_server):
