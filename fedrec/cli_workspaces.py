@@ -94,7 +94,12 @@ def workspaces(prune: bool, days: float, remove: tuple[str, ...]) -> None:
     fedrec workspaces --prune --older-than 1
     fedrec workspaces --remove RUN_ID      delete one run's workspace
     """
-    from fedrec.model_store import recorded_store, resume_command
+    from fedrec.model_store import (
+        recorded_store,
+        resolve_tracking_uri,
+        resume_command,
+        run_in_store,
+    )
     from models.data.partitions import is_finished, read_manifest, remove_workspace
 
     given = click.get_current_context().get_parameter_source("days")
@@ -123,7 +128,13 @@ def workspaces(prune: bool, days: float, remove: tuple[str, ...]) -> None:
         elif read_manifest(w.path).source.startswith("sites:"):
             click.echo(f"{line}  a run of real sites: not resumed (train again with --sites)")
         else:
-            click.echo(f"{line}  resume: {resume_command(w.path.name, recorded_store(w.path))}")
+            store = recorded_store(w.path)
+            in_store = run_in_store(store or resolve_tracking_uri(create=False), w.path.name)
+            if in_store is False:  # deleted, or removed by mlflow gc: --resume would not find it
+                click.echo(f"{line}  its MLflow run is gone from its store (deleted): nothing "
+                           f"to resume; fedrec workspaces --remove {w.path.name} frees it")  # fmt: skip
+            else:
+                click.echo(f"{line}  resume: {resume_command(w.path.name, store)}")
     for path in others:
         click.echo(f"{path.name}  not a run workspace (no fedrec manifest): left alone")
     if prune:

@@ -104,6 +104,26 @@ def recorded_store(workspace: str | Path) -> str | None:
         return None
 
 
+def run_in_store(uri: str, run_id: str) -> bool | None:
+    """Whether a local SQLite store ``uri`` still holds the run ``run_id`` (False: never, or
+    deleted, or removed by ``mlflow gc``); None for any other store, or one this code cannot read
+    (read-only, with the standard library: no MLflow import)."""
+    path = sqlite_path(uri)
+    if path is None or not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            row = db.execute(
+                "SELECT lifecycle_stage FROM runs WHERE run_uuid = ?", (run_id,)
+            ).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return row is not None and row[0] != "deleted"
+
+
 class TrackingStoreError(OSError):
     """A tracking URI that names no usable store (a one-line message naming it)."""
 

@@ -201,3 +201,35 @@ def test_remove_deletes_the_named_runs_workspaces_and_refuses_a_name_not_there(
     assert not one.exists() and not two.exists() and kept.exists() and other.exists()
     assert runner.invoke(main, ["workspaces", "--remove", "run-c", "--prune"]).exit_code == 2
     assert kept.exists()
+
+
+def test_a_workspace_whose_run_is_gone_from_its_store_offers_no_resume(tmp_path, monkeypatch):
+    """After `mlflow gc` (or a deleted run) the listing offered `fedrec train --resume ID`,
+    which then answered 'no such MLflow run'."""
+    from mlflow import MlflowClient
+
+    from fedrec.model_store import record_store, run_in_store
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("fedrec.USER_TRACKING_URI", None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("fedrec", (tmp_path / "artifacts").as_uri())
+    live, deleted = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.delete_run(deleted)
+    absent = "0" * 32
+    for days, run_id in enumerate((live, deleted, absent), start=1):
+        record_store(_workspace(tmp_path / "workspaces", run_id, days_old=days), uri)
+
+    assert [run_in_store(uri, r) for r in (live, deleted, absent)] == [True, False, False]
+    assert run_in_store("http://127.0.0.1:1", live) is None  # not a store it reads
+    assert run_in_store(f"sqlite:///{tmp_path / 'none.db'}", live) is None
+    lines = CliRunner().invoke(main, ["workspaces"]).output.splitlines()
+
+    assert lines[0].startswith(live) and lines[0].endswith(f"resume: fedrec train --resume {live}")
+    for line, run_id in zip(lines[1:], (deleted, absent), strict=True):
+        assert line.startswith(run_id) and line.endswith(
+            "its MLflow run is gone from its store (deleted): nothing to resume; "
+            f"fedrec workspaces --remove {run_id} frees it"
+        ), line
