@@ -61,13 +61,13 @@ def store(tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        # artifacts beside the store, as fedrec's runs keep them (MLflow's default: ./mlruns)
-        artifacts = (root / "mlartifacts").as_uri()
-        mlflow.set_experiment(experiment_id=mlflow.create_experiment("s", artifacts))
+        # artifacts beside the store, as fedrec's runs keep them (MLflow's default: ./mlruns);
+        # no set_experiment: it would stay the process's active experiment for later tests
+        experiment = mlflow.create_experiment("s", (root / "mlartifacts").as_uri())
         models = {"1": _mf(["a", "b", "c"], 1), "2": _mf(["w", "x", "y", "z"], 2)}
         runs = {}
         for version, model in models.items():
-            with mlflow.start_run() as run:
+            with mlflow.start_run(experiment_id=experiment) as run:
                 pass
             runs[version] = run.info.run_id
             assert register_model.fn(uri, run.info.run_id, model, "m", {}) == version
@@ -77,7 +77,7 @@ def store(tmp_path_factory):
         client.delete_model_version("m", "4")
         client.set_registered_model_alias("m", "champion", "2")
         client.set_registered_model_alias("m", "old", "1")
-        with mlflow.start_run() as run:
+        with mlflow.start_run(experiment_id=experiment) as run:
             pass
         register_model.fn(uri, run.info.run_id, _mf(["q"], 3), "other", {})
         client.create_registered_model("empty")
