@@ -94,12 +94,7 @@ def workspaces(prune: bool, days: float, remove: tuple[str, ...]) -> None:
     fedrec workspaces --prune --older-than 1
     fedrec workspaces --remove RUN_ID      delete one run's workspace
     """
-    from fedrec.model_store import (
-        recorded_store,
-        resolve_tracking_uri,
-        resume_command,
-        run_in_store,
-    )
+    from fedrec.model_store import recorded_store, resume_command, run_in_store
     from models.data.partitions import is_finished, read_manifest, remove_workspace
 
     given = click.get_current_context().get_parameter_source("days")
@@ -128,8 +123,8 @@ def workspaces(prune: bool, days: float, remove: tuple[str, ...]) -> None:
         elif read_manifest(w.path).source.startswith("sites:"):
             click.echo(f"{line}  a run of real sites: not resumed (train again with --sites)")
         else:
-            store = recorded_store(w.path)
-            in_store = run_in_store(store or resolve_tracking_uri(create=False), w.path.name)
+            store = recorded_store(w.path)  # the run's own (none: it cannot tell)
+            in_store = None if store is None else run_in_store(store, w.path.name)
             if in_store is False:  # deleted, or removed by mlflow gc: --resume would not find it
                 click.echo(f"{line}  its MLflow run is gone from its store (deleted): nothing "
                            f"to resume; fedrec workspaces --remove {w.path.name} frees it")  # fmt: skip

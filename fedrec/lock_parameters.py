@@ -63,8 +63,11 @@ def locked_schema(schema: dict[str, Any]) -> dict[str, Any]:
     ``additionalProperties: false``, without the parameters that simulate attacks and faults
     (for tests and benchmarks: a run that poisons its own model has no place on a production
     schedule, so the server refuses them like an unknown name), and with each parameter's
-    description from the configuration, which the Prefect UI's run form shows."""
-    from fedrec.config import TrainingConfig
+    description from the configuration, which the Prefect UI's run form shows. What the
+    configuration checks that JSON Schema can say is said too, so that the server refuses it at
+    creation rather than the run a moment later, in the queue's slot: a model name's form, and
+    files that go together (``train`` with ``test``, ``valid`` with both)."""
+    from fedrec.config import MODEL_NAME, TrainingConfig
 
     schema = dict(schema)
     dropped = set(TrainingConfig.simulation_fields())
@@ -75,8 +78,11 @@ def locked_schema(schema: dict[str, Any]) -> dict[str, Any]:
         field = TrainingConfig.model_fields.get(key)
         if field is not None and field.description and not spec.get("description"):
             spec = dict(spec) | {"description": field.description}
+        if key == "model_name":
+            spec = dict(spec) | {"pattern": f"^{MODEL_NAME.pattern}$"}
         properties[key] = spec
     schema["properties"] = properties
+    schema["dependentRequired"] = {"train": ["test"], "test": ["train"], "valid": ["train", "test"]}
     if "required" in schema:
         schema["required"] = [key for key in schema["required"] if key not in dropped]
     schema["additionalProperties"] = False

@@ -847,7 +847,9 @@ def close_ended_runs(uri: str) -> list[str]:
         if over is None:
             continue
         state, ended = over
-        client.set_tag(run.info.run_id, ERROR_TAG, f"its flow run ended {state} in Prefect")
+        # a cancel whose process was stopped before it could say so itself
+        why = CANCELLED if state == "CANCELLED" else f"its flow run ended {state} in Prefect"
+        client.set_tag(run.info.run_id, ERROR_TAG, why)
         # it ended when Prefect ended its flow run, not now: its duration says how long it ran
         end_time = None if ended is None else max(ended, run.info.start_time)
         client.set_terminated(run.info.run_id, status="KILLED", end_time=end_time)

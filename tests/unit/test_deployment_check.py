@@ -114,6 +114,38 @@ def test_the_locked_schema_describes_each_parameter_and_leaves_out_the_simulatio
     assert locked_schema(locked) == locked  # locking twice changes nothing
 
 
+@pytest.mark.parametrize(
+    ("parameters", "refused"),
+    [
+        ({"model_name": "bad name!"}, "'bad name!' does not match"),
+        ({"train": "ratings.csv"}, "'test' is a dependency of 'train'"),
+        ({"valid": "valid.csv"}, "'train' is a dependency of 'valid'"),
+        ({"model_name": "shop-1.b"}, None),
+        ({"model_name": None, "train": "a.csv", "test": "b.csv"}, None),
+    ],
+)
+def test_the_locked_schema_refuses_at_creation_what_the_run_would_refuse_a_moment_later(
+    parameters, refused
+):
+    """With Prefect's own validator, the one its server applies when a run is created: such a
+    run used to be created, wait for the deployment's slot and fail in its first second."""
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import ValidationError, validate
+
+    from fedrec.config import TrainingConfig
+    from fedrec.lock_parameters import locked_schema
+    from flows.training import federated_training
+
+    schema = locked_schema(parameter_schema(federated_training).model_dump_for_openapi())
+    if refused is None:
+        validate(parameters, schema, raise_on_error=True, ignore_required=True)
+        return
+    with pytest.raises(ValidationError, match=refused):
+        validate(parameters, schema, raise_on_error=True, ignore_required=True)
+    with pytest.raises(ValueError, match=r"model_name|go together|needs --train"):  # as it does
+        TrainingConfig(**parameters)
+
+
 def test_a_data_file_that_exists_but_cannot_be_read_is_refused_with_its_row(tmp_path):
     data = tmp_path / "ratings.csv"
     data.write_text("user_id,item_id,rating\n1,2,4\n1,3,x\n")
