@@ -51,35 +51,31 @@ def check_api() -> str:
 def schema_refusal(parameters: dict[str, Any]) -> str | None:
     """Why the Prefect server would refuse ``parameters`` against the training deployment's
     locked schema (JSON types as written: ``"yes"`` is no boolean, though the configuration
-    would read it as one; no simulation parameter), or None."""
-    import re
-
+    would read it as one; no simulation parameter), or None. Prefect's own validator, the one
+    its server applies, gives the first error."""
     from prefect.utilities.callables import parameter_schema
-    from prefect.utilities.schema_tools import ValidationError, validate
+    from prefect.utilities.schema_tools import validate
 
     from fedrec.config import TrainingConfig
     from fedrec.lock_parameters import locked_schema
     from flows.training import federated_training
 
     schema = locked_schema(parameter_schema(federated_training).model_dump_for_openapi())
-    try:
-        validate(parameters, schema, raise_on_error=True, ignore_required=True)
-    except ValidationError as err:
-        text = str(err)
-        field = re.search(r"for field '([^']+)'", text)
-        reason = text.split("Failure reason: ", 1)[-1].rstrip(".")
-        unexpected = re.search(r"\(('.*') (?:was|were) unexpected\)", reason)
-        if unexpected:
-            names = re.findall(r"'([^']+)'", unexpected[1])
-            one = len(names) == 1
-            if set(names) <= set(TrainingConfig.simulation_fields()):
-                what = f"{'a simulation parameter' if one else 'simulation parameters'}, for tests "
-                what += "and benchmarks"
-            else:
-                what = "not a parameter" if one else "not parameters"
-            return f"{', '.join(names)}: {what}; the server refuses {'it' if one else 'them'}"
-        return f"{field[1] + ': ' if field else ''}{reason}; the server refuses it"
-    return None
+    errors = validate(parameters, schema, raise_on_error=False, ignore_required=True)
+    if not errors:
+        return None
+    error = errors[0]
+    if error.validator == "additionalProperties":
+        names = sorted(set(parameters) - set(schema["properties"]))
+        one = len(names) == 1
+        if set(names) <= set(TrainingConfig.simulation_fields()):
+            what = "a simulation parameter" if one else "simulation parameters"
+            what += ", for tests and benchmarks"
+        else:
+            what = "not a parameter" if one else "not parameters"
+        return f"{', '.join(names)}: {what}; the server refuses {'it' if one else 'them'}"
+    field = f"{error.path[0]}: " if error.path else ""
+    return f"{field}{error.message}; the server refuses it"
 
 
 def check_parameters(path: Path) -> None:

@@ -112,7 +112,7 @@ def run_in_store(uri: str, run_id: str) -> bool | None:
     if path is None or not path.is_file():
         return None
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        db = _read_only(path)
         try:
             row = db.execute(
                 "SELECT lifecycle_stage FROM runs WHERE run_uuid = ?", (run_id,)
@@ -220,6 +220,11 @@ def _local_folder(location: str | None) -> Path | None:
     return None
 
 
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the SQLite file ``path``: reading never writes to a store."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+
+
 def _registered(db: sqlite3.Connection) -> list[str]:
     return [name for (name,) in db.execute("SELECT name FROM registered_models ORDER BY name")]
 
@@ -247,7 +252,7 @@ def _state_from_sqlite(path: Path, model_uri: str) -> Path | None:
         return None
     name, alias, version = match["name"], match["alias"], match["version"]
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        db = _read_only(path)
     except sqlite3.Error:
         return None
     try:

@@ -281,9 +281,11 @@ def _write_sites_yaml(
 def _site_epsilon(folder: Path, names: Sequence[str], flow_run_id: str) -> dict[str, float]:
     """What each site counted for the run against its users' budget, from its own state folder
     (the demo is every site's operator too)."""
+    from fedrec.sites.budget import ENTRIES
+
     spent = {}
     for name in names:
-        path = folder / "sites" / name / "state" / "budget" / "entries.jsonl"
+        path = folder / "sites" / name / "state" / "budget" / ENTRIES
         lines = path.read_text().splitlines() if path.is_file() else []
         entries = [json.loads(line) for line in lines if line.strip()]
         spent[name] = round(sum(e["epsilon"] for e in entries if e["run"] == flow_run_id), 4)

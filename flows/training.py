@@ -47,6 +47,7 @@ from tasks.tracking import (
     close_ended_runs,
     failure,
     finish_run,
+    flow_run_state,
     interrupted_run,
     ledger_fingerprint,
     ledger_request,
@@ -272,15 +273,9 @@ def _cancelled(err: BaseException) -> bool:
     comes as the same signal, on a run still Running)."""
     from prefect.exceptions import TerminationSignal
 
-    if not isinstance(err, TerminationSignal) or flow_run.get_id() is None:
+    if not isinstance(err, TerminationSignal):
         return False
-    try:
-        from prefect import get_client
-
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(flow_run.get_id()).state
-    except Exception:  # the server is out of reach: a failure, as before
-        return False
+    state = flow_run_state(flow_run.get_id())  # None (the server out of reach): a failure
     return state is not None and state.type.value in ("CANCELLING", "CANCELLED")
 
 

@@ -857,21 +857,27 @@ def close_ended_runs(uri: str) -> list[str]:
     return closed
 
 
-def _flow_run_over(flow_run_id: str | None) -> tuple[str, int | None] | None:
-    """The final state (``CRASHED``, ...) Prefect gives the flow run that carried a training
-    run, and when it took that state (epoch milliseconds; None: not said), or None while it may
-    still be running, or when Prefect cannot say. A run killed under a worker or ``fedrec
-    serve`` stays RUNNING in MLflow, since nothing of it is left to close it; its flow run's
-    state tells that it decides nothing any more."""
+def flow_run_state(flow_run_id: str | None) -> Any:
+    """The state Prefect gives flow run ``flow_run_id`` now; None when it has none, or cannot
+    say (no such flow run on this server, or no server)."""
     if not flow_run_id:
         return None
     try:
         from prefect.client.orchestration import get_client
 
         with get_client(sync_client=True) as prefect:
-            state = prefect.read_flow_run(flow_run_id).state
-    except Exception:  # no such flow run on this server, or no server: it cannot tell
+            return prefect.read_flow_run(flow_run_id).state
+    except Exception:
         return None
+
+
+def _flow_run_over(flow_run_id: str | None) -> tuple[str, int | None] | None:
+    """The final state (``CRASHED``, ...) Prefect gives the flow run that carried a training
+    run, and when it took that state (epoch milliseconds; None: not said), or None while it may
+    still be running, or when Prefect cannot say. A run killed under a worker or ``fedrec
+    serve`` stays RUNNING in MLflow, since nothing of it is left to close it; its flow run's
+    state tells that it decides nothing any more."""
+    state = flow_run_state(flow_run_id)
     if state is None or not state.is_final():
         return None
     when = getattr(state, "timestamp", None)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fedrec.local_server import free_port
 from fedrec.model_store import (
     ModelNotFoundError,
     TrackingServerDown,
@@ -307,12 +307,6 @@ def test_a_sqlite_store_in_a_missing_folder_is_refused_and_the_hints_name_the_fo
     assert str(refused.value).endswith("mysql://USER@HOST/DB"), refused.value
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class _Answer(http.server.BaseHTTPRequestHandler):
     status = 200
 
@@ -340,7 +334,7 @@ def test_a_tracking_server_that_answers_is_accepted(status):
 
 
 def test_a_tracking_server_that_does_not_answer_is_refused_in_seconds_with_its_password_masked():
-    uri = f"http://u:secret@127.0.0.1:{_free_port()}"
+    uri = f"http://u:secret@127.0.0.1:{free_port()}"
     started = time.monotonic()
 
     with pytest.raises(TrackingServerDown) as refused:
