@@ -970,6 +970,11 @@ class TrainingConfig(BaseModel):
             values |= {"factors": ranking.n_factors, "reg": ranking.reg}
         if self.sites is not None:  # the sites hold the data: no simulated data was used
             values = {k: v for k, v in values.items() if k not in _SIMULATED_DATA}
+        else:  # only the data settings the run reads: split files, or a source
+            unread = ("data",) if self.train is not None else ()
+            if self.train is not None or self.data != "synthetic":
+                unread += _SYNTHETIC_DATA
+            values = {k: v for k, v in values.items() if k not in unread}
         return {k: "" if v is None else str(v) for k, v in values.items()}
 
 
@@ -1017,3 +1022,5 @@ _SIMULATED_DATA = (
     "key_prefix", "synthetic_users", "synthetic_items", "synthetic_interactions",
     "synthetic_taste", "synthetic_seed", "repeats",
 )  # fmt: skip
+# the settings of the built-in synthetic data, which a run on a file or on MovieLens does not read
+_SYNTHETIC_DATA = tuple(name for name in _SIMULATED_DATA if name.startswith("synthetic_"))

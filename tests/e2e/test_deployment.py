@@ -216,7 +216,8 @@ def test_deployment_has_the_schedule_limit_and_defaults(stack):
     assert properties["rounds"]["description"].startswith("federated rounds (default: 10")
     assert all(spec.get("description") for spec in properties.values())
     assert not {"attack", "fault_probability"} & set(properties)
-    assert deployment["parameters"] == {"data": "synthetic", "warm_start": True}
+    # the data is the configuration's default: a run given split files lists no other source
+    assert deployment["parameters"] == {"warm_start": True}
     # the store in force at deployment, pinned for whatever worker runs it
     pinned = deployment["job_variables"]["env"]["MLFLOW_TRACKING_URI"]
     assert pinned == stack["env"]["MLFLOW_TRACKING_URI"]

@@ -236,6 +236,20 @@ def test_mlflow_params_hold_the_values_a_run_uses_not_unset_defaults():
     assert TrainingConfig(factors=7).flat_params()["factors"] == "7"  # given: as given
 
 
+def test_mlflow_params_hold_only_the_data_settings_a_run_reads(tmp_path):
+    synthetic = TrainingConfig(synthetic_users=99).flat_params()
+    assert (synthetic["data"], synthetic["synthetic_users"]) == ("synthetic", "99")
+    movielens = TrainingConfig(data="ml-100k").flat_params()
+    assert movielens["data"] == "ml-100k" and not any(k.startswith("synthetic_") for k in movielens)
+    for name in ("train.csv", "test.csv"):
+        (tmp_path / name).write_text("user_id,item_id,rating\n1,1,4\n")
+    split = TrainingConfig(train=str(tmp_path / "train.csv"), test=str(tmp_path / "test.csv"))
+    params = split.flat_params()
+    assert params["train"].endswith("train.csv") and params["test"].endswith("test.csv")
+    assert "data" not in params and not any(k.startswith("synthetic_") for k in params)
+    assert {"clients", "partition", "seed"} <= set(params)  # the run's other settings stay
+
+
 @pytest.mark.parametrize("field", ["seed", "rounds", "factors", "dp_epsilon", "min_delta"])
 def test_true_or_false_is_not_taken_for_a_number(field):
     """YAML's `seed: true` would be the number 1 (another run than the user meant)."""

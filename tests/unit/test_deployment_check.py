@@ -52,6 +52,21 @@ def test_the_shipped_defaults_leave_a_private_run_its_own_number_of_rounds():
     assert TrainingConfig(**defaults).rounds == 10
 
 
+def test_a_run_triggered_with_split_files_names_no_other_data(tmp_path):
+    """The deployment leaves the data to the configuration, so a trigger that gives train and
+    test files runs (and logs) those alone, not beside a default ``data: synthetic``."""
+    from fedrec.config import TrainingConfig
+
+    spec = yaml.safe_load(SHIPPED.read_text())
+    (nightly,) = [d for d in spec["deployments"] if d["name"] == "nightly"]
+    assert "data" not in nightly["parameters"]
+    for name in ("train.csv", "test.csv"):
+        (tmp_path / name).write_text("user_id,item_id,rating\n1,1,4\n")
+    given = {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}
+    params = TrainingConfig(**nightly["parameters"], **given).flat_params()
+    assert params["train"] == given["train"] and "data" not in params
+
+
 @pytest.mark.parametrize(
     ("parameters", "expected"),
     [
