@@ -76,7 +76,7 @@ def check_requests(requests: pd.DataFrame, k: object) -> None:
     positive integer, a missing ``user_id`` or ``history_items`` column, a ``history_items`` or
     ``items`` cell that is not a list (a lone id would be read one character at a time), or
     ``history_ratings`` that are not one number per history item (an empty list, or no cell,
-    is a history without ratings).
+    is a history without ratings), a user given in two rows.
 
     Raises
     ------
@@ -93,6 +93,7 @@ def check_requests(requests: pd.DataFrame, k: object) -> None:
             )
     ratings = requests.get("history_ratings")
     asked = requests.get("items")
+    rows_of: dict[str, int] = {}
     for row, (user, history) in enumerate(
         zip(requests["user_id"], requests["history_items"], strict=True)
     ):
@@ -101,6 +102,12 @@ def check_requests(requests: pd.DataFrame, k: object) -> None:
             raise RequestError(
                 f"request row {row}: user_id {_shown(user)} is missing; allowed: the user's id "
                 "(an id the model does not know gets the most popular items)"
+            )
+        first = rows_of.setdefault(id_text(user), row)
+        if first != row:  # the answer's rows name the user only: two lists could not be told apart
+            raise RequestError(
+                f"request row {row}: user_id {_shown(user)} is also request row {first}'s; "
+                "allowed: one row per user, with all of the user's history in it"
             )
         if not _is_list(history) and not _is_missing(history):
             raise RequestError(
@@ -143,6 +150,28 @@ def check_requests(requests: pd.DataFrame, k: object) -> None:
                 )
 
 
+def id_text(value: object) -> str:
+    """An item id of a request as the model's index names it: as training reads ids, a whole
+    float is the integer id (``50.0`` is ``"50"``: ids pass through float columns wherever a
+    table had a missing value) and text is stripped."""
+    if isinstance(value, float | np.floating) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return value.strip() if isinstance(value, str) else str(value)
+
+
+def latest_per_item(items: list[str], ratings: list) -> tuple[list[str], list]:
+    """A history that gives an item twice, read as training reads such rows: each item once, at
+    its last place, with the rating it has there (``ratings`` that are not one per item are
+    returned as they are)."""
+    if len(set(items)) == len(items):
+        return items, ratings
+    last = sorted({item: i for i, item in enumerate(items)}.values())
+    rated = [ratings[i] for i in last] if len(ratings) == len(items) else ratings
+    return [items[i] for i in last], rated
+
+
 def asked_items(requests: pd.DataFrame, row: int) -> list[str] | None:
     """The ids a request row asks to have scored (its ``items`` cell), as text; None when the
     row asks for none (no such column, or an empty cell: NaN, None), so it gets a top-K list.
@@ -153,7 +182,7 @@ def asked_items(requests: pd.DataFrame, row: int) -> list[str] | None:
     value = column.iloc[row]
     if np.ndim(value) == 0:  # None, NaN, pd.NA (or a lone string: not a list of items)
         return None
-    return [str(item) for item in value]
+    return [id_text(item) for item in value]
 
 
 def best_first(scored: list[tuple[str, float, str]]) -> list[tuple[str, float, str]]:
@@ -247,8 +276,10 @@ class ServedItems:
         ratings = requests.get("history_ratings")
         out = []
         for u, every in enumerate(requests["history_items"]):
-            every = [str(i) for i in as_list(every)]
+            every = [id_text(i) for i in as_list(every)]
             rated = None if ratings is None else as_list(ratings.iloc[u])
+            every, kept = latest_per_item(every, [] if rated is None else rated)
+            rated = None if rated is None else kept
             items = rated_positives(every, rated, positive_threshold)
             unknown = [i for i in items if i not in index]
             shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")

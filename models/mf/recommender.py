@@ -25,6 +25,8 @@ from models.recommenders import (
     asked_items,
     best_first,
     check_requests,
+    id_text,
+    latest_per_item,
     title_column,
     trained_column,
 )
@@ -111,13 +113,14 @@ class MFRecommender(ServedItems):
         histories, reasons = [], []
         has_ratings = HISTORY_RATINGS in requests
         for u, (_, row) in enumerate(requests.iterrows()):
-            items = [str(i) for i in as_list(row[HISTORY_ITEMS])]
+            items = [id_text(i) for i in as_list(row[HISTORY_ITEMS])]
             ratings = as_list(row[HISTORY_RATINGS]) if has_ratings else []
             if self.rating_scale is not None:  # predictions come from the user's own ratings
                 self._check_ratings(
                     f"request row {u} (user {str(row[USER_ID])!r})", len(items), ratings
                 )
-            elif len(ratings) != len(items):
+            items, ratings = latest_per_item(items, ratings)
+            if self.rating_scale is None and len(ratings) != len(items):
                 ratings = [1.0] * len(items)  # a model without a scale: interactions count 1
             known = [
                 (index[i], float(r)) for i, r in zip(items, ratings, strict=True) if i in index

@@ -346,6 +346,11 @@ def test_an_empty_items_list_asks_for_nothing_and_a_missing_one_for_a_top_k_list
          r"^request row 1: user_id (None|nan) is missing; allowed: the user's id"),
         ({"user_id": [float("nan")], "history_items": [["i0"]]}, 3, r"^request row 0: user_id nan"),
         ({"user_id": [" "], "history_items": [["i0"]]}, 3, r"^request row 0: user_id ' ' is missing"),
+        # the answer's rows name the user only: two lists of one user could not be told apart
+        ({"user_id": ["u1", "u2", 1, "u1"], "history_items": [["i0"], [], [], ["i3"]]}, 3,
+         r"^request row 3: user_id 'u1' is also request row 0's; allowed: one row per user"),
+        ({"user_id": ["1", 1.0], "history_items": [["i0"], ["i3"]]}, 3,
+         r"^request row 1: user_id 1.0 is also request row 0's"),
     ],
 )  # fmt: skip
 def test_requests_no_recommender_can_answer_are_refused_naming_row_user_column_and_value(
@@ -373,3 +378,66 @@ def test_requests_every_recommender_answers_pass_the_check():
         ),
         np.int64(5),
     )
+
+
+def _integer_id_models():
+    """A small MF and network recommender over the items ``0`` .. ``5`` (integer ids, as
+    training reads a column of whole numbers; the two-stage model reads histories as the
+    network does, through ``ServedItems.request_histories``)."""
+    from models.neural.network import Architecture, init_params
+    from models.neural.recommender import NeuralRecommender
+
+    ids = np.arange(6)
+    counts = np.array([5.0, 50, 1, 7, 9, 3])
+    mf = MFRecommender(_params(), ids, counts, 0.1, (1.0, 5.0))
+    arch = Architecture(n_items=6, kind="dae", hidden=(), latent=2)
+    neural = NeuralRecommender(init_params(arch, np.random.default_rng(0)), arch, ids, counts)
+    return {"mf": mf, "neural": neural}
+
+
+@pytest.mark.parametrize("family", ["mf", "neural"])
+def test_item_ids_that_came_through_a_float_column_are_the_integer_ids(family):
+    """``[1.0, 4.0]`` is what pandas makes of integer ids after a merge that left a NaN; training
+    reads such ids as the integers, so serving must too (as unknown ids they were recommended
+    back to the user who had them)."""
+    model = _integer_id_models()[family]
+    ratings = {"history_ratings": [[5.0, 4.0]]} if family == "mf" else {}
+    as_ints = model.recommend(
+        pd.DataFrame({"user_id": ["u"], "history_items": [[1, 4]], **ratings}), k=4
+    )
+    as_floats = model.recommend(
+        pd.DataFrame({"user_id": ["u"], "history_items": [np.array([1.0, 4.0])], **ratings}), k=4
+    )
+    pd.testing.assert_frame_equal(as_floats, as_ints)
+    assert not {"1", "4"} & set(as_floats["item_id"].astype(str))
+    assert "unknown" not in as_floats["reason"].iloc[0]
+    scored = model.recommend(pd.DataFrame(
+        {"user_id": ["u"], "history_items": [[1, 4]], "items": [[2.0, " 3"]], **ratings}), k=4)  # fmt: skip
+    assert scored["score"].notna().all()  # asked ids are read the same way
+
+
+def test_a_history_that_gives_an_item_twice_counts_its_last_rating_once(recommender):
+    """As training reads a user's duplicate rows (the latest one), and as ``fedrec recommend``
+    reads a history file."""
+    twice = pd.DataFrame({"user_id": ["u"], "history_items": [["i0", "i2", "i3", "i0"]],
+                          "history_ratings": [[3.0, 2.0, 5.0, 1.0]]})  # fmt: skip
+    once = pd.DataFrame({"user_id": ["u"], "history_items": [["i2", "i3", "i0"]],
+                         "history_ratings": [[2.0, 5.0, 1.0]]})  # fmt: skip
+    pd.testing.assert_frame_equal(
+        recommender.recommend(twice, k=3), recommender.recommend(once, k=3)
+    )
+    first = once.assign(history_ratings=[[2.0, 5.0, 3.0]])  # the first rating instead
+    assert not recommender.recommend(twice, k=3).equals(recommender.recommend(first, k=3))
+
+
+def test_a_history_that_gives_an_item_twice_is_read_by_its_last_rating_against_a_threshold():
+    from models.recommenders import ServedItems
+
+    served = ServedItems()
+    served.item_ids, served.trained, served.titles = np.array(["a", "b", "c"]), None, None
+    twice = pd.DataFrame({"user_id": ["u"], "history_items": [["a", "b", "a"]],
+                          "history_ratings": [[5.0, 4.0, 1.0]]})  # fmt: skip
+    (read,) = served.request_histories(twice, positive_threshold=3.0)
+    assert list(read.positives) == [1] and list(read.met) == [0, 1]  # a's latest rating is 1
+    (unrated,) = served.request_histories(twice.drop(columns="history_ratings"), 3.0)
+    assert list(unrated.positives) == [0, 1]
