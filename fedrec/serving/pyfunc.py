@@ -22,6 +22,9 @@ allowed) as its message.
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -30,8 +33,45 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from models.federation.family import Recommender
-from models.recommenders import RequestError, read_recommender
+
+def _code_digest(package: Path) -> str | None:
+    """SHA-256 over the relative paths and bytes of a package's ``.py`` files; None when the
+    folder is gone (a model loaded from a temporary download that was removed)."""
+    if not package.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def use_bundled_models(bundled: Path) -> bool:
+    """Make ``import models`` give the ``bundled`` package (this model's own code, which MLflow
+    put first on ``sys.path``) when the process already imported another ``models``: the code of
+    a model loaded before, or a checkout at another commit. Python keeps the first package of a
+    name, so a second model would run the first one's code (or fail, when that one's temporary
+    folder was removed). Returns whether the modules were dropped to be imported again.
+
+    A package whose files are byte for byte the bundle's is kept, so a process that imported
+    fedrec's own code keeps its classes. A model loaded earlier keeps the modules it holds; a
+    module it imports only when called then comes from the later bundle."""
+    loaded = sys.modules.get("models")
+    if loaded is None or not bundled.is_dir():
+        return False
+    wanted = _code_digest(bundled)
+    if any(_code_digest(Path(p)) == wanted for p in getattr(loaded, "__path__", [])):
+        return False
+    for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+        del sys.modules[name]
+    return True
+
+
+# A model's code is its folder's code/models (MLflow's code_paths); a checkout has none there.
+use_bundled_models(Path(__file__).resolve().parent / "code" / "models")
+
+from models.federation.family import Recommender  # noqa: E402
+from models.recommenders import RequestError, read_recommender  # noqa: E402
 
 
 class FedrecModel(PythonModel):
