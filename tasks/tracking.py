@@ -436,8 +436,12 @@ def _signature(recommender: Recommender) -> ModelSignature:
     (:func:`models.recommenders.check_requests`). MLflow's own types would refuse first, in
     its words, naming neither row nor value: a lone id as ``history_items``, whole-number
     ratings (``[5, 4]``, what JavaScript sends for 5.0) as "double", integer ids as "string",
-    ``"old"`` as an age, and a rating model's request without ``history_ratings``."""
-    columns = [ColSpec(AnyType(), "user_id"), ColSpec(AnyType(), "history_items")]
+    ``"old"`` as an age, and a rating model's request without ``history_ratings``. So every
+    column is optional to MLflow, user_id and history_items too: a request without them (a
+    misspelt ``userId``) is refused by the recommender's one line, not MLflow's page. ``score``
+    is optional in the output: a row without a score has None there."""
+    columns = [ColSpec(AnyType(), "user_id", required=False)]
+    columns.append(ColSpec(AnyType(), "history_items", required=False))
     for name in recommender.request_columns:
         columns.append(ColSpec(AnyType(), name, required=False))
     outputs = Schema(
@@ -445,7 +449,7 @@ def _signature(recommender: Recommender) -> ModelSignature:
             ColSpec("string", "user_id"),
             ColSpec("long", "rank"),
             ColSpec("string", "item_id"),
-            ColSpec("double", "score"),
+            ColSpec("double", "score", required=False),
             ColSpec("string", "reason"),
         ]
     )

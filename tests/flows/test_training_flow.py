@@ -313,11 +313,18 @@ def test_champion_pyfunc_recommends_k_unseen_distinct_items(store, first_run):
     assert len(model.predict(example)) == 10
     inputs = {c.name: (c.required, str(c.type)) for c in model.metadata.get_input_schema().inputs}
     assert inputs == {
-        "user_id": (True, "Any"),
-        "history_items": (True, "Any"),
+        "user_id": (False, "Any"),
+        "history_items": (False, "Any"),
         "history_ratings": (False, "Any"),
         "items": (False, "Any"),
     }
+    # a misspelt column is refused by the model's one line, not by MLflow's schema page
+    for columns, missing in [({"userId": ["u1"], "history_items": [["1"]]}, "user_id"),
+                             ({"user_id": ["u1"], "items_seen": [["1"]]}, "history_items")]:  # fmt: skip
+        with pytest.raises(MlflowException) as refused:
+            model.predict(pd.DataFrame(columns), params=params)
+        assert str(refused.value.message).startswith(f"requests have no {missing} column; allowed")
+        assert "\n" not in refused.value.message
 
 
 def test_bad_input_writes_no_model_version_and_keeps_the_champion(
