@@ -92,3 +92,27 @@ def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(
     )
     with get_client(sync_client=True) as client:  # marked once: a second sweep finds nothing
         assert crash_lost_runs("lost-runs") == []
+
+
+def test_a_stop_signal_is_a_cancel_only_when_prefect_says_the_run_is_cancelling(
+    prefect_server, monkeypatch
+):
+    """The worker stops a cancelled run's process with the same signal as systemd or ``kill``;
+    only Prefect's state of the flow run tells a cancel (KILLED in MLflow) from a stop of a
+    run nobody cancelled (a failure)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import TerminationSignal
+    from prefect.states import Cancelling
+
+    from flows.training import _cancelled
+
+    stop = TerminationSignal(signal=15)
+    with get_client(sync_client=True) as client:
+        run = _running_run(client, "cancel-check", None)
+        monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(run))
+        assert _cancelled(stop) is False  # Running: stopped, not cancelled
+        client.set_flow_run_state(run, Cancelling(), force=True)
+        assert _cancelled(stop) is True
+        assert _cancelled(RuntimeError("boom")) is False  # not the stop signal at all
+        monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "00000000-0000-0000-0000-000000000000")
+        assert _cancelled(stop) is False  # a flow run Prefect does not know: no cancel to tell
