@@ -14,12 +14,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.futures import PrefectFuture
 
 from flows.rounds import (
+    COMPARED_CLIENTS,
     RunContext,
     Trained,
     answered,
@@ -30,6 +32,7 @@ from flows.rounds import (
     round_clients,
     step_record,
     train_and_evaluate,
+    who,
 )
 from flows.secure import everyone_context, secure_round
 from models.cohorts import RunningSum
@@ -357,13 +360,27 @@ def train_family(
         )
     history.append(final)
     candidate = build_model(family=family, state=state)
-    champion_metrics = None
+    champion_metrics = compared = None
     if champion_futures is not None:
         parts = answered(champion_futures, "champion evaluation", names=ctx.client_names)
-        champion_metrics = round_summary(
-            [], list(parts.values()), family.top_k, ctx.n_items, 0.0, spread=release is None
-        )
-        champion_metrics |= _noise(list(parts.values()), release, family.top_k)
+        both = sorted(set(parts) & set(final_evaluations))
+        if not both:
+            comparable = "no client answered both the candidate's and the champion's evaluation"
+        else:
+            summary = partial(
+                _released_summary, family=family, n_items=ctx.n_items, release=release
+            )
+            champion_metrics = summary([parts[c] for c in both])
+            if len(both) < len(final_evaluations) or len(both) < len(parts):
+                once = sorted(set(parts) ^ set(final_evaluations))
+                get_run_logger().warning(
+                    "the candidate and the champion are compared on the %d client(s) that "
+                    "answered both evaluations (%s answered one only)",
+                    len(both), ", ".join(who(c, ctx.client_names) for c in once),
+                )  # fmt: skip
+                compared = summary([final_evaluations[c] for c in both]) | {
+                    COMPARED_CLIENTS: float(len(both))
+                }
     get_run_logger().info("trained the %s family: %d step(s)", family.name, step)
     return Trained(
         candidate,
@@ -373,7 +390,17 @@ def train_family(
         champion_metrics,
         comparable,
         family.describe(state),
+        compared,
     )
+
+
+def _released_summary(
+    evaluations: list[Any], *, family: Family, n_items: int, release: MetricRelease | None
+) -> dict[str, float]:
+    """The metrics of one model's evaluation answers, with their DP noise under ``release`` (no
+    per-client spread then: each client's figure would be mostly noise)."""
+    metrics = round_summary([], evaluations, family.top_k, n_items, 0.0, spread=release is None)
+    return metrics | _noise(evaluations, release, family.top_k)
 
 
 def _noise(evaluations: list[Any], release: MetricRelease | None, k: int) -> dict[str, float]:

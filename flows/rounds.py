@@ -226,6 +226,18 @@ class Trained:
     champion_metrics: dict[str, float] | None
     comparable: str = ""  # why the champion could not be compared, if it could not
     importance: pd.Series | None = None  # e.g. the re-ranker's feature importance (gain)
+    # the candidate's metrics on the clients the champion's evaluation answered too, when not
+    # every client answered both (None: ``final`` is on the same clients as the champion's)
+    compared: dict[str, float] | None = None
+
+    @property
+    def candidate_compared(self) -> dict[str, float]:
+        """What the promotion compares with ``champion_metrics``: the same clients' figures."""
+        return self.final if self.compared is None else self.compared
+
+
+# the number of clients the candidate and the champion were compared on, when fewer than answered
+COMPARED_CLIENTS = "system/compared_clients"
 
 
 def answered(
@@ -245,7 +257,7 @@ def answered(
     for key, future in futures.items():
         if future not in done:
             why = f"did not answer within {timeout} s"
-            get_run_logger().warning("%s: %s %s: left out", what, _who(key, names), why)
+            get_run_logger().warning("%s: %s %s: left out", what, who(key, names), why)
         else:
             # With a timeout, wait() tells which futures are done but records no final state,
             # and the state read from the API can lag behind a task that has just finished:
@@ -257,7 +269,7 @@ def answered(
             if isinstance(error := _error(future.state), UnsafeFile):
                 raise error
             why = f"failed: {_failure(future.state)}"
-            get_run_logger().warning("%s: %s %s", what, _who(key, names), why)
+            get_run_logger().warning("%s: %s %s", what, who(key, names), why)
         if failed is not None:
             failed[key] = why.removeprefix("failed: ")
     return results
@@ -282,7 +294,7 @@ def _failure(state: Any) -> str:
     return str(state.message)
 
 
-def _who(key: Any, names: Mapping[int, str] | None = None) -> str:
+def who(key: Any, names: Mapping[int, str] | None = None) -> str:
     """A client task's key as its log lines name it: ``train client-3``, ``client-3``, or with
     ``names`` (a real site's) ``train shop-a``, ``shop-a``."""
 
@@ -312,7 +324,7 @@ def require_quorum(
     reason, a timeout)."""
     if answers < quorum(config, asked):
         first = next(iter(failed.items()), None) if failed else None
-        why = "" if first is None else f"; {_who(first[0], names)}: {first[1]}"
+        why = "" if first is None else f"; {who(first[0], names)}: {first[1]}"
         more = f" (and {len(failed) - 1} more)" if failed and len(failed) > 1 else ""
         raise QuorumError(
             f"{what}: {answers} of {asked} clients answered, the quorum is {quorum(config, asked)} "

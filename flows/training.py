@@ -25,7 +25,7 @@ from fedrec.model_store import check_tracking_uri, record_store, sqlite_path
 from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
 from flows.loop import train_family
-from flows.rounds import RunContext, privacy_plan
+from flows.rounds import COMPARED_CLIENTS, RunContext, privacy_plan
 from flows.sites import prune_exchange, start_sites_run
 from models.data.partitions import mark_finished, read_item_ids, read_manifest, remove_workspace
 from models.files import UnsafeFile, check_private_folders
@@ -400,13 +400,19 @@ def _train_and_register(
             decision = PromotionDecision(False, f"not comparable: {trained.comparable}")
         else:
             decision = decide(
-                trained.final,
+                trained.candidate_compared,  # on the clients the champion's figures are from
                 trained.champion_metrics,
                 config.promotion,
                 config.min_delta,
                 config.max_client_regression,
                 private=plan is not None,
             )
+            if trained.compared is not None:
+                both = int(trained.compared[COMPARED_CLIENTS])
+                decision = PromotionDecision(
+                    decision.promote, f"{decision.reason} (compared on the {both} of "
+                    f"{len(trained.client_evaluations)} clients that answered both evaluations)",
+                )  # fmt: skip
             lost_to_it = trained.champion_metrics is not None and not (
                 decision.promote or decision.reason.startswith(WORSE_THAN_BASELINE)
             )
@@ -500,6 +506,8 @@ def _train_and_register(
             "metrics": {k: v for k, v in final.items() if not k.endswith(("_p10", "_median"))},
             "top_k": config.top_k,  # the K of the ranking metrics' names (*_at_K)
             "champion_metrics": trained.champion_metrics,
+            # the candidate's figures on the clients that answered the champion's evaluation too
+            **({"compared_metrics": trained.compared} if trained.compared is not None else {}),
             "workspace": workspace if config.keep_workspace else None,
         }
         if config.dp_epsilon is not None:  # said where the run's result is read, not only logged

@@ -360,3 +360,45 @@ def test_a_run_whose_flow_run_crashed_before_registering_is_closed(store):
     assert lost.data.tags["fedrec.error"] == "its flow run ended CRASHED in Prefect"
     assert client.get_run(runs["running"]).info.status == "RUNNING"  # it may be training now
     client.set_terminated(runs["running"], "FINISHED")
+
+
+def test_the_candidate_and_the_champion_are_compared_on_the_clients_that_answered_both(
+    store, monkeypatch
+):
+    """A client that answers the candidate's evaluation but not the champion's would have the
+    candidate judged on more clients than the champion: two figures of different rows."""
+    import pandas as pd
+    from prefect import task
+    from prefect.cache_policies import NONE
+    from prefect.runtime import task_run
+
+    import flows.loop
+    from flows.training import federated_training
+    from tasks.clients import evaluate_client
+
+    @task(name="evaluate-client", cache_policy=NONE)
+    def gone_for_the_champion(**kwargs):
+        if task_run.name == "evaluate champion client-0":
+            raise RuntimeError("client-0 went away")
+        return evaluate_client.fn(**kwargs)
+
+    monkeypatch.setattr(flows.loop, "evaluate_client", gone_for_the_champion)
+    config = TrainingConfig(tracking_uri=store["uri"], **{**SMALL, "rounds": 2})
+    summary = federated_training(**config.model_dump())
+
+    assert summary["reason"].endswith(
+        "(compared on the 1 of 2 clients that answered both evaluations)"
+    )
+    compared, champion = summary["compared_metrics"], summary["champion_metrics"]
+    assert compared["system/compared_clients"] == 1
+    # the candidate's figures on client 1 alone, as its own row of the per-client table has them
+    table = pd.read_csv(store["client"].download_artifacts(summary["run_id"], "client_metrics.csv"))
+    alone = table.set_index("client").loc[1]
+    assert compared["test/rmse"] == pytest.approx(alone["rmse"], rel=1e-12)
+    assert summary["metrics"]["test/rmse"] != pytest.approx(alone["rmse"])  # two clients there
+    # the champion's figures are of one client too
+    assert (
+        champion["valid/client_min/rmse"]
+        == champion["valid/client_max/rmse"]
+        == champion["valid/rmse"]
+    )
