@@ -364,7 +364,9 @@ def train_family(
     if champion_futures is not None:
         parts = answered(champion_futures, "champion evaluation", names=ctx.client_names)
         both = sorted(set(parts) & set(final_evaluations))
-        if not both:
+        if not parts:  # the champion could not be evaluated at all: the decision says so
+            champion_metrics = {}
+        elif not both:
             comparable = "no client answered both the candidate's and the champion's evaluation"
         else:
             summary = partial(

@@ -402,3 +402,32 @@ def test_the_candidate_and_the_champion_are_compared_on_the_clients_that_answere
         == champion["valid/client_max/rmse"]
         == champion["valid/rmse"]
     )
+
+
+def test_a_candidate_and_a_champion_answered_by_no_common_client_are_not_compared(
+    store, monkeypatch
+):
+    from prefect import task
+    from prefect.cache_policies import NONE
+    from prefect.runtime import task_run
+
+    import flows.loop
+    from flows.training import federated_training
+    from tasks.clients import evaluate_client
+
+    gone = {"evaluate round-3 client-0", "evaluate champion client-1"}
+
+    @task(name="evaluate-client", cache_policy=NONE)
+    def one_each(**kwargs):
+        if task_run.name in gone:
+            raise RuntimeError("went away")
+        return evaluate_client.fn(**kwargs)
+
+    monkeypatch.setattr(flows.loop, "evaluate_client", one_each)
+    config = TrainingConfig(tracking_uri=store["uri"], **{**SMALL, "rounds": 3})
+    summary = federated_training(**config.model_dump())
+
+    assert summary["promoted"] is False
+    assert summary["reason"] == (
+        "not comparable: no client answered both the candidate's and the champion's evaluation"
+    )
