@@ -147,6 +147,8 @@ TARGETS: dict[str, list[str]] = {
                               "tests/unit/test_schema_mutants.py"],
     "models/recommenders.py": ["tests/unit/test_recommender.py", "tests/unit/test_ranking.py",
                                "tests/unit/test_recommenders_mutants.py"],
+    # a loaded model's own code: the tests register it and load it in fresh interpreters
+    "fedrec/serving/pyfunc.py": ["tests/unit/test_pyfunc_code.py"],
     "models/ranking/features.py": ["tests/unit/test_ranking.py", "tests/unit/test_slim.py",
                                    "tests/unit/test_features_mutants.py"],
     # the splits a client evaluates (the selection users among them) and the re-ranker's data
