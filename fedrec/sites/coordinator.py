@@ -160,6 +160,12 @@ class Coordinator:
     _collector: AnswerCollector | None = field(default=None, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
     _told_silent: set[str] = field(default_factory=set, repr=False)
+    # per site: the time of the newest signed sign read (an older one read later is a replay),
+    # of its newest sign of life (a sign not saying stopped, or the asking of a request it
+    # answered), and the sign last read with when it was first read
+    _newest_sign: dict[str, float] = field(default_factory=dict, repr=False)
+    _alive_at: dict[str, float] = field(default_factory=dict, repr=False)
+    _first_read: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
 
     def stop(self) -> None:
         """End every waiting exchange within a tick (:class:`RunStopped`), and refuse new
@@ -320,7 +326,7 @@ class Coordinator:
                     if time.time() < look:
                         continue
                     look = time.time() + self.liveness_seconds
-                    gone, signed = self.liveness(site)
+                    gone, signed = self.liveness(site, asked_at=now)
                     if gone is not None:
                         raise TimeoutError(f"{site.name}: no answer to {what}: {gone}") from None
                     if not signed and site.name not in self._told_silent:
@@ -334,10 +340,14 @@ class Coordinator:
                         )
                     continue
                 try:
-                    return self._accept(site, request, digest, artifact.get("data"), sent_sha)
+                    accepted = self._accept(site, request, digest, artifact.get("data"), sent_sha)
                 except (RefusedMessage, SchemaError, ValueError) as err:  # keep waiting
                     refused = str(err)
                     warn(f"{site.name}: refused an answer to {what}: {err}")
+                    continue
+                with self._lock:  # it answered a request asked at `now`: it was up since then
+                    self._alive_at[site.name] = max(now, self._alive_at.get(site.name, now))
+                return accepted
         finally:
             self.collector.forget(request.task_run_id)
         hint = ""
@@ -350,16 +360,24 @@ class Coordinator:
             hint += "against another API)"
         raise TimeoutError(f"{site.name}: no answer to {what} within {deadline:.0f} s{hint}")
 
-    def gone(self, site: SiteSpec) -> str | None:
+    def gone(self, site: SiteSpec, asked_at: float | None = None) -> str | None:
         """Why ``site`` will not answer (:meth:`liveness`), or None."""
-        return self.liveness(site)[0]
+        return self.liveness(site, asked_at)[0]
 
-    def liveness(self, site: SiteSpec) -> tuple[str | None, bool]:
-        """What ``site``'s latest signed sign of life says: why it will not answer (its process
-        stopped, or that sign is older than three of its intervals plus :data:`CLOCK_SKEW`),
-        or None when it looks alive or says nothing verifiable (no sign yet, the API out of
-        reach, a message another key signed): the exchange then waits out its deadline. And
-        whether the site's process has signed in at all (False only when no sign is there)."""
+    def liveness(self, site: SiteSpec, asked_at: float | None = None) -> tuple[str | None, bool]:
+        """What ``site``'s latest signed sign of life says: why it will not answer, or None when
+        it looks alive or says nothing verifiable (no sign yet, the API out of reach, a message
+        another key signed, a sign older than one read before: a replay); the exchange then
+        waits out its deadline. And whether the site's process has signed in at all (False
+        only when no sign is there).
+
+        The site is down when its process says it stopped after the request was asked
+        (``asked_at``) and after every sign of life read since, or when its latest sign is older
+        than three of its intervals plus :data:`CLOCK_SKEW`. A sign that says so and is older
+        than the request (the stopped sign of a second process of the site that ended, a stale
+        or stopped sign replayed on the API) is believed only once it has stood for one of the
+        site's intervals and a look (:attr:`liveness_seconds`) since it was first read: a live
+        process signs again within its interval, which replaces it."""
         try:
             raw = self.transport.get_variable(alive_variable(site.name))
         except TransportError:
@@ -370,18 +388,35 @@ class Coordinator:
             at, every, stopped = check_alive(open_message(raw, site.public_key, ALIVE), site.name)
         except RefusedMessage:
             return None, True
+        now = time.time()
+        with self._lock:
+            if at < self._newest_sign.get(site.name, at):
+                return None, True
+            self._newest_sign[site.name] = at
+            signed_at, first_read = self._first_read.get(site.name, (None, now))
+            if signed_at != at:
+                first_read = now
+                self._first_read[site.name] = (at, now)
+            if not stopped:
+                self._alive_at[site.name] = max(at, self._alive_at.get(site.name, at))
+            alive_at = self._alive_at.get(site.name)
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
         if stopped:
-            return (
-                f"its site process stopped at {when} (fedrec site run is not running there)",
-                True,
-            )
-        age = time.time() - at
-        if age > 3 * every + CLOCK_SKEW:
-            return (
+            if alive_at is not None and at <= alive_at:  # it answered a request asked since
+                return None, True
+            why = f"its site process stopped at {when} (fedrec site run is not running there)"
+            if asked_at is not None and at > asked_at:
+                return why, True
+        else:
+            age = now - at
+            if age <= 3 * every + CLOCK_SKEW:
+                return None, True
+            why = (
                 f"its last sign of life was at {when}, {age:.0f} s ago (its process signs one "
                 f"every {every:.0f} s): is the site's process down?"
-            ), True
+            )
+        if now - first_read >= every + self.liveness_seconds:
+            return why, True
         return None, True
 
     def secure_fields(self, config: RoundConfig | None = None) -> dict[str, Any]:
