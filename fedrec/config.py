@@ -480,8 +480,10 @@ class TrainingConfig(BaseModel):
     keep_workspace: bool = Field(
         False,
         description="keep the workspace after the run succeeds (a failed or interrupted run "
-        "always keeps it, for --resume); with --sites, also keep the run's exchange files in "
-        "the artifact store (removed at the run's end otherwise: every site can read them)",
+        "always keeps it, for --resume, except a run with --sites, which is trained again, not "
+        "resumed); with --sites, keep the workspace and the run's exchange files in the artifact "
+        "store however the run ends (removed at the run's end otherwise: every site can read "
+        "the files)",
     )
     sites: str | None = Field(
         None,

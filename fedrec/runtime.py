@@ -123,7 +123,9 @@ def crash_lost_runs(
     host, is gone (killed, or its machine restarted): without a heartbeat, the server would show
     them running forever. ``tracking_run_of(flow_run_id)`` closes the flow run's MLflow run and
     says what became of it (``fedrec train --resume ID continues it``; None: not found), which
-    the crash message then gives. Returns each lost run's name and that text."""
+    the crash message then gives; without it, a run of real sites (its ``sites`` parameter) is
+    said to be trained again, any other to be continued by ``--resume``. Returns each lost run's
+    name and that text."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -152,12 +154,15 @@ def crash_lost_runs(
             if is_running(int(pid), int(process)):
                 continue
             tracking_run = tracking_run_of(str(run.id))
-            resume = (
-                tracking_run
-                if tracking_run
-                else "fedrec train --resume <MLflow run id> continues it (the id is in the run's "
-                "log and in MLflow, on the run tagged with this flow run's id)"
-            )
+            if tracking_run:
+                resume = tracking_run
+            elif (run.parameters or {}).get("sites"):  # trained again: --resume refuses it
+                resume = "a run of real sites (--sites) is not resumed: train again with the same --sites"
+            else:
+                resume = (
+                    "fedrec train --resume <MLflow run id> continues it (the id is in the run's "
+                    "log and in MLflow, on the run tagged with this flow run's id)"
+                )
             message = (
                 f"its process ({pid} on {host}) ended without reporting, e.g. killed; {resume}"
             )

@@ -26,11 +26,17 @@ from prefect.utilities.annotations import quote
 from fedrec.config import TrainingConfig, fedrec_home
 from fedrec.sites.transport import Transport, TransportError
 from flows.rounds import RunContext, answered, require_quorum
-from models.data.partitions import ClientEntry, Manifest
+from models.data.partitions import ClientEntry, Manifest, remove_workspace
 from models.sites.catalogue import left_out_note, union_catalogue
 from models.sites.registry import Registry, read_registry
 from tasks.remote import SiteLink, enroll_site, record_enrolment, register_site_keys
-from tasks.tracking import load_champion, resolve_tracking_uri, start_run, tag_run
+from tasks.tracking import (
+    load_champion,
+    resolve_tracking_uri,
+    start_run,
+    tag_run,
+    untag_run,
+)
 
 
 class SitesRefuseExact(ValueError):
@@ -78,15 +84,37 @@ def start_sites_run(config: TrainingConfig) -> RunContext:
 
 
 def prune_exchange(link: SiteLink) -> None:
-    """Delete a sites run's exchange files (catalogue, states, the sites' answers, which every
-    site can read) from the artifact store; a store that refuses leaves them, with a warning."""
+    """Delete what an ended sites run leaves behind, whether it succeeded or not: its exchange
+    files (catalogue, states, the sites' answers, which every site can read) from the artifact
+    store, and its workspace (the catalogue, the manifest of counts, the sites' keys and the
+    checkpoints, which serve only a resume, and a run of sites is trained again, not resumed)
+    with the run's ``fedrec.workspace`` tag. A store that refuses, or a folder that cannot be
+    removed, is left, with a warning."""
     logger = get_run_logger()
     try:
         folder = link.prune()
     except TransportError as err:
         logger.warning("could not remove the run's exchange files: %s", err)
+    else:
+        logger.info("removed the run's exchange files %s (--keep-workspace keeps them)", folder)
+    if link.workspace is None:  # it ended before its sites enrolled: none was written
         return
-    logger.info("removed the run's exchange files %s (--keep-workspace keeps them)", folder)
+    try:
+        if not remove_workspace(link.workspace):
+            return
+    except OSError as err:
+        logger.warning("could not remove the run's workspace %s: %s", link.workspace, err)
+        return
+    logger.info(
+        "removed the run's workspace %s: a run of sites is trained again, not resumed "
+        "(--keep-workspace keeps it)",
+        link.workspace,
+    )
+    if link.tracking_uri is not None and link.tracking_run is not None:
+        try:
+            untag_run(link.tracking_uri, link.tracking_run, "fedrec.workspace")
+        except Exception as err:  # the run has ended: a stale tag cannot change its outcome
+            logger.warning("could not remove the run's fedrec.workspace tag: %s", err)
 
 
 def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunContext:
@@ -155,6 +183,7 @@ def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunCon
     )
     uri, run_id = start_run(config, fingerprint, link.run, clients=len(sites))
     workspace = config.workspace or str(fedrec_home() / "workspaces" / run_id)
+    link.tracking_uri, link.tracking_run, link.workspace = uri, run_id, workspace
     record_enrolment(workspace=workspace, manifest=manifest, catalogue=catalogue)
     if config.secure_aggregation:  # the server steps verify the sites' round keys with these
         register_site_keys(workspace=workspace, sites=registry.sites)

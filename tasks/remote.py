@@ -48,6 +48,12 @@ class SiteLink(Coordinator):
     other proxy tasks change its dictionaries (with 10 sites a round failed with "Failed to
     resolve inputs in parameter 'link'")."""
 
+    # once the sites enrolled: the run's MLflow store, run id and workspace (which serves no
+    # resume: a run of sites is trained again), for what the run's end removes
+    tracking_uri: str | None = None
+    tracking_run: str | None = None
+    workspace: str | None = None
+
     def train(
         self,
         entry: ClientEntry,

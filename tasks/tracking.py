@@ -238,7 +238,10 @@ def resumable_run(uri: str, run_id: str) -> Run:
         )
     if "fedrec.config" not in run.data.tags:
         raise ResumeError(f"--resume {run_id}: not a fedrec training run (no fedrec.config tag)")
-    if run.data.tags.get("fedrec.sites"):
+    if is_sites_run(run):
+        workspace = run.data.tags.get("fedrec.workspace")
+        if workspace:  # its catalogue and checkpoints serve no resume
+            remove_workspace(workspace)
         raise ResumeError(
             f"--resume {run_id}: a run of real sites (--sites) is not resumed; train again with "
             "the same --sites (each site keeps its own records of what it already answered)"
@@ -285,9 +288,12 @@ def untag_run(uri: str, run_id: str, key: str) -> None:
 def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
     """Mark a resumed run RUNNING again (a killed run says KILLED, a failed one FAILED), tagged
     with the flow run that now carries it (the ones before it kept in ``EARLIER_FLOW_RUNS_TAG``)
-    and the time it spent ended (``PAUSED_TAG``, summed over its resumes)."""
+    and the time it spent ended (``PAUSED_TAG``, summed over its resumes); the ``fedrec.error``
+    of its earlier end goes, so that it says only why this one ends, if it fails."""
     client = _client(uri)
     run = client.get_run(run_id)
+    if ERROR_TAG in run.data.tags:
+        client.delete_tag(run_id, ERROR_TAG)
     ended = run.info.end_time
     if ended is not None:
         paused = float(run.data.tags.get(PAUSED_TAG, 0)) + max(0, time.time() * 1000 - ended) / 1000
@@ -301,11 +307,33 @@ def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
         client.set_tag(run_id, "prefect.flow_run_id", flow_run_id)
 
 
+#: the ``fedrec.error`` of a run whose process ended without reporting, closed by a later command
+LOST = "its process ended without reporting (e.g. killed); closed by a later fedrec train"
+
+#: what becomes of a run of real sites that did not finish: it is trained again, not resumed
+SITES_TRAINED_AGAIN = (
+    "a run of real sites (--sites) is not resumed: train again with the same --sites"
+)
+
+
+def is_sites_run(run: Run) -> bool:
+    """Whether ``run`` trained real sites (``--sites``): its ``fedrec.sites`` tag, set once they
+    enrolled, or its recorded configuration, which names the sites file from the start."""
+    if run.data.tags.get("fedrec.sites"):
+        return True
+    try:
+        recorded = json.loads(run.data.tags.get("fedrec.config", "{}"))
+    except ValueError:
+        return False
+    return isinstance(recorded, dict) and bool(recorded.get("sites"))
+
+
 def close_lost_run(uri: str, flow_run_id: str) -> str | None:
     """Mark KILLED the training run of ``flow_run_id`` (a flow run whose process is gone) in this
-    store if it still said RUNNING, and say what is left to do: ``fedrec train --resume ID
-    continues it``, or that it registered its version already. None when the store has no such
-    run."""
+    store if it still said RUNNING, tagged ``fedrec.error`` with why (:data:`LOST`), and say what
+    is left to do: ``fedrec train --resume ID continues it``, that it registered its version
+    already, or that a run of real sites is trained again (its workspace, which serves only a
+    resume, is then removed). None when the store has no such run."""
     client = _client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
@@ -313,14 +341,21 @@ def close_lost_run(uri: str, flow_run_id: str) -> str | None:
     )
     if not runs:
         return None
-    run_id = runs[0].info.run_id
-    if runs[0].info.status == "RUNNING":
+    run = runs[0]
+    run_id = run.info.run_id
+    if run.info.status == "RUNNING":
+        client.set_tag(run_id, ERROR_TAG, LOST)
         client.set_terminated(run_id, status="KILLED")
     version = registered_version(client, run_id)
     if version is not None:  # killed after registering: a resume would be refused
         return (
             f"run {run_id} registered {version.name} version {version.version}: nothing to resume"
         )
+    if is_sites_run(run):
+        workspace = run.data.tags.get("fedrec.workspace")
+        if workspace and remove_workspace(workspace):
+            client.delete_tag(run_id, "fedrec.workspace")
+        return f"run {run_id}: {SITES_TRAINED_AGAIN}"
     return f"{resume_command(run_id, uri)} continues it"
 
 

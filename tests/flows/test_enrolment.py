@@ -258,3 +258,24 @@ def _recording(put_blob, paths: list[str]):
         return put_blob(path, data)
 
     return put
+
+
+def test_an_ended_sites_run_removes_its_workspace_and_the_tag_naming_it(store):
+    """A failed or interrupted run of sites kept its workspace "for --resume", which refuses a
+    run of sites: the folder (catalogue, manifest, checkpoints) served nothing. The run's end
+    removes it with its exchange files, whatever the outcome."""
+    from pathlib import Path
+
+    from flows.sites import prune_exchange
+
+    answers = {"shop-a": ([1], _exact(3, "a")), "shop-b": ([2], _exact(3, "b")),
+               "shop-c": ([3], _exact(3, "c"))}  # fmt: skip
+    ctx, link, _ = _enrol(store, answers)
+    workspace = Path(ctx.workspace)
+    assert (workspace / ITEMS).is_file() and link.workspace == ctx.workspace
+    assert _runs(store)[0].data.tags["fedrec.workspace"] == ctx.workspace
+
+    flow(lambda: prune_exchange(link), name="ended")()
+
+    assert not workspace.exists()
+    assert "fedrec.workspace" not in _runs(store)[0].data.tags

@@ -8,6 +8,8 @@ import os
 import socket
 import subprocess
 
+import pytest
+
 from fedrec.local_server import process_start
 
 
@@ -116,3 +118,54 @@ def test_a_stop_signal_is_a_cancel_only_when_prefect_says_the_run_is_cancelling(
         assert _cancelled(RuntimeError("boom")) is False  # not the stop signal at all
         monkeypatch.setenv("PREFECT__FLOW_RUN_ID", "00000000-0000-0000-0000-000000000000")
         assert _cancelled(stop) is False  # a flow run Prefect does not know: no cancel to tell
+
+
+def test_a_lost_run_of_real_sites_is_not_offered_a_resume_and_says_why_it_was_closed(
+    tmp_path, monkeypatch
+):
+    """A coordinator of a sites run killed mid-run: the next command said `fedrec train --resume
+    ID ... continues it`, which then refused the run (a run of sites is trained again), and the
+    run was KILLED with no word of why. It now says the run is trained again, tags why it was
+    closed, and removes the workspace kept for the resume that cannot happen."""
+    from mlflow import MlflowClient
+
+    from models.data.partitions import MANIFEST
+    from tasks.tracking import ERROR_TAG, LOST, close_lost_run, reopen_run, resumable_run
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("fedrec.USER_TRACKING_URI", None)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = tracking.create_experiment("lost")
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / MANIFEST).write_text("{}")
+    # killed between starting its MLflow run and tagging its sites: its configuration says
+    config = '{"sites": "sites.yaml", "rounds": 3}'
+    tags = {"prefect.flow_run_id": "flow-1", "fedrec.config": config,
+            "fedrec.workspace": str(workspace)}  # fmt: skip
+    run_id = tracking.create_run(experiment, tags=tags).info.run_id
+
+    said = close_lost_run(uri, "flow-1")
+
+    assert said == (
+        f"run {run_id}: a run of real sites (--sites) is not resumed: train again with the same "
+        "--sites"
+    )
+    assert "--resume" not in said.replace("is not resumed", "")
+    run = tracking.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags[ERROR_TAG] == LOST
+    assert not workspace.exists() and "fedrec.workspace" not in run.data.tags
+    with pytest.raises(Exception, match="a run of real sites"):
+        resumable_run(uri, run_id)
+
+    # a simulated run is still offered its resume, and says why it was closed too
+    simulated = tracking.create_run(
+        experiment, tags={"prefect.flow_run_id": "flow-2", "fedrec.config": '{"rounds": 3}'}
+    ).info.run_id
+    assert close_lost_run(uri, "flow-2") == (
+        f"fedrec train --resume {simulated} --tracking-uri {uri} continues it"
+    )
+    assert tracking.get_run(simulated).data.tags[ERROR_TAG] == LOST
+    reopen_run.fn(uri, simulated)  # resumed: running again, without its earlier end's error
+    assert ERROR_TAG not in tracking.get_run(simulated).data.tags
