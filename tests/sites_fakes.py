@@ -12,6 +12,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from fedrec.sites.transport import NotFound
 from models.sites.messages import BlobRef
 
 
@@ -73,6 +74,10 @@ class MemoryTransport:
             del self.blobs[name]
 
     def get_blob(self, ref: BlobRef, max_bytes: int) -> bytes:
+        if ref.path not in self.blobs:  # what the MLflow server answers: HTTP 404
+            gone = NotFound(f"downloading {ref.path}: HTTP 404 ")
+            gone.mlflow = True
+            raise gone
         data = self.blobs[ref.path]
         if len(data) > max_bytes or BlobRef.of(ref.path, data) != ref:
             raise ValueError(f"{ref.path}: size or sha256 differs from the signed reference")

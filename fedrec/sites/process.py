@@ -46,6 +46,7 @@ from fedrec.sites.budget import SiteBudget
 from fedrec.sites.secure import SecureSite
 from fedrec.sites.transport import (
     ANSWER_TYPE,
+    NotFound,
     Transport,
     TransportError,
     alive_variable,
@@ -357,6 +358,9 @@ class Site:
             public = public_reason(err)
             self._refuse(request, public, detail=str(err) if public != str(err) else "")
             return
+        except NotFound as err:  # the store answered: the run's files are not there (any more)
+            self._gone(artifact, request, err)
+            return
         digest = body_digest(body)
         info = info | {"seconds": round(time.perf_counter() - started, 4)}
         # sealed to the run's coordinator: the store is readable by every site
@@ -373,6 +377,27 @@ class Site:
             f"{self.name} answered {_describe(request)} ({ref.bytes} bytes up)",
             # the seconds and what the answer holds are sealed to the coordinator: not on the API
             local=f"{info['seconds']:.2f} s; {_contents(data, info)}",
+        )
+
+    def _gone(self, artifact: dict[str, Any], request: RoundRequest, err: NotFound) -> None:
+        """Say that a file of ``request``'s run is not in the artifact store: a run removes its
+        exchange files when it ends, so a request still being fetched then finds them gone,
+        which is no connection problem. Said at INFO when the request's task run has ended,
+        else as a WARNING that also names the other cause, a --mlflow that is not the run's
+        server. Nothing is posted: the request is not answered."""
+        try:
+            ended = self.transport.task_run_ended(request.task_run_id)
+        except TransportError:
+            ended = False
+        log.log(
+            logging.INFO if ended else logging.WARNING,
+            "%s: skipped request %s of run %s: the run's files are gone (the run ended or was "
+            "stopped)%s: %s",
+            self.name,
+            artifact.get("id"),
+            request.run,
+            "" if ended else f", or --mlflow {self.options.mlflow} is not the run's server",
+            err,
         )
 
     def _refuse(self, request: RoundRequest, reason: str, detail: str = "") -> None:

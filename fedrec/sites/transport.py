@@ -34,6 +34,11 @@ class TransportError(RuntimeError):
     mlflow: bool = False
 
 
+class NotFound(TransportError):
+    """The server answered HTTP 404: what was asked for is not there (a run's exchange file
+    after the run ended and removed them), the server itself was reached."""
+
+
 def request_key(site: str) -> str:
     """The artifact key of requests to ``site``."""
     return f"fedrec-request-{site}"
@@ -93,9 +98,8 @@ class Transport:
             except httpx.HTTPStatusError as err:
                 mlflow = self._is_mlflow(err)
                 if err.response.status_code not in _RETRY_STATUS:
-                    refused = TransportError(
-                        f"{what}: HTTP {err.response.status_code} {_body(err.response)}"
-                    )
+                    kind = NotFound if err.response.status_code == 404 else TransportError
+                    refused = kind(f"{what}: HTTP {err.response.status_code} {_body(err.response)}")
                     refused.mlflow = mlflow
                     raise refused from err
                 failure = f"HTTP {err.response.status_code}"

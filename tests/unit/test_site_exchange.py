@@ -452,3 +452,39 @@ def test_a_float32_deflated_exchange_packs_both_directions(world):
             assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_DEFLATED}
     update, _ = check_answer_arrays(arrays, client_id=0, n_items=len(ITEMS))
     assert update.arrays["gram"].dtype == np.float64  # widened back on reading
+
+
+@pytest.mark.parametrize("ended", [True, False], ids=["task-run-ended", "task-run-running"])
+def test_a_request_whose_run_removed_its_files_is_not_a_connection_error(world, caplog, ended):
+    """A run that ends removes its exchange files; a site still fetching a request's state then
+    got HTTP 404 and logged an ERROR "not connected ...; check --mlflow", though the network
+    was fine. It now says the run's files are gone, at INFO once the request's task run has
+    ended (as a WARNING naming --mlflow too while it runs), skips the request and stays
+    connected."""
+    import logging
+
+    coordinator, spec, site = world
+    process = site("shop-a")
+
+    def ask() -> None:
+        with pytest.raises(TimeoutError):
+            _ask(coordinator, replace(spec, deadline_seconds=3.0), [])
+
+    asking = threading.Thread(target=ask)
+    asking.start()
+    _wait(lambda: any(a["type"] == "fedrec-request" for a in coordinator.transport.artifacts))
+    coordinator.prune()  # the run ended: its catalogue and states are gone
+    # the site looked at the task run before it ended, and again after the download failed
+    looks = iter([False, ended])
+    coordinator.transport.task_run_ended = lambda task_run_id: next(looks, ended)
+    with caplog.at_level(logging.INFO, logger="fedrec.site"):
+        assert process._poll_reporting(True) is True  # still connected
+    asking.join(timeout=30)
+    records = [r for r in caplog.records if r.name == "fedrec.site"]
+    assert [r.levelname for r in records] == ["INFO" if ended else "WARNING"]
+    message = records[0].getMessage()
+    assert "the run's files are gone (the run ended or was stopped)" in message
+    assert "not connected" not in message and ("--mlflow" in message) is not ended
+    assert not any(a["type"] == "fedrec-answer" for a in coordinator.transport.artifacts)
+    process.poll_once()  # the request is not fetched again
+    assert len([r for r in caplog.records if r.name == "fedrec.site"]) == 1
