@@ -10,7 +10,8 @@ simulation's partition profile), and its item ids without a published catalogue;
 that answers only private runs: its number of users with noise it charges to its users'
 budget, and for a run without ``--dp-epsilon`` only that it will not answer it (such a run is
 refused here, before anything is written). Every site also sends a fingerprint of its rows
-keyed with its own secret. Sites that do not enrol within their deadline are left out of the
+keyed with its own secret. The enrolment of a rating model's run names its rating scale: a
+site whose data has no ratings, or ratings on another scale, refuses to enrol. Sites that do not enrol within their deadline are left out of the
 run, under the same quorum as any round. No row is read, written or received here.
 """
 
@@ -28,6 +29,7 @@ from fedrec.sites.transport import Transport, TransportError
 from flows.rounds import RunContext, answered, require_quorum
 from models.data.partitions import ClientEntry, Manifest, remove_workspace
 from models.sites.catalogue import left_out_note, union_catalogue
+from models.sites.messages import FROM_DATA
 from models.sites.registry import Registry, read_registry
 from tasks.remote import SiteLink, enroll_site, record_enrolment, register_site_keys
 from tasks.tracking import (
@@ -57,6 +59,15 @@ def _servers(config: TrainingConfig) -> tuple[str, str]:
             f"with the artifact proxy (--tracking-uri http://...); got {api!r} and {uri!r}"
         )
     return str(api), uri
+
+
+def _scale(config: TrainingConfig) -> tuple[float, float] | str | None:
+    """The rating scale a run's enrolment names: its own for a rating model (explicit
+    feedback), ``"data"`` when it takes the scale from the data; None for a run without
+    ratings. A site whose data cannot serve it refuses to enrol."""
+    if config.feedback != "explicit":
+        return None
+    return FROM_DATA if config.rating_scale is None else tuple(config.rating_scale)
 
 
 def start_sites_run(config: TrainingConfig) -> RunContext:
@@ -124,7 +135,7 @@ def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunCon
         link.publish_catalogue(registry.catalogue)
     futures = {
         site.client_id: enroll_site.with_options(task_run_name=f"enroll {site.name}").submit(
-            link=quote(link), site=site, epsilon=config.dp_epsilon
+            link=quote(link), site=site, epsilon=config.dp_epsilon, rating_scale=_scale(config)
         )
         for site in registry.sites
     }

@@ -211,17 +211,30 @@ def evaluate_site(
 
 @task(name="enroll-site", cache_policy=NONE)
 def enroll_site(
-    *, link: SiteLink, site: SiteSpec, epsilon: float | None
+    *,
+    link: SiteLink,
+    site: SiteSpec,
+    epsilon: float | None,
+    rating_scale: tuple[float, float] | str | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Enrol a site in a run that will be private (DP at ``epsilon``) or not (None). A site
     that answers runs without DP (``exact`` in its answer) sends its users and rows per split,
     and its item-id set unless the catalogue is published. A site that answers only private
     runs sends, for a private run, only its number of users with noise; for a run without DP,
     nothing (the flow then refuses the run). A site whose users cannot spend ``epsilon`` more
-    refuses a private run here, before it counts anything."""
+    refuses a private run here, before it counts anything; so does a site whose data has no
+    ratings, or ratings on another scale, when the run trains a rating model on
+    ``rating_scale`` (``"data"``: the scale the data has)."""
     private = epsilon is not None
     phase = "private" if private else "exact"
-    arrays, answer = link.exchange(site, kind="enroll", phase=phase, epsilon=epsilon, **_asking())
+    arrays, answer = link.exchange(
+        site,
+        kind="enroll",
+        phase=phase,
+        epsilon=epsilon,
+        rating_scale=rating_scale,
+        **_asking(),
+    )
     items = read_item_arrays(arrays, f"{site.name}: enrolment")
     if link.catalogue is not None and items.size:
         raise SchemaError(f"{site.name}: sent item ids though the catalogue is published")

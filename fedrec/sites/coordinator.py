@@ -242,6 +242,7 @@ class Coordinator:
         secure: dict[str, Any] | None = None,
         message: bytes | None = None,
         epsilon: float | None = None,
+        rating_scale: tuple[float, float] | str | None = None,
         flow_run_id: str = "",
         task_run_id: str = "",
         warn: Callable[[str], None] = print,
@@ -250,7 +251,8 @@ class Coordinator:
         The request names the asking task run (answers and log lines go there); ``warn``
         gets one line per refused answer. ``secure`` and ``message`` make a secure-aggregation
         request (:mod:`fedrec.sites.secure`): the message is uploaded beside the reply folder.
-        ``epsilon`` is a private enrolment's: the run's (:class:`RoundRequest`).
+        ``epsilon`` is a private enrolment's: the run's (:class:`RoundRequest`);
+        ``rating_scale`` an enrolment's in a run of a rating model.
 
         Raises
         ------
@@ -299,6 +301,7 @@ class Coordinator:
             message=sent,
             epsilon=epsilon,
             answer_key=answer_key_field(self.answer_secret),
+            rating_scale=rating_scale,
         )
         answers = self.collector.watch(request.task_run_id)
         signed = sign_message(self.registry.coordinator_key, REQUEST, request.fields())

@@ -54,6 +54,7 @@ _ANSWER_KEY = re.compile(r"[A-Za-z0-9+/]{43}=")  # base64 of a 32-byte X25519 pu
 Kind = Literal["enroll", "train", "evaluate", "secagg"]
 KINDS = ("enroll", "train", "evaluate", "secagg")
 ENROL_PHASES = ("private", "exact")  # an enrolment says whether the run will be private
+FROM_DATA = "data"  # an enrolment's rating scale when the run takes it from the data
 
 
 class RefusedMessage(ValueError):
@@ -277,6 +278,11 @@ class RoundRequest:
     answer_key : str
         The run's X25519 public key (base64) the site seals its answer to
         (:mod:`models.sites.sealing`): only the coordinator of this run can read the answer.
+    rating_scale : (float, float), "data" or None
+        An ``enroll`` of a run that trains a rating model (explicit feedback): the run's rating
+        scale (low, high), or ``"data"`` when the run takes it from the data; None for a run
+        without ratings. A site whose data has no ratings, or ratings on another scale, refuses
+        to enrol (:data:`FROM_DATA`).
     """
 
     run: str
@@ -306,14 +312,18 @@ class RoundRequest:
     message: BlobRef | None = None
     epsilon: float | None = None
     answer_key: str = ""
+    rating_scale: tuple[float, float] | str | None = None
 
     def fields(self) -> dict[str, Any]:
-        """The manifest fields (JSON values); ``epsilon`` only when set, so that the requests
-        of a run without it read as they did before the field."""
+        """The manifest fields (JSON values); ``epsilon`` and ``rating_scale`` only when set, so
+        that the requests without them read as they did before the fields."""
         out = asdict(self)
         out["eval_splits"] = list(self.eval_splits)
-        if self.epsilon is None:
-            del out["epsilon"]
+        for name in ("epsilon", "rating_scale"):
+            if out[name] is None:
+                del out[name]
+        if self.rating_scale is not None and self.rating_scale != FROM_DATA:
+            out["rating_scale"] = list(self.rating_scale)
         return out
 
     @property
@@ -404,6 +414,7 @@ def check_request(
         raise RefusedMessage(
             f"request epsilon {epsilon!r}; allowed: a positive number, on an enrolment only"
         )
+    scale = _rating_scale(fields)
     release = fields.get("release")
     if release is not None and not (
         isinstance(release, dict) and all(_is_number(v) for v in release.values())
@@ -432,7 +443,35 @@ def check_request(
         refs["state"] is None or refs["catalogue"] is None
     ):
         raise RefusedMessage(f"a {fields['kind']} request needs a state and a catalogue")
-    return RoundRequest(**(fields | refs | {"eval_splits": tuple(splits)}))
+    return RoundRequest(**(fields | refs | {"eval_splits": tuple(splits), "rating_scale": scale}))
+
+
+def _rating_scale(fields: Mapping[str, Any]) -> tuple[float, float] | str | None:
+    """A request's ``rating_scale``: (low, high) or :data:`FROM_DATA`, on an enrolment only.
+
+    Raises
+    ------
+    RefusedMessage
+    """
+    scale = fields.get("rating_scale")
+    if scale is None or (scale == FROM_DATA and fields["kind"] == "enroll"):
+        return scale
+    if fields["kind"] != "enroll":
+        raise RefusedMessage(
+            f"request rating_scale {scale!r} on a {fields['kind']} request; allowed: on an "
+            "enrolment only"
+        )
+    if not (
+        isinstance(scale, list)
+        and len(scale) == 2
+        and all(_is_number(bound) for bound in scale)
+        and scale[0] < scale[1]
+    ):
+        raise RefusedMessage(
+            f"request rating_scale {scale!r}; allowed: LOW,HIGH (two finite numbers, LOW < "
+            f"HIGH) or {FROM_DATA!r}"
+        )
+    return float(scale[0]), float(scale[1])
 
 
 @dataclass(frozen=True)

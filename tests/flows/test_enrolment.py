@@ -177,6 +177,29 @@ def test_a_private_run_takes_each_sites_noisy_number_of_users_and_nothing_else(s
     assert registered == link.registry.by_name("shop-a").public_key
 
 
+@pytest.mark.parametrize(
+    ("fields", "scale"),
+    [
+        ({}, (1.0, 5.0)),
+        ({"rating_scale": "0.5,5"}, (0.5, 5.0)),
+        ({"rating_scale": "data"}, "data"),
+        ({"feedback": "implicit", "implicit_model": "neural"}, None),
+    ],
+    ids=["default", "given", "data", "neural"],
+)
+def test_an_enrolment_says_whether_the_run_trains_a_rating_model_and_on_what_scale(
+    store, fields, scale
+):
+    """A site whose data has no ratings, or ratings on another scale, must be able to refuse a
+    rating model's run at enrolment, before anything is trained: each enrolment request names
+    the run's rating scale ("data" when the run takes it from the data), and a run without a
+    rating model names none."""
+    answers = {name: ([1, 2], _exact(3, name)) for name in NAMES}
+    _, _, requests = _enrol(store, answers, **fields)
+
+    assert [r["rating_scale"] for _, r in requests] == [scale] * len(NAMES)
+
+
 @pytest.mark.parametrize("refusal", [{"exact": 0, "key_id": "k"}, {}], ids=["exact-0", "no-exact"])
 def test_a_run_without_dp_that_a_site_would_not_answer_starts_nothing(store, refusal):
     """A site that answers only private runs enrols with ``exact`` 0 (or without it, which the

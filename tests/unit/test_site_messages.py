@@ -152,6 +152,14 @@ def test_a_request_without_an_answer_key_is_refused():
         ({"epsilon": 1.0}, "epsilon 1.0; allowed: a positive number, on an enrolment only"),
         ({"kind": "enroll", "phase": "private", "epsilon": 0}, "epsilon 0; allowed: a positive"),
         ({"kind": "enroll", "phase": "private", "epsilon": "8"}, "epsilon '8'; allowed"),
+        (
+            {"rating_scale": (1.0, 5.0)},
+            r"rating_scale \[1\.0, 5\.0\] on a train request; allowed: on an enrolment only",
+        ),
+        ({"kind": "enroll", "phase": "exact", "rating_scale": (5, 1)}, "rating_scale \\[5, 1\\]"),
+        ({"kind": "enroll", "phase": "exact", "rating_scale": (1, 5, 9)}, "allowed: LOW,HIGH"),
+        ({"kind": "enroll", "phase": "exact", "rating_scale": ("1", 5)}, "allowed: LOW,HIGH"),
+        ({"kind": "enroll", "phase": "exact", "rating_scale": "1,5"}, "allowed: LOW,HIGH"),
         ({"answer_key": ""}, "answer_key must be base64 of a 32-byte X25519 public key"),
         ({"answer_key": ANSWER_KEY[:-2] + "=="}, "answer_key must be base64 of a 32-byte"),
         ({"answer_key": 7}, "answer_key must be base64 of a 32-byte"),
@@ -174,6 +182,8 @@ def test_a_request_with_a_field_out_of_its_range_is_refused(changes, reason):
         {"release": {"noise_multiplier": 2.0}},
         {"secure": {"registry": {"0": "a2V5"}, "round": {"threshold": 2}}, "kind": "secagg"},
         {"kind": "enroll", "phase": "private", "epsilon": 0.5},
+        {"kind": "enroll", "phase": "exact", "rating_scale": (0.5, 5.0)},
+        {"kind": "enroll", "phase": "exact", "rating_scale": "data"},
     ],
 )
 def test_a_request_with_its_optional_fields_in_range_reads_back(changes):
