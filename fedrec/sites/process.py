@@ -1,10 +1,11 @@
 """The site process: next to its data, outbound HTTP only, answering the coordinator's requests.
 
 A site loads and validates its own rows once, with the same readers as ``fedrec train
---data``. It then lists the request artifacts addressed to it on the Prefect API: at once when
-the API's events websocket announces a new one (:meth:`Site.listen`), and every
-``poll_seconds`` in any case (events missed across a reconnect, a server without events). For
-each request it has not answered, it:
+--data``; a run of a rating model whose scale its rows do not have (no rating column, or
+another ``--rating-scale``) it refuses at enrolment and in every request. It then lists the
+request artifacts addressed to it on the Prefect API: at once when the API's events websocket
+announces a new one (:meth:`Site.listen`), and every ``poll_seconds`` in any case (events
+missed across a reconnect, a server without events). For each request it has not answered, it:
 
 1. verifies the coordinator's signature with the pinned coordinator key, and the request's
    site, expiry and fields (:func:`models.sites.messages.check_request`);
@@ -61,6 +62,7 @@ from models.federation.evaluation import without_item_counts
 from models.federation.family import Family
 from models.federation.sampling import fresh_rng, round_rng
 from models.files import check_private_folders
+from models.mf.family import ExplicitMF
 from models.privacy.identity import load_identity
 from models.privacy.ledger import keyed_fingerprint, user_ids
 from models.privacy.released_metrics import MetricRelease
@@ -89,6 +91,7 @@ from models.sites.messages import (
     ALIVE,
     ANSWER,
     CLOCK_SKEW,
+    FROM_DATA,
     REFUSAL,
     REQUEST,
     UNVERIFIED,
@@ -159,6 +162,7 @@ class Site:
         check_private_folders(Path(options.state_dir), "site's state folder", is_folder=True)
         self.coordinator = load_public_key(options.coordinator_key, Path.cwd())
         self.data = data if data is not None else load_site_data(options.data, options.read_options)
+        self.declared_scale = _declared_scale(options, self.data)
         self.record = SiteRecord(Path(options.state_dir) / "record")
         self.budget = SiteBudget(
             Path(options.state_dir) / "budget",
@@ -220,6 +224,14 @@ class Site:
             self.options.poll_seconds,
             ", woken by its events" if self.options.events else "",
         )
+        if self.data.rating_scale is None:
+            log.warning(
+                "%s: %s has no rating column (%r): its rows are implicit feedback, and it "
+                "refuses runs of a rating model (explicit feedback)",
+                self.name,
+                self._file(),
+                self.options.read_options.get("rating_col", "rating"),
+            )
         threading.Thread(target=self._signs_of_life, args=(stop,), daemon=True).start()
         connected: bool | None = None  # not known before the first poll
         while not stop.is_set():
@@ -489,6 +501,7 @@ class Site:
         if request.kind == "secagg":
             return self._secagg(request)
         family = family_from_spec(request.family)
+        self._check_ratings(_family_scale(family))
         phases = [phase.name for phase in family.phases(1)]  # the names do not depend on rounds
         if request.kind == "train" and request.phase not in phases:
             raise RefusedMessage(
@@ -581,6 +594,7 @@ class Site:
         if not exact and request.phase != "private":  # nothing for a run it will not answer
             info = {"exact": 0, "key_id": key_id(self.key)}
             return encode_arrays(item_arrays(np.empty(0, dtype=np.int64))), info
+        self._check_ratings(request.rating_scale)  # a run it could not serve
         if request.phase == "private" and request.epsilon is not None:
             self.budget.check_run(request.run, request.epsilon)  # a run it could not finish
         lacking = rows = 0
@@ -626,6 +640,53 @@ class Site:
         data = encode_arrays(item_arrays(items))
         self.record.keep(request.record_key, None, data, info)
         return data, info
+
+    def _file(self) -> str:
+        """The site's data file by its name (its folders are the site's own business)."""
+        return Path(self.options.data or self.data.source).name
+
+    def _check_ratings(self, scale: tuple[float, float] | str | None) -> None:
+        """Refuse a run of a rating model on ``scale`` (``"data"``: the scale of its data;
+        None: a run without ratings, which any data serves) when this site's data has no
+        ratings, or ratings on another scale than the run's. Each reason names settings only
+        (the site's, the run's), never a value of the rows: a site that takes its scale from
+        its rows is refused by any run that gives one, whatever its rows hold.
+
+        Raises
+        ------
+        RefusedMessage
+        """
+        if scale is None:
+            return
+        what = f"{self.name}'s data {self._file()}"
+        if self.data.rating_scale is None:
+            column = self.options.read_options.get("rating_col", "rating")
+            run = "on the data's scale" if scale == FROM_DATA else _span(scale)
+            raise RefusedMessage(
+                f"{what} has no rating column ({column!r}): it holds implicit feedback, and "
+                f"this run trains a rating model (explicit feedback, ratings {run}); allowed: "
+                "a file with a rating column (fedrec site run --rating-col), or a run without "
+                "ratings (fedrec train --feedback implicit --implicit-model neural)"
+            )
+        if scale == FROM_DATA:
+            return
+        low, high = scale
+        run = _span(scale)
+        if self.declared_scale is None:
+            raise RefusedMessage(
+                f"{what} takes its rating scale from its rows (fedrec site run --rating-scale "
+                f"data), which cannot be checked against this run's {run} without telling "
+                f"something of them; allowed: a site on the run's scale (--rating-scale "
+                f"{low:g},{high:g}, its ratings within it)"
+            )
+        if self.declared_scale != (low, high):
+            mine = _span(self.declared_scale)
+            raise RefusedMessage(
+                f"{what} is on the rating scale {mine} (fedrec site run --rating-scale) and "
+                f"this run's is {run}; allowed: a site on the run's scale (--rating-scale "
+                f"{low:g},{high:g}, its ratings within it), or a run on the site's (fedrec "
+                f"train --rating-scale {self.declared_scale[0]:g},{self.declared_scale[1]:g})"
+            )
 
     def _split(self, request: RoundRequest, catalogue: np.ndarray) -> ClientData:
         split = request.split
@@ -696,6 +757,33 @@ class Site:
                 raise RefusedMessage(f"release parameters: {err}") from err
             return release.publish(evaluations, fresh_rng())
         return without_item_counts(evaluations) if family.private else evaluations
+
+
+def _declared_scale(options: SiteOptions, data: Interactions) -> tuple[float, float] | None:
+    """The rating scale the site's operator gave (``--rating-scale``, or the one a MovieLens
+    file has); None when the site reads its data without ratings, or takes the scale from its
+    rows (``--rating-scale data``: then the scale is a value of the rows)."""
+    if data.rating_scale is None:
+        return None
+    table = has_suffix(Path(options.data), TABLE_SUFFIXES)
+    if table and "rating_scale" in options.read_options:
+        given = options.read_options["rating_scale"]
+        return None if given is None else (float(given[0]), float(given[1]))
+    low, high = data.rating_scale
+    return float(low), float(high)
+
+
+def _family_scale(family: Family) -> tuple[float, float] | str | None:
+    """The rating scale a family's requests train and score on: a rating model's (explicit
+    feedback) clip range, ``"data"`` without one; None for a family without ratings."""
+    if not isinstance(family, ExplicitMF):
+        return None
+    clip = family.config.clip_to
+    return FROM_DATA if clip is None else (float(clip[0]), float(clip[1]))
+
+
+def _span(scale: tuple[float, float]) -> str:
+    return f"{scale[0]:g}..{scale[1]:g}"
 
 
 def _release(request: RoundRequest, family: Family, *, peers_pinned: bool) -> Release | None:

@@ -76,7 +76,8 @@ def world(tmp_path):
         )
         rows = _rows() if rows is None else rows
         data = encode_interactions(rows, rating_scale=(1.0, 5.0), source="shop-a.csv")
-        site = Site(options, data=data)
+        # a site given a --data file reads it itself, as `fedrec site run` does
+        site = Site(options, data=None if options.data else data)
         site.transport.close()
         site.transport = transport
         return site
@@ -518,7 +519,16 @@ def test_private_answers_come_from_the_sites_entropy_not_from_the_request(world,
     assert any(not np.array_equal(first[k], twin[k]) for k in first if first[k].dtype.kind == "f")
 
 
-def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9", epsilon=None):
+def _enrol(
+    transport,
+    *,
+    phase="private",
+    catalogue=ITEMS,
+    run="run",
+    nonce="9",
+    epsilon=None,
+    rating_scale=None,
+):
     published = None
     if catalogue is not None:
         published = transport.put_blob(
@@ -533,6 +543,7 @@ def _enrol(transport, *, phase="private", catalogue=ITEMS, run="run", nonce="9",
         catalogue=published,
         task_run_id=f"task-{run}-{nonce}",
         epsilon=epsilon,
+        **({} if rating_scale is None else {"rating_scale": rating_scale}),
     )
     return request, _post(transport, request)
 
@@ -675,6 +686,112 @@ def test_an_exact_site_counts_only_the_rows_a_published_catalogue_keeps(world):
         "catalogue lacks, are left out of this run"
     )
     assert left_out_note("shop-a", {"n_users": 3}) is None  # a private site's enrolment
+
+
+# how `fedrec site run` reads --data with its default columns
+SITE_READS = {"user_col": "user_id", "item_col": "item_id", "rating_col": "rating",
+              "timestamp_col": "timestamp"}  # fmt: skip
+
+
+def _site_file(tmp_path, name: str, rows: pd.DataFrame) -> str:
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    rows.rename(columns={"user": "user_id", "item": "item_id"}).to_csv(path, index=False)
+    return str(path)
+
+
+def test_a_site_without_ratings_refuses_a_rating_models_run_at_enrolment_and_in_its_rounds(
+    world, tmp_path
+):
+    """The weak version: a site whose file has no rating column (``score`` instead) read its
+    rows as implicit feedback, every rating 1, said nothing, and answered a rating model's
+    requests; the run's validation RMSE then counted its constant 1s. It now refuses a rating
+    model's run at enrolment, before anything is trained or counted, and any request of a
+    rating model after it, in one line naming the file and what is allowed."""
+    transport, key, start = world
+    path = _site_file(tmp_path, "c-norating.csv", _rows().rename(columns={"rating": "score"}))
+    reads = SITE_READS | {"rating_scale": (1.0, 5.0)}
+    site = start(data=path, read_options=reads, allow_exact=True)
+    assert site.data.rating_scale is None  # read as implicit feedback
+
+    request, _ = _enrol(transport, phase="exact", nonce="1", rating_scale=(1.0, 5.0))
+    site.poll_once()
+    reason = _refusal(transport, key, request)
+    assert reason == (
+        "shop-a's data c-norating.csv has no rating column ('rating'): it holds implicit "
+        "feedback, and this run trains a rating model (explicit feedback, ratings 1..5); "
+        "allowed: a file with a rating column (fedrec site run --rating-col), or a run "
+        "without ratings (fedrec train --feedback implicit --implicit-model neural)"
+    )
+    train, _ = _ask(transport, family=PLAIN, nonce="2")  # asked without enrolling first
+    site.poll_once()
+    assert _refusal(transport, key, train) == reason
+
+    without, digest = _enrol(transport, phase="exact", run="run-2", nonce="3")  # a neural run
+    site.poll_once()
+    assert _enrolment(transport, key, without, digest)[1]["n_users"] == 8
+
+    private = start(data=path, read_options=reads, state_dir=tmp_path / "private")
+    private.transport = MemoryTransport()
+    asked, _ = _enrol(private.transport, epsilon=1.0, rating_scale=(1.0, 5.0))
+    private.poll_once()
+    assert _refusal(private.transport, key, asked) == reason
+    assert _charges(private) == []  # refused before its noisy count was counted
+
+
+def test_a_site_on_another_rating_scale_refuses_the_run_without_telling_its_ratings(
+    world, tmp_path
+):
+    """The weak version: a site whose ratings are on 2..10 (``--rating-scale 1,10``) enrolled
+    in a run on 1..5 and answered its rounds; the run's validation RMSE went to 1.96. A site
+    now refuses a run on another scale than its own, naming both (each is a setting, not a
+    value of its rows). A site that takes its scale from its rows (``--rating-scale data``)
+    cannot say whether they fit the run's without telling something of them: it is refused
+    in the same words whatever its rows hold."""
+    transport, key, start = world
+    doubled = _rows().assign(rating=lambda f: f["rating"] * 2)  # 2..10
+    path = _site_file(tmp_path, "shop-a.csv", doubled)
+    site = start(data=path, read_options=SITE_READS | {"rating_scale": (1.0, 10.0)},
+                 allow_exact=True)  # fmt: skip
+
+    request, _ = _enrol(transport, phase="exact", nonce="1", rating_scale=(1.0, 5.0))
+    site.poll_once()
+    reason = _refusal(transport, key, request)
+    assert reason == (
+        "shop-a's data shop-a.csv is on the rating scale 1..10 (fedrec site run --rating-scale) "
+        "and this run's is 1..5; allowed: a site on the run's scale (--rating-scale 1,5, its "
+        "ratings within it), or a run on the site's (fedrec train --rating-scale 1,10)"
+    )
+    train, _ = _ask(transport, family=PLAIN, nonce="2")
+    site.poll_once()
+    assert _refusal(transport, key, train) == reason
+    same, digest = _enrol(transport, phase="exact", run="run-10", nonce="3",
+                          rating_scale=(1.0, 10.0))  # fmt: skip
+    site.poll_once()
+    assert _enrolment(transport, key, same, digest)[1]["n_users"] == 8
+
+    reasons = []
+    for name, rows in (("doubled", doubled), ("plain", _rows())):
+        own = start(data=_site_file(tmp_path, f"{name}/shop-a.csv", rows),
+                    read_options=SITE_READS | {"rating_scale": None}, allow_exact=True,
+                    state_dir=tmp_path / f"{name}-state")  # fmt: skip
+        own.transport = MemoryTransport()
+        asked, _ = _enrol(own.transport, phase="exact", rating_scale=(1.0, 5.0))
+        from_data, digest = _enrol(own.transport, phase="exact", run="run-data", nonce="8",
+                                   rating_scale="data")  # fmt: skip
+        own.poll_once()
+        reasons.append(_refusal(own.transport, key, asked))
+        assert _enrolment(own.transport, key, from_data, digest)[1]["n_users"] == 8
+    assert (
+        reasons
+        == [
+            "shop-a's data shop-a.csv takes its rating scale from its rows (fedrec site run "
+            "--rating-scale data), which cannot be checked against this run's 1..5 without telling "
+            "something of them; allowed: a site on the run's scale (--rating-scale 1,5, its ratings "
+            "within it)"
+        ]
+        * 2
+    )
 
 
 def test_a_site_says_when_it_cannot_reach_the_coordinator_and_when_it_can_again(world, caplog):
