@@ -3,7 +3,8 @@
 The arithmetic is :mod:`models.sites.budget` (what one release costs within its run) and
 :mod:`models.privacy.ledger` (per-user balances across runs). This module keeps the entries
 (one JSON line per charged release, appended and fsynced before the release is computed, so a
-crash can only over-count) and the sets of users each entry covers, in ``<state>/budget/``
+crash can only over-count; a line it cut short stops the site until its operator repairs the
+file: :class:`LedgerUnreadable`) and the sets of users each entry covers, in ``<state>/budget/``
 (owner-only). User ids never leave the site; the site keys them with a random secret of its own
 so that the files hold no id in the clear.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -32,12 +35,32 @@ from models.sites.budget import (
     DEFAULT_MAX_DELTA,
     RUNS_PER_DELTA_CAP,
     Release,
+    ReleaseKind,
     SiteBudgetError,
     charge,
 )
 
 ENTRIES = "entries.jsonl"
 SECRET = "secret"
+_ENTRY_FIELDS = {"run", "release", "epsilon", "delta", "users_sha256", "at"}
+
+
+class LedgerUnreadable(SiteBudgetError):
+    """A line of the site's ``entries.jsonl`` that is not a whole entry (a write cut short by a
+    crash, an edit). Dropping it would free what it charged, so the site does not start on it,
+    and no charge is made past it until its operator repairs the file."""
+
+    one_line = True  # the command line shows the message alone, as the operator's to fix
+
+    def __init__(self, path: Path, number: int) -> None:
+        super().__init__(
+            f"{path}, line {number}: not a whole entry of this site's privacy budget (a write "
+            "cut short by a crash, or an edit), so what its users have spent cannot be "
+            "counted; refused rather than reset or under-counted: restore the file from a "
+            "backup, or remove that line by hand (what it charged is then no longer counted)",
+            public="privacy budget of this site: its ledger cannot be read (the site's own log "
+            "says why): refused",
+        )
 
 
 @dataclass(frozen=True)
@@ -100,6 +123,8 @@ class SiteBudget:
         self.max_delta = DEFAULT_MAX_DELTA if max_delta is None else float(max_delta)
         self.run_delta = self.max_delta / RUNS_PER_DELTA_CAP
         self.secret = self._secret()  # the site's own: names its users, keys its fingerprint
+        with folder_lock(self.folder):  # a site does not start on a ledger it cannot count
+            self._lines()
         self.users = user_keys(np.asarray(user_ids, dtype=str), self.secret)
         self._users_sha = self._keep_users(self.users)
 
@@ -128,10 +153,26 @@ class SiteBudget:
         return np.frombuffer(data, dtype="<u8").astype(np.uint64)
 
     def _lines(self) -> list[dict]:
+        """Every entry of the ledger, each checked whole.
+
+        Raises
+        ------
+        LedgerUnreadable
+            At the first line that is not a whole entry; a torn last line too (dropping it
+            would under-count).
+        """
         path = self.folder / ENTRIES
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        entries = []
+        for number, line in enumerate(path.read_bytes().split(b"\n"), 1):
+            if not line.strip():
+                continue
+            entry = _entry(line)
+            if entry is None:
+                raise LedgerUnreadable(path, number)
+            entries.append(entry)
+        return entries
 
     def run_releases(self, run: str) -> list[Release]:
         """The releases already charged to ``run``."""
@@ -220,3 +261,29 @@ class SiteBudget:
         append_private(self.folder / ENTRIES, json.dumps(line, allow_nan=False))
         run_eps = sum(e["epsilon"] for e in self._lines() if e["run"] == run)
         return Charged(run_eps, eps + cost, delta + cost_delta)
+
+
+def _entry(line: bytes) -> dict | None:
+    """One ledger line as an entry, or None when it is not a whole one."""
+    try:
+        entry = json.loads(line)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if not isinstance(entry, dict) or set(entry) != _ENTRY_FIELDS:
+        return None
+    try:
+        release = Release(**entry["release"])
+    except (TypeError, ValueError):  # SiteBudgetError included
+        return None
+    if release.kind not in get_args(ReleaseKind):  # the accountant would count it as nothing
+        return None
+    spent = (entry["epsilon"], entry["delta"])
+    if not all(_number(x) and x >= 0 for x in spent) or not isinstance(entry["run"], str):
+        return None
+    if not isinstance(entry["users_sha256"], str) or not _number(entry["at"]):
+        return None
+    return entry
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -291,3 +291,66 @@ def test_a_delta_cap_above_one_user_is_refused_when_the_site_starts(tmp_path):
     with pytest.raises(SiteBudgetError, match=r"^the default delta cap 1e-06 is above 1 / the "
                        r"site's 1000001 users \(1e-06\)"):  # fmt: skip
         SiteBudget(tmp_path / "c", many, max_epsilon=10.0)
+
+
+def _torn(path) -> str:
+    """Half of the ledger's last entry appended, as a crash in the middle of a write leaves."""
+    line = path.read_text().splitlines()[-1]
+    return line[: len(line) // 2]
+
+
+@pytest.mark.parametrize(
+    ("tear", "number"),
+    [
+        (lambda path, whole: whole + _torn(path), 3),  # the last line cut short
+        (lambda path, whole: whole + _torn(path) + "\n", 3),
+        (lambda path, whole: _torn(path) + "\n" + whole, 1),  # an earlier one: not the last
+        (lambda path, whole: whole + '{"run": "run-3"}\n', 3),  # JSON, not an entry
+        (lambda path, whole: whole + "null\n", 3),
+        (lambda path, whole: whole.replace('"kind": "full"', '"kind": "half"', 1), 1),
+        (lambda path, whole: whole.replace('"epsilon": ', '"epsilon": -', 1), 1),
+    ],
+    ids=["torn-last", "torn-last-newline", "torn-first", "not-an-entry", "null", "kind",
+         "negative"],
+)  # fmt: skip
+def test_an_unreadable_ledger_line_stops_the_site_and_every_charge_naming_it(
+    tmp_path, tear, number
+):
+    """The weak version: a torn line in ``entries.jsonl`` (a crash mid-write) let the site
+    start, then refuse every private request with ``could not compute its answer
+    (JSONDecodeError ...)``, its own log saying only ``Unterminated string starting at: line 1
+    column 77``. Dropping the line would free what it charged, so the site refuses to start on
+    it, and every read of the ledger names the file, the line and how to repair it; nothing is
+    written, reset or dropped."""
+    from fedrec.sites.budget import LedgerUnreadable
+
+    folder = tmp_path / "budget"
+    budget = SiteBudget(folder, USERS, max_epsilon=10.0)
+    budget.charge("run-1", Release("full", 2.0))
+    budget.charge("run-2", Release("full", 2.0))
+    path = folder / ENTRIES
+    path.write_text(tear(path, path.read_text()))
+    torn = path.read_bytes()
+
+    expected = (
+        f"{path}, line {number}: not a whole entry of this site's privacy budget (a write cut "
+        "short by a crash, or an edit), so what its users have spent cannot be counted; "
+        "refused rather than reset or under-counted: restore the file from a backup, or "
+        "remove that line by hand (what it charged is then no longer counted)"
+    )
+    with pytest.raises(LedgerUnreadable) as refused:
+        SiteBudget(folder, USERS, max_epsilon=10.0)  # a restarted site
+    assert str(refused.value) == expected
+    assert refused.value.public == (
+        "privacy budget of this site: its ledger cannot be read (the site's own log says "
+        "why): refused"
+    )
+    for reads in (
+        lambda: budget.charge("run-3", Release("full", 2.0)),  # the site that was running
+        lambda: budget.check_run("run-3", 1.0),
+        lambda: budget.run_releases("run-1"),
+    ):
+        with pytest.raises(LedgerUnreadable) as refused:
+            reads()
+        assert str(refused.value) == expected
+    assert path.read_bytes() == torn  # nothing appended, dropped or rewritten

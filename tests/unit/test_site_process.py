@@ -1100,3 +1100,45 @@ def test_a_site_signs_that_it_is_up_over_http_and_a_stopped_sign_is_not_overwrit
     site.sign_of_life(transport)  # a late one from the thread: ignored
     final = open_message(transport.variables[alive_variable("shop-a")], key.public_key(), ALIVE)
     assert check_alive(final, "shop-a")[2] is True
+
+
+def test_a_site_on_a_torn_budget_ledger_does_not_start_and_a_running_one_says_why(
+    world, tmp_path, caplog
+):
+    """The weak version: with half a JSON line at the end of ``<state-dir>/budget/
+    entries.jsonl`` (a crash mid-write) the site started as usual, then refused every private
+    request with ``could not compute its answer (JSONDecodeError ...)``, its own log saying only
+    ``Unterminated string starting at: line 1 column 77 (char 76)``. It now refuses to start,
+    in one line naming the file, the line and the repair; a site that was already running when
+    the line was torn refuses each request with the budget's public reason on the API and that
+    line in its own log."""
+    from fedrec.cli_errors import UserError, classify
+
+    transport, key, start = world
+    site = start()
+    _ask(transport, family=PRIVATE, nonce="1")
+    site.poll_once()
+    path = tmp_path / "state" / "budget" / "entries.jsonl"
+    line = path.read_text().splitlines()[-1]
+    with path.open("a") as out:
+        out.write(line[: len(line) // 2])
+    expected = (
+        f"{path}, line 2: not a whole entry of this site's privacy budget (a write cut short by "
+        "a crash, or an edit), so what its users have spent cannot be counted; refused rather "
+        "than reset or under-counted: restore the file from a backup, or remove that line by "
+        "hand (what it charged is then no longer counted)"
+    )
+
+    with pytest.raises(ValueError) as refused:
+        start()  # a restart
+    shown = classify(refused.value)
+    assert isinstance(shown, UserError) and str(shown) == expected
+
+    with caplog.at_level(logging.WARNING, logger="fedrec.site"):
+        request, _ = _ask(transport, family=PRIVATE, round_=2, nonce="2")
+        site.poll_once()
+    assert _refusal(transport, key, request) == (
+        "privacy budget of this site: its ledger cannot be read (the site's own log says why): "
+        "refused"
+    )
+    assert any(r.getMessage().endswith(expected) for r in caplog.records)
