@@ -413,6 +413,33 @@ def test_an_interrupted_coordinator_names_a_site_never_started_and_does_not_wait
     assert "removed the run's exchange files" in log
 
 
+def test_a_site_without_ratings_is_left_out_of_a_rating_models_run_at_enrolment(federation):
+    """A site whose file has no rating column read its rows as implicit feedback (every
+    rating 1) without a word and answered an explicit run's rounds, whose validation RMSE then
+    counted its constant 1s. It now says so when it starts, refuses the run at enrolment, and
+    the run goes on under the quorum without it, naming it and why."""
+    fed = federation
+    folder = fed.root / "sites" / "shop-c"
+    rows = (folder / "ratings.csv").read_text()
+    (folder / "norating.csv").write_text(rows.replace("rating", "score", 1))
+    fed.stop("shop-c")
+    fed.start_site("shop-c", label="shop-c-norating", data="norating.csv")
+    _wait_for(lambda: "polling" in fed.log("shop-c-norating"), "shop-c to start")
+    assert "norating.csv has no rating column ('rating')" in fed.log("shop-c-norating")
+
+    stderr = fed.root / "train-norating.err"
+    summary = _summary(fed.train("ws-norating", 1, stderr, keep=False), stderr)
+    assert summary["sites"]["enrolled"] == ["shop-a", "shop-b"]
+    assert summary["sites"]["left_out"]["shop-c"] == (
+        "SiteRefused: shop-c refused enroll round 0: shop-c's data norating.csv has no rating "
+        "column ('rating'): it holds implicit feedback, and this run trains a rating model "
+        "(explicit feedback, ratings 1..5); allowed: a file with a rating column (fedrec site "
+        "run --rating-col), or a run without ratings (fedrec train --feedback implicit "
+        "--implicit-model neural)"
+    )
+    assert "answered train" not in fed.log("shop-c-norating")
+
+
 ROUNDS_AFTER_RESTART = 8
 ROUNDS_AFTER_RESTART = 8
 
