@@ -199,8 +199,10 @@ def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunCon
     if config.secure_aggregation:  # the server steps verify the sites' round keys with these
         register_site_keys(workspace=workspace, sites=registry.sites)
     tags = {"fedrec.workspace": workspace, "fedrec.sites": ",".join(s.name for s in sites)}
-    if link.left_out:
+    if link.left_out:  # the names, and each one's reason (MLflow keeps tags of 8,000 characters)
         tags["fedrec.sites_left_out"] = ",".join(link.left_out)
+        why = "\n".join(f"{name}: {reason}" for name, reason in link.left_out.items())
+        tags["fedrec.sites_left_out_why"] = why if len(why) <= 8000 else why[:7997] + "..."
     tag_run(uri, run_id, tags)
     logger.info(
         "%d of %d sites enrolled (%s), %d items in the catalogue, MLflow run %s",

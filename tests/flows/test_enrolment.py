@@ -122,6 +122,7 @@ def test_the_sites_that_enrol_make_the_catalogue_the_manifest_and_the_run(store)
     assert run.info.run_id == ctx.run_id
     assert run.data.tags["fedrec.sites"] == "shop-c,shop-a"
     assert run.data.tags["fedrec.sites_left_out"] == "shop-b"
+    assert run.data.tags["fedrec.sites_left_out_why"] == "shop-b: " + link.left_out["shop-b"]
     assert run.data.tags["fedrec.dataset_fingerprint"] == expected
     assert run.data.tags["fedrec.workspace"] == ctx.workspace
     assert "-2c-" in run.data.tags["mlflow.runName"]  # the sites that enrolled, not those asked
