@@ -4,6 +4,8 @@ characters, which is what whoever polls the Prefect API reads)."""
 
 from __future__ import annotations
 
+import os
+
 from flows.training import federated_training, outcome, training_flow
 
 
@@ -29,6 +31,11 @@ def test_the_thread_runner_takes_the_asked_for_workers_and_defaults_to_the_flows
     assert training_flow() is federated_training
     assert training_flow("thread", max_workers=None) is federated_training
     assert training_flow("thread", max_workers=3).task_runner._max_workers == 3
+    # by default one client task per core, up to 8 (a small machine still runs them in parallel)
+    cores = os.cpu_count() or 1
+    assert federated_training.task_runner._max_workers == min(8, cores)
+    if cores > 1:
+        assert federated_training.task_runner._max_workers > 1
 
 
 def test_the_dask_runner_starts_single_threaded_worker_processes_or_joins_a_scheduler():
