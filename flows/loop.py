@@ -364,14 +364,12 @@ def train_family(
     if champion_futures is not None:
         parts = answered(champion_futures, "champion evaluation", names=ctx.client_names)
         both = sorted(set(parts) & set(final_evaluations))
-        if not parts:  # the champion could not be evaluated at all: the decision says so
-            champion_metrics = {}
+        summary = partial(_released_summary, family=family, n_items=ctx.n_items, release=release)
+        if not parts or not final_evaluations:  # one was not evaluated at all: the decision
+            champion_metrics = summary(list(parts.values()))  # says which
         elif not both:
             comparable = "no client answered both the candidate's and the champion's evaluation"
         else:
-            summary = partial(
-                _released_summary, family=family, n_items=ctx.n_items, release=release
-            )
             champion_metrics = summary([parts[c] for c in both])
             if len(both) < len(final_evaluations) or len(both) < len(parts):
                 once = sorted(set(parts) ^ set(final_evaluations))
