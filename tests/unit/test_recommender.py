@@ -441,3 +441,12 @@ def test_a_history_that_gives_an_item_twice_is_read_by_its_last_rating_against_a
     assert list(read.positives) == [1] and list(read.met) == [0, 1]  # a's latest rating is 1
     (unrated,) = served.request_histories(twice.drop(columns="history_ratings"), 3.0)
     assert list(unrated.positives) == [0, 1]
+
+
+def test_asked_items_come_best_first_and_those_without_a_score_last_whatever_the_sign():
+    """A network's or a re-ranker's scores may be negative: an unscored item still comes last."""
+    from models.recommenders import best_first
+
+    nan = float("nan")
+    asked = [("a", -3.0, ""), ("b", nan, ""), ("c", -1.0, ""), ("d", nan, ""), ("e", -1.0, "")]
+    assert [item for item, _, _ in best_first(asked)] == ["c", "e", "a", "b", "d"]
