@@ -22,6 +22,7 @@ from prefect.futures import PrefectFuture
 
 from flows.rounds import (
     COMPARED_CLIENTS,
+    EVALUATED_CLIENTS,
     RunContext,
     Trained,
     answered,
@@ -379,7 +380,8 @@ def train_family(
                     len(both), ", ".join(who(c, ctx.client_names) for c in once),
                 )  # fmt: skip
                 compared = summary([final_evaluations[c] for c in both]) | {
-                    COMPARED_CLIENTS: float(len(both))
+                    COMPARED_CLIENTS: float(len(both)),
+                    EVALUATED_CLIENTS: float(len(set(parts) | set(final_evaluations))),
                 }
     get_run_logger().info("trained the %s family: %d step(s)", family.name, step)
     return Trained(

@@ -236,8 +236,10 @@ class Trained:
         return self.final if self.compared is None else self.compared
 
 
-# the number of clients the candidate and the champion were compared on, when fewer than answered
+# the number of clients the candidate and the champion were compared on, when fewer than answered,
+# and of those that answered either evaluation
 COMPARED_CLIENTS = "system/compared_clients"
+EVALUATED_CLIENTS = "system/evaluated_clients"
 
 
 def answered(

@@ -25,7 +25,7 @@ from fedrec.model_store import check_tracking_uri, record_store, sqlite_path
 from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
 from flows.loop import train_family
-from flows.rounds import COMPARED_CLIENTS, RunContext, privacy_plan
+from flows.rounds import COMPARED_CLIENTS, EVALUATED_CLIENTS, RunContext, privacy_plan
 from flows.sites import prune_exchange, start_sites_run
 from models.data.partitions import mark_finished, read_item_ids, read_manifest, remove_workspace
 from models.files import UnsafeFile, check_private_folders
@@ -408,10 +408,10 @@ def _train_and_register(
                 private=plan is not None,
             )
             if trained.compared is not None:
-                both = int(trained.compared[COMPARED_CLIENTS])
+                both, of = (int(trained.compared[k]) for k in (COMPARED_CLIENTS, EVALUATED_CLIENTS))
                 decision = PromotionDecision(
-                    decision.promote, f"{decision.reason} (compared on the {both} of "
-                    f"{len(trained.client_evaluations)} clients that answered both evaluations)",
+                    decision.promote, f"{decision.reason} (compared on the {both} of {of} "
+                    "clients that answered both evaluations)",
                 )  # fmt: skip
             lost_to_it = trained.champion_metrics is not None and not (
                 decision.promote or decision.reason.startswith(WORSE_THAN_BASELINE)

@@ -390,7 +390,7 @@ def test_the_candidate_and_the_champion_are_compared_on_the_clients_that_answere
         "(compared on the 1 of 2 clients that answered both evaluations)"
     )
     compared, champion = summary["compared_metrics"], summary["champion_metrics"]
-    assert compared["system/compared_clients"] == 1
+    assert (compared["system/compared_clients"], compared["system/evaluated_clients"]) == (1, 2)
     # the candidate's figures on client 1 alone, as its own row of the per-client table has them
     table = pd.read_csv(store["client"].download_artifacts(summary["run_id"], "client_metrics.csv"))
     alone = table.set_index("client").loc[1]
