@@ -402,10 +402,18 @@ def start_stores(
     """
     folder = Path(folder).resolve()
     running = read_stores(folder)
-    if running is not None and any(health(running).values()):
+    up = {} if running is None else health(running)
+    if running is not None and all(up.values()):
         raise StoresError(
             f"stores already run in {folder} (Prefect {running.prefect_api}, MLflow "
             f"{running.mlflow_uri}): stop them first with `fedrec stores stop --dir {folder}`"
+        )
+    if running is not None and any(up.values()):  # some died: a stop and a start restart them
+        down = ", ".join(name for name, ok in up.items() if not ok)
+        raise StoresError(
+            f"stores in {folder} run in part ({down} down; the others still answer): "
+            f"`fedrec stores stop --dir {folder}` stops the rest, then start them again "
+            "(the databases and artifacts stay)"
         )
     folder.mkdir(parents=True, exist_ok=True)
     cluster = _Cluster(folder, postgres_bindir())

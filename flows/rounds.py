@@ -258,7 +258,7 @@ def answered(
     results = {}
     for key, future in futures.items():
         if future not in done:
-            why = f"did not answer within {timeout} s"
+            why = f"did not answer within {timeout:.1f} s"  # a round's time left: not 29.99998
             get_run_logger().warning("%s: %s %s: left out", what, who(key, names), why)
         else:
             # With a timeout, wait() tells which futures are done but records no final state,

@@ -1,0 +1,62 @@
+"""``fedrec stores start`` over a record of stores that still run, in whole or in part: one line
+that says what runs and what to do, and nothing started beside them."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import threading
+
+import pytest
+
+from fedrec.local_server import process_start
+from fedrec.stores import STATE_FILE, StoresError, start_stores
+
+
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path.endswith("/health") else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def answering():
+    """A loopback server whose /health answers 200, as a live Prefect or MLflow server's does."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _record(folder, prefect: str, mlflow: str) -> None:
+    """The record of stores whose postmaster is this process (it runs) and whose servers are
+    ``prefect`` and ``mlflow``."""
+    folder.mkdir(exist_ok=True)
+    record = {"prefect_api": f"{prefect}/api", "mlflow": mlflow, "passfile": str(folder / "pgpass"),
+              "postgres_url": "postgresql://fedrec@127.0.0.1:1", "folder": str(folder),
+              "pids": {"postgres": os.getpid(), "prefect": 1, "mlflow": 1},
+              "process_starts": {"postgres": process_start(os.getpid())}}  # fmt: skip
+    (folder / STATE_FILE).write_text(json.dumps(record))
+
+
+def test_stores_that_run_are_not_started_twice(tmp_path, answering):
+    _record(tmp_path / "s", prefect=answering, mlflow=answering)
+    with pytest.raises(StoresError, match=r"^stores already run in .*: stop them first"):
+        start_stores(tmp_path / "s")
+
+
+def test_stores_of_which_one_died_say_which_and_how_to_restart_it(tmp_path, answering):
+    """The Prefect server of running stores had died: the start said the stores run, and nothing
+    told the operator that a stop and a start bring it back."""
+    dead = "http://127.0.0.1:9"  # the discard port: nothing answers there
+    _record(tmp_path / "s", prefect=dead, mlflow=answering)
+    with pytest.raises(StoresError) as refused:
+        start_stores(tmp_path / "s")
+    message = str(refused.value)
+    assert message.startswith(f"stores in {tmp_path / 's'} run in part (prefect down; the others")
+    assert f"`fedrec stores stop --dir {tmp_path / 's'}` stops the rest, then start them" in message
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [STATE_FILE]  # nothing started
