@@ -13,6 +13,11 @@ from collections.abc import Callable, Iterator
 
 from fedrec.local_server import is_running, process_start
 
+#: what becomes of a run of real sites that did not finish: it is trained again, not resumed
+SITES_TRAINED_AGAIN = (
+    "a run of real sites (--sites) is not resumed: train again with the same --sites"
+)
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -157,7 +162,7 @@ def crash_lost_runs(
             if tracking_run:
                 resume = tracking_run
             elif (run.parameters or {}).get("sites"):  # trained again: --resume refuses it
-                resume = "a run of real sites (--sites) is not resumed: train again with the same --sites"
+                resume = SITES_TRAINED_AGAIN
             else:
                 resume = (
                     "fedrec train --resume <MLflow run id> continues it (the id is in the run's "

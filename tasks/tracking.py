@@ -44,6 +44,7 @@ from fedrec.model_store import (
     resume_command,
     sqlite_path,
 )
+from fedrec.runtime import SITES_TRAINED_AGAIN
 from models.data.partitions import remove_workspace
 from models.federation.family import Recommender
 from models.files import (
@@ -309,11 +310,6 @@ def reopen_run(uri: str, run_id: str, flow_run_id: str | None = None) -> None:
 
 #: the ``fedrec.error`` of a run whose process ended without reporting, closed by a later command
 LOST = "its process ended without reporting (e.g. killed); closed by a later fedrec train"
-
-#: what becomes of a run of real sites that did not finish: it is trained again, not resumed
-SITES_TRAINED_AGAIN = (
-    "a run of real sites (--sites) is not resumed: train again with the same --sites"
-)
 
 
 def is_sites_run(run: Run) -> bool:
