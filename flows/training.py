@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -275,8 +276,12 @@ def _cancelled(err: BaseException) -> bool:
 
     if not isinstance(err, TerminationSignal):
         return False
-    state = flow_run_state(flow_run.get_id())  # None (the server out of reach): a failure
-    return state is not None and state.type.value in ("CANCELLING", "CANCELLED")
+    for _ in range(3):  # a server busy writing (SQLite) may not answer the first read
+        state = flow_run_state(flow_run.get_id())
+        if state is not None:
+            return state.type.value in ("CANCELLING", "CANCELLED")
+        time.sleep(0.5)
+    return False  # the server out of reach: a failure
 
 
 def _learnt_from(champion: Champion | None, metric: str) -> str:
