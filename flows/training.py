@@ -263,9 +263,15 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             clients = f"{manifest.n_users} per-user clients in {manifest.n_clients} cohorts"
         logger.info("%s, %d items, MLflow run %s", clients, ctx.n_items, run_id)
     except BaseException as err:
-        finish_run(uri, run_id, False, failure(err, config.dp_epsilon is not None))
+        finish_run(uri, run_id, False, _why_ended(err, config))
         raise
     return _train_and_register(config, ctx)
+
+
+def _why_ended(err: BaseException, config: TrainingConfig) -> str:
+    """The ``fedrec.error`` of a run that ``err`` ended, whatever stage it reached: a cancel
+    (:data:`CANCELLED`, the run KILLED) or a failure's one line."""
+    return CANCELLED if _cancelled(err) else failure(err, config.dp_epsilon is not None)
 
 
 def _cancelled(err: BaseException) -> bool:
@@ -524,7 +530,7 @@ def _train_and_register(
         succeeded = True
         return summary
     except BaseException as err:
-        error = CANCELLED if _cancelled(err) else failure(err, config.dp_epsilon is not None)
+        error = _why_ended(err, config)
         raise
     finally:
         finish_run(uri, run_id, succeeded, error)

@@ -169,3 +169,57 @@ def test_a_lost_run_of_real_sites_is_not_offered_a_resume_and_says_why_it_was_cl
     assert tracking.get_run(simulated).data.tags[ERROR_TAG] == LOST
     reopen_run.fn(uri, simulated)  # resumed: running again, without its earlier end's error
     assert ERROR_TAG not in tracking.get_run(simulated).data.tags
+
+
+# a flow run whose operator cancels it at one stage: the stage marks the flow run Cancelling
+# and raises the stop signal, as the worker's SIGTERM does (Prefect's engine then ends the
+# process with that signal, which is why this runs in a process of its own)
+_CANCELLED_AT = """
+import sys
+from prefect.client.orchestration import get_client
+from prefect.exceptions import TerminationSignal
+from prefect.runtime import flow_run
+from prefect.states import Cancelling
+import flows.training
+from fedrec.config import TrainingConfig
+
+def cancelled(*_, **__):
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.get_id(), Cancelling(), force=True)
+    raise TerminationSignal(signal=15)
+
+setattr(flows.training, sys.argv[1], cancelled)
+config = TrainingConfig(tracking_uri=sys.argv[2], model_name="cancelled", synthetic_users=200,
+                        synthetic_items=80, synthetic_interactions=4000, clients=2, factors=4,
+                        rounds=1, skip_if_unchanged=False)
+flows.training.federated_training(**config.model_dump())
+"""
+
+
+@pytest.mark.parametrize("stage", ["shard_clients", "publish_summary"])
+def test_a_run_cancelled_at_any_stage_is_killed_in_mlflow_not_failed(
+    prefect_server, tmp_path, stage
+):
+    """The operator cancels in Prefect and the worker's stop signal reaches the run while it
+    shards its clients (a loaded machine stretches that stage) or after its rounds: either way
+    MLflow says KILLED, cancelled in Prefect, not FAILED with the signal's name."""
+    import sys
+
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.tracking import CANCELLED, ERROR_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = os.environ | {"PREFECT_API_URL": PREFECT_API_URL.value(),
+                        "FEDREC_HOME": str(tmp_path / "home")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", _CANCELLED_AT, stage, uri], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0, done.stderr[-3000:]  # the signal ended it
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (run,) = [r for r in client.search_runs(experiments, run_view_type=ViewType.ALL)
+              if "fedrec.config" in r.data.tags]  # fmt: skip
+    ended = (run.info.status, run.data.tags.get(ERROR_TAG))
+    assert ended == ("KILLED", CANCELLED), done.stderr[-3000:]
