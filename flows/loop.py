@@ -139,7 +139,9 @@ def _everyone_round(
         for e in ctx.entries
     }
     failed: dict[int, str] = {}
-    answers = answered(futures, phase.name, failed=failed, names=ctx.client_names)
+    answers = answered(
+        futures, phase.name, failed=failed, names=ctx.client_names, missed=ctx.missed
+    )
     require_quorum(len(answers), len(ctx.entries), ctx.config, phase.name, failed, ctx.client_names)
     held = {c: u for c, (u, _) in answers.items()}
     if secure is not None:  # the answers stayed on the clients; the sum comes masked
@@ -340,7 +342,9 @@ def train_family(
     get_run_logger().info("round %s/%s: evaluating the final model on every client", step, total)
     final_futures = _evaluate_all(ctx, family, state, family.eval_splits, f"round-{step}", release)
     champion_futures, comparable = _champion_evaluations(ctx, family, release)
-    final_evaluations = answered(final_futures, f"round-{step} evaluation", names=ctx.client_names)
+    final_evaluations = answered(
+        final_futures, f"round-{step} evaluation", names=ctx.client_names, missed=ctx.missed
+    )
     label = f"round {step}/{total} (final)"
     noise = _noise(list(final_evaluations.values()), release, family.top_k)
     final = log_step(
@@ -363,7 +367,9 @@ def train_family(
     candidate = build_model(family=family, state=state)
     champion_metrics = compared = None
     if champion_futures is not None:
-        parts = answered(champion_futures, "champion evaluation", names=ctx.client_names)
+        parts = answered(
+            champion_futures, "champion evaluation", names=ctx.client_names, missed=ctx.missed
+        )
         both = sorted(set(parts) & set(final_evaluations))
         summary = partial(_released_summary, family=family, n_items=ctx.n_items, release=release)
         if not parts or not final_evaluations:  # one was not evaluated at all: the decision

@@ -10,7 +10,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -162,6 +162,8 @@ class RunContext:
     # what a private run's DP does not cover, in words (tasks.tracking.DP_NOT_COVERED); "": not
     # private, or a run of real sites, which count their own users
     dp_not_covered: str = ""
+    # what each real site the run went on without missed: its name -> the steps, each with why
+    missed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def entries(self) -> list[ClientEntry]:
@@ -248,10 +250,12 @@ def answered(
     timeout: float | None = None,
     failed: dict[Any, str] | None = None,
     names: Mapping[int, str] | None = None,
+    missed: dict[str, list[str]] | None = None,
 ) -> dict[Any, Any]:
     """Results of the futures that completed (within ``timeout`` seconds, if given), under their
     keys; failures and stragglers are logged (a client by its ``names`` entry, if any) and left
     out (a late answer is never used), and written into ``failed`` (key: why) when it is given.
+    A named client left out is added to ``missed`` (name: ``what`` and why), when it is given.
     A private file that others could swap (:class:`models.files.UnsafeFile`, the workspace every
     simulated client keeps its files in) ends the run: it is the user's to fix, not a dropout."""
     done = wait(list(futures.values()), timeout=timeout).done
@@ -274,7 +278,23 @@ def answered(
             get_run_logger().warning("%s: %s %s", what, who(key, names), why)
         if failed is not None:
             failed[key] = why.removeprefix("failed: ")
+        note_missed(missed, names, what, {key: why.removeprefix("failed: ")})
     return results
+
+
+def note_missed(
+    missed: dict[str, list[str]] | None,
+    names: Mapping[int, str] | None,
+    what: str,
+    left: Mapping[Any, str],
+) -> None:
+    """Add each named client of ``left`` (task key: why it was left out) to ``missed``, under
+    its name: ``what``, the task's kind (``round 3 train``) and why."""
+    for key, why in left.items():
+        kind, client = key if isinstance(key, tuple) and len(key) == 2 else ("", key)
+        name = (names or {}).get(int(client)) if isinstance(client, int | np.integer) else None
+        if missed is not None and name is not None:
+            missed.setdefault(name, []).append(f"{what}{' ' * bool(kind)}{kind} ({why})")
 
 
 def _error(state: Any) -> BaseException | None:
@@ -342,6 +362,7 @@ def gather_round(
     what: str,
     fold: Callable[[Any, Any], Any] | None = None,
     names: Mapping[int, str] | None = None,
+    missed: dict[str, list[str]] | None = None,
 ) -> dict[Any, Any]:
     """Submit one task per key (``submit(key, attempt)``) and collect the answers. If fewer of the counted keys (the
     trainers) answered than the quorum, ask the missing ones again, up to ``round_retries`` times;
@@ -351,6 +372,7 @@ def gather_round(
     With ``fold`` (cohorts of per-user clients), tasks go out in waves of :data:`WAVE` and each
     answer is replaced by ``fold(key, answer)`` as its wave completes (the answer's arrays are
     added into a running sum), so a round holds a few answers at a time, not every cohort's.
+    The named clients the round went on without are added to ``missed`` (:func:`note_missed`).
     """
     asked = sum(1 for k in keys if counts(k))
     results: dict[Any, Any] = {}
@@ -376,7 +398,8 @@ def gather_round(
                 gc.collect(1)
             results |= wave
         got = sum(1 for k in results if counts(k))
-        if got >= quorum(config, asked):
+        if got >= quorum(config, asked):  # a client asked again that then answered missed nothing
+            note_missed(missed, names, what, {k: w for k, w in failed.items() if k not in results})
             return results
         pending = [k for k in keys if k not in results]
         if attempt < config.round_retries:
@@ -418,7 +441,7 @@ def train_and_evaluate(
         ("evaluate", i) for i in range(len(ctx.entries)) if evaluate_others and i not in chosen
     ]
     answers = gather_round(submit, keys, lambda k: k[0] == "train", ctx.config, f"round {r}",
-                           None if running is None else fold, ctx.client_names)  # fmt: skip
+                           None if running is None else fold, ctx.client_names, ctx.missed)  # fmt: skip
     sent = {i: a[0] for (kind, i), a in answers.items() if kind == "train"}
     evaluations = [a[1] if kind == "train" else a for (kind, _), a in answers.items()]
     return sent, evaluations

@@ -187,7 +187,8 @@ class _Clients:
                 workspace=self.ctx.workspace, entry=self.ctx.entries[c], config=self.config, **extra
             )
         what = f"round {self.r} secagg-{stage}"
-        return answered(futures, what, self.ctx.config.round_timeout, names=self.ctx.client_names)
+        return answered(futures, what, self.ctx.config.round_timeout,
+                        names=self.ctx.client_names, missed=self.ctx.missed)  # fmt: skip
 
 
 def _server(

@@ -202,7 +202,7 @@ def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunCon
     if link.left_out:  # the names, and each one's reason (MLflow keeps tags of 8,000 characters)
         tags["fedrec.sites_left_out"] = ",".join(link.left_out)
         why = "\n".join(f"{name}: {reason}" for name, reason in link.left_out.items())
-        tags["fedrec.sites_left_out_why"] = why if len(why) <= 8000 else why[:7997] + "..."
+        tags["fedrec.sites_left_out_why"] = _tag_text(why)
     tag_run(uri, run_id, tags)
     logger.info(
         "%d of %d sites enrolled (%s), %d items in the catalogue, MLflow run %s",
@@ -219,3 +219,17 @@ def _enrol(config: TrainingConfig, registry: Registry, link: SiteLink) -> RunCon
         )
     champion = load_champion(uri, config.registered_name)
     return RunContext(config, uri, run_id, workspace, manifest, catalogue, champion, sites=link)
+
+
+#: on a sites run: each enrolled site the run went on without, the steps it missed and why
+SITES_MISSED = "fedrec.sites_missed"
+
+
+def missed_text(missed: dict[str, list[str]]) -> str:
+    """:data:`SITES_MISSED`'s text: one line per site, its missed steps in the run's order."""
+    return _tag_text("\n".join(f"{name}: {'; '.join(steps)}" for name, steps in missed.items()))
+
+
+def _tag_text(text: str) -> str:
+    """``text`` cut to the 8,000 characters MLflow keeps in a tag."""
+    return text if len(text) <= 8000 else text[:7997] + "..."

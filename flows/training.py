@@ -27,7 +27,7 @@ from fedrec.runtime import one_blas_thread, record_foreground_process
 from flows.families import build_family
 from flows.loop import train_family
 from flows.rounds import COMPARED_CLIENTS, EVALUATED_CLIENTS, RunContext, privacy_plan
-from flows.sites import prune_exchange, start_sites_run
+from flows.sites import SITES_MISSED, missed_text, prune_exchange, start_sites_run
 from models.data.partitions import mark_finished, read_item_ids, read_manifest, remove_workspace
 from models.files import UnsafeFile, check_private_folders
 from models.privacy.ledger import user_ids
@@ -523,9 +523,9 @@ def _train_and_register(
         }
         if config.dp_epsilon is not None:  # said where the run's result is read, not only logged
             summary["dp_not_covered"] = ctx.dp_not_covered or None
-        if ctx.sites is not None:  # which sites took part, and why the others did not
+        if ctx.sites is not None:  # which sites took part, why the others did not, what each missed
             summary["sites"] = {"enrolled": sorted(s.name for s in ctx.sites.entries.values()),
-                                "left_out": dict(ctx.sites.left_out)}  # fmt: skip
+                                "left_out": dict(ctx.sites.left_out), "missed": dict(ctx.missed)}  # fmt: skip
         publish_summary(trained.history, summary, decision.reason)
         succeeded = True
         return summary
@@ -533,6 +533,8 @@ def _train_and_register(
         error = _why_ended(err, config)
         raise
     finally:
+        if ctx.missed:  # which steps each site missed, and why, where the run's readers look
+            tag_run(uri, run_id, {SITES_MISSED: missed_text(ctx.missed)})
         finish_run(uri, run_id, succeeded, error)
         if ctx.sites is not None:  # exchanges still waiting (a failed or interrupted run) end
             ctx.sites.stop()

@@ -481,6 +481,16 @@ def test_a_private_run_survives_a_killed_site_which_rejoins_after_a_restart(fede
     assert re.search(r"round \d+: train shop-c failed", log), log[-3000:]
     assert not re.search(r"client-\d+ (failed|did not answer)", log), log[-3000:]
     assert summary["metrics"]["system/clients"] == 3.0  # it answered the last round again
+    # the summary and the run's tag say which rounds it missed, as the round lines count them
+    from mlflow.tracking import MlflowClient
+
+    missed = summary["sites"]["missed"]
+    assert set(missed) == {"shop-c"}, missed
+    assert {int(r) for r in re.findall(r"round (\d+) train", "; ".join(missed["shop-c"]))} == set(
+        left_out
+    ), (missed, steps)
+    run = MlflowClient(tracking_uri=fed.stores.mlflow_uri).get_run(summary["run_id"])
+    assert run.data.tags["fedrec.sites_missed"] == "shop-c: " + "; ".join(missed["shop-c"])
     assert 0 < summary["metrics"]["privacy/epsilon"] <= 8.0
     assert summary["model_version"]
     restarted = fed.log("shop-c").split("polling")[-1]

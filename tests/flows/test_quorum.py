@@ -125,3 +125,39 @@ def test_a_round_that_meets_its_quorum_exactly_asks_no_one_again(prefect_server,
     with pytest.raises(QuorumError, match="round 1: 3 of 4 clients answered, the quorum is 4"):
         one_round(4)
     assert sorted(asked) == [(0, 0), (1, 0), (2, 0), (2, 1), (2, 2), (3, 0)]
+
+
+@task(retries=0)
+def _down_at_first(i: int, attempt: int) -> int:
+    if i == 3 or (i == 1 and attempt == 0):
+        raise RuntimeError(f"client {i} is down")
+    return i
+
+
+def test_the_steps_a_named_site_missed_are_kept_not_those_it_answered_when_asked_again(
+    prefect_server,
+):
+    """Site shop-b fails its first ask and answers the second; shop-d never answers, and
+    client 0 has no name (a simulated client): only shop-d missed the round."""
+    from fedrec.config import TrainingConfig
+    from flows.rounds import answered, gather_round
+
+    names = {1: "shop-b", 2: "shop-c", 3: "shop-d"}
+    missed: dict[str, list[str]] = {}
+
+    def submit(key: tuple[str, int], attempt: int):
+        return _down_at_first.submit(key[1], attempt)
+
+    @flow
+    def one_round() -> dict:
+        config = TrainingConfig(min_clients=3, round_retries=1)
+        keys = [("train", i) for i in range(4)]
+        answers = gather_round(submit, keys, lambda _: True, config, "round 2", None, names, missed)
+        answered({3: _down_at_first.submit(3, 0)}, "round-5 evaluation", names=names, missed=missed)
+        return answers
+
+    assert sorted(one_round()) == [("train", 0), ("train", 1), ("train", 2)]
+    assert missed == {
+        "shop-d": ["round 2 train (RuntimeError: client 3 is down)",
+                   "round-5 evaluation (RuntimeError: client 3 is down)"]
+    }  # fmt: skip
