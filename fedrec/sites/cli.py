@@ -193,3 +193,48 @@ def run(
         },
     )
     run_site(options)
+
+
+@site.command("prune")
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="the site's state folder (fedrec site run --state-dir)",
+)
+@click.option(
+    "--older-than",
+    default=7.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="days: answers kept longer than this are removed (a run's requests expire within "
+    "minutes, so a week leaves every run that can still ask alone)",
+)
+@click.option("--dry-run", is_flag=True, help="say what would be removed, remove nothing")
+@debug_option
+@friendly_errors
+def prune(state_dir: str, older_than: float, dry_run: bool) -> None:
+    """Remove the answers this site keeps (STATE_DIR/record/answers) once they are old.
+
+    A site keeps every answer it sent so that a retried request gets the same bytes and is not
+    charged again. A pruned answer's line stays in the record: the site refuses that exchange
+    if it is asked again, and never answers it a second time. The budget ledger and the
+    answered requests' nonces are kept. Safe while the site runs.
+    """
+    from models.sites.answers import RECORD, prune_answers
+
+    folder = Path(state_dir) / "record"
+    if not (folder / RECORD).exists():
+        raise UserError(f"{folder / RECORD}: no record of answers (is {state_dir} a site's "
+                        "--state-dir?)")  # fmt: skip
+    try:
+        report = prune_answers(folder, older_than * 86400, dry_run=dry_run)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    runs = f"{len(report.runs)} run{'s' * (len(report.runs) != 1)}"
+    click.echo(
+        f"{'would remove' if dry_run else 'removed'} {report.answers} kept answer"
+        f"{'s' * (report.answers != 1)} of {runs} ({report.nbytes / 1e6:.1f} MB), older than "
+        f"{older_than:g} days, from {folder}"
+        + ("" if dry_run or not report.answers else "; asked again, they are refused")
+    )

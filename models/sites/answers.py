@@ -9,15 +9,20 @@ the same exchange asked about another state is told apart by the caller.
 
 Layout in the state folder (owner-only: files 0600, folders 0700)::
 
-    record.jsonl            one JSON line per kept answer or answered nonce
+    record.jsonl            one JSON line per kept answer, answered nonce or pruned answer
     answers/<key-hash>.npz  the kept answer's bytes
+
+:func:`prune_answers` removes the bytes of old answers and keeps their lines, with a line that
+says each was pruned: an exchange asked again after that is refused (:class:`AnswerPruned`),
+never answered a second time, so a prune cannot make a site release anything twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,16 @@ class Kept:
     state_sha256: str | None
     data: bytes
     info: dict[str, Any]
+
+
+class AnswerPruned(ValueError):
+    """An exchange the site answered and whose kept answer is gone (pruned, or removed by
+    hand): it is refused, since answering again would release a second answer to it. The
+    message names the exchange only, so it is also what the refusal says on the API."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.public = message
 
 
 def _key_hash(key: tuple) -> str:
@@ -68,6 +83,8 @@ class SiteRecord:
                     entry = json.loads(line)
                     if "nonce" in entry:
                         self._nonces.add(str(entry["nonce"]))
+                    elif "pruned" in entry:
+                        self._answers[entry["pruned"]]["pruned"] = True
                     else:
                         self._answers[entry["key_hash"]] = entry
                 except (ValueError, KeyError, TypeError) as err:
@@ -81,7 +98,13 @@ class SiteRecord:
         entry = self._answers.get(_key_hash(key))
         if entry is None:
             return None
-        data = (self.folder / ANSWERS / f"{entry['key_hash']}.npz").read_bytes()
+        path = self.folder / ANSWERS / f"{entry['key_hash']}.npz"
+        if entry.get("pruned") or not path.exists():
+            raise AnswerPruned(
+                f"{_exchange(key)} was answered before and its kept answer has been pruned "
+                "(fedrec site prune); a site answers an exchange once"
+            )
+        data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"kept answer for {key} was altered on disk (sha256 differs)")
         return Kept(entry["state_sha256"], data, dict(entry["info"]))
@@ -112,3 +135,60 @@ class SiteRecord:
         if nonce not in self._nonces:
             self._append({"nonce": nonce})
             self._nonces.add(nonce)
+
+    def prunable(self, older_than: float, now: float | None = None) -> list[dict[str, Any]]:
+        """The entries of kept answers whose files are older than ``older_than`` seconds."""
+        cutoff = (time.time() if now is None else now) - older_than
+        found = []
+        for entry in self._answers.values():
+            path = self.folder / ANSWERS / f"{entry['key_hash']}.npz"
+            if not entry.get("pruned") and path.exists() and path.stat().st_mtime < cutoff:
+                found.append(entry)
+        return found
+
+    def prune(self, entries: list[dict[str, Any]]) -> None:
+        """Remove the files of ``entries``' answers, each after a line that says it was pruned
+        (a crash in between leaves a file :meth:`kept` refuses all the same)."""
+        for entry in entries:
+            self._append({"pruned": entry["key_hash"]})
+            entry["pruned"] = True
+            (self.folder / ANSWERS / f"{entry['key_hash']}.npz").unlink(missing_ok=True)
+
+
+@dataclass
+class Pruned:
+    """What :func:`prune_answers` removed (or would remove): answers, their bytes, their runs."""
+
+    answers: int = 0
+    nbytes: int = 0
+    runs: set[str] = field(default_factory=set)
+
+
+def prune_answers(
+    folder: str | Path, older_than: float, *, dry_run: bool = False, now: float | None = None
+) -> Pruned:
+    """Remove the kept answers in ``folder`` (a :class:`SiteRecord`'s) whose files are older
+    than ``older_than`` seconds; their record lines stay, so the site refuses those exchanges
+    if they are asked again (:class:`AnswerPruned`). The answered nonces and the budget ledger
+    (another folder) are not touched. ``dry_run`` removes nothing.
+
+    Raises
+    ------
+    ValueError
+        If the record has a line that is not a record entry (:class:`SiteRecord`).
+    """
+    record = SiteRecord(folder)
+    entries = record.prunable(older_than, now)
+    report = Pruned(len(entries), runs={str(e["key"][0]) for e in entries})
+    report.nbytes = sum((record.folder / ANSWERS / f"{e['key_hash']}.npz").stat().st_size
+                        for e in entries)  # fmt: skip
+    if not dry_run:
+        record.prune(entries)
+    return report
+
+
+def _exchange(key: tuple) -> str:
+    """A record key (run, kind, phase, round, label) in words: ``train fit round 3 of run R``."""
+    run, kind, phase, round_, label = (list(key) + [""] * 5)[:5]
+    words = " ".join(str(part) for part in (kind, phase) if part)
+    return f"{words} round {round_}{f' {label}' if label else ''} of run {run}"

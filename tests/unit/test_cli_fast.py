@@ -521,6 +521,47 @@ def test_a_site_takes_the_rating_scale_as_train_does(tmp_path):
     )
 
 
+def test_site_prune_removes_old_answers_says_what_and_refuses_a_torn_record_in_one_line(
+    tmp_path,
+):
+    from click.testing import CliRunner
+
+    from fedrec.cli import main
+    from models.sites.answers import ANSWERS, RECORD, SiteRecord
+
+    record = SiteRecord(tmp_path / "state" / "record")
+    record.keep(("run-a", "train", "train", 1, ""), None, b"x" * 2_000_000)
+    record.keep(("run-b", "train", "train", 1, ""), None, b"y" * 10)
+    (old,) = [
+        p for p in (tmp_path / "state" / "record" / ANSWERS).iterdir() if p.stat().st_size > 10
+    ]
+    os.utime(old, (old.stat().st_mtime - 8 * 86400,) * 2)
+    prune = ["site", "prune", "--state-dir", str(tmp_path / "state")]
+
+    dry = CliRunner().invoke(main, [*prune, "--dry-run"])
+    done = CliRunner().invoke(main, prune)
+
+    folder = tmp_path / "state" / "record"
+    assert (dry.exit_code, dry.output.strip()) == (
+        0, f"would remove 1 kept answer of 1 run (2.0 MB), older than 7 days, from {folder}"
+    )  # fmt: skip
+    assert (done.exit_code, done.output.strip()) == (
+        0, f"removed 1 kept answer of 1 run (2.0 MB), older than 7 days, from {folder}; asked "
+           "again, they are refused"
+    )  # fmt: skip
+    assert not old.exists() and len(list((folder / ANSWERS).iterdir())) == 1
+    with (folder / RECORD).open("a") as out:
+        out.write('{"key_hash": "torn\n')
+    torn = CliRunner().invoke(main, prune)
+    assert torn.exit_code == 2, torn.output
+    assert torn.stderr.strip() == f"fedrec: error: {folder / RECORD}: line 4 is not a record entry"
+    nowhere = CliRunner().invoke(main, ["site", "prune", "--state-dir", str(tmp_path)])
+    assert nowhere.exit_code == 2 and nowhere.stderr.strip() == (
+        f"fedrec: error: {tmp_path / 'record' / RECORD}: no record of answers (is {tmp_path} a "
+        "site's --state-dir?)"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [

@@ -51,3 +51,45 @@ def test_a_corrupt_record_is_refused_with_its_line(tmp_path):
     (tmp_path / "record.jsonl").write_text('{"nonce": "a"}\nnot json\n')
     with pytest.raises(ValueError, match="line 2"):
         SiteRecord(tmp_path)
+
+
+def test_old_answers_are_pruned_and_their_exchanges_refused_also_after_a_restart(tmp_path):
+    """Only answers older than the cut are removed; a pruned exchange asked again is refused
+    (by the running process and by a restarted one), never taken for one never answered."""
+    from models.sites.answers import ANSWERS, AnswerPruned, prune_answers
+
+    record = SiteRecord(tmp_path)
+    old, new = ("run-0", "train", "train", 1, ""), ("run-1", "train", "train", 1, "")
+    record.keep(old, None, b"o" * 1000)
+    record.keep(KEY, None, b"k" * 500)
+    record.keep(new, None, b"new")
+    record.mark_answered("a" * 32)
+    files = {key: next(p for p in (tmp_path / ANSWERS).iterdir() if p.read_bytes()[:1] == b)
+             for key, b in ((old, b"o"), (KEY, b"k"), (new, b"n"))}  # fmt: skip
+    day = 86400.0
+    for key, age in ((old, 30), (KEY, 8), (new, 1)):
+        os.utime(files[key], (files[key].stat().st_mtime - age * day,) * 2)
+
+    would = prune_answers(tmp_path, 7 * day, dry_run=True)
+    assert (would.answers, would.nbytes, would.runs) == (2, 1500, {"run-0", "run-1"})
+    assert all(path.exists() for path in files.values())  # a dry run removes nothing
+    done = prune_answers(tmp_path, 7 * day)
+    assert (done.answers, done.nbytes) == (2, 1500)
+    assert not files[old].exists() and not files[KEY].exists() and files[new].exists()
+    for reader in (record, SiteRecord(tmp_path)):  # the process that ran, and a restarted one
+        with pytest.raises(AnswerPruned, match=r"train train round 3 of run run-1 was answered "):
+            reader.kept(KEY)
+        assert reader.kept(new).data == b"new"
+        assert reader.answered("a" * 32)  # a replayed request is still told apart
+    assert prune_answers(tmp_path, 7 * day).answers == 0  # nothing twice
+
+
+def test_an_answer_file_removed_by_hand_is_refused_not_answered_again(tmp_path):
+    from models.sites.answers import ANSWERS, AnswerPruned
+
+    record = SiteRecord(tmp_path)
+    record.keep(KEY, None, b"answer")
+    for path in (tmp_path / ANSWERS).iterdir():
+        path.unlink()
+    with pytest.raises(AnswerPruned):
+        record.kept(KEY)

@@ -249,6 +249,27 @@ def test_a_private_site_refuses_an_answered_round_about_another_state(world):
     assert "answered for another global state" in _refusal(transport, key, other)
 
 
+def test_a_pruned_private_answer_asked_again_is_refused_not_released_a_second_time(world, tmp_path):
+    """The attack: once a site's kept answers are pruned, the coordinator asks the same
+    exchange again (a new nonce). Answered afresh, the site would release a second noisy copy
+    of the same sums (two draws average the noise down); it refuses, and charges nothing."""
+    from models.sites.answers import prune_answers
+
+    transport, key, start = world
+    site = start()
+    first, digest = _ask(transport, family=PRIVATE, nonce="1")
+    site.poll_once()
+    assert _answer(transport, key, first, digest)
+    ledger = tmp_path / "state" / "budget" / "entries.jsonl"
+    charged = ledger.read_text()
+    assert prune_answers(tmp_path / "state" / "record", 0.0, now=1e12).answers == 1
+    for process, nonce in ((site, "2"), (start(), "3")):  # the running site, a restarted one
+        again, _ = _ask(transport, family=PRIVATE, nonce=nonce)
+        process.poll_once()
+        assert "its kept answer has been pruned" in _refusal(transport, key, again)
+    assert ledger.read_text() == charged
+
+
 def test_a_request_signed_by_another_key_gets_only_a_notice_that_it_did_not_verify(world):
     transport, key, start = world
     request, _ = _ask(transport, family=PLAIN, signer=OTHER)
