@@ -269,7 +269,7 @@ TARGETS: dict[str, list[str]] = {
     "tasks/remote.py": ["tests/flows/test_site_proxies.py", "tests/flows/test_site_retries.py"],
     # the round loop every family runs through, and the steps of a round it calls
     "flows/loop.py": _LOOP_TESTS,
-    "flows/rounds.py": ["tests/unit/test_progress.py", *_LOOP_TESTS],
+    "flows/rounds.py": ["tests/unit/test_progress.py", "tests/unit/test_privacy_plan.py", *_LOOP_TESTS],
     # the protocol half of a securely aggregated round: phases, left-out clients, the threshold
     "flows/secure.py": ["tests/flows/test_secure_steps.py", "tests/flows/test_secure_once.py",
                         "tests/flows/test_secure_flow.py", "tests/flows/test_privacy_flow.py",

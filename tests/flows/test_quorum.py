@@ -161,3 +161,24 @@ def test_the_steps_a_named_site_missed_are_kept_not_those_it_answered_when_asked
         "shop-d": ["round 2 train (RuntimeError: client 3 is down)",
                    "round-5 evaluation (RuntimeError: client 3 is down)"]
     }  # fmt: skip
+
+
+def test_a_quorum_failure_names_the_clients_that_never_answered_not_one_that_did_when_asked_again(
+    prefect_server,
+):
+    import pytest
+
+    from fedrec.config import TrainingConfig
+    from flows.rounds import QuorumError, gather_round
+
+    @flow
+    def one_round() -> dict:
+        config = TrainingConfig(min_clients=4, round_retries=1)
+        submit = lambda i, attempt: _down_at_first.submit(i, attempt)  # noqa: E731
+        return gather_round(submit, range(4), lambda _: True, config, "round 2")
+
+    with pytest.raises(QuorumError) as raised:
+        one_round()
+    said = str(raised.value)
+    assert "3 of 4 clients answered" in said and "client 3 is down" in said, said
+    assert "client 1 is down" not in said, said  # it answered the second ask
