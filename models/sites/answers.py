@@ -137,21 +137,24 @@ class SiteRecord:
             self._nonces.add(nonce)
 
     def prunable(self, older_than: float, now: float | None = None) -> list[dict[str, Any]]:
-        """The entries of kept answers whose files are older than ``older_than`` seconds."""
+        """The entries of kept answers whose files are older than ``older_than`` seconds, and
+        of pruned answers whose files a prune cut short left behind."""
         cutoff = (time.time() if now is None else now) - older_than
         found = []
         for entry in self._answers.values():
             path = self.folder / ANSWERS / f"{entry['key_hash']}.npz"
-            if not entry.get("pruned") and path.exists() and path.stat().st_mtime < cutoff:
+            if path.exists() and (entry.get("pruned") or path.stat().st_mtime < cutoff):
                 found.append(entry)
         return found
 
     def prune(self, entries: list[dict[str, Any]]) -> None:
         """Remove the files of ``entries``' answers, each after a line that says it was pruned
-        (a crash in between leaves a file :meth:`kept` refuses all the same)."""
+        (a crash in between leaves a file :meth:`kept` refuses all the same, and the next prune
+        removes)."""
         for entry in entries:
-            self._append({"pruned": entry["key_hash"]})
-            entry["pruned"] = True
+            if not entry.get("pruned"):
+                self._append({"pruned": entry["key_hash"]})
+                entry["pruned"] = True
             (self.folder / ANSWERS / f"{entry['key_hash']}.npz").unlink(missing_ok=True)
 
 

@@ -93,3 +93,19 @@ def test_an_answer_file_removed_by_hand_is_refused_not_answered_again(tmp_path):
         path.unlink()
     with pytest.raises(AnswerPruned):
         record.kept(KEY)
+
+
+def test_a_prune_cut_short_after_its_line_is_finished_by_the_next(tmp_path):
+    """The line that says an answer was pruned is written before its file is removed: a crash
+    in between leaves the file, refused all the same, and the next prune removes it."""
+    from models.sites.answers import ANSWERS, AnswerPruned, prune_answers
+
+    record = SiteRecord(tmp_path)
+    record.keep(KEY, None, b"answer")
+    (path,) = (tmp_path / ANSWERS).iterdir()
+    record._append({"pruned": path.stem})  # the crash: the line is there, the file too
+    with pytest.raises(AnswerPruned):
+        SiteRecord(tmp_path).kept(KEY)
+    assert prune_answers(tmp_path, 7 * 86400.0).answers == 1  # however new the file
+    assert not path.exists()
+    assert (tmp_path / "record.jsonl").read_text().count("pruned") == 1  # no second line
