@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -282,12 +281,9 @@ def _cancelled(err: BaseException) -> bool:
 
     if not isinstance(err, TerminationSignal):
         return False
-    for _ in range(3):  # a server busy writing (SQLite) may not answer the first read
-        state = flow_run_state(flow_run.get_id())
-        if state is not None:
-            return state.type.value in ("CANCELLING", "CANCELLED")
-        time.sleep(0.5)
-    return False  # the server out of reach: a failure
+    # one read: Prefect's client already retries a busy server (a 503, a dropped connection)
+    state = flow_run_state(flow_run.get_id())  # None (the server out of reach): a failure
+    return state is not None and state.type.value in ("CANCELLING", "CANCELLED")
 
 
 def _learnt_from(champion: Champion | None, metric: str) -> str:
