@@ -24,12 +24,13 @@ co-occurrences) reach the server in the clear, and the run says so.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from prefect import Task, get_run_logger
 
 from fedrec.sites.secure import FRACTION_BITS as SITES_FRACTION_BITS
-from flows.rounds import QuorumError, RunContext, answered, quorum
+from flows.rounds import QuorumError, RunContext, answered, note_missed, quorum
 from models.federation.family import Family, Phase, secure_phase
 from models.federation.loop import EVERYONE_ROUND
 from models.privacy.secagg_plus import TooFewClientsError
@@ -122,16 +123,17 @@ def _protocol(
     )
     config = next(iter(step.to_clients.values()))
     clients = _Clients(ctx, r, config)
+    server = partial(_server, r=r, workspace=workspace, names=ctx.client_names, missed=ctx.missed)
     adverts = clients.run(secagg_advertise, "advertise", step.to_clients, with_message=False)
-    step = _server(secagg_key_directory, step, adverts, r, workspace)
+    step = server(secagg_key_directory, step, adverts)
     shares = clients.run(secagg_share, "share", step.to_clients)
-    step = _server(secagg_route_shares, step, shares, r, workspace)
+    step = server(secagg_route_shares, step, shares)
     vanishing = set(ctx.config.fault_dropout_clients)
     masked = clients.run(secagg_mask, "mask", step.to_clients, vanish=lambda c: c in vanishing)
-    step = _server(secagg_commit, step, masked, r, workspace)
+    step = server(secagg_commit, step, masked)
     received = step.received
     signatures = clients.run(secagg_sign, "sign", step.to_clients)
-    step = _server(secagg_unmask_request, step, signatures, r, workspace)
+    step = server(secagg_unmask_request, step, signatures)
     answers = clients.run(secagg_unmask, "unmask", step.to_clients)
     state, _, metrics = secagg_aggregate(
         server=step.server,
@@ -192,15 +194,24 @@ class _Clients:
 
 
 def _server(
-    task: Task, step: ServerStep, answers: dict[int, bytes], r: int, workspace: str
+    task: Task,
+    step: ServerStep,
+    answers: dict[int, bytes],
+    *,
+    r: int,
+    workspace: str,
+    names: Mapping[int, str] | None = None,
+    missed: dict[str, list[str]] | None = None,
 ) -> ServerStep:
-    """One server step over the clients' answers; logs every client it left out and why."""
+    """One server step over the clients' answers; logs every client it left out and why, and
+    adds each named one to ``missed`` (:func:`~flows.rounds.note_missed`)."""
     following = task(server=step.server, workspace=workspace, answers=answers)
     for client, why in sorted(following.left_out.items()):
         # a warning, as for any client a round goes on without (the round itself succeeds)
         get_run_logger().warning(
             "round %d: %s left client-%d out of secure aggregation: %s", r, task.name, client, why
         )
+    note_missed(missed, names, f"round {r} {task.name}", following.left_out)
     return following
 
 

@@ -200,3 +200,39 @@ def test_a_client_identity_made_first_lives_in_a_folder_of_its_owners_alone(tmp_
     assert (secure.registry_folder(str(tmp_path)) / "client-8.pub").is_file()
     again = secure.client_identity(str(tmp_path), entry)
     assert again.private_bytes_raw() == key.private_bytes_raw()
+
+
+def test_a_named_site_a_server_step_leaves_out_is_recorded_as_missing_that_step(
+    tmp_path, prefect_server
+):
+    """A server step that refuses a site's message leaves the site out of the round: the run's
+    record of what each site missed names the step and why, as for a site that did not answer;
+    a client without a name is not recorded."""
+    from prefect import flow
+
+    from flows.secure import _server
+    from models.privacy.secagg_plus import SurvivorSignature
+    from tasks import secure
+
+    ws = str(tmp_path)
+    entries, config, step, _ = _through_commit(tmp_path, [0, 1, 2])
+    signed = {
+        c: secure.secagg_sign.fn(workspace=ws, entry=entries[c], config=config, message=m)
+        for c, m in step.to_clients.items()
+    }
+    signed[2] = SurvivorSignature(2, SurvivorSignature.from_bytes(signed[1]).signature).to_bytes()
+
+    @flow
+    def unmask_request(names):
+        missed: dict[str, list[str]] = {}
+        kept = _server(secure.secagg_unmask_request, step, signed, r=ROUND, workspace=ws,
+                       names=names, missed=missed)  # fmt: skip
+        return sorted(kept.to_clients), missed
+
+    survivors, missed = unmask_request({0: "shop-a", 1: "shop-b", 2: "shop-c"})
+    assert survivors == [0, 1]
+    assert list(missed) == ["shop-c"]
+    (step_missed,) = missed["shop-c"]
+    assert step_missed.startswith(f"round {ROUND} secagg-unmask-request (")
+    assert "signature" in step_missed and "survivor list" in step_missed
+    assert unmask_request({0: "shop-a", 1: "shop-b"}) == ([0, 1], {})
