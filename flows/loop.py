@@ -70,11 +70,14 @@ class _Submit:
     release: MetricRelease | None = None  # a private run's final evaluation: a DP release
     release_name: str = ""
 
-    def evaluate(self, entry: ClientEntry, splits: tuple[str, ...], name: str) -> PrefectFuture:
+    def evaluate(
+        self, entry: ClientEntry, splits: tuple[str, ...], name: str, label: str = ""
+    ) -> PrefectFuture:
+        """A client's evaluation of the state, as task run ``name``; ``label`` (else the
+        release's name) says what is evaluated, as a site's request names it (``round-3``)."""
         if self.ctx.sites is not None:  # a real site answers; a proxy task waits for it
-            return self.ctx.sites.evaluate(
-                entry, name, self.family, self.state, splits, self.release, self.release_name
-            )
+            return self.ctx.sites.evaluate(entry, name, self.family, self.state, splits,
+                                           self.release, label or self.release_name)  # fmt: skip
         return evaluate_client.with_options(task_run_name=name).submit(
             workspace=self.ctx.workspace,
             entry=self.ctx.unwalked(entry),
@@ -273,7 +276,7 @@ def _sampled_round(
 
     def evaluate(entry: ClientEntry) -> PrefectFuture:
         name = f"evaluate client-{entry.client_id} round-{step - 1}"
-        return submit.evaluate(entry, family.eval_splits, name)
+        return submit.evaluate(entry, family.eval_splits, name, label=f"round-{step - 1}")
 
     sent, evaluations = train_and_evaluate(ctx, step, chosen, evaluating, train, evaluate, running)
     if secure is not None:  # updates stayed on the clients; the sum comes masked

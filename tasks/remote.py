@@ -102,9 +102,10 @@ class SiteLink(Coordinator):
         state: Any,
         splits: tuple[str, ...],
         release: MetricRelease | None,
-        release_name: str,
+        label: str,
     ) -> PrefectFuture:
-        """Submit the proxy of a client's evaluation task."""
+        """Submit the proxy of a client's evaluation task; ``label`` names what it evaluates
+        (``round-3``, ``champion``: :attr:`~models.sites.messages.RoundRequest.label`)."""
         site = self.site_of(entry)
         return evaluate_site.with_options(task_run_name=_named(name, entry, site)).submit(
             link=quote(self),
@@ -113,7 +114,7 @@ class SiteLink(Coordinator):
             state=state,
             splits=splits,
             release=release,
-            label=release_name or name,
+            label=label,
         )
 
 

@@ -60,7 +60,6 @@ from models.sites.messages import (
     check_info,
     check_refusal,
     check_unverified,
-    exchange_name,
     key_id,
     manifest_digest,
     open_message,
@@ -313,9 +312,9 @@ class Coordinator:
             data=signed,
             task_run_id=request.task_run_id,
             flow_run_id=request.flow_run_id,
-            description=f"{kind} {phase} round {round_} request to {site.name}",
+            description=f"{request.name} request to {site.name}",
         )
-        what = exchange_name(kind, phase, round_)
+        what = request.name
         refused = ""  # why the last answer that arrived was not taken
         look = now + WAIT_TICK  # when to read the site's sign of life next
         signed = True  # whether the site's process has signed in on the API (as far as known)
@@ -488,7 +487,7 @@ class Coordinator:
             raise RefusedMessage(f"sent by site {known.name!r}, the request was to {site.name!r}")
         if body.get("purpose") == REFUSAL:
             reason = check_refusal(open_message(signed, site.public_key, REFUSAL), request)
-            raise SiteRefused(f"{site.name} refused {request.kind} round {request.round}: {reason}")
+            raise SiteRefused(f"{site.name} refused {request.name}: {reason}")
         if body.get("purpose") == UNVERIFIED:  # the site's key is right; its coordinator key not
             notice = open_message(signed, site.public_key, UNVERIFIED)
             reason, holds = check_unverified(notice, request, sent_sha)
@@ -499,10 +498,7 @@ class Coordinator:
                 if holds != ours
                 else "it holds this coordinator's key: is the site's fedrec the same version?"
             )
-            raise SiteRefused(
-                f"{site.name} could not verify {request.kind} round {request.round}: {reason}; "
-                + hint
-            )
+            raise SiteRefused(f"{site.name} could not verify {request.name}: {reason}; " + hint)
         answer = check_answer(open_message(signed, site.public_key, ANSWER), request, digest)
         if not answer.answer.path.startswith(request.reply_to + "/"):
             raise RefusedMessage(f"answer stored outside its reply folder: {answer.answer.path}")

@@ -102,7 +102,6 @@ from models.sites.messages import (
     body_digest,
     canonical,
     check_request,
-    exchange_name,
     key_id,
     open_message,
     refusal_fields,
@@ -416,10 +415,9 @@ class Site:
         """Post a signed refusal with ``reason``; ``detail`` (the whole error, when ``reason``
         leaves some of it out: :func:`public_reason`) goes to the site's own log only."""
         log.warning(
-            "%s: refused %s round %d of run %s: %s",
+            "%s: refused %s of run %s: %s",
             self.name,
-            request.kind,
-            request.round,
+            _describe(request),
             request.run,
             detail or reason,
         )
@@ -472,7 +470,7 @@ class Site:
             data=signed,
             task_run_id=request.task_run_id,
             flow_run_id=request.flow_run_id,
-            description=f"{request.kind} round {request.round} from {self.name}",
+            description=f"{request.name} from {self.name}",
         )
 
     def _log(
@@ -514,8 +512,8 @@ class Site:
             return kept.data, kept.info
         if kept is not None and family.private:
             raise RefusedMessage(
-                f"{request.kind} {request.phase} round {request.round} was answered for another "
-                "global state; a private site answers an exchange once"
+                f"{request.name} was answered for another global state; a private site answers "
+                "an exchange once"
             )
         pinned = self.secure.peers is not None
         release = _release(request, family, peers_pinned=pinned)
@@ -838,12 +836,9 @@ def _describe(request: RoundRequest) -> str:
     ``evaluate round-3``. A training request that first evaluates the global model (which is
     round - 1's: evaluation runs one round late) says so, in the round the coordinator's log
     reports those metrics under: ``train round 3 and evaluate round-2``."""
-    if request.kind in ("train", "secagg"):
-        name = exchange_name(request.kind, request.phase, request.round)
-        if request.kind == "train" and request.eval_splits:
-            name += f" and evaluate round-{request.round - 1}"
-        return name
-    return " ".join(part for part in (request.kind, request.label) if part)
+    if request.kind == "train" and request.eval_splits:
+        return f"{request.name} and evaluate round-{request.round - 1}"
+    return request.name
 
 
 def _contents(data: bytes, info: dict[str, Any]) -> str:

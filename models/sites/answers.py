@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from models.files import append_private, make_private_folder, write_private
+from models.sites.messages import exchange_name
 
 RECORD = "record.jsonl"
 ANSWERS = "answers"
@@ -191,7 +192,7 @@ def prune_answers(
 
 
 def _exchange(key: tuple) -> str:
-    """A record key (run, kind, phase, round, label) in words: ``train fit round 3 of run R``."""
+    """A record key (run, kind, phase, round, label) in words, as log lines name the exchange
+    (:func:`~models.sites.messages.exchange_name`): ``train fit round 3 of run R``."""
     run, kind, phase, round_, label = (list(key) + [""] * 5)[:5]
-    words = " ".join(str(part) for part in (kind, phase) if part)
-    return f"{words} round {round_}{f' {label}' if label else ''} of run {run}"
+    return f"{exchange_name(str(kind), str(phase), int(round_ or 0), str(label))} of run {run}"

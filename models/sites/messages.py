@@ -75,9 +75,13 @@ def canonical(body: Mapping[str, Any]) -> bytes:
         raise RefusedMessage(f"not canonical JSON: {err}") from err
 
 
-def exchange_name(kind: str, phase: str, round_: int) -> str:
+def exchange_name(kind: str, phase: str, round_: int, label: str = "") -> str:
     """An exchange as log lines name it: ``train round 3``, ``train mean round 0``,
-    ``secagg mask round 3`` (a phase named like its kind is said once)."""
+    ``secagg mask round 3`` (a phase named like its kind is said once); an evaluation by what
+    it evaluates (its label: ``evaluate round-8``, ``evaluate champion``), an enrolment as
+    ``enroll``."""
+    if kind not in ("train", "secagg"):
+        return " ".join(part for part in (kind, label) if part)
     return " ".join(
         part for part in (kind, "" if phase == kind else phase, f"round {round_}") if part
     )
@@ -231,11 +235,12 @@ class RoundRequest:
         answer one step of secure aggregation (``phase`` names the step, ``message`` holds the
         server's protocol message, :mod:`fedrec.sites.secure`).
     phase, round : str, int
-        The family's phase and the round (the step being evaluated, for ``evaluate``); for
-        ``enroll`` the phase is ``private`` or ``exact``: whether the run's answers will carry DP
-        noise (:data:`ENROL_PHASES`).
+        The family's phase and the round (0 for ``evaluate`` and ``enroll``); for ``enroll``
+        the phase is ``private`` or ``exact``: whether the run's answers will carry DP noise
+        (:data:`ENROL_PHASES`).
     label : str
-        Tells apart evaluations of the same round (the final model's, the champion's).
+        What an ``evaluate`` request evaluates: ``round-3`` (the global model after round 3),
+        ``champion``; it tells the evaluations of one run apart.
     site, client_id : str, int
         Whom the request is for, and its client id in the run (``sites.yaml`` order).
     nonce : str
@@ -325,6 +330,11 @@ class RoundRequest:
         if self.rating_scale is not None and self.rating_scale != FROM_DATA:
             out["rating_scale"] = list(self.rating_scale)
         return out
+
+    @property
+    def name(self) -> str:
+        """The exchange as log lines name it (:func:`exchange_name`)."""
+        return exchange_name(self.kind, self.phase, self.round, self.label)
 
     @property
     def record_key(self) -> tuple[str, str, str, int, str]:

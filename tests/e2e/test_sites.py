@@ -326,7 +326,7 @@ def test_sites_train_the_simulated_model_refuse_a_wrong_key_and_keep_their_rows(
     assert summary["sites"]["enrolled"] == list(SITES)
     assert list(summary["sites"]["left_out"]) == ["shop-d"]
     assert summary["sites"]["left_out"]["shop-d"] == (
-        "TimeoutError: shop-d: no answer to enroll exact round 0 within 5 s; its process never signed in on "
+        "TimeoutError: shop-d: no answer to enroll within 5 s; its process never signed in on "
         "the Prefect API (not started, or started against another API)"
     ), summary["sites"]
 
@@ -431,7 +431,7 @@ def test_a_site_without_ratings_is_left_out_of_a_rating_models_run_at_enrolment(
     summary = _summary(fed.train("ws-norating", 1, stderr, keep=False), stderr)
     assert summary["sites"]["enrolled"] == ["shop-a", "shop-b"]
     assert summary["sites"]["left_out"]["shop-c"] == (
-        "SiteRefused: shop-c refused enroll round 0: shop-c's data norating.csv has no rating "
+        "SiteRefused: shop-c refused enroll: shop-c's data norating.csv has no rating "
         "column ('rating'): it holds implicit feedback, and this run trains a rating model "
         "(explicit feedback, ratings 1..5); allowed: a file with a rating column (fedrec site "
         "run --rating-col), or a run without ratings (fedrec train --feedback implicit "

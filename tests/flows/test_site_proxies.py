@@ -313,7 +313,7 @@ def test_the_round_loop_asks_a_site_through_its_link_under_the_sites_name(prefec
             lambda: plain.train(entry, "train client-0 round-2", None, None, retries={},
                                 phase="als", round_=2),
             lambda: plain.evaluate(entry, "evaluate client-0 round-1", None, None, ("valid",),
-                                   None, ""),
+                                   None, "round-1"),
             lambda: plain.evaluate(entry, "evaluate round-3 client-0", None, None, ("valid",),
                                    None, "round-3"),
         ]  # fmt: skip
@@ -331,7 +331,7 @@ def test_the_round_loop_asks_a_site_through_its_link_under_the_sites_name(prefec
     assert (looked_name, released_name) == ("evaluate shop-a round-1", "evaluate round-3 shop-a")
     assert isinstance(receipt[0], bytes) and secure_requests[0]["secure"] == secure.secure_fields()
     assert isinstance(update, tuple) and plain_requests[0]["secure"] is None
-    assert [r["label"] for r in plain_requests[1:]] == ["evaluate client-0 round-1", "round-3"]
+    assert [r["label"] for r in plain_requests[1:]] == ["round-1", "round-3"]
     # each request names the task run that asks (the site answers there) and its flow run
     asking = [(r["flow_run_id"], r["task_run_id"]) for r in secure_requests + plain_requests]
     assert asking == [(str(flow_run_id), str(run_id)) for _, run_id in answers]

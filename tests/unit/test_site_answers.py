@@ -77,7 +77,7 @@ def test_old_answers_are_pruned_and_their_exchanges_refused_also_after_a_restart
     assert (done.answers, done.nbytes) == (2, 1500)
     assert not files[old].exists() and not files[KEY].exists() and files[new].exists()
     for reader in (record, SiteRecord(tmp_path)):  # the process that ran, and a restarted one
-        with pytest.raises(AnswerPruned, match=r"train train round 3 of run run-1 was answered "):
+        with pytest.raises(AnswerPruned, match=r"train round 3 of run run-1 was answered "):
             reader.kept(KEY)
         assert reader.kept(new).data == b"new"
         assert reader.answered("a" * 32)  # a replayed request is still told apart

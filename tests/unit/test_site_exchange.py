@@ -488,3 +488,25 @@ def test_a_request_whose_run_removed_its_files_is_not_a_connection_error(world, 
     assert not any(a["type"] == "fedrec-answer" for a in coordinator.transport.artifacts)
     process.poll_once()  # the request is not fetched again
     assert len([r for r in caplog.records if r.name == "fedrec.site"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("asked", "named"),
+    [
+        ({"kind": "evaluate", "label": "round-8"}, "evaluate round-8"),
+        ({"kind": "evaluate", "label": "champion"}, "evaluate champion"),
+        ({"kind": "enroll", "phase": "exact"}, "enroll"),
+        ({"kind": "train", "phase": "train", "round_": 3}, "train round 3"),
+        ({"kind": "secagg", "phase": "mask", "round_": 3}, "secagg mask round 3"),
+    ],
+)
+def test_a_line_names_an_exchange_as_the_run_does(world, asked, named):
+    """An evaluation is named by what it evaluates (the run's log has ``round-8 evaluation``),
+    not by a round number it does not carry, and an enrolment by its kind alone."""
+    coordinator, spec, _ = world
+    family = FAMILY if asked["kind"] in ("train", "evaluate") else None
+    state = FAMILY.initial_state(len(ITEMS), seed=0) if family is not None else None
+    with pytest.raises(TimeoutError) as err:
+        coordinator.exchange(replace(spec, deadline_seconds=1.0), family=family, state=state,
+                             task_run_id="t", **asked)  # fmt: skip
+    assert str(err.value).startswith(f"shop-a: no answer to {named} within 1 s"), err.value

@@ -927,7 +927,7 @@ def test_a_budget_refusal_on_the_api_does_not_give_away_the_sites_user_count(tmp
     with caplog.at_level(logging.WARNING, logger="fedrec.site"):
         posted = {n: _refusal_of_a_costly_run(tmp_path, n) for n in (314, 315, 2718)}
 
-    own = [r.getMessage() for r in caplog.records if "refused enroll round" in r.getMessage()]
+    own = [r.getMessage() for r in caplog.records if "refused enroll of run" in r.getMessage()]
     caps = {float(re.search(r"delta [0-9.e-]+ of ([0-9.e-]+)", line).group(1)) for line in own}
     assert len(own) == 3 and caps == {1e-6}
     # on the API: the same words whatever the count
