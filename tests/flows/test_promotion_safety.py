@@ -431,3 +431,31 @@ def test_a_candidate_and_a_champion_answered_by_no_common_client_are_not_compare
     assert summary["reason"] == (
         "not comparable: no client answered both the candidate's and the champion's evaluation"
     )
+
+
+def test_only_a_missing_model_or_alias_reads_as_no_champion(store, monkeypatch):
+    """A champion lookup reads the registry's "no such model" and "no champion alias" as no
+    champion; any other registry error is raised: read as no champion, it would let a candidate
+    take the alias without being compared with the model that holds it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from tasks.tracking import _champion_version
+
+    uri, client = store["uri"], store["client"]
+    assert _champion_version(uri, "never-registered") is None
+    client.create_registered_model("safe-without-alias")
+    assert _champion_version(uri, "safe-without-alias") is None
+    assert _champion_version(uri, "safe") is not None
+
+    for message in (
+        "Registered model alias name 'champion' is reserved",  # an alias, but found
+        "Model version source 'models:/safe/1' not found",  # not found, but no alias
+    ):
+
+        def other_error(self, name, alias, message=message):
+            raise MlflowException(message, INVALID_PARAMETER_VALUE)
+
+        monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", other_error)
+        with pytest.raises(MlflowException, match=message):
+            _champion_version(uri, "safe")
