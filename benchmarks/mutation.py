@@ -245,7 +245,8 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_redacted_logging.py", "tests/flows/test_cli.py",
                           "tests/flows/test_resume_families.py",
                           "tests/flows/test_private_releases.py",
-                          "tests/flows/test_training_flow.py", "tests/flows/test_ranking_flow.py"],
+                          "tests/flows/test_training_flow.py", "tests/flows/test_ranking_flow.py",
+                          "tests/flows/test_held_out_rows.py"],
     # the flow's server steps (checkpoints, promotion), client tasks and data tasks
     "tasks/server.py": ["tests/unit/test_promotion.py", "tests/unit/test_core_wiring.py",
                         "tests/unit/test_task_run_names.py",

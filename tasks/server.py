@@ -151,8 +151,8 @@ def save_step(
     extra: Mapping[str, float],
     log_to: tuple[str, str] | None,
     snapshot: Snapshot | None,
+    logged_at: int,
     spread: bool = True,
-    logged_at: int | None = None,
 ) -> dict[str, float]:
     """The server's record of a round: step ``step``'s metrics (as :func:`round_summary`, with
     ``extra``) logged to the MLflow run ``log_to`` = (URI, run id) when given, then

@@ -355,20 +355,17 @@ def close_lost_run(uri: str, flow_run_id: str) -> str | None:
     return f"{resume_command(run_id, uri)} continues it"
 
 
-def log_metrics(
-    uri: str, run_id: str, step: int, metrics: Mapping[str, float], at: int | None = None
-) -> None:
+def log_metrics(uri: str, run_id: str, step: int, metrics: Mapping[str, float], at: int) -> None:
     """All of one step's metrics in a single batch, at ``step``, timestamped ``at`` (ms since
-    the epoch; default now); non-finite values are left out. MLflow stores a metric row
-    (key, timestamp, step, value) once, so a batch sent again with the same ``at`` adds nothing."""
-    now = int(time.time() * 1000) if at is None else at
+    the epoch); non-finite values are left out. MLflow stores a metric row (key, timestamp,
+    step, value) once, so a batch sent again with the same ``at`` adds nothing."""
     batch = [
-        Metric(key, float(value), now, step) for key, value in metrics.items() if np.isfinite(value)
+        Metric(key, float(value), at, step) for key, value in metrics.items() if np.isfinite(value)
     ]
     _client(uri).log_batch(run_id, metrics=batch)
 
 
-def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path, k: int = 10) -> None:
+def _plot_learning_curve(history: Sequence[Mapping[str, float]], path: Path, k: int) -> None:
     from matplotlib.figure import Figure  # imported here: 0.5-1.5 s that most commands skip
     from matplotlib.ticker import MaxNLocator
 
