@@ -51,9 +51,16 @@ def test_only_the_site_process_sees_its_rows(tmp_path):
         assert seen.read_text() == ROWS
         assert not rows.exists()  # the handed-over copy is gone
         assert list(mount.iterdir()) == []  # the tmpfs is not mounted out here
-        assert process.poll() is None  # and the site's process is the one that runs (exec)
-        cmdline = Path(f"/proc/{process.pid}/cmdline").read_text().split("\0")
-        assert cmdline[:2] == ["sleep", "60"]
+
+        # and the site's process is the one that runs (each wrapper execs): the shell writes
+        # what it read before it execs, so its command line turns into the site's a moment later
+        def cmdline() -> list[str]:
+            assert process.poll() is None, (tmp_path / "log").read_text()
+            return Path(f"/proc/{process.pid}/cmdline").read_text().split("\0")[:2]
+
+        while cmdline() != ["sleep", "60"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cmdline() == ["sleep", "60"]
     finally:
         processes.stop_all()
     assert process.poll() is not None
