@@ -71,8 +71,11 @@ def test_the_round_table_in_prefect_is_the_runs_metric_history(store, first_run)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [row["round"] for row in rows] == list(range(1, ROUNDS + 1))
     for key in ("train/rmse", "valid/rmse", "valid/ndcg_at_10"):
-        logged = [m.value for m in client.get_metric_history(run.info.run_id, key)]
-        assert [row[key] for row in rows] == pytest.approx(logged, abs=1e-5), key
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [row[key] for row in rows] == pytest.approx([m.value for m in history], abs=1e-5)
+        # each round's row is stamped when the run logged it (ms since the epoch, as MLflow's
+        # charts against time and the run's own start and end read it)
+        assert all(run.info.start_time <= m.timestamp <= run.info.end_time for m in history), key
 
 
 def _versions(store, name: str) -> set[int]:
