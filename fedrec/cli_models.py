@@ -727,7 +727,7 @@ def run_rows(
             "experiment": names.get(info.experiment_id, ""),
             "name": info.run_name or "",
             "started": started.strftime("%Y-%m-%d %H:%M"),
-            "started_at": started.isoformat(timespec="seconds"),
+            "started_at": started.isoformat(timespec="milliseconds"),  # the merge's order
             "seconds": None if took is None else round(took, 1),
             "paused_seconds": paused,
             "status": info.status,
@@ -814,7 +814,7 @@ def prefect_only_rows(
             "name": run.get("name", ""),
             "started": "" if started is None else started.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
             "started_at": "" if started is None
-            else started.astimezone(datetime.UTC).isoformat(timespec="seconds"),
+            else started.astimezone(datetime.UTC).isoformat(timespec="milliseconds"),
             "seconds": run.get("total_run_time"),
             "paused_seconds": 0.0,
             "status": state.get("type", ""),

@@ -626,6 +626,37 @@ def test_a_partition_the_data_cannot_meet_spends_no_budget_and_starts_no_run(sto
     assert "(Prefect flow run; it ended before its MLflow run)" in text
 
 
+def test_runs_lists_a_refusal_and_an_earlier_run_of_the_same_second_newest_first(
+    store, prefect_server
+):
+    """A refusal Prefect holds and an MLflow run that started 1 ms before it are merged by
+    when each started, not by the second shown: the refusal is listed first."""
+    from click.testing import CliRunner
+    from prefect.client.orchestration import get_client
+
+    from fedrec.cli import main
+    from models.data.errors import DataValidationError
+
+    with pytest.raises(DataValidationError, match="more clients than the data has users"):
+        _train(store, synthetic_users=50, synthetic_items=40, synthetic_interactions=1_000,
+               clients=60, model_name="too-many", dp_epsilon=1.0)  # fmt: skip
+
+    def listed() -> list[dict]:
+        out = CliRunner().invoke(main, ["runs", "--json", "--tracking-uri", store["uri"]])
+        assert out.exit_code == 0, out.output
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    (refusal,) = [r for r in listed() if "value 60 is more clients" in (r["error"] or "")]
+    with get_client(sync_client=True) as prefect:
+        began = prefect.read_flow_run(refusal["prefect_flow_run_id"]).start_time
+    client = store["client"]
+    experiment = client.create_experiment("earlier")
+    earlier = client.create_run(experiment, start_time=int(began.timestamp() * 1000) - 1,
+                                tags={"fedrec.config_hash": "0"})  # fmt: skip
+    order = [r["run_id"] or r["prefect_flow_run_id"] for r in listed()]
+    assert order.index(refusal["prefect_flow_run_id"]) < order.index(earlier.info.run_id)
+
+
 def test_a_private_run_whose_secret_others_could_swap_ends_before_any_server_or_run(tmp_path):
     """The command refuses in one line (exit 2) before it reaches Prefect: the API named here
     answers nothing, so a later refusal would have been "server down" (exit 1)."""
