@@ -367,7 +367,9 @@ def test_a_stopped_run_ends_its_waiting_exchanges_in_a_tick_and_asks_no_more(wor
 
     waiting = threading.Thread(target=ask)
     waiting.start()
-    time.sleep(0.5)
+    posted = time.monotonic() + 30  # the request posted: the exchange is waiting for its answer
+    while not coordinator.transport.requests_for("shop-a") and time.monotonic() < posted:
+        time.sleep(0.01)
     coordinator.stop()
     waiting.join(timeout=10)
     assert not waiting.is_alive() and ended["after"] < 5
