@@ -29,6 +29,8 @@ def test_the_last_round_and_labels_without_a_total_show_elapsed_only():
 
     assert pace(marks, 0.0, "round 10/10 (final)") == "elapsed 1:02:05"
     assert pace(marks, 0.0, "warm-up") == "elapsed 1:02:05"
+    assert pace([0.0, 5400.0], 0.0, "warm-up") == "elapsed 1:30:00"  # 1800 s past the hour
+    assert pace([0.0, 1800.0], 0.0, "warm-up") == "elapsed 30:00"
 
 
 def test_one_round_left_after_the_first_step_shows_that_steps_time():
