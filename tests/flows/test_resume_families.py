@@ -109,6 +109,26 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     assert stopped_flow_run not in {r["prefect_flow_run_id"] for r in alone}
 
 
+def test_a_run_stopped_before_its_first_step_was_logged_logs_every_step_when_resumed(
+    store, monkeypatch
+):
+    from flows.rounds import QuorumError
+    from flows.training import federated_training
+
+    with monkeypatch.context() as patch:
+        _spy(patch, [], ("train", 1))  # every client fails in round 1: nothing logged yet
+        with pytest.raises(QuorumError):
+            federated_training(**_config(store, "neural", model_name="stopped-first").model_dump())
+    run_id = _stopped_run(store, "stopped-first")
+    assert store["client"].get_run(run_id).data.metrics == {}
+
+    federated_training(**_config(store, "neural", resume=run_id).model_dump())
+
+    for key in ("valid/ndcg_at_10", "system/clients"):
+        steps = [m.step for m in store["client"].get_metric_history(run_id, key)]
+        assert steps == list(range(1, TINY["rounds"] + 1)), key
+
+
 def _stopped_run(store, model_name: str) -> str:
     """The failed run of ``model_name`` (its config is in the run's tags)."""
     client = store["client"]
