@@ -282,6 +282,23 @@ def test_private_versions_without_a_ledger_refuse_to_start(store, tmp_path):
     assert _reserve(store, 1.0, model="m", users="c").epsilon == 10.0
 
 
+def test_the_former_ledger_tags_spending_of_runs_that_registered_nothing_is_counted(store):
+    """A model's former JSON ledger tag that records more than its private versions (runs that
+    registered nothing spent too) is recovered as the versions' epsilons plus that surplus."""
+    from tasks.tracking import _LEGACY_LEDGER_TAG, _client, register_model
+    from tests.flows.test_safe_loading import _recommender
+
+    client = _client(store["uri"])
+    artifacts = (store["home"] / "mlartifacts").as_uri()
+    run = client.create_run(client.create_experiment("fedrec", artifacts)).info.run_id
+    register_model.fn(store["uri"], run, _recommender(), "m", {"fedrec.epsilon": "8.0"})
+    client.set_registered_model_tag("m", _LEGACY_LEDGER_TAG, json.dumps({"a": 8.0, "b": 3.0}))
+
+    with pytest.raises(BudgetError, match=r"'m' has private versions \(epsilon 11 in all\)"):
+        _reserve(store, 1.0, model="m")
+    assert _reserve(store, 1.0, model="m", users="c", cap=20.0, set_cap=True).epsilon == 12.0
+
+
 def test_a_reservation_raced_past_the_cap_on_a_remote_store_is_refused(store, monkeypatch):
     import tasks.tracking as tracking
     from models.privacy.ledger import Entry, Stored, plan_user_reservation
