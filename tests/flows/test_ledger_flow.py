@@ -262,15 +262,22 @@ def test_an_altered_user_set_counts_for_everyone_and_frees_no_one(store):
         _reserve(store, 1.0, users="b")  # ...it now counts for b too: an over-count
 
 
-def test_private_versions_without_a_ledger_refuse_to_start(store, tmp_path):
+def _private_version(store, model, epsilon, *, experiment="fedrec"):
+    """Register a version of `model` that spent `epsilon` from a bare run, outside any ledger;
+    returns the store's MLflow client."""
     from tasks.tracking import _client, register_model
     from tests.flows.test_safe_loading import _recommender
 
     client = _client(store["uri"])
     # artifacts in the test's folder: without a location MLflow writes ./mlruns where pytest runs
     artifacts = (store["home"] / "mlartifacts").as_uri()
-    run = client.create_run(client.create_experiment("fedrec", artifacts)).info.run_id
-    register_model.fn(store["uri"], run, _recommender(), "m", {"fedrec.epsilon": "8.0"})
+    run = client.create_run(client.create_experiment(experiment, artifacts)).info.run_id
+    register_model.fn(store["uri"], run, _recommender(), model, {"fedrec.epsilon": str(epsilon)})
+    return client
+
+
+def test_private_versions_without_a_ledger_refuse_to_start(store):
+    _private_version(store, "m", 8.0)
 
     with pytest.raises(
         BudgetError, match=r"'m' has private versions \(epsilon 8 in all\) but the ledger"
@@ -285,13 +292,9 @@ def test_private_versions_without_a_ledger_refuse_to_start(store, tmp_path):
 def test_the_former_ledger_tags_spending_of_runs_that_registered_nothing_is_counted(store):
     """A model's former JSON ledger tag that records more than its private versions (runs that
     registered nothing spent too) is recovered as the versions' epsilons plus that surplus."""
-    from tasks.tracking import _LEGACY_LEDGER_TAG, _client, register_model
-    from tests.flows.test_safe_loading import _recommender
+    from tasks.tracking import _LEGACY_LEDGER_TAG
 
-    client = _client(store["uri"])
-    artifacts = (store["home"] / "mlartifacts").as_uri()
-    run = client.create_run(client.create_experiment("fedrec", artifacts)).info.run_id
-    register_model.fn(store["uri"], run, _recommender(), "m", {"fedrec.epsilon": "8.0"})
+    client = _private_version(store, "m", 8.0)
     client.set_registered_model_tag("m", _LEGACY_LEDGER_TAG, json.dumps({"a": 8.0, "b": 3.0}))
 
     with pytest.raises(BudgetError, match=r"'m' has private versions \(epsilon 11 in all\)"):
@@ -468,13 +471,7 @@ def test_the_ledger_follows_the_users_not_the_path_spelling_or_model_name(
 
 
 def test_a_flow_with_private_versions_but_no_ledger_refuses_in_one_line(store, prefect_server):
-    from tasks.tracking import _client, register_model
-    from tests.flows.test_safe_loading import _recommender
-
-    client = _client(store["uri"])
-    artifacts = (store["home"] / "mlartifacts").as_uri()  # not ./mlruns where pytest runs
-    run = client.create_run(client.create_experiment("elsewhere", artifacts)).info.run_id
-    register_model.fn(store["uri"], run, _recommender(), "old-private", {"fedrec.epsilon": "2.0"})
+    client = _private_version(store, "old-private", 2.0, experiment="elsewhere")
 
     with pytest.raises(
         ValueError,
