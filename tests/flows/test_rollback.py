@@ -112,7 +112,8 @@ def test_a_rollback_that_cannot_be_made_is_one_line_and_changes_nothing(store):
         nothing_before.stderr
     )
     unknown = _cli(store, "rollback", "--model-name", "solo", "--to", "7")
-    assert unknown.exit_code == 2 and "--to 7: solo has no such version" in unknown.stderr
+    assert unknown.exit_code == 2
+    assert "--to 7: solo has no such version; allowed: none" in unknown.stderr  # champion only
     same = _cli(store, "rollback", "--model-name", "solo", "--to", "1")
     assert same.exit_code == 2 and "version 1 is the champion already" in same.stderr
     several = _cli(store, "rollback")
@@ -125,6 +126,8 @@ def test_a_rollback_that_cannot_be_made_is_one_line_and_changes_nothing(store):
     # a version that never was champion is made champion "now"; then back "again"
     kept = _train(store, rounds=2, model_name="solo", min_delta=1e9)
     assert not kept["promoted"] and kept["model_version"] == "2"
+    unknown = _cli(store, "rollback", "--model-name", "solo", "--to", "9")
+    assert "--to 9: solo has no such version; allowed: 2" in unknown.stderr  # not the champion
     chosen = _cli(store, "rollback", "--model-name", "solo", "--to", "2")
     assert "solo: champion is version 2 now, in place of version 1" in chosen.stdout
     assert chosen.stderr.strip() == (
