@@ -302,6 +302,35 @@ def test_the_former_ledger_tags_spending_of_runs_that_registered_nothing_is_coun
     assert _reserve(store, 1.0, model="m", users="c", cap=20.0, set_cap=True).epsilon == 12.0
 
 
+def test_budget_counts_the_private_versions_the_ledger_lacks_as_the_run_does(store, tmp_path):
+    """`fedrec budget --dp-ledger-set-cap` adds a model's private versions outside the ledger
+    (epsilon 0.5 each, one run's delta each) to every user's spending, as the run would."""
+    _private_version(store, "m", 0.5)
+    _private_version(store, "m", 0.5, experiment="elsewhere")
+    path = tmp_path / "ratings.csv"
+    users = POPULATIONS["a"]
+    pd.DataFrame(
+        {"user_id": np.repeat(users, 3), "item_id": np.tile(["i1", "i2", "i3"], len(users)),
+         "rating": 4.0}
+    ).to_csv(path, index=False)  # fmt: skip
+    run = ("--model-name", "m", "--dp-delta", "1e-5", "--dp-budget", "10", "--dp-ledger-set-cap")
+
+    roomy = ("--dp-budget-delta", "1e-3")  # only epsilon can refuse
+    _, fits = _budget(path, *run, *roomy, "--dp-epsilon", "9")  # 0.5 + 0.5 + 9 = 10
+    assert fits["run"]["refused"] is None
+    status, over = _budget(path, *run, *roomy, "--dp-epsilon", "9.5")
+    assert status == 2 and "spent epsilon 1 of 10" in over["run"]["refused"]
+    # the delta cap: the versions' 2e-5 and this run's 1e-5 exceed 2.5e-5
+    status, deltas = _budget(path, *run, "--dp-epsilon", "2", "--dp-budget-delta", "2.5e-5")
+    assert status == 2
+    assert "spent epsilon 1 of 10 and delta 2e-05 of 2.5e-05" in deltas["run"]["refused"]
+    assert _budget(path, *run, "--dp-epsilon", "2", "--dp-budget-delta", "3e-5")[0] == 0
+
+    with pytest.raises(BudgetError) as refused:  # the run's own reservation: the oracle
+        _reserve(store, 9.5, cap=10.0, cap_delta=1e-3, set_cap=True)
+    assert over["run"]["refused"] == str(refused.value)
+
+
 def test_a_reservation_raced_past_the_cap_on_a_remote_store_is_refused(store, monkeypatch):
     import tasks.tracking as tracking
     from models.privacy.ledger import Entry, Stored, plan_user_reservation
