@@ -613,7 +613,10 @@ def repeated_version(
         )
 
     def repeat(version: ModelVersion, why: str) -> Repeat:
-        metrics = json.loads(version.tags.get("fedrec.metrics_json", "{}"))
+        try:
+            metrics = json.loads(version.tags.get("fedrec.metrics_json", "{}"))
+        except ValueError:  # cut at a character, as older fedrec wrote it: the artifact has them
+            metrics = {}
         return Repeat(str(version.version), current, why, metrics)
 
     if champion is not None and alike(champion.tags):
@@ -1452,18 +1455,23 @@ def version_description(config: TrainingConfig, source: str, metrics: Mapping[st
     )
 
 
+# MLflow's longest model-version tag value until 3.x raised it to 100,000: fedrec's own store
+# takes more, a tracking server it is pointed at may be older
+METRICS_TAG_LIMIT = 5000
+
+
 def version_tags(
     metrics: Mapping[str, float], extra: Mapping[str, str], promotion_metric: str
 ) -> dict[str, str]:
     """Model-version tags: identifying tags, the final metrics the promotion rule reads
     (``metric.<name>``, rounded: the promotion metric, its worst client and its baseline), and
-    every final metric in one JSON tag. The run's ``final_metrics.json`` artifact holds them all
+    the final metrics in one JSON tag (the last ones left out, whole, when they would not fit in
+    ``METRICS_TAG_LIMIT`` characters). The run's ``final_metrics.json`` artifact holds them all
     at full precision."""
     m = promotion_metric
     decisive = (m, worst_client_metric(m), baseline_metric(m))
     tags = {f"metric.{k}": f"{metrics[k]:.6g}" for k in decisive if k in metrics}
-    return (
-        tags
-        | dict(extra)
-        | {"fedrec.metrics_json": json.dumps({k: round(v, 6) for k, v in metrics.items()})[:5000]}
-    )
+    kept = {k: round(v, 6) for k, v in metrics.items()}
+    while len(text := json.dumps(kept)) > METRICS_TAG_LIMIT:  # cut at a character: not JSON
+        kept.popitem()
+    return tags | dict(extra) | {"fedrec.metrics_json": text}

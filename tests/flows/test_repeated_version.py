@@ -56,6 +56,15 @@ def test_the_champion_itself_is_repeated(registry):
     assert repeat.metrics == {"valid/rmse": 0.9}
 
 
+def test_a_champion_whose_metrics_tag_was_cut_mid_value_is_still_repeated(registry):
+    uri, add, champion = registry
+    champion(add(promoted="true", metrics_json='{"valid/rmse": 0.9, "valid/ma'))
+
+    repeat = _repeat(uri)
+
+    assert (repeat.version, repeat.why, repeat.metrics) == ("1", "champion", {})
+
+
 def test_a_version_that_lost_to_the_current_champion_is_repeated(registry):
     uri, add, champion = registry
     champion(add("other-data", promoted="true"))

@@ -1,7 +1,10 @@
 """A training run's MLflow params are its whole configuration, within MLflow's limits of 100
-params per request and 6000 characters per value."""
+params per request and 6000 characters per value; its model version's metrics tag is JSON within
+the limit of a tag value."""
 
 from __future__ import annotations
+
+import json
 
 from mlflow import MlflowClient
 
@@ -52,3 +55,19 @@ def test_the_code_version_is_the_commit_of_the_checkout_that_trained():
     sha = git("rev-parse", "--short=12", "HEAD").stdout.strip()
     dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     assert code_version() == sha + ("-dirty" if dirty else "")
+
+
+def test_the_metrics_tag_is_json_that_fits_the_last_metrics_left_out_whole():
+    from tasks.tracking import METRICS_TAG_LIMIT, version_tags
+
+    metrics = {f"test/client_p{i:03d}/ndcg_at_1000": 0.123456789 + i for i in range(200)}
+    promotion = "test/client_p000/ndcg_at_1000"
+    text = version_tags(metrics, {"fedrec.x": "y"}, promotion)["fedrec.metrics_json"]
+
+    assert len(text) <= METRICS_TAG_LIMIT
+    kept = json.loads(text)  # a cut at a character would not parse
+    rounded = [(k, round(v, 6)) for k, v in metrics.items()]
+    assert list(kept.items()) == rounded[: len(kept)]  # the first ones, in order
+    assert len(json.dumps(dict(rounded[: len(kept) + 1]))) > METRICS_TAG_LIMIT  # all that fit
+    few = dict(list(metrics.items())[:3])
+    assert json.loads(version_tags(few, {}, promotion)["fedrec.metrics_json"]) == dict(rounded[:3])
