@@ -71,3 +71,9 @@ def test_the_metrics_tag_is_json_that_fits_the_last_metrics_left_out_whole():
     assert len(json.dumps(dict(rounded[: len(kept) + 1]))) > METRICS_TAG_LIMIT  # all that fit
     few = dict(list(metrics.items())[:3])
     assert json.loads(version_tags(few, {}, promotion)["fedrec.metrics_json"]) == dict(rounded[:3])
+    # at the edge: '{"' + name + '": 0.5}' is 5000 characters (an older server's limit), then 5001
+    assert (
+        version_tags({"m" * 4991: 0.5}, {}, "m")["fedrec.metrics_json"]
+        == f'{{"{"m" * 4991}": 0.5}}'
+    )
+    assert version_tags({"m" * 4992: 0.5}, {}, "m")["fedrec.metrics_json"] == "{}"
