@@ -21,6 +21,7 @@ from models.privacy.ledger import (
     balance,
     check_after_writing,
     check_groups_after_writing,
+    keyed_fingerprint,
     plan_reservation,
     plan_user_reservation,
     recovered_spend,
@@ -299,3 +300,29 @@ def test_the_tightest_group_is_checked_after_writing_and_reported():
     stored.append(Stored(Entry("spend", 3.0, 1e-6, at=3), B))
     with pytest.raises(BudgetError, match="concurrent reservation"):
         check_groups_after_writing(standing(B, stored))
+
+
+def test_groups_come_in_order_of_the_epsilon_their_cap_leaves():
+    """Nearly spent under a high cap is tighter than unspent under a low one."""
+    spent, fresh = A[:50], A[50:]
+    stored = [
+        Stored(Entry("cap", cap=Cap(10.0, 1e-4), at=1), spent),
+        Stored(Entry("spend", 9.0, 1e-6, at=2), spent),
+        Stored(Entry("cap", cap=Cap(5.0, 1e-4), at=3), fresh),
+    ]
+
+    groups = standing(A, stored)
+
+    assert [g.headroom() for g in groups] == [1.0, 5.0]
+    assert groups[0].members.tolist() == spent.tolist()
+    assert check_groups_after_writing(groups) == Balance(9.0, 1e-6, Cap(10.0, 1e-4), 1)
+
+
+def test_a_keyed_fingerprint_is_the_hmac_of_the_rows_fingerprint_under_the_secret():
+    rows = hashlib.sha256(b"some rows").hexdigest()
+    oracle = hmac.new(SECRET, b"fedrec dataset fingerprint\n" + rows.encode(), hashlib.sha256)
+
+    keyed = keyed_fingerprint(rows, SECRET)
+
+    assert keyed == oracle.hexdigest() != rows
+    assert keyed_fingerprint(rows, bytes(32)) != keyed  # another secret

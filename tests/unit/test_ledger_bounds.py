@@ -1,5 +1,6 @@
-"""The privacy ledger at its edges: one user, float sums that land on the cap, and a cap named
-again as stored (exactly or up to rounding)."""
+"""The privacy ledger at its edges: one user, float sums that land on the cap, a cap named
+again as stored (exactly or up to rounding), the shortest secret and the largest delta allowed,
+and the fewest digits a refusal prints."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from models.privacy.ledger import (
     check_after_writing,
     plan_reservation,
     run_delta,
+    user_keys,
 )
 
 EMPTY = Balance(0.0, 0.0, None, 0)
@@ -79,3 +81,26 @@ def test_the_latest_cap_holds_when_spends_come_after_it():
     got = balance(entries)
 
     assert got.cap == Cap(12.0, 2e-5) and got.epsilon == 3.0 and got.spends == 2
+
+
+def test_a_secret_of_16_bytes_is_enough_and_one_of_15_is_refused():
+    assert user_keys(["u1", "u2"], bytes(16)).size == 2
+    with pytest.raises(ValueError, match="the ledger secret has 15 bytes; at least 16"):
+        user_keys(["u1"], bytes(15))
+
+
+def test_a_delta_above_one_over_users_is_refused_even_below_two_over_users():
+    assert run_delta(1 / 400, 400) == 1 / 400
+    with pytest.raises(ValueError, match=r"^--dp-delta 0\.00375 is above 1 / 400 users"):
+        run_delta(1.5 / 400, 400)
+
+
+def test_a_refusal_prints_three_digits_when_three_tell_need_and_left_apart():
+    current = Balance(7.0, 1e-6, Cap(8.0, 1e-4), 1)  # epsilon 1 left
+
+    with pytest.raises(BudgetError) as refused:
+        plan_reservation(current, Request(2.123456, 1e-6), at=1)
+
+    assert "needs epsilon 2.12, delta 1e-06 more, and their epsilon cap leaves 1:" in str(
+        refused.value
+    )
