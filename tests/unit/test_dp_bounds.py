@@ -325,7 +325,7 @@ def test_a_non_finite_value_is_bounded_like_any_other_not_passed_through():
     from models.privacy.released_metrics import MetricRelease, bounded_error_sums
 
     rows = clip_rows(np.array([[np.nan, 1.0], [np.inf, -np.inf], [3.0, 4.0]]), 1.0)
-    assert np.isfinite(rows).all() and (np.linalg.norm(rows, axis=1) <= 1.0 + 1e-12).all()
+    np.testing.assert_allclose(rows, [[0.0, 1.0], [0.0, 0.0], [0.6, 0.8]], rtol=1e-15)
     np.testing.assert_array_equal(
         clip_values(np.array([np.nan, np.inf, -np.inf, 0.5, 9.0]), 2.0), [0, 2, -2, 0.5, 2]
     )
@@ -339,3 +339,13 @@ def test_a_non_finite_value_is_bounded_like_any_other_not_passed_through():
     deviation = release.deviations([("valid", "n"), ("valid", "sse")])[("valid", "sse")]
     assert released["valid"][0]["sse"] == pytest.approx(max(0.0, 0.0 + z[1] * deviation))
     assert released["valid"][0]["sse"] > 0  # noise on a 0, not an exact 0
+
+
+@pytest.mark.parametrize("name", ["max_items", "shares"])
+def test_a_bound_counted_by_the_accountant_is_a_whole_number_of_at_least_one(name):
+    """A site builds its bounds from the coordinator's request: a fractional, zero or boolean
+    count would have the accountant count a mechanism other than the one applied."""
+    assert getattr(UserLevelDP(noise_multiplier=1.0, **{name: 1}), name) == 1
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=rf"^{name}={bad!r} must be a whole number >= 1"):
+            UserLevelDP(noise_multiplier=1.0, **{name: bad})

@@ -239,3 +239,21 @@ def test_what_is_made_for_private_files_is_the_owners_alone(tmp_path):
         "state/entries.jsonl": "0o600",
     }
     assert oct((tmp_path / "state").stat().st_mode & 0o777) == "0o700"
+
+
+def test_an_identity_given_as_a_folder_or_a_link_to_the_public_key_is_refused_as_such(tmp_path):
+    """Only the public key itself, a regular file, is read past the private-file check (to say
+    which file was meant); a folder or a link is refused by that check, in its own words."""
+    from models.privacy.identity import generate_identity, load_identity, save_identity
+
+    _, public = save_identity(generate_identity(), tmp_path, 3)
+    link = tmp_path / "link.pub"
+    link.symlink_to(public)
+    (tmp_path / "folder.key").mkdir()
+
+    with pytest.raises(ValueError, match=r"client-3\.pub is a public key; an identity is"):
+        load_identity(public)
+    with pytest.raises(UnsafeFile, match="the identity key is a symbolic link; refused"):
+        load_identity(link)
+    with pytest.raises(UnsafeFile, match="the identity key is not a regular file; refused"):
+        load_identity(tmp_path / "folder.key")

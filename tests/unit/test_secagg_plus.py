@@ -34,6 +34,7 @@ from models.privacy.secagg_plus import (
     MaskedInput,
     ProtocolViolationError,
     RoundConfig,
+    SecAggError,
     SurvivorList,
     TooFewClientsError,
     UnmaskRequest,
@@ -41,7 +42,7 @@ from models.privacy.secagg_plus import (
     pair_sign,
     prg,
 )
-from models.privacy.secagg_plus_client import SecAggClient, round_keys_message
+from models.privacy.secagg_plus_client import SecAggClient, mask_once, round_keys_message
 from models.privacy.secagg_plus_driver import run_round
 from models.privacy.secagg_plus_server import SecAggServer
 
@@ -523,3 +524,26 @@ def test_a_threshold_below_a_majority_of_the_share_holders_is_refused_by_every_c
     majority = RoundConfig("split", 1, 4, SIZE, threshold=3, fraction_bits=FRACTION_BITS)
     with pytest.raises(TooFewClientsError):
         _split_view(majority)
+
+
+def test_a_client_masks_a_round_once_and_an_update_once(tmp_path):
+    """The record a client keeps before it sends a masked input: a second sum over the same
+    round, or over the very same update held for another round, is refused before masking
+    (two sums with other survivors would give away the difference)."""
+    record = tmp_path / "masked"
+    update, other = np.arange(6, dtype=np.int64), np.arange(6, dtype=np.int64) + 1
+    mask_once(record, "run/round-1", update, "client 3")
+
+    with pytest.raises(
+        SecAggError, match=r"^client 3 masked this round's update once already \(run/round-1\)"
+    ):
+        mask_once(record, "run/round-1", other, "client 3")
+    with pytest.raises(
+        SecAggError, match=r"^client 3 masked this very update once already \(run/round-2\)"
+    ):
+        mask_once(record, "run/round-2", update.copy(), "client 3")
+    mask_once(record, "run/round-2", other, "client 3")  # a new round and a new update
+
+    with pytest.raises(SecAggError, match="this round's update once already"):
+        mask_once(record, "run/round-2", update + 5, "client 3")
+    assert len(record.read_text().split()) == 4  # two marks per masked input, nothing else

@@ -102,6 +102,15 @@ def test_a_sealed_info_too_long_or_nested_too_deeply_is_refused_before_it_is_par
         seal_answer(DATA, {"a": "x" * MAX_INFO_BYTES}, KEY.public_key(), context)
 
 
+def test_a_sealed_info_of_exactly_the_limit_opens_and_one_byte_more_is_refused():
+    context = sealing_context(_request())
+    at_limit = _sealed_raw(b'{"a":"' + b"x" * (MAX_INFO_BYTES - 8) + b'"}')
+    assert open_answer(at_limit, KEY, context) == (DATA, {"a": "x" * (MAX_INFO_BYTES - 8)})
+    over = _sealed_raw(b'{"a":"' + b"x" * (MAX_INFO_BYTES - 7) + b'"}')
+    with pytest.raises(RefusedMessage, match=f"info of {MAX_INFO_BYTES + 1} bytes, the limit"):
+        open_answer(over, KEY, context)
+
+
 @pytest.mark.parametrize(
     "info",
     [
