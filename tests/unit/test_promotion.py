@@ -354,3 +354,30 @@ def test_the_flows_decision_takes_the_noise_margin_and_drops_the_worst_client_on
     assert plain.reason == "candidate has no valid/rmse: evaluation failed or was empty"
     private = decide.fn(empty, champion, "valid/rmse", 0.0, 0.05, private=True)
     assert not private.promote and private.reason.startswith(plain.reason + ", or the DP noise")
+
+
+@pytest.mark.parametrize(("noise_sds", "new"), [(1.0, 0.1875), (0.5, 0.34375)])
+def test_a_shortfall_of_exactly_the_noise_margin_below_the_baseline_is_let_through_and_said(
+    noise_sds, new
+):
+    """On a metric that rises as models improve: the margin is ``noise_sds * hypot(3/16, 1/4)``
+    = ``noise_sds * 5/16`` (exact in binary), and the candidate falls short by exactly that."""
+    from models.promotion import WORSE_THAN_BASELINE, check_baseline
+
+    metric = "valid/ndcg_at_10"
+    candidate = {metric: new, "valid/dp_sd/ndcg_at_10": 0.1875,
+                 "baseline/valid/ndcg_at_10": 0.5, "baseline/valid/dp_sd/ndcg_at_10": 0.25}  # fmt: skip
+    rule = {"metric": metric, "worst_client_metric": "valid/client_min/ndcg_at_10",
+            "min_delta": 0.0, "max_client_regression": 1.0}  # fmt: skip
+
+    let_through = decide_promotion(candidate, None, **rule, noise_sds=noise_sds)
+
+    assert let_through.promote
+    assert let_through.reason == (
+        f"no champion yet; candidate {metric}={new:.4f} (below the trivial baseline's 0.5000 by "
+        f"{0.5 - new:.4f}, within the DP noise of the two released figures)"
+    )
+    # without a margin (at 0, and by default) the same shortfall refuses, and says no margin
+    refused = f"{WORSE_THAN_BASELINE}: {metric} {new:.4f} vs the baseline's 0.5000"
+    assert decide_promotion(candidate, None, **rule, noise_sds=0.0).reason == refused
+    assert check_baseline(candidate, metric).reason == refused
