@@ -1,5 +1,6 @@
 """``models.data.readers`` where a changed operator would still read good files: the column a
-byte that is not UTF-8 is named in, when the line before it ends with a delimiter."""
+byte that is not UTF-8 is named in, when the line before it ends with a delimiter; the line of a
+row; which of the re-ranker's user columns a file gives."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.data.errors import DataValidationError
-from models.data.readers import load_dataset, read_interactions, read_item_list
+from models.data.readers import line_of_row, load_dataset, read_interactions, read_item_list
 
 
 @pytest.mark.parametrize("previous", ["1,Heat,", "1,Heat,4"], ids=["empty-last-field", "full"])
@@ -109,3 +110,36 @@ def test_a_one_column_tsv_item_list_keeps_commas_in_its_ids(tmp_path):
     ids = ["foo,bar", "baz"]
     path.write_text("item_id\n" + "\n".join(ids) + "\n")
     assert list(read_item_list(path)) == ids
+
+
+def test_the_line_of_a_row_skips_blank_lines_and_follows_a_quoted_line_break(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text('user_id,item_id,rating\n\n1,a,4\n"2\nx",b,5\n\n3,c,2\n')
+
+    assert [line_of_row(path, row) for row in (1, 2, 3, 4)] == [3, 4, 7, None]
+
+
+def test_a_short_first_row_is_said_to_have_fewer_fields_than_the_header(tmp_path):
+    error = _refused(tmp_path / "short.csv", "user_id,item_id,rating\n1,a\n2,b,5\n")
+
+    assert error.row == 1 and error.line == 2 and error.column == "rating"
+    assert "(its line has 2 of the header's 3 fields)" in str(error)
+
+
+def test_the_rankers_user_columns_are_those_the_file_has_and_no_other_role_takes(tmp_path):
+    path = tmp_path / "people.csv"
+    path.write_text(
+        "user_id,item_id,rating,age,gender,region\n"
+        "u1,a,4,30,M,north\nu2,b,5,,,south\nu1,c,3,,,north\nu3,d,2,,f,west\n"
+    )
+
+    data = read_interactions(
+        path, side_columns=("age", "gender", "occupation", "region"), user_columns=("region",)
+    )
+
+    assert list(data.user_features.columns) == ["region", "age", "gender"]
+    assert data.user_features["gender"].tolist()[::2] == ["M", "F"]
+    assert (
+        data.notes[-1]
+        == "user features for the re-ranker: age, gender (2 of 3 users with one or more)"
+    )
