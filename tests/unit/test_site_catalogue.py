@@ -151,3 +151,32 @@ def test_a_published_catalogue_holds_any_int64_id_and_larger_ones_as_text(tmp_pa
     for big in (2**63, -(2**63) - 1, 2**64):  # as a data file's ids beyond int64 are read
         path.write_text(f"item_id\n1000\n{big}\n")
         assert read_catalogue(path).tolist() == sorted(["1000", str(big)])
+
+
+def test_text_ids_of_one_character_and_a_site_of_one_item_cross_the_wire():
+    """Where a size or an offset is off by one: sites whose item sets are one text id each, a
+    list of one text id, and an id of one character first."""
+    sites = [np.array(["b"], dtype=object), np.array(["a"], dtype=object)]
+    assert union_catalogue(sites).tolist() == ["a", "b"]
+
+    for ids in (np.array(["x"], dtype=object), np.array(["a", "bc", "d"], dtype=object)):
+        arrays = item_arrays(ids)
+        assert set(arrays) == {"item_text", "item_ends"}
+        assert read_item_arrays(arrays, "the catalogue").tolist() == ids.tolist()
+
+
+def test_a_repeated_text_id_is_not_sorted_and_unique():
+    with pytest.raises(SchemaError, match="the catalogue items must be sorted and unique"):
+        check_sorted_ids(np.array(["a", "b", "b"], dtype=object), "the catalogue")
+    assert check_sorted_ids(np.array(["a", "b"], dtype=object), "the catalogue").tolist() == [
+        "a", "b",
+    ]  # fmt: skip
+
+
+def test_the_left_out_line_names_a_single_row_and_nothing_for_none():
+    from models.sites.catalogue import left_out_note
+
+    assert left_out_note("shop-a", {"outside_rows": 0, "outside_items": 0}) is None
+    assert left_out_note("shop-a", {"outside_rows": 1, "outside_items": 1}) == (
+        "shop-a: 1 of its rows, of 1 items the published catalogue lacks, are left out of this run"
+    )
