@@ -157,6 +157,7 @@ def test_a_request_without_an_answer_key_is_refused():
             r"rating_scale \[1\.0, 5\.0\] on a train request; allowed: on an enrolment only",
         ),
         ({"kind": "enroll", "phase": "exact", "rating_scale": (5, 1)}, "rating_scale \\[5, 1\\]"),
+        ({"kind": "enroll", "phase": "exact", "rating_scale": (3, 3)}, "rating_scale \\[3, 3\\]"),
         ({"kind": "enroll", "phase": "exact", "rating_scale": (1, 5, 9)}, "allowed: LOW,HIGH"),
         ({"kind": "enroll", "phase": "exact", "rating_scale": ("1", 5)}, "allowed: LOW,HIGH"),
         ({"kind": "enroll", "phase": "exact", "rating_scale": "1,5"}, "allowed: LOW,HIGH"),
@@ -270,3 +271,50 @@ def test_a_blob_reference_outside_the_store_or_of_a_bad_size_is_refused(changes,
 
 def test_canonical_bytes_do_not_depend_on_key_order():
     assert canonical({"b": 1, "a": [1.5, "x"]}) == b'{"a":[1.5,"x"],"b":1}'
+
+
+BODY = {"run": "r", "round": 0, "site": "a", "nonce": "0f" * 16}
+
+
+@pytest.mark.parametrize("change", [{}, {"run": "x"}, {"run": "x" * 100}, {"round": 7}])
+def test_a_refused_body_that_names_its_request_well_gives_a_refusal(change):
+    from models.sites.messages import refusal_of_body
+
+    assert refusal_of_body(BODY | change, " a field\n out of range ") == (
+        BODY | change | {"reason": "a field out of range"}
+    )
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"run": ""}, {"run": "x" * 101}, {"run": 7}, {"round": -1}, {"round": 1.5},
+     {"round": True}, {"site": 3}, {"nonce": "0F" * 16}, {"nonce": 5}],
+)  # fmt: skip
+def test_a_refused_body_that_does_not_name_its_request_well_gives_none(change):
+    from models.sites.messages import refusal_of_body
+
+    assert refusal_of_body(BODY | change, "why") is None
+
+
+def test_a_notice_about_an_unverified_request_needs_a_request_body():
+    from models.sites.messages import unverified_fields
+
+    expects = COORDINATOR.public_key()
+    fields = unverified_fields({"body": BODY | {"purpose": REQUEST}}, "why", expects)
+    assert fields is not None and fields["reason"] == "why" and fields["run"] == "r"
+    assert unverified_fields({"body": BODY | {"purpose": ANSWER}}, "why", expects) is None
+    assert unverified_fields({"body": [BODY]}, "why", expects) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"every": 0}, {"every": -1.0}, {"at": "5"}, {"every": "2"}, {"stopped": "no"},
+     {"stopped": None}],
+)  # fmt: skip
+def test_a_sign_of_life_needs_numbers_at_and_every_above_zero_and_a_bool(change):
+    from models.sites.messages import alive_fields, check_alive
+
+    body = alive_fields("a", 5.0, 2.0)
+    assert check_alive(body, "a") == (5.0, 2.0, False)
+    with pytest.raises(RefusedMessage, match="a sign of life needs numbers at and every > 0"):
+        check_alive(body | change, "a")
