@@ -109,3 +109,15 @@ def test_a_prune_cut_short_after_its_line_is_finished_by_the_next(tmp_path):
     assert prune_answers(tmp_path, 7 * 86400.0).answers == 1  # however new the file
     assert not path.exists()
     assert (tmp_path / "record.jsonl").read_text().count("pruned") == 1  # no second line
+
+
+def test_an_answer_exactly_as_old_as_the_cut_is_kept(tmp_path):
+    """ "Older than" is strict: a file whose age is the cut to the second stays."""
+    from models.sites.answers import ANSWERS, prune_answers
+
+    SiteRecord(tmp_path).keep(KEY, None, b"k" * 10)
+    (path,) = (tmp_path / ANSWERS).iterdir()
+    os.utime(path, (1_000_000.0, 1_000_000.0))
+
+    assert prune_answers(tmp_path, 10.0, dry_run=True, now=1_000_010.0).answers == 0
+    assert prune_answers(tmp_path, 10.0, dry_run=True, now=1_000_010.5).answers == 1
