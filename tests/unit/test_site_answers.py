@@ -121,3 +121,15 @@ def test_an_answer_exactly_as_old_as_the_cut_is_kept(tmp_path):
 
     assert prune_answers(tmp_path, 10.0, dry_run=True, now=1_000_010.0).answers == 0
     assert prune_answers(tmp_path, 10.0, dry_run=True, now=1_000_010.5).answers == 1
+
+
+def test_a_pruned_answer_of_round_0_is_named_round_0(tmp_path):
+    from models.sites.answers import AnswerPruned, prune_answers
+
+    record = SiteRecord(tmp_path)
+    mean = ("run-1", "train", "mean", 0, "")
+    record.keep(mean, None, b"m")
+    assert prune_answers(tmp_path, 0.0, now=1e12).answers == 1
+
+    with pytest.raises(AnswerPruned, match=r"^train mean round 0 of run run-1 was answered"):
+        record.kept(mean)
