@@ -467,13 +467,22 @@ def _trace_worker(out: str, modules: list[str], pytest_args: list[str]) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+def _tree_env(tree_dir: Path) -> dict[str, str]:
+    """The environment of a test run in a copied tree: its code first on the path, and the
+    shared datasets where this checkout finds them (a copy in a temporary folder has no
+    ``../shared`` beside it, and tests that name a dataset would fail unmutated)."""
+    datasets = os.environ.get("FEDREC_DATASETS") or str(REPO.parent / "shared" / "datasets")
+    return os.environ | {"PYTHONPATH": str(tree_dir), "PYTHONDONTWRITEBYTECODE": "1",
+                         "FEDREC_DATASETS": datasets}  # fmt: skip
+
+
 def _trace(tree_dir: Path, modules: list[str], tests: list[str], timeout: float) -> dict:
     """Run ``tests`` once, unmutated and traced: each test's duration and the lines it runs."""
     out = tree_dir / ".mutation-trace.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--trace-worker", str(out),
                *[f"--only={m}" for m in modules], "--", "-q", "-p", "no:cacheprovider",
                *FILTERS, *tests]  # fmt: skip
-    env = os.environ | {"PYTHONPATH": str(tree_dir), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = _tree_env(tree_dir)
     done = subprocess.run(command, cwd=tree_dir, env=env, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
     if not out.exists():
@@ -635,7 +644,7 @@ class _Runner:
 
     def __init__(self, tree_dir: Path, fork: bool) -> None:
         self.tree_dir = tree_dir
-        self.env = os.environ | {"PYTHONPATH": str(tree_dir), "PYTHONDONTWRITEBYTECODE": "1"}
+        self.env = _tree_env(tree_dir)
         self.log = tree_dir / ".mutation-pytest.log"
         self.zygote = None
         if fork:

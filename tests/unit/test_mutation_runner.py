@@ -2,7 +2,8 @@
 third-party imports done and none of the project's: a project module it had imported would be
 the unmutated copy in every forked run, and the runner refuses to start with one. A run, whether
 it ends or is stopped at its timeout, takes with it the servers its tests started in sessions of
-their own (as Prefect's test server is) and left running."""
+their own (as Prefect's test server is) and left running. Tests in the copied tree find the
+shared datasets where the checkout does."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.mutation import _Runner
+from benchmarks.mutation import _Runner, _tree_env
 
 RUNNER = Path(__file__).resolve().parents[2] / "benchmarks" / "mutation.py"
 
@@ -79,3 +80,12 @@ def test_a_run_that_ends_leaves_no_server_its_tests_left_behind(tmp_path):
     outcome, left = _run_once(tmp_path, "test_leaving.py", timeout=60)
     assert outcome == ("survived", "")
     assert not left, "the server the test left running outlived the run"
+
+
+def test_a_copied_tree_finds_the_datasets_where_the_checkout_does(tmp_path, monkeypatch):
+    monkeypatch.delenv("FEDREC_DATASETS", raising=False)
+    env = _tree_env(tmp_path)
+    assert env["PYTHONPATH"] == str(tmp_path)
+    assert env["FEDREC_DATASETS"] == str(RUNNER.parents[2] / "shared" / "datasets")
+    monkeypatch.setenv("FEDREC_DATASETS", "/data/sets")
+    assert _tree_env(tmp_path)["FEDREC_DATASETS"] == "/data/sets"
