@@ -303,3 +303,20 @@ def test_an_ended_sites_run_removes_its_workspace_and_the_tag_naming_it(store):
 
     assert not workspace.exists()
     assert "fedrec.workspace" not in _runs(store)[0].data.tags
+
+
+def test_the_missed_steps_tag_keeps_8000_characters_and_marks_a_cut():
+    """MLflow keeps 8,000 characters of a tag: a longer list of missed steps is cut to that,
+    its end marked, and one that fits is kept whole."""
+    from flows.sites import missed_text
+
+    fits = {"shop-a": ["x" * (8000 - len("shop-a: "))]}
+    assert missed_text(fits) == "shop-a: " + "x" * 7992
+    one_more = {"shop-a": ["x" * 7993]}
+    assert missed_text(one_more) == "shop-a: " + "x" * 7989 + "..."
+    longer = {"shop-a": ["train round 1"] * 700, "shop-b": ["train round 2"]}
+    full = "shop-a: " + "; ".join(["train round 1"] * 700) + "\nshop-b: train round 2"
+
+    cut = missed_text(longer)
+
+    assert len(cut) == 8000 and cut == full[:7997] + "..."

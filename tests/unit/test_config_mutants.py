@@ -168,3 +168,21 @@ def test_split_files_count_by_their_rows_not_their_paths(tmp_path):
 
     assert config("may").config_hash() == config("june").config_hash()
     assert config("may").config_hash() != TrainingConfig().config_hash()
+
+
+@pytest.mark.parametrize(
+    ("attack", "fraction", "said"),
+    [
+        ("scale", 0.25, "scale by 25% of the clients, strength 3"),
+        ("sign_flip", 0.1, "sign_flip by 10% of the clients"),  # a strength only for scale
+        ("scale", 0.0, ""),  # no client attacks
+        ("none", 0.5, ""),
+    ],
+)
+def test_a_simulated_attack_is_said_only_when_some_client_attacks(attack, fraction, said):
+    """What keeps a model trained under a simulated attack from promotion, and names it."""
+    config = TrainingConfig(
+        algorithm="fedavg", attack=attack, attack_fraction=fraction, attack_scale=3
+    )
+
+    assert config.simulated_attack == said

@@ -354,3 +354,27 @@ def test_an_unreadable_ledger_line_stops_the_site_and_every_charge_naming_it(
             reads()
         assert str(refused.value) == expected
     assert path.read_bytes() == torn  # nothing appended, dropped or rewritten
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"users_sha256": 7}, {"at": "1700000000000"}, {"at": True}, {"at": math.inf},
+     {"epsilon": True}, {"epsilon": -0.5}, {"delta": math.nan}, {"run": 3}],
+)  # fmt: skip
+def test_a_ledger_line_with_a_field_of_the_wrong_kind_is_not_a_whole_entry(tmp_path, change):
+    """Each field of a written line, replaced by a value of the wrong kind (a bool is no
+    number, nor an infinity): the line is not an entry, and the site does not start on it."""
+    import json
+
+    from fedrec.sites.budget import LedgerUnreadable
+
+    folder = tmp_path / "budget"
+    SiteBudget(folder, USERS, max_epsilon=10.0).charge("run-1", Release("full", 2.0))
+    path = folder / ENTRIES
+    line = json.loads(path.read_text())
+    SiteBudget(folder, USERS, max_epsilon=10.0)  # the line as written is whole
+
+    path.write_text(json.dumps(line | change) + "\n")
+
+    with pytest.raises(LedgerUnreadable, match="line 1: not a whole entry"):
+        SiteBudget(folder, USERS, max_epsilon=10.0)
