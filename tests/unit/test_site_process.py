@@ -1163,3 +1163,29 @@ def test_a_site_on_a_torn_budget_ledger_does_not_start_and_a_running_one_says_wh
         "refused"
     )
     assert any(r.getMessage().endswith(expected) for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("data", "given", "declared"),
+    [
+        ("ratings.csv", (0.5, 10.0), (0.5, 10.0)),  # a table: the operator's --rating-scale
+        ("ratings.csv", None, None),  # --rating-scale data: a value of the rows, not declared
+        ("ml-100k", (0.5, 10.0), (1.0, 5.0)),  # a MovieLens folder: its own scale, options unread
+    ],
+)
+def test_the_declared_rating_scale_is_the_operators_for_a_table_and_the_files_for_movielens(
+    tmp_path, data, given, declared
+):
+    from pathlib import Path
+
+    from fedrec.sites.process import _declared_scale
+
+    rows = pd.DataFrame({"user": ["u1", "u2"], "item": ["a", "b"], "rating": [4.0, 2.0]})
+    read = encode_interactions(rows, rating_scale=(1.0, 5.0), source=data)
+    options = SiteOptions(
+        name="shop-a", data=str(tmp_path / data), prefect_api="", mlflow="",
+        identity=Path("id.key"), coordinator_key="", state_dir=tmp_path,
+        read_options={"rating_scale": given},
+    )  # fmt: skip
+
+    assert _declared_scale(options, read) == declared
