@@ -1189,3 +1189,26 @@ def test_the_declared_rating_scale_is_the_operators_for_a_table_and_the_files_fo
     )  # fmt: skip
 
     assert _declared_scale(options, read) == declared
+
+
+def test_a_site_without_ratings_says_so_when_it_starts_and_one_with_ratings_does_not(
+    world, tmp_path, caplog
+):
+    import threading
+
+    _, _, start = world
+    path = _site_file(tmp_path, "c-norating.csv", _rows().rename(columns={"rating": "score"}))
+    reads = SITE_READS | {"rating_scale": (1.0, 5.0)}
+    stopped = threading.Event()
+    stopped.set()  # run() says what it serves, then stops at once
+
+    with caplog.at_level(logging.INFO, logger="fedrec.site"):
+        start(data=path, read_options=reads, events=False).run(stopped)
+        start(state_dir=tmp_path / "rated", events=False).run(stopped)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedrec.site"]
+    assert [line for line in lines if "has no rating column" in line] == [
+        "shop-a: c-norating.csv has no rating column ('rating'): its rows are implicit "
+        "feedback, and it refuses runs of a rating model (explicit feedback)"
+    ]
+    assert sum(line == "shop-a: stopped" for line in lines) == 2  # both ran
