@@ -25,6 +25,7 @@ from models.privacy.identity import generate_identity, load_identity, public_byt
 from models.sites.encoding import EncodingError, decode_arrays
 from models.sites.messages import (
     ALIVE,
+    CLOCK_SKEW,
     REQUEST,
     UNVERIFIED,
     RefusedMessage,
@@ -512,3 +513,50 @@ def test_a_line_names_an_exchange_as_the_run_does(world, asked, named):
         coordinator.exchange(replace(spec, deadline_seconds=1.0), family=family, state=state,
                              task_run_id="t", **asked)  # fmt: skip
     assert str(err.value).startswith(f"shop-a: no answer to {named} within 1 s"), err.value
+
+
+def test_the_liveness_edges_on_an_exact_clock(world, tmp_path, monkeypatch):
+    """Each edge of :meth:`Coordinator.liveness` to the clock's tick (times exact in binary):
+    a stale sign is believed one interval and a look after it was first read, not before; a
+    sign aged exactly three intervals and the skew is not stale; a stop signed the instant of
+    the request, or of the last sign of life, is not taken for a stop after them."""
+    coordinator, spec, _ = world
+    coordinator.liveness_seconds = 0.5
+    key = load_identity(tmp_path / "shop-a" / "client-0.key")
+    clock = [1_000_000.0]
+    fake = SimpleNamespace(time=lambda: clock[0], strftime=time.strftime, gmtime=time.gmtime)
+    monkeypatch.setattr("fedrec.sites.coordinator.time", fake)
+
+    def sign(at: float, *, stopped: bool = False) -> None:
+        coordinator.transport.variables[alive_variable("shop-a")] = sign_message(
+            key, ALIVE, alive_fields("shop-a", at, 2.0, stopped=stopped)
+        )
+
+    sign(clock[0] - 1000)  # stale from the first read on
+    assert coordinator.gone(spec) is None
+    clock[0] += 2.25
+    assert coordinator.gone(spec) is None  # not yet one interval (2 s) and a look (0.5 s)
+    clock[0] += 0.25
+    assert "its last sign of life was at" in coordinator.gone(spec)
+
+    signed = clock[0]
+    sign(signed)  # fresh
+    assert coordinator.gone(spec) is None
+    clock[0] = signed + 3 * 2.0 + CLOCK_SKEW
+    assert coordinator.gone(spec) is None  # aged exactly the limit: not stale
+    clock[0] += 0.25
+    assert "its last sign of life was at" in coordinator.gone(spec)
+
+    alive_at = clock[0]
+    sign(alive_at)
+    assert coordinator.gone(spec) is None
+    sign(alive_at, stopped=True)  # the same instant as the last sign of life
+    assert coordinator.gone(spec) is None
+    clock[0] += 2.5  # however long it stands
+    assert coordinator.gone(spec) is None
+    clock[0] += 0.25
+    asked_at = clock[0]
+    sign(asked_at, stopped=True)  # the instant of the request: first read, not believed yet
+    assert coordinator.gone(spec, asked_at) is None
+    sign(asked_at + 0.25, stopped=True)  # after the request: believed at once
+    assert "its site process stopped at" in coordinator.gone(spec, asked_at)
