@@ -178,3 +178,20 @@ def test_a_log_line_goes_to_the_task_run_it_names(server, transport):
         "flow_run_id": None,  # none known: null, not an empty id
         "task_run_id": "t-1",
     }
+
+
+def test_a_404_is_told_apart_from_other_refusals(server, transport):
+    """A 404 means the server was reached and the file is not there (a run's exchange files
+    after it ended): a site then says so instead of reporting a connection problem."""
+    from fedrec.sites.transport import NotFound
+
+    ref = BlobRef.of("fedrec-sites/run/state.npz", DATA)
+    server.answer("GET", BLOB, (404, b"no such file"))
+    with pytest.raises(NotFound, match=r"^downloading fedrec-sites/run/state.npz: HTTP 404"):
+        transport.get_blob(ref, 10**6)
+    server.answer("GET", BLOB, (405, b"not allowed"))
+    with pytest.raises(
+        TransportError, match=r"^downloading fedrec-sites/run/state.npz: HTTP 405"
+    ) as refused:
+        transport.get_blob(ref, 10**6)
+    assert not isinstance(refused.value, NotFound)
