@@ -310,6 +310,30 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_baseline_gate.py", "tests/flows/test_cli.py",
                           "tests/flows/test_lost_runs.py", "tests/flows/test_dp_flow.py",
                           "tests/flows/test_secure_dask.py"],
+    # the one line bad input gets, and the readers of the data a run starts from
+    "models/data/errors.py": ["tests/unit/test_validation.py", "tests/unit/test_movielens.py",
+                              "tests/unit/test_catalogue.py", "tests/unit/test_cli_errors.py",
+                              "tests/unit/test_readers_mutants.py",
+                              "tests/unit/test_validate_mutants.py",
+                              "tests/unit/test_schema_mutants.py"],
+    "models/data/movielens.py": ["tests/unit/test_movielens.py", "tests/unit/test_validation.py"],
+    "models/data/synthetic.py": ["tests/unit/test_synthetic.py", "tests/unit/test_sharding.py",
+                                 "tests/unit/test_catalogue.py"],
+    # what every family declares, the explicit family's settings, a site's contents
+    "models/federation/family.py": ["tests/unit/test_families.py",
+                                    "tests/unit/test_core_wiring.py"],
+    "models/mf/params.py": ["tests/unit/test_recommender.py", "tests/unit/test_model_store.py",
+                            "tests/unit/test_als.py", "tests/unit/test_implicit.py"],
+    "models/sites/contents.py": ["tests/unit/test_site_contents.py"],
+    # the stores a run names, the deployment's parameters, the process's threads, the CLI's
+    # one-line refusals
+    "fedrec/stores.py": ["tests/unit/test_stores_record.py"],
+    "fedrec/lock_parameters.py": ["tests/unit/test_deployment_check.py"],
+    "fedrec/deployment_check.py": ["tests/unit/test_deployment_check.py"],
+    "fedrec/runtime.py": ["tests/unit/test_blas_threads.py"],
+    "fedrec/cli_errors.py": ["tests/unit/test_cli_errors.py", "tests/unit/test_private_files.py",
+                             "tests/unit/test_deployment_check.py",
+                             "tests/unit/test_cli_workspaces.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
