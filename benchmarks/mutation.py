@@ -269,7 +269,7 @@ TARGETS: dict[str, list[str]] = {
     # the proxy tasks that stand for real sites in the round loop
     "tasks/remote.py": ["tests/flows/test_site_proxies.py", "tests/flows/test_site_retries.py"],
     # the round loop every family runs through, and the steps of a round it calls
-    "flows/loop.py": _LOOP_TESTS,
+    "flows/loop.py": [*_LOOP_TESTS, "tests/flows/test_promotion_safety.py"],
     "flows/rounds.py": ["tests/unit/test_progress.py", "tests/unit/test_privacy_plan.py", *_LOOP_TESTS],
     # the protocol half of a securely aggregated round: phases, left-out clients, the threshold
     "flows/secure.py": ["tests/flows/test_secure_steps.py", "tests/flows/test_secure_once.py",
@@ -311,7 +311,8 @@ TARGETS: dict[str, list[str]] = {
                           "tests/flows/test_lost_runs.py", "tests/flows/test_dp_flow.py",
                           "tests/flows/test_secure_dask.py"],
     # the one line bad input gets, and the readers of the data a run starts from
-    "models/data/errors.py": ["tests/unit/test_validation.py", "tests/unit/test_movielens.py",
+    "models/data/errors.py": ["tests/unit/test_error_messages.py",
+                              "tests/unit/test_validation.py", "tests/unit/test_movielens.py",
                               "tests/unit/test_catalogue.py", "tests/unit/test_cli_errors.py",
                               "tests/unit/test_readers_mutants.py",
                               "tests/unit/test_validate_mutants.py",
@@ -320,17 +321,21 @@ TARGETS: dict[str, list[str]] = {
     "models/data/synthetic.py": ["tests/unit/test_synthetic.py", "tests/unit/test_sharding.py",
                                  "tests/unit/test_catalogue.py"],
     # what every family declares, the explicit family's settings, a site's contents
-    "models/federation/family.py": ["tests/unit/test_families.py",
+    "models/federation/family.py": ["tests/unit/test_secure_phases.py",
+                                    "tests/unit/test_families.py",
                                     "tests/unit/test_core_wiring.py"],
     "models/mf/params.py": ["tests/unit/test_recommender.py", "tests/unit/test_model_store.py",
-                            "tests/unit/test_als.py", "tests/unit/test_implicit.py"],
+                            "tests/unit/test_als.py", "tests/unit/test_implicit.py",
+                            "tests/unit/test_core_wiring.py",
+                            "tests/unit/test_mf_federated_mutants.py"],
     "models/sites/contents.py": ["tests/unit/test_site_contents.py"],
     # the stores a run names, the deployment's parameters, the process's threads, the CLI's
     # one-line refusals
-    "fedrec/stores.py": ["tests/unit/test_stores_record.py"],
+    "fedrec/stores.py": ["tests/unit/test_stores_parts.py", "tests/unit/test_stores_record.py"],
     "fedrec/lock_parameters.py": ["tests/unit/test_deployment_check.py"],
     "fedrec/deployment_check.py": ["tests/unit/test_deployment_check.py"],
-    "fedrec/runtime.py": ["tests/unit/test_blas_threads.py"],
+    "fedrec/runtime.py": ["tests/unit/test_freed_memory.py", "tests/unit/test_blas_threads.py",
+                          "tests/unit/test_foreground_flow.py", "tests/flows/test_lost_runs.py"],
     "fedrec/cli_errors.py": ["tests/unit/test_cli_errors.py", "tests/unit/test_private_files.py",
                              "tests/unit/test_deployment_check.py",
                              "tests/unit/test_cli_workspaces.py"],

@@ -363,7 +363,7 @@ def test_a_run_whose_flow_run_crashed_before_registering_is_closed(store):
 
 
 def test_the_candidate_and_the_champion_are_compared_on_the_clients_that_answered_both(
-    store, monkeypatch
+    store, monkeypatch, caplog
 ):
     """A client that answers the candidate's evaluation but not the champion's would have the
     candidate judged on more clients than the champion: two figures of different rows."""
@@ -388,6 +388,12 @@ def test_the_candidate_and_the_champion_are_compared_on_the_clients_that_answere
 
     assert summary["reason"].endswith(
         "(compared on the 1 of 2 clients that answered both evaluations)"
+    )
+    # the run's log says so too, naming the client the champion's evaluation lacks
+    assert any(
+        "compared on the 1 client(s) that answered both evaluations (client-0 answered one only)"
+        in r.getMessage()
+        for r in caplog.records
     )
     compared, champion = summary["compared_metrics"], summary["champion_metrics"]
     assert (compared["system/compared_clients"], compared["system/evaluated_clients"]) == (1, 2)

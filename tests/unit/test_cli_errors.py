@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+
+import pydantic
 import pytest
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+from mlflow.protos.databricks_pb2 import (
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+)
 
-from fedrec.cli_errors import OneLineError, RunFailed, classify
+from fedrec.cli_errors import (
+    NoInputTracebacks,
+    OneLineError,
+    RunFailed,
+    UserError,
+    classify,
+    friendly_errors,
+    hide_input_tracebacks,
+    one_line_config_error,
+)
 from fedrec.local_server import LocalServerError
 from flows.rounds import QuorumError
 from models.data.errors import DataValidationError
@@ -102,3 +118,104 @@ def test_ctrl_c_outside_a_runs_own_handling_is_one_line_and_a_json_error(monkeyp
         "it)",
         "exit_status": 1,
     }
+
+
+def test_a_usage_error_of_fedrec_itself_points_at_fedrecs_help(capsys):
+    from fedrec.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["no-such-command"], prog_name="fedrec")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("(see fedrec --help)")
+
+
+def test_an_errors_details_are_kept_for_the_json_error():
+    assert OneLineError("m", {"run_id": "abc"}).details == {"run_id": "abc"}
+    assert OneLineError("m").details == {}
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "line"),
+    [
+        (MlflowException("bad value", error_code=INVALID_PARAMETER_VALUE), 2, "MLflow: bad value"),
+        (MlflowException("boom\nstack", error_code=INTERNAL_ERROR), 1, "MLflow: boom"),
+        (
+            RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server"),
+            1,
+            "Prefect's temporary API server did not start in time (a busy machine?): run "
+            "`fedrec server start` once",
+        ),
+    ],
+)
+def test_mlflow_and_prefect_errors_are_classed_by_what_they_say(error, status, line):
+    classified = classify(error)
+    assert classified.exit_code == status
+    assert classified.format_message().startswith(line)
+
+
+def test_errors_are_one_line_unless_debug_is_asked_for():
+    def takes_debug(*, debug):
+        raise RuntimeError(f"debug={debug}\nsecond line")
+
+    def plain():
+        raise DataValidationError("bad row", file="r.csv", row=3)
+
+    with pytest.raises(RunFailed, match=r"^RuntimeError: debug=False$"):
+        friendly_errors(takes_debug)()
+    with pytest.raises(RuntimeError, match="debug=True"):
+        friendly_errors(takes_debug)(debug=True)
+    with pytest.raises(UserError, match=r"^r\.csv, row 3: bad row$"):
+        friendly_errors(plain)(debug=False)
+
+
+class _ValidationModel(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    rounds: int = 1
+    rating_scale: tuple[float, float] = (1.0, 5.0)
+
+    @pydantic.model_validator(mode="after")
+    def _not_99(self):
+        if self.rounds == 99:
+            raise ValueError("rounds and rating_scale disagree")
+        return self
+
+
+def _config_error(**values) -> pydantic.ValidationError:
+    with pytest.raises(pydantic.ValidationError) as caught:
+        _ValidationModel(**values)
+    return caught.value
+
+
+def test_a_configuration_error_names_each_key_as_flag_or_file():
+    err = _config_error(rounds=-1.5, rating_scale=(1.0, "x"), rounsd=3)
+    line = one_line_config_error(err, known=["rounds", "rating_scale"])
+    assert line == (
+        "rounds (--rounds): Input should be a valid integer, got a number with a fractional part "
+        "(got -1.5); rating_scale.1 (--rating-scale): Input should be a valid number, unable to "
+        "parse string as a number (got 'x'); rounsd: Extra inputs are not permitted; did you mean "
+        "'rounds'? (got 3)"
+    )
+    named = one_line_config_error(err, files={"rounds": "run.yaml"})
+    assert named.startswith("run.yaml: rounds: Input should be a valid integer")
+    assert "rating_scale.1 (--rating-scale):" in named
+    # an error of the whole configuration names no key
+    assert one_line_config_error(_config_error(rounds=99)) == "rounds and rating_scale disagree"
+
+
+def test_input_errors_lose_their_traceback_in_the_flow_logs_and_others_keep_it():
+    hide_input_tracebacks()
+    hide_input_tracebacks()
+    logger = logging.getLogger("prefect.flow_runs")
+    assert sum(isinstance(f, NoInputTracebacks) for f in logger.filters) == 1
+
+    def record(err):
+        info = None if err is None else (type(err), err, None)
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, "", 0, "m", (), info)
+
+    bad_input, failure, plain = (record(DataValidationError("bad")), record(RuntimeError("x")),
+                                 record(None))  # fmt: skip
+    for r in (bad_input, failure, plain):
+        assert NoInputTracebacks().filter(r)
+    assert bad_input.exc_info is None
+    assert failure.exc_info is not None and failure.exc_info[0] is RuntimeError
+    assert plain.exc_info is None

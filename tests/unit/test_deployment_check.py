@@ -3,15 +3,21 @@ one line naming the file, the deployment and the parameter, before Prefect is re
 
 from __future__ import annotations
 
+import http.server
+import subprocess
+import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from fedrec.cli_errors import ServerDown, UserError
-from fedrec.deployment_check import check_api, check_parameters, main
+from fedrec.deployment_check import check_api, check_parameters, main, schema_refusal
 
-SHIPPED = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "deployments" / "prefect.yaml"
 
 
 def _with(tmp_path: Path, **parameters) -> Path:
@@ -183,3 +189,86 @@ def test_an_api_that_does_not_answer_is_one_line_and_exit_status_1(monkeypatch, 
     assert main(["--api"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("fedrec: error: ") and "`make server`" in line
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/api/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_without_the_variable_the_profiles_api_is_checked(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            assert check_api() == url
+    finally:
+        server.shutdown()
+
+
+def test_every_simulation_parameter_at_once_is_named_as_such(tmp_path):
+    from fedrec.config import TrainingConfig
+
+    names = TrainingConfig.simulation_fields()
+    assert len(names) > 1
+    refusal = schema_refusal(dict.fromkeys(names, 1))
+    assert refusal == (
+        f"{', '.join(sorted(names))}: simulation parameters, for tests and benchmarks; the "
+        "server refuses them"
+    )
+
+
+def test_the_makefiles_command_checks_each_file_it_is_given(tmp_path):
+    bad = _with(tmp_path, rounds=0)
+    command = [sys.executable, "-m", "fedrec.deployment_check"]
+    good = subprocess.run([*command, str(SHIPPED)], capture_output=True, text=True, cwd=REPO)
+    refused = subprocess.run([*command, str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert (good.returncode, good.stderr) == (0, "")
+    assert refused.returncode == 2
+    assert refused.stderr == (
+        f"fedrec: error: invalid configuration: {bad}: deployment 'nightly': parameters: rounds: "
+        "Input should be greater than or equal to 1 (got 0)\n"
+    )
+
+
+def test_the_locked_schema_keeps_a_description_it_was_given_and_the_required_it_allows():
+    from fedrec.lock_parameters import locked_schema
+
+    schema = {
+        "properties": {"rounds": {"type": "integer", "description": "the deployment's own"},
+                       "seed": {"type": "integer"}, "attack": {"type": "string"},
+                       "unknown_to_the_configuration": {"type": "string"}},
+        "required": ["rounds", "attack"],
+    }  # fmt: skip
+    locked = locked_schema(schema)
+
+    assert locked["properties"]["rounds"]["description"] == "the deployment's own"
+    assert locked["properties"]["seed"]["description"]  # the configuration's
+    assert locked["properties"]["unknown_to_the_configuration"] == {"type": "string"}
+    assert locked["required"] == ["rounds"]  # a simulation parameter is not required
+    assert "required" not in locked_schema({"properties": {"seed": {"type": "integer"}}})
+
+
+@pytest.mark.parametrize(
+    ("deployment", "scheduled"),
+    [
+        (None, False),
+        (SimpleNamespace(paused=False, schedules=[SimpleNamespace(active=True)]), True),
+        (SimpleNamespace(paused=True, schedules=[SimpleNamespace(active=True)]), False),
+        (SimpleNamespace(paused=False, schedules=[SimpleNamespace(active=False)]), False),
+        (SimpleNamespace(paused=False, schedules=[]), False),
+    ],
+    ids=["none", "active", "paused", "inactive-schedule", "no-schedule"],
+)
+def test_a_deployment_is_scheduled_only_unpaused_with_an_active_schedule(deployment, scheduled):
+    from fedrec.lock_parameters import _scheduled
+
+    assert _scheduled(deployment) is scheduled

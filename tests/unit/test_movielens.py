@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from models.data.errors import DataValidationError
-from models.data.movielens import read_movielens_1m, read_movielens_100k
+from models.data.movielens import read_movielens_1m, read_movielens_100k, read_movielens_ratings
 from models.data.readers import DATASETS_ENV, datasets_dir, load_dataset
 from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions
 
@@ -321,3 +321,49 @@ def test_load_dataset_synthetic_generates_the_same_options_once() -> None:
     assert again is first
     assert other.source.startswith("synthetic(seed=7,")
     assert not other.frame.equals(first.frame)
+
+
+def test_a_100k_item_file_of_the_wrong_width_names_its_fields(tmp_path: Path) -> None:
+    _write_tiny_100k(tmp_path / "ml")
+    (tmp_path / "ml" / "u.item").write_text("2|Untitled|||http://example.org/a|0|1\n")
+
+    with pytest.raises(DataValidationError) as caught:
+        read_movielens_100k(tmp_path / "ml")
+
+    assert str(caught.value) == (
+        f"{tmp_path / 'ml' / 'u.item'}: has 7 fields per row; allowed: 5 + 19 genre flags "
+        "(from u.genre)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("u1.base", "1\t2\t5\t874724710\n2\t2\t1\t874724711\n1\t3\t4\t874724712\n"),
+        ("ratings.dat", "1::2::5::874724710\n2::2::1::874724711\n1::3::4::874724712\n"),
+    ],
+)
+def test_a_ratings_file_of_either_layout_reads_on_movielens_scale(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    (tmp_path / name).write_text(text)
+
+    data = read_movielens_ratings(tmp_path / name)
+
+    assert data.rating_scale == (1.0, 5.0)
+    assert data.user_ids.tolist() == [1, 2] and data.item_ids.tolist() == [2, 3]
+    assert data.frame[[USER, ITEM, RATING, TIMESTAMP]].to_numpy().tolist() == [
+        [0, 0, 5, 874724710], [1, 0, 1, 874724711], [0, 1, 4, 874724712]]  # fmt: skip
+    assert data.source == str(tmp_path / name)
+
+
+def test_every_movielens_reader_declares_the_one_to_five_scale(tmp_path: Path) -> None:
+    _write_tiny_100k(tmp_path / "a")
+    _write_tiny_1m(tmp_path / "b")
+    assert read_movielens_100k(tmp_path / "a").rating_scale == (1.0, 5.0)
+    assert read_movielens_1m(tmp_path / "b").rating_scale == (1.0, 5.0)
+
+
+def test_a_ratings_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataValidationError, match=r"u9\.base: no such file; allowed: an existing"):
+        read_movielens_ratings(tmp_path / "u9.base")

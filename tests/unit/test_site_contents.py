@@ -1,8 +1,11 @@
 """The words a site's own log gives an answer: read from the bytes sent, the same for a stored
 or a deflated answer, with the dtype the wire carries (float32 when narrowed), never a value."""
 
+import io
+import json
 import os
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -54,3 +57,35 @@ def test_a_secure_step_is_described_by_its_message(compress):
 def test_bytes_that_are_not_an_npz_are_refused():
     with pytest.raises(ValueError, match="not an npz archive"):
         describe_answer(b"not a zip", {})
+
+
+def _with_header(header) -> bytes:
+    raw = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    return encode_arrays({"items": np.arange(3), "header": raw})
+
+
+def test_a_header_names_only_the_parts_it_has():
+    line = describe_answer(_with_header({"client_id": 2, "metrics": {}, "evaluations": {}}), {})
+    assert line == "sent: items int64[3]; fields client_id"
+
+    header = {"metrics": ["sse"], "evaluations": {"test": [], "valid": {}}}
+    line = describe_answer(_with_header(header), {})
+    assert line == "sent: items int64[3]; evaluation test: nothing; evaluation valid: nothing"
+
+
+@pytest.mark.parametrize(
+    "member", [np.zeros(4, np.float32), np.zeros((2, 2), np.uint8)], ids=["float", "2-d"]
+)
+def test_a_json_member_that_is_not_a_row_of_bytes_is_refused(member):
+    with pytest.raises(ValueError, match=r"member 'header\.npy' is .* not uint8 bytes"):
+        describe_answer(encode_arrays({"header": member}), {})
+
+
+def test_an_array_of_npy_format_2_is_described_like_one_of_format_1():
+    stored = io.BytesIO()
+    with zipfile.ZipFile(stored, "w") as archive:
+        for name, version in (("items", (1, 0)), ("counts", (2, 0))):
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.arange(3), version=version)
+            archive.writestr(f"{name}.npy", member.getvalue())
+    assert describe_answer(stored.getvalue(), {}) == "sent: items int64[3], counts int64[3]"

@@ -213,3 +213,38 @@ def test_a_million_interactions_are_distinct_and_complete() -> None:
     assert data.n_users == 20_000
     assert int(data.frame.duplicated([USER, ITEM]).sum()) == 0
     assert np.bincount(data.frame[USER]).min() >= MIN_PER_USER
+
+
+def test_a_bare_call_is_the_documented_default_data(default_data: Interactions) -> None:
+    """The README's figures for the default data (taste 1) come from these settings."""
+    documented = generate_synthetic(n_users=2000, n_items=1000, n_interactions=100_000,
+                                    n_factors=8, rating_scale=(1.0, 5.0), taste=1.0, seed=0)  # fmt: skip
+    pd.testing.assert_frame_equal(default_data.frame, documented.frame)
+
+
+def test_regions_and_genres_are_the_documented_ones(default_data: Interactions) -> None:
+    assert set(default_data.user_features["region"]) == {f"r{r}" for r in range(10)}
+    genres = [c for c in default_data.item_features.columns if c.startswith("genre_")]
+    assert genres == [f"genre_{g}" for g in range(8)]
+
+
+def test_users_join_over_two_years_from_2020_and_rate_about_every_two_days(
+    default_data: Interactions,
+) -> None:
+    frame = default_data.frame
+    start, year = 1_577_836_800, 365 * 86_400  # 2020-01-01 UTC
+    first = frame.groupby(USER)[TIMESTAMP].min()  # a user's join time + a first gap of days
+    assert first.min() >= start
+    assert 0.9 * year < first.median() - start < 1.1 * year  # the middle of the two years
+    assert first.quantile(0.05) - start < 0.15 * year
+
+    gaps = frame.groupby(USER)[TIMESTAMP].diff().dropna() / 86_400
+    per_user = gaps.groupby(frame[USER]).mean()
+    # each user's pace: 2 days x lognormal(0, 1), whose median is 1
+    assert 1.5 < per_user.median() < 2.5
+
+
+def test_popular_items_are_rated_higher(default_data: Interactions) -> None:
+    stats = default_data.frame.groupby(ITEM)[RATING].agg(["mean", "size"])
+    stats = stats[stats["size"] >= 10]
+    assert np.corrcoef(np.log(stats["size"]), stats["mean"])[0, 1] > 0.2
