@@ -538,6 +538,93 @@ def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefec
             client.delete_deployment(deployment_id)
 
 
+def test_a_deployment_reports_to_the_store_in_force_by_its_absolute_path(
+    prefect_server, tmp_path, monkeypatch
+):
+    """A worker runs flows in folders of its own: a relative SQLite path would name another
+    file there. A URI with a password is not written to Prefect, whose UI shows job variables."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    from fedrec.lock_parameters import DEPLOYMENT, pin_store
+    from flows.training import federated_training
+
+    deployment_id = federated_training.to_deployment(name="nightly").apply()
+    try:
+        with get_client(sync_client=True) as client:  # an operator's own variable
+            client.update_deployment(
+                deployment_id, DeploymentUpdate(job_variables={"env": {"KEEP": "1"}})
+            )
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+        pinned = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+        assert pin_store(DEPLOYMENT) == pinned
+        with get_client(sync_client=True) as client:
+            env = client.read_deployment(deployment_id).job_variables["env"]
+        assert env == {"KEEP": "1", "MLFLOW_TRACKING_URI": pinned}
+
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://fedrec:secret@127.0.0.1:9")
+        assert pin_store(DEPLOYMENT) is None
+        with get_client(sync_client=True) as client:
+            assert client.read_deployment(deployment_id).job_variables["env"] == env
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_deployment(deployment_id)
+
+
+def test_make_deploys_last_step_says_where_runs_report_and_warns_for_the_worker_only(
+    prefect_server, tmp_path
+):
+    """``python -m fedrec.lock_parameters [NAME]``, as ``make deploy`` runs it: exit status 0,
+    the store the runs report to (or a warning for one with a password), and the warning about
+    fedrec serve's schedule for the worker deployment only."""
+    import subprocess
+    import sys
+
+    from prefect import get_client
+    from prefect.schedules import Cron
+    from prefect.settings import get_current_settings
+
+    from flows.training import federated_training
+
+    ids = [federated_training.to_deployment(name="nightly").apply(),
+           federated_training.to_deployment(name="other").apply(),
+           federated_training.to_deployment(name="nightly-serve",
+                                            schedules=[Cron("0 2 * * *")]).apply()]  # fmt: skip
+    env = os.environ | {"PREFECT_API_URL": str(get_current_settings().api.url)}
+
+    def deploy(*argv: str, uri: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "fedrec.lock_parameters", *argv], capture_output=True,
+            text=True, env=env | {"MLFLOW_TRACKING_URI": uri}, cwd=Path(__file__).parents[2],
+            timeout=300,
+        )  # fmt: skip
+
+    try:
+        store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        worker = deploy(uri=store)
+        assert worker.returncode == 0, worker.stderr
+        assert worker.stdout.splitlines()[1] == (
+            f"federated-training/nightly: its runs report to MLflow at {store} (whatever the "
+            "worker's environment; set MLFLOW_TRACKING_URI and deploy again to change it)"
+        )
+        assert worker.stderr.startswith(
+            "warning: 'federated-training/nightly-serve' (fedrec serve) is scheduled"
+        )
+        other = deploy("federated-training/other", uri="http://fedrec:secret@127.0.0.1:9")
+        assert other.returncode == 0, other.stderr
+        assert other.stdout.startswith("federated-training/other: refuses parameters")
+        assert other.stderr.splitlines() == [
+            "warning: federated-training/other: MLFLOW_TRACKING_URI holds credentials, so it is "
+            "not written to Prefect: every worker needs it set, or its runs register in the "
+            "worker's own FEDREC_HOME store"
+        ]
+    finally:
+        with get_client(sync_client=True) as client:
+            for deployment_id in ids:
+                client.delete_deployment(deployment_id)
+
+
 def test_a_reader_that_stops_early_ends_recommend_quietly(trained, tmp_path):
     """`fedrec recommend ... | head -1`: the pipe closes while rows are still being written."""
     import subprocess
