@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pydantic
 import pytest
@@ -219,3 +223,47 @@ def test_input_errors_lose_their_traceback_in_the_flow_logs_and_others_keep_it()
     assert bad_input.exc_info is None
     assert failure.exc_info is not None and failure.exc_info[0] is RuntimeError
     assert plain.exc_info is None
+
+
+def test_a_bad_configuration_is_the_users_to_fix():
+    classified = classify(_config_error(rounds="many"))
+    assert isinstance(classified, UserError)
+    assert classified.format_message() == (
+        "invalid configuration: rounds (--rounds): Input should be a valid integer, unable to "
+        "parse string as an integer (got 'many')"
+    )
+
+
+def test_the_command_lines_own_arguments_are_read_and_a_bare_fedrec_is_its_help(
+    monkeypatch, capsys
+):
+    from fedrec.cli import main
+
+    monkeypatch.setattr("sys.argv", ["fedrec", "no-such-command"])
+    with pytest.raises(SystemExit) as stopped:
+        main.main(prog_name="fedrec")
+    assert stopped.value.code == 2
+    assert "No such command 'no-such-command'" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit):
+        main.main(["no-such-command", "--json"], prog_name="fedrec")
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"error": err.strip().removeprefix("fedrec: error: "),
+                               "exit_status": 2}  # fmt: skip
+
+    with pytest.raises(SystemExit) as bare:
+        main.main([], prog_name="fedrec")
+    assert bare.value.code == 0
+    assert capsys.readouterr().out.startswith("Usage: fedrec ")
+
+
+def test_a_reader_that_went_away_ends_the_command_quietly_with_status_141():
+    code = (
+        "from fedrec.cli_errors import friendly_errors\n"
+        "def write():\n"
+        "    raise BrokenPipeError\n"
+        "friendly_errors(write)()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)  # fmt: skip
+    assert (done.returncode, done.stderr) == (141, "")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -248,3 +250,60 @@ def test_popular_items_are_rated_higher(default_data: Interactions) -> None:
     stats = default_data.frame.groupby(ITEM)[RATING].agg(["mean", "size"])
     stats = stats[stats["size"] >= 10]
     assert np.corrcoef(np.log(stats["size"]), stats["mean"])[0, 1] > 0.2
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"n_users": 0}, "n_users=0 is too small; allowed: >= 1"),
+        ({"n_items": 9}, "n_items=9 is too small; allowed: >= 10"),
+        ({"n_users": 10, "n_items": 20, "n_interactions": 49}, "n_interactions=49 is out of range"),
+        ({"rating_scale": (float("nan"), 5.0)}, "rating_scale=(nan, 5.0) is not a valid range"),
+        ({"rating_scale": (1.0, float("inf"))}, "rating_scale=(1.0, inf) is not a valid range"),
+        ({"rating_scale": (5.0, 1.0)}, "rating_scale=(5.0, 1.0) is not a valid range"),
+        ({"taste": 0.0}, "taste=0.0 is not a valid strength; allowed: > 0"),
+        ({"taste": float("inf")}, "taste=inf is not a valid strength"),
+        ({"taste": float("nan")}, "taste=nan is not a valid strength"),
+    ],
+)
+def test_arguments_just_outside_their_range_are_refused(options, expected) -> None:
+    with pytest.raises(DataValidationError, match=f"^{re.escape(expected)}"):
+        generate_synthetic(**options)
+
+
+@pytest.mark.parametrize("n_interactions", [50, 100], ids=["fewest", "most"])
+def test_the_ends_of_the_range_are_drawn_exactly(n_interactions: int) -> None:
+    """5 rows per user at least, half the items per user at most: at either end every user has
+    exactly that many, distinct items."""
+    data = generate_synthetic(n_users=10, n_items=20, n_interactions=n_interactions, seed=2)
+
+    per_user = np.bincount(data.frame[USER], minlength=10)
+    assert per_user.tolist() == [n_interactions // 10] * 10
+    assert int(data.frame.duplicated([USER, ITEM]).sum()) == 0
+    assert data.n_users == 10 and data.n_items <= 20
+
+
+def test_the_source_names_every_setting_and_taste_only_when_it_is_not_the_default() -> None:
+    small = {"n_users": 20, "n_items": 20, "n_interactions": 100}
+    assert generate_synthetic(**small, seed=4).source == (
+        "synthetic(seed=4, n_users=20, n_items=20, n_interactions=100, n_factors=8, "
+        "rating_scale=(1.0, 5.0), side_features=True)"
+    )
+    assert generate_synthetic(**small, taste=6.0, side_features=False).source.endswith(
+        "side_features=False, taste=6.0)"
+    )
+
+
+def test_a_user_rates_items_one_at_a_time() -> None:
+    """Timestamps strictly increase within a user even for the fastest pace: a gap is at least
+    one second."""
+    data = generate_synthetic(n_users=300, n_items=100, n_interactions=15_000, seed=5)
+    frame = data.frame
+    same_user = np.diff(frame[USER].to_numpy()) == 0
+    steps = np.diff(frame[TIMESTAMP].to_numpy())[same_user]
+    assert steps.min() >= 1
+
+
+def test_the_smallest_data_allowed_is_drawn() -> None:
+    data = generate_synthetic(n_users=1, n_items=10, n_interactions=5, n_factors=1, seed=1)
+    assert len(data) == 5 and data.n_users == 1
