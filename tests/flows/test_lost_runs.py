@@ -23,6 +23,36 @@ def _running_run(client, flow_name: str, owner: str | None):
     return run.id
 
 
+def test_a_flow_run_in_the_foreground_records_its_process_and_no_other_does(prefect_server):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    import fedrec.runtime
+    from fedrec.runtime import foreground_flow, record_foreground_process
+
+    @flow(name="records-its-process")
+    def recorded() -> str:
+        record_foreground_process(flow_run.get_id())
+        return flow_run.get_id()
+
+    fedrec.runtime.last_flow_run_id = None
+    background = recorded()  # a worker's or a served run: not a foreground command's
+    assert fedrec.runtime.last_flow_run_id is None
+    with foreground_flow():
+        foreground = recorded()
+        record_foreground_process(None)  # outside a flow run: nothing to record
+    assert fedrec.runtime.last_flow_run_id == foreground
+    with get_client(sync_client=True) as client:
+        owners = {run_id: client.read_flow_run(run_id).infrastructure_pid
+                  for run_id in (background, foreground)}  # fmt: skip
+    me = os.getpid()
+    assert owners == {
+        background: None,
+        foreground: f"fedrec-foreground:{socket.gethostname()}:{me}:{process_start(me)}",
+    }
+
+
 def test_only_runs_whose_foreground_process_is_gone_are_marked_crashed(
     prefect_server, tmp_path, monkeypatch
 ):
