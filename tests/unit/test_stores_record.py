@@ -60,3 +60,20 @@ def test_stores_of_which_one_died_say_which_and_how_to_restart_it(tmp_path, answ
     assert message.startswith(f"stores in {tmp_path / 's'} run in part (prefect down; the others")
     assert f"`fedrec stores stop --dir {tmp_path / 's'}` stops the rest, then start them" in message
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [STATE_FILE]  # nothing started
+
+
+def test_a_record_of_stores_that_all_stopped_is_started_over(tmp_path):
+    """Every process of the record gone (the machine restarted): a start goes ahead on the same
+    folder, here as far as the ports it is given."""
+    from tests.e2e.stores import require_postgres
+
+    require_postgres()
+    folder = tmp_path / "s"
+    folder.mkdir()
+    record = {"prefect_api": "http://127.0.0.1:9/api", "mlflow": "http://127.0.0.1:9",
+              "passfile": str(folder / "pgpass"), "postgres_url": "postgresql://fedrec@127.0.0.1:1",
+              "folder": str(folder), "pids": {"postgres": 1, "prefect": 1, "mlflow": 1},
+              "process_starts": {"postgres": 1}}  # fmt: skip
+    (folder / STATE_FILE).write_text(json.dumps(record))
+    with pytest.raises(StoresError, match=r"^port base 1023: must be in 1024-65533"):
+        start_stores(folder, port_base=1023)
