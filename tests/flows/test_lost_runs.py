@@ -13,14 +13,39 @@ import pytest
 from fedrec.local_server import process_start
 
 
-def _running_run(client, flow_name: str, owner: str | None):
+def _running_run(client, flow_name: str, owner: str | None, parameters: dict | None = None):
     from prefect import flow
     from prefect.states import Running
 
-    run = client.create_flow_run(flow(lambda: None, name=flow_name), state=Running())
+    def body(sites=None):
+        return sites
+
+    run = client.create_flow_run(
+        flow(body, name=flow_name), parameters=parameters or {}, state=Running()
+    )
     if owner is not None:
         client.update_flow_run(run.id, infrastructure_pid=owner)
     return run.id
+
+
+def test_a_lost_run_of_sites_found_in_no_store_is_said_to_be_trained_again(prefect_server):
+    from prefect.client.orchestration import get_client
+
+    from fedrec.runtime import SITES_TRAINED_AGAIN, crash_lost_runs
+
+    victim = subprocess.Popen(["sleep", "60"])
+    owner = f"fedrec-foreground:{socket.gethostname()}:{victim.pid}:{process_start(victim.pid)}"
+    victim.kill()
+    victim.wait()
+    with get_client(sync_client=True) as client:
+        sites = _running_run(client, "lost-sites", owner, {"sites": "sites.yaml"})
+        simulated = _running_run(client, "lost-sites", owner)
+
+        assert len(crash_lost_runs("lost-sites")) == 2
+        messages = {name: client.read_flow_run(run_id).state.message
+                    for name, run_id in (("sites", sites), ("simulated", simulated))}  # fmt: skip
+    assert messages["sites"].endswith(f"; {SITES_TRAINED_AGAIN}")
+    assert "--resume <MLflow run id>" in messages["simulated"]
 
 
 def test_a_flow_run_in_the_foreground_records_its_process_and_no_other_does(prefect_server):

@@ -307,3 +307,21 @@ def test_a_user_rates_items_one_at_a_time() -> None:
 def test_the_smallest_data_allowed_is_drawn() -> None:
     data = generate_synthetic(n_users=1, n_items=10, n_interactions=5, n_factors=1, seed=1)
     assert len(data) == 5 and data.n_users == 1
+
+
+def test_a_region_meets_more_often_the_items_it_rates_above_their_mean(
+    default_data: Interactions,
+) -> None:
+    """Who saw what carries taste: the factors that raise a rating also raise the chance that a
+    user meets the item, so an item's share of a region's rows (against its share of all rows)
+    goes with how much higher that region rates it."""
+    frame = default_data.frame.join(default_data.user_features["region"], on=USER)
+    cells = frame.groupby(["region", ITEM])[RATING].agg(["mean", "size"]).reset_index()
+    overall = frame.groupby(ITEM)[RATING].agg(["mean", "size"])
+    cells = cells.merge(overall, left_on=ITEM, right_index=True, suffixes=("", "_all"))
+    region_rows = frame.groupby("region").size()
+    share = cells["size"] / region_rows.loc[cells["region"]].to_numpy()
+    lift = np.log(share / (cells["size_all"] / len(frame)))
+    above = cells["mean"] - cells["mean_all"]
+    kept = cells["size"] >= 10
+    assert np.corrcoef(lift[kept], above[kept])[0, 1] > 0.3
