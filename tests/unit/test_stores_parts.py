@@ -210,8 +210,16 @@ def test_a_cluster_is_made_once_started_on_loopback_given_its_databases_and_stop
         assert {"prefect", "mlflow"} <= {row[0] for row in databases}
         assert psql(stores, "prefect", "SHOW listen_addresses") == [["127.0.0.1"]]
     finally:
-        cluster.stop(pid, process_start(pid))
-    assert not is_running(pid, None) and cluster.pid() is None
+        # a start that failed before it recorded the postmaster: the cluster is stopped all
+        # the same, found by its own postmaster.pid
+        started = process_start(pid)
+        try:
+            st._stop_started(cluster_folder, cluster, {}, {})
+            still, recorded = is_running(pid, started), cluster.pid()
+        finally:
+            if is_running(pid, started):  # whatever failed, no postmaster is left behind
+                os.kill(pid, signal.SIGKILL)
+    assert not still and recorded is None
 
 
 def test_a_failed_start_stops_what_it_started_and_leaves_no_record(tmp_path):
@@ -240,3 +248,23 @@ def test_a_wrong_cluster_command_fails_with_its_last_line():
     assert st._run([sys.executable, "-c", "print('ok')"], "psql") == "ok\n"
     assert os.geteuid() != 0 or st._as_postgres()[-3:] == ["-u", "postgres", "--"]
     assert os.geteuid() == 0 or st._as_postgres() == []
+
+
+def test_postgresql_is_found_where_both_initdb_and_pg_ctl_are(tmp_path, monkeypatch):
+    """``pg_config --bindir`` naming a folder without pg_ctl (a client-only install) is passed
+    over for Debian's server folder."""
+    require_postgres()
+    client_only = tmp_path / "client" / "bin"
+    client_only.mkdir(parents=True)
+    (client_only / "initdb").write_text("")
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    pg_config = tools / "pg_config"
+    pg_config.write_text(f"#!/bin/sh\necho {client_only}\n")
+    pg_config.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")
+
+    found = st.postgres_bindir()
+    assert found != client_only and (found / "pg_ctl").is_file()
+    (client_only / "pg_ctl").write_text("")
+    assert st.postgres_bindir() == client_only  # pg_config's folder first when it has both
