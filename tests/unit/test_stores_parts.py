@@ -65,7 +65,7 @@ def test_a_logs_reason_is_its_last_error_line_else_its_last_line(tmp_path):
     assert st._log_reason(log) == "ERROR: late"
     log.write_text("starting\nFATAL:  data directory has wrong ownership\nshutting down\n")
     assert st._log_reason(log) == "FATAL:  data directory has wrong ownership"
-    log.write_text("starting\n" + "x" * 400 + "\n")
+    log.write_text("starting\nlistening\n" + "x" * 400 + "\n")
     assert st._log_reason(log) == "x" * 300
 
 
@@ -84,7 +84,7 @@ def test_the_ports_are_free_ones_or_three_from_a_base_that_are_all_free():
     with socket.socket() as probe:  # a base whose three ports are free: those three
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
-    for base in (free, 65533):
+    for base in (free, 1024, 65533):
         if all(st.port_is_free(base + i) for i in range(3)):
             assert st._ports(base) == (base, base + 1, base + 2)
 
@@ -241,7 +241,7 @@ def test_a_failed_start_stops_what_it_started_and_leaves_no_record(tmp_path):
 
 def test_a_wrong_cluster_command_fails_with_its_last_line():
     with pytest.raises(StoresError, match=r"^initdb failed: boom$"):
-        st._run([sys.executable, "-c", "import sys; print('a\\nboom', file=sys.stderr); "
+        st._run([sys.executable, "-c", "import sys; print('a\\nb\\n\\nboom', file=sys.stderr); "
                  "sys.exit(1)"], "initdb")  # fmt: skip
     with pytest.raises(StoresError, match=r"^psql failed: status 4$"):
         st._run([sys.executable, "-c", "raise SystemExit(4)"], "psql")
@@ -268,3 +268,17 @@ def test_postgresql_is_found_where_both_initdb_and_pg_ctl_are(tmp_path, monkeypa
     assert found != client_only and (found / "pg_ctl").is_file()
     (client_only / "pg_ctl").write_text("")
     assert st.postgres_bindir() == client_only  # pg_config's folder first when it has both
+
+
+def test_the_newest_postgresql_of_several_is_taken(tmp_path, monkeypatch):
+    found = []
+    for version in ("9", "15", "13", "extra"):
+        folder = tmp_path / "lib" / "postgresql" / version / "bin"
+        folder.mkdir(parents=True)
+        for tool in ("initdb", "pg_ctl"):
+            (folder / tool).write_text("")
+        found.append(str(folder / "initdb"))
+    monkeypatch.setattr(st.shutil, "which", lambda name: None)  # no pg_config
+    monkeypatch.setattr(st.glob, "glob", lambda pattern: list(found))
+
+    assert st.postgres_bindir() == tmp_path / "lib" / "postgresql" / "15" / "bin"
