@@ -96,6 +96,7 @@ def test_half_step_scale_gives_half_step_ratings() -> None:
     assert ratings.min() >= 0.5
     assert ratings.max() <= 5.0
     assert np.array_equal(ratings * 2, np.round(ratings * 2))
+    assert set(np.arange(1.0, 5.0, 0.5)) <= set(np.unique(ratings))  # whole and half steps
     assert data.rating_scale == (0.5, 5.0)
 
 
@@ -258,6 +259,11 @@ def test_popular_items_are_rated_higher(default_data: Interactions) -> None:
         ({"n_users": 0}, "n_users=0 is too small; allowed: >= 1"),
         ({"n_items": 9}, "n_items=9 is too small; allowed: >= 10"),
         ({"n_users": 10, "n_items": 20, "n_interactions": 49}, "n_interactions=49 is out of range"),
+        # half of 21 items is 10 per user: 101 rows could never be drawn
+        (
+            {"n_users": 10, "n_items": 21, "n_interactions": 101},
+            "n_interactions=101 is out of range",
+        ),
         ({"rating_scale": (float("nan"), 5.0)}, "rating_scale=(nan, 5.0) is not a valid range"),
         ({"rating_scale": (1.0, float("inf"))}, "rating_scale=(1.0, inf) is not a valid range"),
         ({"rating_scale": (5.0, 1.0)}, "rating_scale=(5.0, 1.0) is not a valid range"),
@@ -325,3 +331,12 @@ def test_a_region_meets_more_often_the_items_it_rates_above_their_mean(
     above = cells["mean"] - cells["mean_all"]
     kept = cells["size"] >= 10
     assert np.corrcoef(lift[kept], above[kept])[0, 1] > 0.3
+
+
+def test_a_drawn_pair_is_found_among_the_sorted_ones_at_either_end() -> None:
+    from models.data.synthetic import _contains
+
+    taken = np.array([3, 8, 20, 41])
+    found = _contains(taken, np.array([41, 3, 20, 0, 9, 42]))
+    assert found.tolist() == [True, True, True, False, False, False]
+    assert _contains(np.empty(0, np.int64), np.array([1])).tolist() == [False]
