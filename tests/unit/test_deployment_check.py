@@ -3,10 +3,8 @@ one line naming the file, the deployment and the parameter, before Prefect is re
 
 from __future__ import annotations
 
-import http.server
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +13,7 @@ import yaml
 
 from fedrec.cli_errors import ServerDown, UserError
 from fedrec.deployment_check import check_api, check_parameters, main, schema_refusal
+from tests.health_server import health_server
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "deployments" / "prefect.yaml"
@@ -191,27 +190,12 @@ def test_an_api_that_does_not_answer_is_one_line_and_exit_status_1(monkeypatch, 
     assert line.startswith("fedrec: error: ") and "`make server`" in line
 
 
-class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/api/health" else 404)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 def test_without_the_variable_the_profiles_api_is_checked(monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/api"
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            assert check_api() == url
-    finally:
-        server.shutdown()
+    with health_server() as server, temporary_settings(updates={PREFECT_API_URL: f"{server}/api"}):
+        assert check_api() == f"{server}/api"
 
 
 def test_every_simulation_parameter_at_once_is_named_as_such(tmp_path):

@@ -7,7 +7,6 @@ what is stopped when a start fails. The whole set of stores under a training run
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from fedrec import stores as st
 from fedrec.local_server import is_running, process_start
 from fedrec.stores import STATE_FILE, Stores, StoresError
 from tests.e2e.stores import psql, require_postgres
+from tests.health_server import health_server
 
 
 def _stores(folder: Path, **changes) -> Stores:
@@ -118,21 +117,10 @@ def test_a_process_is_ended_by_sigterm_or_after_its_grace_by_sigkill():
     st._terminate(polite.pid, process_start(polite.pid))  # gone already: nothing to do
 
 
-class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path.endswith("/health") else 404)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def answering():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with health_server() as url:
+        yield url
 
 
 def test_servers_are_waited_for_until_they_answer_die_or_time_out(tmp_path, answering):

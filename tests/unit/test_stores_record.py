@@ -3,33 +3,21 @@ that says what runs and what to do, and nothing started beside them."""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
-import threading
 
 import pytest
 
 from fedrec.local_server import process_start
 from fedrec.stores import STATE_FILE, StoresError, start_stores
-
-
-class _Healthy(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path.endswith("/health") else 404)
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
+from tests.health_server import health_server
 
 
 @pytest.fixture
 def answering():
     """A loopback server whose /health answers 200, as a live Prefect or MLflow server's does."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with health_server() as url:
+        yield url
 
 
 def _record(folder, prefect: str, mlflow: str) -> None:
