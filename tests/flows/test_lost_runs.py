@@ -48,7 +48,9 @@ def test_a_lost_run_of_sites_found_in_no_store_is_said_to_be_trained_again(prefe
     assert "--resume <MLflow run id>" in messages["simulated"]
 
 
-def test_a_flow_run_in_the_foreground_records_its_process_and_no_other_does(prefect_server):
+def test_a_flow_run_in_the_foreground_records_its_process_and_no_other_does(
+    prefect_server, monkeypatch
+):
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
@@ -61,7 +63,7 @@ def test_a_flow_run_in_the_foreground_records_its_process_and_no_other_does(pref
         record_foreground_process(flow_run.get_id())
         return flow_run.get_id()
 
-    fedrec.runtime.last_flow_run_id = None
+    monkeypatch.setattr(fedrec.runtime, "last_flow_run_id", None)
     background = recorded()  # a worker's or a served run: not a foreground command's
     assert fedrec.runtime.last_flow_run_id is None
     with foreground_flow():

@@ -206,7 +206,10 @@ def test_a_configuration_error_names_each_key_as_flag_or_file():
     assert one_line_config_error(_config_error(rounds=99)) == "rounds and rating_scale disagree"
 
 
-def test_input_errors_lose_their_traceback_in_the_flow_logs_and_others_keep_it():
+def test_input_errors_lose_their_traceback_in_the_flow_logs_and_others_keep_it(monkeypatch):
+    for name in ("prefect.task_runs", "prefect.flow_runs"):  # restored after the test
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "filters", list(logger.filters))
     hide_input_tracebacks()
     hide_input_tracebacks()
     logger = logging.getLogger("prefect.flow_runs")
