@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,7 +54,9 @@ def test_a_folder_without_a_record_has_no_stores_and_a_bad_record_is_one_line(tm
     assert st.read_stores(tmp_path) is None
     assert st.stop_stores(tmp_path) is None
     (tmp_path / STATE_FILE).write_text('{"prefect_api": "x"}')
-    with pytest.raises(StoresError, match=rf"^{tmp_path / STATE_FILE}: not a stores record \("):
+    with pytest.raises(
+        StoresError, match=rf"^{re.escape(str(tmp_path / STATE_FILE))}: not a stores record \("
+    ):
         st.read_stores(tmp_path)
 
 
