@@ -198,7 +198,7 @@ def test_without_the_variable_the_profiles_api_is_checked(monkeypatch):
         assert check_api() == f"{server}/api"
 
 
-def test_every_simulation_parameter_at_once_is_named_as_such(tmp_path):
+def test_every_simulation_parameter_at_once_is_named_as_such():
     from fedrec.config import TrainingConfig
 
     names = TrainingConfig.simulation_fields()
@@ -213,8 +213,10 @@ def test_every_simulation_parameter_at_once_is_named_as_such(tmp_path):
 def test_the_makefiles_command_checks_each_file_it_is_given(tmp_path):
     bad = _with(tmp_path, rounds=0)
     command = [sys.executable, "-m", "fedrec.deployment_check"]
-    good = subprocess.run([*command, str(SHIPPED)], capture_output=True, text=True, cwd=REPO)
-    refused = subprocess.run([*command, str(bad)], capture_output=True, text=True, cwd=REPO)
+    good, refused = (
+        subprocess.run([*command, str(path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+        for path in (SHIPPED, bad)
+    )
     assert (good.returncode, good.stderr) == (0, "")
     assert refused.returncode == 2
     assert refused.stderr == (
