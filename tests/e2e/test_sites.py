@@ -5,7 +5,8 @@ Checked: the model equals the in-process reference loop on the same per-site dat
 user id of any site reaches the coordinator's workspace, home, the artifact store or either
 database; a process answering as a site with the wrong key is refused; a site killed mid-run
 is left out by the quorum of a private run, and the same site restarted on its state folder
-rejoins it; a securely aggregated run, one of whose sites names its items by text codes, equals
+rejoins it; a run that samples two of the three sites each round equals the reference loop
+sampling the same way, its resting site evaluating each round; a securely aggregated run, one of whose sites names its items by text codes, equals
 the same reference; a run without DP is refused before it starts by sites that answer only
 private runs, and under DP each site that pins its peers' keys counts its masked answers at the
 full noise.
@@ -252,9 +253,16 @@ def _summary(process: subprocess.Popen, stderr_path: Path, timeout: float = 600)
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _reference_state(fed: Federation, rounds: int, files: dict[str, str] | None = None):
+def _reference_run(
+    fed: Federation,
+    rounds: int,
+    files: dict[str, str] | None = None,
+    *,
+    client_fraction: float = 1.0,
+    eval_splits: tuple[str, ...] = (),
+):
     """The reference loop in one process over the same per-site rows (``ratings.csv``, or the
-    site's file in ``files``) and split."""
+    site's file in ``files``) and split: the family, its final state and each step's metrics."""
     from fedrec.config import TrainingConfig
     from fedrec.sites.process import load_site_data
     from models.federation.loop import run_family
@@ -288,9 +296,20 @@ def _reference_state(fed: Federation, rounds: int, files: dict[str, str] | None 
         for i, d in enumerate(data)
     ]
     family = ExplicitMF(config.mf_config())
-    state, _ = run_family(
-        family, clients, len(catalogue), rounds=rounds, seed=config.seed, eval_splits=()
+    state, history = run_family(
+        family,
+        clients,
+        len(catalogue),
+        rounds=rounds,
+        seed=config.seed,
+        client_fraction=client_fraction,
+        eval_splits=eval_splits,
     )
+    return family, state, history
+
+
+def _reference_state(fed: Federation, rounds: int, files: dict[str, str] | None = None):
+    family, state, _ = _reference_run(fed, rounds, files)
     return family, state
 
 
@@ -377,6 +396,55 @@ def test_sites_train_the_simulated_model_refuse_a_wrong_key_and_keep_their_rows(
     assert _files_holding(searched, needles) == []
     # the search can fail: the sites' own folders do hold their users
     assert _files_holding([fed.root / "sites" / "shop-b"], needles[:90])
+
+
+def test_a_sampled_sites_run_equals_the_reference_loop_and_its_resting_site_evaluates(
+    federation,
+):
+    """Two of the three sites train each round; the one sitting a round out is sent an
+    evaluation-only request for the model of the round before, so every round's validation
+    figure is every site's, as in the reference loop that samples the same way."""
+    from mlflow.tracking import MlflowClient
+
+    from fedrec.config import TrainingConfig
+    from models.federation.sampling import sample_clients
+    from tasks.server import latest_checkpoint
+
+    fed = federation
+    rounds, fraction = 3, 0.5  # ceil(0.5 * 3) = 2 sites a round
+    before = {name: len(fed.log(name)) for name in SITES}
+    stderr = fed.root / "train-sampled.err"
+    coordinator = fed.train("ws-sampled", rounds, stderr, "--client-fraction", str(fraction))
+    summary = _summary(coordinator, stderr)
+
+    family, expected, history = _reference_run(
+        fed, rounds, client_fraction=fraction, eval_splits=("valid",)
+    )
+    got, progress = latest_checkpoint.fn(
+        family=family, folder=summary["workspace"] + "/checkpoints"
+    )
+    assert progress.step == rounds
+    np.testing.assert_allclose(got.params.factors, expected.params.factors, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(got.params.bias, expected.params.bias, rtol=0, atol=1e-8)
+    client = MlflowClient(tracking_uri=fed.stores.mlflow_uri)
+    for key in ("valid/rmse", "system/clients"):
+        logged = {m.step: m.value for m in client.get_metric_history(summary["run_id"], key)}
+        reference = {int(h["step"]): h[key] for h in history}
+        assert logged.keys() == reference.keys(), (key, logged, reference)
+        for step, value in reference.items():
+            assert logged[step] == pytest.approx(value, rel=0, abs=1e-9), (key, step)
+    assert {h["system/clients"] for h in history} == {2.0}
+
+    # each round's resting site answered the evaluation of the round before, named after it;
+    # a trained site's evaluation rode on its training request
+    seed = TrainingConfig().seed
+    for step in range(2, rounds + 1):
+        chosen = set(sample_clients(len(SITES), fraction, seed, step).tolist())
+        for index, name in enumerate(SITES):
+            answered = f"answered evaluate round-{step - 1}" in fed.log(name)[before[name] :]
+            assert answered == (index not in chosen), (step, name, chosen)
+    for name in SITES:
+        assert f"answered evaluate round-{rounds}" in fed.log(name)[before[name] :]
 
 
 def test_an_interrupted_coordinator_names_a_site_never_started_and_does_not_wait_for_it(
