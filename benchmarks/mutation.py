@@ -339,6 +339,20 @@ TARGETS: dict[str, list[str]] = {
     "fedrec/cli_errors.py": ["tests/unit/test_cli_errors.py", "tests/unit/test_private_files.py",
                              "tests/unit/test_deployment_check.py",
                              "tests/unit/test_cli_workspaces.py"],
+    # the readers' parse errors, fault injection, the run's Prefect artifacts, the command
+    # line's shared flags and its budget, stores and workspaces groups
+    "models/data/tables.py": ["tests/unit/test_validation.py", "tests/unit/test_movielens.py",
+                              "tests/unit/test_recommenders_mutants.py",
+                              "tests/unit/test_error_messages.py"],
+    "tasks/faults.py": ["tests/unit/test_config_bounds.py", "tests/flows/test_reliability.py"],
+    "tasks/reporting.py": ["tests/flows/test_training_flow.py", "tests/flows/test_lost_runs.py"],
+    "fedrec/config_flags.py": ["tests/unit/test_cli_fast.py", "tests/unit/test_readme_flags.py",
+                               "tests/unit/test_cli_errors.py"],
+    "fedrec/cli_budget.py": ["tests/unit/test_cli_fast.py", "tests/unit/test_private_files.py",
+                             "tests/unit/test_site_budget.py"],
+    "fedrec/cli_stores.py": ["tests/unit/test_cli_fast.py", "tests/unit/test_stores_record.py"],
+    "fedrec/cli_workspaces.py": ["tests/unit/test_cli_workspaces.py",
+                                 "tests/unit/test_cli_fast.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
