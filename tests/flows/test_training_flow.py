@@ -72,10 +72,43 @@ def test_the_round_table_in_prefect_is_the_runs_metric_history(store, first_run)
     assert [row["round"] for row in rows] == list(range(1, ROUNDS + 1))
     for key in ("train/rmse", "valid/rmse", "valid/ndcg_at_10"):
         history = client.get_metric_history(run.info.run_id, key)
-        assert [row[key] for row in rows] == pytest.approx([m.value for m in history], abs=1e-5)
+        assert [row[key] for row in rows] == [round(m.value, 5) for m in history]
         # each round's row is stamped when the run logged it (ms since the epoch, as MLflow's
         # charts against time and the run's own start and end read it)
         assert all(run.info.start_time <= m.timestamp <= run.info.end_time for m in history), key
+
+
+def test_the_summary_in_prefect_names_the_version_and_lists_the_final_metrics(store, first_run):
+    """The flow run's markdown artifact: the MLflow run, the registered version, the promotion
+    decision and every final metric to four decimals, but the per-client 10th percentiles."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    run = store["client"].get_run(first_run["run_id"])
+    wanted = ArtifactFilter(
+        key=ArtifactFilterKey(any_=["fedrec-summary"]),
+        flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(run.data.tags["prefect.flow_run_id"])]),
+    )
+    with get_client(sync_client=True) as prefect:
+        (summary,) = prefect.read_artifacts(artifact_filter=wanted)
+    lines = summary.data.splitlines()
+    assert f"- MLflow run: `{first_run['run_id']}` ({store['uri']})" in lines
+    assert f"- model: `flowtest` version {first_run['model_version']}" in lines
+    assert any(line.startswith("- promoted to champion: **True**: ") for line in lines), lines
+    metrics = first_run["metrics"]
+    assert any("client_p10" in key for key in metrics)  # logged, left out of the summary
+    rows = [line for line in lines[lines.index("|---|---|") + 1 :] if line.startswith("| ")]
+    assert rows == [
+        f"| {key} | {value:.4f} |"
+        for key, value in sorted(metrics.items())
+        if "client_p10" not in key
+    ]
 
 
 def _versions(store, name: str) -> set[int]:

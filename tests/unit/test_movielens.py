@@ -367,3 +367,16 @@ def test_every_movielens_reader_declares_the_one_to_five_scale(tmp_path: Path) -
 def test_a_ratings_file_that_is_not_there_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataValidationError, match=r"u9\.base: no such file; allowed: an existing"):
         read_movielens_ratings(tmp_path / "u9.base")
+
+
+def test_a_ragged_line_of_a_headerless_ratings_file_is_named_by_its_line(tmp_path: Path) -> None:
+    """MovieLens files have no header: the row an error names is the file's line."""
+    path = tmp_path / "u1.base"
+    path.write_text("1\t2\t5\t874724710\n2\t2\t1\t874724711\n1\t3\t4\t874724712\t9\n")
+
+    with pytest.raises(DataValidationError) as caught:
+        read_movielens_ratings(path)
+
+    assert str(caught.value) == (
+        f"{path}, row 3: has 5 fields (line 3 of the file); allowed: 4 fields, as in the first row"
+    )
