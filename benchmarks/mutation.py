@@ -350,7 +350,8 @@ TARGETS: dict[str, list[str]] = {
     "fedrec/config_flags.py": ["tests/unit/test_cli_fast.py", "tests/unit/test_readme_flags.py",
                                "tests/unit/test_cli_errors.py"],
     "fedrec/cli_budget.py": ["tests/flows/test_ledger_flow.py"],
-    "fedrec/cli_stores.py": ["tests/unit/test_cli_fast.py", "tests/unit/test_stores_record.py"],
+    "fedrec/cli_stores.py": ["tests/unit/test_cli_stores.py", "tests/unit/test_cli_fast.py",
+                             "tests/unit/test_stores_record.py"],
     "fedrec/cli_workspaces.py": ["tests/unit/test_cli_workspaces.py",
                                  "tests/unit/test_cli_fast.py"],
 }  # fmt: skip
