@@ -233,3 +233,21 @@ def test_a_workspace_whose_run_is_gone_from_its_store_offers_no_resume(tmp_path,
             "its MLflow run is gone from its store (deleted): nothing to resume; "
             f"fedrec workspaces --remove {run_id} frees it"
         ), line
+
+
+def test_prune_takes_an_age_below_a_day_and_refuses_a_negative_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path))
+    root = tmp_path / "workspaces"
+    day_old = _workspace(root, "run-day", days_old=1)
+    hours_old = _workspace(root, "run-hours", days_old=0.1)
+    runner = CliRunner()
+
+    pruned = runner.invoke(main, ["workspaces", "--prune", "--older-than", "0.5"])
+    assert pruned.exit_code == 0, pruned.output
+    assert not day_old.exists() and hours_old.exists()
+    assert any(line.startswith("run-day") and line.endswith("removed") for line in
+               pruned.output.splitlines()), pruned.output  # fmt: skip
+
+    negative = runner.invoke(main, ["workspaces", "--prune", "--older-than", "-1"])
+    assert negative.exit_code == 2 and "Invalid value for '--older-than'" in negative.output
+    assert hours_old.exists()

@@ -1,0 +1,37 @@
+"""`fedrec budget`'s text report: the tightest groups listed, the rest counted (``--json`` lists
+them all). The report itself, read from a real ledger, is tested in test_ledger_flow.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedrec.cli_budget import GROUPS_SHOWN, _show
+
+
+def _report(n_groups: int) -> dict:
+    groups = [
+        {"users": 10 + g, "epsilon": 1.0 + g, "delta": 1e-6, "runs": 1, "cap_epsilon": 10.0,
+         "cap_delta": 1e-5, "epsilon_left": 9.0 - g, "delta_left": 9e-6}
+        for g in range(n_groups)
+    ]  # fmt: skip
+    return {"ledger_entries": 1, "store_exists": True, "tracking_uri": "sqlite:///m.db",
+            "groups": groups, "users": sum(g["users"] for g in groups), "source": "r.csv",
+            "run": None}  # fmt: skip
+
+
+@pytest.mark.parametrize("n_groups", [1, 5, 6, 9])
+def test_the_five_tightest_groups_are_listed_and_the_rest_counted(capsys, n_groups):
+    _show(_report(n_groups))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "privacy ledger of sqlite:///m.db: 1 entry"
+    listed = [line for line in lines if line.startswith("  ") and "users:" in line]
+    assert GROUPS_SHOWN == 5
+    assert listed[0] == (
+        "  10 users: spent epsilon 1 of 10 and delta 1e-06 of 1e-05 in 1 private run; left: "
+        "epsilon 9, delta 9e-06"
+    )
+    assert len(listed) == min(n_groups, 5)
+    more = [line for line in lines if line.startswith("  ... ")]
+    expected = [f"  ... {n_groups - 5} more groups with more left (--json)"] if n_groups > 5 else []
+    assert more == expected
+    assert lines[-1] == "with --dp-epsilon E: whether that run would start"
