@@ -35,3 +35,28 @@ def test_the_five_tightest_groups_are_listed_and_the_rest_counted(capsys, n_grou
     expected = [f"  ... {n_groups - 5} more groups with more left (--json)"] if n_groups > 5 else []
     assert more == expected
     assert lines[-1] == "with --dp-epsilon E: whether that run would start"
+
+
+def test_what_is_left_is_the_cap_less_the_spending_and_never_below_zero():
+    from fedrec.cli_budget import _group
+    from models.privacy.ledger import Balance, Cap
+
+    left = _group(3, Balance(epsilon=7.5, delta=4e-6, cap=Cap(8.0, 1e-5), spends=2))
+    assert (left["epsilon_left"], left["delta_left"]) == (0.5, pytest.approx(6e-6, rel=1e-12))
+    # spent past the cap (entries written before caps were stored): nothing left, not negative
+    over = _group(3, Balance(epsilon=9.0, delta=2e-5, cap=Cap(8.0, 1e-5), spends=3))
+    assert (over["epsilon_left"], over["delta_left"]) == (0.0, 0.0)
+    new = _group(4, Balance(epsilon=0.0, delta=0.0, cap=None, spends=0))
+    assert (new["cap_epsilon"], new["epsilon_left"], new["delta_left"]) == (None, None, None)
+
+
+@pytest.mark.parametrize(("refused", "verdict"), [(None, "would start"),
+                                                  ("over the cap", "would be refused")])  # fmt: skip
+def test_the_asked_run_gets_the_verdict_the_run_itself_would(capsys, refused, verdict):
+    report = _report(1) | {
+        "run": {"epsilon": 2.0, "delta": 1e-6, "refused": refused, "stores_caps": [],
+                "warning": None}
+    }  # fmt: skip
+    _show(report)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == f"a private run of epsilon 2, delta 1e-06: {verdict}"
