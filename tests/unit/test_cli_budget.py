@@ -60,3 +60,19 @@ def test_the_asked_run_gets_the_verdict_the_run_itself_would(capsys, refused, ve
     _show(report)
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == f"a private run of epsilon 2, delta 1e-06: {verdict}"
+
+
+def test_counts_of_one_are_singular(capsys):
+    one = _report(1)
+    one["groups"][0] |= {"users": 1, "runs": 1}
+    _show(one)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(": 1 entry")
+    assert lines[2].startswith("  1 user: ") and lines[2].endswith(" in 1 private run; left: "
+                                                                   "epsilon 9, delta 9e-06")  # fmt: skip
+    many = _report(1) | {"ledger_entries": 2}
+    many["groups"][0] |= {"users": 2, "runs": 2}
+    _show(many)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(": 2 entries")
+    assert lines[2].startswith("  2 users: ") and " in 2 private runs; " in lines[2]
