@@ -53,13 +53,22 @@ def test_what_is_left_is_the_cap_less_the_spending_and_never_below_zero():
 @pytest.mark.parametrize(("refused", "verdict"), [(None, "would start"),
                                                   ("over the cap", "would be refused")])  # fmt: skip
 def test_the_asked_run_gets_the_verdict_the_run_itself_would(capsys, refused, verdict):
+    caps = [
+        {"users": 1, "epsilon": 2.0, "delta": 1e-6},
+        {"users": 3, "epsilon": 4.0, "delta": 1e-6},
+    ]
     report = _report(1) | {
-        "run": {"epsilon": 2.0, "delta": 1e-6, "refused": refused, "stores_caps": [],
+        "run": {"epsilon": 2.0, "delta": 1e-6, "refused": refused, "stores_caps": caps,
                 "warning": None}
     }  # fmt: skip
     _show(report)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[-1] == f"a private run of epsilon 2, delta 1e-06: {verdict}"
+    assert lines[-3:] == [
+        f"a private run of epsilon 2, delta 1e-06: {verdict}",
+        "  and store the cap of 1 user without one: epsilon 2, delta 1e-06 (this run alone: "
+        "--dp-budget E allows more)",
+        "  and store the cap of 3 users without one: epsilon 4, delta 1e-06",
+    ]
 
 
 def test_counts_of_one_are_singular(capsys):
