@@ -6,10 +6,10 @@ user id of any site reaches the coordinator's workspace, home, the artifact stor
 database; a process answering as a site with the wrong key is refused; a site killed mid-run
 is left out by the quorum of a private run, and the same site restarted on its state folder
 rejoins it; a run that samples two of the three sites each round equals the reference loop
-sampling the same way, its resting site evaluating each round; a securely aggregated run, one of whose sites names its items by text codes, equals
-the same reference; a run without DP is refused before it starts by sites that answer only
-private runs, and under DP each site that pins its peers' keys counts its masked answers at the
-full noise.
+sampling the same way, its resting site evaluating each round; a securely aggregated run, one
+of whose sites names its items by text codes, equals the same reference; a run without DP is
+refused before it starts by sites that answer only private runs, and under DP each site that
+pins its peers' keys counts its masked answers at the full noise.
 """
 
 from __future__ import annotations
