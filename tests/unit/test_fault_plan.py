@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -11,8 +13,10 @@ from tasks.faults import FaultPlan, InjectedFault
 
 @pytest.fixture
 def slept(monkeypatch) -> list[float]:
+    """The plan's sleeps, recorded: the module's own ``time`` is replaced, not ``time.sleep``,
+    which every thread of the test process (Prefect's, MLflow's) calls too."""
     calls: list[float] = []
-    monkeypatch.setattr(tasks.faults.time, "sleep", calls.append)
+    monkeypatch.setattr(tasks.faults, "time", SimpleNamespace(sleep=calls.append))
     return calls
 
 
