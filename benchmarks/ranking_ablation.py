@@ -23,7 +23,13 @@ Feature groups added to :data:`~models.ranking.features.FEATURES` (each from tra
 - ``admm``: ADMM SLIM's score, rank and z-score (``--admm-*``); it and EASE 800 are also scored
   as single models over the full catalogue (``single_models`` in the JSON);
 - ``profile``: the candidate's popularity and year standardised over the user's history, the
-  user's means, the overlap of its genres with the user's genre distribution.
+  user's means, the overlap of its genres with the user's genre distribution;
+- ``gfcf``: GF-CF (Shen et al., CIKM 2021): the degree-normalised item-item filter
+  ``R~^T R~`` (``R~ = D_u^-1/2 R D_i^-1/2``) plus ``--gfcf-alpha`` times the ideal low-pass
+  filter of its top ``--gfcf-k`` eigenvectors; score, rank and z-score of the whole filter and
+  of the low-pass part alone, both also scored as single models. It needs the co-occurrences
+  weighted by each user's inverse history length and the item counts, sums the clients can
+  send as they send ``X^T X``.
 
 Label sets: ``pseudo`` trains the ranker on pseudo-validation queries only (``--pseudo-fraction``
 of each user's training rows held out, ALS, kNN and EASE refitted on the rest, candidates built
@@ -409,6 +415,25 @@ def admm_features(t: Training, frames: list[pd.DataFrame], args: argparse.Namesp
     return t.gather(frames, {"admm": scores})
 
 
+def gfcf_features(t: Training, frames: list[pd.DataFrame], args: argparse.Namespace) -> list[dict]:
+    started = time.perf_counter()
+    user_degree = np.maximum(np.asarray(t.x.sum(axis=1)).ravel(), 1.0)
+    item_degree = np.maximum(np.asarray(t.x.sum(axis=0)).ravel(), 1.0)
+    # R~^T R~ = D_i^-1/2 (sum over users of x_u x_u^T / d_u) D_i^-1/2
+    weighted = (t.x.T @ sparse.diags(1.0 / user_degree) @ t.x).toarray()
+    scale = item_degree**-0.5
+    normalised = weighted * scale[:, None] * scale[None, :]
+    _, vectors = np.linalg.eigh(normalised)  # ascending eigenvalues
+    top = vectors[:, -args.gfcf_k :]
+    low_pass = (scale[:, None] * top) @ (top.T / scale[None, :])
+    x = t.x.toarray()
+    linear, ideal = x @ normalised, x @ low_pass
+    scores = {"gfcf": linear + args.gfcf_alpha * ideal, "gfcf_lp": ideal}
+    print(f"GF-CF: {time.perf_counter() - started:.0f} s", flush=True)
+    t.single |= scores
+    return t.gather(frames, scores)
+
+
 def profile_features(t: Training, frames: list[pd.DataFrame]) -> list[dict]:
     """The candidate against the user's taste profile: its popularity and year standardised over
     the user's history, and the ALS-free genre overlap with the user's genre distribution."""
@@ -600,6 +625,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, dict]:
         "ratings": lambda f: rating_features(t, f),
         "admm": lambda f: admm_features(t, f, args),
         "profile": lambda f: profile_features(t, f),
+        "gfcf": lambda f: gfcf_features(t, f, args),
     }
     for name in args.sets:
         if name in builders:
@@ -658,8 +684,10 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["base", "time", "seq", "more", "ratings"],
-                        choices=["base", "time", "seq", "more", "ratings", "admm", "profile", "pseudo",
-                                 "pseudo_valid"])  # fmt: skip
+                        choices=["base", "time", "seq", "more", "ratings", "admm", "profile", "gfcf",
+                                 "pseudo", "pseudo_valid"])  # fmt: skip
+    parser.add_argument("--gfcf-k", type=int, default=256, help="eigenvectors of `gfcf`'s low pass")
+    parser.add_argument("--gfcf-alpha", type=float, default=0.3, help="weight of the low pass")
     parser.add_argument(
         "--slim-iterations", type=int, default=0,
         help="ADMM SLIM (models/ranking/slim.py) as a retrieval model: candidates and slim_* "
