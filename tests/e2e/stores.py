@@ -10,6 +10,7 @@ set-up (``.ci/run``) installs Debian's ``postgresql``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -19,10 +20,28 @@ from pathlib import Path
 
 import pytest
 
-from fedrec.stores import Stores, StoresError, postgres_bindir, start_stores, stop_stores
+from fedrec.local_server import process_start
+from fedrec.stores import (
+    STATE_FILE,
+    Stores,
+    StoresError,
+    postgres_bindir,
+    start_stores,
+    stop_stores,
+)
 
 # A cold start migrates both databases: ~12 s on a quiet 2-core machine, minutes under load.
 START_TIMEOUT = 300.0
+
+
+def write_stores_record(folder: Path, *, prefect: str, mlflow: str, pids: dict[str, int]) -> None:
+    """A ``stores.json`` in ``folder`` naming servers at ``prefect`` (its API under ``/api``) and
+    ``mlflow``, with the given process ids (each with its start time, None when it is gone)."""
+    folder.mkdir(exist_ok=True)
+    record = {"prefect_api": f"{prefect}/api", "mlflow": mlflow, "passfile": str(folder / "pgpass"),
+              "postgres_url": "postgresql://fedrec@127.0.0.1:1", "folder": str(folder),
+              "pids": pids, "process_starts": {n: process_start(p) for n, p in pids.items()}}  # fmt: skip
+    (folder / STATE_FILE).write_text(json.dumps(record))
 
 
 def require_postgres() -> Path:

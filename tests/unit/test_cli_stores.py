@@ -4,28 +4,18 @@ processes; a real cluster's life is in test_stores_parts.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from fedrec.cli import main
-from fedrec.local_server import process_start
 from fedrec.stores import STATE_FILE
+from tests.e2e.stores import write_stores_record
 from tests.health_server import health_server
 
 DEAD = "http://127.0.0.1:9"  # the discard port: nothing answers there
-
-
-def _record(folder: Path, *, prefect: str, mlflow: str, pids: dict[str, int]) -> None:
-    folder.mkdir(exist_ok=True)
-    record = {"prefect_api": f"{prefect}/api", "mlflow": mlflow, "passfile": str(folder / "pgpass"),
-              "postgres_url": "postgresql://fedrec@127.0.0.1:1", "folder": str(folder),
-              "pids": pids, "process_starts": {n: process_start(p) for n, p in pids.items()}}  # fmt: skip
-    (folder / STATE_FILE).write_text(json.dumps(record))
 
 
 def _stores(*args: str):
@@ -40,7 +30,9 @@ def test_status_without_a_record_says_so_and_fails(tmp_path):
 def test_status_lists_each_service_and_succeeds_only_when_all_answer(tmp_path):
     me = os.getpid()  # the "postmaster": a process that runs
     with health_server() as up:
-        _record(tmp_path, prefect=up, mlflow=up, pids={"postgres": me, "prefect": 2, "mlflow": 3})
+        write_stores_record(
+            tmp_path, prefect=up, mlflow=up, pids={"postgres": me, "prefect": 2, "mlflow": 3}
+        )
         done = _stores("status", "--dir", str(tmp_path))
         assert done.exit_code == 0, done.output
         assert done.output.splitlines() == [
@@ -48,7 +40,9 @@ def test_status_lists_each_service_and_succeeds_only_when_all_answer(tmp_path):
             f"prefect   up    pid 2  {up}/api",
             f"mlflow    up    pid 3  {up}",
         ]
-        _record(tmp_path, prefect=DEAD, mlflow=up, pids={"postgres": me, "prefect": 2, "mlflow": 3})
+        write_stores_record(
+            tmp_path, prefect=DEAD, mlflow=up, pids={"postgres": me, "prefect": 2, "mlflow": 3}
+        )
         done = _stores("status", "--dir", str(tmp_path))
     assert done.exit_code == 1
     assert done.output.splitlines()[1] == f"prefect   DOWN  pid 2  {DEAD}/api"
@@ -69,7 +63,7 @@ def test_stop_ends_the_recorded_servers_and_removes_the_record(tmp_path):
     try:
         # no postmaster recorded (nor a postmaster.pid): nothing of PostgreSQL's is signalled
         pids = {"prefect": servers[0].pid, "mlflow": servers[1].pid}
-        _record(tmp_path, prefect=DEAD, mlflow=DEAD, pids=pids)
+        write_stores_record(tmp_path, prefect=DEAD, mlflow=DEAD, pids=pids)
         done = _stores("stop", "--dir", str(tmp_path))
         assert done.exit_code == 0, done.output
         assert done.output == (
@@ -99,7 +93,7 @@ def test_start_bounds_its_ports_and_timeout_and_refuses_stores_that_run(tmp_path
     """Within the bounds, the start reaches the record of stores that run and refuses in one
     line; outside them, a usage error names the flag."""
     with health_server() as up:
-        _record(tmp_path, prefect=up, mlflow=up, pids={"postgres": os.getpid()})
+        write_stores_record(tmp_path, prefect=up, mlflow=up, pids={"postgres": os.getpid()})
         done = _stores("start", "--dir", str(tmp_path), *flags)
     assert done.exit_code == 2
     if accepted:

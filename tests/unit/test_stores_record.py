@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from fedrec.local_server import process_start
 from fedrec.stores import STATE_FILE, StoresError, start_stores
+from tests.e2e.stores import write_stores_record
 from tests.health_server import health_server
 
 
@@ -23,12 +23,8 @@ def answering():
 def _record(folder, prefect: str, mlflow: str) -> None:
     """The record of stores whose postmaster is this process (it runs) and whose servers are
     ``prefect`` and ``mlflow``."""
-    folder.mkdir(exist_ok=True)
-    record = {"prefect_api": f"{prefect}/api", "mlflow": mlflow, "passfile": str(folder / "pgpass"),
-              "postgres_url": "postgresql://fedrec@127.0.0.1:1", "folder": str(folder),
-              "pids": {"postgres": os.getpid(), "prefect": 1, "mlflow": 1},
-              "process_starts": {"postgres": process_start(os.getpid())}}  # fmt: skip
-    (folder / STATE_FILE).write_text(json.dumps(record))
+    write_stores_record(folder, prefect=prefect, mlflow=mlflow,
+                        pids={"postgres": os.getpid(), "prefect": 1, "mlflow": 1})  # fmt: skip
 
 
 def test_stores_that_run_are_not_started_twice(tmp_path, answering):
