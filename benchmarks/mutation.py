@@ -355,6 +355,7 @@ TARGETS: dict[str, list[str]] = {
                              "tests/unit/test_stores_record.py"],
     "fedrec/cli_workspaces.py": ["tests/unit/test_cli_workspaces.py",
                                  "tests/unit/test_cli_fast.py"],
+    "fedrec/sites/cli.py": ["tests/unit/test_site_cli.py", "tests/unit/test_cli_fast.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves
 DESELECT = "not trades"
