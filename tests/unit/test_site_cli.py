@@ -179,3 +179,14 @@ def test_site_prune_counts_in_days_and_says_how_many_it_removed(tmp_path):
     assert (nothing.exit_code, nothing.output.strip()) == (
         0, f"removed 0 kept answers of 0 runs (0.0 MB), older than 0.5 days, from {folder}"
     )  # fmt: skip
+
+
+def test_site_prune_cuts_at_whole_days_to_the_second(tmp_path):
+    state = tmp_path / "state"
+    seconds = 1 / 86400
+    files = _kept_answers(state, [10 + 6 * seconds, 10 - 6 * seconds])
+
+    done = _invoke(["site", "prune", "--state-dir", str(state), "--older-than", "10"])
+
+    assert done.exit_code == 0, done.output
+    assert [f.exists() for f in files] == [False, True]
