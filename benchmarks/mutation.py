@@ -881,6 +881,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="a previous result: leave out the mutants it tried")  # fmt: skip
     parser.add_argument("--deselect", action="append", default=[],
                         help="a test node id to leave out (one broken at HEAD for other reasons)")  # fmt: skip
+    parser.add_argument("--markers", default=FILTERS[1],
+                        help="the tests' marker expression (`not realdata` takes the slow ones "
+                        "too: a module whose every start of a server is in a slow test)")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS / "mutation.json"))
     parser.add_argument("--no-fork", action="store_true",
                         help="a fresh python per test run instead of forking a preloaded one")  # fmt: skip
@@ -891,6 +894,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    FILTERS[1] = args.markers
     FILTERS.extend(f"--deselect={node}" for node in args.deselect)
     recheck = None
     if args.recheck:
