@@ -37,7 +37,8 @@ the same way; the real validation and test rows stay unlabelled candidates), ``p
 those and the validation queries of the training folds. ``--slim-iterations N`` builds every set's
 candidates with ADMM SLIM in the retrieval stage (:mod:`models.ranking.slim`, its ``slim_*``
 features). Each set other than ``base`` reports its mean per-user difference from ``base`` and
-that difference's standard error; ``--per-user`` writes the per-user figures for other pairings.
+that difference's standard error; ``--combine`` adds one more set, ``combined``, of the
+named sets' features together (do the small gains add up?); ``--per-user`` writes the per-user figures for other pairings.
 ``--variants`` trains the ranker other ways on the base features (graded labels from the
 validation row's rating, monotone constraints, DART, linear trees, LambdaRank on graded labels),
 each with every ``--lgb-seeds`` seed on the same folds, against the base ranker with the same
@@ -48,6 +49,8 @@ seeds: the seed alone moves the ranker about as much as these variants do.
     uv run python -m benchmarks.ranking_ablation --sets base --candidates 50
     uv run python -m benchmarks.ranking_ablation --sets base admm profile pseudo pseudo_valid
     uv run python -m benchmarks.ranking_ablation --sets base --slim-iterations 100
+    uv run python -m benchmarks.ranking_ablation --sets base gfcf ratings profile \
+        --combine gfcf ratings profile --slim-iterations 40
     uv run python -m benchmarks.ranking_ablation --sets base --slim-iterations 40 \
         --variants graded graded5 monotone dart linear_tree lambdarank_graded
 """
@@ -82,6 +85,7 @@ from models.ranking.recommender import RankingRecommender
 from models.ranking.slim import SlimConfig, federated_slim_weights
 
 DAY = 86400.0
+FEATURE_SETS = ("time", "seq", "more", "ratings", "admm", "profile", "gfcf")
 
 
 def _recommender(
@@ -633,6 +637,10 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, dict]:
             train = train.assign(**extra_train)
             test = test.assign(**extra_test)
             groups[name] = list(extra_train)
+    names = list(args.sets)
+    if args.combine:
+        groups["combined"] = [c for name in args.combine for c in groups[name]]
+        names.append("combined")
     single = {}
     for name, scores in t.single.items():
         single[name] = full_ndcg(t, rows if args.test else rows[rows["split"] != 2], scores)
@@ -643,7 +651,7 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     fold = pd.Series(np.random.default_rng(args.seed).integers(0, args.folds, users.size), users)
     fold_of_row = fold.loc[train["uid"].to_numpy()].to_numpy()
     out, per_user = {}, {}
-    for name in args.sets:
+    for name in names:
         columns = list(FEATURES) + groups[name]
         parts = []
         if name == "pseudo":
@@ -684,8 +692,12 @@ def run(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["base", "time", "seq", "more", "ratings"],
-                        choices=["base", "time", "seq", "more", "ratings", "admm", "profile", "gfcf",
-                                 "pseudo", "pseudo_valid"])  # fmt: skip
+                        choices=["base", *FEATURE_SETS, "pseudo", "pseudo_valid"])  # fmt: skip
+    parser.add_argument(
+        "--combine", nargs="+", default=[], choices=list(FEATURE_SETS),
+        help="also evaluate one more set, `combined`: the features of these sets together "
+        "(each must be in --sets too)",
+    )  # fmt: skip
     parser.add_argument("--gfcf-k", type=int, default=256, help="eigenvectors of `gfcf`'s low pass")
     parser.add_argument("--gfcf-alpha", type=float, default=0.3, help="weight of the low pass")
     parser.add_argument(
@@ -736,6 +748,8 @@ def main() -> None:
         help="CSV of each set's per-user validation NDCG@10, for pairing",
     )
     args = parser.parse_args()
+    if not set(args.combine) <= set(args.sets):
+        parser.error("--combine names sets that are not in --sets")
     if load_movielens("ml-1m") is None:
         return
     result, single, variants = run(args)
