@@ -356,7 +356,8 @@ TARGETS: dict[str, list[str]] = {
     "fedrec/cli_workspaces.py": ["tests/unit/test_cli_workspaces.py",
                                  "tests/unit/test_cli_fast.py"],
     "fedrec/sites/cli.py": ["tests/unit/test_site_cli.py", "tests/unit/test_cli_fast.py"],
-    "fedrec/local_server.py": ["tests/flows/test_local_server.py", "tests/unit/test_cli_errors.py",
+    "fedrec/local_server.py": ["tests/unit/test_local_server_parts.py",
+                               "tests/flows/test_local_server.py", "tests/unit/test_cli_errors.py",
                                "tests/unit/test_stores_parts.py"],
 }  # fmt: skip
 # unit tests too slow to run once per mutant (minutes under load): utility-vs-epsilon curves

@@ -1,0 +1,254 @@
+"""The local Prefect server's parts that need no server: the start-up limit read from the
+environment, the port it listens on, the line that counts the seconds of a start, the wait that
+gives up and stops what it started, and the grace a descendant gets before SIGKILL.
+``tests/flows/test_local_server.py`` starts real servers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedrec import local_server
+from fedrec.local_server import LocalServerError
+
+
+def test_the_servers_files_live_in_its_folder_under_the_home(tmp_path):
+    assert local_server.server_dir(tmp_path) == tmp_path / "server"
+    assert local_server.log_path(tmp_path) == tmp_path / "server" / "prefect-server.log"
+
+
+@pytest.mark.parametrize(("configured", "seconds"), [(None, 600.0), ("", 600.0), ("0.5", 0.5)])
+def test_the_start_up_limit_is_ten_minutes_unless_set(monkeypatch, configured, seconds):
+    monkeypatch.delenv("FEDREC_SERVER_STARTUP_TIMEOUT", raising=False)
+    if configured is not None:
+        monkeypatch.setenv("FEDREC_SERVER_STARTUP_TIMEOUT", configured)
+
+    assert local_server.startup_timeout() == seconds
+
+
+@pytest.mark.parametrize("configured", ["0", "-5", "soon"])
+def test_a_start_up_limit_that_is_no_positive_number_is_one_line(monkeypatch, configured):
+    monkeypatch.setenv("FEDREC_SERVER_STARTUP_TIMEOUT", configured)
+
+    with pytest.raises(LocalServerError) as raised:
+        local_server.startup_timeout()
+
+    assert str(raised.value) == (
+        f"FEDREC_SERVER_STARTUP_TIMEOUT={configured!r}: must be a positive number of seconds"
+    )
+
+
+@pytest.fixture
+def free_ports(monkeypatch):
+    """Every port but those in the returned set is free to bind."""
+    taken: set[int] = set()
+    monkeypatch.setattr(local_server, "port_is_free", lambda port: port not in taken)
+    monkeypatch.delenv("FEDREC_PREFECT_PORT", raising=False)
+    return taken
+
+
+def test_without_an_asked_port_prefects_usual_one_is_taken_when_free(free_ports):
+    assert local_server.choose_port() == 4200
+    free_ports.add(4200)
+    other = local_server.choose_port()
+    assert other != 4200 and other >= local_server.LISTEN_PORTS_FROM
+
+
+@pytest.mark.parametrize("port", [1, 65535])
+def test_an_asked_port_is_any_tcp_port(free_ports, port):
+    assert local_server.choose_port(port) == port
+
+
+@pytest.mark.parametrize("port", [0, 65536])
+def test_an_asked_port_outside_tcps_range_is_refused(free_ports, port):
+    with pytest.raises(LocalServerError, match=rf"^port {port}: must be in 1-65535$"):
+        local_server.choose_port(port)
+
+
+def test_the_port_variable_is_read_when_no_port_is_asked_and_a_taken_one_is_refused(
+    free_ports, monkeypatch
+):
+    monkeypatch.setenv("FEDREC_PREFECT_PORT", "12345")
+    assert local_server.choose_port() == 12345
+    assert local_server.choose_port(23456) == 23456  # --port wins over the variable
+    free_ports.add(12345)
+    with pytest.raises(LocalServerError) as taken:
+        local_server.choose_port()
+    assert str(taken.value) == (
+        "port 12345 on 127.0.0.1 is in use: choose another with --port or FEDREC_PREFECT_PORT"
+    )
+    monkeypatch.setenv("FEDREC_PREFECT_PORT", "42x")
+    with pytest.raises(LocalServerError, match=r"^FEDREC_PREFECT_PORT='42x': must be a port"):
+        local_server.choose_port()
+    monkeypatch.setenv("FEDREC_PREFECT_PORT", "")
+    assert local_server.choose_port() == 4200  # an empty variable is no choice
+
+
+def test_the_outgoing_range_is_read_from_the_kernel_or_linuxs_default(tmp_path, monkeypatch):
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("20000\t30999\n")
+    monkeypatch.setattr(local_server, "_OUTGOING_RANGE_FILE", str(ranges))
+    assert local_server._outgoing_ports() == (20000, 30999)
+    ranges.write_text("garbled\n")
+    assert local_server._outgoing_ports() == (32768, 60999)
+    monkeypatch.setattr(local_server, "_OUTGOING_RANGE_FILE", str(tmp_path / "absent"))
+    assert local_server._outgoing_ports() == (32768, 60999)
+
+
+def test_a_free_port_is_drawn_below_the_outgoing_range_down_to_a_thousand_ports(monkeypatch):
+    monkeypatch.setattr(local_server, "_outgoing_ports", lambda: (11000, 60999))
+    drawn = {local_server.free_port() for _ in range(20)}
+    assert all(10000 <= port < 11000 for port in drawn), sorted(drawn)
+
+    # fewer than a thousand ports below the outgoing range: the OS chooses, from that range
+    monkeypatch.setattr(local_server, "_outgoing_ports", lambda: (10999, 60999))
+    monkeypatch.setattr(local_server, "port_is_free", lambda port: pytest.fail("drew a port"))
+    assert 0 < local_server.free_port() < 65536
+
+
+def test_a_free_port_falls_back_to_the_oss_choice_when_no_draw_is_free(monkeypatch):
+    asked: list[int] = []
+    monkeypatch.setattr(local_server, "_outgoing_ports", lambda: (32768, 60999))
+    monkeypatch.setattr(local_server, "port_is_free", lambda port: asked.append(port) or False)
+
+    port = local_server.free_port()
+
+    assert len(asked) == 200 and all(10000 <= p < 32768 for p in asked)
+    assert 0 < port < 65536
+
+
+def test_the_last_log_line_is_the_last_non_blank_one_cut_at_300_characters(tmp_path):
+    assert local_server._last_log_line(tmp_path) == ""  # no log yet
+    log = local_server.log_path(tmp_path)
+    log.parent.mkdir()
+    log.write_text("starting\n  address already in use  \n\n   \n")
+    assert local_server._last_log_line(tmp_path) == "address already in use"
+    log.write_text("x" * 400 + "\n")
+    assert local_server._last_log_line(tmp_path) == "x" * 300
+    log.write_text("\n\n")
+    assert local_server._last_log_line(tmp_path) == ""
+
+
+class _Clock:
+    """Stands in for the module's ``time``: ``monotonic`` reads ``now``, ``sleep`` adds to it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_sees_the_seconds_counted_on_one_line(monkeypatch):
+    clock = _Clock(1000.0)
+    monkeypatch.setattr(local_server, "time", clock)
+    out = _Terminal()
+    waiting = local_server._Waiting("starting", out)
+
+    for now in (1001.2, 1001.7, 1002.1, 1004.9):
+        clock.now = now
+        waiting.tick()
+    waiting.done("ready")
+
+    assert out.getvalue() == (
+        "fedrec: starting ...\rfedrec: starting ... 1 s\rfedrec: starting ... 2 s"
+        "\rfedrec: starting ... 4 s\rfedrec: starting ... ready\n"
+    )
+
+
+def test_a_log_file_sees_a_sign_of_life_every_30_seconds(monkeypatch):
+    clock = _Clock(1000.0)
+    monkeypatch.setattr(local_server, "time", clock)
+    out = io.StringIO()
+    waiting = local_server._Waiting("starting", out)
+
+    for now in (1000.5, 1029.9, 1030.2, 1045.0, 1059.0, 1061.0, 1089.0, 1090.0):
+        clock.now = now
+        waiting.tick()
+    clock.now = 1095.25
+    assert waiting.elapsed == 95.25
+    waiting.done("ready")
+
+    assert out.getvalue() == "fedrec: starting ... 30 s ... 61 s ... 90 s ... ready\n"
+
+
+def test_a_start_that_never_answers_gives_up_stops_the_process_and_says_how_to_wait_longer(
+    tmp_path, monkeypatch
+):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                               start_new_session=True)  # fmt: skip
+    try:
+        state = local_server.ServerState(
+            sleeper.pid, local_server.free_port(), time.time(),
+            local_server.process_start(sleeper.pid),
+        )  # fmt: skip
+        folder = local_server.server_dir(tmp_path)
+        folder.mkdir()
+        (folder / local_server.STATE_FILE).write_text(json.dumps({"pid": sleeper.pid}))
+        err = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", err)
+        started = time.monotonic()
+
+        with pytest.raises(LocalServerError) as raised:
+            local_server.wait_until_healthy(state, timeout=1.5, home=tmp_path, process=sleeper)
+
+        assert time.monotonic() - started >= 1.5
+        assert sleeper.wait(timeout=20) == -signal.SIGTERM  # stopped, not left running
+        assert str(raised.value) == (
+            f"the Prefect server did not answer within 2 s (log: {local_server.log_path(tmp_path)}); "
+            "the machine may be busy: retry with a longer limit, e.g. "
+            "FEDREC_SERVER_STARTUP_TIMEOUT=3 or `fedrec server start --timeout 3`"
+        )
+        assert err.getvalue().startswith(
+            f"fedrec: starting local Prefect server at {state.url} ..."
+        )
+        assert re.search(r" no answer after \d+ s\n$", err.getvalue()), err.getvalue()
+        assert not (folder / local_server.STATE_FILE).exists()
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+
+
+_GRACEFUL_CHILD = """
+import json, signal, subprocess, sys
+from fedrec import local_server
+child = subprocess.Popen([sys.executable, "-c",
+    "import signal, sys, time\\n"
+    "signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), sys.exit(0)))\\n"
+    "print('ready', flush=True)\\n"
+    "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "ready"
+ended = local_server.end_descendants(grace=20.0)
+child.wait(timeout=30)
+print(json.dumps({"ended": ended, "child": child.pid, "status": child.returncode}))
+"""
+
+
+def test_a_descendant_that_ends_within_its_grace_is_not_killed(tmp_path):
+    """SIGTERM first, and SIGKILL only for a process still running after the grace period: a
+    flow run's subprocess that takes half a second to shut down exits by itself. Run in a
+    process of its own: it ends every descendant."""
+    env = os.environ | {"FEDREC_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _GRACEFUL_CHILD], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["ended"] == [seen["child"]]
+    assert seen["status"] == 0  # its own exit, not -SIGKILL
