@@ -252,3 +252,44 @@ def test_a_descendant_that_ends_within_its_grace_is_not_killed(tmp_path):
     seen = json.loads(done.stdout)
     assert seen["ended"] == [seen["child"]]
     assert seen["status"] == 0  # its own exit, not -SIGKILL
+
+
+class _SleepingClock(_Clock):
+    """A clock whose seconds pass at once, while the processes it waits for get a moment of
+    real time per step to act on a signal."""
+
+    def __init__(self, now: float) -> None:
+        super().__init__(now)
+        self._time = time
+
+    def sleep(self, seconds: float) -> None:
+        self._time.sleep(0.01)
+        super().sleep(seconds)
+
+
+def test_stop_gives_a_server_that_ignores_sigterm_ten_seconds_before_sigkill(tmp_path, monkeypatch):
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"  # the handler is installed
+        folder = local_server.server_dir(tmp_path)
+        folder.mkdir()
+        record = {"pid": stubborn.pid, "port": 1, "started_at": time.time(),
+                  "process_start": local_server.process_start(stubborn.pid)}  # fmt: skip
+        (folder / local_server.STATE_FILE).write_text(json.dumps(record))
+        clock = _SleepingClock(0.0)
+        monkeypatch.setattr(local_server, "time", clock)
+
+        stopped = local_server.stop(home=tmp_path)
+
+        assert stopped is not None and stopped.pid == stubborn.pid
+        assert stubborn.wait(timeout=10) == -signal.SIGKILL
+        assert 10.0 <= clock.now < 11.0  # SIGKILL came after the default grace, soon after it
+        assert not (folder / local_server.STATE_FILE).exists()
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
