@@ -283,6 +283,7 @@ def test_stop_gives_a_server_that_ignores_sigterm_ten_seconds_before_sigkill(tmp
         (folder / local_server.STATE_FILE).write_text(json.dumps(record))
         clock = _SleepingClock(0.0)
         monkeypatch.setattr(local_server, "time", clock)
+        monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "another-home"))  # home= wins
 
         stopped = local_server.stop(home=tmp_path)
 
@@ -293,3 +294,92 @@ def test_stop_gives_a_server_that_ignores_sigterm_ten_seconds_before_sigkill(tmp
     finally:
         if stubborn.poll() is None:
             stubborn.kill()
+
+
+@pytest.fixture
+def stubborn_child():
+    """A child that ignores SIGTERM (SIGKILL ends it), killed at the end whatever happened."""
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert child.stdout.readline().strip() == "ready"
+    yield child
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+
+
+@pytest.mark.parametrize("ends_at", [10.3, None])
+def test_stop_returns_once_the_server_is_gone_and_fails_when_sigkill_does_not_end_it(
+    tmp_path, monkeypatch, stubborn_child, ends_at
+):
+    """What ``is_running`` reports is scripted on the clock (the process is ours to signal):
+    gone 0.3 s after SIGKILL, or never (another user's process)."""
+    clock = _SleepingClock(0.0)
+    monkeypatch.setattr(local_server, "time", clock)
+    state = local_server.ServerState(stubborn_child.pid, 1, time.time(), None)
+    folder = local_server.server_dir(tmp_path)
+    folder.mkdir()
+    (folder / local_server.STATE_FILE).write_text(json.dumps(local_server.asdict(state)))
+    monkeypatch.setattr(local_server, "read_state", lambda home=None: state)
+    monkeypatch.setattr(
+        local_server, "is_running",
+        lambda pid, started=None: ends_at is None or clock.now < ends_at,
+    )  # fmt: skip
+
+    if ends_at is None:
+        with pytest.raises(LocalServerError) as raised:
+            local_server.stop(home=tmp_path, grace=10)
+        assert str(raised.value) == f"could not stop the Prefect server (pid {state.pid})"
+        assert 15.0 <= clock.now < 15.5  # ten seconds' grace, then five for SIGKILL
+        assert (folder / local_server.STATE_FILE).exists()  # still recorded: it may run
+    else:
+        assert local_server.stop(home=tmp_path, grace=10) == state
+        assert ends_at <= clock.now < ends_at + 0.5  # not before it was gone
+        assert not (folder / local_server.STATE_FILE).exists()
+    assert stubborn_child.wait(timeout=10) == -signal.SIGKILL
+
+
+def test_a_server_that_exits_while_it_is_awaited_is_one_line_with_its_status_and_log(
+    tmp_path, monkeypatch
+):
+    log = local_server.log_path(tmp_path)
+    log.parent.mkdir()
+    log.write_text("starting\nERROR: the database is locked\n")
+    failed = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    failed.wait()
+    state = local_server.ServerState(failed.pid, local_server.free_port(), time.time(), None)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+
+    with pytest.raises(LocalServerError) as raised:
+        local_server.wait_until_healthy(state, timeout=60, home=tmp_path, process=failed)
+
+    assert str(raised.value) == (
+        "the Prefect server exited during start-up (status 3): ERROR: the database is locked "
+        f"(full log: {log})"
+    )
+    assert sys.stderr.getvalue().endswith(" failed\n")
+
+
+def test_a_server_another_command_started_is_not_awaited_once_its_process_is_gone(
+    tmp_path, monkeypatch
+):
+    """Without the process in hand (a server another command is starting), a vanished process
+    ends the wait at once, not at the time limit."""
+    clock = _SleepingClock(0.0)
+    monkeypatch.setattr(local_server, "time", clock)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    state = local_server.ServerState(gone.pid, local_server.free_port(), time.time(), None)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+
+    with pytest.raises(LocalServerError) as raised:
+        local_server.wait_until_healthy(state, timeout=60, home=tmp_path)
+
+    assert str(raised.value) == (
+        f"the Prefect server exited during start-up (full log: {local_server.log_path(tmp_path)})"
+    )
+    assert clock.now < 1.0
