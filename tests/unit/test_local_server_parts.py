@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,7 @@ def test_the_outgoing_range_is_read_from_the_kernel_or_linuxs_default(tmp_path, 
 
 
 def test_a_free_port_is_drawn_below_the_outgoing_range_down_to_a_thousand_ports(monkeypatch):
+    low, high = local_server._outgoing_ports()  # the kernel's, where the OS's choice comes from
     monkeypatch.setattr(local_server, "_outgoing_ports", lambda: (11000, 60999))
     drawn = {local_server.free_port() for _ in range(20)}
     assert all(10000 <= port < 11000 for port in drawn), sorted(drawn)
@@ -111,18 +113,52 @@ def test_a_free_port_is_drawn_below_the_outgoing_range_down_to_a_thousand_ports(
     # fewer than a thousand ports below the outgoing range: the OS chooses, from that range
     monkeypatch.setattr(local_server, "_outgoing_ports", lambda: (10999, 60999))
     monkeypatch.setattr(local_server, "port_is_free", lambda port: pytest.fail("drew a port"))
-    assert 0 < local_server.free_port() < 65536
+    assert low <= local_server.free_port() <= high
 
 
 def test_a_free_port_falls_back_to_the_oss_choice_when_no_draw_is_free(monkeypatch):
+    low, high = local_server._outgoing_ports()  # the kernel's, where the OS's choice comes from
     asked: list[int] = []
-    monkeypatch.setattr(local_server, "_outgoing_ports", lambda: (32768, 60999))
     monkeypatch.setattr(local_server, "port_is_free", lambda port: asked.append(port) or False)
 
     port = local_server.free_port()
 
-    assert len(asked) == 200 and all(10000 <= p < 32768 for p in asked)
-    assert 0 < port < 65536
+    assert len(asked) == 200 and all(10000 <= p < low for p in asked)
+    assert low <= port <= high
+
+
+_NAMED_WITH_PARENTHESES = """
+import subprocess, sys
+child = subprocess.Popen([sys.argv[1], "-c", "import time; time.sleep(600)"])
+done = subprocess.Popen([sys.argv[1], "-c", "pass"])
+print(child.pid, done.pid, flush=True)
+sys.stdin.readline()
+child.kill()
+"""
+
+
+def test_a_process_whose_name_holds_parentheses_and_spaces_is_read_from_proc(tmp_path):
+    """/proc/PID/stat gives the command name in parentheses, and a name may hold ``) `` itself:
+    the fields are read after the last one. A parent and two children named so: one running,
+    one exited and not yet reaped."""
+    named = tmp_path / "x) 1 (y"
+    named.symlink_to(sys.executable)
+    parent = subprocess.Popen([str(named), "-c", _NAMED_WITH_PARENTHESES, str(named)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        running, exited = map(int, parent.stdout.readline().split())
+        assert Path(f"/proc/{running}/comm").read_text().strip() == "x) 1 (y"
+        stat = Path(f"/proc/{running}/stat").read_text().split()
+        assert local_server.process_start(running) == int(stat[21 + 2])  # 2 more fields: ") 1 (y"
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{exited}/stat").read_text().split()[4] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert local_server.is_running(running, local_server.process_start(running))
+        assert not local_server.is_running(exited)  # a zombie has exited
+        assert local_server.descendants(parent.pid) == sorted([running, exited])
+    finally:
+        parent.communicate("\n", timeout=30)
 
 
 def test_the_last_log_line_is_the_last_non_blank_one_cut_at_300_characters(tmp_path):
