@@ -303,35 +303,6 @@ class _SleepingClock(_Clock):
         super().sleep(seconds)
 
 
-def test_stop_gives_a_server_that_ignores_sigterm_ten_seconds_before_sigkill(tmp_path, monkeypatch):
-    stubborn = subprocess.Popen(
-        [sys.executable, "-c",
-         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-         "print('ready', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert stubborn.stdout.readline().strip() == "ready"  # the handler is installed
-        folder = local_server.server_dir(tmp_path)
-        folder.mkdir()
-        record = {"pid": stubborn.pid, "port": 1, "started_at": time.time(),
-                  "process_start": local_server.process_start(stubborn.pid)}  # fmt: skip
-        (folder / local_server.STATE_FILE).write_text(json.dumps(record))
-        clock = _SleepingClock(0.0)
-        monkeypatch.setattr(local_server, "time", clock)
-        monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "another-home"))  # home= wins
-
-        stopped = local_server.stop(home=tmp_path)
-
-        assert stopped is not None and stopped.pid == stubborn.pid
-        assert stubborn.wait(timeout=10) == -signal.SIGKILL
-        assert 10.0 <= clock.now < 11.0  # SIGKILL came after the default grace, soon after it
-        assert not (folder / local_server.STATE_FILE).exists()
-    finally:
-        if stubborn.poll() is None:
-            stubborn.kill()
-
-
 @pytest.fixture
 def stubborn_child():
     """A child that ignores SIGTERM (SIGKILL ends it), killed at the end whatever happened."""
@@ -346,6 +317,26 @@ def stubborn_child():
     if child.poll() is None:
         child.kill()
     child.wait()
+
+
+def test_stop_gives_a_server_that_ignores_sigterm_ten_seconds_before_sigkill(
+    tmp_path, monkeypatch, stubborn_child
+):
+    folder = local_server.server_dir(tmp_path)
+    folder.mkdir()
+    record = {"pid": stubborn_child.pid, "port": 1, "started_at": time.time(),
+              "process_start": local_server.process_start(stubborn_child.pid)}  # fmt: skip
+    (folder / local_server.STATE_FILE).write_text(json.dumps(record))
+    clock = _SleepingClock(0.0)
+    monkeypatch.setattr(local_server, "time", clock)
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "another-home"))  # home= wins
+
+    stopped = local_server.stop(home=tmp_path)
+
+    assert stopped is not None and stopped.pid == stubborn_child.pid
+    assert stubborn_child.wait(timeout=10) == -signal.SIGKILL
+    assert 10.0 <= clock.now < 11.0  # SIGKILL came after the default grace, soon after it
+    assert not (folder / local_server.STATE_FILE).exists()
 
 
 @pytest.mark.parametrize("ends_at", [10.3, None])
