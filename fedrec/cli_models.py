@@ -752,6 +752,19 @@ def run_rows(
 _EXCEPTION_PREFIX = "Flow run encountered an exception: "
 
 
+def _same_store(named: str | None, uri: str) -> bool:
+    """Whether a flow run's ``tracking_uri`` parameter, ``named``, may be the store ``uri``: the
+    same URI, or two SQLite URIs of one database file; a run that named none reported to the
+    default where it ran, which may be this store."""
+    from fedrec.model_store import resolve_tracking_uri, sqlite_path
+
+    if not named:
+        return True
+    other = resolve_tracking_uri(named, create=False)
+    a, b = sqlite_path(other), sqlite_path(uri)
+    return other == uri or (a is not None and b is not None and a.resolve() == b.resolve())
+
+
 def prefect_only_rows(
     client: Any, api_url: str, limit: int, uri: str, timeout: float = 5.0
 ) -> list[dict[str, Any]]:
@@ -770,14 +783,7 @@ def prefect_only_rows(
     import json
     import urllib.request
 
-    from fedrec.model_store import EARLIER_FLOW_RUNS_TAG, resolve_tracking_uri, sqlite_path
-
-    def same_store(named: str | None) -> bool:
-        if not named:
-            return True  # the default where it ran: its own environment's, maybe this one
-        other = resolve_tracking_uri(named, create=False)
-        a, b = sqlite_path(other), sqlite_path(uri)
-        return other == uri or (a is not None and b is not None and a.resolve() == b.resolve())
+    from fedrec.model_store import EARLIER_FLOW_RUNS_TAG
 
     query = {
         "flows": {"name": {"any_": ["federated-training"]}},
@@ -799,7 +805,7 @@ def prefect_only_rows(
     rows = []
     for run in found:
         parameters, state = run.get("parameters") or {}, run.get("state") or {}
-        if not same_store(parameters.get("tracking_uri")):
+        if not _same_store(parameters.get("tracking_uri"), uri):
             continue
         wheres = (f"tags.`prefect.flow_run_id` = '{run['id']}'",  # MLflow's filters have no OR
                   f"tags.`{EARLIER_FLOW_RUNS_TAG}` LIKE '%{run['id']}%'")  # fmt: skip

@@ -789,6 +789,41 @@ def test_models_names_a_champion_older_than_the_versions_it_lists(tmp_path):
     ]
 
 
+def test_models_lists_the_newest_ten_versions_and_the_champion_once(tmp_path):
+    """Without --limit the ten newest versions; a champion among them is listed once, in its
+    place; a model without a champion lists its versions alone."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("fedrec"))
+    client.create_registered_model("m")
+    for _ in range(12):
+        client.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+
+    def listed() -> dict:
+        (record,) = [json.loads(x) for x in _run("models", "--tracking-uri", uri,
+                                                 "--json").stdout.splitlines()]  # fmt: skip
+        return record
+
+    without = listed()
+    client.set_registered_model_alias("m", "champion", "5")
+    among = listed()
+    text = _run("models", "--tracking-uri", uri).stdout.splitlines()
+
+    newest = [str(v) for v in range(12, 2, -1)]
+    assert without["champion"] is None
+    assert [(v["version"], v["champion"]) for v in without["versions"]] == [
+        (v, False) for v in newest
+    ]
+    assert among["champion"] == "5"
+    assert [(v["version"], v["champion"]) for v in among["versions"]] == [
+        (v, v == "5") for v in newest
+    ]
+    assert text[0] == "m: champion version 5 (models:/m@champion)"
+    assert [line.split()[0] for line in text[2:]] == [v + "*" * (v == "5") for v in newest]
+
+
 def test_a_stop_between_registration_and_promotion_is_recorded_as_not_promoted(
     tmp_path, prefect_server, monkeypatch
 ):

@@ -1,0 +1,80 @@
+"""The words `fedrec runs` and `fedrec models` print for a run or a version, and which failed
+Prefect flow runs `fedrec runs` counts as this store's: pure functions of what MLflow and
+Prefect recorded, read here without a store. ``tests/flows/test_cli.py`` runs the commands."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedrec.cli_models import _decided, _number, _outcome, _promoted, _same_store
+
+
+def _run_row(**fields) -> dict:
+    row = {"epsilon": None, "version": None, "model": None, "promoted": None, "reason": None,
+           "status": "FINISHED", "error": None, "resume": None, "in_mlflow": True}  # fmt: skip
+    return row | fields
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"model": "m", "version": "3", "promoted": True, "reason": "valid/rmse 0.91 < 0.95"},
+         "m version 3 promoted: valid/rmse 0.91 < 0.95"),
+        ({"model": "m", "version": "4", "promoted": False, "reason": ""},
+         "m version 4 not promoted"),
+        ({"model": "m", "version": "5"}, "m version 5 undecided"),
+        ({"model": "m", "version": "6", "promoted": True, "epsilon": 2.5, "reason": "first"},
+         "private, epsilon 2.5: m version 6 promoted: first"),
+        ({"status": "RUNNING"},
+         "running (or lost: the next run closes it if Prefect shows it over)"),
+        ({}, "registered nothing"),
+        ({"status": "KILLED"}, "no error"),
+        ({"status": "FAILED", "error": "DataValidationError: bad row",
+          "resume": "fedrec train --resume abc"},
+         "DataValidationError: bad row; fedrec train --resume abc continues it"),
+        ({"status": "FAILED", "error": "refused", "in_mlflow": False, "epsilon": 1.0},
+         "private, epsilon 1: refused (Prefect flow run; it ended before its MLflow run)"),
+    ],
+)  # fmt: skip
+def test_a_runs_outcome_in_words(fields, words):
+    assert _outcome(_run_row(**fields)) == words
+
+
+@pytest.mark.parametrize(
+    ("fields", "shown"),
+    [
+        ({"promoted": True}, "true"),
+        ({"promoted": False}, "false"),
+        ({"promoted": None}, "-"),
+        ({"promoted": True, "replaced_by": "7"}, "replaced"),
+        ({"promoted": True, "replaced_by": "7", "champion": True}, "true"),  # champion again
+        ({"promoted": False, "replaced_by": "7"}, "false"),
+        ({"promoted": True, "rolled_back": "2026-12-01: to 2, why"}, "demoted"),
+    ],
+)
+def test_a_versions_promoted_column(fields, shown):
+    row = {"promoted": None, "replaced_by": None, "champion": False, "rolled_back": None}
+    assert _promoted(row | fields) == shown
+
+
+def test_tags_read_as_a_decision_and_as_numbers():
+    assert [_decided(t) for t in ("true", "false", None, "", "yes")] == [
+        True, False, None, None, None
+    ]  # fmt: skip
+    assert [_number(t) for t in ("0.5", "1e-3", "-2", None, "", "n/a")] == [
+        0.5, 0.001, -2.0, None, None, None
+    ]  # fmt: skip
+
+
+def test_a_flow_runs_store_is_this_one_by_uri_or_by_its_sqlite_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    here = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    server = "http://127.0.0.1:5000"
+
+    assert _same_store(None, here) and _same_store("", server)  # named none: maybe this one
+    assert _same_store(server, server)  # the same server, though no file names it
+    assert not _same_store("http://127.0.0.1:5001", server)
+    assert _same_store("sqlite:///mlflow.db", here)  # relative: from this command's folder
+    assert _same_store(here + "?timeout=30", here)
+    assert not _same_store(f"sqlite:///{tmp_path / 'other.db'}", here)
+    assert not _same_store(here, server) and not _same_store(server, here)
