@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -822,6 +824,33 @@ def test_models_lists_the_newest_ten_versions_and_the_champion_once(tmp_path):
     ]
     assert text[0] == "m: champion version 5 (models:/m@champion)"
     assert [line.split()[0] for line in text[2:]] == [v + "*" * (v == "5") for v in newest]
+
+
+def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
+    """Without --limit the ten newest training runs; with no Prefect API configured and no
+    local server, the runs MLflow has are all there is to list (a user's first look)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("fedrec")
+    ids = []
+    for n in range(12):
+        run = client.create_run(experiment, start_time=1_700_000_000_000 + n * 60_000,
+                                tags={"fedrec.config_hash": f"c{n}"})  # fmt: skip
+        client.set_terminated(run.info.run_id, end_time=1_700_000_030_000 + n * 60_000)
+        ids.append(run.info.run_id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"FEDREC_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}
+
+    done = subprocess.run([sys.executable, "-m", "fedrec.cli", "runs", "--tracking-uri", uri,
+                           "--json"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["run_id"] for r in rows] == ids[::-1][:10]
+    assert {(r["seconds"], r["status"], r["in_mlflow"]) for r in rows} == {(30.0, "FINISHED", True)}
+    assert "Prefect API" not in done.stderr
 
 
 def test_a_stop_between_registration_and_promotion_is_recorded_as_not_promoted(

@@ -78,3 +78,21 @@ def test_a_flow_runs_store_is_this_one_by_uri_or_by_its_sqlite_file(tmp_path, mo
     assert _same_store(here + "?timeout=30", here)
     assert not _same_store(f"sqlite:///{tmp_path / 'other.db'}", here)
     assert not _same_store(here, server) and not _same_store(server, here)
+
+
+def test_an_ids_file_is_read_stripped_and_renamed_and_a_missing_id_names_its_row(tmp_path):
+    from fedrec.cli_models import _read_ids
+    from models.data.errors import DataValidationError
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("user_id,item_id\nu1,i1\nu2, i2 \n")
+    assert _read_ids(str(pairs), {"user_id": "uid", "item_id": "item_id"}).to_dict("list") == {
+        "uid": ["u1", "u2"], "item_id": ["i1", "i2"]
+    }  # fmt: skip
+    pairs.write_text("user_id,item_id\nu1,i1\nu2,i2\n  ,i3\n")
+    with pytest.raises(DataValidationError) as missing:
+        _read_ids(str(pairs), {"user_id": "user_id", "item_id": "item_id"})
+    assert str(missing.value) == (
+        f"{pairs}, row 3 (line 4), column 'user_id': missing id; allowed: an id in every row of "
+        "user_id, item_id"
+    )
