@@ -674,6 +674,8 @@ def test_runs_lists_a_refusal_and_an_earlier_run_of_the_same_second_newest_first
 ):
     """A refusal Prefect holds and an MLflow run that started 1 ms before it are merged by
     when each started, not by the second shown: the refusal is listed first."""
+    from datetime import UTC
+
     from click.testing import CliRunner
     from prefect.client.orchestration import get_client
 
@@ -692,6 +694,7 @@ def test_runs_lists_a_refusal_and_an_earlier_run_of_the_same_second_newest_first
     (refusal,) = [r for r in listed() if "value 60 is more clients" in (r["error"] or "")]
     with get_client(sync_client=True) as prefect:
         began = prefect.read_flow_run(refusal["prefect_flow_run_id"]).start_time
+    assert refusal["started_at"] == began.astimezone(UTC).isoformat(timespec="milliseconds")
     client = store["client"]
     experiment = client.create_experiment("earlier")
     earlier = client.create_run(experiment, start_time=int(began.timestamp() * 1000) - 1,
