@@ -802,6 +802,9 @@ def test_models_lists_the_newest_ten_versions_and_the_champion_once(tmp_path):
     client.create_registered_model("m")
     for _ in range(12):
         client.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    # a version registered before the promotion metric had a tag of its own: its one metric
+    for key, value in {"metric.valid/client_1/rmse": "0.8", "metric.valid/rmse": "0.9"}.items():
+        client.set_model_version_tag("m", "12", key, value)
 
     def listed() -> dict:
         (record,) = [json.loads(x) for x in _run("models", "--tracking-uri", uri,
@@ -815,6 +818,10 @@ def test_models_lists_the_newest_ten_versions_and_the_champion_once(tmp_path):
 
     newest = [str(v) for v in range(12, 2, -1)]
     assert without["champion"] is None
+    assert (without["versions"][0]["metric"], without["versions"][0]["value"]) == (
+        "valid/rmse",
+        0.9,
+    )
     assert [(v["version"], v["champion"]) for v in without["versions"]] == [
         (v, False) for v in newest
     ]
