@@ -844,7 +844,7 @@ def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
     ids = []
     for n in range(12):
         run = client.create_run(experiment, start_time=1_700_000_000_000 + n * 60_000,
-                                tags={"fedrec.config_hash": f"c{n}"})  # fmt: skip
+                                tags={"fedrec.config_hash": f"c{n}"}, run_name=f"nightly-{n}")  # fmt: skip
         client.set_terminated(run.info.run_id, end_time=1_700_000_030_000 + n * 60_000)
         ids.append(run.info.run_id)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -856,6 +856,11 @@ def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["run_id"] for r in rows] == ids[::-1][:10]
+    assert [r["name"] for r in rows] == [f"nightly-{n}" for n in range(11, 1, -1)]
+    # 2023-11-14 22:13:20 UTC and 11 minutes
+    assert (rows[0]["started"], rows[0]["started_at"]) == (
+        "2023-11-14 22:24", "2023-11-14T22:24:20.000+00:00"
+    )  # fmt: skip
     assert {(r["seconds"], r["status"], r["in_mlflow"]) for r in rows} == {(30.0, "FINISHED", True)}
     assert "Prefect API" not in done.stderr
 

@@ -96,3 +96,53 @@ def test_an_ids_file_is_read_stripped_and_renamed_and_a_missing_id_names_its_row
         f"{pairs}, row 3 (line 4), column 'user_id': missing id; allowed: an id in every row of "
         "user_id, item_id"
     )
+
+
+def test_users_without_a_history_row_are_named_up_to_three(capsys):
+    import pandas as pd
+
+    from fedrec.cli_models import _note_users_without_history
+
+    def note(histories: dict) -> str:
+        requests = pd.DataFrame(
+            {"user_id": list(histories), "history_items": list(histories.values())}
+        )
+        _note_users_without_history(requests, "h.csv")
+        return capsys.readouterr().err.strip()
+
+    assert note({"a": ["i1"], "b": ["i2"]}) == ""
+    three = note({"a": [], "b": ["i2"], "c": [], "d": []})
+    four = note({"a": [], "b": [], "c": [], "d": [], "e": ["i1"]})
+
+    assert three == (
+        "fedrec: note: 3 of 4 user(s) of --users (a, c, d) have no row in h.csv: they get the "
+        "most popular items, as a new user does"
+    )
+    assert four.startswith("fedrec: note: 4 of 5 user(s) of --users (a, b, c, ...) have no row")
+
+
+def test_histories_of_items_the_model_does_not_know_are_named_up_to_three(capsys):
+    import types
+
+    import pandas as pd
+
+    from fedrec.cli_models import _note_unknown_histories
+
+    model = types.SimpleNamespace(known_items=[1, 2, 3])  # read as text, as histories are
+
+    def note(histories: dict) -> str:
+        requests = pd.DataFrame(
+            {"user_id": list(histories), "history_items": list(histories.values())}
+        )
+        _note_unknown_histories(requests, model)
+        return capsys.readouterr().err.strip()
+
+    assert note({"a": ["1"], "b": [], "c": ["9", "2"]}) == ""  # b has none: no line for it
+    three = note({"a": ["7"], "b": ["8", "9"], "c": ["1"], "d": ["x"]})
+    four = note({"a": ["7"], "b": ["8"], "c": ["x"], "d": ["y"], "e": []})
+
+    assert three == (
+        "fedrec: note: 3 of 4 user(s) (a, b, d) have no history item this model knows: they "
+        "get the most popular items (is it the right model, and --item-col the right column?)"
+    )
+    assert four.startswith("fedrec: note: 4 of 5 user(s) (a, b, c, ...) have no history item")
