@@ -695,6 +695,7 @@ def test_runs_lists_a_refusal_and_an_earlier_run_of_the_same_second_newest_first
     with get_client(sync_client=True) as prefect:
         began = prefect.read_flow_run(refusal["prefect_flow_run_id"]).start_time
     assert refusal["started_at"] == began.astimezone(UTC).isoformat(timespec="milliseconds")
+    assert refusal["started"] == began.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
     client = store["client"]
     experiment = client.create_experiment("earlier")
     earlier = client.create_run(experiment, start_time=int(began.timestamp() * 1000) - 1,
