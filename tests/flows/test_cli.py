@@ -764,17 +764,24 @@ def test_runs_lists_the_training_runs_with_what_they_registered(trained):
     ), listed  # fmt: skip
 
 
-def test_models_names_a_champion_older_than_the_versions_it_lists(tmp_path):
-    """A champion that keeps winning is older than the newest versions: the alias still names
-    it, and its row follows the newest ones."""
+def _registry_of_m(tmp_path: Path, versions: int):
+    """A SQLite store whose registered model ``m`` has ``versions`` versions (1 oldest) of one
+    run and no champion; returns its URI and an MLflow client on it."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     run = client.create_run(client.create_experiment("fedrec"))
     client.create_registered_model("m")
-    for _ in range(3):
+    for _ in range(versions):
         client.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    return uri, client
+
+
+def test_models_names_a_champion_older_than_the_versions_it_lists(tmp_path):
+    """A champion that keeps winning is older than the newest versions: the alias still names
+    it, and its row follows the newest ones."""
+    uri, client = _registry_of_m(tmp_path, versions=3)
     client.set_registered_model_alias("m", "champion", "1")
 
     listed = _run("models", "--tracking-uri", uri, "--limit", "1")
@@ -794,14 +801,7 @@ def test_models_names_a_champion_older_than_the_versions_it_lists(tmp_path):
 def test_models_lists_the_newest_ten_versions_and_the_champion_once(tmp_path):
     """Without --limit the ten newest versions; a champion among them is listed once, in its
     place; a model without a champion lists its versions alone."""
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    run = client.create_run(client.create_experiment("fedrec"))
-    client.create_registered_model("m")
-    for _ in range(12):
-        client.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    uri, client = _registry_of_m(tmp_path, versions=12)
     # a version registered before the promotion metric had a tag of its own: its one metric
     for key, value in {"metric.valid/client_1/rmse": "0.8", "metric.valid/rmse": "0.9"}.items():
         client.set_model_version_tag("m", "12", key, value)
