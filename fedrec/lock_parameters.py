@@ -143,8 +143,33 @@ def lock_when_scheduled(name: str, since: Any, timeout: float = 120.0) -> list[s
     return None
 
 
+USAGE = f"usage: python -m fedrec.lock_parameters [DEPLOYMENT]   (default {DEPLOYMENT})"
+
+
 def main(argv: list[str]) -> int:
+    from fedrec.cli_errors import ServerDown, UserError
+    from fedrec.deployment_check import check_api
+
+    if argv in (["-h"], ["--help"]):
+        print(
+            f"{USAGE}\n\nOn the Prefect server of PREFECT_API_URL: make DEPLOYMENT's parameter "
+            "schema refuse unknown names and the simulation's parameters, pin the MLflow store "
+            "its runs report to, and warn when fedrec serve's deployment is scheduled too."
+        )
+        return 0
     name = argv[0] if argv else DEPLOYMENT
+    try:
+        if len(argv) > 1 or name.startswith("-"):
+            raise UserError(f"{' '.join(argv)!r}: not understood; {USAGE}")
+        url = check_api()
+        if _deployment(name) is None:
+            raise UserError(
+                f"deployment {name!r} is not on the Prefect server at {url}: create it first "
+                "(`make deploy` runs prefect deploy, then this)"
+            )
+    except (UserError, ServerDown) as err:
+        err.show()
+        return err.exit_code
     allowed = lock_parameters(name)
     print(
         f"{name}: refuses parameters other than its {len(allowed)} own (not the simulation's "

@@ -18,6 +18,7 @@ deploy``::
 
 from __future__ import annotations
 
+import math
 import sys
 
 AUTOMATION = "fedrec: crash silent training runs"
@@ -73,13 +74,51 @@ def crash_silent_runs(flow_name: str = FLOW, within_seconds: float = WITHIN_SECO
     return str(automation.create().id)
 
 
+USAGE = "usage: python -m fedrec.silent_runs [--within SECONDS]"
+
+
+def _within(text: str) -> float:
+    """``--within``'s seconds, or a :class:`UserError` naming the value and what is allowed."""
+    from fedrec.cli_errors import UserError
+
+    try:
+        within = float(text)
+    except ValueError:
+        within = math.nan
+    if not (math.isfinite(within) and within > 0):
+        raise UserError(
+            f"--within {text!r}: not a number of seconds above 0; allowed: seconds that exceed "
+            "the workers' heartbeat period (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default) "
+            f"several times over, e.g. {WITHIN_SECONDS:g}"
+        )
+    return within
+
+
 def main(argv: list[str]) -> int:
+    from fedrec.cli_errors import ServerDown, UserError
+
+    if argv in (["-h"], ["--help"]):
+        print(
+            f"{USAGE}\n\nCreate (or replace) the Prefect automation {AUTOMATION!r} on the server "
+            f"of PREFECT_API_URL: a {FLOW} flow run that sent no heartbeat and no final state "
+            f"for SECONDS ({WITHIN_SECONDS:g} by default) becomes Crashed, which frees its "
+            "deployment's concurrency slot."
+        )
+        return 0
     within = WITHIN_SECONDS
-    if argv[:1] == ["--within"] and len(argv) == 2:
-        within = float(argv[1])
-    elif argv:
-        print("usage: python -m fedrec.silent_runs [--within SECONDS]", file=sys.stderr)
-        return 2
+    try:
+        if len(argv) == 2 and argv[0] == "--within":
+            within = _within(argv[1])
+        elif len(argv) == 1 and argv[0].startswith("--within="):
+            within = _within(argv[0].partition("=")[2])
+        elif argv:
+            raise UserError(f"{' '.join(argv)!r}: not understood; {USAGE}")
+        from fedrec.deployment_check import check_api
+
+        check_api()
+    except (UserError, ServerDown) as err:
+        err.show()
+        return err.exit_code
     automation = crash_silent_runs(within_seconds=within)
     print(
         f"automation {AUTOMATION!r} ({automation}): {FLOW} runs silent for {within:g} s "

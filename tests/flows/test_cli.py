@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -480,6 +481,44 @@ def test_make_deploys_check_finds_a_running_prefect_server(prefect_server):
     from fedrec.deployment_check import check_api
 
     assert check_api() == str(get_current_settings().api.url).rstrip("/")
+
+
+def test_make_deploys_last_steps_on_a_real_server(prefect_server, capsys):
+    """A deployment that is not on the server is one line and leaves the server unchanged; the
+    silent-runs automation is created with the window asked for, once however often it runs."""
+    from datetime import timedelta
+
+    from prefect import get_client
+    from prefect.automations import Automation
+
+    from fedrec.lock_parameters import _deployment
+    from fedrec.lock_parameters import main as lock_main
+    from fedrec.silent_runs import AUTOMATION
+    from fedrec.silent_runs import main as silent_main
+
+    assert lock_main(["federated-training/elsewhere"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        "fedrec: error: deployment 'federated-training/elsewhere' is not on the Prefect server at "
+    ) and line.endswith("(`make deploy` runs prefect deploy, then this)"), line
+    assert _deployment("federated-training/elsewhere") is None
+
+    try:
+        assert silent_main(["--within", "90"]) == 0
+        assert silent_main(["--within", "600"]) == 0
+        with get_client(sync_client=True) as client:
+            assert len(client.read_automations_by_name(AUTOMATION)) == 1
+        made = Automation.read(name=AUTOMATION)  # the last one's window
+        assert made.trigger.within == timedelta(seconds=600)
+        assert made.actions[0].message.startswith("no heartbeat for 600 s")
+        said = capsys.readouterr().out.splitlines()
+        assert said[-1].endswith("federated-training runs silent for 600 s become Crashed")
+        made.delete()
+        with pytest.raises(ValueError):  # Prefect's way to say there is none left
+            Automation.read(name=AUTOMATION)
+    finally:
+        with contextlib.suppress(ValueError):
+            Automation.read(name=AUTOMATION).delete()
 
 
 def test_serve_is_refused_while_the_worker_deployments_schedule_is_active(prefect_server, capsys):

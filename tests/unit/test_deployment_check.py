@@ -258,3 +258,115 @@ def test_a_deployment_is_scheduled_only_unpaused_with_an_active_schedule(deploym
     from fedrec.lock_parameters import _scheduled
 
     assert _scheduled(deployment) is scheduled
+
+
+@pytest.fixture
+def no_api(monkeypatch):
+    """PREFECT_API_URL at a loopback port nobody listens on, and check_api's retries instant."""
+    import socket
+
+    import fedrec.deployment_check as deployment_check
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    monkeypatch.setattr(deployment_check, "time", SimpleNamespace(sleep=lambda _: None))
+    return f"http://127.0.0.1:{port}/api"
+
+
+@pytest.fixture
+def automations(monkeypatch):
+    """The windows fedrec.silent_runs would create automations with (none is created)."""
+    import fedrec.silent_runs as silent_runs
+
+    made: list[float] = []
+    monkeypatch.setattr(silent_runs, "crash_silent_runs",
+                        lambda within_seconds: made.append(within_seconds) or "automation-id")  # fmt: skip
+    return made
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--within", "half an hour"], "--within 'half an hour': not a number of seconds above 0"),
+        (["--within", "0"], "--within '0': not a number of seconds above 0"),
+        (["--within", "-90"], "--within '-90': not a number of seconds above 0"),
+        (["--within", "nan"], "--within 'nan': not a number"),
+        (["--within=inf"], "--within 'inf': not a number"),
+        (["--within"], "'--within': not understood; usage: python -m fedrec.silent_runs"),
+        (["90"], "'90': not understood"),
+        (["--within", "90", "--now"], "'--within 90 --now': not understood"),
+    ],
+)
+def test_a_silent_runs_window_that_is_no_positive_number_is_one_line_and_creates_nothing(
+    argv, said, no_api, automations, capsys
+):
+    from fedrec.silent_runs import main as silent_main
+
+    assert silent_main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"fedrec: error: {said}"), line
+    assert automations == []
+
+
+def test_the_silent_runs_window_is_checked_before_the_server_and_then_the_server(
+    no_api, automations, capsys
+):
+    from fedrec.silent_runs import WITHIN_SECONDS
+    from fedrec.silent_runs import main as silent_main
+
+    assert silent_main(["--within", "90"]) == 1  # a good window, no server: a failure's status
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"fedrec: error: the Prefect API at {no_api} (PREFECT_API_URL) does not answer: start it "
+        "with `make server` (fedrec's local server), or set PREFECT_API_URL to a running one"
+    )
+    assert automations == []
+    assert silent_main(["--help"]) == 0  # help needs no server
+    said = capsys.readouterr().out
+    assert said.startswith("usage: python -m fedrec.silent_runs [--within SECONDS]\n")
+    assert f"for SECONDS ({WITHIN_SECONDS:g} by default) becomes Crashed" in said
+    assert automations == []
+
+
+def test_the_silent_runs_window_reaches_the_automation_in_seconds(monkeypatch, automations, capsys):
+    from fedrec.silent_runs import main as silent_main
+
+    with health_server() as server:
+        monkeypatch.setenv("PREFECT_API_URL", f"{server}/api")
+        for argv in ([], ["--within", "90"], ["--within=2.5e3"]):
+            assert silent_main(argv) == 0
+    assert automations == [1800.0, 90.0, 2500.0]
+    said = capsys.readouterr().out.splitlines()
+    assert said[1] == (
+        "automation 'fedrec: crash silent training runs' (automation-id): federated-training "
+        "runs silent for 90 s become Crashed"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "said", "status"),
+    [
+        (["a/b", "c/d"], "'a/b c/d': not understood; usage: python -m fedrec.lock_parameters", 2),
+        (["--all"], "'--all': not understood", 2),
+        ([], "the Prefect API at", 1),
+        (["federated-training/nightly"], "the Prefect API at", 1),
+    ],
+)
+def test_lock_parameters_refuses_what_it_cannot_use_in_one_line(argv, said, status, no_api, capsys):
+    from fedrec.lock_parameters import main as lock_main
+
+    assert lock_main(argv) == status
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"fedrec: error: {said}"), line
+
+
+def test_lock_parameters_help_needs_no_server(no_api, capsys):
+    from fedrec.lock_parameters import main as lock_main
+
+    assert lock_main(["-h"]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith(
+        "usage: python -m fedrec.lock_parameters [DEPLOYMENT]   (default federated-training/nightly)"
+    )
