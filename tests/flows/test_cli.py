@@ -884,7 +884,10 @@ def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
     for n in range(12):
         run = client.create_run(experiment, start_time=1_700_000_000_000 + n * 60_000,
                                 tags={"fedrec.config_hash": f"c{n}"}, run_name=f"nightly-{n}")  # fmt: skip
-        client.set_terminated(run.info.run_id, end_time=1_700_000_030_000 + n * 60_000)
+        took = 30 + 100 * n  # seconds
+        client.set_terminated(
+            run.info.run_id, end_time=1_700_000_000_000 + n * 60_000 + took * 1000
+        )
         ids.append(run.info.run_id)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"FEDREC_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}
@@ -900,8 +903,16 @@ def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
     assert (rows[0]["started"], rows[0]["started_at"]) == (
         "2023-11-14 22:24", "2023-11-14T22:24:20.000+00:00"
     )  # fmt: skip
-    assert {(r["seconds"], r["status"], r["in_mlflow"]) for r in rows} == {(30.0, "FINISHED", True)}
+    assert [r["seconds"] for r in rows] == [30.0 + 100 * n for n in range(11, 1, -1)]
+    assert {(r["status"], r["in_mlflow"]) for r in rows} == {("FINISHED", True)}
     assert "Prefect API" not in done.stderr
+
+    newest = subprocess.run([sys.executable, "-m", "fedrec.cli", "runs", "--tracking-uri", uri,
+                             "--limit", "1"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert newest.returncode == 0, newest.stderr
+    header, row = newest.stdout.splitlines()
+    assert header.startswith("started (UTC)     took     status    run")
+    assert row.startswith("2023-11-14 22:24  1130 s   FINISHED  nightly-11 "), row
 
 
 def test_a_stop_between_registration_and_promotion_is_recorded_as_not_promoted(
