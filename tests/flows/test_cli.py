@@ -884,10 +884,8 @@ def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
     for n in range(12):
         run = client.create_run(experiment, start_time=1_700_000_000_000 + n * 60_000,
                                 tags={"fedrec.config_hash": f"c{n}"}, run_name=f"nightly-{n}")  # fmt: skip
-        took = 30 + 100 * n  # seconds
-        client.set_terminated(
-            run.info.run_id, end_time=1_700_000_000_000 + n * 60_000 + took * 1000
-        )
+        took = 30_040 + 100_000 * n  # milliseconds: listed to a tenth of a second
+        client.set_terminated(run.info.run_id, end_time=1_700_000_000_000 + n * 60_000 + took)
         ids.append(run.info.run_id)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {"FEDREC_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}

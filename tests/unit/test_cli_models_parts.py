@@ -146,3 +146,42 @@ def test_histories_of_items_the_model_does_not_know_are_named_up_to_three(capsys
         "get the most popular items (is it the right model, and --item-col the right column?)"
     )
     assert four.startswith("fedrec: note: 4 of 5 user(s) (a, b, c, ...) have no history item")
+
+
+def test_each_unscored_pair_says_why_and_each_user_what_of_the_history_was_ignored(capsys):
+    import types
+
+    import numpy as np
+    import pandas as pd
+
+    from fedrec.cli_models import _report_unscored
+    from models.recommenders import NO_HISTORY
+
+    model = types.SimpleNamespace(known_items=[1, 2, 3, 4])
+    requests = pd.DataFrame({"user_id": ["a", "b", "c"],
+                             "history_items": [["1", "x"], ["2"], []]})  # fmt: skip
+    cold = f"{NO_HISTORY}: most popular items"
+    answered = pd.DataFrame(
+        [("a", "9", np.nan, np.nan),  # not known
+         ("a", "1", np.nan, np.nan),  # in a's history
+         ("a", "3", 4.1, "predicted rating 4.1 from your ratings of 1 item; ignored 1 unknown "
+          "item(s): x"),
+         ("b", "3", np.nan, np.nan),  # the model left it out and said nothing
+         ("b", "4", np.nan, ""),
+         ("c", "2", np.nan, cold),  # said on its pair's line: not again on the user's
+         ("c", "3", np.nan, cold)],
+        columns=["user_id", "item_id", "score", "reason"],
+    )  # fmt: skip
+
+    _report_unscored(answered, requests, model)
+
+    assert capsys.readouterr().err.splitlines() == [
+        "fedrec: note: user a, item 9: no score: not an item this model knows",
+        "fedrec: note: user a, item 1: no score: already in the user's history (this model "
+        "scores only new items)",
+        "fedrec: note: user b, item 3: no score: the model gave none",
+        "fedrec: note: user b, item 4: no score: the model gave none",
+        f"fedrec: note: user c, item 2: no score: {cold}",
+        f"fedrec: note: user c, item 3: no score: {cold}",
+        "fedrec: note: user a: ignored 1 unknown item(s): x",
+    ]
