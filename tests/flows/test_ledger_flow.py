@@ -487,6 +487,10 @@ def test_the_ledger_follows_the_users_not_the_path_spelling_or_model_name(
     refusals = [r for r in rows if not r["in_mlflow"] and "privacy budget" in (r["error"] or "")]
     assert len(refusals) == 5 and rows.index(row) == len(rows) - 1
     assert all(r["status"] == "FAILED" and r["error"].startswith("BudgetError: ") for r in refusals)
+    # each names its data, the sites or train file before data (newest first)
+    assert [Path(r["source"]).name for r in refusals] == [
+        "minus-one.csv", "plus-one.csv", "train.csv", "ratings.csv", "renamed.csv"
+    ]  # fmt: skip
     text = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"]]).stdout
     assert "private, epsilon 4: private-a version 1 " in text
     for name in ("private-b", "private-c"):  # refused before any run or version
@@ -664,6 +668,7 @@ def test_a_partition_the_data_cannot_meet_spends_no_budget_and_starts_no_run(sto
         1.0,
     )
     assert row["error"].startswith("DataValidationError: ")
+    assert row["source"] == "synthetic"  # the built-in data, by its name
     assert all(not r["in_mlflow"] for r in rows)  # this store has no MLflow run
     text = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"]]).stdout
     assert "(Prefect flow run; it ended before its MLflow run)" in text
