@@ -150,7 +150,7 @@ def _user_side_feature(series: pd.Series, users: pd.Series, *, file: str, column
     """An age, gender or occupation column: blank cells are unknown; each cell with a value is
     one the re-ranker reads, and every such cell of a user holds the same value."""
     series = series.reset_index(drop=True)
-    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "mixed"):
+    if pd.api.types.infer_dtype(series, skipna=True) in ("string", "mixed", "mixed-integer"):
         series = series.astype(object).where(series.isna(), series.astype(str).str.strip())
         series = series.mask(series.eq(""))
     allowed = USER_FEATURE_VALUES.get(column, "one value per user, or an empty cell (unknown)")
@@ -179,8 +179,12 @@ def _user_level(series: pd.Series, users: pd.Series, *, file: str, column: str) 
     """A column that describes the user: present on every row, one value per user."""
     allowed = "one value per user, on every row of that user (a column that describes the user)"
     series = series.reset_index(drop=True)
-    if pd.api.types.infer_dtype(series, skipna=True) == "string":
+    kind = pd.api.types.infer_dtype(series, skipna=True)
+    if kind == "string":
         series = series.str.strip()
+        series = series.mask(series.eq(""))
+    elif kind in ("mixed", "mixed-integer"):  # text beside numbers: strip the text only
+        series = series.map(lambda value: value.strip() if isinstance(value, str) else value)
         series = series.mask(series.eq(""))
     _fail_first(series.isna().to_numpy(), series, "missing value", file=file, column=column,
                 allowed=allowed)  # fmt: skip

@@ -105,6 +105,27 @@ def test_user_side_features_are_read_stripped_with_blank_cells_unknown():
     assert pd.isna(frame["occupation"].iloc[1])
 
 
+def test_text_beside_numbers_in_a_user_column_is_stripped_too():
+    """A Parquet column may hold text and integers together (pandas' "mixed-integer"): its text
+    is read stripped, as a column of text only is, and a blank cell is unknown or missing."""
+    side = _with_features(occupation=[" nurse ", 7, "nurse", 8], age=[" 30 ", 40, "30", " "])
+    assert side["occupation"].tolist() == ["nurse", "7", "nurse", "8"]
+    np.testing.assert_array_equal(side["age"].to_numpy(), [30.0, 40.0, 30.0, np.nan])
+
+    raw = pd.DataFrame({"u": ["u1", "u2", "u1", "u3"], "i": [1, 2, 3, 4], "r": [4.0] * 4,
+                        "region": [" north ", 5, "north", 6]})  # fmt: skip
+    columns = dict(file="f.csv", user_col="u", item_col="i", rating_col="r",
+                   timestamp_col=None, rating_scale=(1.0, 5.0), user_cols=("region",))  # fmt: skip
+    frame, _ = validate_interactions(raw, **columns)
+    assert frame["region"].tolist() == ["north", 5, "north", 6]
+    raw.loc[1, "region"] = "  "
+    with pytest.raises(
+        DataValidationError,
+        match=r"f.csv, row 2, column 'region': missing value; allowed: one value per user",
+    ):
+        validate_interactions(raw, **columns)
+
+
 @pytest.mark.parametrize(
     ("column", "value", "allowed"),
     [
