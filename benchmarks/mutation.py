@@ -332,7 +332,9 @@ TARGETS: dict[str, list[str]] = {
     # the stores a run names, the deployment's parameters, the process's threads, the CLI's
     # one-line refusals
     "fedrec/stores.py": ["tests/unit/test_stores_parts.py", "tests/unit/test_stores_record.py"],
-    "fedrec/lock_parameters.py": ["tests/unit/test_deployment_check.py"],
+    # make deploy's last steps: their arguments without a server, their writes on a real one
+    "fedrec/lock_parameters.py": ["tests/unit/test_deployment_check.py", "tests/flows/test_cli.py"],
+    "fedrec/silent_runs.py": ["tests/unit/test_deployment_check.py", "tests/flows/test_cli.py"],
     "fedrec/deployment_check.py": ["tests/unit/test_deployment_check.py"],
     "fedrec/runtime.py": ["tests/unit/test_freed_memory.py", "tests/unit/test_blas_threads.py",
                           "tests/unit/test_foreground_flow.py", "tests/flows/test_lost_runs.py"],
