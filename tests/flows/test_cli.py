@@ -906,7 +906,8 @@ def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
     assert "Prefect API" not in done.stderr
 
     newest = subprocess.run([sys.executable, "-m", "fedrec.cli", "runs", "--tracking-uri", uri,
-                             "--limit", "1"], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+                             "--limit", "1", "--experiment", "fedrec"],
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert newest.returncode == 0, newest.stderr
     header, row = newest.stdout.splitlines()
     assert header.startswith("started (UTC)     took     status    run")

@@ -185,3 +185,25 @@ def test_each_unscored_pair_says_why_and_each_user_what_of_the_history_was_ignor
         f"fedrec: note: user c, item 3: no score: {cold}",
         "fedrec: note: user a: ignored 1 unknown item(s): x",
     ]
+
+
+def test_a_rating_models_history_without_ratings_is_refused_naming_the_column_and_scale(tmp_path):
+    import types
+
+    from fedrec.cli_errors import UserError
+    from fedrec.cli_models import _requests
+
+    history = tmp_path / "h.csv"
+    history.write_text("user_id,item_id\nu1,i1\nu1,i2\n")
+    columns = {"user_col": "user_id", "item_col": "item_id", "rating_col": "rating"}
+
+    with pytest.raises(UserError) as refused:
+        _requests(str(history), None, columns, types.SimpleNamespace(rating_scale=(1.0, 5.0)))
+
+    assert refused.value.message.startswith(
+        f"{history}: no rating column 'rating': this model predicts ratings from the user's own; "
+        "allowed: ratings in [1, 5] (--rating-col names their column)"
+    )
+    ranked = _requests(str(history), None, columns, types.SimpleNamespace())  # no scale: any
+    assert ranked["user_id"].tolist() == ["u1"]
+    assert ranked["history_items"].tolist() == [["i1", "i2"]]
