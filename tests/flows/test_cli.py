@@ -305,6 +305,8 @@ def test_recommend_and_predict_write_csv(trained, tmp_path):
     bob = table[table["user_id"] == "bob"]
     assert (bob["reason"] == "no known items in history: most popular items").all()
     assert bob["score"].isna().all()  # no popularity counts in the rating column
+    top = _run("recommend", *model, "--history", str(history), "--users", str(users), "--k", "1")
+    assert pd.read_csv(io.StringIO(top.stdout))["rank"].tolist() == [1, 1]  # alice's, bob's
     assert written.stdout == ""
     assert written.stderr.strip() == f"fedrec: wrote 10 row(s) for 1 user(s) to {out.resolve()}"
     assert pd.read_csv(out)["user_id"].astype(str).eq("alice").all()
@@ -905,6 +907,7 @@ def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
         "2023-11-14 22:24", "2023-11-14T22:24:20.000+00:00"
     )  # fmt: skip
     assert [r["seconds"] for r in rows] == [1122.5] + [30.0 + 100 * n for n in range(10, 1, -1)]
+    assert [r["paused_seconds"] for r in rows] == [7.5] + [0.0] * 9
     assert {(r["status"], r["in_mlflow"]) for r in rows} == {("FINISHED", True)}
     assert "Prefect API" not in done.stderr
 

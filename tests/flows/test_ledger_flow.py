@@ -669,6 +669,7 @@ def test_a_partition_the_data_cannot_meet_spends_no_budget_and_starts_no_run(sto
     )
     assert row["error"].startswith("DataValidationError: ")
     assert row["source"] == "synthetic"  # the built-in data, by its name
+    assert row["paused_seconds"] == 0.0  # Prefect records no time spent ended
     assert all(not r["in_mlflow"] for r in rows)  # this store has no MLflow run
     text = CliRunner().invoke(main, ["runs", "--tracking-uri", store["uri"]]).stdout
     assert "(Prefect flow run; it ended before its MLflow run)" in text
