@@ -782,7 +782,10 @@ def test_runs_lists_the_training_runs_with_what_they_registered(trained):
     only = _run("runs", "--tracking-uri", uri, "--experiment", "fedrec", "--json").stdout
     assert [json.loads(x)["run_id"] for x in only.splitlines()] == [r["run_id"] for r in records]
     unknown = CliRunner().invoke(main, ["runs", "--tracking-uri", uri, "--experiment", "nope"])
-    assert unknown.exit_code == 2 and "no such MLflow experiment; there are: " in unknown.stderr
+    there = ", ".join(sorted(e.name for e in client.search_experiments()))
+    assert "Default, " in there and "fedrec" in there  # every experiment of the store, by name
+    assert unknown.exit_code == 2
+    assert f"no such MLflow experiment; there are: {there}\n" in unknown.stderr
     elsewhere = _run("runs", "--tracking-uri", uri, "--experiment", "Default").stdout
     assert elsewhere.strip() == (
         f"no training runs in experiment Default of {uri}; the newest is in experiment fedrec"
