@@ -96,6 +96,16 @@ def test_an_ids_file_is_read_stripped_and_renamed_and_a_missing_id_names_its_row
         f"{pairs}, row 3 (line 4), column 'user_id': missing id; allowed: an id in every row of "
         "user_id, item_id"
     )
+    allowed = "allowed: a CSV file with column(s) user_id, item_id"
+    for content, said in ((b"", "is empty (0 bytes)"), (b"user_id,item_id\n", "has no data rows")):
+        pairs.write_bytes(content)
+        with pytest.raises(DataValidationError) as empty:
+            _read_ids(str(pairs), {"user_id": "user_id", "item_id": "item_id"})
+        assert str(empty.value).startswith(f"{pairs}: {said}; "), empty.value
+    pairs.unlink()
+    with pytest.raises(DataValidationError) as gone:
+        _read_ids(str(pairs), {"user_id": "user_id", "item_id": "item_id"})
+    assert str(gone.value) == f"{pairs}: no such file; {allowed}"
 
 
 def test_users_without_a_history_row_are_named_up_to_three(capsys):
