@@ -24,6 +24,9 @@ import sys
 AUTOMATION = "fedrec: crash silent training runs"
 FLOW = "federated-training"
 WITHIN_SECONDS = 1800.0
+# two heartbeats at the shortest period Prefect allows (30 s): a shorter window crashes
+# healthy runs between two of their heartbeats
+SHORTEST_WITHIN = 60.0
 
 
 def crash_silent_runs(flow_name: str = FLOW, within_seconds: float = WITHIN_SECONDS) -> str:
@@ -85,11 +88,12 @@ def _within(text: str) -> float:
         within = float(text)
     except ValueError:
         within = math.nan
-    if not (math.isfinite(within) and within > 0):
+    if not (math.isfinite(within) and within >= SHORTEST_WITHIN):
         raise UserError(
-            f"--within {text!r}: not a number of seconds above 0; allowed: seconds that exceed "
-            "the workers' heartbeat period (PREFECT_FLOWS_HEARTBEAT_FREQUENCY, 180 s by default) "
-            f"several times over, e.g. {WITHIN_SECONDS:g}"
+            f"--within {text!r}: not a number of seconds of at least {SHORTEST_WITHIN:g}; "
+            "allowed: seconds that exceed the workers' heartbeat period "
+            "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180 s by default, 30 s at the least) several "
+            f"times over, e.g. {WITHIN_SECONDS:g}"
         )
     return within
 

@@ -492,6 +492,8 @@ def test_make_deploys_last_steps_on_a_real_server(prefect_server, capsys):
 
     from prefect import get_client
     from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.schemas.automations import Posture
 
     from fedrec.lock_parameters import _deployment
     from fedrec.lock_parameters import main as lock_main
@@ -512,6 +514,18 @@ def test_make_deploys_last_steps_on_a_real_server(prefect_server, capsys):
             assert len(client.read_automations_by_name(AUTOMATION)) == 1
         made = Automation.read(name=AUTOMATION)  # the last one's window
         assert made.trigger.within == timedelta(seconds=600)
+        # a run of the training flow that sent a heartbeat and then, within the window, neither
+        # another nor a final state: crashed (one heartbeat in the window keeps it alive)
+        ended = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+        trigger = made.trigger
+        assert (trigger.posture, trigger.threshold) == (Posture.Proactive, 1)
+        assert trigger.after == {"prefect.flow-run.heartbeat"}
+        assert trigger.expect == {"prefect.flow-run.heartbeat"} | ended
+        assert trigger.for_each == {"prefect.resource.id"}
+        assert trigger.match_related.root == {
+            "prefect.resource.role": "flow", "prefect.resource.name": "federated-training"
+        }  # fmt: skip
+        assert made.actions[0].state == StateType.CRASHED
         assert made.actions[0].message.startswith("no heartbeat for 600 s")
         said = capsys.readouterr().out.splitlines()
         assert said[-1].endswith("federated-training runs silent for 600 s become Crashed")

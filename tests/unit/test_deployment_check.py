@@ -289,9 +289,15 @@ def automations(monkeypatch):
 @pytest.mark.parametrize(
     ("argv", "said"),
     [
-        (["--within", "half an hour"], "--within 'half an hour': not a number of seconds above 0"),
-        (["--within", "0"], "--within '0': not a number of seconds above 0"),
-        (["--within", "-90"], "--within '-90': not a number of seconds above 0"),
+        (
+            ["--within", "half an hour"],
+            "--within 'half an hour': not a number of seconds of at least 60; allowed: seconds that "
+            "exceed the workers' heartbeat period (PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180 s by "
+            "default, 30 s at the least) several times over, e.g. 1800",
+        ),
+        (["--within", "0"], "--within '0': not a number of seconds of at least 60"),
+        (["--within", "-90"], "--within '-90': not a number of seconds of at least 60"),
+        (["--within", "59.9"], "--within '59.9': not a number of seconds of at least 60"),
         (["--within", "nan"], "--within 'nan': not a number"),
         (["--within=inf"], "--within 'inf': not a number"),
         (["--within"], "'--within': not understood; usage: python -m fedrec.silent_runs"),
@@ -335,9 +341,9 @@ def test_the_silent_runs_window_reaches_the_automation_in_seconds(monkeypatch, a
 
     with health_server() as server:
         monkeypatch.setenv("PREFECT_API_URL", f"{server}/api")
-        for argv in ([], ["--within", "90"], ["--within=2.5e3"]):
+        for argv in ([], ["--within", "90"], ["--within=2.5e3"], ["--within", "60"]):
             assert silent_main(argv) == 0
-    assert automations == [1800.0, 90.0, 2500.0]
+    assert automations == [1800.0, 90.0, 2500.0, 60.0]
     said = capsys.readouterr().out.splitlines()
     assert said[1] == (
         "automation 'fedrec: crash silent training runs' (automation-id): federated-training "
@@ -370,3 +376,19 @@ def test_lock_parameters_help_needs_no_server(no_api, capsys):
     assert said.startswith(
         "usage: python -m fedrec.lock_parameters [DEPLOYMENT]   (default federated-training/nightly)"
     )
+
+
+def test_make_deploys_last_steps_read_their_arguments_as_modules(no_api):
+    """``python -m fedrec.silent_runs`` and ``python -m fedrec.lock_parameters``, as make
+    deploy runs them: each reads every argument it was given."""
+    import os
+
+    for module, argv, said in (
+        ("fedrec.silent_runs", ["--within", "10"], "--within '10': not a number of seconds"),
+        ("fedrec.lock_parameters", ["a/b", "c/d"], "'a/b c/d': not understood"),
+    ):
+        done = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True,
+                              text=True, timeout=120, env=os.environ)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith(f"fedrec: error: {said}"), line
