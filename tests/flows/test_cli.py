@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 import os
@@ -889,6 +890,12 @@ def test_models_lists_the_newest_ten_versions_and_the_champion_once(tmp_path):
     ]
     assert text[0] == "m: champion version 5 (models:/m@champion)"
     assert [line.split()[0] for line in text[2:]] == [v + "*" * (v == "5") for v in newest]
+    # each registered at the minute (UTC) MLflow recorded
+    made = {str(v.version): v.creation_timestamp for v in client.search_model_versions("name='m'")}
+    assert [v["registered"] for v in among["versions"]] == [
+        datetime.datetime.fromtimestamp(made[v] / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+        for v in newest
+    ]
 
 
 def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
