@@ -909,9 +909,9 @@ def test_runs_lists_the_newest_ten_without_a_prefect_server(tmp_path):
     ids = []
     for n in range(12):
         run = client.create_run(experiment, start_time=1_700_000_000_000 + n * 60_000,
-                                tags={"fedrec.config_hash": f"c{n}",
-                                      # time the run spent ended between its resumes: not counted
-                                      "fedrec.paused_seconds": "7.5" if n == 11 else "0"},
+                                tags={"fedrec.config_hash": f"c{n}"}
+                                # time the run spent ended between its resumes: not counted
+                                | ({"fedrec.paused_seconds": "7.5"} if n == 11 else {}),
                                 run_name=f"nightly-{n}" + "-resumed-after-a-crash" * (n == 11))  # fmt: skip
         took = 30_040 + 100_000 * n  # milliseconds: listed to a tenth of a second
         client.set_terminated(run.info.run_id, end_time=1_700_000_000_000 + n * 60_000 + took)
