@@ -174,16 +174,24 @@ def test_a_data_file_that_exists_but_cannot_be_read_is_refused_with_its_row(tmp_
     assert f"{data}, row 2 (line 3), column 'rating': value 'x'" in refused.value.message
 
 
-def test_an_api_that_does_not_answer_is_one_line_and_exit_status_1(monkeypatch, capsys):
-    """Not bad input (2): the same command may succeed once the server answers."""
+@pytest.fixture
+def no_api(monkeypatch):
+    """PREFECT_API_URL at a loopback port nobody listens on, and check_api's retries instant."""
     import socket
 
-    with socket.socket() as probe:  # a loopback port nobody listens on
+    import fedrec.deployment_check as deployment_check
+
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
-    monkeypatch.setattr("time.sleep", lambda _: None)
-    with pytest.raises(ServerDown, match=f"the Prefect API at http://127.0.0.1:{port}/api"):
+    monkeypatch.setattr(deployment_check, "time", SimpleNamespace(sleep=lambda _: None))
+    return f"http://127.0.0.1:{port}/api"
+
+
+def test_an_api_that_does_not_answer_is_one_line_and_exit_status_1(no_api, capsys):
+    """Not bad input (2): the same command may succeed once the server answers."""
+    with pytest.raises(ServerDown, match=f"the Prefect API at {no_api}"):
         check_api()
     assert main(["--api"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
@@ -258,21 +266,6 @@ def test_a_deployment_is_scheduled_only_unpaused_with_an_active_schedule(deploym
     from fedrec.lock_parameters import _scheduled
 
     assert _scheduled(deployment) is scheduled
-
-
-@pytest.fixture
-def no_api(monkeypatch):
-    """PREFECT_API_URL at a loopback port nobody listens on, and check_api's retries instant."""
-    import socket
-
-    import fedrec.deployment_check as deployment_check
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
-    monkeypatch.setattr(deployment_check, "time", SimpleNamespace(sleep=lambda _: None))
-    return f"http://127.0.0.1:{port}/api"
 
 
 @pytest.fixture
