@@ -33,8 +33,14 @@ def crash_silent_runs(flow_name: str = FLOW, within_seconds: float = WITHIN_SECO
     """Create (or replace) the automation on the Prefect API of ``PREFECT_API_URL``: a flow run
     of ``flow_name`` that sent a heartbeat and then nothing (no heartbeat, no final state) for
     ``within_seconds`` becomes Crashed. It must exceed the workers' heartbeat period
-    (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, 180 s by default) several times over. Returns its
-    id."""
+    (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, 180 s by default) several times over; a window
+    under ``SHORTEST_WITHIN`` (or not finite) is a :class:`ValueError`, raised before any call
+    to the server. Returns its id."""
+    if not (math.isfinite(within_seconds) and within_seconds >= SHORTEST_WITHIN):
+        raise ValueError(
+            f"within_seconds={within_seconds!r}: a silent-runs window must be finite and at "
+            f"least {SHORTEST_WITHIN:g} s (two heartbeats at Prefect's shortest period)"
+        )
     from datetime import timedelta
 
     from prefect.automations import Automation

@@ -3,6 +3,7 @@ one line naming the file, the deployment and the parameter, before Prefect is re
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -327,6 +328,15 @@ def test_the_silent_runs_window_is_checked_before_the_server_and_then_the_server
     assert said.startswith("usage: python -m fedrec.silent_runs [--within SECONDS]\n")
     assert f"for SECONDS ({WITHIN_SECONDS:g} by default) becomes Crashed" in said
     assert automations == []
+
+
+@pytest.mark.parametrize("within", [59.9, 0.0, -90.0, math.nan, math.inf])
+def test_a_python_caller_gets_the_same_floor_before_any_call_to_the_server(within, no_api):
+    from fedrec.silent_runs import crash_silent_runs
+
+    # no_api: a server call would be a ServerDown-like httpx error, not this ValueError
+    with pytest.raises(ValueError, match=r"must be finite and at least 60 s"):
+        crash_silent_runs(within_seconds=within)
 
 
 def test_the_silent_runs_window_reaches_the_automation_in_seconds(monkeypatch, automations, capsys):
