@@ -182,7 +182,7 @@ def test_train_json_summary(trained):
     summary = json.loads(result.stdout)
     assert summary["model_version"] == "1" and summary["promoted"] is True
     assert summary["tracking_uri"] == uri and len(summary["run_id"]) == 32
-    assert summary["seconds"] > 0
+    assert summary["seconds"] > 0 and summary["seconds"] == round(summary["seconds"], 2)
     # the summary reports what the run logged at its last step
     logged = MlflowClient(tracking_uri=uri).get_metric_history(summary["run_id"], "test/rmse")
     assert [m.step for m in logged] == [1, 2]

@@ -1,0 +1,166 @@
+"""Parts of ``fedrec.cli`` checked in this process, without a server: the filter on Prefect's
+records, what the group remembers of the user's store, the API the commands report to, the
+links a finished run prints, and ``fedrec server start`` beside a server that already runs."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+from click.testing import CliRunner
+
+import fedrec
+from fedrec import cli, local_server
+
+
+def _record(level: int, message: str) -> logging.LogRecord:
+    return logging.LogRecord("prefect.flow_runs", level, __file__, 1, message, None, None)
+
+
+@pytest.mark.parametrize(
+    ("level", "message", "kept"),
+    [
+        (logging.ERROR, "Encountered exception during execution", False),
+        (logging.CRITICAL, "the engine stopped", False),
+        (logging.ERROR - 1, "just under an error", True),
+        (logging.WARNING, "a task was retried", True),
+        (logging.INFO, "Finished in state Failed('Flow run encountered an exception.')", False),
+        (logging.INFO, "Finished in state Completed()", True),
+    ],
+)
+def test_prefects_error_records_and_failed_state_line_are_left_to_the_clis_own_line(
+    level, message, kept
+):
+    assert cli._NoErrorRecords().filter(_record(level, message)) is kept
+
+
+@pytest.mark.parametrize(
+    ("value", "remembered"), [("sqlite:///x.db", "sqlite:///x.db"), ("", None)]
+)
+def test_the_group_remembers_the_users_store_as_the_environment_names_it(
+    monkeypatch, value, remembered
+):
+    monkeypatch.setattr(fedrec, "USER_TRACKING_URI", "left from an earlier command")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
+    cli.main.callback()
+    assert remembered == fedrec.USER_TRACKING_URI
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    cli.main.callback()
+    assert fedrec.USER_TRACKING_URI is None
+
+
+def test_the_configured_api_is_the_environments_else_prefects_profiles(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: "http://profile.example:4200/api/"}):
+        assert cli.configured_api() == "http://profile.example:4200/api"
+        monkeypatch.setenv("PREFECT_API_URL", "http://env.example:4200/api/")
+        assert cli.configured_api() == "http://env.example:4200/api"
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        monkeypatch.delenv("PREFECT_API_URL")
+        assert cli.configured_api() is None
+
+
+def _local_server(state, *, started: bool, calls: list[str]) -> SimpleNamespace:
+    """``fedrec.cli``'s view of fedrec.local_server: a server in ``state`` (None: none runs)."""
+
+    def start(port=None, timeout=None):
+        calls.append(f"start port={port}")
+        return state, started
+
+    return SimpleNamespace(
+        PORT_ENV=local_server.PORT_ENV,
+        read_state=lambda: state,
+        start=start,
+        log_path=lambda: "/srv/fedrec/server/prefect-server.log",
+        is_healthy=lambda url, timeout=3.0: True,
+        fedrec_home=local_server.fedrec_home,
+    )
+
+
+@pytest.fixture
+def no_configured_api(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
+
+
+def test_a_sites_run_reports_to_a_running_local_server_and_without_one_is_refused(
+    monkeypatch, no_configured_api, capsys
+):
+    running = local_server.ServerState(pid=4321, port=4711, started_at=0.0)
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "local_server", _local_server(running, started=False, calls=calls))
+    assert cli.prefect_api(sites=True) == "http://127.0.0.1:4711/api"
+    assert "reporting to the local Prefect server at http://127.0.0.1:4711 (pid 4321)" in (
+        capsys.readouterr().err
+    )
+
+    monkeypatch.setattr(cli, "local_server", _local_server(None, started=True, calls=calls))
+    with pytest.raises(cli.UserError, match=r"^--sites: no Prefect API is set and no local"):
+        cli.prefect_api(sites=True)
+    assert calls == ["start port=None"]  # the first call only: no server is started for sites
+
+
+def test_server_start_beside_a_running_server_says_so_and_refuses_only_another_port(
+    monkeypatch, no_configured_api
+):
+    running = local_server.ServerState(pid=4321, port=4711, started_at=0.0)
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "local_server", _local_server(running, started=False, calls=calls))
+    monkeypatch.delenv(local_server.PORT_ENV, raising=False)
+
+    found = CliRunner().invoke(cli.main, ["server", "start"])
+    assert found.exit_code == 0, found.output
+    assert found.output.splitlines()[:2] == [
+        "a local Prefect server is already running at http://127.0.0.1:4711 (pid 4321)",
+        "Prefect UI:  http://127.0.0.1:4711",
+    ]
+    same = CliRunner().invoke(cli.main, ["server", "start", "--port", "4711"])
+    assert same.exit_code == 0, same.output
+    moved = CliRunner().invoke(cli.main, ["server", "start", "--port", "4712"])
+    assert moved.exit_code == 2
+    assert "--port 4712: the local Prefect server is already running at" in moved.output
+    monkeypatch.setenv(local_server.PORT_ENV, "4713")
+    by_env = CliRunner().invoke(cli.main, ["server", "start"])
+    assert by_env.exit_code == 2
+    assert f"{local_server.PORT_ENV}=4713: the local Prefect server is already" in by_env.output
+    assert calls == ["start port=None", "start port=4711", "start port=4712", "start port=None"]
+
+
+@pytest.fixture
+def a_run(tmp_path, monkeypatch):
+    """A run in a SQLite store under FEDREC_HOME (fedrec's local store) and one elsewhere."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("FEDREC_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    made = {}
+    for where, path in (("local", tmp_path / "home" / "mlflow.db"), ("other", tmp_path / "o.db")):
+        uri = f"sqlite:///{path.resolve()}"
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.create_experiment("fedrec")
+        made[where] = (uri, experiment, client.create_run(experiment).info.run_id)
+    return made
+
+
+def test_a_finished_runs_link_names_the_port_and_the_command_that_opens_its_store(
+    a_run, monkeypatch
+):
+    monkeypatch.delenv(cli.MLFLOW_PORT_ENV, raising=False)
+    uri, experiment, run = a_run["local"]
+    assert cli.mlflow_run_url(uri, run) == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run}"
+        "?workflowType=machine_learning",
+        "make mlflow-ui",
+    )
+    monkeypatch.setenv(cli.MLFLOW_PORT_ENV, "5123")
+    uri, experiment, run = a_run["other"]
+    link, how = cli.mlflow_run_url(uri, run)
+    assert link.startswith(f"http://127.0.0.1:5123/#/experiments/{experiment}/runs/{run}")
+    assert how == f"mlflow ui --backend-store-uri {uri} --port 5123"
+    assert cli.mlflow_run_url(uri, "no-such-run") == (f"run no-such-run in {uri}", "")
