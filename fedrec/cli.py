@@ -615,17 +615,22 @@ def train(
     click.echo(f"{', '.join(parts)}  ({summary['seconds']} s)")
     if summary.get("dp_not_covered"):  # the run's log warned at its start; said again here
         click.echo(f"not covered by DP: {summary['dp_not_covered']}")
-    sites = summary.get("sites")
-    if sites:
-        line = f"sites: {len(sites['enrolled'])} enrolled ({', '.join(sites['enrolled'])})"
-        left = sites["left_out"]
-        if left:
-            line += "; left out: " + "; ".join(f"{name} ({why})" for name, why in left.items())
-        click.echo(line)
+    if summary.get("sites"):
+        click.echo("\n".join(sites_lines(summary["sites"])))
     click.echo(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
     )
     click.echo(f"Prefect flow run: {flow_run_url}")
+
+
+def sites_lines(sites: dict[str, Any]) -> list[str]:
+    """The summary's lines on a run of real sites: those that enrolled and each one left out
+    with its reason, then each site's missed steps (the run's ``fedrec.sites_missed`` tag)."""
+    line = f"sites: {len(sites['enrolled'])} enrolled ({', '.join(sites['enrolled'])})"
+    if sites["left_out"]:
+        line += "; left out: " + "; ".join(f"{n} ({why})" for n, why in sites["left_out"].items())
+    missed = sites.get("missed") or {}
+    return [line, *(f"{name} missed: {'; '.join(steps)}" for name, steps in missed.items())]
 
 
 def training_config(values: dict[str, Any], named: dict[str, Any]) -> Any:

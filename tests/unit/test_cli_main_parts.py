@@ -164,3 +164,82 @@ def test_a_finished_runs_link_names_the_port_and_the_command_that_opens_its_stor
     assert link.startswith(f"http://127.0.0.1:5123/#/experiments/{experiment}/runs/{run}")
     assert how == f"mlflow ui --backend-store-uri {uri} --port 5123"
     assert cli.mlflow_run_url(uri, "no-such-run") == (f"run no-such-run in {uri}", "")
+
+
+def test_server_status_names_the_configured_api_and_an_unused_local_server_beside_it(
+    monkeypatch,
+):
+    running = local_server.ServerState(pid=4321, port=4711, started_at=0.0)
+    monkeypatch.setattr(cli, "local_server", _local_server(running, started=False, calls=[]))
+    monkeypatch.setenv("PREFECT_API_URL", "http://api.example:4200/api")
+    beside = CliRunner().invoke(cli.main, ["server", "status"])
+    assert beside.exit_code == 0, beside.output
+    assert beside.output.splitlines() == [
+        "api:     http://api.example:4200/api  (PREFECT_API_URL: fedrec's commands report to it)",
+        "health:  healthy",
+        "also:    fedrec's local server at http://127.0.0.1:4711/api (pid 4321), unused",
+    ]
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4711/api/")  # the local one itself
+    itself = CliRunner().invoke(cli.main, ["server", "status"])
+    assert itself.exit_code == 0 and "also:" not in itself.output, itself.output
+
+
+def test_a_sites_runs_summary_names_who_enrolled_who_was_left_out_and_what_each_missed():
+    sites = {"enrolled": ["shop-a", "shop-b", "shop-c"], "left_out": {}, "missed": {}}
+    assert cli.sites_lines(sites) == ["sites: 3 enrolled (shop-a, shop-b, shop-c)"]
+    sites["left_out"] = {"shop-d": "not started", "shop-e": "wrong coordinator key"}
+    sites["missed"] = {
+        "shop-c": ["round 4 train (did not answer within 30.0 s)", "round-8 evaluation (gone)"],
+        "shop-b": ["round 3 secagg-unmask-request (signature does not verify)"],
+    }
+    assert cli.sites_lines(sites) == [
+        "sites: 3 enrolled (shop-a, shop-b, shop-c); left out: shop-d (not started); "
+        "shop-e (wrong coordinator key)",
+        "shop-c missed: round 4 train (did not answer within 30.0 s); round-8 evaluation (gone)",
+        "shop-b missed: round 3 secagg-unmask-request (signature does not verify)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("written", "locked", "said"),
+    [
+        ("2026-01-01T00:00:00", ["rounds"], ""),
+        ("2026-01-01T00:00:00", None,
+         "fedrec: {served} was not scheduled in time: unknown parameters not refused\n"),
+        ("2026-01-01T00:00:00", RuntimeError("409"),
+         "fedrec: could not make {served} refuse unknown parameters: 409\n"),
+        (RuntimeError("no API"), None,
+         "fedrec: could not make {served} refuse unknown parameters: no API\n"),
+    ],
+    ids=["locked", "not-scheduled", "lock-failed", "unreadable"],
+)  # fmt: skip
+def test_serve_locks_its_deployments_parameters_in_a_thread_and_says_when_it_could_not(
+    monkeypatch, capsys, written, locked, said
+):
+    import threading
+
+    import fedrec.lock_parameters as lock_parameters
+
+    asked: list[tuple[str, object]] = []
+
+    def last_written(name):
+        if isinstance(written, Exception):
+            raise written
+        return written
+
+    def lock_when_scheduled(name, since):
+        asked.append((name, since))
+        if isinstance(locked, Exception):
+            raise locked
+        return locked
+
+    monkeypatch.setattr(lock_parameters, "last_written", last_written)
+    monkeypatch.setattr(lock_parameters, "lock_when_scheduled", lock_when_scheduled)
+    cli._lock_served_parameters()
+    for thread in threading.enumerate():
+        if thread.name == "lock-parameters":
+            thread.join(timeout=30)
+    served = lock_parameters.SERVED
+    assert capsys.readouterr().err == said.format(served=served)
+    # the write it saw before serving, and no wait for a schedule when that could not be read
+    assert asked == ([] if isinstance(written, Exception) else [(served, written)])
