@@ -7,8 +7,10 @@ import datetime
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -150,6 +152,7 @@ def trained(tmp_path_factory, prefect_server):
     uri = f"sqlite:///{home / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FEDREC_HOME", str(home))
+        started = time.perf_counter()
         result = CliRunner().invoke(
             main,
             [
@@ -169,6 +172,7 @@ def trained(tmp_path_factory, prefect_server):
             ],
             catch_exceptions=False,
         )
+    result.wall_seconds = time.perf_counter() - started  # what its own figures cannot exceed
     return result, uri, home
 
 
@@ -183,6 +187,10 @@ def test_train_json_summary(trained):
     assert summary["model_version"] == "1" and summary["promoted"] is True
     assert summary["tracking_uri"] == uri and len(summary["run_id"]) == 32
     assert summary["seconds"] > 0 and summary["seconds"] == round(summary["seconds"], 2)
+    assert summary["seconds"] <= result.wall_seconds
+    checked = re.search(r"^fedrec: data and configuration checked \(([\d.]+) s\)$",
+                        result.stderr, re.MULTILINE)  # fmt: skip
+    assert checked and 0 <= float(checked.group(1)) <= result.wall_seconds, result.stderr
     # the summary reports what the run logged at its last step
     logged = MlflowClient(tracking_uri=uri).get_metric_history(summary["run_id"], "test/rmse")
     assert [m.step for m in logged] == [1, 2]

@@ -184,6 +184,25 @@ def test_server_status_names_the_configured_api_and_an_unused_local_server_besid
     assert itself.exit_code == 0 and "also:" not in itself.output, itself.output
 
 
+def test_server_status_is_a_failure_when_the_server_it_reports_on_does_not_answer(
+    monkeypatch, no_configured_api
+):
+    running = local_server.ServerState(pid=4321, port=4711, started_at=0.0)
+    view = _local_server(running, started=False, calls=[])
+    view.is_healthy = lambda url, timeout=3.0: False
+    monkeypatch.setattr(cli, "local_server", view)
+    local = CliRunner().invoke(cli.main, ["server", "status"])
+    assert local.exit_code == 1
+    assert "health:  not answering (starting, or busy)" in local.output.splitlines()
+    monkeypatch.setenv("PREFECT_API_URL", "http://api.example:4200/api")
+    configured = CliRunner().invoke(cli.main, ["server", "status"])
+    assert configured.exit_code == 1 and "health:  not answering" in configured.output
+    view.read_state = lambda: None
+    monkeypatch.delenv("PREFECT_API_URL")
+    none = CliRunner().invoke(cli.main, ["server", "status"])
+    assert none.exit_code == 1 and none.output.startswith("no local Prefect server is running")
+
+
 def test_a_sites_runs_summary_names_who_enrolled_who_was_left_out_and_what_each_missed():
     sites = {"enrolled": ["shop-a", "shop-b", "shop-c"], "left_out": {}, "missed": {}}
     assert cli.sites_lines(sites) == ["sites: 3 enrolled (shop-a, shop-b, shop-c)"]
@@ -243,3 +262,29 @@ def test_serve_locks_its_deployments_parameters_in_a_thread_and_says_when_it_cou
     assert capsys.readouterr().err == said.format(served=served)
     # the write it saw before serving, and no wait for a schedule when that could not be read
     assert asked == ([] if isinstance(written, Exception) else [(served, written)])
+
+
+@pytest.mark.parametrize("cron", ["61 * * * *", "every night"])
+def test_serve_refuses_a_cron_that_is_no_schedule_before_any_server(
+    monkeypatch, no_configured_api, cron
+):
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "local_server", _local_server(None, started=True, calls=calls))
+    refused = CliRunner().invoke(cli.main, ["serve", "--cron", cron])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.splitlines()[-1] == (
+        f"fedrec: error: --cron {cron!r}: not a cron schedule; allowed: five fields, minute hour "
+        "day-of-month month day-of-week (e.g. '0 2 * * *': 02:00 every day)"
+    )
+    assert calls == []  # no server was started or looked for
+
+
+def test_a_flow_runs_link_is_on_the_ui_prefect_names_else_beside_its_api(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: "http://api.example:4200/api",
+                                     PREFECT_UI_URL: "https://ui.example/prefect/"}):  # fmt: skip
+        assert cli.prefect_flow_run_url("f-1") == "https://ui.example/prefect/runs/flow-run/f-1"
+    with temporary_settings(updates={PREFECT_API_URL: "http://api.example:4200/api"}):
+        assert cli.prefect_flow_run_url("f-2") == "http://api.example:4200/runs/flow-run/f-2"
