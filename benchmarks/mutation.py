@@ -363,7 +363,8 @@ TARGETS: dict[str, list[str]] = {
                                "tests/unit/test_stores_parts.py"],
     # the command line's main group, train, serve and server (the flow tests that start
     # servers for it are left out: minutes a mutant; survivors are checked against them by hand)
-    "fedrec/cli.py": ["tests/unit/test_cli_errors.py", "tests/unit/test_readme_flags.py",
+    "fedrec/cli.py": ["tests/unit/test_cli_main_parts.py",
+                      "tests/unit/test_cli_errors.py", "tests/unit/test_readme_flags.py",
                       "tests/unit/test_cli_workspaces.py", "tests/unit/test_cli_stores.py",
                       "tests/unit/test_cli_budget.py", "tests/unit/test_cli_fast.py"],
     "fedrec/cli_models.py": ["tests/unit/test_cli_models_parts.py", "tests/unit/test_safe_formats.py",
