@@ -188,6 +188,9 @@ def test_train_json_summary(trained):
     assert summary["tracking_uri"] == uri and len(summary["run_id"]) == 32
     assert summary["seconds"] > 0 and summary["seconds"] == round(summary["seconds"], 2)
     assert summary["seconds"] <= result.wall_seconds
+    assert summary["mlflow_run_url"].endswith(
+        f"/runs/{summary['run_id']}?workflowType=machine_learning"
+    )
     checked = re.search(r"^fedrec: data and configuration checked \(([\d.]+) s\)$",
                         result.stderr, re.MULTILINE)  # fmt: skip
     assert checked and 0 <= float(checked.group(1)) <= result.wall_seconds, result.stderr
