@@ -130,6 +130,14 @@ def test_server_start_beside_a_running_server_says_so_and_refuses_only_another_p
     assert by_env.exit_code == 2
     assert f"{local_server.PORT_ENV}=4713: the local Prefect server is already" in by_env.output
     assert calls == ["start port=None", "start port=4711", "start port=4712", "start port=None"]
+    monkeypatch.delenv(local_server.PORT_ENV)
+    for port in ("1", "65535"):  # the ends of the range reach the server's check
+        ends = CliRunner().invoke(cli.main, ["server", "start", "--port", port])
+        assert f"--port {port}: the local Prefect server is already running" in ends.output
+    for port in ("0", "65536"):
+        beyond = CliRunner().invoke(cli.main, ["server", "start", "--port", port])
+        assert beyond.exit_code == 2 and "is not in the range 1<=x<=65535" in beyond.output
+    assert calls[4:] == ["start port=1", "start port=65535"]
 
 
 @pytest.fixture
