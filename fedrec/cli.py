@@ -596,23 +596,11 @@ def train(
         click.echo(f"\n{summary['reason']} (model {summary['model_name']})")
         click.echo(f"Prefect flow run: {flow_run_url}")
         return
-    metrics = summary["metrics"]
     click.echo(
         f"\nmodel {summary['model_name']} version {summary['model_version']}: "
         f"{'promoted to champion' if summary['promoted'] else 'not promoted'} ({summary['reason']})"
     )
-    k = summary.get("top_k", 10)  # the run's K: its ranking metrics are *_at_K
-    shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse", f"select NDCG@{k}": f"select/ndcg_at_{k}",
-             f"test Recall@{k}": f"test/recall_at_{k}", f"test NDCG@{k}": f"test/ndcg_at_{k}"}  # fmt: skip
-    from models.promotion import noise_metric
-
-    parts = [
-        f"{label} {metrics[key]:.4f}"
-        + (f" ± {metrics[noise]:.4f}" if (noise := noise_metric(key)) in metrics else "")
-        for label, key in shown.items()
-        if key in metrics
-    ]
-    click.echo(f"{', '.join(parts)}  ({summary['seconds']} s)")
+    click.echo(metrics_line(summary))
     if summary.get("dp_not_covered"):  # the run's log warned at its start; said again here
         click.echo(f"not covered by DP: {summary['dp_not_covered']}")
     if summary.get("sites"):
@@ -621,6 +609,24 @@ def train(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
     )
     click.echo(f"Prefect flow run: {flow_run_url}")
+
+
+def metrics_line(summary: dict[str, Any]) -> str:
+    """The summary's line of headline metrics (each released one with its DP noise's standard
+    deviation) and the run's seconds."""
+    from models.promotion import noise_metric
+
+    metrics = summary["metrics"]
+    k = summary.get("top_k", 10)  # the run's K: its ranking metrics are *_at_K
+    shown = {"valid RMSE": "valid/rmse", "test RMSE": "test/rmse", f"select NDCG@{k}": f"select/ndcg_at_{k}",
+             f"test Recall@{k}": f"test/recall_at_{k}", f"test NDCG@{k}": f"test/ndcg_at_{k}"}  # fmt: skip
+    parts = [
+        f"{label} {metrics[key]:.4f}"
+        + (f" ± {metrics[noise]:.4f}" if (noise := noise_metric(key)) in metrics else "")
+        for label, key in shown.items()
+        if key in metrics
+    ]
+    return f"{', '.join(parts)}  ({summary['seconds']} s)"
 
 
 def sites_lines(sites: dict[str, Any]) -> list[str]:

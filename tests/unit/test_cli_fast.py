@@ -834,6 +834,9 @@ def test_a_misspelt_key_of_a_config_file_is_named_before_the_data_is_read(tmp_pa
         # out of the setting's own bounds: the configuration's check speaks, not the data's
         ("clients: 0\n", True, "clients: Input should be greater than or equal to 1 (got 0)"),
         ("clients: 100\n", False, "setting 'clients': value 100 is more clients than the data has users (4)"),
+        # beside a problem of settings together, which the configuration reports only after
+        # the data's: the data's problem is the one named
+        ("clients: 100\ndp_budget: 1\n", False, "setting 'clients': value 100 is more clients than the data has users (4)"),
         ("rating_scale: [5, 1]\n", True, "rating_scale: rating_scale (5, 1) is not a valid range"),
     ],
 )  # fmt: skip

@@ -5,6 +5,7 @@ links a finished run prints, and ``fedrec server start`` beside a server that al
 from __future__ import annotations
 
 import logging
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -195,12 +196,13 @@ def test_server_status_names_the_configured_api_and_an_unused_local_server_besid
 def test_server_status_is_a_failure_when_the_server_it_reports_on_does_not_answer(
     monkeypatch, no_configured_api
 ):
-    running = local_server.ServerState(pid=4321, port=4711, started_at=0.0)
+    running = local_server.ServerState(pid=4321, port=4711, started_at=time.time() - 42.2)
     view = _local_server(running, started=False, calls=[])
     view.is_healthy = lambda url, timeout=3.0: False
     monkeypatch.setattr(cli, "local_server", view)
     local = CliRunner().invoke(cli.main, ["server", "status"])
     assert local.exit_code == 1
+    assert "uptime:  42 s" in local.output.splitlines()
     assert "health:  not answering (starting, or busy)" in local.output.splitlines()
     monkeypatch.setenv("PREFECT_API_URL", "http://api.example:4200/api")
     configured = CliRunner().invoke(cli.main, ["server", "status"])
@@ -296,3 +298,17 @@ def test_a_flow_runs_link_is_on_the_ui_prefect_names_else_beside_its_api(monkeyp
         assert cli.prefect_flow_run_url("f-1") == "https://ui.example/prefect/runs/flow-run/f-1"
     with temporary_settings(updates={PREFECT_API_URL: "http://api.example:4200/api"}):
         assert cli.prefect_flow_run_url("f-2") == "http://api.example:4200/runs/flow-run/f-2"
+
+
+def test_a_runs_metrics_line_shows_its_ks_metrics_and_each_released_ones_noise():
+    rating = {"metrics": {"valid/rmse": 0.91234, "test/rmse": 0.93, "valid/mae": 0.7,
+                          "test/dp_sd/rmse": 0.0123}, "seconds": 12.34}  # fmt: skip
+    assert cli.metrics_line(rating) == "valid RMSE 0.9123, test RMSE 0.9300 ± 0.0123  (12.34 s)"
+    ranking = {"top_k": 5, "seconds": 3.0, "metrics": {
+        "select/ndcg_at_5": 0.31, "test/recall_at_5": 0.2, "test/ndcg_at_5": 0.3,
+        "test/ndcg_at_10": 0.9, "select/dp_sd/ndcg_at_5": 0.01}}  # fmt: skip
+    assert cli.metrics_line(ranking) == (
+        "select NDCG@5 0.3100 ± 0.0100, test Recall@5 0.2000, test NDCG@5 0.3000  (3.0 s)"
+    )
+    del ranking["top_k"]  # a summary without its K: 10
+    assert cli.metrics_line(ranking) == "test NDCG@10 0.9000  (3.0 s)"
