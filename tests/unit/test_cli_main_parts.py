@@ -312,3 +312,36 @@ def test_a_runs_metrics_line_shows_its_ks_metrics_and_each_released_ones_noise()
     )
     del ranking["top_k"]  # a summary without its K: 10
     assert cli.metrics_line(ranking) == "test NDCG@10 0.9000  (3.0 s)"
+
+
+def test_earlier_lost_runs_are_named_with_what_was_done_with_their_mlflow_runs(monkeypatch, capsys):
+    import fedrec.runtime as runtime
+    import tasks.tracking as tracking
+
+    closed: list[tuple[str, str]] = []
+    monkeypatch.setattr(tracking, "close_lost_run",
+                        lambda uri, flow_run_id: closed.append((uri, flow_run_id)) or "closed")  # fmt: skip
+
+    def crash_lost_runs(flow_name, tracking_run_of):
+        assert flow_name == "federated-training" and tracking_run_of("f-1") == "closed"
+        return [("run-a", "its MLflow run r1 marked KILLED"), ("run-b", None)]
+
+    monkeypatch.setattr(runtime, "crash_lost_runs", crash_lost_runs)
+    cli._crash_lost_runs("sqlite:///store.db")
+    assert closed == [("sqlite:///store.db", "f-1")]  # the run's own store
+    assert capsys.readouterr().err == (
+        "fedrec: marked 2 earlier run(s) as crashed, their process gone: run-a (its MLflow run "
+        "r1 marked KILLED); run-b (its MLflow run is not in this store)\n"
+    )
+
+    def unreachable(flow_name, tracking_run_of):
+        raise RuntimeError("the API said 503")
+
+    monkeypatch.setattr(runtime, "crash_lost_runs", unreachable)
+    cli._crash_lost_runs("sqlite:///store.db")  # housekeeping: the run goes on
+    assert capsys.readouterr().err == (
+        "fedrec: could not look for runs whose process is gone: RuntimeError: the API said 503\n"
+    )
+    monkeypatch.setattr(runtime, "crash_lost_runs", lambda flow_name, tracking_run_of: [])
+    cli._crash_lost_runs("sqlite:///store.db")
+    assert capsys.readouterr().err == ""
