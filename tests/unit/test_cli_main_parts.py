@@ -97,8 +97,16 @@ def test_a_sites_run_reports_to_a_running_local_server_and_without_one_is_refuse
     calls: list[str] = []
     monkeypatch.setattr(cli, "local_server", _local_server(running, started=False, calls=calls))
     assert cli.prefect_api(sites=True) == "http://127.0.0.1:4711/api"
-    assert "reporting to the local Prefect server at http://127.0.0.1:4711 (pid 4321)" in (
-        capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "fedrec: reporting to the local Prefect server at http://127.0.0.1:4711 (pid 4321)\n"
+    )
+    # a run of the clients simulated here starts the server when none runs, and says so
+    monkeypatch.setattr(cli, "local_server", _local_server(None, started=True, calls=calls))
+    cli.local_server.start = lambda port=None, timeout=None: (running, True)
+    assert cli.prefect_api() == "http://127.0.0.1:4711/api"
+    assert capsys.readouterr().err == (
+        "fedrec: no local Prefect server is running: starting one; it stays up for the next "
+        "commands (`fedrec server stop` ends it)\n"
     )
 
     monkeypatch.setattr(cli, "local_server", _local_server(None, started=True, calls=calls))
