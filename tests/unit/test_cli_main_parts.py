@@ -5,6 +5,7 @@ links a finished run prints, and ``fedrec server start`` beside a server that al
 from __future__ import annotations
 
 import logging
+import os
 import time
 from types import SimpleNamespace
 
@@ -353,3 +354,63 @@ def test_earlier_lost_runs_are_named_with_what_was_done_with_their_mlflow_runs(m
     monkeypatch.setattr(runtime, "crash_lost_runs", lambda flow_name, tracking_run_of: [])
     cli._crash_lost_runs("sqlite:///store.db")
     assert capsys.readouterr().err == ""
+
+
+def test_server_stop_says_what_it_stopped_or_that_nothing_ran(monkeypatch):
+    running = local_server.ServerState(pid=4321, port=4711, started_at=0.0)
+    view = _local_server(running, started=False, calls=[])
+    graces: list[float] = []
+    view.stop = lambda grace: graces.append(grace) or running
+    monkeypatch.setattr(cli, "local_server", view)
+    stopped = CliRunner().invoke(cli.main, ["server", "stop", "--grace", "2.5"])
+    assert stopped.exit_code == 0
+    assert (
+        stopped.output == "stopped the local Prefect server at http://127.0.0.1:4711 (pid 4321)\n"
+    )
+    view.stop = lambda grace: graces.append(grace) and None
+    nothing = CliRunner().invoke(cli.main, ["server", "stop"])
+    assert nothing.exit_code == 0 and nothing.output.startswith(
+        "no local Prefect server is running"
+    )
+    assert graces == [2.5, local_server.STOP_GRACE]
+
+
+@pytest.mark.parametrize("before", [None, "http://mine.example:4200/api"])
+def test_using_an_api_sets_it_for_this_process_and_its_children_then_puts_back_the_users(
+    monkeypatch, before
+):
+    from prefect.settings import get_current_settings
+
+    if before is None:
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    else:
+        monkeypatch.setenv("PREFECT_API_URL", before)
+    with cli.using_api("http://127.0.0.1:4711/api"):
+        assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4711/api"
+        assert str(get_current_settings().api.url) == "http://127.0.0.1:4711/api"
+    assert os.environ.get("PREFECT_API_URL") == before
+
+
+def test_a_failed_runs_line_says_how_to_resume_it_unless_its_clients_refuse_a_resume(monkeypatch):
+    from fedrec.cli_errors import RunFailed
+    from tasks.secure import MASKED_ONCE
+
+    uri = "sqlite:////srv/runs.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(fedrec, "USER_TRACKING_URI", uri)  # the command's default store
+    config = SimpleNamespace(tracking_uri=uri, secure_aggregation=False)
+    monkeypatch.setattr(cli, "_resumable_run", lambda config: "r1")
+    hinted = cli._with_resume_hint(RunFailed("too few clients answered"), config)
+    assert hinted.message == "too few clients answered; fedrec train --resume r1 continues it"
+    assert hinted.details == {"run_id": "r1"}
+    config.secure_aggregation = True
+    hinted = cli._with_resume_hint(RunFailed("too few clients answered"), config)
+    assert hinted.message.endswith(
+        "continues it unless its clients had masked the round it stopped in (then start a new run)"
+    )
+    masked = cli._with_resume_hint(RunFailed(f"round 3: {MASKED_ONCE}"), config)
+    assert masked.message == f"round 3: {MASKED_ONCE}" and masked.details == {}
+    monkeypatch.setattr(cli, "_resumable_run", lambda config: None)
+    monkeypatch.setattr(cli, "_record_a_cut_short_decision", lambda config: "m version 2 was ...")
+    decided = cli._with_resume_hint(RunFailed("interrupted"), config)
+    assert decided.message == "interrupted; m version 2 was ..." and decided.details == {}
