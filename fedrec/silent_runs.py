@@ -29,6 +29,10 @@ WITHIN_SECONDS = 1800.0
 SHORTEST_WITHIN = 60.0
 
 
+def _long_enough(seconds: float) -> bool:
+    return math.isfinite(seconds) and seconds >= SHORTEST_WITHIN
+
+
 def crash_silent_runs(flow_name: str = FLOW, within_seconds: float = WITHIN_SECONDS) -> str:
     """Create (or replace) the automation on the Prefect API of ``PREFECT_API_URL``: a flow run
     of ``flow_name`` that sent a heartbeat and then nothing (no heartbeat, no final state) for
@@ -36,7 +40,7 @@ def crash_silent_runs(flow_name: str = FLOW, within_seconds: float = WITHIN_SECO
     (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, 180 s by default) several times over; a window
     under ``SHORTEST_WITHIN`` (or not finite) is a :class:`ValueError`, raised before any call
     to the server. Returns its id."""
-    if not (math.isfinite(within_seconds) and within_seconds >= SHORTEST_WITHIN):
+    if not _long_enough(within_seconds):
         raise ValueError(
             f"within_seconds={within_seconds!r}: a silent-runs window must be finite and at "
             f"least {SHORTEST_WITHIN:g} s (two heartbeats at Prefect's shortest period)"
@@ -94,7 +98,7 @@ def _within(text: str) -> float:
         within = float(text)
     except ValueError:
         within = math.nan
-    if not (math.isfinite(within) and within >= SHORTEST_WITHIN):
+    if not _long_enough(within):
         raise UserError(
             f"--within {text!r}: not a number of seconds of at least {SHORTEST_WITHIN:g}; "
             "allowed: seconds that exceed the workers' heartbeat period "

@@ -1,6 +1,7 @@
 """Parts of ``fedrec.cli`` checked in this process, without a server: the filter on Prefect's
-records, what the group remembers of the user's store, the API the commands report to, the
-links a finished run prints, and ``fedrec server start`` beside a server that already runs."""
+records, the user's store and API, the Prefect API a run reports to, ``fedrec server
+start|stop|status`` beside a fake local server, the links and lines of a finished run's summary,
+serve's checks before any server, and a failed run's hints."""
 
 from __future__ import annotations
 
@@ -101,19 +102,25 @@ def test_a_sites_run_reports_to_a_running_local_server_and_without_one_is_refuse
     assert capsys.readouterr().err == (
         "fedrec: reporting to the local Prefect server at http://127.0.0.1:4711 (pid 4321)\n"
     )
-    # a run of the clients simulated here starts the server when none runs, and says so
-    monkeypatch.setattr(cli, "local_server", _local_server(None, started=True, calls=calls))
-    cli.local_server.start = lambda port=None, timeout=None: (running, True)
-    assert cli.prefect_api() == "http://127.0.0.1:4711/api"
-    assert capsys.readouterr().err == (
-        "fedrec: no local Prefect server is running: starting one; it stays up for the next "
-        "commands (`fedrec server stop` ends it)\n"
-    )
 
     monkeypatch.setattr(cli, "local_server", _local_server(None, started=True, calls=calls))
     with pytest.raises(cli.UserError, match=r"^--sites: no Prefect API is set and no local"):
         cli.prefect_api(sites=True)
     assert calls == ["start port=None"]  # the first call only: no server is started for sites
+
+
+def test_a_run_of_simulated_clients_starts_the_local_server_when_none_runs_and_says_so(
+    monkeypatch, no_configured_api, capsys
+):
+    started = local_server.ServerState(pid=4321, port=4711, started_at=0.0)
+    view = _local_server(None, started=True, calls=[])
+    view.start = lambda port=None, timeout=None: (started, True)
+    monkeypatch.setattr(cli, "local_server", view)
+    assert cli.prefect_api() == "http://127.0.0.1:4711/api"
+    assert capsys.readouterr().err == (
+        "fedrec: no local Prefect server is running: starting one; it stays up for the next "
+        "commands (`fedrec server stop` ends it)\n"
+    )
 
 
 def test_server_start_beside_a_running_server_says_so_and_refuses_only_another_port(
