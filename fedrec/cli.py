@@ -556,7 +556,7 @@ def train(
                 "can reach; allowed: --tracking-uri http://HOST:PORT of an MLflow server with "
                 "the artifact proxy (`fedrec stores start` prints it)"
             )
-    if config.resume is None and config.sites is None:  # before a server starts or a run is made
+    if config.resume is None:  # before a server starts or a run is made
         from flows.training import check_private_places
 
         check_private_places(config)

@@ -193,11 +193,11 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     if config.resume:
         config, ctx = _resume(config)
         return _train_and_register(config, ctx, resuming=True)
+    check_private_places(config)  # before a reservation or a run: a refusal spends nothing
     if config.sites is not None:  # real sites enrol and train; no row is read here
         return _train_and_register(config, start_sites_run(config))
     logger = get_run_logger()
     name = config.registered_name
-    check_private_places(config)  # before a reservation or a run: a refusal spends nothing
     data, explicit_split = load_interactions(config)
     check_sharding(data, config)  # before a reservation or a run: a refusal writes nothing
     for note in data.notes:  # what reading changed or assumed (duplicates dropped, ...)
@@ -299,9 +299,13 @@ def _learnt_from(champion: Champion | None, metric: str) -> str:
 def check_private_places(config: TrainingConfig) -> None:
     """Refuse a private or securely aggregated run whose private files would sit where others
     could swap them, before it spends budget or starts: its clients' kept answers and held
-    updates (in the workspace) and the ledger's secret (:func:`models.files.read_private`'s
-    rules; :class:`models.files.UnsafeFile` or ``BudgetError``, one line each)."""
-    if config.dp_epsilon is None and not config.secure_aggregation:
+    updates and the registry of the keys its server steps trust (in the workspace), and the
+    ledger's secret (:func:`models.files.read_private`'s rules; :class:`models.files.UnsafeFile`
+    or ``BudgetError``, one line each). A run of real sites keeps only that registry here (its
+    sites keep their answers and count their own users' budgets), so only a securely aggregated
+    one is checked."""
+    sites = config.sites is not None
+    if not config.secure_aggregation and (config.dp_epsilon is None or sites):
         return
     workspace = Path(config.workspace) if config.workspace else fedrec_home() / "workspaces"
     try:
@@ -312,7 +316,7 @@ def check_private_places(config: TrainingConfig) -> None:
             "your own)",
             err.folder,
         ) from None
-    if config.dp_epsilon is not None:
+    if config.dp_epsilon is not None and not sites:
         check_ledger_secret(resolve_tracking_uri(config.tracking_uri, create=False),
                             config.dp_ledger_secret)  # fmt: skip
 

@@ -93,15 +93,16 @@ class UnsafeFile(PermissionError):
         self.folder = folder
 
 
-def read_private(path: Path, what: str) -> bytes:
-    """The bytes of ``path``, a file only this user may read or replace.
+def read_private(path: Path, what: str, *, public: bool = False) -> bytes:
+    """The bytes of ``path``, a file only this user may read or replace (with ``public``,
+    one others may read but only this user may replace: a public key the reader trusts).
 
     Refused with :class:`UnsafeFile` (one line naming the file and the fix) when ``path`` is a
     symbolic link or not a regular file, has a second name (a hard link, which another folder's
-    writer could keep), belongs to another user, is readable or writable by group or others, or
-    when a folder on its way, as given or as resolved, belongs to another user or is writable by
-    others (a sticky folder such as /tmp excepted): whoever can write such a folder can swap the
-    file for one whose contents they know. ``what`` names the file in the message ("ledger
+    writer could keep), belongs to another user, is readable or writable by group or others (with
+    ``public``: writable), or when a folder on its way, as given or as resolved, belongs to
+    another user or is writable by others (a sticky folder such as /tmp excepted): whoever can
+    write such a folder can swap the file for one whose contents they know. ``what`` names the file in the message ("ledger
     secret", "identity key").
 
     Raises
@@ -118,10 +119,10 @@ def read_private(path: Path, what: str) -> bytes:
         if err.errno == errno.ELOOP:
             raise UnsafeFile(f"{path}: the {what} is a symbolic link; refused") from err
         if err.errno == errno.EACCES:  # another user's file, say: say whose, not "denied"
-            _check_private(path, what, os.lstat(path))
+            _check_private(path, what, os.lstat(path), public)
         raise
     try:
-        _check_private(path, what, os.fstat(fd))
+        _check_private(path, what, os.fstat(fd), public)
     except BaseException:
         os.close(fd)
         raise
@@ -129,7 +130,7 @@ def read_private(path: Path, what: str) -> bytes:
         return handle.read()
 
 
-def _check_private(path: Path, what: str, info: os.stat_result) -> None:
+def _check_private(path: Path, what: str, info: os.stat_result, public: bool = False) -> None:
     mode = stat.S_IMODE(info.st_mode)
     if not stat.S_ISREG(info.st_mode):
         raise UnsafeFile(f"{path}: the {what} is not a regular file; refused")
@@ -138,7 +139,12 @@ def _check_private(path: Path, what: str, info: os.stat_result) -> None:
             f"{path}: the {what} belongs to {_user(info.st_uid)}, not to {_user(os.geteuid())}"
             "; refused"
         )
-    if mode & 0o077:
+    if public and mode & 0o022:
+        raise UnsafeFile(
+            f"{path}: the {what} has mode {mode:04o}: others may write it; only its owner may "
+            f"(chmod 644 {path})"
+        )
+    if not public and mode & 0o077:
         raise UnsafeFile(
             f"{path}: the {what} has mode {mode:04o}: others may read or write it; it must be 0600 "
             f"(chmod 600 {path})"

@@ -29,6 +29,7 @@ from fedrec.sites.coordinator import Coordinator, RunStopped, SiteRefused
 from models.data.partitions import ITEMS, MANIFEST, ClientEntry, Manifest
 from models.federation.evaluation import Evaluation
 from models.federation.family import Family
+from models.files import make_private_folder, write_private
 from models.privacy.released_metrics import MetricRelease
 from models.protocol import ClientUpdate, weighted
 from models.sites.catalogue import read_item_arrays
@@ -254,7 +255,7 @@ def enroll_site(
 def record_enrolment(*, workspace: str, manifest: Manifest, catalogue: np.ndarray) -> None:
     """Write the run's manifest (per-site counts) and catalogue (item ids): no rows."""
     folder = Path(workspace)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_folder(folder)  # 0700 whatever the umask: the key registry goes here too
     pd.DataFrame({"item_id": catalogue}).to_parquet(folder / ITEMS, index=False)
     (folder / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, default=str))
 
@@ -262,11 +263,13 @@ def record_enrolment(*, workspace: str, manifest: Manifest, catalogue: np.ndarra
 @task(name="register-site-keys", cache_policy=NONE)
 def register_site_keys(*, workspace: str, sites: tuple[SiteSpec, ...]) -> None:
     """Write each site's ``sites.yaml`` key as the secure-aggregation registry the server steps
-    verify round keys and survivor signatures against (``client-<id>.pub``)."""
+    verify round keys and survivor signatures against (``client-<id>.pub``), as files only
+    this user may write, in folders no one else may write (:func:`models.files.write_private`)."""
     folder = registry_folder(workspace)
-    folder.mkdir(parents=True, exist_ok=True)
     for site in sites:
         pem = site.public_key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        (folder / f"client-{site.client_id}.pub").write_bytes(pem)
+        write_private(
+            folder / f"client-{site.client_id}.pub", pem, "secure-aggregation key registry"
+        )

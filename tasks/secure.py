@@ -40,7 +40,13 @@ from prefect.exceptions import MissingContextError
 
 from models.data.partitions import ClientEntry
 from models.federation.family import SecureFamily, min_secure_threshold
-from models.files import folder_lock, make_private_folder, read_private, write_private
+from models.files import (
+    check_private_folders,
+    folder_lock,
+    make_private_folder,
+    read_private,
+    write_private,
+)
 from models.privacy.fixed_point import FRACTION_BITS
 from models.privacy.identity import (
     KeyAuthenticationError,
@@ -176,7 +182,8 @@ def _register(workspace: str, client_id: int, public: Path) -> None:
     target = registry_folder(workspace) / public.name
     if target.exists():
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_private_folders(target, "secure-aggregation key registry")
+    make_private_folder(target.parent)
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     except FileExistsError:

@@ -18,6 +18,7 @@ import pandas as pd
 
 from models.client import SPLIT, TEST, TRAIN, VALID, ClientData
 from models.data.schema import ITEM, RATING, TIMESTAMP, USER, Interactions
+from models.files import make_private_folder
 
 USER_ID = "user_id"
 MANIFEST = "manifest.json"
@@ -118,7 +119,7 @@ def write_partitions(
     """
     check_workspace(workspace)
     workspace = Path(workspace)
-    workspace.parent.mkdir(parents=True, exist_ok=True)
+    make_private_folder(workspace.parent)  # 0700 whatever the umask: the clients' rows go here
     staging = Path(tempfile.mkdtemp(prefix=".partitions-", dir=workspace.parent))
     try:
         (staging / "clients").mkdir()

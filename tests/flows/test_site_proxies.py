@@ -251,23 +251,38 @@ def test_the_enrolment_record_holds_counts_and_item_ids_only(prefect_server, tmp
         record_enrolment, workspace=str(workspace), manifest=manifest, catalogue=np.array([3, 5, 7])
     )
     assert sorted(p.name for p in workspace.iterdir()) == sorted([ITEMS, MANIFEST])
+    assert workspace.stat().st_mode & 0o777 == 0o700  # the key registry goes here too
     assert pd.read_parquet(workspace / ITEMS)["item_id"].tolist() == [3, 5, 7]
     assert read_manifest(workspace) == manifest  # what the round loop reads back
 
 
 def test_the_key_registry_holds_each_sites_key_under_its_client_id(prefect_server, tmp_path):
+    import os
+
+    from models.privacy.identity import load_registry
     from tasks.remote import register_site_keys
     from tasks.secure import registry_folder
 
     sites = (_site(0, name="shop-a"), _site(2, name="shop-c"))
-    _run(register_site_keys, workspace=str(tmp_path), sites=sites)
-    folder = registry_folder(str(tmp_path))
+    workspace = tmp_path / "workspaces" / "run"
+    before = os.umask(0)  # folders the umask would leave open to every user are made 0700
+    try:
+        _run(register_site_keys, workspace=str(workspace), sites=sites)
+    finally:
+        os.umask(before)
+    folder = registry_folder(str(workspace))
     assert sorted(p.name for p in folder.iterdir()) == ["client-0.pub", "client-2.pub"]
     for site in sites:
         loaded = serialization.load_pem_public_key(
             (folder / f"client-{site.client_id}.pub").read_bytes()
         )
         assert loaded == site.public_key
+    modes = {p: p.stat().st_mode & 0o777 for p in [*folder.iterdir(), folder, workspace]}
+    assert set(modes.values()) <= {0o600, 0o700}, modes
+    registry = load_registry(folder)  # what the server steps read: accepted as written
+    assert {k: v.public_bytes_raw() for k, v in registry.items()} == {
+        s.client_id: s.public_key.public_bytes_raw() for s in sites
+    }
 
 
 def _site_link(answer: dict[str, np.ndarray], site: SiteSpec):

@@ -666,6 +666,36 @@ class _Healthy(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def test_a_secure_sites_run_whose_key_registry_others_could_write_ends_before_any_server(
+    tmp_path,
+):
+    """The run's workspace holds the sites' keys its server steps trust; under a FEDREC_HOME
+    every user may write, the command refuses it in one line before it starts or asks for a
+    Prefect server (none is set: that refusal would come next)."""
+    sites = _sites_file(tmp_path)
+    team = tmp_path / "team"
+    team.mkdir()
+    team.chmod(0o777)
+    home = team / "home"
+    mlflow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)  # answers /health
+    threading.Thread(target=mlflow.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{mlflow.server_address[1]}"
+        args = ["train", "--sites", str(sites), "--secure-aggregation", "--tracking-uri", uri]
+        done, _ = _cli(args, home)
+    finally:
+        mlflow.shutdown()
+
+    lines = done.stderr.strip().splitlines()  # after the progress lines: the error, exit 2
+    assert done.returncode == 2 and not [k for k in lines if not k.startswith("fedrec: ")], lines
+    assert lines[-1].startswith(
+        f"fedrec: error: {home / 'workspaces'}: the run's workspace is reached through {team}, "
+        "which every user may write to"
+    ) and lines[-1].endswith("(give --workspace DIR in a folder of your own, or use a "
+                             "FEDREC_HOME of your own)"), lines  # fmt: skip
+    assert list(team.iterdir()) == []
+
+
 def test_a_sites_run_without_servers_the_sites_can_reach_is_refused_before_any_flow_starts(
     tmp_path,
 ):

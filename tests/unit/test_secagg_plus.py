@@ -14,6 +14,7 @@ import secrets
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from models.privacy import secagg as old
@@ -24,6 +25,7 @@ from models.privacy.identity import (
     generate_identity,
     load_identity,
     load_registry,
+    public_bytes,
     save_identity,
     sign,
     signed_message,
@@ -162,6 +164,47 @@ def test_identity_files_are_private_reloadable_and_never_overwritten(tmp_path):
     private_path.chmod(0o644)
     with pytest.raises(PermissionError, match="must be 0600"):
         load_identity(private_path)
+
+
+def _pem(key) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def test_the_registry_is_read_only_where_no_one_else_could_have_put_a_key(tmp_path):
+    """The registry says whose round keys the server accepts: a key someone else registered for
+    client 2 lets them sign round keys as client 2 and learn the masks it shares with the
+    others. Each way another user could have put it there is refused, naming the file."""
+    from models.files import UnsafeFile
+
+    team = tmp_path / "team"
+    registry = team / "workspaces" / "run" / "secagg-registry"
+    registry.mkdir(parents=True)
+    honest, forged = generate_identity(), generate_identity()
+    (registry / "client-1.pub").write_bytes(_pem(honest))
+    (registry / "client-2.pub").write_bytes(_pem(forged))  # as another user would put it
+    (registry / "client-2.pub").chmod(0o644)
+    assert load_registry(registry)[2].public_bytes_raw() == public_bytes(forged)  # a trusted place
+
+    team.chmod(0o777)  # every user may write to a folder on the way: any file below may be theirs
+    with pytest.raises(UnsafeFile, match=rf"reached through {team}, which every user may write"):
+        load_registry(registry)
+    team.chmod(0o755)
+    (registry / "client-2.pub").chmod(0o666)  # the file itself: writable by every user
+    with pytest.raises(UnsafeFile, match=r"client-2\.pub: the registered identity key has mode "
+                       r"0666: others may write it; only its owner may \(chmod 644 "):  # fmt: skip
+        load_registry(registry)
+    (registry / "client-2.pub").unlink()
+    elsewhere = tmp_path / "forged.pub"
+    elsewhere.write_bytes(_pem(forged))
+    (registry / "client-2.pub").symlink_to(elsewhere)  # a name that leads out of the registry
+    with pytest.raises(UnsafeFile, match=r"client-2\.pub: the registered identity key is a symb"):
+        load_registry(registry)
+    (registry / "client-2.pub").unlink()
+    (registry / "client-2.pub").write_bytes(_pem(forged))
+    (registry / "client-2.pub").chmod(0o600)  # as a run of sites writes its sites' keys
+    assert set(load_registry(registry)) == {1, 2}
 
 
 def test_a_signature_verifies_only_for_its_signer_and_message():

@@ -63,3 +63,57 @@ def test_a_missing_sites_file_is_refused_before_anything_starts():
 def test_what_sites_cannot_do_yet_is_refused_in_one_line(changes, reason):
     with pytest.raises(ValidationError, match=reason):
         TrainingConfig(sites="sites.yaml", **changes)
+
+
+class _Enrolled(Exception):
+    """The run went on to its sites' enrolment."""
+
+
+def _enrolment(config: TrainingConfig):
+    raise _Enrolled
+
+
+@pytest.mark.parametrize("where", ["workspace", "home"])
+def test_a_secure_sites_run_refuses_a_key_registry_others_could_write_before_its_sites_enrol(
+    tmp_path, monkeypatch, where
+):
+    """A sites run's workspace holds the sites' keys its server steps trust: whoever can write a
+    folder on its way could register a key of their own for a site. The flow refuses such a
+    workspace before any site is asked to enrol (a deployment's run takes this path)."""
+    from flows import training
+    from models.files import UnsafeFile
+
+    team = tmp_path / "team"
+    team.mkdir()
+    team.chmod(0o777)
+    monkeypatch.setenv("FEDREC_HOME", str(team / "home"))
+    monkeypatch.setattr(training, "start_sites_run", _enrolment)
+    workspace = {"workspace": str(team / "ws")} if where == "workspace" else {}
+    expected = team / "ws" if where == "workspace" else team / "home" / "workspaces"
+    config = TrainingConfig(sites="sites.yaml", secure_aggregation=True, **workspace)
+    with pytest.raises(UnsafeFile, match=rf"^{expected}: the run's workspace is reached through "
+                       rf"{team}, which every user may write to"):  # fmt: skip
+        training._train(config)
+    assert list(team.iterdir()) == []
+
+
+def test_a_sites_run_without_secure_aggregation_keeps_nothing_private_in_its_workspace(
+    tmp_path, monkeypatch
+):
+    """Its sites keep their answers and count their own users' budgets: neither the workspace's
+    folders nor the coordinator's ledger secret stop it."""
+    from flows import training
+    from models.privacy.ledger import BudgetError
+
+    team = tmp_path / "team"
+    team.mkdir()
+    team.chmod(0o777)
+    monkeypatch.setenv("FEDREC_HOME", str(team / "home"))
+    monkeypatch.setattr(training, "start_sites_run", _enrolment)
+    for private in ({}, {"dp_epsilon": 8.0}):
+        with pytest.raises(_Enrolled):
+            training._train(TrainingConfig(sites="sites.yaml", **private))
+    simulated = TrainingConfig(dp_epsilon=8.0, workspace=str(tmp_path / "mine"))  # spends there
+    with pytest.raises(BudgetError, match=rf"^{team / 'home'}/\.fedrec-ledger\.key: the ledger "
+                       rf"secret is reached through {team}, which every user may write to"):  # fmt: skip
+        training.check_private_places(simulated)
