@@ -293,7 +293,8 @@ TARGETS: dict[str, list[str]] = {
     "fedrec/sites/transport.py": ["tests/unit/test_site_transport.py"],
     # owner-only files: held updates, kept answers, secrets, budgets
     "models/files.py": ["tests/unit/test_private_files.py", "tests/unit/test_site_process.py",
-                        "tests/unit/test_site_secure.py"],
+                        "tests/unit/test_site_secure.py",
+                        "tests/unit/test_secagg_plus.py"],  # public keys read as private files
     "fedrec/sites/coordinator.py": ["tests/unit/test_site_coordinator.py",
                                     "tests/unit/test_site_exchange.py",
                                     "tests/unit/test_site_secure.py",

@@ -126,23 +126,21 @@ def load_registry(folder: Path) -> dict[int, Ed25519PublicKey]:
     files in ``folder``.
 
     The keys decide whose round keys the server accepts, so each is read only when no one else
-    could have put it there (:func:`models.files.read_private` with ``public``: the folder and
-    every folder above it this user's or root's and writable by no one else, each file a regular
-    file of this user's that only they may write). Whoever could write the registry could
-    register a key of their own for a client, sign round keys as that client and learn the
-    masks it shares with the others.
+    could have put it there (:func:`models.files.read_private` with ``public``: a regular file
+    of this user's that only they may write, every folder on its way this user's or root's and
+    writable by no one else). Whoever could write the registry could register a key of their
+    own for a client, sign round keys as that client and learn the masks it shares with the
+    others.
 
     Raises
     ------
     ValueError
         If a file is not an Ed25519 public key in PEM.
     UnsafeFile
-        If the folder or a file fails the checks above.
+        If a file or a folder on its way fails the checks above.
     """
-    folder = Path(folder)
-    check_private_folders(folder, "secure-aggregation key registry", is_folder=True)
     registry: dict[int, Ed25519PublicKey] = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(Path(folder).iterdir()):
         match = _PUBLIC_NAME.fullmatch(path.name)
         if match is None:
             continue

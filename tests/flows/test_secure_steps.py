@@ -200,6 +200,21 @@ def test_a_client_identity_made_first_lives_in_a_folder_of_its_owners_alone(tmp_
     assert (secure.registry_folder(str(tmp_path)) / "client-8.pub").is_file()
     again = secure.client_identity(str(tmp_path), entry)
     assert again.private_bytes_raw() == key.private_bytes_raw()
+    assert stat.S_IMODE(secure.registry_folder(str(tmp_path)).stat().st_mode) == 0o700
+
+
+def test_a_client_registers_no_key_in_a_registry_folder_others_may_write(tmp_path):
+    """The server steps would refuse such a registry when they read it; the key is not written
+    there in the first place, and the refusal names the folder."""
+    from models.files import UnsafeFile
+    from tasks import secure
+
+    shared = secure.registry_folder(str(tmp_path))
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeFile, match=rf"reached through {shared}, which every user may write"):
+        secure.client_identity(str(tmp_path), secagg_entry(8))
+    assert list(shared.iterdir()) == []
 
 
 def test_a_named_site_a_server_step_leaves_out_is_recorded_as_missing_that_step(

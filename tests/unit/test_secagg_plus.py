@@ -191,10 +191,11 @@ def test_the_registry_is_read_only_where_no_one_else_could_have_put_a_key(tmp_pa
     with pytest.raises(UnsafeFile, match=rf"reached through {team}, which every user may write"):
         load_registry(registry)
     team.chmod(0o755)
-    (registry / "client-2.pub").chmod(0o666)  # the file itself: writable by every user
-    with pytest.raises(UnsafeFile, match=r"client-2\.pub: the registered identity key has mode "
-                       r"0666: others may write it; only its owner may \(chmod 644 "):  # fmt: skip
-        load_registry(registry)
+    for mode in (0o666, 0o620):  # the file itself: writable by every user, or by its group
+        (registry / "client-2.pub").chmod(mode)
+        with pytest.raises(UnsafeFile, match=rf"client-2\.pub: the registered identity key has "
+                           rf"mode {mode:04o}: others may write it; only its owner may \(chmod 644 "):  # fmt: skip
+            load_registry(registry)
     (registry / "client-2.pub").unlink()
     elsewhere = tmp_path / "forged.pub"
     elsewhere.write_bytes(_pem(forged))
