@@ -102,8 +102,8 @@ def read_private(path: Path, what: str, *, public: bool = False) -> bytes:
     writer could keep), belongs to another user, is readable or writable by group or others (with
     ``public``: writable), or when a folder on its way, as given or as resolved, belongs to
     another user or is writable by others (a sticky folder such as /tmp excepted): whoever can
-    write such a folder can swap the file for one whose contents they know. ``what`` names the file in the message ("ledger
-    secret", "identity key").
+    write such a folder can swap the file for one whose contents they know. ``what`` names the
+    file in the message ("ledger secret", "identity key").
 
     Raises
     ------
