@@ -129,8 +129,8 @@ def load_registry(folder: Path) -> dict[int, Ed25519PublicKey]:
     could have put it there (:func:`models.files.read_private` with ``public``: a regular file
     of this user's that only they may write, every folder on its way this user's or root's and
     writable by no one else). Whoever could write the registry could register a key of their
-    own for a client, sign round keys as that client and learn the masks it shares with the
-    others.
+    own for a client and sign round keys as that client: peers that check against the same
+    registry (simulated clients) would share masks with them.
 
     Raises
     ------

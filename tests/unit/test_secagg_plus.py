@@ -174,8 +174,9 @@ def _pem(key) -> bytes:
 
 def test_the_registry_is_read_only_where_no_one_else_could_have_put_a_key(tmp_path):
     """The registry says whose round keys the server accepts: a key someone else registered for
-    client 2 lets them sign round keys as client 2 and learn the masks it shares with the
-    others. Each way another user could have put it there is refused, naming the file."""
+    client 2 lets them sign round keys as client 2, and simulated clients, which check their
+    peers against the same registry, would share masks with them. Each way another user could
+    have put it there is refused, naming the file."""
     from models.files import UnsafeFile
 
     team = tmp_path / "team"
