@@ -540,9 +540,7 @@ def train(
     from fedrec.runtime import foreground_flow, keep_freed_memory
 
     keep_freed_memory()
-    if config.sites is not None and max_workers is None:  # proxy tasks wait, they do not compute
-        max_workers = 32
-    flow = training_flow(config.task_runner, config.dask_address, max_workers)
+    flow = training_flow(config.task_runner, config.dask_address, task_workers(config, max_workers))
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # "no pip in a uv venv"
     if config.sites is not None:  # the sites reach MLflow's artifact proxy: a server's URL
@@ -609,6 +607,20 @@ def train(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
     )
     click.echo(f"Prefect flow run: {flow_run_url}")
+
+
+#: a sites run's client tasks at once: proxies that wait on the sites' answers, not compute
+SITE_PROXY_WORKERS = 32
+
+
+def task_workers(config: Any, max_workers: int | None) -> int | None:
+    """How many client tasks the run of ``config`` (a TrainingConfig) runs at once:
+    ``--max-workers`` when given; else for a run of real sites :data:`SITE_PROXY_WORKERS`, so
+    that every site is asked at once, and for a simulated run None (the task runner's default:
+    CPU count, at most 8; Dask: 2)."""
+    if max_workers is None and config.sites is not None:
+        return SITE_PROXY_WORKERS
+    return max_workers
 
 
 def metrics_line(summary: dict[str, Any]) -> str:

@@ -421,3 +421,15 @@ def test_a_failed_runs_line_says_how_to_resume_it_unless_its_clients_refuse_a_re
     monkeypatch.setattr(cli, "_record_a_cut_short_decision", lambda config: "m version 2 was ...")
     decided = cli._with_resume_hint(RunFailed("interrupted"), config)
     assert decided.message == "interrupted; m version 2 was ..." and decided.details == {}
+
+
+@pytest.mark.parametrize(
+    ("sites", "given", "workers"),
+    [(None, None, None), (None, 3, 3), ("sites.yaml", None, cli.SITE_PROXY_WORKERS),
+     ("sites.yaml", 4, 4)],
+)  # fmt: skip
+def test_a_sites_run_asks_every_site_at_once_unless_told_and_a_simulated_run_keeps_the_runners(
+    sites, given, workers
+):
+    config = SimpleNamespace(sites=sites)
+    assert cli.task_workers(config, given) == workers
