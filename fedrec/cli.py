@@ -47,6 +47,8 @@ from fedrec.inputs import absolute_paths, file_relative_paths
 
 MLFLOW_PORT_ENV = "MLFLOW_PORT"  # where `make mlflow-ui` serves the local store
 DEFAULT_MLFLOW_PORT = 5000
+#: a sites run's client tasks at once: proxies that wait on the sites' answers, not compute
+SITE_PROXY_WORKERS = 32
 # MLflow 3's UI shows an experiment as model training, not as a GenAI app (its default view),
 # when the page's address asks for it; the experiment's mlflow.experimentKind tag says the same
 # to UIs that read the tag
@@ -502,7 +504,8 @@ def _ends_on_sigterm(fn: Callable[..., Any]) -> Callable[..., Any]:
     type=click.IntRange(min=1),
     default=None,
     help="client tasks run at once: threads, or worker processes of the local Dask cluster "
-    "[default: CPU count, at most 8; Dask: 2]",
+    f"[default: CPU count, at most 8; Dask: 2; --sites: {SITE_PROXY_WORKERS}, as they wait on "
+    "the sites]",
 )
 @debug_option
 @friendly_errors
@@ -607,10 +610,6 @@ def train(
         f"MLflow run:       {mlflow_url}" + (f"  (UI: {open_mlflow})" if open_mlflow else "")
     )
     click.echo(f"Prefect flow run: {flow_run_url}")
-
-
-#: a sites run's client tasks at once: proxies that wait on the sites' answers, not compute
-SITE_PROXY_WORKERS = 32
 
 
 def task_workers(config: Any, max_workers: int | None) -> int | None:
