@@ -427,6 +427,7 @@ def test_a_failed_runs_line_says_how_to_resume_it_unless_its_clients_refuse_a_re
     ("sites", "given", "workers"),
     [(None, None, None), (None, 3, 3), ("sites.yaml", None, cli.SITE_PROXY_WORKERS),
      ("sites.yaml", 4, 4)],
+    ids=["simulated", "simulated-given", "sites", "sites-given"],  # not the constant's value
 )  # fmt: skip
 def test_a_sites_run_asks_every_site_at_once_unless_told_and_a_simulated_run_keeps_the_runners(
     sites, given, workers
