@@ -775,7 +775,7 @@ def test_prefect_keeps_its_result_files_in_fedrec_home_unless_told_otherwise(tmp
     assert storage(PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "s")) == tmp_path / "s"
 
 
-def test_a_tracking_store_that_cannot_be_used_is_one_line_in_seconds(tmp_path):
+def test_a_tracking_store_that_cannot_be_used_is_one_line_in_seconds(tmp_path, monkeypatch):
     """MLflow retries an absent server for minutes, and creates a SQLite file (and its folders)
     wherever a mistyped URI points."""
     import time
@@ -800,6 +800,10 @@ def test_a_tracking_store_that_cannot_be_used_is_one_line_in_seconds(tmp_path):
     done, _ = _cli(["train", "--tracking-uri", f"sqlite:///{typo}"], tmp_path / "home")
     _assert_one_line_error(done, f"folder {typo.parent} does not exist")
     assert not typo.parent.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", absent)  # the same store named by the environment
+    by_env, _ = _cli(["train"], tmp_path / "home")
+    _assert_one_line_error(by_env, f"{absent}: the MLflow server does not answer", status=1)
+    _assert_nothing_started(tmp_path / "home")
 
 
 def test_paths_are_recorded_absolute_so_a_run_means_the_same_files_from_any_folder(tmp_path):

@@ -434,3 +434,37 @@ def test_a_sites_run_asks_every_site_at_once_unless_told_and_a_simulated_run_kee
 ):
     config = SimpleNamespace(sites=sites)
     assert cli.task_workers(config, given) == workers
+
+
+def test_a_start_up_steps_seconds_lie_within_the_time_it_took(capsys):
+    began = time.perf_counter()
+    with cli._step("loading"):
+        time.sleep(0.3)
+    took = time.perf_counter() - began
+    line = capsys.readouterr().err
+    assert line.startswith("fedrec: loading ... ") and line.endswith(" s\n"), line
+    assert 0.3 - 0.05 <= float(line.split()[-2]) <= took + 0.05, (line, took)
+
+
+def test_the_bounds_of_the_server_and_train_options_are_the_ones_their_help_gives(monkeypatch):
+    running = local_server.ServerState(pid=4321, port=4711, started_at=0.0)
+    calls: list[str] = []
+    view = _local_server(running, started=True, calls=calls)
+    graces: list[float] = []
+    view.stop = lambda grace: graces.append(grace) or running
+    monkeypatch.setattr(cli, "local_server", view)
+    runner = CliRunner()
+    assert runner.invoke(cli.main, ["server", "start", "--timeout", "1"]).exit_code == 0
+    short = runner.invoke(cli.main, ["server", "start", "--timeout", "0.9"])
+    assert short.exit_code == 2 and "0.9 is not in the range x>=1" in short.output, short.output
+    assert calls == ["start port=None"]
+    assert runner.invoke(cli.main, ["server", "stop", "--grace", "0"]).exit_code == 0
+    negative = runner.invoke(cli.main, ["server", "stop", "--grace", "-0.1"])
+    assert negative.exit_code == 2 and "-0.1 is not in the range x>=0" in negative.output
+    assert graces == [0.0]
+    # train: one worker passes its range check and reaches the settings' own (rounds 0)
+    one = runner.invoke(cli.main, ["train", "--max-workers", "1", "--rounds", "0"])
+    assert one.exit_code == 2 and "--max-workers" not in one.output, one.output
+    assert "rounds" in one.output
+    none = runner.invoke(cli.main, ["train", "--max-workers", "0"])
+    assert none.exit_code == 2 and "0 is not in the range x>=1" in none.output, none.output
