@@ -741,6 +741,9 @@ def test_an_item_list_that_cannot_be_read_is_refused_before_any_flow_starts(tmp_
     _assert_one_line_error(done, str(items), "row 2, column 'item_id': value '' is empty")
     assert not set(imported) & {"prefect", "mlflow"}, imported
     _assert_nothing_started(tmp_path / "home")
+    items.write_text("sku,title\n7,a\n")  # without --item-col the column sought is item_id
+    done, _ = _cli(["train", "--dp-epsilon", "8", "--catalogue", str(items)], tmp_path / "home")
+    _assert_one_line_error(done, str(items), "has no 'item_id' column (found ['sku', 'title'])")
 
 
 def test_settings_beside_resume_are_refused_rather_than_ignored(tmp_path):
