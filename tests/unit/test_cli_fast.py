@@ -47,14 +47,16 @@ def _flag_descriptions_cached() -> None:
 def _cli(args: list[str], home: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"FEDREC_HOME": str(home)}
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE.format(heavy=HEAVY, args=args)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    if (home / "server").exists():  # a command that went further than it should: stop its
-        from fedrec.local_server import stop  # server, and let the test's assertion say so
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE.format(heavy=HEAVY, args=args)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:  # a command that went further than it should, to its timeout too: stop its
+        if (home / "server").exists():  # server, and let the test's assertion say so
+            from fedrec.local_server import stop
 
-        stop(home=home)
+            stop(home=home)
     imported = json.loads(done.stdout.strip().splitlines()[-1])
     return done, imported
 
