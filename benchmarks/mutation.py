@@ -368,6 +368,10 @@ TARGETS: dict[str, list[str]] = {
                       "tests/unit/test_cli_errors.py", "tests/unit/test_readme_flags.py",
                       "tests/unit/test_cli_workspaces.py", "tests/unit/test_cli_stores.py",
                       "tests/unit/test_cli_budget.py", "tests/unit/test_cli_fast.py"],
+    # the sites demo: its tests start PostgreSQL, both servers and three site processes, and
+    # are marked slow and realdata (run it with `--markers "slow or not slow"`)
+    "fedrec/sites_demo.py": ["tests/unit/test_sites_demo_split.py",
+                             "tests/e2e/test_site_isolation.py", "tests/e2e/test_sites_demo.py"],
     "fedrec/cli_models.py": ["tests/unit/test_cli_models_parts.py", "tests/unit/test_safe_formats.py",
                              "tests/unit/test_cli_errors.py", "tests/flows/test_cli.py",
                              "tests/flows/test_rollback.py", "tests/unit/test_cli_fast.py",
