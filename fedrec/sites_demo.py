@@ -165,7 +165,7 @@ def isolated_command(rows: Path, mount: Path, command: Sequence[str]) -> list[st
     return [*namespace_prefix(), "sh", "-c", _ISOLATE, "isolate", str(mount), str(rows), *command]
 
 
-def _stop(process: subprocess.Popen, grace: float = STOP_GRACE) -> None:
+def _stop(process: subprocess.Popen, grace: float) -> None:
     """SIGTERM to the process's group, SIGKILL after ``grace`` s; reaps it."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         if process.poll() is not None:
@@ -185,9 +185,11 @@ def _last_line(path: Path) -> str:
 
 
 class Processes:
-    """Processes the demo started, each with its log; :meth:`stop_all` ends them by pid."""
+    """Processes the demo started, each with its log; :meth:`stop_all` ends them by pid, each
+    with ``grace`` seconds between SIGTERM and SIGKILL."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace: float = STOP_GRACE) -> None:
+        self.grace = grace
         self.started: dict[str, tuple[subprocess.Popen, Path]] = {}
 
     def start(self, name: str, command: Sequence[str], log: Path, **kwargs) -> subprocess.Popen:
@@ -209,7 +211,7 @@ class Processes:
 
     def stop_all(self) -> None:
         for process, _ in reversed(list(self.started.values())):
-            _stop(process)
+            _stop(process, self.grace)
 
 
 def _fedrec() -> str:

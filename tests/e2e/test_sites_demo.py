@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from models.data.readers import datasets_dir
-from tests.e2e.stores import require_postgres
+from tests.e2e.stores import live, process_tree, require_postgres
 from tests.e2e.test_site_isolation import require_namespaces
 
 ML100K = datasets_dir() / "ml-100k"
@@ -70,6 +72,59 @@ def test_the_private_sites_demo_counts_the_runs_epsilon_at_every_site_whatever_i
     assert len({s["users"] for s in summary["sites"]}) == 3
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not (ML100K / "u.data").is_file(), reason=f"ML-100K not found in {ML100K}")
+def test_a_demo_killed_while_it_trains_stops_every_process_it_started():
+    """SIGTERM (``kill``) in the middle of training: the demo exits 143 through its clean-up,
+    which stops the coordinator's training, the three sites and the stores."""
+    from fedrec.sites_demo import SITE_NAMES
+
+    require_postgres()
+    require_namespaces()
+    folder = Path(tempfile.mkdtemp(prefix="fedrec-sites-demo-test-"))
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "fedrec.sites_demo", "--dir", str(folder), "--rounds", "200"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 400
+        started: set[int] = set()
+        while demo.poll() is None and time.monotonic() < deadline:
+            started = process_tree(demo.pid) - {demo.pid}
+            if any("--sites" in _cmdline(pid) for pid in started):  # `fedrec train --sites`
+                break
+            time.sleep(0.5)
+        assert demo.poll() is None, demo.communicate()[1][-3000:]
+        commands = [_cmdline(pid) for pid in started]
+        assert any("--sites" in cmd for cmd in commands), "the demo never started training"
+        assert sum("site" in cmd and "run" in cmd for cmd in commands) >= 3, commands
+        demo.send_signal(signal.SIGTERM)
+        out, err = demo.communicate(timeout=120)
+        assert demo.returncode == 143, err[-3000:]
+        assert out == ""  # no summary for a run that did not finish
+        assert not live(started), [_cmdline(pid) for pid in live(started)]
+        running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert str(folder) not in running
+        for name in SITE_NAMES:  # the rows went with the sites' namespaces
+            assert list((folder / "sites" / name / "rows").iterdir()) == []
+        assert not (folder / "split").exists()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part for part in raw.decode(errors="replace").split("\0") if part]
+
+
 def _check_demo(folder: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "fedrec.sites_demo", "--dir", str(folder), "--rounds", "2"],
@@ -81,6 +136,11 @@ def _check_demo(folder: Path) -> None:
     summary = json.loads(lines[0])
 
     assert summary["promoted"] is True and summary["model_version"] == "1"
+    seconds = summary["seconds"]  # tenths of a second; the steps lie within the total
+    assert all(round(seconds[k], 1) == seconds[k] > 0 for k in ("stores", "sites", "total"))
+    assert seconds["stores"] + seconds["sites"] <= seconds["total"] + 0.1
+    assert 0 < seconds["training"] < seconds["total"]
+    assert (folder.stat().st_mode & 0o777) == 0o711
     assert 0.8 < summary["test_rmse"] < 1.2  # ML-100K's ratings, not noise
     sites = summary["sites"]
     assert [s["name"] for s in sites] == ["site-a", "site-b", "site-c"]
