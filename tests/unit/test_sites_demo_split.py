@@ -27,6 +27,8 @@ def test_every_occupation_lands_in_exactly_one_site():
 def test_fewer_occupations_than_sites_is_refused():
     with pytest.raises(DemoError, match="2 occupations cannot fill 3 sites"):
         occupation_groups({"a": 1, "b": 2}, 3)
+    # as many occupations as sites: one each
+    assert occupation_groups({"a": 1, "b": 2, "c": 3}, 3) == [["c"], ["b"], ["a"]]
 
 
 def test_the_files_hold_each_users_rows_once_and_only_at_their_occupations_site(tmp_path):
