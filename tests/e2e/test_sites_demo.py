@@ -126,10 +126,12 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _check_demo(folder: Path) -> None:
+    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "fedrec.sites_demo", "--dir", str(folder), "--rounds", "2"],
         capture_output=True, text=True, timeout=1100, check=False,
     )  # fmt: skip
+    took = time.monotonic() - started
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1  # one JSON line, nothing else on stdout
@@ -138,7 +140,7 @@ def _check_demo(folder: Path) -> None:
     assert summary["promoted"] is True and summary["model_version"] == "1"
     seconds = summary["seconds"]  # tenths of a second; the steps lie within the total
     assert all(round(seconds[k], 1) == seconds[k] > 0 for k in ("stores", "sites", "total"))
-    assert seconds["stores"] + seconds["sites"] <= seconds["total"] + 0.1
+    assert seconds["stores"] + seconds["sites"] <= seconds["total"] + 0.1 <= took + 0.2
     assert 0 < seconds["training"] < seconds["total"]
     assert (folder.stat().st_mode & 0o777) == 0o711
     assert 0.8 < summary["test_rmse"] < 1.2  # ML-100K's ratings, not noise

@@ -14,6 +14,10 @@ def test_occupations_go_largest_first_to_the_lightest_site():
     assert occupation_groups(counts, 3) == [["a"], ["b", "e"], ["c", "d", "f"]]
 
 
+def test_occupations_of_equal_size_go_in_order_of_their_names():
+    assert occupation_groups({"c": 5, "b": 5, "a": 5, "d": 1}, 3) == [["a", "d"], ["b"], ["c"]]
+
+
 def test_every_occupation_lands_in_exactly_one_site():
     counts = {f"o{i}": (i * 37) % 101 + 1 for i in range(21)}
     groups = occupation_groups(counts, 3)
