@@ -371,6 +371,7 @@ TARGETS: dict[str, list[str]] = {
     # the sites demo: its tests start PostgreSQL, both servers and three site processes, and
     # are marked slow and realdata (run it with `--markers "slow or not slow"`)
     "fedrec/sites_demo.py": ["tests/unit/test_sites_demo_split.py",
+                             "tests/unit/test_sites_demo_parts.py",
                              "tests/e2e/test_site_isolation.py", "tests/e2e/test_sites_demo.py"],
     "fedrec/cli_models.py": ["tests/unit/test_cli_models_parts.py", "tests/unit/test_safe_formats.py",
                              "tests/unit/test_cli_errors.py", "tests/flows/test_cli.py",
