@@ -3,7 +3,9 @@ PostgreSQL-backed stores, one JSON line, nothing left running."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from fedrec.stores import StoresError, stop_stores
 from models.data.readers import datasets_dir
 from tests.e2e.stores import live, process_tree, require_postgres
 from tests.e2e.test_site_isolation import require_namespaces
@@ -88,9 +91,9 @@ def test_a_demo_killed_while_it_trains_stops_every_process_it_started():
         [sys.executable, "-m", "fedrec.sites_demo", "--dir", str(folder), "--rounds", "200"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    started: set[int] = set()
     try:
         deadline = time.monotonic() + 400
-        started: set[int] = set()
         while demo.poll() is None and time.monotonic() < deadline:
             started = process_tree(demo.pid) - {demo.pid}
             if any("--sites" in _cmdline(pid) for pid in started):  # `fedrec train --sites`
@@ -110,10 +113,19 @@ def test_a_demo_killed_while_it_trains_stops_every_process_it_started():
         for name in SITE_NAMES:  # the rows went with the sites' namespaces
             assert list((folder / "sites" / name / "rows").iterdir()) == []
         assert not (folder / "split").exists()
-    finally:
+    finally:  # on a failure above: the demo's own clean-up first, then by pid what it left
         if demo.poll() is None:
-            demo.kill()
-            demo.wait()
+            demo.send_signal(signal.SIGTERM)
+            try:
+                demo.wait(120)
+            except subprocess.TimeoutExpired:
+                demo.kill()
+                demo.wait()
+        for pid in live(started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(StoresError):
+            stop_stores(folder / "stores")
         shutil.rmtree(folder, ignore_errors=True)
 
 
